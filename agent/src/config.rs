@@ -1,0 +1,378 @@
+//! The agent's TOML configuration: strict (unknown keys refused), defaults from named
+//! functions, and a validation pass that reports every problem at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::spool::DEFAULT_MAX_SPOOL_BYTES;
+
+/// Exit code for a bad configuration (EX_CONFIG from sysexits.h is 78; EX_USAGE 64 is what
+/// operators of our peers expect from `--check-config`).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+/// Default seconds between two reports.
+pub const DEFAULT_INTERVAL_SECS: u64 = 10;
+/// Default spool directory on a real node.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/sov-agent/spool";
+/// Smallest spool the agent accepts: a few reports.
+pub const MIN_SPOOL_BYTES: u64 = 64 * 1024;
+/// Default cap on the reconnect backoff.
+pub const DEFAULT_MAX_BACKOFF_SECS: u64 = 60;
+
+/// `sov-agent` configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Collector URL, or a list of URLs tried in turn on failure (`https://host:port`).
+    #[serde(deserialize_with = "one_or_many")]
+    pub collector: Vec<String>,
+    /// Seconds between two reports. Default 10.
+    #[serde(default = "default_interval_secs")]
+    pub interval_secs: u64,
+    /// Directory of the durable spool; sequence numbers persist while it does.
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: PathBuf,
+    /// Upper bound of the spool on disk; the oldest reports are dropped (and reported as a gap)
+    /// beyond it. Default 64 MiB.
+    #[serde(default = "default_max_spool_bytes")]
+    pub max_spool_bytes: u64,
+    /// Upper bound of the reconnect backoff, seconds. Default 60.
+    #[serde(default = "default_max_backoff_secs")]
+    pub max_backoff_secs: u64,
+    /// Who and where this node is.
+    pub node: NodeConfig,
+    /// Client certificate and the CA that signed the collector's certificate.
+    pub tls: TlsConfig,
+}
+
+/// `[node]`: the node's identity and declared location.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node name; must equal the name in the client certificate. Default: the host name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Data center this node is in.
+    pub site: String,
+    /// ISO 3166-1 alpha-2 country of the site, e.g. "MA".
+    pub country: String,
+    /// Free-form labels reported with every report.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `[tls]`: PEM files for mutual TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// CA certificate that signed the collector's certificate.
+    pub ca: PathBuf,
+    /// This node's client certificate.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+    /// Name to verify in the collector's certificate instead of the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+fn default_interval_secs() -> u64 {
+    DEFAULT_INTERVAL_SECS
+}
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_SPOOL_DIR)
+}
+fn default_max_spool_bytes() -> u64 {
+    DEFAULT_MAX_SPOOL_BYTES
+}
+fn default_max_backoff_secs() -> u64 {
+    DEFAULT_MAX_BACKOFF_SECS
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// Every problem found in a configuration, each naming the field and the bad value.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<String>);
+
+impl Problems {
+    /// Record one problem.
+    pub fn push(&mut self, field: &str, msg: impl fmt::Display) {
+        self.0.push(format!("{field}: {msg}"));
+    }
+    /// True when nothing is wrong.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Ok when empty, else the problems as an error.
+    pub fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(self))
+        }
+    }
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config {path} is not valid: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said, with line and column.
+        message: String,
+    },
+    /// The values are wrong; every problem is listed.
+    #[error("invalid configuration:\n{0}")]
+    Invalid(Problems),
+}
+
+/// Read a TOML file into `T` with a message that names the file.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Check that `path` names a readable file.
+pub fn check_readable(problems: &mut Problems, field: &str, path: &Path) {
+    if let Err(e) = std::fs::File::open(path) {
+        problems.push(field, format!("cannot read {}: {e}", path.display()));
+    }
+}
+
+/// Check an ISO 3166-1 alpha-2 code (two upper-case ASCII letters).
+pub fn check_country(problems: &mut Problems, field: &str, value: &str) {
+    if value.len() != 2 || !value.bytes().all(|b| b.is_ascii_uppercase()) {
+        problems.push(
+            field,
+            format!(
+                "{value:?} is not an ISO 3166-1 alpha-2 code (two upper-case letters, e.g. \"MA\")"
+            ),
+        );
+    }
+}
+
+/// Check a collector URL: `https://host:port`.
+pub fn check_collector_url(problems: &mut Problems, field: &str, value: &str) {
+    match value.parse::<tonic::transport::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
+        Ok(_) => problems.push(
+            field,
+            format!("{value:?} must be an https URL with a host, e.g. \"https://collector.example:7443\""),
+        ),
+        Err(e) => problems.push(field, format!("{value:?} is not a URL: {e}")),
+    }
+}
+
+/// A node name: the same rules the collector applies to certificate names.
+pub fn check_node_name(problems: &mut Problems, field: &str, value: &str) {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !value.starts_with(['.', '-']);
+    if !ok {
+        problems.push(
+            field,
+            format!(
+                "{value:?} must be 1-128 characters of A-Z a-z 0-9 . _ - and not start with . or -"
+            ),
+        );
+    }
+}
+
+impl AgentConfig {
+    /// Load and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = read_toml(path)?;
+        cfg.validate().into_result()?;
+        Ok(cfg)
+    }
+
+    /// The node name: the configured one or the host name.
+    pub fn node_name(&self) -> String {
+        self.node.name.clone().unwrap_or_else(local_hostname)
+    }
+
+    /// Every problem in the configuration.
+    pub fn validate(&self) -> Problems {
+        let mut p = Problems::default();
+        if self.collector.is_empty() {
+            p.push("collector", "at least one collector URL is required");
+        }
+        for (i, url) in self.collector.iter().enumerate() {
+            check_collector_url(&mut p, &format!("collector[{i}]"), url);
+        }
+        if !(1..=3600).contains(&self.interval_secs) {
+            p.push(
+                "interval_secs",
+                format!("{} is out of range 1..=3600", self.interval_secs),
+            );
+        }
+        if self.max_spool_bytes < MIN_SPOOL_BYTES {
+            p.push(
+                "max_spool_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_SPOOL_BYTES} bytes",
+                    self.max_spool_bytes
+                ),
+            );
+        }
+        if !(1..=3600).contains(&self.max_backoff_secs) {
+            p.push(
+                "max_backoff_secs",
+                format!("{} is out of range 1..=3600", self.max_backoff_secs),
+            );
+        }
+        if self.spool_dir.as_os_str().is_empty() {
+            p.push("spool_dir", "must not be empty");
+        }
+        check_node_name(&mut p, "node.name", &self.node_name());
+        if self.node.site.trim().is_empty() {
+            p.push("node.site", "must not be empty");
+        }
+        check_country(&mut p, "node.country", &self.node.country);
+        for k in self.node.labels.keys() {
+            if k.is_empty() || k.len() > 64 {
+                p.push(
+                    "node.labels",
+                    format!("label key {k:?} must be 1-64 characters"),
+                );
+            }
+        }
+        check_readable(&mut p, "tls.ca", &self.tls.ca);
+        check_readable(&mut p, "tls.cert", &self.tls.cert);
+        check_readable(&mut p, "tls.key", &self.tls.key);
+        p
+    }
+}
+
+/// This machine's host name, or "localhost" when it cannot be read.
+pub fn local_hostname() -> String {
+    hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    const GOOD: &str = r#"
+        collector = "https://127.0.0.1:7443"
+        spool_dir = "/tmp/x"
+        [node]
+        name = "node-a"
+        site = "rabat-1"
+        country = "MA"
+        [tls]
+        ca = "/nonexistent/ca.pem"
+        cert = "/nonexistent/a.pem"
+        key = "/nonexistent/a.key"
+    "#;
+
+    #[test]
+    fn defaults_apply_when_keys_are_absent() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.interval_secs, DEFAULT_INTERVAL_SECS);
+        assert_eq!(c.max_spool_bytes, DEFAULT_MAX_SPOOL_BYTES);
+        assert_eq!(c.collector, vec!["https://127.0.0.1:7443".to_owned()]);
+    }
+
+    #[test]
+    fn collector_accepts_a_list_of_urls() {
+        let text = GOOD.replace(
+            r#"collector = "https://127.0.0.1:7443""#,
+            r#"collector = ["https://a:1", "https://b:2"]"#,
+        );
+        assert_eq!(parse(&text).unwrap().collector.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let text = format!("{GOOD}\nbogus_key = 1\n");
+        // The unknown key lands in [tls] because it follows that table.
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("bogus_key"), "{err}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem_at_once() {
+        let text = GOOD
+            .replace("\"MA\"", "\"Morocco\"")
+            .replace("https://127.0.0.1:7443", "http://x")
+            .replace("spool_dir", "interval_secs = 0\nspool_dir");
+        let problems = parse(&text).unwrap().validate();
+        let all = problems.to_string();
+        for needle in [
+            "node.country",
+            "collector[0]",
+            "interval_secs",
+            "tls.ca",
+            "tls.cert",
+            "tls.key",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in {all}");
+        }
+        assert!(all.contains("\"Morocco\""), "{all}");
+    }
+
+    #[test]
+    fn a_node_name_with_a_slash_is_refused() {
+        let mut p = Problems::default();
+        check_node_name(&mut p, "node.name", "a/b");
+        assert!(!p.is_empty());
+        let mut ok = Problems::default();
+        check_node_name(&mut ok, "node.name", "gpu-node-01.rabat");
+        assert!(ok.is_empty(), "{ok}");
+    }
+}

@@ -1,0 +1,325 @@
+//! The agent's two long tasks: the report builder (every `interval_secs`: observe, build a
+//! report, append it durably to the spool) and the sender (deliver the spool's oldest report,
+//! delete it only after the collector's ack, reconnect with backoff, fail over between URLs).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use sov_proto::pb;
+use sov_proto::pb::ingest_client::IngestClient;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::collect::host::HostCollector;
+use crate::config::AgentConfig;
+use crate::spool::{GapKind, GapRange, Spool, SpoolError};
+use crate::transport::{Backoff, ClientTls, DEFAULT_BACKOFF_BASE, TransportError};
+
+/// Version of this agent, sent in every report.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Largest ack the agent decodes.
+const MAX_ACK_BYTES: usize = 64 * 1024;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The spool could not be opened or written.
+    #[error("spool error")]
+    Spool(#[from] SpoolError),
+    /// TLS material could not be loaded.
+    #[error("tls set-up failed")]
+    Transport(#[from] TransportError),
+    /// A blocking task panicked.
+    #[error("internal task failed: {0}")]
+    Join(String),
+}
+
+/// A running agent's shared state: the spool and the wake-up for the sender.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    spool: Arc<Mutex<Spool>>,
+    wake: Arc<Notify>,
+    config: Arc<AgentConfig>,
+    node: String,
+}
+
+/// Lock the spool; a poisoned lock (a panic while holding it) is still usable because every
+/// spool operation leaves the files consistent before it returns.
+fn lock(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
+    spool
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Agent {
+    /// Open the spool and prepare; nothing runs until [`Agent::run`].
+    pub fn open(config: AgentConfig) -> Result<Self, AgentError> {
+        let spool = Spool::open(&config.spool_dir, config.max_spool_bytes)?;
+        let node = config.node_name();
+        Ok(Self {
+            spool: Arc::new(Mutex::new(spool)),
+            wake: Arc::new(Notify::new()),
+            config: Arc::new(config),
+            node,
+        })
+    }
+
+    /// The node name reports carry.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Spool counters (waiting reports, drops, next sequence number).
+    pub fn spool_stats(&self) -> crate::spool::SpoolStats {
+        lock(&self.spool).stats()
+    }
+
+    /// Run until `shutdown` is cancelled: build reports and deliver them.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let tls = ClientTls::load(
+            &self.config.tls.ca,
+            &self.config.tls.cert,
+            &self.config.tls.key,
+            self.config.tls.server_name.clone(),
+        )?;
+        {
+            let s = self.spool_stats();
+            tracing::info!(
+                node = %self.node,
+                epoch = s.epoch,
+                next_seq = s.next_seq,
+                waiting = s.reports,
+                collectors = ?self.config.collector,
+                "agent started"
+            );
+        }
+        let sender = tokio::spawn(self.clone().send_loop(tls, shutdown.clone()));
+        let built = self.build_loop(shutdown.clone()).await;
+        shutdown.cancel();
+        let sent = sender.await.map_err(|e| AgentError::Join(e.to_string()));
+        built?;
+        sent??;
+        Ok(())
+    }
+
+    async fn build_loop(&self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let mut host = HostCollector::new();
+        let mut node_info = pb::NodeInfo {
+            node: self.node.clone(),
+            hostname: crate::config::local_hostname(),
+            site: self.config.node.site.clone(),
+            country: self.config.node.country.clone(),
+            labels: self.config.node.labels.clone().into_iter().collect(),
+            agent_version: AGENT_VERSION.to_owned(),
+            ..Default::default()
+        };
+        host.node_facts(&mut node_info);
+        let interval = Duration::from_secs(self.config.interval_secs);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick completes at once; skip it so the first sample covers a real interval.
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
+            let stats = self.spool_stats();
+            let report = pb::Report {
+                epoch: stats.epoch,
+                seq: 0,
+                observed_unix_ms: now_unix_ms(),
+                node_info: Some(node_info.clone()),
+                host: Some(host.sample()),
+                interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+                agent: Some(pb::AgentStats {
+                    spool_bytes: stats.bytes,
+                    spool_reports: stats.reports,
+                    dropped_reports: stats.dropped_total,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let spool = self.spool.clone();
+            let appended = tokio::task::spawn_blocking(move || {
+                // The record header carries the sequence number; the sender copies it into
+                // the report when it sends it.
+                lock(&spool).append(&report.encode_to_vec())
+            })
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))?;
+            match appended {
+                Ok(out) => tracing::debug!(seq = out.seq, stored = out.stored, "report spooled"),
+                // A full or failing disk must not stop observation: log and try next interval.
+                Err(err) => tracing::error!(error = %err, "cannot spool report"),
+            }
+            self.wake.notify_one();
+        }
+    }
+
+    async fn send_loop(
+        self,
+        tls: ClientTls,
+        shutdown: CancellationToken,
+    ) -> Result<(), AgentError> {
+        let urls = self.config.collector.clone();
+        let mut backoff = Backoff::new(
+            DEFAULT_BACKOFF_BASE,
+            Duration::from_secs(self.config.max_backoff_secs),
+        );
+        let mut idx = 0usize;
+        loop {
+            let url = &urls[idx % urls.len()];
+            let connected = tokio::select! {
+                c = tls.connect(url) => c,
+                () = shutdown.cancelled() => return Ok(()),
+            };
+            match connected {
+                Ok(channel) => {
+                    tracing::info!(collector = %url, "connected");
+                    let mut client =
+                        IngestClient::new(channel).max_decoding_message_size(MAX_ACK_BYTES);
+                    match self.deliver(&mut client, &mut backoff, &shutdown).await? {
+                        Delivery::Shutdown => return Ok(()),
+                        Delivery::Broken(status) => {
+                            tracing::warn!(collector = %url, code = ?status.code(), error = %status.message(), "delivery failed; reconnecting");
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(collector = %url, error = %err, cause = %source_chain(&err), "cannot connect");
+                }
+            }
+            idx = idx.wrapping_add(1);
+            let delay = backoff.next_delay();
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
+
+    /// Deliver spooled reports in order on one connection until it breaks or we shut down.
+    async fn deliver(
+        &self,
+        client: &mut IngestClient<tonic::transport::Channel>,
+        backoff: &mut Backoff,
+        shutdown: &CancellationToken,
+    ) -> Result<Delivery, AgentError> {
+        loop {
+            let spool = self.spool.clone();
+            let next = tokio::task::spawn_blocking(move || {
+                let mut s = lock(&spool);
+                s.peek()
+                    .map(|rec| rec.map(|r| (r, s.pending_gaps().to_vec())))
+            })
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))?;
+            let (record, gaps) = match next {
+                Ok(Some(x)) => x,
+                Ok(None) => {
+                    tokio::select! {
+                        () = self.wake.notified() => continue,
+                        () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot read spool; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
+                    }
+                }
+            };
+            let seq = record.seq;
+            let mut report = match pb::Report::decode(record.payload.as_slice()) {
+                Ok(r) => r,
+                Err(err) => {
+                    // The checksum passed, so this is a bug in an older agent version: skip it
+                    // as a gap so that the collector knows exactly what is missing.
+                    tracing::error!(seq, error = %err, "spooled report does not decode; dropping it");
+                    self.skip(seq, GapKind::Corrupt).await?;
+                    continue;
+                }
+            };
+            report.seq = seq;
+            report.gaps = gaps.iter().map(gap_to_pb).collect();
+            let pushed = tokio::select! {
+                r = client.push(report) => r,
+                () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
+            };
+            match pushed {
+                Ok(ack) => {
+                    let ack = ack.into_inner();
+                    if ack.seq != seq {
+                        tracing::warn!(sent = seq, acked = ack.seq, "collector acked another seq");
+                    }
+                    let spool = self.spool.clone();
+                    tokio::task::spawn_blocking(move || lock(&spool).ack(seq))
+                        .await
+                        .map_err(|e| AgentError::Join(e.to_string()))??;
+                    backoff.reset();
+                }
+                Err(status) => match status.code() {
+                    // The collector will never accept this report: drop it as a gap rather
+                    // than block every later report behind it.
+                    Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange => {
+                        tracing::error!(seq, code = ?status.code(), error = %status.message(), "collector refused report; dropping it");
+                        self.skip(seq, GapKind::TooLarge).await?;
+                    }
+                    _ => return Ok(Delivery::Broken(status)),
+                },
+            }
+        }
+    }
+
+    async fn skip(&self, seq: u64, kind: GapKind) -> Result<(), AgentError> {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || lock(&spool).skip(seq, kind))
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))??;
+        Ok(())
+    }
+}
+
+enum Delivery {
+    Shutdown,
+    Broken(tonic::Status),
+}
+
+fn gap_to_pb(g: &GapRange) -> pb::Gap {
+    let reason = match g.reason {
+        GapKind::SpoolFull => pb::GapReason::SpoolFull,
+        GapKind::Corrupt => pb::GapReason::Corrupt,
+        GapKind::TooLarge => pb::GapReason::TooLarge,
+    };
+    pb::Gap {
+        first_seq: g.first_seq,
+        last_seq: g.last_seq,
+        reason: reason as i32,
+        dropped_unix_ms: g.dropped_unix_ms,
+    }
+}
+
+/// The causes of an error, joined, for one log line.
+pub fn source_chain(err: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

@@ -1,0 +1,1236 @@
+//! Durable outbound queue: reports wait here, on disk, until the collector acknowledges them.
+//!
+//! # Layout and format
+//!
+//! The spool directory (mode 0700) holds `state.json` and segment files
+//! `seg-<first seq as 20 digits>.log`; only the newest segment is appended to. A record is
+//! `[u32 LE payload_len][u32 LE crc32(seq LE bytes ++ payload)][u64 LE seq][payload]`.
+//! `state.json` holds `version` (1), `epoch` (Unix ms when the spool was created), `head_seq`
+//! (first seq neither acknowledged nor dropped), `pending_gaps` and `dropped_total`. The next seq
+//! is the largest of `head_seq`, last record seq + 1 and last pending gap seq + 1, so seqs
+//! persist across restarts for as long as the directory does.
+//!
+//! # Crash safety
+//!
+//! - `append` returns only after `sync_data` of the record (and, for a new segment, an fsync of
+//!   the directory naming it): every seq handed out is on disk. A crash mid-write leaves an
+//!   incomplete record at the tail of the newest segment; `open` truncates it and reuses its
+//!   seq, which is harmless because that `append` never returned.
+//! - `state.json` is replaced atomically: write `state.json.tmp`, fsync, rename, fsync the dir.
+//! - Drop (spool full) and ack persist the new `head_seq` and gaps *before* unlinking a segment;
+//!   a crash in between leaves a segment entirely below `head_seq`, which `open` deletes (so the
+//!   unlink needs no directory fsync).
+//!
+//! # Departures from the first design, and why
+//!
+//! - A damaged record does not end its segment: `open` re-synchronises on the next record whose
+//!   seq range and crc check out. Truncating at the damage would lose good records and, in the
+//!   newest segment, would hand out again the seqs of complete records that `append` had
+//!   already returned (duplicates). Only an incomplete or zero-filled tail of the newest segment
+//!   is a torn write; a complete record with a bad crc there is counted as lost (Corrupt gap,
+//!   seq consumed): at worst a spurious gap, never a duplicate. Residual risk: damage to the
+//!   length field of the very last record can make it look torn.
+//! - A new gap covers only seqs that no pending gap covers, and extends an adjacent pending gap
+//!   of the same reason, so pending gaps are disjoint.
+//! - Segment files without `state.json`, and an ack of a seq never assigned, are errors.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+/// Default bound on the bytes of all segment files.
+pub const DEFAULT_MAX_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
+
+const STATE_FILE: &str = "state.json";
+const STATE_TMP_FILE: &str = "state.json.tmp";
+const STATE_VERSION: u64 = 1;
+const HEADER_BYTES: usize = 16;
+const MIN_SEGMENT_BYTES: u64 = 4 * 1024;
+const MAX_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+/// Largest seq step accepted for the first record after damage in the newest segment.
+const MAX_SEQ_JUMP: u64 = 1 << 32;
+
+/// Why a range of seqs will never be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapKind {
+    /// Dropped, oldest first, to keep the spool under `max_spool_bytes`.
+    SpoolFull,
+    /// Lost to on-disk damage (failed checksum, truncated record).
+    Corrupt,
+    /// A single report larger than the whole spool.
+    TooLarge,
+}
+
+/// Seqs `first_seq..=last_seq` that the collector will never receive, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GapRange {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub reason: GapKind,
+    pub dropped_unix_ms: i64,
+}
+
+/// One spooled report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub payload: Vec<u8>,
+}
+
+/// What `append` did: the seq is consumed either way; `stored` is false for a `TooLarge` gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub seq: u64,
+    pub stored: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Bytes of all segment files.
+    pub bytes: u64,
+    /// Records waiting for an ack.
+    pub reports: u64,
+    /// Seqs recorded as gaps since the spool was created.
+    pub dropped_total: u64,
+    pub head_seq: u64,
+    pub next_seq: u64,
+    pub epoch: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("cannot {op} {}", .path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "damaged spool state {}: restore it, or delete the whole spool directory to start a new \
+         epoch (its unsent reports are then lost)",
+        .path.display()
+    )]
+    DamagedState {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("spool state {} has unsupported version {version}", .path.display())]
+    UnsupportedVersion { path: PathBuf, version: u64 },
+    #[error(
+        "spool directory {} has segment files but no state.json: restore it, or delete the \
+         directory to start a new epoch",
+        .dir.display()
+    )]
+    MissingState { dir: PathBuf },
+    #[error("ack of seq {seq} that was never assigned (next seq is {next_seq})")]
+    AckBeyondNext { seq: u64, next_seq: u64 },
+    #[error("spool {} is in an unknown state after a failed write; reopen it", .dir.display())]
+    Broken { dir: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct State {
+    version: u64,
+    epoch: u64,
+    head_seq: u64,
+    pending_gaps: Vec<GapRange>,
+    dropped_total: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    seq: u64,
+    offset: u64,
+    len: u32,
+}
+
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    bytes: u64,
+    records: Vec<Loc>,
+}
+
+impl Segment {
+    fn last_seq(&self) -> Option<u64> {
+        self.records.last().map(|l| l.seq)
+    }
+
+    fn first_unacked(&self, head: u64) -> usize {
+        self.records.partition_point(|l| l.seq < head)
+    }
+}
+
+/// The agent's durable outbound queue (see the module doc for format and crash safety).
+///
+/// Caller contract: `peek` the oldest report, send it with `pending_gaps()` attached, and call
+/// `ack(seq)` once the collector acknowledges it; ack clears the gaps below `seq`. A gap may
+/// cover a report that was in flight when it was dropped: the collector should let a stored
+/// report win over a gap. Blocking file IO; use from one thread at a time.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    segment_bytes: u64,
+    state: State,
+    segments: VecDeque<Segment>,
+    /// Append handle of `segments.back()`; `Some` exactly when `segments` is not empty.
+    active: Option<File>,
+    total_bytes: u64,
+    next_seq: u64,
+    broken: bool,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir`, bounded by `max_bytes` of segment files,
+    /// and recovers from torn writes and damaged records.
+    pub fn open(dir: impl AsRef<Path>, max_bytes: u64) -> Result<Self, SpoolError> {
+        let dir = dir.as_ref().to_path_buf();
+        create_dir(&dir)?;
+        let tmp = dir.join(STATE_TMP_FILE);
+        match fs::remove_file(&tmp) {
+            Ok(()) => debug!(path = %tmp.display(), "removed leftover spool state"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &tmp)(e)),
+        }
+        let names = list_segments(&dir)?;
+        let state_path = dir.join(STATE_FILE);
+        let state = match fs::read(&state_path) {
+            Ok(bytes) => parse_state(&state_path, &bytes)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !names.is_empty() {
+                    return Err(SpoolError::MissingState { dir });
+                }
+                let epoch = u64::try_from(now_unix_ms()).unwrap_or(0).max(1);
+                let state = State {
+                    version: STATE_VERSION,
+                    epoch,
+                    head_seq: 1,
+                    pending_gaps: Vec::new(),
+                    dropped_total: 0,
+                };
+                write_state(&dir, &state)?;
+                state
+            }
+            Err(e) => return Err(io_err("read", &state_path)(e)),
+        };
+        let mut spool = Spool {
+            dir,
+            max_bytes,
+            segment_bytes: (max_bytes / 8).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES),
+            next_seq: state.head_seq,
+            state,
+            segments: VecDeque::new(),
+            active: None,
+            total_bytes: 0,
+            broken: false,
+        };
+        spool.recover(names)?;
+        Ok(spool)
+    }
+
+    fn recover(&mut self, names: Vec<(u64, PathBuf)>) -> Result<(), SpoolError> {
+        let head = self.state.head_seq;
+        let mut found = Vec::new();
+        let mut lost_tail = None;
+        for (i, (first_seq, path)) in names.iter().enumerate() {
+            let upper = names.get(i + 1).map(|(f, _)| *f);
+            if upper.is_some_and(|u| u <= head) {
+                fs::remove_file(path).map_err(io_err("remove", path))?;
+                continue;
+            }
+            let data = fs::read(path).map_err(io_err("read", path))?;
+            let scan = scan_segment(&data, *first_seq, upper);
+            if scan.resynced > 0 {
+                warn!(path = %path.display(), regions = scan.resynced, "skipped damaged spool records");
+            }
+            match scan.tail {
+                Tail::Clean => {}
+                Tail::Torn if upper.is_none() => {
+                    warn!(path = %path.display(), offset = scan.keep_len, "truncating torn last write");
+                }
+                Tail::Torn | Tail::Damaged(_) => {
+                    warn!(path = %path.display(), offset = scan.keep_len, "truncating damaged spool records");
+                }
+            }
+            if let (None, Tail::Damaged(seq)) = (upper, scan.tail) {
+                lost_tail = Some(seq);
+            }
+            let segment = Segment {
+                path: path.clone(),
+                bytes: scan.keep_len as u64,
+                records: scan.records,
+            };
+            found.push((segment, data.len() as u64));
+        }
+
+        // Every seq from head_seq on has a record or a pending gap; anything else was damaged.
+        let mut state = self.state.clone();
+        let mut expected = head;
+        let mut added = 0;
+        for loc in found
+            .iter()
+            .flat_map(|(s, _)| &s.records)
+            .filter(|l| l.seq >= head)
+        {
+            if loc.seq > expected {
+                added += state.add_gap(expected, loc.seq - 1, GapKind::Corrupt);
+            }
+            expected = loc.seq + 1;
+        }
+        if let Some(lost) = lost_tail.filter(|&l| l >= expected) {
+            added += state.add_gap(expected, lost, GapKind::Corrupt);
+            expected = lost + 1;
+        }
+        if added > 0 {
+            warn!(dir = %self.dir.display(), seqs = added, "spool records lost to damage");
+            self.commit(state)?;
+        }
+        let after_gaps = self.state.pending_gaps.iter().map(|g| g.last_seq + 1).max();
+        self.next_seq = expected.max(head).max(after_gaps.unwrap_or(0));
+
+        // Only now that the gaps are durable may damaged bytes and acked segments go.
+        for (segment, file_len) in found {
+            if segment.last_seq().is_none_or(|l| l < head) {
+                fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
+                continue;
+            }
+            if segment.bytes < file_len {
+                let truncate = |f: File| f.set_len(segment.bytes).and_then(|()| f.sync_all());
+                OpenOptions::new()
+                    .write(true)
+                    .open(&segment.path)
+                    .and_then(truncate)
+                    .map_err(io_err("truncate", &segment.path))?;
+            }
+            self.total_bytes += segment.bytes;
+            self.segments.push_back(segment);
+        }
+        if let Some(segment) = self.segments.back() {
+            let file = OpenOptions::new().append(true).open(&segment.path);
+            self.active = Some(file.map_err(io_err("open", &segment.path))?);
+        }
+        Ok(())
+    }
+
+    /// Assigns the next seq and stores `payload` durably under it, dropping the oldest segments
+    /// when the spool would exceed its bound.
+    pub fn append(&mut self, payload: &[u8]) -> Result<AppendOutcome, SpoolError> {
+        self.check_usable()?;
+        let seq = self.next_seq;
+        let record_bytes = (HEADER_BYTES + payload.len()) as u64;
+        let Ok(len) = u32::try_from(payload.len()) else {
+            return self.append_too_large(seq, payload.len());
+        };
+        if record_bytes > self.max_bytes {
+            return self.append_too_large(seq, payload.len());
+        }
+        while self.total_bytes + record_bytes > self.max_bytes && !self.segments.is_empty() {
+            self.drop_oldest()?;
+        }
+        let roll = match self.segments.back() {
+            None => true,
+            Some(s) => s.bytes > 0 && s.bytes + record_bytes > self.segment_bytes,
+        };
+        if roll {
+            self.start_segment(seq)?;
+        }
+        let (Some(segment), Some(file)) = (self.segments.back_mut(), self.active.as_mut()) else {
+            return Err(SpoolError::Broken {
+                dir: self.dir.clone(),
+            });
+        };
+        let mut buf = Vec::with_capacity(HEADER_BYTES + payload.len());
+        buf.extend_from_slice(&len.to_le_bytes());
+        buf.extend_from_slice(&checksum(seq, payload).to_le_bytes());
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(payload);
+        let offset = segment.bytes;
+        if let Err(e) = file.write_all(&buf).and_then(|()| file.sync_data()) {
+            if let Err(undo) = file.set_len(offset).and_then(|()| file.sync_data()) {
+                warn!(path = %segment.path.display(), error = %undo, "cannot undo failed spool write");
+                self.broken = true;
+            }
+            return Err(io_err("append to", &segment.path)(e));
+        }
+        segment.bytes += record_bytes;
+        segment.records.push(Loc { seq, offset, len });
+        self.total_bytes += record_bytes;
+        self.next_seq += 1;
+        Ok(AppendOutcome { seq, stored: true })
+    }
+
+    fn append_too_large(&mut self, seq: u64, len: usize) -> Result<AppendOutcome, SpoolError> {
+        let mut state = self.state.clone();
+        state.add_gap(seq, seq, GapKind::TooLarge);
+        self.commit(state)?;
+        self.next_seq += 1;
+        warn!(
+            seq,
+            bytes = len,
+            max_bytes = self.max_bytes,
+            "report larger than the spool dropped"
+        );
+        Ok(AppendOutcome { seq, stored: false })
+    }
+
+    fn start_segment(&mut self, first_seq: u64) -> Result<(), SpoolError> {
+        let path = self.dir.join(format!("seg-{first_seq:020}.log"));
+        let file = OpenOptions::new().append(true).create_new(true).open(&path);
+        let file = file.map_err(io_err("create", &path))?;
+        sync_dir(&self.dir)?;
+        self.segments.push_back(Segment {
+            path,
+            bytes: 0,
+            records: Vec::new(),
+        });
+        self.active = Some(file);
+        Ok(())
+    }
+
+    fn drop_oldest(&mut self) -> Result<(), SpoolError> {
+        let head = self.state.head_seq;
+        let last = self.segments.front().and_then(Segment::last_seq);
+        if let Some(last) = last.filter(|&l| l >= head) {
+            let mut state = self.state.clone();
+            let dropped = state.add_gap(head, last, GapKind::SpoolFull);
+            state.head_seq = last + 1;
+            self.commit(state)?;
+            warn!(
+                first_seq = head,
+                last_seq = last,
+                dropped,
+                "spool full, dropped oldest reports"
+            );
+        }
+        self.remove_front()
+    }
+
+    fn remove_front(&mut self) -> Result<(), SpoolError> {
+        if let Some(segment) = self.segments.front() {
+            fs::remove_file(&segment.path).map_err(io_err("remove", &segment.path))?;
+            self.total_bytes -= segment.bytes;
+            self.segments.pop_front();
+            if self.segments.is_empty() {
+                self.active = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest report not yet acknowledged, read from disk.
+    pub fn peek(&mut self) -> Result<Option<Record>, SpoolError> {
+        self.check_usable()?;
+        let head = self.state.head_seq;
+        loop {
+            let found = self.segments.iter().enumerate().find_map(|(i, s)| {
+                let r = s.first_unacked(head);
+                (r < s.records.len()).then_some((i, r))
+            });
+            let Some((si, ri)) = found else {
+                return Ok(None);
+            };
+            let segment = &self.segments[si];
+            let loc = segment.records[ri];
+            if let Some(payload) = read_record(&segment.path, loc)? {
+                return Ok(Some(Record {
+                    seq: loc.seq,
+                    payload,
+                }));
+            }
+            warn!(path = %segment.path.display(), seq = loc.seq, "spool record damaged since open");
+            let mut state = self.state.clone();
+            state.add_gap(loc.seq, loc.seq, GapKind::Corrupt);
+            self.commit(state)?;
+            self.segments[si].records.remove(ri);
+        }
+    }
+
+    /// Marks every seq up to `seq` delivered, clears the pending gaps below `seq` (they went out
+    /// with that report) and deletes the segments that hold nothing newer.
+    pub fn ack(&mut self, seq: u64) -> Result<(), SpoolError> {
+        self.check_usable()?;
+        if seq >= self.next_seq {
+            return Err(SpoolError::AckBeyondNext {
+                seq,
+                next_seq: self.next_seq,
+            });
+        }
+        let mut state = self.state.clone();
+        state.head_seq = state.head_seq.max(seq + 1);
+        state.pending_gaps.retain(|g| g.last_seq >= seq);
+        if state != self.state {
+            self.commit(state)?;
+        }
+        self.remove_delivered()
+    }
+
+    /// Gives up on every seq up to `seq` not yet acknowledged (normally the report that `peek`
+    /// returned and the collector refused): records them as a gap of `kind` and moves past them.
+    /// Unlike `ack` it clears no pending gap, since no report carried them.
+    pub fn skip(&mut self, seq: u64, kind: GapKind) -> Result<(), SpoolError> {
+        self.check_usable()?;
+        if seq >= self.next_seq {
+            return Err(SpoolError::AckBeyondNext {
+                seq,
+                next_seq: self.next_seq,
+            });
+        }
+        let head = self.state.head_seq;
+        if seq < head {
+            return Ok(());
+        }
+        let mut state = self.state.clone();
+        state.add_gap(head, seq, kind);
+        state.head_seq = seq + 1;
+        self.commit(state)?;
+        warn!(first_seq = head, last_seq = seq, reason = ?kind, "spooled reports given up");
+        self.remove_delivered()
+    }
+
+    fn remove_delivered(&mut self) -> Result<(), SpoolError> {
+        let head = self.state.head_seq;
+        while self
+            .segments
+            .front()
+            .is_some_and(|s| s.last_seq().is_none_or(|l| l < head))
+        {
+            self.remove_front()?;
+        }
+        Ok(())
+    }
+
+    pub fn pending_gaps(&self) -> &[GapRange] {
+        &self.state.pending_gaps
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.state.epoch
+    }
+
+    pub fn stats(&self) -> SpoolStats {
+        let head = self.state.head_seq;
+        let reports = self
+            .segments
+            .iter()
+            .map(|s| s.records.len() - s.first_unacked(head))
+            .sum::<usize>();
+        SpoolStats {
+            bytes: self.total_bytes,
+            reports: reports as u64,
+            dropped_total: self.state.dropped_total,
+            head_seq: head,
+            next_seq: self.next_seq,
+            epoch: self.state.epoch,
+        }
+    }
+
+    fn check_usable(&self) -> Result<(), SpoolError> {
+        if self.broken {
+            return Err(SpoolError::Broken {
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Persists `state`, then makes it current; on error nothing changes in memory.
+    fn commit(&mut self, state: State) -> Result<(), SpoolError> {
+        write_state(&self.dir, &state)?;
+        self.state = state;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Tail {
+    Clean,
+    /// Incomplete or zero-filled: a write that never finished.
+    Torn,
+    /// A complete record that fails its check; holds the seq it most likely had.
+    Damaged(u64),
+}
+
+#[derive(Debug)]
+struct Scan {
+    records: Vec<Loc>,
+    keep_len: usize,
+    resynced: usize,
+    tail: Tail,
+}
+
+/// Reads the records of one segment; `upper` is the next segment's first seq.
+fn scan_segment(data: &[u8], first_seq: u64, upper: Option<u64>) -> Scan {
+    let mut records: Vec<Loc> = Vec::new();
+    let mut resynced = 0;
+    let mut pos = 0;
+    while pos < data.len() {
+        let min = records.last().map_or(first_seq, |l| l.seq + 1);
+        let max = upper.map_or(min.saturating_add(MAX_SEQ_JUMP), |u| u.saturating_sub(1));
+        if let Some(loc) = parse_at(data, pos, min, max) {
+            records.push(loc);
+            pos += HEADER_BYTES + loc.len as usize;
+            continue;
+        }
+        if let Some(next) = (pos + 1..data.len()).find(|&p| parse_at(data, p, min, max).is_some()) {
+            resynced += 1;
+            pos = next;
+            continue;
+        }
+        let rest = &data[pos..];
+        let complete =
+            rest.len() >= HEADER_BYTES && HEADER_BYTES + le_u32(&rest[0..4]) as usize <= rest.len();
+        let tail = if !complete || rest.iter().all(|&b| b == 0) {
+            Tail::Torn
+        } else {
+            let seq = le_u64(&rest[8..16]);
+            Tail::Damaged(if (min..=max).contains(&seq) { seq } else { min })
+        };
+        return Scan {
+            records,
+            keep_len: pos,
+            resynced,
+            tail,
+        };
+    }
+    Scan {
+        records,
+        keep_len: pos,
+        resynced,
+        tail: Tail::Clean,
+    }
+}
+
+fn parse_at(data: &[u8], pos: usize, min_seq: u64, max_seq: u64) -> Option<Loc> {
+    let header = data.get(pos..pos + HEADER_BYTES)?;
+    let seq = le_u64(&header[8..16]);
+    if seq < min_seq || seq > max_seq {
+        return None;
+    }
+    let len = le_u32(&header[0..4]);
+    let start = pos + HEADER_BYTES;
+    let payload = data.get(start..start + len as usize)?;
+    (checksum(seq, payload) == le_u32(&header[4..8])).then_some(Loc {
+        seq,
+        offset: pos as u64,
+        len,
+    })
+}
+
+/// The payload at `loc`, or `None` when the bytes there no longer check out.
+fn read_record(path: &Path, loc: Loc) -> Result<Option<Vec<u8>>, SpoolError> {
+    let mut buf = vec![0; HEADER_BYTES + loc.len as usize];
+    let read = File::open(path).and_then(|mut f| {
+        f.seek(SeekFrom::Start(loc.offset))?;
+        f.read_exact(&mut buf)
+    });
+    match read {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(io_err("read", path)(e)),
+    }
+    Ok(parse_at(&buf, 0, loc.seq, loc.seq).map(|_| buf.split_off(HEADER_BYTES)))
+}
+
+fn checksum(seq: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&seq.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+impl State {
+    /// Records `first..=last` as a gap, except the seqs that a pending gap already covers, and
+    /// counts them in `dropped_total`. Returns how many seqs were added.
+    fn add_gap(&mut self, first: u64, last: u64, reason: GapKind) -> u64 {
+        let mut covered: Vec<(u64, u64)> = self
+            .pending_gaps
+            .iter()
+            .map(|g| (g.first_seq, g.last_seq))
+            .collect();
+        covered.sort_unstable();
+        let mut missing = Vec::new();
+        let mut cur = first;
+        for (a, b) in covered {
+            if a > last || cur > last {
+                break;
+            }
+            if b >= cur && a > cur {
+                missing.push((cur, a - 1));
+            }
+            cur = cur.max(b.saturating_add(1));
+        }
+        if cur <= last {
+            missing.push((cur, last));
+        }
+        let now = now_unix_ms();
+        let mut added = 0;
+        for (a, b) in missing {
+            added += b - a + 1;
+            let gaps = &mut self.pending_gaps;
+            match gaps
+                .iter_mut()
+                .find(|g| g.reason == reason && g.last_seq.checked_add(1) == Some(a))
+            {
+                Some(g) => g.last_seq = b,
+                None => gaps.push(GapRange {
+                    first_seq: a,
+                    last_seq: b,
+                    reason,
+                    dropped_unix_ms: now,
+                }),
+            }
+        }
+        self.pending_gaps.sort_by_key(|g| g.first_seq);
+        self.dropped_total += added;
+        added
+    }
+}
+
+fn parse_state(path: &Path, bytes: &[u8]) -> Result<State, SpoolError> {
+    #[derive(Deserialize)]
+    struct Version {
+        version: u64,
+    }
+    let damaged = |source| SpoolError::DamagedState {
+        path: path.to_path_buf(),
+        source,
+    };
+    let Version { version } = serde_json::from_slice(bytes).map_err(damaged)?;
+    if version != STATE_VERSION {
+        return Err(SpoolError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(damaged)
+}
+
+fn write_state(dir: &Path, state: &State) -> Result<(), SpoolError> {
+    let tmp = dir.join(STATE_TMP_FILE);
+    let path = dir.join(STATE_FILE);
+    let bytes = serde_json::to_vec_pretty(state)
+        .map_err(|e| io_err("encode", &path)(io::Error::other(e)))?;
+    File::create(&tmp)
+        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+        .map_err(io_err("write", &tmp))?;
+    fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("sync", dir))
+}
+
+fn create_dir(dir: &Path) -> Result<(), SpoolError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io_err("create directory", dir))
+}
+
+/// Segment files in `dir`, sorted by first seq.
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let path = entry.map_err(io_err("list", dir))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let digits = name
+            .strip_prefix("seg-")
+            .and_then(|n| n.strip_suffix(".log"));
+        match digits
+            .filter(|d| d.len() == 20)
+            .and_then(|d| d.parse::<u64>().ok())
+        {
+            Some(first_seq) => out.push((first_seq, path)),
+            None => debug!(path = %path.display(), "ignoring non-segment file in spool"),
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SpoolError + use<> {
+    let path = path.to_path_buf();
+    move |source| SpoolError::Io { op, path, source }
+}
+
+fn now_unix_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: u64 = 64 * 1024; // 8 KiB segments
+
+    fn body(seq: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![(seq % 251) as u8 + 1; len];
+        b[..8].copy_from_slice(&seq.to_le_bytes());
+        b
+    }
+
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        list_segments(dir)
+            .unwrap()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        segment_files(dir)
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum()
+    }
+
+    fn drain(spool: &mut Spool) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while let Some(r) = spool.peek().unwrap() {
+            assert_eq!(
+                r.payload,
+                body(r.seq, r.payload.len()),
+                "payload of seq {}",
+                r.seq
+            );
+            seqs.push(r.seq);
+            spool.ack(r.seq).unwrap();
+        }
+        seqs
+    }
+
+    fn gap(first_seq: u64, last_seq: u64, reason: GapKind) -> (u64, u64, GapKind) {
+        (first_seq, last_seq, reason)
+    }
+
+    fn gaps(spool: &Spool) -> Vec<(u64, u64, GapKind)> {
+        spool
+            .pending_gaps()
+            .iter()
+            .map(|g| (g.first_seq, g.last_seq, g.reason))
+            .collect()
+    }
+
+    /// 20 records of 1000 bytes: segments 1..=8, 9..=16, 17..=20.
+    fn three_segments(dir: &Path) {
+        let mut spool = Spool::open(dir, SMALL).unwrap();
+        for seq in 1..=20 {
+            assert_eq!(spool.append(&body(seq, 1000)).unwrap().seq, seq);
+        }
+        assert_eq!(segment_files(dir).len(), 3);
+    }
+
+    fn flip_byte(path: &Path, offset: usize) {
+        let mut data = fs::read(path).unwrap();
+        data[offset] ^= 0x5a;
+        fs::write(path, data).unwrap();
+    }
+
+    #[test]
+    fn seqs_start_at_one_are_contiguous_and_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        let epoch = spool.epoch();
+        assert!(epoch >= 1);
+        let seqs: Vec<u64> = (0..3)
+            .map(|_| spool.append(b"report").unwrap().seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(spool.epoch(), epoch);
+        assert_eq!(
+            spool.append(b"report").unwrap(),
+            AppendOutcome {
+                seq: 4,
+                stored: true
+            }
+        );
+        spool.ack(2).unwrap();
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(spool.stats().head_seq, 3);
+        assert_eq!(spool.append(b"report").unwrap().seq, 5);
+        assert_eq!(spool.stats().reports, 3);
+    }
+
+    #[test]
+    fn seqs_continue_after_everything_was_acked_and_all_segments_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        for seq in 1..=3 {
+            spool.append(&body(seq, 100)).unwrap();
+        }
+        spool.ack(3).unwrap();
+        assert!(segment_files(dir.path()).is_empty());
+        assert_eq!(spool.append(&body(4, 100)).unwrap().seq, 4);
+        spool.ack(4).unwrap();
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(spool.peek().unwrap(), None);
+        assert_eq!(spool.stats().next_seq, 5);
+        assert_eq!(spool.append(&body(5, 100)).unwrap().seq, 5);
+    }
+
+    #[test]
+    fn peek_returns_the_oldest_unacked_and_reopen_does_not_return_acked_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        for payload in [&b"a"[..], b"b", b"c"] {
+            spool.append(payload).unwrap();
+        }
+        let first = Record {
+            seq: 1,
+            payload: b"a".to_vec(),
+        };
+        assert_eq!(spool.peek().unwrap(), Some(first.clone()));
+        assert_eq!(spool.peek().unwrap(), Some(first), "peek does not consume");
+        spool.ack(1).unwrap();
+        assert_eq!(
+            spool.peek().unwrap(),
+            Some(Record {
+                seq: 2,
+                payload: b"b".to_vec()
+            })
+        );
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(2));
+        spool.ack(1).unwrap(); // below head: no-op
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(2));
+        spool.ack(3).unwrap();
+        assert_eq!(spool.peek().unwrap(), None);
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(spool.peek().unwrap(), None);
+        assert_eq!(spool.stats().reports, 0);
+    }
+
+    #[test]
+    fn an_ack_of_a_seq_never_assigned_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        spool.append(b"x").unwrap();
+        assert!(matches!(
+            spool.ack(2),
+            Err(SpoolError::AckBeyondNext {
+                seq: 2,
+                next_seq: 2
+            })
+        ));
+        assert_eq!(spool.append(b"y").unwrap().seq, 2);
+    }
+
+    #[test]
+    fn a_torn_last_write_is_truncated_and_its_unreturned_seq_is_reused() {
+        for tear in ["cut", "garbage", "zeros"] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+            for seq in 1..=3 {
+                spool.append(&body(seq, 100)).unwrap();
+            }
+            drop(spool);
+            let path = segment_files(dir.path()).pop().unwrap();
+            let clean = fs::read(&path).unwrap();
+            let mut data = clean.clone();
+            match tear {
+                // The third record's append never returned: it was cut mid-write.
+                "cut" => data.truncate(data.len() - 5),
+                // A fourth record's header, partly written.
+                "garbage" => data.extend_from_slice(&[100, 0, 0, 0, 0xde, 0xad]),
+                _ => data.extend_from_slice(&[0; 40]),
+            }
+            fs::write(&path, &data).unwrap();
+
+            let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+            let survivors = if tear == "cut" { 2 } else { 3 };
+            assert!(spool.pending_gaps().is_empty(), "{tear}");
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                clean[..data.len().min(clean.len()) - if tear == "cut" { 111 } else { 0 }]
+            );
+            assert_eq!(
+                spool.append(&body(survivors + 1, 100)).unwrap().seq,
+                survivors + 1,
+                "{tear}"
+            );
+            assert_eq!(
+                drain(&mut spool),
+                (1..=survivors + 1).collect::<Vec<_>>(),
+                "{tear}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_non_last_segment_yields_a_corrupt_gap_of_exactly_the_lost_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        three_segments(dir.path());
+        let first = &segment_files(dir.path())[0];
+        flip_byte(first, 3 * 1016 + 16 + 500); // payload of seq 4
+
+        let spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(gaps(&spool), [gap(4, 4, GapKind::Corrupt)]);
+        assert_eq!(spool.stats().dropped_total, 1);
+        drop(spool);
+        // Detected again on every open, but recorded once.
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(gaps(&spool), [gap(4, 4, GapKind::Corrupt)]);
+        assert_eq!(spool.append(&body(21, 1000)).unwrap().seq, 21);
+        let expected: Vec<u64> = (1..=21).filter(|&s| s != 4).collect();
+        assert_eq!(drain(&mut spool), expected);
+        assert!(spool.pending_gaps().is_empty(), "acked past the gap");
+    }
+
+    #[test]
+    fn a_flipped_length_in_a_non_last_segment_loses_only_that_record() {
+        let dir = tempfile::tempdir().unwrap();
+        three_segments(dir.path());
+        flip_byte(&segment_files(dir.path())[1], 2 * 1016 + 1); // length of seq 11
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(gaps(&spool), [gap(11, 11, GapKind::Corrupt)]);
+        let expected: Vec<u64> = (1..=20).filter(|&s| s != 11).collect();
+        assert_eq!(drain(&mut spool), expected);
+    }
+
+    #[test]
+    fn damage_in_the_newest_segment_never_reassigns_a_returned_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        three_segments(dir.path());
+        let last = segment_files(dir.path()).pop().unwrap();
+        flip_byte(&last, 1016 + 16 + 10); // payload of seq 18, a middle record
+        flip_byte(&last, 3 * 1016 + 16 + 10); // payload of seq 20, the complete last record
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(
+            gaps(&spool),
+            [gap(18, 18, GapKind::Corrupt), gap(20, 20, GapKind::Corrupt)]
+        );
+        assert_eq!(spool.append(&body(21, 1000)).unwrap().seq, 21);
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(gaps(&spool).len(), 2);
+        assert_eq!(spool.stats().next_seq, 22);
+        let expected: Vec<u64> = (1..=21).filter(|&s| s != 18 && s != 20).collect();
+        assert_eq!(drain(&mut spool), expected);
+    }
+
+    #[test]
+    fn a_record_damaged_after_open_becomes_a_corrupt_gap_when_peeked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        for seq in 1..=3 {
+            spool.append(&body(seq, 100)).unwrap();
+        }
+        flip_byte(&segment_files(dir.path())[0], 20); // seq 1
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(2));
+        assert_eq!(gaps(&spool), [gap(1, 1, GapKind::Corrupt)]);
+    }
+
+    #[test]
+    fn filling_beyond_max_bytes_drops_the_oldest_and_records_an_exact_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        for seq in 1..=80 {
+            assert_eq!(
+                spool.append(&body(seq, 1000)).unwrap(),
+                AppendOutcome { seq, stored: true }
+            );
+            assert!(disk_bytes(dir.path()) <= SMALL, "after seq {seq}");
+            assert_eq!(spool.stats().bytes, disk_bytes(dir.path()));
+        }
+        // 8 records per segment, 8 segments fit: the two oldest segments went.
+        assert_eq!(gaps(&spool), [gap(1, 16, GapKind::SpoolFull)]);
+        assert_eq!(spool.stats().dropped_total, 16);
+        assert_eq!(spool.stats().reports, 64);
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(17));
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(
+            gaps(&spool),
+            [gap(1, 16, GapKind::SpoolFull)],
+            "still pending after reopen"
+        );
+        assert_eq!(spool.stats().dropped_total, 16);
+        spool.ack(17).unwrap();
+        assert!(
+            spool.pending_gaps().is_empty(),
+            "cleared by the ack of the report that carried it"
+        );
+        drop(spool);
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert!(spool.pending_gaps().is_empty());
+        assert_eq!(drain(&mut spool), (18..=80).collect::<Vec<_>>());
+        assert_eq!(spool.append(&body(81, 10)).unwrap().seq, 81);
+    }
+
+    #[test]
+    fn a_gap_created_while_a_report_is_in_flight_survives_that_reports_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        for seq in 1..=64 {
+            spool.append(&body(seq, 1000)).unwrap();
+        }
+        spool.ack(7).unwrap();
+        let in_flight = spool.peek().unwrap().unwrap().seq;
+        assert_eq!(in_flight, 8);
+        spool.append(&body(65, 1000)).unwrap(); // drops segment 1..=8: seq 8, in flight, is lost
+        spool.append(&vec![0; SMALL as usize]).unwrap(); // seq 66, too large
+        spool.ack(in_flight).unwrap();
+        let expected = [
+            gap(8, 8, GapKind::SpoolFull),
+            gap(66, 66, GapKind::TooLarge),
+        ];
+        assert_eq!(gaps(&spool), expected);
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(9));
+    }
+
+    #[test]
+    fn a_skipped_report_becomes_a_gap_that_the_next_ack_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        for seq in 1..=3 {
+            spool.append(&body(seq, 100)).unwrap();
+        }
+        spool.skip(1, GapKind::Corrupt).unwrap();
+        assert_eq!(gaps(&spool), [gap(1, 1, GapKind::Corrupt)]);
+        assert_eq!(spool.stats().dropped_total, 1);
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(gaps(&spool), [gap(1, 1, GapKind::Corrupt)]);
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(2));
+        spool.ack(2).unwrap();
+        assert!(spool.pending_gaps().is_empty());
+        assert!(matches!(
+            spool.skip(4, GapKind::TooLarge),
+            Err(SpoolError::AckBeyondNext { .. })
+        ));
+    }
+
+    #[test]
+    fn a_record_larger_than_max_bytes_is_recorded_as_a_too_large_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 4096).unwrap();
+        assert_eq!(spool.append(&body(1, 100)).unwrap().seq, 1);
+        assert_eq!(
+            spool.append(&[7; 4096]).unwrap(),
+            AppendOutcome {
+                seq: 2,
+                stored: false
+            }
+        );
+        assert_eq!(gaps(&spool), [gap(2, 2, GapKind::TooLarge)]);
+        assert_eq!(spool.stats().dropped_total, 1);
+        assert_eq!(spool.stats().reports, 1);
+        drop(spool);
+
+        // The consumed seq is not handed out again after a restart.
+        let mut spool = Spool::open(dir.path(), 4096).unwrap();
+        assert_eq!(gaps(&spool), [gap(2, 2, GapKind::TooLarge)]);
+        assert_eq!(spool.append(&body(3, 100)).unwrap().seq, 3);
+        assert_eq!(drain(&mut spool), [1, 3]);
+        assert!(spool.pending_gaps().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_state_file_is_an_error_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        spool.append(b"x").unwrap();
+        drop(spool);
+        let state = dir.path().join(STATE_FILE);
+        let good = fs::read(&state).unwrap();
+
+        fs::write(&state, &good[..good.len() / 2]).unwrap();
+        let err = Spool::open(dir.path(), SMALL).unwrap_err();
+        assert!(matches!(err, SpoolError::DamagedState { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&state.display().to_string()),
+            "{err}"
+        );
+
+        let v2 = String::from_utf8(good.clone())
+            .unwrap()
+            .replace("\"version\": 1", "\"version\": 2");
+        fs::write(&state, v2).unwrap();
+        let err = Spool::open(dir.path(), SMALL).unwrap_err();
+        assert!(
+            matches!(err, SpoolError::UnsupportedVersion { version: 2, .. }),
+            "{err:?}"
+        );
+
+        fs::remove_file(&state).unwrap();
+        let err = Spool::open(dir.path(), SMALL).unwrap_err();
+        assert!(matches!(err, SpoolError::MissingState { .. }), "{err:?}");
+
+        fs::write(&state, &good).unwrap();
+        assert_eq!(
+            Spool::open(dir.path(), SMALL)
+                .unwrap()
+                .append(b"y")
+                .unwrap()
+                .seq,
+            2
+        );
+    }
+
+    #[test]
+    fn open_creates_a_private_directory_and_removes_a_leftover_temporary_state() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/spool");
+        Spool::open(&dir, SMALL).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
+        }
+        fs::write(dir.join(STATE_TMP_FILE), b"{half").unwrap();
+        Spool::open(&dir, SMALL).unwrap();
+        assert!(!dir.join(STATE_TMP_FILE).exists());
+    }
+
+    #[test]
+    fn the_spool_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Spool>();
+    }
+}

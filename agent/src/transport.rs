@@ -1,0 +1,227 @@
+//! gRPC client side: mutual TLS channel set-up, failover over several collector URLs, and
+//! jittered exponential backoff between attempts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rand::Rng;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// How long one TCP + TLS connection attempt may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one RPC may take before the channel is considered broken.
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// First backoff step.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(200);
+
+/// Why a channel could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A PEM file could not be read.
+    #[error("cannot read {what} from {path}")]
+    ReadPem {
+        /// Which file this is (CA, certificate, key).
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A URL is not usable.
+    #[error("bad collector URL {url:?}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// TCP or TLS failed.
+    #[error("cannot connect to {url}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// The client side of mutual TLS: the CA that signed the server, our certificate and key.
+#[derive(Clone)]
+pub struct ClientTls {
+    ca: Certificate,
+    identity: Option<Identity>,
+    server_name: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TransportError> {
+    std::fs::read(path).map_err(|source| TransportError::ReadPem {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl ClientTls {
+    /// Load PEM files.
+    pub fn load(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        server_name: Option<String>,
+    ) -> Result<Self, TransportError> {
+        let ca = Certificate::from_pem(read_pem("CA certificate", ca)?);
+        let identity = Identity::from_pem(read_pem("certificate", cert)?, read_pem("key", key)?);
+        Ok(Self {
+            ca,
+            identity: Some(identity),
+            server_name,
+        })
+    }
+
+    /// Build from PEM text already in memory.
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Self {
+        Self {
+            ca: Certificate::from_pem(ca),
+            identity: Some(Identity::from_pem(cert, key)),
+            server_name: None,
+        }
+    }
+
+    /// Server verification only, no client certificate (the collector answers UNAUTHENTICATED).
+    pub fn ca_only(ca: &str) -> Self {
+        Self {
+            ca: Certificate::from_pem(ca),
+            identity: None,
+            server_name: None,
+        }
+    }
+
+    /// Connect to one URL (TCP, TLS handshake, HTTP/2) with the default timeouts.
+    pub async fn connect(&self, url: &str) -> Result<Channel, TransportError> {
+        let mut tls = ClientTlsConfig::new().ca_certificate(self.ca.clone());
+        if let Some(identity) = &self.identity {
+            tls = tls.identity(identity.clone());
+        }
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        let bad = |source| TransportError::BadUrl {
+            url: url.to_owned(),
+            source,
+        };
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(bad)?
+            .tls_config(tls)
+            .map_err(bad)?
+            .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
+            .timeout(DEFAULT_RPC_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        endpoint
+            .connect()
+            .await
+            .map_err(|source| TransportError::Connect {
+                url: url.to_owned(),
+                source,
+            })
+    }
+}
+
+/// Jittered exponential backoff: each step waits a random time between half and all of
+/// `base * 2^attempt`, capped at `max` (so many agents restarting together spread out).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff starting at `base` and never above `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max: max.max(base),
+            attempt: 0,
+        }
+    }
+
+    /// Forget past failures.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let factor = 1u32 << self.attempt.min(20);
+        let ceiling = self.base.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        half + Duration::from_millis(rand::rng().random_range(0..=jitter_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_and_stays_under_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        let second = b.next_delay();
+        assert!(second >= Duration::from_millis(100) && second <= Duration::from_millis(200));
+        for _ in 0..3 {
+            b.next_delay();
+        }
+        // 100 ms * 2^5 is past the cap: from here every delay lies in [cap/2, cap].
+        for _ in 0..30 {
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_jitter_spreads_agents_apart() {
+        let delays: std::collections::BTreeSet<Duration> = (0..20)
+            .map(|_| {
+                let mut b = Backoff::new(Duration::from_secs(8), Duration::from_secs(60));
+                b.next_delay()
+            })
+            .collect();
+        assert!(delays.len() > 1, "twenty agents all chose {delays:?}");
+    }
+
+    #[tokio::test]
+    async fn connecting_to_a_closed_port_fails_with_the_url_in_the_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let dir = tempfile::tempdir().unwrap();
+        // Any PEM text: the failure comes before TLS.
+        let tls = ClientTls::from_pem("", "", "");
+        let url = format!("https://127.0.0.1:{port}");
+        let err = tls.connect(&url).await.unwrap_err();
+        assert!(err.to_string().contains(&url), "{err}");
+        drop(dir);
+    }
+}

@@ -1,0 +1,179 @@
+//! The `sov-collector` command line: `serve`, `pki init`, `pki issue`, `dev`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use sov_agent::cli::{LogFormat, init_tracing, report_config_error, shutdown_signal};
+use sov_agent::run::source_chain;
+
+use crate::auth::{DEFAULT_TRUST_DOMAIN, Role};
+use crate::config::CollectorConfig;
+use crate::store::SqliteStore;
+
+/// Sovereign collector: receives agents' reports over mutual TLS, stores them, answers regulators.
+#[derive(Debug, Parser)]
+#[command(name = "sov-collector", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "SOV_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve gRPC (Ingest, Query) until SIGINT or SIGTERM.
+    Serve {
+        /// Configuration file (TOML).
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: PathBuf,
+        /// Validate the configuration, print every problem, and exit (64 when invalid).
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Certificates for the collector, agents, regulators and admins (no openssl needed).
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// All-in-one quickstart: a collector on embedded SQLite plus an agent for this host.
+    Dev(crate::dev::DevArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create a CA and the collector's server certificate in DIR.
+    Init {
+        /// Directory for ca.pem, ca.key, collector.pem, collector.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Extra DNS name or IP address for the collector certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// SPIFFE trust domain.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// Issue a client certificate DIR/NAME.pem and DIR/NAME.key signed by DIR/ca.pem.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// agent, regulator or admin.
+        #[arg(long)]
+        role: Role,
+        /// Node name (agents) or person/tool name.
+        #[arg(long)]
+        name: String,
+        /// SPIFFE trust domain.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("sov-collector: cannot start runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+fn fail(err: &dyn std::error::Error) -> ExitCode {
+    let chain = source_chain(err);
+    if chain.is_empty() {
+        eprintln!("sov-collector: {err}");
+    } else {
+        eprintln!("sov-collector: {err}: {chain}");
+    }
+    ExitCode::FAILURE
+}
+
+/// Run `serve` with a loaded configuration until `shutdown`.
+pub async fn serve(config: CollectorConfig) -> Result<(), anyhow::Error> {
+    let store = Arc::new(SqliteStore::open(&config.data_dir)?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    crate::server::run(&config, store, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Serve {
+            config,
+            check_config,
+        } => {
+            let cfg = match CollectorConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return report_config_error(&e),
+            };
+            if check_config {
+                println!("{}: configuration is valid", config.display());
+                return ExitCode::SUCCESS;
+            }
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(serve(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e.as_ref()),
+            }
+        }
+        Command::Pki { command } => match command {
+            PkiCommand::Init {
+                dir,
+                sans,
+                trust_domain,
+            } => match crate::pki::init(&dir, &sans, &trust_domain) {
+                Ok(files) => {
+                    println!("CA certificate:        {}", files.ca_cert.display());
+                    println!("CA key (keep offline): {}", files.ca_key.display());
+                    println!("collector certificate: {}", files.collector.cert.display());
+                    println!("collector key:         {}", files.collector.key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            },
+            PkiCommand::Issue {
+                dir,
+                role,
+                name,
+                trust_domain,
+            } => match crate::pki::issue(&dir, role, &name, &trust_domain) {
+                Ok(pair) => {
+                    println!("{role} certificate: {}", pair.cert.display());
+                    println!("{role} key:         {}", pair.key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            },
+        },
+        Command::Dev(args) => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match rt.block_on(crate::dev::run(args, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e.as_ref()),
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The collector's TOML configuration: strict, documented defaults, every problem at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sov_agent::config::{ConfigError, Problems, check_readable, read_toml};
+
+/// Default gRPC listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Default data directory (database).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sov-collector";
+/// Default largest accepted report, encoded bytes.
+pub const DEFAULT_MAX_REPORT_BYTES: usize = 16 * 1024 * 1024;
+/// Default cap on one page of a query.
+pub const DEFAULT_MAX_PAGE: u32 = 1000;
+
+/// `sov-collector serve` configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// Address the gRPC server listens on. Default "0.0.0.0:7443".
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory holding the embedded database. Default "/var/lib/sov-collector".
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Largest report accepted, in encoded bytes; larger ones get RESOURCE_EXHAUSTED. Default 16 MiB.
+    #[serde(default = "default_max_report_bytes")]
+    pub max_report_bytes: usize,
+    /// Largest page any query returns. Default 1000.
+    #[serde(default = "default_max_page")]
+    pub max_page: u32,
+    /// SPIFFE trust domain of client certificates (`spiffe://<trust_domain>/<role>/<name>`). Default "sovereign".
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Server certificate, key, and the CA that signs client certificates.
+    pub tls: ServerTlsFiles,
+}
+
+/// `[tls]`: PEM files of the server side of mutual TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsFiles {
+    /// CA certificate that client certificates must chain to.
+    pub ca: PathBuf,
+    /// The collector's certificate.
+    pub cert: PathBuf,
+    /// The collector's private key.
+    pub key: PathBuf,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7443))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+fn default_max_report_bytes() -> usize {
+    DEFAULT_MAX_REPORT_BYTES
+}
+fn default_max_page() -> u32 {
+    DEFAULT_MAX_PAGE
+}
+fn default_trust_domain() -> String {
+    crate::auth::DEFAULT_TRUST_DOMAIN.to_owned()
+}
+
+impl CollectorConfig {
+    /// A configuration with defaults around the given essentials (used by the dev mode and tests).
+    pub fn new(listen: SocketAddr, data_dir: PathBuf, tls: ServerTlsFiles) -> Self {
+        Self {
+            listen,
+            data_dir,
+            max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
+            max_page: DEFAULT_MAX_PAGE,
+            trust_domain: default_trust_domain(),
+            tls,
+        }
+    }
+
+    /// Load and validate a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = read_toml(path)?;
+        cfg.validate().into_result()?;
+        Ok(cfg)
+    }
+
+    /// Every problem in the configuration.
+    pub fn validate(&self) -> Problems {
+        let mut p = Problems::default();
+        if !(1024..=256 * 1024 * 1024).contains(&self.max_report_bytes) {
+            p.push(
+                "max_report_bytes",
+                format!("{} is out of range 1024..=268435456", self.max_report_bytes),
+            );
+        }
+        if !(1..=100_000).contains(&self.max_page) {
+            p.push(
+                "max_page",
+                format!("{} is out of range 1..=100000", self.max_page),
+            );
+        }
+        if let Err(e) = crate::auth::validate_trust_domain(&self.trust_domain) {
+            p.push("trust_domain", e);
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            p.push("data_dir", "must not be empty");
+        }
+        check_readable(&mut p, "tls.ca", &self.tls.ca);
+        check_readable(&mut p, "tls.cert", &self.tls.cert);
+        check_readable(&mut p, "tls.key", &self.tls.key);
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_file_gets_documented_defaults() {
+        let c: CollectorConfig =
+            toml::from_str("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n").unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(c.max_report_bytes, DEFAULT_MAX_REPORT_BYTES);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let err = toml::from_str::<CollectorConfig>(
+            "lisen = \"x\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let c: CollectorConfig = toml::from_str(
+            "max_report_bytes = 10\ntrust_domain = \"a b\"\n[tls]\nca=\"/no/a\"\ncert=\"/no/b\"\nkey=\"/no/c\"\n",
+        )
+        .unwrap();
+        let all = c.validate().to_string();
+        for needle in [
+            "max_report_bytes",
+            "trust_domain",
+            "tls.ca",
+            "tls.cert",
+            "tls.key",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in {all}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The `Ingest` service: authenticate the peer from its certificate, validate the report,
+//! commit it, then acknowledge. Errors become `tonic::Status` here and nowhere else.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use sov_proto::pb;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{self, Role};
+use crate::store::{GapRecord, IncomingReport, IngestOutcome, Store};
+
+/// Most gap records one report may carry.
+pub const MAX_GAPS_PER_REPORT: usize = 10_000;
+
+/// gRPC `sovereign.v1.Ingest`.
+#[derive(Debug, Clone)]
+pub struct IngestService {
+    store: Arc<dyn Store>,
+    trust_domain: String,
+    max_report_bytes: u64,
+}
+
+impl IngestService {
+    /// A service storing into `store`, trusting names under `trust_domain`.
+    pub fn new(store: Arc<dyn Store>, trust_domain: String, max_report_bytes: usize) -> Self {
+        Self {
+            store,
+            trust_domain,
+            max_report_bytes: u64::try_from(max_report_bytes).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+pub(crate) fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn gap_reason(code: i32) -> &'static str {
+    match pb::GapReason::try_from(code) {
+        Ok(pb::GapReason::SpoolFull) => "spool_full",
+        Ok(pb::GapReason::Corrupt) => "corrupt",
+        Ok(pb::GapReason::TooLarge) => "too_large",
+        _ => "unspecified",
+    }
+}
+
+/// Check a report's shape; the message names the field and the bad value.
+pub fn validate(report: &pb::Report) -> Result<(), Status> {
+    let bad = |msg: String| Err(Status::invalid_argument(msg));
+    let Some(info) = report.node_info.as_ref() else {
+        return bad("node_info is required".into());
+    };
+    if info.node.is_empty() {
+        return bad("node_info.node must not be empty".into());
+    }
+    if let Err(e) = auth::validate_name(&info.node) {
+        return bad(format!("node_info.node: {e}"));
+    }
+    if report.epoch == 0 {
+        return bad("epoch must be greater than 0".into());
+    }
+    if report.seq == 0 {
+        return bad("seq must be greater than 0 (sequence numbers start at 1)".into());
+    }
+    if report.seq > i64::MAX as u64 || report.epoch > i64::MAX as u64 {
+        return bad(format!(
+            "epoch {} or seq {} is larger than 2^63-1",
+            report.epoch, report.seq
+        ));
+    }
+    if !info.country.is_empty()
+        && (info.country.len() != 2 || !info.country.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        return bad(format!(
+            "node_info.country {:?} is not an ISO 3166-1 alpha-2 code",
+            info.country
+        ));
+    }
+    if report.gaps.len() > MAX_GAPS_PER_REPORT {
+        return bad(format!(
+            "gaps has {} entries, more than {MAX_GAPS_PER_REPORT}",
+            report.gaps.len()
+        ));
+    }
+    for (i, g) in report.gaps.iter().enumerate() {
+        if g.first_seq == 0 || g.first_seq > g.last_seq || g.last_seq >= report.seq {
+            return bad(format!(
+                "gaps[{i}] {}..={} must satisfy 1 <= first_seq <= last_seq < seq ({})",
+                g.first_seq, g.last_seq, report.seq
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::ingest_server::Ingest for IngestService {
+    #[tracing::instrument(level = "debug", skip_all, fields(peer.addr = ?req.remote_addr(), node))]
+    async fn push(&self, req: Request<pb::Report>) -> Result<Response<pb::Ack>, Status> {
+        let id = auth::identity_from_request(&req, &self.trust_domain)?;
+        auth::require_role(&id, &[Role::Agent], "Ingest.Push")?;
+        let report = req.into_inner();
+        validate(&report)?;
+        let info = report.node_info.clone().unwrap_or_default();
+        tracing::Span::current().record("node", info.node.as_str());
+        if info.node != id.name {
+            tracing::warn!(cert = %id.name, claimed = %info.node, "report for another node refused");
+            return Err(Status::permission_denied(format!(
+                "report is for node {:?} but the client certificate is for node {:?}",
+                info.node, id.name
+            )));
+        }
+        let host = report.host.clone().unwrap_or_default();
+        let incoming = IncomingReport {
+            node: info.node,
+            epoch: report.epoch,
+            seq: report.seq,
+            observed_unix_ms: report.observed_unix_ms,
+            received_unix_ms: now_unix_ms(),
+            site: info.site,
+            country: info.country,
+            hostname: info.hostname,
+            agent_version: info.agent_version,
+            labels: info.labels.into_iter().collect(),
+            cpu_percent: host.cpu_percent,
+            memory_used_bytes: host.memory_used_bytes,
+            memory_total_bytes: host.memory_total_bytes,
+            gaps: report
+                .gaps
+                .iter()
+                .map(|g| GapRecord {
+                    first_seq: g.first_seq,
+                    last_seq: g.last_seq,
+                    reason: gap_reason(g.reason).to_owned(),
+                    dropped_unix_ms: g.dropped_unix_ms,
+                })
+                .collect(),
+            body: report.encode_to_vec(),
+        };
+        let outcome = self.store.ingest(incoming).await.map_err(|err| {
+            tracing::error!(error = %err, cause = %sov_agent::run::source_chain(&err), "store failed");
+            Status::unavailable(format!("collector store unavailable: {err}; retry later"))
+        })?;
+        Ok(Response::new(pb::Ack {
+            epoch: report.epoch,
+            seq: report.seq,
+            duplicate: outcome != IngestOutcome::Stored,
+            max_report_bytes: self.max_report_bytes,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> pb::Report {
+        pb::Report {
+            epoch: 1,
+            seq: 5,
+            node_info: Some(pb::NodeInfo {
+                node: "node-a".into(),
+                country: "MA".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_well_formed_report_passes_validation() {
+        assert!(validate(&good()).is_ok());
+    }
+
+    #[test]
+    fn malformed_reports_are_invalid_arguments_naming_the_field() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut pb::Report)>)> = vec![
+            ("node_info is required", Box::new(|r| r.node_info = None)),
+            (
+                "node_info.node must not be empty",
+                Box::new(|r| r.node_info.as_mut().unwrap().node.clear()),
+            ),
+            (
+                "node_info.node",
+                Box::new(|r| r.node_info.as_mut().unwrap().node = "../etc".into()),
+            ),
+            ("epoch", Box::new(|r| r.epoch = 0)),
+            ("seq", Box::new(|r| r.seq = 0)),
+            (
+                "country",
+                Box::new(|r| r.node_info.as_mut().unwrap().country = "Maroc".into()),
+            ),
+            (
+                "gaps[0]",
+                Box::new(|r| {
+                    r.gaps = vec![pb::Gap {
+                        first_seq: 3,
+                        last_seq: 9,
+                        ..Default::default()
+                    }]
+                }),
+            ),
+        ];
+        for (needle, mutate) in cases {
+            let mut r = good();
+            mutate(&mut r);
+            let status = validate(&r).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status.message().contains(needle),
+                "{needle}: {}",
+                status.message()
+            );
+        }
+    }
+}

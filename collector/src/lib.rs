@@ -1,0 +1,25 @@
+//! `sov-collector`: receives agents' reports, stores them durably, and answers regulators.
+//!
+//! Parts:
+//! - [`config`]: the strict TOML configuration;
+//! - [`auth`]: peer certificate → [`auth::Identity`] (name and role from a SPIFFE URI SAN);
+//! - [`pki`]: certificates without openssl (`sov-collector pki`);
+//! - [`ingest`]: the `Ingest` gRPC service (authenticate, validate, commit, then ack);
+//! - [`query`]: the `Query` gRPC service;
+//! - [`store`]: the [`store::Store`] trait and its SQLite backend;
+//! - [`server`]: the mutual-TLS gRPC server (`run(config, store, listener, shutdown)`);
+//! - [`dev`]: the all-in-one quickstart (`sov-collector dev`);
+//! - [`cli`] and [`sovctl`]: the two command lines (the binaries only call their `main`).
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod ingest;
+pub mod pki;
+pub mod query;
+pub mod server;
+pub mod sovctl;
+pub mod store;
+
+pub use config::CollectorConfig;

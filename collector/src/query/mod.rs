@@ -1,0 +1,89 @@
+//! The `Query` service for regulators and admins (agents may not read).
+
+use std::sync::Arc;
+
+use sov_proto::pb;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{self, Role};
+use crate::store::{NodeRow, Store};
+
+/// Page size when a request asks for none.
+pub const DEFAULT_PAGE: u32 = 100;
+
+/// gRPC `sovereign.v1.Query`.
+#[derive(Debug, Clone)]
+pub struct QueryService {
+    store: Arc<dyn Store>,
+    trust_domain: String,
+    max_page: u32,
+}
+
+impl QueryService {
+    /// A service reading `store`.
+    pub fn new(store: Arc<dyn Store>, trust_domain: String, max_page: u32) -> Self {
+        Self {
+            store,
+            trust_domain,
+            max_page,
+        }
+    }
+}
+
+impl From<NodeRow> for pb::NodeSummary {
+    fn from(n: NodeRow) -> Self {
+        Self {
+            node: n.node,
+            site: n.site,
+            country: n.country,
+            hostname: n.hostname,
+            agent_version: n.agent_version,
+            labels: n.labels.into_iter().collect(),
+            last_seen_unix_ms: n.last_seen_unix_ms,
+            epoch: n.epoch,
+            reports: n.reports,
+            last_seq: n.last_seq,
+            missing: n.missing,
+            dropped: n.dropped,
+            epochs: n.epochs,
+            conflicts: n.conflicts,
+            cpu_percent: n.cpu_percent,
+            memory_used_bytes: n.memory_used_bytes,
+            memory_total_bytes: n.memory_total_bytes,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::query_server::Query for QueryService {
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let id = auth::identity_from_request(&req, &self.trust_domain)?;
+        auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.ListNodes")?;
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => DEFAULT_PAGE.min(self.max_page),
+            n => n.min(self.max_page),
+        };
+        // One extra row tells whether another page follows.
+        let mut rows = self
+            .store
+            .list_nodes(&r.after, limit.saturating_add(1))
+            .await
+            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let next_after = if more {
+            rows.last().map(|n| n.node.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        tracing::info!(who = %id.name, role = %id.role, call = "ListNodes", rows = rows.len(), "query");
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: rows.into_iter().map(Into::into).collect(),
+            next_after,
+        }))
+    }
+}

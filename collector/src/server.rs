@@ -1,0 +1,106 @@
+//! The gRPC server: mutual TLS, the Ingest and Query services, bounded message sizes.
+//! It takes a bound listener and a shutdown future and never binds by itself.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sov_proto::pb::ingest_server::IngestServer;
+use sov_proto::pb::query_server::QueryServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codegen::http;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::CollectorConfig;
+use crate::ingest::IngestService;
+use crate::query::QueryService;
+use crate::store::Store;
+
+/// Most concurrent HTTP/2 streams per connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// Longest a TLS handshake may take before the connection is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest one request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}")]
+    ReadPem {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS or the HTTP/2 server failed.
+    #[error("grpc server failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|source| ServerError::ReadPem {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// tonic answers a message over the decoding limit with OUT_OF_RANGE; the contract says
+/// RESOURCE_EXHAUSTED (the status gRPC documents for exceeded size limits). Our handlers never
+/// return OUT_OF_RANGE, so every such status is tonic's size check.
+fn size_limit_status<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    const OUT_OF_RANGE: &str = "11";
+    const RESOURCE_EXHAUSTED: http::HeaderValue = http::HeaderValue::from_static("8");
+    if resp
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == OUT_OF_RANGE.as_bytes())
+    {
+        resp.headers_mut().insert("grpc-status", RESOURCE_EXHAUSTED);
+    }
+    resp
+}
+
+/// Serve gRPC on `listener` until `shutdown` completes, then drain.
+pub async fn run(
+    config: &CollectorConfig,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&config.tls.cert)?,
+            read(&config.tls.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(&config.tls.ca)?))
+        // A missing certificate is answered with UNAUTHENTICATED by the services (a clearer
+        // error than a failed handshake); a certificate that does not chain to the CA still
+        // fails the handshake.
+        .client_auth_optional(true)
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    let ingest = IngestService::new(
+        store.clone(),
+        config.trust_domain.clone(),
+        config.max_report_bytes,
+    );
+    let query = QueryService::new(store, config.trust_domain.clone(), config.max_page);
+    let addr = listener.local_addr().ok();
+    tracing::info!(listen = ?addr, "collector serving gRPC with mutual TLS");
+    Server::builder()
+        .tls_config(tls)?
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .timeout(REQUEST_TIMEOUT)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(tower::util::MapResponseLayer::new(size_limit_status))
+        .add_service(IngestServer::new(ingest).max_decoding_message_size(config.max_report_bytes))
+        .add_service(QueryServer::new(query))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    tracing::info!("collector stopped");
+    Ok(())
+}

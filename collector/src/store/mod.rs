@@ -1,0 +1,161 @@
+//! Durable storage behind one trait, [`Store`].
+//!
+//! - [`sqlite`]: embedded SQLite in WAL mode, the default (one file under `data_dir`).
+//!
+//! A report is committed before [`Store::ingest`] returns, and the ingest service acks only
+//! after that, so nothing acknowledged is lost. Re-sent reports are recognised by their key
+//! `(node, epoch, seq)` and stored once.
+
+use std::collections::BTreeMap;
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+/// A sequence range an agent declared dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GapRecord {
+    /// First dropped sequence number.
+    pub first_seq: u64,
+    /// Last dropped sequence number (inclusive).
+    pub last_seq: u64,
+    /// Why: "spool_full", "corrupt", "too_large" or "unspecified".
+    pub reason: String,
+    /// When the agent dropped them.
+    pub dropped_unix_ms: i64,
+}
+
+/// One validated report, ready to store.
+#[derive(Debug, Clone)]
+pub struct IncomingReport {
+    /// Node name (already checked against the client certificate).
+    pub node: String,
+    /// Spool epoch.
+    pub epoch: u64,
+    /// Sequence number within the epoch.
+    pub seq: u64,
+    /// When the agent built the report.
+    pub observed_unix_ms: i64,
+    /// When the collector received it.
+    pub received_unix_ms: i64,
+    /// Declared site.
+    pub site: String,
+    /// Declared country.
+    pub country: String,
+    /// Host name.
+    pub hostname: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Operator labels.
+    pub labels: BTreeMap<String, String>,
+    /// Latest total CPU share, 0-100.
+    pub cpu_percent: f32,
+    /// Memory in use.
+    pub memory_used_bytes: u64,
+    /// Memory installed.
+    pub memory_total_bytes: u64,
+    /// Gap records carried by the report.
+    pub gaps: Vec<GapRecord>,
+    /// The whole report as received (protobuf), kept for later analysis.
+    pub body: Vec<u8>,
+}
+
+/// What storing a report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// First time this key was seen: stored.
+    Stored,
+    /// The key was already stored; nothing changed.
+    Duplicate,
+    /// The key was already stored with a different observation time: the agent reused a
+    /// sequence number. The first report is kept and the conflict counted.
+    Conflict,
+}
+
+/// One node as the store knows it; counters are for its latest epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRow {
+    /// Node name.
+    pub node: String,
+    /// Declared site.
+    pub site: String,
+    /// Declared country.
+    pub country: String,
+    /// Host name.
+    pub hostname: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Operator labels.
+    pub labels: BTreeMap<String, String>,
+    /// When the last report was received.
+    pub last_seen_unix_ms: i64,
+    /// Latest epoch.
+    pub epoch: u64,
+    /// Distinct reports stored in that epoch.
+    pub reports: u64,
+    /// Highest sequence number stored in that epoch.
+    pub last_seq: u64,
+    /// Sequence numbers in 1..=last_seq never stored.
+    pub missing: u64,
+    /// Of those, how many the agent declared dropped.
+    pub dropped: u64,
+    /// Epochs seen.
+    pub epochs: u32,
+    /// Reports whose key was reused for a different report in the latest epoch.
+    pub conflicts: u64,
+    /// Latest CPU share.
+    pub cpu_percent: f32,
+    /// Latest memory in use.
+    pub memory_used_bytes: u64,
+    /// Memory installed.
+    pub memory_total_bytes: u64,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused an operation.
+    #[error("sqlite: {context}")]
+    Sqlite {
+        /// What was being done.
+        context: &'static str,
+        /// The cause.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The data directory or database file could not be used.
+    #[error("cannot open store at {path}")]
+    Open {
+        /// The path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored value does not fit its type (corrupt database or a bug).
+    #[error("stored value out of range: {0}")]
+    Range(String),
+    /// The database was written by a newer collector.
+    #[error(
+        "database schema version {found} is newer than this collector's {supported}; upgrade the collector"
+    )]
+    SchemaTooNew {
+        /// Version in the file.
+        found: i64,
+        /// Version this code knows.
+        supported: i64,
+    },
+    /// A blocking task failed.
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// Durable storage of reports and per-node completeness.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Store one report atomically (report, node facts, counters, gaps) and commit.
+    async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError>;
+
+    /// Nodes sorted by name, starting after `after`, at most `limit`.
+    async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError>;
+}

@@ -1,0 +1,502 @@
+//! Embedded SQLite store: WAL mode, `synchronous = FULL` (a commit survives power loss, not
+//! only a crash of the process), one writer connection and one reader connection. Blocking
+//! calls run on tokio's blocking pool.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{IncomingReport, IngestOutcome, NodeRow, Store, StoreError};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "sovereign.db";
+/// Schema version this code writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS nodes (
+    node               TEXT PRIMARY KEY,
+    site               TEXT NOT NULL,
+    country            TEXT NOT NULL,
+    hostname           TEXT NOT NULL,
+    agent_version      TEXT NOT NULL,
+    labels             TEXT NOT NULL,
+    first_seen_ms      INTEGER NOT NULL,
+    last_seen_ms       INTEGER NOT NULL,
+    last_observed_ms   INTEGER NOT NULL,
+    latest_epoch       INTEGER NOT NULL,
+    cpu_percent        REAL NOT NULL,
+    memory_used_bytes  INTEGER NOT NULL,
+    memory_total_bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS node_epochs (
+    node          TEXT NOT NULL,
+    epoch         INTEGER NOT NULL,
+    reports       INTEGER NOT NULL,
+    last_seq      INTEGER NOT NULL,
+    conflicts     INTEGER NOT NULL DEFAULT 0,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms  INTEGER NOT NULL,
+    PRIMARY KEY (node, epoch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reports (
+    node        TEXT NOT NULL,
+    epoch       INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    observed_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    body        BLOB NOT NULL,
+    PRIMARY KEY (node, epoch, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS gaps (
+    node        TEXT NOT NULL,
+    epoch       INTEGER NOT NULL,
+    first_seq   INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    dropped_ms  INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (node, epoch, first_seq, last_seq)
+) WITHOUT ROWID;
+"#;
+
+/// SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { context, source }
+}
+
+fn lock(c: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic while holding the lock rolls back any open transaction when the guard's
+    // statement objects drop, so the connection is still consistent.
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} exceeds i64")))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} is negative")))
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) `data_dir/sovereign.db`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Open {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let writer = Connection::open(&path).map_err(sql("open database"))?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;",
+            )
+            .map_err(sql("set pragmas"))?;
+        let version: i64 = writer
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql("read schema version"))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        writer.execute_batch(SCHEMA).map_err(sql("create schema"))?;
+        writer
+            .execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+            .map_err(sql("write schema version"))?;
+        let reader = Connection::open(&path).map_err(sql("open reader"))?;
+        reader
+            .execute_batch("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
+            .map_err(sql("set reader pragmas"))?;
+        Ok(Self {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    fn ingest_blocking(
+        conn: &mut Connection,
+        r: &IncomingReport,
+    ) -> Result<IngestOutcome, StoreError> {
+        let epoch = to_i64(r.epoch, "epoch")?;
+        let seq = to_i64(r.seq, "seq")?;
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        let inserted = tx
+            .execute(
+                "INSERT OR IGNORE INTO reports (node, epoch, seq, observed_ms, received_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    r.node,
+                    epoch,
+                    seq,
+                    r.observed_unix_ms,
+                    r.received_unix_ms,
+                    r.body
+                ],
+            )
+            .map_err(sql("insert report"))?;
+        if inserted == 0 {
+            // Already stored. A re-send carries the same observation time; a different one
+            // means the agent reused a sequence number (a lost spool state): count it so
+            // that it is visible, and keep the first report.
+            let stored_ms: i64 = tx
+                .query_row(
+                    "SELECT observed_ms FROM reports WHERE node = ?1 AND epoch = ?2 AND seq = ?3",
+                    params![r.node, epoch, seq],
+                    |row| row.get(0),
+                )
+                .map_err(sql("read duplicate"))?;
+            if stored_ms != r.observed_unix_ms {
+                tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, "sequence number reused for a different report");
+                tx.execute(
+                    "UPDATE node_epochs SET conflicts = conflicts + 1 WHERE node = ?1 AND epoch = ?2",
+                    params![r.node, epoch],
+                )
+                .map_err(sql("count conflict"))?;
+                tx.commit().map_err(sql("commit"))?;
+                return Ok(IngestOutcome::Conflict);
+            }
+            return Ok(IngestOutcome::Duplicate);
+        }
+        tx.execute(
+            "INSERT INTO node_epochs (node, epoch, reports, last_seq, first_seen_ms, last_seen_ms)
+             VALUES (?1, ?2, 1, ?3, ?4, ?4)
+             ON CONFLICT (node, epoch) DO UPDATE SET
+                reports = reports + 1,
+                last_seq = max(last_seq, excluded.last_seq),
+                last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+            params![r.node, epoch, seq, r.received_unix_ms],
+        )
+        .map_err(sql("update epoch counters"))?;
+        let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".to_owned());
+        let mem_used = to_i64(r.memory_used_bytes, "memory_used_bytes")?;
+        let mem_total = to_i64(r.memory_total_bytes, "memory_total_bytes")?;
+        tx.execute(
+            "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
+                                last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
+                                memory_used_bytes, memory_total_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (node) DO UPDATE SET
+                last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
+                latest_epoch = max(latest_epoch, excluded.latest_epoch),
+                site = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.site ELSE site END,
+                country = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.country ELSE country END,
+                hostname = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.hostname ELSE hostname END,
+                agent_version = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.agent_version ELSE agent_version END,
+                labels = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.labels ELSE labels END,
+                cpu_percent = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.cpu_percent ELSE cpu_percent END,
+                memory_used_bytes = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.memory_used_bytes ELSE memory_used_bytes END,
+                memory_total_bytes = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.memory_total_bytes ELSE memory_total_bytes END,
+                last_observed_ms = max(last_observed_ms, excluded.last_observed_ms)",
+            params![
+                r.node,
+                r.site,
+                r.country,
+                r.hostname,
+                r.agent_version,
+                labels,
+                r.received_unix_ms,
+                r.observed_unix_ms,
+                epoch,
+                f64::from(r.cpu_percent),
+                mem_used,
+                mem_total,
+            ],
+        )
+        .map_err(sql("update node"))?;
+        for g in &r.gaps {
+            tx.execute(
+                "INSERT OR IGNORE INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    r.node,
+                    epoch,
+                    to_i64(g.first_seq, "gap first_seq")?,
+                    to_i64(g.last_seq, "gap last_seq")?,
+                    g.reason,
+                    g.dropped_unix_ms,
+                    r.received_unix_ms
+                ],
+            )
+            .map_err(sql("insert gap"))?;
+        }
+        tx.commit().map_err(sql("commit"))?;
+        Ok(IngestOutcome::Stored)
+    }
+
+    fn list_nodes_blocking(
+        conn: &Connection,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<NodeRow>, StoreError> {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT n.node, n.site, n.country, n.hostname, n.agent_version, n.labels,
+                        n.last_seen_ms, n.latest_epoch, COALESCE(e.reports, 0), COALESCE(e.last_seq, 0),
+                        (SELECT COUNT(*) FROM node_epochs x WHERE x.node = n.node),
+                        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes, COALESCE(e.conflicts, 0),
+                        (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1
+                            - (SELECT COUNT(*) FROM reports r WHERE r.node = g.node AND r.epoch = g.epoch
+                                 AND r.seq BETWEEN g.first_seq AND g.last_seq)), 0)
+                         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch)
+                 FROM nodes n
+                 LEFT JOIN node_epochs e ON e.node = n.node AND e.epoch = n.latest_epoch
+                 WHERE n.node > ?1
+                 ORDER BY n.node
+                 LIMIT ?2",
+            )
+            .map_err(sql("prepare list nodes"))?;
+        let rows = stmt
+            .query_map(params![after, i64::from(limit)], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, String>(5)?,
+                    row.get::<_, i64>(6)?,
+                    row.get::<_, i64>(7)?,
+                    row.get::<_, i64>(8)?,
+                    row.get::<_, i64>(9)?,
+                    row.get::<_, i64>(10)?,
+                    row.get::<_, f64>(11)?,
+                    row.get::<_, i64>(12)?,
+                    row.get::<_, i64>(13)?,
+                    row.get::<_, i64>(14)?,
+                    row.get::<_, i64>(15)?,
+                ))
+            })
+            .map_err(sql("list nodes"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (
+                node,
+                site,
+                country,
+                hostname,
+                agent_version,
+                labels,
+                last_seen,
+                epoch,
+                reports,
+                last_seq,
+                epochs,
+                cpu,
+                mem_used,
+                mem_total,
+                conflicts,
+                dropped,
+            ) = row.map_err(sql("read node row"))?;
+            let reports = to_u64(reports, "reports")?;
+            let last_seq = to_u64(last_seq, "last_seq")?;
+            let missing = last_seq.saturating_sub(reports);
+            let labels: BTreeMap<String, String> =
+                serde_json::from_str(&labels).unwrap_or_default();
+            out.push(NodeRow {
+                node,
+                site,
+                country,
+                hostname,
+                agent_version,
+                labels,
+                last_seen_unix_ms: last_seen,
+                epoch: to_u64(epoch, "epoch")?,
+                reports,
+                last_seq,
+                missing,
+                dropped: to_u64(dropped.max(0), "dropped")?.min(missing),
+                epochs: u32::try_from(epochs).unwrap_or(u32::MAX),
+                conflicts: to_u64(conflicts, "conflicts")?,
+                #[allow(clippy::cast_possible_truncation)]
+                cpu_percent: cpu as f32,
+                memory_used_bytes: to_u64(mem_used, "memory_used_bytes")?,
+                memory_total_bytes: to_u64(mem_total, "memory_total_bytes")?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || Self::ingest_blocking(&mut lock(&writer), &report))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError> {
+        let reader = self.reader.clone();
+        let after = after.to_owned();
+        tokio::task::spawn_blocking(move || {
+            Self::list_nodes_blocking(&lock(&reader), &after, limit)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+/// Count stored reports of one node and epoch (for tests and tools).
+pub fn count_reports(data_dir: &Path, node: &str, epoch: u64) -> Result<u64, StoreError> {
+    let conn = Connection::open(data_dir.join(DB_FILE)).map_err(sql("open database"))?;
+    let n: Option<i64> = conn
+        .query_row(
+            "SELECT COUNT(*) FROM reports WHERE node = ?1 AND epoch = ?2",
+            params![node, to_i64(epoch, "epoch")?],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql("count reports"))?;
+    to_u64(n.unwrap_or(0), "count")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::GapRecord;
+
+    fn report(node: &str, epoch: u64, seq: u64) -> IncomingReport {
+        IncomingReport {
+            node: node.to_owned(),
+            epoch,
+            seq,
+            observed_unix_ms: i64::try_from(seq).unwrap() * 1000,
+            received_unix_ms: i64::try_from(seq).unwrap() * 1000 + 5,
+            site: "rabat-1".into(),
+            country: "MA".into(),
+            hostname: format!("{node}.local"),
+            agent_version: "0.1.0".into(),
+            labels: BTreeMap::from([("rack".to_owned(), "r1".to_owned())]),
+            cpu_percent: 12.5,
+            memory_used_bytes: 100,
+            memory_total_bytes: 1000,
+            gaps: vec![],
+            body: vec![1, 2, 3],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_is_stored_once_and_a_resend_is_a_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.ingest(report("a", 7, 1)).await.unwrap(),
+            IngestOutcome::Stored
+        );
+        assert_eq!(
+            store.ingest(report("a", 7, 1)).await.unwrap(),
+            IngestOutcome::Duplicate
+        );
+        assert_eq!(
+            store.ingest(report("a", 7, 2)).await.unwrap(),
+            IngestOutcome::Stored
+        );
+        let mut reused = report("a", 7, 2);
+        reused.observed_unix_ms += 1;
+        assert_eq!(store.ingest(reused).await.unwrap(), IngestOutcome::Conflict);
+        let nodes = store.list_nodes("", 10).await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(
+            (nodes[0].reports, nodes[0].last_seq, nodes[0].missing),
+            (2, 2, 0)
+        );
+        assert_eq!(nodes[0].conflicts, 1);
+        assert_eq!(count_reports(dir.path(), "a", 7).unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn missing_counts_holes_and_dropped_counts_declared_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.ingest(report("a", 1, 1)).await.unwrap();
+        // 2..=4 dropped by the agent and declared; 6 lost without a word.
+        let mut r5 = report("a", 1, 5);
+        r5.gaps = vec![GapRecord {
+            first_seq: 2,
+            last_seq: 4,
+            reason: "spool_full".into(),
+            dropped_unix_ms: 1,
+        }];
+        store.ingest(r5).await.unwrap();
+        store.ingest(report("a", 1, 7)).await.unwrap();
+        let n = &store.list_nodes("", 10).await.unwrap()[0];
+        assert_eq!((n.reports, n.last_seq, n.missing, n.dropped), (3, 7, 4, 3));
+        // A late arrival of seq 3 (it was in flight when dropped) shrinks both.
+        store.ingest(report("a", 1, 3)).await.unwrap();
+        let n = &store.list_nodes("", 10).await.unwrap()[0];
+        assert_eq!((n.missing, n.dropped), (3, 2));
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_becomes_the_nodes_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for s in 1..=3 {
+            store.ingest(report("a", 100, s)).await.unwrap();
+        }
+        store.ingest(report("a", 200, 1)).await.unwrap();
+        let n = &store.list_nodes("", 10).await.unwrap()[0];
+        assert_eq!((n.epoch, n.reports, n.last_seq, n.epochs), (200, 1, 1, 2));
+    }
+
+    #[tokio::test]
+    async fn nodes_are_paged_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for node in ["c", "a", "b"] {
+            store.ingest(report(node, 1, 1)).await.unwrap();
+        }
+        let first = store.list_nodes("", 2).await.unwrap();
+        assert_eq!(
+            first.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let rest = store.list_nodes("b", 2).await.unwrap();
+        assert_eq!(
+            rest.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert_eq!(rest[0].labels.get("rack").map(String::as_str), Some("r1"));
+    }
+
+    #[tokio::test]
+    async fn stored_reports_survive_reopening_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            store.ingest(report("a", 1, 1)).await.unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.ingest(report("a", 1, 1)).await.unwrap(),
+            IngestOutcome::Duplicate
+        );
+        assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 1);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_collector_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.execute_batch("PRAGMA user_version = 99").unwrap();
+        drop(c);
+        let err = SqliteStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+            "{err}"
+        );
+    }
+}

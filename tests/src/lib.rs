@@ -1,0 +1,298 @@
+//! `sov-e2e`: support for whole-system tests. Real collectors (in this process or as child
+//! processes that can be killed with SIGKILL), real agents, real certificates, real mutual TLS
+//! on loopback, real SQLite.
+//!
+//! - [`Pki`]: a CA with the collector's certificate and client certificates on demand;
+//! - [`InProcessCollector`]: `sov_collector::server::run` on `127.0.0.1:0`;
+//! - [`CollectorProcess`] / [`AgentProcess`]: the `e2e-collector` / `e2e-agent` binaries
+//!   (thin copies of the real mains);
+//! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sov_agent::config::{AgentConfig, NodeConfig, TlsConfig};
+use sov_agent::transport::ClientTls;
+use sov_collector::auth::{DEFAULT_TRUST_DOMAIN, Role};
+use sov_collector::config::{CollectorConfig, ServerTlsFiles};
+use sov_collector::pki::{self, PathPair};
+use sov_collector::store::SqliteStore;
+use sov_proto::pb;
+use tokio_util::sync::CancellationToken;
+
+/// A test PKI in its own temporary directory.
+#[derive(Debug)]
+pub struct Pki {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// `ca.pem`.
+    pub ca: PathBuf,
+    /// The collector's server certificate.
+    pub collector: PathPair,
+}
+
+impl Pki {
+    /// A fresh CA and collector certificate.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = pki::init(dir.path(), &[], DEFAULT_TRUST_DOMAIN).expect("pki init");
+        Self {
+            ca: files.ca_cert,
+            collector: files.collector,
+            dir,
+        }
+    }
+
+    /// Issue (once) a client certificate for `name` with `role`.
+    pub fn client(&self, role: Role, name: &str) -> PathPair {
+        let pair = PathPair::in_dir(self.dir.path(), name);
+        if pair.cert.exists() {
+            return pair;
+        }
+        pki::issue(self.dir.path(), role, name, DEFAULT_TRUST_DOMAIN).expect("pki issue")
+    }
+
+    /// Client TLS material for `name` with `role`.
+    pub fn client_tls(&self, role: Role, name: &str) -> ClientTls {
+        let pair = self.client(role, name);
+        ClientTls::load(&self.ca, &pair.cert, &pair.key, None).expect("load client tls")
+    }
+
+    /// Server TLS files for a collector configuration.
+    pub fn server_files(&self) -> ServerTlsFiles {
+        ServerTlsFiles {
+            ca: self.ca.clone(),
+            cert: self.collector.cert.clone(),
+            key: self.collector.key.clone(),
+        }
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A collector served from this process on an ephemeral loopback port.
+#[derive(Debug)]
+pub struct InProcessCollector {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its configuration.
+    pub config: CollectorConfig,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessCollector {
+    /// Start on `127.0.0.1:0` with data under `data_dir`; `tweak` may change the configuration.
+    pub async fn start(
+        pki: &Pki,
+        data_dir: &Path,
+        tweak: impl FnOnce(&mut CollectorConfig),
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut config = CollectorConfig::new(addr, data_dir.to_owned(), pki.server_files());
+        tweak(&mut config);
+        let store = Arc::new(SqliteStore::open(&config.data_dir).expect("open store"));
+        let stop = CancellationToken::new();
+        let cfg = config.clone();
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            sov_collector::server::run(&cfg, store, listener, s.cancelled_owned())
+                .await
+                .expect("collector run");
+        });
+        Self {
+            addr,
+            config,
+            stop,
+            task,
+        }
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Stop gracefully and wait.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A free loopback port (bound then released; the caller binds it again soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// An agent configuration reporting to `urls` every `interval_secs`.
+pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) -> AgentConfig {
+    let pair = pki.client(Role::Agent, node);
+    AgentConfig {
+        collector: urls,
+        interval_secs: 1,
+        spool_dir: spool_dir.to_owned(),
+        max_spool_bytes: sov_agent::spool::DEFAULT_MAX_SPOOL_BYTES,
+        max_backoff_secs: 1,
+        node: NodeConfig {
+            name: Some(node.to_owned()),
+            site: "rabat-1".to_owned(),
+            country: "MA".to_owned(),
+            labels: Default::default(),
+        },
+        tls: TlsConfig {
+            ca: pki.ca.clone(),
+            cert: pair.cert,
+            key: pair.key,
+            server_name: Some("localhost".to_owned()),
+        },
+    }
+}
+
+/// Write an agent configuration as TOML (what an operator would write).
+pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
+    let labels: String = cfg
+        .node
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k:?} = {v:?}\n"))
+        .collect();
+    let urls: Vec<String> = cfg.collector.iter().map(|u| format!("{u:?}")).collect();
+    let text = format!(
+        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n",
+        urls = urls.join(", "),
+        interval = cfg.interval_secs,
+        spool = cfg.spool_dir,
+        max = cfg.max_spool_bytes,
+        backoff = cfg.max_backoff_secs,
+        name = cfg.node_name(),
+        site = cfg.node.site,
+        country = cfg.node.country,
+        ca = cfg.tls.ca,
+        cert = cfg.tls.cert,
+        key = cfg.tls.key,
+    );
+    std::fs::write(path, text).expect("write agent config");
+}
+
+/// Write a collector configuration as TOML.
+pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
+    let text = format!(
+        "listen = \"{}\"\ndata_dir = {:?}\nmax_report_bytes = {}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        cfg.listen, cfg.data_dir, cfg.max_report_bytes, cfg.tls.ca, cfg.tls.cert, cfg.tls.key
+    );
+    std::fs::write(path, text).expect("write collector config");
+}
+
+/// A child process killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Start `bin` (a path from `env!("CARGO_BIN_EXE_…")`) with `args`, logs to `log`.
+pub fn spawn(bin: &str, args: &[&str], log: &Path) -> KillOnDrop {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn");
+    KillOnDrop(child)
+}
+
+/// Every node the collector knows, read with a regulator certificate over mutual TLS.
+pub async fn list_nodes(pki: &Pki, url: &str) -> Result<Vec<pb::NodeSummary>, String> {
+    let tls = pki.client_tls(Role::Regulator, "test-regulator");
+    let channel = tls.connect(url).await.map_err(|e| e.to_string())?;
+    let mut client = pb::query_client::QueryClient::new(channel);
+    sov_collector::sovctl::fetch_nodes(&mut client)
+        .await
+        .map_err(|s| s.to_string())
+}
+
+/// The summary of one node, if the collector knows it.
+pub async fn node(pki: &Pki, url: &str, name: &str) -> Option<pb::NodeSummary> {
+    list_nodes(pki, url)
+        .await
+        .ok()?
+        .into_iter()
+        .find(|n| n.node == name)
+}
+
+/// An Ingest client speaking as `tls`.
+pub async fn push_client(
+    tls: &ClientTls,
+    url: &str,
+) -> Result<pb::ingest_client::IngestClient<tonic::transport::Channel>, String> {
+    let channel = tls
+        .connect(url)
+        .await
+        .map_err(|e| format!("{e}: {}", sov_agent::run::source_chain(&e)))?;
+    Ok(pb::ingest_client::IngestClient::new(channel))
+}
+
+/// A minimal valid report for `node`.
+pub fn report(node: &str, epoch: u64, seq: u64) -> pb::Report {
+    pb::Report {
+        epoch,
+        seq,
+        observed_unix_ms: i64::try_from(seq).unwrap_or(0) + 1_700_000_000_000,
+        node_info: Some(pb::NodeInfo {
+            node: node.to_owned(),
+            site: "rabat-1".to_owned(),
+            country: "MA".to_owned(),
+            ..Default::default()
+        }),
+        host: Some(pb::HostSample::default()),
+        ..Default::default()
+    }
+}
+
+/// Poll `check` until it returns `Some`, at most `timeout`; panics with `what` otherwise.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
