@@ -95,9 +95,17 @@ impl InProcessCollector {
         data_dir: &Path,
         tweak: impl FnOnce(&mut CollectorConfig),
     ) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        Self::start_on("127.0.0.1:0", pki, data_dir, tweak).await
+    }
+
+    /// Start on a given address (for example a port agents were already told about).
+    pub async fn start_on(
+        addr: &str,
+        pki: &Pki,
+        data_dir: &Path,
+        tweak: impl FnOnce(&mut CollectorConfig),
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut config = CollectorConfig::new(addr, data_dir.to_owned(), pki.server_files());
         tweak(&mut config);
@@ -228,6 +236,93 @@ pub fn spawn(bin: &str, args: &[&str], log: &Path) -> KillOnDrop {
         .spawn()
         .expect("spawn");
     KillOnDrop(child)
+}
+
+/// Path of one of this package's binaries: `CARGO_BIN_EXE_<name>` when Cargo set it for
+/// this run, else beside the test executable's `deps/` folder (where Cargo puts them).
+pub fn bin_path(name: &str) -> String {
+    if let Ok(p) = std::env::var(format!("CARGO_BIN_EXE_{name}")) {
+        return p;
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the tests with cargo test --workspace",
+        path.display()
+    );
+    path.to_string_lossy().into_owned()
+}
+
+/// A collector as a child process (`e2e-collector serve`), killable with SIGKILL.
+#[derive(Debug)]
+pub struct CollectorProcess {
+    child: KillOnDrop,
+    port: u16,
+}
+
+impl CollectorProcess {
+    /// Start on `127.0.0.1:port` with its data and log under `work`; waits until it accepts
+    /// TCP connections.
+    pub fn start(pki: &Pki, work: &Path, port: u16) -> Self {
+        let cfg = CollectorConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            work.join("collector-data"),
+            pki.server_files(),
+        );
+        let cfg_path = work.join("collector.toml");
+        write_collector_toml(&cfg, &cfg_path);
+        let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
+        let log = work.join(format!("collector-{n}.log"));
+        let cfg_arg = cfg_path.to_string_lossy().into_owned();
+        let child = spawn(
+            &bin_path("e2e-collector"),
+            &["serve", "--config", &cfg_arg],
+            &log,
+        );
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "collector did not listen; see {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Abort it: SIGKILL, no graceful shutdown.
+    pub fn kill9(&mut self) {
+        self.child.kill9();
+    }
+}
+
+/// An agent as a child process (`e2e-agent run --config FILE`), killable with SIGKILL.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: KillOnDrop,
+}
+
+impl AgentProcess {
+    /// Start with the configuration file `config`, logging to `log`.
+    pub fn start(config: &Path, log: &Path) -> Self {
+        let cfg = config.to_string_lossy().into_owned();
+        Self {
+            child: spawn(&bin_path("e2e-agent"), &["run", "--config", &cfg], log),
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.child.kill9();
+    }
 }
 
 /// Every node the collector knows, read with a regulator certificate over mutual TLS.
