@@ -1,0 +1,218 @@
+//! The command lines as an operator uses them: exit codes, files, output formats.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use sov_collector::auth::Role;
+use sov_e2e::{InProcessCollector, Pki, bin_path, push_client, report};
+
+fn run(bin: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin_path(bin))
+        .args(args)
+        .output()
+        .expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_agent_config_lists_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        "collector = \"http://nowhere\"\ninterval_secs = 0\nmax_spool_bytes = 10\n[node]\nsite = \"\"\ncountry = \"Morocco\"\n[tls]\nca = \"/no/ca.pem\"\ncert = \"/no/a.pem\"\nkey = \"/no/a.key\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(
+        "e2e-agent",
+        &["run", "--config", cfg.to_str().unwrap(), "--check-config"],
+    );
+    assert_eq!(code, 64, "{err}");
+    for field in [
+        "collector[0]",
+        "interval_secs",
+        "max_spool_bytes",
+        "node.site",
+        "node.country",
+        "tls.ca",
+        "tls.cert",
+        "tls.key",
+    ] {
+        assert!(err.contains(field), "{field} not reported in:\n{err}");
+    }
+    std::fs::write(&cfg, "colector = \"https://x:1\"\n").unwrap();
+    let (code, _, err) = run(
+        "e2e-agent",
+        &["run", "--config", cfg.to_str().unwrap(), "--check-config"],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("colector"), "{err}");
+}
+
+#[test]
+fn a_bad_collector_config_exits_64_and_a_good_one_passes_the_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("collector.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"nowhere\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(
+        "e2e-collector",
+        &["serve", "--config", cfg.to_str().unwrap(), "--check-config"],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("listen"), "{err}");
+
+    let pki = Pki::new();
+    let good = sov_collector::CollectorConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("data"),
+        pki.server_files(),
+    );
+    sov_e2e::write_collector_toml(&good, &cfg);
+    let (code, out, err) = run(
+        "e2e-collector",
+        &["serve", "--config", cfg.to_str().unwrap(), "--check-config"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("valid"), "{out}");
+}
+
+#[test]
+fn pki_init_and_issue_write_certificates_with_private_keys_readable_by_the_owner_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("pki");
+    let d_arg = d.to_str().unwrap();
+    let (code, _, err) = run(
+        "e2e-collector",
+        &[
+            "pki",
+            "init",
+            "--dir",
+            d_arg,
+            "--san",
+            "collector.example",
+            "--san",
+            "10.1.2.3",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    for f in ["ca.pem", "ca.key", "collector.pem", "collector.key"] {
+        assert!(d.join(f).exists(), "{f} missing");
+    }
+    let (code, _, err) = run(
+        "e2e-collector",
+        &[
+            "pki", "issue", "--dir", d_arg, "--role", "agent", "--name", "gpu-01",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    for key in ["ca.key", "collector.key", "gpu-01.key"] {
+        let mode = std::fs::metadata(d.join(key)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key} has mode {mode:o}");
+    }
+    let pem = std::fs::read(d.join("gpu-01.pem")).unwrap();
+    let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let der = der.contents;
+    let id = sov_collector::auth::identity_from_der(&der, "sovereign").unwrap();
+    assert_eq!((id.name.as_str(), id.role), ("gpu-01", Role::Agent));
+    // A second init refuses to replace the CA; a bad role is refused.
+    let (code, _, err) = run("e2e-collector", &["pki", "init", "--dir", d_arg]);
+    assert_ne!(code, 0);
+    assert!(err.contains("already"), "{err}");
+    let (code, _, err) = run(
+        "e2e-collector",
+        &[
+            "pki", "issue", "--dir", d_arg, "--role", "pirate", "--name", "x",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("pirate"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sovctl_nodes_prints_json_csv_and_a_table_with_the_documented_keys() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let collector = InProcessCollector::start(&pki, data.path(), |_| {}).await;
+    let url = collector.url();
+    let mut a = push_client(&pki.client_tls(Role::Agent, "node-a"), &url)
+        .await
+        .unwrap();
+    for seq in [1, 2, 4] {
+        a.push(report("node-a", 1, seq)).await.unwrap();
+    }
+    let reg = pki.client(Role::Regulator, "alice");
+    let ca = pki.ca.to_str().unwrap().to_owned();
+    let cert = reg.cert.to_str().unwrap().to_owned();
+    let key = reg.key.to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        let base = [
+            "--collector",
+            url.as_str(),
+            "--ca",
+            ca.as_str(),
+            "--cert",
+            cert.as_str(),
+            "--key",
+            key.as_str(),
+        ];
+        let mut res = Vec::new();
+        for fmt in ["json", "csv", "table"] {
+            let mut args: Vec<&str> = base.to_vec();
+            args.extend(["--output", fmt, "nodes"]);
+            res.push(run("e2e-sovctl", &args));
+        }
+        res
+    })
+    .await
+    .unwrap();
+    let (code, json, err) = &out[0];
+    assert_eq!(*code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let n = &v.as_array().unwrap()[0];
+    for k in [
+        "node",
+        "site",
+        "country",
+        "last_seen",
+        "reports",
+        "last_seq",
+        "missing",
+    ] {
+        assert!(n.get(k).is_some(), "key {k} missing in {n}");
+    }
+    assert_eq!(
+        (
+            n["node"].as_str(),
+            n["reports"].as_u64(),
+            n["last_seq"].as_u64(),
+            n["missing"].as_u64()
+        ),
+        (Some("node-a"), Some(3), Some(4), Some(1))
+    );
+    let (code, csv, _) = &out[1];
+    assert_eq!(*code, 0);
+    assert!(
+        csv.starts_with("node,site,country,last_seen,reports,last_seq,missing"),
+        "{csv}"
+    );
+    assert!(
+        csv.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("node-a,rabat-1,MA,"),
+        "{csv}"
+    );
+    let (code, table, _) = &out[2];
+    assert_eq!(*code, 0);
+    assert!(table.starts_with("NODE"), "{table}");
+    assert!(table.contains("node-a"), "{table}");
+    collector.stop().await;
+}
