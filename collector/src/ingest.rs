@@ -179,7 +179,8 @@ mod tests {
 
     #[test]
     fn malformed_reports_are_invalid_arguments_naming_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut pb::Report)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut pb::Report)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("node_info is required", Box::new(|r| r.node_info = None)),
             (
                 "node_info.node must not be empty",

@@ -1,5 +1,7 @@
 //! The command lines as an operator uses them: exit codes, files, output formats.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 

@@ -1,6 +1,8 @@
 //! Nothing acknowledged is lost, nothing is stored twice, and every missing report is
 //! accounted for: agents and collectors are killed, restarted and starved of space.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::time::Duration;
 
 use sov_agent::Agent;
@@ -158,7 +160,7 @@ async fn a_collector_killed_and_restarted_three_times_loses_no_report() {
     let mut collector = CollectorProcess::start(&pki, work.path(), port);
     let url = collector.url();
     let names = ["node-a", "node-b", "node-c"];
-    let agents = Agents::start(&pki, &names, &[url.clone()], |_| {});
+    let agents = Agents::start(&pki, &names, std::slice::from_ref(&url), |_| {});
     for round in 0..3 {
         wait_delivered(&pki, &url, &names, &agents.built(), Duration::from_secs(30)).await;
         tokio::time::sleep(Duration::from_millis(700 + 300 * round)).await;
@@ -187,7 +189,7 @@ async fn a_collector_down_longer_than_the_spool_holds_leaves_exactly_the_dropped
     let port = free_port();
     let url = format!("https://127.0.0.1:{port}");
     // Reports of ~12 KiB in a 64 KiB spool: at most five fit.
-    let agents = Agents::start(&pki, &["node-a"], &[url.clone()], |c| {
+    let agents = Agents::start(&pki, &["node-a"], std::slice::from_ref(&url), |c| {
         c.max_spool_bytes = 64 * 1024;
         c.node.labels.insert("pad".into(), "x".repeat(12 * 1024));
     });
@@ -265,7 +267,7 @@ async fn an_agent_killed_with_sigkill_resumes_its_sequence_without_duplicate_or_
     );
     // The spool on disk agrees: its next sequence number follows what the collector holds.
     let spool =
-        sov_agent::spool::Spool::open(&work.path().join("spool"), cfg.max_spool_bytes).unwrap();
+        sov_agent::spool::Spool::open(work.path().join("spool"), cfg.max_spool_bytes).unwrap();
     let s = spool.stats();
     // (A report committed just before the kill may still wait in the spool for its ack.)
     let built = s.next_seq - 1;

@@ -1,5 +1,7 @@
 //! Ingest refuses what it must, each with the right status, and keeps serving everyone else.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use sov_agent::transport::ClientTls;
 use sov_collector::auth::Role;
 use sov_e2e::{InProcessCollector, Pki, push_client, report};
