@@ -367,6 +367,20 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_parses_and_names_its_node() {
+        let c = parse(include_str!("../../deploy/agent.toml")).unwrap();
+        assert_eq!(c.collector.len(), 2);
+        assert_eq!(c.node_name(), "gpu-node-01");
+        assert_eq!(c.node.country, "MA");
+        // Only the certificate files are missing on this machine.
+        let problems = c.validate();
+        assert!(
+            problems.0.iter().all(|p| p.starts_with("tls.")),
+            "{problems}"
+        );
+    }
+
+    #[test]
     fn a_node_name_with_a_slash_is_refused() {
         let mut p = Problems::default();
         check_node_name(&mut p, "node.name", "a/b");

@@ -128,6 +128,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_parses() {
+        let c: CollectorConfig =
+            toml::from_str(include_str!("../../deploy/collector.toml")).unwrap();
+        assert_eq!(c.listen.port(), 7443);
+        let problems = c.validate();
+        assert!(
+            problems.0.iter().all(|p| p.starts_with("tls.")),
+            "{problems}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         let err = toml::from_str::<CollectorConfig>(
             "lisen = \"x\"\n[tls]\nca=\"a\"\ncert=\"b\"\nkey=\"c\"\n",
