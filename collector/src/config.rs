@@ -14,6 +14,8 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/sov-collector";
 pub const DEFAULT_MAX_REPORT_BYTES: usize = 16 * 1024 * 1024;
 /// Default cap on one page of a query.
 pub const DEFAULT_MAX_PAGE: u32 = 1000;
+/// Default retention of time series (host, GPU samples) and report bodies, days.
+pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 
 /// `sov-collector serve` configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -31,6 +33,10 @@ pub struct CollectorConfig {
     /// Largest page any query returns. Default 1000.
     #[serde(default = "default_max_page")]
     pub max_page: u32,
+    /// Days of host/GPU time series and report bodies kept; report keys and completeness
+    /// counters are kept forever. Default 30.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u32,
     /// SPIFFE trust domain of client certificates (`spiffe://<trust_domain>/<role>/<name>`). Default "sovereign".
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -62,6 +68,9 @@ fn default_max_report_bytes() -> usize {
 fn default_max_page() -> u32 {
     DEFAULT_MAX_PAGE
 }
+fn default_retention_days() -> u32 {
+    DEFAULT_RETENTION_DAYS
+}
 fn default_trust_domain() -> String {
     crate::auth::DEFAULT_TRUST_DOMAIN.to_owned()
 }
@@ -74,6 +83,7 @@ impl CollectorConfig {
             data_dir,
             max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
             max_page: DEFAULT_MAX_PAGE,
+            retention_days: DEFAULT_RETENTION_DAYS,
             trust_domain: default_trust_domain(),
             tls,
         }
@@ -99,6 +109,12 @@ impl CollectorConfig {
             p.push(
                 "max_page",
                 format!("{} is out of range 1..=100000", self.max_page),
+            );
+        }
+        if !(1..=3650).contains(&self.retention_days) {
+            p.push(
+                "retention_days",
+                format!("{} is out of range 1..=3650", self.retention_days),
             );
         }
         if let Err(e) = crate::auth::validate_trust_domain(&self.trust_domain) {

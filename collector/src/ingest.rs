@@ -9,7 +9,7 @@ use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Role};
-use crate::store::{GapRecord, IncomingReport, IngestOutcome, Store};
+use crate::store::{GapRecord, IncomingReport, IngestOutcome, Store, Telemetry};
 
 /// Most gap records one report may carry.
 pub const MAX_GAPS_PER_REPORT: usize = 10_000;
@@ -130,6 +130,12 @@ impl pb::ingest_server::Ingest for IngestService {
             cpu_percent: host.cpu_percent,
             memory_used_bytes: host.memory_used_bytes,
             memory_total_bytes: host.memory_total_bytes,
+            telemetry: Telemetry {
+                host: report.host.clone(),
+                gpu_state: report.gpu_state.clone(),
+                gpus: report.gpus.clone(),
+                processes: report.processes.clone(),
+            },
             gaps: report
                 .gaps
                 .iter()

@@ -9,6 +9,7 @@ use sov_proto::pb::ingest_server::IngestServer;
 use sov_proto::pb::query_server::QueryServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
@@ -23,6 +24,8 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often old time series rows are pruned.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,29 @@ fn size_limit_status<B>(mut resp: http::Response<B>) -> http::Response<B> {
     resp
 }
 
+/// Prune time series older than `retention` now and then every [`PRUNE_EVERY`].
+async fn prune_loop(store: Arc<dyn Store>, retention: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let cutoff = crate::ingest::now_unix_ms()
+            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        match store.prune(cutoff).await {
+            Ok(s) => tracing::info!(
+                host_samples = s.host_samples,
+                gpu_samples = s.gpu_samples,
+                gpu_usage = s.gpu_usage,
+                report_bodies = s.report_bodies,
+                "retention pruned old rows"
+            ),
+            Err(err) => tracing::warn!(error = %err, "retention prune failed; will retry"),
+        }
+    }
+}
+
 /// Serve gRPC on `listener` until `shutdown` completes, then drain.
 pub async fn run(
     config: &CollectorConfig,
@@ -87,7 +113,14 @@ pub async fn run(
         config.trust_domain.clone(),
         config.max_report_bytes,
     );
-    let query = QueryService::new(store, config.trust_domain.clone(), config.max_page);
+    let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page);
+    let maintenance = CancellationToken::new();
+    tokio::spawn(prune_loop(
+        store,
+        Duration::from_secs(u64::from(config.retention_days) * 86_400),
+        maintenance.clone(),
+    ));
+    let _stop_maintenance = maintenance.drop_guard();
     let addr = listener.local_addr().ok();
     tracing::info!(listen = ?addr, "collector serving gRPC with mutual TLS");
     Server::builder()

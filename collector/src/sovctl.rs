@@ -76,7 +76,7 @@ pub fn rfc3339(unix_ms: i64) -> String {
 }
 
 /// The columns of `sovctl nodes`, in order; the JSON objects carry at least these keys.
-pub const NODE_COLUMNS: [&str; 12] = [
+pub const NODE_COLUMNS: [&str; 14] = [
     "node",
     "site",
     "country",
@@ -85,9 +85,11 @@ pub const NODE_COLUMNS: [&str; 12] = [
     "last_seq",
     "missing",
     "dropped",
-    "epoch",
     "cpu_percent",
     "memory_percent",
+    "gpus",
+    "gpu_util_percent",
+    "gpu_state",
     "agent_version",
 ];
 
@@ -111,6 +113,13 @@ pub fn node_json(n: &pb::NodeSummary) -> Value {
         "cpu_percent": (f64::from(n.cpu_percent) * 10.0).round() / 10.0,
         "memory_percent": (mem_pct * 10.0).round() / 10.0,
         "agent_version": n.agent_version,
+        "gpus": n.gpu_count,
+        "gpu_util_percent": (f64::from(n.gpu_util_percent) * 10.0).round() / 10.0,
+        "gpu_state": n.gpu_state,
+        "gpu_memory_used_bytes": n.gpu_memory_used_bytes,
+        "gpu_memory_total_bytes": n.gpu_memory_total_bytes,
+        "memory_used_bytes": n.memory_used_bytes,
+        "memory_total_bytes": n.memory_total_bytes,
         "hostname": n.hostname,
         "epochs": n.epochs,
         "conflicts": n.conflicts,

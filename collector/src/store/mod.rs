@@ -54,10 +54,38 @@ pub struct IncomingReport {
     pub memory_used_bytes: u64,
     /// Memory installed.
     pub memory_total_bytes: u64,
+    /// Host, GPU and process observations, stored as time series.
+    pub telemetry: Telemetry,
     /// Gap records carried by the report.
     pub gaps: Vec<GapRecord>,
     /// The whole report as received (protobuf), kept for later analysis.
     pub body: Vec<u8>,
+}
+
+/// The observations of one report that become time series rows.
+#[derive(Debug, Clone, Default)]
+pub struct Telemetry {
+    /// Host sample.
+    pub host: Option<sov_proto::pb::HostSample>,
+    /// Whether GPUs could be observed.
+    pub gpu_state: Option<sov_proto::pb::GpuState>,
+    /// One sample per GPU.
+    pub gpus: Vec<sov_proto::pb::GpuSample>,
+    /// Processes reported (names for GPU usage rows).
+    pub processes: Vec<sov_proto::pb::ProcessInfo>,
+}
+
+/// Rows removed by [`Store::prune`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    /// Host samples deleted.
+    pub host_samples: u64,
+    /// GPU samples deleted.
+    pub gpu_samples: u64,
+    /// GPU usage rows deleted.
+    pub gpu_usage: u64,
+    /// Report bodies emptied (their keys stay for idempotency and completeness).
+    pub report_bodies: u64,
 }
 
 /// What storing a report did.
@@ -109,6 +137,16 @@ pub struct NodeRow {
     pub memory_used_bytes: u64,
     /// Memory installed.
     pub memory_total_bytes: u64,
+    /// "ok", "none" (no device), "unavailable", or "" (never reported).
+    pub gpu_state: String,
+    /// GPUs in the latest report.
+    pub gpu_count: u32,
+    /// Mean utilisation of those GPUs, 0-100.
+    pub gpu_util_percent: f32,
+    /// GPU memory in use, all devices.
+    pub gpu_memory_used_bytes: u64,
+    /// GPU memory installed, all devices.
+    pub gpu_memory_total_bytes: u64,
 }
 
 /// Why the store failed.
@@ -158,4 +196,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Nodes sorted by name, starting after `after`, at most `limit`.
     async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError>;
+
+    /// Delete time series rows observed before `before_unix_ms` (bounded retention).
+    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError>;
 }

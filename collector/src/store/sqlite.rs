@@ -2,20 +2,23 @@
 //! only a crash of the process), one writer connection and one reader connection. Blocking
 //! calls run on tokio's blocking pool.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{IncomingReport, IngestOutcome, NodeRow, Store, StoreError};
+use super::{IncomingReport, IngestOutcome, NodeRow, PruneStats, Store, StoreError};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "sovereign.db";
-/// Schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version this code writes (`PRAGMA user_version`): the number of migrations.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-const SCHEMA: &str = r#"
+/// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
+/// that has shipped.
+const MIGRATIONS: [&str; 2] = [SCHEMA_V1, SCHEMA_V2];
+
+const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS nodes (
     node               TEXT PRIMARY KEY,
     site               TEXT NOT NULL,
@@ -62,6 +65,56 @@ CREATE TABLE IF NOT EXISTS gaps (
 ) WITHOUT ROWID;
 "#;
 
+/// Telemetry time series (issue: host and GPU telemetry).
+const SCHEMA_V2: &str = r#"
+ALTER TABLE nodes ADD COLUMN gpu_state TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN gpu_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN gpu_util_percent REAL NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN gpu_memory_used_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN gpu_memory_total_bytes INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE host_samples (
+    node               TEXT NOT NULL,
+    observed_ms        INTEGER NOT NULL,
+    cpu_percent        REAL NOT NULL,
+    load_1             REAL NOT NULL,
+    memory_used_bytes  INTEGER NOT NULL,
+    memory_total_bytes INTEGER NOT NULL,
+    swap_used_bytes    INTEGER NOT NULL,
+    process_count      INTEGER NOT NULL,
+    PRIMARY KEY (node, observed_ms)
+) WITHOUT ROWID;
+CREATE INDEX host_samples_by_time ON host_samples (observed_ms);
+CREATE TABLE gpu_samples (
+    node                 TEXT NOT NULL,
+    gpu_uuid             TEXT NOT NULL,
+    observed_ms          INTEGER NOT NULL,
+    gpu_index            INTEGER NOT NULL,
+    name                 TEXT NOT NULL,
+    utilization_percent  INTEGER NOT NULL,
+    memory_util_percent  INTEGER NOT NULL,
+    memory_used_bytes    INTEGER NOT NULL,
+    memory_total_bytes   INTEGER NOT NULL,
+    power_milliwatts     INTEGER NOT NULL,
+    temperature_celsius  INTEGER NOT NULL,
+    error                TEXT NOT NULL,
+    PRIMARY KEY (node, gpu_uuid, observed_ms)
+) WITHOUT ROWID;
+CREATE INDEX gpu_samples_by_time ON gpu_samples (observed_ms);
+CREATE TABLE gpu_usage (
+    node         TEXT NOT NULL,
+    observed_ms  INTEGER NOT NULL,
+    gpu_uuid     TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    process_name TEXT NOT NULL,
+    exe          TEXT NOT NULL,
+    container_id TEXT NOT NULL,
+    gpu_seconds  REAL NOT NULL,
+    used_memory_bytes INTEGER NOT NULL,
+    PRIMARY KEY (node, observed_ms, gpu_uuid, pid)
+) WITHOUT ROWID;
+CREATE INDEX gpu_usage_by_time ON gpu_usage (observed_ms);
+"#;
+
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -87,6 +140,135 @@ fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} is negative")))
 }
 
+/// The report's time series rows, and the node's latest GPU columns when this report is the
+/// node's newest.
+fn insert_telemetry(
+    tx: &rusqlite::Transaction<'_>,
+    r: &IncomingReport,
+    _epoch: i64,
+) -> Result<(), StoreError> {
+    let t = &r.telemetry;
+    let at = r.observed_unix_ms;
+    if let Some(h) = &t.host {
+        tx.execute(
+            "INSERT OR REPLACE INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
+                                                  memory_total_bytes, swap_used_bytes, process_count)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                r.node,
+                at,
+                f64::from(h.cpu_percent),
+                h.load_1,
+                to_i64(h.memory_used_bytes, "memory_used_bytes")?,
+                to_i64(h.memory_total_bytes, "memory_total_bytes")?,
+                to_i64(h.swap_used_bytes, "swap_used_bytes")?,
+                h.process_count
+            ],
+        )
+        .map_err(sql("insert host sample"))?;
+    }
+    let names: std::collections::HashMap<u32, &sov_proto::pb::ProcessInfo> =
+        t.processes.iter().map(|p| (p.pid, p)).collect();
+    for g in &t.gpus {
+        let uuid = if g.uuid.is_empty() {
+            format!("index-{}", g.index)
+        } else {
+            g.uuid.clone()
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
+                 memory_util_percent, memory_used_bytes, memory_total_bytes, power_milliwatts, temperature_celsius, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                r.node,
+                uuid,
+                at,
+                g.index,
+                g.name,
+                g.utilization_gpu_percent,
+                g.utilization_memory_percent,
+                to_i64(g.memory_used_bytes, "gpu memory_used_bytes")?,
+                to_i64(g.memory_total_bytes, "gpu memory_total_bytes")?,
+                g.power_draw_milliwatts,
+                g.temperature_celsius,
+                g.error
+            ],
+        )
+        .map_err(sql("insert gpu sample"))?;
+        for p in &g.processes {
+            let info = names.get(&p.pid);
+            tx.execute(
+                "INSERT OR REPLACE INTO gpu_usage (node, observed_ms, gpu_uuid, pid, process_name, exe, container_id,
+                                                   gpu_seconds, used_memory_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    r.node,
+                    at,
+                    uuid,
+                    p.pid,
+                    info.map(|i| i.name.as_str()).unwrap_or(""),
+                    info.map(|i| i.exe.as_str()).unwrap_or(""),
+                    info.map(|i| i.container_id.as_str()).unwrap_or(""),
+                    p.gpu_seconds,
+                    to_i64(p.used_memory_bytes, "gpu process memory")?
+                ],
+            )
+            .map_err(sql("insert gpu usage"))?;
+        }
+    }
+    let gpu_state = match t.gpu_state.as_ref().map(|s| s.availability()) {
+        Some(sov_proto::pb::gpu_state::Availability::Available) => "ok",
+        Some(sov_proto::pb::gpu_state::Availability::NoDevices) => "none",
+        Some(sov_proto::pb::gpu_state::Availability::Unavailable) => "unavailable",
+        _ => "",
+    };
+    let count = t.gpus.len();
+    let util = if count == 0 {
+        0.0
+    } else {
+        t.gpus
+            .iter()
+            .map(|g| f64::from(g.utilization_gpu_percent))
+            .sum::<f64>()
+            / count as f64
+    };
+    let mem_used: u64 = t.gpus.iter().map(|g| g.memory_used_bytes).sum();
+    let mem_total: u64 = t.gpus.iter().map(|g| g.memory_total_bytes).sum();
+    tx.execute(
+        "UPDATE nodes SET gpu_state = ?2, gpu_count = ?3, gpu_util_percent = ?4,
+                          gpu_memory_used_bytes = ?5, gpu_memory_total_bytes = ?6
+         WHERE node = ?1 AND last_observed_ms = ?7",
+        params![
+            r.node,
+            gpu_state,
+            i64::try_from(count).unwrap_or(i64::MAX),
+            util,
+            to_i64(mem_used, "gpu memory used")?,
+            to_i64(mem_total, "gpu memory total")?,
+            at
+        ],
+    )
+    .map_err(sql("update node gpus"))?;
+    Ok(())
+}
+
+/// Apply every migration after `from`, each with its version bump in one transaction.
+fn migrate(conn: &mut Connection, from: i64) -> Result<(), StoreError> {
+    for (i, step) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(from).unwrap_or(0))
+    {
+        let tx = conn.transaction().map_err(sql("begin migration"))?;
+        tx.execute_batch(step).map_err(sql("migrate schema"))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(sql("write schema version"))?;
+        tx.commit().map_err(sql("commit migration"))?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Open (creating if needed) `data_dir/sovereign.db`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
@@ -110,10 +292,8 @@ impl SqliteStore {
                 supported: SCHEMA_VERSION,
             });
         }
-        writer.execute_batch(SCHEMA).map_err(sql("create schema"))?;
-        writer
-            .execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
-            .map_err(sql("write schema version"))?;
+        let mut writer = writer;
+        migrate(&mut writer, version)?;
         let reader = Connection::open(&path).map_err(sql("open reader"))?;
         reader
             .execute_batch("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
@@ -230,6 +410,7 @@ impl SqliteStore {
             )
             .map_err(sql("insert gap"))?;
         }
+        insert_telemetry(&tx, r, epoch)?;
         tx.commit().map_err(sql("commit"))?;
         Ok(IngestOutcome::Stored)
     }
@@ -248,7 +429,9 @@ impl SqliteStore {
                         (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1
                             - (SELECT COUNT(*) FROM reports r WHERE r.node = g.node AND r.epoch = g.epoch
                                  AND r.seq BETWEEN g.first_seq AND g.last_seq)), 0)
-                         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch)
+                         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch),
+                        n.gpu_state, n.gpu_count, n.gpu_util_percent, n.gpu_memory_used_bytes,
+                        n.gpu_memory_total_bytes
                  FROM nodes n
                  LEFT JOIN node_epochs e ON e.node = n.node AND e.epoch = n.latest_epoch
                  WHERE n.node > ?1
@@ -256,75 +439,76 @@ impl SqliteStore {
                  LIMIT ?2",
             )
             .map_err(sql("prepare list nodes"))?;
+        // Counters are never negative in a database this code wrote; clamp rather than fail.
+        let u = |row: &rusqlite::Row<'_>, i: usize| -> rusqlite::Result<u64> {
+            Ok(u64::try_from(row.get::<_, i64>(i)?).unwrap_or(0))
+        };
         let rows = stmt
             .query_map(params![after, i64::from(limit)], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, String>(4)?,
-                    row.get::<_, String>(5)?,
-                    row.get::<_, i64>(6)?,
-                    row.get::<_, i64>(7)?,
-                    row.get::<_, i64>(8)?,
-                    row.get::<_, i64>(9)?,
-                    row.get::<_, i64>(10)?,
-                    row.get::<_, f64>(11)?,
-                    row.get::<_, i64>(12)?,
-                    row.get::<_, i64>(13)?,
-                    row.get::<_, i64>(14)?,
-                    row.get::<_, i64>(15)?,
-                ))
+                let reports = u(row, 8)?;
+                let last_seq = u(row, 9)?;
+                let missing = last_seq.saturating_sub(reports);
+                let labels: String = row.get(5)?;
+                Ok(NodeRow {
+                    node: row.get(0)?,
+                    site: row.get(1)?,
+                    country: row.get(2)?,
+                    hostname: row.get(3)?,
+                    agent_version: row.get(4)?,
+                    labels: serde_json::from_str(&labels).unwrap_or_default(),
+                    last_seen_unix_ms: row.get(6)?,
+                    epoch: u(row, 7)?,
+                    reports,
+                    last_seq,
+                    missing,
+                    epochs: u32::try_from(u(row, 10)?).unwrap_or(u32::MAX),
+                    #[allow(clippy::cast_possible_truncation)]
+                    cpu_percent: row.get::<_, f64>(11)? as f32,
+                    memory_used_bytes: u(row, 12)?,
+                    memory_total_bytes: u(row, 13)?,
+                    conflicts: u(row, 14)?,
+                    dropped: u(row, 15)?.min(missing),
+                    gpu_state: row.get(16)?,
+                    gpu_count: u32::try_from(u(row, 17)?).unwrap_or(u32::MAX),
+                    #[allow(clippy::cast_possible_truncation)]
+                    gpu_util_percent: row.get::<_, f64>(18)? as f32,
+                    gpu_memory_used_bytes: u(row, 19)?,
+                    gpu_memory_total_bytes: u(row, 20)?,
+                })
             })
             .map_err(sql("list nodes"))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (
-                node,
-                site,
-                country,
-                hostname,
-                agent_version,
-                labels,
-                last_seen,
-                epoch,
-                reports,
-                last_seq,
-                epochs,
-                cpu,
-                mem_used,
-                mem_total,
-                conflicts,
-                dropped,
-            ) = row.map_err(sql("read node row"))?;
-            let reports = to_u64(reports, "reports")?;
-            let last_seq = to_u64(last_seq, "last_seq")?;
-            let missing = last_seq.saturating_sub(reports);
-            let labels: BTreeMap<String, String> =
-                serde_json::from_str(&labels).unwrap_or_default();
-            out.push(NodeRow {
-                node,
-                site,
-                country,
-                hostname,
-                agent_version,
-                labels,
-                last_seen_unix_ms: last_seen,
-                epoch: to_u64(epoch, "epoch")?,
-                reports,
-                last_seq,
-                missing,
-                dropped: to_u64(dropped.max(0), "dropped")?.min(missing),
-                epochs: u32::try_from(epochs).unwrap_or(u32::MAX),
-                conflicts: to_u64(conflicts, "conflicts")?,
-                #[allow(clippy::cast_possible_truncation)]
-                cpu_percent: cpu as f32,
-                memory_used_bytes: to_u64(mem_used, "memory_used_bytes")?,
-                memory_total_bytes: to_u64(mem_total, "memory_total_bytes")?,
-            });
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(sql("read node row"))
+    }
+
+    fn prune_blocking(
+        conn: &mut Connection,
+        before_unix_ms: i64,
+    ) -> Result<PruneStats, StoreError> {
+        let tx = conn.transaction().map_err(sql("begin prune"))?;
+        let mut stats = PruneStats::default();
+        for (table, counter) in [
+            ("host_samples", &mut stats.host_samples),
+            ("gpu_samples", &mut stats.gpu_samples),
+            ("gpu_usage", &mut stats.gpu_usage),
+        ] {
+            *counter = tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE observed_ms < ?1"),
+                    [before_unix_ms],
+                )
+                .map_err(sql("prune samples"))? as u64;
         }
-        Ok(out)
+        // Report keys stay forever (they make re-sends idempotent and prove completeness);
+        // only their bodies go.
+        stats.report_bodies = tx
+            .execute(
+                "UPDATE reports SET body = x'' WHERE received_ms < ?1 AND length(body) > 0",
+                [before_unix_ms],
+            )
+            .map_err(sql("prune report bodies"))? as u64;
+        tx.commit().map_err(sql("commit prune"))?;
+        Ok(stats)
     }
 }
 
@@ -342,6 +526,15 @@ impl Store for SqliteStore {
         let after = after.to_owned();
         tokio::task::spawn_blocking(move || {
             Self::list_nodes_blocking(&lock(&reader), &after, limit)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            Self::prune_blocking(&mut lock(&writer), before_unix_ms)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -364,8 +557,11 @@ pub fn count_reports(data_dir: &Path, node: &str, epoch: u64) -> Result<u64, Sto
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::store::GapRecord;
+    use crate::store::{GapRecord, Telemetry};
+    use sov_proto::pb;
 
     fn report(node: &str, epoch: u64, seq: u64) -> IncomingReport {
         IncomingReport {
@@ -382,6 +578,7 @@ mod tests {
             cpu_percent: 12.5,
             memory_used_bytes: 100,
             memory_total_bytes: 1000,
+            telemetry: Default::default(),
             gaps: vec![],
             body: vec![1, 2, 3],
         }
@@ -484,6 +681,138 @@ mod tests {
             IngestOutcome::Duplicate
         );
         assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 1);
+    }
+
+    fn telemetry() -> Telemetry {
+        let gpu = |index: u32, util: u32, pids: &[u32]| pb::GpuSample {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: "NVIDIA H100".into(),
+            utilization_gpu_percent: util,
+            memory_used_bytes: 10 << 30,
+            memory_total_bytes: 80 << 30,
+            processes: pids
+                .iter()
+                .map(|&pid| pb::GpuProcess {
+                    pid,
+                    gpu_seconds: 7.5,
+                    used_memory_bytes: 1 << 30,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        Telemetry {
+            host: Some(pb::HostSample {
+                cpu_percent: 40.0,
+                memory_total_bytes: 1000,
+                ..Default::default()
+            }),
+            gpu_state: Some(pb::GpuState {
+                availability: pb::gpu_state::Availability::Available as i32,
+                ..Default::default()
+            }),
+            gpus: vec![gpu(0, 90, &[4242]), gpu(1, 30, &[])],
+            processes: vec![pb::ProcessInfo {
+                pid: 4242,
+                name: "vllm".into(),
+                exe: "/usr/bin/python3".into(),
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn count(dir: &Path, sql: &str) -> i64 {
+        Connection::open(dir.join(DB_FILE))
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn telemetry_becomes_time_series_rows_and_the_nodes_latest_gpu_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for seq in 1..=3 {
+            let mut r = report("a", 1, seq);
+            r.telemetry = telemetry();
+            store.ingest(r).await.unwrap();
+        }
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM host_samples"), 3);
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 6);
+        assert_eq!(
+            count(
+                dir.path(),
+                "SELECT COUNT(*) FROM gpu_usage WHERE process_name = 'vllm' AND pid = 4242"
+            ),
+            3
+        );
+        let n = &store.list_nodes("", 10).await.unwrap()[0];
+        assert_eq!((n.gpu_state.as_str(), n.gpu_count), ("ok", 2));
+        assert!((n.gpu_util_percent - 60.0).abs() < 0.01, "{n:?}");
+        assert_eq!(n.gpu_memory_total_bytes, 160 << 30);
+        // An older report arriving late does not overwrite the latest columns.
+        let mut late = report("a", 1, 4);
+        late.observed_unix_ms = 1;
+        late.telemetry = Telemetry::default();
+        store.ingest(late).await.unwrap();
+        assert_eq!(store.list_nodes("", 10).await.unwrap()[0].gpu_count, 2);
+    }
+
+    #[tokio::test]
+    async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for seq in 1..=4 {
+            let mut r = report("a", 1, seq);
+            r.telemetry = telemetry();
+            store.ingest(r).await.unwrap();
+        }
+        // Reports 1 and 2 were observed (and received) before 2500 ms.
+        let pruned = store.prune(2500).await.unwrap();
+        assert_eq!(
+            (
+                pruned.host_samples,
+                pruned.gpu_samples,
+                pruned.gpu_usage,
+                pruned.report_bodies
+            ),
+            (2, 4, 2, 2)
+        );
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM host_samples"), 2);
+        assert_eq!(
+            store.ingest(report("a", 1, 1)).await.unwrap(),
+            IngestOutcome::Duplicate
+        );
+        let n = &store.list_nodes("", 10).await.unwrap()[0];
+        assert_eq!((n.reports, n.last_seq, n.missing), (4, 4, 0));
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_is_migrated_without_losing_its_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            let tx = c.transaction().unwrap();
+            tx.execute_batch(SCHEMA_V1).unwrap();
+            tx.execute_batch("PRAGMA user_version = 1").unwrap();
+            tx.execute(
+                "INSERT INTO reports (node, epoch, seq, observed_ms, received_ms, body) VALUES ('a', 1, 1, 1000, 1005, x'01')",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(count(dir.path(), "PRAGMA user_version"), SCHEMA_VERSION);
+        assert_eq!(
+            store.ingest(report("a", 1, 1)).await.unwrap(),
+            IngestOutcome::Duplicate
+        );
+        let mut r = report("a", 1, 2);
+        r.telemetry = telemetry();
+        assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 2);
     }
 
     #[test]
