@@ -36,6 +36,18 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
+    /// Print one snapshot of everything the agent sees now (no collector needed).
+    Scan {
+        /// Configuration file; only [processes], [gpu] and [budget] are used. Default: defaults.
+        #[arg(long, short, env = "SOV_AGENT_CONFIG")]
+        config: Option<PathBuf>,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Milliseconds between the two observations that CPU shares are measured over.
+        #[arg(long, default_value_t = 1000)]
+        window_ms: u64,
+    },
 }
 
 /// Log output format.
@@ -89,11 +101,58 @@ pub fn report_config_error(err: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG as u8)
 }
 
+fn scan(config: Option<&std::path::Path>, json: bool, window_ms: u64) -> ExitCode {
+    let mut observer = match config {
+        Some(path) => match crate::config::read_toml::<AgentConfig>(path) {
+            Ok(cfg) => crate::observe::Observer::from_config(&cfg),
+            Err(e) => return report_config_error(&e),
+        },
+        None => crate::observe::Observer::from_config_sections(
+            &Default::default(),
+            &Default::default(),
+            &Default::default(),
+        ),
+    };
+    let (obs, info) =
+        crate::scan::snapshot(&mut observer, std::time::Duration::from_millis(window_ms));
+    let text = if json {
+        match serde_json::to_string_pretty(&crate::scan::to_json(&obs, &info)) {
+            Ok(text) => text + "\n",
+            Err(e) => {
+                eprintln!("sov-agent: cannot encode JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        crate::scan::to_table(&obs, &info)
+    };
+    print_stdout(&text)
+}
+
+/// Write to stdout; a closed pipe (`| head`) is a normal end, not a crash.
+pub fn print_stdout(text: &str) -> ExitCode {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
+        Command::Scan {
+            config,
+            json,
+            window_ms,
+        } => scan(config.as_deref(), json, window_ms),
         Command::Run {
             config,
             check_config,

@@ -20,6 +20,10 @@ pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/sov-agent/spool";
 pub const MIN_SPOOL_BYTES: u64 = 64 * 1024;
 /// Default cap on the reconnect backoff.
 pub const DEFAULT_MAX_BACKOFF_SECS: u64 = 60;
+/// Default number of top processes by CPU and by memory in every report.
+pub const DEFAULT_TOP_N: usize = 10;
+/// Default seconds between NVML initialisation attempts after a failure.
+pub const DEFAULT_GPU_RETRY_SECS: u64 = 60;
 
 /// `sov-agent` configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -45,6 +49,93 @@ pub struct AgentConfig {
     pub node: NodeConfig,
     /// Client certificate and the CA that signed the collector's certificate.
     pub tls: TlsConfig,
+    /// `[processes]`: which processes every report carries.
+    #[serde(default)]
+    pub processes: ProcessesConfig,
+    /// `[gpu]`: NVIDIA GPU observation.
+    #[serde(default)]
+    pub gpu: GpuConfig,
+    /// `[budget]`: the agent's own resource limits.
+    #[serde(default)]
+    pub budget: BudgetConfig,
+}
+
+/// `[processes]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessesConfig {
+    /// The busiest N processes by CPU and the largest N by memory go into every report
+    /// (plus every GPU user). Default 10; 0 reports only GPU users.
+    #[serde(default = "default_top_n")]
+    pub top_n: usize,
+}
+
+/// `[gpu]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// Observe NVIDIA GPUs through NVML. Default true (a node without the driver reports
+    /// `unavailable` and carries on).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds between attempts to initialise NVML after it failed. Default 60.
+    #[serde(default = "default_gpu_retry_secs")]
+    pub retry_secs: u64,
+}
+
+/// `[budget]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Resident memory above which the agent sheds optional work. Default 128 MiB.
+    #[serde(default = "default_max_rss_bytes")]
+    pub max_rss_bytes: u64,
+    /// CPU share (percent of one CPU, averaged over an interval) above which the agent sheds
+    /// optional work. Default 5.
+    #[serde(default = "default_max_cpu_percent")]
+    pub max_cpu_percent: f32,
+}
+
+impl Default for ProcessesConfig {
+    fn default() -> Self {
+        Self {
+            top_n: default_top_n(),
+        }
+    }
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retry_secs: default_gpu_retry_secs(),
+        }
+    }
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            max_rss_bytes: default_max_rss_bytes(),
+            max_cpu_percent: default_max_cpu_percent(),
+        }
+    }
+}
+
+fn default_top_n() -> usize {
+    DEFAULT_TOP_N
+}
+fn default_true() -> bool {
+    true
+}
+fn default_gpu_retry_secs() -> u64 {
+    DEFAULT_GPU_RETRY_SECS
+}
+fn default_max_rss_bytes() -> u64 {
+    crate::budget::DEFAULT_MAX_RSS_BYTES
+}
+fn default_max_cpu_percent() -> f32 {
+    crate::budget::DEFAULT_MAX_CPU_PERCENT
 }
 
 /// `[node]`: the node's identity and declared location.
@@ -287,6 +378,33 @@ impl AgentConfig {
         check_readable(&mut p, "tls.ca", &self.tls.ca);
         check_readable(&mut p, "tls.cert", &self.tls.cert);
         check_readable(&mut p, "tls.key", &self.tls.key);
+        if self.processes.top_n > 1000 {
+            p.push(
+                "processes.top_n",
+                format!("{} is out of range 0..=1000", self.processes.top_n),
+            );
+        }
+        if !(1..=86_400).contains(&self.gpu.retry_secs) {
+            p.push(
+                "gpu.retry_secs",
+                format!("{} is out of range 1..=86400", self.gpu.retry_secs),
+            );
+        }
+        if self.budget.max_rss_bytes < 16 * 1024 * 1024 {
+            p.push(
+                "budget.max_rss_bytes",
+                format!(
+                    "{} is below the minimum of 16 MiB",
+                    self.budget.max_rss_bytes
+                ),
+            );
+        }
+        if !(self.budget.max_cpu_percent > 0.0 && self.budget.max_cpu_percent <= 100.0) {
+            p.push(
+                "budget.max_cpu_percent",
+                format!("{} is out of range (0, 100]", self.budget.max_cpu_percent),
+            );
+        }
         p
     }
 }

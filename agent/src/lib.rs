@@ -2,16 +2,22 @@
 //!
 //! Parts:
 //! - [`config`]: the strict TOML configuration and its validation;
-//! - [`collect`]: one module per observed thing (host today; GPUs, weights, flows later);
+//! - [`collect`]: one module per observed thing (host, GPUs, processes; weights and flows later);
+//! - [`observe`]: the one dispatch point over the collectors, shared by `run` and `scan`;
+//! - [`budget`]: the agent's own resource limits and what it sheds when over them;
+//! - [`scan`]: `sov-agent scan`, one snapshot as a table or JSON;
 //! - [`spool`]: the durable, bounded, checksummed outbound queue on disk;
 //! - [`transport`]: mutual-TLS gRPC channels, failover and jittered backoff;
 //! - [`run`]: the report builder and the sender tasks;
 //! - [`cli`]: the `sov-agent` command line (the binary only calls [`cli::main`]).
 
+pub mod budget;
 pub mod cli;
 pub mod collect;
 pub mod config;
+pub mod observe;
 pub mod run;
+pub mod scan;
 pub mod spool;
 pub mod transport;
 

@@ -12,8 +12,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::collect::host::HostCollector;
+use crate::collect::gpu::GpuCollector;
 use crate::config::AgentConfig;
+use crate::observe::Observer;
 use crate::spool::{GapKind, GapRange, Spool, SpoolError};
 use crate::transport::{Backoff, ClientTls, DEFAULT_BACKOFF_BASE, TransportError};
 
@@ -40,6 +41,7 @@ pub enum AgentError {
 #[derive(Debug, Clone)]
 pub struct Agent {
     spool: Arc<Mutex<Spool>>,
+    observer: Arc<Mutex<Observer>>,
     wake: Arc<Notify>,
     config: Arc<AgentConfig>,
     node: String,
@@ -47,10 +49,8 @@ pub struct Agent {
 
 /// Lock the spool; a poisoned lock (a panic while holding it) is still usable because every
 /// spool operation leaves the files consistent before it returns.
-fn lock(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
-    spool
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn now_unix_ms() -> i64 {
@@ -65,12 +65,22 @@ impl Agent {
     pub fn open(config: AgentConfig) -> Result<Self, AgentError> {
         let spool = Spool::open(&config.spool_dir, config.max_spool_bytes)?;
         let node = config.node_name();
+        let observer = Observer::from_config(&config);
         Ok(Self {
             spool: Arc::new(Mutex::new(spool)),
+            observer: Arc::new(Mutex::new(observer)),
             wake: Arc::new(Notify::new()),
             config: Arc::new(config),
             node,
         })
+    }
+
+    /// Observe GPUs through `gpu` instead of NVML (`None` disables GPU observation). Tests
+    /// use a scripted probe here.
+    pub fn with_gpu(self, gpu: Option<GpuCollector>) -> Self {
+        *lock(&self.observer) =
+            Observer::with_settings(&self.config.processes, &self.config.budget, gpu);
+        self
     }
 
     /// The node name reports carry.
@@ -112,7 +122,6 @@ impl Agent {
     }
 
     async fn build_loop(&self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let mut host = HostCollector::new();
         let mut node_info = pb::NodeInfo {
             node: self.node.clone(),
             hostname: crate::config::local_hostname(),
@@ -122,7 +131,7 @@ impl Agent {
             agent_version: AGENT_VERSION.to_owned(),
             ..Default::default()
         };
-        host.node_facts(&mut node_info);
+        lock(&self.observer).node_facts(&mut node_info);
         let interval = Duration::from_secs(self.config.interval_secs);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -133,20 +142,29 @@ impl Agent {
                 _ = ticker.tick() => {}
                 () = shutdown.cancelled() => return Ok(()),
             }
+            let observer = self.observer.clone();
+            let obs = tokio::task::spawn_blocking(move || {
+                lock(&observer).observe(std::time::Instant::now())
+            })
+            .await
+            .map_err(|e| AgentError::Join(e.to_string()))?;
             let stats = self.spool_stats();
             let report = pb::Report {
                 epoch: stats.epoch,
                 seq: 0,
                 observed_unix_ms: now_unix_ms(),
                 node_info: Some(node_info.clone()),
-                host: Some(host.sample()),
                 interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
                 agent: Some(pb::AgentStats {
                     spool_bytes: stats.bytes,
                     spool_reports: stats.reports,
                     dropped_reports: stats.dropped_total,
-                    ..Default::default()
+                    ..obs.agent_stats()
                 }),
+                host: Some(obs.host),
+                gpu_state: Some(obs.gpu.state),
+                gpus: obs.gpu.devices,
+                processes: obs.processes.processes,
                 ..Default::default()
             };
             let spool = self.spool.clone();

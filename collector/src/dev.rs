@@ -103,6 +103,9 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
             key: pki.agent.key.clone(),
             server_name: Some("localhost".to_owned()),
         },
+        processes: Default::default(),
+        gpu: Default::default(),
+        budget: Default::default(),
     };
     let problems = agent_cfg.validate();
     if !problems.is_empty() {

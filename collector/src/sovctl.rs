@@ -263,10 +263,7 @@ pub fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
+        Ok(text) => sov_agent::cli::print_stdout(&text),
         Err(e) => {
             eprintln!("sovctl: {e}");
             ExitCode::FAILURE

@@ -167,6 +167,9 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
             key: pair.key,
             server_name: Some("localhost".to_owned()),
         },
+        processes: Default::default(),
+        gpu: Default::default(),
+        budget: Default::default(),
     }
 }
 

@@ -218,3 +218,63 @@ async fn sovctl_nodes_prints_json_csv_and_a_table_with_the_documented_keys() {
     assert!(table.contains("node-a"), "{table}");
     collector.stop().await;
 }
+
+/// `(logical CPUs, MemTotal bytes)` as /proc tells them.
+fn proc_facts() -> (u64, u64) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count() as u64;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (cpus, kib * 1024)
+}
+
+#[test]
+fn scan_json_reports_this_machines_cpus_memory_and_why_gpus_are_unavailable() {
+    let (code, out, err) = run("e2e-agent", &["scan", "--json", "--window-ms", "200"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (cpus, mem) = proc_facts();
+    assert_eq!(
+        v["host"]["logical_cpus"].as_u64(),
+        Some(cpus),
+        "{}",
+        v["host"]
+    );
+    assert_eq!(
+        v["host"]["memory_total_bytes"].as_u64(),
+        Some(mem),
+        "{}",
+        v["host"]
+    );
+    let used = v["host"]["memory_used_bytes"].as_u64().unwrap();
+    assert!(used > 0 && used < mem);
+    let procs = v["processes"].as_array().unwrap();
+    assert!(!procs.is_empty());
+    for k in ["pid", "name", "exe", "cpu_percent", "rss_bytes"] {
+        assert!(procs[0].get(k).is_some(), "process key {k} missing");
+    }
+    if std::path::Path::new("/proc/driver/nvidia").exists() {
+        eprintln!("NVIDIA driver present: skipping the no-GPU assertions");
+        return;
+    }
+    assert_eq!(v["gpu"]["state"], "unavailable", "{}", v["gpu"]);
+    assert!(!v["gpu"]["reason"].as_str().unwrap().is_empty());
+    assert_eq!(v["gpu"]["devices"].as_array().unwrap().len(), 0);
+    // The table says the same in one line.
+    let (code, table, _) = run("e2e-agent", &["scan", "--window-ms", "100"]);
+    assert_eq!(code, 0);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("GPU     unavailable: ")),
+        "{table}"
+    );
+}

@@ -1,0 +1,1103 @@
+//! Processes: pid, parent, name, executable, command line, user, start time, cgroup and container
+//! id, CPU share over the interval and resident memory, for the top N by CPU, the top N by RSS and
+//! every process another collector marks as interesting (GPU users, weight holders, flow owners).
+//!
+//! Read straight from `/proc`, in two passes, so the cost follows the number of processes only
+//! through one small read each:
+//! 1. every `/proc/<pid>/stat` (one read per process): parent, CPU ticks, start time, RSS pages;
+//! 2. for the selected processes only: `exe`, `cmdline`, `status` (uid) and `cgroup`.
+//!
+//! Fixed assumptions, so that no libc call is needed: CPU ticks are counted at [`USER_HZ`] (100 per
+//! second, the Linux user-space ABI on every mainstream architecture); the page size is the first
+//! `KernelPageSize` in `/proc/self/smaps`, else [`DEFAULT_PAGE_SIZE`]; user names come from
+//! `/etc/passwd` only (users known only to LDAP/SSSD show as their numeric uid).
+//!
+//! Cost, measured by `one_sample_over_the_real_proc_reports_its_cost` (debug build, 2-CPU VM,
+//! ~100 processes, top 10): about 1.5 ms of wall time per `sample()`, against node_exporter's
+//! ~12.5 ms of CPU per scrape on the same machine.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sov_proto::pb::{self, ProcessReason};
+
+/// Where the kernel's process table is mounted.
+pub const DEFAULT_PROC_ROOT: &str = "/proc";
+/// Where user names are read from.
+pub const DEFAULT_PASSWD_PATH: &str = "/etc/passwd";
+/// Clock ticks per second in `/proc/<pid>/stat` (the kernel's `USER_HZ`, fixed at 100 by the ABI).
+pub const USER_HZ: u64 = 100;
+/// Page size used when `/proc/self/smaps` does not tell.
+pub const DEFAULT_PAGE_SIZE: u64 = 4096;
+/// How long the uid → name table is trusted before `/etc/passwd` is read again.
+pub const PASSWD_REFRESH: Duration = Duration::from_secs(300);
+/// At most this many command-line arguments are reported.
+pub const MAX_CMDLINE_ARGS: usize = 32;
+/// At most this many bytes of command-line text (all arguments together) are reported.
+pub const MAX_CMDLINE_BYTES: usize = 4096;
+
+/// `ESRCH`: what reading a file of a process that just exited may return instead of `ENOENT`.
+const ESRCH: i32 = 3;
+/// Runtime prefixes of a systemd scope (or cgroupfs directory) named after a container id.
+/// The `*-conmon-*` monitors are deliberately absent: they run beside the container, not in it.
+const CONTAINER_SCOPE_PREFIXES: [&str; 4] = ["docker-", "cri-containerd-", "crio-", "libpod-"];
+/// Length of a full container id (hex SHA-256).
+const CONTAINER_ID_LEN: usize = 64;
+
+/// One sample of the process table.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessSample {
+    /// The selected processes, ordered by pid, each with its reasons (sorted, no duplicates).
+    pub processes: Vec<pb::ProcessInfo>,
+    /// Processes seen in pass 1 (whose `stat` was read).
+    pub total: usize,
+    /// Processes listed in `/proc` whose `stat` could not be read or parsed, not counting those
+    /// that exited during the sample.
+    pub stat_errors: usize,
+}
+
+/// Samples processes from `/proc`. Keep one per agent: the CPU share is the difference between
+/// two samples, so the first sample reports 0 % for every process and no top-CPU processes.
+#[derive(Debug)]
+pub struct ProcessCollector {
+    proc_root: PathBuf,
+    users: UserNames,
+    page_size: u64,
+    /// Boot time in unix milliseconds (`btime` of `/proc/stat`); `None` when unknown.
+    boot_time_ms: Option<i64>,
+    /// Per live pid at the previous sample: its CPU ticks and start time.
+    prev: HashMap<u32, CpuMark>,
+    prev_at: Option<Instant>,
+    /// Ticks since boot when the previous sample began (`/proc/uptime`).
+    prev_uptime_ticks: Option<u64>,
+    /// Reused read buffer for `stat` files.
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CpuMark {
+    ticks: u64,
+    starttime: u64,
+}
+
+/// What pass 1 learns from `/proc/<pid>/stat`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stat {
+    name: String,
+    ppid: u32,
+    /// utime + stime, in ticks.
+    ticks: u64,
+    /// Start time in ticks after boot.
+    starttime: u64,
+    rss_pages: u64,
+}
+
+#[derive(Debug)]
+struct Seen {
+    pid: u32,
+    stat: Stat,
+    cpu_ticks: u64,
+}
+
+impl Default for ProcessCollector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProcessCollector {
+    /// A collector over `/proc` and `/etc/passwd`.
+    pub fn new() -> Self {
+        Self::with_paths(DEFAULT_PROC_ROOT, DEFAULT_PASSWD_PATH)
+    }
+
+    /// A collector over another process table and user list, e.g. the host's `/proc` and
+    /// `/etc/passwd` mounted into the agent's container.
+    pub fn with_paths(proc_root: impl Into<PathBuf>, passwd: impl Into<PathBuf>) -> Self {
+        let proc_root = proc_root.into();
+        let page_size = read_page_size(&proc_root.join("self/smaps")).unwrap_or(DEFAULT_PAGE_SIZE);
+        let boot_time_ms = read_boot_time_ms(&proc_root.join("stat"));
+        Self {
+            proc_root,
+            users: UserNames::new(passwd.into()),
+            page_size,
+            boot_time_ms,
+            prev: HashMap::new(),
+            prev_at: None,
+            prev_uptime_ticks: None,
+            buf: Vec::with_capacity(512),
+        }
+    }
+
+    /// One sample at `now`: the `top_n` processes by CPU share since the previous sample (only
+    /// those that used some CPU), the `top_n` by RSS (only those with some), and every live pid in
+    /// `interesting`, each once with all its reasons. A process that exits during the sample is
+    /// left out silently.
+    pub fn sample(
+        &mut self,
+        now: Instant,
+        top_n: usize,
+        interesting: &[(u32, ProcessReason)],
+    ) -> ProcessSample {
+        let uptime_ticks = read_uptime_ticks(&self.proc_root.join("uptime"));
+        let elapsed = self
+            .prev_at
+            .and_then(|prev| now.checked_duration_since(prev))
+            .unwrap_or(Duration::ZERO);
+
+        // Pass 1: one `stat` read per process.
+        let mut seen: Vec<Seen> = Vec::with_capacity(self.prev.len() + 16);
+        let mut stat_errors = 0;
+        match fs::read_dir(&self.proc_root) {
+            Ok(dir) => {
+                for entry in dir.flatten() {
+                    let Some(pid) = parse_pid(&entry.file_name()) else {
+                        continue;
+                    };
+                    match self.read_stat(pid) {
+                        Ok(Some(stat)) => {
+                            let cpu_ticks = self.cpu_ticks(pid, &stat);
+                            seen.push(Seen {
+                                pid,
+                                stat,
+                                cpu_ticks,
+                            });
+                        }
+                        Err(err) if is_gone(&err) => {}
+                        Ok(None) | Err(_) => stat_errors += 1,
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, root = %self.proc_root.display(), "cannot list processes");
+            }
+        }
+        seen.sort_unstable_by_key(|s| s.pid);
+        let total = seen.len();
+
+        // Selection: top N by CPU, top N by RSS (ties by pid), and the interesting pids.
+        let mut reasons: BTreeMap<u32, Vec<ProcessReason>> = BTreeMap::new();
+        let mut order: Vec<usize> = (0..seen.len()).filter(|&i| seen[i].cpu_ticks > 0).collect();
+        order.sort_unstable_by(|&a, &b| {
+            (seen[b].cpu_ticks, seen[a].pid).cmp(&(seen[a].cpu_ticks, seen[b].pid))
+        });
+        for &i in order.iter().take(top_n) {
+            reasons
+                .entry(seen[i].pid)
+                .or_default()
+                .push(ProcessReason::TopCpu);
+        }
+        let mut order: Vec<usize> = (0..seen.len())
+            .filter(|&i| seen[i].stat.rss_pages > 0)
+            .collect();
+        order.sort_unstable_by(|&a, &b| {
+            (seen[b].stat.rss_pages, seen[a].pid).cmp(&(seen[a].stat.rss_pages, seen[b].pid))
+        });
+        for &i in order.iter().take(top_n) {
+            reasons
+                .entry(seen[i].pid)
+                .or_default()
+                .push(ProcessReason::TopMemory);
+        }
+        for &(pid, reason) in interesting {
+            reasons.entry(pid).or_default().push(reason);
+        }
+
+        // Pass 2: the details, for the selected processes only.
+        let secs = elapsed.as_secs_f64();
+        let mut processes = Vec::with_capacity(reasons.len());
+        let mut late: Vec<Seen> = Vec::new();
+        for (pid, mut why) in reasons {
+            why.sort_unstable();
+            why.dedup();
+            let found = match seen.binary_search_by_key(&pid, |s| s.pid) {
+                Ok(i) => Some((seen[i].stat.clone(), seen[i].cpu_ticks)),
+                // An interesting pid not listed in pass 1 (started since, or a thread id).
+                Err(_) => match self.read_stat(pid) {
+                    Ok(Some(stat)) => {
+                        let cpu_ticks = self.cpu_ticks(pid, &stat);
+                        late.push(Seen {
+                            pid,
+                            stat: stat.clone(),
+                            cpu_ticks,
+                        });
+                        Some((stat, cpu_ticks))
+                    }
+                    _ => None,
+                },
+            };
+            let Some((stat, cpu_ticks)) = found else {
+                continue;
+            };
+            let cpu_percent = if secs > 0.0 {
+                (cpu_ticks as f64 / (secs * USER_HZ as f64) * 100.0) as f32
+            } else {
+                0.0
+            };
+            if let Some(mut info) = self.details(pid, stat, now) {
+                info.cpu_percent = cpu_percent;
+                info.reasons = why.into_iter().map(|r| r as i32).collect();
+                processes.push(info);
+            }
+        }
+
+        // The next baseline holds exactly the processes alive now.
+        self.prev = seen
+            .iter()
+            .chain(late.iter())
+            .map(|s| {
+                let mark = CpuMark {
+                    ticks: s.stat.ticks,
+                    starttime: s.stat.starttime,
+                };
+                (s.pid, mark)
+            })
+            .collect();
+        self.prev_at = Some(now);
+        self.prev_uptime_ticks = uptime_ticks;
+        ProcessSample {
+            processes,
+            total,
+            stat_errors,
+        }
+    }
+
+    /// One process, without a CPU share or reasons; `None` when it does not exist (or its `stat`
+    /// cannot be read).
+    pub fn read(&mut self, pid: u32) -> Option<pb::ProcessInfo> {
+        let stat = self.read_stat(pid).ok().flatten()?;
+        self.details(pid, stat, Instant::now())
+    }
+
+    /// `Ok(None)` when the file was read but does not parse.
+    fn read_stat(&mut self, pid: u32) -> io::Result<Option<Stat>> {
+        self.buf.clear();
+        fs::File::open(self.pid_dir(pid).join("stat"))?.read_to_end(&mut self.buf)?;
+        Ok(parse_stat(&self.buf))
+    }
+
+    /// Ticks used since the previous sample. A pid whose start time changed is a new process; a
+    /// new process counts all its ticks if it started after the previous sample began, else none.
+    fn cpu_ticks(&self, pid: u32, stat: &Stat) -> u64 {
+        match self.prev.get(&pid) {
+            Some(mark) if mark.starttime == stat.starttime => stat.ticks.saturating_sub(mark.ticks),
+            _ if self.prev_at.is_some()
+                && self
+                    .prev_uptime_ticks
+                    .is_some_and(|up| stat.starttime >= up) =>
+            {
+                stat.ticks
+            }
+            _ => 0,
+        }
+    }
+
+    /// Pass 2 for one process; `None` when it exited since pass 1.
+    fn details(&mut self, pid: u32, stat: Stat, now: Instant) -> Option<pb::ProcessInfo> {
+        let dir = self.pid_dir(pid);
+        // `status` exists for as long as the process does: its absence means the process left.
+        let status = match fs::read_to_string(dir.join("status")) {
+            Ok(text) => text,
+            Err(err) if is_gone(&err) => return None,
+            Err(_) => String::new(),
+        };
+        let user = effective_uid(&status)
+            .map(|uid| self.users.name(uid, now))
+            .unwrap_or_default();
+        let exe = fs::read_link(dir.join("exe"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (cgroup, container_id) = fs::read_to_string(dir.join("cgroup"))
+            .map(|text| cgroup_and_container(&text))
+            .unwrap_or_default();
+        let start_time_unix_ms = self.boot_time_ms.map_or(0, |boot| {
+            let since_boot = stat.starttime.saturating_mul(1000) / USER_HZ;
+            boot.saturating_add(i64::try_from(since_boot).unwrap_or(i64::MAX))
+        });
+        Some(pb::ProcessInfo {
+            pid,
+            parent_pid: stat.ppid,
+            name: stat.name,
+            exe,
+            cmdline: read_cmdline(&dir.join("cmdline")),
+            user,
+            start_time_unix_ms,
+            cgroup,
+            container_id: container_id.unwrap_or_default(),
+            cpu_percent: 0.0,
+            rss_bytes: stat.rss_pages.saturating_mul(self.page_size),
+            reasons: Vec::new(),
+        })
+    }
+
+    fn pid_dir(&self, pid: u32) -> PathBuf {
+        self.proc_root.join(pid.to_string())
+    }
+}
+
+/// One process from `/proc`, without a CPU share or reasons (a one-off lookup: it reads
+/// `/etc/passwd` each time; keep a [`ProcessCollector`] and call [`ProcessCollector::read`] to
+/// look up many).
+pub fn read_process(pid: u32) -> Option<pb::ProcessInfo> {
+    ProcessCollector::new().read(pid)
+}
+
+/// The container id (64 lowercase hex digits) in a cgroup path, from the innermost component
+/// that names one: `/docker/<id>` and other cgroupfs layouts (`/kubepods/<qos>/pod<uid>/<id>`,
+/// containerd's `/<namespace>/<id>`), or a `docker-`, `cri-containerd-`, `crio-` or `libpod-`
+/// scope (`<prefix><id>.scope`). Conmon monitor scopes and paths without an id give `None`.
+pub fn container_id_from_cgroup(path: &str) -> Option<String> {
+    path.split('/')
+        .rev()
+        .find_map(container_id_in_component)
+        .map(str::to_owned)
+}
+
+fn container_id_in_component(component: &str) -> Option<&str> {
+    if is_container_id(component) {
+        return Some(component);
+    }
+    let name = component.strip_suffix(".scope").unwrap_or(component);
+    CONTAINER_SCOPE_PREFIXES
+        .iter()
+        .filter_map(|prefix| name.strip_prefix(prefix))
+        .find(|id| is_container_id(id))
+}
+
+fn is_container_id(s: &str) -> bool {
+    s.len() == CONTAINER_ID_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The cgroup to report and the container id in it, from `/proc/<pid>/cgroup`: the v2 (`0::`)
+/// path unless it is `/` while v1 hierarchies exist (hybrid mode); else the v1 path when all
+/// hierarchies agree, or `controllers:path` entries joined with `;`.
+fn cgroup_and_container(text: &str) -> (String, Option<String>) {
+    let mut unified = None;
+    let mut v1: Vec<(&str, &str)> = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if id == "0" && controllers.is_empty() {
+            unified = Some(path);
+        } else {
+            v1.push((controllers, path));
+        }
+    }
+    if let Some(path) = unified
+        && (path != "/" || v1.is_empty())
+    {
+        return (path.to_owned(), container_id_from_cgroup(path));
+    }
+    let container = v1
+        .iter()
+        .find_map(|(_, path)| container_id_from_cgroup(path));
+    let cgroup = match v1.first() {
+        Some((_, first)) if v1.iter().all(|(_, path)| path == first) => (*first).to_owned(),
+        _ => v1
+            .iter()
+            .map(|(controllers, path)| format!("{controllers}:{path}"))
+            .collect::<Vec<_>>()
+            .join(";"),
+    };
+    (cgroup, container)
+}
+
+/// Parses `/proc/<pid>/stat`. The name sits between the first `(` and the LAST `)`: it may hold
+/// spaces and parentheses of its own.
+fn parse_stat(bytes: &[u8]) -> Option<Stat> {
+    let open = bytes.iter().position(|&b| b == b'(')?;
+    let close = bytes.iter().rposition(|&b| b == b')')?;
+    if close < open {
+        return None;
+    }
+    let name = String::from_utf8_lossy(&bytes[open + 1..close]).into_owned();
+    let rest = std::str::from_utf8(&bytes[close + 1..]).ok()?;
+    // Fields after the name, numbered as in proc(5): 3 state, 4 ppid, 14 utime, 15 stime,
+    // 22 starttime, 24 rss.
+    let mut fields = rest.split_ascii_whitespace();
+    let ppid: u32 = fields.nth(1)?.parse().ok()?;
+    let utime: u64 = fields.nth(9)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let starttime: u64 = fields.nth(6)?.parse().ok()?;
+    let rss_pages: u64 = fields.nth(1)?.parse().ok()?;
+    Some(Stat {
+        name,
+        ppid,
+        ticks: utime.saturating_add(stime),
+        starttime,
+        rss_pages,
+    })
+}
+
+/// The effective uid: the second number of the `Uid:` line of `/proc/<pid>/status` (the wire
+/// contract reports the effective user).
+fn effective_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_ascii_whitespace().nth(1))
+        .and_then(|uid| uid.parse().ok())
+}
+
+/// The NUL-separated arguments of `/proc/<pid>/cmdline`, at most [`MAX_CMDLINE_ARGS`] of them and
+/// [`MAX_CMDLINE_BYTES`] of text (the last one cut at a character boundary). Empty when unreadable
+/// (kernel threads, zombies, permission).
+fn read_cmdline(path: &Path) -> Vec<String> {
+    let mut bytes = Vec::new();
+    let limit = (MAX_CMDLINE_BYTES + MAX_CMDLINE_ARGS) as u64;
+    let read = fs::File::open(path).and_then(|f| f.take(limit).read_to_end(&mut bytes));
+    if read.is_err() {
+        return Vec::new();
+    }
+    split_cmdline(&bytes)
+}
+
+fn split_cmdline(bytes: &[u8]) -> Vec<String> {
+    let bytes = bytes.strip_suffix(b"\0").unwrap_or(bytes);
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    let mut args = Vec::new();
+    let mut total = 0;
+    for arg in bytes.split(|&b| b == 0).take(MAX_CMDLINE_ARGS) {
+        let room = MAX_CMDLINE_BYTES - total;
+        if room == 0 {
+            break;
+        }
+        let arg = String::from_utf8_lossy(arg);
+        let arg = truncate_utf8(&arg, room);
+        total += arg.len();
+        args.push(arg.to_owned());
+    }
+    args
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn parse_pid(name: &OsStr) -> Option<u32> {
+    let name = name.to_str()?;
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    name.parse().ok()
+}
+
+/// Whether a read failed because the process exited.
+fn is_gone(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::NotFound || err.raw_os_error() == Some(ESRCH)
+}
+
+/// The first `KernelPageSize:` of `/proc/self/smaps`, in bytes (stops reading at it).
+fn read_page_size(smaps: &Path) -> Option<u64> {
+    let file = fs::File::open(smaps).ok()?;
+    BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let kb = line.strip_prefix("KernelPageSize:")?.trim();
+            let kb: u64 = kb.strip_suffix("kB")?.trim().parse().ok()?;
+            (kb > 0).then(|| kb * 1024)
+        })
+}
+
+/// `btime` of `/proc/stat` (boot time, unix seconds) in milliseconds.
+fn read_boot_time_ms(stat: &Path) -> Option<i64> {
+    let text = fs::read_to_string(stat).ok()?;
+    let secs: i64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    secs.checked_mul(1000)
+}
+
+/// Seconds since boot from `/proc/uptime`, in ticks.
+fn read_uptime_ticks(uptime: &Path) -> Option<u64> {
+    let text = fs::read_to_string(uptime).ok()?;
+    let secs: f64 = text.split_ascii_whitespace().next()?.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| (secs * USER_HZ as f64) as u64)
+}
+
+/// uid → user name from a passwd file, read at most every [`PASSWD_REFRESH`].
+#[derive(Debug)]
+struct UserNames {
+    path: PathBuf,
+    names: HashMap<u32, String>,
+    loaded_at: Option<Instant>,
+}
+
+impl UserNames {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            names: HashMap::new(),
+            loaded_at: None,
+        }
+    }
+
+    /// The name of `uid`, or the uid as text when the file does not know it.
+    fn name(&mut self, uid: u32, now: Instant) -> String {
+        let stale = self
+            .loaded_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= PASSWD_REFRESH);
+        if stale {
+            self.reload(now);
+        }
+        self.names
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| uid.to_string())
+    }
+
+    /// Reads the file again; a file that cannot be read keeps the previous names until the next
+    /// refresh.
+    fn reload(&mut self, now: Instant) {
+        self.loaded_at = Some(now);
+        match fs::read_to_string(&self.path) {
+            Ok(text) => self.names = parse_passwd(&text),
+            Err(err) => {
+                tracing::debug!(error = %err, path = %self.path.display(), "cannot read user names");
+            }
+        }
+    }
+}
+
+/// `name:password:uid:…` lines; the first name of a uid wins, as with `getpwuid`.
+fn parse_passwd(text: &str) -> HashMap<u32, String> {
+    let mut names = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split(':');
+        let (Some(name), Some(_), Some(uid)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if let Ok(uid) = uid.parse::<u32>()
+            && !name.is_empty()
+        {
+            names.entry(uid).or_insert_with(|| name.to_owned());
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    const ID: &str = "3f4e2c1d9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e";
+    const BOOT_SECS: i64 = 1_700_000_000;
+
+    /// A fabricated process table: `/proc/stat` with a boot time, `/proc/uptime`, and a passwd.
+    struct FakeProc {
+        dir: tempfile::TempDir,
+    }
+
+    impl FakeProc {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let fake = Self { dir };
+            fake.write("stat", &format!("cpu  1 2 3 4\nbtime {BOOT_SECS}\n"));
+            fake.set_uptime_secs(1000);
+            fake.write(
+                "passwd",
+                "root:x:0:0:root:/root:/bin/sh\n# comment\nalice:x:1000:1000::/home/alice:/bin/sh\n",
+            );
+            fake
+        }
+
+        fn root(&self) -> PathBuf {
+            self.dir.path().join("proc")
+        }
+
+        fn collector(&self) -> ProcessCollector {
+            ProcessCollector::with_paths(self.root(), self.dir.path().join("passwd"))
+        }
+
+        fn write(&self, rel: &str, text: &str) {
+            let path = if rel == "passwd" {
+                self.dir.path().join(rel)
+            } else {
+                self.root().join(rel)
+            };
+            fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            fs::write(path, text).expect("write");
+        }
+
+        fn set_uptime_secs(&self, secs: u64) {
+            self.write("uptime", &format!("{secs}.00 1.00\n"));
+        }
+
+        /// A process with a stat line (ticks split as utime = ticks, stime = 0) and a status.
+        fn process(&self, pid: u32, comm: &str, ticks: u64, starttime: u64, rss_pages: u64) {
+            self.write(
+                &format!("{pid}/stat"),
+                &stat_line(pid, comm, 1, ticks, starttime, rss_pages),
+            );
+            self.write(
+                &format!("{pid}/status"),
+                &format!("Name:\t{comm}\nUid:\t1000\t1000\t1000\t1000\n"),
+            );
+        }
+
+        fn remove(&self, pid: u32) {
+            fs::remove_dir_all(self.root().join(pid.to_string())).expect("rm");
+        }
+    }
+
+    fn stat_line(pid: u32, comm: &str, ppid: u32, ticks: u64, starttime: u64, rss: u64) -> String {
+        format!(
+            "{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 4194560 100 0 0 0 {ticks} 0 0 0 20 0 1 0 \
+             {starttime} 12345678 {rss} 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n"
+        )
+    }
+
+    fn pids(sample: &ProcessSample) -> Vec<u32> {
+        sample.processes.iter().map(|p| p.pid).collect()
+    }
+
+    fn find(sample: &ProcessSample, pid: u32) -> &pb::ProcessInfo {
+        sample
+            .processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .unwrap_or_else(|| panic!("pid {pid} missing from {:?}", pids(sample)))
+    }
+
+    #[test]
+    fn a_name_with_spaces_and_parentheses_is_read_up_to_the_last_parenthesis() {
+        let line = stat_line(42, "my (odd) name) 9 9", 7, 30, 500, 12);
+        let stat = parse_stat(line.as_bytes()).expect("parses");
+        assert_eq!(stat.name, "my (odd) name) 9 9");
+        assert_eq!(stat.ppid, 7);
+        assert_eq!(stat.ticks, 30);
+        assert_eq!(stat.starttime, 500);
+        assert_eq!(stat.rss_pages, 12);
+    }
+
+    #[test]
+    fn utime_and_stime_are_added() {
+        let line = "9 (x) R 1 9 9 0 -1 0 0 0 0 0 70 5 0 0 20 0 1 0 88 0 3 0\n";
+        let stat = parse_stat(line.as_bytes()).expect("parses");
+        assert_eq!((stat.ticks, stat.starttime, stat.rss_pages), (75, 88, 3));
+    }
+
+    #[test]
+    fn a_truncated_or_garbled_stat_line_does_not_parse() {
+        assert_eq!(parse_stat(b"9 (x) R 1 9 9 0"), None);
+        assert_eq!(
+            parse_stat(b"9 x R 1 9 9 0 -1 0 0 0 0 0 70 5 0 0 20 0 1 0 88 0 3"),
+            None
+        );
+        assert_eq!(parse_stat(b""), None);
+        assert_eq!(parse_stat(b") 9 ("), None);
+    }
+
+    #[test]
+    fn a_fabricated_process_is_reported_with_every_field() {
+        let fake = FakeProc::new();
+        fake.process(300, "python3 (worker)", 40, 2_500, 10);
+        fake.write("300/cmdline", "python3\0-m\0vllm serve\0\0--port\0");
+        fake.write(
+            "300/cgroup",
+            &format!("0::/system.slice/docker-{ID}.scope\n"),
+        );
+        let mut c = fake.collector();
+        let s = c.sample(Instant::now(), 0, &[(300, ProcessReason::Weights)]);
+        let p = find(&s, 300);
+        assert_eq!(p.name, "python3 (worker)");
+        assert_eq!(p.parent_pid, 1);
+        assert_eq!(p.cmdline, ["python3", "-m", "vllm serve", "", "--port"]);
+        assert_eq!(p.user, "alice");
+        assert_eq!(p.start_time_unix_ms, BOOT_SECS * 1000 + 25_000);
+        assert_eq!(p.rss_bytes, 10 * DEFAULT_PAGE_SIZE);
+        assert_eq!(p.cgroup, format!("/system.slice/docker-{ID}.scope"));
+        assert_eq!(p.container_id, ID);
+        assert_eq!(p.reasons, [ProcessReason::Weights as i32]);
+        assert_eq!(p.exe, "");
+        assert_eq!((s.total, s.stat_errors), (1, 0));
+    }
+
+    #[test]
+    fn missing_exe_cmdline_and_cgroup_leave_those_fields_empty() {
+        let fake = FakeProc::new();
+        fake.process(5, "kthreadish", 0, 10, 0);
+        let mut c = fake.collector();
+        let s = c.sample(Instant::now(), 0, &[(5, ProcessReason::Gpu)]);
+        let p = find(&s, 5);
+        assert_eq!(p.name, "kthreadish");
+        assert!(p.exe.is_empty() && p.cmdline.is_empty());
+        assert!(p.cgroup.is_empty() && p.container_id.is_empty());
+    }
+
+    #[test]
+    fn a_process_that_vanishes_is_skipped_without_counting_an_error() {
+        let fake = FakeProc::new();
+        fake.process(10, "stays", 0, 10, 1);
+        // Listed, but its stat is gone (exited between the listing and the read).
+        fs::create_dir_all(fake.root().join("11")).expect("mkdir");
+        // Its stat was read but its status is gone (exited between the passes).
+        fake.write("12/stat", &stat_line(12, "leaving", 1, 0, 10, 1));
+        let mut c = fake.collector();
+        let interesting = [
+            (10, ProcessReason::Flow),
+            (11, ProcessReason::Flow),
+            (12, ProcessReason::Flow),
+            (99, ProcessReason::Flow),
+        ];
+        let s = c.sample(Instant::now(), 0, &interesting);
+        assert_eq!(pids(&s), [10]);
+        assert_eq!(s.stat_errors, 0);
+        assert_eq!(s.total, 2);
+    }
+
+    #[test]
+    fn an_unparsable_stat_is_counted_as_an_error() {
+        let fake = FakeProc::new();
+        fake.process(10, "fine", 0, 10, 1);
+        fake.write("13/stat", "13 (broken) R\n");
+        fake.write("self/stat", "not a pid directory");
+        let mut c = fake.collector();
+        let s = c.sample(Instant::now(), 5, &[]);
+        assert_eq!((s.total, s.stat_errors), (1, 1));
+    }
+
+    #[test]
+    fn cpu_share_is_the_tick_delta_over_the_interval() {
+        let fake = FakeProc::new();
+        fake.process(20, "busy", 100, 50, 1);
+        fake.process(21, "idle", 7, 50, 1);
+        let mut c = fake.collector();
+        let t0 = Instant::now();
+        let first = c.sample(t0, 10, &[]);
+        assert!(
+            first.processes.iter().all(|p| p.cpu_percent == 0.0),
+            "no interval yet"
+        );
+        fake.process(20, "busy", 250, 50, 1); // 150 ticks in 2 s = 75 %
+        let s = c.sample(t0 + Duration::from_secs(2), 10, &[]);
+        assert!((find(&s, 20).cpu_percent - 75.0).abs() < 0.01);
+        assert_eq!(find(&s, 21).cpu_percent, 0.0);
+        assert!(
+            !find(&s, 21)
+                .reasons
+                .contains(&(ProcessReason::TopCpu as i32)),
+            "a process that used no CPU is not a top-CPU process"
+        );
+    }
+
+    #[test]
+    fn a_reused_pid_counts_only_the_new_process_ticks() {
+        let fake = FakeProc::new();
+        fake.process(30, "old", 5_000, 50, 1);
+        fake.process(31, "missed", 10, 60, 1);
+        let mut c = fake.collector();
+        let t0 = Instant::now();
+        c.sample(t0, 10, &[]);
+        // uptime was 1000 s = 100_000 ticks at the first sample.
+        fake.set_uptime_secs(1001);
+        fake.process(30, "new", 40, 100_050, 1); // started after the first sample
+        fake.process(32, "also new", 20, 100_010, 1);
+        fake.process(33, "older than the sample", 900, 99_000, 1); // missed by the first listing
+        let s = c.sample(t0 + Duration::from_secs(1), 10, &[]);
+        assert!((find(&s, 30).cpu_percent - 40.0).abs() < 0.01);
+        assert_eq!(find(&s, 30).name, "new");
+        assert!((find(&s, 32).cpu_percent - 20.0).abs() < 0.01);
+        assert_eq!(find(&s, 33).cpu_percent, 0.0);
+    }
+
+    #[test]
+    fn top_n_ties_break_by_pid_and_reasons_merge_with_interesting_pids() {
+        let fake = FakeProc::new();
+        for pid in 40..46 {
+            fake.process(pid, "p", 0, 50, 1);
+        }
+        let mut c = fake.collector();
+        let t0 = Instant::now();
+        c.sample(t0, 2, &[]);
+        // CPU: 45 > 44 = 43 > others; RSS: 40 > 41 = 42 > others.
+        fake.process(45, "p", 90, 50, 1);
+        fake.process(44, "p", 50, 50, 1);
+        fake.process(43, "p", 50, 50, 1);
+        fake.process(40, "p", 0, 50, 900);
+        fake.process(41, "p", 0, 50, 500);
+        fake.process(42, "p", 0, 50, 500);
+        let interesting = [
+            (45, ProcessReason::Gpu),
+            (45, ProcessReason::Gpu),
+            (41, ProcessReason::Flow),
+        ];
+        let s = c.sample(t0 + Duration::from_secs(1), 2, &interesting);
+        assert_eq!(pids(&s), [40, 41, 43, 45]);
+        let reasons = |pid| find(&s, pid).reasons.clone();
+        use ProcessReason::*;
+        assert_eq!(reasons(45), [TopCpu as i32, Gpu as i32]);
+        assert_eq!(reasons(43), [TopCpu as i32]);
+        assert_eq!(reasons(40), [TopMemory as i32]);
+        assert_eq!(reasons(41), [TopMemory as i32, Flow as i32]);
+    }
+
+    #[test]
+    fn the_baseline_keeps_only_live_pids() {
+        let fake = FakeProc::new();
+        fake.process(50, "a", 1, 50, 1);
+        fake.process(51, "b", 1, 50, 1);
+        let mut c = fake.collector();
+        c.sample(Instant::now(), 1, &[]);
+        assert_eq!(c.prev.len(), 2);
+        fake.remove(51);
+        c.sample(Instant::now(), 1, &[]);
+        assert_eq!(c.prev.keys().copied().collect::<Vec<_>>(), [50]);
+    }
+
+    #[test]
+    fn user_names_come_from_passwd_and_unknown_uids_stay_numeric() {
+        let fake = FakeProc::new();
+        fake.process(60, "a", 0, 50, 1);
+        fake.write("61/stat", &stat_line(61, "b", 1, 0, 50, 1));
+        fake.write("61/status", "Uid:\t0\t4242\t0\t0\n");
+        let mut c = fake.collector();
+        let s = c.sample(
+            Instant::now(),
+            0,
+            &[(60, ProcessReason::Flow), (61, ProcessReason::Flow)],
+        );
+        assert_eq!(find(&s, 60).user, "alice");
+        assert_eq!(find(&s, 61).user, "4242", "effective uid, not real");
+    }
+
+    #[test]
+    fn passwd_is_read_again_only_after_five_minutes() {
+        let fake = FakeProc::new();
+        fake.process(60, "a", 0, 50, 1);
+        let mut c = fake.collector();
+        let t0 = Instant::now();
+        let flow = [(60, ProcessReason::Flow)];
+        assert_eq!(find(&c.sample(t0, 0, &flow), 60).user, "alice");
+        fake.write("passwd", "bob:x:1000:1000::/:/bin/sh\n");
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(find(&c.sample(later, 0, &flow), 60).user, "alice");
+        let stale = t0 + PASSWD_REFRESH;
+        assert_eq!(find(&c.sample(stale, 0, &flow), 60).user, "bob");
+    }
+
+    #[test]
+    fn cgroup_v1_paths_are_reported_once_when_they_agree_and_joined_when_not() {
+        let same = format!("12:memory:/docker/{ID}\n11:cpu,cpuacct:/docker/{ID}\n");
+        assert_eq!(
+            cgroup_and_container(&same),
+            (format!("/docker/{ID}"), Some(ID.to_owned()))
+        );
+        let mixed = format!("2:memory:/docker/{ID}\n1:name=systemd:/system.slice/docker.service\n");
+        assert_eq!(
+            cgroup_and_container(&mixed),
+            (
+                format!("memory:/docker/{ID};name=systemd:/system.slice/docker.service"),
+                Some(ID.to_owned())
+            )
+        );
+    }
+
+    #[test]
+    fn the_v2_cgroup_wins_unless_it_is_the_root_in_hybrid_mode() {
+        let v2 = "0::/user.slice/user-1000.slice/session-3.scope\n";
+        assert_eq!(
+            cgroup_and_container(v2),
+            (
+                "/user.slice/user-1000.slice/session-3.scope".to_owned(),
+                None
+            )
+        );
+        let hybrid = format!("3:memory:/kubepods/burstable/pod1234/{ID}\n0::/\n");
+        assert_eq!(
+            cgroup_and_container(&hybrid),
+            (
+                format!("/kubepods/burstable/pod1234/{ID}"),
+                Some(ID.to_owned())
+            )
+        );
+        assert_eq!(cgroup_and_container("0::/\n"), ("/".to_owned(), None));
+    }
+
+    #[test]
+    fn container_ids_are_found_for_each_runtime_layout() {
+        let cases = [
+            format!("/docker/{ID}"),
+            format!("/system.slice/docker-{ID}.scope"),
+            format!("/system.slice/docker-{ID}.scope/init.scope"),
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/\
+                 kubepods-burstable-pod6a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/\
+                 cri-containerd-{ID}.scope"
+            ),
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/crio-{ID}.scope"
+            ),
+            format!("/kubepods/besteffort/pod6a1b2c3d-4e5f-6789-abcd-ef0123456789/{ID}"),
+            format!("/kubepods/burstable/pod6a1b2c3d/crio-{ID}"),
+            format!("/machine.slice/libpod-{ID}.scope/container"),
+            format!("/default/{ID}"),
+            format!("/docker/{}/docker/{ID}", "a".repeat(64)),
+        ];
+        for path in &cases {
+            assert_eq!(
+                container_id_from_cgroup(path).as_deref(),
+                Some(ID),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn paths_without_a_container_give_no_id() {
+        let cases = [
+            "/".to_owned(),
+            String::new(),
+            "/user.slice/user-1000.slice/session-2.scope".to_owned(),
+            "/system.slice/containerd.service".to_owned(),
+            "/docker/3f4e2c1d9b8a".to_owned(),
+            format!("/machine.slice/libpod-conmon-{ID}.scope"),
+            format!("/kubepods.slice/crio-conmon-{ID}.scope"),
+            format!("/docker/{}", ID.to_uppercase()),
+            format!("/system.slice/docker-{ID}0.scope"),
+        ];
+        for path in &cases {
+            assert_eq!(container_id_from_cgroup(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn cmdline_is_cut_at_32_arguments_and_4_kib() {
+        let many: Vec<u8> = (0..40)
+            .flat_map(|i| format!("a{i}\0").into_bytes())
+            .collect();
+        let args = split_cmdline(&many);
+        assert_eq!(args.len(), MAX_CMDLINE_ARGS);
+        assert_eq!(args.last().map(String::as_str), Some("a31"));
+
+        let mut long = "é".repeat(3000).into_bytes(); // 6000 bytes
+        long.extend_from_slice(b"\0next\0");
+        let args = split_cmdline(&long);
+        assert_eq!(args.len(), 1);
+        assert_eq!(args[0].len(), MAX_CMDLINE_BYTES);
+
+        let two = [vec![b'x'; 4000], b"\0".to_vec(), vec![b'y'; 500]].concat();
+        let args = split_cmdline(&two);
+        assert_eq!(
+            args.iter().map(String::len).sum::<usize>(),
+            MAX_CMDLINE_BYTES
+        );
+        assert_eq!(args[1].len(), 96);
+        assert!(split_cmdline(b"").is_empty());
+    }
+
+    #[test]
+    fn page_size_and_boot_time_come_from_the_fabricated_root() {
+        let fake = FakeProc::new();
+        fake.write(
+            "self/smaps",
+            "00400000-00452000 r-xp 00000000 08:02 173521 /bin/x\nSize:  328 kB\nKernelPageSize:       64 kB\n",
+        );
+        fake.process(70, "p", 0, 100, 3);
+        let mut c = fake.collector();
+        let s = c.sample(Instant::now(), 1, &[]);
+        assert_eq!(find(&s, 70).rss_bytes, 3 * 64 * 1024);
+        assert_eq!(find(&s, 70).start_time_unix_ms, BOOT_SECS * 1000 + 1000);
+    }
+
+    fn current_user_name() -> String {
+        let uid = fs::metadata("/proc/self").expect("/proc/self").uid();
+        fs::read_to_string("/etc/passwd")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.split(':').nth(2) == Some(uid.to_string().as_str()))
+            .and_then(|l| l.split(':').next().map(str::to_owned))
+            .unwrap_or_else(|| uid.to_string())
+    }
+
+    #[test]
+    fn this_test_process_is_reported_when_interesting() {
+        let me = std::process::id();
+        let mut c = ProcessCollector::new();
+        let s = c.sample(Instant::now(), 3, &[(me, ProcessReason::Flow)]);
+        let p = find(&s, me);
+        let exe = std::env::current_exe().expect("current exe");
+        assert_eq!(p.exe, exe.to_string_lossy());
+        let comm = fs::read_to_string("/proc/self/comm").expect("comm");
+        assert_eq!(p.name, comm.trim_end());
+        assert!(p.rss_bytes > 0);
+        assert_eq!(p.user, current_user_name());
+        assert!(p.reasons.contains(&(ProcessReason::Flow as i32)));
+        assert!(!p.cmdline.is_empty());
+        assert!(p.start_time_unix_ms > 1_600_000_000_000);
+        assert!(s.total > 1);
+        assert!(s.processes.len() <= 3 + 3 + 1);
+    }
+
+    #[test]
+    fn read_process_finds_this_process_and_not_a_missing_one() {
+        let p = read_process(std::process::id()).expect("self");
+        assert!(p.rss_bytes > 0);
+        assert_eq!(p.parent_pid, std::os::unix::process::parent_id());
+        assert!(p.reasons.is_empty());
+        assert_eq!(read_process(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_busy_thread_makes_this_process_a_top_cpu_process() {
+        let me = std::process::id();
+        let mut c = ProcessCollector::new();
+        c.sample(Instant::now(), 10, &[]);
+        let spinner = std::thread::spawn(|| {
+            let until = Instant::now() + Duration::from_millis(300);
+            let mut n = 0u64;
+            while Instant::now() < until {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+            n
+        });
+        spinner.join().expect("spinner");
+        let s = c.sample(Instant::now(), 10, &[]);
+        let p = find(&s, me);
+        assert!(p.cpu_percent > 20.0, "cpu {}", p.cpu_percent);
+        assert!(p.reasons.contains(&(ProcessReason::TopCpu as i32)));
+    }
+
+    #[test]
+    fn one_sample_over_the_real_proc_reports_its_cost() {
+        let mut c = ProcessCollector::new();
+        c.sample(Instant::now(), 10, &[]);
+        let mut times = Vec::new();
+        let mut last = ProcessSample::default();
+        for _ in 0..5 {
+            let start = Instant::now();
+            last = c.sample(Instant::now(), 10, &[]);
+            times.push(start.elapsed());
+        }
+        times.sort();
+        println!(
+            "procs sample: median {:?} (min {:?}, max {:?}) over {} processes, {} reported",
+            times[2],
+            times[0],
+            times[4],
+            last.total,
+            last.processes.len()
+        );
+    }
+}

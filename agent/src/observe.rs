@@ -1,0 +1,131 @@
+//! One observation of the node: the single dispatch point over the collectors in
+//! [`crate::collect`], shared by the report builder (`run`) and `sov-agent scan`.
+//!
+//! Order matters: GPUs are sampled first so that their processes are marked interesting for
+//! the process sample; the budget is checked last and decides how much optional work the
+//! next observation does.
+
+use std::time::{Duration, Instant};
+
+use sov_proto::pb;
+use sov_proto::pb::ProcessReason;
+
+use crate::budget::{Budget, BudgetReading, WorkLevel};
+use crate::collect::gpu::{GpuCollector, GpuReport};
+use crate::collect::host::HostCollector;
+use crate::collect::procs::{ProcessCollector, ProcessSample};
+use crate::config::{AgentConfig, BudgetConfig, GpuConfig, ProcessesConfig};
+
+/// Top-N processes used while over budget.
+pub const REDUCED_TOP_N: usize = 3;
+
+/// Everything one observation saw.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// Host sample.
+    pub host: pb::HostSample,
+    /// GPU state and devices.
+    pub gpu: GpuReport,
+    /// Selected processes.
+    pub processes: ProcessSample,
+    /// The agent's own use after this observation.
+    pub budget: BudgetReading,
+}
+
+/// Owns every collector; keep one per agent (CPU shares are differences between samples).
+#[derive(Debug)]
+pub struct Observer {
+    host: HostCollector,
+    gpu: Option<GpuCollector>,
+    procs: ProcessCollector,
+    budget: Budget,
+    top_n: usize,
+}
+
+impl Observer {
+    /// Collectors as the configuration asks (NVML for GPUs when enabled).
+    pub fn from_config(cfg: &AgentConfig) -> Self {
+        Self::from_config_sections(&cfg.processes, &cfg.gpu, &cfg.budget)
+    }
+
+    /// Collectors from the three sections that matter to observation.
+    pub fn from_config_sections(
+        processes: &ProcessesConfig,
+        gpu: &GpuConfig,
+        budget: &BudgetConfig,
+    ) -> Self {
+        let collector = gpu.enabled.then(|| {
+            let mut g = GpuCollector::nvml();
+            g.set_retry_interval(Duration::from_secs(gpu.retry_secs));
+            g
+        });
+        Self::with_settings(processes, budget, collector)
+    }
+
+    /// Collectors with a given GPU collector (tests use a scripted probe; `None` = disabled).
+    pub fn with_settings(
+        processes: &ProcessesConfig,
+        budget: &BudgetConfig,
+        gpu: Option<GpuCollector>,
+    ) -> Self {
+        Self {
+            host: HostCollector::new(),
+            gpu,
+            procs: ProcessCollector::new(),
+            budget: Budget::new(budget.max_rss_bytes, budget.max_cpu_percent),
+            top_n: processes.top_n,
+        }
+    }
+
+    /// Node facts for `NodeInfo` (OS, kernel, boot time, CPUs).
+    pub fn node_facts(&self, info: &mut pb::NodeInfo) {
+        self.host.node_facts(info);
+    }
+
+    /// Observe now. Blocking (reads /proc, calls NVML): run it off the async executor.
+    pub fn observe(&mut self, now: Instant) -> Observation {
+        let host = self.host.sample();
+        let gpu = match self.gpu.as_mut() {
+            Some(g) => g.sample(now),
+            None => GpuReport {
+                state: pb::GpuState {
+                    availability: pb::gpu_state::Availability::Unavailable as i32,
+                    reason: "GPU observation disabled in the configuration ([gpu] enabled = false)"
+                        .to_owned(),
+                    driver_version: String::new(),
+                },
+                devices: vec![],
+            },
+        };
+        let interesting: Vec<(u32, ProcessReason)> = gpu
+            .pids()
+            .into_iter()
+            .map(|pid| (pid, ProcessReason::Gpu))
+            .collect();
+        let top_n = match self.budget.level() {
+            WorkLevel::Full => self.top_n,
+            WorkLevel::Reduced => self.top_n.min(REDUCED_TOP_N),
+        };
+        let processes = self.procs.sample(now, top_n, &interesting);
+        let budget = self.budget.check(Instant::now());
+        Observation {
+            host,
+            gpu,
+            processes,
+            budget,
+        }
+    }
+}
+
+impl Observation {
+    /// The agent's health facts for the report.
+    pub fn agent_stats(&self) -> pb::AgentStats {
+        pb::AgentStats {
+            rss_bytes: self.budget.rss_bytes,
+            cpu_percent: self.budget.cpu_percent,
+            over_budget: !self.budget.over.is_empty(),
+            budget_reason: self.budget.over.join(", "),
+            ..Default::default()
+        }
+    }
+}
