@@ -47,6 +47,9 @@ enum Command {
         /// Milliseconds between the two observations that CPU shares are measured over.
         #[arg(long, default_value_t = 1000)]
         window_ms: u64,
+        /// Do not fingerprint weight files (sha256); faster on large models.
+        #[arg(long)]
+        no_hash: bool,
     },
 }
 
@@ -101,22 +104,34 @@ pub fn report_config_error(err: &ConfigError) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG as u8)
 }
 
-fn scan(config: Option<&std::path::Path>, json: bool, window_ms: u64) -> ExitCode {
-    let mut observer = match config {
+fn scan(config: Option<&std::path::Path>, json: bool, window_ms: u64, hash: bool) -> ExitCode {
+    let cfg = match config {
         Some(path) => match crate::config::read_toml::<AgentConfig>(path) {
-            Ok(cfg) => crate::observe::Observer::from_config(&cfg),
+            Ok(cfg) => Some(cfg),
             Err(e) => return report_config_error(&e),
         },
+        None => None,
+    };
+    let mut observer = match &cfg {
+        Some(c) => crate::observe::Observer::from_config(c),
         None => crate::observe::Observer::from_config_sections(
             &Default::default(),
             &Default::default(),
             &Default::default(),
         ),
     };
+    let wcfg = cfg.as_ref().map(|c| c.weights.clone()).unwrap_or_default();
+    let (mut weights, errors) = if wcfg.enabled {
+        scan_weights(cfg.as_ref(), wcfg, hash)
+    } else {
+        (vec![], vec![])
+    };
     let (obs, info) =
         crate::scan::snapshot(&mut observer, std::time::Duration::from_millis(window_ms));
+    crate::collect::weights::inventory::link_gpus(&mut weights, &obs.gpu.devices);
     let text = if json {
-        match serde_json::to_string_pretty(&crate::scan::to_json(&obs, &info)) {
+        let v = crate::scan::to_json_with_weights(&obs, &info, &weights, &errors);
+        match serde_json::to_string_pretty(&v) {
             Ok(text) => text + "\n",
             Err(e) => {
                 eprintln!("sov-agent: cannot encode JSON: {e}");
@@ -124,9 +139,49 @@ fn scan(config: Option<&std::path::Path>, json: bool, window_ms: u64) -> ExitCod
             }
         }
     } else {
-        crate::scan::to_table(&obs, &info)
+        crate::scan::to_table(&obs, &info) + &crate::scan::weights_table(&weights, &errors)
     };
     print_stdout(&text)
+}
+
+/// One synchronous weights pass for `scan`, fingerprinting with a progress line on stderr.
+fn scan_weights(
+    cfg: Option<&AgentConfig>,
+    wcfg: crate::config::WeightsConfig,
+    hash: bool,
+) -> (Vec<sov_proto::pb::WeightFile>, Vec<(String, String)>) {
+    use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner};
+    // The fingerprint cache: the agent's state directory when a config names one, else the
+    // user's cache directory, so repeated scans do not hash again.
+    let state_dir = wcfg
+        .state_dir
+        .clone()
+        .or_else(|| cfg.and_then(|c| c.spool_dir.parent().map(std::path::Path::to_path_buf)))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sov-agent")))
+        .unwrap_or_else(std::env::temp_dir);
+    let handle = WeightsHandle::default();
+    let mut scanner = WeightsScanner::new(wcfg, &state_dir, handle.clone());
+    scanner.scan();
+    if hash {
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let mut last = std::time::Instant::now();
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        scanner.hash_pending(&cancel, &mut |path, done, total| {
+            if last.elapsed() >= std::time::Duration::from_millis(500) || done == total {
+                last = std::time::Instant::now();
+                let pct = (done * 100).checked_div(total).unwrap_or(100);
+                if tty {
+                    eprint!("\rhashing {path}: {pct}%   ");
+                } else {
+                    eprintln!("hashing {path}: {pct}%");
+                }
+            }
+        });
+        if tty {
+            eprintln!();
+        }
+    }
+    (handle.files(), handle.errors())
 }
 
 /// Write to stdout; a closed pipe (`| head`) is a normal end, not a crash.
@@ -152,7 +207,8 @@ pub fn main() -> ExitCode {
             config,
             json,
             window_ms,
-        } => scan(config.as_deref(), json, window_ms),
+            no_hash,
+        } => scan(config.as_deref(), json, window_ms, !no_hash),
         Command::Run {
             config,
             check_config,

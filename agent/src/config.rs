@@ -58,6 +58,59 @@ pub struct AgentConfig {
     /// `[budget]`: the agent's own resource limits.
     #[serde(default)]
     pub budget: BudgetConfig,
+    /// `[weights]`: model weight file discovery.
+    #[serde(default)]
+    pub weights: WeightsConfig,
+}
+
+/// `[weights]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightsConfig {
+    /// Look for weight files at all. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Directories to search, replacing the defaults (Hugging Face caches, Ollama stores,
+    /// /models, /opt/models, /srv/models, /data/models) when given.
+    #[serde(default)]
+    pub roots: Option<Vec<PathBuf>>,
+    /// Seconds between two scans of the roots. Default 60.
+    #[serde(default = "default_weights_scan_interval_secs")]
+    pub scan_interval_secs: u64,
+    /// Read rate for fingerprinting (sha256), MB per second; 0 = unlimited. Default 100.
+    #[serde(default = "default_hash_rate_mb_per_sec")]
+    pub hash_rate_mb_per_sec: u64,
+    /// Seconds between two full inventories sent to the collector (changes are sent at once).
+    /// Default 3600.
+    #[serde(default = "default_full_inventory_secs")]
+    pub full_inventory_secs: u64,
+    /// Directory of the agent's state (the fingerprint cache). Default: the spool's parent
+    /// directory.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for WeightsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            roots: None,
+            scan_interval_secs: default_weights_scan_interval_secs(),
+            hash_rate_mb_per_sec: default_hash_rate_mb_per_sec(),
+            full_inventory_secs: default_full_inventory_secs(),
+            state_dir: None,
+        }
+    }
+}
+
+fn default_weights_scan_interval_secs() -> u64 {
+    60
+}
+fn default_hash_rate_mb_per_sec() -> u64 {
+    100
+}
+fn default_full_inventory_secs() -> u64 {
+    3600
 }
 
 /// `[processes]`.
@@ -389,6 +442,34 @@ impl AgentConfig {
                 "gpu.retry_secs",
                 format!("{} is out of range 1..=86400", self.gpu.retry_secs),
             );
+        }
+        if !(1..=86_400).contains(&self.weights.scan_interval_secs) {
+            p.push(
+                "weights.scan_interval_secs",
+                format!(
+                    "{} is out of range 1..=86400",
+                    self.weights.scan_interval_secs
+                ),
+            );
+        }
+        if !(60..=604_800).contains(&self.weights.full_inventory_secs) {
+            p.push(
+                "weights.full_inventory_secs",
+                format!(
+                    "{} is out of range 60..=604800",
+                    self.weights.full_inventory_secs
+                ),
+            );
+        }
+        if let Some(roots) = &self.weights.roots {
+            for (i, r) in roots.iter().enumerate() {
+                if !r.is_absolute() {
+                    p.push(
+                        &format!("weights.roots[{i}]"),
+                        format!("{} must be an absolute path", r.display()),
+                    );
+                }
+            }
         }
         if self.budget.max_rss_bytes < 16 * 1024 * 1024 {
             p.push(

@@ -14,6 +14,7 @@ use crate::budget::{Budget, BudgetReading, WorkLevel};
 use crate::collect::gpu::{GpuCollector, GpuReport};
 use crate::collect::host::HostCollector;
 use crate::collect::procs::{ProcessCollector, ProcessSample};
+use crate::collect::weights::inventory::WeightsHandle;
 use crate::config::{AgentConfig, BudgetConfig, GpuConfig, ProcessesConfig};
 
 /// Top-N processes used while over budget.
@@ -40,6 +41,7 @@ pub struct Observer {
     procs: ProcessCollector,
     budget: Budget,
     top_n: usize,
+    weights: Option<WeightsHandle>,
 }
 
 impl Observer {
@@ -74,7 +76,14 @@ impl Observer {
             procs: ProcessCollector::new(),
             budget: Budget::new(budget.max_rss_bytes, budget.max_cpu_percent),
             top_n: processes.top_n,
+            weights: None,
         }
+    }
+
+    /// Mark the users of these weight files as interesting processes, and slow their
+    /// fingerprinting down when over budget.
+    pub fn set_weights(&mut self, weights: WeightsHandle) {
+        self.weights = Some(weights);
     }
 
     /// Node facts for `NodeInfo` (OS, kernel, boot time, CPUs).
@@ -97,17 +106,27 @@ impl Observer {
                 devices: vec![],
             },
         };
-        let interesting: Vec<(u32, ProcessReason)> = gpu
+        let mut interesting: Vec<(u32, ProcessReason)> = gpu
             .pids()
             .into_iter()
             .map(|pid| (pid, ProcessReason::Gpu))
             .collect();
+        if let Some(w) = &self.weights {
+            interesting.extend(
+                w.user_pids()
+                    .into_iter()
+                    .map(|pid| (pid, ProcessReason::Weights)),
+            );
+        }
         let top_n = match self.budget.level() {
             WorkLevel::Full => self.top_n,
             WorkLevel::Reduced => self.top_n.min(REDUCED_TOP_N),
         };
         let processes = self.procs.sample(now, top_n, &interesting);
         let budget = self.budget.check(Instant::now());
+        if let Some(w) = &self.weights {
+            w.set_reduced(budget.level == WorkLevel::Reduced);
+        }
         Observation {
             host,
             gpu,

@@ -2,6 +2,7 @@
 //! report, append it durably to the spool) and the sender (deliver the spool's oldest report,
 //! delete it only after the collector's ack, reconnect with backoff, fail over between URLs).
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::collect::gpu::GpuCollector;
+use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner, link_gpus};
 use crate::config::AgentConfig;
 use crate::observe::Observer;
 use crate::spool::{GapKind, GapRange, Spool, SpoolError};
@@ -112,16 +114,62 @@ impl Agent {
                 "agent started"
             );
         }
+        let weights = self.start_weights();
         let sender = tokio::spawn(self.clone().send_loop(tls, shutdown.clone()));
-        let built = self.build_loop(shutdown.clone()).await;
+        let built = self
+            .build_loop(shutdown.clone(), weights.as_ref().map(|w| w.0.clone()))
+            .await;
         shutdown.cancel();
         let sent = sender.await.map_err(|e| AgentError::Join(e.to_string()));
+        if let Some((_, stop, thread)) = weights {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         built?;
         sent??;
         Ok(())
     }
 
-    async fn build_loop(&self, shutdown: CancellationToken) -> Result<(), AgentError> {
+    /// Start the weight scanner thread when enabled.
+    fn start_weights(
+        &self,
+    ) -> Option<(
+        WeightsHandle,
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )> {
+        let cfg = &self.config.weights;
+        if !cfg.enabled {
+            return None;
+        }
+        let state_dir = cfg.state_dir.clone().unwrap_or_else(|| {
+            self.config
+                .spool_dir
+                .parent()
+                .map_or_else(|| self.config.spool_dir.clone(), Path::to_path_buf)
+        });
+        let handle = WeightsHandle::default();
+        let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone());
+        lock(&self.observer).set_weights(handle.clone());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        match std::thread::Builder::new()
+            .name("sov-weights".into())
+            .spawn(move || scanner.run(s))
+        {
+            Ok(thread) => Some((handle, stop, thread)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the weight scanner; weights will not be reported");
+                None
+            }
+        }
+    }
+
+    async fn build_loop(
+        &self,
+        shutdown: CancellationToken,
+        weights: Option<WeightsHandle>,
+    ) -> Result<(), AgentError> {
         let mut node_info = pb::NodeInfo {
             node: self.node.clone(),
             hostname: crate::config::local_hostname(),
@@ -149,6 +197,12 @@ impl Agent {
             .await
             .map_err(|e| AgentError::Join(e.to_string()))?;
             let stats = self.spool_stats();
+            let full_every = Duration::from_secs(self.config.weights.full_inventory_secs);
+            let mut update = weights
+                .as_ref()
+                .map(|w| w.take_update(std::time::Instant::now(), full_every))
+                .unwrap_or_default();
+            link_gpus(&mut update.files, &obs.gpu.devices);
             let report = pb::Report {
                 epoch: stats.epoch,
                 seq: 0,
@@ -165,6 +219,9 @@ impl Agent {
                 gpu_state: Some(obs.gpu.state),
                 gpus: obs.gpu.devices,
                 processes: obs.processes.processes,
+                weight_inventory_full: update.full,
+                weight_files: update.files,
+                weight_files_removed: update.removed,
                 ..Default::default()
             };
             let spool = self.spool.clone();

@@ -17,6 +17,50 @@ use crate::observe::{Observation, Observer};
 /// How long scan waits between its two observations (CPU shares are differences).
 pub const DEFAULT_SCAN_WINDOW: Duration = Duration::from_millis(1000);
 
+/// A weight file as `scan --json` prints it.
+pub fn weight_json(w: &pb::WeightFile) -> Value {
+    let id = w.identity.clone().unwrap_or_default();
+    let st = w.storage.clone().unwrap_or_default();
+    let format = match pb::WeightFormat::try_from(w.format) {
+        Ok(pb::WeightFormat::Safetensors) => "safetensors",
+        Ok(pb::WeightFormat::Gguf) => "gguf",
+        Ok(pb::WeightFormat::PytorchZip) => "pytorch",
+        Ok(pb::WeightFormat::Torchscript) => "torchscript",
+        Ok(pb::WeightFormat::Pickle) => "pickle",
+        Ok(pb::WeightFormat::Onnx) => "onnx",
+        _ => "unknown",
+    };
+    json!({
+        "path": w.path,
+        "format": format,
+        "model": id.model,
+        "revision": id.revision,
+        "refs": id.refs,
+        "repo_path": id.repo_path,
+        "identity_source": id.source,
+        "publisher": id.publisher,
+        "sha256": if w.sha256.is_empty() { Value::Null } else { json!(w.sha256) },
+        "size": w.size_bytes,
+        "params": (w.parameter_count > 0).then_some(w.parameter_count),
+        "tensors": w.tensor_count,
+        "dtypes": w.dtypes,
+        "storage": if st.network { st.fs_type.clone() } else { "local".to_owned() },
+        "fs_type": st.fs_type,
+        "mount_point": st.mount_point,
+        "server": st.server_address,
+        "shard": (w.shard_count > 0).then(|| json!({"index": w.shard_index, "count": w.shard_count, "set": w.shard_set})),
+        "aliases": w.aliases,
+        "metadata": w.metadata,
+        "users": w.users.iter().map(|u| json!({
+            "pid": u.pid,
+            "process": u.process,
+            "gpus": u.gpu_uuids,
+            "mapped": u.mapped,
+            "open": u.open,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 /// Observe twice, `window` apart, and return the second observation with the node facts.
 pub fn snapshot(observer: &mut Observer, window: Duration) -> (Observation, pb::NodeInfo) {
     let mut info = pb::NodeInfo {
@@ -51,6 +95,58 @@ pub fn gpu_state_name(state: &pb::GpuState) -> &'static str {
 
 fn round1(v: f32) -> f64 {
     (f64::from(v) * 10.0).round() / 10.0
+}
+
+/// The snapshot as the documented JSON object, with the weight files found.
+pub fn to_json_with_weights(
+    obs: &Observation,
+    info: &pb::NodeInfo,
+    weights: &[pb::WeightFile],
+    errors: &[(String, String)],
+) -> Value {
+    let mut v = to_json(obs, info);
+    v["weights"] = Value::Array(weights.iter().map(weight_json).collect());
+    v["weight_errors"] = Value::Array(
+        errors
+            .iter()
+            .map(|(p, e)| json!({"path": p, "error": e}))
+            .collect(),
+    );
+    v
+}
+
+/// The weight files as text for people.
+pub fn weights_table(weights: &[pb::WeightFile], errors: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "WEIGHTS ({} files)", weights.len());
+    for w in weights {
+        let j = weight_json(w);
+        let sha = w.sha256.get(..12).unwrap_or("-");
+        let users: Vec<String> = w
+            .users
+            .iter()
+            .map(|u| format!("{}({})", u.process, u.pid))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {:<40} {:<11} {:>10} {:<12} {:<8} {}{}",
+            j["model"].as_str().unwrap_or(""),
+            j["format"].as_str().unwrap_or(""),
+            human_bytes(w.size_bytes),
+            sha,
+            j["storage"].as_str().unwrap_or(""),
+            w.path,
+            if users.is_empty() {
+                String::new()
+            } else {
+                format!("  used by {}", users.join(", "))
+            }
+        );
+    }
+    for (p, e) in errors {
+        let _ = writeln!(out, "  REFUSED {p}: {e}");
+    }
+    out
 }
 
 /// The snapshot as the documented JSON object.

@@ -106,6 +106,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
         processes: Default::default(),
         gpu: Default::default(),
         budget: Default::default(),
+        weights: Default::default(),
     };
     let problems = agent_cfg.validate();
     if !problems.is_empty() {

@@ -9,7 +9,7 @@ use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Role};
-use crate::store::{GapRecord, IncomingReport, IngestOutcome, Store, Telemetry};
+use crate::store::{GapRecord, IncomingReport, IngestOutcome, Store, Telemetry, WeightUpdate};
 
 /// Most gap records one report may carry.
 pub const MAX_GAPS_PER_REPORT: usize = 10_000;
@@ -135,6 +135,11 @@ impl pb::ingest_server::Ingest for IngestService {
                 gpu_state: report.gpu_state.clone(),
                 gpus: report.gpus.clone(),
                 processes: report.processes.clone(),
+                weights: WeightUpdate {
+                    full: report.weight_inventory_full,
+                    files: report.weight_files.clone(),
+                    removed: report.weight_files_removed.clone(),
+                },
             },
             gaps: report
                 .gaps

@@ -59,6 +59,97 @@ pub enum Output {
 enum Command {
     /// Every node: where it is, when it last reported, and whether reports are missing.
     Nodes,
+    /// Every model whose weights reside somewhere: copies (node, site, country, path, storage)
+    /// and the processes and GPUs using them.
+    Models {
+        /// Only models matching: an exact sha256, or part of the model name / repository id.
+        query: Option<String>,
+    },
+}
+
+/// Columns of `sovctl models` as a table or CSV.
+pub const MODEL_COLUMNS: [&str; 9] = [
+    "model",
+    "format",
+    "sha256",
+    "size",
+    "params",
+    "copies",
+    "countries",
+    "users",
+    "revision",
+];
+
+/// One model as the JSON object `sovctl models --output json` prints.
+pub fn model_json(m: &pb::ModelSummary) -> Value {
+    let mut countries: Vec<&str> = m.copies.iter().map(|c| c.country.as_str()).collect();
+    countries.sort_unstable();
+    countries.dedup();
+    json!({
+        "model": m.model,
+        "identity_source": m.identity_source,
+        "format": m.format,
+        "sha256": m.sha256,
+        "size": m.size_bytes,
+        "params": (m.parameter_count > 0).then_some(m.parameter_count),
+        "revision": m.revision,
+        "repo_path": m.repo_path,
+        "publisher": m.publisher,
+        "copies": m.copies.iter().map(|c| json!({
+            "node": c.node,
+            "site": c.site,
+            "country": c.country,
+            "path": c.path,
+            "storage": c.storage,
+            "server": c.server,
+            "mount_point": c.mount_point,
+            "first_seen": rfc3339(c.first_seen_unix_ms),
+            "last_seen": rfc3339(c.last_seen_unix_ms),
+        })).collect::<Vec<_>>(),
+        "users": m.users.iter().map(|u| json!({
+            "node": u.node,
+            "pid": u.pid,
+            "process": u.process,
+            "gpus": u.gpus,
+            "path": u.path,
+        })).collect::<Vec<_>>(),
+        "countries": countries.join(" "),
+    })
+}
+
+/// A model row flattened for tables and CSV (counts instead of arrays, short sha).
+fn model_row(m: &pb::ModelSummary) -> Value {
+    let mut v = model_json(m);
+    v["copies"] = json!(m.copies.len());
+    v["users"] = json!(m.users.len());
+    if let Some(short) = m.sha256.get(..12) {
+        v["sha256"] = json!(short);
+    }
+    v
+}
+
+/// Fetch every model matching `query`, page by page.
+pub async fn fetch_models(
+    client: &mut QueryClient<tonic::transport::Channel>,
+    query: &str,
+) -> Result<Vec<pb::ModelSummary>, tonic::Status> {
+    let mut all = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = client
+            .list_models(pb::ListModelsRequest {
+                query: query.to_owned(),
+                limit: PAGE,
+                after: after.clone(),
+            })
+            .await?
+            .into_inner();
+        all.extend(page.models);
+        if page.next_after.is_empty() || page.next_after == after {
+            return Ok(all);
+        }
+        after = page.next_after;
+    }
 }
 
 /// RFC 3339 UTC text of a Unix millisecond time ("" for 0).
@@ -245,6 +336,17 @@ async fn run(cli: Cli) -> Result<String, String> {
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
             let rows: Vec<Value> = nodes.iter().map(node_json).collect();
             Ok(render(&rows, &NODE_COLUMNS, cli.output))
+        }
+        Command::Models { query } => {
+            let models = fetch_models(&mut client, query.as_deref().unwrap_or(""))
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            let rows: Vec<Value> = if cli.output == Output::Json {
+                models.iter().map(model_json).collect()
+            } else {
+                models.iter().map(model_row).collect()
+            };
+            Ok(render(&rows, &MODEL_COLUMNS, cli.output))
         }
     }
 }

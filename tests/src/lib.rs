@@ -170,6 +170,11 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
         processes: Default::default(),
         gpu: Default::default(),
         budget: Default::default(),
+        // No roots: tests that want weights set their own, so the host's models stay out.
+        weights: sov_agent::config::WeightsConfig {
+            roots: Some(vec![]),
+            ..Default::default()
+        },
     }
 }
 
@@ -182,8 +187,17 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
         .map(|(k, v)| format!("{k:?} = {v:?}\n"))
         .collect();
     let urls: Vec<String> = cfg.collector.iter().map(|u| format!("{u:?}")).collect();
+    let roots: Vec<String> = cfg
+        .weights
+        .roots
+        .iter()
+        .flatten()
+        .map(|r| format!("{r:?}"))
+        .collect();
     let text = format!(
-        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n",
+        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\n",
+        roots = roots.join(", "),
+        scan = cfg.weights.scan_interval_secs,
         urls = urls.join(", "),
         interval = cfg.interval_secs,
         spool = cfg.spool_dir,

@@ -11,3 +11,4 @@
 pub mod gpu;
 pub mod host;
 pub mod procs;
+pub mod weights;

@@ -30,6 +30,16 @@ impl QueryService {
     }
 }
 
+impl QueryService {
+    /// The page size for a request's `limit` (0 = default), capped by the server.
+    fn page(&self, requested: u32) -> u32 {
+        match requested {
+            0 => DEFAULT_PAGE.min(self.max_page),
+            n => n.min(self.max_page),
+        }
+    }
+}
+
 impl From<NodeRow> for pb::NodeSummary {
     fn from(n: NodeRow) -> Self {
         Self {
@@ -61,6 +71,35 @@ impl From<NodeRow> for pb::NodeSummary {
 
 #[tonic::async_trait]
 impl pb::query_server::Query for QueryService {
+    async fn list_models(
+        &self,
+        req: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let id = auth::identity_from_request(&req, &self.trust_domain)?;
+        auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.ListModels")?;
+        let r = req.into_inner();
+        if r.query.len() > 256 {
+            return Err(Status::invalid_argument(
+                "query is longer than 256 characters",
+            ));
+        }
+        let limit = self.page(r.limit);
+        let mut models = self
+            .store
+            .list_models(&r.query, &r.after, limit.saturating_add(1))
+            .await
+            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?;
+        let more = models.len() > limit as usize;
+        models.truncate(limit as usize);
+        let next_after = if more {
+            models.last().map(|m| m.key.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        tracing::info!(who = %id.name, role = %id.role, call = "ListModels", query = %r.query, rows = models.len(), "query");
+        Ok(Response::new(pb::ListModelsResponse { models, next_after }))
+    }
+
     async fn list_nodes(
         &self,
         req: Request<pb::ListNodesRequest>,
@@ -68,10 +107,7 @@ impl pb::query_server::Query for QueryService {
         let id = auth::identity_from_request(&req, &self.trust_domain)?;
         auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.ListNodes")?;
         let r = req.into_inner();
-        let limit = match r.limit {
-            0 => DEFAULT_PAGE.min(self.max_page),
-            n => n.min(self.max_page),
-        };
+        let limit = self.page(r.limit);
         // One extra row tells whether another page follows.
         let mut rows = self
             .store

@@ -73,6 +73,19 @@ pub struct Telemetry {
     pub gpus: Vec<sov_proto::pb::GpuSample>,
     /// Processes reported (names for GPU usage rows).
     pub processes: Vec<sov_proto::pb::ProcessInfo>,
+    /// Weight file inventory carried by the report.
+    pub weights: WeightUpdate,
+}
+
+/// A report's weight inventory: complete, or the changes since the previous report.
+#[derive(Debug, Clone, Default)]
+pub struct WeightUpdate {
+    /// `files` is the node's complete inventory.
+    pub full: bool,
+    /// Files added or changed (or all, when `full`).
+    pub files: Vec<sov_proto::pb::WeightFile>,
+    /// Paths removed since the previous report.
+    pub removed: Vec<String>,
 }
 
 /// Rows removed by [`Store::prune`].
@@ -196,6 +209,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Nodes sorted by name, starting after `after`, at most `limit`.
     async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError>;
+
+    /// Distinct weight file contents that reside somewhere now, with copies and users, sorted
+    /// by key, starting after `after`; `query` filters (exact sha256, or a model substring).
+    async fn list_models(
+        &self,
+        query: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError>;
 
     /// Delete time series rows observed before `before_unix_ms` (bounded retention).
     async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError>;

@@ -16,7 +16,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 2] = [SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: [&str; 3] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS nodes (
@@ -252,6 +252,126 @@ fn insert_telemetry(
     Ok(())
 }
 
+/// Weight file inventory per node (issue: where each model's weights reside).
+const SCHEMA_V3: &str = r#"
+CREATE TABLE weight_files (
+    node            TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    format          TEXT NOT NULL,
+    size_bytes      INTEGER NOT NULL,
+    mtime_ms        INTEGER NOT NULL,
+    device          INTEGER NOT NULL,
+    inode           INTEGER NOT NULL,
+    sha256          TEXT NOT NULL,
+    model           TEXT NOT NULL,
+    revision        TEXT NOT NULL,
+    repo_path       TEXT NOT NULL,
+    identity_source TEXT NOT NULL,
+    publisher       TEXT NOT NULL,
+    parameter_count INTEGER NOT NULL,
+    mount_point     TEXT NOT NULL,
+    fs_type         TEXT NOT NULL,
+    network         INTEGER NOT NULL,
+    server_address  TEXT NOT NULL,
+    users           TEXT NOT NULL,
+    detail          BLOB NOT NULL,
+    first_seen_ms   INTEGER NOT NULL,
+    last_seen_ms    INTEGER NOT NULL,
+    removed_ms      INTEGER,
+    PRIMARY KEY (node, path)
+) WITHOUT ROWID;
+CREATE INDEX weight_files_by_sha ON weight_files (sha256);
+CREATE INDEX weight_files_by_model ON weight_files (model);
+"#;
+
+fn format_name(code: i32) -> &'static str {
+    use sov_proto::pb::WeightFormat as F;
+    match F::try_from(code) {
+        Ok(F::Safetensors) => "safetensors",
+        Ok(F::Gguf) => "gguf",
+        Ok(F::PytorchZip) => "pytorch",
+        Ok(F::Torchscript) => "torchscript",
+        Ok(F::Pickle) => "pickle",
+        Ok(F::Onnx) => "onnx",
+        _ => "unknown",
+    }
+}
+
+/// Apply a report's weight inventory: upsert what it carries, mark what went away.
+fn apply_weights(tx: &rusqlite::Transaction<'_>, r: &IncomingReport) -> Result<(), StoreError> {
+    let w = &r.telemetry.weights;
+    if !w.full && w.files.is_empty() && w.removed.is_empty() {
+        return Ok(());
+    }
+    let at = r.received_unix_ms;
+    for f in &w.files {
+        let id = f.identity.clone().unwrap_or_default();
+        let st = f.storage.clone().unwrap_or_default();
+        let users: Vec<serde_json::Value> = f
+            .users
+            .iter()
+            .map(|u| serde_json::json!({"pid": u.pid, "process": u.process, "gpus": u.gpu_uuids, "mapped": u.mapped, "open": u.open}))
+            .collect();
+        tx.execute(
+            "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model, revision,
+                 repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network, server_address,
+                 users, detail, first_seen_ms, last_seen_ms, removed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?21, NULL)
+             ON CONFLICT (node, path) DO UPDATE SET
+                format = excluded.format, size_bytes = excluded.size_bytes, mtime_ms = excluded.mtime_ms,
+                device = excluded.device, inode = excluded.inode,
+                sha256 = CASE WHEN excluded.sha256 = '' AND size_bytes = excluded.size_bytes AND mtime_ms = excluded.mtime_ms
+                              THEN sha256 ELSE excluded.sha256 END,
+                model = excluded.model, revision = excluded.revision, repo_path = excluded.repo_path,
+                identity_source = excluded.identity_source, publisher = excluded.publisher,
+                parameter_count = excluded.parameter_count, mount_point = excluded.mount_point,
+                fs_type = excluded.fs_type, network = excluded.network, server_address = excluded.server_address,
+                users = excluded.users, detail = excluded.detail, last_seen_ms = excluded.last_seen_ms,
+                first_seen_ms = CASE WHEN removed_ms IS NULL THEN first_seen_ms ELSE excluded.first_seen_ms END,
+                removed_ms = NULL",
+            params![
+                r.node,
+                f.path,
+                format_name(f.format),
+                to_i64(f.size_bytes, "weight size")?,
+                f.mtime_unix_ms,
+                f.device as i64,
+                f.inode as i64,
+                f.sha256,
+                id.model,
+                id.revision,
+                id.repo_path,
+                id.source,
+                id.publisher,
+                to_i64(f.parameter_count, "parameter_count")?,
+                st.mount_point,
+                st.fs_type,
+                st.network,
+                st.server_address,
+                serde_json::Value::Array(users).to_string(),
+                prost::Message::encode_to_vec(f),
+                at
+            ],
+        )
+        .map_err(sql("upsert weight file"))?;
+    }
+    for path in &w.removed {
+        tx.execute(
+            "UPDATE weight_files SET removed_ms = ?3 WHERE node = ?1 AND path = ?2 AND removed_ms IS NULL",
+            params![r.node, path, at],
+        )
+        .map_err(sql("mark weight file removed"))?;
+    }
+    if w.full {
+        tx.execute(
+            "UPDATE weight_files SET removed_ms = ?2 WHERE node = ?1 AND removed_ms IS NULL AND last_seen_ms < ?2",
+            params![r.node, at],
+        )
+        .map_err(sql("mark unlisted weight files removed"))?;
+    }
+    Ok(())
+}
+
 /// Apply every migration after `from`, each with its version bump in one transaction.
 fn migrate(conn: &mut Connection, from: i64) -> Result<(), StoreError> {
     for (i, step) in MIGRATIONS
@@ -411,6 +531,7 @@ impl SqliteStore {
             .map_err(sql("insert gap"))?;
         }
         insert_telemetry(&tx, r, epoch)?;
+        apply_weights(&tx, r)?;
         tx.commit().map_err(sql("commit"))?;
         Ok(IngestOutcome::Stored)
     }
@@ -481,6 +602,102 @@ impl SqliteStore {
             .map_err(sql("read node row"))
     }
 
+    fn list_models_blocking(
+        conn: &Connection,
+        query: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError> {
+        use sov_proto::pb;
+        let sha_query = query.len() == 64 && query.bytes().all(|b| b.is_ascii_hexdigit());
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
+                        publisher, parameter_count, mount_point, fs_type, network, server_address, users,
+                        first_seen_ms, last_seen_ms, site, country
+                 FROM (SELECT w.*, COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
+                              CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
+                                   ELSE w.model || '|~' || w.node || ':' || w.path END AS k
+                       FROM weight_files w LEFT JOIN nodes n ON n.node = w.node
+                       WHERE w.removed_ms IS NULL)
+                 WHERE k > ?1
+                   AND (?2 = '' OR (?3 AND sha256 = lower(?2)) OR (NOT ?3 AND instr(lower(model), lower(?2)) > 0))
+                 ORDER BY k, node, path",
+            )
+            .map_err(sql("prepare list models"))?;
+        let mut rows = stmt
+            .query(params![after, query, sha_query])
+            .map_err(sql("list models"))?;
+        let mut out: Vec<pb::ModelSummary> = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("read model row"))? {
+            let key: String = row.get(0).map_err(sql("read model key"))?;
+            let get = |i: usize| -> Result<String, StoreError> {
+                row.get(i).map_err(sql("read model row"))
+            };
+            let num =
+                |i: usize| -> Result<i64, StoreError> { row.get(i).map_err(sql("read model row")) };
+            if out.last().map(|m| m.key.as_str()) != Some(key.as_str()) {
+                if out.len() >= limit as usize {
+                    break;
+                }
+                out.push(pb::ModelSummary {
+                    key: key.clone(),
+                    model: get(6)?,
+                    identity_source: get(9)?,
+                    format: get(3)?,
+                    sha256: get(5)?,
+                    size_bytes: u64::try_from(num(4)?).unwrap_or(0),
+                    parameter_count: u64::try_from(num(11)?).unwrap_or(0),
+                    revision: get(7)?,
+                    repo_path: get(8)?,
+                    publisher: get(10)?,
+                    copies: vec![],
+                    users: vec![],
+                });
+            }
+            let Some(m) = out.last_mut() else { continue };
+            let node = get(1)?;
+            let path = get(2)?;
+            let network = num(14)? != 0;
+            m.copies.push(pb::ModelCopy {
+                node: node.clone(),
+                site: get(19)?,
+                country: get(20)?,
+                path: path.clone(),
+                storage: if network {
+                    get(13)?
+                } else {
+                    "local".to_owned()
+                },
+                server: get(15)?,
+                first_seen_unix_ms: num(17)?,
+                last_seen_unix_ms: num(18)?,
+                mount_point: get(12)?,
+            });
+            let users: Vec<serde_json::Value> = serde_json::from_str(&get(16)?).unwrap_or_default();
+            for u in users {
+                m.users.push(pb::ModelUser {
+                    node: node.clone(),
+                    pid: u["pid"]
+                        .as_u64()
+                        .and_then(|p| u32::try_from(p).ok())
+                        .unwrap_or(0),
+                    process: u["process"].as_str().unwrap_or("").to_owned(),
+                    gpus: u["gpus"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|g| g.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     fn prune_blocking(
         conn: &mut Connection,
         before_unix_ms: i64,
@@ -526,6 +743,21 @@ impl Store for SqliteStore {
         let after = after.to_owned();
         tokio::task::spawn_blocking(move || {
             Self::list_nodes_blocking(&lock(&reader), &after, limit)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn list_models(
+        &self,
+        query: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError> {
+        let reader = self.reader.clone();
+        let (query, after) = (query.to_owned(), after.to_owned());
+        tokio::task::spawn_blocking(move || {
+            Self::list_models_blocking(&lock(&reader), &query, &after, limit)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -719,6 +951,7 @@ mod tests {
                 exe: "/usr/bin/python3".into(),
                 ..Default::default()
             }],
+            weights: Default::default(),
         }
     }
 
@@ -813,6 +1046,164 @@ mod tests {
         r.telemetry = telemetry();
         assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 2);
+    }
+
+    fn weight(path: &str, model: &str, sha: &str) -> pb::WeightFile {
+        pb::WeightFile {
+            path: path.into(),
+            format: pb::WeightFormat::Safetensors as i32,
+            size_bytes: 1000,
+            mtime_unix_ms: 5,
+            sha256: sha.into(),
+            parameter_count: 250,
+            identity: Some(pb::ModelIdentity {
+                model: model.into(),
+                source: "hf-cache".into(),
+                ..Default::default()
+            }),
+            storage: Some(pb::StorageLocation {
+                fs_type: "nfs4".into(),
+                network: true,
+                server_address: "10.0.0.5".into(),
+                mount_point: "/models".into(),
+                ..Default::default()
+            }),
+            users: vec![pb::WeightUser {
+                pid: 77,
+                process: "vllm".into(),
+                mapped: true,
+                gpu_uuids: vec!["GPU-0".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    async fn inventory(
+        store: &SqliteStore,
+        node: &str,
+        seq: u64,
+        full: bool,
+        files: Vec<pb::WeightFile>,
+        removed: Vec<String>,
+    ) {
+        let mut r = report(node, 1, seq);
+        r.telemetry.weights = crate::store::WeightUpdate {
+            full,
+            files,
+            removed,
+        };
+        store.ingest(r).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn copies_of_one_model_on_two_nodes_are_listed_together_with_their_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let sha = "a".repeat(64);
+        inventory(
+            &store,
+            "a",
+            1,
+            true,
+            vec![
+                weight("/models/x.safetensors", "org/x", &sha),
+                weight("/models/y.gguf", "y", ""),
+            ],
+            vec![],
+        )
+        .await;
+        inventory(
+            &store,
+            "b",
+            1,
+            true,
+            vec![weight("/srv/x.safetensors", "org/x", &sha)],
+            vec![],
+        )
+        .await;
+        let all = store.list_models("", "", 10).await.unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        let x = all.iter().find(|m| m.model == "org/x").unwrap();
+        assert_eq!(x.copies.len(), 2);
+        assert_eq!(
+            (
+                x.copies[0].node.as_str(),
+                x.copies[0].storage.as_str(),
+                x.copies[0].server.as_str()
+            ),
+            ("a", "nfs4", "10.0.0.5")
+        );
+        assert_eq!(x.copies[0].country, "MA");
+        assert_eq!(x.users.len(), 2);
+        assert_eq!(
+            (x.users[0].pid, x.users[0].gpus.clone()),
+            (77, vec!["GPU-0".to_owned()])
+        );
+        assert_eq!((x.format.as_str(), x.parameter_count), ("safetensors", 250));
+        // Lookup by sha256 and by name; paging by key.
+        assert_eq!(store.list_models(&sha, "", 10).await.unwrap().len(), 1);
+        assert_eq!(store.list_models("ORG/", "", 10).await.unwrap().len(), 1);
+        let first = store.list_models("", "", 1).await.unwrap();
+        let rest = store.list_models("", &first[0].key, 10).await.unwrap();
+        assert_eq!(first.len() + rest.len(), 2);
+        assert_ne!(first[0].key, rest[0].key);
+    }
+
+    #[tokio::test]
+    async fn deltas_add_and_remove_and_a_full_inventory_removes_what_it_does_not_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        inventory(
+            &store,
+            "a",
+            1,
+            true,
+            vec![weight("/m/1", "one", ""), weight("/m/2", "two", "")],
+            vec![],
+        )
+        .await;
+        inventory(
+            &store,
+            "a",
+            2,
+            false,
+            vec![weight("/m/3", "three", "")],
+            vec!["/m/1".into()],
+        )
+        .await;
+        let names = |v: Vec<pb::ModelSummary>| v.into_iter().map(|m| m.model).collect::<Vec<_>>();
+        assert_eq!(
+            names(store.list_models("", "", 10).await.unwrap()),
+            ["three", "two"]
+        );
+        inventory(
+            &store,
+            "a",
+            3,
+            true,
+            vec![weight("/m/3", "three", "")],
+            vec![],
+        )
+        .await;
+        assert_eq!(
+            names(store.list_models("", "", 10).await.unwrap()),
+            ["three"]
+        );
+        // A file that comes back is current again.
+        inventory(
+            &store,
+            "a",
+            4,
+            false,
+            vec![weight("/m/1", "one", "")],
+            vec![],
+        )
+        .await;
+        assert_eq!(
+            names(store.list_models("", "", 10).await.unwrap()),
+            ["one", "three"]
+        );
     }
 
     #[test]

@@ -1,0 +1,17 @@
+//! Model weight files: where they physically reside, what model they are, who uses them.
+//!
+//! - [`discover`]: default roots and the bounded walk (readdir + stat only);
+//! - [`formats`]: content sniffing and header parsing, one file per format, hostile-input safe;
+//! - [`identity`]: Hugging Face cache layout, Ollama manifests, directory names, shards;
+//! - [`storage`]: mountinfo → filesystem, local or network, and the storage server;
+//! - [`users`]: processes that map or hold each file open (`/proc/<pid>/maps`, `fd/`);
+//! - [`hash`]: streaming sha256 under an IO rate limit, and the persistent fingerprint cache;
+//! - [`inventory`]: the scanner thread and the inventory the report builder takes updates from.
+
+pub mod discover;
+pub mod formats;
+pub mod hash;
+pub mod identity;
+pub mod inventory;
+pub mod storage;
+pub mod users;
