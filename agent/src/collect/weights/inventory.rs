@@ -17,7 +17,7 @@ use sov_proto::pb;
 use super::discover::{self, Candidate};
 use super::formats::{self, Format, Parsed};
 use super::hash::{self, HashCache, RateLimiter};
-use super::identity::{self, Identity, IdentitySource, OllamaIndex};
+use super::identity::{self, Identifier, Identity, IdentitySource};
 use super::storage::{self, MountTable};
 use super::users;
 use crate::config::WeightsConfig;
@@ -174,31 +174,23 @@ fn format_code(f: Format) -> pb::WeightFormat {
     }
 }
 
-/// The identity of a file: the cache layout first, then what the file says, then its directory.
-fn identify(c: &Candidate, parsed: &Parsed, ollama: &[OllamaIndex]) -> Identity {
-    if let Some(id) = identity::from_hf_cache(&c.path) {
-        return id;
-    }
-    for idx in ollama {
-        if let Some(id) = idx.lookup(&c.real_path).or_else(|| idx.lookup(&c.path)) {
-            return id;
-        }
-    }
+/// The identity a file's own header claims (GGUF `general.name`), offered to the chain after
+/// the cache layouts (Hugging Face, Ollama) and before the directory name.
+fn header_identity(parsed: &Parsed) -> Option<Identity> {
     let meta = &parsed.header.metadata;
-    if parsed.format == Format::Gguf
-        && let Some(name) = meta.get("general.name").filter(|n| !n.is_empty())
-    {
-        return Identity {
-            model: name.clone(),
-            source: IdentitySource::GgufMetadata,
-            publisher: meta
-                .get("general.organization")
-                .cloned()
-                .unwrap_or_default(),
-            ..Default::default()
-        };
+    if parsed.format != Format::Gguf {
+        return None;
     }
-    identity::from_directory(&c.path)
+    let name = meta.get("general.name").filter(|n| !n.is_empty())?;
+    Some(Identity {
+        model: name.clone(),
+        source: IdentitySource::GgufMetadata,
+        publisher: meta
+            .get("general.organization")
+            .cloned()
+            .unwrap_or_default(),
+        ..Default::default()
+    })
 }
 
 impl WeightsScanner {
@@ -230,12 +222,9 @@ impl WeightsScanner {
             discover::DEFAULT_MAX_DEPTH,
             discover::DEFAULT_MAX_FILES,
         );
-        let ollama: Vec<OllamaIndex> = roots
-            .iter()
-            .filter(|r| r.join("manifests").is_dir() || r.join("manifests-v2").is_dir())
-            .map(|r| OllamaIndex::load(r))
-            .collect();
-        let mounts = MountTable::load().unwrap_or_else(|_| MountTable::parse(""));
+        // Built on first need only: a rescan where nothing changed reads no file at all.
+        let mut identifier: Option<Identifier> = None;
+        let mut mounts: Option<MountTable> = None;
         let known: HashMap<String, FileStamp> = {
             let inv = lock(&self.handle.inner);
             inv.entries
@@ -263,10 +252,17 @@ impl WeightsScanner {
             }
             match formats::parse_path(&c.real_path) {
                 Ok(None) => not_weights.push(((c.device, c.inode), stamp)),
-                Ok(Some(parsed)) => fresh.push(Entry {
-                    stamp,
-                    file: self.describe(c, &parsed, &ollama, &mounts),
-                }),
+                Ok(Some(parsed)) => {
+                    let ident = identifier.get_or_insert_with(Identifier::new);
+                    let mounts = mounts.get_or_insert_with(|| {
+                        MountTable::load().unwrap_or_else(|_| MountTable::parse(""))
+                    });
+                    let id = ident.identify_candidate(c, header_identity(&parsed));
+                    fresh.push(Entry {
+                        stamp,
+                        file: describe(c, &parsed, id, mounts),
+                    });
+                }
                 Err(e) => {
                     tracing::debug!(path = %path, error = %e, "weight file refused");
                     errors.push((path, e.to_string()));
@@ -319,71 +315,6 @@ impl WeightsScanner {
         }
         drop(inv);
         self.refresh_users();
-    }
-
-    fn describe(
-        &self,
-        c: &Candidate,
-        parsed: &Parsed,
-        ollama: &[OllamaIndex],
-        mounts: &MountTable,
-    ) -> pb::WeightFile {
-        let id = identify(c, parsed, ollama);
-        let file_name = c
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let (shard_index, shard_count, shard_set) = match identity::shard_of(&file_name) {
-            Some((i, n, base)) => {
-                let dir = c
-                    .path
-                    .parent()
-                    .map(|d| d.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                (i, n, format!("{dir}/{base}"))
-            }
-            None => (0, 0, String::new()),
-        };
-        let storage = mounts
-            .locate(&c.real_path, Some(c.device))
-            .map(storage::location)
-            .unwrap_or_default();
-        pb::WeightFile {
-            path: c.path.to_string_lossy().into_owned(),
-            format: format_code(parsed.format) as i32,
-            size_bytes: c.size,
-            mtime_unix_ms: c.mtime_unix_ms,
-            device: c.device,
-            inode: c.inode,
-            identity: Some(pb::ModelIdentity {
-                model: id.model,
-                revision: id.revision,
-                refs: id.refs,
-                repo_path: id.repo_path,
-                source: id.source.as_str().to_owned(),
-                publisher: id.publisher,
-            }),
-            storage: Some(storage),
-            tensor_count: parsed.header.tensor_count,
-            parameter_count: parsed.header.parameter_count.unwrap_or(0),
-            dtypes: parsed.header.dtypes.clone(),
-            metadata: parsed
-                .header
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            shard_set,
-            shard_index,
-            shard_count,
-            aliases: c
-                .aliases
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
-            ..Default::default()
-        }
     }
 
     /// Which processes have each file open or mapped.
@@ -516,6 +447,64 @@ impl WeightsScanner {
     /// The handle this scanner publishes into.
     pub fn handle(&self) -> WeightsHandle {
         self.handle.clone()
+    }
+}
+
+fn describe(c: &Candidate, parsed: &Parsed, id: Identity, mounts: &MountTable) -> pb::WeightFile {
+    let file_name = c
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (shard_index, shard_count, shard_set) = match identity::shard_of(&file_name) {
+        Some((i, n, base)) => {
+            let dir = c
+                .path
+                .parent()
+                .map(|d| d.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (i, n, format!("{dir}/{base}"))
+        }
+        None => (0, 0, String::new()),
+    };
+    let storage = mounts
+        .locate(&c.real_path, Some(c.device))
+        .map(storage::location)
+        .unwrap_or_default();
+    pb::WeightFile {
+        path: c.path.to_string_lossy().into_owned(),
+        format: format_code(parsed.format) as i32,
+        size_bytes: c.size,
+        mtime_unix_ms: c.mtime_unix_ms,
+        device: c.device,
+        inode: c.inode,
+        identity: Some(pb::ModelIdentity {
+            model: id.model,
+            revision: id.revision,
+            refs: id.refs,
+            repo_path: id.repo_path,
+            source: id.source.as_str().to_owned(),
+            publisher: id.publisher,
+        }),
+        storage: Some(storage),
+        tensor_count: parsed.header.tensor_count,
+        parameter_count: parsed.header.parameter_count.unwrap_or(0),
+        dtypes: parsed.header.dtypes.clone(),
+        metadata: parsed
+            .header
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        shard_set,
+        shard_index,
+        shard_count,
+        aliases: c
+            .aliases
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+        ..Default::default()
     }
 }
 
