@@ -162,6 +162,7 @@ fn scan_weights(
     let handle = WeightsHandle::default();
     let mut scanner = WeightsScanner::new(wcfg, &state_dir, handle.clone());
     scanner.scan();
+    scanner.refresh_users();
     if hash {
         let cancel = std::sync::atomic::AtomicBool::new(false);
         let mut last = std::time::Instant::now();

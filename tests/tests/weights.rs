@@ -260,6 +260,7 @@ fn every_weight_file_is_found_once_identified_fingerprinted_and_its_users_seen()
     let handle = WeightsHandle::default();
     let mut scanner = WeightsScanner::new(config(roots), state.path(), handle.clone());
     scanner.scan();
+    scanner.refresh_users();
     scanner.hash_pending(&AtomicBool::new(false), &mut |_, _, _| {});
     let files = handle.files();
 

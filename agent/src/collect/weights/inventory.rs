@@ -214,7 +214,7 @@ impl WeightsScanner {
         }
     }
 
-    /// One pass: discover, sniff new or changed files, locate, find users; no hashing.
+    /// One pass: discover, sniff new or changed files, locate them; no users, no hashing.
     pub fn scan(&mut self) {
         let roots = self.roots();
         let walk = discover::walk(
@@ -313,8 +313,6 @@ impl WeightsScanner {
                 .collect();
             inv.not_weights.retain(|k, _| live.contains(k));
         }
-        drop(inv);
-        self.refresh_users();
     }
 
     /// Which processes have each file open or mapped.
@@ -430,6 +428,7 @@ impl WeightsScanner {
         while !cancel.load(Ordering::Relaxed) {
             let started = Instant::now();
             self.scan();
+            self.refresh_users();
             self.hash_pending(&cancel, &mut |_, _, _| {});
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,

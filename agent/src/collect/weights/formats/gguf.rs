@@ -776,6 +776,24 @@ mod tests {
     }
 
     #[test]
+    fn general_keys_keep_room_when_many_other_keys_come_first() {
+        let mut w = Writer::new(3);
+        for i in 0..MAX_METADATA_ENTRIES {
+            w.u32(&format!("vendor.key{i}"), 1);
+        }
+        w.string("general.name", "late but kept");
+        let h = sniff_bytes(&w.finish())
+            .expect("parse")
+            .expect("recognised")
+            .header;
+        assert_eq!(
+            h.metadata.get("general.name").map(String::as_str),
+            Some("late but kept")
+        );
+        assert!(h.metadata.len() <= MAX_METADATA_ENTRIES);
+    }
+
+    #[test]
     fn an_unknown_ggml_type_is_named_by_its_number() {
         assert_eq!(type_name(4), "type4");
         assert_eq!(type_name(1000), "type1000");

@@ -339,6 +339,24 @@ mod tests {
     }
 
     #[test]
+    fn metadata_is_capped_in_entries_key_length_and_value_length() {
+        let mut h = Header::default();
+        for i in 0..MAX_METADATA_ENTRIES + 10 {
+            h.put_metadata(&format!("k{i}"), "v", usize::MAX);
+        }
+        assert_eq!(h.metadata.len(), MAX_METADATA_ENTRIES);
+        assert!(
+            h.put_metadata("k0", "replaced", usize::MAX),
+            "existing keys are updated"
+        );
+        assert!(!h.put_metadata(&"k".repeat(MAX_METADATA_KEY_BYTES + 1), "v", usize::MAX));
+        let mut h = Header::default();
+        h.put_metadata("long", &"é".repeat(MAX_METADATA_VALUE_BYTES), usize::MAX);
+        let kept = h.metadata.get("long").map_or(0, String::len);
+        assert_eq!(kept, MAX_METADATA_VALUE_BYTES);
+    }
+
+    #[test]
     fn truncate_str_cuts_at_a_character_boundary() {
         assert_eq!(truncate_str("héllo", 2), "h");
         assert_eq!(truncate_str("héllo", 3), "hé");
