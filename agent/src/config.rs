@@ -61,6 +61,50 @@ pub struct AgentConfig {
     /// `[weights]`: model weight file discovery.
     #[serde(default)]
     pub weights: WeightsConfig,
+    /// `[net]`: outbound traffic per process.
+    #[serde(default)]
+    pub net: NetConfig,
+}
+
+/// `[net]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Observe network flows. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds between two socket samples (flows are summed into the next report). Default 5.
+    #[serde(default = "default_net_interval_secs")]
+    pub interval_secs: u64,
+    /// Count traffic to loopback addresses (127.0.0.0/8, ::1). Default false.
+    #[serde(default)]
+    pub include_loopback: bool,
+    /// Count traffic to link-local addresses (169.254.0.0/16, fe80::/10). Default false.
+    #[serde(default)]
+    pub include_link_local: bool,
+    /// Most distinct flows kept between two reports; beyond it the smallest are summed into
+    /// one flow per process with remote address "other". Default 10000.
+    #[serde(default = "default_max_flows")]
+    pub max_flows_per_report: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: default_net_interval_secs(),
+            include_loopback: false,
+            include_link_local: false,
+            max_flows_per_report: default_max_flows(),
+        }
+    }
+}
+
+fn default_net_interval_secs() -> u64 {
+    5
+}
+fn default_max_flows() -> usize {
+    10_000
 }
 
 /// `[weights]`.
@@ -470,6 +514,21 @@ impl AgentConfig {
                     );
                 }
             }
+        }
+        if !(1..=3600).contains(&self.net.interval_secs) {
+            p.push(
+                "net.interval_secs",
+                format!("{} is out of range 1..=3600", self.net.interval_secs),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.net.max_flows_per_report) {
+            p.push(
+                "net.max_flows_per_report",
+                format!(
+                    "{} is out of range 1..=1000000",
+                    self.net.max_flows_per_report
+                ),
+            );
         }
         if self.budget.max_rss_bytes < 16 * 1024 * 1024 {
             p.push(

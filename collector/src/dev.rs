@@ -107,6 +107,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
         gpu: Default::default(),
         budget: Default::default(),
         weights: Default::default(),
+        net: Default::default(),
     };
     let problems = agent_cfg.validate();
     if !problems.is_empty() {

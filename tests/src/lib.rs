@@ -175,6 +175,7 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
             roots: Some(vec![]),
             ..Default::default()
         },
+        net: Default::default(),
     }
 }
 
