@@ -37,7 +37,7 @@ pub const DEFAULT_CACHE_FILE: &str = "hash-cache.json";
 /// Entries not seen for this long are evicted on save.
 pub const DEFAULT_CACHE_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// At most this many entries are kept (the least recently seen go first).
-pub const MAX_CACHE_ENTRIES: usize = 1_000_000;
+pub const MAX_CACHE_ENTRIES: usize = 200_000;
 /// Version of the cache file format.
 const CACHE_VERSION: u32 = 1;
 /// The burst a [`RateLimiter`] allows after being idle: one second of its rate.

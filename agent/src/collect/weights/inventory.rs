@@ -392,16 +392,21 @@ impl WeightsScanner {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
-            let fkey = hash::file_key(&meta);
-            let sha = match self.cache.get(&fkey) {
-                Some(s) => s,
-                None => match hash::sha256_file(&path, &mut self.limiter, cancel, &mut |done| {
-                    progress(&key, done, size)
-                }) {
-                    Ok(s) => {
-                        self.cache.insert(fkey, s.clone());
+            let cached = self.cache.get(&hash::file_key(&meta));
+            let (fkey, sha) = match cached {
+                Some(s) => (hash::file_key(&meta), s),
+                None => match hash::sha256_file_with_key(
+                    &path,
+                    &mut self.limiter,
+                    cancel,
+                    &mut |done| progress(&key, done, size),
+                ) {
+                    // Cached under the key of the file actually read (it may have been
+                    // replaced since the stat above).
+                    Ok((k, s)) => {
+                        self.cache.insert(k, s.clone());
                         hashed += 1;
-                        s
+                        (k, s)
                     }
                     Err(e) => {
                         tracing::debug!(path = %key, error = %e, "fingerprint skipped");
@@ -410,7 +415,12 @@ impl WeightsScanner {
                 },
             };
             let mut inv = lock(&self.handle.inner);
-            if let Some(e) = inv.entries.get_mut(&key) {
+            // Only when the hashed file is the one the entry describes; a replaced file is
+            // described (and hashed from the cache) at the next scan.
+            if let Some(e) = inv.entries.get_mut(&key).filter(|e| {
+                (e.file.device, e.file.inode, e.file.size_bytes)
+                    == (fkey.device, fkey.inode, fkey.size)
+            }) {
                 e.file.sha256 = sha;
                 inv.changed.insert(key);
             }
