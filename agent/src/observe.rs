@@ -93,6 +93,12 @@ impl Observer {
 
     /// Observe now. Blocking (reads /proc, calls NVML): run it off the async executor.
     pub fn observe(&mut self, now: Instant) -> Observation {
+        self.observe_with(now, &[])
+    }
+
+    /// Observe now, also describing the `extra` processes (for example the owners of the
+    /// flows this report carries).
+    pub fn observe_with(&mut self, now: Instant, extra: &[(u32, ProcessReason)]) -> Observation {
         let host = self.host.sample();
         let gpu = match self.gpu.as_mut() {
             Some(g) => g.sample(now),
@@ -118,6 +124,7 @@ impl Observer {
                     .map(|pid| (pid, ProcessReason::Weights)),
             );
         }
+        interesting.extend_from_slice(extra);
         let top_n = match self.budget.level() {
             WorkLevel::Full => self.top_n,
             WorkLevel::Reduced => self.top_n.min(REDUCED_TOP_N),

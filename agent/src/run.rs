@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::collect::gpu::GpuCollector;
+use crate::collect::net::NetHandle;
 use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner, link_gpus};
 use crate::config::AgentConfig;
 use crate::observe::Observer;
@@ -115,12 +116,21 @@ impl Agent {
             );
         }
         let weights = self.start_weights();
+        let net = self.start_net();
         let sender = tokio::spawn(self.clone().send_loop(tls, shutdown.clone()));
         let built = self
-            .build_loop(shutdown.clone(), weights.as_ref().map(|w| w.0.clone()))
+            .build_loop(
+                shutdown.clone(),
+                weights.as_ref().map(|w| w.0.clone()),
+                net.as_ref().map(|n| n.0.clone()),
+            )
             .await;
         shutdown.cancel();
         let sent = sender.await.map_err(|e| AgentError::Join(e.to_string()));
+        if let Some((_, stop, thread)) = net {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         if let Some((_, stop, thread)) = weights {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -165,10 +175,27 @@ impl Agent {
         }
     }
 
+    /// Start the flow sampler thread when enabled.
+    fn start_net(
+        &self,
+    ) -> Option<(
+        NetHandle,
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )> {
+        if !self.config.net.enabled {
+            return None;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (handle, thread) = NetHandle::spawn(self.config.net.clone(), stop.clone());
+        Some((handle, stop, thread))
+    }
+
     async fn build_loop(
         &self,
         shutdown: CancellationToken,
         weights: Option<WeightsHandle>,
+        net: Option<NetHandle>,
     ) -> Result<(), AgentError> {
         let mut node_info = pb::NodeInfo {
             node: self.node.clone(),
@@ -190,9 +217,22 @@ impl Agent {
                 _ = ticker.tick() => {}
                 () = shutdown.cancelled() => return Ok(()),
             }
+            // Flows first, so that their owners are described in this report's processes.
+            let (flows, net_status) = net.as_ref().map(NetHandle::take).unwrap_or_default();
+            let owners: Vec<(u32, pb::ProcessReason)> = {
+                let mut pids: Vec<u32> = flows.iter().map(|f| f.pid).filter(|p| *p != 0).collect();
+                pids.sort_unstable();
+                pids.dedup();
+                pids.into_iter()
+                    .map(|p| (p, pb::ProcessReason::Flow))
+                    .collect()
+            };
+            if net_status.mode == "proc-fallback" {
+                tracing::debug!(reason = %net_status.reason, "flows without byte counts");
+            }
             let observer = self.observer.clone();
             let obs = tokio::task::spawn_blocking(move || {
-                lock(&observer).observe(std::time::Instant::now())
+                lock(&observer).observe_with(std::time::Instant::now(), &owners)
             })
             .await
             .map_err(|e| AgentError::Join(e.to_string()))?;
@@ -222,6 +262,7 @@ impl Agent {
                 weight_inventory_full: update.full,
                 weight_files: update.files,
                 weight_files_removed: update.removed,
+                flows,
                 ..Default::default()
             };
             let spool = self.spool.clone();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use sov_agent::cli::{LogFormat, init_tracing, report_config_error, shutdown_signal};
+use sov_agent::config::EXIT_BAD_CONFIG;
 use sov_agent::run::source_chain;
 
 use crate::auth::{DEFAULT_TRUST_DOMAIN, Role};
@@ -47,6 +48,33 @@ enum Command {
     },
     /// All-in-one quickstart: a collector on embedded SQLite plus an agent for this host.
     Dev(crate::dev::DevArgs),
+    /// Geolocation: where the collector places addresses, and which database said so.
+    Geo {
+        #[command(subcommand)]
+        command: GeoCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GeoCommand {
+    /// Print the country, ASN, organisation and source of each address.
+    Lookup {
+        /// Collector configuration whose [geo] section to use (default: the embedded table).
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        output: GeoOutput,
+        /// Addresses (IPv4 or IPv6).
+        #[arg(required = true)]
+        ips: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+enum GeoOutput {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,6 +192,24 @@ pub fn main() -> ExitCode {
                 }
                 Err(e) => fail(&e),
             },
+        },
+        Command::Geo {
+            command:
+                GeoCommand::Lookup {
+                    config,
+                    output,
+                    ips,
+                },
+        } => match crate::geo::cli::lookup_command(
+            config.as_deref(),
+            &ips,
+            output == GeoOutput::Json,
+        ) {
+            Ok(text) => sov_agent::cli::print_stdout(&text),
+            Err(e) => {
+                eprintln!("sov-collector: {e}");
+                ExitCode::from(EXIT_BAD_CONFIG as u8)
+            }
         },
         Command::Dev(args) => {
             let rt = match runtime() {

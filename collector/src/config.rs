@@ -161,6 +161,9 @@ impl CollectorConfig {
         check_readable(&mut p, "tls.ca", &self.tls.ca);
         check_readable(&mut p, "tls.cert", &self.tls.cert);
         check_readable(&mut p, "tls.key", &self.tls.key);
+        for problem in crate::geo::validate(&self.geo) {
+            p.push("geo", problem);
+        }
         p
     }
 }

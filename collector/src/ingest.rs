@@ -1,6 +1,8 @@
 //! The `Ingest` service: authenticate the peer from its certificate, validate the report,
 //! commit it, then acknowledge. Errors become `tonic::Status` here and nowhere else.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,24 +11,36 @@ use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Role};
-use crate::store::{GapRecord, IncomingReport, IngestOutcome, Store, Telemetry, WeightUpdate};
+use crate::geo::Geo;
+use crate::store::{
+    FlowRecord, GapRecord, IncomingReport, IngestOutcome, Store, Telemetry, WeightUpdate,
+};
 
 /// Most gap records one report may carry.
 pub const MAX_GAPS_PER_REPORT: usize = 10_000;
+/// Most flows one report may carry.
+pub const MAX_FLOWS_PER_REPORT: usize = 200_000;
 
 /// gRPC `sovereign.v1.Ingest`.
 #[derive(Debug, Clone)]
 pub struct IngestService {
     store: Arc<dyn Store>,
+    geo: Geo,
     trust_domain: String,
     max_report_bytes: u64,
 }
 
 impl IngestService {
     /// A service storing into `store`, trusting names under `trust_domain`.
-    pub fn new(store: Arc<dyn Store>, trust_domain: String, max_report_bytes: usize) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        geo: Geo,
+        trust_domain: String,
+        max_report_bytes: usize,
+    ) -> Self {
         Self {
             store,
+            geo,
             trust_domain,
             max_report_bytes: u64::try_from(max_report_bytes).unwrap_or(u64::MAX),
         }
@@ -81,6 +95,12 @@ pub fn validate(report: &pb::Report) -> Result<(), Status> {
             info.country
         ));
     }
+    if report.flows.len() > MAX_FLOWS_PER_REPORT {
+        return bad(format!(
+            "flows has {} entries, more than {MAX_FLOWS_PER_REPORT}",
+            report.flows.len()
+        ));
+    }
     if report.gaps.len() > MAX_GAPS_PER_REPORT {
         return bad(format!(
             "gaps has {} entries, more than {MAX_GAPS_PER_REPORT}",
@@ -96,6 +116,39 @@ pub fn validate(report: &pb::Report) -> Result<(), Status> {
         }
     }
     Ok(())
+}
+
+impl IngestService {
+    /// Geolocate every flow's remote address and name its process.
+    fn enrich_flows(&self, report: &pb::Report) -> Vec<FlowRecord> {
+        let names: HashMap<u32, &str> = report
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.name.as_str()))
+            .collect();
+        report
+            .flows
+            .iter()
+            .map(|f| {
+                let v = f
+                    .remote_address
+                    .parse::<IpAddr>()
+                    .map(|ip| self.geo.lookup(ip))
+                    .unwrap_or_default();
+                FlowRecord {
+                    flow: f.clone(),
+                    process: names
+                        .get(&f.pid)
+                        .map(|n| (*n).to_owned())
+                        .unwrap_or_default(),
+                    country: v.country,
+                    asn: v.asn.unwrap_or(0),
+                    org: v.org,
+                    geo_source: v.source,
+                }
+            })
+            .collect()
+    }
 }
 
 #[tonic::async_trait]
@@ -116,6 +169,7 @@ impl pb::ingest_server::Ingest for IngestService {
             )));
         }
         let host = report.host.clone().unwrap_or_default();
+        let flows = self.enrich_flows(&report);
         let incoming = IncomingReport {
             node: info.node,
             epoch: report.epoch,
@@ -140,6 +194,7 @@ impl pb::ingest_server::Ingest for IngestService {
                     files: report.weight_files.clone(),
                     removed: report.weight_files_removed.clone(),
                 },
+                flows,
             },
             gaps: report
                 .gaps

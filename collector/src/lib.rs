@@ -15,6 +15,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod geo;
 pub mod ingest;
 pub mod pki;
 pub mod query;

@@ -40,6 +40,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// A geolocation database or override could not be loaded.
+    #[error("geolocation set-up failed")]
+    Geo(#[from] crate::geo::GeoError),
     /// TLS or the HTTP/2 server failed.
     #[error("grpc server failed")]
     Transport(#[from] tonic::transport::Error),
@@ -91,6 +94,25 @@ async fn prune_loop(store: Arc<dyn Store>, retention: Duration, stop: Cancellati
     }
 }
 
+/// How often geolocation database files are checked for changes.
+pub const GEO_RELOAD_EVERY: Duration = Duration::from_secs(30);
+
+/// Reload changed geolocation databases now and then (lookups continue meanwhile).
+async fn geo_reload_loop(geo: crate::geo::Geo, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(GEO_RELOAD_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let g = geo.clone();
+        if let Ok(true) = tokio::task::spawn_blocking(move || g.reload_if_changed()).await {
+            tracing::info!(sources = ?geo.builds(), "geolocation databases reloaded");
+        }
+    }
+}
+
 /// Serve gRPC on `listener` until `shutdown` completes, then drain.
 pub async fn run(
     config: &CollectorConfig,
@@ -109,8 +131,11 @@ pub async fn run(
         // fails the handshake.
         .client_auth_optional(true)
         .timeout(TLS_HANDSHAKE_TIMEOUT);
+    let geo = crate::geo::Geo::from_config(&config.geo)?;
+    tracing::info!(sources = ?geo.builds(), "geolocation ready");
     let ingest = IngestService::new(
         store.clone(),
+        geo.clone(),
         config.trust_domain.clone(),
         config.max_report_bytes,
     );
@@ -121,6 +146,7 @@ pub async fn run(
         Duration::from_secs(u64::from(config.retention_days) * 86_400),
         maintenance.clone(),
     ));
+    tokio::spawn(geo_reload_loop(geo, maintenance.clone()));
     let _stop_maintenance = maintenance.drop_guard();
     let addr = listener.local_addr().ok();
     // tonic sets TCP_NODELAY only on listeners it binds itself; without it an ack can wait

@@ -65,6 +65,148 @@ enum Command {
         /// Only models matching: an exact sha256, or part of the model name / repository id.
         query: Option<String>,
     },
+    /// Outbound bytes by destination country, node, process, ASN or destination.
+    Egress {
+        /// How far back: a number and a unit, s, m, h or d (e.g. 90m, 24h, 7d).
+        #[arg(long, default_value = "24h", value_parser = parse_duration_ms)]
+        since: i64,
+        /// Grouping.
+        #[arg(long, value_enum, default_value = "country")]
+        by: EgressBy,
+    },
+}
+
+/// Groupings of `sovctl egress`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum EgressBy {
+    /// Per destination country.
+    Country,
+    /// Per node and destination country.
+    Node,
+    /// Per node, process and destination country.
+    Process,
+    /// Per destination ASN.
+    Asn,
+    /// Per remote address and port.
+    Destination,
+}
+
+impl EgressBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Country => "country",
+            Self::Node => "node",
+            Self::Process => "process",
+            Self::Asn => "asn",
+            Self::Destination => "destination",
+        }
+    }
+
+    fn columns(self) -> &'static [&'static str] {
+        match self {
+            Self::Country => &[
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+            ],
+            Self::Node => &[
+                "node",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+            ],
+            Self::Process => &[
+                "node",
+                "process",
+                "pid",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+            ],
+            Self::Asn => &[
+                "asn",
+                "org",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+            ],
+            Self::Destination => &[
+                "remote_address",
+                "remote_port",
+                "country",
+                "asn",
+                "org",
+                "bytes_sent",
+                "bytes_received",
+                "min_rtt_ms",
+                "geo_source",
+            ],
+        }
+    }
+}
+
+/// "90m", "24h", "7d", "30s" → milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num.parse().map_err(|_| {
+        format!("{text:?} is not a duration: use a number and s, m, h or d (e.g. 7d)")
+    })?;
+    let per = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" | "" => 86_400_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use s, m, h or d"
+            ));
+        }
+    };
+    n.checked_mul(per)
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("{text:?} is out of range"))
+}
+
+/// One egress row as JSON.
+pub fn egress_json(r: &pb::EgressRow, by: EgressBy) -> Value {
+    let mut v = json!({
+        "country": r.country,
+        "bytes_sent": r.bytes_sent,
+        "bytes_received": r.bytes_received,
+        "connections": r.connections,
+        "min_rtt_ms": (r.min_rtt_us > 0).then(|| f64::from(r.min_rtt_us) / 1000.0),
+    });
+    match by {
+        EgressBy::Country => {}
+        EgressBy::Node => v["node"] = json!(r.node),
+        EgressBy::Process => {
+            v["node"] = json!(r.node);
+            v["process"] = json!(r.process);
+            v["pid"] = json!(r.pid);
+        }
+        EgressBy::Asn => {
+            v["asn"] = json!(r.asn);
+            v["org"] = json!(r.org);
+        }
+        EgressBy::Destination => {
+            v["remote_address"] = json!(r.remote_address);
+            v["remote_port"] = json!(r.remote_port);
+            v["asn"] = json!(r.asn);
+            v["org"] = json!(r.org);
+            v["geo_source"] = json!(r.geo_source);
+        }
+    }
+    v
 }
 
 /// Columns of `sovctl models` as a table or CSV.
@@ -348,6 +490,27 @@ async fn run(cli: Cli) -> Result<String, String> {
             };
             Ok(render(&rows, &MODEL_COLUMNS, cli.output))
         }
+        Command::Egress { since, by } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            let resp = client
+                .egress(pb::EgressRequest {
+                    since_unix_ms: now - since,
+                    until_unix_ms: 0,
+                    by: by.as_str().to_owned(),
+                    limit: PAGE,
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            if resp.truncated > 0 {
+                eprintln!("sovctl: {} more rows not shown", resp.truncated);
+            }
+            let rows: Vec<Value> = resp.rows.iter().map(|r| egress_json(r, by)).collect();
+            Ok(render(&rows, by.columns(), cli.output))
+        }
     }
 }
 
@@ -390,6 +553,20 @@ mod tests {
             memory_total_bytes: 4,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn durations_take_seconds_minutes_hours_and_days() {
+        assert_eq!(parse_duration_ms("7d"), Ok(7 * 86_400_000));
+        assert_eq!(parse_duration_ms("90m"), Ok(90 * 60_000));
+        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
+        assert!(
+            parse_duration_ms("7w")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_duration_ms("x").is_err());
+        assert!(parse_duration_ms("0h").is_err());
     }
 
     #[test]

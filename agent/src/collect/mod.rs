@@ -10,5 +10,6 @@
 
 pub mod gpu;
 pub mod host;
+pub mod net;
 pub mod procs;
 pub mod weights;

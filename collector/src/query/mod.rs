@@ -69,8 +69,55 @@ impl From<NodeRow> for pb::NodeSummary {
     }
 }
 
+/// Largest time range an egress query may span.
+pub const MAX_EGRESS_RANGE_MS: i64 = 366 * 86_400_000;
+
 #[tonic::async_trait]
 impl pb::query_server::Query for QueryService {
+    async fn egress(
+        &self,
+        req: Request<pb::EgressRequest>,
+    ) -> Result<Response<pb::EgressResponse>, Status> {
+        let id = auth::identity_from_request(&req, &self.trust_domain)?;
+        auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.Egress")?;
+        let r = req.into_inner();
+        let until = if r.until_unix_ms == 0 {
+            crate::ingest::now_unix_ms()
+        } else {
+            r.until_unix_ms
+        };
+        if r.since_unix_ms >= until {
+            return Err(Status::invalid_argument(format!(
+                "since_unix_ms {} must be before until_unix_ms {until}",
+                r.since_unix_ms
+            )));
+        }
+        if until - r.since_unix_ms > MAX_EGRESS_RANGE_MS {
+            return Err(Status::invalid_argument(
+                "the time range is longer than 366 days",
+            ));
+        }
+        if !["", "country", "node", "process", "asn", "destination"].contains(&r.by.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "by {:?} is not one of country, node, process, asn, destination",
+                r.by
+            )));
+        }
+        let q = crate::store::EgressQuery {
+            since_unix_ms: r.since_unix_ms,
+            until_unix_ms: until,
+            by: r.by.clone(),
+            limit: self.page(r.limit),
+        };
+        let (rows, truncated) = self
+            .store
+            .egress(q)
+            .await
+            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?;
+        tracing::info!(who = %id.name, role = %id.role, call = "Egress", by = %r.by, rows = rows.len(), "query");
+        Ok(Response::new(pb::EgressResponse { rows, truncated }))
+    }
+
     async fn list_models(
         &self,
         req: Request<pb::ListModelsRequest>,

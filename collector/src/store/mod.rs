@@ -75,6 +75,38 @@ pub struct Telemetry {
     pub processes: Vec<sov_proto::pb::ProcessInfo>,
     /// Weight file inventory carried by the report.
     pub weights: WeightUpdate,
+    /// Flows with their verdicts.
+    pub flows: Vec<FlowRecord>,
+}
+
+/// One flow, geolocated at ingest.
+#[derive(Debug, Clone, Default)]
+pub struct FlowRecord {
+    /// The flow as the agent reported it.
+    pub flow: sov_proto::pb::Flow,
+    /// Name of the owning process (from the report's process list), "" when unknown.
+    pub process: String,
+    /// Destination country, "" when unknown.
+    pub country: String,
+    /// Destination ASN, 0 when unknown.
+    pub asn: u32,
+    /// Destination organisation.
+    pub org: String,
+    /// Which database placed it.
+    pub geo_source: String,
+}
+
+/// One row of an egress query.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressQuery {
+    /// Inclusive start, Unix ms.
+    pub since_unix_ms: i64,
+    /// Exclusive end, Unix ms.
+    pub until_unix_ms: i64,
+    /// Grouping: "country", "node", "process", "asn", "destination".
+    pub by: String,
+    /// Most rows.
+    pub limit: u32,
 }
 
 /// A report's weight inventory: complete, or the changes since the previous report.
@@ -99,6 +131,8 @@ pub struct PruneStats {
     pub gpu_usage: u64,
     /// Report bodies emptied (their keys stay for idempotency and completeness).
     pub report_bodies: u64,
+    /// Per-minute flow aggregates and raw foreign flows deleted.
+    pub flows: u64,
 }
 
 /// What storing a report did.
@@ -218,6 +252,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         after: &str,
         limit: u32,
     ) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError>;
+
+    /// Egress bytes grouped as asked, largest bytes_sent first, and how many rows the limit
+    /// left out.
+    async fn egress(
+        &self,
+        q: EgressQuery,
+    ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError>;
 
     /// Delete time series rows observed before `before_unix_ms` (bounded retention).
     async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError>;

@@ -16,7 +16,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 3] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+const MIGRATIONS: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS nodes (
@@ -284,6 +284,134 @@ CREATE INDEX weight_files_by_sha ON weight_files (sha256);
 CREATE INDEX weight_files_by_model ON weight_files (model);
 "#;
 
+/// Flows per minute, and raw flows to destinations outside the node's country.
+const SCHEMA_V4: &str = r#"
+CREATE TABLE flows_minute (
+    node           TEXT NOT NULL,
+    minute_ms      INTEGER NOT NULL,
+    pid            INTEGER NOT NULL,
+    process        TEXT NOT NULL,
+    protocol       TEXT NOT NULL,
+    direction      TEXT NOT NULL,
+    remote_address TEXT NOT NULL,
+    remote_port    INTEGER NOT NULL,
+    country        TEXT NOT NULL,
+    asn            INTEGER NOT NULL,
+    org            TEXT NOT NULL,
+    geo_source     TEXT NOT NULL,
+    bytes_sent     INTEGER NOT NULL,
+    bytes_received INTEGER NOT NULL,
+    connections    INTEGER NOT NULL,
+    min_rtt_us     INTEGER NOT NULL,
+    PRIMARY KEY (node, minute_ms, pid, protocol, direction, remote_address, remote_port)
+) WITHOUT ROWID;
+CREATE INDEX flows_minute_by_time ON flows_minute (minute_ms);
+CREATE TABLE flows_raw (
+    node           TEXT NOT NULL,
+    seq            INTEGER NOT NULL,
+    epoch          INTEGER NOT NULL,
+    idx            INTEGER NOT NULL,
+    start_ms       INTEGER NOT NULL,
+    end_ms         INTEGER NOT NULL,
+    pid            INTEGER NOT NULL,
+    process        TEXT NOT NULL,
+    country        TEXT NOT NULL,
+    asn            INTEGER NOT NULL,
+    flow           BLOB NOT NULL,
+    PRIMARY KEY (node, epoch, seq, idx)
+) WITHOUT ROWID;
+CREATE INDEX flows_raw_by_time ON flows_raw (end_ms);
+"#;
+
+fn protocol_name(code: i32) -> &'static str {
+    match sov_proto::pb::Protocol::try_from(code) {
+        Ok(sov_proto::pb::Protocol::Tcp) => "tcp",
+        Ok(sov_proto::pb::Protocol::Udp) => "udp",
+        _ => "unknown",
+    }
+}
+
+fn direction_name(code: i32) -> &'static str {
+    match sov_proto::pb::Direction::try_from(code) {
+        Ok(sov_proto::pb::Direction::Outbound) => "outbound",
+        Ok(sov_proto::pb::Direction::Inbound) => "inbound",
+        _ => "unknown",
+    }
+}
+
+/// Add the report's flows to the per-minute aggregates; keep foreign ones raw too.
+fn apply_flows(
+    tx: &rusqlite::Transaction<'_>,
+    r: &IncomingReport,
+    epoch: i64,
+    seq: i64,
+) -> Result<(), StoreError> {
+    for (idx, f) in r.telemetry.flows.iter().enumerate() {
+        let fl = &f.flow;
+        let end = if fl.end_unix_ms > 0 {
+            fl.end_unix_ms
+        } else {
+            r.observed_unix_ms
+        };
+        let minute = end - end.rem_euclid(60_000);
+        tx.execute(
+            "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
+                                       country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+             ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
+                bytes_sent = bytes_sent + excluded.bytes_sent,
+                bytes_received = bytes_received + excluded.bytes_received,
+                connections = connections + excluded.connections,
+                min_rtt_us = CASE WHEN min_rtt_us = 0 THEN excluded.min_rtt_us
+                                  WHEN excluded.min_rtt_us = 0 THEN min_rtt_us
+                                  ELSE min(min_rtt_us, excluded.min_rtt_us) END,
+                process = CASE WHEN excluded.process <> '' THEN excluded.process ELSE process END",
+            params![
+                r.node,
+                minute,
+                fl.pid,
+                f.process,
+                protocol_name(fl.protocol),
+                direction_name(fl.direction),
+                fl.remote_address,
+                fl.remote_port,
+                f.country,
+                f.asn,
+                f.org,
+                f.geo_source,
+                to_i64(fl.bytes_sent, "bytes_sent")?,
+                to_i64(fl.bytes_received, "bytes_received")?,
+                fl.connections,
+                fl.min_rtt_us
+            ],
+        )
+        .map_err(sql("aggregate flow"))?;
+        // Raw detail only for destinations outside the node's declared country (the policy
+        // refines "outside" with the jurisdiction's inside countries).
+        if f.country != r.country {
+            tx.execute(
+                "INSERT OR IGNORE INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    r.node,
+                    seq,
+                    epoch,
+                    i64::try_from(idx).unwrap_or(i64::MAX),
+                    fl.start_unix_ms,
+                    end,
+                    fl.pid,
+                    f.process,
+                    f.country,
+                    f.asn,
+                    prost::Message::encode_to_vec(fl)
+                ],
+            )
+            .map_err(sql("keep raw flow"))?;
+        }
+    }
+    Ok(())
+}
+
 fn format_name(code: i32) -> &'static str {
     use sov_proto::pb::WeightFormat as F;
     match F::try_from(code) {
@@ -532,6 +660,7 @@ impl SqliteStore {
         }
         insert_telemetry(&tx, r, epoch)?;
         apply_weights(&tx, r)?;
+        apply_flows(&tx, r, epoch, seq)?;
         tx.commit().map_err(sql("commit"))?;
         Ok(IngestOutcome::Stored)
     }
@@ -698,6 +827,77 @@ impl SqliteStore {
         Ok(out)
     }
 
+    fn egress_blocking(
+        conn: &Connection,
+        q: &crate::store::EgressQuery,
+    ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
+        let (cols, group) = match q.by.as_str() {
+            "" | "country" => ("country, '', '', 0, 0, '', '', 0, ''", "country"),
+            "node" => ("country, node, '', 0, 0, '', '', 0, ''", "country, node"),
+            "process" => (
+                "country, node, process, pid, 0, '', '', 0, ''",
+                "country, node, process, pid",
+            ),
+            "asn" => (
+                "country, '', '', 0, asn, max(org), '', 0, ''",
+                "country, asn",
+            ),
+            "destination" => (
+                "country, '', '', 0, asn, max(org), remote_address, remote_port, max(geo_source)",
+                "country, asn, remote_address, remote_port",
+            ),
+            other => {
+                return Err(StoreError::Range(format!(
+                    "unknown grouping {other:?}: use country, node, process, asn or destination"
+                )));
+            }
+        };
+        let text = format!(
+            "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
+                    COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)
+             FROM flows_minute
+             WHERE minute_ms >= ?1 AND minute_ms < ?2 AND direction <> 'inbound'
+             GROUP BY {group}
+             ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC"
+        );
+        // Minutes are stamped at their start: a range starting mid-minute includes it.
+        let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
+        let mut stmt = conn.prepare_cached(&text).map_err(sql("prepare egress"))?;
+        let mut rows = stmt
+            .query(params![since, q.until_unix_ms])
+            .map_err(sql("egress"))?;
+        let mut out = Vec::new();
+        let mut truncated = 0u64;
+        while let Some(row) = rows.next().map_err(sql("read egress row"))? {
+            if out.len() >= q.limit as usize {
+                truncated += 1;
+                continue;
+            }
+            let n = |i: usize| -> Result<i64, StoreError> {
+                row.get(i).map_err(sql("read egress row"))
+            };
+            let t = |i: usize| -> Result<String, StoreError> {
+                row.get(i).map_err(sql("read egress row"))
+            };
+            out.push(sov_proto::pb::EgressRow {
+                country: t(0)?,
+                node: t(1)?,
+                process: t(2)?,
+                pid: u32::try_from(n(3)?).unwrap_or(0),
+                asn: u32::try_from(n(4)?).unwrap_or(0),
+                org: t(5)?,
+                remote_address: t(6)?,
+                remote_port: u32::try_from(n(7)?).unwrap_or(0),
+                geo_source: t(8)?,
+                bytes_sent: u64::try_from(n(9)?).unwrap_or(0),
+                bytes_received: u64::try_from(n(10)?).unwrap_or(0),
+                connections: u64::try_from(n(11)?).unwrap_or(0),
+                min_rtt_us: u32::try_from(n(12)?).unwrap_or(0),
+            });
+        }
+        Ok((out, truncated))
+    }
+
     fn prune_blocking(
         conn: &mut Connection,
         before_unix_ms: i64,
@@ -716,6 +916,14 @@ impl SqliteStore {
                 )
                 .map_err(sql("prune samples"))? as u64;
         }
+        stats.flows = tx
+            .execute(
+                "DELETE FROM flows_minute WHERE minute_ms < ?1",
+                [before_unix_ms],
+            )
+            .map_err(sql("prune flows"))? as u64
+            + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [before_unix_ms])
+                .map_err(sql("prune raw flows"))? as u64;
         // Report keys stay forever (they make re-sends idempotent and prove completeness);
         // only their bodies go.
         stats.report_bodies = tx
@@ -761,6 +969,16 @@ impl Store for SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn egress(
+        &self,
+        q: crate::store::EgressQuery,
+    ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || Self::egress_blocking(&lock(&reader), &q))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError> {
@@ -952,6 +1170,7 @@ mod tests {
                 ..Default::default()
             }],
             weights: Default::default(),
+            flows: Default::default(),
         }
     }
 

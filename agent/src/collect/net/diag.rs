@@ -1,0 +1,303 @@
+//! sock_diag netlink (`NETLINK_SOCK_DIAG`, `SOCK_DIAG_BY_FAMILY`): one dump of the TCP and UDP
+//! sockets of both address families, and the decoder of one `inet_diag_msg` (with its `tcp_info`)
+//! that the destroy-event listener ([`super::destroy`]) shares.
+//!
+//! The dump asks for every TCP state except `TIME_WAIT` (a time-wait socket carries no
+//! `tcp_info`, no inode and no owner: its last bytes were already delivered by the destroy event
+//! of the full socket) and `SYN_RECV` (request sockets, no data yet). UDP sockets are dumped in
+//! every state: `ESTABLISHED` means connected (a remote endpoint), `CLOSE` means bound only.
+//!
+//! `tcp_info` is decoded with `netlink-packet-sock-diag`'s `TcpInfo` (feature `rich_nlas`). That
+//! decoder wants the whole structure of kernel 5.4 and later; on an older kernel (a shorter
+//! structure, e.g. RHEL 8's 4.18) the few fields used here are read at their fixed offsets
+//! instead, so the counters stay available back to Linux 4.6 (`tcpi_min_rtt`).
+
+use std::io;
+use std::net::SocketAddr;
+
+use netlink_packet_core::{
+    Emitable, ErrorBuffer, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer,
+    NetlinkHeader, NetlinkMessage, NlasIterator, Parseable,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{
+    AF_INET, AF_INET6, INET_DIAG_INFO, INET_DIAG_PROTOCOL, IPPROTO_TCP, IPPROTO_UDP,
+    SOCK_DIAG_BY_FAMILY,
+};
+use netlink_packet_sock_diag::inet::nlas::TcpInfo;
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
+use sov_proto::pb;
+
+use super::{ObservedSocket, TcpCounters};
+
+/// Receive buffer for one `recv` of a dump: the kernel fills at most 32 KiB per dump message
+/// batch, so 64 KiB is never truncated.
+pub const DUMP_RECV_BUFFER: usize = 64 * 1024;
+/// Netlink messages are aligned on 4 bytes.
+const NLMSG_ALIGNTO: usize = 4;
+/// Offsets in `struct tcp_info` (stable ABI: fields are only ever appended).
+const TCPI_RTT: usize = 68;
+const TCPI_BYTES_ACKED: usize = 120;
+const TCPI_BYTES_RECEIVED: usize = 128;
+const TCPI_MIN_RTT: usize = 148;
+
+/// Why a dump (or a destroy-event subscription) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiagError {
+    /// `socket(AF_NETLINK, SOCK_DGRAM, NETLINK_SOCK_DIAG)`, `bind` or `connect` failed.
+    #[error("cannot open a NETLINK_SOCK_DIAG socket")]
+    Open(#[source] io::Error),
+    /// Sending the request or receiving the answer failed.
+    #[error("netlink i/o failed")]
+    Io(#[source] io::Error),
+    /// The kernel answered the request with an error.
+    #[error("the kernel refused the sock_diag request")]
+    Refused(#[source] io::Error),
+    /// A message could not be decoded.
+    #[error("malformed sock_diag message: {0}")]
+    Decode(String),
+    /// `add_membership` on a destroy group failed.
+    #[error("cannot join sock_diag multicast group {group}")]
+    Join {
+        /// The `SKNLGRP_*` group number.
+        group: u32,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One open `NETLINK_SOCK_DIAG` socket used for dumps.
+#[derive(Debug)]
+pub struct Dumper {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Dumper {
+    /// Open and connect the netlink socket. Fails where netlink is refused (seccomp, no
+    /// `CONFIG_INET_DIAG`).
+    pub fn open() -> Result<Self, DiagError> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(DiagError::Open)?;
+        socket.bind_auto().map_err(DiagError::Open)?;
+        socket
+            .connect(&NetlinkAddr::new(0, 0))
+            .map_err(DiagError::Open)?;
+        Ok(Self {
+            socket,
+            seq: 0,
+            buf: vec![0; DUMP_RECV_BUFFER],
+        })
+    }
+
+    /// Dump every TCP and UDP socket of both families (four requests) into `out`.
+    pub fn dump_all(&mut self, out: &mut Vec<ObservedSocket>) -> Result<(), DiagError> {
+        for family in [AF_INET, AF_INET6] {
+            for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
+                self.dump(family, protocol, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Dump the sockets of one family (`AF_INET`, `AF_INET6`) and protocol (`IPPROTO_TCP`,
+    /// `IPPROTO_UDP`) into `out`; TCP sockets carry their `tcp_info` counters.
+    pub fn dump(
+        &mut self,
+        family: u8,
+        protocol: u8,
+        out: &mut Vec<ObservedSocket>,
+    ) -> Result<(), DiagError> {
+        let tcp = protocol == IPPROTO_TCP;
+        let states = if tcp {
+            StateFlags::all() - StateFlags::TIME_WAIT - StateFlags::SYN_RECV
+        } else {
+            StateFlags::all()
+        };
+        let request = InetRequest {
+            family,
+            protocol,
+            extensions: if tcp {
+                ExtensionFlags::INFO
+            } else {
+                ExtensionFlags::empty()
+            },
+            states,
+            socket_id: if family == AF_INET6 {
+                SocketId::new_v6()
+            } else {
+                SocketId::new_v4()
+            },
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+        packet.finalize();
+        let mut req = vec![0; packet.buffer_len()];
+        packet.serialize(&mut req);
+        self.socket.send(&req, 0).map_err(DiagError::Io)?;
+
+        let hint = if tcp {
+            pb::Protocol::Tcp
+        } else {
+            pb::Protocol::Udp
+        };
+        loop {
+            let n = self
+                .socket
+                .recv(&mut &mut self.buf[..], 0)
+                .map_err(DiagError::Io)?;
+            if n > self.buf.len() {
+                return Err(DiagError::Decode(format!(
+                    "datagram of {n} bytes truncated"
+                )));
+            }
+            let mut off = 0;
+            while off < n {
+                let msg = NetlinkBuffer::new_checked(&self.buf[off..n])
+                    .map_err(|e| DiagError::Decode(e.to_string()))?;
+                let len = msg.length() as usize;
+                if len == 0 {
+                    break;
+                }
+                off += len.div_ceil(NLMSG_ALIGNTO) * NLMSG_ALIGNTO;
+                if msg.sequence_number() != self.seq {
+                    // Left over from an earlier, abandoned dump.
+                    continue;
+                }
+                match msg.message_type() {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let code = ErrorBuffer::new_checked(msg.payload())
+                            .map_err(|e| DiagError::Decode(e.to_string()))?
+                            .code();
+                        if let Some(code) = code {
+                            return Err(DiagError::Refused(io::Error::from_raw_os_error(
+                                -code.get(),
+                            )));
+                        }
+                    }
+                    SOCK_DIAG_BY_FAMILY => out.push(decode(msg.payload(), hint)?),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Decode one `inet_diag_msg` and its attributes. `hint` is the protocol when the message does
+/// not say (dumps); destroy events carry `INET_DIAG_PROTOCOL`.
+pub fn decode(payload: &[u8], hint: pb::Protocol) -> Result<ObservedSocket, DiagError> {
+    let header =
+        InetResponseHeader::parse(payload).map_err(|e| DiagError::Decode(e.to_string()))?;
+    let mut protocol = hint;
+    let mut tcp = None;
+    let attrs = payload.get(header.buffer_len()..).unwrap_or_default();
+    for nla in NlasIterator::new(attrs) {
+        let nla = nla.map_err(|e| DiagError::Decode(e.to_string()))?;
+        match nla.kind() {
+            INET_DIAG_INFO => tcp = tcp_counters(nla.value()),
+            INET_DIAG_PROTOCOL => match nla.value().first() {
+                Some(&IPPROTO_TCP) => protocol = pb::Protocol::Tcp,
+                Some(&IPPROTO_UDP) => protocol = pb::Protocol::Udp,
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    let id = &header.socket_id;
+    Ok(ObservedSocket {
+        protocol,
+        state: header.state,
+        local: SocketAddr::new(id.source_address, id.source_port),
+        remote: SocketAddr::new(id.destination_address, id.destination_port),
+        inode: header.inode,
+        cookie: u64::from_ne_bytes(id.cookie),
+        tcp: if protocol == pb::Protocol::Tcp {
+            tcp
+        } else {
+            None
+        },
+    })
+}
+
+/// The counters used from `tcp_info`: through the crate's decoder, else (a kernel older than
+/// 5.4, whose structure is shorter) from the fixed offsets; `None` before Linux 4.6.
+pub fn tcp_counters(value: &[u8]) -> Option<TcpCounters> {
+    if let Ok(info) = TcpInfo::parse(value) {
+        return Some(TcpCounters {
+            bytes_acked: info.bytes_acked,
+            bytes_received: info.bytes_received,
+            min_rtt_us: info.min_rtt,
+            srtt_us: info.rtt,
+        });
+    }
+    let u32_at = |o: usize| {
+        value
+            .get(o..o + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+    };
+    let u64_at = |o: usize| {
+        value
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    Some(TcpCounters {
+        bytes_acked: u64_at(TCPI_BYTES_ACKED)?,
+        bytes_received: u64_at(TCPI_BYTES_RECEIVED)?,
+        min_rtt_us: u32_at(TCPI_MIN_RTT)?,
+        srtt_us: u32_at(TCPI_RTT)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_tcp_info_from_an_old_kernel_is_read_at_fixed_offsets() {
+        // 4.18's tcp_info ends after tcpi_delivered_ce (offset 192 + 8): shorter than the crate's.
+        let mut v = vec![0u8; 200];
+        v[TCPI_RTT..TCPI_RTT + 4].copy_from_slice(&250u32.to_ne_bytes());
+        v[TCPI_BYTES_ACKED..TCPI_BYTES_ACKED + 8].copy_from_slice(&1_000_001u64.to_ne_bytes());
+        v[TCPI_BYTES_RECEIVED..TCPI_BYTES_RECEIVED + 8].copy_from_slice(&42u64.to_ne_bytes());
+        v[TCPI_MIN_RTT..TCPI_MIN_RTT + 4].copy_from_slice(&90u32.to_ne_bytes());
+        assert!(
+            TcpInfo::parse(&v).is_err(),
+            "the crate wants the 5.4+ layout"
+        );
+        let c = tcp_counters(&v).unwrap();
+        assert_eq!(
+            (c.bytes_acked, c.bytes_received, c.min_rtt_us, c.srtt_us),
+            (1_000_001, 42, 90, 250)
+        );
+        assert_eq!(tcp_counters(&v[..100]), None, "no counters before 4.6");
+    }
+
+    #[test]
+    fn a_dump_of_this_network_namespace_sees_a_listener_of_this_test() {
+        let Ok(mut d) = Dumper::open() else {
+            eprintln!("SKIP: NETLINK_SOCK_DIAG refused on this machine");
+            return;
+        };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut out = vec![];
+        d.dump_all(&mut out).unwrap();
+        let me = out
+            .iter()
+            .find(|s| s.local.port() == port && s.protocol == pb::Protocol::Tcp)
+            .expect("our listener is in the dump");
+        assert_eq!(me.state, netlink_packet_sock_diag::constants::TCP_LISTEN);
+        assert_ne!(me.inode, 0);
+        assert_ne!(me.cookie, 0);
+    }
+}

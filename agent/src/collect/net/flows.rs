@@ -1,0 +1,877 @@
+//! From socket samples to flows: per-socket deltas between two samples ([`Tracker`]) and their
+//! aggregation per interval ([`FlowTable`]).
+//!
+//! # Deltas
+//!
+//! Sockets are followed by their sock_diag cookie (unique per socket for the boot), or by their
+//! inode with the `/proc/net` fallback. Between two samples a TCP socket contributes
+//! `tcp_info` counters now − counters at the previous sample:
+//! - the **first sample** after start (or after a switch between netlink and the fallback) is a
+//!   baseline: it contributes nothing, whatever the sockets carried before;
+//! - afterwards a socket **not in the previous sample** contributes its full counters (it was
+//!   created in the interval, or its connection completed in it);
+//! - a socket **closed** in the interval contributes final counters (from its destroy event)
+//!   − counters at the last sample that saw it; a socket created and closed between two samples
+//!   contributes its full final counters, with an unknown owner (the destroy event has no inode);
+//! - a socket that left the dump without a destroy event (yet) is kept for [`VANISHED_KEEP_MS`]
+//!   (a socket reset while its descriptor stays open is freed, and announced, only when the
+//!   process closes it); when it expires unannounced, or at once without a destroy
+//!   subscription, its bytes since the last sample are lost and it is counted as *missed*.
+//!
+//! Counters are the kernel's: `bytes_acked` (sent) counts the SYN and the FIN as one byte each,
+//! `bytes_received` the peer's FIN. UDP has no counters in sock_diag (no `tcp_info`, and
+//! `INET_DIAG_SKMEMINFO` gives queue occupancy, not totals): a connected UDP socket contributes
+//! its presence (`bytes_known = false`) to every interval it is seen in. A TCP socket contributes
+//! to an interval in which it moved bytes, opened or closed; an idle connection does not.
+//!
+//! # Aggregation
+//!
+//! Contributions are summed per (pid, protocol, remote address, port, direction):
+//! - **outbound** (the local port is not a listening port of this host): the port is the remote
+//!   port, `local_port` is 0 (aggregated over local ports) and `local_address` the first socket's;
+//! - **inbound** (the local port is a TCP listening port, or for UDP the port of a bound,
+//!   unconnected UDP socket): the port is the *local* service port, reported in `local_port`,
+//!   and `remote_port` is 0 (the clients' ephemeral ports are aggregated).
+//!
+//! Remote addresses are normalised (IPv4-mapped IPv6 → IPv4 text). Unspecified remotes are never
+//! flows; loopback and link-local remotes are left out unless configured.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+use netlink_packet_sock_diag::constants::TCP_LISTEN;
+use sov_proto::pb;
+
+use super::ObservedSocket;
+
+/// How long a socket that left the dump waits for its destroy event before its last bytes are
+/// counted as missed.
+pub const VANISHED_KEEP_MS: i64 = 10 * 60 * 1000;
+/// Most sockets waiting for a destroy event; beyond it the oldest are counted as missed.
+pub const MAX_VANISHED: usize = 131_072;
+/// Remote address text of the flow that sums what did not fit in `max_flows_per_report`.
+pub const OTHER_REMOTE: &str = "other";
+/// Distinct sockets remembered per flow (to count `connections`); beyond it each further
+/// contribution counts as one more connection (a socket contributing again is then counted
+/// again).
+pub const MAX_SOCKETS_PER_FLOW: usize = 65_536;
+/// Keys of `/proc/net` sockets (no cookie): this bit | inode.
+const FALLBACK_KEY: u64 = 1 << 63;
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) → IPv4; anything else unchanged.
+pub fn normalize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// 169.254.0.0/16 and fe80::/10.
+pub fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    }
+}
+
+/// Which remote addresses are flows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Count 127.0.0.0/8 and ::1.
+    pub include_loopback: bool,
+    /// Count 169.254.0.0/16 and fe80::/10.
+    pub include_link_local: bool,
+}
+
+impl Filter {
+    /// True when traffic to `remote` (already normalised) is left out.
+    pub fn excludes(&self, remote: &IpAddr) -> bool {
+        remote.is_unspecified()
+            || (!self.include_loopback && remote.is_loopback())
+            || (!self.include_link_local && is_link_local(remote))
+    }
+}
+
+/// What one socket adds to one interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    pub protocol: pb::Protocol,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// Owning process; `None` when it could not be seen.
+    pub pid: Option<u32>,
+    pub direction: pb::Direction,
+    /// (sent, received) in the interval; `None` when unknown.
+    pub bytes: Option<(u64, u64)>,
+    /// Microseconds; 0 when unknown.
+    pub min_rtt_us: u32,
+    pub srtt_us: u32,
+    /// Identity of the socket (cookie, or fallback key), for counting distinct connections.
+    pub socket: u64,
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+/// A socket as remembered from the sample that last saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    local: SocketAddr,
+    remote: SocketAddr,
+    counters: Option<(u64, u64)>,
+    pid: Option<u32>,
+    direction: pb::Direction,
+}
+
+/// Per-socket state between samples.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    live: HashMap<u64, Seen>,
+    vanished: HashMap<u64, (Seen, i64)>,
+    tcp_listen: HashSet<u16>,
+    udp_bound: HashSet<u16>,
+    last_ms: Option<i64>,
+}
+
+/// What one dump told beyond the contributions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DumpSummary {
+    /// Sockets whose owner is unknown (listeners included).
+    pub unknown_owners: usize,
+}
+
+fn key(s: &ObservedSocket) -> u64 {
+    if s.cookie != 0 {
+        s.cookie
+    } else {
+        FALLBACK_KEY | u64::from(s.inode)
+    }
+}
+
+/// A listening TCP socket, or a bound but unconnected UDP socket.
+fn is_listener(s: &ObservedSocket) -> bool {
+    match s.protocol {
+        pb::Protocol::Tcp => s.state == TCP_LISTEN,
+        _ => s.remote.ip().is_unspecified() || s.remote.port() == 0,
+    }
+}
+
+impl Tracker {
+    /// True once a baseline sample was taken.
+    pub fn has_baseline(&self) -> bool {
+        self.last_ms.is_some()
+    }
+
+    /// Sockets waiting for their destroy event.
+    pub fn vanished(&self) -> usize {
+        self.vanished.len()
+    }
+
+    fn direction(&self, s: &ObservedSocket) -> pb::Direction {
+        let ports = match s.protocol {
+            pb::Protocol::Tcp => &self.tcp_listen,
+            _ => &self.udp_bound,
+        };
+        if ports.contains(&s.local.port()) {
+            pb::Direction::Inbound
+        } else {
+            pb::Direction::Outbound
+        }
+    }
+
+    /// Fold a new dump in: contributions since the previous sample go to `out`; sockets that
+    /// left the dump start waiting for their destroy event.
+    pub fn observe_dump(
+        &mut self,
+        socks: &[ObservedSocket],
+        now_ms: i64,
+        owner: &dyn Fn(u32) -> Option<u32>,
+        out: &mut Vec<Contribution>,
+    ) -> DumpSummary {
+        self.tcp_listen.clear();
+        self.udp_bound.clear();
+        for s in socks.iter().filter(|s| is_listener(s)) {
+            match s.protocol {
+                pb::Protocol::Tcp => self.tcp_listen.insert(s.local.port()),
+                _ => self.udp_bound.insert(s.local.port()),
+            };
+        }
+        let baseline = self.last_ms.is_none();
+        let start_ms = self.last_ms.unwrap_or(now_ms);
+        let mut summary = DumpSummary::default();
+        let mut live = HashMap::with_capacity(socks.len());
+        for s in socks {
+            let known = (s.inode != 0).then(|| owner(s.inode)).flatten();
+            if is_listener(s) {
+                summary.unknown_owners += usize::from(known.is_none());
+                continue;
+            }
+            if s.cookie == 0 && s.inode == 0 {
+                // A /proc/net socket without identity (orphaned): nothing to follow.
+                continue;
+            }
+            let k = key(s);
+            let prev = self
+                .live
+                .remove(&k)
+                .or_else(|| self.vanished.remove(&k).map(|(p, _)| p));
+            let pid = known.or_else(|| prev.as_ref().and_then(|p| p.pid));
+            summary.unknown_owners += usize::from(pid.is_none());
+            let direction = prev
+                .as_ref()
+                .map_or_else(|| self.direction(s), |p| p.direction);
+            let counters = s.tcp.map(|c| (c.bytes_acked, c.bytes_received));
+            if !baseline {
+                let bytes = match (counters, prev.as_ref()) {
+                    (Some((a, r)), Some(p)) => {
+                        let (pa, pr) = p.counters.unwrap_or((a, r));
+                        Some((a.saturating_sub(pa), r.saturating_sub(pr)))
+                    }
+                    (Some(c), None) => Some(c),
+                    (None, _) => None,
+                };
+                let touched = match bytes {
+                    Some((ds, dr)) => prev.is_none() || ds > 0 || dr > 0,
+                    // Without counters a socket's presence is all there is to report.
+                    None => true,
+                };
+                if touched {
+                    out.push(Contribution {
+                        protocol: s.protocol,
+                        local: s.local,
+                        remote: s.remote,
+                        pid,
+                        direction,
+                        bytes,
+                        min_rtt_us: s.tcp.map_or(0, |c| c.min_rtt_us),
+                        srtt_us: s.tcp.map_or(0, |c| c.srtt_us),
+                        socket: k,
+                        start_ms,
+                        end_ms: now_ms,
+                    });
+                }
+            }
+            live.insert(
+                k,
+                Seen {
+                    local: s.local,
+                    remote: s.remote,
+                    counters,
+                    pid,
+                    direction,
+                },
+            );
+        }
+        for (k, seen) in std::mem::replace(&mut self.live, live) {
+            self.vanished.insert(k, (seen, now_ms));
+        }
+        summary
+    }
+
+    /// Fold destroy events in (their final counters) for the interval since the last finished
+    /// sample; before the baseline is finished they only end the sockets' tracking (their
+    /// traffic predates observation). Returns how many were folded.
+    pub fn absorb_destroyed(
+        &mut self,
+        events: &[ObservedSocket],
+        now_ms: i64,
+        out: &mut Vec<Contribution>,
+    ) -> usize {
+        for e in events {
+            let k = key(e);
+            let prev = self
+                .live
+                .remove(&k)
+                .or_else(|| self.vanished.remove(&k).map(|(p, _)| p));
+            let Some(start_ms) = self.last_ms else {
+                continue;
+            };
+            let fin = e.tcp.map(|c| (c.bytes_acked, c.bytes_received));
+            let (bytes, pid, direction) = match prev {
+                Some(p) => {
+                    let bytes = match (fin, p.counters) {
+                        (Some((a, r)), Some((pa, pr))) => {
+                            Some((a.saturating_sub(pa), r.saturating_sub(pr)))
+                        }
+                        (f, _) => f,
+                    };
+                    (bytes, p.pid, p.direction)
+                }
+                None => (fin, None, self.direction(e)),
+            };
+            out.push(Contribution {
+                protocol: e.protocol,
+                local: e.local,
+                remote: e.remote,
+                pid,
+                direction,
+                bytes,
+                min_rtt_us: e.tcp.map_or(0, |c| c.min_rtt_us),
+                srtt_us: e.tcp.map_or(0, |c| c.srtt_us),
+                socket: k,
+                start_ms,
+                end_ms: now_ms,
+            });
+        }
+        events.len()
+    }
+
+    /// End a sample: it becomes the start of the next interval. Sockets that waited too long
+    /// for their destroy event expire (all of them at once when there is no destroy
+    /// subscription). Returns how many TCP sockets' last bytes were lost.
+    pub fn finish(&mut self, now_ms: i64, subscribed: bool) -> u64 {
+        self.last_ms = Some(now_ms);
+        let mut missed = 0u64;
+        self.vanished.retain(|_, (seen, at)| {
+            let keep = subscribed && now_ms - *at <= VANISHED_KEEP_MS;
+            if !keep && seen.counters.is_some() {
+                missed += 1;
+            }
+            keep
+        });
+        if self.vanished.len() > MAX_VANISHED {
+            let mut ages: Vec<(i64, u64)> = self.vanished.iter().map(|(k, v)| (v.1, *k)).collect();
+            ages.sort_unstable();
+            let excess = self.vanished.len() - MAX_VANISHED;
+            for (_, k) in ages.into_iter().take(excess) {
+                if let Some((seen, _)) = self.vanished.remove(&k) {
+                    missed += u64::from(seen.counters.is_some());
+                }
+            }
+        }
+        missed
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct FlowKey {
+    pid: Option<u32>,
+    protocol: pb::Protocol,
+    /// `None`: the "other" flow of this pid, protocol and direction.
+    remote: Option<IpAddr>,
+    /// Remote port (outbound) or local service port (inbound).
+    port: u16,
+    direction: pb::Direction,
+}
+
+impl FlowKey {
+    fn other(&self) -> Self {
+        Self {
+            remote: None,
+            port: 0,
+            ..self.clone()
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FlowAcc {
+    local: IpAddr,
+    bytes_sent: u64,
+    bytes_received: u64,
+    bytes_known: bool,
+    min_rtt_us: u32,
+    srtt_sum: u64,
+    srtt_n: u64,
+    sockets: HashSet<u64>,
+    /// Connections beyond [`MAX_SOCKETS_PER_FLOW`].
+    more_sockets: u64,
+    start_ms: i64,
+    end_ms: i64,
+}
+
+impl FlowAcc {
+    fn new(local: IpAddr, bytes_known: bool, start_ms: i64, end_ms: i64) -> Self {
+        Self {
+            local,
+            bytes_sent: 0,
+            bytes_received: 0,
+            bytes_known,
+            min_rtt_us: 0,
+            srtt_sum: 0,
+            srtt_n: 0,
+            sockets: HashSet::new(),
+            more_sockets: 0,
+            start_ms,
+            end_ms,
+        }
+    }
+
+    fn add(&mut self, c: &Contribution) {
+        let (s, r) = c.bytes.unwrap_or((0, 0));
+        self.bytes_sent = self.bytes_sent.saturating_add(s);
+        self.bytes_received = self.bytes_received.saturating_add(r);
+        self.bytes_known &= c.bytes.is_some();
+        if c.min_rtt_us > 0 && (self.min_rtt_us == 0 || c.min_rtt_us < self.min_rtt_us) {
+            self.min_rtt_us = c.min_rtt_us;
+        }
+        if c.srtt_us > 0 {
+            self.srtt_sum += u64::from(c.srtt_us);
+            self.srtt_n += 1;
+        }
+        if self.sockets.len() < MAX_SOCKETS_PER_FLOW || self.sockets.contains(&c.socket) {
+            self.sockets.insert(c.socket);
+        } else {
+            self.more_sockets += 1;
+        }
+        self.start_ms = self.start_ms.min(c.start_ms);
+        self.end_ms = self.end_ms.max(c.end_ms);
+    }
+
+    fn merge(&mut self, o: FlowAcc) {
+        self.bytes_sent = self.bytes_sent.saturating_add(o.bytes_sent);
+        self.bytes_received = self.bytes_received.saturating_add(o.bytes_received);
+        self.bytes_known &= o.bytes_known;
+        if o.min_rtt_us > 0 && (self.min_rtt_us == 0 || o.min_rtt_us < self.min_rtt_us) {
+            self.min_rtt_us = o.min_rtt_us;
+        }
+        self.srtt_sum += o.srtt_sum;
+        self.srtt_n += o.srtt_n;
+        self.more_sockets += o.more_sockets;
+        for id in o.sockets {
+            if self.sockets.len() < MAX_SOCKETS_PER_FLOW || self.sockets.contains(&id) {
+                self.sockets.insert(id);
+            } else {
+                self.more_sockets += 1;
+            }
+        }
+        self.start_ms = self.start_ms.min(o.start_ms);
+        self.end_ms = self.end_ms.max(o.end_ms);
+    }
+
+    fn total(&self) -> u64 {
+        self.bytes_sent.saturating_add(self.bytes_received)
+    }
+
+    fn connections(&self) -> u64 {
+        self.sockets.len() as u64 + self.more_sockets
+    }
+}
+
+/// The pending flows of the current report interval.
+#[derive(Debug)]
+pub struct FlowTable {
+    entries: HashMap<FlowKey, FlowAcc>,
+    filter: Filter,
+    max_entries: usize,
+    folded: u64,
+}
+
+impl FlowTable {
+    /// A table holding at most `max_entries` distinct flows; beyond it new flows go straight to
+    /// their "other" flow.
+    pub fn new(filter: Filter, max_entries: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            filter,
+            max_entries,
+            folded: 0,
+        }
+    }
+
+    /// Distinct flows pending.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no flow is pending.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Add one contribution; false when its remote is filtered out.
+    pub fn add(&mut self, c: &Contribution) -> bool {
+        let remote = normalize(c.remote.ip());
+        if self.filter.excludes(&remote) {
+            return false;
+        }
+        let port = match c.direction {
+            pb::Direction::Inbound => c.local.port(),
+            _ => c.remote.port(),
+        };
+        let mut key = FlowKey {
+            pid: c.pid,
+            protocol: c.protocol,
+            remote: Some(remote),
+            port,
+            direction: c.direction,
+        };
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.max_entries {
+            key = key.other();
+            self.folded += 1;
+        }
+        let local = normalize(c.local.ip());
+        self.entries
+            .entry(key)
+            .or_insert_with(|| FlowAcc::new(local, c.bytes.is_some(), c.start_ms, c.end_ms))
+            .add(c);
+        true
+    }
+
+    /// Owners of the pending flows.
+    pub fn pids(&self) -> Vec<u32> {
+        let set: HashSet<u32> = self.entries.keys().filter_map(|k| k.pid).collect();
+        let mut v: Vec<u32> = set.into_iter().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Every pending flow, at most `max_flows` of them (the smallest by bytes, then by
+    /// connections, are summed into one "other" flow per pid, protocol and direction), largest
+    /// first, and the number of flows folded or dropped for the bound since the last take.
+    pub fn take(&mut self, max_flows: usize) -> (Vec<pb::Flow>, u64) {
+        let mut dropped = std::mem::take(&mut self.folded);
+        let mut flows: Vec<(FlowKey, FlowAcc)> = self.entries.drain().collect();
+        let order = |a: &(FlowKey, FlowAcc), b: &(FlowKey, FlowAcc)| {
+            b.1.total()
+                .cmp(&a.1.total())
+                .then(b.1.connections().cmp(&a.1.connections()))
+                .then(a.0.cmp(&b.0))
+        };
+        flows.sort_by(order);
+        if flows.len() > max_flows {
+            // Keep k flows and fold the rest into their "other" flows, with k + others ≤ max.
+            let mut groups: HashSet<FlowKey> =
+                flows[max_flows..].iter().map(|f| f.0.other()).collect();
+            let mut k = max_flows;
+            while k > 0 && k + groups.len() > max_flows {
+                k -= 1;
+                groups.insert(flows[k].0.other());
+            }
+            let rest = flows.split_off(k);
+            dropped += rest.len() as u64;
+            let mut others: HashMap<FlowKey, FlowAcc> = HashMap::new();
+            for (key, acc) in rest {
+                match others.entry(key.other()) {
+                    Entry::Occupied(mut e) => e.get_mut().merge(acc),
+                    Entry::Vacant(e) => {
+                        e.insert(acc);
+                    }
+                }
+            }
+            flows.extend(others);
+            flows.sort_by(order);
+            flows.truncate(max_flows);
+        }
+        let out = flows
+            .into_iter()
+            .map(|(key, acc)| to_flow(&key, &acc))
+            .collect();
+        (out, dropped)
+    }
+}
+
+fn to_flow(key: &FlowKey, acc: &FlowAcc) -> pb::Flow {
+    let inbound = key.direction == pb::Direction::Inbound;
+    pb::Flow {
+        protocol: key.protocol as i32,
+        local_address: acc.local.to_string(),
+        local_port: if inbound && key.remote.is_some() {
+            u32::from(key.port)
+        } else {
+            0
+        },
+        remote_address: key
+            .remote
+            .map_or_else(|| OTHER_REMOTE.to_owned(), |ip| ip.to_string()),
+        remote_port: if inbound { 0 } else { u32::from(key.port) },
+        pid: key.pid.unwrap_or(0),
+        owner_unknown: key.pid.is_none(),
+        bytes_sent: acc.bytes_sent,
+        bytes_received: acc.bytes_received,
+        bytes_known: acc.bytes_known,
+        direction: key.direction as i32,
+        min_rtt_us: acc.min_rtt_us,
+        smoothed_rtt_us: acc
+            .srtt_sum
+            .checked_div(acc.srtt_n)
+            .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX)),
+        connections: u32::try_from(acc.connections()).unwrap_or(u32::MAX),
+        start_unix_ms: acc.start_ms,
+        end_unix_ms: acc.end_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::net::TcpCounters;
+
+    fn sock(cookie: u64, local: &str, remote: &str, acked: u64, recvd: u64) -> ObservedSocket {
+        ObservedSocket {
+            protocol: pb::Protocol::Tcp,
+            state: 1,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            inode: 0,
+            cookie,
+            tcp: Some(TcpCounters {
+                bytes_acked: acked,
+                bytes_received: recvd,
+                min_rtt_us: 10,
+                srtt_us: 20,
+            }),
+        }
+    }
+
+    fn contribution(pid: u32, remote: &str, sent: u64, socket: u64) -> Contribution {
+        Contribution {
+            protocol: pb::Protocol::Tcp,
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            pid: Some(pid),
+            direction: pb::Direction::Outbound,
+            bytes: Some((sent, 0)),
+            min_rtt_us: 0,
+            srtt_us: 0,
+            socket,
+            start_ms: 1,
+            end_ms: 2,
+        }
+    }
+
+    const NOBODY: &dyn Fn(u32) -> Option<u32> = &|_| None;
+
+    #[test]
+    fn ipv4_mapped_addresses_become_ipv4_and_others_are_unchanged() {
+        assert_eq!(
+            normalize("::ffff:192.0.2.7".parse().unwrap()).to_string(),
+            "192.0.2.7"
+        );
+        assert_eq!(
+            normalize("2001:db8::7".parse().unwrap()).to_string(),
+            "2001:db8::7"
+        );
+        assert_eq!(normalize("::1".parse().unwrap()).to_string(), "::1");
+        let mut t = FlowTable::new(Filter::default(), 100);
+        let mut c = contribution(1, "[::ffff:198.51.100.4]:443", 5, 1);
+        c.local = "[::ffff:10.0.0.1]:40000".parse().unwrap();
+        t.add(&c);
+        let (flows, _) = t.take(10);
+        assert_eq!(flows[0].remote_address, "198.51.100.4");
+        assert_eq!(flows[0].local_address, "10.0.0.1");
+        // A mapped loopback address is loopback.
+        assert!(!t.add(&contribution(1, "[::ffff:127.0.0.1]:443", 5, 1)));
+    }
+
+    #[test]
+    fn loopback_link_local_and_unspecified_remotes_are_filtered_as_configured() {
+        let f = Filter::default();
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "169.254.1.1",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+        ] {
+            assert!(f.excludes(&ip.parse().unwrap()), "{ip}");
+        }
+        assert!(!f.excludes(&"192.0.2.1".parse().unwrap()));
+        let all = Filter {
+            include_loopback: true,
+            include_link_local: true,
+        };
+        assert!(!all.excludes(&"127.0.0.1".parse().unwrap()));
+        assert!(!all.excludes(&"fe80::1".parse().unwrap()));
+        assert!(all.excludes(&"0.0.0.0".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_first_sample_is_a_baseline_and_later_samples_give_deltas_and_new_sockets_in_full() {
+        let mut t = Tracker::default();
+        let mut out = vec![];
+        t.observe_dump(
+            &[sock(1, "10.0.0.1:40000", "192.0.2.1:443", 100, 50)],
+            1000,
+            NOBODY,
+            &mut out,
+        );
+        assert_eq!(t.finish(1000, true), 0);
+        assert!(out.is_empty(), "baseline");
+        t.observe_dump(
+            &[
+                sock(1, "10.0.0.1:40000", "192.0.2.1:443", 160, 70),
+                sock(2, "10.0.0.1:40001", "192.0.2.1:443", 9, 3),
+            ],
+            2000,
+            NOBODY,
+            &mut out,
+        );
+        assert_eq!(t.finish(2000, true), 0);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].bytes, Some((60, 20)));
+        assert_eq!(out[1].bytes, Some((9, 3)), "a new socket counts in full");
+        assert_eq!((out[0].start_ms, out[0].end_ms), (1000, 2000));
+        out.clear();
+        // Idle: nothing.
+        t.observe_dump(
+            &[
+                sock(1, "10.0.0.1:40000", "192.0.2.1:443", 160, 70),
+                sock(2, "10.0.0.1:40001", "192.0.2.1:443", 9, 3),
+            ],
+            3000,
+            NOBODY,
+            &mut out,
+        );
+        assert_eq!(t.finish(3000, true), 0);
+        assert!(out.is_empty(), "an idle connection contributes nothing");
+    }
+
+    #[test]
+    fn a_closed_socket_contributes_its_final_delta_once_and_an_unseen_one_in_full_without_owner() {
+        let mut t = Tracker::default();
+        let mut out = vec![];
+        let owner: &dyn Fn(u32) -> Option<u32> = &|_| Some(42);
+        let mut s1 = sock(1, "10.0.0.1:40000", "192.0.2.1:443", 100, 50);
+        s1.inode = 7;
+        t.observe_dump(&[s1], 1000, owner, &mut out);
+        assert_eq!(t.finish(1000, true), 0);
+        // Socket 1 leaves the dump; its event arrives; socket 3 lived only between samples.
+        t.observe_dump(&[], 2000, owner, &mut out);
+        assert_eq!(t.vanished(), 1);
+        let events = [
+            sock(1, "10.0.0.1:40000", "192.0.2.1:443", 1100, 60),
+            sock(3, "10.0.0.1:40003", "192.0.2.9:443", 500, 5),
+        ];
+        assert_eq!(t.absorb_destroyed(&events, 2000, &mut out), 2);
+        assert_eq!(out[0].bytes, Some((1000, 10)));
+        assert_eq!(out[0].pid, Some(42), "the owner remembered from the dump");
+        assert_eq!((out[0].start_ms, out[0].end_ms), (1000, 2000));
+        assert_eq!(out[1].bytes, Some((500, 5)));
+        assert_eq!(out[1].pid, None, "destroy events carry no inode");
+        assert_eq!(t.finish(2000, true), 0);
+        assert_eq!(t.vanished(), 0);
+        // Once its event is folded in, a socket is forgotten.
+        assert!(!t.live.contains_key(&1));
+    }
+
+    #[test]
+    fn events_before_the_baseline_only_end_tracking() {
+        let mut t = Tracker::default();
+        let mut out = vec![];
+        t.observe_dump(
+            &[sock(1, "10.0.0.1:40000", "192.0.2.1:443", 100, 50)],
+            1000,
+            NOBODY,
+            &mut out,
+        );
+        let ev = [sock(1, "10.0.0.1:40000", "192.0.2.1:443", 900, 50)];
+        assert_eq!(t.absorb_destroyed(&ev, 1000, &mut out), 1);
+        assert!(out.is_empty(), "baseline: nothing counted");
+        assert_eq!(t.finish(1000, true), 0);
+        t.observe_dump(&[], 2000, NOBODY, &mut out);
+        assert_eq!(t.vanished(), 0, "not waiting for an event already seen");
+    }
+
+    #[test]
+    fn a_socket_gone_without_event_is_missed_later_with_subscription_and_at_once_without() {
+        let mut t = Tracker::default();
+        let mut out = vec![];
+        t.observe_dump(
+            &[sock(1, "10.0.0.1:40000", "192.0.2.1:443", 100, 50)],
+            1000,
+            NOBODY,
+            &mut out,
+        );
+        assert_eq!(t.finish(1000, true), 0);
+        t.observe_dump(&[], 2000, NOBODY, &mut out);
+        assert_eq!(t.finish(2000, true), 0, "still waiting for its event");
+        assert_eq!(t.finish(2000 + VANISHED_KEEP_MS + 1, true), 1);
+        t.observe_dump(
+            &[sock(2, "10.0.0.1:40000", "192.0.2.1:443", 100, 50)],
+            3000,
+            NOBODY,
+            &mut out,
+        );
+        assert_eq!(t.finish(3000, true), 0);
+        t.observe_dump(&[], 4000, NOBODY, &mut out);
+        assert_eq!(t.finish(4000, false), 1, "no subscription: lost at once");
+    }
+
+    #[test]
+    fn direction_is_inbound_on_a_listening_port_and_inbound_flows_aggregate_client_ports() {
+        let mut t = Tracker::default();
+        let mut out = vec![];
+        let mut listener = sock(9, "10.0.0.1:8080", "0.0.0.0:0", 0, 0);
+        listener.state = TCP_LISTEN;
+        listener.tcp = None;
+        t.observe_dump(&[listener.clone()], 1000, NOBODY, &mut out);
+        assert_eq!(t.finish(1000, true), 0);
+        t.observe_dump(
+            &[
+                listener,
+                sock(1, "10.0.0.1:8080", "192.0.2.1:50000", 10, 1000),
+                sock(2, "10.0.0.1:8080", "192.0.2.1:50001", 10, 1000),
+                sock(3, "10.0.0.1:50002", "192.0.2.1:8080", 5, 5),
+            ],
+            2000,
+            NOBODY,
+            &mut out,
+        );
+        assert_eq!(t.finish(2000, true), 0);
+        assert_eq!(out[0].direction, pb::Direction::Inbound);
+        assert_eq!(out[2].direction, pb::Direction::Outbound);
+        let mut table = FlowTable::new(Filter::default(), 100);
+        for c in &out {
+            table.add(c);
+        }
+        let (flows, _) = table.take(100);
+        assert_eq!(flows.len(), 2);
+        let inbound = flows
+            .iter()
+            .find(|f| f.direction == pb::Direction::Inbound as i32)
+            .unwrap();
+        assert_eq!((inbound.local_port, inbound.remote_port), (8080, 0));
+        assert_eq!(inbound.connections, 2);
+        assert_eq!(inbound.bytes_received, 2000);
+        let outbound = flows
+            .iter()
+            .find(|f| f.direction == pb::Direction::Outbound as i32)
+            .unwrap();
+        assert_eq!((outbound.local_port, outbound.remote_port), (0, 8080));
+        assert_eq!(outbound.local_address, "10.0.0.1");
+    }
+
+    #[test]
+    fn flows_beyond_the_bound_are_summed_into_one_other_flow_per_process() {
+        let mut t = FlowTable::new(Filter::default(), 1000);
+        for i in 0..10u64 {
+            t.add(&contribution(
+                1,
+                &format!("192.0.2.{}:443", i + 1),
+                100 * (i + 1),
+                i,
+            ));
+        }
+        t.add(&contribution(2, "198.51.100.1:443", 5, 99));
+        let (flows, dropped) = t.take(4);
+        assert_eq!(flows.len(), 4);
+        let total: u64 = flows.iter().map(|f| f.bytes_sent).sum();
+        assert_eq!(total, 100 * 55 + 5, "no byte lost in folding");
+        let others: Vec<_> = flows
+            .iter()
+            .filter(|f| f.remote_address == OTHER_REMOTE)
+            .collect();
+        assert_eq!(others.len(), 2, "one other flow per process");
+        assert_eq!(dropped, 9);
+        assert!(flows[0].bytes_sent >= flows[1].bytes_sent);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn the_table_never_holds_more_than_its_bound_and_counts_what_it_folded() {
+        let mut t = FlowTable::new(Filter::default(), 3);
+        for i in 0..10u64 {
+            t.add(&contribution(1, &format!("192.0.2.{}:443", i + 1), 1, i));
+        }
+        assert_eq!(t.len(), 4, "three flows and the process's other flow");
+        let (flows, dropped) = t.take(100);
+        assert_eq!(dropped, 7);
+        let other = flows
+            .iter()
+            .find(|f| f.remote_address == OTHER_REMOTE)
+            .unwrap();
+        assert_eq!((other.connections, other.bytes_sent), (7, 7));
+    }
+}

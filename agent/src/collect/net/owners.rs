@@ -1,0 +1,297 @@
+//! Socket → process: which pid holds a socket inode, found by reading the `socket:[N]` links of
+//! `/proc/<pid>/fd/*`, and remembered so that a steady node costs no walk at all.
+//!
+//! [`OwnerCache::refresh`] is given the inodes of every live socket of a sample. It
+//! - forgets inodes that are no longer live, and owners whose `/proc/<pid>` is gone;
+//! - returns at once, reading nothing, when every live inode has a known owner (or is a known
+//!   miss, see below) — the steady state;
+//! - otherwise walks first the pids that already own sockets, those owning most first (servers
+//!   accept new connections), stopping as soon as every wanted inode is found, and only then
+//!   every other pid;
+//! - inside a pid, re-reads only the links of descriptors it has not seen before or whose socket
+//!   has gone (a descriptor remembered as socket X, with X still live, is not read again);
+//! - remembers inodes that a complete walk did not find (owner invisible: no permission on
+//!   `/proc/<pid>/fd` without root or `CAP_SYS_PTRACE` + `CAP_DAC_READ_SEARCH`; a socket held
+//!   only by the kernel; a socket closed while its connection finishes) and looks for them again
+//!   only after [`MISS_RETRY`], so one invisible socket does not cost a walk per sample.
+//!
+//! Limits, on purpose: a socket shared by several processes (inherited over `fork`, passed over
+//! a Unix socket) is attributed to the first pid found; threads are not walked separately (a
+//! thread created without `CLONE_FILES` has a descriptor table of its own that is not seen);
+//! a descriptor number reused for a new socket while the old socket stays open through a
+//! duplicate is read again only once the old socket closes.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long an inode that a complete walk did not find is left alone before being looked for again.
+pub const MISS_RETRY: Duration = Duration::from_secs(60);
+
+/// What the walks have cost so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalkStats {
+    /// `refresh` calls that read `/proc` (0 in the steady state).
+    pub walks: u64,
+    /// `/proc/<pid>/fd` directories listed.
+    pub pids_walked: u64,
+    /// Links read (`readlink`).
+    pub links_read: u64,
+    /// Wall time of the latest walk.
+    pub last_walk: Duration,
+}
+
+/// The inode → pid cache.
+#[derive(Debug)]
+pub struct OwnerCache {
+    proc_root: PathBuf,
+    owners: HashMap<u32, u32>,
+    misses: HashMap<u32, Instant>,
+    /// Per walked pid: descriptor → socket inode, from its latest walk (live inodes only).
+    fds: HashMap<u32, HashMap<u32, u32>>,
+    stats: WalkStats,
+}
+
+impl OwnerCache {
+    /// A cache reading `<proc_root>/<pid>/fd`.
+    pub fn new(proc_root: &Path) -> Self {
+        Self {
+            proc_root: proc_root.to_path_buf(),
+            owners: HashMap::new(),
+            misses: HashMap::new(),
+            fds: HashMap::new(),
+            stats: WalkStats::default(),
+        }
+    }
+
+    /// The pid holding socket `inode`, when known.
+    pub fn owner(&self, inode: u32) -> Option<u32> {
+        self.owners.get(&inode).copied()
+    }
+
+    /// The walks' cost so far.
+    pub fn stats(&self) -> WalkStats {
+        self.stats
+    }
+
+    /// Bring the cache up to date with the live socket inodes of a sample (0 is ignored).
+    pub fn refresh(&mut self, live: &HashSet<u32>, now: Instant) {
+        self.owners.retain(|ino, _| live.contains(ino));
+        self.misses
+            .retain(|ino, t| live.contains(ino) && now.duration_since(*t) < MISS_RETRY);
+        let owner_pids: HashSet<u32> = self.owners.values().copied().collect();
+        let gone: HashSet<u32> = owner_pids
+            .iter()
+            .copied()
+            .filter(|pid| !self.proc_root.join(pid.to_string()).exists())
+            .collect();
+        if !gone.is_empty() {
+            self.owners.retain(|_, pid| !gone.contains(pid));
+        }
+        self.fds
+            .retain(|pid, _| owner_pids.contains(pid) && !gone.contains(pid));
+
+        let mut wanted: HashSet<u32> = live
+            .iter()
+            .copied()
+            .filter(|ino| {
+                *ino != 0 && !self.owners.contains_key(ino) && !self.misses.contains_key(ino)
+            })
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        self.stats.walks += 1;
+        // Busiest owners first: a server with many sockets is the likeliest to have new ones.
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for pid in self.owners.values() {
+            *counts.entry(*pid).or_default() += 1;
+        }
+        let mut first: Vec<(usize, u32)> = counts.into_iter().map(|(p, c)| (c, p)).collect();
+        first.sort_unstable_by(|a, b| b.cmp(a));
+        let first: Vec<u32> = first.into_iter().map(|(_, p)| p).collect();
+        for &pid in &first {
+            self.walk_pid(pid, live, &mut wanted);
+            if wanted.is_empty() {
+                self.stats.last_walk = started.elapsed();
+                return;
+            }
+        }
+        let walked: HashSet<u32> = first.into_iter().collect();
+        if let Ok(dir) = fs::read_dir(&self.proc_root) {
+            for entry in dir.flatten() {
+                let Some(pid) = std::str::from_utf8(entry.file_name().as_bytes())
+                    .ok()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if walked.contains(&pid) {
+                    continue;
+                }
+                self.walk_pid(pid, live, &mut wanted);
+                if wanted.is_empty() {
+                    break;
+                }
+            }
+        }
+        for ino in wanted {
+            self.misses.insert(ino, now);
+        }
+        self.stats.last_walk = started.elapsed();
+    }
+
+    fn walk_pid(&mut self, pid: u32, live: &HashSet<u32>, wanted: &mut HashSet<u32>) {
+        let dir = self.proc_root.join(pid.to_string()).join("fd");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        self.stats.pids_walked += 1;
+        let old = self.fds.remove(&pid).unwrap_or_default();
+        let mut memo = HashMap::with_capacity(old.len());
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(fd) = std::str::from_utf8(name.as_bytes())
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let inode = match old.get(&fd) {
+                Some(&ino) if live.contains(&ino) => ino,
+                _ => {
+                    self.stats.links_read += 1;
+                    let Ok(target) = fs::read_link(entry.path()) else {
+                        continue;
+                    };
+                    match parse_socket_link(target.as_os_str().as_bytes()) {
+                        Some(ino) if live.contains(&ino) => ino,
+                        _ => continue,
+                    }
+                }
+            };
+            memo.insert(fd, inode);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.owners.entry(inode) {
+                e.insert(pid);
+                self.misses.remove(&inode);
+                wanted.remove(&inode);
+            }
+        }
+        if !memo.is_empty() {
+            self.fds.insert(pid, memo);
+        }
+    }
+}
+
+/// The inode of a `socket:[12345]` link target.
+pub fn parse_socket_link(target: &[u8]) -> Option<u32> {
+    let inner = target.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(inner).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn fake_fd(root: &Path, pid: u32, fd: u32, target: &str) {
+        let dir = root.join(pid.to_string()).join("fd");
+        fs::create_dir_all(&dir).unwrap();
+        symlink(target, dir.join(fd.to_string())).unwrap();
+    }
+
+    #[test]
+    fn socket_link_targets_are_parsed_and_other_links_are_not() {
+        assert_eq!(parse_socket_link(b"socket:[12345]"), Some(12345));
+        assert_eq!(parse_socket_link(b"pipe:[12345]"), None);
+        assert_eq!(parse_socket_link(b"/dev/null"), None);
+        assert_eq!(parse_socket_link(b"socket:[]"), None);
+    }
+
+    #[test]
+    fn an_inode_in_no_fd_directory_has_no_owner_and_is_not_searched_again_at_once() {
+        let root = tempfile::tempdir().unwrap();
+        fake_fd(root.path(), 100, 3, "socket:[5000]");
+        fake_fd(root.path(), 100, 4, "/dev/null");
+        fake_fd(root.path(), 200, 0, "pipe:[77]");
+        fs::create_dir_all(root.path().join("self")).unwrap();
+        let mut cache = OwnerCache::new(root.path());
+        let live: HashSet<u32> = [5000, 6000].into();
+        let t0 = Instant::now();
+        cache.refresh(&live, t0);
+        assert_eq!(cache.owner(5000), Some(100));
+        assert_eq!(cache.owner(6000), None, "no process holds inode 6000");
+        assert_eq!(cache.stats().walks, 1);
+
+        // Same sockets: the miss is remembered, nothing is read.
+        cache.refresh(&live, t0 + Duration::from_secs(5));
+        assert_eq!(cache.stats().walks, 1, "no walk when every inode is known");
+
+        // After MISS_RETRY the miss is looked for again (and found once it appears).
+        fake_fd(root.path(), 300, 9, "socket:[6000]");
+        cache.refresh(&live, t0 + MISS_RETRY + Duration::from_secs(1));
+        assert_eq!(cache.stats().walks, 2);
+        assert_eq!(cache.owner(6000), Some(300));
+    }
+
+    #[test]
+    fn a_new_socket_of_a_known_owner_costs_one_link_read() {
+        let root = tempfile::tempdir().unwrap();
+        fake_fd(root.path(), 10, 3, "socket:[1]");
+        fake_fd(root.path(), 20, 3, "socket:[2]");
+        let mut cache = OwnerCache::new(root.path());
+        let t = Instant::now();
+        cache.refresh(&[1, 2].into(), t);
+        let before = cache.stats();
+        assert_eq!(before.links_read, 2);
+
+        fake_fd(root.path(), 10, 4, "socket:[3]");
+        cache.refresh(&[1, 2, 3].into(), t);
+        let after = cache.stats();
+        assert_eq!(cache.owner(3), Some(10));
+        // pid 10's fd 3 is remembered (socket 1 still live): only fd 4 was read.
+        assert_eq!(after.links_read - before.links_read, 1);
+        assert_eq!(after.walks, 2);
+    }
+
+    #[test]
+    fn an_owner_whose_process_is_gone_is_forgotten() {
+        let root = tempfile::tempdir().unwrap();
+        fake_fd(root.path(), 10, 3, "socket:[1]");
+        let mut cache = OwnerCache::new(root.path());
+        let t = Instant::now();
+        cache.refresh(&[1].into(), t);
+        assert_eq!(cache.owner(1), Some(10));
+        fs::remove_dir_all(root.path().join("10")).unwrap();
+        fake_fd(root.path(), 11, 5, "socket:[1]");
+        cache.refresh(&[1].into(), t);
+        assert_eq!(
+            cache.owner(1),
+            Some(11),
+            "inherited by the child that still holds it"
+        );
+    }
+
+    #[test]
+    fn this_process_owns_its_own_socket_on_the_real_proc() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let me = std::process::id();
+        let dir = Path::new("/proc/self/fd");
+        let inode = fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| fs::read_link(e.path()).ok())
+            .filter_map(|t| parse_socket_link(t.as_os_str().as_bytes()))
+            .next();
+        let Some(inode) = inode else {
+            panic!("the listener is a socket descriptor of this process");
+        };
+        let mut cache = OwnerCache::new(Path::new("/proc"));
+        cache.refresh(&[inode].into(), Instant::now());
+        assert_eq!(cache.owner(inode), Some(me));
+        drop(l);
+    }
+}

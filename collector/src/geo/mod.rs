@@ -1,0 +1,431 @@
+//! Geolocation: a [`Verdict`] (country, ASN, organisation, and which database build said so)
+//! for every remote address.
+//!
+//! Sources, each one file behind the [`GeoSource`] trait, asked in this order:
+//! - [`overrides`]: CIDR blocks from `[[geo.override]]`, which win over everything;
+//! - each file of `[geo] databases`, in config order, recognised by content ([`detect`]):
+//!   [`mmdb`] (MaxMind format, country or ASN), [`delegated`] (the registries'
+//!   `delegated-*-extended` files), [`csv`] (country or ASN ranges);
+//! - [`embedded`]: the `iptocc` table, so that a fresh install works offline.
+//!
+//! One lookup asks countries until one source answers and ASNs until one answers. IPv4-mapped
+//! and 6to4 IPv6 addresses are looked up as IPv4 ([`normalise`]). [`Geo`] swaps a database
+//! whose file changed ([`Geo::reload_if_changed`]) without dropping a lookup, and keeps a
+//! bounded [`cache`] of verdicts. [`cli`] is `sov-collector geo lookup`.
+
+mod cache;
+pub mod cli;
+pub mod csv;
+pub mod delegated;
+pub mod detect;
+pub mod embedded;
+pub mod mmdb;
+pub mod overrides;
+mod ranges;
+pub mod testutil;
+
+use std::fs::File;
+use std::io::Read as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::SystemTime;
+
+use crate::config::GeoConfig;
+use cache::Cache;
+use detect::Format;
+use overrides::Overrides;
+
+/// Where one remote address is, and which database build said so.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Verdict {
+    /// ISO 3166-1 alpha-2 country; "" when no source knows the address.
+    pub country: String,
+    /// Autonomous system number, when a source knows it.
+    pub asn: Option<u32>,
+    /// Organisation of the autonomous system; "" when unknown.
+    pub org: String,
+    /// Build of the source that gave the country, e.g. "override:10.0.0.0/8",
+    /// "mmdb:GeoLite2-Country@2026-11-01", "delegated:delegated-ripencc-extended-latest@2026-11-01",
+    /// "csv:dbip-country.csv", "embedded:iptocc-1.4.175"; "" when the country is unknown.
+    pub source: String,
+    /// Build of the source that gave the ASN and organisation; "" when unknown.
+    pub asn_source: String,
+}
+
+/// One geolocation source. Implementations must answer quickly and never block.
+pub trait GeoSource: Send + Sync + std::fmt::Debug {
+    /// The build string recorded in [`Verdict::source`], e.g. "mmdb:GeoLite2-Country@2026-11-01".
+    fn name(&self) -> &str;
+    /// Country (ISO 3166-1 alpha-2) of an already [`normalise`]d address, when known.
+    fn country(&self, ip: IpAddr) -> Option<String>;
+    /// Autonomous system number and organisation ("" when unknown), when known.
+    fn asn(&self, _ip: IpAddr) -> Option<(u32, String)> {
+        None
+    }
+}
+
+/// Why a geolocation source could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum GeoError {
+    /// The file cannot be opened or read.
+    #[error("cannot read {}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The content is none of the recognised formats.
+    #[error(
+        "{} is not a recognised database (MaxMind .mmdb, delegated-*-extended, CSV ranges): it starts with {head}{hint}",
+        .path.display()
+    )]
+    UnknownFormat {
+        path: PathBuf,
+        /// The first bytes, escaped.
+        head: String,
+        /// A hint such as "; it is gzip-compressed, decompress it first", or "".
+        hint: &'static str,
+    },
+    /// The file has the MaxMind marker but the reader refuses it.
+    #[error("{} is not a valid MaxMind database", .path.display())]
+    Mmdb {
+        path: PathBuf,
+        #[source]
+        source: maxminddb::MaxMindDbError,
+    },
+    /// A line of a text database is malformed (line 0: the file as a whole).
+    #[error("{}:{line}: {message}", .path.display())]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    /// A `[[geo.override]]` entry is invalid.
+    #[error("geo.override[{index}] (cidr {cidr:?}): {message}")]
+    Override {
+        index: usize,
+        cidr: String,
+        message: String,
+    },
+}
+
+/// The error and its causes on one line, e.g. "cannot read /x: No such file or directory".
+fn error_line(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+/// Look IPv4-mapped (`::ffff:0:0/96`) and 6to4 (`2002::/16`) addresses up as the IPv4
+/// address they carry; every other address is returned as it is.
+pub fn normalise(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let s = v6.segments();
+            if s[0] == 0x2002 {
+                let [a, b] = s[1].to_be_bytes();
+                let [c, d] = s[2].to_be_bytes();
+                return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+            }
+            ip
+        }
+    }
+}
+
+/// What a database file looked like when it was loaded: a change of any part means reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    mtime: Option<SystemTime>,
+    len: u64,
+    dev: u64,
+    ino: u64,
+}
+
+impl Fingerprint {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let (dev, ino) = {
+            use std::os::unix::fs::MetadataExt as _;
+            (meta.dev(), meta.ino())
+        };
+        #[cfg(not(unix))]
+        let (dev, ino) = (0, 0);
+        Self {
+            mtime: meta.modified().ok(),
+            len: meta.len(),
+            dev,
+            ino,
+        }
+    }
+}
+
+/// Read, recognise and parse one database file: the one dispatch point over the formats.
+fn load_file(path: &Path) -> Result<(Arc<dyn GeoSource>, Fingerprint), GeoError> {
+    let read_err = |source| GeoError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    // Fingerprint the handle the bytes come from, so that a file replaced during the read
+    // is seen as changed at the next check.
+    let meta = file.metadata().map_err(read_err)?;
+    let fingerprint = Fingerprint::of(&meta);
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(read_err)?;
+    let source: Arc<dyn GeoSource> = match detect::detect(&bytes) {
+        Some(Format::Mmdb) => Arc::new(mmdb::Mmdb::from_bytes(path, bytes)?),
+        Some(Format::Delegated) => Arc::new(delegated::Delegated::parse(
+            path,
+            &bytes,
+            fingerprint.mtime,
+        )?),
+        Some(Format::Csv) => Arc::new(csv::Csv::parse(path, &bytes)?),
+        None => {
+            return Err(GeoError::UnknownFormat {
+                path: path.to_owned(),
+                head: detect::head(&bytes),
+                hint: detect::hint(&bytes),
+            });
+        }
+    };
+    Ok((source, fingerprint))
+}
+
+/// One configured database file and what the reloader knows of it.
+#[derive(Debug)]
+struct FileState {
+    path: PathBuf,
+    /// The file as last loaded.
+    loaded: Fingerprint,
+    /// The file as last refused (so that a bad file is logged once, not at every check).
+    refused: Option<Fingerprint>,
+    /// Whether "cannot stat" was already logged.
+    missing: bool,
+}
+
+/// The sources in force and the cache of verdicts they gave; replaced as a whole on reload,
+/// so a verdict computed from old sources can never land in the new cache.
+#[derive(Debug)]
+struct Snapshot {
+    /// Databases in config order, then the embedded table.
+    sources: Vec<Arc<dyn GeoSource>>,
+    cache: Cache,
+}
+
+impl Snapshot {
+    fn new(sources: Vec<Arc<dyn GeoSource>>) -> Arc<Self> {
+        Arc::new(Self {
+            sources,
+            cache: Cache::new(cache::DEFAULT_CACHE_ENTRIES),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    overrides: Overrides,
+    current: RwLock<Arc<Snapshot>>,
+    /// One per database, in config order; the lock also serialises reloads.
+    files: Mutex<Vec<FileState>>,
+}
+
+/// All sources in order: overrides first, then each database in config order, then the
+/// embedded table. Cheap to clone (one `Arc`); lookups never wait for a reload.
+#[derive(Clone, Debug)]
+pub struct Geo {
+    inner: Arc<Inner>,
+}
+
+impl Geo {
+    /// Load the overrides and every database of `[geo]`; the first problem is the error
+    /// (use [`validate`] for all of them).
+    pub fn from_config(cfg: &GeoConfig) -> Result<Geo, GeoError> {
+        let overrides = Overrides::from_config(&cfg.overrides)?;
+        let mut sources = Vec::with_capacity(cfg.databases.len() + 1);
+        let mut files = Vec::with_capacity(cfg.databases.len());
+        for path in &cfg.databases {
+            let (source, loaded) = load_file(path)?;
+            tracing::info!(path = %path.display(), build = source.name(), "geo database loaded");
+            sources.push(source);
+            files.push(FileState {
+                path: path.clone(),
+                loaded,
+                refused: None,
+                missing: false,
+            });
+        }
+        sources.push(Arc::new(embedded::Embedded));
+        Ok(Geo {
+            inner: Arc::new(Inner {
+                overrides,
+                current: RwLock::new(Snapshot::new(sources)),
+                files: Mutex::new(files),
+            }),
+        })
+    }
+
+    /// The embedded table alone: no overrides, no database files.
+    pub fn embedded_only() -> Geo {
+        Geo {
+            inner: Arc::new(Inner {
+                overrides: Overrides::default(),
+                current: RwLock::new(Snapshot::new(vec![Arc::new(embedded::Embedded)])),
+                files: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(
+            &self
+                .inner
+                .current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// The verdict for one address (normalised first); never fails: an address no source
+    /// knows gets an empty country.
+    pub fn lookup(&self, ip: IpAddr) -> Verdict {
+        let ip = normalise(ip);
+        let snapshot = self.snapshot();
+        if let Some(v) = snapshot.cache.get(&ip) {
+            return v;
+        }
+        let v = self.resolve(&snapshot.sources, ip);
+        snapshot.cache.insert(ip, v.clone());
+        v
+    }
+
+    /// Ask every source in order, without the cache.
+    fn resolve(&self, sources: &[Arc<dyn GeoSource>], ip: IpAddr) -> Verdict {
+        let mut v = Verdict::default();
+        let mut asn_known = false;
+        if let Some(o) = self.inner.overrides.find(ip) {
+            v.country.clone_from(&o.country);
+            v.source.clone_from(&o.source);
+            if o.asn.is_some() || o.org.is_some() {
+                asn_known = true;
+                v.asn = o.asn;
+                v.org = o.org.clone().unwrap_or_default();
+                v.asn_source.clone_from(&o.source);
+            }
+        }
+        for s in sources {
+            if asn_known && !v.country.is_empty() {
+                break;
+            }
+            if v.country.is_empty()
+                && let Some(c) = s.country(ip)
+            {
+                v.country = c;
+                v.source = s.name().to_owned();
+            }
+            if !asn_known && let Some((asn, org)) = s.asn(ip) {
+                asn_known = true;
+                v.asn = Some(asn);
+                v.org = org;
+                v.asn_source = s.name().to_owned();
+            }
+        }
+        v
+    }
+
+    /// Re-stat every database file and swap in those that changed (mtime, size or inode).
+    /// A file that no longer parses keeps its previous build (and is logged once). True when
+    /// something was swapped; the cache then starts empty.
+    pub fn reload_if_changed(&self) -> bool {
+        let mut files = self
+            .inner
+            .files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if files.is_empty() {
+            return false;
+        }
+        let mut sources = self.snapshot().sources.clone();
+        let mut changed = false;
+        for (i, f) in files.iter_mut().enumerate() {
+            let now = match std::fs::metadata(&f.path) {
+                Ok(meta) => {
+                    f.missing = false;
+                    Fingerprint::of(&meta)
+                }
+                Err(e) => {
+                    if !f.missing {
+                        tracing::warn!(path = %f.path.display(), error = %e,
+                            "geo database cannot be checked; keeping the loaded build");
+                        f.missing = true;
+                    }
+                    continue;
+                }
+            };
+            if now == f.loaded || Some(now) == f.refused {
+                continue;
+            }
+            match load_file(&f.path) {
+                Ok((source, loaded)) => {
+                    tracing::info!(path = %f.path.display(), build = source.name(),
+                        previous = sources[i].name(), "geo database reloaded");
+                    sources[i] = source;
+                    f.loaded = loaded;
+                    f.refused = None;
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %f.path.display(), error = %error_line(&e),
+                        build = sources[i].name(),
+                        "geo database changed but cannot be loaded; keeping the loaded build");
+                    f.refused = Some(now);
+                }
+            }
+        }
+        if changed {
+            *self
+                .inner
+                .current
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = Snapshot::new(sources);
+        }
+        changed
+    }
+
+    /// Names of all sources in the order they are asked (overrides only when there are some).
+    pub fn builds(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.inner.overrides.is_empty() {
+            out.push(self.inner.overrides.name().to_owned());
+        }
+        out.extend(self.snapshot().sources.iter().map(|s| s.name().to_owned()));
+        out
+    }
+}
+
+/// Every problem in `[geo]` at once (for `--check-config`): bad overrides, unreadable files,
+/// unrecognised formats, malformed lines. Each problem names the field.
+pub fn validate(cfg: &GeoConfig) -> Vec<String> {
+    let mut out: Vec<String> = Overrides::problems(&cfg.overrides)
+        .iter()
+        .map(|e| error_line(e))
+        .collect();
+    for (i, path) in cfg.databases.iter().enumerate() {
+        if let Err(e) = load_file(path) {
+            out.push(format!("geo.databases[{i}]: {}", error_line(&e)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,349 @@
+//! Outbound traffic per process, with bytes, geolocated at the collector: real TCP traffic to a
+//! server inside a network namespace that the test creates (veth pair, addresses of the test's
+//! own choosing), placed in a foreign country by a CIDR override. Falls back to loopback with
+//! `include_loopback` when namespaces cannot be created, and says so.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sov_collector::auth::Role;
+use sov_collector::config::GeoOverride;
+use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually};
+use sov_proto::pb;
+use tokio_util::sync::CancellationToken;
+
+/// A network namespace with a veth pair to it; removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    v4_peer: String,
+    v6_peer: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    fn create() -> Result<Self, String> {
+        let n = std::process::id() % 200 + 20;
+        let name = format!("sovt{}", std::process::id());
+        let host_if = format!("sovh{n}");
+        let peer_if = format!("sovp{n}");
+        let ns = Self {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            v4_peer: format!("10.251.{n}.2"),
+            v6_peer: format!("fd00:251:{n}::2"),
+        };
+        ip(&["netns", "add", &name])?;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ])?;
+        ip(&["link", "set", &peer_if, "netns", &name])?;
+        ip(&["addr", "add", &format!("10.251.{n}.1/24"), "dev", &host_if])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:251:{n}::1/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{}/24", ns.v4_peer),
+            "dev",
+            &peer_if,
+        ])?;
+        ip(&[
+            "-n",
+            &name,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", ns.v6_peer),
+            "dev",
+            &peer_if,
+            "nodad",
+        ])?;
+        ip(&["-n", &name, "link", "set", &peer_if, "up"])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A sink server (python3): reads everything from each connection, then answers `reply` bytes.
+fn sink(netns: Option<&str>, addr: &str, reply: usize) -> (KillOnDrop, u16) {
+    let script = r#"
+import socket, sys, threading
+a = sys.argv[1]; r = int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((a, 0)); s.listen(16)
+print(s.getsockname()[1], flush=True)
+def serve(c):
+    while c.recv(65536):
+        pass
+    c.sendall(b'y' * r); c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args([
+                "netns",
+                "exec",
+                ns,
+                "python3",
+                "-c",
+                script,
+                addr,
+                &reply.to_string(),
+            ]);
+            c
+        }
+        None => {
+            let mut c = Command::new("python3");
+            c.args(["-c", script, addr, &reply.to_string()]);
+            c
+        }
+    };
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (KillOnDrop(child), line.trim().parse().unwrap())
+}
+
+/// Send `n` bytes, hold the connection open for `hold` (so that the agent samples it with its
+/// owner), half-close, read the reply to the end; returns the reply length.
+fn send(addr: SocketAddr, n: usize, hold: Duration) -> usize {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    let buf = vec![b'x'; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len());
+        s.write_all(&buf[..k]).unwrap();
+        left -= k;
+    }
+    std::thread::sleep(hold);
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    reply.len()
+}
+
+async fn egress(
+    q: &mut pb::query_client::QueryClient<tonic::transport::Channel>,
+    by: &str,
+) -> Vec<pb::EgressRow> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    q.egress(pb::EgressRequest {
+        since_unix_ms: now - 3_600_000,
+        until_unix_ms: 0,
+        by: by.into(),
+        limit: 1000,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .rows
+}
+
+fn within_one_percent(got: u64, want: u64) -> bool {
+    let diff = got.abs_diff(want) as f64;
+    diff <= want as f64 * 0.01
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and_country() {
+    let netns = match Netns::create() {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            eprintln!(
+                "SKIP network namespace ({e}): falling back to loopback with include_loopback = true"
+            );
+            None
+        }
+    };
+    let (v4, v6, v4_cidr, v6_cidr) = match &netns {
+        Some(ns) => (
+            ns.v4_peer.clone(),
+            ns.v6_peer.clone(),
+            format!("{}/32", ns.v4_peer),
+            format!("{}/128", ns.v6_peer),
+        ),
+        None => (
+            "127.0.0.2".to_owned(),
+            "::1".to_owned(),
+            "127.0.0.2/32".to_owned(),
+            "::1/128".to_owned(),
+        ),
+    };
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let collector = InProcessCollector::start(&pki, data.path(), |c| {
+        c.geo.overrides = vec![
+            GeoOverride {
+                cidr: v4_cidr.clone(),
+                country: "FR".into(),
+                asn: Some(64_500),
+                org: Some("Test Transit".into()),
+            },
+            GeoOverride {
+                cidr: v6_cidr.clone(),
+                country: "DE".into(),
+                asn: None,
+                org: None,
+            },
+        ];
+    })
+    .await;
+    let url = collector.url();
+    let spool = tempfile::tempdir().unwrap();
+    let mut cfg = agent_config(
+        &pki,
+        "node-e",
+        vec![url.clone()],
+        &spool.path().join("spool"),
+    );
+    cfg.net.interval_secs = 1;
+    cfg.net.include_loopback = netns.is_none();
+    let agent = sov_agent::Agent::open(cfg).unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(agent.run(stop.clone()));
+    // Let the agent take its baseline sample before the traffic starts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let ns_name = netns.as_ref().map(|n| n.name.clone());
+    let (_srv4, port4) = sink(ns_name.as_deref(), &v4, 256 * 1024);
+    let (_srv6, port6) = sink(ns_name.as_deref(), &v6, 0);
+    let sent4 = 5 * 1024 * 1024;
+    let sent6 = 3 * 1024 * 1024;
+    let short = 1024 * 1024;
+    let a4: SocketAddr = format!("{v4}:{port4}").parse().unwrap();
+    let a6: SocketAddr = format!("[{v6}]:{port6}").parse().unwrap();
+    let replies = tokio::task::spawn_blocking(move || {
+        let hold = Duration::from_millis(2500);
+        let r = send(a4, sent4, hold);
+        let _ = send(a6, sent6, hold);
+        // A short-lived connection: opened, 1 MiB sent, closed within one interval.
+        let _ = send(a4, short, Duration::ZERO);
+        r
+    })
+    .await
+    .unwrap();
+    assert_eq!(replies, 256 * 1024);
+
+    let tls = pki.client_tls(Role::Regulator, "alice");
+    let mut q = pb::query_client::QueryClient::new(tls.connect(&url).await.unwrap());
+    let want4 = (sent4 + short) as u64;
+    let rows = eventually(
+        Duration::from_secs(30),
+        "the French and German bytes at the collector",
+        || {
+            let mut q = q.clone();
+            async move {
+                let rows = egress(&mut q, "process").await;
+                let fr: u64 = rows
+                    .iter()
+                    .filter(|r| r.country == "FR")
+                    .map(|r| r.bytes_sent)
+                    .sum();
+                let de: u64 = rows
+                    .iter()
+                    .filter(|r| r.country == "DE")
+                    .map(|r| r.bytes_sent)
+                    .sum();
+                (within_one_percent(fr, want4) && within_one_percent(de, sent6 as u64))
+                    .then_some(rows)
+            }
+        },
+    )
+    .await;
+    // The long transfer is attributed to this process; the short-lived connection closed
+    // before any sample saw its owner, so its bytes count with the owner unknown (pid 0)
+    // unless the sampler happened to catch it alive.
+    let me = std::process::id();
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let mine = rows
+        .iter()
+        .find(|r| r.country == "FR" && r.pid == me)
+        .expect("a French row owned by this process");
+    assert_eq!(
+        (mine.node.as_str(), mine.process.as_str()),
+        ("node-e", comm.trim()),
+        "{rows:?}"
+    );
+    assert!(mine.bytes_sent >= sent4 as u64, "{mine:?}");
+    assert!(mine.bytes_received >= 256 * 1024, "{mine:?}");
+    assert!(mine.min_rtt_us > 0, "{mine:?}");
+    let fr_connections: u64 = rows
+        .iter()
+        .filter(|r| r.country == "FR")
+        .map(|r| r.connections)
+        .sum();
+    assert!(
+        fr_connections >= 2,
+        "the short-lived connection is counted: {rows:?}"
+    );
+    let de = rows
+        .iter()
+        .find(|r| r.country == "DE" && r.pid == me)
+        .expect("a German row owned by this process");
+    assert!(within_one_percent(de.bytes_sent, sent6 as u64), "{de:?}");
+
+    // Grouped by country and by ASN, the same bytes; the verdict names its source.
+    let by_country = egress(&mut q, "country").await;
+    let fr_total = by_country.iter().find(|r| r.country == "FR").unwrap();
+    assert!(within_one_percent(fr_total.bytes_sent, want4));
+    let by_asn = egress(&mut q, "asn").await;
+    assert!(
+        by_asn
+            .iter()
+            .any(|r| r.asn == 64_500 && r.org == "Test Transit"),
+        "{by_asn:?}"
+    );
+    let dest = egress(&mut q, "destination").await;
+    let d = dest.iter().find(|r| r.remote_address == v4).unwrap();
+    assert!(d.geo_source.starts_with("override"), "{d:?}");
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    collector.stop().await;
+}
