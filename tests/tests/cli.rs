@@ -278,3 +278,65 @@ fn scan_json_reports_this_machines_cpus_memory_and_why_gpus_are_unavailable() {
         "{table}"
     );
 }
+
+#[test]
+fn geo_lookup_prints_country_asn_org_and_source_and_normalises_mapped_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let cfg = sov_collector::CollectorConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        dir.path().join("data"),
+        pki.server_files(),
+    );
+    let path = dir.path().join("collector.toml");
+    sov_e2e::write_collector_toml(&cfg, &path);
+    let text = std::fs::read_to_string(&path).unwrap()
+        + "\n[[geo.override]]\ncidr = \"10.9.0.0/16\"\ncountry = \"FR\"\nasn = 64501\norg = \"Override Org\"\n";
+    std::fs::write(&path, text).unwrap();
+    let (code, out, err) = run(
+        "e2e-collector",
+        &[
+            "geo",
+            "lookup",
+            "--config",
+            path.to_str().unwrap(),
+            "--output",
+            "json",
+            "8.8.8.8",
+            "::ffff:8.8.8.8",
+            "10.9.1.2",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        for k in ["ip", "country", "asn", "org", "source"] {
+            assert!(r.get(k).is_some(), "key {k} missing in {r}");
+        }
+    }
+    assert_eq!(
+        rows[0]["country"], rows[1]["country"],
+        "a mapped address is looked up as IPv4"
+    );
+    assert_eq!(
+        rows[0]["country"].as_str().map(str::len),
+        Some(2),
+        "{}",
+        rows[0]
+    );
+    assert_eq!(
+        (rows[2]["country"].as_str(), rows[2]["asn"].as_u64()),
+        (Some("FR"), Some(64_501))
+    );
+    assert!(
+        rows[2]["source"].as_str().unwrap().starts_with("override"),
+        "{}",
+        rows[2]
+    );
+    // A bad address is named.
+    let (code, _, err) = run("e2e-collector", &["geo", "lookup", "not-an-ip"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not-an-ip"), "{err}");
+}
