@@ -21,10 +21,17 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::{GeoError, GeoSource};
 
+/// Records sampled at load to learn whether the database has countries, ASNs or both.
+const SCHEMA_SAMPLE_RECORDS: usize = 4096;
+
 /// One MaxMind database.
 pub struct Mmdb {
     name: String,
     reader: maxminddb::Reader<Vec<u8>>,
+    /// Whether sampled records carry a country (else `country` is not asked).
+    has_country: bool,
+    /// Whether sampled records carry an ASN (else `asn` is not asked).
+    has_asn: bool,
 }
 
 impl fmt::Debug for Mmdb {
@@ -34,6 +41,8 @@ impl fmt::Debug for Mmdb {
             .field("name", &self.name)
             .field("ip_version", &m.ip_version)
             .field("node_count", &m.node_count)
+            .field("has_country", &self.has_country)
+            .field("has_asn", &self.has_asn)
             .finish()
     }
 }
@@ -190,6 +199,31 @@ impl Record<'_> {
     }
 }
 
+/// Whether the first records (in tree order) carry countries and ASNs: a database has one
+/// schema, so a country database is not decoded again for ASNs, nor an ASN one for countries.
+fn schema(reader: &maxminddb::Reader<Vec<u8>>) -> (bool, bool) {
+    let Ok(networks) = reader.networks(maxminddb::WithinOptions::default()) else {
+        return (true, true);
+    };
+    let (mut country, mut asn, mut seen) = (false, false, 0);
+    for r in networks.take(SCHEMA_SAMPLE_RECORDS) {
+        let Ok(Some(rec)) = r.and_then(|r| r.decode::<Record<'_>>()) else {
+            continue;
+        };
+        seen += 1;
+        country |= rec.country().is_some();
+        asn |= rec.asn().is_some();
+        if country && asn {
+            break;
+        }
+    }
+    if seen == 0 {
+        (true, true)
+    } else {
+        (country, asn)
+    }
+}
+
 impl Mmdb {
     /// Open a database from the file's bytes; `path` is for errors.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Mmdb, GeoError> {
@@ -203,7 +237,17 @@ impl Mmdb {
             .and_then(super::delegated::iso_date)
             .unwrap_or_else(|| "unknown".to_owned());
         let name = format!("mmdb:{}@{date}", m.database_type);
-        Ok(Mmdb { name, reader })
+        let (has_country, has_asn) = schema(&reader);
+        if !has_country && !has_asn {
+            tracing::warn!(path = %path.display(), build = %name,
+                "no sampled record has a country or an ASN: this database will answer nothing");
+        }
+        Ok(Mmdb {
+            name,
+            reader,
+            has_country,
+            has_asn,
+        })
     }
 
     fn record(&self, ip: IpAddr) -> Option<Record<'_>> {
@@ -230,10 +274,16 @@ impl GeoSource for Mmdb {
     }
 
     fn country(&self, ip: IpAddr) -> Option<String> {
+        if !self.has_country {
+            return None;
+        }
         self.record(ip)?.country()
     }
 
     fn asn(&self, ip: IpAddr) -> Option<(u32, String)> {
+        if !self.has_asn {
+            return None;
+        }
         self.record(ip)?.asn()
     }
 }

@@ -11,7 +11,8 @@
 //! One lookup asks countries until one source answers and ASNs until one answers. IPv4-mapped
 //! and 6to4 IPv6 addresses are looked up as IPv4 ([`normalise`]). [`Geo`] swaps a database
 //! whose file changed ([`Geo::reload_if_changed`]) without dropping a lookup, and keeps a
-//! bounded [`cache`] of verdicts. [`cli`] is `sov-collector geo lookup`.
+//! bounded cache of verdicts (`cache.rs`). [`cli`] is `sov-collector geo lookup`; [`testutil`]
+//! writes MaxMind databases for tests and the `bench_geo` example.
 
 mod cache;
 pub mod cli;

@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod suite;
 
 pub use sqlite::SqliteStore;
 
@@ -208,6 +211,15 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// PostgreSQL refused an operation, or the connection failed.
+    #[error("postgres: {context}")]
+    Postgres {
+        /// What was being done.
+        context: &'static str,
+        /// The cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
     /// The data directory or database file could not be used.
     #[error("cannot open store at {path}")]
     Open {
@@ -233,6 +245,41 @@ pub enum StoreError {
     /// A blocking task failed.
     #[error("store task failed: {0}")]
     Task(String),
+}
+
+/// Open the store that `url` names:
+///
+/// - `""` or `sqlite:PATH`: [`SqliteStore`] in the directory PATH (relative to `data_dir`;
+///   an empty PATH is `data_dir` itself);
+/// - `postgres://…` or `postgresql://…`: [`postgres::PostgresStore`] (tables in the
+///   connection's `search_path`, migrated on connect).
+pub async fn open(
+    url: &str,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = postgres::PostgresStore::connect(url).await?;
+        return Ok(std::sync::Arc::new(store));
+    }
+    let dir = match url.strip_prefix("sqlite:") {
+        _ if url.is_empty() => data_dir.to_path_buf(),
+        Some("") => data_dir.to_path_buf(),
+        Some(path) => data_dir.join(path),
+        None => {
+            return Err(StoreError::Open {
+                path: postgres::redact_url(url),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "unsupported store URL: use \"\" or sqlite:PATH for SQLite, \
+                     postgres://... or postgresql://... for PostgreSQL",
+                ),
+            });
+        }
+    };
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+    Ok(std::sync::Arc::new(store))
 }
 
 /// Durable storage of reports and per-node completeness.

@@ -1007,115 +1007,44 @@ pub fn count_reports(data_dir: &Path, node: &str, epoch: u64) -> Result<u64, Sto
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::store::{GapRecord, Telemetry};
-    use sov_proto::pb;
+    use crate::store::suite::{Backend, Fixture, report, store_suite, telemetry};
 
-    fn report(node: &str, epoch: u64, seq: u64) -> IncomingReport {
-        IncomingReport {
-            node: node.to_owned(),
-            epoch,
-            seq,
-            observed_unix_ms: i64::try_from(seq).unwrap() * 1000,
-            received_unix_ms: i64::try_from(seq).unwrap() * 1000 + 5,
-            site: "rabat-1".into(),
-            country: "MA".into(),
-            hostname: format!("{node}.local"),
-            agent_version: "0.1.0".into(),
-            labels: BTreeMap::from([("rack".to_owned(), "r1".to_owned())]),
-            cpu_percent: 12.5,
-            memory_used_bytes: 100,
-            memory_total_bytes: 1000,
-            telemetry: Default::default(),
-            gaps: vec![],
-            body: vec![1, 2, 3],
+    /// A fresh database in a temporary directory.
+    struct SqliteFixture {
+        dir: tempfile::TempDir,
+        store: SqliteStore,
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Backend for SqliteFixture {
+        fn store(&self) -> &dyn Store {
+            &self.store
+        }
+
+        async fn count(&self, sql: &str) -> i64 {
+            count(self.dir.path(), sql)
         }
     }
 
-    #[tokio::test]
-    async fn a_report_is_stored_once_and_a_resend_is_a_duplicate() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(
-            store.ingest(report("a", 7, 1)).await.unwrap(),
-            IngestOutcome::Stored
-        );
-        assert_eq!(
-            store.ingest(report("a", 7, 1)).await.unwrap(),
-            IngestOutcome::Duplicate
-        );
-        assert_eq!(
-            store.ingest(report("a", 7, 2)).await.unwrap(),
-            IngestOutcome::Stored
-        );
-        let mut reused = report("a", 7, 2);
-        reused.observed_unix_ms += 1;
-        assert_eq!(store.ingest(reused).await.unwrap(), IngestOutcome::Conflict);
-        let nodes = store.list_nodes("", 10).await.unwrap();
-        assert_eq!(nodes.len(), 1);
-        assert_eq!(
-            (nodes[0].reports, nodes[0].last_seq, nodes[0].missing),
-            (2, 2, 0)
-        );
-        assert_eq!(nodes[0].conflicts, 1);
-        assert_eq!(count_reports(dir.path(), "a", 7).unwrap(), 2);
-    }
-
-    #[tokio::test]
-    async fn missing_counts_holes_and_dropped_counts_declared_gaps() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        store.ingest(report("a", 1, 1)).await.unwrap();
-        // 2..=4 dropped by the agent and declared; 6 lost without a word.
-        let mut r5 = report("a", 1, 5);
-        r5.gaps = vec![GapRecord {
-            first_seq: 2,
-            last_seq: 4,
-            reason: "spool_full".into(),
-            dropped_unix_ms: 1,
-        }];
-        store.ingest(r5).await.unwrap();
-        store.ingest(report("a", 1, 7)).await.unwrap();
-        let n = &store.list_nodes("", 10).await.unwrap()[0];
-        assert_eq!((n.reports, n.last_seq, n.missing, n.dropped), (3, 7, 4, 3));
-        // A late arrival of seq 3 (it was in flight when dropped) shrinks both.
-        store.ingest(report("a", 1, 3)).await.unwrap();
-        let n = &store.list_nodes("", 10).await.unwrap()[0];
-        assert_eq!((n.missing, n.dropped), (3, 2));
-    }
-
-    #[tokio::test]
-    async fn a_new_epoch_becomes_the_nodes_current_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        for s in 1..=3 {
-            store.ingest(report("a", 100, s)).await.unwrap();
+    #[async_trait::async_trait(?Send)]
+    impl Fixture for SqliteFixture {
+        async fn create() -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(dir.path()).unwrap();
+            Some(Self { dir, store })
         }
-        store.ingest(report("a", 200, 1)).await.unwrap();
-        let n = &store.list_nodes("", 10).await.unwrap()[0];
-        assert_eq!((n.epoch, n.reports, n.last_seq, n.epochs), (200, 1, 1, 2));
+
+        async fn destroy(self) {}
     }
 
-    #[tokio::test]
-    async fn nodes_are_paged_in_name_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        for node in ["c", "a", "b"] {
-            store.ingest(report(node, 1, 1)).await.unwrap();
-        }
-        let first = store.list_nodes("", 2).await.unwrap();
-        assert_eq!(
-            first.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
-        let rest = store.list_nodes("b", 2).await.unwrap();
-        assert_eq!(
-            rest.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(),
-            ["c"]
-        );
-        assert_eq!(rest[0].labels.get("rack").map(String::as_str), Some("r1"));
+    store_suite!(SqliteFixture);
+
+    fn count(dir: &Path, sql: &str) -> i64 {
+        Connection::open(dir.join(DB_FILE))
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
     }
 
     #[tokio::test]
@@ -1131,113 +1060,7 @@ mod tests {
             IngestOutcome::Duplicate
         );
         assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 1);
-    }
-
-    fn telemetry() -> Telemetry {
-        let gpu = |index: u32, util: u32, pids: &[u32]| pb::GpuSample {
-            index,
-            uuid: format!("GPU-{index}"),
-            name: "NVIDIA H100".into(),
-            utilization_gpu_percent: util,
-            memory_used_bytes: 10 << 30,
-            memory_total_bytes: 80 << 30,
-            processes: pids
-                .iter()
-                .map(|&pid| pb::GpuProcess {
-                    pid,
-                    gpu_seconds: 7.5,
-                    used_memory_bytes: 1 << 30,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        };
-        Telemetry {
-            host: Some(pb::HostSample {
-                cpu_percent: 40.0,
-                memory_total_bytes: 1000,
-                ..Default::default()
-            }),
-            gpu_state: Some(pb::GpuState {
-                availability: pb::gpu_state::Availability::Available as i32,
-                ..Default::default()
-            }),
-            gpus: vec![gpu(0, 90, &[4242]), gpu(1, 30, &[])],
-            processes: vec![pb::ProcessInfo {
-                pid: 4242,
-                name: "vllm".into(),
-                exe: "/usr/bin/python3".into(),
-                ..Default::default()
-            }],
-            weights: Default::default(),
-            flows: Default::default(),
-        }
-    }
-
-    fn count(dir: &Path, sql: &str) -> i64 {
-        Connection::open(dir.join(DB_FILE))
-            .unwrap()
-            .query_row(sql, [], |r| r.get(0))
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn telemetry_becomes_time_series_rows_and_the_nodes_latest_gpu_columns() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        for seq in 1..=3 {
-            let mut r = report("a", 1, seq);
-            r.telemetry = telemetry();
-            store.ingest(r).await.unwrap();
-        }
-        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM host_samples"), 3);
-        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 6);
-        assert_eq!(
-            count(
-                dir.path(),
-                "SELECT COUNT(*) FROM gpu_usage WHERE process_name = 'vllm' AND pid = 4242"
-            ),
-            3
-        );
-        let n = &store.list_nodes("", 10).await.unwrap()[0];
-        assert_eq!((n.gpu_state.as_str(), n.gpu_count), ("ok", 2));
-        assert!((n.gpu_util_percent - 60.0).abs() < 0.01, "{n:?}");
-        assert_eq!(n.gpu_memory_total_bytes, 160 << 30);
-        // An older report arriving late does not overwrite the latest columns.
-        let mut late = report("a", 1, 4);
-        late.observed_unix_ms = 1;
-        late.telemetry = Telemetry::default();
-        store.ingest(late).await.unwrap();
-        assert_eq!(store.list_nodes("", 10).await.unwrap()[0].gpu_count, 2);
-    }
-
-    #[tokio::test]
-    async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        for seq in 1..=4 {
-            let mut r = report("a", 1, seq);
-            r.telemetry = telemetry();
-            store.ingest(r).await.unwrap();
-        }
-        // Reports 1 and 2 were observed (and received) before 2500 ms.
-        let pruned = store.prune(2500).await.unwrap();
-        assert_eq!(
-            (
-                pruned.host_samples,
-                pruned.gpu_samples,
-                pruned.gpu_usage,
-                pruned.report_bodies
-            ),
-            (2, 4, 2, 2)
-        );
-        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM host_samples"), 2);
-        assert_eq!(
-            store.ingest(report("a", 1, 1)).await.unwrap(),
-            IngestOutcome::Duplicate
-        );
-        let n = &store.list_nodes("", 10).await.unwrap()[0];
-        assert_eq!((n.reports, n.last_seq, n.missing), (4, 4, 0));
+        assert_eq!(count_reports(dir.path(), "a", 1).unwrap(), 1);
     }
 
     #[tokio::test]
@@ -1265,164 +1088,6 @@ mod tests {
         r.telemetry = telemetry();
         assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 2);
-    }
-
-    fn weight(path: &str, model: &str, sha: &str) -> pb::WeightFile {
-        pb::WeightFile {
-            path: path.into(),
-            format: pb::WeightFormat::Safetensors as i32,
-            size_bytes: 1000,
-            mtime_unix_ms: 5,
-            sha256: sha.into(),
-            parameter_count: 250,
-            identity: Some(pb::ModelIdentity {
-                model: model.into(),
-                source: "hf-cache".into(),
-                ..Default::default()
-            }),
-            storage: Some(pb::StorageLocation {
-                fs_type: "nfs4".into(),
-                network: true,
-                server_address: "10.0.0.5".into(),
-                mount_point: "/models".into(),
-                ..Default::default()
-            }),
-            users: vec![pb::WeightUser {
-                pid: 77,
-                process: "vllm".into(),
-                mapped: true,
-                gpu_uuids: vec!["GPU-0".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
-    }
-
-    async fn inventory(
-        store: &SqliteStore,
-        node: &str,
-        seq: u64,
-        full: bool,
-        files: Vec<pb::WeightFile>,
-        removed: Vec<String>,
-    ) {
-        let mut r = report(node, 1, seq);
-        r.telemetry.weights = crate::store::WeightUpdate {
-            full,
-            files,
-            removed,
-        };
-        store.ingest(r).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn copies_of_one_model_on_two_nodes_are_listed_together_with_their_users() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let sha = "a".repeat(64);
-        inventory(
-            &store,
-            "a",
-            1,
-            true,
-            vec![
-                weight("/models/x.safetensors", "org/x", &sha),
-                weight("/models/y.gguf", "y", ""),
-            ],
-            vec![],
-        )
-        .await;
-        inventory(
-            &store,
-            "b",
-            1,
-            true,
-            vec![weight("/srv/x.safetensors", "org/x", &sha)],
-            vec![],
-        )
-        .await;
-        let all = store.list_models("", "", 10).await.unwrap();
-        assert_eq!(all.len(), 2, "{all:?}");
-        let x = all.iter().find(|m| m.model == "org/x").unwrap();
-        assert_eq!(x.copies.len(), 2);
-        assert_eq!(
-            (
-                x.copies[0].node.as_str(),
-                x.copies[0].storage.as_str(),
-                x.copies[0].server.as_str()
-            ),
-            ("a", "nfs4", "10.0.0.5")
-        );
-        assert_eq!(x.copies[0].country, "MA");
-        assert_eq!(x.users.len(), 2);
-        assert_eq!(
-            (x.users[0].pid, x.users[0].gpus.clone()),
-            (77, vec!["GPU-0".to_owned()])
-        );
-        assert_eq!((x.format.as_str(), x.parameter_count), ("safetensors", 250));
-        // Lookup by sha256 and by name; paging by key.
-        assert_eq!(store.list_models(&sha, "", 10).await.unwrap().len(), 1);
-        assert_eq!(store.list_models("ORG/", "", 10).await.unwrap().len(), 1);
-        let first = store.list_models("", "", 1).await.unwrap();
-        let rest = store.list_models("", &first[0].key, 10).await.unwrap();
-        assert_eq!(first.len() + rest.len(), 2);
-        assert_ne!(first[0].key, rest[0].key);
-    }
-
-    #[tokio::test]
-    async fn deltas_add_and_remove_and_a_full_inventory_removes_what_it_does_not_list() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        inventory(
-            &store,
-            "a",
-            1,
-            true,
-            vec![weight("/m/1", "one", ""), weight("/m/2", "two", "")],
-            vec![],
-        )
-        .await;
-        inventory(
-            &store,
-            "a",
-            2,
-            false,
-            vec![weight("/m/3", "three", "")],
-            vec!["/m/1".into()],
-        )
-        .await;
-        let names = |v: Vec<pb::ModelSummary>| v.into_iter().map(|m| m.model).collect::<Vec<_>>();
-        assert_eq!(
-            names(store.list_models("", "", 10).await.unwrap()),
-            ["three", "two"]
-        );
-        inventory(
-            &store,
-            "a",
-            3,
-            true,
-            vec![weight("/m/3", "three", "")],
-            vec![],
-        )
-        .await;
-        assert_eq!(
-            names(store.list_models("", "", 10).await.unwrap()),
-            ["three"]
-        );
-        // A file that comes back is current again.
-        inventory(
-            &store,
-            "a",
-            4,
-            false,
-            vec![weight("/m/1", "one", "")],
-            vec![],
-        )
-        .await;
-        assert_eq!(
-            names(store.list_models("", "", 10).await.unwrap()),
-            ["one", "three"]
-        );
     }
 
     #[test]

@@ -343,11 +343,11 @@ impl NetCollector {
                     let mut sh = lock(&self.shared);
                     sh.status.sample_errors += errors + 1;
                     sh.status.mode = MODE_PROC_FALLBACK.to_owned();
-                    sh.status.reason = format!(
-                        "{}; cannot read {}/net/tcp: {e}",
-                        reason.unwrap_or_default(),
-                        self.proc_root.display()
-                    );
+                    let why = format!("cannot read {}/net/tcp: {e}", self.proc_root.display());
+                    sh.status.reason = match reason {
+                        Some(r) => format!("{r}; {why}"),
+                        None => why,
+                    };
                     return;
                 }
             }

@@ -438,3 +438,32 @@ fn pids_lists_the_owners_of_pending_flows() {
     assert!(h.pids().is_empty(), "nothing pending after a take");
     drop((client, server));
 }
+
+#[test]
+fn a_dual_stack_socket_reports_its_ipv4_mapped_peer_as_ipv4_text() {
+    let Some(mut c) = netlink_collector(&loopback_cfg(), "a_dual_stack_socket") else {
+        return;
+    };
+    let Ok(listener) = TcpListener::bind("[::]:0") else {
+        eprintln!("SKIP a_dual_stack_socket: no IPv6 on this machine");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    c.sample(now_unix_ms());
+    let server = echo_server(listener, 4096, 4096);
+    let Ok(mut client) = TcpStream::connect(("127.0.0.1", port)) else {
+        eprintln!("SKIP a_dual_stack_socket: the [::] listener is IPv6-only (bindv6only = 1)");
+        return;
+    };
+    client.write_all(&[1u8; 4096]).unwrap();
+    client.read_exact(&mut [0u8; 4096]).unwrap();
+    let kept = server.join().unwrap();
+    c.sample(now_unix_ms());
+    let (flows, _) = c.take();
+    // The accepted socket is AF_INET6 with peer ::ffff:127.0.0.1.
+    let inb = inbound_on(&flows, port);
+    assert_eq!(inb.len(), 1, "{flows:#?}");
+    assert_eq!(inb[0].remote_address, "127.0.0.1");
+    assert_eq!(inb[0].local_address, "127.0.0.1");
+    drop((client, kept));
+}

@@ -447,7 +447,8 @@ impl WeightsScanner {
             let until = started + interval;
             while Instant::now() < until && !cancel.load(Ordering::Relaxed) {
                 std::thread::sleep(
-                    Duration::from_millis(200).min(until.saturating_duration_since(Instant::now())),
+                    Duration::from_millis(1000)
+                        .min(until.saturating_duration_since(Instant::now())),
                 );
             }
         }

@@ -1,0 +1,1672 @@
+//! PostgreSQL store, for several collector replicas sharing one database.
+//!
+//! Behaves exactly like [`super::sqlite`] (the reference): the same tables, the same
+//! idempotency on `(node, epoch, seq)`, the same "latest observed wins" node facts.
+//!
+//! Connections: one writer connection behind a tokio mutex, so this replica's transactions
+//! run one at a time like SQLite's single writer, and one reader connection shared by every
+//! query (tokio-postgres pipelines concurrent queries on it). Replicas are serialised by the
+//! database itself: `INSERT ... ON CONFLICT DO NOTHING` on the report key makes a second
+//! replica wait for the first one's commit and then see a duplicate. A transaction that loses
+//! a deadlock or serialisation race is retried. When a connection's task has ended (the
+//! server went away), the call that notices fails with [`StoreError::Postgres`] and the next
+//! call reconnects.
+//!
+//! The schema is versioned in `sov_schema_version`; migrations run in one transaction under
+//! `pg_advisory_xact_lock`, so replicas starting together migrate once. Tables live in the
+//! connection's `search_path` (set it in the URL with `?options=-csearch_path%3Dname`, or use
+//! [`PostgresStore::connect_with_schema`]). Connections are plain TCP or Unix sockets
+//! (`NoTls`): run the database on the same host or network segment, or behind a TLS proxy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+
+use super::{EgressQuery, IncomingReport, IngestOutcome, NodeRow, PruneStats, Store, StoreError};
+
+/// Connect timeout used when the URL does not set `connect_timeout`.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts of one ingest transaction that loses a deadlock or serialisation race.
+const INGEST_ATTEMPTS: u32 = 3;
+/// Key of the advisory lock held while migrating ("sov_migr").
+const MIGRATION_LOCK_KEY: i64 = 0x736f_765f_6d69_6772;
+/// Schema version this code writes: the number of migrations.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
+/// as SQLite's `user_version`. Append only; never edit one that has shipped.
+const MIGRATIONS: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE nodes (
+    node               TEXT PRIMARY KEY,
+    site               TEXT NOT NULL,
+    country            TEXT NOT NULL,
+    hostname           TEXT NOT NULL,
+    agent_version      TEXT NOT NULL,
+    labels             TEXT NOT NULL,
+    first_seen_ms      BIGINT NOT NULL,
+    last_seen_ms       BIGINT NOT NULL,
+    last_observed_ms   BIGINT NOT NULL,
+    latest_epoch       BIGINT NOT NULL,
+    cpu_percent        DOUBLE PRECISION NOT NULL,
+    memory_used_bytes  BIGINT NOT NULL,
+    memory_total_bytes BIGINT NOT NULL
+);
+CREATE TABLE node_epochs (
+    node          TEXT NOT NULL,
+    epoch         BIGINT NOT NULL,
+    reports       BIGINT NOT NULL,
+    last_seq      BIGINT NOT NULL,
+    conflicts     BIGINT NOT NULL DEFAULT 0,
+    first_seen_ms BIGINT NOT NULL,
+    last_seen_ms  BIGINT NOT NULL,
+    PRIMARY KEY (node, epoch)
+);
+CREATE TABLE reports (
+    node        TEXT NOT NULL,
+    epoch       BIGINT NOT NULL,
+    seq         BIGINT NOT NULL,
+    observed_ms BIGINT NOT NULL,
+    received_ms BIGINT NOT NULL,
+    body        BYTEA NOT NULL,
+    PRIMARY KEY (node, epoch, seq)
+);
+CREATE TABLE gaps (
+    node        TEXT NOT NULL,
+    epoch       BIGINT NOT NULL,
+    first_seq   BIGINT NOT NULL,
+    last_seq    BIGINT NOT NULL,
+    reason      TEXT NOT NULL,
+    dropped_ms  BIGINT NOT NULL,
+    received_ms BIGINT NOT NULL,
+    PRIMARY KEY (node, epoch, first_seq, last_seq)
+);
+"#;
+
+/// Telemetry time series.
+const SCHEMA_V2: &str = r#"
+ALTER TABLE nodes ADD COLUMN gpu_state TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN gpu_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN gpu_util_percent DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN gpu_memory_used_bytes BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN gpu_memory_total_bytes BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE host_samples (
+    node               TEXT NOT NULL,
+    observed_ms        BIGINT NOT NULL,
+    cpu_percent        DOUBLE PRECISION NOT NULL,
+    load_1             DOUBLE PRECISION NOT NULL,
+    memory_used_bytes  BIGINT NOT NULL,
+    memory_total_bytes BIGINT NOT NULL,
+    swap_used_bytes    BIGINT NOT NULL,
+    process_count      BIGINT NOT NULL,
+    PRIMARY KEY (node, observed_ms)
+);
+CREATE INDEX host_samples_by_time ON host_samples (observed_ms);
+CREATE TABLE gpu_samples (
+    node                 TEXT NOT NULL,
+    gpu_uuid             TEXT NOT NULL,
+    observed_ms          BIGINT NOT NULL,
+    gpu_index            BIGINT NOT NULL,
+    name                 TEXT NOT NULL,
+    utilization_percent  BIGINT NOT NULL,
+    memory_util_percent  BIGINT NOT NULL,
+    memory_used_bytes    BIGINT NOT NULL,
+    memory_total_bytes   BIGINT NOT NULL,
+    power_milliwatts     BIGINT NOT NULL,
+    temperature_celsius  BIGINT NOT NULL,
+    error                TEXT NOT NULL,
+    PRIMARY KEY (node, gpu_uuid, observed_ms)
+);
+CREATE INDEX gpu_samples_by_time ON gpu_samples (observed_ms);
+CREATE TABLE gpu_usage (
+    node              TEXT NOT NULL,
+    observed_ms       BIGINT NOT NULL,
+    gpu_uuid          TEXT NOT NULL,
+    pid               BIGINT NOT NULL,
+    process_name      TEXT NOT NULL,
+    exe               TEXT NOT NULL,
+    container_id      TEXT NOT NULL,
+    gpu_seconds       DOUBLE PRECISION NOT NULL,
+    used_memory_bytes BIGINT NOT NULL,
+    PRIMARY KEY (node, observed_ms, gpu_uuid, pid)
+);
+CREATE INDEX gpu_usage_by_time ON gpu_usage (observed_ms);
+"#;
+
+/// Weight file inventory per node.
+const SCHEMA_V3: &str = r#"
+CREATE TABLE weight_files (
+    node            TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    format          TEXT NOT NULL,
+    size_bytes      BIGINT NOT NULL,
+    mtime_ms        BIGINT NOT NULL,
+    device          BIGINT NOT NULL,
+    inode           BIGINT NOT NULL,
+    sha256          TEXT NOT NULL,
+    model           TEXT NOT NULL,
+    revision        TEXT NOT NULL,
+    repo_path       TEXT NOT NULL,
+    identity_source TEXT NOT NULL,
+    publisher       TEXT NOT NULL,
+    parameter_count BIGINT NOT NULL,
+    mount_point     TEXT NOT NULL,
+    fs_type         TEXT NOT NULL,
+    network         BOOLEAN NOT NULL,
+    server_address  TEXT NOT NULL,
+    users           TEXT NOT NULL,
+    detail          BYTEA NOT NULL,
+    first_seen_ms   BIGINT NOT NULL,
+    last_seen_ms    BIGINT NOT NULL,
+    removed_ms      BIGINT,
+    PRIMARY KEY (node, path)
+);
+CREATE INDEX weight_files_by_sha ON weight_files (sha256);
+CREATE INDEX weight_files_by_model ON weight_files (model);
+"#;
+
+/// Flows per minute, and raw flows to destinations outside the node's country.
+const SCHEMA_V4: &str = r#"
+CREATE TABLE flows_minute (
+    node           TEXT NOT NULL,
+    minute_ms      BIGINT NOT NULL,
+    pid            BIGINT NOT NULL,
+    process        TEXT NOT NULL,
+    protocol       TEXT NOT NULL,
+    direction      TEXT NOT NULL,
+    remote_address TEXT NOT NULL,
+    remote_port    BIGINT NOT NULL,
+    country        TEXT NOT NULL,
+    asn            BIGINT NOT NULL,
+    org            TEXT NOT NULL,
+    geo_source     TEXT NOT NULL,
+    bytes_sent     BIGINT NOT NULL,
+    bytes_received BIGINT NOT NULL,
+    connections    BIGINT NOT NULL,
+    min_rtt_us     BIGINT NOT NULL,
+    PRIMARY KEY (node, minute_ms, pid, protocol, direction, remote_address, remote_port)
+);
+CREATE INDEX flows_minute_by_time ON flows_minute (minute_ms);
+CREATE TABLE flows_raw (
+    node     TEXT NOT NULL,
+    seq      BIGINT NOT NULL,
+    epoch    BIGINT NOT NULL,
+    idx      BIGINT NOT NULL,
+    start_ms BIGINT NOT NULL,
+    end_ms   BIGINT NOT NULL,
+    pid      BIGINT NOT NULL,
+    process  TEXT NOT NULL,
+    country  TEXT NOT NULL,
+    asn      BIGINT NOT NULL,
+    flow     BYTEA NOT NULL,
+    PRIMARY KEY (node, epoch, seq, idx)
+);
+CREATE INDEX flows_raw_by_time ON flows_raw (end_ms);
+"#;
+
+const INSERT_REPORT: &str = "INSERT INTO reports (node, epoch, seq, observed_ms, received_ms, body)
+     VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (node, epoch, seq) DO NOTHING";
+
+const READ_DUPLICATE: &str =
+    "SELECT observed_ms FROM reports WHERE node = $1 AND epoch = $2 AND seq = $3";
+
+const COUNT_CONFLICT: &str =
+    "UPDATE node_epochs SET conflicts = conflicts + 1 WHERE node = $1 AND epoch = $2";
+
+const UPSERT_EPOCH: &str =
+    "INSERT INTO node_epochs (node, epoch, reports, last_seq, first_seen_ms, last_seen_ms)
+     VALUES ($1, $2, 1, $3, $4, $4)
+     ON CONFLICT (node, epoch) DO UPDATE SET
+        reports = node_epochs.reports + 1,
+        last_seq = GREATEST(node_epochs.last_seq, EXCLUDED.last_seq),
+        last_seen_ms = GREATEST(node_epochs.last_seen_ms, EXCLUDED.last_seen_ms)";
+
+const UPSERT_NODE: &str = "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
+                        last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
+                        memory_used_bytes, memory_total_bytes)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12)
+     ON CONFLICT (node) DO UPDATE SET
+        last_seen_ms = GREATEST(nodes.last_seen_ms, EXCLUDED.last_seen_ms),
+        latest_epoch = GREATEST(nodes.latest_epoch, EXCLUDED.latest_epoch),
+        site = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                    THEN EXCLUDED.site ELSE nodes.site END,
+        country = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                       THEN EXCLUDED.country ELSE nodes.country END,
+        hostname = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                        THEN EXCLUDED.hostname ELSE nodes.hostname END,
+        agent_version = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                             THEN EXCLUDED.agent_version ELSE nodes.agent_version END,
+        labels = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                      THEN EXCLUDED.labels ELSE nodes.labels END,
+        cpu_percent = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                           THEN EXCLUDED.cpu_percent ELSE nodes.cpu_percent END,
+        memory_used_bytes = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                                 THEN EXCLUDED.memory_used_bytes ELSE nodes.memory_used_bytes END,
+        memory_total_bytes = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                                  THEN EXCLUDED.memory_total_bytes ELSE nodes.memory_total_bytes END,
+        last_observed_ms = GREATEST(nodes.last_observed_ms, EXCLUDED.last_observed_ms)";
+
+const INSERT_GAP: &str =
+    "INSERT INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (node, epoch, first_seq, last_seq) DO NOTHING";
+
+const UPSERT_HOST_SAMPLE: &str = "INSERT INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
+                          memory_total_bytes, swap_used_bytes, process_count)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     ON CONFLICT (node, observed_ms) DO UPDATE SET
+        cpu_percent = EXCLUDED.cpu_percent, load_1 = EXCLUDED.load_1,
+        memory_used_bytes = EXCLUDED.memory_used_bytes, memory_total_bytes = EXCLUDED.memory_total_bytes,
+        swap_used_bytes = EXCLUDED.swap_used_bytes, process_count = EXCLUDED.process_count";
+
+const UPSERT_GPU_SAMPLE: &str = "INSERT INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
+         memory_util_percent, memory_used_bytes, memory_total_bytes, power_milliwatts, temperature_celsius, error)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+     ON CONFLICT (node, gpu_uuid, observed_ms) DO UPDATE SET
+        gpu_index = EXCLUDED.gpu_index, name = EXCLUDED.name,
+        utilization_percent = EXCLUDED.utilization_percent, memory_util_percent = EXCLUDED.memory_util_percent,
+        memory_used_bytes = EXCLUDED.memory_used_bytes, memory_total_bytes = EXCLUDED.memory_total_bytes,
+        power_milliwatts = EXCLUDED.power_milliwatts, temperature_celsius = EXCLUDED.temperature_celsius,
+        error = EXCLUDED.error";
+
+const UPSERT_GPU_USAGE: &str = "INSERT INTO gpu_usage (node, observed_ms, gpu_uuid, pid, process_name, exe, container_id,
+                       gpu_seconds, used_memory_bytes)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+     ON CONFLICT (node, observed_ms, gpu_uuid, pid) DO UPDATE SET
+        process_name = EXCLUDED.process_name, exe = EXCLUDED.exe, container_id = EXCLUDED.container_id,
+        gpu_seconds = EXCLUDED.gpu_seconds, used_memory_bytes = EXCLUDED.used_memory_bytes";
+
+const UPDATE_NODE_GPUS: &str =
+    "UPDATE nodes SET gpu_state = $2, gpu_count = $3, gpu_util_percent = $4,
+                      gpu_memory_used_bytes = $5, gpu_memory_total_bytes = $6
+     WHERE node = $1 AND last_observed_ms = $7";
+
+const AGGREGATE_FLOW: &str = "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
+         remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+     ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
+        bytes_sent = flows_minute.bytes_sent + EXCLUDED.bytes_sent,
+        bytes_received = flows_minute.bytes_received + EXCLUDED.bytes_received,
+        connections = flows_minute.connections + EXCLUDED.connections,
+        min_rtt_us = CASE WHEN flows_minute.min_rtt_us = 0 THEN EXCLUDED.min_rtt_us
+                          WHEN EXCLUDED.min_rtt_us = 0 THEN flows_minute.min_rtt_us
+                          ELSE LEAST(flows_minute.min_rtt_us, EXCLUDED.min_rtt_us) END,
+        process = CASE WHEN EXCLUDED.process <> '' THEN EXCLUDED.process ELSE flows_minute.process END";
+
+const KEEP_RAW_FLOW: &str = "INSERT INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+     ON CONFLICT (node, epoch, seq, idx) DO NOTHING";
+
+const UPSERT_WEIGHT: &str = "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model,
+         revision, repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network,
+         server_address, users, detail, first_seen_ms, last_seen_ms, removed_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+             $21, $21, NULL)
+     ON CONFLICT (node, path) DO UPDATE SET
+        format = EXCLUDED.format, size_bytes = EXCLUDED.size_bytes, mtime_ms = EXCLUDED.mtime_ms,
+        device = EXCLUDED.device, inode = EXCLUDED.inode,
+        sha256 = CASE WHEN EXCLUDED.sha256 = '' AND weight_files.size_bytes = EXCLUDED.size_bytes
+                           AND weight_files.mtime_ms = EXCLUDED.mtime_ms
+                      THEN weight_files.sha256 ELSE EXCLUDED.sha256 END,
+        model = EXCLUDED.model, revision = EXCLUDED.revision, repo_path = EXCLUDED.repo_path,
+        identity_source = EXCLUDED.identity_source, publisher = EXCLUDED.publisher,
+        parameter_count = EXCLUDED.parameter_count, mount_point = EXCLUDED.mount_point,
+        fs_type = EXCLUDED.fs_type, network = EXCLUDED.network, server_address = EXCLUDED.server_address,
+        users = EXCLUDED.users, detail = EXCLUDED.detail, last_seen_ms = EXCLUDED.last_seen_ms,
+        first_seen_ms = CASE WHEN weight_files.removed_ms IS NULL THEN weight_files.first_seen_ms
+                             ELSE EXCLUDED.first_seen_ms END,
+        removed_ms = NULL";
+
+const REMOVE_WEIGHT: &str = "UPDATE weight_files SET removed_ms = $3
+     WHERE node = $1 AND path = $2 AND removed_ms IS NULL";
+
+const REMOVE_UNLISTED_WEIGHTS: &str = "UPDATE weight_files SET removed_ms = $2
+     WHERE node = $1 AND removed_ms IS NULL AND last_seen_ms < $2";
+
+const LIST_NODES: &str = r#"SELECT n.node, n.site, n.country, n.hostname, n.agent_version, n.labels,
+        n.last_seen_ms, n.latest_epoch, COALESCE(e.reports, 0), COALESCE(e.last_seq, 0),
+        (SELECT COUNT(*) FROM node_epochs x WHERE x.node = n.node),
+        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes, COALESCE(e.conflicts, 0),
+        (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1
+            - (SELECT COUNT(*) FROM reports r WHERE r.node = g.node AND r.epoch = g.epoch
+                 AND r.seq BETWEEN g.first_seq AND g.last_seq)), 0)::BIGINT
+         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch),
+        n.gpu_state, n.gpu_count, n.gpu_util_percent, n.gpu_memory_used_bytes,
+        n.gpu_memory_total_bytes
+ FROM nodes n
+ LEFT JOIN node_epochs e ON e.node = n.node AND e.epoch = n.latest_epoch
+ WHERE n.node COLLATE "C" > $1::TEXT
+ ORDER BY n.node COLLATE "C"
+ LIMIT $2::BIGINT"#;
+
+/// Keys compare byte-wise (`COLLATE "C"`), as in SQLite, whatever the database's collation.
+/// Only the page's keys are fetched: at most `limit` models, with all their copies.
+const LIST_MODELS: &str = r#"WITH current AS (
+    SELECT w.node, w.path, w.format, w.size_bytes, w.sha256, w.model, w.revision, w.repo_path,
+           w.identity_source, w.publisher, w.parameter_count, w.mount_point, w.fs_type, w.network,
+           w.server_address, w.users, w.first_seen_ms, w.last_seen_ms,
+           COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
+           (CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
+                 ELSE w.model || '|~' || w.node || ':' || w.path END) COLLATE "C" AS k
+    FROM weight_files w LEFT JOIN nodes n ON n.node = w.node
+    WHERE w.removed_ms IS NULL
+), hits AS (
+    SELECT * FROM current
+    WHERE k > $1::TEXT
+      AND ($2::TEXT = ''
+           OR ($3::BOOLEAN AND sha256 = lower($2::TEXT))
+           OR (NOT $3::BOOLEAN AND strpos(lower(model), lower($2::TEXT)) > 0))
+), page AS (
+    SELECT DISTINCT k FROM hits ORDER BY k LIMIT $4::BIGINT
+)
+SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
+       publisher, parameter_count, mount_point, fs_type, network, server_address, users,
+       first_seen_ms, last_seen_ms, site, country
+FROM hits
+WHERE k IN (SELECT k FROM page)
+ORDER BY k, node COLLATE "C", path COLLATE "C""#;
+
+/// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    schema: Option<String>,
+    writer: Mutex<Option<Writer>>,
+    reader: Mutex<Option<Arc<Client>>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Config's Debug leaves the password out.
+        f.debug_struct("PostgresStore")
+            .field("config", &self.inner.config)
+            .field("schema", &self.inner.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The writer connection and its prepared ingest statements.
+struct Writer {
+    client: Client,
+    st: Statements,
+}
+
+/// Statements prepared once per writer connection (ingest is the hot path).
+struct Statements {
+    insert_report: Statement,
+    read_duplicate: Statement,
+    count_conflict: Statement,
+    upsert_epoch: Statement,
+    upsert_node: Statement,
+    insert_gap: Statement,
+    upsert_host_sample: Statement,
+    upsert_gpu_sample: Statement,
+    upsert_gpu_usage: Statement,
+    update_node_gpus: Statement,
+    aggregate_flow: Statement,
+    keep_raw_flow: Statement,
+    upsert_weight: Statement,
+    remove_weight: Statement,
+    remove_unlisted_weights: Statement,
+}
+
+impl Statements {
+    async fn prepare(c: &Client) -> Result<Self, StoreError> {
+        let p = |text: &'static str| async move {
+            c.prepare(text).await.map_err(pg("prepare statement"))
+        };
+        Ok(Self {
+            insert_report: p(INSERT_REPORT).await?,
+            read_duplicate: p(READ_DUPLICATE).await?,
+            count_conflict: p(COUNT_CONFLICT).await?,
+            upsert_epoch: p(UPSERT_EPOCH).await?,
+            upsert_node: p(UPSERT_NODE).await?,
+            insert_gap: p(INSERT_GAP).await?,
+            upsert_host_sample: p(UPSERT_HOST_SAMPLE).await?,
+            upsert_gpu_sample: p(UPSERT_GPU_SAMPLE).await?,
+            upsert_gpu_usage: p(UPSERT_GPU_USAGE).await?,
+            update_node_gpus: p(UPDATE_NODE_GPUS).await?,
+            aggregate_flow: p(AGGREGATE_FLOW).await?,
+            keep_raw_flow: p(KEEP_RAW_FLOW).await?,
+            upsert_weight: p(UPSERT_WEIGHT).await?,
+            remove_weight: p(REMOVE_WEIGHT).await?,
+            remove_unlisted_weights: p(REMOVE_UNLISTED_WEIGHTS).await?,
+        })
+    }
+}
+
+fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Postgres { context, source }
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} exceeds i64")))
+}
+
+fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize, context: &'static str) -> Result<T, StoreError> {
+    row.try_get(i).map_err(pg(context))
+}
+
+/// A counter read back; never negative in a database this code wrote: clamp rather than fail.
+fn get_u64(row: &Row, i: usize, context: &'static str) -> Result<u64, StoreError> {
+    Ok(u64::try_from(get::<i64>(row, i, context)?).unwrap_or(0))
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                url.to_owned()
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Whether a transaction failed only because it lost a race with another one.
+fn retryable(err: &StoreError) -> bool {
+    matches!(err, StoreError::Postgres { source, .. }
+    if source.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    }))
+}
+
+/// Open one connection, run its driver task, and set its session (schema, read only).
+async fn open_connection(
+    config: &Config,
+    schema: Option<&str>,
+    read_only: bool,
+) -> Result<Client, StoreError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(pg("connect"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(error = %error, "postgres connection ended");
+        }
+    });
+    let mut session = String::new();
+    if let Some(schema) = schema {
+        session.push_str(&format!("SET search_path TO {};", quote_ident(schema)));
+    }
+    if read_only {
+        session.push_str("SET default_transaction_read_only = on;");
+    }
+    if !session.is_empty() {
+        client
+            .batch_execute(&session)
+            .await
+            .map_err(pg("set session"))?;
+    }
+    Ok(client)
+}
+
+/// Bring the schema up to date: one transaction under an advisory lock, so that replicas
+/// starting together migrate once and the others find the work done.
+async fn migrate(client: &mut Client, schema: Option<&str>) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg("begin migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(pg("lock for migration"))?;
+    if let Some(schema) = schema {
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ))
+        .await
+        .map_err(pg("create schema"))?;
+    }
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS sov_schema_version (version BIGINT NOT NULL)")
+        .await
+        .map_err(pg("create schema version table"))?;
+    let found: Option<i64> = tx
+        .query_one("SELECT MAX(version) FROM sov_schema_version", &[])
+        .await
+        .map_err(pg("read schema version"))?
+        .try_get(0)
+        .map_err(pg("read schema version"))?;
+    let found = found.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if found == SCHEMA_VERSION {
+        // Nothing to do; the transaction only held the lock.
+        return tx.commit().await.map_err(pg("commit migration"));
+    }
+    for step in MIGRATIONS.iter().skip(usize::try_from(found).unwrap_or(0)) {
+        tx.batch_execute(step).await.map_err(pg("migrate schema"))?;
+    }
+    tx.execute("DELETE FROM sov_schema_version", &[])
+        .await
+        .map_err(pg("write schema version"))?;
+    tx.execute(
+        "INSERT INTO sov_schema_version (version) VALUES ($1)",
+        &[&SCHEMA_VERSION],
+    )
+    .await
+    .map_err(pg("write schema version"))?;
+    tx.commit().await.map_err(pg("commit migration"))?;
+    tracing::info!(
+        from = found,
+        version = SCHEMA_VERSION,
+        "database schema migrated"
+    );
+    Ok(())
+}
+
+fn protocol_name(code: i32) -> &'static str {
+    match sov_proto::pb::Protocol::try_from(code) {
+        Ok(sov_proto::pb::Protocol::Tcp) => "tcp",
+        Ok(sov_proto::pb::Protocol::Udp) => "udp",
+        _ => "unknown",
+    }
+}
+
+fn direction_name(code: i32) -> &'static str {
+    match sov_proto::pb::Direction::try_from(code) {
+        Ok(sov_proto::pb::Direction::Outbound) => "outbound",
+        Ok(sov_proto::pb::Direction::Inbound) => "inbound",
+        _ => "unknown",
+    }
+}
+
+fn format_name(code: i32) -> &'static str {
+    use sov_proto::pb::WeightFormat as F;
+    match F::try_from(code) {
+        Ok(F::Safetensors) => "safetensors",
+        Ok(F::Gguf) => "gguf",
+        Ok(F::PytorchZip) => "pytorch",
+        Ok(F::Torchscript) => "torchscript",
+        Ok(F::Pickle) => "pickle",
+        Ok(F::Onnx) => "onnx",
+        _ => "unknown",
+    }
+}
+
+type Tx<'a> = tokio_postgres::Transaction<'a>;
+
+/// The report's time series rows, and the node's latest GPU columns when this report is the
+/// node's newest.
+async fn insert_telemetry(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<(), StoreError> {
+    let t = &r.telemetry;
+    let at = r.observed_unix_ms;
+    if let Some(h) = &t.host {
+        tx.execute(
+            &st.upsert_host_sample,
+            &[
+                &r.node,
+                &at,
+                &f64::from(h.cpu_percent),
+                &h.load_1,
+                &to_i64(h.memory_used_bytes, "memory_used_bytes")?,
+                &to_i64(h.memory_total_bytes, "memory_total_bytes")?,
+                &to_i64(h.swap_used_bytes, "swap_used_bytes")?,
+                &i64::from(h.process_count),
+            ],
+        )
+        .await
+        .map_err(pg("insert host sample"))?;
+    }
+    let names: std::collections::HashMap<u32, &sov_proto::pb::ProcessInfo> =
+        t.processes.iter().map(|p| (p.pid, p)).collect();
+    for g in &t.gpus {
+        let uuid = if g.uuid.is_empty() {
+            format!("index-{}", g.index)
+        } else {
+            g.uuid.clone()
+        };
+        tx.execute(
+            &st.upsert_gpu_sample,
+            &[
+                &r.node,
+                &uuid,
+                &at,
+                &i64::from(g.index),
+                &g.name,
+                &i64::from(g.utilization_gpu_percent),
+                &i64::from(g.utilization_memory_percent),
+                &to_i64(g.memory_used_bytes, "gpu memory_used_bytes")?,
+                &to_i64(g.memory_total_bytes, "gpu memory_total_bytes")?,
+                &i64::from(g.power_draw_milliwatts),
+                &i64::from(g.temperature_celsius),
+                &g.error,
+            ],
+        )
+        .await
+        .map_err(pg("insert gpu sample"))?;
+        for p in &g.processes {
+            let info = names.get(&p.pid);
+            tx.execute(
+                &st.upsert_gpu_usage,
+                &[
+                    &r.node,
+                    &at,
+                    &uuid,
+                    &i64::from(p.pid),
+                    &info.map(|i| i.name.as_str()).unwrap_or(""),
+                    &info.map(|i| i.exe.as_str()).unwrap_or(""),
+                    &info.map(|i| i.container_id.as_str()).unwrap_or(""),
+                    &p.gpu_seconds,
+                    &to_i64(p.used_memory_bytes, "gpu process memory")?,
+                ],
+            )
+            .await
+            .map_err(pg("insert gpu usage"))?;
+        }
+    }
+    let gpu_state = match t.gpu_state.as_ref().map(|s| s.availability()) {
+        Some(sov_proto::pb::gpu_state::Availability::Available) => "ok",
+        Some(sov_proto::pb::gpu_state::Availability::NoDevices) => "none",
+        Some(sov_proto::pb::gpu_state::Availability::Unavailable) => "unavailable",
+        _ => "",
+    };
+    let count = t.gpus.len();
+    let util = if count == 0 {
+        0.0
+    } else {
+        t.gpus
+            .iter()
+            .map(|g| f64::from(g.utilization_gpu_percent))
+            .sum::<f64>()
+            / count as f64
+    };
+    let mem_used: u64 = t.gpus.iter().map(|g| g.memory_used_bytes).sum();
+    let mem_total: u64 = t.gpus.iter().map(|g| g.memory_total_bytes).sum();
+    tx.execute(
+        &st.update_node_gpus,
+        &[
+            &r.node,
+            &gpu_state,
+            &i64::try_from(count).unwrap_or(i64::MAX),
+            &util,
+            &to_i64(mem_used, "gpu memory used")?,
+            &to_i64(mem_total, "gpu memory total")?,
+            &at,
+        ],
+    )
+    .await
+    .map_err(pg("update node gpus"))?;
+    Ok(())
+}
+
+/// Add the report's flows to the per-minute aggregates; keep foreign ones raw too.
+async fn apply_flows(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+    epoch: i64,
+    seq: i64,
+) -> Result<(), StoreError> {
+    for (idx, f) in r.telemetry.flows.iter().enumerate() {
+        let fl = &f.flow;
+        let end = if fl.end_unix_ms > 0 {
+            fl.end_unix_ms
+        } else {
+            r.observed_unix_ms
+        };
+        let minute = end - end.rem_euclid(60_000);
+        tx.execute(
+            &st.aggregate_flow,
+            &[
+                &r.node,
+                &minute,
+                &i64::from(fl.pid),
+                &f.process,
+                &protocol_name(fl.protocol),
+                &direction_name(fl.direction),
+                &fl.remote_address,
+                &i64::from(fl.remote_port),
+                &f.country,
+                &i64::from(f.asn),
+                &f.org,
+                &f.geo_source,
+                &to_i64(fl.bytes_sent, "bytes_sent")?,
+                &to_i64(fl.bytes_received, "bytes_received")?,
+                &i64::from(fl.connections),
+                &i64::from(fl.min_rtt_us),
+            ],
+        )
+        .await
+        .map_err(pg("aggregate flow"))?;
+        // Raw detail only for destinations outside the node's declared country (the policy
+        // refines "outside" with the jurisdiction's inside countries).
+        if f.country != r.country {
+            tx.execute(
+                &st.keep_raw_flow,
+                &[
+                    &r.node,
+                    &seq,
+                    &epoch,
+                    &i64::try_from(idx).unwrap_or(i64::MAX),
+                    &fl.start_unix_ms,
+                    &end,
+                    &i64::from(fl.pid),
+                    &f.process,
+                    &f.country,
+                    &i64::from(f.asn),
+                    &prost::Message::encode_to_vec(fl),
+                ],
+            )
+            .await
+            .map_err(pg("keep raw flow"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Apply a report's weight inventory: upsert what it carries, mark what went away.
+async fn apply_weights(tx: &Tx<'_>, st: &Statements, r: &IncomingReport) -> Result<(), StoreError> {
+    let w = &r.telemetry.weights;
+    if !w.full && w.files.is_empty() && w.removed.is_empty() {
+        return Ok(());
+    }
+    let at = r.received_unix_ms;
+    for f in &w.files {
+        let id = f.identity.clone().unwrap_or_default();
+        let storage = f.storage.clone().unwrap_or_default();
+        let users: Vec<serde_json::Value> = f
+            .users
+            .iter()
+            .map(|u| serde_json::json!({"pid": u.pid, "process": u.process, "gpus": u.gpu_uuids, "mapped": u.mapped, "open": u.open}))
+            .collect();
+        // Device and inode numbers are identifiers: keep their bits (as SQLite does).
+        #[allow(clippy::cast_possible_wrap)]
+        let (device, inode) = (f.device as i64, f.inode as i64);
+        tx.execute(
+            &st.upsert_weight,
+            &[
+                &r.node,
+                &f.path,
+                &format_name(f.format),
+                &to_i64(f.size_bytes, "weight size")?,
+                &f.mtime_unix_ms,
+                &device,
+                &inode,
+                &f.sha256,
+                &id.model,
+                &id.revision,
+                &id.repo_path,
+                &id.source,
+                &id.publisher,
+                &to_i64(f.parameter_count, "parameter_count")?,
+                &storage.mount_point,
+                &storage.fs_type,
+                &storage.network,
+                &storage.server_address,
+                &serde_json::Value::Array(users).to_string(),
+                &prost::Message::encode_to_vec(f),
+                &at,
+            ],
+        )
+        .await
+        .map_err(pg("upsert weight file"))?;
+    }
+    for path in &w.removed {
+        tx.execute(&st.remove_weight, &[&r.node, path, &at])
+            .await
+            .map_err(pg("mark weight file removed"))?;
+    }
+    if w.full {
+        tx.execute(&st.remove_unlisted_weights, &[&r.node, &at])
+            .await
+            .map_err(pg("mark unlisted weight files removed"))?;
+    }
+    Ok(())
+}
+
+/// One ingest transaction.
+async fn ingest_once(w: &mut Writer, r: &IncomingReport) -> Result<IngestOutcome, StoreError> {
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let seq = to_i64(r.seq, "seq")?;
+    let Writer { client, st } = w;
+    let tx = client.transaction().await.map_err(pg("begin"))?;
+    // Another replica inserting the same key makes this wait for its commit, then insert
+    // nothing: exactly one of them stores the report.
+    let inserted = tx
+        .execute(
+            &st.insert_report,
+            &[
+                &r.node,
+                &epoch,
+                &seq,
+                &r.observed_unix_ms,
+                &r.received_unix_ms,
+                &r.body,
+            ],
+        )
+        .await
+        .map_err(pg("insert report"))?;
+    if inserted == 0 {
+        // Already stored. A re-send carries the same observation time; a different one
+        // means the agent reused a sequence number (a lost spool state): count it so that
+        // it is visible, and keep the first report.
+        let stored_ms: i64 = get(
+            &tx.query_one(&st.read_duplicate, &[&r.node, &epoch, &seq])
+                .await
+                .map_err(pg("read duplicate"))?,
+            0,
+            "read duplicate",
+        )?;
+        if stored_ms != r.observed_unix_ms {
+            tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, "sequence number reused for a different report");
+            tx.execute(&st.count_conflict, &[&r.node, &epoch])
+                .await
+                .map_err(pg("count conflict"))?;
+            tx.commit().await.map_err(pg("commit"))?;
+            return Ok(IngestOutcome::Conflict);
+        }
+        tx.rollback().await.map_err(pg("end duplicate"))?;
+        return Ok(IngestOutcome::Duplicate);
+    }
+    tx.execute(
+        &st.upsert_epoch,
+        &[&r.node, &epoch, &seq, &r.received_unix_ms],
+    )
+    .await
+    .map_err(pg("update epoch counters"))?;
+    let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".to_owned());
+    tx.execute(
+        &st.upsert_node,
+        &[
+            &r.node,
+            &r.site,
+            &r.country,
+            &r.hostname,
+            &r.agent_version,
+            &labels,
+            &r.received_unix_ms,
+            &r.observed_unix_ms,
+            &epoch,
+            &f64::from(r.cpu_percent),
+            &to_i64(r.memory_used_bytes, "memory_used_bytes")?,
+            &to_i64(r.memory_total_bytes, "memory_total_bytes")?,
+        ],
+    )
+    .await
+    .map_err(pg("update node"))?;
+    for g in &r.gaps {
+        tx.execute(
+            &st.insert_gap,
+            &[
+                &r.node,
+                &epoch,
+                &to_i64(g.first_seq, "gap first_seq")?,
+                &to_i64(g.last_seq, "gap last_seq")?,
+                &g.reason,
+                &g.dropped_unix_ms,
+                &r.received_unix_ms,
+            ],
+        )
+        .await
+        .map_err(pg("insert gap"))?;
+    }
+    insert_telemetry(&tx, st, r).await?;
+    apply_weights(&tx, st, r).await?;
+    apply_flows(&tx, st, r, epoch, seq).await?;
+    tx.commit().await.map_err(pg("commit"))?;
+    Ok(IngestOutcome::Stored)
+}
+
+impl PostgresStore {
+    /// Connect to `url` (`postgres://user@host:port/db?options=...`), migrate the schema in
+    /// the connection's default `search_path`, and open the writer and reader connections.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_inner(url, None).await
+    }
+
+    /// Like [`PostgresStore::connect`], with every table in `schema` (created if needed;
+    /// its `search_path` replaces any the URL sets). Tests use one schema each.
+    pub async fn connect_with_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
+        Self::connect_inner(url, Some(schema.to_owned())).await
+    }
+
+    async fn connect_inner(url: &str, schema: Option<String>) -> Result<Self, StoreError> {
+        let mut config: Config = url.parse().map_err(pg("parse postgres url"))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("sov-collector");
+        }
+        let mut client = open_connection(&config, schema.as_deref(), false).await?;
+        migrate(&mut client, schema.as_deref()).await?;
+        let st = Statements::prepare(&client).await?;
+        let reader = open_connection(&config, schema.as_deref(), true).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                schema,
+                writer: Mutex::new(Some(Writer { client, st })),
+                reader: Mutex::new(Some(Arc::new(reader))),
+            }),
+        })
+    }
+
+    /// The writer connection, reconnected first if its connection task has ended. The guard
+    /// serialises this replica's write transactions.
+    async fn writer(&self) -> Result<MappedMutexGuard<'_, Writer>, StoreError> {
+        let mut guard = self.inner.writer.lock().await;
+        if guard.as_ref().is_none_or(|w| w.client.is_closed()) {
+            *guard = None;
+            tracing::warn!("postgres writer connection lost; reconnecting");
+            let client =
+                open_connection(&self.inner.config, self.inner.schema.as_deref(), false).await?;
+            let st = Statements::prepare(&client).await?;
+            *guard = Some(Writer { client, st });
+        }
+        MutexGuard::try_map(guard, Option::as_mut)
+            .map_err(|_| StoreError::Task("postgres writer connection missing".to_owned()))
+    }
+
+    /// The reader connection (shared: queries on it are pipelined), reconnected first if
+    /// its connection task has ended.
+    async fn reader(&self) -> Result<Arc<Client>, StoreError> {
+        let mut guard = self.inner.reader.lock().await;
+        if let Some(c) = guard.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        if guard.take().is_some() {
+            tracing::warn!("postgres reader connection lost; reconnecting");
+        }
+        let c = Arc::new(
+            open_connection(&self.inner.config, self.inner.schema.as_deref(), true).await?,
+        );
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for PostgresStore {
+    async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
+        let mut w = self.writer().await?;
+        let mut attempt = 1;
+        loop {
+            match ingest_once(&mut w, &report).await {
+                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => {
+                    tracing::debug!(node = %report.node, attempt, error = %e, "ingest lost a race; retrying");
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(LIST_NODES, &[&after, &i64::from(limit)])
+            .await
+            .map_err(pg("list nodes"))?;
+        const C: &str = "read node row";
+        rows.iter()
+            .map(|row| {
+                let reports = get_u64(row, 8, C)?;
+                let last_seq = get_u64(row, 9, C)?;
+                let missing = last_seq.saturating_sub(reports);
+                let labels: String = get(row, 5, C)?;
+                Ok(NodeRow {
+                    node: get(row, 0, C)?,
+                    site: get(row, 1, C)?,
+                    country: get(row, 2, C)?,
+                    hostname: get(row, 3, C)?,
+                    agent_version: get(row, 4, C)?,
+                    labels: serde_json::from_str(&labels).unwrap_or_default(),
+                    last_seen_unix_ms: get(row, 6, C)?,
+                    epoch: get_u64(row, 7, C)?,
+                    reports,
+                    last_seq,
+                    missing,
+                    epochs: u32::try_from(get_u64(row, 10, C)?).unwrap_or(u32::MAX),
+                    #[allow(clippy::cast_possible_truncation)]
+                    cpu_percent: get::<f64>(row, 11, C)? as f32,
+                    memory_used_bytes: get_u64(row, 12, C)?,
+                    memory_total_bytes: get_u64(row, 13, C)?,
+                    conflicts: get_u64(row, 14, C)?,
+                    dropped: get_u64(row, 15, C)?.min(missing),
+                    gpu_state: get(row, 16, C)?,
+                    gpu_count: u32::try_from(get_u64(row, 17, C)?).unwrap_or(u32::MAX),
+                    #[allow(clippy::cast_possible_truncation)]
+                    gpu_util_percent: get::<f64>(row, 18, C)? as f32,
+                    gpu_memory_used_bytes: get_u64(row, 19, C)?,
+                    gpu_memory_total_bytes: get_u64(row, 20, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_models(
+        &self,
+        query: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError> {
+        use sov_proto::pb;
+        let sha_query = query.len() == 64 && query.bytes().all(|b| b.is_ascii_hexdigit());
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                LIST_MODELS,
+                &[&after, &query, &sha_query, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("list models"))?;
+        const C: &str = "read model row";
+        let mut out: Vec<pb::ModelSummary> = Vec::new();
+        for row in &rows {
+            let key: String = get(row, 0, C)?;
+            if out.last().map(|m| m.key.as_str()) != Some(key.as_str()) {
+                out.push(pb::ModelSummary {
+                    key,
+                    model: get(row, 6, C)?,
+                    identity_source: get(row, 9, C)?,
+                    format: get(row, 3, C)?,
+                    sha256: get(row, 5, C)?,
+                    size_bytes: get_u64(row, 4, C)?,
+                    parameter_count: get_u64(row, 11, C)?,
+                    revision: get(row, 7, C)?,
+                    repo_path: get(row, 8, C)?,
+                    publisher: get(row, 10, C)?,
+                    copies: vec![],
+                    users: vec![],
+                });
+            }
+            let Some(m) = out.last_mut() else { continue };
+            let node: String = get(row, 1, C)?;
+            let path: String = get(row, 2, C)?;
+            let network: bool = get(row, 14, C)?;
+            m.copies.push(pb::ModelCopy {
+                node: node.clone(),
+                site: get(row, 19, C)?,
+                country: get(row, 20, C)?,
+                path: path.clone(),
+                storage: if network {
+                    get(row, 13, C)?
+                } else {
+                    "local".to_owned()
+                },
+                server: get(row, 15, C)?,
+                first_seen_unix_ms: get(row, 17, C)?,
+                last_seen_unix_ms: get(row, 18, C)?,
+                mount_point: get(row, 12, C)?,
+            });
+            let users: Vec<serde_json::Value> =
+                serde_json::from_str(get(row, 16, C)?).unwrap_or_default();
+            for u in users {
+                m.users.push(pb::ModelUser {
+                    node: node.clone(),
+                    pid: u["pid"]
+                        .as_u64()
+                        .and_then(|p| u32::try_from(p).ok())
+                        .unwrap_or(0),
+                    process: u["process"].as_str().unwrap_or("").to_owned(),
+                    gpus: u["gpus"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|g| g.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn egress(
+        &self,
+        q: EgressQuery,
+    ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
+        const NO_TEXT: &str = "''::TEXT";
+        const NO_NUM: &str = "0::BIGINT";
+        let (cols, group) = match q.by.as_str() {
+            "" | "country" => (
+                format!(
+                    "country, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_NUM}, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
+                ),
+                "country",
+            ),
+            "node" => (
+                format!(
+                    "country, node, {NO_TEXT}, {NO_NUM}, {NO_NUM}, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
+                ),
+                "country, node",
+            ),
+            "process" => (
+                format!(
+                    "country, node, process, pid, {NO_NUM}, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
+                ),
+                "country, node, process, pid",
+            ),
+            "asn" => (
+                format!(
+                    "country, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, asn, max(org), {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
+                ),
+                "country, asn",
+            ),
+            "destination" => (
+                format!(
+                    "country, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, asn, max(org), remote_address, remote_port, max(geo_source)"
+                ),
+                "country, asn, remote_address, remote_port",
+            ),
+            other => {
+                return Err(StoreError::Range(format!(
+                    "unknown grouping {other:?}: use country, node, process, asn or destination"
+                )));
+            }
+        };
+        // COUNT(*) OVER () is the number of groups before LIMIT; at least one row is fetched
+        // so that it is known even when the limit is 0.
+        let text = format!(
+            "SELECT {cols}, SUM(bytes_sent)::BIGINT, SUM(bytes_received)::BIGINT,
+                    SUM(connections)::BIGINT, COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)::BIGINT,
+                    COUNT(*) OVER ()
+             FROM flows_minute
+             WHERE minute_ms >= $1 AND minute_ms < $2 AND direction <> 'inbound'
+             GROUP BY {group}
+             ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC, {group}
+             LIMIT GREATEST($3::BIGINT, 1)"
+        );
+        // Minutes are stamped at their start: a range starting mid-minute includes it.
+        let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
+        let client = self.reader().await?;
+        let rows = client
+            .query(&text, &[&since, &q.until_unix_ms, &i64::from(q.limit)])
+            .await
+            .map_err(pg("egress"))?;
+        const C: &str = "read egress row";
+        let total = match rows.first() {
+            Some(row) => get_u64(row, 13, C)?,
+            None => 0,
+        };
+        let out = rows
+            .iter()
+            .take(q.limit as usize)
+            .map(|row| {
+                let n = |i| get_u64(row, i, C);
+                Ok(sov_proto::pb::EgressRow {
+                    country: get(row, 0, C)?,
+                    node: get(row, 1, C)?,
+                    process: get(row, 2, C)?,
+                    pid: u32::try_from(n(3)?).unwrap_or(0),
+                    asn: u32::try_from(n(4)?).unwrap_or(0),
+                    org: get(row, 5, C)?,
+                    remote_address: get(row, 6, C)?,
+                    remote_port: u32::try_from(n(7)?).unwrap_or(0),
+                    geo_source: get(row, 8, C)?,
+                    bytes_sent: n(9)?,
+                    bytes_received: n(10)?,
+                    connections: n(11)?,
+                    min_rtt_us: u32::try_from(n(12)?).unwrap_or(0),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let truncated = total.saturating_sub(out.len() as u64);
+        Ok((out, truncated))
+    }
+
+    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError> {
+        let mut w = self.writer().await?;
+        let tx = w.client.transaction().await.map_err(pg("begin prune"))?;
+        let mut stats = PruneStats::default();
+        for (table, counter) in [
+            ("host_samples", &mut stats.host_samples),
+            ("gpu_samples", &mut stats.gpu_samples),
+            ("gpu_usage", &mut stats.gpu_usage),
+        ] {
+            *counter = tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE observed_ms < $1"),
+                    &[&before_unix_ms],
+                )
+                .await
+                .map_err(pg("prune samples"))?;
+        }
+        stats.flows = tx
+            .execute(
+                "DELETE FROM flows_minute WHERE minute_ms < $1",
+                &[&before_unix_ms],
+            )
+            .await
+            .map_err(pg("prune flows"))?
+            + tx.execute(
+                "DELETE FROM flows_raw WHERE end_ms < $1",
+                &[&before_unix_ms],
+            )
+            .await
+            .map_err(pg("prune raw flows"))?;
+        // Report keys stay forever (they make re-sends idempotent and prove completeness);
+        // only their bodies go.
+        stats.report_bodies = tx
+            .execute(
+                "UPDATE reports SET body = ''::BYTEA WHERE received_ms < $1 AND octet_length(body) > 0",
+                &[&before_unix_ms],
+            )
+            .await
+            .map_err(pg("prune report bodies"))?;
+        tx.commit().await.map_err(pg("commit prune"))?;
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::panic::AssertUnwindSafe;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::store::suite::{Backend, Fixture, report, store_suite};
+
+    /// Where the test database is.
+    const URL_VAR: &str = "SOV_TEST_POSTGRES_URL";
+    /// Set to 1 (CI does) to fail rather than skip when the database cannot be reached.
+    const REQUIRE_VAR: &str = "SOV_REQUIRE_POSTGRES";
+    const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    fn test_url() -> String {
+        std::env::var(URL_VAR)
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| DEFAULT_TEST_URL.to_owned())
+    }
+
+    /// A schema name no other test (or concurrent test run) uses.
+    fn fresh_schema() -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        format!(
+            "sov_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    async fn try_connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+        let mut config: Config = url.parse()?;
+        config.connect_timeout(Duration::from_secs(5));
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// The test database's URL and an admin connection to it; `None`, after a loud SKIP
+    /// line, when it cannot be reached (a panic instead when it is required).
+    async fn admin() -> Option<(String, Client)> {
+        let url = test_url();
+        match try_connect(&url).await {
+            Ok(client) => Some((url, client)),
+            Err(err) => {
+                let shown = redact_url(&url);
+                let cause = std::error::Error::source(&err)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
+                    panic!(
+                        "{REQUIRE_VAR}=1 but PostgreSQL is not reachable at {shown} ({err}{cause})"
+                    );
+                }
+                let test = std::thread::current()
+                    .name()
+                    .unwrap_or("a postgres test")
+                    .to_owned();
+                // One write, straight to stderr, so that the harness's capture does not hide
+                // it and parallel tests do not cut it up.
+                let line = format!(
+                    "SKIP: PostgreSQL not reachable at {shown} ({err}{cause}): {test} did not \
+                     run (set {URL_VAR}; {REQUIRE_VAR}=1 makes this a failure)\n"
+                );
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+                None
+            }
+        }
+    }
+
+    async fn drop_schema(admin: &Client, schema: &str) {
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quote_ident(schema)
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Run `body` with the test database and a fresh schema name, then drop that schema
+    /// (also when `body` panics).
+    async fn with_schema<F>(body: impl FnOnce(String, String) -> F)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let Some((url, admin)) = admin().await else {
+            return;
+        };
+        let schema = fresh_schema();
+        let outcome = AssertUnwindSafe(body(url, schema.clone()))
+            .catch_unwind()
+            .await;
+        drop_schema(&admin, &schema).await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// A fresh store in its own schema.
+    struct PgFixture {
+        admin: Client,
+        schema: String,
+        store: PostgresStore,
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Backend for PgFixture {
+        fn store(&self) -> &dyn Store {
+            &self.store
+        }
+
+        async fn count(&self, sql: &str) -> i64 {
+            self.admin.query_one(sql, &[]).await.unwrap().get(0)
+        }
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Fixture for PgFixture {
+        async fn create() -> Option<Self> {
+            let (url, admin) = admin().await?;
+            let schema = fresh_schema();
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            admin
+                .batch_execute(&format!("SET search_path TO {}", quote_ident(&schema)))
+                .await
+                .unwrap();
+            Some(Self {
+                admin,
+                schema,
+                store,
+            })
+        }
+
+        async fn destroy(self) {
+            drop(self.store);
+            drop_schema(&self.admin, &self.schema).await;
+        }
+    }
+
+    store_suite!(PgFixture);
+
+    async fn count(url: &str, schema: &str, sql: &str) -> i64 {
+        let c = try_connect(url).await.unwrap();
+        c.batch_execute(&format!("SET search_path TO {}", quote_ident(schema)))
+            .await
+            .unwrap();
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_replicas_ingesting_the_same_report_store_it_once() {
+        with_schema(|url, schema| async move {
+            let (a, b) = tokio::join!(
+                PostgresStore::connect_with_schema(&url, &schema),
+                PostgresStore::connect_with_schema(&url, &schema)
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            for seq in 1..=20 {
+                let (x, y) =
+                    tokio::join!(a.ingest(report("n", 1, seq)), b.ingest(report("n", 1, seq)));
+                let mut outcomes = [x.unwrap(), y.unwrap()];
+                outcomes.sort_by_key(|o| *o != IngestOutcome::Stored);
+                assert_eq!(
+                    outcomes,
+                    [IngestOutcome::Stored, IngestOutcome::Duplicate],
+                    "seq {seq}"
+                );
+            }
+            let n = &b.list_nodes("", 10).await.unwrap()[0];
+            assert_eq!(
+                (n.reports, n.last_seq, n.missing, n.conflicts),
+                (20, 20, 0, 0)
+            );
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
+                20
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_ingesting_different_reports_of_one_node_keep_exact_counters() {
+        with_schema(|url, schema| async move {
+            let a = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            let b = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            let with_flow = |seq: u64| {
+                let mut r = report("n", 1, seq);
+                r.telemetry = crate::store::suite::telemetry();
+                r.telemetry.flows = vec![crate::store::FlowRecord {
+                    flow: sov_proto::pb::Flow {
+                        remote_address: "8.8.8.8".into(),
+                        remote_port: 443,
+                        bytes_sent: 10,
+                        direction: sov_proto::pb::Direction::Outbound as i32,
+                        end_unix_ms: 90_000,
+                        ..Default::default()
+                    },
+                    country: "US".into(),
+                    ..Default::default()
+                }];
+                r
+            };
+            let (x, y) = tokio::join!(
+                async {
+                    for seq in (1..=40).step_by(2) {
+                        assert_eq!(
+                            a.ingest(with_flow(seq)).await.unwrap(),
+                            IngestOutcome::Stored
+                        );
+                    }
+                },
+                async {
+                    for seq in (2..=40).step_by(2) {
+                        assert_eq!(
+                            b.ingest(with_flow(seq)).await.unwrap(),
+                            IngestOutcome::Stored
+                        );
+                    }
+                }
+            );
+            let ((), ()) = (x, y);
+            let n = &a.list_nodes("", 10).await.unwrap()[0];
+            assert_eq!((n.reports, n.last_seq, n.missing), (40, 40, 0));
+            let (rows, _) = a
+                .egress(EgressQuery {
+                    since_unix_ms: 0,
+                    until_unix_ms: 600_000,
+                    by: "country".into(),
+                    limit: 10,
+                })
+                .await
+                .unwrap();
+            assert_eq!((rows[0].bytes_sent, rows[0].connections), (400, 0));
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_connecting_at_once_migrate_once() {
+        with_schema(|url, schema| async move {
+            let stores = futures::future::join_all(
+                (0..4).map(|_| PostgresStore::connect_with_schema(&url, &schema)),
+            )
+            .await;
+            for s in stores {
+                s.unwrap();
+            }
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM sov_schema_version").await,
+                1
+            );
+            assert_eq!(
+                count(&url, &schema, "SELECT MAX(version) FROM sov_schema_version").await,
+                SCHEMA_VERSION
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_database_from_a_newer_collector_is_refused() {
+        with_schema(|url, schema| async move {
+            drop(
+                PostgresStore::connect_with_schema(&url, &schema)
+                    .await
+                    .unwrap(),
+            );
+            let c = try_connect(&url).await.unwrap();
+            c.batch_execute(&format!(
+                "UPDATE {}.sov_schema_version SET version = 99",
+                quote_ident(&schema)
+            ))
+            .await
+            .unwrap();
+            let err = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+                "{err}"
+            );
+        })
+        .await;
+    }
+
+    async fn backend_pid(c: &Client) -> i32 {
+        c.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_fails_at_most_one_call_and_the_next_reconnects() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            store.ingest(report("a", 1, 1)).await.unwrap();
+            let writer_pid = backend_pid(&store.writer().await.unwrap().client).await;
+            let reader_pid = backend_pid(&store.reader().await.unwrap()).await;
+            let admin = try_connect(&url).await.unwrap();
+            for pid in [writer_pid, reader_pid] {
+                admin
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .unwrap();
+            }
+            // The call that finds the connection dead may fail (with a postgres error);
+            // the one after it runs on a new connection.
+            let mut outcome = store.ingest(report("a", 1, 2)).await;
+            if let Err(err) = &outcome {
+                assert!(matches!(err, StoreError::Postgres { .. }), "{err}");
+                outcome = store.ingest(report("a", 1, 2)).await;
+            }
+            assert_eq!(outcome.unwrap(), IngestOutcome::Stored);
+            let mut nodes = store.list_nodes("", 10).await;
+            if let Err(err) = &nodes {
+                assert!(matches!(err, StoreError::Postgres { .. }), "{err}");
+                nodes = store.list_nodes("", 10).await;
+            }
+            assert_eq!(nodes.unwrap()[0].reports, 2);
+            assert_ne!(
+                backend_pid(&store.writer().await.unwrap().client).await,
+                writer_pid
+            );
+            // The new connections still use the store's schema.
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
+                2
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn open_with_a_postgres_url_uses_the_urls_search_path() {
+        with_schema(|url, schema| async move {
+            let c = try_connect(&url).await.unwrap();
+            c.batch_execute(&format!("CREATE SCHEMA {}", quote_ident(&schema)))
+                .await
+                .unwrap();
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let with_path = format!("{url}{sep}options=-csearch_path%3D{schema}");
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::open(&with_path, dir.path()).await.unwrap();
+            assert!(
+                format!("{store:?}").starts_with("PostgresStore"),
+                "{store:?}"
+            );
+            store.ingest(report("a", 1, 1)).await.unwrap();
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
+                1
+            );
+            assert!(!dir.path().join(crate::store::sqlite::DB_FILE).exists());
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_password_in_a_url_is_hidden() {
+        assert_eq!(
+            redact_url("postgres://sov:s3cret@db:5432/sov?sslmode=disable"),
+            "postgres://sov:***@db:5432/sov?sslmode=disable"
+        );
+        assert_eq!(redact_url("postgres://sov@db/sov"), "postgres://sov@db/sov");
+        assert_eq!(redact_url("sqlite:x"), "sqlite:x");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -1,0 +1,816 @@
+//! The store test suite that every backend runs: each `pub(crate) async fn` here checks one
+//! behaviour of [`Store`] through its public methods (plus row counts with SQL both backends
+//! accept). A backend's tests call [`store_suite!`] with its [`Fixture`], which makes one
+//! `#[tokio::test]` per suite function on a fresh, empty store.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use futures::future::LocalBoxFuture;
+use sov_proto::pb;
+
+use super::{
+    EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome, Store, StoreError,
+    Telemetry, WeightUpdate,
+};
+
+/// A store under test and a way to look at its tables.
+#[async_trait::async_trait(?Send)]
+pub(crate) trait Backend {
+    /// The store.
+    fn store(&self) -> &dyn Store;
+    /// The value of `sql`, a `SELECT COUNT(*) ...` that both SQLite and PostgreSQL accept.
+    async fn count(&self, sql: &str) -> i64;
+}
+
+/// How a backend makes a fresh store for one test and cleans up after it.
+#[async_trait::async_trait(?Send)]
+pub(crate) trait Fixture: Backend + Sized {
+    /// A fresh, empty store; `None` when the backend cannot run here (the test is skipped,
+    /// after saying so).
+    async fn create() -> Option<Self>;
+    /// Remove what `create` made (runs even when the test failed).
+    async fn destroy(self);
+}
+
+/// Run one suite function on a fresh store of backend `F`.
+pub(crate) async fn run<F: Fixture>(test: for<'a> fn(&'a dyn Backend) -> LocalBoxFuture<'a, ()>) {
+    let Some(fixture) = F::create().await else {
+        return;
+    };
+    let outcome = AssertUnwindSafe(test(&fixture)).catch_unwind().await;
+    fixture.destroy().await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// One `#[tokio::test]` per suite function, on the given [`Fixture`] type.
+macro_rules! store_suite {
+    ($fixture:ty) => {
+        $crate::store::suite::store_suite!(@tests $fixture;
+            a_report_is_stored_once_and_a_resend_is_a_duplicate,
+            missing_counts_holes_and_dropped_counts_declared_gaps,
+            a_new_epoch_becomes_the_nodes_current_one,
+            nodes_are_paged_in_name_order,
+            the_latest_observation_wins_even_when_an_older_report_arrives_later,
+            telemetry_becomes_time_series_rows_and_the_nodes_latest_gpu_columns,
+            pruning_removes_old_samples_but_keeps_report_keys_idempotent,
+            copies_of_one_model_on_two_nodes_are_listed_together_with_their_users,
+            deltas_add_and_remove_and_a_full_inventory_removes_what_it_does_not_list,
+            egress_is_grouped_ordered_by_bytes_sent_and_limited,
+            egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
+            egress_refuses_an_unknown_grouping,
+            pruning_removes_old_flows,
+        );
+    };
+    (@tests $fixture:ty; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                $crate::store::suite::run::<$fixture>(|db| {
+                    ::std::boxed::Box::pin($crate::store::suite::$name(db))
+                })
+                .await;
+            }
+        )*
+    };
+}
+pub(crate) use store_suite;
+
+/// A report of node `node` observed at `seq` seconds, received 5 ms later.
+pub(crate) fn report(node: &str, epoch: u64, seq: u64) -> IncomingReport {
+    let at = i64::try_from(seq).unwrap_or(i64::MAX / 2_000) * 1000;
+    IncomingReport {
+        node: node.to_owned(),
+        epoch,
+        seq,
+        observed_unix_ms: at,
+        received_unix_ms: at + 5,
+        site: "rabat-1".into(),
+        country: "MA".into(),
+        hostname: format!("{node}.local"),
+        agent_version: "0.1.0".into(),
+        labels: BTreeMap::from([("rack".to_owned(), "r1".to_owned())]),
+        cpu_percent: 12.5,
+        memory_used_bytes: 100,
+        memory_total_bytes: 1000,
+        telemetry: Default::default(),
+        gaps: vec![],
+        body: vec![1, 2, 3],
+    }
+}
+
+/// A host sample and two GPUs (90 % and 30 % busy), the first used by `vllm` (pid 4242).
+pub(crate) fn telemetry() -> Telemetry {
+    let gpu = |index: u32, util: u32, pids: &[u32]| pb::GpuSample {
+        index,
+        uuid: format!("GPU-{index}"),
+        name: "NVIDIA H100".into(),
+        utilization_gpu_percent: util,
+        memory_used_bytes: 10 << 30,
+        memory_total_bytes: 80 << 30,
+        processes: pids
+            .iter()
+            .map(|&pid| pb::GpuProcess {
+                pid,
+                gpu_seconds: 7.5,
+                used_memory_bytes: 1 << 30,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    Telemetry {
+        host: Some(pb::HostSample {
+            cpu_percent: 40.0,
+            memory_total_bytes: 1000,
+            ..Default::default()
+        }),
+        gpu_state: Some(pb::GpuState {
+            availability: pb::gpu_state::Availability::Available as i32,
+            ..Default::default()
+        }),
+        gpus: vec![gpu(0, 90, &[4242]), gpu(1, 30, &[])],
+        processes: vec![pb::ProcessInfo {
+            pid: 4242,
+            name: "vllm".into(),
+            exe: "/usr/bin/python3".into(),
+            ..Default::default()
+        }],
+        weights: Default::default(),
+        flows: Default::default(),
+    }
+}
+
+async fn ingest(store: &dyn Store, r: IncomingReport) -> IngestOutcome {
+    store.ingest(r).await.unwrap()
+}
+
+pub(crate) async fn a_report_is_stored_once_and_a_resend_is_a_duplicate(db: &dyn Backend) {
+    let store = db.store();
+    assert_eq!(
+        ingest(store, report("a", 7, 1)).await,
+        IngestOutcome::Stored
+    );
+    assert_eq!(
+        ingest(store, report("a", 7, 1)).await,
+        IngestOutcome::Duplicate
+    );
+    assert_eq!(
+        ingest(store, report("a", 7, 2)).await,
+        IngestOutcome::Stored
+    );
+    let mut reused = report("a", 7, 2);
+    reused.observed_unix_ms += 1;
+    assert_eq!(ingest(store, reused).await, IngestOutcome::Conflict);
+    let nodes = store.list_nodes("", 10).await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(
+        (nodes[0].reports, nodes[0].last_seq, nodes[0].missing),
+        (2, 2, 0)
+    );
+    assert_eq!(nodes[0].conflicts, 1);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM reports WHERE node = 'a' AND epoch = 7")
+            .await,
+        2
+    );
+}
+
+pub(crate) async fn missing_counts_holes_and_dropped_counts_declared_gaps(db: &dyn Backend) {
+    let store = db.store();
+    ingest(store, report("a", 1, 1)).await;
+    // 2..=4 dropped by the agent and declared; 6 lost without a word.
+    let mut r5 = report("a", 1, 5);
+    r5.gaps = vec![GapRecord {
+        first_seq: 2,
+        last_seq: 4,
+        reason: "spool_full".into(),
+        dropped_unix_ms: 1,
+    }];
+    ingest(store, r5).await;
+    ingest(store, report("a", 1, 7)).await;
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!((n.reports, n.last_seq, n.missing, n.dropped), (3, 7, 4, 3));
+    // A late arrival of seq 3 (it was in flight when dropped) shrinks both.
+    ingest(store, report("a", 1, 3)).await;
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!((n.missing, n.dropped), (3, 2));
+}
+
+pub(crate) async fn a_new_epoch_becomes_the_nodes_current_one(db: &dyn Backend) {
+    let store = db.store();
+    for s in 1..=3 {
+        ingest(store, report("a", 100, s)).await;
+    }
+    ingest(store, report("a", 200, 1)).await;
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!((n.epoch, n.reports, n.last_seq, n.epochs), (200, 1, 1, 2));
+}
+
+pub(crate) async fn nodes_are_paged_in_name_order(db: &dyn Backend) {
+    let store = db.store();
+    // Byte order: upper case before lower case, whatever the database's collation.
+    for node in ["c", "a", "b", "B"] {
+        ingest(store, report(node, 1, 1)).await;
+    }
+    let names = |v: &[super::NodeRow]| v.iter().map(|n| n.node.clone()).collect::<Vec<_>>();
+    let first = store.list_nodes("", 2).await.unwrap();
+    assert_eq!(names(&first), ["B", "a"]);
+    let rest = store.list_nodes("a", 2).await.unwrap();
+    assert_eq!(names(&rest), ["b", "c"]);
+    assert!(store.list_nodes("c", 2).await.unwrap().is_empty());
+    assert_eq!(rest[0].labels.get("rack").map(String::as_str), Some("r1"));
+    assert_eq!(
+        (rest[0].site.as_str(), rest[0].hostname.as_str()),
+        ("rabat-1", "b.local")
+    );
+}
+
+pub(crate) async fn the_latest_observation_wins_even_when_an_older_report_arrives_later(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let mut newer = report("a", 1, 2);
+    newer.agent_version = "0.2.0".into();
+    newer.memory_used_bytes = 200;
+    ingest(store, newer).await;
+    let mut older = report("a", 1, 1);
+    older.agent_version = "0.1.0".into();
+    older.received_unix_ms = 9_000;
+    ingest(store, older).await;
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!(
+        (n.agent_version.as_str(), n.memory_used_bytes),
+        ("0.2.0", 200)
+    );
+    // Receiving is still recorded.
+    assert_eq!((n.last_seen_unix_ms, n.reports), (9_000, 2));
+}
+
+pub(crate) async fn telemetry_becomes_time_series_rows_and_the_nodes_latest_gpu_columns(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    for seq in 1..=3 {
+        let mut r = report("a", 1, seq);
+        r.telemetry = telemetry();
+        ingest(store, r).await;
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 3);
+    assert_eq!(db.count("SELECT COUNT(*) FROM gpu_samples").await, 6);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM gpu_usage WHERE process_name = 'vllm' AND pid = 4242")
+            .await,
+        3
+    );
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!((n.gpu_state.as_str(), n.gpu_count), ("ok", 2));
+    assert!((n.gpu_util_percent - 60.0).abs() < 0.01, "{n:?}");
+    assert_eq!(n.gpu_memory_total_bytes, 160 << 30);
+    assert_eq!(n.gpu_memory_used_bytes, 20 << 30);
+    // An older report arriving late does not overwrite the latest columns.
+    let mut late = report("a", 1, 4);
+    late.observed_unix_ms = 1;
+    late.telemetry = Telemetry::default();
+    ingest(store, late).await;
+    assert_eq!(store.list_nodes("", 10).await.unwrap()[0].gpu_count, 2);
+}
+
+pub(crate) async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent(db: &dyn Backend) {
+    let store = db.store();
+    for seq in 1..=4 {
+        let mut r = report("a", 1, seq);
+        r.telemetry = telemetry();
+        ingest(store, r).await;
+    }
+    // Reports 1 and 2 were observed (and received) before 2500 ms.
+    let pruned = store.prune(2500).await.unwrap();
+    assert_eq!(
+        (
+            pruned.host_samples,
+            pruned.gpu_samples,
+            pruned.gpu_usage,
+            pruned.report_bodies
+        ),
+        (2, 4, 2, 2)
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 2);
+    // Pruning again finds no bodies left to empty.
+    assert_eq!(store.prune(2500).await.unwrap().report_bodies, 0);
+    assert_eq!(
+        ingest(store, report("a", 1, 1)).await,
+        IngestOutcome::Duplicate
+    );
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!((n.reports, n.last_seq, n.missing), (4, 4, 0));
+}
+
+pub(crate) fn weight(path: &str, model: &str, sha: &str) -> pb::WeightFile {
+    pb::WeightFile {
+        path: path.into(),
+        format: pb::WeightFormat::Safetensors as i32,
+        size_bytes: 1000,
+        mtime_unix_ms: 5,
+        sha256: sha.into(),
+        parameter_count: 250,
+        identity: Some(pb::ModelIdentity {
+            model: model.into(),
+            source: "hf-cache".into(),
+            ..Default::default()
+        }),
+        storage: Some(pb::StorageLocation {
+            fs_type: "nfs4".into(),
+            network: true,
+            server_address: "10.0.0.5".into(),
+            mount_point: "/models".into(),
+            ..Default::default()
+        }),
+        users: vec![pb::WeightUser {
+            pid: 77,
+            process: "vllm".into(),
+            mapped: true,
+            gpu_uuids: vec!["GPU-0".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn inventory(
+    store: &dyn Store,
+    node: &str,
+    seq: u64,
+    full: bool,
+    files: Vec<pb::WeightFile>,
+    removed: Vec<String>,
+) {
+    let mut r = report(node, 1, seq);
+    r.telemetry.weights = WeightUpdate {
+        full,
+        files,
+        removed,
+    };
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+}
+
+pub(crate) async fn copies_of_one_model_on_two_nodes_are_listed_together_with_their_users(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let sha = "a".repeat(64);
+    inventory(
+        store,
+        "a",
+        1,
+        true,
+        vec![
+            weight("/models/x.safetensors", "org/x", &sha),
+            weight("/models/y.gguf", "y", ""),
+        ],
+        vec![],
+    )
+    .await;
+    inventory(
+        store,
+        "b",
+        1,
+        true,
+        vec![weight("/srv/x.safetensors", "org/x", &sha)],
+        vec![],
+    )
+    .await;
+    let all = store.list_models("", "", 10).await.unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let x = all.iter().find(|m| m.model == "org/x").unwrap();
+    assert_eq!(x.key, format!("org/x|{sha}"));
+    assert_eq!(x.copies.len(), 2);
+    assert_eq!(
+        (
+            x.copies[0].node.as_str(),
+            x.copies[0].storage.as_str(),
+            x.copies[0].server.as_str()
+        ),
+        ("a", "nfs4", "10.0.0.5")
+    );
+    assert_eq!(
+        (x.copies[1].node.as_str(), x.copies[1].path.as_str()),
+        ("b", "/srv/x.safetensors")
+    );
+    assert_eq!(x.copies[0].country, "MA");
+    assert_eq!(x.copies[0].site, "rabat-1");
+    assert_eq!(x.copies[0].mount_point, "/models");
+    assert_eq!(x.users.len(), 2);
+    assert_eq!(
+        (x.users[0].pid, x.users[0].gpus.clone()),
+        (77, vec!["GPU-0".to_owned()])
+    );
+    assert_eq!((x.format.as_str(), x.parameter_count), ("safetensors", 250));
+    assert_eq!(
+        (x.size_bytes, x.identity_source.as_str()),
+        (1000, "hf-cache")
+    );
+    // Lookup by sha256 (any case) and by name; paging by key.
+    assert_eq!(store.list_models(&sha, "", 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .list_models(&sha.to_uppercase(), "", 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.list_models("ORG/", "", 10).await.unwrap().len(), 1);
+    assert!(
+        store
+            .list_models("nothing", "", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let first = store.list_models("", "", 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let rest = store.list_models("", &first[0].key, 10).await.unwrap();
+    assert_eq!(first.len() + rest.len(), 2);
+    assert_ne!(first[0].key, rest[0].key);
+    // A page of one model holds all of its copies.
+    assert_eq!(first[0].key, x.key);
+    assert_eq!(first[0].copies.len(), 2);
+}
+
+pub(crate) async fn deltas_add_and_remove_and_a_full_inventory_removes_what_it_does_not_list(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    inventory(
+        store,
+        "a",
+        1,
+        true,
+        vec![weight("/m/1", "one", ""), weight("/m/2", "two", "")],
+        vec![],
+    )
+    .await;
+    inventory(
+        store,
+        "a",
+        2,
+        false,
+        vec![weight("/m/3", "three", "")],
+        vec!["/m/1".into()],
+    )
+    .await;
+    let names = |v: Vec<pb::ModelSummary>| v.into_iter().map(|m| m.model).collect::<Vec<_>>();
+    assert_eq!(
+        names(store.list_models("", "", 10).await.unwrap()),
+        ["three", "two"]
+    );
+    inventory(
+        store,
+        "a",
+        3,
+        true,
+        vec![weight("/m/3", "three", "")],
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        names(store.list_models("", "", 10).await.unwrap()),
+        ["three"]
+    );
+    // A file that comes back is current again.
+    inventory(
+        store,
+        "a",
+        4,
+        false,
+        vec![weight("/m/1", "one", "")],
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        names(store.list_models("", "", 10).await.unwrap()),
+        ["one", "three"]
+    );
+    // Removed files stay in the table (history), marked removed.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM weight_files WHERE removed_ms IS NOT NULL")
+            .await,
+        1
+    );
+}
+
+/// A flow of `pid` to `remote` ending at `end_ms`, placed in `country` / `asn`.
+#[allow(clippy::too_many_arguments)]
+fn flow(
+    pid: u32,
+    process: &str,
+    remote: (&str, u32),
+    verdict: (&str, u32, &str),
+    sent: u64,
+    received: u64,
+    rtt_us: u32,
+    end_ms: i64,
+) -> FlowRecord {
+    FlowRecord {
+        flow: pb::Flow {
+            protocol: pb::Protocol::Tcp as i32,
+            remote_address: remote.0.into(),
+            remote_port: remote.1,
+            pid,
+            bytes_sent: sent,
+            bytes_received: received,
+            direction: pb::Direction::Outbound as i32,
+            min_rtt_us: rtt_us,
+            connections: 1,
+            start_unix_ms: end_ms - 10_000,
+            end_unix_ms: end_ms,
+            ..Default::default()
+        },
+        process: process.into(),
+        country: verdict.0.into(),
+        asn: verdict.1,
+        org: verdict.2.into(),
+        geo_source: "test-db".into(),
+    }
+}
+
+const US_CLOUDFLARE: (&str, u32, &str) = ("US", 13335, "Cloudflare");
+const US_GOOGLE: (&str, u32, &str) = ("US", 15169, "Google");
+const FR_ORANGE: (&str, u32, &str) = ("FR", 3215, "Orange");
+const MA_LOCAL: (&str, u32, &str) = ("MA", 0, "");
+/// Inside the queried range (minute 2).
+const T: i64 = 150_000;
+
+/// Node a (vllm to Cloudflare twice and Google, curl inside MA, one inbound flow from FR),
+/// node b (python to Google and Orange, and one flow long after the queried range).
+async fn write_flows(store: &dyn Store) {
+    let mut r = report("a", 1, 1);
+    let mut inbound = flow(40, "sshd", ("9.9.9.9", 22), FR_ORANGE, 99_999, 1, 0, T);
+    inbound.flow.direction = pb::Direction::Inbound as i32;
+    r.telemetry.flows = vec![
+        flow(
+            10,
+            "vllm",
+            ("1.1.1.1", 443),
+            US_CLOUDFLARE,
+            1000,
+            10,
+            500,
+            T,
+        ),
+        flow(10, "vllm", ("8.8.8.8", 443), US_GOOGLE, 3000, 20, 300, T),
+        flow(20, "curl", ("10.0.0.1", 80), MA_LOCAL, 500, 5, 0, T),
+        inbound,
+    ];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    // The same flow again in the same minute: its bytes add up, the smaller RTT stays.
+    let mut r = report("a", 1, 2);
+    r.telemetry.flows = vec![flow(
+        10,
+        "vllm",
+        ("1.1.1.1", 443),
+        US_CLOUDFLARE,
+        1000,
+        10,
+        400,
+        T + 1000,
+    )];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let mut r = report("b", 1, 1);
+    r.telemetry.flows = vec![
+        flow(30, "python", ("8.8.8.8", 443), US_GOOGLE, 200, 2, 100, T),
+        flow(30, "python", ("5.5.5.5", 443), FR_ORANGE, 2500, 25, 0, T),
+        flow(
+            30,
+            "python",
+            ("8.8.8.8", 443),
+            US_GOOGLE,
+            1_000_000,
+            0,
+            0,
+            3_600_000,
+        ),
+    ];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+}
+
+async fn egress(store: &dyn Store, by: &str, limit: u32) -> (Vec<pb::EgressRow>, u64) {
+    store
+        .egress(EgressQuery {
+            since_unix_ms: 60_000,
+            until_unix_ms: 600_000,
+            by: by.into(),
+            limit,
+        })
+        .await
+        .unwrap()
+}
+
+pub(crate) async fn egress_is_grouped_ordered_by_bytes_sent_and_limited(db: &dyn Backend) {
+    let store = db.store();
+    write_flows(store).await;
+    let sent = |rows: &[pb::EgressRow]| rows.iter().map(|r| r.bytes_sent).collect::<Vec<_>>();
+
+    let (rows, truncated) = egress(store, "country", 10).await;
+    let countries: Vec<_> = rows.iter().map(|r| r.country.as_str()).collect();
+    assert_eq!((countries, truncated), (vec!["US", "FR", "MA"], 0));
+    assert_eq!(sent(&rows), [5200, 2500, 500]);
+    assert_eq!(
+        (
+            rows[0].bytes_received,
+            rows[0].connections,
+            rows[0].min_rtt_us
+        ),
+        (42, 4, 100)
+    );
+    assert_eq!((rows[0].node.as_str(), rows[0].asn), ("", 0));
+    // The default grouping is by country.
+    assert_eq!(egress(store, "", 10).await, (rows, 0));
+
+    let (rows, _) = egress(store, "node", 10).await;
+    let keys: Vec<_> = rows
+        .iter()
+        .map(|r| (r.country.as_str(), r.node.as_str(), r.bytes_sent))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("US", "a", 5000),
+            ("FR", "b", 2500),
+            ("MA", "a", 500),
+            ("US", "b", 200)
+        ]
+    );
+
+    let (rows, _) = egress(store, "process", 10).await;
+    let keys: Vec<_> = rows
+        .iter()
+        .map(|r| (r.node.as_str(), r.process.as_str(), r.pid, r.bytes_sent))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("a", "vllm", 10, 5000),
+            ("b", "python", 30, 2500),
+            ("a", "curl", 20, 500),
+            ("b", "python", 30, 200)
+        ]
+    );
+
+    let (rows, _) = egress(store, "asn", 10).await;
+    let keys: Vec<_> = rows
+        .iter()
+        .map(|r| (r.country.as_str(), r.asn, r.org.as_str(), r.bytes_sent))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("US", 15169, "Google", 3200),
+            ("FR", 3215, "Orange", 2500),
+            ("US", 13335, "Cloudflare", 2000),
+            ("MA", 0, "", 500)
+        ]
+    );
+
+    let (rows, truncated) = egress(store, "destination", 2).await;
+    let keys: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.remote_address.as_str(),
+                r.remote_port,
+                r.asn,
+                r.bytes_sent,
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [("8.8.8.8", 443, 15169, 3200), ("5.5.5.5", 443, 3215, 2500)]
+    );
+    assert_eq!(truncated, 2);
+    assert_eq!(
+        (rows[0].geo_source.as_str(), rows[0].org.as_str()),
+        ("test-db", "Google")
+    );
+    // A limit of 0 still says how many rows there were.
+    assert_eq!(egress(store, "destination", 0).await, (vec![], 4));
+}
+
+pub(crate) async fn egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    write_flows(store).await;
+    // A re-sent report adds nothing.
+    let mut again = report("a", 1, 2);
+    again.telemetry.flows = vec![flow(
+        10,
+        "vllm",
+        ("1.1.1.1", 443),
+        US_CLOUDFLARE,
+        1000,
+        10,
+        400,
+        T + 1000,
+    )];
+    assert_eq!(ingest(store, again).await, IngestOutcome::Duplicate);
+    let (rows, _) = egress(store, "destination", 10).await;
+    let cloudflare = rows.iter().find(|r| r.asn == 13335).unwrap();
+    assert_eq!(
+        (
+            cloudflare.bytes_sent,
+            cloudflare.bytes_received,
+            cloudflare.connections,
+            cloudflare.min_rtt_us
+        ),
+        (2000, 20, 2, 400)
+    );
+    // Inbound traffic is not egress; the flow outside the range is not counted.
+    assert!(rows.iter().all(|r| r.remote_port != 22), "{rows:?}");
+    assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 8200);
+    // A range starting mid-minute includes that minute; one ending before it excludes it.
+    let q = |since_unix_ms, until_unix_ms| EgressQuery {
+        since_unix_ms,
+        until_unix_ms,
+        by: "country".into(),
+        limit: 10,
+    };
+    let (rows, _) = store.egress(q(T + 5_000, 600_000)).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    let (rows, _) = store.egress(q(0, 120_000)).await.unwrap();
+    assert!(rows.is_empty(), "{rows:?}");
+    // One aggregate per (node, minute, process, destination); raw rows only for flows
+    // leaving the node's country.
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 7);
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_raw").await, 7);
+}
+
+pub(crate) async fn egress_refuses_an_unknown_grouping(db: &dyn Backend) {
+    let err = db
+        .store()
+        .egress(EgressQuery {
+            since_unix_ms: 0,
+            until_unix_ms: 1,
+            by: "planet".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Range(_)), "{err}");
+    assert!(err.to_string().contains("planet"), "{err}");
+}
+
+pub(crate) async fn pruning_removes_old_flows(db: &dyn Backend) {
+    let store = db.store();
+    write_flows(store).await;
+    // Everything but node b's late flow (one aggregate, one raw row).
+    let pruned = store.prune(3_000_000).await.unwrap();
+    assert_eq!(pruned.flows, 12);
+    assert_eq!(egress(store, "country", 10).await, (vec![], 0));
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+}
+
+// The dispatcher in `store::open`.
+
+#[tokio::test]
+async fn open_with_an_empty_url_or_sqlite_opens_sqlite_under_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = super::open("", dir.path()).await.unwrap();
+    ingest(store.as_ref(), report("a", 1, 1)).await;
+    assert!(dir.path().join(super::sqlite::DB_FILE).exists());
+    drop(super::open("sqlite:", dir.path()).await.unwrap());
+    drop(super::open("sqlite:sub/db", dir.path()).await.unwrap());
+    assert!(
+        dir.path()
+            .join("sub/db")
+            .join(super::sqlite::DB_FILE)
+            .exists()
+    );
+    let abs = dir.path().join("abs");
+    let url = format!("sqlite:{}", abs.display());
+    drop(
+        super::open(&url, std::path::Path::new("/nonexistent"))
+            .await
+            .unwrap(),
+    );
+    assert!(abs.join(super::sqlite::DB_FILE).exists());
+}
+
+#[tokio::test]
+async fn open_refuses_an_unknown_url_naming_it_and_the_accepted_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = super::open("mysql://root:secret@db/x", dir.path())
+        .await
+        .unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(text.contains("mysql://root:***@db/x"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+    assert!(
+        text.contains("sqlite:PATH") && text.contains("postgres://"),
+        "{text}"
+    );
+}
