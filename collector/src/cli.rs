@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use sov_agent::cli::{LogFormat, init_tracing, report_config_error, shutdown_signal};
@@ -11,7 +10,6 @@ use sov_agent::run::source_chain;
 
 use crate::auth::{DEFAULT_TRUST_DOMAIN, Role};
 use crate::config::CollectorConfig;
-use crate::store::SqliteStore;
 
 /// Sovereign collector: receives agents' reports over mutual TLS, stores them, answers regulators.
 #[derive(Debug, Parser)]
@@ -130,7 +128,7 @@ fn fail(err: &dyn std::error::Error) -> ExitCode {
 
 /// Run `serve` with a loaded configuration until `shutdown`.
 pub async fn serve(config: CollectorConfig) -> Result<(), anyhow::Error> {
-    let store = Arc::new(SqliteStore::open(&config.data_dir)?);
+    let store = crate::store::open(&config.store.url, &config.data_dir).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

@@ -45,6 +45,20 @@ pub struct CollectorConfig {
     /// `[geo]`: where remote addresses are placed.
     #[serde(default)]
     pub geo: GeoConfig,
+    /// `[store]`: where reports are stored.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// "" or "sqlite:" (embedded SQLite under `data_dir`, the default), "sqlite:DIR" (relative
+    /// to `data_dir`), or "postgres://user@host:port/db" for several collector replicas on one
+    /// PostgreSQL.
+    #[serde(default)]
+    pub url: String,
 }
 
 /// `[geo]`.
@@ -121,6 +135,7 @@ impl CollectorConfig {
             trust_domain: default_trust_domain(),
             tls,
             geo: GeoConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 
@@ -161,8 +176,22 @@ impl CollectorConfig {
         check_readable(&mut p, "tls.ca", &self.tls.ca);
         check_readable(&mut p, "tls.cert", &self.tls.cert);
         check_readable(&mut p, "tls.key", &self.tls.key);
+        let url = self.store.url.as_str();
+        if !(url.is_empty()
+            || url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            p.push(
+                "store.url",
+                format!(
+                    "{:?} is not sqlite:PATH or postgres://user@host:port/db",
+                    url.split('@').next_back().unwrap_or("")
+                ),
+            );
+        }
         for problem in crate::geo::validate(&self.geo) {
-            p.push("geo", problem);
+            p.0.push(problem);
         }
         p
     }
