@@ -187,8 +187,13 @@ impl Agent {
             return None;
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (handle, thread) = NetHandle::spawn(self.config.net.clone(), stop.clone());
-        Some((handle, stop, thread))
+        match NetHandle::spawn(self.config.net.clone(), stop.clone()) {
+            Ok((handle, thread)) => Some((handle, stop, thread)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the flow sampler; flows will not be reported");
+                None
+            }
+        }
     }
 
     async fn build_loop(

@@ -465,10 +465,13 @@ impl NetHandle {
     /// sample every `cfg.interval_secs` (at least 1), destroy events folded in every
     /// [`ABSORB_PERIOD`] in between, until `stop` is set.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// When the operating system cannot create a thread (as `std::thread::spawn`).
-    pub fn spawn(cfg: NetConfig, stop: Arc<AtomicBool>) -> (NetHandle, JoinHandle<()>) {
+    /// The operating system's error when it cannot create the thread.
+    pub fn spawn(
+        cfg: NetConfig,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<(NetHandle, JoinHandle<()>)> {
         let mut collector = NetCollector::new(&cfg);
         let handle = collector.handle();
         let interval = Duration::from_secs(cfg.interval_secs.max(1));
@@ -489,9 +492,8 @@ impl NetHandle {
                         std::thread::sleep((next - now).min(ABSORB_PERIOD));
                     }
                 }
-            })
-            .expect("the operating system refused a thread for network sampling");
-        (handle, thread)
+            })?;
+        Ok((handle, thread))
     }
 
     /// Flows accumulated since the previous take, and the status.

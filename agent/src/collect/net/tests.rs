@@ -391,7 +391,7 @@ fn the_sampling_thread_feeds_the_handle_and_stops_when_told() {
         interval_secs: 1,
         ..loopback_cfg()
     };
-    let (handle, thread) = NetHandle::spawn(cfg, stop.clone());
+    let (handle, thread) = NetHandle::spawn(cfg, stop.clone()).unwrap();
     // Wait for the baseline sample: traffic before it is not counted.
     let deadline = Instant::now() + Duration::from_secs(5);
     while handle.take().1.sockets == 0 && Instant::now() < deadline {
