@@ -216,10 +216,13 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
 
 /// Write a collector configuration as TOML.
 pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
-    let text = format!(
+    let mut text = format!(
         "listen = \"{}\"\ndata_dir = {:?}\nmax_report_bytes = {}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
         cfg.listen, cfg.data_dir, cfg.max_report_bytes, cfg.tls.ca, cfg.tls.cert, cfg.tls.key
     );
+    if !cfg.store.url.is_empty() {
+        text.push_str(&format!("\n[store]\nurl = {:?}\n", cfg.store.url));
+    }
     std::fs::write(path, text).expect("write collector config");
 }
 
@@ -284,11 +287,22 @@ impl CollectorProcess {
     /// Start on `127.0.0.1:port` with its data and log under `work`; waits until it accepts
     /// TCP connections.
     pub fn start(pki: &Pki, work: &Path, port: u16) -> Self {
-        let cfg = CollectorConfig::new(
+        Self::start_with(pki, work, port, |_| {})
+    }
+
+    /// Like [`CollectorProcess::start`], with `tweak` applied to the configuration first.
+    pub fn start_with(
+        pki: &Pki,
+        work: &Path,
+        port: u16,
+        tweak: impl FnOnce(&mut CollectorConfig),
+    ) -> Self {
+        let mut cfg = CollectorConfig::new(
             SocketAddr::from(([127, 0, 0, 1], port)),
             work.join("collector-data"),
             pki.server_files(),
         );
+        tweak(&mut cfg);
         let cfg_path = work.join("collector.toml");
         write_collector_toml(&cfg, &cfg_path);
         let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
@@ -389,6 +403,17 @@ pub fn report(node: &str, epoch: u64, seq: u64) -> pb::Report {
         host: Some(pb::HostSample::default()),
         ..Default::default()
     }
+}
+
+/// The PostgreSQL URL tests use: `SOV_TEST_POSTGRES_URL`, default the local test database.
+pub fn postgres_url() -> String {
+    std::env::var("SOV_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Whether a missing PostgreSQL must fail the test (`SOV_REQUIRE_POSTGRES=1`, set by CI).
+pub fn postgres_required() -> bool {
+    std::env::var("SOV_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
 }
 
 /// Poll `check` until it returns `Some`, at most `timeout`; panics with `what` otherwise.

@@ -949,6 +949,22 @@ impl PostgresStore {
         Self::connect_inner(url, Some(schema.to_owned())).await
     }
 
+    /// Drop the schema given to [`PostgresStore::connect_with_schema`] with everything in it
+    /// (tests clean up with it). Does nothing for a store on the default schema.
+    pub async fn drop_schema(&self) -> Result<(), StoreError> {
+        let Some(schema) = self.inner.schema.clone() else {
+            return Ok(());
+        };
+        let w = self.writer().await?;
+        w.client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quote_ident(&schema)
+            ))
+            .await
+            .map_err(pg("drop schema"))
+    }
+
     async fn connect_inner(url: &str, schema: Option<String>) -> Result<Self, StoreError> {
         let mut config: Config = url.parse().map_err(pg("parse postgres url"))?;
         if config.get_connect_timeout().is_none() {
