@@ -48,6 +48,19 @@ pub struct CollectorConfig {
     /// `[store]`: where reports are stored.
     #[serde(default)]
     pub store: StoreConfig,
+    /// `[metrics]`: the Prometheus endpoint (off by default).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus text exposition of the collector's own health (counters and
+/// gauges only, never inventory or flow data) on plain HTTP, without authentication.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address serving `GET /metrics`, e.g. "127.0.0.1:9464". Default: none (off).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[store]`.
@@ -136,6 +149,7 @@ impl CollectorConfig {
             tls,
             geo: GeoConfig::default(),
             store: StoreConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 
@@ -190,6 +204,18 @@ impl CollectorConfig {
                 ),
             );
         }
+        if let Some(m) = self.metrics.listen
+            && m.port() != 0
+            && m.port() == self.listen.port()
+            && (m.ip() == self.listen.ip()
+                || m.ip().is_unspecified()
+                || self.listen.ip().is_unspecified())
+        {
+            p.push(
+                "metrics.listen",
+                format!("{m} overlaps the gRPC listen address {}", self.listen),
+            );
+        }
         for problem in crate::geo::validate(&self.geo) {
             p.0.push(problem);
         }
@@ -208,6 +234,23 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.max_report_bytes, DEFAULT_MAX_REPORT_BYTES);
+        assert_eq!(c.metrics.listen, None);
+    }
+
+    #[test]
+    fn metrics_listen_is_parsed_and_may_not_take_the_grpc_port() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig =
+            toml::from_str(&format!("{tls}[metrics]\nlisten = \"127.0.0.1:9464\"\n")).unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(!c.validate().to_string().contains("metrics"));
+        let err = toml::from_str::<CollectorConfig>(&format!("{tls}[metrics]\nlisen = \"x\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let c: CollectorConfig =
+            toml::from_str(&format!("{tls}[metrics]\nlisten = \"127.0.0.1:7443\"\n")).unwrap();
+        assert!(c.validate().to_string().contains("metrics.listen"));
     }
 
     #[test]

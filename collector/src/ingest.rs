@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Role};
 use crate::geo::Geo;
+use crate::metrics::Metrics;
 use crate::store::{
     FlowRecord, GapRecord, IncomingReport, IngestOutcome, Store, Telemetry, WeightUpdate,
 };
@@ -28,21 +29,25 @@ pub struct IngestService {
     geo: Geo,
     trust_domain: String,
     max_report_bytes: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl IngestService {
-    /// A service storing into `store`, trusting names under `trust_domain`.
+    /// A service storing into `store`, trusting names under `trust_domain`, counting outcomes
+    /// and refusals in `metrics`.
     pub fn new(
         store: Arc<dyn Store>,
         geo: Geo,
         trust_domain: String,
         max_report_bytes: usize,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
             geo,
             trust_domain,
             max_report_bytes: u64::try_from(max_report_bytes).unwrap_or(u64::MAX),
+            metrics,
         }
     }
 }
@@ -155,6 +160,19 @@ impl IngestService {
 impl pb::ingest_server::Ingest for IngestService {
     #[tracing::instrument(level = "debug", skip_all, fields(peer.addr = ?req.remote_addr(), node))]
     async fn push(&self, req: Request<pb::Report>) -> Result<Response<pb::Ack>, Status> {
+        // Every refusal is counted here, by its code. Reports over the size limit never reach
+        // this handler: tonic refuses them while decoding, and `server.rs` counts those.
+        let result = self.push_inner(req).await;
+        if let Err(status) = &result {
+            self.metrics.ingest_error(status.code());
+        }
+        result
+    }
+}
+
+impl IngestService {
+    /// Authenticate, validate, commit, acknowledge.
+    async fn push_inner(&self, req: Request<pb::Report>) -> Result<Response<pb::Ack>, Status> {
         let id = auth::identity_from_request(&req, &self.trust_domain)?;
         auth::require_role(&id, &[Role::Agent], "Ingest.Push")?;
         let report = req.into_inner();
@@ -208,10 +226,16 @@ impl pb::ingest_server::Ingest for IngestService {
                 .collect(),
             body: report.encode_to_vec(),
         };
-        let outcome = self.store.ingest(incoming).await.map_err(|err| {
+        let (flow_count, weight_file_count) = (report.flows.len(), report.weight_files.len());
+        let started = std::time::Instant::now();
+        let stored = self.store.ingest(incoming).await;
+        self.metrics.store_ingest(started.elapsed());
+        let outcome = stored.map_err(|err| {
             tracing::error!(error = %err, cause = %sov_agent::run::source_chain(&err), "store failed");
             Status::unavailable(format!("collector store unavailable: {err}; retry later"))
         })?;
+        self.metrics
+            .report_ingested(outcome, flow_count, weight_file_count);
         Ok(Response::new(pb::Ack {
             epoch: report.epoch,
             seq: report.seq,

@@ -8,6 +8,7 @@
 //! - [`query`]: the `Query` gRPC service;
 //! - [`store`]: the [`store::Store`] trait and its SQLite backend;
 //! - [`server`]: the mutual-TLS gRPC server (`run(config, store, listener, shutdown)`);
+//! - [`metrics`]: the collector's counters and gauges, served as Prometheus text on `/metrics`;
 //! - [`dev`]: the all-in-one quickstart (`sov-collector dev`);
 //! - [`cli`] and [`sovctl`]: the two command lines (the binaries only call their `main`).
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dev;
 pub mod geo;
 pub mod ingest;
+pub mod metrics;
 pub mod pki;
 pub mod query;
 pub mod server;

@@ -1,8 +1,11 @@
 //! The gRPC server: mutual TLS, the Ingest and Query services, bounded message sizes.
-//! It takes a bound listener and a shutdown future and never binds by itself.
+//! It takes a bound gRPC listener and a shutdown future; the one address it binds itself is the
+//! optional Prometheus endpoint (`[metrics] listen`, see [`crate::metrics`]).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use sov_proto::pb::ingest_server::IngestServer;
@@ -16,6 +19,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::config::CollectorConfig;
 use crate::ingest::IngestService;
+use crate::metrics::Metrics;
 use crate::query::QueryService;
 use crate::store::Store;
 
@@ -46,6 +50,15 @@ pub enum ServerError {
     /// TLS or the HTTP/2 server failed.
     #[error("grpc server failed")]
     Transport(#[from] tonic::transport::Error),
+    /// The metrics address (`[metrics] listen`) could not be bound.
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
@@ -69,6 +82,49 @@ fn size_limit_status<B>(mut resp: http::Response<B>) -> http::Response<B> {
         resp.headers_mut().insert("grpc-status", RESOURCE_EXHAUSTED);
     }
     resp
+}
+
+/// The Ingest service, counting the reports tonic refuses for their size before the handler
+/// runs (its OUT_OF_RANGE, rewritten to RESOURCE_EXHAUSTED by [`size_limit_status`] outside).
+/// Only Ingest is wrapped, so a Query refused for its size is not counted as an ingest error.
+#[derive(Debug, Clone)]
+struct CountSizeRefusals<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CountSizeRefusals<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, Req> tower::Service<Req> for CountSizeRefusals<S>
+where
+    S: tower::Service<Req, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            if resp
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|v| v.as_bytes() == b"11")
+            {
+                metrics.ingest_error(tonic::Code::ResourceExhausted);
+            }
+            Ok(resp)
+        })
+    }
 }
 
 /// Prune time series older than `retention` now and then every [`PRUNE_EVERY`].
@@ -113,11 +169,23 @@ async fn geo_reload_loop(geo: crate::geo::Geo, stop: CancellationToken) {
     }
 }
 
-/// Serve gRPC on `listener` until `shutdown` completes, then drain.
+/// Serve gRPC on `listener` until `shutdown` completes, then drain; with `[metrics] listen`,
+/// also serve `/metrics` there until then.
 pub async fn run(
     config: &CollectorConfig,
     store: Arc<dyn Store>,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_with_metrics(config, store, listener, Arc::new(Metrics::new()), shutdown).await
+}
+
+/// [`run`], counting into `metrics` (which the caller may read as well).
+pub async fn run_with_metrics(
+    config: &CollectorConfig,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let tls = ServerTlsConfig::new()
@@ -138,9 +206,26 @@ pub async fn run(
         geo.clone(),
         config.trust_domain.clone(),
         config.max_report_bytes,
+        metrics.clone(),
     );
     let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page);
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
     let maintenance = CancellationToken::new();
+    if let Some(l) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(
+            l,
+            metrics.clone(),
+            store.clone(),
+            maintenance.clone().cancelled_owned(),
+        ));
+    }
     tokio::spawn(prune_loop(
         store,
         Duration::from_secs(u64::from(config.retention_days) * 86_400),
@@ -166,7 +251,10 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
-        .add_service(IngestServer::new(ingest).max_decoding_message_size(config.max_report_bytes))
+        .add_service(CountSizeRefusals {
+            inner: IngestServer::new(ingest).max_decoding_message_size(config.max_report_bytes),
+            metrics,
+        })
         .add_service(QueryServer::new(query))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

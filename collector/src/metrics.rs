@@ -1,0 +1,819 @@
+//! Prometheus text exposition (format 0.0.4) of the collector's own health on plain HTTP:
+//! counters and gauges only, never inventory or flow data.
+//!
+//! [`Metrics`] is shared (`Arc`) by the ingest service, which counts, and [`serve`], a tiny
+//! HTTP/1.1 server on a tokio listener (no HTTP dependency): `GET /metrics` answers 200 with
+//! [`Metrics::render`]; anything else 404. One request per connection, the request head read
+//! with a size limit ([`MAX_REQUEST_HEAD`]) and a deadline ([`READ_TIMEOUT`]), at most
+//! [`MAX_CONNECTIONS`] connections at once.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::store::{IngestOutcome, NodeRow, Store};
+
+/// Largest request head (request line and headers) read, bytes.
+pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// Longest a client may take to send its request head.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a client may take to read the response.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; further ones wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A node whose last report is older than this is counted in `sov_collector_nodes_silent`.
+pub const SILENT_AFTER_SECS: i64 = 300;
+/// Most nodes counted per scrape (the node gauges stop there).
+pub const MAX_NODES_COUNTED: u64 = 100_000;
+/// Page size when counting nodes.
+const NODE_PAGE: u32 = 1000;
+/// A node census this recent is reused by the next scrape (concurrent scrapers cost one listing).
+const CENSUS_MAX_AGE: Duration = Duration::from_secs(5);
+/// Content type of the text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// Linux USER_HZ: the unit of utime/stime in /proc/self/stat on every mainstream architecture.
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// gRPC status codes the ingest service answers with (always exposed, zero included).
+const INGEST_ERROR_CODES: [tonic::Code; 5] = [
+    tonic::Code::Unauthenticated,
+    tonic::Code::PermissionDenied,
+    tonic::Code::InvalidArgument,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::Unavailable,
+];
+
+/// Number of gRPC status codes (0 OK ..= 16 UNAUTHENTICATED).
+const CODES: usize = 17;
+
+/// The collector's counters, shared by everything that counts. All atomics: counting never
+/// blocks ingest.
+#[derive(Debug)]
+pub struct Metrics {
+    stored: AtomicU64,
+    duplicate: AtomicU64,
+    conflict: AtomicU64,
+    /// Ingest errors by `tonic::Code as usize`.
+    errors: [AtomicU64; CODES],
+    store_ingest_nanos: AtomicU64,
+    store_ingests: AtomicU64,
+    flows: AtomicU64,
+    weight_files: AtomicU64,
+    census: Mutex<Option<(Instant, Option<NodeCensus>)>>,
+    // Later parts add here, with their lines in `render`:
+    // - `sov_collector_outbox_depth{sink}` (gauge) and
+    //   `sov_collector_outbox_delivery_failures_total{sink}` (counter) with the alert outbox;
+    // - `sov_collector_breaches_open{rule}` (gauge) with the policy engine.
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Nodes known to the store, counted at scrape time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCensus {
+    /// Nodes counted (at most [`MAX_NODES_COUNTED`]).
+    pub nodes: u64,
+    /// Of those, nodes whose last report is older than [`SILENT_AFTER_SECS`].
+    pub silent: u64,
+}
+
+impl NodeCensus {
+    /// Count `rows` as seen at `now_unix_ms`.
+    pub fn add(&mut self, rows: &[NodeRow], now_unix_ms: i64) {
+        let cutoff = now_unix_ms.saturating_sub(SILENT_AFTER_SECS * 1000);
+        for row in rows {
+            self.nodes += 1;
+            if row.last_seen_unix_ms < cutoff {
+                self.silent += 1;
+            }
+        }
+    }
+
+    /// Page through every node of `store` (at most [`MAX_NODES_COUNTED`]); rows are counted
+    /// page by page and never kept.
+    pub async fn of_store(
+        store: &dyn Store,
+        now_unix_ms: i64,
+    ) -> Result<Self, crate::store::StoreError> {
+        let mut census = Self::default();
+        let mut after = String::new();
+        while census.nodes < MAX_NODES_COUNTED {
+            let room = u32::try_from(MAX_NODES_COUNTED - census.nodes).unwrap_or(NODE_PAGE);
+            let page = store.list_nodes(&after, NODE_PAGE.min(room)).await?;
+            census.add(&page, now_unix_ms);
+            match page.last() {
+                Some(last) if page.len() == NODE_PAGE.min(room) as usize => {
+                    after.clone_from(&last.node);
+                }
+                _ => break,
+            }
+        }
+        if census.nodes >= MAX_NODES_COUNTED {
+            tracing::warn!(cap = MAX_NODES_COUNTED, "metrics: node count capped");
+        }
+        Ok(census)
+    }
+}
+
+/// This process's resources, from `/proc/self`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessStats {
+    /// Resident memory, bytes.
+    pub resident_memory_bytes: u64,
+    /// User and system CPU time, seconds.
+    pub cpu_seconds: f64,
+}
+
+impl ProcessStats {
+    /// Read `/proc/self/status` and `/proc/self/stat`; `None` where they cannot be read.
+    pub fn read() -> Option<Self> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the command name, which is in parentheses and may contain spaces:
+        // they start at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
+        let mut rest = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+        let utime: u64 = rest.next()?.parse().ok()?;
+        let stime: u64 = rest.next()?.parse().ok()?;
+        Some(Self {
+            resident_memory_bytes: rss_kib.saturating_mul(1024),
+            cpu_seconds: (utime + stime) as f64 / TICKS_PER_SEC,
+        })
+    }
+}
+
+/// What a scrape measures besides the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scrape {
+    /// Node gauges; `None` when the store could not list nodes (the gauges are then absent).
+    pub nodes: Option<NodeCensus>,
+    /// Process gauges; `None` without `/proc`.
+    pub process: Option<ProcessStats>,
+}
+
+/// The lowercase snake_case name of a gRPC code, as label value.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "ok",
+        C::Cancelled => "cancelled",
+        C::Unknown => "unknown",
+        C::InvalidArgument => "invalid_argument",
+        C::DeadlineExceeded => "deadline_exceeded",
+        C::NotFound => "not_found",
+        C::AlreadyExists => "already_exists",
+        C::PermissionDenied => "permission_denied",
+        C::ResourceExhausted => "resource_exhausted",
+        C::FailedPrecondition => "failed_precondition",
+        C::Aborted => "aborted",
+        C::OutOfRange => "out_of_range",
+        C::Unimplemented => "unimplemented",
+        C::Internal => "internal",
+        C::Unavailable => "unavailable",
+        C::DataLoss => "data_loss",
+        C::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Escape a label value: backslash, double quote and line feed.
+pub fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Start a metric family: `# HELP` and `# TYPE` lines (help texts are ours: no escaping needed).
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+impl Metrics {
+    /// All counters at zero.
+    pub fn new() -> Self {
+        Self {
+            stored: AtomicU64::new(0),
+            duplicate: AtomicU64::new(0),
+            conflict: AtomicU64::new(0),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            store_ingest_nanos: AtomicU64::new(0),
+            store_ingests: AtomicU64::new(0),
+            flows: AtomicU64::new(0),
+            weight_files: AtomicU64::new(0),
+            census: Mutex::new(None),
+        }
+    }
+
+    /// One report through the store: its outcome, and what a stored report carried.
+    pub fn report_ingested(&self, outcome: IngestOutcome, flows: usize, weight_files: usize) {
+        let counter = match outcome {
+            IngestOutcome::Stored => {
+                self.flows.fetch_add(flows as u64, Ordering::Relaxed);
+                self.weight_files
+                    .fetch_add(weight_files as u64, Ordering::Relaxed);
+                &self.stored
+            }
+            IngestOutcome::Duplicate => &self.duplicate,
+            IngestOutcome::Conflict => &self.conflict,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One refused ingest, by the status code its agent got.
+    pub fn ingest_error(&self, code: tonic::Code) {
+        if let Some(c) = self.errors.get(code as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One call of `Store::ingest` that took `elapsed` (successful or not).
+    pub fn store_ingest(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.store_ingest_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.store_ingests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The node census, reused when younger than [`CENSUS_MAX_AGE`].
+    async fn census(&self, store: &dyn Store) -> Option<NodeCensus> {
+        let mut cached = self.census.lock().await;
+        if let Some((at, census)) = *cached
+            && at.elapsed() < CENSUS_MAX_AGE
+        {
+            return census;
+        }
+        let census = match NodeCensus::of_store(store, crate::ingest::now_unix_ms()).await {
+            Ok(c) => Some(c),
+            Err(err) => {
+                tracing::warn!(error = %err, "metrics: cannot list nodes; node gauges left out");
+                None
+            }
+        };
+        *cached = Some((Instant::now(), census));
+        census
+    }
+
+    /// Everything a scrape shows, measured now.
+    pub async fn scrape(&self, store: &dyn Store) -> String {
+        let scrape = Scrape {
+            nodes: self.census(store).await,
+            process: ProcessStats::read(),
+        };
+        self.render(&scrape)
+    }
+
+    /// The text exposition of the counters and of `scrape`'s measurements.
+    pub fn render(&self, scrape: &Scrape) -> String {
+        let mut out = String::with_capacity(4096);
+        family(
+            &mut out,
+            "sov_collector_build_info",
+            "gauge",
+            "Always 1; the collector's version is the label.",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_build_info{{version=\"{}\"}} 1",
+            escape_label(env!("CARGO_PKG_VERSION"))
+        );
+
+        family(
+            &mut out,
+            "sov_collector_reports_ingested_total",
+            "counter",
+            "Reports that reached the store, by outcome: stored, duplicate (re-sent, already stored), conflict (a reused sequence number; the first report is kept).",
+        );
+        for (outcome, c) in [
+            ("stored", &self.stored),
+            ("duplicate", &self.duplicate),
+            ("conflict", &self.conflict),
+        ] {
+            let _ = writeln!(
+                out,
+                "sov_collector_reports_ingested_total{{outcome=\"{outcome}\"}} {}",
+                load(c)
+            );
+        }
+
+        family(
+            &mut out,
+            "sov_collector_ingest_errors_total",
+            "counter",
+            "Ingest calls refused, by gRPC status code.",
+        );
+        for (i, c) in self.errors.iter().enumerate() {
+            let code = tonic::Code::from_i32(i32::try_from(i).unwrap_or(i32::MAX));
+            let n = load(c);
+            if n > 0 || INGEST_ERROR_CODES.contains(&code) {
+                let _ = writeln!(
+                    out,
+                    "sov_collector_ingest_errors_total{{code=\"{}\"}} {n}",
+                    code_name(code)
+                );
+            }
+        }
+
+        family(
+            &mut out,
+            "sov_collector_store_ingest_seconds_total",
+            "counter",
+            "Time spent committing reports to the store, seconds.",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_store_ingest_seconds_total {}",
+            load(&self.store_ingest_nanos) as f64 / 1e9
+        );
+        family(
+            &mut out,
+            "sov_collector_store_ingests_total",
+            "counter",
+            "Store commits of reports attempted (the mean commit time is seconds_total / ingests_total).",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_store_ingests_total {}",
+            load(&self.store_ingests)
+        );
+
+        family(
+            &mut out,
+            "sov_collector_flows_ingested_total",
+            "counter",
+            "Flows carried by stored reports.",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_flows_ingested_total {}",
+            load(&self.flows)
+        );
+        family(
+            &mut out,
+            "sov_collector_weight_files_ingested_total",
+            "counter",
+            "Weight file records carried by stored reports.",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_weight_files_ingested_total {}",
+            load(&self.weight_files)
+        );
+
+        if let Some(n) = scrape.nodes {
+            family(
+                &mut out,
+                "sov_collector_nodes",
+                "gauge",
+                "Nodes known to the store (counted up to 100000).",
+            );
+            let _ = writeln!(out, "sov_collector_nodes {}", n.nodes);
+            family(
+                &mut out,
+                "sov_collector_nodes_silent",
+                "gauge",
+                "Nodes whose last report is older than threshold_secs.",
+            );
+            let _ = writeln!(
+                out,
+                "sov_collector_nodes_silent{{threshold_secs=\"{SILENT_AFTER_SECS}\"}} {}",
+                n.silent
+            );
+        }
+
+        if let Some(p) = scrape.process {
+            family(
+                &mut out,
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory size in bytes.",
+            );
+            let _ = writeln!(
+                out,
+                "process_resident_memory_bytes {}",
+                p.resident_memory_bytes
+            );
+            family(
+                &mut out,
+                "process_cpu_seconds_total",
+                "counter",
+                "Total user and system CPU time spent in seconds.",
+            );
+            let _ = writeln!(out, "process_cpu_seconds_total {}", p.cpu_seconds);
+        }
+        out
+    }
+}
+
+/// Serve `/metrics` on `listener` until `shutdown` completes. Connections in progress finish
+/// on their own (each is bounded by [`READ_TIMEOUT`] and [`WRITE_TIMEOUT`]).
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    store: Arc<dyn Store>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    tracing::info!(listen = ?listener.local_addr().ok(), "collector serving /metrics over plain HTTP");
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    // Out of file descriptors and the like: do not spin.
+                    tracing::warn!(error = %err, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            if let Err(err) = handle(stream, &metrics, store.as_ref()).await {
+                tracing::debug!(%peer, error = %err, "metrics: connection ended");
+            }
+            drop(permit);
+        });
+    }
+    tracing::info!("metrics endpoint stopped");
+}
+
+/// What a request head asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    /// `GET /metrics`.
+    Metrics,
+    /// Any other method or path.
+    NotFound,
+    /// Not an HTTP/1.x request line.
+    Bad,
+}
+
+/// Parse the request line of a complete head.
+fn parse_request(head: &[u8]) -> Asked {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Asked::Bad;
+    };
+    let mut parts = line.trim_end_matches('\r').split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Asked::Bad;
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Asked::Bad;
+    }
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if method == "GET" && path == "/metrics" {
+        Asked::Metrics
+    } else {
+        Asked::NotFound
+    }
+}
+
+/// Read the request head (up to the blank line); `None` when it exceeds [`MAX_REQUEST_HEAD`].
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // Search only where the terminator can newly appear.
+        let from = head.len().saturating_sub(3);
+        head.extend_from_slice(&buf[..n]);
+        if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(Some(head));
+        }
+        if head.len() >= MAX_REQUEST_HEAD {
+            return Ok(None);
+        }
+    }
+}
+
+/// Answer one request, then close.
+async fn handle(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    store: &dyn Store,
+) -> std::io::Result<()> {
+    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let (status, body) = match head.as_deref().map(parse_request) {
+        None => ("431 Request Header Fields Too Large", String::new()),
+        Some(Asked::Bad) => ("400 Bad Request", String::new()),
+        Some(Asked::NotFound) => ("404 Not Found", "not found; try /metrics\n".to_owned()),
+        Some(Asked::Metrics) => ("200 OK", metrics.scrape(store).await),
+    };
+    let content_type = if status.starts_with("200") {
+        CONTENT_TYPE
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn node(name: &str, last_seen_unix_ms: i64) -> NodeRow {
+        NodeRow {
+            node: name.to_owned(),
+            site: String::new(),
+            country: String::new(),
+            hostname: String::new(),
+            agent_version: String::new(),
+            labels: Default::default(),
+            last_seen_unix_ms,
+            epoch: 1,
+            reports: 1,
+            last_seq: 1,
+            missing: 0,
+            dropped: 0,
+            epochs: 1,
+            conflicts: 0,
+            cpu_percent: 0.0,
+            memory_used_bytes: 0,
+            memory_total_bytes: 0,
+            gpu_state: String::new(),
+            gpu_count: 0,
+            gpu_util_percent: 0.0,
+            gpu_memory_used_bytes: 0,
+            gpu_memory_total_bytes: 0,
+        }
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_every_sample_line_parses() {
+        let m = Metrics::new();
+        let text = m.render(&Scrape {
+            nodes: Some(NodeCensus::default()),
+            process: Some(ProcessStats::default()),
+        });
+        assert!(text.ends_with('\n'));
+        let mut typed = std::collections::HashSet::new();
+        for line in lines(&text) {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(kind == "counter" || kind == "gauge", "{line}");
+                assert!(
+                    kind != "counter" || name.ends_with("_total"),
+                    "counter without _total: {line}"
+                );
+                typed.insert(name.to_owned());
+            } else if line.starts_with("# HELP ") {
+                continue;
+            } else {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                value.parse::<f64>().unwrap();
+                let name = series.split('{').next().unwrap();
+                assert!(typed.contains(name), "sample before its TYPE: {line}");
+                assert!(
+                    name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+                    "{line}"
+                );
+            }
+        }
+        for name in [
+            "sov_collector_build_info",
+            "sov_collector_reports_ingested_total",
+            "sov_collector_ingest_errors_total",
+            "sov_collector_store_ingest_seconds_total",
+            "sov_collector_store_ingests_total",
+            "sov_collector_flows_ingested_total",
+            "sov_collector_weight_files_ingested_total",
+            "sov_collector_nodes",
+            "sov_collector_nodes_silent",
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+        ] {
+            assert!(typed.contains(name), "missing {name}");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}"
+            );
+        }
+        assert!(text.contains(&format!(
+            "sov_collector_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn counts_show_with_their_labels_and_known_error_codes_show_at_zero() {
+        let m = Metrics::new();
+        m.report_ingested(IngestOutcome::Stored, 3, 2);
+        m.report_ingested(IngestOutcome::Stored, 1, 0);
+        m.report_ingested(IngestOutcome::Duplicate, 9, 9);
+        m.report_ingested(IngestOutcome::Conflict, 9, 9);
+        m.ingest_error(tonic::Code::PermissionDenied);
+        m.ingest_error(tonic::Code::PermissionDenied);
+        m.ingest_error(tonic::Code::Internal);
+        m.store_ingest(Duration::from_millis(1500));
+        m.store_ingest(Duration::from_millis(500));
+        let text = m.render(&Scrape::default());
+        let l = lines(&text);
+        for want in [
+            "sov_collector_reports_ingested_total{outcome=\"stored\"} 2",
+            "sov_collector_reports_ingested_total{outcome=\"duplicate\"} 1",
+            "sov_collector_reports_ingested_total{outcome=\"conflict\"} 1",
+            "sov_collector_ingest_errors_total{code=\"permission_denied\"} 2",
+            "sov_collector_ingest_errors_total{code=\"internal\"} 1",
+            "sov_collector_ingest_errors_total{code=\"unauthenticated\"} 0",
+            "sov_collector_ingest_errors_total{code=\"invalid_argument\"} 0",
+            "sov_collector_ingest_errors_total{code=\"resource_exhausted\"} 0",
+            "sov_collector_ingest_errors_total{code=\"unavailable\"} 0",
+            "sov_collector_store_ingest_seconds_total 2",
+            "sov_collector_store_ingests_total 2",
+            "sov_collector_flows_ingested_total 4",
+            "sov_collector_weight_files_ingested_total 2",
+        ] {
+            assert!(l.contains(&want), "missing {want:?} in\n{text}");
+        }
+        assert!(!text.contains("code=\"ok\""), "{text}");
+        // Without a census or /proc the gauges are absent, not zero.
+        assert!(!text.contains("sov_collector_nodes"), "{text}");
+        assert!(!text.contains("process_"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape_label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label("x\ny"), "x\\ny");
+        assert_eq!(escape_label("1.2.3-rc.1+é"), "1.2.3-rc.1+é");
+    }
+
+    #[test]
+    fn a_node_silent_for_more_than_five_minutes_is_counted() {
+        let now = 1_700_000_000_000;
+        let mut census = NodeCensus::default();
+        census.add(
+            &[
+                node("fresh", now - 1000),
+                node("edge", now - SILENT_AFTER_SECS * 1000),
+                node("silent", now - SILENT_AFTER_SECS * 1000 - 1),
+            ],
+            now,
+        );
+        assert_eq!(
+            census,
+            NodeCensus {
+                nodes: 3,
+                silent: 1
+            }
+        );
+        let text = Metrics::new().render(&Scrape {
+            nodes: Some(census),
+            process: None,
+        });
+        let l = lines(&text);
+        assert!(l.contains(&"sov_collector_nodes 3"), "{text}");
+        assert!(
+            l.contains(&"sov_collector_nodes_silent{threshold_secs=\"300\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn this_process_reads_its_own_memory_and_cpu() {
+        let p = ProcessStats::read().unwrap();
+        assert!(p.resident_memory_bytes > 1024 * 1024, "{p:?}");
+        assert!(p.cpu_seconds >= 0.0, "{p:?}");
+    }
+
+    #[test]
+    fn request_lines_are_routed() {
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Asked::Metrics
+        );
+        assert_eq!(
+            parse_request(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Asked::Metrics
+        );
+        assert_eq!(parse_request(b"GET / HTTP/1.1\r\n\r\n"), Asked::NotFound);
+        assert_eq!(
+            parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Asked::NotFound
+        );
+        assert_eq!(
+            parse_request(b"GET /metricsx HTTP/1.1\r\n\r\n"),
+            Asked::NotFound
+        );
+        assert_eq!(parse_request(b"GET /metrics\r\n\r\n"), Asked::Bad);
+        assert_eq!(parse_request(b"GET /metrics SPDY/3\r\n\r\n"), Asked::Bad);
+        assert_eq!(parse_request(b"\xff\xfe\r\n\r\n"), Asked::Bad);
+    }
+
+    async fn get(addr: std::net::SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_metrics_404_and_refuses_oversized_heads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        metrics.report_ingested(IngestOutcome::Stored, 0, 0);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            metrics,
+            store,
+            stop.clone().cancelled_owned(),
+        ));
+
+        let ok = get(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (head, body) = ok.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(
+            head.contains("Content-Type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        assert!(body.contains("sov_collector_reports_ingested_total{outcome=\"stored\"} 1\n"));
+        assert!(body.contains("sov_collector_nodes 0\n"), "{body}");
+
+        let nf = get(addr, b"GET /other HTTP/1.1\r\n\r\n").await;
+        assert!(nf.starts_with("HTTP/1.1 404 "), "{nf}");
+
+        let mut huge = b"GET /metrics HTTP/1.1\r\n".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_REQUEST_HEAD * 2));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // The server may close before taking everything: ignore write errors.
+        let _ = s.write_all(&huge).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 431 "), "{out}");
+
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
