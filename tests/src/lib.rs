@@ -11,7 +11,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sov_agent::config::{AgentConfig, NodeConfig, TlsConfig};
@@ -19,7 +18,6 @@ use sov_agent::transport::ClientTls;
 use sov_collector::auth::{DEFAULT_TRUST_DOMAIN, Role};
 use sov_collector::config::{CollectorConfig, ServerTlsFiles};
 use sov_collector::pki::{self, PathPair};
-use sov_collector::store::SqliteStore;
 use sov_proto::pb;
 use tokio_util::sync::CancellationToken;
 
@@ -109,7 +107,9 @@ impl InProcessCollector {
         let addr = listener.local_addr().expect("addr");
         let mut config = CollectorConfig::new(addr, data_dir.to_owned(), pki.server_files());
         tweak(&mut config);
-        let store = Arc::new(SqliteStore::open(&config.data_dir).expect("open store"));
+        let store = sov_collector::store::open(&config.store.url, &config.data_dir)
+            .await
+            .expect("open store");
         let stop = CancellationToken::new();
         let cfg = config.clone();
         let s = stop.clone();

@@ -1,0 +1,1034 @@
+//! Load generator: N simulated agents over mutual TLS on loopback, each with its own
+//! certificate and one connection, pushing reports back to back (the next push starts when the
+//! previous ack arrives, as the agent does). Measured in one run, side by side, against:
+//!
+//! 1. `bare`: a tonic server with the same mutual TLS whose `Ingest.Push` only returns an Ack
+//!    (the ceiling: TLS, HTTP/2, protobuf and the clients themselves);
+//! 2. `sqlite`: the real collector (`sov_collector::server::run`) on SQLite;
+//! 3. `postgres`: the real collector on PostgreSQL, in a fresh schema dropped at the end
+//!    (skipped with a note when PostgreSQL is unreachable).
+//!
+//! ```text
+//! cargo run --release -p sov-e2e --example bench_loadgen -- [--agents 200] [--secs 15] [--flows 50]
+//! cargo build --release -p sov-e2e --bins --examples   # once, for the idle mode's collector
+//! cargo run --release -p sov-e2e --example bench_loadgen -- --idle-connections 10000
+//! ```
+//!
+//! Each report carries `--flows` flows to a few hundred public-looking addresses, a host sample
+//! and the processes that own the flows. Rates, latencies and CPU are taken over `--secs`
+//! seconds after a 2 s warm-up. The collectors run in this process, so RSS is this process's
+//! VmRSS before the target starts vs at the end of its window (clients included).
+//!
+//! `--idle-connections N` instead starts the real collector as a child process (`e2e-collector`,
+//! SQLite), opens N mutual-TLS connections to it (each its own certificate, a handshake and one
+//! push), leaves them idle and reports the collector's RSS growth per connection. N is capped
+//! at the soft open-files limit minus 100.
+//!
+//! Prints a table, one JSON line, then the targets with met/MISSED. Linux only (`/proc`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use prost::Message;
+use sov_agent::transport::ClientTls;
+use sov_collector::auth::Role;
+use sov_collector::config::CollectorConfig;
+use sov_collector::store::postgres::PostgresStore;
+use sov_e2e::{InProcessCollector, KillOnDrop, Pki, list_nodes, push_client};
+use sov_proto::pb;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// Epoch of every simulated agent.
+const EPOCH: u64 = 1_700_000_000_000;
+/// Per-core values in the host sample.
+const CORES: usize = 16;
+/// Processes owning the flows.
+const PROCESSES: usize = 5;
+/// Distinct remote addresses the flows are spread over.
+const REMOTES: usize = 300;
+/// Warm-up before the measured window.
+const WARMUP: Duration = Duration::from_secs(2);
+/// Targets from the issue.
+const TARGET_RATIO: f64 = 0.5;
+const TARGET_RATE: f64 = 5_000.0;
+const TARGET_CONNECTIONS: f64 = 10_000.0;
+const TARGET_RSS_MIB: f64 = 1024.0;
+
+#[derive(Debug, Clone, Copy)]
+struct Args {
+    agents: usize,
+    secs: u64,
+    flows: usize,
+    idle: Option<usize>,
+}
+
+const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15)] [--flows F (50)] \
+                     [--idle-connections N (idle mode only)]";
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        agents: 200,
+        secs: 15,
+        flows: 50,
+        idle: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let bad = || format!("{flag}: {value:?} is not a number\n{USAGE}");
+        match flag.as_str() {
+            "--agents" => args.agents = value.parse().with_context(bad)?,
+            "--secs" => args.secs = value.parse().with_context(bad)?,
+            "--flows" => args.flows = value.parse().with_context(bad)?,
+            "--idle-connections" => args.idle = Some(value.parse().with_context(bad)?),
+            _ => bail!("unknown flag {flag:?}\n{USAGE}"),
+        }
+    }
+    ensure!(
+        args.agents > 0 && args.secs > 0,
+        "--agents and --secs must be > 0"
+    );
+    ensure!(args.idle != Some(0), "--idle-connections must be > 0");
+    Ok(args)
+}
+
+/// A public-looking IPv4 address (a few IPv6 ones too), deterministic in `i`.
+fn remote_address(i: usize) -> String {
+    const FIRST: [u8; 24] = [
+        3, 8, 13, 18, 23, 31, 34, 41, 45, 52, 62, 77, 81, 91, 102, 104, 129, 142, 151, 157, 185,
+        193, 197, 212,
+    ];
+    let h = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    if i % 25 == 7 {
+        return format!("2a03:2880:{:x}:{:x}::{:x}", (h >> 8) & 0xffff, i, h & 0xff);
+    }
+    format!(
+        "{}.{}.{}.{}",
+        FIRST[i % FIRST.len()],
+        (h >> 16) & 0xff,
+        (h >> 24) & 0xff,
+        1 + ((h >> 32) % 254)
+    )
+}
+
+/// The report template of one agent: node facts, a host sample, the flows' processes and
+/// `flows` flows (as in bench_ingest, built before the clock starts; each push clones it).
+fn template_report(node: &str, agent: usize, flows: usize) -> pb::Report {
+    let node_info = pb::NodeInfo {
+        node: node.to_owned(),
+        hostname: format!("{node}.dc1.example.ma"),
+        site: "rabat-1".to_owned(),
+        country: "MA".to_owned(),
+        labels: [("rack", "r12"), ("tier", "gpu")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        agent_version: sov_agent::run::AGENT_VERSION.to_owned(),
+        boot_time_unix_ms: 1_699_000_000_000,
+        os: "Linux 12 Debian GNU/Linux".to_owned(),
+        kernel: "6.1.0-18-amd64".to_owned(),
+        cpu_count: CORES as u32,
+        cpu_brand: "AMD EPYC 9354 32-Core Processor".to_owned(),
+    };
+    let host = pb::HostSample {
+        cpu_percent: 41.7,
+        cpu_percent_per_core: (0..CORES).map(|i| (i as f32 * 7.3) % 100.0).collect(),
+        load_1: 7.31,
+        load_5: 5.02,
+        load_15: 2.87,
+        memory_total_bytes: 270_000_000_000,
+        memory_used_bytes: 120_000_000_000,
+        memory_available_bytes: 150_000_000_000,
+        swap_total_bytes: 8_589_930_496,
+        swap_used_bytes: 0,
+        uptime_secs: 1_000_000,
+        process_count: 412,
+    };
+    let pid = |i: usize| 20_000 + i as u32 * 17;
+    let processes = (0..PROCESSES)
+        .map(|i| pb::ProcessInfo {
+            pid: pid(i),
+            parent_pid: 1,
+            name: format!("python3-w{i}"),
+            exe: "/opt/conda/envs/serve/bin/python3.11".to_owned(),
+            cmdline: vec![
+                "python3".to_owned(),
+                "-m".to_owned(),
+                "vllm.entrypoints.openai.api_server".to_owned(),
+            ],
+            user: "svc-inference".to_owned(),
+            start_time_unix_ms: 1_699_500_000_000,
+            cpu_percent: 12.5,
+            rss_bytes: 4_294_967_296,
+            reasons: vec![pb::ProcessReason::TopCpu as i32],
+            ..Default::default()
+        })
+        .collect();
+    let flows = (0..flows)
+        .map(|i| pb::Flow {
+            protocol: pb::Protocol::Tcp as i32,
+            local_address: "10.20.0.5".to_owned(),
+            local_port: 40_000 + i as u32,
+            remote_address: remote_address(agent * 7 + i * 13),
+            remote_port: if i % 3 == 0 { 443 } else { 8443 },
+            pid: pid(i % PROCESSES),
+            owner_unknown: false,
+            bytes_sent: 10_000 + i as u64 * 1_000,
+            bytes_received: 50_000 + i as u64 * 3_000,
+            bytes_known: true,
+            direction: pb::Direction::Outbound as i32,
+            min_rtt_us: 900 + i as u32,
+            smoothed_rtt_us: 1_500 + i as u32,
+            connections: 1 + (i % 4) as u32,
+            start_unix_ms: 0,
+            end_unix_ms: 0,
+        })
+        .collect();
+    pb::Report {
+        epoch: EPOCH,
+        node_info: Some(node_info),
+        host: Some(host),
+        processes,
+        flows,
+        interval_ms: 10_000,
+        ..Default::default()
+    }
+}
+
+/// Push number `seq` of an agent: the template with this interval's counters.
+fn next_report(template: &pb::Report, seq: u64) -> pb::Report {
+    let mut r = template.clone();
+    let t = 1_700_000_000_000 + i64::try_from(seq).unwrap_or(0) * 10_000;
+    r.seq = seq;
+    r.observed_unix_ms = t;
+    if let Some(h) = r.host.as_mut() {
+        h.uptime_secs += seq * 10;
+    }
+    for f in &mut r.flows {
+        f.bytes_sent += seq;
+        f.bytes_received += seq * 3;
+        f.start_unix_ms = t - 10_000;
+        f.end_unix_ms = t;
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readings
+
+/// Clock ticks per second for /proc/<pid>/stat (USER_HZ).
+fn clk_tck() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&t| t > 0)
+        .unwrap_or(100) as f64
+}
+
+/// (comm, utime + stime in ticks) from /proc/<pid>/stat.
+fn proc_cpu(pid: &str) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_owned();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        comm,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+/// CPU ticks of this process.
+fn self_ticks() -> u64 {
+    proc_cpu(&std::process::id().to_string()).map_or(0, |(_, t)| t)
+}
+
+/// CPU ticks of every live `postgres` process (server and backends).
+fn postgres_ticks() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| proc_cpu(&e.file_name().to_string_lossy()))
+        .filter(|(comm, _)| comm == "postgres")
+        .map(|(_, t)| t)
+        .sum()
+}
+
+/// (busy, total) ticks of the whole machine from /proc/stat.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// (VmRSS, VmHWM) of `pid` in KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn self_rss_kib() -> u64 {
+    rss_kib(std::process::id()).map_or(0, |(r, _)| r)
+}
+
+/// Soft limit on open files of this process.
+fn open_files_soft_limit() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Nearest-rank percentile of sorted latencies.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets
+
+/// The ceiling: same mutual TLS and HTTP/2 settings, a handler that only acks.
+#[derive(Debug, Clone, Copy)]
+struct BareIngest;
+
+#[tonic::async_trait]
+impl pb::ingest_server::Ingest for BareIngest {
+    async fn push(
+        &self,
+        req: tonic::Request<pb::Report>,
+    ) -> Result<tonic::Response<pb::Ack>, tonic::Status> {
+        let r = req.into_inner();
+        Ok(tonic::Response::new(pb::Ack {
+            epoch: r.epoch,
+            seq: r.seq,
+            duplicate: false,
+            max_report_bytes: 0,
+        }))
+    }
+}
+
+/// A running target.
+enum Running {
+    Bare {
+        addr: SocketAddr,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    },
+    Sqlite(Box<InProcessCollector>),
+    Postgres {
+        addr: SocketAddr,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl Running {
+    fn url(&self) -> String {
+        match self {
+            Self::Bare { addr, .. } | Self::Postgres { addr, .. } => format!("https://{addr}"),
+            Self::Sqlite(c) => c.url(),
+        }
+    }
+
+    async fn stop(self) -> Result<()> {
+        match self {
+            Self::Bare { stop, task, .. } => {
+                stop.cancel();
+                task.await.context("bare server panicked")??;
+            }
+            Self::Sqlite(c) => c.stop().await,
+            Self::Postgres { stop, task, .. } => {
+                stop.cancel();
+                task.await.context("collector panicked")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn wait_listening(addr: SocketAddr) -> Result<()> {
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "{addr} does not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn start_bare(pki: &Pki) -> Result<Running> {
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            std::fs::read(&pki.collector.cert)?,
+            std::fs::read(&pki.collector.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(std::fs::read(&pki.ca)?))
+        .client_auth_optional(true)
+        .timeout(sov_collector::server::TLS_HANDSHAKE_TIMEOUT);
+    let addr = SocketAddr::from(([127, 0, 0, 1], sov_e2e::free_port()));
+    let stop = CancellationToken::new();
+    let server = Server::builder()
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .max_concurrent_streams(sov_collector::server::MAX_STREAMS_PER_CONNECTION)
+        .timeout(sov_collector::server::REQUEST_TIMEOUT)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(pb::ingest_server::IngestServer::new(BareIngest));
+    let s = stop.clone();
+    let task = tokio::spawn(server.serve_with_shutdown(addr, s.cancelled_owned()));
+    wait_listening(addr).await?;
+    Ok(Running::Bare { addr, stop, task })
+}
+
+/// The real collector on PostgreSQL: what `sov-collector serve` does with a `postgres://`
+/// store URL (`store::open`, then `server::run`), in this process.
+async fn start_postgres(pki: &Pki, data: &Path, url: &str) -> Result<Running> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut cfg = CollectorConfig::new(addr, data.to_owned(), pki.server_files());
+    cfg.store.url = url.to_owned();
+    let store = sov_collector::store::open(&cfg.store.url, &cfg.data_dir)
+        .await
+        .context("open PostgreSQL store")?;
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        sov_collector::server::run(&cfg, store, listener, s.cancelled_owned())
+            .await
+            .expect("collector run");
+    });
+    Ok(Running::Postgres { addr, stop, task })
+}
+
+// ---------------------------------------------------------------------------------------------
+// One measured run
+
+#[derive(Debug, Clone)]
+struct RunResult {
+    target: &'static str,
+    connect_s: f64,
+    window_s: f64,
+    reports: u64,
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    cpu_ms_per_report: f64,
+    postgres_cpu_ms_per_report: f64,
+    machine_busy_percent: f64,
+    rss_before_kib: u64,
+    rss_end_kib: u64,
+    kib_per_connection: f64,
+    stored_checked: Option<u64>,
+}
+
+struct Agent {
+    name: String,
+    tls: ClientTls,
+    template: pb::Report,
+}
+
+async fn measure(
+    target: &'static str,
+    pki: &Arc<Pki>,
+    agents: &[Arc<Agent>],
+    secs: u64,
+    start: impl std::future::Future<Output = Result<Running>>,
+) -> Result<RunResult> {
+    let rss_before = self_rss_kib();
+    let server = start.await?;
+    let url = server.url();
+
+    let t_connect = Instant::now();
+    let mut clients = Vec::with_capacity(agents.len());
+    for a in agents {
+        let c = push_client(&a.tls, &url)
+            .await
+            .map_err(|e| anyhow::anyhow!("{target}: connect {}: {e}", a.name))?;
+        clients.push(c);
+    }
+    let connect_s = t_connect.elapsed().as_secs_f64();
+
+    let t0 = Instant::now() + Duration::from_millis(100);
+    let warm_end = t0 + WARMUP;
+    let end = warm_end + Duration::from_secs(secs);
+    let mut tasks = Vec::with_capacity(agents.len());
+    for (a, mut client) in agents.iter().cloned().zip(clients) {
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(t0.into()).await;
+            let mut lat = Vec::new();
+            let mut seq = 0u64;
+            while Instant::now() < end {
+                seq += 1;
+                let report = next_report(&a.template, seq);
+                let t = Instant::now();
+                let ack = client
+                    .push(report)
+                    .await
+                    .with_context(|| format!("{target}: {} push seq {seq}", a.name))?
+                    .into_inner();
+                let done = Instant::now();
+                ensure!(
+                    ack.seq == seq && ack.epoch == EPOCH && !ack.duplicate,
+                    "{target}: {}: bad ack for seq {seq}: {ack:?}",
+                    a.name
+                );
+                if t >= warm_end && done <= end {
+                    lat.push(done - t);
+                }
+            }
+            anyhow::Ok((lat, seq))
+        }));
+    }
+    tokio::time::sleep_until(warm_end.into()).await;
+    let (cpu0, pg0, m0) = (self_ticks(), postgres_ticks(), machine_ticks());
+    let w0 = Instant::now();
+    tokio::time::sleep_until(end.into()).await;
+    let (cpu1, pg1, m1) = (self_ticks(), postgres_ticks(), machine_ticks());
+    let window = w0.elapsed();
+    let rss_end = self_rss_kib();
+
+    let mut lat = Vec::new();
+    let mut acked = 0u64;
+    for t in tasks {
+        let (l, n) = t.await.context("push task panicked")??;
+        lat.extend(l);
+        acked += n;
+    }
+    // Every acked report must be stored once (not checked for the bare server).
+    let stored_checked = if target == "bare" {
+        None
+    } else {
+        let nodes = list_nodes(pki, &url)
+            .await
+            .map_err(|e| anyhow::anyhow!("ListNodes: {e}"))?;
+        let stored: u64 = nodes.iter().map(|n| n.reports).sum();
+        let missing: u64 = nodes.iter().map(|n| n.missing).sum();
+        ensure!(
+            nodes.len() == agents.len() && stored == acked && missing == 0,
+            "VERIFY FAILED ({target}): {} nodes, {stored} reports stored, {missing} missing; \
+             {acked} acked by {} agents",
+            nodes.len(),
+            agents.len()
+        );
+        Some(stored)
+    };
+    server.stop().await?;
+
+    lat.sort_unstable();
+    let reports = lat.len() as u64;
+    let tck = clk_tck();
+    let per_rep = |ticks: u64| ticks as f64 * 1000.0 / tck / reports.max(1) as f64;
+    let (busy, total) = (m1.0 - m0.0, m1.1 - m0.1);
+    Ok(RunResult {
+        target,
+        connect_s,
+        window_s: window.as_secs_f64(),
+        reports,
+        per_sec: reports as f64 / window.as_secs_f64(),
+        p50_ms: ms(percentile(&lat, 50.0)),
+        p99_ms: ms(percentile(&lat, 99.0)),
+        max_ms: ms(percentile(&lat, 100.0)),
+        cpu_ms_per_report: per_rep(cpu1 - cpu0),
+        postgres_cpu_ms_per_report: per_rep(pg1.saturating_sub(pg0)),
+        machine_busy_percent: 100.0 * busy as f64 / total.max(1) as f64,
+        rss_before_kib: rss_before,
+        rss_end_kib: rss_end,
+        kib_per_connection: (rss_end as f64 - rss_before as f64) / agents.len() as f64,
+        stored_checked,
+    })
+}
+
+fn run_json(r: &RunResult) -> serde_json::Value {
+    serde_json::json!({
+        "target": r.target,
+        "connect_s": r.connect_s,
+        "window_s": r.window_s,
+        "reports": r.reports,
+        "reports_per_s": r.per_sec,
+        "p50_ms": r.p50_ms,
+        "p99_ms": r.p99_ms,
+        "max_ms": r.max_ms,
+        "process_cpu_ms_per_report": r.cpu_ms_per_report,
+        "postgres_cpu_ms_per_report": r.postgres_cpu_ms_per_report,
+        "machine_busy_percent": r.machine_busy_percent,
+        "rss_before_kib": r.rss_before_kib,
+        "rss_end_kib": r.rss_end_kib,
+        "rss_growth_kib_per_connection": r.kib_per_connection,
+        "stored_verified": r.stored_checked,
+    })
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+async fn load_mode(args: Args) -> Result<()> {
+    let pki = Arc::new(Pki::new());
+    let t = Instant::now();
+    let mut agents = Vec::with_capacity(args.agents);
+    for i in 0..args.agents {
+        let name = format!("lg-agent-{i:05}");
+        let tls = pki.client_tls(Role::Agent, &name);
+        let template = template_report(&name, i, args.flows);
+        agents.push(Arc::new(Agent {
+            name,
+            tls,
+            template,
+        }));
+    }
+    let size = next_report(&agents[0].template, 1).encoded_len();
+    println!(
+        "{} agent certificates issued and loaded in {:.1} s; report: {size} bytes encoded \
+         ({} flows over {REMOTES} remote addresses, {CORES} per-core values, {PROCESSES} processes)",
+        args.agents,
+        t.elapsed().as_secs_f64(),
+        args.flows
+    );
+    println!(
+        "each target: connect {} agents, {} s warm-up, {} s window",
+        args.agents,
+        WARMUP.as_secs(),
+        args.secs
+    );
+
+    let mut results = Vec::new();
+    println!("bare: tonic + mutual TLS, ack only ...");
+    results.push(measure("bare", &pki, &agents, args.secs, start_bare(&pki)).await?);
+
+    println!("sqlite: real collector, SQLite (WAL, synchronous = FULL) ...");
+    let data = tempfile::tempdir().context("tempdir")?;
+    let p = pki.clone();
+    let dir = data.path().join("sqlite");
+    results.push(
+        measure("sqlite", &pki, &agents, args.secs, async move {
+            Ok(Running::Sqlite(Box::new(
+                InProcessCollector::start(&p, &dir, |_| {}).await,
+            )))
+        })
+        .await?,
+    );
+
+    let base = sov_e2e::postgres_url();
+    let schema = format!("sov_loadgen_{}", std::process::id());
+    let mut pg_note = None;
+    match PostgresStore::connect_with_schema(&base, &schema).await {
+        Err(e) => {
+            let note = format!("SKIPPED: PostgreSQL not reachable at {base}: {e}");
+            println!("postgres: {note}");
+            pg_note = Some(note);
+        }
+        Ok(admin) => {
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+            println!("postgres: real collector, PostgreSQL schema {schema} ...");
+            let dir = data.path().join("pg");
+            let run = measure(
+                "postgres",
+                &pki,
+                &agents,
+                args.secs,
+                start_postgres(&pki, &dir, &url),
+            )
+            .await;
+            admin.drop_schema().await.context("drop schema")?;
+            results.push(run?);
+        }
+    }
+
+    println!();
+    println!(
+        "{:<9} {:>8} {:>9} {:>7} {:>7} {:>7} {:>9} {:>9} {:>7} {:>9} {:>9} {:>8}",
+        "target",
+        "reports",
+        "reports/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "CPU ms/r",
+        "PG CPU/r",
+        "busy %",
+        "RSS0 MiB",
+        "RSS1 MiB",
+        "KiB/conn"
+    );
+    for r in &results {
+        println!(
+            "{:<9} {:>8} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>9.3} {:>9.3} {:>7.1} {:>9.1} {:>9.1} {:>8.1}",
+            r.target,
+            r.reports,
+            r.per_sec,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.cpu_ms_per_report,
+            r.postgres_cpu_ms_per_report,
+            r.machine_busy_percent,
+            r.rss_before_kib as f64 / 1024.0,
+            r.rss_end_kib as f64 / 1024.0,
+            r.kib_per_connection
+        );
+    }
+    if let Some(note) = &pg_note {
+        println!("postgres  {note}");
+    }
+    println!(
+        "(CPU ms/r: this whole process, clients and server together, per report in the window; \
+         PG CPU/r: every postgres process; busy %: the whole machine; RSS: this process before \
+         the target started and at the end of its window; KiB/conn = growth / {} agents)",
+        args.agents
+    );
+    let bare = results
+        .iter()
+        .find(|r| r.target == "bare")
+        .map(|r| r.per_sec);
+    for r in &results {
+        if r.target != "bare" {
+            let b = results[0].cpu_ms_per_report;
+            println!(
+                "{}: {:.3} CPU ms per report above the bare server in this process (validation, \
+                 geolocation, store){}",
+                r.target,
+                r.cpu_ms_per_report - b,
+                if r.target == "postgres" {
+                    format!(", plus {:.3} in PostgreSQL", r.postgres_cpu_ms_per_report)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+
+    println!();
+    println!("targets:");
+    let mut targets = Vec::new();
+    for r in results.iter().filter(|r| r.target != "bare") {
+        let ratio = r.per_sec / bare.unwrap_or(f64::NAN);
+        println!(
+            "  {:<8} >= 50 % of the bare server's rate: {:.1} % -> {}",
+            r.target,
+            ratio * 100.0,
+            verdict(ratio >= TARGET_RATIO)
+        );
+        println!(
+            "  {:<8} >= 5,000 reports/s of {} flows: {:.0}/s -> {}{}",
+            r.target,
+            args.flows,
+            r.per_sec,
+            verdict(r.per_sec >= TARGET_RATE && args.flows >= 50),
+            if args.flows < 50 {
+                " (run with --flows 50 or more to judge)"
+            } else {
+                ""
+            }
+        );
+        targets.push(serde_json::json!({
+            "target": r.target,
+            "ratio_to_bare": ratio,
+            "half_of_bare": ratio >= TARGET_RATIO,
+            "rate_5000": r.per_sec >= TARGET_RATE && args.flows >= 50,
+        }));
+    }
+    if let Some(note) = &pg_note {
+        println!("  postgres {note}");
+    }
+    println!(
+        "  10,000 idle connections under 1 GB collector RSS: not measured in this mode \
+         (run with --idle-connections 10000)"
+    );
+
+    let json = serde_json::json!({
+        "bench": "bench_loadgen",
+        "cpu_model": cpu_model(),
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "agents": args.agents,
+        "flows": args.flows,
+        "report_bytes": size,
+        "warmup_s": WARMUP.as_secs(),
+        "secs": args.secs,
+        "results": results.iter().map(run_json).collect::<Vec<_>>(),
+        "postgres_note": pg_note,
+        "targets": targets,
+    });
+    println!();
+    println!("{json}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idle connections
+
+/// The `e2e-collector` binary beside this example's directory.
+fn collector_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("CARGO_BIN_EXE_e2e-collector") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("current exe")?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("no target dir above the example")?;
+    let path = dir.join("e2e-collector");
+    ensure!(
+        path.exists(),
+        "{} is not built; run `cargo build --release -p sov-e2e --bins --examples` first",
+        path.display()
+    );
+    Ok(path)
+}
+
+async fn idle_mode(args: Args, asked: usize) -> Result<()> {
+    let soft = open_files_soft_limit().context("no open-files limit in /proc/self/limits")?;
+    let cap = soft.saturating_sub(100);
+    let n = asked.min(cap);
+    println!(
+        "open files: soft limit {soft} (per process; the collector child inherits it); \
+         connections capped at {cap}: {n} of {asked} asked"
+    );
+    let bin = collector_binary()?;
+    let pki = Arc::new(Pki::new());
+    let work = tempfile::tempdir().context("tempdir")?;
+    let port = sov_e2e::free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let cfg = CollectorConfig::new(addr, work.path().join("data"), pki.server_files());
+    let cfg_path = work.path().join("collector.toml");
+    sov_e2e::write_collector_toml(&cfg, &cfg_path);
+    let cfg_arg = cfg_path.to_string_lossy().into_owned();
+    let mut child: KillOnDrop = sov_e2e::spawn(
+        &bin.to_string_lossy(),
+        &["serve", "--config", &cfg_arg],
+        &work.path().join("collector.log"),
+    );
+    let pid = child.0.id();
+    wait_listening(addr).await?;
+    let url = format!("https://{addr}");
+
+    // Certificates first (not part of any measurement).
+    let t = Instant::now();
+    let names: Vec<String> = (0..n).map(|i| format!("idle-{i:05}")).collect();
+    let tls: Vec<ClientTls> = names
+        .iter()
+        .map(|name| pki.client_tls(Role::Agent, name))
+        .collect();
+    println!(
+        "{n} agent certificates issued and loaded in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // One push from a first connection so the store, geolocation and caches exist.
+    let warm_tls = pki.client_tls(Role::Agent, "idle-warm");
+    let mut warm = push_client(&warm_tls, &url)
+        .await
+        .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
+    warm.push(next_report(&template_report("idle-warm", 0, args.flows), 1))
+        .await
+        .context("warm push")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (c_rss0, _) = rss_kib(pid)?;
+    let s_rss0 = self_rss_kib();
+    let c_cpu0 = proc_cpu(&pid.to_string()).map_or(0, |(_, t)| t);
+
+    let t = Instant::now();
+    let mut open = Vec::with_capacity(n);
+    const BATCH: usize = 64;
+    let mut items: Vec<(usize, ClientTls)> = tls.into_iter().enumerate().collect();
+    while !items.is_empty() {
+        let chunk: Vec<(usize, ClientTls)> = items.drain(..items.len().min(BATCH)).collect();
+        let mut set = Vec::with_capacity(chunk.len());
+        for (i, tls) in chunk {
+            let url = url.clone();
+            let name = names[i].clone();
+            let flows = args.flows;
+            set.push(tokio::spawn(async move {
+                let mut c = push_client(&tls, &url)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("connect {name}: {e}"))?;
+                let ack = c
+                    .push(next_report(&template_report(&name, i, flows), 1))
+                    .await
+                    .with_context(|| format!("{name} push"))?
+                    .into_inner();
+                ensure!(ack.seq == 1 && !ack.duplicate, "{name}: bad ack {ack:?}");
+                anyhow::Ok(c)
+            }));
+        }
+        for s in set {
+            open.push(s.await.context("connect task panicked")??);
+        }
+    }
+    let open_s = t.elapsed().as_secs_f64();
+    let c_cpu1 = proc_cpu(&pid.to_string()).map_or(0, |(_, t)| t);
+    // Let the server settle (buffers released after the first exchange) before reading RSS.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (c_rss1, c_hwm) = rss_kib(pid)?;
+    let s_rss1 = self_rss_kib();
+    // The connections are still usable: one more push on the last one.
+    if let Some(c) = open.last_mut() {
+        let i = n - 1;
+        c.push(next_report(&template_report(&names[i], i, args.flows), 2))
+            .await
+            .context("push on an idle connection")?;
+    }
+    let nodes = list_nodes(&pki, &url)
+        .await
+        .map_err(|e| anyhow::anyhow!("ListNodes: {e}"))?;
+    ensure!(
+        nodes.len() == n + 1,
+        "VERIFY FAILED: collector knows {} nodes, expected {}",
+        nodes.len(),
+        n + 1
+    );
+    drop(open);
+    child.kill9();
+
+    let per_conn = (c_rss1 as f64 - c_rss0 as f64) / n as f64;
+    let client_per_conn = (s_rss1 as f64 - s_rss0 as f64) / n as f64;
+    let at_10k_mib = (c_rss0 as f64 + per_conn * TARGET_CONNECTIONS) / 1024.0;
+    let handshake_cpu_ms = (c_cpu1 - c_cpu0) as f64 * 1000.0 / clk_tck() / n as f64;
+    println!();
+    println!("{:<44} {:>12}", "idle mutual-TLS connections", n);
+    println!(
+        "{:<44} {:>12.1}",
+        "opened in s (handshake + one push each)", open_s
+    );
+    println!(
+        "{:<44} {:>12.2}",
+        "collector CPU ms per connection + push", handshake_cpu_ms
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "collector VmRSS before, MiB",
+        c_rss0 as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "collector VmRSS with all open, MiB",
+        c_rss1 as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "collector VmHWM, MiB",
+        c_hwm as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "collector RSS growth KiB/connection", per_conn
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "client side (this process) KiB/connection", client_per_conn
+    );
+    println!(
+        "{:<44} {:>12.1}",
+        "collector RSS at 10,000 (extrapolated), MiB", at_10k_mib
+    );
+    let measured_10k = n as f64 >= TARGET_CONNECTIONS;
+    let ok = if measured_10k {
+        (c_rss1 as f64 / 1024.0) < TARGET_RSS_MIB
+    } else {
+        at_10k_mib < TARGET_RSS_MIB
+    };
+    println!();
+    println!("targets:");
+    println!(
+        "  10,000 concurrent agent connections under 1 GB collector RSS: {} ({})",
+        verdict(ok),
+        if measured_10k {
+            format!("measured {:.1} MiB with {n}", c_rss1 as f64 / 1024.0)
+        } else {
+            format!("extrapolated from {n}: {at_10k_mib:.1} MiB")
+        }
+    );
+    let json = serde_json::json!({
+        "bench": "bench_loadgen_idle",
+        "cpu_model": cpu_model(),
+        "open_files_soft_limit": soft,
+        "asked": asked,
+        "connections": n,
+        "flows": args.flows,
+        "open_s": open_s,
+        "collector_cpu_ms_per_connection": handshake_cpu_ms,
+        "collector_rss_before_kib": c_rss0,
+        "collector_rss_open_kib": c_rss1,
+        "collector_hwm_kib": c_hwm,
+        "collector_kib_per_connection": per_conn,
+        "client_kib_per_connection": client_per_conn,
+        "collector_rss_at_10000_mib": at_10k_mib,
+        "measured_10000": measured_10k,
+        "target_met": ok,
+    });
+    println!();
+    println!("{json}");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    println!(
+        "machine: {} x {}",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    match args.idle {
+        Some(n) => idle_mode(args, n).await,
+        None => load_mode(args).await,
+    }
+}
