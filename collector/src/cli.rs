@@ -1,4 +1,5 @@
-//! The `sov-collector` command line: `serve`, `pki init`, `pki issue`, `dev`.
+//! The `sov-collector` command line: `serve`, `pki init`, `pki issue`, `dev`, `geo lookup`,
+//! `policy check`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,20 @@ enum Command {
     Geo {
         #[command(subcommand)]
         command: GeoCommand,
+    },
+    /// The jurisdiction policy file.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file: print every problem (exit 64), or a summary and any warnings.
+    Check {
+        /// Policy file (TOML).
+        file: PathBuf,
     },
 }
 
@@ -136,6 +151,28 @@ pub async fn serve(config: CollectorConfig) -> Result<(), anyhow::Error> {
     Ok(())
 }
 
+/// `policy check FILE`: the summary and warnings on stdout (exit 0), or every problem on
+/// stderr (exit 64).
+fn policy_check(file: &std::path::Path) -> ExitCode {
+    match crate::policy::Policy::load(file) {
+        Ok(policy) => {
+            let mut out = format!(
+                "{}: policy is valid ({})\n",
+                file.display(),
+                policy.summary()
+            );
+            for w in policy.warnings() {
+                out.push_str(&format!("{}: warning: {w}\n", file.display()));
+            }
+            sov_agent::cli::print_stdout(&out)
+        }
+        Err(e) => {
+            eprintln!("sov-collector: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG as u8)
+        }
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -209,6 +246,9 @@ pub fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG as u8)
             }
         },
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => policy_check(&file),
         Command::Dev(args) => {
             let rt = match runtime() {
                 Ok(rt) => rt,

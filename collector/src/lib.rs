@@ -7,6 +7,8 @@
 //! - [`ingest`]: the `Ingest` gRPC service (authenticate, validate, commit, then ack);
 //! - [`query`]: the `Query` gRPC service;
 //! - [`store`]: the [`store::Store`] trait and its SQLite backend;
+//! - [`policy`]: the jurisdiction policy file (inside countries, sites, model classes,
+//!   publishers, allowed destinations, thresholds), its validation and reloading;
 //! - [`server`]: the mutual-TLS gRPC server (`run(config, store, listener, shutdown)`);
 //! - [`metrics`]: the collector's counters and gauges, served as Prometheus text on `/metrics`;
 //! - [`dev`]: the all-in-one quickstart (`sov-collector dev`);
@@ -20,6 +22,7 @@ pub mod geo;
 pub mod ingest;
 pub mod metrics;
 pub mod pki;
+pub mod policy;
 pub mod query;
 pub mod server;
 pub mod sovctl;
