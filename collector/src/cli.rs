@@ -1,5 +1,5 @@
 //! The `sov-collector` command line: `serve`, `pki init`, `pki issue`, `dev`, `geo lookup`,
-//! `policy check`.
+//! `policy check`, `verify-log`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +56,13 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Check the breach log's hash chain from its first record: prints the record count and
+    /// the last hash (exit 0), or the first bad record and why (exit 1).
+    VerifyLog {
+        /// Configuration file (TOML) naming the store.
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: PathBuf,
     },
 }
 
@@ -173,6 +180,32 @@ fn policy_check(file: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `verify-log`: open the configured store and check the breach log's chain.
+fn verify_log(config: &std::path::Path) -> ExitCode {
+    let cfg = match CollectorConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => return report_config_error(&e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let verdict = rt.block_on(async {
+        let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
+        crate::breach::verify_store_log(store.as_ref()).await
+    });
+    match verdict {
+        Ok(v) => {
+            let code = sov_agent::cli::print_stdout(&format!("{}\n", v.message()));
+            match v {
+                crate::breach::LogVerdict::Verified { .. } => code,
+                crate::breach::LogVerdict::Broken(_) => ExitCode::FAILURE,
+            }
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -249,6 +282,7 @@ pub fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { file },
         } => policy_check(&file),
+        Command::VerifyLog { config } => verify_log(&config),
         Command::Dev(args) => {
             let rt = match runtime() {
                 Ok(rt) => rt,

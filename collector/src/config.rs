@@ -51,6 +51,97 @@ pub struct CollectorConfig {
     /// `[metrics]`: the Prometheus endpoint (off by default).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[alert]`: where breach alerts are sent (no sink by default).
+    #[serde(default)]
+    pub alert: AlertConfig,
+}
+
+/// `[alert]`: the sinks that receive every breach state change (open, updated, resolved).
+/// Each sink may be routed: it receives an alert when the alert's rule is in `rules` (empty:
+/// every rule) and its severity is at least `min_severity`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// `[[alert.webhook]]`: generic webhooks (JSON body, optional HMAC-SHA256 signature).
+    #[serde(default)]
+    pub webhook: Vec<WebhookSinkConfig>,
+    /// `[[alert.alertmanager]]`: Prometheus Alertmanager v2 (`POST <url>/api/v2/alerts`).
+    #[serde(default)]
+    pub alertmanager: Vec<AlertmanagerSinkConfig>,
+    /// `[[alert.slack]]`: Slack incoming webhooks.
+    #[serde(default)]
+    pub slack: Vec<SlackSinkConfig>,
+    /// `[[alert.syslog]]`: syslog receivers (RFC 5424 over UDP or TCP).
+    #[serde(default)]
+    pub syslog: Vec<SyslogSinkConfig>,
+}
+
+/// One `[[alert.webhook]]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSinkConfig {
+    /// `http://` or `https://` URL the alert is POSTed to.
+    pub url: String,
+    /// Shared secret: when set, `X-Sovereign-Signature: sha256=<hex HMAC-SHA256(secret, body)>`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// PEM CA certificate(s) trusted for an `https://` URL instead of the public roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Rules routed to this sink; empty (the default) means every rule.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
+    #[serde(default)]
+    pub min_severity: Option<String>,
+}
+
+/// One `[[alert.alertmanager]]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AlertmanagerSinkConfig {
+    /// Alertmanager base URL, e.g. "http://alertmanager:9093" (`/api/v2/alerts` is appended).
+    pub url: String,
+    /// PEM CA certificate(s) trusted for an `https://` URL instead of the public roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Rules routed to this sink; empty (the default) means every rule.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
+    #[serde(default)]
+    pub min_severity: Option<String>,
+}
+
+/// One `[[alert.slack]]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SlackSinkConfig {
+    /// The incoming webhook URL, e.g. "https://hooks.slack.com/services/...".
+    pub url: String,
+    /// PEM CA certificate(s) trusted for an `https://` URL instead of the public roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Rules routed to this sink; empty (the default) means every rule.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
+    #[serde(default)]
+    pub min_severity: Option<String>,
+}
+
+/// One `[[alert.syslog]]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogSinkConfig {
+    /// "udp://host:514" (one datagram per alert) or "tcp://host:601" (RFC 6587 octet counting).
+    pub address: String,
+    /// Rules routed to this sink; empty (the default) means every rule.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
+    #[serde(default)]
+    pub min_severity: Option<String>,
 }
 
 /// `[metrics]`: Prometheus text exposition of the collector's own health (counters and
@@ -150,6 +241,7 @@ impl CollectorConfig {
             geo: GeoConfig::default(),
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
+            alert: AlertConfig::default(),
         }
     }
 
@@ -217,6 +309,9 @@ impl CollectorConfig {
             );
         }
         for problem in crate::geo::validate(&self.geo) {
+            p.0.push(problem);
+        }
+        for problem in crate::alert::validate(&self.alert) {
             p.0.push(problem);
         }
         p

@@ -3,6 +3,7 @@
 //! Parts:
 //! - [`config`]: the strict TOML configuration;
 //! - [`auth`]: peer certificate → [`auth::Identity`] (name and role from a SPIFFE URI SAN);
+//! - [`breach`]: policy breaches (open → updated → resolved) and their hash-chained log;
 //! - [`pki`]: certificates without openssl (`sov-collector pki`);
 //! - [`ingest`]: the `Ingest` gRPC service (authenticate, validate, commit, then ack);
 //! - [`query`]: the `Query` gRPC service;
@@ -10,11 +11,15 @@
 //! - [`policy`]: the jurisdiction policy file (inside countries, sites, model classes,
 //!   publishers, allowed destinations, thresholds), its validation and reloading;
 //! - [`server`]: the mutual-TLS gRPC server (`run(config, store, listener, shutdown)`);
+//! - [`alert`]: breach alerts: the [`alert::Sink`] trait, webhook, Alertmanager, Slack and
+//!   syslog sinks, routing by rule and severity, and the outbox's retry schedule;
 //! - [`metrics`]: the collector's counters and gauges, served as Prometheus text on `/metrics`;
 //! - [`dev`]: the all-in-one quickstart (`sov-collector dev`);
 //! - [`cli`] and [`sovctl`]: the two command lines (the binaries only call their `main`).
 
+pub mod alert;
 pub mod auth;
+pub mod breach;
 pub mod cli;
 pub mod config;
 pub mod dev;

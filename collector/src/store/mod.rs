@@ -5,8 +5,19 @@
 //! A report is committed before [`Store::ingest`] returns, and the ingest service acks only
 //! after that, so nothing acknowledged is lost. Re-sent reports are recognised by their key
 //! `(node, epoch, seq)` and stored once.
+//!
+//! Policy breaches live here too ([`Store::observe_breach`] and friends): the `breaches` table
+//! holds each breach's current state, and `breach_log` the hash-chained record of every
+//! change ([`crate::breach`]). The log is append-only: no code path updates or deletes its
+//! rows (the databases refuse it with a trigger too), and [`Store::prune`] touches neither
+//! table. Appends are serialised (SQLite: its single writer; PostgreSQL: an advisory lock
+//! held by every breach transaction), so sequence numbers and links stay consistent with
+//! several collector replicas.
 
 use std::collections::BTreeMap;
+
+use crate::breach::{Breach, LogRecord, Observation};
+pub use crate::breach::{BreachChange, BreachFilter};
 
 pub mod postgres;
 pub mod sqlite;
@@ -247,6 +258,38 @@ pub enum StoreError {
     Task(String),
 }
 
+/// A breach from its stored columns (both backends store the same ones).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn breach_from_columns(
+    breach_id: String,
+    rule: String,
+    node: String,
+    subject: String,
+    severity: &str,
+    state: &str,
+    evidence: &str,
+    opened_ms: i64,
+    last_seen_ms: i64,
+    resolved_ms: Option<i64>,
+    count: i64,
+) -> Result<Breach, StoreError> {
+    let range =
+        |e: crate::breach::ParseEnumError| StoreError::Range(format!("breach {breach_id}: {e}"));
+    Ok(Breach {
+        severity: severity.parse().map_err(range)?,
+        state: state.parse().map_err(range)?,
+        evidence: serde_json::from_str(evidence).unwrap_or(serde_json::Value::Null),
+        opened_at_unix_ms: opened_ms,
+        last_seen_unix_ms: last_seen_ms,
+        resolved_at_unix_ms: resolved_ms,
+        count: u64::try_from(count).unwrap_or(0),
+        breach_id,
+        rule,
+        node,
+        subject,
+    })
+}
+
 /// Open the store that `url` names:
 ///
 /// - `""` or `sqlite:PATH`: [`SqliteStore`] in the directory PATH (relative to `data_dir`;
@@ -307,6 +350,31 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         q: EgressQuery,
     ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError>;
 
-    /// Delete time series rows observed before `before_unix_ms` (bounded retention).
+    /// Delete time series rows observed before `before_unix_ms` (bounded retention). Breaches
+    /// and the breach log are never pruned.
     async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError>;
+
+    /// Fold one rule observation into the breaches, in one transaction: no open breach of
+    /// `(rule, node, subject)` → open one (count 1) and append an "open" record; an open one
+    /// → last seen (the later), count + 1, severity and evidence (the observation's), and an
+    /// "updated" record only when the severity or the evidence changed (the log records
+    /// changes, not every evaluation; the count and last seen of the next record or of the
+    /// breach row say how often it was seen).
+    async fn observe_breach(&self, obs: Observation) -> Result<BreachChange, StoreError>;
+
+    /// Resolve, at `at_unix_ms`, every open breach of `rule` last seen before
+    /// `quiet_before_unix_ms`, appending a "resolved" record for each (in breach id order, in
+    /// one transaction). Returns them as resolved.
+    async fn resolve_quiet_breaches(
+        &self,
+        rule: &str,
+        quiet_before_unix_ms: i64,
+        at_unix_ms: i64,
+    ) -> Result<Vec<Breach>, StoreError>;
+
+    /// Breaches matching `filter`, newest opened first (then by id), at most `filter.limit`.
+    async fn list_breaches(&self, filter: BreachFilter) -> Result<Vec<Breach>, StoreError>;
+
+    /// Breach log records with `seq > after_seq`, in order, at most `limit`.
+    async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError>;
 }

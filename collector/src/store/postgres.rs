@@ -26,7 +26,14 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
-use super::{EgressQuery, IncomingReport, IngestOutcome, NodeRow, PruneStats, Store, StoreError};
+use super::{
+    BreachChange, BreachFilter, EgressQuery, IncomingReport, IngestOutcome, NodeRow, PruneStats,
+    Store, StoreError,
+};
+use crate::breach::{
+    Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
+    canonical_json,
+};
 
 /// Connect timeout used when the URL does not set `connect_timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,12 +41,15 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const INGEST_ATTEMPTS: u32 = 3;
 /// Key of the advisory lock held while migrating ("sov_migr").
 const MIGRATION_LOCK_KEY: i64 = 0x736f_765f_6d69_6772;
+/// Key of the advisory lock every breach transaction holds ("sov_brlg"): it serialises breach
+/// changes and log appends across replicas, so sequence numbers and links stay consistent.
+const BREACH_LOCK_KEY: i64 = 0x736f_765f_6272_6c67;
 /// Schema version this code writes: the number of migrations.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const MIGRATIONS: [&str; 5] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE nodes (
@@ -208,6 +218,49 @@ CREATE TABLE flows_raw (
 );
 CREATE INDEX flows_raw_by_time ON flows_raw (end_ms);
 "#;
+
+/// Policy breaches (current state) and their hash-chained, append-only log. At most one open
+/// breach per (rule, node, subject). The triggers refuse any change to a log record. Bodies
+/// and evidence are TEXT, not JSONB: the log body must stay byte for byte what was hashed.
+const SCHEMA_V5: &str = r#"
+CREATE TABLE breaches (
+    breach_id    TEXT PRIMARY KEY,
+    rule         TEXT NOT NULL,
+    node         TEXT NOT NULL,
+    subject      TEXT NOT NULL,
+    severity     TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    evidence     TEXT NOT NULL,
+    opened_ms    BIGINT NOT NULL,
+    last_seen_ms BIGINT NOT NULL,
+    resolved_ms  BIGINT,
+    obs_count    BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX breaches_open_key ON breaches (rule, node, subject) WHERE state = 'open';
+CREATE INDEX breaches_by_rule ON breaches (rule, state, last_seen_ms);
+CREATE INDEX breaches_by_opened ON breaches (opened_ms);
+CREATE TABLE breach_log (
+    seq       BIGINT PRIMARY KEY,
+    at_ms     BIGINT NOT NULL,
+    breach_id TEXT NOT NULL,
+    event     TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE FUNCTION breach_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'breach_log is append-only';
+END
+$$;
+CREATE TRIGGER breach_log_no_change BEFORE UPDATE OR DELETE ON breach_log
+    FOR EACH ROW EXECUTE FUNCTION breach_log_append_only();
+CREATE TRIGGER breach_log_no_truncate BEFORE TRUNCATE ON breach_log
+    FOR EACH STATEMENT EXECUTE FUNCTION breach_log_append_only();
+"#;
+
+const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
+     last_seen_ms, resolved_ms, obs_count";
 
 const INSERT_REPORT: &str = "INSERT INTO reports (node, epoch, seq, observed_ms, received_ms, body)
      VALUES ($1, $2, $3, $4, $5, $6)
@@ -936,6 +989,188 @@ async fn ingest_once(w: &mut Writer, r: &IncomingReport) -> Result<IngestOutcome
     Ok(IngestOutcome::Stored)
 }
 
+/// A breach row (columns as [`BREACH_COLUMNS`]) and its stored evidence text.
+fn read_breach(row: &Row) -> Result<(Breach, String), StoreError> {
+    const C: &str = "read breach row";
+    let evidence: String = get(row, 6, C)?;
+    let b = super::breach_from_columns(
+        get(row, 0, C)?,
+        get(row, 1, C)?,
+        get(row, 2, C)?,
+        get(row, 3, C)?,
+        get(row, 4, C)?,
+        get(row, 5, C)?,
+        &evidence,
+        get(row, 7, C)?,
+        get(row, 8, C)?,
+        get(row, 9, C)?,
+        get(row, 10, C)?,
+    )?;
+    Ok((b, evidence))
+}
+
+/// Take the breach lock, then read `(seq, hash)` of the log's last record. Every breach
+/// transaction calls this before reading any breach, so that replicas take turns.
+async fn lock_breaches(tx: &Tx<'_>) -> Result<Option<(u64, String)>, StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&BREACH_LOCK_KEY])
+        .await
+        .map_err(pg("lock breaches"))?;
+    let row = tx
+        .query_opt(
+            "SELECT seq, hash FROM breach_log ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(pg("read last log record"))?;
+    row.map(|r| {
+        Ok((
+            get_u64(&r, 0, "read last log record")?,
+            get(&r, 1, "read last log record")?,
+        ))
+    })
+    .transpose()
+}
+
+/// Append the record of `breach` after `event` to the log whose last record is `last`, and
+/// make it the new `last`.
+async fn append_log(
+    tx: &Tx<'_>,
+    last: &mut Option<(u64, String)>,
+    at_unix_ms: i64,
+    breach: &Breach,
+    event: &str,
+) -> Result<(), StoreError> {
+    let r = LogRecord::next(
+        last.as_ref().map(|(s, h)| (*s, h.as_str())),
+        at_unix_ms,
+        breach,
+        event,
+    );
+    tx.execute(
+        "INSERT INTO breach_log (seq, at_ms, breach_id, event, body, prev_hash, hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &to_i64(r.seq, "log seq")?,
+            &r.at_unix_ms,
+            &r.breach_id,
+            &r.event,
+            &r.body_json,
+            &r.prev_hash,
+            &r.hash,
+        ],
+    )
+    .await
+    .map_err(pg("append breach log"))?;
+    *last = Some((r.seq, r.hash));
+    Ok(())
+}
+
+/// One observe-breach transaction.
+async fn observe_once(w: &mut Writer, obs: &Observation) -> Result<BreachChange, StoreError> {
+    let tx = w.client.transaction().await.map_err(pg("begin"))?;
+    let mut last = lock_breaches(&tx).await?;
+    let found = tx
+        .query_opt(
+            &format!(
+                "SELECT {BREACH_COLUMNS} FROM breaches
+                 WHERE rule = $1 AND node = $2 AND subject = $3 AND state = 'open'"
+            ),
+            &[&obs.rule, &obs.node, &obs.subject],
+        )
+        .await
+        .map_err(pg("find breach"))?;
+    let change = match found {
+        None => {
+            let b = Breach::opened(obs, last.as_ref().map_or(1, |(s, _)| s + 1));
+            tx.execute(
+                &format!(
+                    "INSERT INTO breaches ({BREACH_COLUMNS})
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10)"
+                ),
+                &[
+                    &b.breach_id,
+                    &b.rule,
+                    &b.node,
+                    &b.subject,
+                    &b.severity.as_str(),
+                    &b.state.as_str(),
+                    &canonical_json(&b.evidence),
+                    &b.opened_at_unix_ms,
+                    &b.last_seen_unix_ms,
+                    &to_i64(b.count, "breach count")?,
+                ],
+            )
+            .await
+            .map_err(pg("insert breach"))?;
+            append_log(&tx, &mut last, obs.at_unix_ms, &b, EVENT_OPEN).await?;
+            BreachChange::Opened(b)
+        }
+        Some(row) => {
+            let (mut b, stored_evidence) = read_breach(&row)?;
+            let changed = b.fold(obs, &stored_evidence);
+            tx.execute(
+                "UPDATE breaches SET severity = $2, evidence = $3, last_seen_ms = $4, obs_count = $5
+                 WHERE breach_id = $1",
+                &[
+                    &b.breach_id,
+                    &b.severity.as_str(),
+                    &canonical_json(&b.evidence),
+                    &b.last_seen_unix_ms,
+                    &to_i64(b.count, "breach count")?,
+                ],
+            )
+            .await
+            .map_err(pg("update breach"))?;
+            if changed {
+                append_log(&tx, &mut last, obs.at_unix_ms, &b, EVENT_UPDATED).await?;
+                BreachChange::Updated(b)
+            } else {
+                BreachChange::Unchanged(b)
+            }
+        }
+    };
+    tx.commit().await.map_err(pg("commit observe breach"))?;
+    Ok(change)
+}
+
+/// One resolve-quiet-breaches transaction.
+async fn resolve_once(
+    w: &mut Writer,
+    rule: &str,
+    quiet_before_unix_ms: i64,
+    at_unix_ms: i64,
+) -> Result<Vec<Breach>, StoreError> {
+    let tx = w.client.transaction().await.map_err(pg("begin"))?;
+    let mut last = lock_breaches(&tx).await?;
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT {BREACH_COLUMNS} FROM breaches
+                 WHERE rule = $1 AND state = 'open' AND last_seen_ms < $2
+                 ORDER BY breach_id COLLATE \"C\""
+            ),
+            &[&rule, &quiet_before_unix_ms],
+        )
+        .await
+        .map_err(pg("find quiet breaches"))?;
+    let mut quiet = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let (mut b, _) = read_breach(row)?;
+        b.state = BreachState::Resolved;
+        b.resolved_at_unix_ms = Some(at_unix_ms);
+        tx.execute(
+            "UPDATE breaches SET state = 'resolved', resolved_ms = $2 WHERE breach_id = $1",
+            &[&b.breach_id, &at_unix_ms],
+        )
+        .await
+        .map_err(pg("resolve breach"))?;
+        append_log(&tx, &mut last, at_unix_ms, &b, EVENT_RESOLVED).await?;
+        quiet.push(b);
+    }
+    tx.commit().await.map_err(pg("commit resolve breaches"))?;
+    Ok(quiet)
+}
+
 impl PostgresStore {
     /// Connect to `url` (`postgres://user@host:port/db?options=...`), migrate the schema in
     /// the connection's default `search_path`, and open the writer and reader connections.
@@ -1295,6 +1530,88 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(pg("commit prune"))?;
         Ok(stats)
     }
+
+    async fn observe_breach(&self, obs: Observation) -> Result<BreachChange, StoreError> {
+        if obs.rule.is_empty() {
+            return Err(StoreError::Range(
+                "breach observation without a rule".into(),
+            ));
+        }
+        let mut w = self.writer().await?;
+        let mut attempt = 1;
+        loop {
+            match observe_once(&mut w, &obs).await {
+                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => attempt += 1,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn resolve_quiet_breaches(
+        &self,
+        rule: &str,
+        quiet_before_unix_ms: i64,
+        at_unix_ms: i64,
+    ) -> Result<Vec<Breach>, StoreError> {
+        let mut w = self.writer().await?;
+        let mut attempt = 1;
+        loop {
+            match resolve_once(&mut w, rule, quiet_before_unix_ms, at_unix_ms).await {
+                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => attempt += 1,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn list_breaches(&self, filter: BreachFilter) -> Result<Vec<Breach>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {BREACH_COLUMNS} FROM breaches
+                     WHERE ($1::TEXT IS NULL OR state = $1::TEXT)
+                       AND ($2::TEXT IS NULL OR rule = $2::TEXT)
+                       AND ($3::BIGINT IS NULL OR state = 'open' OR resolved_ms >= $3::BIGINT)
+                     ORDER BY opened_ms DESC, breach_id COLLATE \"C\"
+                     LIMIT $4::BIGINT"
+                ),
+                &[
+                    &filter.state.map(BreachState::as_str),
+                    &filter.rule,
+                    &filter.since_unix_ms,
+                    &i64::from(filter.limit),
+                ],
+            )
+            .await
+            .map_err(pg("list breaches"))?;
+        rows.iter().map(|r| Ok(read_breach(r)?.0)).collect()
+    }
+
+    async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT seq, at_ms, breach_id, event, body, prev_hash, hash FROM breach_log
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&to_i64(after_seq, "after_seq")?, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("read breach log"))?;
+        const C: &str = "read breach log row";
+        rows.iter()
+            .map(|r| {
+                Ok(LogRecord::from_stored(
+                    get_u64(r, 0, C)?,
+                    get(r, 1, C)?,
+                    get(r, 2, C)?,
+                    get(r, 3, C)?,
+                    get(r, 4, C)?,
+                    get(r, 5, C)?,
+                    get(r, 6, C)?,
+                ))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -1604,7 +1921,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_lost_connection_fails_at_most_one_call_and_the_next_reconnects() {
+    async fn a_lost_connection_fails_the_calls_that_find_it_dead_and_then_reconnects() {
         with_schema(|url, schema| async move {
             let store = PostgresStore::connect_with_schema(&url, &schema)
                 .await
@@ -1619,17 +1936,22 @@ mod tests {
                     .await
                     .unwrap();
             }
-            // The call that finds the connection dead may fail (with a postgres error);
-            // the one after it runs on a new connection.
+            // Calls that find the connection dead fail with a postgres error until the
+            // connection task has seen the socket close (a race of a few milliseconds); then the
+            // next call reconnects. Agents retry after a backoff of at least 200 ms.
             let mut outcome = store.ingest(report("a", 1, 2)).await;
-            if let Err(err) = &outcome {
+            for _ in 0..3 {
+                let Err(err) = &outcome else { break };
                 assert!(matches!(err, StoreError::Postgres { .. }), "{err}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 outcome = store.ingest(report("a", 1, 2)).await;
             }
             assert_eq!(outcome.unwrap(), IngestOutcome::Stored);
             let mut nodes = store.list_nodes("", 10).await;
-            if let Err(err) = &nodes {
+            for _ in 0..3 {
+                let Err(err) = &nodes else { break };
                 assert!(matches!(err, StoreError::Postgres { .. }), "{err}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 nodes = store.list_nodes("", 10).await;
             }
             assert_eq!(nodes.unwrap()[0].reports, 2);
@@ -1667,6 +1989,98 @@ mod tests {
                 1
             );
             assert!(!dir.path().join(crate::store::sqlite::DB_FILE).exists());
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_edited_log_record_is_refused_by_the_database_and_named_by_the_chain() {
+        use crate::breach::verify_chain;
+        use crate::store::suite::{observation, whole_log};
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            for (at, bytes) in [(1000, 1), (2000, 2), (3000, 3)] {
+                store
+                    .observe_breach(observation(
+                        "r",
+                        "n",
+                        "s",
+                        at,
+                        serde_json::json!({"bytes": bytes}),
+                    ))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(verify_chain(whole_log(&store).await.into_iter()), Ok(3));
+            let c = try_connect(&url).await.unwrap();
+            c.batch_execute(&format!("SET search_path TO {}", quote_ident(&schema)))
+                .await
+                .unwrap();
+            let edit = "UPDATE breach_log SET body = replace(body, '\"bytes\":2', '\"bytes\":0') WHERE seq = 2";
+            let refused = c.execute(edit, &[]).await.unwrap_err();
+            let text = format!("{refused:?}");
+            assert!(text.contains("append-only"), "{text}");
+            assert!(c.execute("DELETE FROM breach_log WHERE seq = 3", &[]).await.is_err());
+            assert!(c.batch_execute("TRUNCATE breach_log").await.is_err());
+            // The owner can disable the triggers; the chain still tells.
+            c.batch_execute("ALTER TABLE breach_log DISABLE TRIGGER USER")
+                .await
+                .unwrap();
+            assert_eq!(c.execute(edit, &[]).await.unwrap(), 1);
+            let log = whole_log(&store).await;
+            assert_eq!(log[1].body["evidence"]["bytes"], 0);
+            let err = verify_chain(log.into_iter()).unwrap_err();
+            assert_eq!(err.seq, 2, "{err}");
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_observing_breaches_at_once_keep_one_chain_and_one_open_breach_per_key() {
+        use crate::breach::{BreachChange, verify_chain};
+        use crate::store::suite::{observation, whole_log};
+        with_schema(|url, schema| async move {
+            let (a, b) = tokio::join!(
+                PostgresStore::connect_with_schema(&url, &schema),
+                PostgresStore::connect_with_schema(&url, &schema)
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let run = |s: PostgresStore, tag: i64| async move {
+                let mut opened = 0;
+                for i in 0..20_i64 {
+                    // Both replicas see the same 10 keys, with evidence that changes.
+                    let obs = observation(
+                        "r",
+                        &format!("n{}", i % 10),
+                        "s",
+                        1000 + i,
+                        serde_json::json!({"i": i, "replica": tag}),
+                    );
+                    if matches!(
+                        s.observe_breach(obs).await.unwrap(),
+                        BreachChange::Opened(_)
+                    ) {
+                        opened += 1;
+                    }
+                }
+                opened
+            };
+            let (x, y) = tokio::join!(run(a.clone(), 1), run(b.clone(), 2));
+            assert_eq!(x + y, 10);
+            assert_eq!(
+                count(
+                    &url,
+                    &schema,
+                    "SELECT COUNT(*) FROM breaches WHERE state = 'open'"
+                )
+                .await,
+                10
+            );
+            let log = whole_log(&a).await;
+            assert_eq!(log.len(), 40);
+            assert_eq!(verify_chain(log.into_iter()), Ok(40));
         })
         .await;
     }

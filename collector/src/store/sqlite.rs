@@ -5,9 +5,16 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{IncomingReport, IngestOutcome, NodeRow, PruneStats, Store, StoreError};
+use super::{
+    BreachChange, BreachFilter, IncomingReport, IngestOutcome, NodeRow, PruneStats, Store,
+    StoreError,
+};
+use crate::breach::{
+    Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
+    canonical_json,
+};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "sovereign.db";
@@ -16,7 +23,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const MIGRATIONS: [&str; 5] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE IF NOT EXISTS nodes (
@@ -322,6 +329,111 @@ CREATE TABLE flows_raw (
 ) WITHOUT ROWID;
 CREATE INDEX flows_raw_by_time ON flows_raw (end_ms);
 "#;
+
+/// Policy breaches (current state) and their hash-chained, append-only log. At most one open
+/// breach per (rule, node, subject). The triggers refuse any change to a log record.
+const SCHEMA_V5: &str = r#"
+CREATE TABLE breaches (
+    breach_id    TEXT PRIMARY KEY,
+    rule         TEXT NOT NULL,
+    node         TEXT NOT NULL,
+    subject      TEXT NOT NULL,
+    severity     TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    evidence     TEXT NOT NULL,
+    opened_ms    INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    resolved_ms  INTEGER,
+    obs_count    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX breaches_open_key ON breaches (rule, node, subject) WHERE state = 'open';
+CREATE INDEX breaches_by_rule ON breaches (rule, state, last_seen_ms);
+CREATE INDEX breaches_by_opened ON breaches (opened_ms);
+CREATE TABLE breach_log (
+    seq       INTEGER PRIMARY KEY,
+    at_ms     INTEGER NOT NULL,
+    breach_id TEXT NOT NULL,
+    event     TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE TRIGGER breach_log_no_update BEFORE UPDATE ON breach_log
+BEGIN SELECT RAISE(ABORT, 'breach_log is append-only'); END;
+CREATE TRIGGER breach_log_no_delete BEFORE DELETE ON breach_log
+BEGIN SELECT RAISE(ABORT, 'breach_log is append-only'); END;
+"#;
+
+const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
+     last_seen_ms, resolved_ms, obs_count";
+
+/// A breach row (columns as [`BREACH_COLUMNS`]) and its stored evidence text.
+fn read_breach(row: &rusqlite::Row<'_>) -> Result<(Breach, String), StoreError> {
+    let evidence: String = row.get(6).map_err(sql("read breach row"))?;
+    let severity: String = row.get(4).map_err(sql("read breach row"))?;
+    let state: String = row.get(5).map_err(sql("read breach row"))?;
+    let b = super::breach_from_columns(
+        row.get(0).map_err(sql("read breach row"))?,
+        row.get(1).map_err(sql("read breach row"))?,
+        row.get(2).map_err(sql("read breach row"))?,
+        row.get(3).map_err(sql("read breach row"))?,
+        &severity,
+        &state,
+        &evidence,
+        row.get(7).map_err(sql("read breach row"))?,
+        row.get(8).map_err(sql("read breach row"))?,
+        row.get(9).map_err(sql("read breach row"))?,
+        row.get(10).map_err(sql("read breach row"))?,
+    )?;
+    Ok((b, evidence))
+}
+
+/// `(seq, hash)` of the log's last record.
+fn last_log_record(tx: &rusqlite::Transaction<'_>) -> Result<Option<(u64, String)>, StoreError> {
+    let last: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT seq, hash FROM breach_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(sql("read last log record"))?;
+    last.map(|(seq, hash)| Ok((to_u64(seq, "log seq")?, hash)))
+        .transpose()
+}
+
+/// Append the record of `breach` after `event` to the log whose last record is `last`, and
+/// make it the new `last`.
+fn append_log(
+    tx: &rusqlite::Transaction<'_>,
+    last: &mut Option<(u64, String)>,
+    at_unix_ms: i64,
+    breach: &Breach,
+    event: &str,
+) -> Result<(), StoreError> {
+    let r = LogRecord::next(
+        last.as_ref().map(|(s, h)| (*s, h.as_str())),
+        at_unix_ms,
+        breach,
+        event,
+    );
+    tx.execute(
+        "INSERT INTO breach_log (seq, at_ms, breach_id, event, body, prev_hash, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            to_i64(r.seq, "log seq")?,
+            r.at_unix_ms,
+            r.breach_id,
+            r.event,
+            r.body_json,
+            r.prev_hash,
+            r.hash
+        ],
+    )
+    .map_err(sql("append breach log"))?;
+    *last = Some((r.seq, r.hash));
+    Ok(())
+}
 
 fn protocol_name(code: i32) -> &'static str {
     match sov_proto::pb::Protocol::try_from(code) {
@@ -937,6 +1049,187 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    fn observe_breach_blocking(
+        conn: &mut Connection,
+        obs: &Observation,
+    ) -> Result<BreachChange, StoreError> {
+        if obs.rule.is_empty() {
+            return Err(StoreError::Range(
+                "breach observation without a rule".into(),
+            ));
+        }
+        // IMMEDIATE: take the write lock before reading, so that the read-then-write cannot
+        // fail half way with another process on the same file.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin observe breach"))?;
+        let found = {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {BREACH_COLUMNS} FROM breaches
+                     WHERE rule = ?1 AND node = ?2 AND subject = ?3 AND state = 'open'"
+                ))
+                .map_err(sql("prepare find breach"))?;
+            let mut rows = stmt
+                .query(params![obs.rule, obs.node, obs.subject])
+                .map_err(sql("find breach"))?;
+            match rows.next().map_err(sql("find breach"))? {
+                Some(row) => Some(read_breach(row)?),
+                None => None,
+            }
+        };
+        let mut last = last_log_record(&tx)?;
+        let change = match found {
+            None => {
+                let b = Breach::opened(obs, last.as_ref().map_or(1, |(s, _)| s + 1));
+                tx.execute(
+                    &format!(
+                        "INSERT INTO breaches ({BREACH_COLUMNS})
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10)"
+                    ),
+                    params![
+                        b.breach_id,
+                        b.rule,
+                        b.node,
+                        b.subject,
+                        b.severity.as_str(),
+                        b.state.as_str(),
+                        canonical_json(&b.evidence),
+                        b.opened_at_unix_ms,
+                        b.last_seen_unix_ms,
+                        to_i64(b.count, "breach count")?
+                    ],
+                )
+                .map_err(sql("insert breach"))?;
+                append_log(&tx, &mut last, obs.at_unix_ms, &b, EVENT_OPEN)?;
+                BreachChange::Opened(b)
+            }
+            Some((mut b, stored_evidence)) => {
+                let changed = b.fold(obs, &stored_evidence);
+                tx.execute(
+                    "UPDATE breaches SET severity = ?2, evidence = ?3, last_seen_ms = ?4, obs_count = ?5
+                     WHERE breach_id = ?1",
+                    params![
+                        b.breach_id,
+                        b.severity.as_str(),
+                        canonical_json(&b.evidence),
+                        b.last_seen_unix_ms,
+                        to_i64(b.count, "breach count")?
+                    ],
+                )
+                .map_err(sql("update breach"))?;
+                if changed {
+                    append_log(&tx, &mut last, obs.at_unix_ms, &b, EVENT_UPDATED)?;
+                    BreachChange::Updated(b)
+                } else {
+                    BreachChange::Unchanged(b)
+                }
+            }
+        };
+        tx.commit().map_err(sql("commit observe breach"))?;
+        Ok(change)
+    }
+
+    fn resolve_quiet_breaches_blocking(
+        conn: &mut Connection,
+        rule: &str,
+        quiet_before_unix_ms: i64,
+        at_unix_ms: i64,
+    ) -> Result<Vec<Breach>, StoreError> {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin resolve breaches"))?;
+        let mut quiet = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {BREACH_COLUMNS} FROM breaches
+                     WHERE rule = ?1 AND state = 'open' AND last_seen_ms < ?2
+                     ORDER BY breach_id"
+                ))
+                .map_err(sql("prepare quiet breaches"))?;
+            let mut rows = stmt
+                .query(params![rule, quiet_before_unix_ms])
+                .map_err(sql("find quiet breaches"))?;
+            while let Some(row) = rows.next().map_err(sql("find quiet breaches"))? {
+                quiet.push(read_breach(row)?.0);
+            }
+        }
+        let mut last = last_log_record(&tx)?;
+        for b in &mut quiet {
+            b.state = BreachState::Resolved;
+            b.resolved_at_unix_ms = Some(at_unix_ms);
+            tx.execute(
+                "UPDATE breaches SET state = 'resolved', resolved_ms = ?2 WHERE breach_id = ?1",
+                params![b.breach_id, at_unix_ms],
+            )
+            .map_err(sql("resolve breach"))?;
+            append_log(&tx, &mut last, at_unix_ms, b, EVENT_RESOLVED)?;
+        }
+        tx.commit().map_err(sql("commit resolve breaches"))?;
+        Ok(quiet)
+    }
+
+    fn list_breaches_blocking(
+        conn: &Connection,
+        f: &BreachFilter,
+    ) -> Result<Vec<Breach>, StoreError> {
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {BREACH_COLUMNS} FROM breaches
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR rule = ?2)
+                   AND (?3 IS NULL OR state = 'open' OR resolved_ms >= ?3)
+                 ORDER BY opened_ms DESC, breach_id
+                 LIMIT ?4"
+            ))
+            .map_err(sql("prepare list breaches"))?;
+        let mut rows = stmt
+            .query(params![
+                f.state.map(BreachState::as_str),
+                f.rule,
+                f.since_unix_ms,
+                i64::from(f.limit)
+            ])
+            .map_err(sql("list breaches"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("list breaches"))? {
+            out.push(read_breach(row)?.0);
+        }
+        Ok(out)
+    }
+
+    fn breach_log_blocking(
+        conn: &Connection,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, at_ms, breach_id, event, body, prev_hash, hash FROM breach_log
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(sql("prepare read breach log"))?;
+        let mut rows = stmt
+            .query(params![to_i64(after_seq, "after_seq")?, i64::from(limit)])
+            .map_err(sql("read breach log"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("read breach log"))? {
+            let seq: i64 = row.get(0).map_err(sql("read breach log row"))?;
+            out.push(LogRecord::from_stored(
+                to_u64(seq, "log seq")?,
+                row.get(1).map_err(sql("read breach log row"))?,
+                row.get(2).map_err(sql("read breach log row"))?,
+                row.get(3).map_err(sql("read breach log row"))?,
+                row.get(4).map_err(sql("read breach log row"))?,
+                row.get(5).map_err(sql("read breach log row"))?,
+                row.get(6).map_err(sql("read breach log row"))?,
+            ));
+        }
+        Ok(out)
+    }
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
@@ -985,6 +1278,49 @@ impl Store for SqliteStore {
         let writer = self.writer.clone();
         tokio::task::spawn_blocking(move || {
             Self::prune_blocking(&mut lock(&writer), before_unix_ms)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn observe_breach(&self, obs: Observation) -> Result<BreachChange, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || Self::observe_breach_blocking(&mut lock(&writer), &obs))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn resolve_quiet_breaches(
+        &self,
+        rule: &str,
+        quiet_before_unix_ms: i64,
+        at_unix_ms: i64,
+    ) -> Result<Vec<Breach>, StoreError> {
+        let writer = self.writer.clone();
+        let rule = rule.to_owned();
+        tokio::task::spawn_blocking(move || {
+            Self::resolve_quiet_breaches_blocking(
+                &mut lock(&writer),
+                &rule,
+                quiet_before_unix_ms,
+                at_unix_ms,
+            )
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn list_breaches(&self, filter: BreachFilter) -> Result<Vec<Breach>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || Self::list_breaches_blocking(&lock(&reader), &filter))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            Self::breach_log_blocking(&lock(&reader), after_seq, limit)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -1088,6 +1424,43 @@ mod tests {
         r.telemetry = telemetry();
         assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 2);
+    }
+
+    #[tokio::test]
+    async fn an_edited_log_record_is_refused_by_the_database_and_named_by_the_chain() {
+        use crate::breach::verify_chain;
+        use crate::store::suite::{observation, whole_log};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for (at, bytes) in [(1000, 1), (2000, 2), (3000, 3)] {
+            store
+                .observe_breach(observation(
+                    "r",
+                    "n",
+                    "s",
+                    at,
+                    serde_json::json!({"bytes": bytes}),
+                ))
+                .await
+                .unwrap();
+        }
+        assert_eq!(verify_chain(whole_log(&store).await.into_iter()), Ok(3));
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let edit = "UPDATE breach_log SET body = replace(body, '\"bytes\":2', '\"bytes\":0') WHERE seq = 2";
+        let refused = c.execute(edit, []).unwrap_err().to_string();
+        assert!(refused.contains("append-only"), "{refused}");
+        assert!(
+            c.execute("DELETE FROM breach_log WHERE seq = 3", [])
+                .is_err()
+        );
+        // Someone with the file can drop the trigger; the chain still tells.
+        c.execute_batch("DROP TRIGGER breach_log_no_update")
+            .unwrap();
+        assert_eq!(c.execute(edit, []).unwrap(), 1);
+        let log = whole_log(&store).await;
+        assert_eq!(log[1].body["evidence"]["bytes"], 0);
+        let err = verify_chain(log.into_iter()).unwrap_err();
+        assert_eq!(err.seq, 2, "{err}");
     }
 
     #[test]

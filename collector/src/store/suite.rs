@@ -11,9 +11,10 @@ use futures::future::LocalBoxFuture;
 use sov_proto::pb;
 
 use super::{
-    EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome, Store, StoreError,
-    Telemetry, WeightUpdate,
+    BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
+    Store, StoreError, Telemetry, WeightUpdate,
 };
+use crate::breach::{BreachState, ChainVerifier, LogRecord, Observation, Severity, verify_chain};
 
 /// A store under test and a way to look at its tables.
 #[async_trait::async_trait(?Send)]
@@ -63,6 +64,12 @@ macro_rules! store_suite {
             egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
             egress_refuses_an_unknown_grouping,
             pruning_removes_old_flows,
+            a_breach_opens_updates_and_resolves_with_one_log_record_per_change,
+            breaches_are_deduplicated_by_rule_node_and_subject,
+            an_unchanged_observation_appends_nothing_and_a_new_severity_does,
+            only_quiet_open_breaches_of_the_rule_are_resolved,
+            breaches_are_listed_by_state_rule_and_time_newest_first,
+            the_breach_log_is_a_verifiable_chain_read_in_pages_and_never_pruned,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -772,6 +779,371 @@ pub(crate) async fn pruning_removes_old_flows(db: &dyn Backend) {
     assert_eq!(pruned.flows, 12);
     assert_eq!(egress(store, "country", 10).await, (vec![], 0));
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+}
+
+// Breaches and their log.
+
+/// A critical observation of `rule` on `node` about `subject` at `at` ms.
+pub(crate) fn observation(
+    rule: &str,
+    node: &str,
+    subject: &str,
+    at: i64,
+    evidence: serde_json::Value,
+) -> Observation {
+    Observation {
+        rule: rule.into(),
+        node: node.into(),
+        subject: subject.into(),
+        severity: Severity::Critical,
+        evidence,
+        at_unix_ms: at,
+    }
+}
+
+async fn observe(store: &dyn Store, obs: Observation) -> BreachChange {
+    store.observe_breach(obs).await.unwrap()
+}
+
+/// The whole breach log.
+pub(crate) async fn whole_log(store: &dyn Store) -> Vec<LogRecord> {
+    store.breach_log(0, 100_000).await.unwrap()
+}
+
+fn all_breaches() -> BreachFilter {
+    BreachFilter {
+        limit: 100,
+        ..Default::default()
+    }
+}
+
+pub(crate) async fn a_breach_opens_updates_and_resolves_with_one_log_record_per_change(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let ev = |bytes: u64| serde_json::json!({"destination": "US", "bytes": bytes});
+    let opened = observe(store, observation("r", "gpu-1", "m", 1000, ev(10))).await;
+    let BreachChange::Opened(b) = &opened else {
+        panic!("{opened:?}")
+    };
+    assert_eq!(b.breach_id.len(), 32);
+    assert_eq!(
+        (b.state, b.count, b.opened_at_unix_ms, b.last_seen_unix_ms),
+        (BreachState::Open, 1, 1000, 1000)
+    );
+    let id = b.breach_id.clone();
+    let same = observe(store, observation("r", "gpu-1", "m", 2000, ev(10))).await;
+    assert!(matches!(same, BreachChange::Unchanged(_)), "{same:?}");
+    assert_eq!(
+        (same.breach().count, same.breach().last_seen_unix_ms),
+        (2, 2000)
+    );
+    let updated = observe(store, observation("r", "gpu-1", "m", 3000, ev(20))).await;
+    let BreachChange::Updated(b) = &updated else {
+        panic!("{updated:?}")
+    };
+    assert_eq!((b.breach_id.as_str(), b.count), (id.as_str(), 3));
+    assert_eq!(b.evidence["bytes"], 20);
+    let resolved = store
+        .resolve_quiet_breaches("r", 3500, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(resolved.len(), 1);
+    assert_eq!(
+        (
+            resolved[0].breach_id.as_str(),
+            resolved[0].state,
+            resolved[0].resolved_at_unix_ms,
+            resolved[0].count
+        ),
+        (id.as_str(), BreachState::Resolved, Some(10_000), 3)
+    );
+
+    let log = whole_log(store).await;
+    let events: Vec<_> = log
+        .iter()
+        .map(|r| (r.seq, r.event.as_str(), r.at_unix_ms, r.breach_id.as_str()))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            (1, "open", 1000, id.as_str()),
+            (2, "updated", 3000, id.as_str()),
+            (3, "resolved", 10_000, id.as_str())
+        ]
+    );
+    assert_eq!(log[0].body["state"], "open");
+    assert_eq!(log[0].body["evidence"]["bytes"], 10);
+    assert_eq!(log[1].body["evidence"]["bytes"], 20);
+    assert_eq!(log[1].body["count"], 3);
+    assert_eq!(log[2].body["state"], "resolved");
+    assert_eq!(log[2].body["resolved_at_unix_ms"], 10_000);
+    assert_eq!(log[2].body["severity"], "critical");
+    assert_eq!(verify_chain(log.into_iter()), Ok(3));
+
+    // Seen again after resolution: a new breach with a new id.
+    let again = observe(store, observation("r", "gpu-1", "m", 11_000, ev(20))).await;
+    let BreachChange::Opened(b) = &again else {
+        panic!("{again:?}")
+    };
+    assert_ne!(b.breach_id, id);
+    assert_eq!(db.count("SELECT COUNT(*) FROM breaches").await, 2);
+    let listed = store.list_breaches(all_breaches()).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0], *b);
+    assert_eq!(listed[1], resolved[0]);
+}
+
+pub(crate) async fn breaches_are_deduplicated_by_rule_node_and_subject(db: &dyn Backend) {
+    let store = db.store();
+    let keys = [
+        ("r", "n", "s"),
+        ("r", "n", "t"),
+        ("r", "o", "s"),
+        ("q", "n", "s"),
+        // Fields do not run together.
+        ("r", "ns", ""),
+    ];
+    for (i, round) in [0, 1].into_iter().enumerate() {
+        for (rule, node, subject) in keys {
+            let at = 1000 * (i64::from(round) + 1);
+            let change = observe(store, observation(rule, node, subject, at, "x".into())).await;
+            if i == 0 {
+                assert!(matches!(change, BreachChange::Opened(_)), "{change:?}");
+            } else {
+                assert!(matches!(change, BreachChange::Unchanged(_)), "{change:?}");
+                assert_eq!(change.breach().count, 2);
+            }
+        }
+    }
+    let listed = store.list_breaches(all_breaches()).await.unwrap();
+    assert_eq!(listed.len(), keys.len());
+    let mut ids: Vec<_> = listed.iter().map(|b| b.breach_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), keys.len());
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM breaches WHERE state = 'open'")
+            .await,
+        5
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM breach_log").await, 5);
+}
+
+pub(crate) async fn an_unchanged_observation_appends_nothing_and_a_new_severity_does(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let first: serde_json::Value =
+        serde_json::from_str(r#"{"a": 1, "b": [1, 2], "c": {"y": 1.5, "x": null}}"#).unwrap();
+    // The same evidence with its keys in another order.
+    let reordered: serde_json::Value =
+        serde_json::from_str(r#"{"c": {"x": null, "y": 1.5}, "b": [1, 2], "a": 1}"#).unwrap();
+    observe(store, observation("r", "n", "s", 1000, first)).await;
+    for at in 2..=5 {
+        let change = observe(
+            store,
+            observation("r", "n", "s", at * 1000, reordered.clone()),
+        )
+        .await;
+        assert!(matches!(change, BreachChange::Unchanged(_)), "{change:?}");
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM breach_log").await, 1);
+    let b = &store.list_breaches(all_breaches()).await.unwrap()[0];
+    assert_eq!((b.count, b.last_seen_unix_ms), (5, 5000));
+    // Array order is significant.
+    let mut o = observation(
+        "r",
+        "n",
+        "s",
+        6000,
+        serde_json::json!({"a": 1, "b": [2, 1], "c": {"x": null, "y": 1.5}}),
+    );
+    assert!(matches!(
+        observe(store, o.clone()).await,
+        BreachChange::Updated(_)
+    ));
+    o.severity = Severity::Warning;
+    o.at_unix_ms = 7000;
+    let change = observe(store, o).await;
+    assert!(matches!(change, BreachChange::Updated(_)), "{change:?}");
+    assert_eq!(change.breach().severity, Severity::Warning);
+    let log = whole_log(store).await;
+    assert_eq!(log.len(), 3);
+    assert_eq!(log[2].body["severity"], "warning");
+    assert_eq!(log[2].body["count"], 7);
+    assert_eq!(verify_chain(log.into_iter()), Ok(3));
+}
+
+pub(crate) async fn only_quiet_open_breaches_of_the_rule_are_resolved(db: &dyn Backend) {
+    let store = db.store();
+    observe(store, observation("r", "a", "s", 1000, 1.into())).await;
+    observe(store, observation("r", "b", "s", 1000, 1.into())).await;
+    observe(store, observation("r", "b", "s", 5000, 1.into())).await;
+    observe(store, observation("q", "a", "s", 1000, 1.into())).await;
+    // Last seen exactly at the boundary is not quiet.
+    observe(store, observation("r", "c", "s", 3000, 1.into())).await;
+    let resolved = store.resolve_quiet_breaches("r", 3000, 6000).await.unwrap();
+    let nodes: Vec<_> = resolved.iter().map(|b| b.node.as_str()).collect();
+    assert_eq!(nodes, ["a"]);
+    assert!(
+        store
+            .resolve_quiet_breaches("r", 3000, 7000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let open = store
+        .list_breaches(BreachFilter {
+            state: Some(BreachState::Open),
+            ..all_breaches()
+        })
+        .await
+        .unwrap();
+    let mut keys: Vec<_> = open
+        .iter()
+        .map(|b| (b.rule.as_str(), b.node.as_str()))
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, [("q", "a"), ("r", "b"), ("r", "c")]);
+    let log = whole_log(store).await;
+    let events: Vec<_> = log.iter().map(|r| r.event.as_str()).collect();
+    assert_eq!(events, ["open", "open", "open", "open", "resolved"]);
+    // Several at once: each gets its own record, in breach id order.
+    let mut resolved = store
+        .resolve_quiet_breaches("r", i64::MAX, 8000)
+        .await
+        .unwrap();
+    assert_eq!(resolved.len(), 2);
+    let log = whole_log(store).await;
+    assert_eq!(log.len(), 7);
+    resolved.sort_by(|a, b| a.breach_id.cmp(&b.breach_id));
+    assert_eq!(log[5].breach_id, resolved[0].breach_id);
+    assert_eq!(log[6].breach_id, resolved[1].breach_id);
+    assert_eq!(verify_chain(log.into_iter()), Ok(7));
+}
+
+pub(crate) async fn breaches_are_listed_by_state_rule_and_time_newest_first(db: &dyn Backend) {
+    let store = db.store();
+    for (rule, node, at) in [("r", "a", 1000), ("r", "b", 2000), ("q", "c", 3000)] {
+        observe(store, observation(rule, node, "s", at, 0.into())).await;
+    }
+    // a resolved at 4000, b at 9000; c stays open.
+    store.resolve_quiet_breaches("r", 1500, 4000).await.unwrap();
+    store.resolve_quiet_breaches("r", 2500, 9000).await.unwrap();
+    let list = |f: BreachFilter| async move {
+        store
+            .list_breaches(f)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.node)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(list(all_breaches()).await, ["c", "b", "a"]);
+    assert_eq!(
+        list(BreachFilter {
+            limit: 2,
+            ..all_breaches()
+        })
+        .await,
+        ["c", "b"]
+    );
+    assert_eq!(
+        list(BreachFilter {
+            state: Some(BreachState::Resolved),
+            ..all_breaches()
+        })
+        .await,
+        ["b", "a"]
+    );
+    assert_eq!(
+        list(BreachFilter {
+            rule: Some("r".into()),
+            ..all_breaches()
+        })
+        .await,
+        ["b", "a"]
+    );
+    assert_eq!(
+        list(BreachFilter {
+            rule: Some("nothing".into()),
+            ..all_breaches()
+        })
+        .await,
+        Vec::<String>::new()
+    );
+    // Open at some time since 5000: c (still open) and b (resolved at 9000).
+    assert_eq!(
+        list(BreachFilter {
+            since_unix_ms: Some(5000),
+            ..all_breaches()
+        })
+        .await,
+        ["c", "b"]
+    );
+    assert_eq!(
+        list(BreachFilter {
+            since_unix_ms: Some(5000),
+            state: Some(BreachState::Resolved),
+            rule: Some("r".into()),
+            limit: 10,
+        })
+        .await,
+        ["b"]
+    );
+    let b = &store
+        .list_breaches(BreachFilter {
+            state: Some(BreachState::Resolved),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()[0];
+    assert_eq!(
+        (b.resolved_at_unix_ms, b.opened_at_unix_ms, b.severity),
+        (Some(9000), 2000, Severity::Critical)
+    );
+}
+
+pub(crate) async fn the_breach_log_is_a_verifiable_chain_read_in_pages_and_never_pruned(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    ingest(store, report("n0", 1, 1)).await;
+    for i in 0..5_i64 {
+        let node = format!("n{i}");
+        observe(store, observation("r", &node, "s", 1000 + i, i.into())).await;
+        observe(
+            store,
+            observation("r", &node, "s", 2000 + i, (i + 1).into()),
+        )
+        .await;
+    }
+    store.resolve_quiet_breaches("r", 3000, 4000).await.unwrap();
+    let mut v = ChainVerifier::new();
+    let mut after = 0;
+    loop {
+        let page = store.breach_log(after, 4).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 4);
+        for r in &page {
+            v.push(r).unwrap();
+        }
+        after = page.last().unwrap().seq;
+    }
+    assert_eq!(v.checked(), 15);
+    let log = whole_log(store).await;
+    assert_eq!(v.last_hash(), log[14].hash);
+    assert_eq!(store.breach_log(14, 10).await.unwrap().len(), 1);
+    assert!(store.breach_log(15, 10).await.unwrap().is_empty());
+    // Retention leaves breaches and their log alone.
+    store.prune(i64::MAX).await.unwrap();
+    assert_eq!(db.count("SELECT COUNT(*) FROM breach_log").await, 15);
+    assert_eq!(db.count("SELECT COUNT(*) FROM breaches").await, 5);
+    assert_eq!(verify_chain(whole_log(store).await.into_iter()), Ok(15));
 }
 
 // The dispatcher in `store::open`.
