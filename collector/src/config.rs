@@ -54,6 +54,11 @@ pub struct CollectorConfig {
     /// `[alert]`: where breach alerts are sent (no sink by default).
     #[serde(default)]
     pub alert: AlertConfig,
+    /// Policy file (jurisdiction, thresholds, `[[allow]]`, ...). When set, the collector
+    /// evaluates the built-in breach rules against it every few seconds and reloads it when it
+    /// changes; the file must load at start. Default: none (no breach rules run).
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
 }
 
 /// `[alert]`: the sinks that receive every breach state change (open, updated, resolved).
@@ -242,6 +247,7 @@ impl CollectorConfig {
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
             alert: AlertConfig::default(),
+            policy: None,
         }
     }
 
@@ -314,6 +320,11 @@ impl CollectorConfig {
         for problem in crate::alert::validate(&self.alert) {
             p.0.push(problem);
         }
+        if let Some(path) = &self.policy
+            && let Err(e) = crate::policy::Policy::load(path)
+        {
+            p.push("policy", format!("{}: {e}", path.display()));
+        }
         p
     }
 }
@@ -358,6 +369,21 @@ mod tests {
             problems.0.iter().all(|p| p.starts_with("tls.")),
             "{problems}"
         );
+    }
+
+    #[test]
+    fn a_policy_file_must_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("policy.toml");
+        std::fs::write(&good, "jurisdiction = \"MA\"\n").unwrap();
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig =
+            toml::from_str(&format!("policy = {:?}\n{tls}", good.display().to_string())).unwrap();
+        assert_eq!(c.policy.as_deref(), Some(good.as_path()));
+        assert!(!c.validate().to_string().contains("policy"));
+        let c: CollectorConfig =
+            toml::from_str(&format!("policy = \"/no/policy.toml\"\n{tls}")).unwrap();
+        assert!(c.validate().to_string().contains("policy"));
     }
 
     #[test]

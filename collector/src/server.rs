@@ -50,6 +50,9 @@ pub enum ServerError {
     /// TLS or the HTTP/2 server failed.
     #[error("grpc server failed")]
     Transport(#[from] tonic::transport::Error),
+    /// The policy file (`policy`) could not be loaded.
+    #[error("policy set-up failed")]
+    Policy(#[from] crate::policy::PolicyError),
     /// The metrics address (`[metrics] listen`) could not be bound.
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
@@ -169,6 +172,40 @@ async fn geo_reload_loop(geo: crate::geo::Geo, stop: CancellationToken) {
     }
 }
 
+/// How often the policy file is checked for changes.
+pub const POLICY_RELOAD_EVERY: Duration = Duration::from_secs(10);
+
+/// Evaluate the breach rules ([`crate::policy::rules`]) every
+/// [`crate::policy::rules::EVAL_EVERY`] against the policy current at that moment, reloading
+/// the policy file when it changes (checked every [`POLICY_RELOAD_EVERY`]).
+async fn policy_loop(
+    watch: Arc<crate::policy::PolicyWatch>,
+    store: Arc<dyn Store>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(crate::policy::rules::EVAL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_reload = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if last_reload.elapsed() >= POLICY_RELOAD_EVERY {
+            last_reload = tokio::time::Instant::now();
+            let w = watch.clone();
+            if let Ok(true) = tokio::task::spawn_blocking(move || w.reload_if_changed()).await {
+                tracing::info!(path = %watch.path().display(), "policy reloaded");
+            }
+        }
+        let policy = watch.current();
+        let now = crate::ingest::now_unix_ms();
+        if let Err(err) = crate::policy::rules::evaluate(&policy, store.as_ref(), now).await {
+            tracing::warn!(error = %err, "breach rule evaluation failed; will retry");
+        }
+    }
+}
+
 /// Serve gRPC on `listener` until `shutdown` completes, then drain; with `[metrics] listen`,
 /// also serve `/metrics` there until then.
 pub async fn run(
@@ -209,6 +246,10 @@ pub async fn run_with_metrics(
         metrics.clone(),
     );
     let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page);
+    let policy_watch = match &config.policy {
+        Some(path) => Some(Arc::new(crate::policy::PolicyWatch::new(path)?)),
+        None => None,
+    };
     let metrics_listener = match config.metrics.listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -225,6 +266,9 @@ pub async fn run_with_metrics(
             store.clone(),
             maintenance.clone().cancelled_owned(),
         ));
+    }
+    if let Some(watch) = policy_watch {
+        tokio::spawn(policy_loop(watch, store.clone(), maintenance.clone()));
     }
     tokio::spawn(prune_loop(
         store,

@@ -74,6 +74,63 @@ enum Command {
         #[arg(long, value_enum, default_value = "country")]
         by: EgressBy,
     },
+    /// Breaches the collector's policy rules opened, newest first.
+    Breaches {
+        /// Which breaches: open, resolved or all.
+        #[arg(long, value_enum, default_value = "all")]
+        state: BreachStateArg,
+        /// Only this rule (e.g. foreign-egress).
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only breaches open at some time within this long ago (e.g. 24h); default all.
+        #[arg(long, value_parser = parse_duration_ms)]
+        since: Option<i64>,
+    },
+}
+
+/// `sovctl breaches --state`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum BreachStateArg {
+    /// Still open.
+    Open,
+    /// Resolved.
+    Resolved,
+    /// Both.
+    All,
+}
+
+/// The columns of `sovctl breaches`, in order; the JSON objects carry at least these keys.
+pub const BREACH_COLUMNS: [&str; 8] = [
+    "breach_id",
+    "rule",
+    "state",
+    "severity",
+    "node",
+    "subject",
+    "opened_at",
+    "resolved_at",
+];
+
+/// One breach as the JSON object `sovctl breaches --output json` prints (times RFC 3339,
+/// `resolved_at` null while open; `evidence` parsed back into JSON).
+pub fn breach_json(b: &pb::BreachSummary) -> Value {
+    json!({
+        "breach_id": b.breach_id,
+        "rule": b.rule,
+        "state": b.state,
+        "severity": b.severity,
+        "node": b.node,
+        "subject": b.subject,
+        "opened_at": rfc3339(b.opened_at_unix_ms),
+        "last_seen": rfc3339(b.last_seen_unix_ms),
+        "resolved_at": if b.resolved_at_unix_ms > 0 {
+            Value::String(rfc3339(b.resolved_at_unix_ms))
+        } else {
+            Value::Null
+        },
+        "count": b.count,
+        "evidence": serde_json::from_str::<Value>(&b.evidence_json).unwrap_or(Value::Null),
+    })
 }
 
 /// Groupings of `sovctl egress`.
@@ -510,6 +567,29 @@ async fn run(cli: Cli) -> Result<String, String> {
             }
             let rows: Vec<Value> = resp.rows.iter().map(|r| egress_json(r, by)).collect();
             Ok(render(&rows, by.columns(), cli.output))
+        }
+        Command::Breaches { state, rule, since } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            let state = match state {
+                BreachStateArg::Open => "open",
+                BreachStateArg::Resolved => "resolved",
+                BreachStateArg::All => "",
+            };
+            let resp = client
+                .list_breaches(pb::ListBreachesRequest {
+                    state: state.to_owned(),
+                    rule: rule.unwrap_or_default(),
+                    since_unix_ms: since.map_or(0, |s| now - s),
+                    limit: PAGE,
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let rows: Vec<Value> = resp.breaches.iter().map(breach_json).collect();
+            Ok(render(&rows, &BREACH_COLUMNS, cli.output))
         }
     }
 }

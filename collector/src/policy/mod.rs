@@ -16,6 +16,7 @@ pub mod allow;
 pub mod file;
 pub mod models;
 pub mod publishers;
+pub mod rules;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -69,6 +69,24 @@ impl From<NodeRow> for pb::NodeSummary {
     }
 }
 
+impl From<crate::breach::Breach> for pb::BreachSummary {
+    fn from(b: crate::breach::Breach) -> Self {
+        Self {
+            evidence_json: crate::breach::canonical_json(&b.evidence),
+            breach_id: b.breach_id,
+            rule: b.rule,
+            state: b.state.as_str().to_owned(),
+            severity: b.severity.as_str().to_owned(),
+            node: b.node,
+            subject: b.subject,
+            opened_at_unix_ms: b.opened_at_unix_ms,
+            last_seen_unix_ms: b.last_seen_unix_ms,
+            resolved_at_unix_ms: b.resolved_at_unix_ms.unwrap_or(0),
+            count: b.count,
+        }
+    }
+}
+
 /// Largest time range an egress query may span.
 pub const MAX_EGRESS_RANGE_MS: i64 = 366 * 86_400_000;
 
@@ -172,6 +190,42 @@ impl pb::query_server::Query for QueryService {
         Ok(Response::new(pb::ListNodesResponse {
             nodes: rows.into_iter().map(Into::into).collect(),
             next_after,
+        }))
+    }
+
+    async fn list_breaches(
+        &self,
+        req: Request<pb::ListBreachesRequest>,
+    ) -> Result<Response<pb::ListBreachesResponse>, Status> {
+        let id = auth::identity_from_request(&req, &self.trust_domain)?;
+        auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.ListBreaches")?;
+        let r = req.into_inner();
+        let state = match r.state.as_str() {
+            "" => None,
+            s => Some(
+                s.parse::<crate::breach::BreachState>()
+                    .map_err(|e| Status::invalid_argument(format!("state: {e}")))?,
+            ),
+        };
+        if r.rule.len() > 256 {
+            return Err(Status::invalid_argument(
+                "rule is longer than 256 characters",
+            ));
+        }
+        let filter = crate::breach::BreachFilter {
+            state,
+            rule: (!r.rule.is_empty()).then(|| r.rule.clone()),
+            since_unix_ms: (r.since_unix_ms != 0).then_some(r.since_unix_ms),
+            limit: self.page(r.limit),
+        };
+        let breaches = self
+            .store
+            .list_breaches(filter)
+            .await
+            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?;
+        tracing::info!(who = %id.name, role = %id.role, call = "ListBreaches", rows = breaches.len(), "query");
+        Ok(Response::new(pb::ListBreachesResponse {
+            breaches: breaches.into_iter().map(Into::into).collect(),
         }))
     }
 }
