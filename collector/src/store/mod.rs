@@ -325,6 +325,84 @@ pub async fn open(
     Ok(std::sync::Arc::new(store))
 }
 
+/// A u64 counter into the i64 both databases store, with a message naming the field.
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} exceeds i64")))
+}
+
+/// The stored name of a flow's protocol.
+pub(crate) fn protocol_name(code: i32) -> &'static str {
+    match sov_proto::pb::Protocol::try_from(code) {
+        Ok(sov_proto::pb::Protocol::Tcp) => "tcp",
+        Ok(sov_proto::pb::Protocol::Udp) => "udp",
+        _ => "unknown",
+    }
+}
+
+/// The stored name of a flow's direction.
+pub(crate) fn direction_name(code: i32) -> &'static str {
+    match sov_proto::pb::Direction::try_from(code) {
+        Ok(sov_proto::pb::Direction::Outbound) => "outbound",
+        Ok(sov_proto::pb::Direction::Inbound) => "inbound",
+        _ => "unknown",
+    }
+}
+
+/// The stored (and `sovctl models`) name of a weight format.
+pub fn format_name(code: i32) -> &'static str {
+    use sov_proto::pb::WeightFormat as F;
+    match F::try_from(code) {
+        Ok(F::Safetensors) => "safetensors",
+        Ok(F::Gguf) => "gguf",
+        Ok(F::PytorchZip) => "pytorch",
+        Ok(F::Torchscript) => "torchscript",
+        Ok(F::Pickle) => "pickle",
+        Ok(F::Onnx) => "onnx",
+        _ => "unknown",
+    }
+}
+
+/// The node's latest GPU columns, computed from one report (both backends store these).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct GpuSummary {
+    /// "ok", "none", "unavailable", or "" when the report says nothing.
+    pub state: &'static str,
+    pub count: usize,
+    /// Mean utilisation over the devices, 0-100.
+    pub util: f64,
+    pub mem_used: u64,
+    pub mem_total: u64,
+}
+
+impl GpuSummary {
+    pub(crate) fn of(t: &Telemetry) -> Self {
+        use sov_proto::pb::gpu_state::Availability;
+        let state = match t.gpu_state.as_ref().map(|s| s.availability()) {
+            Some(Availability::Available) => "ok",
+            Some(Availability::NoDevices) => "none",
+            Some(Availability::Unavailable) => "unavailable",
+            _ => "",
+        };
+        let count = t.gpus.len();
+        let util = if count == 0 {
+            0.0
+        } else {
+            t.gpus
+                .iter()
+                .map(|g| f64::from(g.utilization_gpu_percent))
+                .sum::<f64>()
+                / count as f64
+        };
+        Self {
+            state,
+            count,
+            util,
+            mem_used: t.gpus.iter().map(|g| g.memory_used_bytes).sum(),
+            mem_total: t.gpus.iter().map(|g| g.memory_total_bytes).sum(),
+        }
+    }
+}
+
 /// Durable storage of reports and per-node completeness.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {

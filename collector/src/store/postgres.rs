@@ -27,8 +27,8 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    BreachChange, BreachFilter, EgressQuery, IncomingReport, IngestOutcome, NodeRow, PruneStats,
-    Store, StoreError,
+    BreachChange, BreachFilter, EgressQuery, GpuSummary, IncomingReport, IngestOutcome, NodeRow,
+    PruneStats, Store, StoreError, direction_name, format_name, protocol_name, to_i64,
 };
 use crate::breach::{
     Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
@@ -502,10 +502,6 @@ fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError
     move |source| StoreError::Postgres { context, source }
 }
 
-fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} exceeds i64")))
-}
-
 fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize, context: &'static str) -> Result<T, StoreError> {
     row.try_get(i).map_err(pg(context))
 }
@@ -632,35 +628,6 @@ async fn migrate(client: &mut Client, schema: Option<&str>) -> Result<(), StoreE
     Ok(())
 }
 
-fn protocol_name(code: i32) -> &'static str {
-    match sov_proto::pb::Protocol::try_from(code) {
-        Ok(sov_proto::pb::Protocol::Tcp) => "tcp",
-        Ok(sov_proto::pb::Protocol::Udp) => "udp",
-        _ => "unknown",
-    }
-}
-
-fn direction_name(code: i32) -> &'static str {
-    match sov_proto::pb::Direction::try_from(code) {
-        Ok(sov_proto::pb::Direction::Outbound) => "outbound",
-        Ok(sov_proto::pb::Direction::Inbound) => "inbound",
-        _ => "unknown",
-    }
-}
-
-fn format_name(code: i32) -> &'static str {
-    use sov_proto::pb::WeightFormat as F;
-    match F::try_from(code) {
-        Ok(F::Safetensors) => "safetensors",
-        Ok(F::Gguf) => "gguf",
-        Ok(F::PytorchZip) => "pytorch",
-        Ok(F::Torchscript) => "torchscript",
-        Ok(F::Pickle) => "pickle",
-        Ok(F::Onnx) => "onnx",
-        _ => "unknown",
-    }
-}
-
 type Tx<'a> = tokio_postgres::Transaction<'a>;
 
 /// The report's time series rows, and the node's latest GPU columns when this report is the
@@ -736,24 +703,13 @@ async fn insert_telemetry(
             .map_err(pg("insert gpu usage"))?;
         }
     }
-    let gpu_state = match t.gpu_state.as_ref().map(|s| s.availability()) {
-        Some(sov_proto::pb::gpu_state::Availability::Available) => "ok",
-        Some(sov_proto::pb::gpu_state::Availability::NoDevices) => "none",
-        Some(sov_proto::pb::gpu_state::Availability::Unavailable) => "unavailable",
-        _ => "",
-    };
-    let count = t.gpus.len();
-    let util = if count == 0 {
-        0.0
-    } else {
-        t.gpus
-            .iter()
-            .map(|g| f64::from(g.utilization_gpu_percent))
-            .sum::<f64>()
-            / count as f64
-    };
-    let mem_used: u64 = t.gpus.iter().map(|g| g.memory_used_bytes).sum();
-    let mem_total: u64 = t.gpus.iter().map(|g| g.memory_total_bytes).sum();
+    let GpuSummary {
+        state: gpu_state,
+        count,
+        util,
+        mem_used,
+        mem_total,
+    } = GpuSummary::of(t);
     tx.execute(
         &st.update_node_gpus,
         &[

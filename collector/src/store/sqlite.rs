@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    BreachChange, BreachFilter, IncomingReport, IngestOutcome, NodeRow, PruneStats, Store,
-    StoreError,
+    BreachChange, BreachFilter, GpuSummary, IncomingReport, IngestOutcome, NodeRow, PruneStats,
+    Store, StoreError, direction_name, format_name, protocol_name, to_i64,
 };
 use crate::breach::{
     Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
@@ -139,10 +139,6 @@ fn lock(c: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} exceeds i64")))
-}
-
 fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} is negative")))
 }
@@ -223,24 +219,13 @@ fn insert_telemetry(
             .map_err(sql("insert gpu usage"))?;
         }
     }
-    let gpu_state = match t.gpu_state.as_ref().map(|s| s.availability()) {
-        Some(sov_proto::pb::gpu_state::Availability::Available) => "ok",
-        Some(sov_proto::pb::gpu_state::Availability::NoDevices) => "none",
-        Some(sov_proto::pb::gpu_state::Availability::Unavailable) => "unavailable",
-        _ => "",
-    };
-    let count = t.gpus.len();
-    let util = if count == 0 {
-        0.0
-    } else {
-        t.gpus
-            .iter()
-            .map(|g| f64::from(g.utilization_gpu_percent))
-            .sum::<f64>()
-            / count as f64
-    };
-    let mem_used: u64 = t.gpus.iter().map(|g| g.memory_used_bytes).sum();
-    let mem_total: u64 = t.gpus.iter().map(|g| g.memory_total_bytes).sum();
+    let GpuSummary {
+        state: gpu_state,
+        count,
+        util,
+        mem_used,
+        mem_total,
+    } = GpuSummary::of(t);
     tx.execute(
         "UPDATE nodes SET gpu_state = ?2, gpu_count = ?3, gpu_util_percent = ?4,
                           gpu_memory_used_bytes = ?5, gpu_memory_total_bytes = ?6
@@ -435,22 +420,6 @@ fn append_log(
     Ok(())
 }
 
-fn protocol_name(code: i32) -> &'static str {
-    match sov_proto::pb::Protocol::try_from(code) {
-        Ok(sov_proto::pb::Protocol::Tcp) => "tcp",
-        Ok(sov_proto::pb::Protocol::Udp) => "udp",
-        _ => "unknown",
-    }
-}
-
-fn direction_name(code: i32) -> &'static str {
-    match sov_proto::pb::Direction::try_from(code) {
-        Ok(sov_proto::pb::Direction::Outbound) => "outbound",
-        Ok(sov_proto::pb::Direction::Inbound) => "inbound",
-        _ => "unknown",
-    }
-}
-
 /// Add the report's flows to the per-minute aggregates; keep foreign ones raw too.
 fn apply_flows(
     tx: &rusqlite::Transaction<'_>,
@@ -522,19 +491,6 @@ fn apply_flows(
         }
     }
     Ok(())
-}
-
-fn format_name(code: i32) -> &'static str {
-    use sov_proto::pb::WeightFormat as F;
-    match F::try_from(code) {
-        Ok(F::Safetensors) => "safetensors",
-        Ok(F::Gguf) => "gguf",
-        Ok(F::PytorchZip) => "pytorch",
-        Ok(F::Torchscript) => "torchscript",
-        Ok(F::Pickle) => "pickle",
-        Ok(F::Onnx) => "onnx",
-        _ => "unknown",
-    }
 }
 
 /// Apply a report's weight inventory: upsert what it carries, mark what went away.
