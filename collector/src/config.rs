@@ -79,6 +79,18 @@ pub struct AlertConfig {
     /// `[[alert.syslog]]`: syslog receivers (RFC 5424 over UDP or TCP).
     #[serde(default)]
     pub syslog: Vec<SyslogSinkConfig>,
+    /// Longest wait between two tries of an undelivered alert, seconds, 1..=3600. Default 300
+    /// (the delay doubles from 1 s up to it).
+    #[serde(default)]
+    pub retry_max_secs: Option<u64>,
+}
+
+impl AlertConfig {
+    /// `retry_max_secs` or its default.
+    pub fn retry_max(&self) -> std::time::Duration {
+        self.retry_max_secs
+            .map_or(crate::alert::RETRY_MAX, std::time::Duration::from_secs)
+    }
 }
 
 /// One `[[alert.webhook]]`.

@@ -89,6 +89,7 @@ async fn receiver(status: u16) -> (String, mpsc::Receiver<Request>) {
 
 fn alert(state: &str) -> Alert {
     Alert {
+        seq: 42,
         breach_id: "b-42".into(),
         rule: "foreign-egress".into(),
         state: state.into(),

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+pub use crate::alert::outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
 use crate::breach::{Breach, LogRecord, Observation};
 pub use crate::breach::{BreachChange, BreachFilter};
 
@@ -117,7 +118,8 @@ pub struct EgressQuery {
     pub since_unix_ms: i64,
     /// Exclusive end, Unix ms.
     pub until_unix_ms: i64,
-    /// Grouping: "country", "node", "process", "asn", "destination".
+    /// Grouping: "country", "node", "process", "asn", "destination", or "flow" (node,
+    /// process, destination address and port: what the breach rules read).
     pub by: String,
     /// Most rows.
     pub limit: u32,
@@ -455,4 +457,71 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Breach log records with `seq > after_seq`, in order, at most `limit`.
     async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError>;
+
+    /// Sequence number of the last breach log record (0 when the log is empty).
+    async fn breach_log_end(&self) -> Result<u64, StoreError>;
+
+    /// The outbox cursor of `sink`: the last breach log sequence number already enqueued for
+    /// it, or `None` for a sink never seen.
+    async fn outbox_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError>;
+
+    /// In one transaction: insert `items` as pending rows of `sink` (a row with the same
+    /// `(sink, log_seq)` already there is kept as it is) and move the sink's cursor to
+    /// `cursor` (never backwards).
+    async fn outbox_enqueue(
+        &self,
+        sink: &str,
+        items: Vec<OutboxItem>,
+        cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The oldest pending row of `sink` (lowest log sequence number), if any.
+    async fn outbox_head(&self, sink: &str) -> Result<Option<OutboxRow>, StoreError>;
+
+    /// Record the outcome of one delivery try of `(sink, log_seq)`.
+    async fn outbox_settle(
+        &self,
+        sink: &str,
+        log_seq: u64,
+        settle: Settle,
+    ) -> Result<(), StoreError>;
+
+    /// Outbox counters per sink, sorted by sink name.
+    async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError>;
+
+    /// Take or renew the lease `name` for `holder` until `now + ttl_ms`: true when `holder`
+    /// has it now (it was free, expired, or already its own). Among collector replicas on
+    /// one database this makes one of them do a job (rule evaluation, one alert sink).
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_unix_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Record the address a node's reports come from and where it geolocates.
+    async fn note_peer(&self, peer: NodePeer) -> Result<(), StoreError>;
+
+    /// Every node's last recorded peer address, sorted by node.
+    async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError>;
+}
+
+/// The address a node's reports arrive from, as the collector sees it (after any NAT), and
+/// its geolocation at the time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePeer {
+    /// Node name.
+    pub node: String,
+    /// IP address (no port).
+    pub address: String,
+    /// Country of the address ("" when no database places it).
+    pub country: String,
+    /// Autonomous system (0 when unknown).
+    pub asn: u32,
+    /// Which database said so.
+    pub source: String,
+    /// When it was recorded.
+    pub seen_unix_ms: i64,
 }

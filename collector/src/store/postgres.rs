@@ -27,8 +27,9 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    BreachChange, BreachFilter, EgressQuery, GpuSummary, IncomingReport, IngestOutcome, NodeRow,
-    PruneStats, Store, StoreError, direction_name, format_name, protocol_name, to_i64,
+    BreachChange, BreachFilter, EgressQuery, GpuSummary, IncomingReport, IngestOutcome, NodePeer,
+    NodeRow, OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store, StoreError,
+    direction_name, format_name, protocol_name, to_i64,
 };
 use crate::breach::{
     Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
@@ -49,7 +50,9 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 5] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
+const MIGRATIONS: [&str; 6] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE nodes (
@@ -447,6 +450,42 @@ impl std::fmt::Debug for PostgresStore {
             .finish_non_exhaustive()
     }
 }
+
+/// The alert outbox, leases and node peer addresses (as the SQLite store's V6).
+const SCHEMA_V6: &str = r#"
+CREATE TABLE alert_outbox (
+    sink            TEXT NOT NULL,
+    log_seq         BIGINT NOT NULL,
+    breach_id       TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        BIGINT NOT NULL,
+    next_attempt_ms BIGINT NOT NULL,
+    last_error      TEXT NOT NULL,
+    created_ms      BIGINT NOT NULL,
+    settled_ms      BIGINT,
+    PRIMARY KEY (sink, log_seq)
+);
+CREATE INDEX alert_outbox_pending ON alert_outbox (sink, state, log_seq);
+CREATE TABLE alert_cursor (
+    sink      TEXT PRIMARY KEY,
+    after_seq BIGINT NOT NULL
+);
+CREATE TABLE leases (
+    name     TEXT PRIMARY KEY,
+    holder   TEXT NOT NULL,
+    until_ms BIGINT NOT NULL
+);
+CREATE TABLE node_peers (
+    node    TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    country TEXT NOT NULL,
+    asn     BIGINT NOT NULL,
+    source  TEXT NOT NULL,
+    seen_ms BIGINT NOT NULL
+);
+"#;
 
 /// The writer connection and its prepared ingest statements.
 struct Writer {
@@ -1388,9 +1427,14 @@ impl Store for PostgresStore {
                 ),
                 "country, asn, remote_address, remote_port",
             ),
+            "flow" => (
+                "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)"
+                    .to_owned(),
+                "country, node, process, pid, asn, remote_address, remote_port",
+            ),
             other => {
                 return Err(StoreError::Range(format!(
-                    "unknown grouping {other:?}: use country, node, process, asn or destination"
+                    "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
                 )));
             }
         };
@@ -1565,6 +1609,244 @@ impl Store for PostgresStore {
                     get(r, 5, C)?,
                     get(r, 6, C)?,
                 ))
+            })
+            .collect()
+    }
+
+    async fn breach_log_end(&self) -> Result<u64, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_one("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM breach_log", &[])
+            .await
+            .map_err(pg("read breach log end"))?;
+        get_u64(&row, 0, "read breach log end")
+    }
+
+    async fn outbox_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_opt(
+                "SELECT after_seq FROM alert_cursor WHERE sink = $1",
+                &[&sink],
+            )
+            .await
+            .map_err(pg("read outbox cursor"))?;
+        row.map(|r| get_u64(&r, 0, "read outbox cursor"))
+            .transpose()
+    }
+
+    async fn outbox_enqueue(
+        &self,
+        sink: &str,
+        items: Vec<OutboxItem>,
+        cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut w = self.writer().await?;
+        let tx = w.client.transaction().await.map_err(pg("begin enqueue"))?;
+        for it in &items {
+            tx.execute(
+                "INSERT INTO alert_outbox (sink, log_seq, breach_id, event, payload, state,
+                     attempts, next_attempt_ms, last_error, created_ms, settled_ms)
+                 VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, '', $6, NULL)
+                 ON CONFLICT (sink, log_seq) DO NOTHING",
+                &[
+                    &sink,
+                    &to_i64(it.log_seq, "log seq")?,
+                    &it.breach_id,
+                    &it.event,
+                    &it.payload,
+                    &now_unix_ms,
+                ],
+            )
+            .await
+            .map_err(pg("enqueue alert"))?;
+        }
+        tx.execute(
+            "INSERT INTO alert_cursor (sink, after_seq) VALUES ($1, $2)
+             ON CONFLICT (sink) DO UPDATE SET after_seq = GREATEST(alert_cursor.after_seq, excluded.after_seq)",
+            &[&sink, &to_i64(cursor, "outbox cursor")?],
+        )
+        .await
+        .map_err(pg("move outbox cursor"))?;
+        tx.commit().await.map_err(pg("commit enqueue"))
+    }
+
+    async fn outbox_head(&self, sink: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_opt(
+                "SELECT log_seq, breach_id, event, payload, attempts, next_attempt_ms, created_ms
+                 FROM alert_outbox WHERE sink = $1 AND state = 'pending'
+                 ORDER BY log_seq LIMIT 1",
+                &[&sink],
+            )
+            .await
+            .map_err(pg("read outbox head"))?;
+        const C: &str = "read outbox head";
+        row.map(|r| {
+            Ok(OutboxRow {
+                sink: sink.to_owned(),
+                item: OutboxItem {
+                    log_seq: get_u64(&r, 0, C)?,
+                    breach_id: get(&r, 1, C)?,
+                    event: get(&r, 2, C)?,
+                    payload: get(&r, 3, C)?,
+                },
+                attempts: u32::try_from(get::<i64>(&r, 4, C)?).unwrap_or(u32::MAX),
+                next_attempt_unix_ms: get(&r, 5, C)?,
+                created_unix_ms: get(&r, 6, C)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn outbox_settle(
+        &self,
+        sink: &str,
+        log_seq: u64,
+        settle: Settle,
+    ) -> Result<(), StoreError> {
+        let seq = to_i64(log_seq, "log seq")?;
+        let w = self.writer().await?;
+        let n = match &settle {
+            Settle::Delivered { at_unix_ms } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET state = 'delivered', settled_ms = $3
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, at_unix_ms],
+                    )
+                    .await
+            }
+            Settle::Retry {
+                attempts,
+                next_attempt_unix_ms,
+                error,
+            } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET attempts = $3, next_attempt_ms = $4, last_error = $5
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, &i64::from(*attempts), next_attempt_unix_ms, error],
+                    )
+                    .await
+            }
+            Settle::Failed {
+                attempts,
+                at_unix_ms,
+                error,
+            } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET state = 'failed', attempts = $3, settled_ms = $4, last_error = $5
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, &i64::from(*attempts), at_unix_ms, error],
+                    )
+                    .await
+            }
+        }
+        .map_err(pg("settle outbox row"))?;
+        if n == 0 {
+            tracing::warn!(sink, log_seq = seq, "outbox row was already settled");
+        }
+        Ok(())
+    }
+
+    async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT sink,
+                        COUNT(*) FILTER (WHERE state = 'pending'),
+                        COUNT(*) FILTER (WHERE state = 'delivered'),
+                        COUNT(*) FILTER (WHERE state = 'failed'),
+                        COALESCE(SUM(attempts), 0)::BIGINT
+                 FROM alert_outbox GROUP BY sink ORDER BY sink COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("outbox stats"))?;
+        const C: &str = "read outbox stats";
+        rows.iter()
+            .map(|r| {
+                Ok(SinkStats {
+                    sink: get(r, 0, C)?,
+                    pending: get_u64(r, 1, C)?,
+                    delivered: get_u64(r, 2, C)?,
+                    failed: get_u64(r, 3, C)?,
+                    failed_attempts: get_u64(r, 4, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_unix_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let w = self.writer().await?;
+        let rows = w
+            .client
+            .query(
+                "INSERT INTO leases (name, holder, until_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms
+                 WHERE leases.holder = excluded.holder OR leases.until_ms < $4
+                 RETURNING holder",
+                &[&name, &holder, &now_unix_ms.saturating_add(ttl_ms), &now_unix_ms],
+            )
+            .await
+            .map_err(pg("take lease"))?;
+        Ok(rows.len() == 1)
+    }
+
+    async fn note_peer(&self, peer: NodePeer) -> Result<(), StoreError> {
+        let w = self.writer().await?;
+        w.client
+            .execute(
+                "INSERT INTO node_peers (node, address, country, asn, source, seen_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (node) DO UPDATE SET address = excluded.address, country = excluded.country,
+                     asn = excluded.asn, source = excluded.source, seen_ms = excluded.seen_ms
+                 WHERE excluded.seen_ms >= node_peers.seen_ms",
+                &[
+                    &peer.node,
+                    &peer.address,
+                    &peer.country,
+                    &i64::from(peer.asn),
+                    &peer.source,
+                    &peer.seen_unix_ms,
+                ],
+            )
+            .await
+            .map_err(pg("record node peer"))?;
+        Ok(())
+    }
+
+    async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT node, address, country, asn, source, seen_ms FROM node_peers
+                 ORDER BY node COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("node peers"))?;
+        const C: &str = "read node peer";
+        rows.iter()
+            .map(|r| {
+                Ok(NodePeer {
+                    node: get(r, 0, C)?,
+                    address: get(r, 1, C)?,
+                    country: get(r, 2, C)?,
+                    asn: u32::try_from(get::<i64>(r, 3, C)?).unwrap_or(0),
+                    source: get(r, 4, C)?,
+                    seen_unix_ms: get(r, 5, C)?,
+                })
             })
             .collect()
     }
