@@ -16,8 +16,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{Breach, LogRecord, Observation};
 pub use crate::breach::{BreachChange, BreachFilter};
+use crate::token::TokenRecord;
 
 pub mod postgres;
 pub mod sqlite;
@@ -290,6 +292,27 @@ pub(crate) fn breach_from_columns(
     })
 }
 
+/// A token from its stored columns (both backends store the same ones).
+pub(crate) fn token_from_columns(
+    token_id: String,
+    hash: String,
+    name: String,
+    role: &str,
+    created_ms: i64,
+    expires_ms: i64,
+) -> Result<TokenRecord, StoreError> {
+    Ok(TokenRecord {
+        role: role
+            .parse()
+            .map_err(|e| StoreError::Range(format!("token {token_id}: {e}")))?,
+        token_id,
+        hash,
+        name,
+        created_unix_ms: created_ms,
+        expires_unix_ms: expires_ms,
+    })
+}
+
 /// Open the store that `url` names:
 ///
 /// - `""` or `sqlite:PATH`: [`SqliteStore`] in the directory PATH (relative to `data_dir`;
@@ -455,4 +478,17 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Breach log records with `seq > after_seq`, in order, at most `limit`.
     async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError>;
+
+    /// Append one query to the audit log (chained after its last record, serialised across
+    /// replicas like the breach log) and commit; returns the record as stored.
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError>;
+
+    /// Audit log records with `seq > after_seq`, in order, at most `limit`.
+    async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Store a new API token (its hash, never the token).
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError>;
+
+    /// The token whose SHA-256 is `hash`, expired or not.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
 }
