@@ -53,6 +53,18 @@ pub enum ServerError {
     /// The policy file (`policy`) could not be loaded.
     #[error("policy set-up failed")]
     Policy(#[from] crate::policy::PolicyError),
+    /// The HTTPS API address (`[http] listen`) could not be bound.
+    #[error("cannot listen for https on {addr}")]
+    HttpListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTPS API's TLS configuration could not be built.
+    #[error("https api set-up failed")]
+    Http(#[from] crate::query::http::HttpError),
     /// The metrics address (`[metrics] listen`) could not be bound.
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
@@ -245,9 +257,19 @@ pub async fn run_with_metrics(
         config.max_report_bytes,
         metrics.clone(),
     );
-    let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page);
     let policy_watch = match &config.policy {
         Some(path) => Some(Arc::new(crate::policy::PolicyWatch::new(path)?)),
+        None => None,
+    };
+    let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page)
+        .with_policy(policy_watch.clone());
+    let http_listener = match config.http.listen {
+        Some(addr) => Some((
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::HttpListen { addr, source })?,
+            crate::query::http::tls_config(&config.tls)?,
+        )),
         None => None,
     };
     let metrics_listener = match config.metrics.listen {
@@ -264,6 +286,15 @@ pub async fn run_with_metrics(
             l,
             metrics.clone(),
             store.clone(),
+            maintenance.clone().cancelled_owned(),
+        ));
+    }
+    if let Some((l, tls)) = http_listener {
+        tracing::info!(addr = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "https api listening");
+        tokio::spawn(crate::query::http::serve(
+            l,
+            tls,
+            query.clone(),
             maintenance.clone().cancelled_owned(),
         ));
     }

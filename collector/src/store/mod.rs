@@ -136,6 +136,19 @@ pub struct WeightUpdate {
     pub removed: Vec<String>,
 }
 
+/// GPU-seconds of one process over a time range ([`Store::gpu_usage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuUsageRow {
+    /// Node.
+    pub node: String,
+    /// Process id.
+    pub pid: u32,
+    /// Process name.
+    pub process: String,
+    /// GPU-seconds charged (over every GPU the process used).
+    pub gpu_seconds: f64,
+}
+
 /// Rows removed by [`Store::prune`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneStats {
@@ -485,6 +498,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Audit log records with `seq > after_seq`, in order, at most `limit`.
     async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// GPU-seconds charged in `[since_unix_ms, until_unix_ms)`, summed per (node, pid,
+    /// process), largest first, at most `limit` rows.
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError>;
 
     /// Store a new API token (its hash, never the token).
     async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError>;

@@ -27,8 +27,9 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    BreachChange, BreachFilter, EgressQuery, GpuSummary, IncomingReport, IngestOutcome, NodeRow,
-    PruneStats, Store, StoreError, direction_name, format_name, protocol_name, to_i64,
+    BreachChange, BreachFilter, EgressQuery, GpuSummary, GpuUsageRow, IncomingReport,
+    IngestOutcome, NodeRow, PruneStats, Store, StoreError, direction_name, format_name,
+    protocol_name, to_i64,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
@@ -1323,6 +1324,36 @@ impl Store for PostgresStore {
                     body_json: get(r, 4, C)?,
                     prev_hash: get(r, 5, C)?,
                     hash: get(r, 6, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
+                 WHERE observed_ms >= $1 AND observed_ms < $2
+                 GROUP BY node, pid, process_name
+                 ORDER BY 4 DESC, node COLLATE \"C\", pid LIMIT $3",
+                &[&since_unix_ms, &until_unix_ms, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("gpu usage"))?;
+        const C: &str = "read gpu usage row";
+        rows.iter()
+            .map(|r| {
+                Ok(GpuUsageRow {
+                    node: get(r, 0, C)?,
+                    pid: u32::try_from(get::<i64>(r, 1, C)?).unwrap_or(0),
+                    process: get(r, 2, C)?,
+                    gpu_seconds: get(r, 3, C)?,
                 })
             })
             .collect()

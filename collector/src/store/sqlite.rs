@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    BreachChange, BreachFilter, GpuSummary, IncomingReport, IngestOutcome, NodeRow, PruneStats,
-    Store, StoreError, direction_name, format_name, protocol_name, to_i64,
+    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome, NodeRow,
+    PruneStats, Store, StoreError, direction_name, format_name, protocol_name, to_i64,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
@@ -1327,6 +1327,42 @@ impl Store for SqliteStore {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
             Self::audit_log_blocking(&lock(&reader), after_seq, limit)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = lock(&reader);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
+                     WHERE observed_ms >= ?1 AND observed_ms < ?2
+                     GROUP BY node, pid, process_name
+                     ORDER BY 4 DESC, node, pid LIMIT ?3",
+                )
+                .map_err(sql("prepare gpu usage"))?;
+            let mut rows = stmt
+                .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])
+                .map_err(sql("gpu usage"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("gpu usage"))? {
+                let pid: i64 = row.get(1).map_err(sql("read gpu usage row"))?;
+                out.push(GpuUsageRow {
+                    node: row.get(0).map_err(sql("read gpu usage row"))?,
+                    pid: u32::try_from(pid).unwrap_or(0),
+                    process: row.get(2).map_err(sql("read gpu usage row"))?,
+                    gpu_seconds: row.get(3).map_err(sql("read gpu usage row"))?,
+                });
+            }
+            Ok(out)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?

@@ -73,6 +73,7 @@ macro_rules! store_suite {
             audit_records_form_a_verifiable_chain_read_in_pages,
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
+            gpu_seconds_are_summed_per_process_within_the_range,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -1272,4 +1273,27 @@ pub(crate) async fn tokens_are_found_by_their_hash_only(db: &dyn Backend) {
         .await,
         0
     );
+}
+
+pub(crate) async fn gpu_seconds_are_summed_per_process_within_the_range(db: &dyn Backend) {
+    let store = db.store();
+    // Reports at 1 s, 2 s and 3 s: each charges 7.5 GPU-seconds to vllm (pid 4242) on node a.
+    for seq in 1..=3 {
+        let mut r = report("a", 1, seq);
+        r.telemetry = telemetry();
+        assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    }
+    let mut r = report("b", 1, 2);
+    r.telemetry = telemetry();
+    r.telemetry.gpus[0].processes[0].gpu_seconds = 100.0;
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let rows = store.gpu_usage(1000, 3000, 10).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].node, "b");
+    assert!((rows[0].gpu_seconds - 100.0).abs() < 1e-9);
+    assert_eq!((rows[1].node.as_str(), rows[1].pid), ("a", 4242));
+    assert_eq!(rows[1].process, "vllm");
+    // 1 s and 2 s are inside [1000, 3000); 3 s is not.
+    assert!((rows[1].gpu_seconds - 15.0).abs() < 1e-9, "{rows:?}");
+    assert_eq!(store.gpu_usage(1000, 3000, 1).await.unwrap().len(), 1);
 }
