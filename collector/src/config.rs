@@ -54,6 +54,9 @@ pub struct CollectorConfig {
     /// `[alert]`: where breach alerts are sent (no sink by default).
     #[serde(default)]
     pub alert: AlertConfig,
+    /// `[http]`: the HTTPS JSON API and the web page (off by default).
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Policy file (jurisdiction, thresholds, `[[allow]]`, ...). When set, the collector
     /// evaluates the built-in breach rules against it every few seconds and reloads it when it
     /// changes; the file must load at start. Default: none (no breach rules run).
@@ -171,6 +174,17 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[http]`: the HTTPS JSON API under `/api/v1/` and the read-only web page at `/`, with the
+/// collector's certificate; callers present a client certificate (role regulator or admin) or
+/// `Authorization: Bearer TOKEN`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address serving HTTPS, e.g. "127.0.0.1:8443". Default: none (off).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
+
 /// `[store]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +273,7 @@ impl CollectorConfig {
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
             alert: AlertConfig::default(),
+            http: HttpConfig::default(),
             policy: None,
         }
     }
@@ -326,6 +341,26 @@ impl CollectorConfig {
                 format!("{m} overlaps the gRPC listen address {}", self.listen),
             );
         }
+        if let Some(h) = self.http.listen {
+            let overlaps = |other: SocketAddr| {
+                h.port() != 0
+                    && h.port() == other.port()
+                    && (h.ip() == other.ip()
+                        || h.ip().is_unspecified()
+                        || other.ip().is_unspecified())
+            };
+            if overlaps(self.listen) {
+                p.push(
+                    "http.listen",
+                    format!("{h} overlaps the gRPC listen address {}", self.listen),
+                );
+            }
+            if let Some(m) = self.metrics.listen
+                && overlaps(m)
+            {
+                p.push("http.listen", format!("{h} overlaps metrics.listen {m}"));
+            }
+        }
         for problem in crate::geo::validate(&self.geo) {
             p.0.push(problem);
         }
@@ -369,6 +404,32 @@ mod tests {
         let c: CollectorConfig =
             toml::from_str(&format!("{tls}[metrics]\nlisten = \"127.0.0.1:7443\"\n")).unwrap();
         assert!(c.validate().to_string().contains("metrics.listen"));
+    }
+
+    #[test]
+    fn http_listen_is_parsed_and_may_not_take_the_grpc_or_metrics_port() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig =
+            toml::from_str(&format!("{tls}[http]\nlisten = \"127.0.0.1:8443\"\n")).unwrap();
+        assert_eq!(c.http.listen, Some("127.0.0.1:8443".parse().unwrap()));
+        assert!(!c.validate().to_string().contains("http.listen"));
+        let c: CollectorConfig = toml::from_str(&format!(
+            "{tls}[http]\nlisten = \"0.0.0.0:7443\"\n[metrics]\nlisten = \"127.0.0.1:9000\"\n"
+        ))
+        .unwrap();
+        assert!(c.validate().to_string().contains("http.listen"));
+        let c: CollectorConfig = toml::from_str(&format!(
+            "{tls}[http]\nlisten = \"127.0.0.1:9000\"\n[metrics]\nlisten = \"127.0.0.1:9000\"\n"
+        ))
+        .unwrap();
+        assert!(
+            c.validate()
+                .to_string()
+                .contains("metrics.listen 127.0.0.1:9000")
+        );
+        assert!(
+            toml::from_str::<CollectorConfig>(&format!("{tls}[http]\nlistn = \"x\"\n")).is_err()
+        );
     }
 
     #[test]

@@ -56,6 +56,18 @@ pub enum ServerError {
     /// An alert sink (`[alert]`) could not be set up.
     #[error("alert set-up failed: {0}")]
     Alert(String),
+    /// The HTTPS API address (`[http] listen`) could not be bound.
+    #[error("cannot listen for https on {addr}")]
+    HttpListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTPS API's TLS configuration could not be built.
+    #[error("https api set-up failed")]
+    Http(#[from] crate::query::http::HttpError),
     /// The metrics address (`[metrics] listen`) could not be bound.
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
@@ -285,9 +297,19 @@ pub async fn run_with_metrics(
     )
     .notify_stored(stored.clone());
     let sinks = crate::alert::sinks_from_config(&config.alert).map_err(ServerError::Alert)?;
-    let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page);
     let policy_watch = match &config.policy {
         Some(path) => Some(Arc::new(crate::policy::PolicyWatch::new(path)?)),
+        None => None,
+    };
+    let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page)
+        .with_policy(policy_watch.clone());
+    let http_listener = match config.http.listen {
+        Some(addr) => Some((
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::HttpListen { addr, source })?,
+            crate::query::http::tls_config(&config.tls)?,
+        )),
         None => None,
     };
     let metrics_listener = match config.metrics.listen {
@@ -317,6 +339,15 @@ pub async fn run_with_metrics(
         &wake,
         &maintenance,
     );
+    if let Some((l, tls)) = http_listener {
+        tracing::info!(addr = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "https api listening");
+        tokio::spawn(crate::query::http::serve(
+            l,
+            tls,
+            query.clone(),
+            maintenance.clone().cancelled_owned(),
+        ));
+    }
     if let Some(watch) = policy_watch {
         let p = PolicyLoop {
             watch,

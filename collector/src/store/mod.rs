@@ -17,8 +17,10 @@
 use std::collections::BTreeMap;
 
 pub use crate::alert::outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
+use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{Breach, LogRecord, Observation};
 pub use crate::breach::{BreachChange, BreachFilter};
+use crate::token::TokenRecord;
 
 pub mod postgres;
 pub mod sqlite;
@@ -134,6 +136,19 @@ pub struct WeightUpdate {
     pub files: Vec<sov_proto::pb::WeightFile>,
     /// Paths removed since the previous report.
     pub removed: Vec<String>,
+}
+
+/// GPU-seconds of one process over a time range ([`Store::gpu_usage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuUsageRow {
+    /// Node.
+    pub node: String,
+    /// Process id.
+    pub pid: u32,
+    /// Process name.
+    pub process: String,
+    /// GPU-seconds charged (over every GPU the process used).
+    pub gpu_seconds: f64,
 }
 
 /// Rows removed by [`Store::prune`].
@@ -289,6 +304,27 @@ pub(crate) fn breach_from_columns(
         rule,
         node,
         subject,
+    })
+}
+
+/// A token from its stored columns (both backends store the same ones).
+pub(crate) fn token_from_columns(
+    token_id: String,
+    hash: String,
+    name: String,
+    role: &str,
+    created_ms: i64,
+    expires_ms: i64,
+) -> Result<TokenRecord, StoreError> {
+    Ok(TokenRecord {
+        role: role
+            .parse()
+            .map_err(|e| StoreError::Range(format!("token {token_id}: {e}")))?,
+        token_id,
+        hash,
+        name,
+        created_unix_ms: created_ms,
+        expires_unix_ms: expires_ms,
     })
 }
 
@@ -458,6 +494,27 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Breach log records with `seq > after_seq`, in order, at most `limit`.
     async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError>;
 
+    /// Append one query to the audit log (chained after its last record, serialised across
+    /// replicas like the breach log) and commit; returns the record as stored.
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError>;
+
+    /// Audit log records with `seq > after_seq`, in order, at most `limit`.
+    async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// GPU-seconds charged in `[since_unix_ms, until_unix_ms)`, summed per (node, pid,
+    /// process), largest first, at most `limit` rows.
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError>;
+
+    /// Store a new API token (its hash, never the token).
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError>;
+
+    /// The token whose SHA-256 is `hash`, expired or not.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Sequence number of the last breach log record (0 when the log is empty).
     async fn breach_log_end(&self) -> Result<u64, StoreError>;
 

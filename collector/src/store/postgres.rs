@@ -27,14 +27,16 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    BreachChange, BreachFilter, EgressQuery, GpuSummary, IncomingReport, IngestOutcome, NodePeer,
-    NodeRow, OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store, StoreError,
-    direction_name, format_name, protocol_name, to_i64,
+    BreachChange, BreachFilter, EgressQuery, GpuSummary, GpuUsageRow, IncomingReport,
+    IngestOutcome, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store,
+    StoreError, direction_name, format_name, protocol_name, to_i64,
 };
+use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
     Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
     canonical_json,
 };
+use crate::token::TokenRecord;
 
 /// Connect timeout used when the URL does not set `connect_timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,13 +47,15 @@ const MIGRATION_LOCK_KEY: i64 = 0x736f_765f_6d69_6772;
 /// Key of the advisory lock every breach transaction holds ("sov_brlg"): it serialises breach
 /// changes and log appends across replicas, so sequence numbers and links stay consistent.
 const BREACH_LOCK_KEY: i64 = 0x736f_765f_6272_6c67;
+/// Key of the advisory lock every audit append holds ("sov_audt").
+const AUDIT_LOCK_KEY: i64 = 0x736f_765f_6175_6474;
 /// Schema version this code writes: the number of migrations.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 6] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+const MIGRATIONS: [&str; 7] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -260,6 +264,36 @@ CREATE TRIGGER breach_log_no_change BEFORE UPDATE OR DELETE ON breach_log
     FOR EACH ROW EXECUTE FUNCTION breach_log_append_only();
 CREATE TRIGGER breach_log_no_truncate BEFORE TRUNCATE ON breach_log
     FOR EACH STATEMENT EXECUTE FUNCTION breach_log_append_only();
+"#;
+
+/// The audit log (append-only, hash-chained) and API tokens (hashes only), as the SQLite store's V7.
+const SCHEMA_V7: &str = r#"
+CREATE TABLE audit_log (
+    seq       BIGINT PRIMARY KEY,
+    at_ms     BIGINT NOT NULL,
+    actor     TEXT NOT NULL,
+    call      TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_log is append-only';
+END
+$$;
+CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+CREATE TABLE api_tokens (
+    token_id   TEXT PRIMARY KEY,
+    hash       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL
+);
 "#;
 
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
@@ -1166,6 +1200,47 @@ async fn resolve_once(
     Ok(quiet)
 }
 
+/// One audit append transaction, under the audit lock.
+async fn append_audit_once(w: &mut Writer, entry: &AuditEntry) -> Result<AuditRecord, StoreError> {
+    let tx = w.client.transaction().await.map_err(pg("begin"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK_KEY])
+        .await
+        .map_err(pg("lock audit log"))?;
+    let row = tx
+        .query_opt(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(pg("read last audit record"))?;
+    let last: Option<(u64, String)> = row
+        .map(|r| {
+            Ok::<_, StoreError>((
+                get_u64(&r, 0, "read last audit record")?,
+                get(&r, 1, "read last audit record")?,
+            ))
+        })
+        .transpose()?;
+    let r = AuditRecord::next(last.as_ref().map(|(s, h)| (*s, h.as_str())), entry);
+    tx.execute(
+        "INSERT INTO audit_log (seq, at_ms, actor, call, body, prev_hash, hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &to_i64(r.seq, "audit seq")?,
+            &r.at_unix_ms,
+            &r.actor,
+            &r.call,
+            &r.body_json,
+            &r.prev_hash,
+            &r.hash,
+        ],
+    )
+    .await
+    .map_err(pg("append audit log"))?;
+    tx.commit().await.map_err(pg("commit audit record"))?;
+    Ok(r)
+}
+
 impl PostgresStore {
     /// Connect to `url` (`postgres://user@host:port/db?options=...`), migrate the schema in
     /// the connection's default `search_path`, and open the writer and reader connections.
@@ -1253,6 +1328,118 @@ impl PostgresStore {
 
 #[async_trait::async_trait]
 impl Store for PostgresStore {
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+        let mut w = self.writer().await?;
+        let mut attempt = 1;
+        loop {
+            match append_audit_once(&mut w, &entry).await {
+                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => attempt += 1,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT seq, at_ms, actor, call, body, prev_hash, hash FROM audit_log
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&to_i64(after_seq, "after_seq")?, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("read audit log"))?;
+        const C: &str = "read audit log row";
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    seq: get_u64(r, 0, C)?,
+                    at_unix_ms: get(r, 1, C)?,
+                    actor: get(r, 2, C)?,
+                    call: get(r, 3, C)?,
+                    body_json: get(r, 4, C)?,
+                    prev_hash: get(r, 5, C)?,
+                    hash: get(r, 6, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
+                 WHERE observed_ms >= $1 AND observed_ms < $2
+                 GROUP BY node, pid, process_name
+                 ORDER BY 4 DESC, node COLLATE \"C\", pid LIMIT $3",
+                &[&since_unix_ms, &until_unix_ms, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("gpu usage"))?;
+        const C: &str = "read gpu usage row";
+        rows.iter()
+            .map(|r| {
+                Ok(GpuUsageRow {
+                    node: get(r, 0, C)?,
+                    pid: u32::try_from(get::<i64>(r, 1, C)?).unwrap_or(0),
+                    process: get(r, 2, C)?,
+                    gpu_seconds: get(r, 3, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError> {
+        let w = self.writer().await?;
+        w.client
+            .execute(
+                "INSERT INTO api_tokens (token_id, hash, name, role, created_ms, expires_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &token.token_id,
+                    &token.hash,
+                    &token.name,
+                    &token.role.as_str(),
+                    &token.created_unix_ms,
+                    &token.expires_unix_ms,
+                ],
+            )
+            .await
+            .map_err(pg("insert token"))?;
+        Ok(())
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_opt(
+                "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+                 WHERE hash = $1",
+                &[&hash],
+            )
+            .await
+            .map_err(pg("find token"))?;
+        const C: &str = "read token row";
+        row.map(|r| {
+            let role: String = get(&r, 3, C)?;
+            super::token_from_columns(
+                get(&r, 0, C)?,
+                get(&r, 1, C)?,
+                get(&r, 2, C)?,
+                &role,
+                get(&r, 4, C)?,
+                get(&r, 5, C)?,
+            )
+        })
+        .transpose()
+    }
+
     async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
         let mut w = self.writer().await?;
         let mut attempt = 1;

@@ -8,14 +8,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    BreachChange, BreachFilter, GpuSummary, IncomingReport, IngestOutcome, NodePeer, NodeRow,
-    OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store, StoreError, direction_name,
-    format_name, protocol_name, to_i64,
+    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome, NodePeer,
+    NodeRow, OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store, StoreError,
+    direction_name, format_name, protocol_name, to_i64,
 };
+use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
     Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
     canonical_json,
 };
+use crate::token::TokenRecord;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "sovereign.db";
@@ -24,8 +26,8 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 6] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+const MIGRATIONS: [&str; 7] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -387,6 +389,32 @@ CREATE TABLE node_peers (
     source  TEXT NOT NULL,
     seen_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+"#;
+
+/// The audit log of regulators' and admins' queries (hash-chained, append-only like the breach
+/// log) and API tokens (their hashes only).
+const SCHEMA_V7: &str = r#"
+CREATE TABLE audit_log (
+    seq       INTEGER PRIMARY KEY,
+    at_ms     INTEGER NOT NULL,
+    actor     TEXT NOT NULL,
+    call      TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TABLE api_tokens (
+    token_id   TEXT PRIMARY KEY,
+    hash       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
 "#;
 
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
@@ -1252,10 +1280,189 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
+
+    fn append_audit_blocking(
+        conn: &mut Connection,
+        entry: &AuditEntry,
+    ) -> Result<AuditRecord, StoreError> {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin append audit"))?;
+        let last: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("read last audit record"))?;
+        let last = match last {
+            Some((seq, hash)) => Some((to_u64(seq, "audit seq")?, hash)),
+            None => None,
+        };
+        let r = AuditRecord::next(last.as_ref().map(|(s, h)| (*s, h.as_str())), entry);
+        tx.execute(
+            "INSERT INTO audit_log (seq, at_ms, actor, call, body, prev_hash, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                to_i64(r.seq, "audit seq")?,
+                r.at_unix_ms,
+                r.actor,
+                r.call,
+                r.body_json,
+                r.prev_hash,
+                r.hash
+            ],
+        )
+        .map_err(sql("append audit log"))?;
+        tx.commit().map_err(sql("commit audit record"))?;
+        Ok(r)
+    }
+
+    fn audit_log_blocking(
+        conn: &Connection,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, at_ms, actor, call, body, prev_hash, hash FROM audit_log
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(sql("prepare read audit log"))?;
+        let mut rows = stmt
+            .query(params![to_i64(after_seq, "after_seq")?, i64::from(limit)])
+            .map_err(sql("read audit log"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("read audit log"))? {
+            let seq: i64 = row.get(0).map_err(sql("read audit log row"))?;
+            out.push(AuditRecord {
+                seq: to_u64(seq, "audit seq")?,
+                at_unix_ms: row.get(1).map_err(sql("read audit log row"))?,
+                actor: row.get(2).map_err(sql("read audit log row"))?,
+                call: row.get(3).map_err(sql("read audit log row"))?,
+                body_json: row.get(4).map_err(sql("read audit log row"))?,
+                prev_hash: row.get(5).map_err(sql("read audit log row"))?,
+                hash: row.get(6).map_err(sql("read audit log row"))?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn token_by_hash_blocking(
+        conn: &Connection,
+        hash: &str,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let row = conn
+            .query_row(
+                "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+                 WHERE hash = ?1",
+                [hash],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("find token"))?;
+        row.map(|(id, hash, name, role, created, expires)| {
+            super::token_from_columns(id, hash, name, &role, created, expires)
+        })
+        .transpose()
+    }
 }
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || Self::append_audit_blocking(&mut lock(&writer), &entry))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            Self::audit_log_blocking(&lock(&reader), after_seq, limit)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = lock(&reader);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
+                     WHERE observed_ms >= ?1 AND observed_ms < ?2
+                     GROUP BY node, pid, process_name
+                     ORDER BY 4 DESC, node, pid LIMIT ?3",
+                )
+                .map_err(sql("prepare gpu usage"))?;
+            let mut rows = stmt
+                .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])
+                .map_err(sql("gpu usage"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("gpu usage"))? {
+                let pid: i64 = row.get(1).map_err(sql("read gpu usage row"))?;
+                out.push(GpuUsageRow {
+                    node: row.get(0).map_err(sql("read gpu usage row"))?,
+                    pid: u32::try_from(pid).unwrap_or(0),
+                    process: row.get(2).map_err(sql("read gpu usage row"))?,
+                    gpu_seconds: row.get(3).map_err(sql("read gpu usage row"))?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            lock(&writer)
+                .execute(
+                    "INSERT INTO api_tokens (token_id, hash, name, role, created_ms, expires_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        token.token_id,
+                        token.hash,
+                        token.name,
+                        token.role.as_str(),
+                        token.created_unix_ms,
+                        token.expires_unix_ms
+                    ],
+                )
+                .map(|_| ())
+                .map_err(sql("insert token"))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let reader = self.reader.clone();
+        let hash = hash.to_owned();
+        tokio::task::spawn_blocking(move || Self::token_by_hash_blocking(&lock(&reader), &hash))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
         let writer = self.writer.clone();
         tokio::task::spawn_blocking(move || Self::ingest_blocking(&mut lock(&writer), &report))

@@ -74,6 +74,10 @@ macro_rules! store_suite {
             a_lease_belongs_to_one_holder_until_it_expires,
             a_nodes_peer_address_is_kept_latest_first,
             egress_by_flow_keeps_node_process_and_destination_apart,
+            audit_records_form_a_verifiable_chain_read_in_pages,
+            an_audit_record_keeps_who_what_parameters_and_result_size,
+            tokens_are_found_by_their_hash_only,
+            gpu_seconds_are_summed_per_process_within_the_range,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -1401,4 +1405,111 @@ async fn open_refuses_an_unknown_url_naming_it_and_the_accepted_forms() {
         text.contains("sqlite:PATH") && text.contains("postgres://"),
         "{text}"
     );
+}
+
+fn audit_entry(call: &str, rows: u64, at: i64) -> crate::audit::AuditEntry {
+    crate::audit::AuditEntry {
+        at_unix_ms: at,
+        who: "analyst".into(),
+        role: "regulator".into(),
+        via: "https-cert".into(),
+        call: call.into(),
+        params: serde_json::json!({"since_unix_ms": 5, "by": "country"}),
+        rows,
+        outcome: "ok".into(),
+    }
+}
+
+pub(crate) async fn audit_records_form_a_verifiable_chain_read_in_pages(db: &dyn Backend) {
+    let store = db.store();
+    for i in 0..5u64 {
+        let r = store
+            .append_audit(audit_entry("Egress", i, 1000 + i as i64))
+            .await
+            .unwrap();
+        assert_eq!(r.seq, i + 1);
+    }
+    let first = store.audit_log(0, 2).await.unwrap();
+    assert_eq!(first.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+    let rest = store.audit_log(2, 100).await.unwrap();
+    assert_eq!(rest.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    let all: Vec<LogRecord> = first
+        .iter()
+        .chain(&rest)
+        .map(crate::audit::AuditRecord::as_log_record)
+        .collect();
+    assert_eq!(verify_chain(all.into_iter()), Ok(5));
+    assert_eq!(
+        crate::audit::verify_store_audit(store).await.unwrap(),
+        crate::breach::LogVerdict::Verified {
+            records: 5,
+            last_hash: rest[2].hash.clone()
+        }
+    );
+    // Retention never touches it.
+    store.prune(i64::MAX).await.unwrap();
+    assert_eq!(db.count("SELECT COUNT(*) FROM audit_log").await, 5);
+}
+
+pub(crate) async fn an_audit_record_keeps_who_what_parameters_and_result_size(db: &dyn Backend) {
+    let store = db.store();
+    store
+        .append_audit(audit_entry("ListNodes", 42, 7000))
+        .await
+        .unwrap();
+    let r = &store.audit_log(0, 10).await.unwrap()[0];
+    assert_eq!(r.actor, "regulator/analyst");
+    assert_eq!(r.call, "ListNodes");
+    assert_eq!(r.at_unix_ms, 7000);
+    let v = r.to_json();
+    assert_eq!(v["who"], "analyst");
+    assert_eq!(v["via"], "https-cert");
+    assert_eq!(v["params"]["by"], "country");
+    assert_eq!(v["rows"], 42);
+    assert_eq!(v["outcome"], "ok");
+}
+
+pub(crate) async fn tokens_are_found_by_their_hash_only(db: &dyn Backend) {
+    let store = db.store();
+    let (token, rec) =
+        crate::token::generate(crate::auth::Role::Regulator, "tool", 1000, 86_400_000).unwrap();
+    store.insert_token(rec.clone()).await.unwrap();
+    let found = store
+        .token_by_hash(&crate::token::token_hash(&token))
+        .await
+        .unwrap();
+    assert_eq!(found, Some(rec));
+    assert_eq!(store.token_by_hash(&token).await.unwrap(), None);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM api_tokens WHERE hash LIKE '%{}%' OR name LIKE '%{}%'",
+            &token[4..],
+            &token[4..]
+        ))
+        .await,
+        0
+    );
+}
+
+pub(crate) async fn gpu_seconds_are_summed_per_process_within_the_range(db: &dyn Backend) {
+    let store = db.store();
+    // Reports at 1 s, 2 s and 3 s: each charges 7.5 GPU-seconds to vllm (pid 4242) on node a.
+    for seq in 1..=3 {
+        let mut r = report("a", 1, seq);
+        r.telemetry = telemetry();
+        assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    }
+    let mut r = report("b", 1, 2);
+    r.telemetry = telemetry();
+    r.telemetry.gpus[0].processes[0].gpu_seconds = 100.0;
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let rows = store.gpu_usage(1000, 3000, 10).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].node, "b");
+    assert!((rows[0].gpu_seconds - 100.0).abs() < 1e-9);
+    assert_eq!((rows[1].node.as_str(), rows[1].pid), ("a", 4242));
+    assert_eq!(rows[1].process, "vllm");
+    // 1 s and 2 s are inside [1000, 3000); 3 s is not.
+    assert!((rows[1].gpu_seconds - 15.0).abs() < 1e-9, "{rows:?}");
+    assert_eq!(store.gpu_usage(1000, 3000, 1).await.unwrap().len(), 1);
 }
