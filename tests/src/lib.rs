@@ -166,6 +166,7 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
             cert: pair.cert,
             key: pair.key,
             server_name: Some("localhost".to_owned()),
+            renew: true,
         },
         processes: Default::default(),
         gpu: Default::default(),

@@ -12,7 +12,7 @@ use sov_proto::pb;
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
-    Store, StoreError, Telemetry, WeightUpdate,
+    NewEnrollToken, Store, StoreError, Telemetry, TokenSpend, WeightUpdate,
 };
 use crate::breach::{BreachState, ChainVerifier, LogRecord, Observation, Severity, verify_chain};
 
@@ -70,6 +70,8 @@ macro_rules! store_suite {
             only_quiet_open_breaches_of_the_rule_are_resolved,
             breaches_are_listed_by_state_rule_and_time_newest_first,
             the_breach_log_is_a_verifiable_chain_read_in_pages_and_never_pruned,
+            an_enrollment_token_is_spent_once_and_then_names_who_spent_it,
+            an_expired_or_unknown_enrollment_token_is_refused_as_such,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -1147,6 +1149,65 @@ pub(crate) async fn the_breach_log_is_a_verifiable_chain_read_in_pages_and_never
 }
 
 // The dispatcher in `store::open`.
+
+fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {
+    NewEnrollToken {
+        hash: hash.to_owned(),
+        created_unix_ms: 1_000,
+        expires_unix_ms,
+    }
+}
+
+pub(crate) async fn an_enrollment_token_is_spent_once_and_then_names_who_spent_it(
+    db: &dyn Backend,
+) {
+    let s = db.store();
+    s.add_enroll_tokens(&[token("aa", 10_000), token("bb", 10_000)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.spend_enroll_token("aa", "node-1", 5_000).await.unwrap(),
+        TokenSpend::Spent
+    );
+    assert_eq!(
+        s.spend_enroll_token("aa", "node-2", 6_000).await.unwrap(),
+        TokenSpend::AlreadyUsed {
+            node: "node-1".into(),
+            at_unix_ms: 5_000
+        }
+    );
+    // The other token is untouched by the first one's use.
+    assert_eq!(
+        s.spend_enroll_token("bb", "node-2", 6_000).await.unwrap(),
+        TokenSpend::Spent
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM enroll_tokens WHERE used_ms IS NOT NULL")
+            .await,
+        2
+    );
+    // A duplicate hash is refused rather than silently renewing a spent token.
+    assert!(s.add_enroll_tokens(&[token("aa", 99_000)]).await.is_err());
+}
+
+pub(crate) async fn an_expired_or_unknown_enrollment_token_is_refused_as_such(db: &dyn Backend) {
+    let s = db.store();
+    s.add_enroll_tokens(&[token("cc", 10_000)]).await.unwrap();
+    assert_eq!(
+        s.spend_enroll_token("cc", "node-1", 10_000).await.unwrap(),
+        TokenSpend::Expired { at_unix_ms: 10_000 }
+    );
+    assert_eq!(
+        s.spend_enroll_token("zz", "node-1", 1_000).await.unwrap(),
+        TokenSpend::Unknown
+    );
+    // Refused attempts spend nothing.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM enroll_tokens WHERE used_ms IS NULL")
+            .await,
+        1
+    );
+}
 
 #[tokio::test]
 async fn open_with_an_empty_url_or_sqlite_opens_sqlite_under_the_data_dir() {
