@@ -224,6 +224,12 @@ pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
     if !cfg.store.url.is_empty() {
         text.push_str(&format!("\n[store]\nurl = {:?}\n", cfg.store.url));
     }
+    if let Some(key) = &cfg.enroll.ca_key {
+        text.push_str(&format!(
+            "\n[enroll]\nca_key = {key:?}\nvalidity_secs = {}\n",
+            cfg.enroll.validity_secs
+        ));
+    }
     std::fs::write(path, text).expect("write collector config");
 }
 
