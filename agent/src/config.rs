@@ -264,6 +264,11 @@ pub struct TlsConfig {
     /// Name to verify in the collector's certificate instead of the URL's host.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// Renew the certificate from the collector (`Enroll.Renew`) at two thirds of its
+    /// lifetime, and use the new one without a restart. Default true; the collector must
+    /// have `[enroll] ca_key`, else the agent logs the refusal and retries later.
+    #[serde(default = "default_true")]
+    pub renew: bool,
 }
 
 fn default_interval_secs() -> u64 {

@@ -15,6 +15,7 @@ pub mod budget;
 pub mod cli;
 pub mod collect;
 pub mod config;
+pub mod enroll;
 pub mod observe;
 pub mod run;
 pub mod scan;

@@ -19,10 +19,15 @@ use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner, link_gpu
 use crate::config::AgentConfig;
 use crate::observe::Observer;
 use crate::spool::{GapKind, GapRange, Spool, SpoolError};
-use crate::transport::{Backoff, ClientTls, DEFAULT_BACKOFF_BASE, TransportError};
+use crate::transport::{Backoff, DEFAULT_BACKOFF_BASE, TlsSource, TransportError};
 
 /// Version of this agent, sent in every report.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// How often the client certificate files are checked for changes (and its expiry for
+/// renewal) at the least.
+pub const TLS_RECHECK: Duration = Duration::from_secs(600);
+/// Longest wait between two failed renewal attempts.
+const RENEW_MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Largest ack the agent decodes.
 const MAX_ACK_BYTES: usize = 64 * 1024;
 
@@ -98,12 +103,12 @@ impl Agent {
 
     /// Run until `shutdown` is cancelled: build reports and deliver them.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let tls = ClientTls::load(
+        let tls = Arc::new(TlsSource::load(
             &self.config.tls.ca,
             &self.config.tls.cert,
             &self.config.tls.key,
             self.config.tls.server_name.clone(),
-        )?;
+        )?);
         {
             let s = self.spool_stats();
             tracing::info!(
@@ -117,6 +122,7 @@ impl Agent {
         }
         let weights = self.start_weights();
         let net = self.start_net();
+        let renewer = tokio::spawn(self.clone().renew_loop(tls.clone(), shutdown.clone()));
         let sender = tokio::spawn(self.clone().send_loop(tls, shutdown.clone()));
         let built = self
             .build_loop(
@@ -127,6 +133,7 @@ impl Agent {
             .await;
         shutdown.cancel();
         let sent = sender.await.map_err(|e| AgentError::Join(e.to_string()));
+        let _ = renewer.await;
         if let Some((_, stop, thread)) = net {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -287,9 +294,81 @@ impl Agent {
         }
     }
 
+    /// Keep the client certificate fresh: renew it at two thirds of its lifetime
+    /// ([`crate::enroll::renew_due_at`]) and reload the TLS material whenever its files change
+    /// (after a renewal, or when an operator replaced them), checked at least every
+    /// [`TLS_RECHECK`].
+    async fn renew_loop(self, tls: Arc<TlsSource>, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), RENEW_MAX_BACKOFF);
+        loop {
+            match tls.reload_if_changed() {
+                Ok(true) => {
+                    tracing::info!(cert = %tls.cert_path().display(), "client certificate reloaded")
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, cause = %source_chain(&err), "cannot reload the client certificate; keeping the current one")
+                }
+            }
+            let now = SystemTime::now();
+            let due = std::fs::read(tls.cert_path())
+                .map_err(|e| e.to_string())
+                .and_then(|pem| crate::enroll::validity(&pem))
+                .map(|(nb, na)| (crate::enroll::renew_due_at(nb, na), na));
+            let wait = match (&due, self.config.tls.renew) {
+                (Ok((due, _)), true) if *due <= now => None,
+                (Ok((due, _)), true) => {
+                    Some(due.duration_since(now).unwrap_or_default().min(TLS_RECHECK))
+                }
+                (Err(err), _) => {
+                    tracing::warn!(error = %err, "cannot read the client certificate's validity");
+                    Some(TLS_RECHECK)
+                }
+                (_, false) => Some(TLS_RECHECK),
+            };
+            if let Some(wait) = wait {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            let (_, current) = tls.current();
+            let renewed = tokio::select! {
+                r = crate::enroll::renew(&current, &self.config.collector, tls.key_path()) => r,
+                () = shutdown.cancelled() => return,
+            };
+            let delay = match renewed.and_then(|pem| {
+                crate::enroll::write_file(tls.cert_path(), pem.as_bytes(), 0o644).map(|()| pem)
+            }) {
+                Ok(pem) => {
+                    let not_after = crate::enroll::validity(pem.as_bytes())
+                        .ok()
+                        .and_then(|(_, na)| na.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
+                    tracing::info!(not_after_unix = not_after, "client certificate renewed");
+                    backoff.reset();
+                    continue;
+                }
+                Err(err) => {
+                    let left = due
+                        .as_ref()
+                        .ok()
+                        .and_then(|(_, na)| na.duration_since(now).ok())
+                        .unwrap_or_default();
+                    tracing::warn!(error = %err, cause = %source_chain(&err), expires_in_secs = left.as_secs(), "certificate renewal failed; will retry");
+                    backoff.next_delay()
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     async fn send_loop(
         self,
-        tls: ClientTls,
+        tls: Arc<TlsSource>,
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
         let urls = self.config.collector.clone();
@@ -300,8 +379,9 @@ impl Agent {
         let mut idx = 0usize;
         loop {
             let url = &urls[idx % urls.len()];
+            let (generation, client_tls) = tls.current();
             let connected = tokio::select! {
-                c = tls.connect(url) => c,
+                c = client_tls.connect(url) => c,
                 () = shutdown.cancelled() => return Ok(()),
             };
             match connected {
@@ -309,8 +389,17 @@ impl Agent {
                     tracing::info!(collector = %url, "connected");
                     let mut client =
                         IngestClient::new(channel).max_decoding_message_size(MAX_ACK_BYTES);
-                    match self.deliver(&mut client, &mut backoff, &shutdown).await? {
+                    let fresh = || tls.generation() != generation;
+                    match self
+                        .deliver(&mut client, &mut backoff, &shutdown, &fresh)
+                        .await?
+                    {
                         Delivery::Shutdown => return Ok(()),
+                        Delivery::NewCertificate => {
+                            tracing::info!(collector = %url, "reconnecting with the new client certificate");
+                            // Same collector, at once: nothing failed.
+                            continue;
+                        }
                         Delivery::Broken(status) => {
                             tracing::warn!(collector = %url, code = ?status.code(), error = %status.message(), "delivery failed; reconnecting");
                         }
@@ -335,8 +424,12 @@ impl Agent {
         client: &mut IngestClient<tonic::transport::Channel>,
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
+        new_certificate: &(dyn Fn() -> bool + Sync),
     ) -> Result<Delivery, AgentError> {
         loop {
+            if new_certificate() {
+                return Ok(Delivery::NewCertificate);
+            }
             let spool = self.spool.clone();
             let next = tokio::task::spawn_blocking(move || {
                 let mut s = lock(&spool);
@@ -414,6 +507,8 @@ impl Agent {
 
 enum Delivery {
     Shutdown,
+    /// The TLS material changed: reconnect with it.
+    NewCertificate,
     Broken(tonic::Status),
 }
 

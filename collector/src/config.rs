@@ -57,6 +57,10 @@ pub struct CollectorConfig {
     /// `[http]`: the HTTPS JSON API and the web page (off by default).
     #[serde(default)]
     pub http: HttpConfig,
+    /// `[enroll]`: nodes enroll with one-time tokens and renew their certificates (off unless
+    /// `ca_key` is set).
+    #[serde(default)]
+    pub enroll: EnrollConfig,
     /// Policy file (jurisdiction, thresholds, `[[allow]]`, ...). When set, the collector
     /// evaluates the built-in breach rules against it every few seconds and reloads it when it
     /// changes; the file must load at start. Default: none (no breach rules run).
@@ -162,6 +166,37 @@ pub struct SyslogSinkConfig {
     /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
     #[serde(default)]
     pub min_severity: Option<String>,
+}
+
+/// `[enroll]`: enrollment without copying keys (`sov-agent enroll`) and certificate renewal.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    /// The CA's private key (PEM), matching a certificate in `tls.ca`. When set, the collector
+    /// signs agent certificates for enrollment tokens and renews them; when absent (the
+    /// default), `Enroll` and `Renew` answer FAILED_PRECONDITION.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of the certificates it signs, seconds. Default 2592000 (30 days); agents renew
+    /// at two thirds of it.
+    #[serde(default = "default_enroll_validity_secs")]
+    pub validity_secs: u64,
+}
+
+impl Default for EnrollConfig {
+    fn default() -> Self {
+        Self {
+            ca_key: None,
+            validity_secs: default_enroll_validity_secs(),
+        }
+    }
+}
+
+/// Default lifetime of enrolled certificates: 30 days.
+pub const DEFAULT_ENROLL_VALIDITY_SECS: u64 = 30 * 86_400;
+
+fn default_enroll_validity_secs() -> u64 {
+    DEFAULT_ENROLL_VALIDITY_SECS
 }
 
 /// `[metrics]`: Prometheus text exposition of the collector's own health (counters and
@@ -274,6 +309,7 @@ impl CollectorConfig {
             metrics: MetricsConfig::default(),
             alert: AlertConfig::default(),
             http: HttpConfig::default(),
+            enroll: EnrollConfig::default(),
             policy: None,
         }
     }
@@ -366,6 +402,18 @@ impl CollectorConfig {
         }
         for problem in crate::alert::validate(&self.alert) {
             p.0.push(problem);
+        }
+        if let Some(key) = &self.enroll.ca_key {
+            check_readable(&mut p, "enroll.ca_key", key);
+        }
+        if !(10..=3650 * 86_400).contains(&self.enroll.validity_secs) {
+            p.push(
+                "enroll.validity_secs",
+                format!(
+                    "{} is out of range 10..=315360000",
+                    self.enroll.validity_secs
+                ),
+            );
         }
         if let Some(path) = &self.policy
             && let Err(e) = crate::policy::Policy::load(path)

@@ -102,6 +102,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
             cert: pki.agent.cert.clone(),
             key: pki.agent.key.clone(),
             server_name: Some("localhost".to_owned()),
+            renew: true,
         },
         processes: Default::default(),
         gpu: Default::default(),

@@ -26,6 +26,7 @@ pub mod breach;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod enroll;
 pub mod geo;
 pub mod ingest;
 pub mod metrics;

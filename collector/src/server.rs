@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use sov_proto::pb::enroll_server::EnrollServer;
 use sov_proto::pb::ingest_server::IngestServer;
 use sov_proto::pb::query_server::QueryServer;
 use tokio::net::TcpListener;
@@ -29,6 +30,8 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest enrollment or renewal request decoded (a certificate request is well under it).
+pub const ENROLL_MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// How often old time series rows are pruned.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -68,6 +71,9 @@ pub enum ServerError {
     /// The HTTPS API's TLS configuration could not be built.
     #[error("https api set-up failed")]
     Http(#[from] crate::query::http::HttpError),
+    /// The enrollment CA (`[enroll] ca_key`) could not be loaded.
+    #[error("enrollment set-up failed")]
+    Enroll(#[from] crate::enroll::EnrollError),
     /// The metrics address (`[metrics] listen`) could not be bound.
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
@@ -274,11 +280,28 @@ pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let signer = match &config.enroll.ca_key {
+        Some(key) => Some(Arc::new(crate::enroll::Signer::load(
+            &config.tls.ca,
+            key,
+            Duration::from_secs(config.enroll.validity_secs),
+            &config.trust_domain,
+        )?)),
+        None => None,
+    };
+    let mut chain = read(&config.tls.cert)?;
+    if let Some(s) = &signer {
+        // Agents enrolling pin the CA by its hash: they find it in the chain we send.
+        chain.push(b'\n');
+        chain.extend_from_slice(s.ca_pem().as_bytes());
+        tracing::info!(
+            ca_sha256 = %crate::enroll::ca_file_fingerprint(&config.tls.ca).unwrap_or_default(),
+            validity_secs = config.enroll.validity_secs,
+            "enrollment on"
+        );
+    }
     let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(&config.tls.cert)?,
-            read(&config.tls.key)?,
-        ))
+        .identity(Identity::from_pem(chain, read(&config.tls.key)?))
         .client_ca_root(Certificate::from_pem(read(&config.tls.ca)?))
         // A missing certificate is answered with UNAUTHENTICATED by the services (a clearer
         // error than a failed handshake); a certificate that does not chain to the CA still
@@ -297,6 +320,8 @@ pub async fn run_with_metrics(
     )
     .notify_stored(stored.clone());
     let sinks = crate::alert::sinks_from_config(&config.alert).map_err(ServerError::Alert)?;
+    let enroll =
+        crate::enroll::EnrollService::new(store.clone(), signer, config.trust_domain.clone());
     let policy_watch = match &config.policy {
         Some(path) => Some(Arc::new(crate::policy::PolicyWatch::new(path)?)),
         None => None,
@@ -389,6 +414,7 @@ pub async fn run_with_metrics(
             metrics,
         })
         .add_service(QueryServer::new(query))
+        .add_service(EnrollServer::new(enroll).max_decoding_message_size(ENROLL_MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     tracing::info!("collector stopped");

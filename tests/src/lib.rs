@@ -167,6 +167,7 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
             cert: pair.cert,
             key: pair.key,
             server_name: Some("localhost".to_owned()),
+            renew: true,
         },
         processes: Default::default(),
         gpu: Default::default(),
@@ -229,6 +230,12 @@ pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
     }
     if let Some(p) = &cfg.policy {
         text = format!("policy = {p:?}\n{text}");
+    }
+    if let Some(key) = &cfg.enroll.ca_key {
+        text.push_str(&format!(
+            "\n[enroll]\nca_key = {key:?}\nvalidity_secs = {}\n",
+            cfg.enroll.validity_secs
+        ));
     }
     std::fs::write(path, text).expect("write collector config");
 }

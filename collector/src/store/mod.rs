@@ -563,6 +563,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every node's last recorded peer address, sorted by node.
     async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError>;
+
+    /// Store new enrollment tokens (their sha256 hashes only, see [`crate::enroll`]), in one
+    /// transaction.
+    async fn add_enroll_tokens(&self, tokens: &[NewEnrollToken]) -> Result<(), StoreError>;
+
+    /// Spend the enrollment token with this hash for `node` at `now_unix_ms`, atomically: of
+    /// two requests presenting the same token, on any replica, exactly one gets
+    /// [`TokenSpend::Spent`].
+    async fn spend_enroll_token(
+        &self,
+        hash: &str,
+        node: &str,
+        now_unix_ms: i64,
+    ) -> Result<TokenSpend, StoreError>;
 }
 
 /// The address a node's reports arrive from, as the collector sees it (after any NAT), and
@@ -581,4 +595,36 @@ pub struct NodePeer {
     pub source: String,
     /// When it was recorded.
     pub seen_unix_ms: i64,
+}
+
+/// One enrollment token to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEnrollToken {
+    /// Lower-case hex sha256 of the token text.
+    pub hash: String,
+    /// When it was made, Unix ms.
+    pub created_unix_ms: i64,
+    /// After this instant it is refused, Unix ms.
+    pub expires_unix_ms: i64,
+}
+
+/// What [`Store::spend_enroll_token`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSpend {
+    /// The token was valid and is now spent.
+    Spent,
+    /// No token has this hash.
+    Unknown,
+    /// The token was spent before.
+    AlreadyUsed {
+        /// By which node.
+        node: String,
+        /// When, Unix ms.
+        at_unix_ms: i64,
+    },
+    /// The token expired unused.
+    Expired {
+        /// When, Unix ms.
+        at_unix_ms: i64,
+    },
 }

@@ -28,8 +28,8 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, GpuSummary, GpuUsageRow, IncomingReport,
-    IngestOutcome, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store,
-    StoreError, direction_name, format_name, protocol_name, to_i64,
+    IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Settle,
+    SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
@@ -54,8 +54,8 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 7] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
+const MIGRATIONS: [&str; 8] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -293,6 +293,17 @@ CREATE TABLE api_tokens (
     role       TEXT NOT NULL,
     created_ms BIGINT NOT NULL,
     expires_ms BIGINT NOT NULL
+);
+"#;
+
+/// Enrollment tokens: only their sha256 hashes; a token is spent once (`used_ms` set).
+const SCHEMA_V8: &str = r#"
+CREATE TABLE enroll_tokens (
+    hash       TEXT PRIMARY KEY,
+    created_ms BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    used_ms    BIGINT,
+    used_by    TEXT
 );
 "#;
 
@@ -1774,6 +1785,70 @@ impl Store for PostgresStore {
         rows.iter().map(|r| Ok(read_breach(r)?.0)).collect()
     }
 
+    async fn add_enroll_tokens(&self, tokens: &[NewEnrollToken]) -> Result<(), StoreError> {
+        let mut w = self.writer().await?;
+        let tx = w
+            .client
+            .transaction()
+            .await
+            .map_err(pg("begin add tokens"))?;
+        for t in tokens {
+            tx.execute(
+                "INSERT INTO enroll_tokens (hash, created_ms, expires_ms) VALUES ($1, $2, $3)",
+                &[&t.hash, &t.created_unix_ms, &t.expires_unix_ms],
+            )
+            .await
+            .map_err(pg("add enrollment token"))?;
+        }
+        tx.commit().await.map_err(pg("commit add tokens"))
+    }
+
+    async fn spend_enroll_token(
+        &self,
+        hash: &str,
+        node: &str,
+        now_unix_ms: i64,
+    ) -> Result<TokenSpend, StoreError> {
+        let w = self.writer().await?;
+        // One statement: of two replicas spending the same token, the second waits for the
+        // first one's row lock, re-checks `used_ms IS NULL` and updates nothing.
+        let spent = w
+            .client
+            .execute(
+                "UPDATE enroll_tokens SET used_ms = $3, used_by = $2
+                 WHERE hash = $1 AND used_ms IS NULL AND expires_ms > $3",
+                &[&hash, &node, &now_unix_ms],
+            )
+            .await
+            .map_err(pg("spend enrollment token"))?;
+        if spent == 1 {
+            return Ok(TokenSpend::Spent);
+        }
+        let row = w
+            .client
+            .query_opt(
+                "SELECT expires_ms, used_ms, used_by FROM enroll_tokens WHERE hash = $1",
+                &[&hash],
+            )
+            .await
+            .map_err(pg("read enrollment token"))?;
+        let Some(row) = row else {
+            return Ok(TokenSpend::Unknown);
+        };
+        let expires: i64 = row.try_get(0).map_err(pg("read enrollment token"))?;
+        let used: Option<i64> = row.try_get(1).map_err(pg("read enrollment token"))?;
+        let by: Option<String> = row.try_get(2).map_err(pg("read enrollment token"))?;
+        Ok(match used {
+            Some(at) => TokenSpend::AlreadyUsed {
+                node: by.unwrap_or_default(),
+                at_unix_ms: at,
+            },
+            None => TokenSpend::Expired {
+                at_unix_ms: expires,
+            },
+        })
+    }
+
     async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError> {
         let client = self.reader().await?;
         let rows = client
@@ -2225,6 +2300,37 @@ mod tests {
                 count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
                 20
             );
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_replicas_spending_one_enrollment_token_at_once_spend_it_once() {
+        with_schema(|url, schema| async move {
+            let (a, b) = tokio::join!(
+                PostgresStore::connect_with_schema(&url, &schema),
+                PostgresStore::connect_with_schema(&url, &schema)
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let tokens: Vec<NewEnrollToken> = (0..20)
+                .map(|i| NewEnrollToken {
+                    hash: format!("t{i}"),
+                    created_unix_ms: 0,
+                    expires_unix_ms: 1_000_000,
+                })
+                .collect();
+            a.add_enroll_tokens(&tokens).await.unwrap();
+            for t in &tokens {
+                let (x, y) = tokio::join!(
+                    a.spend_enroll_token(&t.hash, "node-a", 10),
+                    b.spend_enroll_token(&t.hash, "node-b", 10)
+                );
+                let spent = [x.unwrap(), y.unwrap()]
+                    .iter()
+                    .filter(|s| **s == TokenSpend::Spent)
+                    .count();
+                assert_eq!(spent, 1, "token {}", t.hash);
+            }
         })
         .await;
     }

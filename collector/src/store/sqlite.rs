@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome, NodePeer,
-    NodeRow, OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store, StoreError,
-    direction_name, format_name, protocol_name, to_i64,
+    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome,
+    NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store,
+    StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
@@ -26,8 +26,8 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 7] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
+const MIGRATIONS: [&str; 8] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -415,6 +415,17 @@ CREATE TABLE api_tokens (
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL
 );
+"#;
+
+/// Enrollment tokens: only their sha256 hashes; a token is spent once (`used_ms` set).
+const SCHEMA_V8: &str = r#"
+CREATE TABLE enroll_tokens (
+    hash       TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    used_ms    INTEGER,
+    used_by    TEXT
+) WITHOUT ROWID;
 "#;
 
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
@@ -1376,6 +1387,63 @@ impl SqliteStore {
         })
         .transpose()
     }
+
+    fn add_enroll_tokens_blocking(
+        conn: &mut Connection,
+        tokens: &[NewEnrollToken],
+    ) -> Result<(), StoreError> {
+        let tx = conn.transaction().map_err(sql("begin add tokens"))?;
+        for t in tokens {
+            tx.execute(
+                "INSERT INTO enroll_tokens (hash, created_ms, expires_ms) VALUES (?1, ?2, ?3)",
+                params![t.hash, t.created_unix_ms, t.expires_unix_ms],
+            )
+            .map_err(sql("add enrollment token"))?;
+        }
+        tx.commit().map_err(sql("commit add tokens"))
+    }
+
+    fn spend_enroll_token_blocking(
+        conn: &mut Connection,
+        hash: &str,
+        node: &str,
+        now: i64,
+    ) -> Result<TokenSpend, StoreError> {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin spend token"))?;
+        let spent = tx
+            .execute(
+                "UPDATE enroll_tokens SET used_ms = ?3, used_by = ?2
+                 WHERE hash = ?1 AND used_ms IS NULL AND expires_ms > ?3",
+                params![hash, node, now],
+            )
+            .map_err(sql("spend enrollment token"))?;
+        let outcome = if spent == 1 {
+            TokenSpend::Spent
+        } else {
+            let row: Option<(i64, Option<i64>, Option<String>)> = tx
+                .query_row(
+                    "SELECT expires_ms, used_ms, used_by FROM enroll_tokens WHERE hash = ?1",
+                    params![hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(sql("read enrollment token"))?;
+            match row {
+                None => TokenSpend::Unknown,
+                Some((_, Some(at), by)) => TokenSpend::AlreadyUsed {
+                    node: by.unwrap_or_default(),
+                    at_unix_ms: at,
+                },
+                Some((expires, None, _)) => TokenSpend::Expired {
+                    at_unix_ms: expires,
+                },
+            }
+        };
+        tx.commit().map_err(sql("commit spend token"))?;
+        Ok(outcome)
+    }
 }
 
 #[async_trait::async_trait]
@@ -1805,6 +1873,31 @@ impl Store for SqliteStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn add_enroll_tokens(&self, tokens: &[NewEnrollToken]) -> Result<(), StoreError> {
+        let writer = self.writer.clone();
+        let tokens = tokens.to_vec();
+        tokio::task::spawn_blocking(move || {
+            Self::add_enroll_tokens_blocking(&mut lock(&writer), &tokens)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn spend_enroll_token(
+        &self,
+        hash: &str,
+        node: &str,
+        now_unix_ms: i64,
+    ) -> Result<TokenSpend, StoreError> {
+        let writer = self.writer.clone();
+        let (hash, node) = (hash.to_owned(), node.to_owned());
+        tokio::task::spawn_blocking(move || {
+            Self::spend_enroll_token_blocking(&mut lock(&writer), &hash, &node, now_unix_ms)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 }
 

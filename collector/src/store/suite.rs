@@ -12,7 +12,8 @@ use sov_proto::pb;
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
-    NodePeer, OutboxItem, Settle, SinkStats, Store, StoreError, Telemetry, WeightUpdate,
+    NewEnrollToken, NodePeer, OutboxItem, Settle, SinkStats, Store, StoreError, Telemetry,
+    TokenSpend, WeightUpdate,
 };
 use crate::breach::{BreachState, ChainVerifier, LogRecord, Observation, Severity, verify_chain};
 
@@ -78,6 +79,8 @@ macro_rules! store_suite {
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
             gpu_seconds_are_summed_per_process_within_the_range,
+            an_enrollment_token_is_spent_once_and_then_names_who_spent_it,
+            an_expired_or_unknown_enrollment_token_is_refused_as_such,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -1367,6 +1370,65 @@ pub(crate) async fn egress_by_flow_keeps_node_process_and_destination_apart(db: 
 }
 
 // The dispatcher in `store::open`.
+
+fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {
+    NewEnrollToken {
+        hash: hash.to_owned(),
+        created_unix_ms: 1_000,
+        expires_unix_ms,
+    }
+}
+
+pub(crate) async fn an_enrollment_token_is_spent_once_and_then_names_who_spent_it(
+    db: &dyn Backend,
+) {
+    let s = db.store();
+    s.add_enroll_tokens(&[token("aa", 10_000), token("bb", 10_000)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.spend_enroll_token("aa", "node-1", 5_000).await.unwrap(),
+        TokenSpend::Spent
+    );
+    assert_eq!(
+        s.spend_enroll_token("aa", "node-2", 6_000).await.unwrap(),
+        TokenSpend::AlreadyUsed {
+            node: "node-1".into(),
+            at_unix_ms: 5_000
+        }
+    );
+    // The other token is untouched by the first one's use.
+    assert_eq!(
+        s.spend_enroll_token("bb", "node-2", 6_000).await.unwrap(),
+        TokenSpend::Spent
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM enroll_tokens WHERE used_ms IS NOT NULL")
+            .await,
+        2
+    );
+    // A duplicate hash is refused rather than silently renewing a spent token.
+    assert!(s.add_enroll_tokens(&[token("aa", 99_000)]).await.is_err());
+}
+
+pub(crate) async fn an_expired_or_unknown_enrollment_token_is_refused_as_such(db: &dyn Backend) {
+    let s = db.store();
+    s.add_enroll_tokens(&[token("cc", 10_000)]).await.unwrap();
+    assert_eq!(
+        s.spend_enroll_token("cc", "node-1", 10_000).await.unwrap(),
+        TokenSpend::Expired { at_unix_ms: 10_000 }
+    );
+    assert_eq!(
+        s.spend_enroll_token("zz", "node-1", 1_000).await.unwrap(),
+        TokenSpend::Unknown
+    );
+    // Refused attempts spend nothing.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM enroll_tokens WHERE used_ms IS NULL")
+            .await,
+        1
+    );
+}
 
 #[tokio::test]
 async fn open_with_an_empty_url_or_sqlite_opens_sqlite_under_the_data_dir() {
