@@ -7,7 +7,12 @@
 //! - [`CollectorProcess`] / [`AgentProcess`]: the `e2e-collector` / `e2e-agent` binaries
 //!   (thin copies of the real mains);
 //! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`];
-//! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token.
+//! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token;
+//! - [`netns`]: hosts of the test's own in a network namespace, and a sink server there;
+//! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback.
+
+pub mod netns;
+pub mod receivers;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
