@@ -531,3 +531,58 @@ async fn every_rule_opens_and_resolves_and_a_receiver_down_for_a_minute_gets_eve
     }
     collector.stop().await;
 }
+
+fn verify_log(config: &Path) -> (Option<i32>, String) {
+    let out = Command::new(sov_e2e::bin_path("e2e-collector"))
+        .args(["verify-log", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_hand_edited_breach_log_record_makes_verify_log_fail_naming_it() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let store = sov_collector::store::open("", &data).await.unwrap();
+    for (i, country) in ["FR", "DE", "US"].iter().enumerate() {
+        store
+            .observe_breach(sov_collector::breach::Observation {
+                rule: "foreign-egress".into(),
+                node: "node-a".into(),
+                subject: format!("country:{country}"),
+                severity: sov_collector::breach::Severity::Critical,
+                evidence: serde_json::json!({"country": country}),
+                at_unix_ms: 1_800_000_000_000 + i as i64,
+            })
+            .await
+            .unwrap();
+    }
+    drop(store);
+    let cfg = sov_collector::config::CollectorConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        data.clone(),
+        pki.server_files(),
+    );
+    let config = dir.path().join("collector.toml");
+    sov_e2e::write_collector_toml(&cfg, &config);
+    let (code, out) = verify_log(&config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("3 records"), "{out}");
+
+    // Someone with write access to the database removes the guard and rewrites history.
+    let db = rusqlite::Connection::open(data.join("sovereign.db")).unwrap();
+    db.execute_batch(
+        "DROP TRIGGER breach_log_no_update;
+         UPDATE breach_log SET body = replace(body, '\"DE\"', '\"MA\"') WHERE seq = 2;",
+    )
+    .unwrap();
+    drop(db);
+    let (code, out) = verify_log(&config);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("record 2"), "names the edited record: {out}");
+}
