@@ -539,8 +539,7 @@ impl NetHandle {
             let before = link.samples.load(Ordering::Acquire);
             if link.request.try_send(()).is_ok() {
                 let deadline = Instant::now() + FRESH_SAMPLE_WAIT;
-                while link.samples.load(Ordering::Acquire) == before && Instant::now() < deadline
-                {
+                while link.samples.load(Ordering::Acquire) == before && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
