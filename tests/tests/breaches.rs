@@ -118,7 +118,7 @@ async fn foreign_egress_opens_one_breach_and_allowed_destinations_none() {
     assert!(json["resolved_at"].is_null());
     assert!(json["opened_at"].as_str().unwrap().contains('T'));
     assert_eq!(
-        json["evidence"]["destinations"][0]["address"],
+        json["evidence"]["counters"]["destinations"][0]["address"],
         "203.0.113.7"
     );
 
