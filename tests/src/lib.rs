@@ -236,6 +236,21 @@ pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
     if let Some(p) = &cfg.policy {
         text = format!("policy = {p:?}\n{text}");
     }
+    for o in &cfg.geo.overrides {
+        text.push_str(&format!(
+            "\n[[geo.override]]\ncidr = {:?}\ncountry = {:?}\n",
+            o.cidr, o.country
+        ));
+    }
+    if let Some(secs) = cfg.alert.retry_max_secs {
+        text.push_str(&format!("\n[alert]\nretry_max_secs = {secs}\n"));
+    }
+    for w in &cfg.alert.webhook {
+        text.push_str(&format!("\n[[alert.webhook]]\nurl = {:?}\n", w.url));
+        if let Some(secret) = &w.secret {
+            text.push_str(&format!("secret = {secret:?}\n"));
+        }
+    }
     if let Some(key) = &cfg.enroll.ca_key {
         text.push_str(&format!(
             "\n[enroll]\nca_key = {key:?}\nvalidity_secs = {}\n",
@@ -353,6 +368,11 @@ impl CollectorProcess {
     pub fn kill9(&mut self) {
         self.child.kill9();
     }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
 }
 
 /// An agent as a child process (`e2e-agent run --config FILE`), killable with SIGKILL.
@@ -422,6 +442,34 @@ pub fn report(node: &str, epoch: u64, seq: u64) -> pb::Report {
         host: Some(pb::HostSample::default()),
         ..Default::default()
     }
+}
+
+/// An outbound TCP flow from pid 42 to `remote:443` that sent `bytes_sent`, observed now.
+pub fn outbound_flow(remote: &str, bytes_sent: u64) -> pb::Flow {
+    let now = sov_collector::policy::now_unix_ms();
+    pb::Flow {
+        protocol: pb::Protocol::Tcp as i32,
+        direction: pb::Direction::Outbound as i32,
+        local_address: "10.0.0.5".to_owned(),
+        local_port: 50_000,
+        remote_address: remote.to_owned(),
+        remote_port: 443,
+        pid: 42,
+        bytes_sent,
+        bytes_known: true,
+        connections: 1,
+        start_unix_ms: now,
+        end_unix_ms: now,
+        ..Default::default()
+    }
+}
+
+/// [`report`] (epoch 1) observed now, carrying `flows`.
+pub fn report_with_flows(node: &str, seq: u64, flows: Vec<pb::Flow>) -> pb::Report {
+    let mut r = report(node, 1, seq);
+    r.observed_unix_ms = sov_collector::policy::now_unix_ms();
+    r.flows = flows;
+    r
 }
 
 /// The PostgreSQL URL tests use: `SOV_TEST_POSTGRES_URL`, default the local test database.

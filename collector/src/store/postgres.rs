@@ -1265,6 +1265,22 @@ impl PostgresStore {
         Self::connect_inner(url, Some(schema.to_owned())).await
     }
 
+    /// Every lease and its holder, `(name, holder)` sorted by name (for operators and tests:
+    /// which replica evaluates the rules and delivers to each sink).
+    pub async fn lease_holders(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT name, holder FROM leases ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("read leases"))?;
+        rows.iter()
+            .map(|r| Ok((get(r, 0, "read lease")?, get(r, 1, "read lease")?)))
+            .collect()
+    }
+
     /// Drop the schema given to [`PostgresStore::connect_with_schema`] with everything in it
     /// (tests clean up with it). Does nothing for a store on the default schema.
     pub async fn drop_schema(&self) -> Result<(), StoreError> {
