@@ -471,6 +471,60 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<TokenSpend, StoreError>;
 }
 
+/// Most reports stored in one transaction by group commit.
+pub const MAX_BATCH_REPORTS: usize = 256;
+/// Most encoded report bytes in one transaction (at least one report is always taken).
+pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// A report waiting for the writer, and where its outcome goes.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub report: IncomingReport,
+    pub done: tokio::sync::oneshot::Sender<Result<IngestOutcome, StoreError>>,
+}
+
+/// The group-commit queue both backends use: callers [`Pending::push`] their report and await
+/// the answer; whoever holds the writer takes batches off the front and answers them after
+/// their commit ([`answer`]). Every push is followed by its pusher draining until the queue is
+/// empty, so no report waits for a caller that never comes.
+#[derive(Debug, Default)]
+pub(crate) struct Pending(std::collections::VecDeque<Queued>);
+
+impl Pending {
+    /// Queue `report`; the receiver gets its outcome once it is committed (or failed).
+    pub fn push(
+        &mut self,
+        report: IncomingReport,
+    ) -> tokio::sync::oneshot::Receiver<Result<IngestOutcome, StoreError>> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.0.push_back(Queued { report, done });
+        rx
+    }
+
+    /// The next batch from the front: at most [`MAX_BATCH_REPORTS`] reports and
+    /// [`MAX_BATCH_BYTES`] of bodies, at least one while any waits.
+    pub fn take_batch(&mut self) -> Vec<Queued> {
+        let mut bytes = 0usize;
+        let mut n = 0usize;
+        for q in &self.0 {
+            if n >= MAX_BATCH_REPORTS || (n > 0 && bytes + q.report.body.len() > MAX_BATCH_BYTES) {
+                break;
+            }
+            bytes += q.report.body.len();
+            n += 1;
+        }
+        self.0.drain(..n).collect()
+    }
+}
+
+/// Send each queued report its outcome (a caller that went away is ignored: its report's fate
+/// is in the store, and its agent will re-send and get a duplicate ack).
+pub(crate) fn answer(batch: Vec<Queued>, outcomes: Vec<Result<IngestOutcome, StoreError>>) {
+    for (q, outcome) in batch.into_iter().zip(outcomes) {
+        let _ = q.done.send(outcome);
+    }
+}
+
 /// One enrollment token to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEnrollToken {

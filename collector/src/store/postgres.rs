@@ -354,9 +354,14 @@ const UPDATE_NODE_GPUS: &str =
                       gpu_memory_used_bytes = $5, gpu_memory_total_bytes = $6
      WHERE node = $1 AND last_observed_ms = $7";
 
-const AGGREGATE_FLOW: &str = "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
+/// Every flow aggregate of one report in one statement: `$1` the node, then one array per
+/// column (the caller merges rows with the same key first: one statement may not update a row
+/// twice).
+const AGGREGATE_FLOWS: &str = "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
          remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+     SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
+                              $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[],
+                              $14::BIGINT[], $15::BIGINT[], $16::BIGINT[])
      ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
         bytes_sent = flows_minute.bytes_sent + EXCLUDED.bytes_sent,
         bytes_received = flows_minute.bytes_received + EXCLUDED.bytes_received,
@@ -366,8 +371,10 @@ const AGGREGATE_FLOW: &str = "INSERT INTO flows_minute (node, minute_ms, pid, pr
                           ELSE LEAST(flows_minute.min_rtt_us, EXCLUDED.min_rtt_us) END,
         process = CASE WHEN EXCLUDED.process <> '' THEN EXCLUDED.process ELSE flows_minute.process END";
 
-const KEEP_RAW_FLOW: &str = "INSERT INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+/// Every raw flow of one report in one statement: node, seq, epoch, then one array per column.
+const KEEP_RAW_FLOWS: &str = "INSERT INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
+     SELECT $1, $2, $3, * FROM unnest($4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::TEXT[],
+                                      $9::TEXT[], $10::BIGINT[], $11::BYTEA[])
      ON CONFLICT (node, epoch, seq, idx) DO NOTHING";
 
 const UPSERT_WEIGHT: &str = "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model,
@@ -450,6 +457,8 @@ struct Inner {
     schema: Option<String>,
     writer: Mutex<Option<Writer>>,
     reader: Mutex<Option<Arc<Client>>>,
+    /// Reports waiting for the writer (group commit).
+    pending: std::sync::Mutex<super::Pending>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -480,8 +489,8 @@ struct Statements {
     upsert_gpu_sample: Statement,
     upsert_gpu_usage: Statement,
     update_node_gpus: Statement,
-    aggregate_flow: Statement,
-    keep_raw_flow: Statement,
+    aggregate_flows: Statement,
+    keep_raw_flows: Statement,
     upsert_weight: Statement,
     remove_weight: Statement,
     remove_unlisted_weights: Statement,
@@ -503,8 +512,8 @@ impl Statements {
             upsert_gpu_sample: p(UPSERT_GPU_SAMPLE).await?,
             upsert_gpu_usage: p(UPSERT_GPU_USAGE).await?,
             update_node_gpus: p(UPDATE_NODE_GPUS).await?,
-            aggregate_flow: p(AGGREGATE_FLOW).await?,
-            keep_raw_flow: p(KEEP_RAW_FLOW).await?,
+            aggregate_flows: p(AGGREGATE_FLOWS).await?,
+            keep_raw_flows: p(KEEP_RAW_FLOWS).await?,
             upsert_weight: p(UPSERT_WEIGHT).await?,
             remove_weight: p(REMOVE_WEIGHT).await?,
             remove_unlisted_weights: p(REMOVE_UNLISTED_WEIGHTS).await?,
@@ -741,7 +750,24 @@ async fn insert_telemetry(
     Ok(())
 }
 
-/// Add the report's flows to the per-minute aggregates; keep foreign ones raw too.
+/// One row of `flows_minute` being built: the key, then what is summed.
+type FlowKey<'a> = (i64, i64, &'static str, &'static str, &'a str, i64);
+
+#[derive(Default)]
+struct FlowSums<'a> {
+    process: &'a str,
+    country: &'a str,
+    asn: i64,
+    org: &'a str,
+    geo_source: &'a str,
+    bytes_sent: i64,
+    bytes_received: i64,
+    connections: i64,
+    min_rtt_us: i64,
+}
+
+/// Add the report's flows to the per-minute aggregates and keep foreign ones raw too: two
+/// statements per report however many flows it carries (one round trip each).
 async fn apply_flows(
     tx: &Tx<'_>,
     st: &Statements,
@@ -749,6 +775,19 @@ async fn apply_flows(
     epoch: i64,
     seq: i64,
 ) -> Result<(), StoreError> {
+    if r.telemetry.flows.is_empty() {
+        return Ok(());
+    }
+    // Rows with the same key are merged here the way the upsert merges them with a stored row.
+    let mut sums: std::collections::BTreeMap<FlowKey<'_>, FlowSums<'_>> = Default::default();
+    let mut raw_idx = Vec::new();
+    let mut raw_start = Vec::new();
+    let mut raw_end = Vec::new();
+    let mut raw_pid = Vec::new();
+    let mut raw_process = Vec::new();
+    let mut raw_country = Vec::new();
+    let mut raw_asn = Vec::new();
+    let mut raw_flow = Vec::new();
     for (idx, f) in r.telemetry.flows.iter().enumerate() {
         let fl = &f.flow;
         let end = if fl.end_unix_ms > 0 {
@@ -757,51 +796,115 @@ async fn apply_flows(
             r.observed_unix_ms
         };
         let minute = end - end.rem_euclid(60_000);
-        tx.execute(
-            &st.aggregate_flow,
-            &[
-                &r.node,
-                &minute,
-                &i64::from(fl.pid),
-                &f.process,
-                &protocol_name(fl.protocol),
-                &direction_name(fl.direction),
-                &fl.remote_address,
-                &i64::from(fl.remote_port),
-                &f.country,
-                &i64::from(f.asn),
-                &f.org,
-                &f.geo_source,
-                &to_i64(fl.bytes_sent, "bytes_sent")?,
-                &to_i64(fl.bytes_received, "bytes_received")?,
-                &i64::from(fl.connections),
-                &i64::from(fl.min_rtt_us),
-            ],
-        )
-        .await
-        .map_err(pg("aggregate flow"))?;
+        let key = (
+            minute,
+            i64::from(fl.pid),
+            protocol_name(fl.protocol),
+            direction_name(fl.direction),
+            fl.remote_address.as_str(),
+            i64::from(fl.remote_port),
+        );
+        // The first row's place wins, as the upsert keeps the stored row's.
+        let e = sums.entry(key).or_insert_with(|| FlowSums {
+            country: &f.country,
+            asn: i64::from(f.asn),
+            org: &f.org,
+            geo_source: &f.geo_source,
+            ..Default::default()
+        });
+        if !f.process.is_empty() {
+            e.process = &f.process;
+        }
+        e.bytes_sent = e
+            .bytes_sent
+            .saturating_add(to_i64(fl.bytes_sent, "bytes_sent")?);
+        e.bytes_received = e
+            .bytes_received
+            .saturating_add(to_i64(fl.bytes_received, "bytes_received")?);
+        e.connections = e.connections.saturating_add(i64::from(fl.connections));
+        let rtt = i64::from(fl.min_rtt_us);
+        e.min_rtt_us = match (e.min_rtt_us, rtt) {
+            (0, x) | (x, 0) => x,
+            (a, b) => a.min(b),
+        };
         // Raw detail only for destinations outside the node's declared country (the policy
         // refines "outside" with the jurisdiction's inside countries).
         if f.country != r.country {
-            tx.execute(
-                &st.keep_raw_flow,
-                &[
-                    &r.node,
-                    &seq,
-                    &epoch,
-                    &i64::try_from(idx).unwrap_or(i64::MAX),
-                    &fl.start_unix_ms,
-                    &end,
-                    &i64::from(fl.pid),
-                    &f.process,
-                    &f.country,
-                    &i64::from(f.asn),
-                    &prost::Message::encode_to_vec(fl),
-                ],
-            )
-            .await
-            .map_err(pg("keep raw flow"))?;
+            raw_idx.push(i64::try_from(idx).unwrap_or(i64::MAX));
+            raw_start.push(fl.start_unix_ms);
+            raw_end.push(end);
+            raw_pid.push(i64::from(fl.pid));
+            raw_process.push(f.process.as_str());
+            raw_country.push(f.country.as_str());
+            raw_asn.push(i64::from(f.asn));
+            raw_flow.push(prost::Message::encode_to_vec(fl));
         }
+    }
+    let n = sums.len();
+    let (mut minute, mut pid, mut process, mut protocol, mut direction, mut remote, mut port) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut country, mut asn, mut org, mut geo, mut sent, mut received, mut conns, mut rtt) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((m, p, proto, dir, addr, rport), v) in &sums {
+        minute.push(*m);
+        pid.push(*p);
+        process.push(v.process);
+        protocol.push(*proto);
+        direction.push(*dir);
+        remote.push(*addr);
+        port.push(*rport);
+        country.push(v.country);
+        asn.push(v.asn);
+        org.push(v.org);
+        geo.push(v.geo_source);
+        sent.push(v.bytes_sent);
+        received.push(v.bytes_received);
+        conns.push(v.connections);
+        rtt.push(v.min_rtt_us);
+    }
+    tx.execute(
+        &st.aggregate_flows,
+        &[
+            &r.node, &minute, &pid, &process, &protocol, &direction, &remote, &port, &country,
+            &asn, &org, &geo, &sent, &received, &conns, &rtt,
+        ],
+    )
+    .await
+    .map_err(pg("aggregate flows"))?;
+    if !raw_idx.is_empty() {
+        tx.execute(
+            &st.keep_raw_flows,
+            &[
+                &r.node,
+                &seq,
+                &epoch,
+                &raw_idx,
+                &raw_start,
+                &raw_end,
+                &raw_pid,
+                &raw_process,
+                &raw_country,
+                &raw_asn,
+                &raw_flow,
+            ],
+        )
+        .await
+        .map_err(pg("keep raw flows"))?;
     }
     Ok(())
 }
@@ -866,12 +969,62 @@ async fn apply_weights(tx: &Tx<'_>, st: &Statements, r: &IncomingReport) -> Resu
     Ok(())
 }
 
+/// One report in its own transaction, retried when it loses a race with another replica.
+async fn ingest_with_retries(
+    w: &mut Writer,
+    report: &IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match ingest_once(w, report).await {
+            Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => {
+                tracing::debug!(node = %report.node, attempt, error = %e, "ingest lost a race; retrying");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// One ingest transaction.
 async fn ingest_once(w: &mut Writer, r: &IncomingReport) -> Result<IngestOutcome, StoreError> {
-    let epoch = to_i64(r.epoch, "epoch")?;
-    let seq = to_i64(r.seq, "seq")?;
     let Writer { client, st } = w;
     let tx = client.transaction().await.map_err(pg("begin"))?;
+    let outcome = apply_report(&tx, st, r).await?;
+    tx.commit().await.map_err(pg("commit"))?;
+    Ok(outcome)
+}
+
+/// Several reports in one transaction (one commit). Sorted by key first, so that replicas
+/// committing batches take row locks in the same order (no deadlock between them) and a key
+/// queued twice is stored once, then seen as a duplicate.
+async fn ingest_batch_once(
+    w: &mut Writer,
+    reports: &[&IncomingReport],
+) -> Result<Vec<IngestOutcome>, StoreError> {
+    let mut order: Vec<usize> = (0..reports.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (reports[a], reports[b]);
+        (&x.node, x.epoch, x.seq).cmp(&(&y.node, y.epoch, y.seq))
+    });
+    let Writer { client, st } = w;
+    let tx = client.transaction().await.map_err(pg("begin batch"))?;
+    let mut outcomes = vec![IngestOutcome::Duplicate; reports.len()];
+    for i in order {
+        outcomes[i] = apply_report(&tx, st, reports[i]).await?;
+    }
+    tx.commit().await.map_err(pg("commit batch"))?;
+    Ok(outcomes)
+}
+
+/// One report's statements inside `tx` (not committed here).
+async fn apply_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let seq = to_i64(r.seq, "seq")?;
     // Another replica inserting the same key makes this wait for its commit, then insert
     // nothing: exactly one of them stores the report.
     let inserted = tx
@@ -904,10 +1057,8 @@ async fn ingest_once(w: &mut Writer, r: &IncomingReport) -> Result<IngestOutcome
             tx.execute(&st.count_conflict, &[&r.node, &epoch])
                 .await
                 .map_err(pg("count conflict"))?;
-            tx.commit().await.map_err(pg("commit"))?;
             return Ok(IngestOutcome::Conflict);
         }
-        tx.rollback().await.map_err(pg("end duplicate"))?;
         return Ok(IngestOutcome::Duplicate);
     }
     tx.execute(
@@ -952,10 +1103,9 @@ async fn ingest_once(w: &mut Writer, r: &IncomingReport) -> Result<IngestOutcome
         .await
         .map_err(pg("insert gap"))?;
     }
-    insert_telemetry(&tx, st, r).await?;
-    apply_weights(&tx, st, r).await?;
-    apply_flows(&tx, st, r, epoch, seq).await?;
-    tx.commit().await.map_err(pg("commit"))?;
+    insert_telemetry(tx, st, r).await?;
+    apply_weights(tx, st, r).await?;
+    apply_flows(tx, st, r, epoch, seq).await?;
     Ok(IngestOutcome::Stored)
 }
 
@@ -1188,8 +1338,65 @@ impl PostgresStore {
                 schema,
                 writer: Mutex::new(Some(Writer { client, st })),
                 reader: Mutex::new(Some(Arc::new(reader))),
+                pending: Default::default(),
             }),
         })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, super::Pending> {
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Store queued reports until the queue is empty: each batch in one transaction; a batch
+    /// that fails is stored report by report (each retried when it loses a race with another
+    /// replica), so one bad report fails alone.
+    async fn drain(&self) {
+        let mut w = match self.writer().await {
+            Ok(w) => w,
+            Err(e) => {
+                // Every waiting report would need this writer: fail them all with the reason.
+                let batch: Vec<super::Queued> = std::mem::take(&mut *self.pending()).0.into();
+                let msg = e.to_string();
+                let outcomes = batch
+                    .iter()
+                    .map(|_| Err(StoreError::Task(msg.clone())))
+                    .collect();
+                super::answer(batch, outcomes);
+                return;
+            }
+        };
+        loop {
+            let batch = self.pending().take_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let reports: Vec<&IncomingReport> = batch.iter().map(|q| &q.report).collect();
+            let together = if reports.len() > 1 {
+                match ingest_batch_once(&mut w, &reports).await {
+                    Ok(outcomes) => Some(outcomes.into_iter().map(Ok).collect()),
+                    Err(e) => {
+                        tracing::debug!(reports = reports.len(), error = %e, "batch failed; storing its reports one by one");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let outcomes = match together {
+                Some(o) => o,
+                None => {
+                    let mut out = Vec::with_capacity(reports.len());
+                    for r in &reports {
+                        out.push(ingest_with_retries(&mut w, r).await);
+                    }
+                    out
+                }
+            };
+            super::answer(batch, outcomes);
+        }
     }
 
     /// The writer connection, reconnected first if its connection task has ended. The guard
@@ -1228,18 +1435,18 @@ impl PostgresStore {
 
 #[async_trait::async_trait]
 impl Store for PostgresStore {
+    /// Group commit: the report joins the queue; whoever holds the writer next stores every
+    /// queued report (up to [`super::MAX_BATCH_REPORTS`] per transaction) with one commit,
+    /// then answers each. The draining runs in a task of its own, so a caller that goes away
+    /// cannot abort the batch others wait on.
     async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
-        let mut w = self.writer().await?;
-        let mut attempt = 1;
-        loop {
-            match ingest_once(&mut w, &report).await {
-                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => {
-                    tracing::debug!(node = %report.node, attempt, error = %e, "ingest lost a race; retrying");
-                    attempt += 1;
-                }
-                outcome => return outcome,
-            }
-        }
+        let done = self.pending().push(report);
+        let store = self.clone();
+        tokio::spawn(async move { store.drain().await })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        done.await
+            .map_err(|_| StoreError::Task("ingest answer lost".to_owned()))?
     }
 
     async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError> {

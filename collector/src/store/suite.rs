@@ -70,6 +70,9 @@ macro_rules! store_suite {
             only_quiet_open_breaches_of_the_rule_are_resolved,
             breaches_are_listed_by_state_rule_and_time_newest_first,
             the_breach_log_is_a_verifiable_chain_read_in_pages_and_never_pruned,
+            reports_pushed_together_are_each_stored_once_whatever_batch_they_share,
+            a_bad_report_pushed_with_others_fails_alone,
+            flows_with_one_key_in_one_report_become_one_aggregate_row,
             an_enrollment_token_is_spent_once_and_then_names_who_spent_it,
             an_expired_or_unknown_enrollment_token_is_refused_as_such,
         );
@@ -1149,6 +1152,93 @@ pub(crate) async fn the_breach_log_is_a_verifiable_chain_read_in_pages_and_never
 }
 
 // The dispatcher in `store::open`.
+
+pub(crate) async fn reports_pushed_together_are_each_stored_once_whatever_batch_they_share(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    // Every report twice, and seq 21 twice with different contents, all at once: group
+    // commit may put both copies in one transaction.
+    let mut pushes: Vec<IncomingReport> = (1..=20)
+        .flat_map(|seq| [report("g", 3, seq), report("g", 3, seq)])
+        .collect();
+    let mut reused = report("g", 3, 21);
+    reused.observed_unix_ms += 1;
+    pushes.push(report("g", 3, 21));
+    pushes.push(reused);
+    let outcomes = futures::future::join_all(pushes.into_iter().map(|r| store.ingest(r))).await;
+    let count = |o: IngestOutcome| {
+        outcomes
+            .iter()
+            .filter(|x| matches!(x, Ok(y) if *y == o))
+            .count()
+    };
+    assert_eq!(
+        (
+            count(IngestOutcome::Stored),
+            count(IngestOutcome::Duplicate),
+            count(IngestOutcome::Conflict)
+        ),
+        (21, 20, 1),
+        "{outcomes:?}"
+    );
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!(
+        (n.reports, n.last_seq, n.missing, n.conflicts),
+        (21, 21, 0, 1)
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM reports").await, 21);
+}
+
+pub(crate) async fn a_bad_report_pushed_with_others_fails_alone(db: &dyn Backend) {
+    let store = db.store();
+    // A sequence number beyond what the databases hold is refused by the store.
+    let mut pushes: Vec<IncomingReport> = (1..=10).map(|seq| report("h", 1, seq)).collect();
+    pushes.insert(5, report("h", 1, u64::MAX));
+    let outcomes = futures::future::join_all(pushes.into_iter().map(|r| store.ingest(r))).await;
+    for (i, o) in outcomes.iter().enumerate() {
+        if i == 5 {
+            assert!(matches!(o, Err(StoreError::Range(_))), "{o:?}");
+        } else {
+            assert!(matches!(o, Ok(IngestOutcome::Stored)), "push {i}: {o:?}");
+        }
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM reports").await, 10);
+}
+
+pub(crate) async fn flows_with_one_key_in_one_report_become_one_aggregate_row(db: &dyn Backend) {
+    let store = db.store();
+    let mut r = report("f", 1, 1);
+    r.telemetry.flows = vec![
+        flow(10, "", ("8.8.8.8", 443), US_GOOGLE, 100, 1, 0, T),
+        flow(
+            10,
+            "vllm",
+            ("8.8.8.8", 443),
+            US_GOOGLE,
+            200,
+            2,
+            700,
+            T + 1_000,
+        ),
+        flow(10, "", ("8.8.8.8", 443), US_GOOGLE, 300, 3, 500, T + 2_000),
+    ];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let (rows, _) = egress(store, "process", 10).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (
+            rows[0].process.as_str(),
+            rows[0].bytes_sent,
+            rows[0].bytes_received,
+            rows[0].connections,
+            rows[0].min_rtt_us
+        ),
+        ("vllm", 600, 6, 3, 500)
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_raw").await, 3);
+}
 
 fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {
     NewEnrollToken {
