@@ -166,7 +166,7 @@ fn insert_telemetry(
     let t = &r.telemetry;
     let at = r.observed_unix_ms;
     if let Some(h) = &t.host {
-        exec(tx, 
+        exec(tx,
             "INSERT OR REPLACE INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
                                                   memory_total_bytes, swap_used_bytes, process_count)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -191,7 +191,7 @@ fn insert_telemetry(
         } else {
             g.uuid.clone()
         };
-        exec(tx, 
+        exec(tx,
             "INSERT OR REPLACE INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
                  memory_util_percent, memory_used_bytes, memory_total_bytes, power_milliwatts, temperature_celsius, error)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -213,7 +213,7 @@ fn insert_telemetry(
         .map_err(sql("insert gpu sample"))?;
         for p in &g.processes {
             let info = names.get(&p.pid);
-            exec(tx, 
+            exec(tx,
                 "INSERT OR REPLACE INTO gpu_usage (node, observed_ms, gpu_uuid, pid, process_name, exe, container_id,
                                                    gpu_seconds, used_memory_bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -460,7 +460,7 @@ fn apply_flows(
             r.observed_unix_ms
         };
         let minute = end - end.rem_euclid(60_000);
-        exec(tx, 
+        exec(tx,
             "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
                                        country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
@@ -495,7 +495,7 @@ fn apply_flows(
         // Raw detail only for destinations outside the node's declared country (the policy
         // refines "outside" with the jurisdiction's inside countries).
         if f.country != r.country {
-            exec(tx, 
+            exec(tx,
                 "INSERT OR IGNORE INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
@@ -533,7 +533,7 @@ fn apply_weights(tx: &rusqlite::Transaction<'_>, r: &IncomingReport) -> Result<(
             .iter()
             .map(|u| serde_json::json!({"pid": u.pid, "process": u.process, "gpus": u.gpu_uuids, "mapped": u.mapped, "open": u.open}))
             .collect();
-        exec(tx, 
+        exec(tx,
             "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model, revision,
                  repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network, server_address,
                  users, detail, first_seen_ms, last_seen_ms, removed_ms)
@@ -577,14 +577,14 @@ fn apply_weights(tx: &rusqlite::Transaction<'_>, r: &IncomingReport) -> Result<(
         .map_err(sql("upsert weight file"))?;
     }
     for path in &w.removed {
-        exec(tx, 
+        exec(tx,
             "UPDATE weight_files SET removed_ms = ?3 WHERE node = ?1 AND path = ?2 AND removed_ms IS NULL",
             params![r.node, path, at],
         )
         .map_err(sql("mark weight file removed"))?;
     }
     if w.full {
-        exec(tx, 
+        exec(tx,
             "UPDATE weight_files SET removed_ms = ?2 WHERE node = ?1 AND removed_ms IS NULL AND last_seen_ms < ?2",
             params![r.node, at],
         )
@@ -717,7 +717,7 @@ impl SqliteStore {
                 .map_err(sql("read duplicate"))?;
             if stored_ms != r.observed_unix_ms {
                 tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, "sequence number reused for a different report");
-                exec(tx, 
+                exec(tx,
                     "UPDATE node_epochs SET conflicts = conflicts + 1 WHERE node = ?1 AND epoch = ?2",
                     params![r.node, epoch],
                 )
@@ -740,7 +740,7 @@ impl SqliteStore {
         let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".to_owned());
         let mem_used = to_i64(r.memory_used_bytes, "memory_used_bytes")?;
         let mem_total = to_i64(r.memory_total_bytes, "memory_total_bytes")?;
-        exec(tx, 
+        exec(tx,
             "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
                                 last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
                                 memory_used_bytes, memory_total_bytes)
@@ -774,7 +774,7 @@ impl SqliteStore {
         )
         .map_err(sql("update node"))?;
         for g in &r.gaps {
-            exec(tx, 
+            exec(tx,
                 "INSERT OR IGNORE INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
