@@ -134,9 +134,37 @@ pub struct WeightUpdate {
     pub removed: Vec<String>,
 }
 
+/// What [`Store::prune`] keeps: raw rows for a while, minute aggregates longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Raw time series (host and GPU samples, GPU usage), raw flows and report bodies observed
+    /// before this instant go, after host and GPU samples and usage were folded into minute
+    /// aggregates (a minute folded in two passes is merged: counts add, averages are
+    /// weighted, maxima kept).
+    pub raw_before_unix_ms: i64,
+    /// Minute aggregates (flows, host, GPU, GPU usage) of minutes before this instant go.
+    pub aggregates_before_unix_ms: i64,
+}
+
+impl Retention {
+    /// Raw rows and aggregates alike before `before_unix_ms`.
+    pub fn all_before(before_unix_ms: i64) -> Self {
+        Self {
+            raw_before_unix_ms: before_unix_ms,
+            aggregates_before_unix_ms: before_unix_ms,
+        }
+    }
+}
+
 /// Rows removed by [`Store::prune`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneStats {
+    /// True when another replica was pruning at that moment: this call did nothing.
+    pub skipped: bool,
+    /// Minute aggregate rows written or updated from raw samples about to go.
+    pub downsampled: u64,
+    /// Host, GPU and GPU usage minute aggregates deleted.
+    pub aggregates: u64,
     /// Host samples deleted.
     pub host_samples: u64,
     /// GPU samples deleted.
@@ -428,9 +456,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         q: EgressQuery,
     ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError>;
 
-    /// Delete time series rows observed before `before_unix_ms` (bounded retention). Breaches
-    /// and the breach log are never pruned.
-    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError>;
+    /// Bounded retention ([`Retention`]): fold raw host/GPU samples and GPU usage about to go
+    /// into minute aggregates, then delete raw rows and aggregates past their cut-offs, in one
+    /// transaction. Report keys, nodes, weight files, breaches and the breach log are never
+    /// pruned. With PostgreSQL only one replica prunes at a time; the others get
+    /// [`PruneStats::skipped`].
+    async fn prune(&self, retention: Retention) -> Result<PruneStats, StoreError>;
 
     /// Fold one rule observation into the breaches, in one transaction: no open breach of
     /// `(rule, node, subject)` → open one (count 1) and append an "open" record; an open one

@@ -28,7 +28,7 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, GpuSummary, IncomingReport, IngestOutcome,
-    NewEnrollToken, NodeRow, PruneStats, Store, StoreError, TokenSpend, direction_name,
+    NewEnrollToken, NodeRow, PruneStats, Retention, Store, StoreError, TokenSpend, direction_name,
     format_name, protocol_name, to_i64,
 };
 use crate::breach::{
@@ -50,8 +50,8 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 6] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+const MIGRATIONS: [&str; 7] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -272,6 +272,95 @@ CREATE TABLE enroll_tokens (
     used_by    TEXT
 );
 "#;
+
+/// Minute aggregates that raw host/GPU samples and GPU usage are folded into before they are
+/// pruned (kept for `aggregate_retention_days`).
+const SCHEMA_V7: &str = r#"
+CREATE TABLE host_minute (
+    node               TEXT NOT NULL,
+    minute_ms          BIGINT NOT NULL,
+    samples            BIGINT NOT NULL,
+    cpu_percent_avg    DOUBLE PRECISION NOT NULL,
+    cpu_percent_max    DOUBLE PRECISION NOT NULL,
+    load_1_max         DOUBLE PRECISION NOT NULL,
+    memory_used_avg    DOUBLE PRECISION NOT NULL,
+    memory_used_max    BIGINT NOT NULL,
+    memory_total_bytes BIGINT NOT NULL,
+    PRIMARY KEY (node, minute_ms)
+);
+CREATE INDEX host_minute_by_time ON host_minute (minute_ms);
+CREATE TABLE gpu_minute (
+    node                 TEXT NOT NULL,
+    gpu_uuid             TEXT NOT NULL,
+    minute_ms            BIGINT NOT NULL,
+    samples              BIGINT NOT NULL,
+    utilization_avg      DOUBLE PRECISION NOT NULL,
+    utilization_max      BIGINT NOT NULL,
+    memory_used_max      BIGINT NOT NULL,
+    memory_total_bytes   BIGINT NOT NULL,
+    power_avg_milliwatts DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (node, gpu_uuid, minute_ms)
+);
+CREATE INDEX gpu_minute_by_time ON gpu_minute (minute_ms);
+CREATE TABLE gpu_usage_minute (
+    node            TEXT NOT NULL,
+    minute_ms       BIGINT NOT NULL,
+    gpu_uuid        TEXT NOT NULL,
+    pid             BIGINT NOT NULL,
+    process_name    TEXT NOT NULL,
+    gpu_seconds     DOUBLE PRECISION NOT NULL,
+    used_memory_max BIGINT NOT NULL,
+    PRIMARY KEY (node, minute_ms, gpu_uuid, pid)
+);
+CREATE INDEX gpu_usage_minute_by_time ON gpu_usage_minute (minute_ms);
+"#;
+
+/// First key of the advisory lock a pruning transaction tries to take ("rete"), the second
+/// being the hash of the schema: one replica of a deployment prunes at a time, the others skip.
+const RETENTION_LOCK_KEY: i32 = 0x7265_7465;
+
+/// Fold raw rows observed before `$1` into the minute aggregates (merging with rows an earlier
+/// pass or a late report already made).
+const DOWNSAMPLE: [&str; 3] = [
+    "INSERT INTO host_minute AS m (node, minute_ms, samples, cpu_percent_avg, cpu_percent_max, load_1_max,
+                                   memory_used_avg, memory_used_max, memory_total_bytes)
+     SELECT node, observed_ms - (observed_ms % 60000), COUNT(*), AVG(cpu_percent), MAX(cpu_percent),
+            MAX(load_1), AVG(memory_used_bytes)::DOUBLE PRECISION, MAX(memory_used_bytes), MAX(memory_total_bytes)
+     FROM host_samples WHERE observed_ms < $1 GROUP BY 1, 2
+     ON CONFLICT (node, minute_ms) DO UPDATE SET
+        cpu_percent_avg = (m.cpu_percent_avg * m.samples + EXCLUDED.cpu_percent_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        memory_used_avg = (m.memory_used_avg * m.samples + EXCLUDED.memory_used_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        samples = m.samples + EXCLUDED.samples,
+        cpu_percent_max = GREATEST(m.cpu_percent_max, EXCLUDED.cpu_percent_max),
+        load_1_max = GREATEST(m.load_1_max, EXCLUDED.load_1_max),
+        memory_used_max = GREATEST(m.memory_used_max, EXCLUDED.memory_used_max),
+        memory_total_bytes = GREATEST(m.memory_total_bytes, EXCLUDED.memory_total_bytes)",
+    "INSERT INTO gpu_minute AS m (node, gpu_uuid, minute_ms, samples, utilization_avg, utilization_max,
+                                  memory_used_max, memory_total_bytes, power_avg_milliwatts)
+     SELECT node, gpu_uuid, observed_ms - (observed_ms % 60000), COUNT(*),
+            AVG(utilization_percent)::DOUBLE PRECISION, MAX(utilization_percent), MAX(memory_used_bytes),
+            MAX(memory_total_bytes), AVG(power_milliwatts)::DOUBLE PRECISION
+     FROM gpu_samples WHERE observed_ms < $1 GROUP BY 1, 2, 3
+     ON CONFLICT (node, gpu_uuid, minute_ms) DO UPDATE SET
+        utilization_avg = (m.utilization_avg * m.samples + EXCLUDED.utilization_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        power_avg_milliwatts = (m.power_avg_milliwatts * m.samples + EXCLUDED.power_avg_milliwatts * EXCLUDED.samples)
+                               / (m.samples + EXCLUDED.samples),
+        samples = m.samples + EXCLUDED.samples,
+        utilization_max = GREATEST(m.utilization_max, EXCLUDED.utilization_max),
+        memory_used_max = GREATEST(m.memory_used_max, EXCLUDED.memory_used_max),
+        memory_total_bytes = GREATEST(m.memory_total_bytes, EXCLUDED.memory_total_bytes)",
+    "INSERT INTO gpu_usage_minute AS m (node, minute_ms, gpu_uuid, pid, process_name, gpu_seconds, used_memory_max)
+     SELECT node, observed_ms - (observed_ms % 60000), gpu_uuid, pid, MAX(process_name), SUM(gpu_seconds),
+            MAX(used_memory_bytes)
+     FROM gpu_usage WHERE observed_ms < $1 GROUP BY 1, 2, 3, 4
+     ON CONFLICT (node, minute_ms, gpu_uuid, pid) DO UPDATE SET
+        gpu_seconds = m.gpu_seconds + EXCLUDED.gpu_seconds,
+        used_memory_max = GREATEST(m.used_memory_max, EXCLUDED.used_memory_max),
+        process_name = CASE WHEN EXCLUDED.process_name <> '' THEN EXCLUDED.process_name ELSE m.process_name END",
+];
 
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
      last_seen_ms, resolved_ms, obs_count";
@@ -1665,10 +1754,32 @@ impl Store for PostgresStore {
         Ok((out, truncated))
     }
 
-    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError> {
+    async fn prune(&self, keep: Retention) -> Result<PruneStats, StoreError> {
+        let raw = keep.raw_before_unix_ms;
+        let aggregates = keep.aggregates_before_unix_ms;
         let mut w = self.writer().await?;
         let tx = w.client.transaction().await.map_err(pg("begin prune"))?;
         let mut stats = PruneStats::default();
+        let locked: bool = get(
+            &tx.query_one(
+                "SELECT pg_try_advisory_xact_lock($1::INT4, hashtext(current_schema()))",
+                &[&RETENTION_LOCK_KEY],
+            )
+            .await
+            .map_err(pg("lock retention"))?,
+            0,
+            "lock retention",
+        )?;
+        if !locked {
+            stats.skipped = true;
+            return Ok(stats);
+        }
+        for step in DOWNSAMPLE {
+            stats.downsampled += tx
+                .execute(step, &[&raw])
+                .await
+                .map_err(pg("downsample samples"))?;
+        }
         for (table, counter) in [
             ("host_samples", &mut stats.host_samples),
             ("gpu_samples", &mut stats.gpu_samples),
@@ -1677,30 +1788,36 @@ impl Store for PostgresStore {
             *counter = tx
                 .execute(
                     &format!("DELETE FROM {table} WHERE observed_ms < $1"),
-                    &[&before_unix_ms],
+                    &[&raw],
                 )
                 .await
                 .map_err(pg("prune samples"))?;
         }
+        for table in ["host_minute", "gpu_minute", "gpu_usage_minute"] {
+            stats.aggregates += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE minute_ms < $1"),
+                    &[&aggregates],
+                )
+                .await
+                .map_err(pg("prune aggregates"))?;
+        }
         stats.flows = tx
             .execute(
                 "DELETE FROM flows_minute WHERE minute_ms < $1",
-                &[&before_unix_ms],
+                &[&aggregates],
             )
             .await
             .map_err(pg("prune flows"))?
-            + tx.execute(
-                "DELETE FROM flows_raw WHERE end_ms < $1",
-                &[&before_unix_ms],
-            )
-            .await
-            .map_err(pg("prune raw flows"))?;
+            + tx.execute("DELETE FROM flows_raw WHERE end_ms < $1", &[&raw])
+                .await
+                .map_err(pg("prune raw flows"))?;
         // Report keys stay forever (they make re-sends idempotent and prove completeness);
         // only their bodies go.
         stats.report_bodies = tx
             .execute(
                 "UPDATE reports SET body = ''::BYTEA WHERE received_ms < $1 AND octet_length(body) > 0",
-                &[&before_unix_ms],
+                &[&raw],
             )
             .await
             .map_err(pg("prune report bodies"))?;
@@ -2041,6 +2158,58 @@ mod tests {
                 count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
                 20
             );
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_replica_skips_pruning_while_another_one_prunes() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            for seq in 1..=3 {
+                store
+                    .ingest(super::super::suite::report("p", 1, seq))
+                    .await
+                    .unwrap();
+            }
+            // Another replica holds the retention lock of this schema.
+            let other = try_connect(&url).await.unwrap();
+            other
+                .execute(
+                    "SELECT pg_advisory_lock($1::INT4, hashtext($2))",
+                    &[&RETENTION_LOCK_KEY, &schema],
+                )
+                .await
+                .unwrap();
+            let skipped = store.prune(Retention::all_before(i64::MAX)).await.unwrap();
+            assert_eq!(
+                skipped,
+                PruneStats {
+                    skipped: true,
+                    ..Default::default()
+                }
+            );
+            assert_eq!(
+                count(
+                    &url,
+                    &schema,
+                    "SELECT COUNT(*) FROM reports WHERE octet_length(body) > 0"
+                )
+                .await,
+                3
+            );
+            other
+                .execute(
+                    "SELECT pg_advisory_unlock($1::INT4, hashtext($2))",
+                    &[&RETENTION_LOCK_KEY, &schema],
+                )
+                .await
+                .unwrap();
+            let ran = store.prune(Retention::all_before(i64::MAX)).await.unwrap();
+            assert!(!ran.skipped);
+            assert_eq!(ran.report_bodies, 3);
         })
         .await;
     }

@@ -9,7 +9,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     BreachChange, BreachFilter, GpuSummary, IncomingReport, IngestOutcome, NewEnrollToken, NodeRow,
-    PruneStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
+    PruneStats, Retention, Store, StoreError, TokenSpend, direction_name, format_name,
+    protocol_name, to_i64,
 };
 use crate::breach::{
     Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
@@ -25,8 +26,8 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 6] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+const MIGRATIONS: [&str; 7] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -373,6 +374,90 @@ CREATE TABLE enroll_tokens (
     used_by    TEXT
 ) WITHOUT ROWID;
 "#;
+
+/// Minute aggregates that raw host/GPU samples and GPU usage are folded into before they are
+/// pruned (kept for `aggregate_retention_days`).
+const SCHEMA_V7: &str = r#"
+CREATE TABLE host_minute (
+    node               TEXT NOT NULL,
+    minute_ms          INTEGER NOT NULL,
+    samples            INTEGER NOT NULL,
+    cpu_percent_avg    REAL NOT NULL,
+    cpu_percent_max    REAL NOT NULL,
+    load_1_max         REAL NOT NULL,
+    memory_used_avg    REAL NOT NULL,
+    memory_used_max    INTEGER NOT NULL,
+    memory_total_bytes INTEGER NOT NULL,
+    PRIMARY KEY (node, minute_ms)
+) WITHOUT ROWID;
+CREATE INDEX host_minute_by_time ON host_minute (minute_ms);
+CREATE TABLE gpu_minute (
+    node                 TEXT NOT NULL,
+    gpu_uuid             TEXT NOT NULL,
+    minute_ms            INTEGER NOT NULL,
+    samples              INTEGER NOT NULL,
+    utilization_avg      REAL NOT NULL,
+    utilization_max      INTEGER NOT NULL,
+    memory_used_max      INTEGER NOT NULL,
+    memory_total_bytes   INTEGER NOT NULL,
+    power_avg_milliwatts REAL NOT NULL,
+    PRIMARY KEY (node, gpu_uuid, minute_ms)
+) WITHOUT ROWID;
+CREATE INDEX gpu_minute_by_time ON gpu_minute (minute_ms);
+CREATE TABLE gpu_usage_minute (
+    node            TEXT NOT NULL,
+    minute_ms       INTEGER NOT NULL,
+    gpu_uuid        TEXT NOT NULL,
+    pid             INTEGER NOT NULL,
+    process_name    TEXT NOT NULL,
+    gpu_seconds     REAL NOT NULL,
+    used_memory_max INTEGER NOT NULL,
+    PRIMARY KEY (node, minute_ms, gpu_uuid, pid)
+) WITHOUT ROWID;
+CREATE INDEX gpu_usage_minute_by_time ON gpu_usage_minute (minute_ms);
+"#;
+
+/// Fold raw rows observed before `?1` into the minute aggregates (merging with rows an earlier
+/// pass or a late report already made).
+const DOWNSAMPLE: [&str; 3] = [
+    "INSERT INTO host_minute (node, minute_ms, samples, cpu_percent_avg, cpu_percent_max, load_1_max,
+                              memory_used_avg, memory_used_max, memory_total_bytes)
+     SELECT node, observed_ms - (observed_ms % 60000), COUNT(*), AVG(cpu_percent), MAX(cpu_percent),
+            MAX(load_1), AVG(memory_used_bytes), MAX(memory_used_bytes), MAX(memory_total_bytes)
+     FROM host_samples WHERE observed_ms < ?1 GROUP BY 1, 2
+     ON CONFLICT (node, minute_ms) DO UPDATE SET
+        cpu_percent_avg = (cpu_percent_avg * samples + excluded.cpu_percent_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        memory_used_avg = (memory_used_avg * samples + excluded.memory_used_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        samples = samples + excluded.samples,
+        cpu_percent_max = max(cpu_percent_max, excluded.cpu_percent_max),
+        load_1_max = max(load_1_max, excluded.load_1_max),
+        memory_used_max = max(memory_used_max, excluded.memory_used_max),
+        memory_total_bytes = max(memory_total_bytes, excluded.memory_total_bytes)",
+    "INSERT INTO gpu_minute (node, gpu_uuid, minute_ms, samples, utilization_avg, utilization_max,
+                             memory_used_max, memory_total_bytes, power_avg_milliwatts)
+     SELECT node, gpu_uuid, observed_ms - (observed_ms % 60000), COUNT(*), AVG(utilization_percent),
+            MAX(utilization_percent), MAX(memory_used_bytes), MAX(memory_total_bytes), AVG(power_milliwatts)
+     FROM gpu_samples WHERE observed_ms < ?1 GROUP BY 1, 2, 3
+     ON CONFLICT (node, gpu_uuid, minute_ms) DO UPDATE SET
+        utilization_avg = (utilization_avg * samples + excluded.utilization_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        power_avg_milliwatts = (power_avg_milliwatts * samples + excluded.power_avg_milliwatts * excluded.samples)
+                               / (samples + excluded.samples),
+        samples = samples + excluded.samples,
+        utilization_max = max(utilization_max, excluded.utilization_max),
+        memory_used_max = max(memory_used_max, excluded.memory_used_max),
+        memory_total_bytes = max(memory_total_bytes, excluded.memory_total_bytes)",
+    "INSERT INTO gpu_usage_minute (node, minute_ms, gpu_uuid, pid, process_name, gpu_seconds, used_memory_max)
+     SELECT node, observed_ms - (observed_ms % 60000), gpu_uuid, pid, MAX(process_name), SUM(gpu_seconds),
+            MAX(used_memory_bytes)
+     FROM gpu_usage WHERE observed_ms < ?1 GROUP BY 1, 2, 3, 4
+     ON CONFLICT (node, minute_ms, gpu_uuid, pid) DO UPDATE SET
+        gpu_seconds = gpu_seconds + excluded.gpu_seconds,
+        used_memory_max = max(used_memory_max, excluded.used_memory_max),
+        process_name = CASE WHEN excluded.process_name <> '' THEN excluded.process_name ELSE process_name END",
+];
 
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
      last_seen_ms, resolved_ms, obs_count";
@@ -1028,12 +1113,14 @@ impl SqliteStore {
         Ok((out, truncated))
     }
 
-    fn prune_blocking(
-        conn: &mut Connection,
-        before_unix_ms: i64,
-    ) -> Result<PruneStats, StoreError> {
+    fn prune_blocking(conn: &mut Connection, keep: Retention) -> Result<PruneStats, StoreError> {
+        let raw = keep.raw_before_unix_ms;
+        let aggregates = keep.aggregates_before_unix_ms;
         let tx = conn.transaction().map_err(sql("begin prune"))?;
         let mut stats = PruneStats::default();
+        for step in DOWNSAMPLE {
+            stats.downsampled += tx.execute(step, [raw]).map_err(sql("downsample samples"))? as u64;
+        }
         for (table, counter) in [
             ("host_samples", &mut stats.host_samples),
             ("gpu_samples", &mut stats.gpu_samples),
@@ -1042,24 +1129,32 @@ impl SqliteStore {
             *counter = tx
                 .execute(
                     &format!("DELETE FROM {table} WHERE observed_ms < ?1"),
-                    [before_unix_ms],
+                    [raw],
                 )
                 .map_err(sql("prune samples"))? as u64;
+        }
+        for table in ["host_minute", "gpu_minute", "gpu_usage_minute"] {
+            stats.aggregates += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE minute_ms < ?1"),
+                    [aggregates],
+                )
+                .map_err(sql("prune aggregates"))? as u64;
         }
         stats.flows = tx
             .execute(
                 "DELETE FROM flows_minute WHERE minute_ms < ?1",
-                [before_unix_ms],
+                [aggregates],
             )
             .map_err(sql("prune flows"))? as u64
-            + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [before_unix_ms])
+            + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [raw])
                 .map_err(sql("prune raw flows"))? as u64;
         // Report keys stay forever (they make re-sends idempotent and prove completeness);
         // only their bodies go.
         stats.report_bodies = tx
             .execute(
                 "UPDATE reports SET body = x'' WHERE received_ms < ?1 AND length(body) > 0",
-                [before_unix_ms],
+                [raw],
             )
             .map_err(sql("prune report bodies"))? as u64;
         tx.commit().map_err(sql("commit prune"))?;
@@ -1369,13 +1464,11 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError> {
+    async fn prune(&self, retention: Retention) -> Result<PruneStats, StoreError> {
         let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            Self::prune_blocking(&mut lock(&writer), before_unix_ms)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || Self::prune_blocking(&mut lock(&writer), retention))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     async fn observe_breach(&self, obs: Observation) -> Result<BreachChange, StoreError> {

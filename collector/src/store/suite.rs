@@ -12,7 +12,7 @@ use sov_proto::pb;
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
-    NewEnrollToken, Store, StoreError, Telemetry, TokenSpend, WeightUpdate,
+    NewEnrollToken, Retention, Store, StoreError, Telemetry, TokenSpend, WeightUpdate,
 };
 use crate::breach::{BreachState, ChainVerifier, LogRecord, Observation, Severity, verify_chain};
 
@@ -64,6 +64,7 @@ macro_rules! store_suite {
             egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
             egress_refuses_an_unknown_grouping,
             pruning_removes_old_flows,
+            raw_samples_fold_into_minute_aggregates_that_outlive_them,
             a_breach_opens_updates_and_resolves_with_one_log_record_per_change,
             breaches_are_deduplicated_by_rule_node_and_subject,
             an_unchanged_observation_appends_nothing_and_a_new_severity_does,
@@ -299,7 +300,7 @@ pub(crate) async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent
         ingest(store, r).await;
     }
     // Reports 1 and 2 were observed (and received) before 2500 ms.
-    let pruned = store.prune(2500).await.unwrap();
+    let pruned = store.prune(Retention::all_before(2500)).await.unwrap();
     assert_eq!(
         (
             pruned.host_samples,
@@ -311,7 +312,14 @@ pub(crate) async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent
     );
     assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 2);
     // Pruning again finds no bodies left to empty.
-    assert_eq!(store.prune(2500).await.unwrap().report_bodies, 0);
+    assert_eq!(
+        store
+            .prune(Retention::all_before(2500))
+            .await
+            .unwrap()
+            .report_bodies,
+        0
+    );
     assert_eq!(
         ingest(store, report("a", 1, 1)).await,
         IngestOutcome::Duplicate
@@ -780,10 +788,84 @@ pub(crate) async fn pruning_removes_old_flows(db: &dyn Backend) {
     let store = db.store();
     write_flows(store).await;
     // Everything but node b's late flow (one aggregate, one raw row).
-    let pruned = store.prune(3_000_000).await.unwrap();
+    let pruned = store.prune(Retention::all_before(3_000_000)).await.unwrap();
     assert_eq!(pruned.flows, 12);
     assert_eq!(egress(store, "country", 10).await, (vec![], 0));
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+}
+
+pub(crate) async fn raw_samples_fold_into_minute_aggregates_that_outlive_them(db: &dyn Backend) {
+    let store = db.store();
+    let at = |seq: u64, ms: i64, cpu: f32| {
+        let mut r = report("m", 1, seq);
+        r.observed_unix_ms = ms;
+        r.received_unix_ms = ms + 5;
+        r.telemetry = telemetry();
+        if let Some(h) = r.telemetry.host.as_mut() {
+            h.cpu_percent = cpu;
+        }
+        r
+    };
+    // Three samples in minute 1 (60 s to 120 s), one in minute 2.
+    for (seq, ms, cpu) in [
+        (1, 60_000, 10.0),
+        (2, 70_000, 20.0),
+        (3, 80_000, 30.0),
+        (4, 130_000, 40.0),
+    ] {
+        assert_eq!(ingest(store, at(seq, ms, cpu)).await, IngestOutcome::Stored);
+    }
+    let keep_aggregates = |raw_before_unix_ms| Retention {
+        raw_before_unix_ms,
+        aggregates_before_unix_ms: 0,
+    };
+    let p = store.prune(keep_aggregates(125_000)).await.unwrap();
+    // One host minute, two GPU minutes, one GPU-usage minute (vllm on GPU-0).
+    assert_eq!((p.host_samples, p.gpu_samples, p.gpu_usage), (3, 6, 3));
+    assert_eq!(p.downsampled, 4);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 1);
+    let host = |cond: &str| {
+        format!(
+            "SELECT COUNT(*) FROM host_minute WHERE node = 'm' AND minute_ms = 60000 AND {cond}"
+        )
+    };
+    assert_eq!(
+        db.count(&host(
+            "samples = 3 AND cpu_percent_max = 30 AND cpu_percent_avg BETWEEN 19.99 AND 20.01"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM gpu_minute WHERE samples = 3 AND utilization_max = 90")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM gpu_usage_minute WHERE pid = 4242 AND gpu_seconds BETWEEN 22.49 AND 22.51").await,
+        1
+    );
+    // A late report for minute 1 is folded in by the next pass: counts add, averages weigh.
+    ingest(store, at(5, 90_000, 60.0)).await;
+    store.prune(keep_aggregates(125_000)).await.unwrap();
+    assert_eq!(
+        db.count(&host(
+            "samples = 4 AND cpu_percent_max = 60 AND cpu_percent_avg BETWEEN 29.99 AND 30.01"
+        ))
+        .await,
+        1
+    );
+    // Aggregates go at their own, later cut-off; the raw sample after the raw cut-off stays.
+    let p = store
+        .prune(Retention {
+            raw_before_unix_ms: 0,
+            aggregates_before_unix_ms: 120_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(p.aggregates, 4);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_minute").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 1);
 }
 
 // Breaches and their log.
@@ -1145,7 +1227,7 @@ pub(crate) async fn the_breach_log_is_a_verifiable_chain_read_in_pages_and_never
     assert_eq!(store.breach_log(14, 10).await.unwrap().len(), 1);
     assert!(store.breach_log(15, 10).await.unwrap().is_empty());
     // Retention leaves breaches and their log alone.
-    store.prune(i64::MAX).await.unwrap();
+    store.prune(Retention::all_before(i64::MAX)).await.unwrap();
     assert_eq!(db.count("SELECT COUNT(*) FROM breach_log").await, 15);
     assert_eq!(db.count("SELECT COUNT(*) FROM breaches").await, 5);
     assert_eq!(verify_chain(whole_log(store).await.into_iter()), Ok(15));
