@@ -16,6 +16,8 @@ pub const DEFAULT_MAX_REPORT_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_PAGE: u32 = 1000;
 /// Default retention of time series (host, GPU samples) and report bodies, days.
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+/// Default retention of minute aggregates, days.
+pub const DEFAULT_AGGREGATE_RETENTION_DAYS: u32 = 365;
 
 /// `sov-collector serve` configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +39,10 @@ pub struct CollectorConfig {
     /// counters are kept forever. Default 30.
     #[serde(default = "default_retention_days")]
     pub retention_days: u32,
+    /// Days of minute aggregates kept (flows per minute, and host, GPU and GPU-usage minutes
+    /// folded from raw samples before they go). Default 365; at least `retention_days`.
+    #[serde(default = "default_aggregate_retention_days")]
+    pub aggregate_retention_days: u32,
     /// SPIFFE trust domain of client certificates (`spiffe://<trust_domain>/<role>/<name>`). Default "sovereign".
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -289,6 +295,9 @@ fn default_max_page() -> u32 {
 fn default_retention_days() -> u32 {
     DEFAULT_RETENTION_DAYS
 }
+fn default_aggregate_retention_days() -> u32 {
+    DEFAULT_AGGREGATE_RETENTION_DAYS
+}
 fn default_trust_domain() -> String {
     crate::auth::DEFAULT_TRUST_DOMAIN.to_owned()
 }
@@ -302,6 +311,7 @@ impl CollectorConfig {
             max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
             max_page: DEFAULT_MAX_PAGE,
             retention_days: DEFAULT_RETENTION_DAYS,
+            aggregate_retention_days: DEFAULT_AGGREGATE_RETENTION_DAYS,
             trust_domain: default_trust_domain(),
             tls,
             geo: GeoConfig::default(),
@@ -340,6 +350,15 @@ impl CollectorConfig {
             p.push(
                 "retention_days",
                 format!("{} is out of range 1..=3650", self.retention_days),
+            );
+        }
+        if !(self.retention_days.max(1)..=3650).contains(&self.aggregate_retention_days) {
+            p.push(
+                "aggregate_retention_days",
+                format!(
+                    "{} is out of range retention_days ({})..=3650",
+                    self.aggregate_retention_days, self.retention_days
+                ),
             );
         }
         if let Err(e) = crate::auth::validate_trust_domain(&self.trust_domain) {
@@ -436,6 +455,40 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.max_report_bytes, DEFAULT_MAX_REPORT_BYTES);
         assert_eq!(c.metrics.listen, None);
+    }
+
+    #[test]
+    fn aggregates_may_not_be_kept_shorter_than_raw_rows() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig = toml::from_str(tls).unwrap();
+        assert_eq!(c.aggregate_retention_days, DEFAULT_AGGREGATE_RETENTION_DAYS);
+        let c: CollectorConfig = toml::from_str(&format!(
+            "retention_days = 90\naggregate_retention_days = 60\n{tls}"
+        ))
+        .unwrap();
+        let problems = c.validate().to_string();
+        assert!(
+            problems.contains("aggregate_retention_days: 60 is out of range retention_days (90)"),
+            "{problems}"
+        );
+    }
+
+    #[test]
+    fn enrollment_is_off_by_default_and_its_lifetime_is_bounded() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig = toml::from_str(tls).unwrap();
+        assert_eq!(c.enroll, EnrollConfig::default());
+        assert_eq!(c.enroll.ca_key, None);
+        let c: CollectorConfig = toml::from_str(&format!(
+            "{tls}[enroll]\nca_key = \"/nonexistent/ca.key\"\nvalidity_secs = 5\n"
+        ))
+        .unwrap();
+        let problems = c.validate().to_string();
+        assert!(problems.contains("enroll.ca_key"), "{problems}");
+        assert!(problems.contains("enroll.validity_secs: 5"), "{problems}");
+        assert!(
+            toml::from_str::<CollectorConfig>(&format!("{tls}[enroll]\nca = \"x\"\n")).is_err()
+        );
     }
 
     #[test]

@@ -151,22 +151,40 @@ where
     }
 }
 
-/// Prune time series older than `retention` now and then every [`PRUNE_EVERY`].
-async fn prune_loop(store: Arc<dyn Store>, retention: Duration, stop: CancellationToken) {
+/// Prune now and then every [`PRUNE_EVERY`]: raw rows older than `raw`, minute aggregates
+/// older than `aggregates` (see [`crate::store::Retention`]).
+async fn prune_loop(
+    store: Arc<dyn Store>,
+    raw: Duration,
+    aggregates: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
+    let ago = |d: Duration| {
+        crate::ingest::now_unix_ms()
+            .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let cutoff = crate::ingest::now_unix_ms()
-            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        match store.prune(cutoff).await {
+        let retention = crate::store::Retention {
+            raw_before_unix_ms: ago(raw),
+            aggregates_before_unix_ms: ago(aggregates),
+        };
+        match store.prune(retention).await {
+            Ok(s) if s.skipped => {
+                tracing::debug!("retention skipped: another replica is pruning");
+            }
             Ok(s) => tracing::info!(
                 host_samples = s.host_samples,
                 gpu_samples = s.gpu_samples,
                 gpu_usage = s.gpu_usage,
                 report_bodies = s.report_bodies,
+                flows = s.flows,
+                downsampled = s.downsampled,
+                aggregates = s.aggregates,
                 "retention pruned old rows"
             ),
             Err(err) => tracing::warn!(error = %err, "retention prune failed; will retry"),
@@ -387,6 +405,7 @@ pub async fn run_with_metrics(
     tokio::spawn(prune_loop(
         store,
         Duration::from_secs(u64::from(config.retention_days) * 86_400),
+        Duration::from_secs(u64::from(config.aggregate_retention_days) * 86_400),
         maintenance.clone(),
     ));
     tokio::spawn(geo_reload_loop(geo, maintenance.clone()));

@@ -151,9 +151,37 @@ pub struct GpuUsageRow {
     pub gpu_seconds: f64,
 }
 
+/// What [`Store::prune`] keeps: raw rows for a while, minute aggregates longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Raw time series (host and GPU samples, GPU usage), raw flows and report bodies observed
+    /// before this instant go, after host and GPU samples and usage were folded into minute
+    /// aggregates (a minute folded in two passes is merged: counts add, averages are
+    /// weighted, maxima kept).
+    pub raw_before_unix_ms: i64,
+    /// Minute aggregates (flows, host, GPU, GPU usage) of minutes before this instant go.
+    pub aggregates_before_unix_ms: i64,
+}
+
+impl Retention {
+    /// Raw rows and aggregates alike before `before_unix_ms`.
+    pub fn all_before(before_unix_ms: i64) -> Self {
+        Self {
+            raw_before_unix_ms: before_unix_ms,
+            aggregates_before_unix_ms: before_unix_ms,
+        }
+    }
+}
+
 /// Rows removed by [`Store::prune`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneStats {
+    /// True when another replica was pruning at that moment: this call did nothing.
+    pub skipped: bool,
+    /// Minute aggregate rows written or updated from raw samples about to go.
+    pub downsampled: u64,
+    /// Host, GPU and GPU usage minute aggregates deleted.
+    pub aggregates: u64,
     /// Host samples deleted.
     pub host_samples: u64,
     /// GPU samples deleted.
@@ -466,9 +494,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         q: EgressQuery,
     ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError>;
 
-    /// Delete time series rows observed before `before_unix_ms` (bounded retention). Breaches
-    /// and the breach log are never pruned.
-    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError>;
+    /// Bounded retention ([`Retention`]): fold raw host/GPU samples and GPU usage about to go
+    /// into minute aggregates, then delete raw rows and aggregates past their cut-offs, in one
+    /// transaction. Report keys, nodes, weight files, breaches and the breach log are never
+    /// pruned. With PostgreSQL only one replica prunes at a time; the others get
+    /// [`PruneStats::skipped`].
+    async fn prune(&self, retention: Retention) -> Result<PruneStats, StoreError>;
 
     /// Fold one rule observation into the breaches, in one transaction: no open breach of
     /// `(rule, node, subject)` → open one (count 1) and append an "open" record; an open one
@@ -595,6 +626,60 @@ pub struct NodePeer {
     pub source: String,
     /// When it was recorded.
     pub seen_unix_ms: i64,
+}
+
+/// Most reports stored in one transaction by group commit.
+pub const MAX_BATCH_REPORTS: usize = 256;
+/// Most encoded report bytes in one transaction (at least one report is always taken).
+pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// A report waiting for the writer, and where its outcome goes.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub report: IncomingReport,
+    pub done: tokio::sync::oneshot::Sender<Result<IngestOutcome, StoreError>>,
+}
+
+/// The group-commit queue both backends use: callers [`Pending::push`] their report and await
+/// the answer; whoever holds the writer takes batches off the front and answers them after
+/// their commit ([`answer`]). Every push is followed by its pusher draining until the queue is
+/// empty, so no report waits for a caller that never comes.
+#[derive(Debug, Default)]
+pub(crate) struct Pending(std::collections::VecDeque<Queued>);
+
+impl Pending {
+    /// Queue `report`; the receiver gets its outcome once it is committed (or failed).
+    pub fn push(
+        &mut self,
+        report: IncomingReport,
+    ) -> tokio::sync::oneshot::Receiver<Result<IngestOutcome, StoreError>> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.0.push_back(Queued { report, done });
+        rx
+    }
+
+    /// The next batch from the front: at most [`MAX_BATCH_REPORTS`] reports and
+    /// [`MAX_BATCH_BYTES`] of bodies, at least one while any waits.
+    pub fn take_batch(&mut self) -> Vec<Queued> {
+        let mut bytes = 0usize;
+        let mut n = 0usize;
+        for q in &self.0 {
+            if n >= MAX_BATCH_REPORTS || (n > 0 && bytes + q.report.body.len() > MAX_BATCH_BYTES) {
+                break;
+            }
+            bytes += q.report.body.len();
+            n += 1;
+        }
+        self.0.drain(..n).collect()
+    }
+}
+
+/// Send each queued report its outcome (a caller that went away is ignored: its report's fate
+/// is in the store, and its agent will re-send and get a duplicate ack).
+pub(crate) fn answer(batch: Vec<Queued>, outcomes: Vec<Result<IngestOutcome, StoreError>>) {
+    for (q, outcome) in batch.into_iter().zip(outcomes) {
+        let _ = q.done.send(outcome);
+    }
 }
 
 /// One enrollment token to store.

@@ -9,8 +9,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome,
-    NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Settle, SinkStats, Store,
-    StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
+    NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention, Settle,
+    SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
@@ -21,13 +21,16 @@ use crate::token::TokenRecord;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "sovereign.db";
+/// Prepared statements the writer keeps (the ingest path uses about 20).
+const STATEMENT_CACHE: usize = 64;
 /// Schema version this code writes (`PRAGMA user_version`): the number of migrations.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 8] = [
+const MIGRATIONS: [&str; 9] = [
     SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+    SCHEMA_V9,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -132,13 +135,22 @@ CREATE INDEX gpu_usage_by_time ON gpu_usage (observed_ms);
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
+    /// Reports waiting for the writer (group commit, see [`Store::ingest`]).
+    pending: Arc<Mutex<super::Pending>>,
+}
+
+/// Run `sql` through the connection's prepared statement cache (the ingest path runs the same
+/// few statements for every report and flow: parsing them each time cost more than running
+/// them).
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
 }
 
-fn lock(c: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+fn lock<T>(c: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock rolls back any open transaction when the guard's
     // statement objects drop, so the connection is still consistent.
     c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -158,7 +170,7 @@ fn insert_telemetry(
     let t = &r.telemetry;
     let at = r.observed_unix_ms;
     if let Some(h) = &t.host {
-        tx.execute(
+        exec(tx,
             "INSERT OR REPLACE INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
                                                   memory_total_bytes, swap_used_bytes, process_count)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -183,7 +195,7 @@ fn insert_telemetry(
         } else {
             g.uuid.clone()
         };
-        tx.execute(
+        exec(tx,
             "INSERT OR REPLACE INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
                  memory_util_percent, memory_used_bytes, memory_total_bytes, power_milliwatts, temperature_celsius, error)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -205,7 +217,7 @@ fn insert_telemetry(
         .map_err(sql("insert gpu sample"))?;
         for p in &g.processes {
             let info = names.get(&p.pid);
-            tx.execute(
+            exec(tx,
                 "INSERT OR REPLACE INTO gpu_usage (node, observed_ms, gpu_uuid, pid, process_name, exe, container_id,
                                                    gpu_seconds, used_memory_bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -231,7 +243,8 @@ fn insert_telemetry(
         mem_used,
         mem_total,
     } = GpuSummary::of(t);
-    tx.execute(
+    exec(
+        tx,
         "UPDATE nodes SET gpu_state = ?2, gpu_count = ?3, gpu_util_percent = ?4,
                           gpu_memory_used_bytes = ?5, gpu_memory_total_bytes = ?6
          WHERE node = ?1 AND last_observed_ms = ?7",
@@ -428,6 +441,90 @@ CREATE TABLE enroll_tokens (
 ) WITHOUT ROWID;
 "#;
 
+/// Minute aggregates that raw host/GPU samples and GPU usage are folded into before they are
+/// pruned (kept for `aggregate_retention_days`).
+const SCHEMA_V9: &str = r#"
+CREATE TABLE host_minute (
+    node               TEXT NOT NULL,
+    minute_ms          INTEGER NOT NULL,
+    samples            INTEGER NOT NULL,
+    cpu_percent_avg    REAL NOT NULL,
+    cpu_percent_max    REAL NOT NULL,
+    load_1_max         REAL NOT NULL,
+    memory_used_avg    REAL NOT NULL,
+    memory_used_max    INTEGER NOT NULL,
+    memory_total_bytes INTEGER NOT NULL,
+    PRIMARY KEY (node, minute_ms)
+) WITHOUT ROWID;
+CREATE INDEX host_minute_by_time ON host_minute (minute_ms);
+CREATE TABLE gpu_minute (
+    node                 TEXT NOT NULL,
+    gpu_uuid             TEXT NOT NULL,
+    minute_ms            INTEGER NOT NULL,
+    samples              INTEGER NOT NULL,
+    utilization_avg      REAL NOT NULL,
+    utilization_max      INTEGER NOT NULL,
+    memory_used_max      INTEGER NOT NULL,
+    memory_total_bytes   INTEGER NOT NULL,
+    power_avg_milliwatts REAL NOT NULL,
+    PRIMARY KEY (node, gpu_uuid, minute_ms)
+) WITHOUT ROWID;
+CREATE INDEX gpu_minute_by_time ON gpu_minute (minute_ms);
+CREATE TABLE gpu_usage_minute (
+    node            TEXT NOT NULL,
+    minute_ms       INTEGER NOT NULL,
+    gpu_uuid        TEXT NOT NULL,
+    pid             INTEGER NOT NULL,
+    process_name    TEXT NOT NULL,
+    gpu_seconds     REAL NOT NULL,
+    used_memory_max INTEGER NOT NULL,
+    PRIMARY KEY (node, minute_ms, gpu_uuid, pid)
+) WITHOUT ROWID;
+CREATE INDEX gpu_usage_minute_by_time ON gpu_usage_minute (minute_ms);
+"#;
+
+/// Fold raw rows observed before `?1` into the minute aggregates (merging with rows an earlier
+/// pass or a late report already made).
+const DOWNSAMPLE: [&str; 3] = [
+    "INSERT INTO host_minute (node, minute_ms, samples, cpu_percent_avg, cpu_percent_max, load_1_max,
+                              memory_used_avg, memory_used_max, memory_total_bytes)
+     SELECT node, observed_ms - (observed_ms % 60000), COUNT(*), AVG(cpu_percent), MAX(cpu_percent),
+            MAX(load_1), AVG(memory_used_bytes), MAX(memory_used_bytes), MAX(memory_total_bytes)
+     FROM host_samples WHERE observed_ms < ?1 GROUP BY 1, 2
+     ON CONFLICT (node, minute_ms) DO UPDATE SET
+        cpu_percent_avg = (cpu_percent_avg * samples + excluded.cpu_percent_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        memory_used_avg = (memory_used_avg * samples + excluded.memory_used_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        samples = samples + excluded.samples,
+        cpu_percent_max = max(cpu_percent_max, excluded.cpu_percent_max),
+        load_1_max = max(load_1_max, excluded.load_1_max),
+        memory_used_max = max(memory_used_max, excluded.memory_used_max),
+        memory_total_bytes = max(memory_total_bytes, excluded.memory_total_bytes)",
+    "INSERT INTO gpu_minute (node, gpu_uuid, minute_ms, samples, utilization_avg, utilization_max,
+                             memory_used_max, memory_total_bytes, power_avg_milliwatts)
+     SELECT node, gpu_uuid, observed_ms - (observed_ms % 60000), COUNT(*), AVG(utilization_percent),
+            MAX(utilization_percent), MAX(memory_used_bytes), MAX(memory_total_bytes), AVG(power_milliwatts)
+     FROM gpu_samples WHERE observed_ms < ?1 GROUP BY 1, 2, 3
+     ON CONFLICT (node, gpu_uuid, minute_ms) DO UPDATE SET
+        utilization_avg = (utilization_avg * samples + excluded.utilization_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        power_avg_milliwatts = (power_avg_milliwatts * samples + excluded.power_avg_milliwatts * excluded.samples)
+                               / (samples + excluded.samples),
+        samples = samples + excluded.samples,
+        utilization_max = max(utilization_max, excluded.utilization_max),
+        memory_used_max = max(memory_used_max, excluded.memory_used_max),
+        memory_total_bytes = max(memory_total_bytes, excluded.memory_total_bytes)",
+    "INSERT INTO gpu_usage_minute (node, minute_ms, gpu_uuid, pid, process_name, gpu_seconds, used_memory_max)
+     SELECT node, observed_ms - (observed_ms % 60000), gpu_uuid, pid, MAX(process_name), SUM(gpu_seconds),
+            MAX(used_memory_bytes)
+     FROM gpu_usage WHERE observed_ms < ?1 GROUP BY 1, 2, 3, 4
+     ON CONFLICT (node, minute_ms, gpu_uuid, pid) DO UPDATE SET
+        gpu_seconds = gpu_seconds + excluded.gpu_seconds,
+        used_memory_max = max(used_memory_max, excluded.used_memory_max),
+        process_name = CASE WHEN excluded.process_name <> '' THEN excluded.process_name ELSE process_name END",
+];
+
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
      last_seen_ms, resolved_ms, obs_count";
 
@@ -514,7 +611,7 @@ fn apply_flows(
             r.observed_unix_ms
         };
         let minute = end - end.rem_euclid(60_000);
-        tx.execute(
+        exec(tx,
             "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
                                        country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
@@ -549,7 +646,7 @@ fn apply_flows(
         // Raw detail only for destinations outside the node's declared country (the policy
         // refines "outside" with the jurisdiction's inside countries).
         if f.country != r.country {
-            tx.execute(
+            exec(tx,
                 "INSERT OR IGNORE INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
@@ -587,7 +684,7 @@ fn apply_weights(tx: &rusqlite::Transaction<'_>, r: &IncomingReport) -> Result<(
             .iter()
             .map(|u| serde_json::json!({"pid": u.pid, "process": u.process, "gpus": u.gpu_uuids, "mapped": u.mapped, "open": u.open}))
             .collect();
-        tx.execute(
+        exec(tx,
             "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model, revision,
                  repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network, server_address,
                  users, detail, first_seen_ms, last_seen_ms, removed_ms)
@@ -631,14 +728,14 @@ fn apply_weights(tx: &rusqlite::Transaction<'_>, r: &IncomingReport) -> Result<(
         .map_err(sql("upsert weight file"))?;
     }
     for path in &w.removed {
-        tx.execute(
+        exec(tx,
             "UPDATE weight_files SET removed_ms = ?3 WHERE node = ?1 AND path = ?2 AND removed_ms IS NULL",
             params![r.node, path, at],
         )
         .map_err(sql("mark weight file removed"))?;
     }
     if w.full {
-        tx.execute(
+        exec(tx,
             "UPDATE weight_files SET removed_ms = ?2 WHERE node = ?1 AND removed_ms IS NULL AND last_seen_ms < ?2",
             params![r.node, at],
         )
@@ -693,32 +790,70 @@ impl SqliteStore {
         reader
             .execute_batch("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
             .map_err(sql("set reader pragmas"))?;
+        writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
+            pending: Arc::default(),
         })
     }
 
-    fn ingest_blocking(
+    /// Store a batch of reports: all in one transaction (one commit, one fsync), or, when
+    /// anything in it fails, each in its own so that one bad report fails alone. Outcomes are
+    /// in the order of `reports`; none is returned before its transaction committed.
+    fn ingest_batch_blocking(
         conn: &mut Connection,
+        reports: &[&IncomingReport],
+    ) -> Vec<Result<IngestOutcome, StoreError>> {
+        if reports.len() > 1 {
+            let together = (|| {
+                let tx = conn.transaction().map_err(sql("begin"))?;
+                let outcomes = reports
+                    .iter()
+                    .map(|r| Self::apply_report(&tx, r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                tx.commit().map_err(sql("commit"))?;
+                Ok::<_, StoreError>(outcomes)
+            })();
+            match together {
+                Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
+                Err(e) => {
+                    tracing::debug!(reports = reports.len(), error = %e, "batch failed; storing its reports one by one");
+                }
+            }
+        }
+        reports
+            .iter()
+            .map(|r| {
+                let tx = conn.transaction().map_err(sql("begin"))?;
+                let outcome = Self::apply_report(&tx, r)?;
+                tx.commit().map_err(sql("commit"))?;
+                Ok(outcome)
+            })
+            .collect()
+    }
+
+    /// One report's statements inside `tx` (not committed here).
+    fn apply_report(
+        tx: &rusqlite::Transaction<'_>,
         r: &IncomingReport,
     ) -> Result<IngestOutcome, StoreError> {
         let epoch = to_i64(r.epoch, "epoch")?;
         let seq = to_i64(r.seq, "seq")?;
-        let tx = conn.transaction().map_err(sql("begin"))?;
         let inserted = tx
-            .execute(
+            .prepare_cached(
                 "INSERT OR IGNORE INTO reports (node, epoch, seq, observed_ms, received_ms, body)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    r.node,
-                    epoch,
-                    seq,
-                    r.observed_unix_ms,
-                    r.received_unix_ms,
-                    r.body
-                ],
             )
+            .map_err(sql("prepare insert report"))?
+            .execute(params![
+                r.node,
+                epoch,
+                seq,
+                r.observed_unix_ms,
+                r.received_unix_ms,
+                r.body
+            ])
             .map_err(sql("insert report"))?;
         if inserted == 0 {
             // Already stored. A re-send carries the same observation time; a different one
@@ -733,17 +868,17 @@ impl SqliteStore {
                 .map_err(sql("read duplicate"))?;
             if stored_ms != r.observed_unix_ms {
                 tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, "sequence number reused for a different report");
-                tx.execute(
+                exec(tx,
                     "UPDATE node_epochs SET conflicts = conflicts + 1 WHERE node = ?1 AND epoch = ?2",
                     params![r.node, epoch],
                 )
                 .map_err(sql("count conflict"))?;
-                tx.commit().map_err(sql("commit"))?;
                 return Ok(IngestOutcome::Conflict);
             }
             return Ok(IngestOutcome::Duplicate);
         }
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO node_epochs (node, epoch, reports, last_seq, first_seen_ms, last_seen_ms)
              VALUES (?1, ?2, 1, ?3, ?4, ?4)
              ON CONFLICT (node, epoch) DO UPDATE SET
@@ -756,7 +891,7 @@ impl SqliteStore {
         let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".to_owned());
         let mem_used = to_i64(r.memory_used_bytes, "memory_used_bytes")?;
         let mem_total = to_i64(r.memory_total_bytes, "memory_total_bytes")?;
-        tx.execute(
+        exec(tx,
             "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
                                 last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
                                 memory_used_bytes, memory_total_bytes)
@@ -790,7 +925,7 @@ impl SqliteStore {
         )
         .map_err(sql("update node"))?;
         for g in &r.gaps {
-            tx.execute(
+            exec(tx,
                 "INSERT OR IGNORE INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
@@ -805,10 +940,9 @@ impl SqliteStore {
             )
             .map_err(sql("insert gap"))?;
         }
-        insert_telemetry(&tx, r, epoch)?;
-        apply_weights(&tx, r)?;
-        apply_flows(&tx, r, epoch, seq)?;
-        tx.commit().map_err(sql("commit"))?;
+        insert_telemetry(tx, r, epoch)?;
+        apply_weights(tx, r)?;
+        apply_flows(tx, r, epoch, seq)?;
         Ok(IngestOutcome::Stored)
     }
 
@@ -1049,12 +1183,14 @@ impl SqliteStore {
         Ok((out, truncated))
     }
 
-    fn prune_blocking(
-        conn: &mut Connection,
-        before_unix_ms: i64,
-    ) -> Result<PruneStats, StoreError> {
+    fn prune_blocking(conn: &mut Connection, keep: Retention) -> Result<PruneStats, StoreError> {
+        let raw = keep.raw_before_unix_ms;
+        let aggregates = keep.aggregates_before_unix_ms;
         let tx = conn.transaction().map_err(sql("begin prune"))?;
         let mut stats = PruneStats::default();
+        for step in DOWNSAMPLE {
+            stats.downsampled += tx.execute(step, [raw]).map_err(sql("downsample samples"))? as u64;
+        }
         for (table, counter) in [
             ("host_samples", &mut stats.host_samples),
             ("gpu_samples", &mut stats.gpu_samples),
@@ -1063,24 +1199,32 @@ impl SqliteStore {
             *counter = tx
                 .execute(
                     &format!("DELETE FROM {table} WHERE observed_ms < ?1"),
-                    [before_unix_ms],
+                    [raw],
                 )
                 .map_err(sql("prune samples"))? as u64;
+        }
+        for table in ["host_minute", "gpu_minute", "gpu_usage_minute"] {
+            stats.aggregates += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE minute_ms < ?1"),
+                    [aggregates],
+                )
+                .map_err(sql("prune aggregates"))? as u64;
         }
         stats.flows = tx
             .execute(
                 "DELETE FROM flows_minute WHERE minute_ms < ?1",
-                [before_unix_ms],
+                [aggregates],
             )
             .map_err(sql("prune flows"))? as u64
-            + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [before_unix_ms])
+            + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [raw])
                 .map_err(sql("prune raw flows"))? as u64;
         // Report keys stay forever (they make re-sends idempotent and prove completeness);
         // only their bodies go.
         stats.report_bodies = tx
             .execute(
                 "UPDATE reports SET body = x'' WHERE received_ms < ?1 AND length(body) > 0",
-                [before_unix_ms],
+                [raw],
             )
             .map_err(sql("prune report bodies"))? as u64;
         tx.commit().map_err(sql("commit prune"))?;
@@ -1531,11 +1675,29 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    /// Group commit: the report joins the queue; whoever holds the writer next stores every
+    /// queued report (up to [`super::MAX_BATCH_REPORTS`] per transaction) with one commit and
+    /// one fsync, then answers each. The queue is drained until empty by a blocking task that
+    /// is not cancelled with the caller, so a caller that goes away cannot abort the others.
     async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || Self::ingest_blocking(&mut lock(&writer), &report))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        let done = lock(&self.pending).push(report);
+        let (writer, pending) = (self.writer.clone(), self.pending.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&writer);
+            loop {
+                let batch = lock(&pending).take_batch();
+                if batch.is_empty() {
+                    return;
+                }
+                let reports: Vec<&IncomingReport> = batch.iter().map(|p| &p.report).collect();
+                let outcomes = Self::ingest_batch_blocking(&mut conn, &reports);
+                super::answer(batch, outcomes);
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        done.await
+            .map_err(|_| StoreError::Task("ingest answer lost".to_owned()))?
     }
 
     async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError> {
@@ -1573,13 +1735,11 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError> {
+    async fn prune(&self, retention: Retention) -> Result<PruneStats, StoreError> {
         let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            Self::prune_blocking(&mut lock(&writer), before_unix_ms)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || Self::prune_blocking(&mut lock(&writer), retention))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     async fn observe_breach(&self, obs: Observation) -> Result<BreachChange, StoreError> {

@@ -12,8 +12,8 @@ use sov_proto::pb;
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
-    NewEnrollToken, NodePeer, OutboxItem, Settle, SinkStats, Store, StoreError, Telemetry,
-    TokenSpend, WeightUpdate,
+    NewEnrollToken, NodePeer, OutboxItem, Retention, Settle, SinkStats, Store, StoreError,
+    Telemetry, TokenSpend, WeightUpdate,
 };
 use crate::breach::{BreachState, ChainVerifier, LogRecord, Observation, Severity, verify_chain};
 
@@ -65,6 +65,7 @@ macro_rules! store_suite {
             egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
             egress_refuses_an_unknown_grouping,
             pruning_removes_old_flows,
+            raw_samples_fold_into_minute_aggregates_that_outlive_them,
             a_breach_opens_updates_and_resolves_with_one_log_record_per_change,
             breaches_are_deduplicated_by_rule_node_and_subject,
             an_unchanged_observation_appends_nothing_and_a_new_severity_does,
@@ -79,6 +80,9 @@ macro_rules! store_suite {
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
             gpu_seconds_are_summed_per_process_within_the_range,
+            reports_pushed_together_are_each_stored_once_whatever_batch_they_share,
+            a_bad_report_pushed_with_others_fails_alone,
+            flows_with_one_key_in_one_report_become_one_aggregate_row,
             an_enrollment_token_is_spent_once_and_then_names_who_spent_it,
             an_expired_or_unknown_enrollment_token_is_refused_as_such,
         );
@@ -305,7 +309,7 @@ pub(crate) async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent
         ingest(store, r).await;
     }
     // Reports 1 and 2 were observed (and received) before 2500 ms.
-    let pruned = store.prune(2500).await.unwrap();
+    let pruned = store.prune(Retention::all_before(2500)).await.unwrap();
     assert_eq!(
         (
             pruned.host_samples,
@@ -317,7 +321,14 @@ pub(crate) async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent
     );
     assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 2);
     // Pruning again finds no bodies left to empty.
-    assert_eq!(store.prune(2500).await.unwrap().report_bodies, 0);
+    assert_eq!(
+        store
+            .prune(Retention::all_before(2500))
+            .await
+            .unwrap()
+            .report_bodies,
+        0
+    );
     assert_eq!(
         ingest(store, report("a", 1, 1)).await,
         IngestOutcome::Duplicate
@@ -786,10 +797,84 @@ pub(crate) async fn pruning_removes_old_flows(db: &dyn Backend) {
     let store = db.store();
     write_flows(store).await;
     // Everything but node b's late flow (one aggregate, one raw row).
-    let pruned = store.prune(3_000_000).await.unwrap();
+    let pruned = store.prune(Retention::all_before(3_000_000)).await.unwrap();
     assert_eq!(pruned.flows, 12);
     assert_eq!(egress(store, "country", 10).await, (vec![], 0));
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+}
+
+pub(crate) async fn raw_samples_fold_into_minute_aggregates_that_outlive_them(db: &dyn Backend) {
+    let store = db.store();
+    let at = |seq: u64, ms: i64, cpu: f32| {
+        let mut r = report("m", 1, seq);
+        r.observed_unix_ms = ms;
+        r.received_unix_ms = ms + 5;
+        r.telemetry = telemetry();
+        if let Some(h) = r.telemetry.host.as_mut() {
+            h.cpu_percent = cpu;
+        }
+        r
+    };
+    // Three samples in minute 1 (60 s to 120 s), one in minute 2.
+    for (seq, ms, cpu) in [
+        (1, 60_000, 10.0),
+        (2, 70_000, 20.0),
+        (3, 80_000, 30.0),
+        (4, 130_000, 40.0),
+    ] {
+        assert_eq!(ingest(store, at(seq, ms, cpu)).await, IngestOutcome::Stored);
+    }
+    let keep_aggregates = |raw_before_unix_ms| Retention {
+        raw_before_unix_ms,
+        aggregates_before_unix_ms: 0,
+    };
+    let p = store.prune(keep_aggregates(125_000)).await.unwrap();
+    // One host minute, two GPU minutes, one GPU-usage minute (vllm on GPU-0).
+    assert_eq!((p.host_samples, p.gpu_samples, p.gpu_usage), (3, 6, 3));
+    assert_eq!(p.downsampled, 4);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 1);
+    let host = |cond: &str| {
+        format!(
+            "SELECT COUNT(*) FROM host_minute WHERE node = 'm' AND minute_ms = 60000 AND {cond}"
+        )
+    };
+    assert_eq!(
+        db.count(&host(
+            "samples = 3 AND cpu_percent_max = 30 AND cpu_percent_avg BETWEEN 19.99 AND 20.01"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM gpu_minute WHERE samples = 3 AND utilization_max = 90")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM gpu_usage_minute WHERE pid = 4242 AND gpu_seconds BETWEEN 22.49 AND 22.51").await,
+        1
+    );
+    // A late report for minute 1 is folded in by the next pass: counts add, averages weigh.
+    ingest(store, at(5, 90_000, 60.0)).await;
+    store.prune(keep_aggregates(125_000)).await.unwrap();
+    assert_eq!(
+        db.count(&host(
+            "samples = 4 AND cpu_percent_max = 60 AND cpu_percent_avg BETWEEN 29.99 AND 30.01"
+        ))
+        .await,
+        1
+    );
+    // Aggregates go at their own, later cut-off; the raw sample after the raw cut-off stays.
+    let p = store
+        .prune(Retention {
+            raw_before_unix_ms: 0,
+            aggregates_before_unix_ms: 120_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(p.aggregates, 4);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_minute").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 1);
 }
 
 // Breaches and their log.
@@ -1151,7 +1236,7 @@ pub(crate) async fn the_breach_log_is_a_verifiable_chain_read_in_pages_and_never
     assert_eq!(store.breach_log(14, 10).await.unwrap().len(), 1);
     assert!(store.breach_log(15, 10).await.unwrap().is_empty());
     // Retention leaves breaches and their log alone.
-    store.prune(i64::MAX).await.unwrap();
+    store.prune(Retention::all_before(i64::MAX)).await.unwrap();
     assert_eq!(db.count("SELECT COUNT(*) FROM breach_log").await, 15);
     assert_eq!(db.count("SELECT COUNT(*) FROM breaches").await, 5);
     assert_eq!(verify_chain(whole_log(store).await.into_iter()), Ok(15));
@@ -1371,6 +1456,93 @@ pub(crate) async fn egress_by_flow_keeps_node_process_and_destination_apart(db: 
 
 // The dispatcher in `store::open`.
 
+pub(crate) async fn reports_pushed_together_are_each_stored_once_whatever_batch_they_share(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    // Every report twice, and seq 21 twice with different contents, all at once: group
+    // commit may put both copies in one transaction.
+    let mut pushes: Vec<IncomingReport> = (1..=20)
+        .flat_map(|seq| [report("g", 3, seq), report("g", 3, seq)])
+        .collect();
+    let mut reused = report("g", 3, 21);
+    reused.observed_unix_ms += 1;
+    pushes.push(report("g", 3, 21));
+    pushes.push(reused);
+    let outcomes = futures::future::join_all(pushes.into_iter().map(|r| store.ingest(r))).await;
+    let count = |o: IngestOutcome| {
+        outcomes
+            .iter()
+            .filter(|x| matches!(x, Ok(y) if *y == o))
+            .count()
+    };
+    assert_eq!(
+        (
+            count(IngestOutcome::Stored),
+            count(IngestOutcome::Duplicate),
+            count(IngestOutcome::Conflict)
+        ),
+        (21, 20, 1),
+        "{outcomes:?}"
+    );
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!(
+        (n.reports, n.last_seq, n.missing, n.conflicts),
+        (21, 21, 0, 1)
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM reports").await, 21);
+}
+
+pub(crate) async fn a_bad_report_pushed_with_others_fails_alone(db: &dyn Backend) {
+    let store = db.store();
+    // A sequence number beyond what the databases hold is refused by the store.
+    let mut pushes: Vec<IncomingReport> = (1..=10).map(|seq| report("h", 1, seq)).collect();
+    pushes.insert(5, report("h", 1, u64::MAX));
+    let outcomes = futures::future::join_all(pushes.into_iter().map(|r| store.ingest(r))).await;
+    for (i, o) in outcomes.iter().enumerate() {
+        if i == 5 {
+            assert!(matches!(o, Err(StoreError::Range(_))), "{o:?}");
+        } else {
+            assert!(matches!(o, Ok(IngestOutcome::Stored)), "push {i}: {o:?}");
+        }
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM reports").await, 10);
+}
+
+pub(crate) async fn flows_with_one_key_in_one_report_become_one_aggregate_row(db: &dyn Backend) {
+    let store = db.store();
+    let mut r = report("f", 1, 1);
+    r.telemetry.flows = vec![
+        flow(10, "", ("8.8.8.8", 443), US_GOOGLE, 100, 1, 0, T),
+        flow(
+            10,
+            "vllm",
+            ("8.8.8.8", 443),
+            US_GOOGLE,
+            200,
+            2,
+            700,
+            T + 1_000,
+        ),
+        flow(10, "", ("8.8.8.8", 443), US_GOOGLE, 300, 3, 500, T + 2_000),
+    ];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let (rows, _) = egress(store, "process", 10).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (
+            rows[0].process.as_str(),
+            rows[0].bytes_sent,
+            rows[0].bytes_received,
+            rows[0].connections,
+            rows[0].min_rtt_us
+        ),
+        ("vllm", 600, 6, 3, 500)
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_raw").await, 3);
+}
+
 fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {
     NewEnrollToken {
         hash: hash.to_owned(),
@@ -1509,7 +1681,7 @@ pub(crate) async fn audit_records_form_a_verifiable_chain_read_in_pages(db: &dyn
         }
     );
     // Retention never touches it.
-    store.prune(i64::MAX).await.unwrap();
+    store.prune(Retention::all_before(i64::MAX)).await.unwrap();
     assert_eq!(db.count("SELECT COUNT(*) FROM audit_log").await, 5);
 }
 
