@@ -71,6 +71,7 @@ impl Pki {
             ca: self.ca.clone(),
             cert: self.collector.cert.clone(),
             key: self.collector.key.clone(),
+            revoked: None,
         }
     }
 }
@@ -224,9 +225,19 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
 /// Write a collector configuration as TOML.
 pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
     let mut text = format!(
-        "listen = \"{}\"\ndata_dir = {:?}\nmax_report_bytes = {}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-        cfg.listen, cfg.data_dir, cfg.max_report_bytes, cfg.tls.ca, cfg.tls.cert, cfg.tls.key
+        "listen = \"{}\"\ndata_dir = {:?}\nmax_report_bytes = {}\nmax_connections = {}\ntls_handshake_timeout_secs = {}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        cfg.listen,
+        cfg.data_dir,
+        cfg.max_report_bytes,
+        cfg.max_connections,
+        cfg.tls_handshake_timeout_secs,
+        cfg.tls.ca,
+        cfg.tls.cert,
+        cfg.tls.key
     );
+    if let Some(r) = &cfg.tls.revoked {
+        text.push_str(&format!("revoked = {r:?}\n"));
+    }
     if !cfg.store.url.is_empty() {
         text.push_str(&format!("\n[store]\nurl = {:?}\n", cfg.store.url));
     }
