@@ -383,7 +383,10 @@ impl CollectorConfig {
         if !(1..=300).contains(&self.tls_handshake_timeout_secs) {
             p.push(
                 "tls_handshake_timeout_secs",
-                format!("{} is out of range 1..=300", self.tls_handshake_timeout_secs),
+                format!(
+                    "{} is out of range 1..=300",
+                    self.tls_handshake_timeout_secs
+                ),
             );
         }
         if !(1..=3650).contains(&self.retention_days) {

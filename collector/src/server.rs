@@ -416,6 +416,7 @@ pub async fn run_with_metrics(
         "grpc",
         maintenance.clone(),
     ));
+    let revocation = tls.clone();
     let incoming = crate::tls::incoming(
         listener,
         tls,
@@ -433,6 +434,9 @@ pub async fn run_with_metrics(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
+        .layer(tower::layer::layer_fn(move |s| {
+            crate::tls::RevocationCheck::new(s, revocation.clone())
+        }))
         .add_service(CountSizeRefusals {
             inner: IngestServer::new(ingest).max_decoding_message_size(config.max_report_bytes),
             metrics,

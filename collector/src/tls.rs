@@ -129,7 +129,10 @@ impl DenyList {
                 continue;
             }
             if list.len() >= MAX_REVOKED_ENTRIES {
-                return Err(bad(i + 1, format!("more than {MAX_REVOKED_ENTRIES} entries")));
+                return Err(bad(
+                    i + 1,
+                    format!("more than {MAX_REVOKED_ENTRIES} entries"),
+                ));
             }
             if let Some(serial) = line.strip_prefix("serial:") {
                 let serial = serial.trim();
@@ -200,7 +203,7 @@ pub fn fingerprint_hex(der: &[u8]) -> String {
 #[derive(Debug)]
 struct DenyingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    deny: DenyList,
+    deny: Arc<DenyList>,
 }
 
 impl ClientCertVerifier for DenyingVerifier {
@@ -281,13 +284,21 @@ impl Sources {
     }
 }
 
+/// What one set of files built.
+#[derive(Debug)]
+struct Built {
+    sources: Sources,
+    config: Arc<rustls::ServerConfig>,
+    deny: Arc<DenyList>,
+}
+
 /// A rustls server configuration that follows its files (see the module documentation).
 #[derive(Debug)]
 pub struct ServerTls {
     files: ServerTlsFiles,
     alpn: Vec<Vec<u8>>,
     extra_chain: Vec<CertificateDer<'static>>,
-    state: RwLock<(Sources, Arc<rustls::ServerConfig>)>,
+    state: RwLock<Built>,
 }
 
 impl ServerTls {
@@ -306,40 +317,46 @@ impl ServerTls {
             })?;
         let alpn: Vec<Vec<u8>> = alpn.iter().map(|a| a.to_vec()).collect();
         let sources = Sources::read(files)?;
-        let config = build(files, &sources, &alpn, &extra_chain)?;
+        let built = build(files, sources, &alpn, &extra_chain)?;
         Ok(Self {
             files: files.clone(),
             alpn,
             extra_chain,
-            state: RwLock::new((sources, config)),
+            state: RwLock::new(built),
         })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Built) -> T) -> T {
+        match self.state.read() {
+            Ok(s) => f(&s),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
     }
 
     /// The configuration new handshakes use.
     pub fn current(&self) -> Arc<rustls::ServerConfig> {
-        match self.state.read() {
-            Ok(s) => s.1.clone(),
-            Err(poisoned) => poisoned.into_inner().1.clone(),
-        }
+        self.with(|b| b.config.clone())
+    }
+
+    /// Why the certificate `der` is refused by the deny list in force now, if it is (checked
+    /// on every request too, so that revoking a node cuts the connection it already has).
+    pub fn revoked(&self, der: &[u8]) -> Option<&'static str> {
+        self.with(|b| b.deny.refuses(der))
     }
 
     /// Re-read the files; rebuild when any changed. `Ok(true)` when a new configuration is in
     /// force; on an error the previous one stays.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
         let sources = Sources::read(&self.files)?;
-        let same = match self.state.read() {
-            Ok(s) => s.0 == sources,
-            Err(poisoned) => poisoned.into_inner().0 == sources,
-        };
-        if same {
+        if self.with(|b| b.sources == sources) {
             return Ok(false);
         }
-        let config = build(&self.files, &sources, &self.alpn, &self.extra_chain)?;
+        let built = build(&self.files, sources, &self.alpn, &self.extra_chain)?;
         let mut state = match self.state.write() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        *state = (sources, config);
+        *state = built;
         Ok(true)
     }
 }
@@ -355,7 +372,10 @@ pub async fn reload_loop(tls: Arc<ServerTls>, what: &'static str, stop: Cancella
         }
         let t = tls.clone();
         match tokio::task::spawn_blocking(move || t.reload_if_changed()).await {
-            Ok(Ok(true)) => tracing::info!(listener = what, "tls certificate, CA or revocation list reloaded"),
+            Ok(Ok(true)) => tracing::info!(
+                listener = what,
+                "tls certificate, CA or revocation list reloaded"
+            ),
             Ok(Ok(false)) | Err(_) => {}
             Ok(Err(err)) => {
                 tracing::warn!(listener = what, error = %err, "tls files changed but cannot be loaded; the previous ones stay in force");
@@ -366,10 +386,10 @@ pub async fn reload_loop(tls: Arc<ServerTls>, what: &'static str, stop: Cancella
 
 fn build(
     files: &ServerTlsFiles,
-    sources: &Sources,
+    sources: Sources,
     alpn: &[Vec<u8>],
     extra_chain: &[CertificateDer<'static>],
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+) -> Result<Built, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let pem_err = |path: &Path, reason: String| TlsError::Pem {
         path: path.display().to_string(),
@@ -388,13 +408,13 @@ fn build(
     // than a failed handshake); a certificate that does not verify fails the handshake.
     .allow_unauthenticated()
     .build()?;
-    let deny = match (&files.revoked, &sources.revoked) {
+    let deny = Arc::new(match (&files.revoked, &sources.revoked) {
         (Some(path), Some(bytes)) => DenyList::parse(path, &String::from_utf8_lossy(bytes))?,
         _ => DenyList::default(),
-    };
+    });
     let verifier = Arc::new(DenyingVerifier {
         inner: webpki,
-        deny,
+        deny: deny.clone(),
     });
     let mut certs = CertificateDer::pem_slice_iter(&sources.cert)
         .collect::<Result<Vec<_>, _>>()
@@ -410,7 +430,65 @@ fn build(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = alpn.to_vec();
-    Ok(Arc::new(cfg))
+    Ok(Built {
+        sources,
+        config: Arc::new(cfg),
+        deny,
+    })
+}
+
+/// A tower layer's service for the gRPC router: a request whose connection's client
+/// certificate is on the deny list in force now is answered PERMISSION_DENIED (the handshake
+/// refuses revoked certificates; this cuts connections opened before the revocation).
+#[derive(Debug, Clone)]
+pub struct RevocationCheck<S> {
+    inner: S,
+    tls: Arc<ServerTls>,
+}
+
+impl<S> RevocationCheck<S> {
+    /// Wrap `inner`.
+    pub fn new(inner: S, tls: Arc<ServerTls>) -> Self {
+        Self { inner, tls }
+    }
+}
+
+impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for RevocationCheck<S>
+where
+    S: tower::Service<
+            tonic::codegen::http::Request<B>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let certs = req
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+            .and_then(|i| i.peer_certs());
+        if let Some(leaf) = certs.as_ref().and_then(|c| c.first())
+            && let Some(by) = self.tls.revoked(leaf.as_ref())
+        {
+            tracing::warn!(
+                by,
+                "request on a connection whose client certificate was revoked"
+            );
+            let status = tonic::Status::permission_denied(format!(
+                "client certificate revoked (by {by} in the collector's deny list)"
+            ));
+            let resp = status.into_http();
+            return Box::pin(async move { Ok(resp) });
+        }
+        Box::pin(self.inner.call(req))
+    }
 }
 
 /// Limits of the gRPC accept loop.
@@ -592,8 +670,8 @@ mod tests {
     fn a_certificate_is_refused_by_its_fingerprint_or_its_serial_and_others_are_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         crate::pki::init(dir.path(), &[], "sovereign").expect("init");
-        let pair =
-            crate::pki::issue(dir.path(), crate::auth::Role::Agent, "n1", "sovereign").expect("issue");
+        let pair = crate::pki::issue(dir.path(), crate::auth::Role::Agent, "n1", "sovereign")
+            .expect("issue");
         let pem = std::fs::read(pair.cert).expect("read");
         let der = CertificateDer::from_pem_slice(&pem).expect("pem").to_vec();
         let other = crate::pki::issue(dir.path(), crate::auth::Role::Agent, "n2", "sovereign")

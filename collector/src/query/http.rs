@@ -125,6 +125,7 @@ pub async fn serve(
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let query = query.clone();
         let stop = stop.clone();
+        let deny = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
@@ -136,6 +137,12 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
+            let leaf = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec());
             let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
                 None => Peer::Anonymous,
                 Some(leaf) => match auth::identity_from_der(leaf.as_ref(), query.trust_domain()) {
@@ -145,7 +152,13 @@ pub async fn serve(
             };
             let service = hyper::service::service_fn(move |req| {
                 let query = query.clone();
-                let peer = peer.clone();
+                // A certificate revoked after the handshake is refused on the next request.
+                let peer = match leaf.as_deref().and_then(|l| deny.revoked(l)) {
+                    Some(by) => Peer::Refused(format!(
+                        "client certificate revoked (by {by} in the collector's deny list)"
+                    )),
+                    None => peer.clone(),
+                };
                 async move { Ok::<_, std::convert::Infallible>(handle(&query, &peer, req).await) }
             });
             let builder =
