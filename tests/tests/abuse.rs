@@ -165,12 +165,11 @@ async fn the_collector_stays_bounded_and_keeps_serving_under_idle_connections_sl
         }
         sent += 1;
         let mut buf = [0u8; 64];
-        match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => {
-                cut = true;
-                break;
-            }
-            _ => {}
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await
+        {
+            cut = true;
+            break;
         }
     }
     assert!(
