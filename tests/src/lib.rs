@@ -9,8 +9,10 @@
 //! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`];
 //! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token;
 //! - [`netns`]: hosts of the test's own in a network namespace, and a sink server there;
-//! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback.
+//! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback;
+//! - [`hostile`]: the parsers of outside input as fuzz targets, and a small mutator.
 
+pub mod hostile;
 pub mod netns;
 pub mod receivers;
 
