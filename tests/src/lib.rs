@@ -423,6 +423,11 @@ impl CollectorProcess {
     pub fn pid(&self) -> u32 {
         self.child.0.id()
     }
+
+    /// Whether it is still running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.0.try_wait(), Ok(None))
+    }
 }
 
 /// An agent as a child process (`e2e-agent run --config FILE`), killable with SIGKILL.
