@@ -230,7 +230,10 @@ impl Agent {
                 () = shutdown.cancelled() => return Ok(()),
             }
             // Flows first, so that their owners are described in this report's processes.
-            let (flows, net_status) = net.as_ref().map(NetHandle::take).unwrap_or_default();
+            let (flows, net_status) = match &net {
+                Some(n) => n.take_fresh().await,
+                None => Default::default(),
+            };
             let owners: Vec<(u32, pb::ProcessReason)> = {
                 let mut pids: Vec<u32> = flows.iter().map(|f| f.pid).filter(|p| *p != 0).collect();
                 pids.sort_unstable();

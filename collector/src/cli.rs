@@ -1,5 +1,5 @@
 //! The `sov-collector` command line: `serve`, `pki init`, `pki issue`, `dev`, `geo lookup`,
-//! `policy check`, `verify-log`, `enroll-token create`.
+//! `policy check`, `verify-log`, `verify-audit`, `token create`, `enroll-token create`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +57,18 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// API tokens for the HTTPS API (tools that cannot hold a client certificate).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Check the audit log's hash chain from its first record: prints the record count and
+    /// the last hash (exit 0), or the first bad record and why (exit 1).
+    VerifyAudit {
+        /// Configuration file (TOML) naming the store.
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: PathBuf,
+    },
     /// One-time enrollment tokens for `sov-agent enroll`.
     EnrollToken {
         #[command(subcommand)]
@@ -68,6 +80,25 @@ enum Command {
         /// Configuration file (TOML) naming the store.
         #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token, store its hash, and print the token once (it cannot be shown again).
+    Create {
+        /// Configuration file (TOML) naming the store.
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: PathBuf,
+        /// The role the token acts with: regulator or admin (agent tokens are refused by every route).
+        #[arg(long)]
+        role: Role,
+        /// How long it works: a number and s, m, h or d (e.g. 30d), at most 732d.
+        #[arg(long, value_parser = crate::sovctl::parse_duration_ms)]
+        expires: i64,
+        /// What it is for (shown in `token create`'s output; free text).
+        #[arg(long, default_value = "")]
+        name: String,
     },
 }
 
@@ -199,6 +230,63 @@ fn policy_check(file: &std::path::Path) -> ExitCode {
             eprintln!("sov-collector: {e}");
             ExitCode::from(EXIT_BAD_CONFIG as u8)
         }
+    }
+}
+
+/// `token create`: make a token, store its record, print the token once.
+fn token_create(config: &std::path::Path, role: Role, expires_ms: i64, name: &str) -> ExitCode {
+    let cfg = match CollectorConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => return report_config_error(&e),
+    };
+    let now = crate::ingest::now_unix_ms();
+    let (token, record) = match crate::token::generate(role, name, now, expires_ms) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let stored = rt.block_on(async {
+        let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
+        store.insert_token(record.clone()).await
+    });
+    if let Err(e) = stored {
+        return fail(&e);
+    }
+    eprintln!(
+        "token {} for role {} expires {}; it is shown once, keep it secret",
+        record.token_id,
+        record.role,
+        crate::sovctl::rfc3339(record.expires_unix_ms)
+    );
+    sov_agent::cli::print_stdout(&format!("{token}\n"))
+}
+
+/// `verify-audit`: open the configured store and check the audit log's chain.
+fn verify_audit(config: &std::path::Path) -> ExitCode {
+    let cfg = match CollectorConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => return report_config_error(&e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let verdict = rt.block_on(async {
+        let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
+        crate::audit::verify_store_audit(store.as_ref()).await
+    });
+    match verdict {
+        Ok(v) => {
+            let code = sov_agent::cli::print_stdout(&format!("{}\n", v.message()));
+            match v {
+                crate::breach::LogVerdict::Verified { .. } => code,
+                crate::breach::LogVerdict::Broken(_) => ExitCode::FAILURE,
+            }
+        }
+        Err(e) => fail(&e),
     }
 }
 
@@ -356,6 +444,16 @@ pub fn main() -> ExitCode {
             command: PolicyCommand::Check { file },
         } => policy_check(&file),
         Command::VerifyLog { config } => verify_log(&config),
+        Command::VerifyAudit { config } => verify_audit(&config),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    config,
+                    role,
+                    expires,
+                    name,
+                },
+        } => token_create(&config, role, expires, &name),
         Command::EnrollToken {
             command:
                 EnrollTokenCommand::Create {

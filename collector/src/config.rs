@@ -60,6 +60,9 @@ pub struct CollectorConfig {
     /// `[alert]`: where breach alerts are sent (no sink by default).
     #[serde(default)]
     pub alert: AlertConfig,
+    /// `[http]`: the HTTPS JSON API and the web page (off by default).
+    #[serde(default)]
+    pub http: HttpConfig,
     /// `[enroll]`: nodes enroll with one-time tokens and renew their certificates (off unless
     /// `ca_key` is set).
     #[serde(default)]
@@ -89,6 +92,18 @@ pub struct AlertConfig {
     /// `[[alert.syslog]]`: syslog receivers (RFC 5424 over UDP or TCP).
     #[serde(default)]
     pub syslog: Vec<SyslogSinkConfig>,
+    /// Longest wait between two tries of an undelivered alert, seconds, 1..=3600. Default 300
+    /// (the delay doubles from 1 s up to it).
+    #[serde(default)]
+    pub retry_max_secs: Option<u64>,
+}
+
+impl AlertConfig {
+    /// `retry_max_secs` or its default.
+    pub fn retry_max(&self) -> std::time::Duration {
+        self.retry_max_secs
+            .map_or(crate::alert::RETRY_MAX, std::time::Duration::from_secs)
+    }
 }
 
 /// One `[[alert.webhook]]`.
@@ -200,6 +215,17 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[http]`: the HTTPS JSON API under `/api/v1/` and the read-only web page at `/`, with the
+/// collector's certificate; callers present a client certificate (role regulator or admin) or
+/// `Authorization: Bearer TOKEN`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address serving HTTPS, e.g. "127.0.0.1:8443". Default: none (off).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
+
 /// `[store]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -292,6 +318,7 @@ impl CollectorConfig {
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
             alert: AlertConfig::default(),
+            http: HttpConfig::default(),
             enroll: EnrollConfig::default(),
             policy: None,
         }
@@ -368,6 +395,26 @@ impl CollectorConfig {
                 "metrics.listen",
                 format!("{m} overlaps the gRPC listen address {}", self.listen),
             );
+        }
+        if let Some(h) = self.http.listen {
+            let overlaps = |other: SocketAddr| {
+                h.port() != 0
+                    && h.port() == other.port()
+                    && (h.ip() == other.ip()
+                        || h.ip().is_unspecified()
+                        || other.ip().is_unspecified())
+            };
+            if overlaps(self.listen) {
+                p.push(
+                    "http.listen",
+                    format!("{h} overlaps the gRPC listen address {}", self.listen),
+                );
+            }
+            if let Some(m) = self.metrics.listen
+                && overlaps(m)
+            {
+                p.push("http.listen", format!("{h} overlaps metrics.listen {m}"));
+            }
         }
         for problem in crate::geo::validate(&self.geo) {
             p.0.push(problem);
@@ -458,6 +505,32 @@ mod tests {
         let c: CollectorConfig =
             toml::from_str(&format!("{tls}[metrics]\nlisten = \"127.0.0.1:7443\"\n")).unwrap();
         assert!(c.validate().to_string().contains("metrics.listen"));
+    }
+
+    #[test]
+    fn http_listen_is_parsed_and_may_not_take_the_grpc_or_metrics_port() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig =
+            toml::from_str(&format!("{tls}[http]\nlisten = \"127.0.0.1:8443\"\n")).unwrap();
+        assert_eq!(c.http.listen, Some("127.0.0.1:8443".parse().unwrap()));
+        assert!(!c.validate().to_string().contains("http.listen"));
+        let c: CollectorConfig = toml::from_str(&format!(
+            "{tls}[http]\nlisten = \"0.0.0.0:7443\"\n[metrics]\nlisten = \"127.0.0.1:9000\"\n"
+        ))
+        .unwrap();
+        assert!(c.validate().to_string().contains("http.listen"));
+        let c: CollectorConfig = toml::from_str(&format!(
+            "{tls}[http]\nlisten = \"127.0.0.1:9000\"\n[metrics]\nlisten = \"127.0.0.1:9000\"\n"
+        ))
+        .unwrap();
+        assert!(
+            c.validate()
+                .to_string()
+                .contains("metrics.listen 127.0.0.1:9000")
+        );
+        assert!(
+            toml::from_str::<CollectorConfig>(&format!("{tls}[http]\nlistn = \"x\"\n")).is_err()
+        );
     }
 
     #[test]

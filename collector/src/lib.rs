@@ -3,6 +3,8 @@
 //! Parts:
 //! - [`config`]: the strict TOML configuration;
 //! - [`auth`]: peer certificate → [`auth::Identity`] (name and role from a SPIFFE URI SAN);
+//! - [`audit`]: the hash-chained audit log of every regulator's and admin's query;
+//! - [`token`]: API tokens for the HTTPS API (stored hashed, scoped to a role, expiring);
 //! - [`breach`]: policy breaches (open → updated → resolved) and their hash-chained log;
 //! - [`pki`]: certificates without openssl (`sov-collector pki`);
 //! - [`ingest`]: the `Ingest` gRPC service (authenticate, validate, commit, then ack);
@@ -18,6 +20,7 @@
 //! - [`cli`] and [`sovctl`]: the two command lines (the binaries only call their `main`).
 
 pub mod alert;
+pub mod audit;
 pub mod auth;
 pub mod breach;
 pub mod cli;
@@ -33,5 +36,6 @@ pub mod query;
 pub mod server;
 pub mod sovctl;
 pub mod store;
+pub mod token;
 
 pub use config::CollectorConfig;

@@ -66,11 +66,10 @@ pub struct Metrics {
     flows: AtomicU64,
     weight_files: AtomicU64,
     census: Mutex<Option<(Instant, Option<NodeCensus>)>>,
-    // Later parts add here, with their lines in `render`:
-    // - `sov_collector_outbox_depth{sink}` (gauge) and
-    //   `sov_collector_outbox_delivery_failures_total{sink}` (counter) with the alert outbox;
-    // - `sov_collector_breaches_open{rule}` (gauge) with the policy engine.
 }
+
+/// Most open breaches counted per scrape for `sov_collector_breaches_open`.
+pub const MAX_BREACHES_COUNTED: u32 = 100_000;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -159,12 +158,38 @@ impl ProcessStats {
 }
 
 /// What a scrape measures besides the counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scrape {
     /// Node gauges; `None` when the store could not list nodes (the gauges are then absent).
     pub nodes: Option<NodeCensus>,
     /// Process gauges; `None` without `/proc`.
     pub process: Option<ProcessStats>,
+    /// The alert outbox per sink; `None` when the store could not say.
+    pub outbox: Option<Vec<crate::store::SinkStats>>,
+    /// Open breaches per rule (every built-in rule, 0 when none); `None` when the store could
+    /// not say.
+    pub breaches_open: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Open breaches per rule: every built-in rule (0 when none) and any other rule found.
+pub async fn open_breaches(
+    store: &dyn Store,
+) -> Result<std::collections::BTreeMap<String, u64>, crate::store::StoreError> {
+    let mut per: std::collections::BTreeMap<String, u64> = crate::policy::rules::RULES
+        .iter()
+        .map(|r| (r.name.to_owned(), 0))
+        .collect();
+    let open = store
+        .list_breaches(crate::breach::BreachFilter {
+            state: Some(crate::breach::BreachState::Open),
+            limit: MAX_BREACHES_COUNTED,
+            ..Default::default()
+        })
+        .await?;
+    for b in open {
+        *per.entry(b.rule).or_default() += 1;
+    }
+    Ok(per)
 }
 
 /// The lowercase snake_case name of a gRPC code, as label value.
@@ -281,9 +306,20 @@ impl Metrics {
 
     /// Everything a scrape shows, measured now.
     pub async fn scrape(&self, store: &dyn Store) -> String {
+        let outbox = store
+            .outbox_stats()
+            .await
+            .map_err(|err| tracing::warn!(error = %err, "metrics: cannot read the outbox"))
+            .ok();
+        let breaches_open = open_breaches(store)
+            .await
+            .map_err(|err| tracing::warn!(error = %err, "metrics: cannot count breaches"))
+            .ok();
         let scrape = Scrape {
             nodes: self.census(store).await,
             process: ProcessStats::read(),
+            outbox,
+            breaches_open,
         };
         self.render(&scrape)
     }
@@ -404,6 +440,58 @@ impl Metrics {
                 "sov_collector_nodes_silent{{threshold_secs=\"{SILENT_AFTER_SECS}\"}} {}",
                 n.silent
             );
+        }
+
+        if let Some(sinks) = &scrape.outbox {
+            let per_sink = |out: &mut String,
+                            name: &str,
+                            kind: &str,
+                            help: &str,
+                            f: fn(&crate::store::SinkStats) -> u64| {
+                family(out, name, kind, help);
+                for s in sinks {
+                    let _ = writeln!(out, "{name}{{sink=\"{}\"}} {}", s.sink, f(s));
+                }
+            };
+            per_sink(
+                &mut out,
+                "sov_collector_outbox_depth",
+                "gauge",
+                "Alerts waiting for delivery, per sink.",
+                |s| s.pending,
+            );
+            per_sink(
+                &mut out,
+                "sov_collector_outbox_delivered_total",
+                "counter",
+                "Alerts delivered, per sink.",
+                |s| s.delivered,
+            );
+            per_sink(
+                &mut out,
+                "sov_collector_outbox_refused_total",
+                "counter",
+                "Alerts the receiver refused for good (4xx), per sink.",
+                |s| s.failed,
+            );
+            per_sink(
+                &mut out,
+                "sov_collector_outbox_delivery_failures_total",
+                "counter",
+                "Failed delivery tries (retried or refused), per sink.",
+                |s| s.failed_attempts,
+            );
+        }
+        if let Some(per) = &scrape.breaches_open {
+            family(
+                &mut out,
+                "sov_collector_breaches_open",
+                "gauge",
+                "Open breaches, per rule.",
+            );
+            for (rule, n) in per {
+                let _ = writeln!(out, "sov_collector_breaches_open{{rule=\"{rule}\"}} {n}");
+            }
         }
 
         if let Some(p) = scrape.process {
@@ -603,7 +691,27 @@ mod tests {
         let text = m.render(&Scrape {
             nodes: Some(NodeCensus::default()),
             process: Some(ProcessStats::default()),
+            outbox: Some(vec![crate::store::SinkStats {
+                sink: "webhook:0".into(),
+                pending: 2,
+                delivered: 5,
+                failed: 1,
+                failed_attempts: 4,
+            }]),
+            breaches_open: Some([("foreign-egress".to_owned(), 3)].into()),
         });
+        assert!(
+            text.contains("sov_collector_outbox_depth{sink=\"webhook:0\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sov_collector_outbox_delivery_failures_total{sink=\"webhook:0\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sov_collector_breaches_open{rule=\"foreign-egress\"} 3\n"),
+            "{text}"
+        );
         assert!(text.ends_with('\n'));
         let mut typed = std::collections::HashSet::new();
         for line in lines(&text) {
@@ -719,6 +827,8 @@ mod tests {
         let text = Metrics::new().render(&Scrape {
             nodes: Some(census),
             process: None,
+            outbox: None,
+            breaches_open: None,
         });
         let l = lines(&text);
         assert!(l.contains(&"sov_collector_nodes 3"), "{text}");

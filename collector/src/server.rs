@@ -56,6 +56,21 @@ pub enum ServerError {
     /// The policy file (`policy`) could not be loaded.
     #[error("policy set-up failed")]
     Policy(#[from] crate::policy::PolicyError),
+    /// An alert sink (`[alert]`) could not be set up.
+    #[error("alert set-up failed: {0}")]
+    Alert(String),
+    /// The HTTPS API address (`[http] listen`) could not be bound.
+    #[error("cannot listen for https on {addr}")]
+    HttpListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTPS API's TLS configuration could not be built.
+    #[error("https api set-up failed")]
+    Http(#[from] crate::query::http::HttpError),
     /// The enrollment CA (`[enroll] ca_key`) could not be loaded.
     #[error("enrollment set-up failed")]
     Enroll(#[from] crate::enroll::EnrollError),
@@ -199,33 +214,67 @@ async fn geo_reload_loop(geo: crate::geo::Geo, stop: CancellationToken) {
 /// How often the policy file is checked for changes.
 pub const POLICY_RELOAD_EVERY: Duration = Duration::from_secs(10);
 
-/// Evaluate the breach rules ([`crate::policy::rules`]) every
-/// [`crate::policy::rules::EVAL_EVERY`] against the policy current at that moment, reloading
-/// the policy file when it changes (checked every [`POLICY_RELOAD_EVERY`]).
-async fn policy_loop(
+/// Lease under which one replica evaluates the rules.
+const RULES_LEASE: &str = "rules";
+/// How long the rules lease lasts without renewal.
+const RULES_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Shortest time between two evaluations (reports arriving back to back wake the loop only
+/// this often).
+const MIN_EVAL_GAP: Duration = Duration::from_millis(250);
+
+/// What the rule evaluation loop needs.
+struct PolicyLoop {
     watch: Arc<crate::policy::PolicyWatch>,
     store: Arc<dyn Store>,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(crate::policy::rules::EVAL_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    geo: crate::geo::Geo,
+    holder: String,
+    /// Woken by ingest after a stored report.
+    stored: Arc<tokio::sync::Notify>,
+    /// Bumped after an evaluation that changed the breach log (wakes the alert workers).
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// Evaluate the breach rules ([`crate::policy::rules`]) every
+/// [`crate::policy::rules::EVAL_EVERY`], and soon after a report is stored, against the policy
+/// current at that moment, reloading the policy file when it changes (checked every
+/// [`POLICY_RELOAD_EVERY`]). Among replicas, only the holder of the rules lease evaluates.
+async fn policy_loop(p: PolicyLoop, stop: CancellationToken) {
     let mut last_reload = tokio::time::Instant::now();
+    let ttl = i64::try_from(RULES_LEASE_TTL.as_millis()).unwrap_or(i64::MAX);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
+        let started = tokio::time::Instant::now();
         if last_reload.elapsed() >= POLICY_RELOAD_EVERY {
             last_reload = tokio::time::Instant::now();
-            let w = watch.clone();
+            let w = p.watch.clone();
             if let Ok(true) = tokio::task::spawn_blocking(move || w.reload_if_changed()).await {
-                tracing::info!(path = %watch.path().display(), "policy reloaded");
+                tracing::info!(path = %p.watch.path().display(), "policy reloaded");
             }
         }
-        let policy = watch.current();
         let now = crate::ingest::now_unix_ms();
-        if let Err(err) = crate::policy::rules::evaluate(&policy, store.as_ref(), now).await {
-            tracing::warn!(error = %err, "breach rule evaluation failed; will retry");
+        match p.store.take_lease(RULES_LEASE, &p.holder, now, ttl).await {
+            Ok(true) => {
+                let policy = p.watch.current();
+                match crate::policy::rules::evaluate(&policy, p.store.as_ref(), &p.geo, now).await {
+                    Ok(e) if e.changed() => {
+                        p.changed.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "breach rule evaluation failed; will retry");
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot take the rules lease; will retry"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(started + MIN_EVAL_GAP) => {}
+            () = stop.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(started + crate::policy::rules::EVAL_EVERY) => {}
+            () = p.stored.notified() => {}
+            () = stop.cancelled() => return,
         }
     }
 }
@@ -279,18 +328,31 @@ pub async fn run_with_metrics(
         .timeout(TLS_HANDSHAKE_TIMEOUT);
     let geo = crate::geo::Geo::from_config(&config.geo)?;
     tracing::info!(sources = ?geo.builds(), "geolocation ready");
+    let stored = Arc::new(tokio::sync::Notify::new());
     let ingest = IngestService::new(
         store.clone(),
         geo.clone(),
         config.trust_domain.clone(),
         config.max_report_bytes,
         metrics.clone(),
-    );
-    let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page);
+    )
+    .notify_stored(stored.clone());
+    let sinks = crate::alert::sinks_from_config(&config.alert).map_err(ServerError::Alert)?;
     let enroll =
         crate::enroll::EnrollService::new(store.clone(), signer, config.trust_domain.clone());
     let policy_watch = match &config.policy {
         Some(path) => Some(Arc::new(crate::policy::PolicyWatch::new(path)?)),
+        None => None,
+    };
+    let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page)
+        .with_policy(policy_watch.clone());
+    let http_listener = match config.http.listen {
+        Some(addr) => Some((
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::HttpListen { addr, source })?,
+            crate::query::http::tls_config(&config.tls)?,
+        )),
         None => None,
     };
     let metrics_listener = match config.metrics.listen {
@@ -310,8 +372,35 @@ pub async fn run_with_metrics(
             maintenance.clone().cancelled_owned(),
         ));
     }
+    let holder = crate::alert::outbox::holder_id();
+    let (changed, wake) = tokio::sync::watch::channel(0u64);
+    crate::alert::outbox::spawn_workers(
+        &sinks,
+        &store,
+        &holder,
+        config.alert.retry_max(),
+        &wake,
+        &maintenance,
+    );
+    if let Some((l, tls)) = http_listener {
+        tracing::info!(addr = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "https api listening");
+        tokio::spawn(crate::query::http::serve(
+            l,
+            tls,
+            query.clone(),
+            maintenance.clone().cancelled_owned(),
+        ));
+    }
     if let Some(watch) = policy_watch {
-        tokio::spawn(policy_loop(watch, store.clone(), maintenance.clone()));
+        let p = PolicyLoop {
+            watch,
+            store: store.clone(),
+            geo: geo.clone(),
+            holder,
+            stored,
+            changed,
+        };
+        tokio::spawn(policy_loop(p, maintenance.clone()));
     }
     tokio::spawn(prune_loop(
         store,

@@ -6,7 +6,13 @@
 //! - [`InProcessCollector`]: `sov_collector::server::run` on `127.0.0.1:0`;
 //! - [`CollectorProcess`] / [`AgentProcess`]: the `e2e-collector` / `e2e-agent` binaries
 //!   (thin copies of the real mains);
-//! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`].
+//! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`];
+//! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token;
+//! - [`netns`]: hosts of the test's own in a network namespace, and a sink server there;
+//! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback.
+
+pub mod netns;
+pub mod receivers;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -224,6 +230,27 @@ pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
     if !cfg.store.url.is_empty() {
         text.push_str(&format!("\n[store]\nurl = {:?}\n", cfg.store.url));
     }
+    if let Some(h) = cfg.http.listen {
+        text.push_str(&format!("\n[http]\nlisten = \"{h}\"\n"));
+    }
+    if let Some(p) = &cfg.policy {
+        text = format!("policy = {p:?}\n{text}");
+    }
+    for o in &cfg.geo.overrides {
+        text.push_str(&format!(
+            "\n[[geo.override]]\ncidr = {:?}\ncountry = {:?}\n",
+            o.cidr, o.country
+        ));
+    }
+    if let Some(secs) = cfg.alert.retry_max_secs {
+        text.push_str(&format!("\n[alert]\nretry_max_secs = {secs}\n"));
+    }
+    for w in &cfg.alert.webhook {
+        text.push_str(&format!("\n[[alert.webhook]]\nurl = {:?}\n", w.url));
+        if let Some(secret) = &w.secret {
+            text.push_str(&format!("secret = {secret:?}\n"));
+        }
+    }
     if let Some(key) = &cfg.enroll.ca_key {
         text.push_str(&format!(
             "\n[enroll]\nca_key = {key:?}\nvalidity_secs = {}\n",
@@ -341,6 +368,11 @@ impl CollectorProcess {
     pub fn kill9(&mut self) {
         self.child.kill9();
     }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
 }
 
 /// An agent as a child process (`e2e-agent run --config FILE`), killable with SIGKILL.
@@ -412,6 +444,34 @@ pub fn report(node: &str, epoch: u64, seq: u64) -> pb::Report {
     }
 }
 
+/// An outbound TCP flow from pid 42 to `remote:443` that sent `bytes_sent`, observed now.
+pub fn outbound_flow(remote: &str, bytes_sent: u64) -> pb::Flow {
+    let now = sov_collector::policy::now_unix_ms();
+    pb::Flow {
+        protocol: pb::Protocol::Tcp as i32,
+        direction: pb::Direction::Outbound as i32,
+        local_address: "10.0.0.5".to_owned(),
+        local_port: 50_000,
+        remote_address: remote.to_owned(),
+        remote_port: 443,
+        pid: 42,
+        bytes_sent,
+        bytes_known: true,
+        connections: 1,
+        start_unix_ms: now,
+        end_unix_ms: now,
+        ..Default::default()
+    }
+}
+
+/// [`report`] (epoch 1) observed now, carrying `flows`.
+pub fn report_with_flows(node: &str, seq: u64, flows: Vec<pb::Flow>) -> pb::Report {
+    let mut r = report(node, 1, seq);
+    r.observed_unix_ms = sov_collector::policy::now_unix_ms();
+    r.flows = flows;
+    r
+}
+
 /// The PostgreSQL URL tests use: `SOV_TEST_POSTGRES_URL`, default the local test database.
 pub fn postgres_url() -> String {
     std::env::var("SOV_TEST_POSTGRES_URL")
@@ -440,4 +500,104 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What an HTTPS request got back.
+#[derive(Debug)]
+pub struct HttpsReply {
+    /// HTTP status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: String,
+    /// The body as text.
+    pub body: String,
+}
+
+impl HttpsReply {
+    /// The body parsed as JSON (`null` when it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// `GET path` over HTTPS (HTTP/1.1) at `addr`, verifying the collector with `pki.ca`,
+/// presenting `client` (certificate and key) when given and `Authorization: Bearer token`
+/// when given. A failed handshake is an `Err`.
+pub async fn https_get(
+    pki: &Pki,
+    addr: SocketAddr,
+    client: Option<&PathPair>,
+    token: Option<&str>,
+    path: &str,
+) -> Result<HttpsReply, String> {
+    use http_body_util::BodyExt as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&pki.ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some(pair) => {
+            let certs = CertificateDer::pem_file_iter(&pair.cert)
+                .map_err(|e| e.to_string())?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| e.to_string())?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| e.to_string())?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("http handshake: {e}"))?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(path).header("host", "localhost");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(HttpsReply {
+        status,
+        content_type,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }

@@ -1,22 +1,107 @@
-//! The `Query` service for regulators and admins (agents may not read).
+//! The queries regulators and admins ask (agents may not read), answered over gRPC
+//! (`sovereign.v1.Query`) and over HTTPS JSON ([`http`]) by the same code.
+//!
+//! Every query goes through [`QueryService`]'s `*_as` methods with the [`Caller`] that asked:
+//! role check (regulator or admin), validation and limits, the store, then one audit record
+//! ([`crate::audit`]) before the answer leaves. A query whose audit record cannot be written
+//! is refused.
+//!
+//! - [`http`]: the HTTPS JSON API under `/api/v1/` and the read-only web page;
+//! - [`scorecard`]: the sovereignty scorecard.
 
 use std::sync::Arc;
 
+use serde_json::{Value, json};
 use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{self, Role};
+use crate::audit::AuditEntry;
+use crate::auth::{self, Identity, Role};
 use crate::store::{NodeRow, Store};
+
+pub mod http;
+pub mod scorecard;
 
 /// Page size when a request asks for none.
 pub const DEFAULT_PAGE: u32 = 100;
+/// Longest outcome text kept in an audit record.
+const MAX_OUTCOME_CHARS: usize = 256;
 
-/// gRPC `sovereign.v1.Query`.
+/// How a caller reached the query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// gRPC with a client certificate.
+    Grpc,
+    /// HTTPS with a client certificate.
+    HttpsCert,
+    /// HTTPS with an API token.
+    HttpsToken,
+}
+
+impl Via {
+    /// `grpc`, `https-cert` or `https-token` (as the audit log records it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpsCert => "https-cert",
+            Self::HttpsToken => "https-token",
+        }
+    }
+}
+
+/// Who asks, as proven by a certificate or a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Name and role.
+    pub id: Identity,
+    /// How.
+    pub via: Via,
+}
+
+/// How many rows (or objects) an answer holds, for the audit log.
+pub trait RowCount {
+    /// Rows in the answer.
+    fn row_count(&self) -> u64;
+}
+
+impl RowCount for pb::ListNodesResponse {
+    fn row_count(&self) -> u64 {
+        self.nodes.len() as u64
+    }
+}
+impl RowCount for pb::ListModelsResponse {
+    fn row_count(&self) -> u64 {
+        self.models.len() as u64
+    }
+}
+impl RowCount for pb::EgressResponse {
+    fn row_count(&self) -> u64 {
+        self.rows.len() as u64
+    }
+}
+impl RowCount for pb::ListBreachesResponse {
+    fn row_count(&self) -> u64 {
+        self.breaches.len() as u64
+    }
+}
+impl RowCount for pb::ListAuditResponse {
+    fn row_count(&self) -> u64 {
+        self.records.len() as u64
+    }
+}
+impl RowCount for pb::ScorecardResponse {
+    fn row_count(&self) -> u64 {
+        1
+    }
+}
+
+/// The query service, shared by gRPC and HTTPS.
 #[derive(Debug, Clone)]
 pub struct QueryService {
     store: Arc<dyn Store>,
     trust_domain: String,
     max_page: u32,
+    policy: Option<Arc<crate::policy::PolicyWatch>>,
 }
 
 impl QueryService {
@@ -26,7 +111,24 @@ impl QueryService {
             store,
             trust_domain,
             max_page,
+            policy: None,
         }
+    }
+
+    /// The same, answering the scorecard under the collector's policy.
+    pub fn with_policy(mut self, policy: Option<Arc<crate::policy::PolicyWatch>>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The store (the HTTPS API looks tokens up in it).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The trust domain of client certificates.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 }
 
@@ -37,6 +139,54 @@ impl QueryService {
             0 => DEFAULT_PAGE.min(self.max_page),
             n => n.min(self.max_page),
         }
+    }
+
+    /// Refuse callers that may not query (agents).
+    fn allow(caller: &Caller, call: &str) -> Result<(), Status> {
+        auth::require_role(
+            &caller.id,
+            &[Role::Regulator, Role::Admin],
+            &format!("Query.{call}"),
+        )
+    }
+
+    /// Record the query and its outcome, then hand the answer back; refuse it when the record
+    /// cannot be written.
+    async fn audited<T: RowCount>(
+        &self,
+        caller: &Caller,
+        call: &str,
+        params: Value,
+        result: Result<T, Status>,
+    ) -> Result<T, Status> {
+        let (rows, outcome) = match &result {
+            Ok(r) => (r.row_count(), "ok".to_owned()),
+            Err(s) => {
+                let mut text = format!("{:?}: {}", s.code(), s.message());
+                if text.chars().count() > MAX_OUTCOME_CHARS {
+                    text = text.chars().take(MAX_OUTCOME_CHARS).collect();
+                }
+                (0, text)
+            }
+        };
+        let entry = AuditEntry {
+            at_unix_ms: crate::ingest::now_unix_ms(),
+            who: caller.id.name.clone(),
+            role: caller.id.role.as_str().to_owned(),
+            via: caller.via.as_str().to_owned(),
+            call: call.to_owned(),
+            params,
+            rows,
+            outcome,
+        };
+        if let Err(err) = self.store.append_audit(entry).await {
+            tracing::error!(error = %err, call, who = %caller.id.name, "audit log append failed; query refused");
+            return Err(Status::unavailable(format!(
+                "the audit log could not record this query, so it is not answered: {err}"
+            )));
+        }
+        tracing::info!(who = %caller.id.name, role = %caller.id.role, via = caller.via.as_str(), call, rows, "query");
+        result
     }
 }
 
@@ -87,34 +237,154 @@ impl From<crate::breach::Breach> for pb::BreachSummary {
     }
 }
 
-/// Largest time range an egress query may span.
+impl From<crate::audit::AuditRecord> for pb::AuditRecord {
+    fn from(r: crate::audit::AuditRecord) -> Self {
+        Self {
+            seq: r.seq,
+            at_unix_ms: r.at_unix_ms,
+            actor: r.actor,
+            call: r.call,
+            body_json: r.body_json,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+impl From<pb::AuditRecord> for crate::audit::AuditRecord {
+    fn from(r: pb::AuditRecord) -> Self {
+        Self {
+            seq: r.seq,
+            at_unix_ms: r.at_unix_ms,
+            actor: r.actor,
+            call: r.call,
+            body_json: r.body_json,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+fn store_unavailable(e: crate::store::StoreError) -> Status {
+    Status::unavailable(format!("collector store unavailable: {e}"))
+}
+
+/// Largest time range an egress query or a scorecard may span.
 pub const MAX_EGRESS_RANGE_MS: i64 = 366 * 86_400_000;
 
-#[tonic::async_trait]
-impl pb::query_server::Query for QueryService {
-    async fn egress(
+/// `until` (0 = now), checked against `since` and [`MAX_EGRESS_RANGE_MS`].
+fn time_range(since_unix_ms: i64, until_unix_ms: i64) -> Result<i64, Status> {
+    let until = if until_unix_ms == 0 {
+        crate::ingest::now_unix_ms()
+    } else {
+        until_unix_ms
+    };
+    if since_unix_ms >= until {
+        return Err(Status::invalid_argument(format!(
+            "since_unix_ms {since_unix_ms} must be before until_unix_ms {until}"
+        )));
+    }
+    if until.saturating_sub(since_unix_ms) > MAX_EGRESS_RANGE_MS {
+        return Err(Status::invalid_argument(
+            "the time range is longer than 366 days",
+        ));
+    }
+    Ok(until)
+}
+
+impl QueryService {
+    /// `ListNodes` for `caller`.
+    pub async fn list_nodes_as(
         &self,
-        req: Request<pb::EgressRequest>,
-    ) -> Result<Response<pb::EgressResponse>, Status> {
-        let id = auth::identity_from_request(&req, &self.trust_domain)?;
-        auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.Egress")?;
-        let r = req.into_inner();
-        let until = if r.until_unix_ms == 0 {
-            crate::ingest::now_unix_ms()
+        caller: &Caller,
+        r: pb::ListNodesRequest,
+    ) -> Result<pb::ListNodesResponse, Status> {
+        Self::allow(caller, "ListNodes")?;
+        let params = json!({"limit": r.limit, "after": r.after});
+        let result = self.list_nodes_inner(r).await;
+        self.audited(caller, "ListNodes", params, result).await
+    }
+
+    async fn list_nodes_inner(
+        &self,
+        r: pb::ListNodesRequest,
+    ) -> Result<pb::ListNodesResponse, Status> {
+        let limit = self.page(r.limit);
+        // One extra row tells whether another page follows.
+        let mut rows = self
+            .store
+            .list_nodes(&r.after, limit.saturating_add(1))
+            .await
+            .map_err(store_unavailable)?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let next_after = if more {
+            rows.last().map(|n| n.node.clone()).unwrap_or_default()
         } else {
-            r.until_unix_ms
+            String::new()
         };
-        if r.since_unix_ms >= until {
-            return Err(Status::invalid_argument(format!(
-                "since_unix_ms {} must be before until_unix_ms {until}",
-                r.since_unix_ms
-            )));
-        }
-        if until - r.since_unix_ms > MAX_EGRESS_RANGE_MS {
+        Ok(pb::ListNodesResponse {
+            nodes: rows.into_iter().map(Into::into).collect(),
+            next_after,
+        })
+    }
+
+    /// `ListModels` for `caller`.
+    pub async fn list_models_as(
+        &self,
+        caller: &Caller,
+        r: pb::ListModelsRequest,
+    ) -> Result<pb::ListModelsResponse, Status> {
+        Self::allow(caller, "ListModels")?;
+        let params = json!({"query": r.query, "limit": r.limit, "after": r.after});
+        let result = self.list_models_inner(r).await;
+        self.audited(caller, "ListModels", params, result).await
+    }
+
+    async fn list_models_inner(
+        &self,
+        r: pb::ListModelsRequest,
+    ) -> Result<pb::ListModelsResponse, Status> {
+        if r.query.len() > 256 {
             return Err(Status::invalid_argument(
-                "the time range is longer than 366 days",
+                "query is longer than 256 characters",
             ));
         }
+        let limit = self.page(r.limit);
+        let mut models = self
+            .store
+            .list_models(&r.query, &r.after, limit.saturating_add(1))
+            .await
+            .map_err(store_unavailable)?;
+        let more = models.len() > limit as usize;
+        models.truncate(limit as usize);
+        let next_after = if more {
+            models.last().map(|m| m.key.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListModelsResponse { models, next_after })
+    }
+
+    /// `Egress` for `caller`.
+    pub async fn egress_as(
+        &self,
+        caller: &Caller,
+        r: pb::EgressRequest,
+    ) -> Result<pb::EgressResponse, Status> {
+        Self::allow(caller, "Egress")?;
+        let params = json!({
+            "since_unix_ms": r.since_unix_ms,
+            "until_unix_ms": r.until_unix_ms,
+            "by": r.by,
+            "limit": r.limit,
+        });
+        let result = self.egress_inner(r).await;
+        self.audited(caller, "Egress", params, result).await
+    }
+
+    async fn egress_inner(&self, r: pb::EgressRequest) -> Result<pb::EgressResponse, Status> {
+        let until = time_range(r.since_unix_ms, r.until_unix_ms)?;
         if !["", "country", "node", "process", "asn", "destination"].contains(&r.by.as_str()) {
             return Err(Status::invalid_argument(format!(
                 "by {:?} is not one of country, node, process, asn, destination",
@@ -127,79 +397,31 @@ impl pb::query_server::Query for QueryService {
             by: r.by.clone(),
             limit: self.page(r.limit),
         };
-        let (rows, truncated) = self
-            .store
-            .egress(q)
-            .await
-            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?;
-        tracing::info!(who = %id.name, role = %id.role, call = "Egress", by = %r.by, rows = rows.len(), "query");
-        Ok(Response::new(pb::EgressResponse { rows, truncated }))
+        let (rows, truncated) = self.store.egress(q).await.map_err(store_unavailable)?;
+        Ok(pb::EgressResponse { rows, truncated })
     }
 
-    async fn list_models(
+    /// `ListBreaches` for `caller`.
+    pub async fn list_breaches_as(
         &self,
-        req: Request<pb::ListModelsRequest>,
-    ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let id = auth::identity_from_request(&req, &self.trust_domain)?;
-        auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.ListModels")?;
-        let r = req.into_inner();
-        if r.query.len() > 256 {
-            return Err(Status::invalid_argument(
-                "query is longer than 256 characters",
-            ));
-        }
-        let limit = self.page(r.limit);
-        let mut models = self
-            .store
-            .list_models(&r.query, &r.after, limit.saturating_add(1))
-            .await
-            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?;
-        let more = models.len() > limit as usize;
-        models.truncate(limit as usize);
-        let next_after = if more {
-            models.last().map(|m| m.key.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        tracing::info!(who = %id.name, role = %id.role, call = "ListModels", query = %r.query, rows = models.len(), "query");
-        Ok(Response::new(pb::ListModelsResponse { models, next_after }))
+        caller: &Caller,
+        r: pb::ListBreachesRequest,
+    ) -> Result<pb::ListBreachesResponse, Status> {
+        Self::allow(caller, "ListBreaches")?;
+        let params = json!({
+            "state": r.state,
+            "rule": r.rule,
+            "since_unix_ms": r.since_unix_ms,
+            "limit": r.limit,
+        });
+        let result = self.list_breaches_inner(r).await;
+        self.audited(caller, "ListBreaches", params, result).await
     }
 
-    async fn list_nodes(
+    async fn list_breaches_inner(
         &self,
-        req: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let id = auth::identity_from_request(&req, &self.trust_domain)?;
-        auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.ListNodes")?;
-        let r = req.into_inner();
-        let limit = self.page(r.limit);
-        // One extra row tells whether another page follows.
-        let mut rows = self
-            .store
-            .list_nodes(&r.after, limit.saturating_add(1))
-            .await
-            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?;
-        let more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        let next_after = if more {
-            rows.last().map(|n| n.node.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        tracing::info!(who = %id.name, role = %id.role, call = "ListNodes", rows = rows.len(), "query");
-        Ok(Response::new(pb::ListNodesResponse {
-            nodes: rows.into_iter().map(Into::into).collect(),
-            next_after,
-        }))
-    }
-
-    async fn list_breaches(
-        &self,
-        req: Request<pb::ListBreachesRequest>,
-    ) -> Result<Response<pb::ListBreachesResponse>, Status> {
-        let id = auth::identity_from_request(&req, &self.trust_domain)?;
-        auth::require_role(&id, &[Role::Regulator, Role::Admin], "Query.ListBreaches")?;
-        let r = req.into_inner();
+        r: pb::ListBreachesRequest,
+    ) -> Result<pb::ListBreachesResponse, Status> {
         let state = match r.state.as_str() {
             "" => None,
             s => Some(
@@ -222,10 +444,166 @@ impl pb::query_server::Query for QueryService {
             .store
             .list_breaches(filter)
             .await
-            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?;
-        tracing::info!(who = %id.name, role = %id.role, call = "ListBreaches", rows = breaches.len(), "query");
-        Ok(Response::new(pb::ListBreachesResponse {
+            .map_err(store_unavailable)?;
+        Ok(pb::ListBreachesResponse {
             breaches: breaches.into_iter().map(Into::into).collect(),
-        }))
+        })
+    }
+
+    /// `ListAudit` for `caller`. The query that reads the log is itself recorded (after the
+    /// page is read, so a page never holds its own record).
+    pub async fn list_audit_as(
+        &self,
+        caller: &Caller,
+        r: pb::ListAuditRequest,
+    ) -> Result<pb::ListAuditResponse, Status> {
+        Self::allow(caller, "ListAudit")?;
+        let params = json!({"after_seq": r.after_seq, "limit": r.limit});
+        let result = self.list_audit_inner(r).await;
+        self.audited(caller, "ListAudit", params, result).await
+    }
+
+    async fn list_audit_inner(
+        &self,
+        r: pb::ListAuditRequest,
+    ) -> Result<pb::ListAuditResponse, Status> {
+        let limit = self.page(r.limit);
+        let mut records = self
+            .store
+            .audit_log(r.after_seq, limit.saturating_add(1))
+            .await
+            .map_err(store_unavailable)?;
+        let more = records.len() > limit as usize;
+        records.truncate(limit as usize);
+        let next_after_seq = if more {
+            records.last().map_or(0, |r| r.seq)
+        } else {
+            0
+        };
+        Ok(pb::ListAuditResponse {
+            records: records.into_iter().map(Into::into).collect(),
+            next_after_seq,
+        })
+    }
+
+    /// `Scorecard` for `caller`.
+    pub async fn scorecard_as(
+        &self,
+        caller: &Caller,
+        r: pb::ScorecardRequest,
+    ) -> Result<pb::ScorecardResponse, Status> {
+        Self::allow(caller, "Scorecard")?;
+        let params = json!({
+            "since_unix_ms": r.since_unix_ms,
+            "until_unix_ms": r.until_unix_ms,
+            "jurisdiction": r.jurisdiction,
+        });
+        let result = self
+            .scorecard_value(r.since_unix_ms, r.until_unix_ms, &r.jurisdiction)
+            .await
+            .map(|v| pb::ScorecardResponse {
+                scorecard_json: v.to_string(),
+            });
+        self.audited(caller, "Scorecard", params, result).await
+    }
+
+    /// The scorecard as JSON (not audited: callers audit).
+    pub async fn scorecard_value(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        jurisdiction: &str,
+    ) -> Result<Value, Status> {
+        let until = time_range(since_unix_ms, until_unix_ms)?;
+        let policy = match &self.policy {
+            Some(w) => w.current(),
+            None => Arc::new(scorecard::policy_for(jurisdiction).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "the collector has no policy file, so the scorecard needs a jurisdiction \
+                     (two capital letters, e.g. MA); got {jurisdiction:?}"
+                ))
+            })?),
+        };
+        let inputs = scorecard::read_inputs(self.store.as_ref(), since_unix_ms, until)
+            .await
+            .map_err(store_unavailable)?;
+        Ok(scorecard::build(
+            &policy,
+            &inputs,
+            since_unix_ms,
+            until,
+            crate::ingest::now_unix_ms(),
+        ))
+    }
+}
+
+/// The caller of a gRPC request, from its client certificate.
+fn grpc_caller<T>(req: &Request<T>, trust_domain: &str) -> Result<Caller, Status> {
+    Ok(Caller {
+        id: auth::identity_from_request(req, trust_domain)?,
+        via: Via::Grpc,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::query_server::Query for QueryService {
+    async fn egress(
+        &self,
+        req: Request<pb::EgressRequest>,
+    ) -> Result<Response<pb::EgressResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.egress_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_models(
+        &self,
+        req: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.list_models_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.list_nodes_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_breaches(
+        &self,
+        req: Request<pb::ListBreachesRequest>,
+    ) -> Result<Response<pb::ListBreachesResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.list_breaches_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.list_audit_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn scorecard(
+        &self,
+        req: Request<pb::ScorecardRequest>,
+    ) -> Result<Response<pb::ScorecardResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.scorecard_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -16,8 +16,11 @@
 
 use std::collections::BTreeMap;
 
+pub use crate::alert::outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
+use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{Breach, LogRecord, Observation};
 pub use crate::breach::{BreachChange, BreachFilter};
+use crate::token::TokenRecord;
 
 pub mod postgres;
 pub mod sqlite;
@@ -117,7 +120,8 @@ pub struct EgressQuery {
     pub since_unix_ms: i64,
     /// Exclusive end, Unix ms.
     pub until_unix_ms: i64,
-    /// Grouping: "country", "node", "process", "asn", "destination".
+    /// Grouping: "country", "node", "process", "asn", "destination", or "flow" (node,
+    /// process, destination address and port: what the breach rules read).
     pub by: String,
     /// Most rows.
     pub limit: u32,
@@ -154,6 +158,19 @@ impl Retention {
             aggregates_before_unix_ms: before_unix_ms,
         }
     }
+}
+
+/// GPU-seconds of one process over a time range ([`Store::gpu_usage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuUsageRow {
+    /// Node.
+    pub node: String,
+    /// Process id.
+    pub pid: u32,
+    /// Process name.
+    pub process: String,
+    /// GPU-seconds charged (over every GPU the process used).
+    pub gpu_seconds: f64,
 }
 
 /// Rows removed by [`Store::prune`].
@@ -315,6 +332,27 @@ pub(crate) fn breach_from_columns(
         rule,
         node,
         subject,
+    })
+}
+
+/// A token from its stored columns (both backends store the same ones).
+pub(crate) fn token_from_columns(
+    token_id: String,
+    hash: String,
+    name: String,
+    role: &str,
+    created_ms: i64,
+    expires_ms: i64,
+) -> Result<TokenRecord, StoreError> {
+    Ok(TokenRecord {
+        role: role
+            .parse()
+            .map_err(|e| StoreError::Range(format!("token {token_id}: {e}")))?,
+        token_id,
+        hash,
+        name,
+        created_unix_ms: created_ms,
+        expires_unix_ms: expires_ms,
     })
 }
 
@@ -487,6 +525,76 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Breach log records with `seq > after_seq`, in order, at most `limit`.
     async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError>;
 
+    /// Append one query to the audit log (chained after its last record, serialised across
+    /// replicas like the breach log) and commit; returns the record as stored.
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError>;
+
+    /// Audit log records with `seq > after_seq`, in order, at most `limit`.
+    async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// GPU-seconds charged in `[since_unix_ms, until_unix_ms)`, summed per (node, pid,
+    /// process), largest first, at most `limit` rows.
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError>;
+
+    /// Store a new API token (its hash, never the token).
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError>;
+
+    /// The token whose SHA-256 is `hash`, expired or not.
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Sequence number of the last breach log record (0 when the log is empty).
+    async fn breach_log_end(&self) -> Result<u64, StoreError>;
+
+    /// The outbox cursor of `sink`: the last breach log sequence number already enqueued for
+    /// it, or `None` for a sink never seen.
+    async fn outbox_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError>;
+
+    /// In one transaction: insert `items` as pending rows of `sink` (a row with the same
+    /// `(sink, log_seq)` already there is kept as it is) and move the sink's cursor to
+    /// `cursor` (never backwards).
+    async fn outbox_enqueue(
+        &self,
+        sink: &str,
+        items: Vec<OutboxItem>,
+        cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The oldest pending row of `sink` (lowest log sequence number), if any.
+    async fn outbox_head(&self, sink: &str) -> Result<Option<OutboxRow>, StoreError>;
+
+    /// Record the outcome of one delivery try of `(sink, log_seq)`.
+    async fn outbox_settle(
+        &self,
+        sink: &str,
+        log_seq: u64,
+        settle: Settle,
+    ) -> Result<(), StoreError>;
+
+    /// Outbox counters per sink, sorted by sink name.
+    async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError>;
+
+    /// Take or renew the lease `name` for `holder` until `now + ttl_ms`: true when `holder`
+    /// has it now (it was free, expired, or already its own). Among collector replicas on
+    /// one database this makes one of them do a job (rule evaluation, one alert sink).
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_unix_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Record the address a node's reports come from and where it geolocates.
+    async fn note_peer(&self, peer: NodePeer) -> Result<(), StoreError>;
+
+    /// Every node's last recorded peer address, sorted by node.
+    async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError>;
+
     /// Store new enrollment tokens (their sha256 hashes only, see [`crate::enroll`]), in one
     /// transaction.
     async fn add_enroll_tokens(&self, tokens: &[NewEnrollToken]) -> Result<(), StoreError>;
@@ -554,6 +662,24 @@ pub(crate) fn answer(batch: Vec<Queued>, outcomes: Vec<Result<IngestOutcome, Sto
     for (q, outcome) in batch.into_iter().zip(outcomes) {
         let _ = q.done.send(outcome);
     }
+}
+
+/// The address a node's reports arrive from, as the collector sees it (after any NAT), and
+/// its geolocation at the time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePeer {
+    /// Node name.
+    pub node: String,
+    /// IP address (no port).
+    pub address: String,
+    /// Country of the address ("" when no database places it).
+    pub country: String,
+    /// Autonomous system (0 when unknown).
+    pub asn: u32,
+    /// Which database said so.
+    pub source: String,
+    /// When it was recorded.
+    pub seen_unix_ms: i64,
 }
 
 /// One enrollment token to store.

@@ -27,14 +27,17 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
-    BreachChange, BreachFilter, EgressQuery, GpuSummary, IncomingReport, IngestOutcome,
-    NewEnrollToken, NodeRow, PruneStats, Retention, Store, StoreError, TokenSpend, direction_name,
-    format_name, protocol_name, to_i64,
+    BreachChange, BreachFilter, EgressQuery, GpuSummary, GpuUsageRow, IncomingReport,
+    IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention,
+    Settle, SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name,
+    to_i64,
 };
+use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
     Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
     canonical_json,
 };
+use crate::token::TokenRecord;
 
 /// Connect timeout used when the URL does not set `connect_timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,13 +48,16 @@ const MIGRATION_LOCK_KEY: i64 = 0x736f_765f_6d69_6772;
 /// Key of the advisory lock every breach transaction holds ("sov_brlg"): it serialises breach
 /// changes and log appends across replicas, so sequence numbers and links stay consistent.
 const BREACH_LOCK_KEY: i64 = 0x736f_765f_6272_6c67;
+/// Key of the advisory lock every audit append holds ("sov_audt").
+const AUDIT_LOCK_KEY: i64 = 0x736f_765f_6175_6474;
 /// Schema version this code writes: the number of migrations.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 7] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
+const MIGRATIONS: [&str; 9] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+    SCHEMA_V9,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -262,8 +268,38 @@ CREATE TRIGGER breach_log_no_truncate BEFORE TRUNCATE ON breach_log
     FOR EACH STATEMENT EXECUTE FUNCTION breach_log_append_only();
 "#;
 
+/// The audit log (append-only, hash-chained) and API tokens (hashes only), as the SQLite store's V7.
+const SCHEMA_V7: &str = r#"
+CREATE TABLE audit_log (
+    seq       BIGINT PRIMARY KEY,
+    at_ms     BIGINT NOT NULL,
+    actor     TEXT NOT NULL,
+    call      TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit_log is append-only';
+END
+$$;
+CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION audit_log_append_only();
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only();
+CREATE TABLE api_tokens (
+    token_id   TEXT PRIMARY KEY,
+    hash       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL
+);
+"#;
+
 /// Enrollment tokens: only their sha256 hashes; a token is spent once (`used_ms` set).
-const SCHEMA_V6: &str = r#"
+const SCHEMA_V8: &str = r#"
 CREATE TABLE enroll_tokens (
     hash       TEXT PRIMARY KEY,
     created_ms BIGINT NOT NULL,
@@ -275,7 +311,7 @@ CREATE TABLE enroll_tokens (
 
 /// Minute aggregates that raw host/GPU samples and GPU usage are folded into before they are
 /// pruned (kept for `aggregate_retention_days`).
-const SCHEMA_V7: &str = r#"
+const SCHEMA_V9: &str = r#"
 CREATE TABLE host_minute (
     node               TEXT NOT NULL,
     minute_ms          BIGINT NOT NULL,
@@ -559,6 +595,42 @@ impl std::fmt::Debug for PostgresStore {
             .finish_non_exhaustive()
     }
 }
+
+/// The alert outbox, leases and node peer addresses (as the SQLite store's V6).
+const SCHEMA_V6: &str = r#"
+CREATE TABLE alert_outbox (
+    sink            TEXT NOT NULL,
+    log_seq         BIGINT NOT NULL,
+    breach_id       TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        BIGINT NOT NULL,
+    next_attempt_ms BIGINT NOT NULL,
+    last_error      TEXT NOT NULL,
+    created_ms      BIGINT NOT NULL,
+    settled_ms      BIGINT,
+    PRIMARY KEY (sink, log_seq)
+);
+CREATE INDEX alert_outbox_pending ON alert_outbox (sink, state, log_seq);
+CREATE TABLE alert_cursor (
+    sink      TEXT PRIMARY KEY,
+    after_seq BIGINT NOT NULL
+);
+CREATE TABLE leases (
+    name     TEXT PRIMARY KEY,
+    holder   TEXT NOT NULL,
+    until_ms BIGINT NOT NULL
+);
+CREATE TABLE node_peers (
+    node    TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    country TEXT NOT NULL,
+    asn     BIGINT NOT NULL,
+    source  TEXT NOT NULL,
+    seen_ms BIGINT NOT NULL
+);
+"#;
 
 /// The writer connection and its prepared ingest statements.
 struct Writer {
@@ -1102,10 +1174,9 @@ async fn ingest_batch_once(
     // request when its future is first polled, and the server runs them in that order):
     // first every report's key, in key order; then the rest of each report, the reports'
     // statements interleaved. A batch is then a few round trips rather than several per report.
-    let inserted = futures::future::try_join_all(
-        order.iter().map(|&i| insert_report(&tx, st, reports[i])),
-    )
-    .await?;
+    let inserted =
+        futures::future::try_join_all(order.iter().map(|&i| insert_report(&tx, st, reports[i])))
+            .await?;
     let finished = futures::future::try_join_all(
         order
             .iter()
@@ -1134,22 +1205,26 @@ async fn apply_report(
 /// Insert the report's key and body; 0 when the key was already stored. Another replica
 /// inserting the same key makes this wait for its commit, then insert nothing: exactly one of
 /// them stores the report.
-async fn insert_report(tx: &Tx<'_>, st: &Statements, r: &IncomingReport) -> Result<u64, StoreError> {
+async fn insert_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<u64, StoreError> {
     let epoch = to_i64(r.epoch, "epoch")?;
     let seq = to_i64(r.seq, "seq")?;
     tx.execute(
-            &st.insert_report,
-            &[
-                &r.node,
-                &epoch,
-                &seq,
-                &r.observed_unix_ms,
-                &r.received_unix_ms,
-                &r.body,
-            ],
-        )
-        .await
-        .map_err(pg("insert report"))
+        &st.insert_report,
+        &[
+            &r.node,
+            &epoch,
+            &seq,
+            &r.observed_unix_ms,
+            &r.received_unix_ms,
+            &r.body,
+        ],
+    )
+    .await
+    .map_err(pg("insert report"))
 }
 
 /// The rest of a report after [`insert_report`] inserted `inserted` rows: a duplicate or a
@@ -1412,6 +1487,47 @@ async fn resolve_once(
     Ok(quiet)
 }
 
+/// One audit append transaction, under the audit lock.
+async fn append_audit_once(w: &mut Writer, entry: &AuditEntry) -> Result<AuditRecord, StoreError> {
+    let tx = w.client.transaction().await.map_err(pg("begin"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK_KEY])
+        .await
+        .map_err(pg("lock audit log"))?;
+    let row = tx
+        .query_opt(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(pg("read last audit record"))?;
+    let last: Option<(u64, String)> = row
+        .map(|r| {
+            Ok::<_, StoreError>((
+                get_u64(&r, 0, "read last audit record")?,
+                get(&r, 1, "read last audit record")?,
+            ))
+        })
+        .transpose()?;
+    let r = AuditRecord::next(last.as_ref().map(|(s, h)| (*s, h.as_str())), entry);
+    tx.execute(
+        "INSERT INTO audit_log (seq, at_ms, actor, call, body, prev_hash, hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &to_i64(r.seq, "audit seq")?,
+            &r.at_unix_ms,
+            &r.actor,
+            &r.call,
+            &r.body_json,
+            &r.prev_hash,
+            &r.hash,
+        ],
+    )
+    .await
+    .map_err(pg("append audit log"))?;
+    tx.commit().await.map_err(pg("commit audit record"))?;
+    Ok(r)
+}
+
 impl PostgresStore {
     /// Connect to `url` (`postgres://user@host:port/db?options=...`), migrate the schema in
     /// the connection's default `search_path`, and open the writer and reader connections.
@@ -1423,6 +1539,22 @@ impl PostgresStore {
     /// its `search_path` replaces any the URL sets). Tests use one schema each.
     pub async fn connect_with_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
         Self::connect_inner(url, Some(schema.to_owned())).await
+    }
+
+    /// Every lease and its holder, `(name, holder)` sorted by name (for operators and tests:
+    /// which replica evaluates the rules and delivers to each sink).
+    pub async fn lease_holders(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT name, holder FROM leases ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("read leases"))?;
+        rows.iter()
+            .map(|r| Ok((get(r, 0, "read lease")?, get(r, 1, "read lease")?)))
+            .collect()
     }
 
     /// Drop the schema given to [`PostgresStore::connect_with_schema`] with everything in it
@@ -1556,6 +1688,118 @@ impl PostgresStore {
 
 #[async_trait::async_trait]
 impl Store for PostgresStore {
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+        let mut w = self.writer().await?;
+        let mut attempt = 1;
+        loop {
+            match append_audit_once(&mut w, &entry).await {
+                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => attempt += 1,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT seq, at_ms, actor, call, body, prev_hash, hash FROM audit_log
+                 WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &[&to_i64(after_seq, "after_seq")?, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("read audit log"))?;
+        const C: &str = "read audit log row";
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    seq: get_u64(r, 0, C)?,
+                    at_unix_ms: get(r, 1, C)?,
+                    actor: get(r, 2, C)?,
+                    call: get(r, 3, C)?,
+                    body_json: get(r, 4, C)?,
+                    prev_hash: get(r, 5, C)?,
+                    hash: get(r, 6, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
+                 WHERE observed_ms >= $1 AND observed_ms < $2
+                 GROUP BY node, pid, process_name
+                 ORDER BY 4 DESC, node COLLATE \"C\", pid LIMIT $3",
+                &[&since_unix_ms, &until_unix_ms, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("gpu usage"))?;
+        const C: &str = "read gpu usage row";
+        rows.iter()
+            .map(|r| {
+                Ok(GpuUsageRow {
+                    node: get(r, 0, C)?,
+                    pid: u32::try_from(get::<i64>(r, 1, C)?).unwrap_or(0),
+                    process: get(r, 2, C)?,
+                    gpu_seconds: get(r, 3, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError> {
+        let w = self.writer().await?;
+        w.client
+            .execute(
+                "INSERT INTO api_tokens (token_id, hash, name, role, created_ms, expires_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &token.token_id,
+                    &token.hash,
+                    &token.name,
+                    &token.role.as_str(),
+                    &token.created_unix_ms,
+                    &token.expires_unix_ms,
+                ],
+            )
+            .await
+            .map_err(pg("insert token"))?;
+        Ok(())
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_opt(
+                "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+                 WHERE hash = $1",
+                &[&hash],
+            )
+            .await
+            .map_err(pg("find token"))?;
+        const C: &str = "read token row";
+        row.map(|r| {
+            let role: String = get(&r, 3, C)?;
+            super::token_from_columns(
+                get(&r, 0, C)?,
+                get(&r, 1, C)?,
+                get(&r, 2, C)?,
+                &role,
+                get(&r, 4, C)?,
+                get(&r, 5, C)?,
+            )
+        })
+        .transpose()
+    }
+
     /// Group commit: the report joins the queue; whoever holds the writer next stores every
     /// queued report (up to [`super::MAX_BATCH_REPORTS`] per transaction) with one commit,
     /// then answers each. The draining runs in a task of its own, so a caller that goes away
@@ -1730,9 +1974,14 @@ impl Store for PostgresStore {
                 ),
                 "country, asn, remote_address, remote_port",
             ),
+            "flow" => (
+                "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)"
+                    .to_owned(),
+                "country, node, process, pid, asn, remote_address, remote_port",
+            ),
             other => {
                 return Err(StoreError::Range(format!(
-                    "unknown grouping {other:?}: use country, node, process, asn or destination"
+                    "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
                 )));
             }
         };
@@ -1999,6 +2248,244 @@ impl Store for PostgresStore {
                     get(r, 5, C)?,
                     get(r, 6, C)?,
                 ))
+            })
+            .collect()
+    }
+
+    async fn breach_log_end(&self) -> Result<u64, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_one("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM breach_log", &[])
+            .await
+            .map_err(pg("read breach log end"))?;
+        get_u64(&row, 0, "read breach log end")
+    }
+
+    async fn outbox_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_opt(
+                "SELECT after_seq FROM alert_cursor WHERE sink = $1",
+                &[&sink],
+            )
+            .await
+            .map_err(pg("read outbox cursor"))?;
+        row.map(|r| get_u64(&r, 0, "read outbox cursor"))
+            .transpose()
+    }
+
+    async fn outbox_enqueue(
+        &self,
+        sink: &str,
+        items: Vec<OutboxItem>,
+        cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut w = self.writer().await?;
+        let tx = w.client.transaction().await.map_err(pg("begin enqueue"))?;
+        for it in &items {
+            tx.execute(
+                "INSERT INTO alert_outbox (sink, log_seq, breach_id, event, payload, state,
+                     attempts, next_attempt_ms, last_error, created_ms, settled_ms)
+                 VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, '', $6, NULL)
+                 ON CONFLICT (sink, log_seq) DO NOTHING",
+                &[
+                    &sink,
+                    &to_i64(it.log_seq, "log seq")?,
+                    &it.breach_id,
+                    &it.event,
+                    &it.payload,
+                    &now_unix_ms,
+                ],
+            )
+            .await
+            .map_err(pg("enqueue alert"))?;
+        }
+        tx.execute(
+            "INSERT INTO alert_cursor (sink, after_seq) VALUES ($1, $2)
+             ON CONFLICT (sink) DO UPDATE SET after_seq = GREATEST(alert_cursor.after_seq, excluded.after_seq)",
+            &[&sink, &to_i64(cursor, "outbox cursor")?],
+        )
+        .await
+        .map_err(pg("move outbox cursor"))?;
+        tx.commit().await.map_err(pg("commit enqueue"))
+    }
+
+    async fn outbox_head(&self, sink: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_opt(
+                "SELECT log_seq, breach_id, event, payload, attempts, next_attempt_ms, created_ms
+                 FROM alert_outbox WHERE sink = $1 AND state = 'pending'
+                 ORDER BY log_seq LIMIT 1",
+                &[&sink],
+            )
+            .await
+            .map_err(pg("read outbox head"))?;
+        const C: &str = "read outbox head";
+        row.map(|r| {
+            Ok(OutboxRow {
+                sink: sink.to_owned(),
+                item: OutboxItem {
+                    log_seq: get_u64(&r, 0, C)?,
+                    breach_id: get(&r, 1, C)?,
+                    event: get(&r, 2, C)?,
+                    payload: get(&r, 3, C)?,
+                },
+                attempts: u32::try_from(get::<i64>(&r, 4, C)?).unwrap_or(u32::MAX),
+                next_attempt_unix_ms: get(&r, 5, C)?,
+                created_unix_ms: get(&r, 6, C)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn outbox_settle(
+        &self,
+        sink: &str,
+        log_seq: u64,
+        settle: Settle,
+    ) -> Result<(), StoreError> {
+        let seq = to_i64(log_seq, "log seq")?;
+        let w = self.writer().await?;
+        let n = match &settle {
+            Settle::Delivered { at_unix_ms } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET state = 'delivered', settled_ms = $3
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, at_unix_ms],
+                    )
+                    .await
+            }
+            Settle::Retry {
+                attempts,
+                next_attempt_unix_ms,
+                error,
+            } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET attempts = $3, next_attempt_ms = $4, last_error = $5
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, &i64::from(*attempts), next_attempt_unix_ms, error],
+                    )
+                    .await
+            }
+            Settle::Failed {
+                attempts,
+                at_unix_ms,
+                error,
+            } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET state = 'failed', attempts = $3, settled_ms = $4, last_error = $5
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, &i64::from(*attempts), at_unix_ms, error],
+                    )
+                    .await
+            }
+        }
+        .map_err(pg("settle outbox row"))?;
+        if n == 0 {
+            tracing::warn!(sink, log_seq = seq, "outbox row was already settled");
+        }
+        Ok(())
+    }
+
+    async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT sink,
+                        COUNT(*) FILTER (WHERE state = 'pending'),
+                        COUNT(*) FILTER (WHERE state = 'delivered'),
+                        COUNT(*) FILTER (WHERE state = 'failed'),
+                        COALESCE(SUM(attempts), 0)::BIGINT
+                 FROM alert_outbox GROUP BY sink ORDER BY sink COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("outbox stats"))?;
+        const C: &str = "read outbox stats";
+        rows.iter()
+            .map(|r| {
+                Ok(SinkStats {
+                    sink: get(r, 0, C)?,
+                    pending: get_u64(r, 1, C)?,
+                    delivered: get_u64(r, 2, C)?,
+                    failed: get_u64(r, 3, C)?,
+                    failed_attempts: get_u64(r, 4, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_unix_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let w = self.writer().await?;
+        let rows = w
+            .client
+            .query(
+                "INSERT INTO leases (name, holder, until_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms
+                 WHERE leases.holder = excluded.holder OR leases.until_ms < $4
+                 RETURNING holder",
+                &[&name, &holder, &now_unix_ms.saturating_add(ttl_ms), &now_unix_ms],
+            )
+            .await
+            .map_err(pg("take lease"))?;
+        Ok(rows.len() == 1)
+    }
+
+    async fn note_peer(&self, peer: NodePeer) -> Result<(), StoreError> {
+        let w = self.writer().await?;
+        w.client
+            .execute(
+                "INSERT INTO node_peers (node, address, country, asn, source, seen_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (node) DO UPDATE SET address = excluded.address, country = excluded.country,
+                     asn = excluded.asn, source = excluded.source, seen_ms = excluded.seen_ms
+                 WHERE excluded.seen_ms >= node_peers.seen_ms",
+                &[
+                    &peer.node,
+                    &peer.address,
+                    &peer.country,
+                    &i64::from(peer.asn),
+                    &peer.source,
+                    &peer.seen_unix_ms,
+                ],
+            )
+            .await
+            .map_err(pg("record node peer"))?;
+        Ok(())
+    }
+
+    async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT node, address, country, asn, source, seen_ms FROM node_peers
+                 ORDER BY node COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("node peers"))?;
+        const C: &str = "read node peer";
+        rows.iter()
+            .map(|r| {
+                Ok(NodePeer {
+                    node: get(r, 0, C)?,
+                    address: get(r, 1, C)?,
+                    country: get(r, 2, C)?,
+                    asn: u32::try_from(get::<i64>(r, 3, C)?).unwrap_or(0),
+                    source: get(r, 4, C)?,
+                    seen_unix_ms: get(r, 5, C)?,
+                })
             })
             .collect()
     }

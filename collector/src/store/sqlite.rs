@@ -8,14 +8,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    BreachChange, BreachFilter, GpuSummary, IncomingReport, IngestOutcome, NewEnrollToken, NodeRow,
-    PruneStats, Retention, Store, StoreError, TokenSpend, direction_name, format_name,
-    protocol_name, to_i64,
+    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome,
+    NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention, Settle,
+    SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
 };
+use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
     Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
     canonical_json,
 };
+use crate::token::TokenRecord;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "sovereign.db";
@@ -26,8 +28,9 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 7] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7,
+const MIGRATIONS: [&str; 9] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+    SCHEMA_V9,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -364,8 +367,71 @@ CREATE TRIGGER breach_log_no_delete BEFORE DELETE ON breach_log
 BEGIN SELECT RAISE(ABORT, 'breach_log is append-only'); END;
 "#;
 
-/// Enrollment tokens: only their sha256 hashes; a token is spent once (`used_ms` set).
+/// The alert outbox (one row per breach log record and sink, a cursor per sink), leases that
+/// make one replica do a job, and the address each node reports from.
 const SCHEMA_V6: &str = r#"
+CREATE TABLE alert_outbox (
+    sink            TEXT NOT NULL,
+    log_seq         INTEGER NOT NULL,
+    breach_id       TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_ms INTEGER NOT NULL,
+    last_error      TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    settled_ms      INTEGER,
+    PRIMARY KEY (sink, log_seq)
+) WITHOUT ROWID;
+CREATE INDEX alert_outbox_pending ON alert_outbox (sink, state, log_seq);
+CREATE TABLE alert_cursor (
+    sink      TEXT PRIMARY KEY,
+    after_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE leases (
+    name     TEXT PRIMARY KEY,
+    holder   TEXT NOT NULL,
+    until_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE node_peers (
+    node    TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    country TEXT NOT NULL,
+    asn     INTEGER NOT NULL,
+    source  TEXT NOT NULL,
+    seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+"#;
+
+/// The audit log of regulators' and admins' queries (hash-chained, append-only like the breach
+/// log) and API tokens (their hashes only).
+const SCHEMA_V7: &str = r#"
+CREATE TABLE audit_log (
+    seq       INTEGER PRIMARY KEY,
+    at_ms     INTEGER NOT NULL,
+    actor     TEXT NOT NULL,
+    call      TEXT NOT NULL,
+    body      TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TABLE api_tokens (
+    token_id   TEXT PRIMARY KEY,
+    hash       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+"#;
+
+/// Enrollment tokens: only their sha256 hashes; a token is spent once (`used_ms` set).
+const SCHEMA_V8: &str = r#"
 CREATE TABLE enroll_tokens (
     hash       TEXT PRIMARY KEY,
     created_ms INTEGER NOT NULL,
@@ -377,7 +443,7 @@ CREATE TABLE enroll_tokens (
 
 /// Minute aggregates that raw host/GPU samples and GPU usage are folded into before they are
 /// pruned (kept for `aggregate_retention_days`).
-const SCHEMA_V7: &str = r#"
+const SCHEMA_V9: &str = r#"
 CREATE TABLE host_minute (
     node               TEXT NOT NULL,
     minute_ms          INTEGER NOT NULL,
@@ -1061,9 +1127,13 @@ impl SqliteStore {
                 "country, '', '', 0, asn, max(org), remote_address, remote_port, max(geo_source)",
                 "country, asn, remote_address, remote_port",
             ),
+            "flow" => (
+                "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)",
+                "country, node, process, pid, asn, remote_address, remote_port",
+            ),
             other => {
                 return Err(StoreError::Range(format!(
-                    "unknown grouping {other:?}: use country, node, process, asn or destination"
+                    "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
                 )));
             }
         };
@@ -1344,6 +1414,124 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// Run `f` with the writer connection on the blocking pool.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&writer)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Run `f` with the reader connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&lock(&reader)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    fn append_audit_blocking(
+        conn: &mut Connection,
+        entry: &AuditEntry,
+    ) -> Result<AuditRecord, StoreError> {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin append audit"))?;
+        let last: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql("read last audit record"))?;
+        let last = match last {
+            Some((seq, hash)) => Some((to_u64(seq, "audit seq")?, hash)),
+            None => None,
+        };
+        let r = AuditRecord::next(last.as_ref().map(|(s, h)| (*s, h.as_str())), entry);
+        tx.execute(
+            "INSERT INTO audit_log (seq, at_ms, actor, call, body, prev_hash, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                to_i64(r.seq, "audit seq")?,
+                r.at_unix_ms,
+                r.actor,
+                r.call,
+                r.body_json,
+                r.prev_hash,
+                r.hash
+            ],
+        )
+        .map_err(sql("append audit log"))?;
+        tx.commit().map_err(sql("commit audit record"))?;
+        Ok(r)
+    }
+
+    fn audit_log_blocking(
+        conn: &Connection,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT seq, at_ms, actor, call, body, prev_hash, hash FROM audit_log
+                 WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(sql("prepare read audit log"))?;
+        let mut rows = stmt
+            .query(params![to_i64(after_seq, "after_seq")?, i64::from(limit)])
+            .map_err(sql("read audit log"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("read audit log"))? {
+            let seq: i64 = row.get(0).map_err(sql("read audit log row"))?;
+            out.push(AuditRecord {
+                seq: to_u64(seq, "audit seq")?,
+                at_unix_ms: row.get(1).map_err(sql("read audit log row"))?,
+                actor: row.get(2).map_err(sql("read audit log row"))?,
+                call: row.get(3).map_err(sql("read audit log row"))?,
+                body_json: row.get(4).map_err(sql("read audit log row"))?,
+                prev_hash: row.get(5).map_err(sql("read audit log row"))?,
+                hash: row.get(6).map_err(sql("read audit log row"))?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn token_by_hash_blocking(
+        conn: &Connection,
+        hash: &str,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let row = conn
+            .query_row(
+                "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+                 WHERE hash = ?1",
+                [hash],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(sql("find token"))?;
+        row.map(|(id, hash, name, role, created, expires)| {
+            super::token_from_columns(id, hash, name, &role, created, expires)
+        })
+        .transpose()
+    }
+
     fn add_enroll_tokens_blocking(
         conn: &mut Connection,
         tokens: &[NewEnrollToken],
@@ -1404,6 +1592,89 @@ impl SqliteStore {
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
+    async fn append_audit(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || Self::append_audit_blocking(&mut lock(&writer), &entry))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            Self::audit_log_blocking(&lock(&reader), after_seq, limit)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn gpu_usage(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<GpuUsageRow>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = lock(&reader);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
+                     WHERE observed_ms >= ?1 AND observed_ms < ?2
+                     GROUP BY node, pid, process_name
+                     ORDER BY 4 DESC, node, pid LIMIT ?3",
+                )
+                .map_err(sql("prepare gpu usage"))?;
+            let mut rows = stmt
+                .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])
+                .map_err(sql("gpu usage"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("gpu usage"))? {
+                let pid: i64 = row.get(1).map_err(sql("read gpu usage row"))?;
+                out.push(GpuUsageRow {
+                    node: row.get(0).map_err(sql("read gpu usage row"))?,
+                    pid: u32::try_from(pid).unwrap_or(0),
+                    process: row.get(2).map_err(sql("read gpu usage row"))?,
+                    gpu_seconds: row.get(3).map_err(sql("read gpu usage row"))?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            lock(&writer)
+                .execute(
+                    "INSERT INTO api_tokens (token_id, hash, name, role, created_ms, expires_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        token.token_id,
+                        token.hash,
+                        token.name,
+                        token.role.as_str(),
+                        token.created_unix_ms,
+                        token.expires_unix_ms
+                    ],
+                )
+                .map(|_| ())
+                .map_err(sql("insert token"))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let reader = self.reader.clone();
+        let hash = hash.to_owned();
+        tokio::task::spawn_blocking(move || Self::token_by_hash_blocking(&lock(&reader), &hash))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     /// Group commit: the report joins the queue; whoever holds the writer next stores every
     /// queued report (up to [`super::MAX_BATCH_REPORTS`] per transaction) with one commit and
     /// one fsync, then answers each. The queue is drained until empty by a blocking task that
@@ -1512,6 +1783,256 @@ impl Store for SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn breach_log_end(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let seq: i64 = c
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM breach_log", [], |r| {
+                    r.get(0)
+                })
+                .map_err(sql("read breach log end"))?;
+            to_u64(seq, "log seq")
+        })
+        .await
+    }
+
+    async fn outbox_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        let sink = sink.to_owned();
+        self.read(move |c| {
+            let seq: Option<i64> = c
+                .query_row(
+                    "SELECT after_seq FROM alert_cursor WHERE sink = ?1",
+                    params![sink],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("read outbox cursor"))?;
+            seq.map(|s| to_u64(s, "outbox cursor")).transpose()
+        })
+        .await
+    }
+
+    async fn outbox_enqueue(
+        &self,
+        sink: &str,
+        items: Vec<OutboxItem>,
+        cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let sink = sink.to_owned();
+        self.write(move |c| {
+            let tx = c.transaction().map_err(sql("begin enqueue"))?;
+            for it in &items {
+                tx.execute(
+                    "INSERT OR IGNORE INTO alert_outbox (sink, log_seq, breach_id, event, payload, state,
+                         attempts, next_attempt_ms, last_error, created_ms, settled_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, '', ?6, NULL)",
+                    params![
+                        sink,
+                        to_i64(it.log_seq, "log seq")?,
+                        it.breach_id,
+                        it.event,
+                        it.payload,
+                        now_unix_ms
+                    ],
+                )
+                .map_err(sql("enqueue alert"))?;
+            }
+            tx.execute(
+                "INSERT INTO alert_cursor (sink, after_seq) VALUES (?1, ?2)
+                 ON CONFLICT (sink) DO UPDATE SET after_seq = max(after_seq, excluded.after_seq)",
+                params![sink, to_i64(cursor, "outbox cursor")?],
+            )
+            .map_err(sql("move outbox cursor"))?;
+            tx.commit().map_err(sql("commit enqueue"))
+        })
+        .await
+    }
+
+    async fn outbox_head(&self, sink: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let sink = sink.to_owned();
+        self.read(move |c| {
+            let row: Option<(i64, String, String, String, i64, i64, i64)> = c
+                .query_row(
+                    "SELECT log_seq, breach_id, event, payload, attempts, next_attempt_ms, created_ms
+                     FROM alert_outbox WHERE sink = ?1 AND state = 'pending'
+                     ORDER BY log_seq LIMIT 1",
+                    params![sink],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(sql("read outbox head"))?;
+            row.map(|(seq, breach_id, event, payload, attempts, next, created)| {
+                Ok(OutboxRow {
+                    sink: sink.clone(),
+                    item: OutboxItem {
+                        log_seq: to_u64(seq, "log seq")?,
+                        breach_id,
+                        event,
+                        payload,
+                    },
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    next_attempt_unix_ms: next,
+                    created_unix_ms: created,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn outbox_settle(
+        &self,
+        sink: &str,
+        log_seq: u64,
+        settle: Settle,
+    ) -> Result<(), StoreError> {
+        let sink = sink.to_owned();
+        let seq = to_i64(log_seq, "log seq")?;
+        self.write(move |c| {
+            let n = match &settle {
+                Settle::Delivered { at_unix_ms } => c.execute(
+                    "UPDATE alert_outbox SET state = 'delivered', settled_ms = ?3
+                     WHERE sink = ?1 AND log_seq = ?2 AND state = 'pending'",
+                    params![sink, seq, at_unix_ms],
+                ),
+                Settle::Retry {
+                    attempts,
+                    next_attempt_unix_ms,
+                    error,
+                } => c.execute(
+                    "UPDATE alert_outbox SET attempts = ?3, next_attempt_ms = ?4, last_error = ?5
+                     WHERE sink = ?1 AND log_seq = ?2 AND state = 'pending'",
+                    params![sink, seq, attempts, next_attempt_unix_ms, error],
+                ),
+                Settle::Failed {
+                    attempts,
+                    at_unix_ms,
+                    error,
+                } => c.execute(
+                    "UPDATE alert_outbox SET state = 'failed', attempts = ?3, settled_ms = ?4, last_error = ?5
+                     WHERE sink = ?1 AND log_seq = ?2 AND state = 'pending'",
+                    params![sink, seq, attempts, at_unix_ms, error],
+                ),
+            }
+            .map_err(sql("settle outbox row"))?;
+            if n == 0 {
+                tracing::warn!(sink = %sink, log_seq = seq, "outbox row was already settled");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT sink,
+                            SUM(state = 'pending'), SUM(state = 'delivered'), SUM(state = 'failed'),
+                            SUM(attempts)
+                     FROM alert_outbox GROUP BY sink ORDER BY sink",
+                )
+                .map_err(sql("prepare outbox stats"))?;
+            let mut rows = stmt.query([]).map_err(sql("outbox stats"))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql("outbox stats"))? {
+                let n = |i: usize| -> Result<u64, StoreError> {
+                    let v: i64 = r.get(i).map_err(sql("read outbox stats"))?;
+                    to_u64(v, "outbox count")
+                };
+                out.push(SinkStats {
+                    sink: r.get(0).map_err(sql("read outbox stats"))?,
+                    pending: n(1)?,
+                    delivered: n(2)?,
+                    failed: n(3)?,
+                    failed_attempts: n(4)?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_unix_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "INSERT INTO leases (name, holder, until_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms
+                     WHERE leases.holder = excluded.holder OR leases.until_ms < ?4",
+                    params![name, holder, now_unix_ms.saturating_add(ttl_ms), now_unix_ms],
+                )
+                .map_err(sql("take lease"))?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn note_peer(&self, peer: NodePeer) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO node_peers (node, address, country, asn, source, seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (node) DO UPDATE SET address = excluded.address, country = excluded.country,
+                     asn = excluded.asn, source = excluded.source, seen_ms = excluded.seen_ms
+                 WHERE excluded.seen_ms >= node_peers.seen_ms",
+                params![
+                    peer.node,
+                    peer.address,
+                    peer.country,
+                    i64::from(peer.asn),
+                    peer.source,
+                    peer.seen_unix_ms
+                ],
+            )
+            .map_err(sql("record node peer"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT node, address, country, asn, source, seen_ms FROM node_peers ORDER BY node",
+                )
+                .map_err(sql("prepare node peers"))?;
+            let mut rows = stmt.query([]).map_err(sql("node peers"))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql("node peers"))? {
+                let asn: i64 = r.get(3).map_err(sql("read node peer"))?;
+                out.push(NodePeer {
+                    node: r.get(0).map_err(sql("read node peer"))?,
+                    address: r.get(1).map_err(sql("read node peer"))?,
+                    country: r.get(2).map_err(sql("read node peer"))?,
+                    asn: u32::try_from(asn).unwrap_or(0),
+                    source: r.get(4).map_err(sql("read node peer"))?,
+                    seen_unix_ms: r.get(5).map_err(sql("read node peer"))?,
+                });
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn add_enroll_tokens(&self, tokens: &[NewEnrollToken]) -> Result<(), StoreError> {

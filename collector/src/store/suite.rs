@@ -12,7 +12,8 @@ use sov_proto::pb;
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
-    NewEnrollToken, Retention, Store, StoreError, Telemetry, TokenSpend, WeightUpdate,
+    NewEnrollToken, NodePeer, OutboxItem, Retention, Settle, SinkStats, Store, StoreError,
+    Telemetry, TokenSpend, WeightUpdate,
 };
 use crate::breach::{BreachState, ChainVerifier, LogRecord, Observation, Severity, verify_chain};
 
@@ -71,6 +72,14 @@ macro_rules! store_suite {
             only_quiet_open_breaches_of_the_rule_are_resolved,
             breaches_are_listed_by_state_rule_and_time_newest_first,
             the_breach_log_is_a_verifiable_chain_read_in_pages_and_never_pruned,
+            the_outbox_keeps_one_row_per_sink_and_record_delivered_in_order,
+            a_lease_belongs_to_one_holder_until_it_expires,
+            a_nodes_peer_address_is_kept_latest_first,
+            egress_by_flow_keeps_node_process_and_destination_apart,
+            audit_records_form_a_verifiable_chain_read_in_pages,
+            an_audit_record_keeps_who_what_parameters_and_result_size,
+            tokens_are_found_by_their_hash_only,
+            gpu_seconds_are_summed_per_process_within_the_range,
             reports_pushed_together_are_each_stored_once_whatever_batch_they_share,
             a_bad_report_pushed_with_others_fails_alone,
             flows_with_one_key_in_one_report_become_one_aggregate_row,
@@ -1233,6 +1242,218 @@ pub(crate) async fn the_breach_log_is_a_verifiable_chain_read_in_pages_and_never
     assert_eq!(verify_chain(whole_log(store).await.into_iter()), Ok(15));
 }
 
+fn outbox_item(seq: u64) -> OutboxItem {
+    OutboxItem {
+        log_seq: seq,
+        breach_id: format!("b{seq}"),
+        event: "open".into(),
+        payload: format!("{{\"seq\":{seq}}}"),
+    }
+}
+
+pub(crate) async fn the_outbox_keeps_one_row_per_sink_and_record_delivered_in_order(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    assert_eq!(store.outbox_cursor("webhook:0").await.unwrap(), None);
+    assert_eq!(store.breach_log_end().await.unwrap(), 0);
+    store
+        .outbox_enqueue("webhook:0", vec![outbox_item(1), outbox_item(2)], 2, 100)
+        .await
+        .unwrap();
+    // Enqueueing again (a replica that read the same records) adds nothing and never moves
+    // the cursor back.
+    store
+        .outbox_enqueue("webhook:0", vec![outbox_item(2), outbox_item(3)], 1, 200)
+        .await
+        .unwrap();
+    store
+        .outbox_enqueue("syslog:0", vec![outbox_item(2)], 2, 100)
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_cursor("webhook:0").await.unwrap(), Some(2));
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM alert_outbox").await,
+        4,
+        "3 rows of webhook:0, 1 of syslog:0"
+    );
+    let head = store.outbox_head("webhook:0").await.unwrap().unwrap();
+    assert_eq!((head.item.log_seq, head.attempts), (1, 0));
+    assert_eq!(head.item, outbox_item(1));
+    assert_eq!(head.next_attempt_unix_ms, 100);
+    store
+        .outbox_settle(
+            "webhook:0",
+            1,
+            Settle::Retry {
+                attempts: 1,
+                next_attempt_unix_ms: 5000,
+                error: "connect refused".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let head = store.outbox_head("webhook:0").await.unwrap().unwrap();
+    assert_eq!(
+        (head.item.log_seq, head.attempts, head.next_attempt_unix_ms),
+        (1, 1, 5000),
+        "a retried row stays at the head"
+    );
+    store
+        .outbox_settle("webhook:0", 1, Settle::Delivered { at_unix_ms: 6000 })
+        .await
+        .unwrap();
+    // Settling twice changes nothing.
+    store
+        .outbox_settle("webhook:0", 1, Settle::Delivered { at_unix_ms: 7000 })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .outbox_head("webhook:0")
+            .await
+            .unwrap()
+            .unwrap()
+            .item
+            .log_seq,
+        2
+    );
+    store
+        .outbox_settle(
+            "webhook:0",
+            2,
+            Settle::Failed {
+                attempts: 1,
+                at_unix_ms: 6000,
+                error: "HTTP 400".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .outbox_head("webhook:0")
+            .await
+            .unwrap()
+            .unwrap()
+            .item
+            .log_seq,
+        3
+    );
+    assert_eq!(
+        store.outbox_stats().await.unwrap(),
+        vec![
+            SinkStats {
+                sink: "syslog:0".into(),
+                pending: 1,
+                delivered: 0,
+                failed: 0,
+                failed_attempts: 0,
+            },
+            SinkStats {
+                sink: "webhook:0".into(),
+                pending: 1,
+                delivered: 1,
+                failed: 1,
+                failed_attempts: 2,
+            },
+        ]
+    );
+    store
+        .outbox_settle("webhook:0", 3, Settle::Delivered { at_unix_ms: 8000 })
+        .await
+        .unwrap();
+    assert!(store.outbox_head("webhook:0").await.unwrap().is_none());
+    // The log end follows the log.
+    observe(store, observation("r", "n", "s", 1000, 1.into())).await;
+    assert_eq!(store.breach_log_end().await.unwrap(), 1);
+}
+
+pub(crate) async fn a_lease_belongs_to_one_holder_until_it_expires(db: &dyn Backend) {
+    let store = db.store();
+    assert!(store.take_lease("rules", "a", 1000, 500).await.unwrap());
+    assert!(!store.take_lease("rules", "b", 1200, 500).await.unwrap());
+    assert!(
+        store.take_lease("rules", "a", 1400, 500).await.unwrap(),
+        "renewed"
+    );
+    assert!(
+        !store.take_lease("rules", "b", 1800, 500).await.unwrap(),
+        "the renewal counts"
+    );
+    assert!(
+        store.take_lease("alert:x", "b", 1800, 500).await.unwrap(),
+        "leases are per name"
+    );
+    assert!(
+        store.take_lease("rules", "b", 1901, 500).await.unwrap(),
+        "expired: taken over"
+    );
+    assert!(!store.take_lease("rules", "a", 1950, 500).await.unwrap());
+}
+
+pub(crate) async fn a_nodes_peer_address_is_kept_latest_first(db: &dyn Backend) {
+    let store = db.store();
+    let peer = |node: &str, address: &str, country: &str, at: i64| NodePeer {
+        node: node.into(),
+        address: address.into(),
+        country: country.into(),
+        asn: 64_500,
+        source: "override:192.0.2.0/24".into(),
+        seen_unix_ms: at,
+    };
+    store
+        .note_peer(peer("b", "192.0.2.2", "FR", 1000))
+        .await
+        .unwrap();
+    store
+        .note_peer(peer("a", "192.0.2.1", "MA", 1000))
+        .await
+        .unwrap();
+    store
+        .note_peer(peer("a", "192.0.2.9", "ES", 2000))
+        .await
+        .unwrap();
+    // An older record arriving late does not win.
+    store
+        .note_peer(peer("a", "192.0.2.3", "DE", 1500))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.node_peers().await.unwrap(),
+        vec![
+            peer("a", "192.0.2.9", "ES", 2000),
+            peer("b", "192.0.2.2", "FR", 1000)
+        ]
+    );
+}
+
+pub(crate) async fn egress_by_flow_keeps_node_process_and_destination_apart(db: &dyn Backend) {
+    let store = db.store();
+    write_flows(store).await;
+    let (by_flow, _) = egress(store, "flow", 1000).await;
+    let (by_process, _) = egress(store, "process", 1000).await;
+    let (by_destination, _) = egress(store, "destination", 1000).await;
+    assert!(by_flow.len() >= by_process.len() && by_flow.len() >= by_destination.len());
+    let total = |rows: &[pb::EgressRow]| rows.iter().map(|r| r.bytes_sent).sum::<u64>();
+    assert_eq!(total(&by_flow), total(&by_process));
+    for r in &by_flow {
+        assert!(!r.node.is_empty() && !r.remote_address.is_empty(), "{r:?}");
+        // Every flow row falls inside one process row and one destination row.
+        assert!(by_process.iter().any(|p| p.node == r.node
+            && p.pid == r.pid
+            && p.country == r.country
+            && p.bytes_sent >= r.bytes_sent));
+        assert!(
+            by_destination
+                .iter()
+                .any(|d| d.remote_address == r.remote_address
+                    && d.remote_port == r.remote_port
+                    && d.bytes_sent >= r.bytes_sent)
+        );
+    }
+}
+
 // The dispatcher in `store::open`.
 
 pub(crate) async fn reports_pushed_together_are_each_stored_once_whatever_batch_they_share(
@@ -1418,4 +1639,111 @@ async fn open_refuses_an_unknown_url_naming_it_and_the_accepted_forms() {
         text.contains("sqlite:PATH") && text.contains("postgres://"),
         "{text}"
     );
+}
+
+fn audit_entry(call: &str, rows: u64, at: i64) -> crate::audit::AuditEntry {
+    crate::audit::AuditEntry {
+        at_unix_ms: at,
+        who: "analyst".into(),
+        role: "regulator".into(),
+        via: "https-cert".into(),
+        call: call.into(),
+        params: serde_json::json!({"since_unix_ms": 5, "by": "country"}),
+        rows,
+        outcome: "ok".into(),
+    }
+}
+
+pub(crate) async fn audit_records_form_a_verifiable_chain_read_in_pages(db: &dyn Backend) {
+    let store = db.store();
+    for i in 0..5u64 {
+        let r = store
+            .append_audit(audit_entry("Egress", i, 1000 + i as i64))
+            .await
+            .unwrap();
+        assert_eq!(r.seq, i + 1);
+    }
+    let first = store.audit_log(0, 2).await.unwrap();
+    assert_eq!(first.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+    let rest = store.audit_log(2, 100).await.unwrap();
+    assert_eq!(rest.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    let all: Vec<LogRecord> = first
+        .iter()
+        .chain(&rest)
+        .map(crate::audit::AuditRecord::as_log_record)
+        .collect();
+    assert_eq!(verify_chain(all.into_iter()), Ok(5));
+    assert_eq!(
+        crate::audit::verify_store_audit(store).await.unwrap(),
+        crate::breach::LogVerdict::Verified {
+            records: 5,
+            last_hash: rest[2].hash.clone()
+        }
+    );
+    // Retention never touches it.
+    store.prune(Retention::all_before(i64::MAX)).await.unwrap();
+    assert_eq!(db.count("SELECT COUNT(*) FROM audit_log").await, 5);
+}
+
+pub(crate) async fn an_audit_record_keeps_who_what_parameters_and_result_size(db: &dyn Backend) {
+    let store = db.store();
+    store
+        .append_audit(audit_entry("ListNodes", 42, 7000))
+        .await
+        .unwrap();
+    let r = &store.audit_log(0, 10).await.unwrap()[0];
+    assert_eq!(r.actor, "regulator/analyst");
+    assert_eq!(r.call, "ListNodes");
+    assert_eq!(r.at_unix_ms, 7000);
+    let v = r.to_json();
+    assert_eq!(v["who"], "analyst");
+    assert_eq!(v["via"], "https-cert");
+    assert_eq!(v["params"]["by"], "country");
+    assert_eq!(v["rows"], 42);
+    assert_eq!(v["outcome"], "ok");
+}
+
+pub(crate) async fn tokens_are_found_by_their_hash_only(db: &dyn Backend) {
+    let store = db.store();
+    let (token, rec) =
+        crate::token::generate(crate::auth::Role::Regulator, "tool", 1000, 86_400_000).unwrap();
+    store.insert_token(rec.clone()).await.unwrap();
+    let found = store
+        .token_by_hash(&crate::token::token_hash(&token))
+        .await
+        .unwrap();
+    assert_eq!(found, Some(rec));
+    assert_eq!(store.token_by_hash(&token).await.unwrap(), None);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM api_tokens WHERE hash LIKE '%{}%' OR name LIKE '%{}%'",
+            &token[4..],
+            &token[4..]
+        ))
+        .await,
+        0
+    );
+}
+
+pub(crate) async fn gpu_seconds_are_summed_per_process_within_the_range(db: &dyn Backend) {
+    let store = db.store();
+    // Reports at 1 s, 2 s and 3 s: each charges 7.5 GPU-seconds to vllm (pid 4242) on node a.
+    for seq in 1..=3 {
+        let mut r = report("a", 1, seq);
+        r.telemetry = telemetry();
+        assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    }
+    let mut r = report("b", 1, 2);
+    r.telemetry = telemetry();
+    r.telemetry.gpus[0].processes[0].gpu_seconds = 100.0;
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let rows = store.gpu_usage(1000, 3000, 10).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].node, "b");
+    assert!((rows[0].gpu_seconds - 100.0).abs() < 1e-9);
+    assert_eq!((rows[1].node.as_str(), rows[1].pid), ("a", 4242));
+    assert_eq!(rows[1].process, "vllm");
+    // 1 s and 2 s are inside [1000, 3000); 3 s is not.
+    assert!((rows[1].gpu_seconds - 15.0).abs() < 1e-9, "{rows:?}");
+    assert_eq!(store.gpu_usage(1000, 3000, 1).await.unwrap().len(), 1);
 }

@@ -1,0 +1,230 @@
+//! The audit log: every query a regulator or admin makes, over gRPC or HTTPS, hash-chained.
+//!
+//! Each query appends one [`AuditRecord`] (who, with which role and credential, which call,
+//! its parameters, how many rows it returned or which error it got, when) to the store's
+//! `audit_log` table, after the query ran and before its answer is sent: a query whose record
+//! cannot be written is refused (UNAVAILABLE / 503), so no question goes unrecorded.
+//!
+//! The chain reuses the breach log's machinery ([`crate::breach`]): a record hashes like a
+//! [`LogRecord`] whose `breach_id` is the actor (`role/name`), whose `event` is the call, and
+//! whose body is the canonical JSON of [`AuditEntry::body`]; [`ChainVerifier`] checks it. The
+//! two logs live in separate tables with separate chains, each from its own genesis.
+
+use serde_json::{Value, json};
+
+use crate::breach::{ChainVerifier, LogRecord, LogVerdict, canonical_json, record_hash};
+
+/// What one query did, before it is chained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    /// When the query was answered, Unix ms.
+    pub at_unix_ms: i64,
+    /// Principal name (from the certificate, or `token:<id>` for an API token).
+    pub who: String,
+    /// Role the principal acted with.
+    pub role: String,
+    /// How it was authenticated and reached us: `grpc`, `https-cert` or `https-token`.
+    pub via: String,
+    /// The call, e.g. `ListNodes` (the gRPC method name; HTTP routes map onto the same names).
+    pub call: String,
+    /// The query's parameters, as a JSON object.
+    pub params: Value,
+    /// Rows (or objects) in the answer; 0 for a refused query.
+    pub rows: u64,
+    /// `ok`, or the status the query ended with (e.g. `invalid_argument: ...`).
+    pub outcome: String,
+}
+
+impl AuditEntry {
+    /// The actor as stored and hashed: `role/name`.
+    pub fn actor(&self) -> String {
+        format!("{}/{}", self.role, self.who)
+    }
+
+    /// The body stored and hashed (canonical JSON of this object).
+    pub fn body(&self) -> Value {
+        json!({
+            "who": self.who,
+            "role": self.role,
+            "via": self.via,
+            "call": self.call,
+            "params": self.params,
+            "rows": self.rows,
+            "outcome": self.outcome,
+        })
+    }
+}
+
+/// One record of the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    /// Position in the log, from 1, without holes.
+    pub seq: u64,
+    /// When, Unix ms.
+    pub at_unix_ms: i64,
+    /// `role/name`.
+    pub actor: String,
+    /// The call.
+    pub call: String,
+    /// The body exactly as stored and hashed.
+    pub body_json: String,
+    /// Hash of the previous record (64 zeros for the first).
+    pub prev_hash: String,
+    /// Hash of this record.
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// The record that follows `prev` (`(seq, hash)` of the log's last record; `None` for an
+    /// empty log).
+    pub fn next(prev: Option<(u64, &str)>, entry: &AuditEntry) -> Self {
+        let (seq, prev_hash) = match prev {
+            Some((seq, hash)) => (seq.saturating_add(1), hash.to_owned()),
+            None => (1, crate::breach::GENESIS_HASH.to_owned()),
+        };
+        let actor = entry.actor();
+        let body_json = canonical_json(&entry.body());
+        let hash = record_hash(
+            seq,
+            entry.at_unix_ms,
+            &actor,
+            &entry.call,
+            &body_json,
+            &prev_hash,
+        );
+        Self {
+            seq,
+            at_unix_ms: entry.at_unix_ms,
+            actor,
+            call: entry.call.clone(),
+            body_json,
+            prev_hash,
+            hash,
+        }
+    }
+
+    /// The body parsed (`null` when the stored text is not JSON: a tampered database).
+    pub fn body(&self) -> Value {
+        serde_json::from_str(&self.body_json).unwrap_or(Value::Null)
+    }
+
+    /// The same record in the breach log's shape, for [`ChainVerifier`].
+    pub fn as_log_record(&self) -> LogRecord {
+        LogRecord::from_stored(
+            self.seq,
+            self.at_unix_ms,
+            self.actor.clone(),
+            self.call.clone(),
+            self.body_json.clone(),
+            self.prev_hash.clone(),
+            self.hash.clone(),
+        )
+    }
+
+    /// The record as the JSON object the API and `sovctl audit` print.
+    pub fn to_json(&self) -> Value {
+        let body = self.body();
+        json!({
+            "seq": self.seq,
+            "at": crate::sovctl::rfc3339(self.at_unix_ms),
+            "at_unix_ms": self.at_unix_ms,
+            "who": body["who"],
+            "role": body["role"],
+            "via": body["via"],
+            "call": self.call,
+            "params": body["params"],
+            "rows": body["rows"],
+            "outcome": body["outcome"],
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        })
+    }
+}
+
+/// Records read per page by [`verify_store_audit`].
+const VERIFY_PAGE: u32 = 1000;
+
+/// Read a store's whole audit log page by page and check its chain.
+pub async fn verify_store_audit(
+    store: &dyn crate::store::Store,
+) -> Result<LogVerdict, crate::store::StoreError> {
+    let mut v = ChainVerifier::new();
+    let mut after = 0;
+    loop {
+        let page = store.audit_log(after, VERIFY_PAGE).await?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for r in &page {
+            if let Err(e) = v.push(&r.as_log_record()) {
+                return Ok(LogVerdict::Broken(e));
+            }
+        }
+    }
+    Ok(LogVerdict::Verified {
+        records: v.checked(),
+        last_hash: v.last_hash().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breach::verify_chain;
+
+    fn entry(call: &str, rows: u64) -> AuditEntry {
+        AuditEntry {
+            at_unix_ms: 1000,
+            who: "analyst".into(),
+            role: "regulator".into(),
+            via: "grpc".into(),
+            call: call.into(),
+            params: json!({"limit": 10}),
+            rows,
+            outcome: "ok".into(),
+        }
+    }
+
+    fn chain() -> Vec<AuditRecord> {
+        let mut out: Vec<AuditRecord> = Vec::new();
+        for (call, rows) in [("ListNodes", 3), ("Egress", 7), ("ListAudit", 2)] {
+            let prev = out.last().map(|r| (r.seq, r.hash.clone()));
+            out.push(AuditRecord::next(
+                prev.as_ref().map(|(s, h)| (*s, h.as_str())),
+                &entry(call, rows),
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn audit_records_chain_from_the_genesis_and_verify_with_the_breach_log_verifier() {
+        let log = chain();
+        assert_eq!(log[0].prev_hash, crate::breach::GENESIS_HASH);
+        assert_eq!(log[1].prev_hash, log[0].hash);
+        assert_eq!(log[2].seq, 3);
+        assert_eq!(
+            verify_chain(log.iter().map(AuditRecord::as_log_record)),
+            Ok(3)
+        );
+    }
+
+    #[test]
+    fn a_changed_row_count_breaks_the_chain_at_that_record() {
+        let mut log = chain();
+        log[1].body_json = log[1].body_json.replace("\"rows\":7", "\"rows\":0");
+        let err = verify_chain(log.iter().map(AuditRecord::as_log_record)).unwrap_err();
+        assert_eq!(err.seq, 2, "{err}");
+    }
+
+    #[test]
+    fn the_json_form_names_who_what_parameters_when_and_result_size() {
+        let v = chain()[1].to_json();
+        assert_eq!(v["who"], "analyst");
+        assert_eq!(v["role"], "regulator");
+        assert_eq!(v["call"], "Egress");
+        assert_eq!(v["params"]["limit"], 10);
+        assert_eq!(v["rows"], 7);
+        assert_eq!(v["at"], "1970-01-01T00:00:01Z");
+        assert_eq!(v["seq"], 2);
+    }
+}

@@ -1,0 +1,638 @@
+//! The HTTPS JSON API (`/api/v1/...`) and the read-only web page (`/`), on `[http] listen`.
+//!
+//! Same certificate as gRPC. Client certificates are asked for but optional at the TLS layer,
+//! so a tool can present `Authorization: Bearer TOKEN` instead ([`crate::token`]); a
+//! certificate that does not chain to the CA still fails the handshake. Every API route goes
+//! through [`QueryService`] (roles, limits, audit), so it answers exactly what gRPC answers:
+//!
+//! | route | gRPC | parameters |
+//! |---|---|---|
+//! | `GET /api/v1/nodes` | `ListNodes` | `limit`, `after` |
+//! | `GET /api/v1/models` | `ListModels` | `q`, `limit`, `after` |
+//! | `GET /api/v1/egress` | `Egress` | `since`, `until`, `by`, `limit` |
+//! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `since`, `limit` |
+//! | `GET /api/v1/audit` | `ListAudit` | `after_seq`, `limit` |
+//! | `GET /api/v1/scorecard` | `Scorecard` | `since`, `until`, `jurisdiction` |
+//!
+//! Times (`since`, `until`) are a duration back from now (`90m`, `24h`, `7d`) or Unix
+//! milliseconds. Unknown parameters are refused. Errors are JSON `{"error", "code"}` with
+//! 400 (bad parameter), 401 (no or bad credential), 403 (role may not), 404, 405, 412, 503.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] connections (more wait in the kernel's backlog), a
+//! TLS handshake within [`TLS_HANDSHAKE_TIMEOUT`], a request line and headers within hyper's
+//! limits, and no request bodies (GET only).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Value, json};
+use sov_proto::pb;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Status};
+
+use super::{Caller, QueryService, Via};
+use crate::auth::{self, Identity};
+use crate::config::ServerTlsFiles;
+
+/// Most concurrent HTTPS connections.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Longest a TLS handshake may take.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a connection may stay open.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest query string accepted.
+const MAX_QUERY_LEN: usize = 2048;
+
+/// The web page (one self-contained file: no external assets).
+const INDEX_HTML: &str = include_str!("web/index.html");
+/// The OpenAPI description of this API.
+pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
+
+/// Why the HTTPS API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM file holds no usable certificate or key.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls configuration refused")]
+    Tls(#[from] rustls::Error),
+    /// The client certificate verifier could not be built.
+    #[error("client certificate verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, HttpError> {
+    std::fs::read(path).map_err(|source| HttpError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The server TLS configuration: the collector's certificate, client certificates from the
+/// CA asked for but optional, HTTP/2 and HTTP/1.1.
+pub fn tls_config(files: &ServerTlsFiles) -> Result<Arc<rustls::ServerConfig>, HttpError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let pem_err = |path: &std::path::Path, reason: String| HttpError::Pem {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&read(&files.ca)?) {
+        let cert = cert.map_err(|e| pem_err(&files.ca, e.to_string()))?;
+        roots.add(cert)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()?;
+    let certs = CertificateDer::pem_slice_iter(&read(&files.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(&files.cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_err(&files.cert, "no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+        .map_err(|e| pem_err(&files.key, e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// What the TLS layer proved about the client.
+#[derive(Debug, Clone)]
+enum Peer {
+    /// No client certificate.
+    Anonymous,
+    /// A certificate with a valid identity.
+    Cert(Identity),
+    /// A certificate whose identity is refused (why).
+    Refused(String),
+}
+
+/// Serve the API and the page on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    query: QueryService,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let stop = CancellationToken::new();
+    let _stop_connections = stop.clone().drop_guard();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = &mut shutdown => return,
+        };
+        let (tcp, addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(error = %err, "https accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let acceptor = acceptor.clone();
+        let query = query.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(err)) => {
+                    tracing::debug!(peer.addr = %addr, error = %err, "https handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                None => Peer::Anonymous,
+                Some(leaf) => match auth::identity_from_der(leaf.as_ref(), query.trust_domain()) {
+                    Ok(id) => Peer::Cert(id),
+                    Err(err) => Peer::Refused(err.to_string()),
+                },
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let query = query.clone();
+                let peer = peer.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&query, &peer, req).await) }
+            });
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            tokio::select! {
+                res = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {
+                    if let Ok(Err(err)) = res {
+                        tracing::debug!(peer.addr = %addr, error = %err, "https connection ended");
+                    }
+                }
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    resp
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", v.to_string())
+}
+
+/// The HTTP status of a query status.
+pub fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn error_response(s: &Status) -> Response<Full<Bytes>> {
+    let code = format!("{:?}", s.code());
+    let mut resp = json_response(
+        http_status(s.code()),
+        &json!({"error": s.message(), "code": snake(&code)}),
+    );
+    if s.code() == Code::Unauthenticated {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"sovereign\""),
+        );
+    }
+    resp
+}
+
+/// `PermissionDenied` → `permission_denied`.
+fn snake(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Answer one request.
+async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = error_response(&Status::new(Code::Unimplemented, "only GET is served"));
+        *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    let path = req.uri().path();
+    match path {
+        "/" | "/index.html" => {
+            return respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML);
+        }
+        "/api/v1/openapi.json" => return respond(StatusCode::OK, "application/json", OPENAPI_JSON),
+        _ => {}
+    }
+    let Some(route) = path.strip_prefix("/api/v1/") else {
+        return error_response(&Status::not_found(format!("no page {path}")));
+    };
+    if !ROUTES.contains(&route) {
+        return error_response(&Status::not_found(format!(
+            "no route /api/v1/{route}; routes: {}",
+            ROUTES.join(", ")
+        )));
+    }
+    let caller = match authenticate(query, peer, req.headers()).await {
+        Ok(c) => c,
+        Err(s) => return error_response(&s),
+    };
+    let params = match Params::parse(req.uri().query().unwrap_or("")) {
+        Ok(p) => p,
+        Err(s) => return error_response(&s),
+    };
+    match answer(query, &caller, route, params).await {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err(s) => error_response(&s),
+    }
+}
+
+/// The API routes under `/api/v1/`.
+pub const ROUTES: [&str; 6] = [
+    "nodes",
+    "models",
+    "egress",
+    "breaches",
+    "audit",
+    "scorecard",
+];
+
+/// The caller: a bearer token when the request carries one, else the client certificate.
+async fn authenticate(
+    query: &QueryService,
+    peer: &Peer,
+    headers: &hyper::HeaderMap,
+) -> Result<Caller, Status> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let text = value.to_str().unwrap_or("");
+        let token = text
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .ok_or_else(|| Status::unauthenticated("Authorization must be \"Bearer TOKEN\""))?;
+        if !crate::token::well_formed(token) {
+            return Err(Status::unauthenticated("unknown token"));
+        }
+        let record = query
+            .store()
+            .token_by_hash(&crate::token::token_hash(token))
+            .await
+            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?
+            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
+        if record.expires_unix_ms <= crate::ingest::now_unix_ms() {
+            return Err(Status::unauthenticated(format!(
+                "token {} expired at {}",
+                record.token_id,
+                crate::sovctl::rfc3339(record.expires_unix_ms)
+            )));
+        }
+        return Ok(Caller {
+            id: Identity {
+                name: format!("token:{}", record.token_id),
+                role: record.role,
+            },
+            via: Via::HttpsToken,
+        });
+    }
+    match peer {
+        Peer::Cert(id) => Ok(Caller {
+            id: id.clone(),
+            via: Via::HttpsCert,
+        }),
+        Peer::Refused(why) => Err(Status::permission_denied(format!(
+            "client certificate refused: {why}"
+        ))),
+        Peer::Anonymous => Err(Status::unauthenticated(
+            "a client certificate issued by the collector CA, or Authorization: Bearer TOKEN, is required",
+        )),
+    }
+}
+
+/// Decoded query parameters; each route takes the ones it knows and refuses the rest.
+#[derive(Debug, Default)]
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn parse(query: &str) -> Result<Self, Status> {
+        if query.len() > MAX_QUERY_LEN {
+            return Err(Status::invalid_argument(
+                "query string longer than 2048 bytes",
+            ));
+        }
+        let decode = |s: &str| {
+            let plus = s.replace('+', " ");
+            percent_encoding::percent_decode_str(&plus)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| Status::invalid_argument("query string is not UTF-8"))
+        };
+        let mut out = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            out.push((decode(k)?, decode(v)?));
+        }
+        Ok(Self(out))
+    }
+
+    /// Refuse parameters not in `known`, and repeated ones.
+    fn only(&self, known: &[&str]) -> Result<(), Status> {
+        for (i, (k, _)) in self.0.iter().enumerate() {
+            if !known.contains(&k.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "unknown parameter {k:?}; this route takes: {}",
+                    known.join(", ")
+                )));
+            }
+            if self.0[..i].iter().any(|(o, _)| o == k) {
+                return Err(Status::invalid_argument(format!(
+                    "parameter {k:?} given twice"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self, key: &str) -> String {
+        self.get(key).unwrap_or("").to_owned()
+    }
+
+    fn number<T: std::str::FromStr + Default>(&self, key: &str) -> Result<T, Status> {
+        match self.get(key) {
+            None | Some("") => Ok(T::default()),
+            Some(v) => v.parse().map_err(|_| {
+                Status::invalid_argument(format!("{key} {v:?} is not a non-negative integer"))
+            }),
+        }
+    }
+
+    /// A time: a duration back from `now` (`24h`) or Unix milliseconds; 0 when absent.
+    fn time(&self, key: &str, now: i64) -> Result<i64, Status> {
+        match self.get(key) {
+            None | Some("") => Ok(0),
+            Some(v) if v.bytes().all(|b| b.is_ascii_digit()) && v.len() > 6 => v
+                .parse()
+                .map_err(|_| Status::invalid_argument(format!("{key} {v:?} is out of range"))),
+            Some(v) => crate::sovctl::parse_duration_ms(v)
+                .map(|d| now.saturating_sub(d))
+                .map_err(|e| Status::invalid_argument(format!("{key}: {e}"))),
+        }
+    }
+}
+
+/// Answer one API route as JSON.
+async fn answer(
+    query: &QueryService,
+    caller: &Caller,
+    route: &str,
+    p: Params,
+) -> Result<Value, Status> {
+    use crate::sovctl::{breach_json, egress_json, model_json, node_json};
+    let now = crate::ingest::now_unix_ms();
+    match route {
+        "nodes" => {
+            p.only(&["limit", "after"])?;
+            let r = query
+                .list_nodes_as(
+                    caller,
+                    pb::ListNodesRequest {
+                        limit: p.number("limit")?,
+                        after: p.text("after"),
+                    },
+                )
+                .await?;
+            Ok(json!({
+                "nodes": r.nodes.iter().map(node_json).collect::<Vec<_>>(),
+                "next_after": r.next_after,
+            }))
+        }
+        "models" => {
+            p.only(&["q", "limit", "after"])?;
+            let r = query
+                .list_models_as(
+                    caller,
+                    pb::ListModelsRequest {
+                        query: p.text("q"),
+                        limit: p.number("limit")?,
+                        after: p.text("after"),
+                    },
+                )
+                .await?;
+            Ok(json!({
+                "models": r.models.iter().map(model_json).collect::<Vec<_>>(),
+                "next_after": r.next_after,
+            }))
+        }
+        "egress" => {
+            p.only(&["since", "until", "by", "limit"])?;
+            let by_text = p.get("by").filter(|b| !b.is_empty()).unwrap_or("country");
+            let by = <crate::sovctl::EgressBy as clap::ValueEnum>::from_str(by_text, false)
+                .map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "by {by_text:?} is not one of country, node, process, asn, destination"
+                    ))
+                })?;
+            let since = match p.time("since", now)? {
+                0 => now.saturating_sub(86_400_000),
+                t => t,
+            };
+            let r = query
+                .egress_as(
+                    caller,
+                    pb::EgressRequest {
+                        since_unix_ms: since,
+                        until_unix_ms: p.time("until", now)?,
+                        by: by_text.to_owned(),
+                        limit: p.number("limit")?,
+                    },
+                )
+                .await?;
+            Ok(json!({
+                "by": by_text,
+                "rows": r.rows.iter().map(|row| egress_json(row, by)).collect::<Vec<_>>(),
+                "truncated": r.truncated,
+            }))
+        }
+        "breaches" => {
+            p.only(&["state", "rule", "since", "limit"])?;
+            let state = match p.get("state").unwrap_or("") {
+                "all" => String::new(),
+                s => s.to_owned(),
+            };
+            let r = query
+                .list_breaches_as(
+                    caller,
+                    pb::ListBreachesRequest {
+                        state,
+                        rule: p.text("rule"),
+                        since_unix_ms: p.time("since", now)?,
+                        limit: p.number("limit")?,
+                    },
+                )
+                .await?;
+            Ok(json!({
+                "breaches": r.breaches.iter().map(breach_json).collect::<Vec<_>>(),
+            }))
+        }
+        "audit" => {
+            p.only(&["after_seq", "limit"])?;
+            let r = query
+                .list_audit_as(
+                    caller,
+                    pb::ListAuditRequest {
+                        after_seq: p.number("after_seq")?,
+                        limit: p.number("limit")?,
+                    },
+                )
+                .await?;
+            Ok(json!({
+                "records": r
+                    .records
+                    .into_iter()
+                    .map(|r| crate::audit::AuditRecord::from(r).to_json())
+                    .collect::<Vec<_>>(),
+                "next_after_seq": r.next_after_seq,
+            }))
+        }
+        "scorecard" => {
+            p.only(&["since", "until", "jurisdiction"])?;
+            let since = match p.time("since", now)? {
+                0 => now.saturating_sub(30 * 86_400_000),
+                t => t,
+            };
+            let r = query
+                .scorecard_as(
+                    caller,
+                    pb::ScorecardRequest {
+                        since_unix_ms: since,
+                        until_unix_ms: p.time("until", now)?,
+                        jurisdiction: p.text("jurisdiction"),
+                    },
+                )
+                .await?;
+            serde_json::from_str(&r.scorecard_json)
+                .map_err(|e| Status::internal(format!("scorecard: {e}")))
+        }
+        other => Err(Status::not_found(format!("no route /api/v1/{other}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_decoded_and_unknown_or_repeated_ones_are_refused() {
+        let p = Params::parse("q=llama%203&limit=5&after=a+b").unwrap();
+        assert_eq!(p.text("q"), "llama 3");
+        assert_eq!(p.text("after"), "a b");
+        assert_eq!(p.number::<u32>("limit").unwrap(), 5);
+        p.only(&["q", "limit", "after"]).unwrap();
+        let err = p.only(&["q", "limit"]).unwrap_err();
+        assert!(err.message().contains("\"after\""), "{err:?}");
+        let twice = Params::parse("limit=1&limit=2").unwrap();
+        assert!(twice.only(&["limit"]).is_err());
+        assert!(
+            Params::parse("limit=-1")
+                .unwrap()
+                .number::<u32>("limit")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn times_are_durations_back_from_now_or_unix_milliseconds() {
+        let p = Params::parse("since=2h&until=1700000000000").unwrap();
+        assert_eq!(p.time("since", 10_000_000).unwrap(), 10_000_000 - 7_200_000);
+        assert_eq!(p.time("until", 0).unwrap(), 1_700_000_000_000);
+        assert_eq!(p.time("absent", 5).unwrap(), 0);
+        assert!(Params::parse("since=2w").unwrap().time("since", 0).is_err());
+    }
+
+    #[test]
+    fn statuses_map_to_http_codes_and_snake_case_names() {
+        assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
+        assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
+        assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
+        assert_eq!(snake("PermissionDenied"), "permission_denied");
+    }
+}

@@ -1,0 +1,378 @@
+//! The sovereignty scorecard: the four questions of the sovereignty debate over a time range,
+//! answered from the store and the jurisdiction policy.
+//!
+//! 1. **Who holds the weights** — the models residing on nodes now, by publisher origin
+//!    country, and their copies inside vs outside the jurisdiction (weights are an inventory:
+//!    this part is the state at the end of the range as the store knows it now).
+//! 2. **Where AI runs** — GPU-hours in the range by the node's jurisdiction (its site's country
+//!    from the policy, else the declared one) and by the origin of the model the process holds
+//!    (a process holding no known weights counts as `unattributed`).
+//! 3. **Where data flows** — outbound bytes in the range by destination country and ASN, and
+//!    the share that left the jurisdiction (bytes to unplaced destinations are counted apart).
+//! 4. **How complete the picture is** — nodes known, nodes that reported in the range, silent
+//!    nodes (nothing for `silence_secs` before the end of the range), reports missing and
+//!    declared dropped per node.
+//!
+//! The answer is one JSON object (the same over gRPC, HTTPS and in a signed report).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Value, json};
+use sov_proto::pb;
+
+use crate::policy::Policy;
+use crate::sovctl::rfc3339;
+use crate::store::{EgressQuery, GpuUsageRow, Store, StoreError};
+
+/// Most nodes, models, GPU usage groups and egress groups read for one scorecard; beyond
+/// that the scorecard says it is truncated.
+pub const MAX_ROWS: u32 = 100_000;
+/// Page size used to read nodes and models.
+const PAGE: u32 = 1000;
+/// ASNs listed in `data.by_asn`.
+const TOP_ASNS: usize = 20;
+/// Origin of GPU time whose process holds no known weights, and of models with no known
+/// publisher country.
+pub const UNKNOWN_ORIGIN: &str = "unknown";
+
+/// Everything the scorecard is computed from.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    /// Every node.
+    pub nodes: Vec<pb::NodeSummary>,
+    /// Every model residing somewhere.
+    pub models: Vec<pb::ModelSummary>,
+    /// GPU-seconds per process in the range.
+    pub gpu: Vec<GpuUsageRow>,
+    /// Outbound bytes by destination country in the range.
+    pub egress_by_country: Vec<pb::EgressRow>,
+    /// Outbound bytes by destination ASN in the range.
+    pub egress_by_asn: Vec<pb::EgressRow>,
+    /// Whether any of the reads above hit [`MAX_ROWS`].
+    pub truncated: bool,
+}
+
+/// Read the inputs for `[since, until)` from `store`.
+pub async fn read_inputs(
+    store: &dyn Store,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+) -> Result<Inputs, StoreError> {
+    let mut inputs = Inputs::default();
+    let mut after = String::new();
+    loop {
+        let page = store.list_nodes(&after, PAGE).await?;
+        let full = page.len() == PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.node);
+        }
+        inputs
+            .nodes
+            .extend(page.into_iter().map(pb::NodeSummary::from));
+        if !full {
+            break;
+        }
+        if inputs.nodes.len() >= MAX_ROWS as usize {
+            inputs.truncated = true;
+            break;
+        }
+    }
+    let mut after = String::new();
+    loop {
+        let page = store.list_models("", &after, PAGE).await?;
+        let full = page.len() == PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.key);
+        }
+        inputs.models.extend(page);
+        if !full {
+            break;
+        }
+        if inputs.models.len() >= MAX_ROWS as usize {
+            inputs.truncated = true;
+            break;
+        }
+    }
+    inputs.gpu = store
+        .gpu_usage(since_unix_ms, until_unix_ms, MAX_ROWS)
+        .await?;
+    inputs.truncated |= inputs.gpu.len() >= MAX_ROWS as usize;
+    for (by, out) in [
+        ("country", &mut inputs.egress_by_country),
+        ("asn", &mut inputs.egress_by_asn),
+    ] {
+        let (rows, left_out) = store
+            .egress(EgressQuery {
+                since_unix_ms,
+                until_unix_ms,
+                by: by.to_owned(),
+                limit: MAX_ROWS,
+            })
+            .await?;
+        inputs.truncated |= left_out > 0;
+        *out = rows;
+    }
+    Ok(inputs)
+}
+
+/// Round to 4 decimals (hours and shares print without float noise).
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+/// A fraction, 0 when the whole is 0.
+fn share(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        round4(part / whole)
+    } else {
+        0.0
+    }
+}
+
+/// The model's publisher origin country, or [`UNKNOWN_ORIGIN`].
+fn model_origin(policy: &Policy, m: &pb::ModelSummary) -> String {
+    let by_publisher = (!m.publisher.is_empty())
+        .then(|| policy.publisher_country(&m.publisher))
+        .flatten();
+    by_publisher
+        .or_else(|| policy.publisher_country(&m.model))
+        .unwrap_or_else(|| UNKNOWN_ORIGIN.to_owned())
+}
+
+/// The scorecard for `[since, until)` from `inputs` under `policy`, as JSON.
+pub fn build(
+    policy: &Policy,
+    inputs: &Inputs,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+    now_unix_ms: i64,
+) -> Value {
+    let node_country: BTreeMap<&str, String> = inputs
+        .nodes
+        .iter()
+        .map(|n| (n.node.as_str(), policy.node_country(&n.site, &n.country)))
+        .collect();
+
+    // 1. Weights.
+    #[derive(Default)]
+    struct Origin {
+        models: BTreeSet<String>,
+        copies: u64,
+        inside: u64,
+        outside: u64,
+        bytes_inside: u64,
+        bytes_outside: u64,
+    }
+    let mut origins: BTreeMap<String, Origin> = BTreeMap::new();
+    let mut all_models = BTreeSet::new();
+    let mut holder_origin: BTreeMap<(&str, u32), String> = BTreeMap::new();
+    for m in &inputs.models {
+        let origin = model_origin(policy, m);
+        let o = origins.entry(origin.clone()).or_default();
+        o.models.insert(m.model.clone());
+        all_models.insert(m.model.clone());
+        for c in &m.copies {
+            let country = policy.node_country(&c.site, &c.country);
+            o.copies += 1;
+            if policy.is_inside(&country) {
+                o.inside += 1;
+                o.bytes_inside += m.size_bytes;
+            } else {
+                o.outside += 1;
+                o.bytes_outside += m.size_bytes;
+            }
+        }
+        for u in &m.users {
+            holder_origin
+                .entry((u.node.as_str(), u.pid))
+                .or_insert_with(|| origin.clone());
+        }
+    }
+    let mut by_origin: Vec<Value> = origins
+        .iter()
+        .map(|(origin, o)| {
+            json!({
+                "origin": origin,
+                "origin_inside": policy.is_inside(origin),
+                "models": o.models.len(),
+                "copies": o.copies,
+                "copies_inside": o.inside,
+                "copies_outside": o.outside,
+                "bytes_inside": o.bytes_inside,
+                "bytes_outside": o.bytes_outside,
+            })
+        })
+        .collect();
+    by_origin.sort_by(|a, b| b["copies"].as_u64().cmp(&a["copies"].as_u64()));
+    let copies_inside: u64 = origins.values().map(|o| o.inside).sum();
+    let copies_outside: u64 = origins.values().map(|o| o.outside).sum();
+
+    // 2. Compute.
+    let mut by_jurisdiction: BTreeMap<String, f64> = BTreeMap::new();
+    let mut by_model_origin: BTreeMap<String, f64> = BTreeMap::new();
+    let mut gpu_total = 0.0;
+    for g in &inputs.gpu {
+        let country = node_country
+            .get(g.node.as_str())
+            .cloned()
+            .unwrap_or_default();
+        *by_jurisdiction.entry(country).or_default() += g.gpu_seconds;
+        let origin = holder_origin
+            .get(&(g.node.as_str(), g.pid))
+            .cloned()
+            .unwrap_or_else(|| "unattributed".to_owned());
+        *by_model_origin.entry(origin).or_default() += g.gpu_seconds;
+        gpu_total += g.gpu_seconds;
+    }
+    let hours = |s: f64| round4(s / 3600.0);
+    let gpu_inside: f64 = by_jurisdiction
+        .iter()
+        .filter(|(c, _)| policy.is_inside(c))
+        .map(|(_, s)| s)
+        .sum();
+    let mut jurisdictions: Vec<Value> = by_jurisdiction
+        .iter()
+        .map(|(c, s)| json!({"country": c, "inside": policy.is_inside(c), "gpu_hours": hours(*s)}))
+        .collect();
+    jurisdictions.sort_by(|a, b| {
+        b["gpu_hours"]
+            .as_f64()
+            .partial_cmp(&a["gpu_hours"].as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut model_origins: Vec<Value> = by_model_origin
+        .iter()
+        .map(|(o, s)| json!({"origin": o, "gpu_hours": hours(*s), "share": share(*s, gpu_total)}))
+        .collect();
+    model_origins.sort_by(|a, b| {
+        b["gpu_hours"]
+            .as_f64()
+            .partial_cmp(&a["gpu_hours"].as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+
+    // 3. Data.
+    let mut sent_total = 0u64;
+    let mut sent_outside = 0u64;
+    let mut sent_unplaced = 0u64;
+    let countries: Vec<Value> = inputs
+        .egress_by_country
+        .iter()
+        .map(|r| {
+            sent_total += r.bytes_sent;
+            let inside = policy.is_inside(&r.country);
+            if r.country.is_empty() {
+                sent_unplaced += r.bytes_sent;
+            } else if !inside {
+                sent_outside += r.bytes_sent;
+            }
+            json!({
+                "country": r.country,
+                "inside": inside,
+                "bytes_sent": r.bytes_sent,
+                "bytes_received": r.bytes_received,
+                "connections": r.connections,
+            })
+        })
+        .collect();
+    let asns: Vec<Value> = inputs
+        .egress_by_asn
+        .iter()
+        .take(TOP_ASNS)
+        .map(|r| {
+            json!({
+                "asn": r.asn,
+                "org": r.org,
+                "country": r.country,
+                "inside": policy.is_inside(&r.country),
+                "bytes_sent": r.bytes_sent,
+                "bytes_received": r.bytes_received,
+            })
+        })
+        .collect();
+
+    // 4. Completeness.
+    let silence_ms = i64::try_from(policy.thresholds.silence_secs.max(1))
+        .unwrap_or(i64::MAX / 1000)
+        .saturating_mul(1000);
+    let end = until_unix_ms.min(now_unix_ms);
+    let reporting = inputs
+        .nodes
+        .iter()
+        .filter(|n| n.last_seen_unix_ms >= since_unix_ms)
+        .count();
+    let mut silent: Vec<Value> = inputs
+        .nodes
+        .iter()
+        .filter(|n| n.last_seen_unix_ms < end.saturating_sub(silence_ms))
+        .map(|n| json!({"node": n.node, "last_seen": rfc3339(n.last_seen_unix_ms)}))
+        .collect();
+    silent.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+    let incomplete: Vec<Value> = inputs
+        .nodes
+        .iter()
+        .filter(|n| n.missing > 0)
+        .map(|n| {
+            json!({
+                "node": n.node,
+                "missing": n.missing,
+                "dropped": n.dropped,
+                "last_seq": n.last_seq,
+            })
+        })
+        .collect();
+
+    json!({
+        "jurisdiction": policy.jurisdiction,
+        "inside_countries": policy.inside,
+        "since": rfc3339(since_unix_ms),
+        "until": rfc3339(until_unix_ms),
+        "since_unix_ms": since_unix_ms,
+        "until_unix_ms": until_unix_ms,
+        "generated_at": rfc3339(now_unix_ms),
+        "truncated": inputs.truncated,
+        "weights": {
+            "models": all_models.len(),
+            "copies": copies_inside + copies_outside,
+            "copies_inside": copies_inside,
+            "copies_outside": copies_outside,
+            "share_outside": share(copies_outside as f64, (copies_inside + copies_outside) as f64),
+            "by_origin": by_origin,
+        },
+        "compute": {
+            "gpu_hours": hours(gpu_total),
+            "gpu_hours_inside": hours(gpu_inside),
+            "gpu_hours_outside": hours(gpu_total - gpu_inside),
+            "by_jurisdiction": jurisdictions,
+            "by_model_origin": model_origins,
+        },
+        "data": {
+            "bytes_sent": sent_total,
+            "bytes_sent_outside": sent_outside,
+            "bytes_sent_unplaced": sent_unplaced,
+            "share_leaving": share(sent_outside as f64, sent_total as f64),
+            "by_country": countries,
+            "by_asn": asns,
+        },
+        "completeness": {
+            "nodes": inputs.nodes.len(),
+            "nodes_reporting": reporting,
+            "silent_secs": silence_ms / 1000,
+            "silent_nodes": silent,
+            "reports": inputs.nodes.iter().map(|n| n.reports).sum::<u64>(),
+            "missing_reports": inputs.nodes.iter().map(|n| n.missing).sum::<u64>(),
+            "dropped_reports": inputs.nodes.iter().map(|n| n.dropped).sum::<u64>(),
+            "nodes_with_missing_reports": incomplete,
+        },
+    })
+}
+
+/// The policy a scorecard uses when the collector has none: only a jurisdiction (two
+/// letters), with the default thresholds and publishers.
+pub fn policy_for(jurisdiction: &str) -> Option<Policy> {
+    let ok = jurisdiction.len() == 2 && jurisdiction.bytes().all(|b| b.is_ascii_uppercase());
+    if !ok {
+        return None;
+    }
+    Policy::parse(&format!("jurisdiction = \"{jurisdiction}\"\n"), "request").ok()
+}
