@@ -18,6 +18,10 @@ pub const DEFAULT_MAX_PAGE: u32 = 1000;
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 /// Default retention of minute aggregates, days.
 pub const DEFAULT_AGGREGATE_RETENTION_DAYS: u32 = 365;
+/// Default most gRPC connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default longest TLS handshake, seconds.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 
 /// `sov-collector serve` configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +47,14 @@ pub struct CollectorConfig {
     /// folded from raw samples before they go). Default 365; at least `retention_days`.
     #[serde(default = "default_aggregate_retention_days")]
     pub aggregate_retention_days: u32,
+    /// Most gRPC connections open at once, handshaking or established; more are closed as
+    /// soon as they are accepted. Keep it under the process's open-file limit. Default 4096.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest a TLS handshake may take before the connection is dropped (connections that
+    /// never send, or send a byte at a time), seconds, 1..=300. Default 10.
+    #[serde(default = "default_tls_handshake_timeout_secs")]
+    pub tls_handshake_timeout_secs: u64,
     /// SPIFFE trust domain of client certificates (`spiffe://<trust_domain>/<role>/<name>`). Default "sovereign".
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -278,6 +290,14 @@ pub struct ServerTlsFiles {
     pub cert: PathBuf,
     /// The collector's private key.
     pub key: PathBuf,
+    /// Deny list of client certificates refused although they chain to `ca`: one per line,
+    /// the SHA-256 fingerprint of the certificate (64 hex digits, `:` allowed) or
+    /// `serial:HEX`; `#` comments. Refused certificates fail the TLS handshake (alert
+    /// `certificate_revoked`) on gRPC and HTTPS. `ca`, `cert`, `key` and this file are
+    /// re-read every 2 seconds; a change applies to new connections without a restart.
+    /// Default: none.
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -298,6 +318,12 @@ fn default_retention_days() -> u32 {
 fn default_aggregate_retention_days() -> u32 {
     DEFAULT_AGGREGATE_RETENTION_DAYS
 }
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_tls_handshake_timeout_secs() -> u64 {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS
+}
 fn default_trust_domain() -> String {
     crate::auth::DEFAULT_TRUST_DOMAIN.to_owned()
 }
@@ -310,6 +336,8 @@ impl CollectorConfig {
             data_dir,
             max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
             max_page: DEFAULT_MAX_PAGE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            tls_handshake_timeout_secs: DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS,
             retention_days: DEFAULT_RETENTION_DAYS,
             aggregate_retention_days: DEFAULT_AGGREGATE_RETENTION_DAYS,
             trust_domain: default_trust_domain(),
@@ -346,6 +374,21 @@ impl CollectorConfig {
                 format!("{} is out of range 1..=100000", self.max_page),
             );
         }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            p.push(
+                "max_connections",
+                format!("{} is out of range 1..=1000000", self.max_connections),
+            );
+        }
+        if !(1..=300).contains(&self.tls_handshake_timeout_secs) {
+            p.push(
+                "tls_handshake_timeout_secs",
+                format!(
+                    "{} is out of range 1..=300",
+                    self.tls_handshake_timeout_secs
+                ),
+            );
+        }
         if !(1..=3650).contains(&self.retention_days) {
             p.push(
                 "retention_days",
@@ -370,6 +413,16 @@ impl CollectorConfig {
         check_readable(&mut p, "tls.ca", &self.tls.ca);
         check_readable(&mut p, "tls.cert", &self.tls.cert);
         check_readable(&mut p, "tls.key", &self.tls.key);
+        if let Some(revoked) = &self.tls.revoked {
+            match std::fs::read_to_string(revoked) {
+                Ok(text) => {
+                    if let Err(err) = crate::tls::DenyList::parse(revoked, &text) {
+                        p.push("tls.revoked", err.to_string());
+                    }
+                }
+                Err(err) => p.push("tls.revoked", format!("{}: {err}", revoked.display())),
+            }
+        }
         let url = self.store.url.as_str();
         if !(url.is_empty()
             || url.starts_with("sqlite:")

@@ -80,6 +80,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
             ca: pki.ca.clone(),
             cert: pki.collector.cert.clone(),
             key: pki.collector.key.clone(),
+            revoked: None,
         },
     );
     let url = format!("https://{}", args.listen);

@@ -12,6 +12,8 @@
 //! - [`store`]: the [`store::Store`] trait and its SQLite backend;
 //! - [`policy`]: the jurisdiction policy file (inside countries, sites, model classes,
 //!   publishers, allowed destinations, thresholds), its validation and reloading;
+//! - [`tls`]: the TLS front door of gRPC and HTTPS: certificate, CA and revocation deny list
+//!   reloaded when their files change, the connection limit and the handshake timeout;
 //! - [`server`]: the mutual-TLS gRPC server (`run(config, store, listener, shutdown)`);
 //! - [`alert`]: breach alerts: the [`alert::Sink`] trait, webhook, Alertmanager, Slack and
 //!   syslog sinks, routing by rule and severity, and the outbox's retry schedule;
@@ -36,6 +38,7 @@ pub mod query;
 pub mod server;
 pub mod sovctl;
 pub mod store;
+pub mod tls;
 pub mod token;
 
 pub use config::CollectorConfig;

@@ -12,11 +12,9 @@ use sov_proto::pb::enroll_server::EnrollServer;
 use sov_proto::pb::ingest_server::IngestServer;
 use sov_proto::pb::query_server::QueryServer;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::config::CollectorConfig;
 use crate::ingest::IngestService;
@@ -26,8 +24,10 @@ use crate::store::Store;
 
 /// Most concurrent HTTP/2 streams per connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
-/// Longest a TLS handshake may take before the connection is dropped.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a TLS handshake may take before the connection is dropped, by default (see
+/// `tls_handshake_timeout_secs`).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration =
+    Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
 /// Longest one request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest enrollment or renewal request decoded (a certificate request is well under it).
@@ -50,6 +50,9 @@ pub enum ServerError {
     /// A geolocation database or override could not be loaded.
     #[error("geolocation set-up failed")]
     Geo(#[from] crate::geo::GeoError),
+    /// The TLS configuration (`[tls]`) could not be built.
+    #[error("tls set-up failed")]
+    Tls(#[from] crate::tls::TlsError),
     /// TLS or the HTTP/2 server failed.
     #[error("grpc server failed")]
     Transport(#[from] tonic::transport::Error),
@@ -83,13 +86,6 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
-    std::fs::read(path).map_err(|source| ServerError::ReadPem {
-        path: path.display().to_string(),
-        source,
-    })
 }
 
 /// tonic answers a message over the decoding limit with OUT_OF_RANGE; the contract says
@@ -221,6 +217,9 @@ const RULES_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Shortest time between two evaluations (reports arriving back to back wake the loop only
 /// this often).
 const MIN_EVAL_GAP: Duration = Duration::from_millis(250);
+/// An evaluation that took `t` is followed by at least `t × EVAL_GAP_FACTOR` without one: on a
+/// large installation the rules use at most a fifth of the time, whatever the report rate.
+const EVAL_GAP_FACTOR: u32 = 4;
 
 /// What the rule evaluation loop needs.
 struct PolicyLoop {
@@ -267,8 +266,9 @@ async fn policy_loop(p: PolicyLoop, stop: CancellationToken) {
             Ok(false) => {}
             Err(err) => tracing::warn!(error = %err, "cannot take the rules lease; will retry"),
         }
+        let gap = MIN_EVAL_GAP.max(started.elapsed().saturating_mul(EVAL_GAP_FACTOR));
         tokio::select! {
-            () = tokio::time::sleep_until(started + MIN_EVAL_GAP) => {}
+            () = tokio::time::sleep_until(started + gap) => {}
             () = stop.cancelled() => return,
         }
         tokio::select! {
@@ -307,25 +307,21 @@ pub async fn run_with_metrics(
         )?)),
         None => None,
     };
-    let mut chain = read(&config.tls.cert)?;
+    let mut extra_chain = String::new();
     if let Some(s) = &signer {
         // Agents enrolling pin the CA by its hash: they find it in the chain we send.
-        chain.push(b'\n');
-        chain.extend_from_slice(s.ca_pem().as_bytes());
+        extra_chain.push_str(s.ca_pem());
         tracing::info!(
             ca_sha256 = %crate::enroll::ca_file_fingerprint(&config.tls.ca).unwrap_or_default(),
             validity_secs = config.enroll.validity_secs,
             "enrollment on"
         );
     }
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(chain, read(&config.tls.key)?))
-        .client_ca_root(Certificate::from_pem(read(&config.tls.ca)?))
-        // A missing certificate is answered with UNAUTHENTICATED by the services (a clearer
-        // error than a failed handshake); a certificate that does not chain to the CA still
-        // fails the handshake.
-        .client_auth_optional(true)
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    let tls = Arc::new(crate::tls::ServerTls::load(
+        &config.tls,
+        crate::tls::ALPN_GRPC,
+        &extra_chain,
+    )?);
     let geo = crate::geo::Geo::from_config(&config.geo)?;
     tracing::info!(sources = ?geo.builds(), "geolocation ready");
     let stored = Arc::new(tokio::sync::Notify::new());
@@ -351,7 +347,11 @@ pub async fn run_with_metrics(
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServerError::HttpListen { addr, source })?,
-            crate::query::http::tls_config(&config.tls)?,
+            Arc::new(crate::tls::ServerTls::load(
+                &config.tls,
+                crate::tls::ALPN_HTTPS,
+                "",
+            )?),
         )),
         None => None,
     };
@@ -383,6 +383,11 @@ pub async fn run_with_metrics(
         &maintenance,
     );
     if let Some((l, tls)) = http_listener {
+        tokio::spawn(crate::tls::reload_loop(
+            tls.clone(),
+            "https",
+            maintenance.clone(),
+        ));
         tracing::info!(addr = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "https api listening");
         tokio::spawn(crate::query::http::serve(
             l,
@@ -409,25 +414,33 @@ pub async fn run_with_metrics(
         maintenance.clone(),
     ));
     tokio::spawn(geo_reload_loop(geo, maintenance.clone()));
-    let _stop_maintenance = maintenance.drop_guard();
     let addr = listener.local_addr().ok();
-    // tonic sets TCP_NODELAY only on listeners it binds itself; without it an ack can wait
-    // for the peer's delayed ACK (about 40 ms, measured in bench_ingest's p99).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        })
-    });
+    tokio::spawn(crate::tls::reload_loop(
+        tls.clone(),
+        "grpc",
+        maintenance.clone(),
+    ));
+    let revocation = tls.clone();
+    let incoming = crate::tls::incoming(
+        listener,
+        tls,
+        crate::tls::AcceptLimits {
+            max_connections: config.max_connections,
+            handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_secs),
+        },
+        maintenance.clone(),
+    );
+    let _stop_maintenance = maintenance.drop_guard();
     tracing::info!(listen = ?addr, "collector serving gRPC with mutual TLS");
     Server::builder()
-        .tls_config(tls)?
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
+        .layer(tower::layer::layer_fn(move |s| {
+            crate::tls::RevocationCheck::new(s, revocation.clone())
+        }))
         .add_service(CountSizeRefusals {
             inner: IngestServer::new(ingest).max_decoding_message_size(config.max_report_bytes),
             metrics,

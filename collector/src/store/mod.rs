@@ -138,6 +138,19 @@ pub struct WeightUpdate {
     pub removed: Vec<String>,
 }
 
+/// GPU-seconds of one process over a time range ([`Store::gpu_usage`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuUsageRow {
+    /// Node.
+    pub node: String,
+    /// Process id.
+    pub pid: u32,
+    /// Process name.
+    pub process: String,
+    /// GPU-seconds charged (over every GPU the process used).
+    pub gpu_seconds: f64,
+}
+
 /// What [`Store::prune`] keeps: raw rows for a while, minute aggregates longer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -158,19 +171,6 @@ impl Retention {
             aggregates_before_unix_ms: before_unix_ms,
         }
     }
-}
-
-/// GPU-seconds of one process over a time range ([`Store::gpu_usage`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct GpuUsageRow {
-    /// Node.
-    pub node: String,
-    /// Process id.
-    pub pid: u32,
-    /// Process name.
-    pub process: String,
-    /// GPU-seconds charged (over every GPU the process used).
-    pub gpu_seconds: f64,
 }
 
 /// Rows removed by [`Store::prune`].
@@ -389,6 +389,56 @@ pub async fn open(
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
     Ok(std::sync::Arc::new(store))
+}
+
+/// Rows read per page by [`all_nodes`] and [`all_models`].
+const ALL_PAGE: u32 = 1000;
+
+/// Every node, paging through [`Store::list_nodes`], at most `cap`; true when `cap` cut the
+/// list short.
+pub async fn all_nodes(store: &dyn Store, cap: usize) -> Result<(Vec<NodeRow>, bool), StoreError> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store.list_nodes(&after, ALL_PAGE).await?;
+        let full = page.len() == ALL_PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.node);
+        }
+        out.extend(page);
+        if out.len() >= cap {
+            out.truncate(cap);
+            return Ok((out, true));
+        }
+        if !full {
+            return Ok((out, false));
+        }
+    }
+}
+
+/// Every model that resides somewhere now, paging through [`Store::list_models`], at most
+/// `cap`; true when `cap` cut the list short.
+pub async fn all_models(
+    store: &dyn Store,
+    cap: usize,
+) -> Result<(Vec<sov_proto::pb::ModelSummary>, bool), StoreError> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store.list_models("", &after, ALL_PAGE).await?;
+        let full = page.len() == ALL_PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.key);
+        }
+        out.extend(page);
+        if out.len() >= cap {
+            out.truncate(cap);
+            return Ok((out, true));
+        }
+        if !full {
+            return Ok((out, false));
+        }
+    }
 }
 
 /// A u64 counter into the i64 both databases store, with a message naming the field.
@@ -610,6 +660,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<TokenSpend, StoreError>;
 }
 
+/// The address a node's reports arrive from, as the collector sees it (after any NAT), and
+/// its geolocation at the time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePeer {
+    /// Node name.
+    pub node: String,
+    /// IP address (no port).
+    pub address: String,
+    /// Country of the address ("" when no database places it).
+    pub country: String,
+    /// Autonomous system (0 when unknown).
+    pub asn: u32,
+    /// Which database said so.
+    pub source: String,
+    /// When it was recorded.
+    pub seen_unix_ms: i64,
+}
+
 /// Most reports stored in one transaction by group commit.
 pub const MAX_BATCH_REPORTS: usize = 256;
 /// Most encoded report bytes in one transaction (at least one report is always taken).
@@ -662,24 +730,6 @@ pub(crate) fn answer(batch: Vec<Queued>, outcomes: Vec<Result<IngestOutcome, Sto
     for (q, outcome) in batch.into_iter().zip(outcomes) {
         let _ = q.done.send(outcome);
     }
-}
-
-/// The address a node's reports arrive from, as the collector sees it (after any NAT), and
-/// its geolocation at the time.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodePeer {
-    /// Node name.
-    pub node: String,
-    /// IP address (no port).
-    pub address: String,
-    /// Country of the address ("" when no database places it).
-    pub country: String,
-    /// Autonomous system (0 when unknown).
-    pub asn: u32,
-    /// Which database said so.
-    pub source: String,
-    /// When it was recorded.
-    pub seen_unix_ms: i64,
 }
 
 /// One enrollment token to store.
