@@ -64,6 +64,19 @@ pub struct AgentConfig {
     /// `[net]`: outbound traffic per process.
     #[serde(default)]
     pub net: NetConfig,
+    /// `[metrics]`: the agent's own health for Prometheus (off by default).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address serving `GET /metrics` in the Prometheus text format over plain HTTP, e.g.
+    /// "127.0.0.1:9465". Default: none (off).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[net]`.

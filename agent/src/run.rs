@@ -17,6 +17,7 @@ use crate::collect::gpu::GpuCollector;
 use crate::collect::net::NetHandle;
 use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner, link_gpus};
 use crate::config::AgentConfig;
+use crate::metrics::{AgentMetrics, AgentScrape};
 use crate::observe::Observer;
 use crate::spool::{GapKind, GapRange, Spool, SpoolError};
 use crate::transport::{Backoff, DEFAULT_BACKOFF_BASE, TlsSource, TransportError};
@@ -40,6 +41,15 @@ pub enum AgentError {
     /// TLS material could not be loaded.
     #[error("tls set-up failed")]
     Transport(#[from] TransportError),
+    /// The metrics address (`[metrics] listen`) could not be bound.
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A blocking task panicked.
     #[error("internal task failed: {0}")]
     Join(String),
@@ -53,6 +63,7 @@ pub struct Agent {
     wake: Arc<Notify>,
     config: Arc<AgentConfig>,
     node: String,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// Lock the spool; a poisoned lock (a panic while holding it) is still usable because every
@@ -80,6 +91,7 @@ impl Agent {
             wake: Arc::new(Notify::new()),
             config: Arc::new(config),
             node,
+            metrics: Arc::default(),
         })
     }
 
@@ -120,6 +132,22 @@ impl Agent {
                 "agent started"
             );
         }
+        if let Some(addr) = self.config.metrics.listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
+            let agent = self.clone();
+            let render = move || {
+                let agent = agent.clone();
+                async move { agent.render_metrics() }
+            };
+            tokio::spawn(crate::prometheus::serve(
+                listener,
+                "agent",
+                render,
+                shutdown.clone().cancelled_owned(),
+            ));
+        }
         let weights = self.start_weights();
         let net = self.start_net();
         let renewer = tokio::spawn(self.clone().renew_loop(tls.clone(), shutdown.clone()));
@@ -145,6 +173,20 @@ impl Agent {
         built?;
         sent??;
         Ok(())
+    }
+
+    /// The agent's own metrics, as `GET /metrics` answers them.
+    pub fn render_metrics(&self) -> String {
+        let cert_not_after_unix = std::fs::read(&self.config.tls.cert)
+            .ok()
+            .and_then(|pem| crate::enroll::validity(&pem).ok())
+            .and_then(|(_, na)| na.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        self.metrics.render(&AgentScrape {
+            spool: self.spool_stats(),
+            cert_not_after_unix,
+            process: crate::prometheus::ProcessStats::read(),
+        })
     }
 
     /// Start the weight scanner thread when enabled.
@@ -245,6 +287,7 @@ impl Agent {
             if net_status.mode == "proc-fallback" {
                 tracing::debug!(reason = %net_status.reason, "flows without byte counts");
             }
+            let started = std::time::Instant::now();
             let observer = self.observer.clone();
             let obs = tokio::task::spawn_blocking(move || {
                 lock(&observer).observe_with(std::time::Instant::now(), &owners)
@@ -288,6 +331,8 @@ impl Agent {
             })
             .await
             .map_err(|e| AgentError::Join(e.to_string()))?;
+            self.metrics
+                .cycle(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
             match appended {
                 Ok(out) => tracing::debug!(seq = out.seq, stored = out.stored, "report spooled"),
                 // A full or failing disk must not stop observation: log and try next interval.
@@ -349,6 +394,7 @@ impl Agent {
                         .and_then(|(_, na)| na.duration_since(UNIX_EPOCH).ok())
                         .map_or(0, |d| d.as_secs());
                     tracing::info!(not_after_unix = not_after, "client certificate renewed");
+                    self.metrics.renewed();
                     backoff.reset();
                     continue;
                 }
@@ -404,11 +450,13 @@ impl Agent {
                             continue;
                         }
                         Delivery::Broken(status) => {
+                            self.metrics.send_failed();
                             tracing::warn!(collector = %url, code = ?status.code(), error = %status.message(), "delivery failed; reconnecting");
                         }
                     }
                 }
                 Err(err) => {
+                    self.metrics.send_failed();
                     tracing::warn!(collector = %url, error = %err, cause = %source_chain(&err), "cannot connect");
                 }
             }
@@ -484,6 +532,7 @@ impl Agent {
                     tokio::task::spawn_blocking(move || lock(&spool).ack(seq))
                         .await
                         .map_err(|e| AgentError::Join(e.to_string()))??;
+                    self.metrics.acked();
                     backoff.reset();
                 }
                 Err(status) => match status.code() {

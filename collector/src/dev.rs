@@ -110,6 +110,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
         budget: Default::default(),
         weights: Default::default(),
         net: Default::default(),
+        metrics: Default::default(),
     };
     let problems = agent_cfg.validate();
     if !problems.is_empty() {

@@ -217,6 +217,9 @@ const RULES_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Shortest time between two evaluations (reports arriving back to back wake the loop only
 /// this often).
 const MIN_EVAL_GAP: Duration = Duration::from_millis(250);
+/// An evaluation that took `t` is followed by at least `t × EVAL_GAP_FACTOR` without one: on a
+/// large installation the rules use at most a fifth of the time, whatever the report rate.
+const EVAL_GAP_FACTOR: u32 = 4;
 
 /// What the rule evaluation loop needs.
 struct PolicyLoop {
@@ -263,8 +266,9 @@ async fn policy_loop(p: PolicyLoop, stop: CancellationToken) {
             Ok(false) => {}
             Err(err) => tracing::warn!(error = %err, "cannot take the rules lease; will retry"),
         }
+        let gap = MIN_EVAL_GAP.max(started.elapsed().saturating_mul(EVAL_GAP_FACTOR));
         tokio::select! {
-            () = tokio::time::sleep_until(started + MIN_EVAL_GAP) => {}
+            () = tokio::time::sleep_until(started + gap) => {}
             () = stop.cancelled() => return,
         }
         tokio::select! {

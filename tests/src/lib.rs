@@ -222,6 +222,7 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
             ..Default::default()
         },
         net: Default::default(),
+        metrics: Default::default(),
     }
 }
 

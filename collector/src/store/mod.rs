@@ -391,6 +391,56 @@ pub async fn open(
     Ok(std::sync::Arc::new(store))
 }
 
+/// Rows read per page by [`all_nodes`] and [`all_models`].
+const ALL_PAGE: u32 = 1000;
+
+/// Every node, paging through [`Store::list_nodes`], at most `cap`; true when `cap` cut the
+/// list short.
+pub async fn all_nodes(store: &dyn Store, cap: usize) -> Result<(Vec<NodeRow>, bool), StoreError> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store.list_nodes(&after, ALL_PAGE).await?;
+        let full = page.len() == ALL_PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.node);
+        }
+        out.extend(page);
+        if out.len() >= cap {
+            out.truncate(cap);
+            return Ok((out, true));
+        }
+        if !full {
+            return Ok((out, false));
+        }
+    }
+}
+
+/// Every model that resides somewhere now, paging through [`Store::list_models`], at most
+/// `cap`; true when `cap` cut the list short.
+pub async fn all_models(
+    store: &dyn Store,
+    cap: usize,
+) -> Result<(Vec<sov_proto::pb::ModelSummary>, bool), StoreError> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store.list_models("", &after, ALL_PAGE).await?;
+        let full = page.len() == ALL_PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.key);
+        }
+        out.extend(page);
+        if out.len() >= cap {
+            out.truncate(cap);
+            return Ok((out, true));
+        }
+        if !full {
+            return Ok((out, false));
+        }
+    }
+}
+
 /// A u64 counter into the i64 both databases store, with a message naming the field.
 pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} exceeds i64")))

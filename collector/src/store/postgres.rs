@@ -1170,11 +1170,25 @@ async fn ingest_batch_once(
     });
     let Writer { client, st } = w;
     let tx = client.transaction().await.map_err(pg("begin batch"))?;
-    let mut outcomes = vec![IngestOutcome::Duplicate; reports.len()];
-    for i in order {
-        outcomes[i] = apply_report(&tx, st, reports[i]).await?;
-    }
+    // The statements of all reports are pipelined on the connection (tokio-postgres sends a
+    // request when its future is first polled, and the server runs them in that order):
+    // first every report's key, in key order; then the rest of each report, the reports'
+    // statements interleaved. A batch is then a few round trips rather than several per report.
+    let inserted =
+        futures::future::try_join_all(order.iter().map(|&i| insert_report(&tx, st, reports[i])))
+            .await?;
+    let finished = futures::future::try_join_all(
+        order
+            .iter()
+            .zip(inserted)
+            .map(|(&i, n)| finish_report(&tx, st, reports[i], n)),
+    )
+    .await?;
     tx.commit().await.map_err(pg("commit batch"))?;
+    let mut outcomes = vec![IngestOutcome::Duplicate; reports.len()];
+    for (&i, outcome) in order.iter().zip(finished) {
+        outcomes[i] = outcome;
+    }
     Ok(outcomes)
 }
 
@@ -1184,24 +1198,45 @@ async fn apply_report(
     st: &Statements,
     r: &IncomingReport,
 ) -> Result<IngestOutcome, StoreError> {
+    let inserted = insert_report(tx, st, r).await?;
+    finish_report(tx, st, r, inserted).await
+}
+
+/// Insert the report's key and body; 0 when the key was already stored. Another replica
+/// inserting the same key makes this wait for its commit, then insert nothing: exactly one of
+/// them stores the report.
+async fn insert_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<u64, StoreError> {
     let epoch = to_i64(r.epoch, "epoch")?;
     let seq = to_i64(r.seq, "seq")?;
-    // Another replica inserting the same key makes this wait for its commit, then insert
-    // nothing: exactly one of them stores the report.
-    let inserted = tx
-        .execute(
-            &st.insert_report,
-            &[
-                &r.node,
-                &epoch,
-                &seq,
-                &r.observed_unix_ms,
-                &r.received_unix_ms,
-                &r.body,
-            ],
-        )
-        .await
-        .map_err(pg("insert report"))?;
+    tx.execute(
+        &st.insert_report,
+        &[
+            &r.node,
+            &epoch,
+            &seq,
+            &r.observed_unix_ms,
+            &r.received_unix_ms,
+            &r.body,
+        ],
+    )
+    .await
+    .map_err(pg("insert report"))
+}
+
+/// The rest of a report after [`insert_report`] inserted `inserted` rows: a duplicate or a
+/// conflict when 0, else its counters, node facts, gaps, telemetry, weights and flows.
+async fn finish_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+    inserted: u64,
+) -> Result<IngestOutcome, StoreError> {
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let seq = to_i64(r.seq, "seq")?;
     if inserted == 0 {
         // Already stored. A re-send carries the same observation time; a different one
         // means the agent reused a sequence number (a lost spool state): count it so that

@@ -53,8 +53,8 @@ pub const EVAL_EVERY: Duration = Duration::from_secs(2);
 pub const MAX_EVIDENCE_DESTINATIONS: usize = 5;
 /// Most egress rows read per evaluation.
 const EGRESS_ROWS: u32 = 100_000;
-/// Rows read per page of nodes and models.
-const PAGE: u32 = 1000;
+/// Most nodes and most models read per evaluation.
+const MAX_ROWS: usize = 1_000_000;
 
 /// One rule: its name, what it observes, and how long a breach of it stays open unobserved.
 #[derive(Debug, Clone, Copy)]
@@ -257,25 +257,23 @@ pub async fn gather(
         .into_iter()
         .map(|p| (p.node.clone(), p))
         .collect();
-    let mut nodes = Vec::new();
-    let mut after = String::new();
-    loop {
-        let page = store.list_nodes(&after, PAGE).await?;
-        let full = page.len() == PAGE as usize;
-        for n in page {
-            after.clone_from(&n.node);
-            nodes.push(NodeFact {
-                peer: peers.remove(&n.node),
-                node: n.node,
-                site: n.site,
-                declared_country: n.country,
-                last_seen_unix_ms: n.last_seen_unix_ms,
-            });
-        }
-        if !full {
-            break;
-        }
+    let (rows, cut) = crate::store::all_nodes(store, MAX_ROWS).await?;
+    if cut {
+        tracing::warn!(
+            cap = MAX_ROWS,
+            "more nodes than the rules read; the rest are not evaluated"
+        );
     }
+    let nodes = rows
+        .into_iter()
+        .map(|n| NodeFact {
+            peer: peers.remove(&n.node),
+            node: n.node,
+            site: n.site,
+            declared_country: n.country,
+            last_seen_unix_ms: n.last_seen_unix_ms,
+        })
+        .collect();
     let window_ms = secs_to_ms(policy.thresholds.window_secs);
     let (flows, left_out) = store
         .egress(EgressQuery {
@@ -291,18 +289,12 @@ pub async fn gather(
             "more egress rows in the window than the rules read; the smallest are not evaluated"
         );
     }
-    let mut models = Vec::new();
-    let mut after = String::new();
-    loop {
-        let page = store.list_models("", &after, PAGE).await?;
-        let full = page.len() == PAGE as usize;
-        if let Some(last) = page.last() {
-            after.clone_from(&last.key);
-        }
-        models.extend(page);
-        if !full {
-            break;
-        }
+    let (models, cut) = crate::store::all_models(store, MAX_ROWS).await?;
+    if cut {
+        tracing::warn!(
+            cap = MAX_ROWS,
+            "more models than the rules read; the rest are not evaluated"
+        );
     }
     let mut servers = BTreeMap::new();
     for c in models.iter().flat_map(|m| &m.copies) {
