@@ -623,12 +623,15 @@ mod tests {
         .to_string();
         assert!(err.contains("lisen"), "{err}");
         let c: CollectorConfig = toml::from_str(
-            "max_report_bytes = 10\ntrust_domain = \"a b\"\n[tls]\nca=\"/no/a\"\ncert=\"/no/b\"\nkey=\"/no/c\"\n",
+            "max_report_bytes = 10\nmax_connections = 0\ntls_handshake_timeout_secs = 0\ntrust_domain = \"a b\"\n[tls]\nca=\"/no/a\"\ncert=\"/no/b\"\nkey=\"/no/c\"\nrevoked=\"/no/revoked\"\n",
         )
         .unwrap();
         let all = c.validate().to_string();
         for needle in [
             "max_report_bytes",
+            "max_connections",
+            "tls_handshake_timeout_secs",
+            "tls.revoked",
             "trust_domain",
             "tls.ca",
             "tls.cert",
@@ -636,5 +639,25 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle} in {all}");
         }
+    }
+
+    #[test]
+    fn a_malformed_revocation_list_is_refused_naming_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let revoked = dir.path().join("revoked.txt");
+        std::fs::write(&revoked, "# fine\nserial:0a\nnot-a-fingerprint\n").unwrap();
+        let mut c: CollectorConfig =
+            toml::from_str("[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n").unwrap();
+        assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            c.tls_handshake_timeout_secs,
+            DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS
+        );
+        c.tls.revoked = Some(revoked);
+        let all = c.validate().to_string();
+        assert!(
+            all.contains("tls.revoked") && all.contains("line 3"),
+            "{all}"
+        );
     }
 }
