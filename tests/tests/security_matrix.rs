@@ -368,14 +368,19 @@ async fn every_call_and_route_times_every_role_and_certificate_kind_is_allowed_o
     assert_eq!(nodes[0].reports, agent_reports);
 
     // ---- revocation while connected ----
+    // An HTTPS reader with a keep-alive connection, opened before its revocation.
+    let reader = pki.client(Role::Regulator, "late-reader");
+    let mut https = https_keepalive(&pki, http, &reader).await;
+    assert_eq!(get_status(&mut https, "/api/v1/nodes").await, 200);
     let late = pki.client(Role::Agent, "late");
     let channel = tls_for(&pki, Some(&late)).connect(&url).await.unwrap();
     let mut ingest = IngestClient::new(channel);
     ingest.push(report("late", 1, 1)).await.unwrap();
     let mut deny = std::fs::read_to_string(&revoked_file).unwrap();
     deny.push_str(&format!(
-        "{}  # late\n",
-        sov_collector::tls::fingerprint_hex(&der_of(&late))
+        "{}  # late\nid:{}\n",
+        sov_collector::tls::fingerprint_hex(&der_of(&late)),
+        sov_collector::auth::spiffe_id("sovereign", Role::Regulator, "late-reader")
     ));
     std::fs::write(&revoked_file, &deny).unwrap();
     let mut n = 1;
@@ -397,6 +402,29 @@ async fn every_call_and_route_times_every_role_and_certificate_kind_is_allowed_o
     assert!(err.contains("CertificateRevoked"), "{err}");
     let late_node = sov_e2e::node(&pki, &url, "late").await.unwrap();
     assert!(late_node.reports < n, "a refused report was stored");
+    // The HTTPS connection opened before is refused on its next requests (once the HTTPS
+    // listener, which reloads on its own schedule, has the new list).
+    let mut refused = false;
+    for _ in 0..100 {
+        match get_status(&mut https, "/api/v1/nodes").await {
+            403 => {
+                refused = true;
+                break;
+            }
+            200 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(
+        refused,
+        "the revoked reader kept reading on its open connection"
+    );
+    assert!(
+        https_get(&pki, http, Some(&reader), None, "/api/v1/nodes")
+            .await
+            .is_err(),
+        "a revoked identity completed a new HTTPS handshake"
+    );
 
     // A malformed deny list is not applied: the previous one stays in force.
     std::fs::write(&revoked_file, format!("{deny}not a fingerprint\n")).unwrap();
@@ -416,6 +444,59 @@ async fn every_call_and_route_times_every_role_and_certificate_kind_is_allowed_o
     )
     .await;
     collector.stop().await;
+}
+
+/// An HTTP/1.1 keep-alive connection to the HTTPS API presenting `client`.
+async fn https_keepalive(
+    pki: &Pki,
+    addr: SocketAddr,
+    client: &PathPair,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&pki.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs = CertificateDer::pem_file_iter(&client.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&client.key).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// `GET path` on an open connection: the status.
+async fn get_status(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> u16 {
+    use http_body_util::BodyExt as _;
+    sender.ready().await.unwrap();
+    let req = hyper::Request::get(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.unwrap();
+    status
 }
 
 /// Replace `to` with `from`'s bytes by rename, the way deployment tools rotate files.
