@@ -86,6 +86,104 @@ enum Command {
         #[arg(long, value_parser = parse_duration_ms)]
         since: Option<i64>,
     },
+    /// The audit log: every query a regulator or admin made (who, what, parameters, when,
+    /// result size), oldest first, with its hash chain.
+    Audit {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Read the whole log and check its hash chain here; exit 1 when it is broken.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// The sovereignty scorecard: who holds the weights, where AI runs, where data flows,
+    /// how complete the picture is.
+    Scorecard {
+        /// How far back: a number and a unit, s, m, h or d (e.g. 30d).
+        #[arg(long, default_value = "30d", value_parser = parse_duration_ms)]
+        since: i64,
+        /// Jurisdiction (two letters) when the collector has no policy file.
+        #[arg(long, default_value = "")]
+        jurisdiction: String,
+    },
+}
+
+/// The columns of `sovctl audit`, in order; the JSON objects carry at least these keys.
+pub const AUDIT_COLUMNS: [&str; 9] = [
+    "seq", "at", "who", "role", "via", "call", "rows", "outcome", "hash",
+];
+
+/// The columns of `sovctl scorecard` as a table or CSV (JSON prints the whole object).
+pub const SCORECARD_COLUMNS: [&str; 3] = ["question", "measure", "value"];
+
+/// The scorecard's headline numbers as rows of `question`, `measure`, `value`.
+pub fn scorecard_rows(s: &Value) -> Vec<Value> {
+    let mut rows = Vec::new();
+    let mut add = |q: &str, m: &str, v: &Value| {
+        rows.push(json!({"question": q, "measure": m, "value": v}));
+    };
+    add("scope", "jurisdiction", &s["jurisdiction"]);
+    add("scope", "since", &s["since"]);
+    add("scope", "until", &s["until"]);
+    let w = &s["weights"];
+    for k in [
+        "models",
+        "copies",
+        "copies_inside",
+        "copies_outside",
+        "share_outside",
+    ] {
+        add("who holds the weights", k, &w[k]);
+    }
+    for o in w["by_origin"].as_array().into_iter().flatten() {
+        add(
+            "who holds the weights",
+            &format!("copies of {} models", o["origin"].as_str().unwrap_or("")),
+            &o["copies"],
+        );
+    }
+    let c = &s["compute"];
+    for k in ["gpu_hours", "gpu_hours_inside", "gpu_hours_outside"] {
+        add("where AI runs", k, &c[k]);
+    }
+    for o in c["by_model_origin"].as_array().into_iter().flatten() {
+        add(
+            "where AI runs",
+            &format!("gpu_hours on {} models", o["origin"].as_str().unwrap_or("")),
+            &o["gpu_hours"],
+        );
+    }
+    let d = &s["data"];
+    for k in [
+        "bytes_sent",
+        "bytes_sent_outside",
+        "bytes_sent_unplaced",
+        "share_leaving",
+    ] {
+        add("where data flows", k, &d[k]);
+    }
+    for o in d["by_country"].as_array().into_iter().flatten() {
+        add(
+            "where data flows",
+            &format!("bytes_sent to {}", o["country"].as_str().unwrap_or("")),
+            &o["bytes_sent"],
+        );
+    }
+    let p = &s["completeness"];
+    for k in [
+        "nodes",
+        "nodes_reporting",
+        "missing_reports",
+        "dropped_reports",
+    ] {
+        add("how complete", k, &p[k]);
+    }
+    add(
+        "how complete",
+        "silent_nodes",
+        &json!(p["silent_nodes"].as_array().map_or(0, Vec::len)),
+    );
+    rows
 }
 
 /// `sovctl breaches --state`.
@@ -591,6 +689,88 @@ async fn run(cli: Cli) -> Result<String, String> {
             let rows: Vec<Value> = resp.breaches.iter().map(breach_json).collect();
             Ok(render(&rows, &BREACH_COLUMNS, cli.output))
         }
+        Command::Audit { after, verify } => {
+            let records = fetch_audit(&mut client, if verify { 0 } else { after })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            if verify {
+                let mut v = crate::breach::ChainVerifier::new();
+                for r in &records {
+                    v.push(&r.as_log_record()).map_err(|e| {
+                        format!("audit log broken at record {}: {}", e.seq, e.reason)
+                    })?;
+                }
+                eprintln!(
+                    "sovctl: audit log verified: {} records, last hash {}",
+                    v.checked(),
+                    v.last_hash()
+                );
+            }
+            let rows: Vec<Value> = records
+                .iter()
+                .filter(|r| r.seq > after)
+                .map(crate::audit::AuditRecord::to_json)
+                .collect();
+            Ok(render(&rows, &AUDIT_COLUMNS, cli.output))
+        }
+        Command::Scorecard {
+            since,
+            jurisdiction,
+        } => {
+            let now = crate::ingest::now_unix_ms();
+            let resp = client
+                .scorecard(pb::ScorecardRequest {
+                    since_unix_ms: now - since,
+                    until_unix_ms: 0,
+                    jurisdiction,
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let card: Value = serde_json::from_str(&resp.scorecard_json)
+                .map_err(|e| format!("the collector sent a scorecard that is not JSON: {e}"))?;
+            if cli.output == Output::Json {
+                return Ok(serde_json::to_string_pretty(&card).unwrap_or_default() + "\n");
+            }
+            Ok(render(
+                &scorecard_rows(&card),
+                &SCORECARD_COLUMNS,
+                cli.output,
+            ))
+        }
+    }
+}
+
+/// Largest audit log sovctl reads in one command.
+const MAX_AUDIT_RECORDS: usize = 1_000_000;
+
+/// Fetch the audit log after `after`, page by page.
+pub async fn fetch_audit(
+    client: &mut QueryClient<tonic::transport::Channel>,
+    after: u64,
+) -> Result<Vec<crate::audit::AuditRecord>, tonic::Status> {
+    let mut all = Vec::new();
+    let mut after = after;
+    loop {
+        let page = client
+            .list_audit(pb::ListAuditRequest {
+                after_seq: after,
+                limit: PAGE,
+            })
+            .await?
+            .into_inner();
+        all.extend(
+            page.records
+                .into_iter()
+                .map(crate::audit::AuditRecord::from),
+        );
+        if page.next_after_seq == 0
+            || page.next_after_seq <= after
+            || all.len() >= MAX_AUDIT_RECORDS
+        {
+            return Ok(all);
+        }
+        after = page.next_after_seq;
     }
 }
 
