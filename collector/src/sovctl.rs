@@ -96,6 +96,32 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Export a signed evidence report (scorecard, breaches, breach-log segment with its
+    /// hashes, geolocation databases) to a file.
+    Report {
+        /// How far back: a number and a unit, s, m, h or d (e.g. 30d).
+        #[arg(long, default_value = "30d", value_parser = parse_duration_ms)]
+        since: i64,
+        /// json (the signed document itself) or html (a page embedding it).
+        #[arg(long, value_enum, default_value = "json")]
+        format: ReportFormat,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Jurisdiction (two letters) when the collector has no policy file.
+        #[arg(long, default_value = "")]
+        jurisdiction: String,
+    },
+    /// Check a report file offline: its signature, its breach-log chain, and that not one byte
+    /// changed. Exit 0 only when all hold.
+    Verify {
+        /// The report (JSON or HTML).
+        file: PathBuf,
+        /// Also require the signing certificate to be issued by this CA (default: --ca when
+        /// given, else any signer).
+        #[arg(long = "issuer")]
+        issuer: Option<PathBuf>,
+    },
     /// The sovereignty scorecard: who holds the weights, where AI runs, where data flows,
     /// how complete the picture is.
     Scorecard {
@@ -184,6 +210,15 @@ pub fn scorecard_rows(s: &Value) -> Vec<Value> {
         &json!(p["silent_nodes"].as_array().map_or(0, Vec::len)),
     );
     rows
+}
+
+/// `sovctl report --format`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ReportFormat {
+    /// The signed JSON document.
+    Json,
+    /// A self-contained page embedding it.
+    Html,
 }
 
 /// `sovctl breaches --state`.
@@ -615,7 +650,23 @@ fn need(v: Option<PathBuf>, flag: &str, env: &str) -> Result<PathBuf, String> {
     v.ok_or_else(|| format!("{flag} is required (or set {env})"))
 }
 
+/// `sovctl verify`: offline, no collector needed.
+fn verify_file(file: &std::path::Path, issuer: Option<&std::path::Path>) -> Result<String, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let ca = match issuer {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    crate::report::verify(&text, ca.as_deref())
+        .map(|v| format!("{}: {}\n", file.display(), v.message()))
+        .map_err(|e| format!("{}: {e}", file.display()))
+}
+
 async fn run(cli: Cli) -> Result<String, String> {
+    if let Command::Verify { file, issuer } = &cli.command {
+        let issuer = issuer.clone().or_else(|| cli.ca.clone());
+        return verify_file(file, issuer.as_deref());
+    }
     let ca = need(cli.ca, "--ca", "SOVCTL_CA")?;
     let cert = need(cli.cert, "--cert", "SOVCTL_CERT")?;
     let key = need(cli.key, "--key", "SOVCTL_KEY")?;
@@ -712,6 +763,33 @@ async fn run(cli: Cli) -> Result<String, String> {
                 .map(crate::audit::AuditRecord::to_json)
                 .collect();
             Ok(render(&rows, &AUDIT_COLUMNS, cli.output))
+        }
+        Command::Verify { .. } => Err("verify runs offline".into()),
+        Command::Report {
+            since,
+            format,
+            out,
+            jurisdiction,
+        } => {
+            let now = crate::ingest::now_unix_ms();
+            let resp = client
+                .export_report(pb::ExportReportRequest {
+                    since_unix_ms: now - since,
+                    until_unix_ms: 0,
+                    jurisdiction,
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            // Check what the collector sent before writing it.
+            crate::report::verify(&resp.signed_json, None)
+                .map_err(|e| format!("the collector's report does not verify: {e}"))?;
+            let text = match format {
+                ReportFormat::Json => resp.signed_json,
+                ReportFormat::Html => crate::report::render_html(&resp.signed_json),
+            };
+            std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+            Ok(format!("report written to {}\n", out.display()))
         }
         Command::Scorecard {
             since,

@@ -154,6 +154,19 @@ async fn grpc_queries(
             ),
         ),
         (
+            "ExportReport",
+            code(
+                client
+                    .export_report(pb::ExportReportRequest {
+                        since_unix_ms,
+                        until_unix_ms: 0,
+                        jurisdiction: "MA".into(),
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ),
+        (
             "Scorecard",
             code(
                 client
@@ -243,6 +256,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         "/api/v1/breaches",
         "/api/v1/audit",
         "/api/v1/scorecard?since=1h&jurisdiction=MA",
+        "/api/v1/report?since=1h&jurisdiction=MA",
     ];
     for who in EVERYONE {
         let cert = cert_of(&pki, who);
@@ -307,8 +321,8 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
     );
 
     // ---- the audit log ----
-    // Regulator and admin (certificates over gRPC and HTTPS, tokens over HTTPS): 6 gRPC calls
-    // each, and 6 routes for each of the four HTTPS callers; nothing for agents or refusals
+    // Regulator and admin (certificates over gRPC and HTTPS, tokens over HTTPS): 7 gRPC calls
+    // each, and 7 routes for each of the four HTTPS callers; nothing for agents or refusals
     // before authentication. The regulator-certificate + expired-token request was refused
     // before any query.
     let mut records = Vec::new();
@@ -319,7 +333,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         after = last.seq;
         records.extend(page);
     }
-    assert_eq!(records.len(), 2 * 6 + 4 * 6, "{records:#?}");
+    assert_eq!(records.len(), 2 * 7 + 4 * 7, "{records:#?}");
     let by = |role: &str, via: &str| {
         records
             .iter()
@@ -329,12 +343,12 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
             })
             .count()
     };
-    assert_eq!(by("regulator", "grpc"), 6);
-    assert_eq!(by("admin", "grpc"), 6);
-    assert_eq!(by("regulator", "https-cert"), 6);
-    assert_eq!(by("admin", "https-cert"), 6);
-    assert_eq!(by("regulator", "https-token"), 6);
-    assert_eq!(by("admin", "https-token"), 6);
+    assert_eq!(by("regulator", "grpc"), 7);
+    assert_eq!(by("admin", "grpc"), 7);
+    assert_eq!(by("regulator", "https-cert"), 7);
+    assert_eq!(by("admin", "https-cert"), 7);
+    assert_eq!(by("regulator", "https-token"), 7);
+    assert_eq!(by("admin", "https-token"), 7);
     assert!(records.iter().all(|r| !r.actor.starts_with("agent/")));
     let egress = records
         .iter()

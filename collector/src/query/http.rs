@@ -13,6 +13,7 @@
 //! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `since`, `limit` |
 //! | `GET /api/v1/audit` | `ListAudit` | `after_seq`, `limit` |
 //! | `GET /api/v1/scorecard` | `Scorecard` | `since`, `until`, `jurisdiction` |
+//! | `GET /api/v1/report` | `ExportReport` | `since`, `until`, `jurisdiction`, `format` (`json`, `html`) |
 //!
 //! Times (`since`, `until`) are a duration back from now (`90m`, `24h`, `7d`) or Unix
 //! milliseconds. Unknown parameters are refused. Errors are JSON `{"error", "code"}` with
@@ -315,6 +316,12 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
         Ok(p) => p,
         Err(s) => return error_response(&s),
     };
+    if route == "report" {
+        return match report(query, &caller, params).await {
+            Ok((content_type, text)) => respond(StatusCode::OK, content_type, text),
+            Err(s) => error_response(&s),
+        };
+    }
     match answer(query, &caller, route, params).await {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(s) => error_response(&s),
@@ -322,14 +329,56 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
 }
 
 /// The API routes under `/api/v1/`.
-pub const ROUTES: [&str; 6] = [
+pub const ROUTES: [&str; 7] = [
     "nodes",
     "models",
     "egress",
     "breaches",
     "audit",
     "scorecard",
+    "report",
 ];
+
+/// `GET /api/v1/report`: the signed evidence report, JSON (default) or HTML.
+async fn report(
+    query: &QueryService,
+    caller: &Caller,
+    p: Params,
+) -> Result<(&'static str, String), Status> {
+    p.only(&["since", "until", "jurisdiction", "format"])?;
+    let html = match p.get("format").unwrap_or("json") {
+        "json" | "" => false,
+        "html" => true,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "format {other:?} is not json or html"
+            )));
+        }
+    };
+    let now = crate::ingest::now_unix_ms();
+    let since = match p.time("since", now)? {
+        0 => now.saturating_sub(30 * 86_400_000),
+        t => t,
+    };
+    let r = query
+        .export_report_as(
+            caller,
+            pb::ExportReportRequest {
+                since_unix_ms: since,
+                until_unix_ms: p.time("until", now)?,
+                jurisdiction: p.text("jurisdiction"),
+            },
+        )
+        .await?;
+    Ok(if html {
+        (
+            "text/html; charset=utf-8",
+            crate::report::render_html(&r.signed_json),
+        )
+    } else {
+        ("application/json", r.signed_json)
+    })
+}
 
 /// The caller: a bearer token when the request carries one, else the client certificate.
 async fn authenticate(

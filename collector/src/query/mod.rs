@@ -89,6 +89,11 @@ impl RowCount for pb::ListAuditResponse {
         self.records.len() as u64
     }
 }
+impl RowCount for pb::ExportReportResponse {
+    fn row_count(&self) -> u64 {
+        1
+    }
+}
 impl RowCount for pb::ScorecardResponse {
     fn row_count(&self) -> u64 {
         1
@@ -102,6 +107,8 @@ pub struct QueryService {
     trust_domain: String,
     max_page: u32,
     policy: Option<Arc<crate::policy::PolicyWatch>>,
+    signer: Option<Arc<crate::report::ReportSigner>>,
+    geo: Option<crate::geo::Geo>,
 }
 
 impl QueryService {
@@ -112,7 +119,20 @@ impl QueryService {
             trust_domain,
             max_page,
             policy: None,
+            signer: None,
+            geo: None,
         }
+    }
+
+    /// The same, signing evidence reports with `signer` and naming `geo`'s databases in them.
+    pub fn with_evidence(
+        mut self,
+        signer: Option<Arc<crate::report::ReportSigner>>,
+        geo: Option<crate::geo::Geo>,
+    ) -> Self {
+        self.signer = signer;
+        self.geo = geo;
+        self
     }
 
     /// The same, answering the scorecard under the collector's policy.
@@ -268,6 +288,9 @@ impl From<pb::AuditRecord> for crate::audit::AuditRecord {
 fn store_unavailable(e: crate::store::StoreError) -> Status {
     Status::unavailable(format!("collector store unavailable: {e}"))
 }
+
+/// Most breaches and breach-log records in one evidence report.
+pub const MAX_REPORT_ROWS: u32 = 100_000;
 
 /// Largest time range an egress query or a scorecard may span.
 pub const MAX_EGRESS_RANGE_MS: i64 = 366 * 86_400_000;
@@ -507,6 +530,96 @@ impl QueryService {
         self.audited(caller, "Scorecard", params, result).await
     }
 
+    /// `ExportReport` for `caller`.
+    pub async fn export_report_as(
+        &self,
+        caller: &Caller,
+        r: pb::ExportReportRequest,
+    ) -> Result<pb::ExportReportResponse, Status> {
+        Self::allow(caller, "ExportReport")?;
+        let params = json!({
+            "since_unix_ms": r.since_unix_ms,
+            "until_unix_ms": r.until_unix_ms,
+            "jurisdiction": r.jurisdiction,
+        });
+        let result = self.export_report_inner(caller, r).await;
+        self.audited(caller, "ExportReport", params, result).await
+    }
+
+    async fn export_report_inner(
+        &self,
+        caller: &Caller,
+        r: pb::ExportReportRequest,
+    ) -> Result<pb::ExportReportResponse, Status> {
+        let signer = self.signer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this collector cannot sign reports: its TLS key is not an ECDSA P-256 PKCS#8 key",
+            )
+        })?;
+        let until = time_range(r.since_unix_ms, r.until_unix_ms)?;
+        let card = self
+            .scorecard_value(r.since_unix_ms, until, &r.jurisdiction)
+            .await?;
+        let breaches = self
+            .store
+            .list_breaches(crate::breach::BreachFilter {
+                state: None,
+                rule: None,
+                since_unix_ms: Some(r.since_unix_ms),
+                limit: MAX_REPORT_ROWS,
+            })
+            .await
+            .map_err(store_unavailable)?;
+        let breaches: Vec<Value> = breaches
+            .into_iter()
+            .filter(|b| b.opened_at_unix_ms < until)
+            .map(|b| crate::sovctl::breach_json(&pb::BreachSummary::from(b)))
+            .collect();
+        // The breach-log segment: from the first record at or after `since` to the last one
+        // before `until`, consecutive (so its chain can be checked on its own).
+        let mut records = Vec::new();
+        let mut after = 0;
+        let mut truncated = false;
+        'read: loop {
+            let page = self
+                .store
+                .breach_log(after, 1000)
+                .await
+                .map_err(store_unavailable)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for rec in page {
+                if records.is_empty() && rec.at_unix_ms < r.since_unix_ms {
+                    continue;
+                }
+                if rec.at_unix_ms >= until {
+                    break 'read;
+                }
+                if records.len() >= MAX_REPORT_ROWS as usize {
+                    truncated = true;
+                    break 'read;
+                }
+                records.push(crate::report::log_record_json(&rec));
+            }
+        }
+        let report = json!({
+            "generated_at": crate::sovctl::rfc3339(crate::ingest::now_unix_ms()),
+            "since": crate::sovctl::rfc3339(r.since_unix_ms),
+            "until": crate::sovctl::rfc3339(until),
+            "since_unix_ms": r.since_unix_ms,
+            "until_unix_ms": until,
+            "requested_by": format!("{}/{}", caller.id.role, caller.id.name),
+            "scorecard": card,
+            "breaches": breaches,
+            "breach_log": {"records": records, "truncated": truncated},
+            "geo_sources": self.geo.as_ref().map(crate::geo::Geo::builds).unwrap_or_default(),
+        });
+        let signed_json = signer
+            .sign(report)
+            .map_err(|e| Status::internal(format!("signing the report failed: {e}")))?;
+        Ok(pb::ExportReportResponse { signed_json })
+    }
+
     /// The scorecard as JSON (not audited: callers audit).
     pub async fn scorecard_value(
         &self,
@@ -593,6 +706,16 @@ impl pb::query_server::Query for QueryService {
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         let caller = grpc_caller(&req, &self.trust_domain)?;
         self.list_audit_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn export_report(
+        &self,
+        req: Request<pb::ExportReportRequest>,
+    ) -> Result<Response<pb::ExportReportResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.export_report_as(&caller, req.into_inner())
             .await
             .map(Response::new)
     }
