@@ -1,7 +1,8 @@
 //! The sovereignty scorecard against a scripted scenario with known answers: two nodes inside
 //! the jurisdiction (MA) and one outside (FR), known GPU-seconds, known weights and known
 //! bytes to destinations placed by CIDR overrides; read with `sovctl scorecard --output json`
-//! and over HTTPS, both must give the same numbers.
+//! and over HTTPS, both must give the same numbers. Then a signed evidence report of the same
+//! range is exported (JSON and HTML), verified offline, altered by one byte and refused.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -308,6 +309,80 @@ async fn the_scorecard_gives_the_known_answers_of_a_scripted_scenario() {
         "how complete",
     ] {
         assert!(table.contains(q), "{table}");
+    }
+
+    // A signed evidence report of the same range: exported, verified offline, then altered by
+    // one byte and refused.
+    let store = sov_collector::store::open("", data.path()).await.unwrap();
+    store
+        .observe_breach(sov_collector::breach::Observation {
+            rule: "foreign-egress".into(),
+            node: "ma-1".into(),
+            subject: "country:US".into(),
+            severity: sov_collector::breach::Severity::Critical,
+            evidence: serde_json::json!({"bytes": 6000}),
+            at_unix_ms: at,
+        })
+        .await
+        .unwrap();
+    let sovctl = |args: &[&str]| {
+        let mut all = vec![
+            "--collector",
+            &url,
+            "--ca",
+            pki.ca.to_str().unwrap(),
+            "--cert",
+            reg.cert.to_str().unwrap(),
+            "--key",
+            reg.key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        std::process::Command::new(sov_e2e::bin_path("e2e-sovctl"))
+            .args(&all)
+            .output()
+            .unwrap()
+    };
+    for format in ["json", "html"] {
+        let file = data.path().join(format!("report.{format}"));
+        let out = sovctl(&[
+            "report",
+            "--since",
+            "1h",
+            "--format",
+            format,
+            "--out",
+            file.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains("foreign-egress"), "{text}");
+        assert!(text.contains("\"jurisdiction\":\"MA\""), "{format}");
+        let out = sovctl(&["verify", file.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{format}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("report verified"), "{stdout}");
+        assert!(stdout.contains("records intact"), "{stdout}");
+        // One byte: a digit of the data leaving, in the signed numbers.
+        let key = "\"bytes_sent_outside\":";
+        let pos = text.find(&format!("{key}7000")).unwrap() + key.len();
+        let mut bytes = text.into_bytes();
+        bytes[pos] = b'1';
+        std::fs::write(&file, &bytes).unwrap();
+        let out = sovctl(&["verify", file.to_str().unwrap()]);
+        assert!(
+            !out.status.success(),
+            "an altered {format} report must not verify"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
     collector.stop().await;
 }
