@@ -494,11 +494,12 @@ impl Params {
         }
     }
 
-    /// A time: a duration back from `now` (`24h`) or Unix milliseconds; 0 when absent.
+    /// A time: a duration back from `now` (`24h`, a number with its unit) or Unix milliseconds
+    /// (digits only); 0 when absent.
     fn time(&self, key: &str, now: i64) -> Result<i64, Status> {
         match self.get(key) {
             None | Some("") => Ok(0),
-            Some(v) if v.bytes().all(|b| b.is_ascii_digit()) && v.len() > 6 => v
+            Some(v) if v.bytes().all(|b| b.is_ascii_digit()) => v
                 .parse()
                 .map_err(|_| Status::invalid_argument(format!("{key} {v:?} is out of range"))),
             Some(v) => crate::sovctl::parse_duration_ms(v)
