@@ -36,6 +36,22 @@ enum Command {
         #[arg(long)]
         check_config: bool,
     },
+    /// Get this node's certificate from the collector with a one-time token: the key is made
+    /// here and never leaves the node. Writes `[tls] key`, `ca` and `cert` of the configuration.
+    Enroll {
+        /// Configuration file: the node name and the `[tls]` paths to write.
+        #[arg(long, short, env = "SOV_AGENT_CONFIG")]
+        config: PathBuf,
+        /// Collector URL (default: the configuration's first `collector`).
+        #[arg(long)]
+        collector: Option<String>,
+        /// One-time token from `sov-collector enroll-token create`.
+        #[arg(long, env = "SOV_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// sha256 of the collector's CA certificate (DER), as `enroll-token create` prints it.
+        #[arg(long = "ca-sha256")]
+        ca_sha256: String,
+    },
     /// Print one snapshot of everything the agent sees now (no collector needed).
     Scan {
         /// Configuration file; only [processes], [gpu] and [budget] are used. Default: defaults.
@@ -199,6 +215,67 @@ pub fn print_stdout(text: &str) -> ExitCode {
     }
 }
 
+/// `enroll`: check the configuration (its TLS files may not exist yet), then enroll.
+fn enroll(config: &std::path::Path, collector: Option<String>, token: &str, pin: &str) -> ExitCode {
+    let cfg = match crate::config::read_toml::<AgentConfig>(config) {
+        Ok(c) => c,
+        Err(e) => return report_config_error(&e),
+    };
+    let mut problems = cfg.validate();
+    // The files enrollment is about to write are allowed to be missing.
+    problems.0.retain(|p| {
+        !(p.starts_with("tls.ca:") || p.starts_with("tls.cert:") || p.starts_with("tls.key:"))
+    });
+    if let Err(e) = problems.into_result() {
+        return report_config_error(&e);
+    }
+    let Some(url) = collector.or_else(|| cfg.collector.first().cloned()) else {
+        eprintln!("sov-agent: no collector URL: pass --collector");
+        return ExitCode::from(EXIT_BAD_CONFIG as u8);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sov-agent: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let node = cfg.node_name();
+    let files = crate::enroll::EnrollFiles {
+        ca: cfg.tls.ca.clone(),
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+    };
+    match rt.block_on(crate::enroll::enroll(
+        &url,
+        cfg.tls.server_name.as_deref(),
+        token,
+        pin,
+        &node,
+        &files,
+    )) {
+        Ok(done) => print_stdout(&format!(
+            "enrolled node {node:?} at {url}\ncertificate: {}\nkey:         {}\nCA:          {}\nexpires at {} (Unix ms); the agent renews it itself\n",
+            files.cert.display(),
+            files.key.display(),
+            files.ca.display(),
+            done.not_after_unix_ms
+        )),
+        Err(e) => {
+            let chain = crate::run::source_chain(&e);
+            if chain.is_empty() {
+                eprintln!("sov-agent: enrollment failed: {e}");
+            } else {
+                eprintln!("sov-agent: enrollment failed: {e}: {chain}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -210,6 +287,12 @@ pub fn main() -> ExitCode {
             window_ms,
             no_hash,
         } => scan(config.as_deref(), json, window_ms, !no_hash),
+        Command::Enroll {
+            config,
+            collector,
+            token,
+            ca_sha256,
+        } => enroll(&config, collector, &token, &ca_sha256),
         Command::Run {
             config,
             check_config,

@@ -64,6 +64,19 @@ pub struct AgentConfig {
     /// `[net]`: outbound traffic per process.
     #[serde(default)]
     pub net: NetConfig,
+    /// `[metrics]`: the agent's own health for Prometheus (off by default).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address serving `GET /metrics` in the Prometheus text format over plain HTTP, e.g.
+    /// "127.0.0.1:9465". Default: none (off).
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[net]`.
@@ -264,6 +277,11 @@ pub struct TlsConfig {
     /// Name to verify in the collector's certificate instead of the URL's host.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// Renew the certificate from the collector (`Enroll.Renew`) at two thirds of its
+    /// lifetime, and use the new one without a restart. Default true; the collector must
+    /// have `[enroll] ca_key`, else the agent logs the refusal and retries later.
+    #[serde(default = "default_true")]
+    pub renew: bool,
 }
 
 fn default_interval_secs() -> u64 {

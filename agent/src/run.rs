@@ -17,12 +17,18 @@ use crate::collect::gpu::GpuCollector;
 use crate::collect::net::NetHandle;
 use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner, link_gpus};
 use crate::config::AgentConfig;
+use crate::metrics::{AgentMetrics, AgentScrape};
 use crate::observe::Observer;
 use crate::spool::{GapKind, GapRange, Spool, SpoolError};
-use crate::transport::{Backoff, ClientTls, DEFAULT_BACKOFF_BASE, TransportError};
+use crate::transport::{Backoff, DEFAULT_BACKOFF_BASE, TlsSource, TransportError};
 
 /// Version of this agent, sent in every report.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// How often the client certificate files are checked for changes (and its expiry for
+/// renewal) at the least.
+pub const TLS_RECHECK: Duration = Duration::from_secs(600);
+/// Longest wait between two failed renewal attempts.
+const RENEW_MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Largest ack the agent decodes.
 const MAX_ACK_BYTES: usize = 64 * 1024;
 
@@ -35,6 +41,15 @@ pub enum AgentError {
     /// TLS material could not be loaded.
     #[error("tls set-up failed")]
     Transport(#[from] TransportError),
+    /// The metrics address (`[metrics] listen`) could not be bound.
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A blocking task panicked.
     #[error("internal task failed: {0}")]
     Join(String),
@@ -48,6 +63,7 @@ pub struct Agent {
     wake: Arc<Notify>,
     config: Arc<AgentConfig>,
     node: String,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// Lock the spool; a poisoned lock (a panic while holding it) is still usable because every
@@ -75,6 +91,7 @@ impl Agent {
             wake: Arc::new(Notify::new()),
             config: Arc::new(config),
             node,
+            metrics: Arc::default(),
         })
     }
 
@@ -98,12 +115,12 @@ impl Agent {
 
     /// Run until `shutdown` is cancelled: build reports and deliver them.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let tls = ClientTls::load(
+        let tls = Arc::new(TlsSource::load(
             &self.config.tls.ca,
             &self.config.tls.cert,
             &self.config.tls.key,
             self.config.tls.server_name.clone(),
-        )?;
+        )?);
         {
             let s = self.spool_stats();
             tracing::info!(
@@ -115,8 +132,25 @@ impl Agent {
                 "agent started"
             );
         }
+        if let Some(addr) = self.config.metrics.listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
+            let agent = self.clone();
+            let render = move || {
+                let agent = agent.clone();
+                async move { agent.render_metrics() }
+            };
+            tokio::spawn(crate::prometheus::serve(
+                listener,
+                "agent",
+                render,
+                shutdown.clone().cancelled_owned(),
+            ));
+        }
         let weights = self.start_weights();
         let net = self.start_net();
+        let renewer = tokio::spawn(self.clone().renew_loop(tls.clone(), shutdown.clone()));
         let sender = tokio::spawn(self.clone().send_loop(tls, shutdown.clone()));
         let built = self
             .build_loop(
@@ -127,6 +161,7 @@ impl Agent {
             .await;
         shutdown.cancel();
         let sent = sender.await.map_err(|e| AgentError::Join(e.to_string()));
+        let _ = renewer.await;
         if let Some((_, stop, thread)) = net {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -138,6 +173,20 @@ impl Agent {
         built?;
         sent??;
         Ok(())
+    }
+
+    /// The agent's own metrics, as `GET /metrics` answers them.
+    pub fn render_metrics(&self) -> String {
+        let cert_not_after_unix = std::fs::read(&self.config.tls.cert)
+            .ok()
+            .and_then(|pem| crate::enroll::validity(&pem).ok())
+            .and_then(|(_, na)| na.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs());
+        self.metrics.render(&AgentScrape {
+            spool: self.spool_stats(),
+            cert_not_after_unix,
+            process: crate::prometheus::ProcessStats::read(),
+        })
     }
 
     /// Start the weight scanner thread when enabled.
@@ -223,7 +272,10 @@ impl Agent {
                 () = shutdown.cancelled() => return Ok(()),
             }
             // Flows first, so that their owners are described in this report's processes.
-            let (flows, net_status) = net.as_ref().map(NetHandle::take).unwrap_or_default();
+            let (flows, net_status) = match &net {
+                Some(n) => n.take_fresh().await,
+                None => Default::default(),
+            };
             let owners: Vec<(u32, pb::ProcessReason)> = {
                 let mut pids: Vec<u32> = flows.iter().map(|f| f.pid).filter(|p| *p != 0).collect();
                 pids.sort_unstable();
@@ -235,6 +287,7 @@ impl Agent {
             if net_status.mode == "proc-fallback" {
                 tracing::debug!(reason = %net_status.reason, "flows without byte counts");
             }
+            let started = std::time::Instant::now();
             let observer = self.observer.clone();
             let obs = tokio::task::spawn_blocking(move || {
                 lock(&observer).observe_with(std::time::Instant::now(), &owners)
@@ -278,6 +331,8 @@ impl Agent {
             })
             .await
             .map_err(|e| AgentError::Join(e.to_string()))?;
+            self.metrics
+                .cycle(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
             match appended {
                 Ok(out) => tracing::debug!(seq = out.seq, stored = out.stored, "report spooled"),
                 // A full or failing disk must not stop observation: log and try next interval.
@@ -287,9 +342,82 @@ impl Agent {
         }
     }
 
+    /// Keep the client certificate fresh: renew it at two thirds of its lifetime
+    /// ([`crate::enroll::renew_due_at`]) and reload the TLS material whenever its files change
+    /// (after a renewal, or when an operator replaced them), checked at least every
+    /// [`TLS_RECHECK`].
+    async fn renew_loop(self, tls: Arc<TlsSource>, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), RENEW_MAX_BACKOFF);
+        loop {
+            match tls.reload_if_changed() {
+                Ok(true) => {
+                    tracing::info!(cert = %tls.cert_path().display(), "client certificate reloaded")
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, cause = %source_chain(&err), "cannot reload the client certificate; keeping the current one")
+                }
+            }
+            let now = SystemTime::now();
+            let due = std::fs::read(tls.cert_path())
+                .map_err(|e| e.to_string())
+                .and_then(|pem| crate::enroll::validity(&pem))
+                .map(|(nb, na)| (crate::enroll::renew_due_at(nb, na), na));
+            let wait = match (&due, self.config.tls.renew) {
+                (Ok((due, _)), true) if *due <= now => None,
+                (Ok((due, _)), true) => {
+                    Some(due.duration_since(now).unwrap_or_default().min(TLS_RECHECK))
+                }
+                (Err(err), _) => {
+                    tracing::warn!(error = %err, "cannot read the client certificate's validity");
+                    Some(TLS_RECHECK)
+                }
+                (_, false) => Some(TLS_RECHECK),
+            };
+            if let Some(wait) = wait {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            let (_, current) = tls.current();
+            let renewed = tokio::select! {
+                r = crate::enroll::renew(&current, &self.config.collector, tls.key_path()) => r,
+                () = shutdown.cancelled() => return,
+            };
+            let delay = match renewed.and_then(|pem| {
+                crate::enroll::write_file(tls.cert_path(), pem.as_bytes(), 0o644).map(|()| pem)
+            }) {
+                Ok(pem) => {
+                    let not_after = crate::enroll::validity(pem.as_bytes())
+                        .ok()
+                        .and_then(|(_, na)| na.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
+                    tracing::info!(not_after_unix = not_after, "client certificate renewed");
+                    self.metrics.renewed();
+                    backoff.reset();
+                    continue;
+                }
+                Err(err) => {
+                    let left = due
+                        .as_ref()
+                        .ok()
+                        .and_then(|(_, na)| na.duration_since(now).ok())
+                        .unwrap_or_default();
+                    tracing::warn!(error = %err, cause = %source_chain(&err), expires_in_secs = left.as_secs(), "certificate renewal failed; will retry");
+                    backoff.next_delay()
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     async fn send_loop(
         self,
-        tls: ClientTls,
+        tls: Arc<TlsSource>,
         shutdown: CancellationToken,
     ) -> Result<(), AgentError> {
         let urls = self.config.collector.clone();
@@ -300,8 +428,9 @@ impl Agent {
         let mut idx = 0usize;
         loop {
             let url = &urls[idx % urls.len()];
+            let (generation, client_tls) = tls.current();
             let connected = tokio::select! {
-                c = tls.connect(url) => c,
+                c = client_tls.connect(url) => c,
                 () = shutdown.cancelled() => return Ok(()),
             };
             match connected {
@@ -309,14 +438,25 @@ impl Agent {
                     tracing::info!(collector = %url, "connected");
                     let mut client =
                         IngestClient::new(channel).max_decoding_message_size(MAX_ACK_BYTES);
-                    match self.deliver(&mut client, &mut backoff, &shutdown).await? {
+                    let fresh = || tls.generation() != generation;
+                    match self
+                        .deliver(&mut client, &mut backoff, &shutdown, &fresh)
+                        .await?
+                    {
                         Delivery::Shutdown => return Ok(()),
+                        Delivery::NewCertificate => {
+                            tracing::info!(collector = %url, "reconnecting with the new client certificate");
+                            // Same collector, at once: nothing failed.
+                            continue;
+                        }
                         Delivery::Broken(status) => {
+                            self.metrics.send_failed();
                             tracing::warn!(collector = %url, code = ?status.code(), error = %status.message(), "delivery failed; reconnecting");
                         }
                     }
                 }
                 Err(err) => {
+                    self.metrics.send_failed();
                     tracing::warn!(collector = %url, error = %err, cause = %source_chain(&err), "cannot connect");
                 }
             }
@@ -335,8 +475,12 @@ impl Agent {
         client: &mut IngestClient<tonic::transport::Channel>,
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
+        new_certificate: &(dyn Fn() -> bool + Sync),
     ) -> Result<Delivery, AgentError> {
         loop {
+            if new_certificate() {
+                return Ok(Delivery::NewCertificate);
+            }
             let spool = self.spool.clone();
             let next = tokio::task::spawn_blocking(move || {
                 let mut s = lock(&spool);
@@ -388,6 +532,7 @@ impl Agent {
                     tokio::task::spawn_blocking(move || lock(&spool).ack(seq))
                         .await
                         .map_err(|e| AgentError::Join(e.to_string()))??;
+                    self.metrics.acked();
                     backoff.reset();
                 }
                 Err(status) => match status.code() {
@@ -414,6 +559,8 @@ impl Agent {
 
 enum Delivery {
     Shutdown,
+    /// The TLS material changed: reconnect with it.
+    NewCertificate,
     Broken(tonic::Status),
 }
 

@@ -93,7 +93,7 @@ pub struct AppendOutcome {
     pub stored: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpoolStats {
     /// Bytes of all segment files.
     pub bytes: u64,

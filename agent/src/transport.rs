@@ -1,7 +1,8 @@
 //! gRPC client side: mutual TLS channel set-up, failover over several collector URLs, and
 //! jittered exponential backoff between attempts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rand::Rng;
@@ -107,6 +108,12 @@ impl ClientTls {
         }
     }
 
+    /// Verify this name in the collector's certificate instead of the URL's host.
+    pub fn with_server_name(mut self, name: String) -> Self {
+        self.server_name = Some(name);
+        self
+    }
+
     /// Connect to one URL (TCP, TLS handshake, HTTP/2) with the default timeouts.
     pub async fn connect(&self, url: &str) -> Result<Channel, TransportError> {
         let mut tls = ClientTlsConfig::new().ca_certificate(self.ca.clone());
@@ -136,6 +143,109 @@ impl ClientTls {
                 url: url.to_owned(),
                 source,
             })
+    }
+}
+
+/// The agent's TLS material, reloadable while it runs: the sender takes [`TlsSource::current`]
+/// for each new connection and reconnects when [`TlsSource::generation`] moves on, so a renewed
+/// (or replaced) certificate is used without a restart.
+#[derive(Debug)]
+pub struct TlsSource {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    server_name: Option<String>,
+    state: Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    generation: u64,
+    tls: ClientTls,
+    files: Vec<Vec<u8>>,
+}
+
+impl TlsSource {
+    /// Load the CA, certificate and key files.
+    pub fn load(
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        server_name: Option<String>,
+    ) -> Result<Self, TransportError> {
+        let mut source = Self {
+            ca: ca.to_path_buf(),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            server_name,
+            state: Mutex::new(Loaded {
+                generation: 0,
+                tls: ClientTls::ca_only(""),
+                files: Vec::new(),
+            }),
+        };
+        let (tls, files) = source.read()?;
+        *source
+            .state
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Loaded {
+            generation: 1,
+            tls,
+            files,
+        };
+        Ok(source)
+    }
+
+    fn read(&self) -> Result<(ClientTls, Vec<Vec<u8>>), TransportError> {
+        let ca = read_pem("CA certificate", &self.ca)?;
+        let cert = read_pem("certificate", &self.cert)?;
+        let key = read_pem("key", &self.key)?;
+        let tls = ClientTls {
+            ca: Certificate::from_pem(&ca),
+            identity: Some(Identity::from_pem(&cert, &key)),
+            server_name: self.server_name.clone(),
+        };
+        Ok((tls, vec![ca, cert, key]))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Loaded> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The material to connect with now, and its generation.
+    pub fn current(&self) -> (u64, ClientTls) {
+        let s = self.state();
+        (s.generation, s.tls.clone())
+    }
+
+    /// Bumped each time the files are reloaded with new contents.
+    pub fn generation(&self) -> u64 {
+        self.state().generation
+    }
+
+    /// The certificate file this source reads.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+
+    /// The key file this source reads.
+    pub fn key_path(&self) -> &Path {
+        &self.key
+    }
+
+    /// Read the files again; when any changed, use them from now on and return `true`.
+    pub fn reload_if_changed(&self) -> Result<bool, TransportError> {
+        let (tls, files) = self.read()?;
+        let mut s = self.state();
+        if s.files == files {
+            return Ok(false);
+        }
+        s.generation = s.generation.wrapping_add(1);
+        s.tls = tls;
+        s.files = files;
+        Ok(true)
     }
 }
 

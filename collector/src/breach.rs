@@ -203,10 +203,13 @@ impl Breach {
     /// Fold a later observation of the same key into this open breach: last seen (the later
     /// of the two), count + 1, and the observation's severity and evidence. `stored_evidence`
     /// is the canonical JSON text the store holds for the current evidence. True when the
-    /// severity or the evidence changed, i.e. when an "updated" record is due.
+    /// severity or the evidence changed, i.e. when an "updated" record is due; values under
+    /// the evidence's [`EVIDENCE_COUNTERS`] key (bytes, seconds, top lists) are kept current
+    /// in the breach row but do not make a log record of their own.
     pub(crate) fn fold(&mut self, obs: &Observation, stored_evidence: &str) -> bool {
-        let changed =
-            self.severity != obs.severity || stored_evidence != canonical_json(&obs.evidence);
+        let stored: Value = serde_json::from_str(stored_evidence).unwrap_or(Value::Null);
+        let changed = self.severity != obs.severity
+            || canonical_json(&material(&stored)) != canonical_json(&material(&obs.evidence));
         self.last_seen_unix_ms = self.last_seen_unix_ms.max(obs.at_unix_ms);
         self.count = self.count.saturating_add(1);
         self.severity = obs.severity;
@@ -229,6 +232,23 @@ impl Breach {
             "resolved_at_unix_ms": self.resolved_at_unix_ms,
             "count": self.count,
         })
+    }
+}
+
+/// Evidence key whose values change with every evaluation (byte counts, durations, top
+/// lists): an "updated" log record is due only when something outside it changes.
+pub const EVIDENCE_COUNTERS: &str = "counters";
+
+/// The evidence without its [`EVIDENCE_COUNTERS`].
+fn material(evidence: &Value) -> Value {
+    match evidence {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(k, _)| k.as_str() != EVIDENCE_COUNTERS)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        other => other.clone(),
     }
 }
 
@@ -744,6 +764,19 @@ mod tests {
         o.severity = Severity::Warning;
         assert!(b.fold(&o, &stored));
         assert_eq!(b.severity, Severity::Warning);
+    }
+
+    #[test]
+    fn counters_change_the_breach_row_but_make_no_log_record() {
+        let first = serde_json::json!({"country": "FR", "counters": {"bytes_sent": 10}});
+        let mut b = Breach::opened(&obs("m", 1000, first), 1);
+        let stored = canonical_json(&b.evidence);
+        let more = serde_json::json!({"country": "FR", "counters": {"bytes_sent": 99}});
+        assert!(!b.fold(&obs("m", 2000, more), &stored));
+        assert_eq!(b.evidence["counters"]["bytes_sent"], 99);
+        let stored = canonical_json(&b.evidence);
+        let elsewhere = serde_json::json!({"country": "DE", "counters": {"bytes_sent": 99}});
+        assert!(b.fold(&obs("m", 3000, elsewhere), &stored));
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! The `sov-collector` command line: `serve`, `pki init`, `pki issue`, `dev`, `geo lookup`,
-//! `policy check`, `verify-log`,
-//! `verify-audit`, `token create`.
+//! `policy check`, `verify-log`, `verify-audit`, `token create`, `enroll-token create`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -70,6 +69,11 @@ enum Command {
         #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
         config: PathBuf,
     },
+    /// One-time enrollment tokens for `sov-agent enroll`.
+    EnrollToken {
+        #[command(subcommand)]
+        command: EnrollTokenCommand,
+    },
     /// Check the breach log's hash chain from its first record: prints the record count and
     /// the last hash (exit 0), or the first bad record and why (exit 1).
     VerifyLog {
@@ -95,6 +99,23 @@ enum TokenCommand {
         /// What it is for (shown in `token create`'s output; free text).
         #[arg(long, default_value = "")]
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollTokenCommand {
+    /// Make COUNT tokens valid for EXPIRES and print them, one a line, after the CA's sha256
+    /// (the agents' `--ca-sha256`). Only their hashes are stored; each works once.
+    Create {
+        /// Configuration file (TOML) naming the store and `tls.ca`.
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: PathBuf,
+        /// How many tokens (1 to 10000).
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// How long they stay valid: a number and s, m, h or d (at most 365d).
+        #[arg(long, default_value = "24h")]
+        expires: String,
     },
 }
 
@@ -295,6 +316,57 @@ fn verify_log(config: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `enroll-token create`: store the hashes, print the CA's sha256 and the tokens.
+fn enroll_token_create(config: &std::path::Path, count: u32, expires: &str) -> ExitCode {
+    let cfg = match CollectorConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => return report_config_error(&e),
+    };
+    let lifetime = match crate::enroll::parse_duration(expires) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("sov-collector: --expires: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG as u8);
+        }
+    };
+    if cfg.enroll.ca_key.is_none() {
+        eprintln!(
+            "sov-collector: warning: [enroll] ca_key is not set in {}: collectors with this configuration refuse enrollment",
+            config.display()
+        );
+    }
+    let pin = match crate::enroll::ca_file_fingerprint(&cfg.tls.ca) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let made = rt.block_on(async {
+        let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
+        crate::enroll::create_tokens(
+            store.as_ref(),
+            count,
+            lifetime,
+            crate::ingest::now_unix_ms(),
+        )
+        .await
+    });
+    match made {
+        Ok(tokens) => {
+            let mut out =
+                format!("# ca-sha256 {pin}\n# {count} token(s), each valid once, for {expires}\n");
+            for t in tokens {
+                out.push_str(&t);
+                out.push('\n');
+            }
+            sov_agent::cli::print_stdout(&out)
+        }
+        Err(e) => fail(&e),
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -382,6 +454,14 @@ pub fn main() -> ExitCode {
                     name,
                 },
         } => token_create(&config, role, expires, &name),
+        Command::EnrollToken {
+            command:
+                EnrollTokenCommand::Create {
+                    config,
+                    count,
+                    expires,
+                },
+        } => enroll_token_create(&config, count, expires.as_str()),
         Command::Dev(args) => {
             let rt = match runtime() {
                 Ok(rt) => rt,

@@ -16,6 +16,12 @@ pub const DEFAULT_MAX_REPORT_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_PAGE: u32 = 1000;
 /// Default retention of time series (host, GPU samples) and report bodies, days.
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
+/// Default retention of minute aggregates, days.
+pub const DEFAULT_AGGREGATE_RETENTION_DAYS: u32 = 365;
+/// Default most gRPC connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default longest TLS handshake, seconds.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 
 /// `sov-collector serve` configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +43,18 @@ pub struct CollectorConfig {
     /// counters are kept forever. Default 30.
     #[serde(default = "default_retention_days")]
     pub retention_days: u32,
+    /// Days of minute aggregates kept (flows per minute, and host, GPU and GPU-usage minutes
+    /// folded from raw samples before they go). Default 365; at least `retention_days`.
+    #[serde(default = "default_aggregate_retention_days")]
+    pub aggregate_retention_days: u32,
+    /// Most gRPC connections open at once, handshaking or established; more are closed as
+    /// soon as they are accepted. Keep it under the process's open-file limit. Default 4096.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest a TLS handshake may take before the connection is dropped (connections that
+    /// never send, or send a byte at a time), seconds, 1..=300. Default 10.
+    #[serde(default = "default_tls_handshake_timeout_secs")]
+    pub tls_handshake_timeout_secs: u64,
     /// SPIFFE trust domain of client certificates (`spiffe://<trust_domain>/<role>/<name>`). Default "sovereign".
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -57,6 +75,10 @@ pub struct CollectorConfig {
     /// `[http]`: the HTTPS JSON API and the web page (off by default).
     #[serde(default)]
     pub http: HttpConfig,
+    /// `[enroll]`: nodes enroll with one-time tokens and renew their certificates (off unless
+    /// `ca_key` is set).
+    #[serde(default)]
+    pub enroll: EnrollConfig,
     /// Policy file (jurisdiction, thresholds, `[[allow]]`, ...). When set, the collector
     /// evaluates the built-in breach rules against it every few seconds and reloads it when it
     /// changes; the file must load at start. Default: none (no breach rules run).
@@ -82,6 +104,18 @@ pub struct AlertConfig {
     /// `[[alert.syslog]]`: syslog receivers (RFC 5424 over UDP or TCP).
     #[serde(default)]
     pub syslog: Vec<SyslogSinkConfig>,
+    /// Longest wait between two tries of an undelivered alert, seconds, 1..=3600. Default 300
+    /// (the delay doubles from 1 s up to it).
+    #[serde(default)]
+    pub retry_max_secs: Option<u64>,
+}
+
+impl AlertConfig {
+    /// `retry_max_secs` or its default.
+    pub fn retry_max(&self) -> std::time::Duration {
+        self.retry_max_secs
+            .map_or(crate::alert::RETRY_MAX, std::time::Duration::from_secs)
+    }
 }
 
 /// One `[[alert.webhook]]`.
@@ -150,6 +184,37 @@ pub struct SyslogSinkConfig {
     /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
     #[serde(default)]
     pub min_severity: Option<String>,
+}
+
+/// `[enroll]`: enrollment without copying keys (`sov-agent enroll`) and certificate renewal.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    /// The CA's private key (PEM), matching a certificate in `tls.ca`. When set, the collector
+    /// signs agent certificates for enrollment tokens and renews them; when absent (the
+    /// default), `Enroll` and `Renew` answer FAILED_PRECONDITION.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of the certificates it signs, seconds. Default 2592000 (30 days); agents renew
+    /// at two thirds of it.
+    #[serde(default = "default_enroll_validity_secs")]
+    pub validity_secs: u64,
+}
+
+impl Default for EnrollConfig {
+    fn default() -> Self {
+        Self {
+            ca_key: None,
+            validity_secs: default_enroll_validity_secs(),
+        }
+    }
+}
+
+/// Default lifetime of enrolled certificates: 30 days.
+pub const DEFAULT_ENROLL_VALIDITY_SECS: u64 = 30 * 86_400;
+
+fn default_enroll_validity_secs() -> u64 {
+    DEFAULT_ENROLL_VALIDITY_SECS
 }
 
 /// `[metrics]`: Prometheus text exposition of the collector's own health (counters and
@@ -225,6 +290,14 @@ pub struct ServerTlsFiles {
     pub cert: PathBuf,
     /// The collector's private key.
     pub key: PathBuf,
+    /// Deny list of client certificates refused although they chain to `ca`: one per line,
+    /// the SHA-256 fingerprint of the certificate (64 hex digits, `:` allowed) or
+    /// `serial:HEX`; `#` comments. Refused certificates fail the TLS handshake (alert
+    /// `certificate_revoked`) on gRPC and HTTPS. `ca`, `cert`, `key` and this file are
+    /// re-read every 2 seconds; a change applies to new connections without a restart.
+    /// Default: none.
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -242,6 +315,15 @@ fn default_max_page() -> u32 {
 fn default_retention_days() -> u32 {
     DEFAULT_RETENTION_DAYS
 }
+fn default_aggregate_retention_days() -> u32 {
+    DEFAULT_AGGREGATE_RETENTION_DAYS
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_tls_handshake_timeout_secs() -> u64 {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS
+}
 fn default_trust_domain() -> String {
     crate::auth::DEFAULT_TRUST_DOMAIN.to_owned()
 }
@@ -254,7 +336,10 @@ impl CollectorConfig {
             data_dir,
             max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
             max_page: DEFAULT_MAX_PAGE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            tls_handshake_timeout_secs: DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS,
             retention_days: DEFAULT_RETENTION_DAYS,
+            aggregate_retention_days: DEFAULT_AGGREGATE_RETENTION_DAYS,
             trust_domain: default_trust_domain(),
             tls,
             geo: GeoConfig::default(),
@@ -262,6 +347,7 @@ impl CollectorConfig {
             metrics: MetricsConfig::default(),
             alert: AlertConfig::default(),
             http: HttpConfig::default(),
+            enroll: EnrollConfig::default(),
             policy: None,
         }
     }
@@ -288,10 +374,34 @@ impl CollectorConfig {
                 format!("{} is out of range 1..=100000", self.max_page),
             );
         }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            p.push(
+                "max_connections",
+                format!("{} is out of range 1..=1000000", self.max_connections),
+            );
+        }
+        if !(1..=300).contains(&self.tls_handshake_timeout_secs) {
+            p.push(
+                "tls_handshake_timeout_secs",
+                format!(
+                    "{} is out of range 1..=300",
+                    self.tls_handshake_timeout_secs
+                ),
+            );
+        }
         if !(1..=3650).contains(&self.retention_days) {
             p.push(
                 "retention_days",
                 format!("{} is out of range 1..=3650", self.retention_days),
+            );
+        }
+        if !(self.retention_days.max(1)..=3650).contains(&self.aggregate_retention_days) {
+            p.push(
+                "aggregate_retention_days",
+                format!(
+                    "{} is out of range retention_days ({})..=3650",
+                    self.aggregate_retention_days, self.retention_days
+                ),
             );
         }
         if let Err(e) = crate::auth::validate_trust_domain(&self.trust_domain) {
@@ -303,6 +413,16 @@ impl CollectorConfig {
         check_readable(&mut p, "tls.ca", &self.tls.ca);
         check_readable(&mut p, "tls.cert", &self.tls.cert);
         check_readable(&mut p, "tls.key", &self.tls.key);
+        if let Some(revoked) = &self.tls.revoked {
+            match std::fs::read_to_string(revoked) {
+                Ok(text) => {
+                    if let Err(err) = crate::tls::DenyList::parse(revoked, &text) {
+                        p.push("tls.revoked", err.to_string());
+                    }
+                }
+                Err(err) => p.push("tls.revoked", format!("{}: {err}", revoked.display())),
+            }
+        }
         let url = self.store.url.as_str();
         if !(url.is_empty()
             || url.starts_with("sqlite:")
@@ -355,6 +475,18 @@ impl CollectorConfig {
         for problem in crate::alert::validate(&self.alert) {
             p.0.push(problem);
         }
+        if let Some(key) = &self.enroll.ca_key {
+            check_readable(&mut p, "enroll.ca_key", key);
+        }
+        if !(10..=3650 * 86_400).contains(&self.enroll.validity_secs) {
+            p.push(
+                "enroll.validity_secs",
+                format!(
+                    "{} is out of range 10..=315360000",
+                    self.enroll.validity_secs
+                ),
+            );
+        }
         if let Some(path) = &self.policy
             && let Err(e) = crate::policy::Policy::load(path)
         {
@@ -376,6 +508,40 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.max_report_bytes, DEFAULT_MAX_REPORT_BYTES);
         assert_eq!(c.metrics.listen, None);
+    }
+
+    #[test]
+    fn aggregates_may_not_be_kept_shorter_than_raw_rows() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig = toml::from_str(tls).unwrap();
+        assert_eq!(c.aggregate_retention_days, DEFAULT_AGGREGATE_RETENTION_DAYS);
+        let c: CollectorConfig = toml::from_str(&format!(
+            "retention_days = 90\naggregate_retention_days = 60\n{tls}"
+        ))
+        .unwrap();
+        let problems = c.validate().to_string();
+        assert!(
+            problems.contains("aggregate_retention_days: 60 is out of range retention_days (90)"),
+            "{problems}"
+        );
+    }
+
+    #[test]
+    fn enrollment_is_off_by_default_and_its_lifetime_is_bounded() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig = toml::from_str(tls).unwrap();
+        assert_eq!(c.enroll, EnrollConfig::default());
+        assert_eq!(c.enroll.ca_key, None);
+        let c: CollectorConfig = toml::from_str(&format!(
+            "{tls}[enroll]\nca_key = \"/nonexistent/ca.key\"\nvalidity_secs = 5\n"
+        ))
+        .unwrap();
+        let problems = c.validate().to_string();
+        assert!(problems.contains("enroll.ca_key"), "{problems}");
+        assert!(problems.contains("enroll.validity_secs: 5"), "{problems}");
+        assert!(
+            toml::from_str::<CollectorConfig>(&format!("{tls}[enroll]\nca = \"x\"\n")).is_err()
+        );
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
             ca: pki.ca.clone(),
             cert: pki.collector.cert.clone(),
             key: pki.collector.key.clone(),
+            revoked: None,
         },
     );
     let url = format!("https://{}", args.listen);
@@ -102,12 +103,14 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
             cert: pki.agent.cert.clone(),
             key: pki.agent.key.clone(),
             server_name: Some("localhost".to_owned()),
+            renew: true,
         },
         processes: Default::default(),
         gpu: Default::default(),
         budget: Default::default(),
         weights: Default::default(),
         net: Default::default(),
+        metrics: Default::default(),
     };
     let problems = agent_cfg.validate();
     if !problems.is_empty() {

@@ -30,6 +30,10 @@ pub struct IngestService {
     trust_domain: String,
     max_report_bytes: u64,
     metrics: Arc<Metrics>,
+    /// Woken after a report is stored (the breach rules evaluate soon after).
+    stored: Option<Arc<tokio::sync::Notify>>,
+    /// The last peer address recorded per node: the store is written only when it changes.
+    peers: Arc<std::sync::Mutex<HashMap<String, IpAddr>>>,
 }
 
 impl IngestService {
@@ -48,6 +52,46 @@ impl IngestService {
             trust_domain,
             max_report_bytes: u64::try_from(max_report_bytes).unwrap_or(u64::MAX),
             metrics,
+            stored: None,
+            peers: Arc::default(),
+        }
+    }
+
+    /// Wake `notify` after every stored report.
+    pub fn notify_stored(mut self, notify: Arc<tokio::sync::Notify>) -> Self {
+        self.stored = Some(notify);
+        self
+    }
+
+    /// Record where `node`'s reports come from, when that changed since the last record.
+    async fn note_peer(&self, node: &str, ip: IpAddr, at_unix_ms: i64) {
+        let ip = crate::geo::normalise(ip);
+        {
+            let peers = self
+                .peers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if peers.get(node) == Some(&ip) {
+                return;
+            }
+        }
+        let v = self.geo.lookup(ip);
+        let peer = crate::store::NodePeer {
+            node: node.to_owned(),
+            address: ip.to_string(),
+            country: v.country,
+            asn: v.asn.unwrap_or(0),
+            source: v.source,
+            seen_unix_ms: at_unix_ms,
+        };
+        match self.store.note_peer(peer).await {
+            Ok(()) => {
+                self.peers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(node.to_owned(), ip);
+            }
+            Err(err) => tracing::warn!(node, error = %err, "cannot record the node's address"),
         }
     }
 }
@@ -175,6 +219,7 @@ impl IngestService {
     async fn push_inner(&self, req: Request<pb::Report>) -> Result<Response<pb::Ack>, Status> {
         let id = auth::identity_from_request(&req, &self.trust_domain)?;
         auth::require_role(&id, &[Role::Agent], "Ingest.Push")?;
+        let peer_ip = req.remote_addr().map(|a| a.ip());
         let report = req.into_inner();
         validate(&report)?;
         let info = report.node_info.clone().unwrap_or_default();
@@ -236,6 +281,14 @@ impl IngestService {
         })?;
         self.metrics
             .report_ingested(outcome, flow_count, weight_file_count);
+        if outcome == IngestOutcome::Stored {
+            if let Some(ip) = peer_ip {
+                self.note_peer(&id.name, ip, now_unix_ms()).await;
+            }
+            if let Some(n) = &self.stored {
+                n.notify_one();
+            }
+        }
         Ok(Response::new(pb::Ack {
             epoch: report.epoch,
             seq: report.seq,

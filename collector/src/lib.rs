@@ -13,6 +13,8 @@
 //! - [`store`]: the [`store::Store`] trait and its SQLite backend;
 //! - [`policy`]: the jurisdiction policy file (inside countries, sites, model classes,
 //!   publishers, allowed destinations, thresholds), its validation and reloading;
+//! - [`tls`]: the TLS front door of gRPC and HTTPS: certificate, CA and revocation deny list
+//!   reloaded when their files change, the connection limit and the handshake timeout;
 //! - [`server`]: the mutual-TLS gRPC server (`run(config, store, listener, shutdown)`);
 //! - [`alert`]: breach alerts: the [`alert::Sink`] trait, webhook, Alertmanager, Slack and
 //!   syslog sinks, routing by rule and severity, and the outbox's retry schedule;
@@ -27,6 +29,7 @@ pub mod breach;
 pub mod cli;
 pub mod config;
 pub mod dev;
+pub mod enroll;
 pub mod geo;
 pub mod ingest;
 pub mod metrics;
@@ -37,6 +40,7 @@ pub mod report;
 pub mod server;
 pub mod sovctl;
 pub mod store;
+pub mod tls;
 pub mod token;
 
 pub use config::CollectorConfig;

@@ -1,11 +1,9 @@
 //! Prometheus text exposition (format 0.0.4) of the collector's own health on plain HTTP:
 //! counters and gauges only, never inventory or flow data.
 //!
-//! [`Metrics`] is shared (`Arc`) by the ingest service, which counts, and [`serve`], a tiny
-//! HTTP/1.1 server on a tokio listener (no HTTP dependency): `GET /metrics` answers 200 with
-//! [`Metrics::render`]; anything else 404. One request per connection, the request head read
-//! with a size limit ([`MAX_REQUEST_HEAD`]) and a deadline ([`READ_TIMEOUT`]), at most
-//! [`MAX_CONNECTIONS`] connections at once.
+//! [`Metrics`] is shared (`Arc`) by the ingest service, which counts, and [`serve`], which
+//! answers `GET /metrics` with [`Metrics::render`] through the small HTTP/1.1 server the agent
+//! uses too ([`sov_agent::prometheus`]).
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -13,20 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+pub use sov_agent::prometheus::{
+    CONTENT_TYPE, MAX_CONNECTIONS, MAX_REQUEST_HEAD, ProcessStats, READ_TIMEOUT, WRITE_TIMEOUT,
+};
+use sov_agent::prometheus::{family, process_families};
 
 use crate::store::{IngestOutcome, NodeRow, Store};
 
-/// Largest request head (request line and headers) read, bytes.
-pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// Longest a client may take to send its request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest a client may take to read the response.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections served at once; further ones wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 64;
 /// A node whose last report is older than this is counted in `sov_collector_nodes_silent`.
 pub const SILENT_AFTER_SECS: i64 = 300;
 /// Most nodes counted per scrape (the node gauges stop there).
@@ -35,11 +29,6 @@ pub const MAX_NODES_COUNTED: u64 = 100_000;
 const NODE_PAGE: u32 = 1000;
 /// A node census this recent is reused by the next scrape (concurrent scrapers cost one listing).
 const CENSUS_MAX_AGE: Duration = Duration::from_secs(5);
-/// Content type of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// Linux USER_HZ: the unit of utime/stime in /proc/self/stat on every mainstream architecture.
-const TICKS_PER_SEC: f64 = 100.0;
-
 /// gRPC status codes the ingest service answers with (always exposed, zero included).
 const INGEST_ERROR_CODES: [tonic::Code; 5] = [
     tonic::Code::Unauthenticated,
@@ -66,11 +55,10 @@ pub struct Metrics {
     flows: AtomicU64,
     weight_files: AtomicU64,
     census: Mutex<Option<(Instant, Option<NodeCensus>)>>,
-    // Later parts add here, with their lines in `render`:
-    // - `sov_collector_outbox_depth{sink}` (gauge) and
-    //   `sov_collector_outbox_delivery_failures_total{sink}` (counter) with the alert outbox;
-    // - `sov_collector_breaches_open{rule}` (gauge) with the policy engine.
 }
+
+/// Most open breaches counted per scrape for `sov_collector_breaches_open`.
+pub const MAX_BREACHES_COUNTED: u32 = 100_000;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -125,46 +113,39 @@ impl NodeCensus {
     }
 }
 
-/// This process's resources, from `/proc/self`.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ProcessStats {
-    /// Resident memory, bytes.
-    pub resident_memory_bytes: u64,
-    /// User and system CPU time, seconds.
-    pub cpu_seconds: f64,
-}
-
-impl ProcessStats {
-    /// Read `/proc/self/status` and `/proc/self/stat`; `None` where they cannot be read.
-    pub fn read() -> Option<Self> {
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let rss_kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name, which is in parentheses and may contain spaces:
-        // they start at field 3 (state), so utime (14) and stime (15) are at 11 and 12.
-        let mut rest = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
-        let utime: u64 = rest.next()?.parse().ok()?;
-        let stime: u64 = rest.next()?.parse().ok()?;
-        Some(Self {
-            resident_memory_bytes: rss_kib.saturating_mul(1024),
-            cpu_seconds: (utime + stime) as f64 / TICKS_PER_SEC,
-        })
-    }
-}
-
 /// What a scrape measures besides the counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Scrape {
     /// Node gauges; `None` when the store could not list nodes (the gauges are then absent).
     pub nodes: Option<NodeCensus>,
     /// Process gauges; `None` without `/proc`.
     pub process: Option<ProcessStats>,
+    /// The alert outbox per sink; `None` when the store could not say.
+    pub outbox: Option<Vec<crate::store::SinkStats>>,
+    /// Open breaches per rule (every built-in rule, 0 when none); `None` when the store could
+    /// not say.
+    pub breaches_open: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+/// Open breaches per rule: every built-in rule (0 when none) and any other rule found.
+pub async fn open_breaches(
+    store: &dyn Store,
+) -> Result<std::collections::BTreeMap<String, u64>, crate::store::StoreError> {
+    let mut per: std::collections::BTreeMap<String, u64> = crate::policy::rules::RULES
+        .iter()
+        .map(|r| (r.name.to_owned(), 0))
+        .collect();
+    let open = store
+        .list_breaches(crate::breach::BreachFilter {
+            state: Some(crate::breach::BreachState::Open),
+            limit: MAX_BREACHES_COUNTED,
+            ..Default::default()
+        })
+        .await?;
+    for b in open {
+        *per.entry(b.rule).or_default() += 1;
+    }
+    Ok(per)
 }
 
 /// The lowercase snake_case name of a gRPC code, as label value.
@@ -203,12 +184,6 @@ pub fn escape_label(value: &str) -> String {
         }
     }
     out
-}
-
-/// Start a metric family: `# HELP` and `# TYPE` lines (help texts are ours: no escaping needed).
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 fn load(c: &AtomicU64) -> u64 {
@@ -281,9 +256,20 @@ impl Metrics {
 
     /// Everything a scrape shows, measured now.
     pub async fn scrape(&self, store: &dyn Store) -> String {
+        let outbox = store
+            .outbox_stats()
+            .await
+            .map_err(|err| tracing::warn!(error = %err, "metrics: cannot read the outbox"))
+            .ok();
+        let breaches_open = open_breaches(store)
+            .await
+            .map_err(|err| tracing::warn!(error = %err, "metrics: cannot count breaches"))
+            .ok();
         let scrape = Scrape {
             nodes: self.census(store).await,
             process: ProcessStats::read(),
+            outbox,
+            breaches_open,
         };
         self.render(&scrape)
     }
@@ -406,158 +392,78 @@ impl Metrics {
             );
         }
 
-        if let Some(p) = scrape.process {
-            family(
+        if let Some(sinks) = &scrape.outbox {
+            let per_sink = |out: &mut String,
+                            name: &str,
+                            kind: &str,
+                            help: &str,
+                            f: fn(&crate::store::SinkStats) -> u64| {
+                family(out, name, kind, help);
+                for s in sinks {
+                    let _ = writeln!(out, "{name}{{sink=\"{}\"}} {}", s.sink, f(s));
+                }
+            };
+            per_sink(
                 &mut out,
-                "process_resident_memory_bytes",
+                "sov_collector_outbox_depth",
                 "gauge",
-                "Resident memory size in bytes.",
+                "Alerts waiting for delivery, per sink.",
+                |s| s.pending,
             );
-            let _ = writeln!(
-                out,
-                "process_resident_memory_bytes {}",
-                p.resident_memory_bytes
+            per_sink(
+                &mut out,
+                "sov_collector_outbox_delivered_total",
+                "counter",
+                "Alerts delivered, per sink.",
+                |s| s.delivered,
             );
+            per_sink(
+                &mut out,
+                "sov_collector_outbox_refused_total",
+                "counter",
+                "Alerts the receiver refused for good (4xx), per sink.",
+                |s| s.failed,
+            );
+            per_sink(
+                &mut out,
+                "sov_collector_outbox_delivery_failures_total",
+                "counter",
+                "Failed delivery tries (retried or refused), per sink.",
+                |s| s.failed_attempts,
+            );
+        }
+        if let Some(per) = &scrape.breaches_open {
             family(
                 &mut out,
-                "process_cpu_seconds_total",
-                "counter",
-                "Total user and system CPU time spent in seconds.",
+                "sov_collector_breaches_open",
+                "gauge",
+                "Open breaches, per rule.",
             );
-            let _ = writeln!(out, "process_cpu_seconds_total {}", p.cpu_seconds);
+            for (rule, n) in per {
+                let _ = writeln!(out, "sov_collector_breaches_open{{rule=\"{rule}\"}} {n}");
+            }
+        }
+
+        if let Some(p) = scrape.process {
+            process_families(&mut out, p);
         }
         out
     }
 }
 
-/// Serve `/metrics` on `listener` until `shutdown` completes. Connections in progress finish
-/// on their own (each is bounded by [`READ_TIMEOUT`] and [`WRITE_TIMEOUT`]).
+/// Serve `/metrics` on `listener` until `shutdown` completes (see
+/// [`sov_agent::prometheus::serve`]).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tokio::pin!(shutdown);
-    tracing::info!(listen = ?listener.local_addr().ok(), "collector serving /metrics over plain HTTP");
-    loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(err) => {
-                    // Out of file descriptors and the like: do not spin.
-                    tracing::warn!(error = %err, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let store = store.clone();
-        tokio::spawn(async move {
-            if let Err(err) = handle(stream, &metrics, store.as_ref()).await {
-                tracing::debug!(%peer, error = %err, "metrics: connection ended");
-            }
-            drop(permit);
-        });
-    }
-    tracing::info!("metrics endpoint stopped");
-}
-
-/// What a request head asks for.
-#[derive(Debug, PartialEq, Eq)]
-enum Asked {
-    /// `GET /metrics`.
-    Metrics,
-    /// Any other method or path.
-    NotFound,
-    /// Not an HTTP/1.x request line.
-    Bad,
-}
-
-/// Parse the request line of a complete head.
-fn parse_request(head: &[u8]) -> Asked {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let Ok(line) = std::str::from_utf8(line) else {
-        return Asked::Bad;
+    let render = move || {
+        let (metrics, store) = (metrics.clone(), store.clone());
+        async move { metrics.scrape(store.as_ref()).await }
     };
-    let mut parts = line.trim_end_matches('\r').split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Asked::Bad;
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Asked::Bad;
-    }
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    if method == "GET" && path == "/metrics" {
-        Asked::Metrics
-    } else {
-        Asked::NotFound
-    }
-}
-
-/// Read the request head (up to the blank line); `None` when it exceeds [`MAX_REQUEST_HEAD`].
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        // Search only where the terminator can newly appear.
-        let from = head.len().saturating_sub(3);
-        head.extend_from_slice(&buf[..n]);
-        if head[from..].windows(4).any(|w| w == b"\r\n\r\n") {
-            return Ok(Some(head));
-        }
-        if head.len() >= MAX_REQUEST_HEAD {
-            return Ok(None);
-        }
-    }
-}
-
-/// Answer one request, then close.
-async fn handle(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    store: &dyn Store,
-) -> std::io::Result<()> {
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let (status, body) = match head.as_deref().map(parse_request) {
-        None => ("431 Request Header Fields Too Large", String::new()),
-        Some(Asked::Bad) => ("400 Bad Request", String::new()),
-        Some(Asked::NotFound) => ("404 Not Found", "not found; try /metrics\n".to_owned()),
-        Some(Asked::Metrics) => ("200 OK", metrics.scrape(store).await),
-    };
-    let content_type = if status.starts_with("200") {
-        CONTENT_TYPE
-    } else {
-        "text/plain; charset=utf-8"
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tokio::time::timeout(WRITE_TIMEOUT, async {
-        stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await
-    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    sov_agent::prometheus::serve(listener, "collector", render, shutdown).await;
 }
 
 #[cfg(test)]
@@ -565,6 +471,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
 
     fn node(name: &str, last_seen_unix_ms: i64) -> NodeRow {
         NodeRow {
@@ -603,7 +511,27 @@ mod tests {
         let text = m.render(&Scrape {
             nodes: Some(NodeCensus::default()),
             process: Some(ProcessStats::default()),
+            outbox: Some(vec![crate::store::SinkStats {
+                sink: "webhook:0".into(),
+                pending: 2,
+                delivered: 5,
+                failed: 1,
+                failed_attempts: 4,
+            }]),
+            breaches_open: Some([("foreign-egress".to_owned(), 3)].into()),
         });
+        assert!(
+            text.contains("sov_collector_outbox_depth{sink=\"webhook:0\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sov_collector_outbox_delivery_failures_total{sink=\"webhook:0\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sov_collector_breaches_open{rule=\"foreign-egress\"} 3\n"),
+            "{text}"
+        );
         assert!(text.ends_with('\n'));
         let mut typed = std::collections::HashSet::new();
         for line in lines(&text) {
@@ -719,6 +647,8 @@ mod tests {
         let text = Metrics::new().render(&Scrape {
             nodes: Some(census),
             process: None,
+            outbox: None,
+            breaches_open: None,
         });
         let l = lines(&text);
         assert!(l.contains(&"sov_collector_nodes 3"), "{text}");
@@ -726,37 +656,6 @@ mod tests {
             l.contains(&"sov_collector_nodes_silent{threshold_secs=\"300\"} 1"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn this_process_reads_its_own_memory_and_cpu() {
-        let p = ProcessStats::read().unwrap();
-        assert!(p.resident_memory_bytes > 1024 * 1024, "{p:?}");
-        assert!(p.cpu_seconds >= 0.0, "{p:?}");
-    }
-
-    #[test]
-    fn request_lines_are_routed() {
-        assert_eq!(
-            parse_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Asked::Metrics
-        );
-        assert_eq!(
-            parse_request(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Asked::Metrics
-        );
-        assert_eq!(parse_request(b"GET / HTTP/1.1\r\n\r\n"), Asked::NotFound);
-        assert_eq!(
-            parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Asked::NotFound
-        );
-        assert_eq!(
-            parse_request(b"GET /metricsx HTTP/1.1\r\n\r\n"),
-            Asked::NotFound
-        );
-        assert_eq!(parse_request(b"GET /metrics\r\n\r\n"), Asked::Bad);
-        assert_eq!(parse_request(b"GET /metrics SPDY/3\r\n\r\n"), Asked::Bad);
-        assert_eq!(parse_request(b"\xff\xfe\r\n\r\n"), Asked::Bad);
     }
 
     async fn get(addr: std::net::SocketAddr, request: &[u8]) -> String {

@@ -374,6 +374,38 @@ fn issue_with_ca_at(
         })?;
 
     let spiffe = auth::spiffe_id(trust_domain, role, name);
+    let now = OffsetDateTime::now_utc();
+    let params = client_params(
+        role,
+        name,
+        trust_domain,
+        now - Duration::hours(BACKDATE_HOURS),
+        now + Duration::days(LEAF_VALIDITY_DAYS),
+    )?;
+
+    let key =
+        KeyPair::generate().map_err(PkiError::generate(format!("generate a key for {name}")))?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(PkiError::generate(format!(
+            "sign the certificate for {spiffe}"
+        )))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The parameters of a client certificate for `role`/`name`: CN = `name`, the URI SAN
+/// `spiffe://<trust_domain>/<role>/<name>`, extended key usage clientAuth, no CA, valid from
+/// `not_before` to `not_after`. Used by [`issue`] and by enrollment ([`crate::enroll`]).
+pub(crate) fn client_params(
+    role: Role,
+    name: &str,
+    trust_domain: &str,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, PkiError> {
+    auth::validate_name(name)?;
+    auth::validate_trust_domain(trust_domain)?;
+    let spiffe = auth::spiffe_id(trust_domain, role, name);
     let mut params = CertificateParams::default();
     params.distinguished_name = subject(name);
     params.subject_alt_names =
@@ -384,16 +416,9 @@ fn issue_with_ca_at(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, OffsetDateTime::now_utc(), LEAF_VALIDITY_DAYS);
-
-    let key =
-        KeyPair::generate().map_err(PkiError::generate(format!("generate a key for {name}")))?;
-    let cert = params
-        .signed_by(&key, &issuer)
-        .map_err(PkiError::generate(format!(
-            "sign the certificate for {spiffe}"
-        )))?;
-    Ok((cert.pem(), key.serialize_pem()))
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok(params)
 }
 
 /// Make sure `dir` holds a complete development PKI and return its paths.

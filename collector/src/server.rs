@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use sov_proto::pb::enroll_server::EnrollServer;
 use sov_proto::pb::ingest_server::IngestServer;
 use sov_proto::pb::query_server::QueryServer;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::http;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::config::CollectorConfig;
 use crate::ingest::IngestService;
@@ -25,10 +24,14 @@ use crate::store::Store;
 
 /// Most concurrent HTTP/2 streams per connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
-/// Longest a TLS handshake may take before the connection is dropped.
-pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a TLS handshake may take before the connection is dropped, by default (see
+/// `tls_handshake_timeout_secs`).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration =
+    Duration::from_secs(crate::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS);
 /// Longest one request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest enrollment or renewal request decoded (a certificate request is well under it).
+pub const ENROLL_MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// How often old time series rows are pruned.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -47,12 +50,18 @@ pub enum ServerError {
     /// A geolocation database or override could not be loaded.
     #[error("geolocation set-up failed")]
     Geo(#[from] crate::geo::GeoError),
+    /// The TLS configuration (`[tls]`) could not be built.
+    #[error("tls set-up failed")]
+    Tls(#[from] crate::tls::TlsError),
     /// TLS or the HTTP/2 server failed.
     #[error("grpc server failed")]
     Transport(#[from] tonic::transport::Error),
     /// The policy file (`policy`) could not be loaded.
     #[error("policy set-up failed")]
     Policy(#[from] crate::policy::PolicyError),
+    /// An alert sink (`[alert]`) could not be set up.
+    #[error("alert set-up failed: {0}")]
+    Alert(String),
     /// The HTTPS API address (`[http] listen`) could not be bound.
     #[error("cannot listen for https on {addr}")]
     HttpListen {
@@ -65,6 +74,9 @@ pub enum ServerError {
     /// The HTTPS API's TLS configuration could not be built.
     #[error("https api set-up failed")]
     Http(#[from] crate::query::http::HttpError),
+    /// The enrollment CA (`[enroll] ca_key`) could not be loaded.
+    #[error("enrollment set-up failed")]
+    Enroll(#[from] crate::enroll::EnrollError),
     /// The metrics address (`[metrics] listen`) could not be bound.
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
@@ -74,13 +86,6 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
-    std::fs::read(path).map_err(|source| ServerError::ReadPem {
-        path: path.display().to_string(),
-        source,
-    })
 }
 
 /// tonic answers a message over the decoding limit with OUT_OF_RANGE; the contract says
@@ -142,22 +147,40 @@ where
     }
 }
 
-/// Prune time series older than `retention` now and then every [`PRUNE_EVERY`].
-async fn prune_loop(store: Arc<dyn Store>, retention: Duration, stop: CancellationToken) {
+/// Prune now and then every [`PRUNE_EVERY`]: raw rows older than `raw`, minute aggregates
+/// older than `aggregates` (see [`crate::store::Retention`]).
+async fn prune_loop(
+    store: Arc<dyn Store>,
+    raw: Duration,
+    aggregates: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
+    let ago = |d: Duration| {
+        crate::ingest::now_unix_ms()
+            .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    };
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let cutoff = crate::ingest::now_unix_ms()
-            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        match store.prune(cutoff).await {
+        let retention = crate::store::Retention {
+            raw_before_unix_ms: ago(raw),
+            aggregates_before_unix_ms: ago(aggregates),
+        };
+        match store.prune(retention).await {
+            Ok(s) if s.skipped => {
+                tracing::debug!("retention skipped: another replica is pruning");
+            }
             Ok(s) => tracing::info!(
                 host_samples = s.host_samples,
                 gpu_samples = s.gpu_samples,
                 gpu_usage = s.gpu_usage,
                 report_bodies = s.report_bodies,
+                flows = s.flows,
+                downsampled = s.downsampled,
+                aggregates = s.aggregates,
                 "retention pruned old rows"
             ),
             Err(err) => tracing::warn!(error = %err, "retention prune failed; will retry"),
@@ -187,33 +210,71 @@ async fn geo_reload_loop(geo: crate::geo::Geo, stop: CancellationToken) {
 /// How often the policy file is checked for changes.
 pub const POLICY_RELOAD_EVERY: Duration = Duration::from_secs(10);
 
-/// Evaluate the breach rules ([`crate::policy::rules`]) every
-/// [`crate::policy::rules::EVAL_EVERY`] against the policy current at that moment, reloading
-/// the policy file when it changes (checked every [`POLICY_RELOAD_EVERY`]).
-async fn policy_loop(
+/// Lease under which one replica evaluates the rules.
+const RULES_LEASE: &str = "rules";
+/// How long the rules lease lasts without renewal.
+const RULES_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Shortest time between two evaluations (reports arriving back to back wake the loop only
+/// this often).
+const MIN_EVAL_GAP: Duration = Duration::from_millis(250);
+/// An evaluation that took `t` is followed by at least `t × EVAL_GAP_FACTOR` without one: on a
+/// large installation the rules use at most a fifth of the time, whatever the report rate.
+const EVAL_GAP_FACTOR: u32 = 4;
+
+/// What the rule evaluation loop needs.
+struct PolicyLoop {
     watch: Arc<crate::policy::PolicyWatch>,
     store: Arc<dyn Store>,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(crate::policy::rules::EVAL_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    geo: crate::geo::Geo,
+    holder: String,
+    /// Woken by ingest after a stored report.
+    stored: Arc<tokio::sync::Notify>,
+    /// Bumped after an evaluation that changed the breach log (wakes the alert workers).
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+/// Evaluate the breach rules ([`crate::policy::rules`]) every
+/// [`crate::policy::rules::EVAL_EVERY`], and soon after a report is stored, against the policy
+/// current at that moment, reloading the policy file when it changes (checked every
+/// [`POLICY_RELOAD_EVERY`]). Among replicas, only the holder of the rules lease evaluates.
+async fn policy_loop(p: PolicyLoop, stop: CancellationToken) {
     let mut last_reload = tokio::time::Instant::now();
+    let ttl = i64::try_from(RULES_LEASE_TTL.as_millis()).unwrap_or(i64::MAX);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
+        let started = tokio::time::Instant::now();
         if last_reload.elapsed() >= POLICY_RELOAD_EVERY {
             last_reload = tokio::time::Instant::now();
-            let w = watch.clone();
+            let w = p.watch.clone();
             if let Ok(true) = tokio::task::spawn_blocking(move || w.reload_if_changed()).await {
-                tracing::info!(path = %watch.path().display(), "policy reloaded");
+                tracing::info!(path = %p.watch.path().display(), "policy reloaded");
             }
         }
-        let policy = watch.current();
         let now = crate::ingest::now_unix_ms();
-        if let Err(err) = crate::policy::rules::evaluate(&policy, store.as_ref(), now).await {
-            tracing::warn!(error = %err, "breach rule evaluation failed; will retry");
+        match p.store.take_lease(RULES_LEASE, &p.holder, now, ttl).await {
+            Ok(true) => {
+                let policy = p.watch.current();
+                match crate::policy::rules::evaluate(&policy, p.store.as_ref(), &p.geo, now).await {
+                    Ok(e) if e.changed() => {
+                        p.changed.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(error = %err, "breach rule evaluation failed; will retry");
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot take the rules lease; will retry"),
+        }
+        let gap = MIN_EVAL_GAP.max(started.elapsed().saturating_mul(EVAL_GAP_FACTOR));
+        tokio::select! {
+            () = tokio::time::sleep_until(started + gap) => {}
+            () = stop.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(started + crate::policy::rules::EVAL_EVERY) => {}
+            () = p.stored.notified() => {}
+            () = stop.cancelled() => return,
         }
     }
 }
@@ -237,26 +298,44 @@ pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(
-            read(&config.tls.cert)?,
-            read(&config.tls.key)?,
-        ))
-        .client_ca_root(Certificate::from_pem(read(&config.tls.ca)?))
-        // A missing certificate is answered with UNAUTHENTICATED by the services (a clearer
-        // error than a failed handshake); a certificate that does not chain to the CA still
-        // fails the handshake.
-        .client_auth_optional(true)
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    let signer = match &config.enroll.ca_key {
+        Some(key) => Some(Arc::new(crate::enroll::Signer::load(
+            &config.tls.ca,
+            key,
+            Duration::from_secs(config.enroll.validity_secs),
+            &config.trust_domain,
+        )?)),
+        None => None,
+    };
+    let mut extra_chain = String::new();
+    if let Some(s) = &signer {
+        // Agents enrolling pin the CA by its hash: they find it in the chain we send.
+        extra_chain.push_str(s.ca_pem());
+        tracing::info!(
+            ca_sha256 = %crate::enroll::ca_file_fingerprint(&config.tls.ca).unwrap_or_default(),
+            validity_secs = config.enroll.validity_secs,
+            "enrollment on"
+        );
+    }
+    let tls = Arc::new(crate::tls::ServerTls::load(
+        &config.tls,
+        crate::tls::ALPN_GRPC,
+        &extra_chain,
+    )?);
     let geo = crate::geo::Geo::from_config(&config.geo)?;
     tracing::info!(sources = ?geo.builds(), "geolocation ready");
+    let stored = Arc::new(tokio::sync::Notify::new());
     let ingest = IngestService::new(
         store.clone(),
         geo.clone(),
         config.trust_domain.clone(),
         config.max_report_bytes,
         metrics.clone(),
-    );
+    )
+    .notify_stored(stored.clone());
+    let sinks = crate::alert::sinks_from_config(&config.alert).map_err(ServerError::Alert)?;
+    let enroll =
+        crate::enroll::EnrollService::new(store.clone(), signer, config.trust_domain.clone());
     let policy_watch = match &config.policy {
         Some(path) => Some(Arc::new(crate::policy::PolicyWatch::new(path)?)),
         None => None,
@@ -276,7 +355,11 @@ pub async fn run_with_metrics(
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServerError::HttpListen { addr, source })?,
-            crate::query::http::tls_config(&config.tls)?,
+            Arc::new(crate::tls::ServerTls::load(
+                &config.tls,
+                crate::tls::ALPN_HTTPS,
+                "",
+            )?),
         )),
         None => None,
     };
@@ -297,7 +380,22 @@ pub async fn run_with_metrics(
             maintenance.clone().cancelled_owned(),
         ));
     }
+    let holder = crate::alert::outbox::holder_id();
+    let (changed, wake) = tokio::sync::watch::channel(0u64);
+    crate::alert::outbox::spawn_workers(
+        &sinks,
+        &store,
+        &holder,
+        config.alert.retry_max(),
+        &wake,
+        &maintenance,
+    );
     if let Some((l, tls)) = http_listener {
+        tokio::spawn(crate::tls::reload_loop(
+            tls.clone(),
+            "https",
+            maintenance.clone(),
+        ));
         tracing::info!(addr = %config.http.listen.map(|a| a.to_string()).unwrap_or_default(), "https api listening");
         tokio::spawn(crate::query::http::serve(
             l,
@@ -307,38 +405,56 @@ pub async fn run_with_metrics(
         ));
     }
     if let Some(watch) = policy_watch {
-        tokio::spawn(policy_loop(watch, store.clone(), maintenance.clone()));
+        let p = PolicyLoop {
+            watch,
+            store: store.clone(),
+            geo: geo.clone(),
+            holder,
+            stored,
+            changed,
+        };
+        tokio::spawn(policy_loop(p, maintenance.clone()));
     }
     tokio::spawn(prune_loop(
         store,
         Duration::from_secs(u64::from(config.retention_days) * 86_400),
+        Duration::from_secs(u64::from(config.aggregate_retention_days) * 86_400),
         maintenance.clone(),
     ));
     tokio::spawn(geo_reload_loop(geo, maintenance.clone()));
-    let _stop_maintenance = maintenance.drop_guard();
     let addr = listener.local_addr().ok();
-    // tonic sets TCP_NODELAY only on listeners it binds itself; without it an ack can wait
-    // for the peer's delayed ACK (about 40 ms, measured in bench_ingest's p99).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        })
-    });
+    tokio::spawn(crate::tls::reload_loop(
+        tls.clone(),
+        "grpc",
+        maintenance.clone(),
+    ));
+    let revocation = tls.clone();
+    let incoming = crate::tls::incoming(
+        listener,
+        tls,
+        crate::tls::AcceptLimits {
+            max_connections: config.max_connections,
+            handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_secs),
+        },
+        maintenance.clone(),
+    );
+    let _stop_maintenance = maintenance.drop_guard();
     tracing::info!(listen = ?addr, "collector serving gRPC with mutual TLS");
     Server::builder()
-        .tls_config(tls)?
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .timeout(REQUEST_TIMEOUT)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(size_limit_status))
+        .layer(tower::layer::layer_fn(move |s| {
+            crate::tls::RevocationCheck::new(s, revocation.clone())
+        }))
         .add_service(CountSizeRefusals {
             inner: IngestServer::new(ingest).max_decoding_message_size(config.max_report_bytes),
             metrics,
         })
         .add_service(QueryServer::new(query))
+        .add_service(EnrollServer::new(enroll).max_decoding_message_size(ENROLL_MAX_REQUEST_BYTES))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     tracing::info!("collector stopped");

@@ -7,7 +7,12 @@
 //! - [`CollectorProcess`] / [`AgentProcess`]: the `e2e-collector` / `e2e-agent` binaries
 //!   (thin copies of the real mains);
 //! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`];
-//! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token.
+//! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token;
+//! - [`netns`]: hosts of the test's own in a network namespace, and a sink server there;
+//! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback.
+
+pub mod netns;
+pub mod receivers;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,12 +65,49 @@ impl Pki {
         ClientTls::load(&self.ca, &pair.cert, &pair.key, None).expect("load client tls")
     }
 
+    /// Issue (once) a certificate for `name` signed by this CA, like [`Pki::client`] but with
+    /// `tweak` applied to its parameters first (validity, key usages, CA flag...).
+    pub fn client_with(
+        &self,
+        role: Role,
+        name: &str,
+        tweak: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> PathPair {
+        let pair = PathPair::in_dir(self.dir.path(), name);
+        if pair.cert.exists() {
+            return pair;
+        }
+        let ca_pem = std::fs::read_to_string(&self.ca).expect("ca");
+        let ca_key = std::fs::read_to_string(self.dir.path().join(pki::CA_KEY_FILE)).expect("key");
+        let ca_key = rcgen::KeyPair::from_pem(&ca_key).expect("ca key");
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let spiffe = sov_collector::auth::spiffe_id(DEFAULT_TRUST_DOMAIN, role, name);
+        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe.try_into().expect("ia5"))];
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2090, 1, 1);
+        tweak(&mut params);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(&pair.key, key.serialize_pem()).expect("write key");
+        std::fs::write(&pair.cert, cert.pem()).expect("write cert");
+        pair
+    }
+
     /// Server TLS files for a collector configuration.
     pub fn server_files(&self) -> ServerTlsFiles {
         ServerTlsFiles {
             ca: self.ca.clone(),
             cert: self.collector.cert.clone(),
             key: self.collector.key.clone(),
+            revoked: None,
         }
     }
 }
@@ -167,6 +209,7 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
             cert: pair.cert,
             key: pair.key,
             server_name: Some("localhost".to_owned()),
+            renew: true,
         },
         processes: Default::default(),
         gpu: Default::default(),
@@ -177,6 +220,7 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
             ..Default::default()
         },
         net: Default::default(),
+        metrics: Default::default(),
     }
 }
 
@@ -218,9 +262,19 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
 /// Write a collector configuration as TOML.
 pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
     let mut text = format!(
-        "listen = \"{}\"\ndata_dir = {:?}\nmax_report_bytes = {}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-        cfg.listen, cfg.data_dir, cfg.max_report_bytes, cfg.tls.ca, cfg.tls.cert, cfg.tls.key
+        "listen = \"{}\"\ndata_dir = {:?}\nmax_report_bytes = {}\nmax_connections = {}\ntls_handshake_timeout_secs = {}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        cfg.listen,
+        cfg.data_dir,
+        cfg.max_report_bytes,
+        cfg.max_connections,
+        cfg.tls_handshake_timeout_secs,
+        cfg.tls.ca,
+        cfg.tls.cert,
+        cfg.tls.key
     );
+    if let Some(r) = &cfg.tls.revoked {
+        text.push_str(&format!("revoked = {r:?}\n"));
+    }
     if !cfg.store.url.is_empty() {
         text.push_str(&format!("\n[store]\nurl = {:?}\n", cfg.store.url));
     }
@@ -229,6 +283,27 @@ pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
     }
     if let Some(p) = &cfg.policy {
         text = format!("policy = {p:?}\n{text}");
+    }
+    for o in &cfg.geo.overrides {
+        text.push_str(&format!(
+            "\n[[geo.override]]\ncidr = {:?}\ncountry = {:?}\n",
+            o.cidr, o.country
+        ));
+    }
+    if let Some(secs) = cfg.alert.retry_max_secs {
+        text.push_str(&format!("\n[alert]\nretry_max_secs = {secs}\n"));
+    }
+    for w in &cfg.alert.webhook {
+        text.push_str(&format!("\n[[alert.webhook]]\nurl = {:?}\n", w.url));
+        if let Some(secret) = &w.secret {
+            text.push_str(&format!("secret = {secret:?}\n"));
+        }
+    }
+    if let Some(key) = &cfg.enroll.ca_key {
+        text.push_str(&format!(
+            "\n[enroll]\nca_key = {key:?}\nvalidity_secs = {}\n",
+            cfg.enroll.validity_secs
+        ));
     }
     std::fs::write(path, text).expect("write collector config");
 }
@@ -341,6 +416,11 @@ impl CollectorProcess {
     pub fn kill9(&mut self) {
         self.child.kill9();
     }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
 }
 
 /// An agent as a child process (`e2e-agent run --config FILE`), killable with SIGKILL.
@@ -412,6 +492,34 @@ pub fn report(node: &str, epoch: u64, seq: u64) -> pb::Report {
     }
 }
 
+/// An outbound TCP flow from pid 42 to `remote:443` that sent `bytes_sent`, observed now.
+pub fn outbound_flow(remote: &str, bytes_sent: u64) -> pb::Flow {
+    let now = sov_collector::policy::now_unix_ms();
+    pb::Flow {
+        protocol: pb::Protocol::Tcp as i32,
+        direction: pb::Direction::Outbound as i32,
+        local_address: "10.0.0.5".to_owned(),
+        local_port: 50_000,
+        remote_address: remote.to_owned(),
+        remote_port: 443,
+        pid: 42,
+        bytes_sent,
+        bytes_known: true,
+        connections: 1,
+        start_unix_ms: now,
+        end_unix_ms: now,
+        ..Default::default()
+    }
+}
+
+/// [`report`] (epoch 1) observed now, carrying `flows`.
+pub fn report_with_flows(node: &str, seq: u64, flows: Vec<pb::Flow>) -> pb::Report {
+    let mut r = report(node, 1, seq);
+    r.observed_unix_ms = sov_collector::policy::now_unix_ms();
+    r.flows = flows;
+    r
+}
+
 /// The PostgreSQL URL tests use: `SOV_TEST_POSTGRES_URL`, default the local test database.
 pub fn postgres_url() -> String {
     std::env::var("SOV_TEST_POSTGRES_URL")
@@ -457,6 +565,66 @@ impl HttpsReply {
     /// The body parsed as JSON (`null` when it is not).
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A bare TLS handshake with the collector at `addr` (trusting `ca`), presenting `client`
+/// when given, then the HTTP/2 preface: `Ok(())` when the collector answers with HTTP/2
+/// frames, else the error (for a refused certificate, the TLS alert the collector sent, such
+/// as `CertificateExpired` or `CertificateRevoked`).
+pub async fn tls_probe(
+    ca: &Path,
+    client: Option<&PathPair>,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some(pair) => {
+            let certs = CertificateDer::pem_file_iter(&pair.cert)
+                .map_err(|e| e.to_string())?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| e.to_string())?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| e.to_string())?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    preface.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    tls.write_all(&preface)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_secs(20), tls.read(&mut buf)).await {
+        Err(_) => Err("no answer".into()),
+        Ok(Err(e)) => Err(format!("read: {e}")),
+        Ok(Ok(0)) => Err("closed".into()),
+        Ok(Ok(_)) => Ok(()),
     }
 }
 

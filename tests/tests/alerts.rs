@@ -15,80 +15,13 @@ use sov_collector::alert::{
 use sov_collector::config::{
     AlertConfig, AlertmanagerSinkConfig, SlackSinkConfig, SyslogSinkConfig, WebhookSinkConfig,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sov_e2e::receivers::http_receiver;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
-
-/// One request the receiver got.
-#[derive(Debug)]
-struct Request {
-    line: String,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Request {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-}
-
-/// An HTTP/1.1 receiver on 127.0.0.1 answering every request with `status`.
-async fn receiver(status: u16) -> (String, mpsc::Receiver<Request>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let end = loop {
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i;
-                    }
-                    let n = s.read(&mut chunk).await.unwrap();
-                    assert!(n > 0, "closed before the headers ended");
-                    buf.extend_from_slice(&chunk[..n]);
-                };
-                let head = String::from_utf8(buf[..end].to_vec()).unwrap();
-                let mut lines = head.split("\r\n");
-                let line = lines.next().unwrap().to_owned();
-                let headers: HashMap<String, String> = lines
-                    .map(|l| {
-                        let (k, v) = l.split_once(':').unwrap();
-                        (k.trim().to_ascii_lowercase(), v.trim().to_owned())
-                    })
-                    .collect();
-                let len: usize = headers["content-length"].parse().unwrap();
-                let mut body = buf[end + 4..].to_vec();
-                while body.len() < len {
-                    let n = s.read(&mut chunk).await.unwrap();
-                    assert!(n > 0, "closed before the body ended");
-                    body.extend_from_slice(&chunk[..n]);
-                }
-                let answer = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Length: 9\r\nConnection: close\r\n\r\nsee body."
-                );
-                s.write_all(answer.as_bytes()).await.unwrap();
-                s.shutdown().await.unwrap();
-                tx.send(Request {
-                    line,
-                    headers,
-                    body,
-                })
-                .await
-                .unwrap();
-            });
-        }
-    });
-    (url, rx)
-}
 
 fn alert(state: &str) -> Alert {
     Alert {
+        seq: 42,
         breach_id: "b-42".into(),
         rule: "foreign-egress".into(),
         state: state.into(),
@@ -121,7 +54,7 @@ fn webhook(url: String, secret: Option<&str>) -> Arc<dyn Sink> {
 
 #[tokio::test]
 async fn a_webhook_receives_the_documented_keys_signed_with_the_secret() {
-    let (url, mut rx) = receiver(204).await;
+    let (url, mut rx) = http_receiver(204).await;
     let sink = webhook(format!("{url}/hooks/sovereign?x=1"), Some("s3cret"));
     assert_eq!(sink.name(), "webhook:0");
     sink.deliver(&alert("open")).await.unwrap();
@@ -160,7 +93,7 @@ async fn a_webhook_receives_the_documented_keys_signed_with_the_secret() {
 
 #[tokio::test]
 async fn a_receiver_answering_500_is_retried_and_one_answering_400_is_not() {
-    let (url, _rx) = receiver(500).await;
+    let (url, _rx) = http_receiver(500).await;
     let err = webhook(url, None)
         .deliver(&alert("open"))
         .await
@@ -171,7 +104,7 @@ async fn a_receiver_answering_500_is_retried_and_one_answering_400_is_not() {
     );
     assert!(err.retryable());
 
-    let (url, _rx) = receiver(400).await;
+    let (url, _rx) = http_receiver(400).await;
     let sink = webhook(url, None);
     let err = sink.deliver(&alert("open")).await.unwrap_err();
     assert!(
@@ -184,7 +117,7 @@ async fn a_receiver_answering_500_is_retried_and_one_answering_400_is_not() {
         Attempt::Failed(_)
     ));
 
-    let (url, _rx) = receiver(429).await;
+    let (url, _rx) = http_receiver(429).await;
     let sink = webhook(url, None);
     match attempt(sink.as_ref(), &alert("open"), 3).await {
         Attempt::Retry { error, after } => {
@@ -211,7 +144,7 @@ async fn an_unreachable_receiver_is_a_retryable_connect_error() {
 
 #[tokio::test]
 async fn alertmanager_gets_labels_and_starts_at_and_ends_at_only_on_resolve() {
-    let (url, mut rx) = receiver(200).await;
+    let (url, mut rx) = http_receiver(200).await;
     let sink = one(AlertConfig {
         alertmanager: vec![AlertmanagerSinkConfig {
             url: format!("{url}/"),
@@ -255,7 +188,7 @@ async fn alertmanager_gets_labels_and_starts_at_and_ends_at_only_on_resolve() {
 
 #[tokio::test]
 async fn slack_gets_one_readable_text_line() {
-    let (url, mut rx) = receiver(200).await;
+    let (url, mut rx) = http_receiver(200).await;
     let sink = one(AlertConfig {
         slack: vec![SlackSinkConfig {
             url: format!("{url}/services/T/B/X"),

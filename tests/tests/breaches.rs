@@ -8,38 +8,8 @@ use std::time::Duration;
 
 use sov_collector::auth::Role;
 use sov_collector::config::GeoOverride;
-use sov_e2e::{InProcessCollector, Pki, eventually, push_client, report};
+use sov_e2e::{InProcessCollector, Pki, eventually, outbound_flow, push_client, report_with_flows};
 use sov_proto::pb;
-
-fn now_ms() -> i64 {
-    sov_collector::policy::now_unix_ms()
-}
-
-fn flow(remote: &str, bytes_sent: u64) -> pb::Flow {
-    let now = now_ms();
-    pb::Flow {
-        protocol: pb::Protocol::Tcp as i32,
-        direction: pb::Direction::Outbound as i32,
-        local_address: "10.0.0.5".to_owned(),
-        local_port: 50_000,
-        remote_address: remote.to_owned(),
-        remote_port: 443,
-        pid: 42,
-        bytes_sent,
-        bytes_known: true,
-        connections: 1,
-        start_unix_ms: now,
-        end_unix_ms: now,
-        ..Default::default()
-    }
-}
-
-fn report_with(node: &str, seq: u64, flows: Vec<pb::Flow>) -> pb::Report {
-    let mut r = report(node, 1, seq);
-    r.observed_unix_ms = now_ms();
-    r.flows = flows;
-    r
-}
 
 async fn breaches(pki: &Pki, url: &str) -> Vec<pb::BreachSummary> {
     let tls = pki.client_tls(Role::Regulator, "test-regulator");
@@ -92,12 +62,20 @@ async fn foreign_egress_opens_one_breach_and_allowed_destinations_none() {
     let mut b = push_client(&pki.client_tls(Role::Agent, "node-b"), &url)
         .await
         .unwrap();
-    a.push(report_with("node-a", 1, vec![flow("203.0.113.7", 50_000)]))
-        .await
-        .unwrap();
-    b.push(report_with("node-b", 1, vec![flow("198.51.100.9", 50_000)]))
-        .await
-        .unwrap();
+    a.push(report_with_flows(
+        "node-a",
+        1,
+        vec![outbound_flow("203.0.113.7", 50_000)],
+    ))
+    .await
+    .unwrap();
+    b.push(report_with_flows(
+        "node-b",
+        1,
+        vec![outbound_flow("198.51.100.9", 50_000)],
+    ))
+    .await
+    .unwrap();
 
     let first = eventually(Duration::from_secs(20), "a foreign-egress breach", || {
         let (pki, url) = (&pki, url.clone());
@@ -118,14 +96,18 @@ async fn foreign_egress_opens_one_breach_and_allowed_destinations_none() {
     assert!(json["resolved_at"].is_null());
     assert!(json["opened_at"].as_str().unwrap().contains('T'));
     assert_eq!(
-        json["evidence"]["destinations"][0]["address"],
+        json["evidence"]["counters"]["destinations"][0]["address"],
         "203.0.113.7"
     );
 
     // More bytes to the same country: the same breach, observed again.
-    a.push(report_with("node-a", 2, vec![flow("203.0.113.7", 80_000)]))
-        .await
-        .unwrap();
+    a.push(report_with_flows(
+        "node-a",
+        2,
+        vec![outbound_flow("203.0.113.7", 80_000)],
+    ))
+    .await
+    .unwrap();
     let again = eventually(Duration::from_secs(20), "the breach observed again", || {
         let (pki, url, count) = (&pki, url.clone(), br.count);
         async move {

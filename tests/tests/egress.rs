@@ -5,165 +5,15 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use sov_collector::auth::Role;
 use sov_collector::config::GeoOverride;
-use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually};
+use sov_e2e::netns::{Netns, send, sink};
+use sov_e2e::{InProcessCollector, Pki, agent_config, eventually};
 use sov_proto::pb;
 use tokio_util::sync::CancellationToken;
-
-/// A network namespace with a veth pair to it; removed on drop.
-struct Netns {
-    name: String,
-    host_if: String,
-    v4_peer: String,
-    v6_peer: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl Netns {
-    fn create() -> Result<Self, String> {
-        let n = std::process::id() % 200 + 20;
-        let name = format!("sovt{}", std::process::id());
-        let host_if = format!("sovh{n}");
-        let peer_if = format!("sovp{n}");
-        let ns = Self {
-            name: name.clone(),
-            host_if: host_if.clone(),
-            v4_peer: format!("10.251.{n}.2"),
-            v6_peer: format!("fd00:251:{n}::2"),
-        };
-        ip(&["netns", "add", &name])?;
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
-        ])?;
-        ip(&["link", "set", &peer_if, "netns", &name])?;
-        ip(&["addr", "add", &format!("10.251.{n}.1/24"), "dev", &host_if])?;
-        ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("fd00:251:{n}::1/64"),
-            "dev",
-            &host_if,
-            "nodad",
-        ])?;
-        ip(&["link", "set", &host_if, "up"])?;
-        ip(&[
-            "-n",
-            &name,
-            "addr",
-            "add",
-            &format!("{}/24", ns.v4_peer),
-            "dev",
-            &peer_if,
-        ])?;
-        ip(&[
-            "-n",
-            &name,
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", ns.v6_peer),
-            "dev",
-            &peer_if,
-            "nodad",
-        ])?;
-        ip(&["-n", &name, "link", "set", &peer_if, "up"])?;
-        ip(&["-n", &name, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
-/// A sink server (python3): reads everything from each connection, then answers `reply` bytes.
-fn sink(netns: Option<&str>, addr: &str, reply: usize) -> (KillOnDrop, u16) {
-    let script = r#"
-import socket, sys, threading
-a = sys.argv[1]; r = int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((a, 0)); s.listen(16)
-print(s.getsockname()[1], flush=True)
-def serve(c):
-    while c.recv(65536):
-        pass
-    c.sendall(b'y' * r); c.close()
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args([
-                "netns",
-                "exec",
-                ns,
-                "python3",
-                "-c",
-                script,
-                addr,
-                &reply.to_string(),
-            ]);
-            c
-        }
-        None => {
-            let mut c = Command::new("python3");
-            c.args(["-c", script, addr, &reply.to_string()]);
-            c
-        }
-    };
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (KillOnDrop(child), line.trim().parse().unwrap())
-}
-
-/// Send `n` bytes, hold the connection open for `hold` (so that the agent samples it with its
-/// owner), half-close, read the reply to the end; returns the reply length.
-fn send(addr: SocketAddr, n: usize, hold: Duration) -> usize {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    let buf = vec![b'x'; 64 * 1024];
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(buf.len());
-        s.write_all(&buf[..k]).unwrap();
-        left -= k;
-    }
-    std::thread::sleep(hold);
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply).unwrap();
-    reply.len()
-}
 
 async fn egress(
     q: &mut pb::query_client::QueryClient<tonic::transport::Channel>,
@@ -192,7 +42,7 @@ fn within_one_percent(got: u64, want: u64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and_country() {
-    let netns = match Netns::create() {
+    let netns = match Netns::create(0, 1) {
         Ok(ns) => Some(ns),
         Err(e) => {
             eprintln!(
@@ -203,9 +53,9 @@ async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and
     };
     let (v4, v6, v4_cidr, v6_cidr) = match &netns {
         Some(ns) => (
-            ns.v4_peer.clone(),
+            ns.v4_peers[0].clone(),
             ns.v6_peer.clone(),
-            format!("{}/32", ns.v4_peer),
+            format!("{}/32", ns.v4_peers[0]),
             format!("{}/128", ns.v6_peer),
         ),
         None => (

@@ -126,3 +126,71 @@ async fn metrics_count_stored_duplicate_and_refused_reports() {
     )
     .await;
 }
+
+/// The value of the sample line `name` (no labels) in an exposition.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_its_own_health_on_its_metrics_address() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let collector = InProcessCollector::start(&pki, data.path(), |_| {}).await;
+    let spool = tempfile::tempdir().unwrap();
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut cfg = sov_e2e::agent_config(&pki, "metered", vec![collector.url()], spool.path());
+    cfg.metrics.listen = Some(metrics_addr);
+    cfg.net.enabled = false;
+    let agent = sov_agent::Agent::open(cfg).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent.run(stop.clone()));
+
+    let body = eventually(Duration::from_secs(30), "two reports acked", || async {
+        let (status, _, body) = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_get_opt(metrics_addr, "/metrics"),
+        )
+        .await
+        .ok()??;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        (sample(&body, "sov_agent_reports_acked_total")? >= 2.0).then_some(body)
+    })
+    .await;
+    assert!(
+        sample(&body, "sov_agent_cycles_total").unwrap() >= 2.0,
+        "{body}"
+    );
+    assert!(
+        sample(&body, "sov_agent_cycle_seconds").unwrap() > 0.0,
+        "{body}"
+    );
+    assert_line(&body, "sov_agent_dropped_reports_total 0");
+    assert!(sample(&body, "sov_agent_spool_bytes").is_some(), "{body}");
+    assert!(
+        sample(&body, "process_resident_memory_bytes").unwrap() > 1e6,
+        "{body}"
+    );
+    let expiry = sample(&body, "sov_agent_certificate_expiry_timestamp_seconds").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        expiry > now + 300.0 * 86_400.0,
+        "a one-year certificate: {expiry}"
+    );
+    // Nothing the agent observes on the node is exposed.
+    assert!(!body.contains("pid"), "{body}");
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    collector.stop().await;
+}
+
+/// [`http_get`], `None` while nothing listens yet.
+async fn http_get_opt(addr: SocketAddr, path: &str) -> Option<(String, String, String)> {
+    tokio::net::TcpStream::connect(addr).await.ok()?;
+    Some(http_get(addr, path).await)
+}

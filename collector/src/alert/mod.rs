@@ -14,6 +14,7 @@
 
 pub mod alertmanager;
 pub mod http;
+pub mod outbox;
 pub mod slack;
 pub mod syslog;
 pub mod webhook;
@@ -45,6 +46,10 @@ pub const STATES: [&str; 3] = ["open", "updated", "resolved"];
 /// One breach state change, as every sink receives it. The webhook body is exactly this.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Alert {
+    /// Sequence number of the breach log record of this state change: unique per change, so
+    /// a receiver can drop an alert it already has (after a collector crash between a
+    /// delivery and its bookkeeping the same alert may come twice).
+    pub seq: u64,
     /// Stable id of the breach (the same for its open, updates and resolution).
     pub breach_id: String,
     /// Policy rule that was violated, e.g. "foreign-egress".
@@ -254,7 +259,7 @@ pub fn retry_delay(attempt: u32) -> Duration {
     Duration::from_millis(nominal - jitter).max(RETRY_MIN)
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];
     if ring::rand::SystemRandom::new().fill(&mut b).is_ok() {
@@ -296,6 +301,13 @@ pub fn sinks_from_config(cfg: &AlertConfig) -> Result<Vec<Arc<dyn Sink>>, String
 /// Every problem in `[alert]`, each naming its field (`alert.webhook[0].url: ...`).
 pub fn validate(cfg: &AlertConfig) -> Vec<String> {
     let mut p = Vec::new();
+    if let Some(secs) = cfg.retry_max_secs
+        && !(1..=3600).contains(&secs)
+    {
+        p.push(format!(
+            "alert.retry_max_secs: {secs} is out of range 1..=3600"
+        ));
+    }
     let route = |field: String, rules: &[String], min: &Option<String>, p: &mut Vec<String>| {
         if let Some(m) = min
             && Severity::parse(m).is_none()
@@ -377,6 +389,7 @@ mod tests {
 
     pub(crate) fn alert(state: &str) -> Alert {
         Alert {
+            seq: 1,
             breach_id: "b-1".into(),
             rule: "foreign-egress".into(),
             state: state.into(),

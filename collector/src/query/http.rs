@@ -31,8 +31,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use sov_proto::pb;
 use tokio::net::TcpListener;
@@ -41,7 +39,6 @@ use tonic::{Code, Status};
 
 use super::{Caller, QueryService, Via};
 use crate::auth::{self, Identity};
-use crate::config::ServerTlsFiles;
 
 /// Most concurrent HTTPS connections.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -85,48 +82,6 @@ pub enum HttpError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-fn read(path: &std::path::Path) -> Result<Vec<u8>, HttpError> {
-    std::fs::read(path).map_err(|source| HttpError::Read {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-/// The server TLS configuration: the collector's certificate, client certificates from the
-/// CA asked for but optional, HTTP/2 and HTTP/1.1.
-pub fn tls_config(files: &ServerTlsFiles) -> Result<Arc<rustls::ServerConfig>, HttpError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let pem_err = |path: &std::path::Path, reason: String| HttpError::Pem {
-        path: path.display().to_string(),
-        reason,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&read(&files.ca)?) {
-        let cert = cert.map_err(|e| pem_err(&files.ca, e.to_string()))?;
-        roots.add(cert)?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()?;
-    let certs = CertificateDer::pem_slice_iter(&read(&files.cert)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(&files.cert, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem_err(&files.cert, "no certificate".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
-        .map_err(|e| pem_err(&files.key, e.to_string()))?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
-
 /// What the TLS layer proved about the client.
 #[derive(Debug, Clone)]
 enum Peer {
@@ -141,11 +96,10 @@ enum Peer {
 /// Serve the API and the page on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<crate::tls::ServerTls>,
     query: QueryService,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let stop = CancellationToken::new();
     let _stop_connections = stop.clone().drop_guard();
@@ -169,9 +123,10 @@ pub async fn serve(
             },
             () = &mut shutdown => return,
         };
-        let acceptor = acceptor.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let query = query.clone();
         let stop = stop.clone();
+        let deny = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
@@ -183,6 +138,12 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
+            let leaf = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec());
             let peer = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
                 None => Peer::Anonymous,
                 Some(leaf) => match auth::identity_from_der(leaf.as_ref(), query.trust_domain()) {
@@ -192,7 +153,13 @@ pub async fn serve(
             };
             let service = hyper::service::service_fn(move |req| {
                 let query = query.clone();
-                let peer = peer.clone();
+                // A certificate revoked after the handshake is refused on the next request.
+                let peer = match leaf.as_deref().and_then(|l| deny.revoked(l)) {
+                    Some(by) => Peer::Refused(format!(
+                        "client certificate revoked (by {by} in the collector's deny list)"
+                    )),
+                    None => peer.clone(),
+                };
                 async move { Ok::<_, std::convert::Infallible>(handle(&query, &peer, req).await) }
             });
             let builder =

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+pub use crate::alert::outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{Breach, LogRecord, Observation};
 pub use crate::breach::{BreachChange, BreachFilter};
@@ -119,7 +120,8 @@ pub struct EgressQuery {
     pub since_unix_ms: i64,
     /// Exclusive end, Unix ms.
     pub until_unix_ms: i64,
-    /// Grouping: "country", "node", "process", "asn", "destination".
+    /// Grouping: "country", "node", "process", "asn", "destination", or "flow" (node,
+    /// process, destination address and port: what the breach rules read).
     pub by: String,
     /// Most rows.
     pub limit: u32,
@@ -149,9 +151,37 @@ pub struct GpuUsageRow {
     pub gpu_seconds: f64,
 }
 
+/// What [`Store::prune`] keeps: raw rows for a while, minute aggregates longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Raw time series (host and GPU samples, GPU usage), raw flows and report bodies observed
+    /// before this instant go, after host and GPU samples and usage were folded into minute
+    /// aggregates (a minute folded in two passes is merged: counts add, averages are
+    /// weighted, maxima kept).
+    pub raw_before_unix_ms: i64,
+    /// Minute aggregates (flows, host, GPU, GPU usage) of minutes before this instant go.
+    pub aggregates_before_unix_ms: i64,
+}
+
+impl Retention {
+    /// Raw rows and aggregates alike before `before_unix_ms`.
+    pub fn all_before(before_unix_ms: i64) -> Self {
+        Self {
+            raw_before_unix_ms: before_unix_ms,
+            aggregates_before_unix_ms: before_unix_ms,
+        }
+    }
+}
+
 /// Rows removed by [`Store::prune`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneStats {
+    /// True when another replica was pruning at that moment: this call did nothing.
+    pub skipped: bool,
+    /// Minute aggregate rows written or updated from raw samples about to go.
+    pub downsampled: u64,
+    /// Host, GPU and GPU usage minute aggregates deleted.
+    pub aggregates: u64,
     /// Host samples deleted.
     pub host_samples: u64,
     /// GPU samples deleted.
@@ -361,6 +391,56 @@ pub async fn open(
     Ok(std::sync::Arc::new(store))
 }
 
+/// Rows read per page by [`all_nodes`] and [`all_models`].
+const ALL_PAGE: u32 = 1000;
+
+/// Every node, paging through [`Store::list_nodes`], at most `cap`; true when `cap` cut the
+/// list short.
+pub async fn all_nodes(store: &dyn Store, cap: usize) -> Result<(Vec<NodeRow>, bool), StoreError> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store.list_nodes(&after, ALL_PAGE).await?;
+        let full = page.len() == ALL_PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.node);
+        }
+        out.extend(page);
+        if out.len() >= cap {
+            out.truncate(cap);
+            return Ok((out, true));
+        }
+        if !full {
+            return Ok((out, false));
+        }
+    }
+}
+
+/// Every model that resides somewhere now, paging through [`Store::list_models`], at most
+/// `cap`; true when `cap` cut the list short.
+pub async fn all_models(
+    store: &dyn Store,
+    cap: usize,
+) -> Result<(Vec<sov_proto::pb::ModelSummary>, bool), StoreError> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = store.list_models("", &after, ALL_PAGE).await?;
+        let full = page.len() == ALL_PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.key);
+        }
+        out.extend(page);
+        if out.len() >= cap {
+            out.truncate(cap);
+            return Ok((out, true));
+        }
+        if !full {
+            return Ok((out, false));
+        }
+    }
+}
+
 /// A u64 counter into the i64 both databases store, with a message naming the field.
 pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} exceeds i64")))
@@ -464,9 +544,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         q: EgressQuery,
     ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError>;
 
-    /// Delete time series rows observed before `before_unix_ms` (bounded retention). Breaches
-    /// and the breach log are never pruned.
-    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError>;
+    /// Bounded retention ([`Retention`]): fold raw host/GPU samples and GPU usage about to go
+    /// into minute aggregates, then delete raw rows and aggregates past their cut-offs, in one
+    /// transaction. Report keys, nodes, weight files, breaches and the breach log are never
+    /// pruned. With PostgreSQL only one replica prunes at a time; the others get
+    /// [`PruneStats::skipped`].
+    async fn prune(&self, retention: Retention) -> Result<PruneStats, StoreError>;
 
     /// Fold one rule observation into the breaches, in one transaction: no open breach of
     /// `(rule, node, subject)` → open one (count 1) and append an "open" record; an open one
@@ -513,4 +596,170 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// The token whose SHA-256 is `hash`, expired or not.
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Sequence number of the last breach log record (0 when the log is empty).
+    async fn breach_log_end(&self) -> Result<u64, StoreError>;
+
+    /// The outbox cursor of `sink`: the last breach log sequence number already enqueued for
+    /// it, or `None` for a sink never seen.
+    async fn outbox_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError>;
+
+    /// In one transaction: insert `items` as pending rows of `sink` (a row with the same
+    /// `(sink, log_seq)` already there is kept as it is) and move the sink's cursor to
+    /// `cursor` (never backwards).
+    async fn outbox_enqueue(
+        &self,
+        sink: &str,
+        items: Vec<OutboxItem>,
+        cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// The oldest pending row of `sink` (lowest log sequence number), if any.
+    async fn outbox_head(&self, sink: &str) -> Result<Option<OutboxRow>, StoreError>;
+
+    /// Record the outcome of one delivery try of `(sink, log_seq)`.
+    async fn outbox_settle(
+        &self,
+        sink: &str,
+        log_seq: u64,
+        settle: Settle,
+    ) -> Result<(), StoreError>;
+
+    /// Outbox counters per sink, sorted by sink name.
+    async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError>;
+
+    /// Take or renew the lease `name` for `holder` until `now + ttl_ms`: true when `holder`
+    /// has it now (it was free, expired, or already its own). Among collector replicas on
+    /// one database this makes one of them do a job (rule evaluation, one alert sink).
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_unix_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Record the address a node's reports come from and where it geolocates.
+    async fn note_peer(&self, peer: NodePeer) -> Result<(), StoreError>;
+
+    /// Every node's last recorded peer address, sorted by node.
+    async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError>;
+
+    /// Store new enrollment tokens (their sha256 hashes only, see [`crate::enroll`]), in one
+    /// transaction.
+    async fn add_enroll_tokens(&self, tokens: &[NewEnrollToken]) -> Result<(), StoreError>;
+
+    /// Spend the enrollment token with this hash for `node` at `now_unix_ms`, atomically: of
+    /// two requests presenting the same token, on any replica, exactly one gets
+    /// [`TokenSpend::Spent`].
+    async fn spend_enroll_token(
+        &self,
+        hash: &str,
+        node: &str,
+        now_unix_ms: i64,
+    ) -> Result<TokenSpend, StoreError>;
+}
+
+/// The address a node's reports arrive from, as the collector sees it (after any NAT), and
+/// its geolocation at the time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePeer {
+    /// Node name.
+    pub node: String,
+    /// IP address (no port).
+    pub address: String,
+    /// Country of the address ("" when no database places it).
+    pub country: String,
+    /// Autonomous system (0 when unknown).
+    pub asn: u32,
+    /// Which database said so.
+    pub source: String,
+    /// When it was recorded.
+    pub seen_unix_ms: i64,
+}
+
+/// Most reports stored in one transaction by group commit.
+pub const MAX_BATCH_REPORTS: usize = 256;
+/// Most encoded report bytes in one transaction (at least one report is always taken).
+pub const MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
+
+/// A report waiting for the writer, and where its outcome goes.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub report: IncomingReport,
+    pub done: tokio::sync::oneshot::Sender<Result<IngestOutcome, StoreError>>,
+}
+
+/// The group-commit queue both backends use: callers [`Pending::push`] their report and await
+/// the answer; whoever holds the writer takes batches off the front and answers them after
+/// their commit ([`answer`]). Every push is followed by its pusher draining until the queue is
+/// empty, so no report waits for a caller that never comes.
+#[derive(Debug, Default)]
+pub(crate) struct Pending(std::collections::VecDeque<Queued>);
+
+impl Pending {
+    /// Queue `report`; the receiver gets its outcome once it is committed (or failed).
+    pub fn push(
+        &mut self,
+        report: IncomingReport,
+    ) -> tokio::sync::oneshot::Receiver<Result<IngestOutcome, StoreError>> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.0.push_back(Queued { report, done });
+        rx
+    }
+
+    /// The next batch from the front: at most [`MAX_BATCH_REPORTS`] reports and
+    /// [`MAX_BATCH_BYTES`] of bodies, at least one while any waits.
+    pub fn take_batch(&mut self) -> Vec<Queued> {
+        let mut bytes = 0usize;
+        let mut n = 0usize;
+        for q in &self.0 {
+            if n >= MAX_BATCH_REPORTS || (n > 0 && bytes + q.report.body.len() > MAX_BATCH_BYTES) {
+                break;
+            }
+            bytes += q.report.body.len();
+            n += 1;
+        }
+        self.0.drain(..n).collect()
+    }
+}
+
+/// Send each queued report its outcome (a caller that went away is ignored: its report's fate
+/// is in the store, and its agent will re-send and get a duplicate ack).
+pub(crate) fn answer(batch: Vec<Queued>, outcomes: Vec<Result<IngestOutcome, StoreError>>) {
+    for (q, outcome) in batch.into_iter().zip(outcomes) {
+        let _ = q.done.send(outcome);
+    }
+}
+
+/// One enrollment token to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEnrollToken {
+    /// Lower-case hex sha256 of the token text.
+    pub hash: String,
+    /// When it was made, Unix ms.
+    pub created_unix_ms: i64,
+    /// After this instant it is refused, Unix ms.
+    pub expires_unix_ms: i64,
+}
+
+/// What [`Store::spend_enroll_token`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSpend {
+    /// The token was valid and is now spent.
+    Spent,
+    /// No token has this hash.
+    Unknown,
+    /// The token was spent before.
+    AlreadyUsed {
+        /// By which node.
+        node: String,
+        /// When, Unix ms.
+        at_unix_ms: i64,
+    },
+    /// The token expired unused.
+    Expired {
+        /// When, Unix ms.
+        at_unix_ms: i64,
+    },
 }

@@ -28,8 +28,9 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, GpuSummary, GpuUsageRow, IncomingReport,
-    IngestOutcome, NodeRow, PruneStats, Store, StoreError, direction_name, format_name,
-    protocol_name, to_i64,
+    IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention,
+    Settle, SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name,
+    to_i64,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
@@ -54,8 +55,9 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 6] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+const MIGRATIONS: [&str; 9] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+    SCHEMA_V9,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -266,8 +268,8 @@ CREATE TRIGGER breach_log_no_truncate BEFORE TRUNCATE ON breach_log
     FOR EACH STATEMENT EXECUTE FUNCTION breach_log_append_only();
 "#;
 
-/// The audit log (append-only, hash-chained) and API tokens (hashes only), as in SQLite.
-const SCHEMA_V6: &str = r#"
+/// The audit log (append-only, hash-chained) and API tokens (hashes only), as the SQLite store's V7.
+const SCHEMA_V7: &str = r#"
 CREATE TABLE audit_log (
     seq       BIGINT PRIMARY KEY,
     at_ms     BIGINT NOT NULL,
@@ -295,6 +297,106 @@ CREATE TABLE api_tokens (
     expires_ms BIGINT NOT NULL
 );
 "#;
+
+/// Enrollment tokens: only their sha256 hashes; a token is spent once (`used_ms` set).
+const SCHEMA_V8: &str = r#"
+CREATE TABLE enroll_tokens (
+    hash       TEXT PRIMARY KEY,
+    created_ms BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    used_ms    BIGINT,
+    used_by    TEXT
+);
+"#;
+
+/// Minute aggregates that raw host/GPU samples and GPU usage are folded into before they are
+/// pruned (kept for `aggregate_retention_days`).
+const SCHEMA_V9: &str = r#"
+CREATE TABLE host_minute (
+    node               TEXT NOT NULL,
+    minute_ms          BIGINT NOT NULL,
+    samples            BIGINT NOT NULL,
+    cpu_percent_avg    DOUBLE PRECISION NOT NULL,
+    cpu_percent_max    DOUBLE PRECISION NOT NULL,
+    load_1_max         DOUBLE PRECISION NOT NULL,
+    memory_used_avg    DOUBLE PRECISION NOT NULL,
+    memory_used_max    BIGINT NOT NULL,
+    memory_total_bytes BIGINT NOT NULL,
+    PRIMARY KEY (node, minute_ms)
+);
+CREATE INDEX host_minute_by_time ON host_minute (minute_ms);
+CREATE TABLE gpu_minute (
+    node                 TEXT NOT NULL,
+    gpu_uuid             TEXT NOT NULL,
+    minute_ms            BIGINT NOT NULL,
+    samples              BIGINT NOT NULL,
+    utilization_avg      DOUBLE PRECISION NOT NULL,
+    utilization_max      BIGINT NOT NULL,
+    memory_used_max      BIGINT NOT NULL,
+    memory_total_bytes   BIGINT NOT NULL,
+    power_avg_milliwatts DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (node, gpu_uuid, minute_ms)
+);
+CREATE INDEX gpu_minute_by_time ON gpu_minute (minute_ms);
+CREATE TABLE gpu_usage_minute (
+    node            TEXT NOT NULL,
+    minute_ms       BIGINT NOT NULL,
+    gpu_uuid        TEXT NOT NULL,
+    pid             BIGINT NOT NULL,
+    process_name    TEXT NOT NULL,
+    gpu_seconds     DOUBLE PRECISION NOT NULL,
+    used_memory_max BIGINT NOT NULL,
+    PRIMARY KEY (node, minute_ms, gpu_uuid, pid)
+);
+CREATE INDEX gpu_usage_minute_by_time ON gpu_usage_minute (minute_ms);
+"#;
+
+/// First key of the advisory lock a pruning transaction tries to take ("rete"), the second
+/// being the hash of the schema: one replica of a deployment prunes at a time, the others skip.
+const RETENTION_LOCK_KEY: i32 = 0x7265_7465;
+
+/// Fold raw rows observed before `$1` into the minute aggregates (merging with rows an earlier
+/// pass or a late report already made).
+const DOWNSAMPLE: [&str; 3] = [
+    "INSERT INTO host_minute AS m (node, minute_ms, samples, cpu_percent_avg, cpu_percent_max, load_1_max,
+                                   memory_used_avg, memory_used_max, memory_total_bytes)
+     SELECT node, observed_ms - (observed_ms % 60000), COUNT(*), AVG(cpu_percent), MAX(cpu_percent),
+            MAX(load_1), AVG(memory_used_bytes)::DOUBLE PRECISION, MAX(memory_used_bytes), MAX(memory_total_bytes)
+     FROM host_samples WHERE observed_ms < $1 GROUP BY 1, 2
+     ON CONFLICT (node, minute_ms) DO UPDATE SET
+        cpu_percent_avg = (m.cpu_percent_avg * m.samples + EXCLUDED.cpu_percent_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        memory_used_avg = (m.memory_used_avg * m.samples + EXCLUDED.memory_used_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        samples = m.samples + EXCLUDED.samples,
+        cpu_percent_max = GREATEST(m.cpu_percent_max, EXCLUDED.cpu_percent_max),
+        load_1_max = GREATEST(m.load_1_max, EXCLUDED.load_1_max),
+        memory_used_max = GREATEST(m.memory_used_max, EXCLUDED.memory_used_max),
+        memory_total_bytes = GREATEST(m.memory_total_bytes, EXCLUDED.memory_total_bytes)",
+    "INSERT INTO gpu_minute AS m (node, gpu_uuid, minute_ms, samples, utilization_avg, utilization_max,
+                                  memory_used_max, memory_total_bytes, power_avg_milliwatts)
+     SELECT node, gpu_uuid, observed_ms - (observed_ms % 60000), COUNT(*),
+            AVG(utilization_percent)::DOUBLE PRECISION, MAX(utilization_percent), MAX(memory_used_bytes),
+            MAX(memory_total_bytes), AVG(power_milliwatts)::DOUBLE PRECISION
+     FROM gpu_samples WHERE observed_ms < $1 GROUP BY 1, 2, 3
+     ON CONFLICT (node, gpu_uuid, minute_ms) DO UPDATE SET
+        utilization_avg = (m.utilization_avg * m.samples + EXCLUDED.utilization_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        power_avg_milliwatts = (m.power_avg_milliwatts * m.samples + EXCLUDED.power_avg_milliwatts * EXCLUDED.samples)
+                               / (m.samples + EXCLUDED.samples),
+        samples = m.samples + EXCLUDED.samples,
+        utilization_max = GREATEST(m.utilization_max, EXCLUDED.utilization_max),
+        memory_used_max = GREATEST(m.memory_used_max, EXCLUDED.memory_used_max),
+        memory_total_bytes = GREATEST(m.memory_total_bytes, EXCLUDED.memory_total_bytes)",
+    "INSERT INTO gpu_usage_minute AS m (node, minute_ms, gpu_uuid, pid, process_name, gpu_seconds, used_memory_max)
+     SELECT node, observed_ms - (observed_ms % 60000), gpu_uuid, pid, MAX(process_name), SUM(gpu_seconds),
+            MAX(used_memory_bytes)
+     FROM gpu_usage WHERE observed_ms < $1 GROUP BY 1, 2, 3, 4
+     ON CONFLICT (node, minute_ms, gpu_uuid, pid) DO UPDATE SET
+        gpu_seconds = m.gpu_seconds + EXCLUDED.gpu_seconds,
+        used_memory_max = GREATEST(m.used_memory_max, EXCLUDED.used_memory_max),
+        process_name = CASE WHEN EXCLUDED.process_name <> '' THEN EXCLUDED.process_name ELSE m.process_name END",
+];
 
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
      last_seen_ms, resolved_ms, obs_count";
@@ -377,9 +479,14 @@ const UPDATE_NODE_GPUS: &str =
                       gpu_memory_used_bytes = $5, gpu_memory_total_bytes = $6
      WHERE node = $1 AND last_observed_ms = $7";
 
-const AGGREGATE_FLOW: &str = "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
+/// Every flow aggregate of one report in one statement: `$1` the node, then one array per
+/// column (the caller merges rows with the same key first: one statement may not update a row
+/// twice).
+const AGGREGATE_FLOWS: &str = "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
          remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+     SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
+                              $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[],
+                              $14::BIGINT[], $15::BIGINT[], $16::BIGINT[])
      ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
         bytes_sent = flows_minute.bytes_sent + EXCLUDED.bytes_sent,
         bytes_received = flows_minute.bytes_received + EXCLUDED.bytes_received,
@@ -389,8 +496,10 @@ const AGGREGATE_FLOW: &str = "INSERT INTO flows_minute (node, minute_ms, pid, pr
                           ELSE LEAST(flows_minute.min_rtt_us, EXCLUDED.min_rtt_us) END,
         process = CASE WHEN EXCLUDED.process <> '' THEN EXCLUDED.process ELSE flows_minute.process END";
 
-const KEEP_RAW_FLOW: &str = "INSERT INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+/// Every raw flow of one report in one statement: node, seq, epoch, then one array per column.
+const KEEP_RAW_FLOWS: &str = "INSERT INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
+     SELECT $1, $2, $3, * FROM unnest($4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::TEXT[],
+                                      $9::TEXT[], $10::BIGINT[], $11::BYTEA[])
      ON CONFLICT (node, epoch, seq, idx) DO NOTHING";
 
 const UPSERT_WEIGHT: &str = "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model,
@@ -473,6 +582,8 @@ struct Inner {
     schema: Option<String>,
     writer: Mutex<Option<Writer>>,
     reader: Mutex<Option<Arc<Client>>>,
+    /// Reports waiting for the writer (group commit).
+    pending: std::sync::Mutex<super::Pending>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -484,6 +595,42 @@ impl std::fmt::Debug for PostgresStore {
             .finish_non_exhaustive()
     }
 }
+
+/// The alert outbox, leases and node peer addresses (as the SQLite store's V6).
+const SCHEMA_V6: &str = r#"
+CREATE TABLE alert_outbox (
+    sink            TEXT NOT NULL,
+    log_seq         BIGINT NOT NULL,
+    breach_id       TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        BIGINT NOT NULL,
+    next_attempt_ms BIGINT NOT NULL,
+    last_error      TEXT NOT NULL,
+    created_ms      BIGINT NOT NULL,
+    settled_ms      BIGINT,
+    PRIMARY KEY (sink, log_seq)
+);
+CREATE INDEX alert_outbox_pending ON alert_outbox (sink, state, log_seq);
+CREATE TABLE alert_cursor (
+    sink      TEXT PRIMARY KEY,
+    after_seq BIGINT NOT NULL
+);
+CREATE TABLE leases (
+    name     TEXT PRIMARY KEY,
+    holder   TEXT NOT NULL,
+    until_ms BIGINT NOT NULL
+);
+CREATE TABLE node_peers (
+    node    TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    country TEXT NOT NULL,
+    asn     BIGINT NOT NULL,
+    source  TEXT NOT NULL,
+    seen_ms BIGINT NOT NULL
+);
+"#;
 
 /// The writer connection and its prepared ingest statements.
 struct Writer {
@@ -503,8 +650,8 @@ struct Statements {
     upsert_gpu_sample: Statement,
     upsert_gpu_usage: Statement,
     update_node_gpus: Statement,
-    aggregate_flow: Statement,
-    keep_raw_flow: Statement,
+    aggregate_flows: Statement,
+    keep_raw_flows: Statement,
     upsert_weight: Statement,
     remove_weight: Statement,
     remove_unlisted_weights: Statement,
@@ -526,8 +673,8 @@ impl Statements {
             upsert_gpu_sample: p(UPSERT_GPU_SAMPLE).await?,
             upsert_gpu_usage: p(UPSERT_GPU_USAGE).await?,
             update_node_gpus: p(UPDATE_NODE_GPUS).await?,
-            aggregate_flow: p(AGGREGATE_FLOW).await?,
-            keep_raw_flow: p(KEEP_RAW_FLOW).await?,
+            aggregate_flows: p(AGGREGATE_FLOWS).await?,
+            keep_raw_flows: p(KEEP_RAW_FLOWS).await?,
             upsert_weight: p(UPSERT_WEIGHT).await?,
             remove_weight: p(REMOVE_WEIGHT).await?,
             remove_unlisted_weights: p(REMOVE_UNLISTED_WEIGHTS).await?,
@@ -764,7 +911,24 @@ async fn insert_telemetry(
     Ok(())
 }
 
-/// Add the report's flows to the per-minute aggregates; keep foreign ones raw too.
+/// One row of `flows_minute` being built: the key, then what is summed.
+type FlowKey<'a> = (i64, i64, &'static str, &'static str, &'a str, i64);
+
+#[derive(Default)]
+struct FlowSums<'a> {
+    process: &'a str,
+    country: &'a str,
+    asn: i64,
+    org: &'a str,
+    geo_source: &'a str,
+    bytes_sent: i64,
+    bytes_received: i64,
+    connections: i64,
+    min_rtt_us: i64,
+}
+
+/// Add the report's flows to the per-minute aggregates and keep foreign ones raw too: two
+/// statements per report however many flows it carries (one round trip each).
 async fn apply_flows(
     tx: &Tx<'_>,
     st: &Statements,
@@ -772,6 +936,19 @@ async fn apply_flows(
     epoch: i64,
     seq: i64,
 ) -> Result<(), StoreError> {
+    if r.telemetry.flows.is_empty() {
+        return Ok(());
+    }
+    // Rows with the same key are merged here the way the upsert merges them with a stored row.
+    let mut sums: std::collections::BTreeMap<FlowKey<'_>, FlowSums<'_>> = Default::default();
+    let mut raw_idx = Vec::new();
+    let mut raw_start = Vec::new();
+    let mut raw_end = Vec::new();
+    let mut raw_pid = Vec::new();
+    let mut raw_process = Vec::new();
+    let mut raw_country = Vec::new();
+    let mut raw_asn = Vec::new();
+    let mut raw_flow = Vec::new();
     for (idx, f) in r.telemetry.flows.iter().enumerate() {
         let fl = &f.flow;
         let end = if fl.end_unix_ms > 0 {
@@ -780,51 +957,115 @@ async fn apply_flows(
             r.observed_unix_ms
         };
         let minute = end - end.rem_euclid(60_000);
-        tx.execute(
-            &st.aggregate_flow,
-            &[
-                &r.node,
-                &minute,
-                &i64::from(fl.pid),
-                &f.process,
-                &protocol_name(fl.protocol),
-                &direction_name(fl.direction),
-                &fl.remote_address,
-                &i64::from(fl.remote_port),
-                &f.country,
-                &i64::from(f.asn),
-                &f.org,
-                &f.geo_source,
-                &to_i64(fl.bytes_sent, "bytes_sent")?,
-                &to_i64(fl.bytes_received, "bytes_received")?,
-                &i64::from(fl.connections),
-                &i64::from(fl.min_rtt_us),
-            ],
-        )
-        .await
-        .map_err(pg("aggregate flow"))?;
+        let key = (
+            minute,
+            i64::from(fl.pid),
+            protocol_name(fl.protocol),
+            direction_name(fl.direction),
+            fl.remote_address.as_str(),
+            i64::from(fl.remote_port),
+        );
+        // The first row's place wins, as the upsert keeps the stored row's.
+        let e = sums.entry(key).or_insert_with(|| FlowSums {
+            country: &f.country,
+            asn: i64::from(f.asn),
+            org: &f.org,
+            geo_source: &f.geo_source,
+            ..Default::default()
+        });
+        if !f.process.is_empty() {
+            e.process = &f.process;
+        }
+        e.bytes_sent = e
+            .bytes_sent
+            .saturating_add(to_i64(fl.bytes_sent, "bytes_sent")?);
+        e.bytes_received = e
+            .bytes_received
+            .saturating_add(to_i64(fl.bytes_received, "bytes_received")?);
+        e.connections = e.connections.saturating_add(i64::from(fl.connections));
+        let rtt = i64::from(fl.min_rtt_us);
+        e.min_rtt_us = match (e.min_rtt_us, rtt) {
+            (0, x) | (x, 0) => x,
+            (a, b) => a.min(b),
+        };
         // Raw detail only for destinations outside the node's declared country (the policy
         // refines "outside" with the jurisdiction's inside countries).
         if f.country != r.country {
-            tx.execute(
-                &st.keep_raw_flow,
-                &[
-                    &r.node,
-                    &seq,
-                    &epoch,
-                    &i64::try_from(idx).unwrap_or(i64::MAX),
-                    &fl.start_unix_ms,
-                    &end,
-                    &i64::from(fl.pid),
-                    &f.process,
-                    &f.country,
-                    &i64::from(f.asn),
-                    &prost::Message::encode_to_vec(fl),
-                ],
-            )
-            .await
-            .map_err(pg("keep raw flow"))?;
+            raw_idx.push(i64::try_from(idx).unwrap_or(i64::MAX));
+            raw_start.push(fl.start_unix_ms);
+            raw_end.push(end);
+            raw_pid.push(i64::from(fl.pid));
+            raw_process.push(f.process.as_str());
+            raw_country.push(f.country.as_str());
+            raw_asn.push(i64::from(f.asn));
+            raw_flow.push(prost::Message::encode_to_vec(fl));
         }
+    }
+    let n = sums.len();
+    let (mut minute, mut pid, mut process, mut protocol, mut direction, mut remote, mut port) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut country, mut asn, mut org, mut geo, mut sent, mut received, mut conns, mut rtt) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((m, p, proto, dir, addr, rport), v) in &sums {
+        minute.push(*m);
+        pid.push(*p);
+        process.push(v.process);
+        protocol.push(*proto);
+        direction.push(*dir);
+        remote.push(*addr);
+        port.push(*rport);
+        country.push(v.country);
+        asn.push(v.asn);
+        org.push(v.org);
+        geo.push(v.geo_source);
+        sent.push(v.bytes_sent);
+        received.push(v.bytes_received);
+        conns.push(v.connections);
+        rtt.push(v.min_rtt_us);
+    }
+    tx.execute(
+        &st.aggregate_flows,
+        &[
+            &r.node, &minute, &pid, &process, &protocol, &direction, &remote, &port, &country,
+            &asn, &org, &geo, &sent, &received, &conns, &rtt,
+        ],
+    )
+    .await
+    .map_err(pg("aggregate flows"))?;
+    if !raw_idx.is_empty() {
+        tx.execute(
+            &st.keep_raw_flows,
+            &[
+                &r.node,
+                &seq,
+                &epoch,
+                &raw_idx,
+                &raw_start,
+                &raw_end,
+                &raw_pid,
+                &raw_process,
+                &raw_country,
+                &raw_asn,
+                &raw_flow,
+            ],
+        )
+        .await
+        .map_err(pg("keep raw flows"))?;
     }
     Ok(())
 }
@@ -889,28 +1130,113 @@ async fn apply_weights(tx: &Tx<'_>, st: &Statements, r: &IncomingReport) -> Resu
     Ok(())
 }
 
+/// One report in its own transaction, retried when it loses a race with another replica.
+async fn ingest_with_retries(
+    w: &mut Writer,
+    report: &IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match ingest_once(w, report).await {
+            Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => {
+                tracing::debug!(node = %report.node, attempt, error = %e, "ingest lost a race; retrying");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// One ingest transaction.
 async fn ingest_once(w: &mut Writer, r: &IncomingReport) -> Result<IngestOutcome, StoreError> {
-    let epoch = to_i64(r.epoch, "epoch")?;
-    let seq = to_i64(r.seq, "seq")?;
     let Writer { client, st } = w;
     let tx = client.transaction().await.map_err(pg("begin"))?;
-    // Another replica inserting the same key makes this wait for its commit, then insert
-    // nothing: exactly one of them stores the report.
-    let inserted = tx
-        .execute(
-            &st.insert_report,
-            &[
-                &r.node,
-                &epoch,
-                &seq,
-                &r.observed_unix_ms,
-                &r.received_unix_ms,
-                &r.body,
-            ],
-        )
-        .await
-        .map_err(pg("insert report"))?;
+    let outcome = apply_report(&tx, st, r).await?;
+    tx.commit().await.map_err(pg("commit"))?;
+    Ok(outcome)
+}
+
+/// Several reports in one transaction (one commit). Sorted by key first, so that replicas
+/// committing batches take row locks in the same order (no deadlock between them) and a key
+/// queued twice is stored once, then seen as a duplicate.
+async fn ingest_batch_once(
+    w: &mut Writer,
+    reports: &[&IncomingReport],
+) -> Result<Vec<IngestOutcome>, StoreError> {
+    let mut order: Vec<usize> = (0..reports.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (reports[a], reports[b]);
+        (&x.node, x.epoch, x.seq).cmp(&(&y.node, y.epoch, y.seq))
+    });
+    let Writer { client, st } = w;
+    let tx = client.transaction().await.map_err(pg("begin batch"))?;
+    // The statements of all reports are pipelined on the connection (tokio-postgres sends a
+    // request when its future is first polled, and the server runs them in that order):
+    // first every report's key, in key order; then the rest of each report, the reports'
+    // statements interleaved. A batch is then a few round trips rather than several per report.
+    let inserted =
+        futures::future::try_join_all(order.iter().map(|&i| insert_report(&tx, st, reports[i])))
+            .await?;
+    let finished = futures::future::try_join_all(
+        order
+            .iter()
+            .zip(inserted)
+            .map(|(&i, n)| finish_report(&tx, st, reports[i], n)),
+    )
+    .await?;
+    tx.commit().await.map_err(pg("commit batch"))?;
+    let mut outcomes = vec![IngestOutcome::Duplicate; reports.len()];
+    for (&i, outcome) in order.iter().zip(finished) {
+        outcomes[i] = outcome;
+    }
+    Ok(outcomes)
+}
+
+/// One report's statements inside `tx` (not committed here).
+async fn apply_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let inserted = insert_report(tx, st, r).await?;
+    finish_report(tx, st, r, inserted).await
+}
+
+/// Insert the report's key and body; 0 when the key was already stored. Another replica
+/// inserting the same key makes this wait for its commit, then insert nothing: exactly one of
+/// them stores the report.
+async fn insert_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<u64, StoreError> {
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let seq = to_i64(r.seq, "seq")?;
+    tx.execute(
+        &st.insert_report,
+        &[
+            &r.node,
+            &epoch,
+            &seq,
+            &r.observed_unix_ms,
+            &r.received_unix_ms,
+            &r.body,
+        ],
+    )
+    .await
+    .map_err(pg("insert report"))
+}
+
+/// The rest of a report after [`insert_report`] inserted `inserted` rows: a duplicate or a
+/// conflict when 0, else its counters, node facts, gaps, telemetry, weights and flows.
+async fn finish_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+    inserted: u64,
+) -> Result<IngestOutcome, StoreError> {
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let seq = to_i64(r.seq, "seq")?;
     if inserted == 0 {
         // Already stored. A re-send carries the same observation time; a different one
         // means the agent reused a sequence number (a lost spool state): count it so that
@@ -927,10 +1253,8 @@ async fn ingest_once(w: &mut Writer, r: &IncomingReport) -> Result<IngestOutcome
             tx.execute(&st.count_conflict, &[&r.node, &epoch])
                 .await
                 .map_err(pg("count conflict"))?;
-            tx.commit().await.map_err(pg("commit"))?;
             return Ok(IngestOutcome::Conflict);
         }
-        tx.rollback().await.map_err(pg("end duplicate"))?;
         return Ok(IngestOutcome::Duplicate);
     }
     tx.execute(
@@ -975,10 +1299,9 @@ async fn ingest_once(w: &mut Writer, r: &IncomingReport) -> Result<IngestOutcome
         .await
         .map_err(pg("insert gap"))?;
     }
-    insert_telemetry(&tx, st, r).await?;
-    apply_weights(&tx, st, r).await?;
-    apply_flows(&tx, st, r, epoch, seq).await?;
-    tx.commit().await.map_err(pg("commit"))?;
+    insert_telemetry(tx, st, r).await?;
+    apply_weights(tx, st, r).await?;
+    apply_flows(tx, st, r, epoch, seq).await?;
     Ok(IngestOutcome::Stored)
 }
 
@@ -1218,6 +1541,22 @@ impl PostgresStore {
         Self::connect_inner(url, Some(schema.to_owned())).await
     }
 
+    /// Every lease and its holder, `(name, holder)` sorted by name (for operators and tests:
+    /// which replica evaluates the rules and delivers to each sink).
+    pub async fn lease_holders(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT name, holder FROM leases ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("read leases"))?;
+        rows.iter()
+            .map(|r| Ok((get(r, 0, "read lease")?, get(r, 1, "read lease")?)))
+            .collect()
+    }
+
     /// Drop the schema given to [`PostgresStore::connect_with_schema`] with everything in it
     /// (tests clean up with it). Does nothing for a store on the default schema.
     pub async fn drop_schema(&self) -> Result<(), StoreError> {
@@ -1252,8 +1591,65 @@ impl PostgresStore {
                 schema,
                 writer: Mutex::new(Some(Writer { client, st })),
                 reader: Mutex::new(Some(Arc::new(reader))),
+                pending: Default::default(),
             }),
         })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, super::Pending> {
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Store queued reports until the queue is empty: each batch in one transaction; a batch
+    /// that fails is stored report by report (each retried when it loses a race with another
+    /// replica), so one bad report fails alone.
+    async fn drain(&self) {
+        let mut w = match self.writer().await {
+            Ok(w) => w,
+            Err(e) => {
+                // Every waiting report would need this writer: fail them all with the reason.
+                let batch: Vec<super::Queued> = std::mem::take(&mut *self.pending()).0.into();
+                let msg = e.to_string();
+                let outcomes = batch
+                    .iter()
+                    .map(|_| Err(StoreError::Task(msg.clone())))
+                    .collect();
+                super::answer(batch, outcomes);
+                return;
+            }
+        };
+        loop {
+            let batch = self.pending().take_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let reports: Vec<&IncomingReport> = batch.iter().map(|q| &q.report).collect();
+            let together = if reports.len() > 1 {
+                match ingest_batch_once(&mut w, &reports).await {
+                    Ok(outcomes) => Some(outcomes.into_iter().map(Ok).collect()),
+                    Err(e) => {
+                        tracing::debug!(reports = reports.len(), error = %e, "batch failed; storing its reports one by one");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let outcomes = match together {
+                Some(o) => o,
+                None => {
+                    let mut out = Vec::with_capacity(reports.len());
+                    for r in &reports {
+                        out.push(ingest_with_retries(&mut w, r).await);
+                    }
+                    out
+                }
+            };
+            super::answer(batch, outcomes);
+        }
     }
 
     /// The writer connection, reconnected first if its connection task has ended. The guard
@@ -1404,18 +1800,18 @@ impl Store for PostgresStore {
         .transpose()
     }
 
+    /// Group commit: the report joins the queue; whoever holds the writer next stores every
+    /// queued report (up to [`super::MAX_BATCH_REPORTS`] per transaction) with one commit,
+    /// then answers each. The draining runs in a task of its own, so a caller that goes away
+    /// cannot abort the batch others wait on.
     async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
-        let mut w = self.writer().await?;
-        let mut attempt = 1;
-        loop {
-            match ingest_once(&mut w, &report).await {
-                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => {
-                    tracing::debug!(node = %report.node, attempt, error = %e, "ingest lost a race; retrying");
-                    attempt += 1;
-                }
-                outcome => return outcome,
-            }
-        }
+        let done = self.pending().push(report);
+        let store = self.clone();
+        tokio::spawn(async move { store.drain().await })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        done.await
+            .map_err(|_| StoreError::Task("ingest answer lost".to_owned()))?
     }
 
     async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError> {
@@ -1578,9 +1974,14 @@ impl Store for PostgresStore {
                 ),
                 "country, asn, remote_address, remote_port",
             ),
+            "flow" => (
+                "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)"
+                    .to_owned(),
+                "country, node, process, pid, asn, remote_address, remote_port",
+            ),
             other => {
                 return Err(StoreError::Range(format!(
-                    "unknown grouping {other:?}: use country, node, process, asn or destination"
+                    "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
                 )));
             }
         };
@@ -1634,10 +2035,32 @@ impl Store for PostgresStore {
         Ok((out, truncated))
     }
 
-    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError> {
+    async fn prune(&self, keep: Retention) -> Result<PruneStats, StoreError> {
+        let raw = keep.raw_before_unix_ms;
+        let aggregates = keep.aggregates_before_unix_ms;
         let mut w = self.writer().await?;
         let tx = w.client.transaction().await.map_err(pg("begin prune"))?;
         let mut stats = PruneStats::default();
+        let locked: bool = get(
+            &tx.query_one(
+                "SELECT pg_try_advisory_xact_lock($1::INT4, hashtext(current_schema()))",
+                &[&RETENTION_LOCK_KEY],
+            )
+            .await
+            .map_err(pg("lock retention"))?,
+            0,
+            "lock retention",
+        )?;
+        if !locked {
+            stats.skipped = true;
+            return Ok(stats);
+        }
+        for step in DOWNSAMPLE {
+            stats.downsampled += tx
+                .execute(step, &[&raw])
+                .await
+                .map_err(pg("downsample samples"))?;
+        }
         for (table, counter) in [
             ("host_samples", &mut stats.host_samples),
             ("gpu_samples", &mut stats.gpu_samples),
@@ -1646,30 +2069,36 @@ impl Store for PostgresStore {
             *counter = tx
                 .execute(
                     &format!("DELETE FROM {table} WHERE observed_ms < $1"),
-                    &[&before_unix_ms],
+                    &[&raw],
                 )
                 .await
                 .map_err(pg("prune samples"))?;
         }
+        for table in ["host_minute", "gpu_minute", "gpu_usage_minute"] {
+            stats.aggregates += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE minute_ms < $1"),
+                    &[&aggregates],
+                )
+                .await
+                .map_err(pg("prune aggregates"))?;
+        }
         stats.flows = tx
             .execute(
                 "DELETE FROM flows_minute WHERE minute_ms < $1",
-                &[&before_unix_ms],
+                &[&aggregates],
             )
             .await
             .map_err(pg("prune flows"))?
-            + tx.execute(
-                "DELETE FROM flows_raw WHERE end_ms < $1",
-                &[&before_unix_ms],
-            )
-            .await
-            .map_err(pg("prune raw flows"))?;
+            + tx.execute("DELETE FROM flows_raw WHERE end_ms < $1", &[&raw])
+                .await
+                .map_err(pg("prune raw flows"))?;
         // Report keys stay forever (they make re-sends idempotent and prove completeness);
         // only their bodies go.
         stats.report_bodies = tx
             .execute(
                 "UPDATE reports SET body = ''::BYTEA WHERE received_ms < $1 AND octet_length(body) > 0",
-                &[&before_unix_ms],
+                &[&raw],
             )
             .await
             .map_err(pg("prune report bodies"))?;
@@ -1733,6 +2162,70 @@ impl Store for PostgresStore {
         rows.iter().map(|r| Ok(read_breach(r)?.0)).collect()
     }
 
+    async fn add_enroll_tokens(&self, tokens: &[NewEnrollToken]) -> Result<(), StoreError> {
+        let mut w = self.writer().await?;
+        let tx = w
+            .client
+            .transaction()
+            .await
+            .map_err(pg("begin add tokens"))?;
+        for t in tokens {
+            tx.execute(
+                "INSERT INTO enroll_tokens (hash, created_ms, expires_ms) VALUES ($1, $2, $3)",
+                &[&t.hash, &t.created_unix_ms, &t.expires_unix_ms],
+            )
+            .await
+            .map_err(pg("add enrollment token"))?;
+        }
+        tx.commit().await.map_err(pg("commit add tokens"))
+    }
+
+    async fn spend_enroll_token(
+        &self,
+        hash: &str,
+        node: &str,
+        now_unix_ms: i64,
+    ) -> Result<TokenSpend, StoreError> {
+        let w = self.writer().await?;
+        // One statement: of two replicas spending the same token, the second waits for the
+        // first one's row lock, re-checks `used_ms IS NULL` and updates nothing.
+        let spent = w
+            .client
+            .execute(
+                "UPDATE enroll_tokens SET used_ms = $3, used_by = $2
+                 WHERE hash = $1 AND used_ms IS NULL AND expires_ms > $3",
+                &[&hash, &node, &now_unix_ms],
+            )
+            .await
+            .map_err(pg("spend enrollment token"))?;
+        if spent == 1 {
+            return Ok(TokenSpend::Spent);
+        }
+        let row = w
+            .client
+            .query_opt(
+                "SELECT expires_ms, used_ms, used_by FROM enroll_tokens WHERE hash = $1",
+                &[&hash],
+            )
+            .await
+            .map_err(pg("read enrollment token"))?;
+        let Some(row) = row else {
+            return Ok(TokenSpend::Unknown);
+        };
+        let expires: i64 = row.try_get(0).map_err(pg("read enrollment token"))?;
+        let used: Option<i64> = row.try_get(1).map_err(pg("read enrollment token"))?;
+        let by: Option<String> = row.try_get(2).map_err(pg("read enrollment token"))?;
+        Ok(match used {
+            Some(at) => TokenSpend::AlreadyUsed {
+                node: by.unwrap_or_default(),
+                at_unix_ms: at,
+            },
+            None => TokenSpend::Expired {
+                at_unix_ms: expires,
+            },
+        })
+    }
+
     async fn breach_log(&self, after_seq: u64, limit: u32) -> Result<Vec<LogRecord>, StoreError> {
         let client = self.reader().await?;
         let rows = client
@@ -1755,6 +2248,244 @@ impl Store for PostgresStore {
                     get(r, 5, C)?,
                     get(r, 6, C)?,
                 ))
+            })
+            .collect()
+    }
+
+    async fn breach_log_end(&self) -> Result<u64, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_one("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM breach_log", &[])
+            .await
+            .map_err(pg("read breach log end"))?;
+        get_u64(&row, 0, "read breach log end")
+    }
+
+    async fn outbox_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_opt(
+                "SELECT after_seq FROM alert_cursor WHERE sink = $1",
+                &[&sink],
+            )
+            .await
+            .map_err(pg("read outbox cursor"))?;
+        row.map(|r| get_u64(&r, 0, "read outbox cursor"))
+            .transpose()
+    }
+
+    async fn outbox_enqueue(
+        &self,
+        sink: &str,
+        items: Vec<OutboxItem>,
+        cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut w = self.writer().await?;
+        let tx = w.client.transaction().await.map_err(pg("begin enqueue"))?;
+        for it in &items {
+            tx.execute(
+                "INSERT INTO alert_outbox (sink, log_seq, breach_id, event, payload, state,
+                     attempts, next_attempt_ms, last_error, created_ms, settled_ms)
+                 VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, '', $6, NULL)
+                 ON CONFLICT (sink, log_seq) DO NOTHING",
+                &[
+                    &sink,
+                    &to_i64(it.log_seq, "log seq")?,
+                    &it.breach_id,
+                    &it.event,
+                    &it.payload,
+                    &now_unix_ms,
+                ],
+            )
+            .await
+            .map_err(pg("enqueue alert"))?;
+        }
+        tx.execute(
+            "INSERT INTO alert_cursor (sink, after_seq) VALUES ($1, $2)
+             ON CONFLICT (sink) DO UPDATE SET after_seq = GREATEST(alert_cursor.after_seq, excluded.after_seq)",
+            &[&sink, &to_i64(cursor, "outbox cursor")?],
+        )
+        .await
+        .map_err(pg("move outbox cursor"))?;
+        tx.commit().await.map_err(pg("commit enqueue"))
+    }
+
+    async fn outbox_head(&self, sink: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let client = self.reader().await?;
+        let row = client
+            .query_opt(
+                "SELECT log_seq, breach_id, event, payload, attempts, next_attempt_ms, created_ms
+                 FROM alert_outbox WHERE sink = $1 AND state = 'pending'
+                 ORDER BY log_seq LIMIT 1",
+                &[&sink],
+            )
+            .await
+            .map_err(pg("read outbox head"))?;
+        const C: &str = "read outbox head";
+        row.map(|r| {
+            Ok(OutboxRow {
+                sink: sink.to_owned(),
+                item: OutboxItem {
+                    log_seq: get_u64(&r, 0, C)?,
+                    breach_id: get(&r, 1, C)?,
+                    event: get(&r, 2, C)?,
+                    payload: get(&r, 3, C)?,
+                },
+                attempts: u32::try_from(get::<i64>(&r, 4, C)?).unwrap_or(u32::MAX),
+                next_attempt_unix_ms: get(&r, 5, C)?,
+                created_unix_ms: get(&r, 6, C)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn outbox_settle(
+        &self,
+        sink: &str,
+        log_seq: u64,
+        settle: Settle,
+    ) -> Result<(), StoreError> {
+        let seq = to_i64(log_seq, "log seq")?;
+        let w = self.writer().await?;
+        let n = match &settle {
+            Settle::Delivered { at_unix_ms } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET state = 'delivered', settled_ms = $3
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, at_unix_ms],
+                    )
+                    .await
+            }
+            Settle::Retry {
+                attempts,
+                next_attempt_unix_ms,
+                error,
+            } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET attempts = $3, next_attempt_ms = $4, last_error = $5
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, &i64::from(*attempts), next_attempt_unix_ms, error],
+                    )
+                    .await
+            }
+            Settle::Failed {
+                attempts,
+                at_unix_ms,
+                error,
+            } => {
+                w.client
+                    .execute(
+                        "UPDATE alert_outbox SET state = 'failed', attempts = $3, settled_ms = $4, last_error = $5
+                         WHERE sink = $1 AND log_seq = $2 AND state = 'pending'",
+                        &[&sink, &seq, &i64::from(*attempts), at_unix_ms, error],
+                    )
+                    .await
+            }
+        }
+        .map_err(pg("settle outbox row"))?;
+        if n == 0 {
+            tracing::warn!(sink, log_seq = seq, "outbox row was already settled");
+        }
+        Ok(())
+    }
+
+    async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT sink,
+                        COUNT(*) FILTER (WHERE state = 'pending'),
+                        COUNT(*) FILTER (WHERE state = 'delivered'),
+                        COUNT(*) FILTER (WHERE state = 'failed'),
+                        COALESCE(SUM(attempts), 0)::BIGINT
+                 FROM alert_outbox GROUP BY sink ORDER BY sink COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("outbox stats"))?;
+        const C: &str = "read outbox stats";
+        rows.iter()
+            .map(|r| {
+                Ok(SinkStats {
+                    sink: get(r, 0, C)?,
+                    pending: get_u64(r, 1, C)?,
+                    delivered: get_u64(r, 2, C)?,
+                    failed: get_u64(r, 3, C)?,
+                    failed_attempts: get_u64(r, 4, C)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_unix_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let w = self.writer().await?;
+        let rows = w
+            .client
+            .query(
+                "INSERT INTO leases (name, holder, until_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms
+                 WHERE leases.holder = excluded.holder OR leases.until_ms < $4
+                 RETURNING holder",
+                &[&name, &holder, &now_unix_ms.saturating_add(ttl_ms), &now_unix_ms],
+            )
+            .await
+            .map_err(pg("take lease"))?;
+        Ok(rows.len() == 1)
+    }
+
+    async fn note_peer(&self, peer: NodePeer) -> Result<(), StoreError> {
+        let w = self.writer().await?;
+        w.client
+            .execute(
+                "INSERT INTO node_peers (node, address, country, asn, source, seen_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (node) DO UPDATE SET address = excluded.address, country = excluded.country,
+                     asn = excluded.asn, source = excluded.source, seen_ms = excluded.seen_ms
+                 WHERE excluded.seen_ms >= node_peers.seen_ms",
+                &[
+                    &peer.node,
+                    &peer.address,
+                    &peer.country,
+                    &i64::from(peer.asn),
+                    &peer.source,
+                    &peer.seen_unix_ms,
+                ],
+            )
+            .await
+            .map_err(pg("record node peer"))?;
+        Ok(())
+    }
+
+    async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT node, address, country, asn, source, seen_ms FROM node_peers
+                 ORDER BY node COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("node peers"))?;
+        const C: &str = "read node peer";
+        rows.iter()
+            .map(|r| {
+                Ok(NodePeer {
+                    node: get(r, 0, C)?,
+                    address: get(r, 1, C)?,
+                    country: get(r, 2, C)?,
+                    asn: u32::try_from(get::<i64>(r, 3, C)?).unwrap_or(0),
+                    source: get(r, 4, C)?,
+                    seen_unix_ms: get(r, 5, C)?,
+                })
             })
             .collect()
     }
@@ -1946,6 +2677,89 @@ mod tests {
                 count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
                 20
             );
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_replica_skips_pruning_while_another_one_prunes() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            for seq in 1..=3 {
+                store
+                    .ingest(super::super::suite::report("p", 1, seq))
+                    .await
+                    .unwrap();
+            }
+            // Another replica holds the retention lock of this schema.
+            let other = try_connect(&url).await.unwrap();
+            other
+                .execute(
+                    "SELECT pg_advisory_lock($1::INT4, hashtext($2))",
+                    &[&RETENTION_LOCK_KEY, &schema],
+                )
+                .await
+                .unwrap();
+            let skipped = store.prune(Retention::all_before(i64::MAX)).await.unwrap();
+            assert_eq!(
+                skipped,
+                PruneStats {
+                    skipped: true,
+                    ..Default::default()
+                }
+            );
+            assert_eq!(
+                count(
+                    &url,
+                    &schema,
+                    "SELECT COUNT(*) FROM reports WHERE octet_length(body) > 0"
+                )
+                .await,
+                3
+            );
+            other
+                .execute(
+                    "SELECT pg_advisory_unlock($1::INT4, hashtext($2))",
+                    &[&RETENTION_LOCK_KEY, &schema],
+                )
+                .await
+                .unwrap();
+            let ran = store.prune(Retention::all_before(i64::MAX)).await.unwrap();
+            assert!(!ran.skipped);
+            assert_eq!(ran.report_bodies, 3);
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_replicas_spending_one_enrollment_token_at_once_spend_it_once() {
+        with_schema(|url, schema| async move {
+            let (a, b) = tokio::join!(
+                PostgresStore::connect_with_schema(&url, &schema),
+                PostgresStore::connect_with_schema(&url, &schema)
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let tokens: Vec<NewEnrollToken> = (0..20)
+                .map(|i| NewEnrollToken {
+                    hash: format!("t{i}"),
+                    created_unix_ms: 0,
+                    expires_unix_ms: 1_000_000,
+                })
+                .collect();
+            a.add_enroll_tokens(&tokens).await.unwrap();
+            for t in &tokens {
+                let (x, y) = tokio::join!(
+                    a.spend_enroll_token(&t.hash, "node-a", 10),
+                    b.spend_enroll_token(&t.hash, "node-b", 10)
+                );
+                let spent = [x.unwrap(), y.unwrap()]
+                    .iter()
+                    .filter(|s| **s == TokenSpend::Spent)
+                    .count();
+                assert_eq!(spent, 1, "token {}", t.hash);
+            }
         })
         .await;
     }

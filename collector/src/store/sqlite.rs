@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome, NodeRow,
-    PruneStats, Store, StoreError, direction_name, format_name, protocol_name, to_i64,
+    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome,
+    NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention, Settle,
+    SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::breach::{
@@ -20,13 +21,16 @@ use crate::token::TokenRecord;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "sovereign.db";
+/// Prepared statements the writer keeps (the ingest path uses about 20).
+const STATEMENT_CACHE: usize = 64;
 /// Schema version this code writes (`PRAGMA user_version`): the number of migrations.
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 6] = [
-    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6,
+const MIGRATIONS: [&str; 9] = [
+    SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8,
+    SCHEMA_V9,
 ];
 
 const SCHEMA_V1: &str = r#"
@@ -131,13 +135,22 @@ CREATE INDEX gpu_usage_by_time ON gpu_usage (observed_ms);
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
     reader: Arc<Mutex<Connection>>,
+    /// Reports waiting for the writer (group commit, see [`Store::ingest`]).
+    pending: Arc<Mutex<super::Pending>>,
+}
+
+/// Run `sql` through the connection's prepared statement cache (the ingest path runs the same
+/// few statements for every report and flow: parsing them each time cost more than running
+/// them).
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sqlite { context, source }
 }
 
-fn lock(c: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+fn lock<T>(c: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock rolls back any open transaction when the guard's
     // statement objects drop, so the connection is still consistent.
     c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -157,7 +170,7 @@ fn insert_telemetry(
     let t = &r.telemetry;
     let at = r.observed_unix_ms;
     if let Some(h) = &t.host {
-        tx.execute(
+        exec(tx,
             "INSERT OR REPLACE INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
                                                   memory_total_bytes, swap_used_bytes, process_count)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -182,7 +195,7 @@ fn insert_telemetry(
         } else {
             g.uuid.clone()
         };
-        tx.execute(
+        exec(tx,
             "INSERT OR REPLACE INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
                  memory_util_percent, memory_used_bytes, memory_total_bytes, power_milliwatts, temperature_celsius, error)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -204,7 +217,7 @@ fn insert_telemetry(
         .map_err(sql("insert gpu sample"))?;
         for p in &g.processes {
             let info = names.get(&p.pid);
-            tx.execute(
+            exec(tx,
                 "INSERT OR REPLACE INTO gpu_usage (node, observed_ms, gpu_uuid, pid, process_name, exe, container_id,
                                                    gpu_seconds, used_memory_bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -230,7 +243,8 @@ fn insert_telemetry(
         mem_used,
         mem_total,
     } = GpuSummary::of(t);
-    tx.execute(
+    exec(
+        tx,
         "UPDATE nodes SET gpu_state = ?2, gpu_count = ?3, gpu_util_percent = ?4,
                           gpu_memory_used_bytes = ?5, gpu_memory_total_bytes = ?6
          WHERE node = ?1 AND last_observed_ms = ?7",
@@ -353,9 +367,46 @@ CREATE TRIGGER breach_log_no_delete BEFORE DELETE ON breach_log
 BEGIN SELECT RAISE(ABORT, 'breach_log is append-only'); END;
 "#;
 
+/// The alert outbox (one row per breach log record and sink, a cursor per sink), leases that
+/// make one replica do a job, and the address each node reports from.
+const SCHEMA_V6: &str = r#"
+CREATE TABLE alert_outbox (
+    sink            TEXT NOT NULL,
+    log_seq         INTEGER NOT NULL,
+    breach_id       TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_ms INTEGER NOT NULL,
+    last_error      TEXT NOT NULL,
+    created_ms      INTEGER NOT NULL,
+    settled_ms      INTEGER,
+    PRIMARY KEY (sink, log_seq)
+) WITHOUT ROWID;
+CREATE INDEX alert_outbox_pending ON alert_outbox (sink, state, log_seq);
+CREATE TABLE alert_cursor (
+    sink      TEXT PRIMARY KEY,
+    after_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE leases (
+    name     TEXT PRIMARY KEY,
+    holder   TEXT NOT NULL,
+    until_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE node_peers (
+    node    TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    country TEXT NOT NULL,
+    asn     INTEGER NOT NULL,
+    source  TEXT NOT NULL,
+    seen_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+"#;
+
 /// The audit log of regulators' and admins' queries (hash-chained, append-only like the breach
 /// log) and API tokens (their hashes only).
-const SCHEMA_V6: &str = r#"
+const SCHEMA_V7: &str = r#"
 CREATE TABLE audit_log (
     seq       INTEGER PRIMARY KEY,
     at_ms     INTEGER NOT NULL,
@@ -378,6 +429,101 @@ CREATE TABLE api_tokens (
     expires_ms INTEGER NOT NULL
 );
 "#;
+
+/// Enrollment tokens: only their sha256 hashes; a token is spent once (`used_ms` set).
+const SCHEMA_V8: &str = r#"
+CREATE TABLE enroll_tokens (
+    hash       TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    used_ms    INTEGER,
+    used_by    TEXT
+) WITHOUT ROWID;
+"#;
+
+/// Minute aggregates that raw host/GPU samples and GPU usage are folded into before they are
+/// pruned (kept for `aggregate_retention_days`).
+const SCHEMA_V9: &str = r#"
+CREATE TABLE host_minute (
+    node               TEXT NOT NULL,
+    minute_ms          INTEGER NOT NULL,
+    samples            INTEGER NOT NULL,
+    cpu_percent_avg    REAL NOT NULL,
+    cpu_percent_max    REAL NOT NULL,
+    load_1_max         REAL NOT NULL,
+    memory_used_avg    REAL NOT NULL,
+    memory_used_max    INTEGER NOT NULL,
+    memory_total_bytes INTEGER NOT NULL,
+    PRIMARY KEY (node, minute_ms)
+) WITHOUT ROWID;
+CREATE INDEX host_minute_by_time ON host_minute (minute_ms);
+CREATE TABLE gpu_minute (
+    node                 TEXT NOT NULL,
+    gpu_uuid             TEXT NOT NULL,
+    minute_ms            INTEGER NOT NULL,
+    samples              INTEGER NOT NULL,
+    utilization_avg      REAL NOT NULL,
+    utilization_max      INTEGER NOT NULL,
+    memory_used_max      INTEGER NOT NULL,
+    memory_total_bytes   INTEGER NOT NULL,
+    power_avg_milliwatts REAL NOT NULL,
+    PRIMARY KEY (node, gpu_uuid, minute_ms)
+) WITHOUT ROWID;
+CREATE INDEX gpu_minute_by_time ON gpu_minute (minute_ms);
+CREATE TABLE gpu_usage_minute (
+    node            TEXT NOT NULL,
+    minute_ms       INTEGER NOT NULL,
+    gpu_uuid        TEXT NOT NULL,
+    pid             INTEGER NOT NULL,
+    process_name    TEXT NOT NULL,
+    gpu_seconds     REAL NOT NULL,
+    used_memory_max INTEGER NOT NULL,
+    PRIMARY KEY (node, minute_ms, gpu_uuid, pid)
+) WITHOUT ROWID;
+CREATE INDEX gpu_usage_minute_by_time ON gpu_usage_minute (minute_ms);
+"#;
+
+/// Fold raw rows observed before `?1` into the minute aggregates (merging with rows an earlier
+/// pass or a late report already made).
+const DOWNSAMPLE: [&str; 3] = [
+    "INSERT INTO host_minute (node, minute_ms, samples, cpu_percent_avg, cpu_percent_max, load_1_max,
+                              memory_used_avg, memory_used_max, memory_total_bytes)
+     SELECT node, observed_ms - (observed_ms % 60000), COUNT(*), AVG(cpu_percent), MAX(cpu_percent),
+            MAX(load_1), AVG(memory_used_bytes), MAX(memory_used_bytes), MAX(memory_total_bytes)
+     FROM host_samples WHERE observed_ms < ?1 GROUP BY 1, 2
+     ON CONFLICT (node, minute_ms) DO UPDATE SET
+        cpu_percent_avg = (cpu_percent_avg * samples + excluded.cpu_percent_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        memory_used_avg = (memory_used_avg * samples + excluded.memory_used_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        samples = samples + excluded.samples,
+        cpu_percent_max = max(cpu_percent_max, excluded.cpu_percent_max),
+        load_1_max = max(load_1_max, excluded.load_1_max),
+        memory_used_max = max(memory_used_max, excluded.memory_used_max),
+        memory_total_bytes = max(memory_total_bytes, excluded.memory_total_bytes)",
+    "INSERT INTO gpu_minute (node, gpu_uuid, minute_ms, samples, utilization_avg, utilization_max,
+                             memory_used_max, memory_total_bytes, power_avg_milliwatts)
+     SELECT node, gpu_uuid, observed_ms - (observed_ms % 60000), COUNT(*), AVG(utilization_percent),
+            MAX(utilization_percent), MAX(memory_used_bytes), MAX(memory_total_bytes), AVG(power_milliwatts)
+     FROM gpu_samples WHERE observed_ms < ?1 GROUP BY 1, 2, 3
+     ON CONFLICT (node, gpu_uuid, minute_ms) DO UPDATE SET
+        utilization_avg = (utilization_avg * samples + excluded.utilization_avg * excluded.samples)
+                          / (samples + excluded.samples),
+        power_avg_milliwatts = (power_avg_milliwatts * samples + excluded.power_avg_milliwatts * excluded.samples)
+                               / (samples + excluded.samples),
+        samples = samples + excluded.samples,
+        utilization_max = max(utilization_max, excluded.utilization_max),
+        memory_used_max = max(memory_used_max, excluded.memory_used_max),
+        memory_total_bytes = max(memory_total_bytes, excluded.memory_total_bytes)",
+    "INSERT INTO gpu_usage_minute (node, minute_ms, gpu_uuid, pid, process_name, gpu_seconds, used_memory_max)
+     SELECT node, observed_ms - (observed_ms % 60000), gpu_uuid, pid, MAX(process_name), SUM(gpu_seconds),
+            MAX(used_memory_bytes)
+     FROM gpu_usage WHERE observed_ms < ?1 GROUP BY 1, 2, 3, 4
+     ON CONFLICT (node, minute_ms, gpu_uuid, pid) DO UPDATE SET
+        gpu_seconds = gpu_seconds + excluded.gpu_seconds,
+        used_memory_max = max(used_memory_max, excluded.used_memory_max),
+        process_name = CASE WHEN excluded.process_name <> '' THEN excluded.process_name ELSE process_name END",
+];
 
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
      last_seen_ms, resolved_ms, obs_count";
@@ -465,7 +611,7 @@ fn apply_flows(
             r.observed_unix_ms
         };
         let minute = end - end.rem_euclid(60_000);
-        tx.execute(
+        exec(tx,
             "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
                                        country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
@@ -500,7 +646,7 @@ fn apply_flows(
         // Raw detail only for destinations outside the node's declared country (the policy
         // refines "outside" with the jurisdiction's inside countries).
         if f.country != r.country {
-            tx.execute(
+            exec(tx,
                 "INSERT OR IGNORE INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
@@ -538,7 +684,7 @@ fn apply_weights(tx: &rusqlite::Transaction<'_>, r: &IncomingReport) -> Result<(
             .iter()
             .map(|u| serde_json::json!({"pid": u.pid, "process": u.process, "gpus": u.gpu_uuids, "mapped": u.mapped, "open": u.open}))
             .collect();
-        tx.execute(
+        exec(tx,
             "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model, revision,
                  repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network, server_address,
                  users, detail, first_seen_ms, last_seen_ms, removed_ms)
@@ -582,14 +728,14 @@ fn apply_weights(tx: &rusqlite::Transaction<'_>, r: &IncomingReport) -> Result<(
         .map_err(sql("upsert weight file"))?;
     }
     for path in &w.removed {
-        tx.execute(
+        exec(tx,
             "UPDATE weight_files SET removed_ms = ?3 WHERE node = ?1 AND path = ?2 AND removed_ms IS NULL",
             params![r.node, path, at],
         )
         .map_err(sql("mark weight file removed"))?;
     }
     if w.full {
-        tx.execute(
+        exec(tx,
             "UPDATE weight_files SET removed_ms = ?2 WHERE node = ?1 AND removed_ms IS NULL AND last_seen_ms < ?2",
             params![r.node, at],
         )
@@ -644,32 +790,70 @@ impl SqliteStore {
         reader
             .execute_batch("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
             .map_err(sql("set reader pragmas"))?;
+        writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Self {
             writer: Arc::new(Mutex::new(writer)),
             reader: Arc::new(Mutex::new(reader)),
+            pending: Arc::default(),
         })
     }
 
-    fn ingest_blocking(
+    /// Store a batch of reports: all in one transaction (one commit, one fsync), or, when
+    /// anything in it fails, each in its own so that one bad report fails alone. Outcomes are
+    /// in the order of `reports`; none is returned before its transaction committed.
+    fn ingest_batch_blocking(
         conn: &mut Connection,
+        reports: &[&IncomingReport],
+    ) -> Vec<Result<IngestOutcome, StoreError>> {
+        if reports.len() > 1 {
+            let together = (|| {
+                let tx = conn.transaction().map_err(sql("begin"))?;
+                let outcomes = reports
+                    .iter()
+                    .map(|r| Self::apply_report(&tx, r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                tx.commit().map_err(sql("commit"))?;
+                Ok::<_, StoreError>(outcomes)
+            })();
+            match together {
+                Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
+                Err(e) => {
+                    tracing::debug!(reports = reports.len(), error = %e, "batch failed; storing its reports one by one");
+                }
+            }
+        }
+        reports
+            .iter()
+            .map(|r| {
+                let tx = conn.transaction().map_err(sql("begin"))?;
+                let outcome = Self::apply_report(&tx, r)?;
+                tx.commit().map_err(sql("commit"))?;
+                Ok(outcome)
+            })
+            .collect()
+    }
+
+    /// One report's statements inside `tx` (not committed here).
+    fn apply_report(
+        tx: &rusqlite::Transaction<'_>,
         r: &IncomingReport,
     ) -> Result<IngestOutcome, StoreError> {
         let epoch = to_i64(r.epoch, "epoch")?;
         let seq = to_i64(r.seq, "seq")?;
-        let tx = conn.transaction().map_err(sql("begin"))?;
         let inserted = tx
-            .execute(
+            .prepare_cached(
                 "INSERT OR IGNORE INTO reports (node, epoch, seq, observed_ms, received_ms, body)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    r.node,
-                    epoch,
-                    seq,
-                    r.observed_unix_ms,
-                    r.received_unix_ms,
-                    r.body
-                ],
             )
+            .map_err(sql("prepare insert report"))?
+            .execute(params![
+                r.node,
+                epoch,
+                seq,
+                r.observed_unix_ms,
+                r.received_unix_ms,
+                r.body
+            ])
             .map_err(sql("insert report"))?;
         if inserted == 0 {
             // Already stored. A re-send carries the same observation time; a different one
@@ -684,17 +868,17 @@ impl SqliteStore {
                 .map_err(sql("read duplicate"))?;
             if stored_ms != r.observed_unix_ms {
                 tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, "sequence number reused for a different report");
-                tx.execute(
+                exec(tx,
                     "UPDATE node_epochs SET conflicts = conflicts + 1 WHERE node = ?1 AND epoch = ?2",
                     params![r.node, epoch],
                 )
                 .map_err(sql("count conflict"))?;
-                tx.commit().map_err(sql("commit"))?;
                 return Ok(IngestOutcome::Conflict);
             }
             return Ok(IngestOutcome::Duplicate);
         }
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO node_epochs (node, epoch, reports, last_seq, first_seen_ms, last_seen_ms)
              VALUES (?1, ?2, 1, ?3, ?4, ?4)
              ON CONFLICT (node, epoch) DO UPDATE SET
@@ -707,7 +891,7 @@ impl SqliteStore {
         let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".to_owned());
         let mem_used = to_i64(r.memory_used_bytes, "memory_used_bytes")?;
         let mem_total = to_i64(r.memory_total_bytes, "memory_total_bytes")?;
-        tx.execute(
+        exec(tx,
             "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
                                 last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
                                 memory_used_bytes, memory_total_bytes)
@@ -741,7 +925,7 @@ impl SqliteStore {
         )
         .map_err(sql("update node"))?;
         for g in &r.gaps {
-            tx.execute(
+            exec(tx,
                 "INSERT OR IGNORE INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
@@ -756,10 +940,9 @@ impl SqliteStore {
             )
             .map_err(sql("insert gap"))?;
         }
-        insert_telemetry(&tx, r, epoch)?;
-        apply_weights(&tx, r)?;
-        apply_flows(&tx, r, epoch, seq)?;
-        tx.commit().map_err(sql("commit"))?;
+        insert_telemetry(tx, r, epoch)?;
+        apply_weights(tx, r)?;
+        apply_flows(tx, r, epoch, seq)?;
         Ok(IngestOutcome::Stored)
     }
 
@@ -944,9 +1127,13 @@ impl SqliteStore {
                 "country, '', '', 0, asn, max(org), remote_address, remote_port, max(geo_source)",
                 "country, asn, remote_address, remote_port",
             ),
+            "flow" => (
+                "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)",
+                "country, node, process, pid, asn, remote_address, remote_port",
+            ),
             other => {
                 return Err(StoreError::Range(format!(
-                    "unknown grouping {other:?}: use country, node, process, asn or destination"
+                    "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
                 )));
             }
         };
@@ -996,12 +1183,14 @@ impl SqliteStore {
         Ok((out, truncated))
     }
 
-    fn prune_blocking(
-        conn: &mut Connection,
-        before_unix_ms: i64,
-    ) -> Result<PruneStats, StoreError> {
+    fn prune_blocking(conn: &mut Connection, keep: Retention) -> Result<PruneStats, StoreError> {
+        let raw = keep.raw_before_unix_ms;
+        let aggregates = keep.aggregates_before_unix_ms;
         let tx = conn.transaction().map_err(sql("begin prune"))?;
         let mut stats = PruneStats::default();
+        for step in DOWNSAMPLE {
+            stats.downsampled += tx.execute(step, [raw]).map_err(sql("downsample samples"))? as u64;
+        }
         for (table, counter) in [
             ("host_samples", &mut stats.host_samples),
             ("gpu_samples", &mut stats.gpu_samples),
@@ -1010,24 +1199,32 @@ impl SqliteStore {
             *counter = tx
                 .execute(
                     &format!("DELETE FROM {table} WHERE observed_ms < ?1"),
-                    [before_unix_ms],
+                    [raw],
                 )
                 .map_err(sql("prune samples"))? as u64;
+        }
+        for table in ["host_minute", "gpu_minute", "gpu_usage_minute"] {
+            stats.aggregates += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE minute_ms < ?1"),
+                    [aggregates],
+                )
+                .map_err(sql("prune aggregates"))? as u64;
         }
         stats.flows = tx
             .execute(
                 "DELETE FROM flows_minute WHERE minute_ms < ?1",
-                [before_unix_ms],
+                [aggregates],
             )
             .map_err(sql("prune flows"))? as u64
-            + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [before_unix_ms])
+            + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [raw])
                 .map_err(sql("prune raw flows"))? as u64;
         // Report keys stay forever (they make re-sends idempotent and prove completeness);
         // only their bodies go.
         stats.report_bodies = tx
             .execute(
                 "UPDATE reports SET body = x'' WHERE received_ms < ?1 AND length(body) > 0",
-                [before_unix_ms],
+                [raw],
             )
             .map_err(sql("prune report bodies"))? as u64;
         tx.commit().map_err(sql("commit prune"))?;
@@ -1217,6 +1414,28 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// Run `f` with the writer connection on the blocking pool.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&writer)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Run `f` with the reader connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&lock(&reader)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     fn append_audit_blocking(
         conn: &mut Connection,
         entry: &AuditEntry,
@@ -1312,6 +1531,63 @@ impl SqliteStore {
         })
         .transpose()
     }
+
+    fn add_enroll_tokens_blocking(
+        conn: &mut Connection,
+        tokens: &[NewEnrollToken],
+    ) -> Result<(), StoreError> {
+        let tx = conn.transaction().map_err(sql("begin add tokens"))?;
+        for t in tokens {
+            tx.execute(
+                "INSERT INTO enroll_tokens (hash, created_ms, expires_ms) VALUES (?1, ?2, ?3)",
+                params![t.hash, t.created_unix_ms, t.expires_unix_ms],
+            )
+            .map_err(sql("add enrollment token"))?;
+        }
+        tx.commit().map_err(sql("commit add tokens"))
+    }
+
+    fn spend_enroll_token_blocking(
+        conn: &mut Connection,
+        hash: &str,
+        node: &str,
+        now: i64,
+    ) -> Result<TokenSpend, StoreError> {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql("begin spend token"))?;
+        let spent = tx
+            .execute(
+                "UPDATE enroll_tokens SET used_ms = ?3, used_by = ?2
+                 WHERE hash = ?1 AND used_ms IS NULL AND expires_ms > ?3",
+                params![hash, node, now],
+            )
+            .map_err(sql("spend enrollment token"))?;
+        let outcome = if spent == 1 {
+            TokenSpend::Spent
+        } else {
+            let row: Option<(i64, Option<i64>, Option<String>)> = tx
+                .query_row(
+                    "SELECT expires_ms, used_ms, used_by FROM enroll_tokens WHERE hash = ?1",
+                    params![hash],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(sql("read enrollment token"))?;
+            match row {
+                None => TokenSpend::Unknown,
+                Some((_, Some(at), by)) => TokenSpend::AlreadyUsed {
+                    node: by.unwrap_or_default(),
+                    at_unix_ms: at,
+                },
+                Some((expires, None, _)) => TokenSpend::Expired {
+                    at_unix_ms: expires,
+                },
+            }
+        };
+        tx.commit().map_err(sql("commit spend token"))?;
+        Ok(outcome)
+    }
 }
 
 #[async_trait::async_trait]
@@ -1399,11 +1675,29 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    /// Group commit: the report joins the queue; whoever holds the writer next stores every
+    /// queued report (up to [`super::MAX_BATCH_REPORTS`] per transaction) with one commit and
+    /// one fsync, then answers each. The queue is drained until empty by a blocking task that
+    /// is not cancelled with the caller, so a caller that goes away cannot abort the others.
     async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError> {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || Self::ingest_blocking(&mut lock(&writer), &report))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+        let done = lock(&self.pending).push(report);
+        let (writer, pending) = (self.writer.clone(), self.pending.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&writer);
+            loop {
+                let batch = lock(&pending).take_batch();
+                if batch.is_empty() {
+                    return;
+                }
+                let reports: Vec<&IncomingReport> = batch.iter().map(|p| &p.report).collect();
+                let outcomes = Self::ingest_batch_blocking(&mut conn, &reports);
+                super::answer(batch, outcomes);
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        done.await
+            .map_err(|_| StoreError::Task("ingest answer lost".to_owned()))?
     }
 
     async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError> {
@@ -1441,13 +1735,11 @@ impl Store for SqliteStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    async fn prune(&self, before_unix_ms: i64) -> Result<PruneStats, StoreError> {
+    async fn prune(&self, retention: Retention) -> Result<PruneStats, StoreError> {
         let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            Self::prune_blocking(&mut lock(&writer), before_unix_ms)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        tokio::task::spawn_blocking(move || Self::prune_blocking(&mut lock(&writer), retention))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     async fn observe_breach(&self, obs: Observation) -> Result<BreachChange, StoreError> {
@@ -1488,6 +1780,281 @@ impl Store for SqliteStore {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
             Self::breach_log_blocking(&lock(&reader), after_seq, limit)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn breach_log_end(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            let seq: i64 = c
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM breach_log", [], |r| {
+                    r.get(0)
+                })
+                .map_err(sql("read breach log end"))?;
+            to_u64(seq, "log seq")
+        })
+        .await
+    }
+
+    async fn outbox_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        let sink = sink.to_owned();
+        self.read(move |c| {
+            let seq: Option<i64> = c
+                .query_row(
+                    "SELECT after_seq FROM alert_cursor WHERE sink = ?1",
+                    params![sink],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("read outbox cursor"))?;
+            seq.map(|s| to_u64(s, "outbox cursor")).transpose()
+        })
+        .await
+    }
+
+    async fn outbox_enqueue(
+        &self,
+        sink: &str,
+        items: Vec<OutboxItem>,
+        cursor: u64,
+        now_unix_ms: i64,
+    ) -> Result<(), StoreError> {
+        let sink = sink.to_owned();
+        self.write(move |c| {
+            let tx = c.transaction().map_err(sql("begin enqueue"))?;
+            for it in &items {
+                tx.execute(
+                    "INSERT OR IGNORE INTO alert_outbox (sink, log_seq, breach_id, event, payload, state,
+                         attempts, next_attempt_ms, last_error, created_ms, settled_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', 0, ?6, '', ?6, NULL)",
+                    params![
+                        sink,
+                        to_i64(it.log_seq, "log seq")?,
+                        it.breach_id,
+                        it.event,
+                        it.payload,
+                        now_unix_ms
+                    ],
+                )
+                .map_err(sql("enqueue alert"))?;
+            }
+            tx.execute(
+                "INSERT INTO alert_cursor (sink, after_seq) VALUES (?1, ?2)
+                 ON CONFLICT (sink) DO UPDATE SET after_seq = max(after_seq, excluded.after_seq)",
+                params![sink, to_i64(cursor, "outbox cursor")?],
+            )
+            .map_err(sql("move outbox cursor"))?;
+            tx.commit().map_err(sql("commit enqueue"))
+        })
+        .await
+    }
+
+    async fn outbox_head(&self, sink: &str) -> Result<Option<OutboxRow>, StoreError> {
+        let sink = sink.to_owned();
+        self.read(move |c| {
+            let row: Option<(i64, String, String, String, i64, i64, i64)> = c
+                .query_row(
+                    "SELECT log_seq, breach_id, event, payload, attempts, next_attempt_ms, created_ms
+                     FROM alert_outbox WHERE sink = ?1 AND state = 'pending'
+                     ORDER BY log_seq LIMIT 1",
+                    params![sink],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(sql("read outbox head"))?;
+            row.map(|(seq, breach_id, event, payload, attempts, next, created)| {
+                Ok(OutboxRow {
+                    sink: sink.clone(),
+                    item: OutboxItem {
+                        log_seq: to_u64(seq, "log seq")?,
+                        breach_id,
+                        event,
+                        payload,
+                    },
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    next_attempt_unix_ms: next,
+                    created_unix_ms: created,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn outbox_settle(
+        &self,
+        sink: &str,
+        log_seq: u64,
+        settle: Settle,
+    ) -> Result<(), StoreError> {
+        let sink = sink.to_owned();
+        let seq = to_i64(log_seq, "log seq")?;
+        self.write(move |c| {
+            let n = match &settle {
+                Settle::Delivered { at_unix_ms } => c.execute(
+                    "UPDATE alert_outbox SET state = 'delivered', settled_ms = ?3
+                     WHERE sink = ?1 AND log_seq = ?2 AND state = 'pending'",
+                    params![sink, seq, at_unix_ms],
+                ),
+                Settle::Retry {
+                    attempts,
+                    next_attempt_unix_ms,
+                    error,
+                } => c.execute(
+                    "UPDATE alert_outbox SET attempts = ?3, next_attempt_ms = ?4, last_error = ?5
+                     WHERE sink = ?1 AND log_seq = ?2 AND state = 'pending'",
+                    params![sink, seq, attempts, next_attempt_unix_ms, error],
+                ),
+                Settle::Failed {
+                    attempts,
+                    at_unix_ms,
+                    error,
+                } => c.execute(
+                    "UPDATE alert_outbox SET state = 'failed', attempts = ?3, settled_ms = ?4, last_error = ?5
+                     WHERE sink = ?1 AND log_seq = ?2 AND state = 'pending'",
+                    params![sink, seq, attempts, at_unix_ms, error],
+                ),
+            }
+            .map_err(sql("settle outbox row"))?;
+            if n == 0 {
+                tracing::warn!(sink = %sink, log_seq = seq, "outbox row was already settled");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT sink,
+                            SUM(state = 'pending'), SUM(state = 'delivered'), SUM(state = 'failed'),
+                            SUM(attempts)
+                     FROM alert_outbox GROUP BY sink ORDER BY sink",
+                )
+                .map_err(sql("prepare outbox stats"))?;
+            let mut rows = stmt.query([]).map_err(sql("outbox stats"))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql("outbox stats"))? {
+                let n = |i: usize| -> Result<u64, StoreError> {
+                    let v: i64 = r.get(i).map_err(sql("read outbox stats"))?;
+                    to_u64(v, "outbox count")
+                };
+                out.push(SinkStats {
+                    sink: r.get(0).map_err(sql("read outbox stats"))?,
+                    pending: n(1)?,
+                    delivered: n(2)?,
+                    failed: n(3)?,
+                    failed_attempts: n(4)?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_unix_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "INSERT INTO leases (name, holder, until_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms
+                     WHERE leases.holder = excluded.holder OR leases.until_ms < ?4",
+                    params![name, holder, now_unix_ms.saturating_add(ttl_ms), now_unix_ms],
+                )
+                .map_err(sql("take lease"))?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn note_peer(&self, peer: NodePeer) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO node_peers (node, address, country, asn, source, seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (node) DO UPDATE SET address = excluded.address, country = excluded.country,
+                     asn = excluded.asn, source = excluded.source, seen_ms = excluded.seen_ms
+                 WHERE excluded.seen_ms >= node_peers.seen_ms",
+                params![
+                    peer.node,
+                    peer.address,
+                    peer.country,
+                    i64::from(peer.asn),
+                    peer.source,
+                    peer.seen_unix_ms
+                ],
+            )
+            .map_err(sql("record node peer"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn node_peers(&self) -> Result<Vec<NodePeer>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT node, address, country, asn, source, seen_ms FROM node_peers ORDER BY node",
+                )
+                .map_err(sql("prepare node peers"))?;
+            let mut rows = stmt.query([]).map_err(sql("node peers"))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql("node peers"))? {
+                let asn: i64 = r.get(3).map_err(sql("read node peer"))?;
+                out.push(NodePeer {
+                    node: r.get(0).map_err(sql("read node peer"))?,
+                    address: r.get(1).map_err(sql("read node peer"))?,
+                    country: r.get(2).map_err(sql("read node peer"))?,
+                    asn: u32::try_from(asn).unwrap_or(0),
+                    source: r.get(4).map_err(sql("read node peer"))?,
+                    seen_unix_ms: r.get(5).map_err(sql("read node peer"))?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn add_enroll_tokens(&self, tokens: &[NewEnrollToken]) -> Result<(), StoreError> {
+        let writer = self.writer.clone();
+        let tokens = tokens.to_vec();
+        tokio::task::spawn_blocking(move || {
+            Self::add_enroll_tokens_blocking(&mut lock(&writer), &tokens)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn spend_enroll_token(
+        &self,
+        hash: &str,
+        node: &str,
+        now_unix_ms: i64,
+    ) -> Result<TokenSpend, StoreError> {
+        let writer = self.writer.clone();
+        let (hash, node) = (hash.to_owned(), node.to_owned());
+        tokio::task::spawn_blocking(move || {
+            Self::spend_enroll_token_blocking(&mut lock(&writer), &hash, &node, now_unix_ms)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?

@@ -12,7 +12,8 @@ use sov_proto::pb;
 
 use super::{
     BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
-    Store, StoreError, Telemetry, WeightUpdate,
+    NewEnrollToken, NodePeer, OutboxItem, Retention, Settle, SinkStats, Store, StoreError,
+    Telemetry, TokenSpend, WeightUpdate,
 };
 use crate::breach::{BreachState, ChainVerifier, LogRecord, Observation, Severity, verify_chain};
 
@@ -64,16 +65,26 @@ macro_rules! store_suite {
             egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
             egress_refuses_an_unknown_grouping,
             pruning_removes_old_flows,
+            raw_samples_fold_into_minute_aggregates_that_outlive_them,
             a_breach_opens_updates_and_resolves_with_one_log_record_per_change,
             breaches_are_deduplicated_by_rule_node_and_subject,
             an_unchanged_observation_appends_nothing_and_a_new_severity_does,
             only_quiet_open_breaches_of_the_rule_are_resolved,
             breaches_are_listed_by_state_rule_and_time_newest_first,
             the_breach_log_is_a_verifiable_chain_read_in_pages_and_never_pruned,
+            the_outbox_keeps_one_row_per_sink_and_record_delivered_in_order,
+            a_lease_belongs_to_one_holder_until_it_expires,
+            a_nodes_peer_address_is_kept_latest_first,
+            egress_by_flow_keeps_node_process_and_destination_apart,
             audit_records_form_a_verifiable_chain_read_in_pages,
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
             gpu_seconds_are_summed_per_process_within_the_range,
+            reports_pushed_together_are_each_stored_once_whatever_batch_they_share,
+            a_bad_report_pushed_with_others_fails_alone,
+            flows_with_one_key_in_one_report_become_one_aggregate_row,
+            an_enrollment_token_is_spent_once_and_then_names_who_spent_it,
+            an_expired_or_unknown_enrollment_token_is_refused_as_such,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -298,7 +309,7 @@ pub(crate) async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent
         ingest(store, r).await;
     }
     // Reports 1 and 2 were observed (and received) before 2500 ms.
-    let pruned = store.prune(2500).await.unwrap();
+    let pruned = store.prune(Retention::all_before(2500)).await.unwrap();
     assert_eq!(
         (
             pruned.host_samples,
@@ -310,7 +321,14 @@ pub(crate) async fn pruning_removes_old_samples_but_keeps_report_keys_idempotent
     );
     assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 2);
     // Pruning again finds no bodies left to empty.
-    assert_eq!(store.prune(2500).await.unwrap().report_bodies, 0);
+    assert_eq!(
+        store
+            .prune(Retention::all_before(2500))
+            .await
+            .unwrap()
+            .report_bodies,
+        0
+    );
     assert_eq!(
         ingest(store, report("a", 1, 1)).await,
         IngestOutcome::Duplicate
@@ -779,10 +797,84 @@ pub(crate) async fn pruning_removes_old_flows(db: &dyn Backend) {
     let store = db.store();
     write_flows(store).await;
     // Everything but node b's late flow (one aggregate, one raw row).
-    let pruned = store.prune(3_000_000).await.unwrap();
+    let pruned = store.prune(Retention::all_before(3_000_000)).await.unwrap();
     assert_eq!(pruned.flows, 12);
     assert_eq!(egress(store, "country", 10).await, (vec![], 0));
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+}
+
+pub(crate) async fn raw_samples_fold_into_minute_aggregates_that_outlive_them(db: &dyn Backend) {
+    let store = db.store();
+    let at = |seq: u64, ms: i64, cpu: f32| {
+        let mut r = report("m", 1, seq);
+        r.observed_unix_ms = ms;
+        r.received_unix_ms = ms + 5;
+        r.telemetry = telemetry();
+        if let Some(h) = r.telemetry.host.as_mut() {
+            h.cpu_percent = cpu;
+        }
+        r
+    };
+    // Three samples in minute 1 (60 s to 120 s), one in minute 2.
+    for (seq, ms, cpu) in [
+        (1, 60_000, 10.0),
+        (2, 70_000, 20.0),
+        (3, 80_000, 30.0),
+        (4, 130_000, 40.0),
+    ] {
+        assert_eq!(ingest(store, at(seq, ms, cpu)).await, IngestOutcome::Stored);
+    }
+    let keep_aggregates = |raw_before_unix_ms| Retention {
+        raw_before_unix_ms,
+        aggregates_before_unix_ms: 0,
+    };
+    let p = store.prune(keep_aggregates(125_000)).await.unwrap();
+    // One host minute, two GPU minutes, one GPU-usage minute (vllm on GPU-0).
+    assert_eq!((p.host_samples, p.gpu_samples, p.gpu_usage), (3, 6, 3));
+    assert_eq!(p.downsampled, 4);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 1);
+    let host = |cond: &str| {
+        format!(
+            "SELECT COUNT(*) FROM host_minute WHERE node = 'm' AND minute_ms = 60000 AND {cond}"
+        )
+    };
+    assert_eq!(
+        db.count(&host(
+            "samples = 3 AND cpu_percent_max = 30 AND cpu_percent_avg BETWEEN 19.99 AND 20.01"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM gpu_minute WHERE samples = 3 AND utilization_max = 90")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM gpu_usage_minute WHERE pid = 4242 AND gpu_seconds BETWEEN 22.49 AND 22.51").await,
+        1
+    );
+    // A late report for minute 1 is folded in by the next pass: counts add, averages weigh.
+    ingest(store, at(5, 90_000, 60.0)).await;
+    store.prune(keep_aggregates(125_000)).await.unwrap();
+    assert_eq!(
+        db.count(&host(
+            "samples = 4 AND cpu_percent_max = 60 AND cpu_percent_avg BETWEEN 29.99 AND 30.01"
+        ))
+        .await,
+        1
+    );
+    // Aggregates go at their own, later cut-off; the raw sample after the raw cut-off stays.
+    let p = store
+        .prune(Retention {
+            raw_before_unix_ms: 0,
+            aggregates_before_unix_ms: 120_000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(p.aggregates, 4);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_minute").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 1);
 }
 
 // Breaches and their log.
@@ -1144,13 +1236,371 @@ pub(crate) async fn the_breach_log_is_a_verifiable_chain_read_in_pages_and_never
     assert_eq!(store.breach_log(14, 10).await.unwrap().len(), 1);
     assert!(store.breach_log(15, 10).await.unwrap().is_empty());
     // Retention leaves breaches and their log alone.
-    store.prune(i64::MAX).await.unwrap();
+    store.prune(Retention::all_before(i64::MAX)).await.unwrap();
     assert_eq!(db.count("SELECT COUNT(*) FROM breach_log").await, 15);
     assert_eq!(db.count("SELECT COUNT(*) FROM breaches").await, 5);
     assert_eq!(verify_chain(whole_log(store).await.into_iter()), Ok(15));
 }
 
+fn outbox_item(seq: u64) -> OutboxItem {
+    OutboxItem {
+        log_seq: seq,
+        breach_id: format!("b{seq}"),
+        event: "open".into(),
+        payload: format!("{{\"seq\":{seq}}}"),
+    }
+}
+
+pub(crate) async fn the_outbox_keeps_one_row_per_sink_and_record_delivered_in_order(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    assert_eq!(store.outbox_cursor("webhook:0").await.unwrap(), None);
+    assert_eq!(store.breach_log_end().await.unwrap(), 0);
+    store
+        .outbox_enqueue("webhook:0", vec![outbox_item(1), outbox_item(2)], 2, 100)
+        .await
+        .unwrap();
+    // Enqueueing again (a replica that read the same records) adds nothing and never moves
+    // the cursor back.
+    store
+        .outbox_enqueue("webhook:0", vec![outbox_item(2), outbox_item(3)], 1, 200)
+        .await
+        .unwrap();
+    store
+        .outbox_enqueue("syslog:0", vec![outbox_item(2)], 2, 100)
+        .await
+        .unwrap();
+    assert_eq!(store.outbox_cursor("webhook:0").await.unwrap(), Some(2));
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM alert_outbox").await,
+        4,
+        "3 rows of webhook:0, 1 of syslog:0"
+    );
+    let head = store.outbox_head("webhook:0").await.unwrap().unwrap();
+    assert_eq!((head.item.log_seq, head.attempts), (1, 0));
+    assert_eq!(head.item, outbox_item(1));
+    assert_eq!(head.next_attempt_unix_ms, 100);
+    store
+        .outbox_settle(
+            "webhook:0",
+            1,
+            Settle::Retry {
+                attempts: 1,
+                next_attempt_unix_ms: 5000,
+                error: "connect refused".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let head = store.outbox_head("webhook:0").await.unwrap().unwrap();
+    assert_eq!(
+        (head.item.log_seq, head.attempts, head.next_attempt_unix_ms),
+        (1, 1, 5000),
+        "a retried row stays at the head"
+    );
+    store
+        .outbox_settle("webhook:0", 1, Settle::Delivered { at_unix_ms: 6000 })
+        .await
+        .unwrap();
+    // Settling twice changes nothing.
+    store
+        .outbox_settle("webhook:0", 1, Settle::Delivered { at_unix_ms: 7000 })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .outbox_head("webhook:0")
+            .await
+            .unwrap()
+            .unwrap()
+            .item
+            .log_seq,
+        2
+    );
+    store
+        .outbox_settle(
+            "webhook:0",
+            2,
+            Settle::Failed {
+                attempts: 1,
+                at_unix_ms: 6000,
+                error: "HTTP 400".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .outbox_head("webhook:0")
+            .await
+            .unwrap()
+            .unwrap()
+            .item
+            .log_seq,
+        3
+    );
+    assert_eq!(
+        store.outbox_stats().await.unwrap(),
+        vec![
+            SinkStats {
+                sink: "syslog:0".into(),
+                pending: 1,
+                delivered: 0,
+                failed: 0,
+                failed_attempts: 0,
+            },
+            SinkStats {
+                sink: "webhook:0".into(),
+                pending: 1,
+                delivered: 1,
+                failed: 1,
+                failed_attempts: 2,
+            },
+        ]
+    );
+    store
+        .outbox_settle("webhook:0", 3, Settle::Delivered { at_unix_ms: 8000 })
+        .await
+        .unwrap();
+    assert!(store.outbox_head("webhook:0").await.unwrap().is_none());
+    // The log end follows the log.
+    observe(store, observation("r", "n", "s", 1000, 1.into())).await;
+    assert_eq!(store.breach_log_end().await.unwrap(), 1);
+}
+
+pub(crate) async fn a_lease_belongs_to_one_holder_until_it_expires(db: &dyn Backend) {
+    let store = db.store();
+    assert!(store.take_lease("rules", "a", 1000, 500).await.unwrap());
+    assert!(!store.take_lease("rules", "b", 1200, 500).await.unwrap());
+    assert!(
+        store.take_lease("rules", "a", 1400, 500).await.unwrap(),
+        "renewed"
+    );
+    assert!(
+        !store.take_lease("rules", "b", 1800, 500).await.unwrap(),
+        "the renewal counts"
+    );
+    assert!(
+        store.take_lease("alert:x", "b", 1800, 500).await.unwrap(),
+        "leases are per name"
+    );
+    assert!(
+        store.take_lease("rules", "b", 1901, 500).await.unwrap(),
+        "expired: taken over"
+    );
+    assert!(!store.take_lease("rules", "a", 1950, 500).await.unwrap());
+}
+
+pub(crate) async fn a_nodes_peer_address_is_kept_latest_first(db: &dyn Backend) {
+    let store = db.store();
+    let peer = |node: &str, address: &str, country: &str, at: i64| NodePeer {
+        node: node.into(),
+        address: address.into(),
+        country: country.into(),
+        asn: 64_500,
+        source: "override:192.0.2.0/24".into(),
+        seen_unix_ms: at,
+    };
+    store
+        .note_peer(peer("b", "192.0.2.2", "FR", 1000))
+        .await
+        .unwrap();
+    store
+        .note_peer(peer("a", "192.0.2.1", "MA", 1000))
+        .await
+        .unwrap();
+    store
+        .note_peer(peer("a", "192.0.2.9", "ES", 2000))
+        .await
+        .unwrap();
+    // An older record arriving late does not win.
+    store
+        .note_peer(peer("a", "192.0.2.3", "DE", 1500))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.node_peers().await.unwrap(),
+        vec![
+            peer("a", "192.0.2.9", "ES", 2000),
+            peer("b", "192.0.2.2", "FR", 1000)
+        ]
+    );
+}
+
+pub(crate) async fn egress_by_flow_keeps_node_process_and_destination_apart(db: &dyn Backend) {
+    let store = db.store();
+    write_flows(store).await;
+    let (by_flow, _) = egress(store, "flow", 1000).await;
+    let (by_process, _) = egress(store, "process", 1000).await;
+    let (by_destination, _) = egress(store, "destination", 1000).await;
+    assert!(by_flow.len() >= by_process.len() && by_flow.len() >= by_destination.len());
+    let total = |rows: &[pb::EgressRow]| rows.iter().map(|r| r.bytes_sent).sum::<u64>();
+    assert_eq!(total(&by_flow), total(&by_process));
+    for r in &by_flow {
+        assert!(!r.node.is_empty() && !r.remote_address.is_empty(), "{r:?}");
+        // Every flow row falls inside one process row and one destination row.
+        assert!(by_process.iter().any(|p| p.node == r.node
+            && p.pid == r.pid
+            && p.country == r.country
+            && p.bytes_sent >= r.bytes_sent));
+        assert!(
+            by_destination
+                .iter()
+                .any(|d| d.remote_address == r.remote_address
+                    && d.remote_port == r.remote_port
+                    && d.bytes_sent >= r.bytes_sent)
+        );
+    }
+}
+
 // The dispatcher in `store::open`.
+
+pub(crate) async fn reports_pushed_together_are_each_stored_once_whatever_batch_they_share(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    // Every report twice, and seq 21 twice with different contents, all at once: group
+    // commit may put both copies in one transaction.
+    let mut pushes: Vec<IncomingReport> = (1..=20)
+        .flat_map(|seq| [report("g", 3, seq), report("g", 3, seq)])
+        .collect();
+    let mut reused = report("g", 3, 21);
+    reused.observed_unix_ms += 1;
+    pushes.push(report("g", 3, 21));
+    pushes.push(reused);
+    let outcomes = futures::future::join_all(pushes.into_iter().map(|r| store.ingest(r))).await;
+    let count = |o: IngestOutcome| {
+        outcomes
+            .iter()
+            .filter(|x| matches!(x, Ok(y) if *y == o))
+            .count()
+    };
+    assert_eq!(
+        (
+            count(IngestOutcome::Stored),
+            count(IngestOutcome::Duplicate),
+            count(IngestOutcome::Conflict)
+        ),
+        (21, 20, 1),
+        "{outcomes:?}"
+    );
+    let n = &store.list_nodes("", 10).await.unwrap()[0];
+    assert_eq!(
+        (n.reports, n.last_seq, n.missing, n.conflicts),
+        (21, 21, 0, 1)
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM reports").await, 21);
+}
+
+pub(crate) async fn a_bad_report_pushed_with_others_fails_alone(db: &dyn Backend) {
+    let store = db.store();
+    // A sequence number beyond what the databases hold is refused by the store.
+    let mut pushes: Vec<IncomingReport> = (1..=10).map(|seq| report("h", 1, seq)).collect();
+    pushes.insert(5, report("h", 1, u64::MAX));
+    let outcomes = futures::future::join_all(pushes.into_iter().map(|r| store.ingest(r))).await;
+    for (i, o) in outcomes.iter().enumerate() {
+        if i == 5 {
+            assert!(matches!(o, Err(StoreError::Range(_))), "{o:?}");
+        } else {
+            assert!(matches!(o, Ok(IngestOutcome::Stored)), "push {i}: {o:?}");
+        }
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM reports").await, 10);
+}
+
+pub(crate) async fn flows_with_one_key_in_one_report_become_one_aggregate_row(db: &dyn Backend) {
+    let store = db.store();
+    let mut r = report("f", 1, 1);
+    r.telemetry.flows = vec![
+        flow(10, "", ("8.8.8.8", 443), US_GOOGLE, 100, 1, 0, T),
+        flow(
+            10,
+            "vllm",
+            ("8.8.8.8", 443),
+            US_GOOGLE,
+            200,
+            2,
+            700,
+            T + 1_000,
+        ),
+        flow(10, "", ("8.8.8.8", 443), US_GOOGLE, 300, 3, 500, T + 2_000),
+    ];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let (rows, _) = egress(store, "process", 10).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (
+            rows[0].process.as_str(),
+            rows[0].bytes_sent,
+            rows[0].bytes_received,
+            rows[0].connections,
+            rows[0].min_rtt_us
+        ),
+        ("vllm", 600, 6, 3, 500)
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_raw").await, 3);
+}
+
+fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {
+    NewEnrollToken {
+        hash: hash.to_owned(),
+        created_unix_ms: 1_000,
+        expires_unix_ms,
+    }
+}
+
+pub(crate) async fn an_enrollment_token_is_spent_once_and_then_names_who_spent_it(
+    db: &dyn Backend,
+) {
+    let s = db.store();
+    s.add_enroll_tokens(&[token("aa", 10_000), token("bb", 10_000)])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.spend_enroll_token("aa", "node-1", 5_000).await.unwrap(),
+        TokenSpend::Spent
+    );
+    assert_eq!(
+        s.spend_enroll_token("aa", "node-2", 6_000).await.unwrap(),
+        TokenSpend::AlreadyUsed {
+            node: "node-1".into(),
+            at_unix_ms: 5_000
+        }
+    );
+    // The other token is untouched by the first one's use.
+    assert_eq!(
+        s.spend_enroll_token("bb", "node-2", 6_000).await.unwrap(),
+        TokenSpend::Spent
+    );
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM enroll_tokens WHERE used_ms IS NOT NULL")
+            .await,
+        2
+    );
+    // A duplicate hash is refused rather than silently renewing a spent token.
+    assert!(s.add_enroll_tokens(&[token("aa", 99_000)]).await.is_err());
+}
+
+pub(crate) async fn an_expired_or_unknown_enrollment_token_is_refused_as_such(db: &dyn Backend) {
+    let s = db.store();
+    s.add_enroll_tokens(&[token("cc", 10_000)]).await.unwrap();
+    assert_eq!(
+        s.spend_enroll_token("cc", "node-1", 10_000).await.unwrap(),
+        TokenSpend::Expired { at_unix_ms: 10_000 }
+    );
+    assert_eq!(
+        s.spend_enroll_token("zz", "node-1", 1_000).await.unwrap(),
+        TokenSpend::Unknown
+    );
+    // Refused attempts spend nothing.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM enroll_tokens WHERE used_ms IS NULL")
+            .await,
+        1
+    );
+}
 
 #[tokio::test]
 async fn open_with_an_empty_url_or_sqlite_opens_sqlite_under_the_data_dir() {
@@ -1231,7 +1681,7 @@ pub(crate) async fn audit_records_form_a_verifiable_chain_read_in_pages(db: &dyn
         }
     );
     // Retention never touches it.
-    store.prune(i64::MAX).await.unwrap();
+    store.prune(Retention::all_before(i64::MAX)).await.unwrap();
     assert_eq!(db.count("SELECT COUNT(*) FROM audit_log").await, 5);
 }
 

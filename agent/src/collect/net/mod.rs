@@ -450,6 +450,7 @@ impl NetCollector {
     pub fn handle(&self) -> NetHandle {
         NetHandle {
             shared: self.shared.clone(),
+            sampler: None,
         }
     }
 }
@@ -458,7 +459,19 @@ impl NetCollector {
 #[derive(Debug, Clone)]
 pub struct NetHandle {
     shared: Arc<Mutex<Shared>>,
+    /// How to ask the sampler thread for a sample now (absent for a collector without one).
+    sampler: Option<SamplerLink>,
 }
+
+/// The sampler thread's request channel and its count of samples taken.
+#[derive(Debug, Clone)]
+struct SamplerLink {
+    request: std::sync::mpsc::SyncSender<()>,
+    samples: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How long [`NetHandle::take_fresh`] waits for the sample it asked for.
+pub const FRESH_SAMPLE_WAIT: Duration = Duration::from_millis(500);
 
 impl NetHandle {
     /// Start a collector on its own thread ("sov-net"): a baseline sample at once, then one
@@ -473,7 +486,13 @@ impl NetHandle {
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<(NetHandle, JoinHandle<()>)> {
         let mut collector = NetCollector::new(&cfg);
-        let handle = collector.handle();
+        let (request, requests) = std::sync::mpsc::sync_channel(1);
+        let samples = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut handle = collector.handle();
+        handle.sampler = Some(SamplerLink {
+            request,
+            samples: samples.clone(),
+        });
         let interval = Duration::from_secs(cfg.interval_secs.max(1));
         let thread = std::thread::Builder::new()
             .name("sov-net".into())
@@ -483,13 +502,23 @@ impl NetHandle {
                     let now = Instant::now();
                     if now >= next {
                         collector.sample(now_unix_ms());
+                        samples.fetch_add(1, Ordering::Release);
                         next += interval;
                         if next <= now {
                             next = now + interval;
                         }
                     } else {
                         collector.absorb_destroyed(now_unix_ms());
-                        std::thread::sleep((next - now).min(ABSORB_PERIOD));
+                        let wait = (next - now).min(ABSORB_PERIOD);
+                        match requests.recv_timeout(wait) {
+                            // Sample at once; the periodic schedule restarts from this sample,
+                            // so asking costs no extra samples over time.
+                            Ok(()) => next = Instant::now(),
+                            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                                std::thread::sleep(wait);
+                            }
+                        }
                     }
                 }
             })?;
@@ -499,6 +528,23 @@ impl NetHandle {
     /// Flows accumulated since the previous take, and the status.
     pub fn take(&self) -> (Vec<pb::Flow>, NetStatus) {
         lock(&self.shared).take()
+    }
+
+    /// Ask the sampler thread for a sample now, wait for it (at most
+    /// [`FRESH_SAMPLE_WAIT`]), then [`NetHandle::take`]: a report carries the bytes moved up to
+    /// the moment it is built, not up to the last periodic sample (breach latency is one report
+    /// interval, not two). The sampler's next periodic sample comes an interval after this one.
+    pub async fn take_fresh(&self) -> (Vec<pb::Flow>, NetStatus) {
+        if let Some(link) = &self.sampler {
+            let before = link.samples.load(Ordering::Acquire);
+            if link.request.try_send(()).is_ok() {
+                let deadline = Instant::now() + FRESH_SAMPLE_WAIT;
+                while link.samples.load(Ordering::Acquire) == before && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        self.take()
     }
 
     /// Owners of the pending flows (for the process list).

@@ -1,0 +1,167 @@
+//! The agent's own health for Prometheus (`[metrics] listen`): how long building a report took,
+//! the spool, reports dropped and acknowledged, the client certificate's expiry, and the
+//! process's memory and CPU. Counters and gauges only; nothing the agent observes on the node.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::prometheus::{ProcessStats, family, process_families};
+use crate::spool::SpoolStats;
+
+/// Counters the report builder and the sender update (atomics: counting never blocks them).
+#[derive(Debug, Default)]
+pub struct AgentMetrics {
+    cycles: AtomicU64,
+    last_cycle_micros: AtomicU64,
+    acked: AtomicU64,
+    send_failures: AtomicU64,
+    renewals: AtomicU64,
+}
+
+/// What a scrape reads besides the counters.
+#[derive(Debug, Clone, Default)]
+pub struct AgentScrape {
+    /// The spool now.
+    pub spool: SpoolStats,
+    /// When the client certificate expires, Unix seconds (`None` when it cannot be read).
+    pub cert_not_after_unix: Option<u64>,
+    /// This process (`None` without `/proc`).
+    pub process: Option<ProcessStats>,
+}
+
+impl AgentMetrics {
+    /// One report built, taking `micros` of wall time.
+    pub fn cycle(&self, micros: u64) {
+        self.cycles.fetch_add(1, Ordering::Relaxed);
+        self.last_cycle_micros.store(micros, Ordering::Relaxed);
+    }
+
+    /// One report acknowledged by a collector.
+    pub fn acked(&self) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection or delivery failed (the sender reconnects).
+    pub fn send_failed(&self) {
+        self.send_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The client certificate was renewed.
+    pub fn renewed(&self) {
+        self.renewals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The exposition text.
+    pub fn render(&self, scrape: &AgentScrape) -> String {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(2048);
+        let mut one = |name: &str, kind: &str, help: &str, value: String| {
+            family(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        };
+        one(
+            "sov_agent_cycles_total",
+            "counter",
+            "Reports built (observe, encode, spool).",
+            load(&self.cycles).to_string(),
+        );
+        one(
+            "sov_agent_cycle_seconds",
+            "gauge",
+            "Wall time the last report took to build, seconds.",
+            format!("{}", load(&self.last_cycle_micros) as f64 / 1e6),
+        );
+        one(
+            "sov_agent_spool_bytes",
+            "gauge",
+            "Bytes of the spool on disk.",
+            scrape.spool.bytes.to_string(),
+        );
+        one(
+            "sov_agent_spool_reports",
+            "gauge",
+            "Reports in the spool waiting for an ack.",
+            scrape.spool.reports.to_string(),
+        );
+        one(
+            "sov_agent_dropped_reports_total",
+            "counter",
+            "Reports dropped (spool full, corrupt or refused as too large) since the spool was created.",
+            scrape.spool.dropped_total.to_string(),
+        );
+        one(
+            "sov_agent_reports_acked_total",
+            "counter",
+            "Reports acknowledged by a collector since the agent started.",
+            load(&self.acked).to_string(),
+        );
+        one(
+            "sov_agent_send_failures_total",
+            "counter",
+            "Failed connections and deliveries (each followed by a reconnect) since the agent started.",
+            load(&self.send_failures).to_string(),
+        );
+        one(
+            "sov_agent_certificate_renewals_total",
+            "counter",
+            "Client certificate renewals since the agent started.",
+            load(&self.renewals).to_string(),
+        );
+        if let Some(t) = scrape.cert_not_after_unix {
+            one(
+                "sov_agent_certificate_expiry_timestamp_seconds",
+                "gauge",
+                "When the client certificate expires, Unix seconds.",
+                t.to_string(),
+            );
+        }
+        if let Some(p) = scrape.process {
+            process_families(&mut out, p);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn every_family_has_help_type_and_one_sample() {
+        let m = AgentMetrics::default();
+        m.cycle(2_500);
+        m.acked();
+        m.acked();
+        let text = m.render(&AgentScrape {
+            spool: SpoolStats {
+                bytes: 4096,
+                reports: 3,
+                dropped_total: 7,
+                ..Default::default()
+            },
+            cert_not_after_unix: Some(1_900_000_000),
+            process: Some(ProcessStats {
+                resident_memory_bytes: 9 << 20,
+                cpu_seconds: 1.5,
+            }),
+        });
+        for line in [
+            "sov_agent_cycles_total 1",
+            "sov_agent_cycle_seconds 0.0025",
+            "sov_agent_spool_bytes 4096",
+            "sov_agent_spool_reports 3",
+            "sov_agent_dropped_reports_total 7",
+            "sov_agent_reports_acked_total 2",
+            "sov_agent_send_failures_total 0",
+            "sov_agent_certificate_expiry_timestamp_seconds 1900000000",
+            "process_resident_memory_bytes 9437184",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(samples, types, "{text}");
+    }
+}

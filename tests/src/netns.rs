@@ -1,0 +1,166 @@
+//! Hosts of the test's own: a network namespace joined to this one by a veth pair, with
+//! addresses of the test's choosing, and a sink server inside it (python3). Removed on drop.
+//! Tests fall back to loopback addresses, and say so, where namespaces cannot be created.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::KillOnDrop;
+
+/// A network namespace with a veth pair to it; removed on drop.
+#[derive(Debug)]
+pub struct Netns {
+    /// Namespace name (for `ip netns exec`).
+    pub name: String,
+    host_if: String,
+    /// IPv4 addresses of the far end: `10.251.N.2`, `.3`, ... (as many as asked for).
+    pub v4_peers: Vec<String>,
+    /// IPv6 address of the far end.
+    pub v6_peer: String,
+}
+
+/// Run `ip ARGS`.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    /// A namespace named after this process (`tag` keeps two tests of one binary apart), with
+    /// `v4_count` IPv4 addresses (at least one) and one IPv6 address at the far end.
+    pub fn create(tag: u32, v4_count: u8) -> Result<Self, String> {
+        let n = (std::process::id().wrapping_add(tag * 37)) % 200 + 20;
+        let name = format!("sovt{}-{tag}", std::process::id());
+        let host_if = format!("sovh{n}");
+        let peer_if = format!("sovp{n}");
+        let ns = Self {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            v4_peers: (0..v4_count.max(1))
+                .map(|i| format!("10.251.{n}.{}", i + 2))
+                .collect(),
+            v6_peer: format!("fd00:251:{n}::2"),
+        };
+        ip(&["netns", "add", &name])?;
+        // From here on, drop removes what was made.
+        let cleanup = ns;
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ])?;
+        ip(&["link", "set", &peer_if, "netns", &name])?;
+        ip(&["addr", "add", &format!("10.251.{n}.1/24"), "dev", &host_if])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:251:{n}::1/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
+        ip(&["link", "set", &host_if, "up"])?;
+        for a in &cleanup.v4_peers {
+            ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{a}/24"),
+                "dev",
+                &peer_if,
+            ])?;
+        }
+        ip(&[
+            "-n",
+            &name,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", cleanup.v6_peer),
+            "dev",
+            &peer_if,
+            "nodad",
+        ])?;
+        ip(&["-n", &name, "link", "set", &peer_if, "up"])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(cleanup)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A sink server (python3) on `addr` (in namespace `netns`, or here): reads everything from
+/// each connection, then answers `reply` bytes. Returns it (killed on drop) and its port.
+pub fn sink(netns: Option<&str>, addr: &str, reply: usize) -> (KillOnDrop, u16) {
+    let script = r#"
+import socket, sys, threading
+a = sys.argv[1]; r = int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((a, 0)); s.listen(16)
+print(s.getsockname()[1], flush=True)
+def serve(c):
+    while c.recv(65536):
+        pass
+    c.sendall(b'y' * r); c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+    let reply = reply.to_string();
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "python3", "-c", script, addr, &reply]);
+            c
+        }
+        None => {
+            let mut c = Command::new("python3");
+            c.args(["-c", script, addr, &reply]);
+            c
+        }
+    };
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start sink");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("sink stdout"))
+        .read_line(&mut line)
+        .expect("sink port");
+    let port = line.trim().parse().expect("sink port number");
+    (KillOnDrop(child), port)
+}
+
+/// Send `n` bytes, hold the connection open for `hold` (so that the agent samples it with its
+/// owner), half-close, read the reply to the end; returns the reply length.
+pub fn send(addr: SocketAddr, n: usize, hold: Duration) -> usize {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    let buf = vec![b'x'; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len());
+        s.write_all(&buf[..k]).expect("send");
+        left -= k;
+    }
+    std::thread::sleep(hold);
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).expect("read reply");
+    reply.len()
+}
