@@ -82,6 +82,12 @@ enum Command {
         /// Only this rule (e.g. foreign-egress).
         #[arg(long)]
         rule: Option<String>,
+        /// Only breaches on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only breaches of at least this severity: info, warning or critical.
+        #[arg(long)]
+        min_severity: Option<String>,
         /// Only breaches open at some time within this long ago (e.g. 24h); default all.
         #[arg(long, value_parser = parse_duration_ms)]
         since: Option<i64>,
@@ -717,7 +723,13 @@ async fn run(cli: Cli) -> Result<String, String> {
             let rows: Vec<Value> = resp.rows.iter().map(|r| egress_json(r, by)).collect();
             Ok(render(&rows, by.columns(), cli.output))
         }
-        Command::Breaches { state, rule, since } => {
+        Command::Breaches {
+            state,
+            rule,
+            since,
+            node,
+            min_severity,
+        } => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -733,6 +745,8 @@ async fn run(cli: Cli) -> Result<String, String> {
                     rule: rule.unwrap_or_default(),
                     since_unix_ms: since.map_or(0, |s| now - s),
                     limit: PAGE,
+                    node: node.unwrap_or_default(),
+                    min_severity: min_severity.unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?

@@ -10,7 +10,7 @@
 //! | `GET /api/v1/nodes` | `ListNodes` | `limit`, `after` |
 //! | `GET /api/v1/models` | `ListModels` | `q`, `limit`, `after` |
 //! | `GET /api/v1/egress` | `Egress` | `since`, `until`, `by`, `limit` |
-//! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `since`, `limit` |
+//! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `node`, `min_severity`, `since`, `limit` |
 //! | `GET /api/v1/audit` | `ListAudit` | `after_seq`, `limit` |
 //! | `GET /api/v1/scorecard` | `Scorecard` | `since`, `until`, `jurisdiction` |
 //! | `GET /api/v1/report` | `ExportReport` | `since`, `until`, `jurisdiction`, `format` (`json`, `html`) |
@@ -550,7 +550,7 @@ async fn answer(
             }))
         }
         "breaches" => {
-            p.only(&["state", "rule", "since", "limit"])?;
+            p.only(&["state", "rule", "node", "min_severity", "since", "limit"])?;
             let state = match p.get("state").unwrap_or("") {
                 "all" => String::new(),
                 s => s.to_owned(),
@@ -563,6 +563,8 @@ async fn answer(
                         rule: p.text("rule"),
                         since_unix_ms: p.time("since", now)?,
                         limit: p.number("limit")?,
+                        node: p.text("node"),
+                        min_severity: p.text("min_severity"),
                     },
                 )
                 .await?;

@@ -434,6 +434,8 @@ impl QueryService {
         let params = json!({
             "state": r.state,
             "rule": r.rule,
+            "node": r.node,
+            "min_severity": r.min_severity,
             "since_unix_ms": r.since_unix_ms,
             "limit": r.limit,
         });
@@ -457,11 +459,27 @@ impl QueryService {
                 "rule is longer than 256 characters",
             ));
         }
+        if r.node.len() > 256 {
+            return Err(Status::invalid_argument(
+                "node is longer than 256 characters",
+            ));
+        }
+        let min_severity = match r.min_severity.as_str() {
+            "" => None,
+            s => Some(
+                s.parse::<crate::breach::Severity>()
+                    .map_err(|e| Status::invalid_argument(format!("min_severity: {e}")))?,
+            ),
+        };
+        let limit = self.page(r.limit);
+        // Node and severity are filtered here, over at most MAX_REPORT_ROWS of the store's
+        // answer (newest first), so the page stays the newest matching ones.
+        let narrowed = !r.node.is_empty() || min_severity.is_some();
         let filter = crate::breach::BreachFilter {
             state,
             rule: (!r.rule.is_empty()).then(|| r.rule.clone()),
             since_unix_ms: (r.since_unix_ms != 0).then_some(r.since_unix_ms),
-            limit: self.page(r.limit),
+            limit: if narrowed { MAX_REPORT_ROWS } else { limit },
         };
         let breaches = self
             .store
@@ -469,7 +487,13 @@ impl QueryService {
             .await
             .map_err(store_unavailable)?;
         Ok(pb::ListBreachesResponse {
-            breaches: breaches.into_iter().map(Into::into).collect(),
+            breaches: breaches
+                .into_iter()
+                .filter(|b| r.node.is_empty() || b.node == r.node)
+                .filter(|b| min_severity.is_none_or(|m| b.severity >= m))
+                .take(limit as usize)
+                .map(Into::into)
+                .collect(),
         })
     }
 
@@ -728,5 +752,121 @@ impl pb::query_server::Query for QueryService {
         self.scorecard_as(&caller, req.into_inner())
             .await
             .map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breach::{Observation, Severity};
+
+    fn regulator() -> Caller {
+        Caller {
+            id: Identity {
+                name: "analyst".into(),
+                role: Role::Regulator,
+            },
+            via: Via::Grpc,
+        }
+    }
+
+    async fn service() -> (tempfile::TempDir, QueryService) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        for (node, severity, at) in [
+            ("a", Severity::Warning, 1000),
+            ("b", Severity::Critical, 2000),
+            ("a", Severity::Critical, 3000),
+        ] {
+            store
+                .observe_breach(Observation {
+                    rule: "r".into(),
+                    node: node.into(),
+                    subject: format!("s{at}"),
+                    severity,
+                    evidence: serde_json::Value::Null,
+                    at_unix_ms: at,
+                })
+                .await
+                .unwrap();
+        }
+        (dir, QueryService::new(store, "sovereign".into(), 1000))
+    }
+
+    #[tokio::test]
+    async fn breaches_are_filtered_by_node_and_minimum_severity_newest_first() {
+        let (_dir, q) = service().await;
+        let list = |node: &str, sev: &str, limit: u32| {
+            let q = q.clone();
+            let r = pb::ListBreachesRequest {
+                node: node.into(),
+                min_severity: sev.into(),
+                limit,
+                ..Default::default()
+            };
+            async move {
+                q.list_breaches_as(&regulator(), r).await.map(|r| {
+                    r.breaches
+                        .into_iter()
+                        .map(|b| (b.node, b.severity))
+                        .collect::<Vec<_>>()
+                })
+            }
+        };
+        let pair = |n: &str, s: &str| (n.to_owned(), s.to_owned());
+        assert_eq!(
+            list("a", "", 0).await.unwrap(),
+            [pair("a", "critical"), pair("a", "warning")]
+        );
+        assert_eq!(
+            list("", "critical", 0).await.unwrap(),
+            [pair("a", "critical"), pair("b", "critical")]
+        );
+        assert_eq!(
+            list("a", "critical", 0).await.unwrap(),
+            [pair("a", "critical")]
+        );
+        assert_eq!(list("", "warning", 1).await.unwrap().len(), 1);
+        let err = list("", "severe", 0).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn every_query_and_refusal_of_a_regulator_is_audited_and_agents_are_not() {
+        let (_dir, q) = service().await;
+        q.list_nodes_as(&regulator(), pb::ListNodesRequest::default())
+            .await
+            .unwrap();
+        let bad = pb::EgressRequest {
+            since_unix_ms: 10,
+            until_unix_ms: 5,
+            ..Default::default()
+        };
+        assert!(q.egress_as(&regulator(), bad).await.is_err());
+        let agent = Caller {
+            id: Identity {
+                name: "n1".into(),
+                role: Role::Agent,
+            },
+            via: Via::Grpc,
+        };
+        let s = q
+            .list_nodes_as(&agent, pb::ListNodesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+        let log = q.store().audit_log(0, 10).await.unwrap();
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert_eq!(log[0].call, "ListNodes");
+        assert_eq!(log[0].body()["outcome"], "ok");
+        assert_eq!(log[1].call, "Egress");
+        assert!(
+            log[1].body()["outcome"]
+                .as_str()
+                .unwrap()
+                .starts_with("InvalidArgument"),
+            "{:?}",
+            log[1]
+        );
     }
 }
