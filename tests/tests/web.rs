@@ -35,6 +35,7 @@ fn load(browser: &str, profile: &Path, url: &str) -> (String, String) {
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",
             "--no-first-run",
             // The collector's certificate comes from the test's own CA.
             "--ignore-certificate-errors",
