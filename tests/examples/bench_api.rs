@@ -111,7 +111,11 @@ async fn main() {
         assert_eq!(r.into_inner().nodes.len() as u64, nodes.min(100));
         samples.push(t.elapsed());
     }
-    summary("gRPC ListNodes limit=100 (audited)", samples, start.elapsed());
+    summary(
+        "gRPC ListNodes limit=100 (audited)",
+        samples,
+        start.elapsed(),
+    );
 
     // 3. HTTPS with a token, a new TLS connection each.
     let addr = collector.config.http.listen.expect("http");
