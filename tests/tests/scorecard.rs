@@ -186,6 +186,10 @@ fn check(card: &Value) {
     assert_eq!(p["nodes_reporting"], 3);
     assert_eq!(p["missing_reports"], 1);
     assert_eq!(p["nodes_with_missing_reports"][0]["node"], "ma-2");
+    assert_eq!(
+        p["nodes_with_missing_reports"][0]["ranges"],
+        serde_json::json!([[2, 2]])
+    );
     assert_eq!(p["silent_nodes"].as_array().unwrap().len(), 0);
 }
 

@@ -13,7 +13,7 @@
 //!    bytes over every node.
 //! 4. **How complete the picture is** — nodes known, nodes that reported in the range, silent
 //!    nodes (nothing for `silence_secs` before the end of the range), reports missing and
-//!    declared dropped per node.
+//!    declared dropped per node, with the missing sequence ranges of its latest epoch.
 //!
 //! The answer is one JSON object (the same over gRPC, HTTPS and in a signed report).
 
@@ -29,6 +29,10 @@ use crate::store::{EgressQuery, GpuUsageRow, Store, StoreError};
 /// Most nodes, models, GPU usage groups and egress groups read for one scorecard; beyond
 /// that the scorecard says it is truncated.
 pub const MAX_ROWS: u32 = 100_000;
+/// Missing ranges listed per node.
+pub const MAX_RANGES_PER_NODE: u32 = 20;
+/// Nodes whose missing ranges are listed.
+pub const MAX_NODES_WITH_RANGES: usize = 1000;
 /// Page size used to read nodes and models.
 const PAGE: u32 = 1000;
 /// ASNs listed in `data.by_asn`.
@@ -50,6 +54,9 @@ pub struct Inputs {
     pub egress_by_node: Vec<pb::EgressRow>,
     /// Outbound bytes by destination ASN in the range.
     pub egress_by_asn: Vec<pb::EgressRow>,
+    /// Missing sequence ranges of each node's latest epoch, for nodes with missing reports
+    /// (at most [`MAX_RANGES_PER_NODE`] each, for at most [`MAX_NODES_WITH_RANGES`] nodes).
+    pub missing_ranges: BTreeMap<String, Vec<(u64, u64)>>,
     /// Whether any of the reads above hit [`MAX_ROWS`].
     pub truncated: bool,
 }
@@ -94,6 +101,17 @@ pub async fn read_inputs(
             inputs.truncated = true;
             break;
         }
+    }
+    for n in inputs
+        .nodes
+        .iter()
+        .filter(|n| n.missing > 0)
+        .take(MAX_NODES_WITH_RANGES)
+    {
+        let ranges = store
+            .missing_ranges(&n.node, n.epoch, MAX_RANGES_PER_NODE)
+            .await?;
+        inputs.missing_ranges.insert(n.node.clone(), ranges);
     }
     inputs.gpu = store
         .gpu_usage(since_unix_ms, until_unix_ms, MAX_ROWS)
@@ -332,6 +350,12 @@ pub fn build(
                 "missing": n.missing,
                 "dropped": n.dropped,
                 "last_seq": n.last_seq,
+                "epoch": n.epoch,
+                "ranges": inputs
+                    .missing_ranges
+                    .get(&n.node)
+                    .map(|r| r.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>())
+                    .unwrap_or_default(),
             })
         })
         .collect();

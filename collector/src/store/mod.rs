@@ -582,6 +582,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Audit log records with `seq > after_seq`, in order, at most `limit`.
     async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
 
+    /// The sequence ranges `(first, last)` (inclusive) of `node`'s `epoch` that were never
+    /// stored, in order, at most `limit` (holes between stored reports, and before the first).
+    async fn missing_ranges(
+        &self,
+        node: &str,
+        epoch: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError>;
+
     /// GPU-seconds charged in `[since_unix_ms, until_unix_ms)`, summed per (node, pid,
     /// process), largest first, at most `limit` rows.
     async fn gpu_usage(

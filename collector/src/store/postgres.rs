@@ -1725,6 +1725,26 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn missing_ranges(
+        &self,
+        node: &str,
+        epoch: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                super::sqlite::MISSING_RANGES,
+                &[&node, &to_i64(epoch, "epoch")?, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("missing ranges"))?;
+        const C: &str = "read missing range";
+        rows.iter()
+            .map(|r| Ok((get_u64(r, 0, C)?, get_u64(r, 1, C)?)))
+            .collect()
+    }
+
     async fn gpu_usage(
         &self,
         since_unix_ms: i64,

@@ -525,6 +525,12 @@ const DOWNSAMPLE: [&str; 3] = [
         process_name = CASE WHEN excluded.process_name <> '' THEN excluded.process_name ELSE process_name END",
 ];
 
+/// Holes in one epoch's stored sequence numbers (both backends run the same text).
+pub(crate) const MISSING_RANGES: &str = "SELECT prev + 1, seq - 1 FROM (
+    SELECT seq, COALESCE(LAG(seq) OVER (ORDER BY seq), 0) AS prev
+    FROM reports WHERE node = $1 AND epoch = $2
+) AS s WHERE seq > prev + 1 ORDER BY seq LIMIT $3";
+
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
      last_seen_ms, resolved_ms, obs_count";
 
@@ -1603,6 +1609,35 @@ impl Store for SqliteStore {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
             Self::audit_log_blocking(&lock(&reader), after_seq, limit)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn missing_ranges(
+        &self,
+        node: &str,
+        epoch: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let reader = self.reader.clone();
+        let node = node.to_owned();
+        let epoch = to_i64(epoch, "epoch")?;
+        tokio::task::spawn_blocking(move || {
+            let conn = lock(&reader);
+            let mut stmt = conn
+                .prepare_cached(MISSING_RANGES)
+                .map_err(sql("prepare missing ranges"))?;
+            let mut rows = stmt
+                .query(params![node, epoch, i64::from(limit)])
+                .map_err(sql("missing ranges"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("missing ranges"))? {
+                let first: i64 = row.get(0).map_err(sql("read missing range"))?;
+                let last: i64 = row.get(1).map_err(sql("read missing range"))?;
+                out.push((to_u64(first, "first")?, to_u64(last, "last")?));
+            }
+            Ok(out)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?

@@ -80,6 +80,7 @@ macro_rules! store_suite {
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
             gpu_seconds_are_summed_per_process_within_the_range,
+            missing_ranges_name_every_hole_of_an_epoch,
             reports_pushed_together_are_each_stored_once_whatever_batch_they_share,
             a_bad_report_pushed_with_others_fails_alone,
             flows_with_one_key_in_one_report_become_one_aggregate_row,
@@ -1746,4 +1747,34 @@ pub(crate) async fn gpu_seconds_are_summed_per_process_within_the_range(db: &dyn
     // 1 s and 2 s are inside [1000, 3000); 3 s is not.
     assert!((rows[1].gpu_seconds - 15.0).abs() < 1e-9, "{rows:?}");
     assert_eq!(store.gpu_usage(1000, 3000, 1).await.unwrap().len(), 1);
+}
+
+pub(crate) async fn missing_ranges_name_every_hole_of_an_epoch(db: &dyn Backend) {
+    let store = db.store();
+    for seq in [3, 4, 7, 10] {
+        assert_eq!(
+            ingest(store, report("a", 1, seq)).await,
+            IngestOutcome::Stored
+        );
+    }
+    assert_eq!(
+        ingest(store, report("a", 2, 1)).await,
+        IngestOutcome::Stored
+    );
+    assert_eq!(
+        store.missing_ranges("a", 1, 10).await.unwrap(),
+        [(1, 2), (5, 6), (8, 9)]
+    );
+    assert_eq!(
+        store.missing_ranges("a", 1, 2).await.unwrap(),
+        [(1, 2), (5, 6)]
+    );
+    assert!(store.missing_ranges("a", 2, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .missing_ranges("nobody", 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
