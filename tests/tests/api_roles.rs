@@ -381,5 +381,38 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         "{stdout}"
     );
 
+    // A revoked token stops working at once; `token list` no longer shows it.
+    let id = &sov_collector::token::token_hash(&tokens.regulator)[..12];
+    let cli = |args: &[&str]| {
+        std::process::Command::new(sov_e2e::bin_path("e2e-collector"))
+            .args(["token"])
+            .args(args)
+            .args(["--config", config_file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let listed = String::from_utf8(cli(&["list"]).stdout).unwrap();
+    assert!(
+        listed.contains(id) && listed.contains("expired"),
+        "{listed}"
+    );
+    assert!(cli(&["revoke", id]).status.success());
+    let reply = https_get(
+        &pki,
+        http_addr,
+        None,
+        Some(&tokens.regulator),
+        "/api/v1/nodes",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert!(
+        !String::from_utf8(cli(&["list"]).stdout)
+            .unwrap()
+            .contains(id)
+    );
+    assert!(!cli(&["revoke", id]).status.success());
+
     collector.stop().await;
 }

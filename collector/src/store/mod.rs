@@ -603,6 +603,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Store a new API token (its hash, never the token).
     async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError>;
 
+    /// Every stored token (expired ones too), by creation time.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Delete the token `token_id` (revocation: it stops working at once); false when there
+    /// was none.
+    async fn delete_token(&self, token_id: &str) -> Result<bool, StoreError>;
+
     /// The token whose SHA-256 is `hash`, expired or not.
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Sequence number of the last breach log record (0 when the log is empty).

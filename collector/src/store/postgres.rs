@@ -1795,6 +1795,42 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+                 ORDER BY created_ms, token_id COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("list tokens"))?;
+        const C: &str = "read token row";
+        rows.iter()
+            .map(|r| {
+                let role: String = get(r, 3, C)?;
+                super::token_from_columns(
+                    get(r, 0, C)?,
+                    get(r, 1, C)?,
+                    get(r, 2, C)?,
+                    &role,
+                    get(r, 4, C)?,
+                    get(r, 5, C)?,
+                )
+            })
+            .collect()
+    }
+
+    async fn delete_token(&self, token_id: &str) -> Result<bool, StoreError> {
+        let w = self.writer().await?;
+        let n = w
+            .client
+            .execute("DELETE FROM api_tokens WHERE token_id = $1", &[&token_id])
+            .await
+            .map_err(pg("delete token"))?;
+        Ok(n > 0)
+    }
+
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         let client = self.reader().await?;
         let row = client

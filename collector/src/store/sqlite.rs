@@ -1702,6 +1702,48 @@ impl Store for SqliteStore {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = lock(&reader);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+                     ORDER BY created_ms, token_id",
+                )
+                .map_err(sql("prepare list tokens"))?;
+            let mut rows = stmt.query([]).map_err(sql("list tokens"))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql("list tokens"))? {
+                let role: String = r.get(3).map_err(sql("read token row"))?;
+                out.push(super::token_from_columns(
+                    r.get(0).map_err(sql("read token row"))?,
+                    r.get(1).map_err(sql("read token row"))?,
+                    r.get(2).map_err(sql("read token row"))?,
+                    &role,
+                    r.get(4).map_err(sql("read token row"))?,
+                    r.get(5).map_err(sql("read token row"))?,
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn delete_token(&self, token_id: &str) -> Result<bool, StoreError> {
+        let writer = self.writer.clone();
+        let token_id = token_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            lock(&writer)
+                .execute("DELETE FROM api_tokens WHERE token_id = ?1", [token_id])
+                .map(|n| n > 0)
+                .map_err(sql("delete token"))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         let reader = self.reader.clone();
         let hash = hash.to_owned();

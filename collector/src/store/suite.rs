@@ -81,6 +81,7 @@ macro_rules! store_suite {
             tokens_are_found_by_their_hash_only,
             gpu_seconds_are_summed_per_process_within_the_range,
             missing_ranges_name_every_hole_of_an_epoch,
+            tokens_are_listed_and_a_deleted_token_is_gone,
             reports_pushed_together_are_each_stored_once_whatever_batch_they_share,
             a_bad_report_pushed_with_others_fails_alone,
             flows_with_one_key_in_one_report_become_one_aggregate_row,
@@ -1777,4 +1778,24 @@ pub(crate) async fn missing_ranges_name_every_hole_of_an_epoch(db: &dyn Backend)
             .unwrap()
             .is_empty()
     );
+}
+
+pub(crate) async fn tokens_are_listed_and_a_deleted_token_is_gone(db: &dyn Backend) {
+    use crate::auth::Role;
+    let store = db.store();
+    let (t1, r1) = crate::token::generate(Role::Regulator, "one", 1000, 86_400_000).unwrap();
+    let (_, r2) = crate::token::generate(Role::Admin, "two", 2000, 86_400_000).unwrap();
+    store.insert_token(r1.clone()).await.unwrap();
+    store.insert_token(r2.clone()).await.unwrap();
+    assert_eq!(store.list_tokens().await.unwrap(), [r1.clone(), r2.clone()]);
+    assert!(store.delete_token(&r1.token_id).await.unwrap());
+    assert!(!store.delete_token(&r1.token_id).await.unwrap());
+    assert_eq!(
+        store
+            .token_by_hash(&crate::token::token_hash(&t1))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.list_tokens().await.unwrap(), [r2]);
 }
