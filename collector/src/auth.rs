@@ -25,7 +25,8 @@ use x509_parser::extensions::GeneralName;
 pub const DEFAULT_TRUST_DOMAIN: &str = "sovereign";
 
 /// URI scheme prefix of a SPIFFE id.
-const SPIFFE_SCHEME: &str = "spiffe://";
+/// The URI scheme of SPIFFE ids.
+pub const SPIFFE_SCHEME: &str = "spiffe://";
 
 /// Longest accepted node / principal name, in bytes (names are ASCII).
 const MAX_NAME_LEN: usize = 128;

@@ -291,8 +291,9 @@ pub struct ServerTlsFiles {
     /// The collector's private key.
     pub key: PathBuf,
     /// Deny list of client certificates refused although they chain to `ca`: one per line,
-    /// the SHA-256 fingerprint of the certificate (64 hex digits, `:` allowed) or
-    /// `serial:HEX`; `#` comments. Refused certificates fail the TLS handshake (alert
+    /// the SHA-256 fingerprint of the certificate (64 hex digits, `:` allowed), `serial:HEX`,
+    /// or `id:spiffe://<trust-domain>/<role>/<name>` (every certificate of that identity, also
+    /// those renewed later); `#` comments. Refused certificates fail the TLS handshake (alert
     /// `certificate_revoked`) on gRPC and HTTPS. `ca`, `cert`, `key` and this file are
     /// re-read every 2 seconds; a change applies to new connections without a restart.
     /// Default: none.

@@ -5,7 +5,8 @@
 //!   [`ServerTls::reload_if_changed`] when any of those files changes, so a rotated collector
 //!   certificate or a newly revoked client is in force for every new handshake without a
 //!   restart (connections already open keep the certificate they were made with);
-//! - [`DenyList`]: the `revoked` file, SHA-256 certificate fingerprints and serial numbers;
+//! - [`DenyList`]: the `revoked` file, SHA-256 certificate fingerprints, serial numbers and
+//!   SPIFFE ids;
 //!   a client certificate on it fails the handshake with the `certificate_revoked` alert;
 //! - [`incoming`]: the gRPC accept loop: at most `max_connections` connections at once
 //!   (more are closed as soon as they are accepted), each TLS handshake finished within
@@ -64,7 +65,7 @@ pub enum TlsError {
     },
     /// A line of the `revoked` file is neither a fingerprint nor a serial.
     #[error(
-        "{path} line {line}: {reason} (expected 64 hex digits of a SHA-256 fingerprint, or serial:HEX)"
+        "{path} line {line}: {reason} (expected 64 hex digits of a SHA-256 fingerprint, serial:HEX or id:spiffe://...)"
     )]
     Revoked {
         /// The file.
@@ -105,17 +106,20 @@ fn normalize_hex(s: &str) -> String {
 }
 
 /// Client certificates refused even though they chain to the CA: SHA-256 fingerprints of the
-/// whole DER certificate and serial numbers (of certificates the collector CA issued).
+/// whole DER certificate, serial numbers (of certificates the collector CA issued), and SPIFFE
+/// ids (every certificate naming that identity, including ones issued later by `Renew`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DenyList {
     fingerprints: std::collections::HashSet<[u8; 32]>,
     serials: std::collections::HashSet<String>,
+    ids: std::collections::HashSet<String>,
 }
 
 impl DenyList {
     /// Parse the `revoked` file format: one entry per line; `#` starts a comment; an entry is
     /// a SHA-256 fingerprint (64 hex digits, `:` separators allowed, as `openssl x509
-    /// -fingerprint -sha256` prints after `=`) or `serial:HEX` (colons allowed).
+    /// -fingerprint -sha256` prints after `=`), `serial:HEX` (colons allowed) or
+    /// `id:spiffe://<trust-domain>/<role>/<name>`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, TlsError> {
         let mut list = Self::default();
         let bad = |line: usize, reason: String| TlsError::Revoked {
@@ -133,6 +137,14 @@ impl DenyList {
                     i + 1,
                     format!("more than {MAX_REVOKED_ENTRIES} entries"),
                 ));
+            }
+            if let Some(id) = line.strip_prefix("id:") {
+                let id = id.trim();
+                if !id.starts_with(crate::auth::SPIFFE_SCHEME) || id.len() > 512 {
+                    return Err(bad(i + 1, format!("bad id {id:?}: expected spiffe://...")));
+                }
+                list.ids.insert(id.to_owned());
+                continue;
             }
             if let Some(serial) = line.strip_prefix("serial:") {
                 let serial = serial.trim();
@@ -161,7 +173,7 @@ impl DenyList {
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.fingerprints.len() + self.serials.len()
+        self.fingerprints.len() + self.serials.len() + self.ids.len()
     }
 
     /// Whether the list is empty.
@@ -178,13 +190,23 @@ impl DenyList {
         if self.fingerprints.contains(digest.as_ref()) {
             return Some("fingerprint");
         }
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return None;
+        };
         if !self.serials.is_empty()
-            && let Ok((_, cert)) = x509_parser::parse_x509_certificate(der)
             && self
                 .serials
                 .contains(&normalize_hex(&cert.tbs_certificate.raw_serial_as_string()))
         {
             return Some("serial");
+        }
+        if !self.ids.is_empty()
+            && let Ok(Some(sans)) = cert.subject_alternative_name()
+            && sans.value.general_names.iter().any(|gn| {
+                matches!(gn, x509_parser::extensions::GeneralName::URI(uri) if self.ids.contains(*uri))
+            })
+        {
+            return Some("id");
         }
         None
     }
@@ -649,16 +671,19 @@ mod tests {
     fn a_deny_list_reads_fingerprints_with_or_without_colons_serials_and_comments() {
         let fp = "ab".repeat(32);
         let colons = (0..32).map(|_| "CD").collect::<Vec<_>>().join(":");
-        let text = format!("# revoked\n{fp}\n\n{colons}  # stolen laptop\nserial:00:1F\n");
+        let text = format!(
+            "# revoked\n{fp}\n\n{colons}  # stolen laptop\nserial:00:1F\nid:spiffe://sovereign/agent/n9\n"
+        );
         let list = DenyList::parse(Path::new("r"), &text).expect("parse");
-        assert_eq!(list.len(), 3);
+        assert_eq!(list.len(), 4);
+        assert!(list.ids.contains("spiffe://sovereign/agent/n9"));
         assert!(list.serials.contains("1f"));
         assert!(list.fingerprints.contains(&[0xcd; 32]));
     }
 
     #[test]
     fn a_malformed_deny_list_line_is_refused_naming_the_line() {
-        for bad in ["abc", "serial:", "serial:xyz", &"a".repeat(63)] {
+        for bad in ["abc", "serial:", "serial:xyz", "id:n1", &"a".repeat(63)] {
             let err = DenyList::parse(Path::new("revoked.txt"), &format!("# ok\n{bad}\n"))
                 .expect_err(bad);
             let msg = err.to_string();
@@ -690,6 +715,11 @@ mod tests {
             DenyList::parse(Path::new("r"), &format!("serial:{serial}")).expect("parse");
         assert_eq!(by_serial.refuses(&der), Some("serial"));
         assert_eq!(by_serial.refuses(&other_der), None);
+
+        let by_id =
+            DenyList::parse(Path::new("r"), "id:spiffe://sovereign/agent/n1").expect("parse");
+        assert_eq!(by_id.refuses(&der), Some("id"));
+        assert_eq!(by_id.refuses(&other_der), None);
         assert_eq!(DenyList::default().refuses(&der), None);
     }
 }

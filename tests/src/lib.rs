@@ -9,8 +9,10 @@
 //! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`];
 //! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token;
 //! - [`netns`]: hosts of the test's own in a network namespace, and a sink server there;
-//! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback.
+//! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback;
+//! - [`hostile`]: the parsers of outside input as fuzz targets, and a small mutator.
 
+pub mod hostile;
 pub mod netns;
 pub mod receivers;
 
@@ -362,7 +364,7 @@ pub fn bin_path(name: &str) -> String {
 #[derive(Debug)]
 pub struct CollectorProcess {
     child: KillOnDrop,
-    port: u16,
+    addr: SocketAddr,
 }
 
 impl CollectorProcess {
@@ -395,8 +397,9 @@ impl CollectorProcess {
             &["serve", "--config", &cfg_arg],
             &log,
         );
+        let addr = cfg.listen;
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(addr).is_err() {
             assert!(
                 start.elapsed() < Duration::from_secs(20),
                 "collector did not listen; see {}",
@@ -404,12 +407,12 @@ impl CollectorProcess {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { child, port }
+        Self { child, addr }
     }
 
-    /// `https://127.0.0.1:PORT`.
+    /// `https://ADDR:PORT` (`127.0.0.1` unless the configuration was changed).
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}", self.addr)
     }
 
     /// Abort it: SIGKILL, no graceful shutdown.
@@ -420,6 +423,11 @@ impl CollectorProcess {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.0.id()
+    }
+
+    /// Whether it is still running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.0.try_wait(), Ok(None))
     }
 }
 
@@ -441,6 +449,11 @@ impl AgentProcess {
     /// SIGKILL, no chance to clean up.
     pub fn kill9(&mut self) {
         self.child.kill9();
+    }
+
+    /// Whether it is still running (it has not exited or crashed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.0.try_wait(), Ok(None))
     }
 }
 

@@ -100,6 +100,21 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// The address of this side of the veth pair (`10.251.N.1`).
+    pub fn host_v4(&self) -> String {
+        let mut parts: Vec<&str> = self.v4_peers[0].split('.').collect();
+        parts[3] = "1";
+        parts.join(".")
+    }
+
+    /// Take this side of the veth pair down (a partition: nothing passes either way, no
+    /// connection is reset) or up again.
+    pub fn set_link(&self, up: bool) -> Result<(), String> {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }])
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = ip(&["link", "del", &self.host_if]);

@@ -56,6 +56,48 @@ pub fn http_receiver_on(listener: TcpListener, status: u16) -> mpsc::Receiver<Ht
     rx
 }
 
+/// How a [`flaky_http_receiver`] behaves now: read each request, then never answer (hang), or
+/// answer with this status.
+pub const HANG: u16 = 0;
+
+/// An HTTP/1.1 receiver whose behaviour the test changes while it runs: `mode` is [`HANG`]
+/// (read the request, hold the connection, never answer) or the status to answer. Every
+/// request comes out with the status it got (`HANG` for one left hanging), in arrival order.
+pub async fn flaky_http_receiver(
+    mode: std::sync::Arc<std::sync::atomic::AtomicU16>,
+) -> (String, mpsc::Receiver<(u16, HttpRequest)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = mpsc::channel(4096);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            let mode = mode.clone();
+            tokio::spawn(async move {
+                let Some(req) = read_request(&mut s).await else {
+                    return;
+                };
+                let status = mode.load(std::sync::atomic::Ordering::SeqCst);
+                if status == HANG {
+                    let _ = tx.send((HANG, req)).await;
+                    // Hold the connection until the client gives up.
+                    let mut sink = [0u8; 64];
+                    while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                    return;
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: 9\r\nConnection: close\r\n\r\nsee body."
+                );
+                if s.write_all(answer.as_bytes()).await.is_ok() {
+                    let _ = s.shutdown().await;
+                    let _ = tx.send((status, req)).await;
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
 async fn read_request(s: &mut tokio::net::TcpStream) -> Option<HttpRequest> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];

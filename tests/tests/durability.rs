@@ -152,8 +152,9 @@ async fn three_agents_report_to_one_collector_and_every_report_is_stored_once() 
     collector.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_collector_killed_and_restarted_three_times_loses_no_report() {
+/// Kill the collector (SIGKILL) `rounds` times while three agents push, restart it each
+/// time, then check that every node's reports 1..=last are stored exactly once.
+async fn kill_loop(rounds: u64, pause_ms: impl Fn(u64) -> u64) {
     let pki = Pki::new();
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -161,9 +162,10 @@ async fn a_collector_killed_and_restarted_three_times_loses_no_report() {
     let url = collector.url();
     let names = ["node-a", "node-b", "node-c"];
     let agents = Agents::start(&pki, &names, std::slice::from_ref(&url), |_| {});
-    for round in 0..3 {
+    for round in 0..rounds {
         wait_delivered(&pki, &url, &names, &agents.built(), Duration::from_secs(30)).await;
-        tokio::time::sleep(Duration::from_millis(700 + 300 * round)).await;
+        // Mid-ingest: reports are in flight at any moment after this pause.
+        tokio::time::sleep(Duration::from_millis(pause_ms(round))).await;
         collector.kill9();
         // Reports keep being built while it is down.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -180,6 +182,23 @@ async fn a_collector_killed_and_restarted_three_times_loses_no_report() {
             n.last_seq
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_killed_and_restarted_three_times_loses_no_report() {
+    kill_loop(3, |round| 700 + 300 * round).await;
+}
+
+/// The collector aborted 20 times during ingest (`SOV_KILL_ROUNDS` changes the count), at
+/// pauses that vary so the kill lands at different points of a commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_aborted_twenty_times_during_ingest_loses_no_acknowledged_report_and_stores_none_twice()
+ {
+    let rounds = std::env::var("SOV_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    kill_loop(rounds, |round| 50 + (round * 137) % 900).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -276,13 +276,18 @@ async fn every_call_and_route_times_every_role_and_certificate_kind_is_allowed_o
     let pki = Pki::new();
     let other = Pki::new();
     let data = tempfile::tempdir().unwrap();
-    // The revoked certificates: agent and admin by fingerprint, regulator by serial.
+    // The revoked certificates: agent by fingerprint, regulator by serial, admin by identity.
     let revoked_file = data.path().join("revoked.txt");
     let mut deny = String::from("# revoked for the matrix\n");
     for role in Role::ALL {
         let pair = cert(&pki, &other, role, Kind::Revoked).unwrap();
         let der = der_of(&pair);
-        if role == Role::Regulator {
+        if role == Role::Admin {
+            deny.push_str(&format!(
+                "id:{}\n",
+                sov_collector::auth::spiffe_id("sovereign", role, &format!("{role}-revoked"))
+            ));
+        } else if role == Role::Regulator {
             let (_, x) = x509_parser::parse_x509_certificate(&der).unwrap();
             deny.push_str(&format!(
                 "serial:{}\n",

@@ -150,9 +150,14 @@ impl ModelRule {
     }
 }
 
+/// `s` without `prefix` (ASCII case-insensitive). `s` may be anything (a model name from an
+/// agent's report, a pattern from the policy file): a multi-byte character across the
+/// prefix's length is no match, never a panic (found by the `policy` fuzz target).
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    (s.len() >= prefix.len() && s[..prefix.len()].eq_ignore_ascii_case(prefix))
-        .then(|| &s[prefix.len()..])
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| s.get(prefix.len()..))
+        .flatten()
 }
 
 /// Drop Ollama's default registry and namespace, as Ollama names do.
@@ -248,6 +253,17 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_check_across_a_multibyte_character_is_no_match_and_no_panic() {
+        assert_eq!(strip_prefix_ci("gguf:A\u{fffd}tlas", "gguf:Ab"), None);
+        assert_eq!(strip_prefix_ci("é", "e"), None);
+        assert_eq!(strip_prefix_ci("GGUF:x", "gguf:"), Some("x"));
+        assert_eq!(
+            ollama_canonical("régistry.ollama.ai/x"),
+            "régistry.ollama.ai/x"
+        );
+    }
 
     const HEX: &str = "ab3f000000000000000000000000000000000000000000000000000000000001";
 

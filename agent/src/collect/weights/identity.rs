@@ -459,8 +459,9 @@ fn looks_like_host(s: &str) -> bool {
     s.contains('.') || s.contains(':') || s == "localhost"
 }
 
-/// Lower-case hex digests of the weight layers of an Ollama manifest.
-fn weight_layer_digests(bytes: &[u8]) -> Result<Vec<String>, String> {
+/// Lower-case hex digests of the weight layers of an Ollama manifest (public for the fuzz
+/// targets: manifests come from disk, written by whoever can write the models directory).
+pub fn weight_layer_digests(bytes: &[u8]) -> Result<Vec<String>, String> {
     let manifest: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
     let layers = manifest
         .get("layers")
