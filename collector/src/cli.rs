@@ -85,6 +85,21 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
+    /// List the tokens (id, name, role, created, expires; never the tokens themselves).
+    List {
+        /// Configuration file (TOML) naming the store.
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Revoke a token by its id (as `token create` and `token list` print it): it stops
+    /// working at once.
+    Revoke {
+        /// Configuration file (TOML) naming the store.
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: PathBuf,
+        /// The token's id (12 hex digits).
+        id: String,
+    },
     /// Make a token, store its hash, and print the token once (it cannot be shown again).
     Create {
         /// Configuration file (TOML) naming the store.
@@ -262,6 +277,59 @@ fn token_create(config: &std::path::Path, role: Role, expires_ms: i64, name: &st
         crate::sovctl::rfc3339(record.expires_unix_ms)
     );
     sov_agent::cli::print_stdout(&format!("{token}\n"))
+}
+
+/// Open the store a configuration names, on a fresh runtime, and run `f` on it.
+fn with_store<T>(
+    config: &std::path::Path,
+    f: impl AsyncFnOnce(&dyn crate::store::Store) -> Result<T, crate::store::StoreError>,
+) -> Result<T, ExitCode> {
+    let cfg = CollectorConfig::load(config).map_err(|e| report_config_error(&e))?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
+        f(store.as_ref()).await
+    })
+    .map_err(|e| fail(&e))
+}
+
+/// `token list`: one line per token.
+fn token_list(config: &std::path::Path) -> ExitCode {
+    let tokens = match with_store(config, async |s| s.list_tokens().await) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let now = crate::ingest::now_unix_ms();
+    let rows: Vec<serde_json::Value> = tokens
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "id": t.token_id,
+                "name": t.name,
+                "role": t.role.as_str(),
+                "created": crate::sovctl::rfc3339(t.created_unix_ms),
+                "expires": crate::sovctl::rfc3339(t.expires_unix_ms),
+                "state": if t.expires_unix_ms <= now { "expired" } else { "active" },
+            })
+        })
+        .collect();
+    sov_agent::cli::print_stdout(&crate::sovctl::render(
+        &rows,
+        &["id", "name", "role", "created", "expires", "state"],
+        crate::sovctl::Output::Table,
+    ))
+}
+
+/// `token revoke ID`.
+fn token_revoke(config: &std::path::Path, id: &str) -> ExitCode {
+    match with_store(config, async |s| s.delete_token(id).await) {
+        Ok(true) => sov_agent::cli::print_stdout(&format!("token {id} revoked\n")),
+        Ok(false) => {
+            eprintln!("sov-collector: no token with id {id:?} (see token list)");
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
 }
 
 /// `verify-audit`: open the configured store and check the audit log's chain.
@@ -454,6 +522,12 @@ pub fn main() -> ExitCode {
                     name,
                 },
         } => token_create(&config, role, expires, &name),
+        Command::Token {
+            command: TokenCommand::List { config },
+        } => token_list(&config),
+        Command::Token {
+            command: TokenCommand::Revoke { config, id },
+        } => token_revoke(&config, &id),
         Command::EnrollToken {
             command:
                 EnrollTokenCommand::Create {

@@ -5,6 +5,7 @@
 //! - [`auth`]: peer certificate → [`auth::Identity`] (name and role from a SPIFFE URI SAN);
 //! - [`audit`]: the hash-chained audit log of every regulator's and admin's query;
 //! - [`token`]: API tokens for the HTTPS API (stored hashed, scoped to a role, expiring);
+//! - [`report`]: signed evidence reports and their offline verification;
 //! - [`breach`]: policy breaches (open → updated → resolved) and their hash-chained log;
 //! - [`pki`]: certificates without openssl (`sov-collector pki`);
 //! - [`ingest`]: the `Ingest` gRPC service (authenticate, validate, commit, then ack);
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod query;
+pub mod report;
 pub mod server;
 pub mod sovctl;
 pub mod store;

@@ -340,8 +340,16 @@ pub async fn run_with_metrics(
         Some(path) => Some(Arc::new(crate::policy::PolicyWatch::new(path)?)),
         None => None,
     };
+    let signer = match crate::report::ReportSigner::load(&config.tls.cert, &config.tls.key) {
+        Ok(s) => Some(Arc::new(s)),
+        Err(err) => {
+            tracing::warn!(error = %err, "evidence reports cannot be signed; ExportReport will refuse");
+            None
+        }
+    };
     let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page)
-        .with_policy(policy_watch.clone());
+        .with_policy(policy_watch.clone())
+        .with_evidence(signer, Some(geo.clone()));
     let http_listener = match config.http.listen {
         Some(addr) => Some((
             TcpListener::bind(addr)

@@ -82,10 +82,149 @@ enum Command {
         /// Only this rule (e.g. foreign-egress).
         #[arg(long)]
         rule: Option<String>,
+        /// Only breaches on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only breaches of at least this severity: info, warning or critical.
+        #[arg(long)]
+        min_severity: Option<String>,
         /// Only breaches open at some time within this long ago (e.g. 24h); default all.
         #[arg(long, value_parser = parse_duration_ms)]
         since: Option<i64>,
     },
+    /// The audit log: every query a regulator or admin made (who, what, parameters, when,
+    /// result size), oldest first, with its hash chain.
+    Audit {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Read the whole log and check its hash chain here; exit 1 when it is broken.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Export a signed evidence report (scorecard, breaches, breach-log segment with its
+    /// hashes, geolocation databases) to a file.
+    Report {
+        /// How far back: a number and a unit, s, m, h or d (e.g. 30d).
+        #[arg(long, default_value = "30d", value_parser = parse_duration_ms)]
+        since: i64,
+        /// json (the signed document itself) or html (a page embedding it).
+        #[arg(long, value_enum, default_value = "json")]
+        format: ReportFormat,
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Jurisdiction (two letters) when the collector has no policy file.
+        #[arg(long, default_value = "")]
+        jurisdiction: String,
+    },
+    /// Check a report file offline: its signature, its breach-log chain, and that not one byte
+    /// changed. Exit 0 only when all hold.
+    Verify {
+        /// The report (JSON or HTML).
+        file: PathBuf,
+        /// Also require the signing certificate to be issued by this CA (default: --ca when
+        /// given, else any signer).
+        #[arg(long = "issuer")]
+        issuer: Option<PathBuf>,
+    },
+    /// The sovereignty scorecard: who holds the weights, where AI runs, where data flows,
+    /// how complete the picture is.
+    Scorecard {
+        /// How far back: a number and a unit, s, m, h or d (e.g. 30d).
+        #[arg(long, default_value = "30d", value_parser = parse_duration_ms)]
+        since: i64,
+        /// Jurisdiction (two letters) when the collector has no policy file.
+        #[arg(long, default_value = "")]
+        jurisdiction: String,
+    },
+}
+
+/// The columns of `sovctl audit`, in order; the JSON objects carry at least these keys.
+pub const AUDIT_COLUMNS: [&str; 9] = [
+    "seq", "at", "who", "role", "via", "call", "rows", "outcome", "hash",
+];
+
+/// The columns of `sovctl scorecard` as a table or CSV (JSON prints the whole object).
+pub const SCORECARD_COLUMNS: [&str; 3] = ["question", "measure", "value"];
+
+/// The scorecard's headline numbers as rows of `question`, `measure`, `value`.
+pub fn scorecard_rows(s: &Value) -> Vec<Value> {
+    let mut rows = Vec::new();
+    let mut add = |q: &str, m: &str, v: &Value| {
+        rows.push(json!({"question": q, "measure": m, "value": v}));
+    };
+    add("scope", "jurisdiction", &s["jurisdiction"]);
+    add("scope", "since", &s["since"]);
+    add("scope", "until", &s["until"]);
+    let w = &s["weights"];
+    for k in [
+        "models",
+        "copies",
+        "copies_inside",
+        "copies_outside",
+        "share_outside",
+    ] {
+        add("who holds the weights", k, &w[k]);
+    }
+    for o in w["by_origin"].as_array().into_iter().flatten() {
+        add(
+            "who holds the weights",
+            &format!("copies of {} models", o["origin"].as_str().unwrap_or("")),
+            &o["copies"],
+        );
+    }
+    let c = &s["compute"];
+    for k in ["gpu_hours", "gpu_hours_inside", "gpu_hours_outside"] {
+        add("where AI runs", k, &c[k]);
+    }
+    for o in c["by_model_origin"].as_array().into_iter().flatten() {
+        add(
+            "where AI runs",
+            &format!("gpu_hours on {} models", o["origin"].as_str().unwrap_or("")),
+            &o["gpu_hours"],
+        );
+    }
+    let d = &s["data"];
+    for k in [
+        "bytes_sent",
+        "bytes_sent_outside",
+        "bytes_sent_unplaced",
+        "share_leaving",
+    ] {
+        add("where data flows", k, &d[k]);
+    }
+    for o in d["by_country"].as_array().into_iter().flatten() {
+        add(
+            "where data flows",
+            &format!("bytes_sent to {}", o["country"].as_str().unwrap_or("")),
+            &o["bytes_sent"],
+        );
+    }
+    let p = &s["completeness"];
+    for k in [
+        "nodes",
+        "nodes_reporting",
+        "missing_reports",
+        "dropped_reports",
+    ] {
+        add("how complete", k, &p[k]);
+    }
+    add(
+        "how complete",
+        "silent_nodes",
+        &json!(p["silent_nodes"].as_array().map_or(0, Vec::len)),
+    );
+    rows
+}
+
+/// `sovctl report --format`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ReportFormat {
+    /// The signed JSON document.
+    Json,
+    /// A self-contained page embedding it.
+    Html,
 }
 
 /// `sovctl breaches --state`.
@@ -517,7 +656,23 @@ fn need(v: Option<PathBuf>, flag: &str, env: &str) -> Result<PathBuf, String> {
     v.ok_or_else(|| format!("{flag} is required (or set {env})"))
 }
 
+/// `sovctl verify`: offline, no collector needed.
+fn verify_file(file: &std::path::Path, issuer: Option<&std::path::Path>) -> Result<String, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let ca = match issuer {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    crate::report::verify(&text, ca.as_deref())
+        .map(|v| format!("{}: {}\n", file.display(), v.message()))
+        .map_err(|e| format!("{}: {e}", file.display()))
+}
+
 async fn run(cli: Cli) -> Result<String, String> {
+    if let Command::Verify { file, issuer } = &cli.command {
+        let issuer = issuer.clone().or_else(|| cli.ca.clone());
+        return verify_file(file, issuer.as_deref());
+    }
     let ca = need(cli.ca, "--ca", "SOVCTL_CA")?;
     let cert = need(cli.cert, "--cert", "SOVCTL_CERT")?;
     let key = need(cli.key, "--key", "SOVCTL_KEY")?;
@@ -568,7 +723,13 @@ async fn run(cli: Cli) -> Result<String, String> {
             let rows: Vec<Value> = resp.rows.iter().map(|r| egress_json(r, by)).collect();
             Ok(render(&rows, by.columns(), cli.output))
         }
-        Command::Breaches { state, rule, since } => {
+        Command::Breaches {
+            state,
+            rule,
+            since,
+            node,
+            min_severity,
+        } => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -584,6 +745,8 @@ async fn run(cli: Cli) -> Result<String, String> {
                     rule: rule.unwrap_or_default(),
                     since_unix_ms: since.map_or(0, |s| now - s),
                     limit: PAGE,
+                    node: node.unwrap_or_default(),
+                    min_severity: min_severity.unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
@@ -591,6 +754,115 @@ async fn run(cli: Cli) -> Result<String, String> {
             let rows: Vec<Value> = resp.breaches.iter().map(breach_json).collect();
             Ok(render(&rows, &BREACH_COLUMNS, cli.output))
         }
+        Command::Audit { after, verify } => {
+            let records = fetch_audit(&mut client, if verify { 0 } else { after })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            if verify {
+                let mut v = crate::breach::ChainVerifier::new();
+                for r in &records {
+                    v.push(&r.as_log_record()).map_err(|e| {
+                        format!("audit log broken at record {}: {}", e.seq, e.reason)
+                    })?;
+                }
+                eprintln!(
+                    "sovctl: audit log verified: {} records, last hash {}",
+                    v.checked(),
+                    v.last_hash()
+                );
+            }
+            let rows: Vec<Value> = records
+                .iter()
+                .filter(|r| r.seq > after)
+                .map(crate::audit::AuditRecord::to_json)
+                .collect();
+            Ok(render(&rows, &AUDIT_COLUMNS, cli.output))
+        }
+        Command::Verify { .. } => Err("verify runs offline".into()),
+        Command::Report {
+            since,
+            format,
+            out,
+            jurisdiction,
+        } => {
+            let now = crate::ingest::now_unix_ms();
+            let resp = client
+                .export_report(pb::ExportReportRequest {
+                    since_unix_ms: now - since,
+                    until_unix_ms: 0,
+                    jurisdiction,
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            // Check what the collector sent before writing it.
+            crate::report::verify(&resp.signed_json, None)
+                .map_err(|e| format!("the collector's report does not verify: {e}"))?;
+            let text = match format {
+                ReportFormat::Json => resp.signed_json,
+                ReportFormat::Html => crate::report::render_html(&resp.signed_json),
+            };
+            std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+            Ok(format!("report written to {}\n", out.display()))
+        }
+        Command::Scorecard {
+            since,
+            jurisdiction,
+        } => {
+            let now = crate::ingest::now_unix_ms();
+            let resp = client
+                .scorecard(pb::ScorecardRequest {
+                    since_unix_ms: now - since,
+                    until_unix_ms: 0,
+                    jurisdiction,
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let card: Value = serde_json::from_str(&resp.scorecard_json)
+                .map_err(|e| format!("the collector sent a scorecard that is not JSON: {e}"))?;
+            if cli.output == Output::Json {
+                return Ok(serde_json::to_string_pretty(&card).unwrap_or_default() + "\n");
+            }
+            Ok(render(
+                &scorecard_rows(&card),
+                &SCORECARD_COLUMNS,
+                cli.output,
+            ))
+        }
+    }
+}
+
+/// Largest audit log sovctl reads in one command.
+const MAX_AUDIT_RECORDS: usize = 1_000_000;
+
+/// Fetch the audit log after `after`, page by page.
+pub async fn fetch_audit(
+    client: &mut QueryClient<tonic::transport::Channel>,
+    after: u64,
+) -> Result<Vec<crate::audit::AuditRecord>, tonic::Status> {
+    let mut all = Vec::new();
+    let mut after = after;
+    loop {
+        let page = client
+            .list_audit(pb::ListAuditRequest {
+                after_seq: after,
+                limit: PAGE,
+            })
+            .await?
+            .into_inner();
+        all.extend(
+            page.records
+                .into_iter()
+                .map(crate::audit::AuditRecord::from),
+        );
+        if page.next_after_seq == 0
+            || page.next_after_seq <= after
+            || all.len() >= MAX_AUDIT_RECORDS
+        {
+            return Ok(all);
+        }
+        after = page.next_after_seq;
     }
 }
 

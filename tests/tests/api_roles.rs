@@ -154,6 +154,19 @@ async fn grpc_queries(
             ),
         ),
         (
+            "ExportReport",
+            code(
+                client
+                    .export_report(pb::ExportReportRequest {
+                        since_unix_ms,
+                        until_unix_ms: 0,
+                        jurisdiction: "MA".into(),
+                    })
+                    .await
+                    .map(|_| ()),
+            ),
+        ),
+        (
             "Scorecard",
             code(
                 client
@@ -243,6 +256,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         "/api/v1/breaches",
         "/api/v1/audit",
         "/api/v1/scorecard?since=1h&jurisdiction=MA",
+        "/api/v1/report?since=1h&jurisdiction=MA",
     ];
     for who in EVERYONE {
         let cert = cert_of(&pki, who);
@@ -307,8 +321,8 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
     );
 
     // ---- the audit log ----
-    // Regulator and admin (certificates over gRPC and HTTPS, tokens over HTTPS): 6 gRPC calls
-    // each, and 6 routes for each of the four HTTPS callers; nothing for agents or refusals
+    // Regulator and admin (certificates over gRPC and HTTPS, tokens over HTTPS): 7 gRPC calls
+    // each, and 7 routes for each of the four HTTPS callers; nothing for agents or refusals
     // before authentication. The regulator-certificate + expired-token request was refused
     // before any query.
     let mut records = Vec::new();
@@ -319,7 +333,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         after = last.seq;
         records.extend(page);
     }
-    assert_eq!(records.len(), 2 * 6 + 4 * 6, "{records:#?}");
+    assert_eq!(records.len(), 2 * 7 + 4 * 7, "{records:#?}");
     let by = |role: &str, via: &str| {
         records
             .iter()
@@ -329,12 +343,12 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
             })
             .count()
     };
-    assert_eq!(by("regulator", "grpc"), 6);
-    assert_eq!(by("admin", "grpc"), 6);
-    assert_eq!(by("regulator", "https-cert"), 6);
-    assert_eq!(by("admin", "https-cert"), 6);
-    assert_eq!(by("regulator", "https-token"), 6);
-    assert_eq!(by("admin", "https-token"), 6);
+    assert_eq!(by("regulator", "grpc"), 7);
+    assert_eq!(by("admin", "grpc"), 7);
+    assert_eq!(by("regulator", "https-cert"), 7);
+    assert_eq!(by("admin", "https-cert"), 7);
+    assert_eq!(by("regulator", "https-token"), 7);
+    assert_eq!(by("admin", "https-token"), 7);
     assert!(records.iter().all(|r| !r.actor.starts_with("agent/")));
     let egress = records
         .iter()
@@ -366,6 +380,39 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         stdout.contains(&format!("{} records", records.len())),
         "{stdout}"
     );
+
+    // A revoked token stops working at once; `token list` no longer shows it.
+    let id = &sov_collector::token::token_hash(&tokens.regulator)[..12];
+    let cli = |args: &[&str]| {
+        std::process::Command::new(sov_e2e::bin_path("e2e-collector"))
+            .args(["token"])
+            .args(args)
+            .args(["--config", config_file.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let listed = String::from_utf8(cli(&["list"]).stdout).unwrap();
+    assert!(
+        listed.contains(id) && listed.contains("expired"),
+        "{listed}"
+    );
+    assert!(cli(&["revoke", id]).status.success());
+    let reply = https_get(
+        &pki,
+        http_addr,
+        None,
+        Some(&tokens.regulator),
+        "/api/v1/nodes",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert!(
+        !String::from_utf8(cli(&["list"]).stdout)
+            .unwrap()
+            .contains(id)
+    );
+    assert!(!cli(&["revoke", id]).status.success());
 
     collector.stop().await;
 }

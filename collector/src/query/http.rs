@@ -10,9 +10,10 @@
 //! | `GET /api/v1/nodes` | `ListNodes` | `limit`, `after` |
 //! | `GET /api/v1/models` | `ListModels` | `q`, `limit`, `after` |
 //! | `GET /api/v1/egress` | `Egress` | `since`, `until`, `by`, `limit` |
-//! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `since`, `limit` |
+//! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `node`, `min_severity`, `since`, `limit` |
 //! | `GET /api/v1/audit` | `ListAudit` | `after_seq`, `limit` |
 //! | `GET /api/v1/scorecard` | `Scorecard` | `since`, `until`, `jurisdiction` |
+//! | `GET /api/v1/report` | `ExportReport` | `since`, `until`, `jurisdiction`, `format` (`json`, `html`) |
 //!
 //! Times (`since`, `until`) are a duration back from now (`90m`, `24h`, `7d`) or Unix
 //! milliseconds. Unknown parameters are refused. Errors are JSON `{"error", "code"}` with
@@ -193,7 +194,7 @@ fn respond(
     h.insert(
         "content-security-policy",
         HeaderValue::from_static(
-            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+            "default-src 'self'; img-src 'self' data:; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
         ),
     );
     resp
@@ -282,6 +283,12 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
         Ok(p) => p,
         Err(s) => return error_response(&s),
     };
+    if route == "report" {
+        return match report(query, &caller, params).await {
+            Ok((content_type, text)) => respond(StatusCode::OK, content_type, text),
+            Err(s) => error_response(&s),
+        };
+    }
     match answer(query, &caller, route, params).await {
         Ok(v) => json_response(StatusCode::OK, &v),
         Err(s) => error_response(&s),
@@ -289,14 +296,56 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
 }
 
 /// The API routes under `/api/v1/`.
-pub const ROUTES: [&str; 6] = [
+pub const ROUTES: [&str; 7] = [
     "nodes",
     "models",
     "egress",
     "breaches",
     "audit",
     "scorecard",
+    "report",
 ];
+
+/// `GET /api/v1/report`: the signed evidence report, JSON (default) or HTML.
+async fn report(
+    query: &QueryService,
+    caller: &Caller,
+    p: Params,
+) -> Result<(&'static str, String), Status> {
+    p.only(&["since", "until", "jurisdiction", "format"])?;
+    let html = match p.get("format").unwrap_or("json") {
+        "json" | "" => false,
+        "html" => true,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "format {other:?} is not json or html"
+            )));
+        }
+    };
+    let now = crate::ingest::now_unix_ms();
+    let since = match p.time("since", now)? {
+        0 => now.saturating_sub(30 * 86_400_000),
+        t => t,
+    };
+    let r = query
+        .export_report_as(
+            caller,
+            pb::ExportReportRequest {
+                since_unix_ms: since,
+                until_unix_ms: p.time("until", now)?,
+                jurisdiction: p.text("jurisdiction"),
+            },
+        )
+        .await?;
+    Ok(if html {
+        (
+            "text/html; charset=utf-8",
+            crate::report::render_html(&r.signed_json),
+        )
+    } else {
+        ("application/json", r.signed_json)
+    })
+}
 
 /// The caller: a bearer token when the request carries one, else the client certificate.
 async fn authenticate(
@@ -412,11 +461,12 @@ impl Params {
         }
     }
 
-    /// A time: a duration back from `now` (`24h`) or Unix milliseconds; 0 when absent.
+    /// A time: a duration back from `now` (`24h`, a number with its unit) or Unix milliseconds
+    /// (digits only); 0 when absent.
     fn time(&self, key: &str, now: i64) -> Result<i64, Status> {
         match self.get(key) {
             None | Some("") => Ok(0),
-            Some(v) if v.bytes().all(|b| b.is_ascii_digit()) && v.len() > 6 => v
+            Some(v) if v.bytes().all(|b| b.is_ascii_digit()) => v
                 .parse()
                 .map_err(|_| Status::invalid_argument(format!("{key} {v:?} is out of range"))),
             Some(v) => crate::sovctl::parse_duration_ms(v)
@@ -500,7 +550,7 @@ async fn answer(
             }))
         }
         "breaches" => {
-            p.only(&["state", "rule", "since", "limit"])?;
+            p.only(&["state", "rule", "node", "min_severity", "since", "limit"])?;
             let state = match p.get("state").unwrap_or("") {
                 "all" => String::new(),
                 s => s.to_owned(),
@@ -513,6 +563,8 @@ async fn answer(
                         rule: p.text("rule"),
                         since_unix_ms: p.time("since", now)?,
                         limit: p.number("limit")?,
+                        node: p.text("node"),
+                        min_severity: p.text("min_severity"),
                     },
                 )
                 .await?;

@@ -89,6 +89,11 @@ impl RowCount for pb::ListAuditResponse {
         self.records.len() as u64
     }
 }
+impl RowCount for pb::ExportReportResponse {
+    fn row_count(&self) -> u64 {
+        1
+    }
+}
 impl RowCount for pb::ScorecardResponse {
     fn row_count(&self) -> u64 {
         1
@@ -102,6 +107,8 @@ pub struct QueryService {
     trust_domain: String,
     max_page: u32,
     policy: Option<Arc<crate::policy::PolicyWatch>>,
+    signer: Option<Arc<crate::report::ReportSigner>>,
+    geo: Option<crate::geo::Geo>,
 }
 
 impl QueryService {
@@ -112,7 +119,20 @@ impl QueryService {
             trust_domain,
             max_page,
             policy: None,
+            signer: None,
+            geo: None,
         }
+    }
+
+    /// The same, signing evidence reports with `signer` and naming `geo`'s databases in them.
+    pub fn with_evidence(
+        mut self,
+        signer: Option<Arc<crate::report::ReportSigner>>,
+        geo: Option<crate::geo::Geo>,
+    ) -> Self {
+        self.signer = signer;
+        self.geo = geo;
+        self
     }
 
     /// The same, answering the scorecard under the collector's policy.
@@ -269,6 +289,9 @@ fn store_unavailable(e: crate::store::StoreError) -> Status {
     Status::unavailable(format!("collector store unavailable: {e}"))
 }
 
+/// Most breaches and breach-log records in one evidence report.
+pub const MAX_REPORT_ROWS: u32 = 100_000;
+
 /// Largest time range an egress query or a scorecard may span.
 pub const MAX_EGRESS_RANGE_MS: i64 = 366 * 86_400_000;
 
@@ -411,6 +434,8 @@ impl QueryService {
         let params = json!({
             "state": r.state,
             "rule": r.rule,
+            "node": r.node,
+            "min_severity": r.min_severity,
             "since_unix_ms": r.since_unix_ms,
             "limit": r.limit,
         });
@@ -434,11 +459,27 @@ impl QueryService {
                 "rule is longer than 256 characters",
             ));
         }
+        if r.node.len() > 256 {
+            return Err(Status::invalid_argument(
+                "node is longer than 256 characters",
+            ));
+        }
+        let min_severity = match r.min_severity.as_str() {
+            "" => None,
+            s => Some(
+                s.parse::<crate::breach::Severity>()
+                    .map_err(|e| Status::invalid_argument(format!("min_severity: {e}")))?,
+            ),
+        };
+        let limit = self.page(r.limit);
+        // Node and severity are filtered here, over at most MAX_REPORT_ROWS of the store's
+        // answer (newest first), so the page stays the newest matching ones.
+        let narrowed = !r.node.is_empty() || min_severity.is_some();
         let filter = crate::breach::BreachFilter {
             state,
             rule: (!r.rule.is_empty()).then(|| r.rule.clone()),
             since_unix_ms: (r.since_unix_ms != 0).then_some(r.since_unix_ms),
-            limit: self.page(r.limit),
+            limit: if narrowed { MAX_REPORT_ROWS } else { limit },
         };
         let breaches = self
             .store
@@ -446,7 +487,13 @@ impl QueryService {
             .await
             .map_err(store_unavailable)?;
         Ok(pb::ListBreachesResponse {
-            breaches: breaches.into_iter().map(Into::into).collect(),
+            breaches: breaches
+                .into_iter()
+                .filter(|b| r.node.is_empty() || b.node == r.node)
+                .filter(|b| min_severity.is_none_or(|m| b.severity >= m))
+                .take(limit as usize)
+                .map(Into::into)
+                .collect(),
         })
     }
 
@@ -505,6 +552,96 @@ impl QueryService {
                 scorecard_json: v.to_string(),
             });
         self.audited(caller, "Scorecard", params, result).await
+    }
+
+    /// `ExportReport` for `caller`.
+    pub async fn export_report_as(
+        &self,
+        caller: &Caller,
+        r: pb::ExportReportRequest,
+    ) -> Result<pb::ExportReportResponse, Status> {
+        Self::allow(caller, "ExportReport")?;
+        let params = json!({
+            "since_unix_ms": r.since_unix_ms,
+            "until_unix_ms": r.until_unix_ms,
+            "jurisdiction": r.jurisdiction,
+        });
+        let result = self.export_report_inner(caller, r).await;
+        self.audited(caller, "ExportReport", params, result).await
+    }
+
+    async fn export_report_inner(
+        &self,
+        caller: &Caller,
+        r: pb::ExportReportRequest,
+    ) -> Result<pb::ExportReportResponse, Status> {
+        let signer = self.signer.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this collector cannot sign reports: its TLS key is not an ECDSA P-256 PKCS#8 key",
+            )
+        })?;
+        let until = time_range(r.since_unix_ms, r.until_unix_ms)?;
+        let card = self
+            .scorecard_value(r.since_unix_ms, until, &r.jurisdiction)
+            .await?;
+        let breaches = self
+            .store
+            .list_breaches(crate::breach::BreachFilter {
+                state: None,
+                rule: None,
+                since_unix_ms: Some(r.since_unix_ms),
+                limit: MAX_REPORT_ROWS,
+            })
+            .await
+            .map_err(store_unavailable)?;
+        let breaches: Vec<Value> = breaches
+            .into_iter()
+            .filter(|b| b.opened_at_unix_ms < until)
+            .map(|b| crate::sovctl::breach_json(&pb::BreachSummary::from(b)))
+            .collect();
+        // The breach-log segment: from the first record at or after `since` to the last one
+        // before `until`, consecutive (so its chain can be checked on its own).
+        let mut records = Vec::new();
+        let mut after = 0;
+        let mut truncated = false;
+        'read: loop {
+            let page = self
+                .store
+                .breach_log(after, 1000)
+                .await
+                .map_err(store_unavailable)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for rec in page {
+                if records.is_empty() && rec.at_unix_ms < r.since_unix_ms {
+                    continue;
+                }
+                if rec.at_unix_ms >= until {
+                    break 'read;
+                }
+                if records.len() >= MAX_REPORT_ROWS as usize {
+                    truncated = true;
+                    break 'read;
+                }
+                records.push(crate::report::log_record_json(&rec));
+            }
+        }
+        let report = json!({
+            "generated_at": crate::sovctl::rfc3339(crate::ingest::now_unix_ms()),
+            "since": crate::sovctl::rfc3339(r.since_unix_ms),
+            "until": crate::sovctl::rfc3339(until),
+            "since_unix_ms": r.since_unix_ms,
+            "until_unix_ms": until,
+            "requested_by": format!("{}/{}", caller.id.role, caller.id.name),
+            "scorecard": card,
+            "breaches": breaches,
+            "breach_log": {"records": records, "truncated": truncated},
+            "geo_sources": self.geo.as_ref().map(crate::geo::Geo::builds).unwrap_or_default(),
+        });
+        let signed_json = signer
+            .sign(report)
+            .map_err(|e| Status::internal(format!("signing the report failed: {e}")))?;
+        Ok(pb::ExportReportResponse { signed_json })
     }
 
     /// The scorecard as JSON (not audited: callers audit).
@@ -597,6 +734,16 @@ impl pb::query_server::Query for QueryService {
             .map(Response::new)
     }
 
+    async fn export_report(
+        &self,
+        req: Request<pb::ExportReportRequest>,
+    ) -> Result<Response<pb::ExportReportResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.export_report_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn scorecard(
         &self,
         req: Request<pb::ScorecardRequest>,
@@ -605,5 +752,121 @@ impl pb::query_server::Query for QueryService {
         self.scorecard_as(&caller, req.into_inner())
             .await
             .map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breach::{Observation, Severity};
+
+    fn regulator() -> Caller {
+        Caller {
+            id: Identity {
+                name: "analyst".into(),
+                role: Role::Regulator,
+            },
+            via: Via::Grpc,
+        }
+    }
+
+    async fn service() -> (tempfile::TempDir, QueryService) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        for (node, severity, at) in [
+            ("a", Severity::Warning, 1000),
+            ("b", Severity::Critical, 2000),
+            ("a", Severity::Critical, 3000),
+        ] {
+            store
+                .observe_breach(Observation {
+                    rule: "r".into(),
+                    node: node.into(),
+                    subject: format!("s{at}"),
+                    severity,
+                    evidence: serde_json::Value::Null,
+                    at_unix_ms: at,
+                })
+                .await
+                .unwrap();
+        }
+        (dir, QueryService::new(store, "sovereign".into(), 1000))
+    }
+
+    #[tokio::test]
+    async fn breaches_are_filtered_by_node_and_minimum_severity_newest_first() {
+        let (_dir, q) = service().await;
+        let list = |node: &str, sev: &str, limit: u32| {
+            let q = q.clone();
+            let r = pb::ListBreachesRequest {
+                node: node.into(),
+                min_severity: sev.into(),
+                limit,
+                ..Default::default()
+            };
+            async move {
+                q.list_breaches_as(&regulator(), r).await.map(|r| {
+                    r.breaches
+                        .into_iter()
+                        .map(|b| (b.node, b.severity))
+                        .collect::<Vec<_>>()
+                })
+            }
+        };
+        let pair = |n: &str, s: &str| (n.to_owned(), s.to_owned());
+        assert_eq!(
+            list("a", "", 0).await.unwrap(),
+            [pair("a", "critical"), pair("a", "warning")]
+        );
+        assert_eq!(
+            list("", "critical", 0).await.unwrap(),
+            [pair("a", "critical"), pair("b", "critical")]
+        );
+        assert_eq!(
+            list("a", "critical", 0).await.unwrap(),
+            [pair("a", "critical")]
+        );
+        assert_eq!(list("", "warning", 1).await.unwrap().len(), 1);
+        let err = list("", "severe", 0).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn every_query_and_refusal_of_a_regulator_is_audited_and_agents_are_not() {
+        let (_dir, q) = service().await;
+        q.list_nodes_as(&regulator(), pb::ListNodesRequest::default())
+            .await
+            .unwrap();
+        let bad = pb::EgressRequest {
+            since_unix_ms: 10,
+            until_unix_ms: 5,
+            ..Default::default()
+        };
+        assert!(q.egress_as(&regulator(), bad).await.is_err());
+        let agent = Caller {
+            id: Identity {
+                name: "n1".into(),
+                role: Role::Agent,
+            },
+            via: Via::Grpc,
+        };
+        let s = q
+            .list_nodes_as(&agent, pb::ListNodesRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+        let log = q.store().audit_log(0, 10).await.unwrap();
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert_eq!(log[0].call, "ListNodes");
+        assert_eq!(log[0].body()["outcome"], "ok");
+        assert_eq!(log[1].call, "Egress");
+        assert!(
+            log[1].body()["outcome"]
+                .as_str()
+                .unwrap()
+                .starts_with("InvalidArgument"),
+            "{:?}",
+            log[1]
+        );
     }
 }

@@ -7,11 +7,13 @@
 //! 2. **Where AI runs** — GPU-hours in the range by the node's jurisdiction (its site's country
 //!    from the policy, else the declared one) and by the origin of the model the process holds
 //!    (a process holding no known weights counts as `unattributed`).
-//! 3. **Where data flows** — outbound bytes in the range by destination country and ASN, and
-//!    the share that left the jurisdiction (bytes to unplaced destinations are counted apart).
+//! 3. **Where data flows** — outbound bytes that nodes inside the jurisdiction sent in the
+//!    range, by destination country, and the share that left it (bytes to destinations no
+//!    database could place are counted apart, neither inside nor outside); the top ASNs by
+//!    bytes over every node.
 //! 4. **How complete the picture is** — nodes known, nodes that reported in the range, silent
 //!    nodes (nothing for `silence_secs` before the end of the range), reports missing and
-//!    declared dropped per node.
+//!    declared dropped per node, with the missing sequence ranges of its latest epoch.
 //!
 //! The answer is one JSON object (the same over gRPC, HTTPS and in a signed report).
 
@@ -27,6 +29,10 @@ use crate::store::{EgressQuery, GpuUsageRow, Store, StoreError};
 /// Most nodes, models, GPU usage groups and egress groups read for one scorecard; beyond
 /// that the scorecard says it is truncated.
 pub const MAX_ROWS: u32 = 100_000;
+/// Missing ranges listed per node.
+pub const MAX_RANGES_PER_NODE: u32 = 20;
+/// Nodes whose missing ranges are listed.
+pub const MAX_NODES_WITH_RANGES: usize = 1000;
 /// Page size used to read nodes and models.
 const PAGE: u32 = 1000;
 /// ASNs listed in `data.by_asn`.
@@ -44,10 +50,13 @@ pub struct Inputs {
     pub models: Vec<pb::ModelSummary>,
     /// GPU-seconds per process in the range.
     pub gpu: Vec<GpuUsageRow>,
-    /// Outbound bytes by destination country in the range.
-    pub egress_by_country: Vec<pb::EgressRow>,
+    /// Outbound bytes by node and destination country in the range.
+    pub egress_by_node: Vec<pb::EgressRow>,
     /// Outbound bytes by destination ASN in the range.
     pub egress_by_asn: Vec<pb::EgressRow>,
+    /// Missing sequence ranges of each node's latest epoch, for nodes with missing reports
+    /// (at most [`MAX_RANGES_PER_NODE`] each, for at most [`MAX_NODES_WITH_RANGES`] nodes).
+    pub missing_ranges: BTreeMap<String, Vec<(u64, u64)>>,
     /// Whether any of the reads above hit [`MAX_ROWS`].
     pub truncated: bool,
 }
@@ -93,12 +102,23 @@ pub async fn read_inputs(
             break;
         }
     }
+    for n in inputs
+        .nodes
+        .iter()
+        .filter(|n| n.missing > 0)
+        .take(MAX_NODES_WITH_RANGES)
+    {
+        let ranges = store
+            .missing_ranges(&n.node, n.epoch, MAX_RANGES_PER_NODE)
+            .await?;
+        inputs.missing_ranges.insert(n.node.clone(), ranges);
+    }
     inputs.gpu = store
         .gpu_usage(since_unix_ms, until_unix_ms, MAX_ROWS)
         .await?;
     inputs.truncated |= inputs.gpu.len() >= MAX_ROWS as usize;
     for (by, out) in [
-        ("country", &mut inputs.egress_by_country),
+        ("node", &mut inputs.egress_by_node),
         ("asn", &mut inputs.egress_by_asn),
     ] {
         let (rows, left_out) = store
@@ -251,30 +271,42 @@ pub fn build(
             .unwrap_or(std::cmp::Ordering::Equal)
     });
 
-    // 3. Data.
+    // 3. Data: what nodes inside the jurisdiction sent.
     let mut sent_total = 0u64;
     let mut sent_outside = 0u64;
     let mut sent_unplaced = 0u64;
-    let countries: Vec<Value> = inputs
-        .egress_by_country
+    let mut per_country: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    for r in &inputs.egress_by_node {
+        let from_inside = node_country
+            .get(r.node.as_str())
+            .is_some_and(|c| policy.is_inside(c));
+        if !from_inside {
+            continue;
+        }
+        sent_total += r.bytes_sent;
+        if r.country.is_empty() {
+            sent_unplaced += r.bytes_sent;
+        } else if !policy.is_inside(&r.country) {
+            sent_outside += r.bytes_sent;
+        }
+        let e = per_country.entry(r.country.as_str()).or_default();
+        e.0 += r.bytes_sent;
+        e.1 += r.bytes_received;
+        e.2 += r.connections;
+    }
+    let mut countries: Vec<Value> = per_country
         .iter()
-        .map(|r| {
-            sent_total += r.bytes_sent;
-            let inside = policy.is_inside(&r.country);
-            if r.country.is_empty() {
-                sent_unplaced += r.bytes_sent;
-            } else if !inside {
-                sent_outside += r.bytes_sent;
-            }
+        .map(|(country, (sent, received, connections))| {
             json!({
-                "country": r.country,
-                "inside": inside,
-                "bytes_sent": r.bytes_sent,
-                "bytes_received": r.bytes_received,
-                "connections": r.connections,
+                "country": country,
+                "inside": policy.is_inside(country),
+                "bytes_sent": sent,
+                "bytes_received": received,
+                "connections": connections,
             })
         })
         .collect();
+    countries.sort_by(|a, b| b["bytes_sent"].as_u64().cmp(&a["bytes_sent"].as_u64()));
     let asns: Vec<Value> = inputs
         .egress_by_asn
         .iter()
@@ -318,6 +350,12 @@ pub fn build(
                 "missing": n.missing,
                 "dropped": n.dropped,
                 "last_seq": n.last_seq,
+                "epoch": n.epoch,
+                "ranges": inputs
+                    .missing_ranges
+                    .get(&n.node)
+                    .map(|r| r.iter().map(|(a, b)| json!([a, b])).collect::<Vec<_>>())
+                    .unwrap_or_default(),
             })
         })
         .collect();
@@ -352,7 +390,7 @@ pub fn build(
             "bytes_sent_unplaced": sent_unplaced,
             "share_leaving": share(sent_outside as f64, sent_total as f64),
             "by_country": countries,
-            "by_asn": asns,
+            "by_asn_all_nodes": asns,
         },
         "completeness": {
             "nodes": inputs.nodes.len(),

@@ -582,6 +582,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Audit log records with `seq > after_seq`, in order, at most `limit`.
     async fn audit_log(&self, after_seq: u64, limit: u32) -> Result<Vec<AuditRecord>, StoreError>;
 
+    /// The sequence ranges `(first, last)` (inclusive) of `node`'s `epoch` that were never
+    /// stored, in order, at most `limit` (holes between stored reports, and before the first).
+    async fn missing_ranges(
+        &self,
+        node: &str,
+        epoch: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError>;
+
     /// GPU-seconds charged in `[since_unix_ms, until_unix_ms)`, summed per (node, pid,
     /// process), largest first, at most `limit` rows.
     async fn gpu_usage(
@@ -593,6 +602,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Store a new API token (its hash, never the token).
     async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError>;
+
+    /// Every stored token (expired ones too), by creation time.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Delete the token `token_id` (revocation: it stops working at once); false when there
+    /// was none.
+    async fn delete_token(&self, token_id: &str) -> Result<bool, StoreError>;
 
     /// The token whose SHA-256 is `hash`, expired or not.
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;

@@ -1725,6 +1725,26 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn missing_ranges(
+        &self,
+        node: &str,
+        epoch: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                super::sqlite::MISSING_RANGES,
+                &[&node, &to_i64(epoch, "epoch")?, &i64::from(limit)],
+            )
+            .await
+            .map_err(pg("missing ranges"))?;
+        const C: &str = "read missing range";
+        rows.iter()
+            .map(|r| Ok((get_u64(r, 0, C)?, get_u64(r, 1, C)?)))
+            .collect()
+    }
+
     async fn gpu_usage(
         &self,
         since_unix_ms: i64,
@@ -1773,6 +1793,42 @@ impl Store for PostgresStore {
             .await
             .map_err(pg("insert token"))?;
         Ok(())
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+                 ORDER BY created_ms, token_id COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("list tokens"))?;
+        const C: &str = "read token row";
+        rows.iter()
+            .map(|r| {
+                let role: String = get(r, 3, C)?;
+                super::token_from_columns(
+                    get(r, 0, C)?,
+                    get(r, 1, C)?,
+                    get(r, 2, C)?,
+                    &role,
+                    get(r, 4, C)?,
+                    get(r, 5, C)?,
+                )
+            })
+            .collect()
+    }
+
+    async fn delete_token(&self, token_id: &str) -> Result<bool, StoreError> {
+        let w = self.writer().await?;
+        let n = w
+            .client
+            .execute("DELETE FROM api_tokens WHERE token_id = $1", &[&token_id])
+            .await
+            .map_err(pg("delete token"))?;
+        Ok(n > 0)
     }
 
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {

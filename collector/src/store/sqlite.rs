@@ -525,6 +525,12 @@ const DOWNSAMPLE: [&str; 3] = [
         process_name = CASE WHEN excluded.process_name <> '' THEN excluded.process_name ELSE process_name END",
 ];
 
+/// Holes in one epoch's stored sequence numbers (both backends run the same text).
+pub(crate) const MISSING_RANGES: &str = "SELECT prev + 1, seq - 1 FROM (
+    SELECT seq, COALESCE(LAG(seq) OVER (ORDER BY seq), 0) AS prev
+    FROM reports WHERE node = $1 AND epoch = $2
+) AS s WHERE seq > prev + 1 ORDER BY seq LIMIT $3";
+
 const BREACH_COLUMNS: &str = "breach_id, rule, node, subject, severity, state, evidence, opened_ms, \
      last_seen_ms, resolved_ms, obs_count";
 
@@ -1608,6 +1614,35 @@ impl Store for SqliteStore {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    async fn missing_ranges(
+        &self,
+        node: &str,
+        epoch: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let reader = self.reader.clone();
+        let node = node.to_owned();
+        let epoch = to_i64(epoch, "epoch")?;
+        tokio::task::spawn_blocking(move || {
+            let conn = lock(&reader);
+            let mut stmt = conn
+                .prepare_cached(MISSING_RANGES)
+                .map_err(sql("prepare missing ranges"))?;
+            let mut rows = stmt
+                .query(params![node, epoch, i64::from(limit)])
+                .map_err(sql("missing ranges"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("missing ranges"))? {
+                let first: i64 = row.get(0).map_err(sql("read missing range"))?;
+                let last: i64 = row.get(1).map_err(sql("read missing range"))?;
+                out.push((to_u64(first, "first")?, to_u64(last, "last")?));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     async fn gpu_usage(
         &self,
         since_unix_ms: i64,
@@ -1662,6 +1697,48 @@ impl Store for SqliteStore {
                 )
                 .map(|_| ())
                 .map_err(sql("insert token"))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = lock(&reader);
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+                     ORDER BY created_ms, token_id",
+                )
+                .map_err(sql("prepare list tokens"))?;
+            let mut rows = stmt.query([]).map_err(sql("list tokens"))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql("list tokens"))? {
+                let role: String = r.get(3).map_err(sql("read token row"))?;
+                out.push(super::token_from_columns(
+                    r.get(0).map_err(sql("read token row"))?,
+                    r.get(1).map_err(sql("read token row"))?,
+                    r.get(2).map_err(sql("read token row"))?,
+                    &role,
+                    r.get(4).map_err(sql("read token row"))?,
+                    r.get(5).map_err(sql("read token row"))?,
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn delete_token(&self, token_id: &str) -> Result<bool, StoreError> {
+        let writer = self.writer.clone();
+        let token_id = token_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            lock(&writer)
+                .execute("DELETE FROM api_tokens WHERE token_id = ?1", [token_id])
+                .map(|n| n > 0)
+                .map_err(sql("delete token"))
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?

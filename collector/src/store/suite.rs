@@ -80,6 +80,8 @@ macro_rules! store_suite {
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
             gpu_seconds_are_summed_per_process_within_the_range,
+            missing_ranges_name_every_hole_of_an_epoch,
+            tokens_are_listed_and_a_deleted_token_is_gone,
             reports_pushed_together_are_each_stored_once_whatever_batch_they_share,
             a_bad_report_pushed_with_others_fails_alone,
             flows_with_one_key_in_one_report_become_one_aggregate_row,
@@ -1746,4 +1748,54 @@ pub(crate) async fn gpu_seconds_are_summed_per_process_within_the_range(db: &dyn
     // 1 s and 2 s are inside [1000, 3000); 3 s is not.
     assert!((rows[1].gpu_seconds - 15.0).abs() < 1e-9, "{rows:?}");
     assert_eq!(store.gpu_usage(1000, 3000, 1).await.unwrap().len(), 1);
+}
+
+pub(crate) async fn missing_ranges_name_every_hole_of_an_epoch(db: &dyn Backend) {
+    let store = db.store();
+    for seq in [3, 4, 7, 10] {
+        assert_eq!(
+            ingest(store, report("a", 1, seq)).await,
+            IngestOutcome::Stored
+        );
+    }
+    assert_eq!(
+        ingest(store, report("a", 2, 1)).await,
+        IngestOutcome::Stored
+    );
+    assert_eq!(
+        store.missing_ranges("a", 1, 10).await.unwrap(),
+        [(1, 2), (5, 6), (8, 9)]
+    );
+    assert_eq!(
+        store.missing_ranges("a", 1, 2).await.unwrap(),
+        [(1, 2), (5, 6)]
+    );
+    assert!(store.missing_ranges("a", 2, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .missing_ranges("nobody", 1, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub(crate) async fn tokens_are_listed_and_a_deleted_token_is_gone(db: &dyn Backend) {
+    use crate::auth::Role;
+    let store = db.store();
+    let (t1, r1) = crate::token::generate(Role::Regulator, "one", 1000, 86_400_000).unwrap();
+    let (_, r2) = crate::token::generate(Role::Admin, "two", 2000, 86_400_000).unwrap();
+    store.insert_token(r1.clone()).await.unwrap();
+    store.insert_token(r2.clone()).await.unwrap();
+    assert_eq!(store.list_tokens().await.unwrap(), [r1.clone(), r2.clone()]);
+    assert!(store.delete_token(&r1.token_id).await.unwrap());
+    assert!(!store.delete_token(&r1.token_id).await.unwrap());
+    assert_eq!(
+        store
+            .token_by_hash(&crate::token::token_hash(&t1))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.list_tokens().await.unwrap(), [r2]);
 }
