@@ -54,6 +54,12 @@ pub struct Metrics {
     store_ingests: AtomicU64,
     flows: AtomicU64,
     weight_files: AtomicU64,
+    /// gRPC connections open now (handshaking or established).
+    connections_open: AtomicU64,
+    /// gRPC connections closed at once because `max_connections` were open.
+    connections_refused: AtomicU64,
+    /// TLS handshakes that failed: [refused by the peer or by us, timed out].
+    handshakes_failed: [AtomicU64; 2],
     census: Mutex<Option<(Instant, Option<NodeCensus>)>>,
 }
 
@@ -202,6 +208,9 @@ impl Metrics {
             store_ingests: AtomicU64::new(0),
             flows: AtomicU64::new(0),
             weight_files: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            handshakes_failed: [AtomicU64::new(0), AtomicU64::new(0)],
             census: Mutex::new(None),
         }
     }
@@ -274,6 +283,25 @@ impl Metrics {
         self.render(&scrape)
     }
 
+    /// A gRPC connection was accepted (`true`) or closed (`false`).
+    pub fn connection(&self, opened: bool) {
+        if opened {
+            self.connections_open.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.connections_open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A gRPC connection was closed at once: `max_connections` were open.
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A TLS handshake failed (`timed_out`: it did not finish within the timeout).
+    pub fn handshake_failed(&self, timed_out: bool) {
+        self.handshakes_failed[usize::from(timed_out)].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The text exposition of the counters and of `scrape`'s measurements.
     pub fn render(&self, scrape: &Scrape) -> String {
         let mut out = String::with_capacity(4096);
@@ -323,6 +351,45 @@ impl Metrics {
                     code_name(code)
                 );
             }
+        }
+
+        family(
+            &mut out,
+            "sov_collector_grpc_connections_open",
+            "gauge",
+            "gRPC connections open now, handshaking or established (at most max_connections).",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_grpc_connections_open {}",
+            load(&self.connections_open)
+        );
+        family(
+            &mut out,
+            "sov_collector_grpc_connections_refused_total",
+            "counter",
+            "gRPC connections closed as soon as accepted because max_connections were open.",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_grpc_connections_refused_total {}",
+            load(&self.connections_refused)
+        );
+        family(
+            &mut out,
+            "sov_collector_tls_handshake_failures_total",
+            "counter",
+            "gRPC TLS handshakes that failed, by reason: error (a certificate refused, not TLS, cut off) or timeout (tls_handshake_timeout_secs).",
+        );
+        for (reason, c) in [
+            ("error", &self.handshakes_failed[0]),
+            ("timeout", &self.handshakes_failed[1]),
+        ] {
+            let _ = writeln!(
+                out,
+                "sov_collector_tls_handshake_failures_total{{reason=\"{reason}\"}} {}",
+                load(c)
+            );
         }
 
         family(
@@ -560,6 +627,9 @@ mod tests {
             "sov_collector_build_info",
             "sov_collector_reports_ingested_total",
             "sov_collector_ingest_errors_total",
+            "sov_collector_grpc_connections_open",
+            "sov_collector_grpc_connections_refused_total",
+            "sov_collector_tls_handshake_failures_total",
             "sov_collector_store_ingest_seconds_total",
             "sov_collector_store_ingests_total",
             "sov_collector_flows_ingested_total",

@@ -436,6 +436,7 @@ pub async fn run_with_metrics(
             max_connections: config.max_connections,
             handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_secs),
         },
+        metrics.clone(),
         maintenance.clone(),
     );
     let _stop_maintenance = maintenance.drop_guard();

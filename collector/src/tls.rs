@@ -527,7 +527,33 @@ pub struct AcceptLimits {
 #[derive(Debug)]
 pub struct Conn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
+    _slot: Slot,
+}
+
+/// A place under `max_connections`, counted in the open-connections gauge until dropped.
+#[derive(Debug)]
+struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Slot {
+    fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        metrics.connection(true);
+        Self {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.connection(false);
+    }
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -585,10 +611,11 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     limits: AcceptLimits,
+    metrics: Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<Conn, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
-    tokio::spawn(accept_loop(listener, tls, limits, tx, stop));
+    tokio::spawn(accept_loop(listener, tls, limits, metrics, tx, stop));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
@@ -596,6 +623,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     limits: AcceptLimits,
+    metrics: Arc<crate::metrics::Metrics>,
     tx: tokio::sync::mpsc::Sender<Result<Conn, io::Error>>,
     stop: CancellationToken,
 ) {
@@ -617,6 +645,7 @@ async fn accept_loop(
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             // At the limit: close at once rather than let the kernel queue grow.
+            metrics.connection_refused();
             shed += 1;
             if shed.is_power_of_two() {
                 tracing::warn!(
@@ -634,19 +663,23 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        let slot = Slot::new(permit, metrics.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let tx = tx.clone();
         let stop = stop.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
             let stream = tokio::select! {
                 r = handshake => match r {
                     Ok(Ok(s)) => s,
                     Ok(Err(err)) => {
+                        metrics.handshake_failed(false);
                         tracing::debug!(peer.addr = %addr, error = %err, "tls handshake failed");
                         return;
                     }
                     Err(_) => {
+                        metrics.handshake_failed(true);
                         tracing::debug!(peer.addr = %addr, "tls handshake timed out");
                         return;
                     }
@@ -656,7 +689,7 @@ async fn accept_loop(
             let _ = tx
                 .send(Ok(Conn {
                     inner: stream,
-                    _permit: permit,
+                    _slot: slot,
                 }))
                 .await;
         });

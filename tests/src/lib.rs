@@ -283,6 +283,9 @@ pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
     if let Some(h) = cfg.http.listen {
         text.push_str(&format!("\n[http]\nlisten = \"{h}\"\n"));
     }
+    if let Some(m) = cfg.metrics.listen {
+        text.push_str(&format!("\n[metrics]\nlisten = \"{m}\"\n"));
+    }
     if let Some(p) = &cfg.policy {
         text = format!("policy = {p:?}\n{text}");
     }

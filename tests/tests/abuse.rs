@@ -41,6 +41,19 @@ async fn still_served(
     assert_eq!((ack.seq, ack.duplicate), (*seq, false), "{what}");
 }
 
+/// `GET /metrics` from the collector's Prometheus endpoint.
+async fn metrics(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
 fn status_field(pid: u32, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = text
@@ -82,9 +95,11 @@ async fn the_collector_stays_bounded_and_keeps_serving_under_idle_connections_sl
     let pki = Pki::new();
     let work = tempfile::tempdir().unwrap();
     let port = free_port();
+    let metrics_port = free_port();
     let collector = CollectorProcess::start_with(&pki, work.path(), port, |c| {
         c.max_connections = max_connections;
         c.tls_handshake_timeout_secs = 2;
+        c.metrics.listen = Some(format!("127.0.0.1:{metrics_port}").parse().unwrap());
     });
     let pid = collector.pid();
     let url = collector.url();
@@ -240,6 +255,18 @@ async fn the_collector_stays_bounded_and_keeps_serving_under_idle_connections_sl
     let node = sov_e2e::node(&pki, &url, "steady").await.unwrap();
     assert_eq!(node.last_seq, steady_seq, "{node:?}");
     assert_eq!(node.reports, steady_seq, "{node:?}");
+
+    // The abuse is visible to the operator.
+    let text = metrics(metrics_port).await;
+    let value = |line: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{line} not in /metrics:\n{text}"))
+    };
+    assert!(value("sov_collector_grpc_connections_refused_total ") > 0);
+    assert!(value("sov_collector_tls_handshake_failures_total{reason=\"timeout\"} ") > 0);
+    assert!(value("sov_collector_grpc_connections_open ") <= 8, "{text}");
 
     let peak = status_field(pid, "VmHWM:");
     eprintln!(
