@@ -138,6 +138,55 @@ enum Command {
         #[arg(long, default_value = "")]
         jurisdiction: String,
     },
+    /// The jurisdiction policy in force (admins only): sites, model rules, allowed
+    /// destinations with their reasons and expiry, thresholds.
+    Policy,
+}
+
+/// The columns of `sovctl policy` as a table or CSV (JSON prints the whole object).
+pub const POLICY_COLUMNS: [&str; 3] = ["section", "item", "value"];
+
+/// The policy as rows of `section`, `item`, `value`.
+pub fn policy_rows(p: &Value) -> Vec<Value> {
+    let row = |section: &str, item: String, value: String| serde_json::json!({"section": section, "item": item, "value": value});
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut rows = vec![
+        row("policy", "file".into(), text(&p["file"])),
+        row("policy", "jurisdiction".into(), text(&p["jurisdiction"])),
+        row("policy", "inside".into(), text(&p["inside"])),
+    ];
+    for (site, country) in p["sites"].as_object().into_iter().flatten() {
+        rows.push(row("site", site.clone(), text(country)));
+    }
+    for m in p["models"].as_array().into_iter().flatten() {
+        rows.push(row("model", text(&m["match"]), text(&m["class"])));
+    }
+    for a in p["allow"].as_array().into_iter().flatten() {
+        let expires = match &a["expires"] {
+            Value::Null => "never".to_owned(),
+            e => text(e),
+        };
+        let state = if a["active"] == true {
+            "active"
+        } else {
+            "expired"
+        };
+        rows.push(row(
+            "allow",
+            text(&a["target"]),
+            format!("{} (expires {expires}, {state})", text(&a["reason"])),
+        ));
+    }
+    for (k, v) in p["thresholds"].as_object().into_iter().flatten() {
+        rows.push(row("threshold", k.clone(), text(v)));
+    }
+    for w in p["warnings"].as_array().into_iter().flatten() {
+        rows.push(row("warning", String::new(), text(w)));
+    }
+    rows
 }
 
 /// The columns of `sovctl audit`, in order; the JSON objects carry at least these keys.
@@ -830,6 +879,19 @@ async fn run(cli: Cli) -> Result<String, String> {
                 cli.output,
             ))
         }
+        Command::Policy => {
+            let resp = client
+                .get_policy(pb::GetPolicyRequest {})
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let policy: Value = serde_json::from_str(&resp.policy_json)
+                .map_err(|e| format!("the collector sent a policy that is not JSON: {e}"))?;
+            if cli.output == Output::Json {
+                return Ok(serde_json::to_string_pretty(&policy).unwrap_or_default() + "\n");
+            }
+            Ok(render(&policy_rows(&policy), &POLICY_COLUMNS, cli.output))
+        }
     }
 }
 
@@ -891,6 +953,27 @@ pub fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_policy_table_has_one_row_per_site_model_allow_entry_and_threshold() {
+        let p = serde_json::json!({
+            "file": "/etc/sovereign/policy.toml",
+            "jurisdiction": "MA",
+            "inside": ["MA"],
+            "sites": {"paris": "FR"},
+            "models": [{"match": "acme/*", "class": "restricted"}],
+            "allow": [{"target": {"asn": 64500}, "reason": "cdn", "expires": null, "active": true}],
+            "thresholds": {"window_secs": 300},
+            "warnings": [],
+        });
+        let rows = policy_rows(&p);
+        let find = |section: &str| rows.iter().find(|r| r["section"] == section).unwrap();
+        assert_eq!(find("site")["item"], "paris");
+        assert_eq!(find("model")["value"], "restricted");
+        assert_eq!(find("allow")["value"], "cdn (expires never, active)");
+        assert_eq!(find("threshold")["value"], "300");
+        assert_eq!(rows.len(), 3 + 1 + 1 + 1 + 1);
+    }
 
     fn sample() -> pb::NodeSummary {
         pb::NodeSummary {

@@ -179,6 +179,10 @@ async fn grpc_queries(
                     .map(|_| ()),
             ),
         ),
+        (
+            "GetPolicy",
+            code(client.get_policy(pb::GetPolicyRequest {}).await.map(|_| ())),
+        ),
     ]
 }
 
@@ -196,8 +200,11 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
     let http_port = free_port();
+    let policy = data.path().join("policy.toml");
+    std::fs::write(&policy, "jurisdiction = \"MA\"\n").unwrap();
     let collector = InProcessCollector::start(&pki, data.path(), |c| {
         c.http.listen = Some(format!("127.0.0.1:{http_port}").parse().unwrap());
+        c.policy = Some(policy);
     })
     .await;
     let url = collector.url();
@@ -240,6 +247,8 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         let mut query = QueryClient::new(channel);
         for (call, got) in grpc_queries(&mut query, now - 3_600_000).await {
             let want = match who {
+                // The policy is the operator's business: admins only.
+                Who::Regulator if call == "GetPolicy" => Err(Code::PermissionDenied),
                 Who::Regulator | Who::Admin => Ok(()),
                 Who::Agent => Err(Code::PermissionDenied),
                 _ => Err(Code::Unauthenticated),
@@ -257,6 +266,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         "/api/v1/audit",
         "/api/v1/scorecard?since=1h&jurisdiction=MA",
         "/api/v1/report?since=1h&jurisdiction=MA",
+        "/api/v1/policy",
     ];
     for who in EVERYONE {
         let cert = cert_of(&pki, who);
@@ -265,6 +275,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
                 .await
                 .unwrap();
             let want = match who {
+                Who::Regulator | Who::RegulatorToken if route == "/api/v1/policy" => 403,
                 Who::Regulator | Who::Admin | Who::RegulatorToken | Who::AdminToken => 200,
                 Who::Agent | Who::AgentToken => 403,
                 Who::NoCert | Who::ExpiredToken => 401,
@@ -321,10 +332,10 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
     );
 
     // ---- the audit log ----
-    // Regulator and admin (certificates over gRPC and HTTPS, tokens over HTTPS): 7 gRPC calls
-    // each, and 7 routes for each of the four HTTPS callers; nothing for agents or refusals
-    // before authentication. The regulator-certificate + expired-token request was refused
-    // before any query.
+    // Regulator and admin (certificates over gRPC and HTTPS, tokens over HTTPS): 8 gRPC calls
+    // each, and 8 routes for each of the four HTTPS callers — a regulator's refused GetPolicy
+    // is recorded too; nothing for agents or refusals before authentication. The
+    // regulator-certificate + expired-token request was refused before any query.
     let mut records = Vec::new();
     let mut after = 0;
     loop {
@@ -333,7 +344,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         after = last.seq;
         records.extend(page);
     }
-    assert_eq!(records.len(), 2 * 7 + 4 * 7, "{records:#?}");
+    assert_eq!(records.len(), 2 * 8 + 4 * 8, "{records:#?}");
     let by = |role: &str, via: &str| {
         records
             .iter()
@@ -343,13 +354,25 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
             })
             .count()
     };
-    assert_eq!(by("regulator", "grpc"), 7);
-    assert_eq!(by("admin", "grpc"), 7);
-    assert_eq!(by("regulator", "https-cert"), 7);
-    assert_eq!(by("admin", "https-cert"), 7);
-    assert_eq!(by("regulator", "https-token"), 7);
-    assert_eq!(by("admin", "https-token"), 7);
+    assert_eq!(by("regulator", "grpc"), 8);
+    assert_eq!(by("admin", "grpc"), 8);
+    assert_eq!(by("regulator", "https-cert"), 8);
+    assert_eq!(by("admin", "https-cert"), 8);
+    assert_eq!(by("regulator", "https-token"), 8);
+    assert_eq!(by("admin", "https-token"), 8);
     assert!(records.iter().all(|r| !r.actor.starts_with("agent/")));
+    let refused = records
+        .iter()
+        .find(|r| r.call == "GetPolicy" && r.body()["role"] == "regulator")
+        .unwrap()
+        .body();
+    assert!(
+        refused["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("PermissionDenied"),
+        "{refused}"
+    );
     let egress = records
         .iter()
         .find(|r| r.call == "Egress" && r.body()["via"] == "https-cert")

@@ -218,6 +218,10 @@ async fn every_call(
             ),
         ),
         (
+            "Query.GetPolicy",
+            code(query.get_policy(pb::GetPolicyRequest {}).await.map(|_| ())),
+        ),
+        (
             "Enroll.Enroll(unknown token)",
             code(
                 enroll
@@ -247,6 +251,9 @@ fn expected(role: Option<Role>, call: &str) -> Result<(), Code> {
         ("Ingest.Push", Role::Agent) => Ok(()),
         ("Ingest.Push(other node)", Role::Agent) => Err(Code::PermissionDenied),
         ("Ingest.Push" | "Ingest.Push(other node)", _) => Err(Code::PermissionDenied),
+        // The policy is the operator's business: admins only.
+        ("Query.GetPolicy", Role::Admin) => Ok(()),
+        ("Query.GetPolicy", _) => Err(Code::PermissionDenied),
         (q, Role::Regulator | Role::Admin) if q.starts_with("Query.") => Ok(()),
         (q, Role::Agent) if q.starts_with("Query.") => Err(Code::PermissionDenied),
         ("Enroll.Enroll(unknown token)", _) => Err(Code::Unauthenticated),
@@ -260,8 +267,11 @@ fn expected(role: Option<Role>, call: &str) -> Result<(), Code> {
 async fn start(pki: &Pki, data: &Path, revoked: &Path) -> (InProcessCollector, SocketAddr) {
     let http_port = free_port();
     let ca_key = pki.dir.path().join(sov_collector::pki::CA_KEY_FILE);
+    let policy = data.join("policy.toml");
+    std::fs::write(&policy, "jurisdiction = \"MA\"\n").unwrap();
     let collector = InProcessCollector::start(pki, data, |c| {
         c.http.listen = Some(format!("127.0.0.1:{http_port}").parse().unwrap());
+        c.policy = Some(policy);
         c.tls.revoked = Some(revoked.to_owned());
         c.enroll.ca_key = Some(ca_key);
     })

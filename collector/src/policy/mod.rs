@@ -175,6 +175,54 @@ impl Policy {
         self.allow.entries()
     }
 
+    /// The policy as JSON, for admins (`GetPolicy`, `GET /api/v1/policy`): jurisdiction,
+    /// inside countries, sites, model rules, allowed destinations (each with its reason,
+    /// expiry and whether it is active at `now_unix_ms`), thresholds, warnings.
+    pub fn to_json(&self, now_unix_ms: i64) -> serde_json::Value {
+        let allow: Vec<serde_json::Value> = self
+            .allow
+            .entries()
+            .into_iter()
+            .map(|e| {
+                let target = match &e.target {
+                    AllowTarget::Cidr { net, len } => {
+                        serde_json::json!({"cidr": format!("{net}/{len}")})
+                    }
+                    AllowTarget::Asn(asn) => serde_json::json!({"asn": asn}),
+                    AllowTarget::Country(c) => serde_json::json!({"country": c}),
+                };
+                serde_json::json!({
+                    "target": target,
+                    "reason": e.reason,
+                    "expires": e.expires,
+                    "active": e.is_active(now_unix_ms),
+                })
+            })
+            .collect();
+        let models: Vec<serde_json::Value> = self
+            .models
+            .iter()
+            .map(|r| serde_json::json!({"match": r.pattern, "class": r.class.as_str()}))
+            .collect();
+        let t = &self.thresholds;
+        serde_json::json!({
+            "jurisdiction": self.jurisdiction,
+            "inside": self.inside,
+            "sites": self.sites,
+            "models": models,
+            "allow": allow,
+            "thresholds": {
+                "foreign_egress_bytes": t.foreign_egress_bytes,
+                "window_secs": t.window_secs,
+                "silence_secs": t.silence_secs,
+                "quiet_secs": t.quiet_secs,
+                "exfiltration_fraction": t.exfiltration_fraction,
+                "unresolved_bytes": t.unresolved_bytes,
+            },
+            "warnings": self.warnings,
+        })
+    }
+
     /// One line for `policy check`: counts of sites, model rules and allow entries.
     pub fn summary(&self) -> String {
         format!(
@@ -194,6 +242,40 @@ mod tests {
 
     fn parse(text: &str) -> Policy {
         Policy::parse_at(text, "test.toml", NOW).unwrap()
+    }
+
+    #[test]
+    fn the_policy_as_json_shows_sites_models_allow_entries_with_their_state_and_thresholds() {
+        let p = parse(
+            "jurisdiction = \"MA\"\ninside = [\"TN\"]\n[[site]]\nname = \"paris\"\ncountry = \"FR\"\n[[model]]\nmatch = \"acme/*\"\nclass = \"restricted\"\n[[allow]]\ncidr = \"198.51.100.0/24\"\nreason = \"backup\"\nexpires = \"2027-01-20T00:00:00Z\"\n[[allow]]\nasn = 64500\nreason = \"cdn\"\n[thresholds]\nwindow_secs = 60\n",
+        );
+        let v = p.to_json(NOW);
+        assert_eq!(v["jurisdiction"], "MA");
+        assert_eq!(v["inside"], serde_json::json!(["MA", "TN"]));
+        assert_eq!(v["sites"]["paris"], "FR");
+        assert_eq!(
+            v["models"][0],
+            serde_json::json!({"match": "acme/*", "class": "restricted"})
+        );
+        let allow = v["allow"].as_array().unwrap();
+        assert_eq!(allow.len(), 2);
+        let cidr = allow
+            .iter()
+            .find(|a| a["target"]["cidr"].is_string())
+            .unwrap();
+        assert_eq!(cidr["target"]["cidr"], "198.51.100.0/24");
+        assert_eq!(cidr["active"], true);
+        // Five days later the entry has expired.
+        let later = p.to_json(NOW + 5 * 86_400_000);
+        let cidr = later["allow"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["target"]["cidr"].is_string())
+            .unwrap()
+            .clone();
+        assert_eq!(cidr["active"], false);
+        assert_eq!(v["thresholds"]["window_secs"], 60);
     }
 
     fn problems(text: &str) -> String {

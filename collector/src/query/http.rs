@@ -296,7 +296,7 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
 }
 
 /// The API routes under `/api/v1/`.
-pub const ROUTES: [&str; 7] = [
+pub const ROUTES: [&str; 8] = [
     "nodes",
     "models",
     "egress",
@@ -304,6 +304,7 @@ pub const ROUTES: [&str; 7] = [
     "audit",
     "scorecard",
     "report",
+    "policy",
 ];
 
 /// `GET /api/v1/report`: the signed evidence report, JSON (default) or HTML.
@@ -591,6 +592,12 @@ async fn answer(
                     .collect::<Vec<_>>(),
                 "next_after_seq": r.next_after_seq,
             }))
+        }
+        "policy" => {
+            p.only(&[])?;
+            let r = query.get_policy_as(caller, pb::GetPolicyRequest {}).await?;
+            serde_json::from_str(&r.policy_json)
+                .map_err(|e| Status::internal(format!("policy JSON: {e}")))
         }
         "scorecard" => {
             p.only(&["since", "until", "jurisdiction"])?;

@@ -64,6 +64,11 @@ pub trait RowCount {
     fn row_count(&self) -> u64;
 }
 
+impl RowCount for pb::GetPolicyResponse {
+    fn row_count(&self) -> u64 {
+        1
+    }
+}
 impl RowCount for pb::ListNodesResponse {
     fn row_count(&self) -> u64 {
         self.nodes.len() as u64
@@ -554,6 +559,31 @@ impl QueryService {
         self.audited(caller, "Scorecard", params, result).await
     }
 
+    /// `GetPolicy` for `caller`: admins only. A regulator's attempt is refused and recorded
+    /// (the allowed destinations say where data may go: an operator's business).
+    pub async fn get_policy_as(
+        &self,
+        caller: &Caller,
+        _r: pb::GetPolicyRequest,
+    ) -> Result<pb::GetPolicyResponse, Status> {
+        Self::allow(caller, "GetPolicy")?;
+        let result = auth::require_role(&caller.id, &[Role::Admin], "Query.GetPolicy").and_then(
+            |()| {
+                let watch = self.policy.as_ref().ok_or_else(|| {
+                    Status::failed_precondition(
+                        "this collector runs without a policy file (set `policy` in its configuration)",
+                    )
+                })?;
+                let mut v = watch.current().to_json(crate::ingest::now_unix_ms());
+                v["file"] = json!(watch.path().display().to_string());
+                Ok(pb::GetPolicyResponse {
+                    policy_json: v.to_string(),
+                })
+            },
+        );
+        self.audited(caller, "GetPolicy", json!({}), result).await
+    }
+
     /// `ExportReport` for `caller`.
     pub async fn export_report_as(
         &self,
@@ -750,6 +780,16 @@ impl pb::query_server::Query for QueryService {
     ) -> Result<Response<pb::ScorecardResponse>, Status> {
         let caller = grpc_caller(&req, &self.trust_domain)?;
         self.scorecard_as(&caller, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let caller = grpc_caller(&req, &self.trust_domain)?;
+        self.get_policy_as(&caller, req.into_inner())
             .await
             .map(Response::new)
     }
