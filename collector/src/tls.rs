@@ -6,11 +6,12 @@
 //!   certificate or a newly revoked client is in force for every new handshake without a
 //!   restart (connections already open keep the certificate they were made with);
 //! - [`DenyList`]: the `revoked` file, SHA-256 certificate fingerprints, serial numbers and
-//!   SPIFFE ids;
-//!   a client certificate on it fails the handshake with the `certificate_revoked` alert;
+//!   SPIFFE ids; a client certificate on it fails the handshake with the
+//!   `certificate_revoked` alert, and [`RevocationCheck`] refuses requests on connections
+//!   opened before it was listed;
 //! - [`incoming`]: the gRPC accept loop: at most `max_connections` connections at once
 //!   (more are closed as soon as they are accepted), each TLS handshake finished within
-//!   `handshake_timeout_secs` or the connection is dropped (connections that never send,
+//!   `tls_handshake_timeout_secs` or the connection is dropped (connections that never send,
 //!   clients that send a byte a second).
 //!
 //! A configuration that fails to rebuild (a half-written key, a malformed deny list) is
