@@ -7,12 +7,12 @@
 //!
 //! The chain reuses the breach log's machinery ([`crate::breach`]): a record hashes like a
 //! [`LogRecord`] whose `breach_id` is the actor (`role/name`), whose `event` is the call, and
-//! whose body is the canonical JSON of [`AuditEntry::body`]; [`ChainVerifier`] checks it. The
+//! whose body is the canonical JSON of [`AuditEntry::body`]; [`crate::breach::ChainVerifier`] checks it. The
 //! two logs live in separate tables with separate chains, each from its own genesis.
 
 use serde_json::{Value, json};
 
-use crate::breach::{ChainVerifier, LogRecord, LogVerdict, canonical_json, record_hash};
+use crate::breach::{LogRecord, LogVerdict, canonical_json, record_hash};
 
 /// What one query did, before it is chained.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,7 +108,7 @@ impl AuditRecord {
         serde_json::from_str(&self.body_json).unwrap_or(Value::Null)
     }
 
-    /// The same record in the breach log's shape, for [`ChainVerifier`].
+    /// The same record in the breach log's shape, for [`crate::breach::ChainVerifier`].
     pub fn as_log_record(&self) -> LogRecord {
         LogRecord::from_stored(
             self.seq,
@@ -141,29 +141,15 @@ impl AuditRecord {
     }
 }
 
-/// Records read per page by [`verify_store_audit`].
-const VERIFY_PAGE: u32 = 1000;
-
 /// Read a store's whole audit log page by page and check its chain.
 pub async fn verify_store_audit(
     store: &dyn crate::store::Store,
 ) -> Result<LogVerdict, crate::store::StoreError> {
-    let mut v = ChainVerifier::new();
-    let mut after = 0;
-    loop {
-        let page = store.audit_log(after, VERIFY_PAGE).await?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        for r in &page {
-            if let Err(e) = v.push(&r.as_log_record()) {
-                return Ok(LogVerdict::Broken(e));
-            }
-        }
-    }
-    Ok(LogVerdict::Verified {
-        records: v.checked(),
-        last_hash: v.last_hash().to_owned(),
+    crate::breach::verify_pages(|after| async move {
+        let page = store.audit_log(after, crate::breach::VERIFY_PAGE).await?;
+        Ok(page.iter().map(AuditRecord::as_log_record).collect())
     })
+    .await
 }
 
 #[cfg(test)]

@@ -627,20 +627,23 @@ impl LogVerdict {
     }
 }
 
-/// Records read per page by [`verify_store_log`].
-const VERIFY_PAGE: u32 = 1000;
+/// Records read per page by [`verify_store_log`] and [`verify_pages`]'s other callers.
+pub const VERIFY_PAGE: u32 = 1000;
 
-/// Read a store's whole breach log page by page and check its chain.
-pub async fn verify_store_log(
-    store: &dyn crate::store::Store,
-) -> Result<LogVerdict, crate::store::StoreError> {
+/// Check a hash chain read page by page: `page(after_seq)` gives the records after
+/// `after_seq` (empty at the end). Used for the breach log and the audit log.
+pub async fn verify_pages<F, Fut>(mut page: F) -> Result<LogVerdict, crate::store::StoreError>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<LogRecord>, crate::store::StoreError>>,
+{
     let mut v = ChainVerifier::new();
     let mut after = 0;
     loop {
-        let page = store.breach_log(after, VERIFY_PAGE).await?;
-        let Some(last) = page.last() else { break };
+        let records = page(after).await?;
+        let Some(last) = records.last() else { break };
         after = last.seq;
-        for r in &page {
+        for r in &records {
             if let Err(e) = v.push(r) {
                 return Ok(LogVerdict::Broken(e));
             }
@@ -650,6 +653,13 @@ pub async fn verify_store_log(
         records: v.checked(),
         last_hash: v.last_hash().to_owned(),
     })
+}
+
+/// Read a store's whole breach log page by page and check its chain.
+pub async fn verify_store_log(
+    store: &dyn crate::store::Store,
+) -> Result<LogVerdict, crate::store::StoreError> {
+    verify_pages(|after| store.breach_log(after, VERIFY_PAGE)).await
 }
 
 #[cfg(test)]

@@ -332,34 +332,15 @@ fn token_revoke(config: &std::path::Path, id: &str) -> ExitCode {
     }
 }
 
-/// `verify-audit`: open the configured store and check the audit log's chain.
-fn verify_audit(config: &std::path::Path) -> ExitCode {
-    let cfg = match CollectorConfig::load(config) {
-        Ok(c) => c,
-        Err(e) => return report_config_error(&e),
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let verdict = rt.block_on(async {
-        let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
-        crate::audit::verify_store_audit(store.as_ref()).await
-    });
-    match verdict {
-        Ok(v) => {
-            let code = sov_agent::cli::print_stdout(&format!("{}\n", v.message()));
-            match v {
-                crate::breach::LogVerdict::Verified { .. } => code,
-                crate::breach::LogVerdict::Broken(_) => ExitCode::FAILURE,
-            }
-        }
-        Err(e) => fail(&e),
-    }
+/// Which hash chain `verify-log` / `verify-audit` checks.
+#[derive(Debug, Clone, Copy)]
+enum Chain {
+    Breaches,
+    Audit,
 }
 
-/// `verify-log`: open the configured store and check the breach log's chain.
-fn verify_log(config: &std::path::Path) -> ExitCode {
+/// `verify-log` / `verify-audit`: open the configured store and check the chain.
+fn verify_chain(config: &std::path::Path, chain: Chain) -> ExitCode {
     let cfg = match CollectorConfig::load(config) {
         Ok(c) => c,
         Err(e) => return report_config_error(&e),
@@ -370,7 +351,10 @@ fn verify_log(config: &std::path::Path) -> ExitCode {
     };
     let verdict = rt.block_on(async {
         let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
-        crate::breach::verify_store_log(store.as_ref()).await
+        match chain {
+            Chain::Breaches => crate::breach::verify_store_log(store.as_ref()).await,
+            Chain::Audit => crate::audit::verify_store_audit(store.as_ref()).await,
+        }
     });
     match verdict {
         Ok(v) => {
@@ -511,8 +495,8 @@ pub fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { file },
         } => policy_check(&file),
-        Command::VerifyLog { config } => verify_log(&config),
-        Command::VerifyAudit { config } => verify_audit(&config),
+        Command::VerifyLog { config } => verify_chain(&config, Chain::Breaches),
+        Command::VerifyAudit { config } => verify_chain(&config, Chain::Audit),
         Command::Token {
             command:
                 TokenCommand::Create {
