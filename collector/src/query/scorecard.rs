@@ -33,8 +33,6 @@ pub const MAX_ROWS: u32 = 100_000;
 pub const MAX_RANGES_PER_NODE: u32 = 20;
 /// Nodes whose missing ranges are listed.
 pub const MAX_NODES_WITH_RANGES: usize = 1000;
-/// Page size used to read nodes and models.
-const PAGE: u32 = 1000;
 /// ASNs listed in `data.by_asn`.
 const TOP_ASNS: usize = 20;
 /// Origin of GPU time whose process holds no known weights, and of models with no known
@@ -68,40 +66,11 @@ pub async fn read_inputs(
     until_unix_ms: i64,
 ) -> Result<Inputs, StoreError> {
     let mut inputs = Inputs::default();
-    let mut after = String::new();
-    loop {
-        let page = store.list_nodes(&after, PAGE).await?;
-        let full = page.len() == PAGE as usize;
-        if let Some(last) = page.last() {
-            after.clone_from(&last.node);
-        }
-        inputs
-            .nodes
-            .extend(page.into_iter().map(pb::NodeSummary::from));
-        if !full {
-            break;
-        }
-        if inputs.nodes.len() >= MAX_ROWS as usize {
-            inputs.truncated = true;
-            break;
-        }
-    }
-    let mut after = String::new();
-    loop {
-        let page = store.list_models("", &after, PAGE).await?;
-        let full = page.len() == PAGE as usize;
-        if let Some(last) = page.last() {
-            after.clone_from(&last.key);
-        }
-        inputs.models.extend(page);
-        if !full {
-            break;
-        }
-        if inputs.models.len() >= MAX_ROWS as usize {
-            inputs.truncated = true;
-            break;
-        }
-    }
+    let (nodes, nodes_cut) = crate::store::all_nodes(store, MAX_ROWS as usize).await?;
+    inputs.nodes = nodes.into_iter().map(pb::NodeSummary::from).collect();
+    let (models, models_cut) = crate::store::all_models(store, MAX_ROWS as usize).await?;
+    inputs.models = models;
+    inputs.truncated = nodes_cut || models_cut;
     for n in inputs
         .nodes
         .iter()
