@@ -4,9 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sov_common::cli::{LogFormat, init_tracing, print_stdout, shutdown_signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, ConfigError, EXIT_BAD_CONFIG};
+
+/// Print a configuration error and choose the exit code.
+pub fn report_config_error(err: &ConfigError) -> ExitCode {
+    sov_common::cli::report_config_error("sov-agent", err)
+}
 
 /// Sovereign node agent: observes this node and reports to the collector over mutual TLS.
 #[derive(Debug, Parser)]
@@ -67,57 +73,6 @@ enum Command {
         #[arg(long)]
         no_hash: bool,
     },
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Human,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Install the tracing subscriber; the filter comes from `RUST_LOG` (default `info`).
-pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
-/// A future that completes on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-}
-
-/// Print a configuration error and choose the exit code.
-pub fn report_config_error(err: &ConfigError) -> ExitCode {
-    eprintln!("sov-agent: {err}");
-    ExitCode::from(EXIT_BAD_CONFIG as u8)
 }
 
 fn scan(config: Option<&std::path::Path>, json: bool, window_ms: u64, hash: bool) -> ExitCode {
@@ -199,20 +154,6 @@ fn scan_weights(
         }
     }
     (handle.files(), handle.errors())
-}
-
-/// Write to stdout; a closed pipe (`| head`) is a normal end, not a crash.
-pub fn print_stdout(text: &str) -> ExitCode {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cannot write to stdout: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 /// `enroll`: check the configuration (its TLS files may not exist yet), then enroll.

@@ -2,16 +2,16 @@
 //! functions, and a validation pass that reports every problem at once.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+pub use sov_common::config::{
+    ConfigError, EXIT_BAD_CONFIG, Problems, check_country, check_readable, read_toml,
+};
+pub use sov_common::host::local_hostname;
 
 use crate::spool::DEFAULT_MAX_SPOOL_BYTES;
 
-/// Exit code for a bad configuration (EX_CONFIG from sysexits.h is 78; EX_USAGE 64 is what
-/// operators of our peers expect from `--check-config`).
-pub const EXIT_BAD_CONFIG: i32 = 64;
 /// Default seconds between two reports.
 pub const DEFAULT_INTERVAL_SECS: u64 = 10;
 /// Default spool directory on a real node.
@@ -310,97 +310,6 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     })
 }
 
-/// Every problem found in a configuration, each naming the field and the bad value.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Problems(pub Vec<String>);
-
-impl Problems {
-    /// Record one problem.
-    pub fn push(&mut self, field: &str, msg: impl fmt::Display) {
-        self.0.push(format!("{field}: {msg}"));
-    }
-    /// True when nothing is wrong.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-    /// Ok when empty, else the problems as an error.
-    pub fn into_result(self) -> Result<(), ConfigError> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(self))
-        }
-    }
-}
-
-impl fmt::Display for Problems {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "  - {p}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Why a configuration could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this schema.
-    #[error("config {path} is not valid: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What toml said, with line and column.
-        message: String,
-    },
-    /// The values are wrong; every problem is listed.
-    #[error("invalid configuration:\n{0}")]
-    Invalid(Problems),
-}
-
-/// Read a TOML file into `T` with a message that names the file.
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
-}
-
-/// Check that `path` names a readable file.
-pub fn check_readable(problems: &mut Problems, field: &str, path: &Path) {
-    if let Err(e) = std::fs::File::open(path) {
-        problems.push(field, format!("cannot read {}: {e}", path.display()));
-    }
-}
-
-/// Check an ISO 3166-1 alpha-2 code (two upper-case ASCII letters).
-pub fn check_country(problems: &mut Problems, field: &str, value: &str) {
-    if value.len() != 2 || !value.bytes().all(|b| b.is_ascii_uppercase()) {
-        problems.push(
-            field,
-            format!(
-                "{value:?} is not an ISO 3166-1 alpha-2 code (two upper-case letters, e.g. \"MA\")"
-            ),
-        );
-    }
-}
-
 /// Check a collector URL: `https://host:port`.
 pub fn check_collector_url(problems: &mut Problems, field: &str, value: &str) {
     match value.parse::<tonic::transport::Uri>() {
@@ -565,14 +474,6 @@ impl AgentConfig {
         }
         p
     }
-}
-
-/// This machine's host name, or "localhost" when it cannot be read.
-pub fn local_hostname() -> String {
-    hostname::get()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 #[cfg(test)]

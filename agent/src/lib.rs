@@ -18,7 +18,6 @@ pub mod config;
 pub mod enroll;
 pub mod metrics;
 pub mod observe;
-pub mod prometheus;
 pub mod run;
 pub mod scan;
 pub mod spool;
@@ -26,3 +25,5 @@ pub mod transport;
 
 pub use config::AgentConfig;
 pub use run::{Agent, AgentError};
+/// The Prometheus exposition, shared with the collector.
+pub use sov_common::prometheus;

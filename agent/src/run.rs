@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
+use sov_common::clock::now_unix_ms;
 use sov_proto::pb;
 use sov_proto::pb::ingest_client::IngestClient;
 use tokio::sync::Notify;
@@ -70,13 +71,6 @@ pub struct Agent {
 /// spool operation leaves the files consistent before it returns.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl Agent {
@@ -579,15 +573,4 @@ fn gap_to_pb(g: &GapRange) -> pb::Gap {
 }
 
 /// The causes of an error, joined, for one log line.
-pub fn source_chain(err: &dyn std::error::Error) -> String {
-    let mut out = String::new();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
-}
+pub use sov_common::error::source_chain;

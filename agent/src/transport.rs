@@ -6,145 +6,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rand::Rng;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use sov_common::tls::read_pem;
+pub use sov_common::tls::{
+    ClientTls, DEFAULT_CONNECT_TIMEOUT, DEFAULT_RPC_TIMEOUT, TransportError,
+};
 
-/// How long one TCP + TLS connection attempt may take.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one RPC may take before the channel is considered broken.
-pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// First backoff step.
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(200);
-
-/// Why a channel could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    /// A PEM file could not be read.
-    #[error("cannot read {what} from {path}")]
-    ReadPem {
-        /// Which file this is (CA, certificate, key).
-        what: &'static str,
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A URL is not usable.
-    #[error("bad collector URL {url:?}")]
-    BadUrl {
-        /// The URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// TCP or TLS failed.
-    #[error("cannot connect to {url}")]
-    Connect {
-        /// The URL.
-        url: String,
-        /// The cause.
-        #[source]
-        source: tonic::transport::Error,
-    },
-}
-
-/// The client side of mutual TLS: the CA that signed the server, our certificate and key.
-#[derive(Clone)]
-pub struct ClientTls {
-    ca: Certificate,
-    identity: Option<Identity>,
-    server_name: Option<String>,
-}
-
-impl std::fmt::Debug for ClientTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls")
-            .field("server_name", &self.server_name)
-            .finish_non_exhaustive()
-    }
-}
-
-fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TransportError> {
-    std::fs::read(path).map_err(|source| TransportError::ReadPem {
-        what,
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-impl ClientTls {
-    /// Load PEM files.
-    pub fn load(
-        ca: &Path,
-        cert: &Path,
-        key: &Path,
-        server_name: Option<String>,
-    ) -> Result<Self, TransportError> {
-        let ca = Certificate::from_pem(read_pem("CA certificate", ca)?);
-        let identity = Identity::from_pem(read_pem("certificate", cert)?, read_pem("key", key)?);
-        Ok(Self {
-            ca,
-            identity: Some(identity),
-            server_name,
-        })
-    }
-
-    /// Build from PEM text already in memory.
-    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Self {
-        Self {
-            ca: Certificate::from_pem(ca),
-            identity: Some(Identity::from_pem(cert, key)),
-            server_name: None,
-        }
-    }
-
-    /// Server verification only, no client certificate (the collector answers UNAUTHENTICATED).
-    pub fn ca_only(ca: &str) -> Self {
-        Self {
-            ca: Certificate::from_pem(ca),
-            identity: None,
-            server_name: None,
-        }
-    }
-
-    /// Verify this name in the collector's certificate instead of the URL's host.
-    pub fn with_server_name(mut self, name: String) -> Self {
-        self.server_name = Some(name);
-        self
-    }
-
-    /// Connect to one URL (TCP, TLS handshake, HTTP/2) with the default timeouts.
-    pub async fn connect(&self, url: &str) -> Result<Channel, TransportError> {
-        let mut tls = ClientTlsConfig::new().ca_certificate(self.ca.clone());
-        if let Some(identity) = &self.identity {
-            tls = tls.identity(identity.clone());
-        }
-        if let Some(name) = &self.server_name {
-            tls = tls.domain_name(name.clone());
-        }
-        let bad = |source| TransportError::BadUrl {
-            url: url.to_owned(),
-            source,
-        };
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(bad)?
-            .tls_config(tls)
-            .map_err(bad)?
-            .connect_timeout(DEFAULT_CONNECT_TIMEOUT)
-            .timeout(DEFAULT_RPC_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        endpoint
-            .connect()
-            .await
-            .map_err(|source| TransportError::Connect {
-                url: url.to_owned(),
-                source,
-            })
-    }
-}
 
 /// The agent's TLS material, reloadable while it runs: the sender takes [`TlsSource::current`]
 /// for each new connection and reconnects when [`TlsSource::generation`] moves on, so a renewed
@@ -200,11 +68,7 @@ impl TlsSource {
         let ca = read_pem("CA certificate", &self.ca)?;
         let cert = read_pem("certificate", &self.cert)?;
         let key = read_pem("key", &self.key)?;
-        let tls = ClientTls {
-            ca: Certificate::from_pem(&ca),
-            identity: Some(Identity::from_pem(&cert, &key)),
-            server_name: self.server_name.clone(),
-        };
+        let tls = ClientTls::from_pem_bytes(&ca, &cert, &key, self.server_name.clone());
         Ok((tls, vec![ca, cert, key]))
     }
 

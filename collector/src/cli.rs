@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sov_agent::cli::{LogFormat, init_tracing, report_config_error, shutdown_signal};
-use sov_agent::config::EXIT_BAD_CONFIG;
-use sov_agent::run::source_chain;
+use sov_common::cli::{LogFormat, init_tracing, print_stdout, shutdown_signal};
+use sov_common::config::{ConfigError, EXIT_BAD_CONFIG};
+use sov_common::error::source_chain;
 
 use crate::auth::{DEFAULT_TRUST_DOMAIN, Role};
 use crate::config::CollectorConfig;
@@ -196,6 +196,11 @@ enum PkiCommand {
     },
 }
 
+/// Print a configuration error and exit with 64.
+fn report_config_error(err: &ConfigError) -> ExitCode {
+    sov_common::cli::report_config_error("sov-collector", err)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -239,7 +244,7 @@ fn policy_check(file: &std::path::Path) -> ExitCode {
             for w in policy.warnings() {
                 out.push_str(&format!("{}: warning: {w}\n", file.display()));
             }
-            sov_agent::cli::print_stdout(&out)
+            print_stdout(&out)
         }
         Err(e) => {
             eprintln!("sov-collector: {e}");
@@ -254,7 +259,7 @@ fn token_create(config: &std::path::Path, role: Role, expires_ms: i64, name: &st
         Ok(c) => c,
         Err(e) => return report_config_error(&e),
     };
-    let now = crate::ingest::now_unix_ms();
+    let now = sov_common::clock::now_unix_ms();
     let (token, record) = match crate::token::generate(role, name, now, expires_ms) {
         Ok(t) => t,
         Err(e) => return fail(&e),
@@ -276,7 +281,7 @@ fn token_create(config: &std::path::Path, role: Role, expires_ms: i64, name: &st
         record.role,
         crate::sovctl::rfc3339(record.expires_unix_ms)
     );
-    sov_agent::cli::print_stdout(&format!("{token}\n"))
+    print_stdout(&format!("{token}\n"))
 }
 
 /// Open the store a configuration names, on a fresh runtime, and run `f` on it.
@@ -299,7 +304,7 @@ fn token_list(config: &std::path::Path) -> ExitCode {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let now = crate::ingest::now_unix_ms();
+    let now = sov_common::clock::now_unix_ms();
     let rows: Vec<serde_json::Value> = tokens
         .iter()
         .map(|t| {
@@ -313,7 +318,7 @@ fn token_list(config: &std::path::Path) -> ExitCode {
             })
         })
         .collect();
-    sov_agent::cli::print_stdout(&crate::sovctl::render(
+    print_stdout(&crate::sovctl::render(
         &rows,
         &["id", "name", "role", "created", "expires", "state"],
         crate::sovctl::Output::Table,
@@ -323,7 +328,7 @@ fn token_list(config: &std::path::Path) -> ExitCode {
 /// `token revoke ID`.
 fn token_revoke(config: &std::path::Path, id: &str) -> ExitCode {
     match with_store(config, async |s| s.delete_token(id).await) {
-        Ok(true) => sov_agent::cli::print_stdout(&format!("token {id} revoked\n")),
+        Ok(true) => print_stdout(&format!("token {id} revoked\n")),
         Ok(false) => {
             eprintln!("sov-collector: no token with id {id:?} (see token list)");
             ExitCode::FAILURE
@@ -358,7 +363,7 @@ fn verify_chain(config: &std::path::Path, chain: Chain) -> ExitCode {
     });
     match verdict {
         Ok(v) => {
-            let code = sov_agent::cli::print_stdout(&format!("{}\n", v.message()));
+            let code = print_stdout(&format!("{}\n", v.message()));
             match v {
                 crate::breach::LogVerdict::Verified { .. } => code,
                 crate::breach::LogVerdict::Broken(_) => ExitCode::FAILURE,
@@ -401,7 +406,7 @@ fn enroll_token_create(config: &std::path::Path, count: u32, expires: &str) -> E
             store.as_ref(),
             count,
             lifetime,
-            crate::ingest::now_unix_ms(),
+            sov_common::clock::now_unix_ms(),
         )
         .await
     });
@@ -413,7 +418,7 @@ fn enroll_token_create(config: &std::path::Path, count: u32, expires: &str) -> E
                 out.push_str(&t);
                 out.push('\n');
             }
-            sov_agent::cli::print_stdout(&out)
+            print_stdout(&out)
         }
         Err(e) => fail(&e),
     }
@@ -486,7 +491,7 @@ pub fn main() -> ExitCode {
             &ips,
             output == GeoOutput::Json,
         ) {
-            Ok(text) => sov_agent::cli::print_stdout(&text),
+            Ok(text) => print_stdout(&text),
             Err(e) => {
                 eprintln!("sov-collector: {e}");
                 ExitCode::from(EXIT_BAD_CONFIG as u8)

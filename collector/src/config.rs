@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use sov_agent::config::{ConfigError, Problems, check_readable, read_toml};
+use sov_common::config::{ConfigError, Problems, check_readable, read_toml};
 
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";

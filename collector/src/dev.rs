@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sov_agent::config::{AgentConfig, NodeConfig, TlsConfig, local_hostname};
+use sov_agent::config::{AgentConfig, NodeConfig, TlsConfig};
+use sov_common::host::local_hostname;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::DEFAULT_TRUST_DOMAIN;

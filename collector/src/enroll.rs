@@ -280,7 +280,7 @@ impl Signer {
                 path: ca.to_path_buf(),
                 source,
             })?;
-        let ca_pem = sov_agent::enroll::pem_certificate(&ca_der);
+        let ca_pem = sov_common::tls::pem_certificate(&ca_der);
         Ok(Self {
             issuer,
             ca_pem,

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message;
+use sov_common::clock::now_unix_ms;
 use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
@@ -94,13 +94,6 @@ impl IngestService {
             Err(err) => tracing::warn!(node, error = %err, "cannot record the node's address"),
         }
     }
-}
-
-pub(crate) fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn gap_reason(code: i32) -> &'static str {
@@ -276,7 +269,7 @@ impl IngestService {
         let stored = self.store.ingest(incoming).await;
         self.metrics.store_ingest(started.elapsed());
         let outcome = stored.map_err(|err| {
-            tracing::error!(error = %err, cause = %sov_agent::run::source_chain(&err), "store failed");
+            tracing::error!(error = %err, cause = %sov_common::error::source_chain(&err), "store failed");
             Status::unavailable(format!("collector store unavailable: {err}; retry later"))
         })?;
         self.metrics

@@ -3,7 +3,7 @@
 //!
 //! [`Metrics`] is shared (`Arc`) by the ingest service, which counts, and [`serve`], which
 //! answers `GET /metrics` with [`Metrics::render`] through the small HTTP/1.1 server the agent
-//! uses too ([`sov_agent::prometheus`]).
+//! uses too ([`sov_common::prometheus`]).
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-pub use sov_agent::prometheus::{
+pub use sov_common::prometheus::{
     CONTENT_TYPE, MAX_CONNECTIONS, MAX_REQUEST_HEAD, ProcessStats, READ_TIMEOUT, WRITE_TIMEOUT,
 };
-use sov_agent::prometheus::{family, process_families};
+use sov_common::prometheus::{family, process_families};
 
 use crate::store::{IngestOutcome, NodeRow, Store};
 
@@ -252,7 +252,7 @@ impl Metrics {
         {
             return census;
         }
-        let census = match NodeCensus::of_store(store, crate::ingest::now_unix_ms()).await {
+        let census = match NodeCensus::of_store(store, sov_common::clock::now_unix_ms()).await {
             Ok(c) => Some(c),
             Err(err) => {
                 tracing::warn!(error = %err, "metrics: cannot list nodes; node gauges left out");
@@ -519,7 +519,7 @@ impl Metrics {
 }
 
 /// Serve `/metrics` on `listener` until `shutdown` completes (see
-/// [`sov_agent::prometheus::serve`]).
+/// [`sov_common::prometheus::serve`]).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -530,7 +530,7 @@ pub async fn serve(
         let (metrics, store) = (metrics.clone(), store.clone());
         async move { metrics.scrape(store.as_ref()).await }
     };
-    sov_agent::prometheus::serve(listener, "collector", render, shutdown).await;
+    sov_common::prometheus::serve(listener, "collector", render, shutdown).await;
 }
 
 #[cfg(test)]

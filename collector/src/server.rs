@@ -157,7 +157,7 @@ async fn prune_loop(
 ) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     let ago = |d: Duration| {
-        crate::ingest::now_unix_ms()
+        sov_common::clock::now_unix_ms()
             .saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
     };
     loop {
@@ -249,7 +249,7 @@ async fn policy_loop(p: PolicyLoop, stop: CancellationToken) {
                 tracing::info!(path = %p.watch.path().display(), "policy reloaded");
             }
         }
-        let now = crate::ingest::now_unix_ms();
+        let now = sov_common::clock::now_unix_ms();
         match p.store.take_lease(RULES_LEASE, &p.holder, now, ttl).await {
             Ok(true) => {
                 let policy = p.watch.current();

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
-use sov_agent::run::source_chain;
-use sov_agent::transport::ClientTls;
+use sov_common::error::source_chain;
+use sov_common::tls::ClientTls;
 use sov_proto::pb;
 use sov_proto::pb::query_client::QueryClient;
 
@@ -834,7 +834,7 @@ async fn run(cli: Cli) -> Result<String, String> {
             out,
             jurisdiction,
         } => {
-            let now = crate::ingest::now_unix_ms();
+            let now = sov_common::clock::now_unix_ms();
             let resp = client
                 .export_report(pb::ExportReportRequest {
                     since_unix_ms: now - since,
@@ -858,7 +858,7 @@ async fn run(cli: Cli) -> Result<String, String> {
             since,
             jurisdiction,
         } => {
-            let now = crate::ingest::now_unix_ms();
+            let now = sov_common::clock::now_unix_ms();
             let resp = client
                 .scorecard(pb::ScorecardRequest {
                     since_unix_ms: now - since,
@@ -942,7 +942,7 @@ pub fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(text) => sov_agent::cli::print_stdout(&text),
+        Ok(text) => sov_common::cli::print_stdout(&text),
         Err(e) => {
             eprintln!("sovctl: {e}");
             ExitCode::FAILURE

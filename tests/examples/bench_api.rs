@@ -63,7 +63,7 @@ async fn main() {
     let store = sov_collector::store::open("", data.path())
         .await
         .expect("store");
-    let now = sov_collector::policy::now_unix_ms();
+    let now = sov_common::clock::now_unix_ms();
     let (token, rec) =
         sov_collector::token::generate(Role::Regulator, "bench", now, 3_600_000).expect("token");
     store.insert_token(rec).await.expect("insert token");

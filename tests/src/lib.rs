@@ -510,7 +510,7 @@ pub fn report(node: &str, epoch: u64, seq: u64) -> pb::Report {
 
 /// An outbound TCP flow from pid 42 to `remote:443` that sent `bytes_sent`, observed now.
 pub fn outbound_flow(remote: &str, bytes_sent: u64) -> pb::Flow {
-    let now = sov_collector::policy::now_unix_ms();
+    let now = sov_common::clock::now_unix_ms();
     pb::Flow {
         protocol: pb::Protocol::Tcp as i32,
         direction: pb::Direction::Outbound as i32,
@@ -531,7 +531,7 @@ pub fn outbound_flow(remote: &str, bytes_sent: u64) -> pb::Flow {
 /// [`report`] (epoch 1) observed now, carrying `flows`.
 pub fn report_with_flows(node: &str, seq: u64, flows: Vec<pb::Flow>) -> pb::Report {
     let mut r = report(node, 1, seq);
-    r.observed_unix_ms = sov_collector::policy::now_unix_ms();
+    r.observed_unix_ms = sov_common::clock::now_unix_ms();
     r.flows = flows;
     r
 }

@@ -213,7 +213,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
     sov_e2e::write_collector_toml(&collector.config, &config_file);
 
     let store = sov_collector::store::open("", data.path()).await.unwrap();
-    let now = sov_collector::policy::now_unix_ms();
+    let now = sov_common::clock::now_unix_ms();
     let (expired, record) =
         sov_collector::token::generate(Role::Regulator, "old", now - 10_000, 1).unwrap();
     store.insert_token(record).await.unwrap();

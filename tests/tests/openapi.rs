@@ -73,7 +73,7 @@ fn check(spec: &Value, schema: &Value, value: &Value, at: &str) -> usize {
 }
 
 async fn seed(pki: &Pki, url: &str, data: &std::path::Path) {
-    let at = sov_collector::policy::now_unix_ms() - 600_000;
+    let at = sov_common::clock::now_unix_ms() - 600_000;
     let r = pb::Report {
         epoch: 1,
         seq: 1,

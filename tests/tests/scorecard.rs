@@ -209,7 +209,7 @@ async fn the_scorecard_gives_the_known_answers_of_a_scripted_scenario() {
     })
     .await;
     let url = collector.url();
-    let at = sov_collector::policy::now_unix_ms() - 600_000;
+    let at = sov_common::clock::now_unix_ms() - 600_000;
 
     let mut r = report("ma-1", "MA", 1, at);
     r.gpus = vec![gpu(100, 3600.0)];

@@ -141,7 +141,7 @@ async fn every_call(
     let mut ingest = IngestClient::new(channel.clone());
     let mut query = QueryClient::new(channel.clone());
     let mut enroll = EnrollClient::new(channel);
-    let since = sov_collector::policy::now_unix_ms() - 3_600_000;
+    let since = sov_common::clock::now_unix_ms() - 3_600_000;
     vec![
         (
             "Ingest.Push",

@@ -60,7 +60,7 @@ fn console_lines(log: &str) -> Vec<&str> {
 }
 
 async fn seed(pki: &Pki, url: &str, store: &dyn sov_collector::store::Store) {
-    let at = sov_collector::policy::now_unix_ms() - 600_000;
+    let at = sov_common::clock::now_unix_ms() - 600_000;
     let mut r = pb::Report {
         epoch: 1,
         seq: 1,
@@ -158,7 +158,7 @@ async fn every_view_of_the_web_page_shows_its_content_in_chromium_without_consol
     .await;
     let store = sov_collector::store::open("", data.path()).await.unwrap();
     seed(&pki, &collector.url(), store.as_ref()).await;
-    let now = sov_collector::policy::now_unix_ms();
+    let now = sov_common::clock::now_unix_ms();
     let (token, rec) =
         sov_collector::token::generate(Role::Regulator, "browser", now, 3_600_000).unwrap();
     store.insert_token(rec).await.unwrap();

@@ -217,7 +217,7 @@ impl SinkWorker {
         let name = self.sink.name();
         let mut settled = 0;
         while let Some(row) = self.store.outbox_head(name).await? {
-            let now = crate::policy::now_unix_ms();
+            let now = sov_common::clock::now_unix_ms();
             if row.next_attempt_unix_ms > now {
                 break;
             }
@@ -237,7 +237,7 @@ impl SinkWorker {
                 }
             };
             let outcome = super::attempt(self.sink.as_ref(), &alert, row.attempts).await;
-            let now = crate::policy::now_unix_ms();
+            let now = sov_common::clock::now_unix_ms();
             let settle = match outcome {
                 Attempt::Delivered => Settle::Delivered { at_unix_ms: now },
                 Attempt::Retry { error, after } => Settle::Retry {
@@ -267,7 +267,7 @@ impl SinkWorker {
     /// One round: take or renew the lease; when held, enqueue everything new and deliver what
     /// is due. Returns whether this process holds the sink.
     pub async fn round(&self) -> Result<bool, StoreError> {
-        let now = crate::policy::now_unix_ms();
+        let now = sov_common::clock::now_unix_ms();
         let ttl = i64::try_from(LEASE_TTL.as_millis()).unwrap_or(i64::MAX);
         if !self
             .store
@@ -276,7 +276,7 @@ impl SinkWorker {
         {
             return Ok(false);
         }
-        while self.enqueue(crate::policy::now_unix_ms()).await? == ENQUEUE_BATCH as usize {}
+        while self.enqueue(sov_common::clock::now_unix_ms()).await? == ENQUEUE_BATCH as usize {}
         self.deliver_due().await?;
         Ok(true)
     }

@@ -74,7 +74,7 @@ impl SyslogSink {
     pub fn new(name: String, c: &SyslogSinkConfig) -> Result<Self, String> {
         Ok(Self {
             target: Target::parse(&c.address).map_err(|e| format!("{name}: {e}"))?,
-            hostname: header_field(&sov_agent::config::local_hostname(), 255),
+            hostname: header_field(&sov_common::host::local_hostname(), 255),
             route: Route::new(&c.rules, c.min_severity.as_deref())
                 .map_err(|e| format!("{name}: {e}"))?,
             name,

@@ -35,7 +35,7 @@ pub fn lookup_command(config: Option<&Path>, ips: &[String], json: bool) -> Resu
     }
     let geo = match config {
         Some(path) => {
-            let cfg = sov_agent::config::read_toml::<CollectorConfig>(path)
+            let cfg = sov_common::config::read_toml::<CollectorConfig>(path)
                 .map_err(|e| super::error_line(&e))?;
             Geo::from_config(&cfg.geo).map_err(|e| super::error_line(&e))?
         }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
-use sov_agent::config::{Problems, check_country};
+use sov_common::config::{Problems, check_country};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 

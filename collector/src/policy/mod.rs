@@ -23,7 +23,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use sov_agent::config::Problems;
+use sov_common::clock::now_unix_ms;
+use sov_common::config::Problems;
 
 pub use allow::{AllowEntry, AllowTarget, AllowVerdict};
 pub use file::{PolicyConfig, Thresholds};
@@ -75,14 +76,6 @@ pub struct Policy {
     publishers: publishers::Publishers,
     allow: allow::AllowList,
     warnings: Vec<String>,
-}
-
-/// Now, in Unix milliseconds.
-pub fn now_unix_ms() -> i64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Policy {

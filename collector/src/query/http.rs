@@ -323,7 +323,7 @@ async fn report(
             )));
         }
     };
-    let now = crate::ingest::now_unix_ms();
+    let now = sov_common::clock::now_unix_ms();
     let since = match p.time("since", now)? {
         0 => now.saturating_sub(30 * 86_400_000),
         t => t,
@@ -369,7 +369,7 @@ async fn authenticate(
             .await
             .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?
             .ok_or_else(|| Status::unauthenticated("unknown token"))?;
-        if record.expires_unix_ms <= crate::ingest::now_unix_ms() {
+        if record.expires_unix_ms <= sov_common::clock::now_unix_ms() {
             return Err(Status::unauthenticated(format!(
                 "token {} expired at {}",
                 record.token_id,
@@ -485,7 +485,7 @@ async fn answer(
     p: Params,
 ) -> Result<Value, Status> {
     use crate::sovctl::{breach_json, egress_json, model_json, node_json};
-    let now = crate::ingest::now_unix_ms();
+    let now = sov_common::clock::now_unix_ms();
     match route {
         "nodes" => {
             p.only(&["limit", "after"])?;

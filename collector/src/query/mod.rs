@@ -195,7 +195,7 @@ impl QueryService {
             }
         };
         let entry = AuditEntry {
-            at_unix_ms: crate::ingest::now_unix_ms(),
+            at_unix_ms: sov_common::clock::now_unix_ms(),
             who: caller.id.name.clone(),
             role: caller.id.role.as_str().to_owned(),
             via: caller.via.as_str().to_owned(),
@@ -303,7 +303,7 @@ pub const MAX_EGRESS_RANGE_MS: i64 = 366 * 86_400_000;
 /// `until` (0 = now), checked against `since` and [`MAX_EGRESS_RANGE_MS`].
 fn time_range(since_unix_ms: i64, until_unix_ms: i64) -> Result<i64, Status> {
     let until = if until_unix_ms == 0 {
-        crate::ingest::now_unix_ms()
+        sov_common::clock::now_unix_ms()
     } else {
         until_unix_ms
     };
@@ -574,7 +574,7 @@ impl QueryService {
                         "this collector runs without a policy file (set `policy` in its configuration)",
                     )
                 })?;
-                let mut v = watch.current().to_json(crate::ingest::now_unix_ms());
+                let mut v = watch.current().to_json(sov_common::clock::now_unix_ms());
                 v["file"] = json!(watch.path().display().to_string());
                 Ok(pb::GetPolicyResponse {
                     policy_json: v.to_string(),
@@ -657,7 +657,7 @@ impl QueryService {
             }
         }
         let report = json!({
-            "generated_at": crate::sovctl::rfc3339(crate::ingest::now_unix_ms()),
+            "generated_at": crate::sovctl::rfc3339(sov_common::clock::now_unix_ms()),
             "since": crate::sovctl::rfc3339(r.since_unix_ms),
             "until": crate::sovctl::rfc3339(until),
             "since_unix_ms": r.since_unix_ms,
@@ -699,7 +699,7 @@ impl QueryService {
             &inputs,
             since_unix_ms,
             until,
-            crate::ingest::now_unix_ms(),
+            sov_common::clock::now_unix_ms(),
         ))
     }
 }

@@ -24,11 +24,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ring::digest::{Context, SHA256};
 use serde::de::{SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
+use sov_common::clock::now_unix_ms;
 
 /// The fixed streaming buffer: the only memory a hash uses that grows with nothing.
 pub const HASH_BUF_BYTES: usize = 1 << 20;
@@ -595,12 +596,6 @@ impl HashCache {
     }
 }
 
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1053,7 +1048,7 @@ mod tests {
         let mtime = meta
             .modified()
             .expect("mtime")
-            .duration_since(UNIX_EPOCH)
+            .duration_since(std::time::UNIX_EPOCH)
             .expect("after 1970");
         assert_eq!(k.mtime_unix_ns, mtime.as_nanos() as i64);
         let json = serde_json::to_string(&k).expect("json");
