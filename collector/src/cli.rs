@@ -109,7 +109,7 @@ enum TokenCommand {
         #[arg(long)]
         role: Role,
         /// How long it works: a number and s, m, h or d (e.g. 30d), at most 732d.
-        #[arg(long, value_parser = crate::sovctl::parse_duration_ms)]
+        #[arg(long, value_parser = sov_evidence::view::parse_duration_ms)]
         expires: i64,
         /// What it is for (shown in `token create`'s output; free text).
         #[arg(long, default_value = "")]
@@ -279,7 +279,7 @@ fn token_create(config: &std::path::Path, role: Role, expires_ms: i64, name: &st
         "token {} for role {} expires {}; it is shown once, keep it secret",
         record.token_id,
         record.role,
-        crate::sovctl::rfc3339(record.expires_unix_ms)
+        sov_evidence::view::rfc3339(record.expires_unix_ms)
     );
     print_stdout(&format!("{token}\n"))
 }
@@ -312,16 +312,15 @@ fn token_list(config: &std::path::Path) -> ExitCode {
                 "id": t.token_id,
                 "name": t.name,
                 "role": t.role.as_str(),
-                "created": crate::sovctl::rfc3339(t.created_unix_ms),
-                "expires": crate::sovctl::rfc3339(t.expires_unix_ms),
+                "created": sov_evidence::view::rfc3339(t.created_unix_ms),
+                "expires": sov_evidence::view::rfc3339(t.expires_unix_ms),
                 "state": if t.expires_unix_ms <= now { "expired" } else { "active" },
             })
         })
         .collect();
-    print_stdout(&crate::sovctl::render(
+    print_stdout(&sov_evidence::view::table(
         &rows,
         &["id", "name", "role", "created", "expires", "state"],
-        crate::sovctl::Output::Table,
     ))
 }
 
@@ -357,16 +356,16 @@ fn verify_chain(config: &std::path::Path, chain: Chain) -> ExitCode {
     let verdict = rt.block_on(async {
         let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
         match chain {
-            Chain::Breaches => crate::breach::verify_store_log(store.as_ref()).await,
-            Chain::Audit => crate::audit::verify_store_audit(store.as_ref()).await,
+            Chain::Breaches => crate::store::verify_store_log(store.as_ref()).await,
+            Chain::Audit => crate::store::verify_store_audit(store.as_ref()).await,
         }
     });
     match verdict {
         Ok(v) => {
             let code = print_stdout(&format!("{}\n", v.message()));
             match v {
-                crate::breach::LogVerdict::Verified { .. } => code,
-                crate::breach::LogVerdict::Broken(_) => ExitCode::FAILURE,
+                sov_evidence::chain::LogVerdict::Verified { .. } => code,
+                sov_evidence::chain::LogVerdict::Broken(_) => ExitCode::FAILURE,
             }
         }
         Err(e) => fail(&e),

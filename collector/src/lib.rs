@@ -3,9 +3,7 @@
 //! Parts:
 //! - [`config`]: the strict TOML configuration;
 //! - [`auth`]: peer certificate → [`auth::Identity`] (name and role from a SPIFFE URI SAN);
-//! - [`audit`]: the hash-chained audit log of every regulator's and admin's query;
 //! - [`token`]: API tokens for the HTTPS API (stored hashed, scoped to a role, expiring);
-//! - [`report`]: signed evidence reports and their offline verification;
 //! - [`breach`]: policy breaches (open → updated → resolved) and their hash-chained log;
 //! - [`pki`]: certificates without openssl (`sov-collector pki`);
 //! - [`ingest`]: the `Ingest` gRPC service (authenticate, validate, commit, then ack);
@@ -20,10 +18,9 @@
 //!   syslog sinks, routing by rule and severity, and the outbox's retry schedule;
 //! - [`metrics`]: the collector's counters and gauges, served as Prometheus text on `/metrics`;
 //! - [`dev`]: the all-in-one quickstart (`sov-collector dev`);
-//! - [`cli`] and [`sovctl`]: the two command lines (the binaries only call their `main`).
+//! - [`cli`]: the command line (the binary only calls its `main`).
 
 pub mod alert;
-pub mod audit;
 pub mod auth;
 pub mod breach;
 pub mod cli;
@@ -36,9 +33,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod query;
-pub mod report;
 pub mod server;
-pub mod sovctl;
 pub mod store;
 pub mod tls;
 pub mod token;

@@ -340,7 +340,7 @@ pub async fn run_with_metrics(
         Some(path) => Some(Arc::new(crate::policy::PolicyWatch::new(path)?)),
         None => None,
     };
-    let signer = match crate::report::ReportSigner::load(&config.tls.cert, &config.tls.key) {
+    let signer = match sov_evidence::report::ReportSigner::load(&config.tls.cert, &config.tls.key) {
         Ok(s) => Some(Arc::new(s)),
         Err(err) => {
             tracing::warn!(error = %err, "evidence reports cannot be signed; ExportReport will refuse");

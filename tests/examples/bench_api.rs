@@ -74,7 +74,7 @@ async fn main() {
     for i in 0..queries {
         let t = Instant::now();
         store
-            .append_audit(sov_collector::audit::AuditEntry {
+            .append_audit(sov_evidence::audit::AuditEntry {
                 at_unix_ms: now,
                 who: "bench".into(),
                 role: "regulator".into(),

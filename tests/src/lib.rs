@@ -465,7 +465,7 @@ pub async fn list_nodes(pki: &Pki, url: &str) -> Result<Vec<pb::NodeSummary>, St
     let tls = pki.client_tls(Role::Regulator, "test-regulator");
     let channel = tls.connect(url).await.map_err(|e| e.to_string())?;
     let mut client = pb::query_client::QueryClient::new(channel);
-    sov_collector::sovctl::fetch_nodes(&mut client)
+    sovctl::fetch_nodes(&mut client)
         .await
         .map_err(|s| s.to_string())
 }

@@ -92,7 +92,7 @@ async fn foreign_egress_opens_one_breach_and_allowed_destinations_none() {
     assert_eq!(br.subject, "country:FR");
     assert_eq!(br.severity, "critical");
     assert_eq!(br.state, "open");
-    let json = sov_collector::sovctl::breach_json(br);
+    let json = sov_evidence::view::breach_json(br);
     assert!(json["resolved_at"].is_null());
     assert!(json["opened_at"].as_str().unwrap().contains('T'));
     assert_eq!(

@@ -385,7 +385,7 @@ async fn the_collector_answers_where_each_models_copies_are() {
         || {
             let mut q = q.clone();
             async move {
-                let m = sov_collector::sovctl::fetch_models(&mut q, "").await.ok()?;
+                let m = sovctl::fetch_models(&mut q, "").await.ok()?;
                 (m.len() == 5 && m.iter().all(|m| !m.sha256.is_empty())).then_some(m)
             }
         },
@@ -408,9 +408,7 @@ async fn the_collector_answers_where_each_models_copies_are() {
     );
     assert_eq!(copy.storage, "local");
     // Lookup by sha256 finds exactly that model.
-    let by_sha = sov_collector::sovctl::fetch_models(&mut q, &tiny.sha256)
-        .await
-        .unwrap();
+    let by_sha = sovctl::fetch_models(&mut q, &tiny.sha256).await.unwrap();
     assert_eq!(by_sha.len(), 1);
     assert_eq!(by_sha[0].model, "tinyllama:1b");
 
@@ -423,7 +421,7 @@ async fn the_collector_answers_where_each_models_copies_are() {
         || {
             let mut q = q.clone();
             async move {
-                let m = sov_collector::sovctl::fetch_models(&mut q, "").await.ok()?;
+                let m = sovctl::fetch_models(&mut q, "").await.ok()?;
                 (m.len() == 4).then_some(())
             }
         },

@@ -27,9 +27,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Alert, Attempt, Sink};
-use crate::breach::LogRecord;
-use crate::sovctl::rfc3339;
 use crate::store::{Store, StoreError};
+use sov_evidence::chain::LogRecord;
+use sov_evidence::view::rfc3339;
 
 /// How long a sink's lease lasts without renewal (a crashed replica's sinks move to another
 /// replica after this).
@@ -371,7 +371,7 @@ mod tests {
             },
             7,
         );
-        let r = LogRecord::next(Some((6, "ab")), 1_700_000_000_500, &b, "open");
+        let r = b.log_record(Some((6, "ab")), 1_700_000_000_500, "open");
         let a = alert_of(&r);
         assert_eq!(a.seq, 7);
         assert_eq!(a.state, "open");

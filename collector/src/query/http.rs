@@ -341,7 +341,7 @@ async fn report(
     Ok(if html {
         (
             "text/html; charset=utf-8",
-            crate::report::render_html(&r.signed_json),
+            sov_evidence::report::render_html(&r.signed_json),
         )
     } else {
         ("application/json", r.signed_json)
@@ -373,7 +373,7 @@ async fn authenticate(
             return Err(Status::unauthenticated(format!(
                 "token {} expired at {}",
                 record.token_id,
-                crate::sovctl::rfc3339(record.expires_unix_ms)
+                sov_evidence::view::rfc3339(record.expires_unix_ms)
             )));
         }
         return Ok(Caller {
@@ -470,7 +470,7 @@ impl Params {
             Some(v) if v.bytes().all(|b| b.is_ascii_digit()) => v
                 .parse()
                 .map_err(|_| Status::invalid_argument(format!("{key} {v:?} is out of range"))),
-            Some(v) => crate::sovctl::parse_duration_ms(v)
+            Some(v) => sov_evidence::view::parse_duration_ms(v)
                 .map(|d| now.saturating_sub(d))
                 .map_err(|e| Status::invalid_argument(format!("{key}: {e}"))),
         }
@@ -484,7 +484,7 @@ async fn answer(
     route: &str,
     p: Params,
 ) -> Result<Value, Status> {
-    use crate::sovctl::{breach_json, egress_json, model_json, node_json};
+    use sov_evidence::view::{EgressBy, breach_json, egress_json, model_json, node_json};
     let now = sov_common::clock::now_unix_ms();
     match route {
         "nodes" => {
@@ -523,12 +523,9 @@ async fn answer(
         "egress" => {
             p.only(&["since", "until", "by", "limit"])?;
             let by_text = p.get("by").filter(|b| !b.is_empty()).unwrap_or("country");
-            let by = <crate::sovctl::EgressBy as clap::ValueEnum>::from_str(by_text, false)
-                .map_err(|_| {
-                    Status::invalid_argument(format!(
-                        "by {by_text:?} is not one of country, node, process, asn, destination"
-                    ))
-                })?;
+            let by = by_text
+                .parse::<EgressBy>()
+                .map_err(Status::invalid_argument)?;
             let since = match p.time("since", now)? {
                 0 => now.saturating_sub(86_400_000),
                 t => t,
@@ -588,7 +585,7 @@ async fn answer(
                 "records": r
                     .records
                     .into_iter()
-                    .map(|r| crate::audit::AuditRecord::from(r).to_json())
+                    .map(|r| sov_evidence::audit::AuditRecord::from(r).to_json())
                     .collect::<Vec<_>>(),
                 "next_after_seq": r.next_after_seq,
             }))

@@ -3,7 +3,7 @@
 //!
 //! Every query goes through [`QueryService`]'s `*_as` methods with the [`Caller`] that asked:
 //! role check (regulator or admin), validation and limits, the store, then one audit record
-//! ([`crate::audit`]) before the answer leaves. A query whose audit record cannot be written
+//! ([`sov_evidence::audit`]) before the answer leaves. A query whose audit record cannot be written
 //! is refused.
 //!
 //! - [`http`]: the HTTPS JSON API under `/api/v1/` and the read-only web page;
@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
-use crate::audit::AuditEntry;
 use crate::auth::{self, Identity, Role};
 use crate::store::{NodeRow, Store};
+use sov_evidence::audit::AuditEntry;
 
 pub mod http;
 pub mod scorecard;
@@ -112,7 +112,7 @@ pub struct QueryService {
     trust_domain: String,
     max_page: u32,
     policy: Option<Arc<crate::policy::PolicyWatch>>,
-    signer: Option<Arc<crate::report::ReportSigner>>,
+    signer: Option<Arc<sov_evidence::report::ReportSigner>>,
     geo: Option<crate::geo::Geo>,
 }
 
@@ -132,7 +132,7 @@ impl QueryService {
     /// The same, signing evidence reports with `signer` and naming `geo`'s databases in them.
     pub fn with_evidence(
         mut self,
-        signer: Option<Arc<crate::report::ReportSigner>>,
+        signer: Option<Arc<sov_evidence::report::ReportSigner>>,
         geo: Option<crate::geo::Geo>,
     ) -> Self {
         self.signer = signer;
@@ -247,7 +247,7 @@ impl From<NodeRow> for pb::NodeSummary {
 impl From<crate::breach::Breach> for pb::BreachSummary {
     fn from(b: crate::breach::Breach) -> Self {
         Self {
-            evidence_json: crate::breach::canonical_json(&b.evidence),
+            evidence_json: sov_evidence::chain::canonical_json(&b.evidence),
             breach_id: b.breach_id,
             rule: b.rule,
             state: b.state.as_str().to_owned(),
@@ -258,34 +258,6 @@ impl From<crate::breach::Breach> for pb::BreachSummary {
             last_seen_unix_ms: b.last_seen_unix_ms,
             resolved_at_unix_ms: b.resolved_at_unix_ms.unwrap_or(0),
             count: b.count,
-        }
-    }
-}
-
-impl From<crate::audit::AuditRecord> for pb::AuditRecord {
-    fn from(r: crate::audit::AuditRecord) -> Self {
-        Self {
-            seq: r.seq,
-            at_unix_ms: r.at_unix_ms,
-            actor: r.actor,
-            call: r.call,
-            body_json: r.body_json,
-            prev_hash: r.prev_hash,
-            hash: r.hash,
-        }
-    }
-}
-
-impl From<pb::AuditRecord> for crate::audit::AuditRecord {
-    fn from(r: pb::AuditRecord) -> Self {
-        Self {
-            seq: r.seq,
-            at_unix_ms: r.at_unix_ms,
-            actor: r.actor,
-            call: r.call,
-            body_json: r.body_json,
-            prev_hash: r.prev_hash,
-            hash: r.hash,
         }
     }
 }
@@ -627,7 +599,7 @@ impl QueryService {
         let breaches: Vec<Value> = breaches
             .into_iter()
             .filter(|b| b.opened_at_unix_ms < until)
-            .map(|b| crate::sovctl::breach_json(&pb::BreachSummary::from(b)))
+            .map(|b| sov_evidence::view::breach_json(&pb::BreachSummary::from(b)))
             .collect();
         // The breach-log segment: from the first record at or after `since` to the last one
         // before `until`, consecutive (so its chain can be checked on its own).
@@ -653,13 +625,13 @@ impl QueryService {
                     truncated = true;
                     break 'read;
                 }
-                records.push(crate::report::log_record_json(&rec));
+                records.push(sov_evidence::report::log_record_json(&rec));
             }
         }
         let report = json!({
-            "generated_at": crate::sovctl::rfc3339(sov_common::clock::now_unix_ms()),
-            "since": crate::sovctl::rfc3339(r.since_unix_ms),
-            "until": crate::sovctl::rfc3339(until),
+            "generated_at": sov_evidence::view::rfc3339(sov_common::clock::now_unix_ms()),
+            "since": sov_evidence::view::rfc3339(r.since_unix_ms),
+            "until": sov_evidence::view::rfc3339(until),
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": until,
             "requested_by": format!("{}/{}", caller.id.role, caller.id.name),

@@ -23,8 +23,8 @@ use serde_json::{Value, json};
 use sov_proto::pb;
 
 use crate::policy::Policy;
-use crate::sovctl::rfc3339;
 use crate::store::{EgressQuery, GpuUsageRow, Store, StoreError};
+use sov_evidence::view::rfc3339;
 
 /// Most nodes, models, GPU usage groups and egress groups read for one scorecard; beyond
 /// that the scorecard says it is truncated.

@@ -17,10 +17,11 @@
 use std::collections::BTreeMap;
 
 pub use crate::alert::outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
-use crate::audit::{AuditEntry, AuditRecord};
-use crate::breach::{Breach, LogRecord, Observation};
+use crate::breach::{Breach, Observation};
 pub use crate::breach::{BreachChange, BreachFilter};
 use crate::token::TokenRecord;
+use sov_evidence::audit::{AuditEntry, AuditRecord};
+use sov_evidence::chain::{LogRecord, LogVerdict};
 
 pub mod postgres;
 pub mod sqlite;
@@ -389,6 +390,48 @@ pub async fn open(
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
     Ok(std::sync::Arc::new(store))
+}
+
+/// Records read per page by [`verify_store_log`] and [`verify_pages`]'s other callers.
+pub const VERIFY_PAGE: u32 = 1000;
+
+/// Check a hash chain read page by page: `page(after_seq)` gives the records after
+/// `after_seq` (empty at the end). Used for the breach log and the audit log.
+pub async fn verify_pages<F, Fut>(mut page: F) -> Result<LogVerdict, StoreError>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<LogRecord>, StoreError>>,
+{
+    let mut v = sov_evidence::chain::ChainVerifier::new();
+    let mut after = 0;
+    loop {
+        let records = page(after).await?;
+        let Some(last) = records.last() else { break };
+        after = last.seq;
+        for r in &records {
+            if let Err(e) = v.push(r) {
+                return Ok(LogVerdict::Broken(e));
+            }
+        }
+    }
+    Ok(LogVerdict::Verified {
+        records: v.checked(),
+        last_hash: v.last_hash().to_owned(),
+    })
+}
+
+/// Read a store's whole breach log page by page and check its chain.
+pub async fn verify_store_log(store: &dyn Store) -> Result<LogVerdict, StoreError> {
+    verify_pages(|after| store.breach_log(after, VERIFY_PAGE)).await
+}
+
+/// Read a store's whole audit log page by page and check its chain.
+pub async fn verify_store_audit(store: &dyn Store) -> Result<LogVerdict, StoreError> {
+    verify_pages(|after| async move {
+        let page = store.audit_log(after, VERIFY_PAGE).await?;
+        Ok(page.iter().map(AuditRecord::as_log_record).collect())
+    })
+    .await
 }
 
 /// Rows read per page by [`all_nodes`] and [`all_models`].

@@ -32,12 +32,10 @@ use super::{
     Settle, SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name,
     to_i64,
 };
-use crate::audit::{AuditEntry, AuditRecord};
-use crate::breach::{
-    Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
-    canonical_json,
-};
+use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
 use crate::token::TokenRecord;
+use sov_evidence::audit::{AuditEntry, AuditRecord};
+use sov_evidence::chain::{LogRecord, canonical_json};
 
 /// Connect timeout used when the URL does not set `connect_timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1356,10 +1354,9 @@ async fn append_log(
     breach: &Breach,
     event: &str,
 ) -> Result<(), StoreError> {
-    let r = LogRecord::next(
+    let r = breach.log_record(
         last.as_ref().map(|(s, h)| (*s, h.as_str())),
         at_unix_ms,
-        breach,
         event,
     );
     tx.execute(
@@ -3011,8 +3008,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_edited_log_record_is_refused_by_the_database_and_named_by_the_chain() {
-        use crate::breach::verify_chain;
         use crate::store::suite::{observation, whole_log};
+        use sov_evidence::chain::verify_chain;
         with_schema(|url, schema| async move {
             let store = PostgresStore::connect_with_schema(&url, &schema)
                 .await
@@ -3055,8 +3052,9 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn replicas_observing_breaches_at_once_keep_one_chain_and_one_open_breach_per_key() {
-        use crate::breach::{BreachChange, verify_chain};
+        use crate::breach::BreachChange;
         use crate::store::suite::{observation, whole_log};
+        use sov_evidence::chain::verify_chain;
         with_schema(|url, schema| async move {
             let (a, b) = tokio::join!(
                 PostgresStore::connect_with_schema(&url, &schema),

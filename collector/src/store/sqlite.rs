@@ -12,12 +12,10 @@ use super::{
     NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention, Settle,
     SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
 };
-use crate::audit::{AuditEntry, AuditRecord};
-use crate::breach::{
-    Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, LogRecord, Observation,
-    canonical_json,
-};
+use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
 use crate::token::TokenRecord;
+use sov_evidence::audit::{AuditEntry, AuditRecord};
+use sov_evidence::chain::{LogRecord, canonical_json};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "sovereign.db";
@@ -578,10 +576,9 @@ fn append_log(
     breach: &Breach,
     event: &str,
 ) -> Result<(), StoreError> {
-    let r = LogRecord::next(
+    let r = breach.log_record(
         last.as_ref().map(|(s, h)| (*s, h.as_str())),
         at_unix_ms,
-        breach,
         event,
     );
     tx.execute(
@@ -2239,8 +2236,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_edited_log_record_is_refused_by_the_database_and_named_by_the_chain() {
-        use crate::breach::verify_chain;
         use crate::store::suite::{observation, whole_log};
+        use sov_evidence::chain::verify_chain;
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         for (at, bytes) in [(1000, 1), (2000, 2), (3000, 3)] {
@@ -2285,6 +2282,62 @@ mod tests {
         assert!(
             matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
             "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stores_log_is_verified_across_pages_and_a_break_is_named() {
+        use crate::breach::{Observation, Severity};
+        use crate::store::{VERIFY_PAGE, verify_store_log};
+        use sov_evidence::chain::{GENESIS_HASH, LogVerdict};
+        let obs = |subject: &str, at: i64, evidence: serde_json::Value| Observation {
+            rule: "restricted-model-outside".into(),
+            node: "gpu-1".into(),
+            subject: subject.into(),
+            severity: Severity::Critical,
+            evidence,
+            at_unix_ms: at,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let empty = verify_store_log(&store).await.unwrap();
+        assert_eq!(
+            empty.message(),
+            format!("log verified: 0 records, last hash {GENESIS_HASH}")
+        );
+        // More records than one page.
+        let n = i64::from(VERIFY_PAGE) + 5;
+        for i in 0..n {
+            store
+                .observe_breach(obs("m", 1000 + i, serde_json::json!(i)))
+                .await
+                .unwrap();
+        }
+        let last = store
+            .breach_log(u64::try_from(n - 1).unwrap(), 1)
+            .await
+            .unwrap();
+        let verdict = verify_store_log(&store).await.unwrap();
+        assert_eq!(
+            verdict,
+            LogVerdict::Verified {
+                records: u64::try_from(n).unwrap(),
+                last_hash: last[0].hash.clone()
+            }
+        );
+        assert_eq!(
+            verdict.message(),
+            format!("log verified: {n} records, last hash {}", last[0].hash)
+        );
+        let c = rusqlite::Connection::open(dir.path().join(crate::store::sqlite::DB_FILE)).unwrap();
+        c.execute_batch(
+            "DROP TRIGGER breach_log_no_delete; DELETE FROM breach_log WHERE seq = 1002;",
+        )
+        .unwrap();
+        let verdict = verify_store_log(&store).await.unwrap();
+        assert_eq!(
+            verdict.message(),
+            "log broken at record 1002: record missing (the next stored record is 1003)"
         );
     }
 }

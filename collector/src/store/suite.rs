@@ -15,7 +15,8 @@ use super::{
     NewEnrollToken, NodePeer, OutboxItem, Retention, Settle, SinkStats, Store, StoreError,
     Telemetry, TokenSpend, WeightUpdate,
 };
-use crate::breach::{BreachState, ChainVerifier, LogRecord, Observation, Severity, verify_chain};
+use crate::breach::{BreachState, Observation, Severity};
+use sov_evidence::chain::{ChainVerifier, LogRecord, verify_chain};
 
 /// A store under test and a way to look at its tables.
 #[async_trait::async_trait(?Send)]
@@ -1643,8 +1644,8 @@ async fn open_refuses_an_unknown_url_naming_it_and_the_accepted_forms() {
     );
 }
 
-fn audit_entry(call: &str, rows: u64, at: i64) -> crate::audit::AuditEntry {
-    crate::audit::AuditEntry {
+fn audit_entry(call: &str, rows: u64, at: i64) -> sov_evidence::audit::AuditEntry {
+    sov_evidence::audit::AuditEntry {
         at_unix_ms: at,
         who: "analyst".into(),
         role: "regulator".into(),
@@ -1672,12 +1673,12 @@ pub(crate) async fn audit_records_form_a_verifiable_chain_read_in_pages(db: &dyn
     let all: Vec<LogRecord> = first
         .iter()
         .chain(&rest)
-        .map(crate::audit::AuditRecord::as_log_record)
+        .map(sov_evidence::audit::AuditRecord::as_log_record)
         .collect();
     assert_eq!(verify_chain(all.into_iter()), Ok(5));
     assert_eq!(
-        crate::audit::verify_store_audit(store).await.unwrap(),
-        crate::breach::LogVerdict::Verified {
+        crate::store::verify_store_audit(store).await.unwrap(),
+        sov_evidence::chain::LogVerdict::Verified {
             records: 5,
             last_hash: rest[2].hash.clone()
         }

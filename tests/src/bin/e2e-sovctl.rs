@@ -1,5 +1,5 @@
 //! sovctl's main, built inside this package so its tests can run the real command line.
 
 fn main() -> std::process::ExitCode {
-    sov_collector::sovctl::main()
+    sovctl::main()
 }

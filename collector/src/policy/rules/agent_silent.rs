@@ -39,7 +39,7 @@ fn observe(ctx: &Context<'_>) -> Vec<Observation> {
             subject: "silence".to_owned(),
             severity: Severity::Warning,
             evidence: json!({
-                "last_seen": crate::sovctl::rfc3339(n.last_seen_unix_ms),
+                "last_seen": sov_evidence::view::rfc3339(n.last_seen_unix_ms),
                 "silence_secs": ctx.policy.thresholds.silence_secs,
                 EVIDENCE_COUNTERS: {
                     "silent_secs": ctx.now_unix_ms.saturating_sub(n.last_seen_unix_ms) / 1000,

@@ -28,7 +28,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 
-use crate::breach::{LogRecord, canonical_json};
+use crate::chain::{GENESIS_HASH, LogRecord, canonical_json};
 
 /// The `format` of a report.
 pub const FORMAT: &str = "sovereign.report.v1";
@@ -127,7 +127,7 @@ impl ReportSigner {
             "signature": {
                 "algorithm": ALGORITHM,
                 "certificate_pem": self.cert_pem,
-                "value": hex(sig.as_ref()),
+                "value": crate::chain::hex(sig.as_ref()),
             },
         });
         Ok(format!("{}\n", canonical_json(&doc)))
@@ -141,14 +141,6 @@ fn signed_message(report: &Value, cert_pem: &str) -> String {
         "{SIGNED_PREFIX}{}",
         canonical_json(&json!({"certificate_pem": cert_pem, "report": report}))
     )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
@@ -226,7 +218,7 @@ pub fn verify_segment(records: &[Value]) -> Result<u64, ReportError> {
                     reason: format!("prev_hash does not match record {seq}'s hash"),
                 });
             }
-        } else if r.seq == 1 && r.prev_hash != crate::breach::GENESIS_HASH {
+        } else if r.seq == 1 && r.prev_hash != GENESIS_HASH {
             return Err(ReportError::Chain {
                 seq: 1,
                 reason: "prev_hash is not the genesis hash".into(),
@@ -436,8 +428,8 @@ pub fn render_html(signed_json: &str) -> String {
         cell(&r["requested_by"]),
     );
     out.push_str("<h2>Scorecard</h2>\n");
-    let rows = crate::sovctl::scorecard_rows(&r["scorecard"]);
-    html_table(&mut out, &crate::sovctl::SCORECARD_COLUMNS, &rows);
+    let rows = crate::view::scorecard_rows(&r["scorecard"]);
+    html_table(&mut out, &crate::view::SCORECARD_COLUMNS, &rows);
     out.push_str("<h2>Breaches</h2>\n");
     let breaches: Vec<Value> = r["breaches"].as_array().cloned().unwrap_or_default();
     html_table(
@@ -494,28 +486,39 @@ pub fn render_html(signed_json: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A CA and a collector certificate signed by it, as `sov-collector pki init` makes them
+    /// (ECDSA P-256 keys in PKCS#8 PEM), in a temporary directory.
     fn signer() -> (tempfile::TempDir, ReportSigner, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         let dir = tempfile::tempdir().unwrap();
-        let files = crate::pki::init(dir.path(), &[], "sovereign").unwrap();
-        let s = ReportSigner::load(&files.collector.cert, &files.collector.key).unwrap();
-        let ca = std::fs::read_to_string(&files.ca_cert).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["collector".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let s = ReportSigner::load(&cert_path, &key_path).unwrap();
         (dir, s, ca)
     }
 
     fn sample_report() -> Value {
-        let b = crate::breach::Breach::opened(
-            &crate::breach::Observation {
-                rule: "foreign-egress".into(),
-                node: "n1".into(),
-                subject: "country:US".into(),
-                severity: crate::breach::Severity::Critical,
-                evidence: json!({"bytes": 5, "note": "</script>"}),
-                at_unix_ms: 1000,
-            },
-            1,
-        );
-        let r1 = LogRecord::next(None, 1000, &b, "open");
-        let r2 = LogRecord::next(Some((r1.seq, &r1.hash)), 2000, &b, "updated");
+        let body = json!({
+            "breach_id": "b1",
+            "rule": "foreign-egress",
+            "node": "n1",
+            "subject": "country:US",
+            "severity": "critical",
+            "evidence": {"bytes": 5, "note": "</script>"},
+        });
+        let r1 = LogRecord::next(None, 1000, "b1", "open", body.clone());
+        let r2 = LogRecord::next(Some((r1.seq, &r1.hash)), 2000, "b1", "updated", body);
         json!({
             "generated_at": "2026-01-01T00:00:00Z",
             "since": "2025-12-01T00:00:00Z",

@@ -5,14 +5,16 @@
 //! `audit_log` table, after the query ran and before its answer is sent: a query whose record
 //! cannot be written is refused (UNAVAILABLE / 503), so no question goes unrecorded.
 //!
-//! The chain reuses the breach log's machinery ([`crate::breach`]): a record hashes like a
-//! [`LogRecord`] whose `breach_id` is the actor (`role/name`), whose `event` is the call, and
-//! whose body is the canonical JSON of [`AuditEntry::body`]; [`crate::breach::ChainVerifier`] checks it. The
-//! two logs live in separate tables with separate chains, each from its own genesis.
+//! The chain is the breach log's ([`crate::chain`]): a record hashes like a [`LogRecord`] whose
+//! `breach_id` is the actor (`role/name`), whose `event` is the call, and whose body is the
+//! canonical JSON of [`AuditEntry::body`]; [`crate::chain::ChainVerifier`] checks it. The two
+//! logs live in separate tables with separate chains, each from its own genesis.
 
 use serde_json::{Value, json};
 
-use crate::breach::{LogRecord, LogVerdict, canonical_json, record_hash};
+use sov_proto::pb;
+
+use crate::chain::LogRecord;
 
 /// What one query did, before it is chained.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,28 +80,25 @@ impl AuditRecord {
     /// The record that follows `prev` (`(seq, hash)` of the log's last record; `None` for an
     /// empty log).
     pub fn next(prev: Option<(u64, &str)>, entry: &AuditEntry) -> Self {
-        let (seq, prev_hash) = match prev {
-            Some((seq, hash)) => (seq.saturating_add(1), hash.to_owned()),
-            None => (1, crate::breach::GENESIS_HASH.to_owned()),
-        };
-        let actor = entry.actor();
-        let body_json = canonical_json(&entry.body());
-        let hash = record_hash(
-            seq,
+        Self::from_log_record(LogRecord::next(
+            prev,
             entry.at_unix_ms,
-            &actor,
+            &entry.actor(),
             &entry.call,
-            &body_json,
-            &prev_hash,
-        );
+            entry.body(),
+        ))
+    }
+
+    /// A chained record read as an audit record (actor in `breach_id`, call in `event`).
+    pub fn from_log_record(r: LogRecord) -> Self {
         Self {
-            seq,
-            at_unix_ms: entry.at_unix_ms,
-            actor,
-            call: entry.call.clone(),
-            body_json,
-            prev_hash,
-            hash,
+            seq: r.seq,
+            at_unix_ms: r.at_unix_ms,
+            actor: r.breach_id,
+            call: r.event,
+            body_json: r.body_json,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
         }
     }
 
@@ -108,7 +107,7 @@ impl AuditRecord {
         serde_json::from_str(&self.body_json).unwrap_or(Value::Null)
     }
 
-    /// The same record in the breach log's shape, for [`crate::breach::ChainVerifier`].
+    /// The same record in the breach log's shape, for [`crate::chain::ChainVerifier`].
     pub fn as_log_record(&self) -> LogRecord {
         LogRecord::from_stored(
             self.seq,
@@ -126,7 +125,7 @@ impl AuditRecord {
         let body = self.body();
         json!({
             "seq": self.seq,
-            "at": crate::sovctl::rfc3339(self.at_unix_ms),
+            "at": crate::view::rfc3339(self.at_unix_ms),
             "at_unix_ms": self.at_unix_ms,
             "who": body["who"],
             "role": body["role"],
@@ -141,21 +140,38 @@ impl AuditRecord {
     }
 }
 
-/// Read a store's whole audit log page by page and check its chain.
-pub async fn verify_store_audit(
-    store: &dyn crate::store::Store,
-) -> Result<LogVerdict, crate::store::StoreError> {
-    crate::breach::verify_pages(|after| async move {
-        let page = store.audit_log(after, crate::breach::VERIFY_PAGE).await?;
-        Ok(page.iter().map(AuditRecord::as_log_record).collect())
-    })
-    .await
+impl From<AuditRecord> for pb::AuditRecord {
+    fn from(r: AuditRecord) -> Self {
+        Self {
+            seq: r.seq,
+            at_unix_ms: r.at_unix_ms,
+            actor: r.actor,
+            call: r.call,
+            body_json: r.body_json,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+impl From<pb::AuditRecord> for AuditRecord {
+    fn from(r: pb::AuditRecord) -> Self {
+        Self {
+            seq: r.seq,
+            at_unix_ms: r.at_unix_ms,
+            actor: r.actor,
+            call: r.call,
+            body_json: r.body_json,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::breach::verify_chain;
+    use crate::chain::verify_chain;
 
     fn entry(call: &str, rows: u64) -> AuditEntry {
         AuditEntry {
@@ -185,7 +201,7 @@ mod tests {
     #[test]
     fn audit_records_chain_from_the_genesis_and_verify_with_the_breach_log_verifier() {
         let log = chain();
-        assert_eq!(log[0].prev_hash, crate::breach::GENESIS_HASH);
+        assert_eq!(log[0].prev_hash, crate::chain::GENESIS_HASH);
         assert_eq!(log[1].prev_hash, log[0].hash);
         assert_eq!(log[2].seq, 3);
         assert_eq!(

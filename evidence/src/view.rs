@@ -1,0 +1,615 @@
+//! How the answers are printed, identically by `sovctl` (`--output json|csv|table`) and the
+//! HTTPS API (the same JSON objects): one function per object (`*_json`), the columns of each
+//! table, the scorecard's and the policy's rows, and the three renderings.
+
+use serde_json::{Value, json};
+use sov_proto::pb;
+
+/// The columns of `sovctl policy` as a table or CSV (JSON prints the whole object).
+pub const POLICY_COLUMNS: [&str; 3] = ["section", "item", "value"];
+
+/// The policy as rows of `section`, `item`, `value`.
+pub fn policy_rows(p: &Value) -> Vec<Value> {
+    let row = |section: &str, item: String, value: String| serde_json::json!({"section": section, "item": item, "value": value});
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut rows = vec![
+        row("policy", "file".into(), text(&p["file"])),
+        row("policy", "jurisdiction".into(), text(&p["jurisdiction"])),
+        row("policy", "inside".into(), text(&p["inside"])),
+    ];
+    for (site, country) in p["sites"].as_object().into_iter().flatten() {
+        rows.push(row("site", site.clone(), text(country)));
+    }
+    for m in p["models"].as_array().into_iter().flatten() {
+        rows.push(row("model", text(&m["match"]), text(&m["class"])));
+    }
+    for a in p["allow"].as_array().into_iter().flatten() {
+        let expires = match &a["expires"] {
+            Value::Null => "never".to_owned(),
+            e => text(e),
+        };
+        let state = if a["active"] == true {
+            "active"
+        } else {
+            "expired"
+        };
+        rows.push(row(
+            "allow",
+            text(&a["target"]),
+            format!("{} (expires {expires}, {state})", text(&a["reason"])),
+        ));
+    }
+    for (k, v) in p["thresholds"].as_object().into_iter().flatten() {
+        rows.push(row("threshold", k.clone(), text(v)));
+    }
+    for w in p["warnings"].as_array().into_iter().flatten() {
+        rows.push(row("warning", String::new(), text(w)));
+    }
+    rows
+}
+
+/// The columns of `sovctl audit`, in order; the JSON objects carry at least these keys.
+pub const AUDIT_COLUMNS: [&str; 9] = [
+    "seq", "at", "who", "role", "via", "call", "rows", "outcome", "hash",
+];
+
+/// The columns of `sovctl scorecard` as a table or CSV (JSON prints the whole object).
+pub const SCORECARD_COLUMNS: [&str; 3] = ["question", "measure", "value"];
+
+/// The scorecard's headline numbers as rows of `question`, `measure`, `value`.
+pub fn scorecard_rows(s: &Value) -> Vec<Value> {
+    let mut rows = Vec::new();
+    let mut add = |q: &str, m: &str, v: &Value| {
+        rows.push(json!({"question": q, "measure": m, "value": v}));
+    };
+    add("scope", "jurisdiction", &s["jurisdiction"]);
+    add("scope", "since", &s["since"]);
+    add("scope", "until", &s["until"]);
+    let w = &s["weights"];
+    for k in [
+        "models",
+        "copies",
+        "copies_inside",
+        "copies_outside",
+        "share_outside",
+    ] {
+        add("who holds the weights", k, &w[k]);
+    }
+    for o in w["by_origin"].as_array().into_iter().flatten() {
+        add(
+            "who holds the weights",
+            &format!("copies of {} models", o["origin"].as_str().unwrap_or("")),
+            &o["copies"],
+        );
+    }
+    let c = &s["compute"];
+    for k in ["gpu_hours", "gpu_hours_inside", "gpu_hours_outside"] {
+        add("where AI runs", k, &c[k]);
+    }
+    for o in c["by_model_origin"].as_array().into_iter().flatten() {
+        add(
+            "where AI runs",
+            &format!("gpu_hours on {} models", o["origin"].as_str().unwrap_or("")),
+            &o["gpu_hours"],
+        );
+    }
+    let d = &s["data"];
+    for k in [
+        "bytes_sent",
+        "bytes_sent_outside",
+        "bytes_sent_unplaced",
+        "share_leaving",
+    ] {
+        add("where data flows", k, &d[k]);
+    }
+    for o in d["by_country"].as_array().into_iter().flatten() {
+        add(
+            "where data flows",
+            &format!("bytes_sent to {}", o["country"].as_str().unwrap_or("")),
+            &o["bytes_sent"],
+        );
+    }
+    let p = &s["completeness"];
+    for k in [
+        "nodes",
+        "nodes_reporting",
+        "missing_reports",
+        "dropped_reports",
+    ] {
+        add("how complete", k, &p[k]);
+    }
+    add(
+        "how complete",
+        "silent_nodes",
+        &json!(p["silent_nodes"].as_array().map_or(0, Vec::len)),
+    );
+    rows
+}
+
+/// The columns of `sovctl breaches`, in order; the JSON objects carry at least these keys.
+pub const BREACH_COLUMNS: [&str; 8] = [
+    "breach_id",
+    "rule",
+    "state",
+    "severity",
+    "node",
+    "subject",
+    "opened_at",
+    "resolved_at",
+];
+
+/// One breach as the JSON object `sovctl breaches --output json` prints (times RFC 3339,
+/// `resolved_at` null while open; `evidence` parsed back into JSON).
+pub fn breach_json(b: &pb::BreachSummary) -> Value {
+    json!({
+        "breach_id": b.breach_id,
+        "rule": b.rule,
+        "state": b.state,
+        "severity": b.severity,
+        "node": b.node,
+        "subject": b.subject,
+        "opened_at": rfc3339(b.opened_at_unix_ms),
+        "last_seen": rfc3339(b.last_seen_unix_ms),
+        "resolved_at": if b.resolved_at_unix_ms > 0 {
+            Value::String(rfc3339(b.resolved_at_unix_ms))
+        } else {
+            Value::Null
+        },
+        "count": b.count,
+        "evidence": serde_json::from_str::<Value>(&b.evidence_json).unwrap_or(Value::Null),
+    })
+}
+
+/// Groupings of egress rows (`sovctl egress --by`, `/api/v1/egress?by=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressBy {
+    /// Per destination country.
+    Country,
+    /// Per node and destination country.
+    Node,
+    /// Per node, process and destination country.
+    Process,
+    /// Per destination ASN.
+    Asn,
+    /// Per remote address and port.
+    Destination,
+}
+
+impl EgressBy {
+    /// Every grouping, in the order `--help` lists them.
+    pub const ALL: [Self; 5] = [
+        Self::Country,
+        Self::Node,
+        Self::Process,
+        Self::Asn,
+        Self::Destination,
+    ];
+
+    /// Its name: `country`, `node`, `process`, `asn` or `destination`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Country => "country",
+            Self::Node => "node",
+            Self::Process => "process",
+            Self::Asn => "asn",
+            Self::Destination => "destination",
+        }
+    }
+
+    /// The columns a table or CSV of this grouping shows, in order.
+    pub fn columns(self) -> &'static [&'static str] {
+        match self {
+            Self::Country => &[
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+            ],
+            Self::Node => &[
+                "node",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+            ],
+            Self::Process => &[
+                "node",
+                "process",
+                "pid",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+            ],
+            Self::Asn => &[
+                "asn",
+                "org",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+            ],
+            Self::Destination => &[
+                "remote_address",
+                "remote_port",
+                "country",
+                "asn",
+                "org",
+                "bytes_sent",
+                "bytes_received",
+                "min_rtt_ms",
+                "geo_source",
+            ],
+        }
+    }
+}
+
+impl std::str::FromStr for EgressBy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.as_str() == s)
+            .ok_or_else(|| {
+                format!("by {s:?} is not one of country, node, process, asn, destination")
+            })
+    }
+}
+
+/// "90m", "24h", "7d", "30s" → milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num.parse().map_err(|_| {
+        format!("{text:?} is not a duration: use a number and s, m, h or d (e.g. 7d)")
+    })?;
+    let per = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" | "" => 86_400_000,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}: use s, m, h or d"
+            ));
+        }
+    };
+    n.checked_mul(per)
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| format!("{text:?} is out of range"))
+}
+
+/// One egress row as JSON.
+pub fn egress_json(r: &pb::EgressRow, by: EgressBy) -> Value {
+    let mut v = json!({
+        "country": r.country,
+        "bytes_sent": r.bytes_sent,
+        "bytes_received": r.bytes_received,
+        "connections": r.connections,
+        "min_rtt_ms": (r.min_rtt_us > 0).then(|| f64::from(r.min_rtt_us) / 1000.0),
+    });
+    match by {
+        EgressBy::Country => {}
+        EgressBy::Node => v["node"] = json!(r.node),
+        EgressBy::Process => {
+            v["node"] = json!(r.node);
+            v["process"] = json!(r.process);
+            v["pid"] = json!(r.pid);
+        }
+        EgressBy::Asn => {
+            v["asn"] = json!(r.asn);
+            v["org"] = json!(r.org);
+        }
+        EgressBy::Destination => {
+            v["remote_address"] = json!(r.remote_address);
+            v["remote_port"] = json!(r.remote_port);
+            v["asn"] = json!(r.asn);
+            v["org"] = json!(r.org);
+            v["geo_source"] = json!(r.geo_source);
+        }
+    }
+    v
+}
+
+/// Columns of `sovctl models` as a table or CSV.
+pub const MODEL_COLUMNS: [&str; 9] = [
+    "model",
+    "format",
+    "sha256",
+    "size",
+    "params",
+    "copies",
+    "countries",
+    "users",
+    "revision",
+];
+
+/// One model as the JSON object `sovctl models --output json` prints.
+pub fn model_json(m: &pb::ModelSummary) -> Value {
+    let mut countries: Vec<&str> = m.copies.iter().map(|c| c.country.as_str()).collect();
+    countries.sort_unstable();
+    countries.dedup();
+    json!({
+        "model": m.model,
+        "identity_source": m.identity_source,
+        "format": m.format,
+        "sha256": m.sha256,
+        "size": m.size_bytes,
+        "params": (m.parameter_count > 0).then_some(m.parameter_count),
+        "revision": m.revision,
+        "repo_path": m.repo_path,
+        "publisher": m.publisher,
+        "copies": m.copies.iter().map(|c| json!({
+            "node": c.node,
+            "site": c.site,
+            "country": c.country,
+            "path": c.path,
+            "storage": c.storage,
+            "server": c.server,
+            "mount_point": c.mount_point,
+            "first_seen": rfc3339(c.first_seen_unix_ms),
+            "last_seen": rfc3339(c.last_seen_unix_ms),
+        })).collect::<Vec<_>>(),
+        "users": m.users.iter().map(|u| json!({
+            "node": u.node,
+            "pid": u.pid,
+            "process": u.process,
+            "gpus": u.gpus,
+            "path": u.path,
+        })).collect::<Vec<_>>(),
+        "countries": countries.join(" "),
+    })
+}
+
+/// A model row flattened for tables and CSV (counts instead of arrays, short sha).
+pub fn model_row(m: &pb::ModelSummary) -> Value {
+    let mut v = model_json(m);
+    v["copies"] = json!(m.copies.len());
+    v["users"] = json!(m.users.len());
+    if let Some(short) = m.sha256.get(..12) {
+        v["sha256"] = json!(short);
+    }
+    v
+}
+
+/// RFC 3339 UTC text of a Unix millisecond time ("" for 0).
+pub fn rfc3339(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return String::new();
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// The columns of `sovctl nodes`, in order; the JSON objects carry at least these keys.
+pub const NODE_COLUMNS: [&str; 14] = [
+    "node",
+    "site",
+    "country",
+    "last_seen",
+    "reports",
+    "last_seq",
+    "missing",
+    "dropped",
+    "cpu_percent",
+    "memory_percent",
+    "gpus",
+    "gpu_util_percent",
+    "gpu_state",
+    "agent_version",
+];
+
+/// One node as the JSON object `sovctl nodes --output json` prints.
+pub fn node_json(n: &pb::NodeSummary) -> Value {
+    let mem_pct = if n.memory_total_bytes > 0 {
+        (n.memory_used_bytes as f64) * 100.0 / (n.memory_total_bytes as f64)
+    } else {
+        0.0
+    };
+    json!({
+        "node": n.node,
+        "site": n.site,
+        "country": n.country,
+        "last_seen": rfc3339(n.last_seen_unix_ms),
+        "reports": n.reports,
+        "last_seq": n.last_seq,
+        "missing": n.missing,
+        "dropped": n.dropped,
+        "epoch": n.epoch,
+        "cpu_percent": (f64::from(n.cpu_percent) * 10.0).round() / 10.0,
+        "memory_percent": (mem_pct * 10.0).round() / 10.0,
+        "agent_version": n.agent_version,
+        "gpus": n.gpu_count,
+        "gpu_util_percent": (f64::from(n.gpu_util_percent) * 10.0).round() / 10.0,
+        "gpu_state": n.gpu_state,
+        "gpu_memory_used_bytes": n.gpu_memory_used_bytes,
+        "gpu_memory_total_bytes": n.gpu_memory_total_bytes,
+        "memory_used_bytes": n.memory_used_bytes,
+        "memory_total_bytes": n.memory_total_bytes,
+        "hostname": n.hostname,
+        "epochs": n.epochs,
+        "conflicts": n.conflicts,
+        "labels": n.labels,
+    })
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Rows (JSON objects) as one pretty JSON array and a newline.
+pub fn json(rows: &[Value]) -> String {
+    serde_json::to_string_pretty(rows).unwrap_or_else(|_| "[]".into()) + "\n"
+}
+
+/// Rows as RFC 4180 CSV over `columns`, with a header line.
+pub fn csv(rows: &[Value], columns: &[&str]) -> String {
+    let mut out = columns.join(",") + "\n";
+    for r in rows {
+        let line: Vec<String> = columns.iter().map(|c| csv_field(&cell(&r[*c]))).collect();
+        out.push_str(&line.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// Rows as aligned columns for people, headed by the upper-case column names.
+pub fn table(rows: &[Value], columns: &[&str]) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
+        .collect();
+    let mut out = String::new();
+    let line = |vals: Vec<&str>, out: &mut String| {
+        let parts: Vec<String> = vals
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(
+        columns
+            .iter()
+            .map(|c| c.to_uppercase())
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect(),
+        &mut out,
+    );
+    for r in &cells {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_policy_table_has_one_row_per_site_model_allow_entry_and_threshold() {
+        let p = serde_json::json!({
+            "file": "/etc/sovereign/policy.toml",
+            "jurisdiction": "MA",
+            "inside": ["MA"],
+            "sites": {"paris": "FR"},
+            "models": [{"match": "acme/*", "class": "restricted"}],
+            "allow": [{"target": {"asn": 64500}, "reason": "cdn", "expires": null, "active": true}],
+            "thresholds": {"window_secs": 300},
+            "warnings": [],
+        });
+        let rows = policy_rows(&p);
+        let find = |section: &str| rows.iter().find(|r| r["section"] == section).unwrap();
+        assert_eq!(find("site")["item"], "paris");
+        assert_eq!(find("model")["value"], "restricted");
+        assert_eq!(find("allow")["value"], "cdn (expires never, active)");
+        assert_eq!(find("threshold")["value"], "300");
+        assert_eq!(rows.len(), 3 + 1 + 1 + 1 + 1);
+    }
+
+    fn sample() -> pb::NodeSummary {
+        pb::NodeSummary {
+            node: "node-a".into(),
+            site: "rabat, dc1".into(),
+            country: "MA".into(),
+            last_seen_unix_ms: 1_700_000_000_000,
+            reports: 10,
+            last_seq: 12,
+            missing: 2,
+            memory_used_bytes: 1,
+            memory_total_bytes: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn durations_take_seconds_minutes_hours_and_days() {
+        assert_eq!(parse_duration_ms("7d"), Ok(7 * 86_400_000));
+        assert_eq!(parse_duration_ms("90m"), Ok(90 * 60_000));
+        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
+        assert!(
+            parse_duration_ms("7w")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_duration_ms("x").is_err());
+        assert!(parse_duration_ms("0h").is_err());
+    }
+
+    #[test]
+    fn json_objects_carry_the_documented_keys() {
+        let v = node_json(&sample());
+        for k in [
+            "node",
+            "site",
+            "country",
+            "last_seen",
+            "reports",
+            "last_seq",
+            "missing",
+        ] {
+            assert!(v.get(k).is_some(), "missing key {k}");
+        }
+        assert_eq!(v["last_seen"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["missing"], 2);
+        assert_eq!(v["memory_percent"], 25.0);
+    }
+
+    #[test]
+    fn csv_quotes_fields_with_commas_and_tables_align() {
+        let rows = vec![node_json(&sample())];
+        let csv = csv(&rows, &NODE_COLUMNS);
+        let mut lines = csv.lines();
+        assert_eq!(lines.next().unwrap(), NODE_COLUMNS.join(","));
+        assert!(
+            lines
+                .next()
+                .unwrap()
+                .starts_with("node-a,\"rabat, dc1\",MA,"),
+            "{csv}"
+        );
+        let table = table(&rows, &["node", "missing"]);
+        assert_eq!(table, "NODE    MISSING\nnode-a  2\n");
+    }
+}
