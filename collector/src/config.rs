@@ -1,10 +1,26 @@
 //! The collector's TOML configuration: strict, documented defaults, every problem at once.
+//!
+//! [`CollectorConfig`] is the file's root; each `[section]` is declared by the part it
+//! configures (`[geo]` in [`crate::geo`], `[alert]` in [`crate::alert`], `[tls]` in
+//! [`crate::tls`], ...) and re-exported here, so that no part imports this module: the root
+//! sits above every section, and its [`CollectorConfig::validate`] asks each part to check its
+//! own section.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sov_common::config::{ConfigError, Problems, check_readable, read_toml};
+
+pub use crate::alert::{
+    AlertConfig, AlertmanagerSinkConfig, SlackSinkConfig, SyslogSinkConfig, WebhookSinkConfig,
+};
+pub use crate::enroll::{DEFAULT_ENROLL_VALIDITY_SECS, EnrollConfig};
+pub use crate::geo::{GeoConfig, GeoOverride};
+pub use crate::metrics::MetricsConfig;
+pub use crate::query::http::HttpConfig;
+pub use crate::store::StoreConfig;
+pub use crate::tls::{DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS, ServerTlsFiles};
 
 /// Default gRPC listen address.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
@@ -20,8 +36,6 @@ pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 pub const DEFAULT_AGGREGATE_RETENTION_DAYS: u32 = 365;
 /// Default most gRPC connections open at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
-/// Default longest TLS handshake, seconds.
-pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 
 /// `sov-collector serve` configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -84,221 +98,6 @@ pub struct CollectorConfig {
     /// changes; the file must load at start. Default: none (no breach rules run).
     #[serde(default)]
     pub policy: Option<PathBuf>,
-}
-
-/// `[alert]`: the sinks that receive every breach state change (open, updated, resolved).
-/// Each sink may be routed: it receives an alert when the alert's rule is in `rules` (empty:
-/// every rule) and its severity is at least `min_severity`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AlertConfig {
-    /// `[[alert.webhook]]`: generic webhooks (JSON body, optional HMAC-SHA256 signature).
-    #[serde(default)]
-    pub webhook: Vec<WebhookSinkConfig>,
-    /// `[[alert.alertmanager]]`: Prometheus Alertmanager v2 (`POST <url>/api/v2/alerts`).
-    #[serde(default)]
-    pub alertmanager: Vec<AlertmanagerSinkConfig>,
-    /// `[[alert.slack]]`: Slack incoming webhooks.
-    #[serde(default)]
-    pub slack: Vec<SlackSinkConfig>,
-    /// `[[alert.syslog]]`: syslog receivers (RFC 5424 over UDP or TCP).
-    #[serde(default)]
-    pub syslog: Vec<SyslogSinkConfig>,
-    /// Longest wait between two tries of an undelivered alert, seconds, 1..=3600. Default 300
-    /// (the delay doubles from 1 s up to it).
-    #[serde(default)]
-    pub retry_max_secs: Option<u64>,
-}
-
-impl AlertConfig {
-    /// `retry_max_secs` or its default.
-    pub fn retry_max(&self) -> std::time::Duration {
-        self.retry_max_secs
-            .map_or(crate::alert::RETRY_MAX, std::time::Duration::from_secs)
-    }
-}
-
-/// One `[[alert.webhook]]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookSinkConfig {
-    /// `http://` or `https://` URL the alert is POSTed to.
-    pub url: String,
-    /// Shared secret: when set, `X-Sovereign-Signature: sha256=<hex HMAC-SHA256(secret, body)>`.
-    #[serde(default)]
-    pub secret: Option<String>,
-    /// PEM CA certificate(s) trusted for an `https://` URL instead of the public roots.
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// Rules routed to this sink; empty (the default) means every rule.
-    #[serde(default)]
-    pub rules: Vec<String>,
-    /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
-    #[serde(default)]
-    pub min_severity: Option<String>,
-}
-
-/// One `[[alert.alertmanager]]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AlertmanagerSinkConfig {
-    /// Alertmanager base URL, e.g. "http://alertmanager:9093" (`/api/v2/alerts` is appended).
-    pub url: String,
-    /// PEM CA certificate(s) trusted for an `https://` URL instead of the public roots.
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// Rules routed to this sink; empty (the default) means every rule.
-    #[serde(default)]
-    pub rules: Vec<String>,
-    /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
-    #[serde(default)]
-    pub min_severity: Option<String>,
-}
-
-/// One `[[alert.slack]]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SlackSinkConfig {
-    /// The incoming webhook URL, e.g. "https://hooks.slack.com/services/...".
-    pub url: String,
-    /// PEM CA certificate(s) trusted for an `https://` URL instead of the public roots.
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// Rules routed to this sink; empty (the default) means every rule.
-    #[serde(default)]
-    pub rules: Vec<String>,
-    /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
-    #[serde(default)]
-    pub min_severity: Option<String>,
-}
-
-/// One `[[alert.syslog]]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SyslogSinkConfig {
-    /// "udp://host:514" (one datagram per alert) or "tcp://host:601" (RFC 6587 octet counting).
-    pub address: String,
-    /// Rules routed to this sink; empty (the default) means every rule.
-    #[serde(default)]
-    pub rules: Vec<String>,
-    /// Lowest severity routed to this sink: "info" (the default), "warning" or "critical".
-    #[serde(default)]
-    pub min_severity: Option<String>,
-}
-
-/// `[enroll]`: enrollment without copying keys (`sov-agent enroll`) and certificate renewal.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollConfig {
-    /// The CA's private key (PEM), matching a certificate in `tls.ca`. When set, the collector
-    /// signs agent certificates for enrollment tokens and renews them; when absent (the
-    /// default), `Enroll` and `Renew` answer FAILED_PRECONDITION.
-    #[serde(default)]
-    pub ca_key: Option<PathBuf>,
-    /// Lifetime of the certificates it signs, seconds. Default 2592000 (30 days); agents renew
-    /// at two thirds of it.
-    #[serde(default = "default_enroll_validity_secs")]
-    pub validity_secs: u64,
-}
-
-impl Default for EnrollConfig {
-    fn default() -> Self {
-        Self {
-            ca_key: None,
-            validity_secs: default_enroll_validity_secs(),
-        }
-    }
-}
-
-/// Default lifetime of enrolled certificates: 30 days.
-pub const DEFAULT_ENROLL_VALIDITY_SECS: u64 = 30 * 86_400;
-
-fn default_enroll_validity_secs() -> u64 {
-    DEFAULT_ENROLL_VALIDITY_SECS
-}
-
-/// `[metrics]`: Prometheus text exposition of the collector's own health (counters and
-/// gauges only, never inventory or flow data) on plain HTTP, without authentication.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Address serving `GET /metrics`, e.g. "127.0.0.1:9464". Default: none (off).
-    #[serde(default)]
-    pub listen: Option<SocketAddr>,
-}
-
-/// `[http]`: the HTTPS JSON API under `/api/v1/` and the read-only web page at `/`, with the
-/// collector's certificate; callers present a client certificate (role regulator or admin) or
-/// `Authorization: Bearer TOKEN`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Address serving HTTPS, e.g. "127.0.0.1:8443". Default: none (off).
-    #[serde(default)]
-    pub listen: Option<SocketAddr>,
-}
-
-/// `[store]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    /// "" or "sqlite:" (embedded SQLite under `data_dir`, the default), "sqlite:DIR" (relative
-    /// to `data_dir`), or "postgres://user@host:port/db" for several collector replicas on one
-    /// PostgreSQL.
-    #[serde(default)]
-    pub url: String,
-}
-
-/// `[geo]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GeoConfig {
-    /// Database files, each recognised by its content: MaxMind-format `.mmdb` (GeoLite2,
-    /// DB-IP, IPinfo, ip-location-db; country or ASN), the registries' `delegated-*-extended`
-    /// files, or CSV ranges `start,end,country` / `start,end,asn,organisation`. Earlier files
-    /// win; the embedded table answers last. Reloaded when a file changes.
-    #[serde(default)]
-    pub databases: Vec<PathBuf>,
-    /// `[[geo.override]]`: CIDR blocks placed by the operator; they win over every database.
-    #[serde(default, rename = "override")]
-    pub overrides: Vec<GeoOverride>,
-}
-
-/// One `[[geo.override]]`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct GeoOverride {
-    /// Block, e.g. "10.0.0.0/8" or "2001:db8::/32".
-    pub cidr: String,
-    /// ISO 3166-1 alpha-2 country the block is in.
-    pub country: String,
-    /// Autonomous system number, when known.
-    #[serde(default)]
-    pub asn: Option<u32>,
-    /// Organisation, when known.
-    #[serde(default)]
-    pub org: Option<String>,
-}
-
-/// `[tls]`: PEM files of the server side of mutual TLS.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerTlsFiles {
-    /// CA certificate that client certificates must chain to.
-    pub ca: PathBuf,
-    /// The collector's certificate.
-    pub cert: PathBuf,
-    /// The collector's private key.
-    pub key: PathBuf,
-    /// Deny list of client certificates refused although they chain to `ca`: one per line,
-    /// the SHA-256 fingerprint of the certificate (64 hex digits, `:` allowed), `serial:HEX`,
-    /// or `id:spiffe://<trust-domain>/<role>/<name>` (every certificate of that identity, also
-    /// those renewed later); `#` comments. Refused certificates fail the TLS handshake (alert
-    /// `certificate_revoked`) on gRPC and HTTPS. `ca`, `cert`, `key` and this file are
-    /// re-read every 2 seconds; a change applies to new connections without a restart.
-    /// Default: none.
-    #[serde(default)]
-    pub revoked: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {

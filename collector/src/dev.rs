@@ -158,7 +158,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
     let stop = CancellationToken::new();
     let agent_task = tokio::spawn(agent.run(stop.clone()));
     let stop_server = stop.clone();
-    let server = crate::server::run(&collector_cfg, store, listener, async move {
+    let server = crate::app::run(&collector_cfg, store, listener, async move {
         tokio::select! {
             () = shutdown => {}
             () = stop_server.cancelled() => {}

@@ -21,12 +21,44 @@ use std::time::Duration;
 use rcgen::{CertificateSigningRequestParams, Issuer, KeyPair, PublicKeyData, SerialNumber};
 use ring::rand::SecureRandom;
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
+use serde::Deserialize;
 use sov_proto::pb;
 use time::OffsetDateTime;
 
 use crate::auth::{self, Role};
 use crate::pki::{self, PkiError};
 use crate::store::{NewEnrollToken, Store, StoreError, TokenSpend};
+
+/// `[enroll]`: enrollment without copying keys (`sov-agent enroll`) and certificate renewal.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollConfig {
+    /// The CA's private key (PEM), matching a certificate in `tls.ca`. When set, the collector
+    /// signs agent certificates for enrollment tokens and renews them; when absent (the
+    /// default), `Enroll` and `Renew` answer FAILED_PRECONDITION.
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of the certificates it signs, seconds. Default 2592000 (30 days); agents renew
+    /// at two thirds of it.
+    #[serde(default = "default_enroll_validity_secs")]
+    pub validity_secs: u64,
+}
+
+impl Default for EnrollConfig {
+    fn default() -> Self {
+        Self {
+            ca_key: None,
+            validity_secs: default_enroll_validity_secs(),
+        }
+    }
+}
+
+/// Default lifetime of enrolled certificates: 30 days.
+pub const DEFAULT_ENROLL_VALIDITY_SECS: u64 = 30 * 86_400;
+
+fn default_enroll_validity_secs() -> u64 {
+    DEFAULT_ENROLL_VALIDITY_SECS
+}
 
 /// Random bytes in one token (printed as 64 hex digits after [`TOKEN_PREFIX`]).
 pub const TOKEN_BYTES: usize = 32;

@@ -13,7 +13,8 @@
 //!   publishers, allowed destinations, thresholds), its validation and reloading;
 //! - [`tls`]: the TLS front door of gRPC and HTTPS: certificate, CA and revocation deny list
 //!   reloaded when their files change, the connection limit and the handshake timeout;
-//! - [`server`]: the mutual-TLS gRPC server (`run(config, store, listener, shutdown)`);
+//! - [`server`]: the gRPC edge (Ingest, Query, Enroll over mutual TLS);
+//! - [`app`]: startup as build, then spawn (`app::run(config, store, listener, shutdown)`);
 //! - [`alert`]: breach alerts: the [`alert::Sink`] trait, webhook, Alertmanager, Slack and
 //!   syslog sinks, routing by rule and severity, and the outbox's retry schedule;
 //! - [`metrics`]: the collector's counters and gauges, served as Prometheus text on `/metrics`;
@@ -21,6 +22,7 @@
 //! - [`cli`]: the command line (the binary only calls its `main`).
 
 pub mod alert;
+pub mod app;
 pub mod auth;
 pub mod breach;
 pub mod cli;

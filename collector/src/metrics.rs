@@ -7,10 +7,12 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
@@ -20,6 +22,16 @@ pub use sov_common::prometheus::{
 use sov_common::prometheus::{family, process_families};
 
 use crate::store::{IngestOutcome, NodeRow, Store};
+
+/// `[metrics]`: Prometheus text exposition of the collector's own health (counters and
+/// gauges only, never inventory or flow data) on plain HTTP, without authentication.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address serving `GET /metrics`, e.g. "127.0.0.1:9464". Default: none (off).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
 
 /// A node whose last report is older than this is counted in `sov_collector_nodes_silent`.
 pub const SILENT_AFTER_SECS: i64 = 300;
@@ -133,14 +145,13 @@ pub struct Scrape {
     pub breaches_open: Option<std::collections::BTreeMap<String, u64>>,
 }
 
-/// Open breaches per rule: every built-in rule (0 when none) and any other rule found.
+/// Open breaches per rule: every rule of `rules` (0 when none) and any other rule found.
 pub async fn open_breaches(
     store: &dyn Store,
+    rules: &[&str],
 ) -> Result<std::collections::BTreeMap<String, u64>, crate::store::StoreError> {
-    let mut per: std::collections::BTreeMap<String, u64> = crate::policy::rules::RULES
-        .iter()
-        .map(|r| (r.name.to_owned(), 0))
-        .collect();
+    let mut per: std::collections::BTreeMap<String, u64> =
+        rules.iter().map(|r| ((*r).to_owned(), 0)).collect();
     let open = store
         .list_breaches(crate::breach::BreachFilter {
             state: Some(crate::breach::BreachState::Open),
@@ -264,13 +275,13 @@ impl Metrics {
     }
 
     /// Everything a scrape shows, measured now.
-    pub async fn scrape(&self, store: &dyn Store) -> String {
+    pub async fn scrape(&self, store: &dyn Store, rules: &[&str]) -> String {
         let outbox = store
             .outbox_stats()
             .await
             .map_err(|err| tracing::warn!(error = %err, "metrics: cannot read the outbox"))
             .ok();
-        let breaches_open = open_breaches(store)
+        let breaches_open = open_breaches(store, rules)
             .await
             .map_err(|err| tracing::warn!(error = %err, "metrics: cannot count breaches"))
             .ok();
@@ -519,16 +530,19 @@ impl Metrics {
 }
 
 /// Serve `/metrics` on `listener` until `shutdown` completes (see
-/// [`sov_common::prometheus::serve`]).
+/// [`sov_common::prometheus::serve`]); `rules` are the rules whose open breaches are always
+/// exposed, 0 included.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     store: Arc<dyn Store>,
+    rules: Vec<&'static str>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let rules: Arc<[&'static str]> = rules.into();
     let render = move || {
-        let (metrics, store) = (metrics.clone(), store.clone());
-        async move { metrics.scrape(store.as_ref()).await }
+        let (metrics, store, rules) = (metrics.clone(), store.clone(), rules.clone());
+        async move { metrics.scrape(store.as_ref(), &rules).await }
     };
     sov_common::prometheus::serve(listener, "collector", render, shutdown).await;
 }
@@ -749,6 +763,7 @@ mod tests {
             listener,
             metrics,
             store,
+            vec![],
             stop.clone().cancelled_owned(),
         ));
 

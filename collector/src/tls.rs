@@ -18,7 +18,7 @@
 //! logged and the previous one stays in force; at start the same failure is an error.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -31,7 +31,31 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ServerTlsFiles;
+use serde::Deserialize;
+
+/// Default longest TLS handshake, seconds (`tls_handshake_timeout_secs`).
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+
+/// `[tls]`: PEM files of the server side of mutual TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsFiles {
+    /// CA certificate that client certificates must chain to.
+    pub ca: PathBuf,
+    /// The collector's certificate.
+    pub cert: PathBuf,
+    /// The collector's private key.
+    pub key: PathBuf,
+    /// Deny list of client certificates refused although they chain to `ca`: one per line,
+    /// the SHA-256 fingerprint of the certificate (64 hex digits, `:` allowed), `serial:HEX`,
+    /// or `id:spiffe://<trust-domain>/<role>/<name>` (every certificate of that identity, also
+    /// those renewed later); `#` comments. Refused certificates fail the TLS handshake (alert
+    /// `certificate_revoked`) on gRPC and HTTPS. `ca`, `cert`, `key` and this file are
+    /// re-read every 2 seconds; a change applies to new connections without a restart.
+    /// Default: none.
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
+}
 
 /// How often the TLS files are checked for changes.
 pub const TLS_RELOAD_EVERY: Duration = Duration::from_secs(2);

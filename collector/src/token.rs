@@ -10,6 +10,7 @@
 use ring::rand::SecureRandom as _;
 
 use crate::auth::Role;
+pub use crate::store::TokenRecord;
 
 /// Prefix of every token (recognisable in logs and secret scanners).
 pub const TOKEN_PREFIX: &str = "sov_";
@@ -19,23 +20,6 @@ const TOKEN_BYTES: usize = 32;
 const ID_LEN: usize = 12;
 /// Longest lifetime a token may be given: 2 years.
 pub const MAX_TOKEN_LIFETIME_MS: i64 = 2 * 366 * 86_400_000;
-
-/// A stored token (never the token itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenRecord {
-    /// First 12 hex digits of the hash: how logs and people refer to it.
-    pub token_id: String,
-    /// Lowercase hex SHA-256 of the token.
-    pub hash: String,
-    /// What it is for (free text, e.g. the tool's name).
-    pub name: String,
-    /// The role it acts with.
-    pub role: Role,
-    /// When it was made, Unix ms.
-    pub created_unix_ms: i64,
-    /// When it stops working, Unix ms.
-    pub expires_unix_ms: i64,
-}
 
 /// Why a token could not be made.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //!
 //! 1. `bare`: a tonic server with the same mutual TLS whose `Ingest.Push` only returns an Ack
 //!    (the ceiling: TLS, HTTP/2, protobuf and the clients themselves);
-//! 2. `sqlite`: the real collector (`sov_collector::server::run`) on SQLite;
+//! 2. `sqlite`: the real collector (`sov_collector::app::run`) on SQLite;
 //! 3. `postgres`: the real collector on PostgreSQL, in a fresh schema dropped at the end
 //!    (skipped with a note when PostgreSQL is unreachable).
 //!
@@ -438,7 +438,7 @@ async fn start_bare(pki: &Pki) -> Result<Running> {
 }
 
 /// The real collector on PostgreSQL: what `sov-collector serve` does with a `postgres://`
-/// store URL (`store::open`, then `server::run`), in this process.
+/// store URL (`store::open`, then `app::run`), in this process.
 async fn start_postgres(pki: &Pki, data: &Path, url: &str) -> Result<Running> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -450,7 +450,7 @@ async fn start_postgres(pki: &Pki, data: &Path, url: &str) -> Result<Running> {
     let stop = CancellationToken::new();
     let s = stop.clone();
     let task = tokio::spawn(async move {
-        sov_collector::server::run(&cfg, store, listener, s.cancelled_owned())
+        sov_collector::app::run(&cfg, store, listener, s.cancelled_owned())
             .await
             .expect("collector run");
     });

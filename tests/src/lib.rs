@@ -3,7 +3,7 @@
 //! on loopback, real SQLite.
 //!
 //! - [`Pki`]: a CA with the collector's certificate and client certificates on demand;
-//! - [`InProcessCollector`]: `sov_collector::server::run` on `127.0.0.1:0`;
+//! - [`InProcessCollector`]: `sov_collector::app::run` on `127.0.0.1:0`;
 //! - [`CollectorProcess`] / [`AgentProcess`]: the `e2e-collector` / `e2e-agent` binaries
 //!   (thin copies of the real mains);
 //! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`];
@@ -159,7 +159,7 @@ impl InProcessCollector {
         let cfg = config.clone();
         let s = stop.clone();
         let task = tokio::spawn(async move {
-            sov_collector::server::run(&cfg, store, listener, s.cancelled_owned())
+            sov_collector::app::run(&cfg, store, listener, s.cancelled_owned())
                 .await
                 .expect("collector run");
         });

@@ -5,9 +5,9 @@
 //! `resolve_timeout` (5 min by default); an open breach stays firing there only if it is
 //! re-sent (each "updated" state change does that).
 
+use super::config::AlertmanagerSinkConfig;
 use super::http::Endpoint;
 use super::{Alert, DeliveryError, Route, Sink, summary};
-use crate::config::AlertmanagerSinkConfig;
 
 /// The API path appended to the configured URL.
 pub const ALERTS_PATH: &str = "/api/v2/alerts";
@@ -28,8 +28,7 @@ impl AlertmanagerSink {
         let path = format!("{}{ALERTS_PATH}", endpoint.path.trim_end_matches('/'));
         Ok(Self {
             endpoint: endpoint.with_path(path),
-            route: Route::new(&c.rules, c.min_severity.as_deref())
-                .map_err(|e| format!("{name}: {e}"))?,
+            route: c.route().map_err(|e| format!("{name}: {e}"))?,
             name,
         })
     }

@@ -2,6 +2,7 @@
 //! schedule of the outbox that calls [`attempt`].
 //!
 //! Parts:
+//! - [`config`]: the `[alert]` section, one table per sink;
 //! - [`http`]: a small HTTP/1.1 client (POST, `Connection: close`, http and https);
 //! - [`webhook`]: generic JSON webhook, signed with HMAC-SHA256 when a secret is set;
 //! - [`alertmanager`]: Prometheus Alertmanager v2 (`POST <url>/api/v2/alerts`);
@@ -13,6 +14,7 @@
 //! [`Attempt::Delivered`] or [`Attempt::Failed`], and waits [`retry_delay`] between tries.
 
 pub mod alertmanager;
+pub mod config;
 pub mod http;
 pub mod outbox;
 pub mod slack;
@@ -23,8 +25,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+use sov_common::error::error_line;
 
-use crate::config::AlertConfig;
+pub use config::{
+    AlertConfig, AlertmanagerSinkConfig, SlackSinkConfig, SyslogSinkConfig, WebhookSinkConfig,
+};
 
 pub use alertmanager::AlertmanagerSink;
 pub use slack::SlackSink;
@@ -215,12 +220,12 @@ pub async fn attempt(sink: &dyn Sink, a: &Alert, failures: u32) -> Attempt {
         Err(error) if error.retryable() => {
             let after = retry_delay(failures.saturating_add(1));
             tracing::warn!(sink = sink.name(), breach_id = %a.breach_id, state = %a.state,
-                error = %error_chain(&error), retry_in_ms = after.as_millis() as u64, "alert delivery failed");
+                error = %error_line(&error), retry_in_ms = after.as_millis() as u64, "alert delivery failed");
             Attempt::Retry { error, after }
         }
         Err(error) => {
             tracing::error!(sink = sink.name(), breach_id = %a.breach_id, state = %a.state,
-                error = %error_chain(&error), "alert refused by the receiver; not retried");
+                error = %error_line(&error), "alert refused by the receiver; not retried");
             Attempt::Failed(error)
         }
     }
@@ -229,18 +234,6 @@ pub async fn attempt(sink: &dyn Sink, a: &Alert, failures: u32) -> Attempt {
 /// The sinks routed to `a`, in configuration order.
 pub fn routed<'a>(sinks: &'a [Arc<dyn Sink>], a: &Alert) -> Vec<&'a Arc<dyn Sink>> {
     sinks.iter().filter(|s| s.accepts(a)).collect()
-}
-
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 /// Retry schedule for the outbox: jittered exponential from 1 s to 5 min.
@@ -385,7 +378,6 @@ pub fn summary(a: &Alert) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{SyslogSinkConfig, WebhookSinkConfig};
 
     pub(crate) fn alert(state: &str) -> Alert {
         Alert {

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Alert, Attempt, Sink};
-use crate::store::{Store, StoreError};
+use crate::store::{OutboxItem, Settle, Store, StoreError};
 use sov_evidence::chain::LogRecord;
 use sov_evidence::view::rfc3339;
 
@@ -38,77 +38,6 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 pub const POLL_EVERY: Duration = Duration::from_secs(1);
 /// Log records read per enqueue step.
 const ENQUEUE_BATCH: u32 = 500;
-
-/// One outbox row to insert.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxItem {
-    /// Sequence number of the breach log record.
-    pub log_seq: u64,
-    /// The breach.
-    pub breach_id: String,
-    /// "open", "updated" or "resolved".
-    pub event: String,
-    /// The [`Alert`] as JSON, exactly as delivered.
-    pub payload: String,
-}
-
-/// One stored outbox row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboxRow {
-    /// Sink name.
-    pub sink: String,
-    /// The row as enqueued.
-    pub item: OutboxItem,
-    /// Failed tries so far.
-    pub attempts: u32,
-    /// Not before this time.
-    pub next_attempt_unix_ms: i64,
-    /// When it was enqueued.
-    pub created_unix_ms: i64,
-}
-
-/// What one try did to a row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settle {
-    /// Delivered at this time.
-    Delivered {
-        /// When.
-        at_unix_ms: i64,
-    },
-    /// Failed; try again.
-    Retry {
-        /// Failed tries so far, this one included.
-        attempts: u32,
-        /// When to try again.
-        next_attempt_unix_ms: i64,
-        /// Why it failed.
-        error: String,
-    },
-    /// Refused by the receiver; never tried again.
-    Failed {
-        /// Failed tries, this one included.
-        attempts: u32,
-        /// When.
-        at_unix_ms: i64,
-        /// Why.
-        error: String,
-    },
-}
-
-/// Outbox counters of one sink.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SinkStats {
-    /// Sink name.
-    pub sink: String,
-    /// Rows waiting for delivery.
-    pub pending: u64,
-    /// Rows delivered.
-    pub delivered: u64,
-    /// Rows refused for good.
-    pub failed: u64,
-    /// Failed tries over all rows (retries included).
-    pub failed_attempts: u64,
-}
 
 /// Builds the [`Alert`] of one breach log record (its body is the breach's snapshot).
 pub fn alert_of(record: &LogRecord) -> Alert {
@@ -244,12 +173,12 @@ impl SinkWorker {
                     attempts: row.attempts.saturating_add(1),
                     next_attempt_unix_ms: now
                         + i64::try_from(after.min(self.retry_max).as_millis()).unwrap_or(i64::MAX),
-                    error: super::error_chain(&error),
+                    error: sov_common::error::error_line(&error),
                 },
                 Attempt::Failed(error) => Settle::Failed {
                     attempts: row.attempts.saturating_add(1),
                     at_unix_ms: now,
-                    error: super::error_chain(&error),
+                    error: sov_common::error::error_line(&error),
                 },
             };
             let wait = matches!(settle, Settle::Retry { .. });

@@ -1,8 +1,8 @@
 //! Slack incoming webhook: `{"text": "[CRITICAL] foreign-egress OPEN on node-a: ..."}`.
 
+use super::config::SlackSinkConfig;
 use super::http::Endpoint;
 use super::{Alert, DeliveryError, Route, Sink, summary};
-use crate::config::SlackSinkConfig;
 
 /// One `[[alert.slack]]`.
 #[derive(Debug)]
@@ -17,8 +17,7 @@ impl SlackSink {
     pub fn new(name: String, c: &SlackSinkConfig) -> Result<Self, String> {
         Ok(Self {
             endpoint: Endpoint::new(&c.url, c.ca.as_deref()).map_err(|e| format!("{name}: {e}"))?,
-            route: Route::new(&c.rules, c.min_severity.as_deref())
-                .map_err(|e| format!("{name}: {e}"))?,
+            route: c.route().map_err(|e| format!("{name}: {e}"))?,
             name,
         })
     }

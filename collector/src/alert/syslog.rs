@@ -6,8 +6,8 @@
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 
+use super::config::SyslogSinkConfig;
 use super::{Alert, CONNECT_TIMEOUT, DeliveryError, REQUEST_TIMEOUT, Route, Sink, summary};
-use crate::config::SyslogSinkConfig;
 
 /// Facility local0.
 pub const FACILITY_LOCAL0: u8 = 16;
@@ -75,8 +75,7 @@ impl SyslogSink {
         Ok(Self {
             target: Target::parse(&c.address).map_err(|e| format!("{name}: {e}"))?,
             hostname: header_field(&sov_common::host::local_hostname(), 255),
-            route: Route::new(&c.rules, c.min_severity.as_deref())
-                .map_err(|e| format!("{name}: {e}"))?,
+            route: c.route().map_err(|e| format!("{name}: {e}"))?,
             name,
         })
     }

@@ -1,9 +1,9 @@
 //! Generic webhook: the [`Alert`] as the JSON body, `X-Sovereign-Event: <state>`, and
 //! `X-Sovereign-Signature: sha256=<hex HMAC-SHA256(secret, body)>` when a secret is set.
 
+use super::config::WebhookSinkConfig;
 use super::http::Endpoint;
 use super::{Alert, DeliveryError, Route, Sink};
-use crate::config::WebhookSinkConfig;
 
 /// Header carrying the body's signature.
 pub const SIGNATURE_HEADER: &str = "X-Sovereign-Signature";
@@ -38,8 +38,7 @@ impl WebhookSink {
                 .secret
                 .as_ref()
                 .map(|s| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, s.as_bytes())),
-            route: Route::new(&c.rules, c.min_severity.as_deref())
-                .map_err(|e| format!("{name}: {e}"))?,
+            route: c.route().map_err(|e| format!("{name}: {e}"))?,
             name,
         })
     }

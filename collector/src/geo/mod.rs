@@ -11,11 +11,12 @@
 //! One lookup asks countries until one source answers and ASNs until one answers. IPv4-mapped
 //! and 6to4 IPv6 addresses are looked up as IPv4 ([`normalise`]). [`Geo`] swaps a database
 //! whose file changed ([`Geo::reload_if_changed`]) without dropping a lookup, and keeps a
-//! bounded cache of verdicts (`cache.rs`). [`cli`] is `sov-collector geo lookup`; [`testutil`]
-//! writes MaxMind databases for tests and the `bench_geo` example.
+//! bounded cache of verdicts (`cache.rs`); [`reload_loop`] checks the files every
+//! [`GEO_RELOAD_EVERY`]. `[geo]` is declared in [`config`]. `testutil` (tests and the
+//! `testutil` feature only) writes MaxMind databases for tests and the `bench_geo` example.
 
 mod cache;
-pub mod cli;
+pub mod config;
 pub mod csv;
 pub mod delegated;
 pub mod detect;
@@ -23,6 +24,7 @@ pub mod embedded;
 pub mod mmdb;
 pub mod overrides;
 mod ranges;
+#[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
 
 use std::fs::File;
@@ -30,10 +32,13 @@ use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use crate::config::GeoConfig;
+use sov_common::error::error_line;
+use tokio_util::sync::CancellationToken;
+
 use cache::Cache;
+pub use config::{GeoConfig, GeoOverride};
 use detect::Format;
 use overrides::Overrides;
 
@@ -109,18 +114,6 @@ pub enum GeoError {
         cidr: String,
         message: String,
     },
-}
-
-/// The error and its causes on one line, e.g. "cannot read /x: No such file or directory".
-fn error_line(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
-    }
-    out
 }
 
 /// Look IPv4-mapped (`::ffff:0:0/96`) and 6to4 (`2002::/16`) addresses up as the IPv4
@@ -426,6 +419,25 @@ pub fn validate(cfg: &GeoConfig) -> Vec<String> {
         }
     }
     out
+}
+
+/// How often geolocation database files are checked for changes.
+pub const GEO_RELOAD_EVERY: Duration = Duration::from_secs(30);
+
+/// Reload changed geolocation databases now and then (lookups continue meanwhile).
+pub async fn reload_loop(geo: Geo, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(GEO_RELOAD_EVERY);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let g = geo.clone();
+        if let Ok(true) = tokio::task::spawn_blocking(move || g.reload_if_changed()).await {
+            tracing::info!(sources = ?geo.builds(), "geolocation databases reloaded");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use super::GeoOverride;
 use super::{GeoError, GeoSource};
-use crate::config::GeoOverride;
 
 /// One parsed override.
 #[derive(Debug, Clone, PartialEq, Eq)]

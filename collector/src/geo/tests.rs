@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::testutil::{MmdbWriter, Value};
 use super::*;
-use crate::config::{GeoConfig, GeoOverride};
+use super::{GeoConfig, GeoOverride};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

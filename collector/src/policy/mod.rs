@@ -7,12 +7,15 @@
 //! - [`models`]: `[[model]]` rules and [`ModelClass`] matching;
 //! - [`publishers`]: publisher → origin country, built-in defaults plus `[[publisher]]`;
 //! - [`allow`]: the `[[allow]]` list ([`AllowVerdict`]);
-//! - [`watch`]: [`PolicyWatch`], which reloads the file when it changes.
+//! - [`watch`]: [`PolicyWatch`], which reloads the file when it changes;
+//! - [`rules`]: the breach rules, one file each, and their evaluation;
+//! - [`evaluator`]: the loop that evaluates the rules under the replicas' rules lease.
 //!
 //! `sov-collector policy check FILE` validates a file. The rules engine that opens and
 //! resolves breaches reads a [`Policy`] through these calls.
 
 pub mod allow;
+pub mod evaluator;
 pub mod file;
 pub mod models;
 pub mod publishers;
@@ -27,6 +30,7 @@ use sov_common::clock::now_unix_ms;
 use sov_common::config::Problems;
 
 pub use allow::{AllowEntry, AllowTarget, AllowVerdict};
+pub use evaluator::{Evaluator, POLICY_RELOAD_EVERY};
 pub use file::{PolicyConfig, Thresholds};
 pub use models::{ModelClass, ModelFacts, ModelRule};
 pub use watch::PolicyWatch;

@@ -24,6 +24,7 @@
 //! limits, and no request bodies (GET only).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use sov_proto::pb;
 use tokio::net::TcpListener;
@@ -39,6 +41,17 @@ use tonic::{Code, Status};
 
 use super::{Caller, QueryService, Via};
 use crate::auth::{self, Identity};
+
+/// `[http]`: the HTTPS JSON API under `/api/v1/` and the read-only web page at `/`, with the
+/// collector's certificate; callers present a client certificate (role regulator or admin) or
+/// `Authorization: Bearer TOKEN`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address serving HTTPS, e.g. "127.0.0.1:8443". Default: none (off).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+}
 
 /// Most concurrent HTTPS connections.
 pub const MAX_CONNECTIONS: usize = 256;

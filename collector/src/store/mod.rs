@@ -16,19 +16,38 @@
 
 use std::collections::BTreeMap;
 
-pub use crate::alert::outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
+use serde::Deserialize;
+
 use crate::breach::{Breach, Observation};
 pub use crate::breach::{BreachChange, BreachFilter};
-use crate::token::TokenRecord;
 use sov_evidence::audit::{AuditEntry, AuditRecord};
-use sov_evidence::chain::{LogRecord, LogVerdict};
+use sov_evidence::chain::LogRecord;
 
+mod chain;
+mod outbox;
 pub mod postgres;
+mod retention;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;
+mod tokens;
 
+pub use chain::{VERIFY_PAGE, verify_pages, verify_store_audit, verify_store_log};
+pub use outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
+pub use retention::{PRUNE_EVERY, PruneStats, Retention, prune_loop};
 pub use sqlite::SqliteStore;
+pub use tokens::{NewEnrollToken, TokenRecord, TokenSpend};
+
+/// `[store]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// "" or "sqlite:" (embedded SQLite under `data_dir`, the default), "sqlite:DIR" (relative
+    /// to `data_dir`), or "postgres://user@host:port/db" for several collector replicas on one
+    /// PostgreSQL.
+    #[serde(default)]
+    pub url: String,
+}
 
 /// A sequence range an agent declared dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,49 +169,6 @@ pub struct GpuUsageRow {
     pub process: String,
     /// GPU-seconds charged (over every GPU the process used).
     pub gpu_seconds: f64,
-}
-
-/// What [`Store::prune`] keeps: raw rows for a while, minute aggregates longer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    /// Raw time series (host and GPU samples, GPU usage), raw flows and report bodies observed
-    /// before this instant go, after host and GPU samples and usage were folded into minute
-    /// aggregates (a minute folded in two passes is merged: counts add, averages are
-    /// weighted, maxima kept).
-    pub raw_before_unix_ms: i64,
-    /// Minute aggregates (flows, host, GPU, GPU usage) of minutes before this instant go.
-    pub aggregates_before_unix_ms: i64,
-}
-
-impl Retention {
-    /// Raw rows and aggregates alike before `before_unix_ms`.
-    pub fn all_before(before_unix_ms: i64) -> Self {
-        Self {
-            raw_before_unix_ms: before_unix_ms,
-            aggregates_before_unix_ms: before_unix_ms,
-        }
-    }
-}
-
-/// Rows removed by [`Store::prune`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PruneStats {
-    /// True when another replica was pruning at that moment: this call did nothing.
-    pub skipped: bool,
-    /// Minute aggregate rows written or updated from raw samples about to go.
-    pub downsampled: u64,
-    /// Host, GPU and GPU usage minute aggregates deleted.
-    pub aggregates: u64,
-    /// Host samples deleted.
-    pub host_samples: u64,
-    /// GPU samples deleted.
-    pub gpu_samples: u64,
-    /// GPU usage rows deleted.
-    pub gpu_usage: u64,
-    /// Report bodies emptied (their keys stay for idempotency and completeness).
-    pub report_bodies: u64,
-    /// Per-minute flow aggregates and raw foreign flows deleted.
-    pub flows: u64,
 }
 
 /// What storing a report did.
@@ -390,48 +366,6 @@ pub async fn open(
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
     Ok(std::sync::Arc::new(store))
-}
-
-/// Records read per page by [`verify_store_log`] and [`verify_pages`]'s other callers.
-pub const VERIFY_PAGE: u32 = 1000;
-
-/// Check a hash chain read page by page: `page(after_seq)` gives the records after
-/// `after_seq` (empty at the end). Used for the breach log and the audit log.
-pub async fn verify_pages<F, Fut>(mut page: F) -> Result<LogVerdict, StoreError>
-where
-    F: FnMut(u64) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<LogRecord>, StoreError>>,
-{
-    let mut v = sov_evidence::chain::ChainVerifier::new();
-    let mut after = 0;
-    loop {
-        let records = page(after).await?;
-        let Some(last) = records.last() else { break };
-        after = last.seq;
-        for r in &records {
-            if let Err(e) = v.push(r) {
-                return Ok(LogVerdict::Broken(e));
-            }
-        }
-    }
-    Ok(LogVerdict::Verified {
-        records: v.checked(),
-        last_hash: v.last_hash().to_owned(),
-    })
-}
-
-/// Read a store's whole breach log page by page and check its chain.
-pub async fn verify_store_log(store: &dyn Store) -> Result<LogVerdict, StoreError> {
-    verify_pages(|after| store.breach_log(after, VERIFY_PAGE)).await
-}
-
-/// Read a store's whole audit log page by page and check its chain.
-pub async fn verify_store_audit(store: &dyn Store) -> Result<LogVerdict, StoreError> {
-    verify_pages(|after| async move {
-        let page = store.audit_log(after, VERIFY_PAGE).await?;
-        Ok(page.iter().map(AuditRecord::as_log_record).collect())
-    })
-    .await
 }
 
 /// Rows read per page by [`all_nodes`] and [`all_models`].
@@ -789,36 +723,4 @@ pub(crate) fn answer(batch: Vec<Queued>, outcomes: Vec<Result<IngestOutcome, Sto
     for (q, outcome) in batch.into_iter().zip(outcomes) {
         let _ = q.done.send(outcome);
     }
-}
-
-/// One enrollment token to store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewEnrollToken {
-    /// Lower-case hex sha256 of the token text.
-    pub hash: String,
-    /// When it was made, Unix ms.
-    pub created_unix_ms: i64,
-    /// After this instant it is refused, Unix ms.
-    pub expires_unix_ms: i64,
-}
-
-/// What [`Store::spend_enroll_token`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSpend {
-    /// The token was valid and is now spent.
-    Spent,
-    /// No token has this hash.
-    Unknown,
-    /// The token was spent before.
-    AlreadyUsed {
-        /// By which node.
-        node: String,
-        /// When, Unix ms.
-        at_unix_ms: i64,
-    },
-    /// The token expired unused.
-    Expired {
-        /// When, Unix ms.
-        at_unix_ms: i64,
-    },
 }

@@ -26,6 +26,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::FromSql;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
+use super::TokenRecord;
 use super::{
     BreachChange, BreachFilter, EgressQuery, GpuSummary, GpuUsageRow, IncomingReport,
     IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention,
@@ -33,7 +34,6 @@ use super::{
     to_i64,
 };
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
-use crate::token::TokenRecord;
 use sov_evidence::audit::{AuditEntry, AuditRecord};
 use sov_evidence::chain::{LogRecord, canonical_json};
 

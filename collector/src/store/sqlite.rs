@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use super::TokenRecord;
 use super::{
     BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome,
     NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention, Settle,
     SinkStats, Store, StoreError, TokenSpend, direction_name, format_name, protocol_name, to_i64,
 };
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
-use crate::token::TokenRecord;
 use sov_evidence::audit::{AuditEntry, AuditRecord};
 use sov_evidence::chain::{LogRecord, canonical_json};
 

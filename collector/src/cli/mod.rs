@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod geo;
+
 use clap::{Parser, Subcommand};
 use sov_common::cli::{LogFormat, init_tracing, print_stdout, shutdown_signal};
 use sov_common::config::{ConfigError, EXIT_BAD_CONFIG};
@@ -227,7 +229,7 @@ pub async fn serve(config: CollectorConfig) -> Result<(), anyhow::Error> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    crate::server::run(&config, store, listener, shutdown_signal()).await?;
+    crate::app::run(&config, store, listener, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -485,11 +487,7 @@ pub fn main() -> ExitCode {
                     output,
                     ips,
                 },
-        } => match crate::geo::cli::lookup_command(
-            config.as_deref(),
-            &ips,
-            output == GeoOutput::Json,
-        ) {
+        } => match geo::lookup_command(config.as_deref(), &ips, output == GeoOutput::Json) {
             Ok(text) => print_stdout(&text),
             Err(e) => {
                 eprintln!("sov-collector: {e}");

@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use super::{Geo, Verdict};
 use crate::config::CollectorConfig;
+use crate::geo::{Geo, Verdict};
 
 /// One line of JSON output.
 #[derive(Debug, serde::Serialize)]
@@ -36,8 +36,8 @@ pub fn lookup_command(config: Option<&Path>, ips: &[String], json: bool) -> Resu
     let geo = match config {
         Some(path) => {
             let cfg = sov_common::config::read_toml::<CollectorConfig>(path)
-                .map_err(|e| super::error_line(&e))?;
-            Geo::from_config(&cfg.geo).map_err(|e| super::error_line(&e))?
+                .map_err(|e| sov_common::error::error_line(&e))?;
+            Geo::from_config(&cfg.geo).map_err(|e| sov_common::error::error_line(&e))?
         }
         None => Geo::embedded_only(),
     };

@@ -1,0 +1,335 @@
+//! Startup as build, then spawn (linkerd's `Config::build → App::spawn`, vector's builder and
+//! running topology): [`CollectorConfig::build`] loads and checks everything a configuration
+//! names (TLS material, geolocation databases, the policy file, alert sinks, the enrollment CA,
+//! the report signer), binds the HTTPS and metrics listeners and wires the services, failing
+//! before anything runs; [`App::spawn`] then starts each background loop, every one living
+//! with its concept and stopped by one cancellation token:
+//!
+//! | loop | lives in |
+//! |---|---|
+//! | rule evaluation under the rules lease | [`crate::policy::Evaluator`] |
+//! | alert delivery, one worker per sink | [`crate::alert::outbox`] |
+//! | retention pruning, hourly | [`crate::store::prune_loop`] |
+//! | geolocation database reload | [`crate::geo::reload_loop`] |
+//! | TLS material reload (gRPC, HTTPS) | [`crate::tls::reload_loop`] |
+//! | HTTPS API and web page | [`crate::query::http::serve`] |
+//! | Prometheus `/metrics` | [`crate::metrics::serve`] |
+//!
+//! [`Running::serve`] serves gRPC ([`crate::server`]) in the foreground until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::alert::Sink;
+use crate::config::CollectorConfig;
+use crate::enroll::{EnrollService, Signer};
+use crate::geo::Geo;
+use crate::ingest::IngestService;
+use crate::metrics::Metrics;
+use crate::policy::PolicyWatch;
+use crate::query::QueryService;
+use crate::server::Grpc;
+use crate::store::Store;
+use crate::tls::{AcceptLimits, ServerTls};
+
+/// Why the collector could not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A PEM file could not be read.
+    #[error("cannot read {path}")]
+    ReadPem {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A geolocation database or override could not be loaded.
+    #[error("geolocation set-up failed")]
+    Geo(#[from] crate::geo::GeoError),
+    /// The TLS configuration (`[tls]`) could not be built.
+    #[error("tls set-up failed")]
+    Tls(#[from] crate::tls::TlsError),
+    /// TLS or the HTTP/2 server failed.
+    #[error("grpc server failed")]
+    Transport(#[from] tonic::transport::Error),
+    /// The policy file (`policy`) could not be loaded.
+    #[error("policy set-up failed")]
+    Policy(#[from] crate::policy::PolicyError),
+    /// An alert sink (`[alert]`) could not be set up.
+    #[error("alert set-up failed: {0}")]
+    Alert(String),
+    /// The HTTPS API address (`[http] listen`) could not be bound.
+    #[error("cannot listen for https on {addr}")]
+    HttpListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTPS API's TLS configuration could not be built.
+    #[error("https api set-up failed")]
+    Http(#[from] crate::query::http::HttpError),
+    /// The enrollment CA (`[enroll] ca_key`) could not be loaded.
+    #[error("enrollment set-up failed")]
+    Enroll(#[from] crate::enroll::EnrollError),
+    /// The metrics address (`[metrics] listen`) could not be bound.
+    #[error("cannot listen for metrics on {addr}")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything a configuration names, loaded, checked and wired; nothing runs yet.
+#[derive(Debug)]
+pub struct App {
+    grpc: Grpc,
+    store: Arc<dyn Store>,
+    geo: Geo,
+    policy: Option<Arc<PolicyWatch>>,
+    sinks: Vec<Arc<dyn Sink>>,
+    alert_retry_max: Duration,
+    https: Option<(TcpListener, Arc<ServerTls>, QueryService)>,
+    metrics_listener: Option<TcpListener>,
+    /// Woken by ingest after a stored report (wakes the rule evaluation).
+    stored: Arc<tokio::sync::Notify>,
+    retention: (Duration, Duration),
+}
+
+/// The collector with its background loops started; [`Running::serve`] serves gRPC.
+#[derive(Debug)]
+pub struct Running {
+    grpc: Grpc,
+    stop: CancellationToken,
+}
+
+/// `days` as a duration.
+fn days(days: u32) -> Duration {
+    Duration::from_secs(u64::from(days) * 86_400)
+}
+
+impl CollectorConfig {
+    /// Load and check everything this configuration names and wire the services over
+    /// `store`, counting into `metrics` (which the caller may read as well).
+    pub async fn build(
+        &self,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<App, AppError> {
+        let config = self;
+        let signer = match &config.enroll.ca_key {
+            Some(key) => Some(Arc::new(Signer::load(
+                &config.tls.ca,
+                key,
+                Duration::from_secs(config.enroll.validity_secs),
+                &config.trust_domain,
+            )?)),
+            None => None,
+        };
+        let mut extra_chain = String::new();
+        if let Some(s) = &signer {
+            // Agents enrolling pin the CA by its hash: they find it in the chain we send.
+            extra_chain.push_str(s.ca_pem());
+            tracing::info!(
+                ca_sha256 = %crate::enroll::ca_file_fingerprint(&config.tls.ca).unwrap_or_default(),
+                validity_secs = config.enroll.validity_secs,
+                "enrollment on"
+            );
+        }
+        let tls = Arc::new(ServerTls::load(
+            &config.tls,
+            crate::tls::ALPN_GRPC,
+            &extra_chain,
+        )?);
+        let geo = Geo::from_config(&config.geo)?;
+        tracing::info!(sources = ?geo.builds(), "geolocation ready");
+        let stored = Arc::new(tokio::sync::Notify::new());
+        let ingest = IngestService::new(
+            store.clone(),
+            geo.clone(),
+            config.trust_domain.clone(),
+            config.max_report_bytes,
+            metrics.clone(),
+        )
+        .notify_stored(stored.clone());
+        let sinks = crate::alert::sinks_from_config(&config.alert).map_err(AppError::Alert)?;
+        let enroll = EnrollService::new(store.clone(), signer, config.trust_domain.clone());
+        let policy = match &config.policy {
+            Some(path) => Some(Arc::new(PolicyWatch::new(path)?)),
+            None => None,
+        };
+        let report_signer = match sov_evidence::report::ReportSigner::load(
+            &config.tls.cert,
+            &config.tls.key,
+        ) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(err) => {
+                tracing::warn!(error = %err, "evidence reports cannot be signed; ExportReport will refuse");
+                None
+            }
+        };
+        let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page)
+            .with_policy(policy.clone())
+            .with_evidence(report_signer, Some(geo.clone()));
+        let https = match config.http.listen {
+            Some(addr) => Some((
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::HttpListen { addr, source })?,
+                Arc::new(ServerTls::load(&config.tls, crate::tls::ALPN_HTTPS, "")?),
+                query.clone(),
+            )),
+            None => None,
+        };
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| AppError::MetricsListen { addr, source })?,
+            ),
+            None => None,
+        };
+        Ok(App {
+            grpc: Grpc {
+                ingest,
+                query,
+                enroll,
+                tls,
+                limits: AcceptLimits {
+                    max_connections: config.max_connections,
+                    handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_secs),
+                },
+                max_report_bytes: config.max_report_bytes,
+                metrics,
+            },
+            store,
+            geo,
+            policy,
+            sinks,
+            alert_retry_max: config.alert.retry_max(),
+            https,
+            metrics_listener,
+            stored,
+            retention: (
+                days(config.retention_days),
+                days(config.aggregate_retention_days),
+            ),
+        })
+    }
+}
+
+impl App {
+    /// Start every background loop; they stop when the returned [`Running`] is dropped.
+    pub fn spawn(self) -> Running {
+        let stop = CancellationToken::new();
+        let store = self.store;
+        if let Some(listener) = self.metrics_listener {
+            let rules = crate::policy::rules::RULES.iter().map(|r| r.name).collect();
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                self.grpc.metrics.clone(),
+                store.clone(),
+                rules,
+                stop.clone().cancelled_owned(),
+            ));
+        }
+        let holder = crate::alert::outbox::holder_id();
+        let (changed, wake) = tokio::sync::watch::channel(0u64);
+        crate::alert::outbox::spawn_workers(
+            &self.sinks,
+            &store,
+            &holder,
+            self.alert_retry_max,
+            &wake,
+            &stop,
+        );
+        if let Some((listener, tls, query)) = self.https {
+            tokio::spawn(crate::tls::reload_loop(tls.clone(), "https", stop.clone()));
+            tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "https api listening");
+            tokio::spawn(crate::query::http::serve(
+                listener,
+                tls,
+                query,
+                stop.clone().cancelled_owned(),
+            ));
+        }
+        if let Some(watch) = self.policy {
+            let evaluator = crate::policy::Evaluator {
+                watch,
+                store: store.clone(),
+                geo: self.geo.clone(),
+                holder,
+                stored: self.stored,
+                changed,
+            };
+            tokio::spawn(evaluator.run(stop.clone()));
+        }
+        let (raw, aggregates) = self.retention;
+        tokio::spawn(crate::store::prune_loop(
+            store,
+            raw,
+            aggregates,
+            stop.clone(),
+        ));
+        tokio::spawn(crate::geo::reload_loop(self.geo, stop.clone()));
+        tokio::spawn(crate::tls::reload_loop(
+            self.grpc.tls.clone(),
+            "grpc",
+            stop.clone(),
+        ));
+        Running {
+            grpc: self.grpc,
+            stop,
+        }
+    }
+}
+
+impl Running {
+    /// Serve gRPC on `listener` until `shutdown` completes, then drain and stop the
+    /// background loops.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AppError> {
+        let _stop_loops: DropGuard = self.stop.clone().drop_guard();
+        self.grpc.serve(listener, self.stop, shutdown).await?;
+        Ok(())
+    }
+}
+
+/// Serve gRPC on `listener` until `shutdown` completes, then drain; with `[metrics] listen`,
+/// also serve `/metrics` there until then.
+pub async fn run(
+    config: &CollectorConfig,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
+    run_with_metrics(config, store, listener, Arc::new(Metrics::new()), shutdown).await
+}
+
+/// [`run`], counting into `metrics` (which the caller may read as well).
+pub async fn run_with_metrics(
+    config: &CollectorConfig,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
+    config
+        .build(store, metrics)
+        .await?
+        .spawn()
+        .serve(listener, shutdown)
+        .await
+}
