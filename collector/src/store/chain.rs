@@ -1,10 +1,72 @@
-//! The two hash-chained logs a store keeps, the breach log and the audit log, read back and
+//! The two hash-chained logs a store keeps, the breach log and the audit log: one table shape,
+//! described once ([`ChainedLog`]) and appended to and read by one function per backend
+//! (`append_chained`, `read_chained` in `sqlite/breaches.rs` and `postgres/breaches.rs`), then
 //! verified page by page ([`sov_evidence::chain`] holds the chain itself).
 
 use sov_evidence::audit::AuditRecord;
 use sov_evidence::chain::{LogRecord, LogVerdict};
 
 use super::{Store, StoreError};
+
+/// One chained log's table: `seq, at_ms, <key>, <event>, body, prev_hash, hash`, append-only.
+/// The statements use `$n` parameters, which both SQLite and PostgreSQL bind by position.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChainedLog {
+    /// What a failure to read the last record says.
+    pub reading_last: &'static str,
+    /// What a failure to append says.
+    pub appending: &'static str,
+    /// What a failure to read records says.
+    pub reading: &'static str,
+    /// `(seq, hash)` of the last record.
+    pub last: &'static str,
+    /// Insert one record: `$1..$7` = seq, at_ms, key, event, body, prev_hash, hash.
+    pub append: &'static str,
+    /// Records after `$1`, in order, at most `$2`, read by [`super::rows::log_record`].
+    pub read: &'static str,
+}
+
+/// The statements of a chained log named `$table` whose key and event columns are `$key` and
+/// `$event`.
+macro_rules! chained_log {
+    ($what:literal, $table:literal, $key:literal, $event:literal) => {
+        ChainedLog {
+            reading_last: concat!("read last ", $what, " record"),
+            appending: concat!("append ", $what),
+            reading: concat!("read ", $what),
+            last: concat!(
+                "SELECT seq, hash FROM ",
+                $table,
+                " ORDER BY seq DESC LIMIT 1"
+            ),
+            append: concat!(
+                "INSERT INTO ",
+                $table,
+                " (seq, at_ms, ",
+                $key,
+                ", ",
+                $event,
+                ", body, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ),
+            read: concat!(
+                "SELECT seq, at_ms, ",
+                $key,
+                ", ",
+                $event,
+                ", body, prev_hash, hash FROM ",
+                $table,
+                " WHERE seq > $1 ORDER BY seq LIMIT $2"
+            ),
+        }
+    };
+}
+
+/// Every state change of every breach ([`crate::breach`]).
+pub(crate) const BREACH_LOG: ChainedLog =
+    chained_log!("breach log", "breach_log", "breach_id", "event");
+/// Every query of a regulator or admin ([`sov_evidence::audit`]): the actor in the key
+/// column, the call in the event column.
+pub(crate) const AUDIT_LOG: ChainedLog = chained_log!("audit log", "audit_log", "actor", "call");
 
 /// Records read per page by [`verify_store_log`] and [`verify_pages`]'s other callers.
 pub const VERIFY_PAGE: u32 = 1000;

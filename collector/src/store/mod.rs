@@ -1,6 +1,15 @@
-//! Durable storage behind one trait, [`Store`].
+//! Durable storage behind one trait, [`Store`], one folder per backend:
 //!
-//! - [`sqlite`]: embedded SQLite in WAL mode, the default (one file under `data_dir`).
+//! - [`sqlite`]: embedded SQLite in WAL mode, the default (one file under `data_dir`);
+//! - [`postgres`]: PostgreSQL, for several collector replicas on one database.
+//!
+//! Each backend folder holds its connection and `impl Store` (`mod.rs`) and one file per
+//! concern (ingest, queries, breaches and the chained logs, outbox, tokens, retention);
+//! migrations are `.sql` files side by side in `collector/migrations/{sqlite,postgres}/`.
+//! Shared by both: the row types (this file, `outbox.rs`, `tokens.rs`, `retention.rs`), the
+//! row mappings (`rows.rs`), the chained-log tables (`chain.rs`), the group-commit queue, and
+//! the behaviour suite both run (`suite.rs`). This layer imports nothing above
+//! [`crate::breach`] and [`crate::auth`].
 //!
 //! A report is committed before [`Store::ingest`] returns, and the ingest service acks only
 //! after that, so nothing acknowledged is lost. Re-sent reports are recognised by their key
@@ -23,15 +32,243 @@ pub use crate::breach::{BreachChange, BreachFilter};
 use sov_evidence::audit::{AuditEntry, AuditRecord};
 use sov_evidence::chain::LogRecord;
 
+/// `impl Store` for a backend from its concern modules (`ingest`, `queries`, `breaches`,
+/// `outbox`, `tokens`, `retention`, each with one function per method it serves): the one
+/// place that says which file of a backend answers which method. Both backends invoke it.
+macro_rules! store_by_concern {
+    ($backend:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $backend {
+            async fn append_audit(
+                &self,
+                entry: $crate::store::AuditEntry,
+            ) -> Result<$crate::store::AuditRecord, $crate::store::StoreError> {
+                breaches::append_audit(self, entry).await
+            }
+
+            async fn audit_log(
+                &self,
+                after_seq: u64,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::AuditRecord>, $crate::store::StoreError> {
+                breaches::audit_log(self, after_seq, limit).await
+            }
+
+            async fn missing_ranges(
+                &self,
+                node: &str,
+                epoch: u64,
+                limit: u32,
+            ) -> Result<Vec<(u64, u64)>, $crate::store::StoreError> {
+                queries::missing_ranges(self, node, epoch, limit).await
+            }
+
+            async fn gpu_usage(
+                &self,
+                since_unix_ms: i64,
+                until_unix_ms: i64,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::GpuUsageRow>, $crate::store::StoreError> {
+                queries::gpu_usage(self, since_unix_ms, until_unix_ms, limit).await
+            }
+
+            async fn insert_token(
+                &self,
+                token: $crate::store::TokenRecord,
+            ) -> Result<(), $crate::store::StoreError> {
+                tokens::insert_token(self, token).await
+            }
+
+            async fn list_tokens(
+                &self,
+            ) -> Result<Vec<$crate::store::TokenRecord>, $crate::store::StoreError> {
+                tokens::list_tokens(self).await
+            }
+
+            async fn delete_token(
+                &self,
+                token_id: &str,
+            ) -> Result<bool, $crate::store::StoreError> {
+                tokens::delete_token(self, token_id).await
+            }
+
+            async fn token_by_hash(
+                &self,
+                hash: &str,
+            ) -> Result<Option<$crate::store::TokenRecord>, $crate::store::StoreError> {
+                tokens::token_by_hash(self, hash).await
+            }
+
+            /// Group commit: the report joins the queue; whoever holds the writer next stores every
+            /// queued report (up to [`super::MAX_BATCH_REPORTS`] per transaction) with one commit and
+            /// one fsync, then answers each. The queue is drained until empty by a blocking task that
+            /// is not cancelled with the caller, so a caller that goes away cannot abort the others.
+            async fn ingest(
+                &self,
+                report: $crate::store::IncomingReport,
+            ) -> Result<$crate::store::IngestOutcome, $crate::store::StoreError> {
+                ingest::ingest(self, report).await
+            }
+
+            async fn list_nodes(
+                &self,
+                after: &str,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::NodeRow>, $crate::store::StoreError> {
+                queries::list_nodes(self, after, limit).await
+            }
+
+            async fn list_models(
+                &self,
+                query: &str,
+                after: &str,
+                limit: u32,
+            ) -> Result<Vec<::sov_proto::pb::ModelSummary>, $crate::store::StoreError> {
+                queries::list_models(self, query, after, limit).await
+            }
+
+            async fn egress(
+                &self,
+                q: crate::store::EgressQuery,
+            ) -> Result<(Vec<::sov_proto::pb::EgressRow>, u64), $crate::store::StoreError> {
+                queries::egress(self, q).await
+            }
+
+            async fn prune(
+                &self,
+                retention: $crate::store::Retention,
+            ) -> Result<$crate::store::PruneStats, $crate::store::StoreError> {
+                retention::prune(self, retention).await
+            }
+
+            async fn observe_breach(
+                &self,
+                obs: $crate::store::Observation,
+            ) -> Result<$crate::store::BreachChange, $crate::store::StoreError> {
+                breaches::observe_breach(self, obs).await
+            }
+
+            async fn resolve_quiet_breaches(
+                &self,
+                rule: &str,
+                quiet_before_unix_ms: i64,
+                at_unix_ms: i64,
+            ) -> Result<Vec<$crate::store::Breach>, $crate::store::StoreError> {
+                breaches::resolve_quiet_breaches(self, rule, quiet_before_unix_ms, at_unix_ms).await
+            }
+
+            async fn list_breaches(
+                &self,
+                filter: $crate::store::BreachFilter,
+            ) -> Result<Vec<$crate::store::Breach>, $crate::store::StoreError> {
+                breaches::list_breaches(self, filter).await
+            }
+
+            async fn breach_log(
+                &self,
+                after_seq: u64,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::LogRecord>, $crate::store::StoreError> {
+                breaches::breach_log(self, after_seq, limit).await
+            }
+
+            async fn breach_log_end(&self) -> Result<u64, $crate::store::StoreError> {
+                breaches::breach_log_end(self).await
+            }
+
+            async fn outbox_cursor(
+                &self,
+                sink: &str,
+            ) -> Result<Option<u64>, $crate::store::StoreError> {
+                outbox::outbox_cursor(self, sink).await
+            }
+
+            async fn outbox_enqueue(
+                &self,
+                sink: &str,
+                items: Vec<$crate::store::OutboxItem>,
+                cursor: u64,
+                now_unix_ms: i64,
+            ) -> Result<(), $crate::store::StoreError> {
+                outbox::outbox_enqueue(self, sink, items, cursor, now_unix_ms).await
+            }
+
+            async fn outbox_head(
+                &self,
+                sink: &str,
+            ) -> Result<Option<$crate::store::OutboxRow>, $crate::store::StoreError> {
+                outbox::outbox_head(self, sink).await
+            }
+
+            async fn outbox_settle(
+                &self,
+                sink: &str,
+                log_seq: u64,
+                settle: $crate::store::Settle,
+            ) -> Result<(), $crate::store::StoreError> {
+                outbox::outbox_settle(self, sink, log_seq, settle).await
+            }
+
+            async fn outbox_stats(
+                &self,
+            ) -> Result<Vec<$crate::store::SinkStats>, $crate::store::StoreError> {
+                outbox::outbox_stats(self).await
+            }
+
+            async fn take_lease(
+                &self,
+                name: &str,
+                holder: &str,
+                now_unix_ms: i64,
+                ttl_ms: i64,
+            ) -> Result<bool, $crate::store::StoreError> {
+                outbox::take_lease(self, name, holder, now_unix_ms, ttl_ms).await
+            }
+
+            async fn note_peer(
+                &self,
+                peer: $crate::store::NodePeer,
+            ) -> Result<(), $crate::store::StoreError> {
+                ingest::note_peer(self, peer).await
+            }
+
+            async fn node_peers(
+                &self,
+            ) -> Result<Vec<$crate::store::NodePeer>, $crate::store::StoreError> {
+                queries::node_peers(self).await
+            }
+
+            async fn add_enroll_tokens(
+                &self,
+                tokens: &[$crate::store::NewEnrollToken],
+            ) -> Result<(), $crate::store::StoreError> {
+                tokens::add_enroll_tokens(self, tokens).await
+            }
+
+            async fn spend_enroll_token(
+                &self,
+                hash: &str,
+                node: &str,
+                now_unix_ms: i64,
+            ) -> Result<$crate::store::TokenSpend, $crate::store::StoreError> {
+                tokens::spend_enroll_token(self, hash, node, now_unix_ms).await
+            }
+        }
+    };
+}
+pub(crate) use store_by_concern;
+
 mod chain;
 mod outbox;
 pub mod postgres;
 mod retention;
+mod rows;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;
 mod tokens;
 
+pub(crate) use chain::{AUDIT_LOG, BREACH_LOG, ChainedLog};
 pub use chain::{VERIFY_PAGE, verify_pages, verify_store_audit, verify_store_log};
 pub use outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
 pub use retention::{PRUNE_EVERY, PruneStats, Retention, prune_loop};
@@ -281,58 +518,6 @@ pub enum StoreError {
 }
 
 /// A breach from its stored columns (both backends store the same ones).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn breach_from_columns(
-    breach_id: String,
-    rule: String,
-    node: String,
-    subject: String,
-    severity: &str,
-    state: &str,
-    evidence: &str,
-    opened_ms: i64,
-    last_seen_ms: i64,
-    resolved_ms: Option<i64>,
-    count: i64,
-) -> Result<Breach, StoreError> {
-    let range =
-        |e: crate::breach::ParseEnumError| StoreError::Range(format!("breach {breach_id}: {e}"));
-    Ok(Breach {
-        severity: severity.parse().map_err(range)?,
-        state: state.parse().map_err(range)?,
-        evidence: serde_json::from_str(evidence).unwrap_or(serde_json::Value::Null),
-        opened_at_unix_ms: opened_ms,
-        last_seen_unix_ms: last_seen_ms,
-        resolved_at_unix_ms: resolved_ms,
-        count: u64::try_from(count).unwrap_or(0),
-        breach_id,
-        rule,
-        node,
-        subject,
-    })
-}
-
-/// A token from its stored columns (both backends store the same ones).
-pub(crate) fn token_from_columns(
-    token_id: String,
-    hash: String,
-    name: String,
-    role: &str,
-    created_ms: i64,
-    expires_ms: i64,
-) -> Result<TokenRecord, StoreError> {
-    Ok(TokenRecord {
-        role: role
-            .parse()
-            .map_err(|e| StoreError::Range(format!("token {token_id}: {e}")))?,
-        token_id,
-        hash,
-        name,
-        created_unix_ms: created_ms,
-        expires_unix_ms: expires_ms,
-    })
-}
-
 /// Open the store that `url` names:
 ///
 /// - `""` or `sqlite:PATH`: [`SqliteStore`] in the directory PATH (relative to `data_dir`;
@@ -368,21 +553,36 @@ pub async fn open(
     Ok(std::sync::Arc::new(store))
 }
 
+/// Holes in one epoch's stored sequence numbers (both backends run the same text).
+pub(crate) const MISSING_RANGES: &str = "SELECT prev + 1, seq - 1 FROM (
+    SELECT seq, COALESCE(LAG(seq) OVER (ORDER BY seq), 0) AS prev
+    FROM reports WHERE node = $1 AND epoch = $2
+) AS s WHERE seq > prev + 1 ORDER BY seq LIMIT $3";
+
 /// Rows read per page by [`all_nodes`] and [`all_models`].
 const ALL_PAGE: u32 = 1000;
 
-/// Every node, paging through [`Store::list_nodes`], at most `cap`; true when `cap` cut the
-/// list short.
-pub async fn all_nodes(store: &dyn Store, cap: usize) -> Result<(Vec<NodeRow>, bool), StoreError> {
+/// Every row a paged listing gives, at most `cap`, and whether `cap` cut it short:
+/// `page(after)` reads up to [`ALL_PAGE`] rows after the cursor `after`, and `key` is a row's
+/// cursor.
+async fn all_pages<T, F, Fut>(
+    cap: usize,
+    mut page: F,
+    key: impl Fn(&T) -> &str,
+) -> Result<(Vec<T>, bool), StoreError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, StoreError>>,
+{
     let mut out = Vec::new();
     let mut after = String::new();
     loop {
-        let page = store.list_nodes(&after, ALL_PAGE).await?;
-        let full = page.len() == ALL_PAGE as usize;
-        if let Some(last) = page.last() {
-            after.clone_from(&last.node);
+        let rows = page(after.clone()).await?;
+        let full = rows.len() == ALL_PAGE as usize;
+        if let Some(last) = rows.last() {
+            after = key(last).to_owned();
         }
-        out.extend(page);
+        out.extend(rows);
         if out.len() >= cap {
             out.truncate(cap);
             return Ok((out, true));
@@ -393,29 +593,29 @@ pub async fn all_nodes(store: &dyn Store, cap: usize) -> Result<(Vec<NodeRow>, b
     }
 }
 
+/// Every node, paging through [`Store::list_nodes`], at most `cap`; true when `cap` cut the
+/// list short.
+pub async fn all_nodes(store: &dyn Store, cap: usize) -> Result<(Vec<NodeRow>, bool), StoreError> {
+    all_pages(
+        cap,
+        |after| async move { store.list_nodes(&after, ALL_PAGE).await },
+        |n| &n.node,
+    )
+    .await
+}
+
 /// Every model that resides somewhere now, paging through [`Store::list_models`], at most
 /// `cap`; true when `cap` cut the list short.
 pub async fn all_models(
     store: &dyn Store,
     cap: usize,
 ) -> Result<(Vec<sov_proto::pb::ModelSummary>, bool), StoreError> {
-    let mut out = Vec::new();
-    let mut after = String::new();
-    loop {
-        let page = store.list_models("", &after, ALL_PAGE).await?;
-        let full = page.len() == ALL_PAGE as usize;
-        if let Some(last) = page.last() {
-            after.clone_from(&last.key);
-        }
-        out.extend(page);
-        if out.len() >= cap {
-            out.truncate(cap);
-            return Ok((out, true));
-        }
-        if !full {
-            return Ok((out, false));
-        }
-    }
+    all_pages(
+        cap,
+        |after| async move { store.list_models("", &after, ALL_PAGE).await },
+        |m| &m.key,
+    )
+    .await
 }
 
 /// A u64 counter into the i64 both databases store, with a message naming the field.
@@ -439,6 +639,17 @@ pub(crate) fn direction_name(code: i32) -> &'static str {
         Ok(sov_proto::pb::Direction::Inbound) => "inbound",
         _ => "unknown",
     }
+}
+
+/// The users of a weight file as both backends store them (a JSON array of `pid`, `process`,
+/// `gpus`, `mapped`, `open`), read back by [`rows::push_model`].
+pub(crate) fn users_json(f: &sov_proto::pb::WeightFile) -> String {
+    let users: Vec<serde_json::Value> = f
+        .users
+        .iter()
+        .map(|u| serde_json::json!({"pid": u.pid, "process": u.process, "gpus": u.gpu_uuids, "mapped": u.mapped, "open": u.open}))
+        .collect();
+    serde_json::Value::Array(users).to_string()
 }
 
 /// The stored (and `sovctl models`) name of a weight format.

@@ -1,0 +1,770 @@
+//! Storing reports: group commit of queued reports in a spawned task, one transaction per
+//! batch (or per report when a batch fails) retried on serialisation races, prepared
+//! statements, and every row a report makes (node facts, telemetry, flows, weights, the
+//! address it came from).
+
+use super::*;
+
+pub(super) const INSERT_REPORT: &str =
+    "INSERT INTO reports (node, epoch, seq, observed_ms, received_ms, body)
+     VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (node, epoch, seq) DO NOTHING";
+
+pub(super) const READ_DUPLICATE: &str =
+    "SELECT observed_ms FROM reports WHERE node = $1 AND epoch = $2 AND seq = $3";
+
+pub(super) const COUNT_CONFLICT: &str =
+    "UPDATE node_epochs SET conflicts = conflicts + 1 WHERE node = $1 AND epoch = $2";
+
+pub(super) const UPSERT_EPOCH: &str =
+    "INSERT INTO node_epochs (node, epoch, reports, last_seq, first_seen_ms, last_seen_ms)
+     VALUES ($1, $2, 1, $3, $4, $4)
+     ON CONFLICT (node, epoch) DO UPDATE SET
+        reports = node_epochs.reports + 1,
+        last_seq = GREATEST(node_epochs.last_seq, EXCLUDED.last_seq),
+        last_seen_ms = GREATEST(node_epochs.last_seen_ms, EXCLUDED.last_seen_ms)";
+
+pub(super) const UPSERT_NODE: &str = "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
+                        last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
+                        memory_used_bytes, memory_total_bytes)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12)
+     ON CONFLICT (node) DO UPDATE SET
+        last_seen_ms = GREATEST(nodes.last_seen_ms, EXCLUDED.last_seen_ms),
+        latest_epoch = GREATEST(nodes.latest_epoch, EXCLUDED.latest_epoch),
+        site = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                    THEN EXCLUDED.site ELSE nodes.site END,
+        country = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                       THEN EXCLUDED.country ELSE nodes.country END,
+        hostname = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                        THEN EXCLUDED.hostname ELSE nodes.hostname END,
+        agent_version = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                             THEN EXCLUDED.agent_version ELSE nodes.agent_version END,
+        labels = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                      THEN EXCLUDED.labels ELSE nodes.labels END,
+        cpu_percent = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                           THEN EXCLUDED.cpu_percent ELSE nodes.cpu_percent END,
+        memory_used_bytes = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                                 THEN EXCLUDED.memory_used_bytes ELSE nodes.memory_used_bytes END,
+        memory_total_bytes = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
+                                  THEN EXCLUDED.memory_total_bytes ELSE nodes.memory_total_bytes END,
+        last_observed_ms = GREATEST(nodes.last_observed_ms, EXCLUDED.last_observed_ms)";
+
+pub(super) const INSERT_GAP: &str =
+    "INSERT INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)
+     ON CONFLICT (node, epoch, first_seq, last_seq) DO NOTHING";
+
+pub(super) const UPSERT_HOST_SAMPLE: &str = "INSERT INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
+                          memory_total_bytes, swap_used_bytes, process_count)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     ON CONFLICT (node, observed_ms) DO UPDATE SET
+        cpu_percent = EXCLUDED.cpu_percent, load_1 = EXCLUDED.load_1,
+        memory_used_bytes = EXCLUDED.memory_used_bytes, memory_total_bytes = EXCLUDED.memory_total_bytes,
+        swap_used_bytes = EXCLUDED.swap_used_bytes, process_count = EXCLUDED.process_count";
+
+pub(super) const UPSERT_GPU_SAMPLE: &str = "INSERT INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
+         memory_util_percent, memory_used_bytes, memory_total_bytes, power_milliwatts, temperature_celsius, error)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+     ON CONFLICT (node, gpu_uuid, observed_ms) DO UPDATE SET
+        gpu_index = EXCLUDED.gpu_index, name = EXCLUDED.name,
+        utilization_percent = EXCLUDED.utilization_percent, memory_util_percent = EXCLUDED.memory_util_percent,
+        memory_used_bytes = EXCLUDED.memory_used_bytes, memory_total_bytes = EXCLUDED.memory_total_bytes,
+        power_milliwatts = EXCLUDED.power_milliwatts, temperature_celsius = EXCLUDED.temperature_celsius,
+        error = EXCLUDED.error";
+
+pub(super) const UPSERT_GPU_USAGE: &str = "INSERT INTO gpu_usage (node, observed_ms, gpu_uuid, pid, process_name, exe, container_id,
+                       gpu_seconds, used_memory_bytes)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+     ON CONFLICT (node, observed_ms, gpu_uuid, pid) DO UPDATE SET
+        process_name = EXCLUDED.process_name, exe = EXCLUDED.exe, container_id = EXCLUDED.container_id,
+        gpu_seconds = EXCLUDED.gpu_seconds, used_memory_bytes = EXCLUDED.used_memory_bytes";
+
+pub(super) const UPDATE_NODE_GPUS: &str =
+    "UPDATE nodes SET gpu_state = $2, gpu_count = $3, gpu_util_percent = $4,
+                      gpu_memory_used_bytes = $5, gpu_memory_total_bytes = $6
+     WHERE node = $1 AND last_observed_ms = $7";
+
+/// Every flow aggregate of one report in one statement: `$1` the node, then one array per
+/// column (the caller merges rows with the same key first: one statement may not update a row
+/// twice).
+pub(super) const AGGREGATE_FLOWS: &str = "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
+         remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
+     SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
+                              $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[],
+                              $14::BIGINT[], $15::BIGINT[], $16::BIGINT[])
+     ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
+        bytes_sent = flows_minute.bytes_sent + EXCLUDED.bytes_sent,
+        bytes_received = flows_minute.bytes_received + EXCLUDED.bytes_received,
+        connections = flows_minute.connections + EXCLUDED.connections,
+        min_rtt_us = CASE WHEN flows_minute.min_rtt_us = 0 THEN EXCLUDED.min_rtt_us
+                          WHEN EXCLUDED.min_rtt_us = 0 THEN flows_minute.min_rtt_us
+                          ELSE LEAST(flows_minute.min_rtt_us, EXCLUDED.min_rtt_us) END,
+        process = CASE WHEN EXCLUDED.process <> '' THEN EXCLUDED.process ELSE flows_minute.process END";
+
+/// Every raw flow of one report in one statement: node, seq, epoch, then one array per column.
+pub(super) const KEEP_RAW_FLOWS: &str = "INSERT INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
+     SELECT $1, $2, $3, * FROM unnest($4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::TEXT[],
+                                      $9::TEXT[], $10::BIGINT[], $11::BYTEA[])
+     ON CONFLICT (node, epoch, seq, idx) DO NOTHING";
+
+pub(super) const UPSERT_WEIGHT: &str = "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model,
+         revision, repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network,
+         server_address, users, detail, first_seen_ms, last_seen_ms, removed_ms)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+             $21, $21, NULL)
+     ON CONFLICT (node, path) DO UPDATE SET
+        format = EXCLUDED.format, size_bytes = EXCLUDED.size_bytes, mtime_ms = EXCLUDED.mtime_ms,
+        device = EXCLUDED.device, inode = EXCLUDED.inode,
+        sha256 = CASE WHEN EXCLUDED.sha256 = '' AND weight_files.size_bytes = EXCLUDED.size_bytes
+                           AND weight_files.mtime_ms = EXCLUDED.mtime_ms
+                      THEN weight_files.sha256 ELSE EXCLUDED.sha256 END,
+        model = EXCLUDED.model, revision = EXCLUDED.revision, repo_path = EXCLUDED.repo_path,
+        identity_source = EXCLUDED.identity_source, publisher = EXCLUDED.publisher,
+        parameter_count = EXCLUDED.parameter_count, mount_point = EXCLUDED.mount_point,
+        fs_type = EXCLUDED.fs_type, network = EXCLUDED.network, server_address = EXCLUDED.server_address,
+        users = EXCLUDED.users, detail = EXCLUDED.detail, last_seen_ms = EXCLUDED.last_seen_ms,
+        first_seen_ms = CASE WHEN weight_files.removed_ms IS NULL THEN weight_files.first_seen_ms
+                             ELSE EXCLUDED.first_seen_ms END,
+        removed_ms = NULL";
+
+pub(super) const REMOVE_WEIGHT: &str = "UPDATE weight_files SET removed_ms = $3
+     WHERE node = $1 AND path = $2 AND removed_ms IS NULL";
+
+pub(super) const REMOVE_UNLISTED_WEIGHTS: &str = "UPDATE weight_files SET removed_ms = $2
+     WHERE node = $1 AND removed_ms IS NULL AND last_seen_ms < $2";
+
+/// Statements prepared once per writer connection (ingest is the hot path).
+pub(super) struct Statements {
+    insert_report: Statement,
+    read_duplicate: Statement,
+    count_conflict: Statement,
+    upsert_epoch: Statement,
+    upsert_node: Statement,
+    insert_gap: Statement,
+    upsert_host_sample: Statement,
+    upsert_gpu_sample: Statement,
+    upsert_gpu_usage: Statement,
+    update_node_gpus: Statement,
+    aggregate_flows: Statement,
+    keep_raw_flows: Statement,
+    upsert_weight: Statement,
+    remove_weight: Statement,
+    remove_unlisted_weights: Statement,
+}
+
+impl Statements {
+    pub(super) async fn prepare(c: &Client) -> Result<Self, StoreError> {
+        let p = |text: &'static str| async move {
+            c.prepare(text).await.map_err(pg("prepare statement"))
+        };
+        Ok(Self {
+            insert_report: p(INSERT_REPORT).await?,
+            read_duplicate: p(READ_DUPLICATE).await?,
+            count_conflict: p(COUNT_CONFLICT).await?,
+            upsert_epoch: p(UPSERT_EPOCH).await?,
+            upsert_node: p(UPSERT_NODE).await?,
+            insert_gap: p(INSERT_GAP).await?,
+            upsert_host_sample: p(UPSERT_HOST_SAMPLE).await?,
+            upsert_gpu_sample: p(UPSERT_GPU_SAMPLE).await?,
+            upsert_gpu_usage: p(UPSERT_GPU_USAGE).await?,
+            update_node_gpus: p(UPDATE_NODE_GPUS).await?,
+            aggregate_flows: p(AGGREGATE_FLOWS).await?,
+            keep_raw_flows: p(KEEP_RAW_FLOWS).await?,
+            upsert_weight: p(UPSERT_WEIGHT).await?,
+            remove_weight: p(REMOVE_WEIGHT).await?,
+            remove_unlisted_weights: p(REMOVE_UNLISTED_WEIGHTS).await?,
+        })
+    }
+}
+
+/// The report's time series rows, and the node's latest GPU columns when this report is the
+/// node's newest.
+pub(super) async fn insert_telemetry(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<(), StoreError> {
+    let t = &r.telemetry;
+    let at = r.observed_unix_ms;
+    if let Some(h) = &t.host {
+        tx.execute(
+            &st.upsert_host_sample,
+            &[
+                &r.node,
+                &at,
+                &f64::from(h.cpu_percent),
+                &h.load_1,
+                &to_i64(h.memory_used_bytes, "memory_used_bytes")?,
+                &to_i64(h.memory_total_bytes, "memory_total_bytes")?,
+                &to_i64(h.swap_used_bytes, "swap_used_bytes")?,
+                &i64::from(h.process_count),
+            ],
+        )
+        .await
+        .map_err(pg("insert host sample"))?;
+    }
+    let names: std::collections::HashMap<u32, &sov_proto::pb::ProcessInfo> =
+        t.processes.iter().map(|p| (p.pid, p)).collect();
+    for g in &t.gpus {
+        let uuid = if g.uuid.is_empty() {
+            format!("index-{}", g.index)
+        } else {
+            g.uuid.clone()
+        };
+        tx.execute(
+            &st.upsert_gpu_sample,
+            &[
+                &r.node,
+                &uuid,
+                &at,
+                &i64::from(g.index),
+                &g.name,
+                &i64::from(g.utilization_gpu_percent),
+                &i64::from(g.utilization_memory_percent),
+                &to_i64(g.memory_used_bytes, "gpu memory_used_bytes")?,
+                &to_i64(g.memory_total_bytes, "gpu memory_total_bytes")?,
+                &i64::from(g.power_draw_milliwatts),
+                &i64::from(g.temperature_celsius),
+                &g.error,
+            ],
+        )
+        .await
+        .map_err(pg("insert gpu sample"))?;
+        for p in &g.processes {
+            let info = names.get(&p.pid);
+            tx.execute(
+                &st.upsert_gpu_usage,
+                &[
+                    &r.node,
+                    &at,
+                    &uuid,
+                    &i64::from(p.pid),
+                    &info.map(|i| i.name.as_str()).unwrap_or(""),
+                    &info.map(|i| i.exe.as_str()).unwrap_or(""),
+                    &info.map(|i| i.container_id.as_str()).unwrap_or(""),
+                    &p.gpu_seconds,
+                    &to_i64(p.used_memory_bytes, "gpu process memory")?,
+                ],
+            )
+            .await
+            .map_err(pg("insert gpu usage"))?;
+        }
+    }
+    let GpuSummary {
+        state: gpu_state,
+        count,
+        util,
+        mem_used,
+        mem_total,
+    } = GpuSummary::of(t);
+    tx.execute(
+        &st.update_node_gpus,
+        &[
+            &r.node,
+            &gpu_state,
+            &i64::try_from(count).unwrap_or(i64::MAX),
+            &util,
+            &to_i64(mem_used, "gpu memory used")?,
+            &to_i64(mem_total, "gpu memory total")?,
+            &at,
+        ],
+    )
+    .await
+    .map_err(pg("update node gpus"))?;
+    Ok(())
+}
+
+/// One row of `flows_minute` being built: the key, then what is summed.
+pub(super) type FlowKey<'a> = (i64, i64, &'static str, &'static str, &'a str, i64);
+
+#[derive(Default)]
+pub(super) struct FlowSums<'a> {
+    process: &'a str,
+    country: &'a str,
+    asn: i64,
+    org: &'a str,
+    geo_source: &'a str,
+    bytes_sent: i64,
+    bytes_received: i64,
+    connections: i64,
+    min_rtt_us: i64,
+}
+
+/// Add the report's flows to the per-minute aggregates and keep foreign ones raw too: two
+/// statements per report however many flows it carries (one round trip each).
+pub(super) async fn apply_flows(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+    epoch: i64,
+    seq: i64,
+) -> Result<(), StoreError> {
+    if r.telemetry.flows.is_empty() {
+        return Ok(());
+    }
+    // Rows with the same key are merged here the way the upsert merges them with a stored row.
+    let mut sums: std::collections::BTreeMap<FlowKey<'_>, FlowSums<'_>> = Default::default();
+    let mut raw_idx = Vec::new();
+    let mut raw_start = Vec::new();
+    let mut raw_end = Vec::new();
+    let mut raw_pid = Vec::new();
+    let mut raw_process = Vec::new();
+    let mut raw_country = Vec::new();
+    let mut raw_asn = Vec::new();
+    let mut raw_flow = Vec::new();
+    for (idx, f) in r.telemetry.flows.iter().enumerate() {
+        let fl = &f.flow;
+        let end = if fl.end_unix_ms > 0 {
+            fl.end_unix_ms
+        } else {
+            r.observed_unix_ms
+        };
+        let minute = end - end.rem_euclid(60_000);
+        let key = (
+            minute,
+            i64::from(fl.pid),
+            protocol_name(fl.protocol),
+            direction_name(fl.direction),
+            fl.remote_address.as_str(),
+            i64::from(fl.remote_port),
+        );
+        // The first row's place wins, as the upsert keeps the stored row's.
+        let e = sums.entry(key).or_insert_with(|| FlowSums {
+            country: &f.country,
+            asn: i64::from(f.asn),
+            org: &f.org,
+            geo_source: &f.geo_source,
+            ..Default::default()
+        });
+        if !f.process.is_empty() {
+            e.process = &f.process;
+        }
+        e.bytes_sent = e
+            .bytes_sent
+            .saturating_add(to_i64(fl.bytes_sent, "bytes_sent")?);
+        e.bytes_received = e
+            .bytes_received
+            .saturating_add(to_i64(fl.bytes_received, "bytes_received")?);
+        e.connections = e.connections.saturating_add(i64::from(fl.connections));
+        let rtt = i64::from(fl.min_rtt_us);
+        e.min_rtt_us = match (e.min_rtt_us, rtt) {
+            (0, x) | (x, 0) => x,
+            (a, b) => a.min(b),
+        };
+        // Raw detail only for destinations outside the node's declared country (the policy
+        // refines "outside" with the jurisdiction's inside countries).
+        if f.country != r.country {
+            raw_idx.push(i64::try_from(idx).unwrap_or(i64::MAX));
+            raw_start.push(fl.start_unix_ms);
+            raw_end.push(end);
+            raw_pid.push(i64::from(fl.pid));
+            raw_process.push(f.process.as_str());
+            raw_country.push(f.country.as_str());
+            raw_asn.push(i64::from(f.asn));
+            raw_flow.push(prost::Message::encode_to_vec(fl));
+        }
+    }
+    let n = sums.len();
+    let (mut minute, mut pid, mut process, mut protocol, mut direction, mut remote, mut port) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut country, mut asn, mut org, mut geo, mut sent, mut received, mut conns, mut rtt) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for ((m, p, proto, dir, addr, rport), v) in &sums {
+        minute.push(*m);
+        pid.push(*p);
+        process.push(v.process);
+        protocol.push(*proto);
+        direction.push(*dir);
+        remote.push(*addr);
+        port.push(*rport);
+        country.push(v.country);
+        asn.push(v.asn);
+        org.push(v.org);
+        geo.push(v.geo_source);
+        sent.push(v.bytes_sent);
+        received.push(v.bytes_received);
+        conns.push(v.connections);
+        rtt.push(v.min_rtt_us);
+    }
+    tx.execute(
+        &st.aggregate_flows,
+        &[
+            &r.node, &minute, &pid, &process, &protocol, &direction, &remote, &port, &country,
+            &asn, &org, &geo, &sent, &received, &conns, &rtt,
+        ],
+    )
+    .await
+    .map_err(pg("aggregate flows"))?;
+    if !raw_idx.is_empty() {
+        tx.execute(
+            &st.keep_raw_flows,
+            &[
+                &r.node,
+                &seq,
+                &epoch,
+                &raw_idx,
+                &raw_start,
+                &raw_end,
+                &raw_pid,
+                &raw_process,
+                &raw_country,
+                &raw_asn,
+                &raw_flow,
+            ],
+        )
+        .await
+        .map_err(pg("keep raw flows"))?;
+    }
+    Ok(())
+}
+
+/// Apply a report's weight inventory: upsert what it carries, mark what went away.
+pub(super) async fn apply_weights(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<(), StoreError> {
+    let w = &r.telemetry.weights;
+    if !w.full && w.files.is_empty() && w.removed.is_empty() {
+        return Ok(());
+    }
+    let at = r.received_unix_ms;
+    for f in &w.files {
+        let id = f.identity.clone().unwrap_or_default();
+        let storage = f.storage.clone().unwrap_or_default();
+        // Device and inode numbers are identifiers: keep their bits (as SQLite does).
+        #[allow(clippy::cast_possible_wrap)]
+        let (device, inode) = (f.device as i64, f.inode as i64);
+        tx.execute(
+            &st.upsert_weight,
+            &[
+                &r.node,
+                &f.path,
+                &format_name(f.format),
+                &to_i64(f.size_bytes, "weight size")?,
+                &f.mtime_unix_ms,
+                &device,
+                &inode,
+                &f.sha256,
+                &id.model,
+                &id.revision,
+                &id.repo_path,
+                &id.source,
+                &id.publisher,
+                &to_i64(f.parameter_count, "parameter_count")?,
+                &storage.mount_point,
+                &storage.fs_type,
+                &storage.network,
+                &storage.server_address,
+                &crate::store::users_json(f),
+                &prost::Message::encode_to_vec(f),
+                &at,
+            ],
+        )
+        .await
+        .map_err(pg("upsert weight file"))?;
+    }
+    for path in &w.removed {
+        tx.execute(&st.remove_weight, &[&r.node, path, &at])
+            .await
+            .map_err(pg("mark weight file removed"))?;
+    }
+    if w.full {
+        tx.execute(&st.remove_unlisted_weights, &[&r.node, &at])
+            .await
+            .map_err(pg("mark unlisted weight files removed"))?;
+    }
+    Ok(())
+}
+
+/// One report in its own transaction, retried when it loses a race with another replica.
+pub(super) async fn ingest_with_retries(
+    w: &mut Writer,
+    report: &IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match ingest_once(w, report).await {
+            Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => {
+                tracing::debug!(node = %report.node, attempt, error = %e, "ingest lost a race; retrying");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// One ingest transaction.
+pub(super) async fn ingest_once(
+    w: &mut Writer,
+    r: &IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let Writer { client, st } = w;
+    let tx = client.transaction().await.map_err(pg("begin"))?;
+    let outcome = apply_report(&tx, st, r).await?;
+    tx.commit().await.map_err(pg("commit"))?;
+    Ok(outcome)
+}
+
+/// Several reports in one transaction (one commit). Sorted by key first, so that replicas
+/// committing batches take row locks in the same order (no deadlock between them) and a key
+/// queued twice is stored once, then seen as a duplicate.
+pub(super) async fn ingest_batch_once(
+    w: &mut Writer,
+    reports: &[&IncomingReport],
+) -> Result<Vec<IngestOutcome>, StoreError> {
+    let mut order: Vec<usize> = (0..reports.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (reports[a], reports[b]);
+        (&x.node, x.epoch, x.seq).cmp(&(&y.node, y.epoch, y.seq))
+    });
+    let Writer { client, st } = w;
+    let tx = client.transaction().await.map_err(pg("begin batch"))?;
+    // The statements of all reports are pipelined on the connection (tokio-postgres sends a
+    // request when its future is first polled, and the server runs them in that order):
+    // first every report's key, in key order; then the rest of each report, the reports'
+    // statements interleaved. A batch is then a few round trips rather than several per report.
+    let inserted =
+        futures::future::try_join_all(order.iter().map(|&i| insert_report(&tx, st, reports[i])))
+            .await?;
+    let finished = futures::future::try_join_all(
+        order
+            .iter()
+            .zip(inserted)
+            .map(|(&i, n)| finish_report(&tx, st, reports[i], n)),
+    )
+    .await?;
+    tx.commit().await.map_err(pg("commit batch"))?;
+    let mut outcomes = vec![IngestOutcome::Duplicate; reports.len()];
+    for (&i, outcome) in order.iter().zip(finished) {
+        outcomes[i] = outcome;
+    }
+    Ok(outcomes)
+}
+
+/// One report's statements inside `tx` (not committed here).
+pub(super) async fn apply_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let inserted = insert_report(tx, st, r).await?;
+    finish_report(tx, st, r, inserted).await
+}
+
+/// Insert the report's key and body; 0 when the key was already stored. Another replica
+/// inserting the same key makes this wait for its commit, then insert nothing: exactly one of
+/// them stores the report.
+pub(super) async fn insert_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+) -> Result<u64, StoreError> {
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let seq = to_i64(r.seq, "seq")?;
+    tx.execute(
+        &st.insert_report,
+        &[
+            &r.node,
+            &epoch,
+            &seq,
+            &r.observed_unix_ms,
+            &r.received_unix_ms,
+            &r.body,
+        ],
+    )
+    .await
+    .map_err(pg("insert report"))
+}
+
+/// The rest of a report after [`insert_report`] inserted `inserted` rows: a duplicate or a
+/// conflict when 0, else its counters, node facts, gaps, telemetry, weights and flows.
+pub(super) async fn finish_report(
+    tx: &Tx<'_>,
+    st: &Statements,
+    r: &IncomingReport,
+    inserted: u64,
+) -> Result<IngestOutcome, StoreError> {
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let seq = to_i64(r.seq, "seq")?;
+    if inserted == 0 {
+        // Already stored. A re-send carries the same observation time; a different one
+        // means the agent reused a sequence number (a lost spool state): count it so that
+        // it is visible, and keep the first report.
+        let stored_ms: i64 = get(
+            &tx.query_one(&st.read_duplicate, &[&r.node, &epoch, &seq])
+                .await
+                .map_err(pg("read duplicate"))?,
+            0,
+            "read duplicate",
+        )?;
+        if stored_ms != r.observed_unix_ms {
+            tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, "sequence number reused for a different report");
+            tx.execute(&st.count_conflict, &[&r.node, &epoch])
+                .await
+                .map_err(pg("count conflict"))?;
+            return Ok(IngestOutcome::Conflict);
+        }
+        return Ok(IngestOutcome::Duplicate);
+    }
+    tx.execute(
+        &st.upsert_epoch,
+        &[&r.node, &epoch, &seq, &r.received_unix_ms],
+    )
+    .await
+    .map_err(pg("update epoch counters"))?;
+    let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".to_owned());
+    tx.execute(
+        &st.upsert_node,
+        &[
+            &r.node,
+            &r.site,
+            &r.country,
+            &r.hostname,
+            &r.agent_version,
+            &labels,
+            &r.received_unix_ms,
+            &r.observed_unix_ms,
+            &epoch,
+            &f64::from(r.cpu_percent),
+            &to_i64(r.memory_used_bytes, "memory_used_bytes")?,
+            &to_i64(r.memory_total_bytes, "memory_total_bytes")?,
+        ],
+    )
+    .await
+    .map_err(pg("update node"))?;
+    for g in &r.gaps {
+        tx.execute(
+            &st.insert_gap,
+            &[
+                &r.node,
+                &epoch,
+                &to_i64(g.first_seq, "gap first_seq")?,
+                &to_i64(g.last_seq, "gap last_seq")?,
+                &g.reason,
+                &g.dropped_unix_ms,
+                &r.received_unix_ms,
+            ],
+        )
+        .await
+        .map_err(pg("insert gap"))?;
+    }
+    insert_telemetry(tx, st, r).await?;
+    apply_weights(tx, st, r).await?;
+    apply_flows(tx, st, r, epoch, seq).await?;
+    Ok(IngestOutcome::Stored)
+}
+
+impl PostgresStore {
+    pub(super) fn pending(&self) -> std::sync::MutexGuard<'_, crate::store::Pending> {
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Store queued reports until the queue is empty: each batch in one transaction; a batch
+    /// that fails is stored report by report (each retried when it loses a race with another
+    /// replica), so one bad report fails alone.
+    pub(super) async fn drain(&self) {
+        let mut w = match self.writer().await {
+            Ok(w) => w,
+            Err(e) => {
+                // Every waiting report would need this writer: fail them all with the reason.
+                let batch: Vec<crate::store::Queued> =
+                    std::mem::take(&mut *self.pending()).0.into();
+                let msg = e.to_string();
+                let outcomes = batch
+                    .iter()
+                    .map(|_| Err(StoreError::Task(msg.clone())))
+                    .collect();
+                crate::store::answer(batch, outcomes);
+                return;
+            }
+        };
+        loop {
+            let batch = self.pending().take_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let reports: Vec<&IncomingReport> = batch.iter().map(|q| &q.report).collect();
+            let together = if reports.len() > 1 {
+                match ingest_batch_once(&mut w, &reports).await {
+                    Ok(outcomes) => Some(outcomes.into_iter().map(Ok).collect()),
+                    Err(e) => {
+                        tracing::debug!(reports = reports.len(), error = %e, "batch failed; storing its reports one by one");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let outcomes = match together {
+                Some(o) => o,
+                None => {
+                    let mut out = Vec::with_capacity(reports.len());
+                    for r in &reports {
+                        out.push(ingest_with_retries(&mut w, r).await);
+                    }
+                    out
+                }
+            };
+            crate::store::answer(batch, outcomes);
+        }
+    }
+}
+
+/// Group commit: the report joins the queue; whoever holds the writer next stores every
+/// queued report (up to [`crate::store::MAX_BATCH_REPORTS`] per transaction) with one commit,
+/// then answers each. The draining runs in a task of its own, so a caller that goes away
+/// cannot abort the batch others wait on.
+pub(super) async fn ingest(
+    store: &PostgresStore,
+    report: IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let done = store.pending().push(report);
+    let store = store.clone();
+    tokio::spawn(async move { store.drain().await })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+    done.await
+        .map_err(|_| StoreError::Task("ingest answer lost".to_owned()))?
+}
+
+pub(super) async fn note_peer(store: &PostgresStore, peer: NodePeer) -> Result<(), StoreError> {
+    let w = store.writer().await?;
+    w.client
+        .execute(
+            "INSERT INTO node_peers (node, address, country, asn, source, seen_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (node) DO UPDATE SET address = excluded.address, country = excluded.country,
+                 asn = excluded.asn, source = excluded.source, seen_ms = excluded.seen_ms
+             WHERE excluded.seen_ms >= node_peers.seen_ms",
+            &[
+                &peer.node,
+                &peer.address,
+                &peer.country,
+                &i64::from(peer.asn),
+                &peer.source,
+                &peer.seen_unix_ms,
+            ],
+        )
+        .await
+        .map_err(pg("record node peer"))?;
+    Ok(())
+}

@@ -1,0 +1,919 @@
+//! PostgreSQL store, for several collector replicas sharing one database.
+//!
+//! Behaves exactly like [`super::sqlite`] (the reference): the same tables, the same
+//! idempotency on `(node, epoch, seq)`, the same "latest observed wins" node facts.
+//!
+//! Connections: one writer connection behind a tokio mutex, so this replica's transactions
+//! run one at a time like SQLite's single writer, and one reader connection shared by every
+//! query (tokio-postgres pipelines concurrent queries on it). Replicas are serialised by the
+//! database itself: `INSERT ... ON CONFLICT DO NOTHING` on the report key makes a second
+//! replica wait for the first one's commit and then see a duplicate. A transaction that loses
+//! a deadlock or serialisation race is retried. When a connection's task has ended (the
+//! server went away), the call that notices fails with [`StoreError::Postgres`] and the next
+//! call reconnects.
+//!
+//! The schema is versioned in `sov_schema_version`; migrations run in one transaction under
+//! `pg_advisory_xact_lock`, so replicas starting together migrate once. Tables live in the
+//! connection's `search_path` (set it in the URL with `?options=-csearch_path%3Dname`, or use
+//! [`PostgresStore::connect_with_schema`]). Connections are plain TCP or Unix sockets
+//! (`NoTls`): run the database on the same host or network segment, or behind a TLS proxy.
+//!
+//! This file holds the connections, the schema migrations (`collector/migrations/postgres/`,
+//! one `.sql` file per version, the same versions as SQLite's) and the
+//! [`Store`](super::Store) impl; each concern has its own file: `ingest.rs`, `queries.rs`,
+//! `breaches.rs` (breaches and the two hash-chained logs), `outbox.rs`, `tokens.rs`,
+//! `retention.rs`. Rows are read through [`super::rows`], shared with SQLite.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sov_evidence::audit::{AuditEntry, AuditRecord};
+use sov_evidence::chain::{LogRecord, canonical_json};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+
+use super::rows;
+use super::{
+    BreachChange, BreachFilter, EgressQuery, GpuSummary, GpuUsageRow, IncomingReport,
+    IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention,
+    Settle, SinkStats, StoreError, TokenRecord, TokenSpend, direction_name, format_name,
+    protocol_name, to_i64,
+};
+use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
+
+mod breaches;
+mod ingest;
+mod outbox;
+mod queries;
+mod retention;
+mod tokens;
+
+use ingest::Statements;
+
+/// Connect timeout used when the URL does not set `connect_timeout`.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Key of the advisory lock held while migrating ("sov_migr").
+const MIGRATION_LOCK_KEY: i64 = 0x736f_765f_6d69_6772;
+
+/// Attempts of one ingest transaction that loses a deadlock or serialisation race.
+const INGEST_ATTEMPTS: u32 = 3;
+
+/// Schema version this code writes: the number of migrations.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
+/// as SQLite's `user_version`. Append only; never edit one that has shipped.
+const MIGRATIONS: [&str; 9] = [
+    include_str!("../../../migrations/postgres/0001_reports.sql"),
+    include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
+    include_str!("../../../migrations/postgres/0003_weight_files.sql"),
+    include_str!("../../../migrations/postgres/0004_flows.sql"),
+    include_str!("../../../migrations/postgres/0005_breaches_and_breach_log.sql"),
+    include_str!("../../../migrations/postgres/0006_alert_outbox_leases_and_peers.sql"),
+    include_str!("../../../migrations/postgres/0007_audit_log_and_api_tokens.sql"),
+    include_str!("../../../migrations/postgres/0008_enroll_tokens.sql"),
+    include_str!("../../../migrations/postgres/0009_minute_aggregates.sql"),
+];
+
+/// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    schema: Option<String>,
+    writer: Mutex<Option<Writer>>,
+    reader: Mutex<Option<Arc<Client>>>,
+    /// Reports waiting for the writer (group commit).
+    pending: std::sync::Mutex<super::Pending>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Config's Debug leaves the password out.
+        f.debug_struct("PostgresStore")
+            .field("config", &self.inner.config)
+            .field("schema", &self.inner.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The writer connection and its prepared ingest statements.
+struct Writer {
+    client: Client,
+    st: Statements,
+}
+
+fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Postgres { context, source }
+}
+
+fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize, context: &'static str) -> Result<T, StoreError> {
+    row.try_get(i).map_err(pg(context))
+}
+
+/// A counter read back; never negative in a database this code wrote: clamp rather than fail.
+fn get_u64(row: &Row, i: usize, context: &'static str) -> Result<u64, StoreError> {
+    Ok(u64::try_from(get::<i64>(row, i, context)?).unwrap_or(0))
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                url.to_owned()
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Whether a transaction failed only because it lost a race with another one.
+fn retryable(err: &StoreError) -> bool {
+    matches!(err, StoreError::Postgres { source, .. }
+    if source.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    }))
+}
+
+/// Open one connection, run its driver task, and set its session (schema, read only).
+async fn open_connection(
+    config: &Config,
+    schema: Option<&str>,
+    read_only: bool,
+) -> Result<Client, StoreError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(pg("connect"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(error = %error, "postgres connection ended");
+        }
+    });
+    let mut session = String::new();
+    if let Some(schema) = schema {
+        session.push_str(&format!("SET search_path TO {};", quote_ident(schema)));
+    }
+    if read_only {
+        session.push_str("SET default_transaction_read_only = on;");
+    }
+    if !session.is_empty() {
+        client
+            .batch_execute(&session)
+            .await
+            .map_err(pg("set session"))?;
+    }
+    Ok(client)
+}
+
+/// Bring the schema up to date: one transaction under an advisory lock, so that replicas
+/// starting together migrate once and the others find the work done.
+async fn migrate(client: &mut Client, schema: Option<&str>) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(pg("begin migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(pg("lock for migration"))?;
+    if let Some(schema) = schema {
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ))
+        .await
+        .map_err(pg("create schema"))?;
+    }
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS sov_schema_version (version BIGINT NOT NULL)")
+        .await
+        .map_err(pg("create schema version table"))?;
+    let found: Option<i64> = tx
+        .query_one("SELECT MAX(version) FROM sov_schema_version", &[])
+        .await
+        .map_err(pg("read schema version"))?
+        .try_get(0)
+        .map_err(pg("read schema version"))?;
+    let found = found.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if found == SCHEMA_VERSION {
+        // Nothing to do; the transaction only held the lock.
+        return tx.commit().await.map_err(pg("commit migration"));
+    }
+    for step in MIGRATIONS.iter().skip(usize::try_from(found).unwrap_or(0)) {
+        tx.batch_execute(step).await.map_err(pg("migrate schema"))?;
+    }
+    tx.execute("DELETE FROM sov_schema_version", &[])
+        .await
+        .map_err(pg("write schema version"))?;
+    tx.execute(
+        "INSERT INTO sov_schema_version (version) VALUES ($1)",
+        &[&SCHEMA_VERSION],
+    )
+    .await
+    .map_err(pg("write schema version"))?;
+    tx.commit().await.map_err(pg("commit migration"))?;
+    tracing::info!(
+        from = found,
+        version = SCHEMA_VERSION,
+        "database schema migrated"
+    );
+    Ok(())
+}
+
+type Tx<'a> = tokio_postgres::Transaction<'a>;
+
+impl PostgresStore {
+    /// Connect to `url` (`postgres://user@host:port/db?options=...`), migrate the schema in
+    /// the connection's default `search_path`, and open the writer and reader connections.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_inner(url, None).await
+    }
+
+    /// Like [`PostgresStore::connect`], with every table in `schema` (created if needed;
+    /// its `search_path` replaces any the URL sets). Tests use one schema each.
+    pub async fn connect_with_schema(url: &str, schema: &str) -> Result<Self, StoreError> {
+        Self::connect_inner(url, Some(schema.to_owned())).await
+    }
+
+    /// Every lease and its holder, `(name, holder)` sorted by name (for operators and tests:
+    /// which replica evaluates the rules and delivers to each sink).
+    pub async fn lease_holders(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.reader().await?;
+        let rows = client
+            .query(
+                "SELECT name, holder FROM leases ORDER BY name COLLATE \"C\"",
+                &[],
+            )
+            .await
+            .map_err(pg("read leases"))?;
+        rows.iter()
+            .map(|r| Ok((get(r, 0, "read lease")?, get(r, 1, "read lease")?)))
+            .collect()
+    }
+
+    /// Drop the schema given to [`PostgresStore::connect_with_schema`] with everything in it
+    /// (tests clean up with it). Does nothing for a store on the default schema.
+    pub async fn drop_schema(&self) -> Result<(), StoreError> {
+        let Some(schema) = self.inner.schema.clone() else {
+            return Ok(());
+        };
+        let w = self.writer().await?;
+        w.client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quote_ident(&schema)
+            ))
+            .await
+            .map_err(pg("drop schema"))
+    }
+
+    async fn connect_inner(url: &str, schema: Option<String>) -> Result<Self, StoreError> {
+        let mut config: Config = url.parse().map_err(pg("parse postgres url"))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("sov-collector");
+        }
+        let mut client = open_connection(&config, schema.as_deref(), false).await?;
+        migrate(&mut client, schema.as_deref()).await?;
+        let st = Statements::prepare(&client).await?;
+        let reader = open_connection(&config, schema.as_deref(), true).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                schema,
+                writer: Mutex::new(Some(Writer { client, st })),
+                reader: Mutex::new(Some(Arc::new(reader))),
+                pending: Default::default(),
+            }),
+        })
+    }
+
+    /// The writer connection, reconnected first if its connection task has ended. The guard
+    /// serialises this replica's write transactions.
+    async fn writer(&self) -> Result<MappedMutexGuard<'_, Writer>, StoreError> {
+        let mut guard = self.inner.writer.lock().await;
+        if guard.as_ref().is_none_or(|w| w.client.is_closed()) {
+            *guard = None;
+            tracing::warn!("postgres writer connection lost; reconnecting");
+            let client =
+                open_connection(&self.inner.config, self.inner.schema.as_deref(), false).await?;
+            let st = Statements::prepare(&client).await?;
+            *guard = Some(Writer { client, st });
+        }
+        MutexGuard::try_map(guard, Option::as_mut)
+            .map_err(|_| StoreError::Task("postgres writer connection missing".to_owned()))
+    }
+
+    /// The reader connection (shared: queries on it are pipelined), reconnected first if
+    /// its connection task has ended.
+    async fn reader(&self) -> Result<Arc<Client>, StoreError> {
+        let mut guard = self.inner.reader.lock().await;
+        if let Some(c) = guard.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        if guard.take().is_some() {
+            tracing::warn!("postgres reader connection lost; reconnecting");
+        }
+        let c = Arc::new(
+            open_connection(&self.inner.config, self.inner.schema.as_deref(), true).await?,
+        );
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+}
+
+crate::store::store_by_concern!(PostgresStore);
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::panic::AssertUnwindSafe;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use futures::FutureExt;
+
+    use super::retention::RETENTION_LOCK_KEY;
+    use super::*;
+    use crate::store::Store;
+    use crate::store::suite::{Backend, Fixture, report, store_suite};
+
+    /// Where the test database is.
+    const URL_VAR: &str = "SOV_TEST_POSTGRES_URL";
+    /// Set to 1 (CI does) to fail rather than skip when the database cannot be reached.
+    const REQUIRE_VAR: &str = "SOV_REQUIRE_POSTGRES";
+    const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+    fn test_url() -> String {
+        std::env::var(URL_VAR)
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| DEFAULT_TEST_URL.to_owned())
+    }
+
+    /// A schema name no other test (or concurrent test run) uses.
+    fn fresh_schema() -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        format!(
+            "sov_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    async fn try_connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+        let mut config: Config = url.parse()?;
+        config.connect_timeout(Duration::from_secs(5));
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// The test database's URL and an admin connection to it; `None`, after a loud SKIP
+    /// line, when it cannot be reached (a panic instead when it is required).
+    async fn admin() -> Option<(String, Client)> {
+        let url = test_url();
+        match try_connect(&url).await {
+            Ok(client) => Some((url, client)),
+            Err(err) => {
+                let shown = redact_url(&url);
+                let cause = std::error::Error::source(&err)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                if std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1") {
+                    panic!(
+                        "{REQUIRE_VAR}=1 but PostgreSQL is not reachable at {shown} ({err}{cause})"
+                    );
+                }
+                let test = std::thread::current()
+                    .name()
+                    .unwrap_or("a postgres test")
+                    .to_owned();
+                // One write, straight to stderr, so that the harness's capture does not hide
+                // it and parallel tests do not cut it up.
+                let line = format!(
+                    "SKIP: PostgreSQL not reachable at {shown} ({err}{cause}): {test} did not \
+                     run (set {URL_VAR}; {REQUIRE_VAR}=1 makes this a failure)\n"
+                );
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
+                None
+            }
+        }
+    }
+
+    async fn drop_schema(admin: &Client, schema: &str) {
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quote_ident(schema)
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// Run `body` with the test database and a fresh schema name, then drop that schema
+    /// (also when `body` panics).
+    async fn with_schema<F>(body: impl FnOnce(String, String) -> F)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let Some((url, admin)) = admin().await else {
+            return;
+        };
+        let schema = fresh_schema();
+        let outcome = AssertUnwindSafe(body(url, schema.clone()))
+            .catch_unwind()
+            .await;
+        drop_schema(&admin, &schema).await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// A fresh store in its own schema.
+    struct PgFixture {
+        admin: Client,
+        schema: String,
+        store: PostgresStore,
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Backend for PgFixture {
+        fn store(&self) -> &dyn Store {
+            &self.store
+        }
+
+        async fn count(&self, sql: &str) -> i64 {
+            self.admin.query_one(sql, &[]).await.unwrap().get(0)
+        }
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Fixture for PgFixture {
+        async fn create() -> Option<Self> {
+            let (url, admin) = admin().await?;
+            let schema = fresh_schema();
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            admin
+                .batch_execute(&format!("SET search_path TO {}", quote_ident(&schema)))
+                .await
+                .unwrap();
+            Some(Self {
+                admin,
+                schema,
+                store,
+            })
+        }
+
+        async fn destroy(self) {
+            drop(self.store);
+            drop_schema(&self.admin, &self.schema).await;
+        }
+    }
+
+    store_suite!(PgFixture);
+
+    async fn count(url: &str, schema: &str, sql: &str) -> i64 {
+        let c = try_connect(url).await.unwrap();
+        c.batch_execute(&format!("SET search_path TO {}", quote_ident(schema)))
+            .await
+            .unwrap();
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_replicas_ingesting_the_same_report_store_it_once() {
+        with_schema(|url, schema| async move {
+            let (a, b) = tokio::join!(
+                PostgresStore::connect_with_schema(&url, &schema),
+                PostgresStore::connect_with_schema(&url, &schema)
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            for seq in 1..=20 {
+                let (x, y) =
+                    tokio::join!(a.ingest(report("n", 1, seq)), b.ingest(report("n", 1, seq)));
+                let mut outcomes = [x.unwrap(), y.unwrap()];
+                outcomes.sort_by_key(|o| *o != IngestOutcome::Stored);
+                assert_eq!(
+                    outcomes,
+                    [IngestOutcome::Stored, IngestOutcome::Duplicate],
+                    "seq {seq}"
+                );
+            }
+            let n = &b.list_nodes("", 10).await.unwrap()[0];
+            assert_eq!(
+                (n.reports, n.last_seq, n.missing, n.conflicts),
+                (20, 20, 0, 0)
+            );
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
+                20
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_replica_skips_pruning_while_another_one_prunes() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            for seq in 1..=3 {
+                store
+                    .ingest(super::super::suite::report("p", 1, seq))
+                    .await
+                    .unwrap();
+            }
+            // Another replica holds the retention lock of this schema.
+            let other = try_connect(&url).await.unwrap();
+            other
+                .execute(
+                    "SELECT pg_advisory_lock($1::INT4, hashtext($2))",
+                    &[&RETENTION_LOCK_KEY, &schema],
+                )
+                .await
+                .unwrap();
+            let skipped = store.prune(Retention::all_before(i64::MAX)).await.unwrap();
+            assert_eq!(
+                skipped,
+                PruneStats {
+                    skipped: true,
+                    ..Default::default()
+                }
+            );
+            assert_eq!(
+                count(
+                    &url,
+                    &schema,
+                    "SELECT COUNT(*) FROM reports WHERE octet_length(body) > 0"
+                )
+                .await,
+                3
+            );
+            other
+                .execute(
+                    "SELECT pg_advisory_unlock($1::INT4, hashtext($2))",
+                    &[&RETENTION_LOCK_KEY, &schema],
+                )
+                .await
+                .unwrap();
+            let ran = store.prune(Retention::all_before(i64::MAX)).await.unwrap();
+            assert!(!ran.skipped);
+            assert_eq!(ran.report_bodies, 3);
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_replicas_spending_one_enrollment_token_at_once_spend_it_once() {
+        with_schema(|url, schema| async move {
+            let (a, b) = tokio::join!(
+                PostgresStore::connect_with_schema(&url, &schema),
+                PostgresStore::connect_with_schema(&url, &schema)
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let tokens: Vec<NewEnrollToken> = (0..20)
+                .map(|i| NewEnrollToken {
+                    hash: format!("t{i}"),
+                    created_unix_ms: 0,
+                    expires_unix_ms: 1_000_000,
+                })
+                .collect();
+            a.add_enroll_tokens(&tokens).await.unwrap();
+            for t in &tokens {
+                let (x, y) = tokio::join!(
+                    a.spend_enroll_token(&t.hash, "node-a", 10),
+                    b.spend_enroll_token(&t.hash, "node-b", 10)
+                );
+                let spent = [x.unwrap(), y.unwrap()]
+                    .iter()
+                    .filter(|s| **s == TokenSpend::Spent)
+                    .count();
+                assert_eq!(spent, 1, "token {}", t.hash);
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_ingesting_different_reports_of_one_node_keep_exact_counters() {
+        with_schema(|url, schema| async move {
+            let a = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            let b = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            let with_flow = |seq: u64| {
+                let mut r = report("n", 1, seq);
+                r.telemetry = crate::store::suite::telemetry();
+                r.telemetry.flows = vec![crate::store::FlowRecord {
+                    flow: sov_proto::pb::Flow {
+                        remote_address: "8.8.8.8".into(),
+                        remote_port: 443,
+                        bytes_sent: 10,
+                        direction: sov_proto::pb::Direction::Outbound as i32,
+                        end_unix_ms: 90_000,
+                        ..Default::default()
+                    },
+                    country: "US".into(),
+                    ..Default::default()
+                }];
+                r
+            };
+            let (x, y) = tokio::join!(
+                async {
+                    for seq in (1..=40).step_by(2) {
+                        assert_eq!(
+                            a.ingest(with_flow(seq)).await.unwrap(),
+                            IngestOutcome::Stored
+                        );
+                    }
+                },
+                async {
+                    for seq in (2..=40).step_by(2) {
+                        assert_eq!(
+                            b.ingest(with_flow(seq)).await.unwrap(),
+                            IngestOutcome::Stored
+                        );
+                    }
+                }
+            );
+            let ((), ()) = (x, y);
+            let n = &a.list_nodes("", 10).await.unwrap()[0];
+            assert_eq!((n.reports, n.last_seq, n.missing), (40, 40, 0));
+            let (rows, _) = a
+                .egress(EgressQuery {
+                    since_unix_ms: 0,
+                    until_unix_ms: 600_000,
+                    by: "country".into(),
+                    limit: 10,
+                })
+                .await
+                .unwrap();
+            assert_eq!((rows[0].bytes_sent, rows[0].connections), (400, 0));
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_connecting_at_once_migrate_once() {
+        with_schema(|url, schema| async move {
+            let stores = futures::future::join_all(
+                (0..4).map(|_| PostgresStore::connect_with_schema(&url, &schema)),
+            )
+            .await;
+            for s in stores {
+                s.unwrap();
+            }
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM sov_schema_version").await,
+                1
+            );
+            assert_eq!(
+                count(&url, &schema, "SELECT MAX(version) FROM sov_schema_version").await,
+                SCHEMA_VERSION
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_database_from_a_newer_collector_is_refused() {
+        with_schema(|url, schema| async move {
+            drop(
+                PostgresStore::connect_with_schema(&url, &schema)
+                    .await
+                    .unwrap(),
+            );
+            let c = try_connect(&url).await.unwrap();
+            c.batch_execute(&format!(
+                "UPDATE {}.sov_schema_version SET version = 99",
+                quote_ident(&schema)
+            ))
+            .await
+            .unwrap();
+            let err = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+                "{err}"
+            );
+        })
+        .await;
+    }
+
+    async fn backend_pid(c: &Client) -> i32 {
+        c.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_fails_the_calls_that_find_it_dead_and_then_reconnects() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            store.ingest(report("a", 1, 1)).await.unwrap();
+            let writer_pid = backend_pid(&store.writer().await.unwrap().client).await;
+            let reader_pid = backend_pid(&store.reader().await.unwrap()).await;
+            let admin = try_connect(&url).await.unwrap();
+            for pid in [writer_pid, reader_pid] {
+                admin
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .unwrap();
+            }
+            // Calls that find the connection dead fail with a postgres error until the
+            // connection task has seen the socket close (a race of a few milliseconds); then the
+            // next call reconnects. Agents retry after a backoff of at least 200 ms.
+            let mut outcome = store.ingest(report("a", 1, 2)).await;
+            for _ in 0..3 {
+                let Err(err) = &outcome else { break };
+                assert!(matches!(err, StoreError::Postgres { .. }), "{err}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                outcome = store.ingest(report("a", 1, 2)).await;
+            }
+            assert_eq!(outcome.unwrap(), IngestOutcome::Stored);
+            let mut nodes = store.list_nodes("", 10).await;
+            for _ in 0..3 {
+                let Err(err) = &nodes else { break };
+                assert!(matches!(err, StoreError::Postgres { .. }), "{err}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                nodes = store.list_nodes("", 10).await;
+            }
+            assert_eq!(nodes.unwrap()[0].reports, 2);
+            assert_ne!(
+                backend_pid(&store.writer().await.unwrap().client).await,
+                writer_pid
+            );
+            // The new connections still use the store's schema.
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
+                2
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn open_with_a_postgres_url_uses_the_urls_search_path() {
+        with_schema(|url, schema| async move {
+            let c = try_connect(&url).await.unwrap();
+            c.batch_execute(&format!("CREATE SCHEMA {}", quote_ident(&schema)))
+                .await
+                .unwrap();
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let with_path = format!("{url}{sep}options=-csearch_path%3D{schema}");
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::open(&with_path, dir.path()).await.unwrap();
+            assert!(
+                format!("{store:?}").starts_with("PostgresStore"),
+                "{store:?}"
+            );
+            store.ingest(report("a", 1, 1)).await.unwrap();
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
+                1
+            );
+            assert!(!dir.path().join(crate::store::sqlite::DB_FILE).exists());
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_edited_log_record_is_refused_by_the_database_and_named_by_the_chain() {
+        use crate::store::suite::{observation, whole_log};
+        use sov_evidence::chain::verify_chain;
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            for (at, bytes) in [(1000, 1), (2000, 2), (3000, 3)] {
+                store
+                    .observe_breach(observation(
+                        "r",
+                        "n",
+                        "s",
+                        at,
+                        serde_json::json!({"bytes": bytes}),
+                    ))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(verify_chain(whole_log(&store).await.into_iter()), Ok(3));
+            let c = try_connect(&url).await.unwrap();
+            c.batch_execute(&format!("SET search_path TO {}", quote_ident(&schema)))
+                .await
+                .unwrap();
+            let edit = "UPDATE breach_log SET body = replace(body, '\"bytes\":2', '\"bytes\":0') WHERE seq = 2";
+            let refused = c.execute(edit, &[]).await.unwrap_err();
+            let text = format!("{refused:?}");
+            assert!(text.contains("append-only"), "{text}");
+            assert!(c.execute("DELETE FROM breach_log WHERE seq = 3", &[]).await.is_err());
+            assert!(c.batch_execute("TRUNCATE breach_log").await.is_err());
+            // The owner can disable the triggers; the chain still tells.
+            c.batch_execute("ALTER TABLE breach_log DISABLE TRIGGER USER")
+                .await
+                .unwrap();
+            assert_eq!(c.execute(edit, &[]).await.unwrap(), 1);
+            let log = whole_log(&store).await;
+            assert_eq!(log[1].body["evidence"]["bytes"], 0);
+            let err = verify_chain(log.into_iter()).unwrap_err();
+            assert_eq!(err.seq, 2, "{err}");
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_observing_breaches_at_once_keep_one_chain_and_one_open_breach_per_key() {
+        use crate::breach::BreachChange;
+        use crate::store::suite::{observation, whole_log};
+        use sov_evidence::chain::verify_chain;
+        with_schema(|url, schema| async move {
+            let (a, b) = tokio::join!(
+                PostgresStore::connect_with_schema(&url, &schema),
+                PostgresStore::connect_with_schema(&url, &schema)
+            );
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let run = |s: PostgresStore, tag: i64| async move {
+                let mut opened = 0;
+                for i in 0..20_i64 {
+                    // Both replicas see the same 10 keys, with evidence that changes.
+                    let obs = observation(
+                        "r",
+                        &format!("n{}", i % 10),
+                        "s",
+                        1000 + i,
+                        serde_json::json!({"i": i, "replica": tag}),
+                    );
+                    if matches!(
+                        s.observe_breach(obs).await.unwrap(),
+                        BreachChange::Opened(_)
+                    ) {
+                        opened += 1;
+                    }
+                }
+                opened
+            };
+            let (x, y) = tokio::join!(run(a.clone(), 1), run(b.clone(), 2));
+            assert_eq!(x + y, 10);
+            assert_eq!(
+                count(
+                    &url,
+                    &schema,
+                    "SELECT COUNT(*) FROM breaches WHERE state = 'open'"
+                )
+                .await,
+                10
+            );
+            let log = whole_log(&a).await;
+            assert_eq!(log.len(), 40);
+            assert_eq!(verify_chain(log.into_iter()), Ok(40));
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_password_in_a_url_is_hidden() {
+        assert_eq!(
+            redact_url("postgres://sov:s3cret@db:5432/sov?sslmode=disable"),
+            "postgres://sov:***@db:5432/sov?sslmode=disable"
+        );
+        assert_eq!(redact_url("postgres://sov@db/sov"), "postgres://sov@db/sov");
+        assert_eq!(redact_url("sqlite:x"), "sqlite:x");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -1,0 +1,219 @@
+//! What regulators read: nodes, models, egress, missing sequence ranges, GPU usage, node
+//! addresses.
+
+use super::*;
+
+pub(super) const LIST_NODES: &str = r#"SELECT n.node, n.site, n.country, n.hostname, n.agent_version, n.labels,
+        n.last_seen_ms, n.latest_epoch, COALESCE(e.reports, 0), COALESCE(e.last_seq, 0),
+        (SELECT COUNT(*) FROM node_epochs x WHERE x.node = n.node),
+        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes, COALESCE(e.conflicts, 0),
+        (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1
+            - (SELECT COUNT(*) FROM reports r WHERE r.node = g.node AND r.epoch = g.epoch
+                 AND r.seq BETWEEN g.first_seq AND g.last_seq)), 0)::BIGINT
+         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch),
+        n.gpu_state, n.gpu_count, n.gpu_util_percent, n.gpu_memory_used_bytes,
+        n.gpu_memory_total_bytes
+ FROM nodes n
+ LEFT JOIN node_epochs e ON e.node = n.node AND e.epoch = n.latest_epoch
+ WHERE n.node COLLATE "C" > $1::TEXT
+ ORDER BY n.node COLLATE "C"
+ LIMIT $2::BIGINT"#;
+
+/// Keys compare byte-wise (`COLLATE "C"`), as in SQLite, whatever the database's collation.
+/// Only the page's keys are fetched: at most `limit` models, with all their copies.
+pub(super) const LIST_MODELS: &str = r#"WITH current AS (
+    SELECT w.node, w.path, w.format, w.size_bytes, w.sha256, w.model, w.revision, w.repo_path,
+           w.identity_source, w.publisher, w.parameter_count, w.mount_point, w.fs_type, w.network,
+           w.server_address, w.users, w.first_seen_ms, w.last_seen_ms,
+           COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
+           (CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
+                 ELSE w.model || '|~' || w.node || ':' || w.path END) COLLATE "C" AS k
+    FROM weight_files w LEFT JOIN nodes n ON n.node = w.node
+    WHERE w.removed_ms IS NULL
+), hits AS (
+    SELECT * FROM current
+    WHERE k > $1::TEXT
+      AND ($2::TEXT = ''
+           OR ($3::BOOLEAN AND sha256 = lower($2::TEXT))
+           OR (NOT $3::BOOLEAN AND strpos(lower(model), lower($2::TEXT)) > 0))
+), page AS (
+    SELECT DISTINCT k FROM hits ORDER BY k LIMIT $4::BIGINT
+)
+SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
+       publisher, parameter_count, mount_point, fs_type, network, server_address, users,
+       first_seen_ms, last_seen_ms, site, country
+FROM hits
+WHERE k IN (SELECT k FROM page)
+ORDER BY k, node COLLATE "C", path COLLATE "C""#;
+
+pub(super) async fn missing_ranges(
+    store: &PostgresStore,
+    node: &str,
+    epoch: u64,
+    limit: u32,
+) -> Result<Vec<(u64, u64)>, StoreError> {
+    let client = store.reader().await?;
+    let rows = client
+        .query(
+            crate::store::MISSING_RANGES,
+            &[&node, &to_i64(epoch, "epoch")?, &i64::from(limit)],
+        )
+        .await
+        .map_err(pg("missing ranges"))?;
+    const C: &str = "read missing range";
+    rows.iter()
+        .map(|r| Ok((get_u64(r, 0, C)?, get_u64(r, 1, C)?)))
+        .collect()
+}
+
+pub(super) async fn gpu_usage(
+    store: &PostgresStore,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+    limit: u32,
+) -> Result<Vec<GpuUsageRow>, StoreError> {
+    let client = store.reader().await?;
+    let rows = client
+        .query(
+            "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
+             WHERE observed_ms >= $1 AND observed_ms < $2
+             GROUP BY node, pid, process_name
+             ORDER BY 4 DESC, node COLLATE \"C\", pid LIMIT $3",
+            &[&since_unix_ms, &until_unix_ms, &i64::from(limit)],
+        )
+        .await
+        .map_err(pg("gpu usage"))?;
+    rows.iter().map(rows::gpu_usage).collect()
+}
+
+pub(super) async fn list_nodes(
+    store: &PostgresStore,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<NodeRow>, StoreError> {
+    let client = store.reader().await?;
+    let rows = client
+        .query(LIST_NODES, &[&after, &i64::from(limit)])
+        .await
+        .map_err(pg("list nodes"))?;
+    rows.iter().map(rows::node).collect()
+}
+
+pub(super) async fn list_models(
+    store: &PostgresStore,
+    query: &str,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError> {
+    use sov_proto::pb;
+    let sha_query = query.len() == 64 && query.bytes().all(|b| b.is_ascii_hexdigit());
+    let client = store.reader().await?;
+    let rows = client
+        .query(
+            LIST_MODELS,
+            &[&after, &query, &sha_query, &i64::from(limit)],
+        )
+        .await
+        .map_err(pg("list models"))?;
+    let mut out: Vec<pb::ModelSummary> = Vec::new();
+    for row in &rows {
+        if !rows::push_model(&mut out, row, limit)? {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+pub(super) async fn egress(
+    store: &PostgresStore,
+    q: EgressQuery,
+) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
+    const NO_TEXT: &str = "''::TEXT";
+    const NO_NUM: &str = "0::BIGINT";
+    let (cols, group) = match q.by.as_str() {
+        "" | "country" => (
+            format!(
+                "country, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_NUM}, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
+            ),
+            "country",
+        ),
+        "node" => (
+            format!(
+                "country, node, {NO_TEXT}, {NO_NUM}, {NO_NUM}, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
+            ),
+            "country, node",
+        ),
+        "process" => (
+            format!(
+                "country, node, process, pid, {NO_NUM}, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
+            ),
+            "country, node, process, pid",
+        ),
+        "asn" => (
+            format!(
+                "country, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, asn, max(org), {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
+            ),
+            "country, asn",
+        ),
+        "destination" => (
+            format!(
+                "country, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, asn, max(org), remote_address, remote_port, max(geo_source)"
+            ),
+            "country, asn, remote_address, remote_port",
+        ),
+        "flow" => (
+            "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)"
+                .to_owned(),
+            "country, node, process, pid, asn, remote_address, remote_port",
+        ),
+        other => {
+            return Err(StoreError::Range(format!(
+                "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
+            )));
+        }
+    };
+    // COUNT(*) OVER () is the number of groups before LIMIT; at least one row is fetched
+    // so that it is known even when the limit is 0.
+    let text = format!(
+        "SELECT {cols}, SUM(bytes_sent)::BIGINT, SUM(bytes_received)::BIGINT,
+                SUM(connections)::BIGINT, COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)::BIGINT,
+                COUNT(*) OVER ()
+         FROM flows_minute
+         WHERE minute_ms >= $1 AND minute_ms < $2 AND direction <> 'inbound'
+         GROUP BY {group}
+         ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC, {group}
+         LIMIT GREATEST($3::BIGINT, 1)"
+    );
+    // Minutes are stamped at their start: a range starting mid-minute includes it.
+    let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
+    let client = store.reader().await?;
+    let rows = client
+        .query(&text, &[&since, &q.until_unix_ms, &i64::from(q.limit)])
+        .await
+        .map_err(pg("egress"))?;
+    const C: &str = "read egress row";
+    let total = match rows.first() {
+        Some(row) => get_u64(row, 13, C)?,
+        None => 0,
+    };
+    let out = rows
+        .iter()
+        .take(q.limit as usize)
+        .map(rows::egress)
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let truncated = total.saturating_sub(out.len() as u64);
+    Ok((out, truncated))
+}
+
+pub(super) async fn node_peers(store: &PostgresStore) -> Result<Vec<NodePeer>, StoreError> {
+    let client = store.reader().await?;
+    let rows = client
+        .query(
+            "SELECT node, address, country, asn, source, seen_ms FROM node_peers
+             ORDER BY node COLLATE \"C\"",
+            &[],
+        )
+        .await
+        .map_err(pg("node peers"))?;
+    rows.iter().map(rows::peer).collect()
+}

@@ -1,0 +1,125 @@
+//! Retention: fold raw samples into minute aggregates, then delete what is past its time,
+//! one replica at a time (advisory lock per schema).
+
+use super::*;
+
+/// First key of the advisory lock a pruning transaction tries to take ("rete"), the second
+/// being the hash of the schema: one replica of a deployment prunes at a time, the others skip.
+pub(super) const RETENTION_LOCK_KEY: i32 = 0x7265_7465;
+
+/// Fold raw rows observed before `$1` into the minute aggregates (merging with rows an earlier
+/// pass or a late report already made).
+pub(super) const DOWNSAMPLE: [&str; 3] = [
+    "INSERT INTO host_minute AS m (node, minute_ms, samples, cpu_percent_avg, cpu_percent_max, load_1_max,
+                                   memory_used_avg, memory_used_max, memory_total_bytes)
+     SELECT node, observed_ms - (observed_ms % 60000), COUNT(*), AVG(cpu_percent), MAX(cpu_percent),
+            MAX(load_1), AVG(memory_used_bytes)::DOUBLE PRECISION, MAX(memory_used_bytes), MAX(memory_total_bytes)
+     FROM host_samples WHERE observed_ms < $1 GROUP BY 1, 2
+     ON CONFLICT (node, minute_ms) DO UPDATE SET
+        cpu_percent_avg = (m.cpu_percent_avg * m.samples + EXCLUDED.cpu_percent_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        memory_used_avg = (m.memory_used_avg * m.samples + EXCLUDED.memory_used_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        samples = m.samples + EXCLUDED.samples,
+        cpu_percent_max = GREATEST(m.cpu_percent_max, EXCLUDED.cpu_percent_max),
+        load_1_max = GREATEST(m.load_1_max, EXCLUDED.load_1_max),
+        memory_used_max = GREATEST(m.memory_used_max, EXCLUDED.memory_used_max),
+        memory_total_bytes = GREATEST(m.memory_total_bytes, EXCLUDED.memory_total_bytes)",
+    "INSERT INTO gpu_minute AS m (node, gpu_uuid, minute_ms, samples, utilization_avg, utilization_max,
+                                  memory_used_max, memory_total_bytes, power_avg_milliwatts)
+     SELECT node, gpu_uuid, observed_ms - (observed_ms % 60000), COUNT(*),
+            AVG(utilization_percent)::DOUBLE PRECISION, MAX(utilization_percent), MAX(memory_used_bytes),
+            MAX(memory_total_bytes), AVG(power_milliwatts)::DOUBLE PRECISION
+     FROM gpu_samples WHERE observed_ms < $1 GROUP BY 1, 2, 3
+     ON CONFLICT (node, gpu_uuid, minute_ms) DO UPDATE SET
+        utilization_avg = (m.utilization_avg * m.samples + EXCLUDED.utilization_avg * EXCLUDED.samples)
+                          / (m.samples + EXCLUDED.samples),
+        power_avg_milliwatts = (m.power_avg_milliwatts * m.samples + EXCLUDED.power_avg_milliwatts * EXCLUDED.samples)
+                               / (m.samples + EXCLUDED.samples),
+        samples = m.samples + EXCLUDED.samples,
+        utilization_max = GREATEST(m.utilization_max, EXCLUDED.utilization_max),
+        memory_used_max = GREATEST(m.memory_used_max, EXCLUDED.memory_used_max),
+        memory_total_bytes = GREATEST(m.memory_total_bytes, EXCLUDED.memory_total_bytes)",
+    "INSERT INTO gpu_usage_minute AS m (node, minute_ms, gpu_uuid, pid, process_name, gpu_seconds, used_memory_max)
+     SELECT node, observed_ms - (observed_ms % 60000), gpu_uuid, pid, MAX(process_name), SUM(gpu_seconds),
+            MAX(used_memory_bytes)
+     FROM gpu_usage WHERE observed_ms < $1 GROUP BY 1, 2, 3, 4
+     ON CONFLICT (node, minute_ms, gpu_uuid, pid) DO UPDATE SET
+        gpu_seconds = m.gpu_seconds + EXCLUDED.gpu_seconds,
+        used_memory_max = GREATEST(m.used_memory_max, EXCLUDED.used_memory_max),
+        process_name = CASE WHEN EXCLUDED.process_name <> '' THEN EXCLUDED.process_name ELSE m.process_name END",
+];
+
+pub(super) async fn prune(
+    store: &PostgresStore,
+    keep: Retention,
+) -> Result<PruneStats, StoreError> {
+    let raw = keep.raw_before_unix_ms;
+    let aggregates = keep.aggregates_before_unix_ms;
+    let mut w = store.writer().await?;
+    let tx = w.client.transaction().await.map_err(pg("begin prune"))?;
+    let mut stats = PruneStats::default();
+    let locked: bool = get(
+        &tx.query_one(
+            "SELECT pg_try_advisory_xact_lock($1::INT4, hashtext(current_schema()))",
+            &[&RETENTION_LOCK_KEY],
+        )
+        .await
+        .map_err(pg("lock retention"))?,
+        0,
+        "lock retention",
+    )?;
+    if !locked {
+        stats.skipped = true;
+        return Ok(stats);
+    }
+    for step in DOWNSAMPLE {
+        stats.downsampled += tx
+            .execute(step, &[&raw])
+            .await
+            .map_err(pg("downsample samples"))?;
+    }
+    for (table, counter) in [
+        ("host_samples", &mut stats.host_samples),
+        ("gpu_samples", &mut stats.gpu_samples),
+        ("gpu_usage", &mut stats.gpu_usage),
+    ] {
+        *counter = tx
+            .execute(
+                &format!("DELETE FROM {table} WHERE observed_ms < $1"),
+                &[&raw],
+            )
+            .await
+            .map_err(pg("prune samples"))?;
+    }
+    for table in ["host_minute", "gpu_minute", "gpu_usage_minute"] {
+        stats.aggregates += tx
+            .execute(
+                &format!("DELETE FROM {table} WHERE minute_ms < $1"),
+                &[&aggregates],
+            )
+            .await
+            .map_err(pg("prune aggregates"))?;
+    }
+    stats.flows = tx
+        .execute(
+            "DELETE FROM flows_minute WHERE minute_ms < $1",
+            &[&aggregates],
+        )
+        .await
+        .map_err(pg("prune flows"))?
+        + tx.execute("DELETE FROM flows_raw WHERE end_ms < $1", &[&raw])
+            .await
+            .map_err(pg("prune raw flows"))?;
+    // Report keys stay forever (they make re-sends idempotent and prove completeness);
+    // only their bodies go.
+    stats.report_bodies = tx
+        .execute(
+            "UPDATE reports SET body = ''::BYTEA WHERE received_ms < $1 AND octet_length(body) > 0",
+            &[&raw],
+        )
+        .await
+        .map_err(pg("prune report bodies"))?;
+    tx.commit().await.map_err(pg("commit prune"))?;
+    Ok(stats)
+}

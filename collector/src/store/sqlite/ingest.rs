@@ -1,0 +1,454 @@
+//! Storing reports: group commit of queued reports, one transaction per batch (or per report
+//! when a batch fails), and every row a report makes (node facts, telemetry, flows, weights,
+//! the address it came from).
+
+use super::*;
+
+/// The report's time series rows, and the node's latest GPU columns when this report is the
+/// node's newest.
+pub(super) fn insert_telemetry(
+    tx: &rusqlite::Transaction<'_>,
+    r: &IncomingReport,
+    _epoch: i64,
+) -> Result<(), StoreError> {
+    let t = &r.telemetry;
+    let at = r.observed_unix_ms;
+    if let Some(h) = &t.host {
+        exec(tx,
+            "INSERT OR REPLACE INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
+                                                  memory_total_bytes, swap_used_bytes, process_count)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                r.node,
+                at,
+                f64::from(h.cpu_percent),
+                h.load_1,
+                to_i64(h.memory_used_bytes, "memory_used_bytes")?,
+                to_i64(h.memory_total_bytes, "memory_total_bytes")?,
+                to_i64(h.swap_used_bytes, "swap_used_bytes")?,
+                h.process_count
+            ],
+        )
+        .map_err(sql("insert host sample"))?;
+    }
+    let names: std::collections::HashMap<u32, &sov_proto::pb::ProcessInfo> =
+        t.processes.iter().map(|p| (p.pid, p)).collect();
+    for g in &t.gpus {
+        let uuid = if g.uuid.is_empty() {
+            format!("index-{}", g.index)
+        } else {
+            g.uuid.clone()
+        };
+        exec(tx,
+            "INSERT OR REPLACE INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
+                 memory_util_percent, memory_used_bytes, memory_total_bytes, power_milliwatts, temperature_celsius, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                r.node,
+                uuid,
+                at,
+                g.index,
+                g.name,
+                g.utilization_gpu_percent,
+                g.utilization_memory_percent,
+                to_i64(g.memory_used_bytes, "gpu memory_used_bytes")?,
+                to_i64(g.memory_total_bytes, "gpu memory_total_bytes")?,
+                g.power_draw_milliwatts,
+                g.temperature_celsius,
+                g.error
+            ],
+        )
+        .map_err(sql("insert gpu sample"))?;
+        for p in &g.processes {
+            let info = names.get(&p.pid);
+            exec(tx,
+                "INSERT OR REPLACE INTO gpu_usage (node, observed_ms, gpu_uuid, pid, process_name, exe, container_id,
+                                                   gpu_seconds, used_memory_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    r.node,
+                    at,
+                    uuid,
+                    p.pid,
+                    info.map(|i| i.name.as_str()).unwrap_or(""),
+                    info.map(|i| i.exe.as_str()).unwrap_or(""),
+                    info.map(|i| i.container_id.as_str()).unwrap_or(""),
+                    p.gpu_seconds,
+                    to_i64(p.used_memory_bytes, "gpu process memory")?
+                ],
+            )
+            .map_err(sql("insert gpu usage"))?;
+        }
+    }
+    let GpuSummary {
+        state: gpu_state,
+        count,
+        util,
+        mem_used,
+        mem_total,
+    } = GpuSummary::of(t);
+    exec(
+        tx,
+        "UPDATE nodes SET gpu_state = ?2, gpu_count = ?3, gpu_util_percent = ?4,
+                          gpu_memory_used_bytes = ?5, gpu_memory_total_bytes = ?6
+         WHERE node = ?1 AND last_observed_ms = ?7",
+        params![
+            r.node,
+            gpu_state,
+            i64::try_from(count).unwrap_or(i64::MAX),
+            util,
+            to_i64(mem_used, "gpu memory used")?,
+            to_i64(mem_total, "gpu memory total")?,
+            at
+        ],
+    )
+    .map_err(sql("update node gpus"))?;
+    Ok(())
+}
+
+/// Add the report's flows to the per-minute aggregates; keep foreign ones raw too.
+pub(super) fn apply_flows(
+    tx: &rusqlite::Transaction<'_>,
+    r: &IncomingReport,
+    epoch: i64,
+    seq: i64,
+) -> Result<(), StoreError> {
+    for (idx, f) in r.telemetry.flows.iter().enumerate() {
+        let fl = &f.flow;
+        let end = if fl.end_unix_ms > 0 {
+            fl.end_unix_ms
+        } else {
+            r.observed_unix_ms
+        };
+        let minute = end - end.rem_euclid(60_000);
+        exec(tx,
+            "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
+                                       country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+             ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
+                bytes_sent = bytes_sent + excluded.bytes_sent,
+                bytes_received = bytes_received + excluded.bytes_received,
+                connections = connections + excluded.connections,
+                min_rtt_us = CASE WHEN min_rtt_us = 0 THEN excluded.min_rtt_us
+                                  WHEN excluded.min_rtt_us = 0 THEN min_rtt_us
+                                  ELSE min(min_rtt_us, excluded.min_rtt_us) END,
+                process = CASE WHEN excluded.process <> '' THEN excluded.process ELSE process END",
+            params![
+                r.node,
+                minute,
+                fl.pid,
+                f.process,
+                protocol_name(fl.protocol),
+                direction_name(fl.direction),
+                fl.remote_address,
+                fl.remote_port,
+                f.country,
+                f.asn,
+                f.org,
+                f.geo_source,
+                to_i64(fl.bytes_sent, "bytes_sent")?,
+                to_i64(fl.bytes_received, "bytes_received")?,
+                fl.connections,
+                fl.min_rtt_us
+            ],
+        )
+        .map_err(sql("aggregate flow"))?;
+        // Raw detail only for destinations outside the node's declared country (the policy
+        // refines "outside" with the jurisdiction's inside countries).
+        if f.country != r.country {
+            exec(tx,
+                "INSERT OR IGNORE INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    r.node,
+                    seq,
+                    epoch,
+                    i64::try_from(idx).unwrap_or(i64::MAX),
+                    fl.start_unix_ms,
+                    end,
+                    fl.pid,
+                    f.process,
+                    f.country,
+                    f.asn,
+                    prost::Message::encode_to_vec(fl)
+                ],
+            )
+            .map_err(sql("keep raw flow"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Apply a report's weight inventory: upsert what it carries, mark what went away.
+pub(super) fn apply_weights(
+    tx: &rusqlite::Transaction<'_>,
+    r: &IncomingReport,
+) -> Result<(), StoreError> {
+    let w = &r.telemetry.weights;
+    if !w.full && w.files.is_empty() && w.removed.is_empty() {
+        return Ok(());
+    }
+    let at = r.received_unix_ms;
+    for f in &w.files {
+        let id = f.identity.clone().unwrap_or_default();
+        let st = f.storage.clone().unwrap_or_default();
+        exec(tx,
+            "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model, revision,
+                 repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network, server_address,
+                 users, detail, first_seen_ms, last_seen_ms, removed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?21, NULL)
+             ON CONFLICT (node, path) DO UPDATE SET
+                format = excluded.format, size_bytes = excluded.size_bytes, mtime_ms = excluded.mtime_ms,
+                device = excluded.device, inode = excluded.inode,
+                sha256 = CASE WHEN excluded.sha256 = '' AND size_bytes = excluded.size_bytes AND mtime_ms = excluded.mtime_ms
+                              THEN sha256 ELSE excluded.sha256 END,
+                model = excluded.model, revision = excluded.revision, repo_path = excluded.repo_path,
+                identity_source = excluded.identity_source, publisher = excluded.publisher,
+                parameter_count = excluded.parameter_count, mount_point = excluded.mount_point,
+                fs_type = excluded.fs_type, network = excluded.network, server_address = excluded.server_address,
+                users = excluded.users, detail = excluded.detail, last_seen_ms = excluded.last_seen_ms,
+                first_seen_ms = CASE WHEN removed_ms IS NULL THEN first_seen_ms ELSE excluded.first_seen_ms END,
+                removed_ms = NULL",
+            params![
+                r.node,
+                f.path,
+                format_name(f.format),
+                to_i64(f.size_bytes, "weight size")?,
+                f.mtime_unix_ms,
+                f.device as i64,
+                f.inode as i64,
+                f.sha256,
+                id.model,
+                id.revision,
+                id.repo_path,
+                id.source,
+                id.publisher,
+                to_i64(f.parameter_count, "parameter_count")?,
+                st.mount_point,
+                st.fs_type,
+                st.network,
+                st.server_address,
+                crate::store::users_json(f),
+                prost::Message::encode_to_vec(f),
+                at
+            ],
+        )
+        .map_err(sql("upsert weight file"))?;
+    }
+    for path in &w.removed {
+        exec(tx,
+            "UPDATE weight_files SET removed_ms = ?3 WHERE node = ?1 AND path = ?2 AND removed_ms IS NULL",
+            params![r.node, path, at],
+        )
+        .map_err(sql("mark weight file removed"))?;
+    }
+    if w.full {
+        exec(tx,
+            "UPDATE weight_files SET removed_ms = ?2 WHERE node = ?1 AND removed_ms IS NULL AND last_seen_ms < ?2",
+            params![r.node, at],
+        )
+        .map_err(sql("mark unlisted weight files removed"))?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Store a batch of reports: all in one transaction (one commit, one fsync), or, when
+    /// anything in it fails, each in its own so that one bad report fails alone. Outcomes are
+    /// in the order of `reports`; none is returned before its transaction committed.
+    pub(super) fn ingest_batch_blocking(
+        conn: &mut Connection,
+        reports: &[&IncomingReport],
+    ) -> Vec<Result<IngestOutcome, StoreError>> {
+        if reports.len() > 1 {
+            let together = (|| {
+                let tx = conn.transaction().map_err(sql("begin"))?;
+                let outcomes = reports
+                    .iter()
+                    .map(|r| Self::apply_report(&tx, r))
+                    .collect::<Result<Vec<_>, _>>()?;
+                tx.commit().map_err(sql("commit"))?;
+                Ok::<_, StoreError>(outcomes)
+            })();
+            match together {
+                Ok(outcomes) => return outcomes.into_iter().map(Ok).collect(),
+                Err(e) => {
+                    tracing::debug!(reports = reports.len(), error = %e, "batch failed; storing its reports one by one");
+                }
+            }
+        }
+        reports
+            .iter()
+            .map(|r| {
+                let tx = conn.transaction().map_err(sql("begin"))?;
+                let outcome = Self::apply_report(&tx, r)?;
+                tx.commit().map_err(sql("commit"))?;
+                Ok(outcome)
+            })
+            .collect()
+    }
+
+    /// One report's statements inside `tx` (not committed here).
+    pub(super) fn apply_report(
+        tx: &rusqlite::Transaction<'_>,
+        r: &IncomingReport,
+    ) -> Result<IngestOutcome, StoreError> {
+        let epoch = to_i64(r.epoch, "epoch")?;
+        let seq = to_i64(r.seq, "seq")?;
+        let inserted = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO reports (node, epoch, seq, observed_ms, received_ms, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(sql("prepare insert report"))?
+            .execute(params![
+                r.node,
+                epoch,
+                seq,
+                r.observed_unix_ms,
+                r.received_unix_ms,
+                r.body
+            ])
+            .map_err(sql("insert report"))?;
+        if inserted == 0 {
+            // Already stored. A re-send carries the same observation time; a different one
+            // means the agent reused a sequence number (a lost spool state): count it so
+            // that it is visible, and keep the first report.
+            let stored_ms: i64 = tx
+                .query_row(
+                    "SELECT observed_ms FROM reports WHERE node = ?1 AND epoch = ?2 AND seq = ?3",
+                    params![r.node, epoch, seq],
+                    |row| row.get(0),
+                )
+                .map_err(sql("read duplicate"))?;
+            if stored_ms != r.observed_unix_ms {
+                tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, "sequence number reused for a different report");
+                exec(tx,
+                    "UPDATE node_epochs SET conflicts = conflicts + 1 WHERE node = ?1 AND epoch = ?2",
+                    params![r.node, epoch],
+                )
+                .map_err(sql("count conflict"))?;
+                return Ok(IngestOutcome::Conflict);
+            }
+            return Ok(IngestOutcome::Duplicate);
+        }
+        exec(
+            tx,
+            "INSERT INTO node_epochs (node, epoch, reports, last_seq, first_seen_ms, last_seen_ms)
+             VALUES (?1, ?2, 1, ?3, ?4, ?4)
+             ON CONFLICT (node, epoch) DO UPDATE SET
+                reports = reports + 1,
+                last_seq = max(last_seq, excluded.last_seq),
+                last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+            params![r.node, epoch, seq, r.received_unix_ms],
+        )
+        .map_err(sql("update epoch counters"))?;
+        let labels = serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".to_owned());
+        let mem_used = to_i64(r.memory_used_bytes, "memory_used_bytes")?;
+        let mem_total = to_i64(r.memory_total_bytes, "memory_total_bytes")?;
+        exec(tx,
+            "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
+                                last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
+                                memory_used_bytes, memory_total_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12)
+             ON CONFLICT (node) DO UPDATE SET
+                last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
+                latest_epoch = max(latest_epoch, excluded.latest_epoch),
+                site = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.site ELSE site END,
+                country = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.country ELSE country END,
+                hostname = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.hostname ELSE hostname END,
+                agent_version = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.agent_version ELSE agent_version END,
+                labels = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.labels ELSE labels END,
+                cpu_percent = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.cpu_percent ELSE cpu_percent END,
+                memory_used_bytes = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.memory_used_bytes ELSE memory_used_bytes END,
+                memory_total_bytes = CASE WHEN excluded.last_observed_ms >= last_observed_ms THEN excluded.memory_total_bytes ELSE memory_total_bytes END,
+                last_observed_ms = max(last_observed_ms, excluded.last_observed_ms)",
+            params![
+                r.node,
+                r.site,
+                r.country,
+                r.hostname,
+                r.agent_version,
+                labels,
+                r.received_unix_ms,
+                r.observed_unix_ms,
+                epoch,
+                f64::from(r.cpu_percent),
+                mem_used,
+                mem_total,
+            ],
+        )
+        .map_err(sql("update node"))?;
+        for g in &r.gaps {
+            exec(tx,
+                "INSERT OR IGNORE INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    r.node,
+                    epoch,
+                    to_i64(g.first_seq, "gap first_seq")?,
+                    to_i64(g.last_seq, "gap last_seq")?,
+                    g.reason,
+                    g.dropped_unix_ms,
+                    r.received_unix_ms
+                ],
+            )
+            .map_err(sql("insert gap"))?;
+        }
+        insert_telemetry(tx, r, epoch)?;
+        apply_weights(tx, r)?;
+        apply_flows(tx, r, epoch, seq)?;
+        Ok(IngestOutcome::Stored)
+    }
+}
+
+/// Group commit: the report joins the queue; whoever holds the writer next stores every
+/// queued report (up to [`crate::store::MAX_BATCH_REPORTS`] per transaction) with one commit and
+/// one fsync, then answers each. The queue is drained until empty by a blocking task that
+/// is not cancelled with the caller, so a caller that goes away cannot abort the others.
+pub(super) async fn ingest(
+    store: &SqliteStore,
+    report: IncomingReport,
+) -> Result<IngestOutcome, StoreError> {
+    let done = lock(&store.pending).push(report);
+    let (writer, pending) = (store.writer.clone(), store.pending.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut conn = lock(&writer);
+        loop {
+            let batch = lock(&pending).take_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let reports: Vec<&IncomingReport> = batch.iter().map(|p| &p.report).collect();
+            let outcomes = SqliteStore::ingest_batch_blocking(&mut conn, &reports);
+            crate::store::answer(batch, outcomes);
+        }
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?;
+    done.await
+        .map_err(|_| StoreError::Task("ingest answer lost".to_owned()))?
+}
+
+pub(super) async fn note_peer(store: &SqliteStore, peer: NodePeer) -> Result<(), StoreError> {
+    store.write(move |c| {
+        c.execute(
+            "INSERT INTO node_peers (node, address, country, asn, source, seen_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (node) DO UPDATE SET address = excluded.address, country = excluded.country,
+                 asn = excluded.asn, source = excluded.source, seen_ms = excluded.seen_ms
+             WHERE excluded.seen_ms >= node_peers.seen_ms",
+            params![
+                peer.node,
+                peer.address,
+                peer.country,
+                i64::from(peer.asn),
+                peer.source,
+                peer.seen_unix_ms
+            ],
+        )
+        .map_err(sql("record node peer"))?;
+        Ok(())
+    })
+    .await
+}

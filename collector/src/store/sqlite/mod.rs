@@ -1,0 +1,375 @@
+//! Embedded SQLite store: WAL mode, `synchronous = FULL` (a commit survives power loss, not
+//! only a crash of the process), one writer connection and one reader connection. Blocking
+//! calls run on tokio's blocking pool.
+//!
+//! This file holds the connections, the schema migrations (`collector/migrations/sqlite/`,
+//! one `.sql` file per version) and the [`Store`](super::Store) impl; each concern has its
+//! own file: `ingest.rs` (group commit and every row a report makes), `queries.rs` (what
+//! regulators read), `breaches.rs` (breaches and the two hash-chained logs), `outbox.rs`
+//! (alert outbox and leases), `tokens.rs`, `retention.rs`. Rows are read through
+//! [`super::rows`], shared with PostgreSQL.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use sov_evidence::audit::{AuditEntry, AuditRecord};
+use sov_evidence::chain::{LogRecord, canonical_json};
+
+use super::rows;
+use super::{
+    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome,
+    NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention, Settle,
+    SinkStats, StoreError, TokenRecord, TokenSpend, direction_name, format_name, protocol_name,
+    to_i64,
+};
+use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
+
+mod breaches;
+mod ingest;
+mod outbox;
+mod queries;
+mod retention;
+mod tokens;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "sovereign.db";
+
+/// Prepared statements the writer keeps (the ingest path uses about 20).
+const STATEMENT_CACHE: usize = 64;
+
+/// Schema version this code writes (`PRAGMA user_version`): the number of migrations.
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
+/// that has shipped.
+const MIGRATIONS: [&str; 9] = [
+    include_str!("../../../migrations/sqlite/0001_reports.sql"),
+    include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
+    include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
+    include_str!("../../../migrations/sqlite/0004_flows.sql"),
+    include_str!("../../../migrations/sqlite/0005_breaches_and_breach_log.sql"),
+    include_str!("../../../migrations/sqlite/0006_alert_outbox_leases_and_peers.sql"),
+    include_str!("../../../migrations/sqlite/0007_audit_log_and_api_tokens.sql"),
+    include_str!("../../../migrations/sqlite/0008_enroll_tokens.sql"),
+    include_str!("../../../migrations/sqlite/0009_minute_aggregates.sql"),
+];
+
+/// SQLite-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+    /// Reports waiting for the writer (group commit, see [`Store::ingest`]).
+    pending: Arc<Mutex<super::Pending>>,
+}
+
+/// Run `sql` through the connection's prepared statement cache (the ingest path runs the same
+/// few statements for every report and flow: parsing them each time cost more than running
+/// them).
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Sqlite { context, source }
+}
+
+fn lock<T>(c: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock rolls back any open transaction when the guard's
+    // statement objects drop, so the connection is still consistent.
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Range(format!("{what} {v} is negative")))
+}
+
+/// Apply every migration after `from`, each with its version bump in one transaction.
+fn migrate(conn: &mut Connection, from: i64) -> Result<(), StoreError> {
+    for (i, step) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(from).unwrap_or(0))
+    {
+        let tx = conn.transaction().map_err(sql("begin migration"))?;
+        tx.execute_batch(step).map_err(sql("migrate schema"))?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(sql("write schema version"))?;
+        tx.commit().map_err(sql("commit migration"))?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) `data_dir/sovereign.db`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Open {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let writer = Connection::open(&path).map_err(sql("open database"))?;
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000;",
+            )
+            .map_err(sql("set pragmas"))?;
+        let version: i64 = writer
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql("read schema version"))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaTooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let mut writer = writer;
+        migrate(&mut writer, version)?;
+        let reader = Connection::open(&path).map_err(sql("open reader"))?;
+        reader
+            .execute_batch("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
+            .map_err(sql("set reader pragmas"))?;
+        writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(Self {
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(reader)),
+            pending: Arc::default(),
+        })
+    }
+}
+
+impl SqliteStore {
+    /// Run `f` with the writer connection on the blocking pool.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || f(&mut lock(&writer)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Run `f` with the reader connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&lock(&reader)))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+crate::store::store_by_concern!(SqliteStore);
+
+/// Count stored reports of one node and epoch (for tests and tools).
+pub fn count_reports(data_dir: &Path, node: &str, epoch: u64) -> Result<u64, StoreError> {
+    let conn = Connection::open(data_dir.join(DB_FILE)).map_err(sql("open database"))?;
+    let n: Option<i64> = conn
+        .query_row(
+            "SELECT COUNT(*) FROM reports WHERE node = ?1 AND epoch = ?2",
+            params![node, to_i64(epoch, "epoch")?],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql("count reports"))?;
+    to_u64(n.unwrap_or(0), "count")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use crate::store::suite::{Backend, Fixture, report, store_suite, telemetry};
+
+    /// A fresh database in a temporary directory.
+    struct SqliteFixture {
+        dir: tempfile::TempDir,
+        store: SqliteStore,
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Backend for SqliteFixture {
+        fn store(&self) -> &dyn Store {
+            &self.store
+        }
+
+        async fn count(&self, sql: &str) -> i64 {
+            count(self.dir.path(), sql)
+        }
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Fixture for SqliteFixture {
+        async fn create() -> Option<Self> {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteStore::open(dir.path()).unwrap();
+            Some(Self { dir, store })
+        }
+
+        async fn destroy(self) {}
+    }
+
+    store_suite!(SqliteFixture);
+
+    fn count(dir: &Path, sql: &str) -> i64 {
+        Connection::open(dir.join(DB_FILE))
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn stored_reports_survive_reopening_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path()).unwrap();
+            store.ingest(report("a", 1, 1)).await.unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.ingest(report("a", 1, 1)).await.unwrap(),
+            IngestOutcome::Duplicate
+        );
+        assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 1);
+        assert_eq!(count_reports(dir.path(), "a", 1).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_is_migrated_without_losing_its_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            let tx = c.transaction().unwrap();
+            tx.execute_batch(MIGRATIONS[0]).unwrap();
+            tx.execute_batch("PRAGMA user_version = 1").unwrap();
+            tx.execute(
+                "INSERT INTO reports (node, epoch, seq, observed_ms, received_ms, body) VALUES ('a', 1, 1, 1000, 1005, x'01')",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(count(dir.path(), "PRAGMA user_version"), SCHEMA_VERSION);
+        assert_eq!(
+            store.ingest(report("a", 1, 1)).await.unwrap(),
+            IngestOutcome::Duplicate
+        );
+        let mut r = report("a", 1, 2);
+        r.telemetry = telemetry();
+        assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 2);
+    }
+
+    #[tokio::test]
+    async fn an_edited_log_record_is_refused_by_the_database_and_named_by_the_chain() {
+        use crate::store::suite::{observation, whole_log};
+        use sov_evidence::chain::verify_chain;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for (at, bytes) in [(1000, 1), (2000, 2), (3000, 3)] {
+            store
+                .observe_breach(observation(
+                    "r",
+                    "n",
+                    "s",
+                    at,
+                    serde_json::json!({"bytes": bytes}),
+                ))
+                .await
+                .unwrap();
+        }
+        assert_eq!(verify_chain(whole_log(&store).await.into_iter()), Ok(3));
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let edit = "UPDATE breach_log SET body = replace(body, '\"bytes\":2', '\"bytes\":0') WHERE seq = 2";
+        let refused = c.execute(edit, []).unwrap_err().to_string();
+        assert!(refused.contains("append-only"), "{refused}");
+        assert!(
+            c.execute("DELETE FROM breach_log WHERE seq = 3", [])
+                .is_err()
+        );
+        // Someone with the file can drop the trigger; the chain still tells.
+        c.execute_batch("DROP TRIGGER breach_log_no_update")
+            .unwrap();
+        assert_eq!(c.execute(edit, []).unwrap(), 1);
+        let log = whole_log(&store).await;
+        assert_eq!(log[1].body["evidence"]["bytes"], 0);
+        let err = verify_chain(log.into_iter()).unwrap_err();
+        assert_eq!(err.seq, 2, "{err}");
+    }
+
+    #[test]
+    fn a_database_from_a_newer_collector_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SqliteStore::open(dir.path()).unwrap());
+        let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        c.execute_batch("PRAGMA user_version = 99").unwrap();
+        drop(c);
+        let err = SqliteStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, StoreError::SchemaTooNew { found: 99, .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stores_log_is_verified_across_pages_and_a_break_is_named() {
+        use crate::breach::{Observation, Severity};
+        use crate::store::{VERIFY_PAGE, verify_store_log};
+        use sov_evidence::chain::{GENESIS_HASH, LogVerdict};
+        let obs = |subject: &str, at: i64, evidence: serde_json::Value| Observation {
+            rule: "restricted-model-outside".into(),
+            node: "gpu-1".into(),
+            subject: subject.into(),
+            severity: Severity::Critical,
+            evidence,
+            at_unix_ms: at,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let empty = verify_store_log(&store).await.unwrap();
+        assert_eq!(
+            empty.message(),
+            format!("log verified: 0 records, last hash {GENESIS_HASH}")
+        );
+        // More records than one page.
+        let n = i64::from(VERIFY_PAGE) + 5;
+        for i in 0..n {
+            store
+                .observe_breach(obs("m", 1000 + i, serde_json::json!(i)))
+                .await
+                .unwrap();
+        }
+        let last = store
+            .breach_log(u64::try_from(n - 1).unwrap(), 1)
+            .await
+            .unwrap();
+        let verdict = verify_store_log(&store).await.unwrap();
+        assert_eq!(
+            verdict,
+            LogVerdict::Verified {
+                records: u64::try_from(n).unwrap(),
+                last_hash: last[0].hash.clone()
+            }
+        );
+        assert_eq!(
+            verdict.message(),
+            format!("log verified: {n} records, last hash {}", last[0].hash)
+        );
+        let c = rusqlite::Connection::open(dir.path().join(crate::store::sqlite::DB_FILE)).unwrap();
+        c.execute_batch(
+            "DROP TRIGGER breach_log_no_delete; DELETE FROM breach_log WHERE seq = 1002;",
+        )
+        .unwrap();
+        let verdict = verify_store_log(&store).await.unwrap();
+        assert_eq!(
+            verdict.message(),
+            "log broken at record 1002: record missing (the next stored record is 1003)"
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! What regulators read: nodes, models, egress, missing sequence ranges, GPU usage, node
+//! addresses.
+
+use super::*;
+
+impl SqliteStore {
+    pub(super) fn list_nodes_blocking(
+        conn: &Connection,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<NodeRow>, StoreError> {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT n.node, n.site, n.country, n.hostname, n.agent_version, n.labels,
+                        n.last_seen_ms, n.latest_epoch, COALESCE(e.reports, 0), COALESCE(e.last_seq, 0),
+                        (SELECT COUNT(*) FROM node_epochs x WHERE x.node = n.node),
+                        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes, COALESCE(e.conflicts, 0),
+                        (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1
+                            - (SELECT COUNT(*) FROM reports r WHERE r.node = g.node AND r.epoch = g.epoch
+                                 AND r.seq BETWEEN g.first_seq AND g.last_seq)), 0)
+                         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch),
+                        n.gpu_state, n.gpu_count, n.gpu_util_percent, n.gpu_memory_used_bytes,
+                        n.gpu_memory_total_bytes
+                 FROM nodes n
+                 LEFT JOIN node_epochs e ON e.node = n.node AND e.epoch = n.latest_epoch
+                 WHERE n.node > ?1
+                 ORDER BY n.node
+                 LIMIT ?2",
+            )
+            .map_err(sql("prepare list nodes"))?;
+        let mut rows = stmt
+            .query(params![after, i64::from(limit)])
+            .map_err(sql("list nodes"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("read node row"))? {
+            out.push(rows::node(row)?);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn list_models_blocking(
+        conn: &Connection,
+        query: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError> {
+        use sov_proto::pb;
+        let sha_query = query.len() == 64 && query.bytes().all(|b| b.is_ascii_hexdigit());
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
+                        publisher, parameter_count, mount_point, fs_type, network, server_address, users,
+                        first_seen_ms, last_seen_ms, site, country
+                 FROM (SELECT w.*, COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
+                              CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
+                                   ELSE w.model || '|~' || w.node || ':' || w.path END AS k
+                       FROM weight_files w LEFT JOIN nodes n ON n.node = w.node
+                       WHERE w.removed_ms IS NULL)
+                 WHERE k > ?1
+                   AND (?2 = '' OR (?3 AND sha256 = lower(?2)) OR (NOT ?3 AND instr(lower(model), lower(?2)) > 0))
+                 ORDER BY k, node, path",
+            )
+            .map_err(sql("prepare list models"))?;
+        let mut rows = stmt
+            .query(params![after, query, sha_query])
+            .map_err(sql("list models"))?;
+        let mut out: Vec<pb::ModelSummary> = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("read model row"))? {
+            if !rows::push_model(&mut out, row, limit)? {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn egress_blocking(
+        conn: &Connection,
+        q: &crate::store::EgressQuery,
+    ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
+        let (cols, group) = match q.by.as_str() {
+            "" | "country" => ("country, '', '', 0, 0, '', '', 0, ''", "country"),
+            "node" => ("country, node, '', 0, 0, '', '', 0, ''", "country, node"),
+            "process" => (
+                "country, node, process, pid, 0, '', '', 0, ''",
+                "country, node, process, pid",
+            ),
+            "asn" => (
+                "country, '', '', 0, asn, max(org), '', 0, ''",
+                "country, asn",
+            ),
+            "destination" => (
+                "country, '', '', 0, asn, max(org), remote_address, remote_port, max(geo_source)",
+                "country, asn, remote_address, remote_port",
+            ),
+            "flow" => (
+                "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)",
+                "country, node, process, pid, asn, remote_address, remote_port",
+            ),
+            other => {
+                return Err(StoreError::Range(format!(
+                    "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
+                )));
+            }
+        };
+        let text = format!(
+            "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
+                    COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)
+             FROM flows_minute
+             WHERE minute_ms >= ?1 AND minute_ms < ?2 AND direction <> 'inbound'
+             GROUP BY {group}
+             ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC"
+        );
+        // Minutes are stamped at their start: a range starting mid-minute includes it.
+        let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
+        let mut stmt = conn.prepare_cached(&text).map_err(sql("prepare egress"))?;
+        let mut rows = stmt
+            .query(params![since, q.until_unix_ms])
+            .map_err(sql("egress"))?;
+        let mut out = Vec::new();
+        let mut truncated = 0u64;
+        while let Some(row) = rows.next().map_err(sql("read egress row"))? {
+            if out.len() >= q.limit as usize {
+                truncated += 1;
+                continue;
+            }
+            out.push(rows::egress(row)?);
+        }
+        Ok((out, truncated))
+    }
+}
+
+pub(super) async fn missing_ranges(
+    store: &SqliteStore,
+    node: &str,
+    epoch: u64,
+    limit: u32,
+) -> Result<Vec<(u64, u64)>, StoreError> {
+    let reader = store.reader.clone();
+    let node = node.to_owned();
+    let epoch = to_i64(epoch, "epoch")?;
+    tokio::task::spawn_blocking(move || {
+        let conn = lock(&reader);
+        let mut stmt = conn
+            .prepare_cached(crate::store::MISSING_RANGES)
+            .map_err(sql("prepare missing ranges"))?;
+        let mut rows = stmt
+            .query(params![node, epoch, i64::from(limit)])
+            .map_err(sql("missing ranges"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("missing ranges"))? {
+            let first: i64 = row.get(0).map_err(sql("read missing range"))?;
+            let last: i64 = row.get(1).map_err(sql("read missing range"))?;
+            out.push((to_u64(first, "first")?, to_u64(last, "last")?));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+pub(super) async fn gpu_usage(
+    store: &SqliteStore,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+    limit: u32,
+) -> Result<Vec<GpuUsageRow>, StoreError> {
+    let reader = store.reader.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = lock(&reader);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
+                 WHERE observed_ms >= ?1 AND observed_ms < ?2
+                 GROUP BY node, pid, process_name
+                 ORDER BY 4 DESC, node, pid LIMIT ?3",
+            )
+            .map_err(sql("prepare gpu usage"))?;
+        let mut rows = stmt
+            .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])
+            .map_err(sql("gpu usage"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("gpu usage"))? {
+            out.push(rows::gpu_usage(row)?);
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+pub(super) async fn list_nodes(
+    store: &SqliteStore,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<NodeRow>, StoreError> {
+    let reader = store.reader.clone();
+    let after = after.to_owned();
+    tokio::task::spawn_blocking(move || {
+        SqliteStore::list_nodes_blocking(&lock(&reader), &after, limit)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+pub(super) async fn list_models(
+    store: &SqliteStore,
+    query: &str,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError> {
+    let reader = store.reader.clone();
+    let (query, after) = (query.to_owned(), after.to_owned());
+    tokio::task::spawn_blocking(move || {
+        SqliteStore::list_models_blocking(&lock(&reader), &query, &after, limit)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+pub(super) async fn egress(
+    store: &SqliteStore,
+    q: crate::store::EgressQuery,
+) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
+    let reader = store.reader.clone();
+    tokio::task::spawn_blocking(move || SqliteStore::egress_blocking(&lock(&reader), &q))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+pub(super) async fn node_peers(store: &SqliteStore) -> Result<Vec<NodePeer>, StoreError> {
+    store
+        .read(|c| {
+            let mut stmt = c
+            .prepare_cached(
+                "SELECT node, address, country, asn, source, seen_ms FROM node_peers ORDER BY node",
+            )
+            .map_err(sql("prepare node peers"))?;
+            let mut rows = stmt.query([]).map_err(sql("node peers"))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql("node peers"))? {
+                out.push(rows::peer(r)?);
+            }
+            Ok(out)
+        })
+        .await
+}
