@@ -21,6 +21,8 @@ use std::str::FromStr;
 
 use x509_parser::extensions::GeneralName;
 
+use crate::error::ApiError;
+
 /// The trust domain used when the configuration names none.
 pub const DEFAULT_TRUST_DOMAIN: &str = "sovereign";
 
@@ -270,25 +272,24 @@ pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<Identity, Aut
 pub fn identity_from_request<T>(
     req: &tonic::Request<T>,
     trust_domain: &str,
-) -> Result<Identity, tonic::Status> {
+) -> Result<Identity, ApiError> {
     let certs = req.peer_certs();
     let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
-        return Err(tonic::Status::unauthenticated(
+        return Err(ApiError::unauthenticated(
             "client certificate required: connect with mutual TLS using a certificate issued by the collector CA",
         ));
     };
-    identity_from_der(leaf.as_ref(), trust_domain).map_err(|err| {
-        tonic::Status::permission_denied(format!("client certificate refused: {err}"))
-    })
+    identity_from_der(leaf.as_ref(), trust_domain)
+        .map_err(|err| ApiError::permission_denied(format!("client certificate refused: {err}")))
 }
 
 /// Allow the call `what` only if `id`'s role is one of `allowed`.
-pub fn require_role(id: &Identity, allowed: &[Role], what: &str) -> Result<(), tonic::Status> {
+pub fn require_role(id: &Identity, allowed: &[Role], what: &str) -> Result<(), ApiError> {
     if allowed.contains(&id.role) {
         return Ok(());
     }
     let allowed: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-    Err(tonic::Status::permission_denied(format!(
+    Err(ApiError::permission_denied(format!(
         "role {} (name {:?}) may not call {what}; allowed roles: {}",
         id.role,
         id.name,
@@ -466,7 +467,7 @@ mod tests {
     fn a_request_without_a_client_certificate_is_unauthenticated() {
         let req = tonic::Request::new(());
         let status = identity_from_request(&req, DEFAULT_TRUST_DOMAIN).expect_err("no cert");
-        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert_eq!(status.code(), crate::error::ErrorCode::Unauthenticated);
         assert!(status.message().contains("client certificate required"));
     }
 
@@ -479,7 +480,7 @@ mod tests {
         require_role(&id, &[Role::Agent], "Ingest.Report").expect("allowed");
         let status =
             require_role(&id, &[Role::Regulator, Role::Admin], "Query.Breaches").expect_err("deny");
-        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(status.code(), crate::error::ErrorCode::PermissionDenied);
         let msg = status.message();
         assert!(
             msg.contains("agent") && msg.contains("Query.Breaches"),

@@ -211,9 +211,15 @@ impl Breach {
         changed
     }
 
-    /// The log record of this breach after `event`, following `prev` (`(seq, hash)` of the
+    /// The log record of this breach after `event`, following `last` (`(seq, hash)` of the
     /// log's last record; `None` for an empty log).
-    pub fn log_record(&self, prev: Option<(u64, &str)>, at_unix_ms: i64, event: &str) -> LogRecord {
+    pub fn log_record(
+        &self,
+        last: &Option<(u64, String)>,
+        at_unix_ms: i64,
+        event: &str,
+    ) -> LogRecord {
+        let prev = last.as_ref().map(|(s, h)| (*s, h.as_str()));
         LogRecord::next(prev, at_unix_ms, &self.breach_id, event, self.snapshot())
     }
 
@@ -338,7 +344,7 @@ mod tests {
         let mut out: Vec<LogRecord> = Vec::new();
         let mut push = |at: i64, b: &Breach, event: &str| {
             let prev = out.last().map(|r| (r.seq, r.hash.clone()));
-            let r = b.log_record(prev.as_ref().map(|(s, h)| (*s, h.as_str())), at, event);
+            let r = b.log_record(&prev, at, event);
             out.push(r);
         };
         let mut b = Breach::opened(&obs("m", 1000, serde_json::json!({"bytes": 1})), 1);

@@ -29,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod enroll;
+pub mod error;
 pub mod geo;
 pub mod ingest;
 pub mod metrics;

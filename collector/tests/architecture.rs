@@ -4,7 +4,8 @@
 //! 1. the collector's library modules form layers: a module's code (tests aside) names only
 //!    modules of lower layers ([`LAYERS`]), so there is no import circle and nothing imports a
 //!    part above it (nothing imports the CLI, config and store import nothing above them);
-//! 2. only the dev mode embeds an agent: `sov_agent` appears in `dev` and nowhere else;
+//! 2. only the dev mode embeds an agent: `sov_agent` appears in `dev` and nowhere else, and
+//!    only the RPC edges ([`RPC_EDGES`]) speak `tonic::Status`;
 //! 3. the workspace's crates depend on each other only as [`CRATES`] declares, and `sovctl`
 //!    builds without a database driver or a geolocation reader ([`SOVCTL_NEVER`]).
 //!
@@ -19,8 +20,10 @@ use std::path::{Path, PathBuf};
 /// The collector's top-level modules, bottom layer first. A module may name modules of lower
 /// layers only (not of its own layer: two parts that need each other are one part).
 const LAYERS: &[&[&str]] = &[
-    // Vocabulary: identities, breaches, the domain error.
-    &["auth", "breach", "error"],
+    // The domain error, mapped to gRPC and HTTP at the edges.
+    &["error"],
+    // Vocabulary: identities and roles, breaches.
+    &["auth", "breach"],
     // Certificates and storage: the store imports nothing above this line.
     &["pki", "store"],
     // Parts over the store: API tokens, geolocation, the counters.
@@ -43,6 +46,17 @@ const LAYERS: &[&[&str]] = &[
 
 /// Modules that may name the `sov_agent` crate.
 const MAY_USE_AGENT: &[&str] = &["dev"];
+
+/// The RPC edges: the only files that may speak `tonic::Status` (everything below them
+/// returns its own error or [`sov_collector::error::ApiError`], turned into a status there).
+const RPC_EDGES: &[&str] = &[
+    "ingest.rs",
+    "enroll.rs",
+    "query/mod.rs",
+    "server.rs",
+    "tls.rs",
+    "error.rs",
+];
 
 /// Workspace crates and the workspace crates each may depend on (normal and build
 /// dependencies; dev-dependencies are the tests' business).
@@ -544,6 +558,33 @@ fn only_the_dev_mode_embeds_an_agent() {
     assert!(
         bad.is_empty(),
         "sov_agent outside {MAY_USE_AGENT:?}:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn only_the_rpc_edges_speak_tonic_status() {
+    let mut bad = Vec::new();
+    for (file, _, lines) in library_files(&src_dir()) {
+        let rel = file
+            .strip_prefix(src_dir())
+            .unwrap_or(&file)
+            .to_string_lossy()
+            .into_owned();
+        if RPC_EDGES.contains(&rel.as_str()) {
+            continue;
+        }
+        for (n, line) in &lines {
+            let t = line.trim();
+            if t.contains("tonic::Status") || (t.starts_with("use tonic::") && t.contains("Status"))
+            {
+                bad.push(format!("{}:{n}: {t}", file.display()));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "tonic::Status outside {RPC_EDGES:?}:\n{}",
         bad.join("\n")
     );
 }

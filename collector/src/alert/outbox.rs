@@ -300,7 +300,7 @@ mod tests {
             },
             7,
         );
-        let r = b.log_record(Some((6, "ab")), 1_700_000_000_500, "open");
+        let r = b.log_record(&Some((6, "ab".to_owned())), 1_700_000_000_500, "open");
         let a = alert_of(&r);
         assert_eq!(a.seq, 7);
         assert_eq!(a.state, "open");

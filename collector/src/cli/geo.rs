@@ -2,10 +2,54 @@
 //! address, as the collector would give it.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use sov_common::cli::print_stdout;
+use sov_common::config::EXIT_BAD_CONFIG;
 
 use crate::config::CollectorConfig;
 use crate::geo::{Geo, Verdict};
+
+#[derive(Debug, Subcommand)]
+pub enum GeoCommand {
+    /// Print the country, ASN, organisation and source of each address.
+    Lookup {
+        /// Collector configuration whose [geo] section to use (default: the embedded table).
+        #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
+        config: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        output: GeoOutput,
+        /// Addresses (IPv4 or IPv6).
+        #[arg(required = true)]
+        ips: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum GeoOutput {
+    Table,
+    Json,
+}
+
+/// Run one `geo` command.
+pub(super) fn run(command: GeoCommand) -> ExitCode {
+    match command {
+        GeoCommand::Lookup {
+            config,
+            output,
+            ips,
+        } => match lookup_command(config.as_deref(), &ips, output == GeoOutput::Json) {
+            Ok(text) => print_stdout(&text),
+            Err(e) => {
+                eprintln!("sov-collector: {e}");
+                ExitCode::from(EXIT_BAD_CONFIG as u8)
+            }
+        },
+    }
+}
 
 /// One line of JSON output.
 #[derive(Debug, serde::Serialize)]

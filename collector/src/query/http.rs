@@ -37,10 +37,10 @@ use serde_json::{Value, json};
 use sov_proto::pb;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Status};
 
 use super::{Caller, QueryService, Via};
 use crate::auth::{self, Identity};
+use crate::error::{ApiError, ErrorCode};
 
 /// `[http]`: the HTTPS JSON API under `/api/v1/` and the read-only web page at `/`, with the
 /// collector's certificate; callers present a client certificate (role regulator or admin) or
@@ -217,27 +217,16 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
     respond(status, "application/json", v.to_string())
 }
 
-/// The HTTP status of a query status.
-pub fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::Ok => StatusCode::OK,
-        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
-fn error_response(s: &Status) -> Response<Full<Bytes>> {
-    let code = format!("{:?}", s.code());
+/// The JSON error answer of a refusal: its message and code name, with the HTTP status of
+/// its code ([`ErrorCode::http_status`], the one mapping); a 401 names the bearer scheme.
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let status =
+        StatusCode::from_u16(e.code().http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut resp = json_response(
-        http_status(s.code()),
-        &json!({"error": s.message(), "code": snake(&code)}),
+        status,
+        &json!({"error": e.message(), "code": e.code().as_str()}),
     );
-    if s.code() == Code::Unauthenticated {
+    if e.code() == ErrorCode::Unauthenticated {
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"sovereign\""),
@@ -246,26 +235,10 @@ fn error_response(s: &Status) -> Response<Full<Bytes>> {
     resp
 }
 
-/// `PermissionDenied` → `permission_denied`.
-fn snake(camel: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// Answer one request.
 async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut resp = error_response(&Status::new(Code::Unimplemented, "only GET is served"));
+        let mut resp = error_response(&ApiError::unimplemented("only GET is served"));
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
         resp.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -280,10 +253,10 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
         _ => {}
     }
     let Some(route) = path.strip_prefix("/api/v1/") else {
-        return error_response(&Status::not_found(format!("no page {path}")));
+        return error_response(&ApiError::not_found(format!("no page {path}")));
     };
     if !ROUTES.contains(&route) {
-        return error_response(&Status::not_found(format!(
+        return error_response(&ApiError::not_found(format!(
             "no route /api/v1/{route}; routes: {}",
             ROUTES.join(", ")
         )));
@@ -325,13 +298,13 @@ async fn report(
     query: &QueryService,
     caller: &Caller,
     p: Params,
-) -> Result<(&'static str, String), Status> {
+) -> Result<(&'static str, String), ApiError> {
     p.only(&["since", "until", "jurisdiction", "format"])?;
     let html = match p.get("format").unwrap_or("json") {
         "json" | "" => false,
         "html" => true,
         other => {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid_argument(format!(
                 "format {other:?} is not json or html"
             )));
         }
@@ -366,24 +339,24 @@ async fn authenticate(
     query: &QueryService,
     peer: &Peer,
     headers: &hyper::HeaderMap,
-) -> Result<Caller, Status> {
+) -> Result<Caller, ApiError> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let text = value.to_str().unwrap_or("");
         let token = text
             .strip_prefix("Bearer ")
             .map(str::trim)
-            .ok_or_else(|| Status::unauthenticated("Authorization must be \"Bearer TOKEN\""))?;
+            .ok_or_else(|| ApiError::unauthenticated("Authorization must be \"Bearer TOKEN\""))?;
         if !crate::token::well_formed(token) {
-            return Err(Status::unauthenticated("unknown token"));
+            return Err(ApiError::unauthenticated("unknown token"));
         }
         let record = query
             .store()
             .token_by_hash(&crate::token::token_hash(token))
             .await
-            .map_err(|e| Status::unavailable(format!("collector store unavailable: {e}")))?
-            .ok_or_else(|| Status::unauthenticated("unknown token"))?;
+            .map_err(|e| ApiError::unavailable(format!("collector store unavailable: {e}")))?
+            .ok_or_else(|| ApiError::unauthenticated("unknown token"))?;
         if record.expires_unix_ms <= sov_common::clock::now_unix_ms() {
-            return Err(Status::unauthenticated(format!(
+            return Err(ApiError::unauthenticated(format!(
                 "token {} expired at {}",
                 record.token_id,
                 sov_evidence::view::rfc3339(record.expires_unix_ms)
@@ -402,10 +375,10 @@ async fn authenticate(
             id: id.clone(),
             via: Via::HttpsCert,
         }),
-        Peer::Refused(why) => Err(Status::permission_denied(format!(
+        Peer::Refused(why) => Err(ApiError::permission_denied(format!(
             "client certificate refused: {why}"
         ))),
-        Peer::Anonymous => Err(Status::unauthenticated(
+        Peer::Anonymous => Err(ApiError::unauthenticated(
             "a client certificate issued by the collector CA, or Authorization: Bearer TOKEN, is required",
         )),
     }
@@ -416,9 +389,9 @@ async fn authenticate(
 struct Params(Vec<(String, String)>);
 
 impl Params {
-    fn parse(query: &str) -> Result<Self, Status> {
+    fn parse(query: &str) -> Result<Self, ApiError> {
         if query.len() > MAX_QUERY_LEN {
-            return Err(Status::invalid_argument(
+            return Err(ApiError::invalid_argument(
                 "query string longer than 2048 bytes",
             ));
         }
@@ -427,7 +400,7 @@ impl Params {
             percent_encoding::percent_decode_str(&plus)
                 .decode_utf8()
                 .map(|c| c.into_owned())
-                .map_err(|_| Status::invalid_argument("query string is not UTF-8"))
+                .map_err(|_| ApiError::invalid_argument("query string is not UTF-8"))
         };
         let mut out = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -438,16 +411,16 @@ impl Params {
     }
 
     /// Refuse parameters not in `known`, and repeated ones.
-    fn only(&self, known: &[&str]) -> Result<(), Status> {
+    fn only(&self, known: &[&str]) -> Result<(), ApiError> {
         for (i, (k, _)) in self.0.iter().enumerate() {
             if !known.contains(&k.as_str()) {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::invalid_argument(format!(
                     "unknown parameter {k:?}; this route takes: {}",
                     known.join(", ")
                 )));
             }
             if self.0[..i].iter().any(|(o, _)| o == k) {
-                return Err(Status::invalid_argument(format!(
+                return Err(ApiError::invalid_argument(format!(
                     "parameter {k:?} given twice"
                 )));
             }
@@ -466,26 +439,26 @@ impl Params {
         self.get(key).unwrap_or("").to_owned()
     }
 
-    fn number<T: std::str::FromStr + Default>(&self, key: &str) -> Result<T, Status> {
+    fn number<T: std::str::FromStr + Default>(&self, key: &str) -> Result<T, ApiError> {
         match self.get(key) {
             None | Some("") => Ok(T::default()),
             Some(v) => v.parse().map_err(|_| {
-                Status::invalid_argument(format!("{key} {v:?} is not a non-negative integer"))
+                ApiError::invalid_argument(format!("{key} {v:?} is not a non-negative integer"))
             }),
         }
     }
 
     /// A time: a duration back from `now` (`24h`, a number with its unit) or Unix milliseconds
     /// (digits only); 0 when absent.
-    fn time(&self, key: &str, now: i64) -> Result<i64, Status> {
+    fn time(&self, key: &str, now: i64) -> Result<i64, ApiError> {
         match self.get(key) {
             None | Some("") => Ok(0),
             Some(v) if v.bytes().all(|b| b.is_ascii_digit()) => v
                 .parse()
-                .map_err(|_| Status::invalid_argument(format!("{key} {v:?} is out of range"))),
+                .map_err(|_| ApiError::invalid_argument(format!("{key} {v:?} is out of range"))),
             Some(v) => sov_evidence::view::parse_duration_ms(v)
                 .map(|d| now.saturating_sub(d))
-                .map_err(|e| Status::invalid_argument(format!("{key}: {e}"))),
+                .map_err(|e| ApiError::invalid_argument(format!("{key}: {e}"))),
         }
     }
 }
@@ -496,7 +469,7 @@ async fn answer(
     caller: &Caller,
     route: &str,
     p: Params,
-) -> Result<Value, Status> {
+) -> Result<Value, ApiError> {
     use sov_evidence::view::{EgressBy, breach_json, egress_json, model_json, node_json};
     let now = sov_common::clock::now_unix_ms();
     match route {
@@ -538,7 +511,7 @@ async fn answer(
             let by_text = p.get("by").filter(|b| !b.is_empty()).unwrap_or("country");
             let by = by_text
                 .parse::<EgressBy>()
-                .map_err(Status::invalid_argument)?;
+                .map_err(ApiError::invalid_argument)?;
             let since = match p.time("since", now)? {
                 0 => now.saturating_sub(86_400_000),
                 t => t,
@@ -607,7 +580,7 @@ async fn answer(
             p.only(&[])?;
             let r = query.get_policy_as(caller, pb::GetPolicyRequest {}).await?;
             serde_json::from_str(&r.policy_json)
-                .map_err(|e| Status::internal(format!("policy JSON: {e}")))
+                .map_err(|e| ApiError::internal(format!("policy JSON: {e}")))
         }
         "scorecard" => {
             p.only(&["since", "until", "jurisdiction"])?;
@@ -626,9 +599,9 @@ async fn answer(
                 )
                 .await?;
             serde_json::from_str(&r.scorecard_json)
-                .map_err(|e| Status::internal(format!("scorecard: {e}")))
+                .map_err(|e| ApiError::internal(format!("scorecard: {e}")))
         }
-        other => Err(Status::not_found(format!("no route /api/v1/{other}"))),
+        other => Err(ApiError::not_found(format!("no route /api/v1/{other}"))),
     }
 }
 
@@ -662,13 +635,5 @@ mod tests {
         assert_eq!(p.time("until", 0).unwrap(), 1_700_000_000_000);
         assert_eq!(p.time("absent", 5).unwrap(), 0);
         assert!(Params::parse("since=2w").unwrap().time("since", 0).is_err());
-    }
-
-    #[test]
-    fn statuses_map_to_http_codes_and_snake_case_names() {
-        assert_eq!(http_status(Code::PermissionDenied), StatusCode::FORBIDDEN);
-        assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
-        assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
-        assert_eq!(snake("PermissionDenied"), "permission_denied");
     }
 }

@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
+use crate::error::ApiError;
+
 use crate::auth::{self, Identity, Role};
 use crate::store::{NodeRow, Store};
 use sov_evidence::audit::AuditEntry;
@@ -167,7 +169,7 @@ impl QueryService {
     }
 
     /// Refuse callers that may not query (agents).
-    fn allow(caller: &Caller, call: &str) -> Result<(), Status> {
+    fn allow(caller: &Caller, call: &str) -> Result<(), ApiError> {
         auth::require_role(
             &caller.id,
             &[Role::Regulator, Role::Admin],
@@ -182,12 +184,12 @@ impl QueryService {
         caller: &Caller,
         call: &str,
         params: Value,
-        result: Result<T, Status>,
-    ) -> Result<T, Status> {
+        result: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
         let (rows, outcome) = match &result {
             Ok(r) => (r.row_count(), "ok".to_owned()),
             Err(s) => {
-                let mut text = format!("{:?}: {}", s.code(), s.message());
+                let mut text = s.to_string();
                 if text.chars().count() > MAX_OUTCOME_CHARS {
                     text = text.chars().take(MAX_OUTCOME_CHARS).collect();
                 }
@@ -206,7 +208,7 @@ impl QueryService {
         };
         if let Err(err) = self.store.append_audit(entry).await {
             tracing::error!(error = %err, call, who = %caller.id.name, "audit log append failed; query refused");
-            return Err(Status::unavailable(format!(
+            return Err(ApiError::unavailable(format!(
                 "the audit log could not record this query, so it is not answered: {err}"
             )));
         }
@@ -262,8 +264,20 @@ impl From<crate::breach::Breach> for pb::BreachSummary {
     }
 }
 
-fn store_unavailable(e: crate::store::StoreError) -> Status {
-    Status::unavailable(format!("collector store unavailable: {e}"))
+/// Cut `rows`, read with one row more than `limit`, to one page, and return the cursor of
+/// the next page: the last row's `key` when the extra row came (another page follows), else
+/// the empty cursor (`""`, 0).
+fn one_page<T, K: Default>(rows: &mut Vec<T>, limit: u32, key: impl Fn(&T) -> K) -> K {
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    match rows.last() {
+        Some(last) if more => key(last),
+        _ => K::default(),
+    }
+}
+
+fn store_unavailable(e: crate::store::StoreError) -> ApiError {
+    ApiError::unavailable(format!("collector store unavailable: {e}"))
 }
 
 /// Most breaches and breach-log records in one evidence report.
@@ -273,19 +287,19 @@ pub const MAX_REPORT_ROWS: u32 = 100_000;
 pub const MAX_EGRESS_RANGE_MS: i64 = 366 * 86_400_000;
 
 /// `until` (0 = now), checked against `since` and [`MAX_EGRESS_RANGE_MS`].
-fn time_range(since_unix_ms: i64, until_unix_ms: i64) -> Result<i64, Status> {
+fn time_range(since_unix_ms: i64, until_unix_ms: i64) -> Result<i64, ApiError> {
     let until = if until_unix_ms == 0 {
         sov_common::clock::now_unix_ms()
     } else {
         until_unix_ms
     };
     if since_unix_ms >= until {
-        return Err(Status::invalid_argument(format!(
+        return Err(ApiError::invalid_argument(format!(
             "since_unix_ms {since_unix_ms} must be before until_unix_ms {until}"
         )));
     }
     if until.saturating_sub(since_unix_ms) > MAX_EGRESS_RANGE_MS {
-        return Err(Status::invalid_argument(
+        return Err(ApiError::invalid_argument(
             "the time range is longer than 366 days",
         ));
     }
@@ -298,7 +312,7 @@ impl QueryService {
         &self,
         caller: &Caller,
         r: pb::ListNodesRequest,
-    ) -> Result<pb::ListNodesResponse, Status> {
+    ) -> Result<pb::ListNodesResponse, ApiError> {
         Self::allow(caller, "ListNodes")?;
         let params = json!({"limit": r.limit, "after": r.after});
         let result = self.list_nodes_inner(r).await;
@@ -308,7 +322,7 @@ impl QueryService {
     async fn list_nodes_inner(
         &self,
         r: pb::ListNodesRequest,
-    ) -> Result<pb::ListNodesResponse, Status> {
+    ) -> Result<pb::ListNodesResponse, ApiError> {
         let limit = self.page(r.limit);
         // One extra row tells whether another page follows.
         let mut rows = self
@@ -316,13 +330,7 @@ impl QueryService {
             .list_nodes(&r.after, limit.saturating_add(1))
             .await
             .map_err(store_unavailable)?;
-        let more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        let next_after = if more {
-            rows.last().map(|n| n.node.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_after = one_page(&mut rows, limit, |n| n.node.clone());
         Ok(pb::ListNodesResponse {
             nodes: rows.into_iter().map(Into::into).collect(),
             next_after,
@@ -334,7 +342,7 @@ impl QueryService {
         &self,
         caller: &Caller,
         r: pb::ListModelsRequest,
-    ) -> Result<pb::ListModelsResponse, Status> {
+    ) -> Result<pb::ListModelsResponse, ApiError> {
         Self::allow(caller, "ListModels")?;
         let params = json!({"query": r.query, "limit": r.limit, "after": r.after});
         let result = self.list_models_inner(r).await;
@@ -344,9 +352,9 @@ impl QueryService {
     async fn list_models_inner(
         &self,
         r: pb::ListModelsRequest,
-    ) -> Result<pb::ListModelsResponse, Status> {
+    ) -> Result<pb::ListModelsResponse, ApiError> {
         if r.query.len() > 256 {
-            return Err(Status::invalid_argument(
+            return Err(ApiError::invalid_argument(
                 "query is longer than 256 characters",
             ));
         }
@@ -356,13 +364,7 @@ impl QueryService {
             .list_models(&r.query, &r.after, limit.saturating_add(1))
             .await
             .map_err(store_unavailable)?;
-        let more = models.len() > limit as usize;
-        models.truncate(limit as usize);
-        let next_after = if more {
-            models.last().map(|m| m.key.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let next_after = one_page(&mut models, limit, |m| m.key.clone());
         Ok(pb::ListModelsResponse { models, next_after })
     }
 
@@ -371,7 +373,7 @@ impl QueryService {
         &self,
         caller: &Caller,
         r: pb::EgressRequest,
-    ) -> Result<pb::EgressResponse, Status> {
+    ) -> Result<pb::EgressResponse, ApiError> {
         Self::allow(caller, "Egress")?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
@@ -383,10 +385,10 @@ impl QueryService {
         self.audited(caller, "Egress", params, result).await
     }
 
-    async fn egress_inner(&self, r: pb::EgressRequest) -> Result<pb::EgressResponse, Status> {
+    async fn egress_inner(&self, r: pb::EgressRequest) -> Result<pb::EgressResponse, ApiError> {
         let until = time_range(r.since_unix_ms, r.until_unix_ms)?;
         if !["", "country", "node", "process", "asn", "destination"].contains(&r.by.as_str()) {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid_argument(format!(
                 "by {:?} is not one of country, node, process, asn, destination",
                 r.by
             )));
@@ -406,7 +408,7 @@ impl QueryService {
         &self,
         caller: &Caller,
         r: pb::ListBreachesRequest,
-    ) -> Result<pb::ListBreachesResponse, Status> {
+    ) -> Result<pb::ListBreachesResponse, ApiError> {
         Self::allow(caller, "ListBreaches")?;
         let params = json!({
             "state": r.state,
@@ -423,21 +425,21 @@ impl QueryService {
     async fn list_breaches_inner(
         &self,
         r: pb::ListBreachesRequest,
-    ) -> Result<pb::ListBreachesResponse, Status> {
+    ) -> Result<pb::ListBreachesResponse, ApiError> {
         let state = match r.state.as_str() {
             "" => None,
             s => Some(
                 s.parse::<crate::breach::BreachState>()
-                    .map_err(|e| Status::invalid_argument(format!("state: {e}")))?,
+                    .map_err(|e| ApiError::invalid_argument(format!("state: {e}")))?,
             ),
         };
         if r.rule.len() > 256 {
-            return Err(Status::invalid_argument(
+            return Err(ApiError::invalid_argument(
                 "rule is longer than 256 characters",
             ));
         }
         if r.node.len() > 256 {
-            return Err(Status::invalid_argument(
+            return Err(ApiError::invalid_argument(
                 "node is longer than 256 characters",
             ));
         }
@@ -445,7 +447,7 @@ impl QueryService {
             "" => None,
             s => Some(
                 s.parse::<crate::breach::Severity>()
-                    .map_err(|e| Status::invalid_argument(format!("min_severity: {e}")))?,
+                    .map_err(|e| ApiError::invalid_argument(format!("min_severity: {e}")))?,
             ),
         };
         let limit = self.page(r.limit);
@@ -480,7 +482,7 @@ impl QueryService {
         &self,
         caller: &Caller,
         r: pb::ListAuditRequest,
-    ) -> Result<pb::ListAuditResponse, Status> {
+    ) -> Result<pb::ListAuditResponse, ApiError> {
         Self::allow(caller, "ListAudit")?;
         let params = json!({"after_seq": r.after_seq, "limit": r.limit});
         let result = self.list_audit_inner(r).await;
@@ -490,20 +492,14 @@ impl QueryService {
     async fn list_audit_inner(
         &self,
         r: pb::ListAuditRequest,
-    ) -> Result<pb::ListAuditResponse, Status> {
+    ) -> Result<pb::ListAuditResponse, ApiError> {
         let limit = self.page(r.limit);
         let mut records = self
             .store
             .audit_log(r.after_seq, limit.saturating_add(1))
             .await
             .map_err(store_unavailable)?;
-        let more = records.len() > limit as usize;
-        records.truncate(limit as usize);
-        let next_after_seq = if more {
-            records.last().map_or(0, |r| r.seq)
-        } else {
-            0
-        };
+        let next_after_seq = one_page(&mut records, limit, |r| r.seq);
         Ok(pb::ListAuditResponse {
             records: records.into_iter().map(Into::into).collect(),
             next_after_seq,
@@ -515,7 +511,7 @@ impl QueryService {
         &self,
         caller: &Caller,
         r: pb::ScorecardRequest,
-    ) -> Result<pb::ScorecardResponse, Status> {
+    ) -> Result<pb::ScorecardResponse, ApiError> {
         Self::allow(caller, "Scorecard")?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
@@ -537,12 +533,12 @@ impl QueryService {
         &self,
         caller: &Caller,
         _r: pb::GetPolicyRequest,
-    ) -> Result<pb::GetPolicyResponse, Status> {
+    ) -> Result<pb::GetPolicyResponse, ApiError> {
         Self::allow(caller, "GetPolicy")?;
         let result = auth::require_role(&caller.id, &[Role::Admin], "Query.GetPolicy").and_then(
             |()| {
                 let watch = self.policy.as_ref().ok_or_else(|| {
-                    Status::failed_precondition(
+                    ApiError::failed_precondition(
                         "this collector runs without a policy file (set `policy` in its configuration)",
                     )
                 })?;
@@ -561,7 +557,7 @@ impl QueryService {
         &self,
         caller: &Caller,
         r: pb::ExportReportRequest,
-    ) -> Result<pb::ExportReportResponse, Status> {
+    ) -> Result<pb::ExportReportResponse, ApiError> {
         Self::allow(caller, "ExportReport")?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
@@ -576,9 +572,9 @@ impl QueryService {
         &self,
         caller: &Caller,
         r: pb::ExportReportRequest,
-    ) -> Result<pb::ExportReportResponse, Status> {
+    ) -> Result<pb::ExportReportResponse, ApiError> {
         let signer = self.signer.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
+            ApiError::failed_precondition(
                 "this collector cannot sign reports: its TLS key is not an ECDSA P-256 PKCS#8 key",
             )
         })?;
@@ -642,7 +638,7 @@ impl QueryService {
         });
         let signed_json = signer
             .sign(report)
-            .map_err(|e| Status::internal(format!("signing the report failed: {e}")))?;
+            .map_err(|e| ApiError::internal(format!("signing the report failed: {e}")))?;
         Ok(pb::ExportReportResponse { signed_json })
     }
 
@@ -652,12 +648,12 @@ impl QueryService {
         since_unix_ms: i64,
         until_unix_ms: i64,
         jurisdiction: &str,
-    ) -> Result<Value, Status> {
+    ) -> Result<Value, ApiError> {
         let until = time_range(since_unix_ms, until_unix_ms)?;
         let policy = match &self.policy {
             Some(w) => w.current(),
             None => Arc::new(scorecard::policy_for(jurisdiction).ok_or_else(|| {
-                Status::failed_precondition(format!(
+                ApiError::failed_precondition(format!(
                     "the collector has no policy file, so the scorecard needs a jurisdiction \
                      (two capital letters, e.g. MA); got {jurisdiction:?}"
                 ))
@@ -677,94 +673,41 @@ impl QueryService {
 }
 
 /// The caller of a gRPC request, from its client certificate.
-fn grpc_caller<T>(req: &Request<T>, trust_domain: &str) -> Result<Caller, Status> {
+fn grpc_caller<T>(req: &Request<T>, trust_domain: &str) -> Result<Caller, ApiError> {
     Ok(Caller {
         id: auth::identity_from_request(req, trust_domain)?,
         via: Via::Grpc,
     })
 }
 
-#[tonic::async_trait]
-impl pb::query_server::Query for QueryService {
-    async fn egress(
-        &self,
-        req: Request<pb::EgressRequest>,
-    ) -> Result<Response<pb::EgressResponse>, Status> {
-        let caller = grpc_caller(&req, &self.trust_domain)?;
-        self.egress_as(&caller, req.into_inner())
-            .await
-            .map(Response::new)
-    }
+/// The gRPC `Query` service: each method authenticates the caller from its certificate and
+/// answers through the `*_as` method of the same query, its [`ApiError`] becoming the status.
+macro_rules! grpc_queries {
+    ($($method:ident($request:ident) -> $response:ident = $query:ident;)*) => {
+        #[tonic::async_trait]
+        impl pb::query_server::Query for QueryService {
+            $(
+                async fn $method(
+                    &self,
+                    req: Request<pb::$request>,
+                ) -> Result<Response<pb::$response>, Status> {
+                    let caller = grpc_caller(&req, &self.trust_domain)?;
+                    Ok(Response::new(self.$query(&caller, req.into_inner()).await?))
+                }
+            )*
+        }
+    };
+}
 
-    async fn list_models(
-        &self,
-        req: Request<pb::ListModelsRequest>,
-    ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let caller = grpc_caller(&req, &self.trust_domain)?;
-        self.list_models_as(&caller, req.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn list_nodes(
-        &self,
-        req: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let caller = grpc_caller(&req, &self.trust_domain)?;
-        self.list_nodes_as(&caller, req.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn list_breaches(
-        &self,
-        req: Request<pb::ListBreachesRequest>,
-    ) -> Result<Response<pb::ListBreachesResponse>, Status> {
-        let caller = grpc_caller(&req, &self.trust_domain)?;
-        self.list_breaches_as(&caller, req.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn list_audit(
-        &self,
-        req: Request<pb::ListAuditRequest>,
-    ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        let caller = grpc_caller(&req, &self.trust_domain)?;
-        self.list_audit_as(&caller, req.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn export_report(
-        &self,
-        req: Request<pb::ExportReportRequest>,
-    ) -> Result<Response<pb::ExportReportResponse>, Status> {
-        let caller = grpc_caller(&req, &self.trust_domain)?;
-        self.export_report_as(&caller, req.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn scorecard(
-        &self,
-        req: Request<pb::ScorecardRequest>,
-    ) -> Result<Response<pb::ScorecardResponse>, Status> {
-        let caller = grpc_caller(&req, &self.trust_domain)?;
-        self.scorecard_as(&caller, req.into_inner())
-            .await
-            .map(Response::new)
-    }
-
-    async fn get_policy(
-        &self,
-        req: Request<pb::GetPolicyRequest>,
-    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
-        let caller = grpc_caller(&req, &self.trust_domain)?;
-        self.get_policy_as(&caller, req.into_inner())
-            .await
-            .map(Response::new)
-    }
+grpc_queries! {
+    egress(EgressRequest) -> EgressResponse = egress_as;
+    list_models(ListModelsRequest) -> ListModelsResponse = list_models_as;
+    list_nodes(ListNodesRequest) -> ListNodesResponse = list_nodes_as;
+    list_breaches(ListBreachesRequest) -> ListBreachesResponse = list_breaches_as;
+    list_audit(ListAuditRequest) -> ListAuditResponse = list_audit_as;
+    export_report(ExportReportRequest) -> ExportReportResponse = export_report_as;
+    scorecard(ScorecardRequest) -> ScorecardResponse = scorecard_as;
+    get_policy(GetPolicyRequest) -> GetPolicyResponse = get_policy_as;
 }
 
 #[cfg(test)]
@@ -840,7 +783,7 @@ mod tests {
         );
         assert_eq!(list("", "warning", 1).await.unwrap().len(), 1);
         let err = list("", "severe", 0).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(err.code(), crate::error::ErrorCode::InvalidArgument);
     }
 
     #[tokio::test]
@@ -866,7 +809,7 @@ mod tests {
             .list_nodes_as(&agent, pb::ListNodesRequest::default())
             .await
             .unwrap_err();
-        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+        assert_eq!(s.code(), crate::error::ErrorCode::PermissionDenied);
         let log = q.store().audit_log(0, 10).await.unwrap();
         assert_eq!(log.len(), 2, "{log:?}");
         assert_eq!(log[0].call, "ListNodes");

@@ -45,8 +45,8 @@ pub(super) async fn last_record(
 pub(super) async fn append_chained(
     tx: &Tx<'_>,
     log: &ChainedLog,
-    last: &mut Option<(u64, String)>,
     r: LogRecord,
+    last: &mut Option<(u64, String)>,
 ) -> Result<(), StoreError> {
     tx.execute(
         log.append,
@@ -82,23 +82,6 @@ pub(super) async fn read_chained(
         .await
         .map_err(pg(log.reading))?;
     rows.iter().map(rows::log_record).collect()
-}
-
-/// Append the record of `breach` after `event` to the log whose last record is `last`, and
-/// make it the new `last`.
-pub(super) async fn append_log(
-    tx: &Tx<'_>,
-    last: &mut Option<(u64, String)>,
-    at_unix_ms: i64,
-    breach: &Breach,
-    event: &str,
-) -> Result<(), StoreError> {
-    let r = breach.log_record(
-        last.as_ref().map(|(s, h)| (*s, h.as_str())),
-        at_unix_ms,
-        event,
-    );
-    append_chained(tx, &BREACH_LOG, last, r).await
 }
 
 /// One observe-breach transaction.
@@ -141,7 +124,13 @@ pub(super) async fn observe_once(
             )
             .await
             .map_err(pg("insert breach"))?;
-            append_log(&tx, &mut last, obs.at_unix_ms, &b, EVENT_OPEN).await?;
+            append_chained(
+                &tx,
+                &BREACH_LOG,
+                b.log_record(&last, obs.at_unix_ms, EVENT_OPEN),
+                &mut last,
+            )
+            .await?;
             BreachChange::Opened(b)
         }
         Some(row) => {
@@ -161,7 +150,13 @@ pub(super) async fn observe_once(
             .await
             .map_err(pg("update breach"))?;
             if changed {
-                append_log(&tx, &mut last, obs.at_unix_ms, &b, EVENT_UPDATED).await?;
+                append_chained(
+                    &tx,
+                    &BREACH_LOG,
+                    b.log_record(&last, obs.at_unix_ms, EVENT_UPDATED),
+                    &mut last,
+                )
+                .await?;
                 BreachChange::Updated(b)
             } else {
                 BreachChange::Unchanged(b)
@@ -203,7 +198,13 @@ pub(super) async fn resolve_once(
         )
         .await
         .map_err(pg("resolve breach"))?;
-        append_log(&tx, &mut last, at_unix_ms, &b, EVENT_RESOLVED).await?;
+        append_chained(
+            &tx,
+            &BREACH_LOG,
+            b.log_record(&last, at_unix_ms, EVENT_RESOLVED),
+            &mut last,
+        )
+        .await?;
         quiet.push(b);
     }
     tx.commit().await.map_err(pg("commit resolve breaches"))?;
@@ -227,7 +228,7 @@ pub(super) async fn append_audit_once(
         &entry.call,
         entry.body(),
     );
-    append_chained(&tx, &AUDIT_LOG, &mut last, r.clone()).await?;
+    append_chained(&tx, &AUDIT_LOG, r.clone(), &mut last).await?;
     tx.commit().await.map_err(pg("commit audit record"))?;
     Ok(AuditRecord::from_log_record(r))
 }

@@ -272,6 +272,7 @@ impl PostgresStore {
 
     /// Drop the schema given to [`PostgresStore::connect_with_schema`] with everything in it
     /// (tests clean up with it). Does nothing for a store on the default schema.
+    #[cfg(any(test, feature = "testutil"))]
     pub async fn drop_schema(&self) -> Result<(), StoreError> {
         let Some(schema) = self.inner.schema.clone() else {
             return Ok(());

@@ -23,8 +23,8 @@ pub(super) fn last_record(
 pub(super) fn append_chained(
     tx: &rusqlite::Transaction<'_>,
     log: &ChainedLog,
-    last: &mut Option<(u64, String)>,
     r: LogRecord,
+    last: &mut Option<(u64, String)>,
 ) -> Result<(), StoreError> {
     exec(
         tx,
@@ -60,23 +60,6 @@ pub(super) fn read_chained(
         out.push(rows::log_record(row)?);
     }
     Ok(out)
-}
-
-/// Append the record of `breach` after `event` to the log whose last record is `last`, and
-/// make it the new `last`.
-pub(super) fn append_log(
-    tx: &rusqlite::Transaction<'_>,
-    last: &mut Option<(u64, String)>,
-    at_unix_ms: i64,
-    breach: &Breach,
-    event: &str,
-) -> Result<(), StoreError> {
-    let r = breach.log_record(
-        last.as_ref().map(|(s, h)| (*s, h.as_str())),
-        at_unix_ms,
-        event,
-    );
-    append_chained(tx, &BREACH_LOG, last, r)
 }
 
 impl SqliteStore {
@@ -132,7 +115,12 @@ impl SqliteStore {
                     ],
                 )
                 .map_err(sql("insert breach"))?;
-                append_log(&tx, &mut last, obs.at_unix_ms, &b, EVENT_OPEN)?;
+                append_chained(
+                    &tx,
+                    &BREACH_LOG,
+                    b.log_record(&last, obs.at_unix_ms, EVENT_OPEN),
+                    &mut last,
+                )?;
                 BreachChange::Opened(b)
             }
             Some((mut b, stored_evidence)) => {
@@ -150,7 +138,12 @@ impl SqliteStore {
                 )
                 .map_err(sql("update breach"))?;
                 if changed {
-                    append_log(&tx, &mut last, obs.at_unix_ms, &b, EVENT_UPDATED)?;
+                    append_chained(
+                        &tx,
+                        &BREACH_LOG,
+                        b.log_record(&last, obs.at_unix_ms, EVENT_UPDATED),
+                        &mut last,
+                    )?;
                     BreachChange::Updated(b)
                 } else {
                     BreachChange::Unchanged(b)
@@ -195,7 +188,12 @@ impl SqliteStore {
                 params![b.breach_id, at_unix_ms],
             )
             .map_err(sql("resolve breach"))?;
-            append_log(&tx, &mut last, at_unix_ms, b, EVENT_RESOLVED)?;
+            append_chained(
+                &tx,
+                &BREACH_LOG,
+                b.log_record(&last, at_unix_ms, EVENT_RESOLVED),
+                &mut last,
+            )?;
         }
         tx.commit().map_err(sql("commit resolve breaches"))?;
         Ok(quiet)
@@ -254,7 +252,7 @@ impl SqliteStore {
             &entry.call,
             entry.body(),
         );
-        append_chained(&tx, &AUDIT_LOG, &mut last, r.clone())?;
+        append_chained(&tx, &AUDIT_LOG, r.clone(), &mut last)?;
         tx.commit().map_err(sql("commit audit record"))?;
         Ok(AuditRecord::from_log_record(r))
     }

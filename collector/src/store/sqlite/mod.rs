@@ -166,20 +166,6 @@ impl SqliteStore {
 
 crate::store::store_by_concern!(SqliteStore);
 
-/// Count stored reports of one node and epoch (for tests and tools).
-pub fn count_reports(data_dir: &Path, node: &str, epoch: u64) -> Result<u64, StoreError> {
-    let conn = Connection::open(data_dir.join(DB_FILE)).map_err(sql("open database"))?;
-    let n: Option<i64> = conn
-        .query_row(
-            "SELECT COUNT(*) FROM reports WHERE node = ?1 AND epoch = ?2",
-            params![node, to_i64(epoch, "epoch")?],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(sql("count reports"))?;
-    to_u64(n.unwrap_or(0), "count")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +201,20 @@ mod tests {
     }
 
     store_suite!(SqliteFixture);
+
+    /// Count stored reports of one node and epoch.
+    fn count_reports(data_dir: &Path, node: &str, epoch: u64) -> Result<u64, StoreError> {
+        let conn = Connection::open(data_dir.join(DB_FILE)).map_err(sql("open database"))?;
+        let n: Option<i64> = conn
+            .query_row(
+                "SELECT COUNT(*) FROM reports WHERE node = ?1 AND epoch = ?2",
+                params![node, to_i64(epoch, "epoch")?],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("count reports"))?;
+        to_u64(n.unwrap_or(0), "count")
+    }
 
     fn count(dir: &Path, sql: &str) -> i64 {
         Connection::open(dir.join(DB_FILE))
