@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sov_common::cli::{LogFormat, init_tracing, print_stdout, shutdown_signal};
+use sov_common::cli::{Logging, print_stdout, shutdown_signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentConfig, ConfigError, EXIT_BAD_CONFIG};
@@ -20,15 +20,8 @@ pub fn report_config_error(err: &ConfigError) -> ExitCode {
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "human",
-        env = "SOV_LOG_FORMAT"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    logging: Logging,
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,7 +213,7 @@ fn enroll(config: &std::path::Path, collector: Option<String>, token: &str, pin:
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    cli.logging.init();
     match cli.command {
         Command::Scan {
             config,

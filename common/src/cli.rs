@@ -14,6 +14,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// The `--log-format` flag every binary takes (global, also `SOV_LOG_FORMAT`); flatten it into
+/// a command line with `#[command(flatten)]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Logging {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        env = "SOV_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
+impl Logging {
+    /// Install the tracing subscriber in this format ([`init_tracing`]).
+    pub fn init(&self) {
+        init_tracing(self.log_format);
+    }
+}
+
 /// Install the tracing subscriber; the filter comes from `RUST_LOG` (default `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

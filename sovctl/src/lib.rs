@@ -201,58 +201,12 @@ impl From<By> for EgressBy {
     }
 }
 
-/// Fetch every model matching `query`, page by page.
-pub async fn fetch_models(
-    client: &mut QueryClient<tonic::transport::Channel>,
-    query: &str,
-) -> Result<Vec<pb::ModelSummary>, tonic::Status> {
-    let mut all = Vec::new();
-    let mut after = String::new();
-    loop {
-        let page = client
-            .list_models(pb::ListModelsRequest {
-                query: query.to_owned(),
-                limit: PAGE,
-                after: after.clone(),
-            })
-            .await?
-            .into_inner();
-        all.extend(page.models);
-        if page.next_after.is_empty() || page.next_after == after {
-            return Ok(all);
-        }
-        after = page.next_after;
-    }
-}
-
 /// Render rows (JSON objects) in the chosen format over the given columns.
 pub fn render(rows: &[Value], columns: &[&str], output: Output) -> String {
     match output {
         Output::Json => view::json(rows),
         Output::Csv => view::csv(rows, columns),
         Output::Table => view::table(rows, columns),
-    }
-}
-
-/// Fetch every node, page by page.
-pub async fn fetch_nodes(
-    client: &mut QueryClient<tonic::transport::Channel>,
-) -> Result<Vec<pb::NodeSummary>, tonic::Status> {
-    let mut all = Vec::new();
-    let mut after = String::new();
-    loop {
-        let page = client
-            .list_nodes(pb::ListNodesRequest {
-                limit: PAGE,
-                after: after.clone(),
-            })
-            .await?
-            .into_inner();
-        all.extend(page.nodes);
-        if page.next_after.is_empty() || page.next_after == after {
-            return Ok(all);
-        }
-        after = page.next_after;
     }
 }
 
@@ -445,6 +399,84 @@ async fn run(cli: Cli) -> Result<String, String> {
     }
 }
 
+/// A page cursor: where the next page starts, and when reading stops.
+trait Cursor: Clone {
+    /// Reading stops at this cursor after `prev`: the end (empty, 0) or no progress.
+    fn ends(&self, prev: &Self) -> bool;
+}
+
+impl Cursor for String {
+    fn ends(&self, prev: &Self) -> bool {
+        self.is_empty() || self == prev
+    }
+}
+
+impl Cursor for u64 {
+    fn ends(&self, prev: &Self) -> bool {
+        *self == 0 || self <= prev
+    }
+}
+
+/// Every row of a paged listing, from the cursor `start`: `page(after)` reads one page and
+/// gives its rows and the next cursor; reading stops at the last page or after `max` rows.
+async fn fetch_all<T, K, F, Fut>(start: K, max: usize, mut page: F) -> Result<Vec<T>, tonic::Status>
+where
+    K: Cursor,
+    F: FnMut(K) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, K), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut after = start;
+    loop {
+        let (rows, next) = page(after.clone()).await?;
+        all.extend(rows);
+        if next.ends(&after) || all.len() >= max {
+            return Ok(all);
+        }
+        after = next;
+    }
+}
+
+/// Fetch every node, page by page.
+pub async fn fetch_nodes(
+    client: &mut QueryClient<tonic::transport::Channel>,
+) -> Result<Vec<pb::NodeSummary>, tonic::Status> {
+    fetch_all(String::new(), usize::MAX, |after| {
+        let mut client = client.clone();
+        async move {
+            let page = client
+                .list_nodes(pb::ListNodesRequest { limit: PAGE, after })
+                .await?
+                .into_inner();
+            Ok((page.nodes, page.next_after))
+        }
+    })
+    .await
+}
+
+/// Fetch every model matching `query`, page by page.
+pub async fn fetch_models(
+    client: &mut QueryClient<tonic::transport::Channel>,
+    query: &str,
+) -> Result<Vec<pb::ModelSummary>, tonic::Status> {
+    fetch_all(String::new(), usize::MAX, |after| {
+        let mut client = client.clone();
+        let query = query.to_owned();
+        async move {
+            let page = client
+                .list_models(pb::ListModelsRequest {
+                    query,
+                    limit: PAGE,
+                    after,
+                })
+                .await?
+                .into_inner();
+            Ok((page.models, page.next_after))
+        }
+    })
+    .await
+}
+
 /// Largest audit log sovctl reads in one command.
 const MAX_AUDIT_RECORDS: usize = 1_000_000;
 
@@ -453,25 +485,21 @@ pub async fn fetch_audit(
     client: &mut QueryClient<tonic::transport::Channel>,
     after: u64,
 ) -> Result<Vec<AuditRecord>, tonic::Status> {
-    let mut all = Vec::new();
-    let mut after = after;
-    loop {
-        let page = client
-            .list_audit(pb::ListAuditRequest {
-                after_seq: after,
-                limit: PAGE,
-            })
-            .await?
-            .into_inner();
-        all.extend(page.records.into_iter().map(AuditRecord::from));
-        if page.next_after_seq == 0
-            || page.next_after_seq <= after
-            || all.len() >= MAX_AUDIT_RECORDS
-        {
-            return Ok(all);
+    fetch_all(after, MAX_AUDIT_RECORDS, |after_seq| {
+        let mut client = client.clone();
+        async move {
+            let page = client
+                .list_audit(pb::ListAuditRequest {
+                    after_seq,
+                    limit: PAGE,
+                })
+                .await?
+                .into_inner();
+            let records = page.records.into_iter().map(AuditRecord::from).collect();
+            Ok((records, page.next_after_seq))
         }
-        after = page.next_after_seq;
-    }
+    })
+    .await
 }
 
 /// Entry point of the binary.

@@ -18,7 +18,7 @@ mod verify;
 pub use serve::serve;
 
 use clap::{Parser, Subcommand};
-use sov_common::cli::{LogFormat, init_tracing, shutdown_signal};
+use sov_common::cli::{Logging, shutdown_signal};
 use sov_common::config::ConfigError;
 use sov_common::error::source_chain;
 
@@ -30,15 +30,8 @@ use crate::config::CollectorConfig;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log format.
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "human",
-        env = "SOV_LOG_FORMAT"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    logging: Logging,
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,7 +130,7 @@ pub(super) fn with_store<T>(
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    cli.logging.init();
     match cli.command {
         Command::Serve {
             config,
