@@ -1,25 +1,26 @@
 //! `sov-collector`: receives agents' reports, stores them durably, and answers regulators.
 //!
-//! Parts:
-//! - [`config`]: the strict TOML configuration;
-//! - [`auth`]: peer certificate → [`auth::Identity`] (name and role from a SPIFFE URI SAN);
-//! - [`token`]: API tokens for the HTTPS API (stored hashed, scoped to a role, expiring);
-//! - [`breach`]: policy breaches (open → updated → resolved) and their hash-chained log;
-//! - [`pki`]: certificates without openssl (`sov-collector pki`);
-//! - [`ingest`]: the `Ingest` gRPC service (authenticate, validate, commit, then ack);
-//! - [`query`]: the `Query` gRPC service;
-//! - [`store`]: the [`store::Store`] trait and its SQLite backend;
-//! - [`policy`]: the jurisdiction policy file (inside countries, sites, model classes,
-//!   publishers, allowed destinations, thresholds), its validation and reloading;
-//! - [`tls`]: the TLS front door of gRPC and HTTPS: certificate, CA and revocation deny list
-//!   reloaded when their files change, the connection limit and the handshake timeout;
-//! - [`server`]: the gRPC edge (Ingest, Query, Enroll over mutual TLS);
-//! - [`app`]: startup as build, then spawn (`app::run(config, store, listener, shutdown)`);
-//! - [`alert`]: breach alerts: the [`alert::Sink`] trait, webhook, Alertmanager, Slack and
-//!   syslog sinks, routing by rule and severity, and the outbox's retry schedule;
-//! - [`metrics`]: the collector's counters and gauges, served as Prometheus text on `/metrics`;
-//! - [`dev`]: the all-in-one quickstart (`sov-collector dev`);
-//! - [`cli`]: the command line (the binary only calls its `main`).
+//! Parts, by layer, bottom up (a part names only parts of lower layers: checked by
+//! `tests/architecture.rs`; the map is `docs/ARCHITECTURE.md`):
+//!
+//! 0. [`error`]: the domain error, mapped once to gRPC and HTTP;
+//! 1. [`auth`]: peer certificate → [`auth::Identity`] (name and role from a SPIFFE URI SAN);
+//!    [`breach`]: policy breaches (open → updated → resolved) and the record of each change;
+//! 2. [`pki`]: certificates without openssl (`sov-collector pki`); [`store`]: the
+//!    [`store::Store`] trait, its row types, and one folder per backend (SQLite, PostgreSQL);
+//! 3. [`token`]: API tokens for the HTTPS API; [`geo`]: where remote addresses are;
+//!    [`metrics`]: the collector's counters, served as Prometheus text on `/metrics`;
+//! 4. [`tls`]: the TLS front door of gRPC and HTTPS; [`policy`]: the jurisdiction policy, the
+//!    breach rules and their evaluation loop; [`alert`]: sinks, routing and the outbox;
+//!    [`enroll`]: enrollment tokens and the `Enroll` service;
+//! 5. [`ingest`]: the `Ingest` service (authenticate, validate, commit, then ack);
+//!    [`query`]: the `Query` service over gRPC and HTTPS, and the web page;
+//! 6. [`config`]: the configuration file's root (each section is declared by its part);
+//! 7. [`server`]: the gRPC edge (Ingest, Query, Enroll over mutual TLS);
+//! 8. [`app`]: startup as build, then spawn (`app::run(config, store, listener, shutdown)`);
+//! 9. [`dev`]: the all-in-one quickstart (`sov-collector dev`), the one part that embeds an
+//!    agent;
+//! 10. [`cli`]: the command line (the binary only calls its `main`).
 
 pub mod alert;
 pub mod app;
