@@ -25,7 +25,7 @@ struct Listed {
     #[serde(rename = "Id", default)]
     id: String,
     #[serde(rename = "Names", default)]
-    names: Vec<String>,
+    names: Option<Vec<String>>,
     #[serde(rename = "Image", default)]
     image: String,
     #[serde(rename = "ImageID", default)]
@@ -46,6 +46,7 @@ pub fn parse(body: &[u8], runtime: &str) -> Result<Vec<pb::ContainerRef>, Runtim
             r.runtime = runtime.to_owned();
             r.name = c
                 .names
+                .unwrap_or_default()
                 .first()
                 .map(|n| n.trim_start_matches('/').to_owned())
                 .unwrap_or_default();

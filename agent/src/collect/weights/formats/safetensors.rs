@@ -272,11 +272,15 @@ mod tests {
     }
 
     #[test]
-    fn data_offsets_beyond_the_file_are_malformed() {
+    fn data_offsets_beyond_the_file_make_an_incomplete_file_and_reversed_ones_are_malformed() {
         let json = br#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
         let mut bytes = with_header_len(json.len() as u64, json);
         bytes.extend([0u8; 8]); // only half of the data
-        let err = sniff_bytes(&bytes).expect_err("offsets past the end");
+        let p = sniff_bytes(&bytes).expect("parses").expect("recognised");
+        assert_eq!(p.header.declared_len, Some(8 + json.len() as u64 + 16));
+        assert!(p.header.declared_len > Some(bytes.len() as u64));
+        let json = br#"{"w":{"dtype":"F32","shape":[0],"data_offsets":[16,0]}}"#;
+        let err = sniff_bytes(&with_header_len(json.len() as u64, json)).expect_err("reversed");
         assert!(matches!(err, FormatError::Malformed { .. }), "{err}");
     }
 
