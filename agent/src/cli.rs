@@ -54,8 +54,8 @@ enum Command {
     },
     /// Print one snapshot of everything the agent sees now (no collector needed).
     Scan {
-        /// Configuration file; [processes], [gpu], [budget], [weights], [net] and [containers]
-        /// are used. Default: defaults.
+        /// Configuration file; [processes] (with [processes.containers]), [gpu], [budget],
+        /// [weights] and [net] are used. Default: defaults.
         #[arg(long, short, env = "SOV_AGENT_CONFIG")]
         config: Option<PathBuf>,
         /// One JSON object instead of a table.

@@ -67,13 +67,10 @@ pub struct AgentConfig {
     /// `[metrics]`: the agent's own health for Prometheus (off by default).
     #[serde(default)]
     pub metrics: MetricsConfig,
-    /// `[containers]`: who each process is (container, image, Kubernetes pod), from the
-    /// container runtimes' local sockets.
-    #[serde(default)]
-    pub containers: ContainersConfig,
 }
 
-/// `[containers]`.
+/// `[processes.containers]`: who each process is (container, image, Kubernetes pod), from the
+/// container runtimes' local sockets.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ContainersConfig {
@@ -117,13 +114,13 @@ impl Default for ContainersConfig {
     }
 }
 
-/// Default `[containers] containerd_socket`.
+/// Default `[processes.containers] containerd_socket`.
 pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
-/// Default `[containers] crio_socket`.
+/// Default `[processes.containers] crio_socket`.
 pub const DEFAULT_CRIO_SOCKET: &str = "/var/run/crio/crio.sock";
-/// Default `[containers] docker_socket`.
+/// Default `[processes.containers] docker_socket`.
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
-/// Default `[containers] podman_socket`.
+/// Default `[processes.containers] podman_socket`.
 pub const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 
 fn default_containerd_socket() -> PathBuf {
@@ -297,6 +294,10 @@ pub struct ProcessesConfig {
     /// (plus every GPU user). Default 10; 0 reports only GPU users.
     #[serde(default = "default_top_n")]
     pub top_n: usize,
+    /// `[processes.containers]`: who each process is in container terms (container, image,
+    /// Kubernetes pod), asked of the container runtimes over their local sockets.
+    #[serde(default)]
+    pub containers: ContainersConfig,
 }
 
 /// `[gpu]`.
@@ -329,6 +330,7 @@ impl Default for ProcessesConfig {
     fn default() -> Self {
         Self {
             top_n: default_top_n(),
+            containers: ContainersConfig::default(),
         }
     }
 }
@@ -661,26 +663,41 @@ impl AgentConfig {
                 }
             }
         }
-        if !(1..=3600).contains(&self.containers.refresh_secs) {
+        if !(1..=3600).contains(&self.processes.containers.refresh_secs) {
             p.push(
-                "containers.refresh_secs",
-                format!("{} is out of range 1..=3600", self.containers.refresh_secs),
+                "processes.containers.refresh_secs",
+                format!(
+                    "{} is out of range 1..=3600",
+                    self.processes.containers.refresh_secs
+                ),
             );
         }
-        if !(10..=60_000).contains(&self.containers.timeout_ms) {
+        if !(10..=60_000).contains(&self.processes.containers.timeout_ms) {
             p.push(
-                "containers.timeout_ms",
-                format!("{} is out of range 10..=60000", self.containers.timeout_ms),
+                "processes.containers.timeout_ms",
+                format!(
+                    "{} is out of range 10..=60000",
+                    self.processes.containers.timeout_ms
+                ),
             );
         }
         for (field, path) in [
             (
-                "containers.containerd_socket",
-                &self.containers.containerd_socket,
+                "processes.containers.containerd_socket",
+                &self.processes.containers.containerd_socket,
             ),
-            ("containers.crio_socket", &self.containers.crio_socket),
-            ("containers.docker_socket", &self.containers.docker_socket),
-            ("containers.podman_socket", &self.containers.podman_socket),
+            (
+                "processes.containers.crio_socket",
+                &self.processes.containers.crio_socket,
+            ),
+            (
+                "processes.containers.docker_socket",
+                &self.processes.containers.docker_socket,
+            ),
+            (
+                "processes.containers.podman_socket",
+                &self.processes.containers.podman_socket,
+            ),
         ] {
             if !path.as_os_str().is_empty() && !path.is_absolute() {
                 p.push(

@@ -52,7 +52,7 @@ impl Observer {
     pub fn from_config(cfg: &AgentConfig) -> Self {
         let mut o = Self::from_config_sections(&cfg.processes, &cfg.gpu, &cfg.budget);
         o.containers = Containers::new(
-            cfg.containers.clone(),
+            cfg.processes.containers.clone(),
             std::path::Path::new(crate::collect::procs::DEFAULT_PROC_ROOT),
         );
         o

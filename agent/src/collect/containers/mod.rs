@@ -8,14 +8,14 @@
 //!
 //! [`Containers`] is the cache every collector asks (`of_pid`): the cgroup of each pid is read
 //! once and remembered until the next refresh; the runtimes are asked every
-//! `[containers] refresh_secs` on a thread of their own ("sov-containers"), and sooner (at most
+//! `[processes.containers] refresh_secs` on a thread of their own ("sov-containers"), and sooner (at most
 //! every [`MIN_REFRESH_GAP`]) when a process shows up in a container the cache does not know.
 //! Asking never blocks on a runtime. Without a reachable runtime the answer is what the cgroup
 //! says, marked `source = "cgroup"`; a runtime that fails is named in [`Containers::statuses`]
 //! and never fails the report.
 //!
 //! Bounded: at most [`MAX_CONTAINERS`] containers and [`MAX_PIDS`] cached pids; every call to a
-//! runtime has `[containers] timeout_ms`.
+//! runtime has `[processes.containers] timeout_ms`.
 
 pub mod cgroup;
 pub mod containerd;
