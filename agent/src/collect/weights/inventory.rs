@@ -399,7 +399,10 @@ impl WeightsScanner {
         }
 
         // Inside other mount namespaces, then through processes.
+        // The agent's own mount namespace, and the host's (pid 1's): they differ under systemd
+        // (PrivateTmp, ProtectSystem) and in a DaemonSet; neither is a container.
         let own_mnt = namespaces::own(namespaces::MNT).unwrap_or(0);
+        let host_mnt = namespaces::of_pid(&self.proc_root, 1, namespaces::MNT).unwrap_or(own_mnt);
         let by_mnt = if self.cfg.container_roots || self.cfg.process_files {
             namespaces::by_namespace(&self.proc_root, namespaces::MNT)
         } else {
@@ -407,10 +410,11 @@ impl WeightsScanner {
         };
         let mut items: Vec<NsItem> = Vec::new();
         if self.cfg.container_roots {
-            truncated |= self.container_roots(&by_mnt, own_mnt, &mut items);
+            truncated |= self.container_roots(&by_mnt, &[own_mnt, host_mnt], &mut items);
         }
         let mut ns = NsScan {
             own_mnt,
+            host_mnt,
             own_mounts: None,
             mounts: HashMap::new(),
             identifier: identifier.unwrap_or_default(),
@@ -431,7 +435,7 @@ impl WeightsScanner {
             );
         }
         if self.cfg.process_files {
-            let (items, uses, met) = self.process_items(&by_mnt, own_mnt, &claimed);
+            let (items, uses, met) = self.process_items(&by_mnt, own_mnt, host_mnt, &claimed);
             live_keys.extend(met);
             for item in items {
                 self.absorb_item(
@@ -510,12 +514,14 @@ impl WeightsScanner {
     fn container_roots(
         &self,
         by_mnt: &HashMap<u64, Vec<u32>>,
-        own_mnt: u64,
+        not_containers: &[u64],
         items: &mut Vec<NsItem>,
     ) -> bool {
         let mut truncated = false;
-        let mut spaces: Vec<(&u64, &Vec<u32>)> =
-            by_mnt.iter().filter(|(ns, _)| **ns != own_mnt).collect();
+        let mut spaces: Vec<(&u64, &Vec<u32>)> = by_mnt
+            .iter()
+            .filter(|(ns, _)| !not_containers.contains(ns))
+            .collect();
         spaces.sort_unstable_by_key(|(ns, _)| **ns);
         for (&mntns, pids) in spaces.into_iter().take(MAX_CONTAINER_NAMESPACES) {
             let Some(&pid) = pids.first() else {
@@ -576,6 +582,7 @@ impl WeightsScanner {
         &self,
         by_mnt: &HashMap<u64, Vec<u32>>,
         own_mnt: u64,
+        host_mnt: u64,
         claimed: &HashSet<(u64, u64)>,
     ) -> (
         Vec<NsItem>,
@@ -620,7 +627,7 @@ impl WeightsScanner {
         let mut sightings: Vec<_> = pf.sightings.iter().collect();
         sightings.sort_unstable_by_key(|(k, s)| (s.pid, **k));
         for (_, s) in sightings {
-            let mntns = mnt_of.get(&s.pid).copied().unwrap_or(own_mnt);
+            let mntns = mnt_of.get(&s.pid).copied().unwrap_or(host_mnt);
             let root_path =
                 (mntns != own_mnt).then(|| self.proc_root.join(s.pid.to_string()).join("root"));
             let through_root = match &root_path {
@@ -730,10 +737,12 @@ impl WeightsScanner {
             return;
         }
         ns.budget -= 1;
-        let own = ns.mntns_is_own(item.mntns);
+        // The agent's own namespace: paths resolve here; the host's: its paths are host paths.
+        let agents = item.mntns == ns.own_mnt;
+        let own = item.mntns == ns.host_mnt;
         // Where the file lives: the namespace's own mount table.
         let table = ns.mounts_of(&self.proc_root, item.mntns, item.pid);
-        let mount = if own {
+        let mount = if agents {
             table.locate(&item.cpath, Some(key.0)).cloned()
         } else {
             table.locate_in_namespace(&item.cpath, Some(key.0)).cloned()
@@ -1107,7 +1116,10 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
 /// The per-scan caches of the namespace sources.
 #[derive(Debug)]
 struct NsScan {
+    /// The agent's own mount namespace.
     own_mnt: u64,
+    /// The host's (pid 1's; the agent's own when pid 1 cannot be read).
+    host_mnt: u64,
     own_mounts: Option<MountTable>,
     /// Each other namespace's mount table, read once per scan.
     mounts: HashMap<u64, MountTable>,
@@ -1119,10 +1131,6 @@ struct NsScan {
 }
 
 impl NsScan {
-    fn mntns_is_own(&self, mntns: u64) -> bool {
-        mntns == self.own_mnt
-    }
-
     fn own_table(&mut self) -> &MountTable {
         self.own_mounts
             .get_or_insert_with(|| MountTable::load().unwrap_or_else(|_| MountTable::parse("")))
