@@ -325,6 +325,14 @@ fn the_gpu_check_script_prints_one_verdict_line_and_fails_clearly_without_a_gpu(
     // none. nvidia-smi and, for the comparison itself, the agent's JSON are test doubles
     // standing in for the hardware; on a GPU machine the script runs against both real ones.
     let dir = tempfile::tempdir().unwrap();
+    // Exactly as the README writes it: here, without an NVIDIA driver, it cannot compare.
+    let (code, lines) = gpu_check(&[]);
+    assert_eq!(lines.len(), 1, "one verdict line: {lines:?}");
+    assert!(lines[0].starts_with("GPU-CHECK "), "{lines:?}");
+    let have_smi = Command::new("nvidia-smi").arg("-L").output().is_ok();
+    if !have_smi {
+        assert_eq!(code, 2, "{lines:?}");
+    }
     let (code, lines) = gpu_check(&[("NVIDIA_SMI", "/nonexistent/nvidia-smi")]);
     assert_eq!(code, 2, "{lines:?}");
     assert_eq!(lines.len(), 1, "one verdict line: {lines:?}");
