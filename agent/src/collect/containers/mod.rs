@@ -47,8 +47,12 @@ pub const LABEL_CONTAINER_NAME: &str = "io.kubernetes.container.name";
 pub const MAX_CONTAINERS: usize = 10_000;
 /// At most this many pids' cgroups are remembered between two refreshes.
 pub const MAX_PIDS: usize = 100_000;
-/// Shortest time between two refreshes asked for by unknown containers.
+/// Shortest time between two refreshes asked for by unknown containers (while the runtimes
+/// answer; after a refresh where one failed, the next waits `refresh_secs`).
 pub const MIN_REFRESH_GAP: Duration = Duration::from_secs(2);
+/// Each string a runtime gives (names, image references, labels) is cut to this many bytes:
+/// what a runtime answers is as hostile as anything else on the node.
+pub const MAX_FIELD_BYTES: usize = 512;
 
 /// Why a runtime could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +139,8 @@ struct State {
     pids: HashMap<u32, Option<CgroupFacts>>,
     statuses: Vec<RuntimeStatus>,
     last_refresh: Option<Instant>,
+    /// Every runtime asked at the latest refresh answered.
+    last_ok: bool,
     refreshes: u64,
 }
 
@@ -247,10 +253,12 @@ impl Containers {
                 None => unknown = true,
             }
         }
-        let due = unknown
-            && st
-                .last_refresh
-                .is_none_or(|t| t.elapsed() >= MIN_REFRESH_GAP);
+        let gap = if st.last_ok {
+            MIN_REFRESH_GAP
+        } else {
+            Duration::from_secs(self.inner.cfg.refresh_secs.max(1))
+        };
+        let due = unknown && st.last_refresh.is_none_or(|t| t.elapsed() >= gap);
         drop(st);
         if due && let Some(tx) = lock(&self.inner.wake).as_ref() {
             match tx.try_send(()) {
@@ -300,6 +308,31 @@ fn resolve(
         source: SOURCE_CGROUP.to_owned(),
         ..Default::default()
     })
+}
+
+/// Cut every string of a runtime's record to [`MAX_FIELD_BYTES`] (at a character boundary).
+fn bound(r: &mut pb::ContainerRef) {
+    for f in [
+        &mut r.runtime,
+        &mut r.runtime_namespace,
+        &mut r.id,
+        &mut r.name,
+        &mut r.image,
+        &mut r.image_digest,
+        &mut r.pod_name,
+        &mut r.pod_namespace,
+        &mut r.pod_uid,
+        &mut r.container_name,
+        &mut r.source,
+    ] {
+        if f.len() > MAX_FIELD_BYTES {
+            let mut end = MAX_FIELD_BYTES;
+            while !f.is_char_boundary(end) {
+                end -= 1;
+            }
+            f.truncate(end);
+        }
+    }
 }
 
 fn refresher(weak: &Weak<Inner>, rx: &Receiver<()>, every: Duration) {
@@ -373,10 +406,11 @@ fn refresh(inner: &Inner) {
                     containers: list.len(),
                     error: None,
                 });
-                for r in list {
+                for mut r in list {
                     if by_id.len() >= MAX_CONTAINERS {
                         break;
                     }
+                    bound(&mut r);
                     // A later runtime's record (Docker's, with a name) wins over containerd's
                     // record of the same container in its "moby" namespace.
                     by_id.insert(r.id.clone(), r);
@@ -400,6 +434,7 @@ fn refresh(inner: &Inner) {
         }
     }
     st.by_id = by_id;
+    st.last_ok = statuses.iter().all(|s| s.error.is_none());
     st.statuses = statuses;
     // Pids are read again after a refresh: a reused pid is then re-examined.
     st.pids.clear();
@@ -493,6 +528,18 @@ mod tests {
         assert_eq!(st.len(), 1);
         assert_eq!(st[0].runtime, "containerd");
         assert!(st[0].error.is_some(), "{st:?}");
+    }
+
+    #[test]
+    fn a_runtimes_strings_are_cut_to_a_bound() {
+        let mut r = pb::ContainerRef {
+            pod_name: "é".repeat(MAX_FIELD_BYTES),
+            image: "x".repeat(10 * MAX_FIELD_BYTES),
+            ..Default::default()
+        };
+        bound(&mut r);
+        assert!(r.pod_name.len() <= MAX_FIELD_BYTES && r.pod_name.chars().all(|c| c == 'é'));
+        assert_eq!(r.image.len(), MAX_FIELD_BYTES);
     }
 
     #[test]
