@@ -154,6 +154,22 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `runs` samples: their wall times and the sampling thread's CPU times, milliseconds, sorted.
+fn steady_samples(collector: &mut NetCollector, runs: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut wall = Vec::with_capacity(runs);
+    let mut cpu = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let cpu0 = thread_cpu_ns();
+        let t = Instant::now();
+        collector.sample(now_unix_ms());
+        wall.push(ms(t.elapsed()));
+        cpu.push((thread_cpu_ns() - cpu0) as f64 / 1e6);
+    }
+    wall.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
+    (wall, cpu)
+}
+
 fn main() -> anyhow::Result<()> {
     if let Some(code) = reexec_with_more_fds()? {
         std::process::exit(code);
@@ -229,15 +245,7 @@ fn main() -> anyhow::Result<()> {
         2 * n
     );
 
-    let mut steady = Vec::with_capacity(runs);
-    let mut steady_cpu = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let cpu0 = thread_cpu_ns();
-        let t = Instant::now();
-        collector.sample(now_unix_ms());
-        steady.push(ms(t.elapsed()));
-        steady_cpu.push((thread_cpu_ns() - cpu0) as f64 / 1e6);
-    }
+    let (steady, steady_cpu) = steady_samples(&mut collector, runs);
     let walks_after = collector.owner_stats();
     let (_, status) = collector.take();
 
@@ -257,8 +265,6 @@ fn main() -> anyhow::Result<()> {
     let churn_walk = collector.owner_stats();
     let (_, churn_status) = collector.take();
     drop(fresh);
-    steady.sort_by(f64::total_cmp);
-    steady_cpu.sort_by(f64::total_cmp);
     let (best, median) = (steady[0], steady[steady.len() / 2]);
     let steady_cpu_median = steady_cpu[steady_cpu.len() / 2];
 
@@ -516,18 +522,8 @@ sys.stdin.read()
             status.namespaces,
             status.sockets
         );
-        let mut steady = Vec::with_capacity(runs);
-        let mut steady_cpu = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            let cpu0 = thread_cpu_ns();
-            let t = Instant::now();
-            collector.sample(now_unix_ms());
-            steady.push(ms(t.elapsed()));
-            steady_cpu.push((thread_cpu_ns() - cpu0) as f64 / 1e6);
-        }
+        let (steady, steady_cpu) = super::steady_samples(&mut collector, runs);
         let (_, status) = collector.take();
-        steady.sort_by(f64::total_cmp);
-        steady_cpu.sort_by(f64::total_cmp);
 
         let empty = dir.path().join("no-root");
         std::fs::create_dir_all(&empty)?;

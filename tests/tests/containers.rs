@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sov_agent::collect::namespaces;
 use sov_e2e::netns::{ip, sink};
-use sov_e2e::{KillOnDrop, bin_path};
+use sov_e2e::{KillOnDrop, agent_scan, scan_config, sha256sum};
 
 const IMAGE: &str = "docker.io/sovereign/weights-test:1";
 const POD: &str = "web-0";
@@ -48,16 +48,6 @@ fn run(cmd: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{cmd}: {e}"))
-}
-
-fn sha256_of(path: &Path) -> String {
-    let out = run("sha256sum", &[path.to_str().unwrap()]);
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 /// containerd on a socket of its own, under a temporary root; stopped (with its tasks) on drop.
@@ -163,7 +153,7 @@ impl Containerd {
             .success()
         );
         let blob = |path: &Path| -> (String, u64) {
-            let d = sha256_of(path);
+            let d = sha256sum(path);
             std::fs::copy(path, blobs.join(&d)).unwrap();
             (d, std::fs::metadata(path).unwrap().len())
         };
@@ -347,44 +337,12 @@ fn safetensors_bytes() -> Vec<u8> {
 }
 
 fn scan(dir: &Path, containerd_socket: &Path) -> Value {
-    let config = dir.join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"collector = "https://127.0.0.1:1"
-spool_dir = "{state}/spool"
-[node]
-site = "rabat-1"
-country = "MA"
-[tls]
-ca = "/nonexistent/ca.pem"
-cert = "/nonexistent/node.pem"
-key = "/nonexistent/node.key"
-[weights]
-roots = ["/models"]
-state_dir = "{state}"
-[processes.containers]
-containerd_socket = "{sock}"
-crio_socket = ""
-docker_socket = ""
-podman_socket = ""
-"#,
-            state = dir.display(),
-            sock = containerd_socket.display(),
-        ),
-    )
-    .unwrap();
-    let out = Command::new(bin_path("e2e-agent"))
-        .args(["scan", "--json", "--window-ms", "1500", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scan: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let config = scan_config(
+        dir,
+        &[Path::new("/models")],
+        &containerd_socket.to_string_lossy(),
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    agent_scan(&config, 1500)
 }
 
 fn assert_pod(c: &Value, id: &str, digest: &str, what: &str) {
@@ -466,7 +424,7 @@ fn a_pods_weights_and_traffic_are_named_with_its_pod_container_and_image() {
         weights,
         "the host path is the very file"
     );
-    assert_eq!(w["sha256"], sha256_of(&host_path).as_str());
+    assert_eq!(w["sha256"], sha256sum(&host_path).as_str());
     assert_eq!(
         w["fs_type"], "overlay",
         "the container's own view of its storage"

@@ -21,7 +21,7 @@ use sov_agent::collect::namespaces;
 use sov_agent::collect::net::{NetCollector, now_unix_ms};
 use sov_agent::config::NetConfig;
 use sov_e2e::netns::{Client, Linked, sink};
-use sov_e2e::{KillOnDrop, bin_path};
+use sov_e2e::{KillOnDrop, agent_scan, scan_config, sha256sum};
 
 const SENT: usize = 5_000_000;
 
@@ -118,63 +118,11 @@ fn safetensors_bytes(n: usize, seed: u8) -> Vec<u8> {
     safetensors::serialize(vec![("w", t)], None).unwrap()
 }
 
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
-/// An agent configuration for `scan`: no weight root but an empty directory, no runtime.
-fn scan_config(dir: &Path) -> std::path::PathBuf {
+/// `scan --json` with no weight root but an empty directory and no runtime.
+fn scan(dir: &Path) -> Value {
     let empty = dir.join("no-models-here");
     std::fs::create_dir_all(&empty).unwrap();
-    let path = dir.join("agent.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"collector = "https://127.0.0.1:1"
-spool_dir = "{state}/spool"
-[node]
-site = "rabat-1"
-country = "MA"
-[tls]
-ca = "/nonexistent/ca.pem"
-cert = "/nonexistent/node.pem"
-key = "/nonexistent/node.key"
-[weights]
-roots = ["{empty}"]
-state_dir = "{state}"
-[processes.containers]
-containerd_socket = ""
-crio_socket = ""
-docker_socket = ""
-podman_socket = ""
-"#,
-            state = dir.display(),
-            empty = empty.display(),
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// `sov-agent scan --json` with `config`.
-fn scan(config: &Path) -> Value {
-    let out = Command::new(bin_path("e2e-agent"))
-        .args(["scan", "--json", "--window-ms", "200", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scan failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    agent_scan(&scan_config(dir, &[&empty], ""), 200)
 }
 
 /// Python that maps `argv[1]` read-only, prints `ready`, and waits.
@@ -212,7 +160,7 @@ fn a_file_mapped_in_a_private_mount_namespace_is_found_with_its_sha256_path_and_
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("source.safetensors");
     std::fs::write(&src, safetensors_bytes(300_000, 7)).unwrap();
-    let want_sha = sha256_of(&src);
+    let want_sha = sha256sum(&src);
     // A directory that is empty here; in the process's namespace a tmpfs holds the model.
     let private = dir.path().join("private");
     std::fs::create_dir_all(&private).unwrap();
@@ -255,7 +203,7 @@ fn a_file_mapped_in_a_private_mount_namespace_is_found_with_its_sha256_path_and_
         "the file exists only in the process's namespace"
     );
 
-    let v = scan(&scan_config(dir.path()));
+    let v = scan(dir.path());
     let by_path = weights_by_container_path(&v);
     let w = by_path
         .get(inner.to_str().unwrap())
@@ -298,7 +246,7 @@ fn a_host_process_mapping_a_weight_file_outside_every_root_is_found() {
     wait_ready(&mut child.0);
     let pid = child.0.id();
 
-    let v = scan(&scan_config(dir.path()));
+    let v = scan(dir.path());
     let w = v["weights"]
         .as_array()
         .unwrap()
@@ -310,7 +258,7 @@ fn a_host_process_mapping_a_weight_file_outside_every_root_is_found() {
     assert_eq!(w["host_path_known"], true);
     assert_eq!(w["container"], Value::Null, "a host process");
     assert_eq!(w["container_path"], "", "no other namespace");
-    assert_eq!(w["sha256"], sha256_of(&file).as_str());
+    assert_eq!(w["sha256"], sha256sum(&file).as_str());
     assert_eq!(
         w["model"], "elsewhere",
         "identity from the directory, as under a root"

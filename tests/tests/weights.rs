@@ -15,20 +15,10 @@ use std::time::Duration;
 
 use sov_agent::collect::weights::inventory::{WeightsHandle, WeightsScanner};
 use sov_agent::config::WeightsConfig;
-use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually};
+use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually, sha256sum};
 use sov_proto::pb;
 
 const REV: &str = "0123456789abcdef0123456789abcdef01234567";
-
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
 
 fn safetensors_bytes(seed: u8) -> Vec<u8> {
     use safetensors::tensor::{Dtype, TensorView};
@@ -55,29 +45,7 @@ fn gguf_string(out: &mut Vec<u8>, s: &str) {
 
 /// A small valid GGUF v3 file: `general.name`, `general.organization`, one F32 tensor [16, 16].
 fn gguf_bytes(name: &str) -> Vec<u8> {
-    let mut out = b"GGUF".to_vec();
-    out.extend_from_slice(&3u32.to_le_bytes());
-    out.extend_from_slice(&1u64.to_le_bytes()); // tensors
-    out.extend_from_slice(&3u64.to_le_bytes()); // kv pairs
-    for (k, v) in [("general.name", name), ("general.organization", "Acme")] {
-        gguf_string(&mut out, k);
-        out.extend_from_slice(&8u32.to_le_bytes()); // string
-        gguf_string(&mut out, v);
-    }
-    gguf_string(&mut out, "general.alignment");
-    out.extend_from_slice(&4u32.to_le_bytes()); // uint32
-    out.extend_from_slice(&32u32.to_le_bytes());
-    gguf_string(&mut out, "blk.0.weight");
-    out.extend_from_slice(&2u32.to_le_bytes());
-    out.extend_from_slice(&16u64.to_le_bytes());
-    out.extend_from_slice(&16u64.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes()); // F32
-    out.extend_from_slice(&0u64.to_le_bytes()); // offset
-    while !out.len().is_multiple_of(32) {
-        out.push(0);
-    }
-    out.extend(std::iter::repeat_n(7u8, 16 * 16 * 4));
-    out
+    gguf_with(&[("general.name", name), ("general.organization", "Acme")])
 }
 
 fn varint(out: &mut Vec<u8>, mut v: u64) {

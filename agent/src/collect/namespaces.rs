@@ -32,20 +32,20 @@ pub fn own(kind: &str) -> Option<u64> {
     parse_link(kind, target.as_os_str().as_bytes())
 }
 
+/// The pids listed in `proc_root` (empty when it cannot be listed).
+pub fn pids(proc_root: &Path) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .collect()
+}
+
 /// Every namespace of `kind` with its processes (pids sorted), from one pass over `proc_root`.
 pub fn by_namespace(proc_root: &Path, kind: &str) -> std::collections::HashMap<u64, Vec<u32>> {
     let mut out: std::collections::HashMap<u64, Vec<u32>> = std::collections::HashMap::new();
-    let Ok(dir) = std::fs::read_dir(proc_root) else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids(proc_root) {
         if let Some(ns) = of_pid(proc_root, pid, kind) {
             out.entry(ns).or_default().push(pid);
         }

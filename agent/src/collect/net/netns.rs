@@ -127,24 +127,18 @@ impl NsMap {
     /// Bring the map up to date with `<proc_root>`'s processes: new pids are read, gone ones
     /// dropped, and every pid read again once per [`RECHECK`].
     pub fn refresh(&mut self, proc_root: &Path, now: Instant) {
-        let Ok(dir) = std::fs::read_dir(proc_root) else {
+        let listed = namespaces::pids(proc_root);
+        if listed.is_empty() {
             return;
-        };
+        }
         let recheck = self
             .checked
             .is_none_or(|t| now.duration_since(t) >= RECHECK);
         if recheck {
             self.checked = Some(now);
         }
-        let mut live = HashSet::with_capacity(self.pids.len() + 16);
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        let mut live = HashSet::with_capacity(listed.len());
+        for pid in listed {
             live.insert(pid);
             if recheck || !self.pids.contains_key(&pid) {
                 self.links_read += 1;

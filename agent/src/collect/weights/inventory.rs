@@ -421,6 +421,15 @@ impl WeightsScanner {
             budget: self.cfg.max_new_files_per_scan,
             over_budget: 0,
         };
+        if self.cfg.process_files {
+            // Files in containers' roots are found first: they keep their better paths.
+            let (more, uses, met) = self.process_items(&by_mnt, own_mnt, host_mnt, &claimed);
+            live_keys.extend(met);
+            items.extend(more);
+            self.fresh_uses = Some(uses);
+        } else {
+            self.fresh_uses = None;
+        }
         for item in items {
             live_keys.insert((item.stamp.0, item.stamp.1));
             self.absorb_item(
@@ -433,25 +442,6 @@ impl WeightsScanner {
                 &mut not_weights,
                 &mut errors,
             );
-        }
-        if self.cfg.process_files {
-            let (items, uses, met) = self.process_items(&by_mnt, own_mnt, host_mnt, &claimed);
-            live_keys.extend(met);
-            for item in items {
-                self.absorb_item(
-                    item,
-                    &mut ns,
-                    &known,
-                    &mut seen,
-                    &mut claimed,
-                    &mut fresh,
-                    &mut not_weights,
-                    &mut errors,
-                );
-            }
-            self.fresh_uses = Some(uses);
-        } else {
-            self.fresh_uses = None;
         }
         if ns.over_budget > 0 {
             tracing::debug!(

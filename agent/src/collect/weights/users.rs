@@ -135,47 +135,41 @@ pub fn scan_processes(proc_root: &Path, interest: &dyn Fn((u64, u64)) -> Interes
             open: false,
         };
         let mut sightings: Vec<((u64, u64), Sighting)> = Vec::new();
-        let maps_ok = scan_maps(&base.join("maps"), &mut line, |key, range, path| {
+        // One file met through a mapping (its map_files name) or a descriptor (its path).
+        let mut note = |key: (u64, u64), raw: &[u8], via: Via<'_>| {
             out.seen.insert(key);
             let what = interest(key);
             if what == Interest::Ignore {
                 return;
             }
-            uses.entry(key).or_insert_with(new_use).mapped = true;
+            let u = uses.entry(key).or_insert_with(new_use);
+            match via {
+                Via::Map(_) => u.mapped = true,
+                Via::Fd(_) => u.open = true,
+            }
             if what == Interest::Candidate {
-                let (path, deleted) = undeleted(path);
+                let (path, deleted) = undeleted(raw);
+                let (handle, via_fd) = match via {
+                    Via::Map(range) => (base.join("map_files").join(range), false),
+                    Via::Fd(fd) => (fd.to_path_buf(), true),
+                };
                 sightings.push((
                     key,
                     Sighting {
                         pid,
                         path,
                         deleted,
-                        handle: base.join("map_files").join(range),
-                        via_fd: false,
+                        handle,
+                        via_fd,
                     },
                 ));
             }
+        };
+        let maps_ok = scan_maps(&base.join("maps"), &mut line, |key, range, path| {
+            note(key, path, Via::Map(range));
         });
         let fds_ok = scan_fds(&base.join("fd"), |key, fd, target| {
-            out.seen.insert(key);
-            let what = interest(key);
-            if what == Interest::Ignore {
-                return;
-            }
-            uses.entry(key).or_insert_with(new_use).open = true;
-            if what == Interest::Candidate {
-                let (path, deleted) = undeleted(target);
-                sightings.push((
-                    key,
-                    Sighting {
-                        pid,
-                        path,
-                        deleted,
-                        handle: fd.to_path_buf(),
-                        via_fd: true,
-                    },
-                ));
-            }
+            note(key, target, Via::Fd(fd));
         });
         if !maps_ok && !fds_ok {
             out.unreadable += 1;
@@ -196,6 +190,13 @@ pub fn scan_processes(proc_root: &Path, interest: &dyn Fn((u64, u64)) -> Interes
         "process files scanned"
     );
     out
+}
+
+/// How a process reaches a file: a mapping (its `map_files` name) or a descriptor (its path).
+#[derive(Debug, Clone, Copy)]
+enum Via<'a> {
+    Map(&'a str),
+    Fd(&'a Path),
 }
 
 /// A path without the kernel's ` (deleted)` mark, and whether it had it.
