@@ -420,8 +420,9 @@ impl NetCollector {
                 skipped += 1;
                 continue;
             }
-            let ns = self.open_namespace(ino, pids);
-            self.namespaces.insert(key, ns);
+            if let Some(ns) = self.open_namespace(ino, pids) {
+                self.namespaces.insert(key, ns);
+            }
         }
         let mut closed = Vec::new();
         for (key, ns) in &mut self.namespaces {
@@ -452,7 +453,9 @@ impl NetCollector {
         skipped
     }
 
-    fn open_namespace(&mut self, ino: u64, pids: Vec<u32>) -> Namespace {
+    /// A namespace's sockets, opened inside it; `None` when its process went away meanwhile
+    /// (it is tried again at the next sample).
+    fn open_namespace(&mut self, ino: u64, pids: Vec<u32>) -> Option<Namespace> {
         let mut ns = Namespace {
             dumper: None,
             no_netlink: None,
@@ -465,11 +468,9 @@ impl NetCollector {
         };
         if self.force_proc_fallback {
             ns.no_netlink = Some("netlink not used: forced by options".to_owned());
-            return ns;
+            return Some(ns);
         }
-        let Some(&pid) = ns.pids.first() else {
-            return ns;
-        };
+        let &pid = ns.pids.first()?;
         match netns::open_in(&self.proc_root, pid, ino) {
             Ok(sockets) => {
                 ns.dumper = Some(sockets.dumper);
@@ -484,13 +485,14 @@ impl NetCollector {
                     (Err(e), _) => ns.no_destroy = Some(chain(&e)),
                 }
             }
+            Err(netns::NetnsError::Open { .. } | netns::NetnsError::Moved { .. }) => return None,
             Err(e) => {
                 let why = format!("network namespace {ino}: {}", chain(&e));
                 tracing::info!(reason = %why, "reading that namespace from /proc/<pid>/net (no byte counts)");
                 ns.no_netlink = Some(why);
             }
         }
-        ns
+        Some(ns)
     }
 
     /// Take one sample now: find the network namespaces, dump each one's sockets, compute the

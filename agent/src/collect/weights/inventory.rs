@@ -714,6 +714,10 @@ impl WeightsScanner {
         {
             seen.insert(path.clone());
             claimed.extend(keys.iter().copied());
+            // The process it was read through may be gone: read it through this one now.
+            if let Some(e) = lock(&self.handle.inner).entries.get_mut(path) {
+                e.read_path = item.read_path;
+            }
             return;
         }
         if claimed.contains(&key) {
