@@ -1,4 +1,5 @@
-//! Generates the `sovereign.v1` code from the `.proto` files with protox (pure Rust, no system protoc).
+//! Generates the `sovereign.v1` code, and the clients of the container runtimes' APIs the agent
+//! calls, from the `.proto` files with protox (pure Rust, no system protoc).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["sovereign/v1/report.proto", "sovereign/v1/services.proto"];
@@ -8,6 +9,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     tonic_prost_build::configure()
         .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+
+    // The runtimes' APIs: clients only (the tests' own fake servers are not needed: the tests
+    // run the real containerd).
+    let runtime = [
+        "runtime/containerd.proto",
+        "runtime/containerd_namespaces.proto",
+        "runtime/containerd_images.proto",
+        "runtime/cri.proto",
+    ];
+    for f in runtime {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(runtime, ["."])?;
+    tonic_prost_build::configure()
+        .build_server(false)
         .build_client(true)
         .compile_fds(fds)?;
     Ok(())

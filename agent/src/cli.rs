@@ -53,7 +53,8 @@ enum Command {
     },
     /// Print one snapshot of everything the agent sees now (no collector needed).
     Scan {
-        /// Configuration file; only [processes], [gpu] and [budget] are used. Default: defaults.
+        /// Configuration file; [processes] (with [processes.containers]), [gpu], [budget],
+        /// [weights] and [net] are used. Default: defaults.
         #[arg(long, short, env = "SOV_AGENT_CONFIG")]
         config: Option<PathBuf>,
         /// One JSON object instead of a table.
@@ -84,17 +85,36 @@ fn scan(config: Option<&std::path::Path>, json: bool, window_ms: u64, hash: bool
             &Default::default(),
         ),
     };
+    // Who each container is, asked once before anything is described.
+    let containers = observer.containers();
+    containers.refresh();
+    // Flows: a baseline now, the traffic until the end of the window.
+    let ncfg = cfg.as_ref().map(|c| c.net.clone()).unwrap_or_default();
+    let mut net = ncfg
+        .enabled
+        .then(|| crate::collect::net::NetCollector::new(&ncfg).with_containers(containers.clone()));
+    if let Some(n) = &mut net {
+        n.sample(crate::collect::net::now_unix_ms());
+    }
     let wcfg = cfg.as_ref().map(|c| c.weights.clone()).unwrap_or_default();
     let (mut weights, errors) = if wcfg.enabled {
-        scan_weights(cfg.as_ref(), wcfg, hash)
+        scan_weights(cfg.as_ref(), wcfg, hash, &containers)
     } else {
         (vec![], vec![])
     };
     let (obs, info) =
         crate::scan::snapshot(&mut observer, std::time::Duration::from_millis(window_ms));
     crate::collect::weights::inventory::link_gpus(&mut weights, &obs.gpu.devices);
+    let (flows, net_status) = match &mut net {
+        Some(n) => {
+            n.sample(crate::collect::net::now_unix_ms());
+            n.take()
+        }
+        None => Default::default(),
+    };
     let text = if json {
-        let v = crate::scan::to_json_with_weights(&obs, &info, &weights, &errors);
+        let mut v = crate::scan::to_json_with_weights(&obs, &info, &weights, &errors);
+        crate::scan::add_flows(&mut v, &flows, &net_status);
         match serde_json::to_string_pretty(&v) {
             Ok(text) => text + "\n",
             Err(e) => {
@@ -113,6 +133,7 @@ fn scan_weights(
     cfg: Option<&AgentConfig>,
     wcfg: crate::config::WeightsConfig,
     hash: bool,
+    containers: &crate::collect::containers::Containers,
 ) -> (Vec<sov_proto::pb::WeightFile>, Vec<(String, String)>) {
     use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner};
     // The fingerprint cache: the agent's state directory when a config names one, else the
@@ -124,7 +145,8 @@ fn scan_weights(
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sov-agent")))
         .unwrap_or_else(std::env::temp_dir);
     let handle = WeightsHandle::default();
-    let mut scanner = WeightsScanner::new(wcfg, &state_dir, handle.clone());
+    let mut scanner =
+        WeightsScanner::new(wcfg, &state_dir, handle.clone()).with_containers(containers.clone());
     scanner.scan();
     scanner.refresh_users();
     if hash {

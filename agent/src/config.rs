@@ -69,6 +69,79 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
 }
 
+/// `[processes.containers]`: who each process is (container, image, Kubernetes pod), from the
+/// container runtimes' local sockets.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ContainersConfig {
+    /// Ask the container runtimes who each container is (name, image, digest, pod). Default
+    /// true; false (or no runtime socket present) leaves the cgroup-derived id only.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// containerd's gRPC socket (Kubernetes with containerd, Docker ≥ 23 underneath, `ctr`).
+    /// Default "/run/containerd/containerd.sock".
+    #[serde(default = "default_containerd_socket")]
+    pub containerd_socket: PathBuf,
+    /// CRI-O's CRI socket. Default "/var/run/crio/crio.sock".
+    #[serde(default = "default_crio_socket")]
+    pub crio_socket: PathBuf,
+    /// Docker's Engine API socket. Default "/var/run/docker.sock".
+    #[serde(default = "default_docker_socket")]
+    pub docker_socket: PathBuf,
+    /// Podman's Engine API socket (rootful). Default "/run/podman/podman.sock".
+    #[serde(default = "default_podman_socket")]
+    pub podman_socket: PathBuf,
+    /// Seconds between two listings of each runtime's containers (a process in a container
+    /// not listed yet triggers one sooner). Default 30.
+    #[serde(default = "default_containers_refresh_secs")]
+    pub refresh_secs: u64,
+    /// Longest wait for one runtime's answer, milliseconds. Default 2000.
+    #[serde(default = "default_containers_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for ContainersConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            containerd_socket: default_containerd_socket(),
+            crio_socket: default_crio_socket(),
+            docker_socket: default_docker_socket(),
+            podman_socket: default_podman_socket(),
+            refresh_secs: default_containers_refresh_secs(),
+            timeout_ms: default_containers_timeout_ms(),
+        }
+    }
+}
+
+/// Default `[processes.containers] containerd_socket`.
+pub const DEFAULT_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// Default `[processes.containers] crio_socket`.
+pub const DEFAULT_CRIO_SOCKET: &str = "/var/run/crio/crio.sock";
+/// Default `[processes.containers] docker_socket`.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Default `[processes.containers] podman_socket`.
+pub const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+
+fn default_containerd_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CONTAINERD_SOCKET)
+}
+fn default_crio_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_CRIO_SOCKET)
+}
+fn default_docker_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_DOCKER_SOCKET)
+}
+fn default_podman_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_PODMAN_SOCKET)
+}
+fn default_containers_refresh_secs() -> u64 {
+    30
+}
+fn default_containers_timeout_ms() -> u64 {
+    2000
+}
+
 /// `[metrics]`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -99,6 +172,15 @@ pub struct NetConfig {
     /// one flow per process with remote address "other". Default 10000.
     #[serde(default = "default_max_flows")]
     pub max_flows_per_report: usize,
+    /// Observe every network namespace on the node (containers, Kubernetes pods), not only the
+    /// agent's own: each is entered once with `setns` (needs `CAP_SYS_ADMIN`; without it, its
+    /// sockets are read from `/proc/<pid>/net` without byte counts). Default true.
+    #[serde(default = "default_true")]
+    pub all_namespaces: bool,
+    /// Most network namespaces observed at once (the agent's own included); beyond it the ones
+    /// with the fewest processes are left out and counted. Default 1024.
+    #[serde(default = "default_max_namespaces")]
+    pub max_namespaces: usize,
 }
 
 impl Default for NetConfig {
@@ -109,8 +191,14 @@ impl Default for NetConfig {
             include_loopback: false,
             include_link_local: false,
             max_flows_per_report: default_max_flows(),
+            all_namespaces: true,
+            max_namespaces: default_max_namespaces(),
         }
     }
+}
+
+fn default_max_namespaces() -> usize {
+    1024
 }
 
 fn default_net_interval_secs() -> u64 {
@@ -145,6 +233,23 @@ pub struct WeightsConfig {
     /// directory.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Also search the roots inside every container's own filesystem (once per distinct mount
+    /// namespace, through `/proc/<pid>/root`), e.g. `/root/.cache/huggingface/hub` of a vLLM
+    /// container. Default true.
+    #[serde(default = "default_true")]
+    pub container_roots: bool,
+    /// Also examine the files processes map or hold open (`/proc/<pid>/maps`, `fd/`), wherever
+    /// they live (outside every root, inside a container, deleted). Default true.
+    #[serde(default = "default_true")]
+    pub process_files: bool,
+    /// Files processes use that are smaller than this are not examined. Default 1048576
+    /// (1 MiB: shared libraries and small data files are skipped at no cost).
+    #[serde(default = "default_process_min_file_bytes")]
+    pub process_min_file_bytes: u64,
+    /// Most files found through processes or inside containers whose content is examined in
+    /// one scan (each once per device and inode); the rest wait for the next scan. Default 256.
+    #[serde(default = "default_max_new_files_per_scan")]
+    pub max_new_files_per_scan: usize,
 }
 
 impl Default for WeightsConfig {
@@ -156,8 +261,19 @@ impl Default for WeightsConfig {
             hash_rate_mb_per_sec: default_hash_rate_mb_per_sec(),
             full_inventory_secs: default_full_inventory_secs(),
             state_dir: None,
+            container_roots: true,
+            process_files: true,
+            process_min_file_bytes: default_process_min_file_bytes(),
+            max_new_files_per_scan: default_max_new_files_per_scan(),
         }
     }
+}
+
+fn default_process_min_file_bytes() -> u64 {
+    1 << 20
+}
+fn default_max_new_files_per_scan() -> usize {
+    256
 }
 
 fn default_weights_scan_interval_secs() -> u64 {
@@ -178,6 +294,10 @@ pub struct ProcessesConfig {
     /// (plus every GPU user). Default 10; 0 reports only GPU users.
     #[serde(default = "default_top_n")]
     pub top_n: usize,
+    /// `[processes.containers]`: who each process is in container terms (container, image,
+    /// Kubernetes pod), asked of the container runtimes over their local sockets.
+    #[serde(default)]
+    pub containers: ContainersConfig,
 }
 
 /// `[gpu]`.
@@ -210,6 +330,7 @@ impl Default for ProcessesConfig {
     fn default() -> Self {
         Self {
             top_n: default_top_n(),
+            containers: ContainersConfig::default(),
         }
     }
 }
@@ -432,6 +553,15 @@ impl AgentConfig {
                 ),
             );
         }
+        if !(1..=100_000).contains(&self.weights.max_new_files_per_scan) {
+            p.push(
+                "weights.max_new_files_per_scan",
+                format!(
+                    "{} is out of range 1..=100000",
+                    self.weights.max_new_files_per_scan
+                ),
+            );
+        }
         if let Some(roots) = &self.weights.roots {
             for (i, r) in roots.iter().enumerate() {
                 if !r.is_absolute() {
@@ -442,10 +572,62 @@ impl AgentConfig {
                 }
             }
         }
+        if !(1..=3600).contains(&self.processes.containers.refresh_secs) {
+            p.push(
+                "processes.containers.refresh_secs",
+                format!(
+                    "{} is out of range 1..=3600",
+                    self.processes.containers.refresh_secs
+                ),
+            );
+        }
+        if !(10..=60_000).contains(&self.processes.containers.timeout_ms) {
+            p.push(
+                "processes.containers.timeout_ms",
+                format!(
+                    "{} is out of range 10..=60000",
+                    self.processes.containers.timeout_ms
+                ),
+            );
+        }
+        for (field, path) in [
+            (
+                "processes.containers.containerd_socket",
+                &self.processes.containers.containerd_socket,
+            ),
+            (
+                "processes.containers.crio_socket",
+                &self.processes.containers.crio_socket,
+            ),
+            (
+                "processes.containers.docker_socket",
+                &self.processes.containers.docker_socket,
+            ),
+            (
+                "processes.containers.podman_socket",
+                &self.processes.containers.podman_socket,
+            ),
+        ] {
+            if !path.as_os_str().is_empty() && !path.is_absolute() {
+                p.push(
+                    field,
+                    format!(
+                        "{} must be an absolute path (or \"\" to never ask)",
+                        path.display()
+                    ),
+                );
+            }
+        }
         if !(1..=3600).contains(&self.net.interval_secs) {
             p.push(
                 "net.interval_secs",
                 format!("{} is out of range 1..=3600", self.net.interval_secs),
+            );
+        }
+        if !(1..=100_000).contains(&self.net.max_namespaces) {
+            p.push(
+                "net.max_namespaces",
+                format!("{} is out of range 1..=100000", self.net.max_namespaces),
             );
         }
         if !(1..=1_000_000).contains(&self.net.max_flows_per_report) {

@@ -11,8 +11,10 @@ use sov_proto::pb;
 use sov_proto::pb::ProcessReason;
 
 use crate::budget::{Budget, BudgetReading, WorkLevel};
+use crate::collect::containers::Containers;
 use crate::collect::gpu::{GpuCollector, GpuReport};
 use crate::collect::host::HostCollector;
+use crate::collect::namespaces;
 use crate::collect::procs::{ProcessCollector, ProcessSample};
 use crate::collect::weights::inventory::WeightsHandle;
 use crate::config::{AgentConfig, BudgetConfig, GpuConfig, ProcessesConfig};
@@ -42,12 +44,18 @@ pub struct Observer {
     budget: Budget,
     top_n: usize,
     weights: Option<WeightsHandle>,
+    containers: Containers,
 }
 
 impl Observer {
     /// Collectors as the configuration asks (NVML for GPUs when enabled).
     pub fn from_config(cfg: &AgentConfig) -> Self {
-        Self::from_config_sections(&cfg.processes, &cfg.gpu, &cfg.budget)
+        let mut o = Self::from_config_sections(&cfg.processes, &cfg.gpu, &cfg.budget);
+        o.containers = Containers::new(
+            cfg.processes.containers.clone(),
+            std::path::Path::new(crate::collect::procs::DEFAULT_PROC_ROOT),
+        );
+        o
     }
 
     /// Collectors from the three sections that matter to observation.
@@ -77,7 +85,18 @@ impl Observer {
             budget: Budget::new(budget.max_rss_bytes, budget.max_cpu_percent),
             top_n: processes.top_n,
             weights: None,
+            containers: Containers::default(),
         }
+    }
+
+    /// The container directory every collector of this agent shares.
+    pub fn containers(&self) -> Containers {
+        self.containers.clone()
+    }
+
+    /// Use `containers` as the container directory (keep one per agent).
+    pub fn set_containers(&mut self, containers: Containers) {
+        self.containers = containers;
     }
 
     /// Mark the users of these weight files as interesting processes, and slow their
@@ -129,7 +148,9 @@ impl Observer {
             WorkLevel::Full => self.top_n,
             WorkLevel::Reduced => self.top_n.min(REDUCED_TOP_N),
         };
-        let processes = self.procs.sample(now, top_n, &interesting);
+        let mut processes = self.procs.sample(now, top_n, &interesting);
+        let mut gpu = gpu;
+        self.name_containers(&mut processes, &mut gpu);
         let budget = self.budget.check(Instant::now());
         if let Some(w) = &self.weights {
             w.set_reduced(budget.level == WorkLevel::Reduced);
@@ -139,6 +160,28 @@ impl Observer {
             gpu,
             processes,
             budget,
+        }
+    }
+}
+
+impl Observer {
+    /// Container, pod and namespaces of every reported process and GPU process.
+    fn name_containers(&self, processes: &mut ProcessSample, gpu: &mut GpuReport) {
+        let mut pids: Vec<u32> = processes.processes.iter().map(|p| p.pid).collect();
+        pids.extend(gpu.pids());
+        pids.sort_unstable();
+        pids.dedup();
+        let refs = self.containers.of_pids(&pids);
+        let proc_root = std::path::Path::new(crate::collect::procs::DEFAULT_PROC_ROOT);
+        for p in &mut processes.processes {
+            p.container = refs.get(&p.pid).cloned();
+            p.netns_inode = namespaces::of_pid(proc_root, p.pid, namespaces::NET).unwrap_or(0);
+            p.mntns_inode = namespaces::of_pid(proc_root, p.pid, namespaces::MNT).unwrap_or(0);
+        }
+        for d in &mut gpu.devices {
+            for p in &mut d.processes {
+                p.container = refs.get(&p.pid).cloned();
+            }
         }
     }
 }

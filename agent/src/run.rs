@@ -92,8 +92,11 @@ impl Agent {
     /// Observe GPUs through `gpu` instead of NVML (`None` disables GPU observation). Tests
     /// use a scripted probe here.
     pub fn with_gpu(self, gpu: Option<GpuCollector>) -> Self {
-        *lock(&self.observer) =
-            Observer::with_settings(&self.config.processes, &self.config.budget, gpu);
+        let mut observer = lock(&self.observer);
+        let containers = observer.containers();
+        *observer = Observer::with_settings(&self.config.processes, &self.config.budget, gpu);
+        observer.set_containers(containers);
+        drop(observer);
         self
     }
 
@@ -141,6 +144,10 @@ impl Agent {
                 render,
                 shutdown.clone().cancelled_owned(),
             ));
+        }
+        let containers = lock(&self.observer).containers();
+        if let Err(e) = containers.spawn_refresher() {
+            tracing::error!(error = %e, "cannot start the container runtime client; containers are named from their cgroup only");
         }
         let weights = self.start_weights();
         let net = self.start_net();
@@ -202,7 +209,8 @@ impl Agent {
                 .map_or_else(|| self.config.spool_dir.clone(), Path::to_path_buf)
         });
         let handle = WeightsHandle::default();
-        let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone());
+        let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone())
+            .with_containers(lock(&self.observer).containers());
         lock(&self.observer).set_weights(handle.clone());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
@@ -230,7 +238,9 @@ impl Agent {
             return None;
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        match NetHandle::spawn(self.config.net.clone(), stop.clone()) {
+        let collector = crate::collect::net::NetCollector::new(&self.config.net)
+            .with_containers(lock(&self.observer).containers());
+        match NetHandle::spawn_with(collector, self.config.net.clone(), stop.clone()) {
             Ok((handle, thread)) => Some((handle, stop, thread)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the flow sampler; flows will not be reported");

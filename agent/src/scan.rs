@@ -4,7 +4,12 @@
 //! The JSON keys are an interface other tools rely on: `host.logical_cpus`,
 //! `host.cpu_percent`, `host.memory_total_bytes`, `host.memory_used_bytes`, `gpu.state`
 //! (`ok` or `unavailable`), `gpu.reason`, `gpu.devices`, `processes` (objects with `pid`,
-//! `name`, `exe`, `cpu_percent`, `rss_bytes`). Later parts add `weights` and `flows`.
+//! `name`, `exe`, `cpu_percent`, `rss_bytes`, `container`), `weights` (objects with `path`,
+//! `container_path`, `host_path_known`, `found_by`, `container`, `sha256`, `incomplete`,
+//! `shard`, `users`, …), `flows` (the traffic during the window, with `pid`, `netns_inode`,
+//! `container`) and `net`. A `container` is null for a host process, else an object with
+//! `runtime`, `id`, `name`, `image`, `image_digest`, `pod_name`, `pod_namespace`, `pod_uid`,
+//! `container_name` and `source` (`runtime`, or `cgroup` when no runtime answered).
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -16,6 +21,46 @@ use crate::observe::{Observation, Observer};
 
 /// How long scan waits between its two observations (CPU shares are differences).
 pub const DEFAULT_SCAN_WINDOW: Duration = Duration::from_millis(1000);
+
+/// A container reference as `scan --json` prints it (null for none).
+pub fn container_json(c: Option<&pb::ContainerRef>) -> Value {
+    match c {
+        None => Value::Null,
+        Some(c) => json!({
+            "runtime": c.runtime,
+            "runtime_namespace": c.runtime_namespace,
+            "id": c.id,
+            "name": c.name,
+            "image": c.image,
+            "image_digest": c.image_digest,
+            "pod_name": c.pod_name,
+            "pod_namespace": c.pod_namespace,
+            "pod_uid": c.pod_uid,
+            "container_name": c.container_name,
+            "source": c.source,
+        }),
+    }
+}
+
+/// A flow as `scan --json` prints it.
+pub fn flow_json(f: &pb::Flow) -> Value {
+    json!({
+        "protocol": if f.protocol == pb::Protocol::Udp as i32 { "udp" } else { "tcp" },
+        "direction": if f.direction == pb::Direction::Inbound as i32 { "inbound" } else { "outbound" },
+        "local_address": f.local_address,
+        "local_port": f.local_port,
+        "remote_address": f.remote_address,
+        "remote_port": f.remote_port,
+        "pid": f.pid,
+        "owner_unknown": f.owner_unknown,
+        "bytes_sent": f.bytes_sent,
+        "bytes_received": f.bytes_received,
+        "bytes_known": f.bytes_known,
+        "connections": f.connections,
+        "netns_inode": f.netns_inode,
+        "container": container_json(f.container.as_ref()),
+    })
+}
 
 /// A weight file as `scan --json` prints it.
 pub fn weight_json(w: &pb::WeightFile) -> Value {
@@ -32,6 +77,13 @@ pub fn weight_json(w: &pb::WeightFile) -> Value {
     };
     json!({
         "path": w.path,
+        "container_path": w.container_path,
+        "host_path_known": w.host_path_known,
+        "found_by": w.found_by,
+        "container": container_json(w.container.as_ref()),
+        "mntns_inode": w.mntns_inode,
+        "incomplete": w.incomplete,
+        "declared_size": (w.declared_size_bytes > 0).then_some(w.declared_size_bytes),
         "format": format,
         "model": id.model,
         "revision": id.revision,
@@ -57,6 +109,7 @@ pub fn weight_json(w: &pb::WeightFile) -> Value {
             "gpus": u.gpu_uuids,
             "mapped": u.mapped,
             "open": u.open,
+            "container": container_json(u.container.as_ref()),
         })).collect::<Vec<_>>(),
     })
 }
@@ -113,6 +166,19 @@ pub fn to_json_with_weights(
             .collect(),
     );
     v
+}
+
+/// The flows of the window and the state of flow observation, added to a snapshot's JSON.
+pub fn add_flows(v: &mut Value, flows: &[pb::Flow], status: &crate::collect::net::NetStatus) {
+    v["flows"] = Value::Array(flows.iter().map(flow_json).collect());
+    v["net"] = json!({
+        "mode": status.mode,
+        "reason": status.reason,
+        "sockets": status.sockets,
+        "namespaces": status.namespaces,
+        "namespaces_fallback": status.namespaces_fallback,
+        "destroy_events": status.destroy_events,
+    });
 }
 
 /// The weight files as text for people.
@@ -184,6 +250,7 @@ pub fn to_json(obs: &Observation, info: &pb::NodeInfo) -> Value {
                     "gpu_seconds": p.gpu_seconds,
                     "kind": p.kind,
                     "mig_uuid": p.mig_uuid,
+                    "container": container_json(p.container.as_ref()),
                 })).collect::<Vec<_>>(),
                 "error": d.error,
             })
@@ -204,6 +271,9 @@ pub fn to_json(obs: &Observation, info: &pb::NodeInfo) -> Value {
                 "start_time_unix_ms": p.start_time_unix_ms,
                 "cgroup": p.cgroup,
                 "container_id": p.container_id,
+                "container": container_json(p.container.as_ref()),
+                "netns_inode": p.netns_inode,
+                "mntns_inode": p.mntns_inode,
                 "cpu_percent": round1(p.cpu_percent),
                 "rss_bytes": p.rss_bytes,
                 "reasons": p.reasons.iter().map(|r| reason_name(*r)).collect::<Vec<_>>(),

@@ -19,6 +19,25 @@
 //! - then a burst: every connection closed at once, and how many destroy events arrive.
 //!
 //! CPU time is the sampling thread's own (`/proc/thread-self/schedstat`, nanoseconds).
+//!
+//! # A node of pods (`--namespaces N`)
+//!
+//! ```sh
+//! cargo run --release -p sov-e2e --example bench_flows -- --namespaces 100 --per-namespace 100 --mappers 300 --files 20
+//! ```
+//!
+//! N network namespaces (as many pods), each with one process holding `--per-namespace` TCP
+//! connections over its own loopback (2 × that many sockets), and `--mappers` processes each
+//! mapping the same `--files` weight files (1 MiB safetensors outside every root). It times, in
+//! the same run:
+//! - `ss -tinp` run in every namespace (`ip netns exec NS ss -tinp`, one after the other), the
+//!   whole round, best of 3, against the agent's flow sample of every namespace (cold: the
+//!   namespaces are entered and every owner is looked up; steady: best and median of `--runs`);
+//! - the weight scan that finds the mapped files through the processes (cold: one pass over
+//!   every process's maps and descriptors and the files sniffed and hashed; steady: the pass
+//!   alone);
+//! - this process's resident memory before the agent's collectors exist and after (the agent's
+//!   added RSS). Needs root (namespaces) and python3 (the workloads).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -135,6 +154,22 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// `runs` samples: their wall times and the sampling thread's CPU times, milliseconds, sorted.
+fn steady_samples(collector: &mut NetCollector, runs: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut wall = Vec::with_capacity(runs);
+    let mut cpu = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let cpu0 = thread_cpu_ns();
+        let t = Instant::now();
+        collector.sample(now_unix_ms());
+        wall.push(ms(t.elapsed()));
+        cpu.push((thread_cpu_ns() - cpu0) as f64 / 1e6);
+    }
+    wall.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
+    (wall, cpu)
+}
+
 fn main() -> anyhow::Result<()> {
     if let Some(code) = reexec_with_more_fds()? {
         std::process::exit(code);
@@ -148,6 +183,16 @@ fn main() -> anyhow::Result<()> {
     );
     if std::env::args().any(|a| a == "--serve") {
         return serve(n);
+    }
+    let namespaces = arg("--namespaces", 0);
+    if namespaces > 0 {
+        return pods::bench(
+            namespaces,
+            arg("--per-namespace", 100),
+            arg("--mappers", 300),
+            arg("--files", 20),
+            runs,
+        );
     }
 
     let t = Instant::now();
@@ -200,15 +245,7 @@ fn main() -> anyhow::Result<()> {
         2 * n
     );
 
-    let mut steady = Vec::with_capacity(runs);
-    let mut steady_cpu = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let cpu0 = thread_cpu_ns();
-        let t = Instant::now();
-        collector.sample(now_unix_ms());
-        steady.push(ms(t.elapsed()));
-        steady_cpu.push((thread_cpu_ns() - cpu0) as f64 / 1e6);
-    }
+    let (steady, steady_cpu) = steady_samples(&mut collector, runs);
     let walks_after = collector.owner_stats();
     let (_, status) = collector.take();
 
@@ -228,8 +265,6 @@ fn main() -> anyhow::Result<()> {
     let churn_walk = collector.owner_stats();
     let (_, churn_status) = collector.take();
     drop(fresh);
-    steady.sort_by(f64::total_cmp);
-    steady_cpu.sort_by(f64::total_cmp);
     let (best, median) = (steady[0], steady[steady.len() / 2]);
     let steady_cpu_median = steady_cpu[steady_cpu.len() / 2];
 
@@ -315,4 +350,261 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--namespaces N`: a node of pods (see the module documentation).
+mod pods {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+
+    use sov_agent::collect::net::{NetCollector, now_unix_ms};
+    use sov_agent::collect::weights::inventory::{WeightsHandle, WeightsScanner};
+    use sov_agent::config::{NetConfig, WeightsConfig};
+
+    use super::{ms, thread_cpu_ns};
+
+    /// One process per namespace: K connections over the namespace's loopback, held open.
+    const HOLD: &str = r#"
+import socket, sys
+k = int(sys.argv[1])
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(k + 8)
+port = l.getsockname()[1]
+held = []
+for _ in range(k):
+    c = socket.create_connection(("127.0.0.1", port)); a, _ = l.accept()
+    c.sendall(b"x" * 1024); a.recv(4096); a.sendall(b"y" * 1024); c.recv(4096)
+    held += [c, a]
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+    /// Map every file named in argv, then wait.
+    const MAP: &str = r#"
+import mmap, sys
+maps = []
+for p in sys.argv[1:]:
+    f = open(p, "rb"); maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)); f.close()
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+    struct Netns(String);
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    /// Children that end when their stdin closes (and are killed if they do not).
+    struct Workers(Vec<Child>);
+
+    impl Drop for Workers {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                drop(c.stdin.take());
+            }
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    fn start(cmd: &mut Command) -> anyhow::Result<Child> {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        anyhow::ensure!(line.trim() == "ready", "worker said {line:?}");
+        Ok(child)
+    }
+
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn safetensors(elements: usize, seed: u8) -> Vec<u8> {
+        let header = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[{elements}],"data_offsets":[0,{}]}}}}"#,
+            elements * 4
+        );
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend((0..elements * 4).map(|i| (i as u8).wrapping_mul(seed)));
+        out
+    }
+
+    pub fn bench(
+        namespaces: usize,
+        per_ns: usize,
+        mappers: usize,
+        files: usize,
+        runs: usize,
+    ) -> anyhow::Result<()> {
+        let rss_start = rss_kib();
+        let me = std::process::id();
+        let t = Instant::now();
+        let mut spaces = Vec::with_capacity(namespaces);
+        let mut workers = Workers(Vec::new());
+        for i in 0..namespaces {
+            let name = format!("sovbench{me}-{i}");
+            let ok = Command::new("ip").args(["netns", "add", &name]).status()?;
+            anyhow::ensure!(ok.success(), "ip netns add {name} failed (root needed)");
+            spaces.push(Netns(name.clone()));
+            Command::new("ip")
+                .args(["-n", &name, "link", "set", "lo", "up"])
+                .status()?;
+            workers.0.push(start(
+                Command::new("ip")
+                    .args(["netns", "exec", &name, "python3", "-c", HOLD])
+                    .arg(per_ns.to_string()),
+            )?);
+        }
+        let dir = tempfile::tempdir()?;
+        let paths: Vec<String> = (0..files)
+            .map(|i| {
+                let p = dir.path().join(format!("shard-{i:05}.safetensors"));
+                std::fs::write(&p, safetensors(262_144 + i, i as u8 + 1))?;
+                Ok(p.to_string_lossy().into_owned())
+            })
+            .collect::<anyhow::Result<_>>()?;
+        for _ in 0..mappers {
+            workers.0.push(start(
+                Command::new("python3").args(["-c", MAP]).args(&paths),
+            )?);
+        }
+        let setup_ms = ms(t.elapsed());
+
+        // ss -tinp in every namespace (and the host's), one round, best of 3.
+        let mut ss_round = f64::INFINITY;
+        let mut ss_lines = 0usize;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let mut lines = 0;
+            let host = Command::new("ss").arg("-tinp").output()?;
+            lines += host.stdout.iter().filter(|b| **b == b'\n').count();
+            for ns in &spaces {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &ns.0, "ss", "-tinp"])
+                    .output()?;
+                lines += out.stdout.iter().filter(|b| **b == b'\n').count();
+            }
+            ss_round = ss_round.min(ms(t.elapsed()));
+            ss_lines = lines;
+        }
+
+        let rss_before_agent = rss_kib();
+        let cfg = NetConfig {
+            include_loopback: true,
+            ..NetConfig::default()
+        };
+        let mut collector = NetCollector::new(&cfg);
+        let cpu0 = thread_cpu_ns();
+        let t = Instant::now();
+        collector.sample(now_unix_ms());
+        let cold_ms = ms(t.elapsed());
+        let cold_cpu_ms = (thread_cpu_ns() - cpu0) as f64 / 1e6;
+        let (_, status) = collector.take();
+        anyhow::ensure!(
+            status.namespaces > namespaces && status.sockets >= 2 * per_ns * namespaces,
+            "the sample saw {} namespaces and {} sockets: {status:?}",
+            status.namespaces,
+            status.sockets
+        );
+        let (steady, steady_cpu) = super::steady_samples(&mut collector, runs);
+        let (_, status) = collector.take();
+
+        let empty = dir.path().join("no-root");
+        std::fs::create_dir_all(&empty)?;
+        let state = tempfile::tempdir()?;
+        let handle = WeightsHandle::default();
+        let mut scanner = WeightsScanner::new(
+            WeightsConfig {
+                roots: Some(vec![empty]),
+                hash_rate_mb_per_sec: 0,
+                ..WeightsConfig::default()
+            },
+            state.path(),
+            handle.clone(),
+        );
+        let t = Instant::now();
+        scanner.scan();
+        scanner.refresh_users();
+        scanner.hash_pending(&AtomicBool::new(false), &mut |_, _, _| {});
+        let weights_cold_ms = ms(t.elapsed());
+        let found = handle.files();
+        let users: usize = found.iter().map(|f| f.users.len()).sum();
+        let t = Instant::now();
+        scanner.scan();
+        scanner.refresh_users();
+        let weights_steady_ms = ms(t.elapsed());
+        let rss_after = rss_kib();
+
+        let added_kib = rss_after.saturating_sub(rss_before_agent);
+        println!(
+            "node: {namespaces} network namespaces x {per_ns} connections, {mappers} processes \
+             mapping {files} files; set up in {setup_ms:.0} ms"
+        );
+        println!(
+            "sample: {} namespaces, {} sockets, {} unknown owners; weights: {} files, {users} users",
+            status.namespaces,
+            status.sockets,
+            status.unknown_owners,
+            found.len()
+        );
+        println!("| what | wall ms | thread CPU ms |");
+        println!("|---|---:|---:|");
+        println!(
+            "| ss -tinp in every namespace, one round (best of 3, {ss_lines} lines) | {ss_round:.1} | (other processes) |"
+        );
+        println!(
+            "| agent flow sample, cold (namespaces entered, owners looked up) | {cold_ms:.1} | {cold_cpu_ms:.1} |"
+        );
+        println!(
+            "| agent flow sample, steady, best / median of {runs} | {:.1} / {:.1} | {:.1} |",
+            steady[0],
+            steady[steady.len() / 2],
+            steady_cpu[steady_cpu.len() / 2]
+        );
+        println!("| weights scan + users + hashing, cold | {weights_cold_ms:.1} | |");
+        println!("| weights scan + users, steady | {weights_steady_ms:.1} | |");
+        println!(
+            "RSS: {} KiB at start, {rss_before_agent} KiB before the agent's collectors, \
+             {rss_after} KiB after: added {added_kib} KiB",
+            rss_start
+        );
+        println!(
+            "{{\"bench\":\"pods\",\"namespaces\":{namespaces},\"per_namespace\":{per_ns},\"mappers\":{mappers},\"files\":{files},\"ss_round_ms\":{ss_round:.1},\"cold_ms\":{cold_ms:.1},\"cold_cpu_ms\":{cold_cpu_ms:.1},\"steady_median_ms\":{:.1},\"steady_cpu_median_ms\":{:.1},\"weights_cold_ms\":{weights_cold_ms:.1},\"weights_steady_ms\":{weights_steady_ms:.1},\"added_rss_kib\":{added_kib}}}",
+            steady[steady.len() / 2],
+            steady_cpu[steady_cpu.len() / 2]
+        );
+        println!(
+            "target steady sample <= ss -tinp in every namespace ({ss_round:.1} ms): {}; added RSS <= 10 MiB: {}",
+            if steady[steady.len() / 2] <= ss_round {
+                "met"
+            } else {
+                "MISSED"
+            },
+            if added_kib <= 10 * 1024 {
+                "met"
+            } else {
+                "MISSED"
+            }
+        );
+        drop(workers);
+        drop(spaces);
+        let _ = std::io::stdout().flush();
+        Ok(())
+    }
 }

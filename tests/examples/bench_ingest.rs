@@ -146,6 +146,7 @@ fn realistic_report(node: &str, seq: u64) -> pb::Report {
                     pb::ProcessReason::TopCpu as i32,
                     pb::ProcessReason::Gpu as i32,
                 ],
+                ..Default::default()
             }
         })
         .collect();

@@ -192,6 +192,7 @@ fn template_report(node: &str, agent: usize, flows: usize) -> pb::Report {
             connections: 1 + (i % 4) as u32,
             start_unix_ms: 0,
             end_unix_ms: 0,
+            ..Default::default()
         })
         .collect();
     pb::Report {

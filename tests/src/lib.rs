@@ -725,3 +725,75 @@ pub async fn https_get(
         body: String::from_utf8_lossy(&body).into_owned(),
     })
 }
+
+/// The sha256 of a file, computed by coreutils' `sha256sum` (independent of the agent's).
+pub fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_owned()
+}
+
+/// A configuration for `sov-agent scan` in `dir` (state there too): weight roots `roots`,
+/// containerd at `containerd_socket` (`""`: not asked) and no other runtime. The TLS files do
+/// not exist: `scan` needs none.
+pub fn scan_config(dir: &Path, roots: &[&Path], containerd_socket: &str) -> PathBuf {
+    let roots: Vec<String> = roots
+        .iter()
+        .map(|r| format!("{:?}", r.display().to_string()))
+        .collect();
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"collector = "https://127.0.0.1:1"
+spool_dir = "{state}/spool"
+[node]
+site = "rabat-1"
+country = "MA"
+[tls]
+ca = "/nonexistent/ca.pem"
+cert = "/nonexistent/node.pem"
+key = "/nonexistent/node.key"
+[weights]
+roots = [{roots}]
+state_dir = "{state}"
+[processes.containers]
+containerd_socket = "{containerd_socket}"
+crio_socket = ""
+docker_socket = ""
+podman_socket = ""
+"#,
+            state = dir.display(),
+            roots = roots.join(", "),
+        ),
+    )
+    .expect("write scan config");
+    path
+}
+
+/// `sov-agent scan --json --window-ms WINDOW --config CONFIG` (the `e2e-agent` binary), parsed.
+pub fn agent_scan(config: &Path, window_ms: u64) -> serde_json::Value {
+    let out = Command::new(bin_path("e2e-agent"))
+        .args([
+            "scan",
+            "--json",
+            "--window-ms",
+            &window_ms.to_string(),
+            "--config",
+        ])
+        .arg(config)
+        .output()
+        .expect("run scan");
+    assert!(
+        out.status.success(),
+        "scan failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("scan --json prints JSON")
+}

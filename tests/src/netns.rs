@@ -179,3 +179,171 @@ pub fn send(addr: SocketAddr, n: usize, hold: Duration) -> usize {
     s.read_to_end(&mut reply).expect("read reply");
     reply.len()
 }
+
+/// Two network namespaces joined directly by a veth pair, with no route to this one: a
+/// "client" namespace (a pod) and a "server" namespace (a host abroad). Removed on drop.
+#[derive(Debug)]
+pub struct Linked {
+    /// The client's namespace name (for `ip netns exec`).
+    pub client: String,
+    /// The server's namespace name.
+    pub server: String,
+    /// The client's address (`10.253.N.1`).
+    pub client_ip: String,
+    /// The server's address (`10.253.N.2`).
+    pub server_ip: String,
+}
+
+impl Linked {
+    /// A pair named after this process and `tag`.
+    pub fn create(tag: u32) -> Result<Self, String> {
+        let pid = std::process::id();
+        let n = (pid.wrapping_add(tag * 53)) % 200 + 20;
+        let l = Self {
+            client: format!("sovlc{pid}-{tag}"),
+            server: format!("sovls{pid}-{tag}"),
+            client_ip: format!("10.253.{n}.1"),
+            server_ip: format!("10.253.{n}.2"),
+        };
+        ip(&["netns", "add", &l.client])?;
+        // From here on, drop removes what was made.
+        let l = Dropping(l);
+        ip(&["netns", "add", &l.0.server])?;
+        let (a, b) = (
+            format!("svc{}x{tag}", pid % 1_000_000),
+            format!("svs{}x{tag}", pid % 1_000_000),
+        );
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
+        let moved = ip(&["link", "set", &a, "netns", &l.0.client])
+            .and_then(|()| ip(&["link", "set", &b, "netns", &l.0.server]));
+        if let Err(e) = moved {
+            let _ = ip(&["link", "del", &a]);
+            return Err(e);
+        }
+        for (ns, dev, addr) in [
+            (&l.0.client, &a, &l.0.client_ip),
+            (&l.0.server, &b, &l.0.server_ip),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(l.into_inner())
+    }
+}
+
+/// Removes a half-made pair when creation fails.
+struct Dropping(Linked);
+
+impl Dropping {
+    fn into_inner(self) -> Linked {
+        let me = std::mem::ManuallyDrop::new(self);
+        // Moving out of a ManuallyDrop: the namespaces now belong to the returned value.
+        Linked {
+            client: me.0.client.clone(),
+            server: me.0.server.clone(),
+            client_ip: me.0.client_ip.clone(),
+            server_ip: me.0.server_ip.clone(),
+        }
+    }
+}
+
+impl Drop for Dropping {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.0.client]);
+        let _ = ip(&["netns", "del", &self.0.server]);
+    }
+}
+
+impl Drop for Linked {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth end inside it, and so the pair.
+        let _ = ip(&["netns", "del", &self.client]);
+        let _ = ip(&["netns", "del", &self.server]);
+    }
+}
+
+/// A client (python3) in namespace `netns` (or here) that connects to `addr`, prints
+/// `connected`, sends `n` bytes when it reads a line on stdin, prints `sent`, and closes when
+/// stdin closes. The child is the python process itself (`ip netns exec` executes it).
+pub struct Client {
+    /// The process (killed on drop).
+    pub child: KillOnDrop,
+    lines: BufReader<std::process::ChildStdout>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("pid", &self.pid()).finish()
+    }
+}
+
+impl Client {
+    /// Start it and wait until it is connected.
+    pub fn connect(netns: Option<&str>, addr: SocketAddr, n: usize) -> Self {
+        let script = r#"
+import socket, sys
+a, p, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((a, p), timeout=10)
+print("connected", flush=True)
+sys.stdin.readline()
+buf = b"x" * 65536
+left = n
+while left > 0:
+    k = min(left, len(buf)); s.sendall(buf[:k]); left -= k
+print("sent", flush=True)
+sys.stdin.read()
+s.close()
+"#;
+        let args = [
+            "-c".to_owned(),
+            script.to_owned(),
+            addr.ip().to_string(),
+            addr.port().to_string(),
+            n.to_string(),
+        ];
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "python3"]).args(&args);
+                c
+            }
+            None => {
+                let mut c = Command::new("python3");
+                c.args(&args);
+                c
+            }
+        };
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start client");
+        let stdout = child.stdout.take().expect("client stdout");
+        let mut c = Self {
+            child: KillOnDrop(child),
+            lines: BufReader::new(stdout),
+        };
+        c.expect_line("connected");
+        c
+    }
+
+    fn expect_line(&mut self, want: &str) {
+        let mut line = String::new();
+        self.lines.read_line(&mut line).expect("client output");
+        assert_eq!(line.trim(), want, "client said {line:?}");
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Send the bytes and wait until they are written to the socket.
+    pub fn send(&mut self) {
+        let stdin = self.child.0.stdin.as_mut().expect("client stdin");
+        stdin.write_all(b"go\n").expect("tell the client");
+        stdin.flush().expect("flush");
+        self.expect_line("sent");
+    }
+}

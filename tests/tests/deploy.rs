@@ -280,3 +280,104 @@ fn the_systemd_units_are_hardened_valid_and_start_the_binaries_the_cli_way() {
         );
     }
 }
+
+/// `deploy/gpu-check.sh` with `env`; its exit code and its output lines.
+fn gpu_check(env: &[(&str, &str)]) -> (i32, Vec<String>) {
+    let out = Command::new(repo().join("deploy/gpu-check.sh"))
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+fn executable(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The agent's view of one H100 running pid 4242 (in a pod) with `mem_mib` of GPU memory.
+fn agent_json(pids: &[u32], mem_mib: u64) -> String {
+    let procs: Vec<String> = pids
+        .iter()
+        .map(|p| {
+            format!(
+                r#"{{"pid":{p},"used_memory_bytes":{},"kind":"compute","container":{{"pod_name":"vllm-0","pod_namespace":"inference","id":"abc"}}}}"#,
+                mem_mib << 20
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"gpu":{{"state":"ok","reason":"","driver_version":"550.54.15","devices":[{{"index":0,"uuid":"GPU-abc","pci_bus_id":"00000000:17:00.0","memory_total_bytes":{},"memory_used_bytes":{},"utilization_gpu_percent":85,"processes":[{}]}}]}}}}"#,
+        81_559u64 << 20,
+        30_000u64 << 20,
+        procs.join(",")
+    )
+}
+
+#[test]
+fn the_gpu_check_script_prints_one_verdict_line_and_fails_clearly_without_a_gpu() {
+    // This machine has no NVIDIA GPU: the real nvidia-smi is absent, and the real agent sees
+    // none. nvidia-smi and, for the comparison itself, the agent's JSON are test doubles
+    // standing in for the hardware; on a GPU machine the script runs against both real ones.
+    let dir = tempfile::tempdir().unwrap();
+    // Exactly as the README writes it: here, without an NVIDIA driver, it cannot compare.
+    let (code, lines) = gpu_check(&[]);
+    assert_eq!(lines.len(), 1, "one verdict line: {lines:?}");
+    assert!(lines[0].starts_with("GPU-CHECK "), "{lines:?}");
+    let have_smi = Command::new("nvidia-smi").arg("-L").output().is_ok();
+    if !have_smi {
+        assert_eq!(code, 2, "{lines:?}");
+    }
+    let (code, lines) = gpu_check(&[("NVIDIA_SMI", "/nonexistent/nvidia-smi")]);
+    assert_eq!(code, 2, "{lines:?}");
+    assert_eq!(lines.len(), 1, "one verdict line: {lines:?}");
+    assert!(
+        lines[0].starts_with("GPU-CHECK FAIL cannot compare: no nvidia-smi"),
+        "{lines:?}"
+    );
+
+    let smi = dir.path().join("nvidia-smi");
+    executable(
+        &smi,
+        "#!/bin/sh\ncase \"$1\" in\n\
+         --query-gpu=*) echo '0, GPU-abc, NVIDIA H100 80GB HBM3, 00000000:17:00.0, 30010, 81559, 87, 40, 550.54.15' ;;\n\
+         --query-compute-apps=*) echo 'GPU-abc, 4242, 29000, python3' ;;\n\
+         *) exit 9 ;;\nesac\n",
+    );
+    let smi = smi.to_str().unwrap();
+    let agent = bin_path("e2e-agent");
+    let (code, lines) = gpu_check(&[("NVIDIA_SMI", smi), ("SOV_AGENT", &agent)]);
+    assert_eq!(code, 1, "{lines:?}");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("GPU-CHECK FAIL agent sees no GPU"),
+        "{lines:?}"
+    );
+
+    let fake_agent = |name: &str, json: &str| {
+        let json_path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&json_path, json).unwrap();
+        let p = dir.path().join(name);
+        executable(&p, &format!("#!/bin/sh\ncat '{}'\n", json_path.display()));
+        p.to_string_lossy().into_owned()
+    };
+    let same = fake_agent("same", &agent_json(&[4242], 29_010));
+    let (code, lines) = gpu_check(&[("NVIDIA_SMI", smi), ("SOV_AGENT", &same)]);
+    assert_eq!((code, lines.len()), (0, 1), "{lines:?}");
+    assert!(
+        lines[0].starts_with("GPU-CHECK PASS devices=1 processes=1 in_containers=1"),
+        "{lines:?}"
+    );
+    assert!(lines[0].contains("inference/vllm-0"), "{lines:?}");
+
+    let wrong = fake_agent("wrong", &agent_json(&[777], 29_010));
+    let (code, lines) = gpu_check(&[("NVIDIA_SMI", smi), ("SOV_AGENT", &wrong)]);
+    assert_eq!((code, lines.len()), (1, 1), "{lines:?}");
+    assert!(lines[0].contains("pid 4242 on GPU-abc"), "{lines:?}");
+    assert!(lines[0].contains("pid 777"), "{lines:?}");
+}

@@ -15,20 +15,10 @@ use std::time::Duration;
 
 use sov_agent::collect::weights::inventory::{WeightsHandle, WeightsScanner};
 use sov_agent::config::WeightsConfig;
-use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually};
+use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually, sha256sum};
 use sov_proto::pb;
 
 const REV: &str = "0123456789abcdef0123456789abcdef01234567";
-
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
 
 fn safetensors_bytes(seed: u8) -> Vec<u8> {
     use safetensors::tensor::{Dtype, TensorView};
@@ -55,29 +45,7 @@ fn gguf_string(out: &mut Vec<u8>, s: &str) {
 
 /// A small valid GGUF v3 file: `general.name`, `general.organization`, one F32 tensor [16, 16].
 fn gguf_bytes(name: &str) -> Vec<u8> {
-    let mut out = b"GGUF".to_vec();
-    out.extend_from_slice(&3u32.to_le_bytes());
-    out.extend_from_slice(&1u64.to_le_bytes()); // tensors
-    out.extend_from_slice(&3u64.to_le_bytes()); // kv pairs
-    for (k, v) in [("general.name", name), ("general.organization", "Acme")] {
-        gguf_string(&mut out, k);
-        out.extend_from_slice(&8u32.to_le_bytes()); // string
-        gguf_string(&mut out, v);
-    }
-    gguf_string(&mut out, "general.alignment");
-    out.extend_from_slice(&4u32.to_le_bytes()); // uint32
-    out.extend_from_slice(&32u32.to_le_bytes());
-    gguf_string(&mut out, "blk.0.weight");
-    out.extend_from_slice(&2u32.to_le_bytes());
-    out.extend_from_slice(&16u64.to_le_bytes());
-    out.extend_from_slice(&16u64.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes()); // F32
-    out.extend_from_slice(&0u64.to_le_bytes()); // offset
-    while !out.len().is_multiple_of(32) {
-        out.push(0);
-    }
-    out.extend(std::iter::repeat_n(7u8, 16 * 16 * 4));
-    out
+    gguf_with(&[("general.name", name), ("general.organization", "Acme")])
 }
 
 fn varint(out: &mut Vec<u8>, mut v: u64) {
@@ -430,4 +398,125 @@ async fn the_collector_answers_where_each_models_copies_are() {
     stop.cancel();
     task.await.unwrap().unwrap();
     collector.stop().await;
+}
+
+/// A GGUF v3 file with `strings` as its string metadata and one F32 tensor [16, 16].
+fn gguf_with(strings: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    out.extend_from_slice(&(strings.len() as u64).to_le_bytes());
+    for (k, v) in strings {
+        gguf_string(&mut out, k);
+        out.extend_from_slice(&8u32.to_le_bytes()); // string
+        gguf_string(&mut out, v);
+    }
+    gguf_string(&mut out, "blk.0.weight");
+    out.extend_from_slice(&2u32.to_le_bytes());
+    out.extend_from_slice(&16u64.to_le_bytes());
+    out.extend_from_slice(&16u64.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes()); // F32
+    out.extend_from_slice(&0u64.to_le_bytes()); // offset
+    while !out.len().is_multiple_of(32) {
+        out.push(0);
+    }
+    out.extend(std::iter::repeat_n(7u8, 16 * 16 * 4));
+    out
+}
+
+#[test]
+fn an_incomplete_file_is_listed_with_its_identity_and_split_shards_are_one_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    // A download in progress: the header is whole, half the tensor data is there.
+    let whole = gguf_bytes("Partial Llama");
+    write(
+        &root.join("partial/llama-q4.gguf"),
+        &whole[..whole.len() - 100],
+    );
+    // llama.cpp splits: general.name in the first split only.
+    let split = root.join("big");
+    write(
+        &split.join("Big-Q4_K_M-00001-of-00003.gguf"),
+        &gguf_with(&[
+            ("general.name", "Acme Big 70B"),
+            ("general.organization", "Acme"),
+        ]),
+    );
+    for i in 2..=3 {
+        write(
+            &split.join(format!("Big-Q4_K_M-0000{i}-of-00003.gguf")),
+            &gguf_with(&[]),
+        );
+    }
+    // Sharded safetensors beside their index.
+    let st = root.join("acme-7b");
+    write(
+        &st.join("model-00001-of-00002.safetensors"),
+        &safetensors_bytes(1),
+    );
+    write(
+        &st.join("model-00002-of-00002.safetensors"),
+        &safetensors_bytes(2),
+    );
+    write(
+        &st.join("model.safetensors.index.json"),
+        br#"{"weight_map":{"a":"model-00001-of-00002.safetensors","b":"model-00002-of-00002.safetensors"}}"#,
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let handle = WeightsHandle::default();
+    let mut scanner = WeightsScanner::new(config(vec![root.clone()]), state.path(), handle.clone());
+    scanner.scan();
+    scanner.hash_pending(&AtomicBool::new(false), &mut |_, _, _| {});
+    let files = handle.files();
+    assert!(handle.errors().is_empty(), "{:?}", handle.errors());
+
+    let partial = files
+        .iter()
+        .find(|f| f.path.ends_with("partial/llama-q4.gguf"))
+        .expect("an incomplete file is listed, not dropped");
+    assert!(partial.incomplete, "{partial:#?}");
+    assert_eq!(partial.declared_size_bytes, whole.len() as u64);
+    assert_eq!(partial.size_bytes, whole.len() as u64 - 100);
+    let id = partial.identity.clone().unwrap();
+    assert_eq!(
+        (id.model.as_str(), id.source.as_str()),
+        ("Partial Llama", "gguf-metadata")
+    );
+    assert!(
+        partial.sha256.is_empty(),
+        "not fingerprinted while incomplete"
+    );
+
+    let shards: Vec<&pb::WeightFile> = files.iter().filter(|f| f.path.contains("/big/")).collect();
+    assert_eq!(shards.len(), 3);
+    let set = &shards[0].shard_set;
+    assert!(set.ends_with("big/Big-Q4_K_M"), "{set}");
+    let mut indexes: Vec<u32> = shards.iter().map(|f| f.shard_index).collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, vec![1, 2, 3]);
+    for f in &shards {
+        assert_eq!(&f.shard_set, set, "one set");
+        assert_eq!(f.shard_count, 3);
+        assert!(!f.incomplete);
+        let id = f.identity.clone().unwrap();
+        assert_eq!(
+            (id.model.as_str(), id.publisher.as_str()),
+            ("Acme Big 70B", "Acme"),
+            "every split carries the model's name: {}",
+            f.path
+        );
+    }
+    let st_shards: Vec<&pb::WeightFile> = files
+        .iter()
+        .filter(|f| f.path.contains("/acme-7b/"))
+        .collect();
+    assert_eq!(st_shards.len(), 2, "the index file is not a weight file");
+    assert_eq!(st_shards[0].shard_set, st_shards[1].shard_set);
+    assert!(
+        st_shards
+            .iter()
+            .all(|f| f.shard_count == 2 && f.identity.clone().unwrap().model == "acme-7b")
+    );
 }

@@ -3,13 +3,28 @@
 //!
 //! - [`host`]: CPU (total and per core), memory, swap, load, uptime, node facts (sysinfo);
 //! - [`gpu`]: NVIDIA GPUs through NVML behind the `GpuProbe` trait (and a scripted double);
-//! - [`procs`]: processes from `/proc`: the top N by CPU and memory plus interesting ones.
-//!
-//! Weight files and flows arrive in later work; their wire messages already exist in
-//! `sovereign.v1`.
+//! - [`procs`]: processes from `/proc`: the top N by CPU and memory plus interesting ones;
+//! - [`containers`]: who a process is in container terms (container, image, Kubernetes pod);
+//! - [`namespaces`]: which network and mount namespace a process is in;
+//! - [`weights`]: model weight files, from the roots, inside containers and from processes;
+//! - [`net`]: flows per process in every network namespace.
 
+pub mod containers;
 pub mod gpu;
 pub mod host;
+pub mod namespaces;
 pub mod net;
 pub mod procs;
 pub mod weights;
+
+/// The whole error chain on one line (`outer: cause: root cause`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -332,6 +332,7 @@ impl ProcessCollector {
             cpu_percent: 0.0,
             rss_bytes: stat.rss_pages.saturating_mul(self.page_size),
             reasons: Vec::new(),
+            ..Default::default()
         })
     }
 
@@ -376,7 +377,7 @@ fn is_container_id(s: &str) -> bool {
 /// The cgroup to report and the container id in it, from `/proc/<pid>/cgroup`: the v2 (`0::`)
 /// path unless it is `/` while v1 hierarchies exist (hybrid mode); else the v1 path when all
 /// hierarchies agree, or `controllers:path` entries joined with `;`.
-fn cgroup_and_container(text: &str) -> (String, Option<String>) {
+pub(crate) fn cgroup_and_container(text: &str) -> (String, Option<String>) {
     let mut unified = None;
     let mut v1: Vec<(&str, &str)> = Vec::new();
     for line in text.lines() {

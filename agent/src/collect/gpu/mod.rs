@@ -498,6 +498,7 @@ fn to_sample(r: &DeviceReading) -> pb::GpuSample {
                 gpu_seconds: 0.0,
                 kind: p.kind.as_str().to_owned(),
                 mig_uuid: p.mig_uuid.clone(),
+                container: None,
             })
             .collect(),
         pci_bus_id: r.pci_bus_id.clone(),

@@ -111,6 +111,8 @@ pub struct Contribution {
     pub socket: u64,
     pub start_ms: i64,
     pub end_ms: i64,
+    /// The network namespace key of the socket (0: the agent's own).
+    pub netns: u64,
 }
 
 /// A socket as remembered from the sample that last saw it.
@@ -123,9 +125,11 @@ struct Seen {
     direction: pb::Direction,
 }
 
-/// Per-socket state between samples.
+/// Per-socket state between samples, for the sockets of one network namespace.
 #[derive(Debug, Default)]
 pub struct Tracker {
+    /// The namespace key its contributions carry (0: the agent's own).
+    netns: u64,
     live: HashMap<u64, Seen>,
     vanished: HashMap<u64, (Seen, i64)>,
     tcp_listen: HashSet<u16>,
@@ -157,6 +161,14 @@ fn is_listener(s: &ObservedSocket) -> bool {
 }
 
 impl Tracker {
+    /// A tracker for the sockets of network namespace `netns` (0: the agent's own).
+    pub fn for_netns(netns: u64) -> Self {
+        Self {
+            netns,
+            ..Self::default()
+        }
+    }
+
     /// True once a baseline sample was taken.
     pub fn has_baseline(&self) -> bool {
         self.last_ms.is_some()
@@ -248,6 +260,7 @@ impl Tracker {
                         socket: k,
                         start_ms,
                         end_ms: now_ms,
+                        netns: self.netns,
                     });
                 }
             }
@@ -311,6 +324,7 @@ impl Tracker {
                 socket: k,
                 start_ms,
                 end_ms: now_ms,
+                netns: self.netns,
             });
         }
         events.len()
@@ -345,6 +359,9 @@ impl Tracker {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct FlowKey {
+    /// Network namespace key (0: the agent's own): flows of unknown owners in two pods stay
+    /// apart.
+    netns: u64,
     pid: Option<u32>,
     protocol: pb::Protocol,
     /// `None`: the "other" flow of this pid, protocol and direction.
@@ -490,6 +507,7 @@ impl FlowTable {
             _ => c.remote.port(),
         };
         let mut key = FlowKey {
+            netns: c.netns,
             pid: c.pid,
             protocol: c.protocol,
             remote: Some(remote),
@@ -589,6 +607,8 @@ fn to_flow(key: &FlowKey, acc: &FlowAcc) -> pb::Flow {
         connections: u32::try_from(acc.connections()).unwrap_or(u32::MAX),
         start_unix_ms: acc.start_ms,
         end_unix_ms: acc.end_ms,
+        netns_inode: key.netns,
+        container: None,
     }
 }
 
@@ -627,6 +647,7 @@ mod tests {
             socket,
             start_ms: 1,
             end_ms: 2,
+            netns: 0,
         }
     }
 

@@ -1,17 +1,21 @@
 //! Network flows: bytes sent and received per process and remote endpoint, per interval.
 //!
 //! Parts, one concern each:
+//! - [`netns`]: the node's network namespaces (pid → namespace), and the sockets opened inside
+//!   one on a helper thread (`setns`);
 //! - [`diag`]: sock_diag netlink dump of TCP and UDP sockets (IPv4 and IPv6) with `tcp_info`
 //!   (`bytes_acked`, `bytes_received`, `min_rtt`, `rtt`), and the message decoder;
-//! - [`destroy`]: the listener of the kernel's sock_diag destroy notifications, on its own
-//!   thread, which delivers each closed socket's final counters;
+//! - [`destroy`]: the listener of the kernel's sock_diag destroy notifications of every observed
+//!   namespace, on one thread, which delivers each closed socket's final counters;
 //! - [`owners`]: socket inode → pid through `/proc/<pid>/fd`, cached so that a steady node reads
 //!   no link at all;
 //! - [`procnet`]: the `/proc/net/{tcp,tcp6,udp,udp6}` fallback when netlink is refused (no
 //!   byte counters there);
 //! - [`flows`]: per-socket deltas between samples and their aggregation into `pb::Flow`s.
 //!
-//! [`NetCollector`] ties them together: [`NetCollector::sample`] takes one sample,
+//! [`NetCollector`] ties them together, with one socket tracker per network namespace and one
+//! owner cache for all (socket inodes are unique across namespaces):
+//! [`NetCollector::sample`] takes one sample,
 //! [`NetCollector::take`] hands out the flows accumulated since the previous take.
 //! [`NetHandle::spawn`] runs it on its own thread every `interval_secs`, and in between folds in
 //! destroy events every [`ABSORB_PERIOD`] so that the event queue stays short.
@@ -38,8 +42,13 @@
 //! - **Owners invisible to the agent** (no root: `/proc/<pid>/fd` of other users is unreadable)
 //!   are reported with `owner_unknown = true`, never dropped; `NetStatus::unknown_owners` counts
 //!   them.
-//! - **Other network namespaces** (containers with their own netns) are not seen: sock_diag and
-//!   `/proc/net` only show the namespace the agent runs in.
+//! - **Other network namespaces** (containers, pods) are seen by entering each distinct
+//!   `/proc/<pid>/ns/net` once ([`netns`]), which needs `CAP_SYS_ADMIN`; without it they are
+//!   read from `/proc/<pid>/net` with no byte counters (`NetStatus::namespaces_fallback`). A
+//!   namespace that holds sockets but no process (only bind-mounted, `ip netns add` without a
+//!   process) is not found; beyond `[net] max_namespaces` namespaces the ones with the fewest
+//!   processes are left out (`NetStatus::namespaces_skipped`). A namespace's first sample is a
+//!   baseline: bytes moved before it was first seen are not counted.
 //! - **UDP bytes** are never known (sock_diag has no UDP counters): connected UDP sockets (QUIC,
 //!   DNS through `connect`) appear as flows with `bytes_known = false`; unconnected UDP sockets
 //!   (`sendto` to many peers) have no remote endpoint and appear in no flow.
@@ -52,10 +61,11 @@
 pub mod destroy;
 pub mod diag;
 pub mod flows;
+pub mod netns;
 pub mod owners;
 pub mod procnet;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,9 +75,13 @@ use std::time::{Duration, Instant};
 
 use sov_proto::pb;
 
+use crate::collect::containers::Containers;
+use crate::collect::error_chain as chain;
+use crate::collect::namespaces;
 use crate::collect::net::destroy::DestroyListener;
 use crate::collect::net::diag::Dumper;
 use crate::collect::net::flows::{Contribution, Filter, FlowTable, Tracker};
+use crate::collect::net::netns::NsMap;
 use crate::collect::net::owners::OwnerCache;
 use crate::config::NetConfig;
 
@@ -86,21 +100,26 @@ pub const ABSORB_PERIOD: Duration = Duration::from_millis(250);
 pub const TABLE_FLOWS_FACTOR: usize = 2;
 /// Lower bound of the pending flow table.
 pub const MIN_TABLE_FLOWS: usize = 1024;
+/// Samples a network namespace may go without any process before its sockets are closed (its
+/// last destroy events arrive meanwhile).
+pub const NAMESPACE_GRACE_SAMPLES: u32 = 2;
 
 /// The state of flow observation, with counters since the previous take.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetStatus {
-    /// "netlink" or "proc-fallback" (of the latest sample), or "disabled".
+    /// "netlink" or "proc-fallback" (of the latest sample of the agent's own namespace), or
+    /// "disabled".
     pub mode: String,
-    /// Why the mode is degraded (fallback, or no destroy events); empty when all is well.
+    /// Why the mode is degraded (fallback, no destroy events, namespaces that could not be
+    /// entered); empty when all is well.
     pub reason: String,
-    /// Sockets in the latest sample (listeners included).
+    /// Sockets in the latest sample, all namespaces together (listeners included).
     pub sockets: usize,
     /// Sockets of the latest sample whose owning process could not be seen.
     pub unknown_owners: usize,
     /// Destroy events folded in since the previous take.
     pub destroyed_seen: u64,
-    /// True when subscribed to the sock_diag destroy groups.
+    /// True when subscribed to the sock_diag destroy groups (of the agent's own namespace).
     pub destroy_events: bool,
     /// Flows summed into an "other" flow (or dropped) for `max_flows_per_report` since the
     /// previous take.
@@ -113,6 +132,13 @@ pub struct NetStatus {
     /// Destroy-event losses since the previous take: `ENOBUFS` reports (each an unknown number
     /// of events) plus events dropped because the agent's queue was full.
     pub destroy_overruns: u64,
+    /// Network namespaces observed in the latest sample (the agent's own included).
+    pub namespaces: usize,
+    /// Of those, namespaces read from `/proc/<pid>/net` (no byte counters) because they could
+    /// not be entered.
+    pub namespaces_fallback: usize,
+    /// Namespaces left unobserved because `[net] max_namespaces` was reached.
+    pub namespaces_skipped: usize,
 }
 
 /// Construction options beyond the configuration (tests, tools).
@@ -167,11 +193,23 @@ struct Shared {
     table: FlowTable,
     status: NetStatus,
     max_flows: usize,
+    /// Containers of the pids owning pending flows.
+    pid_containers: HashMap<u32, pb::ContainerRef>,
+    /// The pod (or container) owning each network namespace key, when one does.
+    ns_containers: HashMap<u64, pb::ContainerRef>,
 }
 
 impl Shared {
     fn take(&mut self) -> (Vec<pb::Flow>, NetStatus) {
-        let (flows, dropped) = self.table.take(self.max_flows);
+        let (mut flows, dropped) = self.table.take(self.max_flows);
+        for f in &mut flows {
+            f.container = if f.pid != 0 {
+                self.pid_containers.get(&f.pid).cloned()
+            } else {
+                self.ns_containers.get(&f.netns_inode).cloned()
+            };
+        }
+        self.pid_containers.clear();
         self.status.dropped_flows += dropped;
         let status = self.status.clone();
         let s = &mut self.status;
@@ -191,37 +229,45 @@ fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 /// The current time in Unix milliseconds.
 pub use sov_common::clock::now_unix_ms;
 
-/// The whole error chain on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
+/// One observed network namespace: how it is read, and its sockets between samples.
+#[derive(Debug)]
+struct Namespace {
+    dumper: Option<Dumper>,
+    /// Why netlink is not used in it (forced, refused, or the namespace could not be entered).
+    no_netlink: Option<String>,
+    /// Listening to its destroy events.
+    destroy: bool,
+    /// Why there are no destroy events from it.
+    no_destroy: Option<String>,
+    tracker: Tracker,
+    /// Mode of the previous sample; a change restarts the baseline.
+    last_mode: Option<&'static str>,
+    /// Its processes at the latest discovery (the first is read for `/proc/<pid>/net`).
+    pids: Vec<u32>,
+    /// Samples in a row without any process.
+    empty_samples: u32,
 }
 
 /// Samples sockets and accumulates flows. `Send`: it moves to the sampling thread.
 #[derive(Debug)]
 pub struct NetCollector {
     enabled: bool,
+    all_namespaces: bool,
+    max_namespaces: usize,
+    force_proc_fallback: bool,
     proc_root: PathBuf,
-    dumper: Option<Dumper>,
-    /// Why netlink is not used at all (forced, or refused when opening).
-    no_netlink: Option<String>,
+    /// Inode of the agent's own network namespace (0 when unknown).
+    own_inode: u64,
+    /// By key (0: the agent's own).
+    namespaces: HashMap<u64, Namespace>,
+    nsmap: NsMap,
     destroy: Option<DestroyListener>,
-    /// Why there are no destroy events, when there are none.
-    no_destroy: Option<String>,
     /// Destroy losses already reported (the listener's counters are cumulative).
     destroy_losses_seen: u64,
     owners: OwnerCache,
-    tracker: Tracker,
-    /// Mode of the previous sample; a change restarts the baseline.
-    last_mode: Option<&'static str>,
     shared: Arc<Mutex<Shared>>,
     capacity_hint: usize,
+    containers: Option<Containers>,
 }
 
 impl NetCollector {
@@ -240,65 +286,95 @@ impl NetCollector {
             .max_flows_per_report
             .saturating_mul(TABLE_FLOWS_FACTOR)
             .max(MIN_TABLE_FLOWS);
-        let mut status = NetStatus::default();
-        let (dumper, no_netlink) = if !cfg.enabled {
-            (None, Some("net.enabled = false".to_owned()))
+        let mut own = Namespace {
+            dumper: None,
+            no_netlink: None,
+            destroy: false,
+            no_destroy: None,
+            tracker: Tracker::for_netns(0),
+            last_mode: None,
+            pids: Vec::new(),
+            empty_samples: 0,
+        };
+        let mut destroy = None;
+        if !cfg.enabled {
+            own.no_netlink = Some("net.enabled = false".to_owned());
         } else if opts.force_proc_fallback {
-            (None, Some("netlink not used: forced by options".to_owned()))
+            own.no_netlink = Some("netlink not used: forced by options".to_owned());
         } else {
             match Dumper::open() {
-                Ok(d) => (Some(d), None),
-                Err(e) => (None, Some(format!("netlink refused: {}", chain(&e)))),
+                Ok(d) => own.dumper = Some(d),
+                Err(e) => own.no_netlink = Some(format!("netlink refused: {}", chain(&e))),
             }
-        };
-        let (destroy, no_destroy) = match (&dumper, &no_netlink) {
-            (Some(_), _) => match DestroyListener::start() {
-                Ok(l) => (Some(l), None),
-                Err(e) => (
-                    None,
-                    Some(format!(
+        }
+        if own.dumper.is_some() {
+            match DestroyListener::start(0) {
+                Ok(l) => {
+                    destroy = Some(l);
+                    own.destroy = true;
+                }
+                Err(e) => {
+                    own.no_destroy = Some(format!(
                         "no destroy events ({}): connections opened and closed between two \
                          samples are not seen, and a closed connection's last bytes are lost",
                         chain(&e)
-                    )),
-                ),
-            },
-            (None, reason) => (None, reason.clone()),
-        };
-        if let Some(e) = &no_destroy {
+                    ));
+                }
+            }
+        } else {
+            own.no_destroy.clone_from(&own.no_netlink);
+        }
+        if let Some(e) = &own.no_destroy {
             tracing::warn!(reason = %e, "network flows degraded");
         }
-        status.mode = if !cfg.enabled {
-            MODE_DISABLED
-        } else if dumper.is_some() {
-            MODE_NETLINK
-        } else {
-            MODE_PROC_FALLBACK
-        }
-        .to_owned();
-        status.reason = no_netlink
-            .clone()
-            .or_else(|| no_destroy.clone())
-            .unwrap_or_default();
-        status.destroy_events = destroy.is_some();
+        let mut status = NetStatus {
+            mode: if !cfg.enabled {
+                MODE_DISABLED
+            } else if own.dumper.is_some() {
+                MODE_NETLINK
+            } else {
+                MODE_PROC_FALLBACK
+            }
+            .to_owned(),
+            reason: own
+                .no_netlink
+                .clone()
+                .or_else(|| own.no_destroy.clone())
+                .unwrap_or_default(),
+            destroy_events: own.destroy,
+            ..NetStatus::default()
+        };
+        status.namespaces = usize::from(cfg.enabled);
+        let mut namespaces = HashMap::new();
+        namespaces.insert(0, own);
         Self {
             enabled: cfg.enabled,
+            all_namespaces: cfg.all_namespaces,
+            max_namespaces: cfg.max_namespaces.max(1),
+            force_proc_fallback: opts.force_proc_fallback,
             owners: OwnerCache::new(&opts.proc_root),
+            own_inode: namespaces::own(namespaces::NET).unwrap_or(0),
             proc_root: opts.proc_root,
-            dumper,
-            no_netlink,
+            namespaces,
+            nsmap: NsMap::default(),
             destroy,
-            no_destroy,
             destroy_losses_seen: 0,
-            tracker: Tracker::default(),
-            last_mode: None,
             shared: Arc::new(Mutex::new(Shared {
                 table: FlowTable::new(filter, max_entries),
                 status,
                 max_flows: cfg.max_flows_per_report,
+                pid_containers: HashMap::new(),
+                ns_containers: HashMap::new(),
             })),
             capacity_hint: 0,
+            containers: None,
         }
+    }
+
+    /// Name the container (and pod) of every flow's process from `containers`.
+    pub fn with_containers(mut self, containers: Containers) -> Self {
+        self.containers = Some(containers);
+        self
     }
 
     /// The owner cache's walk statistics (for benchmarks and logs).
@@ -306,101 +382,316 @@ impl NetCollector {
         self.owners.stats()
     }
 
-    /// Take one sample now: dump the sockets, compute the deltas since the previous sample,
-    /// fold in destroyed sockets' final deltas, and add everything to the pending flows.
+    /// Network namespaces observed now (the agent's own included), and of those how many
+    /// have destroy events.
+    pub fn namespace_count(&self) -> (usize, usize) {
+        let with_events = self.namespaces.values().filter(|n| n.destroy).count();
+        (self.namespaces.len(), with_events)
+    }
+
+    /// Find the node's network namespaces: new ones are opened (entered on a helper thread),
+    /// ones without processes for [`NAMESPACE_GRACE_SAMPLES`] samples are closed.
+    fn discover(&mut self, now: Instant) -> usize {
+        if !self.all_namespaces {
+            return 0;
+        }
+        self.nsmap.refresh(&self.proc_root, now);
+        let found = self.nsmap.namespaces();
+        let own_inode = self.own_inode;
+        let own_key = |ino: u64| if ino == own_inode { 0 } else { ino };
+        for ns in self.namespaces.values_mut() {
+            ns.pids.clear();
+        }
+        let mut skipped = 0;
+        let mut sorted: Vec<(u64, Vec<u32>)> = found.into_iter().collect();
+        // Deterministic: the namespaces with the most processes first when over the bound.
+        sorted.sort_unstable_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+        for (ino, pids) in sorted {
+            let key = own_key(ino);
+            if let Some(ns) = self.namespaces.get_mut(&key) {
+                ns.pids = pids;
+                continue;
+            }
+            if self.namespaces.len() >= self.max_namespaces {
+                skipped += 1;
+                continue;
+            }
+            if let Some(ns) = self.open_namespace(ino, pids) {
+                self.namespaces.insert(key, ns);
+            }
+        }
+        let mut closed = Vec::new();
+        for (key, ns) in &mut self.namespaces {
+            if *key == 0 {
+                continue;
+            }
+            if ns.pids.is_empty() {
+                ns.empty_samples += 1;
+                if ns.empty_samples > NAMESPACE_GRACE_SAMPLES {
+                    closed.push(*key);
+                }
+            } else {
+                ns.empty_samples = 0;
+            }
+        }
+        for key in closed {
+            if let Some(ns) = self.namespaces.remove(&key)
+                && ns.destroy
+                && let Some(l) = &self.destroy
+            {
+                l.remove(key);
+            }
+            tracing::debug!(
+                netns = key,
+                "network namespace gone; its sockets are closed"
+            );
+        }
+        skipped
+    }
+
+    /// A namespace's sockets, opened inside it; `None` when its process went away meanwhile
+    /// (it is tried again at the next sample).
+    fn open_namespace(&mut self, ino: u64, pids: Vec<u32>) -> Option<Namespace> {
+        let mut ns = Namespace {
+            dumper: None,
+            no_netlink: None,
+            destroy: false,
+            no_destroy: None,
+            tracker: Tracker::for_netns(ino),
+            last_mode: None,
+            pids,
+            empty_samples: 0,
+        };
+        if self.force_proc_fallback {
+            ns.no_netlink = Some("netlink not used: forced by options".to_owned());
+            return Some(ns);
+        }
+        let &pid = ns.pids.first()?;
+        match netns::open_in(&self.proc_root, pid, ino) {
+            Ok(sockets) => {
+                ns.dumper = Some(sockets.dumper);
+                match (sockets.destroy, &self.destroy) {
+                    (Ok(sock), Some(l)) => {
+                        l.add(ino, sock);
+                        ns.destroy = true;
+                    }
+                    (Ok(_), None) => {
+                        ns.no_destroy = Some("no destroy-event listener".to_owned());
+                    }
+                    (Err(e), _) => ns.no_destroy = Some(chain(&e)),
+                }
+            }
+            Err(netns::NetnsError::Open { .. } | netns::NetnsError::Moved { .. }) => return None,
+            Err(e) => {
+                let why = format!("network namespace {ino}: {}", chain(&e));
+                tracing::info!(reason = %why, "reading that namespace from /proc/<pid>/net (no byte counts)");
+                ns.no_netlink = Some(why);
+            }
+        }
+        Some(ns)
+    }
+
+    /// Take one sample now: find the network namespaces, dump each one's sockets, compute the
+    /// deltas since the previous sample, fold in destroyed sockets' final deltas, and add
+    /// everything to the pending flows.
     ///
-    /// The very first sample (and the first after a switch between netlink and `/proc/net`) is
-    /// a baseline: it contributes nothing. Afterwards a socket absent from the previous sample
-    /// contributes its full counters (it was created, or completed its handshake, since).
+    /// The very first sample of a namespace (and the first after a switch between netlink and
+    /// `/proc/net`) is a baseline: it contributes nothing. Afterwards a socket absent from the
+    /// previous sample contributes its full counters (it was created, or completed its
+    /// handshake, since).
     pub fn sample(&mut self, now_unix_ms: i64) {
         if !self.enabled {
             return;
         }
-        let mut socks = Vec::with_capacity(self.capacity_hint);
+        let skipped = self.discover(Instant::now());
+        let mut dumps: Vec<(u64, Vec<ObservedSocket>, &'static str)> =
+            Vec::with_capacity(self.namespaces.len());
         let mut errors = 0u64;
-        let mut reason = self.no_netlink.clone();
-        let mut mode = MODE_PROC_FALLBACK;
-        if let Some(d) = self.dumper.as_mut() {
-            match d.dump_all(&mut socks) {
-                Ok(()) => mode = MODE_NETLINK,
-                Err(e) => {
-                    errors += 1;
-                    socks.clear();
-                    let r = format!("netlink dump failed: {}", chain(&e));
-                    tracing::warn!(reason = %r, "falling back to /proc/net for this sample");
-                    reason = Some(r);
+        let mut reasons: Vec<String> = Vec::new();
+        let mut own_failed: Option<String> = None;
+        let mut fallback = 0usize;
+        let mut keys: Vec<u64> = self.namespaces.keys().copied().collect();
+        keys.sort_unstable();
+        for key in keys {
+            let Some(ns) = self.namespaces.get_mut(&key) else {
+                continue;
+            };
+            let mut socks = Vec::with_capacity(if key == 0 { self.capacity_hint } else { 16 });
+            let mut mode = MODE_PROC_FALLBACK;
+            if let Some(d) = ns.dumper.as_mut() {
+                match d.dump_all(&mut socks) {
+                    Ok(()) => mode = MODE_NETLINK,
+                    Err(e) => {
+                        errors += 1;
+                        socks.clear();
+                        let r = format!("netlink dump failed: {}", chain(&e));
+                        tracing::warn!(reason = %r, netns = key, "falling back to /proc/net for this sample");
+                        reasons.push(r);
+                    }
+                }
+            } else if let Some(r) = &ns.no_netlink
+                && key != 0
+            {
+                reasons.push(r.clone());
+            }
+            if mode == MODE_PROC_FALLBACK {
+                if key != 0 {
+                    fallback += 1;
+                }
+                let root = if key == 0 {
+                    self.proc_root.clone()
+                } else {
+                    match ns.pids.first() {
+                        Some(pid) => self.proc_root.join(pid.to_string()),
+                        // No process left: nothing to read until it is closed.
+                        None => continue,
+                    }
+                };
+                match procnet::read_all(&root) {
+                    Ok((v, _bad)) => socks = v,
+                    Err(e) => {
+                        errors += 1;
+                        let why = format!("cannot read {}/net/tcp: {e}", root.display());
+                        if key == 0 {
+                            own_failed = Some(why);
+                        }
+                        continue;
+                    }
                 }
             }
-        }
-        if mode == MODE_PROC_FALLBACK {
-            match procnet::read_all(&self.proc_root) {
-                Ok((v, _bad)) => socks = v,
-                Err(e) => {
-                    let mut sh = lock(&self.shared);
-                    sh.status.sample_errors += errors + 1;
-                    sh.status.mode = MODE_PROC_FALLBACK.to_owned();
-                    let why = format!("cannot read {}/net/tcp: {e}", self.proc_root.display());
-                    sh.status.reason = match reason {
-                        Some(r) => format!("{r}; {why}"),
-                        None => why,
-                    };
-                    return;
-                }
+            if ns.last_mode != Some(mode) {
+                // Cookies and /proc/net keys do not match: start a new baseline.
+                ns.tracker = Tracker::for_netns(key);
+                ns.last_mode = Some(mode);
             }
+            dumps.push((key, socks, mode));
         }
-        if self.last_mode != Some(mode) {
-            // Cookies and /proc/net keys do not match: start a new baseline.
-            self.tracker = Tracker::default();
-            self.last_mode = Some(mode);
+        if let Some(why) = own_failed {
+            let own = self.namespaces.get(&0);
+            let mut sh = lock(&self.shared);
+            sh.status.sample_errors += errors;
+            sh.status.mode = MODE_PROC_FALLBACK.to_owned();
+            sh.status.reason = match own.and_then(|n| n.no_netlink.clone()) {
+                Some(r) => format!("{r}; {why}"),
+                None => why,
+            };
+            return;
         }
-        self.capacity_hint = socks.len() + socks.len() / 8;
+        let total: usize = dumps.iter().map(|d| d.1.len()).sum();
+        if let Some((_, own, _)) = dumps.iter().find(|d| d.0 == 0) {
+            self.capacity_hint = own.len() + own.len() / 8;
+        }
 
-        let live: HashSet<u32> = socks.iter().map(|s| s.inode).filter(|i| *i != 0).collect();
+        let live: HashSet<u32> = dumps
+            .iter()
+            .flat_map(|d| d.1.iter().map(|s| s.inode))
+            .filter(|i| *i != 0)
+            .collect();
         self.owners.refresh(&live, Instant::now());
         let mut contributions = Vec::new();
-        let owners = &self.owners;
-        let summary = self.tracker.observe_dump(
-            &socks,
-            now_unix_ms,
-            &|ino| owners.owner(ino),
-            &mut contributions,
-        );
-        let netlink = mode == MODE_NETLINK;
-        // Destroy events after the dump: a socket freed during the dump may be in it; its
-        // event then counts final − dumped counters (the dump was folded in first).
-        let destroyed = if netlink {
-            self.absorb_into(now_unix_ms, &mut contributions)
-        } else {
-            0
-        };
-        let subscribed = netlink && self.destroy.is_some();
-        let missed = self.tracker.finish(now_unix_ms, subscribed);
+        let mut unknown_owners = 0;
+        let mut own_mode = MODE_PROC_FALLBACK;
+        for (key, socks, mode) in &dumps {
+            let Some(ns) = self.namespaces.get_mut(key) else {
+                continue;
+            };
+            let owners = &self.owners;
+            let summary = ns.tracker.observe_dump(
+                socks,
+                now_unix_ms,
+                &|ino| owners.owner(ino),
+                &mut contributions,
+            );
+            unknown_owners += summary.unknown_owners;
+            if *key == 0 {
+                own_mode = mode;
+            }
+        }
+        // Destroy events after the dumps: a socket freed during a dump may be in it; its event
+        // then counts final − dumped counters (the dump was folded in first).
+        let destroyed = self.absorb_into(now_unix_ms, &mut contributions);
+        let mut missed = 0;
+        for (key, _, mode) in &dumps {
+            if let Some(ns) = self.namespaces.get_mut(key) {
+                let subscribed = *mode == MODE_NETLINK && ns.destroy;
+                missed += ns.tracker.finish(now_unix_ms, subscribed);
+            }
+        }
         let losses = self.destroy_losses();
+        let (pid_containers, ns_containers) = self.containers_of(&contributions);
 
+        let own = self.namespaces.get(&0);
+        let own_netlink = own_mode == MODE_NETLINK;
+        let own_reason = own.and_then(|n| {
+            if own_netlink {
+                n.no_destroy.clone()
+            } else {
+                n.no_netlink.clone()
+            }
+        });
         let mut sh = lock(&self.shared);
         for c in &contributions {
             sh.table.add(c);
         }
+        sh.pid_containers.extend(pid_containers);
+        sh.ns_containers = ns_containers;
         let st = &mut sh.status;
-        st.mode = mode.to_owned();
-        st.reason = reason
-            .or_else(|| self.no_destroy.clone().filter(|_| netlink))
-            .unwrap_or_default();
-        st.sockets = socks.len();
-        st.unknown_owners = summary.unknown_owners;
+        st.mode = own_mode.to_owned();
+        reasons.sort();
+        reasons.dedup();
+        let mut all: Vec<String> = own_reason.into_iter().collect();
+        all.extend(reasons);
+        if skipped > 0 {
+            all.push(format!(
+                "{skipped} network namespaces not observed: net.max_namespaces = {} reached",
+                self.max_namespaces
+            ));
+        }
+        st.reason = all.join("; ");
+        st.sockets = total;
+        st.unknown_owners = unknown_owners;
         st.destroyed_seen += destroyed as u64;
-        st.destroy_events = subscribed;
+        st.destroy_events = own_netlink && own.is_some_and(|n| n.destroy);
         st.sample_errors += errors;
         st.missed_final += missed;
         st.destroy_overruns += losses;
+        st.namespaces = dumps.len();
+        st.namespaces_fallback = fallback;
+        st.namespaces_skipped = skipped;
+    }
+
+    /// The containers of the contributions' owners, and the pod owning each other namespace.
+    #[allow(clippy::type_complexity)]
+    fn containers_of(
+        &self,
+        contributions: &[Contribution],
+    ) -> (
+        HashMap<u32, pb::ContainerRef>,
+        HashMap<u64, pb::ContainerRef>,
+    ) {
+        let Some(c) = &self.containers else {
+            return (HashMap::new(), HashMap::new());
+        };
+        let mut pids: Vec<u32> = contributions.iter().filter_map(|c| c.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        let by_pid = c.of_pids(&pids);
+        let mut by_ns = HashMap::new();
+        for (key, ns) in &self.namespaces {
+            if *key == 0 || ns.pids.is_empty() {
+                continue;
+            }
+            let refs = c.of_pids(&ns.pids);
+            if let Some(r) = common_owner(ns.pids.iter().map(|p| refs.get(p))) {
+                by_ns.insert(*key, r);
+            }
+        }
+        (by_pid, by_ns)
     }
 
     /// Fold in the destroy events received since the last sample (called between samples by
     /// the sampling thread so that the queue stays short).
     pub fn absorb_destroyed(&mut self, now_unix_ms: i64) {
-        if self.last_mode != Some(MODE_NETLINK) {
-            return;
-        }
         let mut contributions = Vec::new();
         let n = self.absorb_into(now_unix_ms, &mut contributions);
         let losses = self.destroy_losses();
@@ -421,8 +712,21 @@ impl NetCollector {
         };
         let mut events = Vec::new();
         l.drain(&mut events);
-        self.tracker.absorb_destroyed(&events, now_unix_ms, out);
-        events.len()
+        let mut by_ns: HashMap<u64, Vec<ObservedSocket>> = HashMap::new();
+        for (key, e) in events.drain(..) {
+            by_ns.entry(key).or_default().push(e);
+        }
+        let mut n = 0;
+        for (key, evs) in by_ns {
+            if let Some(ns) = self
+                .namespaces
+                .get_mut(&key)
+                .filter(|ns| ns.last_mode == Some(MODE_NETLINK))
+            {
+                n += ns.tracker.absorb_destroyed(&evs, now_unix_ms, out);
+            }
+        }
+        n
     }
 
     fn destroy_losses(&mut self) -> u64 {
@@ -449,6 +753,32 @@ impl NetCollector {
             sampler: None,
         }
     }
+}
+
+/// The one owner of a namespace's processes: their common container when they all share one,
+/// else their common pod (its container fields left empty); `None` when they differ, or when
+/// some process is not in a container.
+fn common_owner<'a>(
+    refs: impl Iterator<Item = Option<&'a pb::ContainerRef>>,
+) -> Option<pb::ContainerRef> {
+    let mut first: Option<pb::ContainerRef> = None;
+    for r in refs {
+        let r = r?;
+        match &mut first {
+            None => first = Some(r.clone()),
+            Some(f) if f.id == r.id => {}
+            Some(f) if !f.pod_uid.is_empty() && f.pod_uid == r.pod_uid => {
+                // Several containers of one pod: the pod, not any one container.
+                f.id.clear();
+                f.name.clear();
+                f.image.clear();
+                f.image_digest.clear();
+                f.container_name.clear();
+            }
+            Some(_) => return None,
+        }
+    }
+    first
 }
 
 /// The report builder's side of a [`NetCollector`] running on its own thread.
@@ -481,7 +811,19 @@ impl NetHandle {
         cfg: NetConfig,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<(NetHandle, JoinHandle<()>)> {
-        let mut collector = NetCollector::new(&cfg);
+        Self::spawn_with(NetCollector::new(&cfg), cfg, stop)
+    }
+
+    /// [`NetHandle::spawn`] over a collector made by the caller (with its containers).
+    ///
+    /// # Errors
+    ///
+    /// The operating system's error when it cannot create the thread.
+    pub fn spawn_with(
+        mut collector: NetCollector,
+        cfg: NetConfig,
+        stop: Arc<AtomicBool>,
+    ) -> std::io::Result<(NetHandle, JoinHandle<()>)> {
         let (request, requests) = std::sync::mpsc::sync_channel(1);
         let samples = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut handle = collector.handle();

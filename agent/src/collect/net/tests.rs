@@ -467,3 +467,36 @@ fn a_dual_stack_socket_reports_its_ipv4_mapped_peer_as_ipv4_text() {
     assert_eq!(inb[0].local_address, "127.0.0.1");
     drop((client, kept));
 }
+
+#[test]
+fn a_namespace_belongs_to_its_one_container_or_to_its_one_pod_else_to_nobody() {
+    let c = |id: &str, pod: &str| pb::ContainerRef {
+        id: id.into(),
+        pod_uid: pod.into(),
+        image: format!("img-{id}"),
+        container_name: format!("name-{id}"),
+        ..Default::default()
+    };
+    let (a1, a1_again, a2, b) = (
+        c("a1", "pod-a"),
+        c("a1", "pod-a"),
+        c("a2", "pod-a"),
+        c("b", "pod-b"),
+    );
+    let one = common_owner([Some(&a1), Some(&a1_again)].into_iter()).expect("one container");
+    assert_eq!((one.id.as_str(), one.image.as_str()), ("a1", "img-a1"));
+    let pod = common_owner([Some(&a1), Some(&a2)].into_iter()).expect("one pod");
+    assert_eq!(pod.pod_uid, "pod-a");
+    assert!(pod.id.is_empty() && pod.image.is_empty() && pod.container_name.is_empty());
+    assert_eq!(
+        common_owner([Some(&a1), Some(&b)].into_iter()),
+        None,
+        "two pods"
+    );
+    assert_eq!(
+        common_owner([Some(&a1), None].into_iter()),
+        None,
+        "a host process too"
+    );
+    assert_eq!(common_owner(std::iter::empty()), None);
+}

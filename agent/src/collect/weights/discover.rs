@@ -7,8 +7,15 @@
 //!
 //! The walk only lists directories and stats entries: it never opens a file. Names are not used
 //! to decide what a weight file is (Hugging Face blobs have no extension, Ollama blobs are named
-//! `sha256-<hex>`); only partial downloads, lock files and version-control or cache bookkeeping
-//! directories are skipped by name. Content sniffing is the caller's next step.
+//! `sha256-<hex>`); only lock files and version-control or cache bookkeeping directories are
+//! skipped by name. Partial downloads (`*.incomplete`, `sha256-<hex>-partial`) are candidates:
+//! a download in progress already holds the model's header, and is reported as incomplete.
+//! Content sniffing is the caller's next step.
+//!
+//! Inside a container ([`walk_confined`]) the walk reads the container's filesystem through
+//! `/proc/<pid>/root`, and every symlink is resolved by [`confined_resolve`] inside that root
+//! (an absolute target names the container's file, never the host's, and `..` stops at its
+//! root), so no path is ever canonicalized in the agent's own mount namespace.
 //!
 //! Links: directory symlinks are never followed (no loops, no escaping a root through a link to
 //! `/`), and a directory reached twice (a bind mount, nested roots) is walked once. File symlinks
@@ -70,17 +77,10 @@ const SKIP_DIR_NAMES: [&str; 7] = [
 ];
 /// Kernel pseudo-filesystems, skipped when a root is `/` itself.
 const PSEUDO_FS_DIRS: [&str; 4] = ["proc", "sys", "dev", "run"];
-/// Partial downloads and locks: Hugging Face `*.incomplete`, browsers and download tools.
-const SKIP_FILE_SUFFIXES: [&str; 6] = [
-    ".incomplete",
-    ".lock",
-    ".part",
-    ".partial",
-    ".crdownload",
-    ".aria2",
-];
-/// Ollama's partial downloads are `sha256-<hex>-partial` and `sha256-<hex>-partial-<n>`.
-const OLLAMA_PARTIAL_MARK: &str = "-partial";
+/// Lock files and download tools' control files (never weights).
+const SKIP_FILE_SUFFIXES: [&str; 2] = [".lock", ".aria2"];
+/// Most symlinks followed while resolving one path inside a container (the kernel's limit).
+pub const MAX_CONFINED_LINKS: usize = 40;
 
 /// Default roots from the environment and the filesystem: `$HF_HUB_CACHE`
 /// (and its legacy name `$HUGGINGFACE_HUB_CACHE`), `$HF_HOME/hub`, `$XDG_CACHE_HOME/huggingface/hub`,
@@ -94,6 +94,44 @@ const OLLAMA_PARTIAL_MARK: &str = "-partial";
 /// environment are ignored. Only existing directories are returned, each once (compared by
 /// canonical path), in the order above, as written (not canonicalized).
 pub fn default_roots(env: &dyn Fn(&str) -> Option<String>, fs_root: &Path) -> Vec<PathBuf> {
+    let wanted = default_root_names(env, fs_root);
+    let mut seen = HashSet::new();
+    let mut roots = Vec::new();
+    for path in wanted.iter().filter(|p| p.is_absolute()) {
+        let path = under(fs_root, path);
+        if !fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        let canonical = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        if seen.insert(canonical) {
+            roots.push(path);
+        }
+    }
+    roots
+}
+
+/// [`default_roots`] of a container whose root filesystem is `confine` (`/proc/<pid>/root`),
+/// with its environment `env`: the existing directories among the default names, resolved
+/// inside the container ([`confined_resolve`]), as paths below `confine`.
+pub fn default_roots_confined(
+    env: &dyn Fn(&str) -> Option<String>,
+    confine: &Path,
+) -> Vec<PathBuf> {
+    let mut seen = HashSet::new();
+    let mut roots = Vec::new();
+    for name in default_root_names(env, confine) {
+        let Ok(path) = confined_resolve(confine, &name) else {
+            continue;
+        };
+        if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) && seen.insert(path.clone()) {
+            roots.push(path);
+        }
+    }
+    roots
+}
+
+/// The default roots' absolute names (not checked), in [`default_roots`]' order.
+fn default_root_names(env: &dyn Fn(&str) -> Option<String>, fs_root: &Path) -> Vec<PathBuf> {
     let var = |name: &str| {
         env(name)
             .filter(|v| !v.trim().is_empty())
@@ -124,20 +162,63 @@ pub fn default_roots(env: &dyn Fn(&str) -> Option<String>, fs_root: &Path) -> Ve
         wanted.extend(HOME_SUBDIRS.iter().map(|sub| home.join(sub)));
     }
     wanted.extend(FIXED_ROOTS.iter().map(PathBuf::from));
+    wanted.retain(|p| p.is_absolute());
+    wanted
+}
 
-    let mut seen = HashSet::new();
-    let mut roots = Vec::new();
-    for path in wanted.iter().filter(|p| p.is_absolute()) {
-        let path = under(fs_root, path);
-        if !fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+/// `inner` (a path inside the container whose root is `confine`) resolved the way the
+/// container's own processes resolve it: every symlink component is followed inside `confine`
+/// (an absolute target restarts at `confine`, `..` never climbs above it), at most
+/// [`MAX_CONFINED_LINKS`] links. Returns `confine` joined with the resolved path; the final
+/// component may be missing (`NotFound` only for a missing directory on the way).
+pub fn confined_resolve(confine: &Path, inner: &Path) -> io::Result<PathBuf> {
+    let mut pending: Vec<std::ffi::OsString> = inner
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut done: Vec<std::ffi::OsString> = Vec::new();
+    let mut links = 0usize;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            done.pop();
             continue;
         }
-        let canonical = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-        if seen.insert(canonical) {
-            roots.push(path);
+        let mut here = confine.to_path_buf();
+        here.extend(&done);
+        here.push(&name);
+        match fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_CONFINED_LINKS {
+                    return Err(io::Error::other("too many levels of symbolic links"));
+                }
+                let target = fs::read_link(&here)?;
+                if target.is_absolute() {
+                    done.clear();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => pending.push(n.to_os_string()),
+                        Component::ParentDir => pending.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(_) => done.push(name),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && pending.is_empty() => {
+                done.push(name);
+            }
+            Err(e) => return Err(e),
         }
     }
-    roots
+    let mut out = confine.to_path_buf();
+    out.extend(&done);
+    Ok(out)
 }
 
 /// Home directories of uid 0 and of ordinary users (uid ≥ 1000, not `nobody`) in passwd text.
@@ -209,7 +290,24 @@ pub struct Walk {
 /// path, a Hugging Face blob path; ties go to the bytewise smallest. The others are `aliases`.
 /// Dangling symlinks are skipped silently; other problems are recorded in `errors`.
 pub fn walk(roots: &[PathBuf], max_depth: usize, max_files: usize) -> Walk {
+    walk_in(None, roots, max_depth, max_files)
+}
+
+/// [`walk`] inside a container whose root filesystem is `confine` (`/proc/<pid>/root`):
+/// `roots` are already below `confine` (from [`default_roots_confined`] or [`confined_resolve`]),
+/// and symlinks are resolved inside `confine`. Candidates' paths stay below `confine`.
+pub fn walk_confined(
+    confine: &Path,
+    roots: &[PathBuf],
+    max_depth: usize,
+    max_files: usize,
+) -> Walk {
+    walk_in(Some(confine), roots, max_depth, max_files)
+}
+
+fn walk_in(confine: Option<&Path>, roots: &[PathBuf], max_depth: usize, max_files: usize) -> Walk {
     let mut walker = Walker {
+        confine: confine.map(Path::to_path_buf),
         max_depth,
         max_files,
         entries: 0,
@@ -237,6 +335,8 @@ pub fn walk(roots: &[PathBuf], max_depth: usize, max_files: usize) -> Walk {
 
 /// State of one walk.
 struct Walker {
+    /// The container root every path stays inside (`None`: the agent's own namespace).
+    confine: Option<PathBuf>,
     max_depth: usize,
     max_files: usize,
     /// Directory entries examined so far.
@@ -263,9 +363,13 @@ impl Walker {
             Ok(m) => m,
             Err(e) => return self.error(root, &e),
         };
-        let real = match fs::canonicalize(root) {
-            Ok(r) => r,
-            Err(e) => return self.error(root, &e),
+        let real = match &self.confine {
+            // Resolved by the caller, inside the container.
+            Some(_) => root.to_path_buf(),
+            None => match fs::canonicalize(root) {
+                Ok(r) => r,
+                Err(e) => return self.error(root, &e),
+            },
         };
         if meta.is_file() {
             if self.count_entry() {
@@ -313,7 +417,7 @@ impl Walker {
         }
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
 
-        let at_fs_root = dir.real == Path::new("/");
+        let at_fs_root = dir.real == self.confine.as_deref().unwrap_or(Path::new("/"));
         let mut subdirs = Vec::new();
         for (name, entry) in entries {
             if !self.count_entry() {
@@ -358,6 +462,10 @@ impl Walker {
                     continue;
                 }
                 let path = entry.path();
+                if let Some(confine) = self.confine.clone() {
+                    self.add_confined_link(&confine, path, &dir.real, root);
+                    continue;
+                }
                 // One stat through the link says whether it is a file worth keeping and whether
                 // that file is known already (a Hugging Face blob, listed before `snapshots/`):
                 // only an unknown target costs resolving the canonical path.
@@ -383,6 +491,31 @@ impl Walker {
             }
         }
         subdirs
+    }
+
+    /// A symlink inside a container: resolved inside it, kept when its target is a file.
+    fn add_confined_link(&mut self, confine: &Path, link: PathBuf, real_dir: &Path, root: &Path) {
+        let Some(name) = link.file_name() else {
+            return;
+        };
+        let Ok(inner) = real_dir
+            .join(name)
+            .strip_prefix(confine)
+            .map(Path::to_path_buf)
+        else {
+            return;
+        };
+        let real = match confined_resolve(confine, &inner) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => return self.error(&link, &e),
+        };
+        match fs::symlink_metadata(&real) {
+            Ok(meta) if meta.is_file() => self.add(link, Some(real), &meta, root),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => self.error(&link, &e),
+        }
     }
 
     /// The canonical path of the target of the symlink `link` (which lives in the canonical
@@ -530,7 +663,6 @@ fn skip_file(name: &OsStr) -> bool {
         return false;
     };
     SKIP_FILE_SUFFIXES.iter().any(|s| name.ends_with(s))
-        || (name.starts_with("sha256") && name.contains(OLLAMA_PARTIAL_MARK))
 }
 
 #[cfg(test)]
@@ -647,18 +779,71 @@ mod tests {
     }
 
     #[test]
-    fn small_files_partial_downloads_and_git_directories_are_not_candidates() {
+    fn small_files_locks_and_git_directories_are_not_candidates_but_partial_downloads_are() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path();
         write(&root.join("tiny.safetensors"), 100);
         write(&root.join("blobs/abcd.incomplete"), 4096);
         write(&root.join("blobs/sha256-abcd-partial-0"), 4096);
         write(&root.join("blobs/sha256-abcd-partial"), 4096);
+        write(&root.join("blobs/abcd.lock"), 4096);
         write(&root.join(".git/objects/pack/big.pack"), 4096);
         write(&root.join("blobs/sha256-abcd"), 4096);
         let w = walk(&[root.to_path_buf()], DEFAULT_MAX_DEPTH, DEFAULT_MAX_FILES);
         let paths: Vec<_> = w.candidates.iter().map(|c| c.path.clone()).collect();
-        assert_eq!(paths, vec![root.join("blobs/sha256-abcd")]);
+        assert_eq!(
+            paths,
+            vec![
+                root.join("blobs/abcd.incomplete"),
+                root.join("blobs/sha256-abcd"),
+                root.join("blobs/sha256-abcd-partial"),
+                root.join("blobs/sha256-abcd-partial-0"),
+            ]
+        );
+    }
+
+    #[test]
+    fn inside_a_container_absolute_links_and_dot_dots_stay_in_its_root() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let confine = tmp.path().join("rootfs");
+        write(&confine.join("models/real/w.gguf"), 4096);
+        write(&confine.join("etc/passwd"), 2048);
+        fs::create_dir_all(confine.join("cache")).expect("mkdir");
+        // An absolute link names the container's /models, not the host's.
+        symlink("/models/real", confine.join("cache/hf")).expect("link");
+        // A link climbing out with .. stops at the container's root.
+        symlink(
+            "../../../../../etc/passwd",
+            confine.join("models/real/escape.bin"),
+        )
+        .expect("link");
+        symlink(
+            "/models/real/w.gguf",
+            confine.join("models/real/alias.gguf"),
+        )
+        .expect("link");
+        assert_eq!(
+            confined_resolve(&confine, Path::new("/cache/hf/w.gguf")).expect("resolves"),
+            confine.join("models/real/w.gguf")
+        );
+        assert_eq!(
+            confined_resolve(&confine, Path::new("/models/real/escape.bin")).expect("resolves"),
+            confine.join("etc/passwd")
+        );
+        let roots = vec![confined_resolve(&confine, Path::new("/cache/hf")).expect("root")];
+        let w = walk_confined(&confine, &roots, DEFAULT_MAX_DEPTH, DEFAULT_MAX_FILES);
+        let mut real: Vec<_> = w.candidates.iter().map(|c| c.real_path.clone()).collect();
+        real.sort();
+        assert_eq!(
+            real,
+            vec![
+                confine.join("etc/passwd"),
+                confine.join("models/real/w.gguf")
+            ],
+            "{:#?}",
+            w.candidates
+        );
+        assert!(real.iter().all(|p| p.starts_with(&confine)));
     }
 
     #[test]

@@ -171,6 +171,19 @@ impl Identifier {
         let Some(first) = paths.first() else {
             return from_header.unwrap_or_default();
         };
+        self.identify_at(paths, first, from_header)
+    }
+
+    /// [`Identifier::identify`] for a file inside a container: `paths` are where the agent reads
+    /// it (below `/proc/<pid>/root`, so that the repository's refs and the Ollama manifests are
+    /// read from the container's filesystem), `shown` is its path inside the container, which
+    /// the directory-name fallback uses.
+    pub fn identify_at(
+        &mut self,
+        paths: &[&Path],
+        shown: &Path,
+        from_header: Option<Identity>,
+    ) -> Identity {
         // A snapshot path says more than a blob path: try every path for a snapshot first.
         let mut blob_only = None;
         for path in paths {
@@ -198,7 +211,7 @@ impl Identifier {
         if let Some(id) = from_header.filter(|id| !id.model.is_empty()) {
             return id;
         }
-        from_directory(first)
+        from_directory(shown)
     }
 
     /// [`Identifier::identify`] over a candidate's path, aliases and real path.

@@ -2,11 +2,31 @@
 //! location → users → fingerprint, kept current by a background scanner thread, and handed to
 //! the report builder as a full inventory or as the changes since the previous report.
 //!
+//! Files come from three places, deduplicated by (device, inode) in this order:
+//! 1. the weight roots (configured, or the defaults that exist) in the agent's own mount
+//!    namespace (`found_by = "root"`);
+//! 2. the same roots inside every other mount namespace's filesystem (containers, pods), once
+//!    per namespace, read through `/proc/<pid>/root` with links resolved inside the container
+//!    (`"container-root"`);
+//! 3. the files processes map or hold open, wherever they live (`"process"`): one pass over
+//!    `/proc/<pid>/maps` and `fd/` per scan ([`users::scan_processes`]) that also gives every
+//!    file's users. Only files of at least `process_min_file_bytes` whose (device, inode) was
+//!    never examined are sniffed, at most `max_new_files_per_scan` per scan; files that are not
+//!    weights are remembered by (device, inode) and never read again. A file found this way
+//!    stays listed while a process of its mount namespace can still reach it.
+//!
+//! A container's file is reported with its path inside the container (`container_path`), the
+//! host path where the host can reach the same file (its overlay layer, its volume's source:
+//! the file's device and inode then match the ones processes map), its storage from the
+//! container's own mount table (an NFS volume is NFS and names its server), its container and
+//! pod, and identity from the in-container layout, read through the container's root.
+//!
 //! Costs: a rescan of unchanged files only lists directories and stats files (no file is
 //! opened); headers are read once per new or changed file; fingerprints are computed once per
 //! (device, inode, size, mtime) and remembered across restarts in the hash cache.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,9 +39,25 @@ use super::formats::{self, Format, Parsed};
 use super::hash::{self, HashCache, RateLimiter};
 use super::identity::{self, Identifier, Identity, IdentitySource};
 use super::storage::{self, MountTable};
-use super::users;
+use super::users::{self, FileUse, Interest};
+use crate::collect::containers::Containers;
+use crate::collect::namespaces;
 use crate::config::WeightsConfig;
 
+/// `WeightFile.found_by` of a file under a root in the agent's own namespace.
+pub const FOUND_BY_ROOT: &str = "root";
+/// `WeightFile.found_by` of a file under a root inside a container.
+pub const FOUND_BY_CONTAINER_ROOT: &str = "container-root";
+/// `WeightFile.found_by` of a file a process maps or holds open outside every root.
+pub const FOUND_BY_PROCESS: &str = "process";
+/// At most this many other mount namespaces have their roots searched per scan.
+pub const MAX_CONTAINER_NAMESPACES: usize = 512;
+/// Directory entries one container's roots walk examines at most.
+pub const CONTAINER_WALK_MAX_FILES: usize = 100_000;
+/// Bytes of a process's environment read to find its roots (`HF_HOME`, …).
+pub const MAX_ENVIRON_BYTES: u64 = 1 << 20;
+/// At most this many (device, inode) pairs known not to be weights are remembered.
+pub const MAX_NOT_WEIGHTS: usize = 200_000;
 /// Most header errors remembered for `scan` to show.
 pub const MAX_ERRORS: usize = 100;
 /// Hashing rate while the agent is over its resource budget, bytes per second.
@@ -36,6 +72,14 @@ type FileStamp = (u64, u64, u64, i64);
 struct Entry {
     stamp: FileStamp,
     file: pb::WeightFile,
+    /// Where the agent reads the file (the path itself for a host file; through
+    /// `/proc/<pid>/root` or a process's handle for a container's).
+    read_path: PathBuf,
+    /// Every (device, inode) naming this file: the file itself and, for a container's file
+    /// reached through its overlay, the overlay's view of it (what `stat` of a descriptor gives).
+    keys: Vec<(u64, u64)>,
+    /// For a file found in a mount namespace: (namespace, path inside it).
+    origin: Option<(u64, PathBuf)>,
 }
 
 /// What the report builder takes: the whole inventory or the changes.
@@ -53,6 +97,8 @@ pub struct WeightUpdate {
 #[derive(Debug, Default)]
 pub struct Inventory {
     entries: BTreeMap<String, Entry>,
+    /// (mount namespace, path inside it) → key in `entries`.
+    by_origin: HashMap<(u64, PathBuf), String>,
     /// Files whose content is not a weight format, by stamp (never sniffed again unchanged).
     not_weights: HashMap<(u64, u64), FileStamp>,
     changed: BTreeSet<String>,
@@ -151,6 +197,69 @@ pub struct WeightsScanner {
     cache: HashCache,
     limiter: RateLimiter,
     proc_root: PathBuf,
+    containers: Option<Containers>,
+    /// Users gathered by the latest scan's process pass, for `refresh_users` to use at once.
+    fresh_uses: Option<HashMap<(u64, u64), Vec<FileUse>>>,
+}
+
+/// A file found inside a mount namespace (a container's root, or through a process).
+#[derive(Debug)]
+struct NsItem {
+    /// Mount namespace (the agent's own for a host process's file).
+    mntns: u64,
+    /// A process in it (for its root, its mount table and its container).
+    pid: u32,
+    /// Path inside the namespace.
+    cpath: PathBuf,
+    /// Where to read it.
+    read_path: PathBuf,
+    /// Paths read for the in-container layout (refs, manifests), below the container's root.
+    layout_paths: Vec<PathBuf>,
+    /// Other paths inside the namespace reaching it.
+    aliases: Vec<PathBuf>,
+    stamp: FileStamp,
+    found_by: &'static str,
+}
+
+fn stamp_of(m: &std::fs::Metadata) -> FileStamp {
+    (
+        m.dev(),
+        m.ino(),
+        m.len(),
+        m.mtime()
+            .saturating_mul(1000)
+            .saturating_add(m.mtime_nsec() / 1_000_000),
+    )
+}
+
+/// The environment of `pid` (bounded), as a lookup.
+fn environ(proc_root: &Path, pid: u32) -> HashMap<String, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    if let Ok(f) = std::fs::File::open(proc_root.join(pid.to_string()).join("environ")) {
+        let _ = f.take(MAX_ENVIRON_BYTES).read_to_end(&mut bytes);
+    }
+    bytes
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = std::str::from_utf8(kv).ok()?;
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+/// How strong an identity's source is, for sharing one across a model's shards.
+fn source_rank(source: &str) -> u8 {
+    match source {
+        "hf-cache" => 6,
+        "ollama-manifest" => 5,
+        "gguf-metadata" => 4,
+        "safetensors-metadata" => 3,
+        "directory" => 2,
+        "sha256" => 1,
+        _ => 0,
+    }
 }
 
 fn configured_rate(cfg: &WeightsConfig) -> Option<u64> {
@@ -203,7 +312,15 @@ impl WeightsScanner {
             cfg,
             handle,
             proc_root: PathBuf::from("/proc"),
+            containers: None,
+            fresh_uses: None,
         }
+    }
+
+    /// Name the container (and pod) of every copy found in a container and of every user.
+    pub fn with_containers(mut self, containers: Containers) -> Self {
+        self.containers = Some(containers);
+        self
     }
 
     /// The roots to search: configured, or the defaults that exist on this machine.
@@ -214,7 +331,8 @@ impl WeightsScanner {
         }
     }
 
-    /// One pass: discover, sniff new or changed files, locate them; no users, no hashing.
+    /// One pass: discover (roots, containers' roots, processes' files), sniff new or changed
+    /// files, locate and identify them; users are gathered on the way, no hashing.
     pub fn scan(&mut self) {
         let roots = self.roots();
         let walk = discover::walk(
@@ -222,6 +340,7 @@ impl WeightsScanner {
             discover::DEFAULT_MAX_DEPTH,
             discover::DEFAULT_MAX_FILES,
         );
+        let mut truncated = walk.truncated;
         // Built on first need only: a rescan where nothing changed reads no file at all.
         let mut identifier: Option<Identifier> = None;
         let mut mounts: Option<MountTable> = None;
@@ -236,10 +355,15 @@ impl WeightsScanner {
         let mut fresh: Vec<Entry> = Vec::new();
         let mut not_weights: Vec<((u64, u64), FileStamp)> = Vec::new();
         let mut errors: Vec<(String, String)> = Vec::new();
+        // Every (device, inode) listed this scan, for the dedup of the later sources.
+        let mut claimed: HashSet<(u64, u64)> = HashSet::new();
+        let mut live_keys: HashSet<(u64, u64)> = HashSet::new();
         for c in &walk.candidates {
             let path = c.path.to_string_lossy().into_owned();
             let stamp: FileStamp = (c.device, c.inode, c.size, c.mtime_unix_ms);
             seen.insert(path.clone());
+            claimed.insert((c.device, c.inode));
+            live_keys.insert((c.device, c.inode));
             if known.get(&path) == Some(&stamp) {
                 continue;
             }
@@ -261,6 +385,9 @@ impl WeightsScanner {
                     fresh.push(Entry {
                         stamp,
                         file: describe(c, &parsed, id, mounts),
+                        read_path: c.real_path.clone(),
+                        keys: vec![(c.device, c.inode)],
+                        origin: None,
                     });
                 }
                 Err(e) => {
@@ -270,9 +397,61 @@ impl WeightsScanner {
                 }
             }
         }
+
+        // Inside other mount namespaces, then through processes.
+        // The agent's own mount namespace, and the host's (pid 1's): they differ under systemd
+        // (PrivateTmp, ProtectSystem) and in a DaemonSet; neither is a container.
+        let own_mnt = namespaces::own(namespaces::MNT).unwrap_or(0);
+        let host_mnt = namespaces::of_pid(&self.proc_root, 1, namespaces::MNT).unwrap_or(own_mnt);
+        let by_mnt = if self.cfg.container_roots || self.cfg.process_files {
+            namespaces::by_namespace(&self.proc_root, namespaces::MNT)
+        } else {
+            HashMap::new()
+        };
+        let mut items: Vec<NsItem> = Vec::new();
+        if self.cfg.container_roots {
+            truncated |= self.container_roots(&by_mnt, &[own_mnt, host_mnt], &mut items);
+        }
+        let mut ns = NsScan {
+            own_mnt,
+            host_mnt,
+            own_mounts: None,
+            mounts: HashMap::new(),
+            identifier: identifier.unwrap_or_default(),
+            budget: self.cfg.max_new_files_per_scan,
+            over_budget: 0,
+        };
+        if self.cfg.process_files {
+            // Files in containers' roots are found first: they keep their better paths.
+            let (more, uses, met) = self.process_items(&by_mnt, own_mnt, host_mnt, &claimed);
+            live_keys.extend(met);
+            items.extend(more);
+            self.fresh_uses = Some(uses);
+        } else {
+            self.fresh_uses = None;
+        }
+        for item in items {
+            live_keys.insert((item.stamp.0, item.stamp.1));
+            self.absorb_item(
+                item,
+                &mut ns,
+                &known,
+                &mut seen,
+                &mut claimed,
+                &mut fresh,
+                &mut not_weights,
+                &mut errors,
+            );
+        }
+        if ns.over_budget > 0 {
+            tracing::debug!(
+                waiting = ns.over_budget,
+                "files found through processes and containers left for the next scan"
+            );
+        }
         // Fingerprints already known (this run or a previous one) are filled in at once.
         for e in &mut fresh {
-            if let Ok(m) = std::fs::metadata(&e.file.path)
+            if let Ok(m) = std::fs::metadata(&e.read_path)
                 && let Some(sha) = self.cache.get(&hash::file_key(&m))
             {
                 e.file.sha256 = sha;
@@ -281,7 +460,9 @@ impl WeightsScanner {
         let mut inv = lock(&self.handle.inner);
         inv.scans += 1;
         for (k, stamp) in not_weights {
-            inv.not_weights.insert(k, stamp);
+            if inv.not_weights.len() < MAX_NOT_WEIGHTS {
+                inv.not_weights.insert(k, stamp);
+            }
         }
         for (path, e) in errors {
             if inv.errors.len() < MAX_ERRORS {
@@ -290,11 +471,14 @@ impl WeightsScanner {
         }
         for e in fresh {
             let path = e.file.path.clone();
+            if let Some(o) = &e.origin {
+                inv.by_origin.insert(o.clone(), path.clone());
+            }
             inv.changed.insert(path.clone());
             inv.removed.remove(&path);
             inv.entries.insert(path, e);
         }
-        if !walk.truncated {
+        if !truncated {
             let gone: Vec<String> = inv
                 .entries
                 .keys()
@@ -302,53 +486,414 @@ impl WeightsScanner {
                 .cloned()
                 .collect();
             for p in gone {
-                inv.entries.remove(&p);
+                if let Some(e) = inv.entries.remove(&p)
+                    && let Some(o) = e.origin
+                {
+                    inv.by_origin.remove(&o);
+                }
                 inv.changed.remove(&p);
                 inv.removed.insert(p);
             }
-            let live: HashSet<(u64, u64)> = walk
-                .candidates
-                .iter()
-                .map(|c| (c.device, c.inode))
-                .collect();
-            inv.not_weights.retain(|k, _| live.contains(k));
+            inv.not_weights.retain(|k, _| live_keys.contains(k));
+        }
+        let grouped = group_shards(&mut inv.entries);
+        inv.changed.extend(grouped);
+    }
+
+    /// The roots inside every other mount namespace, as items; true when a walk was cut short.
+    fn container_roots(
+        &self,
+        by_mnt: &HashMap<u64, Vec<u32>>,
+        not_containers: &[u64],
+        items: &mut Vec<NsItem>,
+    ) -> bool {
+        let mut truncated = false;
+        let mut spaces: Vec<(&u64, &Vec<u32>)> = by_mnt
+            .iter()
+            .filter(|(ns, _)| !not_containers.contains(ns))
+            .collect();
+        spaces.sort_unstable_by_key(|(ns, _)| **ns);
+        for (&mntns, pids) in spaces.into_iter().take(MAX_CONTAINER_NAMESPACES) {
+            let Some(&pid) = pids.first() else {
+                continue;
+            };
+            let confine = self.proc_root.join(pid.to_string()).join("root");
+            let roots: Vec<PathBuf> = match &self.cfg.roots {
+                Some(r) => r
+                    .iter()
+                    .filter_map(|r| discover::confined_resolve(&confine, r).ok())
+                    .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()))
+                    .collect(),
+                None => {
+                    let env = environ(&self.proc_root, pid);
+                    discover::default_roots_confined(&|k| env.get(k).cloned(), &confine)
+                }
+            };
+            if roots.is_empty() {
+                continue;
+            }
+            let w = discover::walk_confined(
+                &confine,
+                &roots,
+                discover::DEFAULT_MAX_DEPTH,
+                CONTAINER_WALK_MAX_FILES,
+            );
+            truncated |= w.truncated;
+            let inside = |p: &Path| -> Option<PathBuf> {
+                Some(Path::new("/").join(p.strip_prefix(&confine).ok()?))
+            };
+            for c in w.candidates {
+                let Some(cpath) = inside(&c.path) else {
+                    continue;
+                };
+                let mut layout_paths = vec![c.path.clone()];
+                layout_paths.extend(c.aliases.iter().cloned());
+                layout_paths.push(c.real_path.clone());
+                items.push(NsItem {
+                    mntns,
+                    pid,
+                    aliases: c.aliases.iter().filter_map(|a| inside(a)).collect(),
+                    cpath,
+                    read_path: c.real_path,
+                    layout_paths,
+                    stamp: (c.device, c.inode, c.size, c.mtime_unix_ms),
+                    found_by: FOUND_BY_CONTAINER_ROOT,
+                });
+            }
+        }
+        truncated
+    }
+
+    /// One pass over every process: the files outside what is already claimed (new ones, and
+    /// the ones found through processes before that are still reachable), the users of every
+    /// file, and every (device, inode) met.
+    #[allow(clippy::type_complexity)]
+    fn process_items(
+        &self,
+        by_mnt: &HashMap<u64, Vec<u32>>,
+        own_mnt: u64,
+        host_mnt: u64,
+        claimed: &HashSet<(u64, u64)>,
+    ) -> (
+        Vec<NsItem>,
+        HashMap<(u64, u64), Vec<FileUse>>,
+        HashSet<(u64, u64)>,
+    ) {
+        let (entry_keys, not_weights, previous): (
+            HashSet<(u64, u64)>,
+            HashSet<(u64, u64)>,
+            Vec<(u64, PathBuf, Vec<(u64, u64)>)>,
+        ) = {
+            let inv = lock(&self.handle.inner);
+            (
+                inv.entries
+                    .values()
+                    .flat_map(|e| e.keys.iter().copied())
+                    .collect(),
+                inv.not_weights.keys().copied().collect(),
+                inv.entries
+                    .values()
+                    .filter(|e| e.file.found_by == FOUND_BY_PROCESS)
+                    .filter_map(|e| e.origin.clone().map(|(n, p)| (n, p, e.keys.clone())))
+                    .collect(),
+            )
+        };
+        let min = self.cfg.process_min_file_bytes;
+        let pf = users::scan_processes(&self.proc_root, &|key| {
+            if claimed.contains(&key) || entry_keys.contains(&key) {
+                Interest::User
+            } else if not_weights.contains(&key) {
+                Interest::Ignore
+            } else {
+                Interest::Candidate
+            }
+        });
+        let mnt_of: HashMap<u32, u64> = by_mnt
+            .iter()
+            .flat_map(|(ns, pids)| pids.iter().map(move |p| (*p, *ns)))
+            .collect();
+        let mut items = Vec::new();
+        let mut sighted: HashSet<(u64, PathBuf)> = HashSet::new();
+        let mut sightings: Vec<_> = pf.sightings.iter().collect();
+        sightings.sort_unstable_by_key(|(k, s)| (s.pid, **k));
+        for (_, s) in sightings {
+            let mntns = mnt_of.get(&s.pid).copied().unwrap_or(host_mnt);
+            let root_path =
+                (mntns != own_mnt).then(|| self.proc_root.join(s.pid.to_string()).join("root"));
+            let through_root = match &root_path {
+                Some(r) => r.join(s.path.strip_prefix("/").unwrap_or(&s.path)),
+                None => s.path.clone(),
+            };
+            // The handle opens the very file; its path inside the namespace is a fallback.
+            let Some((read_path, meta)) = [s.handle.clone(), through_root.clone()]
+                .into_iter()
+                .filter(|p| !(s.deleted && *p == through_root))
+                .find_map(|p| std::fs::metadata(&p).ok().map(|m| (p, m)))
+            else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            if meta.len() < min {
+                continue;
+            }
+            sighted.insert((mntns, s.path.clone()));
+            items.push(NsItem {
+                mntns,
+                pid: s.pid,
+                cpath: s.path.clone(),
+                read_path,
+                layout_paths: vec![through_root],
+                aliases: vec![],
+                stamp: stamp_of(&meta),
+                found_by: FOUND_BY_PROCESS,
+            });
+        }
+        // Files found through processes before: still there while their namespace can reach
+        // them (a model unmapped after loading still resides in the container).
+        for (mntns, cpath, keys) in previous {
+            if sighted.contains(&(mntns, cpath.clone())) {
+                continue;
+            }
+            let Some(pid) = by_mnt.get(&mntns).and_then(|p| p.first().copied()) else {
+                continue;
+            };
+            let path = if mntns == own_mnt {
+                cpath.clone()
+            } else {
+                self.proc_root
+                    .join(pid.to_string())
+                    .join("root")
+                    .join(cpath.strip_prefix("/").unwrap_or(&cpath))
+            };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !keys.contains(&(meta.dev(), meta.ino())) {
+                continue;
+            }
+            items.push(NsItem {
+                mntns,
+                pid,
+                cpath,
+                read_path: path.clone(),
+                layout_paths: vec![path],
+                aliases: vec![],
+                stamp: stamp_of(&meta),
+                found_by: FOUND_BY_PROCESS,
+            });
+        }
+        (items, pf.uses, pf.seen)
+    }
+
+    /// One file of a namespace: unchanged (kept), a duplicate of a file already listed (an
+    /// alias), or new (sniffed within the scan's budget, located, identified).
+    #[allow(clippy::too_many_arguments)]
+    fn absorb_item(
+        &self,
+        item: NsItem,
+        ns: &mut NsScan,
+        known: &HashMap<String, FileStamp>,
+        seen: &mut HashSet<String>,
+        claimed: &mut HashSet<(u64, u64)>,
+        fresh: &mut Vec<Entry>,
+        not_weights: &mut Vec<((u64, u64), FileStamp)>,
+        errors: &mut Vec<(String, String)>,
+    ) {
+        let key = (item.stamp.0, item.stamp.1);
+        // Unchanged since the previous scan: nothing is read.
+        let previous = {
+            let inv = lock(&self.handle.inner);
+            inv.by_origin
+                .get(&(item.mntns, item.cpath.clone()))
+                .and_then(|p| inv.entries.get(p).map(|e| (p.clone(), e.keys.clone())))
+        };
+        if let Some((path, keys)) = &previous
+            && known.get(path) == Some(&item.stamp)
+        {
+            seen.insert(path.clone());
+            claimed.extend(keys.iter().copied());
+            // The process it was read through may be gone: read it through this one now.
+            if let Some(e) = lock(&self.handle.inner).entries.get_mut(path) {
+                e.read_path = item.read_path;
+            }
+            return;
+        }
+        if claimed.contains(&key) {
+            return;
+        }
+        if lock(&self.handle.inner).not_weights.get(&key) == Some(&item.stamp) {
+            return;
+        }
+        if ns.budget == 0 {
+            ns.over_budget += 1;
+            return;
+        }
+        ns.budget -= 1;
+        // The agent's own namespace: paths resolve here; the host's: its paths are host paths.
+        let agents = item.mntns == ns.own_mnt;
+        let own = item.mntns == ns.host_mnt;
+        // Where the file lives: the namespace's own mount table.
+        let table = ns.mounts_of(&self.proc_root, item.mntns, item.pid);
+        let mount = if agents {
+            table.locate(&item.cpath, Some(key.0)).cloned()
+        } else {
+            table.locate_in_namespace(&item.cpath, Some(key.0)).cloned()
+        };
+        let host = if own {
+            Some((item.cpath.clone(), key))
+        } else {
+            let own_table = ns.own_table();
+            mount.as_ref().and_then(|m| {
+                storage::host_path(m, &item.cpath, own_table, &|p| {
+                    std::fs::symlink_metadata(p)
+                        .ok()
+                        .filter(std::fs::Metadata::is_file)
+                        .map(|m| (m.dev(), m.ino()))
+                })
+            })
+        };
+        let mut keys = vec![];
+        if let Some((_, k)) = &host {
+            keys.push(*k);
+        }
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+        if keys.iter().any(|k| claimed.contains(k)) {
+            // The same file, listed already (a host root, or another container of one image).
+            return;
+        }
+        let container = if own {
+            None
+        } else {
+            self.containers.as_ref().and_then(|c| c.of_pid(item.pid))
+        };
+        let wire_path = match &host {
+            Some((p, _)) => p.to_string_lossy().into_owned(),
+            None => format!(
+                "container:{}:{}",
+                container
+                    .as_ref()
+                    .map(|c| c.id.clone())
+                    .filter(|id| !id.is_empty())
+                    .unwrap_or_else(|| format!("mntns-{}", item.mntns)),
+                item.cpath.display()
+            ),
+        };
+        seen.insert(wire_path.clone());
+        claimed.extend(keys.iter().copied());
+        if let Some((path, _)) = previous
+            && path != wire_path
+        {
+            // Its host path changed (a layer appeared or went): the old name is gone.
+            seen.remove(&path);
+        }
+        match formats::parse_path(&item.read_path) {
+            Ok(None) => not_weights.push((key, item.stamp)),
+            Ok(Some(parsed)) => {
+                let layout: Vec<&Path> = item.layout_paths.iter().map(PathBuf::as_path).collect();
+                let id = ns
+                    .identifier
+                    .identify_at(&layout, &item.cpath, header_identity(&parsed));
+                let c = Candidate {
+                    path: PathBuf::from(&wire_path),
+                    real_path: item.read_path.clone(),
+                    device: keys[0].0,
+                    inode: keys[0].1,
+                    size: item.stamp.2,
+                    mtime_unix_ms: item.stamp.3,
+                    root: PathBuf::new(),
+                    aliases: vec![],
+                };
+                let mut file = describe_at(&c, &parsed, id, mount.as_ref());
+                if !own {
+                    file.container_path = item.cpath.to_string_lossy().into_owned();
+                    file.mntns_inode = item.mntns;
+                    file.container = container;
+                }
+                file.host_path_known = host.is_some();
+                file.found_by = item.found_by.to_owned();
+                file.aliases = item
+                    .aliases
+                    .iter()
+                    .map(|a| {
+                        if own {
+                            a.to_string_lossy().into_owned()
+                        } else {
+                            format!("container:{}", a.display())
+                        }
+                    })
+                    .collect();
+                fresh.push(Entry {
+                    stamp: item.stamp,
+                    file,
+                    read_path: item.read_path,
+                    keys,
+                    origin: Some((item.mntns, item.cpath)),
+                });
+            }
+            Err(e) => {
+                tracing::debug!(path = %wire_path, error = %e, "weight file refused");
+                errors.push((wire_path, e.to_string()));
+                not_weights.push((key, item.stamp));
+            }
         }
     }
 
-    /// Which processes have each file open or mapped.
+    /// Which processes have each file open or mapped (from the latest scan's process pass when
+    /// there was one since the previous call, else from a pass of its own).
     pub fn refresh_users(&mut self) {
         let wanted: HashSet<(u64, u64)> = {
             let inv = lock(&self.handle.inner);
             inv.entries
                 .values()
-                .map(|e| (e.file.device, e.file.inode))
+                .flat_map(|e| e.keys.iter().copied())
                 .collect()
         };
+        let fresh = self.fresh_uses.take();
         if wanted.is_empty() {
             return;
         }
-        let uses = users::scan_users(&self.proc_root, &wanted);
+        let uses = match fresh {
+            Some(u) => u,
+            None => users::scan_users(&self.proc_root, &wanted),
+        };
         let mut names: HashMap<u32, String> = HashMap::new();
+        let mut all_pids: Vec<u32> = uses.values().flatten().map(|u| u.pid).collect();
+        all_pids.sort_unstable();
+        all_pids.dedup();
+        let containers = self
+            .containers
+            .as_ref()
+            .map(|c| c.of_pids(&all_pids))
+            .unwrap_or_default();
         let mut inv = lock(&self.handle.inner);
         let mut changed = Vec::new();
         for (path, e) in inv.entries.iter_mut() {
-            let now: Vec<pb::WeightUser> = uses
-                .get(&(e.file.device, e.file.inode))
-                .map(|v| {
-                    v.iter()
-                        .map(|u| pb::WeightUser {
-                            pid: u.pid,
-                            process: names
-                                .entry(u.pid)
-                                .or_insert_with(|| comm(&self.proc_root, u.pid))
-                                .clone(),
-                            mapped: u.mapped,
-                            open: u.open,
-                            gpu_uuids: vec![],
-                        })
-                        .collect()
+            let mut by_pid: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
+            for k in &e.keys {
+                for u in uses.get(k).into_iter().flatten() {
+                    let slot = by_pid.entry(u.pid).or_default();
+                    slot.0 |= u.mapped;
+                    slot.1 |= u.open;
+                }
+            }
+            let now: Vec<pb::WeightUser> = by_pid
+                .into_iter()
+                .map(|(pid, (mapped, open))| pb::WeightUser {
+                    pid,
+                    process: names
+                        .entry(pid)
+                        .or_insert_with(|| comm(&self.proc_root, pid))
+                        .clone(),
+                    mapped,
+                    open,
+                    gpu_uuids: vec![],
+                    container: containers.get(&pid).cloned(),
                 })
-                .unwrap_or_default();
+                .collect();
             if now != e.file.users {
                 e.file.open_by_pids = now.iter().map(|u| u.pid).collect();
                 e.file.users = now;
@@ -365,14 +910,9 @@ impl WeightsScanner {
             let inv = lock(&self.handle.inner);
             inv.entries
                 .values()
-                .filter(|e| e.file.sha256.is_empty())
-                .map(|e| {
-                    (
-                        e.file.path.clone(),
-                        PathBuf::from(&e.file.path),
-                        e.file.size_bytes,
-                    )
-                })
+                // A download in progress changes under the hash: fingerprinted once whole.
+                .filter(|e| e.file.sha256.is_empty() && !e.file.incomplete)
+                .map(|e| (e.file.path.clone(), e.read_path.clone(), e.file.size_bytes))
                 .collect()
         };
         let mut hashed = 0usize;
@@ -418,8 +958,7 @@ impl WeightsScanner {
             // Only when the hashed file is the one the entry describes; a replaced file is
             // described (and hashed from the cache) at the next scan.
             if let Some(e) = inv.entries.get_mut(&key).filter(|e| {
-                (e.file.device, e.file.inode, e.file.size_bytes)
-                    == (fkey.device, fkey.inode, fkey.size)
+                e.keys.contains(&(fkey.device, fkey.inode)) && e.file.size_bytes == fkey.size
             }) {
                 e.file.sha256 = sha;
                 inv.changed.insert(key);
@@ -461,6 +1000,20 @@ impl WeightsScanner {
 }
 
 fn describe(c: &Candidate, parsed: &Parsed, id: Identity, mounts: &MountTable) -> pb::WeightFile {
+    let mount = mounts.locate(&c.real_path, Some(c.device)).cloned();
+    let mut f = describe_at(c, parsed, id, mount.as_ref());
+    f.found_by = FOUND_BY_ROOT.to_owned();
+    f.host_path_known = true;
+    f
+}
+
+/// The wire description of a parsed file whose mount (in its own namespace) is `mount`.
+fn describe_at(
+    c: &Candidate,
+    parsed: &Parsed,
+    id: Identity,
+    mount: Option<&storage::Mount>,
+) -> pb::WeightFile {
     let file_name = c
         .path
         .file_name()
@@ -477,10 +1030,8 @@ fn describe(c: &Candidate, parsed: &Parsed, id: Identity, mounts: &MountTable) -
         }
         None => (0, 0, String::new()),
     };
-    let storage = mounts
-        .locate(&c.real_path, Some(c.device))
-        .map(storage::location)
-        .unwrap_or_default();
+    let storage = mount.map(storage::location).unwrap_or_default();
+    let declared = parsed.header.declared_len.unwrap_or(0);
     pb::WeightFile {
         path: c.path.to_string_lossy().into_owned(),
         format: format_code(parsed.format) as i32,
@@ -514,7 +1065,79 @@ fn describe(c: &Candidate, parsed: &Parsed, id: Identity, mounts: &MountTable) -
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect(),
+        incomplete: declared > c.size,
+        declared_size_bytes: declared,
         ..Default::default()
+    }
+}
+
+/// The shards of one model (same `shard_set`) share the strongest identity any of them has
+/// (llama.cpp writes `general.name` into the first split only): returns the paths changed.
+fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
+    let mut best: HashMap<String, pb::ModelIdentity> = HashMap::new();
+    for e in entries.values() {
+        let Some(id) = &e.file.identity else {
+            continue;
+        };
+        if e.file.shard_set.is_empty() {
+            continue;
+        }
+        let slot = best
+            .entry(e.file.shard_set.clone())
+            .or_insert_with(|| id.clone());
+        if source_rank(&id.source) > source_rank(&slot.source) {
+            *slot = id.clone();
+        }
+    }
+    let mut changed = Vec::new();
+    for (path, e) in entries.iter_mut() {
+        let Some(b) = best.get(&e.file.shard_set) else {
+            continue;
+        };
+        let id = e.file.identity.get_or_insert_with(Default::default);
+        if source_rank(&b.source) > source_rank(&id.source) {
+            id.model.clone_from(&b.model);
+            id.revision.clone_from(&b.revision);
+            id.refs.clone_from(&b.refs);
+            id.source.clone_from(&b.source);
+            id.publisher.clone_from(&b.publisher);
+            changed.push(path.clone());
+        }
+    }
+    changed
+}
+
+/// The per-scan caches of the namespace sources.
+#[derive(Debug)]
+struct NsScan {
+    /// The agent's own mount namespace.
+    own_mnt: u64,
+    /// The host's (pid 1's; the agent's own when pid 1 cannot be read).
+    host_mnt: u64,
+    own_mounts: Option<MountTable>,
+    /// Each other namespace's mount table, read once per scan.
+    mounts: HashMap<u64, MountTable>,
+    identifier: Identifier,
+    /// New files that may still be sniffed this scan.
+    budget: usize,
+    /// New files left for the next scan.
+    over_budget: usize,
+}
+
+impl NsScan {
+    fn own_table(&mut self) -> &MountTable {
+        self.own_mounts
+            .get_or_insert_with(|| MountTable::load().unwrap_or_else(|_| MountTable::parse("")))
+    }
+
+    fn mounts_of(&mut self, proc_root: &Path, mntns: u64, pid: u32) -> &MountTable {
+        if mntns == self.own_mnt {
+            return self.own_table();
+        }
+        self.mounts.entry(mntns).or_insert_with(|| {
+            MountTable::load_from(&proc_root.join(pid.to_string()).join("mountinfo"))
+                .unwrap_or_else(|_| MountTable::parse(""))
+        })
     }
 }
 

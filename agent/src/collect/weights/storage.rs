@@ -87,6 +87,9 @@ pub struct Mount {
     pub device: u64,
     /// Where it is mounted, unescaped.
     pub mount_point: PathBuf,
+    /// The directory of the filesystem that is mounted there (field 4: `/` for a whole
+    /// filesystem, the source directory of a bind mount such as a volume).
+    pub root: PathBuf,
     /// Filesystem type, e.g. `ext4`, `nfs4`, `fuse.sshfs`.
     pub fs_type: String,
     /// Mount source, e.g. `/dev/nvme0n1p1`, `10.0.0.5:/export`, `//filer/share`.
@@ -135,6 +138,17 @@ impl MountTable {
     /// removing `.` and `..` lexically; a relative path that cannot be resolved matches nothing.
     pub fn locate(&self, path: &Path, device: Option<u64>) -> Option<&Mount> {
         let path = fs::canonicalize(path).unwrap_or_else(|_| lexical_normal(path));
+        self.locate_resolved(&path, device)
+    }
+
+    /// [`MountTable::locate`] for a path already free of links, as another mount namespace
+    /// sees it (a container's table, loaded from `/proc/<pid>/mountinfo`): never canonicalized
+    /// in the agent's own namespace, where it would name another file.
+    pub fn locate_in_namespace(&self, path: &Path, device: Option<u64>) -> Option<&Mount> {
+        self.locate_resolved(&lexical_normal(path), device)
+    }
+
+    fn locate_resolved(&self, path: &Path, device: Option<u64>) -> Option<&Mount> {
         if !path.is_absolute() {
             return None;
         }
@@ -310,6 +324,7 @@ fn parse_line(line: &str) -> Option<Mount> {
     let mount_id = fields.first()?.parse().ok()?;
     let (major, minor) = fields.get(2)?.split_once(':')?;
     let device = makedev(major.parse().ok()?, minor.parse().ok()?);
+    let root = PathBuf::from(OsString::from_vec(unescape(fields.get(3)?)));
     let mount_point = PathBuf::from(OsString::from_vec(unescape(fields.get(4)?)));
     let mount_opts = fields.get(5)?;
     let fs_type = lossy_unescape(fields.get(sep + 1)?);
@@ -330,6 +345,7 @@ fn parse_line(line: &str) -> Option<Mount> {
         mount_id,
         device,
         mount_point,
+        root,
         fs_type,
         source,
         options,
@@ -380,6 +396,75 @@ fn lexical_normal(path: &Path) -> PathBuf {
     out
 }
 
+/// The upper directory then the lower directories of an overlay mount's options
+/// (`upperdir=…`, `lowerdir=a:b`, with `\\:` escaping a colon in a name), in lookup order.
+pub fn overlay_layers(options: &str) -> Vec<PathBuf> {
+    let opt = |key: &str| {
+        options
+            .split(',')
+            .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
+            .filter(|v| !v.is_empty())
+    };
+    let mut layers: Vec<PathBuf> = opt("upperdir").map(PathBuf::from).into_iter().collect();
+    if let Some(lower) = opt("lowerdir") {
+        let mut cur = String::new();
+        let mut chars = lower.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cur.extend(chars.next()),
+                ':' => layers.push(PathBuf::from(std::mem::take(&mut cur))),
+                c => cur.push(c),
+            }
+        }
+        if !cur.is_empty() {
+            layers.push(PathBuf::from(cur));
+        }
+    }
+    layers.retain(|p| p.is_absolute());
+    layers
+}
+
+/// Where the file at `path` inside a mount namespace (its mount `m` from that namespace's
+/// table) is reachable from the agent's own namespace (`own`), and that file's device and
+/// inode: for an overlay (a container's root filesystem), the first layer directory holding it;
+/// for a bind mount (a volume, a hostPath), the same directory of the same device mounted in
+/// `own`. `None` when neither is reachable (a tmpfs of the container, a layer directory the
+/// agent cannot see). `exists(path)` stats a host path (the real filesystem in production).
+pub fn host_path(
+    m: &Mount,
+    path: &Path,
+    own: &MountTable,
+    exists: &dyn Fn(&Path) -> Option<(u64, u64)>,
+) -> Option<(PathBuf, (u64, u64))> {
+    let rel = lexical_normal(path);
+    let rel = rel.strip_prefix(&m.mount_point).ok()?;
+    if m.fs_type == "overlay" {
+        return overlay_layers(&m.options).into_iter().find_map(|layer| {
+            let p = layer.join(rel);
+            exists(&p).map(|k| (p, k))
+        });
+    }
+    // The file's path inside its filesystem, then every mount of that filesystem here.
+    let in_fs = m.root.join(rel);
+    let mut mounts: Vec<&Mount> = own
+        .mounts()
+        .iter()
+        .filter(|h| h.device == m.device && in_fs.starts_with(&h.root))
+        .collect();
+    // The most specific mount first (the longest root), then the shortest mount point.
+    mounts.sort_by_key(|h| {
+        (
+            std::cmp::Reverse(h.root.components().count()),
+            h.mount_point.components().count(),
+        )
+    });
+    mounts.into_iter().find_map(|h| {
+        let below = in_fs.strip_prefix(&h.root).ok()?;
+        let p = h.mount_point.join(below);
+        exists(&p).map(|k| (p, k))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,6 +491,60 @@ mod tests {
 
     fn table() -> MountTable {
         MountTable::parse(MOUNTINFO)
+    }
+
+    #[test]
+    fn overlay_layers_come_upper_first_then_lower_with_escaped_colons() {
+        let t = table();
+        let m = mount(&t, "/var/lib/docker/overlay2/abc/merged");
+        assert_eq!(
+            overlay_layers(&m.options),
+            vec![
+                PathBuf::from("/var/lib/docker/overlay2/abc/diff"),
+                PathBuf::from("/var/lib/docker/overlay2/l/X"),
+                PathBuf::from("/var/lib/docker/overlay2/l/Y"),
+            ]
+        );
+        assert_eq!(
+            overlay_layers("lowerdir=/a\\:b:/c"),
+            vec![PathBuf::from("/a:b"), PathBuf::from("/c")]
+        );
+        assert_eq!(m.root, Path::new("/"));
+        assert_eq!(
+            mount(&t, "/data/stack").root,
+            Path::new("/"),
+            "the tmpfs on top"
+        );
+    }
+
+    #[test]
+    fn a_containers_file_is_found_in_its_overlay_layer_or_its_volumes_source() {
+        // The container's own table: an overlay root and a volume bound from the host's
+        // /data/cache directory (the host mounts that filesystem at /data).
+        let container = MountTable::parse(
+            "1 0 0:90 / / rw - overlay overlay rw,lowerdir=/l/1:/l/2,upperdir=/u,workdir=/w\n\
+             2 1 259:3 /cache/models /models ro - xfs /dev/nvme1n1 rw\n",
+        );
+        let host = table();
+        let present = |p: &Path| match p.to_str() {
+            Some("/l/2/opt/w.safetensors") => Some((1, 2)),
+            Some("/data/cache/models/llama/w.gguf") => Some((3, 4)),
+            _ => None,
+        };
+        let root = &container.mounts()[0];
+        assert_eq!(
+            host_path(root, Path::new("/opt/w.safetensors"), &host, &present),
+            Some((PathBuf::from("/l/2/opt/w.safetensors"), (1, 2)))
+        );
+        let vol = container
+            .locate_in_namespace(Path::new("/models/llama/w.gguf"), None)
+            .expect("the volume");
+        assert_eq!(vol.mount_point, Path::new("/models"));
+        assert_eq!(
+            host_path(vol, Path::new("/models/llama/w.gguf"), &host, &present),
+            Some((PathBuf::from("/data/cache/models/llama/w.gguf"), (3, 4)))
+        );
+        assert_eq!(host_path(root, Path::new("/tmp/x"), &host, &present), None);
     }
 
     fn mount<'a>(t: &'a MountTable, point: &str) -> &'a Mount {
@@ -601,6 +740,7 @@ mod tests {
             mount_id: 1,
             device: 1,
             mount_point: PathBuf::from("/mnt/s3"),
+            root: PathBuf::from("/"),
             fs_type: "fuse".into(),
             source: "s3fs".into(),
             options: "rw".into(),

@@ -233,16 +233,15 @@ impl<R: Read + Seek> Parser<'_, '_, R> {
                 .pos()
                 .checked_next_multiple_of(alignment)
                 .and_then(|start| start.checked_add(data_end));
-            if file_end.is_none_or(|e| e > self.src.len()) {
+            // Tensor data past the end of the file: an incomplete file (its header is whole),
+            // reported with its declared length.
+            let Some(file_end) = file_end else {
                 return Err(FormatError::malformed(
                     "gguf tensor data",
-                    format!(
-                        "{data_end} bytes from offset {} run past the {}-byte file",
-                        self.src.pos(),
-                        self.src.len()
-                    ),
+                    format!("{data_end} bytes from offset {} overflow", self.src.pos()),
                 ));
-            }
+            };
+            header.declared_len = Some(file_end);
         }
         header.tensor_count = tensor_count;
         header.parameter_count = Some(params);
@@ -802,7 +801,18 @@ mod tests {
     }
 
     #[test]
-    fn every_truncation_of_a_valid_file_is_an_error_or_not_recognised() {
+    fn every_truncation_of_a_valid_file_is_an_error_not_recognised_or_incomplete() {
         assert_prefixes_fail_cleanly(&sample());
+    }
+
+    #[test]
+    fn a_file_cut_in_its_tensor_data_keeps_its_name_and_declares_its_whole_length() {
+        let whole = sample();
+        let cut = &whole[..whole.len() - 1];
+        let p = sniff_bytes(cut).expect("parses").expect("recognised");
+        assert_eq!(p.header.declared_len, Some(whole.len() as u64));
+        assert!(p.header.metadata.contains_key("general.name"));
+        let p = sniff_bytes(&whole).expect("parses").expect("recognised");
+        assert_eq!(p.header.declared_len, Some(whole.len() as u64));
     }
 }

@@ -89,6 +89,10 @@ pub struct Header {
     /// ONNX model fields; at most [`MAX_METADATA_ENTRIES`], values cut to
     /// [`MAX_METADATA_VALUE_BYTES`].
     pub metadata: BTreeMap<String, String>,
+    /// The file length the header declares (header and every tensor's data), where the format
+    /// says (safetensors, GGUF). Longer than the file: the file is incomplete (a download in
+    /// progress, one chunk of a file split for transfer) and is reported as such.
+    pub declared_len: Option<u64>,
 }
 
 impl Header {

@@ -95,7 +95,7 @@ impl Facts {
             tensor_count: self.tensors,
             parameter_count: (self.storages > 0).then_some(self.storage_elements),
             dtypes: self.dtypes.into_iter().collect(),
-            metadata: Default::default(),
+            ..Default::default()
         }
     }
 }

@@ -83,12 +83,15 @@ pub fn parse<R: Read + Seek>(r: &mut R, file_len: u64) -> Result<Header, FormatE
             "does not start with '{'",
         ));
     }
-    let data_len = file_len.saturating_sub(LEN_BYTES + n);
     let mut de = serde_json::Deserializer::from_slice(&json);
-    let header = HeaderSeed { data_len }
+    let mut header = HeaderSeed
         .deserialize(&mut de)
         .and_then(|h| de.end().map(|()| h))
         .map_err(|e| FormatError::malformed("safetensors header", e.to_string()))?;
+    // The visitor left the end of the furthest tensor's data, relative to the data section.
+    header.declared_len = header
+        .declared_len
+        .map(|end| end.saturating_add(LEN_BYTES + n));
     Ok(header)
 }
 
@@ -100,11 +103,9 @@ struct TensorInfo {
     data_offsets: (u64, u64),
 }
 
-/// Deserializes the header map into totals, checking offsets against the data section length.
+/// Deserializes the header map into totals and the end of the furthest tensor's data.
 #[derive(Debug)]
-struct HeaderSeed {
-    data_len: u64,
-}
+struct HeaderSeed;
 
 impl<'de> DeserializeSeed<'de> for HeaderSeed {
     type Value = Header;
@@ -125,6 +126,7 @@ impl<'de> Visitor<'de> for HeaderSeed {
         let mut header = Header::default();
         let mut dtypes = BTreeSet::new();
         let mut params: u64 = 0;
+        let mut data_end: u64 = 0;
         while let Some(name) = map.next_key::<String>()? {
             if name == METADATA_KEY {
                 let metadata: BTreeMap<String, String> = map.next_value()?;
@@ -142,12 +144,13 @@ impl<'de> Visitor<'de> for HeaderSeed {
                     A::Error::custom(format!("tensor {name:?}: element count overflows"))
                 })?;
             let (begin, end) = info.data_offsets;
-            if begin > end || end > self.data_len {
+            if begin > end {
                 return Err(A::Error::custom(format!(
-                    "tensor {name:?}: data offsets [{begin}, {end}] outside the {} data bytes",
-                    self.data_len
+                    "tensor {name:?}: data offsets [{begin}, {end}] are reversed"
                 )));
             }
+            // Past the file's data (an incomplete file) is reported, not refused.
+            data_end = data_end.max(end);
             if let Some(bits) = dtype_bits(&info.dtype) {
                 let expected = numel
                     .checked_mul(bits)
@@ -169,6 +172,7 @@ impl<'de> Visitor<'de> for HeaderSeed {
         }
         header.parameter_count = Some(params);
         header.dtypes = dtypes.into_iter().collect();
+        header.declared_len = Some(data_end);
         Ok(header)
     }
 }
@@ -268,11 +272,15 @@ mod tests {
     }
 
     #[test]
-    fn data_offsets_beyond_the_file_are_malformed() {
+    fn data_offsets_beyond_the_file_make_an_incomplete_file_and_reversed_ones_are_malformed() {
         let json = br#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
         let mut bytes = with_header_len(json.len() as u64, json);
         bytes.extend([0u8; 8]); // only half of the data
-        let err = sniff_bytes(&bytes).expect_err("offsets past the end");
+        let p = sniff_bytes(&bytes).expect("parses").expect("recognised");
+        assert_eq!(p.header.declared_len, Some(8 + json.len() as u64 + 16));
+        assert!(p.header.declared_len > Some(bytes.len() as u64));
+        let json = br#"{"w":{"dtype":"F32","shape":[0],"data_offsets":[16,0]}}"#;
+        let err = sniff_bytes(&with_header_len(json.len() as u64, json)).expect_err("reversed");
         assert!(matches!(err, FormatError::Malformed { .. }), "{err}");
     }
 
@@ -296,8 +304,23 @@ mod tests {
     }
 
     #[test]
-    fn every_truncation_of_a_valid_file_is_an_error_or_not_recognised() {
+    fn every_truncation_of_a_valid_file_is_an_error_not_recognised_or_incomplete() {
         assert_prefixes_fail_cleanly(&sample());
+    }
+
+    #[test]
+    fn a_file_cut_in_its_data_parses_and_declares_its_whole_length() {
+        let whole = sample();
+        let cut = &whole[..whole.len() - 10];
+        let p = sniff_bytes(cut).expect("parses").expect("recognised");
+        assert_eq!(p.header.declared_len, Some(whole.len() as u64));
+        assert_eq!(p.header.tensor_count, 3);
+        let p = sniff_bytes(&whole).expect("parses").expect("recognised");
+        assert_eq!(
+            p.header.declared_len,
+            Some(whole.len() as u64),
+            "whole: not incomplete"
+        );
     }
 
     #[test]

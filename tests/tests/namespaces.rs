@@ -1,0 +1,271 @@
+//! What runs outside the agent's own namespaces, seen by the agent: real kernel namespaces the
+//! test creates (`ip netns`, `unshare`), real traffic, real mapped files.
+//! - a process in its own network namespace (a pod) sending 5,000,000 bytes is seen by the flow
+//!   sampler with its pid and namespace, within 1 %;
+//! - a process in its own mount namespace mapping a safetensors file only that namespace sees
+//!   is found by `sov-agent scan --json` with its sha256, its in-namespace path and the holder;
+//! - a host process mapping a weight file outside every root is found.
+//!
+//! Each test skips loudly where namespaces cannot be created (not root, no `ip`/`unshare`).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sov_agent::collect::namespaces;
+use sov_agent::collect::net::{NetCollector, now_unix_ms};
+use sov_agent::config::NetConfig;
+use sov_e2e::netns::{Client, Linked, sink};
+use sov_e2e::{KillOnDrop, agent_scan, scan_config, sha256sum};
+
+const SENT: usize = 5_000_000;
+
+fn within_one_percent(got: u64, want: u64) -> bool {
+    got.abs_diff(want) * 100 <= want
+}
+
+#[test]
+fn a_process_in_its_own_network_namespace_is_seen_with_its_pid_namespace_and_bytes() {
+    let pair = match Linked::create(1) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "SKIP a_process_in_its_own_network_namespace: cannot create network namespaces \
+                 here ({e}); run as root with iproute2"
+            );
+            return;
+        }
+    };
+    let (_sink, port) = sink(Some(&pair.server), &pair.server_ip, 0);
+    let addr = format!("{}:{port}", pair.server_ip).parse().unwrap();
+    let mut client = Client::connect(Some(&pair.client), addr, SENT);
+    let pid = client.pid();
+    let netns = namespaces::of_pid(Path::new("/proc"), pid, namespaces::NET).unwrap();
+    assert_ne!(
+        Some(netns),
+        namespaces::own(namespaces::NET),
+        "the client is in a namespace of its own"
+    );
+
+    let mut c = NetCollector::new(&NetConfig::default());
+    c.sample(now_unix_ms());
+    let (_, status) = c.take();
+    if status.mode != "netlink" {
+        eprintln!(
+            "SKIP: sock_diag netlink unavailable here ({})",
+            status.reason
+        );
+        return;
+    }
+    assert!(status.namespaces >= 2, "{status:?}");
+    assert_eq!(
+        status.namespaces_fallback, 0,
+        "entered with setns: {status:?}"
+    );
+
+    client.send();
+    // The last segments are acknowledged within milliseconds; sample until they are.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut flows = Vec::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        c.sample(now_unix_ms());
+        flows.extend(c.take().0);
+        let sent: u64 = flows
+            .iter()
+            .filter(|f| f.pid == pid)
+            .map(|f| f.bytes_sent)
+            .sum();
+        if sent >= SENT as u64 || Instant::now() > deadline {
+            break;
+        }
+    }
+    let mine: Vec<_> = flows.iter().filter(|f| f.pid == pid).collect();
+    assert!(!mine.is_empty(), "no flow of pid {pid}: {flows:#?}");
+    for f in &mine {
+        assert_eq!(f.netns_inode, netns, "{f:?}");
+        assert_eq!(f.remote_address, pair.server_ip, "{f:?}");
+        assert_eq!(f.remote_port, u32::from(port), "{f:?}");
+        assert!(!f.owner_unknown && f.bytes_known, "{f:?}");
+        assert_eq!(f.local_address, pair.client_ip, "{f:?}");
+    }
+    let sent: u64 = mine.iter().map(|f| f.bytes_sent).sum();
+    assert!(
+        within_one_percent(sent, SENT as u64),
+        "sent {sent} of {SENT}: {mine:#?}"
+    );
+    // Nothing of it is attributed to the agent's own namespace.
+    assert!(
+        flows
+            .iter()
+            .filter(|f| f.remote_address == pair.server_ip)
+            .all(|f| f.netns_inode == netns),
+        "{flows:#?}"
+    );
+}
+
+/// Safetensors bytes of one F32 tensor of `n` elements (`n` ≥ 262,144 passes the agent's
+/// 1 MiB floor for files found through processes).
+fn safetensors_bytes(n: usize, seed: u8) -> Vec<u8> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let data: Vec<u8> = (0..n * 4).map(|i| (i as u8).wrapping_mul(seed)).collect();
+    let t = TensorView::new(Dtype::F32, vec![n], &data).unwrap();
+    safetensors::serialize(vec![("w", t)], None).unwrap()
+}
+
+/// `scan --json` with no weight root but an empty directory and no runtime.
+fn scan(dir: &Path) -> Value {
+    let empty = dir.join("no-models-here");
+    std::fs::create_dir_all(&empty).unwrap();
+    agent_scan(&scan_config(dir, &[&empty], ""), 200)
+}
+
+/// Python that maps `argv[1]` read-only, prints `ready`, and waits.
+const MAP_AND_WAIT: &str = "import mmap,sys,time\n\
+f=open(sys.argv[1],'rb')\n\
+m=mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ)\n\
+f.close()\n\
+print('ready',flush=True)\n\
+time.sleep(120)\n";
+
+fn wait_ready(child: &mut std::process::Child) {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "the mapping process did not start");
+}
+
+fn weights_by_container_path(v: &Value) -> HashMap<String, Value> {
+    v["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["container_path"].as_str().unwrap_or("").to_owned(),
+                w.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_file_mapped_in_a_private_mount_namespace_is_found_with_its_sha256_path_and_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("source.safetensors");
+    std::fs::write(&src, safetensors_bytes(300_000, 7)).unwrap();
+    let want_sha = sha256sum(&src);
+    // A directory that is empty here; in the process's namespace a tmpfs holds the model.
+    let private = dir.path().join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    let inner = private.join("model.safetensors");
+    let script = format!(
+        "import shutil,subprocess,sys\n\
+         subprocess.run(['mount','-t','tmpfs','sovtest',sys.argv[2]],check=True)\n\
+         shutil.copy(sys.argv[3], sys.argv[1])\n{MAP_AND_WAIT}"
+    );
+    let spawned = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "python3", "-c"])
+        .arg(&script)
+        .arg(&inner)
+        .arg(&private)
+        .arg(&src)
+        .stdout(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => KillOnDrop(c),
+        Err(e) => {
+            eprintln!("SKIP a_file_mapped_in_a_private_mount_namespace: no unshare ({e})");
+            return;
+        }
+    };
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.trim() != "ready" {
+        eprintln!(
+            "SKIP a_file_mapped_in_a_private_mount_namespace: cannot make a mount namespace \
+             here (not root?)"
+        );
+        return;
+    }
+    let pid = child.0.id();
+    let mntns = namespaces::of_pid(Path::new("/proc"), pid, namespaces::MNT).unwrap();
+    assert!(
+        !inner.exists(),
+        "the file exists only in the process's namespace"
+    );
+
+    let v = scan(dir.path());
+    let by_path = weights_by_container_path(&v);
+    let w = by_path
+        .get(inner.to_str().unwrap())
+        .unwrap_or_else(|| panic!("not found: {:#}", v["weights"]));
+    assert_eq!(w["sha256"], want_sha.as_str(), "{w:#}");
+    assert_eq!(w["found_by"], "process");
+    assert_eq!(w["format"], "safetensors");
+    assert_eq!(w["params"], 300_000);
+    assert_eq!(w["mntns_inode"], mntns);
+    assert_eq!(
+        w["host_path_known"], false,
+        "a tmpfs of that namespace only: {w:#}"
+    );
+    assert_eq!(
+        w["path"],
+        format!("container:mntns-{mntns}:{}", inner.display()).as_str()
+    );
+    let users = w["users"].as_array().unwrap();
+    assert!(
+        users.iter().any(|u| u["pid"] == pid && u["mapped"] == true),
+        "the holder is a user: {users:#?}"
+    );
+}
+
+#[test]
+fn a_host_process_mapping_a_weight_file_outside_every_root_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("elsewhere").join("checkpoint.safetensors");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, safetensors_bytes(280_000, 3)).unwrap();
+    let mut child = KillOnDrop(
+        Command::new("python3")
+            .arg("-c")
+            .arg(MAP_AND_WAIT)
+            .arg(&file)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(&mut child.0);
+    let pid = child.0.id();
+
+    let v = scan(dir.path());
+    let w = v["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["path"] == file.to_str().unwrap())
+        .unwrap_or_else(|| panic!("not found: {:#}", v["weights"]))
+        .clone();
+    assert_eq!(w["found_by"], "process");
+    assert_eq!(w["host_path_known"], true);
+    assert_eq!(w["container"], Value::Null, "a host process");
+    assert_eq!(w["container_path"], "", "no other namespace");
+    assert_eq!(w["sha256"], sha256sum(&file).as_str());
+    assert_eq!(
+        w["model"], "elsewhere",
+        "identity from the directory, as under a root"
+    );
+    let users = w["users"].as_array().unwrap();
+    assert!(
+        users.iter().any(|u| u["pid"] == pid && u["mapped"] == true),
+        "{users:#?}"
+    );
+}
