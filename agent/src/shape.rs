@@ -492,11 +492,12 @@ mod tests {
     fn changes_are_packed_too_and_carry_no_chunk() {
         let inv = Inventory {
             generation: None,
-            files: (0..10).map(|i| file(&format!("/m/{i}"), 20_000)).collect(),
+            files: (0..10).map(|i| file(&format!("/m/{i}"), 10_000)).collect(),
             removed: vec!["/gone".into()],
         };
-        let reports = pack(base(), inv, 50 * 1024);
-        assert!(reports.len() >= 4);
+        let reports = pack(base(), inv, 40 * 1024);
+        assert_eq!(reports.len(), 3, "four files of 10 kB per 40 KiB report");
+        assert!(reports.iter().all(|r| r.encoded_len() <= 40 * 1024));
         assert!(
             reports
                 .iter()
