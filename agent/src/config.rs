@@ -389,6 +389,31 @@ pub fn check_readable(problems: &mut Problems, field: &str, path: &Path) {
     }
 }
 
+/// The words that mark a private key readable by group or others in a [`Problems`] entry.
+pub const INSECURE_KEY_MARK: &str = "is readable by group or others";
+
+/// Check that a private key file is readable by its owner only, as ssh does: a key that group
+/// or others can read may already be someone else's. A missing file is `check_readable`'s
+/// business.
+pub fn check_private_key(problems: &mut Problems, field: &str, path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        problems.push(
+            field,
+            format!(
+                "{} {INSECURE_KEY_MARK} (mode {mode:04o}): run `chmod 600 {}`, or pass \
+                 --allow-insecure-keys to run anyway with a warning",
+                path.display(),
+                path.display()
+            ),
+        );
+    }
+}
+
 /// Check an ISO 3166-1 alpha-2 code (two upper-case ASCII letters).
 pub fn check_country(problems: &mut Problems, field: &str, value: &str) {
     if value.len() != 2 || !value.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -434,8 +459,24 @@ pub fn check_node_name(problems: &mut Problems, field: &str, value: &str) {
 impl AgentConfig {
     /// Load and validate a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, false)
+    }
+
+    /// [`AgentConfig::load`]; with `allow_insecure_keys`, a private key readable by group or
+    /// others is a warning (logged) instead of a problem.
+    pub fn load_with(path: &Path, allow_insecure_keys: bool) -> Result<Self, ConfigError> {
         let cfg: Self = read_toml(path)?;
-        cfg.validate().into_result()?;
+        let mut problems = cfg.validate();
+        if allow_insecure_keys {
+            problems.0.retain(|p| {
+                let insecure = p.contains(INSECURE_KEY_MARK);
+                if insecure {
+                    tracing::warn!(problem = %p, "insecure private key allowed by --allow-insecure-keys");
+                }
+                !insecure
+            });
+        }
+        problems.into_result()?;
         Ok(cfg)
     }
 
@@ -493,6 +534,7 @@ impl AgentConfig {
         check_readable(&mut p, "tls.ca", &self.tls.ca);
         check_readable(&mut p, "tls.cert", &self.tls.cert);
         check_readable(&mut p, "tls.key", &self.tls.key);
+        check_private_key(&mut p, "tls.key", &self.tls.key);
         if self.processes.top_n > 1000 {
             p.push(
                 "processes.top_n",
@@ -602,6 +644,30 @@ mod tests {
         assert_eq!(c.interval_secs, DEFAULT_INTERVAL_SECS);
         assert_eq!(c.max_spool_bytes, DEFAULT_MAX_SPOOL_BYTES);
         assert_eq!(c.collector, vec!["https://127.0.0.1:7443".to_owned()]);
+    }
+
+    #[test]
+    fn a_private_key_readable_by_group_or_others_is_refused_unless_allowed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "a.pem", "a.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let key = dir.path().join("a.key");
+        let text = GOOD.replace("/nonexistent", &dir.path().display().to_string());
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        for (mode, refused) in [(0o644, true), (0o640, true), (0o604, true), (0o600, false), (0o400, false)] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let result = AgentConfig::load(&path);
+            assert_eq!(result.is_err(), refused, "mode {mode:o}: {result:?}");
+            if let Err(e) = result {
+                let text = e.to_string();
+                assert!(text.contains("tls.key") && text.contains(&format!("mode {mode:04o}")), "{text}");
+                assert!(text.contains("chmod 600") && text.contains("--allow-insecure-keys"), "{text}");
+            }
+            assert!(AgentConfig::load_with(&path, true).is_ok(), "mode {mode:o} allowed");
+        }
     }
 
     #[test]
