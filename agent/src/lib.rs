@@ -10,6 +10,7 @@
 //!   each weight file ≤ 64 KiB);
 //! - [`shape`]: packing the inventory into reports by size, and trimming a refused report;
 //! - [`spool`]: the durable, bounded, checksummed outbound queue on disk;
+//! - [`skipped`]: test support: a skipped test leaves a line that `.ci/run` prints;
 //! - [`transport`]: mutual-TLS gRPC channels, failover and jittered backoff;
 //! - [`run`]: the report builder and the sender tasks;
 //! - [`cli`]: the `sov-agent` command line (the binary only calls [`cli::main`]).
@@ -26,6 +27,7 @@ pub mod prometheus;
 pub mod run;
 pub mod scan;
 pub mod shape;
+pub mod skipped;
 pub mod spool;
 pub mod transport;
 

@@ -357,7 +357,7 @@ pub fn bin_path(name: &str) -> String {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} not built; run the tests with cargo test --workspace",
+        "{} not built; run the tests with cargo test --workspace --no-fail-fast",
         path.display()
     );
     path.to_string_lossy().into_owned()
@@ -545,6 +545,12 @@ pub fn postgres_url() -> String {
 /// Whether a missing PostgreSQL must fail the test (`SOV_REQUIRE_POSTGRES=1`, set by CI).
 pub fn postgres_required() -> bool {
     std::env::var("SOV_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
+}
+
+/// Says loudly that a test (or part of one) skipped and why: on stderr and as a line in the
+/// target directory's list of skipped tests, which `.ci/run` prints at the end.
+pub fn skipped(test: &str, reason: &str) {
+    sov_agent::skipped::record(test, reason);
 }
 
 /// Poll `check` until it returns `Some`, at most `timeout`; panics with `what` otherwise.

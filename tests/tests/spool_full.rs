@@ -44,8 +44,9 @@ async fn an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spoo
     let _tmpfs = match Tmpfs::mount(&spool_fs, "256k") {
         Ok(t) => t,
         Err(e) if std::env::var("SOV_REQUIRE_MOUNT").as_deref() != Ok("1") => {
-            eprintln!(
-                "SKIPPED: cannot mount a tmpfs ({e}); set SOV_REQUIRE_MOUNT=1 to fail instead"
+            sov_e2e::skipped(
+                "spool_full::an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spooled_exactly_once",
+                &format!("cannot mount a tmpfs ({e}); set SOV_REQUIRE_MOUNT=1 to fail instead"),
             );
             return;
         }
