@@ -6,7 +6,10 @@
 //! - [`InProcessCollector`]: `sov_collector::server::run` on `127.0.0.1:0`;
 //! - [`CollectorProcess`] / [`AgentProcess`]: the `e2e-collector` / `e2e-agent` binaries
 //!   (thin copies of the real mains);
-//! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`];
+//! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`], and
+//!   [`while_progressing`] (a wait that fails only when the system stops moving) with
+//!   [`agent_stall`] (how long an agent may go quiet, from its own settings);
+//! - [`skipped`]: a skipped test says so where `.ci/run` prints it;
 //! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token;
 //! - [`netns`]: hosts of the test's own in a network namespace, and a sink server there;
 //! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback;
@@ -363,6 +366,9 @@ pub fn bin_path(name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The most a child collector may take to listen while its process is alive.
+pub const COLLECTOR_START_BOUND: Duration = Duration::from_secs(180);
+
 /// A collector as a child process (`e2e-collector serve`), killable with SIGKILL.
 #[derive(Debug)]
 pub struct CollectorProcess {
@@ -395,17 +401,25 @@ impl CollectorProcess {
         let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
         let log = work.join(format!("collector-{n}.log"));
         let cfg_arg = cfg_path.to_string_lossy().into_owned();
-        let child = spawn(
+        let mut child = spawn(
             &bin_path("e2e-collector"),
             &["serve", "--config", &cfg_arg],
             &log,
         );
         let addr = cfg.listen;
         let start = Instant::now();
+        // The signal is the process itself: a collector that exited failed; one still starting
+        // (a busy machine) is waited for, up to a bound far above any start seen here.
         while std::net::TcpStream::connect(addr).is_err() {
+            let exited = child.0.try_wait().ok().flatten();
             assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "collector did not listen; see {}",
+                exited.is_none(),
+                "collector exited ({exited:?}) before listening; see {}",
+                log.display()
+            );
+            assert!(
+                start.elapsed() < COLLECTOR_START_BOUND,
+                "collector still not listening after {COLLECTOR_START_BOUND:?}; see {}",
                 log.display()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -570,6 +584,58 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What a [`while_progressing`] probe saw.
+#[derive(Debug)]
+pub enum Progress<T, M> {
+    /// The awaited state is reached.
+    Done(T),
+    /// Not yet; `M` marks how far the system got (a sequence number, a counter, bytes on disk).
+    At(M),
+}
+
+/// Waits for the system itself: polls `probe` until it returns [`Progress::Done`], and fails
+/// only when the system stops moving, i.e. the mark [`Progress::At`] carries has not changed
+/// for `stall`. A busy machine that is slow but progressing never fails this wait; a stuck one
+/// fails after `stall`, however long the whole wait took. The mark must move toward the goal
+/// (a seq approaching a target), so the wait is bounded: at most one `stall` per step.
+pub async fn while_progressing<T, M, F, Fut>(stall: Duration, what: &str, mut probe: F) -> T
+where
+    M: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Progress<T, M>>,
+{
+    let started = Instant::now();
+    let mut last: Option<M> = None;
+    let mut moved = Instant::now();
+    loop {
+        match probe().await {
+            Progress::Done(v) => return v,
+            Progress::At(mark) => {
+                if last.as_ref() != Some(&mark) {
+                    last = Some(mark);
+                    moved = Instant::now();
+                }
+            }
+        }
+        assert!(
+            moved.elapsed() < stall,
+            "no progress for {stall:?} (stuck at {last:?}, {:?} in all) waiting for: {what}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long an agent with this configuration may go without delivering while the collector
+/// is up: its longest backoff, one connection attempt and one RPC timeout, one interval, twice
+/// over. Derived from the agent's own settings, not guessed.
+pub fn agent_stall(cfg: &AgentConfig) -> Duration {
+    let once = Duration::from_secs(cfg.max_backoff_secs + cfg.interval_secs)
+        + sov_agent::transport::DEFAULT_CONNECT_TIMEOUT
+        + sov_agent::transport::DEFAULT_RPC_TIMEOUT;
+    2 * once
 }
 
 /// What an HTTPS request got back.
