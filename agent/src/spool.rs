@@ -50,11 +50,14 @@
 //!
 //! # A full disk
 //!
-//! `open` keeps a small reserve file (`reserve`, [`RESERVE_BYTES`]). When the disk is so full
-//! that `state.json` cannot be written (every ack and drop needs that), the reserve is deleted
-//! and the write tried again, so that acks still go through and free the space; the reserve
-//! is made again once there is room. Without it, a spool that filled its disk could never
-//! acknowledge anything again.
+//! The spool keeps a small reserve file (`reserve`, [`RESERVE_BYTES`]). When the disk is so
+//! full that `state.json` cannot be written (every ack and drop needs that), the reserve is
+//! deleted and the write tried again, so that acks still go through and, once a segment is
+//! wholly acknowledged, free its space. `append` makes the reserve again before it writes, and
+//! refuses the report ([`SpoolError::DiskFull`]) while it cannot: new reports never eat the
+//! room the acks need. Without this, a spool that filled its disk could never acknowledge
+//! anything again (measured: the `spool_full` test's agent hit it whenever the disk filled to
+//! its last page, and its sender stopped for good).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -177,6 +180,12 @@ pub enum SpoolError {
         .dir.display()
     )]
     Locked { dir: PathBuf, holder: String },
+    #[error(
+        "the disk under the spool {} is full: the report is not written, to keep {RESERVE_BYTES} \
+         bytes for acknowledgements",
+        .dir.display()
+    )]
+    DiskFull { dir: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,6 +382,11 @@ impl Spool {
     /// when the spool would exceed its bound.
     pub fn append(&mut self, payload: &[u8]) -> Result<AppendOutcome, SpoolError> {
         self.check_usable()?;
+        if !ensure_reserve(&self.dir) {
+            return Err(SpoolError::DiskFull {
+                dir: self.dir.clone(),
+            });
+        }
         let seq = self.next_seq;
         let record_bytes = (HEADER_BYTES + payload.len()) as u64;
         let Ok(len) = u32::try_from(payload.len()) else {
@@ -540,9 +554,7 @@ impl Spool {
         if state != self.state {
             self.commit(state)?;
         }
-        self.remove_delivered()?;
-        ensure_reserve(&self.dir);
-        Ok(())
+        self.remove_delivered()
     }
 
     /// Gives up on every seq up to `seq` not yet acknowledged (normally the report that `peek`
@@ -844,20 +856,24 @@ fn write_state(dir: &Path, state: &State) -> Result<(), SpoolError> {
     sync_dir(dir)
 }
 
-/// Makes the reserve file when it is missing and there is room; a failure is only logged (the
-/// next ack tries again).
-fn ensure_reserve(dir: &Path) {
+/// Makes the reserve file when it is missing and there is room. False when it cannot (the
+/// disk is full): nothing else may be written then.
+fn ensure_reserve(dir: &Path) -> bool {
     let path = dir.join(RESERVE_FILE);
-    if fs::metadata(&path).is_ok_and(|m| m.len() >= RESERVE_BYTES as u64) {
-        return;
+    if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() >= RESERVE_BYTES as u64) {
+        return true;
     }
     let made = File::create(&path).and_then(|mut f| {
         f.write_all(&[0; RESERVE_BYTES])?;
         f.sync_all()
     });
-    if let Err(e) = made {
-        debug!(path = %path.display(), error = %e, "cannot make the spool reserve yet");
-        let _ = fs::remove_file(&path);
+    match made {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(path = %path.display(), error = %e, "cannot make the spool reserve");
+            let _ = fs::remove_file(&path);
+            false
+        }
     }
 }
 
@@ -1573,7 +1589,15 @@ mod tests {
         assert!(reserve.exists(), "made again at open");
         fs::remove_file(&reserve).unwrap();
         spool.append(b"x").unwrap();
+        assert!(reserve.exists(), "made again before an append");
+        // A reserve that cannot be made (a full disk; here a directory in its way) refuses
+        // the append, seq untouched, and the ack still goes through.
+        fs::remove_file(&reserve).unwrap();
+        fs::create_dir(&reserve).unwrap();
+        let err = spool.append(b"y").unwrap_err();
+        assert!(matches!(err, SpoolError::DiskFull { .. }), "{err:?}");
         spool.ack(1).unwrap();
-        assert!(reserve.exists(), "made again after an ack freed space");
+        fs::remove_dir(&reserve).unwrap();
+        assert_eq!(spool.append(b"y").unwrap().seq, 2, "no seq spent on the refusal");
     }
 }
