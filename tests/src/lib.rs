@@ -246,9 +246,10 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
         .map(|r| format!("{r:?}"))
         .collect();
     let text = format!(
-        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\n",
+        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\nhash_rate_mb_per_sec = {rate}\n",
         roots = roots.join(", "),
         scan = cfg.weights.scan_interval_secs,
+        rate = cfg.weights.hash_rate_mb_per_sec,
         urls = urls.join(", "),
         interval = cfg.interval_secs,
         spool = cfg.spool_dir,
@@ -471,6 +472,16 @@ impl AgentProcess {
     /// Whether it is still running (it has not exited or crashed).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.0.try_wait(), Ok(None))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.0.try_wait().ok().flatten()
     }
 }
 
