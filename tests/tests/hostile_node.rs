@@ -671,10 +671,11 @@ async fn two_damaged_spool_records_cost_exactly_two_seqs() {
     let work = tempfile::tempdir().unwrap();
     let port = sov_e2e::free_port();
     let url = format!("https://127.0.0.1:{port}");
-    // Small spool segments (4 KiB) so that the damage lands in different files.
+    // The smallest spool (64 KiB, in 8 KiB segments) and reports of a few KiB, so that the
+    // damage lands in different segment files and nothing is dropped for space.
     let mut cfg = agent_config(&pki, "node-d", vec![url.clone()], &work.path().join("spool"));
-    cfg.max_spool_bytes = 32 * 1024;
-    cfg.node.labels.insert("pad".into(), "x".repeat(600));
+    cfg.max_spool_bytes = sov_agent::config::MIN_SPOOL_BYTES;
+    cfg.node.labels.insert("pad".into(), "x".repeat(1000));
     let stall = agent_stall(&cfg);
     let cfg_path = work.path().join("agent.toml");
     sov_e2e::write_agent_toml(&cfg, &cfg_path);
@@ -691,15 +692,22 @@ async fn two_damaged_spool_records_cost_exactly_two_seqs() {
         v
     };
     let spooled = || segments().iter().map(|s| records(s).len()).sum::<usize>();
-    while_progressing(stall, "eight reports spooled in two segments", || async {
-        if spooled() >= 8 && segments().len() >= 2 {
-            Progress::Done(())
-        } else {
-            Progress::At(spooled())
+    while_progressing(stall, "six reports spooled in two segments", || {
+        let exited = agent.exit_status();
+        let log = &log;
+        async move {
+            assert!(exited.is_none(), "the agent exited ({exited:?}); see {}", log.display());
+            if spooled() >= 6 && segments().len() >= 2 {
+                Progress::Done(())
+            } else {
+                Progress::At(spooled())
+            }
         }
     })
     .await;
     agent.kill9();
+    let state = std::fs::read_to_string(spool.join("state.json")).unwrap();
+    assert!(state.contains("\"pending_gaps\": []"), "nothing dropped for space: {state}");
     // Damage one record in the first segment and one in the last.
     let segs = segments();
     let (first, last) = (records(&segs[0]), records(segs.last().unwrap()));
