@@ -657,16 +657,31 @@ mod tests {
         let text = GOOD.replace("/nonexistent", &dir.path().display().to_string());
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, text).unwrap();
-        for (mode, refused) in [(0o644, true), (0o640, true), (0o604, true), (0o600, false), (0o400, false)] {
+        for (mode, refused) in [
+            (0o644, true),
+            (0o640, true),
+            (0o604, true),
+            (0o600, false),
+            (0o400, false),
+        ] {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
             let result = AgentConfig::load(&path);
             assert_eq!(result.is_err(), refused, "mode {mode:o}: {result:?}");
             if let Err(e) = result {
                 let text = e.to_string();
-                assert!(text.contains("tls.key") && text.contains(&format!("mode {mode:04o}")), "{text}");
-                assert!(text.contains("chmod 600") && text.contains("--allow-insecure-keys"), "{text}");
+                assert!(
+                    text.contains("tls.key") && text.contains(&format!("mode {mode:04o}")),
+                    "{text}"
+                );
+                assert!(
+                    text.contains("chmod 600") && text.contains("--allow-insecure-keys"),
+                    "{text}"
+                );
             }
-            assert!(AgentConfig::load_with(&path, true).is_ok(), "mode {mode:o} allowed");
+            assert!(
+                AgentConfig::load_with(&path, true).is_ok(),
+                "mode {mode:o} allowed"
+            );
         }
     }
 

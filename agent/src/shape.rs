@@ -146,10 +146,10 @@ pub fn withhold(
     limit: u64,
 ) -> Option<Withholding> {
     let reason = refusal_reason(code, message);
-    if let Some((list, index)) = named_item(message) {
-        if let Some(w) = withhold_named(report, list, index, &reason) {
-            return Some(w);
-        }
+    if let Some((list, index)) = named_item(message)
+        && let Some(w) = withhold_named(report, list, index, &reason)
+    {
+        return Some(w);
     }
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let size = report.encoded_len();
@@ -270,7 +270,7 @@ fn lists_by_size(report: &pb::Report) -> Vec<(&'static str, usize)> {
         ("gpus", report.gpus.iter().map(Message::encoded_len).sum()),
     ];
     sizes.retain(|(_, s)| *s > 0);
-    sizes.sort_by(|a, b| b.1.cmp(&a.1));
+    sizes.sort_by_key(|s| std::cmp::Reverse(s.1));
     sizes
 }
 

@@ -1598,6 +1598,10 @@ mod tests {
         assert!(matches!(err, SpoolError::DiskFull { .. }), "{err:?}");
         spool.ack(1).unwrap();
         fs::remove_dir(&reserve).unwrap();
-        assert_eq!(spool.append(b"y").unwrap().seq, 2, "no seq spent on the refusal");
+        assert_eq!(
+            spool.append(b"y").unwrap().seq,
+            2,
+            "no seq spent on the refusal"
+        );
     }
 }

@@ -47,7 +47,9 @@ async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and
         Err(e) => {
             sov_e2e::skipped(
                 "egress::bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and_country (network namespace part)",
-                &format!("cannot create a network namespace ({e}): ran on loopback with include_loopback = true"),
+                &format!(
+                    "cannot create a network namespace ({e}): ran on loopback with include_loopback = true"
+                ),
             );
             None
         }

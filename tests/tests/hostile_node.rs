@@ -220,7 +220,12 @@ async fn a_pickle_declaring_more_elements_than_a_signed_64_bit_count_does_not_st
     safetensors_file(&root.join("good.safetensors"), 1, 4096, &[]);
     let collector = InProcessCollector::start(&pki, &work.path().join("data"), |_| {}).await;
     let url = collector.url();
-    let mut cfg = agent_config(&pki, "node-p", vec![url.clone()], &work.path().join("spool"));
+    let mut cfg = agent_config(
+        &pki,
+        "node-p",
+        vec![url.clone()],
+        &work.path().join("spool"),
+    );
     cfg.weights = weights_cfg(vec![root.clone()], 0);
     let stall = agent_stall(&cfg);
     let (stop, task) = start_agent(sov_agent::Agent::open(cfg).unwrap());
@@ -319,7 +324,11 @@ async fn files_with_maximal_metadata_cannot_push_a_restricted_model_out_of_the_r
 
     let q = query(&pki, &url).await;
     let want: BTreeSet<String> = (0..24)
-        .map(|i| root.join(format!("big/{i:02}.safetensors")).display().to_string())
+        .map(|i| {
+            root.join(format!("big/{i:02}.safetensors"))
+                .display()
+                .to_string()
+        })
         .chain([restricted.display().to_string()])
         .collect();
     while_progressing(stall, "all 25 files at the collector", || {
@@ -365,7 +374,10 @@ async fn files_with_maximal_metadata_cannot_push_a_restricted_model_out_of_the_r
         .lines()
         .find_map(|l| l.strip_prefix("sov_agent_reports_trimmed_total "))
         .unwrap();
-    assert_ne!(trimmed, "0", "the oversized first report was trimmed:\n{metrics}");
+    assert_ne!(
+        trimmed, "0",
+        "the oversized first report was trimmed:\n{metrics}"
+    );
     let n = node(&pki, &url, "node-paris").await.unwrap();
     assert_eq!((n.missing, n.conflicts), (0, 0), "{n:?}");
     assert!(n.reports >= 3, "the inventory took several reports: {n:?}");
@@ -399,11 +411,15 @@ async fn a_sparse_terabyte_and_large_files_do_not_delay_a_restricted_model_copie
     let (header, data_len) = header_filling(1 << 40);
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(&sparse, &header).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&sparse).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&sparse)
+        .unwrap();
     f.set_len(header.len() as u64 + data_len).unwrap();
     drop(f);
     assert!(
-        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&sparse).unwrap()) * 512 < 1 << 20,
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&sparse).unwrap()) * 512
+            < 1 << 20,
         "sparse"
     );
     // Four large files, 1 GiB together: 100 s at the hash rate.
@@ -415,7 +431,12 @@ async fn a_sparse_terabyte_and_large_files_do_not_delay_a_restricted_model_copie
     }
     let collector = InProcessCollector::start(&pki, &work.path().join("data"), |_| {}).await;
     let url = collector.url();
-    let mut cfg = agent_config(&pki, "node-s", vec![url.clone()], &work.path().join("spool"));
+    let mut cfg = agent_config(
+        &pki,
+        "node-s",
+        vec![url.clone()],
+        &work.path().join("spool"),
+    );
     cfg.weights = weights_cfg(vec![root.clone()], RATE_MB);
     let stall = agent_stall(&cfg);
     let cfg_path = work.path().join("agent.toml");
@@ -501,7 +522,11 @@ fn restricted_hints_put_a_large_restricted_file_first_and_a_half_hashed_file_is_
     let state = tempfile::tempdir().unwrap();
     let handle = WeightsHandle::default();
     // 16 MB/s: a 5-second slice is 80 MB, less than the restricted file.
-    let mut scanner = WeightsScanner::new(weights_cfg(vec![root.clone()], 16), state.path(), handle.clone());
+    let mut scanner = WeightsScanner::new(
+        weights_cfg(vec![root.clone()], 16),
+        state.path(),
+        handle.clone(),
+    );
     scanner.scan();
     handle.set_hints(Hint::from_ack(&[pb::RestrictedModelHint {
         r#match: "acme/*".into(),
@@ -529,8 +554,14 @@ fn restricted_hints_put_a_large_restricted_file_first_and_a_half_hashed_file_is_
         .iter()
         .filter(|f| f.path == restricted.display().to_string())
         .collect();
-    assert_eq!(entries.len(), 1, "one entry per file, whatever its progress");
-    let pct = entries[0].hashing_percent.expect("progress shown while hashing");
+    assert_eq!(
+        entries.len(),
+        1,
+        "one entry per file, whatever its progress"
+    );
+    let pct = entries[0]
+        .hashing_percent
+        .expect("progress shown while hashing");
     assert!(pct < 100, "{pct}");
     assert!(entries[0].sha256.is_empty());
     assert!(
@@ -576,7 +607,12 @@ async fn a_scan_hashing_a_file_is_never_listed_as_its_user() {
     allocated_safetensors(&file, 64 << 20);
     let collector = InProcessCollector::start(&pki, &work.path().join("data"), |_| {}).await;
     let url = collector.url();
-    let mut cfg = agent_config(&pki, "node-u", vec![url.clone()], &work.path().join("spool"));
+    let mut cfg = agent_config(
+        &pki,
+        "node-u",
+        vec![url.clone()],
+        &work.path().join("spool"),
+    );
     cfg.weights = weights_cfg(vec![root.clone()], 0);
     let stall = agent_stall(&cfg);
     let cfg_path = work.path().join("agent.toml");
@@ -641,7 +677,10 @@ async fn a_scan_hashing_a_file_is_never_listed_as_its_user() {
         }
     })
     .await;
-    assert!(holds(scan_pid), "scan still hashing when the users were taken");
+    assert!(
+        holds(scan_pid),
+        "scan still hashing when the users were taken"
+    );
     assert!(
         users.iter().all(|(p, _)| *p != scan_pid),
         "sov-agent scan (pid {scan_pid}) listed as a user: {users:?}"
@@ -673,7 +712,12 @@ async fn two_damaged_spool_records_cost_exactly_two_seqs() {
     let url = format!("https://127.0.0.1:{port}");
     // The smallest spool (64 KiB, in 8 KiB segments) and reports of a few KiB, so that the
     // damage lands in different segment files and nothing is dropped for space.
-    let mut cfg = agent_config(&pki, "node-d", vec![url.clone()], &work.path().join("spool"));
+    let mut cfg = agent_config(
+        &pki,
+        "node-d",
+        vec![url.clone()],
+        &work.path().join("spool"),
+    );
     cfg.max_spool_bytes = sov_agent::config::MIN_SPOOL_BYTES;
     cfg.node.labels.insert("pad".into(), "x".repeat(1000));
     let stall = agent_stall(&cfg);
@@ -696,7 +740,11 @@ async fn two_damaged_spool_records_cost_exactly_two_seqs() {
         let exited = agent.exit_status();
         let log = &log;
         async move {
-            assert!(exited.is_none(), "the agent exited ({exited:?}); see {}", log.display());
+            assert!(
+                exited.is_none(),
+                "the agent exited ({exited:?}); see {}",
+                log.display()
+            );
             if spooled() >= 6 && segments().len() >= 2 {
                 Progress::Done(())
             } else {
@@ -707,7 +755,10 @@ async fn two_damaged_spool_records_cost_exactly_two_seqs() {
     .await;
     agent.kill9();
     let state = std::fs::read_to_string(spool.join("state.json")).unwrap();
-    assert!(state.contains("\"pending_gaps\": []"), "nothing dropped for space: {state}");
+    assert!(
+        state.contains("\"pending_gaps\": []"),
+        "nothing dropped for space: {state}"
+    );
     // Damage one record in the first segment and one in the last.
     let segs = segments();
     let (first, last) = (records(&segs[0]), records(segs.last().unwrap()));
@@ -720,9 +771,13 @@ async fn two_damaged_spool_records_cost_exactly_two_seqs() {
     }
     let spooled_last = last.last().unwrap().0;
 
-    let collector =
-        InProcessCollector::start_on(&format!("127.0.0.1:{port}"), &pki, &work.path().join("data"), |_| {})
-            .await;
+    let collector = InProcessCollector::start_on(
+        &format!("127.0.0.1:{port}"),
+        &pki,
+        &work.path().join("data"),
+        |_| {},
+    )
+    .await;
     let mut agent = AgentProcess::start(&cfg_path, &work.path().join("agent-2.log"));
     let n = while_progressing(stall, "every spooled report delivered", || async {
         match node(&pki, &url, "node-d").await {
@@ -731,7 +786,10 @@ async fn two_damaged_spool_records_cost_exactly_two_seqs() {
         }
     })
     .await;
-    assert_eq!(n.missing, 2, "exactly the two damaged seqs are missing: {n:?}");
+    assert_eq!(
+        n.missing, 2,
+        "exactly the two damaged seqs are missing: {n:?}"
+    );
     assert_eq!(n.dropped, 2, "and both were declared by gap records: {n:?}");
     assert_eq!(n.reports + 2, n.last_seq, "{n:?}");
     assert_eq!(n.conflicts, 0, "{n:?}");
@@ -747,7 +805,12 @@ async fn a_second_agent_on_the_same_spool_refuses_to_start_naming_the_first() {
     let work = tempfile::tempdir().unwrap();
     let collector = InProcessCollector::start(&pki, &work.path().join("data"), |_| {}).await;
     let url = collector.url();
-    let cfg = agent_config(&pki, "node-l", vec![url.clone()], &work.path().join("spool"));
+    let cfg = agent_config(
+        &pki,
+        "node-l",
+        vec![url.clone()],
+        &work.path().join("spool"),
+    );
     let stall = agent_stall(&cfg);
     let cfg_path = work.path().join("agent.toml");
     sov_e2e::write_agent_toml(&cfg, &cfg_path);

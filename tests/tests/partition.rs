@@ -41,7 +41,9 @@ async fn an_agent_cut_off_from_its_collector_delivers_everything_once_when_the_l
         Err(e) if std::env::var("SOV_REQUIRE_NETNS").as_deref() != Ok("1") => {
             sov_e2e::skipped(
                 "partition::an_agent_cut_off_from_its_collector_delivers_everything_once_when_the_link_returns",
-                &format!("cannot create a network namespace ({e}); set SOV_REQUIRE_NETNS=1 to fail instead"),
+                &format!(
+                    "cannot create a network namespace ({e}); set SOV_REQUIRE_NETNS=1 to fail instead"
+                ),
             );
             return;
         }

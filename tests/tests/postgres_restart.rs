@@ -159,7 +159,9 @@ async fn postgres_crashing_and_restarting_twice_under_load_loses_no_report_and_s
         Err(e) if !sov_e2e::postgres_required() => {
             sov_e2e::skipped(
                 "postgres_restart::postgres_crashing_and_restarting_twice_under_load_loses_no_report_and_stores_none_twice",
-                &format!("cannot start a private PostgreSQL ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"),
+                &format!(
+                    "cannot start a private PostgreSQL ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+                ),
             );
             return;
         }

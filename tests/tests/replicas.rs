@@ -34,7 +34,9 @@ async fn schema(tag: &str) -> Option<(PostgresStore, String)> {
             );
             sov_e2e::skipped(
                 &format!("replicas ({tag})"),
-                &format!("PostgreSQL not reachable at {base} ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"),
+                &format!(
+                    "PostgreSQL not reachable at {base} ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+                ),
             );
             return None;
         }

@@ -106,13 +106,17 @@ async fn an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spoo
     };
     // The mark is the bytes on the tmpfs: they grow each interval until the disk is full.
     // Then three more intervals on the full disk: the agent keeps observing and refusing.
-    while_progressing(stall, "the disk to fill and three reports refused", || async {
-        if refusals() >= 3 {
-            Progress::Done(())
-        } else {
-            Progress::At((disk_bytes(&spool_fs), refusals()))
-        }
-    })
+    while_progressing(
+        stall,
+        "the disk to fill and three reports refused",
+        || async {
+            if refusals() >= 3 {
+                Progress::Done(())
+            } else {
+                Progress::At((disk_bytes(&spool_fs), refusals()))
+            }
+        },
+    )
     .await;
     assert!(
         agent.is_running(),

@@ -342,7 +342,7 @@ pub enum Slice {
     /// The whole file is hashed: the key of the file read and its lower-case hex SHA-256.
     Done(FileKey, String),
     /// More to read; continue with this state.
-    Partial(PartialHash),
+    Partial(Box<PartialHash>),
 }
 
 /// Hashes at most `max_bytes` more of the file at `path`, continuing `partial` when given and
@@ -352,7 +352,7 @@ pub enum Slice {
 /// for longer than one slice: the caller hashes other files in between.
 pub fn sha256_slice(
     path: &Path,
-    partial: Option<PartialHash>,
+    partial: Option<Box<PartialHash>>,
     max_bytes: u64,
     limiter: &mut RateLimiter,
     cancel: &AtomicBool,
@@ -365,7 +365,7 @@ pub fn sha256_slice(
     let mut file = File::open(path).map_err(io_err)?;
     let key = file_key(&file.metadata().map_err(io_err)?);
     let mut state = match partial.filter(|p| p.key == key) {
-        Some(p) => p,
+        Some(p) => *p,
         None => PartialHash {
             key,
             done: 0,
@@ -382,7 +382,7 @@ pub fn sha256_slice(
             return Err(HashError::Cancelled);
         }
         if this_slice >= max_bytes {
-            return Ok(Slice::Partial(state));
+            return Ok(Slice::Partial(Box::new(state)));
         }
         let want = usize::try_from((max_bytes - this_slice).min(HASH_BUF_BYTES as u64))
             .unwrap_or(HASH_BUF_BYTES);

@@ -198,7 +198,7 @@ pub struct WeightsScanner {
     limiter: RateLimiter,
     proc_root: PathBuf,
     /// Fingerprints in progress, by path (at most [`schedule::MAX_PARTIALS`]).
-    partials: HashMap<String, PartialHash>,
+    partials: HashMap<String, Box<PartialHash>>,
     /// (device, inode) of this process's executable: processes running it are the agent.
     self_exe: Option<(u64, u64)>,
 }
@@ -568,7 +568,7 @@ impl WeightsScanner {
         }
     }
 
-    fn keep_partial(&mut self, key: String, p: PartialHash) {
+    fn keep_partial(&mut self, key: String, p: Box<PartialHash>) {
         if self.partials.len() >= schedule::MAX_PARTIALS
             && let Some(least) = self
                 .partials
