@@ -55,8 +55,8 @@ impl HostCollector {
         out.swap_total_bytes = sys.total_swap();
         out.swap_used_bytes = sys.used_swap();
         out.process_count = count_processes();
-        // sysinfo's shares are NaN before two refreshes on some kernels: checked here, where
-        // the values are made (the report builder checks the whole report again).
+        // A share that is not finite or out of range (whatever the sampler computed) is fixed
+        // here, where the values are made; the report builder checks the whole report again.
         let clamped = crate::bounds::clamp_host(&mut out);
         if clamped > 0 {
             tracing::debug!(clamped, "host sample values clamped");
