@@ -649,6 +649,56 @@ pub fn agent_stall(cfg: &AgentConfig) -> Duration {
     2 * once
 }
 
+/// Waits until the collector at `url` has stored `node`'s reports up to `min_seq` at least, and
+/// returns its summary; fails only when the node's `last_seq` stops moving for `stall`.
+pub async fn await_last_seq(
+    pki: &Pki,
+    url: &str,
+    name: &str,
+    min_seq: u64,
+    stall: Duration,
+) -> pb::NodeSummary {
+    let what = format!("{name} to reach seq {min_seq}");
+    while_progressing(stall, &what, || async {
+        match node(pki, url, name).await {
+            Some(n) if n.last_seq >= min_seq => Progress::Done(n),
+            other => Progress::At(other.map(|n| n.last_seq)),
+        }
+    })
+    .await
+}
+
+/// The lower-case hex sha256 of a file, as `sha256sum` (coreutils) prints it: an independent
+/// check of the agent's fingerprints.
+pub fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A Hugging Face cache entry `models--{org}--{name}` under `hub` (a blob, `refs/main`, and a
+/// snapshot symlink to the blob, as the hub client writes them) holding `bytes`; returns the
+/// snapshot path. `blob` names the blob file (64 characters, like a sha256).
+pub fn hf_cache_model(hub: &Path, org: &str, name: &str, blob: &str, bytes: &[u8]) -> PathBuf {
+    let repo = hub.join(format!("models--{org}--{name}"));
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(rev);
+    for d in [repo.join("blobs"), repo.join("refs"), snap.clone()] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    std::fs::write(repo.join("blobs").join(blob), bytes).expect("blob");
+    std::fs::write(repo.join("refs/main"), rev).expect("ref");
+    let file = snap.join("model.safetensors");
+    std::os::unix::fs::symlink(format!("../../blobs/{blob}"), &file).expect("symlink");
+    file
+}
+
 /// What an HTTPS request got back.
 #[derive(Debug)]
 pub struct HttpsReply {

@@ -31,7 +31,7 @@ use sov_agent::config::{AgentConfig, WeightsConfig};
 use sov_collector::auth::Role;
 use sov_e2e::{
     AgentProcess, InProcessCollector, KillOnDrop, Pki, Progress, agent_config, agent_stall,
-    eventually, node, while_progressing,
+    await_last_seq, eventually, node, sha256sum, while_progressing,
 };
 use sov_proto::pb;
 use tokio_util::sync::CancellationToken;
@@ -54,16 +54,6 @@ class = "restricted"
 [thresholds]
 quiet_secs = 3600
 "#;
-
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
 
 /// A safetensors header (8-byte length + JSON, padded to 8) for one U8 tensor of `data_len`
 /// bytes, with `metadata`.
@@ -127,17 +117,9 @@ fn allocated_safetensors(path: &Path, total: u64) {
 /// A Hugging Face cache entry `models--{org}--{name}` with one safetensors blob; returns the
 /// snapshot path.
 fn hf_model(hub: &Path, org: &str, name: &str, seed: u8, data_len: usize) -> PathBuf {
-    let repo = hub.join(format!("models--{org}--{name}"));
-    let rev = "0123456789abcdef0123456789abcdef01234567";
-    let blob = format!("{seed:0>64}");
-    safetensors_file(&repo.join("blobs").join(&blob), seed, data_len, &[]);
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), rev).unwrap();
-    let snap = repo.join("snapshots").join(rev);
-    std::fs::create_dir_all(&snap).unwrap();
-    let file = snap.join("model.safetensors");
-    std::os::unix::fs::symlink(format!("../../blobs/{blob}"), &file).unwrap();
-    file
+    let mut bytes = safetensors_header(data_len as u64, &[]);
+    bytes.extend((0..data_len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)));
+    sov_e2e::hf_cache_model(hub, org, name, &format!("{seed:0>64}"), &bytes)
 }
 
 fn weights_cfg(roots: Vec<PathBuf>, rate_mb: u64) -> WeightsConfig {
@@ -253,13 +235,7 @@ async fn a_pickle_declaring_more_elements_than_a_signed_64_bit_count_does_not_st
     );
     // The node keeps reporting: more reports after the file was stored, none missing.
     let at = node(&pki, &url, "node-p").await.unwrap().last_seq;
-    let n = while_progressing(stall, "three more reports", || async {
-        match node(&pki, &url, "node-p").await {
-            Some(n) if n.last_seq >= at + 3 => Progress::Done(n),
-            other => Progress::At(other.map(|n| n.last_seq)),
-        }
-    })
-    .await;
+    let n = await_last_seq(&pki, &url, "node-p", at + 3, stall).await;
     assert_eq!(n.missing, 0, "{n:?}");
     assert_eq!(n.reports, n.last_seq, "{n:?}");
     let c = copies(&mut q).await;
@@ -779,13 +755,7 @@ async fn two_damaged_spool_records_cost_exactly_two_seqs() {
     )
     .await;
     let mut agent = AgentProcess::start(&cfg_path, &work.path().join("agent-2.log"));
-    let n = while_progressing(stall, "every spooled report delivered", || async {
-        match node(&pki, &url, "node-d").await {
-            Some(n) if n.last_seq > spooled_last + 2 => Progress::Done(n),
-            other => Progress::At(other.map(|n| n.last_seq)),
-        }
-    })
-    .await;
+    let n = await_last_seq(&pki, &url, "node-d", spooled_last + 3, stall).await;
     assert_eq!(
         n.missing, 2,
         "exactly the two damaged seqs are missing: {n:?}"
@@ -815,13 +785,7 @@ async fn a_second_agent_on_the_same_spool_refuses_to_start_naming_the_first() {
     let cfg_path = work.path().join("agent.toml");
     sov_e2e::write_agent_toml(&cfg, &cfg_path);
     let mut first = AgentProcess::start(&cfg_path, &work.path().join("first.log"));
-    while_progressing(stall, "the first agent reporting", || async {
-        match node(&pki, &url, "node-l").await {
-            Some(n) if n.last_seq >= 2 => Progress::Done(()),
-            other => Progress::At(other.map(|n| n.last_seq)),
-        }
-    })
-    .await;
+    await_last_seq(&pki, &url, "node-l", 2, stall).await;
     let second_log = work.path().join("second.log");
     let mut second = AgentProcess::start(&cfg_path, &second_log);
     let status = while_progressing(stall, "the second agent to exit", || {
@@ -842,13 +806,7 @@ async fn a_second_agent_on_the_same_spool_refuses_to_start_naming_the_first() {
     );
     // The first one is unaffected: its sequence goes on without a hole or a conflict.
     let at = node(&pki, &url, "node-l").await.unwrap().last_seq;
-    let n = while_progressing(stall, "the first agent still reporting", || async {
-        match node(&pki, &url, "node-l").await {
-            Some(n) if n.last_seq >= at + 2 => Progress::Done(n),
-            other => Progress::At(other.map(|n| n.last_seq)),
-        }
-    })
-    .await;
+    let n = await_last_seq(&pki, &url, "node-l", at + 2, stall).await;
     assert_eq!((n.missing, n.conflicts, n.epochs), (0, 0, 1), "{n:?}");
     assert!(first.is_running());
     first.kill9();

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sov_e2e::{
-    AgentProcess, CollectorProcess, Pki, Progress, agent_config, agent_stall, free_port, node,
-    while_progressing,
+    AgentProcess, CollectorProcess, Pki, Progress, agent_config, agent_stall, await_last_seq,
+    free_port, node, while_progressing,
 };
 
 /// A tmpfs mounted for the test, unmounted on drop (also when the test fails).
@@ -85,14 +85,7 @@ async fn an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spoo
     // Every wait below fails only when the system stops moving for longer than the agent's own
     // retry cycle allows (`agent_stall`), never after a fixed time a busy machine can exceed.
     let stall = agent_stall(&cfg);
-    let last_seq = || async { node(&pki, &url, "node-t").await.map(|n| n.last_seq) };
-    while_progressing(stall, "first reports", || async {
-        match last_seq().await {
-            Some(s) if s >= 2 => Progress::Done(()),
-            other => Progress::At(other),
-        }
-    })
-    .await;
+    await_last_seq(&pki, &url, "node-t", 2, stall).await;
 
     // The collector goes away; the spool fills the disk.
     let at_kill = node(&pki, &url, "node-t").await.unwrap().last_seq;
@@ -127,21 +120,8 @@ async fn an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spoo
     // Back: everything spooled arrives, then spooling resumes on the freed space.
     collector = CollectorProcess::start(&pki, work.path(), port);
     // About fifteen reports fit on the disk: at least five were spooled while it was down.
-    let drained = while_progressing(stall, "the spool to drain", || async {
-        match last_seq().await {
-            Some(s) if s >= at_kill + 5 => Progress::Done(s),
-            other => Progress::At(other),
-        }
-    })
-    .await;
-    let resumed = drained + 3;
-    while_progressing(stall, "new reports after the disk emptied", || async {
-        match last_seq().await {
-            Some(s) if s >= resumed => Progress::Done(()),
-            other => Progress::At(other),
-        }
-    })
-    .await;
+    let drained = await_last_seq(&pki, &url, "node-t", at_kill + 5, stall).await;
+    await_last_seq(&pki, &url, "node-t", drained.last_seq + 3, stall).await;
     assert!(agent.is_running(), "the agent died; see {}", log.display());
     agent.kill9();
     let n = node(&pki, &url, "node-t").await.unwrap();

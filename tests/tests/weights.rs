@@ -15,20 +15,10 @@ use std::time::Duration;
 
 use sov_agent::collect::weights::inventory::{WeightsHandle, WeightsScanner};
 use sov_agent::config::WeightsConfig;
-use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually};
+use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually, sha256sum};
 use sov_proto::pb;
 
 const REV: &str = "0123456789abcdef0123456789abcdef01234567";
-
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
 
 fn safetensors_bytes(seed: u8) -> Vec<u8> {
     use safetensors::tensor::{Dtype, TensorView};
