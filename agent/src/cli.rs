@@ -34,6 +34,10 @@ enum Command {
         /// Validate the configuration, print every problem, and exit (64 when invalid).
         #[arg(long)]
         check_config: bool,
+        /// Run even when `[tls] key` is readable by group or others (refused by default, as
+        /// ssh refuses such keys); a warning is logged instead.
+        #[arg(long)]
+        allow_insecure_keys: bool,
     },
     /// Get this node's certificate from the collector with a one-time token: the key is made
     /// here and never leaves the node. Writes `[tls] key`, `ca` and `cert` of the configuration.
@@ -252,8 +256,9 @@ pub fn main() -> ExitCode {
         Command::Run {
             config,
             check_config,
+            allow_insecure_keys,
         } => {
-            let cfg = match AgentConfig::load(&config) {
+            let cfg = match AgentConfig::load_with(&config, allow_insecure_keys) {
                 Ok(c) => c,
                 Err(e) => return report_config_error(&e),
             };

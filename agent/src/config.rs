@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 pub use sov_common::config::{
-    ConfigError, EXIT_BAD_CONFIG, Problems, check_country, check_readable, read_toml,
+    ConfigError, EXIT_BAD_CONFIG, INSECURE_KEY_MARK, Problems, check_country, check_private_key,
+    check_readable, read_toml,
 };
 pub use sov_common::host::local_hostname;
 
@@ -464,8 +465,24 @@ pub fn check_node_name(problems: &mut Problems, field: &str, value: &str) {
 impl AgentConfig {
     /// Load and validate a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, false)
+    }
+
+    /// [`AgentConfig::load`]; with `allow_insecure_keys`, a private key readable by group or
+    /// others is a warning (logged) instead of a problem.
+    pub fn load_with(path: &Path, allow_insecure_keys: bool) -> Result<Self, ConfigError> {
         let cfg: Self = read_toml(path)?;
-        cfg.validate().into_result()?;
+        let mut problems = cfg.validate();
+        if allow_insecure_keys {
+            problems.0.retain(|p| {
+                let insecure = p.contains(INSECURE_KEY_MARK);
+                if insecure {
+                    tracing::warn!(problem = %p, "insecure private key allowed by --allow-insecure-keys");
+                }
+                !insecure
+            });
+        }
+        problems.into_result()?;
         Ok(cfg)
     }
 
@@ -523,6 +540,7 @@ impl AgentConfig {
         check_readable(&mut p, "tls.ca", &self.tls.ca);
         check_readable(&mut p, "tls.cert", &self.tls.cert);
         check_readable(&mut p, "tls.key", &self.tls.key);
+        check_private_key(&mut p, "tls.key", &self.tls.key);
         if self.processes.top_n > 1000 {
             p.push(
                 "processes.top_n",
@@ -685,6 +703,45 @@ mod tests {
         assert_eq!(c.interval_secs, DEFAULT_INTERVAL_SECS);
         assert_eq!(c.max_spool_bytes, DEFAULT_MAX_SPOOL_BYTES);
         assert_eq!(c.collector, vec!["https://127.0.0.1:7443".to_owned()]);
+    }
+
+    #[test]
+    fn a_private_key_readable_by_group_or_others_is_refused_unless_allowed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "a.pem", "a.key"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let key = dir.path().join("a.key");
+        let text = GOOD.replace("/nonexistent", &dir.path().display().to_string());
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        for (mode, refused) in [
+            (0o644, true),
+            (0o640, true),
+            (0o604, true),
+            (0o600, false),
+            (0o400, false),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let result = AgentConfig::load(&path);
+            assert_eq!(result.is_err(), refused, "mode {mode:o}: {result:?}");
+            if let Err(e) = result {
+                let text = e.to_string();
+                assert!(
+                    text.contains("tls.key") && text.contains(&format!("mode {mode:04o}")),
+                    "{text}"
+                );
+                assert!(
+                    text.contains("chmod 600") && text.contains("--allow-insecure-keys"),
+                    "{text}"
+                );
+            }
+            assert!(
+                AgentConfig::load_with(&path, true).is_ok(),
+                "mode {mode:o} allowed"
+            );
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub struct AgentMetrics {
     acked: AtomicU64,
     send_failures: AtomicU64,
     renewals: AtomicU64,
+    withheld: AtomicU64,
 }
 
 /// What a scrape reads besides the counters.
@@ -44,6 +45,11 @@ impl AgentMetrics {
     /// A connection or delivery failed (the sender reconnects).
     pub fn send_failed(&self) {
         self.send_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A refused report was trimmed (items withheld) to be sent again.
+    pub fn withheld(&self) {
+        self.withheld.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The client certificate was renewed.
@@ -86,7 +92,7 @@ impl AgentMetrics {
         one(
             "sov_agent_dropped_reports_total",
             "counter",
-            "Reports dropped (spool full, corrupt or refused as too large) since the spool was created.",
+            "Reports dropped (spool full, corrupt, too large for the spool, or refused by the collector) since the spool was created.",
             scrape.spool.dropped_total.to_string(),
         );
         one(
@@ -100,6 +106,12 @@ impl AgentMetrics {
             "counter",
             "Failed connections and deliveries (each followed by a reconnect) since the agent started.",
             load(&self.send_failures).to_string(),
+        );
+        one(
+            "sov_agent_reports_trimmed_total",
+            "counter",
+            "Times a report the collector refused was sent again with items withheld (declared in the report) since the agent started.",
+            load(&self.withheld).to_string(),
         );
         one(
             "sov_agent_certificate_renewals_total",

@@ -1,8 +1,17 @@
 //! The agent's two long tasks: the report builder (every `interval_secs`: observe, build a
 //! report, append it durably to the spool) and the sender (deliver the spool's oldest report,
 //! delete it only after the collector's ack, reconnect with backoff, fail over between URLs).
+//!
+//! A report is never poison: the builder clamps it to the wire contract ([`crate::bounds`]) and
+//! packs the weight inventory into as many reports as its size needs ([`crate::shape::pack`]);
+//! the sender answers a refusal (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, OUT_OF_RANGE) by sending
+//! the same seq again with items withheld and declared ([`crate::shape::withhold`]), and gives
+//! the seq up as a REFUSED gap, with the collector's words, only when nothing is left to
+//! withhold. A spool error in the sender (a full disk, say) is logged and retried, never the
+//! end of delivery.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +26,7 @@ use tonic::Code;
 use crate::collect::gpu::GpuCollector;
 use crate::collect::net::NetHandle;
 use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner, link_gpus};
+use crate::collect::weights::schedule::Hint;
 use crate::config::AgentConfig;
 use crate::metrics::{AgentMetrics, AgentScrape};
 use crate::observe::Observer;
@@ -30,8 +40,12 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const TLS_RECHECK: Duration = Duration::from_secs(600);
 /// Longest wait between two failed renewal attempts.
 const RENEW_MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// Largest ack the agent decodes.
-const MAX_ACK_BYTES: usize = 64 * 1024;
+/// Largest ack the agent decodes (restricted-model hints included).
+const MAX_ACK_BYTES: usize = 1024 * 1024;
+/// Most times one seq is trimmed and sent again before it is given up as a REFUSED gap.
+pub const MAX_WITHHOLD_STEPS: usize = 64;
+/// Wait before retrying after the spool failed (a full or failing disk).
+const SPOOL_RETRY: Duration = Duration::from_secs(1);
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +79,10 @@ pub struct Agent {
     config: Arc<AgentConfig>,
     node: String,
     metrics: Arc<AgentMetrics>,
+    /// The weight inventory (fed by the scanner thread when weights are enabled).
+    weights: WeightsHandle,
+    /// The collector's `max_report_bytes` from its last ack; 0 until one came.
+    collector_limit: Arc<AtomicU64>,
 }
 
 /// Lock the spool; a poisoned lock (a panic while holding it) is still usable because every
@@ -86,6 +104,8 @@ impl Agent {
             config: Arc::new(config),
             node,
             metrics: Arc::default(),
+            weights: WeightsHandle::default(),
+            collector_limit: Arc::default(),
         })
     }
 
@@ -208,7 +228,7 @@ impl Agent {
                 .parent()
                 .map_or_else(|| self.config.spool_dir.clone(), Path::to_path_buf)
         });
-        let handle = WeightsHandle::default();
+        let handle = self.weights.clone();
         let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone())
             .with_containers(lock(&self.observer).containers());
         lock(&self.observer).set_weights(handle.clone());
@@ -305,7 +325,7 @@ impl Agent {
                 .map(|w| w.take_update(std::time::Instant::now(), full_every))
                 .unwrap_or_default();
             link_gpus(&mut update.files, &obs.gpu.devices);
-            let report = pb::Report {
+            let base = pb::Report {
                 epoch: stats.epoch,
                 seq: 0,
                 observed_unix_ms: now_unix_ms(),
@@ -321,26 +341,54 @@ impl Agent {
                 gpu_state: Some(obs.gpu.state),
                 gpus: obs.gpu.devices,
                 processes: obs.processes.processes,
-                weight_inventory_full: update.full,
-                weight_files: update.files,
-                weight_files_removed: update.removed,
                 flows,
                 ..Default::default()
             };
+            let inventory = crate::shape::Inventory {
+                generation: update.generation.filter(|_| update.full),
+                files: update.files,
+                removed: update.removed,
+            };
+            let budget = crate::shape::report_budget(self.collector_limit.load(Ordering::Relaxed));
+            let mut reports = crate::shape::pack(base, inventory, budget);
+            for r in &mut reports {
+                let clamped = crate::bounds::clamp_report(r);
+                if clamped > 0 {
+                    tracing::warn!(clamped, "report values clamped to the wire contract");
+                }
+            }
+            if reports.len() > 1 {
+                tracing::info!(
+                    reports = reports.len(),
+                    "weight inventory split across reports"
+                );
+            }
             let spool = self.spool.clone();
-            let appended = tokio::task::spawn_blocking(move || {
+            let unsent = tokio::task::spawn_blocking(move || {
                 // The record header carries the sequence number; the sender copies it into
                 // the report when it sends it.
-                lock(&spool).append(&report.encode_to_vec())
+                let mut s = lock(&spool);
+                for (i, r) in reports.iter().enumerate() {
+                    match s.append(&r.encode_to_vec()) {
+                        Ok(o) => tracing::debug!(seq = o.seq, stored = o.stored, "report spooled"),
+                        Err(err) => return Some((err, reports.split_off(i))),
+                    }
+                }
+                None
             })
             .await
             .map_err(|e| AgentError::Join(e.to_string()))?;
             self.metrics
                 .cycle(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-            match appended {
-                Ok(out) => tracing::debug!(seq = out.seq, stored = out.stored, "report spooled"),
-                // A full or failing disk must not stop observation: log and try next interval.
-                Err(err) => tracing::error!(error = %err, "cannot spool report"),
+            // A full or failing disk must not stop observation: log and try next interval, and
+            // keep the weight files that were not spooled for the next report.
+            if let Some((err, left)) = unsent {
+                tracing::error!(error = %err, "cannot spool report");
+                let paths: Vec<String> = left
+                    .iter()
+                    .flat_map(|r| r.weight_files.iter().map(|f| f.path.clone()))
+                    .collect();
+                self.weights.requeue(&paths);
             }
             self.wake.notify_one();
         }
@@ -488,8 +536,12 @@ impl Agent {
             let spool = self.spool.clone();
             let next = tokio::task::spawn_blocking(move || {
                 let mut s = lock(&spool);
-                s.peek()
-                    .map(|rec| rec.map(|r| (r, s.pending_gaps().to_vec())))
+                s.peek().map(|rec| {
+                    rec.map(|r| {
+                        let gaps = s.gaps_for(r.seq);
+                        (r, gaps)
+                    })
+                })
             })
             .await
             .map_err(|e| AgentError::Join(e.to_string()))?;
@@ -503,10 +555,10 @@ impl Agent {
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "cannot read spool; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
+                    if self.pause(shutdown).await {
+                        return Ok(Delivery::Shutdown);
                     }
+                    continue;
                 }
             };
             let seq = record.seq;
@@ -516,48 +568,142 @@ impl Agent {
                     // The checksum passed, so this is a bug in an older agent version: skip it
                     // as a gap so that the collector knows exactly what is missing.
                     tracing::error!(seq, error = %err, "spooled report does not decode; dropping it");
-                    self.skip(seq, GapKind::Corrupt).await?;
+                    self.give_up(
+                        seq,
+                        GapKind::Corrupt,
+                        &format!("does not decode: {err}"),
+                        shutdown,
+                    )
+                    .await;
                     continue;
                 }
             };
             report.seq = seq;
             report.gaps = gaps.iter().map(gap_to_pb).collect();
-            let pushed = tokio::select! {
-                r = client.push(report) => r,
-                () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
+            let limit = self.collector_limit.load(Ordering::Relaxed);
+            let mut requeue: Vec<String> = Vec::new();
+            if limit > 0 && report.encoded_len() as u64 > limit {
+                // Known too large: trim before the collector has to say so.
+                let message = format!(
+                    "report of {} bytes is larger than the collector's max_report_bytes {limit}",
+                    report.encoded_len()
+                );
+                if let Some(w) =
+                    crate::shape::withhold(&mut report, Code::ResourceExhausted, &message, limit)
+                {
+                    requeue.extend(w.requeue);
+                }
+            }
+            let mut steps = 0usize;
+            let outcome = loop {
+                let pushed = tokio::select! {
+                    r = client.push(report.clone()) => r,
+                    () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
+                };
+                let status = match pushed {
+                    Ok(ack) => break Ok(ack.into_inner()),
+                    Err(status) => status,
+                };
+                if !matches!(
+                    status.code(),
+                    Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
+                ) {
+                    return Ok(Delivery::Broken(status));
+                }
+                steps += 1;
+                let trimmed = (steps <= MAX_WITHHOLD_STEPS)
+                    .then(|| {
+                        crate::shape::withhold(&mut report, status.code(), status.message(), limit)
+                    })
+                    .flatten();
+                match trimmed {
+                    Some(w) => {
+                        self.metrics.withheld();
+                        tracing::warn!(seq, code = ?status.code(), error = %status.message(), withheld = ?report.withheld.iter().map(|w| (&w.kind, w.count)).collect::<Vec<_>>(), "collector refused report; sending it again with items withheld");
+                        requeue.extend(w.requeue);
+                    }
+                    None => break Err(status),
+                }
             };
-            match pushed {
+            match outcome {
                 Ok(ack) => {
-                    let ack = ack.into_inner();
                     if ack.seq != seq {
                         tracing::warn!(sent = seq, acked = ack.seq, "collector acked another seq");
                     }
-                    let spool = self.spool.clone();
-                    tokio::task::spawn_blocking(move || lock(&spool).ack(seq))
-                        .await
-                        .map_err(|e| AgentError::Join(e.to_string()))??;
+                    self.collector_limit
+                        .store(ack.max_report_bytes, Ordering::Relaxed);
+                    self.weights
+                        .set_hints(Hint::from_ack(&ack.restricted_models));
+                    if !requeue.is_empty() {
+                        self.weights.requeue(&requeue);
+                    }
+                    // Gaps the collector refused were declared as withheld instead; they
+                    // are cleared like carried ones.
+                    let carried = gaps;
+                    if !self.ack(seq, carried, shutdown).await {
+                        return Ok(Delivery::Shutdown);
+                    }
                     self.metrics.acked();
                     backoff.reset();
                 }
-                Err(status) => match status.code() {
-                    // The collector will never accept this report: drop it as a gap rather
-                    // than block every later report behind it.
-                    Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange => {
-                        tracing::error!(seq, code = ?status.code(), error = %status.message(), "collector refused report; dropping it");
-                        self.skip(seq, GapKind::TooLarge).await?;
-                    }
-                    _ => return Ok(Delivery::Broken(status)),
-                },
+                Err(status) => {
+                    // Refused even with every optional item withheld: the report itself (its
+                    // node facts) is unacceptable. Give the seq up, saying why.
+                    tracing::error!(seq, code = ?status.code(), error = %status.message(), "collector refused report with nothing left to withhold; giving it up as a gap");
+                    let detail = format!("{:?}: {}", status.code(), status.message());
+                    self.give_up(seq, GapKind::Refused, &detail, shutdown).await;
+                }
             }
         }
     }
 
-    async fn skip(&self, seq: u64, kind: GapKind) -> Result<(), AgentError> {
-        let spool = self.spool.clone();
-        tokio::task::spawn_blocking(move || lock(&spool).skip(seq, kind))
-            .await
-            .map_err(|e| AgentError::Join(e.to_string()))??;
-        Ok(())
+    /// Sleeps [`SPOOL_RETRY`]; true when shutdown came first.
+    async fn pause(&self, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(SPOOL_RETRY) => false,
+            () = shutdown.cancelled() => true,
+        }
+    }
+
+    /// Acks `seq` in the spool, retrying while the spool fails (a full disk). The report is
+    /// stored at the collector, so until the ack is written it would only be sent again as a
+    /// duplicate. False on shutdown.
+    async fn ack(&self, seq: u64, carried: Vec<GapRange>, shutdown: &CancellationToken) -> bool {
+        loop {
+            let spool = self.spool.clone();
+            let c = carried.clone();
+            let done =
+                tokio::task::spawn_blocking(move || lock(&spool).ack_carrying(seq, &c)).await;
+            match done {
+                Ok(Ok(())) => return true,
+                Ok(Err(err)) => {
+                    tracing::error!(seq, error = %err, cause = %source_chain(&err), "cannot record the ack in the spool; retrying")
+                }
+                Err(err) => tracing::error!(seq, error = %err, "spool task failed; retrying"),
+            }
+            if self.pause(shutdown).await {
+                return false;
+            }
+        }
+    }
+
+    /// Gives `seq` up as a gap of `kind`, retrying while the spool fails.
+    async fn give_up(&self, seq: u64, kind: GapKind, detail: &str, shutdown: &CancellationToken) {
+        loop {
+            let spool = self.spool.clone();
+            let d = detail.to_owned();
+            let done = tokio::task::spawn_blocking(move || lock(&spool).skip(seq, kind, &d)).await;
+            match done {
+                Ok(Ok(())) => return,
+                Ok(Err(err)) => {
+                    tracing::error!(seq, error = %err, "cannot record the gap in the spool; retrying")
+                }
+                Err(err) => tracing::error!(seq, error = %err, "spool task failed; retrying"),
+            }
+            if self.pause(shutdown).await {
+                return;
+            }
+        }
     }
 }
 
@@ -573,12 +719,14 @@ fn gap_to_pb(g: &GapRange) -> pb::Gap {
         GapKind::SpoolFull => pb::GapReason::SpoolFull,
         GapKind::Corrupt => pb::GapReason::Corrupt,
         GapKind::TooLarge => pb::GapReason::TooLarge,
+        GapKind::Refused => pb::GapReason::Refused,
     };
     pb::Gap {
         first_seq: g.first_seq,
         last_seq: g.last_seq,
         reason: reason as i32,
         dropped_unix_ms: g.dropped_unix_ms,
+        detail: g.detail.clone(),
     }
 }
 

@@ -33,8 +33,31 @@
 //! - A new gap covers only seqs that no pending gap covers, and extends an adjacent pending gap
 //!   of the same reason, so pending gaps are disjoint.
 //! - A record found damaged by `peek` becomes a Corrupt gap and `peek` moves on.
-//! - `skip(seq, kind)` gives up on a report the collector refuses (recorded as a gap).
+//! - `skip(seq, kind, detail)` gives up on a report the collector refuses (recorded as a gap).
 //! - Segment files without `state.json`, and an ack of a seq never assigned, are errors.
+//! - A report carries only the pending gaps that lie wholly before its own seq
+//!   ([`Spool::gaps_for`], at most [`MAX_GAPS_PER_REPORT`]), and its ack clears exactly those
+//!   ([`Spool::ack_carrying`]). Attaching a gap of a later seq (damage found further on at
+//!   open) made the collector refuse the report, which was then given up as another gap: two
+//!   damaged records cost six seqs. A gap after the report waits for a later one.
+//!
+//! # One agent per spool
+//!
+//! `open` takes an exclusive `flock` on `<dir>/lock` (and writes its pid there) and holds it
+//! until the spool is dropped: a second agent on the same directory is refused with
+//! [`SpoolError::Locked`], naming the holder's pid. Two agents sharing a spool would hand out
+//! the same seqs twice.
+//!
+//! # A full disk
+//!
+//! The spool keeps a small reserve file (`reserve`, [`RESERVE_BYTES`]). When the disk is so
+//! full that `state.json` cannot be written (every ack and drop needs that), the reserve is
+//! deleted and the write tried again, so that acks still go through and, once a segment is
+//! wholly acknowledged, free its space. `append` makes the reserve again before it writes, and
+//! refuses the report ([`SpoolError::DiskFull`]) while it cannot: new reports never eat the
+//! room the acks need. Without this, a spool that filled its disk could never acknowledge
+//! anything again (measured: the `spool_full` test's agent hit it whenever the disk filled to
+//! its last page, and its sender stopped for good).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -47,6 +70,15 @@ use tracing::{debug, warn};
 
 /// Default bound on the bytes of all segment files.
 pub const DEFAULT_MAX_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
+/// Most gap records attached to one report (the collector accepts 10,000).
+pub const MAX_GAPS_PER_REPORT: usize = 1000;
+/// Bytes kept free in the reserve file for `state.json` on a full disk.
+pub const RESERVE_BYTES: usize = 32 * 1024;
+/// Name of the lock file inside the spool directory.
+pub const LOCK_FILE: &str = "lock";
+/// Longest `detail` kept on a gap.
+const MAX_GAP_DETAIL_BYTES: usize = 512;
+const RESERVE_FILE: &str = "reserve";
 
 const STATE_FILE: &str = "state.json";
 const STATE_TMP_FILE: &str = "state.json.tmp";
@@ -67,6 +99,8 @@ pub enum GapKind {
     Corrupt,
     /// A single report larger than the whole spool.
     TooLarge,
+    /// The collector refused the report even with every optional item withheld.
+    Refused,
 }
 
 /// Seqs `first_seq..=last_seq` that the collector will never receive, and why.
@@ -77,6 +111,9 @@ pub struct GapRange {
     pub last_seq: u64,
     pub reason: GapKind,
     pub dropped_unix_ms: i64,
+    /// Why, in words, when the reason alone does not say (the collector's refusal message).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 /// One spooled report.
@@ -137,6 +174,18 @@ pub enum SpoolError {
     AckBeyondNext { seq: u64, next_seq: u64 },
     #[error("spool {} is in an unknown state after a failed write; reopen it", .dir.display())]
     Broken { dir: PathBuf },
+    #[error(
+        "spool directory {} is in use by another agent ({holder}): two agents must not share a \
+         spool_dir; stop that one, or give this one its own spool_dir",
+        .dir.display()
+    )]
+    Locked { dir: PathBuf, holder: String },
+    #[error(
+        "the disk under the spool {} is full: the report is not written, to keep {RESERVE_BYTES} \
+         bytes for acknowledgements",
+        .dir.display()
+    )]
+    DiskFull { dir: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +239,8 @@ pub struct Spool {
     total_bytes: u64,
     next_seq: u64,
     broken: bool,
+    /// Holds the exclusive lock on `<dir>/lock` for as long as the spool is open.
+    _lock: File,
 }
 
 impl Spool {
@@ -198,6 +249,7 @@ impl Spool {
     pub fn open(dir: impl AsRef<Path>, max_bytes: u64) -> Result<Self, SpoolError> {
         let dir = dir.as_ref().to_path_buf();
         create_dir(&dir)?;
+        let lock = lock_dir(&dir)?;
         let tmp = dir.join(STATE_TMP_FILE);
         match fs::remove_file(&tmp) {
             Ok(()) => debug!(path = %tmp.display(), "removed leftover spool state"),
@@ -235,8 +287,10 @@ impl Spool {
             active: None,
             total_bytes: 0,
             broken: false,
+            _lock: lock,
         };
         spool.recover(names)?;
+        ensure_reserve(&spool.dir);
         Ok(spool)
     }
 
@@ -285,12 +339,12 @@ impl Spool {
             .filter(|l| l.seq >= head)
         {
             if loc.seq > expected {
-                added += state.add_gap(expected, loc.seq - 1, GapKind::Corrupt);
+                added += state.add_gap(expected, loc.seq - 1, GapKind::Corrupt, "");
             }
             expected = loc.seq + 1;
         }
         if let Some(lost) = lost_tail.filter(|&l| l >= expected) {
-            added += state.add_gap(expected, lost, GapKind::Corrupt);
+            added += state.add_gap(expected, lost, GapKind::Corrupt, "");
             expected = lost + 1;
         }
         if added > 0 {
@@ -328,6 +382,11 @@ impl Spool {
     /// when the spool would exceed its bound.
     pub fn append(&mut self, payload: &[u8]) -> Result<AppendOutcome, SpoolError> {
         self.check_usable()?;
+        if !ensure_reserve(&self.dir) {
+            return Err(SpoolError::DiskFull {
+                dir: self.dir.clone(),
+            });
+        }
         let seq = self.next_seq;
         let record_bytes = (HEADER_BYTES + payload.len()) as u64;
         let Ok(len) = u32::try_from(payload.len()) else {
@@ -373,7 +432,7 @@ impl Spool {
 
     fn append_too_large(&mut self, seq: u64, len: usize) -> Result<AppendOutcome, SpoolError> {
         let mut state = self.state.clone();
-        state.add_gap(seq, seq, GapKind::TooLarge);
+        state.add_gap(seq, seq, GapKind::TooLarge, "");
         self.commit(state)?;
         self.next_seq += 1;
         warn!(
@@ -404,7 +463,7 @@ impl Spool {
         let last = self.segments.front().and_then(Segment::last_seq);
         if let Some(last) = last.filter(|&l| l >= head) {
             let mut state = self.state.clone();
-            let dropped = state.add_gap(head, last, GapKind::SpoolFull);
+            let dropped = state.add_gap(head, last, GapKind::SpoolFull, "");
             state.head_seq = last + 1;
             self.commit(state)?;
             warn!(
@@ -451,15 +510,35 @@ impl Spool {
             }
             warn!(path = %segment.path.display(), seq = loc.seq, "spool record damaged since open");
             let mut state = self.state.clone();
-            state.add_gap(loc.seq, loc.seq, GapKind::Corrupt);
+            state.add_gap(loc.seq, loc.seq, GapKind::Corrupt, "");
             self.commit(state)?;
             self.segments[si].records.remove(ri);
         }
     }
 
-    /// Marks every seq up to `seq` delivered, clears the pending gaps below `seq` (they went out
-    /// with that report) and deletes the segments that hold nothing newer.
+    /// The pending gaps a report with `seq` carries: those wholly before `seq` (a collector
+    /// refuses a gap at or after the report's own seq), oldest first, at most
+    /// [`MAX_GAPS_PER_REPORT`]. The rest wait for a later report.
+    pub fn gaps_for(&self, seq: u64) -> Vec<GapRange> {
+        self.state
+            .pending_gaps
+            .iter()
+            .filter(|g| g.last_seq < seq)
+            .take(MAX_GAPS_PER_REPORT)
+            .cloned()
+            .collect()
+    }
+
+    /// [`Spool::ack_carrying`] with the gaps [`Spool::gaps_for`] gives for `seq` now.
     pub fn ack(&mut self, seq: u64) -> Result<(), SpoolError> {
+        let carried = self.gaps_for(seq);
+        self.ack_carrying(seq, &carried)
+    }
+
+    /// Marks every seq up to `seq` delivered, clears the `carried` gaps (they went out with
+    /// that report; only the seqs they cover, so a gap extended since is kept for the rest) and
+    /// deletes the segments that hold nothing newer.
+    pub fn ack_carrying(&mut self, seq: u64, carried: &[GapRange]) -> Result<(), SpoolError> {
         self.check_usable()?;
         if seq >= self.next_seq {
             return Err(SpoolError::AckBeyondNext {
@@ -469,7 +548,9 @@ impl Spool {
         }
         let mut state = self.state.clone();
         state.head_seq = state.head_seq.max(seq + 1);
-        state.pending_gaps.retain(|g| g.last_seq >= seq);
+        for c in carried {
+            state.remove_range(c.first_seq, c.last_seq);
+        }
         if state != self.state {
             self.commit(state)?;
         }
@@ -477,9 +558,10 @@ impl Spool {
     }
 
     /// Gives up on every seq up to `seq` not yet acknowledged (normally the report that `peek`
-    /// returned and the collector refused): records them as a gap of `kind` and moves past them.
-    /// Unlike `ack` it clears no pending gap, since no report carried them.
-    pub fn skip(&mut self, seq: u64, kind: GapKind) -> Result<(), SpoolError> {
+    /// returned and the collector refused): records them as a gap of `kind` (with `detail`, the
+    /// collector's words) and moves past them. Unlike `ack` it clears no pending gap, since no
+    /// report carried them.
+    pub fn skip(&mut self, seq: u64, kind: GapKind, detail: &str) -> Result<(), SpoolError> {
         self.check_usable()?;
         if seq >= self.next_seq {
             return Err(SpoolError::AckBeyondNext {
@@ -492,7 +574,7 @@ impl Spool {
             return Ok(());
         }
         let mut state = self.state.clone();
-        state.add_gap(head, seq, kind);
+        state.add_gap(head, seq, kind, detail);
         state.head_seq = seq + 1;
         self.commit(state)?;
         warn!(first_seq = head, last_seq = seq, reason = ?kind, "spooled reports given up");
@@ -659,9 +741,34 @@ fn le_u64(b: &[u8]) -> u64 {
 }
 
 impl State {
+    /// Takes `first..=last` out of the pending gaps (a gap straddling the range keeps its parts
+    /// outside it).
+    fn remove_range(&mut self, first: u64, last: u64) {
+        let mut kept = Vec::with_capacity(self.pending_gaps.len());
+        for g in self.pending_gaps.drain(..) {
+            if g.last_seq < first || g.first_seq > last {
+                kept.push(g);
+                continue;
+            }
+            if g.first_seq < first {
+                kept.push(GapRange {
+                    last_seq: first - 1,
+                    ..g.clone()
+                });
+            }
+            if g.last_seq > last {
+                kept.push(GapRange {
+                    first_seq: last + 1,
+                    ..g
+                });
+            }
+        }
+        self.pending_gaps = kept;
+    }
+
     /// Records `first..=last` as a gap, except the seqs that a pending gap already covers, and
     /// counts them in `dropped_total`. Returns how many seqs were added.
-    fn add_gap(&mut self, first: u64, last: u64, reason: GapKind) -> u64 {
+    fn add_gap(&mut self, first: u64, last: u64, reason: GapKind, detail: &str) -> u64 {
         let mut covered: Vec<(u64, u64)> = self
             .pending_gaps
             .iter()
@@ -687,16 +794,16 @@ impl State {
         for (a, b) in missing {
             added += b - a + 1;
             let gaps = &mut self.pending_gaps;
-            match gaps
-                .iter_mut()
-                .find(|g| g.reason == reason && g.last_seq.checked_add(1) == Some(a))
-            {
+            match gaps.iter_mut().find(|g| {
+                g.reason == reason && g.detail == detail && g.last_seq.checked_add(1) == Some(a)
+            }) {
                 Some(g) => g.last_seq = b,
                 None => gaps.push(GapRange {
                     first_seq: a,
                     last_seq: b,
                     reason,
                     dropped_unix_ms: now,
+                    detail: cut(detail, MAX_GAP_DETAIL_BYTES),
                 }),
             }
         }
@@ -730,11 +837,87 @@ fn write_state(dir: &Path, state: &State) -> Result<(), SpoolError> {
     let path = dir.join(STATE_FILE);
     let bytes = serde_json::to_vec_pretty(state)
         .map_err(|e| io_err("encode", &path)(io::Error::other(e)))?;
-    File::create(&tmp)
-        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-        .map_err(io_err("write", &tmp))?;
+    let write =
+        || File::create(&tmp).and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()));
+    match write() {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+            // The disk is full: spend the reserve on the state, which acks need to free space.
+            let reserve = dir.join(RESERVE_FILE);
+            if fs::remove_file(&reserve).is_err() {
+                return Err(io_err("write", &tmp)(e));
+            }
+            warn!(dir = %dir.display(), "disk full: spool reserve released to write the spool state");
+            write().map_err(io_err("write", &tmp))?;
+        }
+        Err(e) => return Err(io_err("write", &tmp)(e)),
+    }
     fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
     sync_dir(dir)
+}
+
+/// Makes the reserve file when it is missing and there is room. False when it cannot (the
+/// disk is full): nothing else may be written then.
+fn ensure_reserve(dir: &Path) -> bool {
+    let path = dir.join(RESERVE_FILE);
+    if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() >= RESERVE_BYTES as u64) {
+        return true;
+    }
+    let made = File::create(&path).and_then(|mut f| {
+        f.write_all(&[0; RESERVE_BYTES])?;
+        f.sync_all()
+    });
+    match made {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(path = %path.display(), error = %e, "cannot make the spool reserve");
+            let _ = fs::remove_file(&path);
+            false
+        }
+    }
+}
+
+/// Takes the spool's exclusive lock, or names who holds it.
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err("open", &path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim().parse::<u32>() {
+                Ok(pid) => format!("pid {pid}"),
+                Err(_) => "pid unknown".to_owned(),
+            };
+            return Err(SpoolError::Locked {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+    }
+    let pid = std::process::id().to_string();
+    file.set_len(0)
+        .and_then(|()| file.seek(SeekFrom::Start(0)).map(|_| ()))
+        .and_then(|()| file.write_all(pid.as_bytes()))
+        .map_err(io_err("write", &path))?;
+    Ok(file)
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
@@ -1125,7 +1308,7 @@ mod tests {
         for seq in 1..=3 {
             spool.append(&body(seq, 100)).unwrap();
         }
-        spool.skip(1, GapKind::Corrupt).unwrap();
+        spool.skip(1, GapKind::Corrupt, "").unwrap();
         assert_eq!(gaps(&spool), [gap(1, 1, GapKind::Corrupt)]);
         assert_eq!(spool.stats().dropped_total, 1);
         drop(spool);
@@ -1135,7 +1318,7 @@ mod tests {
         spool.ack(2).unwrap();
         assert!(spool.pending_gaps().is_empty());
         assert!(matches!(
-            spool.skip(4, GapKind::TooLarge),
+            spool.skip(4, GapKind::TooLarge, ""),
             Err(SpoolError::AckBeyondNext { .. })
         ));
     }
@@ -1229,5 +1412,189 @@ mod tests {
     fn the_spool_can_move_between_threads() {
         fn assert_send<T: Send>() {}
         assert_send::<Spool>();
+    }
+
+    /// Sends like the agent does and checks each report as the collector does: every gap it
+    /// carries lies wholly before its seq. Returns the seqs delivered and the gaps carried.
+    fn drain_as_the_collector_checks(spool: &mut Spool) -> (Vec<u64>, Vec<(u64, u64, GapKind)>) {
+        let (mut seqs, mut carried_all) = (Vec::new(), Vec::new());
+        while let Some(r) = spool.peek().unwrap() {
+            let carried = spool.gaps_for(r.seq);
+            for g in &carried {
+                assert!(
+                    g.first_seq >= 1 && g.first_seq <= g.last_seq && g.last_seq < r.seq,
+                    "report {} carries gap {g:?}: the collector would refuse it",
+                    r.seq
+                );
+                carried_all.push((g.first_seq, g.last_seq, g.reason));
+            }
+            seqs.push(r.seq);
+            spool.ack_carrying(r.seq, &carried).unwrap();
+        }
+        (seqs, carried_all)
+    }
+
+    #[test]
+    fn two_damaged_records_cost_exactly_two_seqs_and_every_report_carries_only_earlier_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        three_segments(dir.path());
+        let files = segment_files(dir.path());
+        flip_byte(&files[1], 16 + 500); // payload of seq 9, first of the second segment
+        flip_byte(&files[2], 2 * 1016 + 16 + 10); // payload of seq 19
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(
+            gaps(&spool),
+            [gap(9, 9, GapKind::Corrupt), gap(19, 19, GapKind::Corrupt)]
+        );
+        assert!(spool.gaps_for(1).is_empty(), "seq 1 carries no later gap");
+        let (seqs, carried) = drain_as_the_collector_checks(&mut spool);
+        let expected: Vec<u64> = (1..=20).filter(|&s| s != 9 && s != 19).collect();
+        assert_eq!(seqs, expected, "every good record delivered");
+        assert_eq!(
+            carried,
+            [gap(9, 9, GapKind::Corrupt), gap(19, 19, GapKind::Corrupt)],
+            "each damaged seq declared once, by the first report after it"
+        );
+        assert_eq!(spool.stats().dropped_total, 2, "two seqs lost, not six");
+        assert!(spool.pending_gaps().is_empty());
+    }
+
+    #[test]
+    fn a_gap_after_the_last_report_waits_for_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        three_segments(dir.path());
+        let last = segment_files(dir.path()).pop().unwrap();
+        flip_byte(&last, 3 * 1016 + 16 + 10); // seq 20, the newest record
+
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        let (seqs, carried) = drain_as_the_collector_checks(&mut spool);
+        assert_eq!(seqs, (1..=19).collect::<Vec<_>>());
+        assert!(carried.is_empty(), "no report after seq 20 yet");
+        assert_eq!(
+            gaps(&spool),
+            [gap(20, 20, GapKind::Corrupt)],
+            "still pending"
+        );
+        assert_eq!(spool.append(&body(21, 100)).unwrap().seq, 21);
+        let (seqs, carried) = drain_as_the_collector_checks(&mut spool);
+        assert_eq!(seqs, [21]);
+        assert_eq!(carried, [gap(20, 20, GapKind::Corrupt)]);
+    }
+
+    #[test]
+    fn an_ack_clears_only_the_gaps_its_report_carried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        let n = MAX_GAPS_PER_REPORT as u64 + 5;
+        // Every odd seq given up as its own gap (distinct details keep them apart).
+        for seq in 1..=2 * n {
+            spool.append(&body(seq, 10)).unwrap();
+        }
+        for seq in (1..=2 * n).step_by(2) {
+            spool.ack_carrying(seq - 1, &[]).unwrap();
+            spool
+                .skip(seq, GapKind::Refused, &format!("refusal {seq}"))
+                .unwrap();
+        }
+        spool.append(&body(2 * n + 1, 10)).unwrap();
+        assert_eq!(spool.pending_gaps().len() as u64, n);
+        let carried = spool.gaps_for(2 * n + 1);
+        assert_eq!(carried.len(), MAX_GAPS_PER_REPORT, "bounded");
+        spool.ack_carrying(2 * n + 1, &carried).unwrap();
+        assert_eq!(
+            spool.pending_gaps().len(),
+            5,
+            "the five not carried stay pending"
+        );
+        assert_eq!(
+            spool.pending_gaps()[0].detail,
+            format!("refusal {}", 2 * MAX_GAPS_PER_REPORT + 1)
+        );
+    }
+
+    #[test]
+    fn a_carried_gap_extended_since_keeps_its_new_part() {
+        let mut state = State {
+            version: STATE_VERSION,
+            epoch: 1,
+            head_seq: 1,
+            pending_gaps: vec![],
+            dropped_total: 0,
+        };
+        state.add_gap(3, 5, GapKind::SpoolFull, "");
+        state.add_gap(6, 9, GapKind::SpoolFull, "");
+        assert_eq!(state.pending_gaps.len(), 1, "extended in place");
+        state.remove_range(3, 5);
+        let left: Vec<(u64, u64)> = state
+            .pending_gaps
+            .iter()
+            .map(|g| (g.first_seq, g.last_seq))
+            .collect();
+        assert_eq!(left, [(6, 9)]);
+        state.remove_range(7, 7);
+        let left: Vec<(u64, u64)> = state
+            .pending_gaps
+            .iter()
+            .map(|g| (g.first_seq, g.last_seq))
+            .collect();
+        assert_eq!(left, [(6, 6), (8, 9)]);
+    }
+
+    #[test]
+    fn a_refused_gap_keeps_the_collectors_words_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        spool.append(b"a").unwrap();
+        spool.append(b"b").unwrap();
+        let words = "INVALID_ARGUMENT: node_info.country \"X\" is not an ISO code ".repeat(20);
+        spool.skip(1, GapKind::Refused, &words).unwrap();
+        drop(spool);
+        let spool = Spool::open(dir.path(), SMALL).unwrap();
+        let g = &spool.pending_gaps()[0];
+        assert_eq!(g.reason, GapKind::Refused);
+        assert!(words.starts_with(&g.detail) && g.detail.len() <= MAX_GAP_DETAIL_BYTES);
+    }
+
+    #[test]
+    fn a_second_spool_on_the_same_directory_is_refused_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Spool::open(dir.path(), SMALL).unwrap();
+        let err = Spool::open(dir.path(), SMALL).unwrap_err();
+        let SpoolError::Locked { holder, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(holder, &format!("pid {}", std::process::id()));
+        assert!(err.to_string().contains("in use by another agent"), "{err}");
+        drop(first);
+        Spool::open(dir.path(), SMALL).expect("free again once the first is closed");
+    }
+
+    #[test]
+    fn a_spool_keeps_a_reserve_for_its_state_on_a_full_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SMALL).unwrap();
+        let reserve = dir.path().join(RESERVE_FILE);
+        assert_eq!(fs::metadata(&reserve).unwrap().len(), RESERVE_BYTES as u64);
+        drop(spool);
+        fs::remove_file(&reserve).unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert!(reserve.exists(), "made again at open");
+        fs::remove_file(&reserve).unwrap();
+        spool.append(b"x").unwrap();
+        assert!(reserve.exists(), "made again before an append");
+        // A reserve that cannot be made (a full disk; here a directory in its way) refuses
+        // the append, seq untouched, and the ack still goes through.
+        fs::remove_file(&reserve).unwrap();
+        fs::create_dir(&reserve).unwrap();
+        let err = spool.append(b"y").unwrap_err();
+        assert!(matches!(err, SpoolError::DiskFull { .. }), "{err:?}");
+        spool.ack(1).unwrap();
+        fs::remove_dir(&reserve).unwrap();
+        assert_eq!(
+            spool.append(b"y").unwrap().seq,
+            2,
+            "no seq spent on the refusal"
+        );
     }
 }

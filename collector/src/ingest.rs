@@ -287,6 +287,7 @@ impl IngestService {
             seq: report.seq,
             duplicate: outcome != IngestOutcome::Stored,
             max_report_bytes: self.max_report_bytes,
+            ..Default::default()
         }))
     }
 }

@@ -87,6 +87,31 @@ pub fn check_readable(problems: &mut Problems, field: &str, path: &Path) {
     }
 }
 
+/// The words that mark a private key readable by group or others in a [`Problems`] entry.
+pub const INSECURE_KEY_MARK: &str = "is readable by group or others";
+
+/// Check that a private key file is readable by its owner only, as ssh does: a key that group
+/// or others can read may already be someone else's. A missing file is `check_readable`'s
+/// business.
+pub fn check_private_key(problems: &mut Problems, field: &str, path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        problems.push(
+            field,
+            format!(
+                "{} {INSECURE_KEY_MARK} (mode {mode:04o}): run `chmod 600 {}`, or pass \
+                 --allow-insecure-keys to run anyway with a warning",
+                path.display(),
+                path.display()
+            ),
+        );
+    }
+}
+
 /// Check an ISO 3166-1 alpha-2 code (two upper-case ASCII letters).
 pub fn check_country(problems: &mut Problems, field: &str, value: &str) {
     if value.len() != 2 || !value.bytes().all(|b| b.is_ascii_uppercase()) {

@@ -358,6 +358,7 @@ impl pb::ingest_server::Ingest for BareIngest {
             seq: r.seq,
             duplicate: false,
             max_report_bytes: 0,
+            ..Default::default()
         }))
     }
 }

@@ -6,7 +6,10 @@
 //! - [`InProcessCollector`]: `sov_collector::app::run` on `127.0.0.1:0`;
 //! - [`CollectorProcess`] / [`AgentProcess`]: the `e2e-collector` / `e2e-agent` binaries
 //!   (thin copies of the real mains);
-//! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`];
+//! - [`agent_config`], [`list_nodes`], [`push_client`], [`eventually`], and
+//!   [`while_progressing`] (a wait that fails only when the system stops moving) with
+//!   [`agent_stall`] (how long an agent may go quiet, from its own settings);
+//! - [`skipped`]: a skipped test says so where `.ci/run` prints it;
 //! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token;
 //! - [`netns`]: hosts of the test's own in a network namespace, and a sink server there;
 //! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback;
@@ -243,9 +246,10 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
         .map(|r| format!("{r:?}"))
         .collect();
     let text = format!(
-        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\n",
+        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\nhash_rate_mb_per_sec = {rate}\n",
         roots = roots.join(", "),
         scan = cfg.weights.scan_interval_secs,
+        rate = cfg.weights.hash_rate_mb_per_sec,
         urls = urls.join(", "),
         interval = cfg.interval_secs,
         spool = cfg.spool_dir,
@@ -357,11 +361,14 @@ pub fn bin_path(name: &str) -> String {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} not built; run the tests with cargo test --workspace",
+        "{} not built; run the tests with cargo test --workspace --no-fail-fast",
         path.display()
     );
     path.to_string_lossy().into_owned()
 }
+
+/// The most a child collector may take to listen while its process is alive.
+pub const COLLECTOR_START_BOUND: Duration = Duration::from_secs(180);
 
 /// A collector as a child process (`e2e-collector serve`), killable with SIGKILL.
 #[derive(Debug)]
@@ -395,17 +402,25 @@ impl CollectorProcess {
         let n = std::fs::read_dir(work).map(|d| d.count()).unwrap_or(0);
         let log = work.join(format!("collector-{n}.log"));
         let cfg_arg = cfg_path.to_string_lossy().into_owned();
-        let child = spawn(
+        let mut child = spawn(
             &bin_path("e2e-collector"),
             &["serve", "--config", &cfg_arg],
             &log,
         );
         let addr = cfg.listen;
         let start = Instant::now();
+        // The signal is the process itself: a collector that exited failed; one still starting
+        // (a busy machine) is waited for, up to a bound far above any start seen here.
         while std::net::TcpStream::connect(addr).is_err() {
+            let exited = child.0.try_wait().ok().flatten();
             assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "collector did not listen; see {}",
+                exited.is_none(),
+                "collector exited ({exited:?}) before listening; see {}",
+                log.display()
+            );
+            assert!(
+                start.elapsed() < COLLECTOR_START_BOUND,
+                "collector still not listening after {COLLECTOR_START_BOUND:?}; see {}",
                 log.display()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -457,6 +472,16 @@ impl AgentProcess {
     /// Whether it is still running (it has not exited or crashed).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.0.try_wait(), Ok(None))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.0.try_wait().ok().flatten()
     }
 }
 
@@ -547,6 +572,12 @@ pub fn postgres_required() -> bool {
     std::env::var("SOV_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
 }
 
+/// Says loudly that a test (or part of one) skipped and why: on stderr and as a line in the
+/// target directory's list of skipped tests, which `.ci/run` prints at the end.
+pub fn skipped(test: &str, reason: &str) {
+    sov_agent::skipped::record(test, reason);
+}
+
 /// Poll `check` until it returns `Some`, at most `timeout`; panics with `what` otherwise.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
@@ -564,6 +595,108 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What a [`while_progressing`] probe saw.
+#[derive(Debug)]
+pub enum Progress<T, M> {
+    /// The awaited state is reached.
+    Done(T),
+    /// Not yet; `M` marks how far the system got (a sequence number, a counter, bytes on disk).
+    At(M),
+}
+
+/// Waits for the system itself: polls `probe` until it returns [`Progress::Done`], and fails
+/// only when the system stops moving, i.e. the mark [`Progress::At`] carries has not changed
+/// for `stall`. A busy machine that is slow but progressing never fails this wait; a stuck one
+/// fails after `stall`, however long the whole wait took. The mark must move toward the goal
+/// (a seq approaching a target), so the wait is bounded: at most one `stall` per step.
+pub async fn while_progressing<T, M, F, Fut>(stall: Duration, what: &str, mut probe: F) -> T
+where
+    M: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Progress<T, M>>,
+{
+    let started = Instant::now();
+    let mut last: Option<M> = None;
+    let mut moved = Instant::now();
+    loop {
+        match probe().await {
+            Progress::Done(v) => return v,
+            Progress::At(mark) => {
+                if last.as_ref() != Some(&mark) {
+                    last = Some(mark);
+                    moved = Instant::now();
+                }
+            }
+        }
+        assert!(
+            moved.elapsed() < stall,
+            "no progress for {stall:?} (stuck at {last:?}, {:?} in all) waiting for: {what}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How long an agent with this configuration may go without delivering while the collector
+/// is up: its longest backoff, one connection attempt and one RPC timeout, one interval, twice
+/// over. Derived from the agent's own settings, not guessed.
+pub fn agent_stall(cfg: &AgentConfig) -> Duration {
+    let once = Duration::from_secs(cfg.max_backoff_secs + cfg.interval_secs)
+        + sov_agent::transport::DEFAULT_CONNECT_TIMEOUT
+        + sov_agent::transport::DEFAULT_RPC_TIMEOUT;
+    2 * once
+}
+
+/// Waits until the collector at `url` has stored `node`'s reports up to `min_seq` at least, and
+/// returns its summary; fails only when the node's `last_seq` stops moving for `stall`.
+pub async fn await_last_seq(
+    pki: &Pki,
+    url: &str,
+    name: &str,
+    min_seq: u64,
+    stall: Duration,
+) -> pb::NodeSummary {
+    let what = format!("{name} to reach seq {min_seq}");
+    while_progressing(stall, &what, || async {
+        match node(pki, url, name).await {
+            Some(n) if n.last_seq >= min_seq => Progress::Done(n),
+            other => Progress::At(other.map(|n| n.last_seq)),
+        }
+    })
+    .await
+}
+
+/// The lower-case hex sha256 of a file, as `sha256sum` (coreutils) prints it: an independent
+/// check of the agent's fingerprints.
+pub fn sha256sum(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A Hugging Face cache entry `models--{org}--{name}` under `hub` (a blob, `refs/main`, and a
+/// snapshot symlink to the blob, as the hub client writes them) holding `bytes`; returns the
+/// snapshot path. `blob` names the blob file (64 characters, like a sha256).
+pub fn hf_cache_model(hub: &Path, org: &str, name: &str, blob: &str, bytes: &[u8]) -> PathBuf {
+    let repo = hub.join(format!("models--{org}--{name}"));
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(rev);
+    for d in [repo.join("blobs"), repo.join("refs"), snap.clone()] {
+        std::fs::create_dir_all(d).expect("mkdir");
+    }
+    std::fs::write(repo.join("blobs").join(blob), bytes).expect("blob");
+    std::fs::write(repo.join("refs/main"), rev).expect("ref");
+    let file = snap.join("model.safetensors");
+    std::os::unix::fs::symlink(format!("../../blobs/{blob}"), &file).expect("symlink");
+    file
 }
 
 /// What an HTTPS request got back.
@@ -724,19 +857,6 @@ pub async fn https_get(
         content_type,
         body: String::from_utf8_lossy(&body).into_owned(),
     })
-}
-
-/// The sha256 of a file, computed by coreutils' `sha256sum` (independent of the agent's).
-pub fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .expect("a digest")
-        .to_owned()
 }
 
 /// A configuration for `sov-agent scan` in `dir` (state there too): weight roots `roots`,

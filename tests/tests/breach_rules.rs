@@ -75,18 +75,14 @@ fn safetensors_bytes(seed: u8) -> Vec<u8> {
 /// A Hugging Face cache under `root` holding `org/name` as one safetensors file; returns the
 /// snapshot path of the file.
 fn hf_model(root: &Path, org: &str, name: &str, seed: u8) -> PathBuf {
-    let repo = root.join(format!("hub/models--{org}--{name}"));
-    let rev = "0123456789abcdef0123456789abcdef01234567";
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    let snap = repo.join("snapshots").join(rev);
-    std::fs::create_dir_all(&snap).unwrap();
     let blob = format!("{seed:0>64}");
-    std::fs::write(repo.join("blobs").join(&blob), safetensors_bytes(seed)).unwrap();
-    std::fs::write(repo.join("refs/main"), rev).unwrap();
-    let file = snap.join("model.safetensors");
-    std::os::unix::fs::symlink(format!("../../blobs/{blob}"), &file).unwrap();
-    file
+    sov_e2e::hf_cache_model(
+        &root.join("hub"),
+        org,
+        name,
+        &blob,
+        &safetensors_bytes(seed),
+    )
 }
 
 /// A python3 process that opens `hold` (when given), connects to each of `to`, sends
@@ -203,7 +199,10 @@ async fn every_rule_opens_and_resolves_and_a_receiver_down_for_a_minute_gets_eve
     let netns = match Netns::create(1, 3) {
         Ok(ns) => Some(ns),
         Err(e) => {
-            eprintln!("SKIP network namespace ({e}): falling back to loopback addresses");
+            sov_e2e::skipped(
+                "breach_rules (network namespace part)",
+                &format!("cannot create a network namespace ({e}): ran on loopback addresses"),
+            );
             None
         }
     };

@@ -180,8 +180,9 @@ fn the_systemd_units_are_hardened_valid_and_start_the_binaries_the_cli_way() {
     let verify = Command::new("systemd-analyze").arg("--version").output();
     let have_verify = verify.is_ok_and(|o| o.status.success());
     if !have_verify {
-        eprintln!(
-            "\n==== SKIP: systemd-analyze not found; deploy/systemd/*.service NOT verified by systemd ====\n"
+        sov_e2e::skipped(
+            "deploy::the_systemd_units_are_hardened_valid_and_start_the_binaries_the_cli_way (systemd-analyze verify)",
+            "systemd-analyze not found; deploy/systemd/*.service NOT verified by systemd",
         );
     }
     for (unit_name, side, installed, e2e, verb) in [

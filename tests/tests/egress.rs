@@ -45,8 +45,11 @@ async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and
     let netns = match Netns::create(0, 1) {
         Ok(ns) => Some(ns),
         Err(e) => {
-            eprintln!(
-                "SKIP network namespace ({e}): falling back to loopback with include_loopback = true"
+            sov_e2e::skipped(
+                "egress::bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and_country (network namespace part)",
+                &format!(
+                    "cannot create a network namespace ({e}): ran on loopback with include_loopback = true"
+                ),
             );
             None
         }

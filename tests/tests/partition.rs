@@ -39,8 +39,11 @@ async fn an_agent_cut_off_from_its_collector_delivers_everything_once_when_the_l
     let ns = match Netns::create(3, 1) {
         Ok(ns) => ns,
         Err(e) if std::env::var("SOV_REQUIRE_NETNS").as_deref() != Ok("1") => {
-            eprintln!(
-                "SKIPPED: cannot create a network namespace ({e}); set SOV_REQUIRE_NETNS=1 to fail instead"
+            sov_e2e::skipped(
+                "partition::an_agent_cut_off_from_its_collector_delivers_everything_once_when_the_link_returns",
+                &format!(
+                    "cannot create a network namespace ({e}); set SOV_REQUIRE_NETNS=1 to fail instead"
+                ),
             );
             return;
         }

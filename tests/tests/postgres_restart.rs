@@ -157,8 +157,11 @@ async fn postgres_crashing_and_restarting_twice_under_load_loses_no_report_and_s
     let pg = match PrivatePostgres::create(work.path()) {
         Ok(pg) => pg,
         Err(e) if !sov_e2e::postgres_required() => {
-            eprintln!(
-                "SKIPPED: cannot start a private PostgreSQL ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+            sov_e2e::skipped(
+                "postgres_restart::postgres_crashing_and_restarting_twice_under_load_loses_no_report_and_stores_none_twice",
+                &format!(
+                    "cannot start a private PostgreSQL ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+                ),
             );
             return;
         }

@@ -32,8 +32,11 @@ async fn schema(tag: &str) -> Option<(PostgresStore, String)> {
                 !sov_e2e::postgres_required(),
                 "PostgreSQL required but not reachable at {base}: {e}"
             );
-            eprintln!(
-                "SKIP: PostgreSQL not reachable at {base} ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+            sov_e2e::skipped(
+                &format!("replicas ({tag})"),
+                &format!(
+                    "PostgreSQL not reachable at {base} ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+                ),
             );
             return None;
         }

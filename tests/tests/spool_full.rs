@@ -1,6 +1,9 @@
 //! The agent's spool on a tiny tmpfs that fills up while the collector is down: the agent
 //! keeps running, reports it cannot write get no sequence number (so no hole appears), and
-//! when the collector returns everything spooled arrives exactly once and spooling resumes.
+//! when the collector returns everything spooled arrives exactly once and spooling resumes
+//! (the spool's reserve file lets it write its state, and so acknowledge, on the full disk).
+//! Its waits follow the system (a seq that moves, bytes that grow, a line logged), so a busy
+//! machine slows it down without failing it.
 //! Needs root (to mount); without it the test says so and passes, unless
 //! `SOV_REQUIRE_MOUNT=1`.
 
@@ -8,9 +11,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use sov_e2e::{AgentProcess, CollectorProcess, Pki, agent_config, eventually, free_port, node};
+use sov_e2e::{
+    AgentProcess, CollectorProcess, Pki, Progress, agent_config, agent_stall, await_last_seq,
+    free_port, node, while_progressing,
+};
 
 /// A tmpfs mounted for the test, unmounted on drop (also when the test fails).
 struct Tmpfs(PathBuf);
@@ -36,6 +41,21 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Bytes of every file under `dir`.
+fn disk_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spooled_exactly_once() {
     let pki = Pki::new();
@@ -44,8 +64,9 @@ async fn an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spoo
     let _tmpfs = match Tmpfs::mount(&spool_fs, "256k") {
         Ok(t) => t,
         Err(e) if std::env::var("SOV_REQUIRE_MOUNT").as_deref() != Ok("1") => {
-            eprintln!(
-                "SKIPPED: cannot mount a tmpfs ({e}); set SOV_REQUIRE_MOUNT=1 to fail instead"
+            sov_e2e::skipped(
+                "spool_full::an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spooled_exactly_once",
+                &format!("cannot mount a tmpfs ({e}); set SOV_REQUIRE_MOUNT=1 to fail instead"),
             );
             return;
         }
@@ -61,22 +82,35 @@ async fn an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spoo
     let cfg_path = work.path().join("agent.toml");
     sov_e2e::write_agent_toml(&cfg, &cfg_path);
     let mut agent = AgentProcess::start(&cfg_path, &work.path().join("agent.log"));
-    eventually(Duration::from_secs(60), "first reports", || async {
-        node(&pki, &url, "node-t").await.filter(|n| n.last_seq >= 2)
-    })
-    .await;
+    // Every wait below fails only when the system stops moving for longer than the agent's own
+    // retry cycle allows (`agent_stall`), never after a fixed time a busy machine can exceed.
+    let stall = agent_stall(&cfg);
+    await_last_seq(&pki, &url, "node-t", 2, stall).await;
 
     // The collector goes away; the spool fills the disk.
     let at_kill = node(&pki, &url, "node-t").await.unwrap().last_seq;
     collector.kill9();
     let log = work.path().join("agent.log");
-    eventually(Duration::from_secs(90), "the disk to fill", || async {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        text.contains("cannot spool report").then_some(())
-    })
+    let refusals = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("cannot spool report")
+            .count()
+    };
+    // The mark is the bytes on the tmpfs: they grow each interval until the disk is full.
+    // Then three more intervals on the full disk: the agent keeps observing and refusing.
+    while_progressing(
+        stall,
+        "the disk to fill and three reports refused",
+        || async {
+            if refusals() >= 3 {
+                Progress::Done(())
+            } else {
+                Progress::At((disk_bytes(&spool_fs), refusals()))
+            }
+        },
+    )
     .await;
-    // A few more intervals on a full disk.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         agent.is_running(),
         "the agent died on a full disk; see {}",
@@ -85,24 +119,9 @@ async fn an_agent_whose_spool_disk_fills_keeps_running_and_delivers_what_it_spoo
 
     // Back: everything spooled arrives, then spooling resumes on the freed space.
     collector = CollectorProcess::start(&pki, work.path(), port);
-    let drained = eventually(Duration::from_secs(90), "the spool to drain", || async {
-        // About fifteen reports fit on the disk: at least five were spooled while it was down.
-        node(&pki, &url, "node-t")
-            .await
-            .filter(|n| n.last_seq >= at_kill + 5)
-    })
-    .await;
-    let resumed = drained.last_seq + 3;
-    eventually(
-        Duration::from_secs(60),
-        "new reports after the disk emptied",
-        || async {
-            node(&pki, &url, "node-t")
-                .await
-                .filter(|n| n.last_seq >= resumed)
-        },
-    )
-    .await;
+    // About fifteen reports fit on the disk: at least five were spooled while it was down.
+    let drained = await_last_seq(&pki, &url, "node-t", at_kill + 5, stall).await;
+    await_last_seq(&pki, &url, "node-t", drained.last_seq + 3, stall).await;
     assert!(agent.is_running(), "the agent died; see {}", log.display());
     agent.kill9();
     let n = node(&pki, &url, "node-t").await.unwrap();

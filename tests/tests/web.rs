@@ -140,7 +140,10 @@ async fn every_view_of_the_web_page_shows_its_content_in_chromium_without_consol
             std::env::var("SOV_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
             "chromium is required (SOV_REQUIRE_CHROMIUM=1) but not installed"
         );
-        eprintln!("SKIPPED: chromium is not installed (apt-get install -y chromium)");
+        sov_e2e::skipped(
+            "web (headless Chromium)",
+            "chromium is not installed (apt-get install -y chromium); set SOV_REQUIRE_CHROMIUM=1 to fail instead",
+        );
         return;
     };
     let pki = Pki::new();

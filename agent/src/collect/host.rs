@@ -55,6 +55,12 @@ impl HostCollector {
         out.swap_total_bytes = sys.total_swap();
         out.swap_used_bytes = sys.used_swap();
         out.process_count = count_processes();
+        // A share that is not finite or out of range (whatever the sampler computed) is fixed
+        // here, where the values are made; the report builder checks the whole report again.
+        let clamped = crate::bounds::clamp_host(&mut out);
+        if clamped > 0 {
+            tracing::debug!(clamped, "host sample values clamped");
+        }
         out
     }
 

@@ -317,6 +317,99 @@ pub fn sha256_file_with_key(
     Ok((key, hex(ctx.finish().as_ref())))
 }
 
+/// A fingerprint in progress: the digest state after the first `done` bytes of the file whose
+/// key was `key` when hashing began. Kept in memory between slices (about 200 bytes).
+#[derive(Clone)]
+pub struct PartialHash {
+    /// The file being hashed, as it was at the start.
+    pub key: FileKey,
+    /// Bytes hashed so far.
+    pub done: u64,
+    ctx: Context,
+}
+
+impl fmt::Debug for PartialHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartialHash")
+            .field("key", &self.key)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one slice of hashing ended with.
+#[derive(Debug)]
+pub enum Slice {
+    /// The whole file is hashed: the key of the file read and its lower-case hex SHA-256.
+    Done(FileKey, String),
+    /// More to read; continue with this state.
+    Partial(Box<PartialHash>),
+}
+
+/// Hashes at most `max_bytes` more of the file at `path`, continuing `partial` when given and
+/// the file is still the one it began on (same [`FileKey`]); a changed file starts again from
+/// its first byte. Same throttling, cancellation and progress as [`sha256_file_with_key`]
+/// (`progress` gets the bytes done in the whole file). So a huge file never holds the hasher
+/// for longer than one slice: the caller hashes other files in between.
+pub fn sha256_slice(
+    path: &Path,
+    partial: Option<Box<PartialHash>>,
+    max_bytes: u64,
+    limiter: &mut RateLimiter,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Slice, HashError> {
+    let io_err = |source| HashError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(io_err)?;
+    let key = file_key(&file.metadata().map_err(io_err)?);
+    let mut state = match partial.filter(|p| p.key == key) {
+        Some(p) => *p,
+        None => PartialHash {
+            key,
+            done: 0,
+            ctx: Context::new(&SHA256),
+        },
+    };
+    if state.done > 0 {
+        io::Seek::seek(&mut file, io::SeekFrom::Start(state.done)).map_err(io_err)?;
+    }
+    let mut buf = vec![0u8; HASH_BUF_BYTES];
+    let mut this_slice = 0u64;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(HashError::Cancelled);
+        }
+        if this_slice >= max_bytes {
+            return Ok(Slice::Partial(Box::new(state)));
+        }
+        let want = usize::try_from((max_bytes - this_slice).min(HASH_BUF_BYTES as u64))
+            .unwrap_or(HASH_BUF_BYTES);
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err(e)),
+        };
+        state.ctx.update(&buf[..n]);
+        state.done += n as u64;
+        this_slice += n as u64;
+        if !limiter.throttle_or_cancel(n as u64, cancel) {
+            return Err(HashError::Cancelled);
+        }
+        progress(state.done);
+    }
+    let after = file_key(&file.metadata().map_err(io_err)?);
+    if after != state.key || state.done != state.key.size {
+        return Err(HashError::ChangedWhileHashing {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(Slice::Done(state.key, hex(state.ctx.finish().as_ref())))
+}
+
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -788,6 +881,81 @@ mod tests {
             (clock.secs() - start - 0.3).abs() < 1e-6,
             "{}",
             clock.secs() - start
+        );
+    }
+
+    #[test]
+    fn hashing_in_slices_gives_the_same_digest_as_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, noise(5 * HASH_BUF_BYTES + 123, 9)).unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut partial = None;
+        let mut slices = 0;
+        let sha = loop {
+            slices += 1;
+            let mut last = 0;
+            match sha256_slice(
+                &path,
+                partial.take(),
+                2 * HASH_BUF_BYTES as u64,
+                &mut unlimited(),
+                &cancel,
+                &mut |d| last = d,
+            )
+            .unwrap()
+            {
+                Slice::Done(key, sha) => {
+                    assert_eq!(key.size, 5 * HASH_BUF_BYTES as u64 + 123);
+                    break sha;
+                }
+                Slice::Partial(p) => {
+                    assert_eq!(p.done, last);
+                    assert_eq!(p.done, slices * 2 * HASH_BUF_BYTES as u64);
+                    partial = Some(p);
+                }
+            }
+        };
+        assert_eq!(slices, 3);
+        assert_eq!(sha, independent_sha256(&path));
+    }
+
+    #[test]
+    fn a_file_replaced_between_slices_is_hashed_again_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, noise(3 * HASH_BUF_BYTES, 1)).unwrap();
+        let cancel = AtomicBool::new(false);
+        let Slice::Partial(p) = sha256_slice(
+            &path,
+            None,
+            HASH_BUF_BYTES as u64,
+            &mut unlimited(),
+            &cancel,
+            &mut |_| {},
+        )
+        .unwrap() else {
+            panic!("one slice of three");
+        };
+        let tmp = dir.path().join("g");
+        fs::write(&tmp, noise(2 * HASH_BUF_BYTES, 2)).unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        let out = sha256_slice(
+            &path,
+            Some(p),
+            u64::MAX,
+            &mut unlimited(),
+            &cancel,
+            &mut |_| {},
+        )
+        .unwrap();
+        let Slice::Done(_, sha) = out else {
+            panic!("done in one slice");
+        };
+        assert_eq!(
+            sha,
+            independent_sha256(&path),
+            "the new file's digest, not a mix"
         );
     }
 

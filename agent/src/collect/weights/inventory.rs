@@ -24,6 +24,13 @@
 //! Costs: a rescan of unchanged files only lists directories and stats files (no file is
 //! opened); headers are read once per new or changed file; fingerprints are computed once per
 //! (device, inode, size, mtime) and remembered across restarts in the hash cache.
+//!
+//! Fairness: fingerprinting runs in turns of at most one scan interval, in the order of
+//! [`super::schedule`] (restricted models by the collector's hints, then small and new files,
+//! sparse files last), a slice of a file at a time; the roots are scanned again between turns,
+//! so no file, however large, keeps a new one from being found and hashed. A file being hashed
+//! carries `hashing_percent`. The agent's own processes (same executable as this one, e.g. a
+//! `sov-agent scan` running beside the agent) are never listed as users of a file.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -36,8 +43,9 @@ use sov_proto::pb;
 
 use super::discover::{self, Candidate};
 use super::formats::{self, Format, Parsed};
-use super::hash::{self, HashCache, RateLimiter};
+use super::hash::{self, HashCache, PartialHash, RateLimiter, Slice};
 use super::identity::{self, Identifier, Identity, IdentitySource};
+use super::schedule::{self, Hint};
 use super::storage::{self, MountTable};
 use super::users::{self, FileUse, Interest};
 use crate::collect::containers::Containers;
@@ -80,6 +88,8 @@ struct Entry {
     keys: Vec<(u64, u64)>,
     /// For a file found in a mount namespace: (namespace, path inside it).
     origin: Option<(u64, PathBuf)>,
+    /// When this version of the file was found (newer files are hashed first among equals).
+    found: Instant,
 }
 
 /// What the report builder takes: the whole inventory or the changes.
@@ -91,6 +101,9 @@ pub struct WeightUpdate {
     pub files: Vec<pb::WeightFile>,
     /// Paths gone since the previous update.
     pub removed: Vec<String>,
+    /// For a full inventory, its generation: strictly increasing (Unix ms when taken, or one
+    /// more than the previous one).
+    pub generation: Option<u64>,
 }
 
 /// The shared inventory (scanner thread writes, report builder and scan read).
@@ -106,6 +119,10 @@ pub struct Inventory {
     last_full: Option<Instant>,
     errors: Vec<(String, String)>,
     scans: u64,
+    /// Restricted-model hints from the collector (the hash order).
+    hints: Vec<Hint>,
+    /// The last full inventory's generation.
+    generation: u64,
 }
 
 /// A handle on the inventory, cheap to clone.
@@ -134,10 +151,15 @@ impl WeightsHandle {
             .is_none_or(|t| now.duration_since(t) >= full_every);
         let update = if full {
             inv.last_full = Some(now);
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            inv.generation = unix_ms.max(inv.generation.saturating_add(1));
             WeightUpdate {
                 full: true,
                 files: inv.entries.values().map(|e| e.file.clone()).collect(),
                 removed: vec![],
+                generation: Some(inv.generation),
             }
         } else {
             let files = inv
@@ -149,6 +171,7 @@ impl WeightsHandle {
                 full: false,
                 files,
                 removed: inv.removed.iter().cloned().collect(),
+                generation: None,
             }
         };
         inv.changed.clear();
@@ -187,6 +210,28 @@ impl WeightsHandle {
     pub fn set_reduced(&self, reduced: bool) {
         self.reduced.store(reduced, Ordering::Relaxed);
     }
+
+    /// Replace the restricted-model hints (from the collector's ack); they order the hashing.
+    pub fn set_hints(&self, hints: Vec<Hint>) {
+        let mut inv = lock(&self.inner);
+        if inv.hints != hints {
+            tracing::info!(
+                hints = hints.len(),
+                "restricted-model hints from the collector"
+            );
+            inv.hints = hints;
+        }
+    }
+
+    /// Send these files again in the next update (they were withheld from a report for size).
+    pub fn requeue(&self, paths: &[String]) {
+        let mut inv = lock(&self.inner);
+        for p in paths {
+            if inv.entries.contains_key(p) {
+                inv.changed.insert(p.clone());
+            }
+        }
+    }
 }
 
 /// Scans the roots and keeps the inventory current.
@@ -200,6 +245,10 @@ pub struct WeightsScanner {
     containers: Option<Containers>,
     /// Users gathered by the latest scan's process pass, for `refresh_users` to use at once.
     fresh_uses: Option<HashMap<(u64, u64), Vec<FileUse>>>,
+    /// Fingerprints in progress, by path (at most [`schedule::MAX_PARTIALS`]).
+    partials: HashMap<String, Box<PartialHash>>,
+    /// (device, inode) of this process's executable: processes running it are the agent.
+    self_exe: Option<(u64, u64)>,
 }
 
 /// A file found inside a mount namespace (a container's root, or through a process).
@@ -314,6 +363,10 @@ impl WeightsScanner {
             proc_root: PathBuf::from("/proc"),
             containers: None,
             fresh_uses: None,
+            partials: HashMap::new(),
+            self_exe: std::fs::metadata("/proc/self/exe")
+                .ok()
+                .map(|m| (m.dev(), m.ino())),
         }
     }
 
@@ -388,6 +441,7 @@ impl WeightsScanner {
                         read_path: c.real_path.clone(),
                         keys: vec![(c.device, c.inode)],
                         origin: None,
+                        found: Instant::now(),
                     });
                 }
                 Err(e) => {
@@ -451,11 +505,13 @@ impl WeightsScanner {
         }
         // Fingerprints already known (this run or a previous one) are filled in at once.
         for e in &mut fresh {
-            if let Ok(m) = std::fs::metadata(&e.read_path)
-                && let Some(sha) = self.cache.get(&hash::file_key(&m))
-            {
-                e.file.sha256 = sha;
+            if let Ok(m) = std::fs::metadata(&e.read_path) {
+                e.file.allocated_bytes = m.blocks().saturating_mul(512);
+                if let Some(sha) = self.cache.get(&hash::file_key(&m)) {
+                    e.file.sha256 = sha;
+                }
             }
+            crate::bounds::bound_weight_file(&mut e.file);
         }
         let mut inv = lock(&self.handle.inner);
         inv.scans += 1;
@@ -832,6 +888,7 @@ impl WeightsScanner {
                     read_path: item.read_path,
                     keys,
                     origin: Some((item.mntns, item.cpath)),
+                    found: Instant::now(),
                 });
             }
             Err(e) => {
@@ -869,12 +926,28 @@ impl WeightsScanner {
             .as_ref()
             .map(|c| c.of_pids(&all_pids))
             .unwrap_or_default();
+        let mut agent: HashMap<u32, bool> = HashMap::new();
+        let (proc_root, self_exe) = (&self.proc_root, self.self_exe);
+        let mut is_agent = |pid: u32| {
+            *agent.entry(pid).or_insert_with(|| {
+                pid == std::process::id()
+                    || self_exe.is_some_and(|k| {
+                        std::fs::metadata(proc_root.join(pid.to_string()).join("exe"))
+                            .is_ok_and(|m| (m.dev(), m.ino()) == k)
+                    })
+            })
+        };
         let mut inv = lock(&self.handle.inner);
         let mut changed = Vec::new();
         for (path, e) in inv.entries.iter_mut() {
             let mut by_pid: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
             for k in &e.keys {
-                for u in uses.get(k).into_iter().flatten() {
+                for u in uses
+                    .get(k)
+                    .into_iter()
+                    .flatten()
+                    .filter(|u| !is_agent(u.pid))
+                {
                     let slot = by_pid.entry(u.pid).or_default();
                     slot.0 |= u.mapped;
                     slot.1 |= u.open;
@@ -906,62 +979,100 @@ impl WeightsScanner {
     /// Fingerprint every file that has no sha256 yet, at the configured rate, until `cancel`.
     /// `progress(path, done, total)` is called as bytes are read.
     pub fn hash_pending(&mut self, cancel: &AtomicBool, progress: &mut dyn FnMut(&str, u64, u64)) {
-        let pending: Vec<(String, PathBuf, u64)> = {
+        self.hash_until(None, cancel, progress);
+    }
+
+    /// One turn of fingerprinting: files without a sha256 in [`schedule::priority`] order, a
+    /// slice at a time, until `deadline` (`None`: until every file is done), `cancel`, or
+    /// nothing is left. Returns true when files are still waiting.
+    pub fn hash_until(
+        &mut self,
+        deadline: Option<Instant>,
+        cancel: &AtomicBool,
+        progress: &mut dyn FnMut(&str, u64, u64),
+    ) -> bool {
+        let queue: Vec<(String, PathBuf, u64)> = {
             let inv = lock(&self.handle.inner);
-            inv.entries
+            let now = Instant::now();
+            let mut q: Vec<(schedule::Priority, String, PathBuf, u64)> = inv
+                .entries
                 .values()
                 // A download in progress changes under the hash: fingerprinted once whole.
                 .filter(|e| e.file.sha256.is_empty() && !e.file.incomplete)
-                .map(|e| (e.file.path.clone(), e.read_path.clone(), e.file.size_bytes))
+                .map(|e| {
+                    let done = self.partials.get(&e.file.path).map_or(0, |p| p.done);
+                    let p = schedule::priority(
+                        &e.file,
+                        done,
+                        now.saturating_duration_since(e.found),
+                        &inv.hints,
+                    );
+                    (
+                        p,
+                        e.file.path.clone(),
+                        e.read_path.clone(),
+                        e.file.size_bytes,
+                    )
+                })
+                .collect();
+            q.sort();
+            q.into_iter()
+                .map(|(_, key, path, size)| (key, path, size))
                 .collect()
         };
+        let past = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
         let mut hashed = 0usize;
-        for (key, path, size) in pending {
-            if cancel.load(Ordering::Relaxed) {
+        let mut left = false;
+        for (key, path, size) in queue {
+            if cancel.load(Ordering::Relaxed) || past(deadline) {
+                left = true;
                 break;
             }
-            let rate = if self.handle.reduced.load(Ordering::Relaxed) {
-                Some(
-                    configured_rate(&self.cfg)
-                        .map_or(REDUCED_HASH_RATE, |r| r.min(REDUCED_HASH_RATE)),
-                )
-            } else {
-                configured_rate(&self.cfg)
-            };
-            self.limiter.set_rate(rate);
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
-            let cached = self.cache.get(&hash::file_key(&meta));
-            let (fkey, sha) = match cached {
-                Some(s) => (hash::file_key(&meta), s),
-                None => match hash::sha256_file_with_key(
+            if let Some(sha) = self.cache.get(&hash::file_key(&meta)) {
+                self.finish(&key, hash::file_key(&meta), sha);
+                continue;
+            }
+            // Slices until the file is done or the turn is over.
+            loop {
+                let rate = self.current_rate();
+                self.limiter.set_rate(rate);
+                let partial = self.partials.remove(&key);
+                let slice = hash::sha256_slice(
                     &path,
+                    partial,
+                    schedule::slice_bytes(rate),
                     &mut self.limiter,
                     cancel,
                     &mut |done| progress(&key, done, size),
-                ) {
+                );
+                match slice {
                     // Cached under the key of the file actually read (it may have been
                     // replaced since the stat above).
-                    Ok((k, s)) => {
-                        self.cache.insert(k, s.clone());
+                    Ok(Slice::Done(k, sha)) => {
+                        self.cache.insert(k, sha.clone());
                         hashed += 1;
-                        (k, s)
+                        self.finish(&key, k, sha);
+                        break;
+                    }
+                    Ok(Slice::Partial(p)) => {
+                        self.note_progress(&key, &p);
+                        self.keep_partial(key.clone(), p);
+                        if cancel.load(Ordering::Relaxed) || past(deadline) {
+                            left = true;
+                            break;
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(path = %key, error = %e, "fingerprint skipped");
-                        continue;
+                        break;
                     }
-                },
-            };
-            let mut inv = lock(&self.handle.inner);
-            // Only when the hashed file is the one the entry describes; a replaced file is
-            // described (and hashed from the cache) at the next scan.
-            if let Some(e) = inv.entries.get_mut(&key).filter(|e| {
-                e.keys.contains(&(fkey.device, fkey.inode)) && e.file.size_bytes == fkey.size
-            }) {
-                e.file.sha256 = sha;
-                inv.changed.insert(key);
+                }
+            }
+            if left {
+                break;
             }
         }
         if hashed > 0
@@ -969,21 +1080,78 @@ impl WeightsScanner {
         {
             tracing::warn!(error = %e, "cannot save the fingerprint cache");
         }
+        left
     }
 
-    /// Scan, hash, sleep; until `cancel`. Runs on its own thread.
+    fn current_rate(&self) -> Option<u64> {
+        if self.handle.reduced.load(Ordering::Relaxed) {
+            Some(configured_rate(&self.cfg).map_or(REDUCED_HASH_RATE, |r| r.min(REDUCED_HASH_RATE)))
+        } else {
+            configured_rate(&self.cfg)
+        }
+    }
+
+    /// Records a finished fingerprint on the entry, when the file hashed is the one the entry
+    /// describes (a replaced file is described, and hashed from the cache, at the next scan).
+    fn finish(&mut self, key: &str, fkey: hash::FileKey, sha: String) {
+        self.partials.remove(key);
+        let mut inv = lock(&self.handle.inner);
+        if let Some(e) = inv.entries.get_mut(key).filter(|e| {
+            e.keys.contains(&(fkey.device, fkey.inode)) && e.file.size_bytes == fkey.size
+        }) {
+            e.file.sha256 = sha;
+            e.file.hashing_percent = None;
+            inv.changed.insert(key.to_owned());
+        }
+    }
+
+    /// Shows a half-hashed file's progress; reported again at each tenth.
+    fn note_progress(&mut self, key: &str, p: &PartialHash) {
+        let pct = u32::try_from(
+            (p.done.saturating_mul(100))
+                .checked_div(p.key.size)
+                .unwrap_or(0),
+        )
+        .unwrap_or(99)
+        .min(99);
+        let mut inv = lock(&self.handle.inner);
+        if let Some(e) = inv.entries.get_mut(key) {
+            let before = e.file.hashing_percent;
+            e.file.hashing_percent = Some(pct);
+            if before.is_none_or(|b| b / 10 != pct / 10) {
+                inv.changed.insert(key.to_owned());
+            }
+        }
+    }
+
+    fn keep_partial(&mut self, key: String, p: Box<PartialHash>) {
+        if self.partials.len() >= schedule::MAX_PARTIALS
+            && let Some(least) = self
+                .partials
+                .iter()
+                .min_by_key(|(_, q)| q.done)
+                .map(|(k, _)| k.clone())
+        {
+            self.partials.remove(&least);
+        }
+        self.partials.insert(key, p);
+    }
+
+    /// Scan, hash for the rest of the interval, scan again; until `cancel`. Runs on its own
+    /// thread. A long hash never delays the next scan by more than one slice.
     pub fn run(mut self, cancel: Arc<AtomicBool>) {
         let interval = Duration::from_secs(self.cfg.scan_interval_secs);
         while !cancel.load(Ordering::Relaxed) {
             let started = Instant::now();
             self.scan();
             self.refresh_users();
-            self.hash_pending(&cancel, &mut |_, _, _| {});
+            let until = started + interval;
+            let left = self.hash_until(Some(until), &cancel, &mut |_, _, _| {});
             tracing::debug!(
                 elapsed_ms = started.elapsed().as_millis() as u64,
+                waiting = left,
                 "weights scan done"
             );
-            let until = started + interval;
             while Instant::now() < until && !cancel.load(Ordering::Relaxed) {
                 std::thread::sleep(
                     Duration::from_millis(1000)

@@ -6,6 +6,8 @@
 //! - [`storage`]: mountinfo → filesystem, local or network, and the storage server;
 //! - [`users`]: processes that map or hold each file open (`/proc/<pid>/maps`, `fd/`);
 //! - [`hash`]: streaming sha256 under an IO rate limit, and the persistent fingerprint cache;
+//! - [`schedule`]: which file to fingerprint next (restricted hints, small and new first, sparse
+//!   last) and how much of it at a time;
 //! - [`inventory`]: the scanner thread and the inventory the report builder takes updates from.
 
 pub mod discover;
@@ -13,5 +15,6 @@ pub mod formats;
 pub mod hash;
 pub mod identity;
 pub mod inventory;
+pub mod schedule;
 pub mod storage;
 pub mod users;

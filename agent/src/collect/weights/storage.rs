@@ -819,9 +819,9 @@ mod tests {
         match mounted {
             Ok(out) if out.status.success() => {}
             other => {
-                eprintln!(
-                    "SKIP a_file_under_a_real_bind_mount_is_located_on_the_bind_mount: \
-                     `mount --bind` needs root and a mount command ({other:?})"
+                crate::skipped::record(
+                    "collect::weights::storage::a_file_under_a_real_bind_mount_is_located_on_the_bind_mount",
+                    &format!("`mount --bind` needs root and a mount command ({other:?})"),
                 );
                 return;
             }

@@ -351,7 +351,10 @@ mod tests {
         let child = match spawned {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("SKIP a_child_that_maps_the_file_is_found_until_it_exits: no python3");
+                crate::skipped::record(
+                    "collect::weights::users::a_child_that_maps_the_file_is_found_until_it_exits",
+                    "no python3",
+                );
                 return;
             }
             Err(e) => panic!("spawn python3: {e}"),
