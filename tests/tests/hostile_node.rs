@@ -555,7 +555,14 @@ fn restricted_hints_put_a_large_restricted_file_first_and_a_half_hashed_file_is_
         .unwrap();
     assert_eq!(done.sha256, sha256sum(&blob));
     assert_eq!(done.hashing_percent, None);
-    assert!(files.iter().all(|f| !f.sha256.is_empty()));
+    // Only this test's files: the scanner also finds, through the processes that hold them,
+    // files of the other tests running in this process (process-side discovery), which may be
+    // deleted before they are hashed.
+    let unhashed: Vec<_> = files
+        .iter()
+        .filter(|f| f.path.starts_with(&root.display().to_string()) && f.sha256.is_empty())
+        .collect();
+    assert!(unhashed.is_empty(), "not fingerprinted: {unhashed:#?}");
 }
 
 // ---------------------------------------------------------------------------------------------
