@@ -787,12 +787,23 @@ pub async fn https_get(
     token: Option<&str>,
     path: &str,
 ) -> Result<HttpsReply, String> {
+    https_get_ca(&pki.ca, addr, client, token, path).await
+}
+
+/// [`https_get`], verifying the collector with the CA certificate in `ca`.
+pub async fn https_get_ca(
+    ca: &Path,
+    addr: SocketAddr,
+    client: Option<&PathPair>,
+    token: Option<&str>,
+    path: &str,
+) -> Result<HttpsReply, String> {
     use http_body_util::BodyExt as _;
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&pki.ca).map_err(|e| e.to_string())? {
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
         roots
             .add(c.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;

@@ -142,19 +142,23 @@ pub async fn receiver(listener: TcpListener, stop: CancellationToken) {
         };
         let stop = stop.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                let body = Limited::new(req.into_body(), MAX_ALERT_BYTES).collect().await;
-                let status = match body {
-                    Ok(b) => {
-                        println!("{}", alert_line(&b.to_bytes()));
-                        hyper::StatusCode::OK
-                    }
-                    Err(_) => hyper::StatusCode::PAYLOAD_TOO_LARGE,
-                };
-                let mut resp = hyper::Response::new(Full::new(Bytes::new()));
-                *resp.status_mut() = status;
-                Ok::<_, std::convert::Infallible>(resp)
-            });
+            let service = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let body = Limited::new(req.into_body(), MAX_ALERT_BYTES)
+                        .collect()
+                        .await;
+                    let status = match body {
+                        Ok(b) => {
+                            println!("{}", alert_line(&b.to_bytes()));
+                            hyper::StatusCode::OK
+                        }
+                        Err(_) => hyper::StatusCode::PAYLOAD_TOO_LARGE,
+                    };
+                    let mut resp = hyper::Response::new(Full::new(Bytes::new()));
+                    *resp.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(resp)
+                },
+            );
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
             tokio::select! {

@@ -128,9 +128,9 @@ async fn start_demo(
     stop: &CancellationToken,
 ) -> Result<Demo, anyhow::Error> {
     let foreign = demo::demo_foreign_country(country);
-    let endpoint_listener = demo::bind_endpoint().await.map_err(|e| {
-        anyhow::anyhow!("demo: cannot listen on {}: {e}", demo::DEMO_ABROAD_IP)
-    })?;
+    let endpoint_listener = demo::bind_endpoint()
+        .await
+        .map_err(|e| anyhow::anyhow!("demo: cannot listen on {}: {e}", demo::DEMO_ABROAD_IP))?;
     let endpoint = endpoint_listener.local_addr()?;
     let receiver_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let receiver = receiver_listener.local_addr()?;
@@ -226,14 +226,12 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
         })?;
     // The HTTPS listener is bound by the collector itself; check the port first so that the
     // message names the flag.
-    drop(
-        std::net::TcpListener::bind(args.http_listen).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {}: {e} (is another dev collector running? use --http-listen)",
-                args.http_listen
-            )
-        })?,
-    );
+    drop(std::net::TcpListener::bind(args.http_listen).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}: {e} (is another dev collector running? use --http-listen)",
+            args.http_listen
+        )
+    })?);
     let stop = CancellationToken::new();
     let mut demo = if args.demo {
         Some(start_demo(&dir, &args.country, &mut collector_cfg, &stop).await?)
@@ -337,7 +335,9 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
     println!("  spool       {}", dir.join("agent-spool").display());
     if let Some(d) = &demo {
         println!();
-        println!("DEMO (--demo): generated on this host to show what a breach looks like; not real traffic abroad");
+        println!(
+            "DEMO (--demo): generated on this host to show what a breach looks like; not real traffic abroad"
+        );
         println!(
             "  destination {} placed in {} by a [[geo.override]] (organisation \"{}\")",
             d.endpoint,
