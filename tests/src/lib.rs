@@ -246,7 +246,7 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
         .map(|r| format!("{r:?}"))
         .collect();
     let text = format!(
-        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\nhash_rate_mb_per_sec = {rate}\n",
+        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = {server_name:?}\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\nhash_rate_mb_per_sec = {rate}\n",
         roots = roots.join(", "),
         scan = cfg.weights.scan_interval_secs,
         rate = cfg.weights.hash_rate_mb_per_sec,
@@ -261,6 +261,7 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
         ca = cfg.tls.ca,
         cert = cfg.tls.cert,
         key = cfg.tls.key,
+        server_name = cfg.tls.server_name.as_deref().unwrap_or("localhost"),
     );
     std::fs::write(path, text).expect("write agent config");
 }

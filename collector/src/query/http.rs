@@ -146,7 +146,7 @@ pub async fn serve(
             {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(err)) => {
-                    tracing::debug!(peer.addr = %addr, error = %err, "https handshake failed");
+                    sov_common::tls_diagnose::log_refused_handshake("https", addr, &err);
                     return;
                 }
                 Err(_) => return,
