@@ -9,6 +9,8 @@
 //! |---|---|---|
 //! | `GET /api/v1/nodes` | `ListNodes` | `limit`, `after` |
 //! | `GET /api/v1/models` | `ListModels` | `q`, `limit`, `after` |
+//! | `GET /api/v1/bom` | — (`sovctl bom` builds the same from `ListModels`) | `q` |
+//! | `GET /api/v1/series` | — (the console's charts) | `since`, `until`, `jurisdiction`, `buckets` |
 //! | `GET /api/v1/egress` | `Egress` | `since`, `until`, `by`, `limit` |
 //! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `node`, `min_severity`, `since`, `limit` |
 //! | `GET /api/v1/audit` | `ListAudit` | `after_seq`, `limit` |
@@ -282,9 +284,11 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
 }
 
 /// The API routes under `/api/v1/`.
-pub const ROUTES: [&str; 8] = [
+pub const ROUTES: [&str; 10] = [
     "nodes",
     "models",
+    "bom",
+    "series",
     "egress",
     "breaches",
     "audit",
@@ -600,6 +604,27 @@ async fn answer(
                 .await?;
             serde_json::from_str(&r.scorecard_json)
                 .map_err(|e| ApiError::internal(format!("scorecard: {e}")))
+        }
+        "series" => {
+            p.only(&["since", "until", "jurisdiction", "buckets"])?;
+            let since = match p.time("since", now)? {
+                0 => now.saturating_sub(86_400_000),
+                t => t,
+            };
+            let r = query
+                .series_as(
+                    caller,
+                    since,
+                    p.time("until", now)?,
+                    p.get("jurisdiction").unwrap_or(""),
+                    p.number("buckets")?,
+                )
+                .await?;
+            Ok(r.value)
+        }
+        "bom" => {
+            p.only(&["q"])?;
+            Ok(query.bom_as(caller, p.get("q").unwrap_or("")).await?.value)
         }
         other => Err(ApiError::not_found(format!("no route /api/v1/{other}"))),
     }
