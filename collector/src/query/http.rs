@@ -10,6 +10,7 @@
 //! | `GET /api/v1/nodes` | `ListNodes` | `limit`, `after` |
 //! | `GET /api/v1/models` | `ListModels` | `q`, `limit`, `after` |
 //! | `GET /api/v1/bom` | — (`sovctl bom` builds the same from `ListModels`) | `q` |
+//! | `GET /api/v1/breach` | — (the console's breach page) | `id` |
 //! | `GET /api/v1/series` | — (the console's charts) | `since`, `until`, `jurisdiction`, `buckets` |
 //! | `GET /api/v1/egress` | `Egress` | `since`, `until`, `by`, `limit` |
 //! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `node`, `min_severity`, `since`, `limit` |
@@ -284,11 +285,12 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
 }
 
 /// The API routes under `/api/v1/`.
-pub const ROUTES: [&str; 10] = [
+pub const ROUTES: [&str; 11] = [
     "nodes",
     "models",
     "bom",
     "series",
+    "breach",
     "egress",
     "breaches",
     "audit",
@@ -621,6 +623,10 @@ async fn answer(
                 )
                 .await?;
             Ok(r.value)
+        }
+        "breach" => {
+            p.only(&["id"])?;
+            Ok(query.breach_as(caller, p.get("id").unwrap_or("")).await?.value)
         }
         "bom" => {
             p.only(&["q"])?;

@@ -734,6 +734,80 @@ impl QueryService {
             .await
     }
 
+    /// One breach with every breach-log record of it, each with its position in the chain,
+    /// and whether the chain up to the last of them verifies (HTTPS: `GET /api/v1/breach`),
+    /// for `caller`; audited as one query, `GetBreach`. The log is read from its start, at
+    /// most [`MAX_REPORT_ROWS`] records.
+    pub async fn breach_as(&self, caller: &Caller, breach_id: &str) -> Result<JsonAnswer, ApiError> {
+        Self::allow(caller, "GetBreach")?;
+        let result = async {
+            if breach_id.is_empty() || breach_id.len() > 64 {
+                return Err(ApiError::invalid_argument("id must be a breach id (32 hex digits)"));
+            }
+            let breaches = self
+                .store
+                .list_breaches(crate::breach::BreachFilter {
+                    limit: MAX_REPORT_ROWS,
+                    ..Default::default()
+                })
+                .await
+                .map_err(store_unavailable)?;
+            let breach = breaches
+                .into_iter()
+                .find(|b| b.breach_id == breach_id)
+                .ok_or_else(|| ApiError::not_found(format!("no breach {breach_id}")))?;
+            let mut verifier = sov_evidence::chain::ChainVerifier::new();
+            let mut records = Vec::new();
+            let mut chain_error = None;
+            let mut after = 0u64;
+            let mut read = 0u32;
+            'pages: while read < MAX_REPORT_ROWS {
+                let page = self
+                    .store
+                    .breach_log(after, 1000)
+                    .await
+                    .map_err(store_unavailable)?;
+                if page.is_empty() {
+                    break;
+                }
+                for r in &page {
+                    read += 1;
+                    after = r.seq;
+                    if chain_error.is_none()
+                        && let Err(e) = verifier.push(r)
+                    {
+                        chain_error = Some(format!("record {}: {e}", r.seq));
+                    }
+                    if r.breach_id == breach_id {
+                        records.push(sov_evidence::report::log_record_json(r));
+                    }
+                    if read >= MAX_REPORT_ROWS {
+                        break 'pages;
+                    }
+                }
+            }
+            let summary = pb::BreachSummary::from(breach);
+            let rows = records.len() as u64 + 1;
+            Ok(JsonAnswer {
+                value: json!({
+                    "breach": sov_evidence::view::breach_json(&summary),
+                    "records": records,
+                    "chain": {
+                        "records_checked": verifier.checked(),
+                        "last_hash": verifier.last_hash(),
+                        "verified": chain_error.is_none(),
+                        "error": chain_error,
+                    },
+                    "exported_at": sov_evidence::view::rfc3339(sov_common::clock::now_unix_ms()),
+                }),
+                rows,
+            })
+        }
+        .await;
+        self.audited(caller, "GetBreach", json!({"breach_id": breach_id}), result)
+            .await
+    }
+
     /// The policy in force, or one for `jurisdiction` when the collector has no policy file.
     fn policy_or(&self, jurisdiction: &str) -> Result<Arc<crate::policy::Policy>, ApiError> {
         match &self.policy {
