@@ -18,6 +18,9 @@
 //! | `GET /api/v1/scorecard` | `Scorecard` | `since`, `until`, `jurisdiction` |
 //! | `GET /api/v1/report` | `ExportReport` | `since`, `until`, `jurisdiction`, `format` (`json`, `html`) |
 //!
+//! Static assets: `/` (the console), `/assets/geo/countries-110m.json` and
+//! `/assets/geo/iso3166.csv` (country shapes and codes for its map), `/api/v1/openapi.json`.
+//!
 //! Times (`since`, `until`) are a duration back from now (`90m`, `24h`, `7d`) or Unix
 //! milliseconds. Unknown parameters are refused. Errors are JSON `{"error", "code"}` with
 //! 400 (bad parameter), 401 (no or bad credential), 403 (role may not), 404, 405, 412, 503.
@@ -67,6 +70,21 @@ const MAX_QUERY_LEN: usize = 2048;
 
 /// The web page (one self-contained file: no external assets).
 const INDEX_HTML: &str = include_str!("web/index.html");
+/// Country shapes for the console's world map (Natural Earth 1:110m as TopoJSON, public
+/// domain; see `collector/assets/geo/README.md`) and the ISO 3166 numeric → alpha-2 table.
+/// Served without credentials: they hold no data.
+pub const ASSETS: [(&str, &str, &str); 2] = [
+    (
+        "/assets/geo/countries-110m.json",
+        "application/json",
+        include_str!("../../assets/geo/countries-110m.json"),
+    ),
+    (
+        "/assets/geo/iso3166.csv",
+        "text/csv; charset=utf-8",
+        include_str!("../../assets/geo/iso3166.csv"),
+    ),
+];
 /// The OpenAPI description of this API.
 pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
 
@@ -254,6 +272,14 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
         }
         "/api/v1/openapi.json" => return respond(StatusCode::OK, "application/json", OPENAPI_JSON),
         _ => {}
+    }
+    if let Some((_, content_type, body)) = ASSETS.iter().find(|(p, _, _)| *p == path) {
+        let mut resp = respond(StatusCode::OK, content_type, *body);
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=86400"),
+        );
+        return resp;
     }
     let Some(route) = path.strip_prefix("/api/v1/") else {
         return error_response(&ApiError::not_found(format!("no page {path}")));
@@ -626,7 +652,10 @@ async fn answer(
         }
         "breach" => {
             p.only(&["id"])?;
-            Ok(query.breach_as(caller, p.get("id").unwrap_or("")).await?.value)
+            Ok(query
+                .breach_as(caller, p.get("id").unwrap_or(""))
+                .await?
+                .value)
         }
         "bom" => {
             p.only(&["q"])?;

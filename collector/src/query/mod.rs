@@ -738,11 +738,17 @@ impl QueryService {
     /// and whether the chain up to the last of them verifies (HTTPS: `GET /api/v1/breach`),
     /// for `caller`; audited as one query, `GetBreach`. The log is read from its start, at
     /// most [`MAX_REPORT_ROWS`] records.
-    pub async fn breach_as(&self, caller: &Caller, breach_id: &str) -> Result<JsonAnswer, ApiError> {
+    pub async fn breach_as(
+        &self,
+        caller: &Caller,
+        breach_id: &str,
+    ) -> Result<JsonAnswer, ApiError> {
         Self::allow(caller, "GetBreach")?;
         let result = async {
             if breach_id.is_empty() || breach_id.len() > 64 {
-                return Err(ApiError::invalid_argument("id must be a breach id (32 hex digits)"));
+                return Err(ApiError::invalid_argument(
+                    "id must be a breach id (32 hex digits)",
+                ));
             }
             let breaches = self
                 .store
