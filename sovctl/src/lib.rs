@@ -298,7 +298,14 @@ async fn run(cli: Cli) -> Result<String, String> {
             if resp.truncated > 0 {
                 eprintln!("sovctl: {} more rows not shown", resp.truncated);
             }
-            let rows: Vec<Value> = resp.rows.iter().map(|r| egress_json(r, by)).collect();
+            let rows: Vec<Value> = if cli.output == Output::Json {
+                resp.rows.iter().map(|r| egress_json(r, by)).collect()
+            } else {
+                resp.rows
+                    .iter()
+                    .map(|r| sov_evidence::view::egress_row(r, by))
+                    .collect()
+            };
             Ok(render(&rows, by.columns(), cli.output))
         }
         Command::Breaches {
