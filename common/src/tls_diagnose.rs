@@ -189,7 +189,7 @@ fn describe(der: &[u8]) -> Option<(String, String, u64, u64)> {
 /// a problem (a collector may hold a certificate from another CA than its clients').
 pub fn check_files(
     problems: &mut Problems,
-    mut notes: Option<&mut Vec<String>>,
+    notes: Option<&mut Vec<String>>,
     field: &str,
     files: CertFiles<'_>,
     side: Side,
@@ -294,7 +294,7 @@ pub fn check_files(
                     ca.display(),
                     ca_subjects.join("; ")
                 );
-                match notes.as_deref_mut() {
+                match notes {
                     Some(n) => n.push(format!("{cert_field}: {text}")),
                     None => problems.push(&cert_field, text),
                 }

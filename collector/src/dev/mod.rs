@@ -249,8 +249,10 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
         weights.roots = Some(roots);
         weights.scan_interval_secs = 10;
     }
-    let mut net = sov_agent::config::NetConfig::default();
-    net.include_loopback = include_loopback;
+    let net = sov_agent::config::NetConfig {
+        include_loopback,
+        ..Default::default()
+    };
     let agent_cfg = AgentConfig {
         collector: vec![url.clone()],
         interval_secs: args.interval_secs,
