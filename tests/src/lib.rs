@@ -718,18 +718,11 @@ impl HttpsReply {
     }
 }
 
-/// A bare TLS handshake with the collector at `addr` (trusting `ca`), presenting `client`
-/// when given, then the HTTP/2 preface: `Ok(())` when the collector answers with HTTP/2
-/// frames, else the error (for a refused certificate, the TLS alert the collector sent, such
-/// as `CertificateExpired` or `CertificateRevoked`).
-pub async fn tls_probe(
-    ca: &Path,
-    client: Option<&PathPair>,
-    addr: SocketAddr,
-) -> Result<(), String> {
+/// A rustls client configuration trusting the CA certificates in `ca`, presenting `client`
+/// (certificate and key) when given.
+pub fn client_config(ca: &Path, client: Option<&PathPair>) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
@@ -741,7 +734,7 @@ pub async fn tls_probe(
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
-    let mut config = match client {
+    Ok(match client {
         Some(pair) => {
             let certs = CertificateDer::pem_file_iter(&pair.cert)
                 .map_err(|e| e.to_string())?
@@ -753,7 +746,21 @@ pub async fn tls_probe(
                 .map_err(|e| e.to_string())?
         }
         None => builder.with_no_client_auth(),
-    };
+    })
+}
+
+/// A bare TLS handshake with the collector at `addr` (trusting `ca`), presenting `client`
+/// when given, then the HTTP/2 preface: `Ok(())` when the collector answers with HTTP/2
+/// frames, else the error (for a refused certificate, the TLS alert the collector sent, such
+/// as `CertificateExpired` or `CertificateRevoked`).
+pub async fn tls_probe(
+    ca: &Path,
+    client: Option<&PathPair>,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut config = client_config(ca, client)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr)
@@ -800,32 +807,8 @@ pub async fn https_get_ca(
     path: &str,
 ) -> Result<HttpsReply, String> {
     use http_body_util::BodyExt as _;
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    let config = match client {
-        Some(pair) => {
-            let certs = CertificateDer::pem_file_iter(&pair.cert)
-                .map_err(|e| e.to_string())?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| e.to_string())?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| e.to_string())?
-        }
-        None => builder.with_no_client_auth(),
-    };
+    use rustls::pki_types::ServerName;
+    let config = client_config(ca, client)?;
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr)
         .await

@@ -234,6 +234,18 @@ async fn dev_demo_opens_a_foreign_egress_and_a_weights_exfiltration_breach_with_
     for rule in ["foreign-egress", "weights-exfiltration"] {
         assert!(rules.contains(&rule), "{open}");
     }
+    // The console shows the demo model as the generated policy classes it.
+    let models = https_get_ca(
+        &ca,
+        addr,
+        None,
+        Some(&token),
+        "/api/v1/models?q=sovereign-demo",
+    )
+    .await
+    .unwrap()
+    .json();
+    assert_eq!(models["models"][0]["class"], "restricted", "{models}");
     assert!(dev.stop().success());
     // The demo's process ends with the dev mode.
     let gone = Instant::now() + Duration::from_secs(10);

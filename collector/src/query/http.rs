@@ -534,7 +534,13 @@ async fn answer(
                 )
                 .await?;
             Ok(json!({
-                "models": r.models.iter().map(model_json).collect::<Vec<_>>(),
+                "models": r.models.iter().map(|m| {
+                    let mut v = model_json(m);
+                    if let Some(class) = query.model_class(m) {
+                        v["class"] = json!(class);
+                    }
+                    v
+                }).collect::<Vec<_>>(),
                 "next_after": r.next_after,
             }))
         }

@@ -814,6 +814,18 @@ impl QueryService {
             .await
     }
 
+    /// The class the policy in force gives a model ("restricted", "public", "unclassified"),
+    /// or `None` without a policy file.
+    pub fn model_class(&self, m: &pb::ModelSummary) -> Option<&'static str> {
+        let policy = self.policy.as_ref()?.current();
+        let (class, _) = policy.model_class(&crate::policy::ModelFacts {
+            model: &m.model,
+            sha256: &m.sha256,
+            publisher: &m.publisher,
+        });
+        Some(class.as_str())
+    }
+
     /// The policy in force, or one for `jurisdiction` when the collector has no policy file.
     fn policy_or(&self, jurisdiction: &str) -> Result<Arc<crate::policy::Policy>, ApiError> {
         match &self.policy {
