@@ -204,7 +204,14 @@ async fn every_page_of_the_console_shows_its_content_links_and_charts_in_chromiu
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
     let http_port = free_port();
+    let policy = data.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "jurisdiction = \"MA\"\n[[model]]\nmatch = \"meta-llama/*\"\nclass = \"restricted\"\n",
+    )
+    .unwrap();
     let collector = InProcessCollector::start(&pki, data.path(), |c| {
+        c.policy = Some(policy);
         c.geo.overrides = vec![
             place("192.0.2.0/24", "US", "Example Cloud"),
             place("198.51.100.0/24", "FR", "Exemple Hébergement"),
@@ -236,8 +243,8 @@ async fn every_page_of_the_console_shows_its_content_links_and_charts_in_chromiu
         .ok()
         .map(|d| repo().join(d));
 
-    // This collector has no policy file: the console is asked with ?jurisdiction=MA (the
-    // API's own parameter), and the time range is the last 7 days, kept in every link.
+    // The policy file makes MA the jurisdiction and Llama restricted; the console is also
+    // asked with ?jurisdiction=MA (kept in every link, like the time range of the last 7 days).
     let sha = "c".repeat(64);
     let pages: Vec<(&str, String, Vec<&str>)> = vec![
         (
@@ -283,7 +290,12 @@ async fn every_page_of_the_console_shows_its_content_links_and_charts_in_chromiu
         (
             "models",
             "view=models".into(),
-            vec!["meta-llama/Llama-3.1-8B", "cccccccccccc…", "16.0 GB"],
+            vec![
+                "meta-llama/Llama-3.1-8B",
+                "cccccccccccc…",
+                "16.0 GB",
+                ">restricted</span>",
+            ],
         ),
         (
             "model",
