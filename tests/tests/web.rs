@@ -256,6 +256,7 @@ async fn every_page_of_the_console_shows_its_content_links_and_charts_in_chromiu
                 "Open breaches by severity",
                 "id=\"chart-egress\"",
                 "id=\"chart-gpu\"",
+                "id=\"chart-reports\"",
                 "<rect",
                 "id=\"world-map\"",
                 "data-country=\"US\"",
