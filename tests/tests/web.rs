@@ -172,7 +172,7 @@ async fn seed(pki: &Pki, url: &str, store: &dyn sov_collector::store::Store) {
             subject: "country:US".into(),
             severity: Severity::Critical,
             evidence: serde_json::json!({"country": "US", "counters": {"bytes": 7_000_000}}),
-            at_unix_ms: now - 600_000,
+            at_unix_ms: now - 60_000,
         })
         .await
         .unwrap();
