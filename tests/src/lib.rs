@@ -534,6 +534,62 @@ pub fn report(node: &str, epoch: u64, seq: u64) -> pb::Report {
     }
 }
 
+/// A weight file of `meta-llama/Llama-3.1-8B` (16 GB safetensors, sha256 `c…c`, identity from
+/// the Hugging Face cache) mapped by `vllm` (pid 100), as an agent reports it.
+pub fn llama_weight_file() -> pb::WeightFile {
+    pb::WeightFile {
+        path: "/models/llama.safetensors".into(),
+        format: pb::WeightFormat::Safetensors as i32,
+        size_bytes: 16_000_000_000,
+        sha256: "c".repeat(64),
+        identity: Some(pb::ModelIdentity {
+            model: "meta-llama/Llama-3.1-8B".into(),
+            source: "hf-cache".into(),
+            ..Default::default()
+        }),
+        users: vec![pb::WeightUser {
+            pid: 100,
+            process: "vllm".into(),
+            mapped: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Run this build's `sovctl` against `url` with `pair`'s certificate (trusting `pki`'s CA) and
+/// `args` after the global flags; its output.
+pub fn sovctl(pki: &Pki, pair: &PathPair, url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin_path("e2e-sovctl"))
+        .args(["--collector", url, "--ca"])
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pair.cert)
+        .arg("--key")
+        .arg(&pair.key)
+        .args(args)
+        .output()
+        .expect("run sovctl")
+}
+
+/// Whether a test that needs `what` may run: `present`, or else a loud skip of `test` with
+/// `reason` (and a failure instead when the environment variable `required_by` is "1", as
+/// `.ci/run` sets it).
+pub fn present_or_skip(present: bool, required_by: &str, test: &str, reason: &str) -> bool {
+    if present {
+        return true;
+    }
+    assert!(
+        std::env::var(required_by).as_deref() != Ok("1"),
+        "{test}: required ({required_by}=1) but unavailable: {reason}"
+    );
+    skipped(
+        test,
+        &format!("{reason}; set {required_by}=1 to fail instead"),
+    );
+    false
+}
+
 /// An outbound TCP flow from pid 42 to `remote:443` that sent `bytes_sent`, observed now.
 pub fn outbound_flow(remote: &str, bytes_sent: u64) -> pb::Flow {
     let now = sov_common::clock::now_unix_ms();

@@ -9,7 +9,10 @@ use std::process::Command;
 
 use serde_json::Value;
 use sov_collector::auth::Role;
-use sov_e2e::{InProcessCollector, Pki, bin_path, free_port, https_get, push_client};
+use sov_e2e::{
+    InProcessCollector, Pki, free_port, https_get, llama_weight_file, present_or_skip, push_client,
+    report, sovctl,
+};
 use sov_proto::pb;
 
 /// Validate with the package's strict CycloneDX 1.6 validator: prints nothing when valid,
@@ -56,50 +59,24 @@ fn validate(bom: &Value) -> Result<(), String> {
 }
 
 async fn seed(pki: &Pki, url: &str) {
-    let at = sov_common::clock::now_unix_ms() - 60_000;
-    let r = pb::Report {
-        epoch: 1,
-        seq: 1,
-        observed_unix_ms: at,
-        node_info: Some(pb::NodeInfo {
-            node: "gpu-node-1".into(),
-            site: "rabat-1".into(),
-            country: "MA".into(),
+    let mut r = report("gpu-node-1", 1, 1);
+    r.observed_unix_ms = sov_common::clock::now_unix_ms() - 60_000;
+    r.weight_inventory_full = true;
+    let mut llama = llama_weight_file();
+    llama.parameter_count = 8_030_261_248;
+    if let Some(id) = llama.identity.as_mut() {
+        id.revision = "0e9e39f249a16976918f6564b8830bc894c89659".into();
+    }
+    r.weight_files = vec![
+        llama,
+        // Not hashed yet, no identity: still a component, without a hash.
+        pb::WeightFile {
+            path: "/srv/models/unknown.gguf".into(),
+            format: pb::WeightFormat::Gguf as i32,
+            size_bytes: 4_000_000,
             ..Default::default()
-        }),
-        host: Some(pb::HostSample::default()),
-        weight_inventory_full: true,
-        weight_files: vec![
-            pb::WeightFile {
-                path: "/models/llama/model.safetensors".into(),
-                format: pb::WeightFormat::Safetensors as i32,
-                size_bytes: 16_000_000_000,
-                sha256: "c".repeat(64),
-                parameter_count: 8_030_261_248,
-                identity: Some(pb::ModelIdentity {
-                    model: "meta-llama/Llama-3.1-8B".into(),
-                    revision: "0e9e39f249a16976918f6564b8830bc894c89659".into(),
-                    source: "hf-cache".into(),
-                    ..Default::default()
-                }),
-                users: vec![pb::WeightUser {
-                    pid: 100,
-                    process: "vllm".into(),
-                    mapped: true,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-            // Not hashed yet, no identity: still a component, without a hash.
-            pb::WeightFile {
-                path: "/srv/models/unknown.gguf".into(),
-                format: pb::WeightFormat::Gguf as i32,
-                size_bytes: 4_000_000,
-                ..Default::default()
-            },
-        ],
-        ..Default::default()
-    };
+        },
+    ];
     let mut c = push_client(&pki.client_tls(Role::Agent, "gpu-node-1"), url)
         .await
         .unwrap();
@@ -108,15 +85,12 @@ async fn seed(pki: &Pki, url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ai_bom_of_the_api_and_of_sovctl_validates_against_the_cyclonedx_1_6_schema() {
-    if !validator() {
-        assert!(
-            std::env::var("SOV_REQUIRE_CYCLONEDX").as_deref() != Ok("1"),
-            "cyclonedx-python-lib is required (SOV_REQUIRE_CYCLONEDX=1) but python3 cannot import it"
-        );
-        sov_e2e::skipped(
-            "bom (CycloneDX 1.6 schema)",
-            "python3 cannot import cyclonedx-python-lib: pip install 'cyclonedx-python-lib[json-validation]'; set SOV_REQUIRE_CYCLONEDX=1 to fail instead",
-        );
+    if !present_or_skip(
+        validator(),
+        "SOV_REQUIRE_CYCLONEDX",
+        "bom (CycloneDX 1.6 schema)",
+        "python3 cannot import cyclonedx-python-lib: pip install 'cyclonedx-python-lib[json-validation]'",
+    ) {
         return;
     }
     let pki = Pki::new();
@@ -163,20 +137,7 @@ async fn the_ai_bom_of_the_api_and_of_sovctl_validates_against_the_cyclonedx_1_6
     assert!(validate(&broken).is_err());
 
     // sovctl bom prints the same inventory, valid too.
-    let out = Command::new(bin_path("e2e-sovctl"))
-        .args([
-            "--collector",
-            &collector.url(),
-            "--ca",
-            pki.ca.to_str().unwrap(),
-            "--cert",
-            reg.cert.to_str().unwrap(),
-            "--key",
-            reg.key.to_str().unwrap(),
-            "bom",
-        ])
-        .output()
-        .unwrap();
+    let out = sovctl(&pki, &reg, &collector.url(), &["bom"]);
     assert!(
         out.status.success(),
         "{}",

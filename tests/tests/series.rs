@@ -6,7 +6,7 @@
 
 use sov_collector::auth::Role;
 use sov_collector::config::GeoOverride;
-use sov_e2e::{InProcessCollector, Pki, free_port, https_get, outbound_flow, push_client};
+use sov_e2e::{InProcessCollector, Pki, free_port, https_get, outbound_flow, push_client, report};
 use sov_proto::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,31 +34,19 @@ async fn series_buckets_add_up_to_the_scorecard_of_the_range() {
         let mut flow = outbound_flow("192.0.2.7", 1_000_000 * seq);
         flow.end_unix_ms = at;
         flow.start_unix_ms = at - 1000;
-        c.push(pb::Report {
-            epoch: 1,
-            seq,
-            observed_unix_ms: at,
-            node_info: Some(pb::NodeInfo {
-                node: "n1".into(),
-                site: "rabat-1".into(),
-                country: "MA".into(),
-                ..Default::default()
-            }),
-            host: Some(pb::HostSample::default()),
-            gpus: vec![pb::GpuSample {
-                uuid: "GPU-0".into(),
-                processes: vec![pb::GpuProcess {
-                    pid: 100,
-                    gpu_seconds: 600.0,
-                    ..Default::default()
-                }],
+        let mut r = report("n1", 1, seq);
+        r.observed_unix_ms = at;
+        r.gpus = vec![pb::GpuSample {
+            uuid: "GPU-0".into(),
+            processes: vec![pb::GpuProcess {
+                pid: 100,
+                gpu_seconds: 600.0,
                 ..Default::default()
             }],
-            flows: vec![flow],
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        }];
+        r.flows = vec![flow];
+        c.push(r).await.unwrap();
     }
     let addr = collector.config.http.listen.unwrap();
     let reg = pki.client(Role::Regulator, "analyst");

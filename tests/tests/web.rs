@@ -22,7 +22,9 @@ use std::process::Command;
 use sov_collector::auth::Role;
 use sov_collector::breach::{Observation, Severity};
 use sov_collector::config::GeoOverride;
-use sov_e2e::{InProcessCollector, Pki, free_port, https_get, push_client};
+use sov_e2e::{
+    InProcessCollector, Pki, free_port, https_get, llama_weight_file, present_or_skip, push_client,
+};
 use sov_proto::pb;
 
 /// Longest one page load may take, seconds.
@@ -137,24 +139,7 @@ async fn seed(pki: &Pki, url: &str, store: &dyn sov_collector::store::Store) {
                 }],
                 ..Default::default()
             }],
-            weight_files: vec![pb::WeightFile {
-                path: "/models/llama.safetensors".into(),
-                format: pb::WeightFormat::Safetensors as i32,
-                size_bytes: 16_000_000_000,
-                sha256: "c".repeat(64),
-                identity: Some(pb::ModelIdentity {
-                    model: "meta-llama/Llama-3.1-8B".into(),
-                    source: "hf-cache".into(),
-                    ..Default::default()
-                }),
-                users: vec![pb::WeightUser {
-                    pid: 100,
-                    process: "vllm".into(),
-                    mapped: true,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
+            weight_files: vec![llama_weight_file()],
             flows: vec![
                 flow("192.0.2.10", 1_000_000 * seq + 1_000_000),
                 flow("198.51.100.7", 400_000 * seq),
@@ -190,17 +175,16 @@ fn place(cidr: &str, country: &str, org: &str) -> GeoOverride {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_page_of_the_console_shows_its_content_links_and_charts_in_chromium_without_console_errors()
  {
-    let Some(browser) = chromium() else {
-        assert!(
-            std::env::var("SOV_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
-            "chromium is required (SOV_REQUIRE_CHROMIUM=1) but not installed"
-        );
-        sov_e2e::skipped(
-            "web (headless Chromium)",
-            "chromium is not installed (apt-get install -y chromium); set SOV_REQUIRE_CHROMIUM=1 to fail instead",
-        );
+    let browser = chromium();
+    if !present_or_skip(
+        browser.is_some(),
+        "SOV_REQUIRE_CHROMIUM",
+        "web (headless Chromium)",
+        "chromium is not installed (apt-get install -y chromium)",
+    ) {
         return;
-    };
+    }
+    let browser = browser.unwrap();
     let pki = Pki::new();
     let data = tempfile::tempdir().unwrap();
     let http_port = free_port();
