@@ -14,6 +14,27 @@ pub fn report_config_error(err: &ConfigError) -> ExitCode {
     sov_common::cli::report_config_error("sov-agent", err)
 }
 
+/// `run --check-config`: every problem of the file, then of its certificate files (dates, key,
+/// chain to the CA), at once; exit 64 when any.
+fn check_config_file(config: &std::path::Path, allow_insecure_keys: bool) -> ExitCode {
+    let cfg: AgentConfig = match sov_common::config::read_toml(config) {
+        Ok(c) => c,
+        Err(e) => return report_config_error(&e),
+    };
+    let mut problems = match AgentConfig::load_with(config, allow_insecure_keys) {
+        Ok(_) => sov_common::config::Problems::default(),
+        Err(ConfigError::Invalid(p)) => p,
+        Err(e) => return report_config_error(&e),
+    };
+    cfg.check_certificates(&mut problems);
+    if problems.is_empty() {
+        println!("{}: configuration is valid", config.display());
+        ExitCode::SUCCESS
+    } else {
+        report_config_error(&ConfigError::Invalid(problems))
+    }
+}
+
 /// Sovereign node agent: observes this node and reports to the collector over mutual TLS.
 #[derive(Debug, Parser)]
 #[command(name = "sov-agent", version)]
@@ -258,14 +279,13 @@ pub fn main() -> ExitCode {
             check_config,
             allow_insecure_keys,
         } => {
+            if check_config {
+                return check_config_file(&config, allow_insecure_keys);
+            }
             let cfg = match AgentConfig::load_with(&config, allow_insecure_keys) {
                 Ok(c) => c,
                 Err(e) => return report_config_error(&e),
             };
-            if check_config {
-                println!("{}: configuration is valid", config.display());
-                return ExitCode::SUCCESS;
-            }
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -486,6 +486,30 @@ impl AgentConfig {
         Ok(cfg)
     }
 
+    /// `--check-config`'s look at the TLS files (when all three can be read): this node's
+    /// certificate's validity dates, that the key is its key, and that it chains to `[tls] ca`
+    /// as a client certificate; each problem in plain words ("expired on …").
+    pub fn check_certificates(&self, problems: &mut Problems) {
+        let t = &self.tls;
+        if [&t.ca, &t.cert, &t.key]
+            .iter()
+            .all(|p| std::fs::File::open(p).is_ok())
+        {
+            sov_common::tls_diagnose::check_files(
+                problems,
+                None,
+                "tls",
+                sov_common::tls_diagnose::CertFiles {
+                    ca: &t.ca,
+                    cert: &t.cert,
+                    key: &t.key,
+                },
+                sov_common::tls_diagnose::Side::Client,
+                rustls::pki_types::UnixTime::now(),
+            );
+        }
+    }
+
     /// The node name: the configured one or the host name.
     pub fn node_name(&self) -> String {
         self.node.name.clone().unwrap_or_else(local_hostname)

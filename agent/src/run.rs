@@ -503,13 +503,42 @@ impl Agent {
                         }
                         Delivery::Broken(status) => {
                             self.metrics.send_failed();
-                            tracing::warn!(collector = %url, code = ?status.code(), error = %status.message(), "delivery failed; reconnecting");
+                            // A refused client certificate shows as "operation was canceled" or
+                            // a transport error: ask the collector why, in a bare handshake.
+                            let tls_reason = match status.code() {
+                                tonic::Code::Unavailable
+                                | tonic::Code::Unknown
+                                | tonic::Code::Cancelled => tls.diagnose(url).await,
+                                _ => None,
+                            };
+                            match tls_reason {
+                                Some(reason) => {
+                                    tracing::warn!(collector = %url, reason = %reason, code = ?status.code(), error = %status.message(), "delivery failed, TLS refused: {reason}; reconnecting")
+                                }
+                                None => {
+                                    tracing::warn!(collector = %url, code = ?status.code(), error = %status.message(), "delivery failed; reconnecting")
+                                }
+                            }
                         }
                     }
                 }
                 Err(err) => {
                     self.metrics.send_failed();
-                    tracing::warn!(collector = %url, error = %err, cause = %source_chain(&err), "cannot connect");
+                    let reason = match sov_common::tls_diagnose::explain(
+                        &err,
+                        "the collector's certificate",
+                    ) {
+                        Some(r) => Some(r),
+                        None => tls.diagnose(url).await,
+                    };
+                    match reason {
+                        Some(reason) => {
+                            tracing::warn!(collector = %url, reason = %reason, error = %err, cause = %source_chain(&err), "cannot connect, TLS refused: {reason}")
+                        }
+                        None => {
+                            tracing::warn!(collector = %url, error = %err, cause = %source_chain(&err), "cannot connect")
+                        }
+                    }
                 }
             }
             idx = idx.wrapping_add(1);

@@ -64,6 +64,37 @@ impl TlsSource {
         Ok(source)
     }
 
+    /// Why the collector at `url` refuses a TLS connection with these files, in plain words
+    /// ("this node's certificate expired on …", "the peer refused our certificate: signed by
+    /// another CA …", "name mismatch …"), from a bare handshake; `None` when it accepts it.
+    pub async fn diagnose(&self, url: &str) -> Option<String> {
+        let rest = url.strip_prefix("https://").unwrap_or(url);
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        };
+        let addr = if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_owned()
+        } else {
+            format!("{authority}:443")
+        };
+        let name = self.server_name.clone().unwrap_or_else(|| {
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        });
+        sov_common::tls_diagnose::probe(
+            &addr,
+            &name,
+            &self.ca,
+            &self.cert,
+            &self.key,
+            DEFAULT_CONNECT_TIMEOUT,
+        )
+        .await
+    }
+
     fn read(&self) -> Result<(ClientTls, Vec<Vec<u8>>), TransportError> {
         let ca = read_pem("CA certificate", &self.ca)?;
         let cert = read_pem("certificate", &self.cert)?;

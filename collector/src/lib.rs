@@ -6,7 +6,8 @@
 //! 0. [`error`]: the domain error, mapped once to gRPC and HTTP;
 //! 1. [`auth`]: peer certificate → [`auth::Identity`] (name and role from a SPIFFE URI SAN);
 //!    [`breach`]: policy breaches (open → updated → resolved) and the record of each change;
-//! 2. [`pki`]: certificates without openssl (`sov-collector pki`); [`store`]: the
+//! 2. [`pki`]: certificates without openssl (`sov-collector pki`); [`p12`]: PKCS#12 browser
+//!    bundles of them; [`store`]: the
 //!    [`store::Store`] trait, its row types, and one folder per backend (SQLite, PostgreSQL);
 //! 3. [`token`]: API tokens for the HTTPS API; [`geo`]: where remote addresses are;
 //!    [`metrics`]: the collector's counters, served as Prometheus text on `/metrics`;
@@ -34,6 +35,7 @@ pub mod error;
 pub mod geo;
 pub mod ingest;
 pub mod metrics;
+pub mod p12;
 pub mod pki;
 pub mod policy;
 pub mod query;

@@ -700,7 +700,7 @@ async fn accept_loop(
                     Ok(Ok(s)) => s,
                     Ok(Err(err)) => {
                         metrics.handshake_failed(false);
-                        tracing::debug!(peer.addr = %addr, error = %err, "tls handshake failed");
+                        sov_common::tls_diagnose::log_refused_handshake("grpc", addr, &err);
                         return;
                     }
                     Err(_) => {

@@ -25,7 +25,7 @@ const LAYERS: &[&[&str]] = &[
     // Vocabulary: identities and roles, breaches.
     &["auth", "breach"],
     // Certificates and storage: the store imports nothing above this line.
-    &["pki", "store"],
+    &["pki", "p12", "store"],
     // Parts over the store: API tokens, geolocation, the counters.
     &["token", "geo", "metrics"],
     // Concepts: the TLS front door, the policy and its rules, alerts, enrollment.

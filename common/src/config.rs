@@ -47,7 +47,7 @@ impl fmt::Display for Problems {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config {path}")]
+    #[error("cannot read config {path}: {source}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -74,10 +74,62 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    toml::from_str(&text).map_err(|first| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string(),
+        message: every_toml_problem::<T>(&text, first),
     })
+}
+
+/// Most problems [`every_toml_problem`] reports from one file.
+pub const MAX_TOML_PROBLEMS: usize = 50;
+
+/// Every problem toml finds in `text`, not only the first: the line of each problem found is
+/// set aside (made a comment) and the text is read again, until it reads or a problem has no
+/// line of its own; at most [`MAX_TOML_PROBLEMS`]. Each problem keeps toml's own message
+/// (line, column, the text and what is wrong).
+pub fn every_toml_problem<T: serde::de::DeserializeOwned>(
+    text: &str,
+    first: toml::de::Error,
+) -> String {
+    let mut messages = vec![first.to_string().trim_end().to_owned()];
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let mut current = text.to_owned();
+    let mut err = first;
+    let mut set_aside = std::collections::BTreeSet::new();
+    while messages.len() < MAX_TOML_PROBLEMS {
+        let Some(span) = err.span() else { break };
+        let line = current[..span.start.min(current.len())]
+            .matches('\n')
+            .count();
+        // A problem of the whole document, or one at a line already set aside, ends the search.
+        if span.start == 0 && span.end >= current.len().saturating_sub(1) {
+            break;
+        }
+        if line >= lines.len() || !set_aside.insert(line) {
+            break;
+        }
+        lines[line] = "#".to_owned();
+        current = lines.join("\n");
+        match toml::from_str::<T>(&current) {
+            Ok(_) => break,
+            Err(e) => {
+                let m = e.to_string().trim_end().to_owned();
+                if !messages.contains(&m) {
+                    messages.push(m);
+                }
+                err = e;
+            }
+        }
+    }
+    if messages.len() == 1 {
+        return messages.remove(0);
+    }
+    let n = messages.len();
+    let mut out = format!("{n} problems");
+    for (i, m) in messages.iter().enumerate() {
+        out.push_str(&format!("\n[{}/{n}] {m}", i + 1));
+    }
+    out
 }
 
 /// Check that `path` names a readable file.
@@ -139,6 +191,39 @@ mod tests {
             text.contains("tls.ca: cannot read /nonexistent/ca.pem"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn every_toml_problem_is_listed_not_only_the_first() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct C {
+            a: Option<u32>,
+            b: Option<String>,
+            c: Option<u32>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.toml");
+        std::fs::write(
+            &path,
+            "a = \"not a number\"\nb = \"fine\"\nc = = 3\nd = 4\n",
+        )
+        .unwrap();
+        let err = read_toml::<C>(&path).unwrap_err().to_string();
+        assert!(err.contains("3 problems"), "{err}");
+        for line in ["line 1", "line 3", "line 4"] {
+            assert!(err.contains(line), "{line} missing from {err}");
+        }
+        assert!(err.contains("unknown field `d`"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_config_says_why() {
+        let err = read_toml::<toml::Table>(Path::new("/nonexistent/x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("No such file or directory"), "{err}");
     }
 
     #[test]

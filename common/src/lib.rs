@@ -9,7 +9,8 @@
 //! - [`clock`]: the wall clock in Unix milliseconds ([`clock::now_unix_ms`]);
 //! - [`host`]: this machine's host name;
 //! - [`prometheus`]: the Prometheus text exposition and its tiny HTTP/1.1 server;
-//! - [`tls`]: the client side of mutual TLS ([`tls::ClientTls`]).
+//! - [`tls`]: the client side of mutual TLS ([`tls::ClientTls`]);
+//! - [`tls_diagnose`]: TLS failures and certificate files checked, in plain words.
 //!
 //! Architecture invariant: this crate depends on no other crate of the workspace.
 
@@ -20,3 +21,4 @@ pub mod error;
 pub mod host;
 pub mod prometheus;
 pub mod tls;
+pub mod tls_diagnose;

@@ -3,6 +3,7 @@
 //! Parts:
 //! - [`chain`]: the hash chain shared by the breach log and the audit log (canonical JSON,
 //!   record hashes, [`chain::ChainVerifier`]);
+//! - [`bom`]: the model inventory as a CycloneDX 1.6 AI bill of materials;
 //! - [`audit`]: one query's audit record and its JSON form;
 //! - [`report`]: signed evidence reports, their HTML form and their offline verification;
 //! - [`view`]: how nodes, models, egress rows, breaches, the scorecard and the policy are
@@ -12,6 +13,7 @@
 //! command line; `sovctl` is built on it without the collector's storage or geolocation.
 
 pub mod audit;
+pub mod bom;
 pub mod chain;
 pub mod report;
 pub mod view;

@@ -106,9 +106,15 @@ pub fn scorecard_rows(s: &Value) -> Vec<Value> {
         add("where data flows", k, &d[k]);
     }
     for o in d["by_country"].as_array().into_iter().flatten() {
+        // Bytes to unplaced destinations are `bytes_sent_unplaced` above: no row with an
+        // empty country.
+        let country = o["country"].as_str().unwrap_or("");
+        if country.is_empty() {
+            continue;
+        }
         add(
             "where data flows",
-            &format!("bytes_sent to {}", o["country"].as_str().unwrap_or("")),
+            &format!("bytes_sent to {country}"),
             &o["bytes_sent"],
         );
     }
@@ -288,7 +294,20 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
         .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
-/// One egress row as JSON.
+/// An egress row for a table or CSV: [`egress_json`], with "unplaced" where no database
+/// placed the destination (JSON keeps the empty string, as the API documents it).
+pub fn egress_row(r: &pb::EgressRow, by: EgressBy) -> Value {
+    let mut v = egress_json(r, by);
+    if r.country.is_empty() {
+        v["country"] = json!(UNPLACED);
+    }
+    v
+}
+
+/// What tables say for a destination no geolocation database places.
+pub const UNPLACED: &str = "unplaced";
+
+/// One egress row as JSON (`sovctl egress --output json`, the API).
 pub fn egress_json(r: &pb::EgressRow, by: EgressBy) -> Value {
     let mut v = json!({
         "country": r.country,
@@ -611,5 +630,30 @@ mod tests {
         );
         let table = table(&rows, &["node", "missing"]);
         assert_eq!(table, "NODE    MISSING\nnode-a  2\n");
+    }
+}
+
+#[cfg(test)]
+mod unplaced_tests {
+    use super::*;
+
+    #[test]
+    fn unplaced_destinations_say_unplaced_in_tables_and_make_no_empty_scorecard_row() {
+        let r = pb::EgressRow {
+            bytes_sent: 5,
+            ..Default::default()
+        };
+        assert_eq!(egress_row(&r, EgressBy::Country)["country"], "unplaced");
+        assert_eq!(egress_json(&r, EgressBy::Country)["country"], "");
+        let card = json!({"data": {"by_country": [
+            {"country": "", "bytes_sent": 5},
+            {"country": "US", "bytes_sent": 7},
+        ]}});
+        let rows = scorecard_rows(&card);
+        assert!(
+            rows.iter().all(|r| r["measure"] != "bytes_sent to "),
+            "{rows:?}"
+        );
+        assert!(rows.iter().any(|r| r["measure"] == "bytes_sent to US"));
     }
 }

@@ -76,6 +76,13 @@ enum Command {
         /// Only models matching: an exact sha256, or part of the model name / repository id.
         query: Option<String>,
     },
+    /// The model inventory as an AI bill of materials: CycloneDX 1.6 JSON, one
+    /// machine-learning-model component per model with its SHA-256, format, parameters,
+    /// provenance, and every copy and user as properties.
+    Bom {
+        /// Only models matching: an exact sha256, or part of the model name / repository id.
+        query: Option<String>,
+    },
     /// Outbound bytes by destination country, node, process, ASN or destination.
     Egress {
         /// How far back: a number and a unit, s, m, h or d (e.g. 90m, 24h, 7d).
@@ -260,6 +267,21 @@ async fn run(cli: Cli) -> Result<String, String> {
             };
             Ok(render(&rows, &MODEL_COLUMNS, cli.output))
         }
+        Command::Bom { query } => {
+            let models = fetch_models(&mut client, query.as_deref().unwrap_or(""))
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            let bom = sov_evidence::bom::cyclonedx(
+                &models,
+                now_unix_ms(),
+                "sovctl",
+                env!("CARGO_PKG_VERSION"),
+            );
+            Ok(format!(
+                "{}\n",
+                serde_json::to_string_pretty(&bom).map_err(|e| e.to_string())?
+            ))
+        }
         Command::Egress { since, by } => {
             let by = EgressBy::from(by);
             let now = now_unix_ms();
@@ -276,7 +298,14 @@ async fn run(cli: Cli) -> Result<String, String> {
             if resp.truncated > 0 {
                 eprintln!("sovctl: {} more rows not shown", resp.truncated);
             }
-            let rows: Vec<Value> = resp.rows.iter().map(|r| egress_json(r, by)).collect();
+            let rows: Vec<Value> = if cli.output == Output::Json {
+                resp.rows.iter().map(|r| egress_json(r, by)).collect()
+            } else {
+                resp.rows
+                    .iter()
+                    .map(|r| sov_evidence::view::egress_row(r, by))
+                    .collect()
+            };
             Ok(render(&rows, by.columns(), cli.output))
         }
         Command::Breaches {

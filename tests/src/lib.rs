@@ -246,7 +246,7 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
         .map(|r| format!("{r:?}"))
         .collect();
     let text = format!(
-        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = \"localhost\"\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\nhash_rate_mb_per_sec = {rate}\n",
+        "collector = [{urls}]\ninterval_secs = {interval}\nspool_dir = {spool:?}\nmax_spool_bytes = {max}\nmax_backoff_secs = {backoff}\n\n[node]\nname = {name:?}\nsite = {site:?}\ncountry = {country:?}\n\n[node.labels]\n{labels}\n[tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nserver_name = {server_name:?}\n\n[weights]\nroots = [{roots}]\nscan_interval_secs = {scan}\nhash_rate_mb_per_sec = {rate}\n",
         roots = roots.join(", "),
         scan = cfg.weights.scan_interval_secs,
         rate = cfg.weights.hash_rate_mb_per_sec,
@@ -261,6 +261,7 @@ pub fn write_agent_toml(cfg: &AgentConfig, path: &Path) {
         ca = cfg.tls.ca,
         cert = cfg.tls.cert,
         key = cfg.tls.key,
+        server_name = cfg.tls.server_name.as_deref().unwrap_or("localhost"),
     );
     std::fs::write(path, text).expect("write agent config");
 }
@@ -533,6 +534,62 @@ pub fn report(node: &str, epoch: u64, seq: u64) -> pb::Report {
     }
 }
 
+/// A weight file of `meta-llama/Llama-3.1-8B` (16 GB safetensors, sha256 `c…c`, identity from
+/// the Hugging Face cache) mapped by `vllm` (pid 100), as an agent reports it.
+pub fn llama_weight_file() -> pb::WeightFile {
+    pb::WeightFile {
+        path: "/models/llama.safetensors".into(),
+        format: pb::WeightFormat::Safetensors as i32,
+        size_bytes: 16_000_000_000,
+        sha256: "c".repeat(64),
+        identity: Some(pb::ModelIdentity {
+            model: "meta-llama/Llama-3.1-8B".into(),
+            source: "hf-cache".into(),
+            ..Default::default()
+        }),
+        users: vec![pb::WeightUser {
+            pid: 100,
+            process: "vllm".into(),
+            mapped: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Run this build's `sovctl` against `url` with `pair`'s certificate (trusting `pki`'s CA) and
+/// `args` after the global flags; its output.
+pub fn sovctl(pki: &Pki, pair: &PathPair, url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin_path("e2e-sovctl"))
+        .args(["--collector", url, "--ca"])
+        .arg(&pki.ca)
+        .arg("--cert")
+        .arg(&pair.cert)
+        .arg("--key")
+        .arg(&pair.key)
+        .args(args)
+        .output()
+        .expect("run sovctl")
+}
+
+/// Whether a test that needs `what` may run: `present`, or else a loud skip of `test` with
+/// `reason` (and a failure instead when the environment variable `required_by` is "1", as
+/// `.ci/run` sets it).
+pub fn present_or_skip(present: bool, required_by: &str, test: &str, reason: &str) -> bool {
+    if present {
+        return true;
+    }
+    assert!(
+        std::env::var(required_by).as_deref() != Ok("1"),
+        "{test}: required ({required_by}=1) but unavailable: {reason}"
+    );
+    skipped(
+        test,
+        &format!("{reason}; set {required_by}=1 to fail instead"),
+    );
+    false
+}
+
 /// An outbound TCP flow from pid 42 to `remote:443` that sent `bytes_sent`, observed now.
 pub fn outbound_flow(remote: &str, bytes_sent: u64) -> pb::Flow {
     let now = sov_common::clock::now_unix_ms();
@@ -717,18 +774,11 @@ impl HttpsReply {
     }
 }
 
-/// A bare TLS handshake with the collector at `addr` (trusting `ca`), presenting `client`
-/// when given, then the HTTP/2 preface: `Ok(())` when the collector answers with HTTP/2
-/// frames, else the error (for a refused certificate, the TLS alert the collector sent, such
-/// as `CertificateExpired` or `CertificateRevoked`).
-pub async fn tls_probe(
-    ca: &Path,
-    client: Option<&PathPair>,
-    addr: SocketAddr,
-) -> Result<(), String> {
+/// A rustls client configuration trusting the CA certificates in `ca`, presenting `client`
+/// (certificate and key) when given.
+pub fn client_config(ca: &Path, client: Option<&PathPair>) -> Result<rustls::ClientConfig, String> {
     use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
@@ -740,7 +790,7 @@ pub async fn tls_probe(
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
-    let mut config = match client {
+    Ok(match client {
         Some(pair) => {
             let certs = CertificateDer::pem_file_iter(&pair.cert)
                 .map_err(|e| e.to_string())?
@@ -752,7 +802,21 @@ pub async fn tls_probe(
                 .map_err(|e| e.to_string())?
         }
         None => builder.with_no_client_auth(),
-    };
+    })
+}
+
+/// A bare TLS handshake with the collector at `addr` (trusting `ca`), presenting `client`
+/// when given, then the HTTP/2 preface: `Ok(())` when the collector answers with HTTP/2
+/// frames, else the error (for a refused certificate, the TLS alert the collector sent, such
+/// as `CertificateExpired` or `CertificateRevoked`).
+pub async fn tls_probe(
+    ca: &Path,
+    client: Option<&PathPair>,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut config = client_config(ca, client)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr)
@@ -787,33 +851,20 @@ pub async fn https_get(
     token: Option<&str>,
     path: &str,
 ) -> Result<HttpsReply, String> {
+    https_get_ca(&pki.ca, addr, client, token, path).await
+}
+
+/// [`https_get`], verifying the collector with the CA certificate in `ca`.
+pub async fn https_get_ca(
+    ca: &Path,
+    addr: SocketAddr,
+    client: Option<&PathPair>,
+    token: Option<&str>,
+    path: &str,
+) -> Result<HttpsReply, String> {
     use http_body_util::BodyExt as _;
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&pki.ca).map_err(|e| e.to_string())? {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
-    let config = match client {
-        Some(pair) => {
-            let certs = CertificateDer::pem_file_iter(&pair.cert)
-                .map_err(|e| e.to_string())?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            let key = PrivateKeyDer::from_pem_file(&pair.key).map_err(|e| e.to_string())?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| e.to_string())?
-        }
-        None => builder.with_no_client_auth(),
-    };
+    use rustls::pki_types::ServerName;
+    let config = client_config(ca, client)?;
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr)
         .await

@@ -46,6 +46,26 @@ enum Side {
 /// directory prefix replaced by `state`. Panics when no TLS path was found (the test would
 /// prove nothing) or when an `/etc/sovereign` path is left over.
 fn localise(toml: &str, side: Side, pki: &Pki, state: &Path) -> String {
+    localise_with(toml, side, pki, state, &[])
+}
+
+/// [`localise`], with `"/etc/sovereign-config/NAME"` strings (files of the same ConfigMap)
+/// replaced by the paths given in `files`.
+fn localise_with(
+    toml: &str,
+    side: Side,
+    pki: &Pki,
+    state: &Path,
+    files: &[(&str, PathBuf)],
+) -> String {
+    let mut toml = toml.to_owned();
+    for (name, path) in files {
+        toml = toml.replace(
+            &format!("\"/etc/sovereign-config/{name}\""),
+            &format!("{:?}", path.display().to_string()),
+        );
+    }
+    let toml = toml.as_str();
     let (pair, state_prefix) = match side {
         Side::Agent => (pki.client(Role::Agent, "deploy-node"), "/var/lib/sov-agent"),
         Side::Collector => (pki.collector.clone(), "/var/lib/sov-collector"),
@@ -79,7 +99,7 @@ fn localise(toml: &str, side: Side, pki: &Pki, state: &Path) -> String {
         out.push_str(&line);
         out.push('\n');
     }
-    assert_eq!(replaced, 3, "expected ca, cert and key paths in:\n{toml}");
+    assert!(replaced >= 3, "expected ca, cert and key paths in:\n{toml}");
     assert!(
         !out.lines()
             .any(|l| !l.trim_start().starts_with('#') && l.contains("/etc/sovereign")),
@@ -90,11 +110,25 @@ fn localise(toml: &str, side: Side, pki: &Pki, state: &Path) -> String {
 
 /// Write `toml` (localised) to a temporary file and run the side's binary with `--check-config`.
 fn assert_passes_check(name: &str, toml: &str, side: Side) {
+    assert_passes_check_with(name, toml, side, &[]);
+}
+
+/// [`assert_passes_check`], with the ConfigMap's other files `(name, content)` written beside
+/// it and named by their paths.
+fn assert_passes_check_with(name: &str, toml: &str, side: Side, others: &[(&str, String)]) {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let cfg = dir.path().join("config.toml");
-    std::fs::write(&cfg, localise(toml, side, &pki, &state)).unwrap();
+    let files: Vec<(&str, PathBuf)> = others
+        .iter()
+        .map(|(n, content)| {
+            let p = dir.path().join(n);
+            std::fs::write(&p, content).unwrap();
+            (*n, p)
+        })
+        .collect();
+    std::fs::write(&cfg, localise_with(toml, side, &pki, &state, &files)).unwrap();
     let cfg = cfg.to_str().unwrap();
     let (bin, args) = match side {
         Side::Agent => ("e2e-agent", ["run", "--config", cfg, "--check-config"]),
@@ -153,15 +187,50 @@ fn the_kubernetes_configmaps_pass_check_config_with_real_certificates() {
     assert!(agent.contains("[tls]"), "{agent}");
     assert_passes_check("the agent ConfigMap", &agent, Side::Agent);
 
-    let collector = yaml_block(
-        &read("deploy/kubernetes/collector-deployment.yaml"),
-        "collector.toml",
-    );
+    let deployment = read("deploy/kubernetes/collector-deployment.yaml");
+    let collector = yaml_block(&deployment, "collector.toml");
     assert!(collector.contains("[tls]"), "{collector}");
-    assert_passes_check("the collector ConfigMap", &collector, Side::Collector);
+    // What a regulator and an operator need is in the ConfigMap: the console, a policy, an
+    // alert sink, enrollment for the DaemonSet, a revocation list.
+    for wanted in [
+        "[http]",
+        "listen = \"0.0.0.0:8443\"",
+        "policy = ",
+        "[[alert.",
+        "[enroll]",
+        "revoked = ",
+    ] {
+        assert!(
+            collector.contains(wanted),
+            "the collector ConfigMap lacks {wanted}"
+        );
+    }
+    let policy = yaml_block(&deployment, "policy.toml");
+    let revoked = yaml_block(&deployment, "revoked.txt");
+    assert_passes_check_with(
+        "the collector ConfigMap",
+        &collector,
+        Side::Collector,
+        &[("policy.toml", policy), ("revoked.txt", revoked)],
+    );
+    // 8443 wherever ports are listed.
+    let service = read("deploy/kubernetes/collector-service.yaml");
+    for port in ["port: 7443", "port: 8443"] {
+        assert!(service.contains(port), "the Service must expose {port}");
+    }
     assert!(
-        read("deploy/kubernetes/collector-service.yaml").contains("port: 7443"),
-        "the Service must expose the collector's port"
+        deployment.contains("containerPort: 8443"),
+        "the pod's ports"
+    );
+    assert!(
+        read("deploy/container/Containerfile.collector").contains("EXPOSE 7443/tcp 8443/tcp"),
+        "the image's ports"
+    );
+    let operator = read("docs/OPERATOR.md");
+    let firewall = operator.split("## Ports and firewall").nth(1).unwrap();
+    assert!(
+        firewall.contains("8443/tcp"),
+        "OPERATOR.md's firewall table"
     );
 }
 

@@ -52,6 +52,17 @@ enum Command {
     },
     /// All-in-one quickstart: a collector on embedded SQLite plus an agent for this host.
     Dev(crate::dev::DevArgs),
+    /// The process of `dev --demo` that holds the demo weights and sends them to the demo
+    /// destination (started by `dev`, not by people).
+    #[command(hide = true)]
+    DemoSender {
+        /// The demo weight file, held open while sending.
+        #[arg(long)]
+        weights: PathBuf,
+        /// The demo destination.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+    },
     /// Geolocation: where the collector places addresses, and which database said so.
     Geo {
         #[command(subcommand)]
@@ -143,6 +154,10 @@ pub fn main() -> ExitCode {
         Command::VerifyAudit { config } => verify::run(&config, verify::Chain::Audit),
         Command::Token { command } => token::run(command),
         Command::EnrollToken { command } => enroll_token::run(command),
+        Command::DemoSender { weights, to } => match crate::dev::demo::sender(&weights, to) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Dev(args) => {
             let rt = match runtime() {
                 Ok(rt) => rt,

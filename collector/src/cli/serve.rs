@@ -20,14 +20,13 @@ pub async fn serve(config: CollectorConfig) -> Result<(), anyhow::Error> {
 
 /// `serve`: load and check the configuration; with `check_config` stop there, else serve.
 pub(super) fn run(config: &Path, check_config: bool) -> ExitCode {
+    if check_config {
+        return check(config);
+    }
     let cfg = match CollectorConfig::load(config) {
         Ok(c) => c,
         Err(e) => return report_config_error(&e),
     };
-    if check_config {
-        println!("{}: configuration is valid", config.display());
-        return ExitCode::SUCCESS;
-    }
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -35,5 +34,50 @@ pub(super) fn run(config: &Path, check_config: bool) -> ExitCode {
     match rt.block_on(serve(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e.as_ref()),
+    }
+}
+
+/// `serve --check-config`: every problem of the file, then of its certificate files (dates,
+/// key, chain), at once; exit 64 when any. A collector certificate from another CA than
+/// `[tls] ca` (the clients' CA) is noted, not refused.
+fn check(config: &Path) -> ExitCode {
+    use sov_common::config::{ConfigError, Problems};
+    use sov_common::tls_diagnose::{CertFiles, Side, check_files};
+    let cfg: CollectorConfig = match sov_common::config::read_toml(config) {
+        Ok(c) => c,
+        Err(e) => return report_config_error(&e),
+    };
+    let mut problems = match CollectorConfig::load(config) {
+        Ok(_) => Problems::default(),
+        Err(ConfigError::Invalid(p)) => p,
+        Err(e) => return report_config_error(&e),
+    };
+    let mut notes = Vec::new();
+    let t = &cfg.tls;
+    if [&t.ca, &t.cert, &t.key]
+        .iter()
+        .all(|p| std::fs::File::open(p).is_ok())
+    {
+        check_files(
+            &mut problems,
+            Some(&mut notes),
+            "tls",
+            CertFiles {
+                ca: &t.ca,
+                cert: &t.cert,
+                key: &t.key,
+            },
+            Side::Server,
+            rustls::pki_types::UnixTime::now(),
+        );
+    }
+    for n in &notes {
+        eprintln!("sov-collector: note: {n}");
+    }
+    if problems.is_empty() {
+        println!("{}: configuration is valid", config.display());
+        ExitCode::SUCCESS
+    } else {
+        report_config_error(&ConfigError::Invalid(problems))
     }
 }

@@ -9,11 +9,17 @@
 //! |---|---|---|
 //! | `GET /api/v1/nodes` | `ListNodes` | `limit`, `after` |
 //! | `GET /api/v1/models` | `ListModels` | `q`, `limit`, `after` |
+//! | `GET /api/v1/bom` | — (`sovctl bom` builds the same from `ListModels`) | `q` |
+//! | `GET /api/v1/breach` | — (the console's breach page) | `id` |
+//! | `GET /api/v1/series` | — (the console's charts) | `since`, `until`, `jurisdiction`, `buckets` |
 //! | `GET /api/v1/egress` | `Egress` | `since`, `until`, `by`, `limit` |
 //! | `GET /api/v1/breaches` | `ListBreaches` | `state`, `rule`, `node`, `min_severity`, `since`, `limit` |
 //! | `GET /api/v1/audit` | `ListAudit` | `after_seq`, `limit` |
 //! | `GET /api/v1/scorecard` | `Scorecard` | `since`, `until`, `jurisdiction` |
 //! | `GET /api/v1/report` | `ExportReport` | `since`, `until`, `jurisdiction`, `format` (`json`, `html`) |
+//!
+//! Static assets: `/` (the console), `/assets/geo/countries-110m.json` and
+//! `/assets/geo/iso3166.csv` (country shapes and codes for its map), `/api/v1/openapi.json`.
 //!
 //! Times (`since`, `until`) are a duration back from now (`90m`, `24h`, `7d`) or Unix
 //! milliseconds. Unknown parameters are refused. Errors are JSON `{"error", "code"}` with
@@ -64,6 +70,21 @@ const MAX_QUERY_LEN: usize = 2048;
 
 /// The web page (one self-contained file: no external assets).
 const INDEX_HTML: &str = include_str!("web/index.html");
+/// Country shapes for the console's world map (Natural Earth 1:110m as TopoJSON, public
+/// domain; see `collector/assets/geo/README.md`) and the ISO 3166 numeric → alpha-2 table.
+/// Served without credentials: they hold no data.
+pub const ASSETS: [(&str, &str, &str); 2] = [
+    (
+        "/assets/geo/countries-110m.json",
+        "application/json",
+        include_str!("../../assets/geo/countries-110m.json"),
+    ),
+    (
+        "/assets/geo/iso3166.csv",
+        "text/csv; charset=utf-8",
+        include_str!("../../assets/geo/iso3166.csv"),
+    ),
+];
 /// The OpenAPI description of this API.
 pub const OPENAPI_JSON: &str = include_str!("../../../docs/openapi.json");
 
@@ -146,7 +167,7 @@ pub async fn serve(
             {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(err)) => {
-                    tracing::debug!(peer.addr = %addr, error = %err, "https handshake failed");
+                    sov_common::tls_diagnose::log_refused_handshake("https", addr, &err);
                     return;
                 }
                 Err(_) => return,
@@ -252,6 +273,14 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
         "/api/v1/openapi.json" => return respond(StatusCode::OK, "application/json", OPENAPI_JSON),
         _ => {}
     }
+    if let Some((_, content_type, body)) = ASSETS.iter().find(|(p, _, _)| *p == path) {
+        let mut resp = respond(StatusCode::OK, content_type, *body);
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=86400"),
+        );
+        return resp;
+    }
     let Some(route) = path.strip_prefix("/api/v1/") else {
         return error_response(&ApiError::not_found(format!("no page {path}")));
     };
@@ -282,9 +311,12 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
 }
 
 /// The API routes under `/api/v1/`.
-pub const ROUTES: [&str; 8] = [
+pub const ROUTES: [&str; 11] = [
     "nodes",
     "models",
+    "bom",
+    "series",
+    "breach",
     "egress",
     "breaches",
     "audit",
@@ -502,7 +534,13 @@ async fn answer(
                 )
                 .await?;
             Ok(json!({
-                "models": r.models.iter().map(model_json).collect::<Vec<_>>(),
+                "models": r.models.iter().map(|m| {
+                    let mut v = model_json(m);
+                    if let Some(class) = query.model_class(m) {
+                        v["class"] = json!(class);
+                    }
+                    v
+                }).collect::<Vec<_>>(),
                 "next_after": r.next_after,
             }))
         }
@@ -600,6 +638,34 @@ async fn answer(
                 .await?;
             serde_json::from_str(&r.scorecard_json)
                 .map_err(|e| ApiError::internal(format!("scorecard: {e}")))
+        }
+        "series" => {
+            p.only(&["since", "until", "jurisdiction", "buckets"])?;
+            let since = match p.time("since", now)? {
+                0 => now.saturating_sub(86_400_000),
+                t => t,
+            };
+            let r = query
+                .series_as(
+                    caller,
+                    since,
+                    p.time("until", now)?,
+                    p.get("jurisdiction").unwrap_or(""),
+                    p.number("buckets")?,
+                )
+                .await?;
+            Ok(r.value)
+        }
+        "breach" => {
+            p.only(&["id"])?;
+            Ok(query
+                .breach_as(caller, p.get("id").unwrap_or(""))
+                .await?
+                .value)
+        }
+        "bom" => {
+            p.only(&["q"])?;
+            Ok(query.bom_as(caller, p.get("q").unwrap_or("")).await?.value)
         }
         other => Err(ApiError::not_found(format!("no route /api/v1/{other}"))),
     }

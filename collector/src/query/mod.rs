@@ -23,6 +23,7 @@ use sov_evidence::audit::AuditEntry;
 
 pub mod http;
 pub mod scorecard;
+pub mod series;
 
 /// Page size when a request asks for none.
 pub const DEFAULT_PAGE: u32 = 100;
@@ -64,6 +65,21 @@ pub struct Caller {
 pub trait RowCount {
     /// Rows in the answer.
     fn row_count(&self) -> u64;
+}
+
+/// An answer built here as JSON, with its row count.
+#[derive(Debug, Clone)]
+pub struct JsonAnswer {
+    /// The answer.
+    pub value: Value,
+    /// Rows it holds (for the audit record).
+    pub rows: u64,
+}
+
+impl RowCount for JsonAnswer {
+    fn row_count(&self) -> u64 {
+        self.rows
+    }
 }
 
 impl RowCount for pb::GetPolicyResponse {
@@ -642,6 +658,187 @@ impl QueryService {
         Ok(pb::ExportReportResponse { signed_json })
     }
 
+    /// The console's time series of `[since, until)` in `buckets` buckets (HTTPS only:
+    /// `GET /api/v1/series`), for `caller`; audited as one query, `Series`.
+    pub async fn series_as(
+        &self,
+        caller: &Caller,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        jurisdiction: &str,
+        buckets: u32,
+    ) -> Result<JsonAnswer, ApiError> {
+        Self::allow(caller, "Series")?;
+        let params = json!({
+            "since_unix_ms": since_unix_ms,
+            "until_unix_ms": until_unix_ms,
+            "jurisdiction": jurisdiction,
+            "buckets": buckets,
+        });
+        let result = async {
+            if buckets > series::MAX_BUCKETS {
+                return Err(ApiError::invalid_argument(format!(
+                    "buckets {buckets} is over {}",
+                    series::MAX_BUCKETS
+                )));
+            }
+            let until = time_range(since_unix_ms, until_unix_ms)?;
+            let policy = self.policy_or(jurisdiction)?;
+            let buckets = if buckets == 0 {
+                series::DEFAULT_BUCKETS
+            } else {
+                buckets
+            };
+            let value = series::series(self.store.as_ref(), &policy, since_unix_ms, until, buckets)
+                .await
+                .map_err(store_unavailable)?;
+            let rows = value["buckets"].as_array().map_or(0, |b| b.len() as u64);
+            Ok(JsonAnswer { value, rows })
+        }
+        .await;
+        self.audited(caller, "Series", params, result).await
+    }
+
+    /// The observed model inventory (models matching `query`, every one when empty) as a
+    /// CycloneDX 1.6 AI bill of materials (HTTPS: `GET /api/v1/bom`), for `caller`; audited
+    /// as one query, `Bom`.
+    pub async fn bom_as(&self, caller: &Caller, query: &str) -> Result<JsonAnswer, ApiError> {
+        Self::allow(caller, "Bom")?;
+        let result = async {
+            let mut models = Vec::new();
+            let mut after = String::new();
+            loop {
+                let mut page = self
+                    .store
+                    .list_models(query, &after, self.max_page)
+                    .await
+                    .map_err(store_unavailable)?;
+                let full = page.len() >= self.max_page as usize;
+                after = page.last().map(|m| m.key.clone()).unwrap_or_default();
+                models.append(&mut page);
+                if !full || after.is_empty() || models.len() >= scorecard::MAX_ROWS as usize {
+                    break;
+                }
+            }
+            let rows = models.len() as u64;
+            let value = sov_evidence::bom::cyclonedx(
+                &models,
+                sov_common::clock::now_unix_ms(),
+                "sov-collector",
+                env!("CARGO_PKG_VERSION"),
+            );
+            Ok(JsonAnswer { value, rows })
+        }
+        .await;
+        self.audited(caller, "Bom", json!({"query": query}), result)
+            .await
+    }
+
+    /// One breach with every breach-log record of it, each with its position in the chain,
+    /// and whether the chain up to the last of them verifies (HTTPS: `GET /api/v1/breach`),
+    /// for `caller`; audited as one query, `GetBreach`. The log is read from its start, at
+    /// most [`MAX_REPORT_ROWS`] records.
+    pub async fn breach_as(
+        &self,
+        caller: &Caller,
+        breach_id: &str,
+    ) -> Result<JsonAnswer, ApiError> {
+        Self::allow(caller, "GetBreach")?;
+        let result = async {
+            if breach_id.is_empty() || breach_id.len() > 64 {
+                return Err(ApiError::invalid_argument(
+                    "id must be a breach id (32 hex digits)",
+                ));
+            }
+            let breaches = self
+                .store
+                .list_breaches(crate::breach::BreachFilter {
+                    limit: MAX_REPORT_ROWS,
+                    ..Default::default()
+                })
+                .await
+                .map_err(store_unavailable)?;
+            let breach = breaches
+                .into_iter()
+                .find(|b| b.breach_id == breach_id)
+                .ok_or_else(|| ApiError::not_found(format!("no breach {breach_id}")))?;
+            let mut verifier = sov_evidence::chain::ChainVerifier::new();
+            let mut records = Vec::new();
+            let mut chain_error = None;
+            let mut after = 0u64;
+            let mut read = 0u32;
+            'pages: while read < MAX_REPORT_ROWS {
+                let page = self
+                    .store
+                    .breach_log(after, 1000)
+                    .await
+                    .map_err(store_unavailable)?;
+                if page.is_empty() {
+                    break;
+                }
+                for r in &page {
+                    read += 1;
+                    after = r.seq;
+                    if chain_error.is_none()
+                        && let Err(e) = verifier.push(r)
+                    {
+                        chain_error = Some(format!("record {}: {e}", r.seq));
+                    }
+                    if r.breach_id == breach_id {
+                        records.push(sov_evidence::report::log_record_json(r));
+                    }
+                    if read >= MAX_REPORT_ROWS {
+                        break 'pages;
+                    }
+                }
+            }
+            let summary = pb::BreachSummary::from(breach);
+            let rows = records.len() as u64 + 1;
+            Ok(JsonAnswer {
+                value: json!({
+                    "breach": sov_evidence::view::breach_json(&summary),
+                    "records": records,
+                    "chain": {
+                        "records_checked": verifier.checked(),
+                        "last_hash": verifier.last_hash(),
+                        "verified": chain_error.is_none(),
+                        "error": chain_error,
+                    },
+                    "exported_at": sov_evidence::view::rfc3339(sov_common::clock::now_unix_ms()),
+                }),
+                rows,
+            })
+        }
+        .await;
+        self.audited(caller, "GetBreach", json!({"breach_id": breach_id}), result)
+            .await
+    }
+
+    /// The class the policy in force gives a model ("restricted", "public", "unclassified"),
+    /// or `None` without a policy file.
+    pub fn model_class(&self, m: &pb::ModelSummary) -> Option<&'static str> {
+        let policy = self.policy.as_ref()?.current();
+        let (class, _) = policy.model_class(&crate::policy::ModelFacts {
+            model: &m.model,
+            sha256: &m.sha256,
+            publisher: &m.publisher,
+        });
+        Some(class.as_str())
+    }
+
+    /// The policy in force, or one for `jurisdiction` when the collector has no policy file.
+    fn policy_or(&self, jurisdiction: &str) -> Result<Arc<crate::policy::Policy>, ApiError> {
+        match &self.policy {
+            Some(w) => Ok(w.current()),
+            None => Ok(Arc::new(scorecard::policy_for(jurisdiction).ok_or_else(|| {
+                ApiError::failed_precondition(format!(
+                    "the collector has no policy file, so this question needs a jurisdiction \
+                     (jurisdiction=MA on HTTPS, --jurisdiction MA with sovctl); got {jurisdiction:?}"
+                ))
+            })?)),
+        }
+    }
+
     /// The scorecard as JSON (not audited: callers audit).
     pub async fn scorecard_value(
         &self,
@@ -650,15 +847,7 @@ impl QueryService {
         jurisdiction: &str,
     ) -> Result<Value, ApiError> {
         let until = time_range(since_unix_ms, until_unix_ms)?;
-        let policy = match &self.policy {
-            Some(w) => w.current(),
-            None => Arc::new(scorecard::policy_for(jurisdiction).ok_or_else(|| {
-                ApiError::failed_precondition(format!(
-                    "the collector has no policy file, so the scorecard needs a jurisdiction \
-                     (two capital letters, e.g. MA); got {jurisdiction:?}"
-                ))
-            })?),
-        };
+        let policy = self.policy_or(jurisdiction)?;
         let inputs = scorecard::read_inputs(self.store.as_ref(), since_unix_ms, until)
             .await
             .map_err(store_unavailable)?;

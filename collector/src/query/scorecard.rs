@@ -106,7 +106,8 @@ pub async fn read_inputs(
 
 /// Round to 4 decimals (hours and shares print without float noise).
 fn round4(x: f64) -> f64 {
-    (x * 10_000.0).round() / 10_000.0
+    // `+ 0.0` turns -0.0 (the sum of no f64 at all) into 0.0: "-0.0 GPU-hours" is no answer.
+    (x * 10_000.0).round() / 10_000.0 + 0.0
 }
 
 /// A fraction, 0 when the whole is 0.
@@ -382,4 +383,16 @@ pub fn policy_for(jurisdiction: &str) -> Option<Policy> {
         return None;
     }
     Policy::parse(&format!("jurisdiction = \"{jurisdiction}\"\n"), "request").ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_gpu_hours_at_all_is_zero_not_minus_zero() {
+        let none: f64 = std::iter::empty::<f64>().sum();
+        assert_eq!(round4(none).to_string(), "0");
+        assert_eq!(json!(round4(none)).to_string(), "0.0");
+    }
 }

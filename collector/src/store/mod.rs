@@ -72,6 +72,15 @@ macro_rules! store_by_concern {
                 queries::gpu_usage(self, since_unix_ms, until_unix_ms, limit).await
             }
 
+            async fn reports_by_node(
+                &self,
+                since_unix_ms: i64,
+                until_unix_ms: i64,
+                limit: u32,
+            ) -> Result<Vec<(String, u64)>, $crate::store::StoreError> {
+                queries::reports_by_node(self, since_unix_ms, until_unix_ms, limit).await
+            }
+
             async fn insert_token(
                 &self,
                 token: $crate::store::TokenRecord,
@@ -787,6 +796,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         until_unix_ms: i64,
         limit: u32,
     ) -> Result<Vec<GpuUsageRow>, StoreError>;
+
+    /// Reports observed in `[since_unix_ms, until_unix_ms)`, counted per node, by node name,
+    /// at most `limit` nodes (the console's "reports per node" chart).
+    async fn reports_by_node(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Store a new API token (its hash, never the token).
     async fn insert_token(&self, token: TokenRecord) -> Result<(), StoreError>;

@@ -81,6 +81,7 @@ macro_rules! store_suite {
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
             gpu_seconds_are_summed_per_process_within_the_range,
+            reports_are_counted_per_node_within_the_range,
             missing_ranges_name_every_hole_of_an_epoch,
             tokens_are_listed_and_a_deleted_token_is_gone,
             reports_pushed_together_are_each_stored_once_whatever_batch_they_share,
@@ -1725,6 +1726,31 @@ pub(crate) async fn tokens_are_found_by_their_hash_only(db: &dyn Backend) {
         ))
         .await,
         0
+    );
+}
+
+pub(crate) async fn reports_are_counted_per_node_within_the_range(db: &dyn Backend) {
+    let store = db.store();
+    // Node a at 1, 2, 3 s; node b at 2 s; a resend of a's 2 s report counts once.
+    for (node, seq) in [("a", 1), ("a", 2), ("a", 3), ("b", 2), ("a", 2)] {
+        store.ingest(report(node, 1, seq)).await.unwrap();
+    }
+    assert_eq!(
+        store.reports_by_node(0, 10_000, 100).await.unwrap(),
+        vec![("a".to_owned(), 3), ("b".to_owned(), 1)]
+    );
+    // [2 s, 3 s): one report of each.
+    assert_eq!(
+        store.reports_by_node(2000, 3000, 100).await.unwrap(),
+        vec![("a".to_owned(), 1), ("b".to_owned(), 1)]
+    );
+    assert_eq!(store.reports_by_node(0, 10_000, 1).await.unwrap().len(), 1);
+    assert!(
+        store
+            .reports_by_node(5000, 9000, 100)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

@@ -86,6 +86,31 @@ pub(super) async fn gpu_usage(
     rows.iter().map(rows::gpu_usage).collect()
 }
 
+pub(super) async fn reports_by_node(
+    store: &PostgresStore,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+    limit: u32,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let client = store.reader().await?;
+    let rows = client
+        .query(
+            "SELECT node, COUNT(*) FROM reports
+             WHERE observed_ms >= $1 AND observed_ms < $2
+             GROUP BY node ORDER BY node COLLATE \"C\" LIMIT $3",
+            &[&since_unix_ms, &until_unix_ms, &i64::from(limit)],
+        )
+        .await
+        .map_err(pg("reports by node"))?;
+    rows.iter()
+        .map(|r| {
+            let node: String = r.try_get(0).map_err(pg("reports by node"))?;
+            let n: i64 = r.try_get(1).map_err(pg("reports by node"))?;
+            Ok((node, u64::try_from(n).unwrap_or(0)))
+        })
+        .collect()
+}
+
 pub(super) async fn list_nodes(
     store: &PostgresStore,
     after: &str,

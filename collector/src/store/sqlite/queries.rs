@@ -188,6 +188,37 @@ pub(super) async fn gpu_usage(
     .map_err(|e| StoreError::Task(e.to_string()))?
 }
 
+pub(super) async fn reports_by_node(
+    store: &SqliteStore,
+    since_unix_ms: i64,
+    until_unix_ms: i64,
+    limit: u32,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let reader = store.reader.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = lock(&reader);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT node, COUNT(*) FROM reports
+                 WHERE observed_ms >= ?1 AND observed_ms < ?2
+                 GROUP BY node ORDER BY node LIMIT ?3",
+            )
+            .map_err(sql("prepare reports by node"))?;
+        let mut rows = stmt
+            .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])
+            .map_err(sql("reports by node"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql("reports by node"))? {
+            let node: String = row.get(0).map_err(sql("reports by node"))?;
+            let n: i64 = row.get(1).map_err(sql("reports by node"))?;
+            out.push((node, u64::try_from(n).unwrap_or(0)));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
 pub(super) async fn list_nodes(
     store: &SqliteStore,
     after: &str,
