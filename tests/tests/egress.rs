@@ -77,12 +77,14 @@ async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and
                 country: "FR".into(),
                 asn: Some(64_500),
                 org: Some("Test Transit".into()),
+                operator_country: None,
             },
             GeoOverride {
                 cidr: v6_cidr.clone(),
                 country: "DE".into(),
                 asn: None,
                 org: None,
+                operator_country: None,
             },
         ];
     })
