@@ -155,6 +155,7 @@ async fn every_view_of_the_web_page_shows_its_content_in_chromium_without_consol
             country: "US".into(),
             asn: Some(64500),
             org: Some("Example Cloud".into()),
+            operator_country: None,
         }];
         c.http.listen = Some(format!("127.0.0.1:{http_port}").parse().unwrap());
     })

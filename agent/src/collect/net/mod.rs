@@ -58,6 +58,9 @@
 //!   namespace, the flow is still listed with its destination and process but without bytes
 //!   (`UNMEASURED`), and the agent logs once per namespace how to turn accounting on. An entry
 //!   reused by a later socket with the same addresses and ports carries the earlier bytes too.
+//!   A UDP socket closed between two samples loses its bytes since the last sample (its destroy
+//!   event carries no UDP counter, and the entry is not read again): that interval's flow is
+//!   listed unmeasured.
 //!   Unconnected UDP sockets (`sendto` to many peers) have no remote endpoint in sock_diag and
 //!   appear in no flow.
 //! - **A sample that falls back** to `/proc/net` (a netlink dump failed) restarts the baseline
