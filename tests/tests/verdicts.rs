@@ -610,10 +610,46 @@ async fn udp_from_a_namespace_without_accounting_is_listed_unmeasured_and_the_ag
     assert_eq!((row.bytes_sent, row.conntrack_bytes), (0, 0), "{row:?}");
     assert!(sov_evidence::view::measured_text(&row).ends_with("unmeasured"));
     let text = std::fs::read_to_string(&log).unwrap();
+    let command = text
+        .lines()
+        .filter(|l| l.contains("accounting is off"))
+        .find_map(|l| {
+            l.split_once("Enable it with `")
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(c, _)| c.to_owned())
+        })
+        .unwrap_or_else(|| panic!("the agent's log says how to enable accounting:\n{text}"));
     assert!(
-        text.contains("accounting is off")
-            && text.contains("sysctl -w net.netfilter.nf_conntrack_acct=1"),
-        "the agent's log says how to enable accounting:\n{text}"
+        command.ends_with("sysctl -w net.netfilter.nf_conntrack_acct=1"),
+        "{command}"
     );
+    // The remedy, run exactly as the log words it, works: a new connection is measured.
+    let out = Command::new("sh").args(["-c", &command]).output().unwrap();
+    assert!(out.status.success(), "{command}: {out:?}");
+    let (_sink2, port2) = udp_sink(&pair.server, &pair.server_ip);
+    let to: SocketAddr = format!("{}:{port2}", pair.server_ip).parse().unwrap();
+    let mut second = UdpClient::connect(&pair.client, to);
+    let _second = tokio::task::spawn_blocking(move || {
+        second.send();
+        second
+    })
+    .await
+    .unwrap();
+    let want = UDP_BYTES as u64;
+    eventually(
+        Duration::from_secs(60),
+        "the second connection's UDP bytes, measured by conntrack",
+        || async {
+            egress(&url, &pki, "destination")
+                .await
+                .into_iter()
+                .find(|r| {
+                    r.remote_address == pair.server_ip
+                        && r.remote_port == u32::from(port2)
+                        && r.conntrack_bytes >= want * 98 / 100
+                })
+        },
+    )
+    .await;
     collector.stop().await;
 }
