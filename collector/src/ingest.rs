@@ -234,25 +234,32 @@ pub fn verdict_columns(
             ..VerdictColumns::default()
         };
     }
+    /// One stored answer (the protobuf `GeoAnswer`'s fields).
+    #[derive(serde::Serialize)]
+    struct Stored<'a> {
+        source: &'a str,
+        country: &'a str,
+        kind: &'static str,
+        impossible: bool,
+        distance_km: u32,
+    }
     let checks = geo.physics().judge(v, place, min_rtt_us);
     let km = |d: f64| d.round().clamp(0.0, f64::from(u32::MAX)) as u32;
-    let answers: Vec<serde_json::Value> = v
+    let answers: Vec<Stored<'_>> = v
         .answers
         .iter()
         .zip(&checks)
-        .map(|(a, c)| {
-            serde_json::json!({
-                "source": a.source,
-                "country": a.country,
-                "kind": a.kind.as_str(),
-                "impossible": c.is_some_and(|c| c.impossible),
-                "distance_km": c.map_or(0, |c| km(c.distance_km)),
-            })
+        .map(|(a, c)| Stored {
+            source: &a.source,
+            country: &a.country,
+            kind: a.kind.as_str(),
+            impossible: c.is_some_and(|c| c.impossible),
+            distance_km: c.map_or(0, |c| km(c.distance_km)),
         })
         .collect();
     let first = checks.first().copied().flatten();
     VerdictColumns {
-        answers_json: serde_json::Value::Array(answers).to_string(),
+        answers_json: serde_json::to_string(&answers).unwrap_or_default(),
         contested: v.contested,
         operator_country: v.operator_country.clone(),
         physics: match first {

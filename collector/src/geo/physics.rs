@@ -46,18 +46,24 @@ pub enum Place {
     Country(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A cache key that costs no allocation: coordinates' bits, or a two-letter code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum PlaceKey {
     Point(u64, u64),
-    Country(String),
+    Country([u8; 2]),
+}
+
+/// A two-letter code as bytes; `None` for anything else (no geometry has such a key).
+fn code(country: &str) -> Option<[u8; 2]> {
+    country.as_bytes().try_into().ok()
 }
 
 impl Place {
-    fn key(&self) -> PlaceKey {
-        match self {
+    fn key(&self) -> Option<PlaceKey> {
+        Some(match self {
             Place::Point { lat, lon } => PlaceKey::Point(lat.to_bits(), lon.to_bits()),
-            Place::Country(c) => PlaceKey::Country(c.clone()),
-        }
+            Place::Country(c) => PlaceKey::Country(code(c)?),
+        })
     }
 }
 
@@ -80,14 +86,14 @@ pub fn limit_km(min_rtt_us: u32) -> f64 {
 /// Distances from sites to countries over the shipped geometry, cached.
 #[derive(Debug, Default)]
 pub struct Physics {
-    cache: Mutex<HashMap<(PlaceKey, String), Option<f64>>>,
+    cache: Mutex<HashMap<(PlaceKey, [u8; 2]), Option<f64>>>,
 }
 
 impl Physics {
     /// Distance from `from` to the nearest point of `country`, km; `None` when either
     /// country has no geometry (e.g. a code the map does not draw).
     pub fn distance_km(&self, from: &Place, country: &str) -> Option<f64> {
-        let key = (from.key(), country.to_owned());
+        let key = (from.key()?, code(country)?);
         if let Some(d) = self
             .cache
             .lock()
