@@ -15,9 +15,12 @@ pub const DEFAULT_CACHE_ENTRIES: usize = 65_536;
 /// Number of shards (a power of two).
 const SHARDS: usize = 16;
 
+/// One shard: verdicts by normalised address.
+type Shard = Mutex<HashMap<IpAddr, Arc<Verdict>>>;
+
 /// Verdicts by normalised address.
 pub struct Cache {
-    shards: Box<[Mutex<HashMap<IpAddr, Arc<Verdict>>>]>,
+    shards: Box<[Shard]>,
     per_shard: usize,
 }
 
@@ -40,7 +43,7 @@ impl Cache {
         }
     }
 
-    fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, Arc<Verdict>>> {
+    fn shard(&self, ip: &IpAddr) -> &Shard {
         // Fibonacci hashing of the address bits; the map itself keeps SipHash.
         let bits = match ip {
             IpAddr::V4(v4) => u64::from(v4.to_bits()),

@@ -83,10 +83,13 @@ pub fn limit_km(min_rtt_us: u32) -> f64 {
     f64::from(min_rtt_us) / 1000.0 * KM_PER_RTT_MS * MARGIN_FACTOR + MARGIN_KM
 }
 
+/// Distances by (site, country); `None`: no geometry for one of them.
+type Distances = HashMap<(PlaceKey, [u8; 2]), Option<f64>>;
+
 /// Distances from sites to countries over the shipped geometry, cached.
 #[derive(Debug, Default)]
 pub struct Physics {
-    cache: Mutex<HashMap<(PlaceKey, [u8; 2]), Option<f64>>>,
+    cache: Mutex<Distances>,
 }
 
 impl Physics {
