@@ -24,14 +24,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sov_collector::auth::Role;
 use sov_collector::config::GeoOverride;
 use sov_collector::geo::{Geo, GeoConfig, embedded};
 use sov_collector::policy::{Counted, Policy};
 use sov_e2e::netns::{Linked, Netns, sink};
 use sov_e2e::{
     AgentProcess, InProcessCollector, KillOnDrop, Pki, agent_config, agent_stall, await_last_seq,
-    eventually, write_agent_toml,
+    breach_list, egress_rows, eventually, write_agent_toml,
 };
 use sov_proto::pb;
 
@@ -149,35 +148,6 @@ fn an_address_the_npm_database_and_the_embedded_table_place_differently_is_conte
     );
 }
 
-async fn egress(url: &str, pki: &Pki, by: &str) -> Vec<pb::EgressRow> {
-    let tls = pki.client_tls(Role::Regulator, "alice");
-    let mut q = pb::query_client::QueryClient::new(tls.connect(url).await.unwrap());
-    let now = sov_common::clock::now_unix_ms();
-    q.egress(pb::EgressRequest {
-        since_unix_ms: now - 3_600_000,
-        until_unix_ms: 0,
-        by: by.into(),
-        limit: 1000,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .rows
-}
-
-async fn breaches(url: &str, pki: &Pki) -> Vec<pb::BreachSummary> {
-    let tls = pki.client_tls(Role::Regulator, "alice");
-    let mut q = pb::query_client::QueryClient::new(tls.connect(url).await.unwrap());
-    q.list_breaches(pb::ListBreachesRequest {
-        limit: 1000,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .breaches
-}
-
 const PHYSICS_POLICY: &str = r#"
 jurisdiction = "MA"
 
@@ -267,14 +237,14 @@ async fn a_host_placed_in_france_at_a_sub_millisecond_rtt_from_rabat_is_physical
         Duration::from_secs(60),
         "an impossible-verdict breach for France",
         || async {
-            breaches(&url, &pki)
+            breach_list(&pki, &url)
                 .await
                 .into_iter()
                 .find(|b| b.rule == "impossible-verdict" && b.subject == "review:country:FR")
         },
     )
     .await;
-    let all = breaches(&url, &pki).await;
+    let all = breach_list(&pki, &url).await;
     assert!(
         !all.iter().any(|b| b.rule == "foreign-egress"),
         "no foreign-egress breach for a physically impossible verdict: {all:?}"
@@ -295,7 +265,7 @@ async fn a_host_placed_in_france_at_a_sub_millisecond_rtt_from_rabat_is_physical
     assert_eq!(d["answers"][0]["country"], "FR");
     assert_eq!(d["answers"][0]["impossible"], true);
     // sovctl's egress view shows the answers side by side.
-    let rows = egress(&url, &pki, "destination").await;
+    let rows = egress_rows(&pki, &url, "destination").await;
     let row = rows.iter().find(|r| r.remote_address == feed_host).unwrap();
     let shown = sov_evidence::view::egress_json(row, sov_evidence::view::EgressBy::Destination);
     assert!(
@@ -319,7 +289,7 @@ async fn a_host_placed_in_france_at_a_sub_millisecond_rtt_from_rabat_is_physical
         Duration::from_secs(60),
         "a foreign-egress breach for France",
         || async {
-            breaches(&url, &pki)
+            breach_list(&pki, &url)
                 .await
                 .into_iter()
                 .find(|b| b.rule == "foreign-egress" && b.subject == "country:FR")
@@ -496,66 +466,92 @@ fn tracked_pair(test: &str, tag: u32, accounting: bool) -> Option<Linked> {
     Some(pair)
 }
 
-/// Start a collector and an agent process (1 s samples) that has seen the client's
-/// connected UDP socket (two reports after it connected); returns them with the agent's log.
-async fn collector_and_agent(
-    pki: &Pki,
-    dir: &Path,
-    node: &str,
-) -> (InProcessCollector, AgentProcess, PathBuf) {
-    let collector = InProcessCollector::start(pki, dir, |_| {}).await;
-    let url = collector.url();
-    let cfg = agent_config(pki, node, vec![url.clone()], &dir.join("spool"));
-    let config = dir.join("agent.toml");
-    write_agent_toml(&cfg, &config);
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("\n[net]\ninterval_secs = 1\n");
-    std::fs::write(&config, text).unwrap();
-    let log = dir.join("agent.log");
-    let agent = AgentProcess::start(&config, &log);
-    await_last_seq(pki, &url, node, 3, agent_stall(&cfg)).await;
-    (collector, agent, log)
+/// A UDP client in a tracked namespace that has sent its bytes, a collector, and an agent
+/// process (1 s samples) that saw the client's socket before it sent.
+struct UdpScene {
+    pair: Linked,
+    pki: Pki,
+    collector: InProcessCollector,
+    url: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+    _kept: Vec<KillOnDrop>,
+    _agent: AgentProcess,
+    /// Still connected, as a QUIC connection stays (a UDP socket closed between two samples
+    /// loses its bytes since the last one: see the agent's net docs).
+    _client: UdpClient,
+}
+
+impl UdpScene {
+    /// `None` (after saying why) where the machine cannot.
+    async fn start(test: &str, tag: u32, accounting: bool, node: &str) -> Option<UdpScene> {
+        let pair = tracked_pair(test, tag, accounting)?;
+        let (sink, port) = udp_sink(&pair.server, &pair.server_ip);
+        let to: SocketAddr = format!("{}:{port}", pair.server_ip).parse().unwrap();
+        let mut client = UdpClient::connect(&pair.client, to);
+        let pki = Pki::new();
+        let dir = tempfile::tempdir().unwrap();
+        let collector = InProcessCollector::start(&pki, dir.path(), |_| {}).await;
+        let url = collector.url();
+        let cfg = agent_config(&pki, node, vec![url.clone()], &dir.path().join("spool"));
+        let config = dir.path().join("agent.toml");
+        write_agent_toml(&cfg, &config);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str("\n[net]\ninterval_secs = 1\n");
+        std::fs::write(&config, text).unwrap();
+        let log = dir.path().join("agent.log");
+        let agent = AgentProcess::start(&config, &log);
+        await_last_seq(&pki, &url, node, 3, agent_stall(&cfg)).await;
+        let client = tokio::task::spawn_blocking(move || {
+            client.send();
+            client
+        })
+        .await
+        .unwrap();
+        Some(UdpScene {
+            pair,
+            pki,
+            collector,
+            url,
+            log,
+            _dir: dir,
+            _kept: vec![sink],
+            _agent: agent,
+            _client: client,
+        })
+    }
+
+    /// The first destination row for the server that `pick` accepts, within 60 s (the rows
+    /// and the agent's log in the failure).
+    async fn row(&self, pick: impl Fn(&pb::EgressRow) -> bool) -> pb::EgressRow {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let rows = egress_rows(&self.pki, &self.url, "destination").await;
+            if let Some(r) = rows
+                .iter()
+                .find(|r| r.remote_address == self.pair.server_ip && pick(r))
+            {
+                return r.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no such row at the collector: {rows:?}\nagent log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_megabytes_of_udp_from_a_namespace_with_conntrack_accounting_reach_the_collector_marked_conntrack()
  {
     let test = "verdicts::five_megabytes_of_udp_from_a_namespace_with_conntrack_accounting";
-    let Some(pair) = tracked_pair(test, 61, true) else {
+    let Some(scene) = UdpScene::start(test, 61, true, "node-udp").await else {
         return;
     };
-    let (_sink, port) = udp_sink(&pair.server, &pair.server_ip);
-    let to: SocketAddr = format!("{}:{port}", pair.server_ip).parse().unwrap();
-    let mut client = UdpClient::connect(&pair.client, to);
-    let pki = Pki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (collector, _agent, log) = collector_and_agent(&pki, dir.path(), "node-udp").await;
-    let url = collector.url();
-    // The client keeps its socket open afterwards, as a QUIC connection does (a UDP socket
-    // closed between two samples loses its bytes since the last one: see agent net docs).
-    let _client = tokio::task::spawn_blocking(move || {
-        client.send();
-        client
-    })
-    .await
-    .unwrap();
     let want = UDP_BYTES as u64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let row = loop {
-        let rows = egress(&url, &pki, "destination").await;
-        if let Some(r) = rows
-            .iter()
-            .find(|r| r.remote_address == pair.server_ip && r.bytes_sent >= want * 98 / 100)
-        {
-            break r.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the UDP bytes never reached the collector: {rows:?}\nagent log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let row = scene.row(|r| r.bytes_sent >= want * 98 / 100).await;
     eprintln!(
         "UDP: {} bytes sent measured by conntrack for {want} sent",
         row.bytes_sent
@@ -571,45 +567,20 @@ async fn five_megabytes_of_udp_from_a_namespace_with_conntrack_accounting_reach_
         "conntrack",
         "{row:?}"
     );
-    collector.stop().await;
+    scene.collector.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn udp_from_a_namespace_without_accounting_is_listed_unmeasured_and_the_agent_says_how_to_enable_it()
  {
     let test = "verdicts::udp_from_a_namespace_without_accounting";
-    let Some(pair) = tracked_pair(test, 62, false) else {
+    let Some(scene) = UdpScene::start(test, 62, false, "node-noacct").await else {
         return;
     };
-    let (_sink, port) = udp_sink(&pair.server, &pair.server_ip);
-    let to: SocketAddr = format!("{}:{port}", pair.server_ip).parse().unwrap();
-    let mut client = UdpClient::connect(&pair.client, to);
-    let pki = Pki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (collector, _agent, log) = collector_and_agent(&pki, dir.path(), "node-noacct").await;
-    let url = collector.url();
-    // The client keeps its socket open afterwards, as a QUIC connection does (a UDP socket
-    // closed between two samples loses its bytes since the last one: see agent net docs).
-    let _client = tokio::task::spawn_blocking(move || {
-        client.send();
-        client
-    })
-    .await
-    .unwrap();
-    let row = eventually(
-        Duration::from_secs(60),
-        "the unmeasured UDP flow at the collector",
-        || async {
-            egress(&url, &pki, "destination")
-                .await
-                .into_iter()
-                .find(|r| r.remote_address == pair.server_ip && r.unmeasured_flows > 0)
-        },
-    )
-    .await;
+    let row = scene.row(|r| r.unmeasured_flows > 0).await;
     assert_eq!((row.bytes_sent, row.conntrack_bytes), (0, 0), "{row:?}");
     assert!(sov_evidence::view::measured_text(&row).ends_with("unmeasured"));
-    let text = std::fs::read_to_string(&log).unwrap();
+    let text = std::fs::read_to_string(&scene.log).unwrap();
     let command = text
         .lines()
         .filter(|l| l.contains("accounting is off"))
@@ -626,6 +597,7 @@ async fn udp_from_a_namespace_without_accounting_is_listed_unmeasured_and_the_ag
     // The remedy, run exactly as the log words it, works: a new connection is measured.
     let out = Command::new("sh").args(["-c", &command]).output().unwrap();
     assert!(out.status.success(), "{command}: {out:?}");
+    let pair = &scene.pair;
     let (_sink2, port2) = udp_sink(&pair.server, &pair.server_ip);
     let to: SocketAddr = format!("{}:{port2}", pair.server_ip).parse().unwrap();
     let mut second = UdpClient::connect(&pair.client, to);
@@ -636,20 +608,8 @@ async fn udp_from_a_namespace_without_accounting_is_listed_unmeasured_and_the_ag
     .await
     .unwrap();
     let want = UDP_BYTES as u64;
-    eventually(
-        Duration::from_secs(60),
-        "the second connection's UDP bytes, measured by conntrack",
-        || async {
-            egress(&url, &pki, "destination")
-                .await
-                .into_iter()
-                .find(|r| {
-                    r.remote_address == pair.server_ip
-                        && r.remote_port == u32::from(port2)
-                        && r.conntrack_bytes >= want * 98 / 100
-                })
-        },
-    )
-    .await;
-    collector.stop().await;
+    scene
+        .row(|r| r.remote_port == u32::from(port2) && r.conntrack_bytes >= want * 98 / 100)
+        .await;
+    scene.collector.stop().await;
 }

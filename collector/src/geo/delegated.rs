@@ -42,6 +42,23 @@ fn header_date(field: &str) -> Option<String> {
         .then(|| format!("{}-{}-{}", &field[..4], &field[4..6], &field[6..]))
 }
 
+/// The build of a text source: `<kind>:<file name>@<date>`, the date being the file's own
+/// (`date`), else its modification date, else "unknown".
+pub(crate) fn build_name(
+    kind: &str,
+    path: &Path,
+    date: Option<String>,
+    mtime: Option<SystemTime>,
+) -> String {
+    let file = path
+        .file_name()
+        .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
+    let date = date
+        .or_else(|| mtime.and_then(iso_date))
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("{kind}:{file}@{date}")
+}
+
 /// A date as `YYYY-MM-DD` (UTC).
 pub(crate) fn iso_date(t: SystemTime) -> Option<String> {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_secs();
@@ -174,14 +191,8 @@ impl Delegated {
         if overlaps > 0 {
             tracing::debug!(path = %path.display(), overlaps, "overlapping ranges: the narrower wins");
         }
-        let file = path
-            .file_name()
-            .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
-        let date = date
-            .or_else(|| mtime.and_then(iso_date))
-            .unwrap_or_else(|| "unknown".to_owned());
         Ok(Delegated {
-            name: format!("delegated:{file}@{date}"),
+            name: build_name("delegated", path, date, mtime),
             table,
             asns,
         })

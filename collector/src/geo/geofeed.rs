@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use super::csv::split_fields;
-use super::delegated::iso_date;
+use super::delegated::build_name;
 use super::overrides::parse_cidr;
 use super::ranges::{RangeBuilder, RangeTable};
 use super::{GeoError, GeoSource, SourceKind};
@@ -101,14 +101,8 @@ impl Geofeed {
             return Err(err(0, "no prefix with a country".to_owned()));
         }
         let (table, _) = ranges.build();
-        let file = path
-            .file_name()
-            .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
-        let date = mtime
-            .and_then(iso_date)
-            .unwrap_or_else(|| "unknown".to_owned());
         Ok(Geofeed {
-            name: format!("geofeed:{file}@{date}"),
+            name: build_name("geofeed", path, None, mtime),
             table,
         })
     }
