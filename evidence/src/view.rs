@@ -764,3 +764,29 @@ mod tests {
         assert_eq!(table, "NODE    MISSING\nnode-a  2\n");
     }
 }
+
+#[cfg(test)]
+mod destination_tests {
+    use super::*;
+
+    #[test]
+    fn breach_destinations_list_each_address_once_with_every_answer_side_by_side() {
+        let d = json!({
+            "address": "198.18.0.2", "port": 443, "country": "FR", "operator_country": "",
+            "contested": false, "physics": "impossible", "min_rtt_us": 60,
+            "distance_km": 1107, "limit_km": 59,
+            "answers": [
+                {"source": "geofeed:t@2026-11-01", "country": "FR", "kind": "geofeed", "impossible": true, "distance_km": 1107},
+                {"source": "embedded:iptocc-1.4.175", "country": "MA", "kind": "registry", "impossible": false, "distance_km": 0}
+            ]
+        });
+        let breach = json!({"evidence": {"counters": {"destinations": [d.clone()]}}});
+        let rows = breach_destinations(&[breach.clone(), breach]);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0]["answers_text"],
+            "FR geofeed:t@2026-11-01 (impossible: 1107 km) | MA embedded:iptocc-1.4.175"
+        );
+        assert_eq!(rows[0]["min_rtt_us"], 60);
+    }
+}

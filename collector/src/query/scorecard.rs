@@ -440,3 +440,103 @@ pub fn policy_for(jurisdiction: &str) -> Option<Policy> {
     }
     Policy::parse(&format!("jurisdiction = \"{jurisdiction}\"\n"), "request").ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(country: &str, kind: &str, impossible: bool) -> pb::GeoAnswer {
+        pb::GeoAnswer {
+            source: format!("{kind}:test"),
+            country: country.into(),
+            kind: kind.into(),
+            impossible,
+            distance_km: 0,
+        }
+    }
+
+    fn row(address: &str, sent: u64, answers: Vec<pb::GeoAnswer>) -> pb::EgressRow {
+        pb::EgressRow {
+            node: "rabat-1".into(),
+            country: answers
+                .first()
+                .map(|a| a.country.clone())
+                .unwrap_or_default(),
+            contested: answers.len() > 1,
+            answers,
+            remote_address: address.into(),
+            remote_port: 443,
+            bytes_sent: sent,
+            connections: 1,
+            ..pb::EgressRow::default()
+        }
+    }
+
+    #[test]
+    fn data_is_counted_by_the_policy_with_review_foreign_operated_contested_and_measurement() {
+        let policy = Policy::parse("jurisdiction = \"MA\"\n", "test").unwrap();
+        let mut operated = row("192.0.2.3", 300, vec![answer("MA", "registry", false)]);
+        operated.operator_country = "US".into();
+        let mut udp = row("192.0.2.4", 400, vec![answer("MA", "registry", false)]);
+        udp.conntrack_bytes = 400;
+        let mut quiet = row("192.0.2.5", 0, vec![answer("MA", "registry", false)]);
+        quiet.unmeasured_flows = 2;
+        let inputs = Inputs {
+            nodes: vec![pb::NodeSummary {
+                node: "rabat-1".into(),
+                site: "rabat".into(),
+                country: "MA".into(),
+                ..Default::default()
+            }],
+            egress_by_node: vec![
+                row(
+                    "192.0.2.1",
+                    100,
+                    vec![
+                        answer("MA", "geofeed", false),
+                        answer("US", "registry", false),
+                    ],
+                ),
+                row("192.0.2.2", 200, vec![answer("FR", "geofeed", true)]),
+                operated,
+                udp,
+                quiet,
+            ],
+            ..Inputs::default()
+        };
+        let card = build(&policy, &inputs, 0, 1000, 1000);
+        let d = &card["data"];
+        assert_eq!(d["bytes_sent"], 1000);
+        assert_eq!(
+            d["bytes_sent_outside"], 100,
+            "strict: the contested one is outside"
+        );
+        assert_eq!(d["bytes_sent_physically_impossible"], 200);
+        assert_eq!(d["bytes_sent_inside_foreign_operated"], 300);
+        assert_eq!(d["contested"]["destinations"], 1);
+        assert_eq!(d["contested"]["bytes_sent"], 100);
+        let m = &d["measurement"];
+        assert_eq!(m["bytes"], 1000);
+        assert_eq!(m["bytes_conntrack"], 400);
+        assert_eq!(m["bytes_exact"], 600);
+        assert_eq!(m["share_conntrack"], 0.4);
+        assert_eq!(m["flows_unmeasured"], 2);
+        let review = d["by_country"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["counted"] == "review")
+            .unwrap();
+        assert_eq!(
+            (review["country"].as_str(), review["bytes_sent"].as_u64()),
+            (Some("FR"), Some(200))
+        );
+        let us = d["by_country"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["country"] == "US")
+            .unwrap();
+        assert_eq!(us["counted"], "outside");
+    }
+}
