@@ -177,6 +177,37 @@ mod tests {
     }
 
     #[test]
+    fn sources_that_disagree_are_shown_side_by_side_with_the_operators_country() {
+        let dir = tempfile::tempdir().unwrap();
+        let feed = dir.path().join("cloud.geofeed.csv");
+        std::fs::write(&feed, "8.8.8.0/24,FR,FR-IDF,Paris,\n").unwrap();
+        let delegated = dir.path().join("delegated-arin-extended-latest");
+        std::fs::write(&delegated, "arin|US|asn|15169|1|20000101|assigned|x\n").unwrap();
+        let cfg = dir.path().join("collector.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[geo]\ndatabases = [{feed:?}, {delegated:?}]\n\
+                 [[geo.override]]\ncidr = \"8.8.4.0/24\"\ncountry = \"US\"\nasn = 15169\n"
+            ),
+        )
+        .unwrap();
+        let out = lookup_command(Some(&cfg), &["8.8.8.8".into(), "8.8.4.4".into()], false).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("country=FR"), "{out}");
+        assert!(
+            lines[0].contains("contested=[FR:geofeed:cloud.geofeed.csv@")
+                && lines[0].contains(", US:embedded:iptocc-"),
+            "{out}"
+        );
+        // The override's ASN's holder is registered in the US (the delegated file).
+        assert!(
+            lines[1].contains("operator=US") && !lines[1].contains("contested"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn json_output_is_an_array_of_objects_with_the_documented_keys() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("collector.toml");
