@@ -477,8 +477,7 @@ struct UdpScene {
     _dir: tempfile::TempDir,
     _kept: Vec<KillOnDrop>,
     _agent: AgentProcess,
-    /// Still connected, as a QUIC connection stays (a UDP socket closed between two samples
-    /// loses its bytes since the last one: see the agent's net docs).
+    /// Still connected, as a QUIC connection stays.
     _client: UdpClient,
 }
 
@@ -566,6 +565,25 @@ async fn five_megabytes_of_udp_from_a_namespace_with_conntrack_accounting_reach_
         sov_evidence::view::measured_text(&row),
         "conntrack",
         "{row:?}"
+    );
+    // A short-lived connection: it sends and closes between two samples; its bytes come from
+    // its entry, which outlives the socket.
+    let pair = &scene.pair;
+    let (_sink2, port2) = udp_sink(&pair.server, &pair.server_ip);
+    let to: SocketAddr = format!("{}:{port2}", pair.server_ip).parse().unwrap();
+    let mut brief = UdpClient::connect(&pair.client, to);
+    tokio::task::spawn_blocking(move || {
+        brief.send();
+        drop(brief);
+    })
+    .await
+    .unwrap();
+    let closed = scene
+        .row(|r| r.remote_port == u32::from(port2) && r.conntrack_bytes >= want * 98 / 100)
+        .await;
+    assert!(
+        closed.bytes_sent.abs_diff(want) * 50 <= want,
+        "closed at once, within 2 %: {closed:?}"
     );
     scene.collector.stop().await;
 }

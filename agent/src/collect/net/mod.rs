@@ -58,9 +58,10 @@
 //!   namespace, the flow is still listed with its destination and process but without bytes
 //!   (`UNMEASURED`), and the agent logs once per namespace how to turn accounting on. An entry
 //!   reused by a later socket with the same addresses and ports carries the earlier bytes too.
-//!   A UDP socket closed between two samples loses its bytes since the last sample (its destroy
-//!   event carries no UDP counter, and the entry is not read again): that interval's flow is
-//!   listed unmeasured.
+//!   A UDP socket that closes takes its final counters from its entry, which outlives it (the
+//!   destroy event carries no UDP counter; the table is dumped again when such events come):
+//!   a short-lived connection (a DNS query, a brief QUIC connection) is counted too, with an
+//!   unknown owner when it opened and closed between two samples.
 //!   Unconnected UDP sockets (`sendto` to many peers) have no remote endpoint in sock_diag and
 //!   appear in no flow.
 //! - **A sample that falls back** to `/proc/net` (a netlink dump failed) restarts the baseline
@@ -848,12 +849,19 @@ impl NetCollector {
             by_ns.entry(key).or_default().push(e);
         }
         let mut n = 0;
-        for (key, evs) in by_ns {
+        for (key, mut evs) in by_ns {
             if let Some(ns) = self
                 .namespaces
                 .get_mut(&key)
                 .filter(|ns| ns.last_mode == Some(MODE_NETLINK))
             {
+                // A closed UDP socket's entry outlives it (for the conntrack UDP timeout, 30 s
+                // and more): its final counters are read now, as TCP's come with the event.
+                if let Some(ct) = ns.conntrack.as_mut()
+                    && let Err(e) = count_udp(ct, &mut evs)
+                {
+                    tracing::debug!(netns = key, error = %chain(&e), "conntrack dump for closed UDP sockets failed");
+                }
                 n += ns.tracker.absorb_destroyed(&evs, now_unix_ms, out);
             }
         }
