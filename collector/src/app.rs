@@ -281,6 +281,9 @@ impl App {
             aggregates,
             stop.clone(),
         ));
+        // Decode the country geometry of the speed-of-light check now, off the ingest path
+        // (the first flow with an RTT would otherwise wait for it).
+        tokio::task::spawn_blocking(|| crate::geo::shapes::Countries::shipped().len());
         tokio::spawn(crate::geo::reload_loop(self.geo, stop.clone()));
         tokio::spawn(crate::tls::reload_loop(
             self.grpc.tls.clone(),
