@@ -182,6 +182,12 @@ pub struct NetConfig {
     /// with the fewest processes are left out and counted. Default 1024.
     #[serde(default = "default_max_namespaces")]
     pub max_namespaces: usize,
+    /// Let the agent set `net.netfilter.nf_conntrack_acct = 1` in every network namespace it
+    /// observes (the host's included), so that UDP bytes are counted by connection tracking.
+    /// Off by default: the agent then only reads, and says once per namespace how to enable
+    /// it. The agent never changes a firewall. Default false.
+    #[serde(default)]
+    pub conntrack_accounting: bool,
 }
 
 impl Default for NetConfig {
@@ -194,6 +200,7 @@ impl Default for NetConfig {
             max_flows_per_report: default_max_flows(),
             all_namespaces: true,
             max_namespaces: default_max_namespaces(),
+            conntrack_accounting: false,
         }
     }
 }

@@ -152,6 +152,10 @@ impl CollectorConfig {
         )?);
         let geo = Geo::from_config(&config.geo)?;
         tracing::info!(sources = ?geo.builds(), "geolocation ready");
+        let policy = match &config.policy {
+            Some(path) => Some(Arc::new(PolicyWatch::new(path)?)),
+            None => None,
+        };
         let stored = Arc::new(tokio::sync::Notify::new());
         let ingest = IngestService::new(
             store.clone(),
@@ -160,13 +164,10 @@ impl CollectorConfig {
             config.max_report_bytes,
             metrics.clone(),
         )
-        .notify_stored(stored.clone());
+        .notify_stored(stored.clone())
+        .with_policy(policy.clone());
         let sinks = crate::alert::sinks_from_config(&config.alert).map_err(AppError::Alert)?;
         let enroll = EnrollService::new(store.clone(), signer, config.trust_domain.clone());
-        let policy = match &config.policy {
-            Some(path) => Some(Arc::new(PolicyWatch::new(path)?)),
-            None => None,
-        };
         let report_signer = match sov_evidence::report::ReportSigner::load(
             &config.tls.cert,
             &config.tls.key,
@@ -280,6 +281,9 @@ impl App {
             aggregates,
             stop.clone(),
         ));
+        // Decode the country geometry of the speed-of-light check now, off the ingest path
+        // (the first flow with an RTT would otherwise wait for it).
+        tokio::task::spawn_blocking(|| crate::geo::shapes::Countries::shipped().len());
         tokio::spawn(crate::geo::reload_loop(self.geo, stop.clone()));
         tokio::spawn(crate::tls::reload_loop(
             self.grpc.tls.clone(),

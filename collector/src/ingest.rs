@@ -11,10 +11,13 @@ use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Role};
-use crate::geo::Geo;
+use crate::geo::physics::Place;
+use crate::geo::{Geo, Verdict};
 use crate::metrics::Metrics;
+use crate::policy::PolicyWatch;
 use crate::store::{
-    FlowRecord, GapRecord, IncomingReport, IngestOutcome, Store, Telemetry, WeightUpdate,
+    FlowRecord, GapRecord, IncomingReport, IngestOutcome, Store, Telemetry, VerdictColumns,
+    WeightUpdate,
 };
 
 /// Most gap records one report may carry.
@@ -34,6 +37,8 @@ pub struct IngestService {
     stored: Option<Arc<tokio::sync::Notify>>,
     /// The last peer address recorded per node: the store is written only when it changes.
     peers: Arc<std::sync::Mutex<HashMap<String, IpAddr>>>,
+    /// The policy, for the sites' coordinates (the speed-of-light check).
+    policy: Option<Arc<PolicyWatch>>,
 }
 
 impl IngestService {
@@ -54,7 +59,14 @@ impl IngestService {
             metrics,
             stored: None,
             peers: Arc::default(),
+            policy: None,
         }
+    }
+
+    /// Read the sites' coordinates from `policy` (else a node is placed in its country).
+    pub fn with_policy(mut self, policy: Option<Arc<PolicyWatch>>) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Wake `notify` after every stored report.
@@ -79,9 +91,9 @@ impl IngestService {
         let peer = crate::store::NodePeer {
             node: node.to_owned(),
             address: ip.to_string(),
-            country: v.country,
+            country: v.country.clone(),
             asn: v.asn.unwrap_or(0),
-            source: v.source,
+            source: v.source.clone(),
             seen_unix_ms: at_unix_ms,
         };
         match self.store.note_peer(peer).await {
@@ -161,6 +173,15 @@ pub fn validate(report: &pb::Report) -> Result<(), Status> {
 }
 
 impl IngestService {
+    /// Where the reporting node is: its site's coordinates from the policy, else its
+    /// country (the policy's for its site, else the one it declares); `None` when unknown.
+    fn node_place(&self, info: &pb::NodeInfo) -> Option<Place> {
+        match &self.policy {
+            Some(watch) => watch.current().place(&info.site, &info.country),
+            None => (!info.country.is_empty()).then(|| Place::Country(info.country.clone())),
+        }
+    }
+
     /// Geolocate every flow's remote address and name its process.
     fn enrich_flows(&self, report: &pb::Report) -> Vec<FlowRecord> {
         let names: HashMap<u32, &str> = report
@@ -168,6 +189,10 @@ impl IngestService {
             .iter()
             .map(|p| (p.pid, p.name.as_str()))
             .collect();
+        let place = report
+            .node_info
+            .as_ref()
+            .and_then(|info| self.node_place(info));
         report
             .flows
             .iter()
@@ -183,13 +208,68 @@ impl IngestService {
                         .get(&f.pid)
                         .map(|n| (*n).to_owned())
                         .unwrap_or_default(),
-                    country: v.country,
+                    country: v.country.clone(),
                     asn: v.asn.unwrap_or(0),
-                    org: v.org,
-                    geo_source: v.source,
+                    org: v.org.clone(),
+                    geo_source: v.source.clone(),
+                    verdict: verdict_columns(&self.geo, &v, place.as_ref(), f.min_rtt_us),
                 }
             })
             .collect()
+    }
+}
+
+/// The stored form of a flow's verdict: every answer with its speed-of-light check (from
+/// `place` at `min_rtt_us`), whether the sources disagree, the operator's country, and the
+/// check of the verdict's own country.
+pub fn verdict_columns(
+    geo: &Geo,
+    v: &Verdict,
+    place: Option<&Place>,
+    min_rtt_us: u32,
+) -> VerdictColumns {
+    if v.answers.is_empty() {
+        return VerdictColumns {
+            operator_country: v.operator_country.clone(),
+            ..VerdictColumns::default()
+        };
+    }
+    /// One stored answer (the protobuf `GeoAnswer`'s fields).
+    #[derive(serde::Serialize)]
+    struct Stored<'a> {
+        source: &'a str,
+        country: &'a str,
+        kind: &'static str,
+        impossible: bool,
+        distance_km: u32,
+    }
+    let checks = geo.physics().judge(v, place, min_rtt_us);
+    let km = |d: f64| d.round().clamp(0.0, f64::from(u32::MAX)) as u32;
+    let answers: Vec<Stored<'_>> = v
+        .answers
+        .iter()
+        .zip(&checks)
+        .map(|(a, c)| Stored {
+            source: &a.source,
+            country: &a.country,
+            kind: a.kind.as_str(),
+            impossible: c.is_some_and(|c| c.impossible),
+            distance_km: c.map_or(0, |c| km(c.distance_km)),
+        })
+        .collect();
+    let first = checks.first().copied().flatten();
+    VerdictColumns {
+        answers_json: serde_json::to_string(&answers).unwrap_or_default(),
+        contested: v.contested,
+        operator_country: v.operator_country.clone(),
+        physics: match first {
+            Some(c) if c.impossible => "impossible",
+            Some(_) => "possible",
+            None => "",
+        }
+        .to_owned(),
+        distance_km: first.map_or(0, |c| km(c.distance_km)),
+        limit_km: first.map_or(0, |c| km(c.limit_km)),
     }
 }
 

@@ -446,6 +446,9 @@ pub fn render_html(signed_json: &str) -> String {
         ],
         &breaches,
     );
+    out.push_str("<h2>Verdicts of the breaches' destinations</h2>\n");
+    let destinations: Vec<Value> = r["destinations"].as_array().cloned().unwrap_or_default();
+    html_table(&mut out, &crate::view::DESTINATION_COLUMNS, &destinations);
     out.push_str("<h2>Breach log segment</h2>\n");
     let records: Vec<Value> = r["breach_log"]["records"]
         .as_array()

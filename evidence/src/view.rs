@@ -101,22 +101,45 @@ pub fn scorecard_rows(s: &Value) -> Vec<Value> {
         "bytes_sent",
         "bytes_sent_outside",
         "bytes_sent_unplaced",
+        "bytes_sent_physically_impossible",
+        "bytes_sent_inside_foreign_operated",
         "share_leaving",
     ] {
         add("where data flows", k, &d[k]);
     }
+    add(
+        "where data flows",
+        "contested destinations",
+        &d["contested"]["destinations"],
+    );
+    add(
+        "where data flows",
+        "bytes_sent to contested destinations",
+        &d["contested"]["bytes_sent"],
+    );
     for o in d["by_country"].as_array().into_iter().flatten() {
+        let counted = o["counted"].as_str().unwrap_or("");
+        let country = o["country"].as_str().unwrap_or("");
         // Bytes to unplaced destinations are `bytes_sent_unplaced` above: no row with an
         // empty country.
-        let country = o["country"].as_str().unwrap_or("");
-        if country.is_empty() {
+        if country.is_empty() || counted == "unplaced" {
             continue;
         }
-        add(
-            "where data flows",
-            &format!("bytes_sent to {country}"),
-            &o["bytes_sent"],
-        );
+        let label = match counted {
+            "review" => format!("bytes_sent to {country} (physically impossible, for review)"),
+            _ => format!("bytes_sent to {country}"),
+        };
+        add("where data flows", &label, &o["bytes_sent"]);
+    }
+    let m = &d["measurement"];
+    for k in [
+        "share_exact",
+        "share_conntrack",
+        "bytes_exact",
+        "bytes_conntrack",
+        "flows_unmeasured",
+    ] {
+        add("how bytes were measured", k, &m[k]);
     }
     let p = &s["completeness"];
     for k in [
@@ -214,6 +237,7 @@ impl EgressBy {
                 "bytes_received",
                 "connections",
                 "min_rtt_ms",
+                "measured",
             ],
             Self::Node => &[
                 "node",
@@ -222,6 +246,7 @@ impl EgressBy {
                 "bytes_received",
                 "connections",
                 "min_rtt_ms",
+                "measured",
             ],
             Self::Process => &[
                 "node",
@@ -232,6 +257,7 @@ impl EgressBy {
                 "bytes_received",
                 "connections",
                 "min_rtt_ms",
+                "measured",
             ],
             Self::Asn => &[
                 "asn",
@@ -241,6 +267,7 @@ impl EgressBy {
                 "bytes_received",
                 "connections",
                 "min_rtt_ms",
+                "measured",
             ],
             Self::Destination => &[
                 "remote_address",
@@ -248,10 +275,13 @@ impl EgressBy {
                 "country",
                 "asn",
                 "org",
+                "operator_country",
                 "bytes_sent",
                 "bytes_received",
                 "min_rtt_ms",
-                "geo_source",
+                "measured",
+                "physics",
+                "answers_text",
             ],
         }
     }
@@ -308,6 +338,104 @@ pub fn egress_row(r: &pb::EgressRow, by: EgressBy) -> Value {
 pub const UNPLACED: &str = "unplaced";
 
 /// One egress row as JSON (`sovctl egress --output json`, the API).
+/// How a row's bytes were measured, in words: `exact` (tcp_info), `conntrack`, both, and how
+/// many flows carried no byte count (`2 unmeasured`).
+pub fn measured_text(r: &pb::EgressRow) -> String {
+    let total = r.bytes_sent.saturating_add(r.bytes_received);
+    let mut parts = Vec::new();
+    if total > r.conntrack_bytes {
+        parts.push("exact".to_owned());
+    }
+    if r.conntrack_bytes > 0 {
+        parts.push("conntrack".to_owned());
+    }
+    if r.unmeasured_flows > 0 {
+        parts.push(format!("{} unmeasured", r.unmeasured_flows));
+    }
+    parts.join("+")
+}
+
+/// Every source's answer side by side, for a table cell:
+/// `FR geofeed:feed@2026-11-01 (impossible: 1107 km) | MA embedded:iptocc-1.4.175`.
+pub fn answers_text(r: &pb::EgressRow) -> String {
+    r.answers
+        .iter()
+        .map(|a| {
+            if a.impossible {
+                format!(
+                    "{} {} (impossible: {} km)",
+                    a.country, a.source, a.distance_km
+                )
+            } else {
+                format!("{} {}", a.country, a.source)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// The destinations named in breaches' evidence, once each, with every source's answer side
+/// by side (for signed reports): address, port, country, answers (and as text), the
+/// speed-of-light check (min RTT, distance, limit) and the operator's country.
+pub fn breach_destinations(breaches: &[Value]) -> Vec<Value> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for b in breaches {
+        let list = b["evidence"]["counters"]["destinations"].as_array();
+        for d in list.into_iter().flatten() {
+            let key = (cell(&d["address"]), cell(&d["port"]));
+            if !seen.insert(key) {
+                continue;
+            }
+            let answers: Vec<String> = d["answers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    if a["impossible"].as_bool() == Some(true) {
+                        format!(
+                            "{} {} (impossible: {} km)",
+                            cell(&a["country"]),
+                            cell(&a["source"]),
+                            cell(&a["distance_km"])
+                        )
+                    } else {
+                        format!("{} {}", cell(&a["country"]), cell(&a["source"]))
+                    }
+                })
+                .collect();
+            out.push(json!({
+                "address": d["address"],
+                "port": d["port"],
+                "country": d["country"],
+                "operator_country": d["operator_country"],
+                "contested": d["contested"],
+                "physics": d["physics"],
+                "min_rtt_us": d["min_rtt_us"],
+                "distance_km": d["distance_km"],
+                "limit_km": d["limit_km"],
+                "answers": d["answers"],
+                "answers_text": answers.join(" | "),
+            }));
+        }
+    }
+    out
+}
+
+/// Columns of the breach destinations' verdicts in a report.
+pub const DESTINATION_COLUMNS: [&str; 9] = [
+    "address",
+    "port",
+    "country",
+    "operator_country",
+    "physics",
+    "min_rtt_us",
+    "distance_km",
+    "limit_km",
+    "answers_text",
+];
+
+/// One egress row as JSON.
 pub fn egress_json(r: &pb::EgressRow, by: EgressBy) -> Value {
     let mut v = json!({
         "country": r.country,
@@ -315,6 +443,9 @@ pub fn egress_json(r: &pb::EgressRow, by: EgressBy) -> Value {
         "bytes_received": r.bytes_received,
         "connections": r.connections,
         "min_rtt_ms": (r.min_rtt_us > 0).then(|| f64::from(r.min_rtt_us) / 1000.0),
+        "conntrack_bytes": r.conntrack_bytes,
+        "unmeasured_flows": r.unmeasured_flows,
+        "measured": measured_text(r),
     });
     match by {
         EgressBy::Country => {}
@@ -334,6 +465,25 @@ pub fn egress_json(r: &pb::EgressRow, by: EgressBy) -> Value {
             v["asn"] = json!(r.asn);
             v["org"] = json!(r.org);
             v["geo_source"] = json!(r.geo_source);
+            v["operator_country"] = json!(r.operator_country);
+            v["contested"] = json!(r.contested);
+            v["physics"] = json!(r.physics);
+            v["distance_km"] = json!(r.distance_km);
+            v["limit_km"] = json!(r.limit_km);
+            v["answers"] = r
+                .answers
+                .iter()
+                .map(|a| {
+                    json!({
+                        "source": a.source,
+                        "country": a.country,
+                        "kind": a.kind,
+                        "impossible": a.impossible,
+                        "distance_km": a.distance_km,
+                    })
+                })
+                .collect();
+            v["answers_text"] = json!(answers_text(r));
         }
     }
     v
@@ -655,5 +805,31 @@ mod unplaced_tests {
             "{rows:?}"
         );
         assert!(rows.iter().any(|r| r["measure"] == "bytes_sent to US"));
+    }
+}
+
+#[cfg(test)]
+mod destination_tests {
+    use super::*;
+
+    #[test]
+    fn breach_destinations_list_each_address_once_with_every_answer_side_by_side() {
+        let d = json!({
+            "address": "198.18.0.2", "port": 443, "country": "FR", "operator_country": "",
+            "contested": false, "physics": "impossible", "min_rtt_us": 60,
+            "distance_km": 1107, "limit_km": 59,
+            "answers": [
+                {"source": "geofeed:t@2026-11-01", "country": "FR", "kind": "geofeed", "impossible": true, "distance_km": 1107},
+                {"source": "embedded:iptocc-1.4.175", "country": "MA", "kind": "registry", "impossible": false, "distance_km": 0}
+            ]
+        });
+        let breach = json!({"evidence": {"counters": {"destinations": [d.clone()]}}});
+        let rows = breach_destinations(&[breach.clone(), breach]);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            rows[0]["answers_text"],
+            "FR geofeed:t@2026-11-01 (impossible: 1107 km) | MA embedded:iptocc-1.4.175"
+        );
+        assert_eq!(rows[0]["min_rtt_us"], 60);
     }
 }

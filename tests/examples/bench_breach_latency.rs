@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
             country: c.clone(),
             asn: None,
             org: None,
+            operator_country: None,
         })
         .collect();
     let collector = InProcessCollector::start(&pki, &dir.path().join("data"), move |c| {

@@ -1,11 +1,16 @@
 //! Geolocation lookups per second on one core: the embedded table, a MaxMind database and a
 //! registry delegated file, each raw (the source alone), through `Geo::lookup` with distinct
 //! addresses (every lookup a cache miss), and through `Geo::lookup` with a working set of
-//! 10,000 addresses repeating (cache hits). Target: ≥ 1,000,000 lookups/s for repeating
-//! addresses.
+//! 10,000 addresses repeating (cache hits); then **every source at once** (overrides, the
+//! mmdb, an RFC 8805 geofeed, the delegated file, the embedded table: every one answers each
+//! lookup), and the verdict a flow stores (lookup + the speed-of-light check of every answer +
+//! its JSON), and the physics check's own cost: decoding the country geometry, a point-to-
+//! country distance and a country-to-country distance uncached, and a check cached. Target:
+//! ≥ 1,000,000 verdicts/s for repeating addresses.
 //!
 //! ```sh
 //! cargo run --release -p sov-e2e --example bench_geo -- [--distinct 1000000] [--repeat 5000000] [--mmdb FILE]
+//! cargo run --release -p sov-e2e --example bench_geo -- --mmdb target/geo-data/iptoasn-country.mmdb
 //! ```
 //!
 //! The bench writes its own databases: a GeoLite2-style country `.mmdb` (an IPv6 tree with
@@ -21,8 +26,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sov_collector::config::GeoConfig;
+use sov_collector::geo::physics::{Physics, Place};
+use sov_collector::geo::shapes::Countries;
 use sov_collector::geo::testutil::{MmdbWriter, Value};
 use sov_collector::geo::{Geo, GeoSource, delegated::Delegated, embedded::Embedded, mmdb::Mmdb};
+use sov_collector::ingest::verdict_columns;
 
 const TARGET_PER_SEC: f64 = 1_000_000.0;
 const WORKING_SET: usize = 10_000;
@@ -162,6 +170,95 @@ fn write_delegated(path: &Path, rng: &mut Rng) -> anyhow::Result<()> {
     std::fs::write(path, out)?;
     Ok(())
 }
+
+/// An RFC 8805 geofeed of 20,000 /24s (a cloud's regions), some placed apart from the mmdb.
+fn write_geofeed(path: &Path, rng: &mut Rng) -> anyhow::Result<()> {
+    let mut out = String::from("# bench geofeed\n");
+    for _ in 0..20_000 {
+        let net = (0x0100_0000 + rng.below(0xdf00_0000) as u32) & 0xffff_ff00;
+        out.push_str(&format!(
+            "{}/24,{},,,\n",
+            Ipv4Addr::from_bits(net),
+            rng.country()
+        ));
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+/// What the speed-of-light check costs.
+struct PhysicsCosts {
+    decode_ms: f64,
+    countries: usize,
+    point_us_mean: f64,
+    point_us_max: f64,
+    pair_us_mean: f64,
+    pair_us_max: f64,
+    cached_ns: f64,
+}
+
+/// Decode the geometry once, then: Rabat to every country and Morocco to every country
+/// uncached (each a fresh cache), and the check of a cached (site, country).
+fn physics_costs(geo: &Geo, repeat: &[IpAddr]) -> PhysicsCosts {
+    let started = Instant::now();
+    let shapes = Countries::shipped();
+    let decode_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let codes: Vec<String> = COUNTRY_CODES
+        .iter()
+        .filter(|c| shapes.get(c).is_some())
+        .map(|c| (*c).to_owned())
+        .collect();
+    let time_each = |from: &Place| -> (f64, f64) {
+        let mut total = 0.0;
+        let mut max = 0.0f64;
+        for c in &codes {
+            let fresh = Physics::default();
+            let t = Instant::now();
+            black_box(fresh.distance_km(from, c));
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            total += us;
+            max = max.max(us);
+        }
+        (total / codes.len() as f64, max)
+    };
+    let (point_us_mean, point_us_max) = time_each(&Place::Point {
+        lat: 34.0209,
+        lon: -6.8498,
+    });
+    let (pair_us_mean, pair_us_max) = time_each(&Place::Country("MA".into()));
+    let site = Place::Country("MA".into());
+    let p = geo.physics();
+    for c in &codes {
+        black_box(p.check(&site, c, 400));
+    }
+    let n = repeat.len().min(1_000_000);
+    let t = Instant::now();
+    for i in 0..n {
+        black_box(p.check(&site, &codes[i % codes.len()], 400));
+    }
+    let cached_ns = t.elapsed().as_secs_f64() * 1e9 / n as f64;
+    PhysicsCosts {
+        decode_ms,
+        countries: codes.len(),
+        point_us_mean,
+        point_us_max,
+        pair_us_mean,
+        pair_us_max,
+        cached_ns,
+    }
+}
+
+/// Every alpha-2 code of the shipped table.
+static COUNTRY_CODES: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    let mut v: Vec<&'static str> = sov_collector::geo::shapes::ISO3166_CSV
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1))
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+});
 
 /// Best time of `ROUNDS` runs of `f` over `ips`.
 fn best(ips: &[IpAddr], mut f: impl FnMut(IpAddr) -> usize) -> Duration {
@@ -311,6 +408,70 @@ fn main() -> anyhow::Result<()> {
         rows.extend(measure(&label, &db, &only(path)?, &distinct, &repeat));
     }
 
+    eprintln!("every source …");
+    let geofeed_path = dir.path().join("bench.geofeed.csv");
+    write_geofeed(&geofeed_path, &mut rng)?;
+    let mut databases = vec![
+        mmdb_path.clone(),
+        geofeed_path.clone(),
+        delegated_path.clone(),
+    ];
+    databases.extend(real_mmdb.clone());
+    let all = Geo::from_config(&GeoConfig {
+        databases,
+        overrides: (0..100u32)
+            .map(|i| sov_collector::config::GeoOverride {
+                cidr: format!("{}/24", Ipv4Addr::from_bits(0x0a00_0000 | (i << 8))),
+                country: "MA".into(),
+                ..Default::default()
+            })
+            .collect(),
+    })?;
+    let sources = all.builds().len();
+    let label = format!("every source ({sources})");
+    let miss_took = best(&distinct, |ip| all.lookup(ip).answers.len());
+    let contested = distinct
+        .iter()
+        .filter(|ip| all.lookup(**ip).contested)
+        .count();
+    let hit_took = best(&repeat, |ip| all.lookup(ip).answers.len());
+    rows.push(Row {
+        source: label.clone(),
+        mode: "Geo, distinct",
+        lookups: distinct.len(),
+        took: miss_took,
+        hit_ratio: contested as f64 / distinct.len() as f64,
+    });
+    rows.push(Row {
+        source: label.clone(),
+        mode: "Geo, 10k repeating",
+        lookups: repeat.len(),
+        took: hit_took,
+        hit_ratio: contested as f64 / distinct.len() as f64,
+    });
+    let physics = physics_costs(&all, &repeat);
+    // What ingest stores per flow: the verdict, every answer checked from a site at 0.4 ms,
+    // the answers as JSON.
+    let site = Place::Point {
+        lat: 34.0209,
+        lon: -6.8498,
+    };
+    for ip in repeat.iter().take(WORKING_SET) {
+        black_box(verdict_columns(&all, &all.lookup(*ip), Some(&site), 400));
+    }
+    let stored_took = best(&repeat, |ip| {
+        verdict_columns(&all, &all.lookup(ip), Some(&site), 400)
+            .answers_json
+            .len()
+    });
+    rows.push(Row {
+        source: label,
+        mode: "stored verdict",
+        lookups: repeat.len(),
+        took: stored_took,
+        hit_ratio: contested as f64 / distinct.len() as f64,
+    });
+
     println!(
         "{:<36} {:<20} {:>10} {:>9} {:>14} {:>8}",
         "source", "mode (one core)", "lookups", "seconds", "lookups/s", "found"
@@ -326,9 +487,21 @@ fn main() -> anyhow::Result<()> {
             r.hit_ratio * 100.0
         );
     }
+    println!("(found: the share of addresses placed; for every source, the share contested)");
+    println!(
+        "physics: geometry decode {:.1} ms ({} countries); point to country uncached {:.1} µs mean, \
+         {:.1} µs max; country to country uncached {:.1} µs mean, {:.1} µs max; cached check {:.0} ns",
+        physics.decode_ms,
+        physics.countries,
+        physics.point_us_mean,
+        physics.point_us_max,
+        physics.pair_us_mean,
+        physics.pair_us_max,
+        physics.cached_ns
+    );
     let cached: Vec<&Row> = rows
         .iter()
-        .filter(|r| r.mode.contains("repeating"))
+        .filter(|r| r.mode.contains("repeating") || r.mode == "stored verdict")
         .collect();
     let met = cached.iter().all(|r| r.per_sec() >= TARGET_PER_SEC);
     let slowest = cached
@@ -351,6 +524,15 @@ fn main() -> anyhow::Result<()> {
             "lookups_per_sec": r.per_sec(),
             "found_ratio": r.hit_ratio,
         })).collect::<Vec<_>>(),
+        "physics": {
+            "geometry_decode_ms": physics.decode_ms,
+            "countries": physics.countries,
+            "point_to_country_uncached_us_mean": physics.point_us_mean,
+            "point_to_country_uncached_us_max": physics.point_us_max,
+            "country_to_country_uncached_us_mean": physics.pair_us_mean,
+            "country_to_country_uncached_us_max": physics.pair_us_max,
+            "check_cached_ns": physics.cached_ns,
+        },
         "target_lookups_per_sec": TARGET_PER_SEC,
         "slowest_repeating_lookups_per_sec": slowest,
         "target_met": met,

@@ -629,6 +629,37 @@ pub fn postgres_required() -> bool {
     std::env::var("SOV_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
 }
 
+/// The egress rows of the last hour grouped `by`, asked as a regulator (`alice`).
+pub async fn egress_rows(pki: &Pki, url: &str, by: &str) -> Vec<pb::EgressRow> {
+    let tls = pki.client_tls(Role::Regulator, "alice");
+    let mut q = pb::query_client::QueryClient::new(tls.connect(url).await.expect("connect"));
+    let now = sov_common::clock::now_unix_ms();
+    q.egress(pb::EgressRequest {
+        since_unix_ms: now - 3_600_000,
+        until_unix_ms: 0,
+        by: by.into(),
+        limit: 1000,
+    })
+    .await
+    .expect("egress")
+    .into_inner()
+    .rows
+}
+
+/// Every breach (up to 1,000), asked as a regulator (`alice`).
+pub async fn breach_list(pki: &Pki, url: &str) -> Vec<pb::BreachSummary> {
+    let tls = pki.client_tls(Role::Regulator, "alice");
+    let mut q = pb::query_client::QueryClient::new(tls.connect(url).await.expect("connect"));
+    q.list_breaches(pb::ListBreachesRequest {
+        limit: 1000,
+        ..Default::default()
+    })
+    .await
+    .expect("list breaches")
+    .into_inner()
+    .breaches
+}
+
 /// Says loudly that a test (or part of one) skipped and why: on stderr and as a line in the
 /// target directory's list of skipped tests, which `.ci/run` prints at the end.
 pub fn skipped(test: &str, reason: &str) {

@@ -51,6 +51,7 @@ async fn a_receiver_that_hangs_then_fails_then_recovers_gets_every_alert_acknowl
             country: "FR".to_owned(),
             asn: None,
             org: None,
+            operator_country: None,
         }];
         c.alert.retry_max_secs = Some(2);
         c.alert.webhook = vec![WebhookSinkConfig {

@@ -244,6 +244,7 @@ async fn every_rule_opens_and_resolves_and_a_receiver_down_for_a_minute_gets_eve
             country: country.to_owned(),
             asn: Some(64_500),
             org: Some("Test Transit".to_owned()),
+            operator_country: None,
         };
         c.geo.overrides = vec![
             o(format!("{fr_}/32"), "FR"),

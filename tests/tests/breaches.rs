@@ -45,12 +45,14 @@ async fn foreign_egress_opens_one_breach_and_allowed_destinations_none() {
                 country: "FR".to_owned(),
                 asn: None,
                 org: None,
+                operator_country: None,
             },
             GeoOverride {
                 cidr: "198.51.100.0/24".to_owned(),
                 country: "DE".to_owned(),
                 asn: None,
                 org: None,
+                operator_country: None,
             },
         ];
     })

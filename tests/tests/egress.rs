@@ -8,32 +8,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sov_collector::auth::Role;
 use sov_collector::config::GeoOverride;
 use sov_e2e::netns::{Netns, send, sink};
 use sov_e2e::{InProcessCollector, Pki, agent_config, eventually};
-use sov_proto::pb;
 use tokio_util::sync::CancellationToken;
-
-async fn egress(
-    q: &mut pb::query_client::QueryClient<tonic::transport::Channel>,
-    by: &str,
-) -> Vec<pb::EgressRow> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    q.egress(pb::EgressRequest {
-        since_unix_ms: now - 3_600_000,
-        until_unix_ms: 0,
-        by: by.into(),
-        limit: 1000,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .rows
-}
 
 fn within_one_percent(got: u64, want: u64) -> bool {
     let diff = got.abs_diff(want) as f64;
@@ -77,12 +55,14 @@ async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and
                 country: "FR".into(),
                 asn: Some(64_500),
                 org: Some("Test Transit".into()),
+                operator_country: None,
             },
             GeoOverride {
                 cidr: v6_cidr.clone(),
                 country: "DE".into(),
                 asn: None,
                 org: None,
+                operator_country: None,
             },
         ];
     })
@@ -123,16 +103,14 @@ async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and
     .unwrap();
     assert_eq!(replies, 256 * 1024);
 
-    let tls = pki.client_tls(Role::Regulator, "alice");
-    let mut q = pb::query_client::QueryClient::new(tls.connect(&url).await.unwrap());
     let want4 = (sent4 + short) as u64;
     let rows = eventually(
         Duration::from_secs(30),
         "the French and German bytes at the collector",
         || {
-            let mut q = q.clone();
+            let (pki, url) = (&pki, &url);
             async move {
-                let rows = egress(&mut q, "process").await;
+                let rows = sov_e2e::egress_rows(pki, url, "process").await;
                 let fr: u64 = rows
                     .iter()
                     .filter(|r| r.country == "FR")
@@ -182,17 +160,17 @@ async fn bytes_sent_to_a_foreign_server_reach_the_collector_with_pid_process_and
     assert!(within_one_percent(de.bytes_sent, sent6 as u64), "{de:?}");
 
     // Grouped by country and by ASN, the same bytes; the verdict names its source.
-    let by_country = egress(&mut q, "country").await;
+    let by_country = sov_e2e::egress_rows(&pki, &url, "country").await;
     let fr_total = by_country.iter().find(|r| r.country == "FR").unwrap();
     assert!(within_one_percent(fr_total.bytes_sent, want4));
-    let by_asn = egress(&mut q, "asn").await;
+    let by_asn = sov_e2e::egress_rows(&pki, &url, "asn").await;
     assert!(
         by_asn
             .iter()
             .any(|r| r.asn == 64_500 && r.org == "Test Transit"),
         "{by_asn:?}"
     );
-    let dest = egress(&mut q, "destination").await;
+    let dest = sov_e2e::egress_rows(&pki, &url, "destination").await;
     let d = dest.iter().find(|r| r.remote_address == v4).unwrap();
     assert!(d.geo_source.starts_with("override"), "{d:?}");
 

@@ -1,7 +1,8 @@
-//! Pods come and go: the flow sampler opens two netlink sockets inside each network namespace
-//! it finds (on a helper thread that ends at once) and closes them once the namespace has no
-//! process left, so a node where pods churn leaks no descriptor and no thread. Alone in its
-//! binary: it counts this process's descriptors and threads.
+//! Pods come and go: the flow sampler opens three netlink sockets inside each network namespace
+//! it finds (sock_diag dump, destroy events, conntrack; on a helper thread that ends at once)
+//! and closes them once the namespace has no process left, so a node where pods churn leaks
+//! no descriptor and no thread. Alone in its binary: it counts this process's descriptors and
+//! threads.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -83,8 +84,8 @@ fn pods_come_and_go_without_leaking_descriptors_or_threads() {
     );
     assert_eq!(
         count("/proc/self/fd"),
-        fds + 2 * PODS,
-        "a dump socket and a destroy-event socket per namespace"
+        fds + 3 * PODS,
+        "a dump socket, a destroy-event socket and a conntrack socket per namespace"
     );
     assert_eq!(count("/proc/self/task"), threads, "no thread left behind");
 

@@ -170,6 +170,7 @@ async fn two_replicas_open_each_breach_once_and_deliver_each_alert_once_when_one
             country: "FR".to_owned(),
             asn: None,
             org: None,
+            operator_country: None,
         }];
         c.alert.webhook = vec![WebhookSinkConfig {
             url: hook.clone(),

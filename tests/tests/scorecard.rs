@@ -22,6 +22,7 @@ fn overrides() -> Vec<GeoOverride> {
         country: country.into(),
         asn: Some(asn),
         org: Some(org.into()),
+        operator_country: None,
     };
     vec![
         o("192.0.2.0/24", "US", 64500, "Example Cloud"),

@@ -18,8 +18,7 @@ async fn series_buckets_add_up_to_the_scorecard_of_the_range() {
         c.geo.overrides = vec![GeoOverride {
             cidr: "192.0.2.0/24".into(),
             country: "US".into(),
-            asn: None,
-            org: None,
+            ..Default::default()
         }];
         c.http.listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     })

@@ -169,6 +169,7 @@ fn place(cidr: &str, country: &str, org: &str) -> GeoOverride {
         country: country.into(),
         asn: Some(64500),
         org: Some(org.into()),
+        operator_country: None,
     }
 }
 

@@ -59,10 +59,13 @@ struct Row<'a> {
     asn: Option<u32>,
     org: &'a str,
     source: &'a str,
+    answers: &'a [crate::geo::Answer],
+    contested: bool,
+    operator_country: &'a str,
 }
 
 /// The text to print for `ips`: one line per address (`--output text`), or a JSON array of
-/// `{ip, country, asn, org, source}` objects. With `config`, its `[geo]` section decides
+/// `{ip, country, asn, org, source, answers, contested, operator_country}` objects. With `config`, its `[geo]` section decides
 /// (read as strictly as `serve` reads it); without, the embedded table alone. Every address
 /// that does not parse is named in the error, and nothing is looked up.
 pub fn lookup_command(config: Option<&Path>, ips: &[String], json: bool) -> Result<String, String> {
@@ -85,7 +88,8 @@ pub fn lookup_command(config: Option<&Path>, ips: &[String], json: bool) -> Resu
         }
         None => Geo::embedded_only(),
     };
-    let verdicts: Vec<(IpAddr, Verdict)> = parsed.iter().map(|ip| (*ip, geo.lookup(*ip))).collect();
+    let verdicts: Vec<(IpAddr, std::sync::Arc<Verdict>)> =
+        parsed.iter().map(|ip| (*ip, geo.lookup(*ip))).collect();
     if json {
         let rows: Vec<Row<'_>> = verdicts
             .iter()
@@ -95,6 +99,9 @@ pub fn lookup_command(config: Option<&Path>, ips: &[String], json: bool) -> Resu
                 asn: v.asn,
                 org: &v.org,
                 source: &v.source,
+                answers: &v.answers,
+                contested: v.contested,
+                operator_country: &v.operator_country,
             })
             .collect();
         return serde_json::to_string_pretty(&rows).map_err(|e| e.to_string());
@@ -113,7 +120,9 @@ pub fn lookup_command(config: Option<&Path>, ips: &[String], json: bool) -> Resu
 }
 
 /// `8.8.8.8  country=US asn=15169 org="GOOGLE" source=embedded:iptocc-1.4.175`; unknown
-/// values are `-`; the ASN's source is added when it differs.
+/// values are `-`; the ASN's source is added when it differs, the operator's country when
+/// known, and every answer side by side when the sources disagree
+/// (`contested=[US:embedded:iptocc-1.4.175, FR:mmdb:…]`).
 fn text_line(ip: &str, width: usize, v: &Verdict) -> String {
     let dash = |s: &str| {
         if s.is_empty() {
@@ -136,6 +145,17 @@ fn text_line(ip: &str, width: usize, v: &Verdict) -> String {
     if !v.asn_source.is_empty() && v.asn_source != v.source {
         line.push_str(&format!(" asn_source={}", v.asn_source));
     }
+    if !v.operator_country.is_empty() {
+        line.push_str(&format!(" operator={}", v.operator_country));
+    }
+    if v.contested {
+        let answers: Vec<String> = v
+            .answers
+            .iter()
+            .map(|a| format!("{}:{}", a.country, a.source))
+            .collect();
+        line.push_str(&format!(" contested=[{}]", answers.join(", ")));
+    }
     line
 }
 
@@ -154,6 +174,37 @@ mod tests {
         );
         assert!(lines[0].contains("source=embedded:iptocc-"), "{out}");
         assert!(lines[1].contains("country=- asn=- org=- source=-"), "{out}");
+    }
+
+    #[test]
+    fn sources_that_disagree_are_shown_side_by_side_with_the_operators_country() {
+        let dir = tempfile::tempdir().unwrap();
+        let feed = dir.path().join("cloud.geofeed.csv");
+        std::fs::write(&feed, "8.8.8.0/24,FR,FR-IDF,Paris,\n").unwrap();
+        let delegated = dir.path().join("delegated-arin-extended-latest");
+        std::fs::write(&delegated, "arin|US|asn|15169|1|20000101|assigned|x\n").unwrap();
+        let cfg = dir.path().join("collector.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[geo]\ndatabases = [{feed:?}, {delegated:?}]\n\
+                 [[geo.override]]\ncidr = \"8.8.4.0/24\"\ncountry = \"US\"\nasn = 15169\n"
+            ),
+        )
+        .unwrap();
+        let out = lookup_command(Some(&cfg), &["8.8.8.8".into(), "8.8.4.4".into()], false).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].contains("country=FR"), "{out}");
+        assert!(
+            lines[0].contains("contested=[FR:geofeed:cloud.geofeed.csv@")
+                && lines[0].contains(", US:embedded:iptocc-"),
+            "{out}"
+        );
+        // The override's ASN's holder is registered in the US (the delegated file).
+        assert!(
+            lines[1].contains("operator=US") && !lines[1].contains("contested"),
+            "{out}"
+        );
     }
 
     #[test]
@@ -181,8 +232,17 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 5);
-        for k in ["ip", "country", "asn", "org", "source"] {
+        assert_eq!(keys.len(), 8);
+        for k in [
+            "ip",
+            "country",
+            "asn",
+            "org",
+            "source",
+            "answers",
+            "contested",
+            "operator_country",
+        ] {
             assert!(keys.contains(&k), "{keys:?}");
         }
         assert_eq!(rows[0]["country"], "FR");

@@ -141,6 +141,7 @@ async fn start_demo(
         country: foreign.to_owned(),
         asn: None,
         org: Some(demo::DEMO_ORG.to_owned()),
+        operator_country: None,
     });
     cfg.alert.webhook.push(WebhookSinkConfig {
         url: format!("http://{receiver}/alerts"),
@@ -213,6 +214,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
                 country: args.country.clone(),
                 asn: None,
                 org: Some("this host (loopback)".to_owned()),
+                operator_country: None,
             });
         }
     }

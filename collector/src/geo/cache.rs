@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::Verdict;
 
@@ -15,9 +15,12 @@ pub const DEFAULT_CACHE_ENTRIES: usize = 65_536;
 /// Number of shards (a power of two).
 const SHARDS: usize = 16;
 
+/// One shard: verdicts by normalised address.
+type Shard = Mutex<HashMap<IpAddr, Arc<Verdict>>>;
+
 /// Verdicts by normalised address.
 pub struct Cache {
-    shards: Box<[Mutex<HashMap<IpAddr, Verdict>>]>,
+    shards: Box<[Shard]>,
     per_shard: usize,
 }
 
@@ -40,7 +43,7 @@ impl Cache {
         }
     }
 
-    fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, Verdict>> {
+    fn shard(&self, ip: &IpAddr) -> &Shard {
         // Fibonacci hashing of the address bits; the map itself keeps SipHash.
         let bits = match ip {
             IpAddr::V4(v4) => u64::from(v4.to_bits()),
@@ -54,7 +57,7 @@ impl Cache {
     }
 
     /// The cached verdict for `ip`.
-    pub fn get(&self, ip: &IpAddr) -> Option<Verdict> {
+    pub fn get(&self, ip: &IpAddr) -> Option<Arc<Verdict>> {
         self.shard(ip)
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -63,7 +66,7 @@ impl Cache {
     }
 
     /// Remember a verdict (clearing the shard first when it is full).
-    pub fn insert(&self, ip: IpAddr, v: Verdict) {
+    pub fn insert(&self, ip: IpAddr, v: Arc<Verdict>) {
         let mut shard = self
             .shard(&ip)
             .lock()
@@ -91,14 +94,14 @@ mod tests {
     fn the_cache_never_holds_more_than_its_bound() {
         let c = Cache::new(64);
         for i in 0..10_000u32 {
-            c.insert(IpAddr::from(i.to_be_bytes()), Verdict::default());
+            c.insert(IpAddr::from(i.to_be_bytes()), Arc::default());
             assert!(c.len() <= 64, "{} entries", c.len());
         }
         let ip = IpAddr::from([1, 2, 3, 4]);
-        let v = Verdict {
+        let v = Arc::new(Verdict {
             country: "FR".into(),
             ..Verdict::default()
-        };
+        });
         c.insert(ip, v.clone());
         assert_eq!(c.get(&ip), Some(v));
     }

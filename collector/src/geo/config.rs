@@ -10,8 +10,11 @@ use serde::Deserialize;
 pub struct GeoConfig {
     /// Database files, each recognised by its content: MaxMind-format `.mmdb` (GeoLite2,
     /// DB-IP, IPinfo, ip-location-db; country or ASN), the registries' `delegated-*-extended`
-    /// files, or CSV ranges `start,end,country` / `start,end,asn,organisation`. Earlier files
-    /// win; the embedded table answers last. Reloaded when a file changes.
+    /// files (their `asn` records give the operator's country), RFC 8805 geofeeds
+    /// (`prefix,country,region,city,postal`), or CSV ranges `start,end,country` /
+    /// `start,end,asn,organisation`. Every file answers; the first answer (in this order,
+    /// the embedded table last) is the verdict's country, and answers that disagree make it
+    /// contested. Reloaded when a file changes.
     #[serde(default)]
     pub databases: Vec<PathBuf>,
     /// `[[geo.override]]`: CIDR blocks placed by the operator; they win over every database.
@@ -20,7 +23,7 @@ pub struct GeoConfig {
 }
 
 /// One `[[geo.override]]`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct GeoOverride {
     /// Block, e.g. "10.0.0.0/8" or "2001:db8::/32".
@@ -33,4 +36,7 @@ pub struct GeoOverride {
     /// Organisation, when known.
     #[serde(default)]
     pub org: Option<String>,
+    /// ISO 3166-1 alpha-2 country where the block's operator is registered, when known.
+    #[serde(default)]
+    pub operator_country: Option<String>,
 }

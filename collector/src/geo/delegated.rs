@@ -2,9 +2,11 @@
 //! plain `delegated-<rir>-latest`): `registry|cc|type|start|value|date|status[|opaque-id]`.
 //!
 //! `ipv4` records give a start address and a count of addresses (not always a power of two);
-//! `ipv6` records a start and a prefix length. The version line
-//! (`2|ripencc|20261101|…`), summary lines (`ripencc|*|ipv4|*|…|summary`), `asn` records and
-//! records without a country (`available`, `reserved`) are skipped. The build is the file
+//! `ipv6` records a start and a prefix length; `asn` records a first ASN and a count, and
+//! their country is where the holder of those autonomous systems is registered (the
+//! operator's country of a verdict). The version line (`2|ripencc|20261101|…`), summary
+//! lines (`ripencc|*|ipv4|*|…|summary`) and records without a country (`available`,
+//! `reserved`) are skipped. The build is the file
 //! name and the date of the version line (else the file's modification date).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -12,12 +14,14 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use super::ranges::{RangeBuilder, RangeTable};
-use super::{GeoError, GeoSource};
+use super::{GeoError, GeoSource, SourceKind};
 
 /// One registry statistics file.
 pub struct Delegated {
     name: String,
     table: RangeTable<String>,
+    /// `(first ASN, last ASN, country)`, sorted and disjoint.
+    asns: Vec<(u32, u32, String)>,
 }
 
 impl std::fmt::Debug for Delegated {
@@ -27,6 +31,7 @@ impl std::fmt::Debug for Delegated {
             .field("name", &self.name)
             .field("v4_ranges", &v4)
             .field("v6_ranges", &v6)
+            .field("asn_ranges", &self.asns.len())
             .finish()
     }
 }
@@ -35,6 +40,23 @@ impl std::fmt::Debug for Delegated {
 fn header_date(field: &str) -> Option<String> {
     (field.len() == 8 && field.bytes().all(|b| b.is_ascii_digit()))
         .then(|| format!("{}-{}-{}", &field[..4], &field[4..6], &field[6..]))
+}
+
+/// The build of a text source: `<kind>:<file name>@<date>`, the date being the file's own
+/// (`date`), else its modification date, else "unknown".
+pub(crate) fn build_name(
+    kind: &str,
+    path: &Path,
+    date: Option<String>,
+    mtime: Option<SystemTime>,
+) -> String {
+    let file = path
+        .file_name()
+        .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
+    let date = date
+        .or_else(|| mtime.and_then(iso_date))
+        .unwrap_or_else(|| "unknown".to_owned());
+    format!("{kind}:{file}@{date}")
 }
 
 /// A date as `YYYY-MM-DD` (UTC).
@@ -68,6 +90,7 @@ impl Delegated {
             std::str::from_utf8(bytes).map_err(|e| err(0, format!("not UTF-8 text: {e}")))?;
         let mut ranges: RangeBuilder<String> = RangeBuilder::new();
         let mut date = None;
+        let mut asns: Vec<(u32, u32, String)> = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line_no = n + 1;
             let line = line.trim();
@@ -97,10 +120,7 @@ impl Delegated {
                 ));
             }
             let (cc, kind, start, value, status) = (f[1], f[2], f[3], f[4], f[6]);
-            if kind == "asn" {
-                continue;
-            }
-            if kind != "ipv4" && kind != "ipv6" {
+            if kind != "ipv4" && kind != "ipv6" && kind != "asn" {
                 return Err(err(line_no, format!("unknown record type {kind:?}")));
             }
             if cc.is_empty() || cc == "ZZ" || status == "available" || status == "reserved" {
@@ -111,6 +131,19 @@ impl Delegated {
                     line_no,
                     format!("country {cc:?} is not an ISO 3166-1 alpha-2 code"),
                 ));
+            }
+            if kind == "asn" {
+                let first: u32 = start
+                    .parse()
+                    .map_err(|_| err(line_no, format!("ASN {start:?} is not a number")))?;
+                let count: u32 = value.parse().ok().filter(|c| *c > 0).ok_or_else(|| {
+                    err(line_no, format!("count {value:?} is not a positive number"))
+                })?;
+                let last = first.checked_add(count - 1).ok_or_else(|| {
+                    err(line_no, format!("ASN {first} + {count} runs past 2^32-1"))
+                })?;
+                asns.push((first, last, cc.to_owned()));
+                continue;
             }
             let (first, last) = if kind == "ipv4" {
                 let s: Ipv4Addr = start
@@ -145,22 +178,23 @@ impl Delegated {
                 .push(first, last, cc.to_owned())
                 .map_err(|m| err(line_no, m))?;
         }
-        if ranges.is_empty() {
-            return Err(err(0, "no ipv4 or ipv6 records with a country".to_owned()));
+        if ranges.is_empty() && asns.is_empty() {
+            return Err(err(
+                0,
+                "no ipv4, ipv6 or asn records with a country".to_owned(),
+            ));
         }
+        // Registries do not overlap ASN ranges; should a file do so, the first range wins.
+        asns.sort_by_key(|a| a.0);
+        asns.dedup_by(|b, a| b.0 <= a.1);
         let (table, overlaps) = ranges.build();
         if overlaps > 0 {
             tracing::debug!(path = %path.display(), overlaps, "overlapping ranges: the narrower wins");
         }
-        let file = path
-            .file_name()
-            .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy());
-        let date = date
-            .or_else(|| mtime.and_then(iso_date))
-            .unwrap_or_else(|| "unknown".to_owned());
         Ok(Delegated {
-            name: format!("delegated:{file}@{date}"),
+            name: build_name("delegated", path, date, mtime),
             table,
+            asns,
         })
     }
 }
@@ -170,8 +204,18 @@ impl GeoSource for Delegated {
         &self.name
     }
 
+    fn kind(&self) -> SourceKind {
+        SourceKind::Registry
+    }
+
     fn country(&self, ip: IpAddr) -> Option<String> {
         self.table.get(ip).cloned()
+    }
+
+    fn asn_country(&self, asn: u32) -> Option<String> {
+        let i = self.asns.partition_point(|a| a.0 <= asn).checked_sub(1)?;
+        let (_, last, cc) = &self.asns[i];
+        (asn <= *last).then(|| cc.clone())
     }
 }
 
@@ -219,6 +263,23 @@ ripencc|NL|ipv6|2001:db8::|32|20050101|allocated|ghi
         assert_eq!(d.country(ip("2001:db8:ffff::1")).as_deref(), Some("NL"));
         assert_eq!(d.country(ip("2001:db9::1")), None);
         assert_eq!(d.asn(ip("2.0.0.1")), None);
+        // The holder of AS3215 is registered in France; AS3216 is not in the file.
+        assert_eq!(d.asn_country(3215).as_deref(), Some("FR"));
+        assert_eq!(d.asn_country(3216), None);
+        assert_eq!(d.asn_country(1), None);
+    }
+
+    #[test]
+    fn asn_ranges_give_the_holders_country_and_a_file_of_asns_alone_is_a_source() {
+        let body = "2|afrinic|20261101|2|19830705|20261031|+0000\n\
+            afrinic|MA|asn|36903|10|20050101|allocated|x\n\
+            afrinic|ZA|asn|37100|1|20050101|assigned|y\n";
+        let d = Delegated::parse(Path::new("delegated-afrinic"), body.as_bytes(), None).unwrap();
+        assert_eq!(d.asn_country(36903).as_deref(), Some("MA"));
+        assert_eq!(d.asn_country(36912).as_deref(), Some("MA"));
+        assert_eq!(d.asn_country(36913), None);
+        assert_eq!(d.asn_country(37100).as_deref(), Some("ZA"));
+        assert_eq!(d.country(ip("2.0.0.1")), None);
     }
 
     #[test]
@@ -263,7 +324,7 @@ ripencc|NL|ipv6|2001:db8::|32|20050101|allocated|ghi
             ("ripencc|FR|ipv4|2.0.0.0\n", ":1: expected"),
             (
                 "2|ripencc|20261101|0|19830705|20261031|+0100\n",
-                ":0: no ipv4",
+                ":0: no ipv4, ipv6 or asn",
             ),
         ] {
             let e = Delegated::parse(Path::new("d"), body.as_bytes(), None).unwrap_err();

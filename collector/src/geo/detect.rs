@@ -3,6 +3,7 @@
 //! - MaxMind DB: the metadata marker `\xAB\xCD\xEFMaxMind.com` in the last 128 KiB;
 //! - delegated: a version line such as `2|ripencc|20261101|…`, or records with `|ipv4|`,
 //!   `|ipv6|` or `|asn|`;
+//! - geofeed (RFC 8805): the first data line is `prefix/len,country,…`;
 //! - CSV: the first data line (after an optional header) starts with two addresses.
 
 use super::csv::{parse_address, split_fields};
@@ -27,6 +28,8 @@ pub enum Format {
     Delegated,
     /// CSV ranges: `start,end,CC` or `start,end,asn,organisation`.
     Csv,
+    /// An RFC 8805 geofeed: `prefix,CC,region,city,postal`.
+    Geofeed,
 }
 
 /// The format of a file's content, if it is one of ours.
@@ -44,6 +47,9 @@ pub fn detect(bytes: &[u8]) -> Option<Format> {
     let first = data_lines.next()?;
     if is_version_line(first) {
         return Some(Format::Delegated);
+    }
+    if super::geofeed::is_geofeed_line(first) {
+        return Some(Format::Geofeed);
     }
     let rest: Vec<&str> = data_lines.take(TEXT_PEEK_LINES).collect();
     if std::iter::once(first)
@@ -132,6 +138,10 @@ mod tests {
         assert_eq!(
             detect(b"\"16777216\",\"16777471\",\"AU\",\"Australia\"\n"),
             Some(Format::Csv)
+        );
+        assert_eq!(
+            detect(b"# geofeed\n192.0.2.0/24,FR,FR-IDF,Paris,\n"),
+            Some(Format::Geofeed)
         );
         assert_eq!(detect(b"hello world\nsecond line\n"), None);
         assert_eq!(detect(b""), None);

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use super::GeoSource;
+use super::{GeoSource, SourceKind};
 
 /// Build string of the embedded table: the `iptocc` version (its data is that release's).
 /// A test checks it against `Cargo.lock`.
@@ -16,6 +16,10 @@ pub struct Embedded;
 impl GeoSource for Embedded {
     fn name(&self) -> &str {
         EMBEDDED_BUILD
+    }
+
+    fn kind(&self) -> SourceKind {
+        SourceKind::Registry
     }
 
     fn country(&self, ip: IpAddr) -> Option<String> {

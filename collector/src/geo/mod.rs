@@ -21,9 +21,12 @@ pub mod csv;
 pub mod delegated;
 pub mod detect;
 pub mod embedded;
+pub mod geofeed;
 pub mod mmdb;
 pub mod overrides;
+pub mod physics;
 mod ranges;
+pub mod shapes;
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
 
@@ -42,10 +45,49 @@ pub use config::{GeoConfig, GeoOverride};
 use detect::Format;
 use overrides::Overrides;
 
-/// Where one remote address is, and which database build said so.
+/// What kind of source gave an answer: how much weight a reader gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// `[[geo.override]]`: the operator placed the block; never second-guessed.
+    Override,
+    /// An RFC 8805 geofeed: the network's operator says where its prefixes are used.
+    Geofeed,
+    /// A commercial or community database (MaxMind format, CSV ranges).
+    Database,
+    /// The registries' data (delegated files, the embedded table): where the holder of the
+    /// block is registered, which for a cloud or CDN block is often not where it is used.
+    Registry,
+}
+
+impl SourceKind {
+    /// The word used in stored answers and evidence.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Override => "override",
+            SourceKind::Geofeed => "geofeed",
+            SourceKind::Database => "database",
+            SourceKind::Registry => "registry",
+        }
+    }
+}
+
+/// One source's answer for an address.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Answer {
+    /// The source's build, e.g. "mmdb:GeoLite2-Country@2026-11-01".
+    pub source: String,
+    /// ISO 3166-1 alpha-2 country it places the address in.
+    pub country: String,
+    /// What kind of source it is.
+    pub kind: SourceKind,
+}
+
+/// Where one remote address is according to every source, and who operates it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Verdict {
-    /// ISO 3166-1 alpha-2 country; "" when no source knows the address.
+    /// ISO 3166-1 alpha-2 country of the first answer in source order (override, databases
+    /// and geofeeds in config order, the embedded table); "" when no source knows the address.
     pub country: String,
     /// Autonomous system number, when a source knows it.
     pub asn: Option<u32>,
@@ -57,16 +99,46 @@ pub struct Verdict {
     pub source: String,
     /// Build of the source that gave the ASN and organisation; "" when unknown.
     pub asn_source: String,
+    /// Every source that places the address, in source order (the first is `country`'s).
+    pub answers: Vec<Answer>,
+    /// True when the answers name more than one country and no override decides.
+    pub contested: bool,
+    /// Country where the operator of the address's autonomous system is registered (the
+    /// registries' ASN records, or the override), "" when unknown.
+    pub operator_country: String,
+    /// Build of the source that gave `operator_country`.
+    pub operator_source: String,
+}
+
+impl Verdict {
+    /// The distinct countries the answers name, in source order.
+    pub fn countries(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for a in &self.answers {
+            if !out.contains(&a.country.as_str()) {
+                out.push(&a.country);
+            }
+        }
+        out
+    }
 }
 
 /// One geolocation source. Implementations must answer quickly and never block.
 pub trait GeoSource: Send + Sync + std::fmt::Debug {
     /// The build string recorded in [`Verdict::source`], e.g. "mmdb:GeoLite2-Country@2026-11-01".
     fn name(&self) -> &str;
+    /// What kind of source this is.
+    fn kind(&self) -> SourceKind {
+        SourceKind::Database
+    }
     /// Country (ISO 3166-1 alpha-2) of an already [`normalise`]d address, when known.
     fn country(&self, ip: IpAddr) -> Option<String>;
     /// Autonomous system number and organisation ("" when unknown), when known.
     fn asn(&self, _ip: IpAddr) -> Option<(u32, String)> {
+        None
+    }
+    /// Country where an autonomous system's holder is registered, when known.
+    fn asn_country(&self, _asn: u32) -> Option<String> {
         None
     }
 }
@@ -83,7 +155,7 @@ pub enum GeoError {
     },
     /// The content is none of the recognised formats.
     #[error(
-        "{} is not a recognised database (MaxMind .mmdb, delegated-*-extended, CSV ranges): it starts with {head}{hint}",
+        "{} is not a recognised database (MaxMind .mmdb, delegated-*-extended, RFC 8805 geofeed, CSV ranges): it starts with {head}{hint}",
         .path.display()
     )]
     UnknownFormat {
@@ -184,6 +256,9 @@ fn load_file(path: &Path) -> Result<(Arc<dyn GeoSource>, Fingerprint), GeoError>
             fingerprint.mtime,
         )?),
         Some(Format::Csv) => Arc::new(csv::Csv::parse(path, &bytes)?),
+        Some(Format::Geofeed) => {
+            Arc::new(geofeed::Geofeed::parse(path, &bytes, fingerprint.mtime)?)
+        }
         None => {
             return Err(GeoError::UnknownFormat {
                 path: path.to_owned(),
@@ -228,6 +303,7 @@ impl Snapshot {
 #[derive(Debug)]
 struct Inner {
     overrides: Overrides,
+    physics: physics::Physics,
     current: RwLock<Arc<Snapshot>>,
     /// One per database, in config order; the lock also serialises reloads.
     files: Mutex<Vec<FileState>>,
@@ -262,6 +338,7 @@ impl Geo {
         Ok(Geo {
             inner: Arc::new(Inner {
                 overrides,
+                physics: physics::Physics::default(),
                 current: RwLock::new(Snapshot::new(sources)),
                 files: Mutex::new(files),
             }),
@@ -273,6 +350,7 @@ impl Geo {
         Geo {
             inner: Arc::new(Inner {
                 overrides: Overrides::default(),
+                physics: physics::Physics::default(),
                 current: RwLock::new(Snapshot::new(vec![Arc::new(embedded::Embedded)])),
                 files: Mutex::new(Vec::new()),
             }),
@@ -290,41 +368,52 @@ impl Geo {
     }
 
     /// The verdict for one address (normalised first); never fails: an address no source
-    /// knows gets an empty country.
-    pub fn lookup(&self, ip: IpAddr) -> Verdict {
+    /// knows gets an empty country. Shared with the cache: cloning it is one `Arc`.
+    pub fn lookup(&self, ip: IpAddr) -> Arc<Verdict> {
         let ip = normalise(ip);
         let snapshot = self.snapshot();
         if let Some(v) = snapshot.cache.get(&ip) {
             return v;
         }
-        let v = self.resolve(&snapshot.sources, ip);
-        snapshot.cache.insert(ip, v.clone());
+        let v = Arc::new(self.resolve(&snapshot.sources, ip));
+        snapshot.cache.insert(ip, Arc::clone(&v));
         v
     }
 
-    /// Ask every source in order, without the cache.
+    /// The speed-of-light check (country geometry and its cache).
+    pub fn physics(&self) -> &physics::Physics {
+        &self.inner.physics
+    }
+
+    /// Ask every source, without the cache.
     fn resolve(&self, sources: &[Arc<dyn GeoSource>], ip: IpAddr) -> Verdict {
         let mut v = Verdict::default();
         let mut asn_known = false;
-        if let Some(o) = self.inner.overrides.find(ip) {
-            v.country.clone_from(&o.country);
-            v.source.clone_from(&o.source);
+        let overridden = self.inner.overrides.find(ip);
+        if let Some(o) = overridden {
+            v.answers.push(Answer {
+                source: o.source.clone(),
+                country: o.country.clone(),
+                kind: SourceKind::Override,
+            });
             if o.asn.is_some() || o.org.is_some() {
                 asn_known = true;
                 v.asn = o.asn;
                 v.org = o.org.clone().unwrap_or_default();
                 v.asn_source.clone_from(&o.source);
             }
+            if let Some(c) = &o.operator_country {
+                v.operator_country.clone_from(c);
+                v.operator_source.clone_from(&o.source);
+            }
         }
         for s in sources {
-            if asn_known && !v.country.is_empty() {
-                break;
-            }
-            if v.country.is_empty()
-                && let Some(c) = s.country(ip)
-            {
-                v.country = c;
-                v.source = s.name().to_owned();
+            if let Some(c) = s.country(ip) {
+                v.answers.push(Answer {
+                    source: s.name().to_owned(),
+                    country: c,
+                    kind: s.kind(),
+                });
             }
             if !asn_known && let Some((asn, org)) = s.asn(ip) {
                 asn_known = true;
@@ -332,6 +421,20 @@ impl Geo {
                 v.org = org;
                 v.asn_source = s.name().to_owned();
             }
+        }
+        if let Some(first) = v.answers.first() {
+            v.country.clone_from(&first.country);
+            v.source.clone_from(&first.source);
+        }
+        v.contested = overridden.is_none() && v.countries().len() > 1;
+        if v.operator_country.is_empty()
+            && let Some(asn) = v.asn
+            && let Some((c, s)) = sources
+                .iter()
+                .find_map(|s| s.asn_country(asn).map(|c| (c, s.name())))
+        {
+            v.operator_country = c;
+            v.operator_source = s.to_owned();
         }
         v
     }

@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::GeoOverride;
-use super::{GeoError, GeoSource};
+use super::{GeoError, GeoSource, SourceKind};
 
 /// One parsed override.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub struct OverrideEntry {
     pub asn: Option<u32>,
     /// Organisation, when given.
     pub org: Option<String>,
+    /// Country where the operator is registered, when given.
+    pub operator_country: Option<String>,
 }
 
 impl OverrideEntry {
@@ -121,6 +123,13 @@ impl Overrides {
                     o.country
                 ));
             }
+            if let Some(c) = &o.operator_country
+                && (c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()))
+            {
+                messages.push(format!(
+                    "operator_country {c:?} is not an ISO 3166-1 alpha-2 code (two upper-case letters, e.g. \"US\")"
+                ));
+            }
             if let Some((net, len)) = parsed {
                 let (net, len) = match net {
                     IpAddr::V6(v6) if len >= 96 && v6.to_ipv4_mapped().is_some() => (
@@ -152,6 +161,7 @@ impl Overrides {
                         country: o.country.clone(),
                         asn: o.asn,
                         org: o.org.clone(),
+                        operator_country: o.operator_country.clone(),
                     });
                 }
             }
@@ -181,6 +191,10 @@ impl GeoSource for Overrides {
         OVERRIDES_BUILD
     }
 
+    fn kind(&self) -> SourceKind {
+        SourceKind::Override
+    }
+
     fn country(&self, ip: IpAddr) -> Option<String> {
         self.find(ip).map(|e| e.country.clone())
     }
@@ -205,6 +219,7 @@ mod tests {
             country: country.to_owned(),
             asn: None,
             org: None,
+            operator_country: None,
         }
     }
 

@@ -52,6 +52,7 @@ fn ovr(cidr: &str, country: &str, asn: Option<u32>, org: Option<&str>) -> GeoOve
         country: country.to_owned(),
         asn,
         org: org.map(str::to_owned),
+        operator_country: None,
     }
 }
 
@@ -110,7 +111,7 @@ fn the_embedded_table_alone_places_public_addresses_and_not_private_ones() {
     );
     assert_eq!(geo.lookup(ip("::ffff:8.8.8.8")), v);
     assert_eq!(geo.lookup(ip("2002:0808:0808::1")), v);
-    assert_eq!(geo.lookup(ip("192.168.1.1")), Verdict::default());
+    assert_eq!(*geo.lookup(ip("192.168.1.1")), Verdict::default());
     assert_eq!(geo.builds(), [embedded::EMBEDDED_BUILD]);
 }
 
@@ -159,13 +160,28 @@ fn countries_and_asns_come_from_the_first_source_that_knows_each() {
     let geo = Geo::from_config(&cfg(vec![asn, country, csv], vec![])).unwrap();
     let v = geo.lookup(ip("8.8.8.8"));
     assert_eq!(
-        v,
+        *v,
         Verdict {
             country: "US".into(),
             asn: Some(15169),
             org: "GOOGLE".into(),
             source: "mmdb:GeoLite2-Country@2026-11-01".into(),
             asn_source: "mmdb:GeoLite2-ASN@2026-11-01".into(),
+            answers: vec![
+                Answer {
+                    source: "mmdb:GeoLite2-Country@2026-11-01".into(),
+                    country: "US".into(),
+                    kind: SourceKind::Database,
+                },
+                Answer {
+                    source: embedded::EMBEDDED_BUILD.into(),
+                    country: "US".into(),
+                    kind: SourceKind::Registry,
+                },
+            ],
+            contested: false,
+            operator_country: String::new(),
+            operator_source: String::new(),
         }
     );
     let v = geo.lookup(ip("9.9.9.9"));
@@ -207,15 +223,23 @@ fn overrides_win_over_every_database_and_the_longest_prefix_wins() {
     // Over mmdb country and ASN.
     let v = geo.lookup(ip("10.9.0.1"));
     assert_eq!(
-        v,
-        Verdict {
-            country: "FR".into(),
-            asn: Some(64500),
-            org: "Acme".into(),
-            source: "override:10.0.0.0/8".into(),
-            asn_source: "override:10.0.0.0/8".into(),
-        }
+        (
+            v.country.as_str(),
+            v.asn,
+            v.org.as_str(),
+            v.source.as_str(),
+            v.asn_source.as_str()
+        ),
+        (
+            "FR",
+            Some(64500),
+            "Acme",
+            "override:10.0.0.0/8",
+            "override:10.0.0.0/8"
+        )
     );
+    assert_eq!(v.answers[0].kind, SourceKind::Override);
+    assert!(!v.contested, "an override decides");
     // Longest prefix: the /24 places it, with no ASN of its own; the ASN database answers.
     let v = geo.lookup(ip("10.1.2.3"));
     assert_eq!(

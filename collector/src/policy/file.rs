@@ -58,6 +58,42 @@ pub struct PolicyConfig {
     /// `[thresholds]`: when traffic or silence becomes a breach, and when a breach resolves.
     #[serde(default)]
     pub thresholds: Thresholds,
+    /// `[verdicts]`: how contested and physically impossible verdicts count.
+    #[serde(default)]
+    pub verdicts: VerdictsConfig,
+}
+
+/// `[verdicts]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerdictsConfig {
+    /// How a destination whose sources disagree counts: "strict" (any source placing it
+    /// outside the jurisdiction makes it outside), or "source:PREFIX" (the answer of the first
+    /// source whose build starts with PREFIX, e.g. "source:geofeed" or
+    /// "source:mmdb:GeoLite2-Country"; when that source has no answer, strict). Default "strict".
+    #[serde(default = "default_contested")]
+    pub contested: String,
+    /// How a database verdict the speed-of-light check rules out counts: "review" (not foreign;
+    /// shown for review, and the `impossible-verdict` rule opens a warning), or "foreign" (as its
+    /// country says). Operator overrides are never checked. Default "review".
+    #[serde(default = "default_impossible")]
+    pub impossible: String,
+}
+
+impl Default for VerdictsConfig {
+    fn default() -> Self {
+        Self {
+            contested: default_contested(),
+            impossible: default_impossible(),
+        }
+    }
+}
+
+fn default_contested() -> String {
+    "strict".to_owned()
+}
+fn default_impossible() -> String {
+    "review".to_owned()
 }
 
 /// One `[[site]]`.
@@ -70,6 +106,14 @@ pub struct SiteConfig {
     /// ISO 3166-1 alpha-2 country the site is in. Required.
     #[serde(default)]
     pub country: String,
+    /// Latitude of the site, degrees (-90..=90), for the speed-of-light check of verdicts.
+    /// Default none: the whole country is taken as the site's place (the check then only
+    /// rules out countries farther than the RTT allows from every point of it).
+    #[serde(default)]
+    pub latitude: Option<f64>,
+    /// Longitude of the site, degrees (-180..=180); given together with `latitude`.
+    #[serde(default)]
+    pub longitude: Option<f64>,
 }
 
 /// One `[[model]]`.
@@ -243,6 +287,7 @@ impl PolicyConfig {
         }
 
         let mut sites: BTreeMap<String, String> = BTreeMap::new();
+        let mut site_points: BTreeMap<String, (f64, f64)> = BTreeMap::new();
         let mut site_index: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, s) in self.sites.iter().enumerate() {
             if s.name.trim().is_empty() {
@@ -256,6 +301,32 @@ impl PolicyConfig {
                 site_index.insert(&s.name, i);
             }
             check_country(&mut p, &format!("site[{i}].country"), &s.country);
+            match (s.latitude, s.longitude) {
+                (None, None) => {}
+                (Some(lat), Some(lon)) => {
+                    if !(-90.0..=90.0).contains(&lat) {
+                        p.push(
+                            &format!("site[{i}].latitude"),
+                            format!("{lat} is out of range -90..=90"),
+                        );
+                    } else if !(-180.0..=180.0).contains(&lon) {
+                        p.push(
+                            &format!("site[{i}].longitude"),
+                            format!("{lon} is out of range -180..=180"),
+                        );
+                    } else {
+                        site_points.entry(s.name.clone()).or_insert((lat, lon));
+                    }
+                }
+                (Some(_), None) => p.push(
+                    &format!("site[{i}].longitude"),
+                    "is required with latitude (both or neither)",
+                ),
+                (None, Some(_)) => p.push(
+                    &format!("site[{i}].latitude"),
+                    "is required with longitude (both or neither)",
+                ),
+            }
             sites
                 .entry(s.name.clone())
                 .or_insert_with(|| s.country.clone());
@@ -379,6 +450,15 @@ impl PolicyConfig {
         }
 
         self.thresholds.validate(&mut p);
+        let verdicts = match super::verdicts::VerdictRules::parse(&self.verdicts) {
+            Ok(v) => v,
+            Err(problems) => {
+                for (field, message) in problems {
+                    p.push(&format!("verdicts.{field}"), message);
+                }
+                super::verdicts::VerdictRules::default()
+            }
+        };
 
         if !p.is_empty() {
             return Err(p);
@@ -387,7 +467,9 @@ impl PolicyConfig {
             jurisdiction: self.jurisdiction,
             inside,
             sites,
+            site_points,
             thresholds: self.thresholds,
+            verdicts,
             models,
             publishers,
             allow: AllowList::new(allow),

@@ -20,6 +20,7 @@ pub mod file;
 pub mod models;
 pub mod publishers;
 pub mod rules;
+pub mod verdicts;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,8 +32,9 @@ use sov_common::config::Problems;
 
 pub use allow::{AllowEntry, AllowTarget, AllowVerdict};
 pub use evaluator::{Evaluator, POLICY_RELOAD_EVERY};
-pub use file::{PolicyConfig, Thresholds};
+pub use file::{PolicyConfig, Thresholds, VerdictsConfig};
 pub use models::{ModelClass, ModelFacts, ModelRule};
+pub use verdicts::{Counted, VerdictRules};
 pub use watch::PolicyWatch;
 
 /// Why a policy file could not be used.
@@ -74,8 +76,12 @@ pub struct Policy {
     pub inside: BTreeSet<String>,
     /// Site → country, from `[[site]]`.
     pub sites: BTreeMap<String, String>,
+    /// Site → (latitude, longitude), for the sites whose `[[site]]` gives them.
+    pub site_points: BTreeMap<String, (f64, f64)>,
     /// `[thresholds]`.
     pub thresholds: Thresholds,
+    /// `[verdicts]`: how contested and physically impossible verdicts count.
+    pub verdicts: VerdictRules,
     models: Vec<ModelRule>,
     publishers: publishers::Publishers,
     allow: allow::AllowList,
@@ -131,6 +137,24 @@ impl Policy {
             .get(site)
             .cloned()
             .unwrap_or_else(|| declared.to_owned())
+    }
+
+    /// Where a node is for the speed-of-light check: its site's coordinates when `[[site]]`
+    /// gives them, else its country (the site's, else the declared one); `None` when unknown.
+    pub fn place(&self, site: &str, declared: &str) -> Option<crate::geo::physics::Place> {
+        if let Some((lat, lon)) = self.site_points.get(site) {
+            return Some(crate::geo::physics::Place::Point {
+                lat: *lat,
+                lon: *lon,
+            });
+        }
+        let country = self.node_country(site, declared);
+        (!country.is_empty()).then_some(crate::geo::physics::Place::Country(country))
+    }
+
+    /// How an egress row's destination counts under this policy ([`verdicts`]).
+    pub fn count(&self, row: &sov_proto::pb::EgressRow) -> Counted {
+        self.verdicts.count(row, |c| self.is_inside(c))
     }
 
     /// The model's class and the index of the `[[model]]` rule that decided it (the first
@@ -208,6 +232,8 @@ impl Policy {
             "sites": self.sites,
             "models": models,
             "allow": allow,
+            "site_coordinates": self.site_points.iter().map(|(k, (lat, lon))| (k.clone(), serde_json::json!({"latitude": lat, "longitude": lon}))).collect::<serde_json::Map<String, serde_json::Value>>(),
+            "verdicts": self.verdicts.to_json(),
             "thresholds": {
                 "foreign_egress_bytes": t.foreign_egress_bytes,
                 "window_secs": t.window_secs,

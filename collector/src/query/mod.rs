@@ -648,6 +648,7 @@ impl QueryService {
             "until_unix_ms": until,
             "requested_by": format!("{}/{}", caller.id.role, caller.id.name),
             "scorecard": card,
+            "destinations": sov_evidence::view::breach_destinations(&breaches),
             "breaches": breaches,
             "breach_log": {"records": records, "truncated": truncated},
             "geo_sources": self.geo.as_ref().map(crate::geo::Geo::builds).unwrap_or_default(),

@@ -8,9 +8,14 @@
 //!    from the policy, else the declared one) and by the origin of the model the process holds
 //!    (a process holding no known weights counts as `unattributed`).
 //! 3. **Where data flows** — outbound bytes that nodes inside the jurisdiction sent in the
-//!    range, by destination country, and the share that left it (bytes to destinations no
-//!    database could place are counted apart, neither inside nor outside); the top ASNs by
-//!    bytes over every node.
+//!    range, by destination country as the policy counts each verdict (`policy::verdicts`:
+//!    contested answers, the speed-of-light check), and the share that left it; bytes to
+//!    destinations no database could place, and to destinations whose every answer physics
+//!    rules out (for review), are counted apart, neither inside nor outside. Bytes that stay
+//!    inside but on a network whose operator is registered abroad are named too ("inside, on a
+//!    foreign-operated network" is not "abroad"), as are contested destinations, and how every
+//!    byte was measured (exact `tcp_info`, connection tracking, or flows without bytes); the top
+//!    ASNs by bytes over every node.
 //! 4. **How complete the picture is** — nodes known, nodes that reported in the range, silent
 //!    nodes (nothing for `silence_secs` before the end of the range), reports missing and
 //!    declared dropped per node, with the missing sequence ranges of its latest epoch.
@@ -22,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 use sov_proto::pb;
 
-use crate::policy::Policy;
+use crate::policy::{Counted, Policy};
 use crate::store::{EgressQuery, GpuUsageRow, Store, StoreError};
 use sov_evidence::view::rfc3339;
 
@@ -48,7 +53,8 @@ pub struct Inputs {
     pub models: Vec<pb::ModelSummary>,
     /// GPU-seconds per process in the range.
     pub gpu: Vec<GpuUsageRow>,
-    /// Outbound bytes by node and destination country in the range.
+    /// Outbound bytes by node, process and destination in the range (with each
+    /// destination's answers and check).
     pub egress_by_node: Vec<pb::EgressRow>,
     /// Outbound bytes by destination ASN in the range.
     pub egress_by_asn: Vec<pb::EgressRow>,
@@ -87,7 +93,7 @@ pub async fn read_inputs(
         .await?;
     inputs.truncated |= inputs.gpu.len() >= MAX_ROWS as usize;
     for (by, out) in [
-        ("node", &mut inputs.egress_by_node),
+        ("flow", &mut inputs.egress_by_node),
         ("asn", &mut inputs.egress_by_asn),
     ] {
         let (rows, left_out) = store
@@ -241,11 +247,15 @@ pub fn build(
             .unwrap_or(std::cmp::Ordering::Equal)
     });
 
-    // 3. Data: what nodes inside the jurisdiction sent.
+    // 3. Data: what nodes inside the jurisdiction sent, as the policy counts each verdict.
     let mut sent_total = 0u64;
     let mut sent_outside = 0u64;
     let mut sent_unplaced = 0u64;
-    let mut per_country: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    let mut sent_review = 0u64;
+    let mut sent_inside_foreign_operated = 0u64;
+    let (mut contested_destinations, mut sent_contested) = (BTreeSet::new(), 0u64);
+    let (mut moved_total, mut moved_conntrack, mut unmeasured_flows) = (0u64, 0u64, 0u64);
+    let mut per_country: BTreeMap<(String, &'static str), (u64, u64, u64, u64)> = BTreeMap::new();
     for r in &inputs.egress_by_node {
         let from_inside = node_country
             .get(r.node.as_str())
@@ -254,29 +264,61 @@ pub fn build(
             continue;
         }
         sent_total += r.bytes_sent;
-        if r.country.is_empty() {
-            sent_unplaced += r.bytes_sent;
-        } else if !policy.is_inside(&r.country) {
-            sent_outside += r.bytes_sent;
+        moved_total += r.bytes_sent + r.bytes_received;
+        moved_conntrack += r.conntrack_bytes;
+        unmeasured_flows += r.unmeasured_flows;
+        if r.contested {
+            contested_destinations.insert((r.remote_address.as_str(), r.remote_port));
+            sent_contested += r.bytes_sent;
         }
-        let e = per_country.entry(r.country.as_str()).or_default();
+        let foreign_operated =
+            !r.operator_country.is_empty() && !policy.is_inside(&r.operator_country);
+        let (country, counted) = match policy.count(r) {
+            Counted::Unresolved => {
+                sent_unplaced += r.bytes_sent;
+                (String::new(), "unplaced")
+            }
+            Counted::Review(c) => {
+                sent_review += r.bytes_sent;
+                (c, "review")
+            }
+            Counted::Outside(c) => {
+                sent_outside += r.bytes_sent;
+                (c, "outside")
+            }
+            Counted::Inside => {
+                if foreign_operated {
+                    sent_inside_foreign_operated += r.bytes_sent;
+                }
+                (r.country.clone(), "inside")
+            }
+        };
+        let e = per_country.entry((country, counted)).or_default();
         e.0 += r.bytes_sent;
         e.1 += r.bytes_received;
         e.2 += r.connections;
+        if foreign_operated {
+            e.3 += r.bytes_sent;
+        }
     }
     let mut countries: Vec<Value> = per_country
         .iter()
-        .map(|(country, (sent, received, connections))| {
-            json!({
-                "country": country,
-                "inside": policy.is_inside(country),
-                "bytes_sent": sent,
-                "bytes_received": received,
-                "connections": connections,
-            })
-        })
+        .map(
+            |((country, counted), (sent, received, connections, foreign_operated))| {
+                json!({
+                    "country": country,
+                    "inside": *counted == "inside",
+                    "counted": counted,
+                    "bytes_sent": sent,
+                    "bytes_received": received,
+                    "connections": connections,
+                    "bytes_sent_foreign_operated": foreign_operated,
+                })
+            },
+        )
         .collect();
     countries.sort_by(|a, b| b["bytes_sent"].as_u64().cmp(&a["bytes_sent"].as_u64()));
+    let moved_exact = moved_total.saturating_sub(moved_conntrack);
     let asns: Vec<Value> = inputs
         .egress_by_asn
         .iter()
@@ -358,7 +400,22 @@ pub fn build(
             "bytes_sent": sent_total,
             "bytes_sent_outside": sent_outside,
             "bytes_sent_unplaced": sent_unplaced,
+            "bytes_sent_physically_impossible": sent_review,
+            "bytes_sent_inside_foreign_operated": sent_inside_foreign_operated,
             "share_leaving": share(sent_outside as f64, sent_total as f64),
+            "contested": {
+                "destinations": contested_destinations.len(),
+                "bytes_sent": sent_contested,
+                "counted_as": policy.verdicts.to_json()["contested"],
+            },
+            "measurement": {
+                "bytes": moved_total,
+                "bytes_exact": moved_exact,
+                "bytes_conntrack": moved_conntrack,
+                "share_exact": share(moved_exact as f64, moved_total as f64),
+                "share_conntrack": share(moved_conntrack as f64, moved_total as f64),
+                "flows_unmeasured": unmeasured_flows,
+            },
             "by_country": countries,
             "by_asn_all_nodes": asns,
         },
@@ -394,5 +451,100 @@ mod tests {
         let none: f64 = std::iter::empty::<f64>().sum();
         assert_eq!(round4(none).to_string(), "0");
         assert_eq!(json!(round4(none)).to_string(), "0.0");
+    }
+
+    fn answer(country: &str, kind: &str, impossible: bool) -> pb::GeoAnswer {
+        pb::GeoAnswer {
+            source: format!("{kind}:test"),
+            country: country.into(),
+            kind: kind.into(),
+            impossible,
+            distance_km: 0,
+        }
+    }
+
+    fn row(address: &str, sent: u64, answers: Vec<pb::GeoAnswer>) -> pb::EgressRow {
+        pb::EgressRow {
+            node: "rabat-1".into(),
+            country: answers
+                .first()
+                .map(|a| a.country.clone())
+                .unwrap_or_default(),
+            contested: answers.len() > 1,
+            answers,
+            remote_address: address.into(),
+            remote_port: 443,
+            bytes_sent: sent,
+            connections: 1,
+            ..pb::EgressRow::default()
+        }
+    }
+
+    #[test]
+    fn data_is_counted_by_the_policy_with_review_foreign_operated_contested_and_measurement() {
+        let policy = Policy::parse("jurisdiction = \"MA\"\n", "test").unwrap();
+        let mut operated = row("192.0.2.3", 300, vec![answer("MA", "registry", false)]);
+        operated.operator_country = "US".into();
+        let mut udp = row("192.0.2.4", 400, vec![answer("MA", "registry", false)]);
+        udp.conntrack_bytes = 400;
+        let mut quiet = row("192.0.2.5", 0, vec![answer("MA", "registry", false)]);
+        quiet.unmeasured_flows = 2;
+        let inputs = Inputs {
+            nodes: vec![pb::NodeSummary {
+                node: "rabat-1".into(),
+                site: "rabat".into(),
+                country: "MA".into(),
+                ..Default::default()
+            }],
+            egress_by_node: vec![
+                row(
+                    "192.0.2.1",
+                    100,
+                    vec![
+                        answer("MA", "geofeed", false),
+                        answer("US", "registry", false),
+                    ],
+                ),
+                row("192.0.2.2", 200, vec![answer("FR", "geofeed", true)]),
+                operated,
+                udp,
+                quiet,
+            ],
+            ..Inputs::default()
+        };
+        let card = build(&policy, &inputs, 0, 1000, 1000);
+        let d = &card["data"];
+        assert_eq!(d["bytes_sent"], 1000);
+        assert_eq!(
+            d["bytes_sent_outside"], 100,
+            "strict: the contested one is outside"
+        );
+        assert_eq!(d["bytes_sent_physically_impossible"], 200);
+        assert_eq!(d["bytes_sent_inside_foreign_operated"], 300);
+        assert_eq!(d["contested"]["destinations"], 1);
+        assert_eq!(d["contested"]["bytes_sent"], 100);
+        let m = &d["measurement"];
+        assert_eq!(m["bytes"], 1000);
+        assert_eq!(m["bytes_conntrack"], 400);
+        assert_eq!(m["bytes_exact"], 600);
+        assert_eq!(m["share_conntrack"], 0.4);
+        assert_eq!(m["flows_unmeasured"], 2);
+        let review = d["by_country"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["counted"] == "review")
+            .unwrap();
+        assert_eq!(
+            (review["country"].as_str(), review["bytes_sent"].as_u64()),
+            (Some("FR"), Some(200))
+        );
+        let us = d["by_country"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["country"] == "US")
+            .unwrap();
+        assert_eq!(us["counted"], "outside");
     }
 }

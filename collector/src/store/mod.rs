@@ -377,6 +377,85 @@ pub struct FlowRecord {
     pub org: String,
     /// Which database placed it.
     pub geo_source: String,
+    /// Every source's answer, the speed-of-light check and the operator's country.
+    pub verdict: VerdictColumns,
+}
+
+/// The verdict of a flow's destination as stored beside the flow (issue 16), kept in one
+/// named piece so the flow write path can carry it whatever its shape. Both backends write
+/// [`VERDICT_COLUMNS`] in this order and merge rows with [`VERDICT_UPSERT`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerdictColumns {
+    /// Every source's answer, JSON `[{"source","country","kind","impossible","distance_km"}]`
+    /// (the protobuf `GeoAnswer` fields); "" when no source knows the address.
+    pub answers_json: String,
+    /// The answers name more than one country and no override decides.
+    pub contested: bool,
+    /// Country where the operator of the destination's ASN is registered, "" when unknown.
+    pub operator_country: String,
+    /// The speed-of-light check of the verdict's country: "possible", "impossible", or ""
+    /// (not checked).
+    pub physics: String,
+    /// Distance from the node's site to the nearest point of the verdict's country, km.
+    pub distance_km: u32,
+    /// The farthest the flow's minimum RTT allows, km.
+    pub limit_km: u32,
+}
+
+/// The verdict and measurement columns of `flows_minute`, in the order both backends write
+/// them after the original columns.
+pub const VERDICT_COLUMNS: &str = "answers, contested, operator_country, physics, distance_km, limit_km, conntrack_bytes, unmeasured_flows";
+
+/// How a stored `flows_minute` row absorbs another flow of the same key: the verdict of the
+/// flow with the smaller (tighter) minimum RTT wins, measurement counts add up. Shared by both
+/// backends' upserts (both know `excluded` and the table-qualified old row).
+pub const VERDICT_UPSERT: &str = "
+        answers = CASE WHEN excluded.min_rtt_us <> 0 AND (flows_minute.min_rtt_us = 0 OR excluded.min_rtt_us < flows_minute.min_rtt_us)
+                       THEN excluded.answers ELSE flows_minute.answers END,
+        physics = CASE WHEN excluded.min_rtt_us <> 0 AND (flows_minute.min_rtt_us = 0 OR excluded.min_rtt_us < flows_minute.min_rtt_us)
+                       THEN excluded.physics ELSE flows_minute.physics END,
+        distance_km = CASE WHEN excluded.min_rtt_us <> 0 AND (flows_minute.min_rtt_us = 0 OR excluded.min_rtt_us < flows_minute.min_rtt_us)
+                       THEN excluded.distance_km ELSE flows_minute.distance_km END,
+        limit_km = CASE WHEN excluded.min_rtt_us <> 0 AND (flows_minute.min_rtt_us = 0 OR excluded.min_rtt_us < flows_minute.min_rtt_us)
+                       THEN excluded.limit_km ELSE flows_minute.limit_km END,
+        contested = CASE WHEN excluded.contested <> 0 THEN excluded.contested ELSE flows_minute.contested END,
+        operator_country = CASE WHEN excluded.operator_country <> '' THEN excluded.operator_country
+                                ELSE flows_minute.operator_country END,
+        conntrack_bytes = flows_minute.conntrack_bytes + excluded.conntrack_bytes,
+        unmeasured_flows = flows_minute.unmeasured_flows + excluded.unmeasured_flows";
+
+/// The verdict and measurement columns an egress query selects after the common ones:
+/// per destination (groupings "destination" and "flow") the destination's verdict (the
+/// impossible reading wins, as the tightest RTT decides), otherwise none; measurement sums
+/// always. `int` is the backend's integer cast suffix ("" or "::BIGINT").
+pub fn egress_verdict_select(per_destination: bool, int: &str) -> String {
+    let verdict = if per_destination {
+        format!(
+            "max(answers), max(contested){int}, max(operator_country),
+             CASE WHEN max(CASE WHEN physics = 'impossible' THEN 1 ELSE 0 END) = 1 THEN 'impossible'
+                  ELSE max(physics) END,
+             max(distance_km){int}, COALESCE(MIN(NULLIF(limit_km, 0)), 0){int}"
+        )
+    } else {
+        format!("'', 0{int}, '', '', 0{int}, 0{int}")
+    };
+    format!("{verdict}, SUM(conntrack_bytes){int}, SUM(unmeasured_flows){int}")
+}
+
+/// How one flow's bytes were measured, as the two stored counts: bytes measured by
+/// connection tracking, and 1 when the flow's bytes are unknown. An older agent's flow
+/// (measurement unspecified) is exact unless it says its bytes are unknown and carries none.
+pub fn measurement_columns(flow: &sov_proto::pb::Flow) -> (u64, u64) {
+    use sov_proto::pb::Measurement;
+    match Measurement::try_from(flow.measurement).unwrap_or(Measurement::Unspecified) {
+        Measurement::Conntrack => (flow.bytes_sent.saturating_add(flow.bytes_received), 0),
+        Measurement::Unmeasured => (0, 1),
+        Measurement::Exact => (0, 0),
+        Measurement::Unspecified => (
+            0,
+            u64::from(!flow.bytes_known && flow.bytes_sent == 0 && flow.bytes_received == 0),
+        ),
+    }
 }
 
 /// One row of an egress query.

@@ -252,10 +252,23 @@ pub(crate) fn push_model(
     Ok(true)
 }
 
+/// Columns of one egress row (a backend may select more after them).
+pub(crate) const EGRESS_COLUMNS: usize = 21;
+
 /// One egress row: `country, node, process, pid, asn, org, remote_address, remote_port,
-/// geo_source, bytes_sent, bytes_received, connections, min_rtt_us` (then the row count).
+/// geo_source, bytes_sent, bytes_received, connections, min_rtt_us`, then the verdict and
+/// measurement columns of [`super::egress_verdict_select`] (then the row count).
 pub(crate) fn egress(r: &impl Columns) -> Result<pb::EgressRow, StoreError> {
+    let physics = r.text(16)?;
     Ok(pb::EgressRow {
+        answers: answers(&r.text(13)?),
+        contested: r.int(14)? != 0,
+        operator_country: r.text(15)?,
+        physics,
+        distance_km: small(r, 17)?,
+        limit_km: small(r, 18)?,
+        conntrack_bytes: r.count(19)?,
+        unmeasured_flows: r.count(20)?,
         country: r.text(0)?,
         node: r.text(1)?,
         process: r.text(2)?,
@@ -270,6 +283,27 @@ pub(crate) fn egress(r: &impl Columns) -> Result<pb::EgressRow, StoreError> {
         connections: r.count(11)?,
         min_rtt_us: small(r, 12)?,
     })
+}
+
+/// The stored answers (JSON written at ingest; a row from before they were kept has none).
+fn answers(json: &str) -> Vec<pb::GeoAnswer> {
+    if json.is_empty() {
+        return Vec::new();
+    }
+    let parsed: Vec<serde_json::Value> = serde_json::from_str(json).unwrap_or_default();
+    parsed
+        .iter()
+        .map(|a| pb::GeoAnswer {
+            source: a["source"].as_str().unwrap_or_default().to_owned(),
+            country: a["country"].as_str().unwrap_or_default().to_owned(),
+            kind: a["kind"].as_str().unwrap_or_default().to_owned(),
+            impossible: a["impossible"].as_bool().unwrap_or(false),
+            distance_km: a["distance_km"]
+                .as_u64()
+                .and_then(|d| u32::try_from(d).ok())
+                .unwrap_or(0),
+        })
+        .collect()
 }
 
 /// GPU-seconds of one process: `node, pid, process, gpu_seconds`.

@@ -77,6 +77,7 @@ macro_rules! store_suite {
             a_lease_belongs_to_one_holder_until_it_expires,
             a_nodes_peer_address_is_kept_latest_first,
             egress_by_flow_keeps_node_process_and_destination_apart,
+            every_answer_and_how_bytes_were_measured_are_kept_with_the_flow,
             audit_records_form_a_verifiable_chain_read_in_pages,
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
@@ -567,6 +568,7 @@ fn flow(
         asn: verdict.1,
         org: verdict.2.into(),
         geo_source: "test-db".into(),
+        verdict: crate::store::VerdictColumns::default(),
     }
 }
 
@@ -1456,6 +1458,93 @@ pub(crate) async fn egress_by_flow_keeps_node_process_and_destination_apart(db: 
                     && d.bytes_sent >= r.bytes_sent)
         );
     }
+}
+
+pub(crate) async fn every_answer_and_how_bytes_were_measured_are_kept_with_the_flow(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let verdict = |impossible: bool, rtt_limit: u32| crate::store::VerdictColumns {
+        answers_json: format!(
+            r#"[{{"source":"geofeed:test@2026-11-01","country":"FR","kind":"geofeed","impossible":{impossible},"distance_km":1107}},{{"source":"embedded:iptocc-1.4.175","country":"MA","kind":"registry","impossible":false,"distance_km":0}}]"#
+        ),
+        contested: true,
+        operator_country: "US".into(),
+        physics: if impossible { "impossible" } else { "possible" }.into(),
+        distance_km: 1107,
+        limit_km: rtt_limit,
+    };
+    let mut r = report("v", 1, 1);
+    // Seen first at 20 ms (France possible), then at 0.06 ms in the same minute: the tighter
+    // RTT's reading stays.
+    let mut slow = flow(
+        7,
+        "quic",
+        ("198.18.0.2", 443),
+        ("FR", 0, ""),
+        1000,
+        0,
+        20_000,
+        T,
+    );
+    slow.verdict = verdict(false, 3050);
+    let mut fast = flow(
+        7,
+        "quic",
+        ("198.18.0.2", 443),
+        ("FR", 0, ""),
+        2000,
+        0,
+        60,
+        T,
+    );
+    fast.verdict = verdict(true, 59);
+    let mut udp = flow(
+        8,
+        "dns",
+        ("198.18.0.3", 53),
+        ("FR", 0, ""),
+        5_000,
+        7_000,
+        0,
+        T,
+    );
+    udp.flow.protocol = pb::Protocol::Udp as i32;
+    udp.flow.measurement = pb::Measurement::Conntrack as i32;
+    let mut quiet = flow(8, "dns", ("198.18.0.3", 53), ("FR", 0, ""), 0, 0, 0, T);
+    quiet.flow.protocol = pb::Protocol::Udp as i32;
+    quiet.flow.measurement = pb::Measurement::Unmeasured as i32;
+    r.telemetry.flows = vec![slow, fast];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let mut r = report("v", 1, 2);
+    r.telemetry.flows = vec![udp, quiet];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let (rows, _) = egress(store, "flow", 100).await;
+    let quic = rows.iter().find(|r| r.process == "quic").unwrap();
+    assert_eq!(quic.bytes_sent, 3000);
+    assert_eq!(quic.min_rtt_us, 60);
+    assert_eq!(quic.physics, "impossible");
+    assert_eq!((quic.distance_km, quic.limit_km), (1107, 59));
+    assert!(quic.contested);
+    assert_eq!(quic.operator_country, "US");
+    assert_eq!(quic.answers.len(), 2);
+    assert_eq!(
+        (
+            quic.answers[0].country.as_str(),
+            quic.answers[0].kind.as_str()
+        ),
+        ("FR", "geofeed")
+    );
+    assert!(quic.answers[0].impossible && !quic.answers[1].impossible);
+    assert_eq!(quic.answers[1].source, "embedded:iptocc-1.4.175");
+    let dns = rows.iter().find(|r| r.process == "dns").unwrap();
+    assert_eq!(dns.conntrack_bytes, 12_000);
+    assert_eq!(dns.unmeasured_flows, 1);
+    // Grouped by country, the measurement counts still add up; no answers there.
+    let (by_country, _) = egress(store, "country", 100).await;
+    let fr = by_country.iter().find(|r| r.country == "FR").unwrap();
+    assert_eq!((fr.conntrack_bytes, fr.unmeasured_flows), (12_000, 1));
+    assert!(fr.answers.is_empty());
 }
 
 // The dispatcher in `store::open`.

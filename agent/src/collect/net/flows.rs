@@ -609,6 +609,17 @@ fn to_flow(key: &FlowKey, acc: &FlowAcc) -> pb::Flow {
         end_unix_ms: acc.end_ms,
         netns_inode: key.netns,
         container: None,
+        measurement: measurement(key.protocol, acc.bytes_known) as i32,
+    }
+}
+
+/// How a flow's bytes were measured: TCP counters come from `tcp_info`; a UDP socket has
+/// counters only when connection tracking gave them ([`super::conntrack`]).
+fn measurement(protocol: pb::Protocol, bytes_known: bool) -> pb::Measurement {
+    match (bytes_known, protocol) {
+        (false, _) => pb::Measurement::Unmeasured,
+        (true, pb::Protocol::Udp) => pb::Measurement::Conntrack,
+        (true, _) => pb::Measurement::Exact,
     }
 }
 

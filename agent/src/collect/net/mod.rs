@@ -11,7 +11,9 @@
 //!   no link at all;
 //! - [`procnet`]: the `/proc/net/{tcp,tcp6,udp,udp6}` fallback when netlink is refused (no
 //!   byte counters there);
-//! - [`flows`]: per-socket deltas between samples and their aggregation into `pb::Flow`s.
+//! - [`flows`]: per-socket deltas between samples and their aggregation into `pb::Flow`s;
+//! - [`conntrack`]: the connection tracking dump (ctnetlink) that gives connected UDP sockets
+//!   their byte counts.
 //!
 //! [`NetCollector`] ties them together, with one socket tracker per network namespace and one
 //! owner cache for all (socket inodes are unique across namespaces):
@@ -49,15 +51,26 @@
 //!   process) is not found; beyond `[net] max_namespaces` namespaces the ones with the fewest
 //!   processes are left out (`NetStatus::namespaces_skipped`). A namespace's first sample is a
 //!   baseline: bytes moved before it was first seen are not counted.
-//! - **UDP bytes** are never known (sock_diag has no UDP counters): connected UDP sockets (QUIC,
-//!   DNS through `connect`) appear as flows with `bytes_known = false`; unconnected UDP sockets
-//!   (`sendto` to many peers) have no remote endpoint and appear in no flow.
+//! - **UDP bytes** come from connection tracking ([`conntrack`]): a connected UDP socket (QUIC,
+//!   DNS through `connect`) is matched with its namespace's conntrack entry, and its counters
+//!   (IP lengths, less the IP and UDP headers) are its bytes (`measurement = CONNTRACK`). Where
+//!   accounting is off (`nf_conntrack_acct = 0`, the default) or netfilter does not track the
+//!   namespace, the flow is still listed with its destination and process but without bytes
+//!   (`UNMEASURED`), and the agent logs once per namespace how to turn accounting on. An entry
+//!   reused by a later socket with the same addresses and ports carries the earlier bytes too.
+//!   A UDP socket that closes takes its final counters from its entry, which outlives it (the
+//!   destroy event carries no UDP counter; the table is dumped again when such events come):
+//!   a short-lived connection (a DNS query, a brief QUIC connection) is counted too, with an
+//!   unknown owner when it opened and closed between two samples.
+//!   Unconnected UDP sockets (`sendto` to many peers) have no remote endpoint in sock_diag and
+//!   appear in no flow.
 //! - **A sample that falls back** to `/proc/net` (a netlink dump failed) restarts the baseline
 //!   (cookies and `/proc/net` inodes do not match): the bytes of the interval after each switch
 //!   between the two modes are not counted; `NetStatus::sample_errors` counts such samples.
 //! - **The `/proc/net` fallback** has no counters at all: every flow has `bytes_known = false`
 //!   and `NetStatus::mode == "proc-fallback"` with the reason.
 
+pub mod conntrack;
 pub mod destroy;
 pub mod diag;
 pub mod flows;
@@ -171,7 +184,8 @@ pub struct ObservedSocket {
     pub inode: u32,
     /// sock_diag cookie; 0 from `/proc/net`.
     pub cookie: u64,
-    /// TCP counters from `tcp_info` (netlink only).
+    /// Byte counters: `tcp_info`'s for TCP (netlink only); for a connected UDP socket, its
+    /// connection tracking entry's payload bytes when accounting is on (min RTT 0).
     pub tcp: Option<TcpCounters>,
 }
 
@@ -246,6 +260,10 @@ struct Namespace {
     pids: Vec<u32>,
     /// Samples in a row without any process.
     empty_samples: u32,
+    /// Its connection tracking socket (UDP bytes), when it could be opened.
+    conntrack: Option<conntrack::Conntrack>,
+    /// What its conntrack said about its UDP sockets at the last sample that had some.
+    udp: Option<conntrack::UdpAccounting>,
 }
 
 /// Samples sockets and accumulates flows. `Send`: it moves to the sampling thread.
@@ -268,6 +286,87 @@ pub struct NetCollector {
     shared: Arc<Mutex<Shared>>,
     capacity_hint: usize,
     containers: Option<Containers>,
+    /// `[net] conntrack_accounting`: set `nf_conntrack_acct = 1` in observed namespaces.
+    conntrack_accounting: bool,
+}
+
+/// The agent's own namespace's conntrack socket (switching accounting on when configured).
+fn open_conntrack(netns: u64, enable_accounting: bool) -> Option<conntrack::Conntrack> {
+    let accounting = enable_accounting.then(conntrack::enable_accounting);
+    conntrack_or_log(netns, conntrack::Conntrack::open(), accounting)
+}
+
+/// Keep a namespace's conntrack socket, logging why there is none, and the outcome of
+/// switching accounting on.
+fn conntrack_or_log(
+    netns: u64,
+    socket: Result<conntrack::Conntrack, conntrack::ConntrackError>,
+    accounting: Option<std::io::Result<()>>,
+) -> Option<conntrack::Conntrack> {
+    match accounting {
+        Some(Ok(())) => tracing::info!(
+            netns,
+            "net.netfilter.nf_conntrack_acct set to 1 ([net] conntrack_accounting = true)"
+        ),
+        Some(Err(e)) => tracing::warn!(netns, error = %e,
+            "cannot set net.netfilter.nf_conntrack_acct ([net] conntrack_accounting = true)"),
+        None => {}
+    }
+    match socket {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::info!(netns, error = %chain(&e),
+                "no connection tracking socket: UDP bytes are unmeasured in this namespace");
+            None
+        }
+    }
+}
+
+/// Give the connected UDP sockets of a dump their byte counts from the namespace's
+/// connection tracking (as counters the tracker turns into deltas, like TCP's); returns what
+/// conntrack said, `None` when the dump holds no connected UDP socket.
+fn count_udp(
+    ct: &mut conntrack::Conntrack,
+    socks: &mut [ObservedSocket],
+) -> Result<Option<conntrack::UdpAccounting>, conntrack::ConntrackError> {
+    use conntrack::UdpAccounting;
+    let connected = |s: &ObservedSocket| {
+        s.protocol == pb::Protocol::Udp && !s.remote.ip().is_unspecified() && s.remote.port() != 0
+    };
+    if !socks.iter().any(connected) {
+        return Ok(None);
+    }
+    let mut entries = HashMap::new();
+    let left_out = ct.dump_udp(&mut entries)?;
+    if left_out > 0 {
+        tracing::debug!(
+            left_out,
+            "conntrack entries over the bound: not measured this sample"
+        );
+    }
+    let (mut counted, mut off) = (false, false);
+    for s in socks.iter_mut().filter(|s| connected(s)) {
+        match conntrack::socket_bytes(&entries, s.local, s.remote) {
+            Some(Ok((sent, received))) => {
+                counted = true;
+                s.tcp = Some(TcpCounters {
+                    bytes_acked: sent,
+                    bytes_received: received,
+                    min_rtt_us: 0,
+                    srtt_us: 0,
+                });
+            }
+            Some(Err(_)) => off = true,
+            None => {}
+        }
+    }
+    Ok(Some(if counted {
+        UdpAccounting::Counted
+    } else if off {
+        UdpAccounting::Off
+    } else {
+        UdpAccounting::Untracked
+    }))
 }
 
 impl NetCollector {
@@ -295,6 +394,8 @@ impl NetCollector {
             last_mode: None,
             pids: Vec::new(),
             empty_samples: 0,
+            conntrack: None,
+            udp: None,
         };
         let mut destroy = None;
         if !cfg.enabled {
@@ -306,6 +407,7 @@ impl NetCollector {
                 Ok(d) => own.dumper = Some(d),
                 Err(e) => own.no_netlink = Some(format!("netlink refused: {}", chain(&e))),
             }
+            own.conntrack = open_conntrack(0, cfg.conntrack_accounting);
         }
         if own.dumper.is_some() {
             match DestroyListener::start(0) {
@@ -368,6 +470,7 @@ impl NetCollector {
             })),
             capacity_hint: 0,
             containers: None,
+            conntrack_accounting: cfg.conntrack_accounting,
         }
     }
 
@@ -461,15 +564,18 @@ impl NetCollector {
             last_mode: None,
             pids,
             empty_samples: 0,
+            conntrack: None,
+            udp: None,
         };
         if self.force_proc_fallback {
             ns.no_netlink = Some("netlink not used: forced by options".to_owned());
             return Some(ns);
         }
         let &pid = ns.pids.first()?;
-        match netns::open_in(&self.proc_root, pid, ino) {
+        match netns::open_in(&self.proc_root, pid, ino, self.conntrack_accounting) {
             Ok(sockets) => {
                 ns.dumper = Some(sockets.dumper);
+                ns.conntrack = conntrack_or_log(ino, sockets.conntrack, sockets.accounting);
                 match (sockets.destroy, &self.destroy) {
                     (Ok(sock), Some(l)) => {
                         l.add(ino, sock);
@@ -520,7 +626,33 @@ impl NetCollector {
             let mut mode = MODE_PROC_FALLBACK;
             if let Some(d) = ns.dumper.as_mut() {
                 match d.dump_all(&mut socks) {
-                    Ok(()) => mode = MODE_NETLINK,
+                    Ok(()) => {
+                        mode = MODE_NETLINK;
+                        let udp = match ns.conntrack.as_mut() {
+                            Some(ct) => count_udp(ct, &mut socks).unwrap_or_else(|e| {
+                                tracing::debug!(netns = key, error = %chain(&e), "conntrack dump failed");
+                                Some(conntrack::UdpAccounting::Untracked)
+                            }),
+                            None => None,
+                        };
+                        if let Some(state) = udp {
+                            if state != conntrack::UdpAccounting::Counted {
+                                reasons.push(format!(
+                                    "UDP bytes unmeasured in network namespace {key} ({})",
+                                    if state == conntrack::UdpAccounting::Off {
+                                        "conntrack accounting off"
+                                    } else {
+                                        "not tracked by netfilter"
+                                    }
+                                ));
+                            }
+                            if ns.udp != Some(state) && state != conntrack::UdpAccounting::Counted {
+                                let how = conntrack::remedy(state, key, ns.pids.first().copied());
+                                tracing::warn!(netns = key, "{how}");
+                            }
+                            ns.udp = Some(state);
+                        }
+                    }
                     Err(e) => {
                         errors += 1;
                         socks.clear();
@@ -717,12 +849,19 @@ impl NetCollector {
             by_ns.entry(key).or_default().push(e);
         }
         let mut n = 0;
-        for (key, evs) in by_ns {
+        for (key, mut evs) in by_ns {
             if let Some(ns) = self
                 .namespaces
                 .get_mut(&key)
                 .filter(|ns| ns.last_mode == Some(MODE_NETLINK))
             {
+                // A closed UDP socket's entry outlives it (for the conntrack UDP timeout, 30 s
+                // and more): its final counters are read now, as TCP's come with the event.
+                if let Some(ct) = ns.conntrack.as_mut()
+                    && let Err(e) = count_udp(ct, &mut evs)
+                {
+                    tracing::debug!(netns = key, error = %chain(&e), "conntrack dump for closed UDP sockets failed");
+                }
                 n += ns.tracker.absorb_destroyed(&evs, now_unix_ms, out);
             }
         }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use netlink_sys::Socket;
 
+use super::conntrack::{Conntrack, ConntrackError};
 use super::diag::{DiagError, Dumper};
 use crate::collect::namespaces;
 
@@ -77,11 +78,21 @@ pub struct NsSockets {
     pub dumper: Dumper,
     /// For destroy events, or why there is none.
     pub destroy: Result<Socket, DiagError>,
+    /// For connection tracking dumps (UDP bytes), or why there is none.
+    pub conntrack: Result<Conntrack, ConntrackError>,
+    /// When asked to switch accounting on: whether that worked.
+    pub accounting: Option<io::Result<()>>,
 }
 
-/// Open the dump and destroy-event sockets inside network namespace `inode`, reached through
-/// `<proc_root>/<pid>/ns/net`, on a thread of its own.
-pub fn open_in(proc_root: &Path, pid: u32, inode: u64) -> Result<NsSockets, NetnsError> {
+/// Open the dump, destroy-event and conntrack sockets inside network namespace `inode`,
+/// reached through `<proc_root>/<pid>/ns/net`, on a thread of its own; with
+/// `enable_accounting`, also set `nf_conntrack_acct = 1` there (`[net] conntrack_accounting`).
+pub fn open_in(
+    proc_root: &Path,
+    pid: u32,
+    inode: u64,
+    enable_accounting: bool,
+) -> Result<NsSockets, NetnsError> {
     let link = proc_root.join(pid.to_string()).join("ns").join("net");
     let file = File::open(&link).map_err(|source| NetnsError::Open { pid, source })?;
     let meta = file
@@ -104,8 +115,15 @@ pub fn open_in(proc_root: &Path, pid: u32, inode: u64) -> Result<NsSockets, Netn
                 })?;
                 let dumper = Dumper::open().map_err(|source| NetnsError::Diag { inode, source })?;
                 let destroy = super::destroy::open_socket();
+                let conntrack = Conntrack::open();
+                let accounting = enable_accounting.then(super::conntrack::enable_accounting);
                 // The thread ends here; only the sockets stay in the namespace.
-                Ok(NsSockets { dumper, destroy })
+                Ok(NsSockets {
+                    dumper,
+                    destroy,
+                    conntrack,
+                    accounting,
+                })
             })
             .map_err(|e| NetnsError::Thread(e.to_string()))?;
         helper

@@ -2,8 +2,10 @@
 //! `thresholds.foreign_egress_bytes` over the last `window_secs` to one country outside it.
 //! Subject `country:XX`, one breach per node and country.
 //!
-//! Destinations covered by an `[[allow]]` entry (CIDR, ASN or country, not expired) do not
-//! count; destinations no database places are `unresolved-destination`'s. Evidence: the
+//! The country a destination counts in is the policy's reading of its verdict
+//! (`policy::verdicts`: contested answers, physically impossible ones). Destinations covered
+//! by an `[[allow]]` entry (CIDR, ASN or country, not expired) do not count; destinations no
+//! database places are `unresolved-destination`'s, ruled-out ones `impossible-verdict`'s. Evidence: the
 //! country and window, and under `counters` the bytes and the largest destinations with the
 //! process, pid, address, port, ASN and organisation. Resolves after `quiet_secs` without an
 //! observation.
@@ -15,6 +17,7 @@ use sov_proto::pb;
 
 use super::{Context, Rule, policy_quiet_ms, top_destinations};
 use crate::breach::{EVIDENCE_COUNTERS, Observation, Severity};
+use crate::policy::Counted;
 
 /// Rule name.
 pub const FOREIGN_EGRESS: &str = "foreign-egress";
@@ -28,18 +31,15 @@ pub const RULE: Rule = Rule {
 
 fn observe(ctx: &Context<'_>) -> Vec<Observation> {
     let t = &ctx.policy.thresholds;
-    let mut per: BTreeMap<(&str, &str), Vec<&pb::EgressRow>> = BTreeMap::new();
+    let mut per: BTreeMap<(&str, String), Vec<&pb::EgressRow>> = BTreeMap::new();
     for r in &ctx.facts.flows {
-        if r.country.is_empty()
-            || ctx.policy.is_inside(&r.country)
-            || !ctx.node_inside(&r.node)
-            || ctx.allowed(r)
-        {
+        let Counted::Outside(country) = ctx.policy.count(r) else {
+            continue;
+        };
+        if !ctx.node_inside(&r.node) || ctx.allowed(r) {
             continue;
         }
-        per.entry((r.node.as_str(), r.country.as_str()))
-            .or_default()
-            .push(r);
+        per.entry((r.node.as_str(), country)).or_default().push(r);
     }
     per.into_iter()
         .filter_map(|((node, country), rows)| {

@@ -16,6 +16,7 @@
 //! | [`compute_offshore`] | critical | `sha256:…` | a process on a node outside has a restricted model open or mapped |
 //! | [`weights_exfiltration`] | critical | `process:NAME/PID` | a process holding restricted weights sent more than `exfiltration_fraction` of their size outside |
 //! | [`location_mismatch`] | warning | `location` | the address a node reports from geolocates to another country than the node's |
+//! | [`impossible_verdict`] | warning | `review:country:XX` | a node inside sent bytes to destinations placed in XX that the speed of light rules out (counted as not foreign under `impossible = "review"`) |
 //!
 //! Volatile evidence (bytes, durations, top lists) sits under the evidence's `counters` key:
 //! it keeps the breach row current without a log record (and an alert) at every evaluation.
@@ -23,6 +24,7 @@
 pub mod agent_silent;
 pub mod compute_offshore;
 pub mod foreign_egress;
+pub mod impossible_verdict;
 pub mod location_mismatch;
 pub mod unresolved_destination;
 pub mod weights_exfiltration;
@@ -34,7 +36,7 @@ use std::time::Duration;
 
 use sov_proto::pb;
 
-use super::{ModelClass, ModelFacts, Policy};
+use super::{Counted, ModelClass, ModelFacts, Policy};
 use crate::breach::{BreachChange, Observation};
 use crate::geo::Geo;
 use crate::store::{EgressQuery, NodePeer, Store, StoreError};
@@ -42,6 +44,7 @@ use crate::store::{EgressQuery, NodePeer, Store, StoreError};
 pub use agent_silent::AGENT_SILENT;
 pub use compute_offshore::COMPUTE_OFFSHORE;
 pub use foreign_egress::FOREIGN_EGRESS;
+pub use impossible_verdict::IMPOSSIBLE_VERDICT;
 pub use location_mismatch::LOCATION_MISMATCH;
 pub use unresolved_destination::UNRESOLVED_DESTINATION;
 pub use weights_exfiltration::WEIGHTS_EXFILTRATION;
@@ -68,7 +71,7 @@ pub struct Rule {
 }
 
 /// Every rule, in evaluation order.
-pub const RULES: [Rule; 7] = [
+pub const RULES: [Rule; 8] = [
     agent_silent::RULE,
     foreign_egress::RULE,
     unresolved_destination::RULE,
@@ -76,6 +79,7 @@ pub const RULES: [Rule; 7] = [
     compute_offshore::RULE,
     weights_exfiltration::RULE,
     location_mismatch::RULE,
+    impossible_verdict::RULE,
 ];
 
 /// `thresholds.quiet_secs` in milliseconds: the quiet period of most rules.
@@ -158,15 +162,20 @@ impl Context<'_> {
         self.policy.is_inside(&self.node_country(name))
     }
 
-    /// Whether traffic of this egress row is covered by an `[[allow]]` entry.
+    /// Whether traffic of this egress row is covered by an `[[allow]]` entry (a country
+    /// entry is matched against the country the row counts in, else its verdict's).
     pub fn allowed(&self, r: &pb::EgressRow) -> bool {
         let ip: IpAddr = r
             .remote_address
             .parse()
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let asn = (r.asn != 0).then_some(r.asn);
+        let country = match self.policy.count(r) {
+            Counted::Outside(c) | Counted::Review(c) => c,
+            Counted::Inside | Counted::Unresolved => r.country.clone(),
+        };
         self.policy
-            .allowed(ip, asn, &r.country, self.now_unix_ms)
+            .allowed(ip, asn, &country, self.now_unix_ms)
             .is_some()
     }
 
@@ -223,7 +232,32 @@ pub fn top_destinations(rows: &[&pb::EgressRow]) -> Vec<serde_json::Value> {
                 "country": d.country,
                 "asn": d.asn,
                 "org": d.org,
+                "operator_country": d.operator_country,
                 "bytes": d.bytes_sent,
+                "min_rtt_us": d.min_rtt_us,
+                "answers": answers_json(d),
+                "contested": d.contested,
+                "physics": d.physics,
+                "distance_km": d.distance_km,
+                "limit_km": d.limit_km,
+                "conntrack_bytes": d.conntrack_bytes,
+                "unmeasured_flows": d.unmeasured_flows,
+            })
+        })
+        .collect()
+}
+
+/// Every source's answer for a destination, side by side, as evidence.
+pub fn answers_json(d: &pb::EgressRow) -> Vec<serde_json::Value> {
+    d.answers
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "source": a.source,
+                "country": a.country,
+                "kind": a.kind,
+                "impossible": a.impossible,
+                "distance_km": a.distance_km,
             })
         })
         .collect()
@@ -306,8 +340,8 @@ pub async fn gather(
                 let v = geo.lookup(ip);
                 Placement {
                     address: ip.to_string(),
-                    country: v.country,
-                    source: v.source,
+                    country: v.country.clone(),
+                    source: v.source.clone(),
                 }
             }
             None => Placement::default(),

@@ -24,7 +24,12 @@ pub const RULE: Rule = Rule {
 fn observe(ctx: &Context<'_>) -> Vec<Observation> {
     let t = &ctx.policy.thresholds;
     let mut per: BTreeMap<&str, Vec<&pb::EgressRow>> = BTreeMap::new();
-    for r in ctx.facts.flows.iter().filter(|r| r.country.is_empty()) {
+    for r in ctx
+        .facts
+        .flows
+        .iter()
+        .filter(|r| ctx.policy.count(r) == crate::policy::Counted::Unresolved)
+    {
         if !ctx.allowed(r) {
             per.entry(r.node.as_str()).or_default().push(r);
         }

@@ -65,7 +65,10 @@ fn observe(ctx: &Context<'_>) -> Vec<Observation> {
             .filter(|r| {
                 r.node == node
                     && r.pid == pid
-                    && !ctx.policy.is_inside(&r.country)
+                    && matches!(
+                        ctx.policy.count(r),
+                        crate::policy::Counted::Outside(_) | crate::policy::Counted::Unresolved
+                    )
                     && !ctx.allowed(r)
             })
             .collect();

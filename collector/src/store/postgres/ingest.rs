@@ -86,12 +86,17 @@ pub(super) const UPDATE_NODE_GPUS: &str =
 
 /// Every flow aggregate of one report in one statement: `$1` the node, then one array per
 /// column (the caller merges rows with the same key first: one statement may not update a row
-/// twice).
-pub(super) const AGGREGATE_FLOWS: &str = "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
-         remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
+/// twice); the verdict and measurement columns last ([`crate::store::VERDICT_COLUMNS`]).
+fn aggregate_flows() -> String {
+    format!(
+        "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
+         remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us,
+         {})
      SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
                               $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[],
-                              $14::BIGINT[], $15::BIGINT[], $16::BIGINT[])
+                              $14::BIGINT[], $15::BIGINT[], $16::BIGINT[],
+                              $17::TEXT[], $18::BIGINT[], $19::TEXT[], $20::TEXT[], $21::BIGINT[], $22::BIGINT[],
+                              $23::BIGINT[], $24::BIGINT[])
      ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
         bytes_sent = flows_minute.bytes_sent + EXCLUDED.bytes_sent,
         bytes_received = flows_minute.bytes_received + EXCLUDED.bytes_received,
@@ -99,7 +104,16 @@ pub(super) const AGGREGATE_FLOWS: &str = "INSERT INTO flows_minute (node, minute
         min_rtt_us = CASE WHEN flows_minute.min_rtt_us = 0 THEN EXCLUDED.min_rtt_us
                           WHEN EXCLUDED.min_rtt_us = 0 THEN flows_minute.min_rtt_us
                           ELSE LEAST(flows_minute.min_rtt_us, EXCLUDED.min_rtt_us) END,
-        process = CASE WHEN EXCLUDED.process <> '' THEN EXCLUDED.process ELSE flows_minute.process END";
+        process = CASE WHEN EXCLUDED.process <> '' THEN EXCLUDED.process ELSE flows_minute.process END,
+        {}",
+        crate::store::VERDICT_COLUMNS,
+        crate::store::VERDICT_UPSERT
+    )
+}
+
+/// [`aggregate_flows`], written once per process.
+pub(super) static AGGREGATE_FLOWS: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(aggregate_flows);
 
 /// Every raw flow of one report in one statement: node, seq, epoch, then one array per column.
 pub(super) const KEEP_RAW_FLOWS: &str = "INSERT INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
@@ -168,7 +182,7 @@ impl Statements {
             upsert_gpu_sample: p(UPSERT_GPU_SAMPLE).await?,
             upsert_gpu_usage: p(UPSERT_GPU_USAGE).await?,
             update_node_gpus: p(UPDATE_NODE_GPUS).await?,
-            aggregate_flows: p(AGGREGATE_FLOWS).await?,
+            aggregate_flows: p(AGGREGATE_FLOWS.as_str()).await?,
             keep_raw_flows: p(KEEP_RAW_FLOWS).await?,
             upsert_weight: p(UPSERT_WEIGHT).await?,
             remove_weight: p(REMOVE_WEIGHT).await?,
@@ -288,6 +302,9 @@ pub(super) struct FlowSums<'a> {
     bytes_received: i64,
     connections: i64,
     min_rtt_us: i64,
+    verdict: Option<&'a crate::store::VerdictColumns>,
+    conntrack_bytes: i64,
+    unmeasured_flows: i64,
 }
 
 /// Add the report's flows to the per-minute aggregates and keep foreign ones raw too: two
@@ -347,10 +364,21 @@ pub(super) async fn apply_flows(
             .saturating_add(to_i64(fl.bytes_received, "bytes_received")?);
         e.connections = e.connections.saturating_add(i64::from(fl.connections));
         let rtt = i64::from(fl.min_rtt_us);
+        // The verdict of the tighter RTT wins, as in the upsert.
+        if e.verdict.is_none() || (rtt != 0 && (e.min_rtt_us == 0 || rtt < e.min_rtt_us)) {
+            e.verdict = Some(&f.verdict);
+        }
         e.min_rtt_us = match (e.min_rtt_us, rtt) {
             (0, x) | (x, 0) => x,
             (a, b) => a.min(b),
         };
+        let (ct, unmeasured) = crate::store::measurement_columns(fl);
+        e.conntrack_bytes = e
+            .conntrack_bytes
+            .saturating_add(to_i64(ct, "conntrack bytes")?);
+        e.unmeasured_flows = e
+            .unmeasured_flows
+            .saturating_add(to_i64(unmeasured, "unmeasured flows")?);
         // Raw detail only for destinations outside the node's declared country (the policy
         // refines "outside" with the jurisdiction's inside countries).
         if f.country != r.country {
@@ -384,7 +412,26 @@ pub(super) async fn apply_flows(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    let none = crate::store::VerdictColumns::default();
+    let (mut answers, mut contested, mut operator, mut physics, mut distance, mut limit) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut conntrack, mut unmeasured) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for ((m, p, proto, dir, addr, rport), v) in &sums {
+        let vc = v.verdict.unwrap_or(&none);
+        answers.push(vc.answers_json.as_str());
+        contested.push(i64::from(vc.contested));
+        operator.push(vc.operator_country.as_str());
+        physics.push(vc.physics.as_str());
+        distance.push(i64::from(vc.distance_km));
+        limit.push(i64::from(vc.limit_km));
+        conntrack.push(v.conntrack_bytes);
+        unmeasured.push(v.unmeasured_flows);
         minute.push(*m);
         pid.push(*p);
         process.push(v.process);
@@ -404,8 +451,30 @@ pub(super) async fn apply_flows(
     tx.execute(
         &st.aggregate_flows,
         &[
-            &r.node, &minute, &pid, &process, &protocol, &direction, &remote, &port, &country,
-            &asn, &org, &geo, &sent, &received, &conns, &rtt,
+            &r.node,
+            &minute,
+            &pid,
+            &process,
+            &protocol,
+            &direction,
+            &remote,
+            &port,
+            &country,
+            &asn,
+            &org,
+            &geo,
+            &sent,
+            &received,
+            &conns,
+            &rtt,
+            &answers,
+            &contested,
+            &operator,
+            &physics,
+            &distance,
+            &limit,
+            &conntrack,
+            &unmeasured,
         ],
     )
     .await

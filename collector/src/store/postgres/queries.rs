@@ -199,10 +199,14 @@ pub(super) async fn egress(
     };
     // COUNT(*) OVER () is the number of groups before LIMIT; at least one row is fetched
     // so that it is known even when the limit is 0.
+    let verdict = crate::store::egress_verdict_select(
+        matches!(q.by.as_str(), "destination" | "flow"),
+        "::BIGINT",
+    );
     let text = format!(
         "SELECT {cols}, SUM(bytes_sent)::BIGINT, SUM(bytes_received)::BIGINT,
                 SUM(connections)::BIGINT, COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)::BIGINT,
-                COUNT(*) OVER ()
+                {verdict}, COUNT(*) OVER ()
          FROM flows_minute
          WHERE minute_ms >= $1 AND minute_ms < $2 AND direction <> 'inbound'
          GROUP BY {group}
@@ -218,7 +222,7 @@ pub(super) async fn egress(
         .map_err(pg("egress"))?;
     const C: &str = "read egress row";
     let total = match rows.first() {
-        Some(row) => get_u64(row, 13, C)?,
+        Some(row) => get_u64(row, rows::EGRESS_COLUMNS, C)?,
         None => 0,
     };
     let out = rows

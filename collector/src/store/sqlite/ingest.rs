@@ -121,10 +121,14 @@ pub(super) fn apply_flows(
             r.observed_unix_ms
         };
         let minute = end - end.rem_euclid(60_000);
-        exec(tx,
+        let v = &f.verdict;
+        let (conntrack_bytes, unmeasured) = crate::store::measurement_columns(fl);
+        let text = format!(
             "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
-                                       country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                                       country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us,
+                                       {})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                     ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)
              ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
                 bytes_sent = bytes_sent + excluded.bytes_sent,
                 bytes_received = bytes_received + excluded.bytes_received,
@@ -132,7 +136,14 @@ pub(super) fn apply_flows(
                 min_rtt_us = CASE WHEN min_rtt_us = 0 THEN excluded.min_rtt_us
                                   WHEN excluded.min_rtt_us = 0 THEN min_rtt_us
                                   ELSE min(min_rtt_us, excluded.min_rtt_us) END,
-                process = CASE WHEN excluded.process <> '' THEN excluded.process ELSE process END",
+                process = CASE WHEN excluded.process <> '' THEN excluded.process ELSE process END,
+                {}",
+            crate::store::VERDICT_COLUMNS,
+            crate::store::VERDICT_UPSERT
+        );
+        exec(
+            tx,
+            &text,
             params![
                 r.node,
                 minute,
@@ -149,7 +160,15 @@ pub(super) fn apply_flows(
                 to_i64(fl.bytes_sent, "bytes_sent")?,
                 to_i64(fl.bytes_received, "bytes_received")?,
                 fl.connections,
-                fl.min_rtt_us
+                fl.min_rtt_us,
+                v.answers_json,
+                i64::from(v.contested),
+                v.operator_country,
+                v.physics,
+                v.distance_km,
+                v.limit_km,
+                to_i64(conntrack_bytes, "conntrack bytes")?,
+                to_i64(unmeasured, "unmeasured flows")?
             ],
         )
         .map_err(sql("aggregate flow"))?;

@@ -102,9 +102,13 @@ impl SqliteStore {
                 )));
             }
         };
+        let verdict = crate::store::egress_verdict_select(
+            matches!(q.by.as_str(), "destination" | "flow"),
+            "",
+        );
         let text = format!(
             "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
-                    COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)
+                    COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0), {verdict}
              FROM flows_minute
              WHERE minute_ms >= ?1 AND minute_ms < ?2 AND direction <> 'inbound'
              GROUP BY {group}
