@@ -45,6 +45,7 @@ use super::discover::{self, Candidate};
 use super::formats::{self, Format, Parsed};
 use super::hash::{self, HashCache, PartialHash, RateLimiter, Slice};
 use super::identity::{self, Identifier, Identity, IdentitySource};
+use super::lineage::Lineage;
 use super::schedule::{self, Hint};
 use super::storage::{self, MountTable};
 use super::users::{self, FileUse, Interest};
@@ -435,9 +436,17 @@ impl WeightsScanner {
                         MountTable::load().unwrap_or_else(|_| MountTable::parse(""))
                     });
                     let id = ident.identify_candidate(c, header_identity(&parsed));
+                    let lineage = ident.lineage_candidate(
+                        c,
+                        parsed.format,
+                        &parsed.header.metadata,
+                        &id.model,
+                    );
+                    let mut file = describe(c, &parsed, id, mounts);
+                    set_lineage(&mut file, lineage);
                     fresh.push(Entry {
                         stamp,
-                        file: describe(c, &parsed, id, mounts),
+                        file,
                         read_path: c.real_path.clone(),
                         keys: vec![(c.device, c.inode)],
                         origin: None,
@@ -853,6 +862,12 @@ impl WeightsScanner {
                 let id = ns
                     .identifier
                     .identify_at(&layout, &item.cpath, header_identity(&parsed));
+                let lineage = ns.identifier.lineage(
+                    &layout,
+                    parsed.format,
+                    &parsed.header.metadata,
+                    &id.model,
+                );
                 let c = Candidate {
                     path: PathBuf::from(&wire_path),
                     real_path: item.read_path.clone(),
@@ -864,6 +879,7 @@ impl WeightsScanner {
                     aliases: vec![],
                 };
                 let mut file = describe_at(&c, &parsed, id, mount.as_ref());
+                set_lineage(&mut file, lineage);
                 if !own {
                     file.container_path = item.cpath.to_string_lossy().into_owned();
                     file.mntns_inode = item.mntns;
@@ -1214,6 +1230,7 @@ fn describe_at(
             repo_path: id.repo_path,
             source: id.source.as_str().to_owned(),
             publisher: id.publisher,
+            ..Default::default()
         }),
         storage: Some(storage),
         tensor_count: parsed.header.tensor_count,
@@ -1239,8 +1256,25 @@ fn describe_at(
     }
 }
 
+/// Carry what the file declares about its bases in its wire identity.
+fn set_lineage(file: &mut pb::WeightFile, lineage: Lineage) {
+    let id = file.identity.get_or_insert_with(Default::default);
+    id.adapter_type = lineage.adapter_type;
+    id.base_models = lineage
+        .base_models
+        .into_iter()
+        .map(|b| pb::BaseModel {
+            name: b.name,
+            organization: b.organization,
+            repo_url: b.repo_url,
+            source: b.source.as_str().to_owned(),
+        })
+        .collect();
+}
+
 /// The shards of one model (same `shard_set`) share the strongest identity any of them has
-/// (llama.cpp writes `general.name` into the first split only): returns the paths changed.
+/// (llama.cpp writes `general.name` and `general.base_model.*` into the first split only), and
+/// its declared bases when they have none: returns the paths changed.
 fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
     let mut best: HashMap<String, pb::ModelIdentity> = HashMap::new();
     for e in entries.values() {
@@ -1254,7 +1288,13 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
             .entry(e.file.shard_set.clone())
             .or_insert_with(|| id.clone());
         if source_rank(&id.source) > source_rank(&slot.source) {
+            let bases = std::mem::take(&mut slot.base_models);
             *slot = id.clone();
+            if slot.base_models.is_empty() {
+                slot.base_models = bases;
+            }
+        } else if slot.base_models.is_empty() && !id.base_models.is_empty() {
+            slot.base_models.clone_from(&id.base_models);
         }
     }
     let mut changed = Vec::new();
@@ -1269,6 +1309,12 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
             id.refs.clone_from(&b.refs);
             id.source.clone_from(&b.source);
             id.publisher.clone_from(&b.publisher);
+            if id.base_models.is_empty() {
+                id.base_models.clone_from(&b.base_models);
+            }
+            changed.push(path.clone());
+        } else if id.base_models.is_empty() && !b.base_models.is_empty() {
+            id.base_models.clone_from(&b.base_models);
             changed.push(path.clone());
         }
     }
