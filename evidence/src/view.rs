@@ -490,7 +490,7 @@ pub fn egress_json(r: &pb::EgressRow, by: EgressBy) -> Value {
 }
 
 /// Columns of `sovctl models` as a table or CSV.
-pub const MODEL_COLUMNS: [&str; 9] = [
+pub const MODEL_COLUMNS: [&str; 10] = [
     "model",
     "format",
     "sha256",
@@ -500,7 +500,17 @@ pub const MODEL_COLUMNS: [&str; 9] = [
     "countries",
     "users",
     "revision",
+    "base_models",
 ];
+
+/// A declared base as table text: `name (origin)`, or the name alone when its origin is unknown.
+pub fn base_text(b: &pb::ModelBase) -> String {
+    if b.origin.is_empty() {
+        b.name.clone()
+    } else {
+        format!("{} ({})", b.name, b.origin)
+    }
+}
 
 /// One model as the JSON object `sovctl models --output json` prints.
 pub fn model_json(m: &pb::ModelSummary) -> Value {
@@ -536,6 +546,14 @@ pub fn model_json(m: &pb::ModelSummary) -> Value {
             "path": u.path,
         })).collect::<Vec<_>>(),
         "countries": countries.join(" "),
+        "base_models": m.base_models.iter().map(|b| json!({
+            "name": b.name,
+            "organization": b.organization,
+            "repo_url": b.repo_url,
+            "source": b.source,
+            "origin": b.origin,
+        })).collect::<Vec<_>>(),
+        "adapter_type": m.adapter_type,
     })
 }
 
@@ -544,6 +562,13 @@ pub fn model_row(m: &pb::ModelSummary) -> Value {
     let mut v = model_json(m);
     v["copies"] = json!(m.copies.len());
     v["users"] = json!(m.users.len());
+    v["base_models"] = json!(
+        m.base_models
+            .iter()
+            .map(base_text)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if let Some(short) = m.sha256.get(..12) {
         v["sha256"] = json!(short);
     }

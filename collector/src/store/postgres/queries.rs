@@ -25,7 +25,7 @@ pub(super) const LIST_MODELS: &str = r#"WITH current AS (
     SELECT w.node, w.path, w.format, w.size_bytes, w.sha256, w.model, w.revision, w.repo_path,
            w.identity_source, w.publisher, w.parameter_count, w.mount_point, w.fs_type, w.network,
            w.server_address, w.users, w.first_seen_ms, w.last_seen_ms,
-           COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
+           COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country, w.detail,
            (CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
                  ELSE w.model || '|~' || w.node || ':' || w.path END) COLLATE "C" AS k
     FROM weight_files w LEFT JOIN nodes n ON n.node = w.node
@@ -41,7 +41,7 @@ pub(super) const LIST_MODELS: &str = r#"WITH current AS (
 )
 SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
        publisher, parameter_count, mount_point, fs_type, network, server_address, users,
-       first_seen_ms, last_seen_ms, site, country
+       first_seen_ms, last_seen_ms, site, country, detail
 FROM hits
 WHERE k IN (SELECT k FROM page)
 ORDER BY k, node COLLATE "C", path COLLATE "C""#;

@@ -50,7 +50,7 @@ impl SqliteStore {
             .prepare_cached(
                 "SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
                         publisher, parameter_count, mount_point, fs_type, network, server_address, users,
-                        first_seen_ms, last_seen_ms, site, country
+                        first_seen_ms, last_seen_ms, site, country, detail
                  FROM (SELECT w.*, COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
                               CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
                                    ELSE w.model || '|~' || w.node || ':' || w.path END AS k
