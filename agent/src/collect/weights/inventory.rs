@@ -131,7 +131,12 @@ pub struct Inventory {
 pub struct WeightsHandle {
     inner: Arc<Mutex<Inventory>>,
     reduced: Arc<AtomicBool>,
+    /// Directories searched besides the roots: where training runs write checkpoints.
+    extra_roots: Arc<Mutex<Vec<PathBuf>>>,
 }
+
+/// At most this many extra roots (training output directories) are searched.
+pub const MAX_EXTRA_ROOTS: usize = 64;
 
 fn lock(m: &Mutex<Inventory>) -> MutexGuard<'_, Inventory> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -205,6 +210,24 @@ impl WeightsHandle {
         pids.sort_unstable();
         pids.dedup();
         pids
+    }
+
+    /// Search these directories too from the next scan on (training runs' checkpoint
+    /// directories, so that their outputs are identified and fingerprinted like any weight
+    /// file); at most [`MAX_EXTRA_ROOTS`].
+    pub fn set_extra_roots(&self, mut dirs: Vec<PathBuf>) {
+        dirs.truncate(MAX_EXTRA_ROOTS);
+        *self
+            .extra_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dirs;
+    }
+
+    fn extra_roots(&self) -> Vec<PathBuf> {
+        self.extra_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Slow hashing down (the agent is over its budget) or back to the configured rate.
@@ -377,12 +400,19 @@ impl WeightsScanner {
         self
     }
 
-    /// The roots to search: configured, or the defaults that exist on this machine.
+    /// The roots to search: configured, or the defaults that exist on this machine, plus the
+    /// checkpoint directories of training runs outside them.
     pub fn roots(&self) -> Vec<PathBuf> {
-        match &self.cfg.roots {
+        let mut roots = match &self.cfg.roots {
             Some(r) => r.clone(),
             None => discover::default_roots(&|k| std::env::var(k).ok(), Path::new("/")),
+        };
+        for extra in self.handle.extra_roots() {
+            if !roots.iter().any(|r| extra.starts_with(r)) {
+                roots.push(extra);
+            }
         }
+        roots
     }
 
     /// One pass: discover (roots, containers' roots, processes' files), sniff new or changed
