@@ -24,6 +24,14 @@ use crate::store::{
 pub const MAX_GAPS_PER_REPORT: usize = 10_000;
 /// Most flows one report may carry.
 pub const MAX_FLOWS_PER_REPORT: usize = 200_000;
+/// Most training runs one report may carry (the agent sends at most 64).
+pub const MAX_TRAINING_RUNS_PER_REPORT: usize = 256;
+/// Most inputs, and most outputs, one training run may list (the agent sends at most 256).
+pub const MAX_TRAINING_ITEMS_PER_RUN: usize = 1024;
+/// Longest training run id accepted.
+pub const MAX_TRAINING_RUN_ID_BYTES: usize = 128;
+/// Longest path of a training input or output accepted.
+pub const MAX_TRAINING_PATH_BYTES: usize = 4096;
 
 /// gRPC `sovereign.v1.Ingest`.
 #[derive(Debug, Clone)]
@@ -160,6 +168,47 @@ pub fn validate(report: &pb::Report) -> Result<(), Status> {
             "gaps has {} entries, more than {MAX_GAPS_PER_REPORT}",
             report.gaps.len()
         ));
+    }
+    if report.training_runs.len() > MAX_TRAINING_RUNS_PER_REPORT {
+        return bad(format!(
+            "training_runs has {} entries, more than {MAX_TRAINING_RUNS_PER_REPORT}",
+            report.training_runs.len()
+        ));
+    }
+    for (i, run) in report.training_runs.iter().enumerate() {
+        if run.run_id.is_empty() || run.run_id.len() > MAX_TRAINING_RUN_ID_BYTES {
+            return bad(format!(
+                "training_runs[{i}].run_id {:?} must be 1 to {MAX_TRAINING_RUN_ID_BYTES} bytes",
+                run.run_id.chars().take(40).collect::<String>()
+            ));
+        }
+        if run.inputs.len() > MAX_TRAINING_ITEMS_PER_RUN
+            || run.outputs.len() > MAX_TRAINING_ITEMS_PER_RUN
+        {
+            return bad(format!(
+                "training_runs[{i}] lists {} inputs and {} outputs, more than {MAX_TRAINING_ITEMS_PER_RUN} \
+                 (count the rest in inputs_left_out / outputs_left_out)",
+                run.inputs.len(),
+                run.outputs.len()
+            ));
+        }
+        let long = run
+            .inputs
+            .iter()
+            .map(|x| x.path.len())
+            .chain(run.outputs.iter().map(|x| x.path.len()))
+            .find(|&n| n > MAX_TRAINING_PATH_BYTES);
+        if let Some(n) = long {
+            return bad(format!(
+                "training_runs[{i}] has a path of {n} bytes, more than {MAX_TRAINING_PATH_BYTES}"
+            ));
+        }
+        if !run.gpu_seconds.is_finite() || run.gpu_seconds < 0.0 {
+            return bad(format!(
+                "training_runs[{i}].gpu_seconds {} must be a finite number >= 0",
+                run.gpu_seconds
+            ));
+        }
     }
     for (i, g) in report.gaps.iter().enumerate() {
         if g.first_seq == 0 || g.first_seq > g.last_seq || g.last_seq >= report.seq {
@@ -331,6 +380,7 @@ impl IngestService {
                     removed: report.weight_files_removed.clone(),
                 },
                 flows,
+                training: report.training_runs.clone(),
             },
             gaps: report
                 .gaps
@@ -421,6 +471,42 @@ mod tests {
                         last_seq: 9,
                         ..Default::default()
                     }]
+                }),
+            ),
+            (
+                "training_runs[0].run_id",
+                Box::new(|r| r.training_runs = vec![pb::TrainingRun::default()]),
+            ),
+            (
+                "training_runs[0] lists 1025 inputs",
+                Box::new(|r| {
+                    r.training_runs = vec![pb::TrainingRun {
+                        run_id: "1-2-x".into(),
+                        inputs: vec![pb::TrainingInput::default(); 1025],
+                        ..Default::default()
+                    }]
+                }),
+            ),
+            (
+                "training_runs[0].gpu_seconds NaN",
+                Box::new(|r| {
+                    r.training_runs = vec![pb::TrainingRun {
+                        run_id: "1-2-x".into(),
+                        gpu_seconds: f64::NAN,
+                        ..Default::default()
+                    }]
+                }),
+            ),
+            (
+                "training_runs has 257 entries",
+                Box::new(|r| {
+                    r.training_runs = vec![
+                        pb::TrainingRun {
+                            run_id: "1-2-x".into(),
+                            ..Default::default()
+                        };
+                        257
+                    ]
                 }),
             ),
         ];

@@ -503,6 +503,84 @@ pub const MODEL_COLUMNS: [&str; 10] = [
     "base_models",
 ];
 
+/// Columns of `sovctl training` as a table or CSV.
+pub const TRAINING_COLUMNS: [&str; 11] = [
+    "node",
+    "country",
+    "pod",
+    "process",
+    "pid",
+    "start",
+    "last_activity",
+    "gpu_hours",
+    "inputs",
+    "outputs",
+    "ended",
+];
+
+/// One training run as the JSON object `sovctl training --output json` prints.
+pub fn training_json(s: &pb::TrainingRunSummary) -> Value {
+    let run = s.run.clone().unwrap_or_default();
+    let c = run.container.clone().unwrap_or_default();
+    json!({
+        "node": s.node,
+        "site": s.site,
+        "country": s.country,
+        "run_id": run.run_id,
+        "pid": run.pid,
+        "process": run.process,
+        "container": c.id,
+        "pod": if c.pod_name.is_empty() { String::new() } else { format!("{}/{}", c.pod_namespace, c.pod_name) },
+        "start": rfc3339(run.start_unix_ms),
+        "last_activity": rfc3339(run.last_activity_unix_ms),
+        "gpu_seconds": run.gpu_seconds,
+        "gpu_hours": run.gpu_seconds / 3600.0,
+        "ended": run.ended,
+        "inputs": run.inputs.iter().map(|i| json!({
+            "kind": i.kind,
+            "path": i.path,
+            "size": i.size_bytes,
+            "sha256": i.sha256,
+            "model": i.model,
+            "format": i.format,
+            "mapped": i.mapped,
+        })).collect::<Vec<_>>(),
+        "outputs": run.outputs.iter().map(|o| json!({
+            "path": o.path,
+            "size": o.size_bytes,
+            "mtime": rfc3339(o.mtime_unix_ms),
+            "sha256": o.sha256,
+            "model": o.model,
+        })).collect::<Vec<_>>(),
+        "inputs_left_out": run.inputs_left_out,
+        "outputs_left_out": run.outputs_left_out,
+        "first_seen": rfc3339(s.first_seen_unix_ms),
+        "last_seen": rfc3339(s.last_seen_unix_ms),
+    })
+}
+
+/// A training run flattened for tables and CSV: inputs as `model`/`format:path` text, outputs
+/// counted.
+pub fn training_row(s: &pb::TrainingRunSummary) -> Value {
+    let mut v = training_json(s);
+    let run = s.run.clone().unwrap_or_default();
+    let inputs: Vec<String> = run
+        .inputs
+        .iter()
+        .map(|i| {
+            if i.kind == "base-weights" && !i.model.is_empty() {
+                i.model.clone()
+            } else {
+                format!("{}:{}", i.format, i.path)
+            }
+        })
+        .collect();
+    v["inputs"] = json!(inputs.join(" "));
+    v["outputs"] = json!(run.outputs.len() as u64 + u64::from(run.outputs_left_out));
+    v["gpu_hours"] = json!(format!("{:.3}", run.gpu_seconds / 3600.0));
+    v
+}
+
 /// A declared base as table text: `name (origin)`, or the name alone when its origin is unknown.
 pub fn base_text(b: &pb::ModelBase) -> String {
     if b.origin.is_empty() {
@@ -554,6 +632,7 @@ pub fn model_json(m: &pb::ModelSummary) -> Value {
             "origin": b.origin,
         })).collect::<Vec<_>>(),
         "adapter_type": m.adapter_type,
+        "derived_from_run": m.derived_from_run,
     })
 }
 

@@ -83,6 +83,14 @@ enum Command {
         /// Only models matching: an exact sha256, or part of the model name / repository id.
         query: Option<String>,
     },
+    /// Training runs: processes that wrote weight files while mapping other weights or using
+    /// a GPU, with node, country, pod, GPU-hours, inputs (base weights, datasets) and outputs
+    /// (checkpoints), newest first.
+    Training {
+        /// Only runs active within this long ago: a number and a unit, s, m, h or d (e.g. 7d).
+        #[arg(long, default_value = "30d", value_parser = parse_duration_ms)]
+        since: i64,
+    },
     /// Outbound bytes by destination country, node, process, ASN or destination.
     Egress {
         /// How far back: a number and a unit, s, m, h or d (e.g. 90m, 24h, 7d).
@@ -281,6 +289,25 @@ async fn run(cli: Cli) -> Result<String, String> {
                 "{}\n",
                 serde_json::to_string_pretty(&bom).map_err(|e| e.to_string())?
             ))
+        }
+        Command::Training { since } => {
+            let resp = client
+                .list_training(pb::ListTrainingRequest {
+                    since_unix_ms: now_unix_ms() - since,
+                    limit: PAGE,
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            if resp.truncated {
+                eprintln!("sovctl: more runs not shown (narrow --since)");
+            }
+            let rows: Vec<Value> = if cli.output == Output::Json {
+                resp.runs.iter().map(view::training_json).collect()
+            } else {
+                resp.runs.iter().map(view::training_row).collect()
+            };
+            Ok(render(&rows, &view::TRAINING_COLUMNS, cli.output))
         }
         Command::Egress { since, by } => {
             let by = EgressBy::from(by);

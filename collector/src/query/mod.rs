@@ -97,6 +97,11 @@ impl RowCount for pb::ListModelsResponse {
         self.models.len() as u64
     }
 }
+impl RowCount for pb::ListTrainingResponse {
+    fn row_count(&self) -> u64 {
+        self.runs.len() as u64
+    }
+}
 impl RowCount for pb::EgressResponse {
     fn row_count(&self) -> u64 {
         self.rows.len() as u64
@@ -383,6 +388,29 @@ impl QueryService {
         let next_after = one_page(&mut models, limit, |m| m.key.clone());
         self.fill_base_origins(&mut models);
         Ok(pb::ListModelsResponse { models, next_after })
+    }
+
+    /// `ListTraining` for `caller`: training runs active since a time, newest first.
+    pub async fn list_training_as(
+        &self,
+        caller: &Caller,
+        r: pb::ListTrainingRequest,
+    ) -> Result<pb::ListTrainingResponse, ApiError> {
+        Self::allow(caller, "ListTraining")?;
+        let params = json!({"since_unix_ms": r.since_unix_ms, "limit": r.limit});
+        let result = async {
+            let limit = self.page(r.limit);
+            let mut runs = self
+                .store
+                .list_training(r.since_unix_ms, limit.saturating_add(1))
+                .await
+                .map_err(store_unavailable)?;
+            let truncated = runs.len() > limit as usize;
+            runs.truncate(limit as usize);
+            Ok(pb::ListTrainingResponse { runs, truncated })
+        }
+        .await;
+        self.audited(caller, "ListTraining", params, result).await
     }
 
     /// `Egress` for `caller`.
@@ -903,6 +931,7 @@ macro_rules! grpc_queries {
 grpc_queries! {
     egress(EgressRequest) -> EgressResponse = egress_as;
     list_models(ListModelsRequest) -> ListModelsResponse = list_models_as;
+    list_training(ListTrainingRequest) -> ListTrainingResponse = list_training_as;
     list_nodes(ListNodesRequest) -> ListNodesResponse = list_nodes_as;
     list_breaches(ListBreachesRequest) -> ListBreachesResponse = list_breaches_as;
     list_audit(ListAuditRequest) -> ListAuditResponse = list_audit_as;

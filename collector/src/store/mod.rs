@@ -136,6 +136,14 @@ macro_rules! store_by_concern {
                 queries::list_models(self, query, after, limit).await
             }
 
+            async fn list_training(
+                &self,
+                since_unix_ms: i64,
+                limit: u32,
+            ) -> Result<Vec<::sov_proto::pb::TrainingRunSummary>, $crate::store::StoreError> {
+                training::list_training(self, since_unix_ms, limit).await
+            }
+
             async fn egress(
                 &self,
                 q: crate::store::EgressQuery,
@@ -276,6 +284,7 @@ pub mod sqlite;
 #[cfg(test)]
 mod suite;
 mod tokens;
+mod training;
 
 pub(crate) use chain::{AUDIT_LOG, BREACH_LOG, ChainedLog};
 pub use chain::{VERIFY_PAGE, verify_pages, verify_store_audit, verify_store_log};
@@ -360,6 +369,8 @@ pub struct Telemetry {
     pub weights: WeightUpdate,
     /// Flows with their verdicts.
     pub flows: Vec<FlowRecord>,
+    /// Training runs (their latest state).
+    pub training: Vec<sov_proto::pb::TrainingRun>,
 }
 
 /// One flow, geolocated at ingest.
@@ -812,6 +823,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         after: &str,
         limit: u32,
     ) -> Result<Vec<sov_proto::pb::ModelSummary>, StoreError>;
+
+    /// Training runs active (or reported) since `since_unix_ms`, newest start first, at most
+    /// `limit`.
+    async fn list_training(
+        &self,
+        since_unix_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<sov_proto::pb::TrainingRunSummary>, StoreError>;
 
     /// Egress bytes grouped as asked, largest bytes_sent first, and how many rows the limit
     /// left out.

@@ -228,6 +228,22 @@ pub(crate) fn push_model(
         m.base_models = bases;
         m.adapter_type = adapter;
     }
+    // A copy a training run was observed writing (columns 22, 23): the run, and its
+    // base-weight inputs as observed bases.
+    let run_id = r.text(22)?;
+    if m.derived_from_run.is_empty() && !run_id.is_empty() {
+        m.derived_from_run = format!("{node}:{run_id}", node = r.text(1)?);
+        let observed: Vec<String> = serde_json::from_str(&r.text(23)?).unwrap_or_default();
+        for name in observed.into_iter().take(MAX_MODEL_BASES) {
+            if !m.base_models.iter().any(|b| b.name == name) {
+                m.base_models.push(pb::ModelBase {
+                    name: cut_utf8(name, MAX_MODEL_BASE_FIELD_BYTES),
+                    source: "training-run".to_owned(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
     let node = r.text(1)?;
     let path = r.text(2)?;
     m.copies.push(pb::ModelCopy {

@@ -62,6 +62,7 @@ macro_rules! store_suite {
             pruning_removes_old_samples_but_keeps_report_keys_idempotent,
             copies_of_one_model_on_two_nodes_are_listed_together_with_their_users,
             a_models_declared_bases_are_listed_with_it_and_bounded,
+            a_training_run_is_kept_at_its_latest_state_and_its_outputs_derive_from_it,
             deltas_add_and_remove_and_a_full_inventory_removes_what_it_does_not_list,
             egress_is_grouped_ordered_by_bytes_sent_and_limited,
             egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
@@ -169,6 +170,7 @@ pub(crate) fn telemetry() -> Telemetry {
         }],
         weights: Default::default(),
         flows: Default::default(),
+        training: Default::default(),
     }
 }
 
@@ -438,6 +440,92 @@ pub(crate) async fn a_models_declared_bases_are_listed_with_it_and_bounded(db: &
     assert!(h.base_models[0].name.starts_with('é'));
     let plain = get("plain");
     assert!(plain.base_models.is_empty() && plain.adapter_type.is_empty());
+}
+
+pub(crate) async fn a_training_run_is_kept_at_its_latest_state_and_its_outputs_derive_from_it(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let run = |gpu_seconds: f64, outputs: &[&str]| pb::TrainingRun {
+        run_id: "4242-100-abcd".into(),
+        pid: 4242,
+        process: "python3".into(),
+        start_unix_ms: 1_000,
+        last_activity_unix_ms: 1_000 + (gpu_seconds as i64),
+        gpu_seconds,
+        inputs: vec![
+            pb::TrainingInput {
+                kind: "base-weights".into(),
+                path: "/models/base/model.safetensors".into(),
+                model: "mistralai/Mistral-7B-v0.1".into(),
+                mapped: true,
+                ..Default::default()
+            },
+            pb::TrainingInput {
+                kind: "dataset".into(),
+                path: "/data/train.parquet".into(),
+                format: "parquet".into(),
+                size_bytes: 5 << 20,
+                ..Default::default()
+            },
+        ],
+        outputs: outputs
+            .iter()
+            .map(|p| pb::TrainingOutput {
+                path: (*p).into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut r = report("gpu-1", 1, 1);
+    r.telemetry.training = vec![run(30.0, &["/out/ckpt-1.safetensors"])];
+    r.telemetry.weights = WeightUpdate {
+        full: true,
+        files: vec![weight("/out/ckpt-1.safetensors", "ckpt-1", "")],
+        removed: vec![],
+    };
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    // The next report: more GPU time, a second checkpoint.
+    let mut r = report("gpu-1", 1, 2);
+    r.telemetry.training = vec![run(
+        60.0,
+        &["/out/ckpt-1.safetensors", "/out/ckpt-2.safetensors"],
+    )];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+
+    let runs = store.list_training(0, 10).await.unwrap();
+    assert_eq!(runs.len(), 1, "one run, at its latest state: {runs:?}");
+    let s = &runs[0];
+    assert_eq!(
+        (s.node.as_str(), s.site.as_str(), s.country.as_str()),
+        ("gpu-1", "rabat-1", "MA")
+    );
+    let got = s.run.clone().unwrap();
+    assert_eq!(got.gpu_seconds, 60.0);
+    assert_eq!(got.outputs.len(), 2);
+    assert_eq!(got.inputs[1].format, "parquet");
+    // Runs whose activity is older than `since` are left out.
+    assert!(
+        store
+            .list_training(10_000_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let models = store.list_models("", "", 10).await.unwrap();
+    let ckpt = models.iter().find(|m| m.model == "ckpt-1").unwrap();
+    assert_eq!(ckpt.derived_from_run, "gpu-1:4242-100-abcd");
+    let observed: Vec<(&str, &str)> = ckpt
+        .base_models
+        .iter()
+        .map(|b| (b.name.as_str(), b.source.as_str()))
+        .collect();
+    assert_eq!(
+        observed,
+        vec![("mistralai/Mistral-7B-v0.1", "training-run")]
+    );
 }
 
 pub(crate) async fn copies_of_one_model_on_two_nodes_are_listed_together_with_their_users(

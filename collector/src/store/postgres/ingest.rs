@@ -735,6 +735,7 @@ pub(super) async fn finish_report(
     }
     insert_telemetry(tx, st, r).await?;
     apply_weights(tx, st, r).await?;
+    super::training::apply_training(tx, r).await?;
     apply_flows(tx, st, r, epoch, seq).await?;
     Ok(IngestOutcome::Stored)
 }

@@ -26,9 +26,12 @@ pub(super) const LIST_MODELS: &str = r#"WITH current AS (
            w.identity_source, w.publisher, w.parameter_count, w.mount_point, w.fs_type, w.network,
            w.server_address, w.users, w.first_seen_ms, w.last_seen_ms,
            COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country, w.detail,
+           COALESCE(o.run_id, '') AS run_id, COALESCE(tr.base_models, '[]') AS run_bases,
            (CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
                  ELSE w.model || '|~' || w.node || ':' || w.path END) COLLATE "C" AS k
     FROM weight_files w LEFT JOIN nodes n ON n.node = w.node
+    LEFT JOIN training_outputs o ON o.node = w.node AND o.path = w.path
+    LEFT JOIN training_runs tr ON tr.node = o.node AND tr.run_id = o.run_id
     WHERE w.removed_ms IS NULL
 ), hits AS (
     SELECT * FROM current
@@ -41,7 +44,7 @@ pub(super) const LIST_MODELS: &str = r#"WITH current AS (
 )
 SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
        publisher, parameter_count, mount_point, fs_type, network, server_address, users,
-       first_seen_ms, last_seen_ms, site, country, detail
+       first_seen_ms, last_seen_ms, site, country, detail, run_id, run_bases
 FROM hits
 WHERE k IN (SELECT k FROM page)
 ORDER BY k, node COLLATE "C", path COLLATE "C""#;

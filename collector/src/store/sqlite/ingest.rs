@@ -416,6 +416,7 @@ impl SqliteStore {
         }
         insert_telemetry(tx, r, epoch)?;
         apply_weights(tx, r)?;
+        super::training::apply_training(tx, r)?;
         apply_flows(tx, r, epoch, seq)?;
         Ok(IngestOutcome::Stored)
     }

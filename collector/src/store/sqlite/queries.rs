@@ -50,11 +50,14 @@ impl SqliteStore {
             .prepare_cached(
                 "SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
                         publisher, parameter_count, mount_point, fs_type, network, server_address, users,
-                        first_seen_ms, last_seen_ms, site, country, detail
+                        first_seen_ms, last_seen_ms, site, country, detail, run_id, run_bases
                  FROM (SELECT w.*, COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
+                              COALESCE(o.run_id, '') AS run_id, COALESCE(tr.base_models, '[]') AS run_bases,
                               CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
                                    ELSE w.model || '|~' || w.node || ':' || w.path END AS k
                        FROM weight_files w LEFT JOIN nodes n ON n.node = w.node
+                       LEFT JOIN training_outputs o ON o.node = w.node AND o.path = w.path
+                       LEFT JOIN training_runs tr ON tr.node = o.node AND tr.run_id = o.run_id
                        WHERE w.removed_ms IS NULL)
                  WHERE k > ?1
                    AND (?2 = '' OR (?3 AND sha256 = lower(?2)) OR (NOT ?3 AND instr(lower(model), lower(?2)) > 0))

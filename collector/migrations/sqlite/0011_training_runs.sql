@@ -1,0 +1,25 @@
+-- Issue 19: training runs (processes that write weight files while mapping other weights or
+-- using a GPU), the latest state of each as its agent reported it, and which weight file
+-- each run wrote (for a model's `derived_from_run`).
+CREATE TABLE training_runs (
+    node             TEXT NOT NULL,
+    run_id           TEXT NOT NULL,
+    pid              INTEGER NOT NULL,
+    process          TEXT NOT NULL,
+    start_ms         INTEGER NOT NULL,
+    last_activity_ms INTEGER NOT NULL,
+    gpu_seconds      REAL NOT NULL,
+    ended            INTEGER NOT NULL,
+    base_models      TEXT NOT NULL,
+    detail           BLOB NOT NULL,
+    first_seen_ms    INTEGER NOT NULL,
+    last_seen_ms     INTEGER NOT NULL,
+    PRIMARY KEY (node, run_id)
+) WITHOUT ROWID;
+CREATE INDEX training_runs_by_activity ON training_runs (last_activity_ms);
+CREATE TABLE training_outputs (
+    node   TEXT NOT NULL,
+    path   TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    PRIMARY KEY (node, path)
+) WITHOUT ROWID;
