@@ -385,8 +385,10 @@ impl WeightsScanner {
     }
 
     /// One pass: discover (roots, containers' roots, processes' files), sniff new or changed
-    /// files, locate and identify them; users are gathered on the way, no hashing.
-    pub fn scan(&mut self) {
+    /// files, locate and identify them; users are gathered on the way, no hashing. Returns how
+    /// many files found through processes and containers were left for the next pass (the
+    /// scan's budget, `max_new_files_per_scan`, was spent).
+    pub fn scan(&mut self) -> usize {
         let roots = self.roots();
         let walk = discover::walk(
             &roots,
@@ -554,6 +556,21 @@ impl WeightsScanner {
         }
         let grouped = group_shards(&mut inv.entries);
         inv.changed.extend(grouped);
+        ns.over_budget
+    }
+
+    /// Passes until nothing is left over budget (at most `max_passes`): what a one-shot
+    /// `sov-agent scan` does, so its answer does not depend on how many other large files
+    /// happen to be mapped on the node. Returns the files still left after the last pass.
+    pub fn scan_until_done(&mut self, max_passes: usize) -> usize {
+        let mut left = self.scan();
+        for _ in 1..max_passes {
+            if left == 0 {
+                break;
+            }
+            left = self.scan();
+        }
+        left
     }
 
     /// The roots inside every other mount namespace, as items; true when a walk was cut short.
@@ -671,7 +688,9 @@ impl WeightsScanner {
         let mut items = Vec::new();
         let mut sighted: HashSet<(u64, PathBuf)> = HashSet::new();
         let mut sightings: Vec<_> = pf.sightings.iter().collect();
-        sightings.sort_unstable_by_key(|(k, s)| (s.pid, **k));
+        // Likely weights first, shared libraries and build artefacts last: on a node where
+        // hundreds of large libraries are mapped, a model is never left behind the scan's budget.
+        sightings.sort_unstable_by_key(|(k, s)| (sniff_rank(&s.path), s.pid, **k));
         for (_, s) in sightings {
             let mntns = mnt_of.get(&s.pid).copied().unwrap_or(host_mnt);
             let root_path =
@@ -1275,6 +1294,38 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
     changed
 }
 
+/// The order in which files found through processes are sniffed: names of weight formats
+/// first, then anything else, then shared libraries and compiler artefacts (mapped by almost
+/// every process, never weights).
+fn sniff_rank(path: &Path) -> u8 {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    const WEIGHTS: &[&str] = &[
+        ".safetensors",
+        ".gguf",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".onnx",
+        ".pkl",
+        ".model",
+    ];
+    const NEVER: &[&str] = &[".rlib", ".rmeta", ".a", ".jar", ".pyc", ".ttf", ".otf"];
+    if WEIGHTS.iter().any(|e| name.ends_with(e)) || name.starts_with("sha256-") {
+        0
+    } else if name.ends_with(".so")
+        || name.contains(".so.")
+        || NEVER.iter().any(|e| name.ends_with(e))
+    {
+        2
+    } else {
+        1
+    }
+}
+
 /// The per-scan caches of the namespace sources.
 #[derive(Debug)]
 struct NsScan {
@@ -1326,5 +1377,36 @@ pub fn link_gpus(files: &mut [pb::WeightFile], gpus: &[pb::GpuSample]) {
         for u in &mut f.users {
             u.gpu_uuids = by_pid.get(&u.pid).cloned().unwrap_or_default();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sniff_rank;
+    use std::path::Path;
+
+    #[test]
+    fn weight_names_are_sniffed_before_libraries_and_build_artefacts() {
+        let mut paths = [
+            "/usr/lib/x86_64-linux-gnu/libLLVM.so.19.1",
+            "/work/target/debug/deps/libtokio-1a2b.rlib",
+            "/srv/data/blob",
+            "/models/llama/model-00001-of-00002.safetensors",
+            "/root/.ollama/models/blobs/sha256-0123abcd",
+            "/usr/lib/libfoo.so",
+            "/tmp/ckpt/pytorch_model.BIN",
+        ];
+        paths.sort_by_key(|p| sniff_rank(Path::new(p)));
+        assert_eq!(
+            &paths[..3],
+            [
+                "/models/llama/model-00001-of-00002.safetensors",
+                "/root/.ollama/models/blobs/sha256-0123abcd",
+                "/tmp/ckpt/pytorch_model.BIN",
+            ]
+        );
+        assert_eq!(paths[3], "/srv/data/blob", "unknown names between");
+        assert_eq!(sniff_rank(Path::new("/usr/lib/libfoo.so")), 2);
+        assert_eq!(sniff_rank(Path::new("/a/libLLVM.so.19.1")), 2);
     }
 }
