@@ -403,9 +403,21 @@ impl QueryService {
 
     async fn egress_inner(&self, r: pb::EgressRequest) -> Result<pb::EgressResponse, ApiError> {
         let until = time_range(r.since_unix_ms, r.until_unix_ms)?;
-        if !["", "country", "node", "process", "asn", "destination"].contains(&r.by.as_str()) {
+        const GROUPINGS: [&str; 10] = [
+            "",
+            "country",
+            "node",
+            "process",
+            "asn",
+            "destination",
+            "pod",
+            "namespace",
+            "image",
+            "container",
+        ];
+        if !GROUPINGS.contains(&r.by.as_str()) {
             return Err(ApiError::invalid_argument(format!(
-                "by {:?} is not one of country, node, process, asn, destination",
+                "by {:?} is not one of country, node, process, asn, destination, pod, namespace, image, container",
                 r.by
             )));
         }
@@ -819,11 +831,8 @@ impl QueryService {
     /// or `None` without a policy file.
     pub fn model_class(&self, m: &pb::ModelSummary) -> Option<&'static str> {
         let policy = self.policy.as_ref()?.current();
-        let (class, _) = policy.model_class(&crate::policy::ModelFacts {
-            model: &m.model,
-            sha256: &m.sha256,
-            publisher: &m.publisher,
-        });
+        let places = crate::policy::ModelPlaces::of(m);
+        let (class, _) = policy.model_class(&places.facts(m));
         Some(class.as_str())
     }
 
