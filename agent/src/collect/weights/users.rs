@@ -588,6 +588,118 @@ mod tests {
         assert!(users.iter().all(|u| u.pid != pid), "{users:?}");
     }
 
+    /// Maps (and closes) or opens (and keeps) each path it reads on stdin, answering "done".
+    const MAP_ON_DEMAND: &str = "import mmap,sys\n\
+        held=[]\n\
+        print('ready',flush=True)\n\
+        for line in sys.stdin:\n\
+        \x20   how,path=line.split()\n\
+        \x20   f=open(path,'rb')\n\
+        \x20   if how=='map':\n\
+        \x20       held.append(mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ)); f.close()\n\
+        \x20   else:\n\
+        \x20       held.append(f)\n\
+        \x20   print('done',flush=True)\n";
+
+    #[test]
+    fn the_cache_sees_a_new_mapping_a_new_descriptor_and_an_exit_at_the_next_scan() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mapped = weight_file(dir.path(), "mapped.safetensors");
+        let opened = weight_file(dir.path(), "opened.gguf");
+        let spawned = Command::new("python3")
+            .arg("-c")
+            .arg(MAP_ON_DEMAND)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::skipped::record(
+                    "collect::weights::users::the_cache_sees_a_new_mapping_a_new_descriptor_and_an_exit_at_the_next_scan",
+                    "no python3",
+                );
+                return;
+            }
+            Err(e) => panic!("spawn python3: {e}"),
+        };
+        let mut child = KillOnDrop(child);
+        let pid = child.0.id();
+        let mut stdin = child.0.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.0.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("ready");
+        assert_eq!(line.trim(), "ready");
+        let wanted = HashSet::from([key_of(&mapped), key_of(&opened)]);
+        let interest = |k: (u64, u64)| {
+            if wanted.contains(&k) {
+                Interest::User
+            } else {
+                Interest::Ignore
+            }
+        };
+        let table = crate::collect::proctable::ProcTable::new(Path::new("/proc"));
+        let mut cache = ProcessFilesCache::new(Path::new("/proc"));
+        let scan = |cache: &mut ProcessFilesCache| {
+            let live = table.refresh(std::time::Duration::ZERO);
+            cache.refresh(Some(&live), true, &|_| true);
+            cache.files(&interest).uses
+        };
+        let users = |uses: &HashMap<(u64, u64), Vec<FileUse>>, path: &Path| {
+            uses.get(&key_of(path))
+                .map(|v| {
+                    v.iter()
+                        .filter(|u| u.pid == pid)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        let mut ask = |how: &str, path: &Path| {
+            writeln!(stdin, "{how} {}", path.display()).expect("write");
+            line.clear();
+            stdout.read_line(&mut line).expect("done");
+            assert_eq!(line.trim(), "done");
+        };
+
+        let uses = scan(&mut cache);
+        assert!(users(&uses, &mapped).is_empty());
+        let before = (cache.reads, cache.reuses);
+        let uses = scan(&mut cache);
+        assert!(users(&uses, &mapped).is_empty());
+        assert!(
+            cache.reuses > before.1,
+            "unchanged processes are not read again"
+        );
+
+        ask("map", &mapped);
+        let uses = scan(&mut cache);
+        // (Python's mmap keeps a descriptor of its own: the file is open too.)
+        let u = users(&uses, &mapped);
+        assert!(
+            u.len() == 1 && u[0].mapped,
+            "a new mapping is seen at the next scan: {u:?}"
+        );
+        ask("open", &opened);
+        let uses = scan(&mut cache);
+        assert_eq!(
+            users(&uses, &opened),
+            [FileUse {
+                pid,
+                mapped: false,
+                open: true
+            }],
+            "a new descriptor is seen at the next scan"
+        );
+        assert_eq!(users(&uses, &mapped).len(), 1, "the mapping is still held");
+
+        drop(child); // kill and reap
+        let uses = scan(&mut cache);
+        assert!(users(&uses, &mapped).is_empty() && users(&uses, &opened).is_empty());
+    }
+
     #[test]
     fn a_file_this_process_holds_open_is_open_but_not_mapped() {
         let dir = tempfile::tempdir().expect("tempdir");
