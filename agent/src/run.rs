@@ -230,7 +230,8 @@ impl Agent {
         });
         let handle = self.weights.clone();
         let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone())
-            .with_containers(lock(&self.observer).containers());
+            .with_containers(lock(&self.observer).containers())
+            .with_table(lock(&self.observer).proc_table());
         lock(&self.observer).set_weights(handle.clone());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
@@ -259,7 +260,8 @@ impl Agent {
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let collector = crate::collect::net::NetCollector::new(&self.config.net)
-            .with_containers(lock(&self.observer).containers());
+            .with_containers(lock(&self.observer).containers())
+            .with_table(lock(&self.observer).proc_table());
         match NetHandle::spawn_with(collector, self.config.net.clone(), stop.clone()) {
             Ok((handle, thread)) => Some((handle, stop, thread)),
             Err(e) => {

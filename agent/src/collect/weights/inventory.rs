@@ -9,7 +9,8 @@
 //!    per namespace, read through `/proc/<pid>/root` with links resolved inside the container
 //!    (`"container-root"`);
 //! 3. the files processes map or hold open, wherever they live (`"process"`): one pass over
-//!    `/proc/<pid>/maps` and `fd/` per scan ([`users::scan_processes`]) that also gives every
+//!    `/proc/<pid>/maps` and `fd/` ([`users::ProcessFilesCache`]: each process read again only when
+//!    its mappings or descriptors can have changed) that also gives every
 //!    file's users. Only files of at least `process_min_file_bytes` whose (device, inode) was
 //!    never examined are sniffed, at most `max_new_files_per_scan` per scan; files that are not
 //!    weights are remembered by (device, inode) and never read again. A file found this way
@@ -50,6 +51,7 @@ use super::storage::{self, MountTable};
 use super::users::{self, FileUse, Interest};
 use crate::collect::containers::Containers;
 use crate::collect::namespaces;
+use crate::collect::proctable::ProcTable;
 use crate::config::WeightsConfig;
 
 /// `WeightFile.found_by` of a file under a root in the agent's own namespace.
@@ -70,6 +72,9 @@ pub const MAX_NOT_WEIGHTS: usize = 200_000;
 pub const MAX_ERRORS: usize = 100;
 /// Hashing rate while the agent is over its resource budget, bytes per second.
 pub const REDUCED_HASH_RATE: u64 = 10 * 1024 * 1024;
+/// A listing of `/proc` made less than this long ago by another collector is reused (the
+/// process table's listing mode).
+pub const TABLE_MAX_AGE: Duration = Duration::from_secs(1);
 /// File name of the fingerprint cache in the state directory.
 pub const HASH_CACHE_FILE: &str = "hash-cache.json";
 
@@ -249,6 +254,10 @@ pub struct WeightsScanner {
     partials: HashMap<String, Box<PartialHash>>,
     /// (device, inode) of this process's executable: processes running it are the agent.
     self_exe: Option<(u64, u64)>,
+    /// The live processes (shared with the agent's other collectors); `None`: list `/proc`.
+    table: Option<ProcTable>,
+    /// Every process's mount namespace, maps and descriptors, between scans.
+    files: users::ProcessFilesCache,
 }
 
 /// A file found inside a mount namespace (a container's root, or through a process).
@@ -367,7 +376,16 @@ impl WeightsScanner {
             self_exe: std::fs::metadata("/proc/self/exe")
                 .ok()
                 .map(|m| (m.dev(), m.ino())),
+            table: None,
+            files: users::ProcessFilesCache::new(Path::new("/proc")),
         }
+    }
+
+    /// Follow the processes through the agent's shared process table (no listing of `/proc`
+    /// per scan where it has process events).
+    pub fn with_table(mut self, table: ProcTable) -> Self {
+        self.table = Some(table);
+        self
     }
 
     /// Name the container (and pod) of every copy found in a container and of every user.
@@ -460,7 +478,19 @@ impl WeightsScanner {
         let own_mnt = namespaces::own(namespaces::MNT).unwrap_or(0);
         let host_mnt = namespaces::of_pid(&self.proc_root, 1, namespaces::MNT).unwrap_or(own_mnt);
         let by_mnt = if self.cfg.container_roots || self.cfg.process_files {
-            namespaces::by_namespace(&self.proc_root, namespaces::MNT)
+            // Each process's namespace, maps and descriptors, read again only where they can
+            // have changed (users::ProcessFilesCache).
+            let live = self.table.as_ref().map(|t| t.refresh(TABLE_MAX_AGE));
+            let not_weights: HashSet<(u64, u64)> = lock(&self.handle.inner)
+                .not_weights
+                .keys()
+                .copied()
+                .collect();
+            self.files
+                .refresh(live.as_deref(), self.cfg.process_files, &|k| {
+                    !not_weights.contains(&k)
+                });
+            self.files.by_mnt()
         } else {
             HashMap::new()
         };
@@ -642,7 +672,7 @@ impl WeightsScanner {
     /// file, and every (device, inode) met.
     #[allow(clippy::type_complexity)]
     fn process_items(
-        &self,
+        &mut self,
         by_mnt: &HashMap<u64, Vec<u32>>,
         own_mnt: u64,
         host_mnt: u64,
@@ -672,7 +702,7 @@ impl WeightsScanner {
             )
         };
         let min = self.cfg.process_min_file_bytes;
-        let pf = users::scan_processes(&self.proc_root, &|key| {
+        let pf = self.files.files(&|key| {
             if claimed.contains(&key) || entry_keys.contains(&key) {
                 Interest::User
             } else if not_weights.contains(&key) {
