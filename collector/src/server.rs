@@ -55,19 +55,28 @@ pub struct Grpc {
 
 /// tonic answers a message over the decoding limit with OUT_OF_RANGE; the contract says
 /// RESOURCE_EXHAUSTED (the status gRPC documents for exceeded size limits). Our handlers never
-/// return OUT_OF_RANGE, so every such status is tonic's size check.
+/// return OUT_OF_RANGE, so every such status is tonic's size check. A message that does not
+/// decode (a string that is not UTF-8, a truncated field) is the sender's fault, not ours:
+/// tonic says INTERNAL, which a client may retry for ever; it becomes INVALID_ARGUMENT.
 fn size_limit_status<B>(mut resp: http::Response<B>) -> http::Response<B> {
     const OUT_OF_RANGE: &str = "11";
     const RESOURCE_EXHAUSTED: http::HeaderValue = http::HeaderValue::from_static("8");
-    if resp
-        .headers()
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == OUT_OF_RANGE.as_bytes())
-    {
+    const INVALID_ARGUMENT: http::HeaderValue = http::HeaderValue::from_static("3");
+    let status = resp.headers().get("grpc-status").map(|v| v.as_bytes());
+    if status == Some(OUT_OF_RANGE.as_bytes()) {
         resp.headers_mut().insert("grpc-status", RESOURCE_EXHAUSTED);
+    } else if status == Some(b"13")
+        && tonic::Status::from_header_map(resp.headers()).is_some_and(|s| {
+            s.code() == tonic::Code::Internal && s.message().starts_with(DECODE_ERROR_PREFIX)
+        })
+    {
+        resp.headers_mut().insert("grpc-status", INVALID_ARGUMENT);
     }
     resp
 }
+
+/// How tonic's protobuf codec begins the message of a request that does not decode.
+const DECODE_ERROR_PREFIX: &str = "failed to decode Protobuf message";
 
 /// The Ingest service, counting the reports tonic refuses for their size before the handler
 /// runs (its OUT_OF_RANGE, rewritten to RESOURCE_EXHAUSTED by [`size_limit_status`] outside).
