@@ -329,14 +329,104 @@ async fn an_enrollment_token_cannot_take_the_name_of_a_live_node_unless_an_opera
     assert!(text(&out).contains("replace node"), "{}", text(&out));
     let out = enroll(&thief_cfg, &toks[0], &pin);
     assert!(out.status.success(), "{}", text(&out));
-    let log = std::fs::read_dir(work.path())
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("collector-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect::<String>();
+    let log = collector_logs(work.path());
     assert!(
         log.contains("REPLACING THE CERTIFICATE OF A NODE IN USE"),
         "{log}"
     );
+}
+
+/// The collector's log files under `work`, concatenated.
+fn collector_logs(work: &Path) -> String {
+    std::fs::read_dir(work)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("collector-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect()
+}
+
+/// A policy under which a Llama model on a node in France is a breach.
+const LLAMA_OFFSHORE: &str = r#"
+jurisdiction = "MA"
+
+[[site]]
+name = "paris"
+country = "FR"
+
+[[model]]
+match = "meta-llama/*"
+class = "restricted"
+"#;
+
+/// Finding 7: the policy path swapped for a FIFO (a read that never returns, as on a hung
+/// network filesystem) stopped breach evaluation for good, silently, and SIGTERM never
+/// finished. Now a path that is not a regular file is refused without being opened (and any
+/// read runs on a thread of its own with a timeout): the collector says so, keeps the policy
+/// in force, opens the breach, and stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_place_of_the_policy_neither_stops_breach_evaluation_nor_shutdown() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let policy = work.path().join("policy.toml");
+    std::fs::write(&policy, LLAMA_OFFSHORE).unwrap();
+    let p = policy.clone();
+    let mut collector = CollectorProcess::start_with(&pki, work.path(), free_port(), |c| {
+        c.policy = Some(p);
+    });
+    let url = collector.url();
+
+    // The attack: the policy file becomes a FIFO nobody writes to.
+    std::fs::remove_file(&policy).unwrap();
+    let made = Command::new("mkfifo").arg(&policy).status().unwrap();
+    assert!(made.success());
+    sov_e2e::eventually(
+        std::time::Duration::from_secs(60),
+        "the collector refusing the FIFO as its policy",
+        || {
+            let logs = collector_logs(work.path());
+            async move { logs.contains("not a regular file (a FIFO)").then_some(()) }
+        },
+    )
+    .await;
+
+    // Breach evaluation goes on with the policy in force.
+    let tls = pki.client_tls(Role::Agent, "paris-1");
+    let mut client = push_client(&tls, &url).await.unwrap();
+    let mut r = report("paris-1", 1, 1);
+    r.node_info.as_mut().unwrap().site = "paris".into();
+    r.node_info.as_mut().unwrap().country = "FR".into();
+    r.weight_files = vec![sov_e2e::llama_weight_file()];
+    client.push(r).await.unwrap();
+    drop(client);
+    sov_e2e::eventually(
+        std::time::Duration::from_secs(60),
+        "the weights-offshore breach of paris-1",
+        || {
+            let (pki, url) = (&pki, url.clone());
+            async move {
+                sov_e2e::breach_list(pki, &url)
+                    .await
+                    .into_iter()
+                    .find(|b| b.rule == "weights-offshore" && b.node == "paris-1")
+            }
+        },
+    )
+    .await;
+
+    // SIGTERM ends the process (the FIFO is never opened, so nothing holds the shutdown).
+    let killed = Command::new("kill")
+        .args(["-TERM", &collector.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let started = std::time::Instant::now();
+    while collector.is_running() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the collector did not stop on SIGTERM; see {}",
+            collector_logs(work.path())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

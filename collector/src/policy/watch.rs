@@ -239,6 +239,27 @@ mod tests {
         assert_eq!(w.current().jurisdiction, "MA");
     }
 
+    #[tokio::test]
+    async fn a_fifo_in_place_of_the_file_is_refused_unopened_and_the_policy_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, "jurisdiction = \"MA\"\n").unwrap();
+        let w = Arc::new(PolicyWatch::new(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let reloaded = w
+            .reload_off_thread(std::time::Duration::from_secs(30))
+            .await;
+        assert_eq!(reloaded, Some(false), "refused at once, not timed out");
+        assert_eq!(w.current().jurisdiction, "MA");
+        let err = PolicyWatch::new(&path).unwrap_err().to_string();
+        assert!(err.contains("cannot read policy"), "{err}");
+    }
+
     #[test]
     fn a_bad_file_at_start_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
