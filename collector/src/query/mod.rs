@@ -522,6 +522,11 @@ impl QueryService {
         r: pb::ListAuditRequest,
     ) -> Result<pb::ListAuditResponse, ApiError> {
         let limit = self.page(r.limit);
+        if r.after_seq > i64::MAX as u64 {
+            // No record is numbered past 2^63-1 (the column is signed): the page after it is
+            // empty, an answer rather than a store error.
+            return Ok(pb::ListAuditResponse::default());
+        }
         let mut records = self
             .store
             .audit_log(r.after_seq, limit.saturating_add(1))

@@ -160,7 +160,9 @@ pub(crate) fn token(r: &impl Columns) -> Result<TokenRecord, StoreError> {
 pub(crate) fn node(r: &impl Columns) -> Result<NodeRow, StoreError> {
     let reports = r.count(8)?;
     let last_seq = r.count(9)?;
-    let missing = last_seq.saturating_sub(reports);
+    // Every epoch's missing reports: a new epoch (or one far ahead) never erases an older
+    // epoch's gaps.
+    let missing = r.count(21)?.max(last_seq.saturating_sub(reports));
     let labels: BTreeMap<String, String> = serde_json::from_str(&r.text(5)?).unwrap_or_default();
     Ok(NodeRow {
         node: r.text(0)?,

@@ -1650,6 +1650,7 @@ fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {
         hash: hash.to_owned(),
         created_unix_ms: 1_000,
         expires_unix_ms,
+        replaces: None,
     }
 }
 

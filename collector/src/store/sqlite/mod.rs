@@ -56,6 +56,7 @@ const MIGRATIONS: [&str; 11] = [
     include_str!("../../../migrations/sqlite/0009_minute_aggregates.sql"),
     include_str!("../../../migrations/sqlite/0010_verdict_answers_and_measurement.sql"),
     include_str!("../../../migrations/sqlite/0011_containers.sql"),
+    include_str!("../../../migrations/sqlite/0012_enroll_token_replaces.sql"),
 ];
 
 /// SQLite-backed [`Store`].
