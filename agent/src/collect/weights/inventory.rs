@@ -46,6 +46,7 @@ use super::discover::{self, Candidate};
 use super::formats::{self, Format, Parsed};
 use super::hash::{self, HashCache, PartialHash, RateLimiter, Slice};
 use super::identity::{self, Identifier, Identity, IdentitySource};
+use super::lineage::Lineage;
 use super::schedule::{self, Hint};
 use super::storage::{self, MountTable};
 use super::users::{self, FileUse, Interest};
@@ -135,7 +136,12 @@ pub struct Inventory {
 pub struct WeightsHandle {
     inner: Arc<Mutex<Inventory>>,
     reduced: Arc<AtomicBool>,
+    /// Directories searched besides the roots: where training runs write checkpoints.
+    extra_roots: Arc<Mutex<Vec<PathBuf>>>,
 }
+
+/// At most this many extra roots (training output directories) are searched.
+pub const MAX_EXTRA_ROOTS: usize = 64;
 
 fn lock(m: &Mutex<Inventory>) -> MutexGuard<'_, Inventory> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -209,6 +215,24 @@ impl WeightsHandle {
         pids.sort_unstable();
         pids.dedup();
         pids
+    }
+
+    /// Search these directories too from the next scan on (training runs' checkpoint
+    /// directories, so that their outputs are identified and fingerprinted like any weight
+    /// file); at most [`MAX_EXTRA_ROOTS`].
+    pub fn set_extra_roots(&self, mut dirs: Vec<PathBuf>) {
+        dirs.truncate(MAX_EXTRA_ROOTS);
+        *self
+            .extra_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dirs;
+    }
+
+    fn extra_roots(&self) -> Vec<PathBuf> {
+        self.extra_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Slow hashing down (the agent is over its budget) or back to the configured rate.
@@ -394,12 +418,19 @@ impl WeightsScanner {
         self
     }
 
-    /// The roots to search: configured, or the defaults that exist on this machine.
+    /// The roots to search: configured, or the defaults that exist on this machine, plus the
+    /// checkpoint directories of training runs outside them.
     pub fn roots(&self) -> Vec<PathBuf> {
-        match &self.cfg.roots {
+        let mut roots = match &self.cfg.roots {
             Some(r) => r.clone(),
             None => discover::default_roots(&|k| std::env::var(k).ok(), Path::new("/")),
+        };
+        for extra in self.handle.extra_roots() {
+            if !roots.iter().any(|r| extra.starts_with(r)) {
+                roots.push(extra);
+            }
         }
+        roots
     }
 
     /// One pass: discover (roots, containers' roots, processes' files), sniff new or changed
@@ -455,9 +486,17 @@ impl WeightsScanner {
                         MountTable::load().unwrap_or_else(|_| MountTable::parse(""))
                     });
                     let id = ident.identify_candidate(c, header_identity(&parsed));
+                    let lineage = ident.lineage_candidate(
+                        c,
+                        parsed.format,
+                        &parsed.header.metadata,
+                        &id.model,
+                    );
+                    let mut file = describe(c, &parsed, id, mounts);
+                    set_lineage(&mut file, lineage);
                     fresh.push(Entry {
                         stamp,
-                        file: describe(c, &parsed, id, mounts),
+                        file,
                         read_path: c.real_path.clone(),
                         keys: vec![(c.device, c.inode)],
                         origin: None,
@@ -902,6 +941,12 @@ impl WeightsScanner {
                 let id = ns
                     .identifier
                     .identify_at(&layout, &item.cpath, header_identity(&parsed));
+                let lineage = ns.identifier.lineage(
+                    &layout,
+                    parsed.format,
+                    &parsed.header.metadata,
+                    &id.model,
+                );
                 let c = Candidate {
                     path: PathBuf::from(&wire_path),
                     real_path: item.read_path.clone(),
@@ -913,6 +958,7 @@ impl WeightsScanner {
                     aliases: vec![],
                 };
                 let mut file = describe_at(&c, &parsed, id, mount.as_ref());
+                set_lineage(&mut file, lineage);
                 if !own {
                     file.container_path = item.cpath.to_string_lossy().into_owned();
                     file.mntns_inode = item.mntns;
@@ -1263,6 +1309,7 @@ fn describe_at(
             repo_path: id.repo_path,
             source: id.source.as_str().to_owned(),
             publisher: id.publisher,
+            ..Default::default()
         }),
         storage: Some(storage),
         tensor_count: parsed.header.tensor_count,
@@ -1288,8 +1335,25 @@ fn describe_at(
     }
 }
 
+/// Carry what the file declares about its bases in its wire identity.
+fn set_lineage(file: &mut pb::WeightFile, lineage: Lineage) {
+    let id = file.identity.get_or_insert_with(Default::default);
+    id.adapter_type = lineage.adapter_type;
+    id.base_models = lineage
+        .base_models
+        .into_iter()
+        .map(|b| pb::BaseModel {
+            name: b.name,
+            organization: b.organization,
+            repo_url: b.repo_url,
+            source: b.source.as_str().to_owned(),
+        })
+        .collect();
+}
+
 /// The shards of one model (same `shard_set`) share the strongest identity any of them has
-/// (llama.cpp writes `general.name` into the first split only): returns the paths changed.
+/// (llama.cpp writes `general.name` and `general.base_model.*` into the first split only), and
+/// its declared bases when they have none: returns the paths changed.
 fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
     let mut best: HashMap<String, pb::ModelIdentity> = HashMap::new();
     for e in entries.values() {
@@ -1303,7 +1367,13 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
             .entry(e.file.shard_set.clone())
             .or_insert_with(|| id.clone());
         if source_rank(&id.source) > source_rank(&slot.source) {
+            let bases = std::mem::take(&mut slot.base_models);
             *slot = id.clone();
+            if slot.base_models.is_empty() {
+                slot.base_models = bases;
+            }
+        } else if slot.base_models.is_empty() && !id.base_models.is_empty() {
+            slot.base_models.clone_from(&id.base_models);
         }
     }
     let mut changed = Vec::new();
@@ -1318,6 +1388,12 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
             id.refs.clone_from(&b.refs);
             id.source.clone_from(&b.source);
             id.publisher.clone_from(&b.publisher);
+            if id.base_models.is_empty() {
+                id.base_models.clone_from(&b.base_models);
+            }
+            changed.push(path.clone());
+        } else if id.base_models.is_empty() && !b.base_models.is_empty() {
+            id.base_models.clone_from(&b.base_models);
             changed.push(path.clone());
         }
     }

@@ -67,7 +67,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 11] = [
+const MIGRATIONS: [&str; 12] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
