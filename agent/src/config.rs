@@ -338,6 +338,13 @@ pub struct ProcessesConfig {
     /// (plus every GPU user). Default 10; 0 reports only GPU users.
     #[serde(default = "default_top_n")]
     pub top_n: usize,
+    /// A process that used no CPU at its latest read is read again (`/proc/<pid>/stat`) at
+    /// least this often, spread over the samples; busy, new, top-memory and interesting
+    /// processes are read every sample. So a process that wakes up after being idle reaches
+    /// the top N within this many seconds, and its CPU is averaged over the time since its
+    /// previous read (no tick is lost). 0 reads every process every sample. Default 60.
+    #[serde(default = "default_idle_recheck_secs")]
+    pub idle_recheck_secs: u64,
     /// `[processes.containers]`: who each process is in container terms (container, image,
     /// Kubernetes pod), asked of the container runtimes over their local sockets.
     #[serde(default)]
@@ -374,6 +381,7 @@ impl Default for ProcessesConfig {
     fn default() -> Self {
         Self {
             top_n: default_top_n(),
+            idle_recheck_secs: default_idle_recheck_secs(),
             containers: ContainersConfig::default(),
         }
     }
@@ -397,6 +405,9 @@ impl Default for BudgetConfig {
     }
 }
 
+fn default_idle_recheck_secs() -> u64 {
+    60
+}
 fn default_top_n() -> usize {
     DEFAULT_TOP_N
 }

@@ -239,8 +239,15 @@ impl Agent {
                 .map_or_else(|| self.config.spool_dir.clone(), Path::to_path_buf)
         });
         let handle = self.weights.clone();
+        // One lock at a time: a guard taken inside the chain would live to the end of the
+        // statement, and a second `lock` in it would deadlock.
+        let (containers, table) = {
+            let observer = lock(&self.observer);
+            (observer.containers(), observer.proc_table())
+        };
         let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone())
-            .with_containers(lock(&self.observer).containers());
+            .with_containers(containers)
+            .with_table(table);
         lock(&self.observer).set_weights(handle.clone());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
@@ -295,8 +302,13 @@ impl Agent {
             return None;
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (containers, table) = {
+            let observer = lock(&self.observer);
+            (observer.containers(), observer.proc_table())
+        };
         let collector = crate::collect::net::NetCollector::new(&self.config.net)
-            .with_containers(lock(&self.observer).containers());
+            .with_containers(containers)
+            .with_table(table);
         match NetHandle::spawn_with(collector, self.config.net.clone(), stop.clone()) {
             Ok((handle, thread)) => Some((handle, stop, thread)),
             Err(e) => {

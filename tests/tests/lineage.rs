@@ -130,7 +130,8 @@ async fn sovctl_models_shows_the_base_an_adapter_and_a_gguf_file_declare_with_it
     .await;
 
     let reg = pki.client(Role::Regulator, "alice");
-    let out = sovctl(&pki, &reg, &url, &["--output", "json", "models"]);
+    let out =
+        tokio::task::block_in_place(|| sovctl(&pki, &reg, &url, &["--output", "json", "models"]));
     assert!(
         out.status.success(),
         "{}",
@@ -162,7 +163,8 @@ async fn sovctl_models_shows_the_base_an_adapter_and_a_gguf_file_declare_with_it
     assert_eq!(base["origin"], "US");
 
     // The table shows the base and its origin in one column.
-    let out = sovctl(&pki, &reg, &url, &["--output", "csv", "models"]);
+    let out =
+        tokio::task::block_in_place(|| sovctl(&pki, &reg, &url, &["--output", "csv", "models"]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.lines().next().unwrap().ends_with(",base_models"),

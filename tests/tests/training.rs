@@ -243,12 +243,14 @@ async fn sovctl_training_shows_a_run_with_its_base_dataset_and_checkpoints_deriv
 
     let reg = pki.client(Role::Regulator, "alice");
     let runs_now = || {
-        let out = sovctl(
-            &pki,
-            &reg,
-            &url,
-            &["--output", "json", "training", "--since", "1h"],
-        );
+        let out = tokio::task::block_in_place(|| {
+            sovctl(
+                &pki,
+                &reg,
+                &url,
+                &["--output", "json", "training", "--since", "1h"],
+            )
+        });
         assert!(
             out.status.success(),
             "{}",
@@ -308,7 +310,8 @@ async fn sovctl_training_shows_a_run_with_its_base_dataset_and_checkpoints_deriv
     );
 
     // The table names the base and the dataset in one line.
-    let table = sovctl(&pki, &reg, &url, &["training", "--since", "1h"]);
+    let table =
+        tokio::task::block_in_place(|| sovctl(&pki, &reg, &url, &["training", "--since", "1h"]));
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.contains("mistralai/Mistral-7B-v0.1") && text.contains("parquet:"),
@@ -317,12 +320,14 @@ async fn sovctl_training_shows_a_run_with_its_base_dataset_and_checkpoints_deriv
 
     // Each checkpoint, a model of its own, is derived from that run, its observed base the
     // run's base.
-    let models = sovctl(
-        &pki,
-        &reg,
-        &url,
-        &["--output", "json", "models", "darija-ft"],
-    );
+    let models = tokio::task::block_in_place(|| {
+        sovctl(
+            &pki,
+            &reg,
+            &url,
+            &["--output", "json", "models", "darija-ft"],
+        )
+    });
     assert!(models.status.success());
     let models: Vec<Value> = serde_json::from_slice(&models.stdout).unwrap();
     let derived: Vec<&Value> = models

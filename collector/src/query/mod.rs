@@ -432,9 +432,21 @@ impl QueryService {
 
     async fn egress_inner(&self, r: pb::EgressRequest) -> Result<pb::EgressResponse, ApiError> {
         let until = time_range(r.since_unix_ms, r.until_unix_ms)?;
-        if !["", "country", "node", "process", "asn", "destination"].contains(&r.by.as_str()) {
+        const GROUPINGS: [&str; 10] = [
+            "",
+            "country",
+            "node",
+            "process",
+            "asn",
+            "destination",
+            "pod",
+            "namespace",
+            "image",
+            "container",
+        ];
+        if !GROUPINGS.contains(&r.by.as_str()) {
             return Err(ApiError::invalid_argument(format!(
-                "by {:?} is not one of country, node, process, asn, destination",
+                "by {:?} is not one of country, node, process, asn, destination, pod, namespace, image, container",
                 r.by
             )));
         }
@@ -539,6 +551,11 @@ impl QueryService {
         r: pb::ListAuditRequest,
     ) -> Result<pb::ListAuditResponse, ApiError> {
         let limit = self.page(r.limit);
+        if r.after_seq > i64::MAX as u64 {
+            // No record is numbered past 2^63-1 (the column is signed): the page after it is
+            // empty, an answer rather than a store error.
+            return Ok(pb::ListAuditResponse::default());
+        }
         let mut records = self
             .store
             .audit_log(r.after_seq, limit.saturating_add(1))
@@ -858,11 +875,8 @@ impl QueryService {
     /// or `None` without a policy file.
     pub fn model_class(&self, m: &pb::ModelSummary) -> Option<&'static str> {
         let policy = self.policy.as_ref()?.current();
-        let (class, _) = policy.model_class(&crate::policy::ModelFacts {
-            model: &m.model,
-            sha256: &m.sha256,
-            publisher: &m.publisher,
-        });
+        let places = crate::policy::ModelPlaces::of(m);
+        let (class, _) = policy.model_class(&places.facts(m));
         Some(class.as_str())
     }
 

@@ -24,8 +24,8 @@ pub(crate) trait Columns {
     fn real(&self, i: usize) -> Result<f64, StoreError>;
     /// A boolean (SQLite stores 0 or 1).
     fn flag(&self, i: usize) -> Result<bool, StoreError>;
-    /// A binary column (BLOB, BYTEA).
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError>;
+    /// A byte string (BLOB, BYTEA).
+    fn blob(&self, i: usize) -> Result<Vec<u8>, StoreError>;
 
     /// A counter: never negative in a database this code wrote, so clamp rather than fail.
     fn count(&self, i: usize) -> Result<u64, StoreError> {
@@ -62,7 +62,7 @@ impl Columns for rusqlite::Row<'_> {
     fn flag(&self, i: usize) -> Result<bool, StoreError> {
         Ok(self.int(i)? != 0)
     }
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+    fn blob(&self, i: usize) -> Result<Vec<u8>, StoreError> {
         self.get(i).map_err(sqlite)
     }
 }
@@ -90,7 +90,7 @@ impl Columns for tokio_postgres::Row {
     fn flag(&self, i: usize) -> Result<bool, StoreError> {
         self.try_get(i).map_err(postgres)
     }
-    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+    fn blob(&self, i: usize) -> Result<Vec<u8>, StoreError> {
         self.try_get(i).map_err(postgres)
     }
 }
@@ -160,7 +160,9 @@ pub(crate) fn token(r: &impl Columns) -> Result<TokenRecord, StoreError> {
 pub(crate) fn node(r: &impl Columns) -> Result<NodeRow, StoreError> {
     let reports = r.count(8)?;
     let last_seq = r.count(9)?;
-    let missing = last_seq.saturating_sub(reports);
+    // Every epoch's missing reports: a new epoch (or one far ahead) never erases an older
+    // epoch's gaps.
+    let missing = r.count(21)?.max(last_seq.saturating_sub(reports));
     let labels: BTreeMap<String, String> = serde_json::from_str(&r.text(5)?).unwrap_or_default();
     Ok(NodeRow {
         node: r.text(0)?,
@@ -224,7 +226,7 @@ pub(crate) fn push_model(
     // The declared lineage lives in the stored report of the file (column 21): the first copy
     // that declares any gives it (copies of one file in one directory declare the same).
     if m.base_models.is_empty() && m.adapter_type.is_empty() {
-        let (bases, adapter) = declared_lineage(&r.bytes(21)?);
+        let (bases, adapter) = declared_lineage(&r.blob(21)?);
         m.base_models = bases;
         m.adapter_type = adapter;
     }
@@ -246,7 +248,19 @@ pub(crate) fn push_model(
     }
     let node = r.text(1)?;
     let path = r.text(2)?;
+    // The file as the agent sent it (column 21, `detail`): its container and its users'.
+    // A row stored before containers were known, or an undecodable one, names none.
+    let detail: pb::WeightFile = prost::Message::decode(r.blob(21)?.as_slice()).unwrap_or_default();
+    let user_container = |pid: u32| {
+        detail
+            .users
+            .iter()
+            .find(|u| u.pid == pid)
+            .and_then(|u| u.container.clone())
+    };
     m.copies.push(pb::ModelCopy {
+        container: detail.container.clone(),
+        container_path: detail.container_path.clone(),
         node: node.clone(),
         site: r.text(19)?,
         country: r.text(20)?,
@@ -263,12 +277,14 @@ pub(crate) fn push_model(
     });
     let users: Vec<serde_json::Value> = serde_json::from_str(&r.text(16)?).unwrap_or_default();
     for u in users {
+        let pid = u["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
         m.users.push(pb::ModelUser {
             node: node.clone(),
-            pid: u["pid"]
-                .as_u64()
-                .and_then(|p| u32::try_from(p).ok())
-                .unwrap_or(0),
+            container: user_container(pid),
+            pid,
             process: u["process"].as_str().unwrap_or("").to_owned(),
             gpus: u["gpus"]
                 .as_array()
@@ -329,14 +345,20 @@ fn cut_utf8(mut s: String, max: usize) -> String {
 }
 
 /// Columns of one egress row (a backend may select more after them).
-pub(crate) const EGRESS_COLUMNS: usize = 21;
+pub(crate) const EGRESS_COLUMNS: usize = 26;
 
 /// One egress row: `country, node, process, pid, asn, org, remote_address, remote_port,
 /// geo_source, bytes_sent, bytes_received, connections, min_rtt_us`, then the verdict and
-/// measurement columns of [`super::egress_verdict_select`] (then the row count).
+/// measurement columns of [`super::egress_verdict_select`], then the container columns of
+/// [`super::containers::egress_container_select`] (then the row count).
 pub(crate) fn egress(r: &impl Columns) -> Result<pb::EgressRow, StoreError> {
     let physics = r.text(16)?;
     Ok(pb::EgressRow {
+        pod_namespace: r.text(21)?,
+        pod_name: r.text(22)?,
+        container_name: r.text(23)?,
+        container_id: r.text(24)?,
+        image: r.text(25)?,
         answers: answers(&r.text(13)?),
         contested: r.int(14)? != 0,
         operator_country: r.text(15)?,
@@ -382,13 +404,14 @@ fn answers(json: &str) -> Vec<pb::GeoAnswer> {
         .collect()
 }
 
-/// GPU-seconds of one process: `node, pid, process, gpu_seconds`.
+/// GPU-seconds of one process: `node, pid, process, pod_namespace, gpu_seconds`.
 pub(crate) fn gpu_usage(r: &impl Columns) -> Result<GpuUsageRow, StoreError> {
     Ok(GpuUsageRow {
         node: r.text(0)?,
         pid: small(r, 1)?,
         process: r.text(2)?,
-        gpu_seconds: r.real(3)?,
+        pod_namespace: r.text(3)?,
+        gpu_seconds: r.real(4)?,
     })
 }
 

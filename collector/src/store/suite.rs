@@ -92,6 +92,9 @@ macro_rules! store_suite {
             flows_with_one_key_in_one_report_become_one_aggregate_row,
             an_enrollment_token_is_spent_once_and_then_names_who_spent_it,
             an_expired_or_unknown_enrollment_token_is_refused_as_such,
+            egress_is_grouped_by_pod_namespace_image_and_container,
+            gpu_seconds_are_named_with_their_kubernetes_namespace,
+            weight_copies_and_users_carry_their_container,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -107,6 +110,12 @@ macro_rules! store_suite {
     };
 }
 pub(crate) use store_suite;
+
+pub(crate) use super::suite_containers::{
+    egress_is_grouped_by_pod_namespace_image_and_container,
+    gpu_seconds_are_named_with_their_kubernetes_namespace,
+    weight_copies_and_users_carry_their_container,
+};
 
 /// A report of node `node` observed at `seq` seconds, received 5 ms later.
 pub(crate) fn report(node: &str, epoch: u64, seq: u64) -> IncomingReport {
@@ -1779,6 +1788,7 @@ fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {
         hash: hash.to_owned(),
         created_unix_ms: 1_000,
         expires_unix_ms,
+        replaces: None,
     }
 }
 

@@ -9,7 +9,8 @@
 //!    per namespace, read through `/proc/<pid>/root` with links resolved inside the container
 //!    (`"container-root"`);
 //! 3. the files processes map or hold open, wherever they live (`"process"`): one pass over
-//!    `/proc/<pid>/maps` and `fd/` per scan ([`users::scan_processes`]) that also gives every
+//!    `/proc/<pid>/maps` and `fd/` ([`users::ProcessFilesCache`]: each process read again only when
+//!    its mappings or descriptors can have changed) that also gives every
 //!    file's users. Only files of at least `process_min_file_bytes` whose (device, inode) was
 //!    never examined are sniffed, at most `max_new_files_per_scan` per scan; files that are not
 //!    weights are remembered by (device, inode) and never read again. A file found this way
@@ -51,6 +52,7 @@ use super::storage::{self, MountTable};
 use super::users::{self, FileUse, Interest};
 use crate::collect::containers::Containers;
 use crate::collect::namespaces;
+use crate::collect::proctable::ProcTable;
 use crate::config::WeightsConfig;
 
 /// `WeightFile.found_by` of a file under a root in the agent's own namespace.
@@ -71,6 +73,9 @@ pub const MAX_NOT_WEIGHTS: usize = 200_000;
 pub const MAX_ERRORS: usize = 100;
 /// Hashing rate while the agent is over its resource budget, bytes per second.
 pub const REDUCED_HASH_RATE: u64 = 10 * 1024 * 1024;
+/// A listing of `/proc` made less than this long ago by another collector is reused (the
+/// process table's listing mode).
+pub const TABLE_MAX_AGE: Duration = Duration::from_secs(1);
 /// File name of the fingerprint cache in the state directory.
 pub const HASH_CACHE_FILE: &str = "hash-cache.json";
 
@@ -273,6 +278,10 @@ pub struct WeightsScanner {
     partials: HashMap<String, Box<PartialHash>>,
     /// (device, inode) of this process's executable: processes running it are the agent.
     self_exe: Option<(u64, u64)>,
+    /// The live processes (shared with the agent's other collectors); `None`: list `/proc`.
+    table: Option<ProcTable>,
+    /// Every process's mount namespace, maps and descriptors, between scans.
+    files: users::ProcessFilesCache,
 }
 
 /// A file found inside a mount namespace (a container's root, or through a process).
@@ -391,7 +400,16 @@ impl WeightsScanner {
             self_exe: std::fs::metadata("/proc/self/exe")
                 .ok()
                 .map(|m| (m.dev(), m.ino())),
+            table: None,
+            files: users::ProcessFilesCache::new(Path::new("/proc")),
         }
+    }
+
+    /// Follow the processes through the agent's shared process table (no listing of `/proc`
+    /// per scan where it has process events).
+    pub fn with_table(mut self, table: ProcTable) -> Self {
+        self.table = Some(table);
+        self
     }
 
     /// Name the container (and pod) of every copy found in a container and of every user.
@@ -416,8 +434,10 @@ impl WeightsScanner {
     }
 
     /// One pass: discover (roots, containers' roots, processes' files), sniff new or changed
-    /// files, locate and identify them; users are gathered on the way, no hashing.
-    pub fn scan(&mut self) {
+    /// files, locate and identify them; users are gathered on the way, no hashing. Returns how
+    /// many files found through processes and containers were left for the next pass (the
+    /// scan's budget, `max_new_files_per_scan`, was spent).
+    pub fn scan(&mut self) -> usize {
         let roots = self.roots();
         let walk = discover::walk(
             &roots,
@@ -497,7 +517,19 @@ impl WeightsScanner {
         let own_mnt = namespaces::own(namespaces::MNT).unwrap_or(0);
         let host_mnt = namespaces::of_pid(&self.proc_root, 1, namespaces::MNT).unwrap_or(own_mnt);
         let by_mnt = if self.cfg.container_roots || self.cfg.process_files {
-            namespaces::by_namespace(&self.proc_root, namespaces::MNT)
+            // Each process's namespace, maps and descriptors, read again only where they can
+            // have changed (users::ProcessFilesCache).
+            let live = self.table.as_ref().map(|t| t.refresh(TABLE_MAX_AGE));
+            let not_weights: HashSet<(u64, u64)> = lock(&self.handle.inner)
+                .not_weights
+                .keys()
+                .copied()
+                .collect();
+            self.files
+                .refresh(live.as_deref(), self.cfg.process_files, &|k| {
+                    !not_weights.contains(&k)
+                });
+            self.files.by_mnt()
         } else {
             HashMap::new()
         };
@@ -593,6 +625,21 @@ impl WeightsScanner {
         }
         let grouped = group_shards(&mut inv.entries);
         inv.changed.extend(grouped);
+        ns.over_budget
+    }
+
+    /// Passes until nothing is left over budget (at most `max_passes`): what a one-shot
+    /// `sov-agent scan` does, so its answer does not depend on how many other large files
+    /// happen to be mapped on the node. Returns the files still left after the last pass.
+    pub fn scan_until_done(&mut self, max_passes: usize) -> usize {
+        let mut left = self.scan();
+        for _ in 1..max_passes {
+            if left == 0 {
+                break;
+            }
+            left = self.scan();
+        }
+        left
     }
 
     /// The roots inside every other mount namespace, as items; true when a walk was cut short.
@@ -664,7 +711,7 @@ impl WeightsScanner {
     /// file, and every (device, inode) met.
     #[allow(clippy::type_complexity)]
     fn process_items(
-        &self,
+        &mut self,
         by_mnt: &HashMap<u64, Vec<u32>>,
         own_mnt: u64,
         host_mnt: u64,
@@ -694,7 +741,7 @@ impl WeightsScanner {
             )
         };
         let min = self.cfg.process_min_file_bytes;
-        let pf = users::scan_processes(&self.proc_root, &|key| {
+        let pf = self.files.files(&|key| {
             if claimed.contains(&key) || entry_keys.contains(&key) {
                 Interest::User
             } else if not_weights.contains(&key) {
@@ -710,7 +757,9 @@ impl WeightsScanner {
         let mut items = Vec::new();
         let mut sighted: HashSet<(u64, PathBuf)> = HashSet::new();
         let mut sightings: Vec<_> = pf.sightings.iter().collect();
-        sightings.sort_unstable_by_key(|(k, s)| (s.pid, **k));
+        // Likely weights first, shared libraries and build artefacts last: on a node where
+        // hundreds of large libraries are mapped, a model is never left behind the scan's budget.
+        sightings.sort_unstable_by_key(|(k, s)| (sniff_rank(&s.path), s.pid, **k));
         for (_, s) in sightings {
             let mntns = mnt_of.get(&s.pid).copied().unwrap_or(host_mnt);
             let root_path =
@@ -1351,6 +1400,38 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
     changed
 }
 
+/// The order in which files found through processes are sniffed: names of weight formats
+/// first, then anything else, then shared libraries and compiler artefacts (mapped by almost
+/// every process, never weights).
+fn sniff_rank(path: &Path) -> u8 {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    const WEIGHTS: &[&str] = &[
+        ".safetensors",
+        ".gguf",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".onnx",
+        ".pkl",
+        ".model",
+    ];
+    const NEVER: &[&str] = &[".rlib", ".rmeta", ".a", ".jar", ".pyc", ".ttf", ".otf"];
+    if WEIGHTS.iter().any(|e| name.ends_with(e)) || name.starts_with("sha256-") {
+        0
+    } else if name.ends_with(".so")
+        || name.contains(".so.")
+        || NEVER.iter().any(|e| name.ends_with(e))
+    {
+        2
+    } else {
+        1
+    }
+}
+
 /// The per-scan caches of the namespace sources.
 #[derive(Debug)]
 struct NsScan {
@@ -1402,5 +1483,36 @@ pub fn link_gpus(files: &mut [pb::WeightFile], gpus: &[pb::GpuSample]) {
         for u in &mut f.users {
             u.gpu_uuids = by_pid.get(&u.pid).cloned().unwrap_or_default();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sniff_rank;
+    use std::path::Path;
+
+    #[test]
+    fn weight_names_are_sniffed_before_libraries_and_build_artefacts() {
+        let mut paths = [
+            "/usr/lib/x86_64-linux-gnu/libLLVM.so.19.1",
+            "/work/target/debug/deps/libtokio-1a2b.rlib",
+            "/srv/data/blob",
+            "/models/llama/model-00001-of-00002.safetensors",
+            "/root/.ollama/models/blobs/sha256-0123abcd",
+            "/usr/lib/libfoo.so",
+            "/tmp/ckpt/pytorch_model.BIN",
+        ];
+        paths.sort_by_key(|p| sniff_rank(Path::new(p)));
+        assert_eq!(
+            &paths[..3],
+            [
+                "/models/llama/model-00001-of-00002.safetensors",
+                "/root/.ollama/models/blobs/sha256-0123abcd",
+                "/tmp/ckpt/pytorch_model.BIN",
+            ]
+        );
+        assert_eq!(paths[3], "/srv/data/blob", "unknown names between");
+        assert_eq!(sniff_rank(Path::new("/usr/lib/libfoo.so")), 2);
+        assert_eq!(sniff_rank(Path::new("/a/libLLVM.so.19.1")), 2);
     }
 }

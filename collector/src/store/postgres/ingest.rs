@@ -737,6 +737,7 @@ pub(super) async fn finish_report(
     apply_weights(tx, st, r).await?;
     super::training::apply_training(tx, r).await?;
     apply_flows(tx, st, r, epoch, seq).await?;
+    super::containers::apply_containers(tx, r).await?;
     Ok(IngestOutcome::Stored)
 }
 

@@ -418,6 +418,7 @@ impl SqliteStore {
         apply_weights(tx, r)?;
         super::training::apply_training(tx, r)?;
         apply_flows(tx, r, epoch, seq)?;
+        super::containers::apply_containers(tx, r)?;
         Ok(IngestOutcome::Stored)
     }
 }
