@@ -16,6 +16,9 @@
 //!    foreign-operated network" is not "abroad"), as are contested destinations, and how every
 //!    byte was measured (exact `tcp_info`, connection tracking, or flows without bytes); the top
 //!    ASNs by bytes over every node.
+//! 5. **Where AI is trained, on whose models** — training runs active in the range: GPU-hours
+//!    inside and outside by the origin of their base model's publisher, the models runs inside
+//!    produced by base origin, and the datasets runs outside read (`training`).
 //! 4. **How complete the picture is** — nodes known, nodes that reported in the range, silent
 //!    nodes (nothing for `silence_secs` before the end of the range), reports missing and
 //!    declared dropped per node, with the missing sequence ranges of its latest epoch.
@@ -61,6 +64,8 @@ pub struct Inputs {
     /// Missing sequence ranges of each node's latest epoch, for nodes with missing reports
     /// (at most [`MAX_RANGES_PER_NODE`] each, for at most [`MAX_NODES_WITH_RANGES`] nodes).
     pub missing_ranges: BTreeMap<String, Vec<(u64, u64)>>,
+    /// Training runs active in the range.
+    pub training: Vec<pb::TrainingRunSummary>,
     /// Whether any of the reads above hit [`MAX_ROWS`].
     pub truncated: bool,
 }
@@ -92,6 +97,8 @@ pub async fn read_inputs(
         .gpu_usage(since_unix_ms, until_unix_ms, MAX_ROWS)
         .await?;
     inputs.truncated |= inputs.gpu.len() >= MAX_ROWS as usize;
+    inputs.training = store.list_training(since_unix_ms, MAX_ROWS).await?;
+    inputs.truncated |= inputs.training.len() >= MAX_ROWS as usize;
     for (by, out) in [
         ("flow", &mut inputs.egress_by_node),
         ("asn", &mut inputs.egress_by_asn),
@@ -386,6 +393,8 @@ pub fn build(
         })
         .collect();
 
+    let training = training_part(policy, inputs);
+
     json!({
         "jurisdiction": policy.jurisdiction,
         "inside_countries": policy.inside,
@@ -434,6 +443,7 @@ pub fn build(
             "by_country": countries,
             "by_asn_all_nodes": asns,
         },
+        "training": training,
         "completeness": {
             "nodes": inputs.nodes.len(),
             "nodes_reporting": reporting,
@@ -444,6 +454,111 @@ pub fn build(
             "dropped_reports": inputs.nodes.iter().map(|n| n.dropped).sum::<u64>(),
             "nodes_with_missing_reports": incomplete,
         },
+    })
+}
+
+/// Base origin of a run with no base-weight input (trained from scratch, or its base unseen).
+pub const NO_BASE: &str = "none";
+
+/// Where AI is trained and on whose models: training runs active in the range, by whether
+/// their node is inside and by the origin of their first base-weight input's publisher;
+/// the models (distinct outputs) runs inside produced, by base origin; and every dataset a run
+/// outside read. A run's GPU-hours are its whole run so far (agents report them cumulated),
+/// not clipped to the range.
+fn training_part(policy: &Policy, inputs: &Inputs) -> Value {
+    let place: BTreeMap<&str, (&str, &str)> = inputs
+        .nodes
+        .iter()
+        .map(|n| (n.node.as_str(), (n.site.as_str(), n.country.as_str())))
+        .collect();
+    #[derive(Default)]
+    struct ByOrigin {
+        runs: u64,
+        inside_s: f64,
+        outside_s: f64,
+        models_inside: BTreeSet<String>,
+    }
+    let mut by_origin: BTreeMap<String, ByOrigin> = BTreeMap::new();
+    let mut datasets_outside = Vec::new();
+    let (mut inside_s, mut outside_s, mut runs_inside) = (0.0f64, 0.0f64, 0u64);
+    for s in &inputs.training {
+        let Some(run) = &s.run else { continue };
+        let (site, declared) = place
+            .get(s.node.as_str())
+            .copied()
+            .unwrap_or(("", s.country.as_str()));
+        let country = policy.node_country(site, declared);
+        let inside = policy.is_inside(&country);
+        let origin = run
+            .inputs
+            .iter()
+            .find(|i| i.kind == "base-weights" && !i.model.is_empty())
+            .map_or_else(
+                || NO_BASE.to_owned(),
+                |i| {
+                    policy
+                        .publisher_country(&i.model)
+                        .unwrap_or_else(|| UNKNOWN_ORIGIN.to_owned())
+                },
+            );
+        let o = by_origin.entry(origin).or_default();
+        o.runs += 1;
+        let secs = if run.gpu_seconds.is_finite() {
+            run.gpu_seconds.max(0.0)
+        } else {
+            0.0
+        };
+        if inside {
+            runs_inside += 1;
+            inside_s += secs;
+            o.inside_s += secs;
+            for out in &run.outputs {
+                let id = if out.sha256.is_empty() {
+                    format!("{}:{}", s.node, out.path)
+                } else {
+                    out.sha256.clone()
+                };
+                o.models_inside.insert(id);
+            }
+        } else {
+            outside_s += secs;
+            o.outside_s += secs;
+            for i in run.inputs.iter().filter(|i| i.kind == "dataset") {
+                datasets_outside.push(json!({
+                    "node": s.node,
+                    "country": country,
+                    "run_id": run.run_id,
+                    "path": i.path,
+                    "format": i.format,
+                    "dataset": i.model,
+                    "size": i.size_bytes,
+                }));
+            }
+        }
+    }
+    let hours = |s: f64| round4(s / 3600.0);
+    let origins: Vec<Value> = by_origin
+        .iter()
+        .map(|(origin, o)| {
+            json!({
+                "base_origin": origin,
+                "base_origin_inside": policy.is_inside(origin),
+                "runs": o.runs,
+                "gpu_hours_inside": hours(o.inside_s),
+                "gpu_hours_outside": hours(o.outside_s),
+                "models_produced_inside": o.models_inside.len(),
+            })
+        })
+        .collect();
+    json!({
+        "runs": inputs.training.len(),
+        "runs_inside": runs_inside,
+        "gpu_hours": hours(inside_s + outside_s),
+        "gpu_hours_inside": hours(inside_s),
+        "gpu_hours_outside": hours(outside_s),
+        "by_base_origin": origins,
+        "models_produced_inside": by_origin.values().map(|o| o.models_inside.len()).sum::<usize>(),
+        "datasets_used_outside": datasets_outside,
     })
 }
 
@@ -460,6 +575,107 @@ pub fn policy_for(jurisdiction: &str) -> Option<Policy> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn training_gives_the_known_answers_by_node_side_and_base_origin() {
+        let policy = policy_for("MA").unwrap();
+        let node = |name: &str, country: &str| pb::NodeSummary {
+            node: name.into(),
+            country: country.into(),
+            ..Default::default()
+        };
+        let base = |model: &str| pb::TrainingInput {
+            kind: "base-weights".into(),
+            model: model.into(),
+            ..Default::default()
+        };
+        let dataset = |path: &str| pb::TrainingInput {
+            kind: "dataset".into(),
+            path: path.into(),
+            format: "parquet".into(),
+            size_bytes: 7,
+            ..Default::default()
+        };
+        let out = |sha: &str| pb::TrainingOutput {
+            path: format!("/o/{sha}.safetensors"),
+            sha256: sha.into(),
+            ..Default::default()
+        };
+        let run = |node: &str, id: &str, secs: f64, inputs, outputs| pb::TrainingRunSummary {
+            node: node.into(),
+            run: Some(pb::TrainingRun {
+                run_id: id.into(),
+                gpu_seconds: secs,
+                inputs,
+                outputs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let inputs = Inputs {
+            nodes: vec![node("rabat-1", "MA"), node("paris-1", "FR")],
+            training: vec![
+                // Inside, on a French base: 2 h, two checkpoints (one written twice).
+                run(
+                    "rabat-1",
+                    "r1",
+                    7200.0,
+                    vec![base("mistralai/Mistral-7B-v0.1"), dataset("/d/ma.parquet")],
+                    vec![out("a"), out("b"), out("a")],
+                ),
+                // Inside, from scratch: 1 h, one checkpoint.
+                run("rabat-1", "r2", 3600.0, vec![], vec![out("c")]),
+                // Outside, on an American base, reading a dataset: 0.5 h.
+                run(
+                    "paris-1",
+                    "r3",
+                    1800.0,
+                    vec![
+                        base("meta-llama/Llama-3.1-8B"),
+                        dataset("/d/darija.parquet"),
+                    ],
+                    vec![out("d")],
+                ),
+            ],
+            ..Default::default()
+        };
+        let card = build(&policy, &inputs, 0, 1, 1);
+        let t = &card["training"];
+        assert_eq!(t["runs"], 3);
+        assert_eq!(t["runs_inside"], 2);
+        assert_eq!(t["gpu_hours"], 3.5);
+        assert_eq!(t["gpu_hours_inside"], 3.0);
+        assert_eq!(t["gpu_hours_outside"], 0.5);
+        assert_eq!(t["models_produced_inside"], 3);
+        let origin = |o: &str| {
+            t["by_base_origin"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["base_origin"] == o)
+                .unwrap_or_else(|| panic!("{o} missing: {t:#}"))
+                .clone()
+        };
+        let fr = origin("FR");
+        assert_eq!(
+            (
+                &fr["runs"],
+                &fr["gpu_hours_inside"],
+                &fr["models_produced_inside"]
+            ),
+            (&json!(1), &json!(2.0), &json!(2))
+        );
+        let us = origin("US");
+        assert_eq!(
+            (&us["gpu_hours_outside"], &us["gpu_hours_inside"]),
+            (&json!(0.5), &json!(0.0))
+        );
+        assert_eq!(origin(NO_BASE)["models_produced_inside"], 1);
+        let outside = t["datasets_used_outside"].as_array().unwrap();
+        assert_eq!(outside.len(), 1, "{t:#}");
+        assert_eq!(outside[0]["path"], "/d/darija.parquet");
+        assert_eq!(outside[0]["country"], "FR");
+    }
 
     #[test]
     fn no_gpu_hours_at_all_is_zero_not_minus_zero() {

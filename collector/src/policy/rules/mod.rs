@@ -16,6 +16,8 @@
 //! | [`compute_offshore`] | critical | `sha256:…` | a process on a node outside has a restricted model open or mapped |
 //! | [`weights_exfiltration`] | critical | `process:NAME/PID` | a process holding restricted weights sent more than `exfiltration_fraction` of their size outside |
 //! | [`location_mismatch`] | warning | `location` | the address a node reports from geolocates to another country than the node's |
+//! | [`training_offshore`] | critical | `run:<run_id>` | a training run on a node outside maps or reads base weights the policy restricts |
+//! | [`restricted_derivative`] | critical | `sha256:…` | a model derived from a restricted base (declared, or observed as a run's output) resides on, or is loaded by a process on, a node outside |
 //! | [`impossible_verdict`] | warning | `review:country:XX` | a node inside sent bytes to destinations placed in XX that the speed of light rules out (counted as not foreign under `impossible = "review"`) |
 //!
 //! Volatile evidence (bytes, durations, top lists) sits under the evidence's `counters` key:
@@ -26,6 +28,8 @@ pub mod compute_offshore;
 pub mod foreign_egress;
 pub mod impossible_verdict;
 pub mod location_mismatch;
+pub mod restricted_derivative;
+pub mod training_offshore;
 pub mod unresolved_destination;
 pub mod weights_exfiltration;
 pub mod weights_offshore;
@@ -46,6 +50,8 @@ pub use compute_offshore::COMPUTE_OFFSHORE;
 pub use foreign_egress::FOREIGN_EGRESS;
 pub use impossible_verdict::IMPOSSIBLE_VERDICT;
 pub use location_mismatch::LOCATION_MISMATCH;
+pub use restricted_derivative::RESTRICTED_DERIVATIVE;
+pub use training_offshore::TRAINING_OFFSHORE;
 pub use unresolved_destination::UNRESOLVED_DESTINATION;
 pub use weights_exfiltration::WEIGHTS_EXFILTRATION;
 pub use weights_offshore::WEIGHTS_OFFSHORE;
@@ -58,6 +64,8 @@ pub const MAX_EVIDENCE_DESTINATIONS: usize = 5;
 const EGRESS_ROWS: u32 = 100_000;
 /// Most nodes and most models read per evaluation.
 const MAX_ROWS: usize = 1_000_000;
+/// Most training runs read per evaluation.
+const MAX_TRAINING_RUNS: u32 = 100_000;
 
 /// One rule: its name, what it observes, and how long a breach of it stays open unobserved.
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +79,7 @@ pub struct Rule {
 }
 
 /// Every rule, in evaluation order.
-pub const RULES: [Rule; 8] = [
+pub const RULES: [Rule; 10] = [
     agent_silent::RULE,
     foreign_egress::RULE,
     unresolved_destination::RULE,
@@ -80,6 +88,8 @@ pub const RULES: [Rule; 8] = [
     weights_exfiltration::RULE,
     location_mismatch::RULE,
     impossible_verdict::RULE,
+    training_offshore::RULE,
+    restricted_derivative::RULE,
 ];
 
 /// `thresholds.quiet_secs` in milliseconds: the quiet period of most rules.
@@ -130,6 +140,8 @@ pub struct Facts {
     pub models: Vec<pb::ModelSummary>,
     /// Network storage servers named by copies → where they are.
     pub servers: BTreeMap<String, Placement>,
+    /// Training runs active within the window.
+    pub training: Vec<pb::TrainingRunSummary>,
 }
 
 /// What a rule sees: the policy, the facts and the time.
@@ -188,6 +200,20 @@ impl Context<'_> {
     pub fn class(&self, m: &pb::ModelSummary) -> ModelClass {
         let places = ModelPlaces::of(m);
         self.policy.model_class(&places.facts(m)).0
+    }
+
+    /// Whether the policy restricts a model known only by name (and organisation): a base a
+    /// model declares, or a training run's input.
+    pub fn restricted_name(&self, model: &str, organization: &str, sha256: &str) -> bool {
+        self.policy
+            .model_class(&super::ModelFacts {
+                model,
+                sha256,
+                publisher: organization,
+                ..Default::default()
+            })
+            .0
+            == ModelClass::Restricted
     }
 
     /// The models the policy restricts.
@@ -353,11 +379,15 @@ pub async fn gather(
         };
         servers.insert(c.server.clone(), placement);
     }
+    let training = store
+        .list_training(now_unix_ms.saturating_sub(window_ms), MAX_TRAINING_RUNS)
+        .await?;
     Ok(Facts {
         nodes,
         flows,
         models,
         servers,
+        training,
     })
 }
 
