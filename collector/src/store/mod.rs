@@ -291,7 +291,7 @@ mod retention;
 mod rows;
 pub mod sqlite;
 #[cfg(test)]
-mod suite;
+pub(crate) mod suite;
 #[cfg(test)]
 mod suite_containers;
 mod tokens;

@@ -594,3 +594,107 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod lineage_lifecycle_tests {
+    //! `training-offshore` and `restricted-derivative` through the real store: reports are
+    //! ingested, `evaluate` opens the breach, and resolves it once the cause is gone.
+
+    use super::testutil::{NOW, policy};
+    use super::*;
+    use crate::store::suite::{report, weight};
+    use crate::store::{BreachFilter, SqliteStore, WeightUpdate};
+
+    fn training_run(ended: bool) -> pb::TrainingRun {
+        pb::TrainingRun {
+            run_id: "9-100-abcd".into(),
+            pid: 9,
+            process: "python3".into(),
+            start_unix_ms: NOW - 10_000,
+            last_activity_unix_ms: NOW - 1_000,
+            ended,
+            inputs: vec![pb::TrainingInput {
+                kind: "base-weights".into(),
+                model: "acme/secret".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn both_lineage_rules_open_and_resolve_breaches_through_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let p = policy("[[model]]\nmatch = \"acme/*\"\nclass = \"restricted\"\n");
+        let geo = Geo::embedded_only();
+        let mut derived = weight("/models/lora/adapter_model.safetensors", "team/lora", "");
+        if let Some(id) = derived.identity.as_mut() {
+            id.base_models = vec![pb::BaseModel {
+                name: "acme/secret".into(),
+                source: "adapter-config".into(),
+                ..Default::default()
+            }];
+        }
+        // A node outside (DE) trains on the restricted base and holds a derivative of it.
+        let mut r = report("berlin-1", 1, 1);
+        r.country = "DE".into();
+        r.received_unix_ms = NOW - 1_000;
+        r.telemetry.training = vec![training_run(false)];
+        r.telemetry.weights = WeightUpdate {
+            full: true,
+            files: vec![derived],
+            removed: vec![],
+        };
+        store.ingest(r).await.unwrap();
+        let e = evaluate(&p, &store, &geo, NOW).await.unwrap();
+        let open = store
+            .list_breaches(BreachFilter {
+                state: Some(crate::breach::BreachState::Open),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut got: Vec<(&str, &str, &str)> = open
+            .iter()
+            .map(|b| (b.rule.as_str(), b.node.as_str(), b.subject.as_str()))
+            .collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "restricted-derivative",
+                    "berlin-1",
+                    "model:team/lora|~berlin-1:/models/lora/adapter_model.safetensors"
+                ),
+                ("training-offshore", "berlin-1", "run:9-100-abcd"),
+            ],
+            "{e:?}"
+        );
+
+        // The run ends and the derivative is deleted: both resolve (quiet_secs = 0).
+        let mut r = report("berlin-1", 1, 2);
+        r.country = "DE".into();
+        r.received_unix_ms = NOW + 1_000;
+        r.telemetry.training = vec![training_run(true)];
+        r.telemetry.weights = WeightUpdate {
+            full: true,
+            files: vec![],
+            removed: vec![],
+        };
+        store.ingest(r).await.unwrap();
+        let e = evaluate(&p, &store, &geo, NOW + 2_000).await.unwrap();
+        assert_eq!(e.resolved, 2, "{e:?}");
+        let resolved = store
+            .list_breaches(BreachFilter {
+                state: Some(crate::breach::BreachState::Resolved),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(resolved.len(), 2);
+    }
+}
