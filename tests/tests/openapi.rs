@@ -128,6 +128,36 @@ async fn seed(pki: &Pki, url: &str, data: &std::path::Path) {
             container_path: "/models/llama.gguf".into(),
             ..Default::default()
         }],
+        training_runs: vec![pb::TrainingRun {
+            run_id: "7-100-abcd".into(),
+            pid: 7,
+            process: "python3".into(),
+            start_unix_ms: at,
+            last_activity_unix_ms: at,
+            gpu_seconds: 36.0,
+            inputs: vec![
+                pb::TrainingInput {
+                    kind: "base-weights".into(),
+                    path: "/models/llama.gguf".into(),
+                    model: "meta-llama/llama-3".into(),
+                    mapped: true,
+                    ..Default::default()
+                },
+                pb::TrainingInput {
+                    kind: "dataset".into(),
+                    path: "/data/train.parquet".into(),
+                    format: "parquet".into(),
+                    size_bytes: 5 << 20,
+                    ..Default::default()
+                },
+            ],
+            outputs: vec![pb::TrainingOutput {
+                path: "/out/ckpt-1.safetensors".into(),
+                size_bytes: 1000,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
         flows: vec![pb::Flow {
             protocol: pb::Protocol::Tcp as i32,
             remote_address: "192.0.2.1".into(),

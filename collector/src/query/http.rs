@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `GET /api/v1/nodes` | `ListNodes` | `limit`, `after` |
 //! | `GET /api/v1/models` | `ListModels` | `q`, `limit`, `after` |
+//! | `GET /api/v1/training` | `ListTraining` | `since`, `limit` |
 //! | `GET /api/v1/bom` | — (`sovctl bom` builds the same from `ListModels`) | `q` |
 //! | `GET /api/v1/breach` | — (the console's breach page) | `id` |
 //! | `GET /api/v1/series` | — (the console's charts) | `since`, `until`, `jurisdiction`, `buckets` |
@@ -340,9 +341,10 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
 }
 
 /// The API routes under `/api/v1/`.
-pub const ROUTES: [&str; 11] = [
+pub const ROUTES: [&str; 12] = [
     "nodes",
     "models",
+    "training",
     "bom",
     "series",
     "breach",
@@ -571,6 +573,26 @@ async fn answer(
                     v
                 }).collect::<Vec<_>>(),
                 "next_after": r.next_after,
+            }))
+        }
+        "training" => {
+            p.only(&["since", "limit"])?;
+            let since = match p.time("since", now)? {
+                0 => now.saturating_sub(30 * 86_400_000),
+                t => t,
+            };
+            let r = query
+                .list_training_as(
+                    caller,
+                    pb::ListTrainingRequest {
+                        since_unix_ms: since,
+                        limit: p.number("limit")?,
+                    },
+                )
+                .await?;
+            Ok(json!({
+                "runs": r.runs.iter().map(sov_evidence::view::training_json).collect::<Vec<_>>(),
+                "truncated": r.truncated,
             }))
         }
         "egress" => {
