@@ -140,6 +140,33 @@ async fn seed(pki: &Pki, url: &str, store: &dyn sov_collector::store::Store) {
                 ..Default::default()
             }],
             weight_files: vec![llama_weight_file()],
+            training_runs: vec![pb::TrainingRun {
+                run_id: "100-7-web".into(),
+                pid: 100,
+                process: "vllm".into(),
+                start_unix_ms: at - 60_000,
+                last_activity_unix_ms: at,
+                gpu_seconds: 900.0 * seq as f64,
+                inputs: vec![
+                    pb::TrainingInput {
+                        kind: "base-weights".into(),
+                        model: "meta-llama/Llama-3.1-8B".into(),
+                        path: "/models/llama.safetensors".into(),
+                        ..Default::default()
+                    },
+                    pb::TrainingInput {
+                        kind: "dataset".into(),
+                        path: "/data/darija.parquet".into(),
+                        format: "parquet".into(),
+                        ..Default::default()
+                    },
+                ],
+                outputs: vec![pb::TrainingOutput {
+                    path: "/out/ckpt-1.safetensors".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
             flows: vec![
                 flow("192.0.2.10", 1_000_000 * seq + 1_000_000),
                 flow("198.51.100.7", 400_000 * seq),
@@ -281,6 +308,15 @@ async fn every_page_of_the_console_shows_its_content_links_and_charts_in_chromiu
                 "cccccccccccc…",
                 "16.0 GB",
                 ">restricted</span>",
+            ],
+        ),
+        (
+            "training",
+            "view=training".into(),
+            vec![
+                "training-table",
+                "meta-llama/Llama-3.1-8B",
+                "parquet:/data/darija.parquet",
             ],
         ),
         (
