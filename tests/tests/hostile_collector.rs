@@ -621,3 +621,60 @@ async fn twelve_concurrent_large_reports_from_one_certificate_take_the_memory_of
     let n = nodes.iter().find(|n| n.node == "big-1").unwrap();
     assert_eq!((n.reports, n.missing), (13, 0));
 }
+
+/// Finding 9: `sovctl` printed terminal escape sequences from process, site and model names
+/// as they were, so whoever names a process on a node could hide or forge rows on a
+/// regulator's terminal. Now every control character and bidirectional override from node
+/// data is written as an escape, in tables and CSV, and each row stays one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_from_a_node_cannot_put_escape_sequences_on_a_regulators_terminal() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = InProcessCollector::start(&pki, data.path(), |_| {}).await;
+    let url = c.url();
+    let tls = pki.client_tls(Role::Agent, "ansi-1");
+    let mut client = push_client(&tls, &url).await.unwrap();
+    let process = "py\u{1b}[2J\u{1b}[1;1Hthon\nansi-1  forged  0";
+    let mut r =
+        sov_e2e::report_with_flows("ansi-1", 1, vec![sov_e2e::outbound_flow("192.0.2.7", 4096)]);
+    r.node_info.as_mut().unwrap().site = "rabat\u{1b}]0;owned\u{7}\r".into();
+    r.processes = vec![pb::ProcessInfo {
+        pid: 42,
+        name: process.into(),
+        ..Default::default()
+    }];
+    let mut w = sov_e2e::llama_weight_file();
+    w.identity.as_mut().unwrap().model = "meta-llama/\u{202e}8B-amall\u{9b}".into();
+    r.weight_files = vec![w];
+    client.push(r).await.unwrap();
+
+    let regulator = pki.client(Role::Regulator, "reg-ansi");
+    for args in [
+        &["nodes"][..],
+        &["--output", "csv", "nodes"],
+        &["models"],
+        &["--output", "csv", "models"],
+        &["egress", "--by", "process"],
+        &["--output", "csv", "egress", "--by", "process"],
+    ] {
+        let out = sov_e2e::sovctl(&pki, &regulator, &url, args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            !stdout
+                .chars()
+                .any(|c| c != '\n' && (c.is_control() || c == '\u{202e}')),
+            "{args:?}: {stdout:?}"
+        );
+        assert_eq!(
+            stdout.lines().count(),
+            2,
+            "{args:?}: header and one row: {stdout}"
+        );
+        assert!(
+            stdout.contains("\\x1b") || stdout.contains("\\u{202e}"),
+            "{args:?}: the escapes are shown: {stdout}"
+        );
+    }
+    c.stop().await;
+}
