@@ -678,3 +678,94 @@ async fn names_from_a_node_cannot_put_escape_sequences_on_a_regulators_terminal(
     }
     c.stop().await;
 }
+
+/// Every record of the audit log, read as `admin`.
+async fn audit_records(pki: &Pki, url: &str) -> Vec<pb::AuditRecord> {
+    let admin = pki.client_tls(Role::Admin, "auditor");
+    let mut q = pb::query_client::QueryClient::new(admin.connect(url).await.unwrap());
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = q
+            .list_audit(pb::ListAuditRequest {
+                after_seq: after,
+                limit: 500,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.records);
+        if page.next_after_seq == 0 {
+            return out;
+        }
+        after = page.next_after_seq;
+    }
+}
+
+/// Finding 10: refused calls left no trace (unknown tokens, agent certificates calling the
+/// query API). Now each is a record of the audit log (who, how, call, `refused: why`) and a
+/// log line, at most `MAX_RECORDED_PER_MINUTE` a minute, the rest counted in one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_query_is_audited_and_a_flood_of_them_is_rate_limited() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let https = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let c = InProcessCollector::start(&pki, data.path(), |c| c.http.listen = Some(https)).await;
+    let url = c.url();
+
+    // An unknown token over HTTPS.
+    let unknown = format!("sov_{}", "a".repeat(43));
+    let reply = sov_e2e::https_get(&pki, https, None, Some(&unknown), "/api/v1/nodes")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 401, "{reply:?}");
+    // An agent certificate calling the query API, over gRPC and over HTTPS.
+    let agent = pki.client_tls(Role::Agent, "nosy-node");
+    let mut q = pb::query_client::QueryClient::new(agent.connect(&url).await.unwrap());
+    let st = q
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied);
+    let agent_pair = pki.client(Role::Agent, "nosy-node");
+    let reply = sov_e2e::https_get(&pki, https, Some(&agent_pair), None, "/api/v1/models")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 403, "{reply:?}");
+
+    let records = audit_records(&pki, &url).await;
+    let refused: Vec<&pb::AuditRecord> = records
+        .iter()
+        .filter(|r| r.body_json.contains("\"outcome\":\"refused: "))
+        .collect();
+    let has = |via: &str, call: &str, who: &str| {
+        refused.iter().any(|r| {
+            r.body_json.contains(&format!("\"via\":\"{via}\""))
+                && r.call == call
+                && r.body_json.contains(&format!("\"who\":\"{who}\""))
+        })
+    };
+    assert!(has("https-token", "nodes", "unknown"), "{refused:#?}");
+    assert!(has("grpc", "ListNodes", "nosy-node"), "{refused:#?}");
+    assert!(has("https-cert", "ListModels", "nosy-node"), "{refused:#?}");
+    let before = refused.len();
+
+    // A flood of refused calls: recorded up to the limit, not one record each.
+    for _ in 0..150 {
+        let reply = sov_e2e::https_get(&pki, https, None, Some(&unknown), "/api/v1/nodes")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 401);
+    }
+    let after = audit_records(&pki, &url)
+        .await
+        .iter()
+        .filter(|r| r.body_json.contains("\"outcome\":\"refused: "))
+        .count();
+    assert!(
+        after - before <= 2 * sov_collector::query::refusals::MAX_RECORDED_PER_MINUTE as usize + 1,
+        "{} refusals recorded for 150 refused calls",
+        after - before
+    );
+    c.stop().await;
+}
