@@ -226,6 +226,7 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
         },
         net: Default::default(),
         metrics: Default::default(),
+        training: Default::default(),
     }
 }
 

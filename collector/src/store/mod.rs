@@ -276,6 +276,7 @@ macro_rules! store_by_concern {
 pub(crate) use store_by_concern;
 
 mod chain;
+pub mod containers;
 mod outbox;
 pub mod postgres;
 mod retention;
@@ -283,6 +284,8 @@ mod rows;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;
+#[cfg(test)]
+mod suite_containers;
 mod tokens;
 
 pub(crate) use chain::{AUDIT_LOG, BREACH_LOG, ChainedLog};
@@ -473,8 +476,9 @@ pub struct EgressQuery {
     pub since_unix_ms: i64,
     /// Exclusive end, Unix ms.
     pub until_unix_ms: i64,
-    /// Grouping: "country", "node", "process", "asn", "destination", or "flow" (node,
-    /// process, destination address and port: what the breach rules read).
+    /// Grouping: "country", "node", "process", "asn", "destination", "pod", "namespace",
+    /// "image", "container", or "flow" (node, process, container, destination address and
+    /// port: what the breach rules read).
     pub by: String,
     /// Most rows.
     pub limit: u32,
@@ -492,7 +496,7 @@ pub struct WeightUpdate {
 }
 
 /// GPU-seconds of one process over a time range ([`Store::gpu_usage`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuUsageRow {
     /// Node.
     pub node: String,
@@ -502,6 +506,8 @@ pub struct GpuUsageRow {
     pub process: String,
     /// GPU-seconds charged (over every GPU the process used).
     pub gpu_seconds: f64,
+    /// Kubernetes namespace of the process's pod ("" outside a pod).
+    pub pod_namespace: String,
 }
 
 /// What storing a report did.
@@ -877,7 +883,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<(u64, u64)>, StoreError>;
 
     /// GPU-seconds charged in `[since_unix_ms, until_unix_ms)`, summed per (node, pid,
-    /// process), largest first, at most `limit` rows.
+    /// process, Kubernetes namespace), largest first, at most `limit` rows.
     async fn gpu_usage(
         &self,
         since_unix_ms: i64,
