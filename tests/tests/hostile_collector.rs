@@ -769,3 +769,47 @@ async fn every_refused_query_is_audited_and_a_flood_of_them_is_rate_limited() {
     );
     c.stop().await;
 }
+
+/// "Also": an empty database file (truncated, or a restore that failed) silently started a
+/// fresh store. Now the collector refuses to start, naming the file and the two ways out, and
+/// leaves the file as it is.
+#[test]
+fn an_empty_database_file_is_refused_not_started_afresh() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = data.join("sovereign.db");
+    std::fs::write(&db, b"").unwrap();
+    let cfg = sov_collector::config::CollectorConfig::new(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        data,
+        pki.server_files(),
+    );
+    let path = work.path().join("collector.toml");
+    sov_e2e::write_collector_toml(&cfg, &path);
+    let mut child = Command::new(bin_path("e2e-collector"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    // The old collector served on; the signal is the process ending.
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the collector started on an empty database file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(!status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is empty (0 bytes)"), "{stderr}");
+    assert!(stderr.contains("Restore the backup"), "{stderr}");
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
+}
