@@ -813,3 +813,56 @@ fn an_empty_database_file_is_refused_not_started_afresh() {
     assert!(stderr.contains("Restore the backup"), "{stderr}");
     assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
 }
+
+/// "Also": the collector accepted private keys readable by everyone, silently. Now `serve`
+/// (and `serve --check-config`) refuses a `tls.key` or `enroll.ca_key` that group or others may
+/// read, naming the file, its mode and `chmod 600`, as ssh and the agent do;
+/// `--allow-insecure-keys` runs anyway with a warning.
+#[test]
+fn the_collector_refuses_its_own_private_key_readable_by_others_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let files = pki.server_files();
+    let key = work.path().join("collector.key");
+    std::fs::copy(&files.key, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cfg = sov_collector::config::CollectorConfig::new(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        work.path().join("data"),
+        files,
+    );
+    cfg.tls.key = key.clone();
+    let path = work.path().join("collector.toml");
+    sov_e2e::write_collector_toml(&cfg, &path);
+    let config = path.to_str().unwrap();
+
+    for args in [
+        &["serve", "--config", config][..],
+        &["serve", "--config", config, "--check-config"],
+    ] {
+        let out = run("e2e-collector", args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", text(&out));
+        let all = text(&out);
+        assert!(all.contains("tls.key"), "{all}");
+        assert!(all.contains("(mode 0644)"), "{all}");
+        assert!(all.contains("chmod 600"), "{all}");
+    }
+    let out = run(
+        "e2e-collector",
+        &[
+            "serve",
+            "--config",
+            config,
+            "--check-config",
+            "--allow-insecure-keys",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run(
+        "e2e-collector",
+        &["serve", "--config", config, "--check-config"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
