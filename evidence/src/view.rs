@@ -672,6 +672,7 @@ pub fn model_json(m: &pb::ModelSummary) -> Value {
             "last_seen": rfc3339(c.last_seen_unix_ms),
             "container": container_json(c.container.as_ref()),
             "container_path": c.container_path,
+            "hashing_percent": c.hashing_percent,
         })).collect::<Vec<_>>(),
         "users": m.users.iter().map(|u| json!({
             "node": u.node,
@@ -708,6 +709,9 @@ pub fn model_row(m: &pb::ModelSummary) -> Value {
     );
     if let Some(short) = m.sha256.get(..12) {
         v["sha256"] = json!(short);
+    } else if let Some(p) = m.copies.iter().find_map(|c| c.hashing_percent) {
+        // A file still being hashed: one row saying how far, not a model without a hash.
+        v["sha256"] = json!(format!("hashing {p} %"));
     }
     v
 }

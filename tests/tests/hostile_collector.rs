@@ -866,3 +866,43 @@ fn the_collector_refuses_its_own_private_key_readable_by_others_unless_allowed()
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
+
+/// Finding 12, the reader's half: a copy still being hashed is one row of `sovctl models`
+/// saying how far ("hashing 42 %"), not a second model with an empty sha256; once hashed, the
+/// row is the model's with its sha256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_being_hashed_is_one_row_of_sovctl_models_saying_how_far() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = InProcessCollector::start(&pki, data.path(), |_| {}).await;
+    let url = c.url();
+    let tls = pki.client_tls(Role::Agent, "hash-1");
+    let mut client = push_client(&tls, &url).await.unwrap();
+    let mut r = report("hash-1", 1, 1);
+    let mut w = sov_e2e::llama_weight_file();
+    w.sha256.clear();
+    w.hashing_percent = Some(42);
+    r.weight_files = vec![w];
+    client.push(r).await.unwrap();
+
+    let regulator = pki.client(Role::Regulator, "reg-hash");
+    let out = sov_e2e::sovctl(&pki, &regulator, &url, &["models"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains("hashing 42 %"), "{stdout}");
+    let out = sov_e2e::sovctl(&pki, &regulator, &url, &["--output", "json", "models"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["copies"][0]["hashing_percent"], 42, "{json}");
+
+    // Hashed: the same file, its sha256 and no progress.
+    let mut r = report("hash-1", 1, 2);
+    r.weight_files = vec![sov_e2e::llama_weight_file()];
+    client.push(r).await.unwrap();
+    let out = sov_e2e::sovctl(&pki, &regulator, &url, &["models"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains("cccccccccccc"), "{stdout}");
+    assert!(!stdout.contains("hashing"), "{stdout}");
+    c.stop().await;
+}
