@@ -163,6 +163,34 @@ impl CollectorConfig {
         Ok(cfg)
     }
 
+    /// [`CollectorConfig::load`] for serving: also the private keys the collector holds
+    /// (`tls.key`, `enroll.ca_key`) must be readable by their owner only, as ssh requires of
+    /// its keys; with `allow_insecure_keys` such a key is a warning (logged) instead.
+    pub fn load_for_serving(path: &Path, allow_insecure_keys: bool) -> Result<Self, ConfigError> {
+        let cfg: Self = read_toml(path)?;
+        let mut problems = cfg.validate();
+        let mut keys = cfg.key_problems();
+        if allow_insecure_keys {
+            for k in &keys.0 {
+                tracing::warn!(problem = %k, "insecure private key allowed by --allow-insecure-keys");
+            }
+            keys.0.clear();
+        }
+        problems.0.extend(keys.0);
+        problems.into_result()?;
+        Ok(cfg)
+    }
+
+    /// The private keys readable by group or others.
+    pub fn key_problems(&self) -> Problems {
+        let mut p = Problems::default();
+        sov_common::config::check_private_key(&mut p, "tls.key", &self.tls.key);
+        if let Some(k) = &self.enroll.ca_key {
+            sov_common::config::check_private_key(&mut p, "enroll.ca_key", k);
+        }
+        p
+    }
+
     /// Every problem in the configuration.
     pub fn validate(&self) -> Problems {
         let mut p = Problems::default();

@@ -750,6 +750,7 @@ pub fn model_json(m: &pb::ModelSummary) -> Value {
             "last_seen": rfc3339(c.last_seen_unix_ms),
             "container": container_json(c.container.as_ref()),
             "container_path": c.container_path,
+            "hashing_percent": c.hashing_percent,
         })).collect::<Vec<_>>(),
         "users": m.users.iter().map(|u| json!({
             "node": u.node,
@@ -787,6 +788,9 @@ pub fn model_row(m: &pb::ModelSummary) -> Value {
     );
     if let Some(short) = m.sha256.get(..12) {
         v["sha256"] = json!(short);
+    } else if let Some(p) = m.copies.iter().find_map(|c| c.hashing_percent) {
+        // A file still being hashed: one row saying how far, not a model without a hash.
+        v["sha256"] = json!(format!("hashing {p} %"));
     }
     v
 }
@@ -859,10 +863,42 @@ pub fn node_json(n: &pb::NodeSummary) -> Value {
 
 fn cell(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => escape_controls(s),
         Value::Null => String::new(),
         other => other.to_string(),
     }
+}
+
+/// `s` with every character that could act on a terminal or reorder what is shown written as
+/// an escape, so that text from a node (a process, site, model or file name) can neither
+/// hide nor forge rows: control characters (C0, DEL, C1: `\x1b`, `\n`, `\r`, `\t`, ...)
+/// and the bidirectional overrides and isolates (`\u{202e}`, ...). A backslash is doubled, so
+/// an escape in the output always means the character, never the text.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(needs_escape) {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x100 && needs_escape(c) => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if needs_escape(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn needs_escape(c: char) -> bool {
+    c == '\\'
+        || c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 fn csv_field(s: &str) -> String {
@@ -936,6 +972,31 @@ pub fn table(rows: &[Value], columns: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_and_bidi_overrides_from_nodes_are_escaped_in_tables_and_csv() {
+        let rows = vec![serde_json::json!({
+            "process": "evil\u{1b}[2J\u{1b}[1;1Hok",
+            "site": "a\nnode-x  1  0\r",
+            "model": "\u{202e}lmth.exe\\x1b\u{9b}",
+        })];
+        let cols = ["process", "site", "model"];
+        for out in [table(&rows, &cols), csv(&rows, &cols)] {
+            assert!(
+                !out.chars()
+                    .any(|c| c != '\n' && (c.is_control() || c == '\u{202e}')),
+                "{out:?}"
+            );
+            assert_eq!(out.lines().count(), 2, "one header and one row: {out:?}");
+            assert!(out.contains("evil\\x1b[2J"), "{out}");
+            assert!(out.contains("a\\nnode-x"), "{out}");
+            assert!(out.contains("\\u{202e}lmth.exe\\\\x1b\\x9b"), "{out}");
+        }
+        assert_eq!(
+            escape_controls("/models/llama-3 (ok)"),
+            "/models/llama-3 (ok)"
+        );
+    }
 
     #[test]
     fn the_policy_table_has_one_row_per_site_model_allow_entry_and_threshold() {

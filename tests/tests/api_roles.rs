@@ -334,8 +334,8 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
     // ---- the audit log ----
     // Regulator and admin (certificates over gRPC and HTTPS, tokens over HTTPS): 8 gRPC calls
     // each, and 8 routes for each of the four HTTPS callers — a regulator's refused GetPolicy
-    // is recorded too; nothing for agents or refusals before authentication. The
-    // regulator-certificate + expired-token request was refused before any query.
+    // is recorded too. Refusals (agents, unknown or expired tokens, refused certificates) are
+    // records of their own, outcome `refused: …` (issue 17, finding 10), counted apart.
     let mut records = Vec::new();
     let mut after = 0;
     loop {
@@ -344,6 +344,15 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         after = last.seq;
         records.extend(page);
     }
+    let (refusals, records): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| {
+        r.body()["outcome"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("refused: "))
+    });
+    assert!(
+        refusals.iter().any(|r| r.body()["role"] == "agent"),
+        "{refusals:#?}"
+    );
     assert_eq!(records.len(), 2 * 8 + 4 * 8, "{records:#?}");
     let by = |role: &str, via: &str| {
         records
@@ -400,7 +409,7 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains(&format!("{} records", records.len())),
+        stdout.contains(&format!("{} records", records.len() + refusals.len())),
         "{stdout}"
     );
 

@@ -122,6 +122,10 @@ const NOT_RUN_AS_WRITTEN: &[(&str, &str)] = &[
         "a collector config in /etc; tests/tests/enroll.rs runs enroll-token create",
     ),
     (
+        "sov-collector enroll-token create --config /etc/sovereign/collector.toml --replace gpu-node-01",
+        "a collector config in /etc; hostile_collector.rs runs enroll-token create --replace",
+    ),
+    (
         "sov-agent enroll --config /etc/sovereign/agent.toml --token sovenroll-… --ca-sha256 4f0c…",
         "placeholders for a token and a fingerprint; enroll.rs runs sov-agent enroll",
     ),

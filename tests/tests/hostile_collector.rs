@@ -621,3 +621,288 @@ async fn twelve_concurrent_large_reports_from_one_certificate_take_the_memory_of
     let n = nodes.iter().find(|n| n.node == "big-1").unwrap();
     assert_eq!((n.reports, n.missing), (13, 0));
 }
+
+/// Finding 9: `sovctl` printed terminal escape sequences from process, site and model names
+/// as they were, so whoever names a process on a node could hide or forge rows on a
+/// regulator's terminal. Now every control character and bidirectional override from node
+/// data is written as an escape, in tables and CSV, and each row stays one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_from_a_node_cannot_put_escape_sequences_on_a_regulators_terminal() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = InProcessCollector::start(&pki, data.path(), |_| {}).await;
+    let url = c.url();
+    let tls = pki.client_tls(Role::Agent, "ansi-1");
+    let mut client = push_client(&tls, &url).await.unwrap();
+    let process = "py\u{1b}[2J\u{1b}[1;1Hthon\nansi-1  forged  0";
+    let mut r =
+        sov_e2e::report_with_flows("ansi-1", 1, vec![sov_e2e::outbound_flow("192.0.2.7", 4096)]);
+    r.node_info.as_mut().unwrap().site = "rabat\u{1b}]0;owned\u{7}\r".into();
+    r.processes = vec![pb::ProcessInfo {
+        pid: 42,
+        name: process.into(),
+        ..Default::default()
+    }];
+    let mut w = sov_e2e::llama_weight_file();
+    w.identity.as_mut().unwrap().model = "meta-llama/\u{202e}8B-amall\u{9b}".into();
+    r.weight_files = vec![w];
+    client.push(r).await.unwrap();
+
+    let regulator = pki.client(Role::Regulator, "reg-ansi");
+    for args in [
+        &["nodes"][..],
+        &["--output", "csv", "nodes"],
+        &["models"],
+        &["--output", "csv", "models"],
+        &["egress", "--by", "process"],
+        &["--output", "csv", "egress", "--by", "process"],
+    ] {
+        let out = sov_e2e::sovctl(&pki, &regulator, &url, args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            !stdout
+                .chars()
+                .any(|c| c != '\n' && (c.is_control() || c == '\u{202e}')),
+            "{args:?}: {stdout:?}"
+        );
+        assert_eq!(
+            stdout.lines().count(),
+            2,
+            "{args:?}: header and one row: {stdout}"
+        );
+        assert!(
+            stdout.contains("\\x1b") || stdout.contains("\\u{202e}"),
+            "{args:?}: the escapes are shown: {stdout}"
+        );
+    }
+    c.stop().await;
+}
+
+/// Every record of the audit log, read as `admin`.
+async fn audit_records(pki: &Pki, url: &str) -> Vec<pb::AuditRecord> {
+    let admin = pki.client_tls(Role::Admin, "auditor");
+    let mut q = pb::query_client::QueryClient::new(admin.connect(url).await.unwrap());
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = q
+            .list_audit(pb::ListAuditRequest {
+                after_seq: after,
+                limit: 500,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        out.extend(page.records);
+        if page.next_after_seq == 0 {
+            return out;
+        }
+        after = page.next_after_seq;
+    }
+}
+
+/// Finding 10: refused calls left no trace (unknown tokens, agent certificates calling the
+/// query API). Now each is a record of the audit log (who, how, call, `refused: why`) and a
+/// log line, at most `MAX_RECORDED_PER_MINUTE` a minute, the rest counted in one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_query_is_audited_and_a_flood_of_them_is_rate_limited() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let https = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let c = InProcessCollector::start(&pki, data.path(), |c| c.http.listen = Some(https)).await;
+    let url = c.url();
+
+    // An unknown token over HTTPS.
+    let unknown = format!("sov_{}", "a".repeat(43));
+    let reply = sov_e2e::https_get(&pki, https, None, Some(&unknown), "/api/v1/nodes")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 401, "{reply:?}");
+    // An agent certificate calling the query API, over gRPC and over HTTPS.
+    let agent = pki.client_tls(Role::Agent, "nosy-node");
+    let mut q = pb::query_client::QueryClient::new(agent.connect(&url).await.unwrap());
+    let st = q
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::PermissionDenied);
+    let agent_pair = pki.client(Role::Agent, "nosy-node");
+    let reply = sov_e2e::https_get(&pki, https, Some(&agent_pair), None, "/api/v1/models")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 403, "{reply:?}");
+
+    let records = audit_records(&pki, &url).await;
+    let refused: Vec<&pb::AuditRecord> = records
+        .iter()
+        .filter(|r| r.body_json.contains("\"outcome\":\"refused: "))
+        .collect();
+    let has = |via: &str, call: &str, who: &str| {
+        refused.iter().any(|r| {
+            r.body_json.contains(&format!("\"via\":\"{via}\""))
+                && r.call == call
+                && r.body_json.contains(&format!("\"who\":\"{who}\""))
+        })
+    };
+    assert!(has("https-token", "nodes", "unknown"), "{refused:#?}");
+    assert!(has("grpc", "ListNodes", "nosy-node"), "{refused:#?}");
+    assert!(has("https-cert", "ListModels", "nosy-node"), "{refused:#?}");
+    let before = refused.len();
+
+    // A flood of refused calls: recorded up to the limit, not one record each.
+    for _ in 0..150 {
+        let reply = sov_e2e::https_get(&pki, https, None, Some(&unknown), "/api/v1/nodes")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 401);
+    }
+    let after = audit_records(&pki, &url)
+        .await
+        .iter()
+        .filter(|r| r.body_json.contains("\"outcome\":\"refused: "))
+        .count();
+    assert!(
+        after - before <= 2 * sov_collector::query::refusals::MAX_RECORDED_PER_MINUTE as usize + 1,
+        "{} refusals recorded for 150 refused calls",
+        after - before
+    );
+    c.stop().await;
+}
+
+/// "Also": an empty database file (truncated, or a restore that failed) silently started a
+/// fresh store. Now the collector refuses to start, naming the file and the two ways out, and
+/// leaves the file as it is.
+#[test]
+fn an_empty_database_file_is_refused_not_started_afresh() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = data.join("sovereign.db");
+    std::fs::write(&db, b"").unwrap();
+    let cfg = sov_collector::config::CollectorConfig::new(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        data,
+        pki.server_files(),
+    );
+    let path = work.path().join("collector.toml");
+    sov_e2e::write_collector_toml(&cfg, &path);
+    let mut child = Command::new(bin_path("e2e-collector"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    // The old collector served on; the signal is the process ending.
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the collector started on an empty database file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(!status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is empty (0 bytes)"), "{stderr}");
+    assert!(stderr.contains("Restore the backup"), "{stderr}");
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
+}
+
+/// "Also": the collector accepted private keys readable by everyone, silently. Now `serve`
+/// (and `serve --check-config`) refuses a `tls.key` or `enroll.ca_key` that group or others may
+/// read, naming the file, its mode and `chmod 600`, as ssh and the agent do;
+/// `--allow-insecure-keys` runs anyway with a warning.
+#[test]
+fn the_collector_refuses_its_own_private_key_readable_by_others_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let files = pki.server_files();
+    let key = work.path().join("collector.key");
+    std::fs::copy(&files.key, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cfg = sov_collector::config::CollectorConfig::new(
+        std::net::SocketAddr::from(([127, 0, 0, 1], free_port())),
+        work.path().join("data"),
+        files,
+    );
+    cfg.tls.key = key.clone();
+    let path = work.path().join("collector.toml");
+    sov_e2e::write_collector_toml(&cfg, &path);
+    let config = path.to_str().unwrap();
+
+    for args in [
+        &["serve", "--config", config][..],
+        &["serve", "--config", config, "--check-config"],
+    ] {
+        let out = run("e2e-collector", args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", text(&out));
+        let all = text(&out);
+        assert!(all.contains("tls.key"), "{all}");
+        assert!(all.contains("(mode 0644)"), "{all}");
+        assert!(all.contains("chmod 600"), "{all}");
+    }
+    let out = run(
+        "e2e-collector",
+        &[
+            "serve",
+            "--config",
+            config,
+            "--check-config",
+            "--allow-insecure-keys",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = run(
+        "e2e-collector",
+        &["serve", "--config", config, "--check-config"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+/// Finding 12, the reader's half: a copy still being hashed is one row of `sovctl models`
+/// saying how far ("hashing 42 %"), not a second model with an empty sha256; once hashed, the
+/// row is the model's with its sha256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_being_hashed_is_one_row_of_sovctl_models_saying_how_far() {
+    let pki = Pki::new();
+    let data = tempfile::tempdir().unwrap();
+    let c = InProcessCollector::start(&pki, data.path(), |_| {}).await;
+    let url = c.url();
+    let tls = pki.client_tls(Role::Agent, "hash-1");
+    let mut client = push_client(&tls, &url).await.unwrap();
+    let mut r = report("hash-1", 1, 1);
+    let mut w = sov_e2e::llama_weight_file();
+    w.sha256.clear();
+    w.hashing_percent = Some(42);
+    r.weight_files = vec![w];
+    client.push(r).await.unwrap();
+
+    let regulator = pki.client(Role::Regulator, "reg-hash");
+    let out = sov_e2e::sovctl(&pki, &regulator, &url, &["models"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains("hashing 42 %"), "{stdout}");
+    let out = sov_e2e::sovctl(&pki, &regulator, &url, &["--output", "json", "models"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["copies"][0]["hashing_percent"], 42, "{json}");
+
+    // Hashed: the same file, its sha256 and no progress.
+    let mut r = report("hash-1", 1, 2);
+    r.weight_files = vec![sov_e2e::llama_weight_file()];
+    client.push(r).await.unwrap();
+    let out = sov_e2e::sovctl(&pki, &regulator, &url, &["models"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains("cccccccccccc"), "{stdout}");
+    assert!(!stdout.contains("hashing"), "{stdout}");
+    c.stop().await;
+}

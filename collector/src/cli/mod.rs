@@ -44,6 +44,10 @@ enum Command {
         /// Validate the configuration, print every problem, and exit (64 when invalid).
         #[arg(long)]
         check_config: bool,
+        /// Run even when a private key (`tls.key`, `enroll.ca_key`) is readable by group or
+        /// others (refused otherwise, as ssh does), with a warning in the log.
+        #[arg(long, env = "SOV_ALLOW_INSECURE_KEYS")]
+        allow_insecure_keys: bool,
     },
     /// Certificates for the collector, agents, regulators and admins (no openssl needed).
     Pki {
@@ -146,7 +150,8 @@ pub fn main() -> ExitCode {
         Command::Serve {
             config,
             check_config,
-        } => serve::run(&config, check_config),
+            allow_insecure_keys,
+        } => serve::run(&config, check_config, allow_insecure_keys),
         Command::Pki { command } => pki::run(command),
         Command::Geo { command } => geo::run(command),
         Command::Policy { command } => policy::run(command),

@@ -19,11 +19,11 @@ pub async fn serve(config: CollectorConfig) -> Result<(), anyhow::Error> {
 }
 
 /// `serve`: load and check the configuration; with `check_config` stop there, else serve.
-pub(super) fn run(config: &Path, check_config: bool) -> ExitCode {
+pub(super) fn run(config: &Path, check_config: bool, allow_insecure_keys: bool) -> ExitCode {
     if check_config {
-        return check(config);
+        return check(config, allow_insecure_keys);
     }
-    let cfg = match CollectorConfig::load(config) {
+    let cfg = match CollectorConfig::load_for_serving(config, allow_insecure_keys) {
         Ok(c) => c,
         Err(e) => return report_config_error(&e),
     };
@@ -40,14 +40,14 @@ pub(super) fn run(config: &Path, check_config: bool) -> ExitCode {
 /// `serve --check-config`: every problem of the file, then of its certificate files (dates,
 /// key, chain), at once; exit 64 when any. A collector certificate from another CA than
 /// `[tls] ca` (the clients' CA) is noted, not refused.
-fn check(config: &Path) -> ExitCode {
+fn check(config: &Path, allow_insecure_keys: bool) -> ExitCode {
     use sov_common::config::{ConfigError, Problems};
     use sov_common::tls_diagnose::{CertFiles, Side, check_files};
     let cfg: CollectorConfig = match sov_common::config::read_toml(config) {
         Ok(c) => c,
         Err(e) => return report_config_error(&e),
     };
-    let mut problems = match CollectorConfig::load(config) {
+    let mut problems = match CollectorConfig::load_for_serving(config, allow_insecure_keys) {
         Ok(_) => Problems::default(),
         Err(ConfigError::Invalid(p)) => p,
         Err(e) => return report_config_error(&e),

@@ -211,7 +211,7 @@ pub async fn serve(
                     )),
                     None => peer.clone(),
                 };
-                async move { Ok::<_, std::convert::Infallible>(handle(&query, &peer, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(handle(&query, &peer, addr, req).await) }
             });
             // The protocol is the one ALPN chose (HTTP/1.1 without ALPN): no version sniffing,
             // which would wait for a first byte without a timeout.
@@ -287,7 +287,12 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
 }
 
 /// Answer one request.
-async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Response<Full<Bytes>> {
+async fn handle<B>(
+    query: &QueryService,
+    peer: &Peer,
+    addr: std::net::SocketAddr,
+    req: Request<B>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = error_response(&ApiError::unimplemented("only GET is served"));
         *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
@@ -322,7 +327,24 @@ async fn handle<B>(query: &QueryService, peer: &Peer, req: Request<B>) -> Respon
     }
     let caller = match authenticate(query, peer, req.headers()).await {
         Ok(c) => c,
-        Err(s) => return error_response(&s),
+        Err(s) => {
+            let via = match peer {
+                _ if req.headers().contains_key(header::AUTHORIZATION) => "https-token",
+                Peer::Anonymous => "https",
+                _ => "https-cert",
+            };
+            query
+                .record_refusal(super::refusals::Refusal {
+                    who: "unknown",
+                    role: "",
+                    via,
+                    call: route,
+                    why: &s.to_string(),
+                    peer: Some(addr),
+                })
+                .await;
+            return error_response(&s);
+        }
     };
     let params = match Params::parse(req.uri().query().unwrap_or("")) {
         Ok(p) => p,

@@ -22,6 +22,7 @@ use crate::store::{NodeRow, Store};
 use sov_evidence::audit::AuditEntry;
 
 pub mod http;
+pub mod refusals;
 pub mod scorecard;
 pub mod series;
 
@@ -137,6 +138,7 @@ pub struct QueryService {
     policy: Option<Arc<crate::policy::PolicyWatch>>,
     signer: Option<Arc<sov_evidence::report::ReportSigner>>,
     geo: Option<crate::geo::Geo>,
+    refusals: Arc<refusals::RefusalLog>,
 }
 
 impl QueryService {
@@ -149,7 +151,15 @@ impl QueryService {
             policy: None,
             signer: None,
             geo: None,
+            refusals: Arc::default(),
         }
+    }
+
+    /// Record a refused call (audit log and log, rate-limited: [`refusals`]).
+    pub async fn record_refusal(&self, r: refusals::Refusal<'_>) {
+        self.refusals
+            .record(&self.store, r, sov_common::clock::now_unix_ms())
+            .await;
     }
 
     /// The same, signing evidence reports with `signer` and naming `geo`'s databases in them.
@@ -190,12 +200,24 @@ impl QueryService {
     }
 
     /// Refuse callers that may not query (agents).
-    fn allow(caller: &Caller, call: &str) -> Result<(), ApiError> {
-        auth::require_role(
+    async fn allow(&self, caller: &Caller, call: &str) -> Result<(), ApiError> {
+        let allowed = auth::require_role(
             &caller.id,
             &[Role::Regulator, Role::Admin],
             &format!("Query.{call}"),
-        )
+        );
+        if let Err(e) = &allowed {
+            self.record_refusal(refusals::Refusal {
+                who: &caller.id.name,
+                role: caller.id.role.as_str(),
+                via: caller.via.as_str(),
+                call,
+                why: &e.to_string(),
+                peer: None,
+            })
+            .await;
+        }
+        allowed
     }
 
     /// Record the query and its outcome, then hand the answer back; refuse it when the record
@@ -334,7 +356,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListNodesRequest,
     ) -> Result<pb::ListNodesResponse, ApiError> {
-        Self::allow(caller, "ListNodes")?;
+        self.allow(caller, "ListNodes").await?;
         let params = json!({"limit": r.limit, "after": r.after});
         let result = self.list_nodes_inner(r).await;
         self.audited(caller, "ListNodes", params, result).await
@@ -364,7 +386,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListModelsRequest,
     ) -> Result<pb::ListModelsResponse, ApiError> {
-        Self::allow(caller, "ListModels")?;
+        self.allow(caller, "ListModels").await?;
         let params = json!({"query": r.query, "limit": r.limit, "after": r.after});
         let result = self.list_models_inner(r).await;
         self.audited(caller, "ListModels", params, result).await
@@ -419,7 +441,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::EgressRequest,
     ) -> Result<pb::EgressResponse, ApiError> {
-        Self::allow(caller, "Egress")?;
+        self.allow(caller, "Egress").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -466,7 +488,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListBreachesRequest,
     ) -> Result<pb::ListBreachesResponse, ApiError> {
-        Self::allow(caller, "ListBreaches")?;
+        self.allow(caller, "ListBreaches").await?;
         let params = json!({
             "state": r.state,
             "rule": r.rule,
@@ -540,7 +562,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListAuditRequest,
     ) -> Result<pb::ListAuditResponse, ApiError> {
-        Self::allow(caller, "ListAudit")?;
+        self.allow(caller, "ListAudit").await?;
         let params = json!({"after_seq": r.after_seq, "limit": r.limit});
         let result = self.list_audit_inner(r).await;
         self.audited(caller, "ListAudit", params, result).await
@@ -574,7 +596,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ScorecardRequest,
     ) -> Result<pb::ScorecardResponse, ApiError> {
-        Self::allow(caller, "Scorecard")?;
+        self.allow(caller, "Scorecard").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -596,7 +618,7 @@ impl QueryService {
         caller: &Caller,
         _r: pb::GetPolicyRequest,
     ) -> Result<pb::GetPolicyResponse, ApiError> {
-        Self::allow(caller, "GetPolicy")?;
+        self.allow(caller, "GetPolicy").await?;
         let result = auth::require_role(&caller.id, &[Role::Admin], "Query.GetPolicy").and_then(
             |()| {
                 let watch = self.policy.as_ref().ok_or_else(|| {
@@ -620,7 +642,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ExportReportRequest,
     ) -> Result<pb::ExportReportResponse, ApiError> {
-        Self::allow(caller, "ExportReport")?;
+        self.allow(caller, "ExportReport").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -715,7 +737,7 @@ impl QueryService {
         jurisdiction: &str,
         buckets: u32,
     ) -> Result<JsonAnswer, ApiError> {
-        Self::allow(caller, "Series")?;
+        self.allow(caller, "Series").await?;
         let params = json!({
             "since_unix_ms": since_unix_ms,
             "until_unix_ms": until_unix_ms,
@@ -750,7 +772,7 @@ impl QueryService {
     /// CycloneDX 1.6 AI bill of materials (HTTPS: `GET /api/v1/bom`), for `caller`; audited
     /// as one query, `Bom`.
     pub async fn bom_as(&self, caller: &Caller, query: &str) -> Result<JsonAnswer, ApiError> {
-        Self::allow(caller, "Bom")?;
+        self.allow(caller, "Bom").await?;
         let result = async {
             let mut models = Vec::new();
             let mut after = String::new();
@@ -791,7 +813,7 @@ impl QueryService {
         caller: &Caller,
         breach_id: &str,
     ) -> Result<JsonAnswer, ApiError> {
-        Self::allow(caller, "GetBreach")?;
+        self.allow(caller, "GetBreach").await?;
         let result = async {
             if breach_id.is_empty() || breach_id.len() > 64 {
                 return Err(ApiError::invalid_argument(
@@ -934,7 +956,22 @@ macro_rules! grpc_queries {
                     &self,
                     req: Request<pb::$request>,
                 ) -> Result<Response<pb::$response>, Status> {
-                    let caller = grpc_caller(&req, &self.trust_domain)?;
+                    let caller = match grpc_caller(&req, &self.trust_domain) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let call = stringify!($request).trim_end_matches("Request");
+                            self.record_refusal(refusals::Refusal {
+                                who: "unknown",
+                                role: "",
+                                via: Via::Grpc.as_str(),
+                                call,
+                                why: &e.to_string(),
+                                peer: req.remote_addr(),
+                            })
+                            .await;
+                            return Err(e.into());
+                        }
+                    };
                     Ok(Response::new(self.$query(&caller, req.into_inner()).await?))
                 }
             )*
@@ -1056,7 +1093,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_query_and_refusal_of_a_regulator_is_audited_and_agents_are_not() {
+    async fn every_query_and_refusal_of_a_regulator_is_audited_and_so_is_an_agents_refusal() {
         let (_dir, q) = service().await;
         q.list_nodes_as(&regulator(), pb::ListNodesRequest::default())
             .await
@@ -1080,7 +1117,17 @@ mod tests {
             .unwrap_err();
         assert_eq!(s.code(), crate::error::ErrorCode::PermissionDenied);
         let log = q.store().audit_log(0, 10).await.unwrap();
-        assert_eq!(log.len(), 2, "{log:?}");
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert_eq!(log[2].call, "ListNodes");
+        assert_eq!(log[2].actor, "agent/n1");
+        assert!(
+            log[2].body()["outcome"]
+                .as_str()
+                .unwrap()
+                .starts_with("refused: PermissionDenied: role agent"),
+            "{:?}",
+            log[2]
+        );
         assert_eq!(log[0].call, "ListNodes");
         assert_eq!(log[0].body()["outcome"], "ok");
         assert_eq!(log[1].call, "Egress");

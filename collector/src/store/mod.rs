@@ -629,6 +629,15 @@ pub enum StoreError {
     /// A blocking task failed.
     #[error("store task failed: {0}")]
     Task(String),
+    /// The database file exists but is empty: a truncated file or a failed restore, never a
+    /// store to start afresh in silence (every report, breach and audit record would be gone).
+    #[error(
+        "database file {path} is empty (0 bytes): a truncated file or a failed restore? Restore the backup, or remove the file to start a new, empty store"
+    )]
+    EmptyDatabase {
+        /// The file.
+        path: String,
+    },
 }
 
 /// A breach from its stored columns (both backends store the same ones).

@@ -261,6 +261,7 @@ pub(crate) fn push_model(
     m.copies.push(pb::ModelCopy {
         container: detail.container.clone(),
         container_path: detail.container_path.clone(),
+        hashing_percent: detail.hashing_percent.filter(|_| detail.sha256.is_empty()),
         node: node.clone(),
         site: r.text(19)?,
         country: r.text(20)?,

@@ -116,6 +116,11 @@ impl SqliteStore {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError::EmptyDatabase {
+                path: path.display().to_string(),
+            });
+        }
         let writer = Connection::open(&path).map_err(sql("open database"))?;
         writer
             .execute_batch(
