@@ -132,6 +132,9 @@ pub struct QueryService {
     policy: Option<Arc<crate::policy::PolicyWatch>>,
     signer: Option<Arc<sov_evidence::report::ReportSigner>>,
     geo: Option<crate::geo::Geo>,
+    /// Acknowledged vs derived: queries of derived state wait for what was acknowledged
+    /// before them (at most `[derive] query_wait_ms`).
+    freshness: Option<Arc<crate::derive::Freshness>>,
 }
 
 impl QueryService {
@@ -144,7 +147,15 @@ impl QueryService {
             policy: None,
             signer: None,
             geo: None,
+            freshness: None,
         }
+    }
+
+    /// The same, answering queries of derived state only once the reports this collector
+    /// acknowledged before them are derived (or the wait in `freshness` ran out).
+    pub fn with_freshness(mut self, freshness: Arc<crate::derive::Freshness>) -> Self {
+        self.freshness = Some(freshness);
+        self
     }
 
     /// The same, signing evidence reports with `signer` and naming `geo`'s databases in them.
@@ -191,6 +202,18 @@ impl QueryService {
             &[Role::Regulator, Role::Admin],
             &format!("Query.{call}"),
         )
+    }
+
+    /// Refuse callers that may not query; then wait (bounded) until what this collector
+    /// acknowledged before the query is derived, so that its answer includes it.
+    async fn admit(&self, caller: &Caller, call: &str) -> Result<(), ApiError> {
+        Self::allow(caller, call)?;
+        if let Some(f) = &self.freshness
+            && !f.wait().await
+        {
+            tracing::debug!(call, "derivation lags; answering with what is derived");
+        }
+        Ok(())
     }
 
     /// Record the query and its outcome, then hand the answer back; refuse it when the record
@@ -329,7 +352,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListNodesRequest,
     ) -> Result<pb::ListNodesResponse, ApiError> {
-        Self::allow(caller, "ListNodes")?;
+        self.admit(caller, "ListNodes").await?;
         let params = json!({"limit": r.limit, "after": r.after});
         let result = self.list_nodes_inner(r).await;
         self.audited(caller, "ListNodes", params, result).await
@@ -359,7 +382,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListModelsRequest,
     ) -> Result<pb::ListModelsResponse, ApiError> {
-        Self::allow(caller, "ListModels")?;
+        self.admit(caller, "ListModels").await?;
         let params = json!({"query": r.query, "limit": r.limit, "after": r.after});
         let result = self.list_models_inner(r).await;
         self.audited(caller, "ListModels", params, result).await
@@ -390,7 +413,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::EgressRequest,
     ) -> Result<pb::EgressResponse, ApiError> {
-        Self::allow(caller, "Egress")?;
+        self.admit(caller, "Egress").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -425,7 +448,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListBreachesRequest,
     ) -> Result<pb::ListBreachesResponse, ApiError> {
-        Self::allow(caller, "ListBreaches")?;
+        self.admit(caller, "ListBreaches").await?;
         let params = json!({
             "state": r.state,
             "rule": r.rule,
@@ -528,7 +551,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ScorecardRequest,
     ) -> Result<pb::ScorecardResponse, ApiError> {
-        Self::allow(caller, "Scorecard")?;
+        self.admit(caller, "Scorecard").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -574,7 +597,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ExportReportRequest,
     ) -> Result<pb::ExportReportResponse, ApiError> {
-        Self::allow(caller, "ExportReport")?;
+        self.admit(caller, "ExportReport").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -669,7 +692,7 @@ impl QueryService {
         jurisdiction: &str,
         buckets: u32,
     ) -> Result<JsonAnswer, ApiError> {
-        Self::allow(caller, "Series")?;
+        self.admit(caller, "Series").await?;
         let params = json!({
             "since_unix_ms": since_unix_ms,
             "until_unix_ms": until_unix_ms,
@@ -704,7 +727,7 @@ impl QueryService {
     /// CycloneDX 1.6 AI bill of materials (HTTPS: `GET /api/v1/bom`), for `caller`; audited
     /// as one query, `Bom`.
     pub async fn bom_as(&self, caller: &Caller, query: &str) -> Result<JsonAnswer, ApiError> {
-        Self::allow(caller, "Bom")?;
+        self.admit(caller, "Bom").await?;
         let result = async {
             let mut models = Vec::new();
             let mut after = String::new();
@@ -744,7 +767,7 @@ impl QueryService {
         caller: &Caller,
         breach_id: &str,
     ) -> Result<JsonAnswer, ApiError> {
-        Self::allow(caller, "GetBreach")?;
+        self.admit(caller, "GetBreach").await?;
         let result = async {
             if breach_id.is_empty() || breach_id.len() > 64 {
                 return Err(ApiError::invalid_argument(

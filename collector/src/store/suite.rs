@@ -11,9 +11,9 @@ use futures::future::LocalBoxFuture;
 use sov_proto::pb;
 
 use super::{
-    BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
-    NewEnrollToken, NodePeer, OutboxItem, Retention, Settle, SinkStats, Store, StoreError,
-    Telemetry, TokenSpend, WeightUpdate,
+    BreachChange, BreachFilter, Derivation, EgressQuery, FlowRecord, GapRecord, IncomingReport,
+    IngestOutcome, NewEnrollToken, NodePeer, OutboxItem, Retention, Settle, SinkStats, Store,
+    StoreError, Telemetry, TokenSpend, WeightUpdate,
 };
 use crate::breach::{BreachState, Observation, Severity};
 use sov_evidence::chain::{ChainVerifier, LogRecord, verify_chain};
@@ -54,6 +54,7 @@ macro_rules! store_suite {
     ($fixture:ty) => {
         $crate::store::suite::store_suite!(@tests $fixture;
             a_report_is_stored_once_and_a_resend_is_a_duplicate,
+            an_appended_report_is_derived_once_after_its_ack,
             missing_counts_holes_and_dropped_counts_declared_gaps,
             a_new_epoch_becomes_the_nodes_current_one,
             nodes_are_paged_in_name_order,
@@ -171,8 +172,95 @@ pub(crate) fn telemetry() -> Telemetry {
     }
 }
 
+/// Append `r`, then derive it from the telemetry it carries (what the deriver builds from
+/// its body), as the collector does after the ack.
 async fn ingest(store: &dyn Store, r: IncomingReport) -> IngestOutcome {
-    store.ingest(r).await.unwrap()
+    let outcome = store.ingest(r.clone()).await.unwrap();
+    derive_matching(store, &r).await;
+    outcome
+}
+
+/// Derive the queued report with `r`'s key (if queued) from `r`'s telemetry; how many were
+/// derived.
+async fn derive_matching(store: &dyn Store, r: &IncomingReport) -> u64 {
+    let batch: Vec<Derivation> = store
+        .underived(100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|u| (u.node.as_str(), u.epoch, u.seq) == (r.node.as_str(), r.epoch, r.seq))
+        .map(|u| Derivation {
+            queue_id: u.queue_id,
+            report: r.clone(),
+        })
+        .collect();
+    store.derive(batch).await.unwrap()
+}
+
+pub(crate) async fn an_appended_report_is_derived_once_after_its_ack(db: &dyn Backend) {
+    let store = db.store();
+    let mut r = report("a", 1, 1);
+    r.telemetry = telemetry();
+    r.telemetry.flows = vec![flow(
+        10,
+        "vllm",
+        ("1.1.1.1", 443),
+        US_CLOUDFLARE,
+        1000,
+        10,
+        500,
+        120_000,
+    )];
+    // The append: the report and its completeness, nothing derived yet.
+    assert_eq!(
+        store.ingest(r.clone()).await.unwrap(),
+        IngestOutcome::Stored
+    );
+    assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM gpu_samples").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 0);
+    let status = store.derive_status().await.unwrap();
+    assert_eq!(status.pending, 1);
+    assert_eq!(
+        status.oldest_pending_received_unix_ms,
+        Some(r.received_unix_ms)
+    );
+    assert_eq!(status.derived_up_to(i64::MAX), r.received_unix_ms);
+    // A re-send is not queued again.
+    assert_eq!(
+        store.ingest(r.clone()).await.unwrap(),
+        IngestOutcome::Duplicate
+    );
+    let queued = store.underived(10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(
+        (queued[0].node.as_str(), queued[0].epoch, queued[0].seq),
+        ("a", 1, 1)
+    );
+    assert_eq!(queued[0].body, r.body);
+    // Derived once: the same batch handed over again derives nothing.
+    let batch = vec![Derivation {
+        queue_id: queued[0].queue_id,
+        report: r.clone(),
+    }];
+    assert_eq!(store.derive(batch.clone()).await.unwrap(), 1);
+    assert_eq!(store.derive(batch).await.unwrap(), 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM gpu_samples").await, 2);
+    let (rows, _) = store
+        .egress(EgressQuery {
+            since_unix_ms: 0,
+            until_unix_ms: 600_000,
+            by: "country".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].bytes_sent, 1000, "{rows:?}");
+    let status = store.derive_status().await.unwrap();
+    assert_eq!(status.pending, 0);
+    assert_eq!(status.derived_up_to(42), 42);
+    assert!(store.underived(10).await.unwrap().is_empty());
 }
 
 pub(crate) async fn a_report_is_stored_once_and_a_resend_is_a_duplicate(db: &dyn Backend) {

@@ -54,6 +54,11 @@ pub(super) const INSERT_GAP: &str =
      VALUES ($1, $2, $3, $4, $5, $6, $7)
      ON CONFLICT (node, epoch, first_seq, last_seq) DO NOTHING";
 
+pub(super) const ENQUEUE: &str =
+    "INSERT INTO derive_queue (node, epoch, seq, received_ms) VALUES ($1, $2, $3, $4)";
+
+pub(super) const TAKE_QUEUED: &str = "DELETE FROM derive_queue WHERE id = ANY($1) RETURNING id";
+
 pub(super) const UPSERT_HOST_SAMPLE: &str = "INSERT INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
                           memory_total_bytes, swap_used_bytes, process_count)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -155,6 +160,8 @@ pub(super) struct Statements {
     upsert_epoch: Statement,
     upsert_node: Statement,
     insert_gap: Statement,
+    enqueue: Statement,
+    take_queued: Statement,
     upsert_host_sample: Statement,
     upsert_gpu_sample: Statement,
     upsert_gpu_usage: Statement,
@@ -178,6 +185,8 @@ impl Statements {
             upsert_epoch: p(UPSERT_EPOCH).await?,
             upsert_node: p(UPSERT_NODE).await?,
             insert_gap: p(INSERT_GAP).await?,
+            enqueue: p(ENQUEUE).await?,
+            take_queued: p(TAKE_QUEUED).await?,
             upsert_host_sample: p(UPSERT_HOST_SAMPLE).await?,
             upsert_gpu_sample: p(UPSERT_GPU_SAMPLE).await?,
             upsert_gpu_usage: p(UPSERT_GPU_USAGE).await?,
@@ -733,10 +742,84 @@ pub(super) async fn finish_report(
         .await
         .map_err(pg("insert gap"))?;
     }
-    insert_telemetry(tx, st, r).await?;
-    apply_weights(tx, st, r).await?;
-    apply_flows(tx, st, r, epoch, seq).await?;
+    tx.execute(&st.enqueue, &[&r.node, &epoch, &seq, &r.received_unix_ms])
+        .await
+        .map_err(pg("queue for derivation"))?;
     Ok(IngestOutcome::Stored)
+}
+
+/// The oldest reports waiting in the derive queue, with their bodies.
+pub(super) async fn underived(
+    store: &PostgresStore,
+    limit: u32,
+) -> Result<Vec<Underived>, StoreError> {
+    let client = store.reader().await?;
+    let rows = client
+        .query(
+            "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+             FROM derive_queue q JOIN reports r
+               ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
+             ORDER BY q.id LIMIT $1",
+            &[&i64::from(limit)],
+        )
+        .await
+        .map_err(pg("read underived"))?;
+    rows.iter()
+        .map(|row| {
+            Ok(Underived {
+                queue_id: get(row, 0, "read underived")?,
+                node: get(row, 1, "read underived")?,
+                epoch: get_u64(row, 2, "read underived")?,
+                seq: get_u64(row, 3, "read underived")?,
+                received_unix_ms: get(row, 4, "read underived")?,
+                body: get(row, 5, "read underived")?,
+            })
+        })
+        .collect()
+}
+
+/// Derive a batch in one transaction on the deriver's connection: take the batch's queue
+/// rows (a row another replica took and committed is gone, one it holds makes this wait for
+/// its commit), then derive the reports whose rows this transaction took, in queue order.
+/// Retried when it loses a deadlock race.
+pub(super) async fn derive(
+    store: &PostgresStore,
+    batch: Vec<Derivation>,
+) -> Result<u64, StoreError> {
+    let mut w = store.deriver().await?;
+    let mut attempt = 1;
+    loop {
+        match derive_once(&mut w, &batch).await {
+            Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => {
+                tracing::debug!(attempt, error = %e, "derivation lost a race; retrying");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+async fn derive_once(w: &mut Writer, batch: &[Derivation]) -> Result<u64, StoreError> {
+    let Writer { client, st } = w;
+    let tx = client.transaction().await.map_err(pg("begin derive"))?;
+    let ids: Vec<i64> = batch.iter().map(|d| d.queue_id).collect();
+    let taken: std::collections::HashSet<i64> = tx
+        .query(&st.take_queued, &[&ids])
+        .await
+        .map_err(pg("take from derive queue"))?
+        .iter()
+        .map(|row| get::<i64>(row, 0, "take from derive queue"))
+        .collect::<Result<_, _>>()?;
+    let mut derived = 0u64;
+    for d in batch.iter().filter(|d| taken.contains(&d.queue_id)) {
+        let r = &d.report;
+        insert_telemetry(&tx, st, r).await?;
+        apply_weights(&tx, st, r).await?;
+        apply_flows(&tx, st, r, to_i64(r.epoch, "epoch")?, to_i64(r.seq, "seq")?).await?;
+        derived += 1;
+    }
+    tx.commit().await.map_err(pg("commit derive"))?;
+    Ok(derived)
 }
 
 impl PostgresStore {

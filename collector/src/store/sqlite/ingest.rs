@@ -414,11 +414,99 @@ impl SqliteStore {
             )
             .map_err(sql("insert gap"))?;
         }
+        exec(
+            tx,
+            "INSERT INTO derive_queue (node, epoch, seq, received_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![r.node, epoch, seq, r.received_unix_ms],
+        )
+        .map_err(sql("queue for derivation"))?;
+        Ok(IngestOutcome::Stored)
+    }
+
+    /// Derive one report inside `tx` when this transaction takes its queue row; false when
+    /// the row was gone (derived already).
+    pub(super) fn derive_one(
+        tx: &rusqlite::Transaction<'_>,
+        d: &Derivation,
+    ) -> Result<bool, StoreError> {
+        let taken = exec(
+            tx,
+            "DELETE FROM derive_queue WHERE id = ?1",
+            params![d.queue_id],
+        )
+        .map_err(sql("take from derive queue"))?;
+        if taken == 0 {
+            return Ok(false);
+        }
+        let r = &d.report;
+        let epoch = to_i64(r.epoch, "epoch")?;
+        let seq = to_i64(r.seq, "seq")?;
         insert_telemetry(tx, r, epoch)?;
         apply_weights(tx, r)?;
         apply_flows(tx, r, epoch, seq)?;
-        Ok(IngestOutcome::Stored)
+        Ok(true)
     }
+}
+
+/// The oldest reports waiting in the derive queue, with their bodies.
+pub(super) async fn underived(
+    store: &SqliteStore,
+    limit: u32,
+) -> Result<Vec<Underived>, StoreError> {
+    store
+        .read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+                     FROM derive_queue q JOIN reports r
+                       ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
+                     ORDER BY q.id LIMIT ?1",
+                )
+                .map_err(sql("prepare underived"))?;
+            let rows = st
+                .query_map(params![limit], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, Vec<u8>>(5)?,
+                    ))
+                })
+                .map_err(sql("read underived"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (queue_id, node, epoch, seq, received_unix_ms, body) =
+                    row.map_err(sql("read underived"))?;
+                out.push(Underived {
+                    queue_id,
+                    node,
+                    epoch: to_u64(epoch, "epoch")?,
+                    seq: to_u64(seq, "seq")?,
+                    received_unix_ms,
+                    body,
+                });
+            }
+            Ok(out)
+        })
+        .await
+}
+
+/// Derive a batch in one transaction (one commit): the queue rows it deletes and every row
+/// derived from their reports commit together.
+pub(super) async fn derive(store: &SqliteStore, batch: Vec<Derivation>) -> Result<u64, StoreError> {
+    store
+        .write(move |c| {
+            let tx = c.transaction().map_err(sql("begin derive"))?;
+            let mut derived = 0u64;
+            for d in &batch {
+                derived += u64::from(SqliteStore::derive_one(&tx, d)?);
+            }
+            tx.commit().map_err(sql("commit derive"))?;
+            Ok(derived)
+        })
+        .await
 }
 
 /// Group commit: the report joins the queue; whoever holds the writer next stores every
