@@ -411,9 +411,55 @@ impl Deriver {
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?;
-        let derived = self.store.derive(batch).await?;
+        let derived = match self.store.derive(batch.clone()).await {
+            Ok(d) => d,
+            Err(err) if batch.len() > 1 => {
+                tracing::debug!(reports = batch.len(), error = %err, "derive batch failed; deriving its reports one by one");
+                self.derive_one_by_one(batch).await?
+            }
+            Err(err) => self.derive_one_by_one_after(batch, err).await?,
+        };
         self.metrics.derive_batch(derived, started.elapsed());
         Ok((n, derived))
+    }
+
+    /// Derive each report of a failed batch in its own transaction, so that one report the
+    /// store refuses fails alone.
+    async fn derive_one_by_one(&self, batch: Vec<Derivation>) -> Result<u64, StoreError> {
+        let mut derived = 0;
+        for d in batch {
+            derived += match self.store.derive(vec![d.clone()]).await {
+                Ok(n) => n,
+                Err(err) => self.derive_one_by_one_after(vec![d], err).await?,
+            };
+        }
+        Ok(derived)
+    }
+
+    /// One report whose derivation failed with `err`: when the store refused its data (a value
+    /// out of range or a constraint, which fails the same way every time), it is taken off the
+    /// queue with nothing derived and the failure logged and counted, so that it cannot stop
+    /// derivation for everyone; any other error (the database is unavailable) is returned and
+    /// the batch is tried again later.
+    async fn derive_one_by_one_after(
+        &self,
+        batch: Vec<Derivation>,
+        err: StoreError,
+    ) -> Result<u64, StoreError> {
+        if !err.is_data_error() {
+            return Err(err);
+        }
+        for d in batch {
+            let r = &d.report;
+            tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, error = %err,
+                cause = %sov_common::error::source_chain(&err),
+                "the store refused what this report derives; the report stays stored, nothing is derived from it");
+            self.metrics.derive_failed();
+            let mut empty = d.clone();
+            empty.report.telemetry = Telemetry::default();
+            self.store.derive(vec![empty]).await?;
+        }
+        Ok(0)
     }
 
     /// Derive until `stop`: batch after batch while reports wait, then sleep until ingest
@@ -472,6 +518,78 @@ mod tests {
         assert!(problems[0].1.contains('0'));
         assert_eq!(problems[1].0, "derive.query_wait_ms");
         assert!(validate(&DeriveConfig::default()).is_empty());
+    }
+
+    fn deriver(store: Arc<dyn Store>) -> Deriver {
+        Deriver {
+            store,
+            enricher: Enricher::new(Geo::from_config(&Default::default()).unwrap(), None),
+            metrics: Arc::new(Metrics::new()),
+            freshness: Freshness::new(Duration::ZERO),
+            appended: Arc::default(),
+            derived: Arc::default(),
+            batch_reports: DEFAULT_BATCH_REPORTS,
+        }
+    }
+
+    fn pushed(seq: u64, weight_size: u64) -> pb::Report {
+        pb::Report {
+            epoch: 1,
+            seq,
+            observed_unix_ms: 60_000 * i64::try_from(seq).unwrap(),
+            node_info: Some(pb::NodeInfo {
+                node: "n".into(),
+                country: "MA".into(),
+                ..Default::default()
+            }),
+            weight_files: vec![pb::WeightFile {
+                path: format!("/models/{seq}.safetensors"),
+                size_bytes: weight_size,
+                ..Default::default()
+            }],
+            flows: vec![pb::Flow {
+                remote_address: "8.8.8.8".into(),
+                remote_port: 443,
+                bytes_sent: 100,
+                direction: pb::Direction::Outbound as i32,
+                end_unix_ms: 60_000 * i64::try_from(seq).unwrap(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_the_store_refuses_to_derive_fails_alone_and_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        // Report 2's weight file is larger than the store's integers hold.
+        for (seq, size) in [(1, 10), (2, u64::MAX), (3, 30)] {
+            let r = pushed(seq, size);
+            let body = r.encode_to_vec();
+            store.ingest(incoming(r, 1_000, body, None)).await.unwrap();
+        }
+        let d = deriver(store.clone());
+        assert_eq!(d.derive_batch().await.unwrap(), (3, 2));
+        assert_eq!(store.derive_status().await.unwrap().pending, 0);
+        assert_eq!(d.metrics.derived_reports(), 2);
+        let (rows, _) = store
+            .egress(crate::store::EgressQuery {
+                since_unix_ms: 0,
+                until_unix_ms: 600_000,
+                by: "country".into(),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 200);
+        let text = d.metrics.render(&crate::metrics::Scrape::default());
+        assert!(
+            text.contains("sov_collector_derive_failures_total 1\n"),
+            "{text}"
+        );
+        // Every report stays stored and counted.
+        assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 3);
     }
 
     #[tokio::test]

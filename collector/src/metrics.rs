@@ -76,6 +76,7 @@ pub struct Metrics {
     derived: AtomicU64,
     derive_batches: AtomicU64,
     derive_nanos: AtomicU64,
+    derive_failed: AtomicU64,
     census: Mutex<Option<(Instant, Option<NodeCensus>)>>,
 }
 
@@ -231,6 +232,7 @@ impl Metrics {
             derived: AtomicU64::new(0),
             derive_batches: AtomicU64::new(0),
             derive_nanos: AtomicU64::new(0),
+            derive_failed: AtomicU64::new(0),
             census: Mutex::new(None),
         }
     }
@@ -271,6 +273,11 @@ impl Metrics {
         self.derive_batches.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.derive_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// One report the store refused to derive (taken off the queue with nothing derived).
+    pub fn derive_failed(&self) {
+        self.derive_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Reports this collector's deriver derived so far.
@@ -510,6 +517,17 @@ impl Metrics {
             out,
             "sov_collector_derive_batches_total {}",
             load(&self.derive_batches)
+        );
+        family(
+            &mut out,
+            "sov_collector_derive_failures_total",
+            "counter",
+            "Stored reports whose derived rows the store refused (a value out of range): kept, but nothing derived from them (the journal names each).",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_derive_failures_total {}",
+            load(&self.derive_failed)
         );
         if let Some(d) = scrape.derive {
             let now = sov_common::clock::now_unix_ms();

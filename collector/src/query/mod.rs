@@ -363,6 +363,7 @@ impl QueryService {
         r: pb::ListNodesRequest,
     ) -> Result<pb::ListNodesResponse, ApiError> {
         let limit = self.page(r.limit);
+        let derived_up_to_unix_ms = self.derived_up_to().await;
         // One extra row tells whether another page follows.
         let mut rows = self
             .store
@@ -373,6 +374,7 @@ impl QueryService {
         Ok(pb::ListNodesResponse {
             nodes: rows.into_iter().map(Into::into).collect(),
             next_after,
+            derived_up_to_unix_ms,
         })
     }
 
@@ -398,13 +400,18 @@ impl QueryService {
             ));
         }
         let limit = self.page(r.limit);
+        let derived_up_to_unix_ms = self.derived_up_to().await;
         let mut models = self
             .store
             .list_models(&r.query, &r.after, limit.saturating_add(1))
             .await
             .map_err(store_unavailable)?;
         let next_after = one_page(&mut models, limit, |m| m.key.clone());
-        Ok(pb::ListModelsResponse { models, next_after })
+        Ok(pb::ListModelsResponse {
+            models,
+            next_after,
+            derived_up_to_unix_ms,
+        })
     }
 
     /// `Egress` for `caller`.
@@ -438,8 +445,13 @@ impl QueryService {
             by: r.by.clone(),
             limit: self.page(r.limit),
         };
+        let derived_up_to_unix_ms = self.derived_up_to().await;
         let (rows, truncated) = self.store.egress(q).await.map_err(store_unavailable)?;
-        Ok(pb::EgressResponse { rows, truncated })
+        Ok(pb::EgressResponse {
+            rows,
+            truncated,
+            derived_up_to_unix_ms,
+        })
     }
 
     /// `ListBreaches` for `caller`.
@@ -499,12 +511,14 @@ impl QueryService {
             since_unix_ms: (r.since_unix_ms != 0).then_some(r.since_unix_ms),
             limit: if narrowed { MAX_REPORT_ROWS } else { limit },
         };
+        let derived_up_to_unix_ms = self.derived_up_to().await;
         let breaches = self
             .store
             .list_breaches(filter)
             .await
             .map_err(store_unavailable)?;
         Ok(pb::ListBreachesResponse {
+            derived_up_to_unix_ms,
             breaches: breaches
                 .into_iter()
                 .filter(|b| r.node.is_empty() || b.node == r.node)
@@ -872,16 +886,37 @@ impl QueryService {
     ) -> Result<Value, ApiError> {
         let until = time_range(since_unix_ms, until_unix_ms)?;
         let policy = self.policy_or(jurisdiction)?;
+        let derived_up_to = self.derived_up_to().await;
         let inputs = scorecard::read_inputs(self.store.as_ref(), since_unix_ms, until)
             .await
             .map_err(store_unavailable)?;
-        Ok(scorecard::build(
+        let mut card = scorecard::build(
             &policy,
             &inputs,
             since_unix_ms,
             until,
             sov_common::clock::now_unix_ms(),
-        ))
+        );
+        if let Value::Object(m) = &mut card {
+            m.insert("derived_up_to_unix_ms".to_owned(), json!(derived_up_to));
+            m.insert(
+                "derived_up_to".to_owned(),
+                json!(sov_evidence::view::rfc3339(derived_up_to)),
+            );
+        }
+        Ok(card)
+    }
+
+    /// Every report received before this instant is derived (read before the data it
+    /// qualifies); 0 when the store cannot say.
+    async fn derived_up_to(&self) -> i64 {
+        match self.store.derive_status().await {
+            Ok(s) => s.derived_up_to(sov_common::clock::now_unix_ms()),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read how far derivation has come");
+                0
+            }
+        }
     }
 }
 

@@ -625,6 +625,36 @@ pub enum StoreError {
     Task(String),
 }
 
+impl StoreError {
+    /// Whether the error is about the data rather than the database being unavailable: a
+    /// value out of range or refused by a constraint. Retrying the same data fails the same
+    /// way.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            Self::Range(_) => true,
+            Self::Sqlite { source, .. } => {
+                matches!(
+                    source.sqlite_error_code(),
+                    Some(
+                        rusqlite::ErrorCode::ConstraintViolation
+                            | rusqlite::ErrorCode::TooBig
+                            | rusqlite::ErrorCode::TypeMismatch
+                    )
+                ) || matches!(
+                    source,
+                    rusqlite::Error::ToSqlConversionFailure(_)
+                        | rusqlite::Error::IntegralValueOutOfRange(..)
+                )
+            }
+            Self::Postgres { source, .. } => source.code().is_some_and(|c| {
+                let class = &c.code()[..2];
+                class == "22" || class == "23"
+            }),
+            Self::Open { .. } | Self::SchemaTooNew { .. } | Self::Task(_) => false,
+        }
+    }
+}
+
 /// A breach from its stored columns (both backends store the same ones).
 /// Open the store that `url` names:
 ///
