@@ -288,6 +288,7 @@ macro_rules! store_by_concern {
 pub(crate) use store_by_concern;
 
 mod chain;
+mod minutes;
 mod outbox;
 pub mod postgres;
 mod retention;

@@ -79,6 +79,7 @@ macro_rules! store_suite {
             a_nodes_peer_address_is_kept_latest_first,
             egress_by_flow_keeps_node_process_and_destination_apart,
             every_answer_and_how_bytes_were_measured_are_kept_with_the_flow,
+            flows_of_reports_derived_in_one_batch_merge_as_the_database_merges_them,
             audit_records_form_a_verifiable_chain_read_in_pages,
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
@@ -1546,6 +1547,88 @@ pub(crate) async fn egress_by_flow_keeps_node_process_and_destination_apart(db: 
                     && d.bytes_sent >= r.bytes_sent)
         );
     }
+}
+
+pub(crate) async fn flows_of_reports_derived_in_one_batch_merge_as_the_database_merges_them(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let verdict = |physics: &str, limit_km: u32, operator: &str| crate::store::VerdictColumns {
+        answers_json: format!(
+            r#"[{{"source":"s","country":"FR","kind":"geofeed","impossible":false,"distance_km":{limit_km}}}]"#
+        ),
+        contested: operator.is_empty(),
+        operator_country: operator.into(),
+        physics: physics.into(),
+        distance_km: 10,
+        limit_km,
+    };
+    let with = |seq: u64, sent: u64, rtt: u32, v: crate::store::VerdictColumns| {
+        let mut r = report("m", 1, seq);
+        let mut f = flow(
+            7,
+            if seq == 2 { "" } else { "curl" },
+            ("198.18.0.9", 443),
+            ("FR", 0, ""),
+            sent,
+            1,
+            rtt,
+            T,
+        );
+        f.verdict = v;
+        r.telemetry.flows = vec![f.clone(), f];
+        r
+    };
+    // Reports 1 and 2 derived in one batch (four flows with one key), report 3 later.
+    let (r1, r2) = (
+        with(1, 1000, 20_000, verdict("possible", 3000, "US")),
+        with(2, 10, 60, verdict("impossible", 59, "")),
+    );
+    for r in [&r1, &r2] {
+        assert_eq!(
+            store.ingest(r.clone()).await.unwrap(),
+            IngestOutcome::Stored
+        );
+    }
+    let batch: Vec<Derivation> = store
+        .underived(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| Derivation {
+            queue_id: u.queue_id,
+            report: if u.seq == 1 { r1.clone() } else { r2.clone() },
+        })
+        .collect();
+    assert_eq!(store.derive(batch).await.unwrap(), 2);
+    let (rows, _) = egress(store, "flow", 100).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!((row.bytes_sent, row.connections), (2020, 4));
+    assert_eq!(row.min_rtt_us, 60);
+    assert_eq!((row.physics.as_str(), row.limit_km), ("impossible", 59));
+    assert_eq!(
+        row.process, "curl",
+        "an empty process name does not replace one"
+    );
+    assert!(row.contested, "a contested flow marks the row");
+    assert_eq!(
+        row.operator_country, "US",
+        "an empty operator does not replace one"
+    );
+    // A later batch merges into the stored row the same way.
+    assert_eq!(
+        ingest(store, with(3, 5, 30, verdict("possible", 30, "FR"))).await,
+        IngestOutcome::Stored
+    );
+    let (rows, _) = egress(store, "flow", 100).await;
+    let row = &rows[0];
+    assert_eq!(
+        (row.bytes_sent, row.connections, row.min_rtt_us),
+        (2030, 6, 30)
+    );
+    assert_eq!((row.physics.as_str(), row.limit_km), ("possible", 30));
+    assert_eq!(row.operator_country, "FR");
 }
 
 pub(crate) async fn every_answer_and_how_bytes_were_measured_are_kept_with_the_flow(
