@@ -39,7 +39,7 @@ use super::{
     BreachChange, BreachFilter, Derivation, DeriveStatus, EgressQuery, GpuSummary, GpuUsageRow,
     IncomingReport, IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow,
     PruneStats, Retention, Settle, SinkStats, StoreError, TokenRecord, TokenSpend, Underived,
-    direction_name, format_name, protocol_name, to_i64,
+    format_name, to_i64,
 };
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
 
