@@ -754,6 +754,7 @@ async fn derive_once(w: &mut Writer, batch: &[Derivation]) -> Result<u64, StoreE
         insert_telemetry(&tx, st, r).await?;
         apply_weights(&tx, st, r).await?;
         keep_raw_flows(&tx, st, r, to_i64(r.epoch, "epoch")?, to_i64(r.seq, "seq")?).await?;
+        super::containers::apply_containers(&tx, r).await?;
         crate::store::minutes::add_report(&mut sums, r)?;
         derived += 1;
     }

@@ -451,6 +451,7 @@ impl SqliteStore {
         insert_telemetry(tx, r, epoch)?;
         apply_weights(tx, r)?;
         keep_raw_flows(tx, r, epoch, seq)?;
+        super::containers::apply_containers(tx, r)?;
         Ok(true)
     }
 }
