@@ -25,18 +25,24 @@ fn count(db: &Path, sql: &str) -> i64 {
     c.query_row(sql, [], |r| r.get(0)).unwrap()
 }
 
-/// Report `seq`: `FLOWS` outbound flows to distinct addresses, byte counts that differ per
-/// report and flow (so that a report derived twice, or not at all, changes the sums).
-fn report(seq: u64) -> pb::Report {
+/// Nodes pushing at once (each has one report in flight at a time, as the collector allows).
+const NODES: u64 = 10;
+
+/// Report `seq` of `node`: `FLOWS` outbound flows to distinct addresses, byte counts that
+/// differ per report and flow (so that a report derived twice, or not at all, changes the
+/// sums).
+fn report(node: u64, seq: u64) -> pb::Report {
     let flows = (0..FLOWS)
         .map(|i| {
-            let mut f =
-                sov_e2e::outbound_flow(&format!("203.0.{}.{}", seq % 200, i + 1), 1_000 * seq + i);
-            f.bytes_received = seq + 7 * i;
+            let mut f = sov_e2e::outbound_flow(
+                &format!("203.0.{}.{}", seq % 200, i + 1),
+                1_000 * seq + 100 * node + i,
+            );
+            f.bytes_received = seq + 7 * i + node;
             f
         })
         .collect();
-    report_with_flows("crash-node", seq, flows)
+    report_with_flows(&format!("crash-node-{node}"), seq, flows)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -48,36 +54,40 @@ async fn killing_the_collector_mid_derivation_derives_every_committed_report_exa
         .path()
         .join("collector-data")
         .join(sov_collector::store::sqlite::DB_FILE);
-    let tls = pki.client_tls(Role::Agent, "crash-node");
+    let tls: Vec<_> = (0..NODES)
+        .map(|n| pki.client_tls(Role::Agent, &format!("crash-node-{n}")))
+        .collect();
     let (mut seq, mut acked_sent, mut acked_received) = (0u64, 0u64, 0u64);
     let mut killed_with_work_left = 0;
     let mut derived_between_kills = 0;
     for _ in 0..KILLS {
         let mut collector = CollectorProcess::start(&pki, work.path(), port);
-        let client = push_client(&tls, &collector.url()).await.unwrap();
+        let mut clients = Vec::new();
+        for t in &tls {
+            clients.push(push_client(t, &collector.url()).await.unwrap());
+        }
         let before = count(&db, "SELECT COUNT(*) FROM derive_queue");
-        // A burst, all in flight at once (group-committed), so that derivation has work left
-        // when the acknowledgements are in.
-        let burst: Vec<pb::Report> = (0..REPORTS_PER_ROUND)
-            .map(|_| {
-                seq += 1;
-                report(seq)
-            })
-            .collect();
-        let acks = futures::future::join_all(burst.iter().map(|r| {
-            let mut client = client.clone();
-            let r = r.clone();
-            async move { client.push(r).await }
-        }))
+        // A burst from every node at once (group-committed), so that derivation has work
+        // left when the acknowledgements are in.
+        let first = seq + 1;
+        seq += REPORTS_PER_ROUND / NODES;
+        let sums = futures::future::join_all(clients.into_iter().enumerate().map(
+            |(n, mut client)| async move {
+                let (mut sent, mut received) = (0u64, 0u64);
+                for s in first..=seq {
+                    let r = report(n as u64, s);
+                    let ack = client.push(r.clone()).await.unwrap().into_inner();
+                    assert!(!ack.duplicate, "report {n}/{s} was new");
+                    sent += r.flows.iter().map(|f| f.bytes_sent).sum::<u64>();
+                    received += r.flows.iter().map(|f| f.bytes_received).sum::<u64>();
+                }
+                (sent, received)
+            },
+        ))
         .await;
-        for (r, ack) in burst.iter().zip(acks) {
-            assert!(
-                !ack.unwrap().into_inner().duplicate,
-                "report {} was new",
-                r.seq
-            );
-            acked_sent += r.flows.iter().map(|f| f.bytes_sent).sum::<u64>();
-            acked_received += r.flows.iter().map(|f| f.bytes_received).sum::<u64>();
+        for (sent, received) in sums {
+            acked_sent += sent;
+            acked_received += received;
         }
         // Kill it while reports wait: the deriver is at work on them.
         let waiting = count(&db, "SELECT COUNT(*) FROM derive_queue");
@@ -108,7 +118,11 @@ async fn killing_the_collector_mid_derivation_derives_every_committed_report_exa
         committed_sent += r.flows.iter().map(|f| f.bytes_sent).sum::<u64>();
         committed_received += r.flows.iter().map(|f| f.bytes_received).sum::<u64>();
     }
-    assert_eq!(committed, seq, "every acknowledged report is committed");
+    assert_eq!(
+        committed,
+        seq * NODES,
+        "every acknowledged report is committed"
+    );
     assert_eq!(
         (committed_sent, committed_received),
         (acked_sent, acked_received)
