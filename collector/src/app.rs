@@ -7,6 +7,7 @@
 //!
 //! | loop | lives in |
 //! |---|---|
+//! | derivation of acknowledged reports, in batches | [`crate::derive::Deriver`] |
 //! | rule evaluation under the rules lease | [`crate::policy::Evaluator`] |
 //! | alert delivery, one worker per sink | [`crate::alert::outbox`] |
 //! | retention pruning, hourly | [`crate::store::prune_loop`] |
@@ -105,8 +106,10 @@ pub struct App {
         crate::tls::limits::PerAddress,
     )>,
     metrics_listener: Option<TcpListener>,
-    /// Woken by ingest after a stored report (wakes the rule evaluation).
+    /// Woken by the deriver after a derived batch (wakes the rule evaluation).
     stored: Arc<tokio::sync::Notify>,
+    /// The derive loop (woken by ingest after a stored report).
+    deriver: crate::derive::Deriver,
     retention: (Duration, Duration),
 }
 
@@ -162,6 +165,18 @@ impl CollectorConfig {
             None => None,
         };
         let stored = Arc::new(tokio::sync::Notify::new());
+        let appended = Arc::new(tokio::sync::Notify::new());
+        let freshness =
+            crate::derive::Freshness::new(Duration::from_millis(config.derive.query_wait_ms));
+        let deriver = crate::derive::Deriver {
+            store: store.clone(),
+            enricher: crate::derive::Enricher::new(geo.clone(), policy.clone()),
+            metrics: metrics.clone(),
+            freshness: freshness.clone(),
+            appended: appended.clone(),
+            derived: stored.clone(),
+            batch_reports: config.derive.batch_reports,
+        };
         let ingest = IngestService::new(
             store.clone(),
             geo.clone(),
@@ -169,8 +184,7 @@ impl CollectorConfig {
             config.max_report_bytes,
             metrics.clone(),
         )
-        .notify_stored(stored.clone())
-        .with_policy(policy.clone());
+        .notify_stored(appended, freshness.clone());
         let sinks = crate::alert::sinks_from_config(&config.alert).map_err(AppError::Alert)?;
         let enroll = EnrollService::new(store.clone(), signer, config.trust_domain.clone());
         let report_signer = match sov_evidence::report::ReportSigner::load(
@@ -185,7 +199,8 @@ impl CollectorConfig {
         };
         let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page)
             .with_policy(policy.clone())
-            .with_evidence(report_signer, Some(geo.clone()));
+            .with_evidence(report_signer, Some(geo.clone()))
+            .with_freshness(freshness);
         let https = match config.http.listen {
             Some(addr) => Some((
                 TcpListener::bind(addr)
@@ -233,6 +248,7 @@ impl CollectorConfig {
             https,
             metrics_listener,
             stored,
+            deriver,
             retention: (
                 days(config.retention_days),
                 days(config.aggregate_retention_days),
@@ -256,6 +272,7 @@ impl App {
                 stop.clone().cancelled_owned(),
             ));
         }
+        tokio::spawn(self.deriver.run(stop.clone()));
         let holder = crate::alert::outbox::holder_id();
         let (changed, wake) = tokio::sync::watch::channel(0u64);
         crate::alert::outbox::spawn_workers(

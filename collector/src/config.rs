@@ -15,6 +15,7 @@ use sov_common::config::{ConfigError, Problems, check_readable, read_toml};
 pub use crate::alert::{
     AlertConfig, AlertmanagerSinkConfig, SlackSinkConfig, SyslogSinkConfig, WebhookSinkConfig,
 };
+pub use crate::derive::DeriveConfig;
 pub use crate::enroll::{DEFAULT_ENROLL_VALIDITY_SECS, EnrollConfig};
 pub use crate::geo::{GeoConfig, GeoOverride};
 pub use crate::metrics::MetricsConfig;
@@ -86,6 +87,9 @@ pub struct CollectorConfig {
     /// `[alert]`: where breach alerts are sent (no sink by default).
     #[serde(default)]
     pub alert: AlertConfig,
+    /// `[derive]`: how acknowledged reports are derived (batch size, the queries' wait).
+    #[serde(default)]
+    pub derive: DeriveConfig,
     /// `[http]`: the HTTPS JSON API and the web page (off by default).
     #[serde(default)]
     pub http: HttpConfig,
@@ -149,6 +153,7 @@ impl CollectorConfig {
             store: StoreConfig::default(),
             metrics: MetricsConfig::default(),
             alert: AlertConfig::default(),
+            derive: DeriveConfig::default(),
             http: HttpConfig::default(),
             enroll: EnrollConfig::default(),
             limits: crate::tls::limits::LimitsConfig::default(),
@@ -307,6 +312,9 @@ impl CollectorConfig {
         }
         for problem in crate::alert::validate(&self.alert) {
             p.0.push(problem);
+        }
+        for (field, problem) in crate::derive::validate(&self.derive) {
+            p.push(&field, problem);
         }
         if let Some(key) = &self.enroll.ca_key {
             check_readable(&mut p, "enroll.ca_key", key);

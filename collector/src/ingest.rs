@@ -1,5 +1,8 @@
 //! The `Ingest` service: authenticate the peer from its certificate, validate the report,
-//! commit it, then acknowledge. Errors become `tonic::Status` here and nowhere else.
+//! append it (its key and body, with the node's completeness counters, group-committed), then
+//! acknowledge. What is derived from the report (time series, inventories, flow aggregates)
+//! is computed afterwards by [`crate::derive::Deriver`]. Errors become `tonic::Status` here
+//! and nowhere else.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,14 +14,11 @@ use sov_proto::pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Role};
-use crate::geo::physics::Place;
-use crate::geo::{Geo, Verdict};
+use crate::derive::Freshness;
+pub use crate::derive::verdict_columns;
+use crate::geo::Geo;
 use crate::metrics::Metrics;
-use crate::policy::PolicyWatch;
-use crate::store::{
-    FlowRecord, GapRecord, IncomingReport, IngestOutcome, Store, Telemetry, VerdictColumns,
-    WeightUpdate,
-};
+use crate::store::{IngestOutcome, Store};
 
 mod ranges;
 
@@ -47,12 +47,12 @@ pub struct IngestService {
     trust_domain: String,
     max_report_bytes: u64,
     metrics: Arc<Metrics>,
-    /// Woken after a report is stored (the breach rules evaluate soon after).
+    /// Woken after a report is stored (the deriver derives it soon after).
     stored: Option<Arc<tokio::sync::Notify>>,
+    /// Counts acknowledgements for the queries' wait ([`Freshness`]).
+    freshness: Option<Arc<Freshness>>,
     /// The last peer address recorded per node: the store is written only when it changes.
     peers: Arc<std::sync::Mutex<HashMap<String, IpAddr>>>,
-    /// The policy, for the sites' coordinates (the speed-of-light check).
-    policy: Option<Arc<PolicyWatch>>,
 }
 
 impl IngestService {
@@ -72,20 +72,19 @@ impl IngestService {
             max_report_bytes: u64::try_from(max_report_bytes).unwrap_or(u64::MAX),
             metrics,
             stored: None,
+            freshness: None,
             peers: Arc::default(),
-            policy: None,
         }
     }
 
-    /// Read the sites' coordinates from `policy` (else a node is placed in its country).
-    pub fn with_policy(mut self, policy: Option<Arc<PolicyWatch>>) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// Wake `notify` after every stored report.
-    pub fn notify_stored(mut self, notify: Arc<tokio::sync::Notify>) -> Self {
+    /// Count every stored report in `freshness`, then wake `notify` (the deriver).
+    pub fn notify_stored(
+        mut self,
+        notify: Arc<tokio::sync::Notify>,
+        freshness: Arc<Freshness>,
+    ) -> Self {
         self.stored = Some(notify);
+        self.freshness = Some(freshness);
         self
     }
 
@@ -119,15 +118,6 @@ impl IngestService {
             }
             Err(err) => tracing::warn!(node, error = %err, "cannot record the node's address"),
         }
-    }
-}
-
-fn gap_reason(code: i32) -> &'static str {
-    match pb::GapReason::try_from(code) {
-        Ok(pb::GapReason::SpoolFull) => "spool_full",
-        Ok(pb::GapReason::Corrupt) => "corrupt",
-        Ok(pb::GapReason::TooLarge) => "too_large",
-        _ => "unspecified",
     }
 }
 
@@ -236,107 +226,6 @@ pub fn validate(report: &pb::Report) -> Result<(), Status> {
     ranges::check(report).map_err(Status::invalid_argument)
 }
 
-impl IngestService {
-    /// Where the reporting node is: its site's coordinates from the policy, else its
-    /// country (the policy's for its site, else the one it declares); `None` when unknown.
-    fn node_place(&self, info: &pb::NodeInfo) -> Option<Place> {
-        match &self.policy {
-            Some(watch) => watch.current().place(&info.site, &info.country),
-            None => (!info.country.is_empty()).then(|| Place::Country(info.country.clone())),
-        }
-    }
-
-    /// Geolocate every flow's remote address and name its process.
-    fn enrich_flows(&self, report: &pb::Report) -> Vec<FlowRecord> {
-        let names: HashMap<u32, &str> = report
-            .processes
-            .iter()
-            .map(|p| (p.pid, p.name.as_str()))
-            .collect();
-        let place = report
-            .node_info
-            .as_ref()
-            .and_then(|info| self.node_place(info));
-        report
-            .flows
-            .iter()
-            .map(|f| {
-                let v = f
-                    .remote_address
-                    .parse::<IpAddr>()
-                    .map(|ip| self.geo.lookup(ip))
-                    .unwrap_or_default();
-                FlowRecord {
-                    flow: f.clone(),
-                    process: names
-                        .get(&f.pid)
-                        .map(|n| (*n).to_owned())
-                        .unwrap_or_default(),
-                    country: v.country.clone(),
-                    asn: v.asn.unwrap_or(0),
-                    org: v.org.clone(),
-                    geo_source: v.source.clone(),
-                    verdict: verdict_columns(&self.geo, &v, place.as_ref(), f.min_rtt_us),
-                }
-            })
-            .collect()
-    }
-}
-
-/// The stored form of a flow's verdict: every answer with its speed-of-light check (from
-/// `place` at `min_rtt_us`), whether the sources disagree, the operator's country, and the
-/// check of the verdict's own country.
-pub fn verdict_columns(
-    geo: &Geo,
-    v: &Verdict,
-    place: Option<&Place>,
-    min_rtt_us: u32,
-) -> VerdictColumns {
-    if v.answers.is_empty() {
-        return VerdictColumns {
-            operator_country: v.operator_country.clone(),
-            ..VerdictColumns::default()
-        };
-    }
-    /// One stored answer (the protobuf `GeoAnswer`'s fields).
-    #[derive(serde::Serialize)]
-    struct Stored<'a> {
-        source: &'a str,
-        country: &'a str,
-        kind: &'static str,
-        impossible: bool,
-        distance_km: u32,
-    }
-    let checks = geo.physics().judge(v, place, min_rtt_us);
-    let km = |d: f64| d.round().clamp(0.0, f64::from(u32::MAX)) as u32;
-    let answers: Vec<Stored<'_>> = v
-        .answers
-        .iter()
-        .zip(&checks)
-        .map(|(a, c)| Stored {
-            source: &a.source,
-            country: &a.country,
-            kind: a.kind.as_str(),
-            impossible: c.is_some_and(|c| c.impossible),
-            distance_km: c.map_or(0, |c| km(c.distance_km)),
-        })
-        .collect();
-    let first = checks.first().copied().flatten();
-    VerdictColumns {
-        answers_json: serde_json::to_string(&answers).unwrap_or_default(),
-        contested: v.contested,
-        operator_country: v.operator_country.clone(),
-        physics: match first {
-            Some(c) if c.impossible => "impossible",
-            Some(_) => "possible",
-            None => "",
-        }
-        .to_owned(),
-        distance_km: first.map_or(0, |c| km(c.distance_km)),
-        limit_km: first.map_or(0, |c| km(c.limit_km)),
-    }
-}
-
 #[tonic::async_trait]
 impl pb::ingest_server::Ingest for IngestService {
     #[tracing::instrument(level = "debug", skip_all, fields(peer.addr = ?req.remote_addr(), node))]
@@ -368,48 +257,10 @@ impl IngestService {
                 info.node, id.name
             )));
         }
-        let host = report.host.clone().unwrap_or_default();
-        let flows = self.enrich_flows(&report);
-        let incoming = IncomingReport {
-            node: info.node,
-            epoch: report.epoch,
-            seq: report.seq,
-            observed_unix_ms: report.observed_unix_ms,
-            received_unix_ms: now_unix_ms(),
-            site: info.site,
-            country: info.country,
-            hostname: info.hostname,
-            agent_version: info.agent_version,
-            labels: info.labels.into_iter().collect(),
-            cpu_percent: host.cpu_percent,
-            memory_used_bytes: host.memory_used_bytes,
-            memory_total_bytes: host.memory_total_bytes,
-            telemetry: Telemetry {
-                host: report.host.clone(),
-                gpu_state: report.gpu_state.clone(),
-                gpus: report.gpus.clone(),
-                processes: report.processes.clone(),
-                weights: WeightUpdate {
-                    full: report.weight_inventory_full,
-                    files: report.weight_files.clone(),
-                    removed: report.weight_files_removed.clone(),
-                },
-                flows,
-                training: report.training_runs.clone(),
-            },
-            gaps: report
-                .gaps
-                .iter()
-                .map(|g| GapRecord {
-                    first_seq: g.first_seq,
-                    last_seq: g.last_seq,
-                    reason: gap_reason(g.reason).to_owned(),
-                    dropped_unix_ms: g.dropped_unix_ms,
-                })
-                .collect(),
-            body: report.encode_to_vec(),
-        };
         let (flow_count, weight_file_count) = (report.flows.len(), report.weight_files.len());
+        let (epoch, seq) = (report.epoch, report.seq);
+        let body = report.encode_to_vec();
+        let incoming = crate::derive::incoming(report, now_unix_ms(), body, None);
         let started = std::time::Instant::now();
         let stored = self.store.ingest(incoming).await;
         self.metrics.store_ingest(started.elapsed());
@@ -420,16 +271,19 @@ impl IngestService {
         self.metrics
             .report_ingested(outcome, flow_count, weight_file_count);
         if outcome == IngestOutcome::Stored {
-            if let Some(ip) = peer_ip {
-                self.note_peer(&id.name, ip, now_unix_ms()).await;
+            if let Some(f) = &self.freshness {
+                f.acked();
             }
             if let Some(n) = &self.stored {
                 n.notify_one();
             }
+            if let Some(ip) = peer_ip {
+                self.note_peer(&id.name, ip, now_unix_ms()).await;
+            }
         }
         Ok(Response::new(pb::Ack {
-            epoch: report.epoch,
-            seq: report.seq,
+            epoch,
+            seq,
             duplicate: outcome != IngestOutcome::Stored,
             max_report_bytes: self.max_report_bytes,
             ..Default::default()

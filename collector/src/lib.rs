@@ -14,14 +14,16 @@
 //! 4. [`tls`]: the TLS front door of gRPC and HTTPS; [`policy`]: the jurisdiction policy, the
 //!    breach rules and their evaluation loop; [`alert`]: sinks, routing and the outbox;
 //!    [`enroll`]: enrollment tokens and the `Enroll` service;
-//! 5. [`ingest`]: the `Ingest` service (authenticate, validate, commit, then ack);
+//! 5. [`derive`]: what is computed from committed reports, in batches, after the ack (the
+//!    deriver), and how fresh that is;
+//! 6. [`ingest`]: the `Ingest` service (authenticate, validate, append, then ack);
 //!    [`query`]: the `Query` service over gRPC and HTTPS, and the web page;
-//! 6. [`config`]: the configuration file's root (each section is declared by its part);
-//! 7. [`server`]: the gRPC edge (Ingest, Query, Enroll over mutual TLS);
-//! 8. [`app`]: startup as build, then spawn (`app::run(config, store, listener, shutdown)`);
-//! 9. [`dev`]: the all-in-one quickstart (`sov-collector dev`), the one part that embeds an
-//!    agent;
-//! 10. [`cli`]: the command line (the binary only calls its `main`).
+//! 7. [`config`]: the configuration file's root (each section is declared by its part);
+//! 8. [`server`]: the gRPC edge (Ingest, Query, Enroll over mutual TLS);
+//! 9. [`app`]: startup as build, then spawn (`app::run(config, store, listener, shutdown)`);
+//! 10. [`dev`]: the all-in-one quickstart (`sov-collector dev`), the one part that embeds an
+//!     agent;
+//! 11. [`cli`]: the command line (the binary only calls its `main`).
 
 pub mod alert;
 pub mod app;
@@ -29,6 +31,7 @@ pub mod auth;
 pub mod breach;
 pub mod cli;
 pub mod config;
+pub mod derive;
 pub mod dev;
 pub mod enroll;
 pub mod error;

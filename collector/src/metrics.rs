@@ -72,6 +72,11 @@ pub struct Metrics {
     connections_refused: AtomicU64,
     /// TLS handshakes that failed: [refused by the peer or by us, timed out].
     handshakes_failed: [AtomicU64; 2],
+    /// Reports derived by this collector's deriver, and the time its batches took.
+    derived: AtomicU64,
+    derive_batches: AtomicU64,
+    derive_nanos: AtomicU64,
+    derive_failed: AtomicU64,
     census: Mutex<Option<(Instant, Option<NodeCensus>)>>,
 }
 
@@ -143,6 +148,8 @@ pub struct Scrape {
     /// Open breaches per rule (every built-in rule, 0 when none); `None` when the store could
     /// not say.
     pub breaches_open: Option<std::collections::BTreeMap<String, u64>>,
+    /// The derive queue; `None` when the store could not say.
+    pub derive: Option<crate::store::DeriveStatus>,
 }
 
 /// Open breaches per rule: every rule of `rules` (0 when none) and any other rule found.
@@ -222,6 +229,10 @@ impl Metrics {
             connections_open: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
             handshakes_failed: [AtomicU64::new(0), AtomicU64::new(0)],
+            derived: AtomicU64::new(0),
+            derive_batches: AtomicU64::new(0),
+            derive_nanos: AtomicU64::new(0),
+            derive_failed: AtomicU64::new(0),
             census: Mutex::new(None),
         }
     }
@@ -255,6 +266,25 @@ impl Metrics {
         self.store_ingests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One derive batch that derived `reports` in `elapsed` (decoding, enrichment and the
+    /// commit).
+    pub fn derive_batch(&self, reports: u64, elapsed: Duration) {
+        self.derived.fetch_add(reports, Ordering::Relaxed);
+        self.derive_batches.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.derive_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// One report the store refused to derive (taken off the queue with nothing derived).
+    pub fn derive_failed(&self) {
+        self.derive_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reports this collector's deriver derived so far.
+    pub fn derived_reports(&self) -> u64 {
+        load(&self.derived)
+    }
+
     /// The node census, reused when younger than [`CENSUS_MAX_AGE`].
     async fn census(&self, store: &dyn Store) -> Option<NodeCensus> {
         let mut cached = self.census.lock().await;
@@ -285,7 +315,13 @@ impl Metrics {
             .await
             .map_err(|err| tracing::warn!(error = %err, "metrics: cannot count breaches"))
             .ok();
+        let derive = store
+            .derive_status()
+            .await
+            .map_err(|err| tracing::warn!(error = %err, "metrics: cannot read the derive queue"))
+            .ok();
         let scrape = Scrape {
+            derive,
             nodes: self.census(store).await,
             process: ProcessStats::read(),
             outbox,
@@ -449,6 +485,83 @@ impl Metrics {
             load(&self.weight_files)
         );
 
+        family(
+            &mut out,
+            "sov_collector_derived_reports_total",
+            "counter",
+            "Reports this collector derived (time series, weight inventories, flow aggregates) after acknowledging them.",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_derived_reports_total {}",
+            load(&self.derived)
+        );
+        family(
+            &mut out,
+            "sov_collector_derive_seconds_total",
+            "counter",
+            "Time this collector's derive batches took, seconds (decoding, enrichment, commit).",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_derive_seconds_total {}",
+            load(&self.derive_nanos) as f64 / 1e9
+        );
+        family(
+            &mut out,
+            "sov_collector_derive_batches_total",
+            "counter",
+            "Derive batches committed by this collector.",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_derive_batches_total {}",
+            load(&self.derive_batches)
+        );
+        family(
+            &mut out,
+            "sov_collector_derive_failures_total",
+            "counter",
+            "Stored reports whose derived rows the store refused (a value out of range): kept, but nothing derived from them (the journal names each).",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_derive_failures_total {}",
+            load(&self.derive_failed)
+        );
+        if let Some(d) = scrape.derive {
+            let now = sov_common::clock::now_unix_ms();
+            family(
+                &mut out,
+                "sov_collector_derive_pending_reports",
+                "gauge",
+                "Stored (acknowledged) reports not derived yet, all replicas.",
+            );
+            let _ = writeln!(out, "sov_collector_derive_pending_reports {}", d.pending);
+            family(
+                &mut out,
+                "sov_collector_derived_up_to_unix_ms",
+                "gauge",
+                "Every report received before this time is derived (now when none waits).",
+            );
+            let _ = writeln!(
+                out,
+                "sov_collector_derived_up_to_unix_ms {}",
+                d.derived_up_to(now)
+            );
+            family(
+                &mut out,
+                "sov_collector_derive_lag_seconds",
+                "gauge",
+                "How long the oldest report not yet derived has waited, seconds (0 when none).",
+            );
+            let _ = writeln!(
+                out,
+                "sov_collector_derive_lag_seconds {}",
+                (now - d.derived_up_to(now)).max(0) as f64 / 1e3
+            );
+        }
+
         if let Some(n) = scrape.nodes {
             family(
                 &mut out,
@@ -600,7 +713,16 @@ mod tests {
                 failed_attempts: 4,
             }]),
             breaches_open: Some([("foreign-egress".to_owned(), 3)].into()),
+            derive: Some(crate::store::DeriveStatus {
+                pending: 4,
+                oldest_pending_received_unix_ms: Some(1_000),
+            }),
         });
+        assert!(
+            text.contains("sov_collector_derive_pending_reports 4\n")
+                && text.contains("sov_collector_derived_up_to_unix_ms 1000\n"),
+            "{text}"
+        );
         assert!(
             text.contains("sov_collector_outbox_depth{sink=\"webhook:0\"} 2\n"),
             "{text}"
@@ -733,6 +855,7 @@ mod tests {
             process: None,
             outbox: None,
             breaches_open: None,
+            derive: None,
         });
         let l = lines(&text);
         assert!(l.contains(&"sov_collector_nodes 3"), "{text}");

@@ -30,6 +30,8 @@ const LAYERS: &[&[&str]] = &[
     &["token", "geo", "metrics"],
     // Concepts: the TLS front door, the policy and its rules, alerts, enrollment.
     &["tls", "policy", "alert", "enroll"],
+    // The deriver: what is computed from committed reports after the ack.
+    &["derive"],
     // The services regulators and agents talk to.
     &["ingest", "query"],
     // The configuration file's root (each section lives with its part, below).

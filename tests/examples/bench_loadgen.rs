@@ -24,6 +24,12 @@
 //! push), leaves them idle and reports the collector's RSS growth per connection. N is capped
 //! at the soft open-files limit minus 100.
 //!
+//! On the two stores it also samples the derivation lag (now − "derived up to": reports are
+//! acknowledged once stored and derived afterwards in batches) every 200 ms of the window, and
+//! times how long the backlog takes to drain once the load stops. Then `derive-only`: N
+//! reports of the same shape (`--derive-reports`, 10,000) appended straight into a fresh store,
+//! derived by the collector's deriver with no TLS in the way (reports derived per second).
+//!
 //! Prints a table, one JSON line, then the targets with met/MISSED. Linux only (`/proc`).
 
 use std::net::SocketAddr;
@@ -37,6 +43,7 @@ use sov_agent::transport::ClientTls;
 use sov_collector::auth::Role;
 use sov_collector::config::CollectorConfig;
 use sov_collector::store::postgres::PostgresStore;
+use sov_collector::store::{SqliteStore, Store};
 use sov_e2e::{InProcessCollector, KillOnDrop, Pki, list_nodes, push_client};
 use sov_proto::pb;
 use tokio_util::sync::CancellationToken;
@@ -64,10 +71,16 @@ struct Args {
     secs: u64,
     flows: usize,
     idle: Option<usize>,
+    derive_reports: usize,
 }
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15)] [--flows F (50)] \
-                     [--idle-connections N (idle mode only)]";
+                     [--derive-reports N (10000)] [--idle-connections N (idle mode only)]";
+
+/// Target of the derive-only rate (committed 50-flow reports derived per second).
+const TARGET_DERIVE_RATE: f64 = 5_000.0;
+/// Target of the derivation lag's p99 under load, seconds.
+const TARGET_LAG_S: f64 = 5.0;
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
@@ -75,6 +88,7 @@ fn parse_args() -> Result<Args> {
         secs: 15,
         flows: 50,
         idle: None,
+        derive_reports: 10_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -91,6 +105,7 @@ fn parse_args() -> Result<Args> {
             "--secs" => args.secs = value.parse().with_context(bad)?,
             "--flows" => args.flows = value.parse().with_context(bad)?,
             "--idle-connections" => args.idle = Some(value.parse().with_context(bad)?),
+            "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
             _ => bail!("unknown flag {flag:?}\n{USAGE}"),
         }
     }
@@ -479,6 +494,28 @@ struct RunResult {
     rss_end_kib: u64,
     kib_per_connection: f64,
     stored_checked: Option<u64>,
+    /// Derivation lag (now − derived up to) sampled every [`LAG_EVERY`] in the window, s:
+    /// p50, p99, at the end of the window; and how long the backlog took to drain after it.
+    lag: Option<Lag>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lag {
+    p50_s: f64,
+    p99_s: f64,
+    end_s: f64,
+    pending_end: u64,
+    drain_s: f64,
+}
+
+/// How often the derivation lag is sampled during the window.
+const LAG_EVERY: Duration = Duration::from_millis(200);
+
+/// Now − derived up to, seconds, and the reports waiting.
+async fn lag_now(store: &dyn Store) -> Result<(f64, u64)> {
+    let s = store.derive_status().await?;
+    let now = sov_common::clock::now_unix_ms();
+    Ok(((now - s.derived_up_to(now)).max(0) as f64 / 1e3, s.pending))
 }
 
 struct Agent {
@@ -493,6 +530,7 @@ async fn measure(
     agents: &[Arc<Agent>],
     secs: u64,
     start: impl std::future::Future<Output = Result<Running>>,
+    probe: Option<Arc<dyn Store>>,
 ) -> Result<RunResult> {
     let rss_before = self_rss_kib();
     let server = start.await?;
@@ -542,10 +580,21 @@ async fn measure(
     tokio::time::sleep_until(warm_end.into()).await;
     let (cpu0, pg0, m0) = (self_ticks(), postgres_ticks(), machine_ticks());
     let w0 = Instant::now();
+    let mut lags = Vec::new();
+    if let Some(p) = &probe {
+        while Instant::now() + LAG_EVERY < end {
+            lags.push(lag_now(p.as_ref()).await?.0);
+            tokio::time::sleep(LAG_EVERY).await;
+        }
+    }
     tokio::time::sleep_until(end.into()).await;
     let (cpu1, pg1, m1) = (self_ticks(), postgres_ticks(), machine_ticks());
     let window = w0.elapsed();
     let rss_end = self_rss_kib();
+    let lag_end = match &probe {
+        Some(p) => Some(lag_now(p.as_ref()).await?),
+        None => None,
+    };
 
     let mut lat = Vec::new();
     let mut acked = 0u64;
@@ -572,6 +621,33 @@ async fn measure(
         );
         Some(stored)
     };
+    // The backlog left at the end of the window, drained with no more load.
+    let lag = match (&probe, lag_end) {
+        (Some(p), Some((end_s, pending_end))) => {
+            let t = Instant::now();
+            while p.derive_status().await?.pending > 0 {
+                ensure!(
+                    t.elapsed() < Duration::from_secs(600),
+                    "{target}: derivation did not drain in 600 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            lags.sort_by(f64::total_cmp);
+            let pct = |q: f64| {
+                lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            Some(Lag {
+                p50_s: pct(0.5),
+                p99_s: pct(0.99),
+                end_s,
+                pending_end,
+                drain_s: t.elapsed().as_secs_f64(),
+            })
+        }
+        _ => None,
+    };
     server.stop().await?;
 
     lat.sort_unstable();
@@ -595,6 +671,7 @@ async fn measure(
         rss_end_kib: rss_end,
         kib_per_connection: (rss_end as f64 - rss_before as f64) / agents.len() as f64,
         stored_checked,
+        lag,
     })
 }
 
@@ -615,11 +692,73 @@ fn run_json(r: &RunResult) -> serde_json::Value {
         "rss_end_kib": r.rss_end_kib,
         "rss_growth_kib_per_connection": r.kib_per_connection,
         "stored_verified": r.stored_checked,
+        "derive_lag_p50_s": r.lag.map(|l| l.p50_s),
+        "derive_lag_p99_s": r.lag.map(|l| l.p99_s),
+        "derive_lag_end_s": r.lag.map(|l| l.end_s),
+        "derive_pending_end": r.lag.map(|l| l.pending_end),
+        "derive_drain_s": r.lag.map(|l| l.drain_s),
     })
 }
 
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
+}
+
+/// Derive-only: `n` reports of the agents' shape appended straight into `store` (no TLS, no
+/// gRPC), then derived by the collector's own deriver (`derive::Deriver`, default batch) until
+/// none waits. Returns reports derived per second and the seconds it took.
+async fn derive_only(store: Arc<dyn Store>, agents: &[Arc<Agent>], n: usize) -> Result<(f64, f64)> {
+    use sov_collector::derive::{DEFAULT_BATCH_REPORTS, Deriver, Enricher, Freshness};
+    let reports: Vec<pb::Report> = (0..n)
+        .map(|i| {
+            next_report(
+                &agents[i % agents.len()].template,
+                (i / agents.len()) as u64 + 1,
+            )
+        })
+        .collect();
+    for chunk in reports.chunks(1024) {
+        let outcomes = futures::future::join_all(chunk.iter().map(|r| {
+            let body = r.encode_to_vec();
+            let incoming = sov_collector::derive::incoming(
+                r.clone(),
+                sov_common::clock::now_unix_ms(),
+                body,
+                None,
+            );
+            store.ingest(incoming)
+        }))
+        .await;
+        for o in outcomes {
+            o?;
+        }
+    }
+    ensure!(
+        store.derive_status().await?.pending == n as u64,
+        "derive-only: {n} reports should wait"
+    );
+    let geo = sov_collector::geo::Geo::from_config(&Default::default())?;
+    let deriver = Deriver {
+        store: store.clone(),
+        enricher: Enricher::new(geo, None),
+        metrics: Arc::new(sov_collector::metrics::Metrics::new()),
+        freshness: Freshness::new(Duration::ZERO),
+        appended: Arc::default(),
+        derived: Arc::default(),
+        batch_reports: DEFAULT_BATCH_REPORTS,
+    };
+    let t = Instant::now();
+    let mut derived = 0u64;
+    loop {
+        let (queued, d) = deriver.derive_batch().await?;
+        derived += d;
+        if queued == 0 {
+            break;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(derived == n as u64, "derive-only: {derived} of {n} derived");
+    Ok((n as f64 / secs, secs))
 }
 
 async fn load_mode(args: Args) -> Result<()> {
@@ -653,18 +792,27 @@ async fn load_mode(args: Args) -> Result<()> {
 
     let mut results = Vec::new();
     println!("bare: tonic + mutual TLS, ack only ...");
-    results.push(measure("bare", &pki, &agents, args.secs, start_bare(&pki)).await?);
+    results.push(measure("bare", &pki, &agents, args.secs, start_bare(&pki), None).await?);
 
     println!("sqlite: real collector, SQLite (WAL, synchronous = FULL) ...");
     let data = tempfile::tempdir().context("tempdir")?;
     let p = pki.clone();
     let dir = data.path().join("sqlite");
+    // A second handle on the collector's database, to watch the derive queue.
+    let probe: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
     results.push(
-        measure("sqlite", &pki, &agents, args.secs, async move {
-            Ok(Running::Sqlite(Box::new(
-                InProcessCollector::start(&p, &dir, |_| {}).await,
-            )))
-        })
+        measure(
+            "sqlite",
+            &pki,
+            &agents,
+            args.secs,
+            async move {
+                Ok(Running::Sqlite(Box::new(
+                    InProcessCollector::start(&p, &dir, |_| {}).await,
+                )))
+            },
+            Some(probe),
+        )
         .await?,
     );
 
@@ -682,16 +830,38 @@ async fn load_mode(args: Args) -> Result<()> {
             let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
             println!("postgres: real collector, PostgreSQL schema {schema} ...");
             let dir = data.path().join("pg");
+            let probe: Arc<dyn Store> = Arc::new(admin.clone());
             let run = measure(
                 "postgres",
                 &pki,
                 &agents,
                 args.secs,
                 start_postgres(&pki, &dir, &url),
+                Some(probe),
             )
             .await;
             admin.drop_schema().await.context("drop schema")?;
             results.push(run?);
+        }
+    }
+
+    // Derive-only, with no TLS in the way.
+    let mut derive_rates: Vec<(&'static str, f64, f64)> = Vec::new();
+    if args.derive_reports > 0 {
+        println!(
+            "derive-only: {} committed reports appended straight into a fresh store, then derived ...",
+            args.derive_reports
+        );
+        let dir = data.path().join("derive-only");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
+        let (rate, secs) = derive_only(store, &agents, args.derive_reports).await?;
+        derive_rates.push(("sqlite", rate, secs));
+        let schema = format!("sov_derive_only_{}", std::process::id());
+        if let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await {
+            let run = derive_only(Arc::new(pg.clone()), &agents, args.derive_reports).await;
+            pg.drop_schema().await.context("drop schema")?;
+            let (rate, secs) = run?;
+            derive_rates.push(("postgres", rate, secs));
         }
     }
 
@@ -758,6 +928,22 @@ async fn load_mode(args: Args) -> Result<()> {
         }
     }
 
+    for r in &results {
+        if let Some(l) = r.lag {
+            println!(
+                "{}: derivation lag in the window p50 {:.2} s, p99 {:.2} s; at its end {:.2} s \
+                 with {} reports waiting, drained {:.2} s after the load stopped",
+                r.target, l.p50_s, l.p99_s, l.end_s, l.pending_end, l.drain_s
+            );
+        }
+    }
+    for (target, rate, secs) in &derive_rates {
+        println!(
+            "{target}: derive-only {rate:.0} reports/s ({} reports of {} flows in {secs:.2} s)",
+            args.derive_reports, args.flows
+        );
+    }
+
     println!();
     println!("targets:");
     let mut targets = Vec::new();
@@ -781,11 +967,33 @@ async fn load_mode(args: Args) -> Result<()> {
                 ""
             }
         );
+        if let Some(l) = r.lag {
+            println!(
+                "  {:<8} derivation lag p99 <= 5 s at that rate: {:.2} s -> {}",
+                r.target,
+                l.p99_s,
+                verdict(l.p99_s <= TARGET_LAG_S)
+            );
+        }
+        let derive_rate = derive_rates
+            .iter()
+            .find(|(t, _, _)| *t == r.target)
+            .map(|(_, rate, _)| *rate);
+        if let Some(rate) = derive_rate {
+            println!(
+                "  {:<8} derive-only >= 5,000 reports/s: {rate:.0}/s -> {}",
+                r.target,
+                verdict(rate >= TARGET_DERIVE_RATE && args.flows >= 50)
+            );
+        }
         targets.push(serde_json::json!({
             "target": r.target,
             "ratio_to_bare": ratio,
             "half_of_bare": ratio >= TARGET_RATIO,
             "rate_5000": r.per_sec >= TARGET_RATE && args.flows >= 50,
+            "derive_lag_p99_5s": r.lag.map(|l| l.p99_s <= TARGET_LAG_S),
+            "derive_only_reports_per_s": derive_rate,
+            "derive_only_5000": derive_rate.map(|d| d >= TARGET_DERIVE_RATE && args.flows >= 50),
         }));
     }
     if let Some(note) = &pg_note {
@@ -806,6 +1014,9 @@ async fn load_mode(args: Args) -> Result<()> {
         "warmup_s": WARMUP.as_secs(),
         "secs": args.secs,
         "results": results.iter().map(run_json).collect::<Vec<_>>(),
+        "derive_only": derive_rates.iter().map(|(t, rate, secs)| serde_json::json!({
+            "target": t, "reports": args.derive_reports, "reports_per_s": rate, "secs": secs,
+        })).collect::<Vec<_>>(),
         "postgres_note": pg_note,
         "targets": targets,
     });

@@ -572,6 +572,7 @@ async fn answer(
             Ok(json!({
                 "nodes": r.nodes.iter().map(node_json).collect::<Vec<_>>(),
                 "next_after": r.next_after,
+                "derived_up_to_unix_ms": r.derived_up_to_unix_ms,
             }))
         }
         "models" => {
@@ -595,6 +596,7 @@ async fn answer(
                     v
                 }).collect::<Vec<_>>(),
                 "next_after": r.next_after,
+                "derived_up_to_unix_ms": r.derived_up_to_unix_ms,
             }))
         }
         "training" => {
@@ -642,6 +644,7 @@ async fn answer(
                 "by": by_text,
                 "rows": r.rows.iter().map(|row| egress_json(row, by)).collect::<Vec<_>>(),
                 "truncated": r.truncated,
+                "derived_up_to_unix_ms": r.derived_up_to_unix_ms,
             }))
         }
         "breaches" => {
@@ -665,6 +668,7 @@ async fn answer(
                 .await?;
             Ok(json!({
                 "breaches": r.breaches.iter().map(breach_json).collect::<Vec<_>>(),
+                "derived_up_to_unix_ms": r.derived_up_to_unix_ms,
             }))
         }
         "audit" => {

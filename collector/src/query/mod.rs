@@ -139,6 +139,9 @@ pub struct QueryService {
     signer: Option<Arc<sov_evidence::report::ReportSigner>>,
     geo: Option<crate::geo::Geo>,
     refusals: Arc<refusals::RefusalLog>,
+    /// Acknowledged vs derived: queries of derived state wait for what was acknowledged
+    /// before them (at most `[derive] query_wait_ms`).
+    freshness: Option<Arc<crate::derive::Freshness>>,
 }
 
 impl QueryService {
@@ -152,7 +155,15 @@ impl QueryService {
             signer: None,
             geo: None,
             refusals: Arc::default(),
+            freshness: None,
         }
+    }
+
+    /// The same, answering queries of derived state only once the reports this collector
+    /// acknowledged before them are derived (or the wait in `freshness` ran out).
+    pub fn with_freshness(mut self, freshness: Arc<crate::derive::Freshness>) -> Self {
+        self.freshness = Some(freshness);
+        self
     }
 
     /// Record a refused call (audit log and log, rate-limited: [`refusals`]).
@@ -218,6 +229,18 @@ impl QueryService {
             .await;
         }
         allowed
+    }
+
+    /// Refuse callers that may not query; then wait (bounded) until what this collector
+    /// acknowledged before the query is derived, so that its answer includes it.
+    async fn admit(&self, caller: &Caller, call: &str) -> Result<(), ApiError> {
+        self.allow(caller, call).await?;
+        if let Some(f) = &self.freshness
+            && !f.wait().await
+        {
+            tracing::debug!(call, "derivation lags; answering with what is derived");
+        }
+        Ok(())
     }
 
     /// Record the query and its outcome, then hand the answer back; refuse it when the record
@@ -356,7 +379,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListNodesRequest,
     ) -> Result<pb::ListNodesResponse, ApiError> {
-        self.allow(caller, "ListNodes").await?;
+        self.admit(caller, "ListNodes").await?;
         let params = json!({"limit": r.limit, "after": r.after});
         let result = self.list_nodes_inner(r).await;
         self.audited(caller, "ListNodes", params, result).await
@@ -367,6 +390,7 @@ impl QueryService {
         r: pb::ListNodesRequest,
     ) -> Result<pb::ListNodesResponse, ApiError> {
         let limit = self.page(r.limit);
+        let derived_up_to_unix_ms = self.derived_up_to().await;
         // One extra row tells whether another page follows.
         let mut rows = self
             .store
@@ -377,6 +401,7 @@ impl QueryService {
         Ok(pb::ListNodesResponse {
             nodes: rows.into_iter().map(Into::into).collect(),
             next_after,
+            derived_up_to_unix_ms,
         })
     }
 
@@ -386,7 +411,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListModelsRequest,
     ) -> Result<pb::ListModelsResponse, ApiError> {
-        self.allow(caller, "ListModels").await?;
+        self.admit(caller, "ListModels").await?;
         let params = json!({"query": r.query, "limit": r.limit, "after": r.after});
         let result = self.list_models_inner(r).await;
         self.audited(caller, "ListModels", params, result).await
@@ -402,6 +427,7 @@ impl QueryService {
             ));
         }
         let limit = self.page(r.limit);
+        let derived_up_to_unix_ms = self.derived_up_to().await;
         let mut models = self
             .store
             .list_models(&r.query, &r.after, limit.saturating_add(1))
@@ -409,7 +435,11 @@ impl QueryService {
             .map_err(store_unavailable)?;
         let next_after = one_page(&mut models, limit, |m| m.key.clone());
         self.fill_base_origins(&mut models);
-        Ok(pb::ListModelsResponse { models, next_after })
+        Ok(pb::ListModelsResponse {
+            models,
+            next_after,
+            derived_up_to_unix_ms,
+        })
     }
 
     /// `ListTraining` for `caller`: training runs active since a time, newest first.
@@ -418,7 +448,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListTrainingRequest,
     ) -> Result<pb::ListTrainingResponse, ApiError> {
-        Self::allow(caller, "ListTraining")?;
+        self.admit(caller, "ListTraining").await?;
         let params = json!({"since_unix_ms": r.since_unix_ms, "limit": r.limit});
         let result = async {
             let limit = self.page(r.limit);
@@ -441,7 +471,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::EgressRequest,
     ) -> Result<pb::EgressResponse, ApiError> {
-        self.allow(caller, "Egress").await?;
+        self.admit(caller, "Egress").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -478,8 +508,13 @@ impl QueryService {
             by: r.by.clone(),
             limit: self.page(r.limit),
         };
+        let derived_up_to_unix_ms = self.derived_up_to().await;
         let (rows, truncated) = self.store.egress(q).await.map_err(store_unavailable)?;
-        Ok(pb::EgressResponse { rows, truncated })
+        Ok(pb::EgressResponse {
+            rows,
+            truncated,
+            derived_up_to_unix_ms,
+        })
     }
 
     /// `ListBreaches` for `caller`.
@@ -488,7 +523,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ListBreachesRequest,
     ) -> Result<pb::ListBreachesResponse, ApiError> {
-        self.allow(caller, "ListBreaches").await?;
+        self.admit(caller, "ListBreaches").await?;
         let params = json!({
             "state": r.state,
             "rule": r.rule,
@@ -539,12 +574,14 @@ impl QueryService {
             since_unix_ms: (r.since_unix_ms != 0).then_some(r.since_unix_ms),
             limit: if narrowed { MAX_REPORT_ROWS } else { limit },
         };
+        let derived_up_to_unix_ms = self.derived_up_to().await;
         let breaches = self
             .store
             .list_breaches(filter)
             .await
             .map_err(store_unavailable)?;
         Ok(pb::ListBreachesResponse {
+            derived_up_to_unix_ms,
             breaches: breaches
                 .into_iter()
                 .filter(|b| r.node.is_empty() || b.node == r.node)
@@ -596,7 +633,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ScorecardRequest,
     ) -> Result<pb::ScorecardResponse, ApiError> {
-        self.allow(caller, "Scorecard").await?;
+        self.admit(caller, "Scorecard").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -642,7 +679,7 @@ impl QueryService {
         caller: &Caller,
         r: pb::ExportReportRequest,
     ) -> Result<pb::ExportReportResponse, ApiError> {
-        self.allow(caller, "ExportReport").await?;
+        self.admit(caller, "ExportReport").await?;
         let params = json!({
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": r.until_unix_ms,
@@ -737,7 +774,7 @@ impl QueryService {
         jurisdiction: &str,
         buckets: u32,
     ) -> Result<JsonAnswer, ApiError> {
-        self.allow(caller, "Series").await?;
+        self.admit(caller, "Series").await?;
         let params = json!({
             "since_unix_ms": since_unix_ms,
             "until_unix_ms": until_unix_ms,
@@ -772,7 +809,7 @@ impl QueryService {
     /// CycloneDX 1.6 AI bill of materials (HTTPS: `GET /api/v1/bom`), for `caller`; audited
     /// as one query, `Bom`.
     pub async fn bom_as(&self, caller: &Caller, query: &str) -> Result<JsonAnswer, ApiError> {
-        self.allow(caller, "Bom").await?;
+        self.admit(caller, "Bom").await?;
         let result = async {
             let mut models = Vec::new();
             let mut after = String::new();
@@ -813,7 +850,7 @@ impl QueryService {
         caller: &Caller,
         breach_id: &str,
     ) -> Result<JsonAnswer, ApiError> {
-        self.allow(caller, "GetBreach").await?;
+        self.admit(caller, "GetBreach").await?;
         let result = async {
             if breach_id.is_empty() || breach_id.len() > 64 {
                 return Err(ApiError::invalid_argument(
@@ -924,16 +961,37 @@ impl QueryService {
     ) -> Result<Value, ApiError> {
         let until = time_range(since_unix_ms, until_unix_ms)?;
         let policy = self.policy_or(jurisdiction)?;
+        let derived_up_to = self.derived_up_to().await;
         let inputs = scorecard::read_inputs(self.store.as_ref(), since_unix_ms, until)
             .await
             .map_err(store_unavailable)?;
-        Ok(scorecard::build(
+        let mut card = scorecard::build(
             &policy,
             &inputs,
             since_unix_ms,
             until,
             sov_common::clock::now_unix_ms(),
-        ))
+        );
+        if let Value::Object(m) = &mut card {
+            m.insert("derived_up_to_unix_ms".to_owned(), json!(derived_up_to));
+            m.insert(
+                "derived_up_to".to_owned(),
+                json!(sov_evidence::view::rfc3339(derived_up_to)),
+            );
+        }
+        Ok(card)
+    }
+
+    /// Every report received before this instant is derived (read before the data it
+    /// qualifies); 0 when the store cannot say.
+    async fn derived_up_to(&self) -> i64 {
+        match self.store.derive_status().await {
+            Ok(s) => s.derived_up_to(sov_common::clock::now_unix_ms()),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read how far derivation has come");
+                0
+            }
+        }
     }
 }
 

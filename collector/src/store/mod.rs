@@ -119,6 +119,26 @@ macro_rules! store_by_concern {
                 ingest::ingest(self, report).await
             }
 
+            async fn underived(
+                &self,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::Underived>, $crate::store::StoreError> {
+                ingest::underived(self, limit).await
+            }
+
+            async fn derive(
+                &self,
+                batch: Vec<$crate::store::Derivation>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                ingest::derive(self, batch).await
+            }
+
+            async fn derive_status(
+                &self,
+            ) -> Result<$crate::store::DeriveStatus, $crate::store::StoreError> {
+                queries::derive_status(self).await
+            }
+
             async fn list_nodes(
                 &self,
                 after: &str,
@@ -285,6 +305,7 @@ pub(crate) use store_by_concern;
 
 mod chain;
 pub mod containers;
+mod minutes;
 mod outbox;
 pub mod postgres;
 mod retention;
@@ -640,6 +661,39 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the error is about the data rather than the database being unavailable: a
+    /// value out of range or refused by a constraint. Retrying the same data fails the same
+    /// way.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            Self::Range(_) => true,
+            Self::Sqlite { source, .. } => {
+                matches!(
+                    source.sqlite_error_code(),
+                    Some(
+                        rusqlite::ErrorCode::ConstraintViolation
+                            | rusqlite::ErrorCode::TooBig
+                            | rusqlite::ErrorCode::TypeMismatch
+                    )
+                ) || matches!(
+                    source,
+                    rusqlite::Error::ToSqlConversionFailure(_)
+                        | rusqlite::Error::IntegralValueOutOfRange(..)
+                )
+            }
+            Self::Postgres { source, .. } => source.code().is_some_and(|c| {
+                let class = &c.code()[..2];
+                class == "22" || class == "23"
+            }),
+            Self::Open { .. }
+            | Self::SchemaTooNew { .. }
+            | Self::EmptyDatabase { .. }
+            | Self::Task(_) => false,
+        }
+    }
+}
+
 /// A breach from its stored columns (both backends store the same ones).
 /// Open the store that `url` names:
 ///
@@ -830,11 +884,71 @@ impl GpuSummary {
     }
 }
 
+/// A stored report not yet derived ([`Store::underived`]).
+#[derive(Debug, Clone)]
+pub struct Underived {
+    /// Its place in the derive queue (the deriver hands it back in [`Derivation::queue_id`]).
+    pub queue_id: i64,
+    /// Node name.
+    pub node: String,
+    /// Spool epoch.
+    pub epoch: u64,
+    /// Sequence number.
+    pub seq: u64,
+    /// When the collector received it.
+    pub received_unix_ms: i64,
+    /// The report as received (protobuf).
+    pub body: Vec<u8>,
+}
+
+/// One report to derive ([`Store::derive`]): its queue row and the report with its telemetry
+/// enriched (flows geolocated, processes named).
+#[derive(Debug, Clone)]
+pub struct Derivation {
+    /// [`Underived::queue_id`].
+    pub queue_id: i64,
+    /// The report; only its node, times, country and telemetry are read.
+    pub report: IncomingReport,
+}
+
+/// How far derivation has come ([`Store::derive_status`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeriveStatus {
+    /// Stored reports not derived yet.
+    pub pending: u64,
+    /// When the oldest of them was received; `None` when none waits.
+    pub oldest_pending_received_unix_ms: Option<i64>,
+}
+
+impl DeriveStatus {
+    /// Every report received before this time is derived: the oldest waiting report's
+    /// reception, or `now_unix_ms` when none waits.
+    pub fn derived_up_to(&self, now_unix_ms: i64) -> i64 {
+        self.oldest_pending_received_unix_ms.unwrap_or(now_unix_ms)
+    }
+}
+
 /// Durable storage of reports and per-node completeness.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Store one report atomically (report, node facts, counters, gaps) and commit.
+    /// Append one report and commit (group commit): its key and body, the node's facts, the
+    /// epoch's counters and gaps (so completeness is exact once this returns), and its place
+    /// in the derive queue. The report's telemetry is not read here: what is derived from it
+    /// is written by [`Store::derive`].
     async fn ingest(&self, report: IncomingReport) -> Result<IngestOutcome, StoreError>;
+
+    /// The oldest stored reports not yet derived, in the order they were stored, at most
+    /// `limit`.
+    async fn underived(&self, limit: u32) -> Result<Vec<Underived>, StoreError>;
+
+    /// Derive `batch` in one transaction: for each report whose queue row this transaction
+    /// deletes, its time series, GPU usage, weight inventory and flow aggregates; a report
+    /// whose row is gone (derived already, by another replica) is skipped. Returns how many
+    /// were derived. Nothing is derived twice, and a crash leaves the queue as it was.
+    async fn derive(&self, batch: Vec<Derivation>) -> Result<u64, StoreError>;
+
+    /// How far derivation has come.
+    async fn derive_status(&self) -> Result<DeriveStatus, StoreError>;
 
     /// Nodes sorted by name, starting after `after`, at most `limit`.
     async fn list_nodes(&self, after: &str, limit: u32) -> Result<Vec<NodeRow>, StoreError>;

@@ -11,9 +11,9 @@ use futures::future::LocalBoxFuture;
 use sov_proto::pb;
 
 use super::{
-    BreachChange, BreachFilter, EgressQuery, FlowRecord, GapRecord, IncomingReport, IngestOutcome,
-    NewEnrollToken, NodePeer, OutboxItem, Retention, Settle, SinkStats, Store, StoreError,
-    Telemetry, TokenSpend, WeightUpdate,
+    BreachChange, BreachFilter, Derivation, EgressQuery, FlowRecord, GapRecord, IncomingReport,
+    IngestOutcome, NewEnrollToken, NodePeer, OutboxItem, Retention, Settle, SinkStats, Store,
+    StoreError, Telemetry, TokenSpend, WeightUpdate,
 };
 use crate::breach::{BreachState, Observation, Severity};
 use sov_evidence::chain::{ChainVerifier, LogRecord, verify_chain};
@@ -54,6 +54,7 @@ macro_rules! store_suite {
     ($fixture:ty) => {
         $crate::store::suite::store_suite!(@tests $fixture;
             a_report_is_stored_once_and_a_resend_is_a_duplicate,
+            an_appended_report_is_derived_once_after_its_ack,
             missing_counts_holes_and_dropped_counts_declared_gaps,
             a_new_epoch_becomes_the_nodes_current_one,
             nodes_are_paged_in_name_order,
@@ -80,6 +81,7 @@ macro_rules! store_suite {
             a_nodes_peer_address_is_kept_latest_first,
             egress_by_flow_keeps_node_process_and_destination_apart,
             every_answer_and_how_bytes_were_measured_are_kept_with_the_flow,
+            flows_of_reports_derived_in_one_batch_merge_as_the_database_merges_them,
             audit_records_form_a_verifiable_chain_read_in_pages,
             an_audit_record_keeps_who_what_parameters_and_result_size,
             tokens_are_found_by_their_hash_only,
@@ -183,8 +185,95 @@ pub(crate) fn telemetry() -> Telemetry {
     }
 }
 
-async fn ingest(store: &dyn Store, r: IncomingReport) -> IngestOutcome {
-    store.ingest(r).await.unwrap()
+/// Append `r`, then derive it from the telemetry it carries (what the deriver builds from
+/// its body), as the collector does after the ack.
+pub(crate) async fn ingest(store: &dyn Store, r: IncomingReport) -> IngestOutcome {
+    let outcome = store.ingest(r.clone()).await.unwrap();
+    derive_matching(store, &r).await;
+    outcome
+}
+
+/// Derive the queued report with `r`'s key (if queued) from `r`'s telemetry; how many were
+/// derived.
+async fn derive_matching(store: &dyn Store, r: &IncomingReport) -> u64 {
+    let batch: Vec<Derivation> = store
+        .underived(100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|u| (u.node.as_str(), u.epoch, u.seq) == (r.node.as_str(), r.epoch, r.seq))
+        .map(|u| Derivation {
+            queue_id: u.queue_id,
+            report: r.clone(),
+        })
+        .collect();
+    store.derive(batch).await.unwrap()
+}
+
+pub(crate) async fn an_appended_report_is_derived_once_after_its_ack(db: &dyn Backend) {
+    let store = db.store();
+    let mut r = report("a", 1, 1);
+    r.telemetry = telemetry();
+    r.telemetry.flows = vec![flow(
+        10,
+        "vllm",
+        ("1.1.1.1", 443),
+        US_CLOUDFLARE,
+        1000,
+        10,
+        500,
+        120_000,
+    )];
+    // The append: the report and its completeness, nothing derived yet.
+    assert_eq!(
+        store.ingest(r.clone()).await.unwrap(),
+        IngestOutcome::Stored
+    );
+    assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 1);
+    assert_eq!(db.count("SELECT COUNT(*) FROM gpu_samples").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 0);
+    let status = store.derive_status().await.unwrap();
+    assert_eq!(status.pending, 1);
+    assert_eq!(
+        status.oldest_pending_received_unix_ms,
+        Some(r.received_unix_ms)
+    );
+    assert_eq!(status.derived_up_to(i64::MAX), r.received_unix_ms);
+    // A re-send is not queued again.
+    assert_eq!(
+        store.ingest(r.clone()).await.unwrap(),
+        IngestOutcome::Duplicate
+    );
+    let queued = store.underived(10).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(
+        (queued[0].node.as_str(), queued[0].epoch, queued[0].seq),
+        ("a", 1, 1)
+    );
+    assert_eq!(queued[0].body, r.body);
+    // Derived once: the same batch handed over again derives nothing.
+    let batch = vec![Derivation {
+        queue_id: queued[0].queue_id,
+        report: r.clone(),
+    }];
+    assert_eq!(store.derive(batch.clone()).await.unwrap(), 1);
+    assert_eq!(store.derive(batch).await.unwrap(), 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM gpu_samples").await, 2);
+    let (rows, _) = store
+        .egress(EgressQuery {
+            since_unix_ms: 0,
+            until_unix_ms: 600_000,
+            by: "country".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].bytes_sent, 1000, "{rows:?}");
+    let status = store.derive_status().await.unwrap();
+    assert_eq!(status.pending, 0);
+    assert_eq!(status.derived_up_to(42), 42);
+    assert!(store.underived(10).await.unwrap().is_empty());
 }
 
 pub(crate) async fn a_report_is_stored_once_and_a_resend_is_a_duplicate(db: &dyn Backend) {
@@ -1605,6 +1694,88 @@ pub(crate) async fn egress_by_flow_keeps_node_process_and_destination_apart(db: 
                     && d.bytes_sent >= r.bytes_sent)
         );
     }
+}
+
+pub(crate) async fn flows_of_reports_derived_in_one_batch_merge_as_the_database_merges_them(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let verdict = |physics: &str, limit_km: u32, operator: &str| crate::store::VerdictColumns {
+        answers_json: format!(
+            r#"[{{"source":"s","country":"FR","kind":"geofeed","impossible":false,"distance_km":{limit_km}}}]"#
+        ),
+        contested: operator.is_empty(),
+        operator_country: operator.into(),
+        physics: physics.into(),
+        distance_km: 10,
+        limit_km,
+    };
+    let with = |seq: u64, sent: u64, rtt: u32, v: crate::store::VerdictColumns| {
+        let mut r = report("m", 1, seq);
+        let mut f = flow(
+            7,
+            if seq == 2 { "" } else { "curl" },
+            ("198.18.0.9", 443),
+            ("FR", 0, ""),
+            sent,
+            1,
+            rtt,
+            T,
+        );
+        f.verdict = v;
+        r.telemetry.flows = vec![f.clone(), f];
+        r
+    };
+    // Reports 1 and 2 derived in one batch (four flows with one key), report 3 later.
+    let (r1, r2) = (
+        with(1, 1000, 20_000, verdict("possible", 3000, "US")),
+        with(2, 10, 60, verdict("impossible", 59, "")),
+    );
+    for r in [&r1, &r2] {
+        assert_eq!(
+            store.ingest(r.clone()).await.unwrap(),
+            IngestOutcome::Stored
+        );
+    }
+    let batch: Vec<Derivation> = store
+        .underived(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| Derivation {
+            queue_id: u.queue_id,
+            report: if u.seq == 1 { r1.clone() } else { r2.clone() },
+        })
+        .collect();
+    assert_eq!(store.derive(batch).await.unwrap(), 2);
+    let (rows, _) = egress(store, "flow", 100).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!((row.bytes_sent, row.connections), (2020, 4));
+    assert_eq!(row.min_rtt_us, 60);
+    assert_eq!((row.physics.as_str(), row.limit_km), ("impossible", 59));
+    assert_eq!(
+        row.process, "curl",
+        "an empty process name does not replace one"
+    );
+    assert!(row.contested, "a contested flow marks the row");
+    assert_eq!(
+        row.operator_country, "US",
+        "an empty operator does not replace one"
+    );
+    // A later batch merges into the stored row the same way.
+    assert_eq!(
+        ingest(store, with(3, 5, 30, verdict("possible", 30, "FR"))).await,
+        IngestOutcome::Stored
+    );
+    let (rows, _) = egress(store, "flow", 100).await;
+    let row = &rows[0];
+    assert_eq!(
+        (row.bytes_sent, row.connections, row.min_rtt_us),
+        (2030, 6, 30)
+    );
+    assert_eq!((row.physics.as_str(), row.limit_km), ("possible", 30));
+    assert_eq!(row.operator_country, "FR");
 }
 
 pub(crate) async fn every_answer_and_how_bytes_were_measured_are_kept_with_the_flow(

@@ -4,7 +4,7 @@
 
 use sov_proto::pb;
 
-use super::suite::{Backend, report, telemetry, weight};
+use super::suite::{Backend, ingest, report, telemetry, weight};
 use super::{EgressQuery, FlowRecord, IngestOutcome, WeightUpdate};
 
 /// A pod's container reference (containerd, kubelet labels).
@@ -83,7 +83,7 @@ pub(crate) async fn egress_is_grouped_by_pod_namespace_image_and_container(db: &
         flow(20, 300, Some(pod("batch", "job-0", TRAINER))),
         flow(30, 200, None),
     ];
-    assert_eq!(db.store().ingest(r).await.unwrap(), IngestOutcome::Stored);
+    assert_eq!(ingest(db.store(), r).await, IngestOutcome::Stored);
 
     let rows = egress(db, "pod").await;
     let got: Vec<(&str, &str, &str, u64)> = rows
@@ -171,11 +171,11 @@ pub(crate) async fn gpu_seconds_are_named_with_their_kubernetes_namespace(db: &d
     let mut r = report("a", 1, 1);
     r.telemetry = telemetry();
     r.telemetry.processes[0].container = Some(pod("inference", "web-0", VLLM));
-    assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
     let mut r = report("b", 1, 1);
     r.telemetry = telemetry();
     r.telemetry.gpus[0].processes[0].gpu_seconds = 1.0;
-    assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
     let rows = store.gpu_usage(0, 10_000, 10).await.unwrap();
     let got: Vec<(&str, &str)> = rows
         .iter()
@@ -203,7 +203,7 @@ pub(crate) async fn weight_copies_and_users_carry_their_container(db: &dyn Backe
         files: vec![w, host],
         removed: vec![],
     };
-    assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
     let models = store.list_models("", "", 10).await.unwrap();
     assert_eq!(models.len(), 1, "{models:?}");
     let m = &models[0];

@@ -54,6 +54,11 @@ pub(super) const INSERT_GAP: &str =
      VALUES ($1, $2, $3, $4, $5, $6, $7)
      ON CONFLICT (node, epoch, first_seq, last_seq) DO NOTHING";
 
+pub(super) const ENQUEUE: &str =
+    "INSERT INTO derive_queue (node, epoch, seq, received_ms) VALUES ($1, $2, $3, $4)";
+
+pub(super) const TAKE_QUEUED: &str = "DELETE FROM derive_queue WHERE id = ANY($1) RETURNING id";
+
 pub(super) const UPSERT_HOST_SAMPLE: &str = "INSERT INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
                           memory_total_bytes, swap_used_bytes, process_count)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -155,6 +160,8 @@ pub(super) struct Statements {
     upsert_epoch: Statement,
     upsert_node: Statement,
     insert_gap: Statement,
+    enqueue: Statement,
+    take_queued: Statement,
     upsert_host_sample: Statement,
     upsert_gpu_sample: Statement,
     upsert_gpu_usage: Statement,
@@ -178,6 +185,8 @@ impl Statements {
             upsert_epoch: p(UPSERT_EPOCH).await?,
             upsert_node: p(UPSERT_NODE).await?,
             insert_gap: p(INSERT_GAP).await?,
+            enqueue: p(ENQUEUE).await?,
+            take_queued: p(TAKE_QUEUED).await?,
             upsert_host_sample: p(UPSERT_HOST_SAMPLE).await?,
             upsert_gpu_sample: p(UPSERT_GPU_SAMPLE).await?,
             upsert_gpu_usage: p(UPSERT_GPU_USAGE).await?,
@@ -289,216 +298,153 @@ pub(super) async fn insert_telemetry(
 }
 
 /// One row of `flows_minute` being built: the key, then what is summed.
-pub(super) type FlowKey<'a> = (i64, i64, &'static str, &'static str, &'a str, i64);
-
-#[derive(Default)]
-pub(super) struct FlowSums<'a> {
-    process: &'a str,
-    country: &'a str,
-    asn: i64,
-    org: &'a str,
-    geo_source: &'a str,
-    bytes_sent: i64,
-    bytes_received: i64,
-    connections: i64,
-    min_rtt_us: i64,
-    verdict: Option<&'a crate::store::VerdictColumns>,
-    conntrack_bytes: i64,
-    unmeasured_flows: i64,
+/// Write a batch's merged flow aggregates ([`crate::store::minutes`]): one multi-row
+/// statement per node of the batch.
+pub(super) async fn write_minutes(
+    tx: &Tx<'_>,
+    st: &Statements,
+    sums: &std::collections::BTreeMap<
+        crate::store::minutes::MinuteKey<'_>,
+        crate::store::minutes::MinuteSums<'_>,
+    >,
+) -> Result<(), StoreError> {
+    let none = crate::store::VerdictColumns::default();
+    // Columns per node, built before any statement runs (nothing borrowed is held across
+    // an await but the finished arrays).
+    let mut per_node: Vec<(String, MinuteColumns)> = Vec::new();
+    for ((node, m, p, proto, dir, addr, rport), e) in sums {
+        if per_node.last().is_none_or(|(n, _)| n != node) {
+            per_node.push(((*node).to_owned(), MinuteColumns::default()));
+        }
+        let Some((_, c)) = per_node.last_mut() else {
+            continue;
+        };
+        let v = e.verdict.unwrap_or(&none);
+        c.minute.push(*m);
+        c.pid.push(*p);
+        c.process.push(e.process.to_owned());
+        c.protocol.push(*proto);
+        c.direction.push(*dir);
+        c.remote.push((*addr).to_owned());
+        c.port.push(*rport);
+        c.country.push(e.country.to_owned());
+        c.asn.push(e.asn);
+        c.org.push(e.org.to_owned());
+        c.geo.push(e.geo_source.to_owned());
+        c.sent.push(e.bytes_sent);
+        c.received.push(e.bytes_received);
+        c.conns.push(e.connections);
+        c.rtt.push(e.min_rtt_us);
+        c.answers.push(v.answers_json.clone());
+        c.contested.push(i64::from(e.contested));
+        c.operator.push(e.operator_country.to_owned());
+        c.physics.push(v.physics.clone());
+        c.distance.push(i64::from(v.distance_km));
+        c.limit.push(i64::from(v.limit_km));
+        c.conntrack.push(e.conntrack_bytes);
+        c.unmeasured.push(e.unmeasured_flows);
+    }
+    for (node, c) in &per_node {
+        tx.execute(
+            &st.aggregate_flows,
+            &[
+                node,
+                &c.minute,
+                &c.pid,
+                &c.process,
+                &c.protocol,
+                &c.direction,
+                &c.remote,
+                &c.port,
+                &c.country,
+                &c.asn,
+                &c.org,
+                &c.geo,
+                &c.sent,
+                &c.received,
+                &c.conns,
+                &c.rtt,
+                &c.answers,
+                &c.contested,
+                &c.operator,
+                &c.physics,
+                &c.distance,
+                &c.limit,
+                &c.conntrack,
+                &c.unmeasured,
+            ],
+        )
+        .await
+        .map_err(pg("aggregate flows"))?;
+    }
+    Ok(())
 }
 
-/// Add the report's flows to the per-minute aggregates and keep foreign ones raw too: two
-/// statements per report however many flows it carries (one round trip each).
-pub(super) async fn apply_flows(
+/// The columns of one node's merged rows, as arrays for `unnest`.
+#[derive(Default)]
+struct MinuteColumns {
+    minute: Vec<i64>,
+    pid: Vec<i64>,
+    process: Vec<String>,
+    protocol: Vec<&'static str>,
+    direction: Vec<&'static str>,
+    remote: Vec<String>,
+    port: Vec<i64>,
+    country: Vec<String>,
+    asn: Vec<i64>,
+    org: Vec<String>,
+    geo: Vec<String>,
+    sent: Vec<i64>,
+    received: Vec<i64>,
+    conns: Vec<i64>,
+    rtt: Vec<i64>,
+    answers: Vec<String>,
+    contested: Vec<i64>,
+    operator: Vec<String>,
+    physics: Vec<String>,
+    distance: Vec<i64>,
+    limit: Vec<i64>,
+    conntrack: Vec<i64>,
+    unmeasured: Vec<i64>,
+}
+
+/// Keep the report's flows to destinations outside the node's declared country raw, in one
+/// statement.
+pub(super) async fn keep_raw_flows(
     tx: &Tx<'_>,
     st: &Statements,
     r: &IncomingReport,
     epoch: i64,
     seq: i64,
 ) -> Result<(), StoreError> {
-    if r.telemetry.flows.is_empty() {
+    let (mut idx, mut start, mut end, mut pid) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut process, mut country, mut asn, mut flow) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, f) in r.telemetry.flows.iter().enumerate() {
+        if f.country == r.country {
+            continue;
+        }
+        let fl = &f.flow;
+        idx.push(i64::try_from(i).unwrap_or(i64::MAX));
+        start.push(fl.start_unix_ms);
+        end.push(crate::store::minutes::flow_end(r, fl));
+        pid.push(i64::from(fl.pid));
+        process.push(f.process.as_str());
+        country.push(f.country.as_str());
+        asn.push(i64::from(f.asn));
+        flow.push(prost::Message::encode_to_vec(fl));
+    }
+    if idx.is_empty() {
         return Ok(());
     }
-    // Rows with the same key are merged here the way the upsert merges them with a stored row.
-    let mut sums: std::collections::BTreeMap<FlowKey<'_>, FlowSums<'_>> = Default::default();
-    let mut raw_idx = Vec::new();
-    let mut raw_start = Vec::new();
-    let mut raw_end = Vec::new();
-    let mut raw_pid = Vec::new();
-    let mut raw_process = Vec::new();
-    let mut raw_country = Vec::new();
-    let mut raw_asn = Vec::new();
-    let mut raw_flow = Vec::new();
-    for (idx, f) in r.telemetry.flows.iter().enumerate() {
-        let fl = &f.flow;
-        let end = if fl.end_unix_ms > 0 {
-            fl.end_unix_ms
-        } else {
-            r.observed_unix_ms
-        };
-        let minute = end - end.rem_euclid(60_000);
-        let key = (
-            minute,
-            i64::from(fl.pid),
-            protocol_name(fl.protocol),
-            direction_name(fl.direction),
-            fl.remote_address.as_str(),
-            i64::from(fl.remote_port),
-        );
-        // The first row's place wins, as the upsert keeps the stored row's.
-        let e = sums.entry(key).or_insert_with(|| FlowSums {
-            country: &f.country,
-            asn: i64::from(f.asn),
-            org: &f.org,
-            geo_source: &f.geo_source,
-            ..Default::default()
-        });
-        if !f.process.is_empty() {
-            e.process = &f.process;
-        }
-        e.bytes_sent = e
-            .bytes_sent
-            .saturating_add(to_i64(fl.bytes_sent, "bytes_sent")?);
-        e.bytes_received = e
-            .bytes_received
-            .saturating_add(to_i64(fl.bytes_received, "bytes_received")?);
-        e.connections = e.connections.saturating_add(i64::from(fl.connections));
-        let rtt = i64::from(fl.min_rtt_us);
-        // The verdict of the tighter RTT wins, as in the upsert.
-        if e.verdict.is_none() || (rtt != 0 && (e.min_rtt_us == 0 || rtt < e.min_rtt_us)) {
-            e.verdict = Some(&f.verdict);
-        }
-        e.min_rtt_us = match (e.min_rtt_us, rtt) {
-            (0, x) | (x, 0) => x,
-            (a, b) => a.min(b),
-        };
-        let (ct, unmeasured) = crate::store::measurement_columns(fl);
-        e.conntrack_bytes = e
-            .conntrack_bytes
-            .saturating_add(to_i64(ct, "conntrack bytes")?);
-        e.unmeasured_flows = e
-            .unmeasured_flows
-            .saturating_add(to_i64(unmeasured, "unmeasured flows")?);
-        // Raw detail only for destinations outside the node's declared country (the policy
-        // refines "outside" with the jurisdiction's inside countries).
-        if f.country != r.country {
-            raw_idx.push(i64::try_from(idx).unwrap_or(i64::MAX));
-            raw_start.push(fl.start_unix_ms);
-            raw_end.push(end);
-            raw_pid.push(i64::from(fl.pid));
-            raw_process.push(f.process.as_str());
-            raw_country.push(f.country.as_str());
-            raw_asn.push(i64::from(f.asn));
-            raw_flow.push(prost::Message::encode_to_vec(fl));
-        }
-    }
-    let n = sums.len();
-    let (mut minute, mut pid, mut process, mut protocol, mut direction, mut remote, mut port) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut country, mut asn, mut org, mut geo, mut sent, mut received, mut conns, mut rtt) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let none = crate::store::VerdictColumns::default();
-    let (mut answers, mut contested, mut operator, mut physics, mut distance, mut limit) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut conntrack, mut unmeasured) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for ((m, p, proto, dir, addr, rport), v) in &sums {
-        let vc = v.verdict.unwrap_or(&none);
-        answers.push(vc.answers_json.as_str());
-        contested.push(i64::from(vc.contested));
-        operator.push(vc.operator_country.as_str());
-        physics.push(vc.physics.as_str());
-        distance.push(i64::from(vc.distance_km));
-        limit.push(i64::from(vc.limit_km));
-        conntrack.push(v.conntrack_bytes);
-        unmeasured.push(v.unmeasured_flows);
-        minute.push(*m);
-        pid.push(*p);
-        process.push(v.process);
-        protocol.push(*proto);
-        direction.push(*dir);
-        remote.push(*addr);
-        port.push(*rport);
-        country.push(v.country);
-        asn.push(v.asn);
-        org.push(v.org);
-        geo.push(v.geo_source);
-        sent.push(v.bytes_sent);
-        received.push(v.bytes_received);
-        conns.push(v.connections);
-        rtt.push(v.min_rtt_us);
-    }
     tx.execute(
-        &st.aggregate_flows,
+        &st.keep_raw_flows,
         &[
-            &r.node,
-            &minute,
-            &pid,
-            &process,
-            &protocol,
-            &direction,
-            &remote,
-            &port,
-            &country,
-            &asn,
-            &org,
-            &geo,
-            &sent,
-            &received,
-            &conns,
-            &rtt,
-            &answers,
-            &contested,
-            &operator,
-            &physics,
-            &distance,
-            &limit,
-            &conntrack,
-            &unmeasured,
+            &r.node, &seq, &epoch, &idx, &start, &end, &pid, &process, &country, &asn, &flow,
         ],
     )
     .await
-    .map_err(pg("aggregate flows"))?;
-    if !raw_idx.is_empty() {
-        tx.execute(
-            &st.keep_raw_flows,
-            &[
-                &r.node,
-                &seq,
-                &epoch,
-                &raw_idx,
-                &raw_start,
-                &raw_end,
-                &raw_pid,
-                &raw_process,
-                &raw_country,
-                &raw_asn,
-                &raw_flow,
-            ],
-        )
-        .await
-        .map_err(pg("keep raw flows"))?;
-    }
+    .map_err(pg("keep raw flows"))?;
     Ok(())
 }
 
@@ -733,12 +679,89 @@ pub(super) async fn finish_report(
         .await
         .map_err(pg("insert gap"))?;
     }
-    insert_telemetry(tx, st, r).await?;
-    apply_weights(tx, st, r).await?;
-    super::training::apply_training(tx, r).await?;
-    apply_flows(tx, st, r, epoch, seq).await?;
-    super::containers::apply_containers(tx, r).await?;
+    tx.execute(&st.enqueue, &[&r.node, &epoch, &seq, &r.received_unix_ms])
+        .await
+        .map_err(pg("queue for derivation"))?;
     Ok(IngestOutcome::Stored)
+}
+
+/// The oldest reports waiting in the derive queue, with their bodies.
+pub(super) async fn underived(
+    store: &PostgresStore,
+    limit: u32,
+) -> Result<Vec<Underived>, StoreError> {
+    let client = store.reader().await?;
+    let rows = client
+        .query(
+            "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+             FROM derive_queue q JOIN reports r
+               ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
+             ORDER BY q.id LIMIT $1",
+            &[&i64::from(limit)],
+        )
+        .await
+        .map_err(pg("read underived"))?;
+    rows.iter()
+        .map(|row| {
+            Ok(Underived {
+                queue_id: get(row, 0, "read underived")?,
+                node: get(row, 1, "read underived")?,
+                epoch: get_u64(row, 2, "read underived")?,
+                seq: get_u64(row, 3, "read underived")?,
+                received_unix_ms: get(row, 4, "read underived")?,
+                body: get(row, 5, "read underived")?,
+            })
+        })
+        .collect()
+}
+
+/// Derive a batch in one transaction on the deriver's connection: take the batch's queue
+/// rows (a row another replica took and committed is gone, one it holds makes this wait for
+/// its commit), then derive the reports whose rows this transaction took, in queue order.
+/// Retried when it loses a deadlock race.
+pub(super) async fn derive(
+    store: &PostgresStore,
+    batch: Vec<Derivation>,
+) -> Result<u64, StoreError> {
+    let mut w = store.deriver().await?;
+    let mut attempt = 1;
+    loop {
+        match derive_once(&mut w, &batch).await {
+            Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => {
+                tracing::debug!(attempt, error = %e, "derivation lost a race; retrying");
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+async fn derive_once(w: &mut Writer, batch: &[Derivation]) -> Result<u64, StoreError> {
+    let Writer { client, st } = w;
+    let tx = client.transaction().await.map_err(pg("begin derive"))?;
+    let ids: Vec<i64> = batch.iter().map(|d| d.queue_id).collect();
+    let taken: std::collections::HashSet<i64> = tx
+        .query(&st.take_queued, &[&ids])
+        .await
+        .map_err(pg("take from derive queue"))?
+        .iter()
+        .map(|row| get::<i64>(row, 0, "take from derive queue"))
+        .collect::<Result<_, _>>()?;
+    let mut derived = 0u64;
+    let mut sums = std::collections::BTreeMap::new();
+    for d in batch.iter().filter(|d| taken.contains(&d.queue_id)) {
+        let r = &d.report;
+        insert_telemetry(&tx, st, r).await?;
+        apply_weights(&tx, st, r).await?;
+        super::training::apply_training(&tx, r).await?;
+        keep_raw_flows(&tx, st, r, to_i64(r.epoch, "epoch")?, to_i64(r.seq, "seq")?).await?;
+        super::containers::apply_containers(&tx, r).await?;
+        crate::store::minutes::add_report(&mut sums, r)?;
+        derived += 1;
+    }
+    write_minutes(&tx, st, &sums).await?;
+    tx.commit().await.map_err(pg("commit derive"))?;
+    Ok(derived)
 }
 
 impl PostgresStore {

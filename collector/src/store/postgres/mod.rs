@@ -36,10 +36,10 @@ use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
 use super::rows;
 use super::{
-    BreachChange, BreachFilter, EgressQuery, GpuSummary, GpuUsageRow, IncomingReport,
-    IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention,
-    Settle, SinkStats, StoreError, TokenRecord, TokenSpend, direction_name, format_name,
-    protocol_name, to_i64,
+    BreachChange, BreachFilter, Derivation, DeriveStatus, EgressQuery, GpuSummary, GpuUsageRow,
+    IncomingReport, IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow,
+    PruneStats, Retention, Settle, SinkStats, StoreError, TokenRecord, TokenSpend, Underived,
+    format_name, to_i64,
 };
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
 
@@ -68,7 +68,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 13] = [
+const MIGRATIONS: [&str; 14] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -82,6 +82,7 @@ const MIGRATIONS: [&str; 13] = [
     include_str!("../../../migrations/postgres/0011_containers.sql"),
     include_str!("../../../migrations/postgres/0012_enroll_token_replaces.sql"),
     include_str!("../../../migrations/postgres/0013_training_runs.sql"),
+    include_str!("../../../migrations/postgres/0014_derive_queue.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
@@ -94,6 +95,8 @@ struct Inner {
     config: Config,
     schema: Option<String>,
     writer: Mutex<Option<Writer>>,
+    /// The deriver's own connection, so a derive transaction never holds up acknowledgements.
+    deriver: Mutex<Option<Writer>>,
     reader: Mutex<Option<Arc<Client>>>,
     /// Reports waiting for the writer (group commit).
     pending: std::sync::Mutex<super::Pending>,
@@ -310,6 +313,7 @@ impl PostgresStore {
                 config,
                 schema,
                 writer: Mutex::new(Some(Writer { client, st })),
+                deriver: Mutex::new(None),
                 reader: Mutex::new(Some(Arc::new(reader))),
                 pending: Default::default(),
             }),
@@ -319,17 +323,30 @@ impl PostgresStore {
     /// The writer connection, reconnected first if its connection task has ended. The guard
     /// serialises this replica's write transactions.
     async fn writer(&self) -> Result<MappedMutexGuard<'_, Writer>, StoreError> {
-        let mut guard = self.inner.writer.lock().await;
+        Self::connection(&self.inner.writer, &self.inner, "writer").await
+    }
+
+    /// The deriver's connection (opened on first use), like [`PostgresStore::writer`].
+    async fn deriver(&self) -> Result<MappedMutexGuard<'_, Writer>, StoreError> {
+        Self::connection(&self.inner.deriver, &self.inner, "deriver").await
+    }
+
+    async fn connection<'a>(
+        slot: &'a Mutex<Option<Writer>>,
+        inner: &Inner,
+        role: &'static str,
+    ) -> Result<MappedMutexGuard<'a, Writer>, StoreError> {
+        let mut guard = slot.lock().await;
         if guard.as_ref().is_none_or(|w| w.client.is_closed()) {
-            *guard = None;
-            tracing::warn!("postgres writer connection lost; reconnecting");
-            let client =
-                open_connection(&self.inner.config, self.inner.schema.as_deref(), false).await?;
+            if guard.take().is_some() {
+                tracing::warn!(role, "postgres connection lost; reconnecting");
+            }
+            let client = open_connection(&inner.config, inner.schema.as_deref(), false).await?;
             let st = Statements::prepare(&client).await?;
             *guard = Some(Writer { client, st });
         }
         MutexGuard::try_map(guard, Option::as_mut)
-            .map_err(|_| StoreError::Task("postgres writer connection missing".to_owned()))
+            .map_err(|_| StoreError::Task(format!("postgres {role} connection missing")))
     }
 
     /// The reader connection (shared: queries on it are pipelined), reconnected first if
@@ -629,7 +646,8 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn replicas_ingesting_different_reports_of_one_node_keep_exact_counters() {
+    async fn replicas_ingesting_and_deriving_one_nodes_reports_keep_exact_counters_and_derive_each_once()
+     {
         with_schema(|url, schema| async move {
             let a = PostgresStore::connect_with_schema(&url, &schema)
                 .await
@@ -675,6 +693,18 @@ mod tests {
             let ((), ()) = (x, y);
             let n = &a.list_nodes("", 10).await.unwrap()[0];
             assert_eq!((n.reports, n.last_seq, n.missing), (40, 40, 0));
+            // Both replicas derive the whole queue at once: each report is derived by one.
+            let queued = a.underived(1000).await.unwrap();
+            assert_eq!(queued.len(), 40);
+            let batch: Vec<crate::store::Derivation> = queued
+                .iter()
+                .map(|u| crate::store::Derivation {
+                    queue_id: u.queue_id,
+                    report: with_flow(u.seq),
+                })
+                .collect();
+            let (da, db) = tokio::join!(a.derive(batch.clone()), b.derive(batch));
+            assert_eq!(da.unwrap() + db.unwrap(), 40);
             let (rows, _) = a
                 .egress(EgressQuery {
                     since_unix_ms: 0,

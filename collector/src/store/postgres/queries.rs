@@ -273,3 +273,15 @@ pub(super) async fn node_peers(store: &PostgresStore) -> Result<Vec<NodePeer>, S
         .map_err(pg("node peers"))?;
     rows.iter().map(rows::peer).collect()
 }
+
+pub(super) async fn derive_status(store: &PostgresStore) -> Result<DeriveStatus, StoreError> {
+    let client = store.reader().await?;
+    let row = client
+        .query_one("SELECT COUNT(*), MIN(received_ms) FROM derive_queue", &[])
+        .await
+        .map_err(pg("read derive status"))?;
+    Ok(DeriveStatus {
+        pending: get_u64(&row, 0, "read derive status")?,
+        oldest_pending_received_unix_ms: get(&row, 1, "read derive status")?,
+    })
+}

@@ -106,94 +106,101 @@ pub(super) fn insert_telemetry(
     Ok(())
 }
 
-/// Add the report's flows to the per-minute aggregates; keep foreign ones raw too.
-pub(super) fn apply_flows(
+/// Write a batch's merged flow aggregates ([`crate::store::minutes`]): one upsert per row.
+pub(super) fn write_minutes(
+    tx: &rusqlite::Transaction<'_>,
+    sums: &std::collections::BTreeMap<
+        crate::store::minutes::MinuteKey<'_>,
+        crate::store::minutes::MinuteSums<'_>,
+    >,
+) -> Result<(), StoreError> {
+    let none = crate::store::VerdictColumns::default();
+    let text = format!(
+        "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
+                                   country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us,
+                                   {})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                 ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)
+         ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
+            bytes_sent = bytes_sent + excluded.bytes_sent,
+            bytes_received = bytes_received + excluded.bytes_received,
+            connections = connections + excluded.connections,
+            min_rtt_us = CASE WHEN min_rtt_us = 0 THEN excluded.min_rtt_us
+                              WHEN excluded.min_rtt_us = 0 THEN min_rtt_us
+                              ELSE min(min_rtt_us, excluded.min_rtt_us) END,
+            process = CASE WHEN excluded.process <> '' THEN excluded.process ELSE process END,
+            {}",
+        crate::store::VERDICT_COLUMNS,
+        crate::store::VERDICT_UPSERT
+    );
+    for ((node, minute, pid, protocol, direction, remote, port), e) in sums {
+        let v = e.verdict.unwrap_or(&none);
+        exec(
+            tx,
+            &text,
+            params![
+                node,
+                minute,
+                pid,
+                e.process,
+                protocol,
+                direction,
+                remote,
+                port,
+                e.country,
+                e.asn,
+                e.org,
+                e.geo_source,
+                e.bytes_sent,
+                e.bytes_received,
+                e.connections,
+                e.min_rtt_us,
+                v.answers_json,
+                i64::from(e.contested),
+                e.operator_country,
+                v.physics,
+                v.distance_km,
+                v.limit_km,
+                e.conntrack_bytes,
+                e.unmeasured_flows
+            ],
+        )
+        .map_err(sql("aggregate flow"))?;
+    }
+    Ok(())
+}
+
+/// Keep the report's flows to destinations outside the node's declared country raw (the
+/// policy refines "outside" with the jurisdiction's inside countries).
+pub(super) fn keep_raw_flows(
     tx: &rusqlite::Transaction<'_>,
     r: &IncomingReport,
     epoch: i64,
     seq: i64,
 ) -> Result<(), StoreError> {
     for (idx, f) in r.telemetry.flows.iter().enumerate() {
+        if f.country == r.country {
+            continue;
+        }
         let fl = &f.flow;
-        let end = if fl.end_unix_ms > 0 {
-            fl.end_unix_ms
-        } else {
-            r.observed_unix_ms
-        };
-        let minute = end - end.rem_euclid(60_000);
-        let v = &f.verdict;
-        let (conntrack_bytes, unmeasured) = crate::store::measurement_columns(fl);
-        let text = format!(
-            "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
-                                       country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us,
-                                       {})
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)
-             ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
-                bytes_sent = bytes_sent + excluded.bytes_sent,
-                bytes_received = bytes_received + excluded.bytes_received,
-                connections = connections + excluded.connections,
-                min_rtt_us = CASE WHEN min_rtt_us = 0 THEN excluded.min_rtt_us
-                                  WHEN excluded.min_rtt_us = 0 THEN min_rtt_us
-                                  ELSE min(min_rtt_us, excluded.min_rtt_us) END,
-                process = CASE WHEN excluded.process <> '' THEN excluded.process ELSE process END,
-                {}",
-            crate::store::VERDICT_COLUMNS,
-            crate::store::VERDICT_UPSERT
-        );
-        exec(
-            tx,
-            &text,
+        exec(tx,
+            "INSERT OR IGNORE INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 r.node,
-                minute,
+                seq,
+                epoch,
+                i64::try_from(idx).unwrap_or(i64::MAX),
+                fl.start_unix_ms,
+                crate::store::minutes::flow_end(r, fl),
                 fl.pid,
                 f.process,
-                protocol_name(fl.protocol),
-                direction_name(fl.direction),
-                fl.remote_address,
-                fl.remote_port,
                 f.country,
                 f.asn,
-                f.org,
-                f.geo_source,
-                to_i64(fl.bytes_sent, "bytes_sent")?,
-                to_i64(fl.bytes_received, "bytes_received")?,
-                fl.connections,
-                fl.min_rtt_us,
-                v.answers_json,
-                i64::from(v.contested),
-                v.operator_country,
-                v.physics,
-                v.distance_km,
-                v.limit_km,
-                to_i64(conntrack_bytes, "conntrack bytes")?,
-                to_i64(unmeasured, "unmeasured flows")?
+                prost::Message::encode_to_vec(fl)
             ],
         )
-        .map_err(sql("aggregate flow"))?;
-        // Raw detail only for destinations outside the node's declared country (the policy
-        // refines "outside" with the jurisdiction's inside countries).
-        if f.country != r.country {
-            exec(tx,
-                "INSERT OR IGNORE INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                params![
-                    r.node,
-                    seq,
-                    epoch,
-                    i64::try_from(idx).unwrap_or(i64::MAX),
-                    fl.start_unix_ms,
-                    end,
-                    fl.pid,
-                    f.process,
-                    f.country,
-                    f.asn,
-                    prost::Message::encode_to_vec(fl)
-                ],
-            )
-            .map_err(sql("keep raw flow"))?;
-        }
+        .map_err(sql("keep raw flow"))?;
     }
     Ok(())
 }
@@ -414,13 +421,106 @@ impl SqliteStore {
             )
             .map_err(sql("insert gap"))?;
         }
+        exec(
+            tx,
+            "INSERT INTO derive_queue (node, epoch, seq, received_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![r.node, epoch, seq, r.received_unix_ms],
+        )
+        .map_err(sql("queue for derivation"))?;
+        Ok(IngestOutcome::Stored)
+    }
+
+    /// Derive one report inside `tx` when this transaction takes its queue row; false when
+    /// the row was gone (derived already).
+    pub(super) fn derive_one(
+        tx: &rusqlite::Transaction<'_>,
+        d: &Derivation,
+    ) -> Result<bool, StoreError> {
+        let taken = exec(
+            tx,
+            "DELETE FROM derive_queue WHERE id = ?1",
+            params![d.queue_id],
+        )
+        .map_err(sql("take from derive queue"))?;
+        if taken == 0 {
+            return Ok(false);
+        }
+        let r = &d.report;
+        let epoch = to_i64(r.epoch, "epoch")?;
+        let seq = to_i64(r.seq, "seq")?;
         insert_telemetry(tx, r, epoch)?;
         apply_weights(tx, r)?;
         super::training::apply_training(tx, r)?;
-        apply_flows(tx, r, epoch, seq)?;
+        keep_raw_flows(tx, r, epoch, seq)?;
         super::containers::apply_containers(tx, r)?;
-        Ok(IngestOutcome::Stored)
+        Ok(true)
     }
+}
+
+/// The oldest reports waiting in the derive queue, with their bodies.
+pub(super) async fn underived(
+    store: &SqliteStore,
+    limit: u32,
+) -> Result<Vec<Underived>, StoreError> {
+    store
+        .read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+                     FROM derive_queue q JOIN reports r
+                       ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
+                     ORDER BY q.id LIMIT ?1",
+                )
+                .map_err(sql("prepare underived"))?;
+            let rows = st
+                .query_map(params![limit], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, Vec<u8>>(5)?,
+                    ))
+                })
+                .map_err(sql("read underived"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (queue_id, node, epoch, seq, received_unix_ms, body) =
+                    row.map_err(sql("read underived"))?;
+                out.push(Underived {
+                    queue_id,
+                    node,
+                    epoch: to_u64(epoch, "epoch")?,
+                    seq: to_u64(seq, "seq")?,
+                    received_unix_ms,
+                    body,
+                });
+            }
+            Ok(out)
+        })
+        .await
+}
+
+/// Derive a batch in one transaction (one commit): the queue rows it deletes and every row
+/// derived from their reports commit together.
+pub(super) async fn derive(store: &SqliteStore, batch: Vec<Derivation>) -> Result<u64, StoreError> {
+    store
+        .write(move |c| {
+            let tx = c.transaction().map_err(sql("begin derive"))?;
+            let mut derived = 0u64;
+            let mut sums = std::collections::BTreeMap::new();
+            for d in &batch {
+                if SqliteStore::derive_one(&tx, d)? {
+                    derived += 1;
+                    crate::store::minutes::add_report(&mut sums, &d.report)?;
+                }
+            }
+            write_minutes(&tx, &sums)?;
+            tx.commit().map_err(sql("commit derive"))?;
+            Ok(derived)
+        })
+        .await
 }
 
 /// Group commit: the report joins the queue; whoever holds the writer next stores every

@@ -18,10 +18,9 @@ use sov_evidence::chain::{LogRecord, canonical_json};
 
 use super::rows;
 use super::{
-    BreachChange, BreachFilter, GpuSummary, GpuUsageRow, IncomingReport, IngestOutcome,
-    NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention, Settle,
-    SinkStats, StoreError, TokenRecord, TokenSpend, direction_name, format_name, protocol_name,
-    to_i64,
+    BreachChange, BreachFilter, Derivation, DeriveStatus, GpuSummary, GpuUsageRow, IncomingReport,
+    IngestOutcome, NewEnrollToken, NodePeer, NodeRow, OutboxItem, OutboxRow, PruneStats, Retention,
+    Settle, SinkStats, StoreError, TokenRecord, TokenSpend, Underived, format_name, to_i64,
 };
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
 
@@ -45,7 +44,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 13] = [
+const MIGRATIONS: [&str; 14] = [
     include_str!("../../../migrations/sqlite/0001_reports.sql"),
     include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
@@ -59,6 +58,7 @@ const MIGRATIONS: [&str; 13] = [
     include_str!("../../../migrations/sqlite/0011_containers.sql"),
     include_str!("../../../migrations/sqlite/0012_enroll_token_replaces.sql"),
     include_str!("../../../migrations/sqlite/0013_training_runs.sql"),
+    include_str!("../../../migrations/sqlite/0014_derive_queue.sql"),
 ];
 
 /// SQLite-backed [`Store`].
@@ -273,7 +273,17 @@ mod tests {
         );
         let mut r = report("a", 1, 2);
         r.telemetry = telemetry();
-        assert_eq!(store.ingest(r).await.unwrap(), IngestOutcome::Stored);
+        assert_eq!(
+            store.ingest(r.clone()).await.unwrap(),
+            IngestOutcome::Stored
+        );
+        let queued = store.underived(10).await.unwrap();
+        assert_eq!(queued.len(), 1, "only the new report waits for derivation");
+        let batch = vec![crate::store::Derivation {
+            queue_id: queued[0].queue_id,
+            report: r,
+        }];
+        assert_eq!(store.derive(batch).await.unwrap(), 1);
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 2);
     }
 

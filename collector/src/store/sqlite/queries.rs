@@ -304,3 +304,19 @@ pub(super) async fn node_peers(store: &SqliteStore) -> Result<Vec<NodePeer>, Sto
         })
         .await
 }
+
+pub(super) async fn derive_status(store: &SqliteStore) -> Result<DeriveStatus, StoreError> {
+    store
+        .read(|c| {
+            let (pending, oldest): (i64, Option<i64>) = c
+                .prepare_cached("SELECT COUNT(*), MIN(received_ms) FROM derive_queue")
+                .map_err(sql("prepare derive status"))?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(sql("read derive status"))?;
+            Ok(DeriveStatus {
+                pending: to_u64(pending, "pending derivations")?,
+                oldest_pending_received_unix_ms: oldest,
+            })
+        })
+        .await
+}

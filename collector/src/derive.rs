@@ -1,0 +1,609 @@
+//! The deriver: what is computed from committed reports, in batches, after they were
+//! acknowledged (issue 14).
+//!
+//! The ingest service acknowledges a report once its key and body (and the node's
+//! completeness counters) are committed ([`crate::store::Store::ingest`]); that commit also
+//! puts the report in the store's derive queue. The [`Deriver`] takes the oldest queued
+//! reports in batches, decodes them, geolocates their flows and names their processes
+//! ([`Enricher`]), and hands the batch to [`crate::store::Store::derive`], which writes the
+//! time series, GPU usage, weight inventory and flow aggregates and deletes the batch's queue
+//! rows in one transaction: a crash before the commit leaves the queue as it was, and a report
+//! is derived once however often the deriver restarts. With several PostgreSQL replicas each
+//! runs a deriver; a queue row deleted by one is skipped by the others.
+//!
+//! Readers know how fresh the derived state is: the store's [`DeriveStatus`] ("every report
+//! received before T is derived") is on `/metrics` and in query answers, and a query first
+//! waits, at most [`DeriveConfig::query_wait_ms`], for the reports this collector acknowledged
+//! before it to be derived ([`Freshness`]).
+//!
+//! [`DeriveStatus`]: crate::store::DeriveStatus
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use serde::Deserialize;
+use sov_proto::pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::geo::physics::Place;
+use crate::geo::{Geo, Verdict};
+use crate::metrics::Metrics;
+use crate::policy::PolicyWatch;
+use crate::store::{
+    Derivation, FlowRecord, GapRecord, IncomingReport, Store, StoreError, Telemetry, Underived,
+    VerdictColumns, WeightUpdate,
+};
+
+/// Reports derived in one transaction, by default.
+pub const DEFAULT_BATCH_REPORTS: u32 = 512;
+/// How long a query waits, by default, for the reports acknowledged before it to be derived.
+pub const DEFAULT_QUERY_WAIT_MS: u64 = 5_000;
+/// How often an idle deriver looks at the queue (reports other replicas stored wake nobody
+/// here).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Pause after a failed batch before the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// `[derive]`: how acknowledged reports are derived.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeriveConfig {
+    /// Most reports derived in one transaction (1..=10000; default 512). Larger batches
+    /// write fewer, larger transactions; with SQLite a batch holds the single writer, so an
+    /// acknowledgement can wait for one batch.
+    #[serde(default = "default_batch_reports")]
+    pub batch_reports: u32,
+    /// How long a query waits, at most, for the reports this collector acknowledged before it
+    /// to be derived, ms (0..=60000; default 5000). The answer says how fresh it is either way.
+    #[serde(default = "default_query_wait_ms")]
+    pub query_wait_ms: u64,
+}
+
+fn default_batch_reports() -> u32 {
+    DEFAULT_BATCH_REPORTS
+}
+
+fn default_query_wait_ms() -> u64 {
+    DEFAULT_QUERY_WAIT_MS
+}
+
+impl Default for DeriveConfig {
+    fn default() -> Self {
+        Self {
+            batch_reports: DEFAULT_BATCH_REPORTS,
+            query_wait_ms: DEFAULT_QUERY_WAIT_MS,
+        }
+    }
+}
+
+/// Problems of `[derive]`, each naming the field and the bad value.
+pub fn validate(c: &DeriveConfig) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if !(1..=10_000).contains(&c.batch_reports) {
+        out.push((
+            "derive.batch_reports".to_owned(),
+            format!("{} is out of range 1..=10000", c.batch_reports),
+        ));
+    }
+    if c.query_wait_ms > 60_000 {
+        out.push((
+            "derive.query_wait_ms".to_owned(),
+            format!("{} is out of range 0..=60000", c.query_wait_ms),
+        ));
+    }
+    out
+}
+
+/// What this collector acknowledged and what its deriver has derived since, counted in
+/// acknowledgements: queries wait on it so that they see what was acknowledged before them.
+#[derive(Debug)]
+pub struct Freshness {
+    acked: AtomicU64,
+    derived: tokio::sync::watch::Sender<u64>,
+    query_wait: Duration,
+}
+
+impl Freshness {
+    /// Nothing acknowledged yet; queries wait at most `query_wait`.
+    pub fn new(query_wait: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            acked: AtomicU64::new(0),
+            derived: tokio::sync::watch::channel(0).0,
+            query_wait,
+        })
+    }
+
+    /// A report was committed and is about to be acknowledged.
+    pub fn acked(&self) {
+        self.acked.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Acknowledgements so far (every one of them committed to the derive queue).
+    fn acked_so_far(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// The first `n` acknowledgements are derived.
+    fn derived_through(&self, n: u64) {
+        self.derived.send_if_modified(|v| {
+            let newer = n > *v;
+            if newer {
+                *v = n;
+            }
+            newer
+        });
+    }
+
+    /// Wait until every report acknowledged before now is derived, at most the query wait;
+    /// false when the wait ran out.
+    pub async fn wait(&self) -> bool {
+        let target = self.acked_so_far();
+        let mut rx = self.derived.subscribe();
+        if *rx.borrow() >= target {
+            return true;
+        }
+        tokio::time::timeout(self.query_wait, rx.wait_for(|v| *v >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// Geolocates flows and names their processes: the enrichment of a report's telemetry.
+#[derive(Debug, Clone)]
+pub struct Enricher {
+    geo: Geo,
+    policy: Option<Arc<PolicyWatch>>,
+}
+
+impl Enricher {
+    /// Enrich with `geo`, placing nodes at their sites from `policy` (else in their country).
+    pub fn new(geo: Geo, policy: Option<Arc<PolicyWatch>>) -> Self {
+        Self { geo, policy }
+    }
+
+    /// Where the reporting node is: its site's coordinates from the policy, else its
+    /// country (the policy's for its site, else the one it declares); `None` when unknown.
+    fn node_place(&self, info: &pb::NodeInfo) -> Option<Place> {
+        match &self.policy {
+            Some(watch) => watch.current().place(&info.site, &info.country),
+            None => (!info.country.is_empty()).then(|| Place::Country(info.country.clone())),
+        }
+    }
+
+    /// Geolocate every flow's remote address (once per distinct address) and name its
+    /// process.
+    pub fn flows(&self, report: &pb::Report) -> Vec<FlowRecord> {
+        let names: HashMap<u32, &str> = report
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.name.as_str()))
+            .collect();
+        let place = report
+            .node_info
+            .as_ref()
+            .and_then(|info| self.node_place(info));
+        let mut verdicts: HashMap<&str, Arc<Verdict>> = HashMap::new();
+        report
+            .flows
+            .iter()
+            .map(|f| {
+                let v = verdicts
+                    .entry(f.remote_address.as_str())
+                    .or_insert_with(|| {
+                        f.remote_address
+                            .parse::<IpAddr>()
+                            .map(|ip| self.geo.lookup(ip))
+                            .unwrap_or_default()
+                    });
+                FlowRecord {
+                    flow: f.clone(),
+                    process: names
+                        .get(&f.pid)
+                        .map(|n| (*n).to_owned())
+                        .unwrap_or_default(),
+                    country: v.country.clone(),
+                    asn: v.asn.unwrap_or(0),
+                    org: v.org.clone(),
+                    geo_source: v.source.clone(),
+                    verdict: verdict_columns(&self.geo, v, place.as_ref(), f.min_rtt_us),
+                }
+            })
+            .collect()
+    }
+
+    /// A queued report ready to derive. A body that no longer decodes (it was validated
+    /// before it was stored, so only a damaged database does this) derives nothing: its
+    /// queue row is still taken, and the failure logged.
+    pub fn derivation(&self, u: Underived) -> Derivation {
+        let report = match pb::Report::decode(u.body.as_slice()) {
+            Ok(report) => {
+                let flows = self.flows(&report);
+                incoming(report, u.received_unix_ms, Vec::new(), Some(flows))
+            }
+            Err(err) => {
+                tracing::error!(node = %u.node, epoch = u.epoch, seq = u.seq, error = %err,
+                    "stored report does not decode; nothing derived from it");
+                IncomingReport {
+                    node: u.node,
+                    epoch: u.epoch,
+                    seq: u.seq,
+                    observed_unix_ms: 0,
+                    received_unix_ms: u.received_unix_ms,
+                    site: String::new(),
+                    country: String::new(),
+                    hostname: String::new(),
+                    agent_version: String::new(),
+                    labels: Default::default(),
+                    cpu_percent: 0.0,
+                    memory_used_bytes: 0,
+                    memory_total_bytes: 0,
+                    telemetry: Telemetry::default(),
+                    gaps: Vec::new(),
+                    body: Vec::new(),
+                }
+            }
+        };
+        Derivation {
+            queue_id: u.queue_id,
+            report,
+        }
+    }
+}
+
+fn gap_reason(code: i32) -> &'static str {
+    match pb::GapReason::try_from(code) {
+        Ok(pb::GapReason::SpoolFull) => "spool_full",
+        Ok(pb::GapReason::Corrupt) => "corrupt",
+        Ok(pb::GapReason::TooLarge) => "too_large",
+        _ => "unspecified",
+    }
+}
+
+/// A validated report as the store takes it. `flows`: the enriched flows, to carry the
+/// report's telemetry (the deriver); `None` leaves the telemetry empty (the append, which
+/// does not read it).
+pub fn incoming(
+    report: pb::Report,
+    received_unix_ms: i64,
+    body: Vec<u8>,
+    flows: Option<Vec<FlowRecord>>,
+) -> IncomingReport {
+    let info = report.node_info.unwrap_or_default();
+    let host = report.host.clone().unwrap_or_default();
+    let gaps = report
+        .gaps
+        .iter()
+        .map(|g| GapRecord {
+            first_seq: g.first_seq,
+            last_seq: g.last_seq,
+            reason: gap_reason(g.reason).to_owned(),
+            dropped_unix_ms: g.dropped_unix_ms,
+        })
+        .collect();
+    let telemetry = match flows {
+        Some(flows) => Telemetry {
+            host: report.host,
+            gpu_state: report.gpu_state,
+            gpus: report.gpus,
+            processes: report.processes,
+            weights: WeightUpdate {
+                full: report.weight_inventory_full,
+                files: report.weight_files,
+                removed: report.weight_files_removed,
+            },
+            flows,
+            training: report.training_runs,
+        },
+        None => Telemetry::default(),
+    };
+    IncomingReport {
+        node: info.node,
+        epoch: report.epoch,
+        seq: report.seq,
+        observed_unix_ms: report.observed_unix_ms,
+        received_unix_ms,
+        site: info.site,
+        country: info.country,
+        hostname: info.hostname,
+        agent_version: info.agent_version,
+        labels: info.labels.into_iter().collect(),
+        cpu_percent: host.cpu_percent,
+        memory_used_bytes: host.memory_used_bytes,
+        memory_total_bytes: host.memory_total_bytes,
+        telemetry,
+        gaps,
+        body,
+    }
+}
+
+/// The stored form of a flow's verdict: every answer with its speed-of-light check (from
+/// `place` at `min_rtt_us`), whether the sources disagree, the operator's country, and the
+/// check of the verdict's own country.
+pub fn verdict_columns(
+    geo: &Geo,
+    v: &Verdict,
+    place: Option<&Place>,
+    min_rtt_us: u32,
+) -> VerdictColumns {
+    if v.answers.is_empty() {
+        return VerdictColumns {
+            operator_country: v.operator_country.clone(),
+            ..VerdictColumns::default()
+        };
+    }
+    /// One stored answer (the protobuf `GeoAnswer`'s fields).
+    #[derive(serde::Serialize)]
+    struct Stored<'a> {
+        source: &'a str,
+        country: &'a str,
+        kind: &'static str,
+        impossible: bool,
+        distance_km: u32,
+    }
+    let checks = geo.physics().judge(v, place, min_rtt_us);
+    let km = |d: f64| d.round().clamp(0.0, f64::from(u32::MAX)) as u32;
+    let answers: Vec<Stored<'_>> = v
+        .answers
+        .iter()
+        .zip(&checks)
+        .map(|(a, c)| Stored {
+            source: &a.source,
+            country: &a.country,
+            kind: a.kind.as_str(),
+            impossible: c.is_some_and(|c| c.impossible),
+            distance_km: c.map_or(0, |c| km(c.distance_km)),
+        })
+        .collect();
+    let first = checks.first().copied().flatten();
+    VerdictColumns {
+        answers_json: serde_json::to_string(&answers).unwrap_or_default(),
+        contested: v.contested,
+        operator_country: v.operator_country.clone(),
+        physics: match first {
+            Some(c) if c.impossible => "impossible",
+            Some(_) => "possible",
+            None => "",
+        }
+        .to_owned(),
+        distance_km: first.map_or(0, |c| km(c.distance_km)),
+        limit_km: first.map_or(0, |c| km(c.limit_km)),
+    }
+}
+
+/// The derive loop of one collector.
+#[derive(Debug, Clone)]
+pub struct Deriver {
+    /// Where the reports are, and where what is derived goes.
+    pub store: Arc<dyn Store>,
+    /// Geolocation and process names.
+    pub enricher: Enricher,
+    /// Counted here: reports derived, batch time.
+    pub metrics: Arc<Metrics>,
+    /// Acknowledged vs derived, for queries.
+    pub freshness: Arc<Freshness>,
+    /// Woken by ingest after a stored report.
+    pub appended: Arc<tokio::sync::Notify>,
+    /// Woken here after a batch was derived (the breach rules evaluate soon after).
+    pub derived: Arc<tokio::sync::Notify>,
+    /// Most reports per batch.
+    pub batch_reports: u32,
+}
+
+impl Deriver {
+    /// Derive one batch of the oldest queued reports: how many were queued in it and how many
+    /// this call derived (fewer when another replica took some).
+    pub async fn derive_batch(&self) -> Result<(usize, u64), StoreError> {
+        let started = Instant::now();
+        let queued = self.store.underived(self.batch_reports).await?;
+        if queued.is_empty() {
+            return Ok((0, 0));
+        }
+        let n = queued.len();
+        let enricher = self.enricher.clone();
+        let batch = tokio::task::spawn_blocking(move || {
+            queued
+                .into_iter()
+                .map(|u| enricher.derivation(u))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+        let derived = match self.store.derive(batch.clone()).await {
+            Ok(d) => d,
+            Err(err) if batch.len() > 1 => {
+                tracing::debug!(reports = batch.len(), error = %err, "derive batch failed; deriving its reports one by one");
+                self.derive_one_by_one(batch).await?
+            }
+            Err(err) => self.derive_one_by_one_after(batch, err).await?,
+        };
+        self.metrics.derive_batch(derived, started.elapsed());
+        Ok((n, derived))
+    }
+
+    /// Derive each report of a failed batch in its own transaction, so that one report the
+    /// store refuses fails alone.
+    async fn derive_one_by_one(&self, batch: Vec<Derivation>) -> Result<u64, StoreError> {
+        let mut derived = 0;
+        for d in batch {
+            derived += match self.store.derive(vec![d.clone()]).await {
+                Ok(n) => n,
+                Err(err) => self.derive_one_by_one_after(vec![d], err).await?,
+            };
+        }
+        Ok(derived)
+    }
+
+    /// One report whose derivation failed with `err`: when the store refused its data (a value
+    /// out of range or a constraint, which fails the same way every time), it is taken off the
+    /// queue with nothing derived and the failure logged and counted, so that it cannot stop
+    /// derivation for everyone; any other error (the database is unavailable) is returned and
+    /// the batch is tried again later.
+    async fn derive_one_by_one_after(
+        &self,
+        batch: Vec<Derivation>,
+        err: StoreError,
+    ) -> Result<u64, StoreError> {
+        if !err.is_data_error() {
+            return Err(err);
+        }
+        for d in batch {
+            let r = &d.report;
+            tracing::error!(node = %r.node, epoch = r.epoch, seq = r.seq, error = %err,
+                cause = %sov_common::error::source_chain(&err),
+                "the store refused what this report derives; the report stays stored, nothing is derived from it");
+            self.metrics.derive_failed();
+            let mut empty = d.clone();
+            empty.report.telemetry = Telemetry::default();
+            self.store.derive(vec![empty]).await?;
+        }
+        Ok(0)
+    }
+
+    /// Derive until `stop`: batch after batch while reports wait, then sleep until ingest
+    /// stores one (or [`IDLE_POLL`] passes, for other replicas' reports).
+    pub async fn run(self, stop: CancellationToken) {
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let target = self.freshness.acked_so_far();
+            match self.derive_batch().await {
+                Ok((queued, derived)) => {
+                    if derived > 0 {
+                        self.derived.notify_one();
+                    }
+                    if queued == self.batch_reports as usize {
+                        continue;
+                    }
+                    // The queue held fewer than a batch: everything acknowledged before
+                    // `target` was read was in it (or derived before).
+                    self.freshness.derived_through(target);
+                    if queued > 0 {
+                        continue;
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = self.appended.notified() => {}
+                        () = tokio::time::sleep(IDLE_POLL) => {}
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, cause = %sov_common::error::source_chain(&err), "derivation failed; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(RETRY_AFTER) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_settings_are_refused_naming_the_field() {
+        let bad = DeriveConfig {
+            batch_reports: 0,
+            query_wait_ms: 60_001,
+        };
+        let problems = validate(&bad);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].0, "derive.batch_reports");
+        assert!(problems[0].1.contains('0'));
+        assert_eq!(problems[1].0, "derive.query_wait_ms");
+        assert!(validate(&DeriveConfig::default()).is_empty());
+    }
+
+    fn deriver(store: Arc<dyn Store>) -> Deriver {
+        Deriver {
+            store,
+            enricher: Enricher::new(Geo::from_config(&Default::default()).unwrap(), None),
+            metrics: Arc::new(Metrics::new()),
+            freshness: Freshness::new(Duration::ZERO),
+            appended: Arc::default(),
+            derived: Arc::default(),
+            batch_reports: DEFAULT_BATCH_REPORTS,
+        }
+    }
+
+    fn pushed(seq: u64, weight_size: u64) -> pb::Report {
+        pb::Report {
+            epoch: 1,
+            seq,
+            observed_unix_ms: 60_000 * i64::try_from(seq).unwrap(),
+            node_info: Some(pb::NodeInfo {
+                node: "n".into(),
+                country: "MA".into(),
+                ..Default::default()
+            }),
+            weight_files: vec![pb::WeightFile {
+                path: format!("/models/{seq}.safetensors"),
+                size_bytes: weight_size,
+                ..Default::default()
+            }],
+            flows: vec![pb::Flow {
+                remote_address: "8.8.8.8".into(),
+                remote_port: 443,
+                bytes_sent: 100,
+                direction: pb::Direction::Outbound as i32,
+                end_unix_ms: 60_000 * i64::try_from(seq).unwrap(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_the_store_refuses_to_derive_fails_alone_and_does_not_stop_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        // Report 2's weight file is larger than the store's integers hold.
+        for (seq, size) in [(1, 10), (2, u64::MAX), (3, 30)] {
+            let r = pushed(seq, size);
+            let body = r.encode_to_vec();
+            store.ingest(incoming(r, 1_000, body, None)).await.unwrap();
+        }
+        let d = deriver(store.clone());
+        assert_eq!(d.derive_batch().await.unwrap(), (3, 2));
+        assert_eq!(store.derive_status().await.unwrap().pending, 0);
+        assert_eq!(d.metrics.derived_reports(), 2);
+        let (rows, _) = store
+            .egress(crate::store::EgressQuery {
+                since_unix_ms: 0,
+                until_unix_ms: 600_000,
+                by: "country".into(),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 200);
+        let text = d.metrics.render(&crate::metrics::Scrape::default());
+        assert!(
+            text.contains("sov_collector_derive_failures_total 1\n"),
+            "{text}"
+        );
+        // Every report stays stored and counted.
+        assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 3);
+    }
+
+    #[tokio::test]
+    async fn a_query_waits_for_what_was_acknowledged_before_it_and_no_longer() {
+        let f = Freshness::new(Duration::from_millis(50));
+        assert!(f.wait().await, "nothing acknowledged: nothing to wait for");
+        f.acked();
+        let started = Instant::now();
+        assert!(!f.wait().await, "not derived yet: the wait runs out");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let f2 = f.clone();
+        let waiter = tokio::spawn(async move { f2.wait().await });
+        f.derived_through(1);
+        assert!(waiter.await.unwrap());
+    }
+}
