@@ -130,7 +130,53 @@ impl AgentMetrics {
         if let Some(p) = scrape.process {
             process_families(&mut out, p);
         }
+        cache_families(&mut out);
         out
+    }
+}
+
+/// The per-process caches' lookups (hit: answered without reading `/proc`) and sizes
+/// ([`crate::collect::cache`]).
+fn cache_families(out: &mut String) {
+    let all = crate::collect::cache::all();
+    let mut help = String::from(
+        "Lookups of the agent's per-process caches since it started (hit: answered without reading /proc):",
+    );
+    for c in all {
+        let _ = write!(help, " {} = {};", c.name, c.what);
+    }
+    family(
+        out,
+        "sov_agent_cache_lookups_total",
+        "counter",
+        help.trim_end_matches(';'),
+    );
+    for c in all {
+        let (hits, misses, _) = c.read();
+        let _ = writeln!(
+            out,
+            "sov_agent_cache_lookups_total{{cache=\"{}\",result=\"hit\"}} {hits}",
+            c.name
+        );
+        let _ = writeln!(
+            out,
+            "sov_agent_cache_lookups_total{{cache=\"{}\",result=\"miss\"}} {misses}",
+            c.name
+        );
+    }
+    family(
+        out,
+        "sov_agent_cache_entries",
+        "gauge",
+        "Entries in each per-process cache now (each bounded by the live processes or sockets).",
+    );
+    for c in all {
+        let _ = writeln!(
+            out,
+            "sov_agent_cache_entries{{cache=\"{}\"}} {}",
+            c.name,
+            c.read().2
+        );
     }
 }
 
@@ -172,8 +218,64 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
-        let samples = text.lines().filter(|l| !l.starts_with('#')).count();
-        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(samples, types, "{text}");
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
+        assert_eq!(helps, types.len(), "{text}");
+        for sample in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = sample.split(['{', ' ']).next().unwrap();
+            assert!(types.contains(&name), "{sample} has no TYPE line");
+        }
+    }
+
+    fn lookups(text: &str, cache: &str, result: &str) -> u64 {
+        let key =
+            format!("sov_agent_cache_lookups_total{{cache=\"{cache}\",result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} missing in\n{text}"))
+    }
+
+    #[test]
+    fn cache_hit_rates_are_exported_and_follow_the_samples() {
+        let m = AgentMetrics::default();
+        let render = || m.render(&AgentScrape::default());
+        let before = render();
+        for cache in crate::collect::cache::all() {
+            for result in ["hit", "miss"] {
+                lookups(&before, cache.name, result);
+            }
+            assert!(before.contains(&format!(
+                "sov_agent_cache_entries{{cache=\"{}\"}} ",
+                cache.name
+            )));
+        }
+        // Three samples of this machine's processes: the first reads every stat (misses),
+        // the second too (a first read tells no rate), the third keeps idle ones (hits).
+        let mut c = crate::collect::procs::ProcessCollector::new();
+        let t0 = std::time::Instant::now();
+        for i in 0..3 {
+            c.sample(t0 + std::time::Duration::from_secs(i), 3, &[]);
+        }
+        let after = render();
+        let read = c.read_stats();
+        assert!(
+            lookups(&after, "process_stat", "miss") - lookups(&before, "process_stat", "miss")
+                >= read.stat_reads,
+            "{read:?}"
+        );
+        assert!(
+            read.stat_kept > 0,
+            "idle processes kept at the third sample: {read:?}"
+        );
+        assert!(
+            lookups(&after, "process_stat", "hit") - lookups(&before, "process_stat", "hit")
+                >= read.stat_kept
+        );
+        assert!(lookups(&after, "process_detail", "hit") > 0 || read.detail_kept == 0);
     }
 }

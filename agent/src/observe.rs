@@ -16,6 +16,7 @@ use crate::collect::gpu::{GpuCollector, GpuReport};
 use crate::collect::host::HostCollector;
 use crate::collect::namespaces;
 use crate::collect::procs::{ProcessCollector, ProcessSample};
+use crate::collect::proctable::ProcTable;
 use crate::collect::weights::inventory::WeightsHandle;
 use crate::config::{AgentConfig, BudgetConfig, GpuConfig, ProcessesConfig};
 
@@ -78,15 +79,22 @@ impl Observer {
         budget: &BudgetConfig,
         gpu: Option<GpuCollector>,
     ) -> Self {
+        let mut procs = ProcessCollector::new();
+        procs.set_idle_recheck(Duration::from_secs(processes.idle_recheck_secs));
         Self {
             host: HostCollector::new(),
             gpu,
-            procs: ProcessCollector::new(),
+            procs,
             budget: Budget::new(budget.max_rss_bytes, budget.max_cpu_percent),
             top_n: processes.top_n,
             weights: None,
             containers: Containers::default(),
         }
+    }
+
+    /// The live processes, shared by every collector of this agent.
+    pub fn proc_table(&self) -> ProcTable {
+        self.procs.table()
     }
 
     /// The container directory every collector of this agent shares.
@@ -175,8 +183,14 @@ impl Observer {
         let proc_root = std::path::Path::new(crate::collect::procs::DEFAULT_PROC_ROOT);
         for p in &mut processes.processes {
             p.container = refs.get(&p.pid).cloned();
-            p.netns_inode = namespaces::of_pid(proc_root, p.pid, namespaces::NET).unwrap_or(0);
-            p.mntns_inode = namespaces::of_pid(proc_root, p.pid, namespaces::MNT).unwrap_or(0);
+            // Read with the process's other details (and kept with them); only a process
+            // whose namespaces could not be read then is asked again.
+            if p.netns_inode == 0 {
+                p.netns_inode = namespaces::of_pid(proc_root, p.pid, namespaces::NET).unwrap_or(0);
+            }
+            if p.mntns_inode == 0 {
+                p.mntns_inode = namespaces::of_pid(proc_root, p.pid, namespaces::MNT).unwrap_or(0);
+            }
         }
         for d in &mut gpu.devices {
             for p in &mut d.processes {

@@ -613,7 +613,7 @@ pub fn pod_of(c: Option<&pb::ContainerRef>) -> String {
 }
 
 /// Columns of `sovctl models` as a table or CSV.
-pub const MODEL_COLUMNS: [&str; 10] = [
+pub const MODEL_COLUMNS: [&str; 11] = [
     "model",
     "format",
     "sha256",
@@ -624,7 +624,17 @@ pub const MODEL_COLUMNS: [&str; 10] = [
     "users",
     "pods",
     "revision",
+    "base_models",
 ];
+
+/// A declared base as table text: `name (origin)`, or the name alone when its origin is unknown.
+pub fn base_text(b: &pb::ModelBase) -> String {
+    if b.origin.is_empty() {
+        b.name.clone()
+    } else {
+        format!("{} ({})", b.name, b.origin)
+    }
+}
 
 /// One model as the JSON object `sovctl models --output json` prints.
 pub fn model_json(m: &pb::ModelSummary) -> Value {
@@ -673,6 +683,14 @@ pub fn model_json(m: &pb::ModelSummary) -> Value {
         })).collect::<Vec<_>>(),
         "countries": countries.join(" "),
         "pods": pods.join(" "),
+        "base_models": m.base_models.iter().map(|b| json!({
+            "name": b.name,
+            "organization": b.organization,
+            "repo_url": b.repo_url,
+            "source": b.source,
+            "origin": b.origin,
+        })).collect::<Vec<_>>(),
+        "adapter_type": m.adapter_type,
     })
 }
 
@@ -681,6 +699,13 @@ pub fn model_row(m: &pb::ModelSummary) -> Value {
     let mut v = model_json(m);
     v["copies"] = json!(m.copies.len());
     v["users"] = json!(m.users.len());
+    v["base_models"] = json!(
+        m.base_models
+            .iter()
+            .map(base_text)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if let Some(short) = m.sha256.get(..12) {
         v["sha256"] = json!(short);
     }

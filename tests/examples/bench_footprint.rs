@@ -5,10 +5,21 @@
 //! ```sh
 //! apt-get install prometheus-node-exporter     # once
 //! cargo run --release -p sov-e2e --example bench_footprint -- --cycles 30 --interval-secs 2
+//! # a busy node: the same three processes at 0, 1,000 and 3,000 extra processes, with 200
+//! # processes holding a TCP connection and 20 extra network namespaces all along
+//! cargo run --release -p sov-e2e --example bench_footprint -- --interval-secs 1 --cycles 60 \
+//!     --processes 0,1000,3000 --connections 200 --namespaces 20
 //! ```
 //!
 //! CPU comes from `/proc/<pid>/stat` (utime + stime) over the measured cycles, RSS from
 //! `/proc/<pid>/status` (`VmRSS`) sampled every cycle (median after the warm-up).
+//!
+//! The load, made by this benchmark and killed when it ends: `--connections M` processes (this
+//! executable again, `--hold ADDR`) each holding one loopback TCP connection to a listener of
+//! the benchmark; `--namespaces K` processes each in a network namespace of its own
+//! (`unshare --net`, root); then, size by size, `sleep` processes up to each `--processes` size
+//! (extra processes beyond those). Each size gets its own warm-up and measured cycles, with the
+//! load average printed beside it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -84,19 +95,201 @@ fn node_exporter_path() -> Option<String> {
     .map(|p| (*p).to_owned())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+/// `--processes 0,1000,3000`: the sizes, in order (default: one size, 0).
+fn sizes(args: &[String]) -> Vec<usize> {
+    args.iter()
+        .position(|a| a == "--processes")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![0])
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn process_count() -> usize {
+    std::fs::read_dir("/proc").map_or(0, |d| {
+        d.flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+            .count()
+    })
+}
+
+/// `--hold ADDR`: connect and keep the connection until the benchmark closes it.
+fn hold(addr: &str) -> ! {
+    if let Ok(mut s) = TcpStream::connect(addr) {
+        let mut b = [0u8; 64];
+        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+    }
+    std::process::exit(0)
+}
+
+fn quiet(cmd: &mut Command) -> &mut Command {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+}
+
+/// One size's figures.
+struct Row {
+    extra: usize,
+    processes: usize,
+    load: String,
+    agent: (u64, f64, u64),
+    full: (u64, f64, u64),
+    ne: (u64, f64, u64),
+    cache: String,
+}
+
+struct Bench<'a> {
+    pki: &'a Pki,
+    url: String,
+    interval: Duration,
+    pids: (u32, u32, u32),
+    ne_port: u16,
+    metrics_port: u16,
+}
+
+impl Bench<'_> {
+    /// Warm up, then measure `cycles` intervals.
+    async fn measure(&self, extra: usize, cycles: u32) -> anyhow::Result<Row> {
+        let (agent_pid, full_pid, ne_pid) = self.pids;
+        let ne_port = self.ne_port;
+        let mut agent_rss = Vec::new();
+        let mut full_rss = Vec::new();
+        let mut ne_rss = Vec::new();
+        let mut start = None;
+        let total = WARMUP_CYCLES + cycles;
+        let began = Instant::now();
+        for i in 0..total {
+            tokio::time::sleep_until((began + self.interval * (i + 1)).into()).await;
+            tokio::task::spawn_blocking(move || scrape(ne_port)).await?;
+            if i + 1 == WARMUP_CYCLES {
+                start = Some((
+                    cpu_secs(agent_pid),
+                    cpu_secs(ne_pid),
+                    reports(self.pki, &self.url, "bench-node").await,
+                    cpu_secs(full_pid),
+                    reports(self.pki, &self.url, "bench-full").await,
+                ));
+            }
+            if i + 1 > WARMUP_CYCLES {
+                agent_rss.push(rss_bytes(agent_pid));
+                full_rss.push(rss_bytes(full_pid));
+                ne_rss.push(rss_bytes(ne_pid));
+            }
+        }
+        // Let the last report land.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (a0, n0, r0, f0, fr0) = start.ok_or_else(|| anyhow::anyhow!("no warm-up"))?;
+        let agent_cycles = reports(self.pki, &self.url, "bench-node")
+            .await
+            .saturating_sub(r0)
+            .max(1);
+        let full_cycles = reports(self.pki, &self.url, "bench-full")
+            .await
+            .saturating_sub(fr0)
+            .max(1);
+        let per = |cpu: f64, n: u64| cpu * 1000.0 / n as f64;
+        let scrapes = u64::from(cycles);
+        let port = self.metrics_port;
+        let metrics = tokio::task::spawn_blocking(move || metrics_text(port)).await?;
+        let cache = metrics
+            .lines()
+            .filter(|l| l.starts_with("sov_agent_cache_"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Ok(Row {
+            extra,
+            processes: process_count(),
+            load: load_average(),
+            agent: (
+                median(agent_rss),
+                per(cpu_secs(agent_pid) - a0, agent_cycles),
+                agent_cycles,
+            ),
+            full: (
+                median(full_rss),
+                per(cpu_secs(full_pid) - f0, full_cycles),
+                full_cycles,
+            ),
+            ne: (median(ne_rss), per(cpu_secs(ne_pid) - n0, scrapes), scrapes),
+            cache,
+        })
+    }
+}
+
+fn metrics_text(port: u16) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(addr) = args
+        .iter()
+        .position(|a| a == "--hold")
+        .and_then(|i| args.get(i + 1))
+    {
+        hold(addr);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Vec<String>) -> anyhow::Result<()> {
     let cycles = u32::try_from(arg(&args, "--cycles", 30))?.max(1);
     let interval = Duration::from_secs(arg(&args, "--interval-secs", 2).max(1));
+    let connections = usize::try_from(arg(&args, "--connections", 0))?;
+    let namespaces = usize::try_from(arg(&args, "--namespaces", 0))?;
+    let sizes = sizes(&args);
     let Some(ne_bin) = node_exporter_path() else {
         eprintln!("node_exporter not found: apt-get install prometheus-node-exporter");
         std::process::exit(2);
     };
 
+    // The load that stays for every size: connections and namespaces.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let me = std::env::current_exe()?;
+    let mut load: Vec<KillOnDrop> = Vec::new();
+    let mut accepted = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        load.push(KillOnDrop(
+            quiet(Command::new(&me).args(["--hold", &addr])).spawn()?,
+        ));
+        accepted.push(listener.accept()?.0);
+    }
+    for _ in 0..namespaces {
+        load.push(KillOnDrop(
+            quiet(Command::new("unshare").args(["--net", "sleep", "7200"])).spawn()?,
+        ));
+    }
+
     let pki = Pki::new();
     let work = tempfile::tempdir()?;
     let collector = InProcessCollector::start(&pki, &work.path().join("collector"), |_| {}).await;
+    let metrics_port = sov_e2e::free_port();
     // Two agents in the same run: the telemetry cycle (host, GPUs, processes: what
     // node_exporter + dcgm-exporter cover) and the whole agent (also weight files and flows).
     let spawn_agent = |name: &str, full: bool| -> anyhow::Result<KillOnDrop> {
@@ -104,125 +297,122 @@ async fn main() -> anyhow::Result<()> {
         cfg.interval_secs = interval.as_secs();
         let path = work.path().join(format!("{name}.toml"));
         write_agent_toml(&cfg, &path);
-        if !full {
-            let text = std::fs::read_to_string(&path)?
-                .replace("[weights]\n", "[weights]\nenabled = false\n")
-                + "\n[net]\nenabled = false\n";
-            std::fs::write(&path, text)?;
-        }
+        let text = std::fs::read_to_string(&path)?;
+        let text = if full {
+            format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n")
+        } else {
+            text.replace("[weights]\n", "[weights]\nenabled = false\n")
+                + "\n[net]\nenabled = false\n"
+        };
+        std::fs::write(&path, text)?;
         Ok(KillOnDrop(
-            Command::new(bin_path("e2e-agent"))
-                .args(["run", "--config", &path.to_string_lossy()])
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
+            quiet(
+                Command::new(bin_path("e2e-agent"))
+                    .args(["run", "--config", &path.to_string_lossy()])
+                    .env("RUST_LOG", "warn"),
+            )
+            .spawn()?,
         ))
     };
     let agent = spawn_agent("bench-node", false)?;
     let full = spawn_agent("bench-full", true)?;
     let ne_port = sov_e2e::free_port();
     let ne = KillOnDrop(
-        Command::new(&ne_bin)
-            .arg(format!("--web.listen-address=127.0.0.1:{ne_port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        quiet(Command::new(&ne_bin).arg(format!("--web.listen-address=127.0.0.1:{ne_port}")))
             .spawn()?,
     );
-    let (agent_pid, full_pid, ne_pid) = (agent.0.id(), full.0.id(), ne.0.id());
+    let bench = Bench {
+        pki: &pki,
+        url: collector.url(),
+        interval,
+        pids: (agent.0.id(), full.0.id(), ne.0.id()),
+        ne_port,
+        metrics_port,
+    };
 
-    let mut agent_rss = Vec::new();
-    let mut full_rss = Vec::new();
-    let mut ne_rss = Vec::new();
-    let mut scraped = 0usize;
-    let mut start = None;
-    let total = WARMUP_CYCLES + cycles;
-    let began = Instant::now();
-    for i in 0..total {
-        tokio::time::sleep_until((began + interval * (i + 1)).into()).await;
-        scraped = tokio::task::spawn_blocking(move || scrape(ne_port)).await?;
-        if i + 1 == WARMUP_CYCLES {
-            start = Some((
-                Instant::now(),
-                cpu_secs(agent_pid),
-                cpu_secs(ne_pid),
-                reports(&pki, &collector.url(), "bench-node").await,
-                cpu_secs(full_pid),
-                reports(&pki, &collector.url(), "bench-full").await,
+    let mut rows = Vec::new();
+    let mut extra: Vec<KillOnDrop> = Vec::new();
+    for &size in &sizes {
+        while extra.len() < size {
+            extra.push(KillOnDrop(
+                quiet(Command::new("sleep").arg("7200")).spawn()?,
             ));
         }
-        if i + 1 > WARMUP_CYCLES {
-            agent_rss.push(rss_bytes(agent_pid));
-            full_rss.push(rss_bytes(full_pid));
-            ne_rss.push(rss_bytes(ne_pid));
-        }
+        let row = bench.measure(size, cycles).await?;
+        eprintln!(
+            "{size} extra processes: agent {:.2} ms, whole agent {:.2} ms, node_exporter {:.2} ms (load {})",
+            row.agent.1, row.full.1, row.ne.1, row.load
+        );
+        rows.push(row);
     }
-    // Let the last report land.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (t0, a0, n0, r0, f0, fr0) = start.ok_or_else(|| anyhow::anyhow!("no warm-up"))?;
-    let elapsed = t0.elapsed().as_secs_f64();
-    let agent_cpu = cpu_secs(agent_pid) - a0;
-    let ne_cpu = cpu_secs(ne_pid) - n0;
-    let agent_cycles = reports(&pki, &collector.url(), "bench-node")
-        .await
-        .saturating_sub(r0)
-        .max(1);
-    let full_cpu = cpu_secs(full_pid) - f0;
-    let full_cycles = reports(&pki, &collector.url(), "bench-full")
-        .await
-        .saturating_sub(fr0)
-        .max(1);
-    let f_rss = median(full_rss);
-    let f_ms = full_cpu * 1000.0 / full_cycles as f64;
-    let scrapes = u64::from(cycles);
-    let a_rss = median(agent_rss);
-    let n_rss = median(ne_rss);
-    let a_ms = agent_cpu * 1000.0 / agent_cycles as f64;
-    let n_ms = ne_cpu * 1000.0 / scrapes as f64;
 
     println!(
-        "footprint over {elapsed:.0} s, interval {} s, after {WARMUP_CYCLES} warm-up cycles",
+        "footprint, interval {} s, {WARMUP_CYCLES} warm-up + {cycles} measured cycles per size; \
+         {connections} processes holding a TCP connection, {namespaces} extra network namespaces",
         interval.as_secs()
     );
-    let row = |name: &str, rss: u64, ms: f64, cycles: u64| {
-        println!(
-            "{name:<34} {:>14.1} {ms:>16.2} {cycles:>8}",
-            rss as f64 / 1048576.0
-        );
-    };
     println!(
-        "{:<34} {:>14} {:>16} {:>8}",
-        "process", "steady RSS MiB", "CPU ms / cycle", "cycles"
+        "{:>6} {:>6} {:<16} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | target (whole agent)",
+        "extra",
+        "procs",
+        "load 1/5/15",
+        "agent MiB",
+        "ms/cyc",
+        "whole MiB",
+        "ms/cyc",
+        "n_e MiB",
+        "ms/scr"
     );
-    row(
-        "sov-agent (host, GPU, processes)",
-        a_rss,
-        a_ms,
-        agent_cycles,
-    );
-    row("sov-agent (+ weights + flows)", f_rss, f_ms, full_cycles);
-    row("node_exporter", n_rss, n_ms, scrapes);
-    println!("(last node_exporter scrape: {scraped} bytes)");
-    println!(
-        "{{\"bench\":\"footprint\",\"interval_secs\":{},\"agent_rss_bytes\":{a_rss},\"agent_cpu_ms_per_cycle\":{a_ms:.3},\"agent_cycles\":{agent_cycles},\"full_agent_rss_bytes\":{f_rss},\"full_agent_cpu_ms_per_cycle\":{f_ms:.3},\"node_exporter_rss_bytes\":{n_rss},\"node_exporter_cpu_ms_per_scrape\":{n_ms:.3},\"scrapes\":{scrapes}}}",
-        interval.as_secs()
-    );
+    let mib = |b: u64| b as f64 / 1048576.0;
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    println!(
-        "target RSS below node_exporter: {} (whole agent: {})",
-        verdict(a_rss < n_rss),
-        verdict(f_rss < n_rss)
-    );
-    println!(
-        "target CPU per cycle below node_exporter's per scrape: {} (whole agent: {})",
-        verdict(a_ms < n_ms),
-        verdict(f_ms < n_ms)
-    );
+    for r in &rows {
+        println!(
+            "{:>6} {:>6} {:<16} | {:>9.1} {:>8.2} | {:>9.1} {:>8.2} | {:>9.1} {:>8.2} | RSS {} CPU {}",
+            r.extra,
+            r.processes,
+            r.load,
+            mib(r.agent.0),
+            r.agent.1,
+            mib(r.full.0),
+            r.full.1,
+            mib(r.ne.0),
+            r.ne.1,
+            verdict(r.full.0 < r.ne.0),
+            verdict(r.full.1 < r.ne.1),
+        );
+    }
+    for r in &rows {
+        println!(
+            "{{\"bench\":\"footprint\",\"interval_secs\":{},\"extra_processes\":{},\"processes\":{},\"connections\":{connections},\"namespaces\":{namespaces},\"load\":\"{}\",\"agent_rss_bytes\":{},\"agent_cpu_ms_per_cycle\":{:.3},\"agent_cycles\":{},\"full_agent_rss_bytes\":{},\"full_agent_cpu_ms_per_cycle\":{:.3},\"full_agent_cycles\":{},\"node_exporter_rss_bytes\":{},\"node_exporter_cpu_ms_per_scrape\":{:.3},\"scrapes\":{}}}",
+            interval.as_secs(),
+            r.extra,
+            r.processes,
+            r.load,
+            r.agent.0,
+            r.agent.1,
+            r.agent.2,
+            r.full.0,
+            r.full.1,
+            r.full.2,
+            r.ne.0,
+            r.ne.1,
+            r.ne.2
+        );
+    }
+    if let Some(r) = rows.last()
+        && !r.cache.is_empty()
+    {
+        println!(
+            "whole agent's caches at {} extra processes:\n{}",
+            r.extra, r.cache
+        );
+    }
+    drop(extra);
     drop(full);
     drop(agent);
     drop(ne);
+    drop(accepted);
+    drop(load);
     collector.stop().await;
     Ok(())
 }

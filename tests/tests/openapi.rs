@@ -111,6 +111,11 @@ async fn seed(pki: &Pki, url: &str, data: &std::path::Path) {
             sha256: "d".repeat(64),
             identity: Some(pb::ModelIdentity {
                 model: "meta-llama/llama-3".into(),
+                base_models: vec![pb::BaseModel {
+                    name: "meta-llama/Llama-3.1-8B".into(),
+                    source: "gguf-metadata".into(),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             users: vec![pb::WeightUser {

@@ -1,30 +1,46 @@
 //! Processes: pid, parent, name, executable, command line, user, start time, cgroup and container
-//! id, CPU share over the interval and resident memory, for the top N by CPU, the top N by RSS and
-//! every process another collector marks as interesting (GPU users, weight holders, flow owners).
+//! id, namespaces, CPU share over the interval and resident memory, for the top N by CPU, the top
+//! N by RSS and every process another collector marks as interesting (GPU users, weight holders,
+//! flow owners).
 //!
-//! Read straight from `/proc`, in two passes, so the cost follows the number of processes only
-//! through one small read each:
-//! 1. every `/proc/<pid>/stat` (one read per process): parent, CPU ticks, start time, RSS pages;
-//! 2. for the selected processes only: `exe`, `cmdline`, `status` (uid) and `cgroup`.
+//! Read straight from `/proc`, so that a sample's cost follows what changed on the node rather
+//! than how many processes exist:
+//! - which processes exist comes from the shared [`ProcTable`] (the kernel's process events, no
+//!   listing at all on a steady node; else one listing of `/proc`);
+//! - `/proc/<pid>/stat` (CPU ticks, RSS, start time) is read every sample only for processes that
+//!   are new, used CPU at their previous read ("busy"), are among the top N by memory, or are
+//!   interesting; an idle process is read again in turn, each one at least every
+//!   `[processes] idle_recheck_secs` (the reads spread evenly over the samples). Ticks are
+//!   cumulative, so nothing is lost: an idle process that wakes up has all its ticks counted at
+//!   its next read, its share averaged over the time since its previous read, and it is busy (read
+//!   every sample) from then on;
+//! - the details of a reported process (`exe`, `cmdline`, `status` for the uid, `cgroup`, its
+//!   network and mount namespaces) are read once and kept while the process is the same one:
+//!   same pid and start time, no exec seen (process events) and the same name (`comm`, which
+//!   an exec changes), and read again at most [`DETAIL_MAX_AGE`] later.
+//!
+//! Bounded: one entry per live process, dropped when the process leaves the table.
 //!
 //! Fixed assumptions, so that no libc call is needed: CPU ticks are counted at [`USER_HZ`] (100 per
 //! second, the Linux user-space ABI on every mainstream architecture); the page size is the first
 //! `KernelPageSize` in `/proc/self/smaps`, else [`DEFAULT_PAGE_SIZE`]; user names come from
 //! `/etc/passwd` only (users known only to LDAP/SSSD show as their numeric uid).
 //!
-//! Cost, printed by the test `one_sample_over_the_real_proc_reports_its_cost` (debug build, this
-//! 2-CPU development machine, ~90 processes, top 10): about 1.4 ms of wall time and 1.2 ms of CPU
-//! per `sample()`, against node_exporter's ~12.5 ms of CPU per scrape on the same machine. Pass 1
-//! costs about 13 µs per process, so a node with 2,000 processes pays roughly 25 ms.
+//! Cost (docs/PERFORMANCE.md §3): reading one `/proc/<pid>/stat` costs about 9 µs of CPU on the
+//! 2-core development VM, so reading all of 3,100 processes every sample would cost about 28 ms,
+//! three times node_exporter's whole scrape.
 
-use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sov_proto::pb::{self, ProcessReason};
+
+use crate::collect::cache;
+use crate::collect::namespaces;
+use crate::collect::proctable::{Gen, ProcTable};
 
 /// Where the kernel's process table is mounted.
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
@@ -40,6 +56,11 @@ pub const PASSWD_REFRESH: Duration = Duration::from_secs(300);
 pub const MAX_CMDLINE_ARGS: usize = 32;
 /// At most this many bytes of command-line text (all arguments together) are reported.
 pub const MAX_CMDLINE_BYTES: usize = 4096;
+/// Default of `[processes] idle_recheck_secs`.
+pub const DEFAULT_IDLE_RECHECK: Duration = Duration::from_secs(60);
+/// A reported process's details (user, cgroup, …) are read again at least this often, even
+/// when nothing says they changed (a process can change its uid or cgroup without exec).
+pub const DETAIL_MAX_AGE: Duration = Duration::from_secs(60);
 
 /// `ESRCH`: what reading a file of a process that just exited may return instead of `ENOENT`.
 const ESRCH: i32 = 3;
@@ -54,15 +75,28 @@ const CONTAINER_ID_LEN: usize = 64;
 pub struct ProcessSample {
     /// The selected processes, ordered by pid, each with its reasons (sorted, no duplicates).
     pub processes: Vec<pb::ProcessInfo>,
-    /// Processes seen in pass 1 (whose `stat` was read).
+    /// Live processes known after the sample (their `stat` was read at least once).
     pub total: usize,
-    /// Processes listed in `/proc` whose `stat` could not be read or parsed, not counting those
-    /// that exited during the sample.
+    /// Processes listed whose `stat` could not be read or parsed this sample, not counting
+    /// those that exited during the sample.
     pub stat_errors: usize,
 }
 
+/// What the collector read so far (for tests and benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// `/proc/<pid>/stat` reads.
+    pub stat_reads: u64,
+    /// Live processes whose previous read was used instead.
+    pub stat_kept: u64,
+    /// Details read (exe, cmdline, status, cgroup, namespaces).
+    pub detail_reads: u64,
+    /// Details reused from an earlier read.
+    pub detail_kept: u64,
+}
+
 /// Samples processes from `/proc`. Keep one per agent: the CPU share is the difference between
-/// two samples, so the first sample reports 0 % for every process and no top-CPU processes.
+/// two reads, so the first sample reports 0 % for every process and no top-CPU processes.
 #[derive(Debug)]
 pub struct ProcessCollector {
     proc_root: PathBuf,
@@ -70,19 +104,30 @@ pub struct ProcessCollector {
     page_size: u64,
     /// Boot time in unix milliseconds (`btime` of `/proc/stat`); `None` when unknown.
     boot_time_ms: Option<i64>,
-    /// Per live pid at the previous sample: its CPU ticks and start time.
-    prev: HashMap<u32, CpuMark>,
+    table: ProcTable,
+    idle_recheck: Duration,
+    /// Every live process read at least once, by pid.
+    known: BTreeMap<u32, Known>,
+    /// Where the turn of idle processes stopped.
+    cursor: u32,
     prev_at: Option<Instant>,
     /// Ticks since boot when the previous sample began (`/proc/uptime`).
     prev_uptime_ticks: Option<u64>,
+    stats: ReadStats,
     /// Reused read buffer for `stat` files.
     buf: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct CpuMark {
-    ticks: u64,
-    starttime: u64,
+/// One live process as last read.
+#[derive(Debug, Clone)]
+struct Known {
+    generation: Gen,
+    stat: Stat,
+    read_at: Instant,
+    /// Used CPU between its last two reads, or was read only once: read every sample.
+    busy: bool,
+    /// Its details, the generation and name they were read under, and when.
+    detail: Option<(pb::ProcessInfo, Gen, Instant)>,
 }
 
 /// What pass 1 learns from `/proc/<pid>/stat`.
@@ -97,11 +142,11 @@ struct Stat {
     rss_pages: u64,
 }
 
-#[derive(Debug)]
-struct Seen {
-    pid: u32,
-    stat: Stat,
-    cpu_ticks: u64,
+/// A process read this sample: its ticks since its previous read, over how long.
+#[derive(Debug, Clone, Copy)]
+struct Fresh {
+    ticks: u64,
+    secs: f64,
 }
 
 impl Default for ProcessCollector {
@@ -111,9 +156,16 @@ impl Default for ProcessCollector {
 }
 
 impl ProcessCollector {
-    /// A collector over `/proc` and `/etc/passwd`.
+    /// A collector over `/proc` and `/etc/passwd`, with a process table of its own.
     pub fn new() -> Self {
-        Self::with_paths(DEFAULT_PROC_ROOT, DEFAULT_PASSWD_PATH)
+        Self::with_table(ProcTable::new(Path::new(DEFAULT_PROC_ROOT)))
+    }
+
+    /// A collector over `/proc` sharing `table` with the agent's other collectors.
+    pub fn with_table(table: ProcTable) -> Self {
+        let mut c = Self::with_paths(DEFAULT_PROC_ROOT, DEFAULT_PASSWD_PATH);
+        c.table = table;
+        c
     }
 
     /// A collector over another process table and user list, e.g. the host's `/proc` and
@@ -122,22 +174,47 @@ impl ProcessCollector {
         let proc_root = proc_root.into();
         let page_size = read_page_size(&proc_root.join("self/smaps")).unwrap_or(DEFAULT_PAGE_SIZE);
         let boot_time_ms = read_boot_time_ms(&proc_root.join("stat"));
+        let table = if proc_root == Path::new(DEFAULT_PROC_ROOT) {
+            ProcTable::new(&proc_root)
+        } else {
+            ProcTable::listing(&proc_root)
+        };
         Self {
+            table,
             proc_root,
             users: UserNames::new(passwd.into()),
             page_size,
             boot_time_ms,
-            prev: HashMap::new(),
+            idle_recheck: DEFAULT_IDLE_RECHECK,
+            known: BTreeMap::new(),
+            cursor: 0,
             prev_at: None,
             prev_uptime_ticks: None,
+            stats: ReadStats::default(),
             buf: Vec::with_capacity(512),
         }
     }
 
-    /// One sample at `now`: the `top_n` processes by CPU share since the previous sample (only
-    /// those that used some CPU), the `top_n` by RSS (only those with some), and every live pid in
-    /// `interesting`, each once with all its reasons. A process that exits during the sample is
-    /// left out silently.
+    /// How often an idle process is read again (`[processes] idle_recheck_secs`); zero reads
+    /// every process every sample.
+    pub fn set_idle_recheck(&mut self, every: Duration) {
+        self.idle_recheck = every;
+    }
+
+    /// What was read so far.
+    pub fn read_stats(&self) -> ReadStats {
+        self.stats
+    }
+
+    /// The process table this collector follows.
+    pub fn table(&self) -> ProcTable {
+        self.table.clone()
+    }
+
+    /// One sample at `now`: the `top_n` processes by CPU share since their previous read (only
+    /// those that used some CPU), the `top_n` by RSS (only those with some), and every live pid
+    /// in `interesting`, each once with all its reasons. A process that exits during the
+    /// sample is left out silently.
     pub fn sample(
         &mut self,
         now: Instant,
@@ -149,58 +226,100 @@ impl ProcessCollector {
             .prev_at
             .and_then(|prev| now.checked_duration_since(prev))
             .unwrap_or(Duration::ZERO);
+        let live = self.table.refresh(Duration::ZERO);
 
-        // Pass 1: one `stat` read per process.
-        let mut seen: Vec<Seen> = Vec::with_capacity(self.prev.len() + 16);
-        let mut stat_errors = 0;
-        match fs::read_dir(&self.proc_root) {
-            Ok(dir) => {
-                for entry in dir.flatten() {
-                    let Some(pid) = parse_pid(&entry.file_name()) else {
-                        continue;
-                    };
-                    match self.read_stat(pid) {
-                        Ok(Some(stat)) => {
-                            let cpu_ticks = self.cpu_ticks(pid, &stat);
-                            seen.push(Seen {
-                                pid,
-                                stat,
-                                cpu_ticks,
-                            });
-                        }
-                        Err(err) if is_gone(&err) => {}
-                        Ok(None) | Err(_) => stat_errors += 1,
-                    }
+        // Forget processes that left, or whose pid was born again.
+        self.known
+            .retain(|pid, k| live.get(pid).is_some_and(|g| g.born == k.generation.born));
+
+        // Which processes to read now.
+        let wanted: HashSet<u32> = interesting.iter().map(|(p, _)| *p).collect();
+        let mut read: Vec<u32> = Vec::new();
+        let mut idle = 0usize;
+        for (&pid, g) in live.iter() {
+            match self.known.get(&pid) {
+                None => read.push(pid),
+                Some(k) if k.busy || k.generation.exec != g.exec || wanted.contains(&pid) => {
+                    read.push(pid);
                 }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, root = %self.proc_root.display(), "cannot list processes");
+                Some(_) => idle += 1,
             }
         }
-        seen.sort_unstable_by_key(|s| s.pid);
-        let total = seen.len();
+        let mut chosen: HashSet<u32> = read.iter().copied().collect();
+        // The top N by memory as last read: read again, so their figures are current.
+        for pid in self.top_by_rss(top_n) {
+            if chosen.insert(pid) {
+                read.push(pid);
+                idle = idle.saturating_sub(1);
+            }
+        }
+        // Idle processes in turn: enough of them that each is read within `idle_recheck`.
+        let quota = if self.idle_recheck.is_zero() {
+            idle
+        } else {
+            let share = elapsed.as_secs_f64() / self.idle_recheck.as_secs_f64();
+            ((idle as f64 * share).ceil() as usize).min(idle)
+        };
+        if quota > 0 {
+            let after: Vec<u32> = self
+                .known
+                .range(self.cursor.saturating_add(1)..)
+                .chain(self.known.range(..=self.cursor))
+                .map(|(p, _)| *p)
+                .filter(|p| !chosen.contains(p))
+                .take(quota)
+                .collect();
+            if let Some(&last) = after.last() {
+                self.cursor = last;
+            }
+            for pid in after {
+                chosen.insert(pid);
+                read.push(pid);
+            }
+        }
 
-        // Selection: top N by CPU, top N by RSS (ties by pid), and the interesting pids.
-        let mut reasons: BTreeMap<u32, Vec<ProcessReason>> = BTreeMap::new();
-        let mut order: Vec<usize> = (0..seen.len()).filter(|&i| seen[i].cpu_ticks > 0).collect();
-        order.sort_unstable_by(|&a, &b| {
-            (seen[b].cpu_ticks, seen[a].pid).cmp(&(seen[a].cpu_ticks, seen[b].pid))
-        });
-        for &i in order.iter().take(top_n) {
-            reasons
-                .entry(seen[i].pid)
-                .or_default()
-                .push(ProcessReason::TopCpu);
+        let mut fresh: HashMap<u32, Fresh> = HashMap::with_capacity(read.len());
+        let mut stat_errors = 0;
+        for pid in read {
+            match self.read_known(pid, live.get(&pid).copied(), now, elapsed) {
+                Ok(Some(f)) => {
+                    fresh.insert(pid, f);
+                }
+                Ok(None) => stat_errors += 1,
+                Err(err) if is_gone(&err) => {
+                    self.known.remove(&pid);
+                }
+                Err(_) => stat_errors += 1,
+            }
         }
-        let mut order: Vec<usize> = (0..seen.len())
-            .filter(|&i| seen[i].stat.rss_pages > 0)
+        let kept = live.len().saturating_sub(fresh.len()) as u64;
+        self.stats.stat_reads += fresh.len() as u64;
+        self.stats.stat_kept += kept;
+        cache::PROCESS_STAT.misses(fresh.len() as u64);
+        cache::PROCESS_STAT.hits(kept);
+        cache::PROCESS_STAT.entries(self.known.len());
+
+        // Selection: top N by CPU share, top N by RSS (ties by pid), and the interesting pids.
+        let mut reasons: BTreeMap<u32, Vec<ProcessReason>> = BTreeMap::new();
+        let rate = |f: &Fresh| {
+            if f.secs > 0.0 {
+                f.ticks as f64 / f.secs
+            } else {
+                f.ticks as f64
+            }
+        };
+        let mut busy: Vec<(u32, f64)> = fresh
+            .iter()
+            .filter(|(_, f)| f.ticks > 0)
+            .map(|(p, f)| (*p, rate(f)))
             .collect();
-        order.sort_unstable_by(|&a, &b| {
-            (seen[b].stat.rss_pages, seen[a].pid).cmp(&(seen[a].stat.rss_pages, seen[b].pid))
-        });
-        for &i in order.iter().take(top_n) {
+        busy.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for &(pid, _) in busy.iter().take(top_n) {
+            reasons.entry(pid).or_default().push(ProcessReason::TopCpu);
+        }
+        for pid in self.top_by_rss(top_n) {
             reasons
-                .entry(seen[i].pid)
+                .entry(pid)
                 .or_default()
                 .push(ProcessReason::TopMemory);
         }
@@ -208,63 +327,149 @@ impl ProcessCollector {
             reasons.entry(pid).or_default().push(reason);
         }
 
-        // Pass 2: the details, for the selected processes only.
-        let secs = elapsed.as_secs_f64();
+        // The details, for the selected processes only.
         let mut processes = Vec::with_capacity(reasons.len());
-        let mut late: Vec<Seen> = Vec::new();
         for (pid, mut why) in reasons {
             why.sort_unstable();
             why.dedup();
-            let found = match seen.binary_search_by_key(&pid, |s| s.pid) {
-                Ok(i) => Some((seen[i].stat.clone(), seen[i].cpu_ticks)),
-                // An interesting pid not listed in pass 1 (started since, or a thread id).
-                Err(_) => match self.read_stat(pid) {
-                    Ok(Some(stat)) => {
-                        let cpu_ticks = self.cpu_ticks(pid, &stat);
-                        late.push(Seen {
-                            pid,
-                            stat: stat.clone(),
-                            cpu_ticks,
-                        });
-                        Some((stat, cpu_ticks))
+            let f = match fresh.get(&pid) {
+                Some(f) => Some(*f),
+                None if self.known.contains_key(&pid) => {
+                    // Selected from an earlier read (top memory): read it now.
+                    match self.read_known(pid, live.get(&pid).copied(), now, elapsed) {
+                        Ok(Some(f)) => Some(f),
+                        Err(err) if is_gone(&err) => {
+                            self.known.remove(&pid);
+                            None
+                        }
+                        _ => None,
                     }
-                    _ => None,
-                },
+                }
+                // An interesting pid not in the table (started since, or a thread id).
+                None => self.read_known(pid, None, now, elapsed).ok().flatten(),
             };
-            let Some((stat, cpu_ticks)) = found else {
+            let Some(f) = f else {
                 continue;
             };
-            let cpu_percent = if secs > 0.0 {
-                (cpu_ticks as f64 / (secs * USER_HZ as f64) * 100.0) as f32
+            let cpu_percent = if f.secs > 0.0 {
+                (f.ticks as f64 / (f.secs * USER_HZ as f64) * 100.0) as f32
             } else {
                 0.0
             };
-            if let Some(mut info) = self.details(pid, stat, now) {
+            if let Some(mut info) = self.details_cached(pid, now) {
                 info.cpu_percent = cpu_percent;
                 info.reasons = why.into_iter().map(|r| r as i32).collect();
                 processes.push(info);
             }
         }
+        // Threads and other pids outside the table were read for this sample only.
+        self.known.retain(|pid, _| live.contains_key(pid));
+        cache::PROCESS_DETAIL.entries(self.known.values().filter(|k| k.detail.is_some()).count());
 
-        // The next baseline holds exactly the processes alive now.
-        self.prev = seen
-            .iter()
-            .chain(late.iter())
-            .map(|s| {
-                let mark = CpuMark {
-                    ticks: s.stat.ticks,
-                    starttime: s.stat.starttime,
-                };
-                (s.pid, mark)
-            })
-            .collect();
         self.prev_at = Some(now);
         self.prev_uptime_ticks = uptime_ticks;
         ProcessSample {
             processes,
-            total,
+            total: self.known.len(),
             stat_errors,
         }
+    }
+
+    /// The `n` known processes with the most resident memory (ties by pid).
+    fn top_by_rss(&self, n: usize) -> Vec<u32> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut v: Vec<(u64, u32)> = self
+            .known
+            .iter()
+            .filter(|(_, k)| k.stat.rss_pages > 0)
+            .map(|(p, k)| (k.stat.rss_pages, *p))
+            .collect();
+        v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        v.into_iter().take(n).map(|(_, p)| p).collect()
+    }
+
+    /// Read `pid`'s stat now and update what is known of it; its ticks since its previous read.
+    /// `Ok(None)` when the file does not parse.
+    fn read_known(
+        &mut self,
+        pid: u32,
+        generation: Option<Gen>,
+        now: Instant,
+        elapsed: Duration,
+    ) -> io::Result<Option<Fresh>> {
+        let Some(stat) = self.read_stat(pid)? else {
+            return Ok(None);
+        };
+        let generation = generation.unwrap_or(Gen { born: 0, exec: 0 });
+        let prev = self
+            .known
+            .get(&pid)
+            .filter(|k| k.stat.starttime == stat.starttime && k.generation.born == generation.born);
+        let fresh = match prev {
+            Some(k) => Fresh {
+                ticks: stat.ticks.saturating_sub(k.stat.ticks),
+                secs: now.saturating_duration_since(k.read_at).as_secs_f64(),
+            },
+            // A new process counts all its ticks if it started after the previous sample
+            // began, else none (it ran before the agent looked).
+            None if self.prev_at.is_some()
+                && self
+                    .prev_uptime_ticks
+                    .is_some_and(|up| stat.starttime >= up) =>
+            {
+                Fresh {
+                    ticks: stat.ticks,
+                    secs: elapsed.as_secs_f64(),
+                }
+            }
+            None => Fresh {
+                ticks: 0,
+                secs: elapsed.as_secs_f64(),
+            },
+        };
+        let detail = prev.and_then(|k| k.detail.clone());
+        // A first read says nothing about its rate: read it again next sample.
+        let busy = prev.is_none() || fresh.ticks > 0;
+        self.known.insert(
+            pid,
+            Known {
+                generation,
+                stat,
+                read_at: now,
+                busy,
+                detail,
+            },
+        );
+        Ok(Some(fresh))
+    }
+
+    /// The details of a known process: kept from an earlier read while it is the same
+    /// program, else read.
+    fn details_cached(&mut self, pid: u32, now: Instant) -> Option<pb::ProcessInfo> {
+        let k = self.known.get(&pid)?;
+        let stat = k.stat.clone();
+        let generation = k.generation;
+        if let Some((info, g, at)) = &k.detail
+            && *g == generation
+            && info.name == stat.name
+            && now.saturating_duration_since(*at) < DETAIL_MAX_AGE
+        {
+            let mut info = info.clone();
+            info.parent_pid = stat.ppid;
+            info.rss_bytes = stat.rss_pages.saturating_mul(self.page_size);
+            self.stats.detail_kept += 1;
+            cache::PROCESS_DETAIL.hit();
+            return Some(info);
+        }
+        let info = self.details(pid, stat, now)?;
+        self.stats.detail_reads += 1;
+        cache::PROCESS_DETAIL.miss();
+        if let Some(k) = self.known.get_mut(&pid) {
+            k.detail = Some((info.clone(), generation, now));
+        }
+        Some(info)
     }
 
     /// One process, without a CPU share or reasons; `None` when it does not exist (or its `stat`
@@ -281,23 +486,7 @@ impl ProcessCollector {
         Ok(parse_stat(&self.buf))
     }
 
-    /// Ticks used since the previous sample. A pid whose start time changed is a new process; a
-    /// new process counts all its ticks if it started after the previous sample began, else none.
-    fn cpu_ticks(&self, pid: u32, stat: &Stat) -> u64 {
-        match self.prev.get(&pid) {
-            Some(mark) if mark.starttime == stat.starttime => stat.ticks.saturating_sub(mark.ticks),
-            _ if self.prev_at.is_some()
-                && self
-                    .prev_uptime_ticks
-                    .is_some_and(|up| stat.starttime >= up) =>
-            {
-                stat.ticks
-            }
-            _ => 0,
-        }
-    }
-
-    /// Pass 2 for one process; `None` when it exited since pass 1.
+    /// The details of one process; `None` when it exited.
     fn details(&mut self, pid: u32, stat: Stat, now: Instant) -> Option<pb::ProcessInfo> {
         let dir = self.pid_dir(pid);
         // `status` exists for as long as the process does: its absence means the process left.
@@ -332,6 +521,8 @@ impl ProcessCollector {
             cpu_percent: 0.0,
             rss_bytes: stat.rss_pages.saturating_mul(self.page_size),
             reasons: Vec::new(),
+            netns_inode: namespaces::of_pid(&self.proc_root, pid, namespaces::NET).unwrap_or(0),
+            mntns_inode: namespaces::of_pid(&self.proc_root, pid, namespaces::MNT).unwrap_or(0),
             ..Default::default()
         })
     }
@@ -489,14 +680,6 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn parse_pid(name: &OsStr) -> Option<u32> {
-    let name = name.to_str()?;
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    name.parse().ok()
-}
-
 /// Whether a read failed because the process exited.
 fn is_gone(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::NotFound || err.raw_os_error() == Some(ESRCH)
@@ -628,8 +811,12 @@ mod tests {
             self.dir.path().join("proc")
         }
 
+        /// A collector that reads every process every sample (the arithmetic under test);
+        /// the turns of idle processes have tests of their own.
         fn collector(&self) -> ProcessCollector {
-            ProcessCollector::with_paths(self.root(), self.dir.path().join("passwd"))
+            let mut c = ProcessCollector::with_paths(self.root(), self.dir.path().join("passwd"));
+            c.set_idle_recheck(Duration::ZERO);
+            c
         }
 
         fn write(&self, rel: &str, text: &str) {
@@ -856,16 +1043,118 @@ mod tests {
     }
 
     #[test]
+    fn idle_processes_are_read_in_turn_and_a_waking_one_counts_every_tick() {
+        let fake = FakeProc::new();
+        // No resident memory: none is a top-memory process (those are read every sample).
+        for pid in 100..110 {
+            fake.process(pid, "idle", 5, 50, 0);
+        }
+        let mut c = fake.collector();
+        c.set_idle_recheck(Duration::from_secs(10));
+        let t0 = Instant::now();
+        c.sample(t0, 0, &[]);
+        c.sample(t0 + Duration::from_secs(1), 0, &[]);
+        assert_eq!(
+            c.read_stats().stat_reads,
+            20,
+            "first reads say nothing of a rate: twice"
+        );
+        // pid 105 wakes up; the others stay idle. Ten samples, one second apart: each idle
+        // process is read once in the ten seconds, one a sample.
+        fake.process(105, "idle", 305, 50, 0);
+        let mut seen_at = None;
+        for i in 2..12u64 {
+            let before = c.read_stats();
+            let s = c.sample(t0 + Duration::from_secs(i), 1, &[]);
+            let after = c.read_stats();
+            if seen_at.is_none() {
+                assert_eq!(after.stat_reads - before.stat_reads, 1, "sample {i}");
+                assert_eq!(after.stat_kept - before.stat_kept, 9, "sample {i}");
+            }
+            if let Some(p) = s.processes.iter().find(|p| p.pid == 105) {
+                // 300 ticks since its read at t0 + 1 s.
+                let expect = 300.0 / (i - 1) as f32;
+                assert!(
+                    (p.cpu_percent - expect).abs() < 0.01,
+                    "{} vs {expect}",
+                    p.cpu_percent
+                );
+                assert!(seen_at.is_none());
+                seen_at = Some(i);
+            }
+        }
+        assert!(
+            seen_at.is_some(),
+            "the waking process is read within idle_recheck"
+        );
+    }
+
+    fn wait_for_comm(pid: u32, comm: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != comm) {
+            assert!(Instant::now() < deadline, "{pid} never became {comm}");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_real_process_that_execs_or_exits_is_seen_at_the_next_sample() {
+        use std::io::Write;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x; exec sleep 30"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let pid = child.id();
+        let mut c = ProcessCollector::new();
+        let flow = [(pid, ProcessReason::Flow)];
+        wait_for_comm(pid, "sh");
+        let t0 = Instant::now();
+        let s = c.sample(t0, 0, &flow);
+        assert_eq!(find(&s, pid).name, "sh");
+        // The event of sh's own exec may arrive after the first sample: it is in by now.
+        c.sample(t0 + Duration::from_millis(500), 0, &flow);
+        let before = c.read_stats();
+        let s = c.sample(t0 + Duration::from_secs(1), 0, &flow);
+        assert_eq!(find(&s, pid).name, "sh");
+        assert_eq!(
+            c.read_stats().detail_kept - before.detail_kept,
+            1,
+            "details kept while nothing changed"
+        );
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("write");
+        wait_for_comm(pid, "sleep");
+        let s = c.sample(t0 + Duration::from_secs(2), 0, &flow);
+        let p = find(&s, pid);
+        assert_eq!(p.name, "sleep");
+        assert!(p.exe.ends_with("/sleep"), "{}", p.exe);
+        assert_eq!(p.cmdline, ["sleep", "30"]);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        let s = c.sample(t0 + Duration::from_secs(3), 0, &flow);
+        assert!(
+            s.processes.iter().all(|p| p.pid != pid),
+            "gone at the next sample"
+        );
+        assert!(!c.known.contains_key(&pid));
+    }
+
+    #[test]
     fn the_baseline_keeps_only_live_pids() {
         let fake = FakeProc::new();
         fake.process(50, "a", 1, 50, 1);
         fake.process(51, "b", 1, 50, 1);
         let mut c = fake.collector();
         c.sample(Instant::now(), 1, &[]);
-        assert_eq!(c.prev.len(), 2);
+        assert_eq!(c.known.len(), 2);
         fake.remove(51);
         c.sample(Instant::now(), 1, &[]);
-        assert_eq!(c.prev.keys().copied().collect::<Vec<_>>(), [50]);
+        assert_eq!(c.known.keys().copied().collect::<Vec<_>>(), [50]);
     }
 
     #[test]
@@ -1064,21 +1353,35 @@ mod tests {
     #[test]
     fn a_busy_thread_makes_this_process_a_top_cpu_process() {
         let me = std::process::id();
+        let ticks = || read_process_ticks(me);
         let mut c = ProcessCollector::new();
-        c.sample(Instant::now(), 10, &[]);
-        let spinner = std::thread::spawn(|| {
-            let until = Instant::now() + Duration::from_millis(300);
+        let t0 = Instant::now();
+        c.sample(t0, 10, &[]);
+        // Spin until this process has used 40 ticks (400 ms) of CPU, however loaded the
+        // machine is; the second sample is dated one second after the first, so the share
+        // is at least 40 %.
+        let start = ticks();
+        let spinner = std::thread::spawn(move || {
             let mut n = 0u64;
-            while Instant::now() < until {
-                n = std::hint::black_box(n.wrapping_add(1));
+            while read_process_ticks(me) < start + 40 {
+                for _ in 0..100_000 {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
             }
             n
         });
         spinner.join().expect("spinner");
-        let s = c.sample(Instant::now(), 10, &[]);
+        let s = c.sample(t0 + Duration::from_secs(1), 10, &[]);
         let p = find(&s, me);
         assert!(p.cpu_percent > 20.0, "cpu {}", p.cpu_percent);
         assert!(p.reasons.contains(&(ProcessReason::TopCpu as i32)));
+    }
+
+    fn read_process_ticks(pid: u32) -> u64 {
+        fs::read(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|b| parse_stat(&b))
+            .map_or(0, |s| s.ticks)
     }
 
     #[test]

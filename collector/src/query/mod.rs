@@ -381,6 +381,7 @@ impl QueryService {
             .await
             .map_err(store_unavailable)?;
         let next_after = one_page(&mut models, limit, |m| m.key.clone());
+        self.fill_base_origins(&mut models);
         Ok(pb::ListModelsResponse { models, next_after })
     }
 
@@ -522,6 +523,11 @@ impl QueryService {
         r: pb::ListAuditRequest,
     ) -> Result<pb::ListAuditResponse, ApiError> {
         let limit = self.page(r.limit);
+        if r.after_seq > i64::MAX as u64 {
+            // No record is numbered past 2^63-1 (the column is signed): the page after it is
+            // empty, an answer rather than a store error.
+            return Ok(pb::ListAuditResponse::default());
+        }
         let mut records = self
             .store
             .audit_log(r.after_seq, limit.saturating_add(1))
@@ -733,6 +739,7 @@ impl QueryService {
                     break;
                 }
             }
+            self.fill_base_origins(&mut models);
             let rows = models.len() as u64;
             let value = sov_evidence::bom::cyclonedx(
                 &models,
@@ -827,6 +834,15 @@ impl QueryService {
             .await
     }
 
+    /// Each declared base's origin country: the policy's publisher table (its organisation,
+    /// else its repository id), or the built-in defaults without a policy file.
+    pub fn fill_base_origins(&self, models: &mut [pb::ModelSummary]) {
+        let policy = self.policy.as_ref().map(|w| w.current());
+        for b in models.iter_mut().flat_map(|m| m.base_models.iter_mut()) {
+            b.origin = base_origin(policy.as_deref(), &b.organization, &b.name);
+        }
+    }
+
     /// The class the policy in force gives a model ("restricted", "public", "unclassified"),
     /// or `None` without a policy file.
     pub fn model_class(&self, m: &pb::ModelSummary) -> Option<&'static str> {
@@ -907,6 +923,31 @@ grpc_queries! {
     export_report(ExportReportRequest) -> ExportReportResponse = export_report_as;
     scorecard(ScorecardRequest) -> ScorecardResponse = scorecard_as;
     get_policy(GetPolicyRequest) -> GetPolicyResponse = get_policy_as;
+}
+
+/// The origin country of a base model's publisher: by its declared organisation, else by its
+/// name (a repository id is looked up by its organisation); the policy's table when there is a
+/// policy, else the built-in defaults. Empty when unknown.
+pub fn base_origin(
+    policy: Option<&crate::policy::Policy>,
+    organization: &str,
+    name: &str,
+) -> String {
+    let look = |s: &str| -> Option<String> {
+        if s.trim().is_empty() {
+            return None;
+        }
+        match policy {
+            Some(p) => p.publisher_country(s),
+            None => {
+                crate::policy::publishers::default_country(crate::policy::publishers::org_of(s))
+                    .map(str::to_owned)
+            }
+        }
+    };
+    look(organization)
+        .or_else(|| look(name))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

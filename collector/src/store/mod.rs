@@ -262,6 +262,14 @@ macro_rules! store_by_concern {
             ) -> Result<$crate::store::TokenSpend, $crate::store::StoreError> {
                 tokens::spend_enroll_token(self, hash, node, now_unix_ms).await
             }
+
+            async fn enroll_name_use(
+                &self,
+                hash: &str,
+                node: &str,
+            ) -> Result<$crate::store::NameUse, $crate::store::StoreError> {
+                tokens::enroll_name_use(self, hash, node).await
+            }
         }
     };
 }
@@ -285,7 +293,7 @@ pub use chain::{VERIFY_PAGE, verify_pages, verify_store_audit, verify_store_log}
 pub use outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
 pub use retention::{PRUNE_EVERY, PruneStats, Retention, prune_loop};
 pub use sqlite::SqliteStore;
-pub use tokens::{NewEnrollToken, TokenRecord, TokenSpend};
+pub use tokens::{NameUse, NewEnrollToken, TokenRecord, TokenSpend};
 
 /// `[store]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -537,13 +545,14 @@ pub struct NodeRow {
     pub reports: u64,
     /// Highest sequence number stored in that epoch.
     pub last_seq: u64,
-    /// Sequence numbers in 1..=last_seq never stored.
+    /// Sequence numbers never stored, in every epoch of the node (1..=last_seq of each): a
+    /// new epoch does not erase an older one's gaps.
     pub missing: u64,
-    /// Of those, how many the agent declared dropped.
+    /// Of those, how many the agent declared dropped (every epoch).
     pub dropped: u64,
     /// Epochs seen.
     pub epochs: u32,
-    /// Reports whose key was reused for a different report in the latest epoch.
+    /// Reports whose key was reused for a different report, in every epoch.
     pub conflicts: u64,
     /// Latest CPU share.
     pub cpu_percent: f32,
@@ -965,6 +974,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         node: &str,
         now_unix_ms: i64,
     ) -> Result<TokenSpend, StoreError>;
+
+    /// Whether `node` is a name in use (its last report, or the last enrollment that issued
+    /// it a certificate), and which node, if any, the token with hash `hash` was made to
+    /// replace. Read before the token is spent, so a refused enrollment does not waste it.
+    async fn enroll_name_use(&self, hash: &str, node: &str) -> Result<NameUse, StoreError>;
 }
 
 /// The address a node's reports arrive from, as the collector sees it (after any NAT), and

@@ -160,7 +160,9 @@ pub(crate) fn token(r: &impl Columns) -> Result<TokenRecord, StoreError> {
 pub(crate) fn node(r: &impl Columns) -> Result<NodeRow, StoreError> {
     let reports = r.count(8)?;
     let last_seq = r.count(9)?;
-    let missing = last_seq.saturating_sub(reports);
+    // Every epoch's missing reports: a new epoch (or one far ahead) never erases an older
+    // epoch's gaps.
+    let missing = r.count(21)?.max(last_seq.saturating_sub(reports));
     let labels: BTreeMap<String, String> = serde_json::from_str(&r.text(5)?).unwrap_or_default();
     Ok(NodeRow {
         node: r.text(0)?,
@@ -215,11 +217,19 @@ pub(crate) fn push_model(
             publisher: r.text(10)?,
             copies: vec![],
             users: vec![],
+            ..Default::default()
         });
     }
     let Some(m) = out.last_mut() else {
         return Ok(true);
     };
+    // The declared lineage lives in the stored report of the file (column 21): the first copy
+    // that declares any gives it (copies of one file in one directory declare the same).
+    if m.base_models.is_empty() && m.adapter_type.is_empty() {
+        let (bases, adapter) = declared_lineage(&r.blob(21)?);
+        m.base_models = bases;
+        m.adapter_type = adapter;
+    }
     let node = r.text(1)?;
     let path = r.text(2)?;
     // The file as the agent sent it (column 21, `detail`): its container and its users'.
@@ -272,6 +282,50 @@ pub(crate) fn push_model(
         });
     }
     Ok(true)
+}
+
+/// At most this many declared bases are shown per model (the agent sends at most 8).
+pub(crate) const MAX_MODEL_BASES: usize = 8;
+/// Declared base names, organisations and URLs are cut to this many bytes.
+pub(crate) const MAX_MODEL_BASE_FIELD_BYTES: usize = 512;
+
+/// The bases and adapter kind a stored `WeightFile` declares, bounded (a node's claim is
+/// hostile input: at most [`MAX_MODEL_BASES`], each field cut, nothing from a blob that does not
+/// decode). Origins are left empty: the query layer fills them under the policy.
+pub(crate) fn declared_lineage(detail: &[u8]) -> (Vec<pb::ModelBase>, String) {
+    let Ok(f) = <pb::WeightFile as prost::Message>::decode(detail) else {
+        return (vec![], String::new());
+    };
+    let Some(id) = f.identity else {
+        return (vec![], String::new());
+    };
+    let cut = |s: String| cut_utf8(s, MAX_MODEL_BASE_FIELD_BYTES);
+    let bases = id
+        .base_models
+        .into_iter()
+        .filter(|b| !b.name.trim().is_empty())
+        .take(MAX_MODEL_BASES)
+        .map(|b| pb::ModelBase {
+            name: cut(b.name),
+            organization: cut(b.organization),
+            repo_url: cut(b.repo_url),
+            source: cut(b.source),
+            origin: String::new(),
+        })
+        .collect();
+    (bases, cut(id.adapter_type))
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn cut_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }
 
 /// Columns of one egress row (a backend may select more after them).

@@ -96,6 +96,7 @@ use crate::collect::net::diag::Dumper;
 use crate::collect::net::flows::{Contribution, Filter, FlowTable, Tracker};
 use crate::collect::net::netns::NsMap;
 use crate::collect::net::owners::OwnerCache;
+use crate::collect::proctable::ProcTable;
 use crate::config::NetConfig;
 
 /// `NetStatus::mode` when sock_diag netlink answers.
@@ -113,6 +114,9 @@ pub const ABSORB_PERIOD: Duration = Duration::from_millis(250);
 pub const TABLE_FLOWS_FACTOR: usize = 2;
 /// Lower bound of the pending flow table.
 pub const MIN_TABLE_FLOWS: usize = 1024;
+/// A listing of `/proc` made less than this long ago by another collector is reused (the
+/// process table's listing mode).
+pub const TABLE_MAX_AGE: Duration = Duration::from_secs(1);
 /// Samples a network namespace may go without any process before its sockets are closed (its
 /// last destroy events arrive meanwhile).
 pub const NAMESPACE_GRACE_SAMPLES: u32 = 2;
@@ -279,6 +283,8 @@ pub struct NetCollector {
     /// By key (0: the agent's own).
     namespaces: HashMap<u64, Namespace>,
     nsmap: NsMap,
+    /// The live processes (shared with the agent's other collectors).
+    table: ProcTable,
     destroy: Option<DestroyListener>,
     /// Destroy losses already reported (the listener's counters are cumulative).
     destroy_losses_seen: u64,
@@ -455,6 +461,7 @@ impl NetCollector {
             max_namespaces: cfg.max_namespaces.max(1),
             force_proc_fallback: opts.force_proc_fallback,
             owners: OwnerCache::new(&opts.proc_root),
+            table: ProcTable::new(&opts.proc_root),
             own_inode: namespaces::own(namespaces::NET).unwrap_or(0),
             proc_root: opts.proc_root,
             namespaces,
@@ -472,6 +479,13 @@ impl NetCollector {
             containers: None,
             conntrack_accounting: cfg.conntrack_accounting,
         }
+    }
+
+    /// Follow the processes through `table` (the agent's shared process table) instead of a
+    /// table of its own.
+    pub fn with_table(mut self, table: ProcTable) -> Self {
+        self.table = table;
+        self
     }
 
     /// Name the container (and pod) of every flow's process from `containers`.
@@ -498,7 +512,8 @@ impl NetCollector {
         if !self.all_namespaces {
             return 0;
         }
-        self.nsmap.refresh(&self.proc_root, now);
+        let live = self.table.live();
+        self.nsmap.refresh(&self.proc_root, &live, now);
         let found = self.nsmap.namespaces();
         let own_inode = self.own_inode;
         let own_key = |ino: u64| if ino == own_inode { 0 } else { ino };
@@ -609,6 +624,9 @@ impl NetCollector {
         if !self.enabled {
             return;
         }
+        // One refresh of the process table per sample; a listing made by another collector
+        // less than a second ago is shared (listing mode only).
+        let procs = self.table.refresh(TABLE_MAX_AGE);
         let skipped = self.discover(Instant::now());
         let mut dumps: Vec<(u64, Vec<ObservedSocket>, &'static str)> =
             Vec::with_capacity(self.namespaces.len());
@@ -719,7 +737,7 @@ impl NetCollector {
             .flat_map(|d| d.1.iter().map(|s| s.inode))
             .filter(|i| *i != 0)
             .collect();
-        self.owners.refresh(&live, Instant::now());
+        self.owners.refresh(&live, Instant::now(), Some(&procs));
         let mut contributions = Vec::new();
         let mut unknown_owners = 0;
         let mut own_mode = MODE_PROC_FALLBACK;

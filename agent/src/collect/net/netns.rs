@@ -1,8 +1,9 @@
 //! Network namespaces: which ones exist (the distinct `/proc/<pid>/ns/net` of the node's
 //! processes, with their pids), and how the agent reaches one it is not in.
 //!
-//! - [`NsMap`]: pid → namespace inode, read once per new pid (one `readlink`), checked again
-//!   every [`RECHECK`] (a process can `unshare` or `setns`), forgotten with the pid;
+//! - [`NsMap`]: pid → namespace inode, read once per new process (one `readlink`), checked again
+//!   in turn so that each is read at least every [`RECHECK`] (a process can `unshare` or
+//!   `setns`), forgotten when the process leaves the shared process table;
 //! - [`open_in`]: the netlink sockets of another namespace. `setns(CLONE_NEWNET)` moves only the
 //!   calling thread, so it is done on a short-lived OS thread of its own (never a runtime worker,
 //!   never the sampling thread): it enters the namespace, opens the dump socket and the
@@ -11,7 +12,7 @@
 //!   Entering needs `CAP_SYS_ADMIN`; without it the namespace is read from
 //!   `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` (no byte counters), and the reason is reported.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
@@ -23,7 +24,9 @@ use netlink_sys::Socket;
 
 use super::conntrack::{Conntrack, ConntrackError};
 use super::diag::{DiagError, Dumper};
+use crate::collect::cache;
 use crate::collect::namespaces;
+use crate::collect::proctable::Gen;
 
 /// How often every known pid's namespace is read again.
 pub const RECHECK: Duration = Duration::from_secs(60);
@@ -135,48 +138,74 @@ pub fn open_in(
 /// pid → network namespace inode, for every process.
 #[derive(Debug, Default)]
 pub struct NsMap {
-    pids: HashMap<u32, u64>,
+    /// By pid: the process's generation in the table when read, and its namespace.
+    pids: HashMap<u32, (Gen, u64)>,
+    /// Where the turn of re-reads stopped.
+    cursor: u32,
     checked: Option<Instant>,
     /// `readlink` calls so far (for benchmarks).
     pub links_read: u64,
 }
 
 impl NsMap {
-    /// Bring the map up to date with `<proc_root>`'s processes: new pids are read, gone ones
-    /// dropped, and every pid read again once per [`RECHECK`].
-    pub fn refresh(&mut self, proc_root: &Path, now: Instant) {
-        let listed = namespaces::pids(proc_root);
-        if listed.is_empty() {
+    /// Bring the map up to date with the live processes: new ones (and ones born again or
+    /// that executed) are read, gone ones dropped, and the others read again in turn so that
+    /// each is read at least every [`RECHECK`] (a process can `unshare` or `setns`).
+    pub fn refresh(&mut self, proc_root: &Path, live: &HashMap<u32, Gen>, now: Instant) {
+        if live.is_empty() {
             return;
         }
-        let recheck = self
+        let elapsed = self
             .checked
-            .is_none_or(|t| now.duration_since(t) >= RECHECK);
-        if recheck {
-            self.checked = Some(now);
+            .map_or(RECHECK, |t| now.saturating_duration_since(t));
+        self.checked = Some(now);
+        self.pids.retain(|pid, (g, _)| live.get(pid) == Some(g));
+        let mut read: Vec<u32> = live
+            .keys()
+            .copied()
+            .filter(|pid| !self.pids.contains_key(pid))
+            .collect();
+        let known = self.pids.len();
+        let share = (elapsed.as_secs_f64() / RECHECK.as_secs_f64()).min(1.0);
+        let quota = ((known as f64 * share).ceil() as usize).min(known);
+        if quota > 0 {
+            let mut keys: Vec<u32> = self.pids.keys().copied().collect();
+            keys.sort_unstable();
+            let at = keys.partition_point(|p| *p <= self.cursor);
+            let turn: Vec<u32> = keys[at..]
+                .iter()
+                .chain(&keys[..at])
+                .copied()
+                .take(quota)
+                .collect();
+            if let Some(&last) = turn.last() {
+                self.cursor = last;
+            }
+            read.extend(turn);
         }
-        let mut live = HashSet::with_capacity(listed.len());
-        for pid in listed {
-            live.insert(pid);
-            if recheck || !self.pids.contains_key(&pid) {
-                self.links_read += 1;
-                match namespaces::of_pid(proc_root, pid, namespaces::NET) {
-                    Some(ino) => {
-                        self.pids.insert(pid, ino);
-                    }
-                    None => {
-                        self.pids.remove(&pid);
-                    }
+        cache::NETNS_OF_PID.misses(read.len() as u64);
+        cache::NETNS_OF_PID.hits(live.len().saturating_sub(read.len()) as u64);
+        for pid in read {
+            self.links_read += 1;
+            match (
+                live.get(&pid),
+                namespaces::of_pid(proc_root, pid, namespaces::NET),
+            ) {
+                (Some(g), Some(ino)) => {
+                    self.pids.insert(pid, (*g, ino));
+                }
+                _ => {
+                    self.pids.remove(&pid);
                 }
             }
         }
-        self.pids.retain(|pid, _| live.contains(pid));
+        cache::NETNS_OF_PID.entries(self.pids.len());
     }
 
     /// Every namespace with its pids (sorted).
     pub fn namespaces(&self) -> HashMap<u64, Vec<u32>> {
         let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
-        for (&pid, &ns) in &self.pids {
+        for (&pid, &(_, ns)) in &self.pids {
             out.entry(ns).or_default().push(pid);
         }
         for v in out.values_mut() {
@@ -187,6 +216,6 @@ impl NsMap {
 
     /// The namespace of `pid`, when known.
     pub fn of(&self, pid: u32) -> Option<u64> {
-        self.pids.get(&pid).copied()
+        self.pids.get(&pid).map(|(_, ns)| *ns)
     }
 }

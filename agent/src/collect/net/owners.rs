@@ -27,6 +27,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::collect::cache;
+use crate::collect::proctable::Gen;
+
 /// How long an inode that a complete walk did not find is left alone before being looked for again.
 pub const MISS_RETRY: Duration = Duration::from_secs(60);
 
@@ -77,7 +80,15 @@ impl OwnerCache {
     }
 
     /// Bring the cache up to date with the live socket inodes of a sample (0 is ignored).
-    pub fn refresh(&mut self, live: &HashSet<u32>, now: Instant) {
+    ///
+    /// `procs`, the live processes of the shared process table when there is one, tells which
+    /// owners exited (their inodes are looked for again) without a `stat` per owner.
+    pub fn refresh(
+        &mut self,
+        live: &HashSet<u32>,
+        now: Instant,
+        procs: Option<&HashMap<u32, Gen>>,
+    ) {
         self.owners.retain(|ino, _| live.contains(ino));
         self.misses
             .retain(|ino, t| live.contains(ino) && now.duration_since(*t) < MISS_RETRY);
@@ -85,7 +96,10 @@ impl OwnerCache {
         let gone: HashSet<u32> = owner_pids
             .iter()
             .copied()
-            .filter(|pid| !self.proc_root.join(pid.to_string()).exists())
+            .filter(|pid| match procs {
+                Some(p) => !p.contains_key(pid),
+                None => !self.proc_root.join(pid.to_string()).exists(),
+            })
             .collect();
         if !gone.is_empty() {
             self.owners.retain(|_, pid| !gone.contains(pid));
@@ -100,6 +114,9 @@ impl OwnerCache {
                 *ino != 0 && !self.owners.contains_key(ino) && !self.misses.contains_key(ino)
             })
             .collect();
+        cache::SOCKET_OWNER.misses(wanted.len() as u64);
+        cache::SOCKET_OWNER.hits(live.len().saturating_sub(wanted.len()) as u64);
+        cache::SOCKET_OWNER.entries(self.owners.len() + self.misses.len());
         if wanted.is_empty() {
             return;
         }
@@ -121,7 +138,20 @@ impl OwnerCache {
             }
         }
         let walked: HashSet<u32> = first.into_iter().collect();
-        if let Ok(dir) = fs::read_dir(&self.proc_root) {
+        if let Some(procs) = procs {
+            // The table's processes: no listing of /proc.
+            let mut pids: Vec<u32> = procs.keys().copied().collect();
+            pids.sort_unstable();
+            for pid in pids {
+                if walked.contains(&pid) {
+                    continue;
+                }
+                self.walk_pid(pid, live, &mut wanted);
+                if wanted.is_empty() {
+                    break;
+                }
+            }
+        } else if let Ok(dir) = fs::read_dir(&self.proc_root) {
             for entry in dir.flatten() {
                 let Some(pid) = std::str::from_utf8(entry.file_name().as_bytes())
                     .ok()
@@ -221,18 +251,18 @@ mod tests {
         let mut cache = OwnerCache::new(root.path());
         let live: HashSet<u32> = [5000, 6000].into();
         let t0 = Instant::now();
-        cache.refresh(&live, t0);
+        cache.refresh(&live, t0, None);
         assert_eq!(cache.owner(5000), Some(100));
         assert_eq!(cache.owner(6000), None, "no process holds inode 6000");
         assert_eq!(cache.stats().walks, 1);
 
         // Same sockets: the miss is remembered, nothing is read.
-        cache.refresh(&live, t0 + Duration::from_secs(5));
+        cache.refresh(&live, t0 + Duration::from_secs(5), None);
         assert_eq!(cache.stats().walks, 1, "no walk when every inode is known");
 
         // After MISS_RETRY the miss is looked for again (and found once it appears).
         fake_fd(root.path(), 300, 9, "socket:[6000]");
-        cache.refresh(&live, t0 + MISS_RETRY + Duration::from_secs(1));
+        cache.refresh(&live, t0 + MISS_RETRY + Duration::from_secs(1), None);
         assert_eq!(cache.stats().walks, 2);
         assert_eq!(cache.owner(6000), Some(300));
     }
@@ -244,12 +274,12 @@ mod tests {
         fake_fd(root.path(), 20, 3, "socket:[2]");
         let mut cache = OwnerCache::new(root.path());
         let t = Instant::now();
-        cache.refresh(&[1, 2].into(), t);
+        cache.refresh(&[1, 2].into(), t, None);
         let before = cache.stats();
         assert_eq!(before.links_read, 2);
 
         fake_fd(root.path(), 10, 4, "socket:[3]");
-        cache.refresh(&[1, 2, 3].into(), t);
+        cache.refresh(&[1, 2, 3].into(), t, None);
         let after = cache.stats();
         assert_eq!(cache.owner(3), Some(10));
         // pid 10's fd 3 is remembered (socket 1 still live): only fd 4 was read.
@@ -263,11 +293,11 @@ mod tests {
         fake_fd(root.path(), 10, 3, "socket:[1]");
         let mut cache = OwnerCache::new(root.path());
         let t = Instant::now();
-        cache.refresh(&[1].into(), t);
+        cache.refresh(&[1].into(), t, None);
         assert_eq!(cache.owner(1), Some(10));
         fs::remove_dir_all(root.path().join("10")).unwrap();
         fake_fd(root.path(), 11, 5, "socket:[1]");
-        cache.refresh(&[1].into(), t);
+        cache.refresh(&[1].into(), t, None);
         assert_eq!(
             cache.owner(1),
             Some(11),
@@ -290,7 +320,7 @@ mod tests {
             panic!("the listener is a socket descriptor of this process");
         };
         let mut cache = OwnerCache::new(Path::new("/proc"));
-        cache.refresh(&[inode].into(), Instant::now());
+        cache.refresh(&[inode].into(), Instant::now(), None);
         assert_eq!(cache.owner(inode), Some(me));
         drop(l);
     }

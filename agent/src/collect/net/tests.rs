@@ -500,3 +500,114 @@ fn a_namespace_belongs_to_its_one_container_or_to_its_one_pod_else_to_nobody() {
     );
     assert_eq!(common_owner(std::iter::empty()), None);
 }
+
+#[test]
+fn processes_and_connections_started_and_killed_at_a_high_rate_keep_every_byte_and_owner() {
+    // Child processes (bash, /dev/tcp) each connect to this test's listener and send a
+    // distinct number of bytes; half close at once (between samples: owner unknown, bytes from
+    // the destroy events), half hold the connection across samples (owner known: the child).
+    // Meanwhile the collector samples every 100 ms with the shared process table. Every byte
+    // must be counted, and every byte with an owner must be owned by the child that sent it.
+    let test = "processes_and_connections_started_and_killed_at_a_high_rate";
+    let Some(c) = netlink_collector(&loopback_cfg(), test) else {
+        return;
+    };
+    if !std::path::Path::new("/bin/bash").exists() {
+        crate::skipped::record(&format!("collect::net::tests::{test}"), "no /bin/bash");
+        return;
+    }
+    let table = crate::collect::proctable::ProcTable::new(std::path::Path::new("/proc"));
+    let mut c = c.with_table(table);
+    let (_, status) = c.take();
+    if !status.destroy_events {
+        eprintln!("SKIP {test}: no destroy events here ({})", status.reason);
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let children = 40u64;
+    let server = std::thread::spawn(move || {
+        let mut total = 0u64;
+        let mut readers = Vec::new();
+        for _ in 0..children {
+            let (mut s, _) = listener.accept().unwrap();
+            readers.push(std::thread::spawn(move || {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).unwrap();
+                got.len() as u64
+            }));
+        }
+        for r in readers {
+            total += r.join().unwrap();
+        }
+        total
+    });
+    c.sample(now_unix_ms());
+    let mut sent: HashMap<u32, (u64, bool)> = HashMap::new();
+    let mut running = Vec::new();
+    let mut flows = Vec::new();
+    for i in 0..children {
+        let bytes = 10_000 + i * 997;
+        let hold = i % 2 == 0;
+        let script = format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port}; head -c {bytes} /dev/zero >&3; {} exec 3>&-",
+            if hold { "sleep 0.4;" } else { "" }
+        );
+        let child = std::process::Command::new("/bin/bash")
+            .args(["-c", &script])
+            .spawn()
+            .unwrap();
+        sent.insert(child.id(), (bytes, hold));
+        running.push(child);
+        if i % 4 == 3 {
+            std::thread::sleep(Duration::from_millis(100));
+            c.sample(now_unix_ms());
+            flows.extend(c.take().0);
+        }
+    }
+    for mut ch in running {
+        assert!(ch.wait().unwrap().success());
+    }
+    let total_sent: u64 = sent.values().map(|(b, _)| b).sum();
+    assert_eq!(server.join().unwrap(), total_sent);
+    // The last destroy events arrive within milliseconds of the closes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counted = |flows: &[pb::Flow]| -> u64 {
+        outbound_to(flows, "127.0.0.1", port)
+            .iter()
+            .map(|f| f.bytes_sent)
+            .sum()
+    };
+    // SYN and FIN count one byte each in bytes_acked.
+    let want = total_sent + 2 * children;
+    while counted(&flows) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        c.sample(now_unix_ms());
+        flows.extend(c.take().0);
+    }
+    let out = outbound_to(&flows, "127.0.0.1", port);
+    assert_eq!(counted(&flows), want, "every byte counted: {out:#?}");
+    let mut by_pid: HashMap<u32, u64> = HashMap::new();
+    for f in &out {
+        if !f.owner_unknown {
+            *by_pid.entry(f.pid).or_default() += f.bytes_sent;
+        }
+    }
+    for (pid, bytes) in &by_pid {
+        let (want, _) = sent
+            .get(pid)
+            .unwrap_or_else(|| panic!("bytes owned by {pid}, not one of the children: {out:#?}"));
+        assert!(
+            *bytes <= want + 2,
+            "{pid} owns {bytes} bytes but sent {want}"
+        );
+    }
+    let held_owned = sent
+        .iter()
+        .filter(|(pid, (_, hold))| *hold && by_pid.contains_key(pid))
+        .count();
+    assert!(
+        held_owned > 0,
+        "children that held their connection across a sample are attributed: {by_pid:?}"
+    );
+}

@@ -9,7 +9,8 @@
 //!    per namespace, read through `/proc/<pid>/root` with links resolved inside the container
 //!    (`"container-root"`);
 //! 3. the files processes map or hold open, wherever they live (`"process"`): one pass over
-//!    `/proc/<pid>/maps` and `fd/` per scan ([`users::scan_processes`]) that also gives every
+//!    `/proc/<pid>/maps` and `fd/` ([`users::ProcessFilesCache`]: each process read again only when
+//!    its mappings or descriptors can have changed) that also gives every
 //!    file's users. Only files of at least `process_min_file_bytes` whose (device, inode) was
 //!    never examined are sniffed, at most `max_new_files_per_scan` per scan; files that are not
 //!    weights are remembered by (device, inode) and never read again. A file found this way
@@ -45,11 +46,13 @@ use super::discover::{self, Candidate};
 use super::formats::{self, Format, Parsed};
 use super::hash::{self, HashCache, PartialHash, RateLimiter, Slice};
 use super::identity::{self, Identifier, Identity, IdentitySource};
+use super::lineage::Lineage;
 use super::schedule::{self, Hint};
 use super::storage::{self, MountTable};
 use super::users::{self, FileUse, Interest};
 use crate::collect::containers::Containers;
 use crate::collect::namespaces;
+use crate::collect::proctable::ProcTable;
 use crate::config::WeightsConfig;
 
 /// `WeightFile.found_by` of a file under a root in the agent's own namespace.
@@ -70,6 +73,9 @@ pub const MAX_NOT_WEIGHTS: usize = 200_000;
 pub const MAX_ERRORS: usize = 100;
 /// Hashing rate while the agent is over its resource budget, bytes per second.
 pub const REDUCED_HASH_RATE: u64 = 10 * 1024 * 1024;
+/// A listing of `/proc` made less than this long ago by another collector is reused (the
+/// process table's listing mode).
+pub const TABLE_MAX_AGE: Duration = Duration::from_secs(1);
 /// File name of the fingerprint cache in the state directory.
 pub const HASH_CACHE_FILE: &str = "hash-cache.json";
 
@@ -130,7 +136,12 @@ pub struct Inventory {
 pub struct WeightsHandle {
     inner: Arc<Mutex<Inventory>>,
     reduced: Arc<AtomicBool>,
+    /// Directories searched besides the roots: where training runs write checkpoints.
+    extra_roots: Arc<Mutex<Vec<PathBuf>>>,
 }
+
+/// At most this many extra roots (training output directories) are searched.
+pub const MAX_EXTRA_ROOTS: usize = 64;
 
 fn lock(m: &Mutex<Inventory>) -> MutexGuard<'_, Inventory> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -206,6 +217,24 @@ impl WeightsHandle {
         pids
     }
 
+    /// Search these directories too from the next scan on (training runs' checkpoint
+    /// directories, so that their outputs are identified and fingerprinted like any weight
+    /// file); at most [`MAX_EXTRA_ROOTS`].
+    pub fn set_extra_roots(&self, mut dirs: Vec<PathBuf>) {
+        dirs.truncate(MAX_EXTRA_ROOTS);
+        *self
+            .extra_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dirs;
+    }
+
+    fn extra_roots(&self) -> Vec<PathBuf> {
+        self.extra_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Slow hashing down (the agent is over its budget) or back to the configured rate.
     pub fn set_reduced(&self, reduced: bool) {
         self.reduced.store(reduced, Ordering::Relaxed);
@@ -249,6 +278,10 @@ pub struct WeightsScanner {
     partials: HashMap<String, Box<PartialHash>>,
     /// (device, inode) of this process's executable: processes running it are the agent.
     self_exe: Option<(u64, u64)>,
+    /// The live processes (shared with the agent's other collectors); `None`: list `/proc`.
+    table: Option<ProcTable>,
+    /// Every process's mount namespace, maps and descriptors, between scans.
+    files: users::ProcessFilesCache,
 }
 
 /// A file found inside a mount namespace (a container's root, or through a process).
@@ -367,7 +400,16 @@ impl WeightsScanner {
             self_exe: std::fs::metadata("/proc/self/exe")
                 .ok()
                 .map(|m| (m.dev(), m.ino())),
+            table: None,
+            files: users::ProcessFilesCache::new(Path::new("/proc")),
         }
+    }
+
+    /// Follow the processes through the agent's shared process table (no listing of `/proc`
+    /// per scan where it has process events).
+    pub fn with_table(mut self, table: ProcTable) -> Self {
+        self.table = Some(table);
+        self
     }
 
     /// Name the container (and pod) of every copy found in a container and of every user.
@@ -376,17 +418,26 @@ impl WeightsScanner {
         self
     }
 
-    /// The roots to search: configured, or the defaults that exist on this machine.
+    /// The roots to search: configured, or the defaults that exist on this machine, plus the
+    /// checkpoint directories of training runs outside them.
     pub fn roots(&self) -> Vec<PathBuf> {
-        match &self.cfg.roots {
+        let mut roots = match &self.cfg.roots {
             Some(r) => r.clone(),
             None => discover::default_roots(&|k| std::env::var(k).ok(), Path::new("/")),
+        };
+        for extra in self.handle.extra_roots() {
+            if !roots.iter().any(|r| extra.starts_with(r)) {
+                roots.push(extra);
+            }
         }
+        roots
     }
 
     /// One pass: discover (roots, containers' roots, processes' files), sniff new or changed
-    /// files, locate and identify them; users are gathered on the way, no hashing.
-    pub fn scan(&mut self) {
+    /// files, locate and identify them; users are gathered on the way, no hashing. Returns how
+    /// many files found through processes and containers were left for the next pass (the
+    /// scan's budget, `max_new_files_per_scan`, was spent).
+    pub fn scan(&mut self) -> usize {
         let roots = self.roots();
         let walk = discover::walk(
             &roots,
@@ -435,9 +486,17 @@ impl WeightsScanner {
                         MountTable::load().unwrap_or_else(|_| MountTable::parse(""))
                     });
                     let id = ident.identify_candidate(c, header_identity(&parsed));
+                    let lineage = ident.lineage_candidate(
+                        c,
+                        parsed.format,
+                        &parsed.header.metadata,
+                        &id.model,
+                    );
+                    let mut file = describe(c, &parsed, id, mounts);
+                    set_lineage(&mut file, lineage);
                     fresh.push(Entry {
                         stamp,
-                        file: describe(c, &parsed, id, mounts),
+                        file,
                         read_path: c.real_path.clone(),
                         keys: vec![(c.device, c.inode)],
                         origin: None,
@@ -458,7 +517,19 @@ impl WeightsScanner {
         let own_mnt = namespaces::own(namespaces::MNT).unwrap_or(0);
         let host_mnt = namespaces::of_pid(&self.proc_root, 1, namespaces::MNT).unwrap_or(own_mnt);
         let by_mnt = if self.cfg.container_roots || self.cfg.process_files {
-            namespaces::by_namespace(&self.proc_root, namespaces::MNT)
+            // Each process's namespace, maps and descriptors, read again only where they can
+            // have changed (users::ProcessFilesCache).
+            let live = self.table.as_ref().map(|t| t.refresh(TABLE_MAX_AGE));
+            let not_weights: HashSet<(u64, u64)> = lock(&self.handle.inner)
+                .not_weights
+                .keys()
+                .copied()
+                .collect();
+            self.files
+                .refresh(live.as_deref(), self.cfg.process_files, &|k| {
+                    !not_weights.contains(&k)
+                });
+            self.files.by_mnt()
         } else {
             HashMap::new()
         };
@@ -554,6 +625,21 @@ impl WeightsScanner {
         }
         let grouped = group_shards(&mut inv.entries);
         inv.changed.extend(grouped);
+        ns.over_budget
+    }
+
+    /// Passes until nothing is left over budget (at most `max_passes`): what a one-shot
+    /// `sov-agent scan` does, so its answer does not depend on how many other large files
+    /// happen to be mapped on the node. Returns the files still left after the last pass.
+    pub fn scan_until_done(&mut self, max_passes: usize) -> usize {
+        let mut left = self.scan();
+        for _ in 1..max_passes {
+            if left == 0 {
+                break;
+            }
+            left = self.scan();
+        }
+        left
     }
 
     /// The roots inside every other mount namespace, as items; true when a walk was cut short.
@@ -625,7 +711,7 @@ impl WeightsScanner {
     /// file, and every (device, inode) met.
     #[allow(clippy::type_complexity)]
     fn process_items(
-        &self,
+        &mut self,
         by_mnt: &HashMap<u64, Vec<u32>>,
         own_mnt: u64,
         host_mnt: u64,
@@ -655,7 +741,7 @@ impl WeightsScanner {
             )
         };
         let min = self.cfg.process_min_file_bytes;
-        let pf = users::scan_processes(&self.proc_root, &|key| {
+        let pf = self.files.files(&|key| {
             if claimed.contains(&key) || entry_keys.contains(&key) {
                 Interest::User
             } else if not_weights.contains(&key) {
@@ -671,7 +757,9 @@ impl WeightsScanner {
         let mut items = Vec::new();
         let mut sighted: HashSet<(u64, PathBuf)> = HashSet::new();
         let mut sightings: Vec<_> = pf.sightings.iter().collect();
-        sightings.sort_unstable_by_key(|(k, s)| (s.pid, **k));
+        // Likely weights first, shared libraries and build artefacts last: on a node where
+        // hundreds of large libraries are mapped, a model is never left behind the scan's budget.
+        sightings.sort_unstable_by_key(|(k, s)| (sniff_rank(&s.path), s.pid, **k));
         for (_, s) in sightings {
             let mntns = mnt_of.get(&s.pid).copied().unwrap_or(host_mnt);
             let root_path =
@@ -853,6 +941,12 @@ impl WeightsScanner {
                 let id = ns
                     .identifier
                     .identify_at(&layout, &item.cpath, header_identity(&parsed));
+                let lineage = ns.identifier.lineage(
+                    &layout,
+                    parsed.format,
+                    &parsed.header.metadata,
+                    &id.model,
+                );
                 let c = Candidate {
                     path: PathBuf::from(&wire_path),
                     real_path: item.read_path.clone(),
@@ -864,6 +958,7 @@ impl WeightsScanner {
                     aliases: vec![],
                 };
                 let mut file = describe_at(&c, &parsed, id, mount.as_ref());
+                set_lineage(&mut file, lineage);
                 if !own {
                     file.container_path = item.cpath.to_string_lossy().into_owned();
                     file.mntns_inode = item.mntns;
@@ -1214,6 +1309,7 @@ fn describe_at(
             repo_path: id.repo_path,
             source: id.source.as_str().to_owned(),
             publisher: id.publisher,
+            ..Default::default()
         }),
         storage: Some(storage),
         tensor_count: parsed.header.tensor_count,
@@ -1239,8 +1335,25 @@ fn describe_at(
     }
 }
 
+/// Carry what the file declares about its bases in its wire identity.
+fn set_lineage(file: &mut pb::WeightFile, lineage: Lineage) {
+    let id = file.identity.get_or_insert_with(Default::default);
+    id.adapter_type = lineage.adapter_type;
+    id.base_models = lineage
+        .base_models
+        .into_iter()
+        .map(|b| pb::BaseModel {
+            name: b.name,
+            organization: b.organization,
+            repo_url: b.repo_url,
+            source: b.source.as_str().to_owned(),
+        })
+        .collect();
+}
+
 /// The shards of one model (same `shard_set`) share the strongest identity any of them has
-/// (llama.cpp writes `general.name` into the first split only): returns the paths changed.
+/// (llama.cpp writes `general.name` and `general.base_model.*` into the first split only), and
+/// its declared bases when they have none: returns the paths changed.
 fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
     let mut best: HashMap<String, pb::ModelIdentity> = HashMap::new();
     for e in entries.values() {
@@ -1254,7 +1367,13 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
             .entry(e.file.shard_set.clone())
             .or_insert_with(|| id.clone());
         if source_rank(&id.source) > source_rank(&slot.source) {
+            let bases = std::mem::take(&mut slot.base_models);
             *slot = id.clone();
+            if slot.base_models.is_empty() {
+                slot.base_models = bases;
+            }
+        } else if slot.base_models.is_empty() && !id.base_models.is_empty() {
+            slot.base_models.clone_from(&id.base_models);
         }
     }
     let mut changed = Vec::new();
@@ -1269,10 +1388,48 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
             id.refs.clone_from(&b.refs);
             id.source.clone_from(&b.source);
             id.publisher.clone_from(&b.publisher);
+            if id.base_models.is_empty() {
+                id.base_models.clone_from(&b.base_models);
+            }
+            changed.push(path.clone());
+        } else if id.base_models.is_empty() && !b.base_models.is_empty() {
+            id.base_models.clone_from(&b.base_models);
             changed.push(path.clone());
         }
     }
     changed
+}
+
+/// The order in which files found through processes are sniffed: names of weight formats
+/// first, then anything else, then shared libraries and compiler artefacts (mapped by almost
+/// every process, never weights).
+fn sniff_rank(path: &Path) -> u8 {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    const WEIGHTS: &[&str] = &[
+        ".safetensors",
+        ".gguf",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".onnx",
+        ".pkl",
+        ".model",
+    ];
+    const NEVER: &[&str] = &[".rlib", ".rmeta", ".a", ".jar", ".pyc", ".ttf", ".otf"];
+    if WEIGHTS.iter().any(|e| name.ends_with(e)) || name.starts_with("sha256-") {
+        0
+    } else if name.ends_with(".so")
+        || name.contains(".so.")
+        || NEVER.iter().any(|e| name.ends_with(e))
+    {
+        2
+    } else {
+        1
+    }
 }
 
 /// The per-scan caches of the namespace sources.
@@ -1326,5 +1483,36 @@ pub fn link_gpus(files: &mut [pb::WeightFile], gpus: &[pb::GpuSample]) {
         for u in &mut f.users {
             u.gpu_uuids = by_pid.get(&u.pid).cloned().unwrap_or_default();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sniff_rank;
+    use std::path::Path;
+
+    #[test]
+    fn weight_names_are_sniffed_before_libraries_and_build_artefacts() {
+        let mut paths = [
+            "/usr/lib/x86_64-linux-gnu/libLLVM.so.19.1",
+            "/work/target/debug/deps/libtokio-1a2b.rlib",
+            "/srv/data/blob",
+            "/models/llama/model-00001-of-00002.safetensors",
+            "/root/.ollama/models/blobs/sha256-0123abcd",
+            "/usr/lib/libfoo.so",
+            "/tmp/ckpt/pytorch_model.BIN",
+        ];
+        paths.sort_by_key(|p| sniff_rank(Path::new(p)));
+        assert_eq!(
+            &paths[..3],
+            [
+                "/models/llama/model-00001-of-00002.safetensors",
+                "/root/.ollama/models/blobs/sha256-0123abcd",
+                "/tmp/ckpt/pytorch_model.BIN",
+            ]
+        );
+        assert_eq!(paths[3], "/srv/data/blob", "unknown names between");
+        assert_eq!(sniff_rank(Path::new("/usr/lib/libfoo.so")), 2);
+        assert_eq!(sniff_rank(Path::new("/a/libLLVM.so.19.1")), 2);
     }
 }

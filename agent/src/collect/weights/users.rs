@@ -30,6 +30,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::storage::makedev;
+use crate::collect::cache;
+use crate::collect::namespaces;
+use crate::collect::proctable::Gen;
 
 /// At most this many descriptors of one process are examined.
 pub const MAX_FDS_PER_PROCESS: usize = 65_536;
@@ -112,91 +115,283 @@ pub struct ProcessFiles {
 /// One pass over every `/proc/<pid>/maps` and `/proc/<pid>/fd/*`: for each file that
 /// `interest` wants, its users; for each candidate, where it was first seen. Descriptors on
 /// anything but a path (sockets, pipes, `anon_inode:`) and on `/dev`, `/proc` and `/sys` are not
-/// `stat`ed.
+/// `stat`ed. (Everything read afresh: the scanner keeps a [`ProcessFilesCache`] instead.)
 pub fn scan_processes(proc_root: &Path, interest: &dyn Fn((u64, u64)) -> Interest) -> ProcessFiles {
-    let mut out = ProcessFiles::default();
-    let Ok(dir) = fs::read_dir(proc_root) else {
-        tracing::warn!(proc_root = %proc_root.display(), "cannot list processes");
-        return out;
-    };
-    let mut pids: Vec<u32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    pids.sort_unstable();
-    out.processes = pids.len();
-
-    let mut line = String::new();
-    for &pid in &pids {
-        let base = proc_root.join(pid.to_string());
-        let mut uses: BTreeMap<(u64, u64), FileUse> = BTreeMap::new();
-        let new_use = || FileUse {
-            pid,
-            mapped: false,
-            open: false,
-        };
-        let mut sightings: Vec<((u64, u64), Sighting)> = Vec::new();
-        // One file met through a mapping (its map_files name) or a descriptor (its path).
-        let mut note = |key: (u64, u64), raw: &[u8], via: Via<'_>| {
-            out.seen.insert(key);
-            let what = interest(key);
-            if what == Interest::Ignore {
-                return;
-            }
-            let u = uses.entry(key).or_insert_with(new_use);
-            match via {
-                Via::Map(_) => u.mapped = true,
-                Via::Fd(_) => u.open = true,
-            }
-            if what == Interest::Candidate {
-                let (path, deleted) = undeleted(raw);
-                let (handle, via_fd) = match via {
-                    Via::Map(range) => (base.join("map_files").join(range), false),
-                    Via::Fd(fd) => (fd.to_path_buf(), true),
-                };
-                sightings.push((
-                    key,
-                    Sighting {
-                        pid,
-                        path,
-                        deleted,
-                        handle,
-                        via_fd,
-                    },
-                ));
-            }
-        };
-        let maps_ok = scan_maps(&base.join("maps"), &mut line, |key, range, path| {
-            note(key, path, Via::Map(range));
-        });
-        let fds_ok = scan_fds(&base.join("fd"), |key, fd, target| {
-            note(key, target, Via::Fd(fd));
-        });
-        if !maps_ok && !fds_ok {
-            out.unreadable += 1;
-        }
-        for (key, u) in uses {
-            // Pids are visited in ascending order, so each list stays sorted.
-            out.uses.entry(key).or_default().push(u);
-        }
-        for (key, s) in sightings {
-            out.sightings.entry(key).or_insert(s);
-        }
-    }
-    tracing::debug!(
-        processes = out.processes,
-        unreadable = out.unreadable,
-        files_in_use = out.uses.len(),
-        candidates = out.sightings.len(),
-        "process files scanned"
-    );
-    out
+    let mut cache = ProcessFilesCache::new(proc_root);
+    cache.refresh(None, true, &|_| true);
+    cache.files(interest)
 }
 
-/// How a process reaches a file: a mapping (its `map_files` name) or a descriptor (its path).
-#[derive(Debug, Clone, Copy)]
-enum Via<'a> {
-    Map(&'a str),
-    Fd(&'a Path),
+/// A process's files are read again after this many scans even when nothing says they changed
+/// (a descriptor closed and another opened between two scans leaves the count unchanged).
+pub const FULL_REREAD_SCANS: u32 = 5;
+/// At most this many files of one process are remembered between scans (beyond, the process
+/// is read again at every scan).
+pub const MAX_KEPT_FILES: usize = 4096;
+
+/// What one process maps and holds open, as read at its latest read.
+#[derive(Debug, Clone)]
+struct Held {
+    generation: Option<Gen>,
+    /// Virtual size (`statm`, pages) and descriptor count (`stat` of `fd/`, Linux 6.2+) when
+    /// read: a new mapping or descriptor changes one of them.
+    mark: Option<(u64, u64)>,
+    mntns: Option<u64>,
+    /// Every file met (device, inode).
+    keys: Box<[(u64, u64)]>,
+    /// How the files that were not known non-weights were met.
+    kept: Vec<Met>,
+    readable: bool,
+    /// Scans since it was read.
+    age: u32,
+}
+
+/// One file met by one process.
+#[derive(Debug, Clone)]
+struct Met {
+    key: (u64, u64),
+    raw: Box<[u8]>,
+    via: HeldVia,
+}
+
+#[derive(Debug, Clone)]
+enum HeldVia {
+    Map(Box<str>),
+    Fd(PathBuf),
+}
+
+/// The mapped and open files of every process, read once per process and again only when
+/// its mappings or descriptors can have changed: a new process (or a pid born again, or an
+/// exec seen by the process table), a change of its virtual size or of its number of
+/// descriptors, or [`FULL_REREAD_SCANS`] scans later. Bounded: one entry per live process, at
+/// most [`MAX_KEPT_FILES`] files each.
+#[derive(Debug, Default)]
+pub struct ProcessFilesCache {
+    proc_root: PathBuf,
+    procs: BTreeMap<u32, Held>,
+    /// Reads and reuses so far.
+    pub reads: u64,
+    pub reuses: u64,
+}
+
+impl ProcessFilesCache {
+    /// An empty cache over `proc_root`.
+    pub fn new(proc_root: &Path) -> Self {
+        Self {
+            proc_root: proc_root.to_path_buf(),
+            ..Self::default()
+        }
+    }
+
+    /// Bring the cache up to date: `live` (the process table; `None`: list `proc_root`) says
+    /// which processes exist; each is read again only when it may have changed. With
+    /// `read_files` false only namespaces are read. `keep` says which files met are worth
+    /// remembering how they were met (the ones not known to be non-weights).
+    pub fn refresh(
+        &mut self,
+        live: Option<&HashMap<u32, Gen>>,
+        read_files: bool,
+        keep: &dyn Fn((u64, u64)) -> bool,
+    ) {
+        let pids: Vec<(u32, Option<Gen>)> = match live {
+            Some(l) => l.iter().map(|(p, g)| (*p, Some(*g))).collect(),
+            None => match fs::read_dir(&self.proc_root) {
+                Ok(dir) => dir
+                    .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                    .map(|p| (p, None))
+                    .collect(),
+                Err(_) => {
+                    tracing::warn!(proc_root = %self.proc_root.display(), "cannot list processes");
+                    Vec::new()
+                }
+            },
+        };
+        let alive: HashSet<u32> = pids.iter().map(|(p, _)| *p).collect();
+        self.procs.retain(|p, _| alive.contains(p));
+        let mut line = String::new();
+        let (mut reads, mut reuses) = (0u64, 0u64);
+        for (pid, generation) in pids {
+            let base = self.proc_root.join(pid.to_string());
+            let mark = read_mark(&base);
+            if let Some(h) = self.procs.get_mut(&pid)
+                && h.generation == generation
+                && mark.is_some()
+                && h.mark == mark
+                && h.age < FULL_REREAD_SCANS
+                && (h.readable || !read_files)
+            {
+                h.age += 1;
+                reuses += 1;
+                continue;
+            }
+            reads += 1;
+            let held = read_held(&base, generation, mark, read_files, keep, &mut line);
+            self.procs.insert(pid, held);
+        }
+        self.reads += reads;
+        self.reuses += reuses;
+        cache::PROCESS_FILES.misses(reads);
+        cache::PROCESS_FILES.hits(reuses);
+        cache::PROCESS_FILES.entries(self.procs.len());
+    }
+
+    /// Every mount namespace with its processes (sorted), as of the latest refresh.
+    pub fn by_mnt(&self) -> HashMap<u64, Vec<u32>> {
+        let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+        for (pid, h) in &self.procs {
+            if let Some(ns) = h.mntns {
+                out.entry(ns).or_default().push(*pid);
+            }
+        }
+        out
+    }
+
+    /// The users of every file `interest` wants and the first sighting of every candidate,
+    /// from the files as of the latest refresh (a process whose file became interesting since
+    /// it was read is read again now).
+    pub fn files(&mut self, interest: &dyn Fn((u64, u64)) -> Interest) -> ProcessFiles {
+        let mut out = ProcessFiles {
+            processes: self.procs.len(),
+            ..ProcessFiles::default()
+        };
+        let mut line = String::new();
+        let proc_root = self.proc_root.clone();
+        for (&pid, held) in &mut self.procs {
+            let base = proc_root.join(pid.to_string());
+            let stale = held.keys.iter().any(|k| {
+                interest(*k) != Interest::Ignore
+                    && held.kept.binary_search_by_key(k, |m| m.key).is_err()
+            });
+            if stale {
+                *held = read_held(
+                    &base,
+                    held.generation,
+                    held.mark,
+                    true,
+                    &|_| true,
+                    &mut line,
+                );
+            }
+            if !held.readable {
+                out.unreadable += 1;
+            }
+            let mut uses: BTreeMap<(u64, u64), FileUse> = BTreeMap::new();
+            for k in held.keys.iter() {
+                out.seen.insert(*k);
+            }
+            for m in &held.kept {
+                let what = interest(m.key);
+                if what == Interest::Ignore {
+                    continue;
+                }
+                let u = uses.entry(m.key).or_insert(FileUse {
+                    pid,
+                    mapped: false,
+                    open: false,
+                });
+                match m.via {
+                    HeldVia::Map(_) => u.mapped = true,
+                    HeldVia::Fd(_) => u.open = true,
+                }
+                if what == Interest::Candidate && !out.sightings.contains_key(&m.key) {
+                    let (path, deleted) = undeleted(&m.raw);
+                    let (handle, via_fd) = match &m.via {
+                        HeldVia::Map(range) => (base.join("map_files").join(&**range), false),
+                        HeldVia::Fd(fd) => (fd.clone(), true),
+                    };
+                    out.sightings.insert(
+                        m.key,
+                        Sighting {
+                            pid,
+                            path,
+                            deleted,
+                            handle,
+                            via_fd,
+                        },
+                    );
+                }
+            }
+            for (key, u) in uses {
+                // Pids are visited in ascending order, so each list stays sorted.
+                out.uses.entry(key).or_default().push(u);
+            }
+        }
+        tracing::debug!(
+            processes = out.processes,
+            unreadable = out.unreadable,
+            files_in_use = out.uses.len(),
+            candidates = out.sightings.len(),
+            "process files scanned"
+        );
+        out
+    }
+}
+
+/// A process's virtual size (pages, first field of `statm`) and descriptor count (size of
+/// its `fd` directory); `None` when either cannot be read.
+fn read_mark(base: &Path) -> Option<(u64, u64)> {
+    let statm = fs::read_to_string(base.join("statm")).ok()?;
+    let vsize: u64 = statm.split_ascii_whitespace().next()?.parse().ok()?;
+    let fds = fs::metadata(base.join("fd")).ok()?.len();
+    Some((vsize, fds))
+}
+
+/// Read one process's mount namespace and (with `read_files`) its maps and descriptors.
+fn read_held(
+    base: &Path,
+    generation: Option<Gen>,
+    mark: Option<(u64, u64)>,
+    read_files: bool,
+    keep: &dyn Fn((u64, u64)) -> bool,
+    line: &mut String,
+) -> Held {
+    let mntns = {
+        use std::os::unix::ffi::OsStrExt;
+        fs::read_link(base.join("ns").join(namespaces::MNT))
+            .ok()
+            .and_then(|t| namespaces::parse_link(namespaces::MNT, t.as_os_str().as_bytes()))
+    };
+    let mut keys: Vec<(u64, u64)> = Vec::new();
+    let mut kept: Vec<Met> = Vec::new();
+    let mut readable = false;
+    if read_files {
+        let mut met = |key: (u64, u64), raw: &[u8], via: HeldVia| {
+            keys.push(key);
+            if keep(key) && kept.len() < MAX_KEPT_FILES {
+                kept.push(Met {
+                    key,
+                    raw: raw.into(),
+                    via,
+                });
+            }
+        };
+        let maps_ok = scan_maps(&base.join("maps"), line, |key, range, path| {
+            met(key, path, HeldVia::Map(range.into()));
+        });
+        let fds_ok = scan_fds(&base.join("fd"), |key, fd, target| {
+            met(key, target, HeldVia::Fd(fd.to_path_buf()));
+        });
+        readable = maps_ok || fds_ok;
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys.truncate(MAX_KEPT_FILES);
+    // Sorted by file (stable: each file's first sighting stays first) for lookups.
+    kept.sort_by_key(|m| m.key);
+    Held {
+        generation,
+        // Read again at the next scan when the whole list could not be kept.
+        mark: if kept.len() >= MAX_KEPT_FILES {
+            None
+        } else {
+            mark
+        },
+        mntns,
+        keys: keys.into_boxed_slice(),
+        kept,
+        readable,
+        age: 0,
+    }
 }
 
 /// A path without the kernel's ` (deleted)` mark, and whether it had it.
@@ -391,6 +586,118 @@ mod tests {
         drop(child); // kill and reap
         let users = users_of(&path);
         assert!(users.iter().all(|u| u.pid != pid), "{users:?}");
+    }
+
+    /// Maps (and closes) or opens (and keeps) each path it reads on stdin, answering "done".
+    const MAP_ON_DEMAND: &str = "import mmap,sys\n\
+        held=[]\n\
+        print('ready',flush=True)\n\
+        for line in sys.stdin:\n\
+        \x20   how,path=line.split()\n\
+        \x20   f=open(path,'rb')\n\
+        \x20   if how=='map':\n\
+        \x20       held.append(mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ)); f.close()\n\
+        \x20   else:\n\
+        \x20       held.append(f)\n\
+        \x20   print('done',flush=True)\n";
+
+    #[test]
+    fn the_cache_sees_a_new_mapping_a_new_descriptor_and_an_exit_at_the_next_scan() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mapped = weight_file(dir.path(), "mapped.safetensors");
+        let opened = weight_file(dir.path(), "opened.gguf");
+        let spawned = Command::new("python3")
+            .arg("-c")
+            .arg(MAP_ON_DEMAND)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::skipped::record(
+                    "collect::weights::users::the_cache_sees_a_new_mapping_a_new_descriptor_and_an_exit_at_the_next_scan",
+                    "no python3",
+                );
+                return;
+            }
+            Err(e) => panic!("spawn python3: {e}"),
+        };
+        let mut child = KillOnDrop(child);
+        let pid = child.0.id();
+        let mut stdin = child.0.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.0.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("ready");
+        assert_eq!(line.trim(), "ready");
+        let wanted = HashSet::from([key_of(&mapped), key_of(&opened)]);
+        let interest = |k: (u64, u64)| {
+            if wanted.contains(&k) {
+                Interest::User
+            } else {
+                Interest::Ignore
+            }
+        };
+        let table = crate::collect::proctable::ProcTable::new(Path::new("/proc"));
+        let mut cache = ProcessFilesCache::new(Path::new("/proc"));
+        let scan = |cache: &mut ProcessFilesCache| {
+            let live = table.refresh(std::time::Duration::ZERO);
+            cache.refresh(Some(&live), true, &|_| true);
+            cache.files(&interest).uses
+        };
+        let users = |uses: &HashMap<(u64, u64), Vec<FileUse>>, path: &Path| {
+            uses.get(&key_of(path))
+                .map(|v| {
+                    v.iter()
+                        .filter(|u| u.pid == pid)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        let mut ask = |how: &str, path: &Path| {
+            writeln!(stdin, "{how} {}", path.display()).expect("write");
+            line.clear();
+            stdout.read_line(&mut line).expect("done");
+            assert_eq!(line.trim(), "done");
+        };
+
+        let uses = scan(&mut cache);
+        assert!(users(&uses, &mapped).is_empty());
+        let before = (cache.reads, cache.reuses);
+        let uses = scan(&mut cache);
+        assert!(users(&uses, &mapped).is_empty());
+        assert!(
+            cache.reuses > before.1,
+            "unchanged processes are not read again"
+        );
+
+        ask("map", &mapped);
+        let uses = scan(&mut cache);
+        // (Python's mmap keeps a descriptor of its own: the file is open too.)
+        let u = users(&uses, &mapped);
+        assert!(
+            u.len() == 1 && u[0].mapped,
+            "a new mapping is seen at the next scan: {u:?}"
+        );
+        ask("open", &opened);
+        let uses = scan(&mut cache);
+        assert_eq!(
+            users(&uses, &opened),
+            [FileUse {
+                pid,
+                mapped: false,
+                open: true
+            }],
+            "a new descriptor is seen at the next scan"
+        );
+        assert_eq!(users(&uses, &mapped).len(), 1, "the mapping is still held");
+
+        drop(child); // kill and reap
+        let uses = scan(&mut cache);
+        assert!(users(&uses, &mapped).is_empty() && users(&uses, &opened).is_empty());
     }
 
     #[test]

@@ -14,13 +14,16 @@ impl SqliteStore {
                 "SELECT n.node, n.site, n.country, n.hostname, n.agent_version, n.labels,
                         n.last_seen_ms, n.latest_epoch, COALESCE(e.reports, 0), COALESCE(e.last_seq, 0),
                         (SELECT COUNT(*) FROM node_epochs x WHERE x.node = n.node),
-                        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes, COALESCE(e.conflicts, 0),
+                        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes,
+                        (SELECT CAST(MIN(TOTAL(x.conflicts), 9.0e18) AS INTEGER) FROM node_epochs x WHERE x.node = n.node),
                         (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1
                             - (SELECT COUNT(*) FROM reports r WHERE r.node = g.node AND r.epoch = g.epoch
                                  AND r.seq BETWEEN g.first_seq AND g.last_seq)), 0)
-                         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch),
+                         FROM gaps g WHERE g.node = n.node),
                         n.gpu_state, n.gpu_count, n.gpu_util_percent, n.gpu_memory_used_bytes,
-                        n.gpu_memory_total_bytes
+                        n.gpu_memory_total_bytes,
+                        (SELECT CAST(MIN(TOTAL(MAX(x.last_seq - x.reports, 0)), 9.0e18) AS INTEGER)
+                         FROM node_epochs x WHERE x.node = n.node)
                  FROM nodes n
                  LEFT JOIN node_epochs e ON e.node = n.node AND e.epoch = n.latest_epoch
                  WHERE n.node > ?1

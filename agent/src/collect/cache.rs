@@ -1,0 +1,110 @@
+//! How well the agent's caches of per-process facts work: for each cache, lookups that were
+//! answered without reading `/proc` (hits), lookups that had to read (misses), and its size now.
+//! Process-wide counters (one agent per process), exported in the agent's `/metrics` as
+//! `sov_agent_cache_lookups_total{cache, result}` and `sov_agent_cache_entries{cache}`.
+//!
+//! Every cache counted here is bounded; its bound is named beside it in the file that owns it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One cache's counters.
+#[derive(Debug)]
+pub struct CacheCounter {
+    /// The `cache` label.
+    pub name: &'static str,
+    /// What one lookup is, for the metric's help text.
+    pub what: &'static str,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    entries: AtomicU64,
+}
+
+impl CacheCounter {
+    const fn new(name: &'static str, what: &'static str) -> Self {
+        Self {
+            name,
+            what,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+        }
+    }
+
+    /// One lookup answered from the cache.
+    pub fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` lookups answered from the cache.
+    pub fn hits(&self, n: u64) {
+        self.hits.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One lookup that read `/proc` (or the kernel).
+    pub fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` lookups that read.
+    pub fn misses(&self, n: u64) {
+        self.misses.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The cache holds `n` entries now.
+    pub fn entries(&self, n: usize) {
+        self.entries
+            .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// (hits, misses, entries) so far.
+    pub fn read(&self) -> (u64, u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+            self.entries.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The process table: a refresh answered by events (or a recent listing) vs one that listed `/proc`.
+pub static PROC_LISTING: CacheCounter = CacheCounter::new(
+    "proc_listing",
+    "process table refreshes (miss: /proc was listed)",
+);
+/// CPU and memory of a live process: taken from the previous read vs `/proc/<pid>/stat` read.
+pub static PROCESS_STAT: CacheCounter = CacheCounter::new(
+    "process_stat",
+    "live processes per sample (miss: /proc/<pid>/stat read)",
+);
+/// Name, executable, command line, user, cgroup and namespaces of a reported process.
+pub static PROCESS_DETAIL: CacheCounter = CacheCounter::new(
+    "process_detail",
+    "reported processes (miss: exe, cmdline, status, cgroup and ns read)",
+);
+/// A process's network namespace (flows).
+pub static NETNS_OF_PID: CacheCounter = CacheCounter::new(
+    "netns_of_pid",
+    "network namespace of a live process (miss: /proc/<pid>/ns/net read)",
+);
+/// The owner of a socket inode (flows).
+pub static SOCKET_OWNER: CacheCounter = CacheCounter::new(
+    "socket_owner",
+    "live socket inodes per flow sample (miss: not known, /proc/<pid>/fd walked)",
+);
+/// The mapped and open files of a process (weights).
+pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
+    "process_files",
+    "processes per weights scan (miss: /proc/<pid>/maps and fd read)",
+);
+
+/// Every counter, in the order `/metrics` shows them.
+pub fn all() -> [&'static CacheCounter; 6] {
+    [
+        &PROC_LISTING,
+        &PROCESS_STAT,
+        &PROCESS_DETAIL,
+        &NETNS_OF_PID,
+        &SOCKET_OWNER,
+        &PROCESS_FILES,
+    ]
+}
