@@ -690,7 +690,13 @@ fn through_a_collector(
 
     stop.cancel();
     rt.block_on(async {
-        task.await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the agent stops within 30 s of its cancellation")
+            .unwrap()
+            .unwrap();
         collector.stop().await;
     });
+    // Whatever blocking work is left (a runtime query in flight) is not waited for.
+    rt.shutdown_timeout(Duration::from_secs(10));
 }

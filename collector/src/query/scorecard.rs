@@ -778,4 +778,38 @@ mod tests {
             .unwrap();
         assert_eq!(us["counted"], "outside");
     }
+
+    #[test]
+    fn gpu_hours_are_counted_by_kubernetes_namespace_largest_first() {
+        let policy = Policy::parse("jurisdiction = \"MA\"\n", "test").unwrap();
+        let usage = |pid, ns: &str, secs| GpuUsageRow {
+            node: "gpu-1".into(),
+            pid,
+            process: "vllm".into(),
+            gpu_seconds: secs,
+            pod_namespace: ns.into(),
+        };
+        let inputs = Inputs {
+            gpu: vec![
+                usage(1, "inference", 3600.0),
+                usage(2, "inference", 3600.0),
+                usage(3, "batch", 1800.0),
+                usage(4, "", 3600.0),
+            ],
+            ..Inputs::default()
+        };
+        let card = build(&policy, &inputs, 0, 1000, 1000);
+        let ns = card["compute"]["by_namespace"].as_array().unwrap();
+        let got: Vec<(&str, f64)> = ns
+            .iter()
+            .map(|n| {
+                (
+                    n["namespace"].as_str().unwrap(),
+                    n["gpu_hours"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, [("inference", 2.0), ("", 1.0), ("batch", 0.5)]);
+        assert_eq!(ns[0]["share"], 0.5714);
+    }
 }

@@ -30,7 +30,8 @@ fn observe(ctx: &Context<'_>) -> Vec<Observation> {
             }
             per.entry(u.node.as_str()).or_default().insert(
                 u.pid,
-                json!({"pid": u.pid, "process": u.process, "gpus": u.gpus}),
+                json!({"pid": u.pid, "process": u.process, "gpus": u.gpus,
+                       "container": super::workload_json(u.container.as_ref())}),
             );
         }
         for (node, processes) in per {

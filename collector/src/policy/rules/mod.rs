@@ -278,6 +278,22 @@ pub fn top_destinations(rows: &[&pb::EgressRow]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Who a copy's container or a user's process is, as evidence: `namespace`, `pod`,
+/// `container` (its name in the pod spec), `container_id` and `image`; `null` outside any
+/// container.
+pub fn workload_json(c: Option<&pb::ContainerRef>) -> serde_json::Value {
+    match c {
+        None => serde_json::Value::Null,
+        Some(c) => serde_json::json!({
+            "namespace": c.pod_namespace,
+            "pod": c.pod_name,
+            "container": if c.container_name.is_empty() { &c.name } else { &c.container_name },
+            "container_id": c.id,
+            "image": c.image,
+        }),
+    }
+}
+
 /// Every source's answer for a destination, side by side, as evidence.
 pub fn answers_json(d: &pb::EgressRow) -> Vec<serde_json::Value> {
     d.answers

@@ -31,6 +31,7 @@ pub const RULE: Rule = Rule {
 #[derive(Default)]
 struct Held {
     process: String,
+    container: Value,
     bytes: u64,
     models: BTreeMap<String, Value>,
 }
@@ -46,6 +47,9 @@ fn observe(ctx: &Context<'_>) -> Vec<Observation> {
             }
             let h = held.entry((u.node.as_str(), u.pid)).or_default();
             h.process.clone_from(&u.process);
+            if u.container.is_some() {
+                h.container = super::workload_json(u.container.as_ref());
+            }
             h.bytes = h.bytes.saturating_add(m.size_bytes);
             h.models.insert(
                 m.sha256.clone(),
@@ -86,6 +90,7 @@ fn observe(ctx: &Context<'_>) -> Vec<Observation> {
             evidence: json!({
                 "process": h.process,
                 "pid": pid,
+                "container": h.container,
                 "restricted_bytes_held": h.bytes,
                 "fraction": fraction,
                 "window_secs": ctx.window_secs(),

@@ -47,6 +47,8 @@ fn observe(ctx: &Context<'_>) -> Vec<Observation> {
                 "server_country": server.map(|s| s.country.as_str()).unwrap_or(""),
                 "node_country": node_country,
                 "outside": if node_outside { "node" } else { "storage" },
+                "container": super::workload_json(c.container.as_ref()),
+                "container_path": c.container_path,
             }));
         }
         for (node, mut copies) in per {
@@ -127,5 +129,44 @@ mod tests {
         assert_eq!(obs.len(), 1, "{obs:?}");
         assert_eq!(obs[0].evidence["copies"][0]["outside"], "storage");
         assert_eq!(obs[0].evidence["copies"][0]["server_country"], "DE");
+    }
+
+    #[test]
+    fn a_copy_in_an_image_of_a_restricted_image_rule_names_its_pod_and_image() {
+        // The model is unclassified by name; the image rule restricts it where it is.
+        let p = policy(
+            "[[site]]\nname = \"paris\"\ncountry = \"FR\"\n[[model]]\nmatch = \"image:registry.example/llm/*\"\nclass = \"restricted\"\n",
+        );
+        let mut m = model(
+            "anything",
+            "aa",
+            10,
+            "out",
+            "/var/lib/containerd/x/model.safetensors",
+        );
+        m.copies[0].container = Some(sov_proto::pb::ContainerRef {
+            id: "abc".into(),
+            image: "registry.example/llm/vllm:1".into(),
+            pod_name: "web-0".into(),
+            pod_namespace: "inference".into(),
+            container_name: "server".into(),
+            ..Default::default()
+        });
+        m.copies[0].container_path = "/models/model.safetensors".into();
+        let f = Facts {
+            nodes: vec![node("out", "paris", "MA")],
+            models: vec![
+                m,
+                model("anything", "bb", 10, "out", "/models/b.safetensors"),
+            ],
+            ..Facts::default()
+        };
+        let obs = run(&RULE, &p, &f);
+        assert_eq!(obs.len(), 1, "only the copy in the image: {obs:?}");
+        let c = &obs[0].evidence["copies"][0];
+        assert_eq!(c["container"]["pod"], "web-0");
+        assert_eq!(c["container"]["namespace"], "inference");
+        assert_eq!(c["container"]["image"], "registry.example/llm/vllm:1");
+        assert_eq!(c["container_path"], "/models/model.safetensors");
     }
 }
