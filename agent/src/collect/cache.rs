@@ -91,6 +91,12 @@ pub static SOCKET_OWNER: CacheCounter = CacheCounter::new(
     "socket_owner",
     "live socket inodes per flow sample (miss: not known, /proc/<pid>/fd walked)",
 );
+/// A namespace's sock_diag dump of one protocol: skipped (hit) when its `sockstat` counts no
+/// socket of that protocol.
+pub static NAMESPACE_DUMPS: CacheCounter = CacheCounter::new(
+    "namespace_dumps",
+    "sock_diag dumps per namespace and protocol (hit: skipped, sockstat counts no socket)",
+);
 /// The mapped and open files of a process (weights).
 pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
     "process_files",
@@ -98,13 +104,14 @@ pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
 );
 
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 6] {
+pub fn all() -> [&'static CacheCounter; 7] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
         &PROCESS_DETAIL,
         &NETNS_OF_PID,
         &SOCKET_OWNER,
+        &NAMESPACE_DUMPS,
         &PROCESS_FILES,
     ]
 }
