@@ -229,9 +229,14 @@ impl Agent {
                 .map_or_else(|| self.config.spool_dir.clone(), Path::to_path_buf)
         });
         let handle = self.weights.clone();
+        // One guard at a time: two `lock()` temporaries in one statement would deadlock.
+        let (containers, table) = {
+            let o = lock(&self.observer);
+            (o.containers(), o.proc_table())
+        };
         let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone())
-            .with_containers(lock(&self.observer).containers())
-            .with_table(lock(&self.observer).proc_table());
+            .with_containers(containers)
+            .with_table(table);
         lock(&self.observer).set_weights(handle.clone());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
@@ -259,9 +264,13 @@ impl Agent {
             return None;
         }
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (containers, table) = {
+            let o = lock(&self.observer);
+            (o.containers(), o.proc_table())
+        };
         let collector = crate::collect::net::NetCollector::new(&self.config.net)
-            .with_containers(lock(&self.observer).containers())
-            .with_table(lock(&self.observer).proc_table());
+            .with_containers(containers)
+            .with_table(table);
         match NetHandle::spawn_with(collector, self.config.net.clone(), stop.clone()) {
             Ok((handle, thread)) => Some((handle, stop, thread)),
             Err(e) => {
