@@ -172,7 +172,13 @@ fn scan_weights(
     let handle = WeightsHandle::default();
     let mut scanner =
         WeightsScanner::new(wcfg, &state_dir, handle.clone()).with_containers(containers.clone());
-    scanner.scan();
+    let left = scanner.scan_until_done(64);
+    if left > 0 {
+        eprintln!(
+            "{left} files mapped by processes were not examined (64 passes of \
+             weights.max_new_files_per_scan); raise it to examine them in one scan"
+        );
+    }
     scanner.refresh_users();
     if hash {
         let cancel = std::sync::atomic::AtomicBool::new(false);

@@ -68,6 +68,42 @@ pub struct AgentConfig {
     /// `[metrics]`: the agent's own health for Prometheus (off by default).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `[training]`: training runs (processes writing weight files).
+    #[serde(default)]
+    pub training: TrainingConfig,
+}
+
+/// `[training]`: which processes train, on what, producing what.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Look for training runs at all (needs `[weights]`). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Milliseconds between two looks at the candidate processes' open files (only processes
+    /// that use a weight file or a GPU are looked at). Default 1000.
+    #[serde(default = "default_training_sample_interval_ms")]
+    pub sample_interval_ms: u64,
+    /// Dataset files smaller than this are not reported as a run's inputs. Default 1048576.
+    #[serde(default = "default_training_dataset_min_bytes")]
+    pub dataset_min_bytes: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sample_interval_ms: default_training_sample_interval_ms(),
+            dataset_min_bytes: default_training_dataset_min_bytes(),
+        }
+    }
+}
+
+fn default_training_sample_interval_ms() -> u64 {
+    1000
+}
+fn default_training_dataset_min_bytes() -> u64 {
+    crate::collect::training::DEFAULT_DATASET_FLOOR_BYTES
 }
 
 /// `[processes.containers]`: who each process is (container, image, Kubernetes pod), from the
@@ -595,6 +631,15 @@ impl AgentConfig {
                 format!("{} is out of range 1..=86400", self.gpu.retry_secs),
             );
         }
+        if !(100..=60_000).contains(&self.training.sample_interval_ms) {
+            p.push(
+                "training.sample_interval_ms",
+                format!(
+                    "{} is out of range 100..=60000",
+                    self.training.sample_interval_ms
+                ),
+            );
+        }
         if !(1..=86_400).contains(&self.weights.scan_interval_secs) {
             p.push(
                 "weights.scan_interval_secs",
@@ -745,6 +790,20 @@ mod tests {
         assert_eq!(c.interval_secs, DEFAULT_INTERVAL_SECS);
         assert_eq!(c.max_spool_bytes, DEFAULT_MAX_SPOOL_BYTES);
         assert_eq!(c.collector, vec!["https://127.0.0.1:7443".to_owned()]);
+    }
+
+    #[test]
+    fn training_defaults_apply_and_a_bad_sample_interval_or_key_is_refused() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.training, TrainingConfig::default());
+        assert_eq!(c.training.sample_interval_ms, 1000);
+        let bad = parse(&format!("{GOOD}\n[training]\nsample_interval_ms = 5\n")).unwrap();
+        let problems = bad.validate().to_string();
+        assert!(
+            problems.contains("training.sample_interval_ms") && problems.contains('5'),
+            "{problems}"
+        );
+        assert!(parse(&format!("{GOOD}\n[training]\nsample_ms = 5\n")).is_err());
     }
 
     #[test]

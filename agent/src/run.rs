@@ -25,6 +25,7 @@ use tonic::Code;
 
 use crate::collect::gpu::GpuCollector;
 use crate::collect::net::NetHandle;
+use crate::collect::training::{Tracker, TrainingHandle};
 use crate::collect::weights::inventory::{WeightsHandle, WeightsScanner, link_gpus};
 use crate::collect::weights::schedule::Hint;
 use crate::config::AgentConfig;
@@ -81,6 +82,8 @@ pub struct Agent {
     metrics: Arc<AgentMetrics>,
     /// The weight inventory (fed by the scanner thread when weights are enabled).
     weights: WeightsHandle,
+    /// Training runs (fed by the sampler thread when training and weights are enabled).
+    training: TrainingHandle,
     /// The collector's `max_report_bytes` from its last ack; 0 until one came.
     collector_limit: Arc<AtomicU64>,
 }
@@ -97,6 +100,7 @@ impl Agent {
         let spool = Spool::open(&config.spool_dir, config.max_spool_bytes)?;
         let node = config.node_name();
         let observer = Observer::from_config(&config);
+        let config_training_floor = config.training.dataset_min_bytes;
         Ok(Self {
             spool: Arc::new(Mutex::new(spool)),
             observer: Arc::new(Mutex::new(observer)),
@@ -105,6 +109,7 @@ impl Agent {
             node,
             metrics: Arc::default(),
             weights: WeightsHandle::default(),
+            training: TrainingHandle::new(Tracker::new(Path::new("/proc"), config_training_floor)),
             collector_limit: Arc::default(),
         })
     }
@@ -170,6 +175,7 @@ impl Agent {
             tracing::error!(error = %e, "cannot start the container runtime client; containers are named from their cgroup only");
         }
         let weights = self.start_weights();
+        let training = weights.as_ref().and_then(|_| self.start_training());
         let net = self.start_net();
         let renewer = tokio::spawn(self.clone().renew_loop(tls.clone(), shutdown.clone()));
         let sender = tokio::spawn(self.clone().send_loop(tls, shutdown.clone()));
@@ -188,6 +194,10 @@ impl Agent {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         if let Some((_, stop, thread)) = weights {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        if let Some((stop, thread)) = training {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
@@ -247,6 +257,33 @@ impl Agent {
             Ok(thread) => Some((handle, stop, thread)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the weight scanner; weights will not be reported");
+                None
+            }
+        }
+    }
+
+    /// Start the training sampler thread when enabled.
+    fn start_training(
+        &self,
+    ) -> Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )> {
+        let cfg = &self.config.training;
+        if !cfg.enabled {
+            return None;
+        }
+        let handle = self.training.clone();
+        let interval = Duration::from_millis(cfg.sample_interval_ms);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        match std::thread::Builder::new()
+            .name("sov-training".into())
+            .spawn(move || handle.sample_until(interval, &s))
+        {
+            Ok(thread) => Some((stop, thread)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the training sampler; training runs will not be reported");
                 None
             }
         }
@@ -336,6 +373,12 @@ impl Agent {
                 .map(|w| w.take_update(std::time::Instant::now(), full_every))
                 .unwrap_or_default();
             link_gpus(&mut update.files, &obs.gpu.devices);
+            let training_runs = match &weights {
+                Some(w) if self.config.training.enabled => {
+                    self.training_runs(w, &obs.gpu.devices).await?
+                }
+                _ => vec![],
+            };
             let base = pb::Report {
                 epoch: stats.epoch,
                 seq: 0,
@@ -353,6 +396,7 @@ impl Agent {
                 gpus: obs.gpu.devices,
                 processes: obs.processes.processes,
                 flows,
+                training_runs,
                 ..Default::default()
             };
             let inventory = crate::shape::Inventory {
@@ -403,6 +447,32 @@ impl Agent {
             }
             self.wake.notify_one();
         }
+    }
+
+    /// Point the training sampler at the processes that use weights or GPUs now, and the
+    /// runs to report: the inventory is joined only when some process writes weights.
+    async fn training_runs(
+        &self,
+        weights: &WeightsHandle,
+        gpus: &[pb::GpuSample],
+    ) -> Result<Vec<pb::TrainingRun>, AgentError> {
+        let mut candidates = weights.user_pids();
+        candidates.extend(gpus.iter().flat_map(|d| d.processes.iter().map(|p| p.pid)));
+        self.training.set_candidates(candidates);
+        if !self.training.has_writers() {
+            return Ok(vec![]);
+        }
+        let training = self.training.clone();
+        let weights = weights.clone();
+        let gpus = gpus.to_vec();
+        let containers = lock(&self.observer).containers();
+        tokio::task::spawn_blocking(move || {
+            weights.set_extra_roots(training.output_dirs());
+            let files = weights.files();
+            training.runs(&files, &gpus, &|pid| containers.of_pid(pid), now_unix_ms())
+        })
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))
     }
 
     /// Keep the client certificate fresh: renew it at two thirds of its lifetime

@@ -98,7 +98,12 @@ pub struct App {
     policy: Option<Arc<PolicyWatch>>,
     sinks: Vec<Arc<dyn Sink>>,
     alert_retry_max: Duration,
-    https: Option<(TcpListener, Arc<ServerTls>, QueryService)>,
+    https: Option<(
+        TcpListener,
+        Arc<ServerTls>,
+        QueryService,
+        crate::tls::limits::PerAddress,
+    )>,
     metrics_listener: Option<TcpListener>,
     /// Woken by ingest after a stored report (wakes the rule evaluation).
     stored: Arc<tokio::sync::Notify>,
@@ -188,6 +193,7 @@ impl CollectorConfig {
                     .map_err(|source| AppError::HttpListen { addr, source })?,
                 Arc::new(ServerTls::load(&config.tls, crate::tls::ALPN_HTTPS, "")?),
                 query.clone(),
+                crate::tls::limits::PerAddress::new(config.limits.max_connections_per_address),
             )),
             None => None,
         };
@@ -208,7 +214,14 @@ impl CollectorConfig {
                 limits: AcceptLimits {
                     max_connections: config.max_connections,
                     handshake_timeout: Duration::from_secs(config.tls_handshake_timeout_secs),
+                    per_address: crate::tls::limits::PerAddress::new(
+                        config.limits.max_connections_per_address,
+                    ),
+                    anonymous_lifetime: Duration::from_secs(
+                        config.limits.anonymous_connection_secs,
+                    ),
                 },
+                report_limits: config.limits,
                 max_report_bytes: config.max_report_bytes,
                 metrics,
             },
@@ -253,13 +266,14 @@ impl App {
             &wake,
             &stop,
         );
-        if let Some((listener, tls, query)) = self.https {
+        if let Some((listener, tls, query, per_address)) = self.https {
             tokio::spawn(crate::tls::reload_loop(tls.clone(), "https", stop.clone()));
             tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "https api listening");
             tokio::spawn(crate::query::http::serve(
                 listener,
                 tls,
                 query,
+                per_address,
                 stop.clone().cancelled_owned(),
             ));
         }

@@ -93,6 +93,9 @@ pub struct CollectorConfig {
     /// `ca_key` is set).
     #[serde(default)]
     pub enroll: EnrollConfig,
+    /// `[limits]`: what one client may hold (connections per address, reports in flight).
+    #[serde(default)]
+    pub limits: crate::tls::limits::LimitsConfig,
     /// Policy file (jurisdiction, thresholds, `[[allow]]`, ...). When set, the collector
     /// evaluates the built-in breach rules against it every few seconds and reloads it when it
     /// changes; the file must load at start. Default: none (no breach rules run).
@@ -148,6 +151,7 @@ impl CollectorConfig {
             alert: AlertConfig::default(),
             http: HttpConfig::default(),
             enroll: EnrollConfig::default(),
+            limits: crate::tls::limits::LimitsConfig::default(),
             policy: None,
         }
     }
@@ -204,6 +208,7 @@ impl CollectorConfig {
                 ),
             );
         }
+        self.limits.validate(&mut p);
         if let Err(e) = crate::auth::validate_trust_domain(&self.trust_domain) {
             p.push("trust_domain", e);
         }

@@ -114,6 +114,9 @@ pub enum EnrollError {
     /// `--count` out of range.
     #[error("count {0} is out of range 1..={MAX_TOKENS}")]
     BadCount(u32),
+    /// A node name (`--replace`) is not allowed.
+    #[error("node name: {0}")]
+    NodeName(#[from] auth::AuthError),
     /// The system's random number generator failed.
     #[error("the system random number generator failed")]
     Random,
@@ -206,11 +209,41 @@ pub async fn create_tokens(
             hash: hash_token(&t),
             created_unix_ms: now_unix_ms,
             expires_unix_ms: expires,
+            replaces: None,
         });
         tokens.push(t);
     }
     store.add_enroll_tokens(&rows).await?;
     Ok(tokens)
+}
+
+/// Make one token that may enroll `node` although the name is in use (an operator's
+/// decision to replace the node's certificate, logged loudly when spent): it enrolls `node`
+/// only.
+pub async fn create_replacement_token(
+    store: &dyn Store,
+    node: &str,
+    lifetime: Duration,
+    now_unix_ms: i64,
+) -> Result<String, EnrollError> {
+    auth::validate_name(node)?;
+    if lifetime > MAX_TOKEN_LIFETIME {
+        return Err(EnrollError::BadDuration {
+            value: format!("{}s", lifetime.as_secs()),
+            reason: "tokens may live at most 365 days",
+        });
+    }
+    let expires = now_unix_ms.saturating_add(i64::try_from(lifetime.as_millis()).unwrap_or(0));
+    let t = new_token()?;
+    store
+        .add_enroll_tokens(&[NewEnrollToken {
+            hash: hash_token(&t),
+            created_unix_ms: now_unix_ms,
+            expires_unix_ms: expires,
+            replaces: Some(node.to_owned()),
+        }])
+        .await?;
+    Ok(t)
 }
 
 /// Every certificate in a PEM file, DER.
@@ -417,6 +450,63 @@ impl EnrollService {
     }
 }
 
+impl EnrollService {
+    /// Refuse to enroll `node` when the name has a certificate in use (a report, or an
+    /// enrollment, within one certificate lifetime), unless `token` was made by an operator to
+    /// replace that node's certificate (`enroll-token create --replace NODE`): an enrollment
+    /// token alone must never let its holder impersonate a live node. A replacement token
+    /// enrolls its node only. Nothing is spent when refused.
+    async fn refuse_a_name_in_use(
+        &self,
+        signer: &Signer,
+        token: &str,
+        node: &str,
+        now_ms: i64,
+    ) -> Result<(), tonic::Status> {
+        let name = self
+            .store
+            .enroll_name_use(&hash_token(token), node)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot check an enrollment name");
+                tonic::Status::unavailable("store unavailable; retry later")
+            })?;
+        let lifetime_ms = i64::try_from(signer.validity.as_millis()).unwrap_or(i64::MAX);
+        let live = name
+            .last_used_unix_ms
+            .filter(|at| now_ms.saturating_sub(*at) < lifetime_ms);
+        match (&name.token_replaces, live) {
+            (Some(replaces), _) if replaces != node => {
+                tracing::warn!(node, replaces = %replaces, "enrollment refused: replacement token for another node");
+                Err(tonic::Status::permission_denied(format!(
+                    "this token was made to replace node {replaces:?}'s certificate, not {node:?}'s"
+                )))
+            }
+            (Some(_), Some(at)) => {
+                tracing::warn!(
+                    node,
+                    last_used_ms = at,
+                    "REPLACING THE CERTIFICATE OF A NODE IN USE: an operator's replacement token enrolls a new key for this name; add the old certificate to the [tls] revoked file if it was not retired"
+                );
+                Ok(())
+            }
+            (Some(_), None) | (None, None) => Ok(()),
+            (None, Some(at)) => {
+                tracing::warn!(
+                    node,
+                    last_used_ms = at,
+                    "enrollment refused: the name has a certificate in use"
+                );
+                Err(tonic::Status::already_exists(format!(
+                    "node {node:?} already has a certificate in use (last used at {at} ms); \
+                     an enrollment token does not replace it: an operator can with \
+                     `sov-collector enroll-token create --replace {node}`, or pick another name"
+                )))
+            }
+        }
+    }
+}
+
 fn refused(e: RequestError) -> tonic::Status {
     match e {
         RequestError::Internal(_) => {
@@ -447,6 +537,8 @@ impl pb::enroll_server::Enroll for EnrollService {
             req.csr_der.as_slice(),
         ))
         .map_err(|e| refused(RequestError::Invalid(e)))?;
+        self.refuse_a_name_in_use(signer, &req.token, &req.node, unix_ms(now))
+            .await?;
         let spend = self
             .store
             .spend_enroll_token(&hash_token(&req.token), &req.node, unix_ms(now))

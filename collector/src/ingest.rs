@@ -20,10 +20,16 @@ use crate::store::{
     WeightUpdate,
 };
 
+mod ranges;
+
 /// Most gap records one report may carry.
 pub const MAX_GAPS_PER_REPORT: usize = 10_000;
 /// Most flows one report may carry.
 pub const MAX_FLOWS_PER_REPORT: usize = 200_000;
+/// Furthest ahead of the collector's clock an epoch may be (an epoch is the Unix time in ms
+/// at which the agent's spool began; a node's clock may be wrong, but not by this much). An
+/// epoch far in the future would make every later, real epoch look older and hide its gaps.
+pub const MAX_EPOCH_AHEAD_MS: u64 = 24 * 3600 * 1000;
 
 /// gRPC `sovereign.v1.Ingest`.
 #[derive(Debug, Clone)]
@@ -141,6 +147,15 @@ pub fn validate(report: &pb::Report) -> Result<(), Status> {
             report.epoch, report.seq
         ));
     }
+    let now = u64::try_from(now_unix_ms()).unwrap_or(0);
+    if report.epoch > now.saturating_add(MAX_EPOCH_AHEAD_MS) {
+        return bad(format!(
+            "epoch {} is more than {} h ahead of the collector's clock ({now} ms): an epoch is the \
+             Unix time in ms when the agent's spool began; fix the node's clock and remove its spool",
+            report.epoch,
+            MAX_EPOCH_AHEAD_MS / 3_600_000
+        ));
+    }
     if !info.country.is_empty()
         && (info.country.len() != 2 || !info.country.bytes().all(|b| b.is_ascii_uppercase()))
     {
@@ -169,7 +184,7 @@ pub fn validate(report: &pb::Report) -> Result<(), Status> {
             ));
         }
     }
-    Ok(())
+    ranges::check(report).map_err(Status::invalid_argument)
 }
 
 impl IngestService {
@@ -408,6 +423,28 @@ mod tests {
                 Box::new(|r| r.node_info.as_mut().unwrap().node = "../etc".into()),
             ),
             ("epoch", Box::new(|r| r.epoch = 0)),
+            (
+                "ahead of the collector's clock",
+                Box::new(|r| r.epoch = i64::MAX as u64),
+            ),
+            (
+                "weight_files[0].size_bytes is 18446744073709551615",
+                Box::new(|r| {
+                    r.weight_files = vec![pb::WeightFile {
+                        size_bytes: u64::MAX,
+                        ..Default::default()
+                    }]
+                }),
+            ),
+            (
+                "host.cpu_percent is NaN",
+                Box::new(|r| {
+                    r.host = Some(pb::HostSample {
+                        cpu_percent: f32::NAN,
+                        ..Default::default()
+                    })
+                }),
+            ),
             ("seq", Box::new(|r| r.seq = 0)),
             (
                 "country",

@@ -17,6 +17,7 @@
 //! A configuration that fails to rebuild (a half-written key, a malformed deny list) is
 //! logged and the previous one stays in force; at start the same failure is an error.
 
+use std::future::Future as _;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -32,6 +33,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use serde::Deserialize;
+
+pub mod limits;
 
 /// Default longest TLS handshake, seconds (`tls_handshake_timeout_secs`).
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
@@ -539,20 +542,27 @@ where
 }
 
 /// Limits of the gRPC accept loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AcceptLimits {
     /// Most connections open at once (handshaking or established).
     pub max_connections: usize,
     /// Longest a TLS handshake may take.
     pub handshake_timeout: Duration,
+    /// Most connections open at once from one source address.
+    pub per_address: limits::PerAddress,
+    /// Longest a connection without a client certificate stays open.
+    pub anonymous_lifetime: Duration,
 }
 
-/// One accepted, handshaken gRPC connection; holds its slot under `max_connections` until
-/// it is closed.
+/// One accepted, handshaken gRPC connection; holds its slot under `max_connections` and its
+/// address's place until it is closed. A connection without a client certificate ends at its
+/// deadline (it can only enroll, which is one call).
 #[derive(Debug)]
 pub struct Conn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     _slot: Slot,
+    _address: limits::AddressSlot,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A place under `max_connections`, counted in the open-connections gauge until dropped.
@@ -595,6 +605,14 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(d) = self.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection without a client certificate reached its lifetime",
+            )));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -668,6 +686,20 @@ async fn accept_loop(
             },
             () = stop.cancelled() => return,
         };
+        let Some(address) = limits.per_address.take(addr.ip()) else {
+            metrics.connection_refused();
+            shed += 1;
+            if shed.is_power_of_two() {
+                tracing::warn!(
+                    peer.addr = %addr,
+                    max_connections_per_address = limits.per_address.limit(),
+                    refused_so_far = shed,
+                    "connection limit of one address reached; connection closed"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             // At the limit: close at once rather than let the kernel queue grow.
             metrics.connection_refused();
@@ -693,8 +725,10 @@ async fn accept_loop(
         let tx = tx.clone();
         let stop = stop.clone();
         let metrics = metrics.clone();
+        let (handshake_timeout, anonymous_lifetime) =
+            (limits.handshake_timeout, limits.anonymous_lifetime);
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp));
             let stream = tokio::select! {
                 r = handshake => match r {
                     Ok(Ok(s)) => s,
@@ -711,10 +745,13 @@ async fn accept_loop(
                 },
                 () = stop.cancelled() => return,
             };
+            let anonymous = stream.get_ref().1.peer_certificates().is_none();
             let _ = tx
                 .send(Ok(Conn {
                     inner: stream,
                     _slot: slot,
+                    _address: address,
+                    deadline: anonymous.then(|| Box::pin(tokio::time::sleep(anonymous_lifetime))),
                 }))
                 .await;
         });

@@ -6,7 +6,9 @@
 //! parameter count and where its identity came from (provenance) as properties, and every
 //! observation as evidence: one occurrence per copy (`node:path`) and properties for every
 //! copy (node, site, country, path, storage, server, mount point, first and last seen) and
-//! every user (node, pid, process, GPUs). Property names are under `sovereign:`.
+//! every user (node, pid, process, GPUs). The base models it declares are its `pedigree`
+//! `ancestors` (with where the claim came from and the publisher's origin). Property names are
+//! under `sovereign:`.
 //!
 //! The document is checked against the official CycloneDX 1.6 JSON schema in
 //! `tests/tests/bom.rs` (the schema shipped by the `cyclonedx-python-lib` package).
@@ -69,6 +71,30 @@ pub fn component(m: &pb::ModelSummary, index: usize) -> Value {
     }
     if m.sha256.len() == 64 && m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         c["hashes"] = json!([{"alg": "SHA-256", "content": m.sha256}]);
+    }
+    if !m.base_models.is_empty() {
+        // The declared bases as the component's pedigree: each an ancestor component, with
+        // where the claim came from and its publisher's origin as properties.
+        let ancestors: Vec<Value> = m
+            .base_models
+            .iter()
+            .map(|b| {
+                let mut a = json!({"type": "machine-learning-model", "name": b.name});
+                if !b.organization.is_empty() {
+                    a["publisher"] = json!(b.organization);
+                }
+                let mut props = vec![prop("lineage_source", &b.source)];
+                if !b.origin.is_empty() {
+                    props.push(prop("origin", &b.origin));
+                }
+                if !b.repo_url.is_empty() {
+                    props.push(prop("repo_url", &b.repo_url));
+                }
+                a["properties"] = json!(props);
+                a
+            })
+            .collect();
+        c["pedigree"] = json!({"ancestors": ancestors});
     }
     let mut props = vec![
         prop("format", &m.format),

@@ -96,6 +96,13 @@ pub fn scorecard_rows(s: &Value) -> Vec<Value> {
             &o["gpu_hours"],
         );
     }
+    for o in c["by_namespace"].as_array().into_iter().flatten() {
+        let label = match o["namespace"].as_str().unwrap_or("") {
+            "" => "gpu_hours outside Kubernetes pods".to_owned(),
+            ns => format!("gpu_hours in namespace {ns}"),
+        };
+        add("where AI runs", &label, &o["gpu_hours"]);
+    }
     let d = &s["data"];
     for k in [
         "bytes_sent",
@@ -205,19 +212,32 @@ pub enum EgressBy {
     Asn,
     /// Per remote address and port.
     Destination,
+    /// Per Kubernetes pod (namespace and name, on its node) and destination country.
+    Pod,
+    /// Per Kubernetes namespace and destination country.
+    Namespace,
+    /// Per container image and destination country.
+    Image,
+    /// Per container (node, id, name, pod, image) and destination country.
+    Container,
 }
 
 impl EgressBy {
     /// Every grouping, in the order `--help` lists them.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 9] = [
         Self::Country,
         Self::Node,
         Self::Process,
         Self::Asn,
         Self::Destination,
+        Self::Pod,
+        Self::Namespace,
+        Self::Image,
+        Self::Container,
     ];
 
-    /// Its name: `country`, `node`, `process`, `asn` or `destination`.
+    /// Its name: `country`, `node`, `process`, `asn`, `destination`, `pod`, `namespace`,
+    /// `image` or `container`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Country => "country",
@@ -225,6 +245,10 @@ impl EgressBy {
             Self::Process => "process",
             Self::Asn => "asn",
             Self::Destination => "destination",
+            Self::Pod => "pod",
+            Self::Namespace => "namespace",
+            Self::Image => "image",
+            Self::Container => "container",
         }
     }
 
@@ -283,6 +307,49 @@ impl EgressBy {
                 "physics",
                 "answers_text",
             ],
+            Self::Pod => &[
+                "namespace",
+                "pod",
+                "node",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+                "measured",
+            ],
+            Self::Namespace => &[
+                "namespace",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+                "measured",
+            ],
+            Self::Image => &[
+                "image",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+                "measured",
+            ],
+            Self::Container => &[
+                "node",
+                "namespace",
+                "pod",
+                "container",
+                "container_id",
+                "image",
+                "country",
+                "bytes_sent",
+                "bytes_received",
+                "connections",
+                "min_rtt_ms",
+                "measured",
+            ],
         }
     }
 }
@@ -295,7 +362,9 @@ impl std::str::FromStr for EgressBy {
             .into_iter()
             .find(|b| b.as_str() == s)
             .ok_or_else(|| {
-                format!("by {s:?} is not one of country, node, process, asn, destination")
+                format!(
+                    "by {s:?} is not one of country, node, process, asn, destination, pod, namespace, image, container"
+                )
             })
     }
 }
@@ -331,11 +400,21 @@ pub fn egress_row(r: &pb::EgressRow, by: EgressBy) -> Value {
     if r.country.is_empty() {
         v["country"] = json!(UNPLACED);
     }
+    // Traffic of processes outside every container groups under empty names: say so.
+    for key in ["namespace", "pod", "image", "container", "container_id"] {
+        if v.get(key).and_then(Value::as_str) == Some("") {
+            v[key] = json!(NO_CONTAINER);
+        }
+    }
     v
 }
 
 /// What tables say for a destination no geolocation database places.
 pub const UNPLACED: &str = "unplaced";
+
+/// What tables say where traffic came from no container (a host process), or from a
+/// container outside Kubernetes under the pod columns.
+pub const NO_CONTAINER: &str = "-";
 
 /// One egress row as JSON (`sovctl egress --output json`, the API).
 /// How a row's bytes were measured, in words: `exact` (tcp_info), `conntrack`, both, and how
@@ -485,12 +564,56 @@ pub fn egress_json(r: &pb::EgressRow, by: EgressBy) -> Value {
                 .collect();
             v["answers_text"] = json!(answers_text(r));
         }
+        EgressBy::Pod => {
+            v["node"] = json!(r.node);
+            v["namespace"] = json!(r.pod_namespace);
+            v["pod"] = json!(r.pod_name);
+        }
+        EgressBy::Namespace => v["namespace"] = json!(r.pod_namespace),
+        EgressBy::Image => v["image"] = json!(r.image),
+        EgressBy::Container => {
+            v["node"] = json!(r.node);
+            v["namespace"] = json!(r.pod_namespace);
+            v["pod"] = json!(r.pod_name);
+            v["container"] = json!(r.container_name);
+            v["container_id"] = json!(r.container_id);
+            v["image"] = json!(r.image);
+        }
     }
     v
 }
 
+/// A container reference as JSON (`sovctl models` copies and users, the API): runtime, id,
+/// name, image and digest, the Kubernetes pod (namespace, name, uid) and the container's name
+/// in it, and how it was learned; `null` for a host file or process.
+pub fn container_json(c: Option<&pb::ContainerRef>) -> Value {
+    match c {
+        None => Value::Null,
+        Some(c) => json!({
+            "runtime": c.runtime,
+            "id": c.id,
+            "name": c.name,
+            "image": c.image,
+            "image_digest": c.image_digest,
+            "namespace": c.pod_namespace,
+            "pod": c.pod_name,
+            "pod_uid": c.pod_uid,
+            "container": c.container_name,
+            "source": c.source,
+        }),
+    }
+}
+
+/// `namespace/pod` of a container reference ("" outside Kubernetes or for a host process).
+pub fn pod_of(c: Option<&pb::ContainerRef>) -> String {
+    match c {
+        Some(c) if !c.pod_name.is_empty() => format!("{}/{}", c.pod_namespace, c.pod_name),
+        _ => String::new(),
+    }
+}
+
 /// Columns of `sovctl models` as a table or CSV.
-pub const MODEL_COLUMNS: [&str; 9] = [
+pub const MODEL_COLUMNS: [&str; 11] = [
     "model",
     "format",
     "sha256",
@@ -499,14 +622,34 @@ pub const MODEL_COLUMNS: [&str; 9] = [
     "copies",
     "countries",
     "users",
+    "pods",
     "revision",
+    "base_models",
 ];
+
+/// A declared base as table text: `name (origin)`, or the name alone when its origin is unknown.
+pub fn base_text(b: &pb::ModelBase) -> String {
+    if b.origin.is_empty() {
+        b.name.clone()
+    } else {
+        format!("{} ({})", b.name, b.origin)
+    }
+}
 
 /// One model as the JSON object `sovctl models --output json` prints.
 pub fn model_json(m: &pb::ModelSummary) -> Value {
     let mut countries: Vec<&str> = m.copies.iter().map(|c| c.country.as_str()).collect();
     countries.sort_unstable();
     countries.dedup();
+    let mut pods: Vec<String> = m
+        .copies
+        .iter()
+        .map(|c| pod_of(c.container.as_ref()))
+        .chain(m.users.iter().map(|u| pod_of(u.container.as_ref())))
+        .filter(|p| !p.is_empty())
+        .collect();
+    pods.sort_unstable();
+    pods.dedup();
     json!({
         "model": m.model,
         "identity_source": m.identity_source,
@@ -527,6 +670,8 @@ pub fn model_json(m: &pb::ModelSummary) -> Value {
             "mount_point": c.mount_point,
             "first_seen": rfc3339(c.first_seen_unix_ms),
             "last_seen": rfc3339(c.last_seen_unix_ms),
+            "container": container_json(c.container.as_ref()),
+            "container_path": c.container_path,
         })).collect::<Vec<_>>(),
         "users": m.users.iter().map(|u| json!({
             "node": u.node,
@@ -534,8 +679,18 @@ pub fn model_json(m: &pb::ModelSummary) -> Value {
             "process": u.process,
             "gpus": u.gpus,
             "path": u.path,
+            "container": container_json(u.container.as_ref()),
         })).collect::<Vec<_>>(),
         "countries": countries.join(" "),
+        "pods": pods.join(" "),
+        "base_models": m.base_models.iter().map(|b| json!({
+            "name": b.name,
+            "organization": b.organization,
+            "repo_url": b.repo_url,
+            "source": b.source,
+            "origin": b.origin,
+        })).collect::<Vec<_>>(),
+        "adapter_type": m.adapter_type,
     })
 }
 
@@ -544,6 +699,13 @@ pub fn model_row(m: &pb::ModelSummary) -> Value {
     let mut v = model_json(m);
     v["copies"] = json!(m.copies.len());
     v["users"] = json!(m.users.len());
+    v["base_models"] = json!(
+        m.base_models
+            .iter()
+            .map(base_text)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     if let Some(short) = m.sha256.get(..12) {
         v["sha256"] = json!(short);
     }

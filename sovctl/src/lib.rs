@@ -194,6 +194,14 @@ pub enum By {
     Asn,
     /// Per remote address and port.
     Destination,
+    /// Per Kubernetes pod (namespace and name, on its node).
+    Pod,
+    /// Per Kubernetes namespace.
+    Namespace,
+    /// Per container image.
+    Image,
+    /// Per container (node, namespace, pod, container, id, image).
+    Container,
 }
 
 impl From<By> for EgressBy {
@@ -204,6 +212,10 @@ impl From<By> for EgressBy {
             By::Process => Self::Process,
             By::Asn => Self::Asn,
             By::Destination => Self::Destination,
+            By::Pod => Self::Pod,
+            By::Namespace => Self::Namespace,
+            By::Image => Self::Image,
+            By::Container => Self::Container,
         }
     }
 }

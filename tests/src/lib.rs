@@ -226,6 +226,7 @@ pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) 
         },
         net: Default::default(),
         metrics: Default::default(),
+        training: Default::default(),
     }
 }
 
@@ -313,6 +314,16 @@ pub fn write_collector_toml(cfg: &CollectorConfig, path: &Path) {
         text.push_str(&format!(
             "\n[enroll]\nca_key = {key:?}\nvalidity_secs = {}\n",
             cfg.enroll.validity_secs
+        ));
+    }
+    if cfg.limits != sov_collector::tls::limits::LimitsConfig::default() {
+        let l = &cfg.limits;
+        text.push_str(&format!(
+            "\n[limits]\nmax_connections_per_address = {}\nanonymous_connection_secs = {}\nmax_reports_in_flight = {}\nmax_reports_in_flight_per_node = {}\n",
+            l.max_connections_per_address,
+            l.anonymous_connection_secs,
+            l.max_reports_in_flight,
+            l.max_reports_in_flight_per_node
         ));
     }
     std::fs::write(path, text).expect("write collector config");

@@ -201,10 +201,23 @@ async fn the_collector_stays_bounded_and_keeps_serving_under_idle_connections_sl
         for chunk in seqs.chunks(32) {
             let pushes = chunk.iter().map(|&seq| {
                 let mut c = flood_client.clone();
-                async move { c.push(report("flood", 1, seq)).await }
+                async move { (seq, c.push(report("flood", 1, seq)).await) }
             });
-            for r in futures::future::join_all(pushes).await {
-                r.expect("a flooded report refused");
+            // Over `limits.max_reports_in_flight_per_node` (1), a report is refused at once
+            // with UNAVAILABLE; sent again (as an agent does), it is stored.
+            for (seq, r) in futures::future::join_all(pushes).await {
+                if let Err(st) = r {
+                    assert_eq!(
+                        st.code(),
+                        Code::Unavailable,
+                        "a flooded report refused: {st:?}"
+                    );
+                    flood_client
+                        .clone()
+                        .push(report("flood", 1, seq))
+                        .await
+                        .expect("a flooded report refused when sent again");
+                }
             }
         }
     });

@@ -66,6 +66,12 @@ async fn seed(pki: &Pki, url: &str) {
     llama.parameter_count = 8_030_261_248;
     if let Some(id) = llama.identity.as_mut() {
         id.revision = "0e9e39f249a16976918f6564b8830bc894c89659".into();
+        id.base_models = vec![pb::BaseModel {
+            name: "mistralai/Mistral-7B-v0.1".into(),
+            organization: "mistralai".into(),
+            source: "config-json".into(),
+            ..Default::default()
+        }];
     }
     r.weight_files = vec![
         llama,
@@ -130,6 +136,15 @@ async fn the_ai_bom_of_the_api_and_of_sovctl_validates_against_the_cyclonedx_1_6
     ] {
         assert!(props.contains(want), "{want} missing from {props}");
     }
+
+    // The declared base is the component's pedigree, with its publisher's origin.
+    let ancestor = &llama["pedigree"]["ancestors"][0];
+    assert_eq!(ancestor["name"], "mistralai/Mistral-7B-v0.1");
+    let aprops = ancestor["properties"].to_string();
+    assert!(
+        aprops.contains("\"FR\"") && aprops.contains("config-json"),
+        "{aprops}"
+    );
 
     // A BOM that breaks the schema is refused by the same validator: the check can fail.
     let mut broken = bom.clone();

@@ -4,7 +4,10 @@
 //! holds the weight file open and sends bytes to a host in a network namespace of the test's
 //! (a veth into the container's own namespace). `sov-agent scan --json` must name the pod, its
 //! namespace and uid, the container, the image and its digest on the weight copy, its user and
-//! the flow; and without a reachable runtime, the cgroup's container id, marked as such.
+//! the flow; through a real collector (the host placed in FR by an override, a policy for MA),
+//! `sovctl egress --by pod` and `sovctl models` must show the pod, its namespace, the container
+//! and the image, and the `foreign-egress` breach's evidence must name them; and without a
+//! reachable runtime, the cgroup's container id, marked as such.
 //!
 //! Skips loudly without containerd, ctr, runc or a static busybox; `SOV_REQUIRE_CONTAINERD=1`
 //! (set by `.ci/run`) turns the skip into a failure.
@@ -18,8 +21,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sov_agent::collect::namespaces;
+use sov_collector::auth::Role;
+use sov_collector::config::GeoOverride;
 use sov_e2e::netns::{ip, sink};
-use sov_e2e::{KillOnDrop, agent_scan, scan_config, sha256sum};
+use sov_e2e::{
+    InProcessCollector, KillOnDrop, Pki, agent_config, agent_scan, scan_config, sha256sum, sovctl,
+};
+use tokio_util::sync::CancellationToken;
 
 const IMAGE: &str = "docker.io/sovereign/weights-test:1";
 const POD: &str = "web-0";
@@ -462,6 +470,9 @@ fn a_pods_weights_and_traffic_are_named_with_its_pod_container_and_image() {
         .sum();
     assert!(sent > 256 * 1024, "bytes moved during the window: {sent}");
 
+    // Through a real collector: the pod's egress, its weights and the breach name it.
+    through_a_collector(&ctd.sock, &abroad.ip, work.path(), &id, &digest, pid);
+
     // No runtime reachable: the cgroup's id only, marked as such, and the report still whole.
     let v = scan(work.path(), &work.path().join("no-such.sock"));
     let w = v["weights"]
@@ -479,4 +490,207 @@ fn a_pods_weights_and_traffic_are_named_with_its_pod_container_and_image() {
     );
     assert_eq!(c["image"], "", "no runtime: no image");
     assert_eq!(c["pod_name"], "");
+}
+
+/// `sovctl … --output json ARGS` as a regulator, parsed.
+fn sovctl_json(pki: &Pki, url: &str, args: &[&str]) -> Value {
+    let reg = pki.client(Role::Regulator, "alice");
+    let mut all = vec!["--output", "json"];
+    all.extend_from_slice(args);
+    let out = sovctl(pki, &reg, url, &all);
+    assert!(
+        out.status.success(),
+        "sovctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Poll `probe` until it returns `Some` (the agent reports every second and the rules run
+/// every two), at most `within`.
+fn until<T>(within: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A collector (the host abroad placed in FR, a policy for MA) and an agent on this node that
+/// asks `containerd_socket`: `sovctl egress --by pod`, `sovctl models` and the foreign-egress
+/// breach must name the pod, its namespace, the container and the image.
+fn through_a_collector(
+    containerd_socket: &Path,
+    abroad_ip: &str,
+    work: &Path,
+    id: &str,
+    digest: &str,
+    pid: u32,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pki = Pki::new();
+    let data = work.join("collector");
+    std::fs::create_dir_all(&data).unwrap();
+    let policy = data.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "jurisdiction = \"MA\"\n[thresholds]\nforeign_egress_bytes = 100000\nwindow_secs = 60\n",
+    )
+    .unwrap();
+    let cidr = format!("{abroad_ip}/32");
+    let collector = rt.block_on(InProcessCollector::start(&pki, &data, |c| {
+        c.policy = Some(policy.clone());
+        c.geo.overrides = vec![GeoOverride {
+            cidr,
+            country: "FR".into(),
+            asn: Some(64_500),
+            org: Some("Abroad Transit".into()),
+            operator_country: None,
+        }];
+    }));
+    let url = collector.url();
+    let mut cfg = agent_config(&pki, "node-pod", vec![url.clone()], &work.join("spool"));
+    cfg.net.interval_secs = 1;
+    cfg.weights.roots = Some(vec![PathBuf::from("/models")]);
+    cfg.weights.state_dir = Some(work.join("agent-state"));
+    let c = &mut cfg.processes.containers;
+    c.containerd_socket = containerd_socket.to_owned();
+    for unused in [
+        &mut c.crio_socket,
+        &mut c.docker_socket,
+        &mut c.podman_socket,
+    ] {
+        *unused = work.join("no-such.sock");
+    }
+    let agent = sov_agent::Agent::open(cfg).unwrap();
+    let stop = CancellationToken::new();
+    let task = rt.spawn(agent.run(stop.clone()));
+
+    // `sovctl egress --by pod`: the pod's bytes to FR, with its namespace and node.
+    let rows = until(Duration::from_secs(90), "the pod's egress", || {
+        let v = sovctl_json(&pki, &url, &["egress", "--by", "pod"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| {
+                r["pod"] == POD && r["country"] == "FR" && r["bytes_sent"].as_u64() > Some(100_000)
+            })
+            .then_some(v)
+    });
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pod"] == POD)
+        .unwrap();
+    assert_eq!(
+        (&row["namespace"], &row["node"]),
+        (&Value::from(POD_NAMESPACE), &Value::from("node-pod")),
+        "{rows:#}"
+    );
+    // `--by container`: the container's name in the pod, its id and its image.
+    let rows = sovctl_json(&pki, &url, &["egress", "--by", "container"]);
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["container_id"] == id)
+        .unwrap_or_else(|| panic!("the container's row: {rows:#}"));
+    assert_eq!(
+        (&row["container"], &row["image"], &row["pod"]),
+        (
+            &Value::from(CONTAINER),
+            &Value::from(IMAGE),
+            &Value::from(POD)
+        )
+    );
+
+    // `sovctl models`: the copy in the image's layer and its holder, with pod and image.
+    let models = until(Duration::from_secs(90), "the pod's weights", || {
+        let v = sovctl_json(&pki, &url, &["models"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| {
+                m["copies"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|c| c["container_path"] == WEIGHT_PATH)
+                    && m["users"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|u| u["pid"] == pid)
+            })
+            .cloned()
+    });
+    let copy = models["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["container_path"] == WEIGHT_PATH)
+        .unwrap();
+    let assert_named = |c: &Value, what: &str| {
+        assert_eq!(c["id"], id, "{what}: {c:#}");
+        assert_eq!(c["pod"], POD, "{what}");
+        assert_eq!(c["namespace"], POD_NAMESPACE, "{what}");
+        assert_eq!(c["container"], CONTAINER, "{what}");
+        assert_eq!(c["image"], IMAGE, "{what}");
+        assert_eq!(c["image_digest"], digest, "{what}");
+    };
+    assert_named(&copy["container"], "model copy");
+    let user = models["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["pid"] == pid)
+        .unwrap();
+    assert_named(&user["container"], "model user");
+    assert_eq!(
+        models["pods"],
+        format!("{POD_NAMESPACE}/{POD}"),
+        "{models:#}"
+    );
+
+    // The foreign-egress breach: its evidence names the pod, namespace, container and image.
+    let breach = until(Duration::from_secs(60), "the foreign-egress breach", || {
+        let v = sovctl_json(&pki, &url, &["breaches", "--rule", "foreign-egress"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["node"] == "node-pod" && b["subject"] == "country:FR")
+            .cloned()
+    });
+    let d = breach["evidence"]["counters"]["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["address"] == abroad_ip)
+        .unwrap_or_else(|| panic!("the destination in the evidence: {breach:#}"))
+        .clone();
+    assert_eq!(
+        (&d["pod"], &d["namespace"], &d["container"], &d["image"]),
+        (
+            &Value::from(POD),
+            &Value::from(POD_NAMESPACE),
+            &Value::from(CONTAINER),
+            &Value::from(IMAGE)
+        ),
+        "{breach:#}"
+    );
+    assert_eq!(d["container_id"], id);
+
+    stop.cancel();
+    rt.block_on(async {
+        task.await.unwrap().unwrap();
+        collector.stop().await;
+    });
 }

@@ -4,7 +4,10 @@
 //!   sampler with its pid and namespace, within 1 %;
 //! - a process in its own mount namespace mapping a safetensors file only that namespace sees
 //!   is found by `sov-agent scan --json` with its sha256, its in-namespace path and the holder;
-//! - a host process mapping a weight file outside every root is found.
+//! - a host process mapping a weight file outside every root is found;
+//! - through a real collector (the namespace host placed in FR by an override): the pod's
+//!   5,000,000 bytes within 1 %, attributed to its pid, and `sovctl models` listing the file
+//!   only its mount namespace sees with its sha256, its in-namespace path and the holder pid.
 //!
 //! Each test skips loudly where namespaces cannot be created (not root, no `ip`/`unshare`).
 
@@ -20,8 +23,14 @@ use serde_json::Value;
 use sov_agent::collect::namespaces;
 use sov_agent::collect::net::{NetCollector, now_unix_ms};
 use sov_agent::config::NetConfig;
+use sov_collector::auth::Role;
+use sov_collector::config::GeoOverride;
 use sov_e2e::netns::{Client, Linked, sink};
-use sov_e2e::{KillOnDrop, agent_scan, scan_config, sha256sum};
+use sov_e2e::{
+    InProcessCollector, KillOnDrop, Pki, agent_config, agent_scan, eventually, scan_config,
+    sha256sum, sovctl,
+};
+use tokio_util::sync::CancellationToken;
 
 const SENT: usize = 5_000_000;
 
@@ -268,4 +277,181 @@ fn a_host_process_mapping_a_weight_file_outside_every_root_is_found() {
         users.iter().any(|u| u["pid"] == pid && u["mapped"] == true),
         "{users:#?}"
     );
+}
+
+/// A process in a mount namespace of its own with a tmpfs over `private` holding a copy of
+/// `src` at `inner`, mapped; `None` (after saying why) where that cannot be made here.
+fn private_mapping(src: &Path, private: &Path, inner: &Path, test: &str) -> Option<KillOnDrop> {
+    let script = format!(
+        "import shutil,subprocess,sys\n\
+         subprocess.run(['mount','-t','tmpfs','sovtest',sys.argv[2]],check=True)\n\
+         shutil.copy(sys.argv[3], sys.argv[1])\n{MAP_AND_WAIT}"
+    );
+    let spawned = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "python3", "-c"])
+        .arg(&script)
+        .arg(inner)
+        .arg(private)
+        .arg(src)
+        .stdout(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => KillOnDrop(c),
+        Err(e) => {
+            sov_e2e::skipped(test, &format!("no unshare ({e})"));
+            return None;
+        }
+    };
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.trim() != "ready" {
+        sov_e2e::skipped(test, "cannot make a mount namespace here (not root?)");
+        return None;
+    }
+    Some(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_the_collector_a_pods_bytes_and_private_weights_are_shown_with_pid_sha256_and_path()
+{
+    const TEST: &str = "through_the_collector_a_pods_bytes_and_private_weights";
+    let pair = match Linked::create(2) {
+        Ok(p) => p,
+        Err(e) => {
+            sov_e2e::skipped(
+                TEST,
+                &format!("cannot create network namespaces here ({e}); run as root"),
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("source.safetensors");
+    std::fs::write(&src, safetensors_bytes(300_000, 11)).unwrap();
+    let want_sha = sha256sum(&src);
+    let private = dir.path().join("private");
+    std::fs::create_dir_all(&private).unwrap();
+    let inner = private.join("model.safetensors");
+    let Some(holder) = private_mapping(&src, &private, &inner, TEST) else {
+        return;
+    };
+    let holder_pid = holder.0.id();
+
+    let pki = Pki::new();
+    let data = dir.path().join("collector");
+    std::fs::create_dir_all(&data).unwrap();
+    let cidr = format!("{}/32", pair.server_ip);
+    let collector = InProcessCollector::start(&pki, &data, |c| {
+        c.geo.overrides = vec![GeoOverride {
+            cidr,
+            country: "FR".into(),
+            asn: None,
+            org: None,
+            operator_country: None,
+        }];
+    })
+    .await;
+    let url = collector.url();
+    let empty = dir.path().join("no-models-here");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut cfg = agent_config(
+        &pki,
+        "node-ns",
+        vec![url.clone()],
+        &dir.path().join("spool"),
+    );
+    cfg.net.interval_secs = 1;
+    cfg.weights.roots = Some(vec![empty]);
+    cfg.weights.state_dir = Some(dir.path().join("agent-state"));
+    cfg.processes.containers.enabled = false;
+    let agent = sov_agent::Agent::open(cfg).unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(agent.run(stop.clone()));
+
+    // The pod connects; once the agent's first report is stored (its sample saw the socket
+    // idle), it sends.
+    let (_sink, port) = sink(Some(&pair.server), &pair.server_ip, 0);
+    let addr = format!("{}:{port}", pair.server_ip).parse().unwrap();
+    let mut client = Client::connect(Some(&pair.client), addr, SENT);
+    let pid = client.pid();
+    eventually(Duration::from_secs(30), "the agent's first report", || {
+        let (pki, url) = (&pki, &url);
+        async move { sov_e2e::node(pki, url, "node-ns").await }
+    })
+    .await;
+    tokio::task::block_in_place(|| client.send());
+
+    let rows = eventually(
+        Duration::from_secs(60),
+        "the pod's 5,000,000 bytes at the collector",
+        || {
+            let (pki, url) = (&pki, &url);
+            async move {
+                let rows = sov_e2e::egress_rows(pki, url, "process").await;
+                let sent: u64 = rows
+                    .iter()
+                    .filter(|r| r.country == "FR")
+                    .map(|r| r.bytes_sent)
+                    .sum();
+                (sent >= SENT as u64).then_some(rows)
+            }
+        },
+    )
+    .await;
+    let fr: Vec<_> = rows.iter().filter(|r| r.country == "FR").collect();
+    let total: u64 = fr.iter().map(|r| r.bytes_sent).sum();
+    assert!(
+        within_one_percent(total, SENT as u64),
+        "{total} bytes to FR: {fr:#?}"
+    );
+    assert!(
+        fr.iter().all(|r| r.pid == pid && r.node == "node-ns"),
+        "every byte attributed to the pod's pid {pid}: {fr:#?}"
+    );
+
+    // `sovctl models`: the file only the holder's namespace sees, with its sha256, its path
+    // there and the holder.
+    let reg = pki.client(Role::Regulator, "alice");
+    let model = eventually(
+        Duration::from_secs(60),
+        "the private file in sovctl models",
+        || {
+            let (pki, reg, url, sha) = (&pki, &reg, &url, &want_sha);
+            async move {
+                let out = tokio::task::block_in_place(|| {
+                    sovctl(pki, reg, url, &["--output", "json", "models"])
+                });
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["sha256"] == sha.as_str())
+                    .cloned()
+            }
+        },
+    )
+    .await;
+    let copy = &model["copies"][0];
+    assert_eq!(copy["container_path"], inner.to_str().unwrap(), "{model:#}");
+    assert_eq!(copy["node"], "node-ns");
+    assert!(
+        model["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["pid"] == holder_pid),
+        "the holder pid {holder_pid}: {model:#}"
+    );
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    collector.stop().await;
+    drop(holder);
 }

@@ -31,6 +31,9 @@ fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
 fn check(spec: &Value, schema: &Value, value: &Value, at: &str) -> usize {
     let schema = resolve(spec, schema);
     let mut checked = 0;
+    if value.is_null() && schema["nullable"] == true {
+        return 0;
+    }
     match schema["type"].as_str() {
         Some("object") => {
             assert!(value.is_object(), "{at}: expected an object, got {value}");
@@ -72,6 +75,21 @@ fn check(spec: &Value, schema: &Value, value: &Value, at: &str) -> usize {
     checked
 }
 
+/// The pod the seeded process runs in.
+fn pod() -> pb::ContainerRef {
+    pb::ContainerRef {
+        runtime: "containerd".into(),
+        id: "0123456789abcdef".into(),
+        name: "0123456789abcdef".into(),
+        image: "docker.io/ollama/ollama:0.3".into(),
+        pod_name: "ollama-0".into(),
+        pod_namespace: "inference".into(),
+        container_name: "ollama".into(),
+        source: "runtime".into(),
+        ..Default::default()
+    }
+}
+
 async fn seed(pki: &Pki, url: &str, data: &std::path::Path) {
     let at = sov_common::clock::now_unix_ms() - 600_000;
     let r = pb::Report {
@@ -93,13 +111,21 @@ async fn seed(pki: &Pki, url: &str, data: &std::path::Path) {
             sha256: "d".repeat(64),
             identity: Some(pb::ModelIdentity {
                 model: "meta-llama/llama-3".into(),
+                base_models: vec![pb::BaseModel {
+                    name: "meta-llama/Llama-3.1-8B".into(),
+                    source: "gguf-metadata".into(),
+                    ..Default::default()
+                }],
                 ..Default::default()
             }),
             users: vec![pb::WeightUser {
                 pid: 7,
                 process: "ollama".into(),
+                container: Some(pod()),
                 ..Default::default()
             }],
+            container: Some(pod()),
+            container_path: "/models/llama.gguf".into(),
             ..Default::default()
         }],
         flows: vec![pb::Flow {
@@ -111,6 +137,7 @@ async fn seed(pki: &Pki, url: &str, data: &std::path::Path) {
             direction: pb::Direction::Outbound as i32,
             connections: 1,
             end_unix_ms: at,
+            container: Some(pod()),
             ..Default::default()
         }],
         ..Default::default()
@@ -214,10 +241,23 @@ async fn the_openapi_file_matches_the_routes_parameters_and_answers_of_the_serve
             &reply.json(),
             path,
         );
-        // Documented enumerations are enforced.
+        // Documented enumerations are enforced, and each documented value is served as the
+        // schema says.
         for p in params {
-            if p["schema"]["enum"].is_array() {
+            if let Some(values) = p["schema"]["enum"].as_array() {
                 let name = p["name"].as_str().unwrap();
+                for v in values {
+                    let url = format!("{path}?{name}={}", v.as_str().unwrap());
+                    let reply = https_get(&pki, addr, Some(&reg), None, &url).await.unwrap();
+                    assert_eq!(reply.status, 200, "GET {url}: {}", reply.body);
+                    // Answers in another format (a report as HTML) have no JSON schema.
+                    let value = reply.json();
+                    if !value.is_null() {
+                        let schema =
+                            &op["responses"]["200"]["content"]["application/json"]["schema"];
+                        objects += check(&spec, schema, &value, &url);
+                    }
+                }
                 let reply = https_get(
                     &pki,
                     addr,

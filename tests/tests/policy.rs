@@ -43,7 +43,7 @@ fn the_example_policy_passes_the_check() {
     assert_eq!(
         out.trim(),
         format!(
-            "{}: policy is valid (2 sites, 5 model rules, 3 allow entries)",
+            "{}: policy is valid (2 sites, 6 model rules, 4 allow entries)",
             file.display()
         )
     );

@@ -520,3 +520,80 @@ fn an_incomplete_file_is_listed_with_its_identity_and_split_shards_are_one_model
             .all(|f| f.shard_count == 2 && f.identity.clone().unwrap().model == "acme-7b")
     );
 }
+
+#[test]
+fn adapters_and_gguf_files_carry_the_bases_they_declare_and_splits_share_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    let adapter = root.join("croissant-lora");
+    write(
+        &adapter.join("adapter_config.json"),
+        br#"{"base_model_name_or_path": "mistralai/Mistral-7B-v0.1", "peft_type": "LORA", "r": 16}"#,
+    );
+    write(
+        &adapter.join("adapter_model.safetensors"),
+        &safetensors_bytes(3),
+    );
+    let split = root.join("tuned");
+    write(
+        &split.join("Tuned-Q4_K_M-00001-of-00002.gguf"),
+        &gguf_with(&[
+            ("general.name", "Tuned 7B"),
+            ("general.base_model.count", "1"),
+            ("general.base_model.0.name", "Mistral 7B v0.1"),
+            (
+                "general.base_model.0.repo_url",
+                "https://hub.example/mistralai/Mistral-7B-v0.1",
+            ),
+        ]),
+    );
+    write(
+        &split.join("Tuned-Q4_K_M-00002-of-00002.gguf"),
+        &gguf_with(&[]),
+    );
+
+    let state = tempfile::tempdir().unwrap();
+    let handle = WeightsHandle::default();
+    let mut scanner = WeightsScanner::new(config(vec![root.clone()]), state.path(), handle.clone());
+    scanner.scan();
+    let files = handle.files();
+    assert!(handle.errors().is_empty(), "{:?}", handle.errors());
+
+    let lora = files
+        .iter()
+        .find(|f| f.path.ends_with("croissant-lora/adapter_model.safetensors"))
+        .unwrap();
+    let id = lora.identity.clone().unwrap();
+    assert_eq!(id.adapter_type, "LORA");
+    assert_eq!(id.base_models.len(), 1, "{id:?}");
+    let b = &id.base_models[0];
+    assert_eq!(
+        (b.name.as_str(), b.organization.as_str(), b.source.as_str()),
+        ("mistralai/Mistral-7B-v0.1", "mistralai", "adapter-config")
+    );
+
+    let splits: Vec<&pb::WeightFile> = files
+        .iter()
+        .filter(|f| f.path.contains("/tuned/"))
+        .collect();
+    assert_eq!(splits.len(), 2);
+    for f in splits {
+        let id = f.identity.clone().unwrap();
+        assert_eq!(id.adapter_type, "", "a full model is no adapter");
+        let bases: Vec<(&str, &str, &str)> = id
+            .base_models
+            .iter()
+            .map(|b| (b.name.as_str(), b.repo_url.as_str(), b.source.as_str()))
+            .collect();
+        assert_eq!(
+            bases,
+            vec![(
+                "mistralai/Mistral-7B-v0.1",
+                "https://hub.example/mistralai/Mistral-7B-v0.1",
+                "gguf-metadata"
+            )],
+            "every split carries the base the first declares: {}",
+            f.path
+        );
+    }
+}

@@ -9,7 +9,9 @@
 //! - [`containers`]: who a process is in container terms (container, image, Kubernetes pod);
 //! - [`namespaces`]: which network and mount namespace a process is in;
 //! - [`weights`]: model weight files, from the roots, inside containers and from processes;
-//! - [`net`]: flows per process in every network namespace.
+//! - [`net`]: flows per process in every network namespace;
+//! - [`training`]: training runs (processes writing weight files while mapping others or using a
+//!   GPU), their inputs (base weights, datasets) and outputs (checkpoints).
 
 pub mod cache;
 pub mod containers;
@@ -19,6 +21,7 @@ pub mod namespaces;
 pub mod net;
 pub mod procs;
 pub mod proctable;
+pub mod training;
 pub mod weights;
 
 /// The whole error chain on one line (`outer: cause: root cause`).

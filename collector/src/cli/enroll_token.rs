@@ -24,6 +24,11 @@ pub enum EnrollTokenCommand {
         /// How long they stay valid: a number and s, m, h or d (at most 365d).
         #[arg(long, default_value = "24h")]
         expires: String,
+        /// Make one token that may enroll NODE although the name already has a certificate
+        /// in use (an ordinary token is refused for such a name): replacing a node's key is
+        /// an operator's decision, logged loudly when the token is spent. It enrolls NODE only.
+        #[arg(long, value_name = "NODE")]
+        replace: Option<String>,
     },
 }
 
@@ -34,12 +39,22 @@ pub(super) fn run(command: EnrollTokenCommand) -> ExitCode {
             config,
             count,
             expires,
-        } => enroll_token_create(&config, count, expires.as_str()),
+            replace,
+        } => enroll_token_create(&config, count, expires.as_str(), replace.as_deref()),
     }
 }
 
 /// `enroll-token create`: store the hashes, print the CA's sha256 and the tokens.
-fn enroll_token_create(config: &std::path::Path, count: u32, expires: &str) -> ExitCode {
+fn enroll_token_create(
+    config: &std::path::Path,
+    count: u32,
+    expires: &str,
+    replace: Option<&str>,
+) -> ExitCode {
+    if replace.is_some() && count != 1 {
+        eprintln!("sov-collector: --replace makes exactly one token; leave out --count");
+        return ExitCode::from(EXIT_BAD_CONFIG as u8);
+    }
     let cfg = match CollectorConfig::load(config) {
         Ok(c) => c,
         Err(e) => return report_config_error(&e),
@@ -67,14 +82,21 @@ fn enroll_token_create(config: &std::path::Path, count: u32, expires: &str) -> E
     };
     let made = rt.block_on(async {
         let store = crate::store::open(&cfg.store.url, &cfg.data_dir).await?;
-        crate::enroll::create_tokens(
-            store.as_ref(),
-            count,
-            lifetime,
-            sov_common::clock::now_unix_ms(),
-        )
-        .await
+        let now = sov_common::clock::now_unix_ms();
+        match replace {
+            Some(node) => {
+                crate::enroll::create_replacement_token(store.as_ref(), node, lifetime, now)
+                    .await
+                    .map(|t| vec![t])
+            }
+            None => crate::enroll::create_tokens(store.as_ref(), count, lifetime, now).await,
+        }
     });
+    if let (Some(node), Ok(_)) = (replace, &made) {
+        eprintln!(
+            "sov-collector: warning: this token replaces the certificate of node {node:?}: whoever holds it becomes {node:?}; add the old certificate to the `[tls] revoked` file if it is not retired"
+        );
+    }
     match made {
         Ok(tokens) => {
             let mut out =

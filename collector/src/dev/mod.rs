@@ -282,6 +282,7 @@ pub async fn run(args: DevArgs, shutdown: impl Future<Output = ()>) -> Result<()
         weights,
         net,
         metrics: Default::default(),
+        training: Default::default(),
     };
     let problems = agent_cfg.validate();
     if !problems.is_empty() {

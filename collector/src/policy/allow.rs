@@ -1,15 +1,20 @@
 //! `[[allow]]`: foreign destinations that are not breaches, each with a reason and an optional
 //! expiry.
 //!
-//! An entry names exactly one of a CIDR block, an autonomous system or a country. The most
-//! specific entry answers: CIDR blocks (longest prefix first), then ASNs, then countries;
-//! within a kind, file order. An entry whose `expires` has passed allows nothing. Blocks are
+//! An entry names at most one of a CIDR block, an autonomous system or a country, and may
+//! scope itself to workloads: a Kubernetes `namespace` and/or a container `image` (globs);
+//! a scoped entry allows its destination (every destination when it names none) only to
+//! traffic from those pods or containers, never to host processes. An entry names a
+//! destination, a scope, or both. The most specific entry answers: CIDR blocks (longest
+//! prefix first), then ASNs, then countries, then scope-only entries; within a kind, file
+//! order. An entry whose `expires` has passed allows nothing. Blocks are
 //! parsed by [`crate::geo::overrides::parse_cidr`] (host bits masked off; IPv4-mapped IPv6
 //! blocks stored as IPv4), and addresses are normalised with [`crate::geo::normalise`] as
 //! geolocation does.
 
 use std::net::{IpAddr, Ipv4Addr};
 
+use super::models::glob_match;
 use crate::geo::overrides::parse_cidr;
 
 /// What an entry allows.
@@ -26,6 +31,8 @@ pub enum AllowTarget {
     Asn(u32),
     /// An ISO 3166-1 alpha-2 country.
     Country(String),
+    /// Every destination (an entry that names only a namespace or image scope).
+    Any,
 }
 
 impl AllowTarget {
@@ -48,6 +55,7 @@ impl AllowTarget {
             AllowTarget::Cidr { len, .. } => (0, u8::MAX - len),
             AllowTarget::Asn(_) => (1, 0),
             AllowTarget::Country(_) => (2, 0),
+            AllowTarget::Any => (3, 0),
         }
     }
 }
@@ -58,6 +66,7 @@ impl std::fmt::Display for AllowTarget {
             AllowTarget::Cidr { net, len } => write!(f, "cidr {net}/{len}"),
             AllowTarget::Asn(asn) => write!(f, "asn {asn}"),
             AllowTarget::Country(c) => write!(f, "country {c}"),
+            AllowTarget::Any => write!(f, "any destination"),
         }
     }
 }
@@ -75,6 +84,20 @@ pub struct AllowEntry {
     pub expires: Option<String>,
     /// `expires` in Unix milliseconds.
     pub expires_unix_ms: Option<i64>,
+    /// Only traffic from pods in a Kubernetes namespace matching this glob.
+    pub namespace: Option<String>,
+    /// Only traffic from containers whose image matches this glob.
+    pub image: Option<String>,
+}
+
+/// Where traffic came from, in container terms, for scoped `[[allow]]` entries: "" for a
+/// host process (or a container outside Kubernetes, for the namespace).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Workload<'a> {
+    /// Kubernetes namespace.
+    pub namespace: &'a str,
+    /// Container image reference.
+    pub image: &'a str,
 }
 
 impl AllowEntry {
@@ -83,11 +106,19 @@ impl AllowEntry {
         self.expires_unix_ms.is_none_or(|e| now_unix_ms < e)
     }
 
-    fn matches(&self, ip: IpAddr, asn: Option<u32>, country: &str) -> bool {
+    fn matches(&self, ip: IpAddr, asn: Option<u32>, country: &str, from: &Workload<'_>) -> bool {
+        let scoped = |glob: &Option<String>, value: &str| {
+            glob.as_deref()
+                .is_none_or(|g| !value.is_empty() && glob_match(g, value))
+        };
+        if !scoped(&self.namespace, from.namespace) || !scoped(&self.image, from.image) {
+            return false;
+        }
         match &self.target {
             AllowTarget::Cidr { net, len } => in_block(*net, *len, ip),
             AllowTarget::Asn(a) => asn == Some(*a),
             AllowTarget::Country(c) => !country.is_empty() && c.eq_ignore_ascii_case(country),
+            AllowTarget::Any => true,
         }
     }
 }
@@ -124,7 +155,7 @@ impl AllowList {
         Self { entries }
     }
 
-    /// The most specific active entry allowing the destination.
+    /// The most specific active entry allowing the destination to a host process.
     pub fn allowed(
         &self,
         ip: IpAddr,
@@ -132,10 +163,22 @@ impl AllowList {
         country: &str,
         now_unix_ms: i64,
     ) -> Option<AllowVerdict> {
+        self.allowed_from(ip, asn, country, &Workload::default(), now_unix_ms)
+    }
+
+    /// The most specific active entry allowing the destination to traffic from `from`.
+    pub fn allowed_from(
+        &self,
+        ip: IpAddr,
+        asn: Option<u32>,
+        country: &str,
+        from: &Workload<'_>,
+        now_unix_ms: i64,
+    ) -> Option<AllowVerdict> {
         let ip = crate::geo::normalise(ip);
         self.entries
             .iter()
-            .find(|e| e.is_active(now_unix_ms) && e.matches(ip, asn, country))
+            .find(|e| e.is_active(now_unix_ms) && e.matches(ip, asn, country, from))
             .map(|e| AllowVerdict {
                 reason: e.reason.clone(),
                 entry: e.index,
@@ -175,7 +218,32 @@ mod tests {
             reason: format!("reason {index}"),
             expires: None,
             expires_unix_ms,
+            namespace: None,
+            image: None,
         }
+    }
+
+    #[test]
+    fn scoped_entries_allow_only_their_namespace_or_image() {
+        let mut fr = entry(0, AllowTarget::Country("FR".into()), None);
+        fr.namespace = Some("backup".into());
+        let mut any = entry(1, AllowTarget::Any, None);
+        any.image = Some("registry.example/mirror/*".into());
+        let list = AllowList::new(vec![fr, any]);
+        let from = |namespace, image| Workload { namespace, image };
+        let at = |c: &str, w: Workload<'_>| {
+            list.allowed_from(ip("192.0.2.1"), None, c, &w, 0)
+                .map(|v| v.entry)
+        };
+        assert_eq!(at("FR", from("backup", "")), Some(0));
+        assert_eq!(at("FR", from("inference", "")), None, "another namespace");
+        assert_eq!(at("FR", from("", "")), None, "a host process");
+        assert_eq!(
+            at("US", from("inference", "registry.example/mirror/sync:2")),
+            Some(1),
+            "every destination for that image"
+        );
+        assert_eq!(list.allowed(ip("192.0.2.1"), None, "FR", 0), None);
     }
 
     #[test]

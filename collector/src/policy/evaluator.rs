@@ -13,6 +13,8 @@ use crate::store::Store;
 
 /// How often the policy file is checked for changes.
 pub const POLICY_RELOAD_EVERY: Duration = Duration::from_secs(10);
+/// Longest the loop waits for a policy file read (it then evaluates with the policy in force).
+pub const POLICY_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lease under which one replica evaluates the rules.
 const RULES_LEASE: &str = "rules";
@@ -55,8 +57,11 @@ impl Evaluator {
             let started = tokio::time::Instant::now();
             if last_reload.elapsed() >= POLICY_RELOAD_EVERY {
                 last_reload = tokio::time::Instant::now();
-                let w = p.watch.clone();
-                if let Ok(true) = tokio::task::spawn_blocking(move || w.reload_if_changed()).await {
+                let reloaded = tokio::select! {
+                    r = p.watch.reload_off_thread(POLICY_READ_TIMEOUT) => r,
+                    () = stop.cancelled() => return,
+                };
+                if reloaded == Some(true) {
                     tracing::info!(path = %p.watch.path().display(), "policy reloaded");
                 }
             }

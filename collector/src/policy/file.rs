@@ -141,7 +141,9 @@ pub struct PublisherConfig {
     pub country: String,
 }
 
-/// One `[[allow]]`: exactly one of `cidr`, `asn`, `country`, with a reason.
+/// One `[[allow]]`: at most one of `cidr`, `asn`, `country`, optionally scoped to a
+/// Kubernetes `namespace` or a container `image` (at least a destination or a scope), with a
+/// reason.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowConfig {
@@ -154,6 +156,14 @@ pub struct AllowConfig {
     /// ISO 3166-1 alpha-2 country.
     #[serde(default)]
     pub country: Option<String>,
+    /// Only traffic from pods in a Kubernetes namespace matching this glob (e.g. "backup",
+    /// "team-*"); host processes never match. Default: any traffic.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Only traffic from containers whose image reference matches this glob (e.g.
+    /// "registry.example/mirror/*"); host processes never match. Default: any traffic.
+    #[serde(default)]
+    pub image: Option<String>,
     /// Why this destination is allowed (auditors read it). Required.
     #[serde(default)]
     pub reason: String,
@@ -382,10 +392,22 @@ impl PolicyConfig {
             .flatten()
             .collect();
             let mut target = None;
+            let mut scope_ok = true;
+            for (name, glob) in [("namespace", &a.namespace), ("image", &a.image)] {
+                if glob.as_deref().is_some_and(|g| g.trim().is_empty()) {
+                    p.push(
+                        &field(name),
+                        "is empty: give a glob, or leave it out to allow any traffic",
+                    );
+                    scope_ok = false;
+                }
+            }
+            let scoped = a.namespace.is_some() || a.image.is_some();
             match given.as_slice() {
+                [] if scoped => target = Some(AllowTarget::Any),
                 [] => p.push(
                     &format!("allow[{i}]"),
-                    "names no destination: give exactly one of cidr, asn or country",
+                    "names no destination: give exactly one of cidr, asn or country (or a namespace or image scope)",
                 ),
                 [_] => {}
                 several => p.push(
@@ -437,7 +459,7 @@ impl PolicyConfig {
                     Err(e) => p.push(&field("expires"), e),
                 }
             }
-            if let (Some(target), 1) = (target, given.len()) {
+            if let (Some(target), 0 | 1, true) = (target, given.len(), scope_ok) {
                 let (expires_text, expires_unix_ms) = expires.unzip();
                 allow.push(AllowEntry {
                     index: i,
@@ -445,6 +467,8 @@ impl PolicyConfig {
                     reason: a.reason.clone(),
                     expires: expires_text,
                     expires_unix_ms,
+                    namespace: a.namespace.as_ref().map(|g| g.trim().to_owned()),
+                    image: a.image.as_ref().map(|g| g.trim().to_owned()),
                 });
             }
         }

@@ -30,10 +30,10 @@ use std::path::{Path, PathBuf};
 use sov_common::clock::now_unix_ms;
 use sov_common::config::Problems;
 
-pub use allow::{AllowEntry, AllowTarget, AllowVerdict};
+pub use allow::{AllowEntry, AllowTarget, AllowVerdict, Workload};
 pub use evaluator::{Evaluator, POLICY_RELOAD_EVERY};
 pub use file::{PolicyConfig, Thresholds, VerdictsConfig};
-pub use models::{ModelClass, ModelFacts, ModelRule};
+pub use models::{ModelClass, ModelFacts, ModelPlaces, ModelRule};
 pub use verdicts::{Counted, VerdictRules};
 pub use watch::PolicyWatch;
 
@@ -191,6 +191,19 @@ impl Policy {
         self.allow.allowed(ip, asn, country, now_unix_ms)
     }
 
+    /// [`Policy::allowed`] for traffic from a workload (its Kubernetes namespace and image):
+    /// entries scoped to a namespace or image allow only traffic from there.
+    pub fn allowed_from(
+        &self,
+        ip: IpAddr,
+        asn: Option<u32>,
+        country: &str,
+        from: &Workload<'_>,
+        now_unix_ms: i64,
+    ) -> Option<AllowVerdict> {
+        self.allow.allowed_from(ip, asn, country, from, now_unix_ms)
+    }
+
     /// The `[[allow]]` entries in file order.
     pub fn allow_entries(&self) -> Vec<&AllowEntry> {
         self.allow.entries()
@@ -211,9 +224,12 @@ impl Policy {
                     }
                     AllowTarget::Asn(asn) => serde_json::json!({"asn": asn}),
                     AllowTarget::Country(c) => serde_json::json!({"country": c}),
+                    AllowTarget::Any => serde_json::json!({"any": true}),
                 };
                 serde_json::json!({
                     "target": target,
+                    "namespace": e.namespace,
+                    "image": e.image,
                     "reason": e.reason,
                     "expires": e.expires,
                     "active": e.is_active(now_unix_ms),
@@ -360,6 +376,7 @@ mod tests {
                 model,
                 sha256: "",
                 publisher,
+                ..ModelFacts::default()
             })
         };
         assert_eq!(
@@ -443,6 +460,7 @@ mod tests {
              [[allow]]\ncidr = \"10.0.0.0/33\"\nreason = \"\"\n\
              [[allow]]\ncountry = \"FR\"\nreason = \"x\"\nexpires = \"tomorrow\"\n\
              [[allow]]\nasn = 0\nreason = \"zero\"\nexpires = 2027-01-01\n\
+             [[allow]]\nnamespace = \" \"\nreason = \"blank scope\"\n\
              [thresholds]\nwindow_secs = 5\nsilence_secs = 10\nexfiltration_fraction = 1.5\n",
         );
         for needle in [
@@ -461,6 +479,7 @@ mod tests {
             "allow[3].expires: \"tomorrow\"",
             "allow[4].asn: 0",
             "allow[4].expires: \"2027-01-01\"",
+            "allow[5].namespace: is empty",
             "thresholds.window_secs: 5",
             "thresholds.silence_secs: 10",
             "thresholds.exfiltration_fraction: 1.5",

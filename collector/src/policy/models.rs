@@ -8,7 +8,12 @@
 //!   `:` it matches every tag (`ollama:llama3` matches `llama3:8b`), and a leading
 //!   `registry.ollama.ai/` or `library/` is dropped as Ollama itself does;
 //! - `gguf:<glob>`: a GGUF `general.name`;
-//! - `repo:<glob>` or a bare glob such as `meta-llama/*`: a repository id.
+//! - `repo:<glob>` or a bare glob such as `meta-llama/*`: a repository id;
+//! - `image:<glob>`: a container image reference (`registry.example/llm/*`): the model is in
+//!   such an image when one of its copies lives in, or one of its users runs in, a container
+//!   of that image (weights baked into an image layer, or mounted into its containers);
+//! - `namespace:<glob>`: a Kubernetes namespace, the same way (a copy in, or a user in, a pod
+//!   of that namespace).
 //!
 //! `gguf:` and repository globs both test the model name (the collector does not know which
 //! kind of name it holds); `ollama:` tests only names in `name:tag` form. Globs are
@@ -18,7 +23,15 @@
 use super::publishers::org_of;
 
 /// The prefixes a `match` may carry.
-pub const MATCH_PREFIXES: &[&str] = &["sha256:", "publisher:", "ollama:", "gguf:", "repo:"];
+pub const MATCH_PREFIXES: &[&str] = &[
+    "sha256:",
+    "publisher:",
+    "ollama:",
+    "gguf:",
+    "repo:",
+    "image:",
+    "namespace:",
+];
 
 /// A model's class under the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,6 +70,56 @@ pub struct ModelFacts<'a> {
     pub sha256: &'a str,
     /// Publisher / organisation; "" when unknown.
     pub publisher: &'a str,
+    /// Images of the containers its copies live in or its users run in (see [`ModelPlaces`]).
+    pub images: &'a [String],
+    /// Kubernetes namespaces of the pods its copies live in or its users run in.
+    pub namespaces: &'a [String],
+}
+
+/// Where a model's copies and users are, in container terms: the distinct images and
+/// Kubernetes namespaces, for `image:` and `namespace:` rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelPlaces {
+    /// Image references, sorted, once each.
+    pub images: Vec<String>,
+    /// Kubernetes namespaces, sorted, once each.
+    pub namespaces: Vec<String>,
+}
+
+impl ModelPlaces {
+    /// The places of a model as the collector lists it.
+    pub fn of(m: &sov_proto::pb::ModelSummary) -> Self {
+        let containers = m
+            .copies
+            .iter()
+            .filter_map(|c| c.container.as_ref())
+            .chain(m.users.iter().filter_map(|u| u.container.as_ref()));
+        let mut p = Self::default();
+        for c in containers {
+            if !c.image.is_empty() {
+                p.images.push(c.image.clone());
+            }
+            if !c.pod_namespace.is_empty() {
+                p.namespaces.push(c.pod_namespace.clone());
+            }
+        }
+        for v in [&mut p.images, &mut p.namespaces] {
+            v.sort_unstable();
+            v.dedup();
+        }
+        p
+    }
+
+    /// The model's facts with these places.
+    pub fn facts<'a>(&'a self, m: &'a sov_proto::pb::ModelSummary) -> ModelFacts<'a> {
+        ModelFacts {
+            model: &m.model,
+            sha256: &m.sha256,
+            publisher: &m.publisher,
+            images: &self.images,
+            namespaces: &self.namespaces,
+        }
+    }
 }
 
 /// How a rule matches.
@@ -72,6 +135,10 @@ pub enum ModelMatcher {
     Gguf(String),
     /// Repository-id glob.
     Repo(String),
+    /// Container image glob.
+    Image(String),
+    /// Kubernetes namespace glob.
+    Namespace(String),
 }
 
 /// One parsed `[[model]]`.
@@ -146,6 +213,8 @@ impl ModelRule {
                 let name = m.model.trim();
                 !name.is_empty() && glob_match(glob, name)
             }
+            ModelMatcher::Image(glob) => m.images.iter().any(|i| glob_match(glob, i)),
+            ModelMatcher::Namespace(glob) => m.namespaces.iter().any(|n| glob_match(glob, n)),
         }
     }
 }
@@ -208,6 +277,18 @@ fn parse_matcher(pattern: &str) -> Result<ModelMatcher, String> {
             return Err(empty("gguf:"));
         }
         return Ok(ModelMatcher::Gguf(rest.to_owned()));
+    }
+    for (prefix, make) in [
+        ("image:", ModelMatcher::Image as fn(String) -> ModelMatcher),
+        ("namespace:", ModelMatcher::Namespace),
+    ] {
+        if let Some(rest) = strip_prefix_ci(p, prefix) {
+            let rest = rest.trim();
+            if rest.is_empty() {
+                return Err(empty(prefix));
+            }
+            return Ok(make(rest.to_owned()));
+        }
     }
     if let Some(rest) = strip_prefix_ci(p, "repo:") {
         let rest = rest.trim();
@@ -276,7 +357,33 @@ mod tests {
             model,
             sha256,
             publisher,
+            ..ModelFacts::default()
         }
+    }
+
+    #[test]
+    fn image_and_namespace_rules_match_where_the_model_is() {
+        let images = vec!["registry.example/llm/vllm:0.6".to_owned()];
+        let namespaces = vec!["inference".to_owned()];
+        let placed = ModelFacts {
+            model: "x",
+            images: &images,
+            namespaces: &namespaces,
+            ..ModelFacts::default()
+        };
+        let image = rule(0, "image:registry.example/llm/*", "restricted");
+        assert_eq!(
+            image.matcher,
+            ModelMatcher::Image("registry.example/llm/*".into())
+        );
+        assert!(image.matches(&placed));
+        assert!(!image.matches(&facts("x", "", "")), "on no container");
+        assert!(rule(0, "namespace:infer*", "restricted").matches(&placed));
+        assert!(!rule(0, "namespace:default", "restricted").matches(&placed));
+        assert_eq!(
+            ModelRule::parse(0, "image: ", "public").unwrap_err()[0].0,
+            "match"
+        );
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a connection may stay open.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest an HTTP/1 client may take to send a request's headers, counted from the moment the
+/// connection waits for them (so also the longest an idle keep-alive connection stays).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest query string accepted.
 const MAX_QUERY_LEN: usize = 2048;
 
@@ -132,20 +135,15 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<crate::tls::ServerTls>,
     query: QueryService,
+    per_address: crate::tls::limits::PerAddress,
     shutdown: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let stop = CancellationToken::new();
     let _stop_connections = stop.clone().drop_guard();
     tokio::pin!(shutdown);
+    let mut shed: u64 = 0;
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            () = &mut shutdown => return,
-        };
         let (tcp, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -157,12 +155,30 @@ pub async fn serve(
             },
             () = &mut shutdown => return,
         };
+        // Accepted at once and closed at once when over a limit (the kernel queue never holds
+        // the others back): one address may hold `max_connections_per_address`, all together
+        // `MAX_CONNECTIONS`.
+        let Some(address) = per_address.take(addr.ip()) else {
+            shed += 1;
+            if shed.is_power_of_two() {
+                tracing::warn!(peer.addr = %addr, limit = per_address.limit(), refused_so_far = shed, "https connection limit of one address reached; connection closed");
+            }
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shed += 1;
+            if shed.is_power_of_two() {
+                tracing::warn!(peer.addr = %addr, limit = MAX_CONNECTIONS, refused_so_far = shed, "https connection limit reached; connection closed");
+            }
+            continue;
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let query = query.clone();
         let stop = stop.clone();
         let deny = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _address = address;
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
                 Ok(Ok(tls)) => tls,
@@ -196,8 +212,21 @@ pub async fn serve(
                 };
                 async move { Ok::<_, std::convert::Infallible>(handle(&query, &peer, req).await) }
             });
-            let builder =
+            // The protocol is the one ALPN chose (HTTP/1.1 without ALPN): no version sniffing,
+            // which would wait for a first byte without a timeout.
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            let mut builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            builder.http2().timer(hyper_util::rt::TokioTimer::new());
+            let builder = if h2 {
+                builder.http2_only()
+            } else {
+                builder.http1_only()
+            };
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
             tokio::select! {
                 res = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {

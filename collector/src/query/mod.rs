@@ -381,6 +381,7 @@ impl QueryService {
             .await
             .map_err(store_unavailable)?;
         let next_after = one_page(&mut models, limit, |m| m.key.clone());
+        self.fill_base_origins(&mut models);
         Ok(pb::ListModelsResponse { models, next_after })
     }
 
@@ -403,9 +404,21 @@ impl QueryService {
 
     async fn egress_inner(&self, r: pb::EgressRequest) -> Result<pb::EgressResponse, ApiError> {
         let until = time_range(r.since_unix_ms, r.until_unix_ms)?;
-        if !["", "country", "node", "process", "asn", "destination"].contains(&r.by.as_str()) {
+        const GROUPINGS: [&str; 10] = [
+            "",
+            "country",
+            "node",
+            "process",
+            "asn",
+            "destination",
+            "pod",
+            "namespace",
+            "image",
+            "container",
+        ];
+        if !GROUPINGS.contains(&r.by.as_str()) {
             return Err(ApiError::invalid_argument(format!(
-                "by {:?} is not one of country, node, process, asn, destination",
+                "by {:?} is not one of country, node, process, asn, destination, pod, namespace, image, container",
                 r.by
             )));
         }
@@ -510,6 +523,11 @@ impl QueryService {
         r: pb::ListAuditRequest,
     ) -> Result<pb::ListAuditResponse, ApiError> {
         let limit = self.page(r.limit);
+        if r.after_seq > i64::MAX as u64 {
+            // No record is numbered past 2^63-1 (the column is signed): the page after it is
+            // empty, an answer rather than a store error.
+            return Ok(pb::ListAuditResponse::default());
+        }
         let mut records = self
             .store
             .audit_log(r.after_seq, limit.saturating_add(1))
@@ -721,6 +739,7 @@ impl QueryService {
                     break;
                 }
             }
+            self.fill_base_origins(&mut models);
             let rows = models.len() as u64;
             let value = sov_evidence::bom::cyclonedx(
                 &models,
@@ -815,15 +834,21 @@ impl QueryService {
             .await
     }
 
+    /// Each declared base's origin country: the policy's publisher table (its organisation,
+    /// else its repository id), or the built-in defaults without a policy file.
+    pub fn fill_base_origins(&self, models: &mut [pb::ModelSummary]) {
+        let policy = self.policy.as_ref().map(|w| w.current());
+        for b in models.iter_mut().flat_map(|m| m.base_models.iter_mut()) {
+            b.origin = base_origin(policy.as_deref(), &b.organization, &b.name);
+        }
+    }
+
     /// The class the policy in force gives a model ("restricted", "public", "unclassified"),
     /// or `None` without a policy file.
     pub fn model_class(&self, m: &pb::ModelSummary) -> Option<&'static str> {
         let policy = self.policy.as_ref()?.current();
-        let (class, _) = policy.model_class(&crate::policy::ModelFacts {
-            model: &m.model,
-            sha256: &m.sha256,
-            publisher: &m.publisher,
-        });
+        let places = crate::policy::ModelPlaces::of(m);
+        let (class, _) = policy.model_class(&places.facts(m));
         Some(class.as_str())
     }
 
@@ -898,6 +923,31 @@ grpc_queries! {
     export_report(ExportReportRequest) -> ExportReportResponse = export_report_as;
     scorecard(ScorecardRequest) -> ScorecardResponse = scorecard_as;
     get_policy(GetPolicyRequest) -> GetPolicyResponse = get_policy_as;
+}
+
+/// The origin country of a base model's publisher: by its declared organisation, else by its
+/// name (a repository id is looked up by its organisation); the policy's table when there is a
+/// policy, else the built-in defaults. Empty when unknown.
+pub fn base_origin(
+    policy: Option<&crate::policy::Policy>,
+    organization: &str,
+    name: &str,
+) -> String {
+    let look = |s: &str| -> Option<String> {
+        if s.trim().is_empty() {
+            return None;
+        }
+        match policy {
+            Some(p) => p.publisher_country(s),
+            None => {
+                crate::policy::publishers::default_country(crate::policy::publishers::org_of(s))
+                    .map(str::to_owned)
+            }
+        }
+    };
+    look(organization)
+        .or_else(|| look(name))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

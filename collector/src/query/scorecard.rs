@@ -206,8 +206,10 @@ pub fn build(
     // 2. Compute.
     let mut by_jurisdiction: BTreeMap<String, f64> = BTreeMap::new();
     let mut by_model_origin: BTreeMap<String, f64> = BTreeMap::new();
+    let mut by_namespace: BTreeMap<&str, f64> = BTreeMap::new();
     let mut gpu_total = 0.0;
     for g in &inputs.gpu {
+        *by_namespace.entry(g.pod_namespace.as_str()).or_default() += g.gpu_seconds;
         let country = node_country
             .get(g.node.as_str())
             .cloned()
@@ -241,6 +243,18 @@ pub fn build(
         .map(|(o, s)| json!({"origin": o, "gpu_hours": hours(*s), "share": share(*s, gpu_total)}))
         .collect();
     model_origins.sort_by(|a, b| {
+        b["gpu_hours"]
+            .as_f64()
+            .partial_cmp(&a["gpu_hours"].as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+
+    // GPU-hours per Kubernetes namespace; "" is every process outside a pod.
+    let mut namespaces: Vec<Value> = by_namespace
+        .iter()
+        .map(|(ns, s)| json!({"namespace": ns, "gpu_hours": hours(*s), "share": share(*s, gpu_total)}))
+        .collect();
+    namespaces.sort_by(|a, b| {
         b["gpu_hours"]
             .as_f64()
             .partial_cmp(&a["gpu_hours"].as_f64())
@@ -395,6 +409,7 @@ pub fn build(
             "gpu_hours_outside": hours(gpu_total - gpu_inside),
             "by_jurisdiction": jurisdictions,
             "by_model_origin": model_origins,
+            "by_namespace": namespaces,
         },
         "data": {
             "bytes_sent": sent_total,

@@ -262,12 +262,21 @@ macro_rules! store_by_concern {
             ) -> Result<$crate::store::TokenSpend, $crate::store::StoreError> {
                 tokens::spend_enroll_token(self, hash, node, now_unix_ms).await
             }
+
+            async fn enroll_name_use(
+                &self,
+                hash: &str,
+                node: &str,
+            ) -> Result<$crate::store::NameUse, $crate::store::StoreError> {
+                tokens::enroll_name_use(self, hash, node).await
+            }
         }
     };
 }
 pub(crate) use store_by_concern;
 
 mod chain;
+pub mod containers;
 mod outbox;
 pub mod postgres;
 mod retention;
@@ -275,6 +284,8 @@ mod rows;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;
+#[cfg(test)]
+mod suite_containers;
 mod tokens;
 
 pub(crate) use chain::{AUDIT_LOG, BREACH_LOG, ChainedLog};
@@ -282,7 +293,7 @@ pub use chain::{VERIFY_PAGE, verify_pages, verify_store_audit, verify_store_log}
 pub use outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
 pub use retention::{PRUNE_EVERY, PruneStats, Retention, prune_loop};
 pub use sqlite::SqliteStore;
-pub use tokens::{NewEnrollToken, TokenRecord, TokenSpend};
+pub use tokens::{NameUse, NewEnrollToken, TokenRecord, TokenSpend};
 
 /// `[store]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -465,8 +476,9 @@ pub struct EgressQuery {
     pub since_unix_ms: i64,
     /// Exclusive end, Unix ms.
     pub until_unix_ms: i64,
-    /// Grouping: "country", "node", "process", "asn", "destination", or "flow" (node,
-    /// process, destination address and port: what the breach rules read).
+    /// Grouping: "country", "node", "process", "asn", "destination", "pod", "namespace",
+    /// "image", "container", or "flow" (node, process, container, destination address and
+    /// port: what the breach rules read).
     pub by: String,
     /// Most rows.
     pub limit: u32,
@@ -484,7 +496,7 @@ pub struct WeightUpdate {
 }
 
 /// GPU-seconds of one process over a time range ([`Store::gpu_usage`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GpuUsageRow {
     /// Node.
     pub node: String,
@@ -494,6 +506,8 @@ pub struct GpuUsageRow {
     pub process: String,
     /// GPU-seconds charged (over every GPU the process used).
     pub gpu_seconds: f64,
+    /// Kubernetes namespace of the process's pod ("" outside a pod).
+    pub pod_namespace: String,
 }
 
 /// What storing a report did.
@@ -531,13 +545,14 @@ pub struct NodeRow {
     pub reports: u64,
     /// Highest sequence number stored in that epoch.
     pub last_seq: u64,
-    /// Sequence numbers in 1..=last_seq never stored.
+    /// Sequence numbers never stored, in every epoch of the node (1..=last_seq of each): a
+    /// new epoch does not erase an older one's gaps.
     pub missing: u64,
-    /// Of those, how many the agent declared dropped.
+    /// Of those, how many the agent declared dropped (every epoch).
     pub dropped: u64,
     /// Epochs seen.
     pub epochs: u32,
-    /// Reports whose key was reused for a different report in the latest epoch.
+    /// Reports whose key was reused for a different report, in every epoch.
     pub conflicts: u64,
     /// Latest CPU share.
     pub cpu_percent: f32,
@@ -868,7 +883,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<(u64, u64)>, StoreError>;
 
     /// GPU-seconds charged in `[since_unix_ms, until_unix_ms)`, summed per (node, pid,
-    /// process), largest first, at most `limit` rows.
+    /// process, Kubernetes namespace), largest first, at most `limit` rows.
     async fn gpu_usage(
         &self,
         since_unix_ms: i64,
@@ -959,6 +974,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         node: &str,
         now_unix_ms: i64,
     ) -> Result<TokenSpend, StoreError>;
+
+    /// Whether `node` is a name in use (its last report, or the last enrollment that issued
+    /// it a certificate), and which node, if any, the token with hash `hash` was made to
+    /// replace. Read before the token is spent, so a refused enrollment does not waste it.
+    async fn enroll_name_use(&self, hash: &str, node: &str) -> Result<NameUse, StoreError>;
 }
 
 /// The address a node's reports arrive from, as the collector sees it (after any NAT), and

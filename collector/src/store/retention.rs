@@ -19,7 +19,8 @@ pub struct Retention {
     /// aggregates (a minute folded in two passes is merged: counts add, averages are
     /// weighted, maxima kept).
     pub raw_before_unix_ms: i64,
-    /// Minute aggregates (flows, host, GPU, GPU usage) of minutes before this instant go.
+    /// Minute aggregates (flows, host, GPU, GPU usage, container identity) of minutes before
+    /// this instant go.
     pub aggregates_before_unix_ms: i64,
 }
 

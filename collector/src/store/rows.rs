@@ -24,6 +24,8 @@ pub(crate) trait Columns {
     fn real(&self, i: usize) -> Result<f64, StoreError>;
     /// A boolean (SQLite stores 0 or 1).
     fn flag(&self, i: usize) -> Result<bool, StoreError>;
+    /// A byte string (BLOB, BYTEA).
+    fn blob(&self, i: usize) -> Result<Vec<u8>, StoreError>;
 
     /// A counter: never negative in a database this code wrote, so clamp rather than fail.
     fn count(&self, i: usize) -> Result<u64, StoreError> {
@@ -60,6 +62,9 @@ impl Columns for rusqlite::Row<'_> {
     fn flag(&self, i: usize) -> Result<bool, StoreError> {
         Ok(self.int(i)? != 0)
     }
+    fn blob(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+        self.get(i).map_err(sqlite)
+    }
 }
 
 fn postgres(source: tokio_postgres::Error) -> StoreError {
@@ -83,6 +88,9 @@ impl Columns for tokio_postgres::Row {
         self.try_get(i).map_err(postgres)
     }
     fn flag(&self, i: usize) -> Result<bool, StoreError> {
+        self.try_get(i).map_err(postgres)
+    }
+    fn blob(&self, i: usize) -> Result<Vec<u8>, StoreError> {
         self.try_get(i).map_err(postgres)
     }
 }
@@ -152,7 +160,9 @@ pub(crate) fn token(r: &impl Columns) -> Result<TokenRecord, StoreError> {
 pub(crate) fn node(r: &impl Columns) -> Result<NodeRow, StoreError> {
     let reports = r.count(8)?;
     let last_seq = r.count(9)?;
-    let missing = last_seq.saturating_sub(reports);
+    // Every epoch's missing reports: a new epoch (or one far ahead) never erases an older
+    // epoch's gaps.
+    let missing = r.count(21)?.max(last_seq.saturating_sub(reports));
     let labels: BTreeMap<String, String> = serde_json::from_str(&r.text(5)?).unwrap_or_default();
     Ok(NodeRow {
         node: r.text(0)?,
@@ -207,14 +217,34 @@ pub(crate) fn push_model(
             publisher: r.text(10)?,
             copies: vec![],
             users: vec![],
+            ..Default::default()
         });
     }
     let Some(m) = out.last_mut() else {
         return Ok(true);
     };
+    // The declared lineage lives in the stored report of the file (column 21): the first copy
+    // that declares any gives it (copies of one file in one directory declare the same).
+    if m.base_models.is_empty() && m.adapter_type.is_empty() {
+        let (bases, adapter) = declared_lineage(&r.blob(21)?);
+        m.base_models = bases;
+        m.adapter_type = adapter;
+    }
     let node = r.text(1)?;
     let path = r.text(2)?;
+    // The file as the agent sent it (column 21, `detail`): its container and its users'.
+    // A row stored before containers were known, or an undecodable one, names none.
+    let detail: pb::WeightFile = prost::Message::decode(r.blob(21)?.as_slice()).unwrap_or_default();
+    let user_container = |pid: u32| {
+        detail
+            .users
+            .iter()
+            .find(|u| u.pid == pid)
+            .and_then(|u| u.container.clone())
+    };
     m.copies.push(pb::ModelCopy {
+        container: detail.container.clone(),
+        container_path: detail.container_path.clone(),
         node: node.clone(),
         site: r.text(19)?,
         country: r.text(20)?,
@@ -231,12 +261,14 @@ pub(crate) fn push_model(
     });
     let users: Vec<serde_json::Value> = serde_json::from_str(&r.text(16)?).unwrap_or_default();
     for u in users {
+        let pid = u["pid"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
         m.users.push(pb::ModelUser {
             node: node.clone(),
-            pid: u["pid"]
-                .as_u64()
-                .and_then(|p| u32::try_from(p).ok())
-                .unwrap_or(0),
+            container: user_container(pid),
+            pid,
             process: u["process"].as_str().unwrap_or("").to_owned(),
             gpus: u["gpus"]
                 .as_array()
@@ -252,15 +284,65 @@ pub(crate) fn push_model(
     Ok(true)
 }
 
+/// At most this many declared bases are shown per model (the agent sends at most 8).
+pub(crate) const MAX_MODEL_BASES: usize = 8;
+/// Declared base names, organisations and URLs are cut to this many bytes.
+pub(crate) const MAX_MODEL_BASE_FIELD_BYTES: usize = 512;
+
+/// The bases and adapter kind a stored `WeightFile` declares, bounded (a node's claim is
+/// hostile input: at most [`MAX_MODEL_BASES`], each field cut, nothing from a blob that does not
+/// decode). Origins are left empty: the query layer fills them under the policy.
+pub(crate) fn declared_lineage(detail: &[u8]) -> (Vec<pb::ModelBase>, String) {
+    let Ok(f) = <pb::WeightFile as prost::Message>::decode(detail) else {
+        return (vec![], String::new());
+    };
+    let Some(id) = f.identity else {
+        return (vec![], String::new());
+    };
+    let cut = |s: String| cut_utf8(s, MAX_MODEL_BASE_FIELD_BYTES);
+    let bases = id
+        .base_models
+        .into_iter()
+        .filter(|b| !b.name.trim().is_empty())
+        .take(MAX_MODEL_BASES)
+        .map(|b| pb::ModelBase {
+            name: cut(b.name),
+            organization: cut(b.organization),
+            repo_url: cut(b.repo_url),
+            source: cut(b.source),
+            origin: String::new(),
+        })
+        .collect();
+    (bases, cut(id.adapter_type))
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn cut_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
 /// Columns of one egress row (a backend may select more after them).
-pub(crate) const EGRESS_COLUMNS: usize = 21;
+pub(crate) const EGRESS_COLUMNS: usize = 26;
 
 /// One egress row: `country, node, process, pid, asn, org, remote_address, remote_port,
 /// geo_source, bytes_sent, bytes_received, connections, min_rtt_us`, then the verdict and
-/// measurement columns of [`super::egress_verdict_select`] (then the row count).
+/// measurement columns of [`super::egress_verdict_select`], then the container columns of
+/// [`super::containers::egress_container_select`] (then the row count).
 pub(crate) fn egress(r: &impl Columns) -> Result<pb::EgressRow, StoreError> {
     let physics = r.text(16)?;
     Ok(pb::EgressRow {
+        pod_namespace: r.text(21)?,
+        pod_name: r.text(22)?,
+        container_name: r.text(23)?,
+        container_id: r.text(24)?,
+        image: r.text(25)?,
         answers: answers(&r.text(13)?),
         contested: r.int(14)? != 0,
         operator_country: r.text(15)?,
@@ -306,13 +388,14 @@ fn answers(json: &str) -> Vec<pb::GeoAnswer> {
         .collect()
 }
 
-/// GPU-seconds of one process: `node, pid, process, gpu_seconds`.
+/// GPU-seconds of one process: `node, pid, process, pod_namespace, gpu_seconds`.
 pub(crate) fn gpu_usage(r: &impl Columns) -> Result<GpuUsageRow, StoreError> {
     Ok(GpuUsageRow {
         node: r.text(0)?,
         pid: small(r, 1)?,
         process: r.text(2)?,
-        gpu_seconds: r.real(3)?,
+        pod_namespace: r.text(3)?,
+        gpu_seconds: r.real(4)?,
     })
 }
 

@@ -61,6 +61,7 @@ macro_rules! store_suite {
             telemetry_becomes_time_series_rows_and_the_nodes_latest_gpu_columns,
             pruning_removes_old_samples_but_keeps_report_keys_idempotent,
             copies_of_one_model_on_two_nodes_are_listed_together_with_their_users,
+            a_models_declared_bases_are_listed_with_it_and_bounded,
             deltas_add_and_remove_and_a_full_inventory_removes_what_it_does_not_list,
             egress_is_grouped_ordered_by_bytes_sent_and_limited,
             egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
@@ -90,6 +91,9 @@ macro_rules! store_suite {
             flows_with_one_key_in_one_report_become_one_aggregate_row,
             an_enrollment_token_is_spent_once_and_then_names_who_spent_it,
             an_expired_or_unknown_enrollment_token_is_refused_as_such,
+            egress_is_grouped_by_pod_namespace_image_and_container,
+            gpu_seconds_are_named_with_their_kubernetes_namespace,
+            weight_copies_and_users_carry_their_container,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -105,6 +109,12 @@ macro_rules! store_suite {
     };
 }
 pub(crate) use store_suite;
+
+pub(crate) use super::suite_containers::{
+    egress_is_grouped_by_pod_namespace_image_and_container,
+    gpu_seconds_are_named_with_their_kubernetes_namespace,
+    weight_copies_and_users_carry_their_container,
+};
 
 /// A report of node `node` observed at `seq` seconds, received 5 ms later.
 pub(crate) fn report(node: &str, epoch: u64, seq: u64) -> IncomingReport {
@@ -388,6 +398,55 @@ async fn inventory(
         removed,
     };
     assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+}
+
+pub(crate) async fn a_models_declared_bases_are_listed_with_it_and_bounded(db: &dyn Backend) {
+    let store = db.store();
+    let base = |name: &str, source: &str| pb::BaseModel {
+        name: name.into(),
+        source: source.into(),
+        ..Default::default()
+    };
+    let mut adapter = weight("/models/lora/adapter_model.safetensors", "lora", "");
+    if let Some(id) = adapter.identity.as_mut() {
+        id.adapter_type = "LORA".into();
+        id.base_models = vec![base("mistralai/Mistral-7B-v0.1", "adapter-config")];
+    }
+    // A hostile node: 100 bases, one with a 10 kB name.
+    let mut hostile = weight("/models/h.safetensors", "hostile", "");
+    if let Some(id) = hostile.identity.as_mut() {
+        id.base_models = (0..100)
+            .map(|i| base(&format!("b/{i}"), "gguf-metadata"))
+            .collect();
+        id.base_models[0].name = "é".repeat(5000);
+    }
+    inventory(
+        store,
+        "a",
+        1,
+        true,
+        vec![adapter, hostile, weight("/models/plain.gguf", "plain", "")],
+        vec![],
+    )
+    .await;
+    let all = store.list_models("", "", 10).await.unwrap();
+    let get = |m: &str| all.iter().find(|x| x.model == m).unwrap();
+    let lora = get("lora");
+    assert_eq!(lora.adapter_type, "LORA");
+    assert_eq!(lora.base_models.len(), 1);
+    assert_eq!(
+        (
+            lora.base_models[0].name.as_str(),
+            lora.base_models[0].source.as_str()
+        ),
+        ("mistralai/Mistral-7B-v0.1", "adapter-config")
+    );
+    let h = get("hostile");
+    assert_eq!(h.base_models.len(), crate::store::rows::MAX_MODEL_BASES);
+    assert!(h.base_models[0].name.len() <= crate::store::rows::MAX_MODEL_BASE_FIELD_BYTES);
+    assert!(h.base_models[0].name.starts_with('é'));
+    let plain = get("plain");
+    assert!(plain.base_models.is_empty() && plain.adapter_type.is_empty());
 }
 
 pub(crate) async fn copies_of_one_model_on_two_nodes_are_listed_together_with_their_users(
@@ -1641,6 +1700,7 @@ fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {
         hash: hash.to_owned(),
         created_unix_ms: 1_000,
         expires_unix_ms,
+        replaces: None,
     }
 }
 

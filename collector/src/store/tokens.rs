@@ -29,6 +29,19 @@ pub struct NewEnrollToken {
     pub created_unix_ms: i64,
     /// After this instant it is refused, Unix ms.
     pub expires_unix_ms: i64,
+    /// The node whose certificate this token may replace (and the only node it enrolls);
+    /// `None` for an ordinary token, which never enrolls a name already in use.
+    pub replaces: Option<String>,
+}
+
+/// What the store knows of a name asked for at enrollment ([`Store::enroll_name_use`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameUse {
+    /// The last sign that a certificate for the name is in use: its last report, or the
+    /// enrollment that issued one, Unix ms (`None`: never seen).
+    pub last_used_unix_ms: Option<i64>,
+    /// The node the presented token was made to replace, if it was.
+    pub token_replaces: Option<String>,
 }
 
 /// What [`Store::spend_enroll_token`] found.

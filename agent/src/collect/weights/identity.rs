@@ -23,6 +23,8 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::Value;
 
 use super::discover::Candidate;
+use super::formats::Format;
+use super::lineage::{Lineage, LineageReader};
 
 /// A ref file in a Hugging Face cache (`refs/main`) holds a 40-character commit; read at most this.
 pub const MAX_HF_REF_BYTES: u64 = 4096;
@@ -156,6 +158,7 @@ impl std::fmt::Display for IdentitySource {
 pub struct Identifier {
     hf: HfRefs,
     ollama: HashMap<PathBuf, OllamaIndex>,
+    lineage: LineageReader,
 }
 
 impl Identifier {
@@ -212,6 +215,33 @@ impl Identifier {
             return id;
         }
         from_directory(shown)
+    }
+
+    /// The bases a parsed file reached by `paths` declares (its header's `meta`, and the side
+    /// files of the first of its directories that has any), for a file identified as `own_model`.
+    pub fn lineage(
+        &mut self,
+        paths: &[&Path],
+        format: Format,
+        meta: &std::collections::BTreeMap<String, String>,
+        own_model: &str,
+    ) -> Lineage {
+        self.lineage.lineage(paths, format, meta, own_model)
+    }
+
+    /// [`Identifier::lineage`] over a candidate's path, aliases and real path.
+    pub fn lineage_candidate(
+        &mut self,
+        c: &Candidate,
+        format: Format,
+        meta: &std::collections::BTreeMap<String, String>,
+        own_model: &str,
+    ) -> Lineage {
+        let mut paths: Vec<&Path> = Vec::with_capacity(c.aliases.len() + 2);
+        paths.push(&c.path);
+        paths.extend(c.aliases.iter().map(PathBuf::as_path));
+        paths.push(&c.real_path);
+        self.lineage(&paths, format, meta, own_model)
     }
 
     /// [`Identifier::identify`] over a candidate's path, aliases and real path.

@@ -46,6 +46,7 @@ use super::discover::{self, Candidate};
 use super::formats::{self, Format, Parsed};
 use super::hash::{self, HashCache, PartialHash, RateLimiter, Slice};
 use super::identity::{self, Identifier, Identity, IdentitySource};
+use super::lineage::Lineage;
 use super::schedule::{self, Hint};
 use super::storage::{self, MountTable};
 use super::users::{self, FileUse, Interest};
@@ -135,7 +136,12 @@ pub struct Inventory {
 pub struct WeightsHandle {
     inner: Arc<Mutex<Inventory>>,
     reduced: Arc<AtomicBool>,
+    /// Directories searched besides the roots: where training runs write checkpoints.
+    extra_roots: Arc<Mutex<Vec<PathBuf>>>,
 }
+
+/// At most this many extra roots (training output directories) are searched.
+pub const MAX_EXTRA_ROOTS: usize = 64;
 
 fn lock(m: &Mutex<Inventory>) -> MutexGuard<'_, Inventory> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -209,6 +215,24 @@ impl WeightsHandle {
         pids.sort_unstable();
         pids.dedup();
         pids
+    }
+
+    /// Search these directories too from the next scan on (training runs' checkpoint
+    /// directories, so that their outputs are identified and fingerprinted like any weight
+    /// file); at most [`MAX_EXTRA_ROOTS`].
+    pub fn set_extra_roots(&self, mut dirs: Vec<PathBuf>) {
+        dirs.truncate(MAX_EXTRA_ROOTS);
+        *self
+            .extra_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dirs;
+    }
+
+    fn extra_roots(&self) -> Vec<PathBuf> {
+        self.extra_roots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Slow hashing down (the agent is over its budget) or back to the configured rate.
@@ -394,17 +418,26 @@ impl WeightsScanner {
         self
     }
 
-    /// The roots to search: configured, or the defaults that exist on this machine.
+    /// The roots to search: configured, or the defaults that exist on this machine, plus the
+    /// checkpoint directories of training runs outside them.
     pub fn roots(&self) -> Vec<PathBuf> {
-        match &self.cfg.roots {
+        let mut roots = match &self.cfg.roots {
             Some(r) => r.clone(),
             None => discover::default_roots(&|k| std::env::var(k).ok(), Path::new("/")),
+        };
+        for extra in self.handle.extra_roots() {
+            if !roots.iter().any(|r| extra.starts_with(r)) {
+                roots.push(extra);
+            }
         }
+        roots
     }
 
     /// One pass: discover (roots, containers' roots, processes' files), sniff new or changed
-    /// files, locate and identify them; users are gathered on the way, no hashing.
-    pub fn scan(&mut self) {
+    /// files, locate and identify them; users are gathered on the way, no hashing. Returns how
+    /// many files found through processes and containers were left for the next pass (the
+    /// scan's budget, `max_new_files_per_scan`, was spent).
+    pub fn scan(&mut self) -> usize {
         let roots = self.roots();
         let walk = discover::walk(
             &roots,
@@ -453,9 +486,17 @@ impl WeightsScanner {
                         MountTable::load().unwrap_or_else(|_| MountTable::parse(""))
                     });
                     let id = ident.identify_candidate(c, header_identity(&parsed));
+                    let lineage = ident.lineage_candidate(
+                        c,
+                        parsed.format,
+                        &parsed.header.metadata,
+                        &id.model,
+                    );
+                    let mut file = describe(c, &parsed, id, mounts);
+                    set_lineage(&mut file, lineage);
                     fresh.push(Entry {
                         stamp,
-                        file: describe(c, &parsed, id, mounts),
+                        file,
                         read_path: c.real_path.clone(),
                         keys: vec![(c.device, c.inode)],
                         origin: None,
@@ -584,6 +625,21 @@ impl WeightsScanner {
         }
         let grouped = group_shards(&mut inv.entries);
         inv.changed.extend(grouped);
+        ns.over_budget
+    }
+
+    /// Passes until nothing is left over budget (at most `max_passes`): what a one-shot
+    /// `sov-agent scan` does, so its answer does not depend on how many other large files
+    /// happen to be mapped on the node. Returns the files still left after the last pass.
+    pub fn scan_until_done(&mut self, max_passes: usize) -> usize {
+        let mut left = self.scan();
+        for _ in 1..max_passes {
+            if left == 0 {
+                break;
+            }
+            left = self.scan();
+        }
+        left
     }
 
     /// The roots inside every other mount namespace, as items; true when a walk was cut short.
@@ -701,7 +757,9 @@ impl WeightsScanner {
         let mut items = Vec::new();
         let mut sighted: HashSet<(u64, PathBuf)> = HashSet::new();
         let mut sightings: Vec<_> = pf.sightings.iter().collect();
-        sightings.sort_unstable_by_key(|(k, s)| (s.pid, **k));
+        // Likely weights first, shared libraries and build artefacts last: on a node where
+        // hundreds of large libraries are mapped, a model is never left behind the scan's budget.
+        sightings.sort_unstable_by_key(|(k, s)| (sniff_rank(&s.path), s.pid, **k));
         for (_, s) in sightings {
             let mntns = mnt_of.get(&s.pid).copied().unwrap_or(host_mnt);
             let root_path =
@@ -883,6 +941,12 @@ impl WeightsScanner {
                 let id = ns
                     .identifier
                     .identify_at(&layout, &item.cpath, header_identity(&parsed));
+                let lineage = ns.identifier.lineage(
+                    &layout,
+                    parsed.format,
+                    &parsed.header.metadata,
+                    &id.model,
+                );
                 let c = Candidate {
                     path: PathBuf::from(&wire_path),
                     real_path: item.read_path.clone(),
@@ -894,6 +958,7 @@ impl WeightsScanner {
                     aliases: vec![],
                 };
                 let mut file = describe_at(&c, &parsed, id, mount.as_ref());
+                set_lineage(&mut file, lineage);
                 if !own {
                     file.container_path = item.cpath.to_string_lossy().into_owned();
                     file.mntns_inode = item.mntns;
@@ -1244,6 +1309,7 @@ fn describe_at(
             repo_path: id.repo_path,
             source: id.source.as_str().to_owned(),
             publisher: id.publisher,
+            ..Default::default()
         }),
         storage: Some(storage),
         tensor_count: parsed.header.tensor_count,
@@ -1269,8 +1335,25 @@ fn describe_at(
     }
 }
 
+/// Carry what the file declares about its bases in its wire identity.
+fn set_lineage(file: &mut pb::WeightFile, lineage: Lineage) {
+    let id = file.identity.get_or_insert_with(Default::default);
+    id.adapter_type = lineage.adapter_type;
+    id.base_models = lineage
+        .base_models
+        .into_iter()
+        .map(|b| pb::BaseModel {
+            name: b.name,
+            organization: b.organization,
+            repo_url: b.repo_url,
+            source: b.source.as_str().to_owned(),
+        })
+        .collect();
+}
+
 /// The shards of one model (same `shard_set`) share the strongest identity any of them has
-/// (llama.cpp writes `general.name` into the first split only): returns the paths changed.
+/// (llama.cpp writes `general.name` and `general.base_model.*` into the first split only), and
+/// its declared bases when they have none: returns the paths changed.
 fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
     let mut best: HashMap<String, pb::ModelIdentity> = HashMap::new();
     for e in entries.values() {
@@ -1284,7 +1367,13 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
             .entry(e.file.shard_set.clone())
             .or_insert_with(|| id.clone());
         if source_rank(&id.source) > source_rank(&slot.source) {
+            let bases = std::mem::take(&mut slot.base_models);
             *slot = id.clone();
+            if slot.base_models.is_empty() {
+                slot.base_models = bases;
+            }
+        } else if slot.base_models.is_empty() && !id.base_models.is_empty() {
+            slot.base_models.clone_from(&id.base_models);
         }
     }
     let mut changed = Vec::new();
@@ -1299,10 +1388,48 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
             id.refs.clone_from(&b.refs);
             id.source.clone_from(&b.source);
             id.publisher.clone_from(&b.publisher);
+            if id.base_models.is_empty() {
+                id.base_models.clone_from(&b.base_models);
+            }
+            changed.push(path.clone());
+        } else if id.base_models.is_empty() && !b.base_models.is_empty() {
+            id.base_models.clone_from(&b.base_models);
             changed.push(path.clone());
         }
     }
     changed
+}
+
+/// The order in which files found through processes are sniffed: names of weight formats
+/// first, then anything else, then shared libraries and compiler artefacts (mapped by almost
+/// every process, never weights).
+fn sniff_rank(path: &Path) -> u8 {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    const WEIGHTS: &[&str] = &[
+        ".safetensors",
+        ".gguf",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".onnx",
+        ".pkl",
+        ".model",
+    ];
+    const NEVER: &[&str] = &[".rlib", ".rmeta", ".a", ".jar", ".pyc", ".ttf", ".otf"];
+    if WEIGHTS.iter().any(|e| name.ends_with(e)) || name.starts_with("sha256-") {
+        0
+    } else if name.ends_with(".so")
+        || name.contains(".so.")
+        || NEVER.iter().any(|e| name.ends_with(e))
+    {
+        2
+    } else {
+        1
+    }
 }
 
 /// The per-scan caches of the namespace sources.
@@ -1356,5 +1483,36 @@ pub fn link_gpus(files: &mut [pb::WeightFile], gpus: &[pb::GpuSample]) {
         for u in &mut f.users {
             u.gpu_uuids = by_pid.get(&u.pid).cloned().unwrap_or_default();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sniff_rank;
+    use std::path::Path;
+
+    #[test]
+    fn weight_names_are_sniffed_before_libraries_and_build_artefacts() {
+        let mut paths = [
+            "/usr/lib/x86_64-linux-gnu/libLLVM.so.19.1",
+            "/work/target/debug/deps/libtokio-1a2b.rlib",
+            "/srv/data/blob",
+            "/models/llama/model-00001-of-00002.safetensors",
+            "/root/.ollama/models/blobs/sha256-0123abcd",
+            "/usr/lib/libfoo.so",
+            "/tmp/ckpt/pytorch_model.BIN",
+        ];
+        paths.sort_by_key(|p| sniff_rank(Path::new(p)));
+        assert_eq!(
+            &paths[..3],
+            [
+                "/models/llama/model-00001-of-00002.safetensors",
+                "/root/.ollama/models/blobs/sha256-0123abcd",
+                "/tmp/ckpt/pytorch_model.BIN",
+            ]
+        );
+        assert_eq!(paths[3], "/srv/data/blob", "unknown names between");
+        assert_eq!(sniff_rank(Path::new("/usr/lib/libfoo.so")), 2);
+        assert_eq!(sniff_rank(Path::new("/a/libLLVM.so.19.1")), 2);
     }
 }

@@ -3,6 +3,8 @@
 //! - [`discover`]: default roots and the bounded walk (readdir + stat only);
 //! - [`formats`]: content sniffing and header parsing, one file per format, hostile-input safe;
 //! - [`identity`]: Hugging Face cache layout, Ollama manifests, directory names, shards;
+//! - [`lineage`]: the base models a file declares (PEFT adapter config, GGUF `general.base_model.*`,
+//!   safetensors `__metadata__`, model card, `config.json`);
 //! - [`storage`]: mountinfo → filesystem, local or network, and the storage server;
 //! - [`users`]: processes that map or hold each file open (`/proc/<pid>/maps`, `fd/`);
 //! - [`hash`]: streaming sha256 under an IO rate limit, and the persistent fingerprint cache;
@@ -15,6 +17,7 @@ pub mod formats;
 pub mod hash;
 pub mod identity;
 pub mod inventory;
+pub mod lineage;
 pub mod schedule;
 pub mod storage;
 pub mod users;

@@ -118,6 +118,58 @@ mod tests {
     }
 
     #[test]
+    fn evidence_names_the_pod_namespace_and_image_and_a_namespace_may_be_allowed() {
+        let in_pod = |pid, ns: &str, pod: &str, image: &str| {
+            let mut r = flow("a", pid, "FR", "203.0.113.7", 5_000);
+            r.pod_namespace = ns.into();
+            r.pod_name = pod.into();
+            r.container_name = "server".into();
+            r.container_id = format!("{pod}-id");
+            r.image = image.into();
+            r
+        };
+        let f = facts(vec![
+            in_pod(7, "inference", "web-0", "docker.io/vllm/vllm-openai:v0.6.3"),
+            in_pod(8, "backup", "sync-0", "registry.example/mirror/sync:2"),
+        ]);
+        let obs = run(&RULE, &policy(""), &f);
+        assert_eq!(obs.len(), 1, "{obs:?}");
+        let d = &obs[0].evidence[EVIDENCE_COUNTERS]["destinations"];
+        let web = d
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["pid"] == 7)
+            .unwrap();
+        assert_eq!(
+            (
+                &web["namespace"],
+                &web["pod"],
+                &web["container"],
+                &web["image"]
+            ),
+            (
+                &json!("inference"),
+                &json!("web-0"),
+                &json!("server"),
+                &json!("docker.io/vllm/vllm-openai:v0.6.3")
+            )
+        );
+        assert_eq!(web["container_id"], "web-0-id");
+        // Allowed for the backup namespace: only the inference pod's 5,000 bytes count.
+        let p = policy(
+            "[[allow]]\nnamespace = \"backup\"\ncountry = \"FR\"\nreason = \"off-site backup\"\n",
+        );
+        let obs = run(&RULE, &p, &f);
+        assert_eq!(obs[0].evidence[EVIDENCE_COUNTERS]["bytes_sent"], 5_000);
+        // Allowed by image for every destination: the mirror's traffic too.
+        let p = policy(
+            "[[allow]]\nimage = \"registry.example/mirror/*\"\nreason = \"model mirror\"\n[[allow]]\nnamespace = \"inference\"\ncidr = \"203.0.113.0/24\"\nreason = \"CDN\"\n",
+        );
+        assert!(run(&RULE, &p, &f).is_empty());
+    }
+
+    #[test]
     fn countries_the_policy_puts_inside_are_not_foreign() {
         let p = policy("inside = [\"TN\"]\n");
         let f = facts(vec![flow("a", 1, "TN", "192.0.2.9", 50_000)]);

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use sov_proto::pb;
 
-use super::{Counted, ModelClass, ModelFacts, Policy};
+use super::{Counted, ModelClass, ModelPlaces, Policy};
 use crate::breach::{BreachChange, Observation};
 use crate::geo::Geo;
 use crate::store::{EgressQuery, NodePeer, Store, StoreError};
@@ -163,7 +163,8 @@ impl Context<'_> {
     }
 
     /// Whether traffic of this egress row is covered by an `[[allow]]` entry (a country
-    /// entry is matched against the country the row counts in, else its verdict's).
+    /// entry is matched against the country the row counts in, else its verdict's; a scoped
+    /// entry against the row's Kubernetes namespace and image).
     pub fn allowed(&self, r: &pb::EgressRow) -> bool {
         let ip: IpAddr = r
             .remote_address
@@ -174,20 +175,19 @@ impl Context<'_> {
             Counted::Outside(c) | Counted::Review(c) => c,
             Counted::Inside | Counted::Unresolved => r.country.clone(),
         };
+        let from = super::Workload {
+            namespace: &r.pod_namespace,
+            image: &r.image,
+        };
         self.policy
-            .allowed(ip, asn, &country, self.now_unix_ms)
+            .allowed_from(ip, asn, &country, &from, self.now_unix_ms)
             .is_some()
     }
 
     /// The policy class of a model.
     pub fn class(&self, m: &pb::ModelSummary) -> ModelClass {
-        self.policy
-            .model_class(&ModelFacts {
-                model: &m.model,
-                sha256: &m.sha256,
-                publisher: &m.publisher,
-            })
-            .0
+        let places = ModelPlaces::of(m);
+        self.policy.model_class(&places.facts(m)).0
     }
 
     /// The models the policy restricts.
@@ -242,6 +242,11 @@ pub fn top_destinations(rows: &[&pb::EgressRow]) -> Vec<serde_json::Value> {
                 "limit_km": d.limit_km,
                 "conntrack_bytes": d.conntrack_bytes,
                 "unmeasured_flows": d.unmeasured_flows,
+                "namespace": d.pod_namespace,
+                "pod": d.pod_name,
+                "container": d.container_name,
+                "container_id": d.container_id,
+                "image": d.image,
             })
         })
         .collect()
@@ -496,6 +501,7 @@ pub(crate) mod testutil {
             process: format!("proc{pid}"),
             path: path.to_owned(),
             gpus: Vec::new(),
+            container: None,
         }
     }
 

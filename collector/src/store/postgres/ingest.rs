@@ -736,6 +736,7 @@ pub(super) async fn finish_report(
     insert_telemetry(tx, st, r).await?;
     apply_weights(tx, st, r).await?;
     apply_flows(tx, st, r, epoch, seq).await?;
+    super::containers::apply_containers(tx, r).await?;
     Ok(IngestOutcome::Stored)
 }
 

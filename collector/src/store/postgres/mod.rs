@@ -44,6 +44,7 @@ use super::{
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
 
 mod breaches;
+mod containers;
 mod ingest;
 mod outbox;
 mod queries;
@@ -66,7 +67,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 10] = [
+const MIGRATIONS: [&str; 12] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -77,6 +78,8 @@ const MIGRATIONS: [&str; 10] = [
     include_str!("../../../migrations/postgres/0008_enroll_tokens.sql"),
     include_str!("../../../migrations/postgres/0009_minute_aggregates.sql"),
     include_str!("../../../migrations/postgres/0010_verdict_answers_and_measurement.sql"),
+    include_str!("../../../migrations/postgres/0011_containers.sql"),
+    include_str!("../../../migrations/postgres/0012_enroll_token_replaces.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
@@ -604,6 +607,7 @@ mod tests {
                     hash: format!("t{i}"),
                     created_unix_ms: 0,
                     expires_unix_ms: 1_000_000,
+                    replaces: None,
                 })
                 .collect();
             a.add_enroll_tokens(&tokens).await.unwrap();

@@ -6,13 +6,16 @@ use super::*;
 pub(super) const LIST_NODES: &str = r#"SELECT n.node, n.site, n.country, n.hostname, n.agent_version, n.labels,
         n.last_seen_ms, n.latest_epoch, COALESCE(e.reports, 0), COALESCE(e.last_seq, 0),
         (SELECT COUNT(*) FROM node_epochs x WHERE x.node = n.node),
-        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes, COALESCE(e.conflicts, 0),
+        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes,
+        (SELECT LEAST(COALESCE(SUM(x.conflicts), 0), 9000000000000000000)::BIGINT FROM node_epochs x WHERE x.node = n.node),
         (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1
             - (SELECT COUNT(*) FROM reports r WHERE r.node = g.node AND r.epoch = g.epoch
                  AND r.seq BETWEEN g.first_seq AND g.last_seq)), 0)::BIGINT
-         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch),
+         FROM gaps g WHERE g.node = n.node),
         n.gpu_state, n.gpu_count, n.gpu_util_percent, n.gpu_memory_used_bytes,
-        n.gpu_memory_total_bytes
+        n.gpu_memory_total_bytes,
+        (SELECT LEAST(COALESCE(SUM(GREATEST(x.last_seq - x.reports, 0)), 0), 9000000000000000000)::BIGINT
+         FROM node_epochs x WHERE x.node = n.node)
  FROM nodes n
  LEFT JOIN node_epochs e ON e.node = n.node AND e.epoch = n.latest_epoch
  WHERE n.node COLLATE "C" > $1::TEXT
@@ -24,7 +27,7 @@ pub(super) const LIST_NODES: &str = r#"SELECT n.node, n.site, n.country, n.hostn
 pub(super) const LIST_MODELS: &str = r#"WITH current AS (
     SELECT w.node, w.path, w.format, w.size_bytes, w.sha256, w.model, w.revision, w.repo_path,
            w.identity_source, w.publisher, w.parameter_count, w.mount_point, w.fs_type, w.network,
-           w.server_address, w.users, w.first_seen_ms, w.last_seen_ms,
+           w.server_address, w.users, w.first_seen_ms, w.last_seen_ms, w.detail,
            COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
            (CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
                  ELSE w.model || '|~' || w.node || ':' || w.path END) COLLATE "C" AS k
@@ -41,7 +44,7 @@ pub(super) const LIST_MODELS: &str = r#"WITH current AS (
 )
 SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
        publisher, parameter_count, mount_point, fs_type, network, server_address, users,
-       first_seen_ms, last_seen_ms, site, country
+       first_seen_ms, last_seen_ms, site, country, detail
 FROM hits
 WHERE k IN (SELECT k FROM page)
 ORDER BY k, node COLLATE "C", path COLLATE "C""#;
@@ -75,10 +78,12 @@ pub(super) async fn gpu_usage(
     let client = store.reader().await?;
     let rows = client
         .query(
-            "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
-             WHERE observed_ms >= $1 AND observed_ms < $2
-             GROUP BY node, pid, process_name
-             ORDER BY 4 DESC, node COLLATE \"C\", pid LIMIT $3",
+            &format!(
+                "{} WHERE g.observed_ms >= $1 AND g.observed_ms < $2
+                 GROUP BY g.node, g.pid, g.process_name, ns
+                 ORDER BY 5 DESC, g.node COLLATE \"C\", g.pid LIMIT $3",
+                crate::store::containers::GPU_USAGE_WITH_NAMESPACE
+            ),
             &[&since_unix_ms, &until_unix_ms, &i64::from(limit)],
         )
         .await
@@ -155,7 +160,13 @@ pub(super) async fn egress(
 ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
     const NO_TEXT: &str = "''::TEXT";
     const NO_NUM: &str = "0::BIGINT";
-    let (cols, group) = match q.by.as_str() {
+    use crate::store::containers;
+    let (cols, group): (String, String) = if let Some((cols, group)) =
+        containers::egress_grouping(&q.by, NO_TEXT, NO_NUM)
+    {
+        (cols, group.to_owned())
+    } else {
+        let (cols, group) = match q.by.as_str() {
         "" | "country" => (
             format!(
                 "country, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_NUM}, {NO_TEXT}, {NO_TEXT}, {NO_NUM}, {NO_TEXT}"
@@ -193,9 +204,16 @@ pub(super) async fn egress(
         ),
         other => {
             return Err(StoreError::Range(format!(
-                "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
+                "unknown grouping {other:?}: use country, node, process, asn, destination, pod, namespace, image, container or flow"
             )));
         }
+    };
+        let group = if q.by == "flow" {
+            format!("{group}, {}", containers::FLOW_CONTAINER_GROUP)
+        } else {
+            group.to_owned()
+        };
+        (cols, group)
     };
     // COUNT(*) OVER () is the number of groups before LIMIT; at least one row is fetched
     // so that it is known even when the limit is 0.
@@ -203,11 +221,17 @@ pub(super) async fn egress(
         matches!(q.by.as_str(), "destination" | "flow"),
         "::BIGINT",
     );
+    let containers_select = containers::egress_container_select(&q.by, NO_TEXT);
+    let source = if containers::by_container(&q.by) {
+        containers::FLOWS_WITH_CONTAINERS
+    } else {
+        "flows_minute"
+    };
     let text = format!(
         "SELECT {cols}, SUM(bytes_sent)::BIGINT, SUM(bytes_received)::BIGINT,
                 SUM(connections)::BIGINT, COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)::BIGINT,
-                {verdict}, COUNT(*) OVER ()
-         FROM flows_minute
+                {verdict}, {containers_select}, COUNT(*) OVER ()
+         FROM {source}
          WHERE minute_ms >= $1 AND minute_ms < $2 AND direction <> 'inbound'
          GROUP BY {group}
          ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC, {group}

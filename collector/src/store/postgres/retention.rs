@@ -92,7 +92,12 @@ pub(super) async fn prune(
             .await
             .map_err(pg("prune samples"))?;
     }
-    for table in ["host_minute", "gpu_minute", "gpu_usage_minute"] {
+    for table in [
+        "host_minute",
+        "gpu_minute",
+        "gpu_usage_minute",
+        "containers_minute",
+    ] {
         stats.aggregates += tx
             .execute(
                 &format!("DELETE FROM {table} WHERE minute_ms < $1"),

@@ -2,6 +2,7 @@
 //! conditional update, so two replicas cannot both spend it.
 
 use super::*;
+use crate::store::NameUse;
 
 pub(super) async fn insert_token(
     store: &PostgresStore,
@@ -80,8 +81,9 @@ pub(super) async fn add_enroll_tokens(
         .map_err(pg("begin add tokens"))?;
     for t in tokens {
         tx.execute(
-            "INSERT INTO enroll_tokens (hash, created_ms, expires_ms) VALUES ($1, $2, $3)",
-            &[&t.hash, &t.created_unix_ms, &t.expires_unix_ms],
+            "INSERT INTO enroll_tokens (hash, created_ms, expires_ms, replaces)
+             VALUES ($1, $2, $3, $4)",
+            &[&t.hash, &t.created_unix_ms, &t.expires_unix_ms, &t.replaces],
         )
         .await
         .map_err(pg("add enrollment token"))?;
@@ -132,5 +134,28 @@ pub(super) async fn spend_enroll_token(
         None => TokenSpend::Expired {
             at_unix_ms: expires,
         },
+    })
+}
+
+pub(super) async fn enroll_name_use(
+    store: &PostgresStore,
+    hash: &str,
+    node: &str,
+) -> Result<NameUse, StoreError> {
+    let client = store.reader().await?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT MAX(t) FROM (
+                         SELECT last_seen_ms AS t FROM nodes WHERE node = $2::TEXT
+                         UNION ALL
+                         SELECT used_ms AS t FROM enroll_tokens WHERE used_by = $2::TEXT) u),
+                    (SELECT replaces FROM enroll_tokens WHERE hash = $1::TEXT)",
+            &[&hash, &node],
+        )
+        .await
+        .map_err(pg("read name use"))?;
+    Ok(NameUse {
+        last_used_unix_ms: row.try_get(0).map_err(pg("read name use"))?,
+        token_replaces: row.try_get(1).map_err(pg("read name use"))?,
     })
 }

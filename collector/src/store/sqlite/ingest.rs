@@ -417,6 +417,7 @@ impl SqliteStore {
         insert_telemetry(tx, r, epoch)?;
         apply_weights(tx, r)?;
         apply_flows(tx, r, epoch, seq)?;
+        super::containers::apply_containers(tx, r)?;
         Ok(IngestOutcome::Stored)
     }
 }

@@ -26,6 +26,7 @@ use super::{
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
 
 mod breaches;
+mod containers;
 mod ingest;
 mod outbox;
 mod queries;
@@ -43,7 +44,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 10] = [
+const MIGRATIONS: [&str; 12] = [
     include_str!("../../../migrations/sqlite/0001_reports.sql"),
     include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
@@ -54,6 +55,8 @@ const MIGRATIONS: [&str; 10] = [
     include_str!("../../../migrations/sqlite/0008_enroll_tokens.sql"),
     include_str!("../../../migrations/sqlite/0009_minute_aggregates.sql"),
     include_str!("../../../migrations/sqlite/0010_verdict_answers_and_measurement.sql"),
+    include_str!("../../../migrations/sqlite/0011_containers.sql"),
+    include_str!("../../../migrations/sqlite/0012_enroll_token_replaces.sql"),
 ];
 
 /// SQLite-backed [`Store`].

@@ -14,13 +14,16 @@ impl SqliteStore {
                 "SELECT n.node, n.site, n.country, n.hostname, n.agent_version, n.labels,
                         n.last_seen_ms, n.latest_epoch, COALESCE(e.reports, 0), COALESCE(e.last_seq, 0),
                         (SELECT COUNT(*) FROM node_epochs x WHERE x.node = n.node),
-                        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes, COALESCE(e.conflicts, 0),
+                        n.cpu_percent, n.memory_used_bytes, n.memory_total_bytes,
+                        (SELECT CAST(MIN(TOTAL(x.conflicts), 9.0e18) AS INTEGER) FROM node_epochs x WHERE x.node = n.node),
                         (SELECT COALESCE(SUM(g.last_seq - g.first_seq + 1
                             - (SELECT COUNT(*) FROM reports r WHERE r.node = g.node AND r.epoch = g.epoch
                                  AND r.seq BETWEEN g.first_seq AND g.last_seq)), 0)
-                         FROM gaps g WHERE g.node = n.node AND g.epoch = n.latest_epoch),
+                         FROM gaps g WHERE g.node = n.node),
                         n.gpu_state, n.gpu_count, n.gpu_util_percent, n.gpu_memory_used_bytes,
-                        n.gpu_memory_total_bytes
+                        n.gpu_memory_total_bytes,
+                        (SELECT CAST(MIN(TOTAL(MAX(x.last_seq - x.reports, 0)), 9.0e18) AS INTEGER)
+                         FROM node_epochs x WHERE x.node = n.node)
                  FROM nodes n
                  LEFT JOIN node_epochs e ON e.node = n.node AND e.epoch = n.latest_epoch
                  WHERE n.node > ?1
@@ -50,7 +53,7 @@ impl SqliteStore {
             .prepare_cached(
                 "SELECT k, node, path, format, size_bytes, sha256, model, revision, repo_path, identity_source,
                         publisher, parameter_count, mount_point, fs_type, network, server_address, users,
-                        first_seen_ms, last_seen_ms, site, country
+                        first_seen_ms, last_seen_ms, site, country, detail
                  FROM (SELECT w.*, COALESCE(n.site, '') AS site, COALESCE(n.country, '') AS country,
                               CASE WHEN w.sha256 <> '' THEN w.model || '|' || w.sha256
                                    ELSE w.model || '|~' || w.node || ':' || w.path END AS k
@@ -77,39 +80,58 @@ impl SqliteStore {
         conn: &Connection,
         q: &crate::store::EgressQuery,
     ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
-        let (cols, group) = match q.by.as_str() {
-            "" | "country" => ("country, '', '', 0, 0, '', '', 0, ''", "country"),
-            "node" => ("country, node, '', 0, 0, '', '', 0, ''", "country, node"),
-            "process" => (
-                "country, node, process, pid, 0, '', '', 0, ''",
-                "country, node, process, pid",
-            ),
-            "asn" => (
-                "country, '', '', 0, asn, max(org), '', 0, ''",
-                "country, asn",
-            ),
-            "destination" => (
-                "country, '', '', 0, asn, max(org), remote_address, remote_port, max(geo_source)",
-                "country, asn, remote_address, remote_port",
-            ),
-            "flow" => (
-                "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)",
-                "country, node, process, pid, asn, remote_address, remote_port",
-            ),
-            other => {
-                return Err(StoreError::Range(format!(
-                    "unknown grouping {other:?}: use country, node, process, asn, destination or flow"
-                )));
-            }
+        use crate::store::containers;
+        let (cols, group): (String, String) = if let Some((cols, group)) =
+            containers::egress_grouping(&q.by, "''", "0")
+        {
+            (cols, group.to_owned())
+        } else {
+            let (cols, group) = match q.by.as_str() {
+                "" | "country" => ("country, '', '', 0, 0, '', '', 0, ''", "country"),
+                "node" => ("country, node, '', 0, 0, '', '', 0, ''", "country, node"),
+                "process" => (
+                    "country, node, process, pid, 0, '', '', 0, ''",
+                    "country, node, process, pid",
+                ),
+                "asn" => (
+                    "country, '', '', 0, asn, max(org), '', 0, ''",
+                    "country, asn",
+                ),
+                "destination" => (
+                    "country, '', '', 0, asn, max(org), remote_address, remote_port, max(geo_source)",
+                    "country, asn, remote_address, remote_port",
+                ),
+                "flow" => (
+                    "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)",
+                    "country, node, process, pid, asn, remote_address, remote_port",
+                ),
+                other => {
+                    return Err(StoreError::Range(format!(
+                        "unknown grouping {other:?}: use country, node, process, asn, destination, pod, namespace, image, container or flow"
+                    )));
+                }
+            };
+            let group = if q.by == "flow" {
+                format!("{group}, {}", containers::FLOW_CONTAINER_GROUP)
+            } else {
+                group.to_owned()
+            };
+            (cols.to_owned(), group)
         };
         let verdict = crate::store::egress_verdict_select(
             matches!(q.by.as_str(), "destination" | "flow"),
             "",
         );
+        let containers_select = containers::egress_container_select(&q.by, "''");
+        let source = if containers::by_container(&q.by) {
+            containers::FLOWS_WITH_CONTAINERS
+        } else {
+            "flows_minute"
+        };
         let text = format!(
             "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
-                    COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0), {verdict}
-             FROM flows_minute
+                    COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0), {verdict}, {containers_select}
+             FROM {source}
              WHERE minute_ms >= ?1 AND minute_ms < ?2 AND direction <> 'inbound'
              GROUP BY {group}
              ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC"
@@ -172,12 +194,12 @@ pub(super) async fn gpu_usage(
     tokio::task::spawn_blocking(move || {
         let conn = lock(&reader);
         let mut stmt = conn
-            .prepare_cached(
-                "SELECT node, pid, process_name, SUM(gpu_seconds) FROM gpu_usage
-                 WHERE observed_ms >= ?1 AND observed_ms < ?2
-                 GROUP BY node, pid, process_name
-                 ORDER BY 4 DESC, node, pid LIMIT ?3",
-            )
+            .prepare_cached(&format!(
+                "{} WHERE g.observed_ms >= ?1 AND g.observed_ms < ?2
+                     GROUP BY g.node, g.pid, g.process_name, ns
+                     ORDER BY 5 DESC, g.node, g.pid LIMIT ?3",
+                crate::store::containers::GPU_USAGE_WITH_NAMESPACE
+            ))
             .map_err(sql("prepare gpu usage"))?;
         let mut rows = stmt
             .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])

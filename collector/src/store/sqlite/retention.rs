@@ -68,7 +68,12 @@ impl SqliteStore {
                 )
                 .map_err(sql("prune samples"))? as u64;
         }
-        for table in ["host_minute", "gpu_minute", "gpu_usage_minute"] {
+        for table in [
+            "host_minute",
+            "gpu_minute",
+            "gpu_usage_minute",
+            "containers_minute",
+        ] {
             stats.aggregates += tx
                 .execute(
                     &format!("DELETE FROM {table} WHERE minute_ms < ?1"),

@@ -1,6 +1,7 @@
 //! API tokens and one-time enrollment tokens (hashes only).
 
 use super::*;
+use crate::store::NameUse;
 
 impl SqliteStore {
     pub(super) fn token_by_hash_blocking(
@@ -26,8 +27,9 @@ impl SqliteStore {
         let tx = conn.transaction().map_err(sql("begin add tokens"))?;
         for t in tokens {
             tx.execute(
-                "INSERT INTO enroll_tokens (hash, created_ms, expires_ms) VALUES (?1, ?2, ?3)",
-                params![t.hash, t.created_unix_ms, t.expires_unix_ms],
+                "INSERT INTO enroll_tokens (hash, created_ms, expires_ms, replaces)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![t.hash, t.created_unix_ms, t.expires_unix_ms, t.replaces],
             )
             .map_err(sql("add enrollment token"))?;
         }
@@ -171,6 +173,43 @@ pub(super) async fn spend_enroll_token(
     let (hash, node) = (hash.to_owned(), node.to_owned());
     tokio::task::spawn_blocking(move || {
         SqliteStore::spend_enroll_token_blocking(&mut lock(&writer), &hash, &node, now_unix_ms)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+pub(super) async fn enroll_name_use(
+    store: &SqliteStore,
+    hash: &str,
+    node: &str,
+) -> Result<NameUse, StoreError> {
+    let reader = store.reader.clone();
+    let (hash, node) = (hash.to_owned(), node.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let conn = lock(&reader);
+        let last: Option<i64> = conn
+            .query_row(
+                "SELECT MAX(t) FROM (
+                     SELECT last_seen_ms AS t FROM nodes WHERE node = ?1
+                     UNION ALL
+                     SELECT used_ms AS t FROM enroll_tokens WHERE used_by = ?1)",
+                [&node],
+                |r| r.get(0),
+            )
+            .map_err(sql("read name use"))?;
+        let replaces: Option<String> = conn
+            .query_row(
+                "SELECT replaces FROM enroll_tokens WHERE hash = ?1",
+                [&hash],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read token replaces"))?
+            .flatten();
+        Ok(NameUse {
+            last_used_unix_ms: last,
+            token_replaces: replaces,
+        })
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
