@@ -126,6 +126,9 @@ impl Observer {
     /// Observe now, also describing the `extra` processes (for example the owners of the
     /// flows this report carries).
     pub fn observe_with(&mut self, now: Instant, extra: &[(u32, ProcessReason)]) -> Observation {
+        // The process count from the shared table (no listing of /proc with process events).
+        self.host
+            .set_process_count(self.procs.table().refresh(Duration::ZERO).len());
         let host = self.host.sample();
         let gpu = match self.gpu.as_mut() {
             Some(g) => g.sample(now),

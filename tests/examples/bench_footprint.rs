@@ -159,6 +159,7 @@ struct Bench<'a> {
     pids: (u32, u32, u32),
     ne_port: u16,
     metrics_port: u16,
+    warmup: u32,
 }
 
 impl Bench<'_> {
@@ -170,12 +171,12 @@ impl Bench<'_> {
         let mut full_rss = Vec::new();
         let mut ne_rss = Vec::new();
         let mut start = None;
-        let total = WARMUP_CYCLES + cycles;
+        let total = self.warmup + cycles;
         let began = Instant::now();
         for i in 0..total {
             tokio::time::sleep_until((began + self.interval * (i + 1)).into()).await;
             tokio::task::spawn_blocking(move || scrape(ne_port)).await?;
-            if i + 1 == WARMUP_CYCLES {
+            if i + 1 == self.warmup {
                 start = Some((
                     cpu_secs(agent_pid),
                     cpu_secs(ne_pid),
@@ -184,7 +185,7 @@ impl Bench<'_> {
                     reports(self.pki, &self.url, "bench-full").await,
                 ));
             }
-            if i + 1 > WARMUP_CYCLES {
+            if i + 1 > self.warmup {
                 agent_rss.push(rss_bytes(agent_pid));
                 full_rss.push(rss_bytes(full_pid));
                 ne_rss.push(rss_bytes(ne_pid));
@@ -263,6 +264,9 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     let connections = usize::try_from(arg(&args, "--connections", 0))?;
     let namespaces = usize::try_from(arg(&args, "--namespaces", 0))?;
     let sizes = sizes(&args);
+    // Cycles before each size's measurement (a size's new processes are read once, by every
+    // collector, in its first cycles; the weights scan reads them within 60 s).
+    let warmup = u32::try_from(arg(&args, "--warmup-cycles", u64::from(WARMUP_CYCLES)))?.max(1);
     let Some(ne_bin) = node_exporter_path() else {
         eprintln!("node_exporter not found: apt-get install prometheus-node-exporter");
         std::process::exit(2);
@@ -328,6 +332,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         pids: (agent.0.id(), full.0.id(), ne.0.id()),
         ne_port,
         metrics_port,
+        warmup,
     };
 
     let mut rows = Vec::new();
@@ -347,7 +352,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     }
 
     println!(
-        "footprint, interval {} s, {WARMUP_CYCLES} warm-up + {cycles} measured cycles per size; \
+        "footprint, interval {} s, {warmup} warm-up + {cycles} measured cycles per size; \
          {connections} processes holding a TCP connection, {namespaces} extra network namespaces",
         interval.as_secs()
     );

@@ -74,7 +74,7 @@ pub static PROC_LISTING: CacheCounter = CacheCounter::new(
 /// CPU and memory of a live process: taken from the previous read vs `/proc/<pid>/stat` read.
 pub static PROCESS_STAT: CacheCounter = CacheCounter::new(
     "process_stat",
-    "live processes per sample (miss: /proc/<pid>/stat read)",
+    "live processes per sample (miss: /proc/N/stat read)",
 );
 /// Name, executable, command line, user, cgroup and namespaces of a reported process.
 pub static PROCESS_DETAIL: CacheCounter = CacheCounter::new(
@@ -83,28 +83,35 @@ pub static PROCESS_DETAIL: CacheCounter = CacheCounter::new(
 );
 /// A process's network namespace (flows).
 pub static NETNS_OF_PID: CacheCounter = CacheCounter::new(
-    "netns_of_pid",
-    "network namespace of a live process (miss: /proc/<pid>/ns/net read)",
+    "process_netns",
+    "network namespace of a live process (miss: /proc/N/ns/net read)",
 );
 /// The owner of a socket inode (flows).
 pub static SOCKET_OWNER: CacheCounter = CacheCounter::new(
     "socket_owner",
-    "live socket inodes per flow sample (miss: not known, /proc/<pid>/fd walked)",
+    "live socket inodes per flow sample (miss: not known, /proc/N/fd walked)",
+);
+/// A namespace's sock_diag dump of one protocol: skipped (hit) when its `sockstat` counts no
+/// socket of that protocol.
+pub static NAMESPACE_DUMPS: CacheCounter = CacheCounter::new(
+    "namespace_dumps",
+    "sock_diag dumps per namespace and protocol (hit: skipped, sockstat counts no socket)",
 );
 /// The mapped and open files of a process (weights).
 pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
     "process_files",
-    "processes per weights scan (miss: /proc/<pid>/maps and fd read)",
+    "processes per weights scan (miss: /proc/N/maps and fd read)",
 );
 
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 6] {
+pub fn all() -> [&'static CacheCounter; 7] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
         &PROCESS_DETAIL,
         &NETNS_OF_PID,
         &SOCKET_OWNER,
+        &NAMESPACE_DUMPS,
         &PROCESS_FILES,
     ]
 }

@@ -9,6 +9,9 @@ use sysinfo::System;
 #[derive(Debug)]
 pub struct HostCollector {
     sys: Option<System>,
+    /// The number of processes for the next sample, when the caller knows it (the shared
+    /// process table); else `/proc` is listed (about 1 µs per process).
+    process_count: Option<u32>,
 }
 
 impl Default for HostCollector {
@@ -30,7 +33,16 @@ impl HostCollector {
                 None
             }
         };
-        Self { sys }
+        Self {
+            sys,
+            process_count: None,
+        }
+    }
+
+    /// The next sample's process count is `n` (known from the process table): `/proc` is not
+    /// listed for it.
+    pub fn set_process_count(&mut self, n: usize) {
+        self.process_count = Some(u32::try_from(n).unwrap_or(u32::MAX));
     }
 
     /// One host sample: usage since the previous call.
@@ -54,7 +66,7 @@ impl HostCollector {
         out.memory_available_bytes = sys.available_memory();
         out.swap_total_bytes = sys.total_swap();
         out.swap_used_bytes = sys.used_swap();
-        out.process_count = count_processes();
+        out.process_count = self.process_count.take().unwrap_or_else(count_processes);
         // A share that is not finite or out of range (whatever the sampler computed) is fixed
         // here, where the values are made; the report builder checks the whole report again.
         let clamped = crate::bounds::clamp_host(&mut out);

@@ -96,9 +96,20 @@ impl Dumper {
 
     /// Dump every TCP and UDP socket of both families (four requests) into `out`.
     pub fn dump_all(&mut self, out: &mut Vec<ObservedSocket>) -> Result<(), DiagError> {
+        self.dump_where(out, |_, _| true)
+    }
+
+    /// [`Dumper::dump_all`] for the (IPv6?, TCP?) pairs `wanted` accepts only.
+    pub fn dump_where(
+        &mut self,
+        out: &mut Vec<ObservedSocket>,
+        wanted: impl Fn(bool, bool) -> bool,
+    ) -> Result<(), DiagError> {
         for family in [AF_INET, AF_INET6] {
             for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
-                self.dump(family, protocol, out)?;
+                if wanted(family == AF_INET6, protocol == IPPROTO_TCP) {
+                    self.dump(family, protocol, out)?;
+                }
             }
         }
         Ok(())

@@ -12,6 +12,8 @@
 //! - [`procnet`]: the `/proc/net/{tcp,tcp6,udp,udp6}` fallback when netlink is refused (no
 //!   byte counters there);
 //! - [`flows`]: per-socket deltas between samples and their aggregation into `pb::Flow`s;
+//! - [`sockstat`]: which protocols a namespace holds sockets of (a dump is asked only for
+//!   those);
 //! - [`conntrack`]: the connection tracking dump (ctnetlink) that gives connected UDP sockets
 //!   their byte counts.
 //!
@@ -77,6 +79,7 @@ pub mod flows;
 pub mod netns;
 pub mod owners;
 pub mod procnet;
+pub mod sockstat;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -88,6 +91,7 @@ use std::time::{Duration, Instant};
 
 use sov_proto::pb;
 
+use crate::collect::cache;
 use crate::collect::containers::Containers;
 use crate::collect::error_chain as chain;
 use crate::collect::namespaces;
@@ -643,7 +647,29 @@ impl NetCollector {
             let mut socks = Vec::with_capacity(if key == 0 { self.capacity_hint } else { 16 });
             let mut mode = MODE_PROC_FALLBACK;
             if let Some(d) = ns.dumper.as_mut() {
-                match d.dump_all(&mut socks) {
+                // Only the protocols the namespace holds sockets of (sockstat.rs): a dump walks
+                // the node-wide hash tables even for an empty namespace.
+                let net_dir = if key == 0 {
+                    Some(self.proc_root.join("self").join("net"))
+                } else {
+                    ns.pids
+                        .first()
+                        .map(|p| self.proc_root.join(p.to_string()).join("net"))
+                };
+                let in_use = net_dir.as_deref().and_then(sockstat::read);
+                let (asked, skipped) = match in_use {
+                    Some(u) => {
+                        let n = [(false, true), (false, false), (true, true), (true, false)]
+                            .iter()
+                            .filter(|(v6, tcp)| u.any(*v6, *tcp))
+                            .count() as u64;
+                        (n, 4 - n)
+                    }
+                    None => (4, 0),
+                };
+                cache::NAMESPACE_DUMPS.misses(asked);
+                cache::NAMESPACE_DUMPS.hits(skipped);
+                match d.dump_where(&mut socks, |v6, tcp| in_use.is_none_or(|u| u.any(v6, tcp))) {
                     Ok(()) => {
                         mode = MODE_NETLINK;
                         let udp = match ns.conntrack.as_mut() {
