@@ -166,6 +166,16 @@ impl InProcessCollector {
                 .await
                 .expect("collector run");
         });
+        // The gRPC listener is bound above; the HTTPS one is bound inside `run`: wait until it
+        // accepts (bounded), so a test's first HTTPS call does not race it.
+        if let Some(http) = config.http.listen.filter(|a| a.port() != 0) {
+            for _ in 0..600 {
+                if task.is_finished() || tokio::net::TcpStream::connect(http).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         Self {
             addr,
             config,

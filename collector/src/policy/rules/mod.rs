@@ -662,7 +662,7 @@ mod lineage_lifecycle_tests {
             files: vec![derived],
             removed: vec![],
         };
-        store.ingest(r).await.unwrap();
+        crate::store::suite::ingest(&store, r).await;
         let e = evaluate(&p, &store, &geo, NOW).await.unwrap();
         let open = store
             .list_breaches(BreachFilter {
@@ -700,7 +700,7 @@ mod lineage_lifecycle_tests {
             files: vec![],
             removed: vec![],
         };
-        store.ingest(r).await.unwrap();
+        crate::store::suite::ingest(&store, r).await;
         let e = evaluate(&p, &store, &geo, NOW + 2_000).await.unwrap();
         assert_eq!(e.resolved, 2, "{e:?}");
         let resolved = store
