@@ -204,6 +204,19 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Weights found only under `roots`, scanned every second and hashed at full speed: not the
+/// files that other tests' processes and containers hold at the same time.
+pub fn weights_of_roots_only(roots: Vec<PathBuf>) -> sov_agent::config::WeightsConfig {
+    sov_agent::config::WeightsConfig {
+        roots: Some(roots),
+        hash_rate_mb_per_sec: 0,
+        scan_interval_secs: 1,
+        container_roots: false,
+        process_files: false,
+        ..Default::default()
+    }
+}
+
 /// An agent configuration reporting to `urls` every `interval_secs`.
 pub fn agent_config(pki: &Pki, node: &str, urls: Vec<String>, spool_dir: &Path) -> AgentConfig {
     let pair = pki.client(Role::Agent, node);

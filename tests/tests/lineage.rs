@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use sov_agent::config::WeightsConfig;
 use sov_collector::auth::Role;
 use sov_e2e::{InProcessCollector, Pki, agent_config, eventually, sovctl};
 use sov_proto::pb;
@@ -99,15 +98,7 @@ async fn sovctl_models_shows_the_base_an_adapter_and_a_gguf_file_declare_with_it
         vec![url.clone()],
         &spool.path().join("spool"),
     );
-    cfg.weights = WeightsConfig {
-        roots: Some(vec![root.clone()]),
-        hash_rate_mb_per_sec: 0,
-        scan_interval_secs: 1,
-        // Only this test's files: not those other tests' processes and containers hold.
-        container_roots: false,
-        process_files: false,
-        ..Default::default()
-    };
+    cfg.weights = sov_e2e::weights_of_roots_only(vec![root.clone()]);
     let agent = sov_agent::Agent::open(cfg).unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(agent.run(stop.clone()));

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use sov_agent::config::{TrainingConfig, WeightsConfig};
+use sov_agent::config::TrainingConfig;
 use sov_collector::auth::Role;
 use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually, sovctl};
 
@@ -224,15 +224,7 @@ async fn sovctl_training_shows_a_run_with_its_base_dataset_and_checkpoints_deriv
         vec![url.clone()],
         &spool.path().join("spool"),
     );
-    cfg.weights = WeightsConfig {
-        roots: Some(vec![root.clone()]),
-        hash_rate_mb_per_sec: 0,
-        scan_interval_secs: 1,
-        // Only this test's files: not those other tests' containers hold.
-        container_roots: false,
-        process_files: false,
-        ..Default::default()
-    };
+    cfg.weights = sov_e2e::weights_of_roots_only(vec![root.clone()]);
     cfg.training = TrainingConfig {
         sample_interval_ms: 100,
         ..Default::default()
