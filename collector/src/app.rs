@@ -11,6 +11,7 @@
 //! | rule evaluation under the rules lease | [`crate::policy::Evaluator`] |
 //! | alert delivery, one worker per sink | [`crate::alert::outbox`] |
 //! | retention pruning, hourly | [`crate::store::prune_loop`] |
+//! | hourly rollups, every 5 minutes | [`crate::store::rollup_loop`] |
 //! | geolocation database reload | [`crate::geo::reload_loop`] |
 //! | TLS material reload (gRPC, HTTPS) | [`crate::tls::reload_loop`] |
 //! | HTTPS API and web page | [`crate::query::http::serve`] |
@@ -111,6 +112,8 @@ pub struct App {
     /// The derive loop (woken by ingest after a stored report).
     deriver: crate::derive::Deriver,
     retention: (Duration, Duration),
+    /// Age after which whole hours are rolled up (`rollup_after_hours`).
+    rollup_after: Duration,
 }
 
 /// The collector with its background loops started; [`Running::serve`] serves gRPC.
@@ -253,6 +256,7 @@ impl CollectorConfig {
                 days(config.retention_days),
                 days(config.aggregate_retention_days),
             ),
+            rollup_after: Duration::from_secs(u64::from(config.rollup_after_hours) * 3600),
         })
     }
 }
@@ -306,6 +310,11 @@ impl App {
             tokio::spawn(evaluator.run(stop.clone()));
         }
         let (raw, aggregates) = self.retention;
+        tokio::spawn(crate::store::rollup_loop(
+            store.clone(),
+            self.rollup_after,
+            stop.clone(),
+        ));
         tokio::spawn(crate::store::prune_loop(
             store,
             raw,

@@ -62,6 +62,11 @@ pub struct CollectorConfig {
     /// folded from raw samples before they go). Default 365; at least `retention_days`.
     #[serde(default = "default_aggregate_retention_days")]
     pub aggregate_retention_days: u32,
+    /// Whole hours of flow minutes and GPU usage older than this are rolled up into hour rows,
+    /// which the questions over long ranges read (the minutes stay for their retention).
+    /// Hours, 1..=720. Default 1.
+    #[serde(default = "default_rollup_after_hours")]
+    pub rollup_after_hours: u32,
     /// Most gRPC connections open at once, handshaking or established; more are closed as
     /// soon as they are accepted. Keep it under the process's open-file limit. Default 4096.
     #[serde(default = "default_max_connections")]
@@ -119,6 +124,10 @@ fn default_max_report_bytes() -> usize {
 fn default_max_page() -> u32 {
     DEFAULT_MAX_PAGE
 }
+fn default_rollup_after_hours() -> u32 {
+    crate::store::rollup::DEFAULT_ROLLUP_AFTER_HOURS
+}
+
 fn default_retention_days() -> u32 {
     DEFAULT_RETENTION_DAYS
 }
@@ -147,6 +156,7 @@ impl CollectorConfig {
             tls_handshake_timeout_secs: DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS,
             retention_days: DEFAULT_RETENTION_DAYS,
             aggregate_retention_days: DEFAULT_AGGREGATE_RETENTION_DAYS,
+            rollup_after_hours: default_rollup_after_hours(),
             trust_domain: default_trust_domain(),
             tls,
             geo: GeoConfig::default(),
@@ -239,6 +249,12 @@ impl CollectorConfig {
                     "{} is out of range retention_days ({})..=3650",
                     self.aggregate_retention_days, self.retention_days
                 ),
+            );
+        }
+        if !(1..=720).contains(&self.rollup_after_hours) {
+            p.push(
+                "rollup_after_hours",
+                format!("{} is out of range 1..=720", self.rollup_after_hours),
             );
         }
         self.limits.validate(&mut p);

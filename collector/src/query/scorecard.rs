@@ -56,9 +56,13 @@ pub struct Inputs {
     pub models: Vec<pb::ModelSummary>,
     /// GPU-seconds per process in the range.
     pub gpu: Vec<GpuUsageRow>,
-    /// Outbound bytes by node, process and destination in the range (with each
-    /// destination's answers and check).
+    /// Outbound bytes by node, destination country and ASN, and verdict in the range (the
+    /// `verdict` grouping: what the policy counts by; rows may carry a destination, as the
+    /// `flow` grouping's do, and need not).
     pub egress_by_node: Vec<pb::EgressRow>,
+    /// Outbound bytes by node and contested destination in the range (the `contested`
+    /// grouping), to count contested destinations when `egress_by_node` has no addresses.
+    pub contested: Vec<pb::EgressRow>,
     /// Outbound bytes by destination ASN in the range.
     pub egress_by_asn: Vec<pb::EgressRow>,
     /// Missing sequence ranges of each node's latest epoch, for nodes with missing reports
@@ -99,9 +103,12 @@ pub async fn read_inputs(
     inputs.truncated |= inputs.gpu.len() >= MAX_ROWS as usize;
     inputs.training = store.list_training(since_unix_ms, MAX_ROWS).await?;
     inputs.truncated |= inputs.training.len() >= MAX_ROWS as usize;
+    // By verdict rather than by flow: the answer is the same (the policy counts a row by its
+    // country and verdict), and it can be read from hour rows (`store::rollup`).
     for (by, out) in [
-        ("flow", &mut inputs.egress_by_node),
+        ("verdict", &mut inputs.egress_by_node),
         ("asn", &mut inputs.egress_by_asn),
+        ("contested", &mut inputs.contested),
     ] {
         let (rows, left_out) = store
             .egress(EgressQuery {
@@ -289,7 +296,9 @@ pub fn build(
         moved_conntrack += r.conntrack_bytes;
         unmeasured_flows += r.unmeasured_flows;
         if r.contested {
-            contested_destinations.insert((r.remote_address.as_str(), r.remote_port));
+            if !r.remote_address.is_empty() {
+                contested_destinations.insert((r.remote_address.as_str(), r.remote_port));
+            }
             sent_contested += r.bytes_sent;
         }
         let foreign_operated =
@@ -320,6 +329,14 @@ pub fn build(
         e.2 += r.connections;
         if foreign_operated {
             e.3 += r.bytes_sent;
+        }
+    }
+    for r in &inputs.contested {
+        let from_inside = node_country
+            .get(r.node.as_str())
+            .is_some_and(|c| policy.is_inside(c));
+        if from_inside && r.contested && !r.remote_address.is_empty() {
+            contested_destinations.insert((r.remote_address.as_str(), r.remote_port));
         }
     }
     let mut countries: Vec<Value> = per_country

@@ -178,6 +178,13 @@ macro_rules! store_by_concern {
                 retention::prune(self, retention).await
             }
 
+            async fn roll_up(
+                &self,
+                before_unix_ms: i64,
+            ) -> Result<$crate::store::RollupStats, $crate::store::StoreError> {
+                retention::roll_up(self, before_unix_ms).await
+            }
+
             async fn observe_breach(
                 &self,
                 obs: $crate::store::Observation,
@@ -309,12 +316,15 @@ mod minutes;
 mod outbox;
 pub mod postgres;
 mod retention;
+pub mod rollup;
 mod rows;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;
 #[cfg(test)]
 mod suite_containers;
+#[cfg(test)]
+mod suite_rollup;
 mod tokens;
 mod training;
 
@@ -322,6 +332,7 @@ pub(crate) use chain::{AUDIT_LOG, BREACH_LOG, ChainedLog};
 pub use chain::{VERIFY_PAGE, verify_pages, verify_store_audit, verify_store_log};
 pub use outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
 pub use retention::{PRUNE_EVERY, PruneStats, Retention, prune_loop};
+pub use rollup::{RollupStats, rollup_loop};
 pub use sqlite::SqliteStore;
 pub use tokens::{NameUse, NewEnrollToken, TokenRecord, TokenSpend};
 
@@ -983,6 +994,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// pruned. With PostgreSQL only one replica prunes at a time; the others get
     /// [`PruneStats::skipped`].
     async fn prune(&self, retention: Retention) -> Result<PruneStats, StoreError>;
+
+    /// Roll whole hours before `before_unix_ms` (an hour boundary) of flow minutes and GPU
+    /// usage up into hour rows ([`rollup`]), from where the last call stopped, one hour per
+    /// transaction. Idempotent; with PostgreSQL replicas take turns.
+    async fn roll_up(&self, before_unix_ms: i64) -> Result<RollupStats, StoreError>;
 
     /// Fold one rule observation into the breaches, in one transaction: no open breach of
     /// `(rule, node, subject)` → open one (count 1) and append an "open" record; an open one

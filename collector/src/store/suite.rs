@@ -97,6 +97,7 @@ macro_rules! store_suite {
             egress_is_grouped_by_pod_namespace_image_and_container,
             gpu_seconds_are_named_with_their_kubernetes_namespace,
             weight_copies_and_users_carry_their_container,
+            hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -118,6 +119,7 @@ pub(crate) use super::suite_containers::{
     gpu_seconds_are_named_with_their_kubernetes_namespace,
     weight_copies_and_users_carry_their_container,
 };
+pub(crate) use super::suite_rollup::hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup;
 
 /// A report of node `node` observed at `seq` seconds, received 5 ms later.
 pub(crate) fn report(node: &str, epoch: u64, seq: u64) -> IncomingReport {

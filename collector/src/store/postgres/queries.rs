@@ -79,15 +79,13 @@ pub(super) async fn gpu_usage(
     limit: u32,
 ) -> Result<Vec<GpuUsageRow>, StoreError> {
     let client = store.reader().await?;
+    let split =
+        crate::store::rollup::split(since_unix_ms, until_unix_ms, rolled_up_to(&client).await?);
+    let [a, b, c, d, e, f] = split.params();
     let rows = client
         .query(
-            &format!(
-                "{} WHERE g.observed_ms >= $1 AND g.observed_ms < $2
-                 GROUP BY g.node, g.pid, g.process_name, ns
-                 ORDER BY 5 DESC, g.node COLLATE \"C\", g.pid LIMIT $3",
-                crate::store::containers::GPU_USAGE_WITH_NAMESPACE
-            ),
-            &[&since_unix_ms, &until_unix_ms, &i64::from(limit)],
+            &crate::store::rollup::gpu_usage_query(&|i| format!("${i}"), " COLLATE \"C\""),
+            &[&a, &b, &c, &d, &e, &f, &i64::from(limit)],
         )
         .await
         .map_err(pg("gpu usage"))?;
@@ -205,6 +203,18 @@ pub(super) async fn egress(
                 .to_owned(),
             "country, node, process, pid, asn, remote_address, remote_port",
         ),
+        "verdict" => (
+            format!(
+                "country, node, {NO_TEXT}, {NO_NUM}, asn, max(org), {NO_TEXT}, {NO_NUM}, max(geo_source)"
+            ),
+            crate::store::rollup::VERDICT_GROUP,
+        ),
+        "contested" => (
+            format!(
+                "country, node, {NO_TEXT}, {NO_NUM}, asn, max(org), remote_address, remote_port, max(geo_source)"
+            ),
+            "country, node, asn, remote_address, remote_port",
+        ),
         other => {
             return Err(StoreError::Range(format!(
                 "unknown grouping {other:?}: use country, node, process, asn, destination, pod, namespace, image, container or flow"
@@ -221,32 +231,61 @@ pub(super) async fn egress(
     // COUNT(*) OVER () is the number of groups before LIMIT; at least one row is fetched
     // so that it is known even when the limit is 0.
     let verdict = crate::store::egress_verdict_select(
-        matches!(q.by.as_str(), "destination" | "flow"),
+        crate::store::rollup::per_destination(&q.by),
         "::BIGINT",
     );
     let containers_select = containers::egress_container_select(&q.by, NO_TEXT);
-    let source = if containers::by_container(&q.by) {
-        containers::FLOWS_WITH_CONTAINERS
+    // Minutes are stamped at their start: a range starting mid-minute includes it.
+    let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
+    let client = store.reader().await?;
+    let split = if crate::store::rollup::by_hours(&q.by) {
+        crate::store::rollup::split(since, q.until_unix_ms, rolled_up_to(&client).await?)
     } else {
-        "flows_minute"
+        crate::store::rollup::split(since, q.until_unix_ms, 0)
     };
+    let (source, filter, values) = if split.has_hours() {
+        (
+            crate::store::rollup::flows_source(&|i| format!("${i}"), NO_TEXT, NO_NUM),
+            String::new(),
+            split.params().to_vec(),
+        )
+    } else {
+        let source = if containers::by_container(&q.by) {
+            containers::FLOWS_WITH_CONTAINERS
+        } else {
+            "flows_minute"
+        };
+        let contested = if q.by == "contested" {
+            " AND contested <> 0"
+        } else {
+            ""
+        };
+        (
+            source.to_owned(),
+            format!(
+                "WHERE minute_ms >= $1 AND minute_ms < $2 AND direction <> 'inbound'{contested}"
+            ),
+            vec![since, q.until_unix_ms],
+        )
+    };
+    let limit_param = values.len() + 1;
     let text = format!(
         "SELECT {cols}, SUM(bytes_sent)::BIGINT, SUM(bytes_received)::BIGINT,
                 SUM(connections)::BIGINT, COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)::BIGINT,
                 {verdict}, {containers_select}, COUNT(*) OVER ()
          FROM {source}
-         WHERE minute_ms >= $1 AND minute_ms < $2 AND direction <> 'inbound'
+         {filter}
          GROUP BY {group}
          ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC, {group}
-         LIMIT GREATEST($3::BIGINT, 1)"
+         LIMIT GREATEST(${limit_param}::BIGINT, 1)"
     );
-    // Minutes are stamped at their start: a range starting mid-minute includes it.
-    let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
-    let client = store.reader().await?;
-    let rows = client
-        .query(&text, &[&since, &q.until_unix_ms, &i64::from(q.limit)])
-        .await
-        .map_err(pg("egress"))?;
+    let limit = i64::from(q.limit);
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+        .iter()
+        .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    params.push(&limit);
+    let rows = client.query(&text, &params).await.map_err(pg("egress"))?;
     const C: &str = "read egress row";
     let total = match rows.first() {
         Some(row) => get_u64(row, rows::EGRESS_COLUMNS, C)?,
@@ -284,4 +323,19 @@ pub(super) async fn derive_status(store: &PostgresStore) -> Result<DeriveStatus,
         pending: get_u64(&row, 0, "read derive status")?,
         oldest_pending_received_unix_ms: get(&row, 1, "read derive status")?,
     })
+}
+
+/// Where the hourly rollup has come to (see [`crate::store::rollup`]).
+async fn rolled_up_to(client: &tokio_postgres::Client) -> Result<i64, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'",
+            &[],
+        )
+        .await
+        .map_err(pg("read rollup state"))?;
+    match row {
+        Some(r) => get(&r, 0, "read rollup state"),
+        None => Ok(0),
+    }
 }

@@ -106,6 +106,15 @@ pub(super) async fn prune(
             .await
             .map_err(pg("prune aggregates"))?;
     }
+    for table in ["flows_hour", "gpu_usage_hour"] {
+        stats.aggregates += tx
+            .execute(
+                &format!("DELETE FROM {table} WHERE hour_ms < $1"),
+                &[&aggregates],
+            )
+            .await
+            .map_err(pg("prune hour rows"))?;
+    }
     stats.flows = tx
         .execute(
             "DELETE FROM flows_minute WHERE minute_ms < $1",
@@ -127,4 +136,73 @@ pub(super) async fn prune(
         .map_err(pg("prune report bodies"))?;
     tx.commit().await.map_err(pg("commit prune"))?;
     Ok(stats)
+}
+
+/// One hour per transaction under the rollup lock (exclusive: the late-row triggers of
+/// deriving transactions take it shared), on the writer connection.
+pub(super) async fn roll_up(
+    store: &PostgresStore,
+    before: i64,
+) -> Result<crate::store::RollupStats, StoreError> {
+    use crate::store::rollup;
+    let target = before - before.rem_euclid(rollup::HOUR_MS);
+    let mut stats = crate::store::RollupStats::default();
+    loop {
+        let mut w = store.writer().await?;
+        let tx = w.client.transaction().await.map_err(pg("begin rollup"))?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&rollup::ROLLUP_LOCK_KEY],
+        )
+        .await
+        .map_err(pg("lock rollup"))?;
+        let up_to: i64 = get(
+            &tx.query_one(
+                "SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'",
+                &[],
+            )
+            .await
+            .map_err(pg("read rollup state"))?,
+            0,
+            "read rollup state",
+        )?;
+        stats.up_to_unix_ms = up_to;
+        let next: Option<i64> = get(
+            &tx.query_one(rollup::NEXT_ROW, &[&up_to])
+                .await
+                .map_err(pg("find next rollup row"))?,
+            0,
+            "find next rollup row",
+        )?;
+        let Some((start, end)) = rollup::next_hour(up_to, next, target) else {
+            if target > up_to {
+                tx.execute(
+                    "UPDATE rollup_state SET up_to_ms = $1 WHERE name = 'hourly'",
+                    &[&target],
+                )
+                .await
+                .map_err(pg("advance rollup state"))?;
+                stats.up_to_unix_ms = target;
+            }
+            tx.commit().await.map_err(pg("commit rollup"))?;
+            return Ok(stats);
+        };
+        stats.flow_rows += tx
+            .execute(rollup::ROLL_FLOWS, &[&start, &end])
+            .await
+            .map_err(pg("roll up flows"))?;
+        stats.gpu_rows += tx
+            .execute(rollup::ROLL_GPU, &[&start, &end])
+            .await
+            .map_err(pg("roll up gpu usage"))?;
+        tx.execute(
+            "UPDATE rollup_state SET up_to_ms = $1 WHERE name = 'hourly'",
+            &[&end],
+        )
+        .await
+        .map_err(pg("advance rollup state"))?;
+        tx.commit().await.map_err(pg("commit rollup"))?;
+        stats.hours += 1;
+        stats.up_to_unix_ms = end;
+    }
 }

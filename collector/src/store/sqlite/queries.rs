@@ -108,6 +108,14 @@ impl SqliteStore {
                     "country, node, process, pid, asn, max(org), remote_address, remote_port, max(geo_source)",
                     "country, node, process, pid, asn, remote_address, remote_port",
                 ),
+                "verdict" => (
+                    "country, node, '', 0, asn, max(org), '', 0, max(geo_source)",
+                    crate::store::rollup::VERDICT_GROUP,
+                ),
+                "contested" => (
+                    "country, node, '', 0, asn, max(org), remote_address, remote_port, max(geo_source)",
+                    "country, node, asn, remote_address, remote_port",
+                ),
                 other => {
                     return Err(StoreError::Range(format!(
                         "unknown grouping {other:?}: use country, node, process, asn, destination, pod, namespace, image, container or flow"
@@ -121,29 +129,53 @@ impl SqliteStore {
             };
             (cols.to_owned(), group)
         };
-        let verdict = crate::store::egress_verdict_select(
-            matches!(q.by.as_str(), "destination" | "flow"),
-            "",
-        );
+        let verdict =
+            crate::store::egress_verdict_select(crate::store::rollup::per_destination(&q.by), "");
         let containers_select = containers::egress_container_select(&q.by, "''");
-        let source = if containers::by_container(&q.by) {
-            containers::FLOWS_WITH_CONTAINERS
+        // Minutes are stamped at their start: a range starting mid-minute includes it.
+        let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
+        let split = if crate::store::rollup::by_hours(&q.by) {
+            crate::store::rollup::split(since, q.until_unix_ms, rolled_up_to(conn)?)
         } else {
-            "flows_minute"
+            crate::store::rollup::split(since, q.until_unix_ms, 0)
+        };
+        let (source, filter, values) = if split.has_hours() {
+            let p = |i: usize| format!("?{i}");
+            (
+                crate::store::rollup::flows_source(&p, "''", "0"),
+                String::new(),
+                split.params().to_vec(),
+            )
+        } else {
+            let source = if containers::by_container(&q.by) {
+                containers::FLOWS_WITH_CONTAINERS
+            } else {
+                "flows_minute"
+            };
+            let contested = if q.by == "contested" {
+                " AND contested <> 0"
+            } else {
+                ""
+            };
+            (
+                source.to_owned(),
+                format!(
+                    "WHERE minute_ms >= ?1 AND minute_ms < ?2 AND direction <> 'inbound'{contested}"
+                ),
+                vec![since, q.until_unix_ms],
+            )
         };
         let text = format!(
             "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
                     COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0), {verdict}, {containers_select}
              FROM {source}
-             WHERE minute_ms >= ?1 AND minute_ms < ?2 AND direction <> 'inbound'
+             {filter}
              GROUP BY {group}
              ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC"
         );
-        // Minutes are stamped at their start: a range starting mid-minute includes it.
-        let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
         let mut stmt = conn.prepare_cached(&text).map_err(sql("prepare egress"))?;
         let mut rows = stmt
-            .query(params![since, q.until_unix_ms])
+            .query(rusqlite::params_from_iter(values))
             .map_err(sql("egress"))?;
         let mut out = Vec::new();
         let mut truncated = 0u64;
@@ -156,6 +188,16 @@ impl SqliteStore {
         }
         Ok((out, truncated))
     }
+}
+
+/// Where the hourly rollup has come to (see [`crate::store::rollup`]).
+fn rolled_up_to(conn: &Connection) -> Result<i64, StoreError> {
+    conn.prepare_cached("SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'")
+        .map_err(sql("prepare rollup state"))?
+        .query_row([], |r| r.get(0))
+        .optional()
+        .map_err(sql("read rollup state"))
+        .map(Option::unwrap_or_default)
 }
 
 pub(super) async fn missing_ranges(
@@ -196,16 +238,17 @@ pub(super) async fn gpu_usage(
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
         let conn = lock(&reader);
+        let split = crate::store::rollup::split(since_unix_ms, until_unix_ms, rolled_up_to(&conn)?);
         let mut stmt = conn
-            .prepare_cached(&format!(
-                "{} WHERE g.observed_ms >= ?1 AND g.observed_ms < ?2
-                     GROUP BY g.node, g.pid, g.process_name, ns
-                     ORDER BY 5 DESC, g.node, g.pid LIMIT ?3",
-                crate::store::containers::GPU_USAGE_WITH_NAMESPACE
+            .prepare_cached(&crate::store::rollup::gpu_usage_query(
+                &|i| format!("?{i}"),
+                "",
             ))
             .map_err(sql("prepare gpu usage"))?;
+        let mut values = split.params().to_vec();
+        values.push(i64::from(limit));
         let mut rows = stmt
-            .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])
+            .query(rusqlite::params_from_iter(values))
             .map_err(sql("gpu usage"))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(sql("gpu usage"))? {

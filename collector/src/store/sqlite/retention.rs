@@ -81,6 +81,14 @@ impl SqliteStore {
                 )
                 .map_err(sql("prune aggregates"))? as u64;
         }
+        for table in ["flows_hour", "gpu_usage_hour"] {
+            stats.aggregates += tx
+                .execute(
+                    &format!("DELETE FROM {table} WHERE hour_ms < ?1"),
+                    [aggregates],
+                )
+                .map_err(sql("prune hour rows"))? as u64;
+        }
         stats.flows = tx
             .execute(
                 "DELETE FROM flows_minute WHERE minute_ms < ?1",
@@ -110,4 +118,67 @@ pub(super) async fn prune(
     tokio::task::spawn_blocking(move || SqliteStore::prune_blocking(&mut lock(&writer), retention))
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+impl SqliteStore {
+    /// One hour per transaction, each on the writer (so no derive runs in between).
+    pub(super) fn roll_up_blocking(
+        conn: &mut Connection,
+        before: i64,
+    ) -> Result<crate::store::RollupStats, StoreError> {
+        use crate::store::rollup;
+        let target = before - before.rem_euclid(rollup::HOUR_MS);
+        let mut stats = crate::store::RollupStats::default();
+        loop {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql("begin rollup"))?;
+            let up_to: i64 = tx
+                .query_row(
+                    "SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql("read rollup state"))?;
+            stats.up_to_unix_ms = up_to;
+            let next: Option<i64> = tx
+                .query_row(rollup::NEXT_ROW, [up_to], |r| r.get(0))
+                .map_err(sql("find next rollup row"))?;
+            let Some((start, end)) = rollup::next_hour(up_to, next, target) else {
+                if target > up_to {
+                    tx.execute(
+                        "UPDATE rollup_state SET up_to_ms = ?1 WHERE name = 'hourly'",
+                        [target],
+                    )
+                    .map_err(sql("advance rollup state"))?;
+                    stats.up_to_unix_ms = target;
+                }
+                tx.commit().map_err(sql("commit rollup"))?;
+                return Ok(stats);
+            };
+            stats.flow_rows += tx
+                .execute(rollup::ROLL_FLOWS, [start, end])
+                .map_err(sql("roll up flows"))? as u64;
+            stats.gpu_rows += tx
+                .execute(rollup::ROLL_GPU, [start, end])
+                .map_err(sql("roll up gpu usage"))? as u64;
+            tx.execute(
+                "UPDATE rollup_state SET up_to_ms = ?1 WHERE name = 'hourly'",
+                [end],
+            )
+            .map_err(sql("advance rollup state"))?;
+            tx.commit().map_err(sql("commit rollup"))?;
+            stats.hours += 1;
+            stats.up_to_unix_ms = end;
+        }
+    }
+}
+
+pub(super) async fn roll_up(
+    store: &SqliteStore,
+    before_unix_ms: i64,
+) -> Result<crate::store::RollupStats, StoreError> {
+    store
+        .write(move |c| SqliteStore::roll_up_blocking(c, before_unix_ms))
+        .await
 }

@@ -1,0 +1,922 @@
+//! Queries at volume (issue 14): fill a store quickly with a synthetic fleet, straight into
+//! its tables (bulk load, not through gRPC), then time the regulators' questions through the
+//! collector's own query layer (`QueryService`, what `sovctl` reaches over gRPC).
+//!
+//! ```sh
+//! cargo run --release -p sov-e2e --example bench_volume -- --json
+//! cargo run --release -p sov-e2e --example bench_volume -- --nodes 20 --days 7 --json
+//! ```
+//!
+//! The fleet: `--nodes` nodes over the `--days` days before now. Each node sends a report
+//! every `--interval-secs` (10); the flows of a minute are `--flows` (50) per node after the
+//! collector merges a minute's reports by (node, minute, process, destination), to a working
+//! set drawn each day from `--destinations` (3,000) addresses in 30 countries and 200 ASNs,
+//! 1 % of them contested. A quarter of the nodes have 4 GPUs, one process each, whose GPU
+//! seconds are stored per report as the deriver stores them (`gpu_usage`). Every node holds
+//! 10–40 weight files from a pool of 400 models; 5 % of nodes have missing reports; about two
+//! breaches per node go through the store's own `observe_breach` (the hash-chained log).
+//! Every report key is stored (keys are kept forever; their bodies are not loaded: see the
+//! bytes note in the output). Rows are written exactly as the deriver writes them (the
+//! `flows_minute`, `gpu_usage`, `weight_files`, `nodes`, `node_epochs`, `reports` tables).
+//!
+//! Then, unless `--no-rollup`, the store's own hourly rollup (`Store::roll_up`) runs up to
+//! `--rollup-after-hours` (1) before now, as the collector's retention loop does; with
+//! `--no-rollup` and `--drop-indexes` the store looks as it did before issue 14's indexes
+//! and rollups (the "before" column of docs/PERFORMANCE.md).
+//!
+//! Each question is asked `--reps` (5) times after one warm-up: `scorecard --since 30d`,
+//! `egress --since 7d --by country`, `--by process`, `models`, `breaches`,
+//! `report --since 30d`. `--stores sqlite,postgres` picks the stores; PostgreSQL is the one
+//! `SOV_TEST_POSTGRES_URL` names (default `postgres://postgres@127.0.0.1:5432/test`), in a
+//! fresh schema dropped at the end (skipped, loudly, when it cannot be reached).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::SinkExt;
+use serde_json::{Value, json};
+use sov_collector::auth::{Identity, Role};
+use sov_collector::breach::{Observation, Severity};
+use sov_collector::query::{Caller, QueryService, Via};
+use sov_collector::store::postgres::PostgresStore;
+use sov_collector::store::{SqliteStore, Store};
+use sov_proto::pb;
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 86_400_000;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+fn text_arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// A small deterministic generator (xorshift), so two stores get the same fleet.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[derive(Clone)]
+struct Shape {
+    nodes: u64,
+    days: u64,
+    interval_secs: u64,
+    flows: u64,
+    destinations: u64,
+    now: i64,
+    start: i64,
+}
+
+/// One destination of the pool.
+struct Dest {
+    address: String,
+    port: i64,
+    country: &'static str,
+    asn: i64,
+    org: String,
+    answers: String,
+    contested: i64,
+    operator_country: &'static str,
+    physics: &'static str,
+    distance_km: i64,
+}
+
+const COUNTRIES: [&str; 30] = [
+    "MA", "MA", "MA", "MA", "FR", "US", "US", "DE", "IE", "NL", "GB", "ES", "IT", "SE", "FI", "PL",
+    "BE", "CH", "AT", "PT", "CA", "JP", "SG", "IN", "BR", "AU", "ZA", "EG", "TN", "AE",
+];
+const PROCESSES: [&str; 6] = ["python3", "vllm", "curl", "nginx", "sshd", "node_exporter"];
+
+fn pool(shape: &Shape) -> Vec<Dest> {
+    let mut rng = Rng(0x5eed_0001);
+    (0..shape.destinations)
+        .map(|i| {
+            let country = COUNTRIES[rng.below(COUNTRIES.len() as u64) as usize];
+            let asn = 64_512 + (rng.below(200) as i64);
+            let contested = i64::from(rng.below(100) == 0);
+            let answers = if contested == 1 {
+                format!(
+                    r#"[{{"source":"dbip-country","country":"{country}","kind":"registry","impossible":false,"distance_km":0}},{{"source":"iptoasn","country":"US","kind":"registry","impossible":false,"distance_km":0}}]"#
+                )
+            } else {
+                format!(
+                    r#"[{{"source":"dbip-country","country":"{country}","kind":"registry","impossible":false,"distance_km":0}}]"#
+                )
+            };
+            Dest {
+                address: format!("198.{}.{}.{}", 18 + (i >> 16) % 2, (i >> 8) & 255, i & 255),
+                port: [443, 443, 443, 80, 8443, 5432][rng.below(6) as usize],
+                country,
+                asn,
+                org: format!("AS{asn} Carrier"),
+                answers,
+                contested,
+                operator_country: if rng.below(10) == 0 { "US" } else { country },
+                physics: "possible",
+                distance_km: rng.below(9000) as i64,
+            }
+        })
+        .collect()
+}
+
+fn node_name(i: u64) -> String {
+    format!("node-{i:05}")
+}
+
+fn node_country(i: u64) -> &'static str {
+    if i % 10 == 9 { "FR" } else { "MA" }
+}
+
+fn has_gpus(i: u64) -> bool {
+    i % 4 == 0
+}
+
+/// Reports a node sent in the range, and how many of its sequence numbers are missing.
+fn node_reports(shape: &Shape, i: u64) -> (u64, u64) {
+    let reports = (shape.now - shape.start) as u64 / (shape.interval_secs * 1000);
+    let missing = if i % 20 == 7 { 12 } else { 0 };
+    (reports, missing)
+}
+
+/// The rows of one table, as values in the table's column order.
+type Row = Vec<V>;
+
+#[derive(Clone)]
+enum V {
+    I(i64),
+    F(f64),
+    T(String),
+}
+
+impl V {
+    fn copy_text(&self, out: &mut String) {
+        match self {
+            V::I(v) => {
+                let _ = write!(out, "{v}");
+            }
+            V::F(v) => {
+                let _ = write!(out, "{v}");
+            }
+            V::T(s) => {
+                for c in s.chars() {
+                    match c {
+                        '\\' => out.push_str("\\\\"),
+                        '\t' => out.push_str("\\t"),
+                        '\n' => out.push_str("\\n"),
+                        _ => out.push(c),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl rusqlite::ToSql for V {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(match self {
+            V::I(v) => (*v).into(),
+            V::F(v) => (*v).into(),
+            V::T(s) => s.as_str().into(),
+        })
+    }
+}
+
+const FLOW_COLUMNS: &str = "node, minute_ms, pid, process, protocol, direction, remote_address, remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us, answers, contested, operator_country, physics, distance_km, limit_km, conntrack_bytes, unmeasured_flows";
+
+/// Every flow-minute row of node `i` on day `d`, handed to `sink` an hour at a time.
+fn flow_rows(shape: &Shape, dests: &[Dest], i: u64, day: i64, sink: &mut dyn FnMut(Vec<Row>)) {
+    let node = node_name(i);
+    let mut rng = Rng(0x9e37_79b9 ^ (i << 20) ^ (day as u64));
+    // The day's working set: `flows` destinations, each owned by one process.
+    let set: Vec<(usize, u64)> = (0..shape.flows)
+        .map(|_| {
+            (
+                rng.below(dests.len() as u64) as usize,
+                rng.below(PROCESSES.len() as u64),
+            )
+        })
+        .collect();
+    let day_start = shape.start + day * DAY;
+    for hour in 0..24 {
+        let mut rows = Vec::with_capacity(60 * set.len());
+        for m in 0..60 {
+            let minute = day_start + hour * HOUR + m * MINUTE;
+            if minute < shape.start || minute >= shape.now {
+                continue;
+            }
+            for (k, (d, p)) in set.iter().enumerate() {
+                let dest = &dests[*d];
+                let sent = 2_000 + rng.below(400_000) as i64;
+                rows.push(vec![
+                    V::T(node.clone()),
+                    V::I(minute),
+                    V::I(1000 + *p as i64),
+                    V::T(PROCESSES[*p as usize].to_owned()),
+                    V::T("tcp".to_owned()),
+                    V::T("outbound".to_owned()),
+                    V::T(dest.address.clone()),
+                    V::I(dest.port + k as i64 % 2),
+                    V::T(dest.country.to_owned()),
+                    V::I(dest.asn),
+                    V::T(dest.org.clone()),
+                    V::T("dbip-country".to_owned()),
+                    V::I(sent),
+                    V::I(sent / 4),
+                    V::I(1 + rng.below(6) as i64),
+                    V::I(5_000 + rng.below(80_000) as i64),
+                    V::T(dest.answers.clone()),
+                    V::I(dest.contested),
+                    V::T(dest.operator_country.to_owned()),
+                    V::T(dest.physics.to_owned()),
+                    V::I(dest.distance_km),
+                    V::I(20_000),
+                    V::I(0),
+                    V::I(0),
+                ]);
+            }
+        }
+        if !rows.is_empty() {
+            sink(rows);
+        }
+    }
+}
+
+const GPU_COLUMNS: &str = "node, observed_ms, gpu_uuid, pid, process_name, exe, container_id, gpu_seconds, used_memory_bytes";
+
+fn gpu_rows(shape: &Shape, i: u64, day: i64) -> Vec<Row> {
+    let node = node_name(i);
+    let step = (shape.interval_secs * 1000) as i64;
+    let mut rows = Vec::new();
+    let day_start = shape.start + day * DAY;
+    let mut t = day_start;
+    while t < (day_start + DAY).min(shape.now) {
+        for g in 0..4 {
+            rows.push(vec![
+                V::T(node.clone()),
+                V::I(t),
+                V::T(format!("GPU-{i:05}-{g}")),
+                V::I(2000 + g),
+                V::T("vllm".to_owned()),
+                V::T("/usr/bin/python3".to_owned()),
+                V::T(String::new()),
+                V::F(shape.interval_secs as f64 * 0.8),
+                V::I(40 << 30),
+            ]);
+        }
+        t += step;
+    }
+    rows
+}
+
+const WEIGHT_COLUMNS: &str = "node, path, format, size_bytes, mtime_ms, device, inode, sha256, model, revision, repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network, server_address, users, detail, first_seen_ms, last_seen_ms";
+
+fn weight_rows(shape: &Shape, i: u64) -> Vec<Row> {
+    let mut rng = Rng(0x77 ^ (i << 8));
+    let orgs = [
+        "meta-llama",
+        "mistralai",
+        "Qwen",
+        "deepseek-ai",
+        "google",
+        "atlas-ma",
+    ];
+    let n = 10 + rng.below(31);
+    (0..n)
+        .map(|k| {
+            let m = rng.below(400);
+            let org = orgs[(m % orgs.len() as u64) as usize];
+            vec![
+                V::T(node_name(i)),
+                V::T(format!("/models/m{m}/shard-{k}.safetensors")),
+                V::T("safetensors".to_owned()),
+                V::I(1_000_000_000 + (m as i64) * 7_000_000),
+                V::I(shape.start),
+                V::I(2049),
+                V::I((i * 100 + k) as i64),
+                V::T(format!("{:064x}", m * 0x1_0000_0001 + 17)),
+                V::T(format!("{org}/model-{m}")),
+                V::T("main".to_owned()),
+                V::T(String::new()),
+                V::T("hf-cache".to_owned()),
+                V::T(org.to_owned()),
+                V::I(7_000_000_000),
+                V::T("/models".to_owned()),
+                V::T("ext4".to_owned()),
+                V::I(0),
+                V::T(String::new()),
+                V::T(if k == 0 && has_gpus(i) {
+                    r#"[{"pid":2000,"process":"vllm","gpus":[],"mapped":true,"open":true}]"#
+                        .to_owned()
+                } else {
+                    "[]".to_owned()
+                }),
+                V::T(String::new()),
+                V::I(shape.start),
+                V::I(shape.now - MINUTE),
+            ]
+        })
+        .collect()
+}
+
+/// A bulk loader for one store: insert `rows` into `table` (`columns`).
+enum Loader {
+    Sqlite(SqliteLoader),
+    Pg(PgLoader),
+}
+
+impl Loader {
+    async fn load(&mut self, table: &str, columns: &str, rows: Vec<Row>) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite(l) => l.load(table, columns, rows),
+            Self::Pg(l) => l.load(table, columns, rows).await,
+        }
+    }
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite(l) => l.finish(),
+            Self::Pg(l) => l.finish().await,
+        }
+    }
+    async fn exec(&mut self, sql: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite(l) => l.exec(sql),
+            Self::Pg(l) => l.exec(sql).await,
+        }
+    }
+    async fn bytes(&mut self) -> anyhow::Result<u64> {
+        match self {
+            Self::Sqlite(l) => l.bytes(),
+            Self::Pg(l) => l.bytes().await,
+        }
+    }
+}
+
+struct SqliteLoader {
+    conn: rusqlite::Connection,
+    path: std::path::PathBuf,
+    in_tx: u64,
+}
+
+impl SqliteLoader {
+    fn open(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(sov_collector::store::sqlite::DB_FILE);
+        let conn = rusqlite::Connection::open(&path)?;
+        conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144; BEGIN")?;
+        Ok(Self {
+            conn,
+            path,
+            in_tx: 0,
+        })
+    }
+}
+
+impl SqliteLoader {
+    fn load(&mut self, table: &str, columns: &str, rows: Vec<Row>) -> anyhow::Result<()> {
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let marks = vec!["?"; first.len()].join(", ");
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})"
+        ))?;
+        for r in &rows {
+            stmt.execute(rusqlite::params_from_iter(r.iter()))?;
+        }
+        drop(stmt);
+        self.in_tx += rows.len() as u64;
+        if self.in_tx > 2_000_000 {
+            self.conn.execute_batch("COMMIT; BEGIN")?;
+            self.in_tx = 0;
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.conn
+            .execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE); ANALYZE; BEGIN")?;
+        Ok(())
+    }
+    fn exec(&mut self, sql: &str) -> anyhow::Result<()> {
+        self.conn.execute_batch(&format!("COMMIT; {sql}; BEGIN"))?;
+        Ok(())
+    }
+    fn bytes(&mut self) -> anyhow::Result<u64> {
+        self.conn
+            .execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE); BEGIN")?;
+        let wal = std::fs::metadata(self.path.with_extension("db-wal")).map_or(0, |m| m.len());
+        Ok(std::fs::metadata(&self.path)?.len() + wal)
+    }
+}
+
+struct PgLoader {
+    client: tokio_postgres::Client,
+    schema: String,
+}
+
+impl PgLoader {
+    async fn load(&mut self, table: &str, columns: &str, rows: Vec<Row>) -> anyhow::Result<()> {
+        let mut text = String::with_capacity(rows.len() * 200);
+        for r in &rows {
+            for (i, v) in r.iter().enumerate() {
+                if i > 0 {
+                    text.push('\t');
+                }
+                v.copy_text(&mut text);
+            }
+            text.push('\n');
+        }
+        let sink = self
+            .client
+            .copy_in(&format!("COPY {table} ({columns}) FROM STDIN"))
+            .await?;
+        futures::pin_mut!(sink);
+        sink.send(bytes::Bytes::from(text)).await?;
+        sink.finish().await?;
+        Ok(())
+    }
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        self.client.batch_execute("VACUUM ANALYZE").await?;
+        Ok(())
+    }
+    async fn exec(&mut self, sql: &str) -> anyhow::Result<()> {
+        self.client.batch_execute(sql).await?;
+        Ok(())
+    }
+    async fn bytes(&mut self) -> anyhow::Result<u64> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::BIGINT FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'm')",
+                &[&self.schema],
+            )
+            .await?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+}
+
+/// Load the fleet through `loader`, then breaches through `store`.
+async fn build(
+    shape: &Shape,
+    loader: &mut Loader,
+    store: &dyn Store,
+) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    let dests = pool(shape);
+    let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for i in 0..shape.nodes {
+        let node = node_name(i);
+        let (reports, missing) = node_reports(shape, i);
+        let last_seq = reports + missing;
+        let gpus = if has_gpus(i) { 4 } else { 0 };
+        loader
+            .load(
+                "nodes",
+                "node, site, country, hostname, agent_version, labels, first_seen_ms, last_seen_ms, last_observed_ms, latest_epoch, cpu_percent, memory_used_bytes, memory_total_bytes, gpu_state, gpu_count, gpu_util_percent, gpu_memory_used_bytes, gpu_memory_total_bytes",
+                vec![vec![
+                    V::T(node.clone()),
+                    V::T(if node_country(i) == "FR" { "paris".into() } else { "rabat".into() }),
+                    V::T(node_country(i).to_owned()),
+                    V::T(format!("{node}.example")),
+                    V::T("0.14.0".to_owned()),
+                    V::T(r#"{"pool":"bench"}"#.to_owned()),
+                    V::I(shape.start),
+                    V::I(shape.now - 5_000),
+                    V::I(shape.now - 5_000),
+                    V::I(1),
+                    V::F(42.0),
+                    V::I(64 << 30),
+                    V::I(512 << 30),
+                    V::T(if gpus > 0 { "ok".into() } else { "none".into() }),
+                    V::I(gpus),
+                    V::F(if gpus > 0 { 80.0 } else { 0.0 }),
+                    V::I(gpus * (40 << 30)),
+                    V::I(gpus * (80 << 30)),
+                ]],
+            )
+            .await?;
+        loader
+            .load(
+                "node_epochs",
+                "node, epoch, reports, last_seq, conflicts, first_seen_ms, last_seen_ms",
+                vec![vec![
+                    V::T(node.clone()),
+                    V::I(1),
+                    V::I(reports as i64),
+                    V::I(last_seq as i64),
+                    V::I(0),
+                    V::I(shape.start),
+                    V::I(shape.now - 5_000),
+                ]],
+            )
+            .await?;
+        // Report keys (bodies not loaded), with `missing` holes in the middle.
+        let step = (shape.interval_secs * 1000) as i64;
+        let hole = last_seq / 2;
+        let mut batch = Vec::with_capacity(100_000);
+        for seq in 1..=last_seq {
+            if missing > 0 && seq >= hole && seq < hole + missing {
+                continue;
+            }
+            let t = shape.start + (seq as i64 - 1) * step * reports as i64 / last_seq as i64;
+            batch.push(vec![
+                V::T(node.clone()),
+                V::I(1),
+                V::I(seq as i64),
+                V::I(t),
+                V::I(t + 20),
+                V::T(String::new()),
+            ]);
+            if batch.len() >= 100_000 {
+                *counts.entry("reports").or_default() += batch.len() as u64;
+                loader
+                    .load(
+                        "reports",
+                        "node, epoch, seq, observed_ms, received_ms, body",
+                        std::mem::take(&mut batch),
+                    )
+                    .await?;
+            }
+        }
+        *counts.entry("reports").or_default() += batch.len() as u64;
+        loader
+            .load(
+                "reports",
+                "node, epoch, seq, observed_ms, received_ms, body",
+                batch,
+            )
+            .await?;
+        let w = weight_rows(shape, i);
+        *counts.entry("weight_files").or_default() += w.len() as u64;
+        loader.load("weight_files", WEIGHT_COLUMNS, w).await?;
+        for day in 0..shape.days as i64 {
+            let mut hours = Vec::new();
+            flow_rows(shape, &dests, i, day, &mut |rows| hours.push(rows));
+            for rows in hours {
+                *counts.entry("flows_minute").or_default() += rows.len() as u64;
+                loader.load("flows_minute", FLOW_COLUMNS, rows).await?;
+            }
+            if has_gpus(i) {
+                let rows = gpu_rows(shape, i, day);
+                *counts.entry("gpu_usage").or_default() += rows.len() as u64;
+                loader.load("gpu_usage", GPU_COLUMNS, rows).await?;
+            }
+        }
+    }
+    loader.finish().await?;
+    // Some breaches, through the store's own hash-chained path.
+    let mut rng = Rng(0xb4ea_c4e5);
+    for k in 0..shape.nodes * 2 {
+        let i = rng.below(shape.nodes);
+        let at = shape.start + rng.below((shape.now - shape.start) as u64) as i64;
+        let d = &dests[rng.below(dests.len() as u64) as usize];
+        store
+            .observe_breach(Observation {
+                rule: "foreign-egress".into(),
+                node: node_name(i),
+                subject: format!("{}:{}", d.address, d.port),
+                severity: if k % 7 == 0 {
+                    Severity::Critical
+                } else {
+                    Severity::Warning
+                },
+                evidence: json!({"bytes": 1_000_000 + k, "country": d.country}),
+                at_unix_ms: at,
+            })
+            .await?;
+        *counts.entry("breach observations").or_default() += 1;
+    }
+    Ok(counts)
+}
+
+fn regulator() -> Caller {
+    Caller {
+        id: Identity {
+            name: "bench-regulator".into(),
+            role: Role::Regulator,
+        },
+        via: Via::Grpc,
+    }
+}
+
+/// Ask each question `reps` times after one warm-up; `(query, p50_ms, p99_ms, detail)`.
+async fn ask_all(
+    svc: &QueryService,
+    now: i64,
+    reps: usize,
+    only: &str,
+) -> anyhow::Result<Vec<(String, f64, f64, String)>> {
+    let caller = regulator();
+    let mut out = Vec::new();
+    let names = [
+        "scorecard --since 30d",
+        "egress --since 7d --by country",
+        "egress --since 7d --by process",
+        "models",
+        "breaches",
+        "report --since 30d",
+    ];
+    for name in names {
+        if !only.is_empty() && !only.split(',').any(|o| name.starts_with(o.trim())) {
+            continue;
+        }
+        let mut samples = Vec::new();
+        let mut detail = String::new();
+        for rep in 0..=reps {
+            let t = Instant::now();
+            detail = match name {
+                "scorecard --since 30d" => {
+                    let r = svc
+                        .scorecard_as(
+                            &caller,
+                            pb::ScorecardRequest {
+                                since_unix_ms: now - 30 * DAY,
+                                until_unix_ms: 0,
+                                jurisdiction: "MA".into(),
+                            },
+                        )
+                        .await?;
+                    let v: Value = serde_json::from_str(&r.scorecard_json)?;
+                    format!(
+                        "bytes_sent {} truncated {}",
+                        v["data"]["bytes_sent"], v["truncated"]
+                    )
+                }
+                "egress --since 7d --by country" | "egress --since 7d --by process" => {
+                    let by = name.rsplit(' ').next().unwrap_or("country");
+                    let r = svc
+                        .egress_as(
+                            &caller,
+                            pb::EgressRequest {
+                                since_unix_ms: now - 7 * DAY,
+                                until_unix_ms: 0,
+                                by: by.into(),
+                                limit: 500,
+                            },
+                        )
+                        .await?;
+                    let sent: u64 = r.rows.iter().map(|r| r.bytes_sent).sum();
+                    format!("{} rows, {} bytes sent", r.rows.len(), sent)
+                }
+                "models" => {
+                    let mut after = String::new();
+                    let mut n = 0;
+                    loop {
+                        let page = svc
+                            .list_models_as(
+                                &caller,
+                                pb::ListModelsRequest {
+                                    query: String::new(),
+                                    limit: 500,
+                                    after,
+                                },
+                            )
+                            .await?;
+                        n += page.models.len();
+                        if page.next_after.is_empty() {
+                            break;
+                        }
+                        after = page.next_after;
+                    }
+                    format!("{n} models")
+                }
+                "breaches" => {
+                    let r = svc
+                        .list_breaches_as(
+                            &caller,
+                            pb::ListBreachesRequest {
+                                limit: 500,
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    format!("{} breaches", r.breaches.len())
+                }
+                _ => {
+                    let r = svc
+                        .export_report_as(
+                            &caller,
+                            pb::ExportReportRequest {
+                                since_unix_ms: now - 30 * DAY,
+                                until_unix_ms: 0,
+                                jurisdiction: "MA".into(),
+                            },
+                        )
+                        .await?;
+                    format!("{} bytes signed", r.signed_json.len())
+                }
+            };
+            if rep > 0 {
+                samples.push(t.elapsed());
+            }
+        }
+        samples.sort();
+        let pct = |p: f64| {
+            let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+            (samples[i].as_secs_f64() * 1000.0 * 10.0).round() / 10.0
+        };
+        eprintln!(
+            "  {name:<34} p50 {:>9.1} ms  p99 {:>9.1} ms  ({detail})",
+            pct(0.5),
+            pct(0.99)
+        );
+        out.push((name.to_owned(), pct(0.5), pct(0.99), detail));
+    }
+    Ok(out)
+}
+
+/// The indexes issue 14 added for these questions (dropped with `--drop-indexes`).
+const NEW_INDEXES: [&str; 1] = ["flows_minute_contested"];
+
+/// The store's own hourly rollup up to `before`.
+async fn roll_up(store: &dyn Store, before: i64) -> anyhow::Result<String> {
+    Ok(format!("{:?}", store.roll_up(before).await?))
+}
+
+struct StoreRun {
+    store: &'static str,
+    build_secs: f64,
+    rollup_secs: f64,
+    bytes: u64,
+    node_days: f64,
+    counts: BTreeMap<&'static str, u64>,
+    queries: Vec<(String, f64, f64, String)>,
+}
+
+async fn run_store(
+    name: &'static str,
+    shape: &Shape,
+    store: Arc<dyn Store>,
+    loader: &mut Loader,
+    signer: Arc<sov_evidence::report::ReportSigner>,
+) -> anyhow::Result<StoreRun> {
+    let t = Instant::now();
+    let counts = build(shape, loader, store.as_ref()).await?;
+    if flag("--drop-indexes") {
+        for ix in NEW_INDEXES {
+            loader.exec(&format!("DROP INDEX IF EXISTS {ix}")).await?;
+        }
+    }
+    let build_secs = t.elapsed().as_secs_f64();
+    eprintln!("{name}: built in {build_secs:.1} s: {counts:?}");
+    let t = Instant::now();
+    if !flag("--no-rollup") {
+        let before = shape.now - arg("--rollup-after-hours", 1) as i64 * HOUR;
+        let stats = roll_up(store.as_ref(), before).await?;
+        eprintln!("{name}: rolled up: {stats}");
+        loader.finish().await?;
+    }
+    let rollup_secs = t.elapsed().as_secs_f64();
+    let bytes = loader.bytes().await?;
+    let node_days = shape.nodes as f64 * (shape.now - shape.start) as f64 / DAY as f64;
+    eprintln!(
+        "{name}: {bytes} bytes, {:.0} bytes per node-day; rollup {rollup_secs:.1} s",
+        bytes as f64 / node_days
+    );
+    let svc = QueryService::new(store, "bench".into(), 1000).with_evidence(Some(signer), None);
+    let queries = ask_all(
+        &svc,
+        sov_common::clock::now_unix_ms(),
+        arg("--reps", 5) as usize,
+        &text_arg("--only", ""),
+    )
+    .await?;
+    Ok(StoreRun {
+        store: name,
+        build_secs,
+        rollup_secs,
+        bytes,
+        node_days,
+        counts,
+        queries,
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let now = sov_common::clock::now_unix_ms();
+    let now = now - now.rem_euclid(MINUTE);
+    let days = arg("--days", 365);
+    let shape = Shape {
+        nodes: arg("--nodes", 1000),
+        days,
+        interval_secs: arg("--interval-secs", 10).max(1),
+        flows: arg("--flows", 50),
+        destinations: arg("--destinations", 3000).max(1),
+        now,
+        start: now - days as i64 * DAY,
+    };
+    let stores = text_arg("--stores", "sqlite,postgres");
+    eprintln!(
+        "bench_volume: {} nodes x {} days, a report every {} s, {} flows per node-minute, {} destinations",
+        shape.nodes, shape.days, shape.interval_secs, shape.flows, shape.destinations
+    );
+    let pki = sov_e2e::Pki::new();
+    let signer = Arc::new(sov_evidence::report::ReportSigner::load(
+        &pki.collector.cert,
+        &pki.collector.key,
+    )?);
+    let mut runs = Vec::new();
+    let mut notes = Vec::new();
+    let data = tempfile::tempdir_in(text_arg("--dir", "/var/tmp"))?;
+    if stores.contains("sqlite") {
+        let store = Arc::new(SqliteStore::open(data.path())?);
+        let mut loader = Loader::Sqlite(SqliteLoader::open(data.path())?);
+        runs.push(run_store("sqlite", &shape, store, &mut loader, signer.clone()).await?);
+    }
+    if stores.contains("postgres") {
+        let base = sov_e2e::postgres_url();
+        let schema = format!("i14a_volume_{}", std::process::id());
+        match PostgresStore::connect_with_schema(&base, &schema).await {
+            Err(e) => {
+                let note = format!("postgres SKIPPED: not reachable at {base}: {e}");
+                eprintln!("{note}");
+                notes.push(note);
+            }
+            Ok(store) => {
+                let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("SET search_path TO {schema}"))
+                    .await?;
+                let mut loader = Loader::Pg(PgLoader {
+                    client,
+                    schema: schema.clone(),
+                });
+                let run = run_store("postgres", &shape, Arc::new(store), &mut loader, signer).await;
+                let _ = loader.exec(&format!("DROP SCHEMA {schema} CASCADE")).await;
+                runs.push(run?);
+            }
+        }
+    }
+    let queries: Vec<Value> = runs
+        .iter()
+        .flat_map(|r| {
+            r.queries.iter().map(|(q, p50, p99, _)| {
+                json!({"query": q, "store": r.store, "p50_ms": p50, "p99_ms": p99})
+            })
+        })
+        .collect();
+    let builds: Vec<Value> = runs
+        .iter()
+        .map(|r| {
+            json!({
+                "store": r.store,
+                "build_secs": (r.build_secs * 10.0).round() / 10.0,
+                "rollup_secs": (r.rollup_secs * 10.0).round() / 10.0,
+                "bytes": r.bytes,
+                "bytes_per_node_day": (r.bytes as f64 / r.node_days).round(),
+                "rows": r.counts,
+            })
+        })
+        .collect();
+    let line = json!({
+        "queries": queries,
+        "builds": builds,
+        "nodes": shape.nodes,
+        "days": shape.days,
+        "interval_secs": shape.interval_secs,
+        "flows_per_node_minute": shape.flows,
+        "rollup": !flag("--no-rollup"),
+        "dropped_indexes": flag("--drop-indexes"),
+        "notes": notes,
+    });
+    if flag("--json") {
+        println!("{line}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&line)?);
+    }
+    Ok(())
+}
