@@ -24,7 +24,7 @@
 //! `--no-rollup` and `--drop-indexes` the store looks as it did before issue 14's indexes
 //! and rollups (the "before" column of docs/PERFORMANCE.md).
 //!
-//! Each question is asked `--reps` (5) times after one warm-up: `scorecard --since 30d`,
+//! Each question is asked `--reps` (5) times after one warm-up (`--warmup 0`: none): `scorecard --since 30d`,
 //! `egress --since 7d --by country`, `--by process`, `models`, `breaches`,
 //! `report --since 30d`. `--stores sqlite,postgres` picks the stores; PostgreSQL is the one
 //! `SOV_TEST_POSTGRES_URL` names (default `postgres://postgres@127.0.0.1:5432/test`), in a
@@ -161,7 +161,7 @@ fn node_country(i: u64) -> &'static str {
 }
 
 fn has_gpus(i: u64) -> bool {
-    i % 4 == 0
+    i.is_multiple_of(4)
 }
 
 /// Reports a node sent in the range, and how many of its sequence numbers are missing.
@@ -179,6 +179,8 @@ enum V {
     I(i64),
     F(f64),
     T(String),
+    /// An empty blob.
+    B,
 }
 
 impl V {
@@ -190,6 +192,7 @@ impl V {
             V::F(v) => {
                 let _ = write!(out, "{v}");
             }
+            V::B => {}
             V::T(s) => {
                 for c in s.chars() {
                     match c {
@@ -210,6 +213,7 @@ impl rusqlite::ToSql for V {
             V::I(v) => (*v).into(),
             V::F(v) => (*v).into(),
             V::T(s) => s.as_str().into(),
+            V::B => rusqlite::types::ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Blob(&[])),
         })
     }
 }
@@ -343,7 +347,7 @@ fn weight_rows(shape: &Shape, i: u64) -> Vec<Row> {
                 } else {
                     "[]".to_owned()
                 }),
-                V::T(String::new()),
+                V::B,
                 V::I(shape.start),
                 V::I(shape.now - MINUTE),
             ]
@@ -557,7 +561,7 @@ async fn build(
                 V::I(seq as i64),
                 V::I(t),
                 V::I(t + 20),
-                V::T(String::new()),
+                V::B,
             ]);
             if batch.len() >= 100_000 {
                 *counts.entry("reports").or_default() += batch.len() as u64;
@@ -654,7 +658,8 @@ async fn ask_all(
         }
         let mut samples = Vec::new();
         let mut detail = String::new();
-        for rep in 0..=reps {
+        let warmup = usize::from(arg("--warmup", 1) > 0);
+        for rep in (1 - warmup)..=reps {
             let t = Instant::now();
             detail = match name {
                 "scorecard --since 30d" => {
