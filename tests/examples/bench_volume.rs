@@ -225,14 +225,15 @@ fn flow_rows(shape: &Shape, dests: &[Dest], i: u64, day: i64, sink: &mut dyn FnM
     let node = node_name(i);
     let mut rng = Rng(0x9e37_79b9 ^ (i << 20) ^ (day as u64));
     // The day's working set: `flows` destinations, each owned by one process.
-    let set: Vec<(usize, u64)> = (0..shape.flows)
-        .map(|_| {
-            (
-                rng.below(dests.len() as u64) as usize,
-                rng.below(PROCESSES.len() as u64),
-            )
-        })
-        .collect();
+    // Distinct destinations (a minute row's key holds the destination, so each is one row).
+    let mut seen = std::collections::BTreeSet::new();
+    let mut set: Vec<(usize, u64)> = Vec::new();
+    while (set.len() as u64) < shape.flows.min(dests.len() as u64) {
+        let d = rng.below(dests.len() as u64) as usize;
+        if seen.insert(d) {
+            set.push((d, rng.below(PROCESSES.len() as u64)));
+        }
+    }
     let day_start = shape.start + day * DAY;
     for hour in 0..24 {
         let mut rows = Vec::with_capacity(60 * set.len());
@@ -241,7 +242,7 @@ fn flow_rows(shape: &Shape, dests: &[Dest], i: u64, day: i64, sink: &mut dyn FnM
             if minute < shape.start || minute >= shape.now {
                 continue;
             }
-            for (k, (d, p)) in set.iter().enumerate() {
+            for (d, p) in &set {
                 let dest = &dests[*d];
                 let sent = 2_000 + rng.below(400_000) as i64;
                 rows.push(vec![
@@ -252,7 +253,7 @@ fn flow_rows(shape: &Shape, dests: &[Dest], i: u64, day: i64, sink: &mut dyn FnM
                     V::T("tcp".to_owned()),
                     V::T("outbound".to_owned()),
                     V::T(dest.address.clone()),
-                    V::I(dest.port + k as i64 % 2),
+                    V::I(dest.port),
                     V::T(dest.country.to_owned()),
                     V::I(dest.asn),
                     V::T(dest.org.clone()),
@@ -414,7 +415,7 @@ impl SqliteLoader {
         };
         let marks = vec!["?"; first.len()].join(", ");
         let mut stmt = self.conn.prepare_cached(&format!(
-            "INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})"
+            "INSERT INTO {table} ({columns}) VALUES ({marks})"
         ))?;
         for r in &rows {
             stmt.execute(rusqlite::params_from_iter(r.iter()))?;
