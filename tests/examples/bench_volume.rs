@@ -414,9 +414,9 @@ impl SqliteLoader {
             return Ok(());
         };
         let marks = vec!["?"; first.len()].join(", ");
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "INSERT INTO {table} ({columns}) VALUES ({marks})"
-        ))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("INSERT INTO {table} ({columns}) VALUES ({marks})"))?;
         for r in &rows {
             stmt.execute(rusqlite::params_from_iter(r.iter()))?;
         }
