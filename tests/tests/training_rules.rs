@@ -21,7 +21,7 @@
 //! Then the trainers P1–P3 stop: their `training-offshore` breaches resolve (the agent reports
 //! the runs ended) while the derivatives, still on disk, stay open; then the checkpoints and the
 //! adapter are removed and `restricted-derivative` resolves. The webhook gets each state change
-//! once, in the breach log's order.
+//! once, in the breach log's order: open first, resolved last.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -167,8 +167,10 @@ fn offshore<'a>(
     })
 }
 
-/// The `restricted-derivative` breaches on `node` whose restricted base is known from `source`
-/// ("training-run" or "adapter-config").
+/// The `restricted-derivative` breaches on `node` of fingerprinted models (subject
+/// `sha256:…`; a model seen before its hash is known opens one under `model:…`, which resolves
+/// once the hash names it) whose restricted base is known from `source` ("training-run" or
+/// "adapter-config").
 fn derivatives<'a>(
     all: &'a [pb::BreachSummary],
     node: &str,
@@ -178,6 +180,7 @@ fn derivatives<'a>(
         .filter(|b| {
             b.rule == "restricted-derivative"
                 && b.node == node
+                && b.subject.starts_with("sha256:")
                 && evidence(b)["restricted_bases"]
                     .as_array()
                     .is_some_and(|v| v.iter().any(|x| x["source"] == source))
@@ -501,10 +504,14 @@ async fn training_offshore_and_restricted_derivative_open_and_resolve_end_to_end
         assert!(r.headers.contains_key("x-sovereign-signature"));
     }
     for b in &ours {
-        assert_eq!(
-            per.get(&b.breach_id).map(Vec::as_slice),
-            Some(&["open".to_owned(), "resolved".to_owned()][..]),
-            "{b:?}"
+        // Open first, resolved last, updates (evidence made more precise: a fingerprint that
+        // arrived) only in between.
+        let states = per.get(&b.breach_id).unwrap();
+        assert_eq!(states.first().map(String::as_str), Some("open"), "{b:?}");
+        assert_eq!(states.last().map(String::as_str), Some("resolved"), "{b:?}");
+        assert!(
+            states[1..states.len() - 1].iter().all(|s| s == "updated"),
+            "{b:?}: {states:?}"
         );
     }
 

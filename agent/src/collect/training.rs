@@ -127,6 +127,10 @@ struct Proc {
     gpu_seconds: f64,
     ended: bool,
     ended_reports: u8,
+    /// The base-weight inputs of the last report of this run (`None` before the first): once
+    /// the process has exited no inventory file lists it as a user, and its run is reported
+    /// ended with the inputs it had.
+    reported_bases: Option<Vec<pb::TrainingInput>>,
 }
 
 /// Training-run detection state (see the module doc).
@@ -319,11 +323,18 @@ impl Tracker {
                     });
                 }
             }
+            if p.ended
+                && let Some(bases) = &p.reported_bases
+            {
+                inputs.clone_from(bases);
+            }
             let uses_gpu = p.gpu_seconds > 0.0 || gpu_by_pid.contains_key(&pid);
             let has_base = inputs.iter().any(|i| i.kind == "base-weights");
-            if outputs.is_empty() || !(has_base || uses_gpu) {
+            let was_run = p.reported_bases.is_some();
+            if !was_run && (outputs.is_empty() || !(has_base || uses_gpu)) {
                 continue;
             }
+            p.reported_bases = Some(inputs.clone());
             // New, grown or replaced outputs are activity.
             for o in &outputs {
                 let now = (o.size_bytes, o.mtime_unix_ms);
@@ -711,7 +722,12 @@ mod tests {
             "{r:#?}"
         );
 
+        // Once a run, a run until it ends: the next report without the inventory still has it.
+        assert_eq!(t.runs(&[], &[], &|_| None, 2_500).len(), 1);
         // Without a base mapped and without a GPU, writing a weight file is no training run.
+        let t = TrainingHandle::new(Tracker::new(Path::new("/proc"), 1024));
+        t.set_candidates(vec![me]);
+        t.sample(2_800);
         let runs = t.runs(&[], &[], &|_| None, 3_000);
         assert!(runs.is_empty(), "{runs:#?}");
         // With a GPU it is.
