@@ -10,7 +10,8 @@
 //!
 //! One run: a collector in this process; two real agent processes (`e2e-agent`, release) with
 //! the same configuration (default intervals: reports every 10 s, weights scan every 60 s,
-//! fingerprints at 100 MB/s, training samples every second; weights only under their own root,
+//! fingerprints at 100 MB/s or `--hash-rate-mb`, training samples every second; weights only
+//! under their own root,
 //! not through other processes or containers, so that the second agent sees no training run):
 //!
 //! - **training**: its root holds the base the trainer maps;
@@ -26,8 +27,10 @@
 //! agents' CPU time (utime + stime) and `VmRSS`.
 //!
 //! Reported per agent: CPU ms per report cycle (CPU over reports stored), mean CPU % of one
-//! core over the window and the highest over one interval (what the agent's budget watchdog
-//! compares with `max_cpu_percent`), median and peak RSS; the load average at start and end.
+//! core over the window, the highest over one interval and how many intervals were above
+//! `max_cpu_percent` (the agent's budget watchdog compares each interval's share with it and,
+//! above, slows fingerprinting to 10 MiB/s until it is back under), median and peak RSS; the
+//! load average at start and end.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -144,6 +147,8 @@ struct Figures {
     cycles: u64,
     cpu_percent: f64,
     cpu_percent_max_interval: f64,
+    intervals: usize,
+    intervals_over: usize,
     rss_median: u64,
     rss_peak: u64,
 }
@@ -166,6 +171,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     let dataset_mb = arg(&args, "--dataset-mb", 64).max(2);
     let interval = arg(&args, "--interval-secs", 10).max(1);
     let warmup = Duration::from_secs(arg(&args, "--warmup-secs", 30));
+    let hash_rate = arg(&args, "--hash-rate-mb", 100);
     let dir = arg_str(&args, "--dir").map_or_else(std::env::temp_dir, Into::into);
     if !Path::new(&bin_path("e2e-agent")).exists() {
         eprintln!(
@@ -196,7 +202,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         cfg.interval_secs = interval;
         cfg.weights.roots = Some(vec![root.to_owned()]);
         cfg.weights.scan_interval_secs = 60;
-        cfg.weights.hash_rate_mb_per_sec = 100;
+        cfg.weights.hash_rate_mb_per_sec = hash_rate;
         let path = w.join(format!("{name}.toml"));
         write_agent_toml(&cfg, &path);
         let text = std::fs::read_to_string(&path)?.replace(
@@ -256,7 +262,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     // collector (bounded: the checkpoints' time plus 5 minutes).
     let limit = Duration::from_secs(period * u64::from(checkpoints) + 300);
     let mut rss: [Vec<u64>; 2] = [vec![], vec![]];
-    let mut max_pct = [0f64; 2];
+    let mut pct: [Vec<f64>; 2] = [vec![], vec![]];
     let mut prev = (Instant::now(), cpu0);
     let mut written = Vec::new();
     let mut hashed_at = None;
@@ -269,7 +275,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         let dt = now.0.duration_since(prev.0).as_secs_f64();
         for i in 0..2 {
             rss[i].push(rss_bytes(pids[i]));
-            max_pct[i] = max_pct[i].max((now.1[i] - prev.1[i]) * 100.0 / dt);
+            pct[i].push((now.1[i] - prev.1[i]) * 100.0 / dt);
         }
         prev = now;
         while let Ok(l) = line_rx.try_recv() {
@@ -313,7 +319,12 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
             cpu_ms_per_cycle: cpu * 1000.0 / cycles as f64,
             cycles,
             cpu_percent: cpu * 100.0 / wall,
-            cpu_percent_max_interval: max_pct[i],
+            cpu_percent_max_interval: pct[i].iter().copied().fold(0.0, f64::max),
+            intervals: pct[i].len(),
+            intervals_over: pct[i]
+                .iter()
+                .filter(|p| **p > f64::from(sov_agent::budget::DEFAULT_MAX_CPU_PERCENT))
+                .count(),
             rss_median: median(rss[i].clone()),
             rss_peak: rss[i].iter().copied().max().unwrap_or(0),
         };
@@ -342,7 +353,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         )
     });
     println!(
-        "training run: {checkpoints} checkpoints of {checkpoint_mb} MiB every {period} s (written in {} s), base {base_mb} MiB mapped, dataset {dataset_mb} MiB read per checkpoint",
+        "training run: {checkpoints} checkpoints of {checkpoint_mb} MiB every {period} s (written in {} s), base {base_mb} MiB mapped, dataset {dataset_mb} MiB read per checkpoint; agents fingerprint at {hash_rate} MB/s",
         written.join(" / ")
     );
     println!("the run at the collector: {outputs} outputs; inputs: {inputs}");
@@ -357,12 +368,13 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     }
     println!("load average: {load_start} at the start, {load_end} at the end");
     println!(
-        "{:<16} | {:>9} {:>6} | {:>6} {:>9} | {:>9} {:>9} | budget ({max_cpu} %, {} MiB)",
+        "{:<16} | {:>9} {:>6} | {:>6} {:>9} {:>7} | {:>9} {:>9} | budget ({max_cpu} %, {} MiB)",
         "agent",
         "ms/cycle",
         "cycles",
         "CPU %",
         "max CPU %",
+        "over",
         "RSS MiB",
         "peak MiB",
         max_rss >> 20
@@ -372,12 +384,13 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         let cpu_ok = f.cpu_percent_max_interval <= f64::from(max_cpu);
         let rss_ok = f.rss_peak <= max_rss;
         println!(
-            "{:<16} | {:>9.2} {:>6} | {:>6.2} {:>9.2} | {:>9.1} {:>9.1} | CPU {} RSS {}",
+            "{:<16} | {:>9.2} {:>6} | {:>6.2} {:>9.2} {:>7} | {:>9.1} {:>9.1} | CPU {} RSS {}",
             name,
             f.cpu_ms_per_cycle,
             f.cycles,
             f.cpu_percent,
             f.cpu_percent_max_interval,
+            format!("{}/{}", f.intervals_over, f.intervals),
             mib(f.rss_median),
             mib(f.rss_peak),
             if cpu_ok { "met" } else { "MISSED" },
@@ -386,17 +399,19 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     }
     let j = |f: &Figures| {
         format!(
-            "{{\"cpu_ms_per_cycle\":{:.3},\"cycles\":{},\"cpu_percent\":{:.3},\"cpu_percent_max_interval\":{:.3},\"rss_median_bytes\":{},\"rss_peak_bytes\":{}}}",
+            "{{\"cpu_ms_per_cycle\":{:.3},\"cycles\":{},\"cpu_percent\":{:.3},\"cpu_percent_max_interval\":{:.3},\"intervals\":{},\"intervals_over_budget\":{},\"rss_median_bytes\":{},\"rss_peak_bytes\":{}}}",
             f.cpu_ms_per_cycle,
             f.cycles,
             f.cpu_percent,
             f.cpu_percent_max_interval,
+            f.intervals,
+            f.intervals_over,
             f.rss_median,
             f.rss_peak
         )
     };
     println!(
-        "{{\"bench\":\"training\",\"checkpoints\":{checkpoints},\"checkpoint_mb\":{checkpoint_mb},\"period_secs\":{period},\"base_mb\":{base_mb},\"dataset_mb\":{dataset_mb},\"interval_secs\":{interval},\"window_secs\":{wall:.1},\"all_fingerprinted\":{},\"load_start\":\"{load_start}\",\"load_end\":\"{load_end}\",\"budget_cpu_percent\":{max_cpu},\"budget_rss_bytes\":{max_rss},\"training\":{},\"idle\":{}}}",
+        "{{\"bench\":\"training\",\"checkpoints\":{checkpoints},\"checkpoint_mb\":{checkpoint_mb},\"period_secs\":{period},\"base_mb\":{base_mb},\"dataset_mb\":{dataset_mb},\"hash_rate_mb_per_sec\":{hash_rate},\"interval_secs\":{interval},\"window_secs\":{wall:.1},\"all_fingerprinted\":{},\"load_start\":\"{load_start}\",\"load_end\":\"{load_end}\",\"budget_cpu_percent\":{max_cpu},\"budget_rss_bytes\":{max_rss},\"training\":{},\"idle\":{}}}",
         hashed_at.is_some(),
         j(&figures[0]),
         j(&figures[1])
