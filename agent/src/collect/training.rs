@@ -16,10 +16,15 @@
 //!   any weight file), and the GPU samples add its GPU-seconds.
 //!
 //! A process is reported as a run once it has written a weight file and it maps other weights
-//! or has used a GPU. Bounded: at most [`MAX_RUNS`] tracked writers, [`MAX_INPUTS`] inputs and
-//! [`MAX_OUTPUTS`] outputs per run (the rest counted), [`MAX_DIRS`] checkpoint directories per
-//! process, and [`crate::collect::weights::users::MAX_FDS_PER_PROCESS`] descriptors read per
-//! process and sample.
+//! or has used a GPU; from then on it is a run until it exits, and its last reports (ended)
+//! carry the base weights it had (an exited process maps nothing). Dataset files of writers up
+//! to `[training] dataset_hash_max_bytes` are fingerprinted by the sampler thread, one per
+//! sample, outside the tracker's lock, at the weights' hash rate.
+//!
+//! Bounded: at most [`MAX_RUNS`] tracked writers, [`MAX_INPUTS`] inputs and [`MAX_OUTPUTS`]
+//! outputs per run (the rest counted), [`MAX_DIRS`] checkpoint directories per process, and
+//! [`crate::collect::weights::users::MAX_FDS_PER_PROCESS`] descriptors read per process and
+//! sample.
 //!
 //! Known limits: a checkpoint opened, written and closed between two samples is seen only
 //! through its directory (a later checkpoint in the same directory caught open, or the first
