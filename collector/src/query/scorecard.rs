@@ -584,7 +584,11 @@ mod tests {
 
     #[test]
     fn training_gives_the_known_answers_by_node_side_and_base_origin() {
-        let policy = policy_for("MA").unwrap();
+        let policy = Policy::parse(
+            "jurisdiction = \"MA\"\n[[dataset]]\nmatch = \"name:darija*\"\nclass = \"restricted\"\n",
+            "test",
+        )
+        .unwrap();
         let node = |name: &str, country: &str| pb::NodeSummary {
             node: name.into(),
             country: country.into(),
@@ -681,6 +685,7 @@ mod tests {
         assert_eq!(outside.len(), 1, "{t:#}");
         assert_eq!(outside[0]["path"], "/d/darija.parquet");
         assert_eq!(outside[0]["country"], "FR");
+        assert_eq!(outside[0]["class"], "restricted");
     }
 
     #[test]
