@@ -487,6 +487,7 @@ async fn inventory(
         full,
         files,
         removed,
+        ..Default::default()
     };
     assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
 }
@@ -582,6 +583,7 @@ pub(crate) async fn a_training_run_is_kept_at_its_latest_state_and_its_outputs_d
         full: true,
         files: vec![weight("/out/ckpt-1.safetensors", "ckpt-1", "")],
         removed: vec![],
+        ..Default::default()
     };
     assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
     // The next report: more GPU time, a second checkpoint.

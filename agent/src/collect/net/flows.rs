@@ -131,6 +131,14 @@ pub struct Tracker {
     /// The namespace key its contributions carry (0: the agent's own).
     netns: u64,
     live: HashMap<u64, Seen>,
+    /// Owners of sockets not yet in a sample, seen by an owner glance ([`Tracker::glance`]):
+    /// socket key → (pid, when). A connection that opens and closes between two samples keeps
+    /// its owner through its destroy event.
+    glimpsed: HashMap<u64, (u32, i64)>,
+    /// Since the last [`Tracker::take_unseen`]: sockets closed before any sample saw them, and
+    /// of those the ones whose owner no glance saw either.
+    unseen_closed: u64,
+    unseen_unknown: u64,
     vanished: HashMap<u64, (Seen, i64)>,
     tcp_listen: HashSet<u16>,
     udp_bound: HashSet<u16>,
@@ -227,7 +235,10 @@ impl Tracker {
                 .live
                 .remove(&k)
                 .or_else(|| self.vanished.remove(&k).map(|(p, _)| p));
-            let pid = known.or_else(|| prev.as_ref().and_then(|p| p.pid));
+            let glimpsed = self.glimpsed.remove(&k).map(|(pid, _)| pid);
+            let pid = known
+                .or_else(|| prev.as_ref().and_then(|p| p.pid))
+                .or(glimpsed);
             summary.unknown_owners += usize::from(pid.is_none());
             let direction = prev
                 .as_ref()
@@ -296,9 +307,14 @@ impl Tracker {
                 .live
                 .remove(&k)
                 .or_else(|| self.vanished.remove(&k).map(|(p, _)| p));
+            let glimpsed = self.glimpsed.remove(&k).map(|(pid, _)| pid);
             let Some(start_ms) = self.last_ms else {
                 continue;
             };
+            if prev.is_none() {
+                self.unseen_closed += 1;
+                self.unseen_unknown += u64::from(glimpsed.is_none());
+            }
             let fin = e.tcp.map(|c| (c.bytes_acked, c.bytes_received));
             let (bytes, pid, direction) = match prev {
                 Some(p) => {
@@ -310,7 +326,7 @@ impl Tracker {
                     };
                     (bytes, p.pid, p.direction)
                 }
-                None => (fin, None, self.direction(e)),
+                None => (fin, glimpsed, self.direction(e)),
             };
             out.push(Contribution {
                 protocol: e.protocol,
@@ -330,11 +346,61 @@ impl Tracker {
         events.len()
     }
 
+    /// An owner glance between two samples: remember the owner of every connected socket of
+    /// `socks` that no sample has seen yet (`owner` maps an inode to its pid). Returns how many
+    /// were remembered.
+    pub fn glance(
+        &mut self,
+        socks: &[ObservedSocket],
+        now_ms: i64,
+        owner: &dyn Fn(u32) -> Option<u32>,
+    ) -> usize {
+        let mut n = 0;
+        for s in socks {
+            if is_listener(s) || s.inode == 0 {
+                continue;
+            }
+            let k = key(s);
+            if self.live.contains_key(&k)
+                || self.vanished.contains_key(&k)
+                || self.glimpsed.contains_key(&k)
+            {
+                continue;
+            }
+            if let Some(pid) = owner(s.inode) {
+                self.glimpsed.insert(k, (pid, now_ms));
+                n += 1;
+            }
+        }
+        if self.glimpsed.len() > MAX_VANISHED {
+            // Bounded like the vanished sockets: the oldest go first.
+            let mut ages: Vec<(i64, u64)> = self.glimpsed.iter().map(|(k, v)| (v.1, *k)).collect();
+            ages.sort_unstable();
+            let excess = self.glimpsed.len() - MAX_VANISHED;
+            for (_, k) in ages.into_iter().take(excess) {
+                self.glimpsed.remove(&k);
+            }
+        }
+        n
+    }
+
+    /// Sockets closed before any sample saw them since the previous call, and of those the
+    /// ones whose owner stayed unknown.
+    pub fn take_unseen(&mut self) -> (u64, u64) {
+        (
+            std::mem::take(&mut self.unseen_closed),
+            std::mem::take(&mut self.unseen_unknown),
+        )
+    }
+
     /// End a sample: it becomes the start of the next interval. Sockets that waited too long
     /// for their destroy event expire (all of them at once when there is no destroy
     /// subscription). Returns how many TCP sockets' last bytes were lost.
     pub fn finish(&mut self, now_ms: i64, subscribed: bool) -> u64 {
         self.last_ms = Some(now_ms);
+        // A glimpsed socket whose close never came within the keep time is forgotten.
+        self.glimpsed
+            .retain(|_, (_, at)| now_ms - *at <= VANISHED_KEEP_MS);
         let mut missed = 0u64;
         self.vanished.retain(|_, (seen, at)| {
             let keep = subscribed && now_ms - *at <= VANISHED_KEEP_MS;
