@@ -1016,6 +1016,12 @@ async fn a_breach_log_rewritten_with_its_chain_recomputed_fails_verify_log_namin
         let pg_dir = work.path().join("postgres");
         std::fs::create_dir_all(&pg_dir).unwrap();
         rewritten_log_fails_verification(&pg_dir, url, db).await;
+        let base = TamperDb::Postgres(sov_e2e::postgres_url());
+        base.exec(&format!(
+            "DROP SCHEMA i17_chain_{} CASCADE",
+            std::process::id()
+        ))
+        .await;
     }
 }
 
