@@ -53,12 +53,13 @@ pub(crate) const STATE: &str = "SELECT g.chunk_count,
         g.unnamed, g.started_ms
      FROM weight_generations g WHERE g.node = $1 AND g.epoch = $2 AND g.generation = $3";
 
-/// Mark removed every file of node `$1` that generation (`$2`, `$3`) does not name and that
-/// was not seen since `$5` (the generation's first chunk), at `$4`.
-pub(crate) const REMOVE_UNNAMED_BY_GENERATION: &str = "UPDATE weight_files SET removed_ms = $4
-     WHERE node = $1 AND removed_ms IS NULL AND last_seen_ms < $5
+/// Mark removed, at `$1`, every file of node `$2` not seen since `$3` (the generation's first
+/// chunk) that generation (`$4`, `$5`) does not name. (SQLite numbers `$n` parameters in the
+/// order they first appear: every statement here names them in order.)
+pub(crate) const REMOVE_UNNAMED_BY_GENERATION: &str = "UPDATE weight_files SET removed_ms = $1
+     WHERE node = $2 AND removed_ms IS NULL AND last_seen_ms < $3
        AND path NOT IN (SELECT path FROM weight_generation_paths
-                        WHERE node = $1 AND epoch = $2 AND generation = $3)";
+                        WHERE node = $2 AND epoch = $4 AND generation = $5)";
 
 /// Make (`$2`, `$3`) the applied generation of node `$1`.
 pub(crate) const SET_APPLIED: &str =

@@ -569,7 +569,7 @@ async fn apply_generation(
         if unnamed == 0 {
             tx.execute(
                 g::REMOVE_UNNAMED_BY_GENERATION,
-                &[node, &epoch, &generation, &at, &started],
+                &[&at, node, &started, &epoch, &generation],
             )
             .await
             .map_err(pg("mark files outside the inventory removed"))?;

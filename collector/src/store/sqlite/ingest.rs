@@ -334,7 +334,7 @@ fn apply_generation(
             exec(
                 tx,
                 g::REMOVE_UNNAMED_BY_GENERATION,
-                params![node, epoch, generation, at, started],
+                params![at, node, started, epoch, generation],
             )
             .map_err(sql("mark files outside the inventory removed"))?;
         }
