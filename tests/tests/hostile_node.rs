@@ -819,3 +819,104 @@ async fn a_second_agent_on_the_same_spool_refuses_to_start_naming_the_first() {
     first.kill9();
     collector.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// "Removals that follow inventory chunks": a full inventory that spans several reports removes
+/// what none of its chunks names. A file is deleted while the agent is down, so no change report
+/// can say so (the restarted agent never knew it): only its first full inventory can: 400 files
+/// with 16 KiB of metadata each (the most a file carries), more than the agent packs into one
+/// report (4 MiB), so one generation in several chunks. The file leaves `sovctl models` once every chunk of that
+/// generation is in; no file still on disk is marked removed at any time meanwhile. (Chunks out
+/// of order, sent again, lost, and a late older generation: the store suite's
+/// `a_chunked_inventory_removes_what_no_chunk_names_once_every_chunk_is_held`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_deleted_between_two_chunked_inventories_leaves_sovctl_models_and_no_other_does() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("models");
+    let paths: Vec<PathBuf> = (0..400)
+        .map(|i| root.join(format!("big/{i:03}.safetensors")))
+        .collect();
+    for (i, p) in paths.iter().enumerate() {
+        safetensors_file(p, i as u8, 2048, &maximal_metadata(i)[..4]);
+    }
+    let collector = InProcessCollector::start(&pki, &work.path().join("data"), |_| {}).await;
+    let url = collector.url();
+    let mut cfg = agent_config(
+        &pki,
+        "node-chunks",
+        vec![url.clone()],
+        &work.path().join("spool"),
+    );
+    cfg.weights = weights_cfg(vec![root.clone()], 0);
+    let stall = agent_stall(&cfg);
+    let q = query(&pki, &url).await;
+    let listed = |q: &pb::query_client::QueryClient<tonic::transport::Channel>| {
+        let mut q = q.clone();
+        async move {
+            copies(&mut q)
+                .await
+                .into_iter()
+                .map(|c| c.0)
+                .collect::<BTreeSet<String>>()
+        }
+    };
+    let all: BTreeSet<String> = paths.iter().map(|p| p.display().to_string()).collect();
+
+    let (stop, task) = start_agent(sov_agent::Agent::open(cfg.clone()).unwrap());
+    while_progressing(stall, "all 400 files at the collector", || async {
+        let have = listed(&q).await;
+        if all.is_subset(&have) {
+            Progress::Done(())
+        } else {
+            Progress::At(all.intersection(&have).count())
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let before = node(&pki, &url, "node-chunks").await.unwrap();
+
+    // Deleted while the agent is down; the restarted agent's first inventory is full.
+    let gone = paths[5].display().to_string();
+    std::fs::remove_file(&paths[5]).unwrap();
+    let still: BTreeSet<String> = all.iter().filter(|p| **p != gone).cloned().collect();
+    let (stop, task) = start_agent(sov_agent::Agent::open(cfg).unwrap());
+    let after = while_progressing(stall, "the deleted file to leave the models", || async {
+        let have = listed(&q).await;
+        assert!(
+            still.is_subset(&have),
+            "a file still on disk was marked removed: {:?}",
+            still.difference(&have).collect::<Vec<_>>()
+        );
+        let n = node(&pki, &url, "node-chunks").await.unwrap();
+        if !have.contains(&gone) {
+            Progress::Done(n)
+        } else {
+            assert!(
+                n.reports < before.reports + 40,
+                "40 reports after the restart and the file is still listed: {n:?}"
+            );
+            Progress::At(n.reports)
+        }
+    })
+    .await;
+    assert!(
+        after.reports >= before.reports + 2,
+        "the inventory took several reports: {before:?} then {after:?}"
+    );
+    assert_eq!((after.missing, after.conflicts), (0, 0), "{after:?}");
+    // As a regulator sees it, through the real command line.
+    let regulator = pki.client(Role::Regulator, "analyst");
+    let out = sov_e2e::sovctl(&pki, &regulator, &url, &["models", "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(!json.contains(&gone), "{gone} still listed: {json}");
+    for p in &still {
+        assert!(json.contains(p.as_str()), "{p} missing: {json}");
+    }
+    stop.cancel();
+    task.await.unwrap();
+    collector.stop().await;
+}

@@ -499,13 +499,23 @@ pub(super) async fn apply_weights(
             .await
             .map_err(pg("mark weight file removed"))?;
     }
-    if w.full {
+    if let Some(chunk) = &w.chunk {
+        // A generation (one chunk or several) removes what none of its chunks names, the
+        // paths it withheld included.
+        apply_generation(tx, r, chunk).await?;
+    } else if w.full && !w.withheld_unnamed {
         tx.execute(&st.remove_unlisted_weights, &[&r.node, &at])
             .await
             .map_err(pg("mark unlisted weight files removed"))?;
-    }
-    if let Some(chunk) = &w.chunk {
-        apply_generation(tx, r, chunk).await?;
+        // What the report withheld is still there.
+        for path in &w.withheld_paths {
+            tx.execute(
+                "UPDATE weight_files SET removed_ms = NULL WHERE node = $1 AND path = $2 AND removed_ms = $3",
+                &[&r.node, path, &at],
+            )
+            .await
+            .map_err(pg("keep withheld weight files"))?;
+        }
     }
     Ok(())
 }

@@ -268,15 +268,24 @@ pub(super) fn apply_weights(
         )
         .map_err(sql("mark weight file removed"))?;
     }
-    if w.full {
+    if let Some(chunk) = &w.chunk {
+        // A generation (one chunk or several) removes what none of its chunks names, the
+        // paths it withheld included.
+        apply_generation(tx, r, chunk)?;
+    } else if w.full && !w.withheld_unnamed {
         exec(tx,
             "UPDATE weight_files SET removed_ms = ?2 WHERE node = ?1 AND removed_ms IS NULL AND last_seen_ms < ?2",
             params![r.node, at],
         )
         .map_err(sql("mark unlisted weight files removed"))?;
-    }
-    if let Some(chunk) = &w.chunk {
-        apply_generation(tx, r, chunk)?;
+        // What the report withheld is still there.
+        for path in &w.withheld_paths {
+            exec(tx,
+                "UPDATE weight_files SET removed_ms = NULL WHERE node = ?1 AND path = ?2 AND removed_ms = ?3",
+                params![r.node, path, at],
+            )
+            .map_err(sql("keep withheld weight files"))?;
+        }
     }
     Ok(())
 }
