@@ -845,6 +845,42 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_glimpsed_between_samples_keeps_its_owner_when_it_closes_unseen() {
+        let mut t = Tracker::default();
+        let mut out = vec![];
+        t.observe_dump(&[], 1000, NOBODY, &mut out);
+        assert_eq!(t.finish(1000, true), 0);
+        // A glance between samples sees socket 5 (inode 9, pid 77) while it is open.
+        let mut s5 = sock(5, "10.0.0.1:40005", "192.0.2.1:443", 10, 1);
+        s5.inode = 9;
+        let owner: &dyn Fn(u32) -> Option<u32> = &|ino| (ino == 9).then_some(77);
+        assert_eq!(t.glance(&[s5], 1300, owner), 1);
+        // Both close before the next sample: 5 keeps its owner, 6 (never glimpsed) has none.
+        let events = [
+            sock(5, "10.0.0.1:40005", "192.0.2.1:443", 300_000, 1),
+            sock(6, "10.0.0.1:40006", "192.0.2.1:443", 300_000, 1),
+        ];
+        assert_eq!(t.absorb_destroyed(&events, 1600, &mut out), 2);
+        assert_eq!((out[0].pid, out[0].bytes), (Some(77), Some((300_000, 1))));
+        assert_eq!(out[1].pid, None);
+        assert_eq!(
+            t.take_unseen(),
+            (2, 1),
+            "two closed unseen, one without owner"
+        );
+        assert_eq!(t.take_unseen(), (0, 0));
+        assert!(t.glimpsed.is_empty(), "a glimpsed owner is used once");
+        // A glimpsed socket still open at the next sample is followed by the sample.
+        let mut s7 = sock(7, "10.0.0.1:40007", "192.0.2.1:443", 5, 1);
+        s7.inode = 9;
+        t.glance(std::slice::from_ref(&s7), 1700, owner);
+        s7.inode = 0; // as if the owner walk had not found it: the glance's owner is kept
+        t.observe_dump(&[s7], 2000, NOBODY, &mut out);
+        assert_eq!(out.last().map(|c| c.pid), Some(Some(77)));
+        assert!(t.glimpsed.is_empty());
+    }
+
+    #[test]
     fn events_before_the_baseline_only_end_tracking() {
         let mut t = Tracker::default();
         let mut out = vec![];
