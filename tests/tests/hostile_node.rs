@@ -1034,7 +1034,8 @@ async fn quick_uploads_by_the_process_holding_restricted_weights_keep_their_owne
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
-    let (stop, task) = start_agent(sov_agent::Agent::open(cfg).unwrap());
+    let agent = sov_agent::Agent::open(cfg).unwrap();
+    let (stop, task) = start_agent(agent.clone());
     let q = query(&pki, &url).await;
     // The agent knows the process as a user of the restricted model before the uploads.
     while_progressing(
@@ -1132,6 +1133,25 @@ async fn quick_uploads_by_the_process_holding_restricted_weights_keep_their_owne
     assert!(
         breach.subject.contains(&pid.to_string()),
         "the breach names the uploader: {breach:?}"
+    );
+    // Connections that closed unseen are counted, and those that stayed without owner (the
+    // test's own quick queries to the collector, each shorter than a glance) apart.
+    let metrics = agent.render_metrics();
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (short, unknown) = (
+        counter("sov_agent_short_connections_total"),
+        counter("sov_agent_short_connections_unknown_owner_total"),
+    );
+    assert!(
+        short >= 1 && unknown < short,
+        "short {short}, without owner {unknown}:\n{metrics}"
     );
     stop.cancel();
     task.await.unwrap();
