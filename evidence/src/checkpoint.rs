@@ -171,7 +171,7 @@ impl SignedCheckpoint {
         let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| CheckpointError::Malformed(format!("certificate: {e}")))?;
         let subject = cert.subject().to_string();
-        if trust.collector_keys.iter().any(|k| *k == key) {
+        if trust.collector_keys.contains(&key) {
             return Ok(subject);
         }
         // Another certificate of the collector (before a rotation): issued by the CA and a
@@ -324,7 +324,7 @@ impl Anchors {
     /// Check against `checkpoints`; a log with records and no checkpoint at all fails (the
     /// collector signs its heads at start, so only a deleted set of checkpoints leaves none).
     pub fn new(mut checkpoints: Vec<SignedCheckpoint>) -> Self {
-        checkpoints.sort_by(|a, b| b.checkpoint.seq.cmp(&a.checkpoint.seq));
+        checkpoints.sort_by_key(|c| std::cmp::Reverse(c.checkpoint.seq));
         let mut a = Self {
             pending: checkpoints,
             required: true,
