@@ -313,6 +313,8 @@ pub struct Anchors {
     last: Option<(u64, i64)>,
     /// A log with records must have at least one checkpoint.
     required: bool,
+    /// A checkpoint of the empty log that does not hold the genesis hash.
+    bad_genesis: Option<ChainError>,
 }
 
 impl Anchors {
@@ -330,8 +332,8 @@ impl Anchors {
             required: true,
             ..Self::default()
         };
-        // Checkpoints of the empty log link to the genesis hash.
-        let _ = a.record(0, GENESIS_HASH);
+        // Checkpoints of the empty log hold the genesis hash.
+        a.bad_genesis = a.record(0, GENESIS_HASH).err();
         a
     }
 
@@ -370,6 +372,9 @@ impl Anchors {
 
     /// The log ends at record `end`: a checkpoint beyond it means records were cut off.
     pub fn finish(self, end: u64) -> Result<AnchorSummary, ChainError> {
+        if let Some(e) = self.bad_genesis {
+            return Err(e);
+        }
         if let Some(beyond) = self.pending.first() {
             return Err(ChainError {
                 seq: end + 1,
@@ -513,6 +518,9 @@ mod tests {
         );
         assert!(Anchors::new(Vec::new()).finish(0).is_ok());
         assert!(Anchors::none().finish(3).is_ok());
+        // A checkpoint of the empty log must hold the genesis hash.
+        let a = Anchors::new(vec![cp(0, "x")]);
+        assert_eq!(a.finish(0).unwrap_err().seq, 0);
     }
 
     #[test]
