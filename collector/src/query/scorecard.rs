@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 use sov_proto::pb;
 
-use crate::policy::{Counted, Policy};
+use crate::policy::{Counted, DatasetFacts, Policy};
 use crate::store::{EgressQuery, GpuUsageRow, Store, StoreError};
 use sov_evidence::view::rfc3339;
 
@@ -532,6 +532,12 @@ fn training_part(policy: &Policy, inputs: &Inputs) -> Value {
                     "format": i.format,
                     "dataset": i.model,
                     "size": i.size_bytes,
+                    "sha256": i.sha256,
+                    "class": policy.dataset_class(&DatasetFacts {
+                        path: &i.path,
+                        sha256: &i.sha256,
+                        repo: &i.model,
+                    }).0.as_str(),
                 }));
             }
         }
