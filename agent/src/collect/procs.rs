@@ -386,8 +386,14 @@ impl ProcessCollector {
             .filter(|(_, k)| k.stat.rss_pages > 0)
             .map(|(p, k)| (k.stat.rss_pages, *p))
             .collect();
-        v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        v.into_iter().take(n).map(|(_, p)| p).collect()
+        // The n largest without sorting them all (linear), then those n in order.
+        let order = |a: &(u64, u32), b: &(u64, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+        if v.len() > n {
+            v.select_nth_unstable_by(n - 1, order);
+            v.truncate(n);
+        }
+        v.sort_unstable_by(order);
+        v.into_iter().map(|(_, p)| p).collect()
     }
 
     /// Read `pid`'s stat now and update what is known of it; its ticks since its previous read.

@@ -42,6 +42,8 @@ pub struct WalkStats {
     pub pids_walked: u64,
     /// Links read (`readlink`).
     pub links_read: u64,
+    /// Processes passed over for an unchanged descriptor count (one `stat` each).
+    pub pids_passed: u64,
     /// Wall time of the latest walk.
     pub last_walk: Duration,
 }
@@ -99,14 +101,14 @@ impl OwnerCache {
     /// `procs`, the live processes of the shared process table when there is one, tells which
     /// owners exited (their inodes are looked for again) without a `stat` per owner.
     ///
-    /// A search walks the processes that already own sockets first (all their descriptors),
-    /// then the processes born since the previous search (a new socket is most often a new
-    /// process's), then every other one, each group oldest first (a socket inherited over
-    /// `fork` goes to the parent that opened it), skipping a process whose number of
-    /// descriptors is the same as at its previous walk (one `stat` of `/proc/<pid>/fd` instead of listing it and reading its
-    /// links): opening a socket adds a descriptor. A process that closed one descriptor and
-    /// opened a socket between two walks keeps its count: such a socket is a miss at first,
-    /// and the search for a miss (after [`MISS_RETRY`]) lists every process.
+    /// A search lists the descriptors of the processes that already own sockets first, then
+    /// of the processes born since the previous search (a new socket is most often a new
+    /// process's), then of every other one, each group oldest first (a socket inherited over
+    /// `fork` goes to the parent that opened it); in the last two groups a process whose
+    /// number of descriptors is the same as at its previous walk is first passed over (one
+    /// `stat` of `/proc/<pid>/fd` instead of listing it and reading its links: opening a
+    /// socket adds a descriptor). Only when a socket is still not found are those listed too
+    /// (one closed a descriptor and opened the socket), before the socket counts as a miss.
     pub fn refresh(
         &mut self,
         live: &HashSet<u32>,
@@ -114,16 +116,8 @@ impl OwnerCache {
         procs: Option<&HashMap<u32, Gen>>,
     ) {
         self.owners.retain(|ino, _| live.contains(ino));
-        // Misses looked for again now: the search lists every process.
-        let mut retried = false;
-        self.misses.retain(|ino, t| {
-            if !live.contains(ino) {
-                return false;
-            }
-            let keep = now.duration_since(*t) < MISS_RETRY;
-            retried |= !keep;
-            keep
-        });
+        self.misses
+            .retain(|ino, t| live.contains(ino) && now.duration_since(*t) < MISS_RETRY);
         if let Some(p) = procs {
             // Processes that left or were born again: their walk is stale.
             self.fds
@@ -212,11 +206,22 @@ impl OwnerCache {
                 v
             }
         };
+        let mut skipped = Vec::new();
         for (pid, generation) in others {
-            self.walk_pid(pid, generation, retried, live, &mut wanted);
+            if !self.walk_pid(pid, generation, false, live, &mut wanted) {
+                skipped.push((pid, generation));
+            }
             if wanted.is_empty() {
                 break;
             }
+        }
+        // Not found: a process skipped for its unchanged count may have closed a descriptor
+        // and opened the socket; list those too before calling it a miss.
+        for (pid, generation) in skipped {
+            if wanted.is_empty() {
+                break;
+            }
+            self.walk_pid(pid, generation, true, live, &mut wanted);
         }
         for ino in wanted {
             self.misses.insert(ino, now);
@@ -225,7 +230,8 @@ impl OwnerCache {
     }
 
     /// Read `pid`'s socket descriptors, unless (`all` false) it has as many descriptors as
-    /// at its previous walk.
+    /// at its previous walk and every socket it held then is still live (a closed socket's
+    /// descriptor number may hold a new one). False when skipped so.
     fn walk_pid(
         &mut self,
         pid: u32,
@@ -233,23 +239,25 @@ impl OwnerCache {
         all: bool,
         live: &HashSet<u32>,
         wanted: &mut HashSet<u32>,
-    ) {
+    ) -> bool {
         let dir = self.proc_root.join(pid.to_string()).join("fd");
         let old = self.fds.remove(&pid);
         if !all
             && let Some(w) = &old
             && w.count > 0
+            && w.socks.iter().all(|(_, ino)| live.contains(ino))
             && fs::metadata(&dir).is_ok_and(|m| m.len() == w.count)
         {
             cache::SOCKET_OWNER_WALK.hit();
+            self.stats.pids_passed += 1;
             if let Some(w) = old {
                 self.fds.insert(pid, w);
             }
-            return;
+            return false;
         }
         cache::SOCKET_OWNER_WALK.miss();
         let Ok(entries) = fs::read_dir(&dir) else {
-            return;
+            return true;
         };
         self.stats.pids_walked += 1;
         let old_socks: &[(u32, u32)] = old.as_ref().map_or(&[], |w| &w.socks);
@@ -297,6 +305,7 @@ impl OwnerCache {
                 socks: socks.into_boxed_slice(),
             },
         );
+        true
     }
 }
 
@@ -387,6 +396,95 @@ mod tests {
             Some(11),
             "inherited by the child that still holds it"
         );
+    }
+
+    /// The socket inodes `pid` holds now (read straight from `/proc`).
+    fn sockets_of(pid: u32) -> Vec<u32> {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| fs::read_link(e.path()).ok())
+                    .filter_map(|t| parse_socket_link(t.as_os_str().as_bytes()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_process_that_swaps_a_file_for_a_socket_keeps_its_count_and_is_still_found() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        // Holds a file open; on "go" closes it and connects (the same number of descriptors).
+        const SWAP: &str = "import socket,sys\n\
+            f=open('/etc/hostname','rb')\n\
+            print('ready',flush=True)\n\
+            sys.stdin.readline()\n\
+            f.close()\n\
+            s=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\n\
+            print('done',flush=True)\n\
+            sys.stdin.readline()\n";
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let Ok(child) = Command::new("python3")
+            .args(["-c", SWAP, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+        else {
+            crate::skipped::record(
+                "collect::net::owners::a_process_that_swaps_a_file_for_a_socket",
+                "no python3",
+            );
+            return;
+        };
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Kill(child);
+        let pid = child.0.id();
+        let mut out = BufReader::new(child.0.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        let table = crate::collect::proctable::ProcTable::new(Path::new("/proc"));
+        let mut cache = OwnerCache::new(Path::new("/proc"));
+        let me = sockets_of(std::process::id());
+        // Every process walked once: an inode nobody holds is looked for everywhere.
+        let mut live: HashSet<u32> = me.iter().copied().collect();
+        live.insert(u32::MAX - 7);
+        cache.refresh(&live, Instant::now(), Some(&table.refresh(Duration::ZERO)));
+        assert!(
+            me.iter()
+                .all(|i| cache.owner(*i) == Some(std::process::id()))
+        );
+
+        writeln!(child.0.stdin.as_mut().unwrap(), "go").unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "done");
+        let (accepted, _) = l.accept().unwrap();
+        let theirs = sockets_of(pid);
+        assert_eq!(theirs.len(), 1, "the child holds one socket");
+        let mut live: HashSet<u32> = sockets_of(std::process::id()).into_iter().collect();
+        live.insert(theirs[0]);
+        let before = cache.stats();
+        cache.refresh(&live, Instant::now(), Some(&table.refresh(Duration::ZERO)));
+        assert_eq!(cache.owner(u32::MAX - 7), None);
+        assert_eq!(
+            cache.owner(theirs[0]),
+            Some(pid),
+            "found although its descriptor count did not change"
+        );
+        let after = cache.stats();
+        assert!(
+            after.pids_passed > before.pids_passed,
+            "unchanged processes were passed over first: {after:?}"
+        );
+        drop(accepted);
     }
 
     #[test]
