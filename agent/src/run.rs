@@ -363,6 +363,10 @@ impl Agent {
                     .map(|p| (p, pb::ProcessReason::Flow))
                     .collect()
             };
+            self.metrics.short_connections(
+                net_status.short_connections,
+                net_status.short_unknown_owners,
+            );
             if net_status.mode == "proc-fallback" {
                 tracing::debug!(reason = %net_status.reason, "flows without byte counts");
             }

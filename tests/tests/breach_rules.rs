@@ -562,6 +562,18 @@ async fn a_hand_edited_breach_log_record_makes_verify_log_fail_naming_it() {
             .await
             .unwrap();
     }
+    // The collector signs the log's head with its key (at start, every interval, at shutdown).
+    let files = pki.server_files();
+    sov_collector::checkpoint::Checkpointer {
+        store: store.clone(),
+        signer: std::sync::Arc::new(
+            sov_evidence::report::ReportSigner::load(&files.cert, &files.key).unwrap(),
+        ),
+        interval: std::time::Duration::from_secs(60),
+    }
+    .sign_heads()
+    .await
+    .unwrap();
     drop(store);
     let cfg = sov_collector::config::CollectorConfig::new(
         "127.0.0.1:0".parse().unwrap(),

@@ -388,6 +388,9 @@ impl WeightsScanner {
     /// A scanner publishing into `handle`; the hash cache lives in `state_dir`.
     pub fn new(cfg: WeightsConfig, state_dir: &Path, handle: WeightsHandle) -> Self {
         let limiter = RateLimiter::new(configured_rate(&cfg));
+        let mut files = users::ProcessFilesCache::new(Path::new("/proc"));
+        // A file found through a process is examined only from process_min_file_bytes up.
+        files.set_min_mapped_bytes(cfg.process_min_file_bytes);
         Self {
             cache: HashCache::load(&state_dir.join(HASH_CACHE_FILE)),
             limiter,
@@ -401,7 +404,7 @@ impl WeightsScanner {
                 .ok()
                 .map(|m| (m.dev(), m.ino())),
             table: None,
-            files: users::ProcessFilesCache::new(Path::new("/proc")),
+            files,
         }
     }
 
@@ -1403,7 +1406,7 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
 /// The order in which files found through processes are sniffed: names of weight formats
 /// first, then anything else, then shared libraries and compiler artefacts (mapped by almost
 /// every process, never weights).
-fn sniff_rank(path: &Path) -> u8 {
+pub(crate) fn sniff_rank(path: &Path) -> u8 {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
