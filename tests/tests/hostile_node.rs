@@ -924,7 +924,7 @@ async fn a_file_deleted_between_two_chunked_inventories_leaves_sovctl_models_and
 // ---------------------------------------------------------------------------------------------
 
 /// A process that holds `hold` open and makes `n` uploads of `bytes` to `to`, each over about
-/// 0.6 s on a connection of its own that it then closes (a quick upload, shorter than the
+/// 0.9 s on a connection of its own that it then closes (a quick upload, shorter than the
 /// agent's sampling interval); prints "ready" once the file is open and "done" at the end.
 fn quick_uploader(hold: &Path, to: std::net::SocketAddr, n: usize, bytes: usize) -> KillOnDrop {
     let script = r#"
@@ -938,7 +938,7 @@ for i in range(n):
     s = socket.create_connection((host, int(port)))
     for j in range(6):
         s.sendall(b'x' * (size // 6))
-        time.sleep(0.1)
+        time.sleep(0.15)
     s.shutdown(socket.SHUT_WR)
     while s.recv(65536):
         pass
@@ -963,7 +963,7 @@ time.sleep(600)
 /// `weights-exfiltration` could not see a quick upload by the process holding the weights. A
 /// real python process holds a restricted model open and makes twelve uploads of 300 KB to a
 /// host in a network namespace placed in France (loopback where namespaces cannot be made),
-/// each on its own connection closed within 0.6 s, with the agent sampling every 3 s: the
+/// each on its own connection closed within a second, with the agent sampling every 3 s: the
 /// destroy events carry their bytes and the owner glances their owner. The collector charges
 /// the bytes to that pid and opens `weights-exfiltration` for it; at most the first upload
 /// (before the first unseen close turned the glances on) stays without owner, counted as such.
@@ -1019,6 +1019,8 @@ async fn quick_uploads_by_the_process_holding_restricted_weights_keep_their_owne
     );
     cfg.node.site = "rabat".into();
     cfg.node.country = "MA".into();
+    // Samples every 3 s (a report asks for a fresh one: reports every 3 s too).
+    cfg.interval_secs = 3;
     cfg.net.interval_secs = 3;
     cfg.net.include_loopback = netns.is_none();
     cfg.weights = weights_cfg(vec![work.path().join("models/hub")], 0);
