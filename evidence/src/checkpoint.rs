@@ -288,9 +288,13 @@ impl AnchorSummary {
             return "; no signed checkpoint".into();
         };
         let mut s = format!(
-            "; {} signed checkpoint{} match, the last at record {seq} (signed at {})",
+            "; {} signed checkpoint{} the last at record {seq} (signed at {})",
             self.matched,
-            if self.matched == 1 { "" } else { "s" },
+            if self.matched == 1 {
+                " matches,"
+            } else {
+                "s match,"
+            },
             crate::view::rfc3339(at)
         );
         if self.uncovered > 0 {

