@@ -251,7 +251,8 @@ impl Agent {
         };
         let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone())
             .with_containers(containers)
-            .with_table(table);
+            .with_table(table)
+            .with_cpu_budget(self.config.budget.max_cpu_percent);
         lock(&self.observer).set_weights(handle.clone());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
