@@ -87,6 +87,11 @@ pub struct TrainingConfig {
     /// Dataset files smaller than this are not reported as a run's inputs. Default 1048576.
     #[serde(default = "default_training_dataset_min_bytes")]
     pub dataset_min_bytes: u64,
+    /// Dataset files up to this size are fingerprinted (sha256, once per file version, at the
+    /// `[weights] hash_rate_mb_per_sec` rate) so that a policy can class them by content;
+    /// larger ones are reported by path and name only. 0 hashes none. Default 268435456.
+    #[serde(default = "default_training_dataset_hash_max_bytes")]
+    pub dataset_hash_max_bytes: u64,
 }
 
 impl Default for TrainingConfig {
@@ -95,12 +100,16 @@ impl Default for TrainingConfig {
             enabled: true,
             sample_interval_ms: default_training_sample_interval_ms(),
             dataset_min_bytes: default_training_dataset_min_bytes(),
+            dataset_hash_max_bytes: default_training_dataset_hash_max_bytes(),
         }
     }
 }
 
 fn default_training_sample_interval_ms() -> u64 {
     1000
+}
+fn default_training_dataset_hash_max_bytes() -> u64 {
+    crate::collect::training::DEFAULT_DATASET_HASH_MAX_BYTES
 }
 fn default_training_dataset_min_bytes() -> u64 {
     crate::collect::training::DEFAULT_DATASET_FLOOR_BYTES

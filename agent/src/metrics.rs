@@ -17,6 +17,8 @@ pub struct AgentMetrics {
     send_failures: AtomicU64,
     renewals: AtomicU64,
     withheld: AtomicU64,
+    short_connections: AtomicU64,
+    short_unknown: AtomicU64,
 }
 
 /// What a scrape reads besides the counters.
@@ -50,6 +52,13 @@ impl AgentMetrics {
     /// A refused report was trimmed (items withheld) to be sent again.
     pub fn withheld(&self) {
         self.withheld.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections that closed before any flow sample saw them, and of those the ones whose
+    /// owner stayed unknown (reported with `owner_unknown`).
+    pub fn short_connections(&self, all: u64, unknown: u64) {
+        self.short_connections.fetch_add(all, Ordering::Relaxed);
+        self.short_unknown.fetch_add(unknown, Ordering::Relaxed);
     }
 
     /// The client certificate was renewed.
@@ -112,6 +121,18 @@ impl AgentMetrics {
             "counter",
             "Times a report the collector refused was sent again with items withheld (declared in the report) since the agent started.",
             load(&self.withheld).to_string(),
+        );
+        one(
+            "sov_agent_short_connections_total",
+            "counter",
+            "Connections that opened and closed between two flow samples (counted from their destroy events) since the agent started.",
+            load(&self.short_connections).to_string(),
+        );
+        one(
+            "sov_agent_short_connections_unknown_owner_total",
+            "counter",
+            "Of those, connections whose owning process no owner glance saw (reported with owner_unknown) since the agent started.",
+            load(&self.short_unknown).to_string(),
         );
         one(
             "sov_agent_certificate_renewals_total",

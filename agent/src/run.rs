@@ -101,6 +101,7 @@ impl Agent {
         let node = config.node_name();
         let observer = Observer::from_config(&config);
         let config_training_floor = config.training.dataset_min_bytes;
+        let config_training_hash_max = config.training.dataset_hash_max_bytes;
         Ok(Self {
             spool: Arc::new(Mutex::new(spool)),
             observer: Arc::new(Mutex::new(observer)),
@@ -109,7 +110,10 @@ impl Agent {
             node,
             metrics: Arc::default(),
             weights: WeightsHandle::default(),
-            training: TrainingHandle::new(Tracker::new(Path::new("/proc"), config_training_floor)),
+            training: TrainingHandle::new(
+                Tracker::new(Path::new("/proc"), config_training_floor)
+                    .with_dataset_hashes(config_training_hash_max),
+            ),
             collector_limit: Arc::default(),
         })
     }
@@ -247,7 +251,8 @@ impl Agent {
         };
         let scanner = WeightsScanner::new(cfg.clone(), &state_dir, handle.clone())
             .with_containers(containers)
-            .with_table(table);
+            .with_table(table)
+            .with_cpu_budget(self.config.budget.max_cpu_percent);
         lock(&self.observer).set_weights(handle.clone());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
@@ -276,11 +281,13 @@ impl Agent {
         }
         let handle = self.training.clone();
         let interval = Duration::from_millis(cfg.sample_interval_ms);
+        let rate = self.config.weights.hash_rate_mb_per_sec;
+        let rate = (rate > 0).then(|| rate.saturating_mul(1_000_000));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
         match std::thread::Builder::new()
             .name("sov-training".into())
-            .spawn(move || handle.sample_until(interval, &s))
+            .spawn(move || handle.sample_until(interval, rate, &s))
         {
             Ok(thread) => Some((stop, thread)),
             Err(e) => {
@@ -357,6 +364,10 @@ impl Agent {
                     .map(|p| (p, pb::ProcessReason::Flow))
                     .collect()
             };
+            self.metrics.short_connections(
+                net_status.short_connections,
+                net_status.short_unknown_owners,
+            );
             if net_status.mode == "proc-fallback" {
                 tracing::debug!(reason = %net_status.reason, "flows without byte counts");
             }

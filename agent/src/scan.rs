@@ -178,6 +178,8 @@ pub fn add_flows(v: &mut Value, flows: &[pb::Flow], status: &crate::collect::net
         "namespaces": status.namespaces,
         "namespaces_fallback": status.namespaces_fallback,
         "destroy_events": status.destroy_events,
+        "short_connections": status.short_connections,
+        "short_unknown_owners": status.short_unknown_owners,
     });
 }
 

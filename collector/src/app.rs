@@ -11,6 +11,7 @@
 //! | rule evaluation under the rules lease | [`crate::policy::Evaluator`] |
 //! | alert delivery, one worker per sink | [`crate::alert::outbox`] |
 //! | retention pruning, hourly | [`crate::store::prune_loop`] |
+//! | signed checkpoints of the chained logs' heads | [`crate::checkpoint::Checkpointer`] |
 //! | hourly rollups, every 5 minutes | [`crate::store::rollup_loop`] |
 //! | geolocation database reload | [`crate::geo::reload_loop`] |
 //! | TLS material reload (gRPC, HTTPS) | [`crate::tls::reload_loop`] |
@@ -112,6 +113,8 @@ pub struct App {
     /// The derive loop (woken by ingest after a stored report).
     deriver: crate::derive::Deriver,
     retention: (Duration, Duration),
+    /// Signs the chained logs' heads (none when the collector's key cannot sign).
+    checkpointer: Option<crate::checkpoint::Checkpointer>,
     /// Age after which whole hours are rolled up (`rollup_after_hours`).
     rollup_after: Duration,
 }
@@ -121,6 +124,7 @@ pub struct App {
 pub struct Running {
     grpc: Grpc,
     stop: CancellationToken,
+    checkpointer: Option<crate::checkpoint::Checkpointer>,
 }
 
 /// `days` as a duration.
@@ -196,10 +200,17 @@ impl CollectorConfig {
         ) {
             Ok(s) => Some(Arc::new(s)),
             Err(err) => {
-                tracing::warn!(error = %err, "evidence reports cannot be signed; ExportReport will refuse");
+                tracing::warn!(error = %err, "evidence reports and checkpoints cannot be signed; ExportReport will refuse");
                 None
             }
         };
+        let checkpointer = report_signer
+            .clone()
+            .map(|signer| crate::checkpoint::Checkpointer {
+                store: store.clone(),
+                signer,
+                interval: Duration::from_secs(config.checkpoint_interval_secs),
+            });
         let query = QueryService::new(store.clone(), config.trust_domain.clone(), config.max_page)
             .with_policy(policy.clone())
             .with_evidence(report_signer, Some(geo.clone()))
@@ -256,6 +267,7 @@ impl CollectorConfig {
                 days(config.retention_days),
                 days(config.aggregate_retention_days),
             ),
+            checkpointer,
             rollup_after: Duration::from_secs(u64::from(config.rollup_after_hours) * 3600),
         })
     }
@@ -277,6 +289,9 @@ impl App {
             ));
         }
         tokio::spawn(self.deriver.run(stop.clone()));
+        if let Some(c) = &self.checkpointer {
+            tokio::spawn(c.clone().run(stop.clone()));
+        }
         let holder = crate::alert::outbox::holder_id();
         let (changed, wake) = tokio::sync::watch::channel(0u64);
         crate::alert::outbox::spawn_workers(
@@ -333,6 +348,7 @@ impl App {
         Running {
             grpc: self.grpc,
             stop,
+            checkpointer: self.checkpointer,
         }
     }
 }
@@ -347,6 +363,15 @@ impl Running {
     ) -> Result<(), AppError> {
         let _stop_loops: DropGuard = self.stop.clone().drop_guard();
         self.grpc.serve(listener, self.stop, shutdown).await?;
+        // The last checkpoint, awaited: after a clean shutdown every record is signed.
+        if let Some(c) = &self.checkpointer {
+            match c.sign_heads().await {
+                Ok(n) => tracing::info!(signed = n, "chained logs' heads signed at shutdown"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot sign the chained logs' heads at shutdown");
+                }
+            }
+        }
         Ok(())
     }
 }

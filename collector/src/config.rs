@@ -75,6 +75,12 @@ pub struct CollectorConfig {
     /// never send, or send a byte at a time), seconds, 1..=300. Default 10.
     #[serde(default = "default_tls_handshake_timeout_secs")]
     pub tls_handshake_timeout_secs: u64,
+    /// Seconds between two signed checkpoints of the breach log's and the audit log's heads
+    /// (signed with the collector's key when a head moved; also at start and at shutdown),
+    /// 1..=86400. Records after the last checkpoint are covered by the hash chain only.
+    /// Default 60.
+    #[serde(default = "default_checkpoint_interval_secs")]
+    pub checkpoint_interval_secs: u64,
     /// SPIFFE trust domain of client certificates (`spiffe://<trust_domain>/<role>/<name>`). Default "sovereign".
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -140,6 +146,9 @@ fn default_max_connections() -> usize {
 fn default_tls_handshake_timeout_secs() -> u64 {
     DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS
 }
+fn default_checkpoint_interval_secs() -> u64 {
+    crate::checkpoint::DEFAULT_CHECKPOINT_INTERVAL_SECS
+}
 fn default_trust_domain() -> String {
     crate::auth::DEFAULT_TRUST_DOMAIN.to_owned()
 }
@@ -154,6 +163,7 @@ impl CollectorConfig {
             max_page: DEFAULT_MAX_PAGE,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             tls_handshake_timeout_secs: DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECS,
+            checkpoint_interval_secs: crate::checkpoint::DEFAULT_CHECKPOINT_INTERVAL_SECS,
             retention_days: DEFAULT_RETENTION_DAYS,
             aggregate_retention_days: DEFAULT_AGGREGATE_RETENTION_DAYS,
             rollup_after_hours: default_rollup_after_hours(),
@@ -233,6 +243,15 @@ impl CollectorConfig {
                 format!(
                     "{} is out of range 1..=300",
                     self.tls_handshake_timeout_secs
+                ),
+            );
+        }
+        if !(1..=86_400).contains(&self.checkpoint_interval_secs) {
+            p.push(
+                "checkpoint_interval_secs",
+                format!(
+                    "{} is out of range 1..=86400",
+                    self.checkpoint_interval_secs
                 ),
             );
         }

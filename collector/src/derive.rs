@@ -30,6 +30,9 @@ use sov_proto::pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::geo::physics::Place;
+
+/// `Withheld.kind` of weight files the agent left out of a report.
+const WITHHELD_WEIGHT_FILE: &str = "weight_file";
 use crate::geo::{Geo, Verdict};
 use crate::metrics::Metrics;
 use crate::policy::PolicyWatch;
@@ -294,6 +297,17 @@ pub fn incoming(
                 full: report.weight_inventory_full,
                 files: report.weight_files,
                 removed: report.weight_files_removed,
+                chunk: report.weight_inventory,
+                withheld_paths: report
+                    .withheld
+                    .iter()
+                    .filter(|w| w.kind == WITHHELD_WEIGHT_FILE)
+                    .flat_map(|w| w.paths.iter().cloned())
+                    .collect(),
+                withheld_unnamed: report
+                    .withheld
+                    .iter()
+                    .any(|w| w.kind == WITHHELD_WEIGHT_FILE && w.paths_omitted > 0),
             },
             flows,
             training: report.training_runs,

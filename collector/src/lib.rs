@@ -11,6 +11,8 @@
 //!    [`store::Store`] trait, its row types, and one folder per backend (SQLite, PostgreSQL);
 //! 3. [`token`]: API tokens for the HTTPS API; [`geo`]: where remote addresses are;
 //!    [`metrics`]: the collector's counters, served as Prometheus text on `/metrics`;
+//!    [`checkpoint`]: signed checkpoints of the breach and audit logs' heads, and the check
+//!    of a log against them;
 //! 4. [`tls`]: the TLS front door of gRPC and HTTPS; [`policy`]: the jurisdiction policy, the
 //!    breach rules and their evaluation loop; [`alert`]: sinks, routing and the outbox;
 //!    [`enroll`]: enrollment tokens and the `Enroll` service;
@@ -29,6 +31,7 @@ pub mod alert;
 pub mod app;
 pub mod auth;
 pub mod breach;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod derive;

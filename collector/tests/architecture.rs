@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     // Certificates and storage: the store imports nothing above this line.
     &["pki", "p12", "store"],
     // Parts over the store: API tokens, geolocation, the counters.
-    &["token", "geo", "metrics"],
+    &["token", "geo", "metrics", "checkpoint"],
     // Concepts: the TLS front door, the policy and its rules, alerts, enrollment.
     &["tls", "policy", "alert", "enroll"],
     // The deriver: what is computed from committed reports after the ack.

@@ -4,6 +4,8 @@
 //! - [`chain`]: the hash chain shared by the breach log and the audit log (canonical JSON,
 //!   record hashes, [`chain::ChainVerifier`]);
 //! - [`bom`]: the model inventory as a CycloneDX 1.6 AI bill of materials;
+//! - [`checkpoint`]: signed checkpoints of a chained log's head (the collector's key), and
+//!   the check of a log against them;
 //! - [`audit`]: one query's audit record and its JSON form;
 //! - [`report`]: signed evidence reports, their HTML form and their offline verification;
 //! - [`view`]: how nodes, models, egress rows, breaches, the scorecard and the policy are
@@ -15,5 +17,6 @@
 pub mod audit;
 pub mod bom;
 pub mod chain;
+pub mod checkpoint;
 pub mod report;
 pub mod view;

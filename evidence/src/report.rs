@@ -114,6 +114,20 @@ impl ReportSigner {
         Ok(signer)
     }
 
+    /// The signing certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// An ECDSA P-256 / SHA-256 signature (ASN.1 DER) of `message` with the collector's key
+    /// (for [`crate::checkpoint`], whose message names its own domain).
+    pub fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, ReportError> {
+        self.key
+            .sign(&ring::rand::SystemRandom::new(), message)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|_| ReportError::Key("signing failed".into()))
+    }
+
     /// The signed report document (canonical JSON and a newline) for `report`.
     pub fn sign(&self, report: Value) -> Result<String, ReportError> {
         let message = signed_message(&report, &self.cert_pem);
@@ -143,7 +157,7 @@ fn signed_message(report: &Value, cert_pem: &str) -> String {
     )
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
     }
@@ -153,7 +167,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn first_cert(pem: &str) -> Result<Vec<u8>, ReportError> {
+pub(crate) fn first_cert(pem: &str) -> Result<Vec<u8>, ReportError> {
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
         .ok_or_else(|| ReportError::Malformed("no certificate".into()))?
@@ -162,7 +176,7 @@ fn first_cert(pem: &str) -> Result<Vec<u8>, ReportError> {
 }
 
 /// The subject public key bytes of a DER certificate.
-fn public_key(der: &[u8]) -> Result<Vec<u8>, ReportError> {
+pub(crate) fn public_key(der: &[u8]) -> Result<Vec<u8>, ReportError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| ReportError::Malformed(format!("certificate: {e}")))?;
     Ok(cert.public_key().subject_public_key.data.to_vec())
@@ -340,6 +354,23 @@ pub fn verify(text: &str, ca_pem: Option<&str>) -> Result<Verified, ReportError>
         .as_array()
         .ok_or_else(|| ReportError::Malformed("no breach_log.records".into()))?;
     let log_records = verify_segment(records)?;
+    // The breach log's signed checkpoint the report carries must agree with its segment.
+    let cp = &report["checkpoints"]["breach_log"];
+    if cp.is_object() {
+        let cp = crate::checkpoint::SignedCheckpoint::from_json(cp)
+            .map_err(|e| ReportError::Malformed(format!("checkpoints.breach_log: {e}")))?;
+        let held = records
+            .iter()
+            .find(|r| r["seq"].as_u64() == Some(cp.checkpoint.seq));
+        if let Some(r) = held
+            && r["hash"].as_str() != Some(cp.checkpoint.hash.as_str())
+        {
+            return Err(ReportError::Chain {
+                seq: cp.checkpoint.seq,
+                reason: format!("does not match {}", cp.describe()),
+            });
+        }
+    }
     Ok(Verified {
         generated_at: report["generated_at"].as_str().unwrap_or("").to_owned(),
         since: report["since"].as_str().unwrap_or("").to_owned(),

@@ -9,6 +9,10 @@
 //! # processes holding a TCP connection and 20 extra network namespaces all along
 //! cargo run --release -p sov-e2e --example bench_footprint -- --interval-secs 1 --cycles 60 \
 //!     --processes 0,1000,3000 --connections 200 --namespaces 20
+//! # the containers work merged: 100 pods of 100 connections each, 300 processes mapping the
+//! # same 20 weight files (1 MiB safetensors outside every root)
+//! cargo run --release -p sov-e2e --example bench_footprint -- --interval-secs 1 --cycles 30 \
+//!     --namespaces 100 --ns-connections 100 --mappers 300 --files 20
 //! ```
 //!
 //! CPU comes from `/proc/<pid>/stat` (utime + stime) over the measured cycles, RSS from
@@ -17,7 +21,9 @@
 //! The load, made by this benchmark and killed when it ends: `--connections M` processes (this
 //! executable again, `--hold ADDR`) each holding one loopback TCP connection to a listener of
 //! the benchmark; `--namespaces K` processes each in a network namespace of its own
-//! (`unshare --net`, root); then, size by size, `sleep` processes up to each `--processes` size
+//! (`unshare --net`, root; with `--ns-connections C`, each also holds C TCP connections over
+//! its namespace's loopback, both ends, as a pod would); `--mappers P` python3 processes each
+//! mapping the same `--files F` generated safetensors files; then, size by size, `sleep` processes up to each `--processes` size
 //! (extra processes beyond those). Each size gets its own warm-up and measured cycles, with the
 //! load average printed beside it.
 
@@ -124,6 +130,54 @@ fn process_count() -> usize {
             })
             .count()
     })
+}
+
+/// `--hold-many C` (inside a fresh network namespace): bring loopback up, open C connections
+/// to a listener of its own, move a few bytes over each, and keep them all.
+fn hold_many(c: usize) -> ! {
+    let _ = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    let mut held = Vec::with_capacity(2 * c);
+    if let Ok(l) = std::net::TcpListener::bind("127.0.0.1:0")
+        && let Ok(addr) = l.local_addr()
+    {
+        for _ in 0..c {
+            let (Ok(mut a), Ok((mut b, _))) = (TcpStream::connect(addr), l.accept()) else {
+                break;
+            };
+            let mut buf = [0u8; 1024];
+            let _ = a.write_all(&[b'x'; 1024]);
+            let _ = b.read_exact(&mut buf);
+            let _ = b.write_all(&[b'y'; 1024]);
+            let _ = a.read_exact(&mut buf);
+            held.push(a);
+            held.push(b);
+        }
+        held.push(TcpStream::connect(addr).unwrap_or_else(|_| std::process::exit(1)));
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Map every file named in argv, then wait (killed by the benchmark).
+const MAP: &str = "import mmap, sys, time\n\
+maps = []\n\
+for p in sys.argv[1:]:\n    \
+f = open(p, 'rb'); maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)); f.close()\n\
+time.sleep(7200)\n";
+
+/// A safetensors file of one F32 tensor of `elements` elements.
+fn safetensors(elements: usize, seed: u8) -> Vec<u8> {
+    let header = format!(
+        r#"{{"w":{{"dtype":"F32","shape":[{elements}],"data_offsets":[0,{}]}}}}"#,
+        elements * 4
+    );
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend((0..elements * 4).map(|i| (i as u8).wrapping_mul(seed)));
+    out
 }
 
 /// `--hold ADDR`: connect and keep the connection until the benchmark closes it.
@@ -251,6 +305,14 @@ fn main() -> anyhow::Result<()> {
     {
         hold(addr);
     }
+    if let Some(c) = args
+        .iter()
+        .position(|a| a == "--hold-many")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+    {
+        hold_many(c);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -284,10 +346,38 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         ));
         accepted.push(listener.accept()?.0);
     }
+    let ns_connections = usize::try_from(arg(&args, "--ns-connections", 0))?;
     for _ in 0..namespaces {
-        load.push(KillOnDrop(
-            quiet(Command::new("unshare").args(["--net", "sleep", "7200"])).spawn()?,
-        ));
+        let cmd = if ns_connections > 0 {
+            // unshare execs the holder: the same pid, killed with it.
+            quiet(
+                Command::new("unshare")
+                    .arg("--net")
+                    .arg(&me)
+                    .args(["--hold-many", &ns_connections.to_string()]),
+            )
+            .spawn()?
+        } else {
+            quiet(Command::new("unshare").args(["--net", "sleep", "7200"])).spawn()?
+        };
+        load.push(KillOnDrop(cmd));
+    }
+    let mappers = usize::try_from(arg(&args, "--mappers", 0))?;
+    let files = usize::try_from(arg(&args, "--files", 20))?;
+    let weights_dir = tempfile::tempdir()?;
+    if mappers > 0 {
+        let paths: Vec<String> = (0..files)
+            .map(|i| {
+                let p = weights_dir.path().join(format!("shard-{i:05}.safetensors"));
+                std::fs::write(&p, safetensors(262_144 + i, (i % 250) as u8 + 1))?;
+                Ok(p.to_string_lossy().into_owned())
+            })
+            .collect::<anyhow::Result<_>>()?;
+        for _ in 0..mappers {
+            load.push(KillOnDrop(
+                quiet(Command::new("python3").args(["-c", MAP]).args(&paths)).spawn()?,
+            ));
+        }
     }
 
     let pki = Pki::new();
@@ -353,7 +443,8 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
 
     println!(
         "footprint, interval {} s, {warmup} warm-up + {cycles} measured cycles per size; \
-         {connections} processes holding a TCP connection, {namespaces} extra network namespaces",
+         {connections} processes holding a TCP connection, {namespaces} extra network namespaces \
+         ({ns_connections} connections each), {mappers} processes mapping {files} weight files",
         interval.as_secs()
     );
     println!(
@@ -388,7 +479,7 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
     }
     for r in &rows {
         println!(
-            "{{\"bench\":\"footprint\",\"interval_secs\":{},\"extra_processes\":{},\"processes\":{},\"connections\":{connections},\"namespaces\":{namespaces},\"load\":\"{}\",\"agent_rss_bytes\":{},\"agent_cpu_ms_per_cycle\":{:.3},\"agent_cycles\":{},\"full_agent_rss_bytes\":{},\"full_agent_cpu_ms_per_cycle\":{:.3},\"full_agent_cycles\":{},\"node_exporter_rss_bytes\":{},\"node_exporter_cpu_ms_per_scrape\":{:.3},\"scrapes\":{}}}",
+            "{{\"bench\":\"footprint\",\"interval_secs\":{},\"extra_processes\":{},\"processes\":{},\"connections\":{connections},\"namespaces\":{namespaces},\"ns_connections\":{ns_connections},\"mappers\":{mappers},\"files\":{files},\"load\":\"{}\",\"agent_rss_bytes\":{},\"agent_cpu_ms_per_cycle\":{:.3},\"agent_cycles\":{},\"full_agent_rss_bytes\":{},\"full_agent_cpu_ms_per_cycle\":{:.3},\"full_agent_cycles\":{},\"node_exporter_rss_bytes\":{},\"node_exporter_cpu_ms_per_scrape\":{:.3},\"scrapes\":{}}}",
             interval.as_secs(),
             r.extra,
             r.processes,

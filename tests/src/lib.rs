@@ -13,11 +13,13 @@
 //! - [`https_get`]: one HTTPS request to the collector's API, with a certificate or a token;
 //! - [`netns`]: hosts of the test's own in a network namespace, and a sink server there;
 //! - [`receivers`]: HTTP and TCP syslog alert receivers on loopback;
-//! - [`hostile`]: the parsers of outside input as fuzz targets, and a small mutator.
+//! - [`hostile`]: the parsers of outside input as fuzz targets, and a small mutator;
+//! - [`training`]: Parquet files, safetensors headers and a trainer process.
 
 pub mod hostile;
 pub mod netns;
 pub mod receivers;
+pub mod training;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

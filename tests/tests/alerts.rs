@@ -32,6 +32,7 @@ fn alert(state: &str) -> Alert {
         at: "2025-03-04T05:06:07Z".into(),
         opened_at: "2025-03-04T05:00:00Z".into(),
         resolved_at: (state == "resolved").then(|| "2025-03-04T05:06:07Z".into()),
+        checkpoint: None,
     }
 }
 

@@ -412,6 +412,8 @@ async fn every_call_and_route_is_allowed_or_refused_exactly_as_specified_and_que
         stdout.contains(&format!("{} records", records.len() + refusals.len())),
         "{stdout}"
     );
+    // The collector signed the audit log's head when it started.
+    assert!(stdout.contains("signed checkpoint"), "{stdout}");
 
     // A revoked token stops working at once; `token list` no longer shows it.
     let id = &sov_collector::token::token_hash(&tokens.regulator)[..12];

@@ -482,6 +482,17 @@ async fn every_rule_opens_and_resolves_and_a_receiver_down_for_a_minute_gets_eve
         k1, k2,
         "the receiver that was down got the same alerts, once each, in order"
     );
+    // Every alert carries the breach log's latest checkpoint, signed by the collector's key
+    // (a receiver keeps it for `verify-log --checkpoint`).
+    let collector_cert = std::fs::read_to_string(pki.server_files().cert).unwrap();
+    let trust = sov_evidence::checkpoint::Trust::new(Some(&collector_cert), None).unwrap();
+    for r in &got1 {
+        let body = r.json();
+        let cp = sov_evidence::checkpoint::SignedCheckpoint::from_json(&body["checkpoint"])
+            .unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(cp.checkpoint.log, "breach-log");
+        cp.verify(&trust).unwrap();
+    }
     // Per breach, open comes first, and a resolved breach's last alert is its resolution.
     let final_states: BTreeMap<String, String> = breaches(&mut q.clone())
         .await
@@ -562,6 +573,18 @@ async fn a_hand_edited_breach_log_record_makes_verify_log_fail_naming_it() {
             .await
             .unwrap();
     }
+    // The collector signs the log's head with its key (at start, every interval, at shutdown).
+    let files = pki.server_files();
+    sov_collector::checkpoint::Checkpointer {
+        store: store.clone(),
+        signer: std::sync::Arc::new(
+            sov_evidence::report::ReportSigner::load(&files.cert, &files.key).unwrap(),
+        ),
+        interval: std::time::Duration::from_secs(60),
+    }
+    .sign_heads()
+    .await
+    .unwrap();
     drop(store);
     let cfg = sov_collector::config::CollectorConfig::new(
         "127.0.0.1:0".parse().unwrap(),

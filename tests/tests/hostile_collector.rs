@@ -906,3 +906,316 @@ async fn a_copy_being_hashed_is_one_row_of_sovctl_models_saying_how_far() {
     assert!(!stdout.contains("hashing"), "{stdout}");
     c.stop().await;
 }
+
+/// Where a chained-log test's store lives, and how the test (an attacker with write access to
+/// the database) changes its rows behind the collector's back.
+enum TamperDb {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl TamperDb {
+    async fn exec(&self, sql: &str) {
+        match self {
+            Self::Sqlite(file) => rusqlite::Connection::open(file)
+                .unwrap()
+                .execute_batch(sql)
+                .unwrap(),
+            Self::Postgres(url) => {
+                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                let task = tokio::spawn(conn);
+                client.batch_execute(sql).await.unwrap();
+                drop(client);
+                let _ = task.await;
+            }
+        }
+    }
+
+    /// Lift the append-only guard of the breach log (the triggers), as an attacker would.
+    async fn lift_guard(&self) {
+        self.exec(match self {
+            Self::Sqlite(_) => {
+                "DROP TRIGGER IF EXISTS breach_log_no_update; DROP TRIGGER IF EXISTS breach_log_no_delete;"
+            }
+            Self::Postgres(_) => "ALTER TABLE breach_log DISABLE TRIGGER USER;",
+        })
+        .await;
+    }
+
+    async fn write_record(&self, r: &sov_evidence::chain::LogRecord) {
+        let q = |s: &str| s.replace('\'', "''");
+        self.exec(&format!(
+            "UPDATE breach_log SET at_ms = {}, breach_id = '{}', event = '{}', body = '{}', prev_hash = '{}', hash = '{}' WHERE seq = {}",
+            r.at_unix_ms,
+            q(&r.breach_id),
+            q(&r.event),
+            q(&r.body_json),
+            q(&r.prev_hash),
+            q(&r.hash),
+            r.seq
+        ))
+        .await;
+    }
+}
+
+/// The store URL and tamper handle of a fresh PostgreSQL schema for this test, or `None`
+/// (after saying so) when PostgreSQL is not there and not required.
+async fn postgres_schema(tag: &str) -> Option<(String, TamperDb)> {
+    let base = sov_e2e::postgres_url();
+    let schema = format!("i17_{tag}_{}", std::process::id());
+    if let Err(e) =
+        sov_collector::store::postgres::PostgresStore::connect_with_schema(&base, &schema).await
+    {
+        assert!(
+            !sov_e2e::postgres_required(),
+            "PostgreSQL required but not reachable at {base}: {e}"
+        );
+        sov_e2e::skipped(
+            &format!("hostile_collector chained log ({tag}, PostgreSQL)"),
+            &format!(
+                "PostgreSQL not reachable at {base} ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+            ),
+        );
+        return None;
+    }
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+    Some((url.clone(), TamperDb::Postgres(url)))
+}
+
+fn observation(country: &str, at: i64) -> sov_collector::breach::Observation {
+    sov_collector::breach::Observation {
+        rule: "foreign-egress".into(),
+        node: "node-a".into(),
+        subject: format!("country:{country}"),
+        severity: sov_collector::breach::Severity::Critical,
+        evidence: serde_json::json!({"country": country}),
+        at_unix_ms: at,
+    }
+}
+
+/// Also-list: "the breach log can be rewritten with the chain recomputed and `verify-log`
+/// passes (the chain has no key)". A real collector process signs the breach log's head with
+/// its key at start and at shutdown (SIGTERM); then the database is attacked: a record
+/// rewritten with every later hash recomputed (the chain alone still verifies), records cut
+/// off the end, checkpoints deleted, and one forged with a node's key. `verify-log` fails
+/// naming the signed checkpoint each time, and passes on the untouched log; a cut that also
+/// deleted the newest checkpoint passes inside the database and fails against the checkpoint
+/// an alert receiver kept (`--checkpoint`). On SQLite, and on PostgreSQL when it is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breach_log_rewritten_with_its_chain_recomputed_fails_verify_log_naming_the_signed_checkpoint()
+ {
+    let work = tempfile::tempdir().unwrap();
+    let sqlite_dir = work.path().join("sqlite");
+    std::fs::create_dir_all(&sqlite_dir).unwrap();
+    let db = TamperDb::Sqlite(sqlite_dir.join("collector-data").join("sovereign.db"));
+    rewritten_log_fails_verification(&sqlite_dir, String::new(), db).await;
+    if let Some((url, db)) = postgres_schema("chain").await {
+        let pg_dir = work.path().join("postgres");
+        std::fs::create_dir_all(&pg_dir).unwrap();
+        rewritten_log_fails_verification(&pg_dir, url, db).await;
+        let base = TamperDb::Postgres(sov_e2e::postgres_url());
+        base.exec(&format!(
+            "DROP SCHEMA i17_chain_{} CASCADE",
+            std::process::id()
+        ))
+        .await;
+    }
+}
+
+async fn rewritten_log_fails_verification(work: &Path, store_url: String, db: TamperDb) {
+    use sov_evidence::checkpoint::{BREACH_LOG, Checkpoint, SignedCheckpoint};
+    let pki = Pki::new();
+    let data = work.join("collector-data");
+    let store = sov_collector::store::open(&store_url, &data).await.unwrap();
+    for (i, country) in ["FR", "DE", "US"].iter().enumerate() {
+        store
+            .observe_breach(observation(country, 1_800_000_000_000 + i as i64))
+            .await
+            .unwrap();
+    }
+
+    // A real collector signs the head (record 3) when it starts.
+    let mut collector = CollectorProcess::start_with(&pki, work, free_port(), |c| {
+        c.store.url = store_url.clone();
+    });
+    sov_e2e::eventually(
+        std::time::Duration::from_secs(60),
+        "the collector to sign the breach log's head at start",
+        || {
+            let store = store.clone();
+            async move {
+                let text = store.latest_checkpoint(BREACH_LOG).await.unwrap()?;
+                (SignedCheckpoint::from_text(&text).unwrap().checkpoint.seq == 3).then_some(())
+            }
+        },
+    )
+    .await;
+    // Two more records while it runs (its interval is a minute: not signed yet), then
+    // SIGTERM: the head is signed once more at shutdown.
+    for (i, country) in ["CN", "RU"].iter().enumerate() {
+        store
+            .observe_breach(observation(country, 1_800_000_000_010 + i as i64))
+            .await
+            .unwrap();
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &collector.pid().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = std::time::Instant::now();
+    while collector.is_running() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "the collector did not stop on SIGTERM; see {}",
+            collector_logs(work)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let seqs: Vec<u64> = store
+        .checkpoints(BREACH_LOG, None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(seqs, [3, 5], "signed at start and at shutdown");
+
+    let config = work.join("collector.toml");
+    let cfg = config.to_str().unwrap();
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify-log", "--config", cfg];
+        args.extend_from_slice(extra);
+        run("e2e-collector", &args)
+    };
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("5 records"), "{stdout}");
+    assert!(
+        stdout.contains("2 signed checkpoints match, the last at record 5"),
+        "{stdout}"
+    );
+    // What an alert receiver keeps: the alert's body carries the latest checkpoint.
+    let latest = store.latest_checkpoint(BREACH_LOG).await.unwrap().unwrap();
+    let kept = work.join("alert-body.json");
+    std::fs::write(
+        &kept,
+        format!(r#"{{"seq": 5, "rule": "foreign-egress", "checkpoint": {latest}}}"#),
+    )
+    .unwrap();
+    let kept_arg = kept.to_str().unwrap();
+
+    // The attack: record 2 rewritten (DE becomes MA), every later hash recomputed.
+    let original = store.breach_log(0, 100).await.unwrap();
+    assert_eq!(original.len(), 5);
+    db.lift_guard().await;
+    let mut forged = original[..1].to_vec();
+    for r in &original[1..] {
+        let mut body = r.body.clone();
+        if r.seq == 2 {
+            body["evidence"]["country"] = serde_json::json!("MA");
+            body["subject"] = serde_json::json!("country:MA");
+        }
+        let prev = forged.last().unwrap();
+        let next = sov_evidence::chain::LogRecord::next(
+            Some((prev.seq, &prev.hash)),
+            r.at_unix_ms,
+            &r.breach_id,
+            &r.event,
+            body,
+        );
+        db.write_record(&next).await;
+        forged.push(next);
+    }
+    // The chain alone cannot see it: this is the attack that passed before.
+    assert!(matches!(
+        sov_collector::store::verify_store_log(store.as_ref())
+            .await
+            .unwrap(),
+        sov_evidence::chain::LogVerdict::Verified { records: 5, .. }
+    ));
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("log broken at record 3")
+            && stdout.contains("signed checkpoint of breach-log record 3")
+            && stdout.contains("rewritten"),
+        "names the signed checkpoint: {stdout}"
+    );
+
+    // Put back as it was: it verifies again.
+    for r in &original {
+        db.write_record(r).await;
+    }
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // Records 4 and 5 cut off the end: the checkpoint of record 5 says so.
+    db.exec("DELETE FROM breach_log WHERE seq > 3").await;
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("truncated") && stdout.contains("record 5"),
+        "{stdout}"
+    );
+    // The checkpoint deleted too: nothing in the database shows it any more, but the one the
+    // alert receiver kept does.
+    db.exec("DELETE FROM chain_checkpoints WHERE seq > 3").await;
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = verify(&["--checkpoint", kept_arg]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("truncated") && stdout.contains("record 5"),
+        "{stdout}"
+    );
+
+    // Every checkpoint deleted: a log with records and none fails.
+    db.exec("DELETE FROM chain_checkpoints").await;
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no signed checkpoint"),
+        "{}",
+        text(&out)
+    );
+    // A checkpoint signed with a node's key (same CA, client certificate) is refused.
+    let node = pki.client(Role::Agent, "node-a");
+    let node_signer = sov_evidence::report::ReportSigner::load(&node.cert, &node.key).unwrap();
+    let cp = SignedCheckpoint::sign(
+        &node_signer,
+        Checkpoint {
+            log: BREACH_LOG.into(),
+            seq: 3,
+            hash: original[2].hash.clone(),
+            at_unix_ms: sov_common::clock::now_unix_ms(),
+        },
+    )
+    .unwrap();
+    store
+        .add_checkpoint(
+            BREACH_LOG,
+            3,
+            &cp.checkpoint.hash,
+            cp.checkpoint.at_unix_ms,
+            &cp.to_text(),
+        )
+        .await
+        .unwrap();
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not one the collector signed"),
+        "{}",
+        text(&out)
+    );
+}

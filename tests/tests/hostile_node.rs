@@ -819,3 +819,345 @@ async fn a_second_agent_on_the_same_spool_refuses_to_start_naming_the_first() {
     first.kill9();
     collector.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// "Removals that follow inventory chunks": a full inventory that spans several reports removes
+/// what none of its chunks names. A file is deleted while the agent is down, so no change report
+/// can say so (the restarted agent never knew it): only its first full inventory can: 400 files
+/// with 16 KiB of metadata each (the most a file carries), more than the agent packs into one
+/// report (4 MiB), so one generation in several chunks. The file leaves `sovctl models` once every chunk of that
+/// generation is in; no file still on disk is marked removed at any time meanwhile. (Chunks out
+/// of order, sent again, lost, and a late older generation: the store suite's
+/// `a_chunked_inventory_removes_what_no_chunk_names_once_every_chunk_is_held`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_deleted_between_two_chunked_inventories_leaves_sovctl_models_and_no_other_does() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("models");
+    let paths: Vec<PathBuf> = (0..400)
+        .map(|i| root.join(format!("big/{i:03}.safetensors")))
+        .collect();
+    for (i, p) in paths.iter().enumerate() {
+        safetensors_file(p, i as u8, 2048, &maximal_metadata(i)[..4]);
+    }
+    let collector = InProcessCollector::start(&pki, &work.path().join("data"), |_| {}).await;
+    let url = collector.url();
+    let mut cfg = agent_config(
+        &pki,
+        "node-chunks",
+        vec![url.clone()],
+        &work.path().join("spool"),
+    );
+    cfg.weights = weights_cfg(vec![root.clone()], 0);
+    let stall = agent_stall(&cfg);
+    let q = query(&pki, &url).await;
+    let listed = |q: &pb::query_client::QueryClient<tonic::transport::Channel>| {
+        let mut q = q.clone();
+        async move {
+            copies(&mut q)
+                .await
+                .into_iter()
+                .map(|c| c.0)
+                .collect::<BTreeSet<String>>()
+        }
+    };
+    let all: BTreeSet<String> = paths.iter().map(|p| p.display().to_string()).collect();
+
+    let (stop, task) = start_agent(sov_agent::Agent::open(cfg.clone()).unwrap());
+    while_progressing(stall, "all 400 files at the collector", || async {
+        let have = listed(&q).await;
+        if all.is_subset(&have) {
+            Progress::Done(())
+        } else {
+            Progress::At(all.intersection(&have).count())
+        }
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    let before = node(&pki, &url, "node-chunks").await.unwrap();
+
+    // Deleted while the agent is down; the restarted agent's first inventory is full.
+    let gone = paths[5].display().to_string();
+    std::fs::remove_file(&paths[5]).unwrap();
+    let still: BTreeSet<String> = all.iter().filter(|p| **p != gone).cloned().collect();
+    let (stop, task) = start_agent(sov_agent::Agent::open(cfg).unwrap());
+    let after = while_progressing(stall, "the deleted file to leave the models", || async {
+        let have = listed(&q).await;
+        assert!(
+            still.is_subset(&have),
+            "a file still on disk was marked removed: {:?}",
+            still.difference(&have).collect::<Vec<_>>()
+        );
+        let n = node(&pki, &url, "node-chunks").await.unwrap();
+        if !have.contains(&gone) {
+            Progress::Done(n)
+        } else {
+            assert!(
+                n.reports < before.reports + 40,
+                "40 reports after the restart and the file is still listed: {n:?}"
+            );
+            Progress::At(n.reports)
+        }
+    })
+    .await;
+    assert!(
+        after.reports >= before.reports + 2,
+        "the inventory took several reports: {before:?} then {after:?}"
+    );
+    assert_eq!((after.missing, after.conflicts), (0, 0), "{after:?}");
+    // As a regulator sees it, through the real command line.
+    let regulator = pki.client(Role::Regulator, "analyst");
+    let out = sov_e2e::sovctl(&pki, &regulator, &url, &["models", "--output", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(!json.contains(&gone), "{gone} still listed: {json}");
+    for p in &still {
+        assert!(json.contains(p.as_str()), "{p} missing: {json}");
+    }
+    stop.cancel();
+    task.await.unwrap();
+    collector.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A process that holds `hold` open and makes `n` uploads of `bytes` to `to`, each over about
+/// 0.9 s on a connection of its own that it then closes (a quick upload, shorter than the
+/// agent's sampling interval); prints "ready" once the file is open and "done" at the end.
+fn quick_uploader(hold: &Path, to: std::net::SocketAddr, n: usize, bytes: usize) -> KillOnDrop {
+    let script = r#"
+import socket, sys, time
+f = open(sys.argv[1], 'rb')
+n, size = int(sys.argv[2]), int(sys.argv[3])
+host, port = sys.argv[4].rsplit(':', 1)
+print('ready', flush=True)
+sys.stdin.readline()
+for i in range(n):
+    s = socket.create_connection((host, int(port)))
+    for j in range(6):
+        s.sendall(b'x' * (size // 6))
+        time.sleep(0.15)
+    s.shutdown(socket.SHUT_WR)
+    while s.recv(65536):
+        pass
+    s.close()
+    time.sleep(0.2)
+print('done', flush=True)
+time.sleep(600)
+"#;
+    let child = Command::new("python3")
+        .args(["-c", script])
+        .arg(hold)
+        .args([n.to_string(), bytes.to_string(), to.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    KillOnDrop(child)
+}
+
+/// Finding 11: "a quick upload escapes attribution". Short-lived connections (each opened and
+/// closed between two samples of the agent) were listed with process "" and pid 0, so
+/// `weights-exfiltration` could not see a quick upload by the process holding the weights. A
+/// real python process holds a restricted model open and makes twelve uploads of 300 KB to a
+/// host in a network namespace placed in France (loopback where namespaces cannot be made),
+/// each on its own connection closed within a second, with the agent sampling every 3 s: the
+/// destroy events carry their bytes and the owner glances their owner. The collector charges
+/// the bytes to that pid and opens `weights-exfiltration` for it; the first upload (before the
+/// first unseen close turned the glances on), and on a loaded machine one more, stay without
+/// owner, counted as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quick_uploads_by_the_process_holding_restricted_weights_keep_their_owner_and_open_exfiltration()
+ {
+    const UPLOADS: usize = 12;
+    const BYTES: usize = 300_000;
+    let netns = match sov_e2e::netns::Netns::create(17, 1) {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            sov_e2e::skipped(
+                "hostile_node quick uploads (network namespace part)",
+                &format!("cannot create a network namespace ({e}): ran on a loopback address"),
+            );
+            None
+        }
+    };
+    let peer = netns
+        .as_ref()
+        .map_or_else(|| "127.0.0.2".to_owned(), |n| n.v4_peers[0].clone());
+    let (_sink, port) = sov_e2e::netns::sink(netns.as_ref().map(|n| n.name.as_str()), &peer, 0);
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let model = hf_model(&work.path().join("models/hub"), "acme", "secret", 7, 8192);
+    let policy = work.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        POLICY.replace(
+            "quiet_secs = 3600",
+            "quiet_secs = 3600\nwindow_secs = 600\nexfiltration_fraction = 0.5",
+        ),
+    )
+    .unwrap();
+    let (p, peer_) = (policy.clone(), peer.clone());
+    let collector = InProcessCollector::start(&pki, &work.path().join("data"), move |c| {
+        c.policy = Some(p);
+        c.geo.overrides = vec![sov_collector::config::GeoOverride {
+            cidr: format!("{peer_}/32"),
+            country: "FR".into(),
+            asn: Some(64_500),
+            org: Some("Test Transit".into()),
+            operator_country: None,
+        }];
+    })
+    .await;
+    let url = collector.url();
+    let mut cfg = agent_config(
+        &pki,
+        "node-rabat",
+        vec![url.clone()],
+        &work.path().join("spool"),
+    );
+    cfg.node.site = "rabat".into();
+    cfg.node.country = "MA".into();
+    // Samples every 3 s (a report asks for a fresh one: reports every 3 s too).
+    cfg.interval_secs = 3;
+    cfg.net.interval_secs = 3;
+    cfg.net.include_loopback = netns.is_none();
+    cfg.weights = weights_cfg(vec![work.path().join("models/hub")], 0);
+    let stall = agent_stall(&cfg);
+    let mut uploader = quick_uploader(
+        &model,
+        format!("{peer}:{port}").parse().unwrap(),
+        UPLOADS,
+        BYTES,
+    );
+    let pid = uploader.0.id();
+    let mut out = BufReader::new(uploader.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let agent = sov_agent::Agent::open(cfg).unwrap();
+    let (stop, task) = start_agent(agent.clone());
+    let q = query(&pki, &url).await;
+    // The agent knows the process as a user of the restricted model before the uploads.
+    while_progressing(
+        stall,
+        "the uploader listed as a user of acme/secret",
+        || {
+            let mut q = q.clone();
+            async move {
+                let models = sovctl::fetch_models(&mut q, "").await.unwrap_or_default();
+                let users: usize = models
+                    .iter()
+                    .flat_map(|m| m.users.iter())
+                    .filter(|u| u.pid == pid)
+                    .count();
+                if users > 0 {
+                    Progress::Done(())
+                } else {
+                    Progress::At(models.len())
+                }
+            }
+        },
+    )
+    .await;
+    std::io::Write::write_all(uploader.0.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    assert_eq!(done.trim(), "done");
+
+    // Every upload's bytes reach the collector; those charged to the uploader's pid are all
+    // but at most two uploads' (the first closes before the glances start; one more when a
+    // loaded machine delays a glance).
+    let total = (UPLOADS * BYTES) as u64;
+    let rows = while_progressing(stall, "the uploads' bytes at the collector", || {
+        let (pki, url) = (&pki, url.clone());
+        async move {
+            let rows = sov_e2e::egress_rows(pki, &url, "process").await;
+            let sent: u64 = rows
+                .iter()
+                .filter(|r| r.node == "node-rabat")
+                .map(|r| r.bytes_sent)
+                .sum();
+            if sent >= total {
+                Progress::Done(rows)
+            } else {
+                Progress::At(sent)
+            }
+        }
+    })
+    .await;
+    let charged: u64 = rows
+        .iter()
+        .filter(|r| r.node == "node-rabat" && r.pid == pid)
+        .map(|r| r.bytes_sent)
+        .sum();
+    let unknown: u64 = rows
+        .iter()
+        .filter(|r| r.node == "node-rabat" && r.pid == 0)
+        .map(|r| r.bytes_sent)
+        .sum();
+    assert!(
+        charged >= total - 2 * BYTES as u64 - 4096,
+        "bytes charged to pid {pid}: {charged} of {total} (without owner: {unknown}); rows: {rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.pid == pid && r.process.starts_with("python")),
+        "{rows:?}"
+    );
+    // The breach the quick uploads used to escape.
+    let breach = while_progressing(stall, "weights-exfiltration for the uploader", || {
+        let mut q = q.clone();
+        async move {
+            let all = q
+                .list_breaches(pb::ListBreachesRequest {
+                    limit: 100,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().breaches)
+                .unwrap_or_default();
+            match all
+                .into_iter()
+                .find(|b| b.rule == "weights-exfiltration" && b.node == "node-rabat")
+            {
+                Some(b) => Progress::Done(b),
+                None => Progress::At(()),
+            }
+        }
+    })
+    .await;
+    assert!(
+        breach.subject.contains(&pid.to_string()),
+        "the breach names the uploader: {breach:?}"
+    );
+    // Connections that closed unseen are counted, and those that stayed without owner (the
+    // test's own quick queries to the collector, each shorter than a glance) apart.
+    let metrics = agent.render_metrics();
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (short, unknown) = (
+        counter("sov_agent_short_connections_total"),
+        counter("sov_agent_short_connections_unknown_owner_total"),
+    );
+    assert!(
+        short >= 1 && unknown < short,
+        "short {short}, without owner {unknown}:\n{metrics}"
+    );
+    stop.cancel();
+    task.await.unwrap();
+    collector.stop().await;
+}

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sov_agent::config::TrainingConfig;
 use sov_collector::auth::Role;
+use sov_e2e::training::parquet;
 use sov_e2e::{InProcessCollector, KillOnDrop, Pki, agent_config, eventually, sovctl};
 
 const REV: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -23,127 +24,6 @@ const REV: &str = "0123456789abcdef0123456789abcdef01234567";
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, bytes).unwrap();
-}
-
-/// Thrift compact protocol, as much as a Parquet footer needs.
-#[derive(Default)]
-struct Thrift {
-    buf: Vec<u8>,
-    last: Vec<i16>,
-}
-
-impl Thrift {
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.buf.push(v as u8);
-    }
-    fn zigzag(&mut self, v: i64) {
-        self.varint(((v << 1) ^ (v >> 63)) as u64);
-    }
-    fn field(&mut self, id: i16, ty: u8) {
-        let last = self.last.last_mut().unwrap();
-        let delta = id - *last;
-        assert!((1..=15).contains(&delta));
-        self.buf.push(((delta as u8) << 4) | ty);
-        *last = id;
-    }
-    fn i32(&mut self, id: i16, v: i32) {
-        self.field(id, 5);
-        self.zigzag(i64::from(v));
-    }
-    fn i64(&mut self, id: i16, v: i64) {
-        self.field(id, 6);
-        self.zigzag(v);
-    }
-    fn string(&mut self, id: i16, s: &str) {
-        self.field(id, 8);
-        self.varint(s.len() as u64);
-        self.buf.extend_from_slice(s.as_bytes());
-    }
-    fn begin(&mut self) {
-        self.last.push(0);
-    }
-    fn end(&mut self) {
-        self.buf.push(0);
-        self.last.pop();
-    }
-    fn struct_field(&mut self, id: i16) {
-        self.field(id, 12);
-        self.begin();
-    }
-    fn list(&mut self, id: i16, elem: u8, n: usize) {
-        self.field(id, 9);
-        assert!(n < 15);
-        self.buf.push(((n as u8) << 4) | elem);
-    }
-}
-
-/// A real Parquet file: one required INT64 column `x` holding 0..rows, one row group, one
-/// PLAIN, uncompressed data page.
-fn parquet(rows: usize) -> Vec<u8> {
-    let data: Vec<u8> = (0..rows as i64).flat_map(i64::to_le_bytes).collect();
-    let mut page = Thrift::default();
-    page.begin();
-    page.i32(1, 0); // DATA_PAGE
-    page.i32(2, data.len() as i32);
-    page.i32(3, data.len() as i32);
-    page.struct_field(5); // DataPageHeader
-    page.i32(1, rows as i32);
-    page.i32(2, 0); // PLAIN
-    page.i32(3, 3); // RLE
-    page.i32(4, 3);
-    page.end();
-    page.end();
-    let chunk_len = (page.buf.len() + data.len()) as i64;
-
-    let mut m = Thrift::default();
-    m.begin();
-    m.i32(1, 1);
-    m.list(2, 12, 2);
-    m.begin();
-    m.string(4, "schema");
-    m.i32(5, 1);
-    m.end();
-    m.begin();
-    m.i32(1, 2); // INT64
-    m.i32(3, 0); // REQUIRED
-    m.string(4, "x");
-    m.end();
-    m.i64(3, rows as i64);
-    m.list(4, 12, 1);
-    m.begin(); // RowGroup
-    m.list(1, 12, 1);
-    m.begin(); // ColumnChunk
-    m.i64(2, 4);
-    m.struct_field(3); // ColumnMetaData
-    m.i32(1, 2);
-    m.list(2, 5, 1);
-    m.zigzag(0);
-    m.list(3, 8, 1);
-    m.varint(1);
-    m.buf.push(b'x');
-    m.i32(4, 0); // UNCOMPRESSED
-    m.i64(5, rows as i64);
-    m.i64(6, chunk_len);
-    m.i64(7, chunk_len);
-    m.i64(9, 4);
-    m.end();
-    m.end();
-    m.i64(2, chunk_len);
-    m.i64(3, rows as i64);
-    m.end();
-    m.end();
-
-    let mut out = b"PAR1".to_vec();
-    out.extend_from_slice(&page.buf);
-    out.extend_from_slice(&data);
-    out.extend_from_slice(&m.buf);
-    out.extend_from_slice(&(m.buf.len() as u32).to_le_bytes());
-    out.extend_from_slice(b"PAR1");
-    out
 }
 
 /// A real safetensors file (the safetensors crate): one F32 tensor of `n` values.

@@ -91,6 +91,12 @@ pub static SOCKET_OWNER: CacheCounter = CacheCounter::new(
     "socket_owner",
     "live socket inodes per flow sample (miss: not known, /proc/N/fd walked)",
 );
+/// A process looked through for the owner of a new socket: skipped (hit) when its number of
+/// descriptors is unchanged since its previous walk.
+pub static SOCKET_OWNER_WALK: CacheCounter = CacheCounter::new(
+    "socket_owner_walk",
+    "processes per socket owner search (miss: /proc/N/fd listed; hit: same descriptor count)",
+);
 /// A namespace's sock_diag dump of one protocol: skipped (hit) when its `sockstat` counts no
 /// socket of that protocol.
 pub static NAMESPACE_DUMPS: CacheCounter = CacheCounter::new(
@@ -104,13 +110,14 @@ pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
 );
 
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 7] {
+pub fn all() -> [&'static CacheCounter; 8] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
         &PROCESS_DETAIL,
         &NETNS_OF_PID,
         &SOCKET_OWNER,
+        &SOCKET_OWNER_WALK,
         &NAMESPACE_DUMPS,
         &PROCESS_FILES,
     ]

@@ -126,8 +126,9 @@ struct Known {
     read_at: Instant,
     /// Used CPU between its last two reads, or was read only once: read every sample.
     busy: bool,
-    /// Its details, the generation and name they were read under, and when.
-    detail: Option<(pb::ProcessInfo, Gen, Instant)>,
+    /// Its details, the generation and name they were read under, and when (boxed: most
+    /// processes have none, and an entry per live process stays small).
+    detail: Option<Box<(pb::ProcessInfo, Gen, Instant)>>,
 }
 
 /// What pass 1 learns from `/proc/<pid>/stat`.
@@ -386,8 +387,14 @@ impl ProcessCollector {
             .filter(|(_, k)| k.stat.rss_pages > 0)
             .map(|(p, k)| (k.stat.rss_pages, *p))
             .collect();
-        v.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        v.into_iter().take(n).map(|(_, p)| p).collect()
+        // The n largest without sorting them all (linear), then those n in order.
+        let order = |a: &(u64, u32), b: &(u64, u32)| b.0.cmp(&a.0).then(a.1.cmp(&b.1));
+        if v.len() > n {
+            v.select_nth_unstable_by(n - 1, order);
+            v.truncate(n);
+        }
+        v.sort_unstable_by(order);
+        v.into_iter().map(|(_, p)| p).collect()
     }
 
     /// Read `pid`'s stat now and update what is known of it; its ticks since its previous read.
@@ -403,10 +410,14 @@ impl ProcessCollector {
             return Ok(None);
         };
         let generation = generation.unwrap_or(Gen { born: 0, exec: 0 });
-        let prev = self
-            .known
-            .get(&pid)
-            .filter(|k| k.stat.starttime == stat.starttime && k.generation.born == generation.born);
+        let same =
+            |k: &Known| k.stat.starttime == stat.starttime && k.generation.born == generation.born;
+        // The details move to the new entry (no copy).
+        let detail = match self.known.get_mut(&pid) {
+            Some(k) if same(k) => k.detail.take(),
+            _ => None,
+        };
+        let prev = self.known.get(&pid).filter(|k| same(k));
         let fresh = match prev {
             Some(k) => Fresh {
                 ticks: stat.ticks.saturating_sub(k.stat.ticks),
@@ -429,7 +440,6 @@ impl ProcessCollector {
                 secs: elapsed.as_secs_f64(),
             },
         };
-        let detail = prev.and_then(|k| k.detail.clone());
         // A first read says nothing about its rate: read it again next sample.
         let busy = prev.is_none() || fresh.ticks > 0;
         self.known.insert(
@@ -451,7 +461,7 @@ impl ProcessCollector {
         let k = self.known.get(&pid)?;
         let stat = k.stat.clone();
         let generation = k.generation;
-        if let Some((info, g, at)) = &k.detail
+        if let Some((info, g, at)) = k.detail.as_deref()
             && *g == generation
             && info.name == stat.name
             && now.saturating_duration_since(*at) < DETAIL_MAX_AGE
@@ -467,7 +477,7 @@ impl ProcessCollector {
         self.stats.detail_reads += 1;
         cache::PROCESS_DETAIL.miss();
         if let Some(k) = self.known.get_mut(&pid) {
-            k.detail = Some((info.clone(), generation, now));
+            k.detail = Some(Box::new((info.clone(), generation, now)));
         }
         Some(info)
     }

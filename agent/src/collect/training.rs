@@ -16,10 +16,15 @@
 //!   any weight file), and the GPU samples add its GPU-seconds.
 //!
 //! A process is reported as a run once it has written a weight file and it maps other weights
-//! or has used a GPU. Bounded: at most [`MAX_RUNS`] tracked writers, [`MAX_INPUTS`] inputs and
-//! [`MAX_OUTPUTS`] outputs per run (the rest counted), [`MAX_DIRS`] checkpoint directories per
-//! process, and [`crate::collect::weights::users::MAX_FDS_PER_PROCESS`] descriptors read per
-//! process and sample.
+//! or has used a GPU; from then on it is a run until it exits, and its last reports (ended)
+//! carry the base weights it had (an exited process maps nothing). Dataset files of writers up
+//! to `[training] dataset_hash_max_bytes` are fingerprinted by the sampler thread, one per
+//! sample, outside the tracker's lock, at the weights' hash rate.
+//!
+//! Bounded: at most [`MAX_RUNS`] tracked writers, [`MAX_INPUTS`] inputs and [`MAX_OUTPUTS`]
+//! outputs per run (the rest counted), [`MAX_DIRS`] checkpoint directories per process, and
+//! [`crate::collect::weights::users::MAX_FDS_PER_PROCESS`] descriptors read per process and
+//! sample.
 //!
 //! Known limits: a checkpoint opened, written and closed between two samples is seen only
 //! through its directory (a later checkpoint in the same directory caught open, or the first
@@ -37,10 +42,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sov_proto::pb;
 
+use super::weights::hash::{HashError, RateLimiter, sha256_file};
 use super::weights::users::MAX_FDS_PER_PROCESS;
 
 /// Dataset files smaller than this are not reported as inputs (configs, vocabularies, indexes).
 pub const DEFAULT_DATASET_FLOOR_BYTES: u64 = 1 << 20;
+/// Dataset files up to this size are fingerprinted (`[training] dataset_hash_max_bytes`).
+pub const DEFAULT_DATASET_HASH_MAX_BYTES: u64 = 256 << 20;
 /// At most this many writing processes are tracked at once.
 pub const MAX_RUNS: usize = 64;
 /// At most this many inputs per run are reported; the rest are counted.
@@ -124,6 +132,10 @@ struct Proc {
     gpu_seconds: f64,
     ended: bool,
     ended_reports: u8,
+    /// The base-weight inputs of the last report of this run (`None` before the first): once
+    /// the process has exited no inventory file lists it as a user, and its run is reported
+    /// ended with the inputs it had.
+    reported_bases: Option<Vec<pb::TrainingInput>>,
 }
 
 /// Training-run detection state (see the module doc).
@@ -134,6 +146,16 @@ pub struct Tracker {
     boot_id: String,
     boot_ms: i64,
     dataset_floor: u64,
+    /// Dataset files up to this size get a sha256; 0: none.
+    hash_max_bytes: u64,
+    /// Dataset fingerprints: path → (size, mtime ms, sha256; "" when reading it failed).
+    dataset_hashes: HashMap<String, (u64, i64, String)>,
+}
+
+/// Size and modification time (ms) of a file.
+fn size_mtime(path: &Path) -> Option<(u64, i64)> {
+    let m = fs::metadata(path).ok()?;
+    Some((m.len(), m.mtime() * 1000 + m.mtime_nsec() / 1_000_000))
 }
 
 impl Tracker {
@@ -157,7 +179,36 @@ impl Tracker {
             boot_id,
             boot_ms,
             dataset_floor,
+            hash_max_bytes: 0,
+            dataset_hashes: HashMap::new(),
         }
+    }
+
+    /// Fingerprint dataset files up to `max_bytes` (0: none).
+    pub fn with_dataset_hashes(mut self, max_bytes: u64) -> Self {
+        self.hash_max_bytes = max_bytes;
+        self
+    }
+
+    /// A dataset file of a writer that has no fingerprint for its current version, with that
+    /// version's (size, mtime).
+    fn next_unhashed(&self) -> Option<(String, u64, i64)> {
+        if self.hash_max_bytes == 0 || self.dataset_hashes.len() >= MAX_DATASETS {
+            return None;
+        }
+        self.procs
+            .values()
+            .filter(|p| p.writer_since.is_some() && !p.ended)
+            .flat_map(|p| p.datasets.iter())
+            .filter(|(_, (size, _, _))| *size > 0 && *size <= self.hash_max_bytes)
+            .find_map(|(path, _)| {
+                let (size, mtime) = size_mtime(Path::new(path))?;
+                let known = self
+                    .dataset_hashes
+                    .get(path)
+                    .is_some_and(|(s, m, _)| (*s, *m) == (size, mtime));
+                (!known && size <= self.hash_max_bytes).then(|| (path.clone(), size, mtime))
+            })
     }
 
     /// Look at each candidate's open descriptors (and maps, for datasets) now.
@@ -277,11 +328,18 @@ impl Tracker {
                     });
                 }
             }
+            if p.ended
+                && let Some(bases) = &p.reported_bases
+            {
+                inputs.clone_from(bases);
+            }
             let uses_gpu = p.gpu_seconds > 0.0 || gpu_by_pid.contains_key(&pid);
             let has_base = inputs.iter().any(|i| i.kind == "base-weights");
-            if outputs.is_empty() || !(has_base || uses_gpu) {
+            let was_run = p.reported_bases.is_some();
+            if !was_run && (outputs.is_empty() || !(has_base || uses_gpu)) {
                 continue;
             }
+            p.reported_bases = Some(inputs.clone());
             // New, grown or replaced outputs are activity.
             for o in &outputs {
                 let now = (o.size_bytes, o.mtime_unix_ms);
@@ -290,11 +348,17 @@ impl Tracker {
                 }
             }
             for (path, (size, format, mapped)) in &p.datasets {
+                let sha256 = self
+                    .dataset_hashes
+                    .get(path)
+                    .filter(|(s, _, _)| s == size)
+                    .map(|(_, _, h)| h.clone())
+                    .unwrap_or_default();
                 inputs.push(pb::TrainingInput {
                     kind: "dataset".into(),
                     path: path.clone(),
                     size_bytes: *size,
-                    sha256: String::new(),
+                    sha256,
                     model: dataset_repo(path),
                     format: (*format).to_owned(),
                     mapped: *mapped,
@@ -384,6 +448,26 @@ impl TrainingHandle {
         }
     }
 
+    /// Fingerprint one dataset file that a writer reads and that has no sha256 yet (outside
+    /// the tracker's lock, at `limiter`'s rate); false when there was none.
+    pub fn hash_one_dataset(&self, limiter: &mut RateLimiter, stop: &AtomicBool) -> bool {
+        let Some((path, size, mtime)) = lock(&self.tracker).next_unhashed() else {
+            return false;
+        };
+        let sha = match sha256_file(Path::new(&path), limiter, stop, &mut |_| {}) {
+            Ok(sha) => sha,
+            Err(HashError::Cancelled) => return false,
+            Err(e) => {
+                tracing::debug!(path = %path, error = %e, "dataset file not fingerprinted");
+                String::new()
+            }
+        };
+        lock(&self.tracker)
+            .dataset_hashes
+            .insert(path, (size, mtime, sha));
+        true
+    }
+
     /// Whether some process was seen writing weights (only then does a report need the
     /// inventory joined).
     pub fn has_writers(&self) -> bool {
@@ -418,10 +502,19 @@ impl TrainingHandle {
         lock(&self.tracker).runs(files, gpus, container, now_ms)
     }
 
-    /// Sample every `interval` until `stop` is set (the body of the sampler thread).
-    pub fn sample_until(&self, interval: std::time::Duration, stop: &AtomicBool) {
+    /// Sample every `interval` until `stop` is set (the body of the sampler thread),
+    /// fingerprinting at most one dataset file per sample at `hash_bytes_per_sec` (`None`:
+    /// unlimited).
+    pub fn sample_until(
+        &self,
+        interval: std::time::Duration,
+        hash_bytes_per_sec: Option<u64>,
+        stop: &AtomicBool,
+    ) {
+        let mut limiter = RateLimiter::new(hash_bytes_per_sec);
         while !stop.load(Ordering::Relaxed) {
             self.sample(sov_common::clock::now_unix_ms());
+            self.hash_one_dataset(&mut limiter, stop);
             let until = std::time::Instant::now() + interval;
             while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
                 std::thread::sleep(
@@ -582,8 +675,19 @@ mod tests {
         writer.write_all(&[2u8; 1024]).expect("write");
 
         let me = std::process::id();
-        let mut t = Tracker::new(Path::new("/proc"), 1024);
-        t.sample(&[me], 1_000);
+        let t =
+            TrainingHandle::new(Tracker::new(Path::new("/proc"), 1024).with_dataset_hashes(4096));
+        t.set_candidates(vec![me]);
+        t.sample(1_000);
+        // Dataset files up to 4096 bytes are fingerprinted, one per call (other tests' files
+        // may be open in this process too).
+        let stop = AtomicBool::new(false);
+        let mut limiter = RateLimiter::new(None);
+        for _ in 0..64 {
+            if !t.hash_one_dataset(&mut limiter, &stop) {
+                break;
+            }
+        }
         let user = |pid| pb::WeightUser {
             pid,
             mapped: true,
@@ -617,12 +721,18 @@ mod tests {
         assert_eq!(b.sha256, "b".repeat(64));
         let d = input("dataset", &data).expect("the dataset is an input");
         assert_eq!((d.format.as_str(), d.size_bytes), ("parquet", 2048));
+        assert_eq!(d.sha256, crate::enroll::sha256_hex(&[1u8; 2048]));
         assert!(
             r.outputs.iter().any(|o| o.path == ckpt.to_string_lossy()),
             "{r:#?}"
         );
 
+        // Once a run, a run until it ends: the next report without the inventory still has it.
+        assert_eq!(t.runs(&[], &[], &|_| None, 2_500).len(), 1);
         // Without a base mapped and without a GPU, writing a weight file is no training run.
+        let t = TrainingHandle::new(Tracker::new(Path::new("/proc"), 1024));
+        t.set_candidates(vec![me]);
+        t.sample(2_800);
         let runs = t.runs(&[], &[], &|_| None, 3_000);
         assert!(runs.is_empty(), "{runs:#?}");
         // With a GPU it is.

@@ -75,6 +75,12 @@ pub struct Alert {
     pub opened_at: String,
     /// When the breach was resolved (RFC 3339), for "resolved".
     pub resolved_at: Option<String>,
+    /// The latest signed checkpoint of the breach log's head when the alert was sent
+    /// ([`sov_evidence::checkpoint::SignedCheckpoint::to_json`]): kept by the receiver, it lets
+    /// `sov-collector verify-log --checkpoint FILE` find a log rewritten or cut short later.
+    /// Absent when none was signed yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<serde_json::Value>,
 }
 
 /// Alert severities, ordered.
@@ -392,6 +398,7 @@ mod tests {
             at: "2025-01-02T03:04:05Z".into(),
             opened_at: "2025-01-02T03:00:00Z".into(),
             resolved_at: (state == "resolved").then(|| "2025-01-02T03:04:05Z".into()),
+            checkpoint: None,
         }
     }
 

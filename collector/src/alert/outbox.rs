@@ -59,6 +59,7 @@ pub fn alert_of(record: &LogRecord) -> Alert {
         at: rfc3339(record.at_unix_ms),
         opened_at: rfc3339(ms("opened_at_unix_ms").unwrap_or(record.at_unix_ms)),
         resolved_at: ms("resolved_at_unix_ms").map(rfc3339),
+        checkpoint: None,
     }
 }
 
@@ -150,21 +151,29 @@ impl SinkWorker {
             if row.next_attempt_unix_ms > now {
                 break;
             }
-            let alert: Alert = match serde_json::from_str::<serde_json::Value>(&row.item.payload) {
-                Ok(v) => alert_from_json(&v),
-                Err(e) => {
-                    let settle = Settle::Failed {
-                        attempts: row.attempts.saturating_add(1),
-                        at_unix_ms: now,
-                        error: format!("stored payload is not JSON: {e}"),
-                    };
-                    self.store
-                        .outbox_settle(name, row.item.log_seq, settle)
-                        .await?;
-                    settled += 1;
-                    continue;
-                }
-            };
+            let mut alert: Alert =
+                match serde_json::from_str::<serde_json::Value>(&row.item.payload) {
+                    Ok(v) => alert_from_json(&v),
+                    Err(e) => {
+                        let settle = Settle::Failed {
+                            attempts: row.attempts.saturating_add(1),
+                            at_unix_ms: now,
+                            error: format!("stored payload is not JSON: {e}"),
+                        };
+                        self.store
+                            .outbox_settle(name, row.item.log_seq, settle)
+                            .await?;
+                        settled += 1;
+                        continue;
+                    }
+                };
+            // The latest signed checkpoint at the time of sending (not of enqueueing).
+            let checkpoint = crate::checkpoint::latest_json(
+                self.store.as_ref(),
+                sov_evidence::checkpoint::BREACH_LOG,
+            )
+            .await;
+            alert.checkpoint = (!checkpoint.is_null()).then_some(checkpoint);
             let outcome = super::attempt(self.sink.as_ref(), &alert, row.attempts).await;
             let now = sov_common::clock::now_unix_ms();
             let settle = match outcome {
@@ -250,6 +259,7 @@ fn alert_from_json(v: &serde_json::Value) -> Alert {
             .get("resolved_at")
             .and_then(|x| x.as_str())
             .map(str::to_owned),
+        checkpoint: None,
     }
 }
 

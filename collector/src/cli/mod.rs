@@ -82,24 +82,34 @@ enum Command {
         #[command(subcommand)]
         command: token::TokenCommand,
     },
-    /// Check the audit log's hash chain from its first record: prints the record count and
-    /// the last hash (exit 0), or the first bad record and why (exit 1).
+    /// Check the audit log's hash chain from its first record and against every checkpoint
+    /// of its head the collector signed: prints the record count, the last hash and the last
+    /// checkpoint (exit 0), or the first bad record or checkpoint and why (exit 1).
     VerifyAudit {
-        /// Configuration file (TOML) naming the store.
+        /// Configuration file (TOML) naming the store and the collector's certificate.
         #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
         config: PathBuf,
+        /// A signed checkpoint kept elsewhere: a file holding one (an alert's JSON body, an
+        /// evidence report), checked as well. Repeatable.
+        #[arg(long = "checkpoint", value_name = "FILE")]
+        checkpoints: Vec<PathBuf>,
     },
     /// One-time enrollment tokens for `sov-agent enroll`.
     EnrollToken {
         #[command(subcommand)]
         command: enroll_token::EnrollTokenCommand,
     },
-    /// Check the breach log's hash chain from its first record: prints the record count and
-    /// the last hash (exit 0), or the first bad record and why (exit 1).
+    /// Check the breach log's hash chain from its first record and against every checkpoint
+    /// of its head the collector signed: prints the record count, the last hash and the last
+    /// checkpoint (exit 0), or the first bad record or checkpoint and why (exit 1).
     VerifyLog {
-        /// Configuration file (TOML) naming the store.
+        /// Configuration file (TOML) naming the store and the collector's certificate.
         #[arg(long, short, env = "SOV_COLLECTOR_CONFIG")]
         config: PathBuf,
+        /// A signed checkpoint kept elsewhere: a file holding one (an alert's JSON body, an
+        /// evidence report), checked as well. Repeatable.
+        #[arg(long = "checkpoint", value_name = "FILE")]
+        checkpoints: Vec<PathBuf>,
     },
 }
 
@@ -155,8 +165,14 @@ pub fn main() -> ExitCode {
         Command::Pki { command } => pki::run(command),
         Command::Geo { command } => geo::run(command),
         Command::Policy { command } => policy::run(command),
-        Command::VerifyLog { config } => verify::run(&config, verify::Chain::Breaches),
-        Command::VerifyAudit { config } => verify::run(&config, verify::Chain::Audit),
+        Command::VerifyLog {
+            config,
+            checkpoints,
+        } => verify::run(&config, verify::Chain::Breaches, &checkpoints),
+        Command::VerifyAudit {
+            config,
+            checkpoints,
+        } => verify::run(&config, verify::Chain::Audit, &checkpoints),
         Command::Token { command } => token::run(command),
         Command::EnrollToken { command } => enroll_token::run(command),
         Command::DemoSender { weights, to } => match crate::dev::demo::sender(&weights, to) {

@@ -13,6 +13,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::Policy;
 use super::allow::{AllowEntry, AllowList, AllowTarget};
+use super::datasets::DatasetRule;
 use super::models::ModelRule;
 use super::publishers::Publishers;
 
@@ -49,6 +50,10 @@ pub struct PolicyConfig {
     /// `[[model]]`: model classes; the first matching rule wins.
     #[serde(default, rename = "model")]
     pub models: Vec<ModelRuleConfig>,
+    /// `[[dataset]]`: dataset classes (for the files training runs read); the first matching
+    /// rule wins.
+    #[serde(default, rename = "dataset")]
+    pub datasets: Vec<DatasetRuleConfig>,
     /// `[[publisher]]`: publisher → origin country, extending or overriding the built-in table.
     #[serde(default, rename = "publisher")]
     pub publishers: Vec<PublisherConfig>,
@@ -122,6 +127,19 @@ pub struct SiteConfig {
 pub struct ModelRuleConfig {
     /// `sha256:<hex>`, `publisher:<glob>`, `ollama:<name:tag glob>`, `gguf:<name glob>`,
     /// `repo:<glob>`, or a bare repository-id glob such as "meta-llama/*". Required.
+    #[serde(default, rename = "match")]
+    pub pattern: String,
+    /// "restricted" or "public". Required.
+    #[serde(default)]
+    pub class: String,
+}
+
+/// One `[[dataset]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetRuleConfig {
+    /// `sha256:<hex>`, `path:<glob>` (or a bare glob starting with "/"), `name:<file-name
+    /// glob>`, `repo:<glob>` or a bare Hugging Face dataset-id glob such as "gov-ma/*". Required.
     #[serde(default, rename = "match")]
     pub pattern: String,
     /// "restricted" or "public". Required.
@@ -354,6 +372,18 @@ impl PolicyConfig {
             }
         }
 
+        let mut datasets = Vec::with_capacity(self.datasets.len());
+        for (i, d) in self.datasets.iter().enumerate() {
+            match DatasetRule::parse(i, &d.pattern, &d.class) {
+                Ok(rule) => datasets.push(rule),
+                Err(problems) => {
+                    for (field, message) in problems {
+                        p.push(&format!("dataset[{i}].{field}"), message);
+                    }
+                }
+            }
+        }
+
         let mut publishers = Publishers::default();
         let mut publisher_index: BTreeMap<String, usize> = BTreeMap::new();
         for (i, pb) in self.publishers.iter().enumerate() {
@@ -495,6 +525,7 @@ impl PolicyConfig {
             thresholds: self.thresholds,
             verdicts,
             models,
+            datasets,
             publishers,
             allow: AllowList::new(allow),
             warnings,

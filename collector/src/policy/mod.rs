@@ -5,6 +5,7 @@
 //! Parts:
 //! - [`file`](mod@file): the TOML schema ([`PolicyConfig`], [`Thresholds`]) and its validation;
 //! - [`models`]: `[[model]]` rules and [`ModelClass`] matching;
+//! - [`datasets`]: `[[dataset]]` rules, the class of the dataset files training runs read;
 //! - [`publishers`]: publisher → origin country, built-in defaults plus `[[publisher]]`;
 //! - [`allow`]: the `[[allow]]` list ([`AllowVerdict`]);
 //! - [`watch`]: [`PolicyWatch`], which reloads the file when it changes;
@@ -15,6 +16,7 @@
 //! resolves breaches reads a [`Policy`] through these calls.
 
 pub mod allow;
+pub mod datasets;
 pub mod evaluator;
 pub mod file;
 pub mod models;
@@ -31,6 +33,7 @@ use sov_common::clock::now_unix_ms;
 use sov_common::config::Problems;
 
 pub use allow::{AllowEntry, AllowTarget, AllowVerdict, Workload};
+pub use datasets::{DatasetFacts, DatasetRule};
 pub use evaluator::{Evaluator, POLICY_RELOAD_EVERY};
 pub use file::{PolicyConfig, Thresholds, VerdictsConfig};
 pub use models::{ModelClass, ModelFacts, ModelPlaces, ModelRule};
@@ -83,6 +86,7 @@ pub struct Policy {
     /// `[verdicts]`: how contested and physically impossible verdicts count.
     pub verdicts: VerdictRules,
     models: Vec<ModelRule>,
+    datasets: Vec<DatasetRule>,
     publishers: publishers::Publishers,
     allow: allow::AllowList,
     warnings: Vec<String>,
@@ -173,6 +177,22 @@ impl Policy {
         &self.models
     }
 
+    /// A dataset file's class and the index of the `[[dataset]]` rule that decided it (the
+    /// first matching one); `(Unclassified, None)` when none matches.
+    pub fn dataset_class(&self, d: &DatasetFacts<'_>) -> (ModelClass, Option<usize>) {
+        self.datasets
+            .iter()
+            .find(|r| r.matches(d))
+            .map_or((ModelClass::Unclassified, None), |r| {
+                (r.class, Some(r.index))
+            })
+    }
+
+    /// The `[[dataset]]` rules in file order.
+    pub fn dataset_rules(&self) -> &[DatasetRule] {
+        &self.datasets
+    }
+
     /// Origin country of a publisher or of a repository id's organisation (`org/name` →
     /// `org`): the policy's `[[publisher]]` first, then the built-in defaults.
     pub fn publisher_country(&self, publisher_or_repo: &str) -> Option<String> {
@@ -241,12 +261,18 @@ impl Policy {
             .iter()
             .map(|r| serde_json::json!({"match": r.pattern, "class": r.class.as_str()}))
             .collect();
+        let datasets: Vec<serde_json::Value> = self
+            .datasets
+            .iter()
+            .map(|r| serde_json::json!({"match": r.pattern, "class": r.class.as_str()}))
+            .collect();
         let t = &self.thresholds;
         serde_json::json!({
             "jurisdiction": self.jurisdiction,
             "inside": self.inside,
             "sites": self.sites,
             "models": models,
+            "datasets": datasets,
             "allow": allow,
             "site_coordinates": self.site_points.iter().map(|(k, (lat, lon))| (k.clone(), serde_json::json!({"latitude": lat, "longitude": lon}))).collect::<serde_json::Map<String, serde_json::Value>>(),
             "verdicts": self.verdicts.to_json(),
@@ -262,12 +288,14 @@ impl Policy {
         })
     }
 
-    /// One line for `policy check`: counts of sites, model rules and allow entries.
+    /// One line for `policy check`: counts of sites, model rules, dataset rules and allow
+    /// entries.
     pub fn summary(&self) -> String {
         format!(
-            "{} sites, {} model rules, {} allow entries",
+            "{} sites, {} model rules, {} dataset rules, {} allow entries",
             self.sites.len(),
             self.models.len(),
+            self.datasets.len(),
             self.allow.len()
         )
     }
@@ -336,7 +364,10 @@ mod tests {
         assert_eq!(p.thresholds.exfiltration_fraction, 0.1);
         assert_eq!(p.thresholds.unresolved_bytes, 10 * 1024 * 1024);
         assert!(p.warnings().is_empty());
-        assert_eq!(p.summary(), "0 sites, 0 model rules, 0 allow entries");
+        assert_eq!(
+            p.summary(),
+            "0 sites, 0 model rules, 0 dataset rules, 0 allow entries"
+        );
     }
 
     #[test]

@@ -756,6 +756,18 @@ impl QueryService {
             "destinations": sov_evidence::view::breach_destinations(&breaches),
             "breaches": breaches,
             "breach_log": {"records": records, "truncated": truncated},
+            // The latest signed checkpoints of the logs' heads: a regulator keeping this report
+            // can later find the logs rewritten or cut short (`verify-log --checkpoint`).
+            "checkpoints": {
+                "breach_log": crate::checkpoint::latest_json(
+                    self.store.as_ref(),
+                    sov_evidence::checkpoint::BREACH_LOG,
+                ).await,
+                "audit_log": crate::checkpoint::latest_json(
+                    self.store.as_ref(),
+                    sov_evidence::checkpoint::AUDIT_LOG,
+                ).await,
+            },
             "geo_sources": self.geo.as_ref().map(crate::geo::Geo::builds).unwrap_or_default(),
         });
         let signed_json = signer

@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 use sov_proto::pb;
 
-use crate::policy::{Counted, Policy};
+use crate::policy::{Counted, DatasetFacts, Policy};
 use crate::store::{EgressQuery, GpuUsageRow, Store, StoreError};
 use sov_evidence::view::rfc3339;
 
@@ -549,6 +549,12 @@ fn training_part(policy: &Policy, inputs: &Inputs) -> Value {
                     "format": i.format,
                     "dataset": i.model,
                     "size": i.size_bytes,
+                    "sha256": i.sha256,
+                    "class": policy.dataset_class(&DatasetFacts {
+                        path: &i.path,
+                        sha256: &i.sha256,
+                        repo: &i.model,
+                    }).0.as_str(),
                 }));
             }
         }
@@ -595,7 +601,11 @@ mod tests {
 
     #[test]
     fn training_gives_the_known_answers_by_node_side_and_base_origin() {
-        let policy = policy_for("MA").unwrap();
+        let policy = Policy::parse(
+            "jurisdiction = \"MA\"\n[[dataset]]\nmatch = \"name:darija*\"\nclass = \"restricted\"\n",
+            "test",
+        )
+        .unwrap();
         let node = |name: &str, country: &str| pb::NodeSummary {
             node: name.into(),
             country: country.into(),
@@ -692,6 +702,7 @@ mod tests {
         assert_eq!(outside.len(), 1, "{t:#}");
         assert_eq!(outside[0]["path"], "/d/darija.parquet");
         assert_eq!(outside[0]["country"], "FR");
+        assert_eq!(outside[0]["class"], "restricted");
     }
 
     #[test]

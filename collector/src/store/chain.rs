@@ -5,6 +5,7 @@
 
 use sov_evidence::audit::AuditRecord;
 use sov_evidence::chain::{LogRecord, LogVerdict};
+use sov_evidence::checkpoint::Anchors;
 
 use super::{Store, StoreError};
 
@@ -68,12 +69,35 @@ pub(crate) const BREACH_LOG: ChainedLog =
 /// column, the call in the event column.
 pub(crate) const AUDIT_LOG: ChainedLog = chained_log!("audit log", "audit_log", "actor", "call");
 
+/// The chained log named `log` ([`sov_evidence::checkpoint::BREACH_LOG`] or
+/// [`sov_evidence::checkpoint::AUDIT_LOG`]).
+pub(crate) fn chained_log(log: &str) -> Result<&'static ChainedLog, StoreError> {
+    match log {
+        sov_evidence::checkpoint::BREACH_LOG => Ok(&BREACH_LOG),
+        sov_evidence::checkpoint::AUDIT_LOG => Ok(&AUDIT_LOG),
+        other => Err(StoreError::Range(format!("no chained log named {other:?}"))),
+    }
+}
+
 /// Records read per page by [`verify_store_log`] and [`verify_pages`]'s other callers.
 pub const VERIFY_PAGE: u32 = 1000;
 
 /// Check a hash chain read page by page: `page(after_seq)` gives the records after
 /// `after_seq` (empty at the end). Used for the breach log and the audit log.
-pub async fn verify_pages<F, Fut>(mut page: F) -> Result<LogVerdict, StoreError>
+pub async fn verify_pages<F, Fut>(page: F) -> Result<LogVerdict, StoreError>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<LogRecord>, StoreError>>,
+{
+    verify_pages_anchored(page, &mut Anchors::none()).await
+}
+
+/// [`verify_pages`], showing every verified record to `anchors` (signed checkpoints; a
+/// mismatch is the verdict's broken record). The caller ends with [`Anchors::finish`].
+pub async fn verify_pages_anchored<F, Fut>(
+    mut page: F,
+    anchors: &mut Anchors,
+) -> Result<LogVerdict, StoreError>
 where
     F: FnMut(u64) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<LogRecord>, StoreError>>,
@@ -85,7 +109,7 @@ where
         let Some(last) = records.last() else { break };
         after = last.seq;
         for r in &records {
-            if let Err(e) = v.push(r) {
+            if let Err(e) = v.push(r).and_then(|()| anchors.record(r.seq, &r.hash)) {
                 return Ok(LogVerdict::Broken(e));
             }
         }
@@ -98,14 +122,40 @@ where
 
 /// Read a store's whole breach log page by page and check its chain.
 pub async fn verify_store_log(store: &dyn Store) -> Result<LogVerdict, StoreError> {
-    verify_pages(|after| store.breach_log(after, VERIFY_PAGE)).await
+    verify_store_chain(
+        store,
+        sov_evidence::checkpoint::BREACH_LOG,
+        &mut Anchors::none(),
+    )
+    .await
 }
 
 /// Read a store's whole audit log page by page and check its chain.
 pub async fn verify_store_audit(store: &dyn Store) -> Result<LogVerdict, StoreError> {
-    verify_pages(|after| async move {
-        let page = store.audit_log(after, VERIFY_PAGE).await?;
-        Ok(page.iter().map(AuditRecord::as_log_record).collect())
-    })
+    verify_store_chain(
+        store,
+        sov_evidence::checkpoint::AUDIT_LOG,
+        &mut Anchors::none(),
+    )
     .await
+}
+
+/// Read the chained log `log` of a store page by page and check its chain and `anchors`.
+pub async fn verify_store_chain(
+    store: &dyn Store,
+    log: &str,
+    anchors: &mut Anchors,
+) -> Result<LogVerdict, StoreError> {
+    if chained_log(log)?.append == AUDIT_LOG.append {
+        verify_pages_anchored(
+            |after| async move {
+                let page = store.audit_log(after, VERIFY_PAGE).await?;
+                Ok(page.iter().map(AuditRecord::as_log_record).collect())
+            },
+            anchors,
+        )
+        .await
+    } else {
+        verify_pages_anchored(|after| store.breach_log(after, VERIFY_PAGE), anchors).await
+    }
 }

@@ -220,6 +220,41 @@ macro_rules! store_by_concern {
                 breaches::breach_log_end(self).await
             }
 
+            async fn chain_head(
+                &self,
+                log: &str,
+            ) -> Result<(u64, String), $crate::store::StoreError> {
+                breaches::chain_head(self, $crate::store::chained_log(log)?).await
+            }
+
+            async fn add_checkpoint(
+                &self,
+                log: &str,
+                seq: u64,
+                hash: &str,
+                at_unix_ms: i64,
+                signed: &str,
+            ) -> Result<(), $crate::store::StoreError> {
+                $crate::store::chained_log(log)?;
+                breaches::add_checkpoint(self, log, seq, hash, at_unix_ms, signed).await
+            }
+
+            async fn checkpoints(
+                &self,
+                log: &str,
+                after_seq: Option<u64>,
+                limit: u32,
+            ) -> Result<Vec<(u64, String)>, $crate::store::StoreError> {
+                breaches::checkpoints(self, log, after_seq, limit).await
+            }
+
+            async fn latest_checkpoint(
+                &self,
+                log: &str,
+            ) -> Result<Option<String>, $crate::store::StoreError> {
+                breaches::latest_checkpoint(self, log).await
+            }
+
             async fn outbox_cursor(
                 &self,
                 sink: &str,
@@ -312,6 +347,7 @@ pub(crate) use store_by_concern;
 
 mod chain;
 pub mod containers;
+mod generations;
 mod minutes;
 mod outbox;
 pub mod postgres;
@@ -328,8 +364,11 @@ mod suite_rollup;
 mod tokens;
 mod training;
 
-pub(crate) use chain::{AUDIT_LOG, BREACH_LOG, ChainedLog};
-pub use chain::{VERIFY_PAGE, verify_pages, verify_store_audit, verify_store_log};
+pub(crate) use chain::{AUDIT_LOG, BREACH_LOG, ChainedLog, chained_log};
+pub use chain::{
+    VERIFY_PAGE, verify_pages, verify_pages_anchored, verify_store_audit, verify_store_chain,
+    verify_store_log,
+};
 pub use outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
 pub use retention::{PRUNE_EVERY, PruneStats, Retention, prune_loop};
 pub use rollup::{RollupStats, rollup_loop};
@@ -536,6 +575,22 @@ pub struct WeightUpdate {
     pub files: Vec<sov_proto::pb::WeightFile>,
     /// Paths removed since the previous report.
     pub removed: Vec<String>,
+    /// Set when `files` is one chunk of a full inventory spanning several reports: the other
+    /// files are marked removed once every chunk of its generation is held
+    /// ([`generations`]).
+    pub chunk: Option<sov_proto::pb::InventoryChunk>,
+    /// Weight files the report withheld, by path (still there: never marked removed).
+    pub withheld_paths: Vec<String>,
+    /// The report withheld weight files without naming every path: its generation removes
+    /// nothing.
+    pub withheld_unnamed: bool,
+}
+
+impl WeightUpdate {
+    /// Whether applying it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.files.is_empty() && self.removed.is_empty() && self.chunk.is_none()
+    }
 }
 
 /// GPU-seconds of one process over a time range ([`Store::gpu_usage`]).
@@ -1072,6 +1127,35 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Sequence number of the last breach log record (0 when the log is empty).
     async fn breach_log_end(&self) -> Result<u64, StoreError>;
+
+    /// `(seq, hash)` of the last record of the chained log `log`
+    /// ([`sov_evidence::checkpoint::BREACH_LOG`] or [`sov_evidence::checkpoint::AUDIT_LOG`]);
+    /// `(0, GENESIS_HASH)` when it is empty.
+    async fn chain_head(&self, log: &str) -> Result<(u64, String), StoreError>;
+
+    /// Keep a signed checkpoint of `log`'s head at `seq` (its text, as
+    /// [`sov_evidence::checkpoint::SignedCheckpoint::to_text`] writes it); a second one of the
+    /// same `(log, seq)` (another replica, a restart) is ignored.
+    async fn add_checkpoint(
+        &self,
+        log: &str,
+        seq: u64,
+        hash: &str,
+        at_unix_ms: i64,
+        signed: &str,
+    ) -> Result<(), StoreError>;
+
+    /// The signed checkpoints of `log` with `seq > after_seq` (their texts), by seq, at most
+    /// `limit`.
+    async fn checkpoints(
+        &self,
+        log: &str,
+        after_seq: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<(u64, String)>, StoreError>;
+
+    /// The signed checkpoint of `log` with the highest seq (its text), if any.
+    async fn latest_checkpoint(&self, log: &str) -> Result<Option<String>, StoreError>;
 
     /// The outbox cursor of `sink`: the last breach log sequence number already enqueued for
     /// it, or `None` for a sink never seen.

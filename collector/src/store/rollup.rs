@@ -30,7 +30,7 @@ pub const ROLLUP_EVERY: Duration = Duration::from_secs(300);
 pub const DEFAULT_ROLLUP_AFTER_HOURS: u32 = 1;
 
 /// PostgreSQL advisory lock between the rollup (exclusive) and the late-row triggers
-/// (shared); the same number is in migration 0015.
+/// (shared); the same number is in the hourly-rollup migration (0016).
 pub const ROLLUP_LOCK_KEY: i64 = 7_309_475_598_591_748_457;
 
 /// What [`Store::roll_up`] did.

@@ -65,6 +65,7 @@ macro_rules! store_suite {
             a_models_declared_bases_are_listed_with_it_and_bounded,
             a_training_run_is_kept_at_its_latest_state_and_its_outputs_derive_from_it,
             deltas_add_and_remove_and_a_full_inventory_removes_what_it_does_not_list,
+            a_chunked_inventory_removes_what_no_chunk_names_once_every_chunk_is_held,
             egress_is_grouped_ordered_by_bytes_sent_and_limited,
             egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
             egress_refuses_an_unknown_grouping,
@@ -489,6 +490,7 @@ async fn inventory(
         full,
         files,
         removed,
+        ..Default::default()
     };
     assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
 }
@@ -584,6 +586,7 @@ pub(crate) async fn a_training_run_is_kept_at_its_latest_state_and_its_outputs_d
         full: true,
         files: vec![weight("/out/ckpt-1.safetensors", "ckpt-1", "")],
         removed: vec![],
+        ..Default::default()
     };
     assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
     // The next report: more GPU time, a second checkpoint.
@@ -771,6 +774,106 @@ pub(crate) async fn deltas_add_and_remove_and_a_full_inventory_removes_what_it_d
         db.count("SELECT COUNT(*) FROM weight_files WHERE removed_ms IS NOT NULL")
             .await,
         1
+    );
+}
+
+/// One chunk of generation `generation` of node "g", in the report `seq`: `files` (by model
+/// name, at `/m/<name>`), the paths it `withheld`, and whether it withheld some unnamed.
+#[allow(clippy::too_many_arguments)]
+async fn chunk(
+    store: &dyn Store,
+    seq: u64,
+    generation: u64,
+    index: u32,
+    last: bool,
+    files: &[&str],
+    withheld: &[&str],
+    unnamed: bool,
+) {
+    let mut r = report("g", 1, seq);
+    r.telemetry.weights = WeightUpdate {
+        files: files
+            .iter()
+            .map(|n| weight(&format!("/m/{n}"), n, ""))
+            .collect(),
+        chunk: Some(pb::InventoryChunk {
+            generation,
+            index,
+            last,
+            total_files: 0,
+        }),
+        withheld_paths: withheld.iter().map(|n| format!("/m/{n}")).collect(),
+        withheld_unnamed: unnamed,
+        ..Default::default()
+    };
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+}
+
+pub(crate) async fn a_chunked_inventory_removes_what_no_chunk_names_once_every_chunk_is_held(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let names = || async {
+        let mut v: Vec<String> = store
+            .list_models("", "", 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.model)
+            .collect();
+        v.sort();
+        v
+    };
+    inventory(
+        store,
+        "g",
+        1,
+        true,
+        vec![
+            weight("/m/a", "a", ""),
+            weight("/m/b", "b", ""),
+            weight("/m/c", "c", ""),
+        ],
+        vec![],
+    )
+    .await;
+    // Generation 100 in three chunks, out of order; b was deleted, d is new. Until every chunk
+    // is held nothing is removed.
+    chunk(store, 4, 100, 2, true, &["c"], &[], false).await;
+    chunk(store, 2, 100, 0, false, &["a"], &[], false).await;
+    assert_eq!(names().await, ["a", "b", "c"]);
+    chunk(store, 3, 100, 1, false, &["d"], &[], false).await;
+    assert_eq!(names().await, ["a", "c", "d"], "b is in no chunk");
+    // A chunk sent again (a later seq) changes nothing.
+    chunk(store, 5, 100, 0, false, &["a"], &[], false).await;
+    assert_eq!(names().await, ["a", "c", "d"]);
+    // Generation 200 loses its chunk 1 (a gap): nothing is removed, d stays.
+    chunk(store, 6, 200, 0, false, &["a"], &[], false).await;
+    chunk(store, 8, 200, 2, true, &["c"], &[], false).await;
+    assert_eq!(names().await, ["a", "c", "d"]);
+    // An older generation completing late removes nothing.
+    chunk(store, 9, 50, 0, true, &["a"], &[], false).await;
+    assert_eq!(names().await, ["a", "c", "d"]);
+    // A generation that withheld files without naming them removes nothing; one that named
+    // them keeps them.
+    chunk(store, 10, 300, 0, true, &["a"], &[], true).await;
+    assert_eq!(names().await, ["a", "c", "d"]);
+    chunk(store, 11, 400, 0, true, &["a"], &["c", "d"], false).await;
+    assert_eq!(names().await, ["a", "c", "d"]);
+    // A file reported (as a change) after a generation's first chunk is kept by it.
+    chunk(store, 12, 500, 0, false, &["a"], &[], false).await;
+    inventory(store, "g", 13, false, vec![weight("/m/e", "e", "")], vec![]).await;
+    chunk(store, 14, 500, 1, true, &["c"], &[], false).await;
+    assert_eq!(
+        names().await,
+        ["a", "c", "e"],
+        "d is gone, e came after the start"
+    );
+    // Complete generations leave no rows behind.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM weight_generation_paths WHERE generation <= 500")
+            .await,
+        0
     );
 }
 

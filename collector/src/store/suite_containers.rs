@@ -202,6 +202,7 @@ pub(crate) async fn weight_copies_and_users_carry_their_container(db: &dyn Backe
         full: true,
         files: vec![w, host],
         removed: vec![],
+        ..Default::default()
     };
     assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
     let models = store.list_models("", "", 10).await.unwrap();

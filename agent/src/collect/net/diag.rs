@@ -43,6 +43,14 @@ const TCPI_RTT: usize = 68;
 const TCPI_BYTES_ACKED: usize = 120;
 const TCPI_BYTES_RECEIVED: usize = 128;
 const TCPI_MIN_RTT: usize = 148;
+/// `TCPDIAG_GETSOCK`: the original `inet_diag` request (`struct inet_diag_req`), still served by
+/// every kernel; its dump covers both address families in one walk of the TCP hash tables.
+const TCPDIAG_GETSOCK: u16 = 18;
+/// `sizeof(struct inet_diag_req)`: family, source and destination prefix lengths, extensions
+/// (4 bytes), `struct inet_diag_sockid` (48), states and tables (8).
+const INET_DIAG_REQ_LEN: usize = 60;
+/// Netlink header length.
+const NLMSG_HDRLEN: usize = 16;
 
 /// Why a dump (or a destroy-event subscription) failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +84,9 @@ pub struct Dumper {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+    /// Whether the one-walk TCP dump of both families ([`TCPDIAG_GETSOCK`]) works here
+    /// (`None`: not tried yet).
+    both_families: Option<bool>,
 }
 
 impl Dumper {
@@ -91,6 +102,7 @@ impl Dumper {
             socket,
             seq: 0,
             buf: vec![0; DUMP_RECV_BUFFER],
+            both_families: None,
         })
     }
 
@@ -105,14 +117,59 @@ impl Dumper {
         out: &mut Vec<ObservedSocket>,
         wanted: impl Fn(bool, bool) -> bool,
     ) -> Result<(), DiagError> {
+        // TCP of both families in one walk of the node-wide hash tables where the kernel
+        // serves it (a dump walks every bucket whatever the namespace holds: two family dumps
+        // walk them twice).
+        let mut tcp_done = false;
+        if wanted(false, true) && wanted(true, true) && self.both_families != Some(false) {
+            let at = out.len();
+            match self.dump_tcp_both_families(out) {
+                Ok(()) => {
+                    self.both_families = Some(true);
+                    tcp_done = true;
+                }
+                Err(e) => {
+                    out.truncate(at);
+                    tracing::debug!(error = %e, "one-walk TCP dump refused; one dump per family");
+                    self.both_families = Some(false);
+                }
+            }
+        }
         for family in [AF_INET, AF_INET6] {
             for protocol in [IPPROTO_TCP, IPPROTO_UDP] {
+                if tcp_done && protocol == IPPROTO_TCP {
+                    continue;
+                }
                 if wanted(family == AF_INET6, protocol == IPPROTO_TCP) {
                     self.dump(family, protocol, out)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Dump the TCP sockets of both families with one `TCPDIAG_GETSOCK` request (same states
+    /// and `tcp_info` as [`Dumper::dump`]).
+    pub fn dump_tcp_both_families(
+        &mut self,
+        out: &mut Vec<ObservedSocket>,
+    ) -> Result<(), DiagError> {
+        let states = StateFlags::all() - StateFlags::TIME_WAIT - StateFlags::SYN_RECV;
+        self.seq = self.seq.wrapping_add(1);
+        let len = NLMSG_HDRLEN + INET_DIAG_REQ_LEN;
+        let mut req = Vec::with_capacity(len);
+        req.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
+        req.extend_from_slice(&TCPDIAG_GETSOCK.to_ne_bytes());
+        req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        req.extend_from_slice(&self.seq.to_ne_bytes());
+        req.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+        // struct inet_diag_req: the family is ignored by this dump (it answers both).
+        req.extend_from_slice(&[AF_INET, 0, 0, ExtensionFlags::INFO.bits()]);
+        req.extend_from_slice(&[0u8; 48]); // struct inet_diag_sockid: no filter
+        req.extend_from_slice(&states.bits().to_ne_bytes());
+        req.extend_from_slice(&0u32.to_ne_bytes()); // idiag_dbs
+        self.socket.send(&req, 0).map_err(DiagError::Io)?;
+        self.receive(pb::Protocol::Tcp, out)
     }
 
     /// Dump the sockets of one family (`AF_INET`, `AF_INET6`) and protocol (`IPPROTO_TCP`,
@@ -153,12 +210,20 @@ impl Dumper {
         let mut req = vec![0; packet.buffer_len()];
         packet.serialize(&mut req);
         self.socket.send(&req, 0).map_err(DiagError::Io)?;
-
         let hint = if tcp {
             pb::Protocol::Tcp
         } else {
             pb::Protocol::Udp
         };
+        self.receive(hint, out)
+    }
+
+    /// Receive the answer to the latest request (sequence number `self.seq`) into `out`.
+    fn receive(
+        &mut self,
+        hint: pb::Protocol,
+        out: &mut Vec<ObservedSocket>,
+    ) -> Result<(), DiagError> {
         loop {
             let n = self
                 .socket
@@ -194,7 +259,9 @@ impl Dumper {
                             )));
                         }
                     }
-                    SOCK_DIAG_BY_FAMILY => out.push(decode(msg.payload(), hint)?),
+                    SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => {
+                        out.push(decode(msg.payload(), hint)?);
+                    }
                     _ => {}
                 }
             }
@@ -310,5 +377,65 @@ mod tests {
         assert_eq!(me.state, netlink_packet_sock_diag::constants::TCP_LISTEN);
         assert_ne!(me.inode, 0);
         assert_ne!(me.cookie, 0);
+    }
+
+    #[test]
+    fn one_tcp_dump_of_both_families_equals_the_two_family_dumps() {
+        let Ok(mut d) = Dumper::open() else {
+            eprintln!("SKIP: NETLINK_SOCK_DIAG refused on this machine");
+            return;
+        };
+        // A connection over each family, with bytes, so that tcp_info matters.
+        let mut held = Vec::new();
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(l) = std::net::TcpListener::bind(addr) else {
+                continue; // no IPv6 here
+            };
+            let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            std::io::Write::write_all(&mut c, &[1u8; 1000]).unwrap();
+            held.push((l, c, s));
+        }
+        let key = |s: &ObservedSocket| (s.cookie, s.local, s.remote, s.inode);
+        let ours = |v: &[ObservedSocket]| -> Vec<(u64, SocketAddr, SocketAddr, u32)> {
+            let mut v: Vec<_> = v
+                .iter()
+                .filter(|s| {
+                    held.iter().any(|(l, _, _)| {
+                        let p = l.local_addr().unwrap().port();
+                        s.local.port() == p || s.remote.port() == p
+                    })
+                })
+                .map(key)
+                .collect();
+            v.sort();
+            v
+        };
+        let mut both = Vec::new();
+        if let Err(e) = d.dump_tcp_both_families(&mut both) {
+            eprintln!("SKIP: TCPDIAG_GETSOCK refused here ({e}); dump_where uses two dumps");
+            return;
+        }
+        let mut two = Vec::new();
+        d.dump(AF_INET, IPPROTO_TCP, &mut two).unwrap();
+        d.dump(AF_INET6, IPPROTO_TCP, &mut two).unwrap();
+        assert_eq!(ours(&both), ours(&two));
+        assert_eq!(ours(&both).len(), 3 * held.len(), "listener and both ends");
+        let sender = both
+            .iter()
+            .find(|s| {
+                held.iter()
+                    .any(|(_, c, _)| c.local_addr().unwrap() == s.local)
+            })
+            .expect("a client end");
+        assert!(sender.tcp.is_some(), "tcp_info comes with it: {sender:?}");
+        assert_eq!(
+            d.both_families, None,
+            "dump_tcp_both_families alone does not decide"
+        );
+        let mut via = Vec::new();
+        d.dump_all(&mut via).unwrap();
+        assert_eq!(d.both_families, Some(true));
+        assert_eq!(ours(&via), ours(&both));
     }
 }

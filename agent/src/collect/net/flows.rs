@@ -131,6 +131,14 @@ pub struct Tracker {
     /// The namespace key its contributions carry (0: the agent's own).
     netns: u64,
     live: HashMap<u64, Seen>,
+    /// Owners of sockets not yet in a sample, seen by an owner glance ([`Tracker::glance`]):
+    /// socket key → (pid, when). A connection that opens and closes between two samples keeps
+    /// its owner through its destroy event.
+    glimpsed: HashMap<u64, (u32, i64)>,
+    /// Since the last [`Tracker::take_unseen`]: sockets closed before any sample saw them, and
+    /// of those the ones whose owner no glance saw either.
+    unseen_closed: u64,
+    unseen_unknown: u64,
     vanished: HashMap<u64, (Seen, i64)>,
     tcp_listen: HashSet<u16>,
     udp_bound: HashSet<u16>,
@@ -227,7 +235,10 @@ impl Tracker {
                 .live
                 .remove(&k)
                 .or_else(|| self.vanished.remove(&k).map(|(p, _)| p));
-            let pid = known.or_else(|| prev.as_ref().and_then(|p| p.pid));
+            let glimpsed = self.glimpsed.remove(&k).map(|(pid, _)| pid);
+            let pid = known
+                .or_else(|| prev.as_ref().and_then(|p| p.pid))
+                .or(glimpsed);
             summary.unknown_owners += usize::from(pid.is_none());
             let direction = prev
                 .as_ref()
@@ -296,9 +307,14 @@ impl Tracker {
                 .live
                 .remove(&k)
                 .or_else(|| self.vanished.remove(&k).map(|(p, _)| p));
+            let glimpsed = self.glimpsed.remove(&k).map(|(pid, _)| pid);
             let Some(start_ms) = self.last_ms else {
                 continue;
             };
+            if prev.is_none() {
+                self.unseen_closed += 1;
+                self.unseen_unknown += u64::from(glimpsed.is_none());
+            }
             let fin = e.tcp.map(|c| (c.bytes_acked, c.bytes_received));
             let (bytes, pid, direction) = match prev {
                 Some(p) => {
@@ -310,7 +326,7 @@ impl Tracker {
                     };
                     (bytes, p.pid, p.direction)
                 }
-                None => (fin, None, self.direction(e)),
+                None => (fin, glimpsed, self.direction(e)),
             };
             out.push(Contribution {
                 protocol: e.protocol,
@@ -330,11 +346,61 @@ impl Tracker {
         events.len()
     }
 
+    /// An owner glance between two samples: remember the owner of every connected socket of
+    /// `socks` that no sample has seen yet (`owner` maps an inode to its pid). Returns how many
+    /// were remembered.
+    pub fn glance(
+        &mut self,
+        socks: &[ObservedSocket],
+        now_ms: i64,
+        owner: &dyn Fn(u32) -> Option<u32>,
+    ) -> usize {
+        let mut n = 0;
+        for s in socks {
+            if is_listener(s) || s.inode == 0 {
+                continue;
+            }
+            let k = key(s);
+            if self.live.contains_key(&k)
+                || self.vanished.contains_key(&k)
+                || self.glimpsed.contains_key(&k)
+            {
+                continue;
+            }
+            if let Some(pid) = owner(s.inode) {
+                self.glimpsed.insert(k, (pid, now_ms));
+                n += 1;
+            }
+        }
+        if self.glimpsed.len() > MAX_VANISHED {
+            // Bounded like the vanished sockets: the oldest go first.
+            let mut ages: Vec<(i64, u64)> = self.glimpsed.iter().map(|(k, v)| (v.1, *k)).collect();
+            ages.sort_unstable();
+            let excess = self.glimpsed.len() - MAX_VANISHED;
+            for (_, k) in ages.into_iter().take(excess) {
+                self.glimpsed.remove(&k);
+            }
+        }
+        n
+    }
+
+    /// Sockets closed before any sample saw them since the previous call, and of those the
+    /// ones whose owner stayed unknown.
+    pub fn take_unseen(&mut self) -> (u64, u64) {
+        (
+            std::mem::take(&mut self.unseen_closed),
+            std::mem::take(&mut self.unseen_unknown),
+        )
+    }
+
     /// End a sample: it becomes the start of the next interval. Sockets that waited too long
     /// for their destroy event expire (all of them at once when there is no destroy
     /// subscription). Returns how many TCP sockets' last bytes were lost.
     pub fn finish(&mut self, now_ms: i64, subscribed: bool) -> u64 {
         self.last_ms = Some(now_ms);
+        // A glimpsed socket whose close never came within the keep time is forgotten.
+        self.glimpsed
+            .retain(|_, (_, at)| now_ms - *at <= VANISHED_KEEP_MS);
         let mut missed = 0u64;
         self.vanished.retain(|_, (seen, at)| {
             let keep = subscribed && now_ms - *at <= VANISHED_KEEP_MS;
@@ -776,6 +842,42 @@ mod tests {
         assert_eq!(t.vanished(), 0);
         // Once its event is folded in, a socket is forgotten.
         assert!(!t.live.contains_key(&1));
+    }
+
+    #[test]
+    fn a_connection_glimpsed_between_samples_keeps_its_owner_when_it_closes_unseen() {
+        let mut t = Tracker::default();
+        let mut out = vec![];
+        t.observe_dump(&[], 1000, NOBODY, &mut out);
+        assert_eq!(t.finish(1000, true), 0);
+        // A glance between samples sees socket 5 (inode 9, pid 77) while it is open.
+        let mut s5 = sock(5, "10.0.0.1:40005", "192.0.2.1:443", 10, 1);
+        s5.inode = 9;
+        let owner: &dyn Fn(u32) -> Option<u32> = &|ino| (ino == 9).then_some(77);
+        assert_eq!(t.glance(&[s5], 1300, owner), 1);
+        // Both close before the next sample: 5 keeps its owner, 6 (never glimpsed) has none.
+        let events = [
+            sock(5, "10.0.0.1:40005", "192.0.2.1:443", 300_000, 1),
+            sock(6, "10.0.0.1:40006", "192.0.2.1:443", 300_000, 1),
+        ];
+        assert_eq!(t.absorb_destroyed(&events, 1600, &mut out), 2);
+        assert_eq!((out[0].pid, out[0].bytes), (Some(77), Some((300_000, 1))));
+        assert_eq!(out[1].pid, None);
+        assert_eq!(
+            t.take_unseen(),
+            (2, 1),
+            "two closed unseen, one without owner"
+        );
+        assert_eq!(t.take_unseen(), (0, 0));
+        assert!(t.glimpsed.is_empty(), "a glimpsed owner is used once");
+        // A glimpsed socket still open at the next sample is followed by the sample.
+        let mut s7 = sock(7, "10.0.0.1:40007", "192.0.2.1:443", 5, 1);
+        s7.inode = 9;
+        t.glance(std::slice::from_ref(&s7), 1700, owner);
+        s7.inode = 0; // as if the owner walk had not found it: the glance's owner is kept
+        t.observe_dump(&[s7], 2000, NOBODY, &mut out);
+        assert_eq!(out.last().map(|c| c.pid), Some(Some(77)));
+        assert!(t.glimpsed.is_empty());
     }
 
     #[test]

@@ -29,8 +29,13 @@
 //! Measured on this development machine (kernel 6.18, root); see the tests and
 //! `tests/examples/bench_flows.rs`.
 //! - **Connections that open and close between two samples** are caught by the destroy events,
-//!   with their full counters, but their **owner is unknown** (the event carries no inode and the
-//!   descriptor is already closed): they are reported with `pid = 0, owner_unknown = true`.
+//!   with their full counters; the event carries no inode and the descriptor is already closed,
+//!   so their owner comes from an **owner glance**: once a connection closed unseen, the
+//!   sampling thread dumps the TCP sockets every [`ABSORB_PERIOD`] for [`GLANCE_FOR`] and
+//!   remembers the owner of each connection no sample has seen ([`NetCollector::glance`]). A
+//!   connection that opens and closes within one glance period (about 250 ms), or the first
+//!   ones after a quiet spell, stay **without owner**: reported with `pid = 0,
+//!   owner_unknown = true` and counted in `NetStatus::short_unknown_owners`.
 //! - **No destroy subscription** (netlink filtered by seccomp/LSM, kernel without the groups):
 //!   `NetStatus::destroy_events` is false and `reason` says why; such short connections are then
 //!   not seen at all, and a connection that closes loses its bytes since the last sample; each
@@ -111,8 +116,13 @@ pub const MODE_PROC_FALLBACK: &str = "proc-fallback";
 pub const MODE_DISABLED: &str = "disabled";
 /// Where the kernel's process table is mounted.
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
-/// How often the sampling thread folds in destroy events between two samples.
+/// How often the sampling thread folds in destroy events between two samples (and, while
+/// short connections come, glances at the sockets' owners).
 pub const ABSORB_PERIOD: Duration = Duration::from_millis(250);
+/// After a connection closed before any sample saw it, the sampling thread glances at the
+/// sockets' owners every [`ABSORB_PERIOD`] for this long ([`NetCollector::glance`]); a node
+/// without such connections pays nothing.
+pub const GLANCE_FOR: Duration = Duration::from_secs(120);
 /// The pending flow table holds at most this many times `max_flows_per_report` distinct flows
 /// (and at least [`MIN_TABLE_FLOWS`]); beyond it new flows go to their "other" flow at once.
 pub const TABLE_FLOWS_FACTOR: usize = 2;
@@ -160,6 +170,14 @@ pub struct NetStatus {
     pub namespaces_fallback: usize,
     /// Namespaces left unobserved because `[net] max_namespaces` was reached.
     pub namespaces_skipped: usize,
+    /// Connections that closed before any sample saw them (caught by their destroy event),
+    /// since the previous take.
+    pub short_connections: u64,
+    /// Of those, the ones whose owner no glance saw either (they opened and closed within one
+    /// glance period, or the owner is invisible): reported with `owner_unknown`.
+    pub short_unknown_owners: u64,
+    /// Owner glances taken since the previous take.
+    pub glances: u64,
 }
 
 /// Construction options beyond the configuration (tests, tools).
@@ -240,6 +258,9 @@ impl Shared {
         s.sample_errors = 0;
         s.missed_final = 0;
         s.destroy_overruns = 0;
+        s.short_connections = 0;
+        s.short_unknown_owners = 0;
+        s.glances = 0;
         (flows, status)
     }
 }
@@ -298,6 +319,8 @@ pub struct NetCollector {
     containers: Option<Containers>,
     /// `[net] conntrack_accounting`: set `nf_conntrack_acct = 1` in observed namespaces.
     conntrack_accounting: bool,
+    /// Glance at owners between samples until then (set when a connection closed unseen).
+    glance_until: Option<Instant>,
 }
 
 /// The agent's own namespace's conntrack socket (switching accounting on when configured).
@@ -482,6 +505,7 @@ impl NetCollector {
             capacity_hint: 0,
             containers: None,
             conntrack_accounting: cfg.conntrack_accounting,
+            glance_until: None,
         }
     }
 
@@ -786,6 +810,7 @@ impl NetCollector {
         // Destroy events after the dumps: a socket freed during a dump may be in it; its event
         // then counts final − dumped counters (the dump was folded in first).
         let destroyed = self.absorb_into(now_unix_ms, &mut contributions);
+        let (short, short_unknown) = self.take_unseen();
         let mut missed = 0;
         for (key, _, mode) in &dumps {
             if let Some(ns) = self.namespaces.get_mut(key) {
@@ -831,6 +856,8 @@ impl NetCollector {
         st.sample_errors += errors;
         st.missed_final += missed;
         st.destroy_overruns += losses;
+        st.short_connections += short;
+        st.short_unknown_owners += short_unknown;
         st.namespaces = dumps.len();
         st.namespaces_fallback = fallback;
         st.namespaces_skipped = skipped;
@@ -871,6 +898,7 @@ impl NetCollector {
         let mut contributions = Vec::new();
         let n = self.absorb_into(now_unix_ms, &mut contributions);
         let losses = self.destroy_losses();
+        let (short, short_unknown) = self.take_unseen();
         if n == 0 && losses == 0 {
             return;
         }
@@ -880,6 +908,67 @@ impl NetCollector {
         }
         sh.status.destroyed_seen += n as u64;
         sh.status.destroy_overruns += losses;
+        sh.status.short_connections += short;
+        sh.status.short_unknown_owners += short_unknown;
+    }
+
+    /// Collect the trackers' counts of connections closed unseen; any such connection turns
+    /// owner glances on for [`GLANCE_FOR`].
+    fn take_unseen(&mut self) -> (u64, u64) {
+        let (mut short, mut unknown) = (0, 0);
+        for ns in self.namespaces.values_mut() {
+            let (s, u) = ns.tracker.take_unseen();
+            short += s;
+            unknown += u;
+        }
+        if short > 0 {
+            self.glance_until = Some(Instant::now() + GLANCE_FOR);
+        }
+        (short, unknown)
+    }
+
+    /// Between two samples, while connections close unseen ([`GLANCE_FOR`]): dump the sockets
+    /// of every namespace read over netlink and remember the owner of each connection no
+    /// sample has seen yet, so that when it closes before the next sample its destroy event
+    /// still gets its process. A connection that opens and closes within one glance period
+    /// stays without owner and is counted in `NetStatus::short_unknown_owners`.
+    pub fn glance(&mut self, now_unix_ms: i64) {
+        let now = Instant::now();
+        if !self.enabled || self.glance_until.is_none_or(|t| now >= t) {
+            return;
+        }
+        let mut dumps: Vec<(u64, Vec<ObservedSocket>)> = Vec::new();
+        for (key, ns) in &mut self.namespaces {
+            if ns.last_mode != Some(MODE_NETLINK) {
+                continue;
+            }
+            let Some(d) = ns.dumper.as_mut() else {
+                continue;
+            };
+            let mut socks = Vec::new();
+            // Connections only: TCP (UDP's short exchanges are counted by conntrack).
+            if d.dump_where(&mut socks, |_, tcp| tcp).is_ok() {
+                dumps.push((*key, socks));
+            }
+        }
+        if dumps.is_empty() {
+            return;
+        }
+        let procs = self.table.refresh(TABLE_MAX_AGE);
+        let live: HashSet<u32> = dumps
+            .iter()
+            .flat_map(|d| d.1.iter().map(|s| s.inode))
+            .filter(|i| *i != 0)
+            .collect();
+        self.owners.refresh(&live, now, Some(&procs));
+        let owners = &self.owners;
+        for (key, socks) in &dumps {
+            if let Some(ns) = self.namespaces.get_mut(key) {
+                ns.tracker
+                    .glance(socks, now_unix_ms, &|ino| owners.owner(ino));
+            }
+        }
+        lock(&self.shared).status.glances += 1;
     }
 
     fn absorb_into(&mut self, now_unix_ms: i64, out: &mut Vec<Contribution>) -> usize {
@@ -1030,6 +1119,7 @@ impl NetHandle {
                         }
                     } else {
                         collector.absorb_destroyed(now_unix_ms());
+                        collector.glance(now_unix_ms());
                         let wait = (next - now).min(ABSORB_PERIOD);
                         match requests.recv_timeout(wait) {
                             // Sample at once; the periodic schedule restarts from this sample,

@@ -42,6 +42,8 @@ pub struct WalkStats {
     pub pids_walked: u64,
     /// Links read (`readlink`).
     pub links_read: u64,
+    /// Processes passed over for an unchanged descriptor count (one `stat` each).
+    pub pids_passed: u64,
     /// Wall time of the latest walk.
     pub last_walk: Duration,
 }
@@ -52,9 +54,23 @@ pub struct OwnerCache {
     proc_root: PathBuf,
     owners: HashMap<u32, u32>,
     misses: HashMap<u32, Instant>,
-    /// Per walked pid: descriptor → socket inode, from its latest walk (live inodes only).
-    fds: HashMap<u32, HashMap<u32, u32>>,
+    /// Per walked process (bounded: one per live process, pruned with the process table or
+    /// at each listing): what its latest walk found.
+    fds: HashMap<u32, Walked>,
+    /// The newest process generation (`Gen::born`) in the table at the previous search.
+    born_seen: u64,
     stats: WalkStats,
+}
+
+/// One process's descriptors as of its latest walk.
+#[derive(Debug)]
+struct Walked {
+    /// Its generation in the process table (`None`: no table).
+    generation: Option<Gen>,
+    /// How many descriptors it had (the size of `/proc/<pid>/fd`, Linux 6.2+; 0: unknown).
+    count: u64,
+    /// Its socket descriptors then: (descriptor, socket inode) of live sockets, by descriptor.
+    socks: Box<[(u32, u32)]>,
 }
 
 impl OwnerCache {
@@ -65,6 +81,7 @@ impl OwnerCache {
             owners: HashMap::new(),
             misses: HashMap::new(),
             fds: HashMap::new(),
+            born_seen: 0,
             stats: WalkStats::default(),
         }
     }
@@ -83,6 +100,15 @@ impl OwnerCache {
     ///
     /// `procs`, the live processes of the shared process table when there is one, tells which
     /// owners exited (their inodes are looked for again) without a `stat` per owner.
+    ///
+    /// A search lists the descriptors of the processes that already own sockets first, then
+    /// of the processes born since the previous search (a new socket is most often a new
+    /// process's), then of every other one, each group oldest first (a socket inherited over
+    /// `fork` goes to the parent that opened it); in the last two groups a process whose
+    /// number of descriptors is the same as at its previous walk is first passed over (one
+    /// `stat` of `/proc/<pid>/fd` instead of listing it and reading its links: opening a
+    /// socket adds a descriptor). Only when a socket is still not found are those listed too
+    /// (one closed a descriptor and opened the socket), before the socket counts as a miss.
     pub fn refresh(
         &mut self,
         live: &HashSet<u32>,
@@ -92,6 +118,11 @@ impl OwnerCache {
         self.owners.retain(|ino, _| live.contains(ino));
         self.misses
             .retain(|ino, t| live.contains(ino) && now.duration_since(*t) < MISS_RETRY);
+        if let Some(p) = procs {
+            // Processes that left or were born again: their walk is stale.
+            self.fds
+                .retain(|pid, w| p.get(pid).is_some_and(|g| w.generation == Some(*g)));
+        }
         let owner_pids: HashSet<u32> = self.owners.values().copied().collect();
         let gone: HashSet<u32> = owner_pids
             .iter()
@@ -103,9 +134,8 @@ impl OwnerCache {
             .collect();
         if !gone.is_empty() {
             self.owners.retain(|_, pid| !gone.contains(pid));
+            self.fds.retain(|pid, _| !gone.contains(pid));
         }
-        self.fds
-            .retain(|pid, _| owner_pids.contains(pid) && !gone.contains(pid));
 
         let mut wanted: HashSet<u32> = live
             .iter()
@@ -131,42 +161,67 @@ impl OwnerCache {
         first.sort_unstable_by(|a, b| b.cmp(a));
         let first: Vec<u32> = first.into_iter().map(|(_, p)| p).collect();
         for &pid in &first {
-            self.walk_pid(pid, live, &mut wanted);
+            let generation = procs.and_then(|p| p.get(&pid).copied());
+            self.walk_pid(pid, generation, true, live, &mut wanted);
             if wanted.is_empty() {
                 self.stats.last_walk = started.elapsed();
                 return;
             }
         }
         let walked: HashSet<u32> = first.into_iter().collect();
-        if let Some(procs) = procs {
-            // The table's processes: no listing of /proc.
-            let mut pids: Vec<u32> = procs.keys().copied().collect();
-            pids.sort_unstable();
-            for pid in pids {
-                if walked.contains(&pid) {
-                    continue;
-                }
-                self.walk_pid(pid, live, &mut wanted);
-                if wanted.is_empty() {
-                    break;
-                }
+        // Every other process: those born since the previous search first.
+        let others: Vec<(u32, Option<Gen>)> = match procs {
+            Some(procs) => {
+                let seen = self.born_seen;
+                let mut v: Vec<(bool, u64, u32)> = procs
+                    .iter()
+                    .filter(|(p, _)| !walked.contains(p))
+                    .map(|(p, g)| (g.born <= seen, g.born, *p))
+                    .collect();
+                v.sort_unstable();
+                self.born_seen = v.iter().map(|(_, b, _)| *b).max().unwrap_or(0).max(seen);
+                v.into_iter()
+                    .map(|(_, _, p)| (p, procs.get(&p).copied()))
+                    .collect()
             }
-        } else if let Ok(dir) = fs::read_dir(&self.proc_root) {
-            for entry in dir.flatten() {
-                let Some(pid) = std::str::from_utf8(entry.file_name().as_bytes())
-                    .ok()
-                    .and_then(|s| s.parse::<u32>().ok())
-                else {
-                    continue;
+            None => {
+                let mut v: Vec<(u32, Option<Gen>)> = match fs::read_dir(&self.proc_root) {
+                    Ok(dir) => dir
+                        .flatten()
+                        .filter_map(|e| {
+                            std::str::from_utf8(e.file_name().as_bytes())
+                                .ok()
+                                .and_then(|s| s.parse::<u32>().ok())
+                        })
+                        .filter(|p| !walked.contains(p))
+                        .map(|p| (p, None))
+                        .collect(),
+                    Err(_) => Vec::new(),
                 };
-                if walked.contains(&pid) {
-                    continue;
-                }
-                self.walk_pid(pid, live, &mut wanted);
-                if wanted.is_empty() {
-                    break;
-                }
+                // Without a table, the listing bounds the walks kept.
+                let listed: HashSet<u32> = v.iter().map(|(p, _)| *p).collect();
+                self.fds
+                    .retain(|p, _| listed.contains(p) || walked.contains(p));
+                v.sort_unstable_by_key(|(p, _)| *p);
+                v
             }
+        };
+        let mut skipped = Vec::new();
+        for (pid, generation) in others {
+            if !self.walk_pid(pid, generation, false, live, &mut wanted) {
+                skipped.push((pid, generation));
+            }
+            if wanted.is_empty() {
+                break;
+            }
+        }
+        // Not found: a process skipped for its unchanged count may have closed a descriptor
+        // and opened the socket; list those too before calling it a miss.
+        for (pid, generation) in skipped {
+            if wanted.is_empty() {
+                break;
+            }
+            self.walk_pid(pid, generation, true, live, &mut wanted);
         }
         for ino in wanted {
             self.misses.insert(ino, now);
@@ -174,14 +229,40 @@ impl OwnerCache {
         self.stats.last_walk = started.elapsed();
     }
 
-    fn walk_pid(&mut self, pid: u32, live: &HashSet<u32>, wanted: &mut HashSet<u32>) {
+    /// Read `pid`'s socket descriptors, unless (`all` false) it has as many descriptors as
+    /// at its previous walk and every socket it held then is still live (a closed socket's
+    /// descriptor number may hold a new one). False when skipped so.
+    fn walk_pid(
+        &mut self,
+        pid: u32,
+        generation: Option<Gen>,
+        all: bool,
+        live: &HashSet<u32>,
+        wanted: &mut HashSet<u32>,
+    ) -> bool {
         let dir = self.proc_root.join(pid.to_string()).join("fd");
+        let old = self.fds.remove(&pid);
+        if !all
+            && let Some(w) = &old
+            && w.count > 0
+            && w.socks.iter().all(|(_, ino)| live.contains(ino))
+            && fs::metadata(&dir).is_ok_and(|m| m.len() == w.count)
+        {
+            cache::SOCKET_OWNER_WALK.hit();
+            self.stats.pids_passed += 1;
+            if let Some(w) = old {
+                self.fds.insert(pid, w);
+            }
+            return false;
+        }
+        cache::SOCKET_OWNER_WALK.miss();
         let Ok(entries) = fs::read_dir(&dir) else {
-            return;
+            return true;
         };
         self.stats.pids_walked += 1;
-        let old = self.fds.remove(&pid).unwrap_or_default();
-        let mut memo = HashMap::with_capacity(old.len());
+        let old_socks: &[(u32, u32)] = old.as_ref().map_or(&[], |w| &w.socks);
+        let mut socks: Vec<(u32, u32)> = Vec::new();
+        let mut count = 0u64;
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(fd) = std::str::from_utf8(name.as_bytes())
@@ -190,8 +271,13 @@ impl OwnerCache {
             else {
                 continue;
             };
-            let inode = match old.get(&fd) {
-                Some(&ino) if live.contains(&ino) => ino,
+            count += 1;
+            let remembered = old_socks
+                .binary_search_by_key(&fd, |(f, _)| *f)
+                .ok()
+                .map(|i| old_socks[i].1);
+            let inode = match remembered {
+                Some(ino) if live.contains(&ino) => ino,
                 _ => {
                     self.stats.links_read += 1;
                     let Ok(target) = fs::read_link(entry.path()) else {
@@ -203,16 +289,23 @@ impl OwnerCache {
                     }
                 }
             };
-            memo.insert(fd, inode);
+            socks.push((fd, inode));
             if let std::collections::hash_map::Entry::Vacant(e) = self.owners.entry(inode) {
                 e.insert(pid);
                 self.misses.remove(&inode);
                 wanted.remove(&inode);
             }
         }
-        if !memo.is_empty() {
-            self.fds.insert(pid, memo);
-        }
+        socks.sort_unstable();
+        self.fds.insert(
+            pid,
+            Walked {
+                generation,
+                count,
+                socks: socks.into_boxed_slice(),
+            },
+        );
+        true
     }
 }
 
@@ -303,6 +396,95 @@ mod tests {
             Some(11),
             "inherited by the child that still holds it"
         );
+    }
+
+    /// The socket inodes `pid` holds now (read straight from `/proc`).
+    fn sockets_of(pid: u32) -> Vec<u32> {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| fs::read_link(e.path()).ok())
+                    .filter_map(|t| parse_socket_link(t.as_os_str().as_bytes()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_process_that_swaps_a_file_for_a_socket_keeps_its_count_and_is_still_found() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        // Holds a file open; on "go" closes it and connects (the same number of descriptors).
+        const SWAP: &str = "import socket,sys\n\
+            f=open('/etc/hostname','rb')\n\
+            print('ready',flush=True)\n\
+            sys.stdin.readline()\n\
+            f.close()\n\
+            s=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\n\
+            print('done',flush=True)\n\
+            sys.stdin.readline()\n";
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let Ok(child) = Command::new("python3")
+            .args(["-c", SWAP, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+        else {
+            crate::skipped::record(
+                "collect::net::owners::a_process_that_swaps_a_file_for_a_socket",
+                "no python3",
+            );
+            return;
+        };
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut child = Kill(child);
+        let pid = child.0.id();
+        let mut out = BufReader::new(child.0.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        let table = crate::collect::proctable::ProcTable::new(Path::new("/proc"));
+        let mut cache = OwnerCache::new(Path::new("/proc"));
+        let me = sockets_of(std::process::id());
+        // Every process walked once: an inode nobody holds is looked for everywhere.
+        let mut live: HashSet<u32> = me.iter().copied().collect();
+        live.insert(u32::MAX - 7);
+        cache.refresh(&live, Instant::now(), Some(&table.refresh(Duration::ZERO)));
+        assert!(
+            me.iter()
+                .all(|i| cache.owner(*i) == Some(std::process::id()))
+        );
+
+        writeln!(child.0.stdin.as_mut().unwrap(), "go").unwrap();
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "done");
+        let (accepted, _) = l.accept().unwrap();
+        let theirs = sockets_of(pid);
+        assert_eq!(theirs.len(), 1, "the child holds one socket");
+        let mut live: HashSet<u32> = sockets_of(std::process::id()).into_iter().collect();
+        live.insert(theirs[0]);
+        let before = cache.stats();
+        cache.refresh(&live, Instant::now(), Some(&table.refresh(Duration::ZERO)));
+        assert_eq!(cache.owner(u32::MAX - 7), None);
+        assert_eq!(
+            cache.owner(theirs[0]),
+            Some(pid),
+            "found although its descriptor count did not change"
+        );
+        let after = cache.stats();
+        assert!(
+            after.pids_passed > before.pids_passed,
+            "unchanged processes were passed over first: {after:?}"
+        );
+        drop(accepted);
     }
 
     #[test]

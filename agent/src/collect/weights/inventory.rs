@@ -73,6 +73,14 @@ pub const MAX_NOT_WEIGHTS: usize = 200_000;
 pub const MAX_ERRORS: usize = 100;
 /// Hashing rate while the agent is over its resource budget, bytes per second.
 pub const REDUCED_HASH_RATE: u64 = 10 * 1024 * 1024;
+/// Share of the agent's CPU budget (`[budget] max_cpu_percent`) that fingerprinting may use;
+/// the rest is left to sampling, discovery and reporting.
+pub const HASH_BUDGET_SHARE: f64 = 0.5;
+/// The budget never slows fingerprinting below this rate, bytes per second (a restricted
+/// file must still be identified within minutes on a slow CPU).
+pub const MIN_BUDGET_HASH_RATE: u64 = 4 * 1024 * 1024;
+/// Slices shorter than this are not used to estimate the CPU cost of a byte (too noisy).
+const MIN_COST_SAMPLE_BYTES: u64 = 1 << 20;
 /// A listing of `/proc` made less than this long ago by another collector is reused (the
 /// process table's listing mode).
 pub const TABLE_MAX_AGE: Duration = Duration::from_secs(1);
@@ -282,6 +290,10 @@ pub struct WeightsScanner {
     table: Option<ProcTable>,
     /// Every process's mount namespace, maps and descriptors, between scans.
     files: users::ProcessFilesCache,
+    /// The agent's CPU budget, percent of one CPU, when fingerprinting must stay inside it.
+    cpu_budget_percent: Option<f32>,
+    /// What a fingerprinted byte costs in CPU here.
+    hash_cost: HashCost,
 }
 
 /// A file found inside a mount namespace (a container's root, or through a process).
@@ -344,6 +356,44 @@ fn source_rank(source: &str) -> u8 {
     }
 }
 
+/// The measured CPU cost of fingerprinting one byte on this machine (reading and sha256),
+/// a moving average over recent slices.
+#[derive(Debug, Default, Clone, Copy)]
+struct HashCost {
+    ns_per_byte: Option<f64>,
+}
+
+impl HashCost {
+    /// Accounts for one slice: `cpu_ns` of this thread's CPU spent on `bytes`.
+    fn observe(&mut self, cpu_ns: u64, bytes: u64) {
+        if bytes < MIN_COST_SAMPLE_BYTES || cpu_ns == 0 {
+            return;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let x = cpu_ns as f64 / bytes as f64;
+        self.ns_per_byte = Some(self.ns_per_byte.map_or(x, |p| 0.7 * p + 0.3 * x));
+    }
+
+    /// The rate, bytes per second, at which fingerprinting uses `HASH_BUDGET_SHARE` of
+    /// `max_cpu_percent`; `None` until a slice has been measured.
+    fn budget_rate(&self, max_cpu_percent: f32) -> Option<u64> {
+        let ns_per_byte = self.ns_per_byte.filter(|n| n.is_finite() && *n > 0.0)?;
+        let cpu_ns_per_sec = 1e9 * f64::from(max_cpu_percent.max(0.0)) / 100.0 * HASH_BUDGET_SHARE;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let rate = (cpu_ns_per_sec / ns_per_byte) as u64;
+        Some(rate.max(MIN_BUDGET_HASH_RATE))
+    }
+}
+
+/// CPU time this thread has used, nanoseconds (user and system: the reads count too).
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    u64::try_from(t.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(t.tv_nsec).unwrap_or(0))
+}
+
 fn configured_rate(cfg: &WeightsConfig) -> Option<u64> {
     (cfg.hash_rate_mb_per_sec > 0).then(|| cfg.hash_rate_mb_per_sec.saturating_mul(1_000_000))
 }
@@ -388,6 +438,9 @@ impl WeightsScanner {
     /// A scanner publishing into `handle`; the hash cache lives in `state_dir`.
     pub fn new(cfg: WeightsConfig, state_dir: &Path, handle: WeightsHandle) -> Self {
         let limiter = RateLimiter::new(configured_rate(&cfg));
+        let mut files = users::ProcessFilesCache::new(Path::new("/proc"));
+        // A file found through a process is examined only from process_min_file_bytes up.
+        files.set_min_mapped_bytes(cfg.process_min_file_bytes);
         Self {
             cache: HashCache::load(&state_dir.join(HASH_CACHE_FILE)),
             limiter,
@@ -401,8 +454,18 @@ impl WeightsScanner {
                 .ok()
                 .map(|m| (m.dev(), m.ino())),
             table: None,
-            files: users::ProcessFilesCache::new(Path::new("/proc")),
+            files,
+            cpu_budget_percent: None,
+            hash_cost: HashCost::default(),
         }
+    }
+
+    /// Keep fingerprinting within `HASH_BUDGET_SHARE` of this CPU budget (percent of one CPU),
+    /// whatever `hash_rate_mb_per_sec` allows: the rate follows the measured CPU cost of a
+    /// byte on this machine.
+    pub fn with_cpu_budget(mut self, max_cpu_percent: f32) -> Self {
+        self.cpu_budget_percent = Some(max_cpu_percent);
+        self
     }
 
     /// Follow the processes through the agent's shared process table (no listing of `/proc`
@@ -1135,13 +1198,23 @@ impl WeightsScanner {
                 let rate = self.current_rate();
                 self.limiter.set_rate(rate);
                 let partial = self.partials.remove(&key);
+                let start_done = partial.as_ref().map_or(0, |p| p.done);
+                let mut end_done = start_done;
+                let cpu_before = thread_cpu_ns();
                 let slice = hash::sha256_slice(
                     &path,
                     partial,
                     schedule::slice_bytes(rate),
                     &mut self.limiter,
                     cancel,
-                    &mut |done| progress(&key, done, size),
+                    &mut |done| {
+                        end_done = done;
+                        progress(&key, done, size);
+                    },
+                );
+                self.hash_cost.observe(
+                    thread_cpu_ns().saturating_sub(cpu_before),
+                    end_done.saturating_sub(start_done),
                 );
                 match slice {
                     // Cached under the key of the file actually read (it may have been
@@ -1179,10 +1252,16 @@ impl WeightsScanner {
     }
 
     fn current_rate(&self) -> Option<u64> {
+        let configured = configured_rate(&self.cfg);
         if self.handle.reduced.load(Ordering::Relaxed) {
-            Some(configured_rate(&self.cfg).map_or(REDUCED_HASH_RATE, |r| r.min(REDUCED_HASH_RATE)))
-        } else {
-            configured_rate(&self.cfg)
+            return Some(configured.map_or(REDUCED_HASH_RATE, |r| r.min(REDUCED_HASH_RATE)));
+        }
+        let budget = self
+            .cpu_budget_percent
+            .and_then(|pct| self.hash_cost.budget_rate(pct));
+        match (configured, budget) {
+            (Some(c), Some(b)) => Some(c.min(b)),
+            (c, b) => c.or(b),
         }
     }
 
@@ -1403,7 +1482,7 @@ fn group_shards(entries: &mut BTreeMap<String, Entry>) -> Vec<String> {
 /// The order in which files found through processes are sniffed: names of weight formats
 /// first, then anything else, then shared libraries and compiler artefacts (mapped by almost
 /// every process, never weights).
-fn sniff_rank(path: &Path) -> u8 {
+pub(crate) fn sniff_rank(path: &Path) -> u8 {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
@@ -1488,8 +1567,45 @@ pub fn link_gpus(files: &mut [pb::WeightFile], gpus: &[pb::GpuSample]) {
 
 #[cfg(test)]
 mod tests {
-    use super::sniff_rank;
+    use super::{HashCost, MIN_BUDGET_HASH_RATE, sniff_rank, thread_cpu_ns};
     use std::path::Path;
+
+    #[test]
+    fn the_hash_rate_follows_the_measured_cost_of_a_byte_and_the_cpu_budget() {
+        let mut cost = HashCost::default();
+        assert_eq!(cost.budget_rate(5.0), None, "nothing measured yet");
+        // Too short a slice says nothing.
+        cost.observe(1_000, 1_000);
+        assert_eq!(cost.budget_rate(5.0), None);
+        // 0.5 ns per byte (2 GB per CPU-second): half of 5 % of a CPU is 25 ms per second,
+        // which hashes 50 MB.
+        cost.observe(1_000_000_000, 2_000_000_000);
+        assert_eq!(cost.budget_rate(5.0), Some(50_000_000));
+        // Twice the budget, twice the rate.
+        assert_eq!(cost.budget_rate(10.0), Some(100_000_000));
+        // Bytes getting dearer (a slower disk path, a busy CPU) slow it down.
+        cost.observe(4_000_000_000, 2_000_000_000);
+        let slower = cost.budget_rate(5.0).unwrap();
+        assert!(slower < 50_000_000, "{slower}");
+        // Never below the floor, even with no budget.
+        assert_eq!(cost.budget_rate(0.0), Some(MIN_BUDGET_HASH_RATE));
+    }
+
+    #[test]
+    fn thread_cpu_time_counts_this_threads_work_only() {
+        let before = thread_cpu_ns();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let busy = thread_cpu_ns() - before;
+        assert!(busy > 0, "the loop used no CPU time");
+        let before = thread_cpu_ns();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let slept = thread_cpu_ns() - before;
+        assert!(slept < 100_000_000, "sleeping counted {slept} ns");
+    }
 
     #[test]
     fn weight_names_are_sniffed_before_libraries_and_build_artefacts() {

@@ -140,7 +140,11 @@ struct Held {
     /// Every file met (device, inode).
     keys: Box<[(u64, u64)]>,
     /// How the files that were not known non-weights were met.
-    kept: Vec<Met>,
+    kept: Box<[Met]>,
+    /// Files met only through mappings too short for a weight file (below the cache's
+    /// `min_mapped`, without a weight file's name): not remembered how, never a candidate
+    /// through this process (sorted).
+    small: Box<[(u64, u64)]>,
     readable: bool,
     /// Scans since it was read.
     age: u32,
@@ -154,10 +158,12 @@ struct Met {
     via: HeldVia,
 }
 
-#[derive(Debug, Clone)]
+/// How a process holds a file: a mapping's address range (its `map_files` name) or a
+/// descriptor number.
+#[derive(Debug, Clone, Copy)]
 enum HeldVia {
-    Map(Box<str>),
-    Fd(PathBuf),
+    Map(u64, u64),
+    Fd(u32),
 }
 
 /// The mapped and open files of every process, read once per process and again only when
@@ -169,6 +175,9 @@ enum HeldVia {
 pub struct ProcessFilesCache {
     proc_root: PathBuf,
     procs: BTreeMap<u32, Held>,
+    /// Mappings whose extent (file offset + length) is below this, of files without a weight
+    /// file's name, are not remembered (shared libraries, locale archives): 0 keeps every one.
+    min_mapped: u64,
     /// Reads and reuses so far.
     pub reads: u64,
     pub reuses: u64,
@@ -181,6 +190,14 @@ impl ProcessFilesCache {
             proc_root: proc_root.to_path_buf(),
             ..Self::default()
         }
+    }
+
+    /// Leave out mappings that reach less than `bytes` into their file (unless the file has a
+    /// weight file's name): `[weights] process_min_file_bytes`, since a mapping's extent is a
+    /// lower bound of its file's length. A file seen so is still a user's when it is a known
+    /// weight file (the process is read again for it).
+    pub fn set_min_mapped_bytes(&mut self, bytes: u64) {
+        self.min_mapped = bytes;
     }
 
     /// Bring the cache up to date: `live` (the process table; `None`: list `proc_root`) says
@@ -225,7 +242,15 @@ impl ProcessFilesCache {
                 continue;
             }
             reads += 1;
-            let held = read_held(&base, generation, mark, read_files, keep, &mut line);
+            let held = read_held(
+                &base,
+                generation,
+                mark,
+                read_files,
+                keep,
+                self.min_mapped,
+                &mut line,
+            );
             self.procs.insert(pid, held);
         }
         self.reads += reads;
@@ -259,8 +284,10 @@ impl ProcessFilesCache {
         for (&pid, held) in &mut self.procs {
             let base = proc_root.join(pid.to_string());
             let stale = held.keys.iter().any(|k| {
-                interest(*k) != Interest::Ignore
+                let want = interest(*k);
+                want != Interest::Ignore
                     && held.kept.binary_search_by_key(k, |m| m.key).is_err()
+                    && (want == Interest::User || held.small.binary_search(k).is_err())
             });
             if stale {
                 *held = read_held(
@@ -269,6 +296,7 @@ impl ProcessFilesCache {
                     held.mark,
                     true,
                     &|_| true,
+                    0,
                     &mut line,
                 );
             }
@@ -279,7 +307,7 @@ impl ProcessFilesCache {
             for k in held.keys.iter() {
                 out.seen.insert(*k);
             }
-            for m in &held.kept {
+            for m in held.kept.iter() {
                 let what = interest(m.key);
                 if what == Interest::Ignore {
                     continue;
@@ -290,14 +318,17 @@ impl ProcessFilesCache {
                     open: false,
                 });
                 match m.via {
-                    HeldVia::Map(_) => u.mapped = true,
+                    HeldVia::Map(..) => u.mapped = true,
                     HeldVia::Fd(_) => u.open = true,
                 }
                 if what == Interest::Candidate && !out.sightings.contains_key(&m.key) {
                     let (path, deleted) = undeleted(&m.raw);
-                    let (handle, via_fd) = match &m.via {
-                        HeldVia::Map(range) => (base.join("map_files").join(&**range), false),
-                        HeldVia::Fd(fd) => (fd.clone(), true),
+                    let (handle, via_fd) = match m.via {
+                        HeldVia::Map(start, end) => (
+                            base.join("map_files").join(format!("{start:x}-{end:x}")),
+                            false,
+                        ),
+                        HeldVia::Fd(fd) => (base.join("fd").join(fd.to_string()), true),
                     };
                     out.sightings.insert(
                         m.key,
@@ -336,13 +367,16 @@ fn read_mark(base: &Path) -> Option<(u64, u64)> {
     Some((vsize, fds))
 }
 
-/// Read one process's mount namespace and (with `read_files`) its maps and descriptors.
+/// Read one process's mount namespace and (with `read_files`) its maps and descriptors;
+/// mappings reaching less than `min_mapped` into a file without a weight file's name are
+/// only listed as small.
 fn read_held(
     base: &Path,
     generation: Option<Gen>,
     mark: Option<(u64, u64)>,
     read_files: bool,
     keep: &dyn Fn((u64, u64)) -> bool,
+    min_mapped: u64,
     line: &mut String,
 ) -> Held {
     let mntns = {
@@ -353,6 +387,7 @@ fn read_held(
     };
     let mut keys: Vec<(u64, u64)> = Vec::new();
     let mut kept: Vec<Met> = Vec::new();
+    let mut small: Vec<(u64, u64)> = Vec::new();
     let mut readable = false;
     if read_files {
         let mut met = |key: (u64, u64), raw: &[u8], via: HeldVia| {
@@ -365,17 +400,30 @@ fn read_held(
                 });
             }
         };
-        let maps_ok = scan_maps(&base.join("maps"), line, |key, range, path| {
-            met(key, path, HeldVia::Map(range.into()));
-        });
+        let maps_ok = scan_maps(
+            &base.join("maps"),
+            line,
+            |key, (start, end), extent, path| {
+                if extent < min_mapped && !weight_name(path.as_bytes()) {
+                    small.push(key);
+                } else {
+                    met(key, path.as_bytes(), HeldVia::Map(start, end));
+                }
+            },
+        );
         let fds_ok = scan_fds(&base.join("fd"), |key, fd, target| {
-            met(key, target, HeldVia::Fd(fd.to_path_buf()));
+            met(key, target, HeldVia::Fd(fd));
         });
         readable = maps_ok || fds_ok;
     }
+    keys.extend_from_slice(&small);
     keys.sort_unstable();
     keys.dedup();
     keys.truncate(MAX_KEPT_FILES);
+    // A file also mapped further, or held open, is remembered: not small.
+    small.sort_unstable();
+    small.dedup();
+    small.retain(|k| !kept.iter().any(|m| m.key == *k));
     // Sorted by file (stable: each file's first sighting stays first) for lookups.
     kept.sort_by_key(|m| m.key);
     Held {
@@ -388,10 +436,16 @@ fn read_held(
         },
         mntns,
         keys: keys.into_boxed_slice(),
-        kept,
+        kept: kept.into_boxed_slice(),
+        small: small.into_boxed_slice(),
         readable,
         age: 0,
     }
+}
+
+/// A path's bytes without the kernel's ` (deleted)` mark.
+fn undeleted_bytes(path: &[u8]) -> &[u8] {
+    path.strip_suffix(b" (deleted)").unwrap_or(path)
 }
 
 /// A path without the kernel's ` (deleted)` mark, and whether it had it.
@@ -403,46 +457,75 @@ fn undeleted(path: &[u8]) -> (PathBuf, bool) {
     }
 }
 
-/// Calls `hit(key, map_files name, path)` for each file mapping. False when `maps` could not
-/// be opened (the process is gone or not ours to read).
-fn scan_maps(path: &Path, line: &mut String, mut hit: impl FnMut((u64, u64), &str, &[u8])) -> bool {
+/// A file name that weights are stored under (then remembered however little of it is mapped).
+fn weight_name(path: &[u8]) -> bool {
+    super::inventory::sniff_rank(Path::new(OsStr::from_bytes(undeleted_bytes(path)))) == 0
+}
+
+/// Calls `hit(key, address range, extent, path)` for each file (once per run of consecutive
+/// mappings of one file, with the run's largest extent: file offset + length). False when
+/// `maps` could not be opened (the process is gone or not ours to read).
+fn scan_maps(
+    path: &Path,
+    line: &mut String,
+    mut hit: impl FnMut((u64, u64), (u64, u64), u64, &str),
+) -> bool {
     let Ok(file) = fs::File::open(path) else {
         return false;
     };
     let mut reader = BufReader::new(file);
-    let mut last: Option<(u64, u64)> = None;
+    // One file is usually several consecutive mappings: reported once, at the end of its run,
+    // with the first mapping's range and path and the run's largest extent.
+    let mut run: Option<((u64, u64), (u64, u64), u64, String)> = None;
     loop {
         line.clear();
         match reader.read_line(line) {
             Ok(0) | Err(_) => break, // end, or the process exited mid-read
             Ok(_) => {}
         }
-        if let Some((key, range, path)) = parse_maps_line(line)
-            // One file is usually several consecutive mappings: report it once.
-            && last != Some(key)
-        {
-            last = Some(key);
-            hit(key, &range, path.as_bytes());
+        let Some(m) = parse_maps_line(line) else {
+            continue;
+        };
+        match &mut run {
+            Some(r) if r.0 == m.key => r.2 = r.2.max(m.extent),
+            _ => {
+                if let Some((key, range, extent, path)) = run.take() {
+                    hit(key, range, extent, &path);
+                }
+                run = Some((m.key, m.range, m.extent, m.path.to_owned()));
+            }
         }
+    }
+    if let Some((key, range, extent, path)) = run {
+        hit(key, range, extent, &path);
     }
     true
 }
 
-/// `(device, inode)`, the `map_files` name (`<start>-<end>` in lower-case hex without leading
-/// zeros) and the path of one `maps` line
+/// One file mapping of a `maps` line.
+#[derive(Debug, PartialEq, Eq)]
+struct MapsLine<'a> {
+    key: (u64, u64),
+    /// Start and end address (the `map_files` name, `<start>-<end>` in lower-case hex).
+    range: (u64, u64),
+    /// File offset + length: how far into the file the mapping reaches.
+    extent: u64,
+    path: &'a str,
+}
+
+/// `(device, inode)`, address range, extent and path of one `maps` line
 /// (`7f3a… r--s 00000000 fd:01 1234567   /models/x.safetensors`); `None` for anonymous mappings.
-fn parse_maps_line(line: &str) -> Option<((u64, u64), String, &str)> {
+fn parse_maps_line(line: &str) -> Option<MapsLine<'_>> {
     let line = line.trim_end_matches('\n');
     let mut fields = line.splitn(6, ' ');
     let range = fields.next()?;
     let (start, end) = range.split_once('-')?;
-    let range = format!(
-        "{:x}-{:x}",
+    let (start, end) = (
         u64::from_str_radix(start, 16).ok()?,
-        u64::from_str_radix(end, 16).ok()?
+        u64::from_str_radix(end, 16).ok()?,
     );
     let _perms = fields.next()?;
-    let _offset = fields.next()?;
+    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
     let (major, minor) = fields.next()?.split_once(':')?;
     let inode: u64 = fields.next()?.parse().ok()?;
     if inode == 0 {
@@ -453,7 +536,12 @@ fn parse_maps_line(line: &str) -> Option<((u64, u64), String, &str)> {
         u64::from_str_radix(major, 16).ok()?,
         u64::from_str_radix(minor, 16).ok()?,
     );
-    Some(((dev, inode), range, path))
+    Some(MapsLine {
+        key: (dev, inode),
+        range: (start, end),
+        extent: offset.saturating_add(end.saturating_sub(start)),
+        path,
+    })
 }
 
 /// Descriptor link targets that are never weight files.
@@ -464,13 +552,20 @@ fn never_weights(target: &[u8]) -> bool {
         || target.starts_with(b"/sys/")
 }
 
-/// Calls `hit(key, descriptor path, target)` for each descriptor on a file. False when the `fd`
-/// directory could not be listed.
-fn scan_fds(dir: &Path, mut hit: impl FnMut((u64, u64), &Path, &[u8])) -> bool {
+/// Calls `hit(key, descriptor number, target)` for each descriptor on a file. False when the
+/// `fd` directory could not be listed.
+fn scan_fds(dir: &Path, mut hit: impl FnMut((u64, u64), u32, &[u8])) -> bool {
     let Ok(entries) = fs::read_dir(dir) else {
         return false;
     };
     for entry in entries.take(MAX_FDS_PER_PROCESS).flatten() {
+        let Some(n) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
         let fd = entry.path();
         let Ok(target) = fs::read_link(&fd) else {
             continue;
@@ -483,7 +578,7 @@ fn scan_fds(dir: &Path, mut hit: impl FnMut((u64, u64), &Path, &[u8])) -> bool {
         if let Ok(meta) = fs::metadata(&fd)
             && meta.is_file()
         {
-            hit((meta.dev(), meta.ino()), &fd, target);
+            hit((meta.dev(), meta.ino()), n, target);
         }
     }
     true
@@ -758,12 +853,18 @@ mod tests {
 
     #[test]
     fn maps_lines_give_key_map_files_name_and_path() {
-        let (key, range, path) = parse_maps_line(
-            "00400000-0040b000 r--s 00000000 fd:01 1234567                    /m/a b.gguf (deleted)\n",
+        let MapsLine {
+            key,
+            range,
+            extent,
+            path,
+        } = parse_maps_line(
+            "00400000-0040b000 r--s 00001000 fd:01 1234567                    /m/a b.gguf (deleted)\n",
         )
         .expect("a file mapping");
         assert_eq!(key, (makedev(0xfd, 1), 1_234_567));
-        assert_eq!(range, "400000-40b000");
+        assert_eq!(range, (0x400000, 0x40b000));
+        assert_eq!(extent, 0x1000 + 0xb000, "offset + length");
         assert_eq!(path, "/m/a b.gguf (deleted)");
         assert_eq!(
             undeleted(path.as_bytes()),

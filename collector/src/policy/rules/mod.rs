@@ -661,6 +661,7 @@ mod lineage_lifecycle_tests {
             full: true,
             files: vec![derived],
             removed: vec![],
+            ..Default::default()
         };
         crate::store::suite::ingest(&store, r).await;
         let e = evaluate(&p, &store, &geo, NOW).await.unwrap();
@@ -699,6 +700,7 @@ mod lineage_lifecycle_tests {
             full: true,
             files: vec![],
             removed: vec![],
+            ..Default::default()
         };
         crate::store::suite::ingest(&store, r).await;
         let e = evaluate(&p, &store, &geo, NOW + 2_000).await.unwrap();

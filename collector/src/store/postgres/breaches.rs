@@ -339,3 +339,92 @@ pub(super) async fn breach_log_end(store: &PostgresStore) -> Result<u64, StoreEr
         .map_err(pg("read breach log end"))?;
     get_u64(&row, 0, "read breach log end")
 }
+
+pub(super) async fn chain_head(
+    store: &PostgresStore,
+    log: &'static ChainedLog,
+) -> Result<(u64, String), StoreError> {
+    let client = store.reader().await?;
+    let row = client
+        .query_opt(log.last, &[])
+        .await
+        .map_err(pg(log.reading_last))?;
+    match row {
+        Some(r) => Ok((
+            get_u64(&r, 0, log.reading_last)?,
+            get(&r, 1, log.reading_last)?,
+        )),
+        None => Ok((0, sov_evidence::chain::GENESIS_HASH.to_owned())),
+    }
+}
+
+pub(super) async fn add_checkpoint(
+    store: &PostgresStore,
+    log: &str,
+    seq: u64,
+    hash: &str,
+    at_unix_ms: i64,
+    signed: &str,
+) -> Result<(), StoreError> {
+    let w = store.writer().await?;
+    w.client
+        .execute(
+            "INSERT INTO chain_checkpoints (log, seq, hash, at_ms, signed)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (log, seq) DO NOTHING",
+            &[
+                &log,
+                &to_i64(seq, "checkpoint seq")?,
+                &hash,
+                &at_unix_ms,
+                &signed,
+            ],
+        )
+        .await
+        .map_err(pg("keep checkpoint"))?;
+    Ok(())
+}
+
+pub(super) async fn checkpoints(
+    store: &PostgresStore,
+    log: &str,
+    after_seq: Option<u64>,
+    limit: u32,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    let after = match after_seq {
+        Some(s) => to_i64(s, "after_seq")?,
+        None => -1,
+    };
+    let client = store.reader().await?;
+    let rows = client
+        .query(
+            "SELECT seq, signed FROM chain_checkpoints WHERE log = $1 AND seq > $2
+             ORDER BY seq LIMIT $3",
+            &[&log, &after, &i64::from(limit)],
+        )
+        .await
+        .map_err(pg("read checkpoints"))?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                get_u64(r, 0, "read checkpoints")?,
+                get(r, 1, "read checkpoints")?,
+            ))
+        })
+        .collect()
+}
+
+pub(super) async fn latest_checkpoint(
+    store: &PostgresStore,
+    log: &str,
+) -> Result<Option<String>, StoreError> {
+    let client = store.reader().await?;
+    let row = client
+        .query_opt(
+            "SELECT signed FROM chain_checkpoints WHERE log = $1 ORDER BY seq DESC LIMIT 1",
+            &[&log],
+        )
+        .await
+        .map_err(pg("read latest checkpoint"))?;
+    row.map(|r| get(&r, 0, "read latest checkpoint"))
+        .transpose()
+}

@@ -455,7 +455,7 @@ pub(super) async fn apply_weights(
     r: &IncomingReport,
 ) -> Result<(), StoreError> {
     let w = &r.telemetry.weights;
-    if !w.full && w.files.is_empty() && w.removed.is_empty() {
+    if w.is_empty() {
         return Ok(());
     }
     let at = r.received_unix_ms;
@@ -499,10 +499,103 @@ pub(super) async fn apply_weights(
             .await
             .map_err(pg("mark weight file removed"))?;
     }
-    if w.full {
+    if let Some(chunk) = &w.chunk {
+        // A generation (one chunk or several) removes what none of its chunks names, the
+        // paths it withheld included.
+        apply_generation(tx, r, chunk).await?;
+    } else if w.full && !w.withheld_unnamed {
         tx.execute(&st.remove_unlisted_weights, &[&r.node, &at])
             .await
             .map_err(pg("mark unlisted weight files removed"))?;
+        // What the report withheld is still there.
+        for path in &w.withheld_paths {
+            tx.execute(
+                "UPDATE weight_files SET removed_ms = NULL WHERE node = $1 AND path = $2 AND removed_ms = $3",
+                &[&r.node, path, &at],
+            )
+            .await
+            .map_err(pg("keep withheld weight files"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One chunk of a full inventory ([`crate::store::generations`]).
+async fn apply_generation(
+    tx: &Tx<'_>,
+    r: &IncomingReport,
+    chunk: &sov_proto::pb::InventoryChunk,
+) -> Result<(), StoreError> {
+    use crate::store::generations as g;
+    let w = &r.telemetry.weights;
+    let at = r.received_unix_ms;
+    let node = &r.node;
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let generation = to_i64(chunk.generation, "weight_inventory.generation")?;
+    let applied = tx
+        .query_opt(g::APPLIED, &[node])
+        .await
+        .map_err(pg("read applied inventory generation"))?;
+    if let Some(row) = applied {
+        let a: (i64, i64) = (
+            get(&row, 0, "read applied inventory generation")?,
+            get(&row, 1, "read applied inventory generation")?,
+        );
+        if a >= (epoch, generation) {
+            return Ok(());
+        }
+    }
+    let count = chunk.last.then(|| i64::from(chunk.index) + 1);
+    let unnamed = i64::from(w.withheld_unnamed);
+    tx.execute(
+        g::NOTE_GENERATION,
+        &[node, &epoch, &generation, &count, &unnamed, &at],
+    )
+    .await
+    .map_err(pg("note inventory generation"))?;
+    tx.execute(
+        g::NOTE_CHUNK,
+        &[node, &epoch, &generation, &i64::from(chunk.index)],
+    )
+    .await
+    .map_err(pg("note inventory chunk"))?;
+    for path in w.files.iter().map(|f| &f.path).chain(&w.withheld_paths) {
+        tx.execute(g::NOTE_PATH, &[node, &epoch, &generation, path])
+            .await
+            .map_err(pg("note inventory path"))?;
+    }
+    let row = tx
+        .query_one(g::STATE, &[node, &epoch, &generation])
+        .await
+        .map_err(pg("read inventory generation"))?;
+    let what = "read inventory generation";
+    let (count, held, unnamed, started): (Option<i64>, i64, i64, i64) = (
+        get(&row, 0, what)?,
+        get(&row, 1, what)?,
+        get(&row, 2, what)?,
+        get(&row, 3, what)?,
+    );
+    let (forget_epoch, forget_generation) = if count == Some(held) {
+        if unnamed == 0 {
+            tx.execute(
+                g::REMOVE_UNNAMED_BY_GENERATION,
+                &[&at, node, &started, &epoch, &generation],
+            )
+            .await
+            .map_err(pg("mark files outside the inventory removed"))?;
+        }
+        tx.execute(g::SET_APPLIED, &[node, &epoch, &generation])
+            .await
+            .map_err(pg("note applied inventory generation"))?;
+        (epoch, generation)
+    } else {
+        (-1_i64, -1_i64)
+    };
+    let cutoff = at.saturating_sub(g::ABANDONED_AFTER_MS);
+    for stmt in g::FORGET {
+        tx.execute(stmt, &[node, &forget_epoch, &forget_generation, &cutoff])
+            .await
+            .map_err(pg("forget inventory generations"))?;
     }
     Ok(())
 }

@@ -68,7 +68,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 15] = [
+const MIGRATIONS: [&str; 16] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -83,7 +83,10 @@ const MIGRATIONS: [&str; 15] = [
     include_str!("../../../migrations/postgres/0012_enroll_token_replaces.sql"),
     include_str!("../../../migrations/postgres/0013_training_runs.sql"),
     include_str!("../../../migrations/postgres/0014_derive_queue.sql"),
-    include_str!("../../../migrations/postgres/0015_hourly_rollups.sql"),
+    include_str!(
+        "../../../migrations/postgres/0015_chain_checkpoints_and_inventory_generations.sql"
+    ),
+    include_str!("../../../migrations/postgres/0016_hourly_rollups.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.

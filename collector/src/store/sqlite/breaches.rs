@@ -363,3 +363,103 @@ pub(super) async fn breach_log_end(store: &SqliteStore) -> Result<u64, StoreErro
         })
         .await
 }
+
+pub(super) async fn chain_head(
+    store: &SqliteStore,
+    log: &'static ChainedLog,
+) -> Result<(u64, String), StoreError> {
+    store
+        .read(move |c| {
+            let last: Option<(i64, String)> = c
+                .query_row(log.last, [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(sql(log.reading_last))?;
+            match last {
+                Some((seq, hash)) => Ok((to_u64(seq, "log seq")?, hash)),
+                None => Ok((0, sov_evidence::chain::GENESIS_HASH.to_owned())),
+            }
+        })
+        .await
+}
+
+pub(super) async fn add_checkpoint(
+    store: &SqliteStore,
+    log: &str,
+    seq: u64,
+    hash: &str,
+    at_unix_ms: i64,
+    signed: &str,
+) -> Result<(), StoreError> {
+    let (log, hash, signed) = (log.to_owned(), hash.to_owned(), signed.to_owned());
+    store
+        .write(move |c| {
+            exec(
+                c,
+                "INSERT INTO chain_checkpoints (log, seq, hash, at_ms, signed)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (log, seq) DO NOTHING",
+                params![
+                    log,
+                    to_i64(seq, "checkpoint seq")?,
+                    hash,
+                    at_unix_ms,
+                    signed
+                ],
+            )
+            .map_err(sql("keep checkpoint"))?;
+            Ok(())
+        })
+        .await
+}
+
+pub(super) async fn checkpoints(
+    store: &SqliteStore,
+    log: &str,
+    after_seq: Option<u64>,
+    limit: u32,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    let log = log.to_owned();
+    let after = match after_seq {
+        Some(s) => to_i64(s, "after_seq")?,
+        None => -1,
+    };
+    store
+        .read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT seq, signed FROM chain_checkpoints WHERE log = ?1 AND seq > ?2
+                     ORDER BY seq LIMIT ?3",
+                )
+                .map_err(sql("read checkpoints"))?;
+            let mut rows = stmt
+                .query(params![log, after, i64::from(limit)])
+                .map_err(sql("read checkpoints"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("read checkpoints"))? {
+                let seq: i64 = row.get(0).map_err(sql("read checkpoints"))?;
+                out.push((
+                    to_u64(seq, "checkpoint seq")?,
+                    row.get(1).map_err(sql("read checkpoints"))?,
+                ));
+            }
+            Ok(out)
+        })
+        .await
+}
+
+pub(super) async fn latest_checkpoint(
+    store: &SqliteStore,
+    log: &str,
+) -> Result<Option<String>, StoreError> {
+    let log = log.to_owned();
+    store
+        .read(move |c| {
+            c.query_row(
+                "SELECT signed FROM chain_checkpoints WHERE log = ?1 ORDER BY seq DESC LIMIT 1",
+                [log],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql("read latest checkpoint"))
+        })
+        .await
+}

@@ -211,7 +211,7 @@ pub(super) fn apply_weights(
     r: &IncomingReport,
 ) -> Result<(), StoreError> {
     let w = &r.telemetry.weights;
-    if !w.full && w.files.is_empty() && w.removed.is_empty() {
+    if w.is_empty() {
         return Ok(());
     }
     let at = r.received_unix_ms;
@@ -268,12 +268,103 @@ pub(super) fn apply_weights(
         )
         .map_err(sql("mark weight file removed"))?;
     }
-    if w.full {
+    if let Some(chunk) = &w.chunk {
+        // A generation (one chunk or several) removes what none of its chunks names, the
+        // paths it withheld included.
+        apply_generation(tx, r, chunk)?;
+    } else if w.full && !w.withheld_unnamed {
         exec(tx,
             "UPDATE weight_files SET removed_ms = ?2 WHERE node = ?1 AND removed_ms IS NULL AND last_seen_ms < ?2",
             params![r.node, at],
         )
         .map_err(sql("mark unlisted weight files removed"))?;
+        // What the report withheld is still there.
+        for path in &w.withheld_paths {
+            exec(tx,
+                "UPDATE weight_files SET removed_ms = NULL WHERE node = ?1 AND path = ?2 AND removed_ms = ?3",
+                params![r.node, path, at],
+            )
+            .map_err(sql("keep withheld weight files"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One chunk of a full inventory ([`crate::store::generations`]).
+fn apply_generation(
+    tx: &rusqlite::Transaction<'_>,
+    r: &IncomingReport,
+    chunk: &sov_proto::pb::InventoryChunk,
+) -> Result<(), StoreError> {
+    use crate::store::generations as g;
+    let w = &r.telemetry.weights;
+    let at = r.received_unix_ms;
+    let node = &r.node;
+    let epoch = to_i64(r.epoch, "epoch")?;
+    let generation = to_i64(chunk.generation, "weight_inventory.generation")?;
+    let applied: Option<(i64, i64)> = tx
+        .query_row(g::APPLIED, [node], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .map_err(sql("read applied inventory generation"))?;
+    if applied.is_some_and(|a| a >= (epoch, generation)) {
+        return Ok(());
+    }
+    let count = chunk.last.then(|| i64::from(chunk.index) + 1);
+    exec(
+        tx,
+        g::NOTE_GENERATION,
+        params![
+            node,
+            epoch,
+            generation,
+            count,
+            i64::from(w.withheld_unnamed),
+            at
+        ],
+    )
+    .map_err(sql("note inventory generation"))?;
+    exec(
+        tx,
+        g::NOTE_CHUNK,
+        params![node, epoch, generation, i64::from(chunk.index)],
+    )
+    .map_err(sql("note inventory chunk"))?;
+    for path in w.files.iter().map(|f| &f.path).chain(&w.withheld_paths) {
+        exec(tx, g::NOTE_PATH, params![node, epoch, generation, path])
+            .map_err(sql("note inventory path"))?;
+    }
+    let (count, held, unnamed, started): (Option<i64>, i64, i64, i64) = tx
+        .query_row(g::STATE, params![node, epoch, generation], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .map_err(sql("read inventory generation"))?;
+    let (forget_epoch, forget_generation) = if count == Some(held) {
+        if unnamed == 0 {
+            exec(
+                tx,
+                g::REMOVE_UNNAMED_BY_GENERATION,
+                params![at, node, started, epoch, generation],
+            )
+            .map_err(sql("mark files outside the inventory removed"))?;
+        }
+        exec(tx, g::SET_APPLIED, params![node, epoch, generation])
+            .map_err(sql("note applied inventory generation"))?;
+        (epoch, generation)
+    } else {
+        (-1, -1)
+    };
+    for stmt in g::FORGET {
+        exec(
+            tx,
+            stmt,
+            params![
+                node,
+                forget_epoch,
+                forget_generation,
+                at.saturating_sub(g::ABANDONED_AFTER_MS)
+            ],
+        )
+        .map_err(sql("forget inventory generations"))?;
     }
     Ok(())
 }
