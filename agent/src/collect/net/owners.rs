@@ -101,14 +101,15 @@ impl OwnerCache {
     /// `procs`, the live processes of the shared process table when there is one, tells which
     /// owners exited (their inodes are looked for again) without a `stat` per owner.
     ///
-    /// A search lists the descriptors of the processes that already own sockets first, then
-    /// of the processes born since the previous search (a new socket is most often a new
-    /// process's), then of every other one, each group oldest first (a socket inherited over
-    /// `fork` goes to the parent that opened it); in the last two groups a process whose
-    /// number of descriptors is the same as at its previous walk is first passed over (one
-    /// `stat` of `/proc/<pid>/fd` instead of listing it and reading its links: opening a
-    /// socket adds a descriptor). Only when a socket is still not found are those listed too
-    /// (one closed a descriptor and opened the socket), before the socket counts as a miss.
+    /// A search looks through the processes that already own sockets first (busiest first),
+    /// then the processes born since the previous search (a new socket is most often a new
+    /// process's), then every other one, these two groups oldest first (a socket inherited
+    /// over `fork` goes to the parent that opened it). A process whose number of descriptors
+    /// is the same as at its previous walk, and whose sockets then are all still live, is
+    /// passed over at first (one `stat` of `/proc/<pid>/fd` instead of listing it and reading
+    /// its links: opening a socket adds a descriptor). Only when a socket is still not found
+    /// are those listed too (one may have closed a file and opened the socket), owners first,
+    /// before the socket counts as a miss.
     pub fn refresh(
         &mut self,
         live: &HashSet<u32>,
@@ -160,9 +161,12 @@ impl OwnerCache {
         let mut first: Vec<(usize, u32)> = counts.into_iter().map(|(p, c)| (c, p)).collect();
         first.sort_unstable_by(|a, b| b.cmp(a));
         let first: Vec<u32> = first.into_iter().map(|(_, p)| p).collect();
+        let mut skipped = Vec::new();
         for &pid in &first {
             let generation = procs.and_then(|p| p.get(&pid).copied());
-            self.walk_pid(pid, generation, true, live, &mut wanted);
+            if !self.walk_pid(pid, generation, false, live, &mut wanted) {
+                skipped.push((pid, generation));
+            }
             if wanted.is_empty() {
                 self.stats.last_walk = started.elapsed();
                 return;
@@ -206,7 +210,6 @@ impl OwnerCache {
                 v
             }
         };
-        let mut skipped = Vec::new();
         for (pid, generation) in others {
             if !self.walk_pid(pid, generation, false, live, &mut wanted) {
                 skipped.push((pid, generation));
