@@ -16,8 +16,8 @@ use std::io;
 use std::net::SocketAddr;
 
 use netlink_packet_core::{
-    Emitable, ErrorBuffer, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer,
-    NetlinkHeader, NetlinkMessage, NlasIterator, Parseable,
+    Emitable, ErrorBuffer, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NlasIterator, Parseable,
 };
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{
@@ -51,6 +51,8 @@ const TCPDIAG_GETSOCK: u16 = 18;
 const INET_DIAG_REQ_LEN: usize = 60;
 /// Netlink header length.
 const NLMSG_HDRLEN: usize = 16;
+/// `ENOENT`: what an exact lookup of a socket that no longer exists answers.
+const ENOENT: i32 = 2;
 
 /// Why a dump (or a destroy-event subscription) failed.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +148,83 @@ impl Dumper {
             }
         }
         Ok(())
+    }
+
+    /// Whether the socket `s` of an earlier dump is still open with a descriptor somewhere
+    /// (one exact lookup by addresses, ports and cookie: a hash lookup in the kernel, no
+    /// walk): false when it is gone or orphaned (closed by its process, inode 0). An answer
+    /// that is neither is taken as open.
+    pub fn still_open(&mut self, s: &ObservedSocket) -> bool {
+        match self.lookup(s) {
+            Ok(found) => found.is_some_and(|f| f.inode != 0),
+            Err(DiagError::Refused(e)) if e.raw_os_error() == Some(ENOENT) => false,
+            Err(_) => true,
+        }
+    }
+
+    fn lookup(&mut self, s: &ObservedSocket) -> Result<Option<ObservedSocket>, DiagError> {
+        let tcp = s.protocol == pb::Protocol::Tcp;
+        let request = InetRequest {
+            family: if s.local.is_ipv6() { AF_INET6 } else { AF_INET },
+            protocol: if tcp { IPPROTO_TCP } else { IPPROTO_UDP },
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: s.local.port(),
+                destination_port: s.remote.port(),
+                source_address: s.local.ip(),
+                destination_address: s.remote.ip(),
+                interface_id: 0,
+                cookie: s.cookie.to_ne_bytes(),
+            },
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+        packet.finalize();
+        let mut req = vec![0; packet.buffer_len()];
+        packet.serialize(&mut req);
+        self.socket.send(&req, 0).map_err(DiagError::Io)?;
+        let mut found = None;
+        loop {
+            let n = self
+                .socket
+                .recv(&mut &mut self.buf[..], 0)
+                .map_err(DiagError::Io)?;
+            let n = n.min(self.buf.len());
+            let mut off = 0;
+            while off < n {
+                let msg = NetlinkBuffer::new_checked(&self.buf[off..n])
+                    .map_err(|e| DiagError::Decode(e.to_string()))?;
+                let len = msg.length() as usize;
+                if len == 0 {
+                    break;
+                }
+                off += len.div_ceil(NLMSG_ALIGNTO) * NLMSG_ALIGNTO;
+                if msg.sequence_number() != self.seq {
+                    continue;
+                }
+                match msg.message_type() {
+                    // The acknowledgement (code 0) or the refusal ends the answer.
+                    NLMSG_ERROR => {
+                        let code = ErrorBuffer::new_checked(msg.payload())
+                            .map_err(|e| DiagError::Decode(e.to_string()))?
+                            .code();
+                        return match code {
+                            Some(code) => Err(DiagError::Refused(io::Error::from_raw_os_error(
+                                -code.get(),
+                            ))),
+                            None => Ok(found),
+                        };
+                    }
+                    NLMSG_DONE => return Ok(found),
+                    SOCK_DIAG_BY_FAMILY => found = Some(decode(msg.payload(), s.protocol)?),
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// Dump the TCP sockets of both families with one `TCPDIAG_GETSOCK` request (same states
@@ -377,6 +456,31 @@ mod tests {
         assert_eq!(me.state, netlink_packet_sock_diag::constants::TCP_LISTEN);
         assert_ne!(me.inode, 0);
         assert_ne!(me.cookie, 0);
+    }
+
+    #[test]
+    fn a_socket_is_still_open_until_its_process_closes_it() {
+        let Ok(mut d) = Dumper::open() else {
+            eprintln!("SKIP: NETLINK_SOCK_DIAG refused on this machine");
+            return;
+        };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let mut out = vec![];
+        d.dump(AF_INET, IPPROTO_TCP, &mut out).unwrap();
+        let mine = out
+            .iter()
+            .find(|s| s.local == c.local_addr().unwrap())
+            .cloned()
+            .expect("the client end is in the dump");
+        assert!(d.still_open(&mine), "open: {mine:?}");
+        drop(c);
+        assert!(!d.still_open(&mine), "closed by its process");
+        let mut other = mine.clone();
+        other.cookie ^= 1;
+        assert!(!d.still_open(&other), "another socket's cookie");
+        drop(a);
     }
 
     #[test]

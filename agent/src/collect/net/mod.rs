@@ -787,7 +787,25 @@ impl NetCollector {
             .flat_map(|d| d.1.iter().map(|s| s.inode))
             .filter(|i| *i != 0)
             .collect();
-        self.owners.refresh(&live, Instant::now(), Some(&procs));
+        // A socket the owner search cannot find may have closed since its dump: asked once,
+        // by an exact lookup in its namespace, before every process is listed for it.
+        let namespaces = &mut self.namespaces;
+        let mut still_open = |ino: u32| -> bool {
+            for (key, socks, mode) in &dumps {
+                if *mode != MODE_NETLINK {
+                    continue;
+                }
+                if let Some(s) = socks.iter().find(|s| s.inode == ino) {
+                    return namespaces
+                        .get_mut(key)
+                        .and_then(|n| n.dumper.as_mut())
+                        .is_none_or(|d| d.still_open(s));
+                }
+            }
+            true
+        };
+        self.owners
+            .refresh(&live, Instant::now(), Some(&procs), &mut still_open);
         let mut contributions = Vec::new();
         let mut unknown_owners = 0;
         let mut own_mode = MODE_PROC_FALLBACK;

@@ -101,19 +101,23 @@ impl OwnerCache {
     /// `procs`, the live processes of the shared process table when there is one, tells which
     /// owners exited (their inodes are looked for again) without a `stat` per owner.
     ///
-    /// A search lists the descriptors of the processes that already own sockets first, then
-    /// of the processes born since the previous search (a new socket is most often a new
-    /// process's), then of every other one, each group oldest first (a socket inherited over
-    /// `fork` goes to the parent that opened it); in the last two groups a process whose
-    /// number of descriptors is the same as at its previous walk is first passed over (one
-    /// `stat` of `/proc/<pid>/fd` instead of listing it and reading its links: opening a
-    /// socket adds a descriptor). Only when a socket is still not found are those listed too
-    /// (one closed a descriptor and opened the socket), before the socket counts as a miss.
+    /// A search looks through the processes that already own sockets first (busiest first),
+    /// then the processes born since the previous search (a new socket is most often a new
+    /// process's), then every other one, these two groups oldest first (a socket inherited
+    /// over `fork` goes to the parent that opened it). A process whose number of descriptors
+    /// is the same as at its previous walk, and whose sockets then are all still live, is
+    /// passed over at first (one `stat` of `/proc/<pid>/fd` instead of listing it and reading
+    /// its links: opening a socket adds a descriptor). Only when a socket is still not found
+    /// are those listed too (one may have closed a file and opened the socket), owners first,
+    /// before the socket counts as a miss; but first `still_open` is asked (an exact lookup
+    /// in the kernel) whether the socket still has a descriptor at all: one closed since the
+    /// dump (a short connection) needs no search.
     pub fn refresh(
         &mut self,
         live: &HashSet<u32>,
         now: Instant,
         procs: Option<&HashMap<u32, Gen>>,
+        still_open: &mut dyn FnMut(u32) -> bool,
     ) {
         self.owners.retain(|ino, _| live.contains(ino));
         self.misses
@@ -160,9 +164,12 @@ impl OwnerCache {
         let mut first: Vec<(usize, u32)> = counts.into_iter().map(|(p, c)| (c, p)).collect();
         first.sort_unstable_by(|a, b| b.cmp(a));
         let first: Vec<u32> = first.into_iter().map(|(_, p)| p).collect();
+        let mut skipped = Vec::new();
         for &pid in &first {
             let generation = procs.and_then(|p| p.get(&pid).copied());
-            self.walk_pid(pid, generation, true, live, &mut wanted);
+            if !self.walk_pid(pid, generation, false, live, &mut wanted) {
+                skipped.push((pid, generation));
+            }
             if wanted.is_empty() {
                 self.stats.last_walk = started.elapsed();
                 return;
@@ -206,7 +213,6 @@ impl OwnerCache {
                 v
             }
         };
-        let mut skipped = Vec::new();
         for (pid, generation) in others {
             if !self.walk_pid(pid, generation, false, live, &mut wanted) {
                 skipped.push((pid, generation));
@@ -215,8 +221,11 @@ impl OwnerCache {
                 break;
             }
         }
-        // Not found: a process skipped for its unchanged count may have closed a descriptor
-        // and opened the socket; list those too before calling it a miss.
+        // Not found: closed since the dump (nothing to search), or a process skipped for its
+        // unchanged count closed a file and opened the socket: list those too.
+        if !wanted.is_empty() && !skipped.is_empty() {
+            wanted.retain(|ino| still_open(*ino));
+        }
         for (pid, generation) in skipped {
             if wanted.is_empty() {
                 break;
@@ -344,18 +353,23 @@ mod tests {
         let mut cache = OwnerCache::new(root.path());
         let live: HashSet<u32> = [5000, 6000].into();
         let t0 = Instant::now();
-        cache.refresh(&live, t0, None);
+        cache.refresh(&live, t0, None, &mut |_| true);
         assert_eq!(cache.owner(5000), Some(100));
         assert_eq!(cache.owner(6000), None, "no process holds inode 6000");
         assert_eq!(cache.stats().walks, 1);
 
         // Same sockets: the miss is remembered, nothing is read.
-        cache.refresh(&live, t0 + Duration::from_secs(5), None);
+        cache.refresh(&live, t0 + Duration::from_secs(5), None, &mut |_| true);
         assert_eq!(cache.stats().walks, 1, "no walk when every inode is known");
 
         // After MISS_RETRY the miss is looked for again (and found once it appears).
         fake_fd(root.path(), 300, 9, "socket:[6000]");
-        cache.refresh(&live, t0 + MISS_RETRY + Duration::from_secs(1), None);
+        cache.refresh(
+            &live,
+            t0 + MISS_RETRY + Duration::from_secs(1),
+            None,
+            &mut |_| true,
+        );
         assert_eq!(cache.stats().walks, 2);
         assert_eq!(cache.owner(6000), Some(300));
     }
@@ -367,12 +381,12 @@ mod tests {
         fake_fd(root.path(), 20, 3, "socket:[2]");
         let mut cache = OwnerCache::new(root.path());
         let t = Instant::now();
-        cache.refresh(&[1, 2].into(), t, None);
+        cache.refresh(&[1, 2].into(), t, None, &mut |_| true);
         let before = cache.stats();
         assert_eq!(before.links_read, 2);
 
         fake_fd(root.path(), 10, 4, "socket:[3]");
-        cache.refresh(&[1, 2, 3].into(), t, None);
+        cache.refresh(&[1, 2, 3].into(), t, None, &mut |_| true);
         let after = cache.stats();
         assert_eq!(cache.owner(3), Some(10));
         // pid 10's fd 3 is remembered (socket 1 still live): only fd 4 was read.
@@ -386,11 +400,11 @@ mod tests {
         fake_fd(root.path(), 10, 3, "socket:[1]");
         let mut cache = OwnerCache::new(root.path());
         let t = Instant::now();
-        cache.refresh(&[1].into(), t, None);
+        cache.refresh(&[1].into(), t, None, &mut |_| true);
         assert_eq!(cache.owner(1), Some(10));
         fs::remove_dir_all(root.path().join("10")).unwrap();
         fake_fd(root.path(), 11, 5, "socket:[1]");
-        cache.refresh(&[1].into(), t, None);
+        cache.refresh(&[1].into(), t, None, &mut |_| true);
         assert_eq!(
             cache.owner(1),
             Some(11),
@@ -456,7 +470,12 @@ mod tests {
         // Every process walked once: an inode nobody holds is looked for everywhere.
         let mut live: HashSet<u32> = me.iter().copied().collect();
         live.insert(u32::MAX - 7);
-        cache.refresh(&live, Instant::now(), Some(&table.refresh(Duration::ZERO)));
+        cache.refresh(
+            &live,
+            Instant::now(),
+            Some(&table.refresh(Duration::ZERO)),
+            &mut |_| true,
+        );
         assert!(
             me.iter()
                 .all(|i| cache.owner(*i) == Some(std::process::id()))
@@ -472,7 +491,12 @@ mod tests {
         let mut live: HashSet<u32> = sockets_of(std::process::id()).into_iter().collect();
         live.insert(theirs[0]);
         let before = cache.stats();
-        cache.refresh(&live, Instant::now(), Some(&table.refresh(Duration::ZERO)));
+        cache.refresh(
+            &live,
+            Instant::now(),
+            Some(&table.refresh(Duration::ZERO)),
+            &mut |_| true,
+        );
         assert_eq!(cache.owner(u32::MAX - 7), None);
         assert_eq!(
             cache.owner(theirs[0]),
@@ -502,7 +526,7 @@ mod tests {
             panic!("the listener is a socket descriptor of this process");
         };
         let mut cache = OwnerCache::new(Path::new("/proc"));
-        cache.refresh(&[inode].into(), Instant::now(), None);
+        cache.refresh(&[inode].into(), Instant::now(), None, &mut |_| true);
         assert_eq!(cache.owner(inode), Some(me));
         drop(l);
     }

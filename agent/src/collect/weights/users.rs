@@ -476,7 +476,13 @@ fn scan_maps(
     let mut reader = BufReader::new(file);
     // One file is usually several consecutive mappings: reported once, at the end of its run,
     // with the first mapping's range and path and the run's largest extent.
-    let mut run: Option<((u64, u64), (u64, u64), u64, String)> = None;
+    struct Run {
+        key: (u64, u64),
+        range: (u64, u64),
+        extent: u64,
+        path: String,
+    }
+    let mut run: Option<Run> = None;
     loop {
         line.clear();
         match reader.read_line(line) {
@@ -487,17 +493,22 @@ fn scan_maps(
             continue;
         };
         match &mut run {
-            Some(r) if r.0 == m.key => r.2 = r.2.max(m.extent),
+            Some(r) if r.key == m.key => r.extent = r.extent.max(m.extent),
             _ => {
-                if let Some((key, range, extent, path)) = run.take() {
-                    hit(key, range, extent, &path);
+                if let Some(r) = run.take() {
+                    hit(r.key, r.range, r.extent, &r.path);
                 }
-                run = Some((m.key, m.range, m.extent, m.path.to_owned()));
+                run = Some(Run {
+                    key: m.key,
+                    range: m.range,
+                    extent: m.extent,
+                    path: m.path.to_owned(),
+                });
             }
         }
     }
-    if let Some((key, range, extent, path)) = run {
-        hit(key, range, extent, &path);
+    if let Some(r) = run {
+        hit(r.key, r.range, r.extent, &r.path);
     }
     true
 }
