@@ -973,12 +973,30 @@ impl NetCollector {
             return;
         }
         let procs = self.table.refresh(TABLE_MAX_AGE);
+        // A glance dumps TCP only: the owners known of other sockets (UDP, raw) stay known
+        // until the next sample, which sees every protocol, prunes them.
         let live: HashSet<u32> = dumps
             .iter()
             .flat_map(|d| d.1.iter().map(|s| s.inode))
             .filter(|i| *i != 0)
+            .chain(self.owners.known_inodes())
             .collect();
-        self.owners.refresh(&live, now, Some(&procs));
+        // As in a sample: a socket closed since its dump is asked about exactly, not searched
+        // for through every process.
+        let namespaces = &mut self.namespaces;
+        let mut still_open = |ino: u32| -> bool {
+            for (key, socks) in &dumps {
+                if let Some(s) = socks.iter().find(|s| s.inode == ino) {
+                    return namespaces
+                        .get_mut(key)
+                        .and_then(|n| n.dumper.as_mut())
+                        .is_none_or(|d| d.still_open(s));
+                }
+            }
+            true
+        };
+        self.owners
+            .refresh(&live, now, Some(&procs), &mut still_open);
         let owners = &self.owners;
         for (key, socks) in &dumps {
             if let Some(ns) = self.namespaces.get_mut(key) {
