@@ -68,7 +68,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 14] = [
+const MIGRATIONS: [&str; 15] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -83,6 +83,7 @@ const MIGRATIONS: [&str; 14] = [
     include_str!("../../../migrations/postgres/0012_enroll_token_replaces.sql"),
     include_str!("../../../migrations/postgres/0013_training_runs.sql"),
     include_str!("../../../migrations/postgres/0014_derive_queue.sql"),
+    include_str!("../../../migrations/postgres/0015_foreign_flows_per_report.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
