@@ -457,11 +457,12 @@ async fn start_bare(pki: &Pki) -> Result<Running> {
 
 /// The real collector on PostgreSQL: what `sov-collector serve` does with a `postgres://`
 /// store URL (`store::open`, then `app::run`), in this process.
-async fn start_postgres(pki: &Pki, data: &Path, url: &str) -> Result<Running> {
+async fn start_postgres(pki: &Pki, data: &Path, url: &str, agents: usize) -> Result<Running> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let mut cfg = CollectorConfig::new(addr, data.to_owned(), pki.server_files());
     cfg.store.url = url.to_owned();
+    one_address_for_all(&mut cfg, agents);
     let store = sov_collector::store::open(&cfg.store.url, &cfg.data_dir)
         .await
         .context("open PostgreSQL store")?;
@@ -473,6 +474,14 @@ async fn start_postgres(pki: &Pki, data: &Path, url: &str) -> Result<Running> {
             .expect("collector run");
     });
     Ok(Running::Postgres { addr, stop, task })
+}
+
+/// Every agent of this benchmark connects from 127.0.0.1, where a fleet comes from one
+/// address per node: the per-address connection limit (`[limits]`, 64 by default) is raised
+/// to the agents' number; every other limit stays as shipped.
+fn one_address_for_all(cfg: &mut CollectorConfig, agents: usize) {
+    cfg.limits.max_connections_per_address =
+        cfg.limits.max_connections_per_address.max(agents + 16);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -707,8 +716,14 @@ fn verdict(ok: bool) -> &'static str {
 
 /// Derive-only: `n` reports of the agents' shape appended straight into `store` (no TLS, no
 /// gRPC), then derived by the collector's own deriver (`derive::Deriver`, default batch) until
-/// none waits. Returns reports derived per second and the seconds it took.
-async fn derive_only(store: Arc<dyn Store>, agents: &[Arc<Agent>], n: usize) -> Result<(f64, f64)> {
+/// none waits. Returns reports derived per second, the seconds it took, and the CPU ms per
+/// report of this process and of every `postgres` process during the derivation (the machine
+/// may be shared: CPU per report holds when the rate is set by others' load).
+async fn derive_only(
+    store: Arc<dyn Store>,
+    agents: &[Arc<Agent>],
+    n: usize,
+) -> Result<(f64, f64, f64, f64)> {
     use sov_collector::derive::{DEFAULT_BATCH_REPORTS, Deriver, Enricher, Freshness};
     let reports: Vec<pb::Report> = (0..n)
         .map(|i| {
@@ -748,6 +763,7 @@ async fn derive_only(store: Arc<dyn Store>, agents: &[Arc<Agent>], n: usize) -> 
         derived: Arc::default(),
         batch_reports: DEFAULT_BATCH_REPORTS,
     };
+    let (cpu0, pg0) = (self_ticks(), postgres_ticks());
     let t = Instant::now();
     let mut derived = 0u64;
     loop {
@@ -758,8 +774,13 @@ async fn derive_only(store: Arc<dyn Store>, agents: &[Arc<Agent>], n: usize) -> 
         }
     }
     let secs = t.elapsed().as_secs_f64();
+    let per_report = |ticks: u64| ticks as f64 * 1e3 / clk_tck() / n as f64;
+    let (cpu, pg) = (
+        per_report(self_ticks() - cpu0),
+        per_report(postgres_ticks() - pg0),
+    );
     ensure!(derived == n as u64, "derive-only: {derived} of {n} derived");
-    Ok((n as f64 / secs, secs))
+    Ok((n as f64 / secs, secs, cpu, pg))
 }
 
 async fn load_mode(args: Args) -> Result<()> {
@@ -802,6 +823,7 @@ async fn load_mode(args: Args) -> Result<()> {
 
     println!("sqlite: real collector, SQLite (WAL, synchronous = FULL) ...");
     let p = pki.clone();
+    let n = agents.len();
     let dir = data.path().join("sqlite");
     // A second handle on the collector's database, to watch the derive queue.
     let probe: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
@@ -813,7 +835,7 @@ async fn load_mode(args: Args) -> Result<()> {
             args.secs,
             async move {
                 Ok(Running::Sqlite(Box::new(
-                    InProcessCollector::start(&p, &dir, |_| {}).await,
+                    InProcessCollector::start(&p, &dir, |c| one_address_for_all(c, n)).await,
                 )))
             },
             Some(probe),
@@ -839,7 +861,7 @@ async fn load_mode(args: Args) -> Result<()> {
                 &pki,
                 &agents,
                 args.secs,
-                start_postgres(&pki, &dir, &url),
+                start_postgres(&pki, &dir, &url, agents.len()),
                 Some(probe),
             )
             .await;
@@ -850,7 +872,7 @@ async fn load_mode(args: Args) -> Result<()> {
     }
 
     // Derive-only, with no TLS in the way.
-    let mut derive_rates: Vec<(&'static str, f64, f64)> = Vec::new();
+    let mut derive_rates: Vec<(&'static str, f64, f64, f64, f64)> = Vec::new();
     if args.derive_reports > 0 {
         println!(
             "derive-only: {} committed reports appended straight into a fresh store, then derived ...",
@@ -858,14 +880,14 @@ async fn load_mode(args: Args) -> Result<()> {
         );
         let dir = data.path().join("derive-only");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
-        let (rate, secs) = derive_only(store, &agents, args.derive_reports).await?;
-        derive_rates.push(("sqlite", rate, secs));
+        let (rate, secs, cpu, pg) = derive_only(store, &agents, args.derive_reports).await?;
+        derive_rates.push(("sqlite", rate, secs, cpu, pg));
         let schema = format!("sov_derive_only_{}", std::process::id());
         if let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await {
             let run = derive_only(Arc::new(pg.clone()), &agents, args.derive_reports).await;
             pg.drop_schema().await.context("drop schema")?;
-            let (rate, secs) = run?;
-            derive_rates.push(("postgres", rate, secs));
+            let (rate, secs, cpu, pg) = run?;
+            derive_rates.push(("postgres", rate, secs, cpu, pg));
         }
     }
 
@@ -941,9 +963,10 @@ async fn load_mode(args: Args) -> Result<()> {
             );
         }
     }
-    for (target, rate, secs) in &derive_rates {
+    for (target, rate, secs, cpu, pg) in &derive_rates {
         println!(
-            "{target}: derive-only {rate:.0} reports/s ({} reports of {} flows in {secs:.2} s)",
+            "{target}: derive-only {rate:.0} reports/s ({} reports of {} flows in {secs:.2} s); \
+             CPU per report {cpu:.3} ms in this process, {pg:.3} ms in postgres processes",
             args.derive_reports, args.flows
         );
     }
@@ -981,8 +1004,8 @@ async fn load_mode(args: Args) -> Result<()> {
         }
         let derive_rate = derive_rates
             .iter()
-            .find(|(t, _, _)| *t == r.target)
-            .map(|(_, rate, _)| *rate);
+            .find(|(t, ..)| *t == r.target)
+            .map(|(_, rate, ..)| *rate);
         if let Some(rate) = derive_rate {
             println!(
                 "  {:<8} derive-only >= 5,000 reports/s: {rate:.0}/s -> {}",
@@ -1001,7 +1024,7 @@ async fn load_mode(args: Args) -> Result<()> {
         }));
     }
     if results.is_empty() {
-        for (target, rate, _) in &derive_rates {
+        for (target, rate, ..) in &derive_rates {
             println!(
                 "  {target:<8} derive-only >= 5,000 reports/s: {rate:.0}/s -> {}",
                 verdict(*rate >= TARGET_DERIVE_RATE && args.flows >= 50)
@@ -1026,8 +1049,9 @@ async fn load_mode(args: Args) -> Result<()> {
         "warmup_s": WARMUP.as_secs(),
         "secs": args.secs,
         "results": results.iter().map(run_json).collect::<Vec<_>>(),
-        "derive_only": derive_rates.iter().map(|(t, rate, secs)| serde_json::json!({
+        "derive_only": derive_rates.iter().map(|(t, rate, secs, cpu, pg)| serde_json::json!({
             "target": t, "reports": args.derive_reports, "reports_per_s": rate, "secs": secs,
+            "cpu_ms_per_report": cpu, "postgres_cpu_ms_per_report": pg,
         })).collect::<Vec<_>>(),
         "postgres_note": pg_note,
         "targets": targets,

@@ -122,9 +122,12 @@ pub(crate) struct ForeignFlows {
 
 /// `r`'s raw foreign flows; `None` when every flow stayed in the node's country.
 pub(crate) fn foreign_flows(r: &IncomingReport) -> Option<ForeignFlows> {
+    // `Report.flows` is field 10: each flow encoded as that field is exactly
+    // `Report { flows, .. }` encoded, without copying the flows first.
+    const REPORT_FLOWS_FIELD: u32 = 10;
     let mut flows = Vec::new();
     let mut countries = std::collections::BTreeSet::new();
-    let (mut start_ms, mut end_ms) = (i64::MAX, i64::MIN);
+    let (mut start_ms, mut end_ms, mut flow_count) = (i64::MAX, i64::MIN, 0i64);
     for f in &r.telemetry.flows {
         if f.country == r.country {
             continue;
@@ -140,22 +143,18 @@ pub(crate) fn foreign_flows(r: &IncomingReport) -> Option<ForeignFlows> {
         if !f.country.is_empty() {
             countries.insert(f.country.as_str());
         }
-        flows.push(f.flow.clone());
+        prost::encoding::message::encode(REPORT_FLOWS_FIELD, &f.flow, &mut flows);
+        flow_count += 1;
     }
-    if flows.is_empty() {
+    if flow_count == 0 {
         return None;
     }
-    let flow_count = i64::try_from(flows.len()).unwrap_or(i64::MAX);
-    let message = sov_proto::pb::Report {
-        flows,
-        ..Default::default()
-    };
     Some(ForeignFlows {
         start_ms,
         end_ms,
         flow_count,
         countries: countries.into_iter().collect::<Vec<_>>().join(","),
-        flows: prost::Message::encode_to_vec(&message),
+        flows,
     })
 }
 
@@ -205,6 +204,8 @@ mod tests {
             .map(|f| f.remote_address.as_str())
             .collect();
         assert_eq!(remotes, ["9.9.9.9", "8.8.4.4", "1.1.1.1", "2.2.2.2"]);
+        assert_eq!(decoded.flows[0], r.telemetry.flows[0].flow);
+        assert_eq!(prost::Message::encode_to_vec(&decoded), f.flows);
         r.telemetry.flows.retain(|f| f.country == "MA");
         assert_eq!(foreign_flows(&r), None);
     }
