@@ -873,6 +873,7 @@ async fn load_mode(args: Args) -> Result<()> {
 
     // Derive-only, with no TLS in the way.
     let mut derive_rates: Vec<(&'static str, f64, f64, f64, f64)> = Vec::new();
+    let mut sqlite_bytes_per_report: Option<f64> = None;
     if args.derive_reports > 0 {
         println!(
             "derive-only: {} committed reports appended straight into a fresh store, then derived ...",
@@ -882,6 +883,17 @@ async fn load_mode(args: Args) -> Result<()> {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
         let (rate, secs, cpu, pg) = derive_only(store, &agents, args.derive_reports).await?;
         derive_rates.push(("sqlite", rate, secs, cpu, pg));
+        // What the store holds per report once derived (body, completeness, derived rows),
+        // with the WAL folded into the database file.
+        let db = dir.join(sov_collector::store::sqlite::DB_FILE);
+        let c = rusqlite::Connection::open(&db)?;
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let bytes = std::fs::metadata(&db)?.len() as f64 / args.derive_reports as f64;
+        sqlite_bytes_per_report = Some(bytes);
+        println!(
+            "sqlite: {bytes:.0} bytes stored per derived report ({:.0} MB per node-day at a 10 s interval)",
+            bytes * 8_640.0 / 1e6
+        );
         let schema = format!("sov_derive_only_{}", std::process::id());
         if let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await {
             let run = derive_only(Arc::new(pg.clone()), &agents, args.derive_reports).await;
@@ -1053,6 +1065,7 @@ async fn load_mode(args: Args) -> Result<()> {
             "target": t, "reports": args.derive_reports, "reports_per_s": rate, "secs": secs,
             "cpu_ms_per_report": cpu, "postgres_cpu_ms_per_report": pg,
         })).collect::<Vec<_>>(),
+        "sqlite_bytes_per_report": sqlite_bytes_per_report,
         "postgres_note": pg_note,
         "targets": targets,
     });

@@ -1114,11 +1114,18 @@ pub(crate) async fn egress_refuses_an_unknown_grouping(db: &dyn Backend) {
 pub(crate) async fn pruning_removes_old_flows(db: &dyn Backend) {
     let store = db.store();
     write_flows(store).await;
-    // Everything but node b's late flow (one aggregate, one raw row).
+    // Everything but node b's late flow: six aggregates, and the raw rows of node a's two
+    // reports (node b's report keeps its row until its latest flow is past retention).
     let pruned = store.prune(Retention::all_before(3_000_000)).await.unwrap();
-    assert_eq!(pruned.flows, 12);
+    assert_eq!(pruned.flows, 8);
     assert_eq!(egress(store, "country", 10).await, (vec![], 0));
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM foreign_flows WHERE node = 'b'")
+            .await,
+        1
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM foreign_flows").await, 1);
 }
 
 pub(crate) async fn raw_samples_fold_into_minute_aggregates_that_outlive_them(db: &dyn Backend) {
