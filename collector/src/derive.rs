@@ -236,11 +236,7 @@ impl Enricher {
     /// A queued report ready to derive. A body that no longer decodes (it was validated
     /// before it was stored, so only a damaged database does this) derives nothing: its
     /// queue row is still taken, and the failure logged.
-    fn derivation(
-        &self,
-        u: Underived,
-        verdicts: &mut HashMap<String, Arc<Verdict>>,
-    ) -> Derivation {
+    fn derivation(&self, u: Underived, verdicts: &mut HashMap<String, Arc<Verdict>>) -> Derivation {
         let report = match pb::Report::decode(u.body.as_slice()) {
             Ok(mut report) => {
                 let flows = self.flows(&mut report, verdicts);

@@ -818,57 +818,57 @@ async fn load_mode(args: Args) -> Result<()> {
     let mut pg_note = None;
     // `--secs 0`: the derive-only figure alone.
     if args.secs > 0 {
-    println!("bare: tonic + mutual TLS, ack only ...");
-    results.push(measure("bare", &pki, &agents, args.secs, start_bare(&pki), None).await?);
+        println!("bare: tonic + mutual TLS, ack only ...");
+        results.push(measure("bare", &pki, &agents, args.secs, start_bare(&pki), None).await?);
 
-    println!("sqlite: real collector, SQLite (WAL, synchronous = FULL) ...");
-    let p = pki.clone();
-    let n = agents.len();
-    let dir = data.path().join("sqlite");
-    // A second handle on the collector's database, to watch the derive queue.
-    let probe: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
-    results.push(
-        measure(
-            "sqlite",
-            &pki,
-            &agents,
-            args.secs,
-            async move {
-                Ok(Running::Sqlite(Box::new(
-                    InProcessCollector::start(&p, &dir, |c| one_address_for_all(c, n)).await,
-                )))
-            },
-            Some(probe),
-        )
-        .await?,
-    );
-
-    let schema = format!("sov_loadgen_{}", std::process::id());
-    match PostgresStore::connect_with_schema(&base, &schema).await {
-        Err(e) => {
-            let note = format!("SKIPPED: PostgreSQL not reachable at {base}: {e}");
-            println!("postgres: {note}");
-            pg_note = Some(note);
-        }
-        Ok(admin) => {
-            let sep = if base.contains('?') { '&' } else { '?' };
-            let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
-            println!("postgres: real collector, PostgreSQL schema {schema} ...");
-            let dir = data.path().join("pg");
-            let probe: Arc<dyn Store> = Arc::new(admin.clone());
-            let run = measure(
-                "postgres",
+        println!("sqlite: real collector, SQLite (WAL, synchronous = FULL) ...");
+        let p = pki.clone();
+        let n = agents.len();
+        let dir = data.path().join("sqlite");
+        // A second handle on the collector's database, to watch the derive queue.
+        let probe: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
+        results.push(
+            measure(
+                "sqlite",
                 &pki,
                 &agents,
                 args.secs,
-                start_postgres(&pki, &dir, &url, agents.len()),
+                async move {
+                    Ok(Running::Sqlite(Box::new(
+                        InProcessCollector::start(&p, &dir, |c| one_address_for_all(c, n)).await,
+                    )))
+                },
                 Some(probe),
             )
-            .await;
-            admin.drop_schema().await.context("drop schema")?;
-            results.push(run?);
+            .await?,
+        );
+
+        let schema = format!("sov_loadgen_{}", std::process::id());
+        match PostgresStore::connect_with_schema(&base, &schema).await {
+            Err(e) => {
+                let note = format!("SKIPPED: PostgreSQL not reachable at {base}: {e}");
+                println!("postgres: {note}");
+                pg_note = Some(note);
+            }
+            Ok(admin) => {
+                let sep = if base.contains('?') { '&' } else { '?' };
+                let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+                println!("postgres: real collector, PostgreSQL schema {schema} ...");
+                let dir = data.path().join("pg");
+                let probe: Arc<dyn Store> = Arc::new(admin.clone());
+                let run = measure(
+                    "postgres",
+                    &pki,
+                    &agents,
+                    args.secs,
+                    start_postgres(&pki, &dir, &url, agents.len()),
+                    Some(probe),
+                )
+                .await;
+                admin.drop_schema().await.context("drop schema")?;
+                results.push(run?);
+            }
         }
-    }
     }
 
     // Derive-only, with no TLS in the way.

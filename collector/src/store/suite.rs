@@ -239,7 +239,10 @@ pub(crate) async fn one_batch_derives_a_nodes_reports_of_one_instant_as_one_afte
     second.telemetry.gpus[0].utilization_gpu_percent = 10;
     second.telemetry.gpus[0].processes[0].gpu_seconds = 9.5;
     for r in [&first, &second] {
-        assert_eq!(store.ingest(r.clone()).await.unwrap(), IngestOutcome::Stored);
+        assert_eq!(
+            store.ingest(r.clone()).await.unwrap(),
+            IngestOutcome::Stored
+        );
     }
     let queued = store.underived(10).await.unwrap();
     assert_eq!(queued.len(), 2);

@@ -240,7 +240,8 @@ pub(super) async fn write_samples(
         |(r, _)| (r.node.as_str(), r.observed_unix_ms),
     );
     if !hosts.is_empty() {
-        let (mut node, mut at, mut cpu, mut load) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut node, mut at, mut cpu, mut load) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut used, mut total, mut swap, mut procs) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (r, h) in &hosts {
@@ -293,7 +294,8 @@ pub(super) async fn write_samples(
         (r.node.as_str(), uuid.clone(), r.observed_unix_ms)
     });
     if !gpus.is_empty() {
-        let (mut node, mut uuid, mut at, mut index) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut node, mut uuid, mut at, mut index) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut name, mut util, mut mem_util, mut used) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut total, mut power, mut temp, mut error) =
@@ -326,7 +328,8 @@ pub(super) async fn write_samples(
         (r.node.as_str(), r.observed_unix_ms, uuid.clone(), p.pid)
     });
     if !usage.is_empty() {
-        let (mut node, mut at, mut uuid, mut pid) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut node, mut at, mut uuid, mut pid) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut name, mut exe, mut container, mut seconds, mut memory) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (r, u, p, n, e, c) in &usage {
@@ -364,7 +367,8 @@ pub(super) async fn update_node_gpus(
     if rows.is_empty() {
         return Ok(());
     }
-    let (mut node, mut state, mut count, mut util) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut node, mut state, mut count, mut util) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut used, mut total, mut at) = (Vec::new(), Vec::new(), Vec::new());
     for r in rows {
         let g = GpuSummary::of(&r.telemetry);
@@ -496,7 +500,8 @@ pub(super) async fn keep_raw_flows(
     st: &Statements,
     reports: &[&IncomingReport],
 ) -> Result<(), StoreError> {
-    let (mut node, mut epoch, mut seq, mut start) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut node, mut epoch, mut seq, mut start) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut end, mut count, mut countries, mut flows) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in reports {
@@ -517,7 +522,9 @@ pub(super) async fn keep_raw_flows(
     }
     tx.execute(
         &st.keep_raw_flows,
-        &[&node, &epoch, &seq, &start, &end, &count, &countries, &flows],
+        &[
+            &node, &epoch, &seq, &start, &end, &count, &countries, &flows,
+        ],
     )
     .await
     .map_err(pg("keep raw flows"))?;
