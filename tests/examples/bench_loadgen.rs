@@ -75,7 +75,8 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
-                     [--derive-reports N (10000)] [--idle-connections N (idle mode only)]";
+                     [--derive-reports N (10000)] [--max-in-flight N (as shipped)] \
+                     [--idle-connections N (idle mode only)]";
 
 /// Target of the derive-only rate (committed 50-flow reports derived per second).
 const TARGET_DERIVE_RATE: f64 = 5_000.0;
@@ -106,6 +107,10 @@ fn parse_args() -> Result<Args> {
             "--flows" => args.flows = value.parse().with_context(bad)?,
             "--idle-connections" => args.idle = Some(value.parse().with_context(bad)?),
             "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
+            "--max-in-flight" => IN_FLIGHT.store(
+                value.parse().with_context(bad)?,
+                std::sync::atomic::Ordering::Relaxed,
+            ),
             _ => bail!("unknown flag {flag:?}\n{USAGE}"),
         }
     }
@@ -482,7 +487,14 @@ async fn start_postgres(pki: &Pki, data: &Path, url: &str, agents: usize) -> Res
 fn one_address_for_all(cfg: &mut CollectorConfig, agents: usize) {
     cfg.limits.max_connections_per_address =
         cfg.limits.max_connections_per_address.max(agents + 16);
+    let in_flight = IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed);
+    if in_flight > 0 {
+        cfg.limits.max_reports_in_flight = in_flight;
+    }
 }
+
+/// `--max-in-flight N`: the collector's `[limits] max_reports_in_flight` (0: as shipped).
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 // ---------------------------------------------------------------------------------------------
 // One measured run
