@@ -177,9 +177,14 @@ impl Enricher {
         }
     }
 
-    /// Geolocate every flow's remote address (once per distinct address) and name its
-    /// process.
-    pub fn flows(&self, report: &pb::Report) -> Vec<FlowRecord> {
+    /// Geolocate every flow's remote address (once per distinct address of the batch:
+    /// `verdicts` is shared by a batch's reports) and name its process; the flows are moved
+    /// out of the report.
+    fn flows(
+        &self,
+        report: &mut pb::Report,
+        verdicts: &mut HashMap<String, Arc<Verdict>>,
+    ) -> Vec<FlowRecord> {
         let names: HashMap<u32, &str> = report
             .processes
             .iter()
@@ -189,21 +194,23 @@ impl Enricher {
             .node_info
             .as_ref()
             .and_then(|info| self.node_place(info));
-        let mut verdicts: HashMap<&str, Arc<Verdict>> = HashMap::new();
-        report
-            .flows
-            .iter()
+        let flows = std::mem::take(&mut report.flows);
+        flows
+            .into_iter()
             .map(|f| {
-                let v = verdicts
-                    .entry(f.remote_address.as_str())
-                    .or_insert_with(|| {
-                        f.remote_address
+                let v = match verdicts.get(&f.remote_address) {
+                    Some(v) => v.clone(),
+                    None => {
+                        let v = f
+                            .remote_address
                             .parse::<IpAddr>()
                             .map(|ip| self.geo.lookup(ip))
-                            .unwrap_or_default()
-                    });
+                            .unwrap_or_default();
+                        verdicts.insert(f.remote_address.clone(), v.clone());
+                        v
+                    }
+                };
                 FlowRecord {
-                    flow: f.clone(),
                     process: names
                         .get(&f.pid)
                         .map(|n| (*n).to_owned())
@@ -212,19 +219,30 @@ impl Enricher {
                     asn: v.asn.unwrap_or(0),
                     org: v.org.clone(),
                     geo_source: v.source.clone(),
-                    verdict: verdict_columns(&self.geo, v, place.as_ref(), f.min_rtt_us),
+                    verdict: verdict_columns(&self.geo, &v, place.as_ref(), f.min_rtt_us),
+                    flow: f,
                 }
             })
+            .collect()
+    }
+
+    /// A batch of queued reports ready to derive, in order; each address is geolocated once
+    /// for the whole batch.
+    pub fn derivations(&self, batch: Vec<Underived>) -> Vec<Derivation> {
+        let mut verdicts = HashMap::new();
+        batch
+            .into_iter()
+            .map(|u| self.derivation(u, &mut verdicts))
             .collect()
     }
 
     /// A queued report ready to derive. A body that no longer decodes (it was validated
     /// before it was stored, so only a damaged database does this) derives nothing: its
     /// queue row is still taken, and the failure logged.
-    pub fn derivation(&self, u: Underived) -> Derivation {
+    fn derivation(&self, u: Underived, verdicts: &mut HashMap<String, Arc<Verdict>>) -> Derivation {
         let report = match pb::Report::decode(u.body.as_slice()) {
-            Ok(report) => {
-                let flows = self.flows(&report);
+            Ok(mut report) => {
+                let flows = self.flows(&mut report, verdicts);
                 incoming(report, u.received_unix_ms, Vec::new(), Some(flows))
             }
             Err(err) => {
@@ -417,25 +435,30 @@ impl Deriver {
             return Ok((0, 0));
         }
         let n = queued.len();
-        let enricher = self.enricher.clone();
-        let batch = tokio::task::spawn_blocking(move || {
-            queued
-                .into_iter()
-                .map(|u| enricher.derivation(u))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?;
-        let derived = match self.store.derive(batch.clone()).await {
+        // The batch is enriched again from the bodies in the rare case the store refuses it
+        // (cheaper than keeping a deep copy of every enriched batch).
+        let batch = self.enrich(queued.clone()).await?;
+        let derived = match self.store.derive(batch).await {
             Ok(d) => d,
-            Err(err) if batch.len() > 1 => {
-                tracing::debug!(reports = batch.len(), error = %err, "derive batch failed; deriving its reports one by one");
-                self.derive_one_by_one(batch).await?
+            Err(err) if n > 1 => {
+                tracing::debug!(reports = n, error = %err, "derive batch failed; deriving its reports one by one");
+                self.derive_one_by_one(self.enrich(queued).await?).await?
             }
-            Err(err) => self.derive_one_by_one_after(batch, err).await?,
+            Err(err) => {
+                self.derive_one_by_one_after(self.enrich(queued).await?, err)
+                    .await?
+            }
         };
         self.metrics.derive_batch(derived, started.elapsed());
         Ok((n, derived))
+    }
+
+    /// Decode and enrich `queued` off the async threads.
+    async fn enrich(&self, queued: Vec<Underived>) -> Result<Vec<Derivation>, StoreError> {
+        let enricher = self.enricher.clone();
+        tokio::task::spawn_blocking(move || enricher.derivations(queued))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))
     }
 
     /// Derive each report of a failed batch in its own transaction, so that one report the

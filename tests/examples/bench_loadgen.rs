@@ -74,8 +74,9 @@ struct Args {
     derive_reports: usize,
 }
 
-const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15)] [--flows F (50)] \
-                     [--derive-reports N (10000)] [--idle-connections N (idle mode only)]";
+const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
+                     [--derive-reports N (10000)] [--max-in-flight N (as shipped)] \
+                     [--idle-connections N (idle mode only)]";
 
 /// Target of the derive-only rate (committed 50-flow reports derived per second).
 const TARGET_DERIVE_RATE: f64 = 5_000.0;
@@ -106,12 +107,17 @@ fn parse_args() -> Result<Args> {
             "--flows" => args.flows = value.parse().with_context(bad)?,
             "--idle-connections" => args.idle = Some(value.parse().with_context(bad)?),
             "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
+            "--max-in-flight" => IN_FLIGHT.store(
+                value.parse().with_context(bad)?,
+                std::sync::atomic::Ordering::Relaxed,
+            ),
             _ => bail!("unknown flag {flag:?}\n{USAGE}"),
         }
     }
+    ensure!(args.agents > 0, "--agents must be > 0");
     ensure!(
-        args.agents > 0 && args.secs > 0,
-        "--agents and --secs must be > 0"
+        args.secs > 0 || (args.derive_reports > 0 && args.idle.is_none()),
+        "--secs 0 (no load window: the derive-only figure alone) needs --derive-reports > 0"
     );
     ensure!(args.idle != Some(0), "--idle-connections must be > 0");
     Ok(args)
@@ -456,11 +462,12 @@ async fn start_bare(pki: &Pki) -> Result<Running> {
 
 /// The real collector on PostgreSQL: what `sov-collector serve` does with a `postgres://`
 /// store URL (`store::open`, then `app::run`), in this process.
-async fn start_postgres(pki: &Pki, data: &Path, url: &str) -> Result<Running> {
+async fn start_postgres(pki: &Pki, data: &Path, url: &str, agents: usize) -> Result<Running> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let mut cfg = CollectorConfig::new(addr, data.to_owned(), pki.server_files());
     cfg.store.url = url.to_owned();
+    one_address_for_all(&mut cfg, agents);
     let store = sov_collector::store::open(&cfg.store.url, &cfg.data_dir)
         .await
         .context("open PostgreSQL store")?;
@@ -473,6 +480,21 @@ async fn start_postgres(pki: &Pki, data: &Path, url: &str) -> Result<Running> {
     });
     Ok(Running::Postgres { addr, stop, task })
 }
+
+/// Every agent of this benchmark connects from 127.0.0.1, where a fleet comes from one
+/// address per node: the per-address connection limit (`[limits]`, 64 by default) is raised
+/// to the agents' number; every other limit stays as shipped.
+fn one_address_for_all(cfg: &mut CollectorConfig, agents: usize) {
+    cfg.limits.max_connections_per_address =
+        cfg.limits.max_connections_per_address.max(agents + 16);
+    let in_flight = IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed);
+    if in_flight > 0 {
+        cfg.limits.max_reports_in_flight = in_flight;
+    }
+}
+
+/// `--max-in-flight N`: the collector's `[limits] max_reports_in_flight` (0: as shipped).
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 // ---------------------------------------------------------------------------------------------
 // One measured run
@@ -706,8 +728,14 @@ fn verdict(ok: bool) -> &'static str {
 
 /// Derive-only: `n` reports of the agents' shape appended straight into `store` (no TLS, no
 /// gRPC), then derived by the collector's own deriver (`derive::Deriver`, default batch) until
-/// none waits. Returns reports derived per second and the seconds it took.
-async fn derive_only(store: Arc<dyn Store>, agents: &[Arc<Agent>], n: usize) -> Result<(f64, f64)> {
+/// none waits. Returns reports derived per second, the seconds it took, and the CPU ms per
+/// report of this process and of every `postgres` process during the derivation (the machine
+/// may be shared: CPU per report holds when the rate is set by others' load).
+async fn derive_only(
+    store: Arc<dyn Store>,
+    agents: &[Arc<Agent>],
+    n: usize,
+) -> Result<(f64, f64, f64, f64)> {
     use sov_collector::derive::{DEFAULT_BATCH_REPORTS, Deriver, Enricher, Freshness};
     let reports: Vec<pb::Report> = (0..n)
         .map(|i| {
@@ -747,6 +775,7 @@ async fn derive_only(store: Arc<dyn Store>, agents: &[Arc<Agent>], n: usize) -> 
         derived: Arc::default(),
         batch_reports: DEFAULT_BATCH_REPORTS,
     };
+    let (cpu0, pg0) = (self_ticks(), postgres_ticks());
     let t = Instant::now();
     let mut derived = 0u64;
     loop {
@@ -757,8 +786,13 @@ async fn derive_only(store: Arc<dyn Store>, agents: &[Arc<Agent>], n: usize) -> 
         }
     }
     let secs = t.elapsed().as_secs_f64();
+    let per_report = |ticks: u64| ticks as f64 * 1e3 / clk_tck() / n as f64;
+    let (cpu, pg) = (
+        per_report(self_ticks() - cpu0),
+        per_report(postgres_ticks() - pg0),
+    );
     ensure!(derived == n as u64, "derive-only: {derived} of {n} derived");
-    Ok((n as f64 / secs, secs))
+    Ok((n as f64 / secs, secs, cpu, pg))
 }
 
 async fn load_mode(args: Args) -> Result<()> {
@@ -791,62 +825,67 @@ async fn load_mode(args: Args) -> Result<()> {
     );
 
     let mut results = Vec::new();
-    println!("bare: tonic + mutual TLS, ack only ...");
-    results.push(measure("bare", &pki, &agents, args.secs, start_bare(&pki), None).await?);
-
-    println!("sqlite: real collector, SQLite (WAL, synchronous = FULL) ...");
     let data = tempfile::tempdir().context("tempdir")?;
-    let p = pki.clone();
-    let dir = data.path().join("sqlite");
-    // A second handle on the collector's database, to watch the derive queue.
-    let probe: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
-    results.push(
-        measure(
-            "sqlite",
-            &pki,
-            &agents,
-            args.secs,
-            async move {
-                Ok(Running::Sqlite(Box::new(
-                    InProcessCollector::start(&p, &dir, |_| {}).await,
-                )))
-            },
-            Some(probe),
-        )
-        .await?,
-    );
-
     let base = sov_e2e::postgres_url();
-    let schema = format!("sov_loadgen_{}", std::process::id());
     let mut pg_note = None;
-    match PostgresStore::connect_with_schema(&base, &schema).await {
-        Err(e) => {
-            let note = format!("SKIPPED: PostgreSQL not reachable at {base}: {e}");
-            println!("postgres: {note}");
-            pg_note = Some(note);
-        }
-        Ok(admin) => {
-            let sep = if base.contains('?') { '&' } else { '?' };
-            let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
-            println!("postgres: real collector, PostgreSQL schema {schema} ...");
-            let dir = data.path().join("pg");
-            let probe: Arc<dyn Store> = Arc::new(admin.clone());
-            let run = measure(
-                "postgres",
+    // `--secs 0`: the derive-only figure alone.
+    if args.secs > 0 {
+        println!("bare: tonic + mutual TLS, ack only ...");
+        results.push(measure("bare", &pki, &agents, args.secs, start_bare(&pki), None).await?);
+
+        println!("sqlite: real collector, SQLite (WAL, synchronous = FULL) ...");
+        let p = pki.clone();
+        let n = agents.len();
+        let dir = data.path().join("sqlite");
+        // A second handle on the collector's database, to watch the derive queue.
+        let probe: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
+        results.push(
+            measure(
+                "sqlite",
                 &pki,
                 &agents,
                 args.secs,
-                start_postgres(&pki, &dir, &url),
+                async move {
+                    Ok(Running::Sqlite(Box::new(
+                        InProcessCollector::start(&p, &dir, |c| one_address_for_all(c, n)).await,
+                    )))
+                },
                 Some(probe),
             )
-            .await;
-            admin.drop_schema().await.context("drop schema")?;
-            results.push(run?);
+            .await?,
+        );
+
+        let schema = format!("sov_loadgen_{}", std::process::id());
+        match PostgresStore::connect_with_schema(&base, &schema).await {
+            Err(e) => {
+                let note = format!("SKIPPED: PostgreSQL not reachable at {base}: {e}");
+                println!("postgres: {note}");
+                pg_note = Some(note);
+            }
+            Ok(admin) => {
+                let sep = if base.contains('?') { '&' } else { '?' };
+                let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+                println!("postgres: real collector, PostgreSQL schema {schema} ...");
+                let dir = data.path().join("pg");
+                let probe: Arc<dyn Store> = Arc::new(admin.clone());
+                let run = measure(
+                    "postgres",
+                    &pki,
+                    &agents,
+                    args.secs,
+                    start_postgres(&pki, &dir, &url, agents.len()),
+                    Some(probe),
+                )
+                .await;
+                admin.drop_schema().await.context("drop schema")?;
+                results.push(run?);
+            }
         }
     }
 
     // Derive-only, with no TLS in the way.
-    let mut derive_rates: Vec<(&'static str, f64, f64)> = Vec::new();
+    let mut derive_rates: Vec<(&'static str, f64, f64, f64, f64)> = Vec::new();
+    let mut sqlite_bytes_per_report: Option<f64> = None;
     if args.derive_reports > 0 {
         println!(
             "derive-only: {} committed reports appended straight into a fresh store, then derived ...",
@@ -854,14 +893,25 @@ async fn load_mode(args: Args) -> Result<()> {
         );
         let dir = data.path().join("derive-only");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
-        let (rate, secs) = derive_only(store, &agents, args.derive_reports).await?;
-        derive_rates.push(("sqlite", rate, secs));
+        let (rate, secs, cpu, pg) = derive_only(store, &agents, args.derive_reports).await?;
+        derive_rates.push(("sqlite", rate, secs, cpu, pg));
+        // What the store holds per report once derived (body, completeness, derived rows),
+        // with the WAL folded into the database file.
+        let db = dir.join(sov_collector::store::sqlite::DB_FILE);
+        let c = rusqlite::Connection::open(&db)?;
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let bytes = std::fs::metadata(&db)?.len() as f64 / args.derive_reports as f64;
+        sqlite_bytes_per_report = Some(bytes);
+        println!(
+            "sqlite: {bytes:.0} bytes stored per derived report ({:.0} MB per node-day at a 10 s interval)",
+            bytes * 8_640.0 / 1e6
+        );
         let schema = format!("sov_derive_only_{}", std::process::id());
         if let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await {
             let run = derive_only(Arc::new(pg.clone()), &agents, args.derive_reports).await;
             pg.drop_schema().await.context("drop schema")?;
-            let (rate, secs) = run?;
-            derive_rates.push(("postgres", rate, secs));
+            let (rate, secs, cpu, pg) = run?;
+            derive_rates.push(("postgres", rate, secs, cpu, pg));
         }
     }
 
@@ -937,9 +987,10 @@ async fn load_mode(args: Args) -> Result<()> {
             );
         }
     }
-    for (target, rate, secs) in &derive_rates {
+    for (target, rate, secs, cpu, pg) in &derive_rates {
         println!(
-            "{target}: derive-only {rate:.0} reports/s ({} reports of {} flows in {secs:.2} s)",
+            "{target}: derive-only {rate:.0} reports/s ({} reports of {} flows in {secs:.2} s); \
+             CPU per report {cpu:.3} ms in this process, {pg:.3} ms in postgres processes",
             args.derive_reports, args.flows
         );
     }
@@ -977,8 +1028,8 @@ async fn load_mode(args: Args) -> Result<()> {
         }
         let derive_rate = derive_rates
             .iter()
-            .find(|(t, _, _)| *t == r.target)
-            .map(|(_, rate, _)| *rate);
+            .find(|(t, ..)| *t == r.target)
+            .map(|(_, rate, ..)| *rate);
         if let Some(rate) = derive_rate {
             println!(
                 "  {:<8} derive-only >= 5,000 reports/s: {rate:.0}/s -> {}",
@@ -995,6 +1046,14 @@ async fn load_mode(args: Args) -> Result<()> {
             "derive_only_reports_per_s": derive_rate,
             "derive_only_5000": derive_rate.map(|d| d >= TARGET_DERIVE_RATE && args.flows >= 50),
         }));
+    }
+    if results.is_empty() {
+        for (target, rate, ..) in &derive_rates {
+            println!(
+                "  {target:<8} derive-only >= 5,000 reports/s: {rate:.0}/s -> {}",
+                verdict(*rate >= TARGET_DERIVE_RATE && args.flows >= 50)
+            );
+        }
     }
     if let Some(note) = &pg_note {
         println!("  postgres {note}");
@@ -1014,9 +1073,11 @@ async fn load_mode(args: Args) -> Result<()> {
         "warmup_s": WARMUP.as_secs(),
         "secs": args.secs,
         "results": results.iter().map(run_json).collect::<Vec<_>>(),
-        "derive_only": derive_rates.iter().map(|(t, rate, secs)| serde_json::json!({
+        "derive_only": derive_rates.iter().map(|(t, rate, secs, cpu, pg)| serde_json::json!({
             "target": t, "reports": args.derive_reports, "reports_per_s": rate, "secs": secs,
+            "cpu_ms_per_report": cpu, "postgres_cpu_ms_per_report": pg,
         })).collect::<Vec<_>>(),
+        "sqlite_bytes_per_report": sqlite_bytes_per_report,
         "postgres_note": pg_note,
         "targets": targets,
     });

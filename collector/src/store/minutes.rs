@@ -101,3 +101,112 @@ pub(crate) fn add_report<'a>(
     }
     Ok(())
 }
+
+/// A report's raw foreign flows as one `foreign_flows` row: its flows to destinations outside
+/// the node's declared country, in report order, encoded as one protobuf `Report` that carries
+/// only them (the agent's own message, so any reader of reports decodes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ForeignFlows {
+    /// Earliest start among them (their end when a flow has no start).
+    pub start_ms: i64,
+    /// Latest end among them.
+    pub end_ms: i64,
+    /// How many flows.
+    pub flow_count: i64,
+    /// Their destination countries, distinct, sorted, comma-separated ("" for unknown ones is
+    /// left out).
+    pub countries: String,
+    /// `Report { flows }`, protobuf.
+    pub flows: Vec<u8>,
+}
+
+/// `r`'s raw foreign flows; `None` when every flow stayed in the node's country.
+pub(crate) fn foreign_flows(r: &IncomingReport) -> Option<ForeignFlows> {
+    // `Report.flows` is field 10: each flow encoded as that field is exactly
+    // `Report { flows, .. }` encoded, without copying the flows first.
+    const REPORT_FLOWS_FIELD: u32 = 10;
+    let mut flows = Vec::new();
+    let mut countries = std::collections::BTreeSet::new();
+    let (mut start_ms, mut end_ms, mut flow_count) = (i64::MAX, i64::MIN, 0i64);
+    for f in &r.telemetry.flows {
+        if f.country == r.country {
+            continue;
+        }
+        let end = flow_end(r, &f.flow);
+        let start = if f.flow.start_unix_ms > 0 {
+            f.flow.start_unix_ms
+        } else {
+            end
+        };
+        start_ms = start_ms.min(start);
+        end_ms = end_ms.max(end);
+        if !f.country.is_empty() {
+            countries.insert(f.country.as_str());
+        }
+        prost::encoding::message::encode(REPORT_FLOWS_FIELD, &f.flow, &mut flows);
+        flow_count += 1;
+    }
+    if flow_count == 0 {
+        return None;
+    }
+    Some(ForeignFlows {
+        start_ms,
+        end_ms,
+        flow_count,
+        countries: countries.into_iter().collect::<Vec<_>>().join(","),
+        flows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FlowRecord;
+    use sov_proto::pb;
+
+    fn flow(remote: &str, country: &str, start: i64, end: i64) -> FlowRecord {
+        FlowRecord {
+            flow: pb::Flow {
+                remote_address: remote.into(),
+                start_unix_ms: start,
+                end_unix_ms: end,
+                bytes_sent: 7,
+                ..Default::default()
+            },
+            process: String::new(),
+            country: country.into(),
+            asn: 0,
+            org: String::new(),
+            geo_source: String::new(),
+            verdict: VerdictColumns::default(),
+        }
+    }
+
+    #[test]
+    fn a_reports_foreign_flows_are_one_row_that_decodes_to_them_in_order() {
+        let mut r = crate::store::suite::report("n", 1, 3);
+        r.telemetry.flows = vec![
+            flow("9.9.9.9", "US", 1_000, 5_000),
+            flow("10.0.0.1", "MA", 500, 9_000),
+            flow("8.8.4.4", "DE", 0, 0),
+            flow("1.1.1.1", "US", 2_000, 4_000),
+            flow("2.2.2.2", "", 2_000, 4_000),
+        ];
+        let f = foreign_flows(&r).unwrap();
+        assert_eq!(f.flow_count, 4);
+        assert_eq!(f.countries, "DE,US");
+        // A flow without times counts at the report's observation time (3,000 here).
+        assert_eq!((f.start_ms, f.end_ms), (1_000, 5_000));
+        let decoded = <pb::Report as prost::Message>::decode(f.flows.as_slice()).unwrap();
+        let remotes: Vec<&str> = decoded
+            .flows
+            .iter()
+            .map(|f| f.remote_address.as_str())
+            .collect();
+        assert_eq!(remotes, ["9.9.9.9", "8.8.4.4", "1.1.1.1", "2.2.2.2"]);
+        assert_eq!(decoded.flows[0], r.telemetry.flows[0].flow);
+        assert_eq!(prost::Message::encode_to_vec(&decoded), f.flows);
+        r.telemetry.flows.retain(|f| f.country == "MA");
+        assert_eq!(foreign_flows(&r), None);
+    }
+}

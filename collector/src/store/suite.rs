@@ -55,6 +55,7 @@ macro_rules! store_suite {
         $crate::store::suite::store_suite!(@tests $fixture;
             a_report_is_stored_once_and_a_resend_is_a_duplicate,
             an_appended_report_is_derived_once_after_its_ack,
+            one_batch_derives_a_nodes_reports_of_one_instant_as_one_after_the_other,
             missing_counts_holes_and_dropped_counts_declared_gaps,
             a_new_epoch_becomes_the_nodes_current_one,
             nodes_are_paged_in_name_order,
@@ -211,6 +212,80 @@ async fn derive_matching(store: &dyn Store, r: &IncomingReport) -> u64 {
         })
         .collect();
     store.derive(batch).await.unwrap()
+}
+
+/// Two reports of one node observed at the same instant (a re-numbered re-send) derived in
+/// one batch: the samples are the later report's, as one write per report in queue order
+/// would leave them (PostgreSQL writes each table once per batch), and both reports' flows
+/// are counted; each report's foreign flows are one row.
+pub(crate) async fn one_batch_derives_a_nodes_reports_of_one_instant_as_one_after_the_other(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let mut first = report("a", 1, 1);
+    first.telemetry = telemetry();
+    first.telemetry.flows = vec![flow(
+        4242,
+        "vllm",
+        ("1.1.1.1", 443),
+        US_CLOUDFLARE,
+        1000,
+        10,
+        500,
+        120_000,
+    )];
+    let mut second = first.clone();
+    second.seq = 2;
+    if let Some(h) = second.telemetry.host.as_mut() {
+        h.cpu_percent = 75.0;
+    }
+    second.telemetry.gpus[0].utilization_gpu_percent = 10;
+    second.telemetry.gpus[0].processes[0].gpu_seconds = 9.5;
+    for r in [&first, &second] {
+        assert_eq!(
+            store.ingest(r.clone()).await.unwrap(),
+            IngestOutcome::Stored
+        );
+    }
+    let queued = store.underived(10).await.unwrap();
+    assert_eq!(queued.len(), 2);
+    let batch: Vec<Derivation> = queued
+        .iter()
+        .zip([&first, &second])
+        .map(|(u, r)| Derivation {
+            queue_id: u.queue_id,
+            report: r.clone(),
+        })
+        .collect();
+    assert_eq!(store.derive(batch).await.unwrap(), 2);
+    assert_eq!(store.derive_status().await.unwrap().pending, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM host_samples").await, 1);
+    assert_eq!(
+        db.count("SELECT CAST(cpu_percent AS BIGINT) FROM host_samples")
+            .await,
+        75
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM gpu_samples").await, 2);
+    assert_eq!(
+        db.count("SELECT utilization_percent FROM gpu_samples WHERE gpu_uuid = 'GPU-0'")
+            .await,
+        10
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM gpu_usage").await, 1);
+    assert_eq!(
+        db.count("SELECT CAST(gpu_seconds * 10 AS BIGINT) FROM gpu_usage")
+            .await,
+        95
+    );
+    let nodes = store.list_nodes("", 10).await.unwrap();
+    assert!(
+        (nodes[0].gpu_util_percent - 20.0).abs() < 0.01,
+        "the later report's GPU columns: {nodes:?}"
+    );
+    let (rows, _) = egress(store, "destination", 10).await;
+    assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 2000);
+    assert_eq!(db.count("SELECT COUNT(*) FROM foreign_flows").await, 2);
+    assert_eq!(db.count(RAW_FLOWS).await, 2);
 }
 
 pub(crate) async fn an_appended_report_is_derived_once_after_its_ack(db: &dyn Backend) {
@@ -1119,11 +1194,15 @@ pub(crate) async fn egress_adds_flows_within_a_minute_and_ignores_resends_and_in
     assert_eq!(rows.len(), 3);
     let (rows, _) = store.egress(q(0, 120_000)).await.unwrap();
     assert!(rows.is_empty(), "{rows:?}");
-    // One aggregate per (node, minute, process, destination); raw rows only for flows
-    // leaving the node's country.
+    // One aggregate per (node, minute, process, destination); raw flows kept only for flows
+    // leaving the node's country, one row per report.
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 7);
-    assert_eq!(db.count("SELECT COUNT(*) FROM flows_raw").await, 7);
+    assert_eq!(db.count(RAW_FLOWS).await, 7);
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_raw").await, 0);
 }
+
+/// Raw foreign flows kept (one `foreign_flows` row per report holds its count).
+const RAW_FLOWS: &str = "SELECT CAST(COALESCE(SUM(flow_count), 0) AS BIGINT) FROM foreign_flows";
 
 pub(crate) async fn egress_refuses_an_unknown_grouping(db: &dyn Backend) {
     let err = db
@@ -1143,11 +1222,18 @@ pub(crate) async fn egress_refuses_an_unknown_grouping(db: &dyn Backend) {
 pub(crate) async fn pruning_removes_old_flows(db: &dyn Backend) {
     let store = db.store();
     write_flows(store).await;
-    // Everything but node b's late flow (one aggregate, one raw row).
+    // Everything but node b's late flow: six aggregates, and the raw rows of node a's two
+    // reports (node b's report keeps its row until its latest flow is past retention).
     let pruned = store.prune(Retention::all_before(3_000_000)).await.unwrap();
-    assert_eq!(pruned.flows, 12);
+    assert_eq!(pruned.flows, 8);
     assert_eq!(egress(store, "country", 10).await, (vec![], 0));
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM foreign_flows WHERE node = 'b'")
+            .await,
+        1
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM foreign_flows").await, 1);
 }
 
 pub(crate) async fn raw_samples_fold_into_minute_aggregates_that_outlive_them(db: &dyn Backend) {
@@ -2056,7 +2142,7 @@ pub(crate) async fn flows_with_one_key_in_one_report_become_one_aggregate_row(db
         ("vllm", 600, 6, 3, 500)
     );
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_minute").await, 1);
-    assert_eq!(db.count("SELECT COUNT(*) FROM flows_raw").await, 3);
+    assert_eq!(db.count(RAW_FLOWS).await, 3);
 }
 
 fn token(hash: &str, expires_unix_ms: i64) -> NewEnrollToken {

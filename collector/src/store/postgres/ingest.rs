@@ -59,17 +59,22 @@ pub(super) const ENQUEUE: &str =
 
 pub(super) const TAKE_QUEUED: &str = "DELETE FROM derive_queue WHERE id = ANY($1) RETURNING id";
 
-pub(super) const UPSERT_HOST_SAMPLE: &str = "INSERT INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
+/// A derive batch's host samples in one statement (one array per column; the caller keeps
+/// the last of rows with the same key: one statement may not update a row twice).
+pub(super) const UPSERT_HOST_SAMPLES: &str = "INSERT INTO host_samples (node, observed_ms, cpu_percent, load_1, memory_used_bytes,
                           memory_total_bytes, swap_used_bytes, process_count)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::DOUBLE PRECISION[], $4::DOUBLE PRECISION[],
+                          $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[])
      ON CONFLICT (node, observed_ms) DO UPDATE SET
         cpu_percent = EXCLUDED.cpu_percent, load_1 = EXCLUDED.load_1,
         memory_used_bytes = EXCLUDED.memory_used_bytes, memory_total_bytes = EXCLUDED.memory_total_bytes,
         swap_used_bytes = EXCLUDED.swap_used_bytes, process_count = EXCLUDED.process_count";
 
-pub(super) const UPSERT_GPU_SAMPLE: &str = "INSERT INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
+/// A derive batch's GPU samples in one statement.
+pub(super) const UPSERT_GPU_SAMPLES: &str = "INSERT INTO gpu_samples (node, gpu_uuid, observed_ms, gpu_index, name, utilization_percent,
          memory_util_percent, memory_used_bytes, memory_total_bytes, power_milliwatts, temperature_celsius, error)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+     SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[],
+                          $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[], $12::TEXT[])
      ON CONFLICT (node, gpu_uuid, observed_ms) DO UPDATE SET
         gpu_index = EXCLUDED.gpu_index, name = EXCLUDED.name,
         utilization_percent = EXCLUDED.utilization_percent, memory_util_percent = EXCLUDED.memory_util_percent,
@@ -77,31 +82,36 @@ pub(super) const UPSERT_GPU_SAMPLE: &str = "INSERT INTO gpu_samples (node, gpu_u
         power_milliwatts = EXCLUDED.power_milliwatts, temperature_celsius = EXCLUDED.temperature_celsius,
         error = EXCLUDED.error";
 
+/// A derive batch's GPU usage per process in one statement.
 pub(super) const UPSERT_GPU_USAGE: &str = "INSERT INTO gpu_usage (node, observed_ms, gpu_uuid, pid, process_name, exe, container_id,
                        gpu_seconds, used_memory_bytes)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::TEXT[],
+                          $7::TEXT[], $8::DOUBLE PRECISION[], $9::BIGINT[])
      ON CONFLICT (node, observed_ms, gpu_uuid, pid) DO UPDATE SET
         process_name = EXCLUDED.process_name, exe = EXCLUDED.exe, container_id = EXCLUDED.container_id,
         gpu_seconds = EXCLUDED.gpu_seconds, used_memory_bytes = EXCLUDED.used_memory_bytes";
 
-pub(super) const UPDATE_NODE_GPUS: &str =
-    "UPDATE nodes SET gpu_state = $2, gpu_count = $3, gpu_util_percent = $4,
-                      gpu_memory_used_bytes = $5, gpu_memory_total_bytes = $6
-     WHERE node = $1 AND last_observed_ms = $7";
+/// The nodes' latest GPU columns from a derive batch, in one statement: a report's columns
+/// land only when it is its node's newest (`last_observed_ms`).
+pub(super) const UPDATE_NODE_GPUS: &str = "UPDATE nodes SET gpu_state = u.state, gpu_count = u.count,
+        gpu_util_percent = u.util, gpu_memory_used_bytes = u.mem_used, gpu_memory_total_bytes = u.mem_total
+     FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::DOUBLE PRECISION[], $5::BIGINT[], $6::BIGINT[],
+                 $7::BIGINT[]) AS u(node, state, count, util, mem_used, mem_total, at)
+     WHERE nodes.node = u.node AND nodes.last_observed_ms = u.at";
 
-/// Every flow aggregate of one report in one statement: `$1` the node, then one array per
-/// column (the caller merges rows with the same key first: one statement may not update a row
-/// twice); the verdict and measurement columns last ([`crate::store::VERDICT_COLUMNS`]).
+/// Every flow aggregate of a derive batch in one statement: one array per column (the caller
+/// merges rows with the same key first: one statement may not update a row twice); the
+/// verdict and measurement columns last ([`crate::store::VERDICT_COLUMNS`]).
 fn aggregate_flows() -> String {
     format!(
         "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address,
          remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us,
          {})
-     SELECT $1, * FROM unnest($2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
-                              $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[],
-                              $14::BIGINT[], $15::BIGINT[], $16::BIGINT[],
-                              $17::TEXT[], $18::BIGINT[], $19::TEXT[], $20::TEXT[], $21::BIGINT[], $22::BIGINT[],
-                              $23::BIGINT[], $24::BIGINT[])
+     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[],
+                          $8::BIGINT[], $9::TEXT[], $10::BIGINT[], $11::TEXT[], $12::TEXT[], $13::BIGINT[],
+                          $14::BIGINT[], $15::BIGINT[], $16::BIGINT[],
+                          $17::TEXT[], $18::BIGINT[], $19::TEXT[], $20::TEXT[], $21::BIGINT[], $22::BIGINT[],
+                          $23::BIGINT[], $24::BIGINT[])
      ON CONFLICT (node, minute_ms, pid, protocol, direction, remote_address, remote_port) DO UPDATE SET
         bytes_sent = flows_minute.bytes_sent + EXCLUDED.bytes_sent,
         bytes_received = flows_minute.bytes_received + EXCLUDED.bytes_received,
@@ -120,11 +130,12 @@ fn aggregate_flows() -> String {
 pub(super) static AGGREGATE_FLOWS: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(aggregate_flows);
 
-/// Every raw flow of one report in one statement: node, seq, epoch, then one array per column.
-pub(super) const KEEP_RAW_FLOWS: &str = "INSERT INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
-     SELECT $1, $2, $3, * FROM unnest($4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::TEXT[],
-                                      $9::TEXT[], $10::BIGINT[], $11::BYTEA[])
-     ON CONFLICT (node, epoch, seq, idx) DO NOTHING";
+/// A derive batch's raw foreign flows, one row per report
+/// ([`crate::store::minutes::foreign_flows`]), in one statement.
+pub(super) const KEEP_RAW_FLOWS: &str = "INSERT INTO foreign_flows (node, epoch, seq, start_ms, end_ms, flow_count, countries, flows)
+     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[],
+                          $7::TEXT[], $8::BYTEA[])
+     ON CONFLICT (node, epoch, seq) DO NOTHING";
 
 pub(super) const UPSERT_WEIGHT: &str = "INSERT INTO weight_files (node, path, format, size_bytes, mtime_ms, device, inode, sha256, model,
          revision, repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network,
@@ -162,8 +173,8 @@ pub(super) struct Statements {
     insert_gap: Statement,
     enqueue: Statement,
     take_queued: Statement,
-    upsert_host_sample: Statement,
-    upsert_gpu_sample: Statement,
+    upsert_host_samples: Statement,
+    upsert_gpu_samples: Statement,
     upsert_gpu_usage: Statement,
     update_node_gpus: Statement,
     aggregate_flows: Statement,
@@ -187,8 +198,8 @@ impl Statements {
             insert_gap: p(INSERT_GAP).await?,
             enqueue: p(ENQUEUE).await?,
             take_queued: p(TAKE_QUEUED).await?,
-            upsert_host_sample: p(UPSERT_HOST_SAMPLE).await?,
-            upsert_gpu_sample: p(UPSERT_GPU_SAMPLE).await?,
+            upsert_host_samples: p(UPSERT_HOST_SAMPLES).await?,
+            upsert_gpu_samples: p(UPSERT_GPU_SAMPLES).await?,
             upsert_gpu_usage: p(UPSERT_GPU_USAGE).await?,
             update_node_gpus: p(UPDATE_NODE_GPUS).await?,
             aggregate_flows: p(AGGREGATE_FLOWS.as_str()).await?,
@@ -200,106 +211,185 @@ impl Statements {
     }
 }
 
-/// The report's time series rows, and the node's latest GPU columns when this report is the
-/// node's newest.
-pub(super) async fn insert_telemetry(
+/// Keep the last of rows with the same key, in their order: what one upsert per row, in
+/// order, would leave (one statement may not update a row twice).
+fn last_of_each<T, K: std::hash::Hash + Eq>(rows: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
+    let mut last = std::collections::HashMap::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        last.insert(key(r), i);
+    }
+    rows.into_iter()
+        .enumerate()
+        .filter(|(i, r)| last.get(&key(r)) == Some(i))
+        .map(|(_, r)| r)
+        .collect()
+}
+
+/// The batch's time series rows (host samples, GPU samples, GPU usage), one statement per
+/// table for the whole batch.
+pub(super) async fn write_samples(
     tx: &Tx<'_>,
     st: &Statements,
-    r: &IncomingReport,
+    reports: &[&IncomingReport],
 ) -> Result<(), StoreError> {
-    let t = &r.telemetry;
-    let at = r.observed_unix_ms;
-    if let Some(h) = &t.host {
+    let hosts = last_of_each(
+        reports
+            .iter()
+            .filter_map(|r| r.telemetry.host.as_ref().map(|h| (*r, h)))
+            .collect(),
+        |(r, _)| (r.node.as_str(), r.observed_unix_ms),
+    );
+    if !hosts.is_empty() {
+        let (mut node, mut at, mut cpu, mut load) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut used, mut total, mut swap, mut procs) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (r, h) in &hosts {
+            node.push(r.node.as_str());
+            at.push(r.observed_unix_ms);
+            cpu.push(f64::from(h.cpu_percent));
+            load.push(h.load_1);
+            used.push(to_i64(h.memory_used_bytes, "memory_used_bytes")?);
+            total.push(to_i64(h.memory_total_bytes, "memory_total_bytes")?);
+            swap.push(to_i64(h.swap_used_bytes, "swap_used_bytes")?);
+            procs.push(i64::from(h.process_count));
+        }
         tx.execute(
-            &st.upsert_host_sample,
-            &[
-                &r.node,
-                &at,
-                &f64::from(h.cpu_percent),
-                &h.load_1,
-                &to_i64(h.memory_used_bytes, "memory_used_bytes")?,
-                &to_i64(h.memory_total_bytes, "memory_total_bytes")?,
-                &to_i64(h.swap_used_bytes, "swap_used_bytes")?,
-                &i64::from(h.process_count),
-            ],
+            &st.upsert_host_samples,
+            &[&node, &at, &cpu, &load, &used, &total, &swap, &procs],
         )
         .await
-        .map_err(pg("insert host sample"))?;
+        .map_err(pg("insert host samples"))?;
     }
-    let names: std::collections::HashMap<u32, &sov_proto::pb::ProcessInfo> =
-        t.processes.iter().map(|p| (p.pid, p)).collect();
-    for g in &t.gpus {
-        let uuid = if g.uuid.is_empty() {
-            format!("index-{}", g.index)
-        } else {
-            g.uuid.clone()
-        };
-        tx.execute(
-            &st.upsert_gpu_sample,
-            &[
-                &r.node,
-                &uuid,
-                &at,
-                &i64::from(g.index),
-                &g.name,
-                &i64::from(g.utilization_gpu_percent),
-                &i64::from(g.utilization_memory_percent),
-                &to_i64(g.memory_used_bytes, "gpu memory_used_bytes")?,
-                &to_i64(g.memory_total_bytes, "gpu memory_total_bytes")?,
-                &i64::from(g.power_draw_milliwatts),
-                &i64::from(g.temperature_celsius),
-                &g.error,
-            ],
-        )
-        .await
-        .map_err(pg("insert gpu sample"))?;
-        for p in &g.processes {
-            let info = names.get(&p.pid);
-            tx.execute(
-                &st.upsert_gpu_usage,
-                &[
-                    &r.node,
-                    &at,
-                    &uuid,
-                    &i64::from(p.pid),
-                    &info.map(|i| i.name.as_str()).unwrap_or(""),
-                    &info.map(|i| i.exe.as_str()).unwrap_or(""),
-                    &info.map(|i| i.container_id.as_str()).unwrap_or(""),
-                    &p.gpu_seconds,
-                    &to_i64(p.used_memory_bytes, "gpu process memory")?,
-                ],
-            )
-            .await
-            .map_err(pg("insert gpu usage"))?;
+    let mut gpus = Vec::new();
+    let mut usage = Vec::new();
+    for r in reports {
+        let t = &r.telemetry;
+        if t.gpus.is_empty() {
+            continue;
+        }
+        let names: std::collections::HashMap<u32, &sov_proto::pb::ProcessInfo> =
+            t.processes.iter().map(|p| (p.pid, p)).collect();
+        for g in &t.gpus {
+            let uuid = if g.uuid.is_empty() {
+                format!("index-{}", g.index)
+            } else {
+                g.uuid.clone()
+            };
+            for p in &g.processes {
+                let info = names.get(&p.pid);
+                usage.push((
+                    *r,
+                    uuid.clone(),
+                    p,
+                    info.map(|i| i.name.as_str()).unwrap_or(""),
+                    info.map(|i| i.exe.as_str()).unwrap_or(""),
+                    info.map(|i| i.container_id.as_str()).unwrap_or(""),
+                ));
+            }
+            gpus.push((*r, uuid, g));
         }
     }
-    let GpuSummary {
-        state: gpu_state,
-        count,
-        util,
-        mem_used,
-        mem_total,
-    } = GpuSummary::of(t);
+    let gpus = last_of_each(gpus, |(r, uuid, _)| {
+        (r.node.as_str(), uuid.clone(), r.observed_unix_ms)
+    });
+    if !gpus.is_empty() {
+        let (mut node, mut uuid, mut at, mut index) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut name, mut util, mut mem_util, mut used) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut total, mut power, mut temp, mut error) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (r, u, g) in &gpus {
+            node.push(r.node.as_str());
+            uuid.push(u.as_str());
+            at.push(r.observed_unix_ms);
+            index.push(i64::from(g.index));
+            name.push(g.name.as_str());
+            util.push(i64::from(g.utilization_gpu_percent));
+            mem_util.push(i64::from(g.utilization_memory_percent));
+            used.push(to_i64(g.memory_used_bytes, "gpu memory_used_bytes")?);
+            total.push(to_i64(g.memory_total_bytes, "gpu memory_total_bytes")?);
+            power.push(i64::from(g.power_draw_milliwatts));
+            temp.push(i64::from(g.temperature_celsius));
+            error.push(g.error.as_str());
+        }
+        tx.execute(
+            &st.upsert_gpu_samples,
+            &[
+                &node, &uuid, &at, &index, &name, &util, &mem_util, &used, &total, &power, &temp,
+                &error,
+            ],
+        )
+        .await
+        .map_err(pg("insert gpu samples"))?;
+    }
+    let usage = last_of_each(usage, |(r, uuid, p, ..)| {
+        (r.node.as_str(), r.observed_unix_ms, uuid.clone(), p.pid)
+    });
+    if !usage.is_empty() {
+        let (mut node, mut at, mut uuid, mut pid) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut name, mut exe, mut container, mut seconds, mut memory) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (r, u, p, n, e, c) in &usage {
+            node.push(r.node.as_str());
+            at.push(r.observed_unix_ms);
+            uuid.push(u.as_str());
+            pid.push(i64::from(p.pid));
+            name.push(*n);
+            exe.push(*e);
+            container.push(*c);
+            seconds.push(p.gpu_seconds);
+            memory.push(to_i64(p.used_memory_bytes, "gpu process memory")?);
+        }
+        tx.execute(
+            &st.upsert_gpu_usage,
+            &[
+                &node, &at, &uuid, &pid, &name, &exe, &container, &seconds, &memory,
+            ],
+        )
+        .await
+        .map_err(pg("insert gpu usage"))?;
+    }
+    Ok(())
+}
+
+/// The nodes' latest GPU columns from the batch, in one statement (sorted by node, so that
+/// derivers lock node rows in one order).
+pub(super) async fn update_node_gpus(
+    tx: &Tx<'_>,
+    st: &Statements,
+    reports: &[&IncomingReport],
+) -> Result<(), StoreError> {
+    let mut rows = last_of_each(reports.to_vec(), |r| (r.node.as_str(), r.observed_unix_ms));
+    rows.sort_by(|a, b| a.node.cmp(&b.node));
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let (mut node, mut state, mut count, mut util) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut used, mut total, mut at) = (Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        let g = GpuSummary::of(&r.telemetry);
+        node.push(r.node.as_str());
+        state.push(g.state);
+        count.push(i64::try_from(g.count).unwrap_or(i64::MAX));
+        util.push(g.util);
+        used.push(to_i64(g.mem_used, "gpu memory used")?);
+        total.push(to_i64(g.mem_total, "gpu memory total")?);
+        at.push(r.observed_unix_ms);
+    }
     tx.execute(
         &st.update_node_gpus,
-        &[
-            &r.node,
-            &gpu_state,
-            &i64::try_from(count).unwrap_or(i64::MAX),
-            &util,
-            &to_i64(mem_used, "gpu memory used")?,
-            &to_i64(mem_total, "gpu memory total")?,
-            &at,
-        ],
+        &[&node, &state, &count, &util, &used, &total, &at],
     )
     .await
     .map_err(pg("update node gpus"))?;
     Ok(())
 }
 
-/// One row of `flows_minute` being built: the key, then what is summed.
-/// Write a batch's merged flow aggregates ([`crate::store::minutes`]): one multi-row
-/// statement per node of the batch.
+/// Write a batch's merged flow aggregates ([`crate::store::minutes`]) in one statement.
 pub(super) async fn write_minutes(
     tx: &Tx<'_>,
     st: &Statements,
@@ -308,139 +398,132 @@ pub(super) async fn write_minutes(
         crate::store::minutes::MinuteSums<'_>,
     >,
 ) -> Result<(), StoreError> {
+    if sums.is_empty() {
+        return Ok(());
+    }
     let none = crate::store::VerdictColumns::default();
-    // Columns per node, built before any statement runs (nothing borrowed is held across
-    // an await but the finished arrays).
-    let mut per_node: Vec<(String, MinuteColumns)> = Vec::new();
+    let mut c = MinuteColumns::default();
     for ((node, m, p, proto, dir, addr, rport), e) in sums {
-        if per_node.last().is_none_or(|(n, _)| n != node) {
-            per_node.push(((*node).to_owned(), MinuteColumns::default()));
-        }
-        let Some((_, c)) = per_node.last_mut() else {
-            continue;
-        };
         let v = e.verdict.unwrap_or(&none);
+        c.node.push(*node);
         c.minute.push(*m);
         c.pid.push(*p);
-        c.process.push(e.process.to_owned());
+        c.process.push(e.process);
         c.protocol.push(*proto);
         c.direction.push(*dir);
-        c.remote.push((*addr).to_owned());
+        c.remote.push(*addr);
         c.port.push(*rport);
-        c.country.push(e.country.to_owned());
+        c.country.push(e.country);
         c.asn.push(e.asn);
-        c.org.push(e.org.to_owned());
-        c.geo.push(e.geo_source.to_owned());
+        c.org.push(e.org);
+        c.geo.push(e.geo_source);
         c.sent.push(e.bytes_sent);
         c.received.push(e.bytes_received);
         c.conns.push(e.connections);
         c.rtt.push(e.min_rtt_us);
-        c.answers.push(v.answers_json.clone());
+        c.answers.push(v.answers_json.as_str());
         c.contested.push(i64::from(e.contested));
-        c.operator.push(e.operator_country.to_owned());
-        c.physics.push(v.physics.clone());
+        c.operator.push(e.operator_country);
+        c.physics.push(v.physics.as_str());
         c.distance.push(i64::from(v.distance_km));
         c.limit.push(i64::from(v.limit_km));
         c.conntrack.push(e.conntrack_bytes);
         c.unmeasured.push(e.unmeasured_flows);
     }
-    for (node, c) in &per_node {
-        tx.execute(
-            &st.aggregate_flows,
-            &[
-                node,
-                &c.minute,
-                &c.pid,
-                &c.process,
-                &c.protocol,
-                &c.direction,
-                &c.remote,
-                &c.port,
-                &c.country,
-                &c.asn,
-                &c.org,
-                &c.geo,
-                &c.sent,
-                &c.received,
-                &c.conns,
-                &c.rtt,
-                &c.answers,
-                &c.contested,
-                &c.operator,
-                &c.physics,
-                &c.distance,
-                &c.limit,
-                &c.conntrack,
-                &c.unmeasured,
-            ],
-        )
-        .await
-        .map_err(pg("aggregate flows"))?;
-    }
+    tx.execute(
+        &st.aggregate_flows,
+        &[
+            &c.node,
+            &c.minute,
+            &c.pid,
+            &c.process,
+            &c.protocol,
+            &c.direction,
+            &c.remote,
+            &c.port,
+            &c.country,
+            &c.asn,
+            &c.org,
+            &c.geo,
+            &c.sent,
+            &c.received,
+            &c.conns,
+            &c.rtt,
+            &c.answers,
+            &c.contested,
+            &c.operator,
+            &c.physics,
+            &c.distance,
+            &c.limit,
+            &c.conntrack,
+            &c.unmeasured,
+        ],
+    )
+    .await
+    .map_err(pg("aggregate flows"))?;
     Ok(())
 }
 
-/// The columns of one node's merged rows, as arrays for `unnest`.
+/// The columns of a batch's merged rows, as arrays for `unnest`.
 #[derive(Default)]
-struct MinuteColumns {
+struct MinuteColumns<'a> {
+    node: Vec<&'a str>,
     minute: Vec<i64>,
     pid: Vec<i64>,
-    process: Vec<String>,
+    process: Vec<&'a str>,
     protocol: Vec<&'static str>,
     direction: Vec<&'static str>,
-    remote: Vec<String>,
+    remote: Vec<&'a str>,
     port: Vec<i64>,
-    country: Vec<String>,
+    country: Vec<&'a str>,
     asn: Vec<i64>,
-    org: Vec<String>,
-    geo: Vec<String>,
+    org: Vec<&'a str>,
+    geo: Vec<&'a str>,
     sent: Vec<i64>,
     received: Vec<i64>,
     conns: Vec<i64>,
     rtt: Vec<i64>,
-    answers: Vec<String>,
+    answers: Vec<&'a str>,
     contested: Vec<i64>,
-    operator: Vec<String>,
-    physics: Vec<String>,
+    operator: Vec<&'a str>,
+    physics: Vec<&'a str>,
     distance: Vec<i64>,
     limit: Vec<i64>,
     conntrack: Vec<i64>,
     unmeasured: Vec<i64>,
 }
 
-/// Keep the report's flows to destinations outside the node's declared country raw, in one
-/// statement.
+/// Keep the batch's flows to destinations outside each node's declared country raw, one row
+/// per report ([`crate::store::minutes::foreign_flows`]), in one statement.
 pub(super) async fn keep_raw_flows(
     tx: &Tx<'_>,
     st: &Statements,
-    r: &IncomingReport,
-    epoch: i64,
-    seq: i64,
+    reports: &[&IncomingReport],
 ) -> Result<(), StoreError> {
-    let (mut idx, mut start, mut end, mut pid) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut process, mut country, mut asn, mut flow) =
+    let (mut node, mut epoch, mut seq, mut start) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (i, f) in r.telemetry.flows.iter().enumerate() {
-        if f.country == r.country {
+    let (mut end, mut count, mut countries, mut flows) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in reports {
+        let Some(f) = crate::store::minutes::foreign_flows(r) else {
             continue;
-        }
-        let fl = &f.flow;
-        idx.push(i64::try_from(i).unwrap_or(i64::MAX));
-        start.push(fl.start_unix_ms);
-        end.push(crate::store::minutes::flow_end(r, fl));
-        pid.push(i64::from(fl.pid));
-        process.push(f.process.as_str());
-        country.push(f.country.as_str());
-        asn.push(i64::from(f.asn));
-        flow.push(prost::Message::encode_to_vec(fl));
+        };
+        node.push(r.node.as_str());
+        epoch.push(to_i64(r.epoch, "epoch")?);
+        seq.push(to_i64(r.seq, "seq")?);
+        start.push(f.start_ms);
+        end.push(f.end_ms);
+        count.push(f.flow_count);
+        countries.push(f.countries);
+        flows.push(f.flows);
     }
-    if idx.is_empty() {
+    if node.is_empty() {
         return Ok(());
     }
     tx.execute(
         &st.keep_raw_flows,
         &[
-            &r.node, &seq, &epoch, &idx, &start, &end, &pid, &process, &country, &asn, &flow,
+            &node, &epoch, &seq, &start, &end, &count, &countries, &flows,
         ],
     )
     .await
@@ -840,19 +923,28 @@ async fn derive_once(w: &mut Writer, batch: &[Derivation]) -> Result<u64, StoreE
         .iter()
         .map(|row| get::<i64>(row, 0, "take from derive queue"))
         .collect::<Result<_, _>>()?;
-    let mut derived = 0u64;
-    let mut sums = std::collections::BTreeMap::new();
-    for d in batch.iter().filter(|d| taken.contains(&d.queue_id)) {
-        let r = &d.report;
-        insert_telemetry(&tx, st, r).await?;
+    let mine: Vec<&IncomingReport> = batch
+        .iter()
+        .filter(|d| taken.contains(&d.queue_id))
+        .map(|d| &d.report)
+        .collect();
+    // One statement per table for the whole batch; what is rare and order-dependent within
+    // a node (weight inventories, training runs, container rows) report by report, in order.
+    write_samples(&tx, st, &mine).await?;
+    for r in &mine {
         apply_weights(&tx, st, r).await?;
         super::training::apply_training(&tx, r).await?;
-        keep_raw_flows(&tx, st, r, to_i64(r.epoch, "epoch")?, to_i64(r.seq, "seq")?).await?;
         super::containers::apply_containers(&tx, r).await?;
+    }
+    keep_raw_flows(&tx, st, &mine).await?;
+    let mut sums = std::collections::BTreeMap::new();
+    for r in &mine {
         crate::store::minutes::add_report(&mut sums, r)?;
-        derived += 1;
     }
     write_minutes(&tx, st, &sums).await?;
+    // Last: the node rows that ingest also updates are locked for the shortest time.
+    update_node_gpus(&tx, st, &mine).await?;
+    let derived = u64::try_from(mine.len()).unwrap_or(u64::MAX);
     tx.commit().await.map_err(pg("commit derive"))?;
     Ok(derived)
 }

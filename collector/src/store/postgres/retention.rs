@@ -124,7 +124,10 @@ pub(super) async fn prune(
         .map_err(pg("prune flows"))?
         + tx.execute("DELETE FROM flows_raw WHERE end_ms < $1", &[&raw])
             .await
-            .map_err(pg("prune raw flows"))?;
+            .map_err(pg("prune raw flows"))?
+        + tx.execute("DELETE FROM foreign_flows WHERE end_ms < $1", &[&raw])
+            .await
+            .map_err(pg("prune raw foreign flows"))?;
     // Report keys stay forever (they make re-sends idempotent and prove completeness);
     // only their bodies go.
     stats.report_bodies = tx

@@ -170,38 +170,24 @@ pub(super) fn write_minutes(
     Ok(())
 }
 
-/// Keep the report's flows to destinations outside the node's declared country raw (the
-/// policy refines "outside" with the jurisdiction's inside countries).
+/// Keep the report's flows to destinations outside the node's declared country raw, as one
+/// row ([`crate::store::minutes::foreign_flows`]; the policy refines "outside" with the
+/// jurisdiction's inside countries).
 pub(super) fn keep_raw_flows(
     tx: &rusqlite::Transaction<'_>,
     r: &IncomingReport,
     epoch: i64,
     seq: i64,
 ) -> Result<(), StoreError> {
-    for (idx, f) in r.telemetry.flows.iter().enumerate() {
-        if f.country == r.country {
-            continue;
-        }
-        let fl = &f.flow;
-        exec(tx,
-            "INSERT OR IGNORE INTO flows_raw (node, seq, epoch, idx, start_ms, end_ms, pid, process, country, asn, flow)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                r.node,
-                seq,
-                epoch,
-                i64::try_from(idx).unwrap_or(i64::MAX),
-                fl.start_unix_ms,
-                crate::store::minutes::flow_end(r, fl),
-                fl.pid,
-                f.process,
-                f.country,
-                f.asn,
-                prost::Message::encode_to_vec(fl)
-            ],
-        )
-        .map_err(sql("keep raw flow"))?;
-    }
+    let Some(f) = crate::store::minutes::foreign_flows(r) else {
+        return Ok(());
+    };
+    exec(tx,
+        "INSERT OR IGNORE INTO foreign_flows (node, epoch, seq, start_ms, end_ms, flow_count, countries, flows)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![r.node, epoch, seq, f.start_ms, f.end_ms, f.flow_count, f.countries, f.flows],
+    )
+    .map_err(sql("keep raw flows"))?;
     Ok(())
 }
 

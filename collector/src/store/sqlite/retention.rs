@@ -96,7 +96,9 @@ impl SqliteStore {
             )
             .map_err(sql("prune flows"))? as u64
             + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [raw])
-                .map_err(sql("prune raw flows"))? as u64;
+                .map_err(sql("prune raw flows"))? as u64
+            + tx.execute("DELETE FROM foreign_flows WHERE end_ms < ?1", [raw])
+                .map_err(sql("prune raw foreign flows"))? as u64;
         // Report keys stay forever (they make re-sends idempotent and prove completeness);
         // only their bodies go.
         stats.report_bodies = tx
