@@ -973,13 +973,13 @@ impl NetCollector {
             return;
         }
         let procs = self.table.refresh(TABLE_MAX_AGE);
-        // A glance dumps TCP only: the owners known of other sockets (UDP, raw) stay known
-        // until the next sample, which sees every protocol, prunes them.
+        // A glance dumps TCP only, so the owners of other sockets (UDP) are forgotten until the
+        // next sample finds them again. Counting them as live instead would make a process
+        // whose connection closed look unchanged, and its next connection go unsearched.
         let live: HashSet<u32> = dumps
             .iter()
             .flat_map(|d| d.1.iter().map(|s| s.inode))
             .filter(|i| *i != 0)
-            .chain(self.owners.known_inodes())
             .collect();
         // As in a sample: a socket closed since its dump is asked about exactly, not searched
         // for through every process.

@@ -91,11 +91,6 @@ impl OwnerCache {
         self.owners.get(&inode).copied()
     }
 
-    /// The socket inodes whose owner is known now.
-    pub fn known_inodes(&self) -> impl Iterator<Item = u32> + '_ {
-        self.owners.keys().copied()
-    }
-
     /// The walks' cost so far.
     pub fn stats(&self) -> WalkStats {
         self.stats
