@@ -311,7 +311,10 @@ impl Tracker {
             let Some(start_ms) = self.last_ms else {
                 continue;
             };
-            if prev.is_none() {
+            // A connection on loopback never leaves the node: its owner does not decide any
+            // egress, and local clients (a Prometheus scrape every second) would otherwise keep
+            // the owner glances on for good.
+            if prev.is_none() && !normalize(e.remote.ip()).is_loopback() {
                 self.unseen_closed += 1;
                 self.unseen_unknown += u64::from(glimpsed.is_none());
             }
@@ -870,6 +873,14 @@ mod tests {
         );
         assert_eq!(t.take_unseen(), (0, 0));
         assert!(t.glimpsed.is_empty(), "a glimpsed owner is used once");
+        // A short connection on loopback (a local scrape) is not counted: it would keep the
+        // glances on while deciding no egress.
+        let local = [
+            sock(7, "127.0.0.1:40007", "127.0.0.1:9100", 100_000, 1),
+            sock(8, "[::1]:40008", "[::1]:9100", 100_000, 1),
+        ];
+        assert_eq!(t.absorb_destroyed(&local, 1700, &mut out), 2);
+        assert_eq!(t.take_unseen(), (0, 0));
         // A glimpsed socket still open at the next sample is followed by the sample.
         let mut s7 = sock(7, "10.0.0.1:40007", "192.0.2.1:443", 5, 1);
         s7.inode = 9;

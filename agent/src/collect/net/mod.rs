@@ -293,6 +293,9 @@ struct Namespace {
     conntrack: Option<conntrack::Conntrack>,
     /// What its conntrack said about its UDP sockets at the last sample that had some.
     udp: Option<conntrack::UdpAccounting>,
+    /// Owner glances run in it until then: a connection closed unseen in it lately. Only
+    /// there: each dump walks the kernel's whole TCP hash table, whichever namespace asks.
+    glance_until: Option<Instant>,
 }
 
 /// Samples sockets and accumulates flows. `Send`: it moves to the sampling thread.
@@ -429,6 +432,7 @@ impl NetCollector {
             empty_samples: 0,
             conntrack: None,
             udp: None,
+            glance_until: None,
         };
         let mut destroy = None;
         if !cfg.enabled {
@@ -609,6 +613,7 @@ impl NetCollector {
             empty_samples: 0,
             conntrack: None,
             udp: None,
+            glance_until: None,
         };
         if self.force_proc_fallback {
             ns.no_netlink = Some("netlink not used: forced by options".to_owned());
@@ -934,13 +939,17 @@ impl NetCollector {
     /// owner glances on for [`GLANCE_FOR`].
     fn take_unseen(&mut self) -> (u64, u64) {
         let (mut short, mut unknown) = (0, 0);
+        let until = Instant::now() + GLANCE_FOR;
         for ns in self.namespaces.values_mut() {
             let (s, u) = ns.tracker.take_unseen();
             short += s;
             unknown += u;
+            if s > 0 {
+                ns.glance_until = Some(until);
+            }
         }
         if short > 0 {
-            self.glance_until = Some(Instant::now() + GLANCE_FOR);
+            self.glance_until = Some(until);
         }
         (short, unknown)
     }
@@ -957,7 +966,7 @@ impl NetCollector {
         }
         let mut dumps: Vec<(u64, Vec<ObservedSocket>)> = Vec::new();
         for (key, ns) in &mut self.namespaces {
-            if ns.last_mode != Some(MODE_NETLINK) {
+            if ns.last_mode != Some(MODE_NETLINK) || ns.glance_until.is_none_or(|t| now >= t) {
                 continue;
             }
             let Some(d) = ns.dumper.as_mut() else {
