@@ -515,13 +515,12 @@ mod tests {
     fn this_process_owns_its_own_socket_on_the_real_proc() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let me = std::process::id();
-        let dir = Path::new("/proc/self/fd");
-        let inode = fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .filter_map(|e| fs::read_link(e.path()).ok())
-            .filter_map(|t| parse_socket_link(t.as_os_str().as_bytes()))
-            .next();
+        // This listener's own descriptor: other tests of this process open and close sockets
+        // at the same time, so "the first socket descriptor" may be gone by the search.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+        let inode = fs::read_link(format!("/proc/self/fd/{fd}"))
+            .ok()
+            .and_then(|t| parse_socket_link(t.as_os_str().as_bytes()));
         let Some(inode) = inode else {
             panic!("the listener is a socket descriptor of this process");
         };
