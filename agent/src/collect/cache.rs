@@ -103,6 +103,12 @@ pub static NAMESPACE_DUMPS: CacheCounter = CacheCounter::new(
     "namespace_dumps",
     "sock_diag dumps per namespace and protocol (hit: skipped, sockstat counts no socket)",
 );
+/// A namespace's owner glance (flows, between samples): skipped (hit) when no TCP connection
+/// opened there since its last dump; entries: namespaces glancing now.
+pub static OWNER_GLANCES: CacheCounter = CacheCounter::new(
+    "owner_glances",
+    "owner glances per namespace (hit: skipped, no TCP connection opened since its last dump; miss: dumped)",
+);
 /// The mapped and open files of a process (weights).
 pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
     "process_files",
@@ -110,7 +116,7 @@ pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
 );
 
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 8] {
+pub fn all() -> [&'static CacheCounter; 9] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
@@ -119,6 +125,7 @@ pub fn all() -> [&'static CacheCounter; 8] {
         &SOCKET_OWNER,
         &SOCKET_OWNER_WALK,
         &NAMESPACE_DUMPS,
+        &OWNER_GLANCES,
         &PROCESS_FILES,
     ]
 }

@@ -139,6 +139,9 @@ pub struct Tracker {
     /// of those the ones whose owner no glance saw either.
     unseen_closed: u64,
     unseen_unknown: u64,
+    /// Since the last [`Tracker::take_glance_trigger`]: a TCP connection closed unseen (what
+    /// an owner glance, which dumps TCP only, could have caught).
+    unseen_tcp: bool,
     vanished: HashMap<u64, (Seen, i64)>,
     tcp_listen: HashSet<u16>,
     udp_bound: HashSet<u16>,
@@ -314,9 +317,14 @@ impl Tracker {
             // A connection on loopback never leaves the node: its owner does not decide any
             // egress, and local clients (a Prometheus scrape every second) would otherwise keep
             // the owner glances on for good.
-            if prev.is_none() && !normalize(e.remote.ip()).is_loopback() {
+            // Nor is a socket that never connected (no remote: closed before `connect`, or an
+            // unconnected UDP socket): no connection, no owner to catch.
+            let remote = normalize(e.remote.ip());
+            let connected = !remote.is_unspecified() && e.remote.port() != 0;
+            if prev.is_none() && connected && !remote.is_loopback() {
                 self.unseen_closed += 1;
                 self.unseen_unknown += u64::from(glimpsed.is_none());
+                self.unseen_tcp |= e.protocol == pb::Protocol::Tcp;
             }
             let fin = e.tcp.map(|c| (c.bytes_acked, c.bytes_received));
             let (bytes, pid, direction) = match prev {
@@ -394,6 +402,12 @@ impl Tracker {
             std::mem::take(&mut self.unseen_closed),
             std::mem::take(&mut self.unseen_unknown),
         )
+    }
+
+    /// Whether a TCP connection closed unseen since the previous call (glances help only
+    /// those: they dump TCP).
+    pub fn take_glance_trigger(&mut self) -> bool {
+        std::mem::take(&mut self.unseen_tcp)
     }
 
     /// End a sample: it becomes the start of the next interval. Sockets that waited too long
@@ -881,6 +895,24 @@ mod tests {
         ];
         assert_eq!(t.absorb_destroyed(&local, 1700, &mut out), 2);
         assert_eq!(t.take_unseen(), (0, 0));
+        assert!(
+            t.take_glance_trigger(),
+            "the TCP connection closed unseen above"
+        );
+        assert!(!t.take_glance_trigger());
+        // Neither is a socket that never connected (closed before `connect`: no remote), nor
+        // an unconnected UDP socket; a connected UDP socket is counted but starts no glance
+        // (glances dump TCP only).
+        let mut unconnected_udp = sock(9, "10.0.0.1:5353", "0.0.0.0:0", 0, 0);
+        unconnected_udp.protocol = pb::Protocol::Udp;
+        let mut dns = sock(10, "10.0.0.1:40010", "192.0.2.53:53", 0, 0);
+        dns.protocol = pb::Protocol::Udp;
+        let never = sock(11, "0.0.0.0:0", "0.0.0.0:0", 0, 0);
+        t.absorb_destroyed(&[unconnected_udp, never], 1700, &mut out);
+        assert_eq!(t.take_unseen(), (0, 0));
+        t.absorb_destroyed(&[dns], 1700, &mut out);
+        assert_eq!(t.take_unseen(), (1, 1));
+        assert!(!t.take_glance_trigger(), "UDP: nothing a glance can catch");
         // A glimpsed socket still open at the next sample is followed by the sample.
         let mut s7 = sock(7, "10.0.0.1:40007", "192.0.2.1:443", 5, 1);
         s7.inode = 9;

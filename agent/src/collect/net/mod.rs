@@ -81,6 +81,7 @@ pub mod conntrack;
 pub mod destroy;
 pub mod diag;
 pub mod flows;
+pub mod glance;
 pub mod netns;
 pub mod owners;
 pub mod procnet;
@@ -119,10 +120,11 @@ pub const DEFAULT_PROC_ROOT: &str = "/proc";
 /// How often the sampling thread folds in destroy events between two samples (and, while
 /// short connections come, glances at the sockets' owners).
 pub const ABSORB_PERIOD: Duration = Duration::from_millis(250);
-/// After a connection closed before any sample saw it, the sampling thread glances at the
-/// sockets' owners every [`ABSORB_PERIOD`] for this long ([`NetCollector::glance`]); a node
-/// without such connections pays nothing.
-pub const GLANCE_FOR: Duration = Duration::from_secs(120);
+/// After a TCP connection closed before any sample saw it, the sampling thread glances at the
+/// sockets' owners every [`ABSORB_PERIOD`] for this long ([`NetCollector::glance`]), dumping
+/// only when a connection opened since ([`glance`]); a node without such connections pays
+/// nothing.
+pub use glance::GLANCE_FOR;
 /// The pending flow table holds at most this many times `max_flows_per_report` distinct flows
 /// (and at least [`MIN_TABLE_FLOWS`]); beyond it new flows go to their "other" flow at once.
 pub const TABLE_FLOWS_FACTOR: usize = 2;
@@ -293,9 +295,10 @@ struct Namespace {
     conntrack: Option<conntrack::Conntrack>,
     /// What its conntrack said about its UDP sockets at the last sample that had some.
     udp: Option<conntrack::UdpAccounting>,
-    /// Owner glances run in it until then: a connection closed unseen in it lately. Only
-    /// there: each dump walks the kernel's whole TCP hash table, whichever namespace asks.
-    glance_until: Option<Instant>,
+    /// When owner glances dump it: a connection closed unseen in it lately, and one opened
+    /// since its last dump. Only then: each dump walks the kernel's whole TCP hash table,
+    /// whichever namespace asks.
+    glance: glance::Pace,
 }
 
 /// Samples sockets and accumulates flows. `Send`: it moves to the sampling thread.
@@ -432,7 +435,7 @@ impl NetCollector {
             empty_samples: 0,
             conntrack: None,
             udp: None,
-            glance_until: None,
+            glance: glance::Pace::default(),
         };
         let mut destroy = None;
         if !cfg.enabled {
@@ -613,7 +616,7 @@ impl NetCollector {
             empty_samples: 0,
             conntrack: None,
             udp: None,
-            glance_until: None,
+            glance: glance::Pace::default(),
         };
         if self.force_proc_fallback {
             ns.no_netlink = Some("netlink not used: forced by options".to_owned());
@@ -685,6 +688,7 @@ impl NetCollector {
                         .first()
                         .map(|p| self.proc_root.join(p.to_string()).join("net"))
                 };
+                ns.glance.before_sample(net_dir.as_deref(), Instant::now());
                 let in_use = net_dir.as_deref().and_then(sockstat::read);
                 let (asked, skipped) = match in_use {
                     Some(u) => {
@@ -935,23 +939,32 @@ impl NetCollector {
         sh.status.short_unknown_owners += short_unknown;
     }
 
-    /// Collect the trackers' counts of connections closed unseen; any such connection turns
-    /// owner glances on for [`GLANCE_FOR`].
+    /// Collect the trackers' counts of connections closed unseen; a TCP one turns owner
+    /// glances on in its namespace for [`GLANCE_FOR`].
     fn take_unseen(&mut self) -> (u64, u64) {
         let (mut short, mut unknown) = (0, 0);
-        let until = Instant::now() + GLANCE_FOR;
+        let now = Instant::now();
         for ns in self.namespaces.values_mut() {
             let (s, u) = ns.tracker.take_unseen();
             short += s;
             unknown += u;
-            if s > 0 {
-                ns.glance_until = Some(until);
+            if ns.tracker.take_glance_trigger() {
+                ns.glance.start(now);
+                self.glance_until = Some(now + GLANCE_FOR);
             }
         }
-        if short > 0 {
-            self.glance_until = Some(until);
-        }
         (short, unknown)
+    }
+
+    /// The `net` directory of the namespace `key` (its `sockstat`, `snmp`).
+    fn net_dir(&self, key: u64, ns: &Namespace) -> Option<PathBuf> {
+        if key == 0 {
+            Some(self.proc_root.join("self").join("net"))
+        } else {
+            ns.pids
+                .first()
+                .map(|p| self.proc_root.join(p.to_string()).join("net"))
+        }
     }
 
     /// Between two samples, while connections close unseen ([`GLANCE_FOR`]): dump the sockets
@@ -965,27 +978,45 @@ impl NetCollector {
             return;
         }
         let mut dumps: Vec<(u64, Vec<ObservedSocket>)> = Vec::new();
-        for (key, ns) in &mut self.namespaces {
-            if ns.last_mode != Some(MODE_NETLINK) || ns.glance_until.is_none_or(|t| now >= t) {
+        let mut keys: Vec<u64> = self
+            .namespaces
+            .iter()
+            .filter(|(_, ns)| ns.last_mode == Some(MODE_NETLINK) && ns.glance.active(now))
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_unstable();
+        cache::OWNER_GLANCES.entries(keys.len());
+        for key in keys {
+            let net_dir = self
+                .namespaces
+                .get(&key)
+                .and_then(|ns| self.net_dir(key, ns));
+            let Some(ns) = self.namespaces.get_mut(&key) else {
+                continue;
+            };
+            // Only when a connection opened there since its last dump (glance.rs): the dump
+            // walks the kernel's whole TCP hash table.
+            if !ns.glance.glance_due(net_dir.as_deref(), now) {
+                cache::OWNER_GLANCES.hit();
                 continue;
             }
             let Some(d) = ns.dumper.as_mut() else {
                 continue;
             };
+            cache::OWNER_GLANCES.miss();
             let mut socks = Vec::new();
             // Connections only: TCP (UDP's short exchanges are counted by conntrack).
             if d.dump_where(&mut socks, |_, tcp| tcp).is_ok() {
-                dumps.push((*key, socks));
+                dumps.push((key, socks));
             }
         }
         if dumps.is_empty() {
             return;
         }
         let procs = self.table.refresh(TABLE_MAX_AGE);
-        // A glance dumps TCP only, so the owners of other sockets (UDP) are forgotten until the
-        // next sample finds them again. Counting them as live instead would make a process
-        // whose connection closed look unchanged, and its next connection go unsearched.
-        let live: HashSet<u32> = dumps
+        // A glance dumps TCP only, and only some namespaces: it looks for the owners of the
+        // sockets new to it and forgets no other owner (OwnerCache::glance).
+        let seen: HashSet<u32> = dumps
             .iter()
             .flat_map(|d| d.1.iter().map(|s| s.inode))
             .filter(|i| *i != 0)
@@ -1005,7 +1036,7 @@ impl NetCollector {
             true
         };
         self.owners
-            .refresh(&live, now, Some(&procs), &mut still_open);
+            .glance(&seen, now, Some(&procs), &mut still_open);
         let owners = &self.owners;
         for (key, socks) in &dumps {
             if let Some(ns) = self.namespaces.get_mut(key) {

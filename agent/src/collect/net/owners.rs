@@ -7,13 +7,18 @@
 //!   miss, see below) — the steady state;
 //! - otherwise walks first the pids that already own sockets, those owning most first (servers
 //!   accept new connections), stopping as soon as every wanted inode is found, and only then
-//!   every other pid;
+//!   every other pid, for the sockets that still have a descriptor (one exact sock_diag lookup
+//!   each: a socket closed since the dump is not searched for);
 //! - inside a pid, re-reads only the links of descriptors it has not seen before or whose socket
 //!   has gone (a descriptor remembered as socket X, with X still live, is not read again);
 //! - remembers inodes that a complete walk did not find (owner invisible: no permission on
 //!   `/proc/<pid>/fd` without root or `CAP_SYS_PTRACE` + `CAP_DAC_READ_SEARCH`; a socket held
 //!   only by the kernel; a socket closed while its connection finishes) and looks for them again
 //!   only after [`MISS_RETRY`], so one invisible socket does not cost a walk per sample.
+//!
+//! [`OwnerCache::glance`] does the same search between samples for the sockets of an owner
+//! glance (TCP only, some namespaces only) without forgetting the owners of the sockets the
+//! glance did not dump.
 //!
 //! Limits, on purpose: a socket shared by several processes (inherited over `fork`, passed over
 //! a Unix socket) is attributed to the first pid found; threads are not walked separately (a
@@ -109,9 +114,10 @@ impl OwnerCache {
     /// passed over at first (one `stat` of `/proc/<pid>/fd` instead of listing it and reading
     /// its links: opening a socket adds a descriptor). Only when a socket is still not found
     /// are those listed too (one may have closed a file and opened the socket), owners first,
-    /// before the socket counts as a miss; but first `still_open` is asked (an exact lookup
-    /// in the kernel) whether the socket still has a descriptor at all: one closed since the
-    /// dump (a short connection) needs no search.
+    /// before the socket counts as a miss. A socket not found among the owners is first asked
+    /// about (`still_open`, an exact lookup in the kernel) before any other process is looked
+    /// at: one closed since the dump (a short connection, a local scrape) has no descriptor
+    /// left and needs no search (before, it cost a `stat` of every process).
     pub fn refresh(
         &mut self,
         live: &HashSet<u32>,
@@ -122,6 +128,54 @@ impl OwnerCache {
         self.owners.retain(|ino, _| live.contains(ino));
         self.misses
             .retain(|ino, t| live.contains(ino) && now.duration_since(*t) < MISS_RETRY);
+        self.forget_gone(procs);
+        let wanted: HashSet<u32> = live
+            .iter()
+            .copied()
+            .filter(|ino| {
+                *ino != 0 && !self.owners.contains_key(ino) && !self.misses.contains_key(ino)
+            })
+            .collect();
+        cache::SOCKET_OWNER.misses(wanted.len() as u64);
+        cache::SOCKET_OWNER.hits(live.len().saturating_sub(wanted.len()) as u64);
+        cache::SOCKET_OWNER.entries(self.owners.len() + self.misses.len());
+        if wanted.is_empty() {
+            return;
+        }
+        self.search(wanted, live, now, procs, still_open);
+    }
+
+    /// Between two samples (an owner glance): find the owners of the sockets of `seen` (the
+    /// glance's dump: TCP only, some namespaces only) not known yet, forgetting nothing but
+    /// the owners that exited. The sockets known from the latest sample count as live for the
+    /// search (a process is passed over when they are all it holds and its count is
+    /// unchanged); one that closed since only costs its process being listed in the second
+    /// pass, as in [`OwnerCache::refresh`].
+    pub fn glance(
+        &mut self,
+        seen: &HashSet<u32>,
+        now: Instant,
+        procs: Option<&HashMap<u32, Gen>>,
+        still_open: &mut dyn FnMut(u32) -> bool,
+    ) {
+        self.forget_gone(procs);
+        let wanted: HashSet<u32> = seen
+            .iter()
+            .copied()
+            .filter(|ino| {
+                *ino != 0 && !self.owners.contains_key(ino) && !self.misses.contains_key(ino)
+            })
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let mut live = seen.clone();
+        live.extend(self.owners.keys().copied());
+        self.search(wanted, &live, now, procs, still_open);
+    }
+
+    /// Drop the walks and owners of processes that left (or were born again).
+    fn forget_gone(&mut self, procs: Option<&HashMap<u32, Gen>>) {
         if let Some(p) = procs {
             // Processes that left or were born again: their walk is stale.
             self.fds
@@ -140,20 +194,18 @@ impl OwnerCache {
             self.owners.retain(|_, pid| !gone.contains(pid));
             self.fds.retain(|pid, _| !gone.contains(pid));
         }
+    }
 
-        let mut wanted: HashSet<u32> = live
-            .iter()
-            .copied()
-            .filter(|ino| {
-                *ino != 0 && !self.owners.contains_key(ino) && !self.misses.contains_key(ino)
-            })
-            .collect();
-        cache::SOCKET_OWNER.misses(wanted.len() as u64);
-        cache::SOCKET_OWNER.hits(live.len().saturating_sub(wanted.len()) as u64);
-        cache::SOCKET_OWNER.entries(self.owners.len() + self.misses.len());
-        if wanted.is_empty() {
-            return;
-        }
+    /// Look for the owners of `wanted` (see [`OwnerCache::refresh`] for the order); `live`:
+    /// the sockets known to be open.
+    fn search(
+        &mut self,
+        mut wanted: HashSet<u32>,
+        live: &HashSet<u32>,
+        now: Instant,
+        procs: Option<&HashMap<u32, Gen>>,
+        still_open: &mut dyn FnMut(u32) -> bool,
+    ) {
         let started = Instant::now();
         self.stats.walks += 1;
         // Busiest owners first: a server with many sockets is the likeliest to have new ones.
@@ -176,6 +228,14 @@ impl OwnerCache {
             }
         }
         let walked: HashSet<u32> = first.into_iter().collect();
+        // Not among the owners: before every other process is looked at (a `stat` each at
+        // least), ask whether the socket still has a descriptor at all: one closed since the
+        // dump (a short connection, a local scrape) has no owner left to find.
+        wanted.retain(|ino| still_open(*ino));
+        if wanted.is_empty() {
+            self.stats.last_walk = started.elapsed();
+            return;
+        }
         // Every other process: those born since the previous search first.
         let others: Vec<(u32, Option<Gen>)> = match procs {
             Some(procs) => {
@@ -221,11 +281,8 @@ impl OwnerCache {
                 break;
             }
         }
-        // Not found: closed since the dump (nothing to search), or a process skipped for its
-        // unchanged count closed a file and opened the socket: list those too.
-        if !wanted.is_empty() && !skipped.is_empty() {
-            wanted.retain(|ino| still_open(*ino));
-        }
+        // Not found: a process skipped for its unchanged count closed a file and opened the
+        // socket: list those too.
         for (pid, generation) in skipped {
             if wanted.is_empty() {
                 break;
@@ -392,6 +449,57 @@ mod tests {
         // pid 10's fd 3 is remembered (socket 1 still live): only fd 4 was read.
         assert_eq!(after.links_read - before.links_read, 1);
         assert_eq!(after.walks, 2);
+    }
+
+    #[test]
+    fn a_socket_closed_since_its_dump_costs_no_walk_beyond_the_known_owners() {
+        let root = tempfile::tempdir().unwrap();
+        fake_fd(root.path(), 10, 3, "socket:[1]");
+        for pid in [20, 30, 40] {
+            fake_fd(root.path(), pid, 0, "/dev/null");
+        }
+        let mut cache = OwnerCache::new(root.path());
+        let t = Instant::now();
+        cache.refresh(&[1].into(), t, None, &mut |_| true);
+        assert_eq!(cache.owner(1), Some(10));
+        let before = cache.stats();
+        // Socket 99 was in the dump but closed before the search (a local scrape).
+        let mut asked = Vec::new();
+        cache.refresh(&[1, 99].into(), t, None, &mut |ino| {
+            asked.push(ino);
+            false
+        });
+        assert_eq!(asked, vec![99], "asked once, exactly");
+        let after = cache.stats();
+        assert!(
+            after.pids_walked - before.pids_walked <= 1,
+            "only the known owner looked at, not every process: {before:?} {after:?}"
+        );
+        assert_eq!(cache.owner(99), None);
+    }
+
+    #[test]
+    fn a_glance_finds_new_owners_and_forgets_none_of_the_sockets_it_did_not_dump() {
+        let root = tempfile::tempdir().unwrap();
+        // 1: a UDP socket of pid 10; 2: a TCP connection of pid 20.
+        fake_fd(root.path(), 10, 3, "socket:[1]");
+        fake_fd(root.path(), 20, 3, "socket:[2]");
+        let mut cache = OwnerCache::new(root.path());
+        let t = Instant::now();
+        cache.refresh(&[1, 2].into(), t, None, &mut |_| true);
+        let walks = cache.stats().walks;
+        // pid 30 opens connection 3; a glance dumps TCP only: it sees 2 and 3, not 1.
+        fake_fd(root.path(), 30, 4, "socket:[3]");
+        cache.glance(&[2, 3].into(), t, None, &mut |_| true);
+        assert_eq!(cache.owner(3), Some(30));
+        assert_eq!(cache.owner(1), Some(10), "the UDP socket's owner is kept");
+        assert_eq!(cache.stats().walks, walks + 1);
+        // The next sample sees all three: nothing to search.
+        cache.refresh(&[1, 2, 3].into(), t, None, &mut |_| true);
+        assert_eq!(cache.stats().walks, walks + 1, "no walk: every owner known");
+        // A glance with nothing new reads nothing.
+        cache.glance(&[2, 3].into(), t, None, &mut |_| true);
+        assert_eq!(cache.stats().walks, walks + 1);
     }
 
     #[test]
