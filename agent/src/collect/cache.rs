@@ -109,6 +109,12 @@ pub static OWNER_GLANCES: CacheCounter = CacheCounter::new(
     "owner_glances",
     "owner glances per namespace (hit: skipped, no TCP connection opened since its last dump; miss: dumped)",
 );
+/// An owner glance's dump that was due (a connection opened): skipped (hit) when the glances'
+/// CPU budget was spent (`net::glance::GLANCE_CPU_PER_SEC`).
+pub static OWNER_GLANCE_BUDGET: CacheCounter = CacheCounter::new(
+    "owner_glance_budget",
+    "owner glance dumps due (hit: skipped, the glances' CPU budget spent; miss: made)",
+);
 /// The mapped and open files of a process (weights).
 pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
     "process_files",
@@ -116,7 +122,7 @@ pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
 );
 
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 9] {
+pub fn all() -> [&'static CacheCounter; 10] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
@@ -126,6 +132,7 @@ pub fn all() -> [&'static CacheCounter; 9] {
         &SOCKET_OWNER_WALK,
         &NAMESPACE_DUMPS,
         &OWNER_GLANCES,
+        &OWNER_GLANCE_BUDGET,
         &PROCESS_FILES,
     ]
 }

@@ -26,6 +26,13 @@ use std::time::{Duration, Instant};
 
 /// How long owner glances go on in a namespace after a TCP connection closed unseen there.
 pub const GLANCE_FOR: Duration = Duration::from_secs(120);
+/// CPU time the glances' dumps may take, all namespaces together, per second of wall time:
+/// 1 % of one CPU (about eight dumps a second here). Beyond it a due glance is skipped and
+/// counted (`owner_glance_budget` in `/metrics`): a node of many namespaces that all see short
+/// connections would otherwise pay a walk of the hash table per namespace four times a second.
+pub const GLANCE_CPU_PER_SEC: Duration = Duration::from_millis(10);
+/// The most CPU time the glance budget saves up while glances cost less (a burst).
+pub const GLANCE_CPU_BURST: Duration = Duration::from_millis(20);
 
 /// One namespace's glance schedule.
 #[derive(Debug, Default)]
@@ -59,20 +66,69 @@ impl Pace {
         }
     }
 
-    /// Before a glance: whether it should dump the namespace (glances on, and a connection
-    /// opened since its previous dump, or the counters unreadable). When it says yes the
-    /// counters read are kept as those of the dump about to be made.
-    pub fn glance_due(&mut self, net_dir: Option<&Path>, now: Instant) -> bool {
-        if !self.active(now) {
-            return false;
-        }
-        let opens = net_dir.and_then(tcp_opens);
-        if opens.is_some() && opens == self.opens {
-            return false;
-        }
-        self.opens = opens;
-        true
+    /// Before a glance, given the namespace's opens read now ([`tcp_opens`]): whether it
+    /// should dump the namespace (glances on, and a connection opened since its previous dump,
+    /// or the counters unreadable).
+    pub fn due(&self, opens: Option<u64>, now: Instant) -> bool {
+        self.active(now) && (opens.is_none() || opens != self.opens)
     }
+
+    /// The glance dumps the namespace: `opens` (read before the dump) are its counters now.
+    pub fn dumped(&mut self, opens: Option<u64>) {
+        self.opens = opens;
+    }
+}
+
+/// The glances' CPU allowance: a token bucket filled at [`GLANCE_CPU_PER_SEC`] up to
+/// [`GLANCE_CPU_BURST`], spent by each dump's CPU time (this thread's, so a loaded machine's
+/// waits do not count).
+#[derive(Debug)]
+pub struct Budget {
+    /// Nanoseconds of CPU the next dumps may take (negative: overspent).
+    allowance_ns: i64,
+    last: Option<Instant>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            allowance_ns: nanos(GLANCE_CPU_BURST),
+            last: None,
+        }
+    }
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+impl Budget {
+    /// Whether a dump may be made now.
+    pub fn allows(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let earned = now.saturating_duration_since(last).as_secs_f64()
+                * GLANCE_CPU_PER_SEC.as_secs_f64()
+                * 1e9;
+            self.allowance_ns =
+                (self.allowance_ns.saturating_add(earned as i64)).min(nanos(GLANCE_CPU_BURST));
+        }
+        self.last = Some(now);
+        self.allowance_ns > 0
+    }
+
+    /// A dump took `cpu`.
+    pub fn spend(&mut self, cpu: Duration) {
+        self.allowance_ns = self.allowance_ns.saturating_sub(nanos(cpu));
+    }
+}
+
+/// This thread's CPU time so far.
+pub fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// `ActiveOpens + PassiveOpens` of the namespace whose `net` directory is `net_dir`
@@ -133,26 +189,79 @@ mod tests {
         write(10);
         let t = Instant::now();
         let mut p = Pace::default();
-        assert!(!p.glance_due(Some(dir.path()), t), "off until started");
+        // A glance as NetCollector::glance makes it: read, ask, dump.
+        let glance = |p: &mut Pace, at: Instant| {
+            let opens = tcp_opens(dir.path());
+            let due = p.due(opens, at);
+            if due {
+                p.dumped(opens);
+            }
+            due
+        };
+        assert!(!glance(&mut p, t), "off until started");
         p.start(t);
-        assert!(
-            p.glance_due(Some(dir.path()), t),
-            "first glance: nothing known"
-        );
-        assert!(
-            !p.glance_due(Some(dir.path()), t),
-            "no connection opened since"
-        );
+        assert!(glance(&mut p, t), "first glance: nothing known");
+        assert!(!glance(&mut p, t), "no connection opened since");
         write(11);
-        assert!(p.glance_due(Some(dir.path()), t), "one opened");
+        assert!(glance(&mut p, t), "one opened");
         write(12);
         p.before_sample(Some(dir.path()), t);
         assert!(
-            !p.glance_due(Some(dir.path()), t),
+            !glance(&mut p, t),
             "the sample's dump saw the connection opened before it"
         );
-        assert!(p.glance_due(None, t), "unreadable counters: dump");
-        assert!(!p.glance_due(Some(dir.path()), t + GLANCE_FOR), "over");
+        write(13);
+        assert!(
+            p.due(tcp_opens(dir.path()), t),
+            "one opened since the sample"
+        );
+        assert!(
+            p.due(tcp_opens(dir.path()), t),
+            "still due while no dump was made (skipped for the budget)"
+        );
+        assert!(p.due(None, t), "unreadable counters: dump");
+        assert!(!glance(&mut p, t + GLANCE_FOR), "over");
+    }
+
+    #[test]
+    fn the_budget_allows_dumps_up_to_its_share_of_cpu_and_refills_with_time() {
+        let mut b = Budget::default();
+        let t = Instant::now();
+        let dump = Duration::from_millis(6);
+        let mut made = 0;
+        while b.allows(t) {
+            b.spend(dump);
+            made += 1;
+        }
+        assert_eq!(
+            made, 4,
+            "20 ms of burst: four dumps of 6 ms (the last overspends)"
+        );
+        assert!(
+            !b.allows(t + Duration::from_millis(100)),
+            "1 ms earned, 4 owed"
+        );
+        assert!(b.allows(t + Duration::from_millis(500)), "5 ms earned");
+        // Never more than the burst saved up.
+        let mut b = Budget::default();
+        assert!(b.allows(t));
+        let later = t + Duration::from_secs(3600);
+        let mut made = 0;
+        while b.allows(later) {
+            b.spend(dump);
+            made += 1;
+        }
+        assert_eq!(made, 4);
+    }
+
+    #[test]
+    fn this_thread_s_cpu_time_grows_with_work() {
+        let before = thread_cpu();
+        let mut x = 0u64;
+        while thread_cpu() == before {
+            x = x.wrapping_mul(31).wrapping_add(7);
+        }
+        assert!(thread_cpu() > before, "{x}");
     }
 
     #[test]

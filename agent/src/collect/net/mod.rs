@@ -327,6 +327,10 @@ pub struct NetCollector {
     conntrack_accounting: bool,
     /// Glance at owners between samples until then (set when a connection closed unseen).
     glance_until: Option<Instant>,
+    /// The glances' CPU allowance, all namespaces together.
+    glance_budget: glance::Budget,
+    /// Which namespace glances first next time (in turn).
+    glance_turn: usize,
 }
 
 /// The agent's own namespace's conntrack socket (switching accounting on when configured).
@@ -513,6 +517,8 @@ impl NetCollector {
             containers: None,
             conntrack_accounting: cfg.conntrack_accounting,
             glance_until: None,
+            glance_budget: glance::Budget::default(),
+            glance_turn: 0,
         }
     }
 
@@ -986,27 +992,46 @@ impl NetCollector {
             .collect();
         keys.sort_unstable();
         cache::OWNER_GLANCES.entries(keys.len());
+        // In turn from where the previous glance started, so that a budget spent early does
+        // not always leave out the same namespaces.
+        if !keys.is_empty() {
+            let start = self.glance_turn % keys.len();
+            keys.rotate_left(start);
+            self.glance_turn = self.glance_turn.wrapping_add(1);
+        }
         for key in keys {
             let net_dir = self
                 .namespaces
                 .get(&key)
                 .and_then(|ns| self.net_dir(key, ns));
+            let opens = net_dir.as_deref().and_then(glance::tcp_opens);
             let Some(ns) = self.namespaces.get_mut(&key) else {
                 continue;
             };
             // Only when a connection opened there since its last dump (glance.rs): the dump
             // walks the kernel's whole TCP hash table.
-            if !ns.glance.glance_due(net_dir.as_deref(), now) {
+            if !ns.glance.due(opens, now) {
                 cache::OWNER_GLANCES.hit();
                 continue;
             }
             let Some(d) = ns.dumper.as_mut() else {
                 continue;
             };
+            // And within the glances' CPU budget (still due at the next glance when skipped).
+            if !self.glance_budget.allows(now) {
+                cache::OWNER_GLANCE_BUDGET.hit();
+                continue;
+            }
+            cache::OWNER_GLANCE_BUDGET.miss();
             cache::OWNER_GLANCES.miss();
+            ns.glance.dumped(opens);
+            let cpu = glance::thread_cpu();
             let mut socks = Vec::new();
             // Connections only: TCP (UDP's short exchanges are counted by conntrack).
-            if d.dump_where(&mut socks, |_, tcp| tcp).is_ok() {
+            let dumped = d.dump_where(&mut socks, |_, tcp| tcp);
+            self.glance_budget
+                .spend(glance::thread_cpu().saturating_sub(cpu));
+            if dumped.is_ok() {
                 dumps.push((key, socks));
             }
         }
