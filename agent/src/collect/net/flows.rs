@@ -164,7 +164,7 @@ fn key(s: &ObservedSocket) -> u64 {
 }
 
 /// A listening TCP socket, or a bound but unconnected UDP socket.
-fn is_listener(s: &ObservedSocket) -> bool {
+pub fn is_listener(s: &ObservedSocket) -> bool {
     match s.protocol {
         pb::Protocol::Tcp => s.state == TCP_LISTEN,
         _ => s.remote.ip().is_unspecified() || s.remote.port() == 0,

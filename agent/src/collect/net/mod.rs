@@ -329,6 +329,9 @@ pub struct NetCollector {
     glance_until: Option<Instant>,
     /// The glances' CPU allowance, all namespaces together.
     glance_budget: glance::Budget,
+    /// Which remotes are flows (the pending table's filter): the owners of other connections
+    /// are not searched for.
+    filter: Filter,
     /// Which namespace glances first next time (in turn).
     glance_turn: usize,
 }
@@ -519,6 +522,7 @@ impl NetCollector {
             glance_until: None,
             glance_budget: glance::Budget::default(),
             glance_turn: 0,
+            filter,
         }
     }
 
@@ -797,11 +801,20 @@ impl NetCollector {
             self.capacity_hint = own.len() + own.len() / 8;
         }
 
+        let filter = self.filter;
         let live: HashSet<u32> = dumps
             .iter()
-            .flat_map(|d| d.1.iter().map(|s| s.inode))
+            .flat_map(|d| d.1.iter())
+            .filter(|s| owner_wanted(&filter, s))
+            .map(|s| s.inode)
             .filter(|i| *i != 0)
             .collect();
+        // Connections left out of the flows have no owner searched: not "unknown" either.
+        let left_out = dumps
+            .iter()
+            .flat_map(|d| d.1.iter())
+            .filter(|s| !owner_wanted(&filter, s) && (s.inode != 0 || s.cookie != 0))
+            .count();
         // A socket the owner search cannot find may have closed since its dump: asked once,
         // by an exact lookup in its namespace, before every process is listed for it.
         let namespaces = &mut self.namespaces;
@@ -883,7 +896,7 @@ impl NetCollector {
         }
         st.reason = all.join("; ");
         st.sockets = total;
-        st.unknown_owners = unknown_owners;
+        st.unknown_owners = unknown_owners.saturating_sub(left_out);
         st.destroyed_seen += destroyed as u64;
         st.destroy_events = own_netlink && own.is_some_and(|n| n.destroy);
         st.sample_errors += errors;
@@ -1041,9 +1054,12 @@ impl NetCollector {
         let procs = self.table.refresh(TABLE_MAX_AGE);
         // A glance dumps TCP only, and only some namespaces: it looks for the owners of the
         // sockets new to it and forgets no other owner (OwnerCache::glance).
+        let filter = self.filter;
         let seen: HashSet<u32> = dumps
             .iter()
-            .flat_map(|d| d.1.iter().map(|s| s.inode))
+            .flat_map(|d| d.1.iter())
+            .filter(|s| owner_wanted(&filter, s))
+            .map(|s| s.inode)
             .filter(|i| *i != 0)
             .collect();
         // As in a sample: a socket closed since its dump is asked about exactly, not searched
@@ -1126,6 +1142,15 @@ impl NetCollector {
             sampler: None,
         }
     }
+}
+
+/// Whether the owner of `s` is worth a search: a listener's (the owners count), or a
+/// connection's whose remote makes a flow. A connection the flow table leaves out (loopback
+/// unless `include_loopback`, link-local unless `include_link_local`) is followed for its bytes
+/// like any other but never reported, so its owner is never looked for: on a node of local
+/// scrapes and sidecars most new sockets are such.
+fn owner_wanted(filter: &Filter, s: &ObservedSocket) -> bool {
+    flows::is_listener(s) || !filter.excludes(&flows::normalize(s.remote.ip()))
 }
 
 /// The one owner of a namespace's processes: their common container when they all share one,

@@ -277,6 +277,43 @@ fn loopback_traffic_is_left_out_when_include_loopback_is_false() {
     drop((client, server));
 }
 
+/// The socket inode behind descriptor `fd` of this process.
+fn inode_of(fd: &impl std::os::fd::AsRawFd) -> u32 {
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    owners::parse_socket_link(std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str())).unwrap()
+}
+
+#[test]
+fn the_owner_of_a_connection_left_out_of_the_flows_is_not_searched_for() {
+    let cfg = NetConfig::default();
+    let Some(mut c) = netlink_collector(&cfg, "owner_of_a_left_out_connection") else {
+        return;
+    };
+    c.sample(now_unix_ms());
+    let (port, client, (server, listener)) =
+        transfer(IpAddr::from([127, 0, 0, 1]), 64 * 1024, 1024);
+    c.sample(now_unix_ms());
+    let (client_ino, server_ino) = (inode_of(&client), inode_of(&server));
+    assert_eq!(c.owners.owner(client_ino), None, "loopback: never reported");
+    assert_eq!(c.owners.owner(server_ino), None);
+    assert_eq!(
+        c.owners.owner(inode_of(&listener)),
+        Some(std::process::id()),
+        "a listener's owner is still looked for"
+    );
+    let (flows, _) = c.take();
+    assert!(inbound_on(&flows, port).is_empty(), "{flows:#?}");
+
+    // Where loopback is a flow, the same connection's owner is found.
+    let Some(mut c) = netlink_collector(&loopback_cfg(), "owner_of_a_left_out_connection") else {
+        return;
+    };
+    c.sample(now_unix_ms());
+    assert_eq!(c.owners.owner(client_ino), Some(std::process::id()));
+    assert_eq!(c.owners.owner(server_ino), Some(std::process::id()));
+    drop((client, server, listener));
+}
+
 #[test]
 fn a_forced_fallback_reads_proc_net_and_reports_flows_without_bytes() {
     let mut c = NetCollector::with_options(
