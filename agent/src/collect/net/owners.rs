@@ -146,11 +146,11 @@ impl OwnerCache {
     }
 
     /// Between two samples (an owner glance): find the owners of the sockets of `seen` (the
-    /// glance's dump: TCP only, some namespaces only) not known yet, forgetting nothing but
-    /// the owners that exited. The sockets known from the latest sample count as live for the
-    /// search (a process is passed over when they are all it holds and its count is
-    /// unchanged); one that closed since only costs its process being listed in the second
-    /// pass, as in [`OwnerCache::refresh`].
+    /// glance's dump: TCP only, some namespaces only) not known yet, forgetting no owner but
+    /// those that exited (the next sample needs no search for the sockets the glance did not
+    /// dump). Only the sockets of `seen` count as live for the search: a remembered descriptor
+    /// of a socket the glance did not see is read again (it may have closed, and its number
+    /// been reused by the very connection looked for), which costs a link read, not a miss.
     pub fn glance(
         &mut self,
         seen: &HashSet<u32>,
@@ -169,9 +169,7 @@ impl OwnerCache {
         if wanted.is_empty() {
             return;
         }
-        let mut live = seen.clone();
-        live.extend(self.owners.keys().copied());
-        self.search(wanted, &live, now, procs, still_open);
+        self.search(wanted, seen, now, procs, still_open);
     }
 
     /// Drop the walks and owners of processes that left (or were born again).
@@ -500,6 +498,16 @@ mod tests {
         // A glance with nothing new reads nothing.
         cache.glance(&[2, 3].into(), t, None, &mut |_| true);
         assert_eq!(cache.stats().walks, walks + 1);
+        // Connection 3 closes and its descriptor number is reused by connection 5 (a quick
+        // uploader's next connection) before any sample: the glance reads the link again.
+        fs::remove_file(root.path().join("30").join("fd").join("4")).unwrap();
+        fake_fd(root.path(), 30, 4, "socket:[5]");
+        cache.glance(&[2, 5].into(), t, None, &mut |_| true);
+        assert_eq!(
+            cache.owner(5),
+            Some(30),
+            "not hidden behind the closed socket 3"
+        );
     }
 
     #[test]
