@@ -25,7 +25,9 @@
 //! its namespace's loopback, both ends, as a pod would); `--mappers P` python3 processes each
 //! mapping the same `--files F` generated safetensors files; then, size by size, `sleep` processes up to each `--processes` size
 //! (extra processes beyond those). Each size gets its own warm-up and measured cycles, with the
-//! load average printed beside it.
+//! load average printed beside it. `--short-every-ms N` adds a short TCP connection every N ms
+//! to a non-loopback address of this machine (each closes before a sample sees it: the whole
+//! agent's owner glances run all along, as on a node with short outbound connections).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -178,6 +180,44 @@ fn safetensors(elements: usize, seed: u8) -> Vec<u8> {
     out.extend_from_slice(header.as_bytes());
     out.extend((0..elements * 4).map(|i| (i as u8).wrapping_mul(seed)));
     out
+}
+
+/// `--short-every-ms N`: a thread that connects every `every` to a listener on this machine's
+/// first non-loopback IPv4 address (the one a route to a documentation address leaves from),
+/// sends 1 KiB and closes; the listener's thread accepts, reads and closes. Returns the address
+/// and the thread.
+fn short_connections(
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    made: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<(std::net::SocketAddr, std::thread::JoinHandle<()>)> {
+    use std::sync::atomic::Ordering;
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    probe.connect("192.0.2.254:9")?;
+    let ip = probe.local_addr()?.ip();
+    anyhow::ensure!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "no non-loopback address for --short-every-ms ({ip})"
+    );
+    let listener = std::net::TcpListener::bind((ip, 0))?;
+    let to = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { break };
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+        }
+    });
+    let t = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(mut c) = TcpStream::connect(to) {
+                let _ = c.write_all(&[b'x'; 1024]);
+                made.fetch_add(1, Ordering::Relaxed);
+            }
+            std::thread::sleep(every);
+        }
+    });
+    Ok((to, t))
 }
 
 /// `--hold ADDR`: connect and keep the connection until the benchmark closes it.
@@ -362,6 +402,20 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
         };
         load.push(KillOnDrop(cmd));
     }
+    // Short connections to a non-loopback address of this machine, one every N ms: each closes
+    // before any sample sees it, so the whole agent's owner glances run all along.
+    let short_every = arg(&args, "--short-every-ms", 0);
+    let short_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let short_made = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let short = if short_every > 0 {
+        Some(short_connections(
+            Duration::from_millis(short_every),
+            short_stop.clone(),
+            short_made.clone(),
+        )?)
+    } else {
+        None
+    };
     let mappers = usize::try_from(arg(&args, "--mappers", 0))?;
     let files = usize::try_from(arg(&args, "--files", 20))?;
     let weights_dir = tempfile::tempdir()?;
@@ -447,6 +501,12 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
          ({ns_connections} connections each), {mappers} processes mapping {files} weight files",
         interval.as_secs()
     );
+    if let Some((to, _)) = &short {
+        println!(
+            "short connections to {to}: one every {short_every} ms, {} made",
+            short_made.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     println!(
         "{:>6} {:>6} {:<16} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8} | target (whole agent)",
         "extra",
@@ -502,6 +562,10 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
             "whole agent's caches at {} extra processes:\n{}",
             r.extra, r.cache
         );
+    }
+    short_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some((_, t)) = short {
+        let _ = t.join();
     }
     drop(extra);
     drop(full);
