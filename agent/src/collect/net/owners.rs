@@ -14,7 +14,14 @@
 //! - remembers inodes that a complete walk did not find (owner invisible: no permission on
 //!   `/proc/<pid>/fd` without root or `CAP_SYS_PTRACE` + `CAP_DAC_READ_SEARCH`; a socket held
 //!   only by the kernel; a socket closed while its connection finishes) and looks for them again
-//!   only after [`MISS_RETRY`], so one invisible socket does not cost a walk per sample.
+//!   only after [`MISS_RETRY`], so one invisible socket does not cost a walk per sample; each
+//!   further miss doubles that wait, up to [`MISS_RETRY_MAX`] (a socket held by the kernel, or
+//!   by a process the agent cannot see, is never found: it cost a listing of every process's
+//!   `fd/` every minute).
+//!
+//! Measured (`bench_footprint`, PERFORMANCE.md §3b fourth part): one socket on the bench VM
+//! has no visible owner (a listener of a process outside the agent's view), and its search every
+//! minute listed every `fd/` of 3,300 processes — the `socket_owner_walk` misses of a run.
 //!
 //! [`OwnerCache::glance`] does the same search between samples for the sockets of an owner
 //! glance (TCP only, some namespaces only) without forgetting the owners of the sockets the
@@ -35,8 +42,14 @@ use std::time::{Duration, Instant};
 use crate::collect::cache;
 use crate::collect::proctable::Gen;
 
-/// How long an inode that a complete walk did not find is left alone before being looked for again.
+/// How long an inode that a complete walk did not find is left alone before being looked for
+/// again; each further miss of the same inode doubles it, up to [`MISS_RETRY_MAX`].
 pub const MISS_RETRY: Duration = Duration::from_secs(60);
+/// The longest wait between two searches for an inode that was never found: a socket held by
+/// the kernel (a tunnel's UDP socket) or by a process the agent cannot see would otherwise cost
+/// a listing of every process's `fd/` every minute for as long as it lives (about 66 ms at
+/// 3,300 processes here).
+pub const MISS_RETRY_MAX: Duration = Duration::from_secs(30 * 60);
 
 /// What the walks have cost so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,7 +71,8 @@ pub struct WalkStats {
 pub struct OwnerCache {
     proc_root: PathBuf,
     owners: HashMap<u32, u32>,
-    misses: HashMap<u32, Instant>,
+    /// Inodes a complete walk did not find: when, and how long until the next search.
+    misses: HashMap<u32, (Instant, Duration)>,
     /// Per walked process (bounded: one per live process, pruned with the process table or
     /// at each listing): what its latest walk found.
     fds: HashMap<u32, Walked>,
@@ -126,14 +140,13 @@ impl OwnerCache {
         still_open: &mut dyn FnMut(u32) -> bool,
     ) {
         self.owners.retain(|ino, _| live.contains(ino));
-        self.misses
-            .retain(|ino, t| live.contains(ino) && now.duration_since(*t) < MISS_RETRY);
+        self.misses.retain(|ino, _| live.contains(ino));
         self.forget_gone(procs);
         let wanted: HashSet<u32> = live
             .iter()
             .copied()
             .filter(|ino| {
-                *ino != 0 && !self.owners.contains_key(ino) && !self.misses.contains_key(ino)
+                *ino != 0 && !self.owners.contains_key(ino) && !self.missed_lately(*ino, now)
             })
             .collect();
         cache::SOCKET_OWNER.misses(wanted.len() as u64);
@@ -163,13 +176,20 @@ impl OwnerCache {
             .iter()
             .copied()
             .filter(|ino| {
-                *ino != 0 && !self.owners.contains_key(ino) && !self.misses.contains_key(ino)
+                *ino != 0 && !self.owners.contains_key(ino) && !self.missed_lately(*ino, now)
             })
             .collect();
         if wanted.is_empty() {
             return;
         }
         self.search(wanted, seen, now, procs, still_open);
+    }
+
+    /// Whether `ino` was searched for in vain less than its wait ago.
+    fn missed_lately(&self, ino: u32, now: Instant) -> bool {
+        self.misses
+            .get(&ino)
+            .is_some_and(|(at, wait)| now.saturating_duration_since(*at) < *wait)
     }
 
     /// Drop the walks and owners of processes that left (or were born again).
@@ -288,7 +308,11 @@ impl OwnerCache {
             self.walk_pid(pid, generation, true, live, &mut wanted);
         }
         for ino in wanted {
-            self.misses.insert(ino, now);
+            let wait = self
+                .misses
+                .get(&ino)
+                .map_or(MISS_RETRY, |(_, w)| w.saturating_mul(2).min(MISS_RETRY_MAX));
+            self.misses.insert(ino, (now, wait));
         }
         self.stats.last_walk = started.elapsed();
     }
@@ -427,6 +451,36 @@ mod tests {
         );
         assert_eq!(cache.stats().walks, 2);
         assert_eq!(cache.owner(6000), Some(300));
+    }
+
+    #[test]
+    fn an_inode_never_found_is_searched_for_less_and_less_often() {
+        let root = tempfile::tempdir().unwrap();
+        fake_fd(root.path(), 100, 3, "/dev/null");
+        let mut cache = OwnerCache::new(root.path());
+        let live: HashSet<u32> = [7000].into();
+        let t0 = Instant::now();
+        let mut at = t0;
+        let mut searches = Vec::new();
+        // Three hours of samples every 10 s: searched at 0, then after 1, 2, 4, 8, 16, 30, 30…
+        // minutes.
+        while at < t0 + Duration::from_secs(3 * 3600) {
+            let before = cache.stats().walks;
+            cache.refresh(&live, at, None, &mut |_| true);
+            if cache.stats().walks > before {
+                searches.push(at.duration_since(t0).as_secs() / 60);
+            }
+            at += Duration::from_secs(10);
+        }
+        assert_eq!(
+            searches,
+            vec![0, 1, 3, 7, 15, 31, 61, 91, 121, 151],
+            "minutes after the start"
+        );
+        // Found at last (a process received it): its owner, and no more waiting.
+        fake_fd(root.path(), 200, 4, "socket:[7000]");
+        cache.refresh(&live, at + MISS_RETRY_MAX, None, &mut |_| true);
+        assert_eq!(cache.owner(7000), Some(200));
     }
 
     #[test]
