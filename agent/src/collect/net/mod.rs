@@ -30,12 +30,14 @@
 //! `tests/examples/bench_flows.rs`.
 //! - **Connections that open and close between two samples** are caught by the destroy events,
 //!   with their full counters; the event carries no inode and the descriptor is already closed,
-//!   so their owner comes from an **owner glance**: once a connection closed unseen, the
-//!   sampling thread dumps the TCP sockets every [`ABSORB_PERIOD`] for [`GLANCE_FOR`] and
-//!   remembers the owner of each connection no sample has seen ([`NetCollector::glance`]). A
-//!   connection that opens and closes within one glance period (about 250 ms), or the first
-//!   ones after a quiet spell, stay **without owner**: reported with `pid = 0,
-//!   owner_unknown = true` and counted in `NetStatus::short_unknown_owners`.
+//!   so their owner comes from an **owner glance**: once a TCP connection to a remote closed
+//!   unseen in a namespace, the sampling thread dumps that namespace's TCP sockets every
+//!   [`ABSORB_PERIOD`] for [`GLANCE_FOR`], when a connection opened there since its last dump
+//!   and within the glances' CPU budget ([`glance`]), and remembers the owner of each
+//!   connection no sample has seen ([`NetCollector::glance`]). A connection that opens and
+//!   closes within one glance period (about 250 ms), the first ones after a quiet spell, and
+//!   those of a namespace whose glance the budget skipped, stay **without owner**: reported
+//!   with `pid = 0, owner_unknown = true` and counted in `NetStatus::short_unknown_owners`.
 //! - **No destroy subscription** (netlink filtered by seccomp/LSM, kernel without the groups):
 //!   `NetStatus::destroy_events` is false and `reason` says why; such short connections are then
 //!   not seen at all, and a connection that closes loses its bytes since the last sample; each
@@ -994,6 +996,7 @@ impl NetCollector {
     pub fn glance(&mut self, now_unix_ms: i64) {
         let now = Instant::now();
         if !self.enabled || self.glance_until.is_none_or(|t| now >= t) {
+            cache::OWNER_GLANCES.entries(0);
             return;
         }
         let mut dumps: Vec<(u64, Vec<ObservedSocket>)> = Vec::new();
