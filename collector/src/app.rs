@@ -12,7 +12,7 @@
 //! | alert delivery, one worker per sink | [`crate::alert::outbox`] |
 //! | retention pruning, hourly | [`crate::store::prune_loop`] |
 //! | signed checkpoints of the chained logs' heads | [`crate::checkpoint::Checkpointer`] |
-//! | hourly rollups, every 5 minutes | [`crate::store::rollup_loop`] |
+//! | hourly and daily rollups, every minute | [`crate::store::rollup_loop`] |
 //! | geolocation database reload | [`crate::geo::reload_loop`] |
 //! | TLS material reload (gRPC, HTTPS) | [`crate::tls::reload_loop`] |
 //! | HTTPS API and web page | [`crate::query::http::serve`] |
@@ -115,7 +115,7 @@ pub struct App {
     retention: crate::store::Keep,
     /// Signs the chained logs' heads (none when the collector's key cannot sign).
     checkpointer: Option<crate::checkpoint::Checkpointer>,
-    /// Age after which whole hours are rolled up (`rollup_after_hours`).
+    /// Age after which flow minutes are rolled up (`rollup_after_hours`; at least `rollup::ROLLUP_LAG`).
     rollup_after: Duration,
 }
 

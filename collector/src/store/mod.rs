@@ -1355,3 +1355,30 @@ pub(crate) fn answer(batch: Vec<Queued>, outcomes: Vec<Result<IngestOutcome, Sto
         let _ = q.done.send(outcome);
     }
 }
+
+#[cfg(test)]
+mod hole_scan_tests {
+    use super::{HoleScan, KEYS_PER_PAGE};
+
+    #[test]
+    fn a_scan_stops_once_the_missing_count_is_found_and_pages_on_otherwise() {
+        let full: Vec<i64> = (1..=KEYS_PER_PAGE).collect();
+        // Two missing (5 and 6): found in the first page, no second page read.
+        let mut scan = HoleScan::new(20, Some(2));
+        let page: Vec<i64> = full.iter().copied().filter(|s| *s != 5 && *s != 6).collect();
+        let mut first = page.clone();
+        first.extend([KEYS_PER_PAGE + 1, KEYS_PER_PAGE + 2]);
+        assert!(!scan.feed(&first[..KEYS_PER_PAGE as usize]));
+        assert_eq!(scan.ranges, [(5, 6)]);
+        // Unknown count: a full page asks for the next, a short one ends the scan; holes
+        // across the page boundary are found.
+        let mut scan = HoleScan::new(20, None);
+        assert!(scan.feed(&full));
+        assert!(!scan.feed(&[KEYS_PER_PAGE + 3]));
+        assert_eq!(scan.ranges, [(KEYS_PER_PAGE as u64 + 1, KEYS_PER_PAGE as u64 + 2)]);
+        // The limit stops it too; a hole before the first key counts.
+        let mut scan = HoleScan::new(1, None);
+        assert!(!scan.feed(&[3, 4, 9]));
+        assert_eq!(scan.ranges, [(1, 2)]);
+    }
+}
