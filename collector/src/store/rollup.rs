@@ -207,8 +207,21 @@ pub fn per_destination(by: &str) -> bool {
     matches!(by, "destination" | "flow" | "verdict" | "contested")
 }
 
-/// The `verdict` grouping's columns: what the policy counts a row by, per node.
-pub const VERDICT_GROUP: &str = "country, node, asn, answers, contested, operator_country, physics";
+/// The `verdict` grouping's columns: what the policy counts a row by, per node site and
+/// declared country (all the scorecard needs of the node: the policy places a node by
+/// them), so that a fleet's month is a few thousand groups, not one per node and
+/// destination key. Each row names one node of its group (`MIN(node)`).
+pub const VERDICT_GROUP: &str =
+    "node_site, node_country, country, asn, answers, contested, operator_country, physics";
+
+/// The egress source `source` (a table or a subquery, named `flows_minute`) with each row's
+/// node site and declared country (`node_site`, `node_country`), for the `verdict` grouping.
+pub fn with_node_site(source: &str) -> String {
+    format!(
+        "(SELECT flows_minute.*, COALESCE(nd.site, '') AS node_site, COALESCE(nd.country, '') AS node_country
+          FROM {source} LEFT JOIN nodes nd ON nd.node = flows_minute.node) AS flows_minute"
+    )
+}
 
 /// The columns an egress query reads from its source.
 const FLOW_COLUMNS: &str = "node, pid, process, country, asn, org, remote_address, remote_port, geo_source, \

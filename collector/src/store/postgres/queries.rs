@@ -225,7 +225,7 @@ pub(super) async fn egress(
         ),
         "verdict" => (
             format!(
-                "country, node, {NO_TEXT}, {NO_NUM}, asn, max(org), {NO_TEXT}, {NO_NUM}, max(geo_source)"
+                "country, min(node), {NO_TEXT}, {NO_NUM}, asn, max(org), {NO_TEXT}, {NO_NUM}, max(geo_source)"
             ),
             crate::store::rollup::VERDICT_GROUP,
         ),
@@ -287,6 +287,11 @@ pub(super) async fn egress(
             ),
             vec![since, q.until_unix_ms],
         )
+    };
+    let source = if q.by == "verdict" {
+        crate::store::rollup::with_node_site(&source)
+    } else {
+        source
     };
     let limit_param = values.len() + 1;
     let text = format!(

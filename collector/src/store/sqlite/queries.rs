@@ -109,7 +109,7 @@ impl SqliteStore {
                     "country, node, process, pid, asn, remote_address, remote_port",
                 ),
                 "verdict" => (
-                    "country, node, '', 0, asn, max(org), '', 0, max(geo_source)",
+                    "country, min(node), '', 0, asn, max(org), '', 0, max(geo_source)",
                     crate::store::rollup::VERDICT_GROUP,
                 ),
                 "contested" => (
@@ -164,6 +164,11 @@ impl SqliteStore {
                 ),
                 vec![since, q.until_unix_ms],
             )
+        };
+        let source = if q.by == "verdict" {
+            crate::store::rollup::with_node_site(&source)
+        } else {
+            source
         };
         let text = format!(
             "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
