@@ -20,7 +20,8 @@
 //! The store is built in the shape retention leaves it (issue 14: minutes kept a shorter time
 //! than hour rows, day rows for the rest): flow minutes and raw GPU usage only for the last
 //! `--minute-hours` (2) hours, hour rows for the `--hour-days` (31) days before today and
-//! today, day rows for every whole day before the minutes, each the sums the rollups would
+//! today (only the days the questions read hour rows of — today, yesterday, 7, 8, 30 and 31
+//! days ago — unless `--all-hours`), day rows for every whole day before the minutes, each the sums the rollups would
 //! write (destinations sharing a key merged); `rollup_state` is set where those rollups would
 //! stand. Report keys are loaded for the last `--key-hours` (24) hours: each node's current
 //! epoch started then; the earlier epoch's keys are counted in `node_epochs` but not loaded
@@ -29,8 +30,8 @@
 //! `COPY`), with progress every 15 s.
 //!
 //! Then, unless `--no-rollup`, the store's own rollup (`Store::roll_up`) runs up to
-//! `--rollup-after-hours` (1) before now, as the collector's loop does: the loaded minutes
-//! become hour rows, and whole days of hour rows day rows.
+//! `--rollup-after-minutes` (2) before now, as the collector's loop does by default: the
+//! loaded minutes go into hour rows, and whole hours into day rows.
 //!
 //! Each question is asked `--reps` (5) times after one warm-up (`--warmup 0`: none): `scorecard --since 30d`,
 //! `egress --since 7d --by country`, `--by process`, `models`, `breaches`,
@@ -113,9 +114,21 @@ struct Shape {
     hours_from: i64,
     /// Report keys are loaded from here on: each node's current epoch (2) started here.
     keys_from: i64,
+    /// Load the hour rows of every day of the hour window (`--all-hours`).
+    all_hours: bool,
 }
 
 impl Shape {
+    /// Whether the hour rows of the day starting at `day_start` are loaded: every day of
+    /// the hour window with `--all-hours`, else only the days whose hours the questions read
+    /// (the ends of their ranges: today, yesterday, 7 and 30 days ago and the day before
+    /// each); the other days' hour rows cost disk (measured per node-day), not time.
+    fn hour_day(&self, day_start: i64) -> bool {
+        let today = self.now - self.now.rem_euclid(DAY);
+        let ago = (today - day_start) / DAY;
+        self.all_hours || matches!(ago, 0 | 1 | 7 | 8 | 30 | 31)
+    }
+
     /// Where the daily rollup stands after the load: the day of `minutes_from`.
     fn days_up_to(&self) -> i64 {
         self.minutes_from - self.minutes_from.rem_euclid(DAY)
@@ -408,7 +421,7 @@ async fn flow_rows(
             batches.push(loader, "flows_minute", FLOW_COLUMNS, rows).await?;
             continue;
         }
-        let keep_hours = hour_ms >= shape.hours_from;
+        let keep_hours = hour_ms >= shape.hours_from && shape.hour_day(day_start);
         if !keep_hours && !day_rows {
             continue;
         }
@@ -491,7 +504,7 @@ async fn gpu_rows(
     }
     let hour_seconds = per_report * (HOUR / step) as f64;
     let mut h = day_start.max(shape.hours_from);
-    while h < end.min(shape.minutes_from) {
+    while h < end.min(shape.minutes_from) && shape.hour_day(day_start) {
         for g in 0..4 {
             hours.push(vec![
                 V::T(node.clone()),
@@ -1086,7 +1099,8 @@ async fn run_store(
     eprintln!("{name}: built in {build_secs:.1} s: {counts:?}");
     let t = Instant::now();
     if !flag("--no-rollup") {
-        let before = shape.now - arg("--rollup-after-hours", 1) as i64 * HOUR;
+        // As the collector's loop does by default: minutes older than two minutes.
+        let before = shape.now - arg("--rollup-after-minutes", 2) as i64 * MINUTE;
         let stats = roll_up(store.as_ref(), before).await?;
         eprintln!("{name}: rolled up: {stats}");
         loader.finish().await?;
@@ -1101,6 +1115,20 @@ async fn run_store(
     // Bytes per node-day of each level, over the node-days it covers.
     let tables = loader.table_bytes().await;
     let covered = |from: i64| shape.nodes as f64 * (shape.now - from) as f64 / DAY as f64;
+    // Node-days of hour rows: the days loaded (see `Shape::hour_day`) down to the minutes,
+    // and the minutes rolled up since.
+    let hour_node_days = {
+        let mut ms = 0i64;
+        let mut day = shape.now - shape.now.rem_euclid(DAY);
+        while day + DAY > shape.hours_from {
+            if shape.hour_day(day) {
+                let from = day.max(shape.hours_from);
+                ms += (day + DAY).min(shape.now) - from;
+            }
+            day -= DAY;
+        }
+        shape.nodes as f64 * ms as f64 / DAY as f64
+    };
     let level = |names: &[&str], node_days: f64| {
         let b: u64 = names.iter().filter_map(|n| tables.get(*n)).sum();
         json!({"bytes": b, "node_days": (node_days * 100.0).round() / 100.0,
@@ -1108,7 +1136,7 @@ async fn run_store(
     };
     let levels = json!({
         "minutes": level(&["flows_minute", "gpu_usage", "containers_minute"], covered(shape.minutes_from)),
-        "hours": level(&["flows_hour", "gpu_usage_hour"], covered(shape.hours_from)),
+        "hours": level(&["flows_hour", "gpu_usage_hour"], hour_node_days),
         "days": level(&["flows_day", "gpu_usage_day"], covered(shape.start)),
         "report_keys": level(&["reports"], covered(shape.keys_from)),
     });
@@ -1154,6 +1182,7 @@ async fn main() -> anyhow::Result<()> {
         minutes_from: minutes_from.max(start),
         hours_from: hours_from.max(start),
         keys_from: keys_from.max(start),
+        all_hours: flag("--all-hours"),
     };
     let stores = text_arg("--stores", "sqlite,postgres");
     eprintln!(
