@@ -368,9 +368,16 @@ async fn flow_rows(
     let mut keys: BTreeMap<(u64, &str, i64, &str, i64, &str), (usize, u64, i64)> = BTreeMap::new();
     for (d, p) in &set {
         let dest = &dests[*d];
-        keys.entry((*p, dest.country, dest.asn, dest.answers.as_str(), dest.contested, dest.operator_country))
-            .or_insert((*d, *p, 0))
-            .2 += 1;
+        keys.entry((
+            *p,
+            dest.country,
+            dest.asn,
+            dest.answers.as_str(),
+            dest.contested,
+            dest.operator_country,
+        ))
+        .or_insert((*d, *p, 0))
+        .2 += 1;
     }
     let day_start = shape.start + day * DAY;
     let day_rows = day_start + DAY <= shape.days_up_to();
@@ -418,7 +425,9 @@ async fn flow_rows(
                     ]);
                 }
             }
-            batches.push(loader, "flows_minute", FLOW_COLUMNS, rows).await?;
+            batches
+                .push(loader, "flows_minute", FLOW_COLUMNS, rows)
+                .await?;
             continue;
         }
         let keep_hours = hour_ms >= shape.hours_from && shape.hour_day(day_start);
@@ -534,7 +543,12 @@ async fn gpu_rows(
             })
             .collect();
         batches
-            .push(loader, "gpu_usage_day", &cols.replace("hour_ms", "day_ms"), days)
+            .push(
+                loader,
+                "gpu_usage_day",
+                &cols.replace("hour_ms", "day_ms"),
+                days,
+            )
             .await?;
     }
     Ok(())
@@ -760,7 +774,12 @@ impl PgLoader {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get::<_, String>(0), u64::try_from(r.get::<_, i64>(1)).unwrap_or(0)))
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                )
+            })
             .collect())
     }
 }
@@ -856,7 +875,8 @@ async fn build(
             if missing > 0 && seq >= hole && seq < hole + missing {
                 continue;
             }
-            let t = shape.keys_from + (seq as i64 - 1) * step * new_reports as i64 / last_seq.max(1) as i64;
+            let t = shape.keys_from
+                + (seq as i64 - 1) * step * new_reports as i64 / last_seq.max(1) as i64;
             keys.push(vec![
                 V::T(node.clone()),
                 V::I(2),
@@ -875,7 +895,12 @@ async fn build(
             )
             .await?;
         batches
-            .push(loader, "weight_files", WEIGHT_COLUMNS, weight_rows(shape, i))
+            .push(
+                loader,
+                "weight_files",
+                WEIGHT_COLUMNS,
+                weight_rows(shape, i),
+            )
             .await?;
         for day in 0..(shape.now - shape.start + DAY - 1) / DAY {
             flow_rows(shape, &dests, i, day, loader, &mut batches).await?;

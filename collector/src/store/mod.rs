@@ -1365,7 +1365,11 @@ mod hole_scan_tests {
         let full: Vec<i64> = (1..=KEYS_PER_PAGE).collect();
         // Two missing (5 and 6): found in the first page, no second page read.
         let mut scan = HoleScan::new(20, Some(2));
-        let page: Vec<i64> = full.iter().copied().filter(|s| *s != 5 && *s != 6).collect();
+        let page: Vec<i64> = full
+            .iter()
+            .copied()
+            .filter(|s| *s != 5 && *s != 6)
+            .collect();
         let mut first = page.clone();
         first.extend([KEYS_PER_PAGE + 1, KEYS_PER_PAGE + 2]);
         assert!(!scan.feed(&first[..KEYS_PER_PAGE as usize]));
@@ -1375,7 +1379,10 @@ mod hole_scan_tests {
         let mut scan = HoleScan::new(20, None);
         assert!(scan.feed(&full));
         assert!(!scan.feed(&[KEYS_PER_PAGE + 3]));
-        assert_eq!(scan.ranges, [(KEYS_PER_PAGE as u64 + 1, KEYS_PER_PAGE as u64 + 2)]);
+        assert_eq!(
+            scan.ranges,
+            [(KEYS_PER_PAGE as u64 + 1, KEYS_PER_PAGE as u64 + 2)]
+        );
         // The limit stops it too; a hole before the first key counts.
         let mut scan = HoleScan::new(1, None);
         assert!(!scan.feed(&[3, 4, 9]));

@@ -231,10 +231,17 @@ const FLOW_COLUMNS: &str = "node, pid, process, country, asn, org, remote_addres
 /// One `UNION ALL` branch per range of `plan`, numbering placeholders as [`Plan::params`]
 /// does: `branch(level, from, to)` writes the branch of one range, level 0 minutes, 1 hours,
 /// 2 days.
-fn branches(plan: &Plan, p: &dyn Fn(usize) -> String, branch: &dyn Fn(usize, &str, &str) -> String) -> String {
+fn branches(
+    plan: &Plan,
+    p: &dyn Fn(usize) -> String,
+    branch: &dyn Fn(usize, &str, &str) -> String,
+) -> String {
     let mut parts = Vec::new();
     let mut i = 0;
-    for (level, ranges) in [&plan.minutes, &plan.hours, &plan.days].into_iter().enumerate() {
+    for (level, ranges) in [&plan.minutes, &plan.hours, &plan.days]
+        .into_iter()
+        .enumerate()
+    {
         for _ in ranges {
             parts.push(branch(level, &p(i + 1), &p(i + 2)));
             i += 2;
@@ -270,7 +277,8 @@ pub fn flows_source(plan: &Plan, p: &dyn Fn(usize) -> String, text: &str, num: &
 /// [`super::containers::GPU_USAGE_WITH_NAMESPACE`]. `collate` orders node names ("" or
 /// PostgreSQL's ` COLLATE "C"`).
 pub fn gpu_usage_query(plan: &Plan, p: &dyn Fn(usize) -> String, collate: &str) -> String {
-    let body = branches(plan, p, &|level, a, b| match level {
+    let body = branches(plan, p, &|level, a, b| {
+        match level {
         0 => format!(
             "SELECT g.node, g.pid, g.process_name, COALESCE(c.pod_namespace, '') AS ns, g.gpu_seconds AS s
            FROM gpu_usage g
@@ -286,6 +294,7 @@ pub fn gpu_usage_query(plan: &Plan, p: &dyn Fn(usize) -> String, collate: &str) 
             "SELECT node, pid, process_name, pod_namespace AS ns, gpu_seconds AS s FROM gpu_usage_day
            WHERE day_ms >= {a} AND day_ms < {b}"
         ),
+    }
     });
     let limit = p(plan.params().len() + 1);
     format!(
@@ -480,7 +489,10 @@ mod tests {
         let p = plan(d + 3 * h + 60_000, 6 * d + 2 * h + 120_000, up_to);
         assert_eq!(
             p.minutes,
-            vec![(d + 3 * h + 60_000, d + 4 * h), (5 * d + 7 * h, 6 * d + 2 * h + 120_000)]
+            vec![
+                (d + 3 * h + 60_000, d + 4 * h),
+                (5 * d + 7 * h, 6 * d + 2 * h + 120_000)
+            ]
         );
         assert_eq!(p.hours, vec![(d + 4 * h, 2 * d), (5 * d, 5 * d + 7 * h)]);
         assert_eq!(p.days, vec![(2 * d, 5 * d)]);
@@ -491,9 +503,19 @@ mod tests {
         assert!(!p.has_rollups());
         assert_eq!(p.minutes, vec![(d + 5, 3 * d)]);
         let p = plan(d, 3 * d, up_to);
-        assert_eq!((p.minutes.len(), p.hours.len(), p.days), (0, 0, vec![(d, 3 * d)]));
+        assert_eq!(
+            (p.minutes.len(), p.hours.len(), p.days),
+            (0, 0, vec![(d, 3 * d)])
+        );
         // Days never pass the rolled-up hours, even if the state said so.
-        let p = plan(0, 4 * d, UpTo { hours: 2 * d, days: 3 * d });
+        let p = plan(
+            0,
+            4 * d,
+            UpTo {
+                hours: 2 * d,
+                days: 3 * d,
+            },
+        );
         assert_eq!(p.days, vec![(0, 2 * d)]);
         assert_eq!(p.minutes, vec![(2 * d, 4 * d)]);
         assert_eq!(
@@ -505,10 +527,16 @@ mod tests {
             next_day(5 * d, Some(5 * d), day_target(5 * d + 7 * h + 60_000)),
             Some((5 * d, 5 * d + 7 * h))
         );
-        assert_eq!(next_day(5 * d + 7 * h, Some(5 * d + 7 * h), 5 * d + 7 * h), None);
+        assert_eq!(
+            next_day(5 * d + 7 * h, Some(5 * d + 7 * h), 5 * d + 7 * h),
+            None
+        );
         // A partial row is read when the range goes past it, not when it ends inside it.
         let s = split(0, 3 * h, h + 30 * 60_000);
-        assert_eq!((s.hours, s.tail), ((0, h + 30 * 60_000), (h + 30 * 60_000, 3 * h)));
+        assert_eq!(
+            (s.hours, s.tail),
+            ((0, h + 30 * 60_000), (h + 30 * 60_000, 3 * h))
+        );
         let s = split(0, h + 10 * 60_000, h + 30 * 60_000);
         assert_eq!((s.hours, s.tail), ((0, h), (h, h + 10 * 60_000)));
     }

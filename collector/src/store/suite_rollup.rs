@@ -278,7 +278,15 @@ async fn write_days(store: &dyn Store) {
                     let pid = if i % 2 == 0 { 10 } else { 20 };
                     let process = if pid == 10 { "vllm" } else { "curl" };
                     let sent = 1000 * (k + 1) + 37 * i as u64 + u64::from(node == "b");
-                    flow(pid, process, addr, country, *asn, sent, at - 1000 * i as i64)
+                    flow(
+                        pid,
+                        process,
+                        addr,
+                        country,
+                        *asn,
+                        sent,
+                        at - 1000 * i as i64,
+                    )
                 })
                 .collect();
             assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
@@ -314,7 +322,9 @@ async fn assert_day_totals_equal(db: &dyn Backend, end: i64) {
         ))
         .await;
     let days = db
-        .count("SELECT CAST(ROUND(COALESCE(SUM(gpu_seconds), 0) * 1000) AS BIGINT) FROM gpu_usage_day")
+        .count(
+            "SELECT CAST(ROUND(COALESCE(SUM(gpu_seconds), 0) * 1000) AS BIGINT) FROM gpu_usage_day",
+        )
         .await;
     assert_eq!(days, raw, "GPU milliseconds: day rows against raw rows");
 }
@@ -329,7 +339,10 @@ pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(d
     // minutes); whole days; inside one day.
     let ranges = [
         (0, 4 * d),
-        (d + 5 * HOUR_MS + 17 * 60_000 + 5, 3 * d + 2 * HOUR_MS + 60_000),
+        (
+            d + 5 * HOUR_MS + 17 * 60_000 + 5,
+            3 * d + 2 * HOUR_MS + 60_000,
+        ),
         (d, 3 * d),
         (2 * d + 60_000, 2 * d + 50 * 60_000),
     ];
@@ -341,7 +354,11 @@ pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(d
     let rolled = 3 * d + 5 * HOUR_MS;
     let stats = store.roll_up(rolled + 59_000).await.unwrap();
     assert_eq!(stats.up_to_unix_ms, rolled, "{stats:?}");
-    assert_eq!((stats.days, stats.days_up_to_unix_ms), (4, rolled), "{stats:?}");
+    assert_eq!(
+        (stats.days, stats.days_up_to_unix_ms),
+        (4, rolled),
+        "{stats:?}"
+    );
     assert!(stats.day_rows > 0, "{stats:?}");
     assert_day_totals_equal(db, rolled).await;
     for ((since, until), want) in ranges.into_iter().zip(&before) {
@@ -390,14 +407,19 @@ pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(d
         .await
         .unwrap();
     assert_eq!(
-        db.count(&format!("SELECT COUNT(*) FROM flows_minute WHERE minute_ms < {}", 2 * d))
-            .await,
+        db.count(&format!(
+            "SELECT COUNT(*) FROM flows_minute WHERE minute_ms < {}",
+            2 * d
+        ))
+        .await,
         0
     );
     assert!(db.count("SELECT COUNT(*) FROM flows_minute").await > 0);
     assert_eq!(
-        db.count(&format!("SELECT COUNT(*) FROM flows_hour WHERE hour_ms < {d}"))
-            .await,
+        db.count(&format!(
+            "SELECT COUNT(*) FROM flows_hour WHERE hour_ms < {d}"
+        ))
+        .await,
         0
     );
     // Every range but the one starting in day 1's pruned minutes (its first 43 minutes are
@@ -423,13 +445,17 @@ pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(d
         .await
         .unwrap();
     assert_eq!(
-        db.count(&format!("SELECT COUNT(*) FROM flows_minute WHERE minute_ms < {rolled}"))
-            .await,
+        db.count(&format!(
+            "SELECT COUNT(*) FROM flows_minute WHERE minute_ms < {rolled}"
+        ))
+        .await,
         0
     );
     assert!(
-        db.count(&format!("SELECT COUNT(*) FROM flows_minute WHERE minute_ms >= {rolled}"))
-            .await
+        db.count(&format!(
+            "SELECT COUNT(*) FROM flows_minute WHERE minute_ms >= {rolled}"
+        ))
+        .await
             > 0
     );
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_hour").await, 0);

@@ -100,7 +100,10 @@ pub(super) async fn prune(
         ("containers_minute", minutes),
     ] {
         stats.aggregates += tx
-            .execute(&format!("DELETE FROM {table} WHERE minute_ms < $1"), &[&cut])
+            .execute(
+                &format!("DELETE FROM {table} WHERE minute_ms < $1"),
+                &[&cut],
+            )
             .await
             .map_err(pg("prune aggregates"))?;
     }
@@ -209,7 +212,11 @@ pub(super) async fn roll_up(
     // lock (the late-row triggers carry hour rows into day rows holding it shared).
     loop {
         let mut w = store.writer().await?;
-        let tx = w.client.transaction().await.map_err(pg("begin daily rollup"))?;
+        let tx = w
+            .client
+            .transaction()
+            .await
+            .map_err(pg("begin daily rollup"))?;
         tx.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&rollup::ROLLUP_LOCK_KEY],
