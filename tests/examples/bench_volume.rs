@@ -305,6 +305,10 @@ impl Batches {
     }
 }
 
+/// What an hour or day row is keyed by besides node and period: process, country, ASN,
+/// answers, contested, operator country.
+type RolledKey<'a> = (u64, &'a str, i64, &'a str, i64, &'a str);
+
 /// One rolled-up flow row: the sums of the destinations of one key over a period.
 fn rolled_row(
     node: &str,
@@ -365,7 +369,7 @@ async fn flow_rows(
         }
     }
     // Hour and day rows are keyed without the address: destinations sharing a key merge.
-    let mut keys: BTreeMap<(u64, &str, i64, &str, i64, &str), (usize, u64, i64)> = BTreeMap::new();
+    let mut keys: BTreeMap<RolledKey, (usize, u64, i64)> = BTreeMap::new();
     for (d, p) in &set {
         let dest = &dests[*d];
         keys.entry((
