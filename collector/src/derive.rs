@@ -50,6 +50,10 @@ pub const DEFAULT_QUERY_WAIT_MS: u64 = 5_000;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Pause after a failed batch before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Most threads that decode and enrich one batch at once.
+const ENRICH_THREADS: usize = 4;
+/// Fewest reports worth a thread of their own.
+const ENRICH_SLICE_MIN: usize = 64;
 
 /// `[derive]`: how acknowledged reports are derived.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -453,12 +457,31 @@ impl Deriver {
         Ok((n, derived))
     }
 
-    /// Decode and enrich `queued` off the async threads.
+    /// Decode and enrich `queued` off the async threads, in up to [`ENRICH_THREADS`] slices
+    /// at once (in order; each slice geolocates its addresses once).
     async fn enrich(&self, queued: Vec<Underived>) -> Result<Vec<Derivation>, StoreError> {
-        let enricher = self.enricher.clone();
-        tokio::task::spawn_blocking(move || enricher.derivations(queued))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .clamp(1, ENRICH_THREADS);
+        let slice = queued.len().div_ceil(threads).max(ENRICH_SLICE_MIN);
+        let n = queued.len();
+        let mut rest = queued.into_iter();
+        let mut slices = Vec::new();
+        loop {
+            let part: Vec<Underived> = rest.by_ref().take(slice).collect();
+            if part.is_empty() {
+                break;
+            }
+            let enricher = self.enricher.clone();
+            slices.push(tokio::task::spawn_blocking(move || {
+                enricher.derivations(part)
+            }));
+        }
+        let mut out = Vec::with_capacity(n);
+        for s in slices {
+            out.extend(s.await.map_err(|e| StoreError::Task(e.to_string()))?);
+        }
+        Ok(out)
     }
 
     /// Derive each report of a failed batch in its own transaction, so that one report the
@@ -500,6 +523,15 @@ impl Deriver {
         Ok(0)
     }
 
+    /// Whether no report received at or before `since_unix_ms` waits for derivation (false
+    /// when the store cannot say).
+    async fn nothing_waits_from(&self, since_unix_ms: i64) -> bool {
+        self.store.derive_status().await.is_ok_and(|s| {
+            s.oldest_pending_received_unix_ms
+                .is_none_or(|t| t > since_unix_ms)
+        })
+    }
+
     /// Derive until `stop`: batch after batch while reports wait, then sleep until ingest
     /// stores one (or [`IDLE_POLL`] passes, for other replicas' reports).
     pub async fn run(self, stop: CancellationToken) {
@@ -508,6 +540,7 @@ impl Deriver {
                 return;
             }
             let target = self.freshness.acked_so_far();
+            let since = sov_common::clock::now_unix_ms();
             match self.derive_batch().await {
                 Ok((queued, derived)) => {
                     if derived > 0 {
@@ -517,8 +550,12 @@ impl Deriver {
                         continue;
                     }
                     // The queue held fewer than a batch: everything acknowledged before
-                    // `target` was read was in it (or derived before).
-                    self.freshness.derived_through(target);
+                    // `target` was read was in it (or derived before); where this replica
+                    // reads only its share of the queue, once nothing received before `since`
+                    // waits anywhere.
+                    if !self.store.derives_a_share() || self.nothing_waits_from(since).await {
+                        self.freshness.derived_through(target);
+                    }
                     if queued > 0 {
                         continue;
                     }

@@ -72,10 +72,12 @@ struct Args {
     flows: usize,
     idle: Option<usize>,
     derive_reports: usize,
+    replicas: usize,
 }
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
                      [--derive-reports N (10000)] [--max-in-flight N (as shipped)] \
+                     [--replicas N (0: none; else 1 then N collector processes on one PostgreSQL schema)] \
                      [--idle-connections N (idle mode only)]";
 
 /// Target of the derive-only rate (committed 50-flow reports derived per second).
@@ -90,6 +92,7 @@ fn parse_args() -> Result<Args> {
         flows: 50,
         idle: None,
         derive_reports: 10_000,
+        replicas: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -107,6 +110,7 @@ fn parse_args() -> Result<Args> {
             "--flows" => args.flows = value.parse().with_context(bad)?,
             "--idle-connections" => args.idle = Some(value.parse().with_context(bad)?),
             "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
+            "--replicas" => args.replicas = value.parse().with_context(bad)?,
             "--max-in-flight" => IN_FLIGHT.store(
                 value.parse().with_context(bad)?,
                 std::sync::atomic::Ordering::Relaxed,
@@ -274,7 +278,12 @@ fn proc_cpu(pid: &str) -> Option<(String, u64)> {
 
 /// CPU ticks of this process.
 fn self_ticks() -> u64 {
-    proc_cpu(&std::process::id().to_string()).map_or(0, |(_, t)| t)
+    pid_ticks(std::process::id())
+}
+
+/// CPU ticks of process `pid` (0 when gone).
+fn pid_ticks(pid: u32) -> u64 {
+    proc_cpu(&pid.to_string()).map_or(0, |(_, t)| t)
 }
 
 /// CPU ticks of every live `postgres` process (server and backends).
@@ -397,6 +406,8 @@ enum Running {
         stop: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     },
+    /// `--replicas`: collector processes (`e2e-collector serve`) on one PostgreSQL schema.
+    Replicas(Vec<sov_e2e::CollectorProcess>),
 }
 
 impl Running {
@@ -404,6 +415,23 @@ impl Running {
         match self {
             Self::Bare { addr, .. } | Self::Postgres { addr, .. } => format!("https://{addr}"),
             Self::Sqlite(c) => c.url(),
+            Self::Replicas(procs) => procs.first().map(|p| p.url()).unwrap_or_default(),
+        }
+    }
+
+    /// The URL agent `i` pushes to (replicas: agents are spread over them in turn).
+    fn url_for(&self, i: usize) -> String {
+        match self {
+            Self::Replicas(procs) if !procs.is_empty() => procs[i % procs.len()].url(),
+            _ => self.url(),
+        }
+    }
+
+    /// Collector processes apart from this one (their CPU is measured apart).
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Self::Replicas(procs) => procs.iter().map(|p| p.pid()).collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -418,6 +446,7 @@ impl Running {
                 stop.cancel();
                 task.await.context("collector panicked")?;
             }
+            Self::Replicas(procs) => drop(procs),
         }
         Ok(())
     }
@@ -481,6 +510,27 @@ async fn start_postgres(pki: &Pki, data: &Path, url: &str, agents: usize) -> Res
     Ok(Running::Postgres { addr, stop, task })
 }
 
+/// `n` collector processes (`e2e-collector serve`, built beside this example) on the
+/// PostgreSQL store `url`, each with its own data directory under `data`.
+async fn start_replicas(pki: Arc<Pki>, data: PathBuf, url: String, n: usize, agents: usize) -> Result<Running> {
+    collector_binary()?;
+    let procs = tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|i| {
+                let dir = data.join(format!("replica-{i}"));
+                std::fs::create_dir_all(&dir).expect("replica dir");
+                sov_e2e::CollectorProcess::start_with(&pki, &dir, sov_e2e::free_port(), |c| {
+                    c.store.url = url.clone();
+                    one_address_for_all(c, agents);
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .context("start replicas")?;
+    Ok(Running::Replicas(procs))
+}
+
 /// Every agent of this benchmark connects from 127.0.0.1, where a fleet comes from one
 /// address per node: the per-address connection limit (`[limits]`, 64 by default) is raised
 /// to the agents' number; every other limit stays as shipped.
@@ -516,6 +566,8 @@ struct RunResult {
     rss_end_kib: u64,
     kib_per_connection: f64,
     stored_checked: Option<u64>,
+    /// `--replicas`: CPU ms per report (all reports of the window) of each collector process.
+    replica_cpu_ms_per_report: Vec<f64>,
     /// Derivation lag (now − derived up to) sampled every [`LAG_EVERY`] in the window, s:
     /// p50, p99, at the end of the window; and how long the backlog took to drain after it.
     lag: Option<Lag>,
@@ -560,8 +612,8 @@ async fn measure(
 
     let t_connect = Instant::now();
     let mut clients = Vec::with_capacity(agents.len());
-    for a in agents {
-        let c = push_client(&a.tls, &url)
+    for (i, a) in agents.iter().enumerate() {
+        let c = push_client(&a.tls, &server.url_for(i))
             .await
             .map_err(|e| anyhow::anyhow!("{target}: connect {}: {e}", a.name))?;
         clients.push(c);
@@ -600,6 +652,8 @@ async fn measure(
         }));
     }
     tokio::time::sleep_until(warm_end.into()).await;
+    let pids = server.pids();
+    let children0: Vec<u64> = pids.iter().map(|&p| pid_ticks(p)).collect();
     let (cpu0, pg0, m0) = (self_ticks(), postgres_ticks(), machine_ticks());
     let w0 = Instant::now();
     let mut lags = Vec::new();
@@ -611,12 +665,30 @@ async fn measure(
     }
     tokio::time::sleep_until(end.into()).await;
     let (cpu1, pg1, m1) = (self_ticks(), postgres_ticks(), machine_ticks());
+    let children1: Vec<u64> = pids.iter().map(|&p| pid_ticks(p)).collect();
     let window = w0.elapsed();
     let rss_end = self_rss_kib();
     let lag_end = match &probe {
         Some(p) => Some(lag_now(p.as_ref()).await?),
         None => None,
     };
+    // From the end of the window, how long until no report waits (timed while the clients
+    // finish their last pushes and the stored reports are checked, which can take seconds).
+    let drained = probe.clone().map(|p| {
+        tokio::spawn(async move {
+            let t = Instant::now();
+            loop {
+                if p.derive_status().await?.pending == 0 {
+                    return anyhow::Ok(t.elapsed().as_secs_f64());
+                }
+                ensure!(
+                    t.elapsed() < Duration::from_secs(600),
+                    "derivation did not drain in 600 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    });
 
     let mut lat = Vec::new();
     let mut acked = 0u64;
@@ -644,16 +716,12 @@ async fn measure(
         Some(stored)
     };
     // The backlog left at the end of the window, drained with no more load.
-    let lag = match (&probe, lag_end) {
-        (Some(p), Some((end_s, pending_end))) => {
-            let t = Instant::now();
-            while p.derive_status().await?.pending > 0 {
-                ensure!(
-                    t.elapsed() < Duration::from_secs(600),
-                    "{target}: derivation did not drain in 600 s"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+    let lag = match (drained, lag_end) {
+        (Some(drained), Some((end_s, pending_end))) => {
+            let drain_s = drained
+                .await
+                .context("drain watcher panicked")?
+                .with_context(|| format!("{target}: drain"))?;
             lags.sort_by(f64::total_cmp);
             let pct = |q: f64| {
                 lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
@@ -665,7 +733,7 @@ async fn measure(
                 p99_s: pct(0.99),
                 end_s,
                 pending_end,
-                drain_s: t.elapsed().as_secs_f64(),
+                drain_s,
             })
         }
         _ => None,
@@ -677,6 +745,11 @@ async fn measure(
     let tck = clk_tck();
     let per_rep = |ticks: u64| ticks as f64 * 1000.0 / tck / reports.max(1) as f64;
     let (busy, total) = (m1.0 - m0.0, m1.1 - m0.1);
+    let replica_cpu: Vec<f64> = children0
+        .iter()
+        .zip(&children1)
+        .map(|(a, b)| per_rep(b.saturating_sub(*a)))
+        .collect();
     Ok(RunResult {
         target,
         connect_s,
@@ -694,6 +767,7 @@ async fn measure(
         kib_per_connection: (rss_end as f64 - rss_before as f64) / agents.len() as f64,
         stored_checked,
         lag,
+        replica_cpu_ms_per_report: replica_cpu,
     })
 }
 
@@ -719,6 +793,7 @@ fn run_json(r: &RunResult) -> serde_json::Value {
         "derive_lag_end_s": r.lag.map(|l| l.end_s),
         "derive_pending_end": r.lag.map(|l| l.pending_end),
         "derive_drain_s": r.lag.map(|l| l.drain_s),
+        "replica_cpu_ms_per_report": r.replica_cpu_ms_per_report,
     })
 }
 
@@ -881,6 +956,37 @@ async fn load_mode(args: Args) -> Result<()> {
                 results.push(run?);
             }
         }
+        // `--replicas N`: one collector process, then N, on a fresh schema each.
+        let mut counts = vec![1, args.replicas];
+        counts.dedup();
+        for n in counts.into_iter().filter(|_| args.replicas > 0 && pg_note.is_none()) {
+            let schema = format!("sov_loadgen_r{n}_{}", std::process::id());
+            let admin = PostgresStore::connect_with_schema(&base, &schema)
+                .await
+                .context("create replicas schema")?;
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+            let target: &'static str = Box::leak(format!("pg-x{n}").into_boxed_str());
+            println!("{target}: {n} collector processes on PostgreSQL schema {schema} ...");
+            let probe: Arc<dyn Store> = Arc::new(admin.clone());
+            let run = measure(
+                target,
+                &pki,
+                &agents,
+                args.secs,
+                start_replicas(
+                    pki.clone(),
+                    data.path().join(target),
+                    url,
+                    n,
+                    agents.len(),
+                ),
+                Some(probe),
+            )
+            .await;
+            admin.drop_schema().await.context("drop schema")?;
+            results.push(run?);
+        }
     }
 
     // Derive-only, with no TLS in the way.
@@ -962,7 +1068,7 @@ async fn load_mode(args: Args) -> Result<()> {
         .find(|r| r.target == "bare")
         .map(|r| r.per_sec);
     for r in &results {
-        if r.target != "bare" {
+        if r.target != "bare" && r.replica_cpu_ms_per_report.is_empty() {
             let b = results[0].cpu_ms_per_report;
             println!(
                 "{}: {:.3} CPU ms per report above the bare server in this process (validation, \
@@ -978,6 +1084,22 @@ async fn load_mode(args: Args) -> Result<()> {
         }
     }
 
+    for r in results.iter().filter(|r| !r.replica_cpu_ms_per_report.is_empty()) {
+        let each: Vec<String> = r
+            .replica_cpu_ms_per_report
+            .iter()
+            .map(|c| format!("{c:.3}"))
+            .collect();
+        println!(
+            "{}: collector CPU per report {:.3} ms in all (each replica: {} ms), PostgreSQL {:.3} ms, \
+             clients (this process) {:.3} ms",
+            r.target,
+            r.replica_cpu_ms_per_report.iter().sum::<f64>(),
+            each.join(" + "),
+            r.postgres_cpu_ms_per_report,
+            r.cpu_ms_per_report
+        );
+    }
     for r in &results {
         if let Some(l) = r.lag {
             println!(
