@@ -512,7 +512,13 @@ async fn start_postgres(pki: &Pki, data: &Path, url: &str, agents: usize) -> Res
 
 /// `n` collector processes (`e2e-collector serve`, built beside this example) on the
 /// PostgreSQL store `url`, each with its own data directory under `data`.
-async fn start_replicas(pki: Arc<Pki>, data: PathBuf, url: String, n: usize, agents: usize) -> Result<Running> {
+async fn start_replicas(
+    pki: Arc<Pki>,
+    data: PathBuf,
+    url: String,
+    n: usize,
+    agents: usize,
+) -> Result<Running> {
     collector_binary()?;
     let procs = tokio::task::spawn_blocking(move || {
         (0..n)
@@ -801,17 +807,21 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
-/// Derive-only: `n` reports of the agents' shape appended straight into `store` (no TLS, no
-/// gRPC), then derived by the collector's own deriver (`derive::Deriver`, default batch) until
-/// none waits. Returns reports derived per second, the seconds it took, and the CPU ms per
-/// report of this process and of every `postgres` process during the derivation (the machine
-/// may be shared: CPU per report holds when the rate is set by others' load).
+/// Derive-only: `n` reports of the agents' shape appended straight into `stores[0]` (no TLS,
+/// no gRPC), then derived by the collector's own deriver (`derive::Deriver`, default batch),
+/// one per store (several PostgreSQL handles on one schema: replicas' derivers, each with its
+/// share of the partitions, settled before the clock starts), until none waits. Returns
+/// reports derived per second, the seconds it took, and the CPU ms per report of this process
+/// and of every `postgres` process during the derivation (the machine may be shared: CPU per
+/// report holds when the rate is set by others' load).
 async fn derive_only(
-    store: Arc<dyn Store>,
+    stores: Vec<Arc<dyn Store>>,
+    settle: Option<Vec<PostgresStore>>,
     agents: &[Arc<Agent>],
     n: usize,
 ) -> Result<(f64, f64, f64, f64)> {
     use sov_collector::derive::{DEFAULT_BATCH_REPORTS, Deriver, Enricher, Freshness};
+    let store = stores[0].clone();
     let reports: Vec<pb::Report> = (0..n)
         .map(|i| {
             next_report(
@@ -840,27 +850,58 @@ async fn derive_only(
         store.derive_status().await?.pending == n as u64,
         "derive-only: {n} reports should wait"
     );
-    let geo = sov_collector::geo::Geo::from_config(&Default::default())?;
-    let deriver = Deriver {
-        store: store.clone(),
-        enricher: Enricher::new(geo, None),
-        metrics: Arc::new(sov_collector::metrics::Metrics::new()),
-        freshness: Freshness::new(Duration::ZERO),
-        appended: Arc::default(),
-        derived: Arc::default(),
-        batch_reports: DEFAULT_BATCH_REPORTS,
-    };
-    let (cpu0, pg0) = (self_ticks(), postgres_ticks());
-    let t = Instant::now();
-    let mut derived = 0u64;
-    loop {
-        let (queued, d) = deriver.derive_batch().await?;
-        derived += d;
-        if queued == 0 {
-            break;
+    // Several derivers: wait until they share the partitions out (each balances every second).
+    if let Some(handles) = settle.filter(|h| h.len() > 1) {
+        let t = Instant::now();
+        loop {
+            let mut held = Vec::new();
+            for h in &handles {
+                held.push(h.derive_partitions_held().await?);
+            }
+            if held.iter().sum::<usize>() == 64 && held.iter().all(|&h| h > 0) {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "derive-only: the derivers did not share the partitions out: {held:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    let geo = sov_collector::geo::Geo::from_config(&Default::default())?;
+    let derivers: Vec<Deriver> = stores
+        .iter()
+        .map(|s| Deriver {
+            store: s.clone(),
+            enricher: Enricher::new(geo.clone(), None),
+            metrics: Arc::new(sov_collector::metrics::Metrics::new()),
+            freshness: Freshness::new(Duration::ZERO),
+            appended: Arc::default(),
+            derived: Arc::default(),
+            batch_reports: DEFAULT_BATCH_REPORTS,
+        })
+        .collect();
+    let (cpu0, pg0) = (self_ticks(), postgres_ticks());
+    let t = Instant::now();
+    let runs = futures::future::join_all(derivers.into_iter().map(|deriver| async move {
+        let mut derived = 0u64;
+        loop {
+            let (queued, d) = deriver.derive_batch().await?;
+            derived += d;
+            if queued == 0 {
+                if deriver.store.derive_status().await?.pending == 0 {
+                    return anyhow::Ok(derived);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }))
+    .await;
     let secs = t.elapsed().as_secs_f64();
+    let mut derived = 0u64;
+    for r in runs {
+        derived += r?;
+    }
     let per_report = |ticks: u64| ticks as f64 * 1e3 / clk_tck() / n as f64;
     let (cpu, pg) = (
         per_report(self_ticks() - cpu0),
@@ -959,7 +1000,10 @@ async fn load_mode(args: Args) -> Result<()> {
         // `--replicas N`: one collector process, then N, on a fresh schema each.
         let mut counts = vec![1, args.replicas];
         counts.dedup();
-        for n in counts.into_iter().filter(|_| args.replicas > 0 && pg_note.is_none()) {
+        for n in counts
+            .into_iter()
+            .filter(|_| args.replicas > 0 && pg_note.is_none())
+        {
             let schema = format!("sov_loadgen_r{n}_{}", std::process::id());
             let admin = PostgresStore::connect_with_schema(&base, &schema)
                 .await
@@ -974,13 +1018,7 @@ async fn load_mode(args: Args) -> Result<()> {
                 &pki,
                 &agents,
                 args.secs,
-                start_replicas(
-                    pki.clone(),
-                    data.path().join(target),
-                    url,
-                    n,
-                    agents.len(),
-                ),
+                start_replicas(pki.clone(), data.path().join(target), url, n, agents.len()),
                 Some(probe),
             )
             .await;
@@ -999,7 +1037,8 @@ async fn load_mode(args: Args) -> Result<()> {
         );
         let dir = data.path().join("derive-only");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
-        let (rate, secs, cpu, pg) = derive_only(store, &agents, args.derive_reports).await?;
+        let (rate, secs, cpu, pg) =
+            derive_only(vec![store], None, &agents, args.derive_reports).await?;
         derive_rates.push(("sqlite", rate, secs, cpu, pg));
         // What the store holds per report once derived (body, completeness, derived rows),
         // with the WAL folded into the database file.
@@ -1012,12 +1051,30 @@ async fn load_mode(args: Args) -> Result<()> {
             "sqlite: {bytes:.0} bytes stored per derived report ({:.0} MB per node-day at a 10 s interval)",
             bytes * 8_640.0 / 1e6
         );
-        let schema = format!("sov_derive_only_{}", std::process::id());
-        if let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await {
-            let run = derive_only(Arc::new(pg.clone()), &agents, args.derive_reports).await;
+        let mut counts = vec![1, args.replicas.max(1)];
+        counts.dedup();
+        for k in counts {
+            let schema = format!("sov_derive_only_{k}_{}", std::process::id());
+            let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await else {
+                break;
+            };
+            let mut handles = vec![pg.clone()];
+            for _ in 1..k {
+                handles.push(PostgresStore::connect_with_schema(&base, &schema).await?);
+            }
+            let stores: Vec<Arc<dyn Store>> = handles
+                .iter()
+                .map(|h| Arc::new(h.clone()) as Arc<dyn Store>)
+                .collect();
+            let run = derive_only(stores, Some(handles), &agents, args.derive_reports).await;
             pg.drop_schema().await.context("drop schema")?;
             let (rate, secs, cpu, pg) = run?;
-            derive_rates.push(("postgres", rate, secs, cpu, pg));
+            let target: &'static str = if k == 1 {
+                "postgres"
+            } else {
+                Box::leak(format!("pg-x{k}").into_boxed_str())
+            };
+            derive_rates.push((target, rate, secs, cpu, pg));
         }
     }
 
@@ -1084,7 +1141,10 @@ async fn load_mode(args: Args) -> Result<()> {
         }
     }
 
-    for r in results.iter().filter(|r| !r.replica_cpu_ms_per_report.is_empty()) {
+    for r in results
+        .iter()
+        .filter(|r| !r.replica_cpu_ms_per_report.is_empty())
+    {
         let each: Vec<String> = r
             .replica_cpu_ms_per_report
             .iter()

@@ -202,17 +202,14 @@ async fn partition_holders(db: &tokio_postgres::Client) -> Vec<i64> {
 
 /// Push reports `first..=last` of every node in `nodes` to the collector at `url` (node by
 /// node in parallel); the bytes sent and received they carry.
-async fn push_rounds(
-    pki: &Pki,
-    url: &str,
-    nodes: &[u64],
-    first: u64,
-    last: u64,
-) -> (u64, u64) {
+async fn push_rounds(pki: &Pki, url: &str, nodes: &[u64], first: u64, last: u64) -> (u64, u64) {
     let sums = futures::future::join_all(nodes.iter().map(|&n| async move {
-        let mut client = push_client(&pki.client_tls(Role::Agent, &format!("crash-node-{n}")), url)
-            .await
-            .unwrap();
+        let mut client = push_client(
+            &pki.client_tls(Role::Agent, &format!("crash-node-{n}")),
+            url,
+        )
+        .await
+        .unwrap();
         let (mut sent, mut received) = (0u64, 0u64);
         for s in first..=last {
             let r = report(n, s);
@@ -243,7 +240,9 @@ async fn two_postgres_replicas_derive_in_parallel_each_report_once_and_the_survi
             );
             sov_e2e::skipped(
                 "derive_crash (replicas)",
-                &format!("PostgreSQL not reachable at {base} ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"),
+                &format!(
+                    "PostgreSQL not reachable at {base} ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+                ),
             );
             return;
         }
@@ -287,11 +286,16 @@ async fn two_postgres_replicas_derive_in_parallel_each_report_once_and_the_survi
         push_rounds(&pki, &urls[1], &odd, 1, ROUND)
     );
     let (mut acked_sent, mut acked_received) = (s0 + s1, r0 + r1);
-    eventually(Duration::from_secs(120), "the derive queue to empty", || async {
-        (admin.derive_status().await.unwrap().pending == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(120),
+        "the derive queue to empty",
+        || async { (admin.derive_status().await.unwrap().pending == 0).then_some(()) },
+    )
     .await;
-    let (a, b) = (derived_total(metrics[0]).await, derived_total(metrics[1]).await);
+    let (a, b) = (
+        derived_total(metrics[0]).await,
+        derived_total(metrics[1]).await,
+    );
     assert!(a > 0 && b > 0, "both replicas derive: {a} and {b}");
     assert_eq!(a + b, NODES_HERE * ROUND, "each report derived once");
 
@@ -305,11 +309,17 @@ async fn two_postgres_replicas_derive_in_parallel_each_report_once_and_the_survi
     let (s, r) = push_rounds(&pki, &urls[1], &nodes, 2 * ROUND + 1, 3 * ROUND).await;
     acked_sent += s;
     acked_received += r;
-    eventually(Duration::from_secs(120), "the survivor to derive everything", || async {
-        (admin.derive_status().await.unwrap().pending == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(120),
+        "the survivor to derive everything",
+        || async { (admin.derive_status().await.unwrap().pending == 0).then_some(()) },
+    )
     .await;
-    assert_eq!(partition_holders(&db).await, [64], "the survivor holds every partition");
+    assert_eq!(
+        partition_holders(&db).await,
+        [64],
+        "the survivor holds every partition"
+    );
     assert!(
         derived_total(metrics[1]).await > b,
         "the survivor derived after the kill ({waiting} reports waited when it came)"
@@ -323,8 +333,15 @@ async fn two_postgres_replicas_derive_in_parallel_each_report_once_and_the_survi
         committed_sent += r.flows.iter().map(|f| f.bytes_sent).sum::<u64>();
         committed_received += r.flows.iter().map(|f| f.bytes_received).sum::<u64>();
     }
-    assert_eq!(committed, NODES_HERE * 3 * ROUND, "every acknowledged report is committed");
-    assert_eq!((committed_sent, committed_received), (acked_sent, acked_received));
+    assert_eq!(
+        committed,
+        NODES_HERE * 3 * ROUND,
+        "every acknowledged report is committed"
+    );
+    assert_eq!(
+        (committed_sent, committed_received),
+        (acked_sent, acked_received)
+    );
     let row = db
         .query_one(
             "SELECT SUM(bytes_sent)::INT8, SUM(bytes_received)::INT8, SUM(connections)::INT8

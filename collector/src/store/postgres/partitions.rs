@@ -75,7 +75,11 @@ pub(super) async fn balance(
     parts: &mut Partitions,
     force: bool,
 ) -> Result<(), StoreError> {
-    if !force && parts.balanced_at.is_some_and(|t| t.elapsed() < BALANCE_EVERY) {
+    if !force
+        && parts
+            .balanced_at
+            .is_some_and(|t| t.elapsed() < BALANCE_EVERY)
+    {
         return Ok(());
     }
     parts.balanced_at = Some(Instant::now());
@@ -102,7 +106,7 @@ pub(super) async fn balance(
         return Ok(());
     };
     let members: Vec<i64> = client
-        .query(MEMBERS, &[&MEMBER_KEY, &MEMBER_SLOTS])
+        .query(MEMBERS, &[&i64::from(MEMBER_KEY), &i64::from(MEMBER_SLOTS)])
         .await
         .map_err(pg("read deriver slots"))?
         .iter()
@@ -145,12 +149,19 @@ pub(super) async fn balance(
             .await
             .map_err(pg("take derive partitions"))?;
         for row in &got {
-            parts.held.push(get::<i32>(row, 0, "take derive partitions")?);
+            parts
+                .held
+                .push(get::<i32>(row, 0, "take derive partitions")?);
         }
         parts.held.sort_unstable();
     }
     if !give_back.is_empty() || !want.is_empty() {
-        tracing::debug!(slot, members = members.len(), held = parts.held.len(), "derive partitions balanced");
+        tracing::debug!(
+            slot,
+            members = members.len(),
+            held = parts.held.len(),
+            "derive partitions balanced"
+        );
     }
     Ok(())
 }
@@ -164,7 +175,11 @@ mod tests {
         for members in 1..=5 {
             let mut all: Vec<i32> = (0..members).flat_map(|r| share(r, members)).collect();
             all.sort_unstable();
-            assert_eq!(all, (0..PARTITIONS).collect::<Vec<_>>(), "{members} members");
+            assert_eq!(
+                all,
+                (0..PARTITIONS).collect::<Vec<_>>(),
+                "{members} members"
+            );
         }
         assert_eq!(share(0, 2).len(), 32);
     }

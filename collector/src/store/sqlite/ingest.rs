@@ -143,32 +143,32 @@ pub(super) fn write_minutes(
     for ((node, minute, pid, protocol, direction, remote, port), e) in sums {
         let v = e.verdict.unwrap_or(&none);
         st.execute(params![
-                node,
-                minute,
-                pid,
-                e.process,
-                protocol,
-                direction,
-                remote,
-                port,
-                e.country,
-                e.asn,
-                e.org,
-                e.geo_source,
-                e.bytes_sent,
-                e.bytes_received,
-                e.connections,
-                e.min_rtt_us,
-                v.answers_json,
-                i64::from(e.contested),
-                e.operator_country,
-                v.physics,
-                v.distance_km,
-                v.limit_km,
-                e.conntrack_bytes,
-                e.unmeasured_flows
-            ])
-            .map_err(sql("aggregate flow"))?;
+            node,
+            minute,
+            pid,
+            e.process,
+            protocol,
+            direction,
+            remote,
+            port,
+            e.country,
+            e.asn,
+            e.org,
+            e.geo_source,
+            e.bytes_sent,
+            e.bytes_received,
+            e.connections,
+            e.min_rtt_us,
+            v.answers_json,
+            i64::from(e.contested),
+            e.operator_country,
+            v.physics,
+            v.distance_km,
+            v.limit_km,
+            e.conntrack_bytes,
+            e.unmeasured_flows
+        ])
+        .map_err(sql("aggregate flow"))?;
     }
     Ok(())
 }
@@ -592,7 +592,7 @@ pub(super) async fn underived(
 /// lose it only together with its queue deletions, and the next append's fsync makes it
 /// durable (WAL frames are written in order), so nothing is lost or derived twice.
 pub(super) async fn derive(store: &SqliteStore, batch: Vec<Derivation>) -> Result<u64, StoreError> {
-    let writer = store.writer.clone();
+    let (writer, pending) = (store.writer.clone(), store.pending.clone());
     tokio::task::spawn_blocking(move || {
         let mut sums = std::collections::BTreeMap::new();
         for d in &batch {
@@ -603,6 +603,17 @@ pub(super) async fn derive(store: &SqliteStore, batch: Vec<Derivation>) -> Resul
             .map(|d| crate::store::minutes::foreign_flows(&d.report))
             .collect();
         let mut conn = lock(&writer);
+        // Reports waiting to be appended go first: their acknowledgements would otherwise
+        // wait for the whole derive transaction.
+        loop {
+            let appends = lock(&pending).take_batch();
+            if appends.is_empty() {
+                break;
+            }
+            let reports: Vec<&IncomingReport> = appends.iter().map(|p| &p.report).collect();
+            let outcomes = SqliteStore::ingest_batch_blocking(&mut conn, &reports);
+            crate::store::answer(appends, outcomes);
+        }
         conn.execute_batch("PRAGMA synchronous = NORMAL")
             .map_err(sql("relax derive commit"))?;
         let derived = derive_locked(&mut conn, &batch, &raw, &sums);
