@@ -159,6 +159,16 @@ impl Freshness {
     }
 }
 
+/// What one batch (or slice of one) enriches once: the verdict of each distinct address, the
+/// nodes' places, and the stored verdict of each (address, place, RTT). Bounded by the batch.
+#[derive(Default)]
+struct BatchCache {
+    verdicts: HashMap<String, Arc<Verdict>>,
+    places: Vec<Option<Place>>,
+    /// By (the address's verdict, as held in `verdicts`; place index; RTT).
+    columns: HashMap<(usize, usize, u32), VerdictColumns>,
+}
+
 /// Geolocates flows and names their processes: the enrichment of a report's telemetry.
 #[derive(Debug, Clone)]
 pub struct Enricher {
@@ -182,13 +192,9 @@ impl Enricher {
     }
 
     /// Geolocate every flow's remote address (once per distinct address of the batch:
-    /// `verdicts` is shared by a batch's reports) and name its process; the flows are moved
+    /// `cache` is shared by a batch's reports) and name its process; the flows are moved
     /// out of the report.
-    fn flows(
-        &self,
-        report: &mut pb::Report,
-        verdicts: &mut HashMap<String, Arc<Verdict>>,
-    ) -> Vec<FlowRecord> {
+    fn flows(&self, report: &mut pb::Report, cache: &mut BatchCache) -> Vec<FlowRecord> {
         let names: HashMap<u32, &str> = report
             .processes
             .iter()
@@ -198,11 +204,18 @@ impl Enricher {
             .node_info
             .as_ref()
             .and_then(|info| self.node_place(info));
+        let place_index = match cache.places.iter().position(|p| *p == place) {
+            Some(i) => i,
+            None => {
+                cache.places.push(place.clone());
+                cache.places.len() - 1
+            }
+        };
         let flows = std::mem::take(&mut report.flows);
         flows
             .into_iter()
             .map(|f| {
-                let v = match verdicts.get(&f.remote_address) {
+                let v = match cache.verdicts.get(&f.remote_address) {
                     Some(v) => v.clone(),
                     None => {
                         let v = f
@@ -210,8 +223,20 @@ impl Enricher {
                             .parse::<IpAddr>()
                             .map(|ip| self.geo.lookup(ip))
                             .unwrap_or_default();
-                        verdicts.insert(f.remote_address.clone(), v.clone());
+                        cache.verdicts.insert(f.remote_address.clone(), v.clone());
                         v
+                    }
+                };
+                // The stored verdict depends on the answers, the node's place and the RTT
+                // only: made once per (address, place, RTT) of the batch (a connection that
+                // lives keeps its minimum RTT from one report to the next).
+                let key = (Arc::as_ptr(&v) as usize, place_index, f.min_rtt_us);
+                let verdict = match cache.columns.get(&key) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = verdict_columns(&self.geo, &v, place.as_ref(), f.min_rtt_us);
+                        cache.columns.insert(key, c.clone());
+                        c
                     }
                 };
                 FlowRecord {
@@ -223,7 +248,7 @@ impl Enricher {
                     asn: v.asn.unwrap_or(0),
                     org: v.org.clone(),
                     geo_source: v.source.clone(),
-                    verdict: verdict_columns(&self.geo, &v, place.as_ref(), f.min_rtt_us),
+                    verdict,
                     flow: f,
                 }
             })
@@ -233,20 +258,20 @@ impl Enricher {
     /// A batch of queued reports ready to derive, in order; each address is geolocated once
     /// for the whole batch.
     pub fn derivations(&self, batch: Vec<Underived>) -> Vec<Derivation> {
-        let mut verdicts = HashMap::new();
+        let mut cache = BatchCache::default();
         batch
             .into_iter()
-            .map(|u| self.derivation(u, &mut verdicts))
+            .map(|u| self.derivation(u, &mut cache))
             .collect()
     }
 
     /// A queued report ready to derive. A body that no longer decodes (it was validated
     /// before it was stored, so only a damaged database does this) derives nothing: its
     /// queue row is still taken, and the failure logged.
-    fn derivation(&self, u: Underived, verdicts: &mut HashMap<String, Arc<Verdict>>) -> Derivation {
+    fn derivation(&self, u: Underived, cache: &mut BatchCache) -> Derivation {
         let report = match pb::Report::decode(u.body.as_slice()) {
             Ok(mut report) => {
-                let flows = self.flows(&mut report, verdicts);
+                let flows = self.flows(&mut report, cache);
                 incoming(report, u.received_unix_ms, Vec::new(), Some(flows))
             }
             Err(err) => {
