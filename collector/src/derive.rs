@@ -50,6 +50,11 @@ pub const DEFAULT_QUERY_WAIT_MS: u64 = 5_000;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Pause after a failed batch before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Pause after a batch shorter than `batch_reports` that found reports waiting (under load):
+/// the next batch gathers what arrives meanwhile. Measured: a deriver that looped at once
+/// derived batches of a few dozen reports as they were acknowledged, at a higher cost per
+/// report (PERFORMANCE.md §8f).
+const GATHER: Duration = Duration::from_millis(200);
 /// Most threads that decode and enrich one batch at once.
 const ENRICH_THREADS: usize = 4;
 /// Fewest reports worth a thread of their own.
@@ -582,6 +587,13 @@ impl Deriver {
                         self.freshness.derived_through(target);
                     }
                     if queued > 0 {
+                        // Under load, let the next batch gather reports for a moment rather
+                        // than deriving a handful at a time: larger batches merge more flows
+                        // per aggregate row and commit less often (adds at most this to the lag).
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(GATHER) => {}
+                        }
                         continue;
                     }
                     tokio::select! {
