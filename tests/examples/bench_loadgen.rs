@@ -30,6 +30,11 @@
 //! reports of the same shape (`--derive-reports`, 10,000) appended straight into a fresh store,
 //! derived by the collector's deriver with no TLS in the way (reports derived per second).
 //!
+//! `--replicas N` adds `pg-x1` and `pg-xN`: the collector as 1, then N child processes
+//! (`e2e-collector serve`, build it first) on one fresh PostgreSQL schema, the agents spread
+//! over them, each process's CPU per report measured apart from PostgreSQL's and the clients';
+//! the derive-only part then also runs N derivers on one schema (`pg-xN`).
+//!
 //! Prints a table, one JSON line, then the targets with met/MISSED. Linux only (`/proc`).
 
 use std::net::SocketAddr;
