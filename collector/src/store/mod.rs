@@ -133,6 +133,10 @@ macro_rules! store_by_concern {
                 ingest::derive(self, batch).await
             }
 
+            fn derives_a_share(&self) -> bool {
+                ingest::DERIVES_A_SHARE
+            }
+
             async fn derive_status(
                 &self,
             ) -> Result<$crate::store::DeriveStatus, $crate::store::StoreError> {
@@ -1067,6 +1071,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The oldest stored reports not yet derived, in the order they were stored, at most
     /// `limit`.
     async fn underived(&self, limit: u32) -> Result<Vec<Underived>, StoreError>;
+
+    /// Whether [`Store::underived`] reads only this replica's share of the queue (PostgreSQL:
+    /// the partitions its deriver holds): then a batch shorter than asked does not mean that
+    /// every report acknowledged here was in it.
+    fn derives_a_share(&self) -> bool;
 
     /// Derive `batch` in one transaction: for each report whose queue row this transaction
     /// deletes, its time series, GPU usage, weight inventory and flow aggregates; a report
