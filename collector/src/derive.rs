@@ -50,6 +50,15 @@ pub const DEFAULT_QUERY_WAIT_MS: u64 = 5_000;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Pause after a failed batch before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Pause after a batch shorter than `batch_reports` that found reports waiting (under load):
+/// the next batch gathers what arrives meanwhile. Measured: a deriver that looped at once
+/// derived batches of a few dozen reports as they were acknowledged, at a higher cost per
+/// report (PERFORMANCE.md §8f).
+const GATHER: Duration = Duration::from_millis(200);
+/// Most threads that decode and enrich one batch at once.
+const ENRICH_THREADS: usize = 4;
+/// Fewest reports worth a thread of their own.
+const ENRICH_SLICE_MIN: usize = 64;
 
 /// `[derive]`: how acknowledged reports are derived.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -155,6 +164,16 @@ impl Freshness {
     }
 }
 
+/// What one batch (or slice of one) enriches once: the verdict of each distinct address, the
+/// nodes' places, and the stored verdict of each (address, place, RTT). Bounded by the batch.
+#[derive(Default)]
+struct BatchCache {
+    verdicts: HashMap<String, Arc<Verdict>>,
+    places: Vec<Option<Place>>,
+    /// By (the address's verdict, as held in `verdicts`; place index; RTT).
+    columns: HashMap<(usize, usize, u32), VerdictColumns>,
+}
+
 /// Geolocates flows and names their processes: the enrichment of a report's telemetry.
 #[derive(Debug, Clone)]
 pub struct Enricher {
@@ -178,13 +197,9 @@ impl Enricher {
     }
 
     /// Geolocate every flow's remote address (once per distinct address of the batch:
-    /// `verdicts` is shared by a batch's reports) and name its process; the flows are moved
+    /// `cache` is shared by a batch's reports) and name its process; the flows are moved
     /// out of the report.
-    fn flows(
-        &self,
-        report: &mut pb::Report,
-        verdicts: &mut HashMap<String, Arc<Verdict>>,
-    ) -> Vec<FlowRecord> {
+    fn flows(&self, report: &mut pb::Report, cache: &mut BatchCache) -> Vec<FlowRecord> {
         let names: HashMap<u32, &str> = report
             .processes
             .iter()
@@ -194,11 +209,18 @@ impl Enricher {
             .node_info
             .as_ref()
             .and_then(|info| self.node_place(info));
+        let place_index = match cache.places.iter().position(|p| *p == place) {
+            Some(i) => i,
+            None => {
+                cache.places.push(place.clone());
+                cache.places.len() - 1
+            }
+        };
         let flows = std::mem::take(&mut report.flows);
         flows
             .into_iter()
             .map(|f| {
-                let v = match verdicts.get(&f.remote_address) {
+                let v = match cache.verdicts.get(&f.remote_address) {
                     Some(v) => v.clone(),
                     None => {
                         let v = f
@@ -206,8 +228,20 @@ impl Enricher {
                             .parse::<IpAddr>()
                             .map(|ip| self.geo.lookup(ip))
                             .unwrap_or_default();
-                        verdicts.insert(f.remote_address.clone(), v.clone());
+                        cache.verdicts.insert(f.remote_address.clone(), v.clone());
                         v
+                    }
+                };
+                // The stored verdict depends on the answers, the node's place and the RTT
+                // only: made once per (address, place, RTT) of the batch (a connection that
+                // lives keeps its minimum RTT from one report to the next).
+                let key = (Arc::as_ptr(&v) as usize, place_index, f.min_rtt_us);
+                let verdict = match cache.columns.get(&key) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = verdict_columns(&self.geo, &v, place.as_ref(), f.min_rtt_us);
+                        cache.columns.insert(key, c.clone());
+                        c
                     }
                 };
                 FlowRecord {
@@ -219,7 +253,7 @@ impl Enricher {
                     asn: v.asn.unwrap_or(0),
                     org: v.org.clone(),
                     geo_source: v.source.clone(),
-                    verdict: verdict_columns(&self.geo, &v, place.as_ref(), f.min_rtt_us),
+                    verdict,
                     flow: f,
                 }
             })
@@ -229,20 +263,20 @@ impl Enricher {
     /// A batch of queued reports ready to derive, in order; each address is geolocated once
     /// for the whole batch.
     pub fn derivations(&self, batch: Vec<Underived>) -> Vec<Derivation> {
-        let mut verdicts = HashMap::new();
+        let mut cache = BatchCache::default();
         batch
             .into_iter()
-            .map(|u| self.derivation(u, &mut verdicts))
+            .map(|u| self.derivation(u, &mut cache))
             .collect()
     }
 
     /// A queued report ready to derive. A body that no longer decodes (it was validated
     /// before it was stored, so only a damaged database does this) derives nothing: its
     /// queue row is still taken, and the failure logged.
-    fn derivation(&self, u: Underived, verdicts: &mut HashMap<String, Arc<Verdict>>) -> Derivation {
+    fn derivation(&self, u: Underived, cache: &mut BatchCache) -> Derivation {
         let report = match pb::Report::decode(u.body.as_slice()) {
             Ok(mut report) => {
-                let flows = self.flows(&mut report, verdicts);
+                let flows = self.flows(&mut report, cache);
                 incoming(report, u.received_unix_ms, Vec::new(), Some(flows))
             }
             Err(err) => {
@@ -453,12 +487,31 @@ impl Deriver {
         Ok((n, derived))
     }
 
-    /// Decode and enrich `queued` off the async threads.
+    /// Decode and enrich `queued` off the async threads, in up to [`ENRICH_THREADS`] slices
+    /// at once (in order; each slice geolocates its addresses once).
     async fn enrich(&self, queued: Vec<Underived>) -> Result<Vec<Derivation>, StoreError> {
-        let enricher = self.enricher.clone();
-        tokio::task::spawn_blocking(move || enricher.derivations(queued))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))
+        let threads = std::thread::available_parallelism()
+            .map_or(1, std::num::NonZero::get)
+            .clamp(1, ENRICH_THREADS);
+        let slice = queued.len().div_ceil(threads).max(ENRICH_SLICE_MIN);
+        let n = queued.len();
+        let mut rest = queued.into_iter();
+        let mut slices = Vec::new();
+        loop {
+            let part: Vec<Underived> = rest.by_ref().take(slice).collect();
+            if part.is_empty() {
+                break;
+            }
+            let enricher = self.enricher.clone();
+            slices.push(tokio::task::spawn_blocking(move || {
+                enricher.derivations(part)
+            }));
+        }
+        let mut out = Vec::with_capacity(n);
+        for s in slices {
+            out.extend(s.await.map_err(|e| StoreError::Task(e.to_string()))?);
+        }
+        Ok(out)
     }
 
     /// Derive each report of a failed batch in its own transaction, so that one report the
@@ -500,6 +553,15 @@ impl Deriver {
         Ok(0)
     }
 
+    /// Whether no report received at or before `since_unix_ms` waits for derivation (false
+    /// when the store cannot say).
+    async fn nothing_waits_from(&self, since_unix_ms: i64) -> bool {
+        self.store.derive_status().await.is_ok_and(|s| {
+            s.oldest_pending_received_unix_ms
+                .is_none_or(|t| t > since_unix_ms)
+        })
+    }
+
     /// Derive until `stop`: batch after batch while reports wait, then sleep until ingest
     /// stores one (or [`IDLE_POLL`] passes, for other replicas' reports).
     pub async fn run(self, stop: CancellationToken) {
@@ -508,6 +570,7 @@ impl Deriver {
                 return;
             }
             let target = self.freshness.acked_so_far();
+            let since = sov_common::clock::now_unix_ms();
             match self.derive_batch().await {
                 Ok((queued, derived)) => {
                     if derived > 0 {
@@ -517,9 +580,20 @@ impl Deriver {
                         continue;
                     }
                     // The queue held fewer than a batch: everything acknowledged before
-                    // `target` was read was in it (or derived before).
-                    self.freshness.derived_through(target);
+                    // `target` was read was in it (or derived before); where this replica
+                    // reads only its share of the queue, once nothing received before `since`
+                    // waits anywhere.
+                    if !self.store.derives_a_share() || self.nothing_waits_from(since).await {
+                        self.freshness.derived_through(target);
+                    }
                     if queued > 0 {
+                        // Under load, let the next batch gather reports for a moment rather
+                        // than deriving a handful at a time: larger batches merge more flows
+                        // per aggregate row and commit less often (adds at most this to the lag).
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(GATHER) => {}
+                        }
                         continue;
                     }
                     tokio::select! {

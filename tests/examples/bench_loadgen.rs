@@ -30,6 +30,11 @@
 //! reports of the same shape (`--derive-reports`, 10,000) appended straight into a fresh store,
 //! derived by the collector's deriver with no TLS in the way (reports derived per second).
 //!
+//! `--replicas N` adds `pg-x1` and `pg-xN`: the collector as 1, then N child processes
+//! (`e2e-collector serve`, build it first) on one fresh PostgreSQL schema, the agents spread
+//! over them, each process's CPU per report measured apart from PostgreSQL's and the clients';
+//! the derive-only part then also runs N derivers on one schema (`pg-xN`).
+//!
 //! Prints a table, one JSON line, then the targets with met/MISSED. Linux only (`/proc`).
 
 use std::net::SocketAddr;
@@ -72,10 +77,12 @@ struct Args {
     flows: usize,
     idle: Option<usize>,
     derive_reports: usize,
+    replicas: usize,
 }
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
                      [--derive-reports N (10000)] [--max-in-flight N (as shipped)] \
+                     [--replicas N (0: none; else 1 then N collector processes on one PostgreSQL schema)] \
                      [--idle-connections N (idle mode only)]";
 
 /// Target of the derive-only rate (committed 50-flow reports derived per second).
@@ -90,6 +97,7 @@ fn parse_args() -> Result<Args> {
         flows: 50,
         idle: None,
         derive_reports: 10_000,
+        replicas: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -107,6 +115,7 @@ fn parse_args() -> Result<Args> {
             "--flows" => args.flows = value.parse().with_context(bad)?,
             "--idle-connections" => args.idle = Some(value.parse().with_context(bad)?),
             "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
+            "--replicas" => args.replicas = value.parse().with_context(bad)?,
             "--max-in-flight" => IN_FLIGHT.store(
                 value.parse().with_context(bad)?,
                 std::sync::atomic::Ordering::Relaxed,
@@ -274,7 +283,12 @@ fn proc_cpu(pid: &str) -> Option<(String, u64)> {
 
 /// CPU ticks of this process.
 fn self_ticks() -> u64 {
-    proc_cpu(&std::process::id().to_string()).map_or(0, |(_, t)| t)
+    pid_ticks(std::process::id())
+}
+
+/// CPU ticks of process `pid` (0 when gone).
+fn pid_ticks(pid: u32) -> u64 {
+    proc_cpu(&pid.to_string()).map_or(0, |(_, t)| t)
 }
 
 /// CPU ticks of every live `postgres` process (server and backends).
@@ -397,6 +411,8 @@ enum Running {
         stop: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     },
+    /// `--replicas`: collector processes (`e2e-collector serve`) on one PostgreSQL schema.
+    Replicas(Vec<sov_e2e::CollectorProcess>),
 }
 
 impl Running {
@@ -404,6 +420,23 @@ impl Running {
         match self {
             Self::Bare { addr, .. } | Self::Postgres { addr, .. } => format!("https://{addr}"),
             Self::Sqlite(c) => c.url(),
+            Self::Replicas(procs) => procs.first().map(|p| p.url()).unwrap_or_default(),
+        }
+    }
+
+    /// The URL agent `i` pushes to (replicas: agents are spread over them in turn).
+    fn url_for(&self, i: usize) -> String {
+        match self {
+            Self::Replicas(procs) if !procs.is_empty() => procs[i % procs.len()].url(),
+            _ => self.url(),
+        }
+    }
+
+    /// Collector processes apart from this one (their CPU is measured apart).
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Self::Replicas(procs) => procs.iter().map(|p| p.pid()).collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -418,6 +451,7 @@ impl Running {
                 stop.cancel();
                 task.await.context("collector panicked")?;
             }
+            Self::Replicas(procs) => drop(procs),
         }
         Ok(())
     }
@@ -481,6 +515,33 @@ async fn start_postgres(pki: &Pki, data: &Path, url: &str, agents: usize) -> Res
     Ok(Running::Postgres { addr, stop, task })
 }
 
+/// `n` collector processes (`e2e-collector serve`, built beside this example) on the
+/// PostgreSQL store `url`, each with its own data directory under `data`.
+async fn start_replicas(
+    pki: Arc<Pki>,
+    data: PathBuf,
+    url: String,
+    n: usize,
+    agents: usize,
+) -> Result<Running> {
+    collector_binary()?;
+    let procs = tokio::task::spawn_blocking(move || {
+        (0..n)
+            .map(|i| {
+                let dir = data.join(format!("replica-{i}"));
+                std::fs::create_dir_all(&dir).expect("replica dir");
+                sov_e2e::CollectorProcess::start_with(&pki, &dir, sov_e2e::free_port(), |c| {
+                    c.store.url = url.clone();
+                    one_address_for_all(c, agents);
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .context("start replicas")?;
+    Ok(Running::Replicas(procs))
+}
+
 /// Every agent of this benchmark connects from 127.0.0.1, where a fleet comes from one
 /// address per node: the per-address connection limit (`[limits]`, 64 by default) is raised
 /// to the agents' number; every other limit stays as shipped.
@@ -516,6 +577,8 @@ struct RunResult {
     rss_end_kib: u64,
     kib_per_connection: f64,
     stored_checked: Option<u64>,
+    /// `--replicas`: CPU ms per report (all reports of the window) of each collector process.
+    replica_cpu_ms_per_report: Vec<f64>,
     /// Derivation lag (now − derived up to) sampled every [`LAG_EVERY`] in the window, s:
     /// p50, p99, at the end of the window; and how long the backlog took to drain after it.
     lag: Option<Lag>,
@@ -560,8 +623,8 @@ async fn measure(
 
     let t_connect = Instant::now();
     let mut clients = Vec::with_capacity(agents.len());
-    for a in agents {
-        let c = push_client(&a.tls, &url)
+    for (i, a) in agents.iter().enumerate() {
+        let c = push_client(&a.tls, &server.url_for(i))
             .await
             .map_err(|e| anyhow::anyhow!("{target}: connect {}: {e}", a.name))?;
         clients.push(c);
@@ -600,6 +663,8 @@ async fn measure(
         }));
     }
     tokio::time::sleep_until(warm_end.into()).await;
+    let pids = server.pids();
+    let children0: Vec<u64> = pids.iter().map(|&p| pid_ticks(p)).collect();
     let (cpu0, pg0, m0) = (self_ticks(), postgres_ticks(), machine_ticks());
     let w0 = Instant::now();
     let mut lags = Vec::new();
@@ -611,12 +676,30 @@ async fn measure(
     }
     tokio::time::sleep_until(end.into()).await;
     let (cpu1, pg1, m1) = (self_ticks(), postgres_ticks(), machine_ticks());
+    let children1: Vec<u64> = pids.iter().map(|&p| pid_ticks(p)).collect();
     let window = w0.elapsed();
     let rss_end = self_rss_kib();
     let lag_end = match &probe {
         Some(p) => Some(lag_now(p.as_ref()).await?),
         None => None,
     };
+    // From the end of the window, how long until no report waits (timed while the clients
+    // finish their last pushes and the stored reports are checked, which can take seconds).
+    let drained = probe.clone().map(|p| {
+        tokio::spawn(async move {
+            let t = Instant::now();
+            loop {
+                if p.derive_status().await?.pending == 0 {
+                    return anyhow::Ok(t.elapsed().as_secs_f64());
+                }
+                ensure!(
+                    t.elapsed() < Duration::from_secs(600),
+                    "derivation did not drain in 600 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    });
 
     let mut lat = Vec::new();
     let mut acked = 0u64;
@@ -644,16 +727,12 @@ async fn measure(
         Some(stored)
     };
     // The backlog left at the end of the window, drained with no more load.
-    let lag = match (&probe, lag_end) {
-        (Some(p), Some((end_s, pending_end))) => {
-            let t = Instant::now();
-            while p.derive_status().await?.pending > 0 {
-                ensure!(
-                    t.elapsed() < Duration::from_secs(600),
-                    "{target}: derivation did not drain in 600 s"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+    let lag = match (drained, lag_end) {
+        (Some(drained), Some((end_s, pending_end))) => {
+            let drain_s = drained
+                .await
+                .context("drain watcher panicked")?
+                .with_context(|| format!("{target}: drain"))?;
             lags.sort_by(f64::total_cmp);
             let pct = |q: f64| {
                 lags.get(((lags.len() as f64 - 1.0) * q).round() as usize)
@@ -665,7 +744,7 @@ async fn measure(
                 p99_s: pct(0.99),
                 end_s,
                 pending_end,
-                drain_s: t.elapsed().as_secs_f64(),
+                drain_s,
             })
         }
         _ => None,
@@ -677,6 +756,11 @@ async fn measure(
     let tck = clk_tck();
     let per_rep = |ticks: u64| ticks as f64 * 1000.0 / tck / reports.max(1) as f64;
     let (busy, total) = (m1.0 - m0.0, m1.1 - m0.1);
+    let replica_cpu: Vec<f64> = children0
+        .iter()
+        .zip(&children1)
+        .map(|(a, b)| per_rep(b.saturating_sub(*a)))
+        .collect();
     Ok(RunResult {
         target,
         connect_s,
@@ -694,6 +778,7 @@ async fn measure(
         kib_per_connection: (rss_end as f64 - rss_before as f64) / agents.len() as f64,
         stored_checked,
         lag,
+        replica_cpu_ms_per_report: replica_cpu,
     })
 }
 
@@ -719,6 +804,7 @@ fn run_json(r: &RunResult) -> serde_json::Value {
         "derive_lag_end_s": r.lag.map(|l| l.end_s),
         "derive_pending_end": r.lag.map(|l| l.pending_end),
         "derive_drain_s": r.lag.map(|l| l.drain_s),
+        "replica_cpu_ms_per_report": r.replica_cpu_ms_per_report,
     })
 }
 
@@ -726,17 +812,21 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
-/// Derive-only: `n` reports of the agents' shape appended straight into `store` (no TLS, no
-/// gRPC), then derived by the collector's own deriver (`derive::Deriver`, default batch) until
-/// none waits. Returns reports derived per second, the seconds it took, and the CPU ms per
-/// report of this process and of every `postgres` process during the derivation (the machine
-/// may be shared: CPU per report holds when the rate is set by others' load).
+/// Derive-only: `n` reports of the agents' shape appended straight into `stores[0]` (no TLS,
+/// no gRPC), then derived by the collector's own deriver (`derive::Deriver`, default batch),
+/// one per store (several PostgreSQL handles on one schema: replicas' derivers, each with its
+/// share of the partitions, settled before the clock starts), until none waits. Returns
+/// reports derived per second, the seconds it took, and the CPU ms per report of this process
+/// and of every `postgres` process during the derivation (the machine may be shared: CPU per
+/// report holds when the rate is set by others' load).
 async fn derive_only(
-    store: Arc<dyn Store>,
+    stores: Vec<Arc<dyn Store>>,
+    settle: Option<Vec<PostgresStore>>,
     agents: &[Arc<Agent>],
     n: usize,
 ) -> Result<(f64, f64, f64, f64)> {
     use sov_collector::derive::{DEFAULT_BATCH_REPORTS, Deriver, Enricher, Freshness};
+    let store = stores[0].clone();
     let reports: Vec<pb::Report> = (0..n)
         .map(|i| {
             next_report(
@@ -765,27 +855,58 @@ async fn derive_only(
         store.derive_status().await?.pending == n as u64,
         "derive-only: {n} reports should wait"
     );
-    let geo = sov_collector::geo::Geo::from_config(&Default::default())?;
-    let deriver = Deriver {
-        store: store.clone(),
-        enricher: Enricher::new(geo, None),
-        metrics: Arc::new(sov_collector::metrics::Metrics::new()),
-        freshness: Freshness::new(Duration::ZERO),
-        appended: Arc::default(),
-        derived: Arc::default(),
-        batch_reports: DEFAULT_BATCH_REPORTS,
-    };
-    let (cpu0, pg0) = (self_ticks(), postgres_ticks());
-    let t = Instant::now();
-    let mut derived = 0u64;
-    loop {
-        let (queued, d) = deriver.derive_batch().await?;
-        derived += d;
-        if queued == 0 {
-            break;
+    // Several derivers: wait until they share the partitions out (each balances every second).
+    if let Some(handles) = settle.filter(|h| h.len() > 1) {
+        let t = Instant::now();
+        loop {
+            let mut held = Vec::new();
+            for h in &handles {
+                held.push(h.derive_partitions_held().await?);
+            }
+            if held.iter().sum::<usize>() == 64 && held.iter().all(|&h| h > 0) {
+                break;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "derive-only: the derivers did not share the partitions out: {held:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    let geo = sov_collector::geo::Geo::from_config(&Default::default())?;
+    let derivers: Vec<Deriver> = stores
+        .iter()
+        .map(|s| Deriver {
+            store: s.clone(),
+            enricher: Enricher::new(geo.clone(), None),
+            metrics: Arc::new(sov_collector::metrics::Metrics::new()),
+            freshness: Freshness::new(Duration::ZERO),
+            appended: Arc::default(),
+            derived: Arc::default(),
+            batch_reports: DEFAULT_BATCH_REPORTS,
+        })
+        .collect();
+    let (cpu0, pg0) = (self_ticks(), postgres_ticks());
+    let t = Instant::now();
+    let runs = futures::future::join_all(derivers.into_iter().map(|deriver| async move {
+        let mut derived = 0u64;
+        loop {
+            let (queued, d) = deriver.derive_batch().await?;
+            derived += d;
+            if queued == 0 {
+                if deriver.store.derive_status().await?.pending == 0 {
+                    return anyhow::Ok(derived);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }))
+    .await;
     let secs = t.elapsed().as_secs_f64();
+    let mut derived = 0u64;
+    for r in runs {
+        derived += r?;
+    }
     let per_report = |ticks: u64| ticks as f64 * 1e3 / clk_tck() / n as f64;
     let (cpu, pg) = (
         per_report(self_ticks() - cpu0),
@@ -881,6 +1002,34 @@ async fn load_mode(args: Args) -> Result<()> {
                 results.push(run?);
             }
         }
+        // `--replicas N`: one collector process, then N, on a fresh schema each.
+        let mut counts = vec![1, args.replicas];
+        counts.dedup();
+        for n in counts
+            .into_iter()
+            .filter(|_| args.replicas > 0 && pg_note.is_none())
+        {
+            let schema = format!("sov_loadgen_r{n}_{}", std::process::id());
+            let admin = PostgresStore::connect_with_schema(&base, &schema)
+                .await
+                .context("create replicas schema")?;
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+            let target: &'static str = Box::leak(format!("pg-x{n}").into_boxed_str());
+            println!("{target}: {n} collector processes on PostgreSQL schema {schema} ...");
+            let probe: Arc<dyn Store> = Arc::new(admin.clone());
+            let run = measure(
+                target,
+                &pki,
+                &agents,
+                args.secs,
+                start_replicas(pki.clone(), data.path().join(target), url, n, agents.len()),
+                Some(probe),
+            )
+            .await;
+            admin.drop_schema().await.context("drop schema")?;
+            results.push(run?);
+        }
     }
 
     // Derive-only, with no TLS in the way.
@@ -893,7 +1042,8 @@ async fn load_mode(args: Args) -> Result<()> {
         );
         let dir = data.path().join("derive-only");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
-        let (rate, secs, cpu, pg) = derive_only(store, &agents, args.derive_reports).await?;
+        let (rate, secs, cpu, pg) =
+            derive_only(vec![store], None, &agents, args.derive_reports).await?;
         derive_rates.push(("sqlite", rate, secs, cpu, pg));
         // What the store holds per report once derived (body, completeness, derived rows),
         // with the WAL folded into the database file.
@@ -906,12 +1056,30 @@ async fn load_mode(args: Args) -> Result<()> {
             "sqlite: {bytes:.0} bytes stored per derived report ({:.0} MB per node-day at a 10 s interval)",
             bytes * 8_640.0 / 1e6
         );
-        let schema = format!("sov_derive_only_{}", std::process::id());
-        if let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await {
-            let run = derive_only(Arc::new(pg.clone()), &agents, args.derive_reports).await;
+        let mut counts = vec![1, args.replicas.max(1)];
+        counts.dedup();
+        for k in counts {
+            let schema = format!("sov_derive_only_{k}_{}", std::process::id());
+            let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await else {
+                break;
+            };
+            let mut handles = vec![pg.clone()];
+            for _ in 1..k {
+                handles.push(PostgresStore::connect_with_schema(&base, &schema).await?);
+            }
+            let stores: Vec<Arc<dyn Store>> = handles
+                .iter()
+                .map(|h| Arc::new(h.clone()) as Arc<dyn Store>)
+                .collect();
+            let run = derive_only(stores, Some(handles), &agents, args.derive_reports).await;
             pg.drop_schema().await.context("drop schema")?;
             let (rate, secs, cpu, pg) = run?;
-            derive_rates.push(("postgres", rate, secs, cpu, pg));
+            let target: &'static str = if k == 1 {
+                "postgres"
+            } else {
+                Box::leak(format!("pg-x{k}").into_boxed_str())
+            };
+            derive_rates.push((target, rate, secs, cpu, pg));
         }
     }
 
@@ -962,7 +1130,7 @@ async fn load_mode(args: Args) -> Result<()> {
         .find(|r| r.target == "bare")
         .map(|r| r.per_sec);
     for r in &results {
-        if r.target != "bare" {
+        if r.target != "bare" && r.replica_cpu_ms_per_report.is_empty() {
             let b = results[0].cpu_ms_per_report;
             println!(
                 "{}: {:.3} CPU ms per report above the bare server in this process (validation, \
@@ -978,6 +1146,25 @@ async fn load_mode(args: Args) -> Result<()> {
         }
     }
 
+    for r in results
+        .iter()
+        .filter(|r| !r.replica_cpu_ms_per_report.is_empty())
+    {
+        let each: Vec<String> = r
+            .replica_cpu_ms_per_report
+            .iter()
+            .map(|c| format!("{c:.3}"))
+            .collect();
+        println!(
+            "{}: collector CPU per report {:.3} ms in all (each replica: {} ms), PostgreSQL {:.3} ms, \
+             clients (this process) {:.3} ms",
+            r.target,
+            r.replica_cpu_ms_per_report.iter().sum::<f64>(),
+            each.join(" + "),
+            r.postgres_cpu_ms_per_report,
+            r.cpu_ms_per_report
+        );
+    }
     for r in &results {
         if let Some(l) = r.lag {
             println!(

@@ -1,14 +1,19 @@
 //! Derivation is exactly once across crashes: the collector is killed (SIGKILL) while it
 //! derives acknowledged reports, 20 times, and what it derived in the end equals the sum of
-//! the reports committed, each counted once.
+//! the reports committed, each counted once. With two replicas on one PostgreSQL schema, both
+//! derive (each its share of the partitions of nodes), each report once, and the survivor
+//! takes over the share of one killed mid-derivation.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use prost::Message;
 use sov_collector::auth::Role;
+use sov_collector::store::Store;
+use sov_collector::store::postgres::PostgresStore;
 use sov_e2e::{CollectorProcess, Pki, eventually, free_port, push_client, report_with_flows};
 use sov_proto::pb;
 
@@ -158,4 +163,203 @@ async fn killing_the_collector_mid_derivation_derives_every_committed_report_exa
         "the deriver never made progress between kills"
     );
     drop(collector);
+}
+
+/// `sov_collector_derived_reports_total` on the collector's `/metrics` at `addr`.
+async fn derived_total(addr: SocketAddr) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("sov_collector_derived_reports_total "))
+        .unwrap_or_else(|| panic!("no derived counter in /metrics:\n{body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Backend processes holding derive partitions of `schema` (advisory locks, see the
+/// collector's `store/postgres/partitions.rs`), each with how many it holds.
+async fn partition_holders(db: &tokio_postgres::Client) -> Vec<i64> {
+    db.query(
+        "SELECT COUNT(*) FROM pg_locks
+         WHERE locktype = 'advisory' AND objsubid = 2 AND granted
+           AND classid = hashtext(current_schema())::OID
+           AND objid::INT8 BETWEEN 1396965376 AND 1396965376 + 63
+         GROUP BY pid ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Push reports `first..=last` of every node in `nodes` to the collector at `url` (node by
+/// node in parallel); the bytes sent and received they carry.
+async fn push_rounds(pki: &Pki, url: &str, nodes: &[u64], first: u64, last: u64) -> (u64, u64) {
+    let sums = futures::future::join_all(nodes.iter().map(|&n| async move {
+        let mut client = push_client(
+            &pki.client_tls(Role::Agent, &format!("crash-node-{n}")),
+            url,
+        )
+        .await
+        .unwrap();
+        let (mut sent, mut received) = (0u64, 0u64);
+        for s in first..=last {
+            let r = report(n, s);
+            let ack = client.push(r.clone()).await.unwrap().into_inner();
+            assert!(!ack.duplicate, "report {n}/{s} was new");
+            sent += r.flows.iter().map(|f| f.bytes_sent).sum::<u64>();
+            received += r.flows.iter().map(|f| f.bytes_received).sum::<u64>();
+        }
+        (sent, received)
+    }))
+    .await;
+    sums.into_iter()
+        .fold((0, 0), |(a, b), (s, r)| (a + s, b + r))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_postgres_replicas_derive_in_parallel_each_report_once_and_the_survivor_takes_over() {
+    const NODES_HERE: u64 = 20;
+    const ROUND: u64 = 5;
+    let base = sov_e2e::postgres_url();
+    let schema = format!("sov_e2e_derive_replicas_{}", std::process::id());
+    let admin = match PostgresStore::connect_with_schema(&base, &schema).await {
+        Ok(s) => s,
+        Err(e) => {
+            assert!(
+                !sov_e2e::postgres_required(),
+                "PostgreSQL required but not reachable at {base}: {e}"
+            );
+            sov_e2e::skipped(
+                "derive_crash (replicas)",
+                &format!(
+                    "PostgreSQL not reachable at {base} ({e}); set SOV_REQUIRE_POSTGRES=1 to fail instead"
+                ),
+            );
+            return;
+        }
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let metrics: Vec<SocketAddr> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let mut replicas: Vec<CollectorProcess> = (0..2)
+        .map(|i| {
+            let dir = work.path().join(format!("replica-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            CollectorProcess::start_with(&pki, &dir, free_port(), |c| {
+                c.store.url = url.clone();
+                c.metrics.listen = Some(metrics[i]);
+            })
+        })
+        .collect();
+    let urls: Vec<String> = replicas.iter().map(CollectorProcess::url).collect();
+    // The two derivers share the partitions out: each holds half.
+    eventually(
+        Duration::from_secs(60),
+        "each replica to hold half of the derive partitions",
+        || async { (partition_holders(&db).await == [32, 32]).then_some(()) },
+    )
+    .await;
+
+    // Round 1: every node pushes to one of the replicas; both derive, each report once.
+    let nodes: Vec<u64> = (0..NODES_HERE).collect();
+    let (even, odd): (Vec<u64>, Vec<u64>) = nodes.iter().partition(|n| *n % 2 == 0);
+    let ((s0, r0), (s1, r1)) = tokio::join!(
+        push_rounds(&pki, &urls[0], &even, 1, ROUND),
+        push_rounds(&pki, &urls[1], &odd, 1, ROUND)
+    );
+    let (mut acked_sent, mut acked_received) = (s0 + s1, r0 + r1);
+    eventually(
+        Duration::from_secs(120),
+        "the derive queue to empty",
+        || async { (admin.derive_status().await.unwrap().pending == 0).then_some(()) },
+    )
+    .await;
+    let (a, b) = (
+        derived_total(metrics[0]).await,
+        derived_total(metrics[1]).await,
+    );
+    assert!(a > 0 && b > 0, "both replicas derive: {a} and {b}");
+    assert_eq!(a + b, NODES_HERE * ROUND, "each report derived once");
+
+    // Round 2: a burst to replica 0, killed while reports wait; then every node pushes to
+    // replica 1, which takes over the dead one's partitions and derives what was left.
+    let (s, r) = push_rounds(&pki, &urls[0], &nodes, ROUND + 1, 2 * ROUND).await;
+    let waiting = admin.derive_status().await.unwrap().pending;
+    replicas[0].kill9();
+    acked_sent += s;
+    acked_received += r;
+    let (s, r) = push_rounds(&pki, &urls[1], &nodes, 2 * ROUND + 1, 3 * ROUND).await;
+    acked_sent += s;
+    acked_received += r;
+    eventually(
+        Duration::from_secs(120),
+        "the survivor to derive everything",
+        || async { (admin.derive_status().await.unwrap().pending == 0).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        partition_holders(&db).await,
+        [64],
+        "the survivor holds every partition"
+    );
+    assert!(
+        derived_total(metrics[1]).await > b,
+        "the survivor derived after the kill ({waiting} reports waited when it came)"
+    );
+
+    // Derived totals equal the sums of the committed reports, each counted once.
+    let (mut committed, mut committed_sent, mut committed_received) = (0u64, 0u64, 0u64);
+    for row in db.query("SELECT body FROM reports", &[]).await.unwrap() {
+        let r = pb::Report::decode(row.get::<_, &[u8]>(0)).unwrap();
+        committed += 1;
+        committed_sent += r.flows.iter().map(|f| f.bytes_sent).sum::<u64>();
+        committed_received += r.flows.iter().map(|f| f.bytes_received).sum::<u64>();
+    }
+    assert_eq!(
+        committed,
+        NODES_HERE * 3 * ROUND,
+        "every acknowledged report is committed"
+    );
+    assert_eq!(
+        (committed_sent, committed_received),
+        (acked_sent, acked_received)
+    );
+    let row = db
+        .query_one(
+            "SELECT SUM(bytes_sent)::INT8, SUM(bytes_received)::INT8, SUM(connections)::INT8
+             FROM flows_minute",
+            &[],
+        )
+        .await
+        .unwrap();
+    let derived: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        derived,
+        (
+            i64::try_from(committed_sent).unwrap(),
+            i64::try_from(committed_received).unwrap(),
+            i64::try_from(committed * FLOWS).unwrap()
+        ),
+        "derived totals equal the sum of the committed reports"
+    );
+    drop(replicas);
+    admin.drop_schema().await.unwrap();
 }

@@ -5,6 +5,9 @@
 
 use super::*;
 
+/// Each replica derives the partitions it holds ([`super::partitions`]).
+pub(super) const DERIVES_A_SHARE: bool = true;
+
 pub(super) const INSERT_REPORT: &str =
     "INSERT INTO reports (node, epoch, seq, observed_ms, received_ms, body)
      VALUES ($1, $2, $3, $4, $5, $6)
@@ -705,7 +708,7 @@ pub(super) async fn ingest_once(
     w: &mut Writer,
     r: &IncomingReport,
 ) -> Result<IngestOutcome, StoreError> {
-    let Writer { client, st } = w;
+    let Writer { client, st, .. } = w;
     let tx = client.transaction().await.map_err(pg("begin"))?;
     let outcome = apply_report(&tx, st, r).await?;
     tx.commit().await.map_err(pg("commit"))?;
@@ -724,7 +727,7 @@ pub(super) async fn ingest_batch_once(
         let (x, y) = (reports[a], reports[b]);
         (&x.node, x.epoch, x.seq).cmp(&(&y.node, y.epoch, y.seq))
     });
-    let Writer { client, st } = w;
+    let Writer { client, st, .. } = w;
     let tx = client.transaction().await.map_err(pg("begin batch"))?;
     // The statements of all reports are pipelined on the connection (tokio-postgres sends a
     // request when its future is first polled, and the server runs them in that order):
@@ -861,22 +864,42 @@ pub(super) async fn finish_report(
     Ok(IngestOutcome::Stored)
 }
 
-/// The oldest reports waiting in the derive queue, with their bodies.
+/// The oldest reports waiting in the partitions of the derive queue this replica holds (see
+/// [`super::partitions`]; balanced first when due), with their bodies; read on the deriver's
+/// connection, which holds the partitions.
 pub(super) async fn underived(
     store: &PostgresStore,
     limit: u32,
 ) -> Result<Vec<Underived>, StoreError> {
-    let client = store.reader().await?;
-    let rows = client
-        .query(
-            "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
-             FROM derive_queue q JOIN reports r
-               ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
-             ORDER BY q.id LIMIT $1",
-            &[&i64::from(limit)],
-        )
-        .await
-        .map_err(pg("read underived"))?;
+    let mut w = store.deriver().await?;
+    let Writer { client, parts, .. } = &mut *w;
+    super::partitions::balance(client, parts, false).await?;
+    if parts.held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = if parts.holds_all() {
+        client
+            .query(
+                "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+                 FROM derive_queue q JOIN reports r
+                   ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
+                 ORDER BY q.id LIMIT $1",
+                &[&i64::from(limit)],
+            )
+            .await
+    } else {
+        client
+            .query(
+                "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+                 FROM derive_queue q JOIN reports r
+                   ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
+                 WHERE q.part = ANY($2::INT4[])
+                 ORDER BY q.id LIMIT $1",
+                &[&i64::from(limit), &parts.held],
+            )
+            .await
+    }
+    .map_err(pg("read underived"))?;
     rows.iter()
         .map(|row| {
             Ok(Underived {
@@ -913,8 +936,14 @@ pub(super) async fn derive(
 }
 
 async fn derive_once(w: &mut Writer, batch: &[Derivation]) -> Result<u64, StoreError> {
-    let Writer { client, st } = w;
+    let Writer { client, st, .. } = w;
     let tx = client.transaction().await.map_err(pg("begin derive"))?;
+    // The commit does not wait for the WAL flush: a crash of the server can lose this
+    // transaction only whole, with its queue deletions, so the batch is derived again, never
+    // twice (acknowledged reports were committed by ingest, synchronously).
+    tx.batch_execute("SET LOCAL synchronous_commit = off")
+        .await
+        .map_err(pg("relax derive commit"))?;
     let ids: Vec<i64> = batch.iter().map(|d| d.queue_id).collect();
     let taken: std::collections::HashSet<i64> = tx
         .query(&st.take_queued, &[&ids])

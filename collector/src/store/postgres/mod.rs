@@ -47,6 +47,7 @@ mod breaches;
 mod containers;
 mod ingest;
 mod outbox;
+mod partitions;
 mod queries;
 mod retention;
 mod tokens;
@@ -68,7 +69,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 17] = [
+const MIGRATIONS: [&str; 19] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -88,6 +89,8 @@ const MIGRATIONS: [&str; 17] = [
     ),
     include_str!("../../../migrations/postgres/0016_hourly_rollups.sql"),
     include_str!("../../../migrations/postgres/0017_foreign_flows_per_report.sql"),
+    include_str!("../../../migrations/postgres/0018_daily_rollups.sql"),
+    include_str!("../../../migrations/postgres/0019_derive_partitions.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
@@ -121,6 +124,8 @@ impl std::fmt::Debug for PostgresStore {
 struct Writer {
     client: Client,
     st: Statements,
+    /// The derive partitions this connection holds (the deriver's connection only).
+    parts: partitions::Partitions,
 }
 
 fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
@@ -284,6 +289,15 @@ impl PostgresStore {
             .collect()
     }
 
+    /// How many derive partitions this store's deriver holds now (see `partitions.rs`),
+    /// balancing first when due; for operators, tests and benchmarks.
+    pub async fn derive_partitions_held(&self) -> Result<usize, StoreError> {
+        let mut w = self.deriver().await?;
+        let Writer { client, parts, .. } = &mut *w;
+        partitions::balance(client, parts, false).await?;
+        Ok(parts.held.len())
+    }
+
     /// Drop the schema given to [`PostgresStore::connect_with_schema`] with everything in it
     /// (tests clean up with it). Does nothing for a store on the default schema.
     #[cfg(any(test, feature = "testutil"))]
@@ -317,7 +331,11 @@ impl PostgresStore {
             inner: Arc::new(Inner {
                 config,
                 schema,
-                writer: Mutex::new(Some(Writer { client, st })),
+                writer: Mutex::new(Some(Writer {
+                    client,
+                    st,
+                    parts: Default::default(),
+                })),
                 deriver: Mutex::new(None),
                 reader: Mutex::new(Some(Arc::new(reader))),
                 pending: Default::default(),
@@ -348,7 +366,11 @@ impl PostgresStore {
             }
             let client = open_connection(&inner.config, inner.schema.as_deref(), false).await?;
             let st = Statements::prepare(&client).await?;
-            *guard = Some(Writer { client, st });
+            *guard = Some(Writer {
+                client,
+                st,
+                parts: Default::default(),
+            });
         }
         MutexGuard::try_map(guard, Option::as_mut)
             .map_err(|_| StoreError::Task(format!("postgres {role} connection missing")))

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// One deriver reads the whole queue.
+pub(super) const DERIVES_A_SHARE: bool = false;
+
 /// The report's time series rows, and the node's latest GPU columns when this report is the
 /// node's newest.
 pub(super) fn insert_telemetry(
@@ -133,38 +136,38 @@ pub(super) fn write_minutes(
         crate::store::VERDICT_COLUMNS,
         crate::store::VERDICT_UPSERT
     );
+    // Prepared once for the batch (the cache would hash the statement's text for every row).
+    let mut st = tx
+        .prepare_cached(&text)
+        .map_err(sql("prepare aggregate flow"))?;
     for ((node, minute, pid, protocol, direction, remote, port), e) in sums {
         let v = e.verdict.unwrap_or(&none);
-        exec(
-            tx,
-            &text,
-            params![
-                node,
-                minute,
-                pid,
-                e.process,
-                protocol,
-                direction,
-                remote,
-                port,
-                e.country,
-                e.asn,
-                e.org,
-                e.geo_source,
-                e.bytes_sent,
-                e.bytes_received,
-                e.connections,
-                e.min_rtt_us,
-                v.answers_json,
-                i64::from(e.contested),
-                e.operator_country,
-                v.physics,
-                v.distance_km,
-                v.limit_km,
-                e.conntrack_bytes,
-                e.unmeasured_flows
-            ],
-        )
+        st.execute(params![
+            node,
+            minute,
+            pid,
+            e.process,
+            protocol,
+            direction,
+            remote,
+            port,
+            e.country,
+            e.asn,
+            e.org,
+            e.geo_source,
+            e.bytes_sent,
+            e.bytes_received,
+            e.connections,
+            e.min_rtt_us,
+            v.answers_json,
+            i64::from(e.contested),
+            e.operator_country,
+            v.physics,
+            v.distance_km,
+            v.limit_km,
+            e.conntrack_bytes,
+            e.unmeasured_flows
+        ])
         .map_err(sql("aggregate flow"))?;
     }
     Ok(())
@@ -178,8 +181,9 @@ pub(super) fn keep_raw_flows(
     r: &IncomingReport,
     epoch: i64,
     seq: i64,
+    raw: Option<&crate::store::minutes::ForeignFlows>,
 ) -> Result<(), StoreError> {
-    let Some(f) = crate::store::minutes::foreign_flows(r) else {
+    let Some(f) = raw else {
         return Ok(());
     };
     exec(tx,
@@ -512,6 +516,7 @@ impl SqliteStore {
     pub(super) fn derive_one(
         tx: &rusqlite::Transaction<'_>,
         d: &Derivation,
+        raw: Option<&crate::store::minutes::ForeignFlows>,
     ) -> Result<bool, StoreError> {
         let taken = exec(
             tx,
@@ -528,7 +533,7 @@ impl SqliteStore {
         insert_telemetry(tx, r, epoch)?;
         apply_weights(tx, r)?;
         super::training::apply_training(tx, r)?;
-        keep_raw_flows(tx, r, epoch, seq)?;
+        keep_raw_flows(tx, r, epoch, seq, raw)?;
         super::containers::apply_containers(tx, r)?;
         Ok(true)
     }
@@ -580,24 +585,78 @@ pub(super) async fn underived(
 }
 
 /// Derive a batch in one transaction (one commit): the queue rows it deletes and every row
-/// derived from their reports commit together.
+/// derived from their reports commit together. What needs no database (the batch's flows
+/// merged by aggregate key, each report's raw foreign flows encoded) is done before the
+/// writer is taken, so that acknowledgements wait on it only for the row writes. The commit
+/// is not fsynced (`synchronous = NORMAL` for this transaction): a crash of the machine can
+/// lose it only together with its queue deletions, and the next append's fsync makes it
+/// durable (WAL frames are written in order), so nothing is lost or derived twice.
 pub(super) async fn derive(store: &SqliteStore, batch: Vec<Derivation>) -> Result<u64, StoreError> {
-    store
-        .write(move |c| {
-            let tx = c.transaction().map_err(sql("begin derive"))?;
-            let mut derived = 0u64;
-            let mut sums = std::collections::BTreeMap::new();
-            for d in &batch {
-                if SqliteStore::derive_one(&tx, d)? {
-                    derived += 1;
-                    crate::store::minutes::add_report(&mut sums, &d.report)?;
-                }
+    let (writer, pending) = (store.writer.clone(), store.pending.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut sums = std::collections::BTreeMap::new();
+        for d in &batch {
+            crate::store::minutes::add_report(&mut sums, &d.report)?;
+        }
+        let raw: Vec<Option<crate::store::minutes::ForeignFlows>> = batch
+            .iter()
+            .map(|d| crate::store::minutes::foreign_flows(&d.report))
+            .collect();
+        let mut conn = lock(&writer);
+        // Reports waiting to be appended go first: their acknowledgements would otherwise
+        // wait for the whole derive transaction.
+        loop {
+            let appends = lock(&pending).take_batch();
+            if appends.is_empty() {
+                break;
             }
-            write_minutes(&tx, &sums)?;
-            tx.commit().map_err(sql("commit derive"))?;
-            Ok(derived)
-        })
-        .await
+            let reports: Vec<&IncomingReport> = appends.iter().map(|p| &p.report).collect();
+            let outcomes = SqliteStore::ingest_batch_blocking(&mut conn, &reports);
+            crate::store::answer(appends, outcomes);
+        }
+        conn.execute_batch("PRAGMA synchronous = NORMAL")
+            .map_err(sql("relax derive commit"))?;
+        let derived = derive_locked(&mut conn, &batch, &raw, &sums);
+        let restored = conn
+            .execute_batch("PRAGMA synchronous = FULL")
+            .map_err(sql("restore synchronous"));
+        let derived = derived?;
+        restored?;
+        Ok(derived)
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+/// The writes of [`derive`] on the writer; `sums` and `raw` were made assuming every queue row
+/// is still there (made again from the reports taken when one was not).
+fn derive_locked(
+    conn: &mut Connection,
+    batch: &[Derivation],
+    raw: &[Option<crate::store::minutes::ForeignFlows>],
+    sums: &std::collections::BTreeMap<
+        crate::store::minutes::MinuteKey<'_>,
+        crate::store::minutes::MinuteSums<'_>,
+    >,
+) -> Result<u64, StoreError> {
+    let tx = conn.transaction().map_err(sql("begin derive"))?;
+    let mut taken = Vec::with_capacity(batch.len());
+    for (d, raw) in batch.iter().zip(raw) {
+        if SqliteStore::derive_one(&tx, d, raw.as_ref())? {
+            taken.push(d);
+        }
+    }
+    if taken.len() == batch.len() {
+        write_minutes(&tx, sums)?;
+    } else {
+        let mut mine = std::collections::BTreeMap::new();
+        for d in &taken {
+            crate::store::minutes::add_report(&mut mine, &d.report)?;
+        }
+        write_minutes(&tx, &mine)?;
+    }
+    tx.commit().map_err(sql("commit derive"))?;
+    Ok(u64::try_from(taken.len()).unwrap_or(u64::MAX))
 }
 
 /// Group commit: the report joins the queue; whoever holds the writer next stores every

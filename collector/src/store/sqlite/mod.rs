@@ -44,7 +44,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 17] = [
+const MIGRATIONS: [&str; 18] = [
     include_str!("../../../migrations/sqlite/0001_reports.sql"),
     include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
@@ -62,6 +62,7 @@ const MIGRATIONS: [&str; 17] = [
     include_str!("../../../migrations/sqlite/0015_chain_checkpoints_and_inventory_generations.sql"),
     include_str!("../../../migrations/sqlite/0016_hourly_rollups.sql"),
     include_str!("../../../migrations/sqlite/0017_foreign_flows_per_report.sql"),
+    include_str!("../../../migrations/sqlite/0018_daily_rollups.sql"),
 ];
 
 /// SQLite-backed [`Store`].
@@ -146,11 +147,57 @@ impl SqliteStore {
             .execute_batch("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
             .map_err(sql("set reader pragmas"))?;
         writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        writer
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES};"
+            ))
+            .map_err(sql("set checkpoint threshold"))?;
+        let writer = Arc::new(Mutex::new(writer));
+        spawn_checkpointer(path, Arc::downgrade(&writer));
         Ok(Self {
-            writer: Arc::new(Mutex::new(writer)),
+            writer,
             reader: Arc::new(Mutex::new(reader)),
             pending: Arc::default(),
         })
+    }
+}
+
+/// WAL pages after which the writer checkpoints by itself, in its commit (SQLite's default is
+/// 1,000): only when the background checkpointer falls behind.
+const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
+/// How often the background checkpointer copies the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Copy the WAL into the database file from a connection of its own, on a thread of its own,
+/// while the store lives (`writer` can be upgraded): a passive checkpoint does not block the
+/// writer, so appends and derive batches no longer pay for checkpoints in their commits
+/// (measured: 7 % of the CPU of derive-only on SQLite was the writer's auto-checkpoint).
+fn spawn_checkpointer(path: std::path::PathBuf, writer: std::sync::Weak<Mutex<Connection>>) {
+    let started = std::thread::Builder::new()
+        .name("sqlite-checkpoint".to_owned())
+        .spawn(move || {
+            let conn = match Connection::open(&path) {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::warn!(error = %err, "checkpointer cannot open the database; the writer checkpoints");
+                    return;
+                }
+            };
+            if let Err(err) = conn.busy_timeout(std::time::Duration::from_secs(10)) {
+                tracing::warn!(error = %err, "checkpointer: busy timeout not set");
+            }
+            loop {
+                std::thread::sleep(CHECKPOINT_EVERY);
+                if writer.strong_count() == 0 {
+                    return;
+                }
+                if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %err, "passive checkpoint failed; retried");
+                }
+            }
+        });
+    if let Err(err) = started {
+        tracing::warn!(error = %err, "checkpointer thread not started; the writer checkpoints");
     }
 }
 
