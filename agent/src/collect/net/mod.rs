@@ -896,7 +896,6 @@ impl NetCollector {
                 // Cookies and /proc/net keys do not match: start a new baseline.
                 ns.tracker = Tracker::for_netns(key);
                 ns.last_mode = Some(mode);
-                ns.tcp_mark = None;
             }
             dumps.push((key, socks, mode, scope));
         }
