@@ -380,6 +380,8 @@ pub struct NetCollector {
     others_reasons: Vec<String>,
     others_fallback: usize,
     others_skipped: usize,
+    /// The live socket inodes of the other namespaces at their latest sample.
+    others_live: HashSet<u32>,
 }
 
 /// The agent's own namespace's conntrack socket (switching accounting on when configured).
@@ -558,6 +560,7 @@ impl NetCollector {
             others_reasons: Vec::new(),
             others_fallback: 0,
             others_skipped: 0,
+            others_live: HashSet::new(),
         }
     }
 
@@ -915,17 +918,32 @@ impl NetCollector {
         }
 
         // The live sockets: those dumped, and the followed ones of the namespaces not dumped
-        // in full (not sampled now, or unchanged).
-        let mut live: HashSet<u32> = dumps
-            .iter()
-            .flat_map(|d| d.1.iter().map(|s| s.inode))
-            .filter(|i| *i != 0)
-            .collect();
-        for (key, ns) in &self.namespaces {
-            if !dumps.iter().any(|d| d.0 == *key && d.3 == Scope::FULL) {
-                live.extend(ns.tracker.inodes().filter(|i| *i != 0));
+        // in full (unchanged, or not sampled now: the other namespaces' are kept from their
+        // latest sample).
+        let inodes_of =
+            |key: u64, namespaces: &HashMap<u64, Namespace>, live: &mut HashSet<u32>| {
+                match dumps.iter().find(|d| d.0 == key) {
+                    Some((_, socks, _, scope)) => {
+                        live.extend(socks.iter().map(|s| s.inode).filter(|i| *i != 0));
+                        if *scope == Scope::FULL {
+                            return;
+                        }
+                    }
+                    None => {}
+                }
+                if let Some(ns) = namespaces.get(&key) {
+                    live.extend(ns.tracker.inodes().filter(|i| *i != 0));
+                }
+            };
+        if others {
+            let mut o = HashSet::new();
+            for key in self.namespaces.keys().filter(|k| **k != 0) {
+                inodes_of(*key, &self.namespaces, &mut o);
             }
+            self.others_live = o;
         }
+        let mut live = self.others_live.clone();
+        inodes_of(0, &self.namespaces, &mut live);
         // A socket the owner search cannot find may have closed since its dump: asked once,
         // by an exact lookup in its namespace, before every process is listed for it.
         let namespaces = &mut self.namespaces;
@@ -982,7 +1000,7 @@ impl NetCollector {
             }
         }
         losses += self.destroy_losses();
-        let (pid_containers, ns_containers) = self.containers_of(&contributions);
+        let (pid_containers, ns_containers) = self.containers_of(&contributions, others);
         let total: usize = self.namespaces.values().map(|n| n.sockets).sum();
         let unknown_owners: usize = self.namespaces.values().map(|n| n.unknown_owners).sum();
 
@@ -1009,7 +1027,9 @@ impl NetCollector {
             sh.table.add(c);
         }
         sh.pid_containers.extend(pid_containers);
-        sh.ns_containers = ns_containers;
+        if let Some(by_ns) = ns_containers {
+            sh.ns_containers = by_ns;
+        }
         let st = &mut sh.status;
         st.mode = own_mode.to_owned();
         reasons.sort();
@@ -1037,22 +1057,27 @@ impl NetCollector {
         st.namespaces_skipped = skipped;
     }
 
-    /// The containers of the contributions' owners, and the pod owning each other namespace.
+    /// The containers of the contributions' owners, and (when `others`: the other namespaces
+    /// were sampled) the pod owning each other namespace.
     #[allow(clippy::type_complexity)]
     fn containers_of(
         &self,
         contributions: &[Contribution],
+        others: bool,
     ) -> (
         HashMap<u32, pb::ContainerRef>,
-        HashMap<u64, pb::ContainerRef>,
+        Option<HashMap<u64, pb::ContainerRef>>,
     ) {
         let Some(c) = &self.containers else {
-            return (HashMap::new(), HashMap::new());
+            return (HashMap::new(), Some(HashMap::new()));
         };
         let mut pids: Vec<u32> = contributions.iter().filter_map(|c| c.pid).collect();
         pids.sort_unstable();
         pids.dedup();
         let by_pid = c.of_pids(&pids);
+        if !others {
+            return (by_pid, None);
+        }
         let mut by_ns = HashMap::new();
         for (key, ns) in &self.namespaces {
             if *key == 0 || ns.pids.is_empty() {
@@ -1063,7 +1088,7 @@ impl NetCollector {
                 by_ns.insert(*key, r);
             }
         }
-        (by_pid, by_ns)
+        (by_pid, Some(by_ns))
     }
 
     /// Fold in the destroy events received since the last sample (called between samples by
