@@ -922,14 +922,11 @@ impl NetCollector {
         // latest sample).
         let inodes_of =
             |key: u64, namespaces: &HashMap<u64, Namespace>, live: &mut HashSet<u32>| {
-                match dumps.iter().find(|d| d.0 == key) {
-                    Some((_, socks, _, scope)) => {
-                        live.extend(socks.iter().map(|s| s.inode).filter(|i| *i != 0));
-                        if *scope == Scope::FULL {
-                            return;
-                        }
+                if let Some((_, socks, _, scope)) = dumps.iter().find(|d| d.0 == key) {
+                    live.extend(socks.iter().map(|s| s.inode).filter(|i| *i != 0));
+                    if *scope == Scope::FULL {
+                        return;
                     }
-                    None => {}
                 }
                 if let Some(ns) = namespaces.get(&key) {
                     live.extend(ns.tracker.inodes().filter(|i| *i != 0));
