@@ -144,6 +144,9 @@ pub struct Tracker {
     vanished: HashMap<u64, (Seen, i64)>,
     tcp_listen: HashSet<u16>,
     udp_bound: HashSet<u16>,
+    /// Inodes of the listeners (TCP, and bound UDP) of the latest sample that held them: their
+    /// owners stay known while the namespace is not dumped.
+    listeners: Vec<(pb::Protocol, u32)>,
     last_ms: Option<i64>,
 }
 
@@ -235,9 +238,13 @@ impl Tracker {
         self.live.is_empty()
     }
 
-    /// The inodes of the sockets followed now (0 for those without one).
+    /// The inodes of the sockets followed now and of the latest listeners (0 for those
+    /// without one).
     pub fn inodes(&self) -> impl Iterator<Item = u32> + '_ {
-        self.live.values().map(|s| s.inode)
+        self.live
+            .values()
+            .map(|s| s.inode)
+            .chain(self.listeners.iter().map(|l| l.1))
     }
 
     /// The followed TCP sockets whose traffic `filter` keeps, as exact lookups can ask for them
@@ -293,6 +300,13 @@ impl Tracker {
         if scope.all_udp {
             self.udp_bound.clear();
         }
+        self.listeners.retain(|(p, _)| !scope.covers(*p));
+        self.listeners.extend(
+            socks
+                .iter()
+                .filter(|s| is_listener(s) && scope.covers(s.protocol) && s.inode != 0)
+                .map(|s| (s.protocol, s.inode)),
+        );
         for s in socks
             .iter()
             .filter(|s| is_listener(s) && scope.covers(s.protocol))
