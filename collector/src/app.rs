@@ -12,7 +12,7 @@
 //! | alert delivery, one worker per sink | [`crate::alert::outbox`] |
 //! | retention pruning, hourly | [`crate::store::prune_loop`] |
 //! | signed checkpoints of the chained logs' heads | [`crate::checkpoint::Checkpointer`] |
-//! | hourly rollups, every 5 minutes | [`crate::store::rollup_loop`] |
+//! | hourly and daily rollups, every minute | [`crate::store::rollup_loop`] |
 //! | geolocation database reload | [`crate::geo::reload_loop`] |
 //! | TLS material reload (gRPC, HTTPS) | [`crate::tls::reload_loop`] |
 //! | HTTPS API and web page | [`crate::query::http::serve`] |
@@ -112,10 +112,10 @@ pub struct App {
     stored: Arc<tokio::sync::Notify>,
     /// The derive loop (woken by ingest after a stored report).
     deriver: crate::derive::Deriver,
-    retention: (Duration, Duration),
+    retention: crate::store::Keep,
     /// Signs the chained logs' heads (none when the collector's key cannot sign).
     checkpointer: Option<crate::checkpoint::Checkpointer>,
-    /// Age after which whole hours are rolled up (`rollup_after_hours`).
+    /// Age after which flow minutes are rolled up (`rollup_after_hours`; at least `rollup::ROLLUP_LAG`).
     rollup_after: Duration,
 }
 
@@ -263,10 +263,20 @@ impl CollectorConfig {
             metrics_listener,
             stored,
             deriver,
-            retention: (
-                days(config.retention_days),
-                days(config.aggregate_retention_days),
-            ),
+            retention: crate::store::Keep {
+                raw: days(config.retention_days),
+                minutes: days(
+                    config
+                        .minute_retention_days
+                        .min(config.aggregate_retention_days),
+                ),
+                hours: days(
+                    config
+                        .hour_retention_days
+                        .min(config.aggregate_retention_days),
+                ),
+                aggregates: days(config.aggregate_retention_days),
+            },
             checkpointer,
             rollup_after: Duration::from_secs(u64::from(config.rollup_after_hours) * 3600),
         })
@@ -324,7 +334,6 @@ impl App {
             };
             tokio::spawn(evaluator.run(stop.clone()));
         }
-        let (raw, aggregates) = self.retention;
         tokio::spawn(crate::store::rollup_loop(
             store.clone(),
             self.rollup_after,
@@ -332,8 +341,7 @@ impl App {
         ));
         tokio::spawn(crate::store::prune_loop(
             store,
-            raw,
-            aggregates,
+            self.retention,
             stop.clone(),
         ));
         // Decode the country geometry of the speed-of-light check now, off the ingest path

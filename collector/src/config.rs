@@ -35,6 +35,11 @@ pub const DEFAULT_MAX_PAGE: u32 = 1000;
 pub const DEFAULT_RETENTION_DAYS: u32 = 30;
 /// Default retention of minute aggregates, days.
 pub const DEFAULT_AGGREGATE_RETENTION_DAYS: u32 = 365;
+/// Default retention of flow minutes (and container identity per minute), days: see
+/// docs/ARCHITECTURE.md, "Day rows and shorter-lived minutes".
+pub const DEFAULT_MINUTE_RETENTION_DAYS: u32 = 8;
+/// Default retention of hour rows, days.
+pub const DEFAULT_HOUR_RETENTION_DAYS: u32 = 90;
 /// Default most gRPC connections open at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
@@ -62,9 +67,20 @@ pub struct CollectorConfig {
     /// folded from raw samples before they go). Default 365; at least `retention_days`.
     #[serde(default = "default_aggregate_retention_days")]
     pub aggregate_retention_days: u32,
-    /// Whole hours of flow minutes and GPU usage older than this are rolled up into hour rows,
+    /// Days of flow minutes (per destination) and per-minute container identity kept; the
+    /// questions that need the destination address or the container read only these. Older
+    /// ranges are answered from hour and day rows. Default 8; at most `hour_retention_days`
+    /// (a value above `aggregate_retention_days` acts as `aggregate_retention_days`).
+    #[serde(default = "default_minute_retention_days")]
+    pub minute_retention_days: u32,
+    /// Days of hour rows (`flows_hour`, `gpu_usage_hour`) kept; day rows are kept
+    /// `aggregate_retention_days`. Default 90; at least `minute_retention_days`.
+    #[serde(default = "default_hour_retention_days")]
+    pub hour_retention_days: u32,
+    /// Flow minutes and GPU usage older than this are rolled up, every minute, into hour rows
+    /// (the current hour's row grows as minutes are added), and whole hours into day rows,
     /// which the questions over long ranges read (the minutes stay for their retention).
-    /// Hours, 1..=720. Default 1.
+    /// Hours, 0..=720; 0 (the default) rolls up every minute older than two minutes.
     #[serde(default = "default_rollup_after_hours")]
     pub rollup_after_hours: u32,
     /// Most gRPC connections open at once, handshaking or established; more are closed as
@@ -140,6 +156,12 @@ fn default_retention_days() -> u32 {
 fn default_aggregate_retention_days() -> u32 {
     DEFAULT_AGGREGATE_RETENTION_DAYS
 }
+fn default_minute_retention_days() -> u32 {
+    DEFAULT_MINUTE_RETENTION_DAYS
+}
+fn default_hour_retention_days() -> u32 {
+    DEFAULT_HOUR_RETENTION_DAYS
+}
 fn default_max_connections() -> usize {
     DEFAULT_MAX_CONNECTIONS
 }
@@ -166,6 +188,8 @@ impl CollectorConfig {
             checkpoint_interval_secs: crate::checkpoint::DEFAULT_CHECKPOINT_INTERVAL_SECS,
             retention_days: DEFAULT_RETENTION_DAYS,
             aggregate_retention_days: DEFAULT_AGGREGATE_RETENTION_DAYS,
+            minute_retention_days: DEFAULT_MINUTE_RETENTION_DAYS,
+            hour_retention_days: DEFAULT_HOUR_RETENTION_DAYS,
             rollup_after_hours: default_rollup_after_hours(),
             trust_domain: default_trust_domain(),
             tls,
@@ -270,10 +294,25 @@ impl CollectorConfig {
                 ),
             );
         }
-        if !(1..=720).contains(&self.rollup_after_hours) {
+        if !(1..=3650).contains(&self.minute_retention_days) {
+            p.push(
+                "minute_retention_days",
+                format!("{} is out of range 1..=3650", self.minute_retention_days),
+            );
+        }
+        if !(self.minute_retention_days.max(1)..=3650).contains(&self.hour_retention_days) {
+            p.push(
+                "hour_retention_days",
+                format!(
+                    "{} is out of range minute_retention_days ({})..=3650",
+                    self.hour_retention_days, self.minute_retention_days
+                ),
+            );
+        }
+        if self.rollup_after_hours > 720 {
             p.push(
                 "rollup_after_hours",
-                format!("{} is out of range 1..=720", self.rollup_after_hours),
+                format!("{} is out of range 0..=720", self.rollup_after_hours),
             );
         }
         self.limits.validate(&mut p);
@@ -398,6 +437,33 @@ mod tests {
         let problems = c.validate().to_string();
         assert!(
             problems.contains("aggregate_retention_days: 60 is out of range retention_days (90)"),
+            "{problems}"
+        );
+    }
+
+    #[test]
+    fn minutes_may_not_be_kept_longer_than_hours() {
+        let tls = "[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let c: CollectorConfig = toml::from_str(tls).unwrap();
+        assert_eq!(
+            (c.minute_retention_days, c.hour_retention_days),
+            (DEFAULT_MINUTE_RETENTION_DAYS, DEFAULT_HOUR_RETENTION_DAYS)
+        );
+        assert!(!c.validate().to_string().contains("retention"));
+        let c: CollectorConfig = toml::from_str(&format!(
+            "minute_retention_days = 40\nhour_retention_days = 30\n{tls}"
+        ))
+        .unwrap();
+        let problems = c.validate().to_string();
+        assert!(
+            problems.contains("hour_retention_days: 30 is out of range minute_retention_days (40)"),
+            "{problems}"
+        );
+        let c: CollectorConfig =
+            toml::from_str(&format!("minute_retention_days = 0\n{tls}")).unwrap();
+        let problems = c.validate().to_string();
+        assert!(
+            problems.contains("minute_retention_days: 0 is out of range 1..=3650"),
             "{problems}"
         );
     }

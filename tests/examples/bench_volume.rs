@@ -7,22 +7,31 @@
 //! cargo run --release -p sov-e2e --example bench_volume -- --nodes 20 --days 7 --json
 //! ```
 //!
-//! The fleet: `--nodes` nodes over the `--days` days before now. Each node sends a report
-//! every `--interval-secs` (10); the flows of a minute are `--flows` (50) per node after the
-//! collector merges a minute's reports by (node, minute, process, destination), to a working
-//! set drawn each day from `--destinations` (3,000) addresses in 30 countries and 200 ASNs,
-//! 1 % of them contested. A quarter of the nodes have 4 GPUs, one process each, whose GPU
-//! seconds are stored per report as the deriver stores them (`gpu_usage`). Every node holds
-//! 10–40 weight files from a pool of 400 models; 5 % of nodes have missing reports; about two
-//! breaches per node go through the store's own `observe_breach` (the hash-chained log).
-//! Every report key is stored (keys are kept forever; their bodies are not loaded: see the
-//! bytes note in the output). Rows are written exactly as the deriver writes them (the
-//! `flows_minute`, `gpu_usage`, `weight_files`, `nodes`, `node_epochs`, `reports` tables).
+//! The fleet: `--nodes` nodes over the `--days` whole days before today and today so far.
+//! Each node sends a report every `--interval-secs` (10); the flows of a minute are `--flows`
+//! (50) per node after the collector merges a minute's reports by (node, minute, process,
+//! destination), to a working set drawn each day from `--destinations` (3,000) addresses in 30
+//! countries and 200 ASNs, 1 % of them contested. A quarter of the nodes have 4 GPUs, one
+//! process each, whose GPU seconds are stored per report as the deriver stores them
+//! (`gpu_usage`). Every node holds 10–40 weight files from a pool of 400 models; 5 % of nodes
+//! have missing reports; about two breaches per node go through the store's own
+//! `observe_breach` (the hash-chained log).
 //!
-//! Then, unless `--no-rollup`, the store's own hourly rollup (`Store::roll_up`) runs up to
-//! `--rollup-after-hours` (1) before now, as the collector's retention loop does; with
-//! `--no-rollup` and `--drop-indexes` the store looks as it did before issue 14's indexes
-//! and rollups (the "before" column of docs/PERFORMANCE.md).
+//! The store is built in the shape retention leaves it (issue 14: minutes kept a shorter time
+//! than hour rows, day rows for the rest): flow minutes and raw GPU usage only for the last
+//! `--minute-hours` (2) hours, hour rows for the `--hour-days` (31) days before today and
+//! today (only the days the questions read hour rows of — today, yesterday, 7, 8, 30 and 31
+//! days ago — unless `--all-hours`), day rows for every whole day before the minutes, each the sums the rollups would
+//! write (destinations sharing a key merged); `rollup_state` is set where those rollups would
+//! stand. Report keys are loaded for the last `--key-hours` (24) hours: each node's current
+//! epoch started then; the earlier epoch's keys are counted in `node_epochs` but not loaded
+//! (bodies are never loaded: see the bytes note in the output). Rows go in by bulk load in
+//! batches of 50,000 per table (SQLite: prepared inserts, `synchronous = OFF`; PostgreSQL:
+//! `COPY`), with progress every 15 s.
+//!
+//! Then, unless `--no-rollup`, the store's own rollup (`Store::roll_up`) runs up to
+//! `--rollup-after-minutes` (2) before now, as the collector's loop does by default: the
+//! loaded minutes go into hour rows, and whole hours into day rows.
 //!
 //! Each question is asked `--reps` (5) times after one warm-up (`--warmup 0`: none): `scorecard --since 30d`,
 //! `egress --since 7d --by country`, `--by process`, `models`, `breaches`,
@@ -98,6 +107,32 @@ struct Shape {
     destinations: u64,
     now: i64,
     start: i64,
+    /// Flow minutes (and raw GPU usage) are loaded from here on; older hours are loaded as
+    /// hour rows (an hour boundary: where the hourly rollup stands after the load).
+    minutes_from: i64,
+    /// Hour rows are loaded from here on (a day boundary); older days as day rows only.
+    hours_from: i64,
+    /// Report keys are loaded from here on: each node's current epoch (2) started here.
+    keys_from: i64,
+    /// Load the hour rows of every day of the hour window (`--all-hours`).
+    all_hours: bool,
+}
+
+impl Shape {
+    /// Whether the hour rows of the day starting at `day_start` are loaded: every day of
+    /// the hour window with `--all-hours`, else only the days whose hours the questions read
+    /// (the ends of their ranges: today, yesterday, 7 and 30 days ago and the day before
+    /// each); the other days' hour rows cost disk (measured per node-day), not time.
+    fn hour_day(&self, day_start: i64) -> bool {
+        let today = self.now - self.now.rem_euclid(DAY);
+        let ago = (today - day_start) / DAY;
+        self.all_hours || matches!(ago, 0 | 1 | 7 | 8 | 30 | 31)
+    }
+
+    /// Where the daily rollup stands after the load: the day of `minutes_from`.
+    fn days_up_to(&self) -> i64 {
+        self.minutes_from - self.minutes_from.rem_euclid(DAY)
+    }
 }
 
 /// One destination of the pool.
@@ -220,8 +255,107 @@ impl rusqlite::ToSql for V {
 
 const FLOW_COLUMNS: &str = "node, minute_ms, pid, process, protocol, direction, remote_address, remote_port, country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us, answers, contested, operator_country, physics, distance_km, limit_km, conntrack_bytes, unmeasured_flows";
 
-/// Every flow-minute row of node `i` on day `d`, handed to `sink` an hour at a time.
-fn flow_rows(shape: &Shape, dests: &[Dest], i: u64, day: i64, sink: &mut dyn FnMut(Vec<Row>)) {
+/// The columns of `flows_hour` and `flows_day` (the period column named by the caller).
+fn rolled_columns(period: &str) -> String {
+    format!(
+        "node, {period}, pid, process, direction, country, asn, answers, contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows"
+    )
+}
+
+/// Rows waiting to be loaded, per table, flushed in large batches.
+#[derive(Default)]
+struct Batches {
+    tables: BTreeMap<&'static str, (String, Vec<Row>)>,
+    counts: BTreeMap<&'static str, u64>,
+}
+
+impl Batches {
+    const FLUSH_AT: usize = 50_000;
+
+    async fn push(
+        &mut self,
+        loader: &mut Loader,
+        table: &'static str,
+        columns: &str,
+        rows: Vec<Row>,
+    ) -> anyhow::Result<()> {
+        *self.counts.entry(table).or_default() += rows.len() as u64;
+        let entry = self
+            .tables
+            .entry(table)
+            .or_insert_with(|| (columns.to_owned(), Vec::new()));
+        entry.1.extend(rows);
+        if entry.1.len() >= Self::FLUSH_AT {
+            let rows = std::mem::take(&mut entry.1);
+            loader.load(table, &entry.0, rows).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, loader: &mut Loader) -> anyhow::Result<()> {
+        for (table, (columns, rows)) in &mut self.tables {
+            let rows = std::mem::take(rows);
+            loader.load(table, columns, rows).await?;
+        }
+        Ok(())
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+}
+
+/// What an hour or day row is keyed by besides node and period: process, country, ASN,
+/// answers, contested, operator country.
+type RolledKey<'a> = (u64, &'a str, i64, &'a str, i64, &'a str);
+
+/// One rolled-up flow row: the sums of the destinations of one key over a period.
+fn rolled_row(
+    node: &str,
+    at: i64,
+    dest: &Dest,
+    p: u64,
+    k: i64,
+    minutes: i64,
+    rng: &mut Rng,
+) -> Row {
+    let sent = k * minutes * 2_000 + rng.below((k * minutes * 400_000) as u64) as i64;
+    vec![
+        V::T(node.to_owned()),
+        V::I(at),
+        V::I(1000 + p as i64),
+        V::T(PROCESSES[p as usize].to_owned()),
+        V::T("outbound".to_owned()),
+        V::T(dest.country.to_owned()),
+        V::I(dest.asn),
+        V::T(dest.answers.clone()),
+        V::I(dest.contested),
+        V::T(dest.operator_country.to_owned()),
+        V::T(dest.physics.to_owned()),
+        V::T(dest.org.clone()),
+        V::T("dbip-country".to_owned()),
+        V::I(sent),
+        V::I(sent / 4),
+        V::I(k * minutes + rng.below((k * minutes * 5) as u64) as i64),
+        V::I(5_000 + rng.below(80_000) as i64),
+        V::I(dest.distance_km),
+        V::I(20_000),
+        V::I(0),
+        V::I(0),
+    ]
+}
+
+/// Every flow row of node `i` on day `day`, at the level the retention shape keeps it:
+/// minutes from `minutes_from` on, hour rows from `hours_from` on, a day row for every day
+/// before the daily rollup's point (the sums of its hours, as the rollup would write them).
+async fn flow_rows(
+    shape: &Shape,
+    dests: &[Dest],
+    i: u64,
+    day: i64,
+    loader: &mut Loader,
+    batches: &mut Batches,
+) -> anyhow::Result<()> {
     let node = node_name(i);
     let mut rng = Rng(0x9e37_79b9 ^ (i << 20) ^ (day as u64));
     // The day's working set: `flows` destinations, each owned by one process.
@@ -234,60 +368,138 @@ fn flow_rows(shape: &Shape, dests: &[Dest], i: u64, day: i64, sink: &mut dyn FnM
             set.push((d, rng.below(PROCESSES.len() as u64)));
         }
     }
+    // Hour and day rows are keyed without the address: destinations sharing a key merge.
+    let mut keys: BTreeMap<RolledKey, (usize, u64, i64)> = BTreeMap::new();
+    for (d, p) in &set {
+        let dest = &dests[*d];
+        keys.entry((
+            *p,
+            dest.country,
+            dest.asn,
+            dest.answers.as_str(),
+            dest.contested,
+            dest.operator_country,
+        ))
+        .or_insert((*d, *p, 0))
+        .2 += 1;
+    }
     let day_start = shape.start + day * DAY;
+    let day_rows = day_start + DAY <= shape.days_up_to();
+    let mut day_sums: Vec<Row> = Vec::new();
     for hour in 0..24 {
-        let mut rows = Vec::with_capacity(60 * set.len());
-        for m in 0..60 {
-            let minute = day_start + hour * HOUR + m * MINUTE;
-            if minute < shape.start || minute >= shape.now {
-                continue;
+        let hour_ms = day_start + hour * HOUR;
+        if hour_ms >= shape.now {
+            break;
+        }
+        if hour_ms >= shape.minutes_from {
+            let mut rows = Vec::with_capacity(60 * set.len());
+            for m in 0..60 {
+                let minute = hour_ms + m * MINUTE;
+                if minute >= shape.now {
+                    continue;
+                }
+                for (d, p) in &set {
+                    let dest = &dests[*d];
+                    let sent = 2_000 + rng.below(400_000) as i64;
+                    rows.push(vec![
+                        V::T(node.clone()),
+                        V::I(minute),
+                        V::I(1000 + *p as i64),
+                        V::T(PROCESSES[*p as usize].to_owned()),
+                        V::T("tcp".to_owned()),
+                        V::T("outbound".to_owned()),
+                        V::T(dest.address.clone()),
+                        V::I(dest.port),
+                        V::T(dest.country.to_owned()),
+                        V::I(dest.asn),
+                        V::T(dest.org.clone()),
+                        V::T("dbip-country".to_owned()),
+                        V::I(sent),
+                        V::I(sent / 4),
+                        V::I(1 + rng.below(6) as i64),
+                        V::I(5_000 + rng.below(80_000) as i64),
+                        V::T(dest.answers.clone()),
+                        V::I(dest.contested),
+                        V::T(dest.operator_country.to_owned()),
+                        V::T(dest.physics.to_owned()),
+                        V::I(dest.distance_km),
+                        V::I(20_000),
+                        V::I(0),
+                        V::I(0),
+                    ]);
+                }
             }
-            for (d, p) in &set {
-                let dest = &dests[*d];
-                let sent = 2_000 + rng.below(400_000) as i64;
-                rows.push(vec![
-                    V::T(node.clone()),
-                    V::I(minute),
-                    V::I(1000 + *p as i64),
-                    V::T(PROCESSES[*p as usize].to_owned()),
-                    V::T("tcp".to_owned()),
-                    V::T("outbound".to_owned()),
-                    V::T(dest.address.clone()),
-                    V::I(dest.port),
-                    V::T(dest.country.to_owned()),
-                    V::I(dest.asn),
-                    V::T(dest.org.clone()),
-                    V::T("dbip-country".to_owned()),
-                    V::I(sent),
-                    V::I(sent / 4),
-                    V::I(1 + rng.below(6) as i64),
-                    V::I(5_000 + rng.below(80_000) as i64),
-                    V::T(dest.answers.clone()),
-                    V::I(dest.contested),
-                    V::T(dest.operator_country.to_owned()),
-                    V::T(dest.physics.to_owned()),
-                    V::I(dest.distance_km),
-                    V::I(20_000),
-                    V::I(0),
-                    V::I(0),
-                ]);
+            batches
+                .push(loader, "flows_minute", FLOW_COLUMNS, rows)
+                .await?;
+            continue;
+        }
+        let keep_hours = hour_ms >= shape.hours_from && shape.hour_day(day_start);
+        if !keep_hours && !day_rows {
+            continue;
+        }
+        let rows: Vec<Row> = keys
+            .values()
+            .map(|(d, p, k)| rolled_row(&node, hour_ms, &dests[*d], *p, *k, 60, &mut rng))
+            .collect();
+        if day_rows {
+            if day_sums.is_empty() {
+                day_sums = rows
+                    .iter()
+                    .map(|r| {
+                        let mut r = r.clone();
+                        r[1] = V::I(day_start);
+                        r
+                    })
+                    .collect();
+            } else {
+                for (sum, r) in day_sums.iter_mut().zip(&rows) {
+                    for c in [13, 14, 15] {
+                        if let (V::I(a), V::I(b)) = (&sum[c], &r[c]) {
+                            sum[c] = V::I(a + b);
+                        }
+                    }
+                    if let (V::I(a), V::I(b)) = (&sum[16], &r[16]) {
+                        sum[16] = V::I(*a.min(b));
+                    }
+                }
             }
         }
-        if !rows.is_empty() {
-            sink(rows);
+        if keep_hours {
+            batches
+                .push(loader, "flows_hour", &rolled_columns("hour_ms"), rows)
+                .await?;
         }
     }
+    if day_rows {
+        batches
+            .push(loader, "flows_day", &rolled_columns("day_ms"), day_sums)
+            .await?;
+    }
+    Ok(())
 }
 
 const GPU_COLUMNS: &str = "node, observed_ms, gpu_uuid, pid, process_name, exe, container_id, gpu_seconds, used_memory_bytes";
 
-fn gpu_rows(shape: &Shape, i: u64, day: i64) -> Vec<Row> {
+/// GPU usage of node `i` on day `day` at the level the retention shape keeps it: raw rows
+/// (one per report and GPU) from `minutes_from` on, hour rows from `hours_from` on, day rows
+/// before the daily rollup's point.
+async fn gpu_rows(
+    shape: &Shape,
+    i: u64,
+    day: i64,
+    loader: &mut Loader,
+    batches: &mut Batches,
+) -> anyhow::Result<()> {
     let node = node_name(i);
     let step = (shape.interval_secs * 1000) as i64;
+    let per_report = shape.interval_secs as f64 * 0.8;
     let mut rows = Vec::new();
+    let mut hours = Vec::new();
     let day_start = shape.start + day * DAY;
-    let mut t = day_start;
-    while t < (day_start + DAY).min(shape.now) {
+    let end = (day_start + DAY).min(shape.now);
+    let mut t = day_start.max(shape.minutes_from);
+    while t < end {
         for g in 0..4 {
             rows.push(vec![
                 V::T(node.clone()),
@@ -297,13 +509,53 @@ fn gpu_rows(shape: &Shape, i: u64, day: i64) -> Vec<Row> {
                 V::T("vllm".to_owned()),
                 V::T("/usr/bin/python3".to_owned()),
                 V::T(String::new()),
-                V::F(shape.interval_secs as f64 * 0.8),
+                V::F(per_report),
                 V::I(40 << 30),
             ]);
         }
         t += step;
     }
-    rows
+    let hour_seconds = per_report * (HOUR / step) as f64;
+    let mut h = day_start.max(shape.hours_from);
+    while h < end.min(shape.minutes_from) && shape.hour_day(day_start) {
+        for g in 0..4 {
+            hours.push(vec![
+                V::T(node.clone()),
+                V::I(h),
+                V::I(2000 + g),
+                V::T("vllm".to_owned()),
+                V::T(String::new()),
+                V::F(hour_seconds),
+            ]);
+        }
+        h += HOUR;
+    }
+    let cols = "node, hour_ms, pid, process_name, pod_namespace, gpu_seconds";
+    batches.push(loader, "gpu_usage", GPU_COLUMNS, rows).await?;
+    batches.push(loader, "gpu_usage_hour", cols, hours).await?;
+    if day_start + DAY <= shape.days_up_to() {
+        let days = (0..4)
+            .map(|g| {
+                vec![
+                    V::T(node.clone()),
+                    V::I(day_start),
+                    V::I(2000 + g),
+                    V::T("vllm".to_owned()),
+                    V::T(String::new()),
+                    V::F(hour_seconds * 24.0),
+                ]
+            })
+            .collect();
+        batches
+            .push(
+                loader,
+                "gpu_usage_day",
+                &cols.replace("hour_ms", "day_ms"),
+                days,
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 const WEIGHT_COLUMNS: &str = "node, path, format, size_bytes, mtime_ms, device, inode, sha256, model, revision, repo_path, identity_source, publisher, parameter_count, mount_point, fs_type, network, server_address, users, detail, first_seen_ms, last_seen_ms";
@@ -387,6 +639,13 @@ impl Loader {
             Self::Pg(l) => l.bytes().await,
         }
     }
+    /// Bytes per table, indexes included (empty where the store cannot say).
+    async fn table_bytes(&mut self) -> BTreeMap<String, u64> {
+        match self {
+            Self::Sqlite(l) => l.table_bytes().unwrap_or_default(),
+            Self::Pg(l) => l.table_bytes().await.unwrap_or_default(),
+        }
+    }
 }
 
 struct SqliteLoader {
@@ -445,6 +704,22 @@ impl SqliteLoader {
     }
 }
 
+impl SqliteLoader {
+    fn table_bytes(&mut self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT m.tbl_name, SUM(d.pgsize) FROM dbstat d JOIN sqlite_master m ON m.name = d.name
+             GROUP BY m.tbl_name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let (t, b) = r?;
+            out.insert(t, u64::try_from(b).unwrap_or(0));
+        }
+        Ok(out)
+    }
+}
+
 struct PgLoader {
     client: tokio_postgres::Client,
     schema: String,
@@ -491,6 +766,26 @@ impl PgLoader {
             .await?;
         Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     }
+    async fn table_bytes(&mut self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.relname::TEXT, pg_total_relation_size(c.oid)::BIGINT FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'm')",
+                &[&self.schema],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                )
+            })
+            .collect())
+    }
 }
 
 /// Load the fleet through `loader`, then breaches through `store`.
@@ -500,14 +795,33 @@ async fn build(
     store: &dyn Store,
 ) -> anyhow::Result<BTreeMap<&'static str, u64>> {
     let dests = pool(shape);
-    let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut batches = Batches::default();
+    let started = Instant::now();
+    let mut shown = Instant::now();
+    let step = (shape.interval_secs * 1000) as i64;
     for i in 0..shape.nodes {
+        if shown.elapsed().as_secs() >= 15 || i + 1 == shape.nodes {
+            shown = Instant::now();
+            let secs = started.elapsed().as_secs_f64();
+            let rate = batches.total() as f64 / secs.max(0.001);
+            let eta = secs / i.max(1) as f64 * (shape.nodes - i) as f64;
+            eprintln!(
+                "  loading node {i}/{}: {} rows in {secs:.0} s ({rate:.0} rows/s), about {eta:.0} s left",
+                shape.nodes,
+                batches.total()
+            );
+        }
         let node = node_name(i);
         let (reports, missing) = node_reports(shape, i);
-        let last_seq = reports + missing;
+        // Epoch 1 ran until `keys_from` (its keys are not loaded: see the module doc); the
+        // current epoch 2 since, with `missing` holes in the middle.
+        let old_reports = ((shape.keys_from - shape.start) / step).max(0) as u64;
+        let new_reports = reports.saturating_sub(old_reports);
+        let last_seq = new_reports + missing;
         let gpus = if has_gpus(i) { 4 } else { 0 };
-        loader
-            .load(
+        batches
+            .push(
+                loader,
                 "nodes",
                 "node, site, country, hostname, agent_version, labels, first_seen_ms, last_seen_ms, last_observed_ms, latest_epoch, cpu_percent, memory_used_bytes, memory_total_bytes, gpu_state, gpu_count, gpu_util_percent, gpu_memory_used_bytes, gpu_memory_total_bytes",
                 vec![vec![
@@ -520,7 +834,7 @@ async fn build(
                     V::I(shape.start),
                     V::I(shape.now - 5_000),
                     V::I(shape.now - 5_000),
-                    V::I(1),
+                    V::I(2),
                     V::F(42.0),
                     V::I(64 << 30),
                     V::I(512 << 30),
@@ -532,74 +846,88 @@ async fn build(
                 ]],
             )
             .await?;
-        loader
-            .load(
+        batches
+            .push(
+                loader,
                 "node_epochs",
                 "node, epoch, reports, last_seq, conflicts, first_seen_ms, last_seen_ms",
-                vec![vec![
-                    V::T(node.clone()),
-                    V::I(1),
-                    V::I(reports as i64),
-                    V::I(last_seq as i64),
-                    V::I(0),
-                    V::I(shape.start),
-                    V::I(shape.now - 5_000),
-                ]],
+                vec![
+                    vec![
+                        V::T(node.clone()),
+                        V::I(1),
+                        V::I(old_reports as i64),
+                        V::I(old_reports as i64),
+                        V::I(0),
+                        V::I(shape.start),
+                        V::I(shape.keys_from),
+                    ],
+                    vec![
+                        V::T(node.clone()),
+                        V::I(2),
+                        V::I(new_reports as i64),
+                        V::I(last_seq as i64),
+                        V::I(0),
+                        V::I(shape.keys_from),
+                        V::I(shape.now - 5_000),
+                    ],
+                ],
             )
             .await?;
-        // Report keys (bodies not loaded), with `missing` holes in the middle.
-        let step = (shape.interval_secs * 1000) as i64;
         let hole = last_seq / 2;
-        let mut batch = Vec::with_capacity(100_000);
+        let mut keys = Vec::new();
         for seq in 1..=last_seq {
             if missing > 0 && seq >= hole && seq < hole + missing {
                 continue;
             }
-            let t = shape.start + (seq as i64 - 1) * step * reports as i64 / last_seq as i64;
-            batch.push(vec![
+            let t = shape.keys_from
+                + (seq as i64 - 1) * step * new_reports as i64 / last_seq.max(1) as i64;
+            keys.push(vec![
                 V::T(node.clone()),
-                V::I(1),
+                V::I(2),
                 V::I(seq as i64),
                 V::I(t),
                 V::I(t + 20),
                 V::B,
             ]);
-            if batch.len() >= 100_000 {
-                *counts.entry("reports").or_default() += batch.len() as u64;
-                loader
-                    .load(
-                        "reports",
-                        "node, epoch, seq, observed_ms, received_ms, body",
-                        std::mem::take(&mut batch),
-                    )
-                    .await?;
-            }
         }
-        *counts.entry("reports").or_default() += batch.len() as u64;
-        loader
-            .load(
+        batches
+            .push(
+                loader,
                 "reports",
                 "node, epoch, seq, observed_ms, received_ms, body",
-                batch,
+                keys,
             )
             .await?;
-        let w = weight_rows(shape, i);
-        *counts.entry("weight_files").or_default() += w.len() as u64;
-        loader.load("weight_files", WEIGHT_COLUMNS, w).await?;
-        for day in 0..shape.days as i64 {
-            let mut hours = Vec::new();
-            flow_rows(shape, &dests, i, day, &mut |rows| hours.push(rows));
-            for rows in hours {
-                *counts.entry("flows_minute").or_default() += rows.len() as u64;
-                loader.load("flows_minute", FLOW_COLUMNS, rows).await?;
-            }
+        batches
+            .push(
+                loader,
+                "weight_files",
+                WEIGHT_COLUMNS,
+                weight_rows(shape, i),
+            )
+            .await?;
+        for day in 0..(shape.now - shape.start + DAY - 1) / DAY {
+            flow_rows(shape, &dests, i, day, loader, &mut batches).await?;
             if has_gpus(i) {
-                let rows = gpu_rows(shape, i, day);
-                *counts.entry("gpu_usage").or_default() += rows.len() as u64;
-                loader.load("gpu_usage", GPU_COLUMNS, rows).await?;
+                gpu_rows(shape, i, day, loader, &mut batches).await?;
             }
         }
     }
+    batches.flush(loader).await?;
+    let mut counts = batches.counts;
+    // Where the rollups stand: what was loaded as hour and day rows is rolled up.
+    loader
+        .exec(&format!(
+            "UPDATE rollup_state SET up_to_ms = {} WHERE name = 'hourly'",
+            shape.minutes_from
+        ))
+        .await?;
+    loader
+        .exec(&format!(
+            "UPDATE rollup_state SET up_to_ms = {} WHERE name = 'daily'",
+            shape.days_up_to()
+        ))
+        .await?;
     loader.finish().await?;
     // Some breaches, through the store's own hash-chained path.
     let mut rng = Rng(0xb4ea_c4e5);
@@ -779,6 +1107,7 @@ struct StoreRun {
     node_days: f64,
     counts: BTreeMap<&'static str, u64>,
     queries: Vec<(String, f64, f64, String)>,
+    levels: Value,
 }
 
 async fn run_store(
@@ -799,7 +1128,8 @@ async fn run_store(
     eprintln!("{name}: built in {build_secs:.1} s: {counts:?}");
     let t = Instant::now();
     if !flag("--no-rollup") {
-        let before = shape.now - arg("--rollup-after-hours", 1) as i64 * HOUR;
+        // As the collector's loop does by default: minutes older than two minutes.
+        let before = shape.now - arg("--rollup-after-minutes", 2) as i64 * MINUTE;
         let stats = roll_up(store.as_ref(), before).await?;
         eprintln!("{name}: rolled up: {stats}");
         loader.finish().await?;
@@ -811,6 +1141,35 @@ async fn run_store(
         "{name}: {bytes} bytes, {:.0} bytes per node-day; rollup {rollup_secs:.1} s",
         bytes as f64 / node_days
     );
+    // Bytes per node-day of each level, over the node-days it covers.
+    let tables = loader.table_bytes().await;
+    let covered = |from: i64| shape.nodes as f64 * (shape.now - from) as f64 / DAY as f64;
+    // Node-days of hour rows: the days loaded (see `Shape::hour_day`) down to the minutes,
+    // and the minutes rolled up since.
+    let hour_node_days = {
+        let mut ms = 0i64;
+        let mut day = shape.now - shape.now.rem_euclid(DAY);
+        while day + DAY > shape.hours_from {
+            if shape.hour_day(day) {
+                let from = day.max(shape.hours_from);
+                ms += (day + DAY).min(shape.now) - from;
+            }
+            day -= DAY;
+        }
+        shape.nodes as f64 * ms as f64 / DAY as f64
+    };
+    let level = |names: &[&str], node_days: f64| {
+        let b: u64 = names.iter().filter_map(|n| tables.get(*n)).sum();
+        json!({"bytes": b, "node_days": (node_days * 100.0).round() / 100.0,
+               "bytes_per_node_day": (b as f64 / node_days.max(1e-9)).round()})
+    };
+    let levels = json!({
+        "minutes": level(&["flows_minute", "gpu_usage", "containers_minute"], covered(shape.minutes_from)),
+        "hours": level(&["flows_hour", "gpu_usage_hour"], hour_node_days),
+        "days": level(&["flows_day", "gpu_usage_day"], covered(shape.start)),
+        "report_keys": level(&["reports"], covered(shape.keys_from)),
+    });
+    eprintln!("{name}: levels {levels}");
     let svc = QueryService::new(store, "bench".into(), 1000).with_evidence(Some(signer), None);
     let queries = ask_all(
         &svc,
@@ -827,6 +1186,7 @@ async fn run_store(
         node_days,
         counts,
         queries,
+        levels,
     })
 }
 
@@ -835,6 +1195,11 @@ async fn main() -> anyhow::Result<()> {
     let now = sov_common::clock::now_unix_ms();
     let now = now - now.rem_euclid(MINUTE);
     let days = arg("--days", 365);
+    // Days start at midnight UTC: the first day is whole, today is partial.
+    let start = now - now.rem_euclid(DAY) - days as i64 * DAY;
+    let minutes_from = now - now.rem_euclid(HOUR) - arg("--minute-hours", 2) as i64 * HOUR;
+    let hours_from = now - now.rem_euclid(DAY) - arg("--hour-days", 31) as i64 * DAY;
+    let keys_from = now - arg("--key-hours", 24) as i64 * HOUR;
     let shape = Shape {
         nodes: arg("--nodes", 1000),
         days,
@@ -842,7 +1207,11 @@ async fn main() -> anyhow::Result<()> {
         flows: arg("--flows", 50),
         destinations: arg("--destinations", 3000).max(1),
         now,
-        start: now - days as i64 * DAY,
+        start,
+        minutes_from: minutes_from.max(start),
+        hours_from: hours_from.max(start),
+        keys_from: keys_from.max(start),
+        all_hours: flag("--all-hours"),
     };
     let stores = text_arg("--stores", "sqlite,postgres");
     eprintln!(
@@ -856,7 +1225,9 @@ async fn main() -> anyhow::Result<()> {
     )?);
     let mut runs = Vec::new();
     let mut notes = Vec::new();
-    let data = tempfile::tempdir_in(text_arg("--dir", "/var/tmp"))?;
+    let data = tempfile::Builder::new()
+        .prefix("i14v-volume-")
+        .tempdir_in(text_arg("--dir", "/var/tmp"))?;
     if stores.contains("sqlite") {
         let store = Arc::new(SqliteStore::open(data.path())?);
         let mut loader = Loader::Sqlite(SqliteLoader::open(data.path())?);
@@ -864,7 +1235,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if stores.contains("postgres") {
         let base = sov_e2e::postgres_url();
-        let schema = format!("i14a_volume_{}", std::process::id());
+        let schema = format!("i14v_volume_{}", std::process::id());
         match PostgresStore::connect_with_schema(&base, &schema).await {
             Err(e) => {
                 let note = format!("postgres SKIPPED: not reachable at {base}: {e}");
@@ -905,6 +1276,7 @@ async fn main() -> anyhow::Result<()> {
                 "bytes": r.bytes,
                 "bytes_per_node_day": (r.bytes as f64 / r.node_days).round(),
                 "rows": r.counts,
+                "levels": r.levels,
             })
         })
         .collect();
@@ -915,6 +1287,9 @@ async fn main() -> anyhow::Result<()> {
         "days": shape.days,
         "interval_secs": shape.interval_secs,
         "flows_per_node_minute": shape.flows,
+        "minute_hours": arg("--minute-hours", 2),
+        "hour_days": arg("--hour-days", 31),
+        "key_hours": arg("--key-hours", 24),
         "rollup": !flag("--no-rollup"),
         "dropped_indexes": flag("--drop-indexes"),
         "notes": notes,

@@ -56,9 +56,10 @@ pub struct Inputs {
     pub models: Vec<pb::ModelSummary>,
     /// GPU-seconds per process in the range.
     pub gpu: Vec<GpuUsageRow>,
-    /// Outbound bytes by node, destination country and ASN, and verdict in the range (the
-    /// `verdict` grouping: what the policy counts by; rows may carry a destination, as the
-    /// `flow` grouping's do, and need not).
+    /// Outbound bytes by node site and declared country (each row names one node of them:
+    /// the policy places a node by its site and country), destination country and ASN, and
+    /// verdict in the range (the `verdict` grouping: what the policy counts by; rows may carry
+    /// a destination, as the `flow` grouping's do, and need not).
     pub egress_by_node: Vec<pb::EgressRow>,
     /// Outbound bytes by node and contested destination in the range (the `contested`
     /// grouping), to count contested destinations when `egress_by_node` has no addresses.

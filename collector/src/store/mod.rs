@@ -370,7 +370,7 @@ pub use chain::{
     verify_store_log,
 };
 pub use outbox::{OutboxItem, OutboxRow, Settle, SinkStats};
-pub use retention::{PRUNE_EVERY, PruneStats, Retention, prune_loop};
+pub use retention::{Keep, PRUNE_EVERY, PruneStats, Retention, prune_loop};
 pub use rollup::{RollupStats, rollup_loop};
 pub use sqlite::SqliteStore;
 pub use tokens::{NameUse, NewEnrollToken, TokenRecord, TokenSpend};
@@ -796,11 +796,72 @@ pub async fn open(
     Ok(std::sync::Arc::new(store))
 }
 
-/// Holes in one epoch's stored sequence numbers (both backends run the same text).
-pub(crate) const MISSING_RANGES: &str = "SELECT prev + 1, seq - 1 FROM (
-    SELECT seq, COALESCE(LAG(seq) OVER (ORDER BY seq), 0) AS prev
-    FROM reports WHERE node = $1 AND epoch = $2
-) AS s WHERE seq > prev + 1 ORDER BY seq LIMIT $3";
+/// One page of an epoch's stored sequence numbers after `$3`, in order, at most `$4` (both
+/// backends run the same text; [`HoleScan`] reads them page by page).
+pub(crate) const KEYS_PAGE: &str =
+    "SELECT seq FROM reports WHERE node = $1 AND epoch = $2 AND seq > $3 ORDER BY seq LIMIT $4";
+
+/// How many of an epoch's sequence numbers up to its last are missing (both backends).
+pub(crate) const EPOCH_MISSING: &str =
+    "SELECT last_seq - reports FROM node_epochs WHERE node = $1 AND epoch = $2";
+
+/// Keys read per page by [`HoleScan`].
+pub(crate) const KEYS_PER_PAGE: i64 = 10_000;
+
+/// The holes of one epoch's stored sequence numbers, found page by page in order and
+/// stopped as soon as `limit` ranges are found or the holes found add up to what the
+/// epoch's counters say is missing: a node whose holes are early in a long epoch costs
+/// pages up to its last hole, not every key it ever sent (issue 14, queries at volume).
+#[derive(Debug)]
+pub(crate) struct HoleScan {
+    limit: usize,
+    missing: u64,
+    found: u64,
+    /// The last sequence number seen (the next page starts after it).
+    pub(crate) prev: i64,
+    /// The holes found, `(first, last)` inclusive.
+    pub(crate) ranges: Vec<(u64, u64)>,
+}
+
+impl HoleScan {
+    /// A scan for at most `limit` ranges of an epoch missing `missing` sequence numbers
+    /// (`None`: unknown, read every page).
+    pub(crate) fn new(limit: u32, missing: Option<i64>) -> Self {
+        Self {
+            limit: limit as usize,
+            missing: missing.map_or(u64::MAX, |m| u64::try_from(m).unwrap_or(0)),
+            found: 0,
+            prev: 0,
+            ranges: Vec::new(),
+        }
+    }
+
+    /// Whether another page is needed.
+    pub(crate) fn wants_more(&self) -> bool {
+        self.ranges.len() < self.limit && self.found < self.missing
+    }
+
+    /// Take one page; true when another page should be read.
+    pub(crate) fn feed(&mut self, page: &[i64]) -> bool {
+        for &seq in page {
+            if !self.wants_more() {
+                return false;
+            }
+            if seq > self.prev.saturating_add(1) {
+                let (first, last) = (self.prev + 1, seq - 1);
+                self.ranges.push((
+                    u64::try_from(first).unwrap_or(0),
+                    u64::try_from(last).unwrap_or(0),
+                ));
+                self.found = self
+                    .found
+                    .saturating_add(u64::try_from(last - first + 1).unwrap_or(0));
+            }
+            self.prev = seq;
+        }
+        self.wants_more() && page.len() as i64 == KEYS_PER_PAGE
+    }
+}
 
 /// Rows read per page by [`all_nodes`] and [`all_models`].
 const ALL_PAGE: u32 = 1000;
@@ -1292,5 +1353,39 @@ impl Pending {
 pub(crate) fn answer(batch: Vec<Queued>, outcomes: Vec<Result<IngestOutcome, StoreError>>) {
     for (q, outcome) in batch.into_iter().zip(outcomes) {
         let _ = q.done.send(outcome);
+    }
+}
+
+#[cfg(test)]
+mod hole_scan_tests {
+    use super::{HoleScan, KEYS_PER_PAGE};
+
+    #[test]
+    fn a_scan_stops_once_the_missing_count_is_found_and_pages_on_otherwise() {
+        let full: Vec<i64> = (1..=KEYS_PER_PAGE).collect();
+        // Two missing (5 and 6): found in the first page, no second page read.
+        let mut scan = HoleScan::new(20, Some(2));
+        let page: Vec<i64> = full
+            .iter()
+            .copied()
+            .filter(|s| *s != 5 && *s != 6)
+            .collect();
+        let mut first = page.clone();
+        first.extend([KEYS_PER_PAGE + 1, KEYS_PER_PAGE + 2]);
+        assert!(!scan.feed(&first[..KEYS_PER_PAGE as usize]));
+        assert_eq!(scan.ranges, [(5, 6)]);
+        // Unknown count: a full page asks for the next, a short one ends the scan; holes
+        // across the page boundary are found.
+        let mut scan = HoleScan::new(20, None);
+        assert!(scan.feed(&full));
+        assert!(!scan.feed(&[KEYS_PER_PAGE + 3]));
+        assert_eq!(
+            scan.ranges,
+            [(KEYS_PER_PAGE as u64 + 1, KEYS_PER_PAGE as u64 + 2)]
+        );
+        // The limit stops it too; a hole before the first key counts.
+        let mut scan = HoleScan::new(1, None);
+        assert!(!scan.feed(&[3, 4, 9]));
+        assert_eq!(scan.ranges, [(1, 2)]);
     }
 }

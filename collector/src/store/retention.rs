@@ -19,9 +19,16 @@ pub struct Retention {
     /// aggregates (a minute folded in two passes is merged: counts add, averages are
     /// weighted, maxima kept).
     pub raw_before_unix_ms: i64,
-    /// Minute aggregates (flows, host, GPU, GPU usage, container identity) of minutes before
-    /// this instant go.
+    /// Host, GPU and GPU-usage minute aggregates and day rows of flows and GPU usage before
+    /// this instant go, and every flow minute and hour row before it whatever the two cut-offs
+    /// below say.
     pub aggregates_before_unix_ms: i64,
+    /// Flow minutes and per-minute container identity before this instant go, once rolled up
+    /// into hour rows (never past where the hourly rollup has come to).
+    pub minutes_before_unix_ms: i64,
+    /// Hour rows before this instant go, once rolled up into day rows (never past where the
+    /// daily rollup has come to).
+    pub hours_before_unix_ms: i64,
 }
 
 impl Retention {
@@ -30,8 +37,34 @@ impl Retention {
         Self {
             raw_before_unix_ms: before_unix_ms,
             aggregates_before_unix_ms: before_unix_ms,
+            minutes_before_unix_ms: before_unix_ms,
+            hours_before_unix_ms: before_unix_ms,
         }
     }
+
+    /// Where flow minutes and hour rows are cut given how far the rollups came: at their own
+    /// cut-off if what goes was rolled up, else where the rollup stopped; never after the
+    /// aggregates' cut-off.
+    pub fn cuts(&self, up_to: super::rollup::UpTo) -> (i64, i64) {
+        let a = self.aggregates_before_unix_ms;
+        (
+            a.max(self.minutes_before_unix_ms.min(up_to.hours)),
+            a.max(self.hours_before_unix_ms.min(up_to.days)),
+        )
+    }
+}
+
+/// How long each kind of row is kept (the configuration's `*_retention_days`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// Raw rows and report bodies (`retention_days`).
+    pub raw: Duration,
+    /// Flow minutes (`minute_retention_days`).
+    pub minutes: Duration,
+    /// Hour rows (`hour_retention_days`).
+    pub hours: Duration,
+    /// Minute series and day rows (`aggregate_retention_days`).
+    pub aggregates: Duration,
 }
 
 /// Rows removed by [`Store::prune`].
@@ -55,14 +88,9 @@ pub struct PruneStats {
     pub flows: u64,
 }
 
-/// Prune now and then every [`PRUNE_EVERY`]: raw rows older than `raw`, minute aggregates
-/// older than `aggregates` (see [`Retention`]).
-pub async fn prune_loop(
-    store: Arc<dyn Store>,
-    raw: Duration,
-    aggregates: Duration,
-    stop: CancellationToken,
-) {
+/// Prune now and then every [`PRUNE_EVERY`], each kind of row older than `keep` says (see
+/// [`Retention`]).
+pub async fn prune_loop(store: Arc<dyn Store>, keep: Keep, stop: CancellationToken) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     let ago = |d: Duration| {
         sov_common::clock::now_unix_ms()
@@ -74,8 +102,10 @@ pub async fn prune_loop(
             () = stop.cancelled() => return,
         }
         let retention = Retention {
-            raw_before_unix_ms: ago(raw),
-            aggregates_before_unix_ms: ago(aggregates),
+            raw_before_unix_ms: ago(keep.raw),
+            aggregates_before_unix_ms: ago(keep.aggregates),
+            minutes_before_unix_ms: ago(keep.minutes),
+            hours_before_unix_ms: ago(keep.hours),
         };
         match store.prune(retention).await {
             Ok(s) if s.skipped => {

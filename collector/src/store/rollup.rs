@@ -23,11 +23,20 @@ use super::Store;
 /// One hour, ms.
 pub const HOUR_MS: i64 = 3_600_000;
 
-/// How often the rollup loop runs.
-pub const ROLLUP_EVERY: Duration = Duration::from_secs(300);
+/// One day, ms (days are UTC days).
+pub const DAY_MS: i64 = 86_400_000;
 
-/// Default age after which complete hours are rolled up, hours (`rollup_after_hours`).
-pub const DEFAULT_ROLLUP_AFTER_HOURS: u32 = 1;
+/// How often the rollup loop runs.
+pub const ROLLUP_EVERY: Duration = Duration::from_secs(60);
+
+/// Default age after which flow minutes are rolled up, hours (`rollup_after_hours`): 0, the
+/// minutes older than [`ROLLUP_LAG`].
+pub const DEFAULT_ROLLUP_AFTER_HOURS: u32 = 0;
+
+/// The least age of a minute rolled up: reports of the minute before are still arriving (a
+/// report covers up to one interval, 10 s by default); one arriving later still reaches the
+/// hour and day rows, through the late-row triggers.
+pub const ROLLUP_LAG: Duration = Duration::from_secs(120);
 
 /// PostgreSQL advisory lock between the rollup (exclusive) and the late-row triggers
 /// (shared); the same number is in the hourly-rollup migration (0016).
@@ -44,6 +53,12 @@ pub struct RollupStats {
     pub gpu_rows: u64,
     /// Every hour before this instant is rolled up.
     pub up_to_unix_ms: i64,
+    /// Days rolled up from hour rows (one transaction each).
+    pub days: u64,
+    /// Day rows written from hour rows (flows and GPU usage).
+    pub day_rows: u64,
+    /// Every day before this instant is rolled up into day rows.
+    pub days_up_to_unix_ms: i64,
 }
 
 /// The parts of `[since, until)` a query reads: minute (or raw) rows of `head` and `tail`,
@@ -63,28 +78,25 @@ impl Split {
     pub fn has_hours(&self) -> bool {
         self.hours.0 < self.hours.1
     }
-
-    /// The six range bounds in order: head, hours, tail.
-    pub fn params(&self) -> [i64; 6] {
-        [
-            self.head.0,
-            self.head.1,
-            self.hours.0,
-            self.hours.1,
-            self.tail.0,
-            self.tail.1,
-        ]
-    }
 }
 
 fn floor_hour(ms: i64) -> i64 {
     ms - ms.rem_euclid(HOUR_MS)
 }
 
-/// Split `[since, until)` at the whole hours rolled up before `up_to`.
-pub fn split(since: i64, until: i64, up_to: i64) -> Split {
-    let first = floor_hour(since.saturating_add(HOUR_MS - 1));
-    let end = up_to.min(floor_hour(until));
+fn floor_minute(ms: i64) -> i64 {
+    ms - ms.rem_euclid(60_000)
+}
+
+/// Split `[since, until)` at the rows of a level of `period` ms rolled up before `up_to`:
+/// every period before `up_to` is in a row, and the period of `up_to` (when `up_to` is not on
+/// a boundary) is in a partial row holding exactly `[period start, up_to)`. Whole periods
+/// inside the range are read from rows, and the partial one when the range goes past
+/// `up_to`; the head and tail are left to the level below.
+pub fn split_at(since: i64, until: i64, up_to: i64, period: i64) -> Split {
+    let floor = |ms: i64| ms - ms.rem_euclid(period);
+    let first = floor(since.saturating_add(period - 1));
+    let end = if up_to <= until { up_to } else { floor(until) };
     if first >= end {
         return Split {
             head: (since, until),
@@ -99,8 +111,92 @@ pub fn split(since: i64, until: i64, up_to: i64) -> Split {
     }
 }
 
-/// Whether an egress grouping can read hour rows (it needs neither the destination address
-/// nor the container).
+/// Split `[since, until)` at the hours rolled up before `up_to` ([`split_at`]).
+pub fn split(since: i64, until: i64, up_to: i64) -> Split {
+    split_at(since, until, up_to, HOUR_MS)
+}
+
+/// Where both rollups have come to: every hour before `hours` is in hour rows, every day
+/// before `days` in day rows (`days <= hours`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpTo {
+    /// End of the rolled-up hours (`rollup_state` 'hourly').
+    pub hours: i64,
+    /// End of the rolled-up days (`rollup_state` 'daily').
+    pub days: i64,
+}
+
+/// The ranges of each level a query over `[since, until)` reads ([`plan`]): raw or minute
+/// rows, hour rows, day rows. Together they cover the range exactly once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Ranges read from minute (or raw) rows.
+    pub minutes: Vec<(i64, i64)>,
+    /// Whole hours read from hour rows.
+    pub hours: Vec<(i64, i64)>,
+    /// Whole days read from day rows.
+    pub days: Vec<(i64, i64)>,
+}
+
+impl Plan {
+    /// Whether any hour or day rows are read.
+    pub fn has_rollups(&self) -> bool {
+        !self.hours.is_empty() || !self.days.is_empty()
+    }
+
+    /// Every range bound in order: minutes, hours, days (what [`flows_source`] and
+    /// [`gpu_usage_query`] number their placeholders by).
+    pub fn params(&self) -> Vec<i64> {
+        self.minutes
+            .iter()
+            .chain(&self.hours)
+            .chain(&self.days)
+            .flat_map(|&(a, b)| [a, b])
+            .collect()
+    }
+}
+
+fn floor_day(ms: i64) -> i64 {
+    ms - ms.rem_euclid(DAY_MS)
+}
+
+/// The plan for `[since, until)` given how far the rollups came: whole rolled-up days from
+/// day rows, whole rolled-up hours around them from hour rows, the rest from minutes. The
+/// partial periods at both ends are what keeps an answer exact to the minute.
+pub fn plan(since: i64, until: i64, up_to: UpTo) -> Plan {
+    let mut out = Plan::default();
+    // Day rows hold whole hours only; never trust them past the rolled-up hours.
+    let days_up_to = up_to.days.min(floor_hour(up_to.hours));
+    let d = split_at(since, until, days_up_to, DAY_MS);
+    let rest = if d.has_hours() {
+        out.days.push(d.hours);
+        vec![d.head, d.tail]
+    } else {
+        vec![(since, until)]
+    };
+    for (a, b) in rest {
+        if a >= b {
+            continue;
+        }
+        let s = split(a, b, up_to.hours);
+        for (part, level) in [(s.head, 0), (s.hours, 1), (s.tail, 0)] {
+            if part.0 < part.1 {
+                if level == 0 {
+                    out.minutes.push(part);
+                } else {
+                    out.hours.push(part);
+                }
+            }
+        }
+    }
+    if out.minutes.is_empty() && !out.has_rollups() {
+        out.minutes.push((since, until));
+    }
+    out
+}
+
+/// Whether an egress grouping can read hour and day rows (it needs neither the destination
+/// address nor the container).
 pub fn by_hours(by: &str) -> bool {
     matches!(by, "" | "country" | "node" | "process" | "asn" | "verdict")
 }
@@ -111,69 +207,106 @@ pub fn per_destination(by: &str) -> bool {
     matches!(by, "destination" | "flow" | "verdict" | "contested")
 }
 
-/// The `verdict` grouping's columns: what the policy counts a row by, per node.
-pub const VERDICT_GROUP: &str = "country, node, asn, answers, contested, operator_country, physics";
+/// The `verdict` grouping's columns: what the policy counts a row by, per node site and
+/// declared country (all the scorecard needs of the node: the policy places a node by
+/// them), so that a fleet's month is a few thousand groups, not one per node and
+/// destination key. Each row names one node of its group (`MIN(node)`).
+pub const VERDICT_GROUP: &str =
+    "node_site, node_country, country, asn, answers, contested, operator_country, physics";
+
+/// The egress source `source` (a table or a subquery, named `flows_minute`) with each row's
+/// node site and declared country (`node_site`, `node_country`), for the `verdict` grouping.
+pub fn with_node_site(source: &str) -> String {
+    format!(
+        "(SELECT flows_minute.*, COALESCE(nd.site, '') AS node_site, COALESCE(nd.country, '') AS node_country
+          FROM {source} LEFT JOIN nodes nd ON nd.node = flows_minute.node) AS flows_minute"
+    )
+}
 
 /// The columns an egress query reads from its source.
 const FLOW_COLUMNS: &str = "node, pid, process, country, asn, org, remote_address, remote_port, geo_source, \
      bytes_sent, bytes_received, connections, min_rtt_us, answers, contested, operator_country, physics, \
      distance_km, limit_km, conntrack_bytes, unmeasured_flows";
 
-/// The egress source (named `flows_minute`, filtered) for an hour-capable grouping over
-/// `split`: minutes of the head, hours, minutes of the tail. `p(i)` is the backend's i-th
-/// (1-based) placeholder for [`Split::params`], `text` and `num` its empty text and zero.
-pub fn flows_source(p: &dyn Fn(usize) -> String, text: &str, num: &str) -> String {
-    let hour_cols = FLOW_COLUMNS
-        .replace("remote_address,", &format!("{text} AS remote_address,"))
-        .replace("remote_port,", &format!("{num} AS remote_port,"));
-    format!(
-        "(SELECT {FLOW_COLUMNS} FROM flows_minute
-          WHERE minute_ms >= {} AND minute_ms < {} AND direction <> 'inbound'
-          UNION ALL
-          SELECT {hour_cols} FROM flows_hour
-          WHERE hour_ms >= {} AND hour_ms < {} AND direction <> 'inbound'
-          UNION ALL
-          SELECT {FLOW_COLUMNS} FROM flows_minute
-          WHERE minute_ms >= {} AND minute_ms < {} AND direction <> 'inbound') AS flows_minute",
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6)
-    )
+/// One `UNION ALL` branch per range of `plan`, numbering placeholders as [`Plan::params`]
+/// does: `branch(level, from, to)` writes the branch of one range, level 0 minutes, 1 hours,
+/// 2 days.
+fn branches(
+    plan: &Plan,
+    p: &dyn Fn(usize) -> String,
+    branch: &dyn Fn(usize, &str, &str) -> String,
+) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    for (level, ranges) in [&plan.minutes, &plan.hours, &plan.days]
+        .into_iter()
+        .enumerate()
+    {
+        for _ in ranges {
+            parts.push(branch(level, &p(i + 1), &p(i + 2)));
+            i += 2;
+        }
+    }
+    parts.join("\n          UNION ALL\n          ")
 }
 
-/// GPU-seconds per (node, pid, process, namespace) over [`Split::params`] (`p` as in
-/// [`flows_source`]), largest first, at most `p(7)` rows: raw rows of the head and tail, hour
-/// rows between. The same columns as [`super::containers::GPU_USAGE_WITH_NAMESPACE`].
-/// `collate` orders node names ("" or PostgreSQL's ` COLLATE "C"`).
-pub fn gpu_usage_query(p: &dyn Fn(usize) -> String, collate: &str) -> String {
-    format!(
-        "SELECT node, pid, process_name, ns, SUM(s) FROM (
-           SELECT g.node, g.pid, g.process_name, COALESCE(c.pod_namespace, '') AS ns, g.gpu_seconds AS s
+/// The egress source (named `flows_minute`, filtered) for an hour-capable grouping over
+/// `plan`: minutes, hours and days of its ranges. `p(i)` is the backend's i-th (1-based)
+/// placeholder for [`Plan::params`], `text` and `num` its empty text and zero.
+pub fn flows_source(plan: &Plan, p: &dyn Fn(usize) -> String, text: &str, num: &str) -> String {
+    let rolled_cols = FLOW_COLUMNS
+        .replace("remote_address,", &format!("{text} AS remote_address,"))
+        .replace("remote_port,", &format!("{num} AS remote_port,"));
+    let body = branches(plan, p, &|level, a, b| {
+        let (cols, table, t) = match level {
+            0 => (FLOW_COLUMNS, "flows_minute", "minute_ms"),
+            1 => (rolled_cols.as_str(), "flows_hour", "hour_ms"),
+            _ => (rolled_cols.as_str(), "flows_day", "day_ms"),
+        };
+        format!(
+            "SELECT {cols} FROM {table}
+          WHERE {t} >= {a} AND {t} < {b} AND direction <> 'inbound'"
+        )
+    });
+    format!("({body}) AS flows_minute")
+}
+
+/// GPU-seconds per (node, pid, process, namespace) over `plan` (`p` as in [`flows_source`]),
+/// largest first, at most `p(n + 1)` rows for `n` range bounds: raw rows for the minute
+/// ranges, hour and day rows for theirs. The same columns as
+/// [`super::containers::GPU_USAGE_WITH_NAMESPACE`]. `collate` orders node names ("" or
+/// PostgreSQL's ` COLLATE "C"`).
+pub fn gpu_usage_query(plan: &Plan, p: &dyn Fn(usize) -> String, collate: &str) -> String {
+    let body = branches(plan, p, &|level, a, b| {
+        match level {
+        0 => format!(
+            "SELECT g.node, g.pid, g.process_name, COALESCE(c.pod_namespace, '') AS ns, g.gpu_seconds AS s
            FROM gpu_usage g
            LEFT JOIN containers_minute c ON c.node = g.node AND c.pid = g.pid
                 AND c.minute_ms = g.observed_ms - (g.observed_ms % 60000)
-           WHERE (g.observed_ms >= {} AND g.observed_ms < {}) OR (g.observed_ms >= {} AND g.observed_ms < {})
-           UNION ALL
-           SELECT node, pid, process_name, pod_namespace, gpu_seconds FROM gpu_usage_hour
-           WHERE hour_ms >= {} AND hour_ms < {}) AS u
+           WHERE g.observed_ms >= {a} AND g.observed_ms < {b}"
+        ),
+        1 => format!(
+            "SELECT node, pid, process_name, pod_namespace AS ns, gpu_seconds AS s FROM gpu_usage_hour
+           WHERE hour_ms >= {a} AND hour_ms < {b}"
+        ),
+        _ => format!(
+            "SELECT node, pid, process_name, pod_namespace AS ns, gpu_seconds AS s FROM gpu_usage_day
+           WHERE day_ms >= {a} AND day_ms < {b}"
+        ),
+    }
+    });
+    let limit = p(plan.params().len() + 1);
+    format!(
+        "SELECT node, pid, process_name, ns, SUM(s) FROM (
+           {body}) AS u
          GROUP BY node, pid, process_name, ns
-         ORDER BY 5 DESC, node{collate}, pid LIMIT {}",
-        p(1),
-        p(2),
-        p(5),
-        p(6),
-        p(3),
-        p(4),
-        p(7)
+         ORDER BY 5 DESC, node{collate}, pid LIMIT {limit}"
     )
 }
 
-/// Roll one hour `[$1, $2)` of flow minutes into `flows_hour` (adding to rows already there).
-/// Both backends run this text (`max`/`min` of two arguments are `GREATEST`/`LEAST` in
-/// PostgreSQL: the backends substitute).
+/// Roll `[$1, $2)` (one hour or part of one) of flow minutes into `flows_hour`, adding to
+/// rows already there (the rest of a partial hour). Both backends run this text.
 pub const ROLL_FLOWS: &str = "INSERT INTO flows_hour AS h (node, hour_ms, pid, process, direction, country, asn, answers,
         contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections,
         min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
@@ -190,9 +323,16 @@ pub const ROLL_FLOWS: &str = "INSERT INTO flows_hour AS h (node, hour_ms, pid, p
         bytes_received = h.bytes_received + excluded.bytes_received,
         connections = h.connections + excluded.connections,
         conntrack_bytes = h.conntrack_bytes + excluded.conntrack_bytes,
-        unmeasured_flows = h.unmeasured_flows + excluded.unmeasured_flows";
+        unmeasured_flows = h.unmeasured_flows + excluded.unmeasured_flows,
+        min_rtt_us = CASE WHEN h.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < h.min_rtt_us)
+                          THEN excluded.min_rtt_us ELSE h.min_rtt_us END,
+        limit_km = CASE WHEN h.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < h.limit_km)
+                        THEN excluded.limit_km ELSE h.limit_km END,
+        distance_km = CASE WHEN excluded.distance_km > h.distance_km THEN excluded.distance_km ELSE h.distance_km END,
+        org = CASE WHEN excluded.org > h.org THEN excluded.org ELSE h.org END,
+        geo_source = CASE WHEN excluded.geo_source > h.geo_source THEN excluded.geo_source ELSE h.geo_source END";
 
-/// Roll one hour `[$1, $2)` of GPU usage into `gpu_usage_hour`.
+/// Roll `[$1, $2)` (one hour or part of one) of GPU usage into `gpu_usage_hour`.
 pub const ROLL_GPU: &str =
     "INSERT INTO gpu_usage_hour AS h (node, hour_ms, pid, process_name, pod_namespace, gpu_seconds)
      SELECT g.node, g.observed_ms - (g.observed_ms % 3600000), g.pid, g.process_name,
@@ -210,20 +350,82 @@ pub const NEXT_ROW: &str = "SELECT MIN(t) FROM (
        SELECT MIN(minute_ms) AS t FROM flows_minute WHERE minute_ms >= $1
        UNION ALL SELECT MIN(observed_ms) FROM gpu_usage WHERE observed_ms >= $1) AS x";
 
-/// Where the next hour to roll up starts, and where it ends, given how far the rollup came
-/// (`up_to`), the first row at or after it (`next_row`), and the end of what may be rolled
-/// up (`target`, an hour boundary): `None` when nothing is left before `target`.
+/// Roll `[$1, $2)` (one day or part of one, whole hours) of hour rows into `flows_day`,
+/// adding to rows already there.
+pub const ROLL_FLOWS_DAY: &str = "INSERT INTO flows_day AS d (node, day_ms, pid, process, direction, country, asn, answers,
+        contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections,
+        min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
+     SELECT node, hour_ms - (hour_ms % 86400000), pid, process, direction, country, asn, answers,
+            contested, operator_country, physics, MAX(org), MAX(geo_source), SUM(bytes_sent),
+            SUM(bytes_received), SUM(connections), COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0),
+            MAX(distance_km), COALESCE(MIN(NULLIF(limit_km, 0)), 0), SUM(conntrack_bytes),
+            SUM(unmeasured_flows)
+     FROM flows_hour WHERE hour_ms >= $1 AND hour_ms < $2
+     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+     ON CONFLICT (day_ms, node, pid, process, direction, country, asn, answers, contested,
+                  operator_country, physics) DO UPDATE SET
+        bytes_sent = d.bytes_sent + excluded.bytes_sent,
+        bytes_received = d.bytes_received + excluded.bytes_received,
+        connections = d.connections + excluded.connections,
+        conntrack_bytes = d.conntrack_bytes + excluded.conntrack_bytes,
+        unmeasured_flows = d.unmeasured_flows + excluded.unmeasured_flows,
+        min_rtt_us = CASE WHEN d.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < d.min_rtt_us)
+                          THEN excluded.min_rtt_us ELSE d.min_rtt_us END,
+        limit_km = CASE WHEN d.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < d.limit_km)
+                        THEN excluded.limit_km ELSE d.limit_km END,
+        distance_km = CASE WHEN excluded.distance_km > d.distance_km THEN excluded.distance_km ELSE d.distance_km END,
+        org = CASE WHEN excluded.org > d.org THEN excluded.org ELSE d.org END,
+        geo_source = CASE WHEN excluded.geo_source > d.geo_source THEN excluded.geo_source ELSE d.geo_source END";
+
+/// Roll `[$1, $2)` (whole hours of one day) of GPU hour rows into `gpu_usage_day`.
+pub const ROLL_GPU_DAY: &str =
+    "INSERT INTO gpu_usage_day AS d (node, day_ms, pid, process_name, pod_namespace, gpu_seconds)
+     SELECT node, hour_ms - (hour_ms % 86400000), pid, process_name, pod_namespace, SUM(gpu_seconds)
+     FROM gpu_usage_hour WHERE hour_ms >= $1 AND hour_ms < $2
+     GROUP BY 1, 2, 3, 4, 5
+     ON CONFLICT (day_ms, node, pid, process_name, pod_namespace) DO UPDATE SET
+        gpu_seconds = d.gpu_seconds + excluded.gpu_seconds";
+
+/// The first hour row at or after `$1` in either hour table (to skip days without rows).
+pub const NEXT_HOUR_ROW: &str = "SELECT MIN(t) FROM (
+       SELECT MIN(hour_ms) AS t FROM flows_hour WHERE hour_ms >= $1
+       UNION ALL SELECT MIN(hour_ms) FROM gpu_usage_hour WHERE hour_ms >= $1) AS x";
+
+/// Where the next part of a day to roll up starts and ends, as [`next_hour`] for hours: up
+/// to the end of its day or `target`, whichever is first.
+pub fn next_day(up_to: i64, next_row: Option<i64>, target: i64) -> Option<(i64, i64)> {
+    let start = floor_day(next_row?).max(up_to);
+    (start < target).then_some((start, (floor_day(start) + DAY_MS).min(target)))
+}
+
+/// The end of the hours that may be rolled into day rows when minutes are rolled up to
+/// `hours_up_to`: the whole hours (the partial hour row is still growing).
+pub fn day_target(hours_up_to: i64) -> i64 {
+    floor_hour(hours_up_to)
+}
+
+/// Where the next part of an hour to roll up starts, and where it ends (the end of its hour
+/// or `target`, whichever is first), given how far the rollup came (`up_to`), the first row
+/// at or after it (`next_row`), and the end of what may be rolled up (`target`, a minute
+/// boundary): `None` when nothing is left before `target`.
 pub fn next_hour(up_to: i64, next_row: Option<i64>, target: i64) -> Option<(i64, i64)> {
     let start = match next_row {
         Some(t) => floor_hour(t).max(up_to),
         None => return None,
     };
-    (start < target).then_some((start, start + HOUR_MS))
+    (start < target).then_some((start, (floor_hour(start) + HOUR_MS).min(target)))
 }
 
-/// The end of the hours that may be rolled up at `now`: whole hours older than `after`.
+/// The end of the minutes that may be rolled up at `now`: minutes older than `after`, and
+/// at least [`ROLLUP_LAG`].
 pub fn target(now_unix_ms: i64, after: Duration) -> i64 {
-    floor_hour(now_unix_ms.saturating_sub(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)))
+    let after = after.max(ROLLUP_LAG);
+    floor_minute(now_unix_ms.saturating_sub(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// Where [`Store::roll_up`] stops for `before`: its minute.
+pub fn minute_target(before_unix_ms: i64) -> i64 {
+    floor_minute(before_unix_ms)
 }
 
 /// Roll up now and then every [`ROLLUP_EVERY`]: whole hours older than `after`.
@@ -236,11 +438,14 @@ pub async fn rollup_loop(store: Arc<dyn Store>, after: Duration, stop: Cancellat
         }
         let before = target(sov_common::clock::now_unix_ms(), after);
         match store.roll_up(before).await {
-            Ok(s) if s.hours > 0 => tracing::info!(
+            Ok(s) if s.hours > 0 || s.days > 0 => tracing::info!(
                 hours = s.hours,
                 flow_rows = s.flow_rows,
                 gpu_rows = s.gpu_rows,
                 up_to_unix_ms = s.up_to_unix_ms,
+                days = s.days,
+                day_rows = s.day_rows,
+                days_up_to_unix_ms = s.days_up_to_unix_ms,
                 "rolled up hours"
             ),
             Ok(_) => {}
@@ -273,6 +478,70 @@ mod tests {
     }
 
     #[test]
+    fn a_range_reads_days_between_hours_between_minutes() {
+        let (h, d) = (HOUR_MS, DAY_MS);
+        let up_to = UpTo {
+            hours: 5 * d + 7 * h,
+            days: 5 * d,
+        };
+        // From mid-hour on day 1 to mid-hour on day 6: minutes, hours, days 2..5, hours of
+        // day 5 up to the rolled-up hours, minutes after.
+        let p = plan(d + 3 * h + 60_000, 6 * d + 2 * h + 120_000, up_to);
+        assert_eq!(
+            p.minutes,
+            vec![
+                (d + 3 * h + 60_000, d + 4 * h),
+                (5 * d + 7 * h, 6 * d + 2 * h + 120_000)
+            ]
+        );
+        assert_eq!(p.hours, vec![(d + 4 * h, 2 * d), (5 * d, 5 * d + 7 * h)]);
+        assert_eq!(p.days, vec![(2 * d, 5 * d)]);
+        // Bounds in order: minutes, hours, days.
+        assert_eq!(p.params().len(), 10);
+        // Nothing rolled up: one minute range; a day-aligned range inside the days: days only.
+        let p = plan(d + 5, 3 * d, UpTo::default());
+        assert!(!p.has_rollups());
+        assert_eq!(p.minutes, vec![(d + 5, 3 * d)]);
+        let p = plan(d, 3 * d, up_to);
+        assert_eq!(
+            (p.minutes.len(), p.hours.len(), p.days),
+            (0, 0, vec![(d, 3 * d)])
+        );
+        // Days never pass the rolled-up hours, even if the state said so.
+        let p = plan(
+            0,
+            4 * d,
+            UpTo {
+                hours: 2 * d,
+                days: 3 * d,
+            },
+        );
+        assert_eq!(p.days, vec![(0, 2 * d)]);
+        assert_eq!(p.minutes, vec![(2 * d, 4 * d)]);
+        assert_eq!(
+            next_day(0, Some(2 * d + 5 * h), day_target(5 * d + 7 * h)),
+            Some((2 * d, 3 * d))
+        );
+        // The partial day up to the whole hours rolled up, then nothing.
+        assert_eq!(
+            next_day(5 * d, Some(5 * d), day_target(5 * d + 7 * h + 60_000)),
+            Some((5 * d, 5 * d + 7 * h))
+        );
+        assert_eq!(
+            next_day(5 * d + 7 * h, Some(5 * d + 7 * h), 5 * d + 7 * h),
+            None
+        );
+        // A partial row is read when the range goes past it, not when it ends inside it.
+        let s = split(0, 3 * h, h + 30 * 60_000);
+        assert_eq!(
+            (s.hours, s.tail),
+            ((0, h + 30 * 60_000), (h + 30 * 60_000, 3 * h))
+        );
+        let s = split(0, h + 10 * 60_000, h + 30 * 60_000);
+        assert_eq!((s.hours, s.tail), ((0, h), (h, h + 10 * 60_000)));
+    }
+
+    #[test]
     fn empty_hours_are_skipped_and_the_target_is_never_passed() {
         let h = HOUR_MS;
         assert_eq!(
@@ -281,6 +550,11 @@ mod tests {
         );
         assert_eq!(next_hour(2 * h, Some(9 * h), 9 * h), None);
         assert_eq!(next_hour(2 * h, None, 9 * h), None);
+        // Partial hours: from where the last rollup stopped to the target.
+        assert_eq!(
+            next_hour(2 * h + 60_000, Some(2 * h + 60_000), 2 * h + 5 * 60_000),
+            Some((2 * h + 60_000, 2 * h + 5 * 60_000))
+        );
         assert_eq!(target(10 * h + 5, Duration::from_secs(3600)), 9 * h);
     }
 }

@@ -100,6 +100,7 @@ macro_rules! store_suite {
             gpu_seconds_are_named_with_their_kubernetes_namespace,
             weight_copies_and_users_carry_their_container,
             hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup,
+            day_rows_total_the_minutes_and_answers_survive_the_minutes,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -121,7 +122,10 @@ pub(crate) use super::suite_containers::{
     gpu_seconds_are_named_with_their_kubernetes_namespace,
     weight_copies_and_users_carry_their_container,
 };
-pub(crate) use super::suite_rollup::hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup;
+pub(crate) use super::suite_rollup::{
+    day_rows_total_the_minutes_and_answers_survive_the_minutes,
+    hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup,
+};
 
 /// A report of node `node` observed at `seq` seconds, received 5 ms later.
 pub(crate) fn report(node: &str, epoch: u64, seq: u64) -> IncomingReport {
@@ -1259,7 +1263,7 @@ pub(crate) async fn raw_samples_fold_into_minute_aggregates_that_outlive_them(db
     }
     let keep_aggregates = |raw_before_unix_ms| Retention {
         raw_before_unix_ms,
-        aggregates_before_unix_ms: 0,
+        ..Retention::all_before(0)
     };
     let p = store.prune(keep_aggregates(125_000)).await.unwrap();
     // One host minute, two GPU minutes, one GPU-usage minute (vllm on GPU-0).
@@ -1301,7 +1305,7 @@ pub(crate) async fn raw_samples_fold_into_minute_aggregates_that_outlive_them(db
     let p = store
         .prune(Retention {
             raw_before_unix_ms: 0,
-            aggregates_before_unix_ms: 120_000,
+            ..Retention::all_before(120_000)
         })
         .await
         .unwrap();

@@ -168,9 +168,21 @@ pub(crate) async fn hour_rows_total_the_minutes_and_answers_are_the_same_after_a
     for (since, until) in RANGES {
         before.push(answers(store, since, until).await);
     }
-    // Hours 0..4 rolled up (4 hours, each with rows), from where nothing was rolled up.
+    // First to the middle of hour 2 (its row holds half an hour), then on to hour 4: hours
+    // 0..2, the half, then the rest of hour 2 and hour 3, each part with rows.
+    let half = 2 * HOUR_MS + 30 * 60_000;
+    let stats = store.roll_up(half + 59_000).await.unwrap();
+    assert_eq!((stats.hours, stats.up_to_unix_ms), (3, half), "{stats:?}");
+    assert_totals_equal(db, half).await;
+    for ((since, until), want) in RANGES.into_iter().zip(&before) {
+        assert_eq!(
+            &answers(store, since, until).await,
+            want,
+            "[{since}, {until}) after the rollup to the middle of an hour"
+        );
+    }
     let stats = store.roll_up(4 * HOUR_MS + 59_000).await.unwrap();
-    assert_eq!(stats.hours, 4, "{stats:?}");
+    assert_eq!(stats.hours, 2, "{stats:?}");
     assert_eq!(stats.up_to_unix_ms, 4 * HOUR_MS);
     assert!(stats.flow_rows > 0 && stats.gpu_rows > 0, "{stats:?}");
     assert!(db.count("SELECT COUNT(*) FROM flows_hour").await > 0);
@@ -243,4 +255,209 @@ pub(crate) async fn hour_rows_total_the_minutes_and_answers_are_the_same_after_a
         .sum();
     // 2 nodes x 12 reports in hours 0..4, plus the late one: 7.5 GPU-seconds each.
     assert!((gpu_hours - 25.0 * 7.5).abs() < 1e-6, "{gpu_hours}");
+}
+
+/// Reports of nodes a and b every 3 hours 7 minutes over three and a half days (flows as in
+/// [`write`]), so that whole days roll up.
+async fn write_days(store: &dyn Store) {
+    let dests = [
+        ("192.0.2.1", "US", 13335),
+        ("198.51.100.7", "FR", 3215),
+        ("203.0.113.9", "DE", 3320),
+    ];
+    for node in ["a", "b"] {
+        for k in 0..27u64 {
+            let seq = 420 + k * (3 * 3600 + 420);
+            let mut r = report(node, 1, seq);
+            r.telemetry = telemetry();
+            let at = r.observed_unix_ms;
+            r.telemetry.flows = dests
+                .iter()
+                .enumerate()
+                .map(|(i, (addr, country, asn))| {
+                    let pid = if i % 2 == 0 { 10 } else { 20 };
+                    let process = if pid == 10 { "vllm" } else { "curl" };
+                    let sent = 1000 * (k + 1) + 37 * i as u64 + u64::from(node == "b");
+                    flow(
+                        pid,
+                        process,
+                        addr,
+                        country,
+                        *asn,
+                        sent,
+                        at - 1000 * i as i64,
+                    )
+                })
+                .collect();
+            assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+        }
+    }
+}
+
+/// The answers hour and day rows serve (the groupings without address or container).
+async fn rolled_answers(store: &dyn Store, since: i64, until: i64) -> Vec<String> {
+    let mut all = answers(store, since, until).await;
+    all.retain(|a| !a.starts_with("contested") && !a.starts_with("flow"));
+    all
+}
+
+/// Day rows' totals against the minute and raw rows' totals before `end`.
+async fn assert_day_totals_equal(db: &dyn Backend, end: i64) {
+    for col in ["bytes_sent", "bytes_received", "connections"] {
+        let minutes = db
+            .count(&format!(
+                "SELECT CAST(COALESCE(SUM({col}), 0) AS BIGINT) FROM flows_minute WHERE minute_ms < {end}"
+            ))
+            .await;
+        let days = db
+            .count(&format!(
+                "SELECT CAST(COALESCE(SUM({col}), 0) AS BIGINT) FROM flows_day"
+            ))
+            .await;
+        assert_eq!(days, minutes, "{col}: day rows against minute rows");
+    }
+    let raw = db
+        .count(&format!(
+            "SELECT CAST(ROUND(COALESCE(SUM(gpu_seconds), 0) * 1000) AS BIGINT) FROM gpu_usage WHERE observed_ms < {end}"
+        ))
+        .await;
+    let days = db
+        .count(
+            "SELECT CAST(ROUND(COALESCE(SUM(gpu_seconds), 0) * 1000) AS BIGINT) FROM gpu_usage_day",
+        )
+        .await;
+    assert_eq!(days, raw, "GPU milliseconds: day rows against raw rows");
+}
+
+pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(db: &dyn Backend) {
+    use super::Retention;
+    use super::rollup::DAY_MS;
+    let store = db.store();
+    write_days(store).await;
+    let d = DAY_MS;
+    // All of it; mid-hour on day 1 to mid-hour on day 3 (minutes, hours, a day, hours,
+    // minutes); whole days; inside one day.
+    let ranges = [
+        (0, 4 * d),
+        (
+            d + 5 * HOUR_MS + 17 * 60_000 + 5,
+            3 * d + 2 * HOUR_MS + 60_000,
+        ),
+        (d, 3 * d),
+        (2 * d + 60_000, 2 * d + 50 * 60_000),
+    ];
+    let mut before = Vec::new();
+    for (since, until) in ranges {
+        before.push(answers(store, since, until).await);
+    }
+    // Minutes to 5 h into day 3, whole days 0..3 and day 3 so far into day rows.
+    let rolled = 3 * d + 5 * HOUR_MS;
+    let stats = store.roll_up(rolled + 59_000).await.unwrap();
+    assert_eq!(stats.up_to_unix_ms, rolled, "{stats:?}");
+    assert_eq!(
+        (stats.days, stats.days_up_to_unix_ms),
+        (4, rolled),
+        "{stats:?}"
+    );
+    assert!(stats.day_rows > 0, "{stats:?}");
+    assert_day_totals_equal(db, rolled).await;
+    for ((since, until), want) in ranges.into_iter().zip(&before) {
+        assert_eq!(
+            &answers(store, since, until).await,
+            want,
+            "[{since}, {until}) after the daily rollup"
+        );
+    }
+    assert_eq!(store.roll_up(rolled).await.unwrap().days, 0);
+    assert_day_totals_equal(db, rolled).await;
+
+    // A late report in day 1, derived after that day was rolled up: it reaches the hour and
+    // the day rows in its own transaction.
+    let late_at = d + 7 * HOUR_MS + 27 * 60_000 + 500;
+    let mut late = report("a", 1, 5);
+    late.observed_unix_ms = late_at;
+    late.received_unix_ms = 4 * d;
+    late.telemetry = telemetry();
+    late.telemetry.flows = vec![
+        flow(10, "vllm", "192.0.2.1", "US", 13335, 5_000, late_at),
+        flow(20, "curl", "192.0.2.77", "JP", 2497, 7_000, late_at),
+    ];
+    assert_eq!(ingest(store, late).await, IngestOutcome::Stored);
+    assert_day_totals_equal(db, rolled).await;
+    assert_totals_equal(db, rolled).await;
+    let mut after_late = Vec::new();
+    for (since, until) in ranges {
+        after_late.push(rolled_answers(store, since, until).await);
+    }
+    assert!(
+        after_late[2].iter().any(|a| a.contains("JP")),
+        "the late flow is in the day rows' answer: {:?}",
+        after_late[2]
+    );
+
+    // Minutes kept two days, hours one: what goes was rolled up, and every answer the
+    // rolled-up rows serve is unchanged.
+    store
+        .prune(Retention {
+            raw_before_unix_ms: 0,
+            aggregates_before_unix_ms: 0,
+            minutes_before_unix_ms: 2 * d,
+            hours_before_unix_ms: d,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM flows_minute WHERE minute_ms < {}",
+            2 * d
+        ))
+        .await,
+        0
+    );
+    assert!(db.count("SELECT COUNT(*) FROM flows_minute").await > 0);
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM flows_hour WHERE hour_ms < {d}"
+        ))
+        .await,
+        0
+    );
+    // Every range but the one starting in day 1's pruned minutes (its first 43 minutes are
+    // gone): whole days, days then fresh hours and minutes, minutes of day 2.
+    for (i, (since, until)) in ranges.into_iter().enumerate() {
+        if i != 1 {
+            assert_eq!(
+                rolled_answers(store, since, until).await,
+                after_late[i],
+                "[{since}, {until}) after minutes and hours went"
+            );
+        }
+    }
+    // A cut-off past where the rollups came keeps what is not rolled up yet, and the
+    // answers over it are still whole (day rows, then the minutes left).
+    store
+        .prune(Retention {
+            raw_before_unix_ms: 0,
+            aggregates_before_unix_ms: 0,
+            minutes_before_unix_ms: 9 * d,
+            hours_before_unix_ms: 9 * d,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM flows_minute WHERE minute_ms < {rolled}"
+        ))
+        .await,
+        0
+    );
+    assert!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM flows_minute WHERE minute_ms >= {rolled}"
+        ))
+        .await
+            > 0
+    );
+    assert_eq!(db.count("SELECT COUNT(*) FROM flows_hour").await, 0);
+    assert_eq!(rolled_answers(store, 0, 4 * d).await, after_late[0]);
 }

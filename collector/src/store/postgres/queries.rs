@@ -59,17 +59,32 @@ pub(super) async fn missing_ranges(
     limit: u32,
 ) -> Result<Vec<(u64, u64)>, StoreError> {
     let client = store.reader().await?;
-    let rows = client
-        .query(
-            crate::store::MISSING_RANGES,
-            &[&node, &to_i64(epoch, "epoch")?, &i64::from(limit)],
-        )
+    let (node, epoch) = (node.to_owned(), to_i64(epoch, "epoch")?);
+    let missing: Option<i64> = match client
+        .query_opt(crate::store::EPOCH_MISSING, &[&node, &epoch])
         .await
-        .map_err(pg("missing ranges"))?;
-    const C: &str = "read missing range";
-    rows.iter()
-        .map(|r| Ok((get_u64(r, 0, C)?, get_u64(r, 1, C)?)))
-        .collect()
+        .map_err(pg("epoch missing"))?
+    {
+        Some(r) => Some(get(&r, 0, "epoch missing")?),
+        None => None,
+    };
+    let mut scan = crate::store::HoleScan::new(limit, missing);
+    while scan.wants_more() {
+        let page = client
+            .query(
+                crate::store::KEYS_PAGE,
+                &[&node, &epoch, &scan.prev, &crate::store::KEYS_PER_PAGE],
+            )
+            .await
+            .map_err(pg("missing ranges"))?
+            .iter()
+            .map(|r| get::<i64>(r, 0, "read missing range"))
+            .collect::<Result<Vec<i64>, StoreError>>()?;
+        if !scan.feed(&page) {
+            break;
+        }
+    }
+    Ok(scan.ranges)
 }
 
 pub(super) async fn gpu_usage(
@@ -79,13 +94,18 @@ pub(super) async fn gpu_usage(
     limit: u32,
 ) -> Result<Vec<GpuUsageRow>, StoreError> {
     let client = store.reader().await?;
-    let split =
-        crate::store::rollup::split(since_unix_ms, until_unix_ms, rolled_up_to(&client).await?);
-    let [a, b, c, d, e, f] = split.params();
+    let plan =
+        crate::store::rollup::plan(since_unix_ms, until_unix_ms, rolled_up_to(&*client).await?);
+    let mut values = plan.params();
+    values.push(i64::from(limit));
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+        .iter()
+        .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
     let rows = client
         .query(
-            &crate::store::rollup::gpu_usage_query(&|i| format!("${i}"), " COLLATE \"C\""),
-            &[&a, &b, &c, &d, &e, &f, &i64::from(limit)],
+            &crate::store::rollup::gpu_usage_query(&plan, &|i| format!("${i}"), " COLLATE \"C\""),
+            &params,
         )
         .await
         .map_err(pg("gpu usage"))?;
@@ -205,7 +225,7 @@ pub(super) async fn egress(
         ),
         "verdict" => (
             format!(
-                "country, node, {NO_TEXT}, {NO_NUM}, asn, max(org), {NO_TEXT}, {NO_NUM}, max(geo_source)"
+                "country, min(node), {NO_TEXT}, {NO_NUM}, asn, max(org), {NO_TEXT}, {NO_NUM}, max(geo_source)"
             ),
             crate::store::rollup::VERDICT_GROUP,
         ),
@@ -238,16 +258,16 @@ pub(super) async fn egress(
     // Minutes are stamped at their start: a range starting mid-minute includes it.
     let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
     let client = store.reader().await?;
-    let split = if crate::store::rollup::by_hours(&q.by) {
-        crate::store::rollup::split(since, q.until_unix_ms, rolled_up_to(&client).await?)
+    let plan = if crate::store::rollup::by_hours(&q.by) {
+        crate::store::rollup::plan(since, q.until_unix_ms, rolled_up_to(&*client).await?)
     } else {
-        crate::store::rollup::split(since, q.until_unix_ms, 0)
+        crate::store::rollup::Plan::default()
     };
-    let (source, filter, values) = if split.has_hours() {
+    let (source, filter, values) = if plan.has_rollups() {
         (
-            crate::store::rollup::flows_source(&|i| format!("${i}"), NO_TEXT, NO_NUM),
+            crate::store::rollup::flows_source(&plan, &|i| format!("${i}"), NO_TEXT, NO_NUM),
             String::new(),
-            split.params().to_vec(),
+            plan.params(),
         )
     } else {
         let source = if containers::by_container(&q.by) {
@@ -267,6 +287,11 @@ pub(super) async fn egress(
             ),
             vec![since, q.until_unix_ms],
         )
+    };
+    let source = if q.by == "verdict" {
+        crate::store::rollup::with_node_site(&source)
+    } else {
+        source
     };
     let limit_param = values.len() + 1;
     let text = format!(
@@ -325,17 +350,23 @@ pub(super) async fn derive_status(store: &PostgresStore) -> Result<DeriveStatus,
     })
 }
 
-/// Where the hourly rollup has come to (see [`crate::store::rollup`]).
-async fn rolled_up_to(client: &tokio_postgres::Client) -> Result<i64, StoreError> {
-    let row = client
-        .query_opt(
-            "SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'",
-            &[],
-        )
+/// Where the hourly and daily rollups have come to (see [`crate::store::rollup`]).
+pub(super) async fn rolled_up_to(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<crate::store::rollup::UpTo, StoreError> {
+    let rows = client
+        .query("SELECT name, up_to_ms FROM rollup_state", &[])
         .await
         .map_err(pg("read rollup state"))?;
-    match row {
-        Some(r) => get(&r, 0, "read rollup state"),
-        None => Ok(0),
+    let mut up_to = crate::store::rollup::UpTo::default();
+    for r in &rows {
+        let name: String = get(r, 0, "read rollup state")?;
+        let at: i64 = get(r, 1, "read rollup state")?;
+        match name.as_str() {
+            "hourly" => up_to.hours = at,
+            "daily" => up_to.days = at,
+            _ => {}
+        }
     }
+    Ok(up_to)
 }

@@ -92,34 +92,34 @@ pub(super) async fn prune(
             .await
             .map_err(pg("prune samples"))?;
     }
-    for table in [
-        "host_minute",
-        "gpu_minute",
-        "gpu_usage_minute",
-        "containers_minute",
+    let (minutes, hours) = keep.cuts(super::queries::rolled_up_to(&tx).await?);
+    for (table, cut) in [
+        ("host_minute", aggregates),
+        ("gpu_minute", aggregates),
+        ("gpu_usage_minute", aggregates),
+        ("containers_minute", minutes),
     ] {
         stats.aggregates += tx
             .execute(
                 &format!("DELETE FROM {table} WHERE minute_ms < $1"),
-                &[&aggregates],
+                &[&cut],
             )
             .await
             .map_err(pg("prune aggregates"))?;
     }
-    for table in ["flows_hour", "gpu_usage_hour"] {
+    for (table, column, cut) in [
+        ("flows_hour", "hour_ms", hours),
+        ("gpu_usage_hour", "hour_ms", hours),
+        ("flows_day", "day_ms", aggregates),
+        ("gpu_usage_day", "day_ms", aggregates),
+    ] {
         stats.aggregates += tx
-            .execute(
-                &format!("DELETE FROM {table} WHERE hour_ms < $1"),
-                &[&aggregates],
-            )
+            .execute(&format!("DELETE FROM {table} WHERE {column} < $1"), &[&cut])
             .await
-            .map_err(pg("prune hour rows"))?;
+            .map_err(pg("prune hour and day rows"))?;
     }
     stats.flows = tx
-        .execute(
-            "DELETE FROM flows_minute WHERE minute_ms < $1",
-            &[&aggregates],
-        )
+        .execute("DELETE FROM flows_minute WHERE minute_ms < $1", &[&minutes])
         .await
         .map_err(pg("prune flows"))?
         + tx.execute("DELETE FROM flows_raw WHERE end_ms < $1", &[&raw])
@@ -148,7 +148,7 @@ pub(super) async fn roll_up(
     before: i64,
 ) -> Result<crate::store::RollupStats, StoreError> {
     use crate::store::rollup;
-    let target = before - before.rem_euclid(rollup::HOUR_MS);
+    let target = rollup::minute_target(before);
     let mut stats = crate::store::RollupStats::default();
     loop {
         let mut w = store.writer().await?;
@@ -188,7 +188,7 @@ pub(super) async fn roll_up(
                 stats.up_to_unix_ms = target;
             }
             tx.commit().await.map_err(pg("commit rollup"))?;
-            return Ok(stats);
+            break;
         };
         stats.flow_rows += tx
             .execute(rollup::ROLL_FLOWS, &[&start, &end])
@@ -207,5 +207,73 @@ pub(super) async fn roll_up(
         tx.commit().await.map_err(pg("commit rollup"))?;
         stats.hours += 1;
         stats.up_to_unix_ms = end;
+    }
+    // Then whole days of hour rows, up to the day the rolled-up hours reach, under the same
+    // lock (the late-row triggers carry hour rows into day rows holding it shared).
+    loop {
+        let mut w = store.writer().await?;
+        let tx = w
+            .client
+            .transaction()
+            .await
+            .map_err(pg("begin daily rollup"))?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&rollup::ROLLUP_LOCK_KEY],
+        )
+        .await
+        .map_err(pg("lock rollup"))?;
+        let mut hours = 0i64;
+        let mut up_to = 0i64;
+        for row in tx
+            .query("SELECT name, up_to_ms FROM rollup_state", &[])
+            .await
+            .map_err(pg("read rollup state"))?
+        {
+            let name: String = get(&row, 0, "read rollup state")?;
+            let at: i64 = get(&row, 1, "read rollup state")?;
+            match name.as_str() {
+                "hourly" => hours = at,
+                "daily" => up_to = at,
+                _ => {}
+            }
+        }
+        stats.days_up_to_unix_ms = up_to;
+        let target = rollup::day_target(hours);
+        let next: Option<i64> = get(
+            &tx.query_one(rollup::NEXT_HOUR_ROW, &[&up_to])
+                .await
+                .map_err(pg("find next daily rollup row"))?,
+            0,
+            "find next daily rollup row",
+        )?;
+        let Some((start, end)) = rollup::next_day(up_to, next, target) else {
+            if target > up_to {
+                tx.execute(
+                    "UPDATE rollup_state SET up_to_ms = $1 WHERE name = 'daily'",
+                    &[&target],
+                )
+                .await
+                .map_err(pg("advance daily rollup state"))?;
+                stats.days_up_to_unix_ms = target;
+            }
+            tx.commit().await.map_err(pg("commit daily rollup"))?;
+            return Ok(stats);
+        };
+        for text in [rollup::ROLL_FLOWS_DAY, rollup::ROLL_GPU_DAY] {
+            stats.day_rows += tx
+                .execute(text, &[&start, &end])
+                .await
+                .map_err(pg("roll up days"))?;
+        }
+        tx.execute(
+            "UPDATE rollup_state SET up_to_ms = $1 WHERE name = 'daily'",
+            &[&end],
+        )
+        .await
+        .map_err(pg("advance daily rollup state"))?;
+        tx.commit().await.map_err(pg("commit daily rollup"))?;
+        stats.days += 1;
+        stats.days_up_to_unix_ms = end;
     }
 }

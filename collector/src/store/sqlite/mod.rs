@@ -44,7 +44,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 17] = [
+const MIGRATIONS: [&str; 18] = [
     include_str!("../../../migrations/sqlite/0001_reports.sql"),
     include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
@@ -62,6 +62,7 @@ const MIGRATIONS: [&str; 17] = [
     include_str!("../../../migrations/sqlite/0015_chain_checkpoints_and_inventory_generations.sql"),
     include_str!("../../../migrations/sqlite/0016_hourly_rollups.sql"),
     include_str!("../../../migrations/sqlite/0017_foreign_flows_per_report.sql"),
+    include_str!("../../../migrations/sqlite/0018_daily_rollups.sql"),
 ];
 
 /// SQLite-backed [`Store`].

@@ -109,7 +109,7 @@ impl SqliteStore {
                     "country, node, process, pid, asn, remote_address, remote_port",
                 ),
                 "verdict" => (
-                    "country, node, '', 0, asn, max(org), '', 0, max(geo_source)",
+                    "country, min(node), '', 0, asn, max(org), '', 0, max(geo_source)",
                     crate::store::rollup::VERDICT_GROUP,
                 ),
                 "contested" => (
@@ -134,17 +134,17 @@ impl SqliteStore {
         let containers_select = containers::egress_container_select(&q.by, "''");
         // Minutes are stamped at their start: a range starting mid-minute includes it.
         let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
-        let split = if crate::store::rollup::by_hours(&q.by) {
-            crate::store::rollup::split(since, q.until_unix_ms, rolled_up_to(conn)?)
+        let plan = if crate::store::rollup::by_hours(&q.by) {
+            crate::store::rollup::plan(since, q.until_unix_ms, rolled_up_to(conn)?)
         } else {
-            crate::store::rollup::split(since, q.until_unix_ms, 0)
+            crate::store::rollup::Plan::default()
         };
-        let (source, filter, values) = if split.has_hours() {
+        let (source, filter, values) = if plan.has_rollups() {
             let p = |i: usize| format!("?{i}");
             (
-                crate::store::rollup::flows_source(&p, "''", "0"),
+                crate::store::rollup::flows_source(&plan, &p, "''", "0"),
                 String::new(),
-                split.params().to_vec(),
+                plan.params(),
             )
         } else {
             let source = if containers::by_container(&q.by) {
@@ -164,6 +164,11 @@ impl SqliteStore {
                 ),
                 vec![since, q.until_unix_ms],
             )
+        };
+        let source = if q.by == "verdict" {
+            crate::store::rollup::with_node_site(&source)
+        } else {
+            source
         };
         let text = format!(
             "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
@@ -190,14 +195,23 @@ impl SqliteStore {
     }
 }
 
-/// Where the hourly rollup has come to (see [`crate::store::rollup`]).
-fn rolled_up_to(conn: &Connection) -> Result<i64, StoreError> {
-    conn.prepare_cached("SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'")
-        .map_err(sql("prepare rollup state"))?
-        .query_row([], |r| r.get(0))
-        .optional()
-        .map_err(sql("read rollup state"))
-        .map(Option::unwrap_or_default)
+/// Where the hourly and daily rollups have come to (see [`crate::store::rollup`]).
+pub(super) fn rolled_up_to(conn: &Connection) -> Result<crate::store::rollup::UpTo, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT name, up_to_ms FROM rollup_state")
+        .map_err(sql("prepare rollup state"))?;
+    let mut rows = stmt.query([]).map_err(sql("read rollup state"))?;
+    let mut up_to = crate::store::rollup::UpTo::default();
+    while let Some(row) = rows.next().map_err(sql("read rollup state"))? {
+        let name: String = row.get(0).map_err(sql("read rollup state"))?;
+        let at: i64 = row.get(1).map_err(sql("read rollup state"))?;
+        match name.as_str() {
+            "hourly" => up_to.hours = at,
+            "daily" => up_to.days = at,
+            _ => {}
+        }
+    }
+    Ok(up_to)
 }
 
 pub(super) async fn missing_ranges(
@@ -211,19 +225,30 @@ pub(super) async fn missing_ranges(
     let epoch = to_i64(epoch, "epoch")?;
     tokio::task::spawn_blocking(move || {
         let conn = lock(&reader);
+        let missing: Option<i64> = conn
+            .prepare_cached(crate::store::EPOCH_MISSING)
+            .map_err(sql("prepare epoch missing"))?
+            .query_row(params![node, epoch], |r| r.get(0))
+            .optional()
+            .map_err(sql("epoch missing"))?;
+        let mut scan = crate::store::HoleScan::new(limit, missing);
         let mut stmt = conn
-            .prepare_cached(crate::store::MISSING_RANGES)
+            .prepare_cached(crate::store::KEYS_PAGE)
             .map_err(sql("prepare missing ranges"))?;
-        let mut rows = stmt
-            .query(params![node, epoch, i64::from(limit)])
-            .map_err(sql("missing ranges"))?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql("missing ranges"))? {
-            let first: i64 = row.get(0).map_err(sql("read missing range"))?;
-            let last: i64 = row.get(1).map_err(sql("read missing range"))?;
-            out.push((to_u64(first, "first")?, to_u64(last, "last")?));
+        while scan.wants_more() {
+            let page = stmt
+                .query_map(
+                    params![node, epoch, scan.prev, crate::store::KEYS_PER_PAGE],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(sql("missing ranges"))?
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(sql("read missing range"))?;
+            if !scan.feed(&page) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(scan.ranges)
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -238,14 +263,15 @@ pub(super) async fn gpu_usage(
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
         let conn = lock(&reader);
-        let split = crate::store::rollup::split(since_unix_ms, until_unix_ms, rolled_up_to(&conn)?);
+        let plan = crate::store::rollup::plan(since_unix_ms, until_unix_ms, rolled_up_to(&conn)?);
         let mut stmt = conn
             .prepare_cached(&crate::store::rollup::gpu_usage_query(
+                &plan,
                 &|i| format!("?{i}"),
                 "",
             ))
             .map_err(sql("prepare gpu usage"))?;
-        let mut values = split.params().to_vec();
+        let mut values = plan.params();
         values.push(i64::from(limit));
         let mut rows = stmt
             .query(rusqlite::params_from_iter(values))

@@ -68,32 +68,29 @@ impl SqliteStore {
                 )
                 .map_err(sql("prune samples"))? as u64;
         }
-        for table in [
-            "host_minute",
-            "gpu_minute",
-            "gpu_usage_minute",
-            "containers_minute",
+        let (minutes, hours) = keep.cuts(super::queries::rolled_up_to(&tx)?);
+        for (table, cut) in [
+            ("host_minute", aggregates),
+            ("gpu_minute", aggregates),
+            ("gpu_usage_minute", aggregates),
+            ("containers_minute", minutes),
         ] {
             stats.aggregates += tx
-                .execute(
-                    &format!("DELETE FROM {table} WHERE minute_ms < ?1"),
-                    [aggregates],
-                )
+                .execute(&format!("DELETE FROM {table} WHERE minute_ms < ?1"), [cut])
                 .map_err(sql("prune aggregates"))? as u64;
         }
-        for table in ["flows_hour", "gpu_usage_hour"] {
+        for (table, column, cut) in [
+            ("flows_hour", "hour_ms", hours),
+            ("gpu_usage_hour", "hour_ms", hours),
+            ("flows_day", "day_ms", aggregates),
+            ("gpu_usage_day", "day_ms", aggregates),
+        ] {
             stats.aggregates += tx
-                .execute(
-                    &format!("DELETE FROM {table} WHERE hour_ms < ?1"),
-                    [aggregates],
-                )
-                .map_err(sql("prune hour rows"))? as u64;
+                .execute(&format!("DELETE FROM {table} WHERE {column} < ?1"), [cut])
+                .map_err(sql("prune hour and day rows"))? as u64;
         }
         stats.flows = tx
-            .execute(
-                "DELETE FROM flows_minute WHERE minute_ms < ?1",
-                [aggregates],
-            )
+            .execute("DELETE FROM flows_minute WHERE minute_ms < ?1", [minutes])
             .map_err(sql("prune flows"))? as u64
             + tx.execute("DELETE FROM flows_raw WHERE end_ms < ?1", [raw])
                 .map_err(sql("prune raw flows"))? as u64
@@ -129,7 +126,7 @@ impl SqliteStore {
         before: i64,
     ) -> Result<crate::store::RollupStats, StoreError> {
         use crate::store::rollup;
-        let target = before - before.rem_euclid(rollup::HOUR_MS);
+        let target = rollup::minute_target(before);
         let mut stats = crate::store::RollupStats::default();
         loop {
             let tx = conn
@@ -156,7 +153,7 @@ impl SqliteStore {
                     stats.up_to_unix_ms = target;
                 }
                 tx.commit().map_err(sql("commit rollup"))?;
-                return Ok(stats);
+                break;
             };
             stats.flow_rows += tx
                 .execute(rollup::ROLL_FLOWS, [start, end])
@@ -172,6 +169,51 @@ impl SqliteStore {
             tx.commit().map_err(sql("commit rollup"))?;
             stats.hours += 1;
             stats.up_to_unix_ms = end;
+        }
+        // Then whole days of hour rows, up to the day the rolled-up hours reach.
+        loop {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql("begin daily rollup"))?;
+            let read = |name: &str| {
+                tx.query_row(
+                    "SELECT up_to_ms FROM rollup_state WHERE name = ?1",
+                    [name],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(sql("read rollup state"))
+            };
+            let (hours, up_to) = (read("hourly")?, read("daily")?);
+            stats.days_up_to_unix_ms = up_to;
+            let target = rollup::day_target(hours);
+            let next: Option<i64> = tx
+                .query_row(rollup::NEXT_HOUR_ROW, [up_to], |r| r.get(0))
+                .map_err(sql("find next daily rollup row"))?;
+            let Some((start, end)) = rollup::next_day(up_to, next, target) else {
+                if target > up_to {
+                    tx.execute(
+                        "UPDATE rollup_state SET up_to_ms = ?1 WHERE name = 'daily'",
+                        [target],
+                    )
+                    .map_err(sql("advance daily rollup state"))?;
+                    stats.days_up_to_unix_ms = target;
+                }
+                tx.commit().map_err(sql("commit daily rollup"))?;
+                return Ok(stats);
+            };
+            for text in [rollup::ROLL_FLOWS_DAY, rollup::ROLL_GPU_DAY] {
+                stats.day_rows += tx
+                    .execute(text, [start, end])
+                    .map_err(sql("roll up days"))? as u64;
+            }
+            tx.execute(
+                "UPDATE rollup_state SET up_to_ms = ?1 WHERE name = 'daily'",
+                [end],
+            )
+            .map_err(sql("advance daily rollup state"))?;
+            tx.commit().map_err(sql("commit daily rollup"))?;
+            stats.days += 1;
+            stats.days_up_to_unix_ms = end;
         }
     }
 }
