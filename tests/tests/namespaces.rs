@@ -455,3 +455,165 @@ async fn through_the_collector_a_pods_bytes_and_private_weights_are_shown_with_p
     collector.stop().await;
     drop(holder);
 }
+
+/// Sum of the bytes sent in `flows` from namespace `netns` to `addr:port`.
+fn sent_to(flows: &[sov_proto::pb::Flow], netns: u64, addr: &str, port: u16) -> u64 {
+    flows
+        .iter()
+        .filter(|f| {
+            f.netns_inode == netns && f.remote_address == addr && f.remote_port == u32::from(port)
+        })
+        .map(|f| f.bytes_sent)
+        .sum()
+}
+
+#[test]
+fn an_unchanged_pod_is_not_dumped_yet_its_bytes_and_a_quick_connection_are_all_counted() {
+    const TEST: &str = "an_unchanged_pod_is_not_dumped";
+    const QUICK: usize = 300_000;
+    let pair = match Linked::create(3) {
+        Ok(p) => p,
+        Err(e) => {
+            sov_e2e::skipped(TEST, &format!("cannot create network namespaces ({e})"));
+            return;
+        }
+    };
+    let (_sink, port) = sink(Some(&pair.server), &pair.server_ip, 0);
+    let addr = format!("{}:{port}", pair.server_ip).parse().unwrap();
+    let mut client = Client::connect(Some(&pair.client), addr, SENT);
+    let pid = client.pid();
+    let netns = namespaces::of_pid(Path::new("/proc"), pid, namespaces::NET).unwrap();
+
+    let mut c = NetCollector::new(&NetConfig::default());
+    c.sample(now_unix_ms());
+    if c.take().1.mode != "netlink" {
+        sov_e2e::skipped(TEST, "sock_diag netlink unavailable here");
+        return;
+    }
+    // Nothing happened in the pod since: its sockets are not dumped again.
+    c.sample(now_unix_ms());
+    assert_eq!(
+        c.sampled_steady(netns),
+        Some(true),
+        "an idle pod is not dumped"
+    );
+
+    // Bytes over its open connection, no new connection: its socket is looked up exactly.
+    client.send();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut flows = Vec::new();
+    loop {
+        c.sample(now_unix_ms());
+        flows.extend(c.take().0);
+        if sent_to(&flows, netns, &pair.server_ip, port) >= SENT as u64 || Instant::now() > deadline
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        c.sampled_steady(netns),
+        Some(true),
+        "bytes over a known connection need no dump"
+    );
+    let sent = sent_to(&flows, netns, &pair.server_ip, port);
+    assert!(
+        within_one_percent(sent, SENT as u64),
+        "sent {sent}: {flows:#?}"
+    );
+    assert!(
+        flows
+            .iter()
+            .filter(|f| f.netns_inode == netns && f.remote_address == pair.server_ip)
+            .all(|f| f.pid == pid && !f.owner_unknown),
+        "{flows:#?}"
+    );
+
+    // A connection opened, used and closed between two samples: its destroy event brings its
+    // bytes, and the pod is dumped again.
+    let mut quick = Client::connect(Some(&pair.client), addr, QUICK);
+    quick.send();
+    drop(quick); // killed: the kernel closes the connection after the bytes
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut flows = Vec::new();
+    loop {
+        c.sample(now_unix_ms());
+        flows.extend(c.take().0);
+        if sent_to(&flows, netns, &pair.server_ip, port) >= QUICK as u64
+            || Instant::now() > deadline
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sent = sent_to(&flows, netns, &pair.server_ip, port);
+    assert!(
+        within_one_percent(sent, QUICK as u64),
+        "quick connection sent {sent} of {QUICK}: {flows:#?}"
+    );
+    c.sample(now_unix_ms());
+    drop(client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_sample_their_own_namespace_and_a_pods_bytes_come_with_the_next_interval() {
+    const TEST: &str = "reports_sample_their_own_namespace";
+    let pair = match Linked::create(4) {
+        Ok(p) => p,
+        Err(e) => {
+            sov_e2e::skipped(TEST, &format!("cannot create network namespaces ({e})"));
+            return;
+        }
+    };
+    let (_sink, port) = sink(Some(&pair.server), &pair.server_ip, 0);
+    let addr = format!("{}:{port}", pair.server_ip).parse().unwrap();
+    let mut client = Client::connect(Some(&pair.client), addr, SENT);
+    let pid = client.pid();
+    let netns = namespaces::of_pid(Path::new("/proc"), pid, namespaces::NET).unwrap();
+
+    let cfg = NetConfig {
+        interval_secs: 2,
+        ..NetConfig::default()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (handle, thread) = sov_agent::collect::net::NetHandle::spawn(cfg, stop.clone()).unwrap();
+    // Reports every 200 ms, each asking for a fresh sample (of the agent's own namespace).
+    let mut flows = Vec::new();
+    let mut reports = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent_at = None;
+    while Instant::now() < deadline {
+        let (f, status) = handle.take_fresh().await;
+        if status.mode != "netlink" {
+            sov_e2e::skipped(TEST, "sock_diag netlink unavailable here");
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        flows.extend(f);
+        reports += 1;
+        if reports == 5 {
+            // The pod is known by now (a baseline sample at start); now it sends.
+            client.send();
+            sent_at = Some(Instant::now());
+        }
+        if sent_at.is_some() && sent_to(&flows, netns, &pair.server_ip, port) >= SENT as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sent_to(&flows, netns, &pair.server_ip, port);
+    assert!(
+        within_one_percent(sent, SENT as u64),
+        "the pod's bytes, within 20 s ({reports} reports): {sent} of {SENT}: {flows:#?}"
+    );
+    assert!(
+        flows
+            .iter()
+            .filter(|f| f.netns_inode == netns && f.remote_address == pair.server_ip)
+            .all(|f| f.pid == pid),
+        "{flows:#?}"
+    );
+    thread.join().unwrap();
+    drop(client);
+}

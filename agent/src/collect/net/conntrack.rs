@@ -166,7 +166,8 @@ impl Conntrack {
         Ok(Self {
             socket,
             seq: 0,
-            buf: vec![0; RECV_BUFFER],
+            // Allocated at the first dump: most pods hold no UDP socket and are never dumped.
+            buf: Vec::new(),
         })
     }
 
@@ -186,6 +187,9 @@ impl Conntrack {
         // nfgenmsg: AF_UNSPEC (every family), version 0, resource id 0.
         req.extend_from_slice(&[0, 0, 0, 0]);
         self.socket.send(&req, 0).map_err(ConntrackError::Io)?;
+        if self.buf.len() != RECV_BUFFER {
+            self.buf = vec![0; RECV_BUFFER];
+        }
         let mut left_out = 0;
         loop {
             let n = self

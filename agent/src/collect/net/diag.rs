@@ -53,6 +53,14 @@ const INET_DIAG_REQ_LEN: usize = 60;
 const NLMSG_HDRLEN: usize = 16;
 /// `ENOENT`: what an exact lookup of a socket that no longer exists answers.
 const ENOENT: i32 = 2;
+/// `ESTALE`: the addresses and ports found a socket with another cookie.
+const ESTALE: i32 = 116;
+/// `MSG_DONTWAIT`.
+const MSG_DONTWAIT: i32 = 0x40;
+/// Exact lookups sent in one `send` ([`Dumper::lookup_many`]): the kernel answers them all
+/// before `send` returns, each answer queued on the receive buffer (about 1.3 KiB of it for a
+/// socket with its `tcp_info`, of the default 208 KiB); an answer that does not fit is dropped.
+pub const LOOKUP_BATCH: usize = 48;
 
 /// Why a dump (or a destroy-event subscription) failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,12 +88,32 @@ pub enum DiagError {
     },
 }
 
+thread_local! {
+    /// The receive buffer of every [`Dumper`] used on this thread (one per namespace would
+    /// keep [`DUMP_RECV_BUFFER`] resident for each of hundreds of pods).
+    static RECEIVE: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// This thread's receive buffer (allocated at its first use).
+fn take_buffer() -> Vec<u8> {
+    let b = RECEIVE.with(std::cell::Cell::take);
+    if b.len() == DUMP_RECV_BUFFER {
+        b
+    } else {
+        vec![0; DUMP_RECV_BUFFER]
+    }
+}
+
+/// Give this thread's receive buffer back.
+fn put_buffer(b: Vec<u8>) {
+    RECEIVE.with(|c| c.set(b));
+}
+
 /// One open `NETLINK_SOCK_DIAG` socket used for dumps.
 #[derive(Debug)]
 pub struct Dumper {
     socket: Socket,
     seq: u32,
-    buf: Vec<u8>,
     /// Whether the one-walk TCP dump of both families ([`TCPDIAG_GETSOCK`]) works here
     /// (`None`: not tried yet).
     both_families: Option<bool>,
@@ -103,7 +131,6 @@ impl Dumper {
         Ok(Self {
             socket,
             seq: 0,
-            buf: vec![0; DUMP_RECV_BUFFER],
             both_families: None,
         })
     }
@@ -162,7 +189,155 @@ impl Dumper {
         }
     }
 
+    /// Look each socket of `socks` up exactly (addresses, ports and cookie: a hash lookup in
+    /// the kernel, no walk of the tables), TCP ones with their `tcp_info`: the sockets found go
+    /// to `found`, the ones that are gone to `gone`. An `Err` when an answer is missing or
+    /// malformed (the caller dumps instead).
+    pub fn lookup_many(
+        &mut self,
+        socks: &[ObservedSocket],
+        found: &mut Vec<ObservedSocket>,
+        gone: &mut Vec<ObservedSocket>,
+    ) -> Result<(), DiagError> {
+        for batch in socks.chunks(LOOKUP_BATCH) {
+            self.lookup_batch(batch, found, gone)?;
+        }
+        Ok(())
+    }
+
+    fn lookup_batch(
+        &mut self,
+        batch: &[ObservedSocket],
+        found: &mut Vec<ObservedSocket>,
+        gone: &mut Vec<ObservedSocket>,
+    ) -> Result<(), DiagError> {
+        let mut buf = take_buffer();
+        let r = self.lookup_batch_with(&mut buf, batch, found, gone);
+        put_buffer(buf);
+        r
+    }
+
+    fn lookup_batch_with(
+        &mut self,
+        buf: &mut [u8],
+        batch: &[ObservedSocket],
+        found: &mut Vec<ObservedSocket>,
+        gone: &mut Vec<ObservedSocket>,
+    ) -> Result<(), DiagError> {
+        let first = self.seq.wrapping_add(1);
+        let mut req = Vec::with_capacity(batch.len() * 80);
+        for s in batch {
+            let tcp = s.protocol == pb::Protocol::Tcp;
+            let request = InetRequest {
+                family: if s.local.is_ipv6() { AF_INET6 } else { AF_INET },
+                protocol: if tcp { IPPROTO_TCP } else { IPPROTO_UDP },
+                extensions: if tcp {
+                    ExtensionFlags::INFO
+                } else {
+                    ExtensionFlags::empty()
+                },
+                states: StateFlags::all(),
+                socket_id: SocketId {
+                    source_port: s.local.port(),
+                    destination_port: s.remote.port(),
+                    source_address: s.local.ip(),
+                    destination_address: s.remote.ip(),
+                    interface_id: 0,
+                    cookie: s.cookie.to_ne_bytes(),
+                },
+            };
+            self.seq = self.seq.wrapping_add(1);
+            // No NLM_F_ACK: each request gets exactly one answer, the socket or an error.
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST;
+            header.sequence_number = self.seq;
+            let mut packet =
+                NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+            packet.finalize();
+            let at = req.len();
+            req.resize(at + packet.buffer_len(), 0);
+            packet.serialize(&mut req[at..]);
+            // Messages are 4-byte aligned (an InetRequest is 72 bytes: already aligned).
+            req.resize(req.len().div_ceil(NLMSG_ALIGNTO) * NLMSG_ALIGNTO, 0);
+        }
+        self.socket.send(&req, 0).map_err(DiagError::Io)?;
+        // Every answer is queued by now (the kernel serves a request inside `send`): read
+        // without blocking, so that an answer dropped on a full buffer ends in an error, not
+        // in a wait.
+        let mut answered = vec![false; batch.len()];
+        let mut left = batch.len();
+        while left > 0 {
+            let n = match self.socket.recv(&mut &mut buf[..], MSG_DONTWAIT) {
+                Ok(n) => n.min(buf.len()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(DiagError::Decode(format!(
+                        "{left} of {} exact lookups unanswered",
+                        batch.len()
+                    )));
+                }
+                Err(e) => return Err(DiagError::Io(e)),
+            };
+            let mut off = 0;
+            while off < n {
+                let msg = NetlinkBuffer::new_checked(&buf[off..n])
+                    .map_err(|e| DiagError::Decode(e.to_string()))?;
+                let len = msg.length() as usize;
+                if len == 0 {
+                    break;
+                }
+                off += len.div_ceil(NLMSG_ALIGNTO) * NLMSG_ALIGNTO;
+                let i = msg.sequence_number().wrapping_sub(first) as usize;
+                let Some((s, done)) = batch.get(i).zip(answered.get_mut(i)) else {
+                    continue; // left over from an earlier request
+                };
+                if *done {
+                    continue;
+                }
+                match msg.message_type() {
+                    NLMSG_ERROR => {
+                        let code = ErrorBuffer::new_checked(msg.payload())
+                            .map_err(|e| DiagError::Decode(e.to_string()))?
+                            .code();
+                        match code.map(|c| -c.get()) {
+                            // Gone, or another socket with its addresses (a time-wait one).
+                            Some(ENOENT | ESTALE) => gone.push(s.clone()),
+                            Some(code) => {
+                                return Err(DiagError::Refused(io::Error::from_raw_os_error(code)));
+                            }
+                            None => continue, // an acknowledgement: not an answer
+                        }
+                    }
+                    SOCK_DIAG_BY_FAMILY => {
+                        let f = decode(msg.payload(), s.protocol)?;
+                        if f.protocol == pb::Protocol::Tcp && f.tcp.is_none() {
+                            // Its time-wait successor (same cookie, no tcp_info): the full
+                            // socket is gone, its destroy event brings its last counters.
+                            gone.push(s.clone());
+                        } else {
+                            found.push(f);
+                        }
+                    }
+                    _ => continue,
+                }
+                *done = true;
+                left -= 1;
+            }
+        }
+        Ok(())
+    }
+
     fn lookup(&mut self, s: &ObservedSocket) -> Result<Option<ObservedSocket>, DiagError> {
+        let mut buf = take_buffer();
+        let r = self.lookup_with(&mut buf, s);
+        put_buffer(buf);
+        r
+    }
+
+    fn lookup_with(
+        &mut self,
+        buf: &mut [u8],
+        s: &ObservedSocket,
+    ) -> Result<Option<ObservedSocket>, DiagError> {
         let tcp = s.protocol == pb::Protocol::Tcp;
         let request = InetRequest {
             family: if s.local.is_ipv6() { AF_INET6 } else { AF_INET },
@@ -191,12 +366,12 @@ impl Dumper {
         loop {
             let n = self
                 .socket
-                .recv(&mut &mut self.buf[..], 0)
+                .recv(&mut &mut buf[..], 0)
                 .map_err(DiagError::Io)?;
-            let n = n.min(self.buf.len());
+            let n = n.min(buf.len());
             let mut off = 0;
             while off < n {
-                let msg = NetlinkBuffer::new_checked(&self.buf[off..n])
+                let msg = NetlinkBuffer::new_checked(&buf[off..n])
                     .map_err(|e| DiagError::Decode(e.to_string()))?;
                 let len = msg.length() as usize;
                 if len == 0 {
@@ -303,19 +478,31 @@ impl Dumper {
         hint: pb::Protocol,
         out: &mut Vec<ObservedSocket>,
     ) -> Result<(), DiagError> {
+        let mut buf = take_buffer();
+        let r = self.receive_with(&mut buf, hint, out);
+        put_buffer(buf);
+        r
+    }
+
+    fn receive_with(
+        &mut self,
+        buf: &mut [u8],
+        hint: pb::Protocol,
+        out: &mut Vec<ObservedSocket>,
+    ) -> Result<(), DiagError> {
         loop {
             let n = self
                 .socket
-                .recv(&mut &mut self.buf[..], 0)
+                .recv(&mut &mut buf[..], 0)
                 .map_err(DiagError::Io)?;
-            if n > self.buf.len() {
+            if n > buf.len() {
                 return Err(DiagError::Decode(format!(
                     "datagram of {n} bytes truncated"
                 )));
             }
             let mut off = 0;
             while off < n {
-                let msg = NetlinkBuffer::new_checked(&self.buf[off..n])
+                let msg = NetlinkBuffer::new_checked(&buf[off..n])
                     .map_err(|e| DiagError::Decode(e.to_string()))?;
                 let len = msg.length() as usize;
                 if len == 0 {
@@ -481,6 +668,57 @@ mod tests {
         other.cookie ^= 1;
         assert!(!d.still_open(&other), "another socket's cookie");
         drop(a);
+    }
+
+    #[test]
+    fn exact_lookups_in_batches_give_fresh_counters_and_tell_the_gone_ones() {
+        let Ok(mut d) = Dumper::open() else {
+            eprintln!("SKIP: NETLINK_SOCK_DIAG refused on this machine");
+            return;
+        };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        // More connections than one batch, so that several batches are sent.
+        let mut held = Vec::new();
+        for _ in 0..LOOKUP_BATCH + 5 {
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (a, _) = l.accept().unwrap();
+            held.push((c, a));
+        }
+        let mut out = vec![];
+        d.dump(AF_INET, IPPROTO_TCP, &mut out).unwrap();
+        let clients: Vec<ObservedSocket> = out
+            .iter()
+            .filter(|s| s.remote.port() == port)
+            .filter(|s| held.iter().any(|(c, _)| c.local_addr().unwrap() == s.local))
+            .cloned()
+            .collect();
+        assert_eq!(clients.len(), held.len(), "{out:?}");
+        // Bytes over the first one, and the last one closed on both ends.
+        std::io::Write::write_all(&mut held[0].0, &[7u8; 5000]).unwrap();
+        let mut buf = [0u8; 5000];
+        std::io::Read::read_exact(&mut held[0].1, &mut buf).unwrap();
+        let last = held.pop().unwrap();
+        let closed = last.0.local_addr().unwrap();
+        drop(last);
+        let (mut found, mut gone) = (vec![], vec![]);
+        d.lookup_many(&clients, &mut found, &mut gone).unwrap();
+        assert_eq!(found.len() + gone.len(), clients.len());
+        let first = held[0].0.local_addr().unwrap();
+        let f = found.iter().find(|s| s.local == first).expect("found");
+        let before = clients.iter().find(|s| s.local == first).unwrap();
+        assert_eq!(
+            f.tcp.unwrap().bytes_acked,
+            before.tcp.unwrap().bytes_acked + 5000,
+            "fresh counters"
+        );
+        assert_eq!((f.cookie, f.inode), (before.cookie, before.inode));
+        assert!(
+            gone.iter().any(|s| s.local == closed)
+                || found.iter().any(|s| s.local == closed && s.inode == 0),
+            "the closed one is gone or orphaned: {gone:?}"
+        );
+        assert!(found.iter().all(|s| s.tcp.is_some()), "{found:?}");
     }
 
     #[test]

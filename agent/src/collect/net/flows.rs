@@ -118,6 +118,8 @@ pub struct Contribution {
 /// A socket as remembered from the sample that last saw it.
 #[derive(Debug, Clone, PartialEq)]
 struct Seen {
+    protocol: pb::Protocol,
+    inode: u32,
     local: SocketAddr,
     remote: SocketAddr,
     counters: Option<(u64, u64)>,
@@ -145,7 +147,34 @@ pub struct Tracker {
     vanished: HashMap<u64, (Seen, i64)>,
     tcp_listen: HashSet<u16>,
     udp_bound: HashSet<u16>,
+    /// Inodes of the listeners (TCP, and bound UDP) of the latest sample that held them: their
+    /// owners stay known while the namespace is not dumped.
+    listeners: Vec<(pb::Protocol, u32)>,
     last_ms: Option<i64>,
+}
+
+/// Which of a namespace's sockets a sample holds, per protocol: every one (a dump), or only
+/// some (exact lookups of known sockets, or none at all: the others are unchanged and stay
+/// as they were).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope {
+    pub all_tcp: bool,
+    pub all_udp: bool,
+}
+
+impl Scope {
+    /// A dump of every protocol.
+    pub const FULL: Scope = Scope {
+        all_tcp: true,
+        all_udp: true,
+    };
+
+    fn covers(&self, protocol: pb::Protocol) -> bool {
+        match protocol {
+            pb::Protocol::Tcp => self.all_tcp,
+            _ => self.all_udp,
+        }
+    }
 }
 
 /// What one dump told beyond the contributions.
@@ -202,6 +231,58 @@ impl Tracker {
         }
     }
 
+    /// Sockets followed now (listeners not included).
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// True when no socket is followed.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// The inodes of the sockets followed now and of the latest listeners (0 for those
+    /// without one).
+    pub fn inodes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.live
+            .values()
+            .map(|s| s.inode)
+            .chain(self.listeners.iter().map(|l| l.1))
+    }
+
+    /// The inodes of the followed sockets whose owner is wanted: listeners, and connections
+    /// whose remote `filter` keeps (the owners of the others are never searched for).
+    pub fn wanted_inodes<'a>(&'a self, filter: &'a Filter) -> impl Iterator<Item = u32> + 'a {
+        self.live
+            .values()
+            .filter(|s| !filter.excludes(&normalize(s.remote.ip())))
+            .map(|s| s.inode)
+            .chain(self.listeners.iter().map(|l| l.1))
+    }
+
+    /// The followed TCP sockets whose traffic `filter` keeps, as exact lookups can ask for them
+    /// (addresses, ports and cookie; no counters). Sockets from `/proc/net` (no cookie) are
+    /// left out.
+    pub fn lookup_keys(&self, filter: &Filter) -> Vec<ObservedSocket> {
+        self.live
+            .iter()
+            .filter(|(k, s)| {
+                s.protocol == pb::Protocol::Tcp
+                    && *k & FALLBACK_KEY == 0
+                    && !filter.excludes(&normalize(s.remote.ip()))
+            })
+            .map(|(k, s)| ObservedSocket {
+                protocol: s.protocol,
+                state: 0,
+                local: s.local,
+                remote: s.remote,
+                inode: s.inode,
+                cookie: *k,
+                tcp: None,
+            })
+            .collect()
+    }
+
     /// Fold a new dump in: contributions since the previous sample go to `out`; sockets that
     /// left the dump start waiting for their destroy event.
     pub fn observe_dump(
@@ -211,9 +292,38 @@ impl Tracker {
         owner: &dyn Fn(u32) -> Option<u32>,
         out: &mut Vec<Contribution>,
     ) -> DumpSummary {
-        self.tcp_listen.clear();
-        self.udp_bound.clear();
-        for s in socks.iter().filter(|s| is_listener(s)) {
+        self.observe(socks, Scope::FULL, now_ms, owner, out)
+    }
+
+    /// [`Tracker::observe_dump`] of a sample that holds every socket of the protocols `scope`
+    /// covers and only some of the others: a followed socket of an uncovered protocol that is
+    /// not in `socks` stays as it was (it moved no byte the sample could see), and the
+    /// listening ports of an uncovered protocol are kept.
+    pub fn observe(
+        &mut self,
+        socks: &[ObservedSocket],
+        scope: Scope,
+        now_ms: i64,
+        owner: &dyn Fn(u32) -> Option<u32>,
+        out: &mut Vec<Contribution>,
+    ) -> DumpSummary {
+        if scope.all_tcp {
+            self.tcp_listen.clear();
+        }
+        if scope.all_udp {
+            self.udp_bound.clear();
+        }
+        self.listeners.retain(|(p, _)| !scope.covers(*p));
+        self.listeners.extend(
+            socks
+                .iter()
+                .filter(|s| is_listener(s) && scope.covers(s.protocol) && s.inode != 0)
+                .map(|s| (s.protocol, s.inode)),
+        );
+        for s in socks
+            .iter()
+            .filter(|s| is_listener(s) && scope.covers(s.protocol))
+        {
             match s.protocol {
                 pb::Protocol::Tcp => self.tcp_listen.insert(s.local.port()),
                 _ => self.udp_bound.insert(s.local.port()),
@@ -281,6 +391,8 @@ impl Tracker {
             live.insert(
                 k,
                 Seen {
+                    protocol: s.protocol,
+                    inode: s.inode,
                     local: s.local,
                     remote: s.remote,
                     counters,
@@ -289,8 +401,21 @@ impl Tracker {
                 },
             );
         }
-        for (k, seen) in std::mem::replace(&mut self.live, live) {
-            self.vanished.insert(k, (seen, now_ms));
+        if scope == Scope::FULL {
+            for (k, seen) in std::mem::replace(&mut self.live, live) {
+                self.vanished.insert(k, (seen, now_ms));
+            }
+        } else {
+            // In place: most followed sockets stay as they are.
+            let vanished = &mut self.vanished;
+            self.live.retain(|k, seen| {
+                if !scope.covers(seen.protocol) {
+                    return true;
+                }
+                vanished.insert(*k, (seen.clone(), now_ms));
+                false
+            });
+            self.live.extend(live);
         }
         summary
     }

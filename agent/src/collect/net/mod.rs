@@ -22,7 +22,20 @@
 //! [`NetCollector::sample`] takes one sample,
 //! [`NetCollector::take`] hands out the flows accumulated since the previous take.
 //! [`NetHandle::spawn`] runs it on its own thread every `interval_secs`, and in between folds in
-//! destroy events every [`ABSORB_PERIOD`] so that the event queue stays short.
+//! destroy events every [`ABSORB_PERIOD`] so that the event queue stays short. A report asks
+//! for a fresh sample of the agent's own namespace only ([`NetCollector::sample_own`]); the
+//! other namespaces (pods) are sampled every `interval_secs`, so a pod's bytes reach the
+//! report that follows their interval's sample (up to `interval_secs` later than the host's).
+//!
+//! # What a sample costs
+//!
+//! Every sock_diag dump walks the kernel's node-wide TCP hash table (2^18 buckets and every
+//! socket of every namespace), whichever namespace asks. So a namespace whose TCP sockets are
+//! the same as at its previous sample — its `inuse`, `ActiveOpens` and `PassiveOpens` counts
+//! unchanged ([`sockstat::TcpMark`]) and none of its sockets destroyed since — is not dumped:
+//! when no TCP segment came in (`InSegs` unchanged) nothing is asked at all, else its
+//! followed sockets whose traffic counts (not loopback unless `include_loopback`) are looked
+//! up exactly, by addresses, ports and cookie (a hash lookup each; [`MAX_LOOKUPS`] at most).
 //!
 //! # What can still be missed
 //!
@@ -105,7 +118,7 @@ use crate::collect::error_chain as chain;
 use crate::collect::namespaces;
 use crate::collect::net::destroy::DestroyListener;
 use crate::collect::net::diag::Dumper;
-use crate::collect::net::flows::{Contribution, Filter, FlowTable, Tracker};
+use crate::collect::net::flows::{Contribution, Filter, FlowTable, Scope, Tracker};
 use crate::collect::net::netns::NsMap;
 use crate::collect::net::owners::OwnerCache;
 use crate::collect::proctable::ProcTable;
@@ -301,6 +314,40 @@ struct Namespace {
     /// since its last dump. Only then: each dump walks the kernel's whole TCP hash table,
     /// whichever namespace asks.
     glance: glance::Pace,
+    /// Its [`sockstat::TcpMark`] when its TCP sockets were last dumped (or looked up): while
+    /// the mark stays the same and no socket of it is destroyed, its TCP sockets are not
+    /// dumped again ([`NetCollector::sample`]).
+    tcp_mark: Option<sockstat::TcpMark>,
+    /// Destroy events (or possible losses of them) since its TCP sockets were last dumped.
+    events_since_dump: u64,
+    /// Its latest sample found its TCP sockets unchanged (no TCP dump).
+    steady: bool,
+    /// Sockets (listeners included) in its latest dump, and of those the ones without owner.
+    sockets: usize,
+    unknown_owners: usize,
+}
+
+impl Namespace {
+    fn new(key: u64) -> Self {
+        Self {
+            dumper: None,
+            no_netlink: None,
+            destroy: false,
+            no_destroy: None,
+            tracker: Tracker::for_netns(key),
+            last_mode: None,
+            pids: Vec::new(),
+            empty_samples: 0,
+            conntrack: None,
+            udp: None,
+            glance: glance::Pace::default(),
+            tcp_mark: None,
+            events_since_dump: 0,
+            steady: false,
+            sockets: 0,
+            unknown_owners: 0,
+        }
+    }
 }
 
 /// Samples sockets and accumulates flows. `Send`: it moves to the sampling thread.
@@ -336,6 +383,14 @@ pub struct NetCollector {
     filter: Filter,
     /// Which namespace glances first next time (in turn).
     glance_turn: usize,
+    /// What the latest sample of the other namespaces found (reused by the samples of the
+    /// agent's own namespace alone, [`NetCollector::sample_own`]): reasons, namespaces read
+    /// from `/proc/net`, namespaces left out.
+    others_reasons: Vec<String>,
+    others_fallback: usize,
+    others_skipped: usize,
+    /// The live socket inodes of the other namespaces at their latest sample.
+    others_live: HashSet<u32>,
 }
 
 /// The agent's own namespace's conntrack socket (switching accounting on when configured).
@@ -433,19 +488,7 @@ impl NetCollector {
             .max_flows_per_report
             .saturating_mul(TABLE_FLOWS_FACTOR)
             .max(MIN_TABLE_FLOWS);
-        let mut own = Namespace {
-            dumper: None,
-            no_netlink: None,
-            destroy: false,
-            no_destroy: None,
-            tracker: Tracker::for_netns(0),
-            last_mode: None,
-            pids: Vec::new(),
-            empty_samples: 0,
-            conntrack: None,
-            udp: None,
-            glance: glance::Pace::default(),
-        };
+        let mut own = Namespace::new(0);
         let mut destroy = None;
         if !cfg.enabled {
             own.no_netlink = Some("net.enabled = false".to_owned());
@@ -525,6 +568,10 @@ impl NetCollector {
             glance_budget: glance::Budget::default(),
             glance_turn: 0,
             filter,
+            others_reasons: Vec::new(),
+            others_fallback: 0,
+            others_skipped: 0,
+            others_live: HashSet::new(),
         }
     }
 
@@ -544,6 +591,14 @@ impl NetCollector {
     /// The owner cache's walk statistics (for benchmarks and logs).
     pub fn owner_stats(&self) -> owners::WalkStats {
         self.owners.stats()
+    }
+
+    /// Whether the latest sample of network namespace `inode` (0 or the agent's own inode: the
+    /// agent's own) found its TCP sockets unchanged and so did not dump them; `None` for a
+    /// namespace not observed.
+    pub fn sampled_steady(&self, inode: u64) -> Option<bool> {
+        let key = if inode == self.own_inode { 0 } else { inode };
+        self.namespaces.get(&key).map(|n| n.steady)
     }
 
     /// Network namespaces observed now (the agent's own included), and of those how many
@@ -618,17 +673,8 @@ impl NetCollector {
     /// (it is tried again at the next sample).
     fn open_namespace(&mut self, ino: u64, pids: Vec<u32>) -> Option<Namespace> {
         let mut ns = Namespace {
-            dumper: None,
-            no_netlink: None,
-            destroy: false,
-            no_destroy: None,
-            tracker: Tracker::for_netns(ino),
-            last_mode: None,
             pids,
-            empty_samples: 0,
-            conntrack: None,
-            udp: None,
-            glance: glance::Pace::default(),
+            ..Namespace::new(ino)
         };
         if self.force_proc_fallback {
             ns.no_netlink = Some("netlink not used: forced by options".to_owned());
@@ -668,21 +714,51 @@ impl NetCollector {
     /// `/proc/net`) is a baseline: it contributes nothing. Afterwards a socket absent from the
     /// previous sample contributes its full counters (it was created, or completed its
     /// handshake, since).
+    ///
+    /// A namespace whose TCP sockets are the same as at its previous sample (its
+    /// [`sockstat::TcpMark`] unchanged, none of its sockets destroyed meanwhile) is not dumped
+    /// again: every dump walks the kernel's node-wide TCP hash table, whichever namespace asks.
+    /// When bytes moved in it (`InSegs` changed), its followed TCP sockets whose traffic is
+    /// counted (not loopback, unless `include_loopback`) are looked up exactly instead, at most
+    /// [`MAX_LOOKUPS`] of them (beyond, it is dumped).
     pub fn sample(&mut self, now_unix_ms: i64) {
+        self.sample_scope(now_unix_ms, true);
+    }
+
+    /// A sample of the agent's own network namespace alone (what a report asks for: its
+    /// connections' bytes up to the moment it is built); the other namespaces keep their state
+    /// until the next [`NetCollector::sample`] (every `[net] interval_secs`).
+    pub fn sample_own(&mut self, now_unix_ms: i64) {
+        self.sample_scope(now_unix_ms, false);
+    }
+
+    fn sample_scope(&mut self, now_unix_ms: i64, others: bool) {
         if !self.enabled {
             return;
         }
         // One refresh of the process table per sample; a listing made by another collector
         // less than a second ago is shared (listing mode only).
         let procs = self.table.refresh(TABLE_MAX_AGE);
-        let skipped = self.discover(Instant::now());
-        let mut dumps: Vec<(u64, Vec<ObservedSocket>, &'static str)> =
+        let skipped = if others {
+            self.others_skipped = self.discover(Instant::now());
+            self.others_skipped
+        } else {
+            self.others_skipped
+        };
+        // Lost destroy events (of any namespace) make every namespace dumped in full.
+        let mut losses = self.destroy_losses();
+        let mut dumps: Vec<(u64, Vec<ObservedSocket>, &'static str, Scope)> =
             Vec::with_capacity(self.namespaces.len());
         let mut errors = 0u64;
-        let mut reasons: Vec<String> = Vec::new();
+        let mut reasons: Vec<(u64, String)> = Vec::new();
         let mut own_failed: Option<String> = None;
         let mut fallback = 0usize;
-        let mut keys: Vec<u64> = self.namespaces.keys().copied().collect();
+        let mut keys: Vec<u64> = self
+            .namespaces
+            .keys()
+            .copied()
+            .filter(|k| others || *k == 0)
+            .collect();
         keys.sort_unstable();
         for key in keys {
             let Some(ns) = self.namespaces.get_mut(&key) else {
@@ -690,6 +766,8 @@ impl NetCollector {
             };
             let mut socks = Vec::with_capacity(if key == 0 { self.capacity_hint } else { 16 });
             let mut mode = MODE_PROC_FALLBACK;
+            let mut scope = Scope::FULL;
+            ns.steady = false;
             if let Some(d) = ns.dumper.as_mut() {
                 // Only the protocols the namespace holds sockets of (sockstat.rs): a dump walks
                 // the node-wide hash tables even for an empty namespace.
@@ -702,19 +780,61 @@ impl NetCollector {
                 };
                 ns.glance.before_sample(net_dir.as_deref(), Instant::now());
                 let in_use = net_dir.as_deref().and_then(sockstat::read);
-                let (asked, skipped) = match in_use {
-                    Some(u) => {
-                        let n = [(false, true), (false, false), (true, true), (true, false)]
-                            .iter()
-                            .filter(|(v6, tcp)| u.any(*v6, *tcp))
-                            .count() as u64;
-                        (n, 4 - n)
-                    }
-                    None => (4, 0),
+                let mark = match (&net_dir, &in_use) {
+                    (Some(dir), Some(u)) if ns.destroy => sockstat::tcp_mark(dir, u),
+                    _ => None,
                 };
-                cache::NAMESPACE_DUMPS.misses(asked);
-                cache::NAMESPACE_DUMPS.hits(skipped);
-                match d.dump_where(&mut socks, |v6, tcp| in_use.is_none_or(|u| u.any(v6, tcp))) {
+                let steady = match (mark, ns.tcp_mark) {
+                    (Some(now), Some(then)) => {
+                        ns.last_mode == Some(MODE_NETLINK)
+                            && ns.tracker.has_baseline()
+                            && ns.events_since_dump == 0
+                            && now.same_sockets(&then)
+                    }
+                    _ => false,
+                };
+                let mut result = Err(None);
+                if steady && let (Some(now), Some(then)) = (mark, ns.tcp_mark) {
+                    result =
+                        steady_sample(d, &ns.tracker, &self.filter, now, then, in_use, &mut socks);
+                    if result.is_ok() {
+                        scope = Scope {
+                            all_tcp: false,
+                            all_udp: in_use.is_some_and(|u| u.udp4 + u.udp6 > 0),
+                        };
+                    } else {
+                        socks.clear();
+                    }
+                }
+                if let Err(why) = &result {
+                    if let Some(why) = why {
+                        tracing::debug!(netns = key, reason = %why, "exact lookups failed: dumping instead");
+                    }
+                    let (asked, skipped) = match in_use {
+                        Some(u) => {
+                            let n = [(false, true), (false, false), (true, true), (true, false)]
+                                .iter()
+                                .filter(|(v6, tcp)| u.any(*v6, *tcp))
+                                .count() as u64;
+                            (n, 4 - n)
+                        }
+                        None => (4, 0),
+                    };
+                    cache::NAMESPACE_DUMPS.misses(asked);
+                    cache::NAMESPACE_DUMPS.hits(skipped);
+                    result = d
+                        .dump_where(&mut socks, |v6, tcp| in_use.is_none_or(|u| u.any(v6, tcp)))
+                        .map_err(Some);
+                    if result.is_ok() {
+                        ns.events_since_dump = 0;
+                    }
+                } else {
+                    // The TCP dumps (both families: one walk) were not needed.
+                    cache::NAMESPACE_DUMPS.hits(2);
+                }
+                ns.tcp_mark = if result.is_ok() { mark } else { None };
+                ns.steady = scope != Scope::FULL;
+                match result {
                     Ok(()) => {
                         mode = MODE_NETLINK;
                         let udp = match ns.conntrack.as_mut() {
@@ -726,13 +846,16 @@ impl NetCollector {
                         };
                         if let Some(state) = udp {
                             if state != conntrack::UdpAccounting::Counted {
-                                reasons.push(format!(
-                                    "UDP bytes unmeasured in network namespace {key} ({})",
-                                    if state == conntrack::UdpAccounting::Off {
-                                        "conntrack accounting off"
-                                    } else {
-                                        "not tracked by netfilter"
-                                    }
+                                reasons.push((
+                                    key,
+                                    format!(
+                                        "UDP bytes unmeasured in network namespace {key} ({})",
+                                        if state == conntrack::UdpAccounting::Off {
+                                            "conntrack accounting off"
+                                        } else {
+                                            "not tracked by netfilter"
+                                        }
+                                    ),
                                 ));
                             }
                             if ns.udp != Some(state) && state != conntrack::UdpAccounting::Counted {
@@ -745,15 +868,19 @@ impl NetCollector {
                     Err(e) => {
                         errors += 1;
                         socks.clear();
-                        let r = format!("netlink dump failed: {}", chain(&e));
+                        scope = Scope::FULL;
+                        let r = match e {
+                            Some(e) => format!("netlink dump failed: {}", chain(&e)),
+                            None => "netlink dump failed".to_owned(),
+                        };
                         tracing::warn!(reason = %r, netns = key, "falling back to /proc/net for this sample");
-                        reasons.push(r);
+                        reasons.push((key, r));
                     }
                 }
             } else if let Some(r) = &ns.no_netlink
                 && key != 0
             {
-                reasons.push(r.clone());
+                reasons.push((key, r.clone()));
             }
             if mode == MODE_PROC_FALLBACK {
                 if key != 0 {
@@ -785,7 +912,7 @@ impl NetCollector {
                 ns.tracker = Tracker::for_netns(key);
                 ns.last_mode = Some(mode);
             }
-            dumps.push((key, socks, mode));
+            dumps.push((key, socks, mode, scope));
         }
         if let Some(why) = own_failed {
             let own = self.namespaces.get(&0);
@@ -798,30 +925,47 @@ impl NetCollector {
             };
             return;
         }
-        let total: usize = dumps.iter().map(|d| d.1.len()).sum();
-        if let Some((_, own, _)) = dumps.iter().find(|d| d.0 == 0) {
+        if let Some((_, own, _, _)) = dumps.iter().find(|d| d.0 == 0 && d.3 == Scope::FULL) {
             self.capacity_hint = own.len() + own.len() / 8;
         }
 
+        // The live sockets whose owners are wanted (`owner_wanted`: connections the flows
+        // leave out have none searched): those dumped, and the followed ones of the namespaces
+        // not dumped in full (unchanged, or not sampled now: the other namespaces' are kept from
+        // their latest sample).
         let filter = self.filter;
-        let live: HashSet<u32> = dumps
-            .iter()
-            .flat_map(|d| d.1.iter())
-            .filter(|s| owner_wanted(&filter, s))
-            .map(|s| s.inode)
-            .filter(|i| *i != 0)
-            .collect();
-        // Connections left out of the flows have no owner searched: not "unknown" either.
-        let left_out = dumps
-            .iter()
-            .flat_map(|d| d.1.iter())
-            .filter(|s| !owner_wanted(&filter, s) && (s.inode != 0 || s.cookie != 0))
-            .count();
+        let inodes_of =
+            |key: u64, namespaces: &HashMap<u64, Namespace>, live: &mut HashSet<u32>| {
+                if let Some((_, socks, _, scope)) = dumps.iter().find(|d| d.0 == key) {
+                    live.extend(
+                        socks
+                            .iter()
+                            .filter(|s| owner_wanted(&filter, s))
+                            .map(|s| s.inode)
+                            .filter(|i| *i != 0),
+                    );
+                    if *scope == Scope::FULL {
+                        return;
+                    }
+                }
+                if let Some(ns) = namespaces.get(&key) {
+                    live.extend(ns.tracker.wanted_inodes(&filter).filter(|i| *i != 0));
+                }
+            };
+        if others {
+            let mut o = HashSet::new();
+            for key in self.namespaces.keys().filter(|k| **k != 0) {
+                inodes_of(*key, &self.namespaces, &mut o);
+            }
+            self.others_live = o;
+        }
+        let mut live = self.others_live.clone();
+        inodes_of(0, &self.namespaces, &mut live);
         // A socket the owner search cannot find may have closed since its dump: asked once,
         // by an exact lookup in its namespace, before every process is listed for it.
         let namespaces = &mut self.namespaces;
         let mut still_open = |ino: u32| -> bool {
-            for (key, socks, mode) in &dumps {
+            for (key, socks, mode, _) in &dumps {
                 if *mode != MODE_NETLINK {
                     continue;
                 }
@@ -837,22 +981,33 @@ impl NetCollector {
         self.owners
             .refresh(&live, Instant::now(), Some(&procs), &mut still_open);
         let mut contributions = Vec::new();
-        let mut unknown_owners = 0;
         let mut own_mode = MODE_PROC_FALLBACK;
-        for (key, socks, mode) in &dumps {
+        for (key, socks, mode, scope) in &dumps {
             let Some(ns) = self.namespaces.get_mut(key) else {
                 continue;
             };
+            if *key == 0 {
+                own_mode = mode;
+            }
+            if *scope != Scope::FULL && socks.is_empty() && !scope.all_udp && !scope.all_tcp {
+                continue; // unchanged, nothing moved
+            }
             let owners = &self.owners;
-            let summary = ns.tracker.observe_dump(
+            let summary = ns.tracker.observe(
                 socks,
+                *scope,
                 now_unix_ms,
                 &|ino| owners.owner(ino),
                 &mut contributions,
             );
-            unknown_owners += summary.unknown_owners;
-            if *key == 0 {
-                own_mode = mode;
+            if *scope == Scope::FULL {
+                ns.sockets = socks.len();
+                // Connections left out of the flows have no owner searched: not "unknown".
+                let left_out = socks
+                    .iter()
+                    .filter(|s| !owner_wanted(&filter, s) && (s.inode != 0 || s.cookie != 0))
+                    .count();
+                ns.unknown_owners = summary.unknown_owners.saturating_sub(left_out);
             }
         }
         // Destroy events after the dumps: a socket freed during a dump may be in it; its event
@@ -860,14 +1015,16 @@ impl NetCollector {
         let destroyed = self.absorb_into(now_unix_ms, &mut contributions);
         let (short, short_unknown) = self.take_unseen();
         let mut missed = 0;
-        for (key, _, mode) in &dumps {
+        for (key, _, mode, _) in &dumps {
             if let Some(ns) = self.namespaces.get_mut(key) {
                 let subscribed = *mode == MODE_NETLINK && ns.destroy;
                 missed += ns.tracker.finish(now_unix_ms, subscribed);
             }
         }
-        let losses = self.destroy_losses();
-        let (pid_containers, ns_containers) = self.containers_of(&contributions);
+        losses += self.destroy_losses();
+        let (pid_containers, ns_containers) = self.containers_of(&contributions, others);
+        let total: usize = self.namespaces.values().map(|n| n.sockets).sum();
+        let unknown_owners: usize = self.namespaces.values().map(|n| n.unknown_owners).sum();
 
         let own = self.namespaces.get(&0);
         let own_netlink = own_mode == MODE_NETLINK;
@@ -878,12 +1035,23 @@ impl NetCollector {
                 n.no_netlink.clone()
             }
         });
+        let (own_reasons, other_reasons): (Vec<_>, Vec<_>) =
+            reasons.into_iter().partition(|(key, _)| *key == 0);
+        let mut reasons: Vec<String> = own_reasons.into_iter().map(|(_, r)| r).collect();
+        if others {
+            // What the other namespaces said stays until their next sample.
+            self.others_reasons = other_reasons.into_iter().map(|(_, r)| r).collect();
+            self.others_fallback = fallback;
+        }
+        reasons.extend(self.others_reasons.iter().cloned());
         let mut sh = lock(&self.shared);
         for c in &contributions {
             sh.table.add(c);
         }
         sh.pid_containers.extend(pid_containers);
-        sh.ns_containers = ns_containers;
+        if let Some(by_ns) = ns_containers {
+            sh.ns_containers = by_ns;
+        }
         let st = &mut sh.status;
         st.mode = own_mode.to_owned();
         reasons.sort();
@@ -898,7 +1066,7 @@ impl NetCollector {
         }
         st.reason = all.join("; ");
         st.sockets = total;
-        st.unknown_owners = unknown_owners.saturating_sub(left_out);
+        st.unknown_owners = unknown_owners;
         st.destroyed_seen += destroyed as u64;
         st.destroy_events = own_netlink && own.is_some_and(|n| n.destroy);
         st.sample_errors += errors;
@@ -906,27 +1074,32 @@ impl NetCollector {
         st.destroy_overruns += losses;
         st.short_connections += short;
         st.short_unknown_owners += short_unknown;
-        st.namespaces = dumps.len();
-        st.namespaces_fallback = fallback;
+        st.namespaces = self.namespaces.len();
+        st.namespaces_fallback = self.others_fallback;
         st.namespaces_skipped = skipped;
     }
 
-    /// The containers of the contributions' owners, and the pod owning each other namespace.
+    /// The containers of the contributions' owners, and (when `others`: the other namespaces
+    /// were sampled) the pod owning each other namespace.
     #[allow(clippy::type_complexity)]
     fn containers_of(
         &self,
         contributions: &[Contribution],
+        others: bool,
     ) -> (
         HashMap<u32, pb::ContainerRef>,
-        HashMap<u64, pb::ContainerRef>,
+        Option<HashMap<u64, pb::ContainerRef>>,
     ) {
         let Some(c) = &self.containers else {
-            return (HashMap::new(), HashMap::new());
+            return (HashMap::new(), Some(HashMap::new()));
         };
         let mut pids: Vec<u32> = contributions.iter().filter_map(|c| c.pid).collect();
         pids.sort_unstable();
         pids.dedup();
         let by_pid = c.of_pids(&pids);
+        if !others {
+            return (by_pid, None);
+        }
         let mut by_ns = HashMap::new();
         for (key, ns) in &self.namespaces {
             if *key == 0 || ns.pids.is_empty() {
@@ -937,7 +1110,7 @@ impl NetCollector {
                 by_ns.insert(*key, r);
             }
         }
-        (by_pid, by_ns)
+        (by_pid, Some(by_ns))
     }
 
     /// Fold in the destroy events received since the last sample (called between samples by
@@ -1115,6 +1288,7 @@ impl NetCollector {
                 {
                     tracing::debug!(netns = key, error = %chain(&e), "conntrack dump for closed UDP sockets failed");
                 }
+                ns.events_since_dump += evs.len() as u64;
                 n += ns.tracker.absorb_destroyed(&evs, now_unix_ms, out);
             }
         }
@@ -1129,6 +1303,12 @@ impl NetCollector {
         let total = s.overruns.load(Ordering::Relaxed) + s.queue_full.load(Ordering::Relaxed);
         let new = total.saturating_sub(self.destroy_losses_seen);
         self.destroy_losses_seen = total;
+        if new > 0 {
+            // Any namespace's events may be among the lost: every one is dumped again.
+            for ns in self.namespaces.values_mut() {
+                ns.events_since_dump += new;
+            }
+        }
         new
     }
 
@@ -1154,6 +1334,41 @@ impl NetCollector {
 /// scrapes and sidecars most new sockets are such.
 fn owner_wanted(filter: &Filter, s: &ObservedSocket) -> bool {
     flows::is_listener(s) || !filter.excludes(&flows::normalize(s.remote.ip()))
+}
+
+/// Most exact lookups in one namespace's sample ([`NetCollector::sample`]); beyond, its sockets
+/// are dumped.
+pub const MAX_LOOKUPS: usize = 1024;
+
+/// The sample of a namespace whose TCP sockets are the same as at its previous sample (`then`,
+/// its mark then; `now`, its mark now): no TCP request at all when no segment came in since,
+/// else exact lookups of its followed TCP sockets that `filter` keeps; its UDP sockets dumped
+/// as usual when it has some. `Err(None)`: more than [`MAX_LOOKUPS`] lookups (dump instead).
+fn steady_sample(
+    d: &mut Dumper,
+    tracker: &Tracker,
+    filter: &Filter,
+    now: sockstat::TcpMark,
+    then: sockstat::TcpMark,
+    in_use: Option<sockstat::InUse>,
+    socks: &mut Vec<ObservedSocket>,
+) -> Result<(), Option<diag::DiagError>> {
+    if now.in_segs != then.in_segs {
+        let keys = tracker.lookup_keys(filter);
+        if keys.len() > MAX_LOOKUPS {
+            return Err(None);
+        }
+        // A socket gone meanwhile stays followed until its destroy event.
+        let mut gone = Vec::new();
+        d.lookup_many(&keys, socks, &mut gone).map_err(Some)?;
+    }
+    if let Some(u) = in_use
+        && u.udp4 + u.udp6 > 0
+    {
+        d.dump_where(socks, |v6, tcp| !tcp && u.any(v6, false))
+            .map_err(Some)?;
+    }
+    Ok(())
 }
 
 /// The one owner of a namespace's processes: their common container when they all share one,
@@ -1202,8 +1417,9 @@ pub const FRESH_SAMPLE_WAIT: Duration = Duration::from_millis(500);
 
 impl NetHandle {
     /// Start a collector on its own thread ("sov-net"): a baseline sample at once, then one
-    /// sample every `cfg.interval_secs` (at least 1), destroy events folded in every
-    /// [`ABSORB_PERIOD`] in between, until `stop` is set.
+    /// sample of every namespace every `cfg.interval_secs` (at least 1), and one of the agent's
+    /// own namespace whenever a report asks ([`NetHandle::take_fresh`]); destroy events folded
+    /// in every [`ABSORB_PERIOD`] in between, until `stop` is set.
     ///
     /// # Errors
     ///
@@ -1236,20 +1452,32 @@ impl NetHandle {
         let thread = std::thread::Builder::new()
             .name("sov-net".into())
             .spawn(move || {
+                // `next`: the next sample of the agent's own namespace (sooner when a report
+                // asks); `next_others`: the next sample of every namespace, every interval.
                 let mut next = Instant::now();
+                let mut next_others = next;
+                let advance = |t: &mut Instant, now: Instant| {
+                    *t += interval;
+                    if *t <= now {
+                        *t = now + interval;
+                    }
+                };
                 while !stop.load(Ordering::Relaxed) {
                     let now = Instant::now();
-                    if now >= next {
-                        collector.sample(now_unix_ms());
-                        samples.fetch_add(1, Ordering::Release);
-                        next += interval;
-                        if next <= now {
-                            next = now + interval;
+                    let due = next.min(next_others);
+                    if now >= due {
+                        if now >= next_others {
+                            collector.sample(now_unix_ms());
+                            advance(&mut next_others, now);
+                        } else {
+                            collector.sample_own(now_unix_ms());
                         }
+                        samples.fetch_add(1, Ordering::Release);
+                        advance(&mut next, now);
                     } else {
                         collector.absorb_destroyed(now_unix_ms());
                         collector.glance(now_unix_ms());
-                        let wait = (next - now).min(ABSORB_PERIOD);
+                        let wait = (due - now).min(ABSORB_PERIOD);
                         match requests.recv_timeout(wait) {
                             // Sample at once; the periodic schedule restarts from this sample,
                             // so asking costs no extra samples over time.
@@ -1271,9 +1499,10 @@ impl NetHandle {
     }
 
     /// Ask the sampler thread for a sample now, wait for it (at most
-    /// [`FRESH_SAMPLE_WAIT`]), then [`NetHandle::take`]: a report carries the bytes moved up to
-    /// the moment it is built, not up to the last periodic sample (breach latency is one report
-    /// interval, not two). The sampler's next periodic sample comes an interval after this one.
+    /// [`FRESH_SAMPLE_WAIT`]), then [`NetHandle::take`]: a report carries the bytes moved in the
+    /// agent's own namespace up to the moment it is built, not up to the last periodic sample
+    /// (breach latency is one report interval, not two). The other namespaces are sampled every
+    /// `interval_secs` whatever the reports ask ([`NetCollector::sample_own`]).
     pub async fn take_fresh(&self) -> (Vec<pb::Flow>, NetStatus) {
         if let Some(link) = &self.sampler {
             let before = link.samples.load(Ordering::Acquire);

@@ -47,6 +47,47 @@ pub fn read(net_dir: &Path) -> Option<InUse> {
     })
 }
 
+/// What a namespace's TCP did, from its `/proc/<pid>/net/snmp` (`Tcp:` counters, both address
+/// families together) and its TCP `inuse` counts: while this is unchanged (and no socket of it
+/// was destroyed), its TCP sockets are the same ones as at the previous dump — a connection
+/// counts in `ActiveOpens` (`connect`) or `PassiveOpens` (`accept`) of the namespace it lives
+/// in, a listener changes `inuse` — and no byte moved over any of them while `InSegs` is
+/// unchanged (a sent byte counts in `bytes_acked` only once its ACK came in).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpMark {
+    /// `inuse` of TCP and TCP6 (hashed sockets: listeners and connections).
+    pub inuse: (u64, u64),
+    /// `ActiveOpens` and `PassiveOpens`.
+    pub opens: (u64, u64),
+    /// `InSegs`.
+    pub in_segs: u64,
+}
+
+impl TcpMark {
+    /// The same sockets as at `earlier` (whether bytes moved is [`TcpMark::in_segs`]).
+    pub fn same_sockets(&self, earlier: &TcpMark) -> bool {
+        self.inuse == earlier.inuse && self.opens == earlier.opens
+    }
+}
+
+/// The [`TcpMark`] of the namespace whose `net` directory is `net_dir`, given its `inuse`
+/// counters; `None` when `snmp` cannot be read or lacks a counter.
+pub fn tcp_mark(net_dir: &Path, inuse: &InUse) -> Option<TcpMark> {
+    let snmp = std::fs::read_to_string(net_dir.join("snmp")).ok()?;
+    let mut lines = snmp.lines().filter_map(|l| l.strip_prefix("Tcp:"));
+    let names: Vec<&str> = lines.next()?.split_ascii_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_ascii_whitespace().collect();
+    let get = |name: &str| -> Option<u64> {
+        let i = names.iter().position(|n| *n == name)?;
+        values.get(i)?.parse().ok()
+    };
+    Some(TcpMark {
+        inuse: (inuse.tcp4, inuse.tcp6),
+        opens: (get("ActiveOpens")?, get("PassiveOpens")?),
+        in_segs: get("InSegs")?,
+    })
+}
+
 /// `N` of the line `<label> inuse N …`.
 fn inuse(text: &str, label: &str) -> Option<u64> {
     let rest = text.lines().find_map(|l| l.strip_prefix(label))?;
@@ -91,6 +132,50 @@ mod tests {
         );
         std::fs::write(dir.path().join("sockstat6"), "TCP6: inuse 2\n").unwrap();
         assert_eq!(read(dir.path()), None);
+    }
+
+    #[test]
+    fn the_tcp_mark_reads_opens_and_segments_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("snmp"),
+            "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+             Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs OutSegs\n\
+             Tcp: 1 200 120000 -1 92 54 11 18 9 12262 7845\n\
+             Udp: InDatagrams NoPorts\nUdp: 5 6\n",
+        )
+        .unwrap();
+        let inuse = InUse {
+            tcp4: 3,
+            udp4: 0,
+            tcp6: 1,
+            udp6: 0,
+        };
+        let m = tcp_mark(dir.path(), &inuse).unwrap();
+        assert_eq!(
+            m,
+            TcpMark {
+                inuse: (3, 1),
+                opens: (92, 54),
+                in_segs: 12262
+            }
+        );
+        std::fs::write(dir.path().join("snmp"), "Tcp: ActiveOpens\nTcp: 1\n").unwrap();
+        assert_eq!(tcp_mark(dir.path(), &inuse), None, "no PassiveOpens");
+    }
+
+    #[test]
+    fn a_connection_changes_this_namespaces_tcp_mark() {
+        let net = Path::new("/proc/self/net");
+        let mark = || tcp_mark(net, &read(net).unwrap()).expect("snmp of this namespace");
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let before = mark();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let after = mark();
+        assert!(!after.same_sockets(&before), "{before:?} {after:?}");
+        assert!(after.opens.0 > before.opens.0 && after.opens.1 > before.opens.1);
+        drop((c, a));
     }
 
     #[test]
