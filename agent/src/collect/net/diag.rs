@@ -227,25 +227,7 @@ impl Dumper {
         let first = self.seq.wrapping_add(1);
         let mut req = Vec::with_capacity(batch.len() * 80);
         for s in batch {
-            let tcp = s.protocol == pb::Protocol::Tcp;
-            let request = InetRequest {
-                family: if s.local.is_ipv6() { AF_INET6 } else { AF_INET },
-                protocol: if tcp { IPPROTO_TCP } else { IPPROTO_UDP },
-                extensions: if tcp {
-                    ExtensionFlags::INFO
-                } else {
-                    ExtensionFlags::empty()
-                },
-                states: StateFlags::all(),
-                socket_id: SocketId {
-                    source_port: s.local.port(),
-                    destination_port: s.remote.port(),
-                    source_address: s.local.ip(),
-                    destination_address: s.remote.ip(),
-                    interface_id: 0,
-                    cookie: s.cookie.to_ne_bytes(),
-                },
-            };
+            let request = exact_request(s, s.protocol == pb::Protocol::Tcp);
             self.seq = self.seq.wrapping_add(1);
             // No NLM_F_ACK: each request gets exactly one answer, the socket or an error.
             let mut header = NetlinkHeader::default();
@@ -338,21 +320,7 @@ impl Dumper {
         buf: &mut [u8],
         s: &ObservedSocket,
     ) -> Result<Option<ObservedSocket>, DiagError> {
-        let tcp = s.protocol == pb::Protocol::Tcp;
-        let request = InetRequest {
-            family: if s.local.is_ipv6() { AF_INET6 } else { AF_INET },
-            protocol: if tcp { IPPROTO_TCP } else { IPPROTO_UDP },
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::all(),
-            socket_id: SocketId {
-                source_port: s.local.port(),
-                destination_port: s.remote.port(),
-                source_address: s.local.ip(),
-                destination_address: s.remote.ip(),
-                interface_id: 0,
-                cookie: s.cookie.to_ne_bytes(),
-            },
-        };
+        let request = exact_request(s, false);
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_ACK;
@@ -600,6 +568,30 @@ pub fn tcp_counters(value: &[u8]) -> Option<TcpCounters> {
         min_rtt_us: u32_at(TCPI_MIN_RTT)?,
         srtt_us: u32_at(TCPI_RTT)?,
     })
+}
+
+/// The request for one socket by its addresses, ports and cookie (any state), with its
+/// `tcp_info` when `info` and the socket is TCP.
+fn exact_request(s: &ObservedSocket, info: bool) -> InetRequest {
+    let tcp = s.protocol == pb::Protocol::Tcp;
+    InetRequest {
+        family: if s.local.is_ipv6() { AF_INET6 } else { AF_INET },
+        protocol: if tcp { IPPROTO_TCP } else { IPPROTO_UDP },
+        extensions: if info && tcp {
+            ExtensionFlags::INFO
+        } else {
+            ExtensionFlags::empty()
+        },
+        states: StateFlags::all(),
+        socket_id: SocketId {
+            source_port: s.local.port(),
+            destination_port: s.remote.port(),
+            source_address: s.local.ip(),
+            destination_address: s.remote.ip(),
+            interface_id: 0,
+            cookie: s.cookie.to_ne_bytes(),
+        },
+    }
 }
 
 #[cfg(test)]
