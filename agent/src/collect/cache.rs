@@ -121,8 +121,16 @@ pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
     "processes per weights scan (miss: /proc/N/maps and fd read)",
 );
 
+/// A training candidate at a sample (`training::Tracker::sample`): passed over (hit) when its
+/// I/O counters, virtual size and descriptor count are unchanged since its descriptors were
+/// read (or its periodic re-read waits for a later sample); entries: candidates watched.
+pub static TRAINING_SAMPLE: CacheCounter = CacheCounter::new(
+    "training_descriptors",
+    "training candidates per sample (miss: /proc/N/fd read; hit: passed over, nothing moved)",
+);
+
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 10] {
+pub fn all() -> [&'static CacheCounter; 11] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
@@ -134,5 +142,6 @@ pub fn all() -> [&'static CacheCounter; 10] {
         &OWNER_GLANCES,
         &OWNER_GLANCE_BUDGET,
         &PROCESS_FILES,
+        &TRAINING_SAMPLE,
     ]
 }
