@@ -31,7 +31,8 @@
 //! descriptor limit, at most [`MAX_HELD`]) and a [`Mark`] of them is taken at every sample
 //! (`pread` and `fstat`, a few microseconds, against a listing and a `readlink` per descriptor):
 //! a `read` or `write` call of any thread (an opened dataset read, a checkpoint written with
-//! `write`), a new mapping or a new descriptor moves it. A file written only through a mapping
+//! `write`), a page dirtied through a mapping (`write_bytes`, on disk file systems), a new
+//! mapping or a new descriptor moves it. A file written only through a mapping
 //! made in place of an unmapped one of the same size, opened in place of a closed descriptor,
 //! moves none of them: every candidate is read again at least every `[training] recheck_secs`
 //! (30 s), those re-reads spread over the samples. Candidates without held files are read in
@@ -195,8 +196,9 @@ struct Watch {
 
 /// What moves when a process can have opened, written or mapped a file: its I/O counters
 /// (`/proc/<pid>/io`: every `read`/`write` system call of any of its threads moves `rchar` or
-/// `wchar` and `syscr` or `syscw`), its virtual size (`statm`: a new mapping) and its number of
-/// descriptors (the size of `fd/`, Linux 6.2+; 0 before).
+/// `wchar` and `syscr` or `syscw`; a page it dirties through a shared mapping of a file on a
+/// disk file system moves `write_bytes`), its virtual size (`statm`: a new mapping) and its
+/// number of descriptors (the size of `fd/`, Linux 6.2+; 0 before).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Mark {
     io: u64,
@@ -229,9 +231,12 @@ impl HeldFiles {
         let mut buf = [0u8; 512];
         let n = self.io.read_at(&mut buf, 0).ok().filter(|&n| n > 0)?;
         // FNV-1a of the counters' text.
-        let io = buf.get(..n)?.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let io = buf
+            .get(..n)?
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
         let n = self.statm.read_at(&mut buf, 0).ok().filter(|&n| n > 0)?;
         let vsize = std::str::from_utf8(buf.get(..n)?)
             .ok()?
