@@ -1006,7 +1006,11 @@ mod tests {
 
     #[test]
     fn a_followed_socket_takes_64_bytes_and_keeps_its_addresses_ports_and_counters() {
-        assert!(std::mem::size_of::<Seen>() <= 64, "{}", std::mem::size_of::<Seen>());
+        assert!(
+            std::mem::size_of::<Seen>() <= 64,
+            "{}",
+            std::mem::size_of::<Seen>()
+        );
         for (l, r) in [
             ("10.0.0.1:443", "192.0.2.7:55000"),
             ("[2001:db8::1]:8080", "[2001:db8::2]:1"),
@@ -1027,7 +1031,15 @@ mod tests {
             assert_eq!(s.pid(), Some(4_000_000));
             assert_eq!(s.protocol(), pb::Protocol::Udp);
             assert_eq!(s.direction(), pb::Direction::Inbound);
-            let s = Seen::new(pb::Protocol::Tcp, 0, l, r, None, None, pb::Direction::Outbound);
+            let s = Seen::new(
+                pb::Protocol::Tcp,
+                0,
+                l,
+                r,
+                None,
+                None,
+                pb::Direction::Outbound,
+            );
             assert_eq!((s.counters(), s.pid()), (None, None));
             assert_eq!(s.direction(), pb::Direction::Outbound);
         }

@@ -275,7 +275,10 @@ mod tests {
         // More closes counted than opens (an event of a connection opened before the dump):
         // not exact, so dump.
         p.closed_unseen(2);
-        assert!(p.due(tcp_opens(dir.path()), t), "closes beyond the opens: dump");
+        assert!(
+            p.due(tcp_opens(dir.path()), t),
+            "closes beyond the opens: dump"
+        );
         p.dumped(tcp_opens(dir.path()));
         assert!(!p.due(tcp_opens(dir.path()), t), "nothing since the dump");
     }

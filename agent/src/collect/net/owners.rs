@@ -733,9 +733,8 @@ mod tests {
         // Asked about as the kernel would answer (other tests of this process open and close
         // sockets meanwhile).
         let child_socket = theirs[0];
-        let mut open = |ino: u32| {
-            ino == child_socket || sockets_of(std::process::id()).contains(&ino)
-        };
+        let mut open =
+            |ino: u32| ino == child_socket || sockets_of(std::process::id()).contains(&ino);
         // The first search passes over the processes whose count is unchanged and puts the
         // last listing off (a socket not found at once is most often closing); the next one
         // lists them.
