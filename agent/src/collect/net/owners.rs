@@ -271,6 +271,11 @@ impl OwnerCache {
             }
         }
         let walked: HashSet<u32> = first.into_iter().collect();
+        // The owners passed over are listed at once when a socket is found nowhere else (a
+        // busy server opens and closes files and sockets all the time: its count says little,
+        // and the bytes of a socket's first sample go to the owner known then); only the
+        // listing of every other process is put off.
+        let skipped_owners = std::mem::take(&mut skipped);
         // Not among the owners: before every other process is looked at (a `stat` each at
         // least), ask whether the socket still has a descriptor at all: one closed since the
         // dump (a short connection, a local scrape) has no owner left to find.
@@ -323,6 +328,13 @@ impl OwnerCache {
             if wanted.is_empty() {
                 break;
             }
+        }
+        for (pid, generation) in skipped_owners {
+            if wanted.is_empty() {
+                self.stats.last_walk = started.elapsed();
+                return;
+            }
+            self.walk_pid(pid, generation, true, live, &mut wanted);
         }
         // Not found: a process skipped for its unchanged count closed a file and opened the
         // socket: list those too — the last listing, the most expensive step. Only for a
