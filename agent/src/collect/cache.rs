@@ -121,8 +121,16 @@ pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
     "processes per weights scan (miss: /proc/N/maps and fd read)",
 );
 
+/// The last listing of an owner search (every process whose descriptor count is unchanged,
+/// for the sockets no other step found): put off (hit) for a socket missed for the first time
+/// or while its CPU budget is spent (`net::owners::LISTING_CPU_PER_SEC`), made (miss).
+pub static OWNER_LISTINGS: CacheCounter = CacheCounter::new(
+    "owner_listings",
+    "last owner listings due (hit: put off, first miss or budget spent; miss: made)",
+);
+
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 10] {
+pub fn all() -> [&'static CacheCounter; 11] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
@@ -134,5 +142,6 @@ pub fn all() -> [&'static CacheCounter; 10] {
         &OWNER_GLANCES,
         &OWNER_GLANCE_BUDGET,
         &PROCESS_FILES,
+        &OWNER_LISTINGS,
     ]
 }
