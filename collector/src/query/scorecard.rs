@@ -153,7 +153,7 @@ pub fn by_asn(rows: &[pb::EgressRow]) -> Vec<pb::EgressRow> {
         }
     }
     let mut out: Vec<pb::EgressRow> = groups.into_values().collect();
-    out.sort_by(|a, b| (b.bytes_sent, b.bytes_received).cmp(&(a.bytes_sent, a.bytes_received)));
+    out.sort_by_key(|r| std::cmp::Reverse((r.bytes_sent, r.bytes_received)));
     out
 }
 
