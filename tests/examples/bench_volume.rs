@@ -953,6 +953,15 @@ async fn build(
     }
     batches.flush(loader).await?;
     let mut counts = batches.counts;
+    // The fleet rows were written by the store's triggers as the hour and day rows loaded;
+    // the fleet rest-of-day rows are what the daily rollup would have added for those days.
+    loader
+        .exec(
+            &sov_collector::store::rollup::ROLL_FLEET_REST
+                .replace("$1", "0")
+                .replace("$2", &shape.days_up_to().to_string()),
+        )
+        .await?;
     // Where the rollups stand: what was loaded as hour and day rows is rolled up.
     loader
         .exec(&format!(
@@ -1217,7 +1226,7 @@ async fn run_store(
         "minutes": level(&["flows_minute", "gpu_usage", "containers_minute"], covered(shape.minutes_from)),
         "hours": level(&["flows_hour", "gpu_usage_hour"], hour_node_days),
         "rest_of_day": level(&["flows_rest"], rest_node_days),
-        "fleet": level(&["fleet_hour", "fleet_day"], covered(shape.start)),
+        "fleet": level(&["fleet_hour", "fleet_day", "fleet_rest"], covered(shape.start)),
         "days": level(&["flows_day", "gpu_usage_day"], covered(shape.start)),
         "report_keys": level(&["reports"], covered(shape.keys_from)),
     });

@@ -201,7 +201,8 @@ pub fn plan(since: i64, until: i64, up_to: UpTo) -> Plan {
 
 /// [`plan`], but a range that starts on an hour inside a day rolled up into day rows, and
 /// reads whole days after it, reads the rest of that first day from its rest-of-day rows
-/// (`flows_rest`, node level: one row set instead of up to 23 hours of hour rows).
+/// (`flows_rest`, or `fleet_rest` for a fleet grouping: one row set instead of up to 23
+/// hours of hour rows).
 pub fn plan_with_rest(since: i64, until: i64, up_to: UpTo) -> Plan {
     let days_up_to = up_to.days.min(floor_hour(up_to.hours));
     let d = split_at(since, until, days_up_to, DAY_MS);
@@ -301,7 +302,7 @@ pub fn by_fleet(by: &str) -> bool {
 
 /// The egress source (named `flows_minute`, filtered) for a fleet grouping ([`by_fleet`])
 /// over `plan`: minute rows of its minute ranges (with their node's site and declared country
-/// when `sites`), fleet hour and day rows of the others. Every branch has the columns of
+/// when `sites`), fleet hour, day and rest-of-day rows of the others. Every branch has the columns of
 /// [`flows_source`] plus `node_site` and `node_country`; a fleet row's `node` is one node of
 /// its group. `p`, `text` and `num` as in [`flows_source`].
 pub fn fleet_source(
@@ -340,9 +341,13 @@ pub fn fleet_source(
             "SELECT {rolled_cols} FROM fleet_hour
           WHERE hour_ms >= {a} AND hour_ms < {b} AND direction <> 'inbound'"
         ),
-        _ => format!(
+        2 => format!(
             "SELECT {rolled_cols} FROM fleet_day
           WHERE day_ms >= {a} AND day_ms < {b} AND direction <> 'inbound'"
+        ),
+        _ => format!(
+            "SELECT {rolled_cols} FROM fleet_rest
+          WHERE from_ms >= {a} AND from_ms < {b} AND direction <> 'inbound'"
         ),
     });
     format!("({body}) AS flows_minute")
@@ -470,6 +475,35 @@ pub const ROLL_FLOWS_REST: &str = "INSERT INTO flows_rest AS d (node, from_ms, p
      GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
      ON CONFLICT (from_ms, node, pid, process, direction, country, asn, answers, contested,
                   operator_country, physics) DO UPDATE SET
+        bytes_sent = d.bytes_sent + excluded.bytes_sent,
+        bytes_received = d.bytes_received + excluded.bytes_received,
+        connections = d.connections + excluded.connections,
+        conntrack_bytes = d.conntrack_bytes + excluded.conntrack_bytes,
+        unmeasured_flows = d.unmeasured_flows + excluded.unmeasured_flows,
+        min_rtt_us = CASE WHEN d.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < d.min_rtt_us)
+                          THEN excluded.min_rtt_us ELSE d.min_rtt_us END,
+        limit_km = CASE WHEN d.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < d.limit_km)
+                        THEN excluded.limit_km ELSE d.limit_km END,
+        distance_km = CASE WHEN excluded.distance_km > d.distance_km THEN excluded.distance_km ELSE d.distance_km END,
+        org = CASE WHEN excluded.org > d.org THEN excluded.org ELSE d.org END,
+        geo_source = CASE WHEN excluded.geo_source > d.geo_source THEN excluded.geo_source ELSE d.geo_source END";
+
+/// Add `[$1, $2)` (whole hours of one day) of fleet hour rows to the fleet rest-of-day rows
+/// (`fleet_rest`), as [`ROLL_FLOWS_REST`] does for a node's rows.
+pub const ROLL_FLEET_REST: &str = "INSERT INTO fleet_rest AS d (from_ms, node_site, node_country, direction, country, asn,
+        answers, contested, operator_country, physics, node, org, geo_source, bytes_sent, bytes_received,
+        connections, min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
+     SELECT h.hour_ms - (h.hour_ms % 86400000) + k.k * 3600000, h.node_site, h.node_country, h.direction,
+            h.country, h.asn, h.answers, h.contested, h.operator_country, h.physics, MIN(h.node),
+            MAX(h.org), MAX(h.geo_source), SUM(h.bytes_sent), SUM(h.bytes_received), SUM(h.connections),
+            COALESCE(MIN(NULLIF(h.min_rtt_us, 0)), 0), MAX(h.distance_km),
+            COALESCE(MIN(NULLIF(h.limit_km, 0)), 0), SUM(h.conntrack_bytes), SUM(h.unmeasured_flows)
+     FROM fleet_hour h JOIN day_hours k ON k.k * 3600000 <= h.hour_ms % 86400000
+     WHERE h.hour_ms >= $1 AND h.hour_ms < $2
+     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+     ON CONFLICT (from_ms, node_site, node_country, direction, country, asn, answers, contested,
+                  operator_country, physics) DO UPDATE SET
+        node = CASE WHEN excluded.node < d.node THEN excluded.node ELSE d.node END,
         bytes_sent = d.bytes_sent + excluded.bytes_sent,
         bytes_received = d.bytes_received + excluded.bytes_received,
         connections = d.connections + excluded.connections,

@@ -530,8 +530,40 @@ async fn rest_mismatches(db: &dyn Backend) -> i64 {
     differ + (rows - groups).abs()
 }
 
-/// Fleet hour and day rows against their node-level tables, and rest-of-day rows against
-/// the hour rows.
+/// Fleet rest-of-day rows that differ from the sums of the fleet hour rows from their start
+/// to the end of its day (days rolled up into day rows), plus the difference in row counts.
+async fn fleet_rest_mismatches(db: &dyn Backend) -> i64 {
+    let grouped =
+        "SELECT h.hour_ms - (h.hour_ms % 86400000) + k.k * 3600000 AS f, h.node_site AS s,
+                h.node_country AS c, h.direction AS d, h.country AS dc, h.asn AS a,
+                h.answers AS an, h.contested AS co, h.operator_country AS oc, h.physics AS ph,
+                MIN(h.node) AS n, SUM(h.bytes_sent) AS bs, SUM(h.bytes_received) AS br,
+                SUM(h.connections) AS cn, SUM(h.conntrack_bytes) AS ct,
+                SUM(h.unmeasured_flows) AS uf, COALESCE(MIN(NULLIF(h.min_rtt_us, 0)), 0) AS rtt
+         FROM fleet_hour h JOIN day_hours k ON k.k * 3600000 <= h.hour_ms % 86400000
+         WHERE h.hour_ms < (SELECT up_to_ms FROM rollup_state WHERE name = 'daily')
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10";
+    let differ = db
+        .count(&format!(
+            "SELECT COUNT(*) FROM ({grouped}) g
+             LEFT JOIN fleet_rest r ON r.from_ms = g.f AND r.node_site = g.s
+                  AND r.node_country = g.c AND r.direction = g.d AND r.country = g.dc
+                  AND r.asn = g.a AND r.answers = g.an AND r.contested = g.co
+                  AND r.operator_country = g.oc AND r.physics = g.ph
+             WHERE r.node IS NULL OR r.node <> g.n OR r.bytes_sent <> g.bs
+                OR r.bytes_received <> g.br OR r.connections <> g.cn OR r.conntrack_bytes <> g.ct
+                OR r.unmeasured_flows <> g.uf OR r.min_rtt_us <> g.rtt"
+        ))
+        .await;
+    let groups = db
+        .count(&format!("SELECT COUNT(*) FROM ({grouped}) g"))
+        .await;
+    let rows = db.count("SELECT COUNT(*) FROM fleet_rest").await;
+    differ + (rows - groups).abs()
+}
+
+/// Fleet hour and day rows against their node-level tables, and rest-of-day rows (node and
+/// fleet) against the hour rows.
 async fn assert_fleet_is_the_sum(db: &dyn Backend, when: &str) {
     for level in ["hour", "day"] {
         assert_eq!(
@@ -544,6 +576,11 @@ async fn assert_fleet_is_the_sum(db: &dyn Backend, when: &str) {
         rest_mismatches(db).await,
         0,
         "flows_rest against the sums of flows_hour {when}"
+    );
+    assert_eq!(
+        fleet_rest_mismatches(db).await,
+        0,
+        "fleet_rest against the sums of fleet_hour {when}"
     );
 }
 
@@ -589,6 +626,7 @@ pub(crate) async fn fleet_rows_are_the_sums_of_the_node_rows_through_rollups_lat
     store.roll_up(rolled + 59_000).await.unwrap();
     assert!(db.count("SELECT COUNT(*) FROM fleet_day").await > 0);
     assert!(db.count("SELECT COUNT(*) FROM flows_rest").await > 0);
+    assert!(db.count("SELECT COUNT(*) FROM fleet_rest").await > 0);
     assert_fleet_is_the_sum(db, "after the daily rollup").await;
     // Fleet rows are fewer than the node rows they sum (nodes a and b share a site).
     assert!(

@@ -258,9 +258,7 @@ pub(super) async fn egress(
     // Minutes are stamped at their start: a range starting mid-minute includes it.
     let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
     let client = store.reader().await?;
-    let plan = if crate::store::rollup::by_fleet(&q.by) {
-        crate::store::rollup::plan(since, q.until_unix_ms, rolled_up_to(&*client).await?)
-    } else if crate::store::rollup::by_hours(&q.by) {
+    let plan = if crate::store::rollup::by_hours(&q.by) {
         crate::store::rollup::plan_with_rest(since, q.until_unix_ms, rolled_up_to(&*client).await?)
     } else {
         crate::store::rollup::Plan::default()

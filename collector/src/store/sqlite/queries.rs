@@ -134,9 +134,7 @@ impl SqliteStore {
         let containers_select = containers::egress_container_select(&q.by, "''");
         // Minutes are stamped at their start: a range starting mid-minute includes it.
         let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
-        let plan = if crate::store::rollup::by_fleet(&q.by) {
-            crate::store::rollup::plan(since, q.until_unix_ms, rolled_up_to(conn)?)
-        } else if crate::store::rollup::by_hours(&q.by) {
+        let plan = if crate::store::rollup::by_hours(&q.by) {
             crate::store::rollup::plan_with_rest(since, q.until_unix_ms, rolled_up_to(conn)?)
         } else {
             crate::store::rollup::Plan::default()

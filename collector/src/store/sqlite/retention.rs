@@ -86,6 +86,7 @@ impl SqliteStore {
             ("gpu_usage_day", "day_ms", aggregates),
             ("fleet_hour", "hour_ms", hours),
             ("flows_rest", "from_ms", hours),
+            ("fleet_rest", "from_ms", hours),
             ("fleet_day", "day_ms", aggregates),
         ] {
             stats.aggregates += tx
@@ -208,6 +209,7 @@ impl SqliteStore {
                 rollup::ROLL_FLOWS_DAY,
                 rollup::ROLL_GPU_DAY,
                 rollup::ROLL_FLOWS_REST,
+                rollup::ROLL_FLEET_REST,
             ] {
                 stats.day_rows += tx
                     .execute(text, [start, end])
