@@ -453,7 +453,12 @@ pub fn render_html(signed_json: &str) -> String {
          Check it with <code>sovctl verify FILE</code>: the signature, the breach log chain, and \
          that this page is exactly the rendering of the signed data below.</p>",
         cell(&r["scorecard"]["jurisdiction"]),
-        cell(&r["since"]),
+        // The start the answer covers (a range of days starts on the hour), else as asked.
+        cell(if r["from"].is_null() {
+            &r["since"]
+        } else {
+            &r["from"]
+        }),
         cell(&r["until"]),
         cell(&r["generated_at"]),
         cell(&r["requested_by"]),

@@ -67,6 +67,9 @@ pub fn scorecard_rows(s: &Value) -> Vec<Value> {
     };
     add("scope", "jurisdiction", &s["jurisdiction"]);
     add("scope", "since", &s["since"]);
+    if !s["from"].is_null() {
+        add("scope", "from", &s["from"]);
+    }
     add("scope", "until", &s["until"]);
     let w = &s["weights"];
     for k in [

@@ -334,6 +334,13 @@ async fn run(cli: Cli) -> Result<String, String> {
                 .await
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
                 .into_inner();
+            if resp.from_unix_ms != 0 {
+                eprintln!(
+                    "sovctl: egress from {} to {}",
+                    view::rfc3339(resp.from_unix_ms),
+                    view::rfc3339(resp.until_unix_ms)
+                );
+            }
             if resp.truncated > 0 {
                 eprintln!("sovctl: {} more rows not shown", resp.truncated);
             }

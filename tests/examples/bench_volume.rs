@@ -386,6 +386,10 @@ async fn flow_rows(
     let day_start = shape.start + day * DAY;
     let day_rows = day_start + DAY <= shape.days_up_to();
     let mut day_sums: Vec<Row> = Vec::new();
+    // Rest-of-day rows (`flows_rest`) where a question's range may start: the days whose
+    // hour rows are loaded and that the daily rollup has passed.
+    let rest_rows = day_rows && day_start >= shape.hours_from && shape.hour_day(day_start);
+    let mut hour_sets: Vec<Vec<Row>> = Vec::new();
     for hour in 0..24 {
         let hour_ms = day_start + hour * HOUR;
         if hour_ms >= shape.now {
@@ -465,11 +469,45 @@ async fn flow_rows(
                 }
             }
         }
+        if rest_rows {
+            hour_sets.push(rows.clone());
+        }
         if keep_hours {
             batches
                 .push(loader, "flows_hour", &rolled_columns("hour_ms"), rows)
                 .await?;
         }
+    }
+    if rest_rows {
+        // Suffix sums: the rows of start h hold hours h..24 (h >= 1; h = 0 is the day row).
+        let mut acc: Vec<Row> = Vec::new();
+        let mut rest = Vec::new();
+        for (h, rows) in hour_sets.iter().enumerate().rev() {
+            if acc.is_empty() {
+                acc = rows.clone();
+            } else {
+                for (sum, r) in acc.iter_mut().zip(rows) {
+                    for c in [13, 14, 15] {
+                        if let (V::I(a), V::I(b)) = (&sum[c], &r[c]) {
+                            sum[c] = V::I(a + b);
+                        }
+                    }
+                    if let (V::I(a), V::I(b)) = (&sum[16], &r[16]) {
+                        sum[16] = V::I(*a.min(b));
+                    }
+                }
+            }
+            if h >= 1 {
+                rest.extend(acc.iter().map(|r| {
+                    let mut r = r.clone();
+                    r[1] = V::I(day_start + h as i64 * HOUR);
+                    r
+                }));
+            }
+        }
+        batches
+            .push(loader, "flows_rest", &rolled_columns("from_ms"), rest)
+            .await?;
     }
     if day_rows {
         batches
@@ -915,6 +953,15 @@ async fn build(
     }
     batches.flush(loader).await?;
     let mut counts = batches.counts;
+    // The fleet rows were written by the store's triggers as the hour and day rows loaded;
+    // the fleet rest-of-day rows are what the daily rollup would have added for those days.
+    loader
+        .exec(
+            &sov_collector::store::rollup::ROLL_FLEET_REST
+                .replace("$1", "0")
+                .replace("$2", &shape.days_up_to().to_string()),
+        )
+        .await?;
     // Where the rollups stand: what was loaded as hour and day rows is rolled up.
     loader
         .exec(&format!(
@@ -1158,6 +1205,18 @@ async fn run_store(
         }
         shape.nodes as f64 * ms as f64 / DAY as f64
     };
+    // Node-days of rest-of-day rows: the loaded hour days the daily rollup has passed.
+    let rest_node_days = {
+        let mut days = 0u64;
+        let mut day = shape.now - shape.now.rem_euclid(DAY);
+        while day >= shape.hours_from {
+            if shape.hour_day(day) && day + DAY <= shape.days_up_to() {
+                days += 1;
+            }
+            day -= DAY;
+        }
+        (shape.nodes * days) as f64
+    };
     let level = |names: &[&str], node_days: f64| {
         let b: u64 = names.iter().filter_map(|n| tables.get(*n)).sum();
         json!({"bytes": b, "node_days": (node_days * 100.0).round() / 100.0,
@@ -1166,6 +1225,8 @@ async fn run_store(
     let levels = json!({
         "minutes": level(&["flows_minute", "gpu_usage", "containers_minute"], covered(shape.minutes_from)),
         "hours": level(&["flows_hour", "gpu_usage_hour"], hour_node_days),
+        "rest_of_day": level(&["flows_rest"], rest_node_days),
+        "fleet": level(&["fleet_hour", "fleet_day", "fleet_rest"], covered(shape.start)),
         "days": level(&["flows_day", "gpu_usage_day"], covered(shape.start)),
         "report_keys": level(&["reports"], covered(shape.keys_from)),
     });

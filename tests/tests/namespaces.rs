@@ -617,3 +617,98 @@ async fn reports_sample_their_own_namespace_and_a_pods_bytes_come_with_the_next_
     thread.join().unwrap();
     drop(client);
 }
+
+/// Connections that open and close between two samples change a pod's TCP mark (its opens),
+/// yet the pod is not dumped for them: each open is a connection whose destroy event came
+/// (`TcpMark::accounts_for`). A connection that opens and stays, among quick ones, is still
+/// found at the next sample, with every byte and its owner.
+#[test]
+fn a_pod_whose_new_connections_all_closed_is_not_dumped_yet_one_that_stays_is_found_whole() {
+    const TEST: &str = "a_pod_whose_new_connections_all_closed";
+    const QUICK: usize = 200_000;
+    const ROUNDS: usize = 3;
+    let pair = match Linked::create(5) {
+        Ok(p) => p,
+        Err(e) => {
+            sov_e2e::skipped(TEST, &format!("cannot create network namespaces ({e})"));
+            return;
+        }
+    };
+    let (_sink, port) = sink(Some(&pair.server), &pair.server_ip, 0);
+    let addr = format!("{}:{port}", pair.server_ip).parse().unwrap();
+    let first = Client::connect(Some(&pair.client), addr, SENT);
+    let netns = namespaces::of_pid(Path::new("/proc"), first.pid(), namespaces::NET).unwrap();
+
+    let mut c = NetCollector::new(&NetConfig::default());
+    c.sample(now_unix_ms());
+    if c.take().1.mode != "netlink" {
+        sov_e2e::skipped(TEST, "sock_diag netlink unavailable here");
+        return;
+    }
+    c.sample(now_unix_ms());
+    assert_eq!(c.sampled_steady(netns), Some(true), "an idle pod");
+
+    // Quick connections: each opens, sends and closes between two samples.
+    for _ in 0..ROUNDS {
+        let mut quick = Client::connect(Some(&pair.client), addr, QUICK);
+        quick.send();
+        drop(quick); // killed: the kernel closes the connection after the bytes
+    }
+    let want = (ROUNDS * QUICK) as u64;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut flows = Vec::new();
+    loop {
+        c.sample(now_unix_ms());
+        flows.extend(c.take().0);
+        let counted = sent_to(&flows, netns, &pair.server_ip, port) >= want;
+        // Once their destroy events are folded in, the opens are accounted for.
+        if (counted && c.sampled_steady(netns) == Some(true)) || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sent = sent_to(&flows, netns, &pair.server_ip, port);
+    assert!(
+        within_one_percent(sent, want),
+        "quick connections sent {sent} of {want}: {flows:#?}"
+    );
+    assert_eq!(
+        c.sampled_steady(netns),
+        Some(true),
+        "connections that all closed need no dump"
+    );
+
+    // One connection opens and stays while another opens and closes: the opens are one more
+    // than the connections closed unseen, so the pod is dumped and the new one found.
+    let mut stays = Client::connect(Some(&pair.client), addr, SENT);
+    let mut quick = Client::connect(Some(&pair.client), addr, QUICK);
+    quick.send();
+    drop(quick);
+    stays.send();
+    let want = want + (QUICK + SENT) as u64;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        c.sample(now_unix_ms());
+        flows.extend(c.take().0);
+        if sent_to(&flows, netns, &pair.server_ip, port) >= want || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sent = sent_to(&flows, netns, &pair.server_ip, port);
+    assert!(
+        within_one_percent(sent, want),
+        "sent {sent} of {want}: {flows:#?}"
+    );
+    let by_stays: u64 = flows
+        .iter()
+        .filter(|f| f.netns_inode == netns && f.pid == stays.pid() && !f.owner_unknown)
+        .map(|f| f.bytes_sent)
+        .sum();
+    assert!(
+        within_one_percent(by_stays, SENT as u64),
+        "the connection that stayed, with its owner: {by_stays} of {SENT}: {flows:#?}"
+    );
+    c.sample(now_unix_ms());
+    drop(first);
+}

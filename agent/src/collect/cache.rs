@@ -129,8 +129,16 @@ pub static TRAINING_SAMPLE: CacheCounter = CacheCounter::new(
     "training candidates per sample (miss: /proc/N/fd read; hit: passed over, nothing moved)",
 );
 
+/// The last listing of an owner search (every process whose descriptor count is unchanged,
+/// for the sockets no other step found): put off (hit) for a socket missed for the first time
+/// or while its CPU budget is spent (`net::owners::LISTING_CPU_PER_SEC`), made (miss).
+pub static OWNER_LISTINGS: CacheCounter = CacheCounter::new(
+    "owner_listings",
+    "last owner listings due (hit: put off, first miss or budget spent; miss: made)",
+);
+
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 11] {
+pub fn all() -> [&'static CacheCounter; 12] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
@@ -143,5 +151,6 @@ pub fn all() -> [&'static CacheCounter; 11] {
         &OWNER_GLANCE_BUDGET,
         &PROCESS_FILES,
         &TRAINING_SAMPLE,
+        &OWNER_LISTINGS,
     ]
 }

@@ -645,6 +645,10 @@ async fn answer(
                 "rows": r.rows.iter().map(|row| egress_json(row, by)).collect::<Vec<_>>(),
                 "truncated": r.truncated,
                 "derived_up_to_unix_ms": r.derived_up_to_unix_ms,
+                "from": sov_evidence::view::rfc3339(r.from_unix_ms),
+                "from_unix_ms": r.from_unix_ms,
+                "until": sov_evidence::view::rfc3339(r.until_unix_ms),
+                "until_unix_ms": r.until_unix_ms,
             }))
         }
         "breaches" => {

@@ -372,6 +372,19 @@ fn time_range(since_unix_ms: i64, until_unix_ms: i64) -> Result<i64, ApiError> {
     Ok(until)
 }
 
+/// Where an answer over `[since, until)` starts: `since`, or for a range of a day or more
+/// (`--since 7d`) the hour `since` falls in. The hour and day rows then answer the range from
+/// its first hour on, instead of minute rows for its first partial hour (at country scale,
+/// millions of rows for the minutes that make the difference); nothing asked is left out,
+/// and each answer states the start it used (`from`).
+pub fn covered_from(since_unix_ms: i64, until_unix_ms: i64) -> i64 {
+    if until_unix_ms.saturating_sub(since_unix_ms) >= crate::store::rollup::DAY_MS {
+        since_unix_ms - since_unix_ms.rem_euclid(crate::store::rollup::HOUR_MS)
+    } else {
+        since_unix_ms
+    }
+}
+
 impl QueryService {
     /// `ListNodes` for `caller`.
     pub async fn list_nodes_as(
@@ -502,8 +515,9 @@ impl QueryService {
                 r.by
             )));
         }
+        let from = covered_from(r.since_unix_ms, until);
         let q = crate::store::EgressQuery {
-            since_unix_ms: r.since_unix_ms,
+            since_unix_ms: from,
             until_unix_ms: until,
             by: r.by.clone(),
             limit: self.page(r.limit),
@@ -514,6 +528,8 @@ impl QueryService {
             rows,
             truncated,
             derived_up_to_unix_ms,
+            from_unix_ms: from,
+            until_unix_ms: until,
         })
     }
 
@@ -745,12 +761,15 @@ impl QueryService {
                 records.push(sov_evidence::report::log_record_json(&rec));
             }
         }
+        let from = covered_from(r.since_unix_ms, until);
         let report = json!({
             "generated_at": sov_evidence::view::rfc3339(sov_common::clock::now_unix_ms()),
             "since": sov_evidence::view::rfc3339(r.since_unix_ms),
             "until": sov_evidence::view::rfc3339(until),
             "since_unix_ms": r.since_unix_ms,
             "until_unix_ms": until,
+            "from": sov_evidence::view::rfc3339(from),
+            "from_unix_ms": from,
             "requested_by": format!("{}/{}", caller.id.role, caller.id.name),
             "scorecard": card,
             "destinations": sov_evidence::view::breach_destinations(&breaches),
@@ -974,7 +993,8 @@ impl QueryService {
         let until = time_range(since_unix_ms, until_unix_ms)?;
         let policy = self.policy_or(jurisdiction)?;
         let derived_up_to = self.derived_up_to().await;
-        let inputs = scorecard::read_inputs(self.store.as_ref(), since_unix_ms, until)
+        let from = covered_from(since_unix_ms, until);
+        let inputs = scorecard::read_inputs(self.store.as_ref(), from, until)
             .await
             .map_err(store_unavailable)?;
         let mut card = scorecard::build(
@@ -985,6 +1005,8 @@ impl QueryService {
             sov_common::clock::now_unix_ms(),
         );
         if let Value::Object(m) = &mut card {
+            m.insert("from_unix_ms".to_owned(), json!(from));
+            m.insert("from".to_owned(), json!(sov_evidence::view::rfc3339(from)));
             m.insert("derived_up_to_unix_ms".to_owned(), json!(derived_up_to));
             m.insert(
                 "derived_up_to".to_owned(),

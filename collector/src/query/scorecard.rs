@@ -108,7 +108,6 @@ pub async fn read_inputs(
     // country and verdict), and it can be read from hour rows (`store::rollup`).
     for (by, out) in [
         ("verdict", &mut inputs.egress_by_node),
-        ("asn", &mut inputs.egress_by_asn),
         ("contested", &mut inputs.contested),
     ] {
         let (rows, left_out) = store
@@ -122,7 +121,40 @@ pub async fn read_inputs(
         inputs.truncated |= left_out > 0;
         *out = rows;
     }
+    // The `verdict` rows hold every node's bytes by destination country and ASN: summed
+    // here, they are the `asn` grouping's answer without a second read of the range.
+    inputs.egress_by_asn = by_asn(&inputs.egress_by_node);
     Ok(inputs)
+}
+
+/// Outbound bytes by destination country and ASN over `rows` (any grouping that keeps both),
+/// largest `bytes_sent` first, as the `asn` grouping answers: the greatest organisation name
+/// of each ASN, ties in bytes in (country, ASN) order.
+pub fn by_asn(rows: &[pb::EgressRow]) -> Vec<pb::EgressRow> {
+    let mut groups: BTreeMap<(&str, u32), pb::EgressRow> = BTreeMap::new();
+    for r in rows {
+        let g = groups
+            .entry((r.country.as_str(), r.asn))
+            .or_insert_with(|| pb::EgressRow {
+                country: r.country.clone(),
+                asn: r.asn,
+                ..Default::default()
+            });
+        if r.org > g.org {
+            g.org.clone_from(&r.org);
+        }
+        g.bytes_sent = g.bytes_sent.saturating_add(r.bytes_sent);
+        g.bytes_received = g.bytes_received.saturating_add(r.bytes_received);
+        g.connections = g.connections.saturating_add(r.connections);
+        g.conntrack_bytes = g.conntrack_bytes.saturating_add(r.conntrack_bytes);
+        g.unmeasured_flows = g.unmeasured_flows.saturating_add(r.unmeasured_flows);
+        if r.min_rtt_us != 0 && (g.min_rtt_us == 0 || r.min_rtt_us < g.min_rtt_us) {
+            g.min_rtt_us = r.min_rtt_us;
+        }
+    }
+    let mut out: Vec<pb::EgressRow> = groups.into_values().collect();
+    out.sort_by_key(|r| std::cmp::Reverse((r.bytes_sent, r.bytes_received)));
+    out
 }
 
 /// Round to 4 decimals (hours and shares print without float noise).

@@ -136,21 +136,25 @@ pub struct Plan {
     pub hours: Vec<(i64, i64)>,
     /// Whole days read from day rows.
     pub days: Vec<(i64, i64)>,
+    /// Rest-of-day rows (`flows_rest`) read: `(from, from + 1)` stands for the rows of the
+    /// node-level start `from` (an hour), which hold `[from, the end of its day)`.
+    pub rest: Vec<(i64, i64)>,
 }
 
 impl Plan {
     /// Whether any hour or day rows are read.
     pub fn has_rollups(&self) -> bool {
-        !self.hours.is_empty() || !self.days.is_empty()
+        !self.hours.is_empty() || !self.days.is_empty() || !self.rest.is_empty()
     }
 
-    /// Every range bound in order: minutes, hours, days (what [`flows_source`] and
-    /// [`gpu_usage_query`] number their placeholders by).
+    /// Every range bound in order: minutes, hours, days, rest-of-day starts (what
+    /// [`flows_source`] and [`gpu_usage_query`] number their placeholders by).
     pub fn params(&self) -> Vec<i64> {
         self.minutes
             .iter()
             .chain(&self.hours)
             .chain(&self.days)
+            .chain(&self.rest)
             .flat_map(|&(a, b)| [a, b])
             .collect()
     }
@@ -195,6 +199,23 @@ pub fn plan(since: i64, until: i64, up_to: UpTo) -> Plan {
     out
 }
 
+/// [`plan`], but a range that starts on an hour inside a day rolled up into day rows, and
+/// reads whole days after it, reads the rest of that first day from its rest-of-day rows
+/// (`flows_rest`, or `fleet_rest` for a fleet grouping: one row set instead of up to 23
+/// hours of hour rows).
+pub fn plan_with_rest(since: i64, until: i64, up_to: UpTo) -> Plan {
+    let days_up_to = up_to.days.min(floor_hour(up_to.hours));
+    let d = split_at(since, until, days_up_to, DAY_MS);
+    let head = d.head;
+    if !d.has_hours() || head.0 >= head.1 || since.rem_euclid(HOUR_MS) != 0 {
+        return plan(since, until, up_to);
+    }
+    // The head is [since, its day's end), wholly rolled up into day rows: one rest row set.
+    let mut out = plan(head.1, until, up_to);
+    out.rest.push((since, since + 1));
+    out
+}
+
 /// Whether an egress grouping can read hour and day rows (it needs neither the destination
 /// address nor the container).
 pub fn by_hours(by: &str) -> bool {
@@ -230,7 +251,7 @@ const FLOW_COLUMNS: &str = "node, pid, process, country, asn, org, remote_addres
 
 /// One `UNION ALL` branch per range of `plan`, numbering placeholders as [`Plan::params`]
 /// does: `branch(level, from, to)` writes the branch of one range, level 0 minutes, 1 hours,
-/// 2 days.
+/// 2 days, 3 rest-of-day rows.
 fn branches(
     plan: &Plan,
     p: &dyn Fn(usize) -> String,
@@ -238,7 +259,7 @@ fn branches(
 ) -> String {
     let mut parts = Vec::new();
     let mut i = 0;
-    for (level, ranges) in [&plan.minutes, &plan.hours, &plan.days]
+    for (level, ranges) in [&plan.minutes, &plan.hours, &plan.days, &plan.rest]
         .into_iter()
         .enumerate()
     {
@@ -261,12 +282,73 @@ pub fn flows_source(plan: &Plan, p: &dyn Fn(usize) -> String, text: &str, num: &
         let (cols, table, t) = match level {
             0 => (FLOW_COLUMNS, "flows_minute", "minute_ms"),
             1 => (rolled_cols.as_str(), "flows_hour", "hour_ms"),
-            _ => (rolled_cols.as_str(), "flows_day", "day_ms"),
+            2 => (rolled_cols.as_str(), "flows_day", "day_ms"),
+            _ => (rolled_cols.as_str(), "flows_rest", "from_ms"),
         };
         format!(
             "SELECT {cols} FROM {table}
           WHERE {t} >= {a} AND {t} < {b} AND direction <> 'inbound'"
         )
+    });
+    format!("({body}) AS flows_minute")
+}
+
+/// Whether an egress grouping can read the fleet-level hour and day rows (`fleet_hour`,
+/// `fleet_day`: no node, no process): by destination country, by ASN, and the scorecard's
+/// `verdict` grouping (node site and declared country, destination country, ASN, verdict).
+pub fn by_fleet(by: &str) -> bool {
+    matches!(by, "" | "country" | "asn" | "verdict")
+}
+
+/// The egress source (named `flows_minute`, filtered) for a fleet grouping ([`by_fleet`])
+/// over `plan`: minute rows of its minute ranges (with their node's site and declared country
+/// when `sites`), fleet hour, day and rest-of-day rows of the others. Every branch has the columns of
+/// [`flows_source`] plus `node_site` and `node_country`; a fleet row's `node` is one node of
+/// its group. `p`, `text` and `num` as in [`flows_source`].
+pub fn fleet_source(
+    plan: &Plan,
+    p: &dyn Fn(usize) -> String,
+    text: &str,
+    num: &str,
+    sites: bool,
+) -> String {
+    let rolled_cols = format!(
+        "{}, node_site, node_country",
+        FLOW_COLUMNS
+            .replace(
+                "pid, process,",
+                &format!("{num} AS pid, {text} AS process,")
+            )
+            .replace("remote_address,", &format!("{text} AS remote_address,"))
+            .replace("remote_port,", &format!("{num} AS remote_port,"))
+    );
+    let body = branches(plan, p, &|level, a, b| match level {
+        0 if sites => format!(
+            "SELECT {}, COALESCE(nd.site, '') AS node_site, COALESCE(nd.country, '') AS node_country
+          FROM flows_minute fm LEFT JOIN nodes nd ON nd.node = fm.node
+          WHERE fm.minute_ms >= {a} AND fm.minute_ms < {b} AND fm.direction <> 'inbound'",
+            FLOW_COLUMNS
+                .split(", ")
+                .map(|c| format!("fm.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        0 => format!(
+            "SELECT {FLOW_COLUMNS}, {text} AS node_site, {text} AS node_country FROM flows_minute
+          WHERE minute_ms >= {a} AND minute_ms < {b} AND direction <> 'inbound'"
+        ),
+        1 => format!(
+            "SELECT {rolled_cols} FROM fleet_hour
+          WHERE hour_ms >= {a} AND hour_ms < {b} AND direction <> 'inbound'"
+        ),
+        2 => format!(
+            "SELECT {rolled_cols} FROM fleet_day
+          WHERE day_ms >= {a} AND day_ms < {b} AND direction <> 'inbound'"
+        ),
+        _ => format!(
+            "SELECT {rolled_cols} FROM fleet_rest
+          WHERE from_ms >= {a} AND from_ms < {b} AND direction <> 'inbound'"
+        ),
     });
     format!("({body}) AS flows_minute")
 }
@@ -364,6 +446,64 @@ pub const ROLL_FLOWS_DAY: &str = "INSERT INTO flows_day AS d (node, day_ms, pid,
      GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
      ON CONFLICT (day_ms, node, pid, process, direction, country, asn, answers, contested,
                   operator_country, physics) DO UPDATE SET
+        bytes_sent = d.bytes_sent + excluded.bytes_sent,
+        bytes_received = d.bytes_received + excluded.bytes_received,
+        connections = d.connections + excluded.connections,
+        conntrack_bytes = d.conntrack_bytes + excluded.conntrack_bytes,
+        unmeasured_flows = d.unmeasured_flows + excluded.unmeasured_flows,
+        min_rtt_us = CASE WHEN d.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < d.min_rtt_us)
+                          THEN excluded.min_rtt_us ELSE d.min_rtt_us END,
+        limit_km = CASE WHEN d.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < d.limit_km)
+                        THEN excluded.limit_km ELSE d.limit_km END,
+        distance_km = CASE WHEN excluded.distance_km > d.distance_km THEN excluded.distance_km ELSE d.distance_km END,
+        org = CASE WHEN excluded.org > d.org THEN excluded.org ELSE d.org END,
+        geo_source = CASE WHEN excluded.geo_source > d.geo_source THEN excluded.geo_source ELSE d.geo_source END";
+
+/// Add `[$1, $2)` (whole hours of one day) of hour rows to the rest-of-day rows
+/// (`flows_rest`) of every start of that day after its first hour, up to each hour: the rows
+/// of start `s` hold the hours from `s` to the end of the day rolled up so far.
+pub const ROLL_FLOWS_REST: &str = "INSERT INTO flows_rest AS d (node, from_ms, pid, process, direction, country, asn, answers,
+        contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections,
+        min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
+     SELECT h.node, h.hour_ms - (h.hour_ms % 86400000) + k.k * 3600000, h.pid, h.process, h.direction,
+            h.country, h.asn, h.answers, h.contested, h.operator_country, h.physics, MAX(h.org),
+            MAX(h.geo_source), SUM(h.bytes_sent), SUM(h.bytes_received), SUM(h.connections),
+            COALESCE(MIN(NULLIF(h.min_rtt_us, 0)), 0), MAX(h.distance_km),
+            COALESCE(MIN(NULLIF(h.limit_km, 0)), 0), SUM(h.conntrack_bytes), SUM(h.unmeasured_flows)
+     FROM flows_hour h JOIN day_hours k ON k.k * 3600000 <= h.hour_ms % 86400000
+     WHERE h.hour_ms >= $1 AND h.hour_ms < $2
+     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+     ON CONFLICT (from_ms, node, pid, process, direction, country, asn, answers, contested,
+                  operator_country, physics) DO UPDATE SET
+        bytes_sent = d.bytes_sent + excluded.bytes_sent,
+        bytes_received = d.bytes_received + excluded.bytes_received,
+        connections = d.connections + excluded.connections,
+        conntrack_bytes = d.conntrack_bytes + excluded.conntrack_bytes,
+        unmeasured_flows = d.unmeasured_flows + excluded.unmeasured_flows,
+        min_rtt_us = CASE WHEN d.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < d.min_rtt_us)
+                          THEN excluded.min_rtt_us ELSE d.min_rtt_us END,
+        limit_km = CASE WHEN d.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < d.limit_km)
+                        THEN excluded.limit_km ELSE d.limit_km END,
+        distance_km = CASE WHEN excluded.distance_km > d.distance_km THEN excluded.distance_km ELSE d.distance_km END,
+        org = CASE WHEN excluded.org > d.org THEN excluded.org ELSE d.org END,
+        geo_source = CASE WHEN excluded.geo_source > d.geo_source THEN excluded.geo_source ELSE d.geo_source END";
+
+/// Add `[$1, $2)` (whole hours of one day) of fleet hour rows to the fleet rest-of-day rows
+/// (`fleet_rest`), as [`ROLL_FLOWS_REST`] does for a node's rows.
+pub const ROLL_FLEET_REST: &str = "INSERT INTO fleet_rest AS d (from_ms, node_site, node_country, direction, country, asn,
+        answers, contested, operator_country, physics, node, org, geo_source, bytes_sent, bytes_received,
+        connections, min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
+     SELECT h.hour_ms - (h.hour_ms % 86400000) + k.k * 3600000, h.node_site, h.node_country, h.direction,
+            h.country, h.asn, h.answers, h.contested, h.operator_country, h.physics, MIN(h.node),
+            MAX(h.org), MAX(h.geo_source), SUM(h.bytes_sent), SUM(h.bytes_received), SUM(h.connections),
+            COALESCE(MIN(NULLIF(h.min_rtt_us, 0)), 0), MAX(h.distance_km),
+            COALESCE(MIN(NULLIF(h.limit_km, 0)), 0), SUM(h.conntrack_bytes), SUM(h.unmeasured_flows)
+     FROM fleet_hour h JOIN day_hours k ON k.k * 3600000 <= h.hour_ms % 86400000
+     WHERE h.hour_ms >= $1 AND h.hour_ms < $2
+     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+     ON CONFLICT (from_ms, node_site, node_country, direction, country, asn, answers, contested,
+                  operator_country, physics) DO UPDATE SET
+        node = CASE WHEN excluded.node < d.node THEN excluded.node ELSE d.node END,
         bytes_sent = d.bytes_sent + excluded.bytes_sent,
         bytes_received = d.bytes_received + excluded.bytes_received,
         connections = d.connections + excluded.connections,
@@ -539,6 +679,39 @@ mod tests {
         );
         let s = split(0, h + 10 * 60_000, h + 30 * 60_000);
         assert_eq!((s.hours, s.tail), ((0, h), (h, h + 10 * 60_000)));
+    }
+
+    #[test]
+    fn a_range_from_an_hour_reads_the_rest_of_its_first_day_as_one_row_set() {
+        let (h, d) = (HOUR_MS, DAY_MS);
+        let up_to = UpTo {
+            hours: 5 * d + 7 * h,
+            days: 5 * d + 7 * h,
+        };
+        // From 03:00 on day 1: the rest of day 1 from its rest rows, days 2..5, today's day
+        // row so far, then the minutes after the rolled-up hours.
+        let p = plan_with_rest(d + 3 * h, 5 * d + 7 * h + 120_000, up_to);
+        assert_eq!(p.rest, vec![(d + 3 * h, d + 3 * h + 1)]);
+        assert_eq!(p.days, vec![(2 * d, 5 * d + 7 * h)]);
+        assert!(p.hours.is_empty());
+        assert_eq!(p.minutes, vec![(5 * d + 7 * h, 5 * d + 7 * h + 120_000)]);
+        assert_eq!(p.params().len(), 6);
+        // Not on the hour, or a first day not rolled up into day rows: as `plan`.
+        let start = d + 3 * h + 60_000;
+        assert_eq!(
+            plan_with_rest(start, 5 * d, up_to),
+            plan(start, 5 * d, up_to)
+        );
+        let early = UpTo {
+            hours: 5 * d,
+            days: d,
+        };
+        assert_eq!(
+            plan_with_rest(d + 3 * h, 5 * d, early),
+            plan(d + 3 * h, 5 * d, early)
+        );
+        // A range inside one day reads no rest rows.
+        assert!(plan_with_rest(d + 3 * h, d + 9 * h, up_to).rest.is_empty());
     }
 
     #[test]

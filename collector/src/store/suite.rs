@@ -101,6 +101,7 @@ macro_rules! store_suite {
             weight_copies_and_users_carry_their_container,
             hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup,
             day_rows_total_the_minutes_and_answers_survive_the_minutes,
+            fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -124,6 +125,7 @@ pub(crate) use super::suite_containers::{
 };
 pub(crate) use super::suite_rollup::{
     day_rows_total_the_minutes_and_answers_survive_the_minutes,
+    fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,
     hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup,
 };
 

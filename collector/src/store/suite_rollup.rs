@@ -461,3 +461,294 @@ pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(d
     assert_eq!(db.count("SELECT COUNT(*) FROM flows_hour").await, 0);
     assert_eq!(rolled_answers(store, 0, 4 * d).await, after_late[0]);
 }
+
+/// Rows of the fleet table of a level that differ from the sums of its node-level table
+/// (grouped by the node's site and declared country, destination country, ASN and verdict),
+/// plus the difference in row counts: 0 when every fleet row is exactly the sums.
+async fn fleet_mismatches(db: &dyn Backend, level: &str) -> i64 {
+    let t = if level == "hour" { "hour_ms" } else { "day_ms" };
+    let grouped = format!(
+        "SELECT r.{t} AS t, COALESCE(n.site, '') AS s, COALESCE(n.country, '') AS c,
+                r.direction AS d, r.country AS dc, r.asn AS a, r.answers AS an, r.contested AS co,
+                r.operator_country AS oc, r.physics AS ph, MIN(r.node) AS node, MAX(r.org) AS org,
+                SUM(r.bytes_sent) AS bs, SUM(r.bytes_received) AS br, SUM(r.connections) AS cn,
+                SUM(r.conntrack_bytes) AS ct, SUM(r.unmeasured_flows) AS uf,
+                COALESCE(MIN(NULLIF(r.min_rtt_us, 0)), 0) AS rtt, MAX(r.distance_km) AS dk,
+                COALESCE(MIN(NULLIF(r.limit_km, 0)), 0) AS lk
+         FROM flows_{level} r LEFT JOIN nodes n ON n.node = r.node
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10"
+    );
+    let differ = db
+        .count(&format!(
+            "SELECT COUNT(*) FROM ({grouped}) g
+             LEFT JOIN fleet_{level} f ON f.{t} = g.t AND f.node_site = g.s AND f.node_country = g.c
+                  AND f.direction = g.d AND f.country = g.dc AND f.asn = g.a AND f.answers = g.an
+                  AND f.contested = g.co AND f.operator_country = g.oc AND f.physics = g.ph
+             WHERE f.node IS NULL OR f.node <> g.node OR f.org <> g.org OR f.bytes_sent <> g.bs
+                OR f.bytes_received <> g.br OR f.connections <> g.cn OR f.conntrack_bytes <> g.ct
+                OR f.unmeasured_flows <> g.uf OR f.min_rtt_us <> g.rtt OR f.distance_km <> g.dk
+                OR f.limit_km <> g.lk"
+        ))
+        .await;
+    let groups = db
+        .count(&format!("SELECT COUNT(*) FROM ({grouped}) g"))
+        .await;
+    let rows = db
+        .count(&format!("SELECT COUNT(*) FROM fleet_{level}"))
+        .await;
+    differ + (rows - groups).abs()
+}
+
+/// Rest-of-day rows that differ from the sums of the hour rows from their start to the end
+/// of its day (for the days rolled up into day rows), plus the difference in row counts.
+async fn rest_mismatches(db: &dyn Backend) -> i64 {
+    let grouped = "SELECT h.node AS n, h.hour_ms - (h.hour_ms % 86400000) + k.k * 3600000 AS f,
+                h.pid AS p, h.process AS pr, h.direction AS d, h.country AS dc, h.asn AS a,
+                h.answers AS an, h.contested AS co, h.operator_country AS oc, h.physics AS ph,
+                SUM(h.bytes_sent) AS bs, SUM(h.bytes_received) AS br, SUM(h.connections) AS cn,
+                SUM(h.conntrack_bytes) AS ct, SUM(h.unmeasured_flows) AS uf,
+                COALESCE(MIN(NULLIF(h.min_rtt_us, 0)), 0) AS rtt
+         FROM flows_hour h JOIN day_hours k ON k.k * 3600000 <= h.hour_ms % 86400000
+         WHERE h.hour_ms < (SELECT up_to_ms FROM rollup_state WHERE name = 'daily')
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11";
+    let differ = db
+        .count(&format!(
+            "SELECT COUNT(*) FROM ({grouped}) g
+             LEFT JOIN flows_rest r ON r.node = g.n AND r.from_ms = g.f AND r.pid = g.p
+                  AND r.process = g.pr AND r.direction = g.d AND r.country = g.dc AND r.asn = g.a
+                  AND r.answers = g.an AND r.contested = g.co AND r.operator_country = g.oc
+                  AND r.physics = g.ph
+             WHERE r.node IS NULL OR r.bytes_sent <> g.bs OR r.bytes_received <> g.br
+                OR r.connections <> g.cn OR r.conntrack_bytes <> g.ct OR r.unmeasured_flows <> g.uf
+                OR r.min_rtt_us <> g.rtt"
+        ))
+        .await;
+    let groups = db
+        .count(&format!("SELECT COUNT(*) FROM ({grouped}) g"))
+        .await;
+    let rows = db.count("SELECT COUNT(*) FROM flows_rest").await;
+    differ + (rows - groups).abs()
+}
+
+/// Fleet rest-of-day rows that differ from the sums of the fleet hour rows from their start
+/// to the end of its day (days rolled up into day rows), plus the difference in row counts.
+async fn fleet_rest_mismatches(db: &dyn Backend) -> i64 {
+    let grouped =
+        "SELECT h.hour_ms - (h.hour_ms % 86400000) + k.k * 3600000 AS f, h.node_site AS s,
+                h.node_country AS c, h.direction AS d, h.country AS dc, h.asn AS a,
+                h.answers AS an, h.contested AS co, h.operator_country AS oc, h.physics AS ph,
+                MIN(h.node) AS n, SUM(h.bytes_sent) AS bs, SUM(h.bytes_received) AS br,
+                SUM(h.connections) AS cn, SUM(h.conntrack_bytes) AS ct,
+                SUM(h.unmeasured_flows) AS uf, COALESCE(MIN(NULLIF(h.min_rtt_us, 0)), 0) AS rtt
+         FROM fleet_hour h JOIN day_hours k ON k.k * 3600000 <= h.hour_ms % 86400000
+         WHERE h.hour_ms < (SELECT up_to_ms FROM rollup_state WHERE name = 'daily')
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10";
+    let differ = db
+        .count(&format!(
+            "SELECT COUNT(*) FROM ({grouped}) g
+             LEFT JOIN fleet_rest r ON r.from_ms = g.f AND r.node_site = g.s
+                  AND r.node_country = g.c AND r.direction = g.d AND r.country = g.dc
+                  AND r.asn = g.a AND r.answers = g.an AND r.contested = g.co
+                  AND r.operator_country = g.oc AND r.physics = g.ph
+             WHERE r.node IS NULL OR r.node <> g.n OR r.bytes_sent <> g.bs
+                OR r.bytes_received <> g.br OR r.connections <> g.cn OR r.conntrack_bytes <> g.ct
+                OR r.unmeasured_flows <> g.uf OR r.min_rtt_us <> g.rtt"
+        ))
+        .await;
+    let groups = db
+        .count(&format!("SELECT COUNT(*) FROM ({grouped}) g"))
+        .await;
+    let rows = db.count("SELECT COUNT(*) FROM fleet_rest").await;
+    differ + (rows - groups).abs()
+}
+
+/// Fleet hour and day rows against their node-level tables, and rest-of-day rows (node and
+/// fleet) against the hour rows.
+async fn assert_fleet_is_the_sum(db: &dyn Backend, when: &str) {
+    for level in ["hour", "day"] {
+        assert_eq!(
+            fleet_mismatches(db, level).await,
+            0,
+            "fleet_{level} against the sums of flows_{level} {when}"
+        );
+    }
+    assert_eq!(
+        rest_mismatches(db).await,
+        0,
+        "flows_rest against the sums of flows_hour {when}"
+    );
+    assert_eq!(
+        fleet_rest_mismatches(db).await,
+        0,
+        "fleet_rest against the sums of fleet_hour {when}"
+    );
+}
+
+pub(crate) async fn fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention(
+    db: &dyn Backend,
+) {
+    use super::Retention;
+    use super::rollup::DAY_MS;
+    let store = db.store();
+    let d = DAY_MS;
+    // Nodes a and b in Rabat; node c in Paris, declared FR, sending to the same destinations.
+    write_days(store).await;
+    for k in 0..9u64 {
+        let seq = 1800 + k * (9 * 3600 + 60);
+        let mut r = report("c", 1, seq);
+        r.site = "paris-1".into();
+        r.country = "FR".into();
+        let at = r.observed_unix_ms;
+        r.telemetry.flows = vec![
+            flow(30, "curl", "192.0.2.1", "US", 13335, 4_000 + k, at),
+            flow(30, "curl", "203.0.113.9", "DE", 3320, 900 + k, at - 500),
+        ];
+        assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    }
+    let ranges = [
+        (0, 4 * d),
+        (d + 5 * HOUR_MS, 3 * d + 2 * HOUR_MS),
+        (d, 3 * d),
+    ];
+    let mut before = Vec::new();
+    for (since, until) in ranges {
+        before.push(rolled_answers(store, since, until).await);
+    }
+    // Nothing rolled up: no fleet rows either.
+    assert_eq!(db.count("SELECT COUNT(*) FROM fleet_hour").await, 0);
+
+    // To the middle of an hour (the current hour's row grows), then on into day 3.
+    let half = d + 10 * HOUR_MS + 30 * 60_000;
+    store.roll_up(half + 59_000).await.unwrap();
+    assert!(db.count("SELECT COUNT(*) FROM fleet_hour").await > 0);
+    assert_fleet_is_the_sum(db, "after a rollup to the middle of an hour").await;
+    let rolled = 3 * d + 5 * HOUR_MS;
+    store.roll_up(rolled + 59_000).await.unwrap();
+    assert!(db.count("SELECT COUNT(*) FROM fleet_day").await > 0);
+    assert!(db.count("SELECT COUNT(*) FROM flows_rest").await > 0);
+    assert!(db.count("SELECT COUNT(*) FROM fleet_rest").await > 0);
+    assert_fleet_is_the_sum(db, "after the daily rollup").await;
+    // Fleet rows are fewer than the node rows they sum (nodes a and b share a site).
+    assert!(
+        db.count("SELECT COUNT(*) FROM fleet_hour").await
+            < db.count("SELECT COUNT(*) FROM flows_hour").await
+    );
+    // The answers the fleet rows now serve are the minutes' answers.
+    for ((since, until), want) in ranges.into_iter().zip(&before) {
+        assert_eq!(
+            &rolled_answers(store, since, until).await,
+            want,
+            "[{since}, {until}) from fleet rows"
+        );
+    }
+
+    // Late reports into rolled-up day 1 of node a (Rabat) and node c (Paris): one merging
+    // into an existing minute row (the update path), one to a new destination (insert).
+    let late_at = d + 7 * HOUR_MS + 27 * 60_000 + 500;
+    for (node, seq, site, country) in [("a", 5, "rabat-1", "MA"), ("c", 7, "paris-1", "FR")] {
+        let mut late = report(node, 1, seq);
+        late.site = site.into();
+        late.country = country.into();
+        late.observed_unix_ms = late_at;
+        late.received_unix_ms = 4 * d;
+        late.telemetry.flows = vec![
+            flow(10, "vllm", "192.0.2.1", "US", 13335, 5_000, late_at),
+            flow(20, "curl", "192.0.2.77", "JP", 2497, 7_000, late_at),
+        ];
+        assert_eq!(ingest(store, late).await, IngestOutcome::Stored);
+    }
+    // A minute row of hour 8 of day 1 merged with a later flow of the same key.
+    let merge_at = d + 8 * HOUR_MS + 7 * 60_000 + 100;
+    for (seq, at, sent) in [(6, merge_at, 11_000), (8, merge_at + 1_000, 13_000)] {
+        let mut merge = report("b", 1, seq);
+        merge.observed_unix_ms = at;
+        merge.received_unix_ms = 4 * d;
+        merge.telemetry.flows = vec![flow(10, "vllm", "192.0.2.1", "US", 13335, sent, at)];
+        assert_eq!(ingest(store, merge).await, IngestOutcome::Stored);
+    }
+    assert_fleet_is_the_sum(db, "after late reports").await;
+    // From 05:00 on day 1 by process: the rest of day 1 from its rest-of-day rows, then day 2,
+    // against the same sums from hour rows (a range ending inside day 1, then day 2 alone).
+    let by_process = |since: i64, until: i64| async move {
+        let (rows, _) = store
+            .egress(EgressQuery {
+                since_unix_ms: since,
+                until_unix_ms: until,
+                by: "process".into(),
+                limit: 1000,
+            })
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.bytes_sent).sum::<u64>()
+    };
+    assert_eq!(
+        by_process(d + 5 * HOUR_MS, 3 * d).await,
+        by_process(d + 5 * HOUR_MS, 2 * d - 1).await + by_process(2 * d - 1, 3 * d).await,
+        "rest-of-day rows hold the late reports"
+    );
+    let (country, _) = store
+        .egress(EgressQuery {
+            since_unix_ms: d,
+            until_unix_ms: 2 * d,
+            by: "country".into(),
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    let jp: u64 = country
+        .iter()
+        .filter(|r| r.country == "JP")
+        .map(|r| r.bytes_sent)
+        .sum();
+    assert_eq!(
+        jp, 14_000,
+        "both late flows in the fleet day row: {country:?}"
+    );
+    // Day 1 by flow (minute rows only) and by country (fleet day row) agree.
+    let (flows, _) = store
+        .egress(EgressQuery {
+            since_unix_ms: d,
+            until_unix_ms: 2 * d,
+            by: "flow".into(),
+            limit: 1000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        country.iter().map(|r| r.bytes_sent).sum::<u64>(),
+        flows.iter().map(|r| r.bytes_sent).sum::<u64>(),
+        "fleet rows and minutes agree after late reports"
+    );
+
+    // Retention: hours before day 2 go (rolled into days), fleet hours with them; the fleet
+    // rows left are still the sums of the node rows left.
+    store
+        .prune(Retention {
+            raw_before_unix_ms: 0,
+            aggregates_before_unix_ms: 0,
+            minutes_before_unix_ms: 2 * d,
+            hours_before_unix_ms: 2 * d,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM fleet_hour WHERE hour_ms < {}",
+            2 * d
+        ))
+        .await,
+        0
+    );
+    assert!(db.count("SELECT COUNT(*) FROM fleet_hour").await > 0);
+    assert_fleet_is_the_sum(db, "after hours were pruned").await;
+    // Day rows before day 1 go with the aggregates' cut-off, fleet days with them.
+    store.prune(Retention::all_before(d)).await.unwrap();
+    assert_eq!(
+        db.count(&format!(
+            "SELECT COUNT(*) FROM fleet_day WHERE day_ms < {d}"
+        ))
+        .await,
+        0
+    );
+    assert_fleet_is_the_sum(db, "after days were pruned").await;
+}

@@ -58,6 +58,8 @@ pub const DESTROY_RCVBUF: i32 = 8 * 1024 * 1024;
 pub const DESTROY_QUEUE: usize = 65_536;
 /// Datagrams read from one socket before the others get their turn.
 const BURST: usize = 64;
+/// Datagrams one [`DestroyListener::flush`] reads from one socket at most.
+pub const FLUSH_MAX: usize = 4096;
 /// `ENOBUFS` on Linux.
 const ENOBUFS: i32 = 105;
 /// One datagram holds one destroy message (~330 bytes); room for a few.
@@ -110,6 +112,9 @@ struct Registry {
 struct Shared {
     registry: Mutex<Registry>,
     queue: Mutex<VecDeque<(u64, ObservedSocket)>>,
+    /// The receive buffer, held by whoever reads the sockets (the thread, or a flush): once a
+    /// flush holds it, every event received so far is in `queue`.
+    reading: Mutex<Vec<u8>>,
     stop: AtomicBool,
     stats: DestroyStats,
 }
@@ -137,6 +142,7 @@ impl DestroyListener {
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::default()),
             queue: Mutex::new(VecDeque::new()),
+            reading: Mutex::new(vec![0u8; RECV_BUFFER]),
             stop: AtomicBool::new(false),
             stats: DestroyStats::default(),
         });
@@ -192,6 +198,36 @@ impl DestroyListener {
         }
     }
 
+    /// Read, on the caller's thread, every event already queued by the kernel on the sockets of
+    /// the namespaces `keys` (all of them when `None`) into the queue that
+    /// [`DestroyListener::drain`] empties: after it, every event the kernel had delivered before
+    /// the call is in the queue (an event the listener thread was decoding is there too: both
+    /// read under one lock). False when a socket still had events after [`FLUSH_MAX`] messages
+    /// (the caller then knows it may have missed some).
+    pub fn flush(&self, keys: Option<&[u64]>) -> bool {
+        let sockets: Vec<(u64, Arc<Socket>)> = {
+            let r = lock(&self.shared.registry);
+            r.sockets
+                .iter()
+                .filter(|(k, _)| keys.is_none_or(|ks| ks.contains(k)))
+                .map(|(k, s)| (*k, s.clone()))
+                .collect()
+        };
+        let mut buf = lock(&self.shared.reading);
+        let mut complete = true;
+        for (key, socket) in &sockets {
+            let mut drained = false;
+            for _ in 0..FLUSH_MAX / BURST {
+                if read_burst(*key, socket, &mut buf[..], &self.shared) {
+                    drained = true;
+                    break;
+                }
+            }
+            complete &= drained;
+        }
+        complete
+    }
+
     /// The thread's counters.
     pub fn stats(&self) -> &DestroyStats {
         &self.shared.stats
@@ -209,7 +245,6 @@ impl Drop for DestroyListener {
 }
 
 fn listen(shared: &Shared, mut woken: UnixStream) {
-    let mut buf = vec![0u8; RECV_BUFFER];
     let mut version = u64::MAX;
     let mut sockets: Vec<(u64, Arc<Socket>)> = Vec::new();
     let mut drained = [0u8; 64];
@@ -240,19 +275,21 @@ fn listen(shared: &Shared, mut woken: UnixStream) {
         if ready[0] {
             while matches!(woken.read(&mut drained), Ok(n) if n > 0) {}
         }
+        let mut buf = lock(&shared.reading);
         for ((key, socket), _) in sockets.iter().zip(&ready[1..]).filter(|(_, r)| **r) {
-            read_burst(*key, socket, &mut buf, shared);
+            read_burst(*key, socket, &mut buf[..], shared);
         }
     }
 }
 
-/// Read up to [`BURST`] datagrams from one socket into the queue.
-fn read_burst(key: u64, socket: &Socket, buf: &mut [u8], shared: &Shared) {
+/// Read up to [`BURST`] datagrams from one socket into the queue; true when it has no more
+/// (or failed), false when the burst ended with more possibly waiting.
+fn read_burst(key: u64, socket: &Socket, buf: &mut [u8], shared: &Shared) -> bool {
     let stats = &shared.stats;
     for _ in 0..BURST {
         let n = match socket.recv(&mut &mut buf[..], 0) {
             Ok(n) => n.min(buf.len()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) if e.raw_os_error() == Some(ENOBUFS) => {
                 stats.overruns.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -260,7 +297,7 @@ fn read_burst(key: u64, socket: &Socket, buf: &mut [u8], shared: &Shared) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::warn!(error = %e, netns = key, "destroy-event socket failed");
-                return;
+                return true;
             }
         };
         let mut off = 0;
@@ -293,4 +330,5 @@ fn read_burst(key: u64, socket: &Socket, buf: &mut [u8], shared: &Shared) {
             }
         }
     }
+    false
 }

@@ -42,6 +42,8 @@ pub struct Pace {
     /// The namespace's TCP opens (`ActiveOpens + PassiveOpens`) before its latest dump, when
     /// they could be read.
     opens: Option<u64>,
+    /// Connections closed unseen since then (their destroy events): each counted one open.
+    unseen: u64,
 }
 
 impl Pace {
@@ -64,18 +66,32 @@ impl Pace {
         } else {
             self.opens = None;
         }
+        self.unseen = 0;
+    }
+
+    /// `n` connections of the namespace closed before any sample saw them (their destroy
+    /// events, folded in after its latest dump): their opens need no glance.
+    pub fn closed_unseen(&mut self, n: u64) {
+        self.unseen = self.unseen.saturating_add(n);
     }
 
     /// Before a glance, given the namespace's opens read now ([`tcp_opens`]): whether it
-    /// should dump the namespace (glances on, and a connection opened since its previous dump,
-    /// or the counters unreadable).
+    /// should dump the namespace (glances on, and a connection opened since its previous dump
+    /// that has not closed since — the opens moved by more than the connections closed unseen
+    /// meanwhile —, or the counters unreadable). A connection that opened and closed between
+    /// two glances cannot be caught by a dump: it is no longer in any table.
     pub fn due(&self, opens: Option<u64>, now: Instant) -> bool {
-        self.active(now) && (opens.is_none() || opens != self.opens)
+        self.active(now)
+            && match (opens, self.opens) {
+                (Some(o), Some(then)) => o.checked_sub(then) != Some(self.unseen),
+                _ => true,
+            }
     }
 
     /// The glance dumps the namespace: `opens` (read before the dump) are its counters now.
     pub fn dumped(&mut self, opens: Option<u64>) {
         self.opens = opens;
+        self.unseen = 0;
     }
 }
 
@@ -87,14 +103,14 @@ pub struct Budget {
     /// Nanoseconds of CPU the next dumps may take (negative: overspent).
     allowance_ns: i64,
     last: Option<Instant>,
+    /// CPU time earned per second of wall time, and the most saved up.
+    per_sec: Duration,
+    burst: Duration,
 }
 
 impl Default for Budget {
     fn default() -> Self {
-        Self {
-            allowance_ns: nanos(GLANCE_CPU_BURST),
-            last: None,
-        }
+        Self::new(GLANCE_CPU_PER_SEC, GLANCE_CPU_BURST)
     }
 }
 
@@ -103,14 +119,25 @@ fn nanos(d: Duration) -> i64 {
 }
 
 impl Budget {
+    /// A budget earning `per_sec` of CPU per second of wall time, saving up at most `burst`
+    /// (full at first).
+    pub fn new(per_sec: Duration, burst: Duration) -> Self {
+        Self {
+            allowance_ns: nanos(burst),
+            last: None,
+            per_sec,
+            burst,
+        }
+    }
+
     /// Whether a dump may be made now.
     pub fn allows(&mut self, now: Instant) -> bool {
         if let Some(last) = self.last {
             let earned = now.saturating_duration_since(last).as_secs_f64()
-                * GLANCE_CPU_PER_SEC.as_secs_f64()
+                * self.per_sec.as_secs_f64()
                 * 1e9;
             self.allowance_ns =
-                (self.allowance_ns.saturating_add(earned as i64)).min(nanos(GLANCE_CPU_BURST));
+                (self.allowance_ns.saturating_add(earned as i64)).min(nanos(self.burst));
         }
         self.last = Some(now);
         self.allowance_ns > 0
@@ -221,6 +248,39 @@ mod tests {
         );
         assert!(p.due(None, t), "unreadable counters: dump");
         assert!(!glance(&mut p, t + GLANCE_FOR), "over");
+    }
+
+    #[test]
+    fn a_glance_does_not_dump_for_connections_that_already_closed_unseen() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |opens: u64| {
+            std::fs::write(
+                dir.path().join("snmp"),
+                format!("Tcp: ActiveOpens PassiveOpens\nTcp: {opens} 0\n"),
+            )
+            .unwrap();
+        };
+        let t = Instant::now();
+        let mut p = Pace::default();
+        p.start(t);
+        write(100);
+        p.dumped(tcp_opens(dir.path()));
+        // Two short connections opened and closed (their events folded in): nothing to catch.
+        write(102);
+        p.closed_unseen(2);
+        assert!(!p.due(tcp_opens(dir.path()), t), "both already closed");
+        // A third one opened and is still open: dump.
+        write(103);
+        assert!(p.due(tcp_opens(dir.path()), t), "one still open");
+        // More closes counted than opens (an event of a connection opened before the dump):
+        // not exact, so dump.
+        p.closed_unseen(2);
+        assert!(
+            p.due(tcp_opens(dir.path()), t),
+            "closes beyond the opens: dump"
+        );
+        p.dumped(tcp_opens(dir.path()));
+        assert!(!p.due(tcp_opens(dir.path()), t), "nothing since the dump");
     }
 
     #[test]

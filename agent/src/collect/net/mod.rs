@@ -148,6 +148,11 @@ pub const MIN_TABLE_FLOWS: usize = 1024;
 /// A listing of `/proc` made less than this long ago by another collector is reused (the
 /// process table's listing mode).
 pub const TABLE_MAX_AGE: Duration = Duration::from_secs(1);
+/// A namespace found unchanged by counting the sockets that closed since its mark (not by an
+/// unchanged mark alone: [`sockstat::TcpMark::accounts_for`]) is dumped at least this often: a
+/// destroy event still on its way when the mark was taken could balance one new connection,
+/// which that dump then finds (with all its bytes: a socket new to the tracker counts in full).
+pub const LEDGER_DUMP_EVERY: Duration = Duration::from_secs(10);
 /// Samples a network namespace may go without any process before its sockets are closed (its
 /// last destroy events arrive meanwhile).
 pub const NAMESPACE_GRACE_SAMPLES: u32 = 2;
@@ -318,8 +323,19 @@ struct Namespace {
     /// the mark stays the same and no socket of it is destroyed, its TCP sockets are not
     /// dumped again ([`NetCollector::sample`]).
     tcp_mark: Option<sockstat::TcpMark>,
-    /// Destroy events (or possible losses of them) since its TCP sockets were last dumped.
-    events_since_dump: u64,
+    /// How its TCP sockets left the hash table since its mark was taken (destroy events),
+    /// against which the mark's change is checked ([`sockstat::TcpMark::accounts_for`]).
+    closes: flows::TcpCloses,
+    /// Possible losses of destroy events since its TCP sockets were last dumped.
+    lost: u64,
+    /// Its mark (`fresh_sample`) or its glance pace (`fresh_glance`) was just taken: the
+    /// destroy events folded in next are of sockets that closed before it (up to then), so
+    /// their unseen connections are not counted against the opens since (that would count
+    /// an open twice). Cleared by every fold-in.
+    fresh_sample: bool,
+    fresh_glance: bool,
+    /// When its TCP sockets were last dumped.
+    last_dump: Option<Instant>,
     /// Its latest sample found its TCP sockets unchanged (no TCP dump).
     steady: bool,
     /// Sockets (listeners included) in its latest dump, and of those the ones without owner.
@@ -342,7 +358,11 @@ impl Namespace {
             udp: None,
             glance: glance::Pace::default(),
             tcp_mark: None,
-            events_since_dump: 0,
+            closes: flows::TcpCloses::default(),
+            lost: 0,
+            fresh_sample: false,
+            fresh_glance: false,
+            last_dump: None,
             steady: false,
             sockets: 0,
             unknown_owners: 0,
@@ -745,6 +765,16 @@ impl NetCollector {
         } else {
             self.others_skipped
         };
+        // The destroy events so far are folded in before the marks are read, so that the
+        // sockets that closed before are counted against them (sockstat::TcpMark::accounts_for).
+        let sampled: Vec<u64> = if others { Vec::new() } else { vec![0] };
+        let flush_keys = (!others).then_some(sampled.as_slice());
+        if let Some(l) = &self.destroy {
+            l.flush(flush_keys);
+        }
+        // Counted now, folded in after the dumps (a closed socket's direction comes from the
+        // listeners the dump finds).
+        let early = self.take_events();
         // Lost destroy events (of any namespace) make every namespace dumped in full.
         let mut losses = self.destroy_losses();
         let mut dumps: Vec<(u64, Vec<ObservedSocket>, &'static str, Scope)> =
@@ -784,12 +814,20 @@ impl NetCollector {
                     (Some(dir), Some(u)) if ns.destroy => sockstat::tcp_mark(dir, u),
                     _ => None,
                 };
+                // Unchanged: no socket it has not seen is in its table. Either nothing moved
+                // (an exact rule), or every open since is a connection that closed unseen and
+                // `inuse` fell by the known sockets that closed — then a dump at least every
+                // LEDGER_DUMP_EVERY (an event still on its way may balance a new connection).
                 let steady = match (mark, ns.tcp_mark) {
                     (Some(now), Some(then)) => {
                         ns.last_mode == Some(MODE_NETLINK)
                             && ns.tracker.has_baseline()
-                            && ns.events_since_dump == 0
-                            && now.same_sockets(&then)
+                            && ns.lost == 0
+                            && now.accounts_for(&then, &ns.closes)
+                            && (ns.closes == flows::TcpCloses::default()
+                                || ns
+                                    .last_dump
+                                    .is_some_and(|t| t.elapsed() < LEDGER_DUMP_EVERY))
                     }
                     _ => false,
                 };
@@ -826,13 +864,19 @@ impl NetCollector {
                         .dump_where(&mut socks, |v6, tcp| in_use.is_none_or(|u| u.any(v6, tcp)))
                         .map_err(Some);
                     if result.is_ok() {
-                        ns.events_since_dump = 0;
+                        ns.lost = 0;
+                        ns.last_dump = Some(Instant::now());
                     }
                 } else {
                     // The TCP dumps (both families: one walk) were not needed.
                     cache::NAMESPACE_DUMPS.hits(2);
                 }
                 ns.tcp_mark = if result.is_ok() { mark } else { None };
+                // The mark (and the glance pace, read before it) start counting closes anew;
+                // the events folded in after the dump are of sockets closed before it.
+                ns.closes = flows::TcpCloses::default();
+                ns.fresh_sample = true;
+                ns.fresh_glance = true;
                 ns.steady = scope != Scope::FULL;
                 match result {
                     Ok(()) => {
@@ -1012,7 +1056,14 @@ impl NetCollector {
         }
         // Destroy events after the dumps: a socket freed during a dump may be in it; its event
         // then counts final − dumped counters (the dump was folded in first).
-        let destroyed = self.absorb_into(now_unix_ms, &mut contributions);
+        if let Some(l) = &self.destroy {
+            l.flush(flush_keys);
+        }
+        let mut events = early;
+        for (key, evs) in self.take_events() {
+            events.entry(key).or_default().extend(evs);
+        }
+        let destroyed = self.fold_events(events, now_unix_ms, &mut contributions);
         let (short, short_unknown) = self.take_unseen();
         let mut missed = 0;
         for (key, _, mode, _) in &dumps {
@@ -1183,11 +1234,18 @@ impl NetCollector {
         cache::OWNER_GLANCES.entries(keys.len());
         // In turn from where the previous glance started, so that a budget spent early does
         // not always leave out the same namespaces.
-        if !keys.is_empty() {
-            let start = self.glance_turn % keys.len();
-            keys.rotate_left(start);
-            self.glance_turn = self.glance_turn.wrapping_add(1);
+        if keys.is_empty() {
+            return;
         }
+        let start = self.glance_turn % keys.len();
+        keys.rotate_left(start);
+        self.glance_turn = self.glance_turn.wrapping_add(1);
+        // The connections that closed unseen so far count against the opens (glance.rs): a
+        // glance dumps only for one still open.
+        if let Some(l) = &self.destroy {
+            l.flush(Some(&keys));
+        }
+        self.absorb_destroyed(now_unix_ms);
         for key in keys {
             let net_dir = self
                 .namespaces
@@ -1214,6 +1272,7 @@ impl NetCollector {
             cache::OWNER_GLANCE_BUDGET.miss();
             cache::OWNER_GLANCES.miss();
             ns.glance.dumped(opens);
+            ns.fresh_glance = true;
             let cpu = glance::thread_cpu();
             let mut socks = Vec::new();
             // Connections only: TCP (UDP's short exchanges are counted by conntrack).
@@ -1227,6 +1286,13 @@ impl NetCollector {
         if dumps.is_empty() {
             return;
         }
+        // The events of the sockets that closed before the dumps: not counted against the
+        // opens since them.
+        if let Some(l) = &self.destroy {
+            let dumped: Vec<u64> = dumps.iter().map(|d| d.0).collect();
+            l.flush(Some(&dumped));
+        }
+        self.absorb_destroyed(now_unix_ms);
         let procs = self.table.refresh(TABLE_MAX_AGE);
         // A glance dumps TCP only, and only some namespaces: it looks for the owners of the
         // sockets new to it and forgets no other owner (OwnerCache::glance).
@@ -1265,15 +1331,53 @@ impl NetCollector {
     }
 
     fn absorb_into(&mut self, now_unix_ms: i64, out: &mut Vec<Contribution>) -> usize {
+        let events = self.take_events();
+        self.fold_events(events, now_unix_ms, out)
+    }
+
+    /// The destroy events received so far, by namespace, counted against the namespaces' marks
+    /// ([`flows::TcpCloses`]) but not folded in yet ([`NetCollector::fold_events`]).
+    fn take_events(&mut self) -> HashMap<u64, Vec<ObservedSocket>> {
+        let mut by_ns: HashMap<u64, Vec<ObservedSocket>> = HashMap::new();
         let Some(l) = &self.destroy else {
-            return 0;
+            return by_ns;
         };
         let mut events = Vec::new();
         l.drain(&mut events);
-        let mut by_ns: HashMap<u64, Vec<ObservedSocket>> = HashMap::new();
         for (key, e) in events.drain(..) {
             by_ns.entry(key).or_default().push(e);
         }
+        for (key, evs) in &by_ns {
+            if let Some(ns) = self
+                .namespaces
+                .get_mut(key)
+                .filter(|ns| ns.last_mode == Some(MODE_NETLINK))
+            {
+                let c = ns.tracker.tcp_closes(evs);
+                ns.closes.known = ns.closes.known.saturating_add(c.known);
+                ns.closes.other = ns.closes.other.saturating_add(c.other);
+                if !ns.fresh_sample {
+                    ns.closes.unseen = ns.closes.unseen.saturating_add(c.unseen);
+                }
+                if !ns.fresh_glance {
+                    ns.glance.closed_unseen(c.unseen);
+                }
+            }
+        }
+        for ns in self.namespaces.values_mut() {
+            ns.fresh_sample = false;
+            ns.fresh_glance = false;
+        }
+        by_ns
+    }
+
+    /// Fold destroy events in (their final counters into `out`); returns how many.
+    fn fold_events(
+        &mut self,
+        by_ns: HashMap<u64, Vec<ObservedSocket>>,
+        now_unix_ms: i64,
+        out: &mut Vec<Contribution>,
+    ) -> usize {
         let mut n = 0;
         for (key, mut evs) in by_ns {
             if let Some(ns) = self
@@ -1288,7 +1392,6 @@ impl NetCollector {
                 {
                     tracing::debug!(netns = key, error = %chain(&e), "conntrack dump for closed UDP sockets failed");
                 }
-                ns.events_since_dump += evs.len() as u64;
                 n += ns.tracker.absorb_destroyed(&evs, now_unix_ms, out);
             }
         }
@@ -1306,7 +1409,7 @@ impl NetCollector {
         if new > 0 {
             // Any namespace's events may be among the lost: every one is dumped again.
             for ns in self.namespaces.values_mut() {
-                ns.events_since_dump += new;
+                ns.lost += new;
             }
         }
         new

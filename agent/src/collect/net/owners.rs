@@ -40,6 +40,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::collect::cache;
+use crate::collect::net::glance::{Budget, thread_cpu};
 use crate::collect::proctable::Gen;
 
 /// How long an inode that a complete walk did not find is left alone before being looked for
@@ -50,6 +51,16 @@ pub const MISS_RETRY: Duration = Duration::from_secs(60);
 /// a listing of every process's `fd/` every minute for as long as it lives (about 66 ms at
 /// 3,300 processes here).
 pub const MISS_RETRY_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// CPU time the last listing of owner searches may take, per second of wall time (0.5 % of one
+/// CPU): listing every process whose descriptor count is unchanged costs about 20 µs a process
+/// (66 ms at 3,300 processes), the most expensive step of a search, and is needed only for a
+/// socket whose owner closed a file and opened it (or whose owner cannot be seen at all).
+pub const LISTING_CPU_PER_SEC: Duration = Duration::from_millis(5);
+/// The most CPU time the listing budget saves up (one listing at about 2,500 processes).
+pub const LISTING_CPU_BURST: Duration = Duration::from_millis(50);
+/// How long a socket whose last listing the budget put off waits before it is searched again.
+pub const LISTING_RETRY: Duration = Duration::from_secs(10);
 
 /// What the walks have cost so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,6 +73,10 @@ pub struct WalkStats {
     pub links_read: u64,
     /// Processes passed over for an unchanged descriptor count (one `stat` each).
     pub pids_passed: u64,
+    /// Last listings made (every process passed over, listed) and put off (a socket missed
+    /// for the first time, or the budget spent).
+    pub listings: u64,
+    pub listings_put_off: u64,
     /// Wall time of the latest walk.
     pub last_walk: Duration,
 }
@@ -73,6 +88,12 @@ pub struct OwnerCache {
     owners: HashMap<u32, u32>,
     /// Inodes a complete walk did not find: when, and how long until the next search.
     misses: HashMap<u32, (Instant, Duration)>,
+    /// Inodes not found but by the last listing, which was put off: not searched before then.
+    /// A socket is listed for only once it was missed at a previous search (most sockets not
+    /// found at once are closing), and within the listing budget.
+    put_off: HashMap<u32, Instant>,
+    /// The last listings' CPU allowance ([`LISTING_CPU_PER_SEC`]).
+    listing: Budget,
     /// Per walked process (bounded: one per live process, pruned with the process table or
     /// at each listing): what its latest walk found.
     fds: HashMap<u32, Walked>,
@@ -99,6 +120,8 @@ impl OwnerCache {
             proc_root: proc_root.to_path_buf(),
             owners: HashMap::new(),
             misses: HashMap::new(),
+            put_off: HashMap::new(),
+            listing: Budget::new(LISTING_CPU_PER_SEC, LISTING_CPU_BURST),
             fds: HashMap::new(),
             born_seen: 0,
             stats: WalkStats::default(),
@@ -141,6 +164,7 @@ impl OwnerCache {
     ) {
         self.owners.retain(|ino, _| live.contains(ino));
         self.misses.retain(|ino, _| live.contains(ino));
+        self.put_off.retain(|ino, _| live.contains(ino));
         self.forget_gone(procs);
         let wanted: HashSet<u32> = live
             .iter()
@@ -151,7 +175,7 @@ impl OwnerCache {
             .collect();
         cache::SOCKET_OWNER.misses(wanted.len() as u64);
         cache::SOCKET_OWNER.hits(live.len().saturating_sub(wanted.len()) as u64);
-        cache::SOCKET_OWNER.entries(self.owners.len() + self.misses.len());
+        cache::SOCKET_OWNER.entries(self.owners.len() + self.misses.len() + self.put_off.len());
         if wanted.is_empty() {
             return;
         }
@@ -190,6 +214,7 @@ impl OwnerCache {
         self.misses
             .get(&ino)
             .is_some_and(|(at, wait)| now.saturating_duration_since(*at) < *wait)
+            || self.put_off.get(&ino).is_some_and(|until| now < *until)
     }
 
     /// Drop the walks and owners of processes that left (or were born again).
@@ -246,6 +271,11 @@ impl OwnerCache {
             }
         }
         let walked: HashSet<u32> = first.into_iter().collect();
+        // The owners passed over are listed at once when a socket is found nowhere else (a
+        // busy server opens and closes files and sockets all the time: its count says little,
+        // and the bytes of a socket's first sample go to the owner known then); only the
+        // listing of every other process is put off.
+        let skipped_owners = std::mem::take(&mut skipped);
         // Not among the owners: before every other process is looked at (a `stat` each at
         // least), ask whether the socket still has a descriptor at all: one closed since the
         // dump (a short connection, a local scrape) has no owner left to find.
@@ -299,15 +329,65 @@ impl OwnerCache {
                 break;
             }
         }
-        // Not found: a process skipped for its unchanged count closed a file and opened the
-        // socket: list those too.
-        for (pid, generation) in skipped {
+        for (pid, generation) in skipped_owners {
             if wanted.is_empty() {
-                break;
+                self.stats.last_walk = started.elapsed();
+                return;
             }
             self.walk_pid(pid, generation, true, live, &mut wanted);
         }
+        // Not found: a process skipped for its unchanged count closed a file and opened the
+        // socket: list those too — the last listing, the most expensive step. Only for a
+        // socket missed at a previous search already (one not found at once is most often
+        // closing: a short connection; it is asked about again first), and within the
+        // listing budget; the others wait (`put_off`), searched again at the next sample.
+        if !skipped.is_empty() && !wanted.is_empty() {
+            let (ready, first): (HashSet<u32>, HashSet<u32>) = wanted
+                .drain()
+                .partition(|ino| self.put_off.contains_key(ino) || self.misses.contains_key(ino));
+            let put_off_now = !first.is_empty();
+            for ino in first {
+                self.put_off.insert(ino, now);
+            }
+            // Asked about again: one closed during the walk has nothing left to find.
+            let mut ready: HashSet<u32> = ready
+                .into_iter()
+                .filter(|ino| {
+                    let open = still_open(*ino);
+                    if !open {
+                        self.put_off.remove(ino);
+                    }
+                    open
+                })
+                .collect();
+            if !ready.is_empty() && !self.listing.allows(now) {
+                for ino in ready.drain() {
+                    self.put_off.insert(ino, now + LISTING_RETRY);
+                }
+                cache::OWNER_LISTINGS.hit();
+                self.stats.listings_put_off += 1;
+            } else if ready.is_empty() && put_off_now {
+                cache::OWNER_LISTINGS.hit();
+                self.stats.listings_put_off += 1;
+            }
+            if ready.is_empty() {
+                self.stats.last_walk = started.elapsed();
+                return;
+            }
+            cache::OWNER_LISTINGS.miss();
+            self.stats.listings += 1;
+            let cpu = thread_cpu();
+            wanted = ready;
+            for (pid, generation) in skipped {
+                if wanted.is_empty() {
+                    break;
+                }
+                self.walk_pid(pid, generation, true, live, &mut wanted);
+            }
+            self.listing.spend(thread_cpu().saturating_sub(cpu));
+        }
         for ino in wanted {
+            self.put_off.remove(&ino);
             let wait = self
                 .misses
                 .get(&ino)
@@ -381,6 +461,7 @@ impl OwnerCache {
             if let std::collections::hash_map::Entry::Vacant(e) = self.owners.entry(inode) {
                 e.insert(pid);
                 self.misses.remove(&inode);
+                self.put_off.remove(&inode);
                 wanted.remove(&inode);
             }
         }
@@ -661,12 +742,43 @@ mod tests {
         let mut live: HashSet<u32> = sockets_of(std::process::id()).into_iter().collect();
         live.insert(theirs[0]);
         let before = cache.stats();
+        // Asked about as the kernel would answer (other tests of this process open and close
+        // sockets meanwhile).
+        let child_socket = theirs[0];
+        let mut open =
+            |ino: u32| ino == child_socket || sockets_of(std::process::id()).contains(&ino);
+        // The first search passes over the processes whose count is unchanged and puts the
+        // last listing off (a socket not found at once is most often closing); the next one
+        // lists them.
         cache.refresh(
             &live,
             Instant::now(),
             Some(&table.refresh(Duration::ZERO)),
-            &mut |_| true,
+            &mut open,
         );
+        assert_eq!(cache.owner(theirs[0]), None, "not listed at once");
+        // A sample where the socket is gone (a short connection): no listing at all.
+        let mut without = live.clone();
+        without.remove(&theirs[0]);
+        cache.refresh(
+            &without,
+            Instant::now(),
+            Some(&table.refresh(Duration::ZERO)),
+            &mut open,
+        );
+        assert!(
+            !cache.put_off.contains_key(&theirs[0]),
+            "forgotten with its socket: nothing to list for it"
+        );
+        // Put off again when it comes back, then listed at the search after.
+        for _ in 0..2 {
+            cache.refresh(
+                &live,
+                Instant::now(),
+                Some(&table.refresh(Duration::ZERO)),
+                &mut open,
+            );
+        }
         assert_eq!(cache.owner(u32::MAX - 7), None);
         assert_eq!(
             cache.owner(theirs[0]),
@@ -674,6 +786,11 @@ mod tests {
             "found although its descriptor count did not change"
         );
         let after = cache.stats();
+        assert!(
+            after.listings_put_off >= before.listings_put_off + 2
+                && after.listings > before.listings,
+            "put off twice, then listed: {before:?} {after:?}"
+        );
         assert!(
             after.pids_passed > before.pids_passed,
             "unchanged processes were passed over first: {after:?}"

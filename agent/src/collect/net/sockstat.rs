@@ -68,6 +68,28 @@ impl TcpMark {
     pub fn same_sockets(&self, earlier: &TcpMark) -> bool {
         self.inuse == earlier.inuse && self.opens == earlier.opens
     }
+
+    /// Whether the namespace's TCP hash table holds no socket that no sample has seen, given
+    /// its mark `earlier` (read before its latest dump or steady sample) and the TCP sockets
+    /// that left the table since as their destroy events tell (`closes`): every open since is
+    /// a connection already closed unseen, and `inuse` fell by the known sockets that closed.
+    /// A listener or a socket closed before `connect` (`closes.other`) makes it false (what
+    /// it did to `inuse` is not known). Exact when every event of a socket that left the table
+    /// before the mark was read has been counted; an event still on its way only makes it
+    /// false (a dump), unless it is balanced by exactly one new connection (see
+    /// `NetCollector::sample`, which bounds that by a dump at least every
+    /// [`super::LEDGER_DUMP_EVERY`]).
+    pub fn accounts_for(&self, earlier: &TcpMark, closes: &super::flows::TcpCloses) -> bool {
+        let opens = |m: &TcpMark| m.opens.0.checked_add(m.opens.1);
+        let inuse = |m: &TcpMark| m.inuse.0.checked_add(m.inuse.1);
+        let expected_opens = opens(earlier).and_then(|o| o.checked_add(closes.unseen));
+        let inuse_then = inuse(self).and_then(|i| i.checked_add(closes.known));
+        closes.other == 0
+            && expected_opens.is_some()
+            && opens(self) == expected_opens
+            && inuse_then.is_some()
+            && inuse_then == inuse(earlier)
+    }
 }
 
 /// The [`TcpMark`] of the namespace whose `net` directory is `net_dir`, given its `inuse`

@@ -259,11 +259,24 @@ pub(super) async fn egress(
     let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
     let client = store.reader().await?;
     let plan = if crate::store::rollup::by_hours(&q.by) {
-        crate::store::rollup::plan(since, q.until_unix_ms, rolled_up_to(&*client).await?)
+        crate::store::rollup::plan_with_rest(since, q.until_unix_ms, rolled_up_to(&*client).await?)
     } else {
         crate::store::rollup::Plan::default()
     };
-    let (source, filter, values) = if plan.has_rollups() {
+    let fleet = plan.has_rollups() && crate::store::rollup::by_fleet(&q.by);
+    let (source, filter, values) = if fleet {
+        (
+            crate::store::rollup::fleet_source(
+                &plan,
+                &|i| format!("${i}"),
+                NO_TEXT,
+                NO_NUM,
+                q.by == "verdict",
+            ),
+            String::new(),
+            plan.params(),
+        )
+    } else if plan.has_rollups() {
         (
             crate::store::rollup::flows_source(&plan, &|i| format!("${i}"), NO_TEXT, NO_NUM),
             String::new(),
@@ -288,7 +301,7 @@ pub(super) async fn egress(
             vec![since, q.until_unix_ms],
         )
     };
-    let source = if q.by == "verdict" {
+    let source = if q.by == "verdict" && !fleet {
         crate::store::rollup::with_node_site(&source)
     } else {
         source

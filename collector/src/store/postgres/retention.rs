@@ -112,6 +112,10 @@ pub(super) async fn prune(
         ("gpu_usage_hour", "hour_ms", hours),
         ("flows_day", "day_ms", aggregates),
         ("gpu_usage_day", "day_ms", aggregates),
+        ("fleet_hour", "hour_ms", hours),
+        ("flows_rest", "from_ms", hours),
+        ("fleet_rest", "from_ms", hours),
+        ("fleet_day", "day_ms", aggregates),
     ] {
         stats.aggregates += tx
             .execute(&format!("DELETE FROM {table} WHERE {column} < $1"), &[&cut])
@@ -260,7 +264,12 @@ pub(super) async fn roll_up(
             tx.commit().await.map_err(pg("commit daily rollup"))?;
             return Ok(stats);
         };
-        for text in [rollup::ROLL_FLOWS_DAY, rollup::ROLL_GPU_DAY] {
+        for text in [
+            rollup::ROLL_FLOWS_DAY,
+            rollup::ROLL_GPU_DAY,
+            rollup::ROLL_FLOWS_REST,
+            rollup::ROLL_FLEET_REST,
+        ] {
             stats.day_rows += tx
                 .execute(text, &[&start, &end])
                 .await

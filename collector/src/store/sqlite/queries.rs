@@ -135,11 +135,19 @@ impl SqliteStore {
         // Minutes are stamped at their start: a range starting mid-minute includes it.
         let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
         let plan = if crate::store::rollup::by_hours(&q.by) {
-            crate::store::rollup::plan(since, q.until_unix_ms, rolled_up_to(conn)?)
+            crate::store::rollup::plan_with_rest(since, q.until_unix_ms, rolled_up_to(conn)?)
         } else {
             crate::store::rollup::Plan::default()
         };
-        let (source, filter, values) = if plan.has_rollups() {
+        let fleet = plan.has_rollups() && crate::store::rollup::by_fleet(&q.by);
+        let (source, filter, values) = if fleet {
+            let p = |i: usize| format!("?{i}");
+            (
+                crate::store::rollup::fleet_source(&plan, &p, "''", "0", q.by == "verdict"),
+                String::new(),
+                plan.params(),
+            )
+        } else if plan.has_rollups() {
             let p = |i: usize| format!("?{i}");
             (
                 crate::store::rollup::flows_source(&plan, &p, "''", "0"),
@@ -165,32 +173,45 @@ impl SqliteStore {
                 vec![since, q.until_unix_ms],
             )
         };
-        let source = if q.by == "verdict" {
+        let source = if q.by == "verdict" && !fleet {
             crate::store::rollup::with_node_site(&source)
         } else {
             source
         };
+        // COUNT(*) OVER () is the number of groups before LIMIT (at least one row is read,
+        // so that it is known even when the limit is 0): the groups past the limit are
+        // counted, not stepped through (`--by process` at 1,000 nodes has 180,000).
+        let limit_param = values.len() + 1;
         let text = format!(
             "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
-                    COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0), {verdict}, {containers_select}
+                    COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0), {verdict}, {containers_select},
+                    COUNT(*) OVER ()
              FROM {source}
              {filter}
              GROUP BY {group}
-             ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC"
+             ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC
+             LIMIT max(?{limit_param}, 1)"
         );
+        let mut values = values;
+        values.push(i64::from(q.limit));
         let mut stmt = conn.prepare_cached(&text).map_err(sql("prepare egress"))?;
         let mut rows = stmt
             .query(rusqlite::params_from_iter(values))
             .map_err(sql("egress"))?;
         let mut out = Vec::new();
-        let mut truncated = 0u64;
+        let mut total = 0u64;
         while let Some(row) = rows.next().map_err(sql("read egress row"))? {
-            if out.len() >= q.limit as usize {
-                truncated += 1;
-                continue;
+            if out.is_empty() {
+                let n: i64 = row
+                    .get(rows::EGRESS_COLUMNS)
+                    .map_err(sql("read egress row"))?;
+                total = u64::try_from(n).unwrap_or(0);
             }
-            out.push(rows::egress(row)?);
+            if out.len() < q.limit as usize {
+                out.push(rows::egress(row)?);
+            }
         }
+        let truncated = total.saturating_sub(out.len() as u64);
         Ok((out, truncated))
     }
 }

@@ -84,6 +84,10 @@ impl SqliteStore {
             ("gpu_usage_hour", "hour_ms", hours),
             ("flows_day", "day_ms", aggregates),
             ("gpu_usage_day", "day_ms", aggregates),
+            ("fleet_hour", "hour_ms", hours),
+            ("flows_rest", "from_ms", hours),
+            ("fleet_rest", "from_ms", hours),
+            ("fleet_day", "day_ms", aggregates),
         ] {
             stats.aggregates += tx
                 .execute(&format!("DELETE FROM {table} WHERE {column} < ?1"), [cut])
@@ -201,7 +205,12 @@ impl SqliteStore {
                 tx.commit().map_err(sql("commit daily rollup"))?;
                 return Ok(stats);
             };
-            for text in [rollup::ROLL_FLOWS_DAY, rollup::ROLL_GPU_DAY] {
+            for text in [
+                rollup::ROLL_FLOWS_DAY,
+                rollup::ROLL_GPU_DAY,
+                rollup::ROLL_FLOWS_REST,
+                rollup::ROLL_FLEET_REST,
+            ] {
                 stats.day_rows += tx
                     .execute(text, [start, end])
                     .map_err(sql("roll up days"))? as u64;
