@@ -1006,13 +1006,24 @@ mod tests {
     struct Idle(std::process::Child);
 
     impl Idle {
+        /// Started and asleep: a new process reads and maps its libraries after `exec`
+        /// (moving its mark), so the test waits until its state is `S`.
         fn start() -> Self {
-            Self(
-                std::process::Command::new("sleep")
-                    .arg("600")
-                    .spawn()
-                    .expect("sleep"),
-            )
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .expect("sleep");
+            let stat = format!("/proc/{}/stat", child.id());
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while fs::read_to_string(&stat)
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('S')))
+                != Some(true)
+            {
+                assert!(std::time::Instant::now() < until, "sleep never slept");
+                std::thread::yield_now();
+            }
+            Self(child)
         }
     }
 
