@@ -92,6 +92,13 @@ pub struct TrainingConfig {
     /// larger ones are reported by path and name only. 0 hashes none. Default 268435456.
     #[serde(default = "default_training_dataset_hash_max_bytes")]
     pub dataset_hash_max_bytes: u64,
+    /// A candidate's open files are read again only when its I/O counters, virtual size or
+    /// number of descriptors moved since their latest read, or after this many seconds (spread
+    /// over the samples) even when none did: a file written only through a mapping of a file
+    /// opened in place of a closed one is caught by then. 0 reads every candidate at every
+    /// sample. Default 30.
+    #[serde(default = "default_training_recheck_secs")]
+    pub recheck_secs: u64,
 }
 
 impl Default for TrainingConfig {
@@ -101,6 +108,7 @@ impl Default for TrainingConfig {
             sample_interval_ms: default_training_sample_interval_ms(),
             dataset_min_bytes: default_training_dataset_min_bytes(),
             dataset_hash_max_bytes: default_training_dataset_hash_max_bytes(),
+            recheck_secs: default_training_recheck_secs(),
         }
     }
 }
@@ -110,6 +118,9 @@ fn default_training_sample_interval_ms() -> u64 {
 }
 fn default_training_dataset_hash_max_bytes() -> u64 {
     crate::collect::training::DEFAULT_DATASET_HASH_MAX_BYTES
+}
+fn default_training_recheck_secs() -> u64 {
+    crate::collect::training::DEFAULT_RECHECK_SECS
 }
 fn default_training_dataset_min_bytes() -> u64 {
     crate::collect::training::DEFAULT_DATASET_FLOOR_BYTES

@@ -102,6 +102,7 @@ impl Agent {
         let observer = Observer::from_config(&config);
         let config_training_floor = config.training.dataset_min_bytes;
         let config_training_hash_max = config.training.dataset_hash_max_bytes;
+        let config_training_recheck = config.training.recheck_secs;
         Ok(Self {
             spool: Arc::new(Mutex::new(spool)),
             observer: Arc::new(Mutex::new(observer)),
@@ -112,7 +113,8 @@ impl Agent {
             weights: WeightsHandle::default(),
             training: TrainingHandle::new(
                 Tracker::new(Path::new("/proc"), config_training_floor)
-                    .with_dataset_hashes(config_training_hash_max),
+                    .with_dataset_hashes(config_training_hash_max)
+                    .with_recheck_secs(config_training_recheck),
             ),
             collector_limit: Arc::default(),
         })

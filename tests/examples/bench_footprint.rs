@@ -453,14 +453,24 @@ async fn run(args: Vec<String>) -> anyhow::Result<()> {
                 + "\n[net]\nenabled = false\n"
         };
         std::fs::write(&path, text)?;
-        Ok(KillOnDrop(
-            quiet(
-                Command::new(bin_path("e2e-agent"))
-                    .args(["run", "--config", &path.to_string_lossy()])
-                    .env("RUST_LOG", "warn"),
-            )
-            .spawn()?,
-        ))
+        // SOV_BENCH_FULL_WRAP="heaptrack -o /tmp/x": the whole agent run under that command
+        // (a memory profile; its figures are then the wrapper's, not for the table).
+        let wrap: Vec<String> = std::env::var("SOV_BENCH_FULL_WRAP")
+            .ok()
+            .filter(|_| full)
+            .map(|w| w.split_ascii_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin_path("e2e-agent"));
+                c
+            }
+            None => Command::new(bin_path("e2e-agent")),
+        };
+        cmd.args(["run", "--config", &path.to_string_lossy()])
+            .env("RUST_LOG", "warn");
+        Ok(KillOnDrop(quiet(&mut cmd).spawn()?))
     };
     let agent = spawn_agent("bench-node", false)?;
     let full = spawn_agent("bench-full", true)?;

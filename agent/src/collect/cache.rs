@@ -121,6 +121,14 @@ pub static PROCESS_FILES: CacheCounter = CacheCounter::new(
     "processes per weights scan (miss: /proc/N/maps and fd read)",
 );
 
+/// A training candidate at a sample (`training::Tracker::sample`): passed over (hit) when its
+/// I/O counters, virtual size and descriptor count are unchanged since its descriptors were
+/// read (or its periodic re-read waits for a later sample); entries: candidates watched.
+pub static TRAINING_SAMPLE: CacheCounter = CacheCounter::new(
+    "training_descriptors",
+    "training candidates per sample (miss: /proc/N/fd read; hit: passed over, nothing moved)",
+);
+
 /// The last listing of an owner search (every process whose descriptor count is unchanged,
 /// for the sockets no other step found): put off (hit) for a socket missed for the first time
 /// or while its CPU budget is spent (`net::owners::LISTING_CPU_PER_SEC`), made (miss).
@@ -130,7 +138,7 @@ pub static OWNER_LISTINGS: CacheCounter = CacheCounter::new(
 );
 
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 11] {
+pub fn all() -> [&'static CacheCounter; 12] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
@@ -142,6 +150,7 @@ pub fn all() -> [&'static CacheCounter; 11] {
         &OWNER_GLANCES,
         &OWNER_GLANCE_BUDGET,
         &PROCESS_FILES,
+        &TRAINING_SAMPLE,
         &OWNER_LISTINGS,
     ]
 }

@@ -24,14 +24,27 @@
 //! Bounded: at most [`MAX_RUNS`] tracked writers, [`MAX_INPUTS`] inputs and [`MAX_OUTPUTS`]
 //! outputs per run (the rest counted), [`MAX_DIRS`] checkpoint directories per process, and
 //! [`crate::collect::weights::users::MAX_FDS_PER_PROCESS`] descriptors read per process and
-//! sample.
+//! sample; [`MAX_WATCHED`] candidates watched between samples.
+//!
+//! The sampler reads a candidate's descriptors again only when something can have changed:
+//! each candidate keeps its `/proc/<pid>/{io,statm,fd}` open (within a sixteenth of the
+//! descriptor limit, at most [`MAX_HELD`]) and a [`Mark`] of them is taken at every sample
+//! (`pread` and `fstat`, a few microseconds, against a listing and a `readlink` per descriptor):
+//! a `read` or `write` call of any thread (an opened dataset read, a checkpoint written with
+//! `write`), a page dirtied through a mapping (`write_bytes`, on disk file systems), a new
+//! mapping or a new descriptor moves it. A file written only through a mapping
+//! made in place of an unmapped one of the same size, opened in place of a closed descriptor,
+//! moves none of them: every candidate is read again at least every `[training] recheck_secs`
+//! (30 s), those re-reads spread over the samples. Candidates without held files are read in
+//! full at every sample. `training_descriptors` in the agent's `/metrics` counts both; only
+//! candidates seen writing weights or reading datasets keep a record.
 //!
 //! Known limits: a checkpoint opened, written and closed between two samples is seen only
 //! through its directory (a later checkpoint in the same directory caught open, or the first
 //! one that is); paths are those the process sees, so a containerised trainer's outputs join the
 //! inventory only where the container path is the inventory's path.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
@@ -42,6 +55,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use sov_proto::pb;
 
+use super::cache;
 use super::weights::hash::{HashError, RateLimiter, sha256_file};
 use super::weights::users::MAX_FDS_PER_PROCESS;
 
@@ -59,6 +73,13 @@ pub const MAX_OUTPUTS: usize = 256;
 pub const MAX_DIRS: usize = 64;
 /// At most this many dataset files are remembered per process.
 const MAX_DATASETS: usize = 4096;
+/// Candidates' descriptors are read again at least this often (seconds) even when nothing says
+/// they changed (`[training] recheck_secs`).
+pub const DEFAULT_RECHECK_SECS: u64 = 30;
+/// At most this many candidates are watched between samples; beyond, read in full each sample.
+pub const MAX_WATCHED: usize = 4096;
+/// At most this many candidates keep their `/proc` files open (three descriptors each).
+pub const MAX_HELD: usize = 1024;
 /// Ended runs are reported this many more times, then forgotten.
 const ENDED_REPORTS: u8 = 3;
 /// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`, fixed by the ABI).
@@ -150,6 +171,93 @@ pub struct Tracker {
     hash_max_bytes: u64,
     /// Dataset fingerprints: path → (size, mtime ms, sha256; "" when reading it failed).
     dataset_hashes: HashMap<String, (u64, i64, String)>,
+    /// Every candidate watched (at most [`MAX_WATCHED`]).
+    watch: HashMap<u32, Watch>,
+    /// At most this many candidates keep their `/proc` files open (from the descriptor limit).
+    held_max: usize,
+    /// A candidate's descriptors are read again after this long even when its mark is unchanged.
+    recheck_ms: i64,
+    last_sample_ms: Option<i64>,
+}
+
+/// One candidate process between samples: its descriptors are read again only when its
+/// [`Mark`] moved, or `recheck_secs` after their latest read (a writer through a mapping of a
+/// file it opened in place of one it closed moves none of the mark's counts).
+#[derive(Debug)]
+struct Watch {
+    start_ticks: u64,
+    /// Its `/proc` files kept open (`None`: read by path, in full at every sample).
+    held: Option<HeldFiles>,
+    /// The mark read just before its descriptors' latest read.
+    mark: Option<Mark>,
+    /// When its descriptors were read last (Unix ms).
+    read_ms: i64,
+}
+
+/// What moves when a process can have opened, written or mapped a file: its I/O counters
+/// (`/proc/<pid>/io`: every `read`/`write` system call of any of its threads moves `rchar` or
+/// `wchar` and `syscr` or `syscw`; a page it dirties through a shared mapping of a file on a
+/// disk file system moves `write_bytes`), its virtual size (`statm`: a new mapping) and its
+/// number of descriptors (the size of `fd/`, Linux 6.2+; 0 before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mark {
+    io: u64,
+    vsize: u64,
+    fds: u64,
+}
+
+/// A candidate's `/proc/<pid>/{io,statm,fd}` kept open: read again with `pread`/`fstat`, no path
+/// lookup; they refer to that very process, so a read that fails says it exited (a reused pid
+/// is another directory).
+#[derive(Debug)]
+struct HeldFiles {
+    io: fs::File,
+    statm: fs::File,
+    fd_dir: fs::File,
+}
+
+impl HeldFiles {
+    fn open(dir: &Path) -> Option<Self> {
+        Some(Self {
+            io: fs::File::open(dir.join("io")).ok()?,
+            statm: fs::File::open(dir.join("statm")).ok()?,
+            fd_dir: fs::File::open(dir.join("fd")).ok()?,
+        })
+    }
+
+    /// The process's mark now; `None` once it has exited.
+    fn mark(&self) -> Option<Mark> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 512];
+        let n = self.io.read_at(&mut buf, 0).ok().filter(|&n| n > 0)?;
+        // FNV-1a of the counters' text.
+        let io = buf
+            .get(..n)?
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let n = self.statm.read_at(&mut buf, 0).ok().filter(|&n| n > 0)?;
+        let vsize = std::str::from_utf8(buf.get(..n)?)
+            .ok()?
+            .split_ascii_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        let fds = self.fd_dir.metadata().ok()?.len();
+        Some(Mark { io, vsize, fds })
+    }
+}
+
+/// The soft limit on open descriptors (`/proc/self/limits`), when it can be read.
+fn descriptor_limit() -> Option<u64> {
+    let text = fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Size and modification time (ms) of a file.
@@ -181,6 +289,13 @@ impl Tracker {
             dataset_floor,
             hash_max_bytes: 0,
             dataset_hashes: HashMap::new(),
+            watch: HashMap::new(),
+            // Three descriptors per held candidate, within a sixteenth of the limit.
+            held_max: descriptor_limit()
+                .map_or(0, |l| usize::try_from(l / 16 / 3).unwrap_or(usize::MAX))
+                .min(MAX_HELD),
+            recheck_ms: i64::try_from(DEFAULT_RECHECK_SECS * 1000).unwrap_or(i64::MAX),
+            last_sample_ms: None,
         }
     }
 
@@ -211,34 +326,172 @@ impl Tracker {
             })
     }
 
-    /// Look at each candidate's open descriptors (and maps, for datasets) now.
+    /// Read candidates' descriptors again at least every `secs` seconds even when nothing
+    /// says they changed (`[training] recheck_secs`; 0: at every sample, as without marks).
+    pub fn with_recheck_secs(mut self, secs: u64) -> Self {
+        self.recheck_ms = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Look at the candidates' open descriptors (and maps, for datasets) now: each one whose
+    /// [`Mark`] moved since its previous read, each new one, and, spread over the samples, each
+    /// one not read for `recheck_secs`; the others are passed over (see [`Watch`]).
     pub fn sample(&mut self, candidates: &[u32], now_ms: i64) {
+        let wanted: HashSet<u32> = candidates.iter().copied().collect();
+        self.watch.retain(|pid, _| wanted.contains(pid));
+        // Rechecks due at this sample: the watched candidates' share of one round per
+        // `recheck_ms` (at least one).
+        let since = self
+            .last_sample_ms
+            .map_or(self.recheck_ms, |t| now_ms.saturating_sub(t).max(0));
+        self.last_sample_ms = Some(now_ms);
+        let quota = if self.recheck_ms <= 0 {
+            usize::MAX
+        } else {
+            let n = u64::try_from(self.watch.len()).unwrap_or(u64::MAX);
+            let since = u64::try_from(since).unwrap_or(0);
+            let round = u64::try_from(self.recheck_ms).unwrap_or(u64::MAX);
+            usize::try_from(n.saturating_mul(since).div_ceil(round).max(1)).unwrap_or(usize::MAX)
+        };
+        let (mut reads, mut passed) = (0u64, 0u64);
+        let mut due: Vec<(i64, u32)> = Vec::new();
         for &pid in candidates {
+            if let Some(w) = self.watch.get(&pid) {
+                let Some(held) = &w.held else {
+                    // Not held: read in full at every sample, as before marks.
+                    reads += 1;
+                    self.read_unheld(pid, now_ms);
+                    continue;
+                };
+                match held.mark() {
+                    None => {
+                        // Exited (held files refer to that very process): a new process under
+                        // the same pid is watched afresh.
+                        self.watch.remove(&pid);
+                    }
+                    Some(mark) if Some(mark) != w.mark => {
+                        reads += 1;
+                        let start_ticks = w.start_ticks;
+                        if let Some(w) = self.watch.get_mut(&pid) {
+                            w.mark = Some(mark);
+                            w.read_ms = now_ms;
+                        }
+                        self.read_descriptors(pid, start_ticks, None, now_ms);
+                        continue;
+                    }
+                    Some(_) if now_ms.saturating_sub(w.read_ms) >= self.recheck_ms => {
+                        due.push((w.read_ms, pid));
+                        continue;
+                    }
+                    Some(_) => {
+                        passed += 1;
+                        continue;
+                    }
+                }
+            }
+            reads += 1;
+            if self.watch.len() >= MAX_WATCHED {
+                self.read_unheld(pid, now_ms);
+                continue;
+            }
+            // A new candidate: its files first, then who it is (the held files refer to that
+            // process or to one that exited, never to a later one under the same pid).
+            let held = (self.watch.values().filter(|w| w.held.is_some()).count() < self.held_max)
+                .then(|| HeldFiles::open(&self.proc_root.join(pid.to_string())))
+                .flatten();
+            let mark = held.as_ref().and_then(HeldFiles::mark);
             let Some((name, start_ticks)) = self.stat(pid) else {
                 continue;
             };
-            if !self.procs.contains_key(&pid) && self.procs.len() >= MAX_RUNS * 4 {
-                // Keep the writers; forget idle candidates first.
-                self.procs.retain(|_, p| p.writer_since.is_some());
-                if self.procs.len() >= MAX_RUNS * 4 {
-                    continue;
-                }
-            }
-            let p = self.procs.entry(pid).or_default();
-            if p.start_ticks != start_ticks || p.ended {
-                *p = Proc {
+            self.watch.insert(
+                pid,
+                Watch {
                     start_ticks,
-                    name,
-                    ..Proc::default()
-                };
+                    held,
+                    mark,
+                    read_ms: now_ms,
+                },
+            );
+            self.read_descriptors(pid, start_ticks, Some(name), now_ms);
+        }
+        // Rechecks, the longest unread first, up to the quota; the rest wait for the next
+        // samples.
+        due.sort_unstable();
+        for (i, (_, pid)) in due.into_iter().enumerate() {
+            if i >= quota {
+                passed += 1;
+                continue;
             }
-            let floor = self.dataset_floor;
-            let dir = self.proc_root.join(pid.to_string());
+            reads += 1;
+            let Some(w) = self.watch.get_mut(&pid) else {
+                continue;
+            };
+            w.read_ms = now_ms;
+            let start_ticks = w.start_ticks;
+            self.read_descriptors(pid, start_ticks, None, now_ms);
+        }
+        cache::TRAINING_SAMPLE.misses(reads);
+        cache::TRAINING_SAMPLE.hits(passed);
+        cache::TRAINING_SAMPLE.entries(self.watch.len());
+    }
+
+    /// A candidate without held files: who it is and its descriptors, read now.
+    fn read_unheld(&mut self, pid: u32, now_ms: i64) {
+        let Some((name, start_ticks)) = self.stat(pid) else {
+            self.watch.remove(&pid);
+            return;
+        };
+        if let Some(w) = self.watch.get_mut(&pid) {
+            w.start_ticks = start_ticks;
+            w.read_ms = now_ms;
+        }
+        self.read_descriptors(pid, start_ticks, Some(name), now_ms);
+    }
+
+    /// Read one candidate's descriptors (and maps, once it writes weights or reads datasets)
+    /// into its record; a candidate that shows neither keeps no record. `name` is its name
+    /// when just read (needed for a new record).
+    fn read_descriptors(&mut self, pid: u32, start_ticks: u64, name: Option<String>, now_ms: i64) {
+        let floor = self.dataset_floor;
+        let dir = self.proc_root.join(pid.to_string());
+        if let Some(p) = self.procs.get_mut(&pid)
+            && p.start_ticks == start_ticks
+            && !p.ended
+        {
             scan_fds(&dir, floor, p, now_ms);
             if p.writer_since.is_some() || !p.datasets.is_empty() {
                 scan_maps(&dir, floor, p);
             }
+            return;
         }
+        let name = match name {
+            Some(n) => n,
+            None => match self.stat(pid) {
+                Some((n, s)) if s == start_ticks => n,
+                _ => return,
+            },
+        };
+        let mut p = Proc {
+            start_ticks,
+            name,
+            ..Proc::default()
+        };
+        scan_fds(&dir, floor, &mut p, now_ms);
+        if p.writer_since.is_none() && p.datasets.is_empty() {
+            // Nothing to remember (a record of another process under this pid is replaced,
+            // as a new record would replace it).
+            self.procs.remove(&pid);
+            return;
+        }
+        scan_maps(&dir, floor, &mut p);
+        if !self.procs.contains_key(&pid) && self.procs.len() >= MAX_RUNS * 4 {
+            // Keep the writers; forget readers of datasets first.
+            self.procs.retain(|_, p| p.writer_since.is_some());
+            if self.procs.len() >= MAX_RUNS * 4 {
+                return;
+            }
+        }
+        self.procs.insert(pid, p);
     }
 
     /// The runs to report now. `files` are the inventory's weight files (with their users),
@@ -749,6 +1002,102 @@ mod tests {
         assert!(runs[0].gpu_seconds >= 5.0);
     }
 
+    /// A child that does nothing until killed.
+    struct Idle(std::process::Child);
+
+    impl Idle {
+        /// Started and asleep: a new process reads and maps its libraries after `exec`
+        /// (moving its mark), so the test waits until its state is `S`.
+        fn start() -> Self {
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .expect("sleep");
+            let stat = format!("/proc/{}/stat", child.id());
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while fs::read_to_string(&stat)
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('S')))
+                != Some(true)
+            {
+                assert!(std::time::Instant::now() < until, "sleep never slept");
+                std::thread::yield_now();
+            }
+            Self(child)
+        }
+    }
+
+    impl Drop for Idle {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_quiet_candidate_is_passed_over_and_rechecks_are_spread() {
+        let idle: Vec<Idle> = (0..3).map(|_| Idle::start()).collect();
+        let pids: Vec<u32> = idle.iter().map(|c| c.0.id()).collect();
+        let mut t = Tracker::new(Path::new("/proc"), 1024).with_recheck_secs(3);
+        if t.held_max == 0 {
+            return; // no descriptor limit readable: every candidate is read in full
+        }
+        t.sample(&pids, 0);
+        for pid in &pids {
+            let w = &t.watch[pid];
+            assert!(w.held.is_some() && w.mark.is_some(), "{w:?}");
+            assert_eq!(w.read_ms, 0);
+        }
+        // Nothing moved: passed over.
+        t.sample(&pids, 1_000);
+        t.sample(&pids, 2_000);
+        assert!(pids.iter().all(|p| t.watch[p].read_ms == 0));
+        // Three seconds on, all are due; one a second is read again (3 candidates, 3 s).
+        t.sample(&pids, 3_000);
+        let read: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| t.watch[p].read_ms == 3_000)
+            .collect();
+        assert_eq!(read.len(), 1, "{:?}", t.watch);
+        t.sample(&pids, 4_000);
+        t.sample(&pids, 5_000);
+        let mut at: Vec<i64> = pids.iter().map(|p| t.watch[p].read_ms).collect();
+        at.sort_unstable();
+        assert_eq!(at, vec![3_000, 4_000, 5_000]);
+        // An exited candidate is forgotten; a candidate no longer wanted too.
+        drop(idle);
+        t.sample(&pids, 6_000);
+        assert!(t.watch.is_empty(), "{:?}", t.watch);
+    }
+
+    #[test]
+    fn a_candidate_that_writes_moves_its_mark() {
+        use std::io::Write;
+        // A child writing to a pipe when told: its I/O counters move.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x; echo moved; read y"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let pid = child.id();
+        let held = HeldFiles::open(&Path::new("/proc").join(pid.to_string())).expect("held");
+        let before = held.mark().expect("mark");
+        assert_eq!(held.mark(), Some(before));
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"go\n").expect("write");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert_eq!(line, "moved\n");
+        assert_ne!(held.mark(), Some(before));
+        drop(stdin);
+        let _ = child.wait();
+        assert_eq!(held.mark(), None, "an exited process has no mark");
+    }
+
     #[test]
     fn a_small_dataset_file_is_below_the_floor() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -757,7 +1106,11 @@ mod tests {
         let _f = fs::File::open(&data).expect("open");
         let mut t = Tracker::new(Path::new("/proc"), 1024);
         t.sample(&[std::process::id()], 1);
-        let p = &t.procs[&std::process::id()];
-        assert!(!p.datasets.contains_key(data.to_string_lossy().as_ref()));
+        // (A candidate that neither writes weights nor reads datasets keeps no record.)
+        assert!(
+            t.procs
+                .get(&std::process::id())
+                .is_none_or(|p| !p.datasets.contains_key(data.to_string_lossy().as_ref()))
+        );
     }
 }

@@ -1111,14 +1111,33 @@ impl WeightsScanner {
                     slot.1 |= u.open;
                 }
             }
+            for pid in by_pid.keys() {
+                names
+                    .entry(*pid)
+                    .or_insert_with(|| comm(&self.proc_root, *pid));
+            }
+            // Compared before anything is built: a user is some 320 bytes (its container
+            // inline), and a steady node's users do not change from one scan to the next.
+            let same = by_pid.len() == e.file.users.len()
+                && by_pid
+                    .iter()
+                    .zip(&e.file.users)
+                    .all(|((pid, (mapped, open)), u)| {
+                        u.pid == *pid
+                            && u.mapped == *mapped
+                            && u.open == *open
+                            && u.gpu_uuids.is_empty()
+                            && names.get(pid).is_some_and(|n| *n == u.process)
+                            && u.container.as_ref() == containers.get(pid)
+                    });
+            if same {
+                continue;
+            }
             let now: Vec<pb::WeightUser> = by_pid
                 .into_iter()
                 .map(|(pid, (mapped, open))| pb::WeightUser {
                     pid,
-                    process: names
-                        .entry(pid)
-                        .or_insert_with(|| comm(&self.proc_root, pid))
-                        .clone(),
+                    process: names.get(&pid).cloned().unwrap_or_default(),
                     mapped,
                     open,
                     gpu_uuids: vec![],
