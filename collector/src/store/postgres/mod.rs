@@ -69,7 +69,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 19] = [
+const MIGRATIONS: [&str; 20] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -91,6 +91,8 @@ const MIGRATIONS: [&str; 19] = [
     include_str!("../../../migrations/postgres/0017_foreign_flows_per_report.sql"),
     include_str!("../../../migrations/postgres/0018_daily_rollups.sql"),
     include_str!("../../../migrations/postgres/0019_derive_partitions.sql"),
+    // i14w: numbered 0022 (0020-0021 are i14q's); the lead renumbers at merge.
+    include_str!("../../../migrations/postgres/0022_late_flow_rows_without_triggers.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.

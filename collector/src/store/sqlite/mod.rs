@@ -44,7 +44,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 18] = [
+const MIGRATIONS: [&str; 19] = [
     include_str!("../../../migrations/sqlite/0001_reports.sql"),
     include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
@@ -63,6 +63,8 @@ const MIGRATIONS: [&str; 18] = [
     include_str!("../../../migrations/sqlite/0016_hourly_rollups.sql"),
     include_str!("../../../migrations/sqlite/0017_foreign_flows_per_report.sql"),
     include_str!("../../../migrations/sqlite/0018_daily_rollups.sql"),
+    // i14w: numbered 0021 (0019-0020 are i14q's); the lead renumbers at merge.
+    include_str!("../../../migrations/sqlite/0021_late_flow_rows_without_triggers.sql"),
 ];
 
 /// SQLite-backed [`Store`].
