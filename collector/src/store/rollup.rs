@@ -556,11 +556,22 @@ pub fn next_hour(up_to: i64, next_row: Option<i64>, target: i64) -> Option<(i64,
     (start < target).then_some((start, (floor_hour(start) + HOUR_MS).min(target)))
 }
 
+/// How far the rollup waits for a deriver that is behind ([`target`]): a deriver further
+/// behind than this does not hold back the rollup (nor, through it, the minute retention); its
+/// rows then reach the hour and day rows as late rows.
+pub const ROLLUP_WAITS_FOR_DERIVER: Duration = Duration::from_secs(3600);
+
 /// The end of the minutes that may be rolled up at `now`: minutes older than `after`, and
-/// at least [`ROLLUP_LAG`].
-pub fn target(now_unix_ms: i64, after: Duration) -> i64 {
+/// at least [`ROLLUP_LAG`], counted from `derived_up_to` (every report received before it is
+/// derived, [`super::DeriveStatus::derived_up_to`]) when derivation is behind, by at most
+/// [`ROLLUP_WAITS_FOR_DERIVER`]. Rolling up minutes whose reports still wait in the derive
+/// queue would make every one of their rows late (each one a write to the hour, day, fleet and
+/// rest-of-day rows instead of one minute row), which slows a deriver that is already behind.
+pub fn target(now_unix_ms: i64, after: Duration, derived_up_to: i64) -> i64 {
     let after = after.max(ROLLUP_LAG);
-    floor_minute(now_unix_ms.saturating_sub(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)))
+    let wait = i64::try_from(ROLLUP_WAITS_FOR_DERIVER.as_millis()).unwrap_or(i64::MAX);
+    let from = now_unix_ms.min(derived_up_to.max(now_unix_ms.saturating_sub(wait)));
+    floor_minute(from.saturating_sub(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)))
 }
 
 /// Where [`Store::roll_up`] stops for `before`: its minute.
@@ -576,7 +587,15 @@ pub async fn rollup_loop(store: Arc<dyn Store>, after: Duration, stop: Cancellat
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let before = target(sov_common::clock::now_unix_ms(), after);
+        let now = sov_common::clock::now_unix_ms();
+        let derived_up_to = match store.derive_status().await {
+            Ok(status) => status.derived_up_to(now),
+            Err(err) => {
+                tracing::warn!(error = %err, "rollup: derive queue unreadable; rolling up to now");
+                now
+            }
+        };
+        let before = target(now, after, derived_up_to);
         match store.roll_up(before).await {
             Ok(s) if s.hours > 0 || s.days > 0 => tracing::info!(
                 hours = s.hours,
@@ -728,6 +747,24 @@ mod tests {
             next_hour(2 * h + 60_000, Some(2 * h + 60_000), 2 * h + 5 * 60_000),
             Some((2 * h + 60_000, 2 * h + 5 * 60_000))
         );
-        assert_eq!(target(10 * h + 5, Duration::from_secs(3600)), 9 * h);
+        assert_eq!(
+            target(10 * h + 5, Duration::from_secs(3600), 10 * h + 5),
+            9 * h
+        );
+    }
+
+    #[test]
+    fn the_rollup_waits_for_a_deriver_behind_but_not_for_ever() {
+        let m = 60_000;
+        let now = 100 * HOUR_MS + 30 * m + 5;
+        let after = Duration::ZERO;
+        // Nothing waiting: two minutes ago.
+        assert_eq!(target(now, after, now), 100 * HOUR_MS + 28 * m);
+        // Reports received ten minutes ago still wait: two minutes before them.
+        assert_eq!(target(now, after, now - 10 * m), 100 * HOUR_MS + 18 * m);
+        // A deriver three hours behind holds the rollup back by one hour only.
+        assert_eq!(target(now, after, now - 3 * HOUR_MS), 99 * HOUR_MS + 28 * m);
+        // A waiting report "from the future" (a clock ahead) changes nothing.
+        assert_eq!(target(now, after, now + HOUR_MS), 100 * HOUR_MS + 28 * m);
     }
 }
