@@ -143,14 +143,14 @@ impl SqliteStore {
         let (source, filter, values) = if fleet {
             let p = |i: usize| format!("?{i}");
             (
-                crate::store::rollup::fleet_source(&plan, &p, "''", "0", q.by == "verdict"),
+                crate::store::rollup::fleet_source(&plan, &p, "''", "0", q.by == "verdict", true),
                 String::new(),
                 plan.params(),
             )
         } else if plan.has_rollups() {
             let p = |i: usize| format!("?{i}");
             (
-                crate::store::rollup::flows_source(&plan, &p, "''", "0"),
+                crate::store::rollup::flows_source(&plan, &p, "''", "0", true),
                 String::new(),
                 plan.params(),
             )
