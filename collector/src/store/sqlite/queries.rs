@@ -173,6 +173,9 @@ impl SqliteStore {
                 vec![since, q.until_unix_ms],
             )
         };
+        if plan.has_rollups() && matches!(q.by.as_str(), "node" | "process") {
+            return group_here(conn, q, &source, &values);
+        }
         let source = if q.by == "verdict" && !fleet {
             crate::store::rollup::with_node_site(&source)
         } else {
@@ -214,6 +217,127 @@ impl SqliteStore {
         let truncated = total.saturating_sub(out.len() as u64);
         Ok((out, truncated))
     }
+}
+
+/// One group of [`group_here`]: sums, and the least non-zero RTT.
+#[derive(Default)]
+struct Sums {
+    sent: u64,
+    received: u64,
+    connections: u64,
+    min_rtt_us: u32,
+    conntrack_bytes: u64,
+    unmeasured_flows: u64,
+}
+
+/// The node-level groupings over rollups (`node`: country and node; `process`: and process
+/// and pid), grouped here rather than by SQLite: the rows of `source` (hour, day and
+/// rest-of-day rows and the minutes of the range's ends, about 550 per node over a week) are
+/// read once in key order and summed in a hash map keyed by interned names. SQLite groups them
+/// by sorting every row (a temporary B-tree of 550,000 records at 1,000 nodes), then counts
+/// and sorts the groups again (180,000 for `--by process`). Same answer: the same sums per
+/// group, largest `bytes_sent` first (then `bytes_received`, then the group's names, where
+/// SQLite left ties in no set order); memory is one entry per group, as SQLite's was.
+fn group_here(
+    conn: &Connection,
+    q: &crate::store::EgressQuery,
+    source: &str,
+    values: &[i64],
+) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
+    use std::collections::HashMap;
+    let process = q.by == "process";
+    let text = format!(
+        "SELECT country, node, {}, bytes_sent, bytes_received, connections, min_rtt_us,
+                conntrack_bytes, unmeasured_flows
+         FROM {source}",
+        if process { "process, pid" } else { "'', 0" }
+    );
+    let mut stmt = conn.prepare_cached(&text).map_err(sql("prepare egress"))?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(values))
+        .map_err(sql("egress"))?;
+    // Names interned: a row's key is four integers, found without allocating.
+    let mut names: HashMap<String, u32> = HashMap::new();
+    const C: &str = "read egress row";
+    let mut intern = |row: &rusqlite::Row<'_>, i: usize| -> Result<u32, StoreError> {
+        let t = row
+            .get_ref(i)
+            .and_then(|v| v.as_str().map_err(rusqlite::Error::from))
+            .map_err(sql(C))?;
+        if let Some(&i) = names.get(t) {
+            return Ok(i);
+        }
+        let i = u32::try_from(names.len()).unwrap_or(u32::MAX);
+        names.insert(t.to_owned(), i);
+        Ok(i)
+    };
+    let mut groups: HashMap<(u32, u32, u32, i64), Sums> = HashMap::new();
+    let count = |row: &rusqlite::Row<'_>, i: usize| -> Result<u64, StoreError> {
+        Ok(u64::try_from(row.get::<_, i64>(i).map_err(sql(C))?).unwrap_or(0))
+    };
+    while let Some(row) = rows.next().map_err(sql(C))? {
+        let key = (
+            intern(row, 0)?,
+            intern(row, 1)?,
+            intern(row, 2)?,
+            row.get::<_, i64>(3).map_err(sql(C))?,
+        );
+        let g = groups.entry(key).or_default();
+        g.sent = g.sent.saturating_add(count(row, 4)?);
+        g.received = g.received.saturating_add(count(row, 5)?);
+        g.connections = g.connections.saturating_add(count(row, 6)?);
+        let rtt = u32::try_from(row.get::<_, i64>(7).map_err(sql(C))?).unwrap_or(0);
+        if rtt != 0 && (g.min_rtt_us == 0 || rtt < g.min_rtt_us) {
+            g.min_rtt_us = rtt;
+        }
+        g.conntrack_bytes = g.conntrack_bytes.saturating_add(count(row, 8)?);
+        g.unmeasured_flows = g.unmeasured_flows.saturating_add(count(row, 9)?);
+    }
+    let mut by_id = vec![""; names.len()];
+    for (name, &i) in &names {
+        by_id[i as usize] = name.as_str();
+    }
+    let total = groups.len() as u64;
+    let mut groups: Vec<((u32, u32, u32, i64), Sums)> = groups.into_iter().collect();
+    let name = |i: u32| by_id[i as usize];
+    let order = |a: &((u32, u32, u32, i64), Sums), b: &((u32, u32, u32, i64), Sums)| {
+        (b.1.sent, b.1.received)
+            .cmp(&(a.1.sent, a.1.received))
+            .then_with(|| {
+                (name(a.0.0), name(a.0.1), name(a.0.2), a.0.3).cmp(&(
+                    name(b.0.0),
+                    name(b.0.1),
+                    name(b.0.2),
+                    b.0.3,
+                ))
+            })
+    };
+    let limit = q.limit as usize;
+    if groups.len() > limit {
+        groups.select_nth_unstable_by(limit, order);
+        groups.truncate(limit);
+    }
+    groups.sort_unstable_by(order);
+    let out: Vec<sov_proto::pb::EgressRow> = groups
+        .into_iter()
+        .map(
+            |((country, node, process, pid), s)| sov_proto::pb::EgressRow {
+                country: name(country).to_owned(),
+                node: name(node).to_owned(),
+                process: name(process).to_owned(),
+                pid: u32::try_from(pid).unwrap_or(0),
+                bytes_sent: s.sent,
+                bytes_received: s.received,
+                connections: s.connections,
+                min_rtt_us: s.min_rtt_us,
+                conntrack_bytes: s.conntrack_bytes,
+                unmeasured_flows: s.unmeasured_flows,
+                ..Default::default()
+            },
+        )
+        .collect();
+    let truncated = total.saturating_sub(out.len() as u64);
+    Ok((out, truncated))
 }
 
 /// Where the hourly and daily rollups have come to (see [`crate::store::rollup`]).
