@@ -250,6 +250,21 @@ impl Names {
     }
 }
 
+/// The `limit` first of `groups` in `order`, in that order.
+fn largest<T>(
+    mut groups: Vec<T>,
+    limit: u32,
+    order: impl Fn(&T, &T) -> std::cmp::Ordering + Copy,
+) -> Vec<T> {
+    let limit = limit as usize;
+    if groups.len() > limit {
+        groups.select_nth_unstable_by(limit, order);
+        groups.truncate(limit);
+    }
+    groups.sort_unstable_by(order);
+    groups
+}
+
 /// One group of [`group_here`]: sums, and the least non-zero RTT.
 #[derive(Default)]
 struct Sums {
@@ -312,7 +327,7 @@ fn group_here(
         g.unmeasured_flows = g.unmeasured_flows.saturating_add(count(row, 9)?);
     }
     let total = groups.len() as u64;
-    let mut groups: Vec<((u32, u32, u32, i64), Sums)> = groups.into_iter().collect();
+    let groups: Vec<((u32, u32, u32, i64), Sums)> = groups.into_iter().collect();
     let name = |i: u32| names.name(i);
     let order = |a: &((u32, u32, u32, i64), Sums), b: &((u32, u32, u32, i64), Sums)| {
         (b.1.sent, b.1.received)
@@ -326,13 +341,7 @@ fn group_here(
                 ))
             })
     };
-    let limit = q.limit as usize;
-    if groups.len() > limit {
-        groups.select_nth_unstable_by(limit, order);
-        groups.truncate(limit);
-    }
-    groups.sort_unstable_by(order);
-    let out: Vec<sov_proto::pb::EgressRow> = groups
+    let out: Vec<sov_proto::pb::EgressRow> = largest(groups, q.limit, order)
         .into_iter()
         .map(
             |((country, node, process, pid), s)| sov_proto::pb::EgressRow {
@@ -439,7 +448,7 @@ fn verdicts_here(
         s.unmeasured_flows = s.unmeasured_flows.saturating_add(count(row, 18)?);
     }
     let total = groups.len() as u64;
-    let mut groups: Vec<(Key, Verdict)> = groups.into_iter().collect();
+    let groups: Vec<(Key, Verdict)> = groups.into_iter().collect();
     let name = |i: u32| names.name(i);
     let order = |a: &(Key, Verdict), b: &(Key, Verdict)| {
         (b.1.sums.sent, b.1.sums.received)
@@ -454,13 +463,7 @@ fn verdicts_here(
                 k(&a.0).cmp(&k(&b.0))
             })
     };
-    let limit = q.limit as usize;
-    if groups.len() > limit {
-        groups.select_nth_unstable_by(limit, order);
-        groups.truncate(limit);
-    }
-    groups.sort_unstable_by(order);
-    let out: Vec<sov_proto::pb::EgressRow> = groups
+    let out: Vec<sov_proto::pb::EgressRow> = largest(groups, q.limit, order)
         .into_iter()
         .map(|(k, g)| sov_proto::pb::EgressRow {
             country: name(k.2).to_owned(),
