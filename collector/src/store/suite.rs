@@ -103,6 +103,7 @@ macro_rules! store_suite {
             day_rows_total_the_minutes_and_answers_survive_the_minutes,
             fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,
             node_level_groupings_over_rollups_list_the_largest_first_and_count_the_rest,
+            contested_rows_serve_the_scorecard_through_rollups_late_rows_and_retention,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -125,6 +126,7 @@ pub(crate) use super::suite_containers::{
     weight_copies_and_users_carry_their_container,
 };
 pub(crate) use super::suite_rollup::{
+    contested_rows_serve_the_scorecard_through_rollups_late_rows_and_retention,
     day_rows_total_the_minutes_and_answers_survive_the_minutes,
     fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,
     hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup,
