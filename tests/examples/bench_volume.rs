@@ -295,6 +295,23 @@ fn add_rows(sums: &mut [Row], rows: &[Row]) {
     }
 }
 
+/// Add the hour rows `rows` to the day rows `sums` of the day starting at `day_start` (the
+/// first hour's rows, restamped, when there are none yet).
+fn add_to_day(sums: &mut Vec<Row>, rows: &[Row], day_start: i64) {
+    if sums.is_empty() {
+        *sums = rows
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r[1] = V::I(day_start);
+                r
+            })
+            .collect();
+    } else {
+        add_rows(sums, rows);
+    }
+}
+
 /// Rows waiting to be loaded, per table, flushed in large batches.
 #[derive(Default)]
 struct Batches {
@@ -482,18 +499,7 @@ async fn flow_rows(
             .map(|(d, p, k)| rolled_row(&node, hour_ms, &dests[*d], *p, *k, 60, &mut rng))
             .collect();
         if day_rows {
-            if day_sums.is_empty() {
-                day_sums = rows
-                    .iter()
-                    .map(|r| {
-                        let mut r = r.clone();
-                        r[1] = V::I(day_start);
-                        r
-                    })
-                    .collect();
-            } else {
-                add_rows(&mut day_sums, &rows);
-            }
+            add_to_day(&mut day_sums, &rows, day_start);
         }
         // The contested level: one row per contested destination of the working set (its
         // key holds the address), from an RNG of its own so that the other rows are the
@@ -510,22 +516,16 @@ async fn flow_rows(
             })
             .collect();
         if day_rows {
-            if contested_day.is_empty() {
-                contested_day = contested
-                    .iter()
-                    .map(|r| {
-                        let mut r = r.clone();
-                        r[1] = V::I(day_start);
-                        r
-                    })
-                    .collect();
-            } else {
-                add_rows(&mut contested_day, &contested);
-            }
+            add_to_day(&mut contested_day, &contested, day_start);
         }
         if keep_hours {
             batches
-                .push(loader, "contested_hour", &contested_columns("hour_ms"), contested)
+                .push(
+                    loader,
+                    "contested_hour",
+                    &contested_columns("hour_ms"),
+                    contested,
+                )
                 .await?;
         }
         if rest_rows {

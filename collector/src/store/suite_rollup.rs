@@ -329,15 +329,11 @@ async fn assert_day_totals_equal(db: &dyn Backend, end: i64) {
     assert_eq!(days, raw, "GPU milliseconds: day rows against raw rows");
 }
 
-pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(db: &dyn Backend) {
-    use super::Retention;
-    use super::rollup::DAY_MS;
-    let store = db.store();
-    write_days(store).await;
-    let d = DAY_MS;
-    // All of it; mid-hour on day 1 to mid-hour on day 3 (minutes, hours, a day, hours,
-    // minutes); whole days; inside one day.
-    let ranges = [
+/// The ranges asked of [`write_days`]' store: all of it; mid-hour on day 1 to mid-hour on
+/// day 3 (minutes, hours, a day, hours, minutes); whole days; inside one day.
+const DAY_RANGES: [(i64, i64); 4] = {
+    let d = super::rollup::DAY_MS;
+    [
         (0, 4 * d),
         (
             d + 5 * HOUR_MS + 17 * 60_000 + 5,
@@ -345,7 +341,16 @@ pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(d
         ),
         (d, 3 * d),
         (2 * d + 60_000, 2 * d + 50 * 60_000),
-    ];
+    ]
+};
+
+pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(db: &dyn Backend) {
+    use super::Retention;
+    use super::rollup::DAY_MS;
+    let store = db.store();
+    write_days(store).await;
+    let d = DAY_MS;
+    let ranges = DAY_RANGES;
     let mut before = Vec::new();
     for (since, until) in ranges {
         before.push(answers(store, since, until).await);
@@ -865,15 +870,7 @@ pub(crate) async fn contested_rows_serve_the_scorecard_through_rollups_late_rows
     let store = db.store();
     write_days(store).await;
     let d = DAY_MS;
-    let ranges = [
-        (0, 4 * d),
-        (
-            d + 5 * HOUR_MS + 17 * 60_000 + 5,
-            3 * d + 2 * HOUR_MS + 60_000,
-        ),
-        (d, 3 * d),
-        (2 * d + 60_000, 2 * d + 50 * 60_000),
-    ];
+    let ranges = DAY_RANGES;
     let mut before = Vec::new();
     for (since, until) in ranges {
         before.push(contested_answer(store, since, until).await);

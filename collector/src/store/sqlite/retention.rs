@@ -167,9 +167,9 @@ impl SqliteStore {
             stats.gpu_rows += tx
                 .execute(rollup::ROLL_GPU, [start, end])
                 .map_err(sql("roll up gpu usage"))? as u64;
-            stats.contested_rows += tx
-                .execute(rollup::ROLL_CONTESTED.as_str(), [start, end])
-                .map_err(sql("roll up contested flows"))? as u64;
+            stats.contested_rows +=
+                tx.execute(rollup::ROLL_CONTESTED.as_str(), [start, end])
+                    .map_err(sql("roll up contested flows"))? as u64;
             tx.execute(
                 "UPDATE rollup_state SET up_to_ms = ?1 WHERE name = 'hourly'",
                 [end],
