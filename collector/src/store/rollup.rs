@@ -729,6 +729,7 @@ pub async fn rollup_loop(store: Arc<dyn Store>, after: Duration, stop: Cancellat
                 hours = s.hours,
                 flow_rows = s.flow_rows,
                 gpu_rows = s.gpu_rows,
+                contested_rows = s.contested_rows,
                 up_to_unix_ms = s.up_to_unix_ms,
                 days = s.days,
                 day_rows = s.day_rows,
