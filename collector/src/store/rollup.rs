@@ -9,9 +9,10 @@
 //! (`rollup_state.up_to_ms`); a row derived later for an hour already rolled up (a late
 //! report) is added to its hour row by a trigger in the same transaction. The rollup copies:
 //! minute and raw rows stay for their own retention, so the per-destination and
-//! per-container groupings still read minutes, and a range that starts or ends inside an
-//! hour reads that hour's minutes ([`split`]): an answer is the same before and after a
-//! rollup.
+//! per-container groupings still read minutes (but for the scorecard's `contested` grouping,
+//! which reads its own level, `contested_hour` and `contested_day`: [`contested_source`]),
+//! and a range that starts or ends inside an hour reads that hour's minutes ([`split`]): an
+//! answer is the same before and after a rollup.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
