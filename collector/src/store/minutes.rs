@@ -33,6 +33,68 @@ pub(crate) struct MinuteSums<'a> {
     pub unmeasured_flows: i64,
 }
 
+/// Late rows (issue 14, fourth round): a `flows_minute` row of a minute before the hourly
+/// rollup's `up_to_ms` must also reach its hour row. This was a pair of row triggers on
+/// `flows_minute`, paid (their `WHEN` evaluated, and on PostgreSQL both transition tables
+/// filled) by every aggregate write; the deriver now reads `up_to_ms` once per transaction and
+/// does it for the late rows only: before the upsert the stored row's sums leave the hour row
+/// they are in ([`LATE_HOUR_SUMS_OUT`]), after it the merged row's sums join the hour row of its
+/// (possibly new) verdict ([`LATE_HOUR_SUMS_IN`]): exactly what the triggers did (subtract the
+/// old row, add the new one).
+pub(crate) const LATE_HOUR_KEY: &str = "flows_hour.hour_ms = m.minute_ms - (m.minute_ms % 3600000)
+      AND flows_hour.node = m.node AND flows_hour.pid = m.pid AND flows_hour.process = m.process
+      AND flows_hour.direction = m.direction AND flows_hour.country = m.country
+      AND flows_hour.asn = m.asn AND flows_hour.answers = m.answers
+      AND flows_hour.contested = m.contested AND flows_hour.operator_country = m.operator_country
+      AND flows_hour.physics = m.physics";
+
+/// The additive sums of an hour row less a minute row `m` (see [`LATE_HOUR_KEY`]).
+pub(crate) const LATE_HOUR_SUMS_OUT: &str = "bytes_sent = flows_hour.bytes_sent - m.bytes_sent,
+        bytes_received = flows_hour.bytes_received - m.bytes_received,
+        connections = flows_hour.connections - m.connections,
+        conntrack_bytes = flows_hour.conntrack_bytes - m.conntrack_bytes,
+        unmeasured_flows = flows_hour.unmeasured_flows - m.unmeasured_flows";
+
+/// The columns of an hour row as inserted from minute rows.
+pub(crate) const HOUR_COLUMNS: &str = "node, hour_ms, pid, process, direction, country, asn, answers, contested,
+        operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us,
+        distance_km, limit_km, conntrack_bytes, unmeasured_flows";
+
+/// How an hour row absorbs a minute row's sums (the former trigger's merge; both backends
+/// know `excluded` and the table-qualified old row, and `min`/`max` of two values are written
+/// with `CASE`, which both understand).
+pub(crate) const LATE_HOUR_SUMS_IN: &str = "bytes_sent = flows_hour.bytes_sent + excluded.bytes_sent,
+        bytes_received = flows_hour.bytes_received + excluded.bytes_received,
+        connections = flows_hour.connections + excluded.connections,
+        conntrack_bytes = flows_hour.conntrack_bytes + excluded.conntrack_bytes,
+        unmeasured_flows = flows_hour.unmeasured_flows + excluded.unmeasured_flows,
+        min_rtt_us = CASE WHEN flows_hour.min_rtt_us = 0 THEN excluded.min_rtt_us
+                          WHEN excluded.min_rtt_us = 0 THEN flows_hour.min_rtt_us
+                          WHEN excluded.min_rtt_us < flows_hour.min_rtt_us THEN excluded.min_rtt_us
+                          ELSE flows_hour.min_rtt_us END,
+        limit_km = CASE WHEN flows_hour.limit_km = 0 THEN excluded.limit_km
+                        WHEN excluded.limit_km = 0 THEN flows_hour.limit_km
+                        WHEN excluded.limit_km < flows_hour.limit_km THEN excluded.limit_km
+                        ELSE flows_hour.limit_km END,
+        distance_km = CASE WHEN excluded.distance_km > flows_hour.distance_km THEN excluded.distance_km
+                           ELSE flows_hour.distance_km END,
+        org = CASE WHEN excluded.org > flows_hour.org THEN excluded.org ELSE flows_hour.org END,
+        geo_source = CASE WHEN excluded.geo_source > flows_hour.geo_source THEN excluded.geo_source
+                          ELSE flows_hour.geo_source END";
+
+/// Split `sums` into the rows of minutes before `up_to_ms` (late: already rolled up into
+/// hours) and the others.
+#[allow(clippy::type_complexity)]
+pub(crate) fn split_late<'s, 'a>(
+    sums: &'s BTreeMap<MinuteKey<'a>, MinuteSums<'a>>,
+    up_to_ms: i64,
+) -> (
+    Vec<(&'s MinuteKey<'a>, &'s MinuteSums<'a>)>,
+    Vec<(&'s MinuteKey<'a>, &'s MinuteSums<'a>)>,
+) {
+    sums.iter().partition(|(k, _)| k.1 >= up_to_ms)
+}
+
 /// The minute a flow is counted in: its end, else the report's observation time.
 pub(crate) fn flow_end(r: &IncomingReport, f: &sov_proto::pb::Flow) -> i64 {
     if f.end_unix_ms > 0 {

@@ -110,6 +110,8 @@ pub(super) fn insert_telemetry(
 }
 
 /// Write a batch's merged flow aggregates ([`crate::store::minutes`]): one upsert per row.
+/// Rows of minutes already rolled up into hours (late) also move their hour rows
+/// ([`crate::store::minutes::LATE_HOUR_KEY`]); the others are plain upserts, with no trigger.
 pub(super) fn write_minutes(
     tx: &rusqlite::Transaction<'_>,
     sums: &std::collections::BTreeMap<
@@ -117,6 +119,16 @@ pub(super) fn write_minutes(
         crate::store::minutes::MinuteSums<'_>,
     >,
 ) -> Result<(), StoreError> {
+    use crate::store::minutes as m;
+    if sums.is_empty() {
+        return Ok(());
+    }
+    let up_to: i64 = tx
+        .prepare_cached("SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'")
+        .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
+        .map_err(sql("read rollup state"))?
+        .unwrap_or(0);
+    let (fresh, late) = m::split_late(sums, up_to);
     let none = crate::store::VerdictColumns::default();
     let text = format!(
         "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
@@ -140,7 +152,9 @@ pub(super) fn write_minutes(
     let mut st = tx
         .prepare_cached(&text)
         .map_err(sql("prepare aggregate flow"))?;
-    for ((node, minute, pid, protocol, direction, remote, port), e) in sums {
+    let mut upsert = |(node, minute, pid, protocol, direction, remote, port): &m::MinuteKey<'_>,
+                      e: &m::MinuteSums<'_>|
+     -> Result<(), StoreError> {
         let v = e.verdict.unwrap_or(&none);
         st.execute(params![
             node,
@@ -169,6 +183,43 @@ pub(super) fn write_minutes(
             e.unmeasured_flows
         ])
         .map_err(sql("aggregate flow"))?;
+        Ok(())
+    };
+    for (k, e) in fresh {
+        upsert(k, e)?;
+    }
+    if late.is_empty() {
+        return Ok(());
+    }
+    const ROW: &str =
+        "node = ?1 AND minute_ms = ?2 AND pid = ?3 AND protocol = ?4 AND direction = ?5
+                       AND remote_address = ?6 AND remote_port = ?7";
+    let sums_out = format!(
+        "UPDATE flows_hour SET {}
+         FROM (SELECT * FROM flows_minute WHERE {ROW}) AS m
+         WHERE {}",
+        m::LATE_HOUR_SUMS_OUT,
+        m::LATE_HOUR_KEY
+    );
+    let sums_in = format!(
+        "INSERT INTO flows_hour ({})
+         SELECT node, minute_ms - (minute_ms % 3600000), pid, process, direction, country, asn, answers,
+                contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received,
+                connections, min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows
+         FROM flows_minute WHERE {ROW}
+         ON CONFLICT DO UPDATE SET {}",
+        m::HOUR_COLUMNS,
+        m::LATE_HOUR_SUMS_IN
+    );
+    for (k, e) in late {
+        let key = params![k.0, k.1, k.2, k.3, k.4, k.5, k.6];
+        tx.prepare_cached(&sums_out)
+            .and_then(|mut s| s.execute(key))
+            .map_err(sql("late flow: out of its hour"))?;
+        upsert(k, e)?;
+        tx.prepare_cached(&sums_in)
+            .and_then(|mut s| s.execute(key))
+            .map_err(sql("late flow: into its hour"))?;
     }
     Ok(())
 }
