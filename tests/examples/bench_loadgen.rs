@@ -579,6 +579,9 @@ struct RunResult {
     stored_checked: Option<u64>,
     /// `--replicas`: CPU ms per report (all reports of the window) of each collector process.
     replica_cpu_ms_per_report: Vec<f64>,
+    /// Flow-minute rows this process derived late (their minutes already rolled up into
+    /// hours: the reports are dated in 2023 and the rollup runs as the collector starts).
+    late_flow_rows: u64,
     /// Derivation lag (now − derived up to) sampled every [`LAG_EVERY`] in the window, s:
     /// p50, p99, at the end of the window; and how long the backlog took to drain after it.
     lag: Option<Lag>,
@@ -618,6 +621,7 @@ async fn measure(
     probe: Option<Arc<dyn Store>>,
 ) -> Result<RunResult> {
     let rss_before = self_rss_kib();
+    let late0 = sov_collector::store::late_rows_written();
     let server = start.await?;
     let url = server.url();
 
@@ -750,6 +754,7 @@ async fn measure(
         _ => None,
     };
     server.stop().await?;
+    let late_flow_rows = sov_collector::store::late_rows_written() - late0;
 
     lat.sort_unstable();
     let reports = lat.len() as u64;
@@ -779,6 +784,7 @@ async fn measure(
         stored_checked,
         lag,
         replica_cpu_ms_per_report: replica_cpu,
+        late_flow_rows,
     })
 }
 
@@ -798,6 +804,7 @@ fn run_json(r: &RunResult) -> serde_json::Value {
         "rss_before_kib": r.rss_before_kib,
         "rss_end_kib": r.rss_end_kib,
         "rss_growth_kib_per_connection": r.kib_per_connection,
+        "late_flow_rows": r.late_flow_rows,
         "stored_verified": r.stored_checked,
         "derive_lag_p50_s": r.lag.map(|l| l.p50_s),
         "derive_lag_p99_s": r.lag.map(|l| l.p99_s),

@@ -102,6 +102,7 @@ macro_rules! store_suite {
             hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup,
             day_rows_total_the_minutes_and_answers_survive_the_minutes,
             fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,
+            late_rows_derived_in_one_batch_reach_their_hour_day_and_fleet_rows_once,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -123,6 +124,7 @@ pub(crate) use super::suite_containers::{
     gpu_seconds_are_named_with_their_kubernetes_namespace,
     weight_copies_and_users_carry_their_container,
 };
+pub(crate) use super::suite_late::late_rows_derived_in_one_batch_reach_their_hour_day_and_fleet_rows_once;
 pub(crate) use super::suite_rollup::{
     day_rows_total_the_minutes_and_answers_survive_the_minutes,
     fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,

@@ -429,6 +429,7 @@ pub(super) async fn write_minutes(
     if late.is_empty() {
         return Ok(());
     }
+    crate::store::minutes::count_late(late.len());
     let mut k = LateKeys::default();
     for ((node, m, p, proto, dir, addr, rport), _) in &late {
         k.node.push(node);
