@@ -38,6 +38,16 @@
 //! `report --since 30d`. `--stores sqlite,postgres` picks the stores; PostgreSQL is the one
 //! `SOV_TEST_POSTGRES_URL` names (default `postgres://postgres@127.0.0.1:5432/test`), in a
 //! fresh schema dropped at the end (skipped, loudly, when it cannot be reached).
+//!
+//! Every range ends at the build's instant (`now`, a minute boundary: the last loaded minute
+//! rows end there), not at the clock when the questions run. `--keep DIR` builds into `DIR`
+//! and keeps the stores (SQLite under `DIR/sqlite`, the PostgreSQL schema not dropped) with
+//! the shape and `now` in `DIR/kept.json`; `--reuse DIR` asks the questions of those stores
+//! again without building, over the same ranges, so that two binaries (before and after a
+//! change) can be timed on one store; `--drop` drops a kept PostgreSQL schema after the run.
+//! `--parts` also times, alone, each store read the scorecard makes (nodes, models, missing
+//! ranges, GPU usage, training runs, egress by verdict and contested destinations) and the
+//! two egress questions' store reads (`parts` in the JSON line).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -1011,7 +1021,8 @@ fn regulator() -> Caller {
     }
 }
 
-/// Ask each question `reps` times after one warm-up; `(query, p50_ms, p99_ms, detail)`.
+/// Ask each question `reps` times after one warm-up, every range ending at `now`;
+/// `(query, p50_ms, p99_ms, detail)`.
 async fn ask_all(
     svc: &QueryService,
     now: i64,
@@ -1044,7 +1055,7 @@ async fn ask_all(
                             &caller,
                             pb::ScorecardRequest {
                                 since_unix_ms: now - 30 * DAY,
-                                until_unix_ms: 0,
+                                until_unix_ms: now,
                                 jurisdiction: "MA".into(),
                             },
                         )
@@ -1062,7 +1073,7 @@ async fn ask_all(
                             &caller,
                             pb::EgressRequest {
                                 since_unix_ms: now - 7 * DAY,
-                                until_unix_ms: 0,
+                                until_unix_ms: now,
                                 by: by.into(),
                                 limit: 500,
                             },
@@ -1111,7 +1122,7 @@ async fn ask_all(
                             &caller,
                             pb::ExportReportRequest {
                                 since_unix_ms: now - 30 * DAY,
-                                until_unix_ms: 0,
+                                until_unix_ms: now,
                                 jurisdiction: "MA".into(),
                             },
                         )
@@ -1138,6 +1149,94 @@ async fn ask_all(
     Ok(out)
 }
 
+/// With `--parts`: each store read of the scorecard over 30 days (what
+/// `query::scorecard::read_inputs` reads, in its order) and of the two egress questions,
+/// timed alone, `reps` times after one warm-up; `(part, p50_ms, rows)`.
+async fn time_parts(
+    store: &dyn Store,
+    now: i64,
+    reps: usize,
+) -> anyhow::Result<Vec<(String, f64, usize)>> {
+    use sov_collector::query::scorecard::{MAX_NODES_WITH_RANGES, MAX_RANGES_PER_NODE, MAX_ROWS};
+    use sov_collector::store::EgressQuery;
+    let from30 = sov_collector::query::covered_from(now - 30 * DAY, now);
+    let from7 = sov_collector::query::covered_from(now - 7 * DAY, now);
+    let egress = |since: i64, by: &str| EgressQuery {
+        since_unix_ms: since,
+        until_unix_ms: now,
+        by: by.to_owned(),
+        limit: if by == "country" || by == "process" {
+            500
+        } else {
+            MAX_ROWS
+        },
+    };
+    let mut out = Vec::new();
+    for part in [
+        "nodes",
+        "models",
+        "missing ranges",
+        "gpu usage 30d",
+        "training 30d",
+        "egress 30d verdict",
+        "egress 30d contested",
+        "egress 7d country",
+        "egress 7d process",
+    ] {
+        let mut samples = Vec::new();
+        let mut rows = 0;
+        for rep in 0..=reps {
+            let t = Instant::now();
+            rows = match part {
+                "nodes" => sov_collector::store::all_nodes(store, MAX_ROWS as usize)
+                    .await?
+                    .0
+                    .len(),
+                "models" => sov_collector::store::all_models(store, MAX_ROWS as usize)
+                    .await?
+                    .0
+                    .len(),
+                "missing ranges" => {
+                    let (nodes, _) =
+                        sov_collector::store::all_nodes(store, MAX_ROWS as usize).await?;
+                    let t0 = Instant::now();
+                    let mut n = 0;
+                    for node in nodes
+                        .iter()
+                        .filter(|n| n.missing > 0)
+                        .take(MAX_NODES_WITH_RANGES)
+                    {
+                        n += store
+                            .missing_ranges(&node.node, node.epoch, MAX_RANGES_PER_NODE)
+                            .await?
+                            .len();
+                    }
+                    // Only the ranges' reads: the node list is timed apart.
+                    if rep > 0 {
+                        samples.push(t0.elapsed());
+                    }
+                    n
+                }
+                "gpu usage 30d" => store.gpu_usage(from30, now, MAX_ROWS).await?.len(),
+                "training 30d" => store.list_training(from30, MAX_ROWS).await?.len(),
+                "egress 30d verdict" => store.egress(egress(from30, "verdict")).await?.0.len(),
+                "egress 30d contested" => store.egress(egress(from30, "contested")).await?.0.len(),
+                "egress 7d country" => store.egress(egress(from7, "country")).await?.0.len(),
+                _ => store.egress(egress(from7, "process")).await?.0.len(),
+            };
+            if rep > 0 && part != "missing ranges" {
+                samples.push(t.elapsed());
+            }
+        }
+        samples.sort();
+        let p50 = samples[(samples.len().max(1) - 1) / 2].as_secs_f64() * 1000.0;
+        let p50 = (p50 * 10.0).round() / 10.0;
+        eprintln!("  part {part:<24} p50 {p50:>9.1} ms  ({rows} rows)");
+        out.push((part.to_owned(), p50, rows));
+    }
+    Ok(out)
+}
+
 /// The indexes issue 14 added for these questions (dropped with `--drop-indexes`).
 const NEW_INDEXES: [&str; 1] = ["flows_minute_contested"];
 
@@ -1154,6 +1253,7 @@ struct StoreRun {
     node_days: f64,
     counts: BTreeMap<&'static str, u64>,
     queries: Vec<(String, f64, f64, String)>,
+    parts: Vec<(String, f64, usize)>,
     levels: Value,
 }
 
@@ -1163,7 +1263,33 @@ async fn run_store(
     store: Arc<dyn Store>,
     loader: &mut Loader,
     signer: Arc<sov_evidence::report::ReportSigner>,
+    reuse: bool,
 ) -> anyhow::Result<StoreRun> {
+    let reps = arg("--reps", 5) as usize;
+    let parts = async |store: &dyn Store| -> anyhow::Result<Vec<(String, f64, usize)>> {
+        if flag("--parts") {
+            time_parts(store, shape.now, reps).await
+        } else {
+            Ok(Vec::new())
+        }
+    };
+    if reuse {
+        let parts = parts(store.as_ref()).await?;
+        eprintln!("{name}: reusing the store kept by --keep (no build, no rollup)");
+        let svc = QueryService::new(store, "bench".into(), 1000).with_evidence(Some(signer), None);
+        let queries = ask_all(&svc, shape.now, reps, &text_arg("--only", "")).await?;
+        return Ok(StoreRun {
+            store: name,
+            build_secs: 0.0,
+            rollup_secs: 0.0,
+            bytes: loader.bytes().await?,
+            node_days: shape.nodes as f64 * (shape.now - shape.start) as f64 / DAY as f64,
+            counts: BTreeMap::new(),
+            queries,
+            parts,
+            levels: Value::Null,
+        });
+    }
     let t = Instant::now();
     let counts = build(shape, loader, store.as_ref()).await?;
     if flag("--drop-indexes") {
@@ -1231,10 +1357,11 @@ async fn run_store(
         "report_keys": level(&["reports"], covered(shape.keys_from)),
     });
     eprintln!("{name}: levels {levels}");
+    let parts = parts(store.as_ref()).await?;
     let svc = QueryService::new(store, "bench".into(), 1000).with_evidence(Some(signer), None);
     let queries = ask_all(
         &svc,
-        sov_common::clock::now_unix_ms(),
+        shape.now,
         arg("--reps", 5) as usize,
         &text_arg("--only", ""),
     )
@@ -1247,14 +1374,52 @@ async fn run_store(
         node_days,
         counts,
         queries,
+        parts,
         levels,
     })
 }
 
+/// The arguments that shape the fleet, with their defaults (kept by `--keep`).
+const SHAPE_ARGS: [(&str, u64); 8] = [
+    ("--nodes", 1000),
+    ("--days", 365),
+    ("--interval-secs", 10),
+    ("--flows", 50),
+    ("--destinations", 3000),
+    ("--minute-hours", 2),
+    ("--hour-days", 31),
+    ("--key-hours", 24),
+];
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let now = sov_common::clock::now_unix_ms();
-    let now = now - now.rem_euclid(MINUTE);
+    // `--keep DIR` builds into DIR and keeps the stores there (SQLite's file, the PostgreSQL
+    // schema's name) with the build's instant; `--reuse DIR` asks the questions of those
+    // stores again, over the same ranges, without building (before/after on one store).
+    let keep = text_arg("--keep", "");
+    let reuse = text_arg("--reuse", "");
+    let kept: Option<Value> = if reuse.is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str(&std::fs::read_to_string(
+            Path::new(&reuse).join("kept.json"),
+        )?)?)
+    };
+    let kept_arg = |name: &str, default: u64| {
+        kept.as_ref()
+            .and_then(|k| k["args"][name].as_u64())
+            .unwrap_or_else(|| arg(name, default))
+    };
+    let now = match &kept {
+        Some(k) => k["now"]
+            .as_i64()
+            .ok_or_else(|| anyhow::anyhow!("kept.json has no `now`"))?,
+        None => {
+            let now = sov_common::clock::now_unix_ms();
+            now - now.rem_euclid(MINUTE)
+        }
+    };
+    let arg = kept_arg;
     let days = arg("--days", 365);
     // Days start at midnight UTC: the first day is whole, today is partial.
     let start = now - now.rem_euclid(DAY) - days as i64 * DAY;
@@ -1272,7 +1437,10 @@ async fn main() -> anyhow::Result<()> {
         minutes_from: minutes_from.max(start),
         hours_from: hours_from.max(start),
         keys_from: keys_from.max(start),
-        all_hours: flag("--all-hours"),
+        all_hours: kept
+            .as_ref()
+            .and_then(|k| k["all_hours"].as_bool())
+            .unwrap_or_else(|| flag("--all-hours")),
     };
     let stores = text_arg("--stores", "sqlite,postgres");
     eprintln!(
@@ -1286,17 +1454,51 @@ async fn main() -> anyhow::Result<()> {
     )?);
     let mut runs = Vec::new();
     let mut notes = Vec::new();
-    let data = tempfile::Builder::new()
+    let temp = tempfile::Builder::new()
         .prefix("i14v-volume-")
         .tempdir_in(text_arg("--dir", "/var/tmp"))?;
+    let dir = match (keep.as_str(), reuse.as_str()) {
+        ("", "") => temp.path().to_path_buf(),
+        ("", r) => std::path::PathBuf::from(r),
+        (k, _) => {
+            std::fs::create_dir_all(k)?;
+            std::path::PathBuf::from(k)
+        }
+    };
+    let schema = match &kept {
+        Some(k) => k["schema"].as_str().unwrap_or_default().to_owned(),
+        None => format!("i14v_volume_{}", std::process::id()),
+    };
+    if !keep.is_empty() {
+        let args: serde_json::Map<String, Value> = SHAPE_ARGS
+            .iter()
+            .map(|(a, d)| ((*a).to_owned(), json!(arg(a, *d))))
+            .collect();
+        std::fs::write(
+            dir.join("kept.json"),
+            json!({"now": now, "schema": schema, "args": args, "all_hours": shape.all_hours})
+                .to_string(),
+        )?;
+    }
+    let reusing = kept.is_some();
     if stores.contains("sqlite") {
-        let store = Arc::new(SqliteStore::open(data.path())?);
-        let mut loader = Loader::Sqlite(SqliteLoader::open(data.path())?);
-        runs.push(run_store("sqlite", &shape, store, &mut loader, signer.clone()).await?);
+        let sqlite_dir = dir.join("sqlite");
+        let store = Arc::new(SqliteStore::open(&sqlite_dir)?);
+        let mut loader = Loader::Sqlite(SqliteLoader::open(&sqlite_dir)?);
+        runs.push(
+            run_store(
+                "sqlite",
+                &shape,
+                store,
+                &mut loader,
+                signer.clone(),
+                reusing,
+            )
+            .await?,
+        );
     }
     if stores.contains("postgres") {
         let base = sov_e2e::postgres_url();
-        let schema = format!("i14v_volume_{}", std::process::id());
         match PostgresStore::connect_with_schema(&base, &schema).await {
             Err(e) => {
                 let note = format!("postgres SKIPPED: not reachable at {base}: {e}");
@@ -1313,8 +1515,18 @@ async fn main() -> anyhow::Result<()> {
                     client,
                     schema: schema.clone(),
                 });
-                let run = run_store("postgres", &shape, Arc::new(store), &mut loader, signer).await;
-                let _ = loader.exec(&format!("DROP SCHEMA {schema} CASCADE")).await;
+                let run = run_store(
+                    "postgres",
+                    &shape,
+                    Arc::new(store),
+                    &mut loader,
+                    signer,
+                    reusing,
+                )
+                .await;
+                if keep.is_empty() && !reusing || flag("--drop") {
+                    let _ = loader.exec(&format!("DROP SCHEMA {schema} CASCADE")).await;
+                }
                 runs.push(run?);
             }
         }
@@ -1338,6 +1550,7 @@ async fn main() -> anyhow::Result<()> {
                 "bytes_per_node_day": (r.bytes as f64 / r.node_days).round(),
                 "rows": r.counts,
                 "levels": r.levels,
+                "parts": r.parts.iter().map(|(p, ms, n)| json!({"part": p, "p50_ms": ms, "rows": n})).collect::<Vec<_>>(),
             })
         })
         .collect();

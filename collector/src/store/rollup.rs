@@ -7,13 +7,14 @@
 //! by (node, hour, process, Kubernetes namespace). [`super::Store::roll_up`] rolls complete
 //! hours up to a point, one hour per transaction, and records how far
 //! (`rollup_state.up_to_ms`); a row derived later for an hour already rolled up (a late
-//! report) is added to its hour row by a trigger in the same transaction. The rollup copies:
+//! report) is added to its hour row by the deriver in the same transaction (set-based,
+//! `store::minutes::HourChanges`; GPU rows by a trigger). The rollup copies:
 //! minute and raw rows stay for their own retention, so the per-destination and
 //! per-container groupings still read minutes, and a range that starts or ends inside an
 //! hour reads that hour's minutes ([`split`]): an answer is the same before and after a
 //! rollup.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -35,11 +36,11 @@ pub const DEFAULT_ROLLUP_AFTER_HOURS: u32 = 0;
 
 /// The least age of a minute rolled up: reports of the minute before are still arriving (a
 /// report covers up to one interval, 10 s by default); one arriving later still reaches the
-/// hour and day rows, through the late-row triggers.
+/// hour and day rows, through the deriver's late-row path.
 pub const ROLLUP_LAG: Duration = Duration::from_secs(120);
 
-/// PostgreSQL advisory lock between the rollup (exclusive) and the late-row triggers
-/// (shared); the same number is in the hourly-rollup migration (0016).
+/// PostgreSQL advisory lock between the rollup (exclusive) and the deriver's late rows and the
+/// GPU late-row triggers (shared); the same number is in the hourly-rollup migration (0016).
 pub const ROLLUP_LOCK_KEY: i64 = 7_309_475_598_591_748_457;
 
 /// What [`Store::roll_up`] did.
@@ -271,26 +272,83 @@ fn branches(
     parts.join("\n          UNION ALL\n          ")
 }
 
+/// The distinct nodes of `flows_minute`, one primary-key seek each (a loose index scan: the
+/// key starts with the node), as the recursive common table `minute_nodes`.
+const MINUTE_NODES: &str = "WITH RECURSIVE minute_nodes(node) AS (
+            SELECT MIN(node) FROM flows_minute
+            UNION ALL
+            SELECT (SELECT MIN(f.node) FROM flows_minute f WHERE f.node > minute_nodes.node)
+            FROM minute_nodes WHERE minute_nodes.node IS NOT NULL)
+          ";
+
+/// How a branch reads the minute rows of one range (`fm`, columns qualified): through
+/// `flows_minute_by_time`, or (`by_node`, SQLite) node by node along the primary key
+/// (`node, minute_ms, …`), which [`MINUTE_NODES`] makes possible. On SQLite the index costs a
+/// primary-key lookup per row (the table has no rowid); node by node, a range of minutes is
+/// one seek per node and then consecutive rows: the tail of a range (the two or three
+/// minutes since the hourly rollup) of 1,000 nodes is about 150,000 rows.
+fn minute_from(by_node: bool) -> &'static str {
+    if by_node {
+        "minute_nodes mn CROSS JOIN flows_minute fm ON fm.node = mn.node"
+    } else {
+        "flows_minute fm"
+    }
+}
+
+/// `FLOW_COLUMNS` qualified with `fm.`.
+fn minute_cols() -> String {
+    FLOW_COLUMNS
+        .split(", ")
+        .map(|c| format!("fm.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `body` (branches joined by `UNION ALL`) as the source named `flows_minute`, with
+/// [`MINUTE_NODES`] first when a branch reads minutes node by node.
+fn source(plan: &Plan, by_node: bool, body: &str) -> String {
+    let with = if by_node && !plan.minutes.is_empty() {
+        MINUTE_NODES
+    } else {
+        ""
+    };
+    format!("({with}{body}) AS flows_minute")
+}
+
 /// The egress source (named `flows_minute`, filtered) for an hour-capable grouping over
 /// `plan`: minutes, hours and days of its ranges. `p(i)` is the backend's i-th (1-based)
-/// placeholder for [`Plan::params`], `text` and `num` its empty text and zero.
-pub fn flows_source(plan: &Plan, p: &dyn Fn(usize) -> String, text: &str, num: &str) -> String {
+/// placeholder for [`Plan::params`], `text` and `num` its empty text and zero; `by_node`
+/// reads minutes node by node ([`minute_from`]).
+pub fn flows_source(
+    plan: &Plan,
+    p: &dyn Fn(usize) -> String,
+    text: &str,
+    num: &str,
+    by_node: bool,
+) -> String {
     let rolled_cols = FLOW_COLUMNS
         .replace("remote_address,", &format!("{text} AS remote_address,"))
         .replace("remote_port,", &format!("{num} AS remote_port,"));
     let body = branches(plan, p, &|level, a, b| {
-        let (cols, table, t) = match level {
-            0 => (FLOW_COLUMNS, "flows_minute", "minute_ms"),
-            1 => (rolled_cols.as_str(), "flows_hour", "hour_ms"),
-            2 => (rolled_cols.as_str(), "flows_day", "day_ms"),
-            _ => (rolled_cols.as_str(), "flows_rest", "from_ms"),
+        let (table, t) = match level {
+            0 => {
+                return format!(
+                    "SELECT {} FROM {}
+          WHERE fm.minute_ms >= {a} AND fm.minute_ms < {b} AND fm.direction <> 'inbound'",
+                    minute_cols(),
+                    minute_from(by_node)
+                );
+            }
+            1 => ("flows_hour", "hour_ms"),
+            2 => ("flows_day", "day_ms"),
+            _ => ("flows_rest", "from_ms"),
         };
         format!(
-            "SELECT {cols} FROM {table}
+            "SELECT {rolled_cols} FROM {table}
           WHERE {t} >= {a} AND {t} < {b} AND direction <> 'inbound'"
         )
     });
-    format!("({body}) AS flows_minute")
+    source(plan, by_node, &body)
 }
 
 /// Whether an egress grouping can read the fleet-level hour and day rows (`fleet_hour`,
@@ -304,13 +362,14 @@ pub fn by_fleet(by: &str) -> bool {
 /// over `plan`: minute rows of its minute ranges (with their node's site and declared country
 /// when `sites`), fleet hour, day and rest-of-day rows of the others. Every branch has the columns of
 /// [`flows_source`] plus `node_site` and `node_country`; a fleet row's `node` is one node of
-/// its group. `p`, `text` and `num` as in [`flows_source`].
+/// its group. `p`, `text`, `num` and `by_node` as in [`flows_source`].
 pub fn fleet_source(
     plan: &Plan,
     p: &dyn Fn(usize) -> String,
     text: &str,
     num: &str,
     sites: bool,
+    by_node: bool,
 ) -> String {
     let rolled_cols = format!(
         "{}, node_site, node_country",
@@ -325,17 +384,16 @@ pub fn fleet_source(
     let body = branches(plan, p, &|level, a, b| match level {
         0 if sites => format!(
             "SELECT {}, COALESCE(nd.site, '') AS node_site, COALESCE(nd.country, '') AS node_country
-          FROM flows_minute fm LEFT JOIN nodes nd ON nd.node = fm.node
+          FROM {} LEFT JOIN nodes nd ON nd.node = fm.node
           WHERE fm.minute_ms >= {a} AND fm.minute_ms < {b} AND fm.direction <> 'inbound'",
-            FLOW_COLUMNS
-                .split(", ")
-                .map(|c| format!("fm.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            minute_cols(),
+            minute_from(by_node)
         ),
         0 => format!(
-            "SELECT {FLOW_COLUMNS}, {text} AS node_site, {text} AS node_country FROM flows_minute
-          WHERE minute_ms >= {a} AND minute_ms < {b} AND direction <> 'inbound'"
+            "SELECT {}, {text} AS node_site, {text} AS node_country FROM {}
+          WHERE fm.minute_ms >= {a} AND fm.minute_ms < {b} AND fm.direction <> 'inbound'",
+            minute_cols(),
+            minute_from(by_node)
         ),
         1 => format!(
             "SELECT {rolled_cols} FROM fleet_hour
@@ -350,7 +408,7 @@ pub fn fleet_source(
           WHERE from_ms >= {a} AND from_ms < {b} AND direction <> 'inbound'"
         ),
     });
-    format!("({body}) AS flows_minute")
+    source(plan, by_node, &body)
 }
 
 /// GPU-seconds per (node, pid, process, namespace) over `plan` (`p` as in [`flows_source`]),
@@ -387,32 +445,65 @@ pub fn gpu_usage_query(plan: &Plan, p: &dyn Fn(usize) -> String, collate: &str) 
     )
 }
 
-/// Roll `[$1, $2)` (one hour or part of one) of flow minutes into `flows_hour`, adding to
-/// rows already there (the rest of a partial hour). Both backends run this text.
-pub const ROLL_FLOWS: &str = "INSERT INTO flows_hour AS h (node, hour_ms, pid, process, direction, country, asn, answers,
+/// The `DO UPDATE SET` of an upsert that adds a rolled-up flow row to the row `t` already
+/// holds: sums added, the least non-zero RTT and speed-of-light limit, the greatest distance,
+/// organisation and geolocation source.
+fn add_flow_row(t: &str) -> String {
+    format!(
+        "bytes_sent = {t}.bytes_sent + excluded.bytes_sent,
+        bytes_received = {t}.bytes_received + excluded.bytes_received,
+        connections = {t}.connections + excluded.connections,
+        conntrack_bytes = {t}.conntrack_bytes + excluded.conntrack_bytes,
+        unmeasured_flows = {t}.unmeasured_flows + excluded.unmeasured_flows,
+        min_rtt_us = CASE WHEN {t}.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < {t}.min_rtt_us)
+                          THEN excluded.min_rtt_us ELSE {t}.min_rtt_us END,
+        limit_km = CASE WHEN {t}.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < {t}.limit_km)
+                        THEN excluded.limit_km ELSE {t}.limit_km END,
+        distance_km = CASE WHEN excluded.distance_km > {t}.distance_km THEN excluded.distance_km ELSE {t}.distance_km END,
+        org = CASE WHEN excluded.org > {t}.org THEN excluded.org ELSE {t}.org END,
+        geo_source = CASE WHEN excluded.geo_source > {t}.geo_source THEN excluded.geo_source ELSE {t}.geo_source END"
+    )
+}
+
+/// Roll `[$1, $2)` of node-level flow rows of `source` (stamped by `source_ms`) into the
+/// periods of `period_ms` of `target` (stamped by `target_ms`), adding to rows already there
+/// (the rest of a partial period). Both backends run this text.
+fn roll_flows(
+    target: &str,
+    target_ms: &str,
+    source: &str,
+    source_ms: &str,
+    period_ms: i64,
+) -> String {
+    format!(
+        "INSERT INTO {target} AS t (node, {target_ms}, pid, process, direction, country, asn, answers,
         contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections,
         min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
-     SELECT node, minute_ms - (minute_ms % 3600000), pid, process, direction, country, asn, answers,
+     SELECT node, {source_ms} - ({source_ms} % {period_ms}), pid, process, direction, country, asn, answers,
             contested, operator_country, physics, MAX(org), MAX(geo_source), SUM(bytes_sent),
             SUM(bytes_received), SUM(connections), COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0),
             MAX(distance_km), COALESCE(MIN(NULLIF(limit_km, 0)), 0), SUM(conntrack_bytes),
             SUM(unmeasured_flows)
-     FROM flows_minute WHERE minute_ms >= $1 AND minute_ms < $2
+     FROM {source} WHERE {source_ms} >= $1 AND {source_ms} < $2
      GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
-     ON CONFLICT (hour_ms, node, pid, process, direction, country, asn, answers, contested,
+     ON CONFLICT ({target_ms}, node, pid, process, direction, country, asn, answers, contested,
                   operator_country, physics) DO UPDATE SET
-        bytes_sent = h.bytes_sent + excluded.bytes_sent,
-        bytes_received = h.bytes_received + excluded.bytes_received,
-        connections = h.connections + excluded.connections,
-        conntrack_bytes = h.conntrack_bytes + excluded.conntrack_bytes,
-        unmeasured_flows = h.unmeasured_flows + excluded.unmeasured_flows,
-        min_rtt_us = CASE WHEN h.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < h.min_rtt_us)
-                          THEN excluded.min_rtt_us ELSE h.min_rtt_us END,
-        limit_km = CASE WHEN h.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < h.limit_km)
-                        THEN excluded.limit_km ELSE h.limit_km END,
-        distance_km = CASE WHEN excluded.distance_km > h.distance_km THEN excluded.distance_km ELSE h.distance_km END,
-        org = CASE WHEN excluded.org > h.org THEN excluded.org ELSE h.org END,
-        geo_source = CASE WHEN excluded.geo_source > h.geo_source THEN excluded.geo_source ELSE h.geo_source END";
+        {}",
+        add_flow_row("t")
+    )
+}
+
+/// Roll `[$1, $2)` (one hour or part of one) of flow minutes into `flows_hour`, adding to
+/// rows already there (the rest of a partial hour).
+pub static ROLL_FLOWS: LazyLock<String> = LazyLock::new(|| {
+    roll_flows(
+        "flows_hour",
+        "hour_ms",
+        "flows_minute",
+        "minute_ms",
+        HOUR_MS,
+    )
+});
 
 /// Roll `[$1, $2)` (one hour or part of one) of GPU usage into `gpu_usage_hour`.
 pub const ROLL_GPU: &str =
@@ -434,35 +525,15 @@ pub const NEXT_ROW: &str = "SELECT MIN(t) FROM (
 
 /// Roll `[$1, $2)` (one day or part of one, whole hours) of hour rows into `flows_day`,
 /// adding to rows already there.
-pub const ROLL_FLOWS_DAY: &str = "INSERT INTO flows_day AS d (node, day_ms, pid, process, direction, country, asn, answers,
-        contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections,
-        min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
-     SELECT node, hour_ms - (hour_ms % 86400000), pid, process, direction, country, asn, answers,
-            contested, operator_country, physics, MAX(org), MAX(geo_source), SUM(bytes_sent),
-            SUM(bytes_received), SUM(connections), COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0),
-            MAX(distance_km), COALESCE(MIN(NULLIF(limit_km, 0)), 0), SUM(conntrack_bytes),
-            SUM(unmeasured_flows)
-     FROM flows_hour WHERE hour_ms >= $1 AND hour_ms < $2
-     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
-     ON CONFLICT (day_ms, node, pid, process, direction, country, asn, answers, contested,
-                  operator_country, physics) DO UPDATE SET
-        bytes_sent = d.bytes_sent + excluded.bytes_sent,
-        bytes_received = d.bytes_received + excluded.bytes_received,
-        connections = d.connections + excluded.connections,
-        conntrack_bytes = d.conntrack_bytes + excluded.conntrack_bytes,
-        unmeasured_flows = d.unmeasured_flows + excluded.unmeasured_flows,
-        min_rtt_us = CASE WHEN d.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < d.min_rtt_us)
-                          THEN excluded.min_rtt_us ELSE d.min_rtt_us END,
-        limit_km = CASE WHEN d.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < d.limit_km)
-                        THEN excluded.limit_km ELSE d.limit_km END,
-        distance_km = CASE WHEN excluded.distance_km > d.distance_km THEN excluded.distance_km ELSE d.distance_km END,
-        org = CASE WHEN excluded.org > d.org THEN excluded.org ELSE d.org END,
-        geo_source = CASE WHEN excluded.geo_source > d.geo_source THEN excluded.geo_source ELSE d.geo_source END";
+pub static ROLL_FLOWS_DAY: LazyLock<String> =
+    LazyLock::new(|| roll_flows("flows_day", "day_ms", "flows_hour", "hour_ms", DAY_MS));
 
 /// Add `[$1, $2)` (whole hours of one day) of hour rows to the rest-of-day rows
 /// (`flows_rest`) of every start of that day after its first hour, up to each hour: the rows
 /// of start `s` hold the hours from `s` to the end of the day rolled up so far.
-pub const ROLL_FLOWS_REST: &str = "INSERT INTO flows_rest AS d (node, from_ms, pid, process, direction, country, asn, answers,
+pub static ROLL_FLOWS_REST: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO flows_rest AS d (node, from_ms, pid, process, direction, country, asn, answers,
         contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections,
         min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
      SELECT h.node, h.hour_ms - (h.hour_ms % 86400000) + k.k * 3600000, h.pid, h.process, h.direction,
@@ -475,22 +546,16 @@ pub const ROLL_FLOWS_REST: &str = "INSERT INTO flows_rest AS d (node, from_ms, p
      GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
      ON CONFLICT (from_ms, node, pid, process, direction, country, asn, answers, contested,
                   operator_country, physics) DO UPDATE SET
-        bytes_sent = d.bytes_sent + excluded.bytes_sent,
-        bytes_received = d.bytes_received + excluded.bytes_received,
-        connections = d.connections + excluded.connections,
-        conntrack_bytes = d.conntrack_bytes + excluded.conntrack_bytes,
-        unmeasured_flows = d.unmeasured_flows + excluded.unmeasured_flows,
-        min_rtt_us = CASE WHEN d.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < d.min_rtt_us)
-                          THEN excluded.min_rtt_us ELSE d.min_rtt_us END,
-        limit_km = CASE WHEN d.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < d.limit_km)
-                        THEN excluded.limit_km ELSE d.limit_km END,
-        distance_km = CASE WHEN excluded.distance_km > d.distance_km THEN excluded.distance_km ELSE d.distance_km END,
-        org = CASE WHEN excluded.org > d.org THEN excluded.org ELSE d.org END,
-        geo_source = CASE WHEN excluded.geo_source > d.geo_source THEN excluded.geo_source ELSE d.geo_source END";
+        {}",
+        add_flow_row("d")
+    )
+});
 
 /// Add `[$1, $2)` (whole hours of one day) of fleet hour rows to the fleet rest-of-day rows
 /// (`fleet_rest`), as [`ROLL_FLOWS_REST`] does for a node's rows.
-pub const ROLL_FLEET_REST: &str = "INSERT INTO fleet_rest AS d (from_ms, node_site, node_country, direction, country, asn,
+pub static ROLL_FLEET_REST: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO fleet_rest AS d (from_ms, node_site, node_country, direction, country, asn,
         answers, contested, operator_country, physics, node, org, geo_source, bytes_sent, bytes_received,
         connections, min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
      SELECT h.hour_ms - (h.hour_ms % 86400000) + k.k * 3600000, h.node_site, h.node_country, h.direction,
@@ -504,18 +569,10 @@ pub const ROLL_FLEET_REST: &str = "INSERT INTO fleet_rest AS d (from_ms, node_si
      ON CONFLICT (from_ms, node_site, node_country, direction, country, asn, answers, contested,
                   operator_country, physics) DO UPDATE SET
         node = CASE WHEN excluded.node < d.node THEN excluded.node ELSE d.node END,
-        bytes_sent = d.bytes_sent + excluded.bytes_sent,
-        bytes_received = d.bytes_received + excluded.bytes_received,
-        connections = d.connections + excluded.connections,
-        conntrack_bytes = d.conntrack_bytes + excluded.conntrack_bytes,
-        unmeasured_flows = d.unmeasured_flows + excluded.unmeasured_flows,
-        min_rtt_us = CASE WHEN d.min_rtt_us = 0 OR (excluded.min_rtt_us <> 0 AND excluded.min_rtt_us < d.min_rtt_us)
-                          THEN excluded.min_rtt_us ELSE d.min_rtt_us END,
-        limit_km = CASE WHEN d.limit_km = 0 OR (excluded.limit_km <> 0 AND excluded.limit_km < d.limit_km)
-                        THEN excluded.limit_km ELSE d.limit_km END,
-        distance_km = CASE WHEN excluded.distance_km > d.distance_km THEN excluded.distance_km ELSE d.distance_km END,
-        org = CASE WHEN excluded.org > d.org THEN excluded.org ELSE d.org END,
-        geo_source = CASE WHEN excluded.geo_source > d.geo_source THEN excluded.geo_source ELSE d.geo_source END";
+        {}",
+        add_flow_row("d")
+    )
+});
 
 /// Roll `[$1, $2)` (whole hours of one day) of GPU hour rows into `gpu_usage_day`.
 pub const ROLL_GPU_DAY: &str =
@@ -556,11 +613,22 @@ pub fn next_hour(up_to: i64, next_row: Option<i64>, target: i64) -> Option<(i64,
     (start < target).then_some((start, (floor_hour(start) + HOUR_MS).min(target)))
 }
 
+/// How far the rollup waits for a deriver that is behind ([`target`]): a deriver further
+/// behind than this does not hold back the rollup (nor, through it, the minute retention); its
+/// rows then reach the hour and day rows as late rows.
+pub const ROLLUP_WAITS_FOR_DERIVER: Duration = Duration::from_secs(3600);
+
 /// The end of the minutes that may be rolled up at `now`: minutes older than `after`, and
-/// at least [`ROLLUP_LAG`].
-pub fn target(now_unix_ms: i64, after: Duration) -> i64 {
+/// at least [`ROLLUP_LAG`], counted from `derived_up_to` (every report received before it is
+/// derived, [`super::DeriveStatus::derived_up_to`]) when derivation is behind, by at most
+/// [`ROLLUP_WAITS_FOR_DERIVER`]. Rolling up minutes whose reports still wait in the derive
+/// queue would make every one of their rows late (each one a write to the hour, day, fleet and
+/// rest-of-day rows instead of one minute row), which slows a deriver that is already behind.
+pub fn target(now_unix_ms: i64, after: Duration, derived_up_to: i64) -> i64 {
     let after = after.max(ROLLUP_LAG);
-    floor_minute(now_unix_ms.saturating_sub(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)))
+    let wait = i64::try_from(ROLLUP_WAITS_FOR_DERIVER.as_millis()).unwrap_or(i64::MAX);
+    let from = now_unix_ms.min(derived_up_to.max(now_unix_ms.saturating_sub(wait)));
+    floor_minute(from.saturating_sub(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)))
 }
 
 /// Where [`Store::roll_up`] stops for `before`: its minute.
@@ -576,7 +644,15 @@ pub async fn rollup_loop(store: Arc<dyn Store>, after: Duration, stop: Cancellat
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let before = target(sov_common::clock::now_unix_ms(), after);
+        let now = sov_common::clock::now_unix_ms();
+        let derived_up_to = match store.derive_status().await {
+            Ok(status) => status.derived_up_to(now),
+            Err(err) => {
+                tracing::warn!(error = %err, "rollup: derive queue unreadable; rolling up to now");
+                now
+            }
+        };
+        let before = target(now, after, derived_up_to);
         match store.roll_up(before).await {
             Ok(s) if s.hours > 0 || s.days > 0 => tracing::info!(
                 hours = s.hours,
@@ -728,6 +804,24 @@ mod tests {
             next_hour(2 * h + 60_000, Some(2 * h + 60_000), 2 * h + 5 * 60_000),
             Some((2 * h + 60_000, 2 * h + 5 * 60_000))
         );
-        assert_eq!(target(10 * h + 5, Duration::from_secs(3600)), 9 * h);
+        assert_eq!(
+            target(10 * h + 5, Duration::from_secs(3600), 10 * h + 5),
+            9 * h
+        );
+    }
+
+    #[test]
+    fn the_rollup_waits_for_a_deriver_behind_but_not_for_ever() {
+        let m = 60_000;
+        let now = 100 * HOUR_MS + 30 * m + 5;
+        let after = Duration::ZERO;
+        // Nothing waiting: two minutes ago.
+        assert_eq!(target(now, after, now), 100 * HOUR_MS + 28 * m);
+        // Reports received ten minutes ago still wait: two minutes before them.
+        assert_eq!(target(now, after, now - 10 * m), 100 * HOUR_MS + 18 * m);
+        // A deriver three hours behind holds the rollup back by one hour only.
+        assert_eq!(target(now, after, now - 3 * HOUR_MS), 99 * HOUR_MS + 28 * m);
+        // A waiting report "from the future" (a clock ahead) changes nothing.
+        assert_eq!(target(now, after, now + HOUR_MS), 100 * HOUR_MS + 28 * m);
     }
 }

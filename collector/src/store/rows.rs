@@ -385,7 +385,7 @@ pub(crate) fn egress(r: &impl Columns) -> Result<pb::EgressRow, StoreError> {
 }
 
 /// The stored answers (JSON written at ingest; a row from before they were kept has none).
-fn answers(json: &str) -> Vec<pb::GeoAnswer> {
+pub(crate) fn answers(json: &str) -> Vec<pb::GeoAnswer> {
     if json.is_empty() {
         return Vec::new();
     }

@@ -69,7 +69,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 22] = [
+const MIGRATIONS: [&str; 23] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -93,7 +93,8 @@ const MIGRATIONS: [&str; 22] = [
     include_str!("../../../migrations/postgres/0019_derive_partitions.sql"),
     include_str!("../../../migrations/postgres/0020_fleet_rollups.sql"),
     include_str!("../../../migrations/postgres/0021_rest_of_day_rows.sql"),
-    include_str!("../../../migrations/postgres/0022_late_flow_rows_without_triggers.sql"),
+    include_str!("../../../migrations/postgres/0022_contested_covering_index.sql"),
+    include_str!("../../../migrations/postgres/0023_late_flow_rows_without_triggers.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
@@ -177,6 +178,9 @@ fn retryable(err: &StoreError) -> bool {
     }))
 }
 
+/// The session settings of the reader connection (what the questions run on).
+pub const READER_SESSION: &str = "SET jit = off; SET work_mem = '64MB';";
+
 /// Open one connection, run its driver task, and set its session (schema, read only).
 async fn open_connection(
     config: &Config,
@@ -194,6 +198,13 @@ async fn open_connection(
         session.push_str(&format!("SET search_path TO {};", quote_ident(schema)));
     }
     if read_only {
+        // The regulators' questions over a fleet read hundreds of thousands of rows in one
+        // statement, whose cost estimate passes PostgreSQL's JIT thresholds: compiling it
+        // took 1.2 s of a 2.3 s `egress --by process` at 1,000 nodes (docs/PERFORMANCE.md
+        // §8i), far more than it saved. And their groups (180,000 for `--by process` over a
+        // week of 1,000 nodes) fit a hash table in 64 MB, where the default 4 MB sorted them
+        // on disk. The reader is one connection, so this bounds its memory too.
+        session.push_str(READER_SESSION);
         session.push_str("SET default_transaction_read_only = on;");
     }
     if !session.is_empty() {
@@ -848,6 +859,29 @@ mod tests {
                 count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
                 2
             );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_reader_runs_without_jit_with_room_to_hash_groups_and_read_only() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            let reader = store.reader().await.unwrap();
+            for (setting, want) in [
+                ("jit", "off"),
+                ("work_mem", "64MB"),
+                ("default_transaction_read_only", "on"),
+            ] {
+                let got: String = reader
+                    .query_one(&format!("SHOW {setting}"), &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(got, want, "{setting}");
+            }
         })
         .await;
     }

@@ -272,13 +272,14 @@ pub(super) async fn egress(
                 NO_TEXT,
                 NO_NUM,
                 q.by == "verdict",
+                false,
             ),
             String::new(),
             plan.params(),
         )
     } else if plan.has_rollups() {
         (
-            crate::store::rollup::flows_source(&plan, &|i| format!("${i}"), NO_TEXT, NO_NUM),
+            crate::store::rollup::flows_source(&plan, &|i| format!("${i}"), NO_TEXT, NO_NUM, false),
             String::new(),
             plan.params(),
         )

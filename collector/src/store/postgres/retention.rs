@@ -145,8 +145,8 @@ pub(super) async fn prune(
     Ok(stats)
 }
 
-/// One hour per transaction under the rollup lock (exclusive: the late-row triggers of
-/// deriving transactions take it shared), on the writer connection.
+/// One hour per transaction under the rollup lock (exclusive: deriving transactions with late
+/// rows take it shared), on the writer connection.
 pub(super) async fn roll_up(
     store: &PostgresStore,
     before: i64,
@@ -195,7 +195,7 @@ pub(super) async fn roll_up(
             break;
         };
         stats.flow_rows += tx
-            .execute(rollup::ROLL_FLOWS, &[&start, &end])
+            .execute(rollup::ROLL_FLOWS.as_str(), &[&start, &end])
             .await
             .map_err(pg("roll up flows"))?;
         stats.gpu_rows += tx
@@ -265,10 +265,10 @@ pub(super) async fn roll_up(
             return Ok(stats);
         };
         for text in [
-            rollup::ROLL_FLOWS_DAY,
+            rollup::ROLL_FLOWS_DAY.as_str(),
             rollup::ROLL_GPU_DAY,
-            rollup::ROLL_FLOWS_REST,
-            rollup::ROLL_FLEET_REST,
+            rollup::ROLL_FLOWS_REST.as_str(),
+            rollup::ROLL_FLEET_REST.as_str(),
         ] {
             stats.day_rows += tx
                 .execute(text, &[&start, &end])

@@ -160,7 +160,7 @@ impl SqliteStore {
                 break;
             };
             stats.flow_rows += tx
-                .execute(rollup::ROLL_FLOWS, [start, end])
+                .execute(rollup::ROLL_FLOWS.as_str(), [start, end])
                 .map_err(sql("roll up flows"))? as u64;
             stats.gpu_rows += tx
                 .execute(rollup::ROLL_GPU, [start, end])
@@ -206,10 +206,10 @@ impl SqliteStore {
                 return Ok(stats);
             };
             for text in [
-                rollup::ROLL_FLOWS_DAY,
+                rollup::ROLL_FLOWS_DAY.as_str(),
                 rollup::ROLL_GPU_DAY,
-                rollup::ROLL_FLOWS_REST,
-                rollup::ROLL_FLEET_REST,
+                rollup::ROLL_FLOWS_REST.as_str(),
+                rollup::ROLL_FLEET_REST.as_str(),
             ] {
                 stats.day_rows += tx
                     .execute(text, [start, end])
