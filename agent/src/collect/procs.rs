@@ -1220,7 +1220,7 @@ mod tests {
         // 12:00:10 on some day; samples one second apart (spread: pid 300's second is 0).
         let m0: i64 = 1_800_000_000_000 / 60_000 * 60_000 + 10_000;
         let at = |i: u64| (t0 + Duration::from_secs(i), m0 + i as i64 * 1000);
-        let mut described = |c: &mut ProcessCollector, i: u64| {
+        let described = |c: &mut ProcessCollector, i: u64| {
             let (t, ms) = at(i);
             pids(&c.sample_at(t, ms, 0, &why))
         };
