@@ -274,7 +274,12 @@ impl ProcessCollector {
         let minute = unix_ms.div_euclid(60_000);
         let due = |pid: u32, known: &BTreeMap<u32, Known>| {
             !weights_only.contains(&pid)
-                || weights_due(pid, known.get(&pid).and_then(|k| k.described), unix_ms, spread)
+                || weights_due(
+                    pid,
+                    known.get(&pid).and_then(|k| k.described),
+                    unix_ms,
+                    spread,
+                )
         };
         let wanted: HashSet<u32> = interesting
             .iter()
@@ -1247,7 +1252,10 @@ mod tests {
             let (t, ms) = at(i);
             let s = c.sample_at(t, ms, 0, &why);
             if let Some(p) = s.processes.iter().find(|p| p.pid == 300) {
-                assert!(p.cpu_percent > 0.0, "sample {i}: described with its CPU share");
+                assert!(
+                    p.cpu_percent > 0.0,
+                    "sample {i}: described with its CPU share"
+                );
                 assert_eq!(p.rss_bytes, 9 * DEFAULT_PAGE_SIZE);
                 woke = Some(i);
                 break;
@@ -1268,11 +1276,20 @@ mod tests {
         let m = 29_000_000_i64; // a minute's start, in minutes
         let ms = |sec: i64| m * 60_000 + sec * 1000;
         assert!(weights_due(7, None, ms(0), true), "never described");
-        assert!(!weights_due(7, Some(m), ms(59), true), "described this minute");
-        assert!(!weights_due(7, Some(m - 1), ms(6), true), "before its second");
+        assert!(
+            !weights_due(7, Some(m), ms(59), true),
+            "described this minute"
+        );
+        assert!(
+            !weights_due(7, Some(m - 1), ms(6), true),
+            "before its second"
+        );
         assert!(weights_due(7, Some(m - 1), ms(7), true), "at its second");
         assert!(weights_due(27, Some(m - 1), ms(7), true), "27 % 20 = 7");
-        assert!(weights_due(19, Some(m - 3), ms(0), false), "not spread: at once");
+        assert!(
+            weights_due(19, Some(m - 3), ms(0), false),
+            "not spread: at once"
+        );
     }
 
     fn wait_for_comm(pid: u32, comm: &str) {

@@ -936,7 +936,10 @@ mod tests {
         let path = tmp.path().join("w.safetensors");
         let r = fs::File::create(&path).and_then(|_| fs::File::open(&path));
         let r = r.expect("open for reading");
-        let w = fs::OpenOptions::new().write(true).open(&path).expect("open for writing");
+        let w = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open for writing");
         let rw = fs::OpenOptions::new()
             .read(true)
             .write(true)
