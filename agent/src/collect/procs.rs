@@ -382,7 +382,7 @@ impl ProcessCollector {
             if reason == ProcessReason::Weights
                 && !wanted.contains(&pid)
                 && !reasons.contains_key(&pid)
-                && !fresh.get(&pid).is_some_and(|f| f.ticks > 0)
+                && fresh.get(&pid).is_none_or(|f| f.ticks == 0)
             {
                 weights_kept += 1;
                 continue;
