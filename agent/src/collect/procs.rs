@@ -9,7 +9,8 @@
 //!   listing at all on a steady node; else one listing of `/proc`);
 //! - `/proc/<pid>/stat` (CPU ticks, RSS, start time) is read every sample only for processes that
 //!   are new, used CPU at their previous read ("busy"), are among the top N by memory, or are
-//!   interesting; an idle process is read again in turn, each one at least every
+//!   interesting (a process interesting only for the weights it holds: once a minute, see
+//!   [`ProcessCollector::sample_at`]); an idle process is read again in turn, each one at least every
 //!   `[processes] idle_recheck_secs` (the reads spread evenly over the samples). Ticks are
 //!   cumulative, so nothing is lost: an idle process that wakes up has all its ticks counted at
 //!   its next read, its share averaged over the time since its previous read, and it is busy (read
