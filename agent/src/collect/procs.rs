@@ -228,7 +228,7 @@ impl ProcessCollector {
     ///
     /// A process interesting only for the weight files it holds ([`ProcessReason::Weights`]
     /// alone) is described when it is new, when it used CPU since its previous read, and
-    /// otherwise once in each wall-clock minute ([`weights_due`]), not at every sample: see
+    /// otherwise once in each wall-clock minute (`weights_due`), not at every sample: see
     /// [`ProcessCollector::sample_at`].
     pub fn sample(
         &mut self,
