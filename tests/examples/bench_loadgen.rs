@@ -35,6 +35,13 @@
 //! over them, each process's CPU per report measured apart from PostgreSQL's and the clients';
 //! the derive-only part then also runs N derivers on one schema (`pg-xN`).
 //!
+//! Reports are dated as an agent dates them: from the minute the target starts, 10 s apart per
+//! push, so their flows land in minutes the collector's hourly rollup has not passed.
+//! `--late-reports` dates them in November 2023 instead (as before 2026-12-07): every flow
+//! row is then a late row of an hour already rolled up (the rollup runs as the collector
+//! starts), and goes through the hour, day, fleet and rest-of-day rows as it is derived; the
+//! JSON's `late_flow_rows` counts them (docs/PERFORMANCE.md §8j).
+//!
 //! Prints a table, one JSON line, then the targets with met/MISSED. Linux only (`/proc`).
 
 use std::net::SocketAddr;
@@ -82,6 +89,7 @@ struct Args {
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
                      [--derive-reports N (10000)] [--max-in-flight N (as shipped)] \
+                     [--late-reports (date reports in 2023: every flow row late)] \
                      [--replicas N (0: none; else 1 then N collector processes on one PostgreSQL schema)] \
                      [--idle-connections N (idle mode only)]";
 
@@ -104,6 +112,10 @@ fn parse_args() -> Result<Args> {
         if flag == "--help" || flag == "-h" {
             println!("{USAGE}");
             std::process::exit(0);
+        }
+        if flag == "--late-reports" {
+            LATE_REPORTS.store(true, std::sync::atomic::Ordering::Relaxed);
+            continue;
         }
         let value = it
             .next()
@@ -236,10 +248,25 @@ fn template_report(node: &str, agent: usize, flows: usize) -> pb::Report {
     }
 }
 
-/// Push number `seq` of an agent: the template with this interval's counters.
-fn next_report(template: &pb::Report, seq: u64) -> pb::Report {
+/// `--late-reports`: reports dated from November 2023.
+static LATE_REPORTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// When the reports of a target are dated from: the start of the current minute (the
+/// collector's rollup, run as it starts, stops two minutes before now), or November 2023 with
+/// `--late-reports`.
+fn first_report_ms() -> i64 {
+    if LATE_REPORTS.load(std::sync::atomic::Ordering::Relaxed) {
+        return 1_700_000_000_000;
+    }
+    let now = sov_common::clock::now_unix_ms();
+    now - now.rem_euclid(60_000)
+}
+
+/// Push number `seq` of an agent whose reports are dated from `first_ms`
+/// ([`first_report_ms`]): the template with this interval's counters, 10 s per push.
+fn next_report(template: &pb::Report, first_ms: i64, seq: u64) -> pb::Report {
     let mut r = template.clone();
-    let t = 1_700_000_000_000 + i64::try_from(seq).unwrap_or(0) * 10_000;
+    let t = first_ms + i64::try_from(seq).unwrap_or(0) * 10_000;
     r.seq = seq;
     r.observed_unix_ms = t;
     if let Some(h) = r.host.as_mut() {
@@ -579,6 +606,9 @@ struct RunResult {
     stored_checked: Option<u64>,
     /// `--replicas`: CPU ms per report (all reports of the window) of each collector process.
     replica_cpu_ms_per_report: Vec<f64>,
+    /// Flow-minute rows this process derived late (their minutes already rolled up into
+    /// hours: `--late-reports`, or a deriver more than two minutes behind).
+    late_flow_rows: u64,
     /// Derivation lag (now − derived up to) sampled every [`LAG_EVERY`] in the window, s:
     /// p50, p99, at the end of the window; and how long the backlog took to drain after it.
     lag: Option<Lag>,
@@ -618,6 +648,7 @@ async fn measure(
     probe: Option<Arc<dyn Store>>,
 ) -> Result<RunResult> {
     let rss_before = self_rss_kib();
+    let late0 = sov_collector::store::late_rows_written();
     let server = start.await?;
     let url = server.url();
 
@@ -631,6 +662,7 @@ async fn measure(
     }
     let connect_s = t_connect.elapsed().as_secs_f64();
 
+    let first_ms = first_report_ms();
     let t0 = Instant::now() + Duration::from_millis(100);
     let warm_end = t0 + WARMUP;
     let end = warm_end + Duration::from_secs(secs);
@@ -642,7 +674,7 @@ async fn measure(
             let mut seq = 0u64;
             while Instant::now() < end {
                 seq += 1;
-                let report = next_report(&a.template, seq);
+                let report = next_report(&a.template, first_ms, seq);
                 let t = Instant::now();
                 let ack = client
                     .push(report)
@@ -750,6 +782,7 @@ async fn measure(
         _ => None,
     };
     server.stop().await?;
+    let late_flow_rows = sov_collector::store::late_rows_written() - late0;
 
     lat.sort_unstable();
     let reports = lat.len() as u64;
@@ -779,6 +812,7 @@ async fn measure(
         stored_checked,
         lag,
         replica_cpu_ms_per_report: replica_cpu,
+        late_flow_rows,
     })
 }
 
@@ -798,6 +832,7 @@ fn run_json(r: &RunResult) -> serde_json::Value {
         "rss_before_kib": r.rss_before_kib,
         "rss_end_kib": r.rss_end_kib,
         "rss_growth_kib_per_connection": r.kib_per_connection,
+        "late_flow_rows": r.late_flow_rows,
         "stored_verified": r.stored_checked,
         "derive_lag_p50_s": r.lag.map(|l| l.p50_s),
         "derive_lag_p99_s": r.lag.map(|l| l.p99_s),
@@ -827,10 +862,12 @@ async fn derive_only(
 ) -> Result<(f64, f64, f64, f64)> {
     use sov_collector::derive::{DEFAULT_BATCH_REPORTS, Deriver, Enricher, Freshness};
     let store = stores[0].clone();
+    let first_ms = first_report_ms();
     let reports: Vec<pb::Report> = (0..n)
         .map(|i| {
             next_report(
                 &agents[i % agents.len()].template,
+                first_ms,
                 (i / agents.len()) as u64 + 1,
             )
         })
@@ -930,7 +967,7 @@ async fn load_mode(args: Args) -> Result<()> {
             template,
         }));
     }
-    let size = next_report(&agents[0].template, 1).encoded_len();
+    let size = next_report(&agents[0].template, first_report_ms(), 1).encoded_len();
     println!(
         "{} agent certificates issued and loaded in {:.1} s; report: {size} bytes encoded \
          ({} flows over {REMOTES} remote addresses, {CORES} per-core values, {PROCESSES} processes)",
@@ -1338,9 +1375,13 @@ async fn idle_mode(args: Args, asked: usize) -> Result<()> {
     let mut warm = push_client(&warm_tls, &url)
         .await
         .map_err(|e| anyhow::anyhow!("connect: {e}"))?;
-    warm.push(next_report(&template_report("idle-warm", 0, args.flows), 1))
-        .await
-        .context("warm push")?;
+    warm.push(next_report(
+        &template_report("idle-warm", 0, args.flows),
+        first_report_ms(),
+        1,
+    ))
+    .await
+    .context("warm push")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (c_rss0, _) = rss_kib(pid)?;
     let s_rss0 = self_rss_kib();
@@ -1362,7 +1403,11 @@ async fn idle_mode(args: Args, asked: usize) -> Result<()> {
                     .await
                     .map_err(|e| anyhow::anyhow!("connect {name}: {e}"))?;
                 let ack = c
-                    .push(next_report(&template_report(&name, i, flows), 1))
+                    .push(next_report(
+                        &template_report(&name, i, flows),
+                        first_report_ms(),
+                        1,
+                    ))
                     .await
                     .with_context(|| format!("{name} push"))?
                     .into_inner();
@@ -1383,9 +1428,13 @@ async fn idle_mode(args: Args, asked: usize) -> Result<()> {
     // The connections are still usable: one more push on the last one.
     if let Some(c) = open.last_mut() {
         let i = n - 1;
-        c.push(next_report(&template_report(&names[i], i, args.flows), 2))
-            .await
-            .context("push on an idle connection")?;
+        c.push(next_report(
+            &template_report(&names[i], i, args.flows),
+            first_report_ms(),
+            2,
+        ))
+        .await
+        .context("push on an idle connection")?;
     }
     let nodes = list_nodes(&pki, &url)
         .await

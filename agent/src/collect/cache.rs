@@ -137,8 +137,16 @@ pub static OWNER_LISTINGS: CacheCounter = CacheCounter::new(
     "last owner listings due (hit: put off, first miss or budget spent; miss: made)",
 );
 
+/// A process that holds weights and nothing else, at a sample (`procs::ProcessCollector::sample`):
+/// its description kept out of the report (hit: described already this minute and idle) or put
+/// in (miss); entries unused (the process table's entries are `process_stat`'s).
+pub static WEIGHT_USER_DESCRIPTIONS: CacheCounter = CacheCounter::new(
+    "weight_user_descriptions",
+    "processes holding weights only, per sample (hit: described this minute already and idle; miss: described)",
+);
+
 /// Every counter, in the order `/metrics` shows them.
-pub fn all() -> [&'static CacheCounter; 12] {
+pub fn all() -> [&'static CacheCounter; 13] {
     [
         &PROC_LISTING,
         &PROCESS_STAT,
@@ -152,5 +160,6 @@ pub fn all() -> [&'static CacheCounter; 12] {
         &PROCESS_FILES,
         &TRAINING_SAMPLE,
         &OWNER_LISTINGS,
+        &WEIGHT_USER_DESCRIPTIONS,
     ]
 }

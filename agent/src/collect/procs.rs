@@ -9,7 +9,8 @@
 //!   listing at all on a steady node; else one listing of `/proc`);
 //! - `/proc/<pid>/stat` (CPU ticks, RSS, start time) is read every sample only for processes that
 //!   are new, used CPU at their previous read ("busy"), are among the top N by memory, or are
-//!   interesting; an idle process is read again in turn, each one at least every
+//!   interesting (a process interesting only for the weights it holds: once a minute, see
+//!   [`ProcessCollector::sample_at`]); an idle process is read again in turn, each one at least every
 //!   `[processes] idle_recheck_secs` (the reads spread evenly over the samples). Ticks are
 //!   cumulative, so nothing is lost: an idle process that wakes up has all its ticks counted at
 //!   its next read, its share averaged over the time since its previous read, and it is busy (read
@@ -61,6 +62,11 @@ pub const DEFAULT_IDLE_RECHECK: Duration = Duration::from_secs(60);
 /// A reported process's details (user, cgroup, …) are read again at least this often, even
 /// when nothing says they changed (a process can change its uid or cgroup without exec).
 pub const DETAIL_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Below this interval between samples, the weight holders' descriptions of a minute are
+/// spread over its first seconds by pid ([`weights_due`]); from it on, each is described at the
+/// first sample of every minute.
+const WEIGHTS_SPREAD_BELOW: Duration = Duration::from_secs(20);
 
 /// `ESRCH`: what reading a file of a process that just exited may return instead of `ENOENT`.
 const ESRCH: i32 = 3;
@@ -129,6 +135,9 @@ struct Known {
     /// Its details, the generation and name they were read under, and when (boxed: most
     /// processes have none, and an entry per live process stays small).
     detail: Option<Box<(pb::ProcessInfo, Gen, Instant)>>,
+    /// The wall-clock minute (unix milliseconds / 60,000) of its latest description in a
+    /// sample; `None` before the first.
+    described: Option<i64>,
 }
 
 /// What pass 1 learns from `/proc/<pid>/stat`.
@@ -216,9 +225,35 @@ impl ProcessCollector {
     /// those that used some CPU), the `top_n` by RSS (only those with some), and every live pid
     /// in `interesting`, each once with all its reasons. A process that exits during the
     /// sample is left out silently.
+    ///
+    /// A process interesting only for the weight files it holds ([`ProcessReason::Weights`]
+    /// alone) is described when it is new, when it used CPU since its previous read, and
+    /// otherwise once in each wall-clock minute (`weights_due`), not at every sample: see
+    /// [`ProcessCollector::sample_at`].
     pub fn sample(
         &mut self,
         now: Instant,
+        top_n: usize,
+        interesting: &[(u32, ProcessReason)],
+    ) -> ProcessSample {
+        self.sample_at(now, unix_now_ms(), top_n, interesting)
+    }
+
+    /// [`ProcessCollector::sample`] at `now`, the wall clock reading `unix_ms`.
+    ///
+    /// What the collector does with a report's processes (collector `derive.rs`,
+    /// `store/containers.rs`, `store/*/ingest.rs`): their names name the flows' owners and the
+    /// GPU users of the same report, and a containerised process gives its container row, one
+    /// per (minute, pid); their CPU shares and RSS are checked, not stored. So the owners of the
+    /// report's flows, the GPU users and the top N are described at every sample, and a process
+    /// that holds weights and nothing else — a node of inference pods holds hundreds, idle
+    /// between requests — is read and described once in every minute (its `stat` read then,
+    /// like any other idle process's in turn otherwise), at every sample while it uses CPU, and
+    /// at once when it is new: each minute's container rows are the same as before.
+    pub fn sample_at(
+        &mut self,
+        now: Instant,
+        unix_ms: i64,
         top_n: usize,
         interesting: &[(u32, ProcessReason)],
     ) -> ProcessSample {
@@ -233,8 +268,25 @@ impl ProcessCollector {
         self.known
             .retain(|pid, k| live.get(pid).is_some_and(|g| g.born == k.generation.born));
 
-        // Which processes to read now.
-        let wanted: HashSet<u32> = interesting.iter().map(|(p, _)| *p).collect();
+        // Which processes to read now: every interesting one, except those that hold weights
+        // and nothing else, whose description is not due this sample.
+        let weights_only = weights_only(interesting);
+        let spread = elapsed < WEIGHTS_SPREAD_BELOW;
+        let minute = unix_ms.div_euclid(60_000);
+        let due = |pid: u32, known: &BTreeMap<u32, Known>| {
+            !weights_only.contains(&pid)
+                || weights_due(
+                    pid,
+                    known.get(&pid).and_then(|k| k.described),
+                    unix_ms,
+                    spread,
+                )
+        };
+        let wanted: HashSet<u32> = interesting
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| due(*p, &self.known))
+            .collect();
         let mut read: Vec<u32> = Vec::new();
         let mut idle = 0usize;
         for (&pid, g) in live.iter() {
@@ -324,9 +376,23 @@ impl ProcessCollector {
                 .or_default()
                 .push(ProcessReason::TopMemory);
         }
+        let mut weights_kept = 0u64;
         for &(pid, reason) in interesting {
+            // A weight holder not due: described only when it ran since its previous read
+            // or is described for another reason anyway.
+            if reason == ProcessReason::Weights
+                && !wanted.contains(&pid)
+                && !reasons.contains_key(&pid)
+                && fresh.get(&pid).is_none_or(|f| f.ticks == 0)
+            {
+                weights_kept += 1;
+                continue;
+            }
             reasons.entry(pid).or_default().push(reason);
         }
+        cache::WEIGHT_USER_DESCRIPTIONS.hits(weights_kept);
+        cache::WEIGHT_USER_DESCRIPTIONS
+            .misses((weights_only.len() as u64).saturating_sub(weights_kept));
 
         // The details, for the selected processes only.
         let mut processes = Vec::with_capacity(reasons.len());
@@ -361,6 +427,9 @@ impl ProcessCollector {
                 info.cpu_percent = cpu_percent;
                 info.reasons = why.into_iter().map(|r| r as i32).collect();
                 processes.push(info);
+                if let Some(k) = self.known.get_mut(&pid) {
+                    k.described = Some(minute);
+                }
             }
         }
         // Threads and other pids outside the table were read for this sample only.
@@ -413,9 +482,9 @@ impl ProcessCollector {
         let same =
             |k: &Known| k.stat.starttime == stat.starttime && k.generation.born == generation.born;
         // The details move to the new entry (no copy).
-        let detail = match self.known.get_mut(&pid) {
-            Some(k) if same(k) => k.detail.take(),
-            _ => None,
+        let (detail, described) = match self.known.get_mut(&pid) {
+            Some(k) if same(k) => (k.detail.take(), k.described),
+            _ => (None, None),
         };
         let prev = self.known.get(&pid).filter(|k| same(k));
         let fresh = match prev {
@@ -450,6 +519,7 @@ impl ProcessCollector {
                 read_at: now,
                 busy,
                 detail,
+                described,
             },
         );
         Ok(Some(fresh))
@@ -610,6 +680,42 @@ pub(crate) fn cgroup_and_container(text: &str) -> (String, Option<String>) {
             .join(";"),
     };
     (cgroup, container)
+}
+
+/// The pids whose only reason to be described is the weight files they hold.
+fn weights_only(interesting: &[(u32, ProcessReason)]) -> HashSet<u32> {
+    let mut only: HashSet<u32> = interesting
+        .iter()
+        .filter(|(_, r)| *r == ProcessReason::Weights)
+        .map(|(p, _)| *p)
+        .collect();
+    for (p, r) in interesting {
+        if *r != ProcessReason::Weights {
+            only.remove(p);
+        }
+    }
+    only
+}
+
+/// Whether a process that holds weights and nothing else, last described in the wall-clock
+/// minute `described` (`None`: never), is to be described at `unix_ms`: once in every minute,
+/// at the first sample at or after its second `pid % 20` of the minute when `spread` (samples
+/// less than [`WEIGHTS_SPREAD_BELOW`] apart: one falls in the last 40 s of every minute), else
+/// at the minute's first sample. A process never described is due at once.
+fn weights_due(pid: u32, described: Option<i64>, unix_ms: i64, spread: bool) -> bool {
+    let minute = unix_ms.div_euclid(60_000);
+    match described {
+        None => true,
+        Some(m) if m == minute => false,
+        Some(_) => !spread || unix_ms.rem_euclid(60_000) / 1000 >= i64::from(pid % 20),
+    }
+}
+
+/// The wall clock in unix milliseconds.
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Parses `/proc/<pid>/stat`. The name sits between the first `(` and the LAST `)`: it may hold
@@ -1096,6 +1202,94 @@ mod tests {
         assert!(
             seen_at.is_some(),
             "the waking process is read within idle_recheck"
+        );
+    }
+
+    #[test]
+    fn a_weight_holder_is_described_once_a_minute_while_idle_and_at_every_sample_while_busy() {
+        let fake = FakeProc::new();
+        // 300 holds weights only, 301 weights and a flow; no resident memory (not top N).
+        fake.process(300, "mapper", 5, 50, 0);
+        fake.process(301, "server", 5, 50, 0);
+        // Idle processes read before 300 in turn (one a sample, the least quota).
+        for pid in 10..210 {
+            fake.process(pid, "idle", 5, 50, 0);
+        }
+        let mut c = fake.collector();
+        c.set_idle_recheck(Duration::from_secs(3600));
+        let why = [
+            (300, ProcessReason::Weights),
+            (301, ProcessReason::Weights),
+            (301, ProcessReason::Flow),
+        ];
+        let t0 = Instant::now();
+        // 12:00:10 on some day; samples one second apart (spread: pid 300's second is 0).
+        let m0: i64 = 1_800_000_000_000 / 60_000 * 60_000 + 10_000;
+        let at = |i: u64| (t0 + Duration::from_secs(i), m0 + i as i64 * 1000);
+        let described = |c: &mut ProcessCollector, i: u64| {
+            let (t, ms) = at(i);
+            pids(&c.sample_at(t, ms, 0, &why))
+        };
+        assert_eq!(described(&mut c, 0), [300, 301], "new: described at once");
+        // The rest of the minute (49 samples): the flow owner at every sample, the idle weight
+        // holder not at all, and its stat is not read either (after the second sample, where
+        // every first read is read again: the flow owner and one idle process in turn).
+        for i in 1..50 {
+            let before = c.read_stats().stat_reads;
+            assert_eq!(described(&mut c, i), [301], "sample {i}");
+            let reads = c.read_stats().stat_reads - before;
+            assert!(i == 1 || reads == 2, "sample {i}: {reads} stat reads");
+        }
+        // The next minute's first sample describes it again, with its RSS read then.
+        fake.process(300, "mapper", 5, 50, 9);
+        assert_eq!(described(&mut c, 50), [300, 301]);
+        let (t, ms) = at(51);
+        let s = c.sample_at(t, ms, 0, &why);
+        assert_eq!(pids(&s), [301]);
+        // It wakes: its ticks are counted at its next read and it is described while busy.
+        fake.process(300, "mapper", 405, 50, 9);
+        let mut woke = None;
+        for i in 52..120 {
+            let (t, ms) = at(i);
+            let s = c.sample_at(t, ms, 0, &why);
+            if let Some(p) = s.processes.iter().find(|p| p.pid == 300) {
+                assert!(
+                    p.cpu_percent > 0.0,
+                    "sample {i}: described with its CPU share"
+                );
+                assert_eq!(p.rss_bytes, 9 * DEFAULT_PAGE_SIZE);
+                woke = Some(i);
+                break;
+            }
+        }
+        // Idle processes are read in turn within idle_recheck (an hour here): the first read
+        // after waking is the next minute's description at the latest.
+        assert_eq!(woke, Some(110), "described at the next minute's sample");
+        fake.process(300, "mapper", 505, 50, 9);
+        let (t, ms) = at(111);
+        let s = c.sample_at(t, ms, 0, &why);
+        assert_eq!(pids(&s), [300, 301], "busy: described at every sample");
+        assert!(find(&s, 300).cpu_percent > 99.0);
+    }
+
+    #[test]
+    fn a_weight_holder_is_due_once_per_wall_clock_minute() {
+        let m = 29_000_000_i64; // a minute's start, in minutes
+        let ms = |sec: i64| m * 60_000 + sec * 1000;
+        assert!(weights_due(7, None, ms(0), true), "never described");
+        assert!(
+            !weights_due(7, Some(m), ms(59), true),
+            "described this minute"
+        );
+        assert!(
+            !weights_due(7, Some(m - 1), ms(6), true),
+            "before its second"
+        );
+        assert!(weights_due(7, Some(m - 1), ms(7), true), "at its second");
+        assert!(weights_due(27, Some(m - 1), ms(7), true), "27 % 20 = 7");
+        assert!(
+            weights_due(19, Some(m - 3), ms(0), false),
+            "not spread: at once"
         );
     }
 

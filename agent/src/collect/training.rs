@@ -47,7 +47,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -791,24 +790,59 @@ fn open_for_writing(fdinfo: &Path) -> bool {
         .is_some_and(|flags| flags & 0o3 != 0)
 }
 
+/// How a `/proc/<pid>/fd/<n>` link's own mode tells the descriptor's access mode: procfs sets
+/// the owner's write bit exactly when the file was opened for writing (`lr-x------` reading,
+/// `l-wx------` writing, `lrwx------` both); `None` for a link that is not procfs's (no
+/// group or other bits there), whose `fdinfo` is read instead.
+fn link_mode_writes(mode: u32) -> Option<bool> {
+    (mode & 0o077 == 0).then_some(mode & 0o200 != 0)
+}
+
+/// A candidate's descriptors: its links read relative to its `fd/` directory (one open for
+/// the listing; no path walk per descriptor), whether a weight file is open for writing from the
+/// link's own mode (one `statat` instead of opening and reading its `fdinfo`).
 fn scan_fds(dir: &Path, floor: u64, p: &mut Proc, now_ms: i64) {
-    let Ok(entries) = fs::read_dir(dir.join("fd")) else {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    let Ok(fd_dir) = rustix::fs::open(
+        dir.join("fd"),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
         return;
     };
-    for entry in entries.flatten().take(MAX_FDS_PER_PROCESS) {
-        let Ok(target) = fs::read_link(entry.path()) else {
+    let Ok(entries) = rustix::fs::Dir::read_from(&fd_dir) else {
+        return;
+    };
+    let mut link = Vec::with_capacity(256);
+    for entry in entries
+        .flatten()
+        .filter(|e| e.file_name().to_bytes().first() != Some(&b'.'))
+        .take(MAX_FDS_PER_PROCESS)
+    {
+        let name = entry.file_name();
+        let Ok(target) = rustix::fs::readlinkat(&fd_dir, name, std::mem::take(&mut link)) else {
             continue;
         };
-        let bytes = target.as_os_str().as_bytes();
+        let bytes = target.as_bytes();
         if bytes.first() != Some(&b'/') {
+            link = target.into_bytes();
             continue; // socket:, pipe:, anon_inode:
         }
-        let path = target.to_string_lossy().into_owned();
+        let path = String::from_utf8_lossy(bytes).into_owned();
+        link = target.into_bytes();
         if is_weight_path(&path) {
-            if open_for_writing(&dir.join("fdinfo").join(entry.file_name())) {
+            let writes = rustix::fs::statat(&fd_dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .ok()
+                .and_then(|st| link_mode_writes(st.st_mode))
+                .unwrap_or_else(|| {
+                    let n = String::from_utf8_lossy(name.to_bytes()).into_owned();
+                    open_for_writing(&dir.join("fdinfo").join(n))
+                });
+            if writes {
                 p.writer_since.get_or_insert(now_ms);
                 p.last_activity = now_ms;
-                if let Some(parent) = target.parent()
+                let parent = Path::new(&path).parent();
+                if let Some(parent) = parent
                     && (p.dirs.len() < MAX_DIRS
                         || p.dirs.contains(parent.to_string_lossy().as_ref()))
                 {
@@ -820,12 +854,13 @@ fn scan_fds(dir: &Path, floor: u64, p: &mut Proc, now_ms: i64) {
             }
         } else if let Some(format) = dataset_format(&path)
             && p.datasets.len() < MAX_DATASETS
-            && let Ok(m) = fs::metadata(entry.path())
-            && m.is_file()
-            && m.len() >= floor
+            && let Ok(st) = rustix::fs::statat(&fd_dir, name, AtFlags::empty())
+            && rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            && u64::try_from(st.st_size).unwrap_or(0) >= floor
         {
-            let slot = p.datasets.entry(path).or_insert((m.len(), format, false));
-            slot.0 = m.len();
+            let len = u64::try_from(st.st_size).unwrap_or(0);
+            let slot = p.datasets.entry(path).or_insert((len, format, false));
+            slot.0 = len;
         }
     }
 }
@@ -893,6 +928,37 @@ mod tests {
         assert_eq!(dataset_repo("/d/x.parquet"), "");
         assert!(is_weight_path("/o/checkpoint-100/model.SAFETENSORS"));
         assert!(!is_weight_path("/o/trainer_state.json"));
+    }
+
+    #[test]
+    fn a_descriptor_links_mode_tells_writing_from_reading() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("w.safetensors");
+        let r = fs::File::create(&path).and_then(|_| fs::File::open(&path));
+        let r = r.expect("open for reading");
+        let w = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open for writing");
+        let rw = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open both");
+        use std::os::fd::AsRawFd;
+        let mode = |f: &fs::File| {
+            fs::symlink_metadata(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                .expect("lstat")
+                .mode()
+        };
+        assert_eq!(link_mode_writes(mode(&r)), Some(false));
+        assert_eq!(link_mode_writes(mode(&w)), Some(true));
+        assert_eq!(link_mode_writes(mode(&rw)), Some(true));
+        // A symbolic link outside procfs (lrwxrwxrwx) says nothing: fdinfo is read.
+        let other = tmp.path().join("link");
+        std::os::unix::fs::symlink(&path, &other).expect("symlink");
+        let m = fs::symlink_metadata(&other).expect("lstat").mode();
+        assert_eq!(link_mode_writes(m), None);
     }
 
     #[test]

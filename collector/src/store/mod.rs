@@ -353,6 +353,7 @@ mod chain;
 pub mod containers;
 mod generations;
 mod minutes;
+pub use minutes::late_rows_written;
 mod outbox;
 pub mod postgres;
 mod retention;
@@ -363,6 +364,8 @@ pub mod sqlite;
 pub(crate) mod suite;
 #[cfg(test)]
 mod suite_containers;
+#[cfg(test)]
+mod suite_late;
 #[cfg(test)]
 mod suite_rollup;
 mod tokens;

@@ -7,7 +7,8 @@
 //! by (node, hour, process, Kubernetes namespace). [`super::Store::roll_up`] rolls complete
 //! hours up to a point, one hour per transaction, and records how far
 //! (`rollup_state.up_to_ms`); a row derived later for an hour already rolled up (a late
-//! report) is added to its hour row by a trigger in the same transaction. The rollup copies:
+//! report) is added to its hour row by the deriver in the same transaction (set-based,
+//! `store::minutes::HourChanges`; GPU rows by a trigger). The rollup copies:
 //! minute and raw rows stay for their own retention, so the per-destination and
 //! per-container groupings still read minutes (but for the scorecard's `contested` grouping,
 //! which reads its own level, `contested_hour` and `contested_day`: [`contested_source`]),
@@ -36,11 +37,11 @@ pub const DEFAULT_ROLLUP_AFTER_HOURS: u32 = 0;
 
 /// The least age of a minute rolled up: reports of the minute before are still arriving (a
 /// report covers up to one interval, 10 s by default); one arriving later still reaches the
-/// hour and day rows, through the late-row triggers.
+/// hour and day rows, through the deriver's late-row path.
 pub const ROLLUP_LAG: Duration = Duration::from_secs(120);
 
-/// PostgreSQL advisory lock between the rollup (exclusive) and the late-row triggers
-/// (shared); the same number is in the hourly-rollup migration (0016).
+/// PostgreSQL advisory lock between the rollup (exclusive) and the deriver's late rows and the
+/// GPU late-row triggers (shared); the same number is in the hourly-rollup migration (0016).
 pub const ROLLUP_LOCK_KEY: i64 = 7_309_475_598_591_748_457;
 
 /// What [`Store::roll_up`] did.

@@ -10,7 +10,7 @@ use super::suite::{Backend, ingest, report, telemetry};
 use super::{EgressQuery, FlowRecord, IngestOutcome, Store};
 
 /// An outbound flow of `pid` to `remote`, placed in `country` / `asn`, ending at `end_ms`.
-fn flow(
+pub(super) fn flow(
     pid: u32,
     process: &str,
     remote: &str,
@@ -129,7 +129,7 @@ const RANGES: [(i64, i64); 4] = [
 ];
 
 /// Hour rows' totals against the minute and raw rows' totals before `end`.
-async fn assert_totals_equal(db: &dyn Backend, end: i64) {
+pub(super) async fn assert_totals_equal(db: &dyn Backend, end: i64) {
     for col in [
         "bytes_sent",
         "bytes_received",
@@ -259,7 +259,7 @@ pub(crate) async fn hour_rows_total_the_minutes_and_answers_are_the_same_after_a
 
 /// Reports of nodes a and b every 3 hours 7 minutes over three and a half days (flows as in
 /// [`write`]), so that whole days roll up.
-async fn write_days(store: &dyn Store) {
+pub(super) async fn write_days(store: &dyn Store) {
     let dests = [
         ("192.0.2.1", "US", 13335),
         ("198.51.100.7", "FR", 3215),
@@ -302,7 +302,7 @@ async fn rolled_answers(store: &dyn Store, since: i64, until: i64) -> Vec<String
 }
 
 /// Day rows' totals against the minute and raw rows' totals before `end`.
-async fn assert_day_totals_equal(db: &dyn Backend, end: i64) {
+pub(super) async fn assert_day_totals_equal(db: &dyn Backend, end: i64) {
     for col in ["bytes_sent", "bytes_received", "connections"] {
         let minutes = db
             .count(&format!(
@@ -569,7 +569,7 @@ async fn fleet_rest_mismatches(db: &dyn Backend) -> i64 {
 
 /// Fleet hour and day rows against their node-level tables, and rest-of-day rows (node and
 /// fleet) against the hour rows.
-async fn assert_fleet_is_the_sum(db: &dyn Backend, when: &str) {
+pub(super) async fn assert_fleet_is_the_sum(db: &dyn Backend, when: &str) {
     for level in ["hour", "day"] {
         assert_eq!(
             fleet_mismatches(db, level).await,

@@ -392,7 +392,11 @@ pub(super) async fn update_node_gpus(
     Ok(())
 }
 
-/// Write a batch's merged flow aggregates ([`crate::store::minutes`]) in one statement.
+/// Write a batch's merged flow aggregates ([`crate::store::minutes`]) in one statement. Rows
+/// of minutes already rolled up into hours (late) also move their hour rows
+/// ([`crate::store::minutes::LATE_HOUR_KEY`]), under the rollup's advisory lock (shared) taken
+/// before `up_to_ms` is read, as the former trigger did; the others are a plain upsert, with no
+/// trigger.
 pub(super) async fn write_minutes(
     tx: &Tx<'_>,
     st: &Statements,
@@ -404,9 +408,126 @@ pub(super) async fn write_minutes(
     if sums.is_empty() {
         return Ok(());
     }
+    // Two statements (pipelined: one round trip): the read's snapshot must follow the lock.
+    let (_, up_to) = futures::try_join!(
+        tx.execute(
+            "SELECT pg_advisory_xact_lock_shared($1)",
+            &[&crate::store::rollup::ROLLUP_LOCK_KEY]
+        ),
+        tx.query_opt(
+            "SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'",
+            &[]
+        ),
+    )
+    .map_err(pg("read rollup state"))?;
+    let up_to: i64 = match up_to {
+        Some(row) => get(&row, 0, "read rollup state")?,
+        None => 0,
+    };
+    let (fresh, late) = crate::store::minutes::split_late(sums, up_to);
+    upsert_minutes(tx, st, &fresh).await?;
+    if late.is_empty() {
+        return Ok(());
+    }
+    crate::store::minutes::count_late(late.len());
+    let mut k = LateKeys::default();
+    for ((node, m, p, proto, dir, addr, rport), _) in &late {
+        k.node.push(node);
+        k.minute.push(*m);
+        k.pid.push(*p);
+        k.protocol.push(proto);
+        k.direction.push(dir);
+        k.remote.push(addr);
+        k.port.push(*rport);
+    }
+    let keys: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        &k.node,
+        &k.minute,
+        &k.pid,
+        &k.protocol,
+        &k.direction,
+        &k.remote,
+        &k.port,
+    ];
+    tx.execute(LATE_SUMS_OUT.as_str(), &keys)
+        .await
+        .map_err(pg("late flows: out of their hours"))?;
+    upsert_minutes(tx, st, &late).await?;
+    tx.execute(LATE_SUMS_IN.as_str(), &keys)
+        .await
+        .map_err(pg("late flows: into their hours"))?;
+    Ok(())
+}
+
+/// The keys of a batch's late rows, as arrays for `unnest`.
+#[derive(Default)]
+struct LateKeys<'a> {
+    node: Vec<&'a str>,
+    minute: Vec<i64>,
+    pid: Vec<i64>,
+    protocol: Vec<&'static str>,
+    direction: Vec<&'static str>,
+    remote: Vec<&'a str>,
+    port: Vec<i64>,
+}
+
+/// The stored minute rows of the late keys (`$1`..`$7`), named `m`.
+const LATE_ROWS: &str = "flows_minute m
+     JOIN unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[])
+          AS k (node, minute_ms, pid, protocol, direction, remote_address, remote_port)
+       ON m.node = k.node AND m.minute_ms = k.minute_ms AND m.pid = k.pid AND m.protocol = k.protocol
+      AND m.direction = k.direction AND m.remote_address = k.remote_address AND m.remote_port = k.remote_port";
+
+/// The late rows' stored sums leave their hour rows (before the upsert).
+static LATE_SUMS_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE flows_hour SET {}
+         FROM (SELECT m.node, m.minute_ms - (m.minute_ms % 3600000) AS minute_ms, m.pid, m.process,
+                      m.direction, m.country, m.asn, m.answers, m.contested, m.operator_country,
+                      m.physics, SUM(m.bytes_sent) AS bytes_sent, SUM(m.bytes_received) AS bytes_received,
+                      SUM(m.connections) AS connections, SUM(m.conntrack_bytes) AS conntrack_bytes,
+                      SUM(m.unmeasured_flows) AS unmeasured_flows
+               FROM {LATE_ROWS}
+               GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11) AS m
+         WHERE {}",
+        crate::store::minutes::LATE_HOUR_SUMS_OUT,
+        crate::store::minutes::LATE_HOUR_KEY
+    )
+});
+
+/// The late rows' merged sums join the hour rows of their verdicts (after the upsert).
+static LATE_SUMS_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO flows_hour ({})
+         SELECT m.node, m.minute_ms - (m.minute_ms % 3600000), m.pid, m.process, m.direction, m.country,
+                m.asn, m.answers, m.contested, m.operator_country, m.physics, MAX(m.org), MAX(m.geo_source),
+                SUM(m.bytes_sent), SUM(m.bytes_received), SUM(m.connections),
+                COALESCE(MIN(NULLIF(m.min_rtt_us, 0)), 0), MAX(m.distance_km),
+                COALESCE(MIN(NULLIF(m.limit_km, 0)), 0), SUM(m.conntrack_bytes), SUM(m.unmeasured_flows)
+         FROM {LATE_ROWS}
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+         ON CONFLICT (hour_ms, node, pid, process, direction, country, asn, answers, contested,
+                      operator_country, physics) DO UPDATE SET {}",
+        crate::store::minutes::HOUR_COLUMNS,
+        crate::store::minutes::LATE_HOUR_SUMS_IN
+    )
+});
+
+/// Upsert merged minute rows in one statement.
+async fn upsert_minutes(
+    tx: &Tx<'_>,
+    st: &Statements,
+    rows: &[(
+        &crate::store::minutes::MinuteKey<'_>,
+        &crate::store::minutes::MinuteSums<'_>,
+    )],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
     let none = crate::store::VerdictColumns::default();
     let mut c = MinuteColumns::default();
-    for ((node, m, p, proto, dir, addr, rport), e) in sums {
+    for ((node, m, p, proto, dir, addr, rport), e) in rows {
         let v = e.verdict.unwrap_or(&none);
         c.node.push(*node);
         c.minute.push(*m);

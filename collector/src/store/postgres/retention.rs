@@ -147,8 +147,8 @@ pub(super) async fn prune(
     Ok(stats)
 }
 
-/// One hour per transaction under the rollup lock (exclusive: the late-row triggers of
-/// deriving transactions take it shared), on the writer connection.
+/// One hour per transaction under the rollup lock (exclusive: deriving transactions with late
+/// rows take it shared), on the writer connection.
 pub(super) async fn roll_up(
     store: &PostgresStore,
     before: i64,

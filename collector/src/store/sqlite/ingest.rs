@@ -110,6 +110,9 @@ pub(super) fn insert_telemetry(
 }
 
 /// Write a batch's merged flow aggregates ([`crate::store::minutes`]): one upsert per row.
+/// Rows of minutes already rolled up into hours (late) also change their hour rows, once per
+/// hour row for the whole batch ([`crate::store::minutes::HourChanges`]); the others are plain
+/// upserts, with no trigger.
 pub(super) fn write_minutes(
     tx: &rusqlite::Transaction<'_>,
     sums: &std::collections::BTreeMap<
@@ -117,8 +120,17 @@ pub(super) fn write_minutes(
         crate::store::minutes::MinuteSums<'_>,
     >,
 ) -> Result<(), StoreError> {
-    let none = crate::store::VerdictColumns::default();
-    let text = format!(
+    use crate::store::minutes as m;
+    if sums.is_empty() {
+        return Ok(());
+    }
+    let up_to: i64 = tx
+        .prepare_cached("SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'")
+        .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
+        .map_err(sql("read rollup state"))?
+        .unwrap_or(0);
+    let (fresh, late) = m::split_late(sums, up_to);
+    let upsert = format!(
         "INSERT INTO flows_minute (node, minute_ms, pid, process, protocol, direction, remote_address, remote_port,
                                    country, asn, org, geo_source, bytes_sent, bytes_received, connections, min_rtt_us,
                                    {})
@@ -136,41 +148,137 @@ pub(super) fn write_minutes(
         crate::store::VERDICT_COLUMNS,
         crate::store::VERDICT_UPSERT
     );
-    // Prepared once for the batch (the cache would hash the statement's text for every row).
-    let mut st = tx
-        .prepare_cached(&text)
-        .map_err(sql("prepare aggregate flow"))?;
-    for ((node, minute, pid, protocol, direction, remote, port), e) in sums {
-        let v = e.verdict.unwrap_or(&none);
-        st.execute(params![
-            node,
-            minute,
-            pid,
-            e.process,
-            protocol,
-            direction,
-            remote,
-            port,
-            e.country,
-            e.asn,
-            e.org,
-            e.geo_source,
-            e.bytes_sent,
-            e.bytes_received,
-            e.connections,
-            e.min_rtt_us,
-            v.answers_json,
-            i64::from(e.contested),
-            e.operator_country,
-            v.physics,
-            v.distance_km,
-            v.limit_km,
-            e.conntrack_bytes,
-            e.unmeasured_flows
-        ])
-        .map_err(sql("aggregate flow"))?;
+    if !fresh.is_empty() {
+        // Prepared once for the batch (the cache would hash the statement's text for every row).
+        let mut st = tx
+            .prepare_cached(&upsert)
+            .map_err(sql("prepare aggregate flow"))?;
+        for ((node, minute, pid, protocol, direction, remote, port), e) in fresh {
+            let key = (*node, *minute, *pid, *protocol, *direction, *remote, *port);
+            with_minute_row(&key, e, |p| st.execute(p)).map_err(sql("aggregate flow"))?;
+        }
+    }
+    if late.is_empty() {
+        return Ok(());
+    }
+    m::count_late(late.len());
+    let read =
+        |r: &rusqlite::Row<'_>| m::hour_row(|i| r.get::<_, String>(i), |i| r.get::<_, i64>(i));
+    let mut stored = tx
+        .prepare_cached(&format!(
+            "SELECT {} FROM flows_minute
+             WHERE node = ?1 AND minute_ms = ?2 AND pid = ?3 AND protocol = ?4 AND direction = ?5
+               AND remote_address = ?6 AND remote_port = ?7",
+            m::MINUTE_AS_HOUR
+        ))
+        .map_err(sql("prepare late flow"))?;
+    let mut merged = tx
+        .prepare_cached(&format!("{upsert} RETURNING {}", m::MINUTE_AS_HOUR))
+        .map_err(sql("prepare late flow"))?;
+    let mut hours = m::HourChanges::default();
+    for ((node, minute, pid, protocol, direction, remote, port), e) in late {
+        let before = stored
+            .query_row(
+                params![node, minute, pid, protocol, direction, remote, port],
+                read,
+            )
+            .optional()
+            .map_err(sql("late flow: stored row"))?;
+        if let Some((k, s)) = before {
+            hours.leave(k, &s);
+        }
+        let key = (*node, *minute, *pid, *protocol, *direction, *remote, *port);
+        let (k, s) =
+            with_minute_row(&key, e, |p| merged.query_row(p, read)).map_err(sql("late flow"))?;
+        hours.join(k, s);
+    }
+    let mut joined = tx
+        .prepare_cached(&format!(
+            "INSERT INTO flows_hour ({})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)
+             ON CONFLICT DO UPDATE SET {}",
+            m::HOUR_COLUMNS,
+            m::LATE_HOUR_SUMS_IN
+        ))
+        .map_err(sql("prepare late hour"))?;
+    let mut left = tx
+        .prepare_cached(
+            "UPDATE flows_hour SET bytes_sent = bytes_sent + ?14, bytes_received = bytes_received + ?15,
+                    connections = connections + ?16, conntrack_bytes = conntrack_bytes + ?20,
+                    unmeasured_flows = unmeasured_flows + ?21
+             WHERE hour_ms = ?2 AND node = ?1 AND pid = ?3 AND process = ?4 AND direction = ?5
+               AND country = ?6 AND asn = ?7 AND answers = ?8 AND contested = ?9
+               AND operator_country = ?10 AND physics = ?11",
+        )
+        .map_err(sql("prepare late hour"))?;
+    for (k, is_joined, s) in hours.into_rows() {
+        let p = params![
+            k.node,
+            k.hour_ms,
+            k.pid,
+            k.process,
+            k.direction,
+            k.country,
+            k.asn,
+            k.answers,
+            k.contested,
+            k.operator_country,
+            k.physics,
+            s.org,
+            s.geo_source,
+            s.bytes_sent,
+            s.bytes_received,
+            s.connections,
+            s.min_rtt_us,
+            s.distance_km,
+            s.limit_km,
+            s.conntrack_bytes,
+            s.unmeasured_flows
+        ];
+        if is_joined {
+            joined.execute(p).map_err(sql("late flows: their hour"))?;
+        } else {
+            left.execute(p)
+                .map_err(sql("late flows: out of their hour"))?;
+        }
     }
     Ok(())
+}
+
+/// Run `f` with the parameters of `flows_minute`'s upsert for one merged row.
+fn with_minute_row<T>(
+    (node, minute, pid, protocol, direction, remote, port): &crate::store::minutes::MinuteKey<'_>,
+    e: &crate::store::minutes::MinuteSums<'_>,
+    f: impl FnOnce(&[&dyn rusqlite::ToSql]) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    let none = crate::store::VerdictColumns::default();
+    let v = e.verdict.unwrap_or(&none);
+    f(params![
+        node,
+        minute,
+        pid,
+        e.process,
+        protocol,
+        direction,
+        remote,
+        port,
+        e.country,
+        e.asn,
+        e.org,
+        e.geo_source,
+        e.bytes_sent,
+        e.bytes_received,
+        e.connections,
+        e.min_rtt_us,
+        v.answers_json,
+        i64::from(e.contested),
+        e.operator_country,
+        v.physics,
+        v.distance_km,
+        v.limit_km,
+        e.conntrack_bytes,
+        e.unmeasured_flows
+    ])
 }
 
 /// Keep the report's flows to destinations outside the node's declared country raw, as one
