@@ -946,48 +946,31 @@ pub(crate) async fn contested_rows_serve_the_scorecard_through_rollups_late_rows
 
     // Minutes kept two days, hours one: the contested hour rows before day 1 go with the
     // other hour rows, and the answers over whole days are unchanged; then day rows before
-    // day 1 go too.
-    store
-        .prune(Retention {
-            raw_before_unix_ms: 0,
-            aggregates_before_unix_ms: 0,
-            minutes_before_unix_ms: 2 * d,
-            hours_before_unix_ms: d,
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        db.count(&format!(
-            "SELECT COUNT(*) FROM contested_hour WHERE hour_ms < {d}"
-        ))
-        .await,
-        0
-    );
-    assert!(db.count("SELECT COUNT(*) FROM contested_hour").await > 0);
-    for i in [0, 2, 3] {
-        let (since, until) = ranges[i];
-        assert_eq!(
-            contested_answer(store, since, until).await,
-            after[i],
-            "[{since}, {until}) after minutes and hours went"
-        );
+    // day 1 go too (the whole days from day 1 on still answer the same).
+    let steps: [(i64, &str, &str, &[usize]); 2] = [
+        (0, "contested_hour", "hour_ms", &[0, 2, 3]),
+        (d, "contested_day", "day_ms", &[2]),
+    ];
+    for (aggregates, table, column, unchanged) in steps {
+        store
+            .prune(Retention {
+                raw_before_unix_ms: 0,
+                aggregates_before_unix_ms: aggregates,
+                minutes_before_unix_ms: 2 * d,
+                hours_before_unix_ms: d,
+            })
+            .await
+            .unwrap();
+        let gone = format!("SELECT COUNT(*) FROM {table} WHERE {column} < {d}");
+        assert_eq!(db.count(&gone).await, 0, "{table}");
+        assert!(db.count(&format!("SELECT COUNT(*) FROM {table}")).await > 0);
+        for &i in unchanged {
+            let (since, until) = ranges[i];
+            assert_eq!(
+                contested_answer(store, since, until).await,
+                after[i],
+                "[{since}, {until}) after {table} was pruned"
+            );
+        }
     }
-    store
-        .prune(Retention {
-            raw_before_unix_ms: 0,
-            aggregates_before_unix_ms: d,
-            minutes_before_unix_ms: 2 * d,
-            hours_before_unix_ms: d,
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        db.count(&format!(
-            "SELECT COUNT(*) FROM contested_day WHERE day_ms < {d}"
-        ))
-        .await,
-        0
-    );
-    assert!(db.count("SELECT COUNT(*) FROM contested_day").await > 0);
-    assert_eq!(contested_answer(store, d, 3 * d).await, after[2]);
 }
