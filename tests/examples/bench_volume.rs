@@ -21,7 +21,9 @@
 //! than hour rows, day rows for the rest): flow minutes and raw GPU usage only for the last
 //! `--minute-hours` (2) hours, hour rows for the `--hour-days` (31) days before today and
 //! today (only the days the questions read hour rows of — today, yesterday, 7, 8, 30 and 31
-//! days ago — unless `--all-hours`), day rows for every whole day before the minutes, each the sums the rollups would
+//! days ago — unless `--all-hours`), day rows for every whole day before the minutes (and the
+//! contested level's hour and day rows, `contested_hour` and `contested_day`, for the same
+//! periods: one row per contested destination of a node's working set), each the sums the rollups would
 //! write (destinations sharing a key merged); `rollup_state` is set where those rollups would
 //! stand. Report keys are loaded for the last `--key-hours` (24) hours: each node's current
 //! epoch started then; the earlier epoch's keys are counted in `node_epochs` but not loaded
@@ -272,6 +274,44 @@ fn rolled_columns(period: &str) -> String {
     )
 }
 
+/// The columns of `contested_hour` and `contested_day`: those of [`rolled_columns`] and the
+/// destination.
+fn contested_columns(period: &str) -> String {
+    format!("{}, remote_address, remote_port", rolled_columns(period))
+}
+
+/// Add the sums of `rows` (rolled rows, one per key in the same order) into `sums`: bytes
+/// and connections add up, the least RTT is kept.
+fn add_rows(sums: &mut [Row], rows: &[Row]) {
+    for (sum, r) in sums.iter_mut().zip(rows) {
+        for c in [13, 14, 15] {
+            if let (V::I(a), V::I(b)) = (&sum[c], &r[c]) {
+                sum[c] = V::I(a + b);
+            }
+        }
+        if let (V::I(a), V::I(b)) = (&sum[16], &r[16]) {
+            sum[16] = V::I(*a.min(b));
+        }
+    }
+}
+
+/// Add the hour rows `rows` to the day rows `sums` of the day starting at `day_start` (the
+/// first hour's rows, restamped, when there are none yet).
+fn add_to_day(sums: &mut Vec<Row>, rows: &[Row], day_start: i64) {
+    if sums.is_empty() {
+        *sums = rows
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r[1] = V::I(day_start);
+                r
+            })
+            .collect();
+    } else {
+        add_rows(sums, rows);
+    }
+}
+
 /// Rows waiting to be loaded, per table, flushed in large batches.
 #[derive(Default)]
 struct Batches {
@@ -396,6 +436,8 @@ async fn flow_rows(
     let day_start = shape.start + day * DAY;
     let day_rows = day_start + DAY <= shape.days_up_to();
     let mut day_sums: Vec<Row> = Vec::new();
+    let mut contested_day: Vec<Row> = Vec::new();
+    let mut contested_rng = Rng(0xc0_7e57 ^ (i << 20) ^ (day as u64));
     // Rest-of-day rows (`flows_rest`) where a question's range may start: the days whose
     // hour rows are loaded and that the daily rollup has passed.
     let rest_rows = day_rows && day_start >= shape.hours_from && shape.hour_day(day_start);
@@ -457,27 +499,34 @@ async fn flow_rows(
             .map(|(d, p, k)| rolled_row(&node, hour_ms, &dests[*d], *p, *k, 60, &mut rng))
             .collect();
         if day_rows {
-            if day_sums.is_empty() {
-                day_sums = rows
-                    .iter()
-                    .map(|r| {
-                        let mut r = r.clone();
-                        r[1] = V::I(day_start);
-                        r
-                    })
-                    .collect();
-            } else {
-                for (sum, r) in day_sums.iter_mut().zip(&rows) {
-                    for c in [13, 14, 15] {
-                        if let (V::I(a), V::I(b)) = (&sum[c], &r[c]) {
-                            sum[c] = V::I(a + b);
-                        }
-                    }
-                    if let (V::I(a), V::I(b)) = (&sum[16], &r[16]) {
-                        sum[16] = V::I(*a.min(b));
-                    }
-                }
-            }
+            add_to_day(&mut day_sums, &rows, day_start);
+        }
+        // The contested level: one row per contested destination of the working set (its
+        // key holds the address), from an RNG of its own so that the other rows are the
+        // ones a build without this level loads.
+        let contested: Vec<Row> = set
+            .iter()
+            .filter(|(d, _)| dests[*d].contested != 0)
+            .map(|(d, p)| {
+                let dest = &dests[*d];
+                let mut r = rolled_row(&node, hour_ms, dest, *p, 1, 60, &mut contested_rng);
+                r.push(V::T(dest.address.clone()));
+                r.push(V::I(dest.port));
+                r
+            })
+            .collect();
+        if day_rows {
+            add_to_day(&mut contested_day, &contested, day_start);
+        }
+        if keep_hours {
+            batches
+                .push(
+                    loader,
+                    "contested_hour",
+                    &contested_columns("hour_ms"),
+                    contested,
+                )
+                .await?;
         }
         if rest_rows {
             hour_sets.push(rows.clone());
@@ -496,16 +545,7 @@ async fn flow_rows(
             if acc.is_empty() {
                 acc = rows.clone();
             } else {
-                for (sum, r) in acc.iter_mut().zip(rows) {
-                    for c in [13, 14, 15] {
-                        if let (V::I(a), V::I(b)) = (&sum[c], &r[c]) {
-                            sum[c] = V::I(a + b);
-                        }
-                    }
-                    if let (V::I(a), V::I(b)) = (&sum[16], &r[16]) {
-                        sum[16] = V::I(*a.min(b));
-                    }
-                }
+                add_rows(&mut acc, rows);
             }
             if h >= 1 {
                 rest.extend(acc.iter().map(|r| {
@@ -522,6 +562,14 @@ async fn flow_rows(
     if day_rows {
         batches
             .push(loader, "flows_day", &rolled_columns("day_ms"), day_sums)
+            .await?;
+        batches
+            .push(
+                loader,
+                "contested_day",
+                &contested_columns("day_ms"),
+                contested_day,
+            )
             .await?;
     }
     Ok(())
@@ -1062,8 +1110,8 @@ async fn ask_all(
                         .await?;
                     let v: Value = serde_json::from_str(&r.scorecard_json)?;
                     format!(
-                        "bytes_sent {} truncated {}",
-                        v["data"]["bytes_sent"], v["truncated"]
+                        "bytes_sent {} contested {} truncated {}",
+                        v["data"]["bytes_sent"], v["data"]["contested"], v["truncated"]
                     )
                 }
                 "egress --since 7d --by country" | "egress --since 7d --by process" => {
@@ -1354,6 +1402,8 @@ async fn run_store(
         "rest_of_day": level(&["flows_rest"], rest_node_days),
         "fleet": level(&["fleet_hour", "fleet_day", "fleet_rest"], covered(shape.start)),
         "days": level(&["flows_day", "gpu_usage_day"], covered(shape.start)),
+        "contested_hours": level(&["contested_hour"], hour_node_days),
+        "contested_days": level(&["contested_day"], covered(shape.start)),
         "report_keys": level(&["reports"], covered(shape.keys_from)),
     });
     eprintln!("{name}: levels {levels}");

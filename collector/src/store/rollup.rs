@@ -10,9 +10,10 @@
 //! report) is added to its hour row by the deriver in the same transaction (set-based,
 //! `store::minutes::HourChanges`; GPU rows by a trigger). The rollup copies:
 //! minute and raw rows stay for their own retention, so the per-destination and
-//! per-container groupings still read minutes, and a range that starts or ends inside an
-//! hour reads that hour's minutes ([`split`]): an answer is the same before and after a
-//! rollup.
+//! per-container groupings still read minutes (but for the scorecard's `contested` grouping,
+//! which reads its own level, `contested_hour` and `contested_day`: [`contested_source`]),
+//! and a range that starts or ends inside an hour reads that hour's minutes ([`split`]): an
+//! answer is the same before and after a rollup.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -52,6 +53,8 @@ pub struct RollupStats {
     pub flow_rows: u64,
     /// Hour rows written from GPU usage.
     pub gpu_rows: u64,
+    /// Contested-level rows written (`contested_hour` and `contested_day`).
+    pub contested_rows: u64,
     /// Every hour before this instant is rolled up.
     pub up_to_unix_ms: i64,
     /// Days rolled up from hour rows (one transaction each).
@@ -475,22 +478,92 @@ fn roll_flows(
     source_ms: &str,
     period_ms: i64,
 ) -> String {
+    roll_flows_keyed(target, target_ms, source, source_ms, period_ms, "", "")
+}
+
+/// [`roll_flows`] with `extra` (", col, col": more key columns, after the verdict) and
+/// `filter` (" AND …": which source rows): the contested level's rows ([`ROLL_CONTESTED`]).
+fn roll_flows_keyed(
+    target: &str,
+    target_ms: &str,
+    source: &str,
+    source_ms: &str,
+    period_ms: i64,
+    extra: &str,
+    filter: &str,
+) -> String {
+    let keys = 11 + extra.matches(',').count();
+    let group = (1..=keys)
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "INSERT INTO {target} AS t (node, {target_ms}, pid, process, direction, country, asn, answers,
-        contested, operator_country, physics, org, geo_source, bytes_sent, bytes_received, connections,
+        contested, operator_country, physics{extra}, org, geo_source, bytes_sent, bytes_received, connections,
         min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows)
      SELECT node, {source_ms} - ({source_ms} % {period_ms}), pid, process, direction, country, asn, answers,
-            contested, operator_country, physics, MAX(org), MAX(geo_source), SUM(bytes_sent),
+            contested, operator_country, physics{extra}, MAX(org), MAX(geo_source), SUM(bytes_sent),
             SUM(bytes_received), SUM(connections), COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0),
             MAX(distance_km), COALESCE(MIN(NULLIF(limit_km, 0)), 0), SUM(conntrack_bytes),
             SUM(unmeasured_flows)
-     FROM {source} WHERE {source_ms} >= $1 AND {source_ms} < $2
-     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+     FROM {source} WHERE {source_ms} >= $1 AND {source_ms} < $2{filter}
+     GROUP BY {group}
      ON CONFLICT ({target_ms}, node, pid, process, direction, country, asn, answers, contested,
-                  operator_country, physics) DO UPDATE SET
+                  operator_country, physics{extra}) DO UPDATE SET
         {}",
         add_flow_row("t")
     )
+}
+
+/// The key columns the contested level (`contested_hour`, `contested_day`) holds besides
+/// those of `flows_hour`: the destination.
+const CONTESTED_KEY: &str = ", remote_address, remote_port";
+
+/// Roll `[$1, $2)` (one hour or part of one) of contested flow minutes (`contested <> 0`)
+/// into `contested_hour`: the hour rows of the `contested` grouping (the scorecard's count of
+/// contested destinations), with the destination address and port that `flows_hour` drops.
+pub static ROLL_CONTESTED: LazyLock<String> = LazyLock::new(|| {
+    roll_flows_keyed(
+        "contested_hour",
+        "hour_ms",
+        "flows_minute",
+        "minute_ms",
+        HOUR_MS,
+        CONTESTED_KEY,
+        " AND contested <> 0",
+    )
+});
+
+/// Roll `[$1, $2)` (whole hours of one day) of `contested_hour` into `contested_day`.
+pub static ROLL_CONTESTED_DAY: LazyLock<String> = LazyLock::new(|| {
+    roll_flows_keyed(
+        "contested_day",
+        "day_ms",
+        "contested_hour",
+        "hour_ms",
+        DAY_MS,
+        CONTESTED_KEY,
+        "",
+    )
+});
+
+/// The egress source (named `flows_minute`, filtered) of the `contested` grouping over `plan`
+/// ([`plan`]: no rest-of-day rows): contested minute rows of its minute ranges (through the
+/// partial covering index `flows_minute_contested`), `contested_hour` and `contested_day`
+/// rows of the others. `p` as in [`flows_source`].
+pub fn contested_source(plan: &Plan, p: &dyn Fn(usize) -> String) -> String {
+    let body = branches(plan, p, &|level, a, b| {
+        let (table, t) = match level {
+            0 => ("flows_minute", "minute_ms"),
+            1 => ("contested_hour", "hour_ms"),
+            _ => ("contested_day", "day_ms"),
+        };
+        format!(
+            "SELECT {FLOW_COLUMNS} FROM {table}
+          WHERE {t} >= {a} AND {t} < {b} AND direction <> 'inbound' AND contested <> 0"
+        )
+    });
+    format!("({body}) AS flows_minute")
 }
 
 /// Roll `[$1, $2)` (one hour or part of one) of flow minutes into `flows_hour`, adding to
@@ -658,6 +731,7 @@ pub async fn rollup_loop(store: Arc<dyn Store>, after: Duration, stop: Cancellat
                 hours = s.hours,
                 flow_rows = s.flow_rows,
                 gpu_rows = s.gpu_rows,
+                contested_rows = s.contested_rows,
                 up_to_unix_ms = s.up_to_unix_ms,
                 days = s.days,
                 day_rows = s.day_rows,

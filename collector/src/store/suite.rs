@@ -104,6 +104,7 @@ macro_rules! store_suite {
             fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,
             node_level_groupings_over_rollups_list_the_largest_first_and_count_the_rest,
             late_rows_derived_in_one_batch_reach_their_hour_day_and_fleet_rows_once,
+            contested_rows_serve_the_scorecard_through_rollups_late_rows_and_retention,
         );
     };
     (@tests $fixture:ty; $($name:ident),* $(,)?) => {
@@ -127,6 +128,7 @@ pub(crate) use super::suite_containers::{
 };
 pub(crate) use super::suite_late::late_rows_derived_in_one_batch_reach_their_hour_day_and_fleet_rows_once;
 pub(crate) use super::suite_rollup::{
+    contested_rows_serve_the_scorecard_through_rollups_late_rows_and_retention,
     day_rows_total_the_minutes_and_answers_survive_the_minutes,
     fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,
     hour_rows_total_the_minutes_and_answers_are_the_same_after_a_rollup,

@@ -329,15 +329,11 @@ pub(super) async fn assert_day_totals_equal(db: &dyn Backend, end: i64) {
     assert_eq!(days, raw, "GPU milliseconds: day rows against raw rows");
 }
 
-pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(db: &dyn Backend) {
-    use super::Retention;
-    use super::rollup::DAY_MS;
-    let store = db.store();
-    write_days(store).await;
-    let d = DAY_MS;
-    // All of it; mid-hour on day 1 to mid-hour on day 3 (minutes, hours, a day, hours,
-    // minutes); whole days; inside one day.
-    let ranges = [
+/// The ranges asked of [`write_days`]' store: all of it; mid-hour on day 1 to mid-hour on
+/// day 3 (minutes, hours, a day, hours, minutes); whole days; inside one day.
+const DAY_RANGES: [(i64, i64); 4] = {
+    let d = super::rollup::DAY_MS;
+    [
         (0, 4 * d),
         (
             d + 5 * HOUR_MS + 17 * 60_000 + 5,
@@ -345,7 +341,16 @@ pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(d
         ),
         (d, 3 * d),
         (2 * d + 60_000, 2 * d + 50 * 60_000),
-    ];
+    ]
+};
+
+pub(crate) async fn day_rows_total_the_minutes_and_answers_survive_the_minutes(db: &dyn Backend) {
+    use super::Retention;
+    use super::rollup::DAY_MS;
+    let store = db.store();
+    write_days(store).await;
+    let d = DAY_MS;
+    let ranges = DAY_RANGES;
     let mut before = Vec::new();
     for (since, until) in ranges {
         before.push(answers(store, since, until).await);
@@ -809,5 +814,163 @@ pub(crate) async fn node_level_groupings_over_rollups_list_the_largest_first_and
         let (top, left_out) = ask(by, 2).await.unwrap();
         assert_eq!(top, all[..2].to_vec(), "{by}: the two largest");
         assert_eq!(left_out, groups as u64 - 2, "{by}: the others counted");
+    }
+}
+
+/// The `contested` grouping's rows (sorted) and the scorecard's contested count and bytes
+/// (jurisdiction MA, where the suite's nodes are) over `[since, until)`.
+async fn contested_answer(store: &dyn Store, since: i64, until: i64) -> (String, String) {
+    use crate::query::scorecard;
+    let (mut rows, left_out) = store
+        .egress(EgressQuery {
+            since_unix_ms: since,
+            until_unix_ms: until,
+            by: "contested".into(),
+            limit: 1000,
+        })
+        .await
+        .unwrap();
+    rows.sort_by_key(|r| format!("{r:?}"));
+    let inputs = scorecard::read_inputs(store, since, until).await.unwrap();
+    let policy = scorecard::policy_for("MA").unwrap();
+    let card = scorecard::build(&policy, &inputs, since, until, until);
+    (
+        format!("left out {left_out}: {rows:?}"),
+        card["data"]["contested"].to_string(),
+    )
+}
+
+/// Contested-level rows' totals (`level` "hour" or "day") against the contested minute rows'
+/// totals before `end`.
+async fn assert_contested_totals_equal(db: &dyn Backend, level: &str, end: i64) {
+    for col in ["bytes_sent", "bytes_received", "connections"] {
+        let minutes = db
+            .count(&format!(
+                "SELECT CAST(COALESCE(SUM({col}), 0) AS BIGINT) FROM flows_minute
+                 WHERE contested <> 0 AND minute_ms < {end}"
+            ))
+            .await;
+        let rolled = db
+            .count(&format!(
+                "SELECT CAST(COALESCE(SUM({col}), 0) AS BIGINT) FROM contested_{level}"
+            ))
+            .await;
+        assert_eq!(
+            rolled, minutes,
+            "{col}: contested {level} rows against contested minute rows"
+        );
+    }
+}
+
+pub(crate) async fn contested_rows_serve_the_scorecard_through_rollups_late_rows_and_retention(
+    db: &dyn Backend,
+) {
+    use super::Retention;
+    use super::rollup::DAY_MS;
+    let store = db.store();
+    write_days(store).await;
+    let d = DAY_MS;
+    let ranges = DAY_RANGES;
+    let mut before = Vec::new();
+    for (since, until) in ranges {
+        before.push(contested_answer(store, since, until).await);
+    }
+    assert!(
+        before[0].1.contains("\"destinations\":1") && before[0].0.contains("203.0.113.9"),
+        "{:?}",
+        before[0]
+    );
+    // Hours to 5 h into day 3 and days 0..3 plus day 3 so far: the contested level holds the
+    // contested minutes' sums, and every answer is the one the minutes gave.
+    let rolled = 3 * d + 5 * HOUR_MS;
+    let stats = store.roll_up(rolled + 59_000).await.unwrap();
+    assert_eq!(stats.days_up_to_unix_ms, rolled, "{stats:?}");
+    assert!(stats.contested_rows > 0, "{stats:?}");
+    assert!(db.count("SELECT COUNT(*) FROM contested_day").await > 0);
+    assert_contested_totals_equal(db, "hour", rolled).await;
+    assert_contested_totals_equal(db, "day", rolled).await;
+    // Only contested rows: the hour rows' contested sums, not all of them.
+    assert_eq!(
+        db.count("SELECT COUNT(*) FROM contested_hour WHERE contested = 0")
+            .await,
+        0
+    );
+    for ((since, until), want) in ranges.into_iter().zip(&before) {
+        assert_eq!(
+            &contested_answer(store, since, until).await,
+            want,
+            "[{since}, {until}) after the rollup"
+        );
+    }
+
+    // A late report: a contested flow merging into a rolled-up minute row of day 0 (same
+    // key: node a, pid 10, the minute of report k = 2), and a new contested destination in
+    // day 1. Both reach the hour and day rows in the report's own transaction.
+    let merged_at = (420 + 2 * (3 * 3600 + 420)) * 1000 - 2000;
+    let late_at = d + 7 * HOUR_MS + 27 * 60_000 + 500;
+    let mut late = report("a", 1, 6);
+    late.observed_unix_ms = late_at;
+    late.received_unix_ms = 4 * d;
+    let mut new_dest = flow(20, "curl", "203.0.113.50", "NL", 1136, 9_000, late_at);
+    new_dest.verdict.contested = true;
+    late.telemetry.flows = vec![
+        flow(10, "vllm", "203.0.113.9", "DE", 3320, 4_000, merged_at),
+        new_dest,
+    ];
+    assert_eq!(ingest(store, late).await, IngestOutcome::Stored);
+    assert_contested_totals_equal(db, "hour", rolled).await;
+    assert_contested_totals_equal(db, "day", rolled).await;
+    let after_late = contested_answer(store, 0, 4 * d).await;
+    assert!(
+        after_late.1.contains("\"destinations\":2") && after_late.0.contains("203.0.113.50"),
+        "the late contested destination is counted: {after_late:?}"
+    );
+    let (rows, _) = store
+        .egress(EgressQuery {
+            since_unix_ms: 0,
+            until_unix_ms: 4 * d,
+            by: "contested".into(),
+            limit: 1000,
+        })
+        .await
+        .unwrap();
+    let sent: u64 = rows.iter().map(|r| r.bytes_sent).sum();
+    let minutes = db
+        .count("SELECT CAST(SUM(bytes_sent) AS BIGINT) FROM flows_minute WHERE contested <> 0")
+        .await;
+    assert_eq!(i64::try_from(sent).unwrap(), minutes, "{rows:?}");
+    let mut after = Vec::new();
+    for (since, until) in ranges {
+        after.push(contested_answer(store, since, until).await);
+    }
+
+    // Minutes kept two days, hours one: the contested hour rows before day 1 go with the
+    // other hour rows, and the answers over whole days are unchanged; then day rows before
+    // day 1 go too (the whole days from day 1 on still answer the same).
+    let steps: [(i64, &str, &str, &[usize]); 2] = [
+        (0, "contested_hour", "hour_ms", &[0, 2, 3]),
+        (d, "contested_day", "day_ms", &[2]),
+    ];
+    for (aggregates, table, column, unchanged) in steps {
+        store
+            .prune(Retention {
+                raw_before_unix_ms: 0,
+                aggregates_before_unix_ms: aggregates,
+                minutes_before_unix_ms: 2 * d,
+                hours_before_unix_ms: d,
+            })
+            .await
+            .unwrap();
+        let gone = format!("SELECT COUNT(*) FROM {table} WHERE {column} < {d}");
+        assert_eq!(db.count(&gone).await, 0, "{table}");
+        assert!(db.count(&format!("SELECT COUNT(*) FROM {table}")).await > 0);
+        for &i in unchanged {
+            let (since, until) = ranges[i];
+            assert_eq!(
+                contested_answer(store, since, until).await,
+                after[i],
+                "[{since}, {until}) after {table} was pruned"
+            );
+        }
     }
 }

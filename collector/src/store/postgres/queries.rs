@@ -260,6 +260,8 @@ pub(super) async fn egress(
     let client = store.reader().await?;
     let plan = if crate::store::rollup::by_hours(&q.by) {
         crate::store::rollup::plan_with_rest(since, q.until_unix_ms, rolled_up_to(&*client).await?)
+    } else if q.by == "contested" {
+        crate::store::rollup::plan(since, q.until_unix_ms, rolled_up_to(&*client).await?)
     } else {
         crate::store::rollup::Plan::default()
     };
@@ -274,6 +276,12 @@ pub(super) async fn egress(
                 q.by == "verdict",
                 false,
             ),
+            String::new(),
+            plan.params(),
+        )
+    } else if plan.has_rollups() && q.by == "contested" {
+        (
+            crate::store::rollup::contested_source(&plan, &|i| format!("${i}")),
             String::new(),
             plan.params(),
         )

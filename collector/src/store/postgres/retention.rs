@@ -116,6 +116,8 @@ pub(super) async fn prune(
         ("flows_rest", "from_ms", hours),
         ("fleet_rest", "from_ms", hours),
         ("fleet_day", "day_ms", aggregates),
+        ("contested_hour", "hour_ms", hours),
+        ("contested_day", "day_ms", aggregates),
     ] {
         stats.aggregates += tx
             .execute(&format!("DELETE FROM {table} WHERE {column} < $1"), &[&cut])
@@ -202,6 +204,10 @@ pub(super) async fn roll_up(
             .execute(rollup::ROLL_GPU, &[&start, &end])
             .await
             .map_err(pg("roll up gpu usage"))?;
+        stats.contested_rows += tx
+            .execute(rollup::ROLL_CONTESTED.as_str(), &[&start, &end])
+            .await
+            .map_err(pg("roll up contested flows"))?;
         tx.execute(
             "UPDATE rollup_state SET up_to_ms = $1 WHERE name = 'hourly'",
             &[&end],
@@ -275,6 +281,10 @@ pub(super) async fn roll_up(
                 .await
                 .map_err(pg("roll up days"))?;
         }
+        stats.contested_rows += tx
+            .execute(rollup::ROLL_CONTESTED_DAY.as_str(), &[&start, &end])
+            .await
+            .map_err(pg("roll up contested days"))?;
         tx.execute(
             "UPDATE rollup_state SET up_to_ms = $1 WHERE name = 'daily'",
             &[&end],

@@ -44,7 +44,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 22] = [
+const MIGRATIONS: [&str; 23] = [
     include_str!("../../../migrations/sqlite/0001_reports.sql"),
     include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
@@ -67,6 +67,7 @@ const MIGRATIONS: [&str; 22] = [
     include_str!("../../../migrations/sqlite/0020_rest_of_day_rows.sql"),
     include_str!("../../../migrations/sqlite/0021_contested_covering_index.sql"),
     include_str!("../../../migrations/sqlite/0022_late_flow_rows_without_triggers.sql"),
+    include_str!("../../../migrations/sqlite/0023_contested_rollups.sql"),
 ];
 
 /// SQLite-backed [`Store`].

@@ -136,6 +136,8 @@ impl SqliteStore {
         let since = q.since_unix_ms - q.since_unix_ms.rem_euclid(60_000);
         let plan = if crate::store::rollup::by_hours(&q.by) {
             crate::store::rollup::plan_with_rest(since, q.until_unix_ms, rolled_up_to(conn)?)
+        } else if q.by == "contested" {
+            crate::store::rollup::plan(since, q.until_unix_ms, rolled_up_to(conn)?)
         } else {
             crate::store::rollup::Plan::default()
         };
@@ -144,6 +146,13 @@ impl SqliteStore {
             let p = |i: usize| format!("?{i}");
             (
                 crate::store::rollup::fleet_source(&plan, &p, "''", "0", q.by == "verdict", true),
+                String::new(),
+                plan.params(),
+            )
+        } else if plan.has_rollups() && q.by == "contested" {
+            let p = |i: usize| format!("?{i}");
+            (
+                crate::store::rollup::contested_source(&plan, &p),
                 String::new(),
                 plan.params(),
             )

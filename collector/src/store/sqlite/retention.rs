@@ -88,6 +88,8 @@ impl SqliteStore {
             ("flows_rest", "from_ms", hours),
             ("fleet_rest", "from_ms", hours),
             ("fleet_day", "day_ms", aggregates),
+            ("contested_hour", "hour_ms", hours),
+            ("contested_day", "day_ms", aggregates),
         ] {
             stats.aggregates += tx
                 .execute(&format!("DELETE FROM {table} WHERE {column} < ?1"), [cut])
@@ -165,6 +167,9 @@ impl SqliteStore {
             stats.gpu_rows += tx
                 .execute(rollup::ROLL_GPU, [start, end])
                 .map_err(sql("roll up gpu usage"))? as u64;
+            stats.contested_rows +=
+                tx.execute(rollup::ROLL_CONTESTED.as_str(), [start, end])
+                    .map_err(sql("roll up contested flows"))? as u64;
             tx.execute(
                 "UPDATE rollup_state SET up_to_ms = ?1 WHERE name = 'hourly'",
                 [end],
@@ -215,6 +220,9 @@ impl SqliteStore {
                     .execute(text, [start, end])
                     .map_err(sql("roll up days"))? as u64;
             }
+            stats.contested_rows += tx
+                .execute(rollup::ROLL_CONTESTED_DAY.as_str(), [start, end])
+                .map_err(sql("roll up contested days"))? as u64;
             tx.execute(
                 "UPDATE rollup_state SET up_to_ms = ?1 WHERE name = 'daily'",
                 [end],
