@@ -21,7 +21,9 @@
 //! than hour rows, day rows for the rest): flow minutes and raw GPU usage only for the last
 //! `--minute-hours` (2) hours, hour rows for the `--hour-days` (31) days before today and
 //! today (only the days the questions read hour rows of — today, yesterday, 7, 8, 30 and 31
-//! days ago — unless `--all-hours`), day rows for every whole day before the minutes (and the
+//! days ago — unless `--all-hours`; `--read-hours-only`: today, 7 and 30 days ago only, the
+//! days the questions read at the build's instant, which a store kept with `--keep` is asked
+//! again at), day rows for every whole day before the minutes (and the
 //! contested level's hour and day rows, `contested_hour` and `contested_day`, for the same
 //! periods: one row per contested destination of a node's working set), each the sums the rollups would
 //! write (destinations sharing a key merged); `rollup_state` is set where those rollups would
@@ -128,6 +130,9 @@ struct Shape {
     keys_from: i64,
     /// Load the hour rows of every day of the hour window (`--all-hours`).
     all_hours: bool,
+    /// Load hour rows only for the days the questions read at the build's instant (today,
+    /// 7 and 30 days ago), not the day before each (`--read-hours-only`).
+    read_hours_only: bool,
 }
 
 impl Shape {
@@ -138,6 +143,9 @@ impl Shape {
     fn hour_day(&self, day_start: i64) -> bool {
         let today = self.now - self.now.rem_euclid(DAY);
         let ago = (today - day_start) / DAY;
+        if self.read_hours_only {
+            return self.all_hours || matches!(ago, 0 | 7 | 30);
+        }
         self.all_hours || matches!(ago, 0 | 1 | 7 | 8 | 30 | 31)
     }
 
@@ -1491,6 +1499,10 @@ async fn main() -> anyhow::Result<()> {
             .as_ref()
             .and_then(|k| k["all_hours"].as_bool())
             .unwrap_or_else(|| flag("--all-hours")),
+        read_hours_only: kept
+            .as_ref()
+            .and_then(|k| k["read_hours_only"].as_bool())
+            .unwrap_or_else(|| flag("--read-hours-only")),
     };
     let stores = text_arg("--stores", "sqlite,postgres");
     eprintln!(
@@ -1526,7 +1538,8 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         std::fs::write(
             dir.join("kept.json"),
-            json!({"now": now, "schema": schema, "args": args, "all_hours": shape.all_hours})
+            json!({"now": now, "schema": schema, "args": args, "all_hours": shape.all_hours,
+                   "read_hours_only": shape.read_hours_only})
                 .to_string(),
         )?;
     }
@@ -1615,6 +1628,7 @@ async fn main() -> anyhow::Result<()> {
         "hour_days": arg("--hour-days", 31),
         "key_hours": arg("--key-hours", 24),
         "rollup": !flag("--no-rollup"),
+        "read_hours_only": shape.read_hours_only,
         "dropped_indexes": flag("--drop-indexes"),
         "notes": notes,
     });
