@@ -29,7 +29,8 @@
 //! write (destinations sharing a key merged); `rollup_state` is set where those rollups would
 //! stand. Report keys are loaded for the last `--key-hours` (24) hours: each node's current
 //! epoch started then; the earlier epoch's keys are counted in `node_epochs` but not loaded
-//! (bodies are never loaded: see the bytes note in the output). Rows go in by bulk load in
+//! (bodies are never loaded: see the bytes note in the output); `--keys-missing-only` loads
+//! them only for the nodes with missing reports (the only keys a question reads). Rows go in by bulk load in
 //! batches of 50,000 per table (SQLite: prepared inserts, `synchronous = OFF`; PostgreSQL:
 //! `COPY`), with progress every 15 s.
 //!
@@ -979,7 +980,10 @@ async fn build(
             .await?;
         let hole = last_seq / 2;
         let mut keys = Vec::new();
-        for seq in 1..=last_seq {
+        // `--keys-missing-only`: only the nodes with missing reports get their keys (the
+        // only keys a question reads: the scorecard's missing ranges).
+        let load_keys = missing > 0 || !flag("--keys-missing-only");
+        for seq in (1..=last_seq).filter(|_| load_keys) {
             if missing > 0 && seq >= hole && seq < hole + missing {
                 continue;
             }
@@ -1412,7 +1416,11 @@ async fn run_store(
         "days": level(&["flows_day", "gpu_usage_day"], covered(shape.start)),
         "contested_hours": level(&["contested_hour"], hour_node_days),
         "contested_days": level(&["contested_day"], covered(shape.start)),
-        "report_keys": level(&["reports"], covered(shape.keys_from)),
+        "report_keys": level(&["reports"], covered(shape.keys_from) * if flag("--keys-missing-only") {
+            (0..shape.nodes).filter(|&i| node_reports(shape, i).1 > 0).count() as f64 / shape.nodes.max(1) as f64
+        } else {
+            1.0
+        }),
     });
     eprintln!("{name}: levels {levels}");
     let parts = parts(store.as_ref()).await?;
@@ -1540,7 +1548,7 @@ async fn main() -> anyhow::Result<()> {
             dir.join("kept.json"),
             json!({"now": now, "schema": schema, "args": args, "all_hours": shape.all_hours,
                    "read_hours_only": shape.read_hours_only})
-                .to_string(),
+            .to_string(),
         )?;
     }
     let reusing = kept.is_some();
