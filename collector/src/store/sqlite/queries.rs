@@ -237,10 +237,15 @@ impl SqliteStore {
 }
 
 /// Text values interned as small integers: a row's group key is found without allocating.
+/// Each column's last value is remembered: rows come in key order (node by node, period by
+/// period), so most columns repeat the row before's text and cost one comparison instead of
+/// a hash lookup.
 #[derive(Default)]
 struct Names {
     ids: std::collections::HashMap<String, u32>,
     names: Vec<String>,
+    /// The id of the last value read from each column.
+    last: Vec<Option<u32>>,
 }
 
 impl Names {
@@ -250,12 +255,23 @@ impl Names {
             .get_ref(i)
             .and_then(|v| v.as_str().map_err(rusqlite::Error::from))
             .map_err(sql("read egress row"))?;
-        if let Some(&id) = self.ids.get(t) {
+        if let Some(&Some(id)) = self.last.get(i)
+            && self.names.get(id as usize).is_some_and(|n| n == t)
+        {
             return Ok(id);
         }
-        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
-        self.ids.insert(t.to_owned(), id);
-        self.names.push(t.to_owned());
+        let id = if let Some(&id) = self.ids.get(t) {
+            id
+        } else {
+            let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+            self.ids.insert(t.to_owned(), id);
+            self.names.push(t.to_owned());
+            id
+        };
+        if self.last.len() <= i {
+            self.last.resize(i + 1, None);
+        }
+        self.last[i] = Some(id);
         Ok(id)
     }
 
