@@ -21,13 +21,16 @@
 //! than hour rows, day rows for the rest): flow minutes and raw GPU usage only for the last
 //! `--minute-hours` (2) hours, hour rows for the `--hour-days` (31) days before today and
 //! today (only the days the questions read hour rows of — today, yesterday, 7, 8, 30 and 31
-//! days ago — unless `--all-hours`), day rows for every whole day before the minutes (and the
+//! days ago — unless `--all-hours`; `--read-hours-only`: today, 7 and 30 days ago only, the
+//! days the questions read at the build's instant, which a store kept with `--keep` is asked
+//! again at), day rows for every whole day before the minutes (and the
 //! contested level's hour and day rows, `contested_hour` and `contested_day`, for the same
 //! periods: one row per contested destination of a node's working set), each the sums the rollups would
 //! write (destinations sharing a key merged); `rollup_state` is set where those rollups would
 //! stand. Report keys are loaded for the last `--key-hours` (24) hours: each node's current
 //! epoch started then; the earlier epoch's keys are counted in `node_epochs` but not loaded
-//! (bodies are never loaded: see the bytes note in the output). Rows go in by bulk load in
+//! (bodies are never loaded: see the bytes note in the output); `--keys-missing-only` loads
+//! them only for the nodes with missing reports (the only keys a question reads). Rows go in by bulk load in
 //! batches of 50,000 per table (SQLite: prepared inserts, `synchronous = OFF`; PostgreSQL:
 //! `COPY`), with progress every 15 s.
 //!
@@ -128,6 +131,9 @@ struct Shape {
     keys_from: i64,
     /// Load the hour rows of every day of the hour window (`--all-hours`).
     all_hours: bool,
+    /// Load hour rows only for the days the questions read at the build's instant (today,
+    /// 7 and 30 days ago), not the day before each (`--read-hours-only`).
+    read_hours_only: bool,
 }
 
 impl Shape {
@@ -138,6 +144,9 @@ impl Shape {
     fn hour_day(&self, day_start: i64) -> bool {
         let today = self.now - self.now.rem_euclid(DAY);
         let ago = (today - day_start) / DAY;
+        if self.read_hours_only {
+            return self.all_hours || matches!(ago, 0 | 7 | 30);
+        }
         self.all_hours || matches!(ago, 0 | 1 | 7 | 8 | 30 | 31)
     }
 
@@ -971,7 +980,10 @@ async fn build(
             .await?;
         let hole = last_seq / 2;
         let mut keys = Vec::new();
-        for seq in 1..=last_seq {
+        // `--keys-missing-only`: only the nodes with missing reports get their keys (the
+        // only keys a question reads: the scorecard's missing ranges).
+        let load_keys = missing > 0 || !flag("--keys-missing-only");
+        for seq in (1..=last_seq).filter(|_| load_keys) {
             if missing > 0 && seq >= hole && seq < hole + missing {
                 continue;
             }
@@ -1404,7 +1416,11 @@ async fn run_store(
         "days": level(&["flows_day", "gpu_usage_day"], covered(shape.start)),
         "contested_hours": level(&["contested_hour"], hour_node_days),
         "contested_days": level(&["contested_day"], covered(shape.start)),
-        "report_keys": level(&["reports"], covered(shape.keys_from)),
+        "report_keys": level(&["reports"], covered(shape.keys_from) * if flag("--keys-missing-only") {
+            (0..shape.nodes).filter(|&i| node_reports(shape, i).1 > 0).count() as f64 / shape.nodes.max(1) as f64
+        } else {
+            1.0
+        }),
     });
     eprintln!("{name}: levels {levels}");
     let parts = parts(store.as_ref()).await?;
@@ -1491,6 +1507,10 @@ async fn main() -> anyhow::Result<()> {
             .as_ref()
             .and_then(|k| k["all_hours"].as_bool())
             .unwrap_or_else(|| flag("--all-hours")),
+        read_hours_only: kept
+            .as_ref()
+            .and_then(|k| k["read_hours_only"].as_bool())
+            .unwrap_or_else(|| flag("--read-hours-only")),
     };
     let stores = text_arg("--stores", "sqlite,postgres");
     eprintln!(
@@ -1526,8 +1546,9 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         std::fs::write(
             dir.join("kept.json"),
-            json!({"now": now, "schema": schema, "args": args, "all_hours": shape.all_hours})
-                .to_string(),
+            json!({"now": now, "schema": schema, "args": args, "all_hours": shape.all_hours,
+                   "read_hours_only": shape.read_hours_only})
+            .to_string(),
         )?;
     }
     let reusing = kept.is_some();
@@ -1615,6 +1636,7 @@ async fn main() -> anyhow::Result<()> {
         "hour_days": arg("--hour-days", 31),
         "key_hours": arg("--key-hours", 24),
         "rollup": !flag("--no-rollup"),
+        "read_hours_only": shape.read_hours_only,
         "dropped_indexes": flag("--drop-indexes"),
         "notes": notes,
     });

@@ -182,11 +182,16 @@ impl SqliteStore {
                 vec![since, q.until_unix_ms],
             )
         };
-        if plan.has_rollups() && matches!(q.by.as_str(), "node" | "process") {
+        if plan.has_rollups()
+            && matches!(q.by.as_str(), "node" | "process" | "" | "country" | "asn")
+        {
             return group_here(conn, q, &source, &values);
         }
         if fleet && q.by == "verdict" {
             return verdicts_here(conn, q, &source, &values);
+        }
+        if plan.has_rollups() && q.by == "contested" {
+            return contested_here(conn, q, &source, &values);
         }
         let source = if q.by == "verdict" && !fleet {
             crate::store::rollup::with_node_site(&source)
@@ -232,10 +237,15 @@ impl SqliteStore {
 }
 
 /// Text values interned as small integers: a row's group key is found without allocating.
+/// Each column's last value is remembered: rows come in key order (node by node, period by
+/// period), so most columns repeat the row before's text and cost one comparison instead of
+/// a hash lookup.
 #[derive(Default)]
 struct Names {
     ids: std::collections::HashMap<String, u32>,
     names: Vec<String>,
+    /// The id of the last value read from each column.
+    last: Vec<Option<u32>>,
 }
 
 impl Names {
@@ -245,12 +255,23 @@ impl Names {
             .get_ref(i)
             .and_then(|v| v.as_str().map_err(rusqlite::Error::from))
             .map_err(sql("read egress row"))?;
-        if let Some(&id) = self.ids.get(t) {
+        if let Some(&Some(id)) = self.last.get(i)
+            && self.names.get(id as usize).is_some_and(|n| n == t)
+        {
             return Ok(id);
         }
-        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
-        self.ids.insert(t.to_owned(), id);
-        self.names.push(t.to_owned());
+        let id = if let Some(&id) = self.ids.get(t) {
+            id
+        } else {
+            let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+            self.ids.insert(t.to_owned(), id);
+            self.names.push(t.to_owned());
+            id
+        };
+        if self.last.len() <= i {
+            self.last.resize(i + 1, None);
+        }
+        self.last[i] = Some(id);
         Ok(id)
     }
 
@@ -285,14 +306,17 @@ struct Sums {
     unmeasured_flows: u64,
 }
 
-/// The node-level groupings over rollups (`node`: country and node; `process`: and process
-/// and pid), grouped here rather than by SQLite: the rows of `source` (hour, day and
-/// rest-of-day rows and the minutes of the range's ends, about 550 per node over a week) are
-/// read once in key order and summed in a hash map keyed by interned names. SQLite groups them
-/// by sorting every row (a temporary B-tree of 550,000 records at 1,000 nodes), then counts
-/// and sorts the groups again (180,000 for `--by process`). Same answer: the same sums per
-/// group, largest `bytes_sent` first (then `bytes_received`, then the group's names, where
-/// SQLite left ties in no set order); memory is one entry per group, as SQLite's was.
+/// The groupings over rollups grouped here rather than by SQLite: the node-level ones
+/// (`node`: country and node; `process`: and process and pid) and the fleet ones (`country`;
+/// `asn`: country and ASN, with the greatest organisation name). The rows of `source` (hour,
+/// day and rest-of-day rows — fleet rows for `country` and `asn` — and the minutes of the
+/// range's ends) are read once in key order and summed in a hash map keyed by interned names.
+/// SQLite groups them by sorting every row (a temporary B-tree, spilled to disk past its cache:
+/// at 10,000 nodes the tail of a range alone, the two or three minutes since the hourly
+/// rollup, is a million minute rows), then counts and sorts the groups again (180,000 for
+/// `--by process` at 1,000 nodes). Same answer: the same sums per group, largest `bytes_sent`
+/// first (then `bytes_received`, then the group's names, where SQLite left ties in no set
+/// order); memory is one entry per group, as SQLite's was.
 fn group_here(
     conn: &Connection,
     q: &crate::store::EgressQuery,
@@ -300,12 +324,18 @@ fn group_here(
     values: &[i64],
 ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
     use std::collections::HashMap;
-    let process = q.by == "process";
+    let by = q.by.as_str();
+    // The key's columns besides the country: node, process, and a number (pid or ASN).
+    let (node, process, number, org) = match by {
+        "process" => ("node", "process", "pid", "''"),
+        "node" => ("node", "''", "0", "''"),
+        "asn" => ("''", "''", "asn", "org"),
+        _ => ("''", "''", "0", "''"),
+    };
     let text = format!(
-        "SELECT country, node, {}, bytes_sent, bytes_received, connections, min_rtt_us,
-                conntrack_bytes, unmeasured_flows
-         FROM {source}",
-        if process { "process, pid" } else { "'', 0" }
+        "SELECT country, {node}, {process}, {number}, {org}, bytes_sent, bytes_received,
+                connections, min_rtt_us, conntrack_bytes, unmeasured_flows
+         FROM {source}"
     );
     let mut stmt = conn.prepare_cached(&text).map_err(sql("prepare egress"))?;
     let mut rows = stmt
@@ -313,7 +343,8 @@ fn group_here(
         .map_err(sql("egress"))?;
     const C: &str = "read egress row";
     let mut names = Names::default();
-    let mut groups: HashMap<(u32, u32, u32, i64), Sums> = HashMap::new();
+    // Per group: its sums and its greatest organisation name (interned; `asn` only).
+    let mut groups: HashMap<(u32, u32, u32, i64), (Sums, u32)> = HashMap::new();
     let count = |row: &rusqlite::Row<'_>, i: usize| -> Result<u64, StoreError> {
         Ok(u64::try_from(row.get::<_, i64>(i).map_err(sql(C))?).unwrap_or(0))
     };
@@ -324,23 +355,28 @@ fn group_here(
             names.id(row, 2)?,
             row.get::<_, i64>(3).map_err(sql(C))?,
         );
-        let g = groups.entry(key).or_default();
-        g.sent = g.sent.saturating_add(count(row, 4)?);
-        g.received = g.received.saturating_add(count(row, 5)?);
-        g.connections = g.connections.saturating_add(count(row, 6)?);
-        let rtt = u32::try_from(row.get::<_, i64>(7).map_err(sql(C))?).unwrap_or(0);
+        let org = names.id(row, 4)?;
+        let (g, max_org) = groups.entry(key).or_insert_with(|| (Sums::default(), org));
+        if names.name(org) > names.name(*max_org) {
+            *max_org = org;
+        }
+        g.sent = g.sent.saturating_add(count(row, 5)?);
+        g.received = g.received.saturating_add(count(row, 6)?);
+        g.connections = g.connections.saturating_add(count(row, 7)?);
+        let rtt = u32::try_from(row.get::<_, i64>(8).map_err(sql(C))?).unwrap_or(0);
         if rtt != 0 && (g.min_rtt_us == 0 || rtt < g.min_rtt_us) {
             g.min_rtt_us = rtt;
         }
-        g.conntrack_bytes = g.conntrack_bytes.saturating_add(count(row, 8)?);
-        g.unmeasured_flows = g.unmeasured_flows.saturating_add(count(row, 9)?);
+        g.conntrack_bytes = g.conntrack_bytes.saturating_add(count(row, 9)?);
+        g.unmeasured_flows = g.unmeasured_flows.saturating_add(count(row, 10)?);
     }
     let total = groups.len() as u64;
-    let groups: Vec<((u32, u32, u32, i64), Sums)> = groups.into_iter().collect();
+    type Group = ((u32, u32, u32, i64), (Sums, u32));
+    let groups: Vec<Group> = groups.into_iter().collect();
     let name = |i: u32| names.name(i);
-    let order = |a: &((u32, u32, u32, i64), Sums), b: &((u32, u32, u32, i64), Sums)| {
-        (b.1.sent, b.1.received)
-            .cmp(&(a.1.sent, a.1.received))
+    let order = |a: &Group, b: &Group| {
+        (b.1.0.sent, b.1.0.received)
+            .cmp(&(a.1.0.sent, a.1.0.received))
             .then_with(|| {
                 (name(a.0.0), name(a.0.1), name(a.0.2), a.0.3).cmp(&(
                     name(b.0.0),
@@ -353,11 +389,21 @@ fn group_here(
     let out: Vec<sov_proto::pb::EgressRow> = largest(groups, q.limit, order)
         .into_iter()
         .map(
-            |((country, node, process, pid), s)| sov_proto::pb::EgressRow {
+            |((country, node, process, number), (s, org))| sov_proto::pb::EgressRow {
                 country: name(country).to_owned(),
                 node: name(node).to_owned(),
                 process: name(process).to_owned(),
-                pid: u32::try_from(pid).unwrap_or(0),
+                pid: if by == "process" {
+                    u32::try_from(number).unwrap_or(0)
+                } else {
+                    0
+                },
+                asn: if by == "asn" {
+                    u32::try_from(number).unwrap_or(0)
+                } else {
+                    0
+                },
+                org: name(org).to_owned(),
                 bytes_sent: s.sent,
                 bytes_received: s.received,
                 connections: s.connections,
@@ -488,6 +534,141 @@ fn verdicts_here(
             contested: k.5 != 0,
             operator_country: name(k.6).to_owned(),
             physics: name(k.7).to_owned(),
+            distance_km: u32::try_from(g.distance_km).unwrap_or(0),
+            limit_km: u32::try_from(g.limit_km).unwrap_or(0),
+            conntrack_bytes: g.sums.conntrack_bytes,
+            unmeasured_flows: g.sums.unmeasured_flows,
+            ..Default::default()
+        })
+        .collect();
+    let truncated = total.saturating_sub(out.len() as u64);
+    Ok((out, truncated))
+}
+
+/// One group of [`contested_here`]: sums and the per-destination verdict's aggregates.
+#[derive(Default)]
+struct Contested {
+    sums: Sums,
+    org: u32,
+    geo_source: u32,
+    answers: u32,
+    contested: i64,
+    operator_country: u32,
+    physics: u32,
+    impossible: bool,
+    distance_km: i64,
+    limit_km: i64,
+}
+
+/// The scorecard's `contested` grouping (country, node, ASN, destination address and port)
+/// over the contested level and the minutes of the range's ends, grouped here for the
+/// reason [`group_here`] gives: at 10,000 nodes a month of the level is about 250,000 rows.
+/// The same aggregates as the SQL: sums, the least non-zero RTT and limit, the greatest
+/// organisation, source, answers, contested flag, operator country and distance, and the
+/// physics verdict `impossible` when any row says so (else the greatest).
+fn contested_here(
+    conn: &Connection,
+    q: &crate::store::EgressQuery,
+    source: &str,
+    values: &[i64],
+) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
+    use std::collections::HashMap;
+    const C: &str = "read egress row";
+    type Key = (u32, u32, i64, u32, i64);
+    let text = format!(
+        "SELECT country, node, asn, remote_address, remote_port, org, geo_source, answers,
+                contested, operator_country, physics, bytes_sent, bytes_received, connections,
+                min_rtt_us, distance_km, limit_km, conntrack_bytes, unmeasured_flows
+         FROM {source}"
+    );
+    let mut stmt = conn.prepare_cached(&text).map_err(sql("prepare egress"))?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(values))
+        .map_err(sql("egress"))?;
+    let mut names = Names::default();
+    let mut groups: HashMap<Key, Contested> = HashMap::new();
+    let int = |row: &rusqlite::Row<'_>, i: usize| row.get::<_, i64>(i).map_err(sql(C));
+    let count = |row: &rusqlite::Row<'_>, i: usize| -> Result<u64, StoreError> {
+        Ok(u64::try_from(int(row, i)?).unwrap_or(0))
+    };
+    // The greater of two interned names.
+    let greater = |names: &Names, a: u32, b: u32| if names.name(b) > names.name(a) { b } else { a };
+    while let Some(row) = rows.next().map_err(sql(C))? {
+        let key = (
+            names.id(row, 0)?,
+            names.id(row, 1)?,
+            int(row, 2)?,
+            names.id(row, 3)?,
+            int(row, 4)?,
+        );
+        let (org, geo, answers) = (names.id(row, 5)?, names.id(row, 6)?, names.id(row, 7)?);
+        let (operator, physics) = (names.id(row, 9)?, names.id(row, 10)?);
+        let contested = int(row, 8)?;
+        let g = groups.entry(key).or_insert_with(|| Contested {
+            org,
+            geo_source: geo,
+            answers,
+            contested,
+            operator_country: operator,
+            physics,
+            ..Contested::default()
+        });
+        g.org = greater(&names, g.org, org);
+        g.geo_source = greater(&names, g.geo_source, geo);
+        g.answers = greater(&names, g.answers, answers);
+        g.contested = g.contested.max(contested);
+        g.operator_country = greater(&names, g.operator_country, operator);
+        g.physics = greater(&names, g.physics, physics);
+        g.impossible |= names.name(physics) == "impossible";
+        let s = &mut g.sums;
+        s.sent = s.sent.saturating_add(count(row, 11)?);
+        s.received = s.received.saturating_add(count(row, 12)?);
+        s.connections = s.connections.saturating_add(count(row, 13)?);
+        let rtt = u32::try_from(int(row, 14)?).unwrap_or(0);
+        if rtt != 0 && (s.min_rtt_us == 0 || rtt < s.min_rtt_us) {
+            s.min_rtt_us = rtt;
+        }
+        g.distance_km = g.distance_km.max(int(row, 15)?);
+        let limit = int(row, 16)?;
+        if limit != 0 && (g.limit_km == 0 || limit < g.limit_km) {
+            g.limit_km = limit;
+        }
+        s.conntrack_bytes = s.conntrack_bytes.saturating_add(count(row, 17)?);
+        s.unmeasured_flows = s.unmeasured_flows.saturating_add(count(row, 18)?);
+    }
+    let total = groups.len() as u64;
+    let groups: Vec<(Key, Contested)> = groups.into_iter().collect();
+    let name = |i: u32| names.name(i);
+    let order = |a: &(Key, Contested), b: &(Key, Contested)| {
+        (b.1.sums.sent, b.1.sums.received)
+            .cmp(&(a.1.sums.sent, a.1.sums.received))
+            .then_with(|| {
+                let k = |k: &Key| (name(k.0), name(k.1), k.2, name(k.3), k.4);
+                k(&a.0).cmp(&k(&b.0))
+            })
+    };
+    let out: Vec<sov_proto::pb::EgressRow> = largest(groups, q.limit, order)
+        .into_iter()
+        .map(|(k, g)| sov_proto::pb::EgressRow {
+            country: name(k.0).to_owned(),
+            node: name(k.1).to_owned(),
+            asn: u32::try_from(k.2).unwrap_or(0),
+            remote_address: name(k.3).to_owned(),
+            remote_port: u32::try_from(k.4).unwrap_or(0),
+            org: name(g.org).to_owned(),
+            geo_source: name(g.geo_source).to_owned(),
+            bytes_sent: g.sums.sent,
+            bytes_received: g.sums.received,
+            connections: g.sums.connections,
+            min_rtt_us: g.sums.min_rtt_us,
+            answers: crate::store::rows::answers(name(g.answers)),
+            contested: g.contested != 0,
+            operator_country: name(g.operator_country).to_owned(),
+            physics: if g.impossible {
+                "impossible".to_owned()
+            } else {
+                name(g.physics).to_owned()
+            },
             distance_km: u32::try_from(g.distance_km).unwrap_or(0),
             limit_km: u32::try_from(g.limit_km).unwrap_or(0),
             conntrack_bytes: g.sums.conntrack_bytes,
