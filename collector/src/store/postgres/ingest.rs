@@ -185,6 +185,14 @@ pub(super) struct Statements {
     upsert_weight: Statement,
     remove_weight: Statement,
     remove_unlisted_weights: Statement,
+    lock_rollup_shared: Statement,
+    read_rollup_state: Statement,
+    late_sums_out: Statement,
+    late_sums_in: Statement,
+    late_contested_hour_out: Statement,
+    late_contested_hour_in: Statement,
+    late_contested_day_out: Statement,
+    late_contested_day_in: Statement,
 }
 
 impl Statements {
@@ -210,6 +218,14 @@ impl Statements {
             upsert_weight: p(UPSERT_WEIGHT).await?,
             remove_weight: p(REMOVE_WEIGHT).await?,
             remove_unlisted_weights: p(REMOVE_UNLISTED_WEIGHTS).await?,
+            lock_rollup_shared: p(LOCK_ROLLUP_SHARED).await?,
+            read_rollup_state: p(READ_ROLLUP_STATE).await?,
+            late_sums_out: p(LATE_SUMS_OUT.as_str()).await?,
+            late_sums_in: p(LATE_SUMS_IN.as_str()).await?,
+            late_contested_hour_out: p(LATE_CONTESTED_HOUR_OUT.as_str()).await?,
+            late_contested_hour_in: p(LATE_CONTESTED_HOUR_IN.as_str()).await?,
+            late_contested_day_out: p(LATE_CONTESTED_DAY_OUT.as_str()).await?,
+            late_contested_day_in: p(LATE_CONTESTED_DAY_IN.as_str()).await?,
         })
     }
 }
@@ -394,9 +410,10 @@ pub(super) async fn update_node_gpus(
 
 /// Write a batch's merged flow aggregates ([`crate::store::minutes`]) in one statement. Rows
 /// of minutes already rolled up into hours (late) also move their hour rows
-/// ([`crate::store::minutes::LATE_HOUR_KEY`]), under the rollup's advisory lock (shared) taken
-/// before `up_to_ms` is read, as the former trigger did; the others are a plain upsert, with no
-/// trigger.
+/// ([`crate::store::minutes::LATE_HOUR_KEY`]) and, when contested, their `contested_hour`
+/// rows and (for days already rolled up) their `contested_day` rows, under the rollup's
+/// advisory lock (shared) taken before `up_to_ms` is read, as the former triggers did; the
+/// others are a plain upsert, with no trigger.
 pub(super) async fn write_minutes(
     tx: &Tx<'_>,
     st: &Statements,
@@ -408,23 +425,22 @@ pub(super) async fn write_minutes(
     if sums.is_empty() {
         return Ok(());
     }
-    // Two statements (pipelined: one round trip): the read's snapshot must follow the lock.
+    // Two prepared statements (pipelined: one round trip): the read's snapshot must follow the
+    // lock.
     let (_, up_to) = futures::try_join!(
         tx.execute(
-            "SELECT pg_advisory_xact_lock_shared($1)",
+            &st.lock_rollup_shared,
             &[&crate::store::rollup::ROLLUP_LOCK_KEY]
         ),
-        tx.query_opt(
-            "SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'",
-            &[]
-        ),
+        tx.query_one(&st.read_rollup_state, &[]),
     )
     .map_err(pg("read rollup state"))?;
-    let up_to: i64 = match up_to {
-        Some(row) => get(&row, 0, "read rollup state")?,
-        None => 0,
-    };
-    let (fresh, late) = crate::store::minutes::split_late(sums, up_to);
+    let hours: i64 = get::<Option<i64>>(&up_to, 0, "read rollup state")?.unwrap_or(0);
+    // Day rows hold whole rolled-up hours only (`days <= hours`, as the rollup keeps them).
+    let days: i64 = get::<Option<i64>>(&up_to, 1, "read rollup state")?
+        .unwrap_or(0)
+        .min(hours);
+    let (fresh, late) = crate::store::minutes::split_late(sums, hours);
     upsert_minutes(tx, st, &fresh).await?;
     if late.is_empty() {
         return Ok(());
@@ -449,15 +465,64 @@ pub(super) async fn write_minutes(
         &k.remote,
         &k.port,
     ];
-    tx.execute(LATE_SUMS_OUT.as_str(), &keys)
-        .await
-        .map_err(pg("late flows: out of their hours"))?;
-    upsert_minutes(tx, st, &late).await?;
-    tx.execute(LATE_SUMS_IN.as_str(), &keys)
-        .await
-        .map_err(pg("late flows: into their hours"))?;
+    let day_keys: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &k.node,
+        &k.minute,
+        &k.pid,
+        &k.protocol,
+        &k.direction,
+        &k.remote,
+        &k.port,
+        &days,
+    ];
+    // Prepared and pipelined (one round trip; each is sent when first polled, so the server
+    // runs them in this order): the stored rows' sums leave their hour and contested rows, the
+    // rows are merged, the merged sums join the rows of their (possibly new) verdicts. A stored
+    // contested row stays contested when merged ([`crate::store::VERDICT_UPSERT`]), but its
+    // answers and physics (keys of the contested level) may change, so both contested steps
+    // run for every batch with late rows.
+    futures::try_join!(
+        async {
+            tx.execute(&st.late_sums_out, &keys)
+                .await
+                .map_err(pg("late flows: out of their hours"))
+        },
+        async {
+            tx.execute(&st.late_contested_hour_out, &keys)
+                .await
+                .map_err(pg("late contested flows: out of their hours"))
+        },
+        async {
+            tx.execute(&st.late_contested_day_out, &day_keys)
+                .await
+                .map_err(pg("late contested flows: out of their days"))
+        },
+        upsert_minutes(tx, st, &late),
+        async {
+            tx.execute(&st.late_sums_in, &keys)
+                .await
+                .map_err(pg("late flows: into their hours"))
+        },
+        async {
+            tx.execute(&st.late_contested_hour_in, &keys)
+                .await
+                .map_err(pg("late contested flows: into their hours"))
+        },
+        async {
+            tx.execute(&st.late_contested_day_in, &day_keys)
+                .await
+                .map_err(pg("late contested flows: into their days"))
+        },
+    )?;
     Ok(())
 }
+
+/// Take the rollup's advisory lock shared (the rollup takes it exclusively).
+const LOCK_ROLLUP_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1)";
+
+/// Where the hourly and daily rollups have come to.
+const READ_ROLLUP_STATE: &str = "SELECT (SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'),
+            (SELECT up_to_ms FROM rollup_state WHERE name = 'daily')";
 
 /// The keys of a batch's late rows, as arrays for `unnest`.
 #[derive(Default)]
@@ -510,6 +575,98 @@ static LATE_SUMS_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                       operator_country, physics) DO UPDATE SET {}",
         crate::store::minutes::HOUR_COLUMNS,
         crate::store::minutes::LATE_HOUR_SUMS_IN
+    )
+});
+
+/// The contested level's key columns, in its tables' order after `node` and the period.
+const CONTESTED_KEY: &str = "pid, process, direction, country, asn, answers, contested, operator_country,
+     physics, remote_address, remote_port";
+
+/// The late contested rows' stored sums leave their `table` rows (period `period_ms`, its
+/// start column `column`) before the upsert; `filter` narrows the late rows (the day level
+/// takes only minutes of days already rolled up, `$8`). What the trigger pair of migration
+/// 0024 did for the old rows of an update.
+fn late_contested_out(table: &str, column: &str, period_ms: i64, filter: &str) -> String {
+    format!(
+        "UPDATE {table} c SET
+            bytes_sent = c.bytes_sent - m.bytes_sent,
+            bytes_received = c.bytes_received - m.bytes_received,
+            connections = c.connections - m.connections,
+            conntrack_bytes = c.conntrack_bytes - m.conntrack_bytes,
+            unmeasured_flows = c.unmeasured_flows - m.unmeasured_flows
+         FROM (SELECT m.node, m.minute_ms - (m.minute_ms % {period_ms}) AS p, m.pid, m.process, m.direction,
+                      m.country, m.asn, m.answers, m.contested, m.operator_country, m.physics,
+                      m.remote_address, m.remote_port, SUM(m.bytes_sent) AS bytes_sent,
+                      SUM(m.bytes_received) AS bytes_received, SUM(m.connections) AS connections,
+                      SUM(m.conntrack_bytes) AS conntrack_bytes, SUM(m.unmeasured_flows) AS unmeasured_flows
+               FROM {LATE_ROWS}
+               WHERE m.contested <> 0{filter}
+               GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13) AS m
+         WHERE c.{column} = m.p AND c.node = m.node AND c.pid = m.pid AND c.process = m.process
+           AND c.direction = m.direction AND c.country = m.country AND c.asn = m.asn
+           AND c.answers = m.answers AND c.contested = m.contested
+           AND c.operator_country = m.operator_country AND c.physics = m.physics
+           AND c.remote_address = m.remote_address AND c.remote_port = m.remote_port"
+    )
+}
+
+/// The late contested rows' merged sums join the `table` rows of their verdicts after the
+/// upsert (inserted when missing), merged as the rollup merges minutes into the level.
+fn late_contested_in(table: &str, column: &str, period_ms: i64, filter: &str) -> String {
+    format!(
+        "INSERT INTO {table} (node, {column}, {CONTESTED_KEY}, org, geo_source, bytes_sent,
+                              bytes_received, connections, min_rtt_us, distance_km, limit_km,
+                              conntrack_bytes, unmeasured_flows)
+         SELECT m.node, m.minute_ms - (m.minute_ms % {period_ms}), m.pid, m.process, m.direction,
+                m.country, m.asn, m.answers, m.contested, m.operator_country, m.physics,
+                m.remote_address, m.remote_port, MAX(m.org), MAX(m.geo_source), SUM(m.bytes_sent),
+                SUM(m.bytes_received), SUM(m.connections), COALESCE(MIN(NULLIF(m.min_rtt_us, 0)), 0),
+                MAX(m.distance_km), COALESCE(MIN(NULLIF(m.limit_km, 0)), 0), SUM(m.conntrack_bytes),
+                SUM(m.unmeasured_flows)
+         FROM {LATE_ROWS}
+         WHERE m.contested <> 0{filter}
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13
+         ON CONFLICT ({column}, node, {CONTESTED_KEY}) DO UPDATE SET
+            bytes_sent = {table}.bytes_sent + EXCLUDED.bytes_sent,
+            bytes_received = {table}.bytes_received + EXCLUDED.bytes_received,
+            connections = {table}.connections + EXCLUDED.connections,
+            conntrack_bytes = {table}.conntrack_bytes + EXCLUDED.conntrack_bytes,
+            unmeasured_flows = {table}.unmeasured_flows + EXCLUDED.unmeasured_flows,
+            min_rtt_us = CASE WHEN {table}.min_rtt_us = 0 THEN EXCLUDED.min_rtt_us
+                              WHEN EXCLUDED.min_rtt_us = 0 THEN {table}.min_rtt_us
+                              ELSE LEAST({table}.min_rtt_us, EXCLUDED.min_rtt_us) END,
+            limit_km = CASE WHEN {table}.limit_km = 0 THEN EXCLUDED.limit_km
+                            WHEN EXCLUDED.limit_km = 0 THEN {table}.limit_km
+                            ELSE LEAST({table}.limit_km, EXCLUDED.limit_km) END,
+            distance_km = GREATEST({table}.distance_km, EXCLUDED.distance_km),
+            org = GREATEST({table}.org, EXCLUDED.org),
+            geo_source = GREATEST({table}.geo_source, EXCLUDED.geo_source)"
+    )
+}
+
+/// Day level: only minutes of days already rolled up (`$8`, the daily rollup's `up_to_ms`).
+const DAYS_ROLLED: &str = " AND m.minute_ms < $8";
+
+static LATE_CONTESTED_HOUR_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    late_contested_out("contested_hour", "hour_ms", crate::store::rollup::HOUR_MS, "")
+});
+static LATE_CONTESTED_HOUR_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    late_contested_in("contested_hour", "hour_ms", crate::store::rollup::HOUR_MS, "")
+});
+static LATE_CONTESTED_DAY_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    late_contested_out(
+        "contested_day",
+        "day_ms",
+        crate::store::rollup::DAY_MS,
+        DAYS_ROLLED,
+    )
+});
+static LATE_CONTESTED_DAY_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    late_contested_in(
+        "contested_day",
+        "day_ms",
+        crate::store::rollup::DAY_MS,
+        DAYS_ROLLED,
     )
 });
 
