@@ -633,7 +633,8 @@ static LATE_SUMS_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 });
 
 /// The contested level's key columns, in its tables' order after `node` and the period.
-const CONTESTED_KEY: &str = "pid, process, direction, country, asn, answers, contested, operator_country,
+const CONTESTED_KEY: &str =
+    "pid, process, direction, country, asn, answers, contested, operator_country,
      physics, remote_address, remote_port";
 
 /// The late contested rows' stored sums leave their `table` rows (period `period_ms`, its
@@ -702,10 +703,20 @@ fn late_contested_in(table: &str, column: &str, period_ms: i64, filter: &str) ->
 const DAYS_ROLLED: &str = " AND m.minute_ms < $8";
 
 static LATE_CONTESTED_HOUR_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    late_contested_out("contested_hour", "hour_ms", crate::store::rollup::HOUR_MS, "")
+    late_contested_out(
+        "contested_hour",
+        "hour_ms",
+        crate::store::rollup::HOUR_MS,
+        "",
+    )
 });
 static LATE_CONTESTED_HOUR_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    late_contested_in("contested_hour", "hour_ms", crate::store::rollup::HOUR_MS, "")
+    late_contested_in(
+        "contested_hour",
+        "hour_ms",
+        crate::store::rollup::HOUR_MS,
+        "",
+    )
 });
 static LATE_CONTESTED_DAY_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     late_contested_out(
@@ -1113,7 +1124,9 @@ pub(super) async fn ingest_batch_once(
     let labels: Vec<String> = g
         .nodes
         .iter()
-        .map(|&(w, ..)| serde_json::to_string(&sorted[w].labels).unwrap_or_else(|_| "{}".to_owned()))
+        .map(|&(w, ..)| {
+            serde_json::to_string(&sorted[w].labels).unwrap_or_else(|_| "{}".to_owned())
+        })
         .collect();
     let mut n = NodeColumns::default();
     for (&(w, first_seen, last_seen, latest_epoch), labels) in g.nodes.iter().zip(&labels) {
@@ -1129,8 +1142,10 @@ pub(super) async fn ingest_batch_once(
         n.observed.push(r.observed_unix_ms);
         n.epoch.push(latest_epoch);
         n.cpu.push(f64::from(r.cpu_percent));
-        n.used.push(to_i64(r.memory_used_bytes, "memory_used_bytes")?);
-        n.total.push(to_i64(r.memory_total_bytes, "memory_total_bytes")?);
+        n.used
+            .push(to_i64(r.memory_used_bytes, "memory_used_bytes")?);
+        n.total
+            .push(to_i64(r.memory_total_bytes, "memory_total_bytes")?);
     }
     let mut q = QueueColumns::default();
     let mut gaps = GapColumns::default();
@@ -1156,7 +1171,14 @@ pub(super) async fn ingest_batch_once(
         }
         tx.execute(
             &st.append_epochs,
-            &[&e.node, &e.epoch, &e.reports, &e.last_seq, &e.first_seen, &e.last_seen],
+            &[
+                &e.node,
+                &e.epoch,
+                &e.reports,
+                &e.last_seq,
+                &e.first_seen,
+                &e.last_seen,
+            ],
         )
         .await
         .map_err(pg("update epoch counters"))
@@ -1317,7 +1339,8 @@ fn append_groups<'a>(
         let epoch = to_i64(r.epoch, "epoch")?;
         let seq = to_i64(r.seq, "seq")?;
         let at = r.received_unix_ms;
-        let same_epoch = epochs.node.last() == Some(&r.node.as_str()) && epochs.epoch.last() == Some(&epoch);
+        let same_epoch =
+            epochs.node.last() == Some(&r.node.as_str()) && epochs.epoch.last() == Some(&epoch);
         if same_epoch {
             let k = epochs.node.len() - 1;
             epochs.reports[k] += 1;

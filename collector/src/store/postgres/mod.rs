@@ -653,7 +653,9 @@ mod tests {
             use IngestOutcome::{Conflict, Duplicate, Stored};
             assert_eq!(
                 outcomes,
-                [Stored, Stored, Stored, Stored, Stored, Stored, Duplicate, Conflict]
+                [
+                    Stored, Stored, Stored, Stored, Stored, Stored, Duplicate, Conflict
+                ]
             );
             let c = try_connect(&url).await.unwrap();
             c.batch_execute(&format!("SET search_path TO {}", quote_ident(&schema)))
@@ -677,7 +679,14 @@ mod tests {
                 [
                     // a-1-5 and a-1-7 share the latest observation: the later key wins.
                     ("a".to_owned(), "a-1-7".to_owned(), 10_300, 10_400, 4_000, 2),
-                    ("b".to_owned(), "b-1-2".to_owned(), b_first, 10_200, 9_000, 1),
+                    (
+                        "b".to_owned(),
+                        "b-1-2".to_owned(),
+                        b_first,
+                        10_200,
+                        9_000,
+                        1
+                    ),
                 ]
             );
             let epochs: Vec<(String, i64, i64, i64, i64, i64, i64)> = c
