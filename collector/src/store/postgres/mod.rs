@@ -69,7 +69,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 25] = [
+const MIGRATIONS: [&str; 26] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -97,6 +97,7 @@ const MIGRATIONS: [&str; 25] = [
     include_str!("../../../migrations/postgres/0023_late_flow_rows_without_triggers.sql"),
     include_str!("../../../migrations/postgres/0024_contested_rollups.sql"),
     include_str!("../../../migrations/postgres/0025_contested_late_rows_without_triggers.sql"),
+    include_str!("../../../migrations/postgres/0026_report_bodies_lz4.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
