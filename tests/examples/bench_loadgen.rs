@@ -854,6 +854,18 @@ fn verdict(ok: bool) -> &'static str {
 /// reports derived per second, the seconds it took, and the CPU ms per report of this process
 /// and of every `postgres` process during the derivation (the machine may be shared: CPU per
 /// report holds when the rate is set by others' load).
+/// The append phase of a derive-only run: the acknowledgement's store work alone (group-
+/// committed appends of 1,024 reports at a time, no TLS), rate and CPU per report.
+#[derive(Debug, Clone, Copy)]
+struct AppendOnly {
+    reports_per_s: f64,
+    cpu_ms_per_report: f64,
+    postgres_cpu_ms_per_report: f64,
+}
+
+/// Every derive-only run's appends, in the order of the derive-only results.
+static APPENDS: std::sync::Mutex<Vec<AppendOnly>> = std::sync::Mutex::new(Vec::new());
+
 async fn derive_only(
     stores: Vec<Arc<dyn Store>>,
     settle: Option<Vec<PostgresStore>>,
@@ -872,6 +884,8 @@ async fn derive_only(
             )
         })
         .collect();
+    // The appends alone (the acknowledgement's store work, no TLS): group-committed batches.
+    let (append_cpu0, append_pg0, append_t) = (self_ticks(), postgres_ticks(), Instant::now());
     for chunk in reports.chunks(1024) {
         let outcomes = futures::future::join_all(chunk.iter().map(|r| {
             let body = r.encode_to_vec();
@@ -888,6 +902,22 @@ async fn derive_only(
             o?;
         }
     }
+    let append_secs = append_t.elapsed().as_secs_f64();
+    let ms_per_report = |ticks: u64| ticks as f64 * 1e3 / clk_tck() / n as f64;
+    let append = AppendOnly {
+        reports_per_s: n as f64 / append_secs,
+        cpu_ms_per_report: ms_per_report(self_ticks() - append_cpu0),
+        postgres_cpu_ms_per_report: ms_per_report(postgres_ticks() - append_pg0),
+    };
+    println!(
+        "  appends: {n} reports in {append_secs:.2} s = {:.0}/s; CPU ms per report: this process \
+         {:.3}, PostgreSQL {:.3}",
+        append.reports_per_s, append.cpu_ms_per_report, append.postgres_cpu_ms_per_report
+    );
+    APPENDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(append);
     ensure!(
         store.derive_status().await?.pending == n as u64,
         "derive-only: {n} reports should wait"
@@ -1300,6 +1330,10 @@ async fn load_mode(args: Args) -> Result<()> {
         "derive_only": derive_rates.iter().map(|(t, rate, secs, cpu, pg)| serde_json::json!({
             "target": t, "reports": args.derive_reports, "reports_per_s": rate, "secs": secs,
             "cpu_ms_per_report": cpu, "postgres_cpu_ms_per_report": pg,
+        })).collect::<Vec<_>>(),
+        "append_only": derive_rates.iter().zip(APPENDS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter()).map(|((t, ..), a)| serde_json::json!({
+            "target": t, "reports": args.derive_reports, "reports_per_s": a.reports_per_s,
+            "cpu_ms_per_report": a.cpu_ms_per_report, "postgres_cpu_ms_per_report": a.postgres_cpu_ms_per_report,
         })).collect::<Vec<_>>(),
         "sqlite_bytes_per_report": sqlite_bytes_per_report,
         "postgres_note": pg_note,

@@ -60,6 +60,50 @@ pub(super) const INSERT_GAP: &str =
 pub(super) const ENQUEUE: &str =
     "INSERT INTO derive_queue (node, epoch, seq, received_ms) VALUES ($1, $2, $3, $4)";
 
+/// A batch's keys and bodies in one statement (key order); the keys stored come back.
+pub(super) const APPEND_REPORTS: &str =
+    "INSERT INTO reports (node, epoch, seq, observed_ms, received_ms, body)
+     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BYTEA[])
+     ON CONFLICT (node, epoch, seq) DO NOTHING
+     RETURNING node, epoch, seq";
+
+/// A batch's epoch counters, one row per (node, epoch) ([`UPSERT_EPOCH`] summed).
+pub(super) const APPEND_EPOCHS: &str =
+    "INSERT INTO node_epochs (node, epoch, reports, last_seq, first_seen_ms, last_seen_ms)
+     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], $6::BIGINT[])
+     ON CONFLICT (node, epoch) DO UPDATE SET
+        reports = node_epochs.reports + EXCLUDED.reports,
+        last_seq = GREATEST(node_epochs.last_seq, EXCLUDED.last_seq),
+        last_seen_ms = GREATEST(node_epochs.last_seen_ms, EXCLUDED.last_seen_ms)";
+
+/// A batch's node facts, one row per node ([`UPSERT_NODE`]'s merge; the first and the latest
+/// reception times apart).
+pub(super) static APPEND_NODES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let merge = &UPSERT_NODE[UPSERT_NODE
+        .find("ON CONFLICT")
+        .expect("UPSERT_NODE has an ON CONFLICT clause")..];
+    format!(
+        "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
+                            last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
+                            memory_used_bytes, memory_total_bytes)
+         SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                              $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::BIGINT[],
+                              $11::DOUBLE PRECISION[], $12::BIGINT[], $13::BIGINT[])
+         {merge}"
+    )
+});
+
+/// A batch's gaps in one statement.
+pub(super) const APPEND_GAPS: &str =
+    "INSERT INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
+     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[],
+                          $7::BIGINT[])
+     ON CONFLICT (node, epoch, first_seq, last_seq) DO NOTHING";
+
+/// A batch's derive queue rows in one statement (key order, so queue order within a node).
+pub(super) const APPEND_QUEUE: &str = "INSERT INTO derive_queue (node, epoch, seq, received_ms)
+     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[])";
+
 pub(super) const TAKE_QUEUED: &str = "DELETE FROM derive_queue WHERE id = ANY($1) RETURNING id";
 
 /// A derive batch's host samples in one statement (one array per column; the caller keeps
@@ -175,6 +219,11 @@ pub(super) struct Statements {
     upsert_node: Statement,
     insert_gap: Statement,
     enqueue: Statement,
+    append_reports: Statement,
+    append_epochs: Statement,
+    append_nodes: Statement,
+    append_gaps: Statement,
+    append_queue: Statement,
     take_queued: Statement,
     upsert_host_samples: Statement,
     upsert_gpu_samples: Statement,
@@ -185,6 +234,14 @@ pub(super) struct Statements {
     upsert_weight: Statement,
     remove_weight: Statement,
     remove_unlisted_weights: Statement,
+    lock_rollup_shared: Statement,
+    read_rollup_state: Statement,
+    late_sums_out: Statement,
+    late_sums_in: Statement,
+    late_contested_hour_out: Statement,
+    late_contested_hour_in: Statement,
+    late_contested_day_out: Statement,
+    late_contested_day_in: Statement,
 }
 
 impl Statements {
@@ -200,6 +257,11 @@ impl Statements {
             upsert_node: p(UPSERT_NODE).await?,
             insert_gap: p(INSERT_GAP).await?,
             enqueue: p(ENQUEUE).await?,
+            append_reports: p(APPEND_REPORTS).await?,
+            append_epochs: p(APPEND_EPOCHS).await?,
+            append_nodes: p(APPEND_NODES.as_str()).await?,
+            append_gaps: p(APPEND_GAPS).await?,
+            append_queue: p(APPEND_QUEUE).await?,
             take_queued: p(TAKE_QUEUED).await?,
             upsert_host_samples: p(UPSERT_HOST_SAMPLES).await?,
             upsert_gpu_samples: p(UPSERT_GPU_SAMPLES).await?,
@@ -210,6 +272,14 @@ impl Statements {
             upsert_weight: p(UPSERT_WEIGHT).await?,
             remove_weight: p(REMOVE_WEIGHT).await?,
             remove_unlisted_weights: p(REMOVE_UNLISTED_WEIGHTS).await?,
+            lock_rollup_shared: p(LOCK_ROLLUP_SHARED).await?,
+            read_rollup_state: p(READ_ROLLUP_STATE).await?,
+            late_sums_out: p(LATE_SUMS_OUT.as_str()).await?,
+            late_sums_in: p(LATE_SUMS_IN.as_str()).await?,
+            late_contested_hour_out: p(LATE_CONTESTED_HOUR_OUT.as_str()).await?,
+            late_contested_hour_in: p(LATE_CONTESTED_HOUR_IN.as_str()).await?,
+            late_contested_day_out: p(LATE_CONTESTED_DAY_OUT.as_str()).await?,
+            late_contested_day_in: p(LATE_CONTESTED_DAY_IN.as_str()).await?,
         })
     }
 }
@@ -394,9 +464,10 @@ pub(super) async fn update_node_gpus(
 
 /// Write a batch's merged flow aggregates ([`crate::store::minutes`]) in one statement. Rows
 /// of minutes already rolled up into hours (late) also move their hour rows
-/// ([`crate::store::minutes::LATE_HOUR_KEY`]), under the rollup's advisory lock (shared) taken
-/// before `up_to_ms` is read, as the former trigger did; the others are a plain upsert, with no
-/// trigger.
+/// ([`crate::store::minutes::LATE_HOUR_KEY`]) and, when contested, their `contested_hour`
+/// rows and (for days already rolled up) their `contested_day` rows, under the rollup's
+/// advisory lock (shared) taken before `up_to_ms` is read, as the former triggers did; the
+/// others are a plain upsert, with no trigger.
 pub(super) async fn write_minutes(
     tx: &Tx<'_>,
     st: &Statements,
@@ -408,23 +479,22 @@ pub(super) async fn write_minutes(
     if sums.is_empty() {
         return Ok(());
     }
-    // Two statements (pipelined: one round trip): the read's snapshot must follow the lock.
+    // Two prepared statements (pipelined: one round trip): the read's snapshot must follow the
+    // lock.
     let (_, up_to) = futures::try_join!(
         tx.execute(
-            "SELECT pg_advisory_xact_lock_shared($1)",
+            &st.lock_rollup_shared,
             &[&crate::store::rollup::ROLLUP_LOCK_KEY]
         ),
-        tx.query_opt(
-            "SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'",
-            &[]
-        ),
+        tx.query_one(&st.read_rollup_state, &[]),
     )
     .map_err(pg("read rollup state"))?;
-    let up_to: i64 = match up_to {
-        Some(row) => get(&row, 0, "read rollup state")?,
-        None => 0,
-    };
-    let (fresh, late) = crate::store::minutes::split_late(sums, up_to);
+    let hours: i64 = get::<Option<i64>>(&up_to, 0, "read rollup state")?.unwrap_or(0);
+    // Day rows hold whole rolled-up hours only (`days <= hours`, as the rollup keeps them).
+    let days: i64 = get::<Option<i64>>(&up_to, 1, "read rollup state")?
+        .unwrap_or(0)
+        .min(hours);
+    let (fresh, late) = crate::store::minutes::split_late(sums, hours);
     upsert_minutes(tx, st, &fresh).await?;
     if late.is_empty() {
         return Ok(());
@@ -449,15 +519,64 @@ pub(super) async fn write_minutes(
         &k.remote,
         &k.port,
     ];
-    tx.execute(LATE_SUMS_OUT.as_str(), &keys)
-        .await
-        .map_err(pg("late flows: out of their hours"))?;
-    upsert_minutes(tx, st, &late).await?;
-    tx.execute(LATE_SUMS_IN.as_str(), &keys)
-        .await
-        .map_err(pg("late flows: into their hours"))?;
+    let day_keys: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &k.node,
+        &k.minute,
+        &k.pid,
+        &k.protocol,
+        &k.direction,
+        &k.remote,
+        &k.port,
+        &days,
+    ];
+    // Prepared and pipelined (one round trip; each is sent when first polled, so the server
+    // runs them in this order): the stored rows' sums leave their hour and contested rows, the
+    // rows are merged, the merged sums join the rows of their (possibly new) verdicts. A stored
+    // contested row stays contested when merged ([`crate::store::VERDICT_UPSERT`]), but its
+    // answers and physics (keys of the contested level) may change, so both contested steps
+    // run for every batch with late rows.
+    futures::try_join!(
+        async {
+            tx.execute(&st.late_sums_out, &keys)
+                .await
+                .map_err(pg("late flows: out of their hours"))
+        },
+        async {
+            tx.execute(&st.late_contested_hour_out, &keys)
+                .await
+                .map_err(pg("late contested flows: out of their hours"))
+        },
+        async {
+            tx.execute(&st.late_contested_day_out, &day_keys)
+                .await
+                .map_err(pg("late contested flows: out of their days"))
+        },
+        upsert_minutes(tx, st, &late),
+        async {
+            tx.execute(&st.late_sums_in, &keys)
+                .await
+                .map_err(pg("late flows: into their hours"))
+        },
+        async {
+            tx.execute(&st.late_contested_hour_in, &keys)
+                .await
+                .map_err(pg("late contested flows: into their hours"))
+        },
+        async {
+            tx.execute(&st.late_contested_day_in, &day_keys)
+                .await
+                .map_err(pg("late contested flows: into their days"))
+        },
+    )?;
     Ok(())
 }
+
+/// Take the rollup's advisory lock shared (the rollup takes it exclusively).
+const LOCK_ROLLUP_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1)";
+
+/// Where the hourly and daily rollups have come to.
+const READ_ROLLUP_STATE: &str = "SELECT (SELECT up_to_ms FROM rollup_state WHERE name = 'hourly'),
+            (SELECT up_to_ms FROM rollup_state WHERE name = 'daily')";
 
 /// The keys of a batch's late rows, as arrays for `unnest`.
 #[derive(Default)]
@@ -510,6 +629,109 @@ static LATE_SUMS_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                       operator_country, physics) DO UPDATE SET {}",
         crate::store::minutes::HOUR_COLUMNS,
         crate::store::minutes::LATE_HOUR_SUMS_IN
+    )
+});
+
+/// The contested level's key columns, in its tables' order after `node` and the period.
+const CONTESTED_KEY: &str =
+    "pid, process, direction, country, asn, answers, contested, operator_country,
+     physics, remote_address, remote_port";
+
+/// The late contested rows' stored sums leave their `table` rows (period `period_ms`, its
+/// start column `column`) before the upsert; `filter` narrows the late rows (the day level
+/// takes only minutes of days already rolled up, `$8`). What the trigger pair of migration
+/// 0024 did for the old rows of an update.
+fn late_contested_out(table: &str, column: &str, period_ms: i64, filter: &str) -> String {
+    format!(
+        "UPDATE {table} c SET
+            bytes_sent = c.bytes_sent - m.bytes_sent,
+            bytes_received = c.bytes_received - m.bytes_received,
+            connections = c.connections - m.connections,
+            conntrack_bytes = c.conntrack_bytes - m.conntrack_bytes,
+            unmeasured_flows = c.unmeasured_flows - m.unmeasured_flows
+         FROM (SELECT m.node, m.minute_ms - (m.minute_ms % {period_ms}) AS p, m.pid, m.process, m.direction,
+                      m.country, m.asn, m.answers, m.contested, m.operator_country, m.physics,
+                      m.remote_address, m.remote_port, SUM(m.bytes_sent) AS bytes_sent,
+                      SUM(m.bytes_received) AS bytes_received, SUM(m.connections) AS connections,
+                      SUM(m.conntrack_bytes) AS conntrack_bytes, SUM(m.unmeasured_flows) AS unmeasured_flows
+               FROM {LATE_ROWS}
+               WHERE m.contested <> 0{filter}
+               GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13) AS m
+         WHERE c.{column} = m.p AND c.node = m.node AND c.pid = m.pid AND c.process = m.process
+           AND c.direction = m.direction AND c.country = m.country AND c.asn = m.asn
+           AND c.answers = m.answers AND c.contested = m.contested
+           AND c.operator_country = m.operator_country AND c.physics = m.physics
+           AND c.remote_address = m.remote_address AND c.remote_port = m.remote_port"
+    )
+}
+
+/// The late contested rows' merged sums join the `table` rows of their verdicts after the
+/// upsert (inserted when missing), merged as the rollup merges minutes into the level.
+fn late_contested_in(table: &str, column: &str, period_ms: i64, filter: &str) -> String {
+    format!(
+        "INSERT INTO {table} (node, {column}, {CONTESTED_KEY}, org, geo_source, bytes_sent,
+                              bytes_received, connections, min_rtt_us, distance_km, limit_km,
+                              conntrack_bytes, unmeasured_flows)
+         SELECT m.node, m.minute_ms - (m.minute_ms % {period_ms}), m.pid, m.process, m.direction,
+                m.country, m.asn, m.answers, m.contested, m.operator_country, m.physics,
+                m.remote_address, m.remote_port, MAX(m.org), MAX(m.geo_source), SUM(m.bytes_sent),
+                SUM(m.bytes_received), SUM(m.connections), COALESCE(MIN(NULLIF(m.min_rtt_us, 0)), 0),
+                MAX(m.distance_km), COALESCE(MIN(NULLIF(m.limit_km, 0)), 0), SUM(m.conntrack_bytes),
+                SUM(m.unmeasured_flows)
+         FROM {LATE_ROWS}
+         WHERE m.contested <> 0{filter}
+         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13
+         ON CONFLICT ({column}, node, {CONTESTED_KEY}) DO UPDATE SET
+            bytes_sent = {table}.bytes_sent + EXCLUDED.bytes_sent,
+            bytes_received = {table}.bytes_received + EXCLUDED.bytes_received,
+            connections = {table}.connections + EXCLUDED.connections,
+            conntrack_bytes = {table}.conntrack_bytes + EXCLUDED.conntrack_bytes,
+            unmeasured_flows = {table}.unmeasured_flows + EXCLUDED.unmeasured_flows,
+            min_rtt_us = CASE WHEN {table}.min_rtt_us = 0 THEN EXCLUDED.min_rtt_us
+                              WHEN EXCLUDED.min_rtt_us = 0 THEN {table}.min_rtt_us
+                              ELSE LEAST({table}.min_rtt_us, EXCLUDED.min_rtt_us) END,
+            limit_km = CASE WHEN {table}.limit_km = 0 THEN EXCLUDED.limit_km
+                            WHEN EXCLUDED.limit_km = 0 THEN {table}.limit_km
+                            ELSE LEAST({table}.limit_km, EXCLUDED.limit_km) END,
+            distance_km = GREATEST({table}.distance_km, EXCLUDED.distance_km),
+            org = GREATEST({table}.org, EXCLUDED.org),
+            geo_source = GREATEST({table}.geo_source, EXCLUDED.geo_source)"
+    )
+}
+
+/// Day level: only minutes of days already rolled up (`$8`, the daily rollup's `up_to_ms`).
+const DAYS_ROLLED: &str = " AND m.minute_ms < $8";
+
+static LATE_CONTESTED_HOUR_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    late_contested_out(
+        "contested_hour",
+        "hour_ms",
+        crate::store::rollup::HOUR_MS,
+        "",
+    )
+});
+static LATE_CONTESTED_HOUR_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    late_contested_in(
+        "contested_hour",
+        "hour_ms",
+        crate::store::rollup::HOUR_MS,
+        "",
+    )
+});
+static LATE_CONTESTED_DAY_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    late_contested_out(
+        "contested_day",
+        "day_ms",
+        crate::store::rollup::DAY_MS,
+        DAYS_ROLLED,
+    )
+});
+static LATE_CONTESTED_DAY_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    late_contested_in(
+        "contested_day",
+        "day_ms",
+        crate::store::rollup::DAY_MS,
+        DAYS_ROLLED,
     )
 });
 
@@ -839,6 +1061,12 @@ pub(super) async fn ingest_once(
 /// Several reports in one transaction (one commit). Sorted by key first, so that replicas
 /// committing batches take row locks in the same order (no deadlock between them) and a key
 /// queued twice is stored once, then seen as a duplicate.
+///
+/// One statement per table for the whole batch, not one per report and table: the keys and
+/// bodies (`unnest`, `RETURNING` the keys stored), then, pipelined (one round trip), each
+/// (node, epoch)'s counters, each node's facts, the gaps and the derive queue rows of the
+/// reports stored, and the duplicates' reads. Each statement's rows are what the report-by-
+/// report upserts, in key order, left ([`append_groups`]).
 pub(super) async fn ingest_batch_once(
     w: &mut Writer,
     reports: &[&IncomingReport],
@@ -848,28 +1076,299 @@ pub(super) async fn ingest_batch_once(
         let (x, y) = (reports[a], reports[b]);
         (&x.node, x.epoch, x.seq).cmp(&(&y.node, y.epoch, y.seq))
     });
+    let sorted: Vec<&IncomingReport> = order.iter().map(|&i| reports[i]).collect();
+    let mut keys = AppendKeys::default();
+    for r in &sorted {
+        keys.node.push(r.node.as_str());
+        keys.epoch.push(to_i64(r.epoch, "epoch")?);
+        keys.seq.push(to_i64(r.seq, "seq")?);
+        keys.observed.push(r.observed_unix_ms);
+        keys.received.push(r.received_unix_ms);
+        keys.body.push(r.body.as_slice());
+    }
     let Writer { client, st, .. } = w;
     let tx = client.transaction().await.map_err(pg("begin batch"))?;
-    // The statements of all reports are pipelined on the connection (tokio-postgres sends a
-    // request when its future is first polled, and the server runs them in that order):
-    // first every report's key, in key order; then the rest of each report, the reports'
-    // statements interleaved. A batch is then a few round trips rather than several per report.
-    let inserted =
-        futures::future::try_join_all(order.iter().map(|&i| insert_report(&tx, st, reports[i])))
-            .await?;
-    let finished = futures::future::try_join_all(
-        order
+    let stored_keys: std::collections::HashSet<(String, i64, i64)> = tx
+        .query(
+            &st.append_reports,
+            &[
+                &keys.node,
+                &keys.epoch,
+                &keys.seq,
+                &keys.observed,
+                &keys.received,
+                &keys.body,
+            ],
+        )
+        .await
+        .map_err(pg("insert reports"))?
+        .iter()
+        .map(|row| {
+            Ok((
+                get::<String>(row, 0, "insert reports")?,
+                get::<i64>(row, 1, "insert reports")?,
+                get::<i64>(row, 2, "insert reports")?,
+            ))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    // A key twice in the batch: the first (in `unnest` order) was stored, the other is a
+    // duplicate of it.
+    let mut seen = std::collections::HashSet::new();
+    let stored: Vec<bool> = (0..sorted.len())
+        .map(|i| {
+            let key = (keys.node[i], keys.epoch[i], keys.seq[i]);
+            seen.insert(key) && stored_keys.contains(&(key.0.to_owned(), key.1, key.2))
+        })
+        .collect();
+    let g = append_groups(&sorted, &stored)?;
+    let labels: Vec<String> = g
+        .nodes
+        .iter()
+        .map(|&(w, ..)| {
+            serde_json::to_string(&sorted[w].labels).unwrap_or_else(|_| "{}".to_owned())
+        })
+        .collect();
+    let mut n = NodeColumns::default();
+    for (&(w, first_seen, last_seen, latest_epoch), labels) in g.nodes.iter().zip(&labels) {
+        let r = sorted[w];
+        n.node.push(r.node.as_str());
+        n.site.push(r.site.as_str());
+        n.country.push(r.country.as_str());
+        n.hostname.push(r.hostname.as_str());
+        n.agent_version.push(r.agent_version.as_str());
+        n.labels.push(labels.as_str());
+        n.first_seen.push(first_seen);
+        n.last_seen.push(last_seen);
+        n.observed.push(r.observed_unix_ms);
+        n.epoch.push(latest_epoch);
+        n.cpu.push(f64::from(r.cpu_percent));
+        n.used
+            .push(to_i64(r.memory_used_bytes, "memory_used_bytes")?);
+        n.total
+            .push(to_i64(r.memory_total_bytes, "memory_total_bytes")?);
+    }
+    let mut q = QueueColumns::default();
+    let mut gaps = GapColumns::default();
+    for (i, r) in sorted.iter().enumerate().filter(|(i, _)| stored[*i]) {
+        q.node.push(r.node.as_str());
+        q.epoch.push(keys.epoch[i]);
+        q.seq.push(keys.seq[i]);
+        q.received.push(r.received_unix_ms);
+        for gap in &r.gaps {
+            gaps.node.push(r.node.as_str());
+            gaps.epoch.push(keys.epoch[i]);
+            gaps.first.push(to_i64(gap.first_seq, "gap first_seq")?);
+            gaps.last.push(to_i64(gap.last_seq, "gap last_seq")?);
+            gaps.reason.push(gap.reason.as_str());
+            gaps.dropped.push(gap.dropped_unix_ms);
+            gaps.received.push(r.received_unix_ms);
+        }
+    }
+    let e = &g.epochs;
+    let epochs = async {
+        if e.node.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &st.append_epochs,
+            &[
+                &e.node,
+                &e.epoch,
+                &e.reports,
+                &e.last_seq,
+                &e.first_seen,
+                &e.last_seen,
+            ],
+        )
+        .await
+        .map_err(pg("update epoch counters"))
+    };
+    let nodes = async {
+        if n.node.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &st.append_nodes,
+            &[
+                &n.node,
+                &n.site,
+                &n.country,
+                &n.hostname,
+                &n.agent_version,
+                &n.labels,
+                &n.first_seen,
+                &n.last_seen,
+                &n.observed,
+                &n.epoch,
+                &n.cpu,
+                &n.used,
+                &n.total,
+            ],
+        )
+        .await
+        .map_err(pg("update nodes"))
+    };
+    let gap_rows = async {
+        if gaps.node.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &st.append_gaps,
+            &[
+                &gaps.node,
+                &gaps.epoch,
+                &gaps.first,
+                &gaps.last,
+                &gaps.reason,
+                &gaps.dropped,
+                &gaps.received,
+            ],
+        )
+        .await
+        .map_err(pg("insert gaps"))
+    };
+    let queue = async {
+        if q.node.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(&st.append_queue, &[&q.node, &q.epoch, &q.seq, &q.received])
+            .await
+            .map_err(pg("queue for derivation"))
+    };
+    // The duplicates, report by report (rare): a re-send, or a sequence number reused.
+    let duplicates = futures::future::try_join_all(
+        sorted
             .iter()
-            .zip(inserted)
-            .map(|(&i, n)| finish_report(&tx, st, reports[i], n)),
-    )
-    .await?;
+            .zip(&stored)
+            .filter(|(_, s)| !**s)
+            .map(|(r, _)| finish_report(&tx, st, r, 0)),
+    );
+    let (_, _, _, _, dups) = futures::try_join!(epochs, nodes, gap_rows, queue, duplicates)?;
     tx.commit().await.map_err(pg("commit batch"))?;
+    let mut dups = dups.into_iter();
     let mut outcomes = vec![IngestOutcome::Duplicate; reports.len()];
-    for (&i, outcome) in order.iter().zip(finished) {
-        outcomes[i] = outcome;
+    for (&i, s) in order.iter().zip(&stored) {
+        outcomes[i] = if *s {
+            IngestOutcome::Stored
+        } else {
+            dups.next().unwrap_or(IngestOutcome::Duplicate)
+        };
     }
     Ok(outcomes)
+}
+
+/// A batch's keys and bodies, as arrays for `unnest` (key order).
+#[derive(Default)]
+struct AppendKeys<'a> {
+    node: Vec<&'a str>,
+    epoch: Vec<i64>,
+    seq: Vec<i64>,
+    observed: Vec<i64>,
+    received: Vec<i64>,
+    body: Vec<&'a [u8]>,
+}
+
+/// One `node_epochs` row per (node, epoch) of the stored reports.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct EpochColumns<'a> {
+    node: Vec<&'a str>,
+    epoch: Vec<i64>,
+    reports: Vec<i64>,
+    last_seq: Vec<i64>,
+    first_seen: Vec<i64>,
+    last_seen: Vec<i64>,
+}
+
+#[derive(Default)]
+struct NodeColumns<'a> {
+    node: Vec<&'a str>,
+    site: Vec<&'a str>,
+    country: Vec<&'a str>,
+    hostname: Vec<&'a str>,
+    agent_version: Vec<&'a str>,
+    labels: Vec<&'a str>,
+    first_seen: Vec<i64>,
+    last_seen: Vec<i64>,
+    observed: Vec<i64>,
+    epoch: Vec<i64>,
+    cpu: Vec<f64>,
+    used: Vec<i64>,
+    total: Vec<i64>,
+}
+
+#[derive(Default)]
+struct QueueColumns<'a> {
+    node: Vec<&'a str>,
+    epoch: Vec<i64>,
+    seq: Vec<i64>,
+    received: Vec<i64>,
+}
+
+#[derive(Default)]
+struct GapColumns<'a> {
+    node: Vec<&'a str>,
+    epoch: Vec<i64>,
+    first: Vec<i64>,
+    last: Vec<i64>,
+    reason: Vec<&'a str>,
+    dropped: Vec<i64>,
+    received: Vec<i64>,
+}
+
+/// What the stored reports of a batch (`sorted` in key order, `stored[i]` when report `i`'s
+/// key was inserted) change in `node_epochs` and `nodes`, one row per (node, epoch) and per
+/// node: exactly what [`UPSERT_EPOCH`] and [`UPSERT_NODE`] once per report, in key order,
+/// would leave.
+struct AppendGroups<'a> {
+    epochs: EpochColumns<'a>,
+    /// Per node: the report whose facts win (the last of those with the latest observation
+    /// time: a later report of equal time overwrote an earlier one), the first report's
+    /// reception time (the row's `first_seen_ms` when it is new), the latest reception time
+    /// and the latest epoch.
+    nodes: Vec<(usize, i64, i64, i64)>,
+}
+
+fn append_groups<'a>(
+    sorted: &[&'a IncomingReport],
+    stored: &[bool],
+) -> Result<AppendGroups<'a>, StoreError> {
+    let mut epochs = EpochColumns::default();
+    let mut nodes: Vec<(usize, i64, i64, i64)> = Vec::new();
+    let mut last_node: Option<&str> = None;
+    for (i, r) in sorted.iter().enumerate().filter(|(i, _)| stored[*i]) {
+        let epoch = to_i64(r.epoch, "epoch")?;
+        let seq = to_i64(r.seq, "seq")?;
+        let at = r.received_unix_ms;
+        let same_epoch =
+            epochs.node.last() == Some(&r.node.as_str()) && epochs.epoch.last() == Some(&epoch);
+        if same_epoch {
+            let k = epochs.node.len() - 1;
+            epochs.reports[k] += 1;
+            epochs.last_seq[k] = epochs.last_seq[k].max(seq);
+            epochs.last_seen[k] = epochs.last_seen[k].max(at);
+        } else {
+            epochs.node.push(r.node.as_str());
+            epochs.epoch.push(epoch);
+            epochs.reports.push(1);
+            epochs.last_seq.push(seq);
+            epochs.first_seen.push(at);
+            epochs.last_seen.push(at);
+        }
+        match nodes.last_mut() {
+            Some((w, _, last_seen, latest)) if last_node == Some(r.node.as_str()) => {
+                if r.observed_unix_ms >= sorted[*w].observed_unix_ms {
+                    *w = i;
+                }
+                *last_seen = (*last_seen).max(at);
+                *latest = (*latest).max(epoch);
+            }
+            _ => {
+                nodes.push((i, at, at, epoch));
+                last_node = Some(r.node.as_str());
+            }
+        }
+    }
+    Ok(AppendGroups { epochs, nodes })
 }
 
 /// One report's statements inside `tx` (not committed here).

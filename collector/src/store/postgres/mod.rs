@@ -69,7 +69,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`; versions mean the same tables
 /// as SQLite's `user_version`. Append only; never edit one that has shipped.
-const MIGRATIONS: [&str; 24] = [
+const MIGRATIONS: [&str; 26] = [
     include_str!("../../../migrations/postgres/0001_reports.sql"),
     include_str!("../../../migrations/postgres/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/postgres/0003_weight_files.sql"),
@@ -96,6 +96,8 @@ const MIGRATIONS: [&str; 24] = [
     include_str!("../../../migrations/postgres/0022_contested_covering_index.sql"),
     include_str!("../../../migrations/postgres/0023_late_flow_rows_without_triggers.sql"),
     include_str!("../../../migrations/postgres/0024_contested_rollups.sql"),
+    include_str!("../../../migrations/postgres/0025_contested_late_rows_without_triggers.sql"),
+    include_str!("../../../migrations/postgres/0026_report_bodies_lz4.sql"),
 ];
 
 /// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
@@ -599,6 +601,152 @@ mod tests {
                 count(&url, &schema, "SELECT COUNT(*) FROM reports").await,
                 20
             );
+        })
+        .await;
+    }
+
+    /// One append batch (one statement per table) leaves what one report at a time, in key
+    /// order, leaves: a node's facts from its latest observation (a later key observed
+    /// earlier does not win; of two observed at one instant the later key does), its first
+    /// and latest reception, each epoch's counters, gaps, the derive queue in key order, a
+    /// key twice stored once and the second copy a duplicate, a reused key a conflict.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_append_batch_leaves_what_report_by_report_appends_leave() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            // Stored first, alone: the batch meets a stored node, epoch and key.
+            assert_eq!(
+                store.ingest(report("b", 1, 1)).await.unwrap(),
+                IngestOutcome::Stored
+            );
+            let mut batch = Vec::new();
+            for (node, epoch, seq, observed, received, version) in [
+                ("b", 1, 3, 5_000, 10_200, "b-1-3"),
+                ("a", 2, 1, 3_000, 10_100, "a-2-1"),
+                ("a", 1, 7, 4_000, 10_050, "a-1-7"),
+                ("a", 1, 5, 4_000, 10_300, "a-1-5"),
+                ("a", 1, 6, 2_000, 10_400, "a-1-6"),
+                ("b", 1, 2, 9_000, 10_000, "b-1-2"),
+                ("b", 1, 2, 9_000, 10_000, "b-1-2"),
+                ("b", 1, 1, 1, 10_500, "b-1-1 reused"),
+            ] {
+                let mut r = report(node, epoch, seq);
+                r.observed_unix_ms = observed;
+                r.received_unix_ms = received;
+                r.agent_version = version.to_owned();
+                if seq == 7 {
+                    r.gaps = vec![crate::store::GapRecord {
+                        first_seq: 2,
+                        last_seq: 4,
+                        reason: "spool full".to_owned(),
+                        dropped_unix_ms: 3_500,
+                    }];
+                }
+                batch.push(r);
+            }
+            let outcomes = {
+                let mut w = store.writer().await.unwrap();
+                let refs: Vec<&crate::store::IncomingReport> = batch.iter().collect();
+                ingest::ingest_batch_once(&mut w, &refs).await.unwrap()
+            };
+            use IngestOutcome::{Conflict, Duplicate, Stored};
+            assert_eq!(
+                outcomes,
+                [
+                    Stored, Stored, Stored, Stored, Stored, Stored, Duplicate, Conflict
+                ]
+            );
+            let c = try_connect(&url).await.unwrap();
+            c.batch_execute(&format!("SET search_path TO {}", quote_ident(&schema)))
+                .await
+                .unwrap();
+            let nodes: Vec<(String, String, i64, i64, i64, i64)> = c
+                .query(
+                    "SELECT node, agent_version, first_seen_ms, last_seen_ms, last_observed_ms,
+                            latest_epoch FROM nodes ORDER BY node",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+                .collect();
+            // b's first report came alone before the batch (received at 1,005).
+            let b_first = 1_005;
+            assert_eq!(
+                nodes,
+                [
+                    // a-1-5 and a-1-7 share the latest observation: the later key wins.
+                    ("a".to_owned(), "a-1-7".to_owned(), 10_300, 10_400, 4_000, 2),
+                    (
+                        "b".to_owned(),
+                        "b-1-2".to_owned(),
+                        b_first,
+                        10_200,
+                        9_000,
+                        1
+                    ),
+                ]
+            );
+            let epochs: Vec<(String, i64, i64, i64, i64, i64, i64)> = c
+                .query(
+                    "SELECT node, epoch, reports, last_seq, conflicts, first_seen_ms, last_seen_ms
+                     FROM node_epochs ORDER BY node, epoch",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        r.get(1),
+                        r.get(2),
+                        r.get(3),
+                        r.get(4),
+                        r.get(5),
+                        r.get(6),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                epochs,
+                [
+                    ("a".to_owned(), 1, 3, 7, 0, 10_300, 10_400),
+                    ("a".to_owned(), 2, 1, 1, 0, 10_100, 10_100),
+                    ("b".to_owned(), 1, 3, 3, 1, b_first, 10_200),
+                ]
+            );
+            let queue: Vec<(String, i64, i64)> = c
+                .query("SELECT node, epoch, seq FROM derive_queue ORDER BY id", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            let key = |n: &str, e: i64, s: i64| (n.to_owned(), e, s);
+            assert_eq!(
+                queue,
+                [
+                    key("b", 1, 1),
+                    key("a", 1, 5),
+                    key("a", 1, 6),
+                    key("a", 1, 7),
+                    key("a", 2, 1),
+                    key("b", 1, 2),
+                    key("b", 1, 3),
+                ]
+            );
+            let gaps: Vec<(String, i64, i64, i64)> = c
+                .query("SELECT node, epoch, first_seq, last_seq FROM gaps", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect();
+            assert_eq!(gaps, [("a".to_owned(), 1, 2, 4)]);
         })
         .await;
     }
