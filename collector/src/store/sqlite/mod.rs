@@ -44,7 +44,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 23] = [
+const MIGRATIONS: [&str; 24] = [
     include_str!("../../../migrations/sqlite/0001_reports.sql"),
     include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
@@ -68,6 +68,7 @@ const MIGRATIONS: [&str; 23] = [
     include_str!("../../../migrations/sqlite/0021_contested_covering_index.sql"),
     include_str!("../../../migrations/sqlite/0022_late_flow_rows_without_triggers.sql"),
     include_str!("../../../migrations/sqlite/0023_contested_rollups.sql"),
+    include_str!("../../../migrations/sqlite/0024_contested_late_rows_without_triggers.sql"),
 ];
 
 /// SQLite-backed [`Store`].
