@@ -474,7 +474,9 @@ impl Deriver {
             return Ok((0, 0));
         }
         let n = queued.len();
-        let size = usize::try_from(self.batch_reports).unwrap_or(usize::MAX).max(1);
+        let size = usize::try_from(self.batch_reports)
+            .unwrap_or(usize::MAX)
+            .max(1);
         let mut parts = std::collections::VecDeque::new();
         let mut rest = queued.into_iter();
         loop {
@@ -530,7 +532,11 @@ impl Deriver {
 
     /// Derive one enriched batch (`queued`, its queue rows and bodies, enriched as `batch`)
     /// in one transaction; when the store refuses it, its reports one by one.
-    async fn write(&self, queued: Vec<Underived>, batch: Vec<Derivation>) -> Result<u64, StoreError> {
+    async fn write(
+        &self,
+        queued: Vec<Underived>,
+        batch: Vec<Derivation>,
+    ) -> Result<u64, StoreError> {
         let n = queued.len();
         match self.store.derive(batch).await {
             Ok(d) => Ok(d),
