@@ -769,6 +769,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_backlog_is_read_several_batches_at_once_and_derived_once_a_transaction_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        for seq in 1..=7 {
+            let r = pushed(seq, 10);
+            let body = r.encode_to_vec();
+            store.ingest(incoming(r, 1_000, body, None)).await.unwrap();
+        }
+        let mut d = deriver(store.clone());
+        d.batch_reports = 2;
+        // SQLite: one deriver reads the whole queue, so up to four batches at once.
+        assert_eq!(d.derive_batch().await.unwrap(), (7, 7));
+        assert_eq!(store.derive_status().await.unwrap().pending, 0);
+        let text = d.metrics.render(&crate::metrics::Scrape::default());
+        assert!(
+            text.contains("sov_collector_derive_batches_total 4\n"),
+            "transactions of at most two reports: {text}"
+        );
+        // Every report's flow counted once.
+        let (rows, _) = store
+            .egress(crate::store::EgressQuery {
+                since_unix_ms: 0,
+                until_unix_ms: 600_000,
+                by: "country".into(),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 700);
+        assert_eq!(d.derive_batch().await.unwrap(), (0, 0));
+    }
+
+    #[tokio::test]
     async fn a_query_waits_for_what_was_acknowledged_before_it_and_no_longer() {
         let f = Freshness::new(Duration::from_millis(50));
         assert!(f.wait().await, "nothing acknowledged: nothing to wait for");
