@@ -55,6 +55,11 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// derived batches of a few dozen reports as they were acknowledged, at a higher cost per
 /// report (PERFORMANCE.md §8f).
 const GATHER: Duration = Duration::from_millis(200);
+/// Transactions' worth of reports a deriver that reads the whole queue (SQLite) reads at once
+/// under a backlog, so that each batch is decoded and enriched while the one before it is
+/// written: on SQLite the writer is one thread, and derive-only left the other cores idle
+/// while it wrote (PERFORMANCE.md §8m).
+const PIPELINE_BATCHES: u32 = 4;
 /// Most threads that decode and enrich one batch at once.
 const ENRICH_THREADS: usize = 4;
 /// Fewest reports worth a thread of their own.
@@ -460,31 +465,90 @@ pub struct Deriver {
 }
 
 impl Deriver {
-    /// Derive one batch of the oldest queued reports: how many were queued in it and how many
-    /// this call derived (fewer when another replica took some).
+    /// Derive the oldest queued reports, [`Deriver::read_limit`] at most, in transactions of
+    /// `batch_reports`: how many were queued in it and how many this call derived (fewer when
+    /// another replica took some).
     pub async fn derive_batch(&self) -> Result<(usize, u64), StoreError> {
-        let started = Instant::now();
-        let queued = self.store.underived(self.batch_reports).await?;
+        let queued = self.store.underived(self.read_limit()).await?;
         if queued.is_empty() {
             return Ok((0, 0));
         }
         let n = queued.len();
+        let size = usize::try_from(self.batch_reports)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let mut parts = std::collections::VecDeque::new();
+        let mut rest = queued.into_iter();
+        loop {
+            let part: Vec<Underived> = rest.by_ref().take(size).collect();
+            if part.is_empty() {
+                break;
+            }
+            parts.push_back(part);
+        }
+        let mut derived = 0;
+        let mut started = Instant::now();
+        let Some(mut part) = parts.pop_front() else {
+            return Ok((0, 0));
+        };
         // The batch is enriched again from the bodies in the rare case the store refuses it
         // (cheaper than keeping a deep copy of every enriched batch).
-        let batch = self.enrich(queued.clone()).await?;
-        let derived = match self.store.derive(batch).await {
-            Ok(d) => d,
+        let mut batch = self.enrich(part.clone()).await?;
+        loop {
+            // Each transaction's reports are written while the next ones are decoded and
+            // enriched (on the other cores).
+            let next = parts.pop_front();
+            let next_started = Instant::now();
+            let (written, enriched) = tokio::join!(self.write(part, batch), async {
+                match &next {
+                    Some(q) => Some(self.enrich(q.clone()).await),
+                    None => None,
+                }
+            });
+            let d = written?;
+            self.metrics.derive_batch(d, started.elapsed());
+            derived += d;
+            match (next, enriched) {
+                (Some(q), Some(e)) => {
+                    part = q;
+                    batch = e?;
+                    started = next_started;
+                }
+                _ => return Ok((n, derived)),
+            }
+        }
+    }
+
+    /// Most reports [`Deriver::derive_batch`] reads at once: one transaction's, or, where one
+    /// deriver reads the whole queue (SQLite), [`PIPELINE_BATCHES`] transactions' (written one
+    /// after another, each decoded and enriched while the one before it is written).
+    fn read_limit(&self) -> u32 {
+        if self.store.derives_a_share() {
+            self.batch_reports
+        } else {
+            self.batch_reports.saturating_mul(PIPELINE_BATCHES)
+        }
+    }
+
+    /// Derive one enriched batch (`queued`, its queue rows and bodies, enriched as `batch`)
+    /// in one transaction; when the store refuses it, its reports one by one.
+    async fn write(
+        &self,
+        queued: Vec<Underived>,
+        batch: Vec<Derivation>,
+    ) -> Result<u64, StoreError> {
+        let n = queued.len();
+        match self.store.derive(batch).await {
+            Ok(d) => Ok(d),
             Err(err) if n > 1 => {
                 tracing::debug!(reports = n, error = %err, "derive batch failed; deriving its reports one by one");
-                self.derive_one_by_one(self.enrich(queued).await?).await?
+                self.derive_one_by_one(self.enrich(queued).await?).await
             }
             Err(err) => {
                 self.derive_one_by_one_after(self.enrich(queued).await?, err)
-                    .await?
+                    .await
             }
-        };
-        self.metrics.derive_batch(derived, started.elapsed());
-        Ok((n, derived))
+        }
     }
 
     /// Decode and enrich `queued` off the async threads, in up to [`ENRICH_THREADS`] slices
@@ -576,7 +640,7 @@ impl Deriver {
                     if derived > 0 {
                         self.derived.notify_one();
                     }
-                    if queued == self.batch_reports as usize {
+                    if queued == self.read_limit() as usize {
                         continue;
                     }
                     // The queue held fewer than a batch: everything acknowledged before
@@ -702,6 +766,39 @@ mod tests {
         );
         // Every report stays stored and counted.
         assert_eq!(store.list_nodes("", 10).await.unwrap()[0].reports, 3);
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_read_several_batches_at_once_and_derived_once_a_transaction_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        for seq in 1..=7 {
+            let r = pushed(seq, 10);
+            let body = r.encode_to_vec();
+            store.ingest(incoming(r, 1_000, body, None)).await.unwrap();
+        }
+        let mut d = deriver(store.clone());
+        d.batch_reports = 2;
+        // SQLite: one deriver reads the whole queue, so up to four batches at once.
+        assert_eq!(d.derive_batch().await.unwrap(), (7, 7));
+        assert_eq!(store.derive_status().await.unwrap().pending, 0);
+        let text = d.metrics.render(&crate::metrics::Scrape::default());
+        assert!(
+            text.contains("sov_collector_derive_batches_total 4\n"),
+            "transactions of at most two reports: {text}"
+        );
+        // Every report's flow counted once.
+        let (rows, _) = store
+            .egress(crate::store::EgressQuery {
+                since_unix_ms: 0,
+                until_unix_ms: 600_000,
+                by: "country".into(),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 700);
+        assert_eq!(d.derive_batch().await.unwrap(), (0, 0));
     }
 
     #[tokio::test]

@@ -171,20 +171,51 @@ fn min_known(a: i64, b: i64) -> i64 {
     }
 }
 
+/// The primary key of a `contested_hour` or `contested_day` row: the key of the `flows_hour`
+/// (or `flows_day`) row it is part of, `hour_ms` holding the hour or the day, plus the
+/// destination.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct ContestedKey {
+    pub rolled: HourKey,
+    pub remote_address: String,
+    pub remote_port: i64,
+}
+
 /// What a batch's late minute rows change in `flows_hour`, one entry per hour row: the sums
 /// added (merged rows less stored ones), and whether a merged row joined it (then its org,
 /// geo source, RTT and distances merge into the hour row as [`LATE_HOUR_SUMS_IN`] does, and the
 /// row is inserted when missing). Exactly what the former triggers did row by row — subtract
 /// the old minute row from its hour row, add the new one — summed per hour row, so each hour
 /// row (and the day, fleet and rest-of-day rows its triggers keep) is written once a batch.
-#[derive(Debug, Default)]
-pub(crate) struct HourChanges {
-    rows: BTreeMap<HourKey, (bool, HourSums)>,
+pub(crate) type HourChanges = LateChanges<HourKey>;
+
+/// The same for the contested level (issue 14, sixth round's trigger pair moved into the
+/// deriver): a late minute row with `contested <> 0` leaves, and its merged row joins, its
+/// `contested_hour` row, and its `contested_day` row when its day is rolled up too.
+pub(crate) type ContestedChanges = LateChanges<ContestedKey>;
+
+/// Changes to rolled-up rows keyed by `K`, summed over a batch (see [`HourChanges`]).
+#[derive(Debug)]
+pub(crate) struct LateChanges<K> {
+    rows: BTreeMap<K, (bool, HourSums)>,
 }
 
-impl HourChanges {
+impl<K> Default for LateChanges<K> {
+    fn default() -> Self {
+        Self {
+            rows: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord> LateChanges<K> {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
     /// A stored minute row, about to be merged: its sums leave its hour row.
-    pub fn leave(&mut self, key: HourKey, s: &HourSums) {
+    pub fn leave(&mut self, key: K, s: &HourSums) {
         let (_, e) = self.rows.entry(key).or_default();
         e.bytes_sent = e.bytes_sent.saturating_sub(s.bytes_sent);
         e.bytes_received = e.bytes_received.saturating_sub(s.bytes_received);
@@ -194,7 +225,7 @@ impl HourChanges {
     }
 
     /// A minute row as merged: its sums join its hour row.
-    pub fn join(&mut self, key: HourKey, s: HourSums) {
+    pub fn join(&mut self, key: K, s: HourSums) {
         let (joined, e) = self.rows.entry(key).or_default();
         *joined = true;
         e.bytes_sent = e.bytes_sent.saturating_add(s.bytes_sent);
@@ -215,7 +246,7 @@ impl HourChanges {
 
     /// The hour rows to change: `(key, joined, sums)`; rows only left with nothing to take
     /// away are skipped.
-    pub fn into_rows(self) -> impl Iterator<Item = (HourKey, bool, HourSums)> {
+    pub fn into_rows(self) -> impl Iterator<Item = (K, bool, HourSums)> {
         self.rows
             .into_iter()
             .filter(|(_, (joined, s))| {

@@ -104,6 +104,7 @@ macro_rules! store_suite {
             fleet_rows_are_the_sums_of_the_node_rows_through_rollups_late_rows_and_retention,
             node_level_groupings_over_rollups_list_the_largest_first_and_count_the_rest,
             late_rows_derived_in_one_batch_reach_their_hour_day_and_fleet_rows_once,
+            late_rows_derived_in_one_batch_enter_leave_and_move_within_the_contested_level,
             contested_rows_serve_the_scorecard_through_rollups_late_rows_and_retention,
         );
     };
@@ -126,7 +127,10 @@ pub(crate) use super::suite_containers::{
     gpu_seconds_are_named_with_their_kubernetes_namespace,
     weight_copies_and_users_carry_their_container,
 };
-pub(crate) use super::suite_late::late_rows_derived_in_one_batch_reach_their_hour_day_and_fleet_rows_once;
+pub(crate) use super::suite_late::{
+    late_rows_derived_in_one_batch_enter_leave_and_move_within_the_contested_level,
+    late_rows_derived_in_one_batch_reach_their_hour_day_and_fleet_rows_once,
+};
 pub(crate) use super::suite_rollup::{
     contested_rows_serve_the_scorecard_through_rollups_late_rows_and_retention,
     day_rows_total_the_minutes_and_answers_survive_the_minutes,

@@ -162,20 +162,63 @@ pub(super) fn write_minutes(
         return Ok(());
     }
     m::count_late(late.len());
-    let read =
-        |r: &rusqlite::Row<'_>| m::hour_row(|i| r.get::<_, String>(i), |i| r.get::<_, i64>(i));
+    // A late row read as its hour row's key and sums, then its destination (for the contested
+    // level).
+    let read = |r: &rusqlite::Row<'_>| {
+        let (k, s) = m::hour_row(|i| r.get::<_, String>(i), |i| r.get::<_, i64>(i))?;
+        Ok((k, s, r.get::<_, String>(21)?, r.get::<_, i64>(22)?))
+    };
+    let late_row = format!("{}, remote_address, remote_port", m::MINUTE_AS_HOUR);
     let mut stored = tx
         .prepare_cached(&format!(
-            "SELECT {} FROM flows_minute
+            "SELECT {late_row} FROM flows_minute
              WHERE node = ?1 AND minute_ms = ?2 AND pid = ?3 AND protocol = ?4 AND direction = ?5
-               AND remote_address = ?6 AND remote_port = ?7",
-            m::MINUTE_AS_HOUR
+               AND remote_address = ?6 AND remote_port = ?7"
         ))
         .map_err(sql("prepare late flow"))?;
     let mut merged = tx
-        .prepare_cached(&format!("{upsert} RETURNING {}", m::MINUTE_AS_HOUR))
+        .prepare_cached(&format!("{upsert} RETURNING {late_row}"))
         .map_err(sql("prepare late flow"))?;
+    // The daily rollup's point, read when a late contested row needs it.
+    let mut days_up_to: Option<i64> = None;
+    let mut day_rolled = |minute: i64| -> Result<bool, StoreError> {
+        let up_to = match days_up_to {
+            Some(v) => v,
+            None => {
+                let v: i64 = tx
+                    .prepare_cached("SELECT up_to_ms FROM rollup_state WHERE name = 'daily'")
+                    .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
+                    .map_err(sql("read rollup state"))?
+                    .unwrap_or(0);
+                days_up_to = Some(v);
+                v
+            }
+        };
+        Ok(minute < up_to)
+    };
     let mut hours = m::HourChanges::default();
+    let (mut contested_hours, mut contested_days) = (
+        m::ContestedChanges::default(),
+        m::ContestedChanges::default(),
+    );
+    // The contested level's rows of a late row: its hour's, and its day's when that day is
+    // rolled up (`minute` is the row's own, so both are decided by it).
+    let mut contested_keys =
+        |minute: i64, k: &m::HourKey, address: &str, port: i64| -> Result<_, StoreError> {
+            let hour = m::ContestedKey {
+                rolled: k.clone(),
+                remote_address: address.to_owned(),
+                remote_port: port,
+            };
+            let day = if day_rolled(minute)? {
+                let mut day = hour.clone();
+                day.rolled.hour_ms = minute - minute % 86_400_000;
+                Some(day)
+            } else {
+                None
+            };
+            Ok((hour, day))
+        };
     for ((node, minute, pid, protocol, direction, remote, port), e) in late {
         let before = stored
             .query_row(
@@ -184,62 +227,134 @@ pub(super) fn write_minutes(
             )
             .optional()
             .map_err(sql("late flow: stored row"))?;
-        if let Some((k, s)) = before {
+        if let Some((k, s, address, port)) = before {
+            if k.contested != 0 {
+                let (hour, day) = contested_keys(*minute, &k, &address, port)?;
+                contested_hours.leave(hour, &s);
+                if let Some(day) = day {
+                    contested_days.leave(day, &s);
+                }
+            }
             hours.leave(k, &s);
         }
         let key = (*node, *minute, *pid, *protocol, *direction, *remote, *port);
-        let (k, s) =
+        let (k, s, address, port) =
             with_minute_row(&key, e, |p| merged.query_row(p, read)).map_err(sql("late flow"))?;
+        if k.contested != 0 {
+            let (hour, day) = contested_keys(*minute, &k, &address, port)?;
+            if let Some(day) = day {
+                contested_days.join(day, s.clone());
+            }
+            contested_hours.join(hour, s.clone());
+        }
         hours.join(k, s);
     }
+    let hour_rows = hours.into_rows().map(|(k, joined, s)| (k, joined, s, None));
+    write_late_rows(tx, "flows_hour", "hour_ms", hour_rows)?;
+    for (table, level, changes) in [
+        ("contested_hour", "hour_ms", contested_hours),
+        ("contested_day", "day_ms", contested_days),
+    ] {
+        if !changes.is_empty() {
+            let rows = changes.into_rows().map(|(k, joined, s)| {
+                let extra = (k.remote_address, k.remote_port);
+                (k.rolled, joined, s, Some(extra))
+            });
+            write_late_rows(tx, table, level, rows)?;
+        }
+    }
+    Ok(())
+}
+
+/// Write the rolled-up rows a batch's late minute rows changed in `table` (at `level`, the
+/// table's hour or day column), once each: an upsert where a merged row joined the row, an
+/// update of the additive sums where rows only left it. A row's key may carry a destination
+/// (the contested level: `(remote_address, remote_port)` after the hour row's key columns).
+fn write_late_rows(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    level: &str,
+    rows: impl Iterator<
+        Item = (
+            crate::store::minutes::HourKey,
+            bool,
+            crate::store::minutes::HourSums,
+            Option<(String, i64)>,
+        ),
+    >,
+) -> Result<(), StoreError> {
+    use crate::store::minutes as m;
+    let mut rows = rows.peekable();
+    let Some(first) = rows.peek() else {
+        return Ok(());
+    };
+    let with_destination = first.3.is_some();
+    // The key columns (1..=11, then the destination as 22 and 23), the others 12..=21 in
+    // [`m::HOUR_COLUMNS`]' order.
+    let (destination_columns, destination_values, destination_key) = if with_destination {
+        (
+            ", remote_address, remote_port",
+            ", ?22, ?23",
+            " AND remote_address = ?22 AND remote_port = ?23",
+        )
+    } else {
+        ("", "", "")
+    };
+    let columns = m::HOUR_COLUMNS.replacen("hour_ms", level, 1);
     let mut joined = tx
         .prepare_cached(&format!(
-            "INSERT INTO flows_hour ({})
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)
+            "INSERT INTO {table} ({columns}{destination_columns})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21{destination_values})
              ON CONFLICT DO UPDATE SET {}",
-            m::HOUR_COLUMNS,
-            m::LATE_HOUR_SUMS_IN
+            m::LATE_HOUR_SUMS_IN.replace("flows_hour.", &format!("{table}."))
         ))
-        .map_err(sql("prepare late hour"))?;
+        .map_err(sql("prepare late rolled row"))?;
     let mut left = tx
-        .prepare_cached(
-            "UPDATE flows_hour SET bytes_sent = bytes_sent + ?14, bytes_received = bytes_received + ?15,
+        .prepare_cached(&format!(
+            "UPDATE {table} SET bytes_sent = bytes_sent + ?14, bytes_received = bytes_received + ?15,
                     connections = connections + ?16, conntrack_bytes = conntrack_bytes + ?20,
                     unmeasured_flows = unmeasured_flows + ?21
-             WHERE hour_ms = ?2 AND node = ?1 AND pid = ?3 AND process = ?4 AND direction = ?5
+             WHERE {level} = ?2 AND node = ?1 AND pid = ?3 AND process = ?4 AND direction = ?5
                AND country = ?6 AND asn = ?7 AND answers = ?8 AND contested = ?9
-               AND operator_country = ?10 AND physics = ?11",
-        )
-        .map_err(sql("prepare late hour"))?;
-    for (k, is_joined, s) in hours.into_rows() {
-        let p = params![
-            k.node,
-            k.hour_ms,
-            k.pid,
-            k.process,
-            k.direction,
-            k.country,
-            k.asn,
-            k.answers,
-            k.contested,
-            k.operator_country,
-            k.physics,
-            s.org,
-            s.geo_source,
-            s.bytes_sent,
-            s.bytes_received,
-            s.connections,
-            s.min_rtt_us,
-            s.distance_km,
-            s.limit_km,
-            s.conntrack_bytes,
-            s.unmeasured_flows
+               AND operator_country = ?10 AND physics = ?11{destination_key}"
+        ))
+        .map_err(sql("prepare late rolled row"))?;
+    for (k, is_joined, s, destination) in rows {
+        let (address, port) = destination.unwrap_or_default();
+        let mut p: Vec<&dyn rusqlite::ToSql> = vec![
+            &k.node,
+            &k.hour_ms,
+            &k.pid,
+            &k.process,
+            &k.direction,
+            &k.country,
+            &k.asn,
+            &k.answers,
+            &k.contested,
+            &k.operator_country,
+            &k.physics,
+            &s.org,
+            &s.geo_source,
+            &s.bytes_sent,
+            &s.bytes_received,
+            &s.connections,
+            &s.min_rtt_us,
+            &s.distance_km,
+            &s.limit_km,
+            &s.conntrack_bytes,
+            &s.unmeasured_flows,
         ];
+        if with_destination {
+            p.push(&address);
+            p.push(&port);
+        }
         if is_joined {
-            joined.execute(p).map_err(sql("late flows: their hour"))?;
+            joined
+                .execute(p.as_slice())
+                .map_err(sql("late flows: their rolled-up row"))?;
         } else {
-            left.execute(p)
-                .map_err(sql("late flows: out of their hour"))?;
+            left.execute(p.as_slice())
+                .map_err(sql("late flows: out of their rolled-up row"))?;
         }
     }
     Ok(())

@@ -44,7 +44,7 @@ const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Migration `i` takes a database from version `i` to `i + 1`. Append only; never edit one
 /// that has shipped.
-const MIGRATIONS: [&str; 23] = [
+const MIGRATIONS: [&str; 24] = [
     include_str!("../../../migrations/sqlite/0001_reports.sql"),
     include_str!("../../../migrations/sqlite/0002_host_and_gpu_samples.sql"),
     include_str!("../../../migrations/sqlite/0003_weight_files.sql"),
@@ -68,6 +68,7 @@ const MIGRATIONS: [&str; 23] = [
     include_str!("../../../migrations/sqlite/0021_contested_covering_index.sql"),
     include_str!("../../../migrations/sqlite/0022_late_flow_rows_without_triggers.sql"),
     include_str!("../../../migrations/sqlite/0023_contested_rollups.sql"),
+    include_str!("../../../migrations/sqlite/0024_contested_late_rows_without_triggers.sql"),
 ];
 
 /// SQLite-backed [`Store`].
@@ -154,7 +155,7 @@ impl SqliteStore {
         writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         writer
             .execute_batch(&format!(
-                "PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES};"
+                "PRAGMA wal_autocheckpoint = {WRITER_AUTOCHECKPOINT_PAGES}; PRAGMA cache_size = -{WRITER_CACHE_KIB};"
             ))
             .map_err(sql("set checkpoint threshold"))?;
         let writer = Arc::new(Mutex::new(writer));
@@ -167,6 +168,14 @@ impl SqliteStore {
     }
 }
 
+/// The writer's page cache, KiB (SQLite's default is 2,000 KiB). The writer's inserts land
+/// across the whole of `flows_minute` (its key leads with the node: one leaf per node and
+/// minute being written), `reports` and `derive_queue`: with 200 nodes that working set did
+/// not fit in the default cache, so a derive batch read pages back with `pread` and spilled
+/// dirty pages to the WAL in the middle of its transaction (PERFORMANCE.md §8m: a quarter of
+/// the writer's time). Only the writer keeps its cache from one transaction to the next (any
+/// other connection's is reset when the writer commits), so only the writer gets a larger one.
+const WRITER_CACHE_KIB: u32 = 65_536;
 /// WAL pages after which the writer checkpoints by itself, in its commit (SQLite's default is
 /// 1,000): only when the background checkpointer falls behind.
 const WRITER_AUTOCHECKPOINT_PAGES: u32 = 16_384;
