@@ -7,9 +7,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["."])?;
+    // A `ContainerRef` is eleven strings (264 bytes inline): boxed in the two messages a report
+    // carries by the thousand (a weight file's users, the processes), where most are absent
+    // (host processes) and an absent one then costs 8 bytes (docs/PERFORMANCE.md §3b).
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .boxed(".sovereign.v1.WeightUser.container")
+        .boxed(".sovereign.v1.ProcessInfo.container")
         .compile_fds(fds)?;
 
     // The runtimes' APIs: clients only (the tests' own fake servers are not needed: the tests

@@ -185,7 +185,7 @@ impl Observer {
         let refs = self.containers.of_pids(&pids);
         let proc_root = std::path::Path::new(crate::collect::procs::DEFAULT_PROC_ROOT);
         for p in &mut processes.processes {
-            p.container = refs.get(&p.pid).cloned();
+            p.container = refs.get(&p.pid).cloned().map(Box::new);
             // Read with the process's other details (and kept with them); only a process
             // whose namespaces could not be read then is asked again.
             if p.netns_inode == 0 {

@@ -109,7 +109,7 @@ pub fn weight_json(w: &pb::WeightFile) -> Value {
             "gpus": u.gpu_uuids,
             "mapped": u.mapped,
             "open": u.open,
-            "container": container_json(u.container.as_ref()),
+            "container": container_json(u.container.as_deref()),
         })).collect::<Vec<_>>(),
     })
 }
@@ -273,7 +273,7 @@ pub fn to_json(obs: &Observation, info: &pb::NodeInfo) -> Value {
                 "start_time_unix_ms": p.start_time_unix_ms,
                 "cgroup": p.cgroup,
                 "container_id": p.container_id,
-                "container": container_json(p.container.as_ref()),
+                "container": container_json(p.container.as_deref()),
                 "netns_inode": p.netns_inode,
                 "mntns_inode": p.mntns_inode,
                 "cpu_percent": round1(p.cpu_percent),

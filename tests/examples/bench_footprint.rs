@@ -15,6 +15,11 @@
 //!     --namespaces 100 --ns-connections 100 --mappers 300 --files 20
 //! ```
 //!
+//! The agents run `e2e-agent` of this build (the same `cli::main` as `sov-agent`); to measure the
+//! shipped agent, built with its own profile, name it: `cargo build --profile agent -p sov-agent`
+//! then `CARGO_BIN_EXE_e2e-agent=target/agent/sov-agent` in the environment (a node keeps the
+//! pages of the binary it runs resident, so the profile shows in RSS: docs/PERFORMANCE.md §3b).
+//!
 //! CPU comes from `/proc/<pid>/stat` (utime + stime) over the measured cycles, RSS from
 //! `/proc/<pid>/status` (`VmRSS`) sampled every cycle (median after the warm-up).
 //!

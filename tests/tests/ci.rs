@@ -142,6 +142,10 @@ const NOT_RUN_AS_WRITTEN: &[(&str, &str)] = &[
         "a second full build (minutes); CI builds the same packages in the debug profile",
     ),
     (
+        "cargo build --profile agent -p sov-agent",
+        "a third full build with LTO (minutes); CI builds the agent in the debug profile",
+    ),
+    (
         "sov-agent run --config /etc/sovereign/agent.toml --check-config",
         "needs /etc/sovereign; deploy.rs runs --check-config on deploy/agent.toml",
     ),

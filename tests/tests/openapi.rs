@@ -121,7 +121,7 @@ async fn seed(pki: &Pki, url: &str, data: &std::path::Path) {
             users: vec![pb::WeightUser {
                 pid: 7,
                 process: "ollama".into(),
-                container: Some(pod()),
+                container: Some(Box::new(pod())),
                 ..Default::default()
             }],
             container: Some(pod()),

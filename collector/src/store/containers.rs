@@ -113,7 +113,7 @@ pub fn rows_of(r: &IncomingReport) -> Vec<ContainerRow> {
         }
     };
     for p in &t.processes {
-        if let Some(c) = named(p.container.as_ref()) {
+        if let Some(c) = named(p.container.as_deref()) {
             put(at, p.pid, c);
         }
     }
@@ -260,7 +260,7 @@ mod tests {
             processes: vec![
                 pb::ProcessInfo {
                     pid: 7,
-                    container: Some(pod("abc", "inference")),
+                    container: Some(Box::new(pod("abc", "inference"))),
                     ..Default::default()
                 },
                 pb::ProcessInfo {

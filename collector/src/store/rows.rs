@@ -256,7 +256,7 @@ pub(crate) fn push_model(
             .users
             .iter()
             .find(|u| u.pid == pid)
-            .and_then(|u| u.container.clone())
+            .and_then(|u| u.container.as_deref().cloned())
     };
     m.copies.push(pb::ModelCopy {
         container: detail.container.clone(),

@@ -74,7 +74,7 @@ pub(crate) async fn egress_is_grouped_by_pod_namespace_image_and_container(db: &
     r.telemetry.processes = vec![pb::ProcessInfo {
         pid: 11,
         name: "p11".into(),
-        container: Some(pod("inference", "web-1", VLLM)),
+        container: Some(Box::new(pod("inference", "web-1", VLLM))),
         ..Default::default()
     }];
     r.telemetry.flows = vec![
@@ -170,7 +170,7 @@ pub(crate) async fn gpu_seconds_are_named_with_their_kubernetes_namespace(db: &d
     // vllm (pid 4242) runs in pod inference/web-0 on node a; on node b it is a host process.
     let mut r = report("a", 1, 1);
     r.telemetry = telemetry();
-    r.telemetry.processes[0].container = Some(pod("inference", "web-0", VLLM));
+    r.telemetry.processes[0].container = Some(Box::new(pod("inference", "web-0", VLLM)));
     assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
     let mut r = report("b", 1, 1);
     r.telemetry = telemetry();
@@ -195,7 +195,7 @@ pub(crate) async fn weight_copies_and_users_carry_their_container(db: &dyn Backe
     );
     w.container = Some(pod("inference", "web-0", VLLM));
     w.container_path = "/models/llama/model.safetensors".into();
-    w.users[0].container = Some(pod("inference", "web-0", VLLM));
+    w.users[0].container = Some(Box::new(pod("inference", "web-0", VLLM)));
     let host = weight("/models/host.safetensors", "llama", &sha);
     let mut r = report("a", 1, 1);
     r.telemetry.weights = WeightUpdate {

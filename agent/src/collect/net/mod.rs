@@ -1007,7 +1007,7 @@ impl NetCollector {
         inodes_of(0, &self.namespaces, &mut live);
         // A socket the owner search cannot find may have closed since its dump: asked once,
         // by an exact lookup in its namespace, before every process is listed for it.
-        let namespaces = &mut self.namespaces;
+        let namespaces = std::cell::RefCell::new(&mut self.namespaces);
         let mut still_open = |ino: u32| -> bool {
             for (key, socks, mode, _) in &dumps {
                 if *mode != MODE_NETLINK {
@@ -1015,6 +1015,7 @@ impl NetCollector {
                 }
                 if let Some(s) = socks.iter().find(|s| s.inode == ino) {
                     return namespaces
+                        .borrow_mut()
                         .get_mut(key)
                         .and_then(|n| n.dumper.as_mut())
                         .is_none_or(|d| d.still_open(s));
@@ -1022,8 +1023,43 @@ impl NetCollector {
             }
             true
         };
-        self.owners
-            .refresh(&live, Instant::now(), Some(&procs), &mut still_open);
+        // Sockets known open, for a listing of every process (OwnerCache::refresh): this
+        // sample's dumps; the sockets followed in a namespace sampled now with nothing dumped
+        // (its sockets the same as at its previous sample: an exact rule, see `steady` above);
+        // and those of the namespaces not sampled now (a report's sample of the agent's own
+        // namespace) as of their latest sample — the same sample their wanted sockets
+        // (`others_live`) come from, so a socket closed since is not hiding one of those. A
+        // namespace dumped in part adds only what was dumped: its other descriptors are read
+        // again, as before.
+        let open_sockets = || -> HashSet<u32> {
+            let namespaces = namespaces.borrow();
+            let mut open: HashSet<u32> = HashSet::new();
+            for (key, socks, _, scope) in &dumps {
+                open.extend(socks.iter().map(|s| s.inode));
+                if !scope.all_tcp
+                    && !scope.all_udp
+                    && let Some(ns) = namespaces.get(key)
+                {
+                    open.extend(ns.tracker.inodes());
+                }
+            }
+            if !others {
+                for (key, ns) in namespaces.iter() {
+                    if *key != 0 {
+                        open.extend(ns.tracker.inodes());
+                    }
+                }
+            }
+            open.remove(&0);
+            open
+        };
+        self.owners.refresh(
+            &live,
+            Instant::now(),
+            Some(&procs),
+            &mut still_open,
+            &open_sockets,
+        );
         let mut contributions = Vec::new();
         let mut own_mode = MODE_PROC_FALLBACK;
         for (key, socks, mode, scope) in &dumps {
@@ -1318,8 +1354,18 @@ impl NetCollector {
             }
             true
         };
+        // Sockets known open now: the glance's dumps (TCP only; the trackers are not brought
+        // up to date by a glance, so what they follow is not taken as open).
+        let open_sockets = || -> HashSet<u32> {
+            let mut open: HashSet<u32> = dumps
+                .iter()
+                .flat_map(|d| d.1.iter().map(|s| s.inode))
+                .collect();
+            open.remove(&0);
+            open
+        };
         self.owners
-            .glance(&seen, now, Some(&procs), &mut still_open);
+            .glance(&seen, now, Some(&procs), &mut still_open, &open_sockets);
         let owners = &self.owners;
         for (key, socks) in &dumps {
             if let Some(ns) = self.namespaces.get_mut(key) {

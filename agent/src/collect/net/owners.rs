@@ -10,7 +10,11 @@
 //!   every other pid, for the sockets that still have a descriptor (one exact sock_diag lookup
 //!   each: a socket closed since the dump is not searched for);
 //! - inside a pid, re-reads only the links of descriptors it has not seen before or whose socket
-//!   has gone (a descriptor remembered as socket X, with X still live, is not read again);
+//!   has gone (a descriptor remembered as socket X, with X still live, is not read again); in
+//!   the last listing of every process, a descriptor remembered as a socket whose owner is not
+//!   wanted (a pod's loopback connection) is not read again either while that socket is known
+//!   open (this sample's dumps, and the sockets of namespaces whose sockets are unchanged):
+//!   a node of pods holds thousands of them, and reading their links was most of a listing;
 //! - remembers inodes that a complete walk did not find (owner invisible: no permission on
 //!   `/proc/<pid>/fd` without root or `CAP_SYS_PTRACE` + `CAP_DAC_READ_SEARCH`; a socket held
 //!   only by the kernel; a socket closed while its connection finishes) and looks for them again
@@ -111,6 +115,10 @@ struct Walked {
     count: u64,
     /// Its socket descriptors then: (descriptor, socket inode) of live sockets, by descriptor.
     socks: Box<[(u32, u32)]>,
+    /// Its other socket descriptors then (sockets whose owner is not wanted: a pod's loopback
+    /// connections), by descriptor: a listing does not read their links again while their
+    /// sockets are still open (see [`OwnerCache::refresh`]'s `open_sockets`).
+    others: Box<[(u32, u32)]>,
 }
 
 impl OwnerCache {
@@ -155,12 +163,20 @@ impl OwnerCache {
     /// about (`still_open`, an exact lookup in the kernel) before any other process is looked
     /// at: one closed since the dump (a short connection, a local scrape) has no descriptor
     /// left and needs no search (before, it cost a `stat` of every process).
+    ///
+    /// `open_sockets` gives every socket known to be open now, whether its owner is wanted or
+    /// not (asked only when every process is listed): a descriptor that held one of the other
+    /// sockets at its process's previous walk, and whose socket is still open, holds it still
+    /// (a descriptor number is reused only once closed), so its link is not read again. On a
+    /// node of pods that is most descriptors (each pod's loopback connections: 20,000 links read
+    /// per listing in `bench_footprint`'s node of pods, before).
     pub fn refresh(
         &mut self,
         live: &HashSet<u32>,
         now: Instant,
         procs: Option<&HashMap<u32, Gen>>,
         still_open: &mut dyn FnMut(u32) -> bool,
+        open_sockets: &dyn Fn() -> HashSet<u32>,
     ) {
         self.owners.retain(|ino, _| live.contains(ino));
         self.misses.retain(|ino, _| live.contains(ino));
@@ -179,7 +195,7 @@ impl OwnerCache {
         if wanted.is_empty() {
             return;
         }
-        self.search(wanted, live, now, procs, still_open);
+        self.search(wanted, live, now, procs, still_open, open_sockets);
     }
 
     /// Between two samples (an owner glance): find the owners of the sockets of `seen` (the
@@ -194,6 +210,7 @@ impl OwnerCache {
         now: Instant,
         procs: Option<&HashMap<u32, Gen>>,
         still_open: &mut dyn FnMut(u32) -> bool,
+        open_sockets: &dyn Fn() -> HashSet<u32>,
     ) {
         self.forget_gone(procs);
         let wanted: HashSet<u32> = seen
@@ -206,7 +223,7 @@ impl OwnerCache {
         if wanted.is_empty() {
             return;
         }
-        self.search(wanted, seen, now, procs, still_open);
+        self.search(wanted, seen, now, procs, still_open, open_sockets);
     }
 
     /// Whether `ino` was searched for in vain less than its wait ago.
@@ -248,6 +265,7 @@ impl OwnerCache {
         now: Instant,
         procs: Option<&HashMap<u32, Gen>>,
         still_open: &mut dyn FnMut(u32) -> bool,
+        open_sockets: &dyn Fn() -> HashSet<u32>,
     ) {
         let started = Instant::now();
         self.stats.walks += 1;
@@ -262,7 +280,7 @@ impl OwnerCache {
         let mut skipped = Vec::new();
         for &pid in &first {
             let generation = procs.and_then(|p| p.get(&pid).copied());
-            if !self.walk_pid(pid, generation, false, live, &mut wanted) {
+            if !self.walk_pid(pid, generation, false, live, None, &mut wanted) {
                 skipped.push((pid, generation));
             }
             if wanted.is_empty() {
@@ -322,7 +340,7 @@ impl OwnerCache {
             }
         };
         for (pid, generation) in others {
-            if !self.walk_pid(pid, generation, false, live, &mut wanted) {
+            if !self.walk_pid(pid, generation, false, live, None, &mut wanted) {
                 skipped.push((pid, generation));
             }
             if wanted.is_empty() {
@@ -334,7 +352,7 @@ impl OwnerCache {
                 self.stats.last_walk = started.elapsed();
                 return;
             }
-            self.walk_pid(pid, generation, true, live, &mut wanted);
+            self.walk_pid(pid, generation, true, live, None, &mut wanted);
         }
         // Not found: a process skipped for its unchanged count closed a file and opened the
         // socket: list those too — the last listing, the most expensive step. Only for a
@@ -378,11 +396,12 @@ impl OwnerCache {
             self.stats.listings += 1;
             let cpu = thread_cpu();
             wanted = ready;
+            let open = open_sockets();
             for (pid, generation) in skipped {
                 if wanted.is_empty() {
                     break;
                 }
-                self.walk_pid(pid, generation, true, live, &mut wanted);
+                self.walk_pid(pid, generation, true, live, Some(&open), &mut wanted);
             }
             self.listing.spend(thread_cpu().saturating_sub(cpu));
         }
@@ -399,13 +418,16 @@ impl OwnerCache {
 
     /// Read `pid`'s socket descriptors, unless (`all` false) it has as many descriptors as
     /// at its previous walk and every socket it held then is still live (a closed socket's
-    /// descriptor number may hold a new one). False when skipped so.
+    /// descriptor number may hold a new one). False when skipped so. With `open` (every socket
+    /// open now), a descriptor that held another socket (not wanted) that is still open is
+    /// not read again.
     fn walk_pid(
         &mut self,
         pid: u32,
         generation: Option<Gen>,
         all: bool,
         live: &HashSet<u32>,
+        open: Option<&HashSet<u32>>,
         wanted: &mut HashSet<u32>,
     ) -> bool {
         let dir = self.proc_root.join(pid.to_string()).join("fd");
@@ -429,7 +451,9 @@ impl OwnerCache {
         };
         self.stats.pids_walked += 1;
         let old_socks: &[(u32, u32)] = old.as_ref().map_or(&[], |w| &w.socks);
+        let old_others: &[(u32, u32)] = old.as_ref().map_or(&[], |w| &w.others);
         let mut socks: Vec<(u32, u32)> = Vec::new();
+        let mut others: Vec<(u32, u32)> = Vec::new();
         let mut count = 0u64;
         for entry in entries.flatten() {
             let name = entry.file_name();
@@ -444,16 +468,29 @@ impl OwnerCache {
                 .binary_search_by_key(&fd, |(f, _)| *f)
                 .ok()
                 .map(|i| old_socks[i].1);
+            let other = || {
+                let i = old_others.binary_search_by_key(&fd, |(f, _)| *f).ok()?;
+                let ino = old_others[i].1;
+                open.is_some_and(|o| o.contains(&ino)).then_some(ino)
+            };
             let inode = match remembered {
                 Some(ino) if live.contains(&ino) => ino,
                 _ => {
+                    if let Some(ino) = other() {
+                        others.push((fd, ino));
+                        continue;
+                    }
                     self.stats.links_read += 1;
                     let Ok(target) = fs::read_link(entry.path()) else {
                         continue;
                     };
                     match parse_socket_link(target.as_os_str().as_bytes()) {
                         Some(ino) if live.contains(&ino) => ino,
-                        _ => continue,
+                        Some(ino) => {
+                            others.push((fd, ino));
+                            continue;
+                        }
+                        None => continue,
                     }
                 }
             };
@@ -466,12 +503,14 @@ impl OwnerCache {
             }
         }
         socks.sort_unstable();
+        others.sort_unstable();
         self.fds.insert(
             pid,
             Walked {
                 generation,
                 count,
                 socks: socks.into_boxed_slice(),
+                others: others.into_boxed_slice(),
             },
         );
         true
@@ -513,13 +552,19 @@ mod tests {
         let mut cache = OwnerCache::new(root.path());
         let live: HashSet<u32> = [5000, 6000].into();
         let t0 = Instant::now();
-        cache.refresh(&live, t0, None, &mut |_| true);
+        cache.refresh(&live, t0, None, &mut |_| true, &HashSet::new);
         assert_eq!(cache.owner(5000), Some(100));
         assert_eq!(cache.owner(6000), None, "no process holds inode 6000");
         assert_eq!(cache.stats().walks, 1);
 
         // Same sockets: the miss is remembered, nothing is read.
-        cache.refresh(&live, t0 + Duration::from_secs(5), None, &mut |_| true);
+        cache.refresh(
+            &live,
+            t0 + Duration::from_secs(5),
+            None,
+            &mut |_| true,
+            &HashSet::new,
+        );
         assert_eq!(cache.stats().walks, 1, "no walk when every inode is known");
 
         // After MISS_RETRY the miss is looked for again (and found once it appears).
@@ -529,6 +574,7 @@ mod tests {
             t0 + MISS_RETRY + Duration::from_secs(1),
             None,
             &mut |_| true,
+            &HashSet::new,
         );
         assert_eq!(cache.stats().walks, 2);
         assert_eq!(cache.owner(6000), Some(300));
@@ -547,7 +593,7 @@ mod tests {
         // minutes.
         while at < t0 + Duration::from_secs(3 * 3600) {
             let before = cache.stats().walks;
-            cache.refresh(&live, at, None, &mut |_| true);
+            cache.refresh(&live, at, None, &mut |_| true, &HashSet::new);
             if cache.stats().walks > before {
                 searches.push(at.duration_since(t0).as_secs() / 60);
             }
@@ -560,7 +606,13 @@ mod tests {
         );
         // Found at last (a process received it): its owner, and no more waiting.
         fake_fd(root.path(), 200, 4, "socket:[7000]");
-        cache.refresh(&live, at + MISS_RETRY_MAX, None, &mut |_| true);
+        cache.refresh(
+            &live,
+            at + MISS_RETRY_MAX,
+            None,
+            &mut |_| true,
+            &HashSet::new,
+        );
         assert_eq!(cache.owner(7000), Some(200));
     }
 
@@ -571,12 +623,12 @@ mod tests {
         fake_fd(root.path(), 20, 3, "socket:[2]");
         let mut cache = OwnerCache::new(root.path());
         let t = Instant::now();
-        cache.refresh(&[1, 2].into(), t, None, &mut |_| true);
+        cache.refresh(&[1, 2].into(), t, None, &mut |_| true, &HashSet::new);
         let before = cache.stats();
         assert_eq!(before.links_read, 2);
 
         fake_fd(root.path(), 10, 4, "socket:[3]");
-        cache.refresh(&[1, 2, 3].into(), t, None, &mut |_| true);
+        cache.refresh(&[1, 2, 3].into(), t, None, &mut |_| true, &HashSet::new);
         let after = cache.stats();
         assert_eq!(cache.owner(3), Some(10));
         // pid 10's fd 3 is remembered (socket 1 still live): only fd 4 was read.
@@ -593,15 +645,21 @@ mod tests {
         }
         let mut cache = OwnerCache::new(root.path());
         let t = Instant::now();
-        cache.refresh(&[1].into(), t, None, &mut |_| true);
+        cache.refresh(&[1].into(), t, None, &mut |_| true, &HashSet::new);
         assert_eq!(cache.owner(1), Some(10));
         let before = cache.stats();
         // Socket 99 was in the dump but closed before the search (a local scrape).
         let mut asked = Vec::new();
-        cache.refresh(&[1, 99].into(), t, None, &mut |ino| {
-            asked.push(ino);
-            false
-        });
+        cache.refresh(
+            &[1, 99].into(),
+            t,
+            None,
+            &mut |ino| {
+                asked.push(ino);
+                false
+            },
+            &HashSet::new,
+        );
         assert_eq!(asked, vec![99], "asked once, exactly");
         let after = cache.stats();
         assert!(
@@ -619,25 +677,25 @@ mod tests {
         fake_fd(root.path(), 20, 3, "socket:[2]");
         let mut cache = OwnerCache::new(root.path());
         let t = Instant::now();
-        cache.refresh(&[1, 2].into(), t, None, &mut |_| true);
+        cache.refresh(&[1, 2].into(), t, None, &mut |_| true, &HashSet::new);
         let walks = cache.stats().walks;
         // pid 30 opens connection 3; a glance dumps TCP only: it sees 2 and 3, not 1.
         fake_fd(root.path(), 30, 4, "socket:[3]");
-        cache.glance(&[2, 3].into(), t, None, &mut |_| true);
+        cache.glance(&[2, 3].into(), t, None, &mut |_| true, &HashSet::new);
         assert_eq!(cache.owner(3), Some(30));
         assert_eq!(cache.owner(1), Some(10), "the UDP socket's owner is kept");
         assert_eq!(cache.stats().walks, walks + 1);
         // The next sample sees all three: nothing to search.
-        cache.refresh(&[1, 2, 3].into(), t, None, &mut |_| true);
+        cache.refresh(&[1, 2, 3].into(), t, None, &mut |_| true, &HashSet::new);
         assert_eq!(cache.stats().walks, walks + 1, "no walk: every owner known");
         // A glance with nothing new reads nothing.
-        cache.glance(&[2, 3].into(), t, None, &mut |_| true);
+        cache.glance(&[2, 3].into(), t, None, &mut |_| true, &HashSet::new);
         assert_eq!(cache.stats().walks, walks + 1);
         // Connection 3 closes and its descriptor number is reused by connection 5 (a quick
         // uploader's next connection) before any sample: the glance reads the link again.
         fs::remove_file(root.path().join("30").join("fd").join("4")).unwrap();
         fake_fd(root.path(), 30, 4, "socket:[5]");
-        cache.glance(&[2, 5].into(), t, None, &mut |_| true);
+        cache.glance(&[2, 5].into(), t, None, &mut |_| true, &HashSet::new);
         assert_eq!(
             cache.owner(5),
             Some(30),
@@ -646,16 +704,53 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_reads_again_only_descriptors_whose_other_sockets_closed() {
+        let root = tempfile::tempdir().unwrap();
+        // pid 10: a pod's process, two loopback connections (7 and 8, not wanted) and a
+        // listener (1, wanted).
+        fake_fd(root.path(), 10, 3, "socket:[7]");
+        fake_fd(root.path(), 10, 4, "socket:[8]");
+        fake_fd(root.path(), 10, 5, "socket:[1]");
+        let mut cache = OwnerCache::new(root.path());
+        let live: HashSet<u32> = [1].into();
+        let mut wanted: HashSet<u32> = [1].into();
+        assert!(cache.walk_pid(10, None, true, &live, None, &mut wanted));
+        assert_eq!(cache.owner(1), Some(10));
+        let read = cache.stats().links_read;
+        assert_eq!(read, 3, "every link read at first");
+        // A listing while 7 and 8 are open: no link read again.
+        let open: HashSet<u32> = [1, 7, 8].into();
+        cache.walk_pid(10, None, true, &live, Some(&open), &mut HashSet::new());
+        assert_eq!(cache.stats().links_read, read, "nothing read again");
+        // 7 closed and its descriptor now holds connection 9, which is wanted: read again.
+        fs::remove_file(root.path().join("10").join("fd").join("3")).unwrap();
+        fake_fd(root.path(), 10, 3, "socket:[9]");
+        let live: HashSet<u32> = [1, 9].into();
+        let open: HashSet<u32> = [1, 8, 9].into();
+        let mut wanted: HashSet<u32> = [9].into();
+        cache.walk_pid(10, None, true, &live, Some(&open), &mut wanted);
+        assert_eq!(cache.owner(9), Some(10), "found behind the closed socket 7");
+        assert_eq!(
+            cache.stats().links_read,
+            read + 1,
+            "only that descriptor read"
+        );
+        // Without the open sockets (a walk that is not a listing), every other link is read.
+        cache.walk_pid(10, None, true, &live, None, &mut HashSet::new());
+        assert_eq!(cache.stats().links_read, read + 2);
+    }
+
+    #[test]
     fn an_owner_whose_process_is_gone_is_forgotten() {
         let root = tempfile::tempdir().unwrap();
         fake_fd(root.path(), 10, 3, "socket:[1]");
         let mut cache = OwnerCache::new(root.path());
         let t = Instant::now();
-        cache.refresh(&[1].into(), t, None, &mut |_| true);
+        cache.refresh(&[1].into(), t, None, &mut |_| true, &HashSet::new);
         assert_eq!(cache.owner(1), Some(10));
         fs::remove_dir_all(root.path().join("10")).unwrap();
         fake_fd(root.path(), 11, 5, "socket:[1]");
-        cache.refresh(&[1].into(), t, None, &mut |_| true);
+        cache.refresh(&[1].into(), t, None, &mut |_| true, &HashSet::new);
         assert_eq!(
             cache.owner(1),
             Some(11),
@@ -726,6 +821,7 @@ mod tests {
             Instant::now(),
             Some(&table.refresh(Duration::ZERO)),
             &mut |_| true,
+            &HashSet::new,
         );
         // Only the listener's own socket is asserted: other tests of this process open and
         // close sockets between `sockets_of` and the search.
@@ -760,6 +856,7 @@ mod tests {
             Instant::now(),
             Some(&table.refresh(Duration::ZERO)),
             &mut open,
+            &HashSet::new,
         );
         assert_eq!(cache.owner(theirs[0]), None, "not listed at once");
         // A sample where the socket is gone (a short connection): no listing at all.
@@ -770,6 +867,7 @@ mod tests {
             Instant::now(),
             Some(&table.refresh(Duration::ZERO)),
             &mut open,
+            &HashSet::new,
         );
         assert!(
             !cache.put_off.contains_key(&theirs[0]),
@@ -782,6 +880,7 @@ mod tests {
                 Instant::now(),
                 Some(&table.refresh(Duration::ZERO)),
                 &mut open,
+                &HashSet::new,
             );
         }
         assert_eq!(cache.owner(u32::MAX - 7), None);
@@ -817,7 +916,13 @@ mod tests {
             panic!("the listener is a socket descriptor of this process");
         };
         let mut cache = OwnerCache::new(Path::new("/proc"));
-        cache.refresh(&[inode].into(), Instant::now(), None, &mut |_| true);
+        cache.refresh(
+            &[inode].into(),
+            Instant::now(),
+            None,
+            &mut |_| true,
+            &HashSet::new,
+        );
         assert_eq!(cache.owner(inode), Some(me));
         drop(l);
     }

@@ -1116,8 +1116,8 @@ impl WeightsScanner {
                     .entry(*pid)
                     .or_insert_with(|| comm(&self.proc_root, *pid));
             }
-            // Compared before anything is built: a user is some 320 bytes (its container
-            // inline), and a steady node's users do not change from one scan to the next.
+            // Compared before anything is built: a user is some 80 bytes (its container
+            // boxed), and a steady node's users do not change from one scan to the next.
             let same = by_pid.len() == e.file.users.len()
                 && by_pid
                     .iter()
@@ -1128,7 +1128,7 @@ impl WeightsScanner {
                             && u.open == *open
                             && u.gpu_uuids.is_empty()
                             && names.get(pid).is_some_and(|n| *n == u.process)
-                            && u.container.as_ref() == containers.get(pid)
+                            && u.container.as_deref() == containers.get(pid)
                     });
             if same {
                 continue;
@@ -1141,7 +1141,7 @@ impl WeightsScanner {
                     mapped,
                     open,
                     gpu_uuids: vec![],
-                    container: containers.get(&pid).cloned(),
+                    container: containers.get(&pid).cloned().map(Box::new),
                 })
                 .collect();
             if now != e.file.users {

@@ -26,7 +26,6 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::storage::makedev;
@@ -564,33 +563,42 @@ fn never_weights(target: &[u8]) -> bool {
 }
 
 /// Calls `hit(key, descriptor number, target)` for each descriptor on a file. False when the
-/// `fd` directory could not be listed.
+/// `fd` directory could not be listed. The links are read relative to the open directory (one
+/// path walk for the listing, none per descriptor: a pod's process holds hundreds of sockets,
+/// whose links are read only to be passed over).
 fn scan_fds(dir: &Path, mut hit: impl FnMut((u64, u64), u32, &[u8])) -> bool {
-    let Ok(entries) = fs::read_dir(dir) else {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let Ok(fd_dir) = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
         return false;
     };
-    for entry in entries.take(MAX_FDS_PER_PROCESS).flatten() {
-        let Some(n) = entry
-            .file_name()
-            .to_str()
+    let Ok(entries) = rustix::fs::Dir::read_from(&fd_dir) else {
+        return false;
+    };
+    let mut link = Vec::with_capacity(256);
+    for entry in entries.flatten().take(MAX_FDS_PER_PROCESS) {
+        let name = entry.file_name();
+        let Some(n) = std::str::from_utf8(name.to_bytes())
+            .ok()
             .and_then(|s| s.parse::<u32>().ok())
         else {
             continue;
         };
-        let fd = entry.path();
-        let Ok(target) = fs::read_link(&fd) else {
+        let Ok(target) = rustix::fs::readlinkat(&fd_dir, name, std::mem::take(&mut link)) else {
             continue;
         };
-        let target = target.as_os_str().as_bytes();
-        if never_weights(target) {
-            continue;
-        }
-        // metadata() follows the magic link to the open file itself, even a deleted one.
-        if let Ok(meta) = fs::metadata(&fd)
-            && meta.is_file()
+        let bytes = target.as_bytes();
+        // statat follows the magic link to the open file itself, even a deleted one.
+        if !never_weights(bytes)
+            && let Ok(st) = rustix::fs::statat(&fd_dir, name, AtFlags::empty())
+            && FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
         {
-            hit((meta.dev(), meta.ino()), n, target);
+            hit((st.st_dev, st.st_ino), n, bytes);
         }
+        link = target.into_bytes();
     }
     true
 }
@@ -599,6 +607,7 @@ fn scan_fds(dir: &Path, mut hit: impl FnMut((u64, u64), u32, &[u8])) -> bool {
 mod tests {
     use super::*;
     use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};
     use std::time::Instant;
