@@ -27,11 +27,10 @@ pub(super) const UPSERT_EPOCH: &str =
         last_seq = GREATEST(node_epochs.last_seq, EXCLUDED.last_seq),
         last_seen_ms = GREATEST(node_epochs.last_seen_ms, EXCLUDED.last_seen_ms)";
 
-pub(super) const UPSERT_NODE: &str = "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
-                        last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
-                        memory_used_bytes, memory_total_bytes)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12)
-     ON CONFLICT (node) DO UPDATE SET
+/// How a node row merges into the stored one (shared by [`UPSERT_NODE`] and [`APPEND_NODES`]).
+macro_rules! node_merge {
+    () => {
+        "ON CONFLICT (node) DO UPDATE SET
         last_seen_ms = GREATEST(nodes.last_seen_ms, EXCLUDED.last_seen_ms),
         latest_epoch = GREATEST(nodes.latest_epoch, EXCLUDED.latest_epoch),
         site = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
@@ -50,7 +49,18 @@ pub(super) const UPSERT_NODE: &str = "INSERT INTO nodes (node, site, country, ho
                                  THEN EXCLUDED.memory_used_bytes ELSE nodes.memory_used_bytes END,
         memory_total_bytes = CASE WHEN EXCLUDED.last_observed_ms >= nodes.last_observed_ms
                                   THEN EXCLUDED.memory_total_bytes ELSE nodes.memory_total_bytes END,
-        last_observed_ms = GREATEST(nodes.last_observed_ms, EXCLUDED.last_observed_ms)";
+        last_observed_ms = GREATEST(nodes.last_observed_ms, EXCLUDED.last_observed_ms)"
+    };
+}
+
+pub(super) const UPSERT_NODE: &str = concat!(
+    "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
+                        last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
+                        memory_used_bytes, memory_total_bytes)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10, $11, $12)
+",
+    node_merge!()
+);
 
 pub(super) const INSERT_GAP: &str =
     "INSERT INTO gaps (node, epoch, first_seq, last_seq, reason, dropped_ms, received_ms)
@@ -78,20 +88,16 @@ pub(super) const APPEND_EPOCHS: &str =
 
 /// A batch's node facts, one row per node ([`UPSERT_NODE`]'s merge; the first and the latest
 /// reception times apart).
-pub(super) static APPEND_NODES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let merge = &UPSERT_NODE[UPSERT_NODE
-        .find("ON CONFLICT")
-        .expect("UPSERT_NODE has an ON CONFLICT clause")..];
-    format!(
-        "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
+pub(super) const APPEND_NODES: &str = concat!(
+    "INSERT INTO nodes (node, site, country, hostname, agent_version, labels, first_seen_ms,
                             last_seen_ms, last_observed_ms, latest_epoch, cpu_percent,
                             memory_used_bytes, memory_total_bytes)
          SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
                               $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::BIGINT[],
                               $11::DOUBLE PRECISION[], $12::BIGINT[], $13::BIGINT[])
-         {merge}"
-    )
-});
+         ",
+    node_merge!()
+);
 
 /// A batch's gaps in one statement.
 pub(super) const APPEND_GAPS: &str =
@@ -259,7 +265,7 @@ impl Statements {
             enqueue: p(ENQUEUE).await?,
             append_reports: p(APPEND_REPORTS).await?,
             append_epochs: p(APPEND_EPOCHS).await?,
-            append_nodes: p(APPEND_NODES.as_str()).await?,
+            append_nodes: p(APPEND_NODES).await?,
             append_gaps: p(APPEND_GAPS).await?,
             append_queue: p(APPEND_QUEUE).await?,
             take_queued: p(TAKE_QUEUED).await?,
