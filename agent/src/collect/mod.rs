@@ -24,6 +24,19 @@ pub mod proctable;
 pub mod training;
 pub mod weights;
 
+/// The soft limit on open descriptors (`/proc/self/limits`), when it can be read: what holds
+/// files open (the training sampler's candidates, the network namespaces' counters) keeps
+/// within a share of it.
+pub fn descriptor_limit() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The whole error chain on one line (`outer: cause: root cause`).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

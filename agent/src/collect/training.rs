@@ -248,17 +248,6 @@ impl HeldFiles {
     }
 }
 
-/// The soft limit on open descriptors (`/proc/self/limits`), when it can be read.
-fn descriptor_limit() -> Option<u64> {
-    let text = fs::read_to_string("/proc/self/limits").ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-    line.trim_start_matches("Max open files")
-        .split_ascii_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// Size and modification time (ms) of a file.
 fn size_mtime(path: &Path) -> Option<(u64, i64)> {
     let m = fs::metadata(path).ok()?;
@@ -290,7 +279,7 @@ impl Tracker {
             dataset_hashes: HashMap::new(),
             watch: HashMap::new(),
             // Three descriptors per held candidate, within a sixteenth of the limit.
-            held_max: descriptor_limit()
+            held_max: crate::collect::descriptor_limit()
                 .map_or(0, |l| usize::try_from(l / 16 / 3).unwrap_or(usize::MAX))
                 .min(MAX_HELD),
             recheck_ms: i64::try_from(DEFAULT_RECHECK_SECS * 1000).unwrap_or(i64::MAX),

@@ -21,7 +21,6 @@
 //! (neither loopback nor unconnected) closed there before any sample saw it
 //! ([`super::flows::Tracker::take_glance_trigger`]).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long owner glances go on in a namespace after a TCP connection closed unseen there.
@@ -57,12 +56,12 @@ impl Pace {
         self.until.is_some_and(|t| now < t)
     }
 
-    /// Before a sample's dump of the namespace (whose `net` directory is `net_dir`): note its
-    /// opens, so that the next glance dumps only for connections opened after this dump. Reads
-    /// nothing while glances are off.
-    pub fn before_sample(&mut self, net_dir: Option<&Path>, now: Instant) {
+    /// Before a sample's dump of the namespace: note its opens (`opens`: read now), so that the
+    /// next glance dumps only for connections opened after this dump. Reads nothing while
+    /// glances are off.
+    pub fn before_sample(&mut self, opens: impl FnOnce() -> Option<u64>, now: Instant) {
         if self.active(now) {
-            self.opens = net_dir.and_then(tcp_opens);
+            self.opens = opens();
         } else {
             self.opens = None;
         }
@@ -160,7 +159,8 @@ pub fn thread_cpu() -> Duration {
 
 /// `ActiveOpens + PassiveOpens` of the namespace whose `net` directory is `net_dir`
 /// (`/proc/<pid>/net`); `None` when the file or a counter is missing.
-pub fn tcp_opens(net_dir: &Path) -> Option<u64> {
+#[cfg(test)] // the sampler reads held files (sockstat::NetFiles)
+pub fn tcp_opens(net_dir: &std::path::Path) -> Option<u64> {
     let text = std::fs::read_to_string(net_dir.join("snmp")).ok()?;
     parse_opens(&text)
 }
@@ -232,7 +232,7 @@ mod tests {
         write(11);
         assert!(glance(&mut p, t), "one opened");
         write(12);
-        p.before_sample(Some(dir.path()), t);
+        p.before_sample(|| tcp_opens(dir.path()), t);
         assert!(
             !glance(&mut p, t),
             "the sample's dump saw the connection opened before it"
@@ -326,7 +326,7 @@ mod tests {
 
     #[test]
     fn a_connection_of_this_process_moves_its_namespace_counters() {
-        let net = Path::new("/proc/self/net");
+        let net = std::path::Path::new("/proc/self/net");
         let Some(before) = tcp_opens(net) else {
             panic!("/proc/self/net/snmp has the TCP open counters");
         };

@@ -104,7 +104,7 @@ pub mod sockstat;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -309,6 +309,9 @@ struct Namespace {
     last_mode: Option<&'static str>,
     /// Its processes at the latest discovery (the first is read for `/proc/<pid>/net`).
     pids: Vec<u32>,
+    /// Its `net/{sockstat,sockstat6,snmp}` kept open ([`sockstat::NetFiles`]), when there was
+    /// room under [`NetCollector::net_files_max`].
+    files: Option<sockstat::NetFiles>,
     /// Samples in a row without any process.
     empty_samples: u32,
     /// Its connection tracking socket (UDP bytes), when it could be opened.
@@ -353,6 +356,7 @@ impl Namespace {
             tracker: Tracker::for_netns(key),
             last_mode: None,
             pids: Vec::new(),
+            files: None,
             empty_samples: 0,
             conntrack: None,
             udp: None,
@@ -370,12 +374,27 @@ impl Namespace {
     }
 }
 
+/// The `net` files of namespace `key` (0: the agent's own, through `/proc/self/net`; else
+/// through its first process, checked to be still in it).
+fn open_net_files(proc_root: &Path, key: u64, pids: &[u32]) -> Option<sockstat::NetFiles> {
+    if key == 0 {
+        sockstat::NetFiles::open(&proc_root.join("self").join("net"))
+    } else {
+        sockstat::NetFiles::open_in(proc_root, *pids.first()?, key)
+    }
+}
+
 /// Samples sockets and accumulates flows. `Send`: it moves to the sampling thread.
 #[derive(Debug)]
 pub struct NetCollector {
     enabled: bool,
     all_namespaces: bool,
     max_namespaces: usize,
+    /// Namespaces whose `net` files are kept open at most: three descriptors each, within a
+    /// sixteenth of the descriptor limit (the training sampler takes another sixteenth).
+    net_files_max: usize,
+    /// Scratch space for reading those files.
+    net_buf: Vec<u8>,
     force_proc_fallback: bool,
     proc_root: PathBuf,
     /// Inode of the agent's own network namespace (0 when unknown).
@@ -565,6 +584,9 @@ impl NetCollector {
             enabled: cfg.enabled,
             all_namespaces: cfg.all_namespaces,
             max_namespaces: cfg.max_namespaces.max(1),
+            net_files_max: crate::collect::descriptor_limit()
+                .map_or(0, |l| usize::try_from(l / 16 / 3).unwrap_or(usize::MAX)),
+            net_buf: Vec::new(),
             force_proc_fallback: opts.force_proc_fallback,
             owners: OwnerCache::new(&opts.proc_root),
             table: ProcTable::new(&opts.proc_root),
@@ -790,6 +812,12 @@ impl NetCollector {
             .filter(|k| others || *k == 0)
             .collect();
         keys.sort_unstable();
+        let mut files_room = self.net_files_max.saturating_sub(
+            self.namespaces
+                .values()
+                .filter(|n| n.files.is_some())
+                .count(),
+        );
         for key in keys {
             let Some(ns) = self.namespaces.get_mut(&key) else {
                 continue;
@@ -800,18 +828,30 @@ impl NetCollector {
             ns.steady = false;
             if let Some(d) = ns.dumper.as_mut() {
                 // Only the protocols the namespace holds sockets of (sockstat.rs): a dump walks
-                // the node-wide hash tables even for an empty namespace.
-                let net_dir = if key == 0 {
-                    Some(self.proc_root.join("self").join("net"))
-                } else {
-                    ns.pids
-                        .first()
-                        .map(|p| self.proc_root.join(p.to_string()).join("net"))
+                // the node-wide hash tables even for an empty namespace. Its files are kept
+                // open while there is room (sockstat::NetFiles), else opened for this sample.
+                if ns.files.is_none() && files_room > 0 {
+                    ns.files = open_net_files(&self.proc_root, key, &ns.pids);
+                    if ns.files.is_some() {
+                        files_room -= 1;
+                    }
+                }
+                let transient = match ns.files {
+                    Some(_) => None,
+                    None => open_net_files(&self.proc_root, key, &ns.pids),
                 };
-                ns.glance.before_sample(net_dir.as_deref(), Instant::now());
-                let in_use = net_dir.as_deref().and_then(sockstat::read);
-                let mark = match (&net_dir, &in_use) {
-                    (Some(dir), Some(u)) if ns.destroy => sockstat::tcp_mark(dir, u),
+                let files = ns.files.as_ref().or(transient.as_ref());
+                let now = Instant::now();
+                let in_use = files.and_then(|f| f.in_use(&mut self.net_buf));
+                // `snmp` once, for the glance pace and the mark both.
+                let snmp = match files {
+                    Some(f) if ns.destroy || ns.glance.active(now) => f.snmp(&mut self.net_buf),
+                    _ => None,
+                };
+                ns.glance
+                    .before_sample(|| snmp.and_then(glance::parse_opens), now);
+                let mark = match (snmp, &in_use) {
+                    (Some(text), Some(u)) if ns.destroy => sockstat::mark_of(text, u),
                     _ => None,
                 };
                 // Unchanged: no socket it has not seen is in its table. Either nothing moved
@@ -1237,17 +1277,6 @@ impl NetCollector {
         (short, unknown)
     }
 
-    /// The `net` directory of the namespace `key` (its `sockstat`, `snmp`).
-    fn net_dir(&self, key: u64, ns: &Namespace) -> Option<PathBuf> {
-        if key == 0 {
-            Some(self.proc_root.join("self").join("net"))
-        } else {
-            ns.pids
-                .first()
-                .map(|p| self.proc_root.join(p.to_string()).join("net"))
-        }
-    }
-
     /// Between two samples, while connections close unseen ([`GLANCE_FOR`]): dump the sockets
     /// of every namespace read over netlink and remember the owner of each connection no
     /// sample has seen yet, so that when it closes before the next sample its destroy event
@@ -1283,13 +1312,13 @@ impl NetCollector {
         }
         self.absorb_destroyed(now_unix_ms);
         for key in keys {
-            let net_dir = self
-                .namespaces
-                .get(&key)
-                .and_then(|ns| self.net_dir(key, ns));
-            let opens = net_dir.as_deref().and_then(glance::tcp_opens);
             let Some(ns) = self.namespaces.get_mut(&key) else {
                 continue;
+            };
+            let opens = match &ns.files {
+                Some(f) => f.snmp(&mut self.net_buf).and_then(glance::parse_opens),
+                None => open_net_files(&self.proc_root, key, &ns.pids)
+                    .and_then(|f| f.snmp(&mut self.net_buf).and_then(glance::parse_opens)),
             };
             // Only when a connection opened there since its last dump (glance.rs): the dump
             // walks the kernel's whole TCP hash table.
