@@ -446,10 +446,21 @@ impl OwnerCache {
             return false;
         }
         cache::SOCKET_OWNER_WALK.miss();
-        let Ok(entries) = fs::read_dir(&dir) else {
+        // Links are read relative to the open `fd/` (`readlinkat`), not by a path walk of
+        // `/proc/<pid>/fd/<n>` each, as the weights scan and the training sampler read them.
+        use rustix::fs::{Mode, OFlags};
+        let Ok(fd_dir) = rustix::fs::open(
+            &dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) else {
+            return true;
+        };
+        let Ok(entries) = rustix::fs::Dir::read_from(&fd_dir) else {
             return true;
         };
         self.stats.pids_walked += 1;
+        let mut link = Vec::with_capacity(64);
         let old_socks: &[(u32, u32)] = old.as_ref().map_or(&[], |w| &w.socks);
         let old_others: &[(u32, u32)] = old.as_ref().map_or(&[], |w| &w.others);
         let mut socks: Vec<(u32, u32)> = Vec::new();
@@ -457,7 +468,7 @@ impl OwnerCache {
         let mut count = 0u64;
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(fd) = std::str::from_utf8(name.as_bytes())
+            let Some(fd) = std::str::from_utf8(name.to_bytes())
                 .ok()
                 .and_then(|s| s.parse::<u32>().ok())
             else {
@@ -481,10 +492,14 @@ impl OwnerCache {
                         continue;
                     }
                     self.stats.links_read += 1;
-                    let Ok(target) = fs::read_link(entry.path()) else {
+                    let Ok(target) =
+                        rustix::fs::readlinkat(&fd_dir, name, std::mem::take(&mut link))
+                    else {
                         continue;
                     };
-                    match parse_socket_link(target.as_os_str().as_bytes()) {
+                    let parsed = parse_socket_link(target.as_bytes());
+                    link = target.into_bytes();
+                    match parsed {
                         Some(ino) if live.contains(&ino) => ino,
                         Some(ino) => {
                             others.push((fd, ino));
