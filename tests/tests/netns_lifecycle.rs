@@ -1,7 +1,8 @@
 //! Pods come and go: the flow sampler opens three netlink sockets inside each network namespace
 //! it finds (sock_diag dump, destroy events, conntrack; on a helper thread that ends at once)
-//! and closes them once the namespace has no process left, so a node where pods churn leaks
-//! no descriptor and no thread. Alone in its binary: it counts this process's descriptors and
+//! and holds its three counter files open (`sockstat`, `sockstat6`, `snmp`), and closes all six
+//! once the namespace has no process left, so a node where pods churn leaks no descriptor and
+//! no thread. Alone in its binary: it counts this process's descriptors and
 //! threads.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -84,8 +85,9 @@ fn pods_come_and_go_without_leaking_descriptors_or_threads() {
     );
     assert_eq!(
         count("/proc/self/fd"),
-        fds + 3 * PODS,
-        "a dump socket, a destroy-event socket and a conntrack socket per namespace"
+        fds + 6 * PODS,
+        "a dump socket, a destroy-event socket and a conntrack socket per namespace, and its \
+         sockstat, sockstat6 and snmp held open"
     );
     assert_eq!(count("/proc/self/task"), threads, "no thread left behind");
 
