@@ -88,7 +88,8 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
-                     [--derive-reports N (10000)] [--max-in-flight N (as shipped)] \
+                     [--derive-reports N (10000)] [--batch-reports N (the deriver's default)] \
+                     [--max-in-flight N (as shipped)] \
                      [--late-reports (date reports in 2023: every flow row late)] \
                      [--replicas N (0: none; else 1 then N collector processes on one PostgreSQL schema)] \
                      [--idle-connections N (idle mode only)]";
@@ -128,6 +129,10 @@ fn parse_args() -> Result<Args> {
             "--idle-connections" => args.idle = Some(value.parse().with_context(bad)?),
             "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
             "--replicas" => args.replicas = value.parse().with_context(bad)?,
+            "--batch-reports" => BATCH_REPORTS.store(
+                value.parse().with_context(bad)?,
+                std::sync::atomic::Ordering::Relaxed,
+            ),
             "--max-in-flight" => IN_FLIGHT.store(
                 value.parse().with_context(bad)?,
                 std::sync::atomic::Ordering::Relaxed,
@@ -584,6 +589,10 @@ fn one_address_for_all(cfg: &mut CollectorConfig, agents: usize) {
 /// `--max-in-flight N`: the collector's `[limits] max_reports_in_flight` (0: as shipped).
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// `--batch-reports`: reports per derive transaction in the derive-only part (0: the deriver's
+/// default, `DEFAULT_BATCH_REPORTS`), to measure what a larger `[derive] batch_reports` saves.
+static BATCH_REPORTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 // ---------------------------------------------------------------------------------------------
 // One measured run
 
@@ -950,7 +959,10 @@ async fn derive_only(
             freshness: Freshness::new(Duration::ZERO),
             appended: Arc::default(),
             derived: Arc::default(),
-            batch_reports: DEFAULT_BATCH_REPORTS,
+            batch_reports: match BATCH_REPORTS.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => DEFAULT_BATCH_REPORTS,
+                n => n,
+            },
         })
         .collect();
     let (cpu0, pg0) = (self_ticks(), postgres_ticks());
