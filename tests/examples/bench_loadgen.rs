@@ -88,7 +88,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
-                     [--derive-reports N (10000)] [--batch-reports N (the deriver's default)] \
+                     [--derive-reports N (10000)] [--batch-reports N ([derive] batch_reports, as shipped)] \
                      [--max-in-flight N (as shipped)] \
                      [--late-reports (date reports in 2023: every flow row late)] \
                      [--replicas N (0: none; else 1 then N collector processes on one PostgreSQL schema)] \
@@ -584,13 +584,18 @@ fn one_address_for_all(cfg: &mut CollectorConfig, agents: usize) {
     if in_flight > 0 {
         cfg.limits.max_reports_in_flight = in_flight;
     }
+    let batch = BATCH_REPORTS.load(std::sync::atomic::Ordering::Relaxed);
+    if batch > 0 {
+        cfg.derive.batch_reports = batch;
+    }
 }
 
 /// `--max-in-flight N`: the collector's `[limits] max_reports_in_flight` (0: as shipped).
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// `--batch-reports`: reports per derive transaction in the derive-only part (0: the deriver's
-/// default, `DEFAULT_BATCH_REPORTS`), to measure what a larger `[derive] batch_reports` saves.
+/// `--batch-reports`: reports per derive transaction, the collectors' `[derive] batch_reports`
+/// and the derive-only part's (0: the deriver's default, `DEFAULT_BATCH_REPORTS`), to measure
+/// what a larger batch saves and what it costs the acknowledgements.
 static BATCH_REPORTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 // ---------------------------------------------------------------------------------------------
