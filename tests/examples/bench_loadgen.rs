@@ -323,7 +323,9 @@ fn pid_ticks(pid: u32) -> u64 {
     proc_cpu(&pid.to_string()).map_or(0, |(_, t)| t)
 }
 
-/// CPU ticks of every live `postgres` process (server and backends).
+/// CPU ticks of every live `postgres` process (server and backends). A backend that exits
+/// between two readings takes its ticks with it, so the later sum can be smaller: differences
+/// saturate at 0 (a wrapped one printed 1.8e16 ms once, PERFORMANCE.md §8q).
 fn postgres_ticks() -> u64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
@@ -921,7 +923,7 @@ async fn derive_only(
     let append = AppendOnly {
         reports_per_s: n as f64 / append_secs,
         cpu_ms_per_report: ms_per_report(self_ticks() - append_cpu0),
-        postgres_cpu_ms_per_report: ms_per_report(postgres_ticks() - append_pg0),
+        postgres_cpu_ms_per_report: ms_per_report(postgres_ticks().saturating_sub(append_pg0)),
     };
     println!(
         "  appends: {n} reports in {append_secs:.2} s = {:.0}/s; CPU ms per report: this process \
@@ -994,7 +996,7 @@ async fn derive_only(
     let per_report = |ticks: u64| ticks as f64 * 1e3 / clk_tck() / n as f64;
     let (cpu, pg) = (
         per_report(self_ticks() - cpu0),
-        per_report(postgres_ticks() - pg0),
+        per_report(postgres_ticks().saturating_sub(pg0)),
     );
     ensure!(derived == n as u64, "derive-only: {derived} of {n} derived");
     Ok((n as f64 / secs, secs, cpu, pg))
