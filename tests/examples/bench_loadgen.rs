@@ -88,7 +88,8 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
-                     [--derive-reports N (10000)] [--max-in-flight N (as shipped)] \
+                     [--derive-reports N (10000)] [--batch-reports N ([derive] batch_reports, as shipped)] \
+                     [--max-in-flight N (as shipped)] \
                      [--late-reports (date reports in 2023: every flow row late)] \
                      [--replicas N (0: none; else 1 then N collector processes on one PostgreSQL schema)] \
                      [--idle-connections N (idle mode only)]";
@@ -128,6 +129,10 @@ fn parse_args() -> Result<Args> {
             "--idle-connections" => args.idle = Some(value.parse().with_context(bad)?),
             "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
             "--replicas" => args.replicas = value.parse().with_context(bad)?,
+            "--batch-reports" => BATCH_REPORTS.store(
+                value.parse().with_context(bad)?,
+                std::sync::atomic::Ordering::Relaxed,
+            ),
             "--max-in-flight" => IN_FLIGHT.store(
                 value.parse().with_context(bad)?,
                 std::sync::atomic::Ordering::Relaxed,
@@ -318,7 +323,9 @@ fn pid_ticks(pid: u32) -> u64 {
     proc_cpu(&pid.to_string()).map_or(0, |(_, t)| t)
 }
 
-/// CPU ticks of every live `postgres` process (server and backends).
+/// CPU ticks of every live `postgres` process (server and backends). A backend that exits
+/// between two readings takes its ticks with it, so the later sum can be smaller: differences
+/// saturate at 0 (a wrapped one printed 1.8e16 ms once, PERFORMANCE.md §8q).
 fn postgres_ticks() -> u64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
@@ -579,10 +586,19 @@ fn one_address_for_all(cfg: &mut CollectorConfig, agents: usize) {
     if in_flight > 0 {
         cfg.limits.max_reports_in_flight = in_flight;
     }
+    let batch = BATCH_REPORTS.load(std::sync::atomic::Ordering::Relaxed);
+    if batch > 0 {
+        cfg.derive.batch_reports = batch;
+    }
 }
 
 /// `--max-in-flight N`: the collector's `[limits] max_reports_in_flight` (0: as shipped).
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `--batch-reports`: reports per derive transaction, the collectors' `[derive] batch_reports`
+/// and the derive-only part's (0: the deriver's default, `DEFAULT_BATCH_REPORTS`), to measure
+/// what a larger batch saves and what it costs the acknowledgements.
+static BATCH_REPORTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 // ---------------------------------------------------------------------------------------------
 // One measured run
@@ -907,7 +923,7 @@ async fn derive_only(
     let append = AppendOnly {
         reports_per_s: n as f64 / append_secs,
         cpu_ms_per_report: ms_per_report(self_ticks() - append_cpu0),
-        postgres_cpu_ms_per_report: ms_per_report(postgres_ticks() - append_pg0),
+        postgres_cpu_ms_per_report: ms_per_report(postgres_ticks().saturating_sub(append_pg0)),
     };
     println!(
         "  appends: {n} reports in {append_secs:.2} s = {:.0}/s; CPU ms per report: this process \
@@ -950,7 +966,10 @@ async fn derive_only(
             freshness: Freshness::new(Duration::ZERO),
             appended: Arc::default(),
             derived: Arc::default(),
-            batch_reports: DEFAULT_BATCH_REPORTS,
+            batch_reports: match BATCH_REPORTS.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => DEFAULT_BATCH_REPORTS,
+                n => n,
+            },
         })
         .collect();
     let (cpu0, pg0) = (self_ticks(), postgres_ticks());
@@ -977,7 +996,7 @@ async fn derive_only(
     let per_report = |ticks: u64| ticks as f64 * 1e3 / clk_tck() / n as f64;
     let (cpu, pg) = (
         per_report(self_ticks() - cpu0),
-        per_report(postgres_ticks() - pg0),
+        per_report(postgres_ticks().saturating_sub(pg0)),
     );
     ensure!(derived == n as u64, "derive-only: {derived} of {n} derived");
     Ok((n as f64 / secs, secs, cpu, pg))

@@ -83,6 +83,21 @@ pub fn limit_km(min_rtt_us: u32) -> f64 {
     f64::from(min_rtt_us) / 1000.0 * KM_PER_RTT_MS * MARGIN_FACTOR + MARGIN_KM
 }
 
+/// The check of a measured distance (`None`: not measured) at `min_rtt_us`; `None` when either
+/// is unknown. [`Physics::check`] is this after the distance.
+pub fn check_at(distance_km: Option<f64>, min_rtt_us: u32) -> Option<Check> {
+    if min_rtt_us == 0 {
+        return None;
+    }
+    let distance_km = distance_km?;
+    let limit_km = limit_km(min_rtt_us);
+    Some(Check {
+        distance_km,
+        limit_km,
+        impossible: distance_km > limit_km,
+    })
+}
+
 /// Distances by (site, country); `None`: no geometry for one of them.
 type Distances = HashMap<(PlaceKey, [u8; 2]), Option<f64>>;
 
@@ -125,23 +140,29 @@ impl Physics {
         if min_rtt_us == 0 {
             return None;
         }
-        let distance_km = self.distance_km(from, country)?;
-        let limit_km = limit_km(min_rtt_us);
-        Some(Check {
-            distance_km,
-            limit_km,
-            impossible: distance_km > limit_km,
-        })
+        check_at(self.distance_km(from, country), min_rtt_us)
     }
 
     /// One check per answer of the verdict, in the same order; an override's answer is never
     /// second-guessed (`None`), nor anything when the node's place is unknown.
     pub fn judge(&self, v: &Verdict, from: Option<&Place>, min_rtt_us: u32) -> Vec<Option<Check>> {
+        self.distances(v, from)
+            .iter()
+            .map(|d| check_at(*d, min_rtt_us))
+            .collect()
+    }
+
+    /// The part of [`Physics::judge`] that does not depend on the RTT: per answer, in the same
+    /// order, the distance from `from` to the answer's country, `None` where nothing is
+    /// checked (an override's answer, an unknown place, a country without geometry). The
+    /// deriver makes it once per (address, place) of a batch and each flow's checks from it
+    /// with [`check_at`] (PERFORMANCE.md §8q).
+    pub fn distances(&self, v: &Verdict, from: Option<&Place>) -> Vec<Option<f64>> {
         v.answers
             .iter()
             .map(|a| match from {
                 Some(place) if a.kind != SourceKind::Override => {
-                    self.check(place, &a.country, min_rtt_us)
+                    self.distance_km(place, &a.country)
                 }
                 _ => None,
             })

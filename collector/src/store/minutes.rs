@@ -388,7 +388,7 @@ pub(crate) fn foreign_flows(r: &IncomingReport) -> Option<ForeignFlows> {
     let mut countries = std::collections::BTreeSet::new();
     let (mut start_ms, mut end_ms, mut flow_count) = (i64::MAX, i64::MIN, 0i64);
     for f in &r.telemetry.flows {
-        if f.country == r.country {
+        if *f.country == *r.country {
             continue;
         }
         let end = flow_end(r, &f.flow);
@@ -400,7 +400,7 @@ pub(crate) fn foreign_flows(r: &IncomingReport) -> Option<ForeignFlows> {
         start_ms = start_ms.min(start);
         end_ms = end_ms.max(end);
         if !f.country.is_empty() {
-            countries.insert(f.country.as_str());
+            countries.insert(&*f.country);
         }
         prost::encoding::message::encode(REPORT_FLOWS_FIELD, &f.flow, &mut flows);
         flow_count += 1;
@@ -432,11 +432,11 @@ mod tests {
                 bytes_sent: 7,
                 ..Default::default()
             },
-            process: String::new(),
+            process: Default::default(),
             country: country.into(),
             asn: 0,
-            org: String::new(),
-            geo_source: String::new(),
+            org: Default::default(),
+            geo_source: Default::default(),
             verdict: VerdictColumns::default(),
         }
     }
@@ -465,7 +465,7 @@ mod tests {
         assert_eq!(remotes, ["9.9.9.9", "8.8.4.4", "1.1.1.1", "2.2.2.2"]);
         assert_eq!(decoded.flows[0], r.telemetry.flows[0].flow);
         assert_eq!(prost::Message::encode_to_vec(&decoded), f.flows);
-        r.telemetry.flows.retain(|f| f.country == "MA");
+        r.telemetry.flows.retain(|f| &*f.country == "MA");
         assert_eq!(foreign_flows(&r), None);
     }
 }

@@ -1907,15 +1907,17 @@ pub(crate) async fn flows_of_reports_derived_in_one_batch_merge_as_the_database_
     db: &dyn Backend,
 ) {
     let store = db.store();
-    let verdict = |physics: &str, limit_km: u32, operator: &str| crate::store::VerdictColumns {
+    let verdict = |physics: &str, limit_km: u32, operator: &str| {
+        crate::store::VerdictColumns {
         answers_json: format!(
             r#"[{{"source":"s","country":"FR","kind":"geofeed","impossible":false,"distance_km":{limit_km}}}]"#
-        ),
+        ).into(),
         contested: operator.is_empty(),
         operator_country: operator.into(),
         physics: physics.into(),
         distance_km: 10,
         limit_km,
+    }
     };
     let with = |seq: u64, sent: u64, rtt: u32, v: crate::store::VerdictColumns| {
         let mut r = report("m", 1, seq);
@@ -1989,15 +1991,17 @@ pub(crate) async fn every_answer_and_how_bytes_were_measured_are_kept_with_the_f
     db: &dyn Backend,
 ) {
     let store = db.store();
-    let verdict = |impossible: bool, rtt_limit: u32| crate::store::VerdictColumns {
+    let verdict = |impossible: bool, rtt_limit: u32| {
+        crate::store::VerdictColumns {
         answers_json: format!(
             r#"[{{"source":"geofeed:test@2026-11-01","country":"FR","kind":"geofeed","impossible":{impossible},"distance_km":1107}},{{"source":"embedded:iptocc-1.4.175","country":"MA","kind":"registry","impossible":false,"distance_km":0}}]"#
-        ),
+        ).into(),
         contested: true,
         operator_country: "US".into(),
         physics: if impossible { "impossible" } else { "possible" }.into(),
         distance_km: 1107,
         limit_km: rtt_limit,
+    }
     };
     let mut r = report("v", 1, 1);
     // Seen first at 20 ms (France possible), then at 0.06 ms in the same minute: the tighter

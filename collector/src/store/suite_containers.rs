@@ -44,7 +44,7 @@ fn flow(pid: u32, sent: u64, container: Option<pb::ContainerRef>) -> FlowRecord 
             container,
             ..Default::default()
         },
-        process: format!("p{pid}"),
+        process: format!("p{pid}").into(),
         country: "US".into(),
         asn: 64_500,
         org: "Transit".into(),

@@ -57,7 +57,7 @@ fn vllm_us(sent: u64, end_ms: i64, rtt_us: u32, answer: &str) -> FlowRecord {
     f.flow.min_rtt_us = rtt_us;
     f.verdict.answers_json = format!(
         r#"[{{"source":"test-db","country":"{answer}","kind":"registry","impossible":false,"distance_km":0}}]"#
-    );
+    ).into();
     f
 }
 

@@ -37,12 +37,12 @@ pub(super) fn flow(
         process: process.into(),
         country: country.into(),
         asn,
-        org: format!("AS{asn}"),
+        org: format!("AS{asn}").into(),
         geo_source: "test-db".into(),
         verdict: crate::store::VerdictColumns {
             answers_json: format!(
                 r#"[{{"source":"test-db","country":"{country}","kind":"registry","impossible":false,"distance_km":0}}]"#
-            ),
+            ).into(),
             contested: remote == "203.0.113.9",
             ..Default::default()
         },

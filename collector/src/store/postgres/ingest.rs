@@ -773,10 +773,10 @@ async fn upsert_minutes(
         c.received.push(e.bytes_received);
         c.conns.push(e.connections);
         c.rtt.push(e.min_rtt_us);
-        c.answers.push(v.answers_json.as_str());
+        c.answers.push(&*v.answers_json);
         c.contested.push(i64::from(e.contested));
         c.operator.push(e.operator_country);
-        c.physics.push(v.physics.as_str());
+        c.physics.push(&*v.physics);
         c.distance.push(i64::from(v.distance_km));
         c.limit.push(i64::from(v.limit_km));
         c.conntrack.push(e.conntrack_bytes);
