@@ -1171,76 +1171,68 @@ pub(super) async fn ingest_batch_once(
         }
     }
     let e = &g.epochs;
-    let epochs = async {
-        if e.node.is_empty() {
-            return Ok(0);
-        }
-        tx.execute(
-            &st.append_epochs,
-            &[
-                &e.node,
-                &e.epoch,
-                &e.reports,
-                &e.last_seq,
-                &e.first_seen,
-                &e.last_seen,
-            ],
-        )
-        .await
-        .map_err(pg("update epoch counters"))
-    };
-    let nodes = async {
-        if n.node.is_empty() {
-            return Ok(0);
-        }
-        tx.execute(
-            &st.append_nodes,
-            &[
-                &n.node,
-                &n.site,
-                &n.country,
-                &n.hostname,
-                &n.agent_version,
-                &n.labels,
-                &n.first_seen,
-                &n.last_seen,
-                &n.observed,
-                &n.epoch,
-                &n.cpu,
-                &n.used,
-                &n.total,
-            ],
-        )
-        .await
-        .map_err(pg("update nodes"))
-    };
-    let gap_rows = async {
-        if gaps.node.is_empty() {
-            return Ok(0);
-        }
-        tx.execute(
-            &st.append_gaps,
-            &[
-                &gaps.node,
-                &gaps.epoch,
-                &gaps.first,
-                &gaps.last,
-                &gaps.reason,
-                &gaps.dropped,
-                &gaps.received,
-            ],
-        )
-        .await
-        .map_err(pg("insert gaps"))
-    };
-    let queue = async {
-        if q.node.is_empty() {
-            return Ok(0);
-        }
-        tx.execute(&st.append_queue, &[&q.node, &q.epoch, &q.seq, &q.received])
-            .await
-            .map_err(pg("queue for derivation"))
-    };
+    type Param<'p> = &'p (dyn tokio_postgres::types::ToSql + Sync);
+    let epoch_params: [Param<'_>; 6] = [
+        &e.node,
+        &e.epoch,
+        &e.reports,
+        &e.last_seq,
+        &e.first_seen,
+        &e.last_seen,
+    ];
+    let node_params: [Param<'_>; 13] = [
+        &n.node,
+        &n.site,
+        &n.country,
+        &n.hostname,
+        &n.agent_version,
+        &n.labels,
+        &n.first_seen,
+        &n.last_seen,
+        &n.observed,
+        &n.epoch,
+        &n.cpu,
+        &n.used,
+        &n.total,
+    ];
+    let gap_params: [Param<'_>; 7] = [
+        &gaps.node,
+        &gaps.epoch,
+        &gaps.first,
+        &gaps.last,
+        &gaps.reason,
+        &gaps.dropped,
+        &gaps.received,
+    ];
+    let queue_params: [Param<'_>; 4] = [&q.node, &q.epoch, &q.seq, &q.received];
+    let epochs = execute_rows(
+        &tx,
+        &st.append_epochs,
+        e.node.len(),
+        &epoch_params,
+        "update epoch counters",
+    );
+    let nodes = execute_rows(
+        &tx,
+        &st.append_nodes,
+        n.node.len(),
+        &node_params,
+        "update nodes",
+    );
+    let gap_rows = execute_rows(
+        &tx,
+        &st.append_gaps,
+        gaps.node.len(),
+        &gap_params,
+        "insert gaps",
+    );
+    let queue = execute_rows(
+        &tx,
+        &st.append_queue,
+        q.node.len(),
+        &queue_params,
+        "queue for derivation",
+    );
     // The duplicates, report by report (rare): a re-send, or a sequence number reused.
     let duplicates = futures::future::try_join_all(
         sorted
@@ -1261,6 +1253,21 @@ pub(super) async fn ingest_batch_once(
         };
     }
     Ok(outcomes)
+}
+
+/// One of an append batch's pipelined statements over `rows` rows of column arrays (`params`):
+/// nothing is sent when the batch has none.
+async fn execute_rows(
+    tx: &Tx<'_>,
+    statement: &tokio_postgres::Statement,
+    rows: usize,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    context: &'static str,
+) -> Result<u64, StoreError> {
+    if rows == 0 {
+        return Ok(0);
+    }
+    tx.execute(statement, params).await.map_err(pg(context))
 }
 
 /// A batch's keys and bodies, as arrays for `unnest` (key order).
