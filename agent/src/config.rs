@@ -96,9 +96,16 @@ pub struct TrainingConfig {
     /// number of descriptors moved since their latest read, or after this many seconds (spread
     /// over the samples) even when none did: a file written only through a mapping of a file
     /// opened in place of a closed one is caught by then. 0 reads every candidate at every
-    /// sample. Default 30.
+    /// sample. Default 120.
     #[serde(default = "default_training_recheck_secs")]
     pub recheck_secs: u64,
+    /// A candidate whose I/O counters, virtual size and descriptor count have not moved for
+    /// 30 s (a model server with no requests, a trainer between checkpoints doing no I/O) is
+    /// looked at only every this many seconds instead of every sample, until they move again:
+    /// its first write is then seen within this long. 0 or 1 looks at every candidate at every
+    /// sample. Default 4.
+    #[serde(default = "default_training_idle_mark_secs")]
+    pub idle_mark_secs: u64,
 }
 
 impl Default for TrainingConfig {
@@ -109,6 +116,7 @@ impl Default for TrainingConfig {
             dataset_min_bytes: default_training_dataset_min_bytes(),
             dataset_hash_max_bytes: default_training_dataset_hash_max_bytes(),
             recheck_secs: default_training_recheck_secs(),
+            idle_mark_secs: default_training_idle_mark_secs(),
         }
     }
 }
@@ -121,6 +129,9 @@ fn default_training_dataset_hash_max_bytes() -> u64 {
 }
 fn default_training_recheck_secs() -> u64 {
     crate::collect::training::DEFAULT_RECHECK_SECS
+}
+fn default_training_idle_mark_secs() -> u64 {
+    crate::collect::training::DEFAULT_IDLE_MARK_SECS
 }
 fn default_training_dataset_min_bytes() -> u64 {
     crate::collect::training::DEFAULT_DATASET_FLOOR_BYTES
@@ -660,6 +671,16 @@ impl AgentConfig {
                 ),
             );
         }
+        if self.training.idle_mark_secs > 300 {
+            p.push(
+                "training.idle_mark_secs",
+                format!(
+                    "{} is out of range 0..=300 (a process still for 30 s is looked at this \
+                     often: a longer wait hides a checkpoint written in less time)",
+                    self.training.idle_mark_secs
+                ),
+            );
+        }
         if !(1..=86_400).contains(&self.weights.scan_interval_secs) {
             p.push(
                 "weights.scan_interval_secs",
@@ -824,6 +845,15 @@ mod tests {
             "{problems}"
         );
         assert!(parse(&format!("{GOOD}\n[training]\nsample_ms = 5\n")).is_err());
+        assert_eq!(c.training.idle_mark_secs, 4);
+        let bad = parse(&format!("{GOOD}\n[training]\nidle_mark_secs = 301\n")).unwrap();
+        let problems = bad.validate().to_string();
+        assert!(
+            problems.contains("training.idle_mark_secs") && problems.contains("301"),
+            "{problems}"
+        );
+        let ok = parse(&format!("{GOOD}\n[training]\nidle_mark_secs = 0\n")).unwrap();
+        assert!(!ok.validate().to_string().contains("idle_mark_secs"));
     }
 
     #[test]

@@ -103,6 +103,7 @@ impl Agent {
         let config_training_floor = config.training.dataset_min_bytes;
         let config_training_hash_max = config.training.dataset_hash_max_bytes;
         let config_training_recheck = config.training.recheck_secs;
+        let config_training_idle_mark = config.training.idle_mark_secs;
         Ok(Self {
             spool: Arc::new(Mutex::new(spool)),
             observer: Arc::new(Mutex::new(observer)),
@@ -114,7 +115,8 @@ impl Agent {
             training: TrainingHandle::new(
                 Tracker::new(Path::new("/proc"), config_training_floor)
                     .with_dataset_hashes(config_training_hash_max)
-                    .with_recheck_secs(config_training_recheck),
+                    .with_recheck_secs(config_training_recheck)
+                    .with_idle_mark_secs(config_training_idle_mark),
             ),
             collector_limit: Arc::default(),
         })

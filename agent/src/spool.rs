@@ -17,6 +17,12 @@
 //!   incomplete record at the tail of the newest segment; `open` truncates it and reuses its
 //!   seq, which is harmless because that `append` never returned.
 //! - `state.json` is replaced atomically: write `state.json.tmp`, fsync, rename, fsync the dir.
+//! - An ack is saved to `state.json` lazily: at once when it frees a segment (before the unlink),
+//!   when another change (a gap) is saved, when [`ACK_SAVE_INTERVAL`] has passed since the
+//!   first unsaved one, at [`Spool::flush`] and when the spool is dropped. A crash loses at most
+//!   that long of acknowledgements: those reports (and the gaps they carried) are sent again
+//!   and the collector answers them as duplicates (it keys reports and gaps by epoch and seq).
+//!   Saving every ack was two `fsync`s and a rename per report, most of the spool's cost.
 //! - Drop (spool full) and ack persist the new `head_seq` and gaps *before* unlinking a segment;
 //!   a crash in between leaves a segment entirely below `head_seq`, which `open` deletes (so the
 //!   unlink needs no directory fsync).
@@ -68,6 +74,8 @@ use serde::{Deserialize, Serialize};
 use sov_common::clock::now_unix_ms;
 use tracing::{debug, warn};
 
+/// Longest time an acknowledgement stays only in memory (see the crash-safety notes above).
+pub const ACK_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Default bound on the bytes of all segment files.
 pub const DEFAULT_MAX_SPOOL_BYTES: u64 = 64 * 1024 * 1024;
 /// Most gap records attached to one report (the collector accepts 10,000).
@@ -239,8 +247,18 @@ pub struct Spool {
     total_bytes: u64,
     next_seq: u64,
     broken: bool,
+    /// Since when `state` holds acknowledgements not yet in `state.json`.
+    unsaved_since: Option<std::time::Instant>,
     /// Holds the exclusive lock on `<dir>/lock` for as long as the spool is open.
     _lock: File,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            warn!(dir = %self.dir.display(), error = %e, "cannot save the latest acks; those reports will be sent again");
+        }
+    }
 }
 
 impl Spool {
@@ -287,6 +305,7 @@ impl Spool {
             active: None,
             total_bytes: 0,
             broken: false,
+            unsaved_since: None,
             _lock: lock,
         };
         spool.recover(names)?;
@@ -552,9 +571,32 @@ impl Spool {
             state.remove_range(c.first_seq, c.last_seq);
         }
         if state != self.state {
-            self.commit(state)?;
+            let frees_segment = self
+                .segments
+                .front()
+                .is_some_and(|s| s.last_seq().is_none_or(|l| l < state.head_seq));
+            let overdue = self
+                .unsaved_since
+                .is_some_and(|t| t.elapsed() >= ACK_SAVE_INTERVAL);
+            if frees_segment || overdue {
+                self.commit(state)?;
+            } else {
+                // Saved later (crash-safety notes above): a lost ack only sends a report again.
+                self.state = state;
+                self.unsaved_since
+                    .get_or_insert_with(std::time::Instant::now);
+            }
         }
         self.remove_delivered()
+    }
+
+    /// Saves acknowledgements kept only in memory (see the crash-safety notes above).
+    pub fn flush(&mut self) -> Result<(), SpoolError> {
+        if self.unsaved_since.is_some() && !self.broken {
+            write_state(&self.dir, &self.state)?;
+            self.unsaved_since = None;
+        }
+        Ok(())
     }
 
     /// Gives up on every seq up to `seq` not yet acknowledged (normally the report that `peek`
@@ -631,6 +673,7 @@ impl Spool {
     fn commit(&mut self, state: State) -> Result<(), SpoolError> {
         write_state(&self.dir, &state)?;
         self.state = state;
+        self.unsaved_since = None;
         Ok(())
     }
 }
@@ -1346,6 +1389,55 @@ mod tests {
         assert_eq!(spool.append(&body(3, 100)).unwrap().seq, 3);
         assert_eq!(drain(&mut spool), [1, 3]);
         assert!(spool.pending_gaps().is_empty());
+    }
+
+    #[test]
+    fn acks_are_saved_lazily_but_before_a_segment_is_freed_and_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved_head = || {
+            let path = dir.path().join(STATE_FILE);
+            parse_state(&path, &fs::read(&path).unwrap())
+                .unwrap()
+                .head_seq
+        };
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        for seq in 1..=3 {
+            assert_eq!(spool.append(&body(seq, 100)).unwrap().seq, seq);
+        }
+        // An ack that frees no segment stays in memory: a crash now sends report 1 again.
+        spool.ack(1).unwrap();
+        assert_eq!(spool.stats().head_seq, 2);
+        assert_eq!(saved_head(), 1);
+        // Dropping the spool (a clean stop) saves it.
+        drop(spool);
+        assert_eq!(saved_head(), 2);
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(2));
+        // Fill the first segment and start a second; an ack of the first one's last report
+        // is saved before the segment is deleted.
+        let mut seq = 4;
+        while segment_files(dir.path()).len() < 2 {
+            assert_eq!(spool.append(&body(seq, 1000)).unwrap().seq, seq);
+            seq += 1;
+        }
+        let last_of_first = seq - 2;
+        spool.ack(last_of_first - 1).unwrap();
+        assert_eq!(saved_head(), 2, "nothing freed yet");
+        assert_eq!(segment_files(dir.path()).len(), 2);
+        spool.ack(last_of_first).unwrap();
+        assert_eq!(saved_head(), last_of_first + 1);
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        // flush saves what is pending (the second segment holds one more report).
+        assert_eq!(spool.append(&body(seq, 100)).unwrap().seq, seq);
+        spool.ack(last_of_first + 1).unwrap();
+        assert_eq!(saved_head(), last_of_first + 1);
+        spool.flush().unwrap();
+        assert_eq!(saved_head(), last_of_first + 2);
+        // A gap is saved at once, with the acks before it.
+        spool.ack(seq).unwrap();
+        let next = spool.append(&body(seq + 1, 100)).unwrap().seq;
+        spool.skip(next, GapKind::Refused, "refused").unwrap();
+        assert_eq!(saved_head(), next + 1);
     }
 
     #[test]

@@ -35,8 +35,12 @@
 //! mapping or a new descriptor moves it. A file written only through a mapping
 //! made in place of an unmapped one of the same size, opened in place of a closed descriptor,
 //! moves none of them: every candidate is read again at least every `[training] recheck_secs`
-//! (30 s), those re-reads spread over the samples. Candidates without held files are read in
-//! full at every sample. `training_descriptors` in the agent's `/metrics` counts both; only
+//! (120 s; 30 s until the re-reads of 300 idle weight users were measured at a tenth of the whole
+//! agent's CPU), those re-reads spread over the samples. A candidate whose mark has not moved for
+//! [`IDLE_AFTER_MS`] (a model server without requests, the bench's 300 mappers) is marked only
+//! every `[training] idle_mark_secs` (4 s, each at a phase of its own) until it moves: that
+//! mark was most of the sampler's cost on a node of idle weight users (three reads per
+//! candidate and second). Candidates without held files are read in full at every sample. `training_descriptors` in the agent's `/metrics` counts both; only
 //! candidates seen writing weights or reading datasets keep a record.
 //!
 //! Known limits: a checkpoint opened, written and closed between two samples is seen only
@@ -74,7 +78,13 @@ pub const MAX_DIRS: usize = 64;
 const MAX_DATASETS: usize = 4096;
 /// Candidates' descriptors are read again at least this often (seconds) even when nothing says
 /// they changed (`[training] recheck_secs`).
-pub const DEFAULT_RECHECK_SECS: u64 = 30;
+pub const DEFAULT_RECHECK_SECS: u64 = 120;
+/// Default of `[training] idle_mark_secs`: a candidate whose mark has not moved for
+/// [`IDLE_AFTER_MS`] is marked this often instead of at every sample.
+pub const DEFAULT_IDLE_MARK_SECS: u64 = 4;
+/// How long a candidate's mark must stay still before it is marked only every
+/// `idle_mark_secs`.
+pub const IDLE_AFTER_MS: i64 = 30_000;
 /// At most this many candidates are watched between samples; beyond, read in full each sample.
 pub const MAX_WATCHED: usize = 4096;
 /// At most this many candidates keep their `/proc` files open (three descriptors each).
@@ -176,6 +186,8 @@ pub struct Tracker {
     held_max: usize,
     /// A candidate's descriptors are read again after this long even when its mark is unchanged.
     recheck_ms: i64,
+    /// A candidate still for [`IDLE_AFTER_MS`] is marked this often (at most every sample).
+    idle_mark_ms: i64,
     last_sample_ms: Option<i64>,
 }
 
@@ -191,6 +203,10 @@ struct Watch {
     mark: Option<Mark>,
     /// When its descriptors were read last (Unix ms).
     read_ms: i64,
+    /// When its mark was last seen to move (or first taken).
+    moved_ms: i64,
+    /// When its mark was last taken.
+    marked_ms: i64,
 }
 
 /// What moves when a process can have opened, written or mapped a file: its I/O counters
@@ -283,6 +299,7 @@ impl Tracker {
                 .map_or(0, |l| usize::try_from(l / 16 / 3).unwrap_or(usize::MAX))
                 .min(MAX_HELD),
             recheck_ms: i64::try_from(DEFAULT_RECHECK_SECS * 1000).unwrap_or(i64::MAX),
+            idle_mark_ms: i64::try_from(DEFAULT_IDLE_MARK_SECS * 1000).unwrap_or(i64::MAX),
             last_sample_ms: None,
         }
     }
@@ -321,6 +338,13 @@ impl Tracker {
         self
     }
 
+    /// Mark a candidate whose mark has been still for [`IDLE_AFTER_MS`] only every `secs`
+    /// seconds (`[training] idle_mark_secs`; 0 or 1: at every sample, as before).
+    pub fn with_idle_mark_secs(mut self, secs: u64) -> Self {
+        self.idle_mark_ms = i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        self
+    }
+
     /// Look at the candidates' open descriptors (and maps, for datasets) now: each one whose
     /// [`Mark`] moved since its previous read, each new one, and, spread over the samples, each
     /// one not read for `recheck_secs`; the others are passed over (see [`Watch`]).
@@ -351,31 +375,55 @@ impl Tracker {
                     self.read_unheld(pid, now_ms);
                     continue;
                 };
-                match held.mark() {
+                let (prev, read_ms, moved_ms, marked_ms, start_ticks) =
+                    (w.mark, w.read_ms, w.moved_ms, w.marked_ms, w.start_ticks);
+                if now_ms.saturating_sub(moved_ms) >= IDLE_AFTER_MS
+                    && now_ms.saturating_sub(marked_ms) < self.idle_mark_ms.saturating_sub(500)
+                    && now_ms.saturating_sub(read_ms) < self.recheck_ms
+                {
+                    // Still for a while: marked again only every `idle_mark_ms` (half a
+                    // second early, so that a sampler a little late does not skip a round).
+                    passed += 1;
+                    continue;
+                }
+                let mark = held.mark();
+                let idle_mark_ms = self.idle_mark_ms;
+                match mark {
                     None => {
                         // Exited (held files refer to that very process): a new process under
                         // the same pid is watched afresh.
                         self.watch.remove(&pid);
                     }
-                    Some(mark) if Some(mark) != w.mark => {
+                    Some(mark) if Some(mark) != prev => {
                         reads += 1;
-                        let start_ticks = w.start_ticks;
                         if let Some(w) = self.watch.get_mut(&pid) {
                             w.mark = Some(mark);
                             w.read_ms = now_ms;
+                            w.moved_ms = now_ms;
+                            w.marked_ms = now_ms;
                         }
                         self.read_descriptors(pid, start_ticks, None, now_ms);
-                        continue;
-                    }
-                    Some(_) if now_ms.saturating_sub(w.read_ms) >= self.recheck_ms => {
-                        due.push((w.read_ms, pid));
-                        continue;
                     }
                     Some(_) => {
-                        passed += 1;
-                        continue;
+                        if let Some(w) = self.watch.get_mut(&pid) {
+                            w.marked_ms = now_ms;
+                            let went_still = marked_ms.saturating_sub(moved_ms) < IDLE_AFTER_MS
+                                && now_ms.saturating_sub(moved_ms) >= IDLE_AFTER_MS;
+                            if went_still && idle_mark_ms > 1_000 {
+                                // Just gone still: its next marks fall at a phase of its own,
+                                // so that candidates that went still together are not all
+                                // marked in the same samples.
+                                w.marked_ms = now_ms.saturating_sub(i64::from(pid) % idle_mark_ms);
+                            }
+                        }
+                        if now_ms.saturating_sub(read_ms) >= self.recheck_ms {
+                            due.push((read_ms, pid));
+                        } else {
+                            passed += 1;
+                        }
                     }
                 }
+                continue;
             }
             reads += 1;
             if self.watch.len() >= MAX_WATCHED {
@@ -398,6 +446,8 @@ impl Tracker {
                     held,
                     mark,
                     read_ms: now_ms,
+                    moved_ms: now_ms,
+                    marked_ms: now_ms,
                 },
             );
             self.read_descriptors(pid, start_ticks, Some(name), now_ms);
@@ -1124,6 +1174,95 @@ mod tests {
         drop(idle);
         t.sample(&pids, 6_000);
         assert!(t.watch.is_empty(), "{:?}", t.watch);
+    }
+
+    #[test]
+    fn a_candidate_still_for_half_a_minute_is_marked_less_often_until_it_moves() {
+        use std::io::Write;
+        let mut t = Tracker::new(Path::new("/proc"), 1024)
+            .with_recheck_secs(3600)
+            .with_idle_mark_secs(4);
+        if t.held_max == 0 {
+            eprintln!("SKIPPED: no descriptor limit readable, every candidate is read in full");
+            return;
+        }
+        // A shell that writes a line when told: until then it does nothing at all.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x; echo moved; read y"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let pid = child.id();
+        // Let the new process finish starting (its mark moves while it loads), then watch.
+        let mut prev = None;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let held = HeldFiles::open(&Path::new("/proc").join(pid.to_string())).expect("held");
+            let mark = held.mark();
+            if mark.is_some() && mark == prev {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "the shell never settled");
+            prev = mark;
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        t.sample(&[pid], 0);
+        // Still for less than half a minute: marked at every sample.
+        for s in 1..30 {
+            t.sample(&[pid], s * 1_000);
+            assert_eq!(t.watch[&pid].marked_ms, s * 1_000, "sample {s}");
+        }
+        // Still since: marked about every four seconds, never at two samples running.
+        let mut marked = Vec::new();
+        for s in 30..70 {
+            t.sample(&[pid], s * 1_000);
+            if t.watch[&pid].marked_ms == s * 1_000 {
+                marked.push(s);
+            }
+        }
+        assert!((9..=11).contains(&marked.len()), "{marked:?}");
+        assert!(marked.windows(2).all(|w| w[1] - w[0] == 4), "{marked:?}");
+        assert_eq!(
+            t.watch[&pid].read_ms, 0,
+            "nothing moved: its descriptors were not read"
+        );
+        // It writes: the next of those marks sees it, reads it, and marks it at every sample
+        // again.
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"go\n").expect("write");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read");
+        assert_eq!(line, "moved\n");
+        let mut seen_at = None;
+        for s in 70..75 {
+            t.sample(&[pid], s * 1_000);
+            if t.watch[&pid].read_ms == s * 1_000 {
+                seen_at = Some(s);
+                break;
+            }
+        }
+        let seen_at = seen_at.expect("the write was seen within idle_mark_secs");
+        for s in seen_at + 1..seen_at + 5 {
+            t.sample(&[pid], s * 1_000);
+            assert_eq!(t.watch[&pid].marked_ms, s * 1_000, "sample {s}");
+        }
+        // With idle_mark_secs = 1 (as before), a still candidate is marked at every sample.
+        let mut every = Tracker::new(Path::new("/proc"), 1024)
+            .with_recheck_secs(3600)
+            .with_idle_mark_secs(1);
+        for s in 0..40 {
+            every.sample(&[pid], 200_000 + s * 1_000);
+            assert_eq!(
+                every.watch[&pid].marked_ms,
+                200_000 + s * 1_000,
+                "sample {s}"
+            );
+        }
+        drop(stdin);
+        let _ = child.wait();
     }
 
     #[test]
