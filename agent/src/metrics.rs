@@ -89,7 +89,7 @@ impl AgentMetrics {
         one(
             "sov_agent_spool_bytes",
             "gauge",
-            "Bytes of the spool on disk.",
+            "Bytes of the spool on disk (its newest segment keeps acknowledged reports until it is full).",
             scrape.spool.bytes.to_string(),
         );
         one(

@@ -23,6 +23,9 @@
 //!   that long of acknowledgements: those reports (and the gaps they carried) are sent again
 //!   and the collector answers them as duplicates (it keys reports and gaps by epoch and seq).
 //!   Saving every ack was two `fsync`s and a rename per report, most of the spool's cost.
+//! - The newest segment is appended to until it is full, even once every report in it is
+//!   acknowledged (deleting it made a new file and a directory `fsync` per report); older
+//!   segments are deleted once wholly acknowledged, and `open` deletes a newest one that is.
 //! - Drop (spool full) and ack persist the new `head_seq` and gaps *before* unlinking a segment;
 //!   a crash in between leaves a segment entirely below `head_seq`, which `open` deletes (so the
 //!   unlink needs no directory fsync).
@@ -571,10 +574,11 @@ impl Spool {
             state.remove_range(c.first_seq, c.last_seq);
         }
         if state != self.state {
-            let frees_segment = self
-                .segments
-                .front()
-                .is_some_and(|s| s.last_seq().is_none_or(|l| l < state.head_seq));
+            let frees_segment = self.segments.len() > 1
+                && self
+                    .segments
+                    .front()
+                    .is_some_and(|s| s.last_seq().is_none_or(|l| l < state.head_seq));
             let overdue = self
                 .unsaved_since
                 .is_some_and(|t| t.elapsed() >= ACK_SAVE_INTERVAL);
@@ -623,12 +627,16 @@ impl Spool {
         self.remove_delivered()
     }
 
+    /// Deletes the segments wholly acknowledged, except the newest: appends go on into it
+    /// until it is full (deleting it at every ack made a new file, and two directory
+    /// `fsync`s, per report).
     fn remove_delivered(&mut self) -> Result<(), SpoolError> {
         let head = self.state.head_seq;
-        while self
-            .segments
-            .front()
-            .is_some_and(|s| s.last_seq().is_none_or(|l| l < head))
+        while self.segments.len() > 1
+            && self
+                .segments
+                .front()
+                .is_some_and(|s| s.last_seq().is_none_or(|l| l < head))
         {
             self.remove_front()?;
         }
@@ -1113,12 +1121,21 @@ mod tests {
             spool.append(&body(seq, 100)).unwrap();
         }
         spool.ack(3).unwrap();
-        assert!(segment_files(dir.path()).is_empty());
+        // The newest segment is kept for the next appends, with nothing left to send.
+        assert_eq!(segment_files(dir.path()).len(), 1);
+        assert_eq!(spool.stats().reports, 0);
         assert_eq!(spool.append(&body(4, 100)).unwrap().seq, 4);
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            1,
+            "appended to the same segment"
+        );
         spool.ack(4).unwrap();
         drop(spool);
 
+        // Reopened: the wholly acknowledged segment is deleted.
         let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert!(segment_files(dir.path()).is_empty());
         assert_eq!(spool.peek().unwrap(), None);
         assert_eq!(spool.stats().next_seq, 5);
         assert_eq!(spool.append(&body(5, 100)).unwrap().seq, 5);

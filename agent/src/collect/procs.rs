@@ -122,12 +122,21 @@ pub struct ProcessCollector {
     stats: ReadStats,
     /// Reused read buffer for `stat` files.
     buf: Vec<u8>,
+    /// At most this many processes keep their `stat` open (a sixteenth of the descriptor
+    /// limit).
+    held_max: usize,
+    /// How many do now.
+    held: usize,
 }
 
 /// One live process as last read.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Known {
     generation: Gen,
+    /// Its `/proc/<pid>/stat`, kept open while it is read at every sample (busy or wanted):
+    /// read again by `pread`, no path walk, no open and close. It refers to that very process:
+    /// once it has exited the read fails.
+    file: Option<fs::File>,
     stat: Stat,
     read_at: Instant,
     /// Used CPU between its last two reads, or was read only once: read every sample.
@@ -202,6 +211,9 @@ impl ProcessCollector {
             prev_uptime_ticks: None,
             stats: ReadStats::default(),
             buf: Vec::with_capacity(512),
+            held_max: crate::collect::descriptor_limit()
+                .map_or(0, |l| usize::try_from(l / 16).unwrap_or(usize::MAX)),
+            held: 0,
         }
     }
 
@@ -333,8 +345,10 @@ impl ProcessCollector {
 
         let mut fresh: HashMap<u32, Fresh> = HashMap::with_capacity(read.len());
         let mut stat_errors = 0;
+        self.held = self.known.values().filter(|k| k.file.is_some()).count();
         for pid in read {
-            match self.read_known(pid, live.get(&pid).copied(), now, elapsed) {
+            let hold = wanted.contains(&pid);
+            match self.read_known(pid, live.get(&pid).copied(), now, elapsed, hold) {
                 Ok(Some(f)) => {
                     fresh.insert(pid, f);
                 }
@@ -403,7 +417,7 @@ impl ProcessCollector {
                 Some(f) => Some(*f),
                 None if self.known.contains_key(&pid) => {
                     // Selected from an earlier read (top memory): read it now.
-                    match self.read_known(pid, live.get(&pid).copied(), now, elapsed) {
+                    match self.read_known(pid, live.get(&pid).copied(), now, elapsed, false) {
                         Ok(Some(f)) => Some(f),
                         Err(err) if is_gone(&err) => {
                             self.known.remove(&pid);
@@ -413,7 +427,10 @@ impl ProcessCollector {
                     }
                 }
                 // An interesting pid not in the table (started since, or a thread id).
-                None => self.read_known(pid, None, now, elapsed).ok().flatten(),
+                None => self
+                    .read_known(pid, None, now, elapsed, false)
+                    .ok()
+                    .flatten(),
             };
             let Some(f) = f else {
                 continue;
@@ -468,14 +485,22 @@ impl ProcessCollector {
 
     /// Read `pid`'s stat now and update what is known of it; its ticks since its previous read.
     /// `Ok(None)` when the file does not parse.
+    /// Reads one process's `stat` into `known`; `hold`: it is read at every sample whatever
+    /// its CPU (a wanted pid), so its file is kept open like a busy one's.
     fn read_known(
         &mut self,
         pid: u32,
         generation: Option<Gen>,
         now: Instant,
         elapsed: Duration,
+        hold: bool,
     ) -> io::Result<Option<Fresh>> {
-        let Some(stat) = self.read_stat(pid)? else {
+        let held = self.known.get_mut(&pid).and_then(|k| k.file.take());
+        if held.is_some() {
+            self.held = self.held.saturating_sub(1);
+        }
+        let (stat, file) = self.read_stat_held(pid, held)?;
+        let Some(stat) = stat else {
             return Ok(None);
         };
         let generation = generation.unwrap_or(Gen { born: 0, exec: 0 });
@@ -511,10 +536,16 @@ impl ProcessCollector {
         };
         // A first read says nothing about its rate: read it again next sample.
         let busy = prev.is_none() || fresh.ticks > 0;
+        // Kept open while it will be read at the next sample too; a first read (a process
+        // that may live for a moment) does not keep it.
+        let keep = (hold || (busy && prev.is_some())) && self.held < self.held_max;
+        let file = keep.then_some(file);
+        self.held += usize::from(file.is_some());
         self.known.insert(
             pid,
             Known {
                 generation,
+                file,
                 stat,
                 read_at: now,
                 busy,
@@ -561,9 +592,40 @@ impl ProcessCollector {
 
     /// `Ok(None)` when the file was read but does not parse.
     fn read_stat(&mut self, pid: u32) -> io::Result<Option<Stat>> {
+        self.read_stat_held(pid, None).map(|(s, _)| s)
+    }
+
+    /// `stat` through `held` (kept open from an earlier read) or a file opened now, which is
+    /// handed back with what it said (`None` when it does not parse). A held file of a
+    /// process that has exited fails (`ESRCH`, or nothing read): gone.
+    fn read_stat_held(
+        &mut self,
+        pid: u32,
+        held: Option<fs::File>,
+    ) -> io::Result<(Option<Stat>, fs::File)> {
+        use std::os::unix::fs::FileExt;
+        let file = match held {
+            Some(f) => f,
+            None => fs::File::open(self.pid_dir(pid).join("stat"))?,
+        };
         self.buf.clear();
-        fs::File::open(self.pid_dir(pid).join("stat"))?.read_to_end(&mut self.buf)?;
-        Ok(parse_stat(&self.buf))
+        self.buf.resize(1024, 0);
+        let mut n = 0;
+        loop {
+            let got = file.read_at(&mut self.buf[n..], n as u64)?;
+            if got == 0 {
+                break;
+            }
+            n += got;
+            if n == self.buf.len() {
+                self.buf.resize(n * 2, 0);
+            }
+        }
+        self.buf.truncate(n);
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(ESRCH));
+        }
+        Ok((parse_stat(&self.buf), file))
     }
 
     /// The details of one process; `None` when it exited.
@@ -1156,6 +1218,54 @@ mod tests {
         assert_eq!(reasons(43), [TopCpu as i32]);
         assert_eq!(reasons(40), [TopMemory as i32]);
         assert_eq!(reasons(41), [TopMemory as i32, Flow as i32]);
+    }
+
+    #[test]
+    fn a_process_read_every_sample_is_read_through_its_held_stat_until_it_exits() {
+        let mut c = ProcessCollector::with_paths(DEFAULT_PROC_ROOT, DEFAULT_PASSWD_PATH);
+        if c.held_max == 0 {
+            eprintln!("SKIPPED: no descriptor limit readable, no stat file is held");
+            return;
+        }
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("sh");
+        let pid = child.id();
+        let interesting = [(pid, ProcessReason::Flow)];
+        let t0 = Instant::now();
+        c.sample(t0, 0, &interesting);
+        c.sample(t0 + Duration::from_secs(1), 0, &interesting);
+        let held = c.known.get(&pid).is_some_and(|k| k.file.is_some());
+        // What the held file says moves with the process: its ticks grow while it spins.
+        let first = c.known.get(&pid).map(|k| k.stat.ticks);
+        let mut i = 2;
+        let grew = loop {
+            std::thread::sleep(Duration::from_millis(50));
+            c.sample(t0 + Duration::from_secs(i), 0, &interesting);
+            let now = c.known.get(&pid).map(|k| k.stat.ticks);
+            if now > first || i > 600 {
+                break now > first;
+            }
+            i += 1;
+        };
+        let still_held = c.known.get(&pid).is_some_and(|k| k.file.is_some());
+        // A held file of a process that has exited fails to read: gone.
+        let file = c.known.get_mut(&pid).and_then(|k| k.file.take());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            held,
+            "a wanted process keeps its stat open after its first read"
+        );
+        assert!(grew, "ticks read through the held file grew");
+        assert!(still_held);
+        let err = c
+            .read_stat_held(pid, file)
+            .expect_err("an exited process's stat");
+        assert!(is_gone(&err), "{err}");
+        c.sample(t0 + Duration::from_secs(i + 1), 0, &interesting);
+        assert!(!c.known.contains_key(&pid));
     }
 
     #[test]
