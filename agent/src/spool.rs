@@ -25,7 +25,8 @@
 //!   Saving every ack was two `fsync`s and a rename per report, most of the spool's cost.
 //! - The newest segment is appended to until it is full, even once every report in it is
 //!   acknowledged (deleting it made a new file and a directory `fsync` per report); older
-//!   segments are deleted once wholly acknowledged, and `open` deletes a newest one that is.
+//!   segments are deleted once wholly acknowledged, and `open` deletes a newest one that is;
+//!   on a full disk an append deletes it too, before giving up.
 //! - Drop (spool full) and ack persist the new `head_seq` and gaps *before* unlinking a segment;
 //!   a crash in between leaves a segment entirely below `head_seq`, which `open` deletes (so the
 //!   unlink needs no directory fsync).
@@ -404,7 +405,8 @@ impl Spool {
     /// when the spool would exceed its bound.
     pub fn append(&mut self, payload: &[u8]) -> Result<AppendOutcome, SpoolError> {
         self.check_usable()?;
-        if !ensure_reserve(&self.dir) {
+        // On a full disk the newest segment's acknowledged reports are room to make.
+        if !ensure_reserve(&self.dir) && !(self.free_acknowledged()? && ensure_reserve(&self.dir)) {
             return Err(SpoolError::DiskFull {
                 dir: self.dir.clone(),
             });
@@ -443,7 +445,15 @@ impl Spool {
                 warn!(path = %segment.path.display(), error = %undo, "cannot undo failed spool write");
                 self.broken = true;
             }
-            return Err(io_err("append to", &segment.path)(e));
+            let err = io_err("append to", &segment.path)(e);
+            if !self.broken
+                && let SpoolError::Io { source, .. } = &err
+                && source.kind() == io::ErrorKind::StorageFull
+            {
+                // The next append finds the room the acknowledged reports held.
+                let _ = self.free_acknowledged();
+            }
+            return Err(err);
         }
         segment.bytes += record_bytes;
         segment.records.push(Loc { seq, offset, len });
@@ -592,6 +602,22 @@ impl Spool {
             }
         }
         self.remove_delivered()
+    }
+
+    /// Deletes every wholly acknowledged segment, the newest too (a full disk needs its room);
+    /// true when one was deleted.
+    fn free_acknowledged(&mut self) -> Result<bool, SpoolError> {
+        let head = self.state.head_seq;
+        let wholly = |s: &Segment| s.last_seq().is_none_or(|l| l < head);
+        if !self.segments.front().is_some_and(wholly) {
+            return Ok(false);
+        }
+        // `head_seq` on disk before any unlink (crash-safety notes above).
+        self.flush()?;
+        while self.segments.front().is_some_and(wholly) {
+            self.remove_front()?;
+        }
+        Ok(true)
     }
 
     /// Saves acknowledgements kept only in memory (see the crash-safety notes above).
