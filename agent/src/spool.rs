@@ -406,7 +406,9 @@ impl Spool {
     pub fn append(&mut self, payload: &[u8]) -> Result<AppendOutcome, SpoolError> {
         self.check_usable()?;
         // On a full disk the newest segment's acknowledged reports are room to make.
-        if !ensure_reserve(&self.dir) && !(self.free_acknowledged()? && ensure_reserve(&self.dir)) {
+        let room =
+            ensure_reserve(&self.dir) || (self.free_acknowledged()? && ensure_reserve(&self.dir));
+        if !room {
             return Err(SpoolError::DiskFull {
                 dir: self.dir.clone(),
             });
