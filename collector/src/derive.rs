@@ -31,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::geo::physics::{Check, Place, check_at};
 
+mod threads;
+pub use threads::DeriveThreads;
+
 /// `Withheld.kind` of weight files the agent left out of a report.
 const WITHHELD_WEIGHT_FILE: &str = "weight_file";
 use crate::geo::{Geo, Verdict};
@@ -52,6 +55,9 @@ use crate::store::{
 pub const DEFAULT_BATCH_REPORTS: u32 = 2048;
 /// How long a query waits, by default, for the reports acknowledged before it to be derived.
 pub const DEFAULT_QUERY_WAIT_MS: u64 = 5_000;
+/// How much lower than the acknowledgements' the derive threads' scheduling priority is, by
+/// default (a niceness increment, as `nice -n`; PERFORMANCE.md §8s).
+pub const DEFAULT_NICE: i32 = 10;
 /// How often an idle deriver looks at the queue (reports other replicas stored wake nobody
 /// here).
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -85,6 +91,15 @@ pub struct DeriveConfig {
     /// to be derived, ms (0..=60000; default 5000). The answer says how fresh it is either way.
     #[serde(default = "default_query_wait_ms")]
     pub query_wait_ms: u64,
+    /// How much the niceness of the threads that decode and enrich reports for derivation is
+    /// raised above the collector's (0..=19, as `nice -n`; default 10; capped at 19), so that
+    /// acknowledgements get the CPU first and derivation what is left. 0: the same priority.
+    #[serde(default = "default_nice")]
+    pub nice: i32,
+}
+
+fn default_nice() -> i32 {
+    DEFAULT_NICE
 }
 
 fn default_batch_reports() -> u32 {
@@ -100,6 +115,7 @@ impl Default for DeriveConfig {
         Self {
             batch_reports: DEFAULT_BATCH_REPORTS,
             query_wait_ms: DEFAULT_QUERY_WAIT_MS,
+            nice: DEFAULT_NICE,
         }
     }
 }
@@ -117,6 +133,12 @@ pub fn validate(c: &DeriveConfig) -> Vec<(String, String)> {
         out.push((
             "derive.query_wait_ms".to_owned(),
             format!("{} is out of range 0..=60000", c.query_wait_ms),
+        ));
+    }
+    if !(0..=19).contains(&c.nice) {
+        out.push((
+            "derive.nice".to_owned(),
+            format!("{} is out of range 0..=19", c.nice),
         ));
     }
     out
@@ -610,6 +632,22 @@ pub struct Deriver {
     pub derived: Arc<tokio::sync::Notify>,
     /// Most reports per batch.
     pub batch_reports: u32,
+    /// Where reports are decoded and enriched: threads at a lower priority than the
+    /// acknowledgements' ([`derive_threads`]).
+    pub threads: Arc<DeriveThreads>,
+}
+
+/// The deriver's threads for `config`: as many as enrich a batch at once, at `[derive] nice`.
+pub fn derive_threads(config: &DeriveConfig) -> Result<Arc<DeriveThreads>, StoreError> {
+    DeriveThreads::start(enrich_threads(), config.nice)
+}
+
+/// Threads that decode and enrich one batch at once: the machine's cores, at most
+/// [`ENRICH_THREADS`].
+fn enrich_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .clamp(1, ENRICH_THREADS)
 }
 
 impl Deriver {
@@ -702,9 +740,7 @@ impl Deriver {
     /// Decode and enrich `queued` off the async threads, in up to [`ENRICH_THREADS`] slices
     /// at once (in order; each slice geolocates its addresses once).
     async fn enrich(&self, queued: Vec<Underived>) -> Result<Vec<Derivation>, StoreError> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, std::num::NonZero::get)
-            .clamp(1, ENRICH_THREADS);
+        let threads = self.threads.threads();
         let slice = queued.len().div_ceil(threads).max(ENRICH_SLICE_MIN);
         let n = queued.len();
         let mut rest = queued.into_iter();
@@ -715,13 +751,11 @@ impl Deriver {
                 break;
             }
             let enricher = self.enricher.clone();
-            slices.push(tokio::task::spawn_blocking(move || {
-                enricher.derivations(part)
-            }));
+            slices.push(self.threads.run(move || enricher.derivations(part)));
         }
         let mut out = Vec::with_capacity(n);
-        for s in slices {
-            out.extend(s.await.map_err(|e| StoreError::Task(e.to_string()))?);
+        for s in futures::future::join_all(slices).await {
+            out.extend(s?);
         }
         Ok(out)
     }
@@ -835,9 +869,11 @@ mod tests {
         let bad = DeriveConfig {
             batch_reports: 0,
             query_wait_ms: 60_001,
+            nice: 20,
         };
         let problems = validate(&bad);
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems[2].0, "derive.nice");
         assert_eq!(problems[0].0, "derive.batch_reports");
         assert!(problems[0].1.contains('0'));
         assert_eq!(problems[1].0, "derive.query_wait_ms");
@@ -853,6 +889,7 @@ mod tests {
             appended: Arc::default(),
             derived: Arc::default(),
             batch_reports: DEFAULT_BATCH_REPORTS,
+            threads: DeriveThreads::start(2, DEFAULT_NICE).unwrap(),
         }
     }
 

@@ -27,6 +27,7 @@ use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDAT
 mod breaches;
 mod containers;
 mod ingest;
+pub use ingest::{WRITER, WriterStats, derive_yields};
 mod outbox;
 mod queries;
 mod retention;
