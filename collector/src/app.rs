@@ -176,8 +176,10 @@ impl CollectorConfig {
         };
         let stored = Arc::new(tokio::sync::Notify::new());
         let appended = Arc::new(tokio::sync::Notify::new());
-        let freshness =
-            crate::derive::Freshness::new(Duration::from_millis(config.derive.query_wait_ms));
+        let freshness = crate::derive::Freshness::bounded(
+            Duration::from_millis(config.derive.query_wait_ms),
+            Duration::from_secs(config.derive.max_lag_secs),
+        );
         let deriver = crate::derive::Deriver {
             store: store.clone(),
             enricher: crate::derive::Enricher::new(geo.clone(), policy.clone()),

@@ -58,6 +58,11 @@ pub const DEFAULT_QUERY_WAIT_MS: u64 = 5_000;
 /// How much lower than the acknowledgements' the derive threads' scheduling priority is, by
 /// default (a niceness increment, as `nice -n`; PERFORMANCE.md §8s).
 pub const DEFAULT_NICE: i32 = 10;
+/// The derivation lag past which acknowledgements wait for derivation, by default, seconds.
+pub const DEFAULT_MAX_LAG_SECS: u64 = 5;
+/// Longest an acknowledgement waits for derivation to come back under `max_lag_secs`: past it
+/// the report is stored anyway (a deriver that cannot go on must not stop ingest).
+const ADMIT_WAIT: Duration = Duration::from_secs(2);
 /// How often an idle deriver looks at the queue (reports other replicas stored wake nobody
 /// here).
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -96,6 +101,17 @@ pub struct DeriveConfig {
     /// acknowledgements get the CPU first and derivation what is left. 0: the same priority.
     #[serde(default = "default_nice")]
     pub nice: i32,
+    /// The derivation lag (how long the oldest report not yet derived has waited) past which
+    /// acknowledgements wait for derivation, s (0..=3600; default 5; 0: never). Under a load
+    /// the machine cannot both acknowledge and derive, acknowledgements take precedence until
+    /// the lag reaches this, then slow to the rate derivation keeps up with (each waits at most
+    /// 2 s), so that derived state stays this fresh.
+    #[serde(default = "default_max_lag_secs")]
+    pub max_lag_secs: u64,
+}
+
+fn default_max_lag_secs() -> u64 {
+    DEFAULT_MAX_LAG_SECS
 }
 
 fn default_nice() -> i32 {
@@ -116,6 +132,7 @@ impl Default for DeriveConfig {
             batch_reports: DEFAULT_BATCH_REPORTS,
             query_wait_ms: DEFAULT_QUERY_WAIT_MS,
             nice: DEFAULT_NICE,
+            max_lag_secs: DEFAULT_MAX_LAG_SECS,
         }
     }
 }
@@ -135,6 +152,12 @@ pub fn validate(c: &DeriveConfig) -> Vec<(String, String)> {
             format!("{} is out of range 0..=60000", c.query_wait_ms),
         ));
     }
+    if c.max_lag_secs > 3600 {
+        out.push((
+            "derive.max_lag_secs".to_owned(),
+            format!("{} is out of range 0..=3600", c.max_lag_secs),
+        ));
+    }
     if !(0..=19).contains(&c.nice) {
         out.push((
             "derive.nice".to_owned(),
@@ -146,21 +169,62 @@ pub fn validate(c: &DeriveConfig) -> Vec<(String, String)> {
 
 /// What this collector acknowledged and what its deriver has derived since, counted in
 /// acknowledgements: queries wait on it so that they see what was acknowledged before them.
+/// And whether derivation is further behind than `[derive] max_lag_secs`: acknowledgements
+/// wait on that ([`Freshness::admit`]).
 #[derive(Debug)]
 pub struct Freshness {
     acked: AtomicU64,
     derived: tokio::sync::watch::Sender<u64>,
     query_wait: Duration,
+    /// Past this lag acknowledgements wait; zero: never.
+    max_lag: Duration,
+    /// The deriver's last word: the lag is past `max_lag`.
+    behind: tokio::sync::watch::Sender<bool>,
 }
 
 impl Freshness {
-    /// Nothing acknowledged yet; queries wait at most `query_wait`.
+    /// Nothing acknowledged yet; queries wait at most `query_wait`; acknowledgements never
+    /// wait for derivation.
     pub fn new(query_wait: Duration) -> Arc<Self> {
+        Self::bounded(query_wait, Duration::ZERO)
+    }
+
+    /// As [`Freshness::new`], and acknowledgements wait while the derivation lag is past
+    /// `max_lag` (zero: never).
+    pub fn bounded(query_wait: Duration, max_lag: Duration) -> Arc<Self> {
         Arc::new(Self {
             acked: AtomicU64::new(0),
             derived: tokio::sync::watch::channel(0).0,
             query_wait,
+            max_lag,
+            behind: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// The deriver's view of the lag: the oldest report it knows is not derived yet was
+    /// received at `oldest_unix_ms` (`None`: none waits).
+    pub fn lag_from(&self, oldest_unix_ms: Option<i64>) {
+        let behind = !self.max_lag.is_zero()
+            && oldest_unix_ms.is_some_and(|t| {
+                let lag = sov_common::clock::now_unix_ms().saturating_sub(t);
+                u128::try_from(lag).is_ok_and(|l| l > self.max_lag.as_millis())
+            });
+        self.behind.send_if_modified(|b| {
+            let changed = *b != behind;
+            *b = behind;
+            changed
+        });
+    }
+
+    /// Before a report is stored: while derivation is further behind than `max_lag`, wait
+    /// until it is not, [`ADMIT_WAIT`] at most. Whether it waited.
+    pub async fn admit(&self) -> bool {
+        let mut rx = self.behind.subscribe();
+        if !*rx.borrow_and_update() {
+            return false;
+        }
+        let _ = tokio::time::timeout(ADMIT_WAIT, rx.wait_for(|b| !*b)).await;
+        true
     }
 
     /// A report was committed and is about to be acknowledged.
@@ -681,6 +745,7 @@ impl Deriver {
         // (cheaper than keeping a deep copy of every enriched batch).
         let mut batch = self.enrich(part.clone()).await?;
         loop {
+            let last_received = part.last().map(|u| u.received_unix_ms);
             // Each transaction's reports are written while the next ones are decoded and
             // enriched (on the other cores).
             let next = parts.pop_front();
@@ -694,6 +759,14 @@ impl Deriver {
             let d = written?;
             self.metrics.derive_batch(d, started.elapsed());
             derived += d;
+            // The oldest report known not to be derived: the next part's first; after the
+            // last part of a full read, one received after this part's last (its time
+            // over-states the lag: the acknowledgements wait a little early, never late).
+            self.freshness.lag_from(match &next {
+                Some(q) => q.first().map(|u| u.received_unix_ms),
+                None if n == self.read_limit() as usize => last_received,
+                None => None,
+            });
             match (next, enriched) {
                 (Some(q), Some(e)) => {
                     part = q;
@@ -849,6 +922,8 @@ impl Deriver {
                     }
                 }
                 Err(err) => {
+                    // A deriver that cannot go on does not hold acknowledgements back.
+                    self.freshness.lag_from(None);
                     tracing::warn!(error = %err, cause = %sov_common::error::source_chain(&err), "derivation failed; retrying");
                     tokio::select! {
                         () = stop.cancelled() => return,
@@ -870,10 +945,12 @@ mod tests {
             batch_reports: 0,
             query_wait_ms: 60_001,
             nice: 20,
+            max_lag_secs: 3601,
         };
         let problems = validate(&bad);
-        assert_eq!(problems.len(), 3, "{problems:?}");
-        assert_eq!(problems[2].0, "derive.nice");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems[2].0, "derive.max_lag_secs");
+        assert_eq!(problems[3].0, "derive.nice");
         assert_eq!(problems[0].0, "derive.batch_reports");
         assert!(problems[0].1.contains('0'));
         assert_eq!(problems[1].0, "derive.query_wait_ms");
@@ -1085,6 +1162,30 @@ mod tests {
             .unwrap();
         assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 700);
         assert_eq!(d.derive_batch().await.unwrap(), (0, 0));
+    }
+
+    /// `[derive] max_lag_secs`: while the deriver says it is further behind than the bound,
+    /// a report waits before it is stored, and goes on once derivation is back under it.
+    #[tokio::test]
+    async fn acknowledgements_wait_while_derivation_is_behind_the_bound_and_go_on_when_it_catches_up()
+     {
+        let now = sov_common::clock::now_unix_ms();
+        let f = Freshness::bounded(Duration::ZERO, Duration::from_secs(5));
+        assert!(!f.admit().await, "nothing behind: no wait");
+        f.lag_from(Some(now - 60_000));
+        let f2 = f.clone();
+        let waiting = tokio::spawn(async move { f2.admit().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a minute behind: the report waits");
+        f.lag_from(Some(sov_common::clock::now_unix_ms() - 1_000));
+        assert!(waiting.await.unwrap(), "it waited, and went on");
+        // A deriver that fails says nothing waits; no bound: never a wait.
+        f.lag_from(Some(now - 60_000));
+        f.lag_from(None);
+        assert!(!f.admit().await);
+        let free = Freshness::new(Duration::ZERO);
+        free.lag_from(Some(0));
+        assert!(!free.admit().await);
     }
 
     #[tokio::test]

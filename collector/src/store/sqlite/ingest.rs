@@ -929,7 +929,7 @@ fn append_batch(conn: &mut Connection, appends: Vec<crate::store::Queued>) {
 /// The group commit's drainer: takes the writer and stores batch after batch until nothing
 /// waits. Should it panic, the reports waiting are failed (their callers see an error, their
 /// agents send them again) and the next push starts another drainer.
-fn drain(writer: &Mutex<Connection>, pending: &Mutex<crate::store::Pending>) {
+pub(super) fn drain(writer: &Mutex<Connection>, pending: &Mutex<crate::store::Pending>) {
     struct Stop<'a>(&'a Mutex<crate::store::Pending>);
     impl Drop for Stop<'_> {
         fn drop(&mut self) {
