@@ -721,6 +721,8 @@ impl Deriver {
     pub async fn derive_batch(&self) -> Result<(usize, u64), StoreError> {
         let queued = self.store.underived(self.read_limit()).await?;
         if queued.is_empty() {
+            // Caught up (a full read before this one may have left the lag set).
+            self.freshness.lag_from(None);
             return Ok((0, 0));
         }
         let n = queued.len();
