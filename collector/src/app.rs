@@ -81,6 +81,9 @@ pub enum AppError {
     /// The enrollment CA (`[enroll] ca_key`) could not be loaded.
     #[error("enrollment set-up failed")]
     Enroll(#[from] crate::enroll::EnrollError),
+    /// The deriver's threads could not be started.
+    #[error("derive threads could not start")]
+    Derive(#[source] crate::store::StoreError),
     /// The metrics address (`[metrics] listen`) could not be bound.
     #[error("cannot listen for metrics on {addr}")]
     MetricsListen {
@@ -173,8 +176,10 @@ impl CollectorConfig {
         };
         let stored = Arc::new(tokio::sync::Notify::new());
         let appended = Arc::new(tokio::sync::Notify::new());
-        let freshness =
-            crate::derive::Freshness::new(Duration::from_millis(config.derive.query_wait_ms));
+        let freshness = crate::derive::Freshness::bounded(
+            Duration::from_millis(config.derive.query_wait_ms),
+            Duration::from_secs(config.derive.max_lag_secs),
+        );
         let deriver = crate::derive::Deriver {
             store: store.clone(),
             enricher: crate::derive::Enricher::new(geo.clone(), policy.clone()),
@@ -183,6 +188,7 @@ impl CollectorConfig {
             appended: appended.clone(),
             derived: stored.clone(),
             batch_reports: config.derive.batch_reports,
+            threads: crate::derive::derive_threads(&config.derive).map_err(AppError::Derive)?,
         };
         let ingest = IngestService::new(
             store.clone(),

@@ -31,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::geo::physics::{Check, Place, check_at};
 
+mod threads;
+pub use threads::DeriveThreads;
+
 /// `Withheld.kind` of weight files the agent left out of a report.
 const WITHHELD_WEIGHT_FILE: &str = "weight_file";
 use crate::geo::{Geo, Verdict};
@@ -52,6 +55,14 @@ use crate::store::{
 pub const DEFAULT_BATCH_REPORTS: u32 = 2048;
 /// How long a query waits, by default, for the reports acknowledged before it to be derived.
 pub const DEFAULT_QUERY_WAIT_MS: u64 = 5_000;
+/// How much lower than the acknowledgements' the derive threads' scheduling priority is, by
+/// default (a niceness increment, as `nice -n`; PERFORMANCE.md §8s).
+pub const DEFAULT_NICE: i32 = 10;
+/// The derivation lag past which acknowledgements wait for derivation, by default, seconds.
+pub const DEFAULT_MAX_LAG_SECS: u64 = 5;
+/// Longest an acknowledgement waits for derivation to come back under `max_lag_secs`: past it
+/// the report is stored anyway (a deriver that cannot go on must not stop ingest).
+const ADMIT_WAIT: Duration = Duration::from_secs(2);
 /// How often an idle deriver looks at the queue (reports other replicas stored wake nobody
 /// here).
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -85,6 +96,26 @@ pub struct DeriveConfig {
     /// to be derived, ms (0..=60000; default 5000). The answer says how fresh it is either way.
     #[serde(default = "default_query_wait_ms")]
     pub query_wait_ms: u64,
+    /// How much the niceness of the threads that decode and enrich reports for derivation is
+    /// raised above the collector's (0..=19, as `nice -n`; default 10; capped at 19), so that
+    /// acknowledgements get the CPU first and derivation what is left. 0: the same priority.
+    #[serde(default = "default_nice")]
+    pub nice: i32,
+    /// The derivation lag (how long the oldest report not yet derived has waited) past which
+    /// acknowledgements wait for derivation, s (0..=3600; default 5; 0: never). Under a load
+    /// the machine cannot both acknowledge and derive, acknowledgements take precedence until
+    /// the lag reaches this, then slow to the rate derivation keeps up with (each waits at most
+    /// 2 s), so that derived state stays this fresh.
+    #[serde(default = "default_max_lag_secs")]
+    pub max_lag_secs: u64,
+}
+
+fn default_max_lag_secs() -> u64 {
+    DEFAULT_MAX_LAG_SECS
+}
+
+fn default_nice() -> i32 {
+    DEFAULT_NICE
 }
 
 fn default_batch_reports() -> u32 {
@@ -100,6 +131,8 @@ impl Default for DeriveConfig {
         Self {
             batch_reports: DEFAULT_BATCH_REPORTS,
             query_wait_ms: DEFAULT_QUERY_WAIT_MS,
+            nice: DEFAULT_NICE,
+            max_lag_secs: DEFAULT_MAX_LAG_SECS,
         }
     }
 }
@@ -119,26 +152,79 @@ pub fn validate(c: &DeriveConfig) -> Vec<(String, String)> {
             format!("{} is out of range 0..=60000", c.query_wait_ms),
         ));
     }
+    if c.max_lag_secs > 3600 {
+        out.push((
+            "derive.max_lag_secs".to_owned(),
+            format!("{} is out of range 0..=3600", c.max_lag_secs),
+        ));
+    }
+    if !(0..=19).contains(&c.nice) {
+        out.push((
+            "derive.nice".to_owned(),
+            format!("{} is out of range 0..=19", c.nice),
+        ));
+    }
     out
 }
 
 /// What this collector acknowledged and what its deriver has derived since, counted in
 /// acknowledgements: queries wait on it so that they see what was acknowledged before them.
+/// And whether derivation is further behind than `[derive] max_lag_secs`: acknowledgements
+/// wait on that ([`Freshness::admit`]).
 #[derive(Debug)]
 pub struct Freshness {
     acked: AtomicU64,
     derived: tokio::sync::watch::Sender<u64>,
     query_wait: Duration,
+    /// Past this lag acknowledgements wait; zero: never.
+    max_lag: Duration,
+    /// The deriver's last word: the lag is past `max_lag`.
+    behind: tokio::sync::watch::Sender<bool>,
 }
 
 impl Freshness {
-    /// Nothing acknowledged yet; queries wait at most `query_wait`.
+    /// Nothing acknowledged yet; queries wait at most `query_wait`; acknowledgements never
+    /// wait for derivation.
     pub fn new(query_wait: Duration) -> Arc<Self> {
+        Self::bounded(query_wait, Duration::ZERO)
+    }
+
+    /// As [`Freshness::new`], and acknowledgements wait while the derivation lag is past
+    /// `max_lag` (zero: never).
+    pub fn bounded(query_wait: Duration, max_lag: Duration) -> Arc<Self> {
         Arc::new(Self {
             acked: AtomicU64::new(0),
             derived: tokio::sync::watch::channel(0).0,
             query_wait,
+            max_lag,
+            behind: tokio::sync::watch::channel(false).0,
         })
+    }
+
+    /// The deriver's view of the lag: the oldest report it knows is not derived yet was
+    /// received at `oldest_unix_ms` (`None`: none waits).
+    pub fn lag_from(&self, oldest_unix_ms: Option<i64>) {
+        let behind = !self.max_lag.is_zero()
+            && oldest_unix_ms.is_some_and(|t| {
+                let lag = sov_common::clock::now_unix_ms().saturating_sub(t);
+                u128::try_from(lag).is_ok_and(|l| l > self.max_lag.as_millis())
+            });
+        self.behind.send_if_modified(|b| {
+            let changed = *b != behind;
+            *b = behind;
+            changed
+        });
+    }
+
+    /// Before a report is stored: while derivation is further behind than `max_lag`, wait
+    /// until it is not, [`ADMIT_WAIT`] at most. Whether it waited.
+    pub async fn admit(&self) -> bool {
+        let mut rx = self.behind.subscribe();
+        if !*rx.borrow_and_update() {
+            return false;
+        }
+        let _ = tokio::time::timeout(ADMIT_WAIT, rx.wait_for(|b| !*b)).await;
+        true
     }
 
     /// A report was committed and is about to be acknowledged.
@@ -610,6 +696,22 @@ pub struct Deriver {
     pub derived: Arc<tokio::sync::Notify>,
     /// Most reports per batch.
     pub batch_reports: u32,
+    /// Where reports are decoded and enriched: threads at a lower priority than the
+    /// acknowledgements' ([`derive_threads`]).
+    pub threads: Arc<DeriveThreads>,
+}
+
+/// The deriver's threads for `config`: as many as enrich a batch at once, at `[derive] nice`.
+pub fn derive_threads(config: &DeriveConfig) -> Result<Arc<DeriveThreads>, StoreError> {
+    DeriveThreads::start(enrich_threads(), config.nice)
+}
+
+/// Threads that decode and enrich one batch at once: the machine's cores, at most
+/// [`ENRICH_THREADS`].
+fn enrich_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .clamp(1, ENRICH_THREADS)
 }
 
 impl Deriver {
@@ -619,6 +721,8 @@ impl Deriver {
     pub async fn derive_batch(&self) -> Result<(usize, u64), StoreError> {
         let queued = self.store.underived(self.read_limit()).await?;
         if queued.is_empty() {
+            // Caught up (a full read before this one may have left the lag set).
+            self.freshness.lag_from(None);
             return Ok((0, 0));
         }
         let n = queued.len();
@@ -643,6 +747,7 @@ impl Deriver {
         // (cheaper than keeping a deep copy of every enriched batch).
         let mut batch = self.enrich(part.clone()).await?;
         loop {
+            let last_received = part.last().map(|u| u.received_unix_ms);
             // Each transaction's reports are written while the next ones are decoded and
             // enriched (on the other cores).
             let next = parts.pop_front();
@@ -656,6 +761,14 @@ impl Deriver {
             let d = written?;
             self.metrics.derive_batch(d, started.elapsed());
             derived += d;
+            // The oldest report known not to be derived: the next part's first; after the
+            // last part of a full read, one received after this part's last (its time
+            // over-states the lag: the acknowledgements wait a little early, never late).
+            self.freshness.lag_from(match &next {
+                Some(q) => q.first().map(|u| u.received_unix_ms),
+                None if n == self.read_limit() as usize => last_received,
+                None => None,
+            });
             match (next, enriched) {
                 (Some(q), Some(e)) => {
                     part = q;
@@ -702,9 +815,7 @@ impl Deriver {
     /// Decode and enrich `queued` off the async threads, in up to [`ENRICH_THREADS`] slices
     /// at once (in order; each slice geolocates its addresses once).
     async fn enrich(&self, queued: Vec<Underived>) -> Result<Vec<Derivation>, StoreError> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, std::num::NonZero::get)
-            .clamp(1, ENRICH_THREADS);
+        let threads = self.threads.threads();
         let slice = queued.len().div_ceil(threads).max(ENRICH_SLICE_MIN);
         let n = queued.len();
         let mut rest = queued.into_iter();
@@ -715,13 +826,11 @@ impl Deriver {
                 break;
             }
             let enricher = self.enricher.clone();
-            slices.push(tokio::task::spawn_blocking(move || {
-                enricher.derivations(part)
-            }));
+            slices.push(self.threads.run(move || enricher.derivations(part)));
         }
         let mut out = Vec::with_capacity(n);
-        for s in slices {
-            out.extend(s.await.map_err(|e| StoreError::Task(e.to_string()))?);
+        for s in futures::future::join_all(slices).await {
+            out.extend(s?);
         }
         Ok(out)
     }
@@ -815,6 +924,8 @@ impl Deriver {
                     }
                 }
                 Err(err) => {
+                    // A deriver that cannot go on does not hold acknowledgements back.
+                    self.freshness.lag_from(None);
                     tracing::warn!(error = %err, cause = %sov_common::error::source_chain(&err), "derivation failed; retrying");
                     tokio::select! {
                         () = stop.cancelled() => return,
@@ -835,9 +946,13 @@ mod tests {
         let bad = DeriveConfig {
             batch_reports: 0,
             query_wait_ms: 60_001,
+            nice: 20,
+            max_lag_secs: 3601,
         };
         let problems = validate(&bad);
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems[2].0, "derive.max_lag_secs");
+        assert_eq!(problems[3].0, "derive.nice");
         assert_eq!(problems[0].0, "derive.batch_reports");
         assert!(problems[0].1.contains('0'));
         assert_eq!(problems[1].0, "derive.query_wait_ms");
@@ -853,6 +968,7 @@ mod tests {
             appended: Arc::default(),
             derived: Arc::default(),
             batch_reports: DEFAULT_BATCH_REPORTS,
+            threads: DeriveThreads::start(2, DEFAULT_NICE).unwrap(),
         }
     }
 
@@ -1048,6 +1164,30 @@ mod tests {
             .unwrap();
         assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 700);
         assert_eq!(d.derive_batch().await.unwrap(), (0, 0));
+    }
+
+    /// `[derive] max_lag_secs`: while the deriver says it is further behind than the bound,
+    /// a report waits before it is stored, and goes on once derivation is back under it.
+    #[tokio::test]
+    async fn acknowledgements_wait_while_derivation_is_behind_the_bound_and_go_on_when_it_catches_up()
+     {
+        let now = sov_common::clock::now_unix_ms();
+        let f = Freshness::bounded(Duration::ZERO, Duration::from_secs(5));
+        assert!(!f.admit().await, "nothing behind: no wait");
+        f.lag_from(Some(now - 60_000));
+        let f2 = f.clone();
+        let waiting = tokio::spawn(async move { f2.admit().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a minute behind: the report waits");
+        f.lag_from(Some(sov_common::clock::now_unix_ms() - 1_000));
+        assert!(waiting.await.unwrap(), "it waited, and went on");
+        // A deriver that fails says nothing waits; no bound: never a wait.
+        f.lag_from(Some(now - 60_000));
+        f.lag_from(None);
+        assert!(!f.admit().await);
+        let free = Freshness::new(Duration::ZERO);
+        free.lag_from(Some(0));
+        assert!(!free.admit().await);
     }
 
     #[tokio::test]

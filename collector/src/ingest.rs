@@ -261,6 +261,12 @@ impl IngestService {
         let (epoch, seq) = (report.epoch, report.seq);
         let body = report.encode_to_vec();
         let incoming = crate::derive::incoming(report, now_unix_ms(), body, None);
+        if let Some(f) = &self.freshness {
+            // Derivation further behind than `[derive] max_lag_secs`: this report waits.
+            if f.admit().await {
+                self.metrics.waited_for_derivation();
+            }
+        }
         let started = std::time::Instant::now();
         let stored = self.store.ingest(incoming).await;
         self.metrics.store_ingest(started.elapsed());

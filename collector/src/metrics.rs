@@ -77,6 +77,8 @@ pub struct Metrics {
     derive_batches: AtomicU64,
     derive_nanos: AtomicU64,
     derive_failed: AtomicU64,
+    /// Reports whose storing waited for derivation (`[derive] max_lag_secs`).
+    waited_for_derivation: AtomicU64,
     census: Mutex<Option<(Instant, Option<NodeCensus>)>>,
 }
 
@@ -233,6 +235,7 @@ impl Metrics {
             derive_batches: AtomicU64::new(0),
             derive_nanos: AtomicU64::new(0),
             derive_failed: AtomicU64::new(0),
+            waited_for_derivation: AtomicU64::new(0),
             census: Mutex::new(None),
         }
     }
@@ -278,6 +281,12 @@ impl Metrics {
     /// One report the store refused to derive (taken off the queue with nothing derived).
     pub fn derive_failed(&self) {
         self.derive_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One report waited, before it was stored, for derivation to come back under
+    /// `[derive] max_lag_secs`.
+    pub fn waited_for_derivation(&self) {
+        self.waited_for_derivation.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Reports this collector's deriver derived so far.
@@ -528,6 +537,17 @@ impl Metrics {
             out,
             "sov_collector_derive_failures_total {}",
             load(&self.derive_failed)
+        );
+        family(
+            &mut out,
+            "sov_collector_ingest_waited_for_derivation_total",
+            "counter",
+            "Reports that waited, before they were stored, for the derivation lag to come back under [derive] max_lag_secs (acknowledgements faster than derivation).",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_ingest_waited_for_derivation_total {}",
+            load(&self.waited_for_derivation)
         );
         if let Some(d) = scrape.derive {
             let now = sov_common::clock::now_unix_ms();

@@ -89,6 +89,7 @@ struct Args {
 
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
                      [--derive-reports N (10000)] [--batch-reports N ([derive] batch_reports, as shipped)] \
+                     [--derive-nice N ([derive] nice, as shipped)] \
                      [--max-in-flight N (as shipped)] \
                      [--late-reports (date reports in 2023: every flow row late)] \
                      [--replicas N (0: none; else 1 then N collector processes on one PostgreSQL schema)] \
@@ -130,6 +131,10 @@ fn parse_args() -> Result<Args> {
             "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
             "--replicas" => args.replicas = value.parse().with_context(bad)?,
             "--batch-reports" => BATCH_REPORTS.store(
+                value.parse().with_context(bad)?,
+                std::sync::atomic::Ordering::Relaxed,
+            ),
+            "--derive-nice" => DERIVE_NICE.store(
                 value.parse().with_context(bad)?,
                 std::sync::atomic::Ordering::Relaxed,
             ),
@@ -590,7 +595,16 @@ fn one_address_for_all(cfg: &mut CollectorConfig, agents: usize) {
     if batch > 0 {
         cfg.derive.batch_reports = batch;
     }
+    let nice = DERIVE_NICE.load(std::sync::atomic::Ordering::Relaxed);
+    if nice >= 0 {
+        cfg.derive.nice = nice;
+    }
 }
+
+/// `--derive-nice N`: the collectors' `[derive] nice` and the derive-only part's (-1: as
+/// shipped, `DEFAULT_NICE`), to measure what the derive threads' lower priority gives the
+/// acknowledgements and costs derivation.
+static DERIVE_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// `--max-in-flight N`: the collector's `[limits] max_reports_in_flight` (0: as shipped).
 static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -639,6 +653,20 @@ struct Lag {
     drain_s: f64,
 }
 
+/// SQLite's writer counters (`WriterStats`), in field order.
+fn writer_stats() -> [u64; 6] {
+    use std::sync::atomic::Ordering::Relaxed;
+    let w = &sov_collector::store::sqlite::WRITER;
+    [
+        w.append_batches.load(Relaxed),
+        w.appended.load(Relaxed),
+        w.append_ns.load(Relaxed),
+        w.empty_takes.load(Relaxed),
+        w.derive_commits.load(Relaxed),
+        w.derive_ns.load(Relaxed),
+    ]
+}
+
 /// How often the derivation lag is sampled during the window.
 const LAG_EVERY: Duration = Duration::from_millis(200);
 
@@ -665,6 +693,8 @@ async fn measure(
 ) -> Result<RunResult> {
     let rss_before = self_rss_kib();
     let late0 = sov_collector::store::late_rows_written();
+    let yields0 = sov_collector::store::sqlite::derive_yields();
+    let writer0 = writer_stats();
     let server = start.await?;
     let url = server.url();
 
@@ -799,6 +829,23 @@ async fn measure(
     };
     server.stop().await?;
     let late_flow_rows = sov_collector::store::late_rows_written() - late0;
+    let yields = sov_collector::store::sqlite::derive_yields() - yields0;
+    if target == "sqlite" {
+        let w: Vec<u64> = writer_stats()
+            .iter()
+            .zip(writer0)
+            .map(|(b, a)| b - a)
+            .collect();
+        println!(
+            "{target}: writer from start to drained: {} append transactions of {:.1} reports on              average, {:.2} s held by appends ({} takes found nothing to store); {} derive              transactions ({yields} of them committed early to let waiting appends go first),              {:.2} s held by derivation",
+            w[0],
+            w[1] as f64 / w[0].max(1) as f64,
+            w[2] as f64 / 1e9,
+            w[3],
+            w[4],
+            w[5] as f64 / 1e9
+        );
+    }
 
     lat.sort_unstable();
     let reports = lat.len() as u64;
@@ -888,7 +935,9 @@ async fn derive_only(
     agents: &[Arc<Agent>],
     n: usize,
 ) -> Result<(f64, f64, f64, f64)> {
-    use sov_collector::derive::{DEFAULT_BATCH_REPORTS, Deriver, Enricher, Freshness};
+    use sov_collector::derive::{
+        DEFAULT_BATCH_REPORTS, DEFAULT_NICE, DeriveThreads, Deriver, Enricher, Freshness,
+    };
     let store = stores[0].clone();
     let first_ms = first_report_ms();
     let reports: Vec<pb::Report> = (0..n)
@@ -957,21 +1006,35 @@ async fn derive_only(
         }
     }
     let geo = sov_collector::geo::Geo::from_config(&Default::default())?;
+    let nice = match DERIVE_NICE.load(std::sync::atomic::Ordering::Relaxed) {
+        n if n < 0 => DEFAULT_NICE,
+        n => n,
+    };
+    // Each deriver its own threads, as each collector has.
+    let threads = || {
+        DeriveThreads::start(
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            nice,
+        )
+    };
     let derivers: Vec<Deriver> = stores
         .iter()
-        .map(|s| Deriver {
-            store: s.clone(),
-            enricher: Enricher::new(geo.clone(), None),
-            metrics: Arc::new(sov_collector::metrics::Metrics::new()),
-            freshness: Freshness::new(Duration::ZERO),
-            appended: Arc::default(),
-            derived: Arc::default(),
-            batch_reports: match BATCH_REPORTS.load(std::sync::atomic::Ordering::Relaxed) {
-                0 => DEFAULT_BATCH_REPORTS,
-                n => n,
-            },
+        .map(|s| {
+            Ok(Deriver {
+                store: s.clone(),
+                enricher: Enricher::new(geo.clone(), None),
+                metrics: Arc::new(sov_collector::metrics::Metrics::new()),
+                freshness: Freshness::new(Duration::ZERO),
+                appended: Arc::default(),
+                derived: Arc::default(),
+                batch_reports: match BATCH_REPORTS.load(std::sync::atomic::Ordering::Relaxed) {
+                    0 => DEFAULT_BATCH_REPORTS,
+                    n => n,
+                },
+                threads: threads()?,
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let (cpu0, pg0) = (self_ticks(), postgres_ticks());
     let t = Instant::now();
     let runs = futures::future::join_all(derivers.into_iter().map(|deriver| async move {

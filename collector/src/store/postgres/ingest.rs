@@ -1619,16 +1619,25 @@ impl PostgresStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Store queued reports until the queue is empty: each batch in one transaction; a batch
-    /// that fails is stored report by report (each retried when it loses a race with another
-    /// replica), so one bad report fails alone.
+    /// The group commit's one drainer: store queued reports until the queue is empty, each
+    /// batch in one transaction; a batch that fails is stored report by report (each retried
+    /// when it loses a race with another replica), so one bad report fails alone. Should it
+    /// panic, the reports waiting are failed and the next push starts another drainer.
     pub(super) async fn drain(&self) {
+        struct Stop<'a>(&'a PostgresStore);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    drop(self.0.pending().take_all_and_stop());
+                }
+            }
+        }
+        let _stop = Stop(self);
         let mut w = match self.writer().await {
             Ok(w) => w,
             Err(e) => {
                 // Every waiting report would need this writer: fail them all with the reason.
-                let batch: Vec<crate::store::Queued> =
-                    std::mem::take(&mut *self.pending()).0.into();
+                let batch = self.pending().take_all_and_stop();
                 let msg = e.to_string();
                 let outcomes = batch
                     .iter()
@@ -1639,7 +1648,7 @@ impl PostgresStore {
             }
         };
         loop {
-            let batch = self.pending().take_batch();
+            let batch = self.pending().take_batch_or_stop();
             if batch.is_empty() {
                 return;
             }
@@ -1670,19 +1679,20 @@ impl PostgresStore {
     }
 }
 
-/// Group commit: the report joins the queue; whoever holds the writer next stores every
-/// queued report (up to [`crate::store::MAX_BATCH_REPORTS`] per transaction) with one commit,
-/// then answers each. The draining runs in a task of its own, so a caller that goes away
-/// cannot abort the batch others wait on.
+/// Group commit: the report joins the queue; the one drainer ([`PostgresStore::drain`], started
+/// by the push that found none running) stores every queued report (up to
+/// [`crate::store::MAX_BATCH_REPORTS`] per transaction) with one commit, then answers each. The
+/// drainer runs in a task of its own, so a caller that goes away cannot abort the batch others
+/// wait on.
 pub(super) async fn ingest(
     store: &PostgresStore,
     report: IncomingReport,
 ) -> Result<IngestOutcome, StoreError> {
-    let done = store.pending().push(report);
-    let store = store.clone();
-    tokio::spawn(async move { store.drain().await })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?;
+    let (done, start) = store.pending().push(report);
+    if start {
+        let store = store.clone();
+        drop(tokio::spawn(async move { store.drain().await }));
+    }
     done.await
         .map_err(|_| StoreError::Task("ingest answer lost".to_owned()))?
 }

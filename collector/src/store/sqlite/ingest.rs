@@ -807,105 +807,268 @@ pub(super) async fn underived(
         .await
 }
 
-/// Derive a batch in one transaction (one commit): the queue rows it deletes and every row
-/// derived from their reports commit together. What needs no database (the batch's flows
-/// merged by aggregate key, each report's raw foreign flows encoded) is done before the
-/// writer is taken, so that acknowledgements wait on it only for the row writes. The commit
-/// is not fsynced (`synchronous = NORMAL` for this transaction): a crash of the machine can
-/// lose it only together with its queue deletions, and the next append's fsync makes it
-/// durable (WAL frames are written in order), so nothing is lost or derived twice.
+/// How long a derive transaction holds SQLite's writer, at least, before it lets appends that
+/// wait go first: past it, at the end of a node's reports, the transaction commits what it
+/// derived so far, the waiting appends are stored (and acknowledged), and the rest of the batch
+/// goes on in a new transaction (PERFORMANCE.md §8s). Shorter slices acknowledge sooner and
+/// derive at a higher cost per report (more, smaller commits).
+pub(super) const DERIVE_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Derive a batch, in one transaction while no append waits for the writer. What needs no
+/// database (the batch's flows merged by aggregate key, each report's raw foreign flows
+/// encoded) is done before the writer is taken. The batch is written node by node (a node's
+/// reports in queue order, with its merged flow rows: every derived row's key leads with its
+/// node, so nothing is merged across nodes), and once the transaction has held the writer
+/// for [`DERIVE_SLICE`] with appends waiting, it commits at the end of a node and lets them go
+/// first: each commit takes its reports' queue rows with what they derive, so a crash between
+/// two leaves the rest queued, derived once later. The commits are not fsynced
+/// (`synchronous = NORMAL`): a crash of the machine can lose one only together with its queue
+/// deletions, and the next append's fsync makes it durable (WAL frames are written in order),
+/// so nothing is lost or derived twice.
 pub(super) async fn derive(store: &SqliteStore, batch: Vec<Derivation>) -> Result<u64, StoreError> {
     let (writer, pending) = (store.writer.clone(), store.pending.clone());
     tokio::task::spawn_blocking(move || {
-        let mut sums = std::collections::BTreeMap::new();
-        for d in &batch {
-            crate::store::minutes::add_report(&mut sums, &d.report)?;
-        }
-        let raw: Vec<Option<crate::store::minutes::ForeignFlows>> = batch
-            .iter()
-            .map(|d| crate::store::minutes::foreign_flows(&d.report))
-            .collect();
-        let mut conn = lock(&writer);
-        // Reports waiting to be appended go first: their acknowledgements would otherwise
-        // wait for the whole derive transaction.
-        loop {
-            let appends = lock(&pending).take_batch();
-            if appends.is_empty() {
-                break;
-            }
-            let reports: Vec<&IncomingReport> = appends.iter().map(|p| &p.report).collect();
-            let outcomes = SqliteStore::ingest_batch_blocking(&mut conn, &reports);
-            crate::store::answer(appends, outcomes);
-        }
-        conn.execute_batch("PRAGMA synchronous = NORMAL")
-            .map_err(sql("relax derive commit"))?;
-        let derived = derive_locked(&mut conn, &batch, &raw, &sums);
-        let restored = conn
-            .execute_batch("PRAGMA synchronous = FULL")
-            .map_err(sql("restore synchronous"));
-        let derived = derived?;
-        restored?;
-        Ok(derived)
+        derive_blocking(&writer, &pending, &batch, |held| {
+            held >= DERIVE_SLICE && lock(&pending).waiting()
+        })
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
 }
 
-/// The writes of [`derive`] on the writer; `sums` and `raw` were made assuming every queue row
-/// is still there (made again from the reports taken when one was not).
+/// [`derive`] on this thread; `yield_to_appends(held)`, asked at the end of each node's
+/// reports with how long the transaction has held the writer, says whether to commit there
+/// and store the appends that wait.
+pub(super) fn derive_blocking(
+    writer: &Mutex<Connection>,
+    pending: &Mutex<crate::store::Pending>,
+    batch: &[Derivation],
+    mut yield_to_appends: impl FnMut(std::time::Duration) -> bool,
+) -> Result<u64, StoreError> {
+    let nodes = by_node(batch);
+    let mut sums = Vec::with_capacity(nodes.len());
+    for reports in &nodes {
+        let mut node_sums = std::collections::BTreeMap::new();
+        for &i in reports {
+            crate::store::minutes::add_report(&mut node_sums, &batch[i].report)?;
+        }
+        sums.push(node_sums);
+    }
+    let raw: Vec<Option<crate::store::minutes::ForeignFlows>> = batch
+        .iter()
+        .map(|d| crate::store::minutes::foreign_flows(&d.report))
+        .collect();
+    let mut conn = lock(writer);
+    // Reports waiting to be appended go first: their acknowledgements would otherwise wait
+    // for the derive transaction.
+    serve_appends(&mut conn, pending);
+    let mut derived = 0u64;
+    let mut next = 0;
+    while next < nodes.len() {
+        let started = std::time::Instant::now();
+        conn.execute_batch("PRAGMA synchronous = NORMAL")
+            .map_err(sql("relax derive commit"))?;
+        let part = derive_locked(
+            &mut conn,
+            batch,
+            &nodes[next..],
+            &sums[next..],
+            &raw,
+            &mut yield_to_appends,
+        );
+        let restored = conn
+            .execute_batch("PRAGMA synchronous = FULL")
+            .map_err(sql("restore synchronous"));
+        let (nodes_done, n) = part?;
+        restored?;
+        WRITER.count(&WRITER.derive_commits, 1);
+        WRITER.count(&WRITER.derive_ns, started.elapsed().as_nanos());
+        derived += n;
+        next += nodes_done;
+        if next < nodes.len() {
+            DERIVE_YIELDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            serve_appends(&mut conn, pending);
+        }
+    }
+    Ok(derived)
+}
+
+/// Times a derive transaction committed early to let waiting appends go first (all SQLite
+/// stores of this process).
+static DERIVE_YIELDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times, in this process, a SQLite derive transaction committed early to let
+/// waiting appends go first (for tests and benchmarks).
+pub fn derive_yields() -> u64 {
+    DERIVE_YIELDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Store every report waiting to be appended, as [`ingest`]'s drainer does, on the writer this
+/// thread holds (the drainer, waiting for the writer, then finds nothing and stops).
+fn serve_appends(conn: &mut Connection, pending: &Mutex<crate::store::Pending>) {
+    loop {
+        let appends = lock(pending).take_batch();
+        if appends.is_empty() {
+            return;
+        }
+        append_batch(conn, appends);
+    }
+}
+
+/// Store `appends` in one transaction (or each alone when that fails) and answer each.
+fn append_batch(conn: &mut Connection, appends: Vec<crate::store::Queued>) {
+    let started = std::time::Instant::now();
+    let reports: Vec<&IncomingReport> = appends.iter().map(|p| &p.report).collect();
+    let outcomes = SqliteStore::ingest_batch_blocking(conn, &reports);
+    WRITER.count(&WRITER.append_batches, 1);
+    WRITER.count(&WRITER.appended, reports.len());
+    WRITER.count(&WRITER.append_ns, started.elapsed().as_nanos());
+    crate::store::answer(appends, outcomes);
+}
+
+/// The group commit's drainer: takes the writer and stores batch after batch until nothing
+/// waits. Should it panic, the reports waiting are failed (their callers see an error, their
+/// agents send them again) and the next push starts another drainer.
+pub(super) fn drain(writer: &Mutex<Connection>, pending: &Mutex<crate::store::Pending>) {
+    struct Stop<'a>(&'a Mutex<crate::store::Pending>);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                drop(lock(self.0).take_all_and_stop());
+            }
+        }
+    }
+    let _stop = Stop(pending);
+    let mut conn = lock(writer);
+    let mut first = true;
+    loop {
+        let appends = lock(pending).take_batch_or_stop();
+        if appends.is_empty() {
+            if first {
+                WRITER.count(&WRITER.empty_takes, 1);
+            }
+            return;
+        }
+        first = false;
+        append_batch(&mut conn, appends);
+    }
+}
+
+/// What SQLite's single writer did in this process, all stores together (for benchmarks: how
+/// the writer's time divides between appends, which acknowledgements wait for, and derivation).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Append transactions (group commits) and the reports they stored.
+    pub append_batches: std::sync::atomic::AtomicU64,
+    /// Reports stored by append transactions.
+    pub appended: std::sync::atomic::AtomicU64,
+    /// Time the writer spent storing appends, ns.
+    pub append_ns: std::sync::atomic::AtomicU64,
+    /// Times a drainer took the writer and found nothing left to store (the derive transaction
+    /// had stored it).
+    pub empty_takes: std::sync::atomic::AtomicU64,
+    /// Derive transactions committed.
+    pub derive_commits: std::sync::atomic::AtomicU64,
+    /// Time the writer spent in derive transactions, ns.
+    pub derive_ns: std::sync::atomic::AtomicU64,
+}
+
+impl WriterStats {
+    fn count(&self, counter: &std::sync::atomic::AtomicU64, n: impl TryInto<u64>) {
+        counter.fetch_add(
+            n.try_into().unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+/// The writer's counters of this process.
+pub static WRITER: WriterStats = WriterStats {
+    append_batches: std::sync::atomic::AtomicU64::new(0),
+    appended: std::sync::atomic::AtomicU64::new(0),
+    append_ns: std::sync::atomic::AtomicU64::new(0),
+    empty_takes: std::sync::atomic::AtomicU64::new(0),
+    derive_commits: std::sync::atomic::AtomicU64::new(0),
+    derive_ns: std::sync::atomic::AtomicU64::new(0),
+};
+
+/// The batch's indices grouped by node, nodes in order of first appearance, each node's
+/// reports in queue order.
+fn by_node(batch: &[Derivation]) -> Vec<Vec<usize>> {
+    let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut nodes: Vec<Vec<usize>> = Vec::new();
+    for (i, d) in batch.iter().enumerate() {
+        let slot = *at.entry(d.report.node.as_str()).or_insert_with(|| {
+            nodes.push(Vec::new());
+            nodes.len() - 1
+        });
+        nodes[slot].push(i);
+    }
+    nodes
+}
+
+/// One derive transaction on the writer: `nodes`' reports (indices into `batch`, with their
+/// merged flow rows `sums` and raw foreign flows `raw`, made assuming every queue row is still
+/// there; made again from the reports taken when one was not), node after node until all are
+/// written or `yield_to_appends` says to stop. How many nodes it wrote and how many reports it
+/// derived.
 fn derive_locked(
     conn: &mut Connection,
     batch: &[Derivation],
-    raw: &[Option<crate::store::minutes::ForeignFlows>],
-    sums: &std::collections::BTreeMap<
+    nodes: &[Vec<usize>],
+    sums: &[std::collections::BTreeMap<
         crate::store::minutes::MinuteKey<'_>,
         crate::store::minutes::MinuteSums<'_>,
-    >,
-) -> Result<u64, StoreError> {
+    >],
+    raw: &[Option<crate::store::minutes::ForeignFlows>],
+    yield_to_appends: &mut impl FnMut(std::time::Duration) -> bool,
+) -> Result<(usize, u64), StoreError> {
+    let started = std::time::Instant::now();
     let tx = conn.transaction().map_err(sql("begin derive"))?;
-    let mut taken = Vec::with_capacity(batch.len());
-    for (d, raw) in batch.iter().zip(raw) {
-        if SqliteStore::derive_one(&tx, d, raw.as_ref())? {
-            taken.push(d);
+    let mut derived = 0u64;
+    let mut done = 0;
+    for (reports, node_sums) in nodes.iter().zip(sums) {
+        let mut taken = Vec::with_capacity(reports.len());
+        for &i in reports {
+            if SqliteStore::derive_one(&tx, &batch[i], raw[i].as_ref())? {
+                taken.push(&batch[i]);
+            }
         }
-    }
-    if taken.len() == batch.len() {
-        write_minutes(&tx, sums)?;
-    } else {
-        let mut mine = std::collections::BTreeMap::new();
-        for d in &taken {
-            crate::store::minutes::add_report(&mut mine, &d.report)?;
+        if taken.len() == reports.len() {
+            write_minutes(&tx, node_sums)?;
+        } else {
+            let mut mine = std::collections::BTreeMap::new();
+            for d in &taken {
+                crate::store::minutes::add_report(&mut mine, &d.report)?;
+            }
+            write_minutes(&tx, &mine)?;
         }
-        write_minutes(&tx, &mine)?;
+        derived += u64::try_from(taken.len()).unwrap_or(u64::MAX);
+        done += 1;
+        if done < nodes.len() && yield_to_appends(started.elapsed()) {
+            break;
+        }
     }
     tx.commit().map_err(sql("commit derive"))?;
-    Ok(u64::try_from(taken.len()).unwrap_or(u64::MAX))
+    Ok((done, derived))
 }
 
-/// Group commit: the report joins the queue; whoever holds the writer next stores every
-/// queued report (up to [`crate::store::MAX_BATCH_REPORTS`] per transaction) with one commit and
-/// one fsync, then answers each. The queue is drained until empty by a blocking task that
-/// is not cancelled with the caller, so a caller that goes away cannot abort the others.
+/// Group commit: the report joins the queue; the one drainer ([`drain`], started by the push
+/// that found none running) stores every queued report (up to
+/// [`crate::store::MAX_BATCH_REPORTS`] per transaction) with one commit and one fsync, then
+/// answers each. The drainer is a blocking task of its own, not cancelled with any caller, so a
+/// caller that goes away cannot abort the batch others wait on.
 pub(super) async fn ingest(
     store: &SqliteStore,
     report: IncomingReport,
 ) -> Result<IngestOutcome, StoreError> {
-    let done = lock(&store.pending).push(report);
-    let (writer, pending) = (store.writer.clone(), store.pending.clone());
-    tokio::task::spawn_blocking(move || {
-        let mut conn = lock(&writer);
-        loop {
-            let batch = lock(&pending).take_batch();
-            if batch.is_empty() {
-                return;
-            }
-            let reports: Vec<&IncomingReport> = batch.iter().map(|p| &p.report).collect();
-            let outcomes = SqliteStore::ingest_batch_blocking(&mut conn, &reports);
-            crate::store::answer(batch, outcomes);
-        }
-    })
-    .await
-    .map_err(|e| StoreError::Task(e.to_string()))?;
+    let (done, start) = lock(&store.pending).push(report);
+    if start {
+        let (writer, pending) = (store.writer.clone(), store.pending.clone());
+        drop(tokio::task::spawn_blocking(move || {
+            drain(&writer, &pending);
+        }));
+    }
     done.await
         .map_err(|_| StoreError::Task("ingest answer lost".to_owned()))?
 }

@@ -27,6 +27,7 @@ use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDAT
 mod breaches;
 mod containers;
 mod ingest;
+pub use ingest::{WRITER, WriterStats, derive_yields};
 mod outbox;
 mod queries;
 mod retention;
@@ -386,6 +387,101 @@ mod tests {
         assert_eq!(log[1].body["evidence"]["bytes"], 0);
         let err = verify_chain(log.into_iter()).unwrap_err();
         assert_eq!(err.seq, 2, "{err}");
+    }
+
+    /// Acknowledgements before derivation: an append that arrives while a derive transaction
+    /// holds the single writer is stored and answered before the transaction goes on past the
+    /// node it was writing (the transaction commits there and lets it go first), and every
+    /// report of the batch is still derived exactly once. No timing: the yield is asked for by
+    /// the test's own `yield_to_appends`, as the store asks once its slice has passed.
+    #[tokio::test]
+    async fn an_append_arriving_during_a_derive_transaction_goes_first_and_each_report_is_derived_once()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let full = |node: &str, seq: u64| {
+            let mut r = report(node, 1, seq);
+            r.telemetry = telemetry();
+            r
+        };
+        for node in ["a", "b", "c"] {
+            for seq in 1..=2 {
+                store.ingest(full(node, seq)).await.unwrap();
+            }
+        }
+        let batch: Vec<crate::store::Derivation> = store
+            .underived(100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| crate::store::Derivation {
+                queue_id: u.queue_id,
+                report: full(&u.node, u.seq),
+            })
+            .collect();
+        assert_eq!(batch.len(), 6);
+        let yields = ingest::derive_yields();
+        let (writer, pending) = (store.writer.clone(), store.pending.clone());
+        let path = dir.path().to_owned();
+        let derive_batch = batch.clone();
+        let (derived, asked) = tokio::task::spawn_blocking(move || {
+            let mut asked = 0;
+            let mut answer = None;
+            let mut drainer = None;
+            let derived = ingest::derive_blocking(&writer, &pending, &derive_batch, |_held| {
+                asked += 1;
+                if asked == 1 {
+                    // Node a is written, not committed: a report arrives, as ingest queues it
+                    // (its drainer waits for the writer this transaction holds).
+                    let (rx, start) = lock(&pending).push(report("d", 1, 1));
+                    assert!(start);
+                    let (w, p) = (writer.clone(), pending.clone());
+                    drainer = Some(std::thread::spawn(move || ingest::drain(&w, &p)));
+                    answer = Some(rx);
+                    return true;
+                }
+                // Before node b's rows are committed: the append was stored and answered,
+                // and node a's derivation is committed, node c's not yet.
+                let outcome = answer.as_mut().unwrap().try_recv();
+                assert!(
+                    matches!(outcome, Ok(Ok(IngestOutcome::Stored))),
+                    "the append waits for the derive transaction: {outcome:?}"
+                );
+                let reader = Connection::open(path.join(DB_FILE)).unwrap();
+                let queued: Vec<String> = reader
+                    .prepare("SELECT node FROM derive_queue ORDER BY id")
+                    .unwrap()
+                    .query_map([], |r| r.get(0))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                assert_eq!(queued, ["b", "b", "c", "c", "d"]);
+                false
+            })
+            .unwrap();
+            drainer.unwrap().join().unwrap();
+            (derived, asked)
+        })
+        .await
+        .unwrap();
+        assert_eq!(derived, 6);
+        assert_eq!(asked, 2, "asked after nodes a and b, not after the last");
+        assert!(ingest::derive_yields() > yields);
+        // Each report derived once: two GPU samples per report; the new one waits its turn.
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 12);
+        let status = store.derive_status().await.unwrap();
+        assert_eq!(status.pending, 1);
+        assert_eq!(
+            store.derive(batch).await.unwrap(),
+            0,
+            "nothing derived twice"
+        );
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM gpu_samples"), 12);
+        // The drainer stopped: the next report starts another and is stored.
+        assert_eq!(
+            store.ingest(report("d", 1, 2)).await.unwrap(),
+            IngestOutcome::Stored
+        );
     }
 
     #[test]
