@@ -55,7 +55,8 @@ impl Observer {
         o.containers = Containers::new(
             cfg.processes.containers.clone(),
             std::path::Path::new(crate::collect::procs::DEFAULT_PROC_ROOT),
-        );
+        )
+        .with_table(o.procs.table());
         o
     }
 

@@ -1224,7 +1224,10 @@ mod tests {
     fn a_process_read_every_sample_is_read_through_its_held_stat_until_it_exits() {
         let mut c = ProcessCollector::with_paths(DEFAULT_PROC_ROOT, DEFAULT_PASSWD_PATH);
         if c.held_max == 0 {
-            eprintln!("SKIPPED: no descriptor limit readable, no stat file is held");
+            crate::skipped::record(
+                "collect::procs::tests::a_process_read_every_sample_is_read_through_its_held_stat_until_it_exits",
+                "no descriptor limit readable: no stat file is held",
+            );
             return;
         }
         let mut child = std::process::Command::new("sh")

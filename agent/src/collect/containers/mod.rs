@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use sov_proto::pb;
 
 use self::cgroup::CgroupFacts;
+use crate::collect::proctable::{Gen, ProcTable};
 use crate::config::ContainersConfig;
 
 /// `ContainerRef.source` when a runtime described the container.
@@ -135,8 +136,9 @@ pub struct RuntimeStatus {
 #[derive(Debug, Default)]
 struct State {
     by_id: HashMap<String, pb::ContainerRef>,
-    /// pid → what its cgroup said (`None`: not in a container).
-    pids: HashMap<u32, Option<CgroupFacts>>,
+    /// pid → the process table's generation of that pid when read (`None`: no table) and
+    /// what its cgroup said (`None`: not in a container).
+    pids: HashMap<u32, (Option<Gen>, Option<CgroupFacts>)>,
     statuses: Vec<RuntimeStatus>,
     last_refresh: Option<Instant>,
     /// When `pids` was last emptied (see [`refresh`]).
@@ -151,6 +153,9 @@ struct Inner {
     state: Mutex<State>,
     cfg: ContainersConfig,
     proc_root: PathBuf,
+    /// The agent's process table (events or listing), when shared: a cached pid is valid while
+    /// its generation (born, exec) is the one it was read under.
+    table: Option<ProcTable>,
     /// Wakes the refresher thread (absent until it is started).
     wake: Mutex<Option<SyncSender<()>>>,
 }
@@ -181,9 +186,20 @@ impl Containers {
                 state: Mutex::new(State::default()),
                 cfg,
                 proc_root: proc_root.to_path_buf(),
+                table: None,
                 wake: Mutex::new(None),
             }),
         }
+    }
+
+    /// The same directory, its pid cache checked against `table`'s generations (with the
+    /// kernel's process events, a reused pid or an `exec` is seen at once, so the cache needs
+    /// no periodic emptying). Call before sharing it (before any clone).
+    pub fn with_table(mut self, table: ProcTable) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.table = Some(table);
+        }
+        self
     }
 
     /// Start the refresher thread: a refresh at once, then every `refresh_secs`, and when
@@ -232,19 +248,21 @@ impl Containers {
     pub fn of_pids(&self, pids: &[u32]) -> HashMap<u32, pb::ContainerRef> {
         let mut out = HashMap::new();
         let mut unknown = false;
+        let live = self.inner.table.as_ref().map(ProcTable::live);
         let mut st = lock(&self.inner.state);
         for &pid in pids {
             if pid == 0 {
                 continue;
             }
-            if !st.pids.contains_key(&pid) {
+            let generation = live.as_ref().and_then(|l| l.get(&pid).copied());
+            if st.pids.get(&pid).is_none_or(|(g, _)| *g != generation) {
                 if st.pids.len() >= MAX_PIDS {
                     st.pids.clear();
                 }
                 let facts = read_facts(&self.inner.proc_root, pid);
-                st.pids.insert(pid, facts);
+                st.pids.insert(pid, (generation, facts));
             }
-            let Some(Some(facts)) = st.pids.get(&pid) else {
+            let Some((_, Some(facts))) = st.pids.get(&pid) else {
                 continue;
             };
             match resolve(&st.by_id, facts) {
@@ -444,14 +462,24 @@ fn refresh(inner: &Inner) {
     let now = Instant::now();
     let changed =
         by_id.len() != st.by_id.len() || by_id.keys().any(|id| !st.by_id.contains_key(id));
+    // With the kernel's process events a pid's generation says when it was born again or
+    // executed, and a cached pid is read again then: no periodic emptying is needed.
     let every = Duration::from_secs(cfg.refresh_secs.max(1));
-    if changed
-        || st
+    let events = inner
+        .table
+        .as_ref()
+        .is_some_and(|t| t.mode() == crate::collect::proctable::Mode::Events);
+    let periodic = !events
+        && st
             .pids_cleared
-            .is_none_or(|t| now.saturating_duration_since(t) >= every)
-    {
+            .is_none_or(|t| now.saturating_duration_since(t) >= every);
+    if changed || periodic {
         st.pids.clear();
         st.pids_cleared = Some(now);
+    } else if let Some(t) = &inner.table {
+        // Pids that left the table are forgotten (the cache stays the size of the node).
+        let live = t.live();
+        st.pids.retain(|pid, _| live.contains_key(pid));
     }
     st.by_id = by_id;
     st.last_ok = statuses.iter().all(|s| s.error.is_none());
@@ -470,6 +498,82 @@ mod tests {
         let dir = root.join(pid.to_string());
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::write(dir.join("cgroup"), cgroup).expect("write");
+    }
+
+    #[test]
+    fn a_cached_pid_is_read_again_when_the_process_table_says_it_executed() {
+        let table = ProcTable::new(Path::new("/proc"));
+        if table.mode() != crate::collect::proctable::Mode::Events {
+            crate::skipped::record(
+                "collect::containers::tests::a_cached_pid_is_read_again_when_the_process_table_says_it_executed",
+                "no process events here (needs root in the host's namespaces)",
+            );
+            return;
+        }
+        let c =
+            Containers::new(cfg_without_runtimes(), Path::new("/proc")).with_table(table.clone());
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read x; exec sleep 600"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let pid = child.id();
+        let cached = |c: &Containers| lock(&c.inner.state).pids.get(&pid).map(|(g, _)| *g);
+        // Until the table has seen the fork, the pid is cached without a generation.
+        let until = Instant::now() + Duration::from_secs(30);
+        let born = loop {
+            let live = table.refresh(Duration::ZERO);
+            if let Some(g) = live.get(&pid) {
+                break *g;
+            }
+            assert!(Instant::now() < until, "the fork was never seen");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = c.of_pid(pid);
+        assert_eq!(cached(&c), Some(Some(born)));
+        // Asked again, the same process: nothing is read (the entry is the same one).
+        let _ = c.of_pid(pid);
+        assert_eq!(cached(&c), Some(Some(born)));
+        // It executes another program: the table's generation moves, and so does the entry.
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(b"go\n").expect("write");
+        }
+        let executed = loop {
+            let live = table.refresh(Duration::ZERO);
+            if let Some(g) = live.get(&pid).filter(|g| **g != born) {
+                break *g;
+            }
+            assert!(Instant::now() < until, "the exec was never seen");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = c.of_pid(pid);
+        let after = cached(&c);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            after,
+            Some(Some(executed)),
+            "read again under its new generation"
+        );
+        // A refresh forgets pids that left the table, without emptying the rest.
+        let live = loop {
+            let live = table.refresh(Duration::ZERO);
+            if !live.contains_key(&pid) {
+                break live;
+            }
+            assert!(Instant::now() < until, "the exit was never seen");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let me = std::process::id();
+        let _ = c.of_pid(me);
+        c.refresh();
+        assert_eq!(cached(&c), None, "an exited pid is forgotten");
+        assert!(
+            lock(&c.inner.state).pids.contains_key(&me) || !live.contains_key(&me),
+            "a live pid is kept"
+        );
     }
 
     fn cfg_without_runtimes() -> ContainersConfig {
