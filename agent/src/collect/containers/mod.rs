@@ -7,9 +7,11 @@
 //!   identity without any call to the Kubernetes API server.
 //!
 //! [`Containers`] is the cache every collector asks (`of_pid`): the cgroup of each pid is read
-//! once and remembered until the runtimes' containers change (at most `refresh_secs`); the runtimes are asked every
-//! `[processes.containers] refresh_secs` on a thread of their own ("sov-containers"), and sooner (at most
-//! every [`MIN_REFRESH_GAP`]) when a process shows up in a container the cache does not know.
+//! once and remembered while the process table's generation of the pid stays the same and
+//! the runtimes' containers do not change (without process events, at most `refresh_secs`);
+//! the runtimes are asked every `[processes.containers] refresh_secs` on a thread of their own
+//! ("sov-containers"), and sooner (at most every [`MIN_REFRESH_GAP`]) when a process shows up
+//! in a container the cache does not know.
 //! Asking never blocks on a runtime. Without a reachable runtime the answer is what the cgroup
 //! says, marked `source = "cgroup"`; a runtime that fails is named in [`Containers::statuses`]
 //! and never fails the report.
