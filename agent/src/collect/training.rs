@@ -1176,9 +1176,52 @@ mod tests {
         assert!(t.watch.is_empty(), "{:?}", t.watch);
     }
 
+    /// A shell that does nothing until told, then writes one line (its I/O counters move)
+    /// and waits for its input to close.
+    struct Writer(std::process::Child);
+
+    impl Writer {
+        fn start() -> Self {
+            let child = std::process::Command::new("sh")
+                .args(["-c", "read x; echo moved; read y"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("sh");
+            Self(child)
+        }
+
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+
+        /// Tells it to write, and waits for its line.
+        fn write(&mut self) {
+            use std::io::Write;
+            let stdin = self.0.stdin.as_mut().expect("stdin");
+            stdin.write_all(b"go\n").expect("write");
+            let mut line = String::new();
+            BufReader::new(self.0.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("read");
+            assert_eq!(line, "moved\n");
+        }
+
+        /// Closes its input and waits for it to exit.
+        fn finish(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+
+    impl Drop for Writer {
+        fn drop(&mut self) {
+            self.finish();
+        }
+    }
+
     #[test]
     fn a_candidate_still_for_half_a_minute_is_marked_less_often_until_it_moves() {
-        use std::io::Write;
         let mut t = Tracker::new(Path::new("/proc"), 1024)
             .with_recheck_secs(3600)
             .with_idle_mark_secs(4);
@@ -1190,13 +1233,8 @@ mod tests {
             return;
         }
         // A shell that writes a line when told: until then it does nothing at all.
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "read x; echo moved; read y"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("sh");
-        let pid = child.id();
+        let mut child = Writer::start();
+        let pid = child.pid();
         // Let the new process finish starting (its mark moves while it loads), then watch.
         let mut prev = None;
         let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -1232,13 +1270,7 @@ mod tests {
         );
         // It writes: the next of those marks sees it, reads it, and marks it at every sample
         // again.
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(b"go\n").expect("write");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read");
-        assert_eq!(line, "moved\n");
+        child.write();
         let mut seen_at = None;
         for s in 70..75 {
             t.sample(&[pid], s * 1_000);
@@ -1264,34 +1296,20 @@ mod tests {
                 "sample {s}"
             );
         }
-        drop(stdin);
-        let _ = child.wait();
+        child.finish();
     }
 
     #[test]
     fn a_candidate_that_writes_moves_its_mark() {
-        use std::io::Write;
         // A child writing to a pipe when told: its I/O counters move.
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "read x; echo moved; read y"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("sh");
-        let pid = child.id();
+        let mut child = Writer::start();
+        let pid = child.pid();
         let held = HeldFiles::open(&Path::new("/proc").join(pid.to_string())).expect("held");
         let before = held.mark().expect("mark");
         assert_eq!(held.mark(), Some(before));
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin.write_all(b"go\n").expect("write");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read");
-        assert_eq!(line, "moved\n");
+        child.write();
         assert_ne!(held.mark(), Some(before));
-        drop(stdin);
-        let _ = child.wait();
+        child.finish();
         assert_eq!(held.mark(), None, "an exited process has no mark");
     }
 
