@@ -15,6 +15,10 @@
 //!   wanted (a pod's loopback connection) is not read again either while that socket is known
 //!   open (this sample's dumps, and the sockets of namespaces whose sockets are unchanged):
 //!   a node of pods holds thousands of them, and reading their links was most of a listing;
+//!   and a process of the last listing whose count is unchanged, and whose every descriptor
+//!   its previous walk remembered, is read at its remembered non-socket descriptors only,
+//!   without listing its `fd/` (`OwnerCache::reread`): listing a pod's hundreds of connection
+//!   descriptors was then most of a listing;
 //! - remembers inodes that a complete walk did not find (owner invisible: no permission on
 //!   `/proc/<pid>/fd` without root or `CAP_SYS_PTRACE` + `CAP_DAC_READ_SEARCH`; a socket held
 //!   only by the kernel; a socket closed while its connection finishes) and looks for them again
@@ -77,6 +81,9 @@ pub struct WalkStats {
     pub links_read: u64,
     /// Processes passed over for an unchanged descriptor count (one `stat` each).
     pub pids_passed: u64,
+    /// Processes of a last listing read at their remembered descriptors only (no listing of
+    /// their `fd/`: see [`OwnerCache::refresh`]).
+    pub pids_reread: u64,
     /// Last listings made (every process passed over, listed) and put off (a socket missed
     /// for the first time, or the budget spent).
     pub listings: u64,
@@ -119,7 +126,15 @@ struct Walked {
     /// connections), by descriptor: a listing does not read their links again while their
     /// sockets are still open (see [`OwnerCache::refresh`]'s `open_sockets`).
     others: Box<[(u32, u32)]>,
+    /// Its descriptors then that were not sockets (files, pipes, devices; links it could not
+    /// read), by descriptor; `None` when more than [`FILES_MAX`] or not all known (a descriptor
+    /// closed during the walk): a listing then lists its `fd/` again.
+    files: Option<Box<[u32]>>,
 }
+
+/// The most non-socket descriptors remembered per process (a listing reads each of them; a
+/// process holding more is listed whole).
+pub const FILES_MAX: usize = 256;
 
 impl OwnerCache {
     /// A cache reading `<proc_root>/<pid>/fd`.
@@ -456,11 +471,24 @@ impl OwnerCache {
         ) else {
             return true;
         };
+        // A listing's process whose table looks unchanged: read at its remembered descriptors.
+        if all
+            && let (Some(open), Some(w)) = (open, &old)
+            && let Some(again) = self.reread(&fd_dir, w, live, open)
+        {
+            self.stats.pids_reread += 1;
+            for &(_, inode) in &again.socks {
+                self.claim(pid, inode, wanted);
+            }
+            self.fds.insert(pid, Walked { generation, ..again });
+            return true;
+        }
         let Ok(entries) = rustix::fs::Dir::read_from(&fd_dir) else {
             return true;
         };
         self.stats.pids_walked += 1;
         let mut link = Vec::with_capacity(64);
+        let mut files: Option<Vec<u32>> = Some(Vec::new());
         let old_socks: &[(u32, u32)] = old.as_ref().map_or(&[], |w| &w.socks);
         let old_others: &[(u32, u32)] = old.as_ref().map_or(&[], |w| &w.others);
         let mut socks: Vec<(u32, u32)> = Vec::new();
@@ -492,33 +520,35 @@ impl OwnerCache {
                         continue;
                     }
                     self.stats.links_read += 1;
-                    let Ok(target) =
-                        rustix::fs::readlinkat(&fd_dir, name, std::mem::take(&mut link))
-                    else {
-                        continue;
-                    };
-                    let parsed = parse_socket_link(target.as_bytes());
-                    link = target.into_bytes();
-                    match parsed {
-                        Some(ino) if live.contains(&ino) => ino,
-                        Some(ino) => {
+                    match read_socket_link(&fd_dir, name, &mut link) {
+                        Ok(Some(ino)) if live.contains(&ino) => ino,
+                        Ok(Some(ino)) => {
                             others.push((fd, ino));
                             continue;
                         }
-                        None => continue,
+                        Ok(None) => {
+                            if let Some(f) = &mut files {
+                                f.push(fd);
+                            }
+                            continue;
+                        }
+                        // Closed since the listing: what this walk remembers is not the whole
+                        // table.
+                        Err(Gone) => {
+                            files = None;
+                            continue;
+                        }
                     }
                 }
             };
             socks.push((fd, inode));
-            if let std::collections::hash_map::Entry::Vacant(e) = self.owners.entry(inode) {
-                e.insert(pid);
-                self.misses.remove(&inode);
-                self.put_off.remove(&inode);
-                wanted.remove(&inode);
-            }
+            self.claim(pid, inode, wanted);
         }
         socks.sort_unstable();
         others.sort_unstable();
+        let files = files
+            .filter(|f| f.len() <= FILES_MAX)
+            .map(Vec::into_boxed_slice);
         self.fds.insert(
             pid,
             Walked {
@@ -526,9 +556,116 @@ impl OwnerCache {
                 count,
                 socks: socks.into_boxed_slice(),
                 others: others.into_boxed_slice(),
+                files,
             },
         );
         true
+    }
+
+    /// `inode` is held by `pid`: its owner unless one was found before.
+    fn claim(&mut self, pid: u32, inode: u32, wanted: &mut HashSet<u32>) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.owners.entry(inode) {
+            e.insert(pid);
+            self.misses.remove(&inode);
+            self.put_off.remove(&inode);
+            wanted.remove(&inode);
+        }
+    }
+
+    /// A listing's read of a process (`fd_dir`, its open `fd/`) that has as many descriptors as
+    /// at its previous walk `old`, which remembered every one of them: only the descriptors
+    /// that held something other than a socket then, and those whose socket has closed since
+    /// (not in `open`), are read again, without listing `fd/`. With the count unchanged, a new
+    /// socket took the place of a descriptor that closed; a closed non-socket descriptor reads
+    /// as gone (`None`: `fd/` is then listed), a reused one reads as the socket. What is not
+    /// seen so: a descriptor of a socket still open through a duplicate (inherited, passed)
+    /// closed, and the new socket given another number — found once that socket closes, or
+    /// the count changes. On a node of pods this is most of a listing: each pod's hundreds of
+    /// connection descriptors were listed (`getdents` of `fd/`, half of a listing's time in
+    /// `bench_footprint`'s node of pods) for the three or four descriptors read.
+    fn reread(
+        &mut self,
+        fd_dir: &rustix::fd::OwnedFd,
+        old: &Walked,
+        live: &HashSet<u32>,
+        open: &HashSet<u32>,
+    ) -> Option<Walked> {
+        let files = old.files.as_deref()?;
+        let remembered = old.socks.len() + old.others.len() + files.len();
+        if old.count == 0 || u64::try_from(remembered).ok()? != old.count {
+            return None;
+        }
+        let size = rustix::fs::fstat(fd_dir).ok()?.st_size;
+        if u64::try_from(size).ok()? != old.count {
+            return None;
+        }
+        let mut socks = Vec::with_capacity(old.socks.len());
+        let mut others = Vec::with_capacity(old.others.len());
+        let mut new_files = Vec::with_capacity(files.len());
+        let mut link = Vec::with_capacity(64);
+        let mut name = String::with_capacity(12);
+        let mut read = |fd: u32, stats: &mut WalkStats| -> Result<Option<u32>, Gone> {
+            use std::fmt::Write as _;
+            name.clear();
+            let _ = write!(name, "{fd}");
+            stats.links_read += 1;
+            read_socket_link(fd_dir, name.as_str(), &mut link)
+        };
+        let mut place = |fd: u32, found: Option<u32>| match found {
+            Some(ino) if live.contains(&ino) => socks.push((fd, ino)),
+            Some(ino) => others.push((fd, ino)),
+            None => new_files.push(fd),
+        };
+        for &(fd, ino) in &old.socks {
+            if live.contains(&ino) {
+                place(fd, Some(ino));
+            } else {
+                place(fd, read(fd, &mut self.stats).ok()?);
+            }
+        }
+        for &(fd, ino) in &old.others {
+            if open.contains(&ino) {
+                place(fd, Some(ino));
+            } else {
+                place(fd, read(fd, &mut self.stats).ok()?);
+            }
+        }
+        for &fd in files {
+            place(fd, read(fd, &mut self.stats).ok()?);
+        }
+        socks.sort_unstable();
+        others.sort_unstable();
+        new_files.sort_unstable();
+        Some(Walked {
+            generation: old.generation,
+            count: old.count,
+            socks: socks.into_boxed_slice(),
+            others: others.into_boxed_slice(),
+            files: Some(new_files.into_boxed_slice()),
+        })
+    }
+}
+
+/// A descriptor that is no longer there (closed since its process was listed).
+#[derive(Debug)]
+struct Gone;
+
+/// The socket inode descriptor `name` of the open `fd/` holds (`None`: not a socket, or a link
+/// that cannot be read, such as another user namespace's process); `Gone` when the descriptor
+/// is closed. `buf` is reused across reads.
+fn read_socket_link<P: rustix::path::Arg>(
+    fd_dir: &rustix::fd::OwnedFd,
+    name: P,
+    buf: &mut Vec<u8>,
+) -> Result<Option<u32>, Gone> {
+    match rustix::fs::readlinkat(fd_dir, name, std::mem::take(buf)) {
+        Ok(target) => {
+            let parsed = parse_socket_link(target.as_bytes());
+            *buf = target.into_bytes();
+            Ok(parsed)
+        }
+        Err(rustix::io::Errno::NOENT) => Err(Gone),
+        Err(_) => Ok(None),
     }
 }
 
@@ -773,6 +910,15 @@ mod tests {
         );
     }
 
+    /// A child process killed and reaped when the test ends, however it ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     /// The socket inodes `pid` holds now (read straight from `/proc`).
     fn sockets_of(pid: u32) -> Vec<u32> {
         fs::read_dir(format!("/proc/{pid}/fd"))
@@ -812,13 +958,6 @@ mod tests {
             );
             return;
         };
-        struct Kill(std::process::Child);
-        impl Drop for Kill {
-            fn drop(&mut self) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
         let mut child = Kill(child);
         let pid = child.0.id();
         let mut out = BufReader::new(child.0.stdout.take().unwrap());
@@ -915,6 +1054,107 @@ mod tests {
             "unchanged processes were passed over first: {after:?}"
         );
         drop(accepted);
+    }
+
+    #[test]
+    fn a_listing_reads_an_unchanged_process_at_its_remembered_descriptors_only() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        // Two files and twenty socket pairs (a pod's other sockets); on each line, one file is
+        // swapped for a connection: first at the file's own number, then at another one.
+        const POD: &str = "import socket,sys,os\n\
+            a=open('/etc/hostname','rb'); b=open('/etc/hostname','rb')\n\
+            pairs=[socket.socketpair() for _ in range(20)]\n\
+            print('ready',flush=True)\n\
+            sys.stdin.readline()\n\
+            a.close(); s=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\n\
+            print('swapped',flush=True)\n\
+            sys.stdin.readline()\n\
+            b.close(); t=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\n\
+            os.dup2(t.fileno(),100); t.close()\n\
+            print('moved',flush=True)\n\
+            sys.stdin.readline()\n";
+        if fs::metadata("/proc/self/fd").map_or(0, |m| m.len()) == 0 {
+            crate::skipped::record(
+                "collect::net::owners::a_listing_reads_an_unchanged_process_at_its_remembered_descriptors_only",
+                "this kernel does not count descriptors in the size of /proc/<pid>/fd (Linux 6.2+)",
+            );
+            return;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let Ok(child) = Command::new("python3")
+            .args(["-c", POD, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+        else {
+            crate::skipped::record(
+                "collect::net::owners::a_listing_reads_an_unchanged_process_at_its_remembered_descriptors_only",
+                "no python3",
+            );
+            return;
+        };
+        let mut child = Kill(child);
+        let pid = child.0.id();
+        let mut out = BufReader::new(child.0.stdout.take().unwrap());
+        let mut step = |say: &str, expect: &str| {
+            if !say.is_empty() {
+                writeln!(child.0.stdin.as_mut().unwrap(), "{say}").unwrap();
+            }
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), expect);
+        };
+        step("", "ready");
+        let pairs: HashSet<u32> = sockets_of(pid).into_iter().collect();
+        assert_eq!(pairs.len(), 40);
+        let not_sockets = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() - 40;
+        let mut cache = OwnerCache::new(Path::new("/proc"));
+        // A walk: every descriptor read once.
+        assert!(cache.walk_pid(pid, None, true, &HashSet::new(), None, &mut HashSet::new()));
+        let walked = cache.stats();
+        assert_eq!(walked.pids_walked, 1);
+        // A listing with the pairs known open: the files' descriptors only, `fd/` not listed.
+        cache.walk_pid(pid, None, true, &HashSet::new(), Some(&pairs), &mut HashSet::new());
+        let s = cache.stats();
+        assert_eq!((s.pids_walked, s.pids_reread), (1, 1), "{s:?}");
+        assert_eq!(s.links_read - walked.links_read, not_sockets as u64);
+
+        // A file closed and a connection made in its place (the same count): found there.
+        step("go", "swapped");
+        let new: Vec<u32> = sockets_of(pid)
+            .into_iter()
+            .filter(|i| !pairs.contains(i))
+            .collect();
+        assert_eq!(new.len(), 1);
+        let mut open = pairs.clone();
+        open.extend(&new);
+        let live: HashSet<u32> = new.iter().copied().collect();
+        let mut wanted = live.clone();
+        cache.walk_pid(pid, None, true, &live, Some(&open), &mut wanted);
+        assert_eq!(cache.owner(new[0]), Some(pid));
+        assert!(wanted.is_empty());
+        let s = cache.stats();
+        assert_eq!((s.pids_walked, s.pids_reread), (1, 2), "{s:?}");
+
+        // The other file closed and a connection made at another number (the same count
+        // again): its number reads as gone, so `fd/` is listed, and the connection found.
+        step("go", "moved");
+        let newer: Vec<u32> = sockets_of(pid)
+            .into_iter()
+            .filter(|i| !open.contains(i))
+            .collect();
+        assert_eq!(newer.len(), 1);
+        open.extend(&newer);
+        let mut live = live;
+        live.extend(&newer);
+        let mut wanted: HashSet<u32> = newer.iter().copied().collect();
+        cache.walk_pid(pid, None, true, &live, Some(&open), &mut wanted);
+        assert_eq!(cache.owner(newer[0]), Some(pid), "found at descriptor 100");
+        let s = cache.stats();
+        assert_eq!((s.pids_walked, s.pids_reread), (2, 2), "listed: {s:?}");
+        drop(l);
     }
 
     #[test]
