@@ -366,6 +366,27 @@ impl Tracker {
             usize::try_from(n.saturating_mul(since).div_ceil(round).max(1)).unwrap_or(usize::MAX)
         };
         let (mut reads, mut passed) = (0u64, 0u64);
+        // The rechecks of this sample, chosen before any mark: the held candidates unread
+        // for `recheck_ms`, longest first, up to the quota. A candidate due but left for a
+        // later sample keeps its still candidate's rhythm meanwhile (after a start, or when
+        // many candidates came together, all of them fall due in the same sample, and each
+        // used to be marked at every sample until its turn came: 300 mappers waiting a
+        // hundred seconds).
+        let recheck: HashSet<u32> = {
+            let mut due: Vec<(i64, u32)> = candidates
+                .iter()
+                .filter_map(|pid| {
+                    let w = self.watch.get(pid)?;
+                    (w.held.is_some() && now_ms.saturating_sub(w.read_ms) >= self.recheck_ms)
+                        .then_some((w.read_ms, *pid))
+                })
+                .collect();
+            if due.len() > quota {
+                due.select_nth_unstable(quota);
+                due.truncate(quota);
+            }
+            due.into_iter().map(|(_, pid)| pid).collect()
+        };
         let mut due: Vec<(i64, u32)> = Vec::new();
         for &pid in candidates {
             if let Some(w) = self.watch.get(&pid) {
@@ -379,7 +400,7 @@ impl Tracker {
                     (w.mark, w.read_ms, w.moved_ms, w.marked_ms, w.start_ticks);
                 if now_ms.saturating_sub(moved_ms) >= IDLE_AFTER_MS
                     && now_ms.saturating_sub(marked_ms) < self.idle_mark_ms.saturating_sub(500)
-                    && now_ms.saturating_sub(read_ms) < self.recheck_ms
+                    && !recheck.contains(&pid)
                 {
                     // Still for a while: marked again only every `idle_mark_ms` (half a
                     // second early, so that a sampler a little late does not skip a round).
@@ -416,7 +437,7 @@ impl Tracker {
                                 w.marked_ms = now_ms.saturating_sub(i64::from(pid) % idle_mark_ms);
                             }
                         }
-                        if now_ms.saturating_sub(read_ms) >= self.recheck_ms {
+                        if recheck.contains(&pid) {
                             due.push((read_ms, pid));
                         } else {
                             passed += 1;
@@ -1195,6 +1216,22 @@ mod tests {
             self.0.id()
         }
 
+        /// Waits until it has finished starting (its mark moves while it loads).
+        fn settle(&self) {
+            let mut prev = None;
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let dir = Path::new("/proc").join(self.pid().to_string());
+                let mark = HeldFiles::open(&dir).expect("held").mark();
+                if mark.is_some() && mark == prev {
+                    return;
+                }
+                assert!(std::time::Instant::now() < until, "the shell never settled");
+                prev = mark;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+
         /// Tells it to write, and waits for its line.
         fn write(&mut self) {
             use std::io::Write;
@@ -1221,6 +1258,58 @@ mod tests {
     }
 
     #[test]
+    fn candidates_due_together_keep_a_still_candidates_rhythm_until_their_recheck() {
+        // Eight still candidates read together at 0 s, all due again at 80 s: one recheck
+        // per sample (a round of eight per 80 s).
+        let mut t = Tracker::new(Path::new("/proc"), 1024)
+            .with_recheck_secs(80)
+            .with_idle_mark_secs(4);
+        if t.held_max == 0 {
+            crate::skipped::record(
+                "collect::training::tests::candidates_due_together_keep_a_still_candidates_rhythm_until_their_recheck",
+                "no descriptor limit readable: every candidate is read in full",
+            );
+            return;
+        }
+        let children: Vec<Writer> = (0..8).map(|_| Writer::start()).collect();
+        let pids: Vec<u32> = children.iter().map(Writer::pid).collect();
+        for c in &children {
+            c.settle();
+        }
+        for s in 0..80 {
+            t.sample(&pids, s * 1_000);
+        }
+        assert!(
+            pids.iter().all(|p| t.watch[p].read_ms == 0),
+            "none read yet"
+        );
+        // Marked while waiting for its recheck, per candidate.
+        let mut waiting_marks: HashMap<u32, u32> = HashMap::new();
+        for s in 80..90 {
+            t.sample(&pids, s * 1_000);
+            for p in &pids {
+                let w = &t.watch[p];
+                if w.marked_ms == s * 1_000 && w.read_ms != s * 1_000 && w.read_ms == 0 {
+                    *waiting_marks.entry(*p).or_default() += 1;
+                }
+            }
+        }
+        for p in &pids {
+            let read = t.watch[p].read_ms;
+            assert!(
+                (80_000..88_000).contains(&read),
+                "each one re-read within eight samples: {p} at {read}"
+            );
+        }
+        // Waiting up to seven samples at a four-second rhythm: at most two marks each (each
+        // used to be marked at every sample until its turn).
+        assert!(
+            waiting_marks.values().all(|&n| n <= 2),
+            "marked while waiting: {waiting_marks:?}"
+        );
+    }
+
+    #[test]
     fn a_candidate_still_for_half_a_minute_is_marked_less_often_until_it_moves() {
         let mut t = Tracker::new(Path::new("/proc"), 1024)
             .with_recheck_secs(3600)
@@ -1235,19 +1324,7 @@ mod tests {
         // A shell that writes a line when told: until then it does nothing at all.
         let mut child = Writer::start();
         let pid = child.pid();
-        // Let the new process finish starting (its mark moves while it loads), then watch.
-        let mut prev = None;
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let held = HeldFiles::open(&Path::new("/proc").join(pid.to_string())).expect("held");
-            let mark = held.mark();
-            if mark.is_some() && mark == prev {
-                break;
-            }
-            assert!(std::time::Instant::now() < until, "the shell never settled");
-            prev = mark;
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        child.settle();
         t.sample(&[pid], 0);
         // Still for less than half a minute: marked at every sample.
         for s in 1..30 {

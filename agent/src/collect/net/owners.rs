@@ -480,7 +480,13 @@ impl OwnerCache {
             for &(_, inode) in &again.socks {
                 self.claim(pid, inode, wanted);
             }
-            self.fds.insert(pid, Walked { generation, ..again });
+            self.fds.insert(
+                pid,
+                Walked {
+                    generation,
+                    ..again
+                },
+            );
             return true;
         }
         let Ok(entries) = rustix::fs::Dir::read_from(&fd_dir) else {
@@ -1116,7 +1122,14 @@ mod tests {
         let walked = cache.stats();
         assert_eq!(walked.pids_walked, 1);
         // A listing with the pairs known open: the files' descriptors only, `fd/` not listed.
-        cache.walk_pid(pid, None, true, &HashSet::new(), Some(&pairs), &mut HashSet::new());
+        cache.walk_pid(
+            pid,
+            None,
+            true,
+            &HashSet::new(),
+            Some(&pairs),
+            &mut HashSet::new(),
+        );
         let s = cache.stats();
         assert_eq!((s.pids_walked, s.pids_reread), (1, 1), "{s:?}");
         assert_eq!(s.links_read - walked.links_read, not_sockets as u64);
