@@ -23,6 +23,7 @@ use super::{
     Settle, SinkStats, StoreError, TokenRecord, TokenSpend, Underived, format_name, to_i64,
 };
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
+use sync::Syncer;
 
 mod breaches;
 mod containers;
@@ -31,6 +32,7 @@ pub use ingest::{WRITER, WriterStats, derive_yields};
 mod outbox;
 mod queries;
 mod retention;
+mod sync;
 mod tokens;
 mod training;
 
@@ -79,6 +81,8 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     /// Reports waiting for the writer (group commit, see [`Store::ingest`]).
     pending: Arc<Mutex<super::Pending>>,
+    /// Answers committed appends once the write-ahead log is synced ([`sync`]).
+    syncer: Arc<Syncer>,
 }
 
 /// Run `sql` through the connection's prepared statement cache (the ingest path runs the same
@@ -160,11 +164,15 @@ impl SqliteStore {
             ))
             .map_err(sql("set checkpoint threshold"))?;
         let writer = Arc::new(Mutex::new(writer));
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        let syncer = Arc::new(Syncer::start(wal.into())?);
         spawn_checkpointer(path, Arc::downgrade(&writer));
         Ok(Self {
             writer,
             reader: Arc::new(Mutex::new(reader)),
             pending: Arc::default(),
+            syncer,
         })
     }
 }
@@ -421,49 +429,51 @@ mod tests {
             .collect();
         assert_eq!(batch.len(), 6);
         let yields = ingest::derive_yields();
-        let (writer, pending) = (store.writer.clone(), store.pending.clone());
+        let (writer, pending, syncer) = (
+            store.writer.clone(),
+            store.pending.clone(),
+            store.syncer.clone(),
+        );
         let path = dir.path().to_owned();
         let derive_batch = batch.clone();
-        let (derived, asked) = tokio::task::spawn_blocking(move || {
+        let (derived, asked, answer) = tokio::task::spawn_blocking(move || {
             let mut asked = 0;
             let mut answer = None;
             let mut drainer = None;
-            let derived = ingest::derive_blocking(&writer, &pending, &derive_batch, |_held| {
-                asked += 1;
-                if asked == 1 {
-                    // Node a is written, not committed: a report arrives, as ingest queues it
-                    // (its drainer waits for the writer this transaction holds).
-                    let (rx, start) = lock(&pending).push(report("d", 1, 1));
-                    assert!(start);
-                    let (w, p) = (writer.clone(), pending.clone());
-                    drainer = Some(std::thread::spawn(move || ingest::drain(&w, &p)));
-                    answer = Some(rx);
-                    return true;
-                }
-                // Before node b's rows are committed: the append was stored and answered,
-                // and node a's derivation is committed, node c's not yet.
-                let outcome = answer.as_mut().unwrap().try_recv();
-                assert!(
-                    matches!(outcome, Ok(Ok(IngestOutcome::Stored))),
-                    "the append waits for the derive transaction: {outcome:?}"
-                );
-                let reader = Connection::open(path.join(DB_FILE)).unwrap();
-                let queued: Vec<String> = reader
-                    .prepare("SELECT node FROM derive_queue ORDER BY id")
-                    .unwrap()
-                    .query_map([], |r| r.get(0))
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect();
-                assert_eq!(queued, ["b", "b", "c", "c", "d"]);
-                false
-            })
-            .unwrap();
+            let derived =
+                ingest::derive_blocking(&writer, &pending, &syncer, &derive_batch, |_held| {
+                    asked += 1;
+                    if asked == 1 {
+                        // Node a is written, not committed: a report arrives, as ingest queues
+                        // it (its drainer waits for the writer this transaction holds).
+                        let (rx, start) = lock(&pending).push(report("d", 1, 1));
+                        assert!(start);
+                        let (w, p, s) = (writer.clone(), pending.clone(), syncer.clone());
+                        drainer = Some(std::thread::spawn(move || ingest::drain(&w, &p, &s)));
+                        answer = Some(rx);
+                        return true;
+                    }
+                    // Before node b's rows are committed: the append was committed (its
+                    // answer follows the log's sync), and node a's derivation is committed,
+                    // node c's not yet.
+                    let reader = Connection::open(path.join(DB_FILE)).unwrap();
+                    let queued: Vec<String> = reader
+                        .prepare("SELECT node FROM derive_queue ORDER BY id")
+                        .unwrap()
+                        .query_map([], |r| r.get(0))
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect();
+                    assert_eq!(queued, ["b", "b", "c", "c", "d"]);
+                    false
+                })
+                .unwrap();
             drainer.unwrap().join().unwrap();
-            (derived, asked)
+            (derived, asked, answer.unwrap())
         })
         .await
         .unwrap();
+        assert!(matches!(answer.await, Ok(Ok(IngestOutcome::Stored))));
         assert_eq!(derived, 6);
         assert_eq!(asked, 2, "asked after nodes a and b, not after the last");
         assert!(ingest::derive_yields() > yields);
@@ -482,6 +492,63 @@ mod tests {
             store.ingest(report("d", 1, 2)).await.unwrap(),
             IngestOutcome::Stored
         );
+    }
+
+    /// An append is acknowledged once the write-ahead log is synced past its commit, and
+    /// SQLite's writer does not wait for that sync: while the sync is held, the drainer commits
+    /// the report and returns (the next append commits too), readers see both, neither is
+    /// answered; once the log is synced, both are.
+    #[tokio::test]
+    async fn an_append_is_answered_after_the_logs_sync_and_the_writer_does_not_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (entered, syncing) = std::sync::mpsc::channel::<()>();
+        let store = SqliteStore {
+            syncer: Arc::new(
+                Syncer::with(move || {
+                    let _ = entered.send(());
+                    // Held until the test lets go (then every later sync goes through).
+                    let _ = held.recv();
+                    Ok(())
+                })
+                .unwrap(),
+            ),
+            ..SqliteStore::open(dir.path()).unwrap()
+        };
+        let (writer, pending, syncer) = (
+            store.writer.clone(),
+            store.pending.clone(),
+            store.syncer.clone(),
+        );
+        let (mut a, mut b) = tokio::task::spawn_blocking(move || {
+            let (a, _) = lock(&pending).push(report("a", 1, 1));
+            ingest::drain(&writer, &pending, &syncer);
+            // Committed and handed to the syncer, whose sync is now held.
+            syncing.recv().unwrap();
+            let (b, _) = lock(&pending).push(report("b", 1, 1));
+            ingest::drain(&writer, &pending, &syncer);
+            (a, b)
+        })
+        .await
+        .unwrap();
+        assert!(
+            a.try_recv().is_err() && b.try_recv().is_err(),
+            "answered before the log was synced"
+        );
+        assert_eq!(
+            store.derive_status().await.unwrap().pending,
+            2,
+            "both committed while the first sync was held"
+        );
+        drop(release);
+        assert!(matches!(a.await, Ok(Ok(IngestOutcome::Stored))));
+        assert!(matches!(b.await, Ok(Ok(IngestOutcome::Stored))));
+        // Through the store's own path too, once the log syncs freely.
+        assert_eq!(
+            store.ingest(report("a", 1, 2)).await.unwrap(),
+            IngestOutcome::Stored
+        );
+        assert_eq!(store.list_nodes("", 10).await.unwrap().len(), 2);
     }
 
     #[test]
