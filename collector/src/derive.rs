@@ -105,7 +105,8 @@ pub struct DeriveConfig {
     /// acknowledgements wait for derivation, s (0..=3600; default 5; 0: never). Under a load
     /// the machine cannot both acknowledge and derive, acknowledgements take precedence until
     /// the lag reaches this, then slow to the rate derivation keeps up with (each waits at most
-    /// 2 s), so that derived state stays this fresh.
+    /// 2 s), so that derived state stays this fresh. Counted one derive cycle ahead (the oldest
+    /// waiting report is derived a cycle later at best).
     #[serde(default = "default_max_lag_secs")]
     pub max_lag_secs: u64,
 }
