@@ -932,10 +932,8 @@ fn append_batch(conn: &mut Connection, appends: Vec<crate::store::Queued>, synce
         .inspect_err(|err| tracing::warn!(error = %err, "append commits sync by themselves"))
         .is_ok();
     let outcomes = SqliteStore::ingest_batch_blocking(conn, &reports);
-    if relaxed {
-        if let Err(err) = conn.execute_batch("PRAGMA synchronous = FULL") {
-            tracing::error!(error = %err, "the writer's synchronous = FULL not restored");
-        }
+    if relaxed && let Err(err) = conn.execute_batch("PRAGMA synchronous = FULL") {
+        tracing::error!(error = %err, "the writer's synchronous = FULL not restored");
     }
     WRITER.count(&WRITER.append_batches, 1);
     WRITER.count(&WRITER.appended, reports.len());
