@@ -962,9 +962,15 @@ pub(super) fn drain(
         }
     }
     let _stop = Stop(pending);
-    let mut conn = lock(writer);
     let mut first = true;
     loop {
+        // Reports that queue while the log syncs are committed together as it ends (the
+        // writer free meanwhile, for derivation). With nothing queued, no wait: the drainer
+        // stops below.
+        if lock(pending).waiting() {
+            syncer.wait_until_idle();
+        }
+        let mut conn = lock(writer);
         let appends = lock(pending).take_batch_or_stop();
         if appends.is_empty() {
             if first {

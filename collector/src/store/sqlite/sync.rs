@@ -19,7 +19,7 @@
 //! it syncs the log itself (`synchronous = NORMAL` does that), so no checkpoint outruns it.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 
 use crate::store::{IngestOutcome, Queued, StoreError, answer};
 
@@ -34,6 +34,23 @@ struct Committed {
 #[derive(Debug)]
 pub(crate) struct Syncer {
     committed: mpsc::Sender<Committed>,
+    /// Whether a sync runs (its answers included), and its end signalled.
+    syncing: Arc<(Mutex<bool>, Condvar)>,
+}
+
+/// Marks the syncer idle when a round ends, a panicking one included (the drainer waits for
+/// it: [`Syncer::wait_until_idle`]).
+struct Round<'a>(&'a (Mutex<bool>, Condvar));
+
+impl Drop for Round<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+        self.0.1.notify_all();
+    }
 }
 
 impl Syncer {
@@ -51,10 +68,14 @@ impl Syncer {
         mut sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
     ) -> Result<Self, StoreError> {
         let (committed, rx) = mpsc::channel::<Committed>();
+        let syncing = Arc::new((Mutex::new(false), Condvar::new()));
+        let state = syncing.clone();
         std::thread::Builder::new()
             .name("sqlite-sync".to_owned())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
+                    *state.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+                    let _round = Round(&state);
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
                     let synced = sync();
@@ -84,7 +105,23 @@ impl Syncer {
                 path: "sqlite-sync thread".to_owned(),
                 source,
             })?;
-        Ok(Self { committed })
+        Ok(Self { committed, syncing })
+    }
+
+    /// Wait while a sync runs. An append committed during a sync waits for the next one
+    /// anyway, so the drainer commits what queued meanwhile in one transaction as that sync
+    /// ends, rather than many small ones during it (each commit costs CPU, and CPU is what
+    /// the writer then runs short of: PERFORMANCE.md §8t). The writer is not held meanwhile.
+    pub(super) fn wait_until_idle(&self) {
+        let (lock, ended) = &*self.syncing;
+        let mut syncing = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *syncing {
+            syncing = ended
+                .wait(syncing)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
     }
 
     /// Answer `batch` with `outcomes` once the log is synced past its commit.
@@ -93,7 +130,14 @@ impl Syncer {
         batch: Vec<Queued>,
         outcomes: Vec<Result<IngestOutcome, StoreError>>,
     ) {
+        // Busy from now: the drainer's next commit waits for this sync to end.
+        *self
+            .syncing
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
         if let Err(mpsc::SendError(c)) = self.committed.send(Committed { batch, outcomes }) {
+            drop(Round(&self.syncing));
             // The thread is gone (it panicked): nothing can say the log is synced.
             let failed = c
                 .outcomes
