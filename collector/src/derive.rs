@@ -105,7 +105,8 @@ pub struct DeriveConfig {
     /// acknowledgements wait for derivation, s (0..=3600; default 5; 0: never). Under a load
     /// the machine cannot both acknowledge and derive, acknowledgements take precedence until
     /// the lag reaches this, then slow to the rate derivation keeps up with (each waits at most
-    /// 2 s), so that derived state stays this fresh.
+    /// 2 s), so that derived state stays this fresh. Counted one derive cycle ahead (the oldest
+    /// waiting report is derived a cycle later at best).
     #[serde(default = "default_max_lag_secs")]
     pub max_lag_secs: u64,
 }
@@ -169,8 +170,8 @@ pub fn validate(c: &DeriveConfig) -> Vec<(String, String)> {
 
 /// What this collector acknowledged and what its deriver has derived since, counted in
 /// acknowledgements: queries wait on it so that they see what was acknowledged before them.
-/// And whether derivation is further behind than `[derive] max_lag_secs`: acknowledgements
-/// wait on that ([`Freshness::admit`]).
+/// And how far behind derivation is, against `[derive] max_lag_secs`: acknowledgements wait on
+/// that ([`Freshness::admit`]).
 #[derive(Debug)]
 pub struct Freshness {
     acked: AtomicU64,
@@ -178,8 +179,19 @@ pub struct Freshness {
     query_wait: Duration,
     /// Past this lag acknowledgements wait; zero: never.
     max_lag: Duration,
-    /// The deriver's last word: the lag is past `max_lag`.
-    behind: tokio::sync::watch::Sender<bool>,
+    /// The deriver's last word on the lag.
+    lag: tokio::sync::watch::Sender<LagSignal>,
+}
+
+/// What the deriver last said about its lag: the oldest report it knows is not derived, and how
+/// long one of its cycles (read, enrich, commit) took. The lag is aged at each admission, not
+/// when the deriver speaks: it grows while a transaction runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct LagSignal {
+    /// When the oldest report known not to be derived was received; `None`: none waits.
+    oldest_unix_ms: Option<i64>,
+    /// The deriver's last cycle, ms: a report waiting now is derived at best that much later.
+    cycle_ms: u64,
 }
 
 impl Freshness {
@@ -197,33 +209,59 @@ impl Freshness {
             derived: tokio::sync::watch::channel(0).0,
             query_wait,
             max_lag,
-            behind: tokio::sync::watch::channel(false).0,
+            lag: tokio::sync::watch::channel(LagSignal::default()).0,
         })
     }
 
     /// The deriver's view of the lag: the oldest report it knows is not derived yet was
     /// received at `oldest_unix_ms` (`None`: none waits).
     pub fn lag_from(&self, oldest_unix_ms: Option<i64>) {
-        let behind = !self.max_lag.is_zero()
-            && oldest_unix_ms.is_some_and(|t| {
-                let lag = sov_common::clock::now_unix_ms().saturating_sub(t);
-                u128::try_from(lag).is_ok_and(|l| l > self.max_lag.as_millis())
-            });
-        self.behind.send_if_modified(|b| {
-            let changed = *b != behind;
-            *b = behind;
+        self.lag.send_if_modified(|s| {
+            let changed = s.oldest_unix_ms != oldest_unix_ms;
+            s.oldest_unix_ms = oldest_unix_ms;
             changed
         });
     }
 
-    /// Before a report is stored: while derivation is further behind than `max_lag`, wait
-    /// until it is not, [`ADMIT_WAIT`] at most. Whether it waited.
+    /// The deriver's last cycle (from reading reports to committing what they derive) took
+    /// `cycle`: the report waiting now is derived that much later at best, so the bound acts
+    /// that much early (PERFORMANCE.md §8t).
+    pub fn cycle_took(&self, cycle: Duration) {
+        let ms = u64::try_from(cycle.as_millis()).unwrap_or(u64::MAX);
+        self.lag.send_if_modified(|s| {
+            let changed = s.cycle_ms != ms;
+            s.cycle_ms = ms;
+            changed
+        });
+    }
+
+    /// Whether the lag, as `signal` says it at `now_unix_ms`, will pass `max_lag` before the
+    /// oldest waiting report is derived: its age now plus one cycle of the deriver.
+    fn behind(&self, signal: LagSignal, now_unix_ms: i64) -> bool {
+        !self.max_lag.is_zero()
+            && signal.oldest_unix_ms.is_some_and(|t| {
+                let age = u64::try_from(now_unix_ms.saturating_sub(t)).unwrap_or(0);
+                u128::from(age.saturating_add(signal.cycle_ms)) > self.max_lag.as_millis()
+            })
+    }
+
+    /// Before a report is stored: while derivation is further behind than `max_lag` (or will
+    /// be, before its oldest waiting report is derived), wait until the deriver says it is not,
+    /// [`ADMIT_WAIT`] at most. Whether it waited.
     pub async fn admit(&self) -> bool {
-        let mut rx = self.behind.subscribe();
-        if !*rx.borrow_and_update() {
+        let mut rx = self.lag.subscribe();
+        let signal = *rx.borrow_and_update();
+        if !self.behind(signal, sov_common::clock::now_unix_ms()) {
             return false;
         }
-        let _ = tokio::time::timeout(ADMIT_WAIT, rx.wait_for(|b| !*b)).await;
+        let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
+        // The lag only grows between the deriver's words: look again when it speaks.
+        while let Ok(Ok(())) = tokio::time::timeout_at(deadline, rx.changed()).await {
+            let signal = *rx.borrow_and_update();
+            if !self.behind(signal, sov_common::clock::now_unix_ms()) {
+                break;
+            }
+        }
         true
     }
 
@@ -719,12 +757,17 @@ impl Deriver {
     /// `batch_reports`: how many were queued in it and how many this call derived (fewer when
     /// another replica took some).
     pub async fn derive_batch(&self) -> Result<(usize, u64), StoreError> {
+        let read_at = Instant::now();
         let queued = self.store.underived(self.read_limit()).await?;
         if queued.is_empty() {
             // Caught up (a full read before this one may have left the lag set).
             self.freshness.lag_from(None);
             return Ok((0, 0));
         }
+        // The oldest report not derived is the first read: the lag ages from it until this
+        // transaction commits.
+        self.freshness
+            .lag_from(queued.first().map(|u| u.received_unix_ms));
         let n = queued.len();
         let size = usize::try_from(self.batch_reports)
             .unwrap_or(usize::MAX)
@@ -739,6 +782,7 @@ impl Deriver {
             parts.push_back(part);
         }
         let mut derived = 0;
+        let mut cycle_from = read_at;
         let mut started = Instant::now();
         let Some(mut part) = parts.pop_front() else {
             return Ok((0, 0));
@@ -760,6 +804,10 @@ impl Deriver {
             });
             let d = written?;
             self.metrics.derive_batch(d, started.elapsed());
+            // What a report waiting now waits for at best: one such cycle (the first from
+            // the read, the next ones from the commit before them).
+            self.freshness.cycle_took(cycle_from.elapsed());
+            cycle_from = Instant::now();
             derived += d;
             // The oldest report known not to be derived: the next part's first; after the
             // last part of a full read, one received after this part's last (its time
@@ -1188,6 +1236,35 @@ mod tests {
         let free = Freshness::new(Duration::ZERO);
         free.lag_from(Some(0));
         assert!(!free.admit().await);
+    }
+
+    /// The bound acts before the lag passes it: the deriver's oldest waiting report is derived
+    /// one cycle later at best, so a report waits while that age plus one cycle is past the
+    /// bound (PostgreSQL's deriver, whose cycle is a 2,048-report transaction, overshot a bound
+    /// told only once per commit: PERFORMANCE.md §8t).
+    #[tokio::test]
+    async fn acknowledgements_wait_when_the_lag_would_pass_the_bound_before_the_next_commit() {
+        let f = Freshness::bounded(Duration::ZERO, Duration::from_secs(5));
+        f.lag_from(Some(sov_common::clock::now_unix_ms() - 3_000));
+        f.cycle_took(Duration::from_millis(500));
+        assert!(
+            !f.admit().await,
+            "3 s behind, 0.5 s a cycle: under the bound"
+        );
+        f.cycle_took(Duration::from_millis(2_500));
+        let f2 = f.clone();
+        let waiting = tokio::spawn(async move { f2.admit().await });
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "3 s behind and 2.5 s a cycle: the report waits"
+        );
+        // The deriver's next word, still behind, keeps it waiting; back under, it goes on.
+        f.lag_from(Some(sov_common::clock::now_unix_ms() - 2_900));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "2.9 s + 2.5 s: still waiting");
+        f.lag_from(Some(sov_common::clock::now_unix_ms() - 1_000));
+        assert!(waiting.await.unwrap(), "it waited, and went on");
     }
 
     #[tokio::test]

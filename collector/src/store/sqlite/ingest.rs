@@ -826,9 +826,13 @@ pub(super) const DERIVE_SLICE: std::time::Duration = std::time::Duration::from_m
 /// deletions, and the next append's fsync makes it durable (WAL frames are written in order),
 /// so nothing is lost or derived twice.
 pub(super) async fn derive(store: &SqliteStore, batch: Vec<Derivation>) -> Result<u64, StoreError> {
-    let (writer, pending) = (store.writer.clone(), store.pending.clone());
+    let (writer, pending, syncer) = (
+        store.writer.clone(),
+        store.pending.clone(),
+        store.syncer.clone(),
+    );
     tokio::task::spawn_blocking(move || {
-        derive_blocking(&writer, &pending, &batch, |held| {
+        derive_blocking(&writer, &pending, &syncer, &batch, |held| {
             held >= DERIVE_SLICE && lock(&pending).waiting()
         })
     })
@@ -842,6 +846,7 @@ pub(super) async fn derive(store: &SqliteStore, batch: Vec<Derivation>) -> Resul
 pub(super) fn derive_blocking(
     writer: &Mutex<Connection>,
     pending: &Mutex<crate::store::Pending>,
+    syncer: &Syncer,
     batch: &[Derivation],
     mut yield_to_appends: impl FnMut(std::time::Duration) -> bool,
 ) -> Result<u64, StoreError> {
@@ -861,7 +866,7 @@ pub(super) fn derive_blocking(
     let mut conn = lock(writer);
     // Reports waiting to be appended go first: their acknowledgements would otherwise wait
     // for the derive transaction.
-    serve_appends(&mut conn, pending);
+    serve_appends(&mut conn, pending, syncer);
     let mut derived = 0u64;
     let mut next = 0;
     while next < nodes.len() {
@@ -887,7 +892,7 @@ pub(super) fn derive_blocking(
         next += nodes_done;
         if next < nodes.len() {
             DERIVE_YIELDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            serve_appends(&mut conn, pending);
+            serve_appends(&mut conn, pending, syncer);
         }
     }
     Ok(derived)
@@ -905,31 +910,49 @@ pub fn derive_yields() -> u64 {
 
 /// Store every report waiting to be appended, as [`ingest`]'s drainer does, on the writer this
 /// thread holds (the drainer, waiting for the writer, then finds nothing and stops).
-fn serve_appends(conn: &mut Connection, pending: &Mutex<crate::store::Pending>) {
+fn serve_appends(conn: &mut Connection, pending: &Mutex<crate::store::Pending>, syncer: &Syncer) {
     loop {
         let appends = lock(pending).take_batch();
         if appends.is_empty() {
             return;
         }
-        append_batch(conn, appends);
+        append_batch(conn, appends, syncer);
     }
 }
 
-/// Store `appends` in one transaction (or each alone when that fails) and answer each.
-fn append_batch(conn: &mut Connection, appends: Vec<crate::store::Queued>) {
+/// Store `appends` in one transaction (or each alone when that fails) and answer each once
+/// the write-ahead log is synced past it: the commit does not wait for the sync, the
+/// [`Syncer`] does, and the writer goes on meanwhile (PERFORMANCE.md §8t).
+fn append_batch(conn: &mut Connection, appends: Vec<crate::store::Queued>, syncer: &Syncer) {
     let started = std::time::Instant::now();
     let reports: Vec<&IncomingReport> = appends.iter().map(|p| &p.report).collect();
+    // Should the setting fail, the commit syncs by itself (`FULL`) and is answered at once.
+    let relaxed = conn
+        .execute_batch("PRAGMA synchronous = NORMAL")
+        .inspect_err(|err| tracing::warn!(error = %err, "append commits sync by themselves"))
+        .is_ok();
     let outcomes = SqliteStore::ingest_batch_blocking(conn, &reports);
+    if relaxed && let Err(err) = conn.execute_batch("PRAGMA synchronous = FULL") {
+        tracing::error!(error = %err, "the writer's synchronous = FULL not restored");
+    }
     WRITER.count(&WRITER.append_batches, 1);
     WRITER.count(&WRITER.appended, reports.len());
     WRITER.count(&WRITER.append_ns, started.elapsed().as_nanos());
-    crate::store::answer(appends, outcomes);
+    if relaxed {
+        syncer.answer_after_sync(appends, outcomes);
+    } else {
+        crate::store::answer(appends, outcomes);
+    }
 }
 
 /// The group commit's drainer: takes the writer and stores batch after batch until nothing
 /// waits. Should it panic, the reports waiting are failed (their callers see an error, their
 /// agents send them again) and the next push starts another drainer.
-pub(super) fn drain(writer: &Mutex<Connection>, pending: &Mutex<crate::store::Pending>) {
+pub(super) fn drain(
+    writer: &Mutex<Connection>,
+    pending: &Mutex<crate::store::Pending>,
+    syncer: &Syncer,
+) {
     struct Stop<'a>(&'a Mutex<crate::store::Pending>);
     impl Drop for Stop<'_> {
         fn drop(&mut self) {
@@ -939,9 +962,15 @@ pub(super) fn drain(writer: &Mutex<Connection>, pending: &Mutex<crate::store::Pe
         }
     }
     let _stop = Stop(pending);
-    let mut conn = lock(writer);
     let mut first = true;
     loop {
+        // Reports that queue while the log syncs are committed together as it ends (the
+        // writer free meanwhile, for derivation). With nothing queued, no wait: the drainer
+        // stops below.
+        if lock(pending).waiting() {
+            syncer.wait_until_idle();
+        }
+        let mut conn = lock(writer);
         let appends = lock(pending).take_batch_or_stop();
         if appends.is_empty() {
             if first {
@@ -950,7 +979,7 @@ pub(super) fn drain(writer: &Mutex<Connection>, pending: &Mutex<crate::store::Pe
             return;
         }
         first = false;
-        append_batch(&mut conn, appends);
+        append_batch(&mut conn, appends, syncer);
     }
 }
 
@@ -1064,9 +1093,13 @@ pub(super) async fn ingest(
 ) -> Result<IngestOutcome, StoreError> {
     let (done, start) = lock(&store.pending).push(report);
     if start {
-        let (writer, pending) = (store.writer.clone(), store.pending.clone());
+        let (writer, pending, syncer) = (
+            store.writer.clone(),
+            store.pending.clone(),
+            store.syncer.clone(),
+        );
         drop(tokio::task::spawn_blocking(move || {
-            drain(&writer, &pending);
+            drain(&writer, &pending, &syncer);
         }));
     }
     done.await

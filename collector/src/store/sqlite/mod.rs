@@ -23,6 +23,7 @@ use super::{
     Settle, SinkStats, StoreError, TokenRecord, TokenSpend, Underived, format_name, to_i64,
 };
 use crate::breach::{Breach, BreachState, EVENT_OPEN, EVENT_RESOLVED, EVENT_UPDATED, Observation};
+use sync::Syncer;
 
 mod breaches;
 mod containers;
@@ -31,6 +32,7 @@ pub use ingest::{WRITER, WriterStats, derive_yields};
 mod outbox;
 mod queries;
 mod retention;
+mod sync;
 mod tokens;
 mod training;
 
@@ -79,6 +81,8 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     /// Reports waiting for the writer (group commit, see [`Store::ingest`]).
     pending: Arc<Mutex<super::Pending>>,
+    /// Answers committed appends once the write-ahead log is synced ([`sync`]).
+    syncer: Arc<Syncer>,
 }
 
 /// Run `sql` through the connection's prepared statement cache (the ingest path runs the same
@@ -160,11 +164,15 @@ impl SqliteStore {
             ))
             .map_err(sql("set checkpoint threshold"))?;
         let writer = Arc::new(Mutex::new(writer));
+        let mut wal = path.clone().into_os_string();
+        wal.push("-wal");
+        let syncer = Arc::new(Syncer::start(wal.into())?);
         spawn_checkpointer(path, Arc::downgrade(&writer));
         Ok(Self {
             writer,
             reader: Arc::new(Mutex::new(reader)),
             pending: Arc::default(),
+            syncer,
         })
     }
 }
@@ -421,49 +429,51 @@ mod tests {
             .collect();
         assert_eq!(batch.len(), 6);
         let yields = ingest::derive_yields();
-        let (writer, pending) = (store.writer.clone(), store.pending.clone());
+        let (writer, pending, syncer) = (
+            store.writer.clone(),
+            store.pending.clone(),
+            store.syncer.clone(),
+        );
         let path = dir.path().to_owned();
         let derive_batch = batch.clone();
-        let (derived, asked) = tokio::task::spawn_blocking(move || {
+        let (derived, asked, answer) = tokio::task::spawn_blocking(move || {
             let mut asked = 0;
             let mut answer = None;
             let mut drainer = None;
-            let derived = ingest::derive_blocking(&writer, &pending, &derive_batch, |_held| {
-                asked += 1;
-                if asked == 1 {
-                    // Node a is written, not committed: a report arrives, as ingest queues it
-                    // (its drainer waits for the writer this transaction holds).
-                    let (rx, start) = lock(&pending).push(report("d", 1, 1));
-                    assert!(start);
-                    let (w, p) = (writer.clone(), pending.clone());
-                    drainer = Some(std::thread::spawn(move || ingest::drain(&w, &p)));
-                    answer = Some(rx);
-                    return true;
-                }
-                // Before node b's rows are committed: the append was stored and answered,
-                // and node a's derivation is committed, node c's not yet.
-                let outcome = answer.as_mut().unwrap().try_recv();
-                assert!(
-                    matches!(outcome, Ok(Ok(IngestOutcome::Stored))),
-                    "the append waits for the derive transaction: {outcome:?}"
-                );
-                let reader = Connection::open(path.join(DB_FILE)).unwrap();
-                let queued: Vec<String> = reader
-                    .prepare("SELECT node FROM derive_queue ORDER BY id")
-                    .unwrap()
-                    .query_map([], |r| r.get(0))
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect();
-                assert_eq!(queued, ["b", "b", "c", "c", "d"]);
-                false
-            })
-            .unwrap();
+            let derived =
+                ingest::derive_blocking(&writer, &pending, &syncer, &derive_batch, |_held| {
+                    asked += 1;
+                    if asked == 1 {
+                        // Node a is written, not committed: a report arrives, as ingest queues
+                        // it (its drainer waits for the writer this transaction holds).
+                        let (rx, start) = lock(&pending).push(report("d", 1, 1));
+                        assert!(start);
+                        let (w, p, s) = (writer.clone(), pending.clone(), syncer.clone());
+                        drainer = Some(std::thread::spawn(move || ingest::drain(&w, &p, &s)));
+                        answer = Some(rx);
+                        return true;
+                    }
+                    // Before node b's rows are committed: the append was committed (its
+                    // answer follows the log's sync), and node a's derivation is committed,
+                    // node c's not yet.
+                    let reader = Connection::open(path.join(DB_FILE)).unwrap();
+                    let queued: Vec<String> = reader
+                        .prepare("SELECT node FROM derive_queue ORDER BY id")
+                        .unwrap()
+                        .query_map([], |r| r.get(0))
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect();
+                    assert_eq!(queued, ["b", "b", "c", "c", "d"]);
+                    false
+                })
+                .unwrap();
             drainer.unwrap().join().unwrap();
-            (derived, asked)
+            (derived, asked, answer.unwrap())
         })
         .await
         .unwrap();
+        assert!(matches!(answer.await, Ok(Ok(IngestOutcome::Stored))));
         assert_eq!(derived, 6);
         assert_eq!(asked, 2, "asked after nodes a and b, not after the last");
         assert!(ingest::derive_yields() > yields);
@@ -480,6 +490,73 @@ mod tests {
         // The drainer stopped: the next report starts another and is stored.
         assert_eq!(
             store.ingest(report("d", 1, 2)).await.unwrap(),
+            IngestOutcome::Stored
+        );
+    }
+
+    /// An append is acknowledged once the write-ahead log is synced past its commit; SQLite's
+    /// writer does not wait for that sync (derivation uses it meanwhile); and appends that
+    /// queue during a sync are committed as it ends, together, not one by one during it.
+    #[tokio::test]
+    async fn appends_are_answered_after_the_logs_sync_and_those_queued_during_it_commit_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (entered, syncing) = std::sync::mpsc::channel::<()>();
+        let store = SqliteStore {
+            syncer: Arc::new(
+                Syncer::with(move || {
+                    let _ = entered.send(());
+                    // Held until the test lets go (then every later sync goes through).
+                    let _ = held.recv();
+                    Ok(())
+                })
+                .unwrap(),
+            ),
+            ..SqliteStore::open(dir.path()).unwrap()
+        };
+        let (writer, pending, syncer) = (
+            store.writer.clone(),
+            store.pending.clone(),
+            store.syncer.clone(),
+        );
+        let (mut a, mut b, mut c, drainer) = tokio::task::spawn_blocking(move || {
+            let (a, _) = lock(&pending).push(report("a", 1, 1));
+            ingest::drain(&writer, &pending, &syncer);
+            // Committed and handed to the syncer, whose sync is now held.
+            syncing.recv().unwrap();
+            let (b, _) = lock(&pending).push(report("b", 1, 1));
+            let (c, _) = lock(&pending).push(report("c", 1, 1));
+            let drainer = std::thread::spawn(move || ingest::drain(&writer, &pending, &syncer));
+            (a, b, c, drainer)
+        })
+        .await
+        .unwrap();
+        // The writer is free while the log syncs: another write commits.
+        assert!(
+            store
+                .take_lease("rules", "me", 1_000, 10_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            a.try_recv().is_err() && b.try_recv().is_err() && c.try_recv().is_err(),
+            "answered before the log was synced"
+        );
+        assert!(
+            store.list_nodes("", 10).await.unwrap().len() == 1,
+            "appends queued during the sync were committed during it"
+        );
+        drop(release);
+        tokio::task::spawn_blocking(move || drainer.join().unwrap())
+            .await
+            .unwrap();
+        for answer in [a, b, c] {
+            assert!(matches!(answer.await, Ok(Ok(IngestOutcome::Stored))));
+        }
+        assert_eq!(store.list_nodes("", 10).await.unwrap().len(), 3);
+        // Through the store's own path too, once the log syncs freely.
+        assert_eq!(
+            store.ingest(report("a", 1, 2)).await.unwrap(),
             IngestOutcome::Stored
         );
     }
