@@ -17,6 +17,12 @@
 //! then loses it together with anything derived from it (later frames), and its agent, never
 //! acknowledged, sends it again. Before SQLite copies the log into the database (a checkpoint)
 //! it syncs the log itself (`synchronous = NORMAL` does that), so no checkpoint outruns it.
+//!
+//! A failed sync is final: after a failed `fsync` the kernel may drop the unwritten pages and
+//! mark them clean, so a later sync can succeed without them, and a report sent again would be
+//! found committed and acknowledged as a duplicate. From the first failure on, every append is
+//! refused (the error says to restart the collector); after a restart SQLite reads the log as
+//! it is on disk, and the agents send again whatever was never acknowledged.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, mpsc};
@@ -73,14 +79,29 @@ impl Syncer {
         std::thread::Builder::new()
             .name("sqlite-sync".to_owned())
             .spawn(move || {
+                // Once a sync has failed, no later one is trusted: after a failed `fsync`
+                // Linux may mark the unwritten pages clean, so a later sync can succeed with
+                // the failed one's frames lost, and a report sent again would then be found
+                // (committed, in memory) and acknowledged as a duplicate. Every append is
+                // refused from then on, until the collector is restarted (SQLite's recovery
+                // then reads the log as it is on disk, and the agents send again what it lacks).
+                let mut failed: Option<String> = None;
                 while let Ok(first) = rx.recv() {
                     *state.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
                     let _round = Round(&state);
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
-                    let synced = sync();
-                    if let Err(err) = &synced {
-                        tracing::error!(error = %err, "sync of the write-ahead log failed; the reports it covered are refused (their agents send them again)");
+                    let synced = match &failed {
+                        Some(first) => Err(std::io::Error::other(format!(
+                            "an earlier sync failed ({first}); restart the collector once the disk is healthy"
+                        ))),
+                        None => sync(),
+                    };
+                    if let Err(err) = &synced
+                        && failed.is_none()
+                    {
+                        tracing::error!(error = %err, "sync of the write-ahead log failed; the reports it covered and every later append are refused until the collector is restarted (their agents send them again)");
+                        failed = Some(err.to_string());
                     }
                     for c in waiting {
                         match &synced {
@@ -146,5 +167,58 @@ impl Syncer {
                 .collect();
             answer(c.batch, failed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued() -> (
+        Queued,
+        tokio::sync::oneshot::Receiver<Result<IngestOutcome, StoreError>>,
+    ) {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        (
+            Queued {
+                report: crate::store::suite::report("a", 1, 1),
+                done,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn after_one_failed_sync_every_later_append_is_refused_though_syncs_would_succeed() {
+        let calls = Arc::new(Mutex::new(0u32));
+        let counted = calls.clone();
+        // The first sync fails, every later one would succeed.
+        let syncer = Syncer::with(move || {
+            let mut n = counted.lock().unwrap();
+            *n += 1;
+            if *n == 1 {
+                Err(std::io::Error::other("EIO"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+        for round in 0..3 {
+            let (q, rx) = queued();
+            syncer.answer_after_sync(vec![q], vec![Ok(IngestOutcome::Stored)]);
+            let answer = rx.blocking_recv().unwrap();
+            let Err(err) = answer else {
+                panic!("round {round}: acknowledged after a failed sync");
+            };
+            assert!(err.to_string().contains("sync"), "{err}");
+            if round > 0 {
+                assert!(err.to_string().contains("restart the collector"), "{err}");
+            }
+        }
+        assert_eq!(
+            *calls.lock().unwrap(),
+            1,
+            "no sync trusted after the failure"
+        );
     }
 }
