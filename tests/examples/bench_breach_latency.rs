@@ -279,9 +279,27 @@ async fn main() -> anyhow::Result<()> {
         let (client, conn) =
             tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
-        client
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await?;
+        // The stopped collector's last derive transaction may still hold its locks: a drop
+        // that deadlocks with it is tried again (bounded), and a schema left behind is named.
+        let mut dropped = false;
+        for _ in 0..10 {
+            match client
+                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .await
+            {
+                Ok(()) => {
+                    dropped = true;
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("dropping schema {schema}: {e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        if !dropped {
+            eprintln!("schema {schema} left behind: drop it by hand");
+        }
     }
     if load_agents > 0 {
         println!(

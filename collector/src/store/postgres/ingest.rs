@@ -1633,21 +1633,27 @@ impl PostgresStore {
             }
         }
         let _stop = Stop(self);
-        let mut w = match self.writer().await {
-            Ok(w) => w,
-            Err(e) => {
-                // Every waiting report would need this writer: fail them all with the reason.
-                let batch = self.pending().take_all_and_stop();
-                let msg = e.to_string();
-                let outcomes = batch
-                    .iter()
-                    .map(|_| Err(StoreError::Task(msg.clone())))
-                    .collect();
-                crate::store::answer(batch, outcomes);
-                return;
-            }
-        };
         loop {
+            // The writer is taken for each batch, not for the whole drain: under a sustained
+            // load the queue never empties, and a drainer that kept the writer until it did
+            // starved everything else that writes through it (the rules and alert leases,
+            // breaches): on PostgreSQL under `bench_breach_latency --load-agents 200` the rules
+            // lease lapsed and no alert came within 30 s. The writer's lock is fair, so those
+            // writes now wait for one batch at most.
+            let mut w = match self.writer().await {
+                Ok(w) => w,
+                Err(e) => {
+                    // Every waiting report would need this writer: fail them all with the reason.
+                    let batch = self.pending().take_all_and_stop();
+                    let msg = e.to_string();
+                    let outcomes = batch
+                        .iter()
+                        .map(|_| Err(StoreError::Task(msg.clone())))
+                        .collect();
+                    crate::store::answer(batch, outcomes);
+                    return;
+                }
+            };
             let batch = self.pending().take_batch_or_stop();
             if batch.is_empty() {
                 return;

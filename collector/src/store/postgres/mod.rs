@@ -491,6 +491,50 @@ mod tests {
         }
     }
 
+    /// Under a load that never lets the queue empty, the drainer gives the writer back between
+    /// batches: a lease (the rules', the alerts') waits for one batch, not for the whole queue.
+    #[tokio::test]
+    async fn a_lease_waits_for_one_batch_of_the_drainer_not_for_the_whole_queue() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            // Three batches' worth queued, the writer held meanwhile by the test.
+            let writer = store.writer().await.unwrap();
+            let n = 3 * crate::store::MAX_BATCH_REPORTS as u64;
+            let mut answers: Vec<_> = {
+                let mut p = store.pending();
+                (1..=n).map(|seq| p.push(report("q", 1, seq)).0).collect()
+            };
+            // The drainer waits for the writer first, the lease second (the lock is fair).
+            let drainer = tokio::spawn({
+                let store = store.clone();
+                async move { store.drain().await }
+            });
+            tokio::task::yield_now().await;
+            let lease = tokio::spawn({
+                let store = store.clone();
+                async move { store.take_lease("rules", "me", 1_000, 10_000).await }
+            });
+            tokio::task::yield_now().await;
+            drop(writer);
+            assert!(lease.await.unwrap().unwrap());
+            let answered = answers
+                .iter_mut()
+                .map(|a| a.try_recv().is_ok())
+                .filter(|ok| *ok)
+                .count();
+            assert!(
+                answered < answers.len(),
+                "the lease waited for the whole queue ({answered} of {} answered)",
+                answers.len()
+            );
+            drainer.await.unwrap();
+            assert_eq!(store.list_nodes("", 10).await.unwrap().len(), 1);
+        })
+        .await;
+    }
+
     async fn drop_schema(admin: &Client, schema: &str) {
         admin
             .batch_execute(&format!(
