@@ -1257,20 +1257,32 @@ mod tests {
         }
     }
 
+    /// A tracker of `/proc` rechecking every `recheck_secs`, still candidates marked every
+    /// 4 s; `None` (the skip recorded as `test`) where no file can be held.
+    fn still_tracker(recheck_secs: u64, test: &str) -> Option<Tracker> {
+        let t = Tracker::new(Path::new("/proc"), 1024)
+            .with_recheck_secs(recheck_secs)
+            .with_idle_mark_secs(4);
+        if t.held_max == 0 {
+            crate::skipped::record(
+                test,
+                "no descriptor limit readable: every candidate is read in full",
+            );
+            return None;
+        }
+        Some(t)
+    }
+
     #[test]
     fn candidates_due_together_keep_a_still_candidates_rhythm_until_their_recheck() {
         // Eight still candidates read together at 0 s, all due again at 80 s: one recheck
         // per sample (a round of eight per 80 s).
-        let mut t = Tracker::new(Path::new("/proc"), 1024)
-            .with_recheck_secs(80)
-            .with_idle_mark_secs(4);
-        if t.held_max == 0 {
-            crate::skipped::record(
-                "collect::training::tests::candidates_due_together_keep_a_still_candidates_rhythm_until_their_recheck",
-                "no descriptor limit readable: every candidate is read in full",
-            );
+        let Some(mut t) = still_tracker(
+            80,
+            "collect::training::tests::candidates_due_together_keep_a_still_candidates_rhythm_until_their_recheck",
+        ) else {
             return;
-        }
+        };
         let children: Vec<Writer> = (0..8).map(|_| Writer::start()).collect();
         let pids: Vec<u32> = children.iter().map(Writer::pid).collect();
         for c in &children {
@@ -1311,16 +1323,12 @@ mod tests {
 
     #[test]
     fn a_candidate_still_for_half_a_minute_is_marked_less_often_until_it_moves() {
-        let mut t = Tracker::new(Path::new("/proc"), 1024)
-            .with_recheck_secs(3600)
-            .with_idle_mark_secs(4);
-        if t.held_max == 0 {
-            crate::skipped::record(
-                "collect::training::tests::a_candidate_still_for_half_a_minute_is_marked_less_often_until_it_moves",
-                "no descriptor limit readable: every candidate is read in full",
-            );
+        let Some(mut t) = still_tracker(
+            3600,
+            "collect::training::tests::a_candidate_still_for_half_a_minute_is_marked_less_often_until_it_moves",
+        ) else {
             return;
-        }
+        };
         // A shell that writes a line when told: until then it does nothing at all.
         let mut child = Writer::start();
         let pid = child.pid();

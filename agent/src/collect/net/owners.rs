@@ -925,6 +925,28 @@ mod tests {
         }
     }
 
+    /// `python3 -c script port` with piped stdin and stdout, killed when the test ends, and
+    /// its output; `None` (the skip recorded as `test`) without python3.
+    fn python_child(
+        script: &str,
+        port: u16,
+        test: &str,
+    ) -> Option<(Kill, std::io::BufReader<std::process::ChildStdout>)> {
+        use std::process::{Command, Stdio};
+        let Ok(child) = Command::new("python3")
+            .args(["-c", script, &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+        else {
+            crate::skipped::record(test, "no python3");
+            return None;
+        };
+        let mut child = Kill(child);
+        let out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+        Some((child, out))
+    }
+
     /// The socket inodes `pid` holds now (read straight from `/proc`).
     fn sockets_of(pid: u32) -> Vec<u32> {
         fs::read_dir(format!("/proc/{pid}/fd"))
@@ -939,8 +961,7 @@ mod tests {
 
     #[test]
     fn a_process_that_swaps_a_file_for_a_socket_keeps_its_count_and_is_still_found() {
-        use std::io::{BufRead, BufReader, Write};
-        use std::process::{Command, Stdio};
+        use std::io::{BufRead, Write};
         // Holds a file open; on "go" closes it and connects (the same number of descriptors).
         const SWAP: &str = "import socket,sys\n\
             f=open('/etc/hostname','rb')\n\
@@ -952,21 +973,14 @@ mod tests {
             sys.stdin.readline()\n";
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let Ok(child) = Command::new("python3")
-            .args(["-c", SWAP, &port.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-        else {
-            crate::skipped::record(
-                "collect::net::owners::a_process_that_swaps_a_file_for_a_socket",
-                "no python3",
-            );
+        let Some((mut child, mut out)) = python_child(
+            SWAP,
+            port,
+            "collect::net::owners::a_process_that_swaps_a_file_for_a_socket",
+        ) else {
             return;
         };
-        let mut child = Kill(child);
         let pid = child.0.id();
-        let mut out = BufReader::new(child.0.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready");
@@ -1064,8 +1078,7 @@ mod tests {
 
     #[test]
     fn a_listing_reads_an_unchanged_process_at_its_remembered_descriptors_only() {
-        use std::io::{BufRead, BufReader, Write};
-        use std::process::{Command, Stdio};
+        use std::io::{BufRead, Write};
         // Two files and twenty socket pairs (a pod's other sockets); on each line, one file is
         // swapped for a connection: first at the file's own number, then at another one.
         const POD: &str = "import socket,sys,os\n\
@@ -1089,21 +1102,14 @@ mod tests {
         }
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let Ok(child) = Command::new("python3")
-            .args(["-c", POD, &port.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-        else {
-            crate::skipped::record(
-                "collect::net::owners::a_listing_reads_an_unchanged_process_at_its_remembered_descriptors_only",
-                "no python3",
-            );
+        let Some((mut child, mut out)) = python_child(
+            POD,
+            port,
+            "collect::net::owners::a_listing_reads_an_unchanged_process_at_its_remembered_descriptors_only",
+        ) else {
             return;
         };
-        let mut child = Kill(child);
         let pid = child.0.id();
-        let mut out = BufReader::new(child.0.stdout.take().unwrap());
         let mut step = |say: &str, expect: &str| {
             if !say.is_empty() {
                 writeln!(child.0.stdin.as_mut().unwrap(), "{say}").unwrap();
