@@ -612,8 +612,10 @@ fn through_a_collector(
         )
     );
 
-    // `sovctl models`: the copy in the image's layer and its holder, with pod and image.
-    let models = until(Duration::from_secs(90), "the pod's weights", || {
+    // `sovctl models`: the copy in the image's layer and its holder, with pod and image. A
+    // scan that ran before the agent's first answer from containerd found the copy described
+    // by its cgroup alone; the next scans name it with the pod (the wait is for that).
+    let models = until(Duration::from_secs(90), "the pod's weights, named", || {
         let v = sovctl_json(&pki, &url, &["models"]);
         v.as_array()
             .unwrap()
@@ -623,7 +625,7 @@ fn through_a_collector(
                     .as_array()
                     .unwrap()
                     .iter()
-                    .any(|c| c["container_path"] == WEIGHT_PATH)
+                    .any(|c| c["container_path"] == WEIGHT_PATH && c["container"]["pod"] == POD)
                     && m["users"]
                         .as_array()
                         .unwrap()

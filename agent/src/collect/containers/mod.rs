@@ -246,6 +246,27 @@ impl Containers {
         self.of_pids(&[pid]).remove(&pid)
     }
 
+    /// The runtime's record of `r`, a container described from its cgroup alone, once a
+    /// runtime lists it (`None` while none does, or when `r` is a runtime's record already).
+    /// What was found in a container before the runtimes first answered is named again
+    /// with it: a description taken once is not left cgroup-only for the file's life.
+    pub fn runtime_record(&self, r: &pb::ContainerRef) -> Option<pb::ContainerRef> {
+        if r.source == SOURCE_RUNTIME || r.id.is_empty() {
+            return None;
+        }
+        let mut known = lock(&self.inner.state).by_id.get(&r.id)?.clone();
+        if known.pod_uid.is_empty() {
+            known.pod_uid.clone_from(&r.pod_uid);
+        }
+        Some(known)
+    }
+
+    /// Remember `r` as a runtime's record (what a refresh would have listed).
+    #[cfg(test)]
+    pub(crate) fn remember(&self, r: pb::ContainerRef) {
+        lock(&self.inner.state).by_id.insert(r.id.clone(), r);
+    }
+
     /// The containers of these pids (host processes are absent from the map).
     pub fn of_pids(&self, pids: &[u32]) -> HashMap<u32, pb::ContainerRef> {
         let mut out = HashMap::new();
@@ -619,16 +640,13 @@ mod tests {
         fake_proc(root.path(), 20, "0::/default/sov-web-1\n");
         let c = Containers::new(cfg_without_runtimes(), root.path());
         assert_eq!(c.of_pid(20), None, "unknown to every runtime yet");
-        lock(&c.inner.state).by_id.insert(
-            "sov-web-1".into(),
-            pb::ContainerRef {
-                id: "sov-web-1".into(),
-                runtime: "containerd".into(),
-                image: "docker.io/library/busybox:latest".into(),
-                source: SOURCE_RUNTIME.into(),
-                ..Default::default()
-            },
-        );
+        c.remember(pb::ContainerRef {
+            id: "sov-web-1".into(),
+            runtime: "containerd".into(),
+            image: "docker.io/library/busybox:latest".into(),
+            source: SOURCE_RUNTIME.into(),
+            ..Default::default()
+        });
         let r = c.of_pid(20).expect("matched by id");
         assert_eq!(r.image, "docker.io/library/busybox:latest");
         assert_eq!(r.source, SOURCE_RUNTIME);

@@ -50,7 +50,7 @@ use super::lineage::Lineage;
 use super::schedule::{self, Hint};
 use super::storage::{self, MountTable};
 use super::users::{self, FileUse, Interest};
-use crate::collect::containers::Containers;
+use crate::collect::containers::{Containers, SOURCE_RUNTIME};
 use crate::collect::namespaces;
 use crate::collect::proctable::ProcTable;
 use crate::config::WeightsConfig;
@@ -1058,14 +1058,37 @@ impl WeightsScanner {
     }
 
     /// Which processes have each file open or mapped (from the latest scan's process pass when
-    /// there was one since the previous call, else from a pass of its own).
+    /// there was one since the previous call, else from a pass of its own); and the container
+    /// of each copy found while no runtime had described it, once one does (the copy is sent
+    /// again with its pod and image).
     pub fn refresh_users(&mut self) {
-        let wanted: HashSet<(u64, u64)> = {
+        let (wanted, cgroup_only): (HashSet<(u64, u64)>, Vec<(String, pb::ContainerRef)>) = {
             let inv = lock(&self.handle.inner);
-            inv.entries
+            let wanted = inv
+                .entries
                 .values()
                 .flat_map(|e| e.keys.iter().copied())
-                .collect()
+                .collect();
+            // Copies found in a container while no runtime had described it yet.
+            let cgroup_only = inv
+                .entries
+                .iter()
+                .filter_map(|(p, e)| {
+                    e.file
+                        .container
+                        .as_ref()
+                        .filter(|c| c.source != SOURCE_RUNTIME)
+                        .map(|c| (p.clone(), c.clone()))
+                })
+                .collect();
+            (wanted, cgroup_only)
+        };
+        let mut described: HashMap<String, pb::ContainerRef> = match &self.containers {
+            Some(dir) => cgroup_only
+                .into_iter()
+                .filter_map(|(p, c)| dir.runtime_record(&c).map(|r| (p, r)))
+                .collect(),
+            None => HashMap::new(),
         };
         let fresh = self.fresh_uses.take();
         if wanted.is_empty() {
@@ -1098,6 +1121,10 @@ impl WeightsScanner {
         let mut inv = lock(&self.handle.inner);
         let mut changed = Vec::new();
         for (path, e) in inv.entries.iter_mut() {
+            if let Some(r) = described.remove(path) {
+                e.file.container = Some(r);
+                changed.push(path.clone());
+            }
             let mut by_pid: BTreeMap<u32, (bool, bool)> = BTreeMap::new();
             for k in &e.keys {
                 for u in uses
@@ -1586,8 +1613,101 @@ pub fn link_gpus(files: &mut [pb::WeightFile], gpus: &[pb::GpuSample]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{HashCost, MIN_BUDGET_HASH_RATE, sniff_rank, thread_cpu_ns};
+    use super::{
+        Entry, HashCost, Instant, MIN_BUDGET_HASH_RATE, WeightsHandle, WeightsScanner, lock,
+        sniff_rank, thread_cpu_ns,
+    };
+    use crate::collect::containers::{Containers, SOURCE_CGROUP, SOURCE_RUNTIME};
+    use crate::config::{ContainersConfig, WeightsConfig};
+    use sov_proto::pb;
+    use std::os::unix::fs::MetadataExt;
     use std::path::Path;
+    use std::time::Duration;
+
+    #[test]
+    fn a_copy_found_before_the_runtime_answered_is_named_with_its_pod_once_it_does() {
+        const ID: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let read_path = dir.path().join("w.safetensors");
+        std::fs::write(&read_path, b"weights").expect("write");
+        let meta = std::fs::metadata(&read_path).expect("stat");
+        let handle = WeightsHandle::default();
+        let containers = Containers::new(ContainersConfig::default(), Path::new("/proc"));
+        let mut scanner = WeightsScanner::new(WeightsConfig::default(), dir.path(), handle.clone())
+            .with_containers(containers.clone());
+        let path = format!("container:{ID}:/models/w.safetensors");
+        {
+            let mut inv = lock(&handle.inner);
+            inv.entries.insert(
+                path.clone(),
+                Entry {
+                    stamp: (meta.dev(), meta.ino(), meta.len(), 0),
+                    file: pb::WeightFile {
+                        path: path.clone(),
+                        container_path: "/models/w.safetensors".into(),
+                        // What the cgroup alone said when the copy was found.
+                        container: Some(pb::ContainerRef {
+                            id: ID.into(),
+                            runtime: "containerd".into(),
+                            pod_uid: "uid-7".into(),
+                            source: SOURCE_CGROUP.into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    read_path,
+                    keys: vec![(meta.dev(), meta.ino())],
+                    origin: None,
+                    found: Instant::now(),
+                },
+            );
+            inv.scans = 1;
+        }
+        let every = Duration::from_secs(3600);
+        scanner.refresh_users();
+        let first = handle.take_update(Instant::now(), every);
+        assert!(first.full, "the first update is the whole inventory");
+        scanner.refresh_users();
+        assert_eq!(
+            handle.take_update(Instant::now(), every).files,
+            vec![],
+            "no runtime lists it yet: nothing to send again"
+        );
+
+        containers.remember(pb::ContainerRef {
+            id: ID.into(),
+            runtime: "containerd".into(),
+            image: "registry.invalid/models/llm:1".into(),
+            pod_name: "llm-0".into(),
+            pod_namespace: "serving".into(),
+            container_name: "server".into(),
+            source: SOURCE_RUNTIME.into(),
+            ..Default::default()
+        });
+        scanner.refresh_users();
+        let update = handle.take_update(Instant::now(), every);
+        assert!(!update.full);
+        let sent: Vec<&pb::WeightFile> = update.files.iter().filter(|f| f.path == path).collect();
+        assert_eq!(sent.len(), 1, "the copy is sent again: {update:?}");
+        let c = sent[0].container.as_ref().expect("its container");
+        assert_eq!(
+            (
+                c.source.as_str(),
+                c.pod_name.as_str(),
+                c.pod_namespace.as_str(),
+                c.image.as_str(),
+                c.pod_uid.as_str()
+            ),
+            (
+                SOURCE_RUNTIME,
+                "llm-0",
+                "serving",
+                "registry.invalid/models/llm:1",
+                "uid-7"
+            ),
+            "the runtime's record, the cgroup's pod uid kept"
+        );
+    }
 
     #[test]
     fn the_hash_rate_follows_the_measured_cost_of_a_byte_and_the_cpu_budget() {
