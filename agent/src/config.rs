@@ -101,9 +101,10 @@ pub struct TrainingConfig {
     pub recheck_secs: u64,
     /// A candidate whose I/O counters, virtual size and descriptor count have not moved for
     /// 30 s (a model server with no requests, a trainer between checkpoints doing no I/O) is
-    /// looked at only every this many seconds instead of every sample, until they move again:
-    /// its first write is then seen within this long. 0 or 1 looks at every candidate at every
-    /// sample. Default 4.
+    /// looked at only every this many seconds instead of every sample, until they move again;
+    /// once still for longer than eight times this, every eighth of its stillness, at most four
+    /// times this apart: its first write is then seen within that long. 0 or 1 looks at every
+    /// candidate at every sample. Default 4.
     #[serde(default = "default_training_idle_mark_secs")]
     pub idle_mark_secs: u64,
 }

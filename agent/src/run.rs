@@ -585,11 +585,13 @@ impl Agent {
             match connected {
                 Ok(channel) => {
                     tracing::info!(collector = %url, "connected");
+                    let mut raw = tonic::client::Grpc::new(channel.clone())
+                        .max_decoding_message_size(MAX_ACK_BYTES);
                     let mut client =
                         IngestClient::new(channel).max_decoding_message_size(MAX_ACK_BYTES);
                     let fresh = || tls.generation() != generation;
                     match self
-                        .deliver(&mut client, &mut backoff, &shutdown, &fresh)
+                        .deliver(&mut client, &mut raw, &mut backoff, &shutdown, &fresh)
                         .await?
                     {
                         Delivery::Shutdown => return Ok(()),
@@ -651,6 +653,7 @@ impl Agent {
     async fn deliver(
         &self,
         client: &mut IngestClient<tonic::transport::Channel>,
+        raw: &mut tonic::client::Grpc<tonic::transport::Channel>,
         backoff: &mut Backoff,
         shutdown: &CancellationToken,
         new_certificate: &(dyn Fn() -> bool + Sync),
@@ -688,67 +691,104 @@ impl Agent {
                 }
             };
             let seq = record.seq;
-            let mut report = match pb::Report::decode(record.payload.as_slice()) {
-                Ok(r) => r,
-                Err(err) => {
-                    // The checksum passed, so this is a bug in an older agent version: skip it
-                    // as a gap so that the collector knows exactly what is missing.
-                    tracing::error!(seq, error = %err, "spooled report does not decode; dropping it");
-                    self.give_up(
-                        seq,
-                        GapKind::Corrupt,
-                        &format!("does not decode: {err}"),
-                        shutdown,
-                    )
-                    .await;
-                    continue;
-                }
-            };
-            report.seq = seq;
-            report.gaps = gaps.iter().map(gap_to_pb).collect();
             let limit = self.collector_limit.load(Ordering::Relaxed);
-            let mut requeue: Vec<String> = Vec::new();
-            if limit > 0 && report.encoded_len() as u64 > limit {
-                // Known too large: trim before the collector has to say so.
-                let message = format!(
-                    "report of {} bytes is larger than the collector's max_report_bytes {limit}",
-                    report.encoded_len()
-                );
-                if let Some(w) =
-                    crate::shape::withhold(&mut report, Code::ResourceExhausted, &message, limit)
-                {
-                    requeue.extend(w.requeue);
-                }
-            }
-            let mut steps = 0usize;
-            let outcome = loop {
+            // The common case: the spooled bytes go out as they are, with the sequence number
+            // and the gaps after them (no decoding, copying and encoding the report again).
+            let body = crate::transport::with_seq_and_gaps(
+                &record.payload,
+                seq,
+                gaps.iter().map(gap_to_pb).collect(),
+            );
+            let mut refused: Option<tonic::Status> = None;
+            let mut sent: Option<pb::Ack> = None;
+            if limit == 0 || body.len() as u64 <= limit {
                 let pushed = tokio::select! {
-                    r = client.push(report.clone()) => r,
+                    r = crate::transport::push_encoded(raw, body) => r,
                     () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
                 };
-                let status = match pushed {
-                    Ok(ack) => break Ok(ack.into_inner()),
-                    Err(status) => status,
-                };
-                if !matches!(
-                    status.code(),
-                    Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
-                ) {
-                    return Ok(Delivery::Broken(status));
+                match pushed {
+                    Ok(ack) => sent = Some(ack),
+                    Err(status) if withholding_helps(status.code()) => refused = Some(status),
+                    Err(status) => return Ok(Delivery::Broken(status)),
                 }
-                steps += 1;
-                let trimmed = (steps <= MAX_WITHHOLD_STEPS)
-                    .then(|| {
-                        crate::shape::withhold(&mut report, status.code(), status.message(), limit)
-                    })
-                    .flatten();
-                match trimmed {
-                    Some(w) => {
-                        self.metrics.withheld();
-                        tracing::warn!(seq, code = ?status.code(), error = %status.message(), withheld = ?report.withheld.iter().map(|w| (&w.kind, w.count)).collect::<Vec<_>>(), "collector refused report; sending it again with items withheld");
-                        requeue.extend(w.requeue);
+            }
+            let mut requeue: Vec<String> = Vec::new();
+            let outcome = match sent {
+                Some(ack) => Ok(ack),
+                // Known too large, or refused: decoded, trimmed and sent again.
+                None => {
+                    let mut report = match pb::Report::decode(record.payload.as_slice()) {
+                        Ok(r) => r,
+                        Err(err) => {
+                            // The checksum passed, so this is a bug in an older agent version:
+                            // skip it as a gap so that the collector knows exactly what is
+                            // missing.
+                            tracing::error!(seq, error = %err, "spooled report does not decode; dropping it");
+                            self.give_up(
+                                seq,
+                                GapKind::Corrupt,
+                                &format!("does not decode: {err}"),
+                                shutdown,
+                            )
+                            .await;
+                            continue;
+                        }
+                    };
+                    report.seq = seq;
+                    report.gaps = gaps.iter().map(gap_to_pb).collect();
+                    if refused.is_none() && limit > 0 && report.encoded_len() as u64 > limit {
+                        // Known too large: trim before the collector has to say so.
+                        let message = format!(
+                            "report of {} bytes is larger than the collector's max_report_bytes {limit}",
+                            report.encoded_len()
+                        );
+                        if let Some(w) = crate::shape::withhold(
+                            &mut report,
+                            Code::ResourceExhausted,
+                            &message,
+                            limit,
+                        ) {
+                            requeue.extend(w.requeue);
+                        }
                     }
-                    None => break Err(status),
+                    let mut steps = 0usize;
+                    loop {
+                        let status = match refused.take() {
+                            Some(status) => status,
+                            None => {
+                                let pushed = tokio::select! {
+                                    r = client.push(report.clone()) => r,
+                                    () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
+                                };
+                                match pushed {
+                                    Ok(ack) => break Ok(ack.into_inner()),
+                                    Err(status) => status,
+                                }
+                            }
+                        };
+                        if !withholding_helps(status.code()) {
+                            return Ok(Delivery::Broken(status));
+                        }
+                        steps += 1;
+                        let trimmed = (steps <= MAX_WITHHOLD_STEPS)
+                            .then(|| {
+                                crate::shape::withhold(
+                                    &mut report,
+                                    status.code(),
+                                    status.message(),
+                                    limit,
+                                )
+                            })
+                            .flatten();
+                        match trimmed {
+                            Some(w) => {
+                                self.metrics.withheld();
+                                tracing::warn!(seq, code = ?status.code(), error = %status.message(), withheld = ?report.withheld.iter().map(|w| (&w.kind, w.count)).collect::<Vec<_>>(), "collector refused report; sending it again with items withheld");
+                                requeue.extend(w.requeue);
+                            }
+                            None => break Err(status),
+                        }
+                    }
                 }
             };
             match outcome {
@@ -831,6 +871,14 @@ impl Agent {
             }
         }
     }
+}
+
+/// A refusal that a smaller report may not get: the report is trimmed and sent again.
+fn withholding_helps(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
+    )
 }
 
 enum Delivery {

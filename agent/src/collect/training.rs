@@ -40,7 +40,9 @@
 //! [`IDLE_AFTER_MS`] (a model server without requests, the bench's 300 mappers) is marked only
 //! every `[training] idle_mark_secs` (4 s, each at a phase of its own) until it moves: that
 //! mark was most of the sampler's cost on a node of idle weight users (three reads per
-//! candidate and second). Candidates without held files are read in full at every sample. `training_descriptors` in the agent's `/metrics` counts both; only
+//! candidate and second). Still for longer, it is marked every eighth of its stillness, at
+//! most [`IDLE_GAP_MAX_FACTOR`] times `idle_mark_secs` apart (16 s): those marks were still
+//! most of it (300 candidates, 75 marks a second). Candidates without held files are read in full at every sample. `training_descriptors` in the agent's `/metrics` counts both; only
 //! candidates seen writing weights or reading datasets keep a record.
 //!
 //! Known limits: a checkpoint opened, written and closed between two samples is seen only
@@ -85,6 +87,14 @@ pub const DEFAULT_IDLE_MARK_SECS: u64 = 4;
 /// How long a candidate's mark must stay still before it is marked only every
 /// `idle_mark_secs`.
 pub const IDLE_AFTER_MS: i64 = 30_000;
+/// A candidate still for longer than eight times `idle_mark_secs` is marked every eighth of
+/// its stillness instead (a model server idle for two minutes, every 16 s): the longer a
+/// process has done nothing, the less likely it starts now, and the marks of 300 idle weight
+/// users were still most of the sampler's cost.
+pub const IDLE_GAP_STILL_DIVISOR: i64 = 8;
+/// ... at most this many times `idle_mark_secs` apart (16 s by default): a long-idle
+/// candidate's first write is seen within that.
+pub const IDLE_GAP_MAX_FACTOR: i64 = 4;
 /// At most this many candidates are watched between samples; beyond, read in full each sample.
 pub const MAX_WATCHED: usize = 4096;
 /// At most this many candidates keep their `/proc` files open (three descriptors each).
@@ -345,6 +355,19 @@ impl Tracker {
         self
     }
 
+    /// How long a candidate still for `still_ms` goes between two marks: `idle_mark_ms`, or
+    /// an eighth of its stillness when that is longer, at most [`IDLE_GAP_MAX_FACTOR`] times
+    /// `idle_mark_ms` (`idle_mark_ms` of a second or less: every sample).
+    fn idle_gap_ms(&self, still_ms: i64) -> i64 {
+        if self.idle_mark_ms <= 1_000 {
+            return self.idle_mark_ms;
+        }
+        (still_ms / IDLE_GAP_STILL_DIVISOR).clamp(
+            self.idle_mark_ms,
+            self.idle_mark_ms.saturating_mul(IDLE_GAP_MAX_FACTOR),
+        )
+    }
+
     /// Look at the candidates' open descriptors (and maps, for datasets) now: each one whose
     /// [`Mark`] moved since its previous read, each new one, and, spread over the samples, each
     /// one not read for `recheck_secs`; the others are passed over (see [`Watch`]).
@@ -398,11 +421,14 @@ impl Tracker {
                 };
                 let (prev, read_ms, moved_ms, marked_ms, start_ticks) =
                     (w.mark, w.read_ms, w.moved_ms, w.marked_ms, w.start_ticks);
-                if now_ms.saturating_sub(moved_ms) >= IDLE_AFTER_MS
-                    && now_ms.saturating_sub(marked_ms) < self.idle_mark_ms.saturating_sub(500)
+                let still_ms = now_ms.saturating_sub(moved_ms);
+                if still_ms >= IDLE_AFTER_MS
+                    && now_ms.saturating_sub(marked_ms)
+                        < self.idle_gap_ms(still_ms).saturating_sub(500)
                     && !recheck.contains(&pid)
                 {
-                    // Still for a while: marked again only every `idle_mark_ms` (half a
+                    // Still for a while: marked again only every `idle_mark_ms`, or an
+                    // eighth of its stillness up to `IDLE_GAP_MAX_FACTOR` times that (half a
                     // second early, so that a sampler a little late does not skip a round).
                     passed += 1;
                     continue;
@@ -1339,32 +1365,49 @@ mod tests {
             t.sample(&[pid], s * 1_000);
             assert_eq!(t.watch[&pid].marked_ms, s * 1_000, "sample {s}");
         }
-        // Still since: marked about every four seconds, never at two samples running.
+        // Still since: marked about every four seconds, never at two samples running; from
+        // 32 s of stillness every eighth of it, up to four times four seconds.
         let mut marked = Vec::new();
-        for s in 30..70 {
+        for s in 30..240 {
             t.sample(&[pid], s * 1_000);
             if t.watch[&pid].marked_ms == s * 1_000 {
                 marked.push(s);
             }
         }
-        assert!((9..=11).contains(&marked.len()), "{marked:?}");
-        assert!(marked.windows(2).all(|w| w[1] - w[0] == 4), "{marked:?}");
+        let gaps: Vec<i64> = marked.windows(2).map(|w| w[1] - w[0]).collect();
+        for (w, gap) in marked.windows(2).zip(&gaps) {
+            // An eighth of the stillness between the two marks, four to sixteen seconds.
+            let (low, high) = ((w[0] / 8).clamp(4, 16), (w[1] / 8).clamp(4, 16));
+            assert!(
+                (low..=high + 1).contains(gap),
+                "marks {marked:?}: after {} s, {gap} s",
+                w[0]
+            );
+        }
+        assert!(
+            gaps[0] <= 5,
+            "half a minute still: about every four seconds ({marked:?})"
+        );
+        assert!(
+            gaps.iter().rev().take(4).all(|&g| g == 16),
+            "long still: every sixteen seconds ({marked:?})"
+        );
         assert_eq!(
             t.watch[&pid].read_ms, 0,
             "nothing moved: its descriptors were not read"
         );
-        // It writes: the next of those marks sees it, reads it, and marks it at every sample
-        // again.
+        // It writes: the next of those marks sees it (within four times idle_mark_secs),
+        // reads it, and marks it at every sample again.
         child.write();
         let mut seen_at = None;
-        for s in 70..75 {
+        for s in 240..257 {
             t.sample(&[pid], s * 1_000);
             if t.watch[&pid].read_ms == s * 1_000 {
                 seen_at = Some(s);
                 break;
             }
         }
-        let seen_at = seen_at.expect("the write was seen within idle_mark_secs");
+        let seen_at = seen_at.expect("the write was seen within four times idle_mark_secs");
         for s in seen_at + 1..seen_at + 5 {
             t.sample(&[pid], s * 1_000);
             assert_eq!(t.watch[&pid].marked_ms, s * 1_000, "sample {s}");

@@ -137,6 +137,11 @@ pub struct Inventory {
     hints: Vec<Hint>,
     /// The last full inventory's generation.
     generation: u64,
+    /// [`WeightsHandle::user_pids`], kept until a file or its users change (`None`: to be
+    /// gathered again). Asked twice a report (process sampling, training candidates); on a
+    /// node of 300 servers mapping 20 files each, gathering and sorting the 6,000 users was
+    /// 4 % of the whole agent's CPU.
+    user_pids: Option<Vec<u32>>,
 }
 
 /// A handle on the inventory, cheap to clone.
@@ -214,7 +219,10 @@ impl WeightsHandle {
 
     /// Every pid using some weight file.
     pub fn user_pids(&self) -> Vec<u32> {
-        let inv = lock(&self.inner);
+        let mut inv = lock(&self.inner);
+        if let Some(pids) = &inv.user_pids {
+            return pids.clone();
+        }
         let mut pids: Vec<u32> = inv
             .entries
             .values()
@@ -222,6 +230,7 @@ impl WeightsHandle {
             .collect();
         pids.sort_unstable();
         pids.dedup();
+        inv.user_pids = Some(pids.clone());
         pids
     }
 
@@ -667,6 +676,7 @@ impl WeightsScanner {
             inv.changed.insert(path.clone());
             inv.removed.remove(&path);
             inv.entries.insert(path, e);
+            inv.user_pids = None;
         }
         if !truncated {
             let gone: Vec<String> = inv
@@ -683,6 +693,7 @@ impl WeightsScanner {
                 }
                 inv.changed.remove(&p);
                 inv.removed.insert(p);
+                inv.user_pids = None;
             }
             inv.not_weights.retain(|k, _| live_keys.contains(k));
         }
@@ -1062,15 +1073,15 @@ impl WeightsScanner {
     /// of each copy found while no runtime had described it, once one does (the copy is sent
     /// again with its pod and image).
     pub fn refresh_users(&mut self) {
-        let (wanted, cgroup_only): (HashSet<(u64, u64)>, Vec<(String, pb::ContainerRef)>) = {
+        let (wanted, cgroup_only) = {
             let inv = lock(&self.handle.inner);
-            let wanted = inv
+            let wanted: HashSet<(u64, u64)> = inv
                 .entries
                 .values()
                 .flat_map(|e| e.keys.iter().copied())
                 .collect();
             // Copies found in a container while no runtime had described it yet.
-            let cgroup_only = inv
+            let cgroup_only: Vec<(String, pb::ContainerRef)> = inv
                 .entries
                 .iter()
                 .filter_map(|(p, e)| {
@@ -1120,6 +1131,7 @@ impl WeightsScanner {
         };
         let mut inv = lock(&self.handle.inner);
         let mut changed = Vec::new();
+        let mut users_moved = false;
         for (path, e) in inv.entries.iter_mut() {
             if let Some(r) = described.remove(path) {
                 e.file.container = Some(r);
@@ -1175,7 +1187,11 @@ impl WeightsScanner {
                 e.file.open_by_pids = now.iter().map(|u| u.pid).collect();
                 e.file.users = now;
                 changed.push(path.clone());
+                users_moved = true;
             }
+        }
+        if users_moved {
+            inv.user_pids = None;
         }
         inv.changed.extend(changed);
     }
@@ -1624,43 +1640,88 @@ mod tests {
     use std::path::Path;
     use std::time::Duration;
 
+    /// An entry for the file at `read_path`, as a scan of the host's roots would leave it.
+    fn entry(read_path: &Path, container: Option<pb::ContainerRef>) -> Entry {
+        let meta = std::fs::metadata(read_path).expect("stat");
+        Entry {
+            stamp: (meta.dev(), meta.ino(), meta.len(), 0),
+            file: pb::WeightFile {
+                path: read_path.to_string_lossy().into_owned(),
+                container,
+                ..Default::default()
+            },
+            read_path: read_path.to_owned(),
+            keys: vec![(meta.dev(), meta.ino())],
+            origin: None,
+            found: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn the_users_pids_follow_a_process_that_opens_and_one_that_exits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("w.safetensors");
+        std::fs::write(&file, b"weights").expect("write");
+        let handle = WeightsHandle::default();
+        let mut scanner = WeightsScanner::new(WeightsConfig::default(), dir.path(), handle.clone());
+        lock(&handle.inner)
+            .entries
+            .insert(file.to_string_lossy().into_owned(), entry(&file, None));
+        scanner.refresh_users();
+        assert_eq!(handle.user_pids(), Vec::<u32>::new(), "nobody holds it");
+        // A process holding it open (its standard input).
+        struct Reaped(std::process::Child);
+        impl Drop for Reaped {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Reaped(
+            std::process::Command::new("sleep")
+                .arg("600")
+                .stdin(std::fs::File::open(&file).expect("open"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("sleep"),
+        );
+        let pid = child.0.id();
+        scanner.refresh_users();
+        assert_eq!(handle.user_pids(), vec![pid], "the holder, at once");
+        assert_eq!(handle.user_pids(), vec![pid], "asked again: the same");
+        drop(child);
+        scanner.refresh_users();
+        assert_eq!(handle.user_pids(), Vec::<u32>::new(), "the holder exited");
+    }
+
     #[test]
     fn a_copy_found_before_the_runtime_answered_is_named_with_its_pod_once_it_does() {
         const ID: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
         let dir = tempfile::tempdir().expect("tempdir");
         let read_path = dir.path().join("w.safetensors");
         std::fs::write(&read_path, b"weights").expect("write");
-        let meta = std::fs::metadata(&read_path).expect("stat");
         let handle = WeightsHandle::default();
         let containers = Containers::new(ContainersConfig::default(), Path::new("/proc"));
         let mut scanner = WeightsScanner::new(WeightsConfig::default(), dir.path(), handle.clone())
             .with_containers(containers.clone());
         let path = format!("container:{ID}:/models/w.safetensors");
         {
-            let mut inv = lock(&handle.inner);
-            inv.entries.insert(
-                path.clone(),
-                Entry {
-                    stamp: (meta.dev(), meta.ino(), meta.len(), 0),
-                    file: pb::WeightFile {
-                        path: path.clone(),
-                        container_path: "/models/w.safetensors".into(),
-                        // What the cgroup alone said when the copy was found.
-                        container: Some(pb::ContainerRef {
-                            id: ID.into(),
-                            runtime: "containerd".into(),
-                            pod_uid: "uid-7".into(),
-                            source: SOURCE_CGROUP.into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                    read_path,
-                    keys: vec![(meta.dev(), meta.ino())],
-                    origin: None,
-                    found: Instant::now(),
-                },
+            // What the cgroup alone said when the copy was found.
+            let mut e = entry(
+                &read_path,
+                Some(pb::ContainerRef {
+                    id: ID.into(),
+                    runtime: "containerd".into(),
+                    pod_uid: "uid-7".into(),
+                    source: SOURCE_CGROUP.into(),
+                    ..Default::default()
+                }),
             );
+            e.file.path.clone_from(&path);
+            e.file.container_path = "/models/w.safetensors".into();
+            let mut inv = lock(&handle.inner);
+            inv.entries.insert(path.clone(), e);
             inv.scans = 1;
         }
         let every = Duration::from_secs(3600);
