@@ -30,6 +30,12 @@
 //! - Drop (spool full) and ack persist the new `head_seq` and gaps *before* unlinking a segment;
 //!   a crash in between leaves a segment entirely below `head_seq`, which `open` deletes (so the
 //!   unlink needs no directory fsync).
+//! - A drop (spool full) that takes the report on its way to a collector (the last one `peek`
+//!   returned) does not count it lost yet: `state.json` keeps it as `gone_in_flight`, cleared by
+//!   its ack (it was delivered: no gap, `dropped_total` unchanged, saved at once) and made a gap
+//!   when it is peeked past, skipped, or found at `open` (its ack never came). Counting it at the
+//!   drop made the collector hold the report *and* a gap over it, and the agent's counter one
+//!   loss too many, which no later ack could take back from a Prometheus counter.
 //!
 //! # Departures from the first design, and why
 //!
@@ -207,6 +213,10 @@ struct State {
     head_seq: u64,
     pending_gaps: Vec<GapRange>,
     dropped_total: u64,
+    /// The report whose bytes a full spool dropped while it was on its way to a collector:
+    /// delivered if its ack comes, a gap when it is peeked past, skipped or found at open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gone_in_flight: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -253,6 +263,8 @@ pub struct Spool {
     broken: bool,
     /// Since when `state` holds acknowledgements not yet in `state.json`.
     unsaved_since: Option<std::time::Instant>,
+    /// The seq the last `peek` returned, until it is acknowledged or skipped.
+    in_flight: Option<u64>,
     /// Holds the exclusive lock on `<dir>/lock` for as long as the spool is open.
     _lock: File,
 }
@@ -293,6 +305,7 @@ impl Spool {
                     head_seq: 1,
                     pending_gaps: Vec::new(),
                     dropped_total: 0,
+                    gone_in_flight: None,
                 };
                 write_state(&dir, &state)?;
                 state
@@ -310,6 +323,7 @@ impl Spool {
             total_bytes: 0,
             broken: false,
             unsaved_since: None,
+            in_flight: None,
             _lock: lock,
         };
         spool.recover(names)?;
@@ -355,7 +369,8 @@ impl Spool {
         // Every seq from head_seq on has a record or a pending gap; anything else was damaged.
         let mut state = self.state.clone();
         let mut expected = head;
-        let mut added = 0;
+        // On its way when its bytes went, and its ack never came before the agent stopped.
+        let mut added = state.settle_gone_in_flight(GapKind::SpoolFull, "");
         for loc in found
             .iter()
             .flat_map(|(s, _)| &s.records)
@@ -497,7 +512,21 @@ impl Spool {
         let last = self.segments.front().and_then(Segment::last_seq);
         if let Some(last) = last.filter(|&l| l >= head) {
             let mut state = self.state.clone();
-            let dropped = state.add_gap(head, last, GapKind::SpoolFull, "");
+            // The report on its way may still be acknowledged: a gap only if it is not.
+            let on_its_way = self.in_flight.take().filter(|s| (head..=last).contains(s));
+            let mut dropped = 0;
+            match on_its_way {
+                Some(sent) => {
+                    if sent > head {
+                        dropped += state.add_gap(head, sent - 1, GapKind::SpoolFull, "");
+                    }
+                    if sent < last {
+                        dropped += state.add_gap(sent + 1, last, GapKind::SpoolFull, "");
+                    }
+                    state.gone_in_flight = Some(sent);
+                }
+                None => dropped = state.add_gap(head, last, GapKind::SpoolFull, ""),
+            }
             state.head_seq = last + 1;
             self.commit(state)?;
             warn!(
@@ -525,6 +554,12 @@ impl Spool {
     /// The oldest report not yet acknowledged, read from disk.
     pub fn peek(&mut self) -> Result<Option<Record>, SpoolError> {
         self.check_usable()?;
+        if self.state.gone_in_flight.is_some() {
+            // Peeked again without its ack: the report whose bytes went is lost.
+            let mut state = self.state.clone();
+            state.settle_gone_in_flight(GapKind::SpoolFull, "");
+            self.commit(state)?;
+        }
         let head = self.state.head_seq;
         loop {
             let found = self.segments.iter().enumerate().find_map(|(i, s)| {
@@ -537,6 +572,7 @@ impl Spool {
             let segment = &self.segments[si];
             let loc = segment.records[ri];
             if let Some(payload) = read_record(&segment.path, loc)? {
+                self.in_flight = Some(loc.seq);
                 return Ok(Some(Record {
                     seq: loc.seq,
                     payload,
@@ -585,6 +621,13 @@ impl Spool {
         for c in carried {
             state.remove_range(c.first_seq, c.last_seq);
         }
+        // Its bytes went with a full spool's oldest segment while it was on its way: delivered
+        // after all, neither a gap to declare nor a loss to count.
+        let delivered_after_drop = state.gone_in_flight == Some(seq);
+        if delivered_after_drop {
+            state.gone_in_flight = None;
+        }
+        self.in_flight = None;
         if state != self.state {
             let frees_segment = self.segments.len() > 1
                 && self
@@ -594,7 +637,7 @@ impl Spool {
             let overdue = self
                 .unsaved_since
                 .is_some_and(|t| t.elapsed() >= ACK_SAVE_INTERVAL);
-            if frees_segment || overdue {
+            if frees_segment || overdue || delivered_after_drop {
                 self.commit(state)?;
             } else {
                 // Saved later (crash-safety notes above): a lost ack only sends a report again.
@@ -643,11 +686,19 @@ impl Spool {
                 next_seq: self.next_seq,
             });
         }
+        let mut state = self.state.clone();
+        self.in_flight = None;
+        if state.gone_in_flight.is_some_and(|gone| gone <= seq) {
+            state.settle_gone_in_flight(kind, detail);
+        }
         let head = self.state.head_seq;
         if seq < head {
-            return Ok(());
+            return if state == self.state {
+                Ok(())
+            } else {
+                self.commit(state)
+            };
         }
-        let mut state = self.state.clone();
         state.add_gap(head, seq, kind, detail);
         state.head_seq = seq + 1;
         self.commit(state)?;
@@ -843,6 +894,15 @@ impl State {
             }
         }
         self.pending_gaps = kept;
+    }
+
+    /// Records the report on its way when a full spool dropped its bytes as a gap of `reason`
+    /// (it was not acknowledged); returns how many seqs were added.
+    fn settle_gone_in_flight(&mut self, reason: GapKind, detail: &str) -> u64 {
+        match self.gone_in_flight.take() {
+            Some(gone) => self.add_gap(gone, gone, reason, detail),
+            None => 0,
+        }
     }
 
     /// Records `first..=last` as a gap, except the seqs that a pending gap already covers, and
@@ -1318,6 +1378,74 @@ mod tests {
     }
 
     #[test]
+    fn a_report_dropped_while_on_its_way_and_then_acknowledged_is_neither_a_gap_nor_a_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), SMALL).unwrap();
+        for seq in 1..=64 {
+            spool.append(&body(seq, 1000)).unwrap();
+        }
+        // Seq 1 goes out; meanwhile a new report fills the spool and drops segment 1..=8.
+        let sent = spool.peek().unwrap().unwrap();
+        let carried = spool.gaps_for(sent.seq);
+        spool.append(&body(65, 1000)).unwrap();
+        assert_eq!(gaps(&spool), [gap(2, 8, GapKind::SpoolFull)]);
+        assert_eq!(spool.stats().dropped_total, 7);
+        // The collector acknowledges seq 1 after all.
+        spool.ack_carrying(sent.seq, &carried).unwrap();
+        assert_eq!(gaps(&spool), [gap(2, 8, GapKind::SpoolFull)]);
+        assert_eq!(spool.stats().dropped_total, 7);
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(9));
+        drop(spool);
+        let spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert_eq!(
+            (gaps(&spool), spool.stats().dropped_total),
+            (vec![gap(2, 8, GapKind::SpoolFull)], 7),
+            "saved at once"
+        );
+    }
+
+    /// Seq 1 on its way when a full spool drops segment 1..=8; the next append is seq 65.
+    fn sent_when_dropped(dir: &Path) -> Spool {
+        let mut spool = Spool::open(dir, SMALL).unwrap();
+        for seq in 1..=64 {
+            spool.append(&body(seq, 1000)).unwrap();
+        }
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(1));
+        spool.append(&body(65, 1000)).unwrap();
+        spool
+    }
+
+    #[test]
+    fn a_report_dropped_while_on_its_way_and_never_acknowledged_becomes_a_gap() {
+        // Sent again after a broken connection: the next peek finds its bytes gone.
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = sent_when_dropped(dir.path());
+        assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(9));
+        let mut covered: Vec<u64> = spool
+            .gaps_for(9)
+            .iter()
+            .flat_map(|g| g.first_seq..=g.last_seq)
+            .collect();
+        covered.sort_unstable();
+        assert_eq!(covered, (1..=8).collect::<Vec<_>>());
+        assert_eq!(spool.stats().dropped_total, 8);
+
+        // Refused by the collector and given up.
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = sent_when_dropped(dir.path());
+        spool.skip(1, GapKind::Refused, "no").unwrap();
+        assert!(gaps(&spool).contains(&gap(1, 1, GapKind::Refused)));
+        assert_eq!(spool.stats().dropped_total, 8);
+
+        // The agent stopped before its ack came.
+        let dir = tempfile::tempdir().unwrap();
+        drop(sent_when_dropped(dir.path()));
+        let spool = Spool::open(dir.path(), SMALL).unwrap();
+        assert!(gaps(&spool).contains(&gap(1, 1, GapKind::SpoolFull)));
+        assert_eq!(spool.stats().dropped_total, 8);
+    }
+
+    #[test]
     fn a_record_damaged_after_open_becomes_a_corrupt_gap_when_peeked() {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), SMALL).unwrap();
@@ -1378,14 +1506,17 @@ mod tests {
         spool.ack(7).unwrap();
         let in_flight = spool.peek().unwrap().unwrap().seq;
         assert_eq!(in_flight, 8);
-        spool.append(&body(65, 1000)).unwrap(); // drops segment 1..=8: seq 8, in flight, is lost
+        spool.append(&body(65, 1000)).unwrap(); // drops segment 1..=8, seq 8 with it
         spool.append(&vec![0; SMALL as usize]).unwrap(); // seq 66, too large
+        assert_eq!(
+            spool.stats().dropped_total,
+            1,
+            "seq 8 may still be acknowledged"
+        );
         spool.ack(in_flight).unwrap();
-        let expected = [
-            gap(8, 8, GapKind::SpoolFull),
-            gap(66, 66, GapKind::TooLarge),
-        ];
-        assert_eq!(gaps(&spool), expected);
+        // Seq 8 reached the collector after all; seq 66's gap waits for a report to carry it.
+        assert_eq!(gaps(&spool), [gap(66, 66, GapKind::TooLarge)]);
+        assert_eq!(spool.stats().dropped_total, 1);
         assert_eq!(spool.peek().unwrap().map(|r| r.seq), Some(9));
     }
 
@@ -1658,6 +1789,7 @@ mod tests {
             head_seq: 1,
             pending_gaps: vec![],
             dropped_total: 0,
+            gone_in_flight: None,
         };
         state.add_gap(3, 5, GapKind::SpoolFull, "");
         state.add_gap(6, 9, GapKind::SpoolFull, "");
