@@ -695,7 +695,7 @@ impl Agent {
             // The common case: the spooled bytes go out as they are, with the sequence number
             // and the gaps after them (no decoding, copying and encoding the report again).
             let body = crate::transport::with_seq_and_gaps(
-                &record.payload,
+                record.payload,
                 seq,
                 gaps.iter().map(gap_to_pb).collect(),
             );
@@ -703,7 +703,7 @@ impl Agent {
             let mut sent: Option<pb::Ack> = None;
             if limit == 0 || body.len() as u64 <= limit {
                 let pushed = tokio::select! {
-                    r = crate::transport::push_encoded(raw, body) => r,
+                    r = crate::transport::push_encoded(raw, body.clone()) => r,
                     () = shutdown.cancelled() => return Ok(Delivery::Shutdown),
                 };
                 match pushed {
@@ -715,9 +715,10 @@ impl Agent {
             let mut requeue: Vec<String> = Vec::new();
             let outcome = match sent {
                 Some(ack) => Ok(ack),
-                // Known too large, or refused: decoded, trimmed and sent again.
+                // Known too large, or refused: decoded (with its seq and gaps), trimmed and
+                // sent again.
                 None => {
-                    let mut report = match pb::Report::decode(record.payload.as_slice()) {
+                    let mut report = match pb::Report::decode(body) {
                         Ok(r) => r,
                         Err(err) => {
                             // The checksum passed, so this is a bug in an older agent version:
@@ -734,8 +735,6 @@ impl Agent {
                             continue;
                         }
                     };
-                    report.seq = seq;
-                    report.gaps = gaps.iter().map(gap_to_pb).collect();
                     if refused.is_none() && limit > 0 && report.encoded_len() as u64 > limit {
                         // Known too large: trim before the collector has to say so.
                         let message = format!(

@@ -202,18 +202,18 @@ pub async fn push_encoded(
         .map(tonic::Response::into_inner)
 }
 
-/// The encoded report concatenated with `seq` and `gaps` (what [`push_encoded`] sends).
-pub fn with_seq_and_gaps(payload: &[u8], seq: u64, gaps: Vec<pb::Gap>) -> bytes::Bytes {
+/// The encoded report with `seq` and `gaps` appended in place (what [`push_encoded`] sends):
+/// it decodes as the report with both set.
+pub fn with_seq_and_gaps(mut payload: Vec<u8>, seq: u64, gaps: Vec<pb::Gap>) -> bytes::Bytes {
     use prost::Message;
     let tail = pb::Report {
         seq,
         gaps,
         ..Default::default()
     };
-    let mut body = bytes::BytesMut::with_capacity(payload.len() + tail.encoded_len());
-    body.extend_from_slice(payload);
-    tail.encode_raw(&mut body);
-    body.freeze()
+    payload.reserve_exact(tail.encoded_len());
+    tail.encode_raw(&mut payload);
+    bytes::Bytes::from(payload)
 }
 
 /// A codec sending bytes as they are and decoding [`pb::Ack`].
@@ -294,7 +294,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let body = with_seq_and_gaps(&report.encode_to_vec(), 42, gaps.clone());
+        let body = with_seq_and_gaps(report.encode_to_vec(), 42, gaps.clone());
         let mut want = report;
         want.seq = 42;
         want.gaps = gaps;
