@@ -18,7 +18,11 @@
 //! | HTTPS API and web page | [`crate::query::http::serve`] |
 //! | Prometheus `/metrics` | [`crate::metrics::serve`] |
 //!
-//! [`Running::serve`] serves gRPC ([`crate::server`]) in the foreground until shutdown.
+//! [`Running::serve`] serves gRPC ([`crate::server`]) in the foreground until shutdown, then
+//! stops every loop and waits for it (bounded): a batch under way commits, and once `serve`
+//! returns nothing the collector started holds the store (an embedding program, a test or a
+//! benchmark may close it or drop its schema; before, the deriver's last transaction could
+//! still be running and `DROP SCHEMA` waited on its locks).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -128,7 +132,13 @@ pub struct Running {
     grpc: Grpc,
     stop: CancellationToken,
     checkpointer: Option<crate::checkpoint::Checkpointer>,
+    /// Every background loop, by name: awaited (bounded) when serving ends.
+    loops: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
 }
+
+/// How long a graceful stop waits for the background loops to end (a derivation batch or a
+/// rollup under way is committed, not cut short); past it they are aborted and named.
+const LOOPS_STOP_WAIT: Duration = Duration::from_secs(20);
 
 /// `days` as a duration.
 fn days(days: u32) -> Duration {
@@ -294,23 +304,25 @@ impl App {
     pub fn spawn(self) -> Running {
         let stop = CancellationToken::new();
         let store = self.store;
+        let mut loops = Vec::new();
         if let Some(listener) = self.metrics_listener {
             let rules = crate::policy::rules::RULES.iter().map(|r| r.name).collect();
-            tokio::spawn(crate::metrics::serve(
+            let serve = crate::metrics::serve(
                 listener,
                 self.grpc.metrics.clone(),
                 store.clone(),
                 rules,
                 stop.clone().cancelled_owned(),
-            ));
+            );
+            loops.push(("metrics", tokio::spawn(serve)));
         }
-        tokio::spawn(self.deriver.run(stop.clone()));
+        loops.push(("deriver", tokio::spawn(self.deriver.run(stop.clone()))));
         if let Some(c) = &self.checkpointer {
-            tokio::spawn(c.clone().run(stop.clone()));
+            loops.push(("checkpointer", tokio::spawn(c.clone().run(stop.clone()))));
         }
         let holder = crate::alert::outbox::holder_id();
         let (changed, wake) = tokio::sync::watch::channel(0u64);
-        crate::alert::outbox::spawn_workers(
+        let workers = crate::alert::outbox::spawn_workers(
             &self.sinks,
             &store,
             &holder,
@@ -318,16 +330,19 @@ impl App {
             &wake,
             &stop,
         );
+        loops.extend(workers.into_iter().map(|w| ("alert sink worker", w)));
         if let Some((listener, tls, query, per_address)) = self.https {
-            tokio::spawn(crate::tls::reload_loop(tls.clone(), "https", stop.clone()));
+            let reload = crate::tls::reload_loop(tls.clone(), "https", stop.clone());
+            loops.push(("https tls reload", tokio::spawn(reload)));
             tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "https api listening");
-            tokio::spawn(crate::query::http::serve(
+            let serve = crate::query::http::serve(
                 listener,
                 tls,
                 query,
                 per_address,
                 stop.clone().cancelled_owned(),
-            ));
+            );
+            loops.push(("https api", tokio::spawn(serve)));
         }
         if let Some(watch) = self.policy {
             let evaluator = crate::policy::Evaluator {
@@ -338,45 +353,43 @@ impl App {
                 stored: self.stored,
                 changed,
             };
-            tokio::spawn(evaluator.run(stop.clone()));
+            loops.push(("rule evaluator", tokio::spawn(evaluator.run(stop.clone()))));
         }
-        tokio::spawn(crate::store::rollup_loop(
-            store.clone(),
-            self.rollup_after,
-            stop.clone(),
-        ));
-        tokio::spawn(crate::store::prune_loop(
-            store,
-            self.retention,
-            stop.clone(),
-        ));
+        let rollup = crate::store::rollup_loop(store.clone(), self.rollup_after, stop.clone());
+        loops.push(("rollup", tokio::spawn(rollup)));
+        let prune = crate::store::prune_loop(store, self.retention, stop.clone());
+        loops.push(("retention pruning", tokio::spawn(prune)));
         // Decode the country geometry of the speed-of-light check now, off the ingest path
         // (the first flow with an RTT would otherwise wait for it).
         tokio::task::spawn_blocking(|| crate::geo::shapes::Countries::shipped().len());
-        tokio::spawn(crate::geo::reload_loop(self.geo, stop.clone()));
-        tokio::spawn(crate::tls::reload_loop(
-            self.grpc.tls.clone(),
-            "grpc",
-            stop.clone(),
-        ));
+        let geo = crate::geo::reload_loop(self.geo, stop.clone());
+        loops.push(("geolocation reload", tokio::spawn(geo)));
+        let tls = crate::tls::reload_loop(self.grpc.tls.clone(), "grpc", stop.clone());
+        loops.push(("grpc tls reload", tokio::spawn(tls)));
         Running {
             grpc: self.grpc,
             stop,
             checkpointer: self.checkpointer,
+            loops,
         }
     }
 }
 
 impl Running {
-    /// Serve gRPC on `listener` until `shutdown` completes, then drain and stop the
-    /// background loops.
+    /// Serve gRPC on `listener` until `shutdown` completes, then drain, stop the background
+    /// loops and wait for them (at most [`LOOPS_STOP_WAIT`]): when this returns, nothing the
+    /// collector started holds the store.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AppError> {
         let _stop_loops: DropGuard = self.stop.clone().drop_guard();
-        self.grpc.serve(listener, self.stop, shutdown).await?;
+        self.grpc
+            .serve(listener, self.stop.clone(), shutdown)
+            .await?;
+        self.stop.cancel();
+        stop_loops(self.loops, LOOPS_STOP_WAIT).await;
         // The last checkpoint, awaited: after a clean shutdown every record is signed.
         if let Some(c) = &self.checkpointer {
             match c.sign_heads().await {
@@ -387,6 +400,26 @@ impl Running {
             }
         }
         Ok(())
+    }
+}
+
+/// Waits for `loops` (already told to stop) for at most `wait` in all; those still running
+/// then are aborted and named in the log.
+async fn stop_loops(loops: Vec<(&'static str, tokio::task::JoinHandle<()>)>, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    for (name, mut handle) in loops {
+        match tokio::time::timeout_at(deadline, &mut handle).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(task = name, error = %err, "background loop failed"),
+            Err(_) => {
+                tracing::warn!(
+                    task = name,
+                    wait_secs = wait.as_secs(),
+                    "background loop still running at shutdown; aborted"
+                );
+                handle.abort();
+            }
+        }
     }
 }
 

@@ -180,6 +180,82 @@ async fn killing_the_collector_mid_derivation_derives_every_committed_report_exa
     drop(collector);
 }
 
+/// A graceful stop (SIGTERM, or an embedding program's shutdown future) returns only once
+/// every background loop has ended: the deriver's batch under way is committed, and nothing
+/// holds the store any more (a caller may then close it, move its file or drop its schema).
+/// Stopped while ten nodes' reports wait to be derived, with the HTTPS API and `/metrics` on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graceful_stop_mid_derivation_returns_once_every_loop_has_let_go_of_the_store() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = sov_collector::config::CollectorConfig::new(
+        addr,
+        work.path().join("collector-data"),
+        pki.server_files(),
+    );
+    config.http.listen = Some("127.0.0.1:0".parse().unwrap());
+    config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let store = sov_collector::store::open(&config.store.url, &config.data_dir)
+        .await
+        .unwrap();
+    let held = std::sync::Arc::downgrade(&store);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cancelled = stop.clone().cancelled_owned();
+    let running =
+        tokio::spawn(
+            async move { sov_collector::app::run(&config, store, listener, cancelled).await },
+        );
+    let url = format!("https://{addr}");
+    let tls: Vec<_> = (0..NODES)
+        .map(|n| pki.client_tls(Role::Agent, &format!("crash-node-{n}")))
+        .collect();
+    let pushes = futures::future::join_all(tls.iter().enumerate().map(|(n, t)| {
+        let url = url.clone();
+        async move {
+            let mut client = push_client(t, &url).await.unwrap();
+            for s in 1..=REPORTS_PER_ROUND {
+                client.push(report(n as u64, s)).await.unwrap();
+            }
+        }
+    }));
+    pushes.await;
+    // Every report acknowledged; some still wait for the deriver.
+    let db = work
+        .path()
+        .join("collector-data")
+        .join(sov_collector::store::sqlite::DB_FILE);
+    let waiting = count(&db, "SELECT COUNT(*) FROM derive_queue");
+    eprintln!("stopping with {waiting} reports waiting to be derived");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(120), running)
+        .await
+        .expect("a graceful stop returns (bounded)")
+        .unwrap()
+        .unwrap();
+    assert!(
+        held.upgrade().is_none(),
+        "the store is still held by a loop after the collector's run returned"
+    );
+    // What it derived before it stopped is whole: the flows of every report that left the
+    // queue, each once.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let mut st = c
+        .prepare(
+            "SELECT body FROM reports r WHERE NOT EXISTS (SELECT 1 FROM derive_queue q
+             WHERE q.node = r.node AND q.epoch = r.epoch AND q.seq = r.seq)",
+        )
+        .unwrap();
+    let mut derived_reports_sent = 0u64;
+    for body in st.query_map([], |r| r.get::<_, Vec<u8>>(0)).unwrap() {
+        let r = pb::Report::decode(body.unwrap().as_slice()).unwrap();
+        derived_reports_sent += r.flows.iter().map(|f| f.bytes_sent).sum::<u64>();
+    }
+    let minute_sent = count(&db, "SELECT COALESCE(SUM(bytes_sent), 0) FROM flows_minute");
+    assert_eq!(u64::try_from(minute_sent).unwrap(), derived_reports_sent);
+}
+
 /// `sov_collector_derived_reports_total` on the collector's `/metrics` at `addr`.
 async fn derived_total(addr: SocketAddr) -> u64 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

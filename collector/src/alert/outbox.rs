@@ -275,7 +275,7 @@ pub fn holder_id() -> String {
     )
 }
 
-/// Start one [`SinkWorker`] per sink.
+/// Start one [`SinkWorker`] per sink; their handles, for a shutdown to await.
 pub fn spawn_workers(
     sinks: &[Arc<dyn Sink>],
     store: &Arc<dyn Store>,
@@ -283,11 +283,14 @@ pub fn spawn_workers(
     retry_max: Duration,
     wake: &watch::Receiver<u64>,
     shutdown: &CancellationToken,
-) {
-    for sink in sinks {
-        let worker = SinkWorker::new(sink.clone(), store.clone(), holder.to_owned(), retry_max);
-        tokio::spawn(worker.run(wake.clone(), shutdown.clone()));
-    }
+) -> Vec<tokio::task::JoinHandle<()>> {
+    sinks
+        .iter()
+        .map(|sink| {
+            let worker = SinkWorker::new(sink.clone(), store.clone(), holder.to_owned(), retry_max);
+            tokio::spawn(worker.run(wake.clone(), shutdown.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
