@@ -953,6 +953,78 @@ mod tests {
         .await;
     }
 
+    /// A deriver's newest minute per node goes stale when another replica writes the node's
+    /// later minutes (a partition that moved): its plain insert of a minute it thinks new
+    /// collides, is rolled back to its savepoint and upserted, and the sums stay exact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_minute_another_replica_wrote_first_is_added_to_not_refused() {
+        with_schema(|url, schema| async move {
+            let a = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            let b = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            let with_flow = |seq: u64, end_unix_ms: i64, bytes_sent: u64| {
+                let mut r = report("n", 1, seq);
+                r.telemetry = crate::store::suite::telemetry();
+                r.telemetry.flows = vec![crate::store::FlowRecord {
+                    flow: sov_proto::pb::Flow {
+                        remote_address: "8.8.8.8".into(),
+                        remote_port: 443,
+                        bytes_sent,
+                        direction: sov_proto::pb::Direction::Outbound as i32,
+                        end_unix_ms,
+                        ..Default::default()
+                    },
+                    country: "US".into(),
+                    ..Default::default()
+                }];
+                r
+            };
+            let reports = [
+                (&a, with_flow(1, 90_000, 10)),       // a: minute 60,000 is n's newest
+                (&b, with_flow(2, 150_000, 100)),     // b writes minute 120,000 (a does not know)
+                (&a, with_flow(3, 170_000, 1_000)),   // a thinks minute 120,000 new: collides
+                (&a, with_flow(4, 175_000, 10_000)),  // after the collision: upserted again
+                (&a, with_flow(5, 230_000, 100_000)), // a new minute, new again
+            ];
+            for (store, r) in &reports {
+                assert_eq!(a.ingest(r.clone()).await.unwrap(), IngestOutcome::Stored);
+                let queued = a.underived(10).await.unwrap();
+                assert_eq!(queued.len(), 1);
+                let batch = vec![crate::store::Derivation {
+                    queue_id: queued[0].queue_id,
+                    report: r.clone(),
+                }];
+                assert_eq!(store.derive(batch).await.unwrap(), 1, "seq {}", r.seq);
+            }
+            let minutes = |since: i64, until: i64| {
+                let a = &a;
+                async move {
+                    let (rows, _) = a
+                        .egress(EgressQuery {
+                            since_unix_ms: since,
+                            until_unix_ms: until,
+                            by: "country".into(),
+                            limit: 10,
+                        })
+                        .await
+                        .unwrap();
+                    rows.iter().map(|r| r.bytes_sent).sum::<u64>()
+                }
+            };
+            assert_eq!(minutes(0, 600_000).await, 111_110);
+            assert_eq!(minutes(120_000, 180_000).await, 11_100);
+            assert_eq!(
+                count(&url, &schema, "SELECT COUNT(*) FROM flows_minute").await,
+                3,
+                "one row per minute"
+            );
+        })
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn replicas_connecting_at_once_migrate_once() {
         with_schema(|url, schema| async move {

@@ -51,6 +51,8 @@ pub(super) struct Partitions {
     pub(super) held: Vec<i32>,
     /// When it last balanced.
     balanced_at: Option<Instant>,
+    /// The newest flow minute it wrote per node (cleared when it takes partitions).
+    pub(super) newest_minutes: super::ingest::NewestMinutes,
 }
 
 impl Partitions {
@@ -148,6 +150,10 @@ pub(super) async fn balance(
             )
             .await
             .map_err(pg("take derive partitions"))?;
+        if !got.is_empty() {
+            // Their nodes' minutes may have been written by the deriver that held them.
+            parts.newest_minutes.clear();
+        }
         for row in &got {
             parts
                 .held
