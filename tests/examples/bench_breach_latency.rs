@@ -279,8 +279,9 @@ async fn main() -> anyhow::Result<()> {
         let (client, conn) =
             tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
-        // The stopped collector's last derive transaction may still hold its locks: a drop
-        // that deadlocks with it is tried again (bounded), and a schema left behind is named.
+        // `stop` returned once the collector's loops had ended (no transaction of its own is
+        // left); a drop that fails anyway (another session's lock) is tried again (bounded),
+        // and a schema left behind is named.
         let mut dropped = false;
         for _ in 0..10 {
             match client
