@@ -879,6 +879,26 @@ mod tests {
         .await;
     }
 
+    /// Report `seq` of node `n` with one outbound flow of `bytes_sent` to 8.8.8.8:443 (US)
+    /// ending at `end_unix_ms`.
+    fn report_with_flow(seq: u64, end_unix_ms: i64, bytes_sent: u64) -> IncomingReport {
+        let mut r = report("n", 1, seq);
+        r.telemetry = crate::store::suite::telemetry();
+        r.telemetry.flows = vec![crate::store::FlowRecord {
+            flow: sov_proto::pb::Flow {
+                remote_address: "8.8.8.8".into(),
+                remote_port: 443,
+                bytes_sent,
+                direction: sov_proto::pb::Direction::Outbound as i32,
+                end_unix_ms,
+                ..Default::default()
+            },
+            country: "US".into(),
+            ..Default::default()
+        }];
+        r
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn replicas_ingesting_and_deriving_one_nodes_reports_keep_exact_counters_and_derive_each_once()
      {
@@ -889,23 +909,7 @@ mod tests {
             let b = PostgresStore::connect_with_schema(&url, &schema)
                 .await
                 .unwrap();
-            let with_flow = |seq: u64| {
-                let mut r = report("n", 1, seq);
-                r.telemetry = crate::store::suite::telemetry();
-                r.telemetry.flows = vec![crate::store::FlowRecord {
-                    flow: sov_proto::pb::Flow {
-                        remote_address: "8.8.8.8".into(),
-                        remote_port: 443,
-                        bytes_sent: 10,
-                        direction: sov_proto::pb::Direction::Outbound as i32,
-                        end_unix_ms: 90_000,
-                        ..Default::default()
-                    },
-                    country: "US".into(),
-                    ..Default::default()
-                }];
-                r
-            };
+            let with_flow = |seq: u64| report_with_flow(seq, 90_000, 10);
             let (x, y) = tokio::join!(
                 async {
                     for seq in (1..=40).step_by(2) {
@@ -965,29 +969,12 @@ mod tests {
             let b = PostgresStore::connect_with_schema(&url, &schema)
                 .await
                 .unwrap();
-            let with_flow = |seq: u64, end_unix_ms: i64, bytes_sent: u64| {
-                let mut r = report("n", 1, seq);
-                r.telemetry = crate::store::suite::telemetry();
-                r.telemetry.flows = vec![crate::store::FlowRecord {
-                    flow: sov_proto::pb::Flow {
-                        remote_address: "8.8.8.8".into(),
-                        remote_port: 443,
-                        bytes_sent,
-                        direction: sov_proto::pb::Direction::Outbound as i32,
-                        end_unix_ms,
-                        ..Default::default()
-                    },
-                    country: "US".into(),
-                    ..Default::default()
-                }];
-                r
-            };
             let reports = [
-                (&a, with_flow(1, 90_000, 10)),       // a: minute 60,000 is n's newest
-                (&b, with_flow(2, 150_000, 100)),     // b writes minute 120,000 (a does not know)
-                (&a, with_flow(3, 170_000, 1_000)),   // a thinks minute 120,000 new: collides
-                (&a, with_flow(4, 175_000, 10_000)),  // after the collision: upserted again
-                (&a, with_flow(5, 230_000, 100_000)), // a new minute, new again
+                (&a, report_with_flow(1, 90_000, 10)), // a: minute 60,000 is n's newest
+                (&b, report_with_flow(2, 150_000, 100)), // b writes minute 120,000 (a does not know)
+                (&a, report_with_flow(3, 170_000, 1_000)), // a thinks minute 120,000 new: collides
+                (&a, report_with_flow(4, 175_000, 10_000)), // after the collision: upserted again
+                (&a, report_with_flow(5, 230_000, 100_000)), // a new minute, new again
             ];
             for (store, r) in &reports {
                 assert_eq!(a.ingest(r.clone()).await.unwrap(), IngestOutcome::Stored);
