@@ -639,15 +639,18 @@ pub(super) async fn write_minutes(
     Ok(collided)
 }
 
+/// A merged `flows_minute` row of a batch: its key and its sums.
+type MinuteRow<'s, 'a> = (
+    &'s crate::store::minutes::MinuteKey<'a>,
+    &'s crate::store::minutes::MinuteSums<'a>,
+);
+
 /// Rows no stored row can hold ([`NewestMinutes`]), by plain insert under a savepoint; should
 /// one collide after all, rolled back to it and upserted. Returns whether one collided.
 async fn insert_new_minutes(
     tx: &Tx<'_>,
     st: &Statements,
-    rows: &[(
-        &crate::store::minutes::MinuteKey<'_>,
-        &crate::store::minutes::MinuteSums<'_>,
-    )],
+    rows: &[MinuteRow<'_, '_>],
 ) -> Result<bool, StoreError> {
     if rows.is_empty() {
         return Ok(false);
@@ -844,10 +847,7 @@ static LATE_CONTESTED_DAY_IN: std::sync::LazyLock<String> = std::sync::LazyLock:
 async fn upsert_minutes(
     tx: &Tx<'_>,
     st: &Statements,
-    rows: &[(
-        &crate::store::minutes::MinuteKey<'_>,
-        &crate::store::minutes::MinuteSums<'_>,
-    )],
+    rows: &[MinuteRow<'_, '_>],
 ) -> Result<(), StoreError> {
     write_minute_rows(tx, &st.aggregate_flows, rows).await
 }
@@ -856,10 +856,7 @@ async fn upsert_minutes(
 async fn write_minute_rows(
     tx: &Tx<'_>,
     statement: &Statement,
-    rows: &[(
-        &crate::store::minutes::MinuteKey<'_>,
-        &crate::store::minutes::MinuteSums<'_>,
-    )],
+    rows: &[MinuteRow<'_, '_>],
 ) -> Result<(), StoreError> {
     if rows.is_empty() {
         return Ok(());
