@@ -117,8 +117,9 @@ pub struct App {
     metrics_listener: Option<TcpListener>,
     /// Woken by the deriver after a derived batch (wakes the rule evaluation).
     stored: Arc<tokio::sync::Notify>,
-    /// The derive loop (woken by ingest after a stored report).
-    deriver: crate::derive::Deriver,
+    /// The derive loops (each woken by ingest after a stored report): one, or on PostgreSQL
+    /// `[derive] connections`.
+    derivers: Vec<crate::derive::Deriver>,
     retention: crate::store::Keep,
     /// Signs the chained logs' heads (none when the collector's key cannot sign).
     checkpointer: Option<crate::checkpoint::Checkpointer>,
@@ -199,7 +200,27 @@ impl CollectorConfig {
             derived: stored.clone(),
             batch_reports: config.derive.batch_reports,
             threads: crate::derive::derive_threads(&config.derive).map_err(AppError::Derive)?,
+            slot: 0,
         };
+        let mut derivers = vec![deriver];
+        for slot in 1..usize::try_from(config.derive.connections).unwrap_or(1) {
+            let Some(store) = store.another_deriver() else {
+                break;
+            };
+            // Threads of its own: sharing one set, two derivers queued their batches behind
+            // each other's (PERFORMANCE.md §8v).
+            let threads =
+                crate::derive::derive_threads(&config.derive).map_err(AppError::Derive)?;
+            let first = &derivers[0];
+            derivers.push(crate::derive::Deriver {
+                store,
+                appended: Arc::new(tokio::sync::Notify::new()),
+                slot,
+                threads,
+                ..first.clone()
+            });
+        }
+        tracing::info!(derivers = derivers.len(), "derivation ready");
         let ingest = IngestService::new(
             store.clone(),
             geo.clone(),
@@ -207,7 +228,10 @@ impl CollectorConfig {
             config.max_report_bytes,
             metrics.clone(),
         )
-        .notify_stored(appended, freshness.clone());
+        .notify_stored(
+            derivers.iter().map(|d| d.appended.clone()).collect(),
+            freshness.clone(),
+        );
         let sinks = crate::alert::sinks_from_config(&config.alert).map_err(AppError::Alert)?;
         let enroll = EnrollService::new(store.clone(), signer, config.trust_domain.clone());
         let report_signer = match sov_evidence::report::ReportSigner::load(
@@ -278,7 +302,7 @@ impl CollectorConfig {
             https,
             metrics_listener,
             stored,
-            deriver,
+            derivers,
             retention: crate::store::Keep {
                 raw: days(config.retention_days),
                 minutes: days(
@@ -316,7 +340,9 @@ impl App {
             );
             loops.push(("metrics", tokio::spawn(serve)));
         }
-        loops.push(("deriver", tokio::spawn(self.deriver.run(stop.clone()))));
+        for d in self.derivers {
+            loops.push(("deriver", tokio::spawn(d.run(stop.clone()))));
+        }
         if let Some(c) = &self.checkpointer {
             loops.push(("checkpointer", tokio::spawn(c.clone().run(stop.clone()))));
         }

@@ -60,6 +60,11 @@ pub const DEFAULT_QUERY_WAIT_MS: u64 = 5_000;
 pub const DEFAULT_NICE: i32 = 10;
 /// The derivation lag past which acknowledgements wait for derivation, by default, seconds.
 pub const DEFAULT_MAX_LAG_SECS: u64 = 5;
+/// Derivers in one collector on PostgreSQL, by default: each has its own connection and share
+/// of the node partitions, so derivation uses that many of the server's cores. Two derived
+/// 5,651–5,936 committed reports/s against one's 3,626–3,705/s on the 2-core machine of
+/// PERFORMANCE.md §8v.
+pub const DEFAULT_CONNECTIONS: u32 = 2;
 /// Longest an acknowledgement waits for derivation to come back under `max_lag_secs`: past it
 /// the report is stored anyway (a deriver that cannot go on must not stop ingest).
 const ADMIT_WAIT: Duration = Duration::from_secs(2);
@@ -109,6 +114,16 @@ pub struct DeriveConfig {
     /// waiting report is derived a cycle later at best).
     #[serde(default = "default_max_lag_secs")]
     pub max_lag_secs: u64,
+    /// Derivers in this collector, each with its own database connection, deriving its
+    /// share of the nodes in parallel with the others (1..=16; default 2). PostgreSQL only:
+    /// SQLite derives on its one writer and runs one deriver whatever this says. Replicas'
+    /// derivers share the nodes out with these.
+    #[serde(default = "default_connections")]
+    pub connections: u32,
+}
+
+fn default_connections() -> u32 {
+    DEFAULT_CONNECTIONS
 }
 
 fn default_max_lag_secs() -> u64 {
@@ -134,6 +149,7 @@ impl Default for DeriveConfig {
             query_wait_ms: DEFAULT_QUERY_WAIT_MS,
             nice: DEFAULT_NICE,
             max_lag_secs: DEFAULT_MAX_LAG_SECS,
+            connections: DEFAULT_CONNECTIONS,
         }
     }
 }
@@ -151,6 +167,12 @@ pub fn validate(c: &DeriveConfig) -> Vec<(String, String)> {
         out.push((
             "derive.query_wait_ms".to_owned(),
             format!("{} is out of range 0..=60000", c.query_wait_ms),
+        ));
+    }
+    if !(1..=16).contains(&c.connections) {
+        out.push((
+            "derive.connections".to_owned(),
+            format!("{} is out of range 1..=16", c.connections),
         ));
     }
     if c.max_lag_secs > 3600 {
@@ -179,8 +201,11 @@ pub struct Freshness {
     query_wait: Duration,
     /// Past this lag acknowledgements wait; zero: never.
     max_lag: Duration,
-    /// The deriver's last word on the lag.
+    /// The derivers' last word on the lag, together: the oldest report any of them knows is
+    /// not derived, and the longest cycle.
     lag: tokio::sync::watch::Sender<LagSignal>,
+    /// Each deriver's last word ([`Deriver::slot`]).
+    slots: std::sync::Mutex<Vec<LagSignal>>,
 }
 
 /// What the deriver last said about its lag: the oldest report it knows is not derived, and how
@@ -210,29 +235,45 @@ impl Freshness {
             query_wait,
             max_lag,
             lag: tokio::sync::watch::channel(LagSignal::default()).0,
+            slots: std::sync::Mutex::default(),
         })
     }
 
-    /// The deriver's view of the lag: the oldest report it knows is not derived yet was
-    /// received at `oldest_unix_ms` (`None`: none waits).
-    pub fn lag_from(&self, oldest_unix_ms: Option<i64>) {
+    /// Change deriver `slot`'s word with `f`, then what they say together.
+    fn told(&self, slot: usize, f: impl FnOnce(&mut LagSignal)) {
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slots.len() <= slot {
+            slots.resize(slot + 1, LagSignal::default());
+        }
+        if let Some(s) = slots.get_mut(slot) {
+            f(s);
+        }
+        let all = LagSignal {
+            oldest_unix_ms: slots.iter().filter_map(|s| s.oldest_unix_ms).min(),
+            cycle_ms: slots.iter().map(|s| s.cycle_ms).max().unwrap_or(0),
+        };
         self.lag.send_if_modified(|s| {
-            let changed = s.oldest_unix_ms != oldest_unix_ms;
-            s.oldest_unix_ms = oldest_unix_ms;
+            let changed = *s != all;
+            *s = all;
             changed
         });
     }
 
-    /// The deriver's last cycle (from reading reports to committing what they derive) took
+    /// Deriver `slot`'s view of the lag: the oldest report it knows is not derived yet was
+    /// received at `oldest_unix_ms` (`None`: none waits).
+    pub fn lag_from(&self, slot: usize, oldest_unix_ms: Option<i64>) {
+        self.told(slot, |s| s.oldest_unix_ms = oldest_unix_ms);
+    }
+
+    /// Deriver `slot`'s last cycle (from reading reports to committing what they derive) took
     /// `cycle`: the report waiting now is derived that much later at best, so the bound acts
     /// that much early (PERFORMANCE.md §8t).
-    pub fn cycle_took(&self, cycle: Duration) {
+    pub fn cycle_took(&self, slot: usize, cycle: Duration) {
         let ms = u64::try_from(cycle.as_millis()).unwrap_or(u64::MAX);
-        self.lag.send_if_modified(|s| {
-            let changed = s.cycle_ms != ms;
-            s.cycle_ms = ms;
-            changed
-        });
+        self.told(slot, |s| s.cycle_ms = ms);
     }
 
     /// Whether the lag, as `signal` says it at `now_unix_ms`, will pass `max_lag` before the
@@ -728,8 +769,10 @@ pub struct Deriver {
     pub metrics: Arc<Metrics>,
     /// Acknowledged vs derived, for queries.
     pub freshness: Arc<Freshness>,
-    /// Woken by ingest after a stored report.
+    /// Woken by ingest after a stored report (each deriver has its own).
     pub appended: Arc<tokio::sync::Notify>,
+    /// Which of this collector's derivers this is (0 for the first), for [`Freshness`].
+    pub slot: usize,
     /// Woken here after a batch was derived (the breach rules evaluate soon after).
     pub derived: Arc<tokio::sync::Notify>,
     /// Most reports per batch.
@@ -761,13 +804,13 @@ impl Deriver {
         let queued = self.store.underived(self.read_limit()).await?;
         if queued.is_empty() {
             // Caught up (a full read before this one may have left the lag set).
-            self.freshness.lag_from(None);
+            self.freshness.lag_from(self.slot, None);
             return Ok((0, 0));
         }
         // The oldest report not derived is the first read: the lag ages from it until this
         // transaction commits.
         self.freshness
-            .lag_from(queued.first().map(|u| u.received_unix_ms));
+            .lag_from(self.slot, queued.first().map(|u| u.received_unix_ms));
         let n = queued.len();
         let size = usize::try_from(self.batch_reports)
             .unwrap_or(usize::MAX)
@@ -806,17 +849,20 @@ impl Deriver {
             self.metrics.derive_batch(d, started.elapsed());
             // What a report waiting now waits for at best: one such cycle (the first from
             // the read, the next ones from the commit before them).
-            self.freshness.cycle_took(cycle_from.elapsed());
+            self.freshness.cycle_took(self.slot, cycle_from.elapsed());
             cycle_from = Instant::now();
             derived += d;
             // The oldest report known not to be derived: the next part's first; after the
             // last part of a full read, one received after this part's last (its time
             // over-states the lag: the acknowledgements wait a little early, never late).
-            self.freshness.lag_from(match &next {
-                Some(q) => q.first().map(|u| u.received_unix_ms),
-                None if n == self.read_limit() as usize => last_received,
-                None => None,
-            });
+            self.freshness.lag_from(
+                self.slot,
+                match &next {
+                    Some(q) => q.first().map(|u| u.received_unix_ms),
+                    None if n == self.read_limit() as usize => last_received,
+                    None => None,
+                },
+            );
             match (next, enriched) {
                 (Some(q), Some(e)) => {
                     part = q;
@@ -973,7 +1019,7 @@ impl Deriver {
                 }
                 Err(err) => {
                     // A deriver that cannot go on does not hold acknowledgements back.
-                    self.freshness.lag_from(None);
+                    self.freshness.lag_from(self.slot, None);
                     tracing::warn!(error = %err, cause = %sov_common::error::source_chain(&err), "derivation failed; retrying");
                     tokio::select! {
                         () = stop.cancelled() => return,
@@ -996,15 +1042,23 @@ mod tests {
             query_wait_ms: 60_001,
             nice: 20,
             max_lag_secs: 3601,
+            connections: 17,
         };
         let problems = validate(&bad);
-        assert_eq!(problems.len(), 4, "{problems:?}");
-        assert_eq!(problems[2].0, "derive.max_lag_secs");
-        assert_eq!(problems[3].0, "derive.nice");
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert_eq!(problems[2].0, "derive.connections");
+        assert!(problems[2].1.contains("17"));
+        assert_eq!(problems[3].0, "derive.max_lag_secs");
+        assert_eq!(problems[4].0, "derive.nice");
         assert_eq!(problems[0].0, "derive.batch_reports");
         assert!(problems[0].1.contains('0'));
         assert_eq!(problems[1].0, "derive.query_wait_ms");
         assert!(validate(&DeriveConfig::default()).is_empty());
+        let none = DeriveConfig {
+            connections: 0,
+            ..DeriveConfig::default()
+        };
+        assert_eq!(validate(&none)[0].0, "derive.connections");
     }
 
     fn deriver(store: Arc<dyn Store>) -> Deriver {
@@ -1014,6 +1068,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             freshness: Freshness::new(Duration::ZERO),
             appended: Arc::default(),
+            slot: 0,
             derived: Arc::default(),
             batch_reports: DEFAULT_BATCH_REPORTS,
             threads: DeriveThreads::start(2, DEFAULT_NICE).unwrap(),
@@ -1222,20 +1277,56 @@ mod tests {
         let now = sov_common::clock::now_unix_ms();
         let f = Freshness::bounded(Duration::ZERO, Duration::from_secs(5));
         assert!(!f.admit().await, "nothing behind: no wait");
-        f.lag_from(Some(now - 60_000));
+        f.lag_from(0, Some(now - 60_000));
         let f2 = f.clone();
         let waiting = tokio::spawn(async move { f2.admit().await });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "a minute behind: the report waits");
-        f.lag_from(Some(sov_common::clock::now_unix_ms() - 1_000));
+        f.lag_from(0, Some(sov_common::clock::now_unix_ms() - 1_000));
         assert!(waiting.await.unwrap(), "it waited, and went on");
         // A deriver that fails says nothing waits; no bound: never a wait.
-        f.lag_from(Some(now - 60_000));
-        f.lag_from(None);
+        f.lag_from(0, Some(now - 60_000));
+        f.lag_from(0, None);
         assert!(!f.admit().await);
         let free = Freshness::new(Duration::ZERO);
-        free.lag_from(Some(0));
+        free.lag_from(0, Some(0));
         assert!(!free.admit().await);
+    }
+
+    /// With several derivers (`[derive] connections`), the lag is the oldest report any of
+    /// them has waiting: one that caught up does not hide another that is behind.
+    #[tokio::test]
+    async fn the_lag_is_the_oldest_any_deriver_has_waiting() {
+        let now = sov_common::clock::now_unix_ms();
+        let f = Freshness::bounded(Duration::ZERO, Duration::from_secs(5));
+        f.lag_from(1, Some(now - 60_000));
+        f.lag_from(0, None);
+        let f2 = f.clone();
+        let waiting = tokio::spawn(async move { f2.admit().await });
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "deriver 1 is a minute behind: the report waits though deriver 0 caught up"
+        );
+        f.lag_from(0, Some(now - 30_000));
+        f.lag_from(1, None);
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "deriver 0 is now 30 s behind: still waiting"
+        );
+        f.lag_from(0, Some(sov_common::clock::now_unix_ms() - 1_000));
+        assert!(waiting.await.unwrap(), "both under the bound: it went on");
+        // The longest cycle counts: 3 s behind and one deriver at 2.5 s a cycle.
+        f.lag_from(1, Some(sov_common::clock::now_unix_ms() - 3_000));
+        f.cycle_took(0, Duration::from_millis(2_500));
+        f.cycle_took(1, Duration::from_millis(100));
+        let f3 = f.clone();
+        let waiting = tokio::spawn(async move { f3.admit().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "3 s + the longer cycle: waits");
+        f.lag_from(1, None);
+        assert!(waiting.await.unwrap());
     }
 
     /// The bound acts before the lag passes it: the deriver's oldest waiting report is derived
@@ -1245,13 +1336,13 @@ mod tests {
     #[tokio::test]
     async fn acknowledgements_wait_when_the_lag_would_pass_the_bound_before_the_next_commit() {
         let f = Freshness::bounded(Duration::ZERO, Duration::from_secs(5));
-        f.lag_from(Some(sov_common::clock::now_unix_ms() - 3_000));
-        f.cycle_took(Duration::from_millis(500));
+        f.lag_from(0, Some(sov_common::clock::now_unix_ms() - 3_000));
+        f.cycle_took(0, Duration::from_millis(500));
         assert!(
             !f.admit().await,
             "3 s behind, 0.5 s a cycle: under the bound"
         );
-        f.cycle_took(Duration::from_millis(2_500));
+        f.cycle_took(0, Duration::from_millis(2_500));
         let f2 = f.clone();
         let waiting = tokio::spawn(async move { f2.admit().await });
         tokio::task::yield_now().await;
@@ -1260,10 +1351,10 @@ mod tests {
             "3 s behind and 2.5 s a cycle: the report waits"
         );
         // The deriver's next word, still behind, keeps it waiting; back under, it goes on.
-        f.lag_from(Some(sov_common::clock::now_unix_ms() - 2_900));
+        f.lag_from(0, Some(sov_common::clock::now_unix_ms() - 2_900));
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "2.9 s + 2.5 s: still waiting");
-        f.lag_from(Some(sov_common::clock::now_unix_ms() - 1_000));
+        f.lag_from(0, Some(sov_common::clock::now_unix_ms() - 1_000));
         assert!(waiting.await.unwrap(), "it waited, and went on");
     }
 

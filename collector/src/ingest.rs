@@ -47,8 +47,8 @@ pub struct IngestService {
     trust_domain: String,
     max_report_bytes: u64,
     metrics: Arc<Metrics>,
-    /// Woken after a report is stored (the deriver derives it soon after).
-    stored: Option<Arc<tokio::sync::Notify>>,
+    /// Woken after a report is stored (the derivers derive it soon after): each of them.
+    stored: Vec<Arc<tokio::sync::Notify>>,
     /// Counts acknowledgements for the queries' wait ([`Freshness`]).
     freshness: Option<Arc<Freshness>>,
     /// The last peer address recorded per node: the store is written only when it changes.
@@ -71,19 +71,20 @@ impl IngestService {
             trust_domain,
             max_report_bytes: u64::try_from(max_report_bytes).unwrap_or(u64::MAX),
             metrics,
-            stored: None,
+            stored: Vec::new(),
             freshness: None,
             peers: Arc::default(),
         }
     }
 
-    /// Count every stored report in `freshness`, then wake `notify` (the deriver).
+    /// Count every stored report in `freshness`, then wake each of `notify` (the derivers:
+    /// which of them holds the report's node is the store's business).
     pub fn notify_stored(
         mut self,
-        notify: Arc<tokio::sync::Notify>,
+        notify: Vec<Arc<tokio::sync::Notify>>,
         freshness: Arc<Freshness>,
     ) -> Self {
-        self.stored = Some(notify);
+        self.stored = notify;
         self.freshness = Some(freshness);
         self
     }
@@ -280,7 +281,7 @@ impl IngestService {
             if let Some(f) = &self.freshness {
                 f.acked();
             }
-            if let Some(n) = &self.stored {
+            for n in &self.stored {
                 n.notify_one();
             }
             if let Some(ip) = peer_ip {

@@ -90,6 +90,7 @@ struct Args {
 const USAGE: &str = "usage: bench_loadgen [--agents N (200)] [--secs S (15); 0: derive-only] [--flows F (50)] \
                      [--derive-reports N (10000)] [--batch-reports N ([derive] batch_reports, as shipped)] \
                      [--derive-nice N ([derive] nice, as shipped)] \
+                     [--derive-connections N ([derive] connections, as shipped; PostgreSQL)] \
                      [--max-in-flight N (as shipped)] \
                      [--late-reports (date reports in 2023: every flow row late)] \
                      [--replicas N (0: none; else 1 then N collector processes on one PostgreSQL schema)] \
@@ -131,6 +132,10 @@ fn parse_args() -> Result<Args> {
             "--derive-reports" => args.derive_reports = value.parse().with_context(bad)?,
             "--replicas" => args.replicas = value.parse().with_context(bad)?,
             "--batch-reports" => BATCH_REPORTS.store(
+                value.parse().with_context(bad)?,
+                std::sync::atomic::Ordering::Relaxed,
+            ),
+            "--derive-connections" => DERIVE_CONNECTIONS.store(
                 value.parse().with_context(bad)?,
                 std::sync::atomic::Ordering::Relaxed,
             ),
@@ -599,6 +604,18 @@ fn one_address_for_all(cfg: &mut CollectorConfig, agents: usize) {
     if nice >= 0 {
         cfg.derive.nice = nice;
     }
+    cfg.derive.connections = derive_connections();
+}
+
+/// `--derive-connections N`: the collectors' `[derive] connections` and the derive-only
+/// part's derivers per collector on PostgreSQL (0: as shipped, `DEFAULT_CONNECTIONS`).
+static DERIVE_CONNECTIONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn derive_connections() -> u32 {
+    match DERIVE_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => sov_collector::derive::DEFAULT_CONNECTIONS,
+        n => n,
+    }
 }
 
 /// `--derive-nice N`: the collectors' `[derive] nice` and the derive-only part's (-1: as
@@ -912,8 +929,9 @@ fn verdict(ok: bool) -> &'static str {
 
 /// Derive-only: `n` reports of the agents' shape appended straight into `stores[0]` (no TLS,
 /// no gRPC), then derived by the collector's own deriver (`derive::Deriver`, default batch),
-/// one per store (several PostgreSQL handles on one schema: replicas' derivers, each with its
-/// share of the partitions, settled before the clock starts), until none waits. Returns
+/// one per store (several PostgreSQL handles on one schema: `per_collector` derivers of each
+/// collector (`[derive] connections`) and replicas' derivers, each with its share of the
+/// partitions, settled before the clock starts), until none waits. Returns
 /// reports derived per second, the seconds it took, and the CPU ms per report of this process
 /// and of every `postgres` process during the derivation (the machine may be shared: CPU per
 /// report holds when the rate is set by others' load).
@@ -934,6 +952,7 @@ async fn derive_only(
     settle: Option<Vec<PostgresStore>>,
     agents: &[Arc<Agent>],
     n: usize,
+    per_collector: usize,
 ) -> Result<(f64, f64, f64, f64)> {
     use sov_collector::derive::{
         DEFAULT_BATCH_REPORTS, DEFAULT_NICE, DeriveThreads, Deriver, Enricher, Freshness,
@@ -1010,7 +1029,7 @@ async fn derive_only(
         n if n < 0 => DEFAULT_NICE,
         n => n,
     };
-    // Each deriver its own threads, as each collector has.
+    // Each deriver its own threads, as each of a collector's derivers has.
     let threads = || {
         DeriveThreads::start(
             std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
@@ -1019,13 +1038,16 @@ async fn derive_only(
     };
     let derivers: Vec<Deriver> = stores
         .iter()
-        .map(|s| {
+        .enumerate()
+        .map(|(i, s)| {
+            let slot = i % per_collector.max(1);
             Ok(Deriver {
                 store: s.clone(),
                 enricher: Enricher::new(geo.clone(), None),
                 metrics: Arc::new(sov_collector::metrics::Metrics::new()),
                 freshness: Freshness::new(Duration::ZERO),
                 appended: Arc::default(),
+                slot,
                 derived: Arc::default(),
                 batch_reports: match BATCH_REPORTS.load(std::sync::atomic::Ordering::Relaxed) {
                     0 => DEFAULT_BATCH_REPORTS,
@@ -1192,7 +1214,7 @@ async fn load_mode(args: Args) -> Result<()> {
         let dir = data.path().join("derive-only");
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir)?);
         let (rate, secs, cpu, pg) =
-            derive_only(vec![store], None, &agents, args.derive_reports).await?;
+            derive_only(vec![store], None, &agents, args.derive_reports, 1).await?;
         derive_rates.push(("sqlite", rate, secs, cpu, pg));
         // What the store holds per report once derived (body, completeness, derived rows),
         // with the WAL folded into the database file.
@@ -1212,15 +1234,32 @@ async fn load_mode(args: Args) -> Result<()> {
             let Ok(pg) = PostgresStore::connect_with_schema(&base, &schema).await else {
                 break;
             };
-            let mut handles = vec![pg.clone()];
+            let mut collectors = vec![pg.clone()];
             for _ in 1..k {
-                handles.push(PostgresStore::connect_with_schema(&base, &schema).await?);
+                collectors.push(PostgresStore::connect_with_schema(&base, &schema).await?);
             }
+            // Each collector's derivers (`[derive] connections`): handles with a deriver
+            // connection of their own.
+            let per_collector = derive_connections().max(1) as usize;
+            let handles: Vec<PostgresStore> = collectors
+                .iter()
+                .flat_map(|c| {
+                    std::iter::once(c.clone())
+                        .chain((1..per_collector).map(|_| c.another_deriver()))
+                })
+                .collect();
             let stores: Vec<Arc<dyn Store>> = handles
                 .iter()
                 .map(|h| Arc::new(h.clone()) as Arc<dyn Store>)
                 .collect();
-            let run = derive_only(stores, Some(handles), &agents, args.derive_reports).await;
+            let run = derive_only(
+                stores,
+                Some(handles),
+                &agents,
+                args.derive_reports,
+                per_collector,
+            )
+            .await;
             pg.drop_schema().await.context("drop schema")?;
             let (rate, secs, cpu, pg) = run?;
             let target: &'static str = if k == 1 {
@@ -1323,6 +1362,12 @@ async fn load_mode(args: Args) -> Result<()> {
             );
         }
     }
+    if derive_rates.len() > 1 {
+        println!(
+            "(PostgreSQL derive-only: {} derivers per collector, `[derive] connections`)",
+            derive_connections()
+        );
+    }
     for (target, rate, secs, cpu, pg) in &derive_rates {
         println!(
             "{target}: derive-only {rate:.0} reports/s ({} reports of {} flows in {secs:.2} s); \
@@ -1417,6 +1462,7 @@ async fn load_mode(args: Args) -> Result<()> {
             "target": t, "reports": args.derive_reports, "reports_per_s": a.reports_per_s,
             "cpu_ms_per_report": a.cpu_ms_per_report, "postgres_cpu_ms_per_report": a.postgres_cpu_ms_per_report,
         })).collect::<Vec<_>>(),
+        "derive_connections": derive_connections(),
         "sqlite_bytes_per_report": sqlite_bytes_per_report,
         "postgres_note": pg_note,
         "targets": targets,

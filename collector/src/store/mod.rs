@@ -138,6 +138,10 @@ macro_rules! store_by_concern {
                 ingest::DERIVES_A_SHARE
             }
 
+            fn another_deriver(&self) -> Option<std::sync::Arc<dyn $crate::store::Store>> {
+                ingest::another_deriver(self)
+            }
+
             async fn derive_status(
                 &self,
             ) -> Result<$crate::store::DeriveStatus, $crate::store::StoreError> {
@@ -1084,6 +1088,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// the partitions its deriver holds): then a batch shorter than asked does not mean that
     /// every report acknowledged here was in it.
     fn derives_a_share(&self) -> bool;
+
+    /// A handle on this store for one more deriver in this collector, deriving in parallel
+    /// with the others (PostgreSQL: its own connection and share of the node partitions);
+    /// `None` where derivation is one writer's (SQLite).
+    fn another_deriver(&self) -> Option<Arc<dyn Store>>;
 
     /// Derive `batch` in one transaction (SQLite: in several when appends wait for its single
     /// writer, each taking whole nodes' reports): for each report whose queue row a transaction

@@ -1840,6 +1840,13 @@ pub(super) async fn note_peer(store: &PostgresStore, peer: NodePeer) -> Result<(
     Ok(())
 }
 
+/// A second deriver's handle ([`PostgresStore::another_deriver`]).
+pub(super) fn another_deriver(
+    store: &PostgresStore,
+) -> Option<std::sync::Arc<dyn crate::store::Store>> {
+    Some(std::sync::Arc::new(store.another_deriver()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -100,18 +100,20 @@ const MIGRATIONS: [&str; 26] = [
     include_str!("../../../migrations/postgres/0026_report_bodies_lz4.sql"),
 ];
 
-/// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections.
+/// PostgreSQL-backed [`Store`]. Cheap to clone: clones share the connections
+/// ([`PostgresStore::another_deriver`]: a handle with a deriver connection of its own).
 #[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
+    /// The deriver's own connection, so a derive transaction never holds up acknowledgements;
+    /// each deriver of this collector has one (and with it its share of the partitions).
+    deriver: Arc<Mutex<Option<Writer>>>,
 }
 
 struct Inner {
     config: Config,
     schema: Option<String>,
     writer: Mutex<Option<Writer>>,
-    /// The deriver's own connection, so a derive transaction never holds up acknowledgements.
-    deriver: Mutex<Option<Writer>>,
     reader: Mutex<Option<Arc<Client>>>,
     /// Reports waiting for the writer (group commit).
     pending: std::sync::Mutex<super::Pending>,
@@ -353,10 +355,10 @@ impl PostgresStore {
                     st,
                     parts: Default::default(),
                 })),
-                deriver: Mutex::new(None),
                 reader: Mutex::new(Some(Arc::new(reader))),
                 pending: Default::default(),
             }),
+            deriver: Arc::default(),
         })
     }
 
@@ -366,9 +368,20 @@ impl PostgresStore {
         Self::connection(&self.inner.writer, &self.inner, "writer").await
     }
 
+    /// A handle on the same store with a deriver connection of its own (opened on first
+    /// use): a second deriver in this collector, taking its own share of the node partitions
+    /// as a replica's deriver would (`partitions.rs`), so that derivation uses more than one
+    /// of PostgreSQL's cores (`[derive] connections`).
+    pub fn another_deriver(&self) -> PostgresStore {
+        PostgresStore {
+            inner: self.inner.clone(),
+            deriver: Arc::default(),
+        }
+    }
+
     /// The deriver's connection (opened on first use), like [`PostgresStore::writer`].
     async fn deriver(&self) -> Result<MappedMutexGuard<'_, Writer>, StoreError> {
-        Self::connection(&self.inner.deriver, &self.inner, "deriver").await
+        Self::connection(&self.deriver, &self.inner, "deriver").await
     }
 
     async fn connection<'a>(
@@ -953,6 +966,104 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!((rows[0].bytes_sent, rows[0].connections), (400, 0));
+        })
+        .await;
+    }
+
+    /// `[derive] connections`: a second deriver in one collector (a handle with its own
+    /// deriver connection) takes its own share of the node partitions, as a replica would; the
+    /// two read disjoint nodes' reports, and together derive every report once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_second_deriver_in_one_collector_takes_its_own_share_and_each_report_is_derived_once()
+    {
+        with_schema(|url, schema| async move {
+            let a = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            let b = a.another_deriver();
+            let of = |node: usize, seq: u64| {
+                let mut r = report_with_flow(seq, 90_000, 10);
+                r.node = format!("node-{node}");
+                r
+            };
+            for node in 0..32 {
+                for seq in 1..=3 {
+                    assert_eq!(
+                        a.ingest(of(node, seq)).await.unwrap(),
+                        IngestOutcome::Stored
+                    );
+                }
+            }
+            // Each reads (and so balances) until they hold every partition between them, both
+            // some: the system's own signal, bounded in time.
+            let t = std::time::Instant::now();
+            loop {
+                a.underived(1).await.unwrap();
+                b.underived(1).await.unwrap();
+                let (ha, hb) = (
+                    a.derive_partitions_held().await.unwrap(),
+                    b.derive_partitions_held().await.unwrap(),
+                );
+                if ha + hb == 64 && ha > 0 && hb > 0 {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < std::time::Duration::from_secs(30),
+                    "the two derivers did not share the partitions: {ha} + {hb}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let (qa, qb) = (
+                a.underived(1000).await.unwrap(),
+                b.underived(1000).await.unwrap(),
+            );
+            assert!(
+                !qa.is_empty() && !qb.is_empty(),
+                "{} and {}",
+                qa.len(),
+                qb.len()
+            );
+            assert_eq!(
+                qa.len() + qb.len(),
+                96,
+                "every queued report read by one of them"
+            );
+            let nodes = |q: &[crate::store::Underived]| {
+                q.iter()
+                    .map(|u| u.node.clone())
+                    .collect::<std::collections::BTreeSet<_>>()
+            };
+            assert!(
+                nodes(&qa).is_disjoint(&nodes(&qb)),
+                "a node's reports are one deriver's"
+            );
+            let batch = |q: &[crate::store::Underived]| -> Vec<crate::store::Derivation> {
+                q.iter()
+                    .map(|u| {
+                        let node = u.node.trim_start_matches("node-").parse().unwrap();
+                        crate::store::Derivation {
+                            queue_id: u.queue_id,
+                            report: of(node, u.seq),
+                        }
+                    })
+                    .collect()
+            };
+            let (ba, bb) = (batch(&qa), batch(&qb));
+            // At once, on their two connections; then each other's batch again: nothing twice.
+            let (da, db) = tokio::join!(a.derive(ba.clone()), b.derive(bb.clone()));
+            assert_eq!(da.unwrap() + db.unwrap(), 96);
+            assert_eq!(a.derive(bb).await.unwrap() + b.derive(ba).await.unwrap(), 0);
+            assert_eq!(a.derive_status().await.unwrap().pending, 0);
+            let (rows, _) = a
+                .egress(EgressQuery {
+                    since_unix_ms: 0,
+                    until_unix_ms: 600_000,
+                    by: "country".into(),
+                    limit: 10,
+                })
+                .await
+                .unwrap();
+            assert_eq!(rows[0].bytes_sent, 960);
         })
         .await;
     }

@@ -1128,3 +1128,8 @@ pub(super) async fn note_peer(store: &SqliteStore, peer: NodePeer) -> Result<(),
     })
     .await
 }
+
+/// SQLite derives on its one writer: no second deriver ([`crate::store::Store::another_deriver`]).
+pub(super) fn another_deriver(_: &SqliteStore) -> Option<std::sync::Arc<dyn crate::store::Store>> {
+    None
+}
