@@ -187,6 +187,7 @@ impl CollectorConfig {
         };
         let stored = Arc::new(tokio::sync::Notify::new());
         let appended = Arc::new(tokio::sync::Notify::new());
+        let urgent_derived = Arc::new(tokio::sync::Notify::new());
         let freshness = crate::derive::Freshness::bounded(
             Duration::from_millis(config.derive.query_wait_ms),
             Duration::from_secs(config.derive.max_lag_secs),
@@ -201,6 +202,8 @@ impl CollectorConfig {
             batch_reports: config.derive.batch_reports,
             threads: crate::derive::derive_threads(&config.derive).map_err(AppError::Derive)?,
             slot: 0,
+            urgent: Arc::default(),
+            urgent_derived: urgent_derived.clone(),
         };
         let mut derivers = vec![deriver];
         for slot in 1..usize::try_from(config.derive.connections).unwrap_or(1) {
@@ -217,6 +220,7 @@ impl CollectorConfig {
                 appended: Arc::new(tokio::sync::Notify::new()),
                 slot,
                 threads,
+                urgent: Arc::default(),
                 ..first.clone()
             });
         }
@@ -231,6 +235,10 @@ impl CollectorConfig {
         .notify_stored(
             derivers.iter().map(|d| d.appended.clone()).collect(),
             freshness.clone(),
+        )
+        .derive_first(
+            derivers.iter().map(|d| d.urgent.clone()).collect(),
+            policy.clone(),
         );
         let sinks = crate::alert::sinks_from_config(&config.alert).map_err(AppError::Alert)?;
         let enroll = EnrollService::new(store.clone(), signer, config.trust_domain.clone());
@@ -340,6 +348,11 @@ impl App {
             );
             loops.push(("metrics", tokio::spawn(serve)));
         }
+        let urgent_derived = self
+            .derivers
+            .first()
+            .map(|d| d.urgent_derived.clone())
+            .unwrap_or_default();
         for d in self.derivers {
             loops.push(("deriver", tokio::spawn(d.run(stop.clone()))));
         }
@@ -377,6 +390,7 @@ impl App {
                 geo: self.geo.clone(),
                 holder,
                 stored: self.stored,
+                urgent: urgent_derived,
                 changed,
             };
             loops.push(("rule evaluator", tokio::spawn(evaluator.run(stop.clone()))));

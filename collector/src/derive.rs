@@ -83,6 +83,9 @@ const GATHER: Duration = Duration::from_millis(200);
 /// written: on SQLite the writer is one thread, and derive-only left the other cores idle
 /// while it wrote (PERFORMANCE.md §8m).
 const PIPELINE_BATCHES: u32 = 4;
+/// Most nodes a deriver holds to derive first ([`Urgent`]); past it, a report that may breach
+/// a rule is derived in queue order like any other.
+const MAX_URGENT_NODES: usize = 1024;
 /// Most threads that decode and enrich one batch at once.
 const ENRICH_THREADS: usize = 4;
 /// Fewest reports worth a thread of their own.
@@ -758,6 +761,69 @@ fn columns_of(
     }
 }
 
+/// Nodes whose waiting reports a deriver reads first, ahead of the queue's older reports:
+/// ingest marks a node whose report sent to a destination a breach rule may count
+/// ([`may_breach`]), so that a breach does not wait behind a backlog of other nodes' reports
+/// (PERFORMANCE.md §8w). In memory only: after a restart those reports are derived in queue
+/// order, as every report is. Each deriver has its own (which one holds a node is the store's
+/// business), so ingest marks the node in each.
+#[derive(Debug, Default)]
+pub struct Urgent {
+    nodes: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    marked: tokio::sync::Notify,
+}
+
+impl Urgent {
+    /// Have `node`'s waiting reports derived first; false when [`MAX_URGENT_NODES`] are
+    /// already waiting (its reports then go in queue order).
+    pub fn mark(&self, node: &str) -> bool {
+        let mut nodes = self.lock();
+        if !nodes.contains(node) {
+            if nodes.len() >= MAX_URGENT_NODES {
+                return false;
+            }
+            nodes.insert(node.to_owned());
+        }
+        drop(nodes);
+        self.marked.notify_one();
+        true
+    }
+
+    /// Whether another node can be marked now.
+    pub fn has_room(&self) -> bool {
+        self.lock().len() < MAX_URGENT_NODES
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.lock()).into_iter().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Whether `report` sent to a destination a breach rule may count under `policy`: one that
+/// is not plainly inside the jurisdiction (no country, a country outside, or sources that
+/// disagree). Conservative (an allowed destination or a destination whose verdict the speed of
+/// light rules out still goes in queue order): it only chooses what is derived first.
+pub fn may_breach(report: &pb::Report, geo: &Geo, policy: &crate::policy::Policy) -> bool {
+    report.flows.iter().any(|f| {
+        if f.direction == pb::Direction::Inbound as i32 {
+            return false;
+        }
+        let Ok(ip) = f.remote_address.parse::<IpAddr>() else {
+            return true;
+        };
+        let v = geo.lookup(ip);
+        v.contested
+            || !policy.is_inside(&v.country)
+            || v.answers.iter().any(|a| !policy.is_inside(&a.country))
+    })
+}
+
 /// The derive loop of one collector.
 #[derive(Debug, Clone)]
 pub struct Deriver {
@@ -773,6 +839,10 @@ pub struct Deriver {
     pub appended: Arc<tokio::sync::Notify>,
     /// Which of this collector's derivers this is (0 for the first), for [`Freshness`].
     pub slot: usize,
+    /// Nodes whose reports this deriver reads first (marked by ingest).
+    pub urgent: Arc<Urgent>,
+    /// Woken here after reports read first were derived (the rule evaluation runs at once).
+    pub urgent_derived: Arc<tokio::sync::Notify>,
     /// Woken here after a batch was derived (the breach rules evaluate soon after).
     pub derived: Arc<tokio::sync::Notify>,
     /// Most reports per batch.
@@ -834,6 +904,8 @@ impl Deriver {
         // (cheaper than keeping a deep copy of every enriched batch).
         let mut batch = self.enrich(part.clone()).await?;
         loop {
+            // Between transactions: what may breach a rule first.
+            self.derive_urgent().await?;
             let last_received = part.last().map(|u| u.received_unix_ms);
             // Each transaction's reports are written while the next ones are decoded and
             // enriched (on the other cores).
@@ -872,6 +944,38 @@ impl Deriver {
                 _ => return Ok((n, derived)),
             }
         }
+    }
+
+    /// Derive the waiting reports of the nodes ingest marked ([`Urgent`]) in one transaction,
+    /// ahead of the queue's older reports, and wake the rule evaluation: how many. A node's
+    /// reports are read in queue order, all of them (up to `batch_reports`), so its order
+    /// holds; the batches read before keep their copies of them, which their transactions
+    /// find taken and skip.
+    async fn derive_urgent(&self) -> Result<u64, StoreError> {
+        let nodes = self.urgent.take();
+        if nodes.is_empty() {
+            return Ok(0);
+        }
+        let queued = self.store.underived_of(&nodes, self.batch_reports).await?;
+        if queued.is_empty() {
+            return Ok(0);
+        }
+        if queued.len() >= self.batch_reports as usize {
+            // More may wait: the next look reads on.
+            for n in &nodes {
+                self.urgent.mark(n);
+            }
+        }
+        let started = Instant::now();
+        let batch = self.enrich(queued.clone()).await?;
+        let d = self.write(queued, batch).await?;
+        self.metrics.derive_batch(d, started.elapsed());
+        self.metrics.derived_first(d);
+        if d > 0 {
+            self.derived.notify_one();
+            self.urgent_derived.notify_one();
+        }
+        Ok(d)
     }
 
     /// Most reports [`Deriver::derive_batch`] reads at once: one transaction's, or, where one
@@ -1005,9 +1109,18 @@ impl Deriver {
                         // Under load, let the next batch gather reports for a moment rather
                         // than deriving a handful at a time: larger batches merge more flows
                         // per aggregate row and commit less often (adds at most this to the lag).
-                        tokio::select! {
-                            () = stop.cancelled() => return,
-                            () = tokio::time::sleep(GATHER) => {}
+                        // What may breach a rule does not wait for the gathering.
+                        let until = tokio::time::Instant::now() + GATHER;
+                        loop {
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = tokio::time::sleep_until(until) => break,
+                                () = self.urgent.marked.notified() => {
+                                    if let Err(err) = self.derive_urgent().await {
+                                        tracing::warn!(error = %err, "deriving reports that may breach a rule failed; they go in queue order");
+                                    }
+                                }
+                            }
                         }
                         continue;
                     }
@@ -1069,6 +1182,8 @@ mod tests {
             freshness: Freshness::new(Duration::ZERO),
             appended: Arc::default(),
             slot: 0,
+            urgent: Arc::default(),
+            urgent_derived: Arc::default(),
             derived: Arc::default(),
             batch_reports: DEFAULT_BATCH_REPORTS,
             threads: DeriveThreads::start(2, DEFAULT_NICE).unwrap(),
@@ -1266,6 +1381,115 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 700);
+        assert_eq!(d.derive_batch().await.unwrap(), (0, 0));
+    }
+
+    fn geo_with(overrides: &[(&str, &str)]) -> Geo {
+        Geo::from_config(&crate::geo::config::GeoConfig {
+            databases: vec![],
+            overrides: overrides
+                .iter()
+                .map(|(cidr, country)| crate::geo::config::GeoOverride {
+                    cidr: (*cidr).to_owned(),
+                    country: (*country).to_owned(),
+                    asn: None,
+                    org: None,
+                    operator_country: None,
+                })
+                .collect(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_report_may_breach_a_rule_when_a_destination_is_not_plainly_inside() {
+        let geo = geo_with(&[("198.18.0.0/24", "MA"), ("198.18.1.0/24", "FR")]);
+        let policy = crate::policy::rules::testutil::policy("");
+        let to = |addr: &str, direction: pb::Direction| {
+            let mut r = pushed(1, 10);
+            r.flows[0].remote_address = addr.into();
+            r.flows[0].direction = direction as i32;
+            r
+        };
+        let out = pb::Direction::Outbound;
+        assert!(!may_breach(&to("198.18.0.7", out), &geo, &policy), "inside");
+        assert!(may_breach(&to("198.18.1.7", out), &geo, &policy), "FR");
+        assert!(
+            !may_breach(&to("198.18.1.7", pb::Direction::Inbound), &geo, &policy),
+            "inbound traffic is no rule's"
+        );
+        assert!(
+            may_breach(&to("not an address", out), &geo, &policy),
+            "a destination nobody can place"
+        );
+        let mut both = to("198.18.0.7", out);
+        both.flows.push(to("198.18.1.9", out).flows.remove(0));
+        assert!(
+            may_breach(&both, &geo, &policy),
+            "one flow abroad is enough"
+        );
+        let mut none = pushed(1, 10);
+        none.flows.clear();
+        assert!(!may_breach(&none, &geo, &policy));
+    }
+
+    /// A node marked urgent (a report that may breach a rule) has its waiting reports derived
+    /// before the backlog ahead of them in the queue, in their own order.
+    #[tokio::test]
+    async fn reports_that_may_breach_a_rule_are_derived_before_the_backlog_ahead_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(dir.path()).unwrap());
+        for seq in 1..=100 {
+            let r = pushed(seq, 10);
+            let body = r.encode_to_vec();
+            store.ingest(incoming(r, 1_000, body, None)).await.unwrap();
+        }
+        // Node "x": two reports at the end of the queue, the second abroad.
+        for seq in 1..=2 {
+            let mut r = pushed(seq, 10);
+            if let Some(info) = r.node_info.as_mut() {
+                info.node = "x".into();
+            }
+            r.flows[0].bytes_sent = 7 * seq;
+            let body = r.encode_to_vec();
+            store.ingest(incoming(r, 2_000, body, None)).await.unwrap();
+        }
+        let mut d = deriver(store.clone());
+        d.batch_reports = 10;
+        assert!(d.urgent.mark("x"));
+        let mut wake = std::pin::pin!(d.urgent_derived.notified());
+        // One call reads four transactions' worth of the queue's oldest reports (none of x's)
+        // and derives x's two first.
+        assert_eq!(d.derive_batch().await.unwrap(), (40, 40));
+        assert_eq!(store.derive_status().await.unwrap().pending, 102 - 40 - 2);
+        let (rows, _) = store
+            .egress(crate::store::EgressQuery {
+                since_unix_ms: 0,
+                until_unix_ms: 600_000,
+                by: "node".into(),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        let x: u64 = rows
+            .iter()
+            .filter(|r| r.node == "x")
+            .map(|r| r.bytes_sent)
+            .sum();
+        assert_eq!(x, 21, "both of x's reports derived: {rows:?}");
+        assert!(
+            futures::FutureExt::now_or_never(wake.as_mut()).is_some(),
+            "the rule evaluation is woken"
+        );
+        let text = d.metrics.render(&crate::metrics::Scrape::default());
+        assert!(
+            text.contains("sov_collector_derived_first_reports_total 2\n"),
+            "{text}"
+        );
+        // Nothing is derived twice: the rest of the queue, then nothing.
+        assert_eq!(d.derive_batch().await.unwrap(), (40, 40));
+        assert_eq!(d.derive_batch().await.unwrap(), (20, 20));
+        assert_eq!(store.derive_status().await.unwrap().pending, 0);
         assert_eq!(d.derive_batch().await.unwrap(), (0, 0));
     }
 

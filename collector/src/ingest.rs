@@ -49,6 +49,10 @@ pub struct IngestService {
     metrics: Arc<Metrics>,
     /// Woken after a report is stored (the derivers derive it soon after): each of them.
     stored: Vec<Arc<tokio::sync::Notify>>,
+    /// The derivers' nodes to derive first ([`crate::derive::Urgent`]), and the policy that
+    /// says which destinations may breach a rule (none: nothing is derived first).
+    urgent: Vec<Arc<crate::derive::Urgent>>,
+    policy: Option<Arc<crate::policy::PolicyWatch>>,
     /// Counts acknowledgements for the queries' wait ([`Freshness`]).
     freshness: Option<Arc<Freshness>>,
     /// The last peer address recorded per node: the store is written only when it changes.
@@ -72,6 +76,8 @@ impl IngestService {
             max_report_bytes: u64::try_from(max_report_bytes).unwrap_or(u64::MAX),
             metrics,
             stored: Vec::new(),
+            urgent: Vec::new(),
+            policy: None,
             freshness: None,
             peers: Arc::default(),
         }
@@ -87,6 +93,30 @@ impl IngestService {
         self.stored = notify;
         self.freshness = Some(freshness);
         self
+    }
+
+    /// Have the derivers (`urgent`, one each) derive first the reports that sent to a
+    /// destination a rule of `policy` may count, and let those reports past the lag bound:
+    /// a breach waits neither behind other nodes' backlog nor for it.
+    pub fn derive_first(
+        mut self,
+        urgent: Vec<Arc<crate::derive::Urgent>>,
+        policy: Option<Arc<crate::policy::PolicyWatch>>,
+    ) -> Self {
+        self.urgent = urgent;
+        self.policy = policy;
+        self
+    }
+
+    /// Whether `report` is one to derive first ([`crate::derive::may_breach`]), with room
+    /// left to mark it.
+    fn first(&self, report: &pb::Report) -> bool {
+        let Some(watch) = &self.policy else {
+            return false;
+        };
+        !self.urgent.is_empty()
+            && self.urgent.iter().all(|u| u.has_room())
+            && crate::derive::may_breach(report, &self.geo, &watch.current())
     }
 
     /// Record where `node`'s reports come from, when that changed since the last record.
@@ -261,9 +291,11 @@ impl IngestService {
         let (flow_count, weight_file_count) = (report.flows.len(), report.weight_files.len());
         let (epoch, seq) = (report.epoch, report.seq);
         let body = report.encode_to_vec();
+        let first = self.first(&report);
         let incoming = crate::derive::incoming(report, now_unix_ms(), body, None);
-        if let Some(f) = &self.freshness {
-            // Derivation further behind than `[derive] max_lag_secs`: this report waits.
+        if let Some(f) = self.freshness.as_ref().filter(|_| !first) {
+            // Derivation further behind than `[derive] max_lag_secs`: this report waits
+            // (not one that may breach a rule: it is derived first).
             if f.admit().await {
                 self.metrics.waited_for_derivation();
             }
@@ -280,6 +312,11 @@ impl IngestService {
         if outcome == IngestOutcome::Stored {
             if let Some(f) = &self.freshness {
                 f.acked();
+            }
+            if first {
+                for u in &self.urgent {
+                    u.mark(&info.node);
+                }
             }
             for n in &self.stored {
                 n.notify_one();

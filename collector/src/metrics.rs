@@ -77,6 +77,8 @@ pub struct Metrics {
     derive_batches: AtomicU64,
     derive_nanos: AtomicU64,
     derive_failed: AtomicU64,
+    /// Reports derived ahead of the queue because they may breach a rule.
+    derived_first: AtomicU64,
     /// Reports whose storing waited for derivation (`[derive] max_lag_secs`).
     waited_for_derivation: AtomicU64,
     census: Mutex<Option<(Instant, Option<NodeCensus>)>>,
@@ -235,6 +237,7 @@ impl Metrics {
             derive_batches: AtomicU64::new(0),
             derive_nanos: AtomicU64::new(0),
             derive_failed: AtomicU64::new(0),
+            derived_first: AtomicU64::new(0),
             waited_for_derivation: AtomicU64::new(0),
             census: Mutex::new(None),
         }
@@ -281,6 +284,11 @@ impl Metrics {
     /// One report the store refused to derive (taken off the queue with nothing derived).
     pub fn derive_failed(&self) {
         self.derive_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `reports` derived ahead of the queue (they may breach a rule; `derive::Urgent`).
+    pub fn derived_first(&self, reports: u64) {
+        self.derived_first.fetch_add(reports, Ordering::Relaxed);
     }
 
     /// One report waited, before it was stored, for derivation to come back under
@@ -537,6 +545,17 @@ impl Metrics {
             out,
             "sov_collector_derive_failures_total {}",
             load(&self.derive_failed)
+        );
+        family(
+            &mut out,
+            "sov_collector_derived_first_reports_total",
+            "counter",
+            "Reports derived ahead of older ones because they sent to a destination a breach rule may count (outside the jurisdiction, unplaced or contested), so that a breach does not wait behind a backlog (included in sov_collector_derived_reports_total).",
+        );
+        let _ = writeln!(
+            out,
+            "sov_collector_derived_first_reports_total {}",
+            load(&self.derived_first)
         );
         family(
             &mut out,

@@ -1048,6 +1048,8 @@ async fn derive_only(
                 freshness: Freshness::new(Duration::ZERO),
                 appended: Arc::default(),
                 slot,
+                urgent: Arc::default(),
+                urgent_derived: Arc::default(),
                 derived: Arc::default(),
                 batch_reports: match BATCH_REPORTS.load(std::sync::atomic::Ordering::Relaxed) {
                     0 => DEFAULT_BATCH_REPORTS,

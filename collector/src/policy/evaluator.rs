@@ -1,6 +1,8 @@
 //! The rule evaluation loop: every [`rules::EVAL_EVERY`] and soon after a stored report, the
 //! replica holding the rules lease evaluates the breach rules against the policy in force,
-//! reloading the policy file when it changes.
+//! reloading the policy file when it changes. After reports that may breach a rule were
+//! derived (ahead of the queue: `derive::Urgent`), the next evaluation does not wait out the
+//! gap that follows a long one, only [`MIN_EVAL_GAP`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +40,10 @@ pub struct Evaluator {
     pub geo: Geo,
     /// This replica's name in the rules lease.
     pub holder: String,
-    /// Woken by ingest after a stored report.
+    /// Woken by the derivers after a derived batch.
     pub stored: Arc<tokio::sync::Notify>,
+    /// Woken by the derivers after reports that may breach a rule were derived first.
+    pub urgent: Arc<tokio::sync::Notify>,
     /// Bumped after an evaluation that changed the breach log (wakes the alert workers).
     pub changed: tokio::sync::watch::Sender<u64>,
 }
@@ -85,6 +89,12 @@ impl Evaluator {
             let gap = MIN_EVAL_GAP.max(started.elapsed().saturating_mul(EVAL_GAP_FACTOR));
             tokio::select! {
                 () = tokio::time::sleep_until(started + gap) => {}
+                () = p.urgent.notified() => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(started + MIN_EVAL_GAP) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
                 () = stop.cancelled() => return,
             }
             tokio::select! {

@@ -127,6 +127,14 @@ macro_rules! store_by_concern {
                 ingest::underived(self, limit).await
             }
 
+            async fn underived_of(
+                &self,
+                nodes: &[String],
+                limit: u32,
+            ) -> Result<Vec<$crate::store::Underived>, $crate::store::StoreError> {
+                ingest::underived_of(self, nodes, limit).await
+            }
+
             async fn derive(
                 &self,
                 batch: Vec<$crate::store::Derivation>,
@@ -1083,6 +1091,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// The oldest stored reports not yet derived, in the order they were stored, at most
     /// `limit`.
     async fn underived(&self, limit: u32) -> Result<Vec<Underived>, StoreError>;
+
+    /// As [`Store::underived`], only `nodes`' reports (each node's in the order they were
+    /// stored), at most `limit`; on PostgreSQL only from the partitions this handle's deriver
+    /// holds. The deriver reads these first when they may breach a rule (`derive::Urgent`).
+    async fn underived_of(
+        &self,
+        nodes: &[String],
+        limit: u32,
+    ) -> Result<Vec<Underived>, StoreError>;
 
     /// Whether [`Store::underived`] reads only this replica's share of the queue (PostgreSQL:
     /// the partitions its deriver holds): then a batch shorter than asked does not mean that

@@ -55,6 +55,7 @@ macro_rules! store_suite {
         $crate::store::suite::store_suite!(@tests $fixture;
             a_report_is_stored_once_and_a_resend_is_a_duplicate,
             an_appended_report_is_derived_once_after_its_ack,
+            a_nodes_waiting_reports_are_read_alone_in_queue_order,
             one_batch_derives_a_nodes_reports_of_one_instant_as_one_after_the_other,
             missing_counts_holes_and_dropped_counts_declared_gaps,
             a_new_epoch_becomes_the_nodes_current_one,
@@ -302,6 +303,45 @@ pub(crate) async fn one_batch_derives_a_nodes_reports_of_one_instant_as_one_afte
     assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 2000);
     assert_eq!(db.count("SELECT COUNT(*) FROM foreign_flows").await, 2);
     assert_eq!(db.count(RAW_FLOWS).await, 2);
+}
+
+/// `underived_of`: the deriver reads the waiting reports of the nodes it is told to derive
+/// first (reports that may breach a rule), each node's in queue order, nobody else's.
+pub(crate) async fn a_nodes_waiting_reports_are_read_alone_in_queue_order(db: &dyn Backend) {
+    let store = db.store();
+    for (node, seq) in [("a", 1), ("b", 1), ("a", 2), ("c", 1), ("a", 3)] {
+        assert_eq!(
+            store.ingest(report(node, 1, seq)).await.unwrap(),
+            IngestOutcome::Stored
+        );
+    }
+    // The deriver's read (on PostgreSQL it takes its partitions first).
+    assert_eq!(store.underived(10).await.unwrap().len(), 5);
+    let of = |q: Vec<super::Underived>| -> Vec<(String, u64)> {
+        q.into_iter().map(|u| (u.node, u.seq)).collect()
+    };
+    let want = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+        v.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect()
+    };
+    assert_eq!(
+        of(store
+            .underived_of(&["a".into(), "c".into()], 10)
+            .await
+            .unwrap()),
+        want(&[("a", 1), ("a", 2), ("c", 1), ("a", 3)])
+    );
+    assert_eq!(
+        of(store.underived_of(&["a".into()], 2).await.unwrap()),
+        want(&[("a", 1), ("a", 2)])
+    );
+    assert!(store.underived_of(&[], 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .underived_of(&["zz".into()], 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 pub(crate) async fn an_appended_report_is_derived_once_after_its_ack(db: &dyn Backend) {

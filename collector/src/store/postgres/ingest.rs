@@ -1641,6 +1641,10 @@ pub(super) async fn underived(
             .await
     }
     .map_err(pg("read underived"))?;
+    underived_rows(&rows)
+}
+
+fn underived_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<Underived>, StoreError> {
     rows.iter()
         .map(|row| {
             Ok(Underived {
@@ -1653,6 +1657,35 @@ pub(super) async fn underived(
             })
         })
         .collect()
+}
+
+/// [`crate::store::Store::underived_of`]: `nodes`' waiting reports in the partitions this
+/// deriver holds (no balance here: [`underived`] does that), on the deriver's connection.
+pub(super) async fn underived_of(
+    store: &PostgresStore,
+    nodes: &[String],
+    limit: u32,
+) -> Result<Vec<Underived>, StoreError> {
+    if nodes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let w = store.deriver().await?;
+    if w.parts.held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = w
+        .client
+        .query(
+            "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+             FROM derive_queue q JOIN reports r
+               ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
+             WHERE q.node = ANY($2::TEXT[]) AND q.part = ANY($3::INT4[])
+             ORDER BY q.id LIMIT $1",
+            &[&i64::from(limit), &nodes, &w.parts.held],
+        )
+        .await
+        .map_err(pg("read underived of nodes"))?;
+    underived_rows(&rows)
 }
 
 /// Derive a batch in one transaction on the deriver's connection: take the batch's queue

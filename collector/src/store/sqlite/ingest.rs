@@ -807,6 +807,59 @@ pub(super) async fn underived(
         .await
 }
 
+/// [`crate::store::Store::underived_of`]: the queue has no index by node (every append would
+/// pay for one); it holds what is not derived yet, a few seconds' worth under load, so this
+/// reads it whole and keeps `nodes`' rows.
+pub(super) async fn underived_of(
+    store: &SqliteStore,
+    nodes: &[String],
+    limit: u32,
+) -> Result<Vec<Underived>, StoreError> {
+    if nodes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let nodes = serde_json::to_string(nodes).map_err(|e| StoreError::Task(e.to_string()))?;
+    store
+        .read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+                     FROM derive_queue q JOIN reports r
+                       ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
+                     WHERE q.node IN (SELECT value FROM json_each(?2))
+                     ORDER BY q.id LIMIT ?1",
+                )
+                .map_err(sql("prepare underived of nodes"))?;
+            let rows = st
+                .query_map(params![limit, nodes], |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, Vec<u8>>(5)?,
+                    ))
+                })
+                .map_err(sql("read underived of nodes"))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (queue_id, node, epoch, seq, received_unix_ms, body) =
+                    row.map_err(sql("read underived of nodes"))?;
+                out.push(Underived {
+                    queue_id,
+                    node,
+                    epoch: to_u64(epoch, "epoch")?,
+                    seq: to_u64(seq, "seq")?,
+                    received_unix_ms,
+                    body,
+                });
+            }
+            Ok(out)
+        })
+        .await
+}
+
 /// How long a derive transaction holds SQLite's writer, at least, before it lets appends that
 /// wait go first: past it, at the end of a node's reports, the transaction commits what it
 /// derived so far, the waiting appends are stored (and acknowledged), and the rest of the batch
