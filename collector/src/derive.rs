@@ -1338,6 +1338,7 @@ mod tests {
                 until_unix_ms: 600_000,
                 by: "country".into(),
                 limit: 10,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -1377,6 +1378,7 @@ mod tests {
                 until_unix_ms: 600_000,
                 by: "country".into(),
                 limit: 10,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -1468,6 +1470,7 @@ mod tests {
                 until_unix_ms: 600_000,
                 by: "node".into(),
                 limit: 10,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -1230,6 +1230,7 @@ async fn time_parts(
         } else {
             MAX_ROWS
         },
+        ..Default::default()
     };
     let mut out = Vec::new();
     for part in [

@@ -521,6 +521,7 @@ impl QueryService {
             until_unix_ms: until,
             by: r.by.clone(),
             limit: self.page(r.limit),
+            ..Default::default()
         };
         let derived_up_to_unix_ms = self.derived_up_to().await;
         let (rows, truncated) = self.store.egress(q).await.map_err(store_unavailable)?;

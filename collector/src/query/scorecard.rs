@@ -116,6 +116,7 @@ pub async fn read_inputs(
                 until_unix_ms,
                 by: by.to_owned(),
                 limit: MAX_ROWS,
+                ..Default::default()
             })
             .await?;
         inputs.truncated |= left_out > 0;

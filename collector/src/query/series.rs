@@ -63,6 +63,7 @@ pub async fn series(
                 until_unix_ms: end,
                 by: "node".to_owned(),
                 limit: MAX_ROWS,
+                ..Default::default()
             })
             .await?;
         let gpu = store.gpu_usage(start, end, MAX_ROWS).await?;

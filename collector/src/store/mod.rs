@@ -588,6 +588,47 @@ pub struct EgressQuery {
     pub by: String,
     /// Most rows.
     pub limit: u32,
+    /// The jurisdiction's countries, for the breach rules' read: when not empty, groups of a
+    /// per-destination grouping ("destination", "flow", "contested") whose destination is
+    /// plainly inside (one of these countries, the sources agreeing, none of its answers
+    /// ruled out by the speed of light) are left out, before the limit: no rule counts them
+    /// (`policy::verdicts`), and a jurisdiction's own traffic neither slows the rules down nor
+    /// pushes foreign rows past the limit. Empty: every group.
+    pub leave_out_inside: Vec<String>,
+}
+
+/// The `HAVING` condition of an egress query that leaves out the groups plainly inside
+/// `countries` ([`EgressQuery::leave_out_inside`]), written with the same aggregates the
+/// verdict columns are read from ([`egress_verdict_select`]), so that whatever is left out is
+/// counted inside by `policy::verdicts` under every `[verdicts]` setting (with
+/// `impossible = "foreign"`, a destination inside with an answer ruled out is counted inside
+/// too, and kept). `None` when there is nothing to leave out, or a country is not a plain code
+/// (letters only; then nothing is left out).
+pub fn plainly_inside_having(q: &EgressQuery) -> Option<String> {
+    if q.leave_out_inside.is_empty() || !rollup::per_destination(&q.by) {
+        return None;
+    }
+    let mut codes: Vec<String> = Vec::new();
+    for c in &q.leave_out_inside {
+        if c.is_empty() || c.len() > 8 || !c.chars().all(|ch| ch.is_ascii_alphabetic()) {
+            return None;
+        }
+        for v in [c.clone(), c.to_ascii_uppercase()] {
+            if !codes.contains(&v) {
+                codes.push(v);
+            }
+        }
+    }
+    let list = codes
+        .iter()
+        .map(|c| format!("'{c}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(format!(
+        "HAVING NOT (country IN ({list}) AND max(contested) = 0
+            AND max(CASE WHEN physics = 'impossible' THEN 1 ELSE 0 END) = 0
+            AND max(answers) NOT LIKE '%\"impossible\":true%')"
+    ))
 }
 
 /// A report's weight inventory: complete, or the changes since the previous report.

@@ -71,6 +71,7 @@ macro_rules! store_suite {
             egress_is_grouped_ordered_by_bytes_sent_and_limited,
             egress_adds_flows_within_a_minute_and_ignores_resends_and_inbound,
             egress_refuses_an_unknown_grouping,
+            the_rules_read_leaves_out_only_what_is_plainly_inside,
             pruning_removes_old_flows,
             raw_samples_fold_into_minute_aggregates_that_outlive_them,
             a_breach_opens_updates_and_resolves_with_one_log_record_per_change,
@@ -399,6 +400,7 @@ pub(crate) async fn an_appended_report_is_derived_once_after_its_ack(db: &dyn Ba
             until_unix_ms: 600_000,
             by: "country".into(),
             limit: 10,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -1053,6 +1055,129 @@ const T: i64 = 150_000;
 
 /// Node a (vllm to Cloudflare twice and Google, curl inside MA, one inbound flow from FR),
 /// node b (python to Google and Orange, and one flow long after the queried range).
+/// `leave_out_inside` (the breach rules' read): the groups plainly inside the jurisdiction
+/// are left out, before the limit, and only those that `policy::verdicts` counts inside;
+/// contested, ruled-out, foreign and unplaced destinations stay.
+pub(crate) async fn the_rules_read_leaves_out_only_what_is_plainly_inside(db: &dyn Backend) {
+    let store = db.store();
+    let answer = |country: &str, impossible: bool| {
+        format!(
+            r#"{{"source":"db:{country}","country":"{country}","kind":"database","impossible":{impossible},"distance_km":0}}"#
+        )
+    };
+    let with = |last: u8, country: &str, answers: Vec<String>, contested: bool, physics: &str| {
+        let mut f = flow(
+            10,
+            "vllm",
+            (&format!("192.0.2.{last}"), 443),
+            (country, 0, ""),
+            u64::from(last) * 100,
+            0,
+            0,
+            T,
+        );
+        f.verdict = crate::store::VerdictColumns {
+            answers_json: if answers.is_empty() {
+                "".into()
+            } else {
+                format!("[{}]", answers.join(",")).into()
+            },
+            contested,
+            physics: physics.into(),
+            ..Default::default()
+        };
+        f
+    };
+    let mut r = report("a", 1, 1);
+    r.telemetry.flows = vec![
+        // Plainly inside: left out.
+        with(1, "MA", vec![answer("MA", false)], false, "possible"),
+        with(2, "MA", vec![], false, ""),
+        // Inside by its country, but contested, or an answer ruled out by physics: kept.
+        with(
+            3,
+            "MA",
+            vec![answer("MA", false), answer("FR", false)],
+            true,
+            "possible",
+        ),
+        with(4, "MA", vec![answer("MA", true)], false, "impossible"),
+        with(
+            5,
+            "MA",
+            vec![answer("MA", false), answer("MA", true)],
+            false,
+            "possible",
+        ),
+        // Abroad, or nowhere: kept.
+        with(6, "FR", vec![answer("FR", false)], false, "possible"),
+        with(7, "", vec![], false, ""),
+    ];
+    assert_eq!(ingest(store, r).await, IngestOutcome::Stored);
+    let read = |inside: &[&str], limit: u32| {
+        store.egress(EgressQuery {
+            since_unix_ms: 0,
+            until_unix_ms: 600_000,
+            by: "flow".into(),
+            limit,
+            leave_out_inside: inside.iter().map(|c| (*c).to_owned()).collect(),
+        })
+    };
+    let last_bytes = |rows: &[pb::EgressRow]| -> Vec<String> {
+        rows.iter().map(|r| r.remote_address.clone()).collect()
+    };
+    let (all, _) = read(&[], 100).await.unwrap();
+    assert_eq!(all.len(), 7);
+    let (rows, left) = read(&["ma"], 100).await.unwrap();
+    let kept: Vec<String> = (3..=7).rev().map(|i| format!("192.0.2.{i}")).collect();
+    assert_eq!((last_bytes(&rows), left), (kept.clone(), 0));
+    // What is left out is counted inside under either reading of physics, and is all of it
+    // under the default ("review").
+    for impossible in ["review", "foreign"] {
+        let policy = crate::policy::rules::testutil::policy(&format!(
+            "[verdicts]\nimpossible = \"{impossible}\""
+        ));
+        for row in &all {
+            let inside = policy.count(row) == crate::policy::Counted::Inside;
+            assert_eq!(
+                !kept.contains(&row.remote_address),
+                inside && !row.answers.iter().any(|a| a.impossible) && row.physics != "impossible",
+                "{} ({impossible})",
+                row.remote_address
+            );
+            if !kept.contains(&row.remote_address) {
+                assert!(
+                    inside,
+                    "{} left out but counted {:?}",
+                    row.remote_address,
+                    policy.count(row)
+                );
+            }
+        }
+    }
+    // The limit applies to what is left: the largest three, two more counted.
+    let (rows, left) = read(&["MA"], 3).await.unwrap();
+    assert_eq!((last_bytes(&rows), left), (kept[..3].to_vec(), 2));
+    // A code that is not plain letters leaves nothing out; groupings without a destination
+    // ignore it.
+    assert_eq!(read(&["M'A"], 100).await.unwrap().0.len(), 7);
+    let (by_country, _) = store
+        .egress(EgressQuery {
+            since_unix_ms: 0,
+            until_unix_ms: 600_000,
+            by: "country".into(),
+            limit: 10,
+            leave_out_inside: vec!["MA".into()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        by_country.len(),
+        3,
+        "MA, FR and the unplaced: {by_country:?}"
+    );
+}
+
 async fn write_flows(store: &dyn Store) {
     let mut r = report("a", 1, 1);
     let mut inbound = flow(40, "sshd", ("9.9.9.9", 22), FR_ORANGE, 99_999, 1, 0, T);
@@ -1111,6 +1236,7 @@ async fn egress(store: &dyn Store, by: &str, limit: u32) -> (Vec<pb::EgressRow>,
             until_unix_ms: 600_000,
             by: by.into(),
             limit,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1245,6 +1371,7 @@ pub(crate) async fn egress_adds_flows_within_a_minute_and_ignores_resends_and_in
         until_unix_ms,
         by: "country".into(),
         limit: 10,
+        ..Default::default()
     };
     let (rows, _) = store.egress(q(T + 5_000, 600_000)).await.unwrap();
     assert_eq!(rows.len(), 3);
@@ -1268,6 +1395,7 @@ pub(crate) async fn egress_refuses_an_unknown_grouping(db: &dyn Backend) {
             until_unix_ms: 1,
             by: "planet".into(),
             limit: 10,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -60,6 +60,7 @@ async fn egress(db: &dyn Backend, by: &str) -> Vec<pb::EgressRow> {
             until_unix_ms: 600_000,
             by: by.into(),
             limit: 100,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -467,6 +467,7 @@ pub(crate) async fn late_rows_derived_in_one_batch_enter_leave_and_move_within_t
             until_unix_ms: 4 * d,
             by: "contested".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -107,6 +107,7 @@ async fn answers(store: &dyn Store, since: i64, until: i64) -> Vec<String> {
                 until_unix_ms: until,
                 by: by.into(),
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -217,6 +218,7 @@ pub(crate) async fn hour_rows_total_the_minutes_and_answers_are_the_same_after_a
             until_unix_ms: 4 * HOUR_MS,
             by: "country".into(),
             limit: 100,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -237,6 +239,7 @@ pub(crate) async fn hour_rows_total_the_minutes_and_answers_are_the_same_after_a
             until_unix_ms: 4 * HOUR_MS,
             by: "flow".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -681,6 +684,7 @@ pub(crate) async fn fleet_rows_are_the_sums_of_the_node_rows_through_rollups_lat
                 until_unix_ms: until,
                 by: "process".into(),
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -697,6 +701,7 @@ pub(crate) async fn fleet_rows_are_the_sums_of_the_node_rows_through_rollups_lat
             until_unix_ms: 2 * d,
             by: "country".into(),
             limit: 100,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -716,6 +721,7 @@ pub(crate) async fn fleet_rows_are_the_sums_of_the_node_rows_through_rollups_lat
             until_unix_ms: 2 * d,
             by: "flow".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -774,6 +780,7 @@ pub(crate) async fn node_level_groupings_over_rollups_list_the_largest_first_and
             until_unix_ms: until,
             by: by.into(),
             limit,
+            ..Default::default()
         })
     };
     let groupings = ["process", "node", "country", "asn", "contested"];
@@ -836,6 +843,7 @@ async fn contested_answer(store: &dyn Store, since: i64, until: i64) -> (String,
             until_unix_ms: until,
             by: "contested".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -940,6 +948,7 @@ pub(crate) async fn contested_rows_serve_the_scorecard_through_rollups_late_rows
             until_unix_ms: 4 * d,
             by: "contested".into(),
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -362,6 +362,9 @@ pub async fn gather(
             until_unix_ms: now_unix_ms.saturating_add(1),
             by: "flow".to_owned(),
             limit: EGRESS_ROWS,
+            // No rule counts a destination plainly inside (`policy::verdicts`): the store
+            // leaves those out, so an evaluation reads what may breach, not all traffic.
+            leave_out_inside: policy.inside.iter().cloned().collect(),
         })
         .await?;
     if left_out > 0 {

@@ -962,6 +962,7 @@ mod tests {
                     until_unix_ms: 600_000,
                     by: "country".into(),
                     limit: 10,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -1060,6 +1061,7 @@ mod tests {
                     until_unix_ms: 600_000,
                     by: "country".into(),
                     limit: 10,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -1106,6 +1108,7 @@ mod tests {
                             until_unix_ms: until,
                             by: "country".into(),
                             limit: 10,
+                            ..Default::default()
                         })
                         .await
                         .unwrap();

@@ -316,6 +316,7 @@ pub(super) async fn egress(
         source
     };
     let limit_param = values.len() + 1;
+    let having = crate::store::plainly_inside_having(&q).unwrap_or_default();
     let text = format!(
         "SELECT {cols}, SUM(bytes_sent)::BIGINT, SUM(bytes_received)::BIGINT,
                 SUM(connections)::BIGINT, COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0)::BIGINT,
@@ -323,6 +324,7 @@ pub(super) async fn egress(
          FROM {source}
          {filter}
          GROUP BY {group}
+         {having}
          ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC, {group}
          LIMIT GREATEST(${limit_param}::BIGINT, 1)"
     );

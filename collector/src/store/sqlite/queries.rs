@@ -202,6 +202,7 @@ impl SqliteStore {
         // so that it is known even when the limit is 0): the groups past the limit are
         // counted, not stepped through (`--by process` at 1,000 nodes has 180,000).
         let limit_param = values.len() + 1;
+        let having = crate::store::plainly_inside_having(q).unwrap_or_default();
         let text = format!(
             "SELECT {cols}, SUM(bytes_sent), SUM(bytes_received), SUM(connections),
                     COALESCE(MIN(NULLIF(min_rtt_us, 0)), 0), {verdict}, {containers_select},
@@ -209,6 +210,7 @@ impl SqliteStore {
              FROM {source}
              {filter}
              GROUP BY {group}
+             {having}
              ORDER BY SUM(bytes_sent) DESC, SUM(bytes_received) DESC
              LIMIT max(?{limit_param}, 1)"
         );
