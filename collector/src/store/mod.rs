@@ -218,6 +218,18 @@ macro_rules! store_by_concern {
                 breaches::resolve_quiet_breaches(self, rule, quiet_before_unix_ms, at_unix_ms).await
             }
 
+            async fn record_evaluation(
+                &self,
+                observations: Vec<$crate::store::Observation>,
+                quiet: Vec<(String, i64)>,
+                at_unix_ms: i64,
+            ) -> Result<
+                (Vec<$crate::store::BreachChange>, Vec<$crate::store::Breach>),
+                $crate::store::StoreError,
+            > {
+                breaches::record_evaluation(self, observations, quiet, at_unix_ms).await
+            }
+
             async fn list_breaches(
                 &self,
                 filter: $crate::store::BreachFilter,
@@ -1219,6 +1231,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         quiet_before_unix_ms: i64,
         at_unix_ms: i64,
     ) -> Result<Vec<Breach>, StoreError>;
+
+    /// One rule evaluation's writes, holding the writer once for all of them (under load it
+    /// is shared with ingest, and each take waits for an append batch): each of
+    /// `observations` as [`Store::observe_breach`], in order, then for each `(rule,
+    /// quiet_before_unix_ms)` of `quiet`, [`Store::resolve_quiet_breaches`] at `at_unix_ms`.
+    /// Each step is its own transaction, as with those calls one by one.
+    async fn record_evaluation(
+        &self,
+        observations: Vec<Observation>,
+        quiet: Vec<(String, i64)>,
+        at_unix_ms: i64,
+    ) -> Result<(Vec<BreachChange>, Vec<Breach>), StoreError>;
 
     /// Breaches matching `filter`, newest opened first (then by id), at most `filter.limit`.
     async fn list_breaches(&self, filter: BreachFilter) -> Result<Vec<Breach>, StoreError>;

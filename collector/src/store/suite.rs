@@ -78,6 +78,7 @@ macro_rules! store_suite {
             breaches_are_deduplicated_by_rule_node_and_subject,
             an_unchanged_observation_appends_nothing_and_a_new_severity_does,
             only_quiet_open_breaches_of_the_rule_are_resolved,
+            an_evaluation_recorded_at_once_does_what_its_steps_do_one_by_one,
             breaches_are_listed_by_state_rule_and_time_newest_first,
             the_breach_log_is_a_verifiable_chain_read_in_pages_and_never_pruned,
             the_outbox_keeps_one_row_per_sink_and_record_delivered_in_order,
@@ -1686,6 +1687,78 @@ pub(crate) async fn an_unchanged_observation_appends_nothing_and_a_new_severity_
     assert_eq!(log[2].body["severity"], "warning");
     assert_eq!(log[2].body["count"], 7);
     assert_eq!(verify_chain(log.into_iter()), Ok(3));
+}
+
+/// `record_evaluation`: an evaluation's observations and its rules' quiet resolutions in one
+/// take of the writer, with the outcome of the same calls one by one.
+pub(crate) async fn an_evaluation_recorded_at_once_does_what_its_steps_do_one_by_one(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let (changes, resolved) = store
+        .record_evaluation(
+            vec![
+                observation("r", "a", "s", 1000, 1.into()),
+                observation("r", "b", "s", 1000, 1.into()),
+                observation("q", "a", "s", 1000, 1.into()),
+            ],
+            vec![("r".into(), 0), ("q".into(), 0)],
+            1000,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            changes[..],
+            [
+                BreachChange::Opened(_),
+                BreachChange::Opened(_),
+                BreachChange::Opened(_)
+            ]
+        ),
+        "{changes:?}"
+    );
+    assert!(resolved.is_empty());
+    // Seen again (same evidence), seen with new evidence, and quiet: b of rule r resolves,
+    // q's breach is not quiet by q's own bound.
+    let (changes, resolved) = store
+        .record_evaluation(
+            vec![
+                observation("r", "a", "s", 5000, 1.into()),
+                observation("q", "a", "s", 5000, 2.into()),
+            ],
+            vec![("r".into(), 3000), ("q".into(), 500)],
+            5000,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            changes[..],
+            [BreachChange::Unchanged(_), BreachChange::Updated(_)]
+        ),
+        "{changes:?}"
+    );
+    let nodes: Vec<(&str, &str)> = resolved
+        .iter()
+        .map(|b| (b.rule.as_str(), b.node.as_str()))
+        .collect();
+    assert_eq!(nodes, [("r", "b")]);
+    let log = whole_log(store).await;
+    let events: Vec<_> = log.iter().map(|r| r.event.as_str()).collect();
+    assert_eq!(events, ["open", "open", "open", "updated", "resolved"]);
+    assert_eq!(verify_chain(log.into_iter()), Ok(5));
+    // An observation without a rule is refused, as one by one.
+    assert!(
+        store
+            .record_evaluation(
+                vec![observation("", "a", "s", 6000, 1.into())],
+                vec![],
+                6000
+            )
+            .await
+            .is_err()
+    );
 }
 
 pub(crate) async fn only_quiet_open_breaches_of_the_rule_are_resolved(db: &dyn Backend) {

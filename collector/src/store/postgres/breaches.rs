@@ -294,6 +294,41 @@ pub(super) async fn resolve_quiet_breaches(
     }
 }
 
+pub(super) async fn record_evaluation(
+    store: &PostgresStore,
+    observations: Vec<Observation>,
+    quiet: Vec<(String, i64)>,
+    at_unix_ms: i64,
+) -> Result<(Vec<BreachChange>, Vec<Breach>), StoreError> {
+    if observations.iter().any(|o| o.rule.is_empty()) {
+        return Err(StoreError::Range(
+            "breach observation without a rule".into(),
+        ));
+    }
+    let mut w = store.writer().await?;
+    let mut changes = Vec::with_capacity(observations.len());
+    for obs in &observations {
+        let mut attempt = 1;
+        changes.push(loop {
+            match observe_once(&mut w, obs).await {
+                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => attempt += 1,
+                outcome => break outcome?,
+            }
+        });
+    }
+    let mut resolved = Vec::new();
+    for (rule, quiet_before) in &quiet {
+        let mut attempt = 1;
+        resolved.extend(loop {
+            match resolve_once(&mut w, rule, *quiet_before, at_unix_ms).await {
+                Err(e) if attempt < INGEST_ATTEMPTS && retryable(&e) => attempt += 1,
+                outcome => break outcome?,
+            }
+        });
+    }
+    Ok((changes, resolved))
+}
+
 pub(super) async fn list_breaches(
     store: &PostgresStore,
     filter: BreachFilter,

@@ -326,6 +326,34 @@ pub(super) async fn resolve_quiet_breaches(
     .map_err(|e| StoreError::Task(e.to_string()))?
 }
 
+pub(super) async fn record_evaluation(
+    store: &SqliteStore,
+    observations: Vec<Observation>,
+    quiet: Vec<(String, i64)>,
+    at_unix_ms: i64,
+) -> Result<(Vec<BreachChange>, Vec<Breach>), StoreError> {
+    let writer = store.writer.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = lock(&writer);
+        let mut changes = Vec::with_capacity(observations.len());
+        for obs in &observations {
+            changes.push(SqliteStore::observe_breach_blocking(&mut w, obs)?);
+        }
+        let mut resolved = Vec::new();
+        for (rule, quiet_before) in &quiet {
+            resolved.extend(SqliteStore::resolve_quiet_breaches_blocking(
+                &mut w,
+                rule,
+                *quiet_before,
+                at_unix_ms,
+            )?);
+        }
+        Ok((changes, resolved))
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
 pub(super) async fn list_breaches(
     store: &SqliteStore,
     filter: BreachFilter,
