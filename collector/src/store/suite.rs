@@ -56,6 +56,7 @@ macro_rules! store_suite {
             a_report_is_stored_once_and_a_resend_is_a_duplicate,
             an_appended_report_is_derived_once_after_its_ack,
             a_nodes_waiting_reports_are_read_alone_in_queue_order,
+            a_stale_batch_does_not_take_a_newer_report_queued_under_its_id,
             one_batch_derives_a_nodes_reports_of_one_instant_as_one_after_the_other,
             missing_counts_holes_and_dropped_counts_declared_gaps,
             a_new_epoch_becomes_the_nodes_current_one,
@@ -305,6 +306,74 @@ pub(crate) async fn one_batch_derives_a_nodes_reports_of_one_instant_as_one_afte
     assert_eq!(rows.iter().map(|r| r.bytes_sent).sum::<u64>(), 2000);
     assert_eq!(db.count("SELECT COUNT(*) FROM foreign_flows").await, 2);
     assert_eq!(db.count(RAW_FLOWS).await, 2);
+}
+
+/// A batch read, then derived another way (its reports derived first), then handed over
+/// again after a newer report was queued: the newer report stays queued and is derived once,
+/// even where the database gives the newer row the old row's id (SQLite's rowids).
+pub(crate) async fn a_stale_batch_does_not_take_a_newer_report_queued_under_its_id(
+    db: &dyn Backend,
+) {
+    let store = db.store();
+    let with_flow = |node: &str, seq: u64, bytes: u64| {
+        let mut r = report(node, 1, seq);
+        r.telemetry.flows = vec![flow(
+            1,
+            "p",
+            ("1.1.1.1", 443),
+            US_CLOUDFLARE,
+            bytes,
+            0,
+            0,
+            T,
+        )];
+        r
+    };
+    let a = with_flow("a", 1, 10);
+    assert_eq!(
+        store.ingest(a.clone()).await.unwrap(),
+        IngestOutcome::Stored
+    );
+    let read = store.underived(10).await.unwrap();
+    let stale = vec![Derivation {
+        queue_id: read[0].queue_id,
+        report: a.clone(),
+    }];
+    // Derived first, through its own read.
+    let first = store.underived_of(&["a".into()], 10).await.unwrap();
+    let batch = vec![Derivation {
+        queue_id: first[0].queue_id,
+        report: a,
+    }];
+    assert_eq!(store.derive(batch).await.unwrap(), 1);
+    // A newer report is queued (SQLite: under the id just freed), then the stale batch comes.
+    let b = with_flow("b", 1, 1000);
+    assert_eq!(
+        store.ingest(b.clone()).await.unwrap(),
+        IngestOutcome::Stored
+    );
+    assert_eq!(
+        store.derive(stale).await.unwrap(),
+        0,
+        "nothing of the stale batch"
+    );
+    let queued = store.underived(10).await.unwrap();
+    assert_eq!(
+        queued.iter().map(|u| u.node.as_str()).collect::<Vec<_>>(),
+        ["b"],
+        "the newer report is still queued"
+    );
+    let batch = vec![Derivation {
+        queue_id: queued[0].queue_id,
+        report: b,
+    }];
+    assert_eq!(store.derive(batch).await.unwrap(), 1);
+    let (rows, _) = egress(store, "node", 10).await;
+    let sums: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|r| (r.node.as_str(), r.bytes_sent))
+        .collect();
+    assert_eq!(sums, [("b", 1000), ("a", 10)], "each derived once");
 }
 
 /// `underived_of`: the deriver reads the waiting reports of the nodes it is told to derive

@@ -735,24 +735,27 @@ impl SqliteStore {
     }
 
     /// Derive one report inside `tx` when this transaction takes its queue row; false when
-    /// the row was gone (derived already).
+    /// the row was gone (derived already). The row is matched by its report's key as well as
+    /// its id: SQLite gives a deleted row's id to the next insert when it was the largest, so
+    /// a batch read before its reports were derived another way (reports that may breach a
+    /// rule are derived first) could otherwise take a newer report's row by its old id.
     pub(super) fn derive_one(
         tx: &rusqlite::Transaction<'_>,
         d: &Derivation,
         raw: Option<&crate::store::minutes::ForeignFlows>,
     ) -> Result<bool, StoreError> {
+        let r = &d.report;
+        let epoch = to_i64(r.epoch, "epoch")?;
+        let seq = to_i64(r.seq, "seq")?;
         let taken = exec(
             tx,
-            "DELETE FROM derive_queue WHERE id = ?1",
-            params![d.queue_id],
+            "DELETE FROM derive_queue WHERE id = ?1 AND node = ?2 AND epoch = ?3 AND seq = ?4",
+            params![d.queue_id, r.node, epoch, seq],
         )
         .map_err(sql("take from derive queue"))?;
         if taken == 0 {
             return Ok(false);
         }
-        let r = &d.report;
-        let epoch = to_i64(r.epoch, "epoch")?;
-        let seq = to_i64(r.seq, "seq")?;
         insert_telemetry(tx, r, epoch)?;
         apply_weights(tx, r)?;
         super::training::apply_training(tx, r)?;
