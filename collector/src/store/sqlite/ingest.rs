@@ -772,40 +772,11 @@ pub(super) async fn underived(
 ) -> Result<Vec<Underived>, StoreError> {
     store
         .read(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
-                     FROM derive_queue q JOIN reports r
-                       ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
-                     ORDER BY q.id LIMIT ?1",
-                )
-                .map_err(sql("prepare underived"))?;
-            let rows = st
-                .query_map(params![limit], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, i64>(3)?,
-                        row.get::<_, i64>(4)?,
-                        row.get::<_, Vec<u8>>(5)?,
-                    ))
-                })
-                .map_err(sql("read underived"))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (queue_id, node, epoch, seq, received_unix_ms, body) =
-                    row.map_err(sql("read underived"))?;
-                out.push(Underived {
-                    queue_id,
-                    node,
-                    epoch: to_u64(epoch, "epoch")?,
-                    seq: to_u64(seq, "seq")?,
-                    received_unix_ms,
-                    body,
-                });
-            }
-            Ok(out)
+            read_underived(
+                c,
+                &format!("{UNDERIVED} ORDER BY q.id LIMIT ?1"),
+                params![limit],
+            )
         })
         .await
 }
@@ -824,43 +795,56 @@ pub(super) async fn underived_of(
     let nodes = serde_json::to_string(nodes).map_err(|e| StoreError::Task(e.to_string()))?;
     store
         .read(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
-                     FROM derive_queue q JOIN reports r
-                       ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq
-                     WHERE q.node IN (SELECT value FROM json_each(?2))
-                     ORDER BY q.id LIMIT ?1",
-                )
-                .map_err(sql("prepare underived of nodes"))?;
-            let rows = st
-                .query_map(params![limit, nodes], |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, i64>(3)?,
-                        row.get::<_, i64>(4)?,
-                        row.get::<_, Vec<u8>>(5)?,
-                    ))
-                })
-                .map_err(sql("read underived of nodes"))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (queue_id, node, epoch, seq, received_unix_ms, body) =
-                    row.map_err(sql("read underived of nodes"))?;
-                out.push(Underived {
-                    queue_id,
-                    node,
-                    epoch: to_u64(epoch, "epoch")?,
-                    seq: to_u64(seq, "seq")?,
-                    received_unix_ms,
-                    body,
-                });
-            }
-            Ok(out)
+            read_underived(
+                c,
+                &format!(
+                    "{UNDERIVED} WHERE q.node IN (SELECT value FROM json_each(?2))
+                     ORDER BY q.id LIMIT ?1"
+                ),
+                params![limit, nodes],
+            )
         })
         .await
+}
+
+/// Queued reports joined to their bodies (a `WHERE` and an `ORDER BY … LIMIT` follow).
+const UNDERIVED: &str = "SELECT q.id, q.node, q.epoch, q.seq, q.received_ms, r.body
+     FROM derive_queue q JOIN reports r
+       ON r.node = q.node AND r.epoch = q.epoch AND r.seq = q.seq";
+
+/// The rows of an [`UNDERIVED`] query.
+fn read_underived(
+    c: &Connection,
+    text: &str,
+    values: impl rusqlite::Params,
+) -> Result<Vec<Underived>, StoreError> {
+    let mut st = c.prepare_cached(text).map_err(sql("prepare underived"))?;
+    let rows = st
+        .query_map(values, |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, i64>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+                row.get::<_, Vec<u8>>(5)?,
+            ))
+        })
+        .map_err(sql("read underived"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (queue_id, node, epoch, seq, received_unix_ms, body) =
+            row.map_err(sql("read underived"))?;
+        out.push(Underived {
+            queue_id,
+            node,
+            epoch: to_u64(epoch, "epoch")?,
+            seq: to_u64(seq, "seq")?,
+            received_unix_ms,
+            body,
+        });
+    }
+    Ok(out)
 }
 
 /// How long a derive transaction holds SQLite's writer, at least, before it lets appends that
