@@ -84,7 +84,7 @@ pub async fn read_inputs(
     let mut inputs = Inputs::default();
     let (nodes, nodes_cut) = crate::store::all_nodes(store, MAX_ROWS as usize).await?;
     inputs.nodes = nodes.into_iter().map(pb::NodeSummary::from).collect();
-    let (models, models_cut) = crate::store::all_models(store, MAX_ROWS as usize).await?;
+    let (models, models_cut) = store.model_holdings(MAX_ROWS).await?;
     inputs.models = models;
     inputs.truncated = nodes_cut || models_cut;
     for n in inputs

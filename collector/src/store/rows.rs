@@ -301,6 +301,51 @@ pub(crate) fn push_model(
     Ok(true)
 }
 
+/// One row of [`super::MODEL_HOLDINGS`] into `out` (by key): the model on its first copy,
+/// then the copy and its users' pids. The first copy's name, publisher and size stand for
+/// the model, as [`push_model`]'s do.
+pub(crate) fn push_holding(
+    out: &mut BTreeMap<String, pb::ModelSummary>,
+    r: &impl Columns,
+) -> Result<(), StoreError> {
+    let key = r.text(0)?;
+    let m = match out.entry(key) {
+        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::btree_map::Entry::Vacant(e) => {
+            let key = e.key().clone();
+            e.insert(pb::ModelSummary {
+                key,
+                model: r.text(1)?,
+                publisher: r.text(2)?,
+                size_bytes: r.count(3)?,
+                ..Default::default()
+            })
+        }
+    };
+    let node = r.text(4)?;
+    let users = r.text(7)?;
+    if users != "[]" {
+        let users: Vec<serde_json::Value> = serde_json::from_str(&users).unwrap_or_default();
+        for u in users {
+            m.users.push(pb::ModelUser {
+                node: node.clone(),
+                pid: u["pid"]
+                    .as_u64()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .unwrap_or(0),
+                ..Default::default()
+            });
+        }
+    }
+    m.copies.push(pb::ModelCopy {
+        node,
+        site: r.text(5)?,
+        country: r.text(6)?,
+        ..Default::default()
+    });
+    Ok(())
+}
+
 /// At most this many declared bases are shown per model (the agent sends at most 8).
 pub(crate) const MAX_MODEL_BASES: usize = 8;
 /// Declared base names, organisations and URLs are cut to this many bytes.

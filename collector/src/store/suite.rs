@@ -916,6 +916,49 @@ pub(crate) async fn copies_of_one_model_on_two_nodes_are_listed_together_with_th
     // A page of one model holds all of its copies.
     assert_eq!(first[0].key, x.key);
     assert_eq!(first[0].copies.len(), 2);
+    // The scorecard's read: the same models in the same order, each with its name,
+    // publisher, size, every copy's place and every user's pid; at most `cap` of them.
+    let (holdings, cut) = store.model_holdings(10).await.unwrap();
+    assert!(!cut);
+    assert_eq!(
+        holdings.iter().map(held).collect::<Vec<_>>(),
+        all.iter().map(held).collect::<Vec<_>>()
+    );
+    assert_eq!(holdings[0].copies.len(), 2);
+    assert_eq!(holdings[0].users.len(), 2);
+    let (one, cut) = store.model_holdings(1).await.unwrap();
+    assert!(cut, "two models, one asked for");
+    assert_eq!(one.iter().map(held).collect::<Vec<_>>(), [held(&all[0])]);
+}
+
+/// What [`Store::model_holdings`] reads of a listed model: key, name, publisher and size,
+/// each copy's node, site and country, and each user's node and pid (sorted).
+type Held = (
+    String,
+    String,
+    String,
+    u64,
+    Vec<(String, String, String)>,
+    Vec<(String, u32)>,
+);
+
+fn held(m: &pb::ModelSummary) -> Held {
+    let mut copies: Vec<_> = m
+        .copies
+        .iter()
+        .map(|c| (c.node.clone(), c.site.clone(), c.country.clone()))
+        .collect();
+    copies.sort();
+    let mut users: Vec<_> = m.users.iter().map(|u| (u.node.clone(), u.pid)).collect();
+    users.sort();
+    (
+        m.key.clone(),
+        m.model.clone(),
+        m.publisher.clone(),
+        m.size_bytes,
+        copies,
+        users,
+    )
 }
 
 pub(crate) async fn deltas_add_and_remove_and_a_full_inventory_removes_what_it_does_not_list(
@@ -970,6 +1013,11 @@ pub(crate) async fn deltas_add_and_remove_and_a_full_inventory_removes_what_it_d
     .await;
     assert_eq!(
         names(store.list_models("", "", 10).await.unwrap()),
+        ["one", "three"]
+    );
+    // The scorecard's read leaves out the removed files too.
+    assert_eq!(
+        names(store.model_holdings(10).await.unwrap().0),
         ["one", "three"]
     );
     // Removed files stay in the table (history), marked removed.

@@ -3,6 +3,8 @@
 //! and every question asked before a rollup gets the same answer after it, for ranges that
 //! span rolled-up hours and fresh minutes, also when a late report lands in a rolled-up hour.
 
+use std::collections::BTreeSet;
+
 use sov_proto::pb;
 
 use super::rollup::HOUR_MS;
@@ -783,7 +785,7 @@ pub(crate) async fn node_level_groupings_over_rollups_list_the_largest_first_and
             ..Default::default()
         })
     };
-    let groupings = ["process", "node", "country", "asn", "contested"];
+    let groupings = ["process", "node", "country", "asn"];
     let mut minutes = Vec::new();
     for by in groupings {
         minutes.push(ask(by, 1000).await.unwrap().0);
@@ -831,6 +833,53 @@ pub(crate) async fn node_level_groupings_over_rollups_list_the_largest_first_and
         assert_eq!(top, all[..2].to_vec(), "{by}: the two largest");
         assert_eq!(left_out, groups as u64 - 2, "{by}: the others counted");
     }
+    // `contested` is per place (a node's site and declared country), as `verdict` is: a and
+    // b share theirs, so one row for the one contested destination, naming the least node,
+    // with both nodes' bytes; the same before and after the rollup.
+    let (contested, left_out) = ask("contested", 1000).await.unwrap();
+    assert_eq!(left_out, 0);
+    assert_eq!(contested.len(), 1, "{contested:?}");
+    assert_eq!(
+        (
+            contested[0].node.as_str(),
+            contested[0].remote_address.as_str()
+        ),
+        ("a", "203.0.113.9")
+    );
+    let (flows, _) = ask("flow", 1000).await.unwrap();
+    let to_it: Vec<_> = flows
+        .iter()
+        .filter(|r| r.remote_address == "203.0.113.9")
+        .collect();
+    assert_eq!(
+        to_it
+            .iter()
+            .map(|r| r.node.as_str())
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from(["a", "b"])
+    );
+    assert_eq!(
+        contested[0].bytes_sent,
+        to_it.iter().map(|r| r.bytes_sent).sum::<u64>()
+    );
+    // b moves to another site (its latest report says so): two places, one row each.
+    let mut moved = report("b", 1, 420 + 18 * 1200);
+    moved.site = "casa-1".into();
+    assert_eq!(ingest(store, moved).await, IngestOutcome::Stored);
+    let (mut contested, _) = ask("contested", 1000).await.unwrap();
+    contested.sort_by(|x, y| x.node.cmp(&y.node));
+    assert_eq!(
+        contested
+            .iter()
+            .map(|r| (r.node.as_str(), r.bytes_sent))
+            .collect::<Vec<_>>(),
+        to_it
+            .iter()
+            .map(|r| (r.node.as_str(), r.bytes_sent))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    );
 }
 
 /// The `contested` grouping's rows (sorted) and the scorecard's contested count and bytes

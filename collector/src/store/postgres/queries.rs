@@ -175,6 +175,26 @@ pub(super) async fn list_models(
     Ok(out)
 }
 
+pub(super) async fn model_holdings(
+    store: &PostgresStore,
+    cap: u32,
+) -> Result<(Vec<sov_proto::pb::ModelSummary>, bool), StoreError> {
+    use futures::TryStreamExt;
+    let client = store.reader().await?;
+    // Streamed: a country's copies are hundreds of thousands of rows.
+    let rows = client
+        .query_raw(crate::store::MODEL_HOLDINGS, std::iter::empty::<i64>())
+        .await
+        .map_err(pg("model holdings"))?;
+    futures::pin_mut!(rows);
+    let mut out = std::collections::BTreeMap::new();
+    while let Some(row) = rows.try_next().await.map_err(pg("read model holding"))? {
+        rows::push_holding(&mut out, &row)?;
+    }
+    let cut = out.len() > cap as usize;
+    Ok((out.into_values().take(cap as usize).collect(), cut))
+}
+
 pub(super) async fn egress(
     store: &PostgresStore,
     q: EgressQuery,
@@ -231,9 +251,9 @@ pub(super) async fn egress(
         ),
         "contested" => (
             format!(
-                "country, node, {NO_TEXT}, {NO_NUM}, asn, max(org), remote_address, remote_port, max(geo_source)"
+                "country, min(node), {NO_TEXT}, {NO_NUM}, asn, max(org), remote_address, remote_port, max(geo_source)"
             ),
-            "country, node, asn, remote_address, remote_port",
+            "country, node_site, node_country, asn, remote_address, remote_port",
         ),
         other => {
             return Err(StoreError::Range(format!(
@@ -310,7 +330,7 @@ pub(super) async fn egress(
             vec![since, q.until_unix_ms],
         )
     };
-    let source = if q.by == "verdict" && !fleet {
+    let source = if matches!(q.by.as_str(), "verdict" | "contested") && !fleet {
         crate::store::rollup::with_node_site(&source)
     } else {
         source
