@@ -75,7 +75,10 @@ pub struct Inputs {
     pub truncated: bool,
 }
 
-/// Read the inputs for `[since, until)` from `store`.
+/// Read the inputs for `[since, until)` from `store`: the nodes first (the missing ranges
+/// are read for those with missing reports), then every other read at once, each on its own
+/// reader connection (at 10,000 nodes the reads take 0.1 to 1.4 s each; one after another
+/// they were the scorecard's whole time).
 pub async fn read_inputs(
     store: &dyn Store,
     since_unix_ms: i64,
@@ -84,44 +87,59 @@ pub async fn read_inputs(
     let mut inputs = Inputs::default();
     let (nodes, nodes_cut) = crate::store::all_nodes(store, MAX_ROWS as usize).await?;
     inputs.nodes = nodes.into_iter().map(pb::NodeSummary::from).collect();
-    let (models, models_cut) = store.model_holdings(MAX_ROWS).await?;
-    inputs.models = models;
-    inputs.truncated = nodes_cut || models_cut;
-    for n in inputs
-        .nodes
-        .iter()
-        .filter(|n| n.missing > 0)
-        .take(MAX_NODES_WITH_RANGES)
-    {
-        let ranges = store
-            .missing_ranges(&n.node, n.epoch, MAX_RANGES_PER_NODE)
-            .await?;
-        inputs.missing_ranges.insert(n.node.clone(), ranges);
-    }
-    inputs.gpu = store
-        .gpu_usage(since_unix_ms, until_unix_ms, MAX_ROWS)
-        .await?;
-    inputs.truncated |= inputs.gpu.len() >= MAX_ROWS as usize;
-    inputs.training = store.list_training(since_unix_ms, MAX_ROWS).await?;
-    inputs.truncated |= inputs.training.len() >= MAX_ROWS as usize;
+    let missing = async {
+        let mut out = BTreeMap::new();
+        for n in inputs
+            .nodes
+            .iter()
+            .filter(|n| n.missing > 0)
+            .take(MAX_NODES_WITH_RANGES)
+        {
+            let ranges = store
+                .missing_ranges(&n.node, n.epoch, MAX_RANGES_PER_NODE)
+                .await?;
+            out.insert(n.node.clone(), ranges);
+        }
+        Ok::<_, StoreError>(out)
+    };
     // By verdict rather than by flow: the answer is the same (the policy counts a row by its
     // country and verdict), and it can be read from hour rows (`store::rollup`).
-    for (by, out) in [
-        ("verdict", &mut inputs.egress_by_node),
-        ("contested", &mut inputs.contested),
-    ] {
-        let (rows, left_out) = store
-            .egress(EgressQuery {
-                since_unix_ms,
-                until_unix_ms,
-                by: by.to_owned(),
-                limit: MAX_ROWS,
-                ..Default::default()
-            })
-            .await?;
-        inputs.truncated |= left_out > 0;
-        *out = rows;
-    }
+    let egress = |by: &str| {
+        store.egress(EgressQuery {
+            since_unix_ms,
+            until_unix_ms,
+            by: by.to_owned(),
+            limit: MAX_ROWS,
+            ..Default::default()
+        })
+    };
+    let (
+        (models, models_cut),
+        missing_ranges,
+        gpu,
+        training,
+        (verdict, verdict_left_out),
+        (contested, contested_left_out),
+    ) = futures::try_join!(
+        store.model_holdings(MAX_ROWS),
+        missing,
+        store.gpu_usage(since_unix_ms, until_unix_ms, MAX_ROWS),
+        store.list_training(since_unix_ms, MAX_ROWS),
+        egress("verdict"),
+        egress("contested"),
+    )?;
+    inputs.models = models;
+    inputs.missing_ranges = missing_ranges;
+    inputs.truncated = nodes_cut
+        || models_cut
+        || gpu.len() >= MAX_ROWS as usize
+        || training.len() >= MAX_ROWS as usize
+        || verdict_left_out > 0
+        || contested_left_out > 0;
+    inputs.gpu = gpu;
+    inputs.training = training;
+    inputs.egress_by_node = verdict;
+    inputs.contested = contested;
     // The `verdict` rows hold every node's bytes by destination country and ASN: summed
     // here, they are the `asn` grouping's answer without a second read of the range.
     inputs.egress_by_asn = by_asn(&inputs.egress_by_node);

@@ -4,8 +4,10 @@
 //! idempotency on `(node, epoch, seq)`, the same "latest observed wins" node facts.
 //!
 //! Connections: one writer connection behind a tokio mutex, so this replica's transactions
-//! run one at a time like SQLite's single writer, and one reader connection shared by every
-//! query (tokio-postgres pipelines concurrent queries on it). Replicas are serialised by the
+//! run one at a time like SQLite's single writer, and up to [`READERS`] reader connections,
+//! opened as reads overlap: a read takes the one with the fewest queries in flight
+//! (tokio-postgres pipelines the queries sharing one, but its server process runs them one
+//! after another). Replicas are serialised by the
 //! database itself: `INSERT ... ON CONFLICT DO NOTHING` on the report key makes a second
 //! replica wait for the first one's commit and then see a duplicate. A transaction that loses
 //! a deadlock or serialisation race is retried. When a connection's task has ended (the
@@ -114,7 +116,8 @@ struct Inner {
     config: Config,
     schema: Option<String>,
     writer: Mutex<Option<Writer>>,
-    reader: Mutex<Option<Arc<Client>>>,
+    /// [`READERS`] slots, each connected when first needed.
+    readers: Vec<Mutex<Option<Arc<Client>>>>,
     /// Reports waiting for the writer (group commit).
     pending: std::sync::Mutex<super::Pending>,
 }
@@ -183,6 +186,11 @@ fn retryable(err: &StoreError) -> bool {
     }))
 }
 
+/// Reader connections at most (see the module's notes; as SQLite's
+/// [`super::sqlite::READERS`]): with one, a regulator's question of several seconds at
+/// 10,000 nodes held up every token lookup, rule evaluation and other question behind it.
+pub const READERS: usize = 4;
+
 /// The session settings of the reader connection (what the questions run on).
 pub const READER_SESSION: &str = "SET jit = off; SET work_mem = '64MB';";
 
@@ -208,7 +216,7 @@ async fn open_connection(
         // took 1.2 s of a 2.3 s `egress --by process` at 1,000 nodes (docs/PERFORMANCE.md
         // §8i), far more than it saved. And their groups (180,000 for `--by process` over a
         // week of 1,000 nodes) fit a hash table in 64 MB, where the default 4 MB sorted them
-        // on disk. The reader is one connection, so this bounds its memory too.
+        // on disk. At most [`READERS`] readers, so this bounds their memory too.
         session.push_str(READER_SESSION);
         session.push_str("SET default_transaction_read_only = on;");
     }
@@ -355,7 +363,11 @@ impl PostgresStore {
                     st,
                     parts: Default::default(),
                 })),
-                reader: Mutex::new(Some(Arc::new(reader))),
+                readers: std::iter::once(Some(Arc::new(reader)))
+                    .chain(std::iter::repeat_with(|| None))
+                    .take(READERS)
+                    .map(Mutex::new)
+                    .collect(),
                 pending: Default::default(),
             }),
             deriver: Arc::default(),
@@ -406,10 +418,28 @@ impl PostgresStore {
             .map_err(|_| StoreError::Task(format!("postgres {role} connection missing")))
     }
 
-    /// The reader connection (shared: queries on it are pipelined), reconnected first if
-    /// its connection task has ended.
+    /// A reader connection: the first idle one, else the one with the fewest queries in
+    /// flight (each holds a clone of its `Arc`); connected first if it never was, or if its
+    /// connection task has ended.
     async fn reader(&self) -> Result<Arc<Client>, StoreError> {
-        let mut guard = self.inner.reader.lock().await;
+        let mut least: Option<(usize, usize)> = None;
+        for (i, slot) in self.inner.readers.iter().enumerate() {
+            let busy = match slot.lock().await.as_ref() {
+                Some(c) if !c.is_closed() => Arc::strong_count(c) - 1,
+                _ => 0,
+            };
+            if least.is_none_or(|(fewest, _)| busy < fewest) {
+                least = Some((busy, i));
+            }
+            if busy == 0 {
+                break;
+            }
+        }
+        let slot = least.map_or(0, |(_, i)| i);
+        let Some(slot) = self.inner.readers.get(slot) else {
+            return Err(StoreError::Task("no reader connection slot".to_owned()));
+        };
+        let mut guard = slot.lock().await;
         if let Some(c) = guard.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }

@@ -288,7 +288,7 @@ pub(super) async fn audit_log(
 ) -> Result<Vec<AuditRecord>, StoreError> {
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
-        SqliteStore::audit_log_blocking(&lock(&reader), after_seq, limit)
+        reader.with(|conn| SqliteStore::audit_log_blocking(conn, after_seq, limit))
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -360,7 +360,7 @@ pub(super) async fn list_breaches(
 ) -> Result<Vec<Breach>, StoreError> {
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
-        SqliteStore::list_breaches_blocking(&lock(&reader), &filter)
+        reader.with(|conn| SqliteStore::list_breaches_blocking(conn, &filter))
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -373,7 +373,7 @@ pub(super) async fn breach_log(
 ) -> Result<Vec<LogRecord>, StoreError> {
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
-        SqliteStore::breach_log_blocking(&lock(&reader), after_seq, limit)
+        reader.with(|conn| SqliteStore::breach_log_blocking(conn, after_seq, limit))
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?

@@ -1,6 +1,6 @@
 //! Embedded SQLite store: WAL mode, `synchronous = FULL` (a commit survives power loss, not
-//! only a crash of the process), one writer connection and one reader connection. Blocking
-//! calls run on tokio's blocking pool.
+//! only a crash of the process), one writer connection and [`READERS`] reader connections.
+//! Blocking calls run on tokio's blocking pool.
 //!
 //! This file holds the connections, the schema migrations (`collector/migrations/sqlite/`,
 //! one `.sql` file per version) and the [`Store`](super::Store) impl; each concern has its
@@ -74,11 +74,52 @@ const MIGRATIONS: [&str; 24] = [
     include_str!("../../../migrations/sqlite/0024_contested_late_rows_without_triggers.sql"),
 ];
 
+/// Reader connections: a read takes whichever is free. With one, every read waited for the
+/// one before it: at 10,000 nodes a regulator's `egress --by process` over a week reads for
+/// seconds, and each API token lookup, rule evaluation and other regulator's question queued
+/// behind it; and a scorecard's reads could not run side by side. WAL readers do not block
+/// each other or the writer; each holds its own page cache (2 MB by default).
+pub const READERS: usize = 4;
+
+/// The reader connections, lent one read at a time ([`Readers::with`]).
+#[derive(Debug)]
+struct Readers {
+    free: Mutex<Vec<Connection>>,
+    returned: std::sync::Condvar,
+}
+
+impl Readers {
+    /// Run `f` with a free reader connection, waiting for one when all are lent.
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        let conn = {
+            let mut free = lock(&self.free);
+            loop {
+                if let Some(c) = free.pop() {
+                    break c;
+                }
+                free = self
+                    .returned
+                    .wait(free)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        };
+        // Given back even when `f` panics (a read leaves nothing open once its statements
+        // drop), so that a panic does not shrink the pool.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&conn)));
+        lock(&self.free).push(conn);
+        self.returned.notify_one();
+        match out {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     writer: Arc<Mutex<Connection>>,
-    reader: Arc<Mutex<Connection>>,
+    reader: Arc<Readers>,
     /// Reports waiting for the writer (group commit, see [`Store::ingest`]).
     pending: Arc<Mutex<super::Pending>>,
     /// Answers committed appends once the write-ahead log is synced ([`sync`]).
@@ -153,10 +194,14 @@ impl SqliteStore {
         }
         let mut writer = writer;
         migrate(&mut writer, version)?;
-        let reader = Connection::open(&path).map_err(sql("open reader"))?;
-        reader
-            .execute_batch("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
-            .map_err(sql("set reader pragmas"))?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let reader = Connection::open(&path).map_err(sql("open reader"))?;
+            reader
+                .execute_batch("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
+                .map_err(sql("set reader pragmas"))?;
+            readers.push(reader);
+        }
         writer.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         writer
             .execute_batch(&format!(
@@ -170,7 +215,10 @@ impl SqliteStore {
         spawn_checkpointer(path, Arc::downgrade(&writer));
         Ok(Self {
             writer,
-            reader: Arc::new(Mutex::new(reader)),
+            reader: Arc::new(Readers {
+                free: Mutex::new(readers),
+                returned: std::sync::Condvar::new(),
+            }),
             pending: Arc::default(),
             syncer,
         })
@@ -236,13 +284,13 @@ impl SqliteStore {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Run `f` with the reader connection on the blocking pool.
+    /// Run `f` with a reader connection on the blocking pool.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || f(&lock(&reader)))
+        tokio::task::spawn_blocking(move || reader.with(f))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
@@ -252,6 +300,8 @@ crate::store::store_by_concern!(SqliteStore);
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::store::Store;
     use crate::store::suite::{Backend, Fixture, report, store_suite, telemetry};
@@ -629,5 +679,83 @@ mod tests {
             verdict.message(),
             "log broken at record 1002: record missing (the next stored record is 1003)"
         );
+    }
+
+    /// Hold `n` reader connections inside reads (each waits until its sender is dropped or
+    /// sends); returns once all `n` are inside.
+    async fn hold_readers(
+        store: &SqliteStore,
+        n: usize,
+    ) -> Vec<(
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    )> {
+        let (inside, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        let mut held = Vec::new();
+        for _ in 0..n {
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            let inside = inside.clone();
+            let s = store.clone();
+            let read = tokio::spawn(async move {
+                s.read(move |_conn| {
+                    inside.send(()).unwrap();
+                    let _ = wait.recv();
+                    Ok(())
+                })
+                .await
+            });
+            held.push((release, read));
+        }
+        for _ in 0..n {
+            entered.recv().await.unwrap();
+        }
+        held
+    }
+
+    /// `f`'s output, failing the test if it takes a minute (a reader never came free).
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no reader came free in 60 s"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_read_does_not_hold_up_the_others_and_a_read_waits_only_when_all_are_lent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.ingest(report("a", 1, 1)).await.unwrap();
+        // A long read, then all readers but one inside long reads: token lookups and
+        // questions still answer (with one reader connection they waited for it to end).
+        let mut held = hold_readers(&store, 1).await;
+        let nodes = within("list nodes", store.list_nodes("", 10)).await;
+        assert_eq!(nodes.unwrap().len(), 1);
+        let token = within("token lookup", store.token_by_hash("x")).await;
+        assert!(token.unwrap().is_none());
+        held.extend(hold_readers(&store, READERS - 2).await);
+        let nodes = within("list nodes", store.list_nodes("", 10)).await;
+        assert_eq!(nodes.unwrap().len(), 1);
+        // Every reader lent: a read waits for one to come back, then answers.
+        held.extend(hold_readers(&store, 1).await);
+        let s = store.clone();
+        let waiting = tokio::spawn(async move { s.list_nodes("", 10).await });
+        let (release, first) = held.remove(0);
+        release.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        let nodes = within("a read waiting for a reader", waiting).await;
+        assert_eq!(nodes.unwrap().unwrap().len(), 1);
+        for (release, read) in held {
+            drop(release);
+            read.await.unwrap().unwrap();
+        }
+        // A read that panics gives its connection back: as many panics as readers, then
+        // a read still answers.
+        for _ in 0..READERS {
+            let panicked = store
+                .read(|_conn| -> Result<(), StoreError> { panic!("a read panics") })
+                .await;
+            assert!(matches!(panicked, Err(StoreError::Task(_))), "{panicked:?}");
+        }
+        let nodes = within("a read after panics", store.list_nodes("", 10)).await;
+        assert_eq!(nodes.unwrap().len(), 1);
     }
 }

@@ -781,31 +781,32 @@ pub(super) async fn missing_ranges(
     let node = node.to_owned();
     let epoch = to_i64(epoch, "epoch")?;
     tokio::task::spawn_blocking(move || {
-        let conn = lock(&reader);
-        let missing: Option<i64> = conn
-            .prepare_cached(crate::store::EPOCH_MISSING)
-            .map_err(sql("prepare epoch missing"))?
-            .query_row(params![node, epoch], |r| r.get(0))
-            .optional()
-            .map_err(sql("epoch missing"))?;
-        let mut scan = crate::store::HoleScan::new(limit, missing);
-        let mut stmt = conn
-            .prepare_cached(crate::store::KEYS_PAGE)
-            .map_err(sql("prepare missing ranges"))?;
-        while scan.wants_more() {
-            let page = stmt
-                .query_map(
-                    params![node, epoch, scan.prev, crate::store::KEYS_PER_PAGE],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map_err(sql("missing ranges"))?
-                .collect::<Result<Vec<i64>, _>>()
-                .map_err(sql("read missing range"))?;
-            if !scan.feed(&page) {
-                break;
+        reader.with(|conn| {
+            let missing: Option<i64> = conn
+                .prepare_cached(crate::store::EPOCH_MISSING)
+                .map_err(sql("prepare epoch missing"))?
+                .query_row(params![node, epoch], |r| r.get(0))
+                .optional()
+                .map_err(sql("epoch missing"))?;
+            let mut scan = crate::store::HoleScan::new(limit, missing);
+            let mut stmt = conn
+                .prepare_cached(crate::store::KEYS_PAGE)
+                .map_err(sql("prepare missing ranges"))?;
+            while scan.wants_more() {
+                let page = stmt
+                    .query_map(
+                        params![node, epoch, scan.prev, crate::store::KEYS_PER_PAGE],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .map_err(sql("missing ranges"))?
+                    .collect::<Result<Vec<i64>, _>>()
+                    .map_err(sql("read missing range"))?;
+                if !scan.feed(&page) {
+                    break;
+                }
             }
-        }
-        Ok(scan.ranges)
+            Ok(scan.ranges)
+        })
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -819,25 +820,27 @@ pub(super) async fn gpu_usage(
 ) -> Result<Vec<GpuUsageRow>, StoreError> {
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
-        let conn = lock(&reader);
-        let plan = crate::store::rollup::plan(since_unix_ms, until_unix_ms, rolled_up_to(&conn)?);
-        let mut stmt = conn
-            .prepare_cached(&crate::store::rollup::gpu_usage_query(
-                &plan,
-                &|i| format!("?{i}"),
-                "",
-            ))
-            .map_err(sql("prepare gpu usage"))?;
-        let mut values = plan.params();
-        values.push(i64::from(limit));
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(values))
-            .map_err(sql("gpu usage"))?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql("gpu usage"))? {
-            out.push(rows::gpu_usage(row)?);
-        }
-        Ok(out)
+        reader.with(|conn| {
+            let plan =
+                crate::store::rollup::plan(since_unix_ms, until_unix_ms, rolled_up_to(&conn)?);
+            let mut stmt = conn
+                .prepare_cached(&crate::store::rollup::gpu_usage_query(
+                    &plan,
+                    &|i| format!("?{i}"),
+                    "",
+                ))
+                .map_err(sql("prepare gpu usage"))?;
+            let mut values = plan.params();
+            values.push(i64::from(limit));
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(values))
+                .map_err(sql("gpu usage"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("gpu usage"))? {
+                out.push(rows::gpu_usage(row)?);
+            }
+            Ok(out)
+        })
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -851,24 +854,25 @@ pub(super) async fn reports_by_node(
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
-        let conn = lock(&reader);
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT node, COUNT(*) FROM reports
+        reader.with(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT node, COUNT(*) FROM reports
                  WHERE observed_ms >= ?1 AND observed_ms < ?2
                  GROUP BY node ORDER BY node LIMIT ?3",
-            )
-            .map_err(sql("prepare reports by node"))?;
-        let mut rows = stmt
-            .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])
-            .map_err(sql("reports by node"))?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql("reports by node"))? {
-            let node: String = row.get(0).map_err(sql("reports by node"))?;
-            let n: i64 = row.get(1).map_err(sql("reports by node"))?;
-            out.push((node, u64::try_from(n).unwrap_or(0)));
-        }
-        Ok(out)
+                )
+                .map_err(sql("prepare reports by node"))?;
+            let mut rows = stmt
+                .query(params![since_unix_ms, until_unix_ms, i64::from(limit)])
+                .map_err(sql("reports by node"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("reports by node"))? {
+                let node: String = row.get(0).map_err(sql("reports by node"))?;
+                let n: i64 = row.get(1).map_err(sql("reports by node"))?;
+                out.push((node, u64::try_from(n).unwrap_or(0)));
+            }
+            Ok(out)
+        })
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -882,7 +886,7 @@ pub(super) async fn list_nodes(
     let reader = store.reader.clone();
     let after = after.to_owned();
     tokio::task::spawn_blocking(move || {
-        SqliteStore::list_nodes_blocking(&lock(&reader), &after, limit)
+        reader.with(|conn| SqliteStore::list_nodes_blocking(conn, &after, limit))
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -897,7 +901,7 @@ pub(super) async fn list_models(
     let reader = store.reader.clone();
     let (query, after) = (query.to_owned(), after.to_owned());
     tokio::task::spawn_blocking(move || {
-        SqliteStore::list_models_blocking(&lock(&reader), &query, &after, limit)
+        reader.with(|conn| SqliteStore::list_models_blocking(conn, &query, &after, limit))
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -928,7 +932,7 @@ pub(super) async fn egress(
     q: crate::store::EgressQuery,
 ) -> Result<(Vec<sov_proto::pb::EgressRow>, u64), StoreError> {
     let reader = store.reader.clone();
-    tokio::task::spawn_blocking(move || SqliteStore::egress_blocking(&lock(&reader), &q))
+    tokio::task::spawn_blocking(move || reader.with(|conn| SqliteStore::egress_blocking(conn, &q)))
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
 }

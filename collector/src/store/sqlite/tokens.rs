@@ -108,19 +108,20 @@ pub(super) async fn insert_token(
 pub(super) async fn list_tokens(store: &SqliteStore) -> Result<Vec<TokenRecord>, StoreError> {
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
-        let conn = lock(&reader);
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
+        reader.with(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT token_id, hash, name, role, created_ms, expires_ms FROM api_tokens
                  ORDER BY created_ms, token_id",
-            )
-            .map_err(sql("prepare list tokens"))?;
-        let mut rows = stmt.query([]).map_err(sql("list tokens"))?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next().map_err(sql("list tokens"))? {
-            out.push(rows::token(r)?);
-        }
-        Ok(out)
+                )
+                .map_err(sql("prepare list tokens"))?;
+            let mut rows = stmt.query([]).map_err(sql("list tokens"))?;
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().map_err(sql("list tokens"))? {
+                out.push(rows::token(r)?);
+            }
+            Ok(out)
+        })
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
@@ -145,9 +146,11 @@ pub(super) async fn token_by_hash(
 ) -> Result<Option<TokenRecord>, StoreError> {
     let reader = store.reader.clone();
     let hash = hash.to_owned();
-    tokio::task::spawn_blocking(move || SqliteStore::token_by_hash_blocking(&lock(&reader), &hash))
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+    tokio::task::spawn_blocking(move || {
+        reader.with(|conn| SqliteStore::token_by_hash_blocking(conn, &hash))
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()))?
 }
 
 pub(super) async fn add_enroll_tokens(
@@ -186,29 +189,30 @@ pub(super) async fn enroll_name_use(
     let reader = store.reader.clone();
     let (hash, node) = (hash.to_owned(), node.to_owned());
     tokio::task::spawn_blocking(move || {
-        let conn = lock(&reader);
-        let last: Option<i64> = conn
-            .query_row(
-                "SELECT MAX(t) FROM (
+        reader.with(|conn| {
+            let last: Option<i64> = conn
+                .query_row(
+                    "SELECT MAX(t) FROM (
                      SELECT last_seen_ms AS t FROM nodes WHERE node = ?1
                      UNION ALL
                      SELECT used_ms AS t FROM enroll_tokens WHERE used_by = ?1)",
-                [&node],
-                |r| r.get(0),
-            )
-            .map_err(sql("read name use"))?;
-        let replaces: Option<String> = conn
-            .query_row(
-                "SELECT replaces FROM enroll_tokens WHERE hash = ?1",
-                [&hash],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sql("read token replaces"))?
-            .flatten();
-        Ok(NameUse {
-            last_used_unix_ms: last,
-            token_replaces: replaces,
+                    [&node],
+                    |r| r.get(0),
+                )
+                .map_err(sql("read name use"))?;
+            let replaces: Option<String> = conn
+                .query_row(
+                    "SELECT replaces FROM enroll_tokens WHERE hash = ?1",
+                    [&hash],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql("read token replaces"))?
+                .flatten();
+            Ok(NameUse {
+                last_used_unix_ms: last,
+                token_replaces: replaces,
+            })
         })
     })
     .await

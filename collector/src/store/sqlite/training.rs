@@ -58,33 +58,34 @@ pub(super) async fn list_training(
 ) -> Result<Vec<sov_proto::pb::TrainingRunSummary>, StoreError> {
     let reader = store.reader.clone();
     tokio::task::spawn_blocking(move || {
-        let conn = lock(&reader);
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT t.node, COALESCE(n.site, ''), COALESCE(n.country, ''), t.detail,
+        reader.with(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT t.node, COALESCE(n.site, ''), COALESCE(n.country, ''), t.detail,
                         t.first_seen_ms, t.last_seen_ms
                  FROM training_runs t LEFT JOIN nodes n ON n.node = t.node
                  WHERE t.last_activity_ms >= ?1 OR t.last_seen_ms >= ?1
                  ORDER BY t.start_ms DESC, t.node, t.run_id
                  LIMIT ?2",
-            )
-            .map_err(sql("prepare list training"))?;
-        let mut rows = stmt
-            .query(params![since_unix_ms, i64::from(limit)])
-            .map_err(sql("list training"))?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next().map_err(sql("read training row"))? {
-            let detail: Vec<u8> = row.get(3).map_err(sql("read training detail"))?;
-            out.push(summary(
-                row.get(0).map_err(sql("read training node"))?,
-                row.get(1).map_err(sql("read training site"))?,
-                row.get(2).map_err(sql("read training country"))?,
-                &detail,
-                row.get(4).map_err(sql("read training first seen"))?,
-                row.get(5).map_err(sql("read training last seen"))?,
-            ));
-        }
-        Ok(out)
+                )
+                .map_err(sql("prepare list training"))?;
+            let mut rows = stmt
+                .query(params![since_unix_ms, i64::from(limit)])
+                .map_err(sql("list training"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(sql("read training row"))? {
+                let detail: Vec<u8> = row.get(3).map_err(sql("read training detail"))?;
+                out.push(summary(
+                    row.get(0).map_err(sql("read training node"))?,
+                    row.get(1).map_err(sql("read training site"))?,
+                    row.get(2).map_err(sql("read training country"))?,
+                    &detail,
+                    row.get(4).map_err(sql("read training first seen"))?,
+                    row.get(5).map_err(sql("read training last seen"))?,
+                ));
+            }
+            Ok(out)
+        })
     })
     .await
     .map_err(|e| StoreError::Task(e.to_string()))?
