@@ -1253,10 +1253,7 @@ async fn time_parts(
                     .await?
                     .0
                     .len(),
-                "models" => sov_collector::store::all_models(store, MAX_ROWS as usize)
-                    .await?
-                    .0
-                    .len(),
+                "models" => store.model_holdings(MAX_ROWS).await?.0.len(),
                 "missing ranges" => {
                     let (nodes, _) =
                         sov_collector::store::all_nodes(store, MAX_ROWS as usize).await?;
