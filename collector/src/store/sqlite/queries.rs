@@ -822,7 +822,7 @@ pub(super) async fn gpu_usage(
     tokio::task::spawn_blocking(move || {
         reader.with(|conn| {
             let plan =
-                crate::store::rollup::plan(since_unix_ms, until_unix_ms, rolled_up_to(&conn)?);
+                crate::store::rollup::plan(since_unix_ms, until_unix_ms, rolled_up_to(conn)?);
             let mut stmt = conn
                 .prepare_cached(&crate::store::rollup::gpu_usage_query(
                     &plan,
