@@ -1260,6 +1260,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_read_held_up_in_the_server_does_not_hold_up_the_next() {
+        with_schema(|url, schema| async move {
+            let store = PostgresStore::connect_with_schema(&url, &schema)
+                .await
+                .unwrap();
+            store.ingest(report("a", 1, 1)).await.unwrap();
+            // A read that waits in the server: an advisory lock another session holds (a key
+            // of this test's own, from its schema name, below 2^31 so `pg_locks` shows it
+            // whole in `objid`).
+            let key = i64::from(
+                schema
+                    .bytes()
+                    .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+                    & 0x7fff_ffff,
+            );
+            let holder = try_connect(&url).await.unwrap();
+            holder.batch_execute("BEGIN").await.unwrap();
+            holder
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&key])
+                .await
+                .unwrap();
+            let reader = store.reader().await.unwrap();
+            let held = tokio::spawn(async move {
+                reader
+                    .execute("SELECT pg_advisory_xact_lock($1)", &[&key])
+                    .await
+                    .map(|_| ())
+            });
+            // Until the server shows that read waiting (with one pipelined reader, every
+            // read after it waited behind it).
+            let watcher = try_connect(&url).await.unwrap();
+            let mut waiting = 0;
+            for _ in 0..600 {
+                waiting = watcher
+                    .query_one(
+                        "SELECT COUNT(*) FROM pg_locks
+                         WHERE locktype = 'advisory' AND NOT granted AND objid::BIGINT = $1",
+                        &[&key],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0);
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(waiting, 1, "the held read never reached the server");
+            let nodes = tokio::time::timeout(Duration::from_secs(60), store.list_nodes("", 10))
+                .await
+                .expect("a read waited behind the held one for 60 s")
+                .unwrap();
+            assert_eq!(nodes.len(), 1);
+            holder.batch_execute("COMMIT").await.unwrap();
+            held.await.unwrap().unwrap();
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn the_reader_runs_without_jit_with_room_to_hash_groups_and_read_only() {
         with_schema(|url, schema| async move {
             let store = PostgresStore::connect_with_schema(&url, &schema)
