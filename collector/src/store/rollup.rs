@@ -249,7 +249,7 @@ pub fn with_node_site(source: &str) -> String {
 }
 
 /// The columns an egress query reads from its source.
-const FLOW_COLUMNS: &str = "node, pid, process, country, asn, org, remote_address, remote_port, geo_source, \
+pub(crate) const FLOW_COLUMNS: &str = "node, pid, process, country, asn, org, remote_address, remote_port, geo_source, \
      bytes_sent, bytes_received, connections, min_rtt_us, answers, contested, operator_country, physics, \
      distance_km, limit_km, conntrack_bytes, unmeasured_flows";
 
@@ -310,10 +310,17 @@ fn minute_from_with_site(by_node: bool) -> &'static str {
     }
 }
 
-/// `FLOW_COLUMNS` qualified with `fm.`.
-fn minute_cols() -> String {
-    FLOW_COLUMNS
-        .split(", ")
+/// The columns the groupings summed in the collector read (SQLite's `group_here`: country,
+/// node, process, pid or ASN, organisation, and the sums), a subset of [`FLOW_COLUMNS`]: every
+/// branch of a source decodes each column it selects for each row, also the ones the query
+/// over it does not read (the verdict's answers are a JSON text), and at 10,000 nodes
+/// `--by process` over a week is 7 M rows.
+pub const SUMMED_COLUMNS: &str = "node, pid, process, country, asn, org, bytes_sent, bytes_received, \
+     connections, min_rtt_us, conntrack_bytes, unmeasured_flows";
+
+/// `cols` qualified with `fm.`.
+fn minute_cols(cols: &str) -> String {
+    cols.split(", ")
         .map(|c| format!("fm.{c}"))
         .collect::<Vec<_>>()
         .join(", ")
@@ -341,7 +348,19 @@ pub fn flows_source(
     num: &str,
     by_node: bool,
 ) -> String {
-    let rolled_cols = FLOW_COLUMNS
+    flows_source_of(plan, p, text, num, by_node, FLOW_COLUMNS)
+}
+
+/// [`flows_source`] with only `cols` (a subset of its columns, such as [`SUMMED_COLUMNS`]).
+pub fn flows_source_of(
+    plan: &Plan,
+    p: &dyn Fn(usize) -> String,
+    text: &str,
+    num: &str,
+    by_node: bool,
+    cols: &str,
+) -> String {
+    let rolled_cols = cols
         .replace("remote_address,", &format!("{text} AS remote_address,"))
         .replace("remote_port,", &format!("{num} AS remote_port,"));
     let body = branches(plan, p, &|level, a, b| {
@@ -350,7 +369,7 @@ pub fn flows_source(
                 return format!(
                     "SELECT {} FROM {}
           WHERE fm.minute_ms >= {a} AND fm.minute_ms < {b} AND fm.direction <> 'inbound'",
-                    minute_cols(),
+                    minute_cols(cols),
                     minute_from(by_node)
                 );
             }
@@ -386,28 +405,41 @@ pub fn fleet_source(
     sites: bool,
     by_node: bool,
 ) -> String {
+    fleet_source_of(plan, p, text, num, sites, by_node, FLOW_COLUMNS)
+}
+
+/// [`fleet_source`] with only `cols` (a subset of its columns, such as [`SUMMED_COLUMNS`]),
+/// and `node_site` and `node_country`.
+pub fn fleet_source_of(
+    plan: &Plan,
+    p: &dyn Fn(usize) -> String,
+    text: &str,
+    num: &str,
+    sites: bool,
+    by_node: bool,
+    cols: &str,
+) -> String {
     let rolled_cols = format!(
         "{}, node_site, node_country",
-        FLOW_COLUMNS
-            .replace(
-                "pid, process,",
-                &format!("{num} AS pid, {text} AS process,")
-            )
-            .replace("remote_address,", &format!("{text} AS remote_address,"))
-            .replace("remote_port,", &format!("{num} AS remote_port,"))
+        cols.replace(
+            "pid, process,",
+            &format!("{num} AS pid, {text} AS process,")
+        )
+        .replace("remote_address,", &format!("{text} AS remote_address,"))
+        .replace("remote_port,", &format!("{num} AS remote_port,"))
     );
     let body = branches(plan, p, &|level, a, b| match level {
         0 if sites => format!(
             "SELECT {}, COALESCE(nd.site, '') AS node_site, COALESCE(nd.country, '') AS node_country
           FROM {}
           WHERE fm.minute_ms >= {a} AND fm.minute_ms < {b} AND fm.direction <> 'inbound'",
-            minute_cols(),
+            minute_cols(cols),
             minute_from_with_site(by_node)
         ),
         0 => format!(
             "SELECT {}, {text} AS node_site, {text} AS node_country FROM {}
           WHERE fm.minute_ms >= {a} AND fm.minute_ms < {b} AND fm.direction <> 'inbound'",
-            minute_cols(),
+            minute_cols(cols),
             minute_from(by_node)
         ),
         1 => format!(

@@ -142,10 +142,26 @@ impl SqliteStore {
             crate::store::rollup::Plan::default()
         };
         let fleet = plan.has_rollups() && crate::store::rollup::by_fleet(&q.by);
+        // Summed here (`group_here`): only the columns it reads.
+        let summed = plan.has_rollups()
+            && matches!(q.by.as_str(), "node" | "process" | "" | "country" | "asn");
+        let source_cols = if summed {
+            crate::store::rollup::SUMMED_COLUMNS
+        } else {
+            crate::store::rollup::FLOW_COLUMNS
+        };
         let (source, filter, values) = if fleet {
             let p = |i: usize| format!("?{i}");
             (
-                crate::store::rollup::fleet_source(&plan, &p, "''", "0", q.by == "verdict", true),
+                crate::store::rollup::fleet_source_of(
+                    &plan,
+                    &p,
+                    "''",
+                    "0",
+                    q.by == "verdict",
+                    true,
+                    source_cols,
+                ),
                 String::new(),
                 plan.params(),
             )
@@ -159,7 +175,7 @@ impl SqliteStore {
         } else if plan.has_rollups() {
             let p = |i: usize| format!("?{i}");
             (
-                crate::store::rollup::flows_source(&plan, &p, "''", "0", true),
+                crate::store::rollup::flows_source_of(&plan, &p, "''", "0", true, source_cols),
                 String::new(),
                 plan.params(),
             )
@@ -182,9 +198,7 @@ impl SqliteStore {
                 vec![since, q.until_unix_ms],
             )
         };
-        if plan.has_rollups()
-            && matches!(q.by.as_str(), "node" | "process" | "" | "country" | "asn")
-        {
+        if summed {
             return group_here(conn, q, &source, &values);
         }
         if fleet && q.by == "verdict" {
