@@ -340,19 +340,9 @@ fn source(plan: &Plan, by_node: bool, body: &str) -> String {
 /// The egress source (named `flows_minute`, filtered) for an hour-capable grouping over
 /// `plan`: minutes, hours and days of its ranges. `p(i)` is the backend's i-th (1-based)
 /// placeholder for [`Plan::params`], `text` and `num` its empty text and zero; `by_node`
-/// reads minutes node by node ([`minute_from`]).
+/// reads minutes node by node ([`minute_from`]); `cols` are the columns every branch has:
+/// [`FLOW_COLUMNS`], or a subset of them such as [`SUMMED_COLUMNS`].
 pub fn flows_source(
-    plan: &Plan,
-    p: &dyn Fn(usize) -> String,
-    text: &str,
-    num: &str,
-    by_node: bool,
-) -> String {
-    flows_source_of(plan, p, text, num, by_node, FLOW_COLUMNS)
-}
-
-/// [`flows_source`] with only `cols` (a subset of its columns, such as [`SUMMED_COLUMNS`]).
-pub fn flows_source_of(
     plan: &Plan,
     p: &dyn Fn(usize) -> String,
     text: &str,
@@ -395,22 +385,9 @@ pub fn by_fleet(by: &str) -> bool {
 /// The egress source (named `flows_minute`, filtered) for a fleet grouping ([`by_fleet`])
 /// over `plan`: minute rows of its minute ranges (with their node's site and declared country
 /// when `sites`), fleet hour, day and rest-of-day rows of the others. Every branch has the columns of
-/// [`flows_source`] plus `node_site` and `node_country`; a fleet row's `node` is one node of
-/// its group. `p`, `text`, `num` and `by_node` as in [`flows_source`].
+/// `cols` plus `node_site` and `node_country`; a fleet row's `node` is one node of its
+/// group. `p`, `text`, `num`, `by_node` and `cols` as in [`flows_source`].
 pub fn fleet_source(
-    plan: &Plan,
-    p: &dyn Fn(usize) -> String,
-    text: &str,
-    num: &str,
-    sites: bool,
-    by_node: bool,
-) -> String {
-    fleet_source_of(plan, p, text, num, sites, by_node, FLOW_COLUMNS)
-}
-
-/// [`fleet_source`] with only `cols` (a subset of its columns, such as [`SUMMED_COLUMNS`]),
-/// and `node_site` and `node_country`.
-pub fn fleet_source_of(
     plan: &Plan,
     p: &dyn Fn(usize) -> String,
     text: &str,

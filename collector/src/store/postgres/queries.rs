@@ -295,6 +295,7 @@ pub(super) async fn egress(
                 NO_NUM,
                 q.by == "verdict",
                 false,
+                crate::store::rollup::FLOW_COLUMNS,
             ),
             String::new(),
             plan.params(),
@@ -307,7 +308,14 @@ pub(super) async fn egress(
         )
     } else if plan.has_rollups() {
         (
-            crate::store::rollup::flows_source(&plan, &|i| format!("${i}"), NO_TEXT, NO_NUM, false),
+            crate::store::rollup::flows_source(
+                &plan,
+                &|i| format!("${i}"),
+                NO_TEXT,
+                NO_NUM,
+                false,
+                crate::store::rollup::FLOW_COLUMNS,
+            ),
             String::new(),
             plan.params(),
         )

@@ -153,7 +153,7 @@ impl SqliteStore {
         let (source, filter, values) = if fleet {
             let p = |i: usize| format!("?{i}");
             (
-                crate::store::rollup::fleet_source_of(
+                crate::store::rollup::fleet_source(
                     &plan,
                     &p,
                     "''",
@@ -175,7 +175,7 @@ impl SqliteStore {
         } else if plan.has_rollups() {
             let p = |i: usize| format!("?{i}");
             (
-                crate::store::rollup::flows_source_of(&plan, &p, "''", "0", true, source_cols),
+                crate::store::rollup::flows_source(&plan, &p, "''", "0", true, source_cols),
                 String::new(),
                 plan.params(),
             )
